@@ -1,0 +1,29 @@
+"""scribblejax: turn any pre-trained segmentation network into an interactive one.
+
+Scribble-conditioned test-time refinement (Sambaturu et al., MICCAI 2021, Algorithm 1) in JAX/Flax:
+the user marks pixels with their true class; the last layers of one image's copy of the network are
+fine-tuned until every marked pixel is predicted as its label.
+
+Example:
+  >>> import scribblejax as sj
+  >>> model, info = sj.load_model("nuclei2d")           # or any Flax NNX segmentation model
+  >>> split = sj.split_params(model, sj.last_layers(5))
+  >>> marks = sj.encode_marks(image.shape, [sj.Scribble([(10, 10), (10, 40)], label=1, radius=1)])
+  >>> result = sj.refine(split, image, marks, sj.RefineConfig(max_steps=100))
+  >>> result.labels, int(result.num_steps), bool(result.satisfied)
+"""
+
+from scribblejax.marks import (UNMARKED, Box, LabelMap, Mark, Point, Polygon, Scribble, accumulate,
+                               encode_marks, grow_marks, validate_mark_map)
+from scribblejax.models.layer_order import check_layer_order, layer_order, traced_layer_order
+from scribblejax.models.store import ModelInfo, builtin_models, load_model, read_info, save_model
+from scribblejax.models.unet import UNet
+from scribblejax.normalize import normalize
+from scribblejax.params import (Split, biases, by_predicate, by_regex, count_params, head, last_layers,
+                                merge_params, norm_affine, split_params, tunable_paths)
+from scribblejax.refine import (RefineConfig, RefineResult, RefineState, forward, marked_cross_entropy,
+                                marks_satisfied, predict, proximal_norm, refine, refine_batch, resolve_driver)
+from scribblejax.session import (Round, Session, add_marks, current_labels, current_logits, current_marks,
+                                 start_session, undo)
+
+__version__ = "0.1.0"

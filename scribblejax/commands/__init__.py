@@ -1,0 +1,1 @@
+"""Subcommands of the ``scribblejax`` command line: each module has ``add_parser(subparsers)``."""

@@ -1,0 +1,194 @@
+"""``scribblejax predict``, ``scribblejax refine`` and ``scribblejax info``: the network's segmentation,
+a refinement round with marks drawn in LabelMe, 3D Slicer or any label map, and a model's description.
+
+Exit status: 0 on success; 1 on bad input or a failure (a one-line message on stderr); 2 on a usage
+error (argparse). Progress goes to stderr (``--quiet`` silences it); ``--json`` prints the report on
+stdout for scripts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+EPILOG = ("exit status: 0 success; 1 bad input or failure (one line on stderr); 2 usage error. "
+          "Images: NIfTI (.nii, .nii.gz), NRRD (.nrrd, .nhdr), TIFF 2D/3D, PNG, JPEG, DICOM file or series folder. "
+          "The output keeps the input's geometry and format family (DICOM -> NIfTI or NRRD, JPEG -> PNG or TIFF); "
+          "a report (<out>.report.json) and an overlay (<out>.overlay.png) are written next to it.")
+
+
+def _one_line(err: BaseException) -> str:
+  return " ".join(str(err).split()) or type(err).__name__
+
+
+def _logger(args: argparse.Namespace, command: str):
+  start = time.perf_counter()
+
+  def log(message: str) -> None:
+    if not args.quiet:
+      print(f"[{time.perf_counter() - start:6.1f}s] scribblejax {command}: {message}", file=sys.stderr, flush=True)
+
+  return log
+
+
+def _run(command: str, args: argparse.Namespace, work, summary) -> int:
+  try:
+    report = work(_logger(args, command))
+  except (ValueError, OSError) as err:
+    print(f"scribblejax {command}: error: {_one_line(err)}", file=sys.stderr)
+    return 1
+  if args.json:
+    print(json.dumps(report, indent=2, default=str))
+  elif not args.quiet:
+    print(summary(report))
+  return 0
+
+
+def _scripting(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument("--quiet", action="store_true", help="no progress on stderr, no summary on stdout")
+  parser.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
+
+
+def _classes(text: str | None) -> tuple[str, ...] | None:
+  return None if text is None else tuple(text.split(","))
+
+
+# ----------------------------------------------------------------------------------------------
+# predict
+
+def _predict(args: argparse.Namespace) -> int:
+  def work(log):
+    from scribblejax.io.workflow import run_predict
+    return run_predict(args.model, args.image, args.out, overlay=not args.no_overlay, log=log)
+
+  def summary(report):
+    pixels = ", ".join(f"{k}: {v}" for k, v in report["class_pixels"].items())
+    return f"wrote {report['out']} ({pixels}; {report['seconds']:.2f}s on {report['device']})"
+
+  return _run("predict", args, work, summary)
+
+
+def _add_predict(subparsers) -> None:
+  parser = subparsers.add_parser(
+      "predict", help="the network's own segmentation of an image (NIfTI, NRRD, TIFF, PNG, JPEG, DICOM)",
+      description="Segment an image with a model, writing the labels in the image's geometry and format.",
+      epilog=EPILOG)
+  parser.add_argument("--model", required=True, help="a built-in model name or a model folder (model.json)")
+  parser.add_argument("--image", required=True, help="image file, or a DICOM series folder")
+  parser.add_argument("--out", required=True, help="segmentation to write (its suffix picks the format)")
+  parser.add_argument("--no-overlay", action="store_true", help="do not write <out>.overlay.png")
+  _scripting(parser)
+  parser.set_defaults(func=_predict)
+
+
+# ----------------------------------------------------------------------------------------------
+# refine
+
+def _refine(args: argparse.Namespace) -> int:
+  def work(log):
+    from scribblejax.io.workflow import MarkOptions, RefineSettings, run_refine
+    settings = RefineSettings(layers=args.layers, max_steps=args.steps, learning_rate=args.lr, momentum=args.momentum,
+                              prox_weight=args.alpha, region_growing=args.region_growing, driver=args.driver,
+                              check_every=args.check_every, class_balance=args.class_balance,
+                              continue_weights=args.continue_weights)
+    options = MarkOptions(class_names=_classes(args.classes), background_value=args.background_value,
+                          unmarked_value=args.unmarked_value, radius=args.radius, rectangle=args.rectangle)
+    return run_refine(model=args.model, image=args.image, marks=args.marks or [], out=args.out, session=args.session,
+                      undo=args.undo, settings=settings, mark_options=options, overlay=not args.no_overlay, log=log)
+
+  def summary(report):
+    if "steps" not in report:
+      where = f"; wrote {report['out']}" if "out" in report else ""
+      return f"undid round {report['undone_round']}: {report['rounds']} round(s) left{where}"
+    state = "every mark honoured" if report["satisfied"] else f"{report['marks_honoured']:.1%} of marks honoured"
+    return (f"wrote {report['out']}: round {report['round']}, {report['steps']} steps, {state}, "
+            f"{report['seconds']:.2f}s ({report['compile_seconds']:.2f}s compiling) on {report['device']}")
+
+  return _run("refine", args, work, summary)
+
+
+def _add_refine(subparsers) -> None:
+  parser = subparsers.add_parser(
+      "refine", help="correct a segmentation with marks (label map, LabelMe JSON, 3D Slicer .seg.nrrd)",
+      description="Fine-tune one copy of the network's last layers until it predicts every marked pixel as "
+                  "its mark (Sambaturu et al., MICCAI 2021), and write the corrected segmentation. With "
+                  "--session, marks accumulate over rounds and --undo drops the latest round.",
+      epilog=EPILOG)
+  io = parser.add_argument_group("files")
+  io.add_argument("--model", help="a built-in model name or a model folder (default: the session's)")
+  io.add_argument("--image", help="image file, or a DICOM series folder (default: the session's)")
+  io.add_argument("--marks", action="append", metavar="FILE",
+                  help="marks: a label map in the image's geometry, LabelMe .json or Slicer .seg.nrrd; repeat to "
+                       "add files (later files override earlier ones)")
+  io.add_argument("--out", help="segmentation to write (its suffix picks the format)")
+  io.add_argument("--session", metavar="DIR", help="keep the marks and state of rounds in DIR (created if missing)")
+  io.add_argument("--undo", action="store_true",
+                  help="drop the session's latest round (then refine with --marks, if given)")
+  io.add_argument("--no-overlay", action="store_true", help="do not write <out>.overlay.png")
+  method = parser.add_argument_group(
+      "method", "defaults: the model's stored settings (model.json metadata.refine), else scribblejax.RefineConfig's")
+  method.add_argument("--layers", type=int, help="tunable last layers l (default: 5, or fewer if the model has fewer)")
+  method.add_argument("--steps", type=int, help="most SGD steps M")
+  method.add_argument("--lr", type=float, help="SGD learning rate")
+  method.add_argument("--momentum", type=float, help="SGD momentum")
+  method.add_argument("--alpha", type=float, help="alpha, the weight of ||W_lam - W||_2")
+  method.add_argument("--region-growing", type=float, metavar="T",
+                      help="grow this round's marks into neighbours whose normalised intensity differs by < T")
+  method.add_argument("--driver", choices=("auto", "loop", "host"), default="auto",
+                      help="auto: host on CPU, loop on GPU/TPU (default auto)")
+  method.add_argument("--check-every", type=int, default=1, help="steps per compiled chunk of the host driver")
+  method.add_argument("--class-balance", action="store_true", help="weight every marked class equally")
+  method.add_argument("--continue-weights", action="store_true",
+                      help="in a session, start from the previous round's weights instead of the network's")
+  marks = parser.add_argument_group("marks files")
+  marks.add_argument("--classes", metavar="A,B,C", help="class names in index order (default: the model's)")
+  marks.add_argument("--background-value", type=int, default=255,
+                     help="label-map value meaning class 0 / background (default 255)")
+  marks.add_argument("--unmarked-value", type=int, default=0, help="label-map value meaning unmarked (default 0)")
+  marks.add_argument("--radius", type=float, default=1.0, help="thickness of LabelMe points and lines (default 1)")
+  marks.add_argument("--rectangle", choices=("box", "fill"), default="box",
+                     help="LabelMe rectangles: box (core + background ring) or fill (default box)")
+  _scripting(parser)
+  parser.set_defaults(func=_refine)
+
+
+# ----------------------------------------------------------------------------------------------
+# info
+
+def _info(args: argparse.Namespace) -> int:
+  def work(log):
+    from scribblejax.io.workflow import describe_model
+    log(f"loading {args.model}")
+    return describe_model(args.model)
+
+  def summary(d):
+    inp = d["input"]
+    lines = [f"model: {d['model']} ({d['family']})",
+             f"classes: {', '.join(d['classes']) if d['classes'] else d['num_classes']}",
+             f"input: {inp['spatial_dims']}-D, {inp['channels']} channel(s), {inp['layout']}; "
+             f"normalisation {json.dumps(inp['normalization'])}",
+             f"parameters: {d['total_params']:,} in {len(d['layers'])} layers (+ {d['other_variables']:,} other "
+             "variables)", "layers in forward order (refine --layers l tunes the last l):"]
+    width = max(len(layer["name"]) for layer in d["layers"])
+    count = len(d["layers"])
+    lines += [f"  {count - i:3d}  {layer['name']:<{width}}  {layer['params']:>10,}" for i, layer in enumerate(d["layers"])]
+    return "\n".join(lines)
+
+  return _run("info", args, work, summary)
+
+
+def _add_info(subparsers) -> None:
+  parser = subparsers.add_parser("info", help="a model's classes, layers, parameter counts and input expectations",
+                                 description="Describe a stored or built-in model.", epilog=EPILOG)
+  parser.add_argument("model", help="a built-in model name or a model folder")
+  _scripting(parser)
+  parser.set_defaults(func=_info)
+
+
+def add_parser(subparsers) -> None:
+  """Registers ``predict``, ``refine`` and ``info`` on an ``argparse`` subparsers object."""
+  _add_predict(subparsers)
+  _add_refine(subparsers)
+  _add_info(subparsers)

@@ -1,0 +1,151 @@
+"""A session folder on disk: the marks and state of earlier refinement rounds, so that a user can
+refine again with new marks, or undo.
+
+Layout::
+
+    DIR/session.json     {"format": "scribblejax-session", "version": 1, "image": ..., "image_digest": ...,
+                          "model": ..., "spatial_shape": [...], "rounds": [{"file": "round-001.npz", ...}]}
+    DIR/round-001.npz    marks (int32, all marks so far, in the image's index space, -1 unmarked),
+                         new_marks (this round's marks), labels (int32 result),
+                         tunable_0 ... tunable_N (the refined weights W_lam, leaves in pytree order)
+    DIR/initial.npz      labels: the network's own segmentation (what an undo of every round shows)
+
+Every write is atomic (temporary file, then rename); ``session.json`` is written last, so a round
+that failed half-way leaves the session as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+FORMAT = "scribblejax-session"
+VERSION = 1
+
+
+def _write_atomic(path: Path, write) -> None:
+  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+  try:
+    with os.fdopen(fd, "wb") as f:
+      write(f)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+def load_session(directory: str | os.PathLike) -> dict | None:
+  """The session document, or ``None`` when the folder does not exist or holds no session yet.
+
+  Raises:
+    ValueError: the folder holds a ``session.json`` that is not a scribblejax session, or the path is
+      a file.
+  """
+  d = Path(directory)
+  if not d.exists():
+    return None
+  if not d.is_dir():
+    raise ValueError(f"session {directory} is not a folder")
+  path = d / "session.json"
+  if not path.exists():
+    if any(d.iterdir()):
+      raise ValueError(f"session folder {directory} is not empty and holds no session.json")
+    return None
+  try:
+    doc = json.loads(path.read_text())
+  except (OSError, json.JSONDecodeError) as err:
+    raise ValueError(f"cannot read {path}: {err}") from err
+  if not isinstance(doc, dict) or doc.get("format") != FORMAT or doc.get("version") != VERSION:
+    raise ValueError(f"{path} is not a {FORMAT} v{VERSION} file")
+  return doc
+
+
+def new_session(image: str, image_digest: str, model: str, spatial_shape: tuple[int, ...]) -> dict:
+  """A session document with no rounds."""
+  return {"format": FORMAT, "version": VERSION, "image": image, "image_digest": image_digest, "model": model,
+          "spatial_shape": list(spatial_shape), "rounds": []}
+
+
+def save_session(directory: str | os.PathLike, doc: dict) -> None:
+  """Writes ``session.json`` atomically (creating the folder)."""
+  d = Path(directory)
+  d.mkdir(parents=True, exist_ok=True)
+  text = json.dumps(doc, indent=2).encode()
+  _write_atomic(d / "session.json", lambda f: f.write(text))
+
+
+def round_arrays(directory: str | os.PathLike, record: dict) -> dict[str, np.ndarray]:
+  """The arrays of one round (``marks``, ``new_marks``, ``labels``, ``tunable_*``)."""
+  path = Path(directory) / record["file"]
+  try:
+    with np.load(path) as data:
+      return {k: data[k] for k in data.files}
+  except (OSError, ValueError) as err:
+    raise ValueError(f"cannot read session round {path}: {err}") from err
+
+
+def tunable_leaves(arrays: dict[str, np.ndarray]) -> list[np.ndarray]:
+  """The stored W_lam leaves of a round, in pytree order."""
+  count = len([k for k in arrays if k.startswith("tunable_")])
+  return [arrays[f"tunable_{i}"] for i in range(count)]
+
+
+def append_round(directory: str | os.PathLike, doc: dict, record: dict, *, marks: np.ndarray,
+                 new_marks: np.ndarray, labels: np.ndarray, tunable: list[Any]) -> dict:
+  """Stores a new round; returns the updated document (already saved)."""
+  d = Path(directory)
+  d.mkdir(parents=True, exist_ok=True)
+  index = len(doc["rounds"]) + 1
+  name = f"round-{index:03d}.npz"
+  arrays = {"marks": np.asarray(marks, np.int32), "new_marks": np.asarray(new_marks, np.int32),
+            "labels": np.asarray(labels, np.int32)}
+  arrays.update({f"tunable_{i}": np.asarray(leaf) for i, leaf in enumerate(tunable)})
+  _write_atomic(d / name, lambda f: np.savez_compressed(f, **arrays))
+  doc = dict(doc, rounds=doc["rounds"] + [dict(record, file=name, round=index)])
+  save_session(d, doc)
+  return doc
+
+
+def without_last_round(doc: dict, directory: str | os.PathLike = "") -> tuple[dict, dict]:
+  """The document with its latest round dropped (nothing is written), and that round's record.
+
+  Raises:
+    ValueError: the session has no rounds.
+  """
+  if not doc["rounds"]:
+    raise ValueError(f"nothing to undo: session {directory} has no rounds")
+  return dict(doc, rounds=doc["rounds"][:-1]), doc["rounds"][-1]
+
+
+def remove_round_file(directory: str | os.PathLike, doc: dict, record: dict) -> None:
+  """Deletes an undone round's file unless ``doc`` (already saved) still uses that name."""
+  if any(r["file"] == record["file"] for r in doc["rounds"]):
+    return
+  stale = Path(directory) / record["file"]
+  if stale.exists():
+    stale.unlink()
+
+
+def save_initial(directory: str | os.PathLike, labels: np.ndarray) -> None:
+  """Stores the network's own segmentation (``initial.npz``), shown before any round."""
+  d = Path(directory)
+  d.mkdir(parents=True, exist_ok=True)
+  _write_atomic(d / "initial.npz", lambda f: np.savez_compressed(f, labels=np.asarray(labels, np.int32)))
+
+
+def load_initial(directory: str | os.PathLike) -> np.ndarray | None:
+  """The stored network segmentation, or ``None``."""
+  path = Path(directory) / "initial.npz"
+  if not path.exists():
+    return None
+  try:
+    with np.load(path) as data:
+      return data["labels"]
+  except (OSError, ValueError, KeyError) as err:
+    raise ValueError(f"cannot read {path}: {err}") from err

@@ -1,0 +1,611 @@
+"""The predict, refine and info workflows behind the command line, as plain functions.
+
+Each reads files, runs the network and writes its outputs atomically; none modifies an input. Bad
+input raises ``ValueError`` with a one-line message naming the problem, before any heavy work where
+possible (files and model description are checked before the network is loaded).
+
+Images are fitted to the model: the model's stored normalisation is applied
+(:func:`scribblejax.normalize.normalize`), length-1 spatial axes are dropped when the model has fewer
+spatial dimensions (a NIfTI slice ``[i, j, 1]`` for a 2-D model), and channels are adapted where
+that is unambiguous (RGB(A) -> grey by luminance for a one-channel model, RGBA -> RGB, grey -> RGB);
+each adaptation is reported in ``notes``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from scribblejax.io import session_store
+from scribblejax.io.images import Image, _suffix, image_digest, output_format, read_image, write_label_map
+from scribblejax.io.marks_files import RECTANGLE_MODES, read_marks
+
+Log = Callable[[str], None]
+DEFAULT_LAYERS = 5
+_COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
+                   "/jax/core/compile/backend_compile_duration")
+COMPILE_NOTE = ("compile_seconds: time JAX reported spending on tracing, lowering and XLA compilation during "
+                "the timed call (jax.monitoring events); seconds includes it")
+
+
+def _silent(message: str) -> None:
+  del message
+
+
+# ----------------------------------------------------------------------------------------------
+# What the model expects, and fitting an image to it.
+
+class InputSpec(NamedTuple):
+  """What a model takes and gives (``None`` where the model does not say)."""
+  spatial_dims: int | None
+  in_channels: int | None
+  num_classes: int | None
+
+
+_KWARG_NAMES = {"spatial_dims": ("spatial_dims",), "in_channels": ("in_channels", "input_channels"),
+                "num_classes": ("num_classes", "out_channels")}
+
+
+def spec_from_info(info: Any) -> InputSpec:
+  """The input spec as far as ``model.json``'s constructor arguments state it (no model built)."""
+  kwargs = info.kwargs or {}
+  found = {}
+  for field, names in _KWARG_NAMES.items():
+    found[field] = next((int(kwargs[n]) for n in names if isinstance(kwargs.get(n), (int, np.integer))), None)
+  return InputSpec(**found)
+
+
+def spec_of(model: Any, info: Any) -> InputSpec:
+  """The input spec from the model's attributes, else from ``model.json``."""
+  stated = spec_from_info(info)
+  found = {}
+  for field in InputSpec._fields:
+    value = getattr(model, field, None)
+    found[field] = int(value) if isinstance(value, (int, np.integer)) else getattr(stated, field)
+  return InputSpec(**found)
+
+
+class Fitted(NamedTuple):
+  """An image made ready for a model."""
+  image: np.ndarray               # float32[*model_spatial, C]: channels adapted and normalised
+  squeezed: tuple[int, ...]       # spatial axes of the image dropped (each of length 1)
+  notes: tuple[str, ...]          # what was adapted, in words
+
+
+def adapt_channels(array: np.ndarray, want: int | None, what: str) -> tuple[np.ndarray, str | None]:
+  """Makes ``array`` ``[*spatial, C]`` have ``want`` channels where that is unambiguous.
+
+  Raises:
+    ValueError: the channel counts cannot be reconciled.
+  """
+  have = array.shape[-1]
+  if want is None or have == want:
+    return array, None
+  x = array.astype(np.float32)
+  if want == 1 and have in (3, 4):
+    grey = 0.299 * x[..., 0] + 0.587 * x[..., 1] + 0.114 * x[..., 2]
+    return grey[..., None], f"converted the {'RGBA' if have == 4 else 'RGB'} image to grey (luminance)"
+  if want == 1 and have == 2:
+    return x[..., :1], "dropped the alpha channel of the grey image"
+  if want == 3 and have == 4:
+    return x[..., :3], "dropped the alpha channel"
+  if want == 3 and have == 1:
+    return np.repeat(x, 3, axis=-1), "repeated the grey channel as RGB"
+  raise ValueError(f"the model takes {want} channel(s), but {what} has {have}")
+
+
+def fit_image(image: Image, spec: InputSpec, normalization: Any) -> Fitted:
+  """Adapts channels, normalises as the model expects, and drops length-1 axes the model lacks.
+
+  Raises:
+    ValueError: the image has more (non-trivial) or fewer spatial dimensions than the model, or
+      channels that cannot be adapted.
+  """
+  from scribblejax.normalize import normalize
+  notes = []
+  array, note = adapt_channels(image.array, spec.in_channels, image.path)
+  if note:
+    notes.append(note)
+  spatial = image.array.shape[:-1]
+  squeezed: tuple[int, ...] = ()
+  if spec.spatial_dims is not None and len(spatial) != spec.spatial_dims:
+    ones = [a for a, n in enumerate(spatial) if n == 1]
+    extra = len(spatial) - spec.spatial_dims
+    if extra < 0 or len(ones) < extra:
+      raise ValueError(f"the model takes {spec.spatial_dims}-D images, but {image.path} has spatial shape "
+                       f"{tuple(spatial)}")
+    squeezed = tuple(ones[len(ones) - extra:])
+    notes.append(f"dropped length-1 axis {list(squeezed)} of the image for a {spec.spatial_dims}-D model")
+  array = normalize(array, normalization)
+  if squeezed:
+    array = np.squeeze(array, axis=squeezed)
+  return Fitted(np.ascontiguousarray(array, np.float32), squeezed, tuple(notes))
+
+
+def to_model(array: np.ndarray, fitted: Fitted) -> np.ndarray:
+  """A ``[*image_spatial]`` array in the model's spatial layout."""
+  return np.squeeze(array, axis=fitted.squeezed) if fitted.squeezed else array
+
+
+def to_image(array: np.ndarray, fitted: Fitted) -> np.ndarray:
+  """A ``[*model_spatial]`` array back in the image's spatial layout."""
+  return np.expand_dims(array, fitted.squeezed) if fitted.squeezed else array
+
+
+# ----------------------------------------------------------------------------------------------
+# Settings.
+
+@dataclasses.dataclass(frozen=True)
+class RefineSettings:
+  """The knobs of one refinement round; ``None`` means the model's stored default (``model.json``
+  ``metadata.refine``), else the library's.
+
+  Attributes:
+    layers: tunable last layers l.
+    max_steps: M, the most SGD steps.
+    learning_rate: SGD learning rate.
+    momentum: SGD momentum.
+    prox_weight: alpha, the weight of ``||W_lam - W||_2``.
+    region_growing: T: grow this round's marks into neighbours whose normalised intensity differs by
+      less than T (:func:`scribblejax.grow_marks`); ``None`` or 0: no growing.
+    driver: "auto", "loop" or "host".
+    check_every: steps per compiled chunk of the host driver.
+    class_balance: weight every marked class equally in the loss.
+    continue_weights: start from the previous round's W_lam instead of W (sessions only).
+  """
+  layers: int | None = None
+  max_steps: int | None = None
+  learning_rate: float | None = None
+  momentum: float | None = None
+  prox_weight: float | None = None
+  region_growing: float | None = None
+  driver: str = "auto"
+  check_every: int = 1
+  class_balance: bool = False
+  continue_weights: bool = False
+
+  def resolve(self, metadata: dict) -> tuple[int | None, Any, float | None]:
+    """``(layers, RefineConfig, region_growing)`` with the defaults filled in."""
+    from scribblejax.refine import RefineConfig
+    stored = (metadata or {}).get("refine", {}) if isinstance(metadata, dict) else {}
+    pick = lambda name: getattr(self, name) if getattr(self, name) is not None else stored.get(name)
+    fields = {k: pick(k) for k in ("max_steps", "learning_rate", "momentum", "prox_weight")}
+    config = RefineConfig(**{k: v for k, v in fields.items() if v is not None}, driver=self.driver,
+                          check_every=self.check_every, class_balance=self.class_balance)
+    grow = pick("region_growing")
+    if grow is not None and (not np.isfinite(grow) or grow < 0):
+      raise ValueError(f"the region growing threshold must be finite and >= 0, got {grow}")
+    return pick("layers"), config, grow or None
+
+
+@dataclasses.dataclass(frozen=True)
+class MarkOptions:
+  """How marks files are read (see :mod:`scribblejax.io.marks_files`)."""
+  class_names: tuple[str, ...] | None = None
+  background_value: int = 255
+  unmarked_value: int = 0
+  radius: float = 1.0
+  rectangle: str = "box"
+
+  def __post_init__(self):
+    if self.rectangle not in RECTANGLE_MODES:
+      raise ValueError(f"rectangle must be one of {RECTANGLE_MODES}, got {self.rectangle!r}")
+    if self.background_value == self.unmarked_value:
+      raise ValueError(f"the background value and the unmarked value are both {self.background_value}")
+
+
+def resolve_class_names(given: Sequence[str] | None, info: Any, num_classes: int | None) -> tuple[str, ...] | None:
+  """``--classes`` if given (checked against the model's class count), else the model's names."""
+  if given is None:
+    return info.class_names
+  names = tuple(n.strip() for n in given)
+  if any(not n for n in names) or len(set(names)) != len(names):
+    raise ValueError(f"--classes must be distinct non-empty names, got {','.join(given)!r}")
+  if num_classes is not None and len(names) != num_classes:
+    raise ValueError(f"--classes lists {len(names)} names, but the model predicts {num_classes} classes")
+  return names
+
+
+# ----------------------------------------------------------------------------------------------
+# Paths and writing.
+
+def companion_paths(out: str | os.PathLike) -> tuple[Path, Path]:
+  """The report and overlay next to an output: ``seg.nii.gz`` -> ``seg.report.json``, ``seg.overlay.png``."""
+  p = Path(out)
+  suffix = _suffix(p)
+  stem = p.name[: len(p.name) - len(suffix)] if suffix and p.name.lower().endswith(suffix) else p.name
+  return p.with_name(f"{stem}.report.json"), p.with_name(f"{stem}.overlay.png")
+
+
+def _same(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+  if os.path.realpath(a) == os.path.realpath(b):
+    return True
+  try:
+    return os.path.samefile(a, b)
+  except OSError:
+    return False
+
+
+def check_outputs(outputs: Sequence[str | os.PathLike | None], inputs: Sequence[str | os.PathLike]) -> None:
+  """Refuses outputs that would overwrite an input (or each other).
+
+  Raises:
+    ValueError: naming the output and the input.
+  """
+  outputs = [o for o in outputs if o is not None]
+  for o in outputs:
+    for i in inputs:
+      if _same(o, i):
+        raise ValueError(f"output {o} is the input {i}; inputs are never overwritten, choose another --out")
+      if Path(i).is_dir() and os.path.realpath(o).startswith(os.path.realpath(i) + os.sep) and Path(o).exists():
+        raise ValueError(f"output {o} would overwrite a file of the input folder {i}")
+  for n, o in enumerate(outputs):
+    if any(_same(o, p) for p in outputs[n + 1:]):
+      raise ValueError(f"two outputs would be written to {o}")
+
+
+def write_json(path: str | os.PathLike, data: dict) -> None:
+  """Writes JSON atomically."""
+  p = Path(path)
+  p.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+  try:
+    with os.fdopen(fd, "w") as f:
+      json.dump(data, f, indent=2)
+      f.write("\n")
+    os.replace(tmp, p)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+@contextlib.contextmanager
+def compile_timer():
+  """Collects the seconds JAX reports for tracing, lowering and compiling inside the block.
+
+  Yields:
+    A one-element list whose entry grows as JAX compiles.
+  """
+  import jax
+  total = [0.0]
+
+  def listener(event: str, duration: float, **kwargs: Any) -> None:
+    del kwargs
+    if event in _COMPILE_EVENTS:
+      total[0] += float(duration)
+
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    yield total
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+
+
+def _device() -> dict:
+  import jax
+  device = jax.devices()[0]
+  return {"device": str(device.device_kind), "platform": str(device.platform)}
+
+
+def _model_ref(model: str) -> str:
+  """A model as stored in reports and sessions: a folder as an absolute path, a built-in by name."""
+  from scribblejax.models.store import resolve_model_path
+  path = resolve_model_path(model)
+  return str(model) if not (Path(model) / "model.json").is_file() else str(path.resolve())
+
+
+class _Network(NamedTuple):
+  model: Any
+  info: Any
+  spec: InputSpec
+
+
+def _load(model: str, log: Log) -> _Network:
+  from scribblejax.models.store import load_model
+  log(f"loading model {model}")
+  net, info = load_model(model)
+  return _Network(net, info, spec_of(net, info))
+
+
+def _split(network: _Network, fitted: Fitted, layers: int | None):
+  import jax
+  import jax.numpy as jnp
+  from scribblejax.models.layer_order import layer_order
+  from scribblejax.params import last_layers, split_params
+  example = jax.ShapeDtypeStruct((1, *fitted.image.shape), jnp.float32)
+  count = len(layer_order(network.model, example))
+  if layers is None:
+    layers = min(DEFAULT_LAYERS, count)
+  elif not 1 <= layers <= count:
+    raise ValueError(f"--layers must be between 1 and {count} (the model's layers), got {layers}")
+  return split_params(network.model, last_layers(layers), example=example), layers
+
+
+def _network_labels(split, fitted: Fitted) -> np.ndarray:
+  import jax.numpy as jnp
+  from scribblejax.refine import predict
+  return np.asarray(jnp.argmax(predict(split, fitted.image), axis=-1)).astype(np.int32)
+
+
+def _class_counts(marks: np.ndarray, class_names: Sequence[str] | None, num_classes: int) -> dict:
+  counts = np.bincount(marks[marks >= 0].ravel(), minlength=num_classes)
+  names = class_names or [str(k) for k in range(num_classes)]
+  return {str(names[k]) if k < len(names) else str(k): int(c) for k, c in enumerate(counts) if c}
+
+
+def _finish(report: dict, out: str | None, image: Image, labels: np.ndarray, before: np.ndarray,
+            after: np.ndarray | None, marks: np.ndarray | None, overlay: bool, log: Log, title: str) -> dict:
+  """Writes the segmentation, the overlay and the report (each atomically)."""
+  if out is None:
+    return report
+  report_path, overlay_path = companion_paths(out)
+  report["out_format"] = write_label_map(out, labels, image.geometry)
+  report["out"] = str(out)
+  log(f"wrote {out}")
+  if overlay:
+    from scribblejax.io.overlay import save_overlay
+    save_overlay(overlay_path, image.array, image.geometry, before, after, marks, title=title)
+    report["overlay"] = str(overlay_path)
+  report["report"] = str(report_path)
+  write_json(report_path, report)
+  return report
+
+
+# ----------------------------------------------------------------------------------------------
+# The workflows.
+
+def run_predict(model: str, image: str, out: str, *, overlay: bool = True, log: Log = _silent) -> dict:
+  """The network's own segmentation of an image, written like the image (see :func:`write_label_map`).
+
+  Returns:
+    The report (also written as ``<out stem>.report.json``).
+  """
+  from scribblejax.models.store import read_info
+  report_path, overlay_path = companion_paths(out)
+  check_outputs([out, report_path, overlay_path if overlay else None], [image])
+  info = read_info(model)
+  log(f"reading {image}")
+  img = read_image(image)
+  output_format(out, img.geometry)
+  network = _load(model, log)
+  fitted = fit_image(img, network.spec, info.normalization)
+  split, _ = _split(network, fitted, 1)
+  log(f"predicting on {fitted.image.shape[:-1]} ({_device()['device']})")
+  with compile_timer() as compiled:
+    start = time.perf_counter()
+    labels = _network_labels(split, fitted)
+    seconds = time.perf_counter() - start
+  labels = to_image(labels, fitted)
+  num_classes = int(network.spec.num_classes or labels.max() + 1)
+  report = {"command": "predict", "image": str(image), "image_format": img.family,
+            "image_shape": list(img.spatial_shape), "model": _model_ref(model),
+            "classes": list(info.class_names or [str(k) for k in range(num_classes)]),
+            "class_pixels": _class_counts(labels, info.class_names, num_classes),
+            "seconds": seconds, "compile_seconds": compiled[0], "compile_seconds_note": COMPILE_NOTE,
+            **_device(), "notes": list(fitted.notes)}
+  return _finish(report, out, img, labels, labels, None, None, overlay, log, f"{Path(image).name}: network")
+
+
+def run_refine(*, model: str | None, image: str | None, marks: Sequence[str], out: str | None,
+               session: str | None = None, undo: bool = False, settings: RefineSettings = RefineSettings(),
+               mark_options: MarkOptions = MarkOptions(), overlay: bool = True, log: Log = _silent) -> dict:
+  """One refinement round (or an undo) on an image with marks files.
+
+  Args:
+    model: a model folder or built-in name (taken from the session when ``None``).
+    image: the image file or DICOM folder (taken from the session when ``None``).
+    marks: marks files, accumulated in order; in a session they accumulate over earlier rounds.
+    out: the segmentation to write (optional only for an undo without new marks).
+    session: a session folder: created on the first round, continued afterwards.
+    undo: drop the session's latest round first (then add a round if ``marks`` are given).
+    settings: the refinement's knobs.
+    mark_options: how marks files are read.
+    overlay: write ``<out stem>.overlay.png``.
+    log: progress messages.
+
+  Returns:
+    The report (also written as ``<out stem>.report.json``).
+
+  Raises:
+    ValueError: bad input, with a message naming the problem.
+  """
+  from scribblejax.models.store import read_info
+  doc = session_store.load_session(session) if session else None
+  if undo and not session:
+    raise ValueError("--undo needs --session (the folder of the rounds to undo)")
+  if undo and (doc is None or not doc["rounds"]):
+    raise ValueError(f"nothing to undo: session {session} has no rounds")
+  if not marks and not undo:
+    raise ValueError("refine needs at least one --marks file")
+  if doc is not None:
+    model = model or doc["model"]
+    image = image or doc["image"]
+  if model is None or image is None:
+    raise ValueError(f"--{'model' if model is None else 'image'} is required (no session to take it from)")
+  if out is None and marks:
+    raise ValueError("--out is required")
+  report_path, overlay_path = companion_paths(out) if out else (None, None)
+  check_outputs([out, report_path, overlay_path if overlay else None], [image, *marks])
+  info = read_info(model)
+  model_ref = _model_ref(model)
+  log(f"reading {image}")
+  img = read_image(image)
+  if out:
+    output_format(out, img.geometry)
+  digest = image_digest(img)
+  if doc is not None:
+    if doc["image_digest"] != digest:
+      raise ValueError(f"image {image} is not the image of session {session} ({doc['image']})")
+    if doc["model"] != model_ref:
+      raise ValueError(f"model {model} is not the model of session {session} ({doc['model']})")
+  stated = spec_from_info(info)
+  class_names = resolve_class_names(mark_options.class_names, info, stated.num_classes)
+  new = None
+  if marks:
+    log(f"reading marks {', '.join(map(str, marks))}")
+    new = read_marks(list(marks), img.geometry, num_classes=stated.num_classes, class_names=class_names,
+                     background_value=mark_options.background_value, unmarked_value=mark_options.unmarked_value,
+                     radius=mark_options.radius, rectangle=mark_options.rectangle)
+    if not (new >= 0).any():
+      raise ValueError(f"the marks files {', '.join(map(str, marks))} mark no pixel")
+  undone = None
+  if undo:
+    doc, undone = session_store.without_last_round(doc, session)
+    log(f"undoing round {undone['round']} of session {session}")
+  if new is None:
+    return _after_undo(doc, session, undone, img, out, overlay, log, info, class_names)
+  return _refine_round(model, model_ref, img, digest, list(marks), new, out, session, doc, undone, settings,
+                       class_names, info, overlay, log)
+
+
+def _after_undo(doc, session, undone, img, out, overlay, log, info, class_names) -> dict:
+  """Saves the session without its last round and writes the segmentation it now shows."""
+  initial = session_store.load_initial(session)
+  if doc["rounds"]:
+    arrays = session_store.round_arrays(session, doc["rounds"][-1])
+    labels, marks = arrays["labels"], arrays["marks"]
+  else:
+    labels, marks = initial, None
+  if labels is None:
+    raise ValueError(f"session {session} has lost its stored segmentation (initial.npz); start a new session")
+  num_classes = int(max(labels.max(), 0 if initial is None else initial.max())) + 1
+  report = {"command": "refine", "undo": True, "undone_round": undone["round"], "rounds": len(doc["rounds"]),
+            "session": str(session), "image": doc["image"], "model": doc["model"],
+            "class_pixels": _class_counts(labels, class_names or info.class_names, num_classes)}
+  report = _finish(report, out, img, labels, initial if initial is not None else labels,
+                   labels if doc["rounds"] else None, marks, overlay, log, f"{Path(img.path).name}: after undo")
+  session_store.save_session(session, doc)
+  session_store.remove_round_file(session, doc, undone)
+  return report
+
+
+def _refine_round(model, model_ref, img, digest, marks_files, new, out, session, doc, undone, settings,
+                  class_names, info, overlay, log) -> dict:
+  import jax
+  from scribblejax import marks as marks_lib
+  from scribblejax.refine import refine, resolve_driver
+
+  network = _load(model, log)
+  num_classes = network.spec.num_classes
+  fitted = fit_image(img, network.spec, info.normalization)
+  layers, config, grow = settings.resolve(info.metadata)
+  split, layers = _split(network, fitted, layers)
+  if num_classes is None:
+    from scribblejax.refine import num_classes_of
+    num_classes = num_classes_of(split, fitted.image.shape)
+  new_model = to_model(new, fitted)
+  grown = 0
+  if grow:
+    grown_marks = marks_lib.grow_marks(new_model, fitted.image, grow)
+    grown = int((grown_marks >= 0).sum() - (new_model >= 0).sum())
+    new_model = grown_marks
+  previous = None
+  start = None
+  if doc is not None and doc["rounds"]:
+    arrays = session_store.round_arrays(session, doc["rounds"][-1])
+    previous = to_model(arrays["marks"], fitted)
+    if settings.continue_weights:
+      leaves = session_store.tunable_leaves(arrays)
+      want = jax.tree.leaves(split.tunable)
+      if [np.shape(a) for a in leaves] != [np.shape(b) for b in want]:
+        raise ValueError("--continue-weights needs the same --layers as the previous round")
+      start = jax.tree.unflatten(jax.tree.structure(split.tunable), [np.asarray(a) for a in leaves])
+  all_marks = new_model if previous is None else marks_lib.accumulate(previous, new_model)
+  all_marks = marks_lib.validate_mark_map(all_marks, fitted.image.shape[:-1], num_classes)
+  initial = session_store.load_initial(session) if session else None
+  before = to_model(initial, fitted) if initial is not None else _network_labels(split, fitted)
+  driver = resolve_driver(config.driver)
+  log(f"refining the last {layers} layers: up to {config.max_steps} steps on {int((all_marks >= 0).sum())} marked "
+      f"pixels (driver {driver}, {_device()['device']})")
+  with compile_timer() as compiled:
+    start_time = time.perf_counter()
+    result = refine(split, fitted.image, all_marks, config, start=start)
+    labels = np.asarray(result.labels).astype(np.int32)
+    seconds = time.perf_counter() - start_time
+  steps, satisfied = int(result.num_steps), bool(result.satisfied)
+  marked = all_marks >= 0
+  honoured = float((labels[marked] == all_marks[marked]).mean()) if marked.any() else 1.0
+  log(f"{steps} steps in {seconds:.2f}s ({compiled[0]:.2f}s compiling): "
+      f"{'every mark honoured' if satisfied else f'{honoured:.1%} of marked pixels honoured'}")
+  round_index = len(doc["rounds"]) + 1 if doc is not None else 1
+  report = {"command": "refine", "image": img.path, "image_format": img.family, "image_shape": list(img.spatial_shape),
+            "model": model_ref, "classes": list(class_names or [str(k) for k in range(num_classes)]),
+            "marks_files": [str(m) for m in marks_files], "round": round_index,
+            "new_marked_pixels": int((new >= 0).sum()), "grown_pixels": grown,
+            "marked_pixels": _class_counts(all_marks, class_names, num_classes),
+            "steps": steps, "max_steps": config.max_steps, "satisfied": satisfied,
+            "nonfinite": bool(result.nonfinite), "marks_honoured": honoured,
+            "changed_pixels": int((labels != before).sum()),
+            "seconds": seconds, "compile_seconds": compiled[0], "compile_seconds_note": COMPILE_NOTE,
+            **_device(), "driver": driver,
+            "settings": {"layers": layers, "max_steps": config.max_steps, "learning_rate": config.learning_rate,
+                         "momentum": config.momentum, "prox_weight": config.prox_weight, "region_growing": grow,
+                         "class_balance": config.class_balance, "continue_weights": settings.continue_weights,
+                         "check_every": config.check_every},
+            "notes": list(fitted.notes)}
+  if session:
+    report["session"] = str(session)
+    report["rounds"] = round_index
+    if undone is not None:
+      report["undone_round"] = undone["round"]
+  labels_image, before_image = to_image(labels, fitted), to_image(before, fitted)
+  marks_image = to_image(all_marks, fitted)
+  report = _finish(report, out, img, labels_image, before_image, labels_image, marks_image, overlay, log,
+                   f"{Path(img.path).name}: round {round_index}, {steps} steps, satisfied={satisfied}")
+  if session:
+    if doc is None:
+      doc = session_store.new_session(str(Path(img.path).resolve()), digest, model_ref, img.spatial_shape)
+    if initial is None:
+      session_store.save_initial(session, before_image)
+    record = {"marks_files": [str(Path(m).resolve()) for m in marks_files], "steps": steps, "satisfied": satisfied,
+              "settings": report["settings"], "out": str(out)}
+    doc = session_store.append_round(session, doc, record, marks=marks_image, new_marks=to_image(new_model, fitted),
+                                     labels=labels_image, tunable=[np.asarray(x) for x in jax.tree.leaves(result.tunable)])
+    if undone is not None:
+      session_store.remove_round_file(session, doc, undone)
+  return report
+
+
+# ----------------------------------------------------------------------------------------------
+# Describing a model.
+
+def describe_model(model: str) -> dict:
+  """Classes, layers in forward order with parameter counts, and what the model expects as input."""
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+  from scribblejax.models.layer_order import layer_order
+  from scribblejax.params import count_params
+
+  network = _load(model, _silent)
+  spec, info = network.spec, network.info
+  example = None
+  if not callable(getattr(network.model, "layer_order", None)):
+    if spec.spatial_dims is None or spec.in_channels is None:
+      raise ValueError(f"model {model} states no layer order, and its input shape is unknown")
+    example = jax.ShapeDtypeStruct((1, *(32,) * spec.spatial_dims, spec.in_channels), jnp.float32)
+  order = layer_order(network.model, example)
+  flat = [(tuple(p), v) for p, v in nnx.to_flat_state(nnx.state(network.model, nnx.Param))]
+  layers = []
+  for prefix in order:
+    size = sum(int(np.prod(np.shape(v.get_value() if hasattr(v, "get_value") else v.value)))
+               for p, v in flat if p[:len(prefix)] == prefix)
+    layers.append({"name": "/".join(map(str, prefix)), "params": size})
+  others = nnx.state(network.model, nnx.Not(nnx.Param))
+  num_classes = spec.num_classes
+  return {"model": _model_ref(model), "family": info.family, "kwargs": info.kwargs,
+          "classes": list(info.class_names) if info.class_names else None, "num_classes": num_classes,
+          "input": {"spatial_dims": spec.spatial_dims, "channels": spec.in_channels,
+                    "layout": "[*spatial, channels], channels last", "normalization": info.normalization},
+          "layers": layers, "total_params": count_params(nnx.state(network.model, nnx.Param)),
+          "other_variables": count_params(others), "metadata": info.metadata}

@@ -1,0 +1,138 @@
+"""The forward order of a model's layers, so that "the last l layers" is exact.
+
+A *layer* is a group of parameters named by a path prefix into the model's parameter state, for
+example ``("decoder", 3, "conv")`` for a convolution together with its bias, or ``("dec0",
+"block1")`` for a convolution and the normalisation that follows it. A model states its layers by
+defining a method::
+
+    def layer_order(self) -> Sequence[LayerPath]:
+        '''Parameter path prefixes, one per layer, in the order the forward pass runs them.'''
+
+Every :class:`flax.nnx.Param` of the model must fall under exactly one listed prefix; this module
+checks that. Models without such a method get the *traced* order: the model's forward pass is traced
+once on an example input (no compilation) and each module that owns parameters becomes one layer,
+placed where the traced computation first uses any of its parameters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+LayerPath = tuple[Any, ...]
+
+
+def param_paths(model: nnx.Module) -> tuple[LayerPath, ...]:
+  """All :class:`flax.nnx.Param` paths of ``model``, in the state's (sorted) order."""
+  state = nnx.state(model, nnx.Param)
+  return tuple(tuple(path) for path, _ in nnx.to_flat_state(state))
+
+
+def _is_prefix(prefix: LayerPath, path: LayerPath) -> bool:
+  return len(prefix) <= len(path) and tuple(path[: len(prefix)]) == tuple(prefix)
+
+
+def check_layer_order(model: nnx.Module, layers: Sequence[LayerPath]) -> tuple[LayerPath, ...]:
+  """Checks that ``layers`` covers every parameter of ``model`` exactly once.
+
+  Args:
+    model: the model.
+    layers: path prefixes, one per layer.
+
+  Returns:
+    ``layers`` as a tuple of tuples.
+
+  Raises:
+    ValueError: a prefix matches no parameter, a parameter is under no prefix, or under several.
+  """
+  layers = tuple(tuple(layer) for layer in layers)
+  if len(set(layers)) != len(layers):
+    raise ValueError(f"layer order lists a layer twice: {layers}")
+  paths = param_paths(model)
+  for layer in layers:
+    if not any(_is_prefix(layer, p) for p in paths):
+      raise ValueError(f"layer {'/'.join(map(str, layer))!r} in the layer order owns no parameter")
+  for p in paths:
+    owners = [layer for layer in layers if _is_prefix(layer, p)]
+    if not owners:
+      raise ValueError(f"parameter {'/'.join(map(str, p))!r} belongs to no layer of the layer order")
+    if len(owners) > 1:
+      raise ValueError(
+          f"parameter {'/'.join(map(str, p))!r} belongs to several layers: "
+          f"{['/'.join(map(str, o)) for o in owners]}")
+  return layers
+
+
+def traced_layer_order(model: nnx.Module, example: jax.Array | jax.ShapeDtypeStruct) -> tuple[LayerPath, ...]:
+  """Layer order from a trace of the forward pass (no compilation, no FLOPs).
+
+  Each module that directly owns parameters is one layer. Layers are ordered by the first equation of
+  the traced program that reads any of their parameters (through any chain of operations).
+
+  Args:
+    model: any Flax NNX module whose ``__call__`` takes one batched input array.
+    example: an example input (array or ``jax.ShapeDtypeStruct``) with the batch axis.
+
+  Returns:
+    Layer path prefixes in forward order.
+  """
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  flat = nnx.to_flat_state(params)
+  paths = [tuple(p) for p, _ in flat]
+  leaves = [v.get_value() if hasattr(v, "get_value") else v.value for _, v in flat]
+
+  def forward(leaf_values, x):
+    new = nnx.from_flat_state([(p, nnx.Param(v)) for p, v in zip(paths, leaf_values)])
+    return nnx.merge(graphdef, new, rest)(x)
+
+  example = jax.ShapeDtypeStruct(example.shape, example.dtype)
+  closed = jax.make_jaxpr(forward)([jax.ShapeDtypeStruct(jnp.shape(v), jnp.result_type(v)) for v in leaves], example)
+  jaxpr = closed.jaxpr
+  invars = jaxpr.invars[: len(leaves)]
+  # For each variable, the set of parameter indices it depends on; record the first equation that
+  # depends on each parameter directly or indirectly.
+  depends = {v: {i} for i, v in enumerate(invars)}
+  first_use = {}
+  for eqn_index, eqn in enumerate(jaxpr.eqns):
+    deps = set()
+    for v in eqn.invars:
+      if not hasattr(v, "val") and v in depends:  # skip literals
+        deps |= depends[v]
+    for i in deps:
+      first_use.setdefault(i, eqn_index)
+    for v in eqn.outvars:
+      depends[v] = deps
+  owners: dict[LayerPath, int] = {}
+  for i, path in enumerate(paths):
+    owner = path[:-1]
+    use = first_use.get(i, len(jaxpr.eqns))
+    owners[owner] = min(owners.get(owner, use), use)
+  return tuple(sorted(owners, key=lambda o: (owners[o], o.__repr__())))
+
+
+def layer_order(model: nnx.Module, example: jax.Array | jax.ShapeDtypeStruct | None = None) -> tuple[LayerPath, ...]:
+  """The model's layers in forward order (see the module docstring).
+
+  Args:
+    model: a Flax NNX module.
+    example: an example batched input, needed only when the model has no ``layer_order`` method.
+
+  Returns:
+    Layer path prefixes in forward order; every parameter lies under exactly one.
+
+  Raises:
+    ValueError: the model states no layer order and no example input was given, or its stated order
+      does not cover every parameter exactly once.
+  """
+  stated = getattr(model, "layer_order", None)
+  if callable(stated):
+    return check_layer_order(model, stated())
+  if example is None:
+    raise ValueError(
+        f"{type(model).__name__} has no layer_order() method; pass an example input so that the "
+        "layer order can be traced from the forward pass")
+  return check_layer_order(model, traced_layer_order(model, example))

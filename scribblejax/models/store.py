@@ -1,0 +1,199 @@
+"""Save and load models: a folder with ``model.json`` (architecture, normalisation, classes) and an
+orbax checkpoint of the model's state.
+
+Loading never imports code named by the file: the family must be one of :data:`FAMILIES`, a fixed
+table of known constructors, each called as ``Cls(**kwargs, rngs=nnx.Rngs(0))``.
+
+Layout::
+
+    DIR/model.json     {"format": "scribblejax-model", "version": 1, "family": ..., "kwargs": {...},
+                        "normalization": ..., "class_names": [...], "metadata": {...}}
+    DIR/state/         orbax checkpoint of nnx.state(model) as a plain nested dict
+
+Writes are atomic: everything goes to a temporary sibling folder that is renamed into place.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+from flax import nnx
+
+FORMAT = "scribblejax-model"
+VERSION = 1
+
+# family name -> "module:attribute" of a constructor. A fixed table: nothing else is ever imported.
+FAMILIES: dict[str, str] = {
+    "scribblejax.UNet": "scribblejax.models.unet:UNet",
+    "nnunet.PlainConvUNet": "converters.nnunet:PlainConvUNet",
+    "nnunet.ResidualEncoderUNet": "converters.nnunet:ResidualEncoderUNet",
+    "monai.BasicUNet": "converters.monai_nets:BasicUNet",
+    "monai.UNet": "converters.monai_nets:UNet",
+    "monai.SegResNet": "converters.monai_nets:SegResNet",
+    "smp.Unet": "converters.smp_unet:Unet",
+}
+
+# Built-in models shipped inside the package: name -> folder under scribblejax/weights/.
+WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
+
+
+class ModelInfo(NamedTuple):
+  """What ``model.json`` says about a stored model."""
+  family: str
+  kwargs: dict
+  normalization: Any
+  class_names: tuple[str, ...] | None
+  metadata: dict
+  path: str
+
+
+def builtin_models() -> tuple[str, ...]:
+  """Names of the models shipped with the package."""
+  if not WEIGHTS_DIR.is_dir():
+    return ()
+  return tuple(sorted(p.name for p in WEIGHTS_DIR.iterdir() if (p / "model.json").is_file()))
+
+
+def _constructor(family: str):
+  if family not in FAMILIES:
+    raise ValueError(f"unknown model family {family!r}; known families: {sorted(FAMILIES)}")
+  module, attr = FAMILIES[family].split(":")
+  return getattr(importlib.import_module(module), attr)
+
+
+def build_model(family: str, kwargs: dict) -> nnx.Module:
+  """Constructs a freshly initialised model of a known family."""
+  try:
+    return _constructor(family)(**kwargs, rngs=nnx.Rngs(0))
+  except TypeError as err:
+    raise ValueError(f"model family {family!r} rejects the arguments {kwargs}: {err}") from err
+
+
+def _abstract_model(family: str, kwargs: dict) -> nnx.Module:
+  """The model's structure with shape-only leaves: no random initialisation is computed or compiled
+  (building a U-Net concretely compiles one initialiser per weight shape: seconds to tens of seconds).
+  Constructors that need concrete values (e.g. Python control flow on random numbers) are built concretely."""
+  constructor = _constructor(family)
+  try:
+    return nnx.eval_shape(lambda: constructor(**kwargs, rngs=nnx.Rngs(0)))
+  except Exception:  # noqa: BLE001 -- any tracing problem: fall back to the plain build (and its error messages)
+    return build_model(family, kwargs)
+
+
+def _to_plain(state: nnx.State) -> dict:
+  return jax.tree.map(np.asarray, nnx.to_pure_dict(state))
+
+
+def _atomic_dir(directory: Path):
+  directory.parent.mkdir(parents=True, exist_ok=True)
+  tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+  os.chmod(tmp, 0o755)
+  return tmp
+
+
+def save_model(directory: str | os.PathLike, model: nnx.Module, *, family: str, kwargs: dict,
+               normalization: Any = None, class_names: list[str] | None = None,
+               metadata: dict | None = None, overwrite: bool = False) -> Path:
+  """Writes ``model`` to ``directory`` atomically.
+
+  Args:
+    directory: the folder to create.
+    model: the model; its state must match ``build_model(family, kwargs)``.
+    family: a key of :data:`FAMILIES`.
+    kwargs: JSON-serialisable constructor arguments.
+    normalization: a spec for :func:`scribblejax.normalize.normalize` (``None``: no normalisation).
+    class_names: one name per output class.
+    metadata: anything JSON-serialisable (training command, scores, provenance).
+    overwrite: replace an existing folder.
+
+  Returns:
+    The folder's path.
+  """
+  import orbax.checkpoint as ocp
+  from scribblejax.normalize import check_spec
+
+  directory = Path(directory).resolve()
+  if directory.exists() and not overwrite:
+    raise ValueError(f"{directory} already exists (pass overwrite=True to replace it)")
+  reference = _abstract_model(family, kwargs)
+  want = jax.tree.map(lambda x: tuple(x.shape), nnx.to_pure_dict(nnx.state(reference)))
+  state = _to_plain(nnx.state(model))
+  if jax.tree.map(np.shape, state) != want:
+    raise ValueError(f"the model's state does not match family {family!r} built with {kwargs}")
+  config = {"format": FORMAT, "version": VERSION, "family": family, "kwargs": kwargs,
+            "normalization": check_spec(normalization), "class_names": list(class_names) if class_names else None,
+            "metadata": metadata or {}}
+  text = json.dumps(config, indent=2, sort_keys=True)
+  tmp = _atomic_dir(directory)
+  try:
+    (tmp / "model.json").write_text(text)
+    with ocp.StandardCheckpointer() as checkpointer:
+      checkpointer.save(tmp / "state", state)
+    if directory.exists():
+      shutil.rmtree(directory)
+    os.replace(tmp, directory)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  return directory
+
+
+def resolve_model_path(name_or_path: str | os.PathLike) -> Path:
+  """A built-in model's folder, or the given folder; ``ValueError`` if neither exists."""
+  path = Path(name_or_path)
+  if (path / "model.json").is_file():
+    return path
+  if str(name_or_path) in builtin_models():
+    return WEIGHTS_DIR / str(name_or_path)
+  raise ValueError(f"no model at {str(name_or_path)!r}: not a folder with model.json, nor a built-in model "
+                   f"({', '.join(builtin_models()) or 'none shipped'})")
+
+
+def read_info(name_or_path: str | os.PathLike) -> ModelInfo:
+  """Reads ``model.json`` of a stored or built-in model."""
+  path = resolve_model_path(name_or_path)
+  try:
+    config = json.loads((path / "model.json").read_text())
+  except (OSError, json.JSONDecodeError) as err:
+    raise ValueError(f"cannot read {path / 'model.json'}: {err}") from err
+  if config.get("format") != FORMAT or config.get("version") != VERSION:
+    raise ValueError(f"{path / 'model.json'} is not a {FORMAT} v{VERSION} file")
+  names = config.get("class_names")
+  return ModelInfo(config["family"], config["kwargs"], config.get("normalization"),
+                   tuple(names) if names else None, config.get("metadata", {}), str(path))
+
+
+def load_model(name_or_path: str | os.PathLike) -> tuple[nnx.Module, ModelInfo]:
+  """Loads a stored or built-in model.
+
+  Returns:
+    ``(model, info)``.
+
+  Raises:
+    ValueError: missing folder, unknown family, or a checkpoint that does not match the architecture.
+  """
+  import orbax.checkpoint as ocp
+
+  info = read_info(name_or_path)
+  model = _abstract_model(info.family, info.kwargs)
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nnx.to_pure_dict(nnx.state(model)))
+  try:
+    with ocp.StandardCheckpointer() as checkpointer:
+      restored = checkpointer.restore(Path(info.path).resolve() / "state", abstract)
+  except Exception as err:
+    raise ValueError(f"cannot restore the weights in {info.path}: {err}") from err
+  state = nnx.state(model)
+  nnx.replace_by_pure_dict(state, jax.tree.map(np.asarray, restored))
+  nnx.update(model, state)
+  if any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(nnx.split(model)[1:])):
+    model = build_model(info.family, info.kwargs)     # arrays held outside Variables: build concretely
+    nnx.update(model, state)
+  return model, info

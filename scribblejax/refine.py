@@ -1,0 +1,499 @@
+"""Scribble-conditioned refinement: Algorithm 1 of Sambaturu et al. (MICCAI 2021).
+
+Copy the weights W to W_lam; only the tunable part moves. Loop: forward; g = cross-entropy over the
+marked pixels; stop when every marked pixel is predicted as its label (``satisfied``) or after
+``max_steps`` steps; otherwise one optimiser step on ``g + prox_weight * ||W_lam - W||_2``.
+
+Two drivers run the same guarded step function:
+
+* ``"loop"``: one jit-compiled ``lax.while_loop`` runs the whole refinement on the device.
+* ``"host"``: a jit-compiled chunk of ``check_every`` steps, driven from Python, which checks the stop
+  rule between chunks. XLA:CPU runs convolution weight-gradients inside a ``while_loop`` body on a
+  slow generic path, so this is what ``"auto"`` picks on CPU; GPUs and TPUs get ``"loop"``.
+
+The frozen trunk is computed once per interaction (``cache_trunk``, on by default): the forward pass
+is unzipped into the part that depends only on the frozen weights and the image, evaluated once, and
+the tunable tail, the only part the loop runs (:mod:`scribblejax.trunk`, generic for any model).
+
+Both give the same result: each step is guarded (a step after the stop rule fired changes nothing),
+so the host driver's extra steps inside its last chunk are no-ops.
+
+Example:
+  >>> split = split_params(model, last_layers(5))
+  >>> result = refine(split, image, marks, RefineConfig(max_steps=100))
+  >>> result.labels, result.num_steps, result.satisfied
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from scribblejax import marks as marks_lib
+from scribblejax import trunk as trunk_lib
+from scribblejax.params import Split
+
+DRIVERS = ("auto", "loop", "host")
+
+
+@dataclasses.dataclass(frozen=True)
+class RefineConfig:
+  """Settings of one refinement (immutable, hashable).
+
+  Changing ``max_steps``, ``learning_rate``, ``momentum`` or ``prox_weight`` never recompiles: they
+  enter the compiled function as traced scalars. The other fields are static.
+
+  Attributes:
+    max_steps: M, the most optimiser steps (the paper found 80 to 140 enough).
+    learning_rate: SGD learning rate (ignored when ``optimizer`` is given).
+    momentum: SGD momentum (ignored when ``optimizer`` is given).
+    prox_weight: alpha, the weight of ``||W_lam - W||_2`` (a plain, not squared, L2 norm).
+    class_balance: weight the cross-entropy so every marked class counts equally.
+    optimizer: any optax ``GradientTransformation``; ``None`` means SGD with the settings above.
+    driver: "auto", "loop" (one compiled while_loop) or "host" (jitted chunks driven from Python).
+    check_every: steps per jitted chunk between stop checks, for the host driver.
+    trace_length: length of the fixed-size loss trace in the result.
+    output: "logits" or "probabilities" in the result.
+    early_stop: stop as soon as every marked pixel is predicted as its label (Algorithm 1);
+      ``False`` always takes ``max_steps`` steps (a non-finite objective still stops), for benchmarks.
+    cache_trunk: compute the frozen trunk once per interaction and run only the tunable tail in
+      the loop (:mod:`scribblejax.trunk`); ``False`` runs the whole forward pass at every step.
+  """
+  max_steps: int = 100
+  learning_rate: float = 0.01
+  momentum: float = 0.9
+  prox_weight: float = 1.0
+  class_balance: bool = False
+  optimizer: optax.GradientTransformation | None = None
+  driver: str = "auto"
+  check_every: int = 1
+  trace_length: int = 256
+  output: str = "logits"
+  early_stop: bool = True
+  cache_trunk: bool = True
+
+  def __post_init__(self):
+    if not isinstance(self.max_steps, (int, np.integer)) or self.max_steps < 0:
+      raise ValueError(f"max_steps must be a non-negative integer, got {self.max_steps!r}")
+    for name in ("learning_rate", "momentum", "prox_weight"):
+      value = getattr(self, name)
+      if not np.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be finite and >= 0, got {value!r}")
+    if self.driver not in DRIVERS:
+      raise ValueError(f"driver must be one of {DRIVERS}, got {self.driver!r}")
+    if self.check_every < 1 or self.trace_length < 1:
+      raise ValueError("check_every and trace_length must be >= 1")
+    if self.output not in ("logits", "probabilities"):
+      raise ValueError(f"output must be 'logits' or 'probabilities', got {self.output!r}")
+
+
+class RefineState(NamedTuple):
+  """The carry of the refinement loop."""
+  tunable: Any                # pytree like W's tunable part: the current W_lam
+  previous: Any               # the W_lam before the last update (returned if `tunable` gives a non-finite loss)
+  opt_state: Any              # optax state
+  step: jax.Array             # int32[]: optimiser steps taken
+  done: jax.Array             # bool[]: the stop rule fired (satisfied or non-finite)
+  satisfied: jax.Array        # bool[]: every marked pixel predicted as its label at `tunable`
+  nonfinite: jax.Array        # bool[]: the loss, a gradient or an update became non-finite
+  loss_trace: jax.Array       # f32[trace_length]: objective at step i (NaN where not evaluated)
+
+
+class RefineResult(NamedTuple):
+  """What a refinement returns.
+
+  Attributes:
+    logits: f32[*spatial, classes], logits (or probabilities, per ``RefineConfig.output``) of W_lam.
+    labels: int32[*spatial], argmax of the logits.
+    tunable: the refined tunable parameters W_lam (same structure as ``split.tunable``).
+    num_steps: int32[], optimiser steps taken.
+    satisfied: bool[], every marked pixel is predicted as its label.
+    nonfinite: bool[], the loop stopped because the objective became non-finite; ``tunable`` then
+      holds the last finite weights.
+    loss_trace: f32[trace_length], objective before step i; NaN after the loop ended.
+  """
+  logits: jax.Array
+  labels: jax.Array
+  tunable: Any
+  num_steps: jax.Array
+  satisfied: jax.Array
+  nonfinite: jax.Array
+  loss_trace: jax.Array
+
+
+class _Hyper(NamedTuple):
+  """The traced settings: changing them never recompiles."""
+  max_steps: jax.Array        # int32[]
+  learning_rate: jax.Array    # f32[]
+  momentum: jax.Array         # f32[]
+  prox_weight: jax.Array      # f32[]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+  """The static settings: part of the compilation cache key."""
+  optimizer: Any
+  class_balance: bool
+  trace_length: int
+  output: str
+  early_stop: bool = True
+  cache_trunk: bool = True
+
+
+def _hyper(config: RefineConfig) -> _Hyper:
+  return _Hyper(jnp.asarray(config.max_steps, jnp.int32), jnp.asarray(config.learning_rate, jnp.float32),
+                jnp.asarray(config.momentum, jnp.float32), jnp.asarray(config.prox_weight, jnp.float32))
+
+
+def _static(config: RefineConfig) -> _Static:
+  return _Static(config.optimizer, config.class_balance, config.trace_length, config.output,
+                 bool(config.early_stop), bool(config.cache_trunk))
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure pieces
+# ---------------------------------------------------------------------------------------------
+
+def forward(graphdef: Any, tunable: Any, frozen: Any, image: jax.Array) -> jax.Array:
+  """Logits ``f32[*spatial, classes]`` of one unbatched image ``[*spatial, channels]``."""
+  model = nnx.merge(graphdef, tunable, frozen)
+  return model(image[None])[0].astype(jnp.float32)
+
+
+def marked_cross_entropy(logits: jax.Array, marks: jax.Array, class_balance: bool = False) -> jax.Array:
+  """Mean cross-entropy over marked pixels (``marks >= 0``); 0 when nothing is marked.
+
+  With ``class_balance`` every marked class contributes its own mean equally.
+  """
+  num_classes = logits.shape[-1]
+  marked = marks >= 0
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(marked, marks, 0))
+  ce = jnp.where(marked, ce, 0.0)
+  if not class_balance:
+    return ce.sum() / jnp.maximum(marked.sum(), 1)
+  onehot = (marks[..., None] == jnp.arange(num_classes)) & marked[..., None]
+  per_class_count = onehot.sum(axis=tuple(range(marks.ndim)))
+  per_class = (ce[..., None] * onehot).sum(axis=tuple(range(marks.ndim))) / jnp.maximum(per_class_count, 1)
+  present = per_class_count > 0
+  return jnp.where(present, per_class, 0.0).sum() / jnp.maximum(present.sum(), 1)
+
+
+def marks_satisfied(logits: jax.Array, marks: jax.Array) -> jax.Array:
+  """True when every marked pixel's argmax equals its label (vacuously true with no marks)."""
+  return jnp.all((marks < 0) | (jnp.argmax(logits, axis=-1) == marks))
+
+
+def proximal_norm(tunable: Any, anchor: Any) -> jax.Array:
+  """``||tunable - anchor||_2`` over all leaves, with a finite (zero) gradient at ``tunable == anchor``."""
+  sq = sum(jnp.sum(jnp.square(a - b)) for a, b in zip(jax.tree.leaves(tunable), jax.tree.leaves(anchor)))
+  sq = jnp.asarray(sq, jnp.float32)
+  positive = sq > 0
+  return jnp.where(positive, jnp.sqrt(jnp.where(positive, sq, 1.0)), 0.0)
+
+
+def _optimizer(static: _Static, hyper: _Hyper) -> optax.GradientTransformation:
+  if static.optimizer is not None:
+    return static.optimizer
+  return optax.inject_hyperparams(optax.sgd)(learning_rate=hyper.learning_rate, momentum=hyper.momentum)
+
+
+def _all_finite(tree: Any) -> jax.Array:
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def _tree_select(pred: jax.Array, on_true: Any, on_false: Any) -> Any:
+  return jax.tree.map(lambda a, b: jnp.where(pred, a, b), on_true, on_false)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Forward:
+  """``forward`` bound to a graphdef, hashable (the key under which the trunk's plan is cached)."""
+  graphdef: Any
+
+  def __call__(self, tunable, frozen, image):
+    return forward(self.graphdef, tunable, frozen, image)
+
+
+def trunk_residuals(graphdef, tunable, frozen, image) -> list:
+  """The frozen trunk's values that the tunable tail reads (once per interaction)."""
+  return trunk_lib.partition(_Forward(graphdef), tunable, frozen, image).trunk(frozen, image)
+
+
+def _logits(graphdef, tunable, frozen, image, residuals):
+  """The forward pass: the tail alone on the trunk's ``residuals`` when given, else all of it."""
+  if residuals is None:
+    return forward(graphdef, tunable, frozen, image)
+  return trunk_lib.partition(_Forward(graphdef), tunable, frozen, image).tail(tunable, residuals)
+
+
+def _objective(graphdef, frozen, anchor, image, marks, static, hyper, tunable, residuals=None):
+  logits = _logits(graphdef, tunable, frozen, image, residuals)
+  ce = marked_cross_entropy(logits, marks, static.class_balance)
+  return ce + hyper.prox_weight * proximal_norm(tunable, anchor), logits
+
+
+def init_state(start, static: _Static, hyper: _Hyper) -> RefineState:
+  """The loop's initial state: W_lam = start (W itself for a fresh round), fresh optimiser state."""
+  tunable = jax.tree.map(jnp.asarray, start)
+  opt_state = _optimizer(static, hyper).init(tunable)
+  return RefineState(tunable, tunable, opt_state, jnp.zeros((), jnp.int32), jnp.zeros((), bool), jnp.zeros((), bool),
+                     jnp.zeros((), bool), jnp.full((static.trace_length,), jnp.nan, jnp.float32))
+
+
+def refine_step(graphdef, frozen, anchor, image, marks, static: _Static, hyper: _Hyper,
+                state: RefineState, residuals: list | None = None) -> RefineState:
+  """One guarded step: evaluate; stop if satisfied or non-finite; else one optimiser update.
+
+  A step taken when the loop is already done, or at ``max_steps``, changes nothing. When the
+  objective at the current weights is non-finite, the loop stops and steps back to the previous
+  (finite) weights. With ``residuals`` (from :func:`trunk_residuals`) only the tunable tail of the
+  network runs.
+  """
+  objective = functools.partial(_objective, graphdef, frozen, anchor, image, marks, static, hyper,
+                                residuals=residuals)
+  (value, logits), grads = jax.value_and_grad(objective, has_aux=True)(state.tunable)
+  active = ~state.done & (state.step < hyper.max_steps)
+  satisfied = marks_satisfied(logits, marks)
+  updates, new_opt_state = _optimizer(static, hyper).update(grads, state.opt_state, state.tunable)
+  new_tunable = optax.apply_updates(state.tunable, updates)
+  evaluated_finite = jnp.isfinite(value) & jnp.all(jnp.isfinite(logits)) & _all_finite(grads)
+  finite = evaluated_finite & _all_finite(new_tunable)
+  stop = (satisfied & static.early_stop) | ~finite
+  take = active & ~stop
+  step_back = active & ~evaluated_finite & (state.step > 0)
+  new_opt_state = optax.tree.cast_like(new_opt_state, state.opt_state)
+  trace = jnp.where(active & (state.step < static.trace_length),
+                    state.loss_trace.at[state.step].set(value.astype(jnp.float32)), state.loss_trace)
+  tunable = _tree_select(take, new_tunable, _tree_select(step_back, state.previous, state.tunable))
+  return RefineState(
+      tunable=tunable,
+      previous=_tree_select(take, state.tunable, state.previous),
+      opt_state=_tree_select(take, new_opt_state, state.opt_state),
+      step=state.step + take.astype(jnp.int32) - step_back.astype(jnp.int32),
+      done=state.done | (active & stop),
+      satisfied=jnp.where(active, satisfied, state.satisfied),
+      nonfinite=state.nonfinite | (active & ~finite),
+      loss_trace=trace,
+  )
+
+
+def finalize(graphdef, frozen, image, marks, static: _Static, state: RefineState) -> RefineResult:
+  """Evaluates W_lam once more and packs the result."""
+  logits = forward(graphdef, state.tunable, frozen, image)
+  out = jax.nn.softmax(logits, axis=-1) if static.output == "probabilities" else logits
+  return RefineResult(out, jnp.argmax(logits, axis=-1).astype(jnp.int32), state.tunable, state.step,
+                      marks_satisfied(logits, marks), state.nonfinite, state.loss_trace)
+
+
+def _loop_one(graphdef, static, anchor, start, frozen, image, marks, hyper) -> RefineResult:
+  residuals = trunk_residuals(graphdef, anchor, frozen, image) if static.cache_trunk else None
+  step = functools.partial(refine_step, graphdef, frozen, anchor, image, marks, static, hyper, residuals=residuals)
+  state = init_state(start, static, hyper)
+  state = jax.lax.while_loop(lambda s: ~s.done & (s.step < hyper.max_steps), step, state)
+  return finalize(graphdef, frozen, image, marks, static, state)
+
+
+def _chunk_one(graphdef, static, check_every, anchor, frozen, image, marks, hyper, state,
+               residuals=None) -> RefineState:
+  for _ in range(check_every):
+    state = refine_step(graphdef, frozen, anchor, image, marks, static, hyper, state, residuals)
+  return state
+
+
+# ---------------------------------------------------------------------------------------------
+# Compiled entry points (module-level so the compilation cache persists between calls)
+# ---------------------------------------------------------------------------------------------
+
+def _batched(fn, batched_args: tuple[bool, ...]):
+  return jax.vmap(fn, in_axes=tuple(0 if b else None for b in batched_args))
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "static", "batched"))
+def _run_loop(graphdef, static, batched, anchor, start, frozen, image, marks, hyper):
+  fn = functools.partial(_loop_one, graphdef, static)
+  if batched:
+    fn = _batched(fn, (False, False, False, True, True, False))
+  return fn(anchor, start, frozen, image, marks, hyper)
+
+
+@functools.partial(jax.jit, static_argnames=("static", "batched", "batch_size"))
+def _run_init(static, batched, start, hyper, batch_size):
+  state = init_state(start, static, hyper)
+  if batched:
+    state = jax.tree.map(lambda x: jnp.broadcast_to(x, (batch_size, *jnp.shape(x))), state)
+  return state
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "static", "check_every", "batched"), donate_argnames=("state",))
+def _run_chunk(graphdef, static, check_every, batched, anchor, frozen, image, marks, hyper, state, residuals=None):
+  fn = functools.partial(_chunk_one, graphdef, static, check_every)
+  if batched:
+    fn = _batched(fn, (False, False, True, True, False, True, True))
+  return fn(anchor, frozen, image, marks, hyper, state, residuals)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "batched"))
+def _run_trunk(graphdef, batched, tunable, frozen, image):
+  fn = functools.partial(trunk_residuals, graphdef)
+  if batched:
+    fn = _batched(fn, (False, False, True))
+  return fn(tunable, frozen, image)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "static", "batched"))
+def _run_finalize(graphdef, static, batched, frozen, image, marks, state):
+  fn = functools.partial(finalize, graphdef)
+  if batched:
+    return jax.vmap(lambda i, m, s: fn(frozen, i, m, static, s))(image, marks, state)
+  return fn(frozen, image, marks, static, state)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _run_predict(graphdef, tunable, frozen, image):
+  return forward(graphdef, tunable, frozen, image)
+
+
+def resolve_driver(driver: str) -> str:
+  """``"auto"`` -> ``"host"`` on CPU (measured faster there), ``"loop"`` on GPU and TPU."""
+  if driver != "auto":
+    return driver
+  return "host" if jax.default_backend() == "cpu" else "loop"
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation (before anything is compiled)
+# ---------------------------------------------------------------------------------------------
+
+def _check_image(image: Any) -> np.ndarray:
+  arr = np.asarray(image)
+  if not np.issubdtype(arr.dtype, np.number) or np.issubdtype(arr.dtype, np.complexfloating):
+    raise ValueError(f"image must be a real numeric array, got dtype {arr.dtype}")
+  if not np.all(np.isfinite(arr)):
+    raise ValueError(f"image contains {int(np.size(arr) - np.isfinite(arr).sum())} NaN or Inf values")
+  return arr
+
+
+def num_classes_of(split: Split, image_shape: tuple[int, ...], dtype=jnp.float32) -> int:
+  """The number of output classes of the split's model for an unbatched image shape (no compile)."""
+  struct = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x)), tree)
+  try:
+    shape = jax.eval_shape(functools.partial(forward, split.graphdef), struct(split.tunable), struct(split.frozen),
+                           jax.ShapeDtypeStruct(image_shape, dtype)).shape
+  except Exception as err:  # the model's own shape checks, reported as a ValueError
+    raise ValueError(f"the model does not accept an image of shape {image_shape}: {err}") from err
+  if tuple(shape[:-1]) != tuple(image_shape[:-1]):
+    raise ValueError(f"the model maps an image of spatial shape {image_shape[:-1]} to logits of shape {shape}; "
+                     "refinement needs one logit vector per pixel")
+  return int(shape[-1])
+
+
+def prepare_inputs(split: Split, image: Any, marks: Any, *, batched: bool = False) -> tuple[jax.Array, jax.Array]:
+  """Validates an image and its marks; returns float32 image ``[*spatial, C]`` and int32 marks.
+
+  An image without a channel axis (same shape as the marks) gets one. Raises ``ValueError`` naming
+  the problem: rank or shape mismatch, non-integer marks, labels out of range, NaN/Inf pixels.
+  """
+  arr = _check_image(image)
+  mk = np.asarray(marks)
+  lead = 1 if batched else 0
+  if batched and (arr.ndim < 1 or mk.ndim < 1 or arr.shape[0] != mk.shape[0]):
+    raise ValueError(f"images and marks must share a leading batch axis, got shapes {arr.shape} and {mk.shape}")
+  spatial_dims = split_spatial_dims(split)
+  if spatial_dims is not None and mk.ndim - lead != spatial_dims:
+    raise ValueError(f"marks of shape {mk.shape} have {mk.ndim - lead} spatial axes but the model is "
+                     f"{spatial_dims}D")
+  if arr.shape == mk.shape:
+    arr = arr[..., None]
+  if arr.ndim != mk.ndim + 1 or arr.shape[:-1] != mk.shape:
+    raise ValueError(f"image of shape {arr.shape} and marks of shape {mk.shape} do not match: the image must be "
+                     "[*spatial, channels] (or [*spatial]) with marks [*spatial]")
+  num_classes = num_classes_of(split, arr.shape[lead:])
+  if batched:
+    mk = np.stack([marks_lib.validate_mark_map(m, arr.shape[1:-1], num_classes) for m in mk])
+  else:
+    mk = marks_lib.validate_mark_map(mk, arr.shape[:-1], num_classes)
+  return jnp.asarray(arr, jnp.float32), jnp.asarray(mk, jnp.int32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public API
+# ---------------------------------------------------------------------------------------------
+
+def predict(split: Split, image: Any, tunable: Any = None) -> jax.Array:
+  """Logits ``f32[*spatial, classes]`` of the network (W, or ``tunable`` when given) on one image."""
+  arr = _check_image(image)
+  if arr.ndim == split_spatial_dims(split):
+    arr = arr[..., None]
+  num_classes_of(split, arr.shape)
+  return _run_predict(split.graphdef, split.tunable if tunable is None else tunable, split.frozen,
+                      jnp.asarray(arr, jnp.float32))
+
+
+def split_spatial_dims(split: Split) -> int | None:
+  """The model's spatial rank when it states one (``spatial_dims`` attribute), else ``None``."""
+  model = nnx.merge(split.graphdef, split.tunable, split.frozen)
+  return getattr(model, "spatial_dims", None)
+
+
+def _drive(split: Split, image: jax.Array, marks: jax.Array, config: RefineConfig, batched: bool,
+           start: Any) -> RefineResult:
+  static, hyper = _static(config), _hyper(config)
+  anchor = split.tunable
+  if resolve_driver(config.driver) == "loop":
+    return _run_loop(split.graphdef, static, batched, anchor, start, split.frozen, image, marks, hyper)
+  state = _run_init(static, batched, start, hyper, image.shape[0] if batched else 1)
+  residuals = _run_trunk(split.graphdef, batched, anchor, split.frozen, image) if config.cache_trunk else None
+  while True:
+    finished = np.asarray(jax.device_get(state.done | (state.step >= config.max_steps)))
+    if finished.all():
+      break
+    state = _run_chunk(split.graphdef, static, config.check_every, batched, anchor, split.frozen, image, marks,
+                       hyper, state, residuals)
+  return _run_finalize(split.graphdef, static, batched, split.frozen, image, marks, state)
+
+
+def refine(split: Split, image: Any, marks: Any, config: RefineConfig = RefineConfig(), *,
+           start: Any = None) -> RefineResult:
+  """Refines the split's tunable parameters until the prediction honours every mark.
+
+  Args:
+    split: from :func:`scribblejax.split_params`; never modified.
+    image: ``[*spatial, channels]`` or ``[*spatial]``; any real dtype; never modified.
+    marks: int ``[*spatial]``, -1 = unmarked, k = class k (see :mod:`scribblejax.marks`).
+    config: a :class:`RefineConfig`.
+    start: tunable parameters to start from instead of W (to continue an earlier round). The
+      proximal term still pulls towards W, the split's own tunable parameters.
+
+  Returns:
+    A :class:`RefineResult`.
+
+  Raises:
+    ValueError: bad input (see :func:`prepare_inputs`), before anything is compiled.
+  """
+  image, marks = prepare_inputs(split, image, marks)
+  if start is not None and jax.tree.structure(start) != jax.tree.structure(split.tunable):
+    raise ValueError("start must have the same structure as split.tunable")
+  return _drive(split, image, marks, config, False, split.tunable if start is None else start)
+
+
+def refine_batch(split: Split, images: Any, marks: Any, config: RefineConfig = RefineConfig()) -> RefineResult:
+  """Refines one copy of W per image (``vmap``): each has its own marks, weights, steps and flags.
+
+  Args:
+    split: from :func:`scribblejax.split_params`.
+    images: ``[batch, *spatial, channels]`` or ``[batch, *spatial]``.
+    marks: int ``[batch, *spatial]``.
+    config: shared settings.
+
+  Returns:
+    A :class:`RefineResult` whose every field has a leading batch axis.
+  """
+  images, marks = prepare_inputs(split, images, marks, batched=True)
+  return _drive(split, images, marks, config, True, split.tunable)

@@ -1,0 +1,92 @@
+"""Interaction sessions, as pure values: start from the network's prediction, add marks, refine, read
+the result, undo a round.
+
+Each round accumulates the new marks over the earlier ones and refines. By default every round
+restarts from the original weights W (the paper's reset); ``continue_weights=True`` starts each
+round from the previous round's W_lam instead (the proximal term still pulls towards W).
+
+Example:
+  >>> s = start_session(split, image)
+  >>> s = add_marks(s, encode_marks(image.shape[:2], [Scribble([(5, 5), (5, 40)], label=1)]))
+  >>> s = add_marks(s, more_marks)
+  >>> s = undo(s)                      # back to the first round
+  >>> current_labels(s)
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from scribblejax import marks as marks_lib
+from scribblejax.params import Split
+from scribblejax.refine import RefineConfig, RefineResult, predict, refine
+
+
+class Round(NamedTuple):
+  """One interaction round."""
+  marks: np.ndarray           # int32[*spatial]: all marks so far (accumulated), -1 unmarked
+  result: RefineResult        # the refinement this round produced
+
+
+class Session(NamedTuple):
+  """An interaction session; every operation returns a new session."""
+  split: Split                # the network, with the original tunable weights W
+  image: Any                  # the image as given
+  initial_logits: jax.Array   # f32[*spatial, classes]: the network's own prediction
+  rounds: tuple[Round, ...]   # completed rounds, oldest first
+  config: RefineConfig
+  continue_weights: bool      # start each round from the previous W_lam instead of W
+
+
+def start_session(split: Split, image: Any, config: RefineConfig = RefineConfig(), *,
+                  continue_weights: bool = False) -> Session:
+  """Starts a session on one image with the network's own prediction."""
+  return Session(split, image, predict(split, image), (), config, continue_weights)
+
+
+def current_marks(session: Session) -> np.ndarray:
+  """All marks so far (``-1`` everywhere before the first round)."""
+  if session.rounds:
+    return session.rounds[-1].marks
+  return np.full(session.initial_logits.shape[:-1], marks_lib.UNMARKED, np.int32)
+
+
+def current_logits(session: Session) -> jax.Array:
+  """Logits of the latest round, or the network's own before any round."""
+  return session.rounds[-1].result.logits if session.rounds else session.initial_logits
+
+
+def current_labels(session: Session) -> jax.Array:
+  """The current segmentation, ``int32[*spatial]``."""
+  if session.rounds:
+    return session.rounds[-1].result.labels
+  return jnp.argmax(session.initial_logits, axis=-1).astype(jnp.int32)
+
+
+def add_marks(session: Session, new_marks: Any, config: RefineConfig | None = None) -> Session:
+  """Adds a round: accumulates ``new_marks`` (int map, -1 unmarked) and refines.
+
+  Args:
+    session: the session so far.
+    new_marks: this round's marks, ``int[*spatial]``; they override earlier marks where they overlap.
+    config: settings for this round (defaults to the session's).
+
+  Returns:
+    A new session with one more round.
+  """
+  marks = marks_lib.accumulate(current_marks(session), new_marks)
+  config = session.config if config is None else config
+  start = session.rounds[-1].result.tunable if (session.continue_weights and session.rounds) else None
+  result = refine(session.split, session.image, marks, config, start=start)
+  return session._replace(rounds=session.rounds + (Round(marks, result),))
+
+
+def undo(session: Session) -> Session:
+  """Drops the latest round (marks and result). ``ValueError`` when there is none."""
+  if not session.rounds:
+    raise ValueError("nothing to undo: the session has no rounds")
+  return session._replace(rounds=session.rounds[:-1])

@@ -1,0 +1,385 @@
+"""The command line as a user drives it, on the DSB nuclei image: predict, refine with LabelMe and 3D Slicer
+marks, sessions with undo, info, and every kind of bad input.
+
+Three tests run the installed ``scribblejax`` command in a subprocess (predict, a session undo, a bad input:
+exit status, stdout/stderr, a fresh process); the rest call ``scribblejax.cli.main(argv)`` in-process, the same
+entry point with the same exit codes, so that one compilation of the refinement is shared between tests.
+"""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import nrrd
+import numpy as np
+import pytest
+import tifffile
+from flax import nnx
+from PIL import Image as PILImage
+
+import scribblejax as sj
+from scribblejax import data, metrics
+from scribblejax.cli import main
+from scribblejax.io import read_image
+from scribblejax.io._testing import write_dicom_series, write_labelme, write_slicer_segmentation
+from scribblejax.train import TrainConfig, train_segmenter
+
+NORM = {"kind": "percentile", "lower": 1.0, "upper": 99.8}
+CROP = (slice(0, 96), slice(384, 480))          # from the DSB test columns (not trained on)
+KWARGS = dict(spatial_dims=2, in_channels=1, num_classes=2, channels=[8, 16])
+# Refinement settings (explicit, so that the tests do not depend on the library defaults).
+KNOBS = ["--steps", "300", "--lr", "0.05", "--momentum", "0.9", "--alpha", "0.01", "--layers", "5"]
+AFFINE = np.array([[0.0, -0.6, 0.05, 12.0], [0.55, 0.0, 0.0, -40.0], [0.0, 0.02, 3.0, 7.5], [0, 0, 0, 1]])
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+  """A small U-Net trained for 30 steps on the DSB training columns, saved as a model folder."""
+  ds = data.nuclei2d("binary")
+  model = sj.UNet(**KWARGS, rngs=nnx.Rngs(0))
+  train_segmenter(model, sj.normalize(ds.image, NORM)[ds.train], ds.labels[ds.train],
+                  TrainConfig(steps=30, crop=48, batch_size=2), progress=False)
+  path = tmp_path_factory.mktemp("models") / "nuclei"
+  sj.save_model(path, model, family="scribblejax.UNet", kwargs=KWARGS, normalization=NORM,
+                class_names=["background", "nucleus"])
+  return path
+
+
+@pytest.fixture(scope="module")
+def crop(model_dir):
+  """The crop (uint16), its true labels, and the network's own labels on it."""
+  image, instances = data.nuclei_instances()
+  image, truth = image[CROP], (instances[CROP] > 0).astype(np.int32)
+  model, info = sj.load_model(model_dir)
+  split = sj.split_params(model, sj.last_layers(1))
+  network = np.asarray(np.argmax(sj.predict(split, sj.normalize(image[..., None], info.normalization)), -1))
+  return image, truth, network
+
+
+def _wrong_spots(truth, network, count=1):
+  """Pixels (row, col) whose 3 x 3 neighbourhood the network gets wrong, per class: the corrections to make."""
+  spots = {}
+  for label in (0, 1):
+    wrong = (truth == label) & (network != label)
+    solid = np.ones_like(wrong)
+    for dr in (-1, 0, 1):
+      for dc in (-1, 0, 1):
+        solid &= np.roll(np.roll(wrong, dr, 0), dc, 1)
+    solid[[0, -1], :] = solid[:, [0, -1]] = False
+    found = np.argwhere(solid)
+    assert len(found) >= count, f"the network makes no solid error of class {label} on the crop"
+    spots[label] = [tuple(int(v) for v in found[i * len(found) // count]) for i in range(count)]
+  return spots
+
+
+def _digest(path):
+  return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _cli(*args, cwd=None):
+  """Runs the installed ``scribblejax`` command (or ``python -m scribblejax.cli``)."""
+  script = Path(sys.executable).parent / "scribblejax"
+  command = [str(script)] if script.exists() else [sys.executable, "-m", "scribblejax.cli"]
+  return subprocess.run(command + [str(a) for a in args], capture_output=True, text=True, timeout=600, cwd=cwd)
+
+
+def _no_temporaries(folder):
+  assert not [p for p in os.listdir(folder) if p.startswith(".")], os.listdir(folder)
+
+
+# ----------------------------------------------------------------------------------------------
+# predict
+
+def test_predict_nifti_round_trip_keeps_affine_and_header(tmp_path, model_dir, crop):
+  image, truth, network = crop
+  src = nib.Nifti1Image(image.astype(np.int16)[:, :, None], AFFINE)
+  src.header.set_qform(AFFINE, code=1)
+  src.header.set_sform(AFFINE, code=2)
+  src.header["descrip"] = b"DSB nuclei crop"
+  src.header.set_xyzt_units("mm", "sec")
+  nib.save(src, str(tmp_path / "img.nii.gz"))
+  before = _digest(tmp_path / "img.nii.gz")
+
+  proc = _cli("predict", "--model", model_dir, "--image", tmp_path / "img.nii.gz", "--out", tmp_path / "seg.nii.gz")
+  assert proc.returncode == 0, proc.stderr
+  assert "wrote" in proc.stdout and "predict" in proc.stderr           # summary on stdout, progress on stderr
+
+  src, out = nib.load(str(tmp_path / "img.nii.gz")), nib.load(str(tmp_path / "seg.nii.gz"))
+  np.testing.assert_allclose(out.affine, src.affine, atol=1e-6)
+  for key in ("qform_code", "sform_code", "pixdim", "xyzt_units", "descrip", "quatern_b", "quatern_c", "quatern_d",
+              "qoffset_x", "qoffset_y", "qoffset_z", "srow_x", "srow_y", "srow_z", "dim_info"):
+    np.testing.assert_array_equal(out.header[key], src.header[key], err_msg=key)
+  assert out.shape == (96, 96, 1) and out.get_data_dtype() == np.uint8
+  labels = np.asanyarray(out.dataobj)[:, :, 0]
+  np.testing.assert_array_equal(labels, network)                       # the model's own prediction
+  assert metrics.mean_foreground_dice(labels, truth, 2) > 0.5        # and a meaningful one
+  report = json.loads((tmp_path / "seg.report.json").read_text())
+  assert report["image_format"] == "nifti" and report["out_format"] == "nifti" and report["device"]
+  assert report["compile_seconds"] <= report["seconds"] + 1e-6
+  assert report["notes"] == ["dropped length-1 axis [2] of the image for a 2-D model"]
+  assert (tmp_path / "seg.overlay.png").stat().st_size > 0
+  assert _digest(tmp_path / "img.nii.gz") == before
+  _no_temporaries(tmp_path)
+
+
+# ----------------------------------------------------------------------------------------------
+# refine
+
+def test_refine_labelme_two_labels_corrects_two_classes_in_one_round(tmp_path, model_dir, crop, capsys):
+  image, truth, network = crop
+  grey = np.round(image * (255.0 / image.max())).astype(np.uint8)
+  PILImage.fromarray(grey).save(tmp_path / "img.png")
+  spots = _wrong_spots(truth, network)
+  (r1, c1), (r0, c0) = spots[1][0], spots[0][0]
+  shapes = [{"label": "nucleus", "points": [[c1 + 0.5, r1 + 0.5]], "shape_type": "point"},
+            {"label": "background", "points": [[c0 + 0.5, r0 + 0.5]], "shape_type": "point"}]
+  write_labelme(tmp_path / "marks.json", shapes, 96, 96, image_path="img.png")
+
+  code = main(["refine", "--model", str(model_dir), "--image", str(tmp_path / "img.png"), "--marks",
+               str(tmp_path / "marks.json"), "--out", str(tmp_path / "refined.png"), *KNOBS, "--radius", "1", "--json"])
+  out = capsys.readouterr()
+  assert code == 0, out.err
+  report = json.loads(out.out)
+  assert report["satisfied"] and 0 < report["steps"] <= 300 and report["marks_honoured"] == 1.0
+  assert report["settings"] == {"layers": 5, "max_steps": 300, "learning_rate": 0.05, "momentum": 0.9, "prox_weight": 0.01,
+                                "region_growing": None, "class_balance": False, "continue_weights": False,
+                                "check_every": 1}
+  assert report["marked_pixels"] == {"background": 5, "nucleus": 5}   # radius 1: a 5-pixel cross each
+  labels = np.asarray(PILImage.open(tmp_path / "refined.png"))
+  for label, (r, c) in ((1, (r1, c1)), (0, (r0, c0))):
+    assert network[r, c] != label and labels[r, c] == label           # both classes corrected
+    assert all(labels[r + dr, c + dc] == label for dr, dc in ((0, 1), (1, 0), (0, -1), (-1, 0)))
+  assert json.loads((tmp_path / "refined.report.json").read_text())["steps"] == report["steps"]
+
+
+def test_refine_reads_a_slicer_segmentation_on_an_nrrd_image(tmp_path, model_dir, crop, capsys):
+  image, truth, network = crop
+  # The crop as a 2-D NRRD in LPS space: axis 0 = rows, axis 1 = columns (any order works: geometry rules).
+  header = {"space": "left-posterior-superior", "space directions": np.array([[0.0, 0.5, 0.0], [-0.5, 0.0, 0.0]]),
+            "space origin": np.array([3.0, -4.0, 10.0]), "kinds": ["domain", "domain"], "encoding": "gzip"}
+  nrrd.write(str(tmp_path / "img.nrrd"), image, header, index_order="F")
+  geometry = read_image(tmp_path / "img.nrrd").geometry
+  spots = _wrong_spots(truth, network)
+  (r1, c1), (r0, c0) = spots[1][0], spots[0][0]
+  lo = np.array([min(r1, r0) - 1, min(c1, c0) - 1, 0])
+  extent = np.array([max(r1, r0) + 2, max(c1, c0) + 2, 1]) - lo
+  layer = np.zeros(extent, np.uint8)
+  layer[r1 - lo[0] - 1:r1 - lo[0] + 2, c1 - lo[1] - 1:c1 - lo[1] + 2, 0] = 1   # 'nucleus', label value 1
+  layer[r0 - lo[0] - 1:r0 - lo[0] + 2, c0 - lo[1] - 1:c0 - lo[1] + 2, 0] = 7   # 'Background', label value 7
+  affine = geometry.affine.copy()
+  affine[:3, 3] = (geometry.affine @ np.r_[lo, 1])[:3]
+  write_slicer_segmentation(tmp_path / "fix.seg.nrrd", layer,
+                            [dict(name="nucleus", label_value=1, layer=0), dict(name="Background", label_value=7, layer=0)],
+                            affine_ras=affine, extent_offset=lo)
+
+  code = main(["refine", "--model", str(model_dir), "--image", str(tmp_path / "img.nrrd"), "--marks",
+               str(tmp_path / "fix.seg.nrrd"), "--out", str(tmp_path / "seg.nrrd"), *KNOBS, "--quiet"])
+  assert code == 0, capsys.readouterr().err
+  labels, out_header = nrrd.read(str(tmp_path / "seg.nrrd"), index_order="F")
+  assert labels.shape == (96, 96)
+  np.testing.assert_allclose(out_header["space directions"], header["space directions"])
+  np.testing.assert_allclose(out_header["space origin"], header["space origin"])
+  assert (labels[r1 - 1:r1 + 2, c1 - 1:c1 + 2] == 1).all() and (labels[r0 - 1:r0 + 2, c0 - 1:c0 + 2] == 0).all()
+  report = json.loads((tmp_path / "seg.report.json").read_text())
+  assert report["marked_pixels"] == {"background": 9, "nucleus": 9} and report["satisfied"]
+
+
+def test_session_two_rounds_then_undo(tmp_path, model_dir, crop, capsys):
+  image, truth, network = crop
+  tifffile.imwrite(tmp_path / "img.tif", image)
+  spots = _wrong_spots(truth, network)
+  (r1, c1), (r0, c0) = spots[1][0], spots[0][0]
+  first = np.zeros((96, 96), np.uint8)
+  first[r1, c1] = 1                                             # round 1: a label map, "nucleus here"
+  PILImage.fromarray(first).save(tmp_path / "round1.png")
+  write_labelme(tmp_path / "round2.json", [{"label": "background", "points": [[c0 + 0.5, r0 + 0.5]],
+                                            "shape_type": "point"}], 96, 96)
+  session = tmp_path / "session"
+  common = ["--model", str(model_dir), "--image", str(tmp_path / "img.tif"), "--session", str(session),
+            *KNOBS, "--radius", "0", "--quiet"]
+  assert main(["refine", *common, "--marks", str(tmp_path / "round1.png"), "--out", str(tmp_path / "r1.tif")]) == 0
+  assert main(["refine", *common, "--marks", str(tmp_path / "round2.json"), "--out", str(tmp_path / "r2.tif")]) == 0
+  out1, out2 = tifffile.imread(tmp_path / "r1.tif"), tifffile.imread(tmp_path / "r2.tif")
+  assert network[r1, c1] == 0 and out1[r1, c1] == 1
+  assert out2[r1, c1] == 1 and out2[r0, c0] == 0 and network[r0, c0] == 1   # round 2 keeps round 1's marks
+  doc = json.loads((session / "session.json").read_text())
+  assert [r["round"] for r in doc["rounds"]] == [1, 2] and all(r["satisfied"] for r in doc["rounds"])
+  assert json.loads((tmp_path / "r2.report.json").read_text())["marked_pixels"] == {"background": 1, "nucleus": 1}
+
+  # Undo with new marks replaces the latest round: the same marks again give the same result.
+  assert main(["refine", *common, "--undo", "--marks", str(tmp_path / "round2.json"), "--out",
+               str(tmp_path / "r2b.tif")]) == 0
+  np.testing.assert_array_equal(tifffile.imread(tmp_path / "r2b.tif"), out2)
+  assert len(json.loads((session / "session.json").read_text())["rounds"]) == 2 and (session / "round-002.npz").exists()
+
+  # Undo in a fresh process: no model run, the session's stored round-1 result comes back.
+  proc = _cli("refine", "--session", session, "--undo", "--out", tmp_path / "undo1.tif")
+  assert proc.returncode == 0, proc.stderr
+  assert "undid round 2: 1 round(s) left" in proc.stdout
+  np.testing.assert_array_equal(tifffile.imread(tmp_path / "undo1.tif"), out1)
+  assert len(json.loads((session / "session.json").read_text())["rounds"]) == 1
+  assert not (session / "round-002.npz").exists()
+
+  # A new round after the undo accumulates over round 1 only; undoing everything gives the network's labels.
+  assert main(["refine", "--session", str(session), "--undo", "--out", str(tmp_path / "undo0.tif"), "--quiet"]) == 0
+  np.testing.assert_array_equal(tifffile.imread(tmp_path / "undo0.tif"), network)
+  assert main(["refine", "--session", str(session), "--undo", "--quiet"]) == 1
+  assert "nothing to undo" in capsys.readouterr().err
+  # The session belongs to its image: another image is refused.
+  tifffile.imwrite(tmp_path / "other.tif", image[::-1])
+  assert main(["refine", *common[:2], "--image", str(tmp_path / "other.tif"), "--session", str(session),
+               "--marks", str(tmp_path / "round1.png"), "--out", str(tmp_path / "x.tif")]) == 1
+  assert "is not the image of session" in capsys.readouterr().err
+  _no_temporaries(tmp_path)
+
+
+def test_continue_weights_and_region_growing(tmp_path, model_dir, crop, capsys):
+  image, truth, network = crop
+  tifffile.imwrite(tmp_path / "img.tif", image)
+  (r1, c1), = _wrong_spots(truth, network)[1]
+  marks = np.zeros((96, 96), np.uint8)
+  marks[r1, c1] = 1
+  PILImage.fromarray(marks).save(tmp_path / "m.png")
+  base = ["refine", "--model", str(model_dir), "--image", str(tmp_path / "img.tif"), "--marks", str(tmp_path / "m.png"),
+          *KNOBS, "--quiet", "--json"]
+  reports = []
+  for name, extra in (("a", []), ("b", ["--continue-weights"]), ("c", [])):
+    assert main([*base, "--session", str(tmp_path / "s"), "--out", str(tmp_path / f"{name}.tif"), *extra]) == 0
+    reports.append(json.loads(capsys.readouterr().out))
+  # The same mark again: from round 1's weights it already holds (no step); from W it must be learnt again.
+  assert reports[0]["steps"] > 0 and reports[1]["steps"] == 0 and reports[2]["steps"] == reports[0]["steps"]
+  assert reports[1]["settings"]["continue_weights"] and all(r["satisfied"] for r in reports)
+
+  assert main([*base, "--region-growing", "0.05", "--out", str(tmp_path / "g.tif")]) == 0
+  grown = json.loads(capsys.readouterr().out)
+  assert grown["grown_pixels"] > 0 and grown["settings"]["region_growing"] == 0.05
+  assert grown["marked_pixels"] == {"nucleus": 1 + grown["grown_pixels"]} and grown["satisfied"]
+
+
+def test_refine_dicom_series_3d_with_slicer_marks_writes_nifti(tmp_path, capsys):
+  """A CT series, a small 3-D U-Net (random weights: this checks the plumbing), Slicer marks, NIfTI out."""
+  rng = np.random.default_rng(0)
+  volume = (rng.normal(size=(24, 20, 8)) * 50 + 40).astype(np.int16)
+  volume[5:12, 5:12, 2:6] += 300
+  write_dicom_series(tmp_path / "ct", volume, slice_step=(0, 0, 2.5))
+  kwargs = dict(spatial_dims=3, in_channels=1, num_classes=2, channels=[4])      # small: 3 layers
+  sj.save_model(tmp_path / "m3d", sj.UNet(**kwargs, rngs=nnx.Rngs(0)), family="scribblejax.UNet", kwargs=kwargs,
+                normalization={"kind": "ct", "lower": -1000, "upper": 1000, "mean": 0, "std": 300},
+                class_names=["background", "lesion"])
+  geometry = read_image(tmp_path / "ct").geometry
+  layer = np.zeros((3, 3, 2), np.uint8)
+  layer[:, :, 0] = 1
+  layer[1, 1, 1] = 2
+  offset = np.array([6, 6, 3])
+  affine = geometry.affine.copy()
+  affine[:3, 3] = (geometry.affine @ np.r_[offset, 1])[:3]
+  write_slicer_segmentation(tmp_path / "m.seg.nrrd", layer, [dict(name="lesion", label_value=1, layer=0),
+                                                            dict(name="background", label_value=2, layer=0)],
+                            affine_ras=affine, extent_offset=offset)
+  assert main(["refine", "--model", str(tmp_path / "m3d"), "--image", str(tmp_path / "ct"), "--marks",
+               str(tmp_path / "m.seg.nrrd"), "--out", str(tmp_path / "seg.nii.gz"), *KNOBS, "--layers", "2",
+               "--quiet"]) == 0, \
+      capsys.readouterr().err
+  seg = read_image(tmp_path / "seg.nii.gz")
+  np.testing.assert_allclose(seg.geometry.affine, geometry.affine, atol=1e-5)      # DICOM -> NIfTI, same world
+  labels = seg.array[..., 0]
+  assert (labels[6:9, 6:9, 3] == 1).all() and labels[7, 7, 4] == 0
+  report = json.loads((tmp_path / "seg.report.json").read_text())
+  assert report["satisfied"] and report["marked_pixels"] == {"background": 1, "lesion": 9}
+  assert report["image_format"] == "dicom" and report["out_format"] == "nifti"
+  with PILImage.open(tmp_path / "seg.overlay.png") as im:              # the two marked slices, one row each
+    assert im.size[1] > im.size[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad input: one line naming the problem, exit status 1, inputs untouched.
+
+@pytest.fixture()
+def files(tmp_path, crop):
+  image = crop[0]
+  tifffile.imwrite(tmp_path / "img.tif", image)
+  marks = np.zeros((96, 96), np.uint8)
+  marks[5, 5] = 1
+  PILImage.fromarray(marks).save(tmp_path / "marks.png")
+  PILImage.fromarray(np.zeros((50, 50), np.uint8)).save(tmp_path / "small.png")
+  write_labelme(tmp_path / "tumour.json", [{"label": "tumour", "points": [[3, 3]], "shape_type": "point"}], 96, 96)
+  (tmp_path / "garbage.tif").write_bytes(b"not a tiff at all")
+  return tmp_path
+
+
+BAD_INPUTS = {
+    "missing image": (["--image", "{d}/missing.tif"], r"cannot read \S*missing\.tif: no such file"),
+    "unreadable image": (["--image", "{d}/garbage.tif"], r"cannot read \S*garbage\.tif as TIFF"),
+    "missing marks": (["--marks", "{d}/nothing.png"], r"cannot read \S*nothing\.png: no such file"),
+    "marks geometry": (["--marks", "{d}/small.png"],
+                       r"small\.png has shape \(50, 50\), but the image has shape \(96, 96\)"),
+    "label name": (["--marks", "{d}/tumour.json"], r"label 'tumour' is not a class \(classes: background, nucleus\)"),
+    "out is input": (["--out", "{d}/img.tif"], r"output \S*img\.tif is the input \S*img\.tif"),
+    "out is marks": (["--out", "{d}/marks.png"], r"output \S*marks\.png is the input"),
+    "missing model": (["--model", "{d}/no_such_model"], r"no model at '\S*no_such_model'"),
+    "classes count": (["--classes", "a,b,c"], r"--classes lists 3 names, but the model predicts 2 classes"),
+    "jpeg out": (["--out", "{d}/seg.jpg"], r"cannot write the segmentation of a tiff image as \S*seg\.jpg"),
+    "bad steps": (["--steps", "-3"], r"max_steps must be a non-negative integer"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_gives_one_line_and_exit_1(case, files, model_dir, capsys):
+  change, message = BAD_INPUTS[case]
+  args = {"--model": str(model_dir), "--image": f"{files}/img.tif", "--marks": f"{files}/marks.png",
+          "--out": f"{files}/seg.tif"}
+  for flag, value in zip(change[::2], change[1::2]):
+    args[flag] = value.format(d=files)
+  before = {p.name: _digest(p) for p in files.iterdir() if p.is_file()}
+  code = main(["refine", *[x for kv in args.items() for x in kv], "--steps" if case != "bad steps" else "--lr",
+               "5" if case != "bad steps" else "0.05", "--quiet"])
+  err = capsys.readouterr().err
+  assert code == 1
+  assert err.count("\n") == 1 and err.startswith("scribblejax refine: error: "), err
+  assert __import__("re").search(message, err), err
+  assert {p.name: _digest(p) for p in files.iterdir() if p.is_file()} == before    # nothing written or changed
+
+
+def test_predict_bad_input_and_a_real_exit_status(files, model_dir, capsys):
+  assert main(["predict", "--model", str(model_dir), "--image", f"{files}/img.tif", "--out", f"{files}/img.tif"]) == 1
+  assert "is the input" in capsys.readouterr().err
+  assert main(["predict", "--model", "nowhere", "--image", f"{files}/img.tif", "--out", f"{files}/s.tif"]) == 1
+  assert "no model at 'nowhere'" in capsys.readouterr().err
+  proc = _cli("refine", "--model", model_dir, "--image", files / "missing.tif", "--marks", files / "marks.png",
+              "--out", files / "seg.tif")
+  assert proc.returncode == 1 and proc.stdout == ""
+  errors = [line for line in proc.stderr.splitlines() if "error" in line]
+  assert errors == [f"scribblejax refine: error: cannot read {files}/missing.tif: no such file or folder"]
+  assert proc.stderr.splitlines()[-1] == errors[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# info and help
+
+def test_info_lists_classes_layers_and_input(model_dir, capsys):
+  assert main(["info", str(model_dir), "--json"]) == 0
+  info = json.loads(capsys.readouterr().out)
+  model, _ = sj.load_model(model_dir)
+  assert [layer["name"] for layer in info["layers"]] == ["/".join(map(str, p)) for p in sj.layer_order(model)]
+  assert info["layers"][-1]["name"] == "head" and info["layers"][-1]["params"] == 8 * 2 + 2
+  assert sum(layer["params"] for layer in info["layers"]) == info["total_params"] == sj.count_params(
+      nnx.state(model, nnx.Param))
+  assert info["classes"] == ["background", "nucleus"]
+  assert info["input"]["spatial_dims"] == 2 and info["input"]["channels"] == 1 and info["input"]["normalization"] == NORM
+  assert main(["info", str(model_dir)]) == 0
+  text = capsys.readouterr().out
+  assert "classes: background, nucleus" in text and "decoder/0/1" in text
+  assert main(["info", "no_such_model"]) == 1
+  assert "no model at 'no_such_model'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["predict", "refine", "info"])
+def test_help(command, capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    main([command, "--help"])
+  assert exit_info.value.code == 0
+  assert "exit status: 0 success" in capsys.readouterr().out

@@ -1,0 +1,127 @@
+"""End to end: a synthetic nnU-Net folder, a MONAI bundle and a bare checkpoint convert, save and reload."""
+
+import argparse
+import json
+
+import numpy as np
+import pytest
+
+from converters import cli
+from converters.convert import convert
+from converters._testing import randomize_
+
+torch = pytest.importorskip("torch")
+
+
+def _nnunet_folder(tmp_path):
+  pytest.importorskip("dynamic_network_architectures")
+  from dynamic_network_architectures.architectures.unet import PlainConvUNet
+  arch_kwargs = {"n_stages": 3, "features_per_stage": [2, 4, 4], "conv_op": "torch.nn.modules.conv.Conv2d",
+                 "kernel_sizes": [[3, 3], [3, 3], [3, 3]], "strides": [[1, 1], [2, 2], [2, 2]],
+                 "n_conv_per_stage": [2, 2, 2], "n_conv_per_stage_decoder": [2, 2], "conv_bias": True,
+                 "norm_op": "torch.nn.modules.instancenorm.InstanceNorm2d",
+                 "norm_op_kwargs": {"eps": 1e-05, "affine": True}, "dropout_op": None, "dropout_op_kwargs": None,
+                 "nonlin": "torch.nn.LeakyReLU", "nonlin_kwargs": {"inplace": True}}
+  plans = {"dataset_name": "Dataset999_Toy", "plans_name": "nnUNetPlans", "transpose_forward": [0, 1],
+           "foreground_intensity_properties_per_channel": {"0": {"mean": 50.0, "std": 20.0, "percentile_00_5": -10.0,
+                                                                 "percentile_99_5": 200.0}},
+           "configurations": {
+               "2d": {"data_identifier": "nnUNetPlans_2d", "patch_size": [16, 16], "spacing": [1.0, 1.0],
+                      "normalization_schemes": ["CTNormalization"], "use_mask_for_norm": [False],
+                      "architecture": {"network_class_name":
+                                       "dynamic_network_architectures.architectures.unet.PlainConvUNet",
+                                       "arch_kwargs": dict(arch_kwargs, features_per_stage=[8, 8, 8]),
+                                       "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"]}},
+               "2d_small": {"inherits_from": "2d", "architecture": {
+                   "network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
+                   "arch_kwargs": arch_kwargs, "_kw_requires_import": ["conv_op", "norm_op", "dropout_op",
+                                                                       "nonlin"]}}}}
+  dataset = {"channel_names": {"0": "CT"}, "labels": {"background": 0, "liver": 1, "tumour": 2},
+             "numTraining": 3, "file_ending": ".nii.gz"}
+  net = PlainConvUNet(1, 3, [2, 4, 4], torch.nn.Conv2d, 3, [1, 2, 2], 2, 3, 2, True, torch.nn.InstanceNorm2d,
+                      {"eps": 1e-5, "affine": True}, None, None, torch.nn.LeakyReLU, {"inplace": True},
+                      deep_supervision=True)
+  randomize_(net, seed=11)
+  folder = tmp_path / "Dataset999_Toy" / "nnUNetTrainer__nnUNetPlans__2d_small"
+  (folder / "fold_0").mkdir(parents=True)
+  (folder / "plans.json").write_text(json.dumps(plans))
+  (folder / "dataset.json").write_text(json.dumps(dataset))
+  torch.save({"network_weights": net.state_dict(), "optimizer_state": {"state": {}, "param_groups": []},
+              "grad_scaler_state": None, "logging": {"train_losses": [np.float64(0.5)], "ema_fg_dice": [np.float32(.1)]},
+              "_best_ema": np.float64(0.1), "current_epoch": 1,
+              "init_args": {"plans": plans, "configuration": "2d_small", "fold": 0, "dataset_json": dataset,
+                            "device": torch.device("cpu")},
+              "trainer_name": "nnUNetTrainer", "inference_allowed_mirroring_axes": (0, 1)},
+             folder / "fold_0" / "checkpoint_final.pth")
+  net.decoder.deep_supervision = False
+  return folder, net
+
+
+def _logits(torch_net, x_nchw):
+  with torch.no_grad():
+    return torch_net(torch.from_numpy(x_nchw)).numpy()
+
+
+def test_nnunet_folder_round_trip(tmp_path):
+  from scribblejax.models.store import load_model
+  folder, net = _nnunet_folder(tmp_path)
+  out = convert(folder, tmp_path / "converted")
+  model, info = load_model(out)
+  assert info.family == "nnunet.PlainConvUNet" and info.class_names == ("background", "liver", "tumour")
+  norm = info.normalization
+  norm = norm[0] if isinstance(norm, list) else norm
+  assert norm == {"kind": "ct", "lower": -10.0, "upper": 200.0, "mean": 50.0, "std": 20.0}
+  x = np.random.default_rng(0).standard_normal((2, 1, 16, 24)).astype(np.float32)
+  got = np.moveaxis(np.asarray(model(np.moveaxis(x, 1, -1))), -1, 1)
+  assert np.max(np.abs(got - _logits(net, x))) < 1e-4
+  model.layer_order()
+
+
+def _basic_unet():
+  from monai.networks.nets import BasicUNet
+  kwargs = {"spatial_dims": 2, "in_channels": 1, "out_channels": 3, "features": [4, 4, 4, 4, 4, 4]}
+  return kwargs, randomize_(BasicUNet(**kwargs), seed=2)
+
+
+def test_bare_checkpoint_and_cli(tmp_path, capsys):
+  pytest.importorskip("monai")
+  from scribblejax.models.store import load_model
+  kwargs, net = _basic_unet()
+  torch.save(net.state_dict(), tmp_path / "w.pth")
+  parser = argparse.ArgumentParser()
+  cli.add_parser(parser.add_subparsers())
+  args = parser.parse_args(["convert", str(tmp_path / "w.pth"), "--out", str(tmp_path / "m"),
+                            "--arch", "monai.networks.nets.BasicUNet", "--kwargs", json.dumps(kwargs),
+                            "--normalize", '{"kind": "zscore"}'])
+  assert args.func(args) == 0
+  model, info = load_model(tmp_path / "m")
+  assert info.family == "monai.BasicUNet" and info.normalization in ({"kind": "zscore"}, [{"kind": "zscore"}])
+  x = np.random.default_rng(1).standard_normal((1, 1, 33, 35)).astype(np.float32)
+  got = np.moveaxis(np.asarray(model(np.moveaxis(x, 1, -1))), -1, 1)
+  assert np.max(np.abs(got - _logits(net, x))) < 1e-4
+  # Bad input: one-line error, non-zero exit.
+  capsys.readouterr()
+  args = parser.parse_args(["convert", str(tmp_path / "w.pth"), "--out", str(tmp_path / "m2"),
+                            "--arch", "monai.networks.nets.Nope", "--kwargs", "{}"])
+  assert cli.run(args) == 1
+  err = capsys.readouterr().err.strip()
+  assert err.startswith("scribblejax convert: error:") and "\n" not in err
+  args = parser.parse_args(["convert", str(tmp_path / "w.pth"), "--out", str(tmp_path / "m3")])
+  assert cli.run(args) == 1
+
+
+def test_monai_bundle(tmp_path):
+  pytest.importorskip("monai")
+  from scribblejax.models.store import load_model
+  kwargs, net = _basic_unet()
+  (tmp_path / "bundle" / "configs").mkdir(parents=True)
+  (tmp_path / "bundle" / "models").mkdir()
+  config = {"num_classes": 3, "network_def": {"_target_": "BasicUNet", "spatial_dims": 2, "in_channels": 1,
+                                              "out_channels": "@num_classes", "features": kwargs["features"]}}
+  (tmp_path / "bundle" / "configs" / "inference.json").write_text(json.dumps(config))
+  torch.save(net.state_dict(), tmp_path / "bundle" / "models" / "model.pt")
+  model, info = load_model(convert(tmp_path / "bundle", tmp_path / "out"))
+  assert info.kwargs["out_channels"] == 3
+  x = np.random.default_rng(2).standard_normal((1, 1, 32, 32)).astype(np.float32)
+  got = np.moveaxis(np.asarray(model(np.moveaxis(x, 1, -1))), -1, 1)
+  assert np.max(np.abs(got - _logits(net, x))) < 1e-4

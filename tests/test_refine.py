@@ -1,0 +1,289 @@
+"""The refinement engine: stop rule, frozen weights, equality with a plain loop, no retracing, bad input."""
+
+import dataclasses
+import functools
+import importlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import scribblejax as sj
+refine_lib = importlib.import_module("scribblejax.refine")  # the package re-exports the function `refine`
+
+
+@functools.lru_cache(maxsize=None)
+def _model(dims: int, classes: int = 3, seed: int = 0):
+  return sj.UNet(spatial_dims=dims, in_channels=1, num_classes=classes, channels=(8, 16), rngs=nnx.Rngs(seed))
+
+
+def _image(shape, seed=0):
+  return np.random.default_rng(seed).normal(size=shape).astype(np.float32)
+
+
+def _marks_2d():
+  marks = np.full((16, 16), -1, np.int32)
+  marks[2:4, 2:10] = 1
+  marks[10:12, 4:12] = 2
+  marks[14, 14] = 0
+  return marks
+
+
+CFG = sj.RefineConfig(max_steps=60, learning_rate=0.05, momentum=0.9, prox_weight=0.01, driver="host")
+
+
+def _leaves_equal(a, b):
+  return all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+@pytest.mark.parametrize("driver", ["host", "loop"])
+def test_two_classes_corrected_in_one_call_2d(driver):
+  split = sj.split_params(_model(2), sj.last_layers(3))
+  marks = _marks_2d()
+  before = np.asarray(sj.predict(split, _image((16, 16))).argmax(-1))
+  assert not np.all(before[marks >= 0] == marks[marks >= 0])
+  result = sj.refine(split, _image((16, 16)), marks, dataclasses.replace(CFG, driver=driver))
+  assert bool(result.satisfied)
+  labels = np.asarray(result.labels)
+  assert np.all(labels[marks >= 0] == marks[marks >= 0])
+  assert 0 < int(result.num_steps) <= CFG.max_steps
+
+
+def _without_class(dims: int, absent: int):
+  """A model whose head is biased so that class `absent` is predicted nowhere."""
+  model = sj.UNet(spatial_dims=dims, in_channels=1, num_classes=3, channels=(8, 16), rngs=nnx.Rngs(1))
+  model.head.bias[...] = model.head.bias[...].at[absent].set(-4.0)
+  return model
+
+
+@pytest.mark.parametrize("dims, shape", [(2, (16, 16)), (3, (8, 8, 8))])
+def test_class_absent_from_prediction_is_inserted(dims, shape):
+  absent = 2
+  split = sj.split_params(_without_class(dims, absent), sj.last_layers(3))
+  image = _image(shape, seed=1)
+  before = np.asarray(sj.predict(split, image).argmax(-1))
+  assert not np.any(before == absent)
+  marks = np.full(shape, -1, np.int32)
+  region = (slice(1, 4),) * dims
+  marks[region] = absent
+  marks[(slice(-3, -1),) * dims] = 0
+  marks[(slice(5, 6),) * dims] = 1
+  result = sj.refine(split, image, marks, sj.RefineConfig(max_steps=150, learning_rate=0.05, momentum=0.9,
+                                                          prox_weight=0.01))
+  assert bool(result.satisfied), int(result.num_steps)
+  labels = np.asarray(result.labels)
+  assert np.all(labels[marks >= 0] == marks[marks >= 0])
+  assert np.all(labels[region] == absent)
+
+
+def test_stops_at_first_satisfied_step():
+  split = sj.split_params(_model(2), sj.last_layers(3))
+  image, marks = _image((16, 16)), _marks_2d()
+  result = sj.refine(split, image, marks, CFG)
+  n = int(result.num_steps)
+  assert bool(result.satisfied) and n > 1
+  earlier = sj.refine(split, image, marks, dataclasses.replace(CFG, max_steps=n - 1))
+  assert int(earlier.num_steps) == n - 1 and not bool(earlier.satisfied)
+  later = sj.refine(split, image, marks, dataclasses.replace(CFG, max_steps=n + 20))
+  assert int(later.num_steps) == n
+  # the loss trace holds one value per evaluated step (n updates + the satisfied check), NaN after
+  trace = np.asarray(result.loss_trace)
+  assert np.all(np.isfinite(trace[: n + 1])) and np.all(np.isnan(trace[n + 1:]))
+
+
+def test_empty_marks_return_initial_prediction_with_zero_steps():
+  split = sj.split_params(_model(2), sj.last_layers(3))
+  image = _image((16, 16))
+  result = sj.refine(split, image, np.full((16, 16), -1, np.int32), CFG)
+  assert int(result.num_steps) == 0 and bool(result.satisfied)
+  np.testing.assert_array_equal(np.asarray(result.logits), np.asarray(sj.predict(split, image)))
+  assert _leaves_equal(result.tunable, split.tunable)
+
+
+def test_frozen_and_original_weights_untouched_tunable_moved():
+  model = _model(2)
+  original = jax.tree.map(np.array, nnx.state(model))
+  split = sj.split_params(model, sj.last_layers(3))
+  frozen_before = jax.tree.map(np.array, split.frozen)
+  tunable_before = jax.tree.map(np.array, split.tunable)
+  image, marks = _image((16, 16)), _marks_2d()
+  image_copy, marks_copy = image.copy(), marks.copy()
+  result = sj.refine(split, image, marks, CFG)
+  assert _leaves_equal(split.frozen, frozen_before)
+  assert _leaves_equal(split.tunable, tunable_before)
+  assert _leaves_equal(nnx.state(model), original)
+  assert not _leaves_equal(result.tunable, tunable_before)
+  np.testing.assert_array_equal(image, image_copy)
+  np.testing.assert_array_equal(marks, marks_copy)
+  # the refined model = frozen part of W + refined tunable part
+  refined = sj.merge_params(split, result.tunable)
+  np.testing.assert_allclose(np.asarray(refined(jnp.asarray(image)[None, ..., None])[0]), np.asarray(result.logits),
+                             atol=1e-5)
+
+
+def _plain_python_loop(split, image, marks, config):
+  """Algorithm 1 written out without jit or while_loop."""
+  tx = optax.sgd(config.learning_rate, momentum=config.momentum)
+  w0 = split.tunable
+  w = w0
+  opt_state = tx.init(w)
+  x = jnp.asarray(image)[..., None]
+  m = jnp.asarray(marks)
+
+  def objective(w):
+    logits = nnx.merge(split.graphdef, w, split.frozen)(x[None])[0]
+    ce = sj.marked_cross_entropy(logits, m)
+    return ce + config.prox_weight * sj.proximal_norm(w, w0), logits
+
+  steps = 0
+  for _ in range(config.max_steps):
+    (_, logits), grads = jax.value_and_grad(objective, has_aux=True)(w)
+    if bool(sj.marks_satisfied(logits, m)):
+      break
+    updates, opt_state = tx.update(grads, opt_state, w)
+    w = optax.apply_updates(w, updates)
+    steps += 1
+  return w, steps
+
+
+@pytest.mark.parametrize("driver", ["host", "loop"])
+def test_jitted_loop_equals_plain_python_loop(driver):
+  split = sj.split_params(_model(2), sj.last_layers(3))
+  image, marks = _image((16, 16)), _marks_2d()
+  config = sj.RefineConfig(max_steps=25, learning_rate=0.05, momentum=0.9, prox_weight=0.05, driver=driver)
+  result = sj.refine(split, image, marks, config)
+  w, steps = _plain_python_loop(split, image, marks, config)
+  assert int(result.num_steps) == steps
+  for a, b in zip(jax.tree.leaves(result.tunable), jax.tree.leaves(w)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+
+
+def test_host_and_loop_drivers_agree_3d():
+  split = sj.split_params(_model(3), sj.last_layers(2))
+  image = _image((8, 8, 8), seed=3)
+  marks = np.full((8, 8, 8), -1, np.int32)
+  marks[1:3, 1:3, 1:3] = 1
+  marks[5:7, 5:7, 5:7] = 2
+  results = [sj.refine(split, image, marks, sj.RefineConfig(max_steps=40, prox_weight=0.01, driver=d, check_every=k))
+             for d, k in [("host", 1), ("host", 4), ("loop", 1)]]
+  for other in results[1:]:
+    assert int(other.num_steps) == int(results[0].num_steps)
+    assert bool(other.satisfied) == bool(results[0].satisfied)
+    np.testing.assert_allclose(np.asarray(other.logits), np.asarray(results[0].logits), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("driver", ["host", "loop"])
+def test_new_marks_and_settings_do_not_retrace(driver):
+  split = sj.split_params(_model(2), sj.last_layers(3))
+  image = _image((16, 16))
+  compiled = refine_lib._run_loop if driver == "loop" else refine_lib._run_chunk
+  sj.refine(split, image, _marks_2d(), sj.RefineConfig(max_steps=5, driver=driver))
+  size = compiled._cache_size()
+  other = np.full((16, 16), -1, np.int32)
+  other[5:9, 5:9] = 0
+  other[0, 0] = 2
+  sj.refine(split, image + 1.0, other, sj.RefineConfig(max_steps=7, learning_rate=0.01, momentum=0.5,
+                                                       prox_weight=0.3, driver=driver))
+  assert compiled._cache_size() == size
+
+
+def test_nonfinite_loss_stops_with_last_finite_weights():
+  split = sj.split_params(_model(2), sj.last_layers(3))
+  image, marks = _image((16, 16)), _marks_2d()
+  result = sj.refine(split, image, marks, sj.RefineConfig(max_steps=50, learning_rate=1e30, momentum=0.0))
+  assert bool(result.nonfinite) and not bool(result.satisfied)
+  assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(result.tunable))
+  assert np.all(np.isfinite(np.asarray(result.logits)))
+  assert int(result.num_steps) < 50
+
+
+def test_any_optax_transformation_and_probabilities_output():
+  split = sj.split_params(_model(2), sj.last_layers(3))
+  result = sj.refine(split, _image((16, 16)), _marks_2d(),
+                     sj.RefineConfig(max_steps=100, optimizer=optax.adam(1e-2), prox_weight=0.01, output="probabilities"))
+  assert bool(result.satisfied)
+  np.testing.assert_allclose(np.asarray(result.logits).sum(-1), 1.0, atol=1e-5)
+
+
+def test_class_balanced_cross_entropy():
+  logits = jnp.asarray(np.random.default_rng(0).normal(size=(4, 4, 3)), jnp.float32)
+  marks = np.full((4, 4), -1, np.int32)
+  marks[0, :] = 0
+  marks[1, 0] = 2
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.maximum(jnp.asarray(marks), 0))
+  ce = np.asarray(ce)
+  plain = ce[marks >= 0].mean()
+  balanced = (ce[marks == 0].mean() + ce[marks == 2].mean()) / 2
+  np.testing.assert_allclose(float(sj.marked_cross_entropy(logits, jnp.asarray(marks))), plain, rtol=1e-6)
+  np.testing.assert_allclose(float(sj.marked_cross_entropy(logits, jnp.asarray(marks), True)), balanced, rtol=1e-6)
+  assert float(sj.marked_cross_entropy(logits, jnp.full((4, 4), -1))) == 0.0
+
+
+def test_proximal_norm_has_finite_gradient_at_anchor():
+  w = {"a": jnp.ones((3,)), "b": jnp.zeros((2, 2))}
+  grad = jax.grad(sj.proximal_norm)(w, w)
+  assert all(np.all(np.isfinite(np.asarray(g))) for g in jax.tree.leaves(grad))
+  moved = {"a": jnp.ones((3,)) + 3.0, "b": jnp.zeros((2, 2)) + 4.0 / 2.0}
+  np.testing.assert_allclose(float(sj.proximal_norm(moved, w)), np.sqrt(3 * 9 + 4 * 4), rtol=1e-6)
+
+
+@pytest.mark.parametrize("image_shape, marks_shape, message", [
+    ((16, 16), (16, 15), "do not match"),
+    ((16, 16, 1), (16, 16, 1), "3 spatial axes but the model is 2D"),
+    ((8, 8, 8), (8, 8), "channels"),   # read as a 2D image with 8 channels; the model wants 1
+])
+def test_shape_mismatch_raises(image_shape, marks_shape, message):
+  split = sj.split_params(_model(2), sj.last_layers(3))
+  with pytest.raises(ValueError, match=message):
+    sj.refine(split, np.zeros(image_shape, np.float32), np.full(marks_shape, -1, np.int32), CFG)
+
+
+def test_bad_marks_and_images_raise_before_compiling():
+  split = sj.split_params(_model(2), sj.last_layers(3))
+  image = _image((16, 16))
+  size = refine_lib._run_chunk._cache_size()
+  with pytest.raises(ValueError, match="3"):
+    sj.refine(split, image, np.full((16, 16), 3, np.int32), CFG)        # label >= number of classes
+  with pytest.raises(ValueError, match="-2"):
+    sj.refine(split, image, np.full((16, 16), -2, np.int32), CFG)       # label < -1
+  with pytest.raises(ValueError, match="integer"):
+    sj.refine(split, image, np.zeros((16, 16), np.float32), CFG)        # non-integer marks
+  bad = image.copy()
+  bad[3, 3] = np.nan
+  with pytest.raises(ValueError, match="NaN"):
+    sj.refine(split, bad, _marks_2d(), CFG)
+  bad[3, 3] = np.inf
+  with pytest.raises(ValueError, match="Inf"):
+    sj.refine(split, bad, _marks_2d(), CFG)
+  with pytest.raises(ValueError, match="channels"):
+    sj.refine(split, np.zeros((16, 16, 2), np.float32), _marks_2d(), CFG)  # model wants 1 channel
+  assert refine_lib._run_chunk._cache_size() == size
+
+
+def test_bad_config_raises():
+  with pytest.raises(ValueError, match="max_steps"):
+    sj.RefineConfig(max_steps=-1)
+  with pytest.raises(ValueError, match="learning_rate"):
+    sj.RefineConfig(learning_rate=float("nan"))
+  with pytest.raises(ValueError, match="driver"):
+    sj.RefineConfig(driver="gpu")
+
+
+def test_refine_batch_equals_one_by_one():
+  split = sj.split_params(_model(2), sj.last_layers(3))
+  images = np.stack([_image((16, 16), seed=s) for s in range(3)])
+  marks = np.full((3, 16, 16), -1, np.int32)
+  marks[0] = _marks_2d()
+  marks[1, 4:6, 4:6] = 2
+  # example 2: no marks at all -> 0 steps
+  config = sj.RefineConfig(max_steps=40, prox_weight=0.01, driver="host")
+  batch = sj.refine_batch(split, images, marks, config)
+  for i in range(3):
+    one = sj.refine(split, images[i], marks[i], config)
+    assert int(batch.num_steps[i]) == int(one.num_steps)
+    assert bool(batch.satisfied[i]) == bool(one.satisfied)
+    np.testing.assert_allclose(np.asarray(batch.logits[i]), np.asarray(one.logits), rtol=1e-4, atol=1e-4)
+  assert int(batch.num_steps[2]) == 0

@@ -1,0 +1,70 @@
+"""Interaction sessions: rounds accumulate marks, undo, reset vs continue."""
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+import scribblejax as sj
+
+CFG = sj.RefineConfig(max_steps=80, learning_rate=0.05, momentum=0.9, prox_weight=0.01)
+
+
+def _setup():
+  model = sj.UNet(spatial_dims=2, in_channels=1, num_classes=3, channels=(8, 16), rngs=nnx.Rngs(0))
+  split = sj.split_params(model, sj.last_layers(3))
+  image = np.random.default_rng(0).normal(size=(16, 16)).astype(np.float32)
+  return split, image
+
+
+def _round(shape, *items):
+  return sj.encode_marks(shape, [sj.Point(coord, label, radius=1) for coord, label in items], num_classes=3)
+
+
+def test_rounds_accumulate_and_undo_restores():
+  split, image = _setup()
+  session = sj.start_session(split, image, CFG)
+  np.testing.assert_array_equal(np.asarray(sj.current_labels(session)),
+                                np.asarray(sj.predict(split, image)).argmax(-1))
+  first = _round((16, 16), ((3, 3), 1), ((12, 12), 2))
+  session = sj.add_marks(session, first)
+  assert bool(session.rounds[-1].result.satisfied)
+  labels1 = np.asarray(sj.current_labels(session))
+  second = _round((16, 16), ((3, 12), 0), ((12, 3), 1))
+  session = sj.add_marks(session, second)
+  marks = sj.current_marks(session)
+  # both rounds' marks are kept and honoured
+  assert set(zip(*np.nonzero(first >= 0))) <= set(zip(*np.nonzero(marks >= 0)))
+  labels2 = np.asarray(sj.current_labels(session))
+  assert np.all(labels2[marks >= 0] == marks[marks >= 0])
+  undone = sj.undo(session)
+  assert len(undone.rounds) == 1
+  np.testing.assert_array_equal(np.asarray(sj.current_labels(undone)), labels1)
+  np.testing.assert_array_equal(sj.current_marks(undone), first)
+  with pytest.raises(ValueError, match="nothing to undo"):
+    sj.undo(sj.undo(undone))
+
+
+def test_reset_restarts_from_w_and_continue_from_last():
+  split, image = _setup()
+  first = _round((16, 16), ((3, 3), 1))
+  second = _round((16, 16), ((12, 12), 2))
+  reset = sj.add_marks(sj.add_marks(sj.start_session(split, image, CFG), first), second)
+  direct = sj.refine(split, image, sj.accumulate(first, second), CFG)
+  # with the paper's reset, round 2 is exactly a fresh refinement from W on all marks
+  for a, b in zip(jax.tree.leaves(reset.rounds[-1].result.tunable), jax.tree.leaves(direct.tunable)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  cont = sj.add_marks(sj.add_marks(sj.start_session(split, image, CFG, continue_weights=True), first), second)
+  start = cont.rounds[0].result.tunable
+  expected = sj.refine(split, image, sj.accumulate(first, second), CFG, start=start)
+  for a, b in zip(jax.tree.leaves(cont.rounds[-1].result.tunable), jax.tree.leaves(expected.tunable)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert int(cont.rounds[-1].result.num_steps) <= int(reset.rounds[-1].result.num_steps)
+
+
+def test_session_does_not_change_the_network():
+  split, image = _setup()
+  tunable = jax.tree.map(np.array, split.tunable)
+  session = sj.add_marks(sj.start_session(split, image, CFG), _round((16, 16), ((3, 3), 1)))
+  for a, b in zip(jax.tree.leaves(session.split.tunable), jax.tree.leaves(tunable)):
+    np.testing.assert_array_equal(np.asarray(a), b)

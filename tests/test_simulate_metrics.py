@@ -1,0 +1,60 @@
+"""The simulated user and the metrics."""
+
+import numpy as np
+import pytest
+
+from scribblejax import metrics
+from scribblejax.simulate import simulate_marks
+
+
+def _disk(shape, centre, radius):
+  grid = np.indices(shape)
+  return ((grid - np.array(centre).reshape(-1, *([1] * len(shape)))) ** 2).sum(0) <= radius ** 2
+
+
+def test_dice_and_noc():
+  truth = np.zeros((10, 10), int)
+  truth[:5] = 1
+  pred = np.zeros((10, 10), int)
+  pred[:4] = 1
+  d = metrics.dice_per_class(pred, truth, 3)
+  assert d[1] == pytest.approx(2 * 40 / 90) and np.isnan(d[2])
+  assert metrics.mean_foreground_dice(pred, truth, 3) == pytest.approx(2 * 40 / 90)
+  assert metrics.noc([0.5, 0.8, 0.92, 0.95], 0.9) == 2
+  assert metrics.noc([0.5, 0.8], 0.9, cap=20) == 20
+  with pytest.raises(ValueError, match="differ"):
+    metrics.dice_per_class(pred, truth[:5], 2)
+
+
+@pytest.mark.parametrize("kind", ["scribble", "point", "box"])
+def test_simulated_user_marks_errors_with_true_class_2d(kind):
+  truth = np.zeros((40, 40), np.int32)
+  truth[_disk((40, 40), (12, 12), 7)] = 1       # missed entirely by the prediction
+  truth[_disk((40, 40), (28, 28), 6)] = 2
+  pred = np.zeros_like(truth)
+  pred[_disk((40, 40), (28, 28), 6)] = 2
+  pred[30:38, 2:10] = 1                          # a false positive of class 1 (background truth)
+  marks = simulate_marks(pred, truth, 3, kind=kind)
+  marked = marks >= 0
+  assert marked.any()
+  if kind != "box":
+    # marks carry the true class and lie only on errors
+    assert np.all(marks[marked] == truth[marked])
+    assert np.all(pred[marked] != truth[marked])
+  assert (marks == 1).any() and (marks == 0).any()     # both error classes marked in one interaction
+  assert not (marks == 2).any()                         # class 2 is right: nothing marked
+  again = simulate_marks(pred, truth, 3, kind=kind)
+  np.testing.assert_array_equal(marks, again)           # deterministic
+
+
+def test_simulated_user_3d_and_perfect_prediction():
+  truth = np.zeros((9, 20, 20), np.int32)
+  truth[2:7, 5:15, 5:15] = 1
+  pred = np.zeros_like(truth)
+  marks = simulate_marks(pred, truth, 2, kind="scribble")
+  marked_slices = np.unique(np.nonzero(marks >= 0)[0])
+  assert len(marked_slices) == 1 and 2 <= marked_slices[0] <= 6
+  assert np.all(marks[marks >= 0] == 1)
+  assert (simulate_marks(truth, truth, 2) == -1).all()
+  with pytest.raises(ValueError, match="kind"):
+    simulate_marks(pred, truth, 2, kind="lasso")

@@ -1,0 +1,64 @@
+"""Model store (save/load) and intensity normalisation."""
+
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import scribblejax as sj
+
+KWARGS = dict(spatial_dims=2, in_channels=1, num_classes=3, channels=[4, 8], norm="batch")
+
+
+def test_save_load_round_trip(tmp_path):
+  model = sj.UNet(**KWARGS, rngs=nnx.Rngs(7))
+  path = sj.save_model(tmp_path / "m", model, family="scribblejax.UNet", kwargs=KWARGS,
+                       normalization={"kind": "zscore"}, class_names=["bg", "a", "b"], metadata={"note": 1})
+  loaded, info = sj.load_model(path)
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(1, 12, 12, 1)), jnp.float32)
+  np.testing.assert_array_equal(np.asarray(loaded(x)), np.asarray(model(x)))
+  assert info.class_names == ("bg", "a", "b") and info.normalization == {"kind": "zscore"}
+  assert info.metadata == {"note": 1}
+  # no temporary folders left behind
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+  with pytest.raises(ValueError, match="already exists"):
+    sj.save_model(path, model, family="scribblejax.UNet", kwargs=KWARGS)
+
+
+def test_store_refuses_bad_input(tmp_path):
+  model = sj.UNet(**KWARGS, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="unknown model family"):
+    sj.save_model(tmp_path / "x", model, family="os.system", kwargs={})
+  with pytest.raises(ValueError, match="does not match"):
+    sj.save_model(tmp_path / "y", model, family="scribblejax.UNet", kwargs={**KWARGS, "num_classes": 4})
+  with pytest.raises(ValueError, match="no model at"):
+    sj.load_model(tmp_path / "missing")
+  path = sj.save_model(tmp_path / "m", model, family="scribblejax.UNet", kwargs=KWARGS)
+  config = json.loads((path / "model.json").read_text())
+  config["family"] = "builtins.eval"
+  (path / "model.json").write_text(json.dumps(config))
+  with pytest.raises(ValueError, match="unknown model family"):
+    sj.load_model(path)
+
+
+def test_normalize_kinds():
+  rng = np.random.default_rng(0)
+  image = rng.normal(5.0, 2.0, size=(32, 32, 2)).astype(np.float32)
+  original = image.copy()
+  z = sj.normalize(image, {"kind": "zscore"})
+  np.testing.assert_allclose(z.mean(axis=(0, 1)), 0.0, atol=1e-5)
+  np.testing.assert_allclose(z.std(axis=(0, 1)), 1.0, atol=1e-4)
+  m = sj.normalize(image, [{"kind": "minmax"}, {"kind": "scale", "factor": 0.5}])
+  assert m[..., 0].min() == 0.0 and m[..., 0].max() == pytest.approx(1.0)
+  np.testing.assert_allclose(m[..., 1], image[..., 1] * 0.5)
+  ct = sj.normalize(image, {"kind": "ct", "lower": 4.0, "upper": 6.0, "mean": 5.0, "std": 0.5})
+  assert ct.min() == pytest.approx(-2.0) and ct.max() == pytest.approx(2.0)
+  p = sj.normalize(image, {"kind": "percentile", "lower": 1, "upper": 99})
+  assert p.min() == 0.0 and p.max() == 1.0
+  np.testing.assert_array_equal(image, original)
+  with pytest.raises(ValueError, match="unknown normalisation kind"):
+    sj.normalize(image, {"kind": "magic"})
+  with pytest.raises(ValueError, match="2 channels"):
+    sj.normalize(image[..., :1], [{"kind": "none"}, {"kind": "none"}])
