@@ -23,6 +23,12 @@ from typing import Any
 import numpy as np
 
 
+def torch_available() -> bool:
+  """Whether torch can be imported."""
+  import importlib.util  # noqa: PLC0415
+  return importlib.util.find_spec("torch") is not None
+
+
 def _torch():
   import torch  # noqa: PLC0415 (lazy: torch is optional)
   return torch
@@ -138,7 +144,7 @@ def copy_weights(model, net) -> None:
           value = np.flip(value, axis=tuple(range(2, 2 + dims)))
       if tuple(value.shape) != tuple(param.shape):
         raise ValueError(f"shape mismatch for {name}: flax {value.shape} vs torch {tuple(param.shape)}")
-      param.copy_(torch.from_numpy(np.ascontiguousarray(value)))
+      param.copy_(torch.from_numpy(np.array(value, np.float32)))
       used.add(key)
   unused = set(flat) - used
   if unused:

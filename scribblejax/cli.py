@@ -9,7 +9,9 @@ import sys
 # Modules with an add_parser(subparsers) function, one per subcommand (or group of subcommands).
 COMMAND_MODULES = (
     "scribblejax.commands.demo",
+    "scribblejax.commands.evaluate",
     "scribblejax.commands.io_commands",
+    "scribblejax.commands.train",
     "converters.cli",
 )
 

@@ -1,4 +1,4 @@
-"""Segmentation metrics: Dice per class, mean foreground Dice, NoC@tau."""
+"""Segmentation metrics: Dice per class, mean foreground Dice, Dice per interaction, NoC@tau, timing."""
 
 from __future__ import annotations
 
@@ -43,3 +43,55 @@ def noc(dice_per_interaction: Sequence[float], tau: float, cap: int | None = Non
     if d >= tau:
       return min(i, cap)
   return cap
+
+
+def dice_per_interaction(predictions: Sequence[np.ndarray], truth: np.ndarray, num_classes: int) -> list[float]:
+  """Mean foreground Dice of each prediction in a sequence (index 0: before any interaction)."""
+  return [mean_foreground_dice(p, truth, num_classes) for p in predictions]
+
+
+def noc_summary(dice_per_interaction: Sequence[float], taus: Sequence[float] = (0.85, 0.9),
+                cap: int | None = None) -> dict[str, dict]:
+  """NoC@tau for several thresholds, with whether tau was reached at all.
+
+  Args:
+    dice_per_interaction: Dice after 0, 1, ..., N interactions.
+    taus: thresholds.
+    cap: value reported when tau is never reached (default N, the number of interactions run).
+
+  Returns:
+    ``{"0.85": {"noc": int, "reached": bool}, ...}``: a NoC equal to the cap with ``reached`` false
+    means "not within the interactions run".
+  """
+  values = list(dice_per_interaction)
+  out = {}
+  for tau in taus:
+    reached = any(d >= tau for d in values)
+    out[f"{tau:g}"] = {"noc": noc(values, tau, cap), "reached": bool(reached)}
+  return out
+
+
+def classes_corrected(before: np.ndarray, after: np.ndarray, truth: np.ndarray, num_classes: int,
+                      min_gain: float = 0.01) -> list[int]:
+  """Classes whose Dice rose by at least ``min_gain`` from ``before`` to ``after``."""
+  a = dice_per_class(before, truth, num_classes)
+  b = dice_per_class(after, truth, num_classes)
+  return [c for c in range(num_classes) if np.isfinite(b[c]) and (np.nan_to_num(b[c]) - np.nan_to_num(a[c])) >= min_gain]
+
+
+def timing_summary(seconds: Sequence[float], compile_seconds: float | None) -> dict:
+  """Seconds per interaction (compiled code) and the one-off compile time, reported apart.
+
+  Args:
+    seconds: wall-clock seconds of each interaction, measured after a warm-up compiled everything.
+    compile_seconds: seconds of the warm-up (compilation plus one trivial run), or ``None``.
+
+  Returns:
+    ``{"seconds_per_interaction": [...], "mean_seconds": float, "median_seconds": float,
+    "compile_seconds": float | None}``.
+  """
+  values = [float(s) for s in seconds]
+  return {"seconds_per_interaction": values,
+          "mean_seconds": float(np.mean(values)) if values else float("nan"),
+          "median_seconds": float(np.median(values)) if values else float("nan"),
+          "compile_seconds": None if compile_seconds is None else float(compile_seconds)}

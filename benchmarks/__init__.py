@@ -1,0 +1,1 @@
+"""Benchmarks of scribblejax: ``python -m benchmarks.speed`` (see :mod:`benchmarks.speed`)."""

@@ -1,0 +1,301 @@
+"""Interactive methods compared in one harness, and model surgery for the experiments.
+
+A method is a :class:`Method`: a NamedTuple of pure functions over an explicit state, so the harness
+(:mod:`scribblejax.evaluate`) can feed every method the same kind of marks and time each call:
+
+* :func:`initial_method`: the network's prediction, never changed (the floor);
+* :func:`random_walker_method`: scikit-image's random walker seeded by all marks so far (no network);
+* :func:`refine_method`: the paper's refinement (Algorithm 1) of a chosen tunable set: ``head()``
+  (the classifier only) or ``last_layers(l)``.
+
+Model surgery: :func:`add_classes` appends output classes to a model's final convolution (for
+structures the network never learnt); :func:`suppress_class` lowers one class's head bias so the
+network misses that class entirely (the experiment of inserting a missed class).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from scribblejax import marks as marks_lib
+from scribblejax.models.layer_order import layer_order
+from scribblejax.params import head, last_layers, split_params
+from scribblejax.refine import RefineConfig, predict, refine
+
+
+class Method(NamedTuple):
+  """An interactive segmentation method as pure functions over an explicit state.
+
+  Attributes:
+    name: a short name for tables.
+    init: ``image -> state``: the state before any interaction.
+    labels: ``state -> int32[*spatial]``: the current segmentation.
+    update: ``(state, marks) -> state``: one interaction; ``marks`` holds every mark so far
+      (``int32[*spatial]``, -1 unmarked).
+    warmup: ``image -> None``: compiles what ``init``/``update`` will run (timed apart); may do nothing.
+    info: ``state -> dict``: per-interaction details (steps, satisfied), JSON-serialisable.
+  """
+  name: str
+  init: Callable[[np.ndarray], Any]
+  labels: Callable[[Any], np.ndarray]
+  update: Callable[[Any, np.ndarray], Any]
+  warmup: Callable[[np.ndarray], None]
+  info: Callable[[Any], dict]
+
+
+def _no_warmup(image: np.ndarray) -> None:
+  del image
+
+
+# ---------------------------------------------------------------------------------------------
+# The initial prediction
+# ---------------------------------------------------------------------------------------------
+
+def initial_method(model: nnx.Module) -> Method:
+  """The network's own prediction, unchanged by any mark."""
+  split = split_params(model, head())
+
+  def init(image):
+    return np.asarray(jnp.argmax(predict(split, image), -1), np.int32)
+
+  return Method("initial", init, lambda s: s, lambda s, marks: s,
+                lambda image: jax.block_until_ready(predict(split, image)), lambda s: {})
+
+
+# ---------------------------------------------------------------------------------------------
+# Random walker
+# ---------------------------------------------------------------------------------------------
+
+class WalkerState(NamedTuple):
+  """State of the random-walker baseline."""
+  image: np.ndarray           # float[*spatial, C]
+  labels: np.ndarray          # int32[*spatial]: current segmentation
+  seeded: bool                # whether the last update ran the random walker (>= 2 classes marked)
+
+
+def random_walker_labels(image: np.ndarray, marks: np.ndarray, beta: float = 130.0) -> np.ndarray | None:
+  """Random walker (Grady 2006, ``skimage.segmentation.random_walker``) seeded by ``marks``.
+
+  Args:
+    image: ``[*spatial, C]`` or ``[*spatial]`` (2D or 3D).
+    marks: ``int[*spatial]``, -1 unmarked, k = class k.
+    beta: the walker's edge penalty (scikit-image's default).
+
+  Returns:
+    ``int32[*spatial]`` labels, or ``None`` when fewer than two classes are marked (the walker
+    needs at least two seeds' classes to separate anything).
+  """
+  from skimage.segmentation import random_walker
+  marks = np.asarray(marks)
+  present = np.unique(marks[marks >= 0])
+  if len(present) < 2:
+    return None
+  image = np.asarray(image, np.float64)
+  if image.ndim == marks.ndim + 1:
+    channel_axis = -1 if image.shape[-1] > 1 else None
+    if channel_axis is None:
+      image = image[..., 0]
+  else:
+    channel_axis = None
+  # Seeds: classes 0..K-1 become 1..K (0 means unlabelled for scikit-image). Map to consecutive ids
+  # so unmarked classes do not leave empty labels.
+  seeds = np.zeros(marks.shape, np.int32)
+  for i, c in enumerate(present, start=1):
+    seeds[marks == c] = i
+  out = random_walker(image, seeds, beta=beta, mode="cg_j", tol=1e-3, channel_axis=channel_axis)
+  return present[np.asarray(out) - 1].astype(np.int32)
+
+
+def random_walker_method(model: nnx.Module | None, beta: float = 130.0) -> Method:
+  """Random walker seeded by the marks so far.
+
+  Before any interaction, and while fewer than two classes are marked, the segmentation is the
+  network's prediction (or all background without a model) with the marked pixels set to their
+  class: the walker alone cannot place a boundary from one class's seeds.
+  """
+  split = split_params(model, head()) if model is not None else None
+
+  def init(image):
+    image = np.asarray(image)
+    if split is None:
+      labels = np.zeros(image.shape[:-1], np.int32)
+    else:
+      labels = np.asarray(jnp.argmax(predict(split, image), -1), np.int32)
+    return WalkerState(image, labels, False)
+
+  def update(state, marks):
+    walked = random_walker_labels(state.image, marks, beta)
+    if walked is None:
+      marks = np.asarray(marks)
+      return state._replace(labels=np.where(marks >= 0, marks, state.labels).astype(np.int32), seeded=False)
+    return state._replace(labels=walked, seeded=True)
+
+  def warmup(image):
+    if split is not None:
+      jax.block_until_ready(predict(split, image))
+
+  return Method("random_walker", init, lambda s: s.labels, update, warmup,
+                lambda s: {"walker_ran": bool(s.seeded)})
+
+
+# ---------------------------------------------------------------------------------------------
+# Refinement (the paper's method), of the head only or of the last l layers
+# ---------------------------------------------------------------------------------------------
+
+class RefineMethodState(NamedTuple):
+  """State of a refinement method."""
+  image: np.ndarray           # float32[*spatial, C]
+  labels: np.ndarray          # int32[*spatial]
+  num_steps: int              # steps of the last refinement (0 before any)
+  satisfied: bool             # every mark honoured after the last refinement
+  tunable: Any                # W_lam of the last refinement (None before any)
+
+
+def refine_method(model: nnx.Module, layers: int | str = 5, config: RefineConfig = RefineConfig(), *,
+                  continue_weights: bool = False, name: str | None = None) -> Method:
+  """The paper's refinement; every interaction refines on all marks so far.
+
+  Args:
+    model: a Flax NNX segmentation model (not modified).
+    layers: number of tunable last layers, or ``"head"`` for the classifier only.
+    config: the :class:`scribblejax.RefineConfig`.
+    continue_weights: start each interaction from the previous W_lam (default: from W, the paper's reset).
+    name: the method's name (default ``"refine_l{layers}"`` or ``"head"``).
+  """
+  select = head() if layers == "head" else last_layers(int(layers))
+  split = split_params(model, select)
+  if name is None:
+    name = "head" if layers == "head" else f"refine_l{int(layers)}"
+
+  def init(image):
+    image = np.asarray(image, np.float32)
+    labels = np.asarray(jnp.argmax(predict(split, image), -1), np.int32)
+    return RefineMethodState(image, labels, 0, True, None)
+
+  def update(state, marks):
+    start = state.tunable if continue_weights else None
+    result = refine(split, state.image, marks, config, start=start)
+    return RefineMethodState(state.image, np.asarray(result.labels), int(result.num_steps),
+                             bool(result.satisfied), result.tunable)
+
+  def warmup(image):
+    image = np.asarray(image, np.float32)
+    empty = np.full(image.shape[:-1], marks_lib.UNMARKED, np.int32)
+    jax.block_until_ready(predict(split, image))
+    jax.block_until_ready(refine(split, image, empty, config).labels)
+
+  return Method(name, init, lambda s: s.labels, update, warmup,
+                lambda s: {"steps": s.num_steps, "satisfied": s.satisfied})
+
+
+METHODS = ("refine", "head", "random_walker", "initial")
+
+
+def make_method(kind: str, model: nnx.Module, *, layers: int = 5, config: RefineConfig = RefineConfig()) -> Method:
+  """A method by name: "refine" (last ``layers`` layers), "head", "random_walker" or "initial"."""
+  if kind == "refine":
+    return refine_method(model, layers, config)
+  if kind == "head":
+    return refine_method(model, "head", config)
+  if kind == "random_walker":
+    return random_walker_method(model)
+  if kind == "initial":
+    return initial_method(model)
+  raise ValueError(f"method must be one of {METHODS}, got {kind!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Model surgery
+# ---------------------------------------------------------------------------------------------
+
+def _final_layer(model: nnx.Module, example: Any) -> tuple[nnx.Module, str, nnx.Module]:
+  """(parent module, attribute or index, the final layer module) of the model's last layer."""
+  order = layer_order(model, example)
+  path = tuple(order[-1])
+  parent = model
+  for key in path[:-1]:
+    parent = parent[key] if isinstance(key, int) else getattr(parent, key)
+  key = path[-1]
+  layer = parent[key] if isinstance(key, int) else getattr(parent, key)
+  return parent, key, layer
+
+
+def add_classes(model: nnx.Module, k: int, *, margin: float = 4.0, example: Any = None) -> nnx.Module:
+  """A copy of ``model`` with ``k`` output classes appended to its final convolution.
+
+  Each new channel starts as a copy of the background channel (class 0) with its bias lowered by
+  ``margin``: its logit is ``background - margin`` everywhere, so the new class is never predicted
+  and the initial segmentation is exactly the model's own; marking the new class then moves it
+  through the tunable layers (the head must be among them). Works for any model whose last layer
+  (in :func:`scribblejax.layer_order` order) is an ``nnx.Conv`` or ``nnx.Linear`` over the channel
+  axis; ``num_classes`` attributes are updated when present.
+
+  Args:
+    model: a Flax NNX segmentation model (not modified).
+    k: number of classes to append (>= 1).
+    margin: how far below the background logit the new logits start.
+    example: an example batched input, for models without a ``layer_order`` method.
+
+  Returns:
+    The new model.
+
+  Raises:
+    ValueError: ``k < 1`` or the last layer is not a convolution/linear head.
+  """
+  if not isinstance(k, (int, np.integer)) or k < 1:
+    raise ValueError(f"the number of classes to add must be a positive integer, got {k!r}")
+  new = nnx.clone(model)
+  parent, key, layer = _final_layer(new, example)
+  if not isinstance(layer, (nnx.Conv, nnx.Linear)):
+    raise ValueError(f"add_classes needs a final nnx.Conv or nnx.Linear head; the last layer is "
+                     f"{type(layer).__name__}")
+  kernel = layer.kernel[...]
+  extra = jnp.repeat(kernel[..., :1], k, axis=-1)
+  layer.kernel = nnx.Param(jnp.concatenate([kernel, extra], axis=-1))
+  if getattr(layer, "bias", None) is not None:
+    bias = layer.bias[...]
+    layer.bias = nnx.Param(jnp.concatenate([bias, jnp.repeat(bias[:1] - margin, k)]))
+  else:
+    raise ValueError("add_classes needs a head with a bias (to start the new classes below background)")
+  layer.out_features = int(layer.out_features) + int(k)
+  if hasattr(layer, "kernel_shape"):
+    layer.kernel_shape = tuple(layer.kernel.shape)
+  if getattr(layer, "mask", None) is not None:
+    raise ValueError("add_classes does not support masked convolutions")
+  if hasattr(new, "num_classes"):
+    new.num_classes = int(new.num_classes) + int(k)
+  del parent, key
+  return new
+
+
+def suppression_amount(model: nnx.Module, image: np.ndarray, c: int, margin: float = 1.0) -> float:
+  """The smallest lowering of class ``c``'s logit that removes ``c`` from the prediction on ``image``,
+  plus ``margin`` (0 plus ``margin`` when ``c`` is never predicted)."""
+  split = split_params(model, head())
+  logits = np.asarray(predict(split, image))
+  others = np.delete(logits, c, axis=-1).max(-1)
+  return float(max(0.0, (logits[..., c] - others).max()) + margin)
+
+
+def suppress_class(model: nnx.Module, c: int, *, amount: float, example: Any = None) -> nnx.Module:
+  """A copy of ``model`` whose final-layer bias of class ``c`` is lowered by ``amount``.
+
+  With ``amount`` from :func:`suppression_amount` the copy never predicts class ``c`` on that image:
+  a controlled way to produce "the network missed this class entirely", stated as such wherever it
+  is used. The refinement's proximal term then anchors to the lowered bias.
+  """
+  new = nnx.clone(model)
+  _, _, layer = _final_layer(new, example)
+  bias = getattr(layer, "bias", None)
+  if bias is None:
+    raise ValueError("suppress_class needs a final layer with a bias")
+  if not 0 <= c < bias.shape[0]:
+    raise ValueError(f"class {c} is out of range for a head with {bias.shape[0]} classes")
+  layer.bias = nnx.Param(jnp.asarray(bias[...]).at[c].add(-amount))
+  return new

@@ -1,0 +1,123 @@
+"""``scribblejax evaluate``: run an experiment, or one case with the simulated user."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+
+
+def _user_case(args, backbone):
+  from scribblejax.evaluate import make_case
+  from scribblejax.io.images import read_image
+  from scribblejax.normalize import normalize
+  for what, path in (("image", args.image), ("label", args.label)):
+    if not Path(path).exists():
+      raise ValueError(f"{what} file {path} does not exist")
+  image = read_image(args.image).array
+  label = read_image(args.label, labels=True).array
+  if label.ndim == image.ndim and label.shape[-1] == 1:
+    label = label[..., 0]
+  if label.shape != image.shape[:-1]:
+    raise ValueError(f"image {args.image} has spatial shape {image.shape[:-1]} but label {args.label} has "
+                     f"shape {label.shape}")
+  if label.dtype.kind == "f" and not np.all(label == np.round(label)):
+    raise ValueError(f"label {args.label} holds non-integer values")
+  label = label.astype(np.int64)
+  if label.min() < 0:
+    raise ValueError(f"label {args.label} holds negative values")
+  top = int(label.max())
+  n = backbone.num_classes
+  if top >= n + args.add_classes:
+    hint = "" if args.add_classes else "; pass --add-classes K to append output classes for them"
+    raise ValueError(f"label {args.label} has values up to {top} but the model has {n} classes "
+                     f"(0..{n - 1}){' + ' + str(args.add_classes) + ' added' if args.add_classes else ''}{hint}")
+  names = list(backbone.class_names or [f"class {c}" for c in range(n)]) + [f"added {c}" for c in range(n, n + args.add_classes)]
+  return make_case(Path(args.image).name, normalize(image, backbone.normalization), label, n + args.add_classes, names)
+
+
+def _single_case(args) -> int:
+  from scribblejax import baselines as bl
+  from scribblejax import evaluate as ev
+  from scribblejax.refine import RefineConfig
+  if args.interactions < 0:
+    raise ValueError(f"--interactions must be >= 0, got {args.interactions}")
+  if args.add_classes < 0:
+    raise ValueError(f"--add-classes must be >= 0, got {args.add_classes}")
+  if (args.image is None) != (args.label is None):
+    raise ValueError("give both --image and --label")
+  if args.image is None and args.task is None:
+    raise ValueError("give --experiment NAME, --task NAME, or --image FILE --label FILE")
+  if args.image is not None and args.model is None:
+    raise ValueError("a case given by --image/--label needs --model NAME_OR_PATH")
+  backbone = ev.resolve_backbone(args.model, args.task)
+  if args.image is not None:
+    case = _user_case(args, backbone)
+  else:
+    case = ev.task_case(args.task, backbone, args.crop)
+    if args.add_classes:
+      case = case._replace(num_classes=case.num_classes + args.add_classes,
+                           class_names=case.class_names + tuple(f"added {c}" for c in range(args.add_classes)))
+  model = bl.add_classes(backbone.model, args.add_classes) if args.add_classes else backbone.model
+  config = RefineConfig(max_steps=args.steps, **({} if args.lr is None else {"learning_rate": args.lr}),
+                        **({} if args.prox_weight is None else {"prox_weight": args.prox_weight}))
+  method = bl.make_method(args.method, model, layers=args.layers, config=config)
+  eval_config = ev.EvalConfig(interactions=args.interactions, mark_kind=args.marks, region_growing=args.region_growing)
+  result = ev.run_case(case, method, eval_config)
+  result.update({"model": backbone.name, "device": ev.device_name(), "layers": args.layers, "max_steps": args.steps,
+                 "learning_rate": config.learning_rate, "prox_weight": config.prox_weight,
+                 "momentum": config.momentum, "added_classes": args.add_classes,
+                 "task": args.task, "image": args.image, "label": args.label})
+  out = Path(args.out)
+  ev.write_json(out / "results.json", result)
+  ev.write_text(out / "results.md", f"# scribblejax evaluate: {case.name}\n\n" + ev.results_table([result]) +
+                f"\nmodel: {backbone.name}; device: {result['device']}\n")
+  ev.plot_curves(out / "results.png", {result["method"]: result["dice_per_interaction"]},
+                 title=f"{case.name}: {result['method']}, {args.marks}")
+  dice = " ".join(f"{d:.3f}" if d is not None else "nan" for d in result["dice_per_interaction"])
+  print(f"{case.name} {result['method']} ({args.marks}): Dice per interaction {dice}; "
+        f"NoC {result['noc']}; wrote {out / 'results.json'}")
+  return 0
+
+
+def run(args: argparse.Namespace) -> int:
+  if args.experiment:
+    from scribblejax.experiments import run_experiments
+    names = args.experiment.split(",")
+    if names == ["all"]:
+      from scribblejax.experiments import EXPERIMENTS
+      names = list(EXPERIMENTS)
+    run_experiments(names, args.out, args.size, args.model, args.tissue_model)
+    return 0
+  return _single_case(args)
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+  from scribblejax.baselines import METHODS
+  from scribblejax.evaluate import TASKS
+  parser = subparsers.add_parser(
+      "evaluate", help="simulated-user evaluation: an experiment, a built-in task or your own image and label",
+      description="Runs an experiment (--experiment NAME[,NAME...] or all) or one case: a built-in task "
+                  "(--task) or --image FILE --label FILE (NIfTI, TIFF, PNG, NRRD) with --model. Writes "
+                  "OUT/results.json, results.md and results.png (experiments: OUT/NAME.{json,md,png}).")
+  parser.add_argument("--experiment", default=None, help="experiment name(s), comma-separated, or 'all'")
+  parser.add_argument("--size", default="small", choices=("tiny", "small", "full"), help="experiment size preset")
+  parser.add_argument("--task", default=None, choices=TASKS)
+  parser.add_argument("--image", default=None)
+  parser.add_argument("--label", default=None)
+  parser.add_argument("--model", default=None, help="built-in model name or saved model folder")
+  parser.add_argument("--tissue-model", default=None, help="tissue backbone for experiments")
+  parser.add_argument("--marks", choices=("scribble", "point", "box"), default="scribble")
+  parser.add_argument("--interactions", type=int, default=5)
+  parser.add_argument("--add-classes", type=int, default=0, help="append K output classes for labels >= the model's")
+  parser.add_argument("--region-growing", type=float, default=0.0, help="threshold T (0: off)")
+  parser.add_argument("--method", choices=METHODS, default="refine")
+  parser.add_argument("--layers", type=int, default=5, help="tunable last layers for --method refine")
+  parser.add_argument("--steps", type=int, default=100, help="most refinement steps M")
+  parser.add_argument("--lr", type=float, default=None, help="SGD learning rate (default: RefineConfig's)")
+  parser.add_argument("--prox-weight", type=float, default=None, help="alpha (default: RefineConfig's)")
+  parser.add_argument("--crop", type=int, default=None, help="centre crop of a built-in task's image")
+  parser.add_argument("--out", default="evaluate_output")
+  parser.set_defaults(func=run)
+  return parser

@@ -1,0 +1,140 @@
+"""The evaluation harness, baselines, model surgery and ``scribblejax evaluate`` on a tiny trained model."""
+
+import json
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from scribblejax import baselines as bl
+from scribblejax import data
+from scribblejax import evaluate as ev
+from scribblejax.cli import main
+from scribblejax.models.store import save_model
+from scribblejax.models.unet import UNet
+from scribblejax.normalize import normalize
+from scribblejax.params import head, split_params
+from scribblejax.refine import RefineConfig, predict
+from scribblejax.train import TrainConfig, train_segmenter
+
+NORM = {"kind": "percentile", "lower": 1.0, "upper": 99.8}
+KW = dict(spatial_dims=2, in_channels=1, num_classes=2, channels=[4, 8])
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+  """A 4/8 U-Net trained for 40 Adam steps on DSB training columns, saved to a folder."""
+  ds = data.nuclei2d("binary")
+  model = UNet(**KW, rngs=nnx.Rngs(0))
+  train_segmenter(model, normalize(ds.image, NORM)[ds.train], ds.labels[ds.train],
+                  TrainConfig(steps=40, crop=48, batch_size=4, learning_rate=1e-2), progress=False)
+  folder = tmp_path_factory.mktemp("models") / "tiny"
+  save_model(folder, model, family="scribblejax.UNet", kwargs=KW, normalization=NORM,
+             class_names=["background", "nucleus"])
+  return model, folder
+
+
+@pytest.fixture(scope="module")
+def case(tiny_model):
+  return ev.task_case("nuclei2d", ev.load_backbone(tiny_model[1]), crop=40)
+
+
+def test_harness_refine_records_everything_and_improves(tiny_model, case):
+  model, _ = tiny_model
+  cfg = ev.EvalConfig(interactions=2)
+  r = ev.run_case(case, bl.refine_method(model, 3, RefineConfig(max_steps=30, learning_rate=0.05)), cfg)
+  assert len(r["dice_per_interaction"]) == 3 and len(r["seconds_per_interaction"]) <= 2
+  assert r["compile_seconds"] > 0 and set(r["noc"]) == {"0.85", "0.9"}
+  assert r["dice_per_interaction"][-1] > r["dice_per_interaction"][0]
+  assert all(set(i) == {"steps", "satisfied"} for i in r["method_info"])
+  # the marks of interaction 1 only lie where the initial prediction is wrong
+  assert all(c in (0, 1) for c in r["classes_marked"][0])
+  # the initial method never changes, and the same user is deterministic
+  init = ev.run_case(case, bl.initial_method(model), cfg)
+  assert init["dice_per_interaction"] == [r["dice_per_interaction"][0]] * 3
+  assert ev.run_case(case, bl.initial_method(model), cfg)["classes_marked"] == init["classes_marked"]
+
+
+def test_random_walker_baseline_2d_and_3d():
+  image = np.zeros((20, 20, 1), np.float32)
+  image[5:15, 5:15] = 1.0
+  marks = np.full((20, 20), -1)
+  marks[10, 10] = 1
+  marks[1, 1] = 0
+  labels = bl.random_walker_labels(image, marks)
+  assert labels[8, 8] == 1 and labels[18, 18] == 0
+  vol = np.zeros((6, 12, 12), np.float32)
+  vol[:, 3:9, 3:9] = 1
+  m3 = np.full(vol.shape, -1)
+  m3[3, 6, 6], m3[0, 0, 0] = 1, 0
+  assert bl.random_walker_labels(vol, m3)[2, 5, 5] == 1
+  assert bl.random_walker_labels(image, np.where(marks == 1, 1, -1)) is None   # one class: no walk
+
+
+def test_add_classes_keeps_prediction_and_learns_new_class(tiny_model, case):
+  model, _ = tiny_model
+  bigger = bl.add_classes(model, 2)
+  assert bigger.num_classes == 4 and model.num_classes == 2        # the input model is untouched
+  before = np.asarray(predict(split_params(model, head()), case.image))
+  after = np.asarray(predict(split_params(bigger, head()), case.image))
+  assert after.shape[-1] == 4
+  np.testing.assert_array_equal(after.argmax(-1), before.argmax(-1))
+  np.testing.assert_allclose(after[..., 2], after[..., 0] - 4.0, atol=1e-4)
+  truth = case.truth.copy()
+  truth[:10, :10] = 2                                               # a new structure
+  new_case = ev.make_case("new", case.image, truth, 3)
+  r = ev.run_case(new_case, bl.refine_method(bl.add_classes(model, 1), 3, RefineConfig(max_steps=40, learning_rate=0.05)),
+                  ev.EvalConfig(interactions=1))
+  assert r["dice_per_class"][0][2] == 0 and r["dice_per_class"][1][2] > 0.1
+  with pytest.raises(ValueError, match="positive"):
+    bl.add_classes(model, 0)
+
+
+def test_suppress_class_removes_class(tiny_model, case):
+  model, _ = tiny_model
+  amount = bl.suppression_amount(model, case.image, 1)
+  missing = bl.suppress_class(model, 1, amount=amount)
+  assert not (np.asarray(predict(split_params(missing, head()), case.image)).argmax(-1) == 1).any()
+
+
+def test_make_case_and_metrics_errors():
+  with pytest.raises(ValueError, match="differ"):
+    ev.make_case("x", np.zeros((4, 4)), np.zeros((4, 5), int), 2)
+  with pytest.raises(ValueError, match="outside"):
+    ev.make_case("x", np.zeros((4, 4)), np.full((4, 4), 3), 2)
+  with pytest.raises(ValueError, match="mark kind"):
+    ev.EvalConfig(mark_kind="lasso")
+
+
+def test_cli_single_case_task_and_files(tiny_model, tmp_path, capsys):
+  _, folder = tiny_model
+  out = tmp_path / "run"
+  assert main(["evaluate", "--task", "nuclei2d", "--model", str(folder), "--crop", "32", "--interactions", "1",
+               "--steps", "5", "--layers", "2", "--marks", "point", "--out", str(out)]) == 0
+  res = json.loads((out / "results.json").read_text())
+  for key in ("dice_per_interaction", "noc", "seconds_per_interaction", "method", "model", "device"):
+    assert key in res
+  assert len(res["dice_per_interaction"]) == 2 and (out / "results.png").stat().st_size > 0
+  # a user case by paths, with a label value the model lacks
+  from scribblejax.io.images import Geometry, write_label_map
+  ds = data.nuclei2d("binary")
+  img = ds.image[:32, 384:416, 0].astype(np.uint16)
+  lab = ds.labels[:32, 384:416].copy()
+  lab[:4, :4] = 2
+  import tifffile
+  tifffile.imwrite(tmp_path / "img.tif", img)
+  tifffile.imwrite(tmp_path / "lab.tif", lab.astype(np.uint8))
+  args = ["evaluate", "--image", str(tmp_path / "img.tif"), "--label", str(tmp_path / "lab.tif"), "--model",
+          str(folder), "--interactions", "1", "--steps", "3", "--layers", "1", "--out", str(tmp_path / "u")]
+  assert main(args) == 2
+  assert "--add-classes" in capsys.readouterr().err
+  assert main(args + ["--add-classes", "1"]) == 0
+  assert json.loads((tmp_path / "u" / "results.json").read_text())["num_classes"] == 3
+  tifffile.imwrite(tmp_path / "small.tif", lab[:16].astype(np.uint8))
+  assert main(args[:4] + [str(tmp_path / "small.tif")] + args[5:]) == 2
+  assert "shape" in capsys.readouterr().err
+  assert main(["evaluate", "--image", str(tmp_path / "nope.tif"), "--label", str(tmp_path / "lab.tif"),
+               "--model", str(folder), "--out", str(tmp_path / "v")]) == 2
+  err = capsys.readouterr().err.strip()
+  assert "does not exist" in err and len(err.splitlines()) == 1
+  del Geometry, write_label_map

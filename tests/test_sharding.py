@@ -1,0 +1,57 @@
+"""Sharded refinement over 4 (simulated) CPU devices equals the unsharded batch."""
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+SCRIPT = textwrap.dedent("""
+    import numpy as np, jax
+    import scribblejax as sj
+    from benchmarks.speed import random_unet
+    from scribblejax import sharding
+    assert jax.device_count() == 4, jax.devices()
+    split = sj.split_params(random_unet(2, (4, 8), classes=3), sj.last_layers(3))
+    rng = np.random.default_rng(0)
+    for batch, driver in [(8, "host"), (6, "loop")]:
+      images = rng.normal(size=(batch, 16, 16)).astype(np.float32)
+      marks = np.full((batch, 16, 16), -1, np.int32)
+      for b in range(batch - 1):                       # the last image has no marks
+        marks[b, rng.integers(0, 16, 6), rng.integers(0, 16, 6)] = rng.integers(0, 3, 6)
+      config = sj.RefineConfig(max_steps=15, learning_rate=0.05, prox_weight=0.01, driver=driver)
+      unsharded = sj.refine_batch(split, images, marks, config)
+      sharded = sharding.refine_sharded(split, images, marks, config)
+      assert np.array_equal(np.asarray(sharded.num_steps), np.asarray(unsharded.num_steps))
+      assert np.array_equal(np.asarray(sharded.satisfied), np.asarray(unsharded.satisfied))
+      assert int(np.asarray(sharded.num_steps).max()) > 0 and int(sharded.num_steps[-1]) == 0
+      np.testing.assert_allclose(np.asarray(sharded.logits), np.asarray(unsharded.logits), rtol=1e-4, atol=1e-4)
+      if batch % 4 == 0:                               # no padding: the result stays spread over the devices
+        assert len(sharded.logits.sharding.device_set) == 4
+        assert sharded.logits.sharding.spec[0] == "batch"
+    try:
+      sharding.refine_sharded(split, images, marks, config,
+                              mesh=jax.sharding.Mesh(np.asarray(jax.devices()), ("data",)))
+      raise SystemExit("a mesh without a batch axis was accepted")
+    except ValueError as err:
+      assert "batch" in str(err)
+    print("SHARDED_OK")
+""")
+
+
+def test_sharded_equals_unsharded_on_four_cpu_devices(tmp_path):
+  root = Path(__file__).resolve().parent.parent
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
+             PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  proc = subprocess.run([sys.executable, "-c", SCRIPT], cwd=tmp_path, env=env, capture_output=True, text=True,
+                        timeout=600)
+  assert proc.returncode == 0 and "SHARDED_OK" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_batch_mesh_spans_every_device():
+  jax = pytest.importorskip("jax")
+  from scribblejax import sharding
+  mesh = sharding.batch_mesh()
+  assert mesh.axis_names == ("batch",) and mesh.size == jax.device_count()

@@ -1,0 +1,57 @@
+"""The speed benchmark: a CI-sized run, its records, and the PyTorch reference's equivalence."""
+
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from benchmarks import speed, torch_reference
+
+FIELDS = ("device", "variant", "dims", "size", "batch", "steps", "ms_per_interaction", "ms_per_step",
+          "images_per_s", "compile_s", "versions", "settings")
+
+
+def test_quick_benchmark_writes_records_and_table(tmp_path, capsys):
+  out = tmp_path / "quick.json"
+  variants = "scribblejax,scribblejax_early_stop,torch_eager"
+  assert speed.main(["--quick", "--cases", "2d32", "--variants", variants, "--batches", "1,2", "--out", str(out)]) == 0
+  records = json.loads(out.read_text())
+  by_variant = {}
+  for r in records:
+    assert all(f in r for f in FIELDS), sorted(r)
+    by_variant.setdefault(r["variant"], []).append(r)
+  jax_runs = by_variant["scribblejax"]
+  assert sorted(r["batch"] for r in jax_runs) == [1, 2]
+  for r in jax_runs:
+    assert r["steps"] == 2 and r["ms_per_step"] > 0 and r["images_per_s"] > 0
+    assert r["retraced"] is False                # new marks every interaction, nothing compiled again
+    assert r["settings"]["channels"] == [4, 8] and r["versions"]["jax"]
+  early = by_variant["scribblejax_early_stop"][0]
+  assert 0 <= early["steps"] <= early["max_steps"]
+  if torch_reference.torch_available():
+    check = by_variant["check_torch_vs_scribblejax"][0]
+    assert check["passed"] and check["max_abs_logit_diff"] < 1e-3
+    assert by_variant["torch_eager"][0]["steps"] == 2
+  table = out.with_suffix(".md").read_text()
+  assert "| device | variant |" in table and table.count("\n| ") >= len(records)
+  assert "wrote" in capsys.readouterr().out
+
+
+def test_bad_arguments_fail_with_one_line(capsys):
+  assert speed.main(["--quick", "--cases", "2d7"]) == 2
+  assert "unknown case" in capsys.readouterr().err
+  assert speed.main(["--quick", "--batches", "0"]) == 2
+  assert "--batches" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("dims, shape", [(2, (13, 18)), (3, (6, 9, 7))])
+def test_torch_mirror_computes_the_flax_forward(dims, shape):
+  torch = pytest.importorskip("torch")
+  model = speed.random_unet(dims, (4, 8, 16), classes=3, seed=dims)
+  net = torch_reference.build_torch_unet(model)
+  image = np.random.default_rng(0).normal(size=(1, *shape, 1)).astype(np.float32)
+  ours = np.asarray(model(jnp.asarray(image)))
+  with torch.no_grad():
+    theirs = net(torch.from_numpy(np.moveaxis(image, -1, 1).copy())).numpy()
+  np.testing.assert_allclose(np.moveaxis(theirs, 1, -1), ours, rtol=1e-4, atol=1e-4)

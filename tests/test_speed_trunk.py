@@ -1,0 +1,150 @@
+"""The cached trunk: trunk + tail equals the full forward pass (values and gradients), for any model."""
+
+import dataclasses
+import functools
+import importlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import scribblejax as sj
+from benchmarks.speed import random_unet
+from scribblejax import trunk
+
+refine_lib = importlib.import_module("scribblejax.refine")
+
+
+@functools.lru_cache(maxsize=None)
+def _unet(dims: int, channels=(4, 8, 16)):
+  return random_unet(dims, channels, classes=3)
+
+
+def _image(shape, seed=0):
+  return jnp.asarray(np.random.default_rng(seed).normal(size=shape), jnp.float32)
+
+
+def _max_rel(a, b):
+  return max(float(jnp.max(jnp.abs(x - y)) / (jnp.max(jnp.abs(y)) + 1e-12))
+             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+@pytest.mark.parametrize("dims, layers, rewrites", [
+    (2, 5, ()), (2, 5, trunk.DEFAULT_REWRITES), (2, 13, ()), (3, 4, ("transposed_conv", "conv_as_matmul"))])
+def test_trunk_then_tail_equals_full_forward(dims, layers, rewrites):
+  split = sj.split_params(_unet(dims), sj.last_layers(layers))
+  image = _image((12,) * dims + (1,))
+  fn = refine_lib._Forward(split.graphdef)
+  part = trunk.partition(fn, split.tunable, split.frozen, image, rewrites=rewrites)
+  residuals = jax.jit(part.trunk)(split.frozen, image)
+  assert [tuple(r.shape) for r in residuals] == [tuple(s.shape) for s in part.residual_shapes]
+  full = jax.jit(fn)(split.tunable, split.frozen, image)
+  cached = jax.jit(part.tail)(split.tunable, residuals)
+  if rewrites:
+    np.testing.assert_allclose(np.asarray(cached), np.asarray(full), rtol=1e-5, atol=1e-5)
+  else:
+    np.testing.assert_array_equal(np.asarray(cached), np.asarray(full))   # the very same operations
+  # gradients with respect to the tunable weights, at weights other than W
+  moved = jax.tree.map(lambda w: w * 1.1 + 0.01, split.tunable)
+  loss = lambda f: (lambda t: jnp.sum(jnp.sin(f(t))))
+  g_full = jax.jit(jax.grad(loss(lambda t: fn(t, split.frozen, image))))(moved)
+  g_tail = jax.jit(jax.grad(loss(lambda t: part.tail(t, residuals))))(moved)
+  assert _max_rel(g_tail, g_full) < 1e-4
+
+
+def test_residuals_are_the_tails_inputs_only():
+  # last 5 layers of a 3-level U-Net: head, decoder/1/1, decoder/1/0, up/1 and decoder/0/1; the tail
+  # reads the input of decoder/0/1 (6x6x8) and the level-0 skip connection (12x12x4).
+  split = sj.split_params(_unet(2), sj.last_layers(5))
+  image = _image((12, 12, 1))
+  part = trunk.partition(refine_lib._Forward(split.graphdef), split.tunable, split.frozen, image)
+  assert sorted(tuple(s.shape) for s in part.residual_shapes) == [(1, 6, 6, 8), (1, 12, 12, 4)]
+
+
+class _JitInside(nnx.Module):
+  """A model whose forward pass calls a jitted function that mixes frozen and tunable inputs."""
+
+  def __init__(self):
+    self.body = nnx.Conv(1, 4, (3, 3), rngs=nnx.Rngs(0))
+    self.head = nnx.Conv(4, 2, (1, 1), rngs=nnx.Rngs(1))
+
+  def __call__(self, x):
+    @jax.jit
+    def mixed(x, body_kernel, head_kernel, head_bias):
+      h = jax.nn.relu(jax.lax.conv_general_dilated(x, body_kernel, (1, 1), "SAME",
+                                                   dimension_numbers=("NHWC", "HWIO", "NHWC")))
+      h2 = jnp.tanh(h)          # frozen: stays in the trunk even inside the jitted call
+      return jnp.einsum("nhwc,co->nhwo", h2, head_kernel[0, 0]) + head_bias
+    return mixed(x, self.body.kernel[...], self.head.kernel[...], self.head.bias[...])
+
+
+def test_nested_jit_is_unzipped_and_matches():
+  model = _JitInside()
+  split = sj.split_params(model, sj.by_regex("head/.*"))
+  image = _image((10, 10, 1), seed=3)
+  fn = refine_lib._Forward(split.graphdef)
+  part = trunk.partition(fn, split.tunable, split.frozen, image)
+  # the residual is tanh(relu(conv)), computed inside the jitted call: the trunk reached into it
+  assert [tuple(s.shape) for s in part.residual_shapes] == [(1, 10, 10, 4)]
+  np.testing.assert_allclose(np.asarray(part.tail(split.tunable, part.trunk(split.frozen, image))),
+                             np.asarray(fn(split.tunable, split.frozen, image)), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dn", [("NHWC", "HWIO", "NHWC"), ("NCHW", "OIHW", "NCHW"), ("NHWC", "OIHW", "NCHW")])
+def test_rewrites_equal_lax_convolutions(dn):
+  rng = np.random.default_rng(0)
+  lhs_shape = {"NHWC": (2, 5, 7, 3), "NCHW": (2, 3, 5, 7)}[dn[0]]
+  x = jnp.asarray(rng.normal(size=lhs_shape), jnp.float32)
+
+  def kernel(kh, kw, i, o):
+    w = rng.normal(size=(kh, kw, i, o))
+    return jnp.asarray(w if dn[1] == "HWIO" else np.transpose(w, (3, 2, 0, 1)), jnp.float32)
+
+  up = lambda x, k: jax.lax.conv_transpose(x, k, (2, 2), "VALID", dimension_numbers=dn)
+  conv = lambda x, k: jax.lax.conv_general_dilated(x, k, (1, 1), ((1, 1), (0, 2)), dimension_numbers=dn)
+  for fn, k, rewrites in [(up, kernel(2, 2, 3, 4), ("transposed_conv",)), (conv, kernel(3, 3, 3, 4), ("conv_as_matmul",))]:
+    part = trunk.partition(lambda t, f, img: fn(img, t), k, (), x, rewrites=rewrites)
+    jaxpr = str(jax.make_jaxpr(lambda t: part.tail(t, part.trunk((), x)))(k))
+    assert "conv_general_dilated" not in jaxpr          # the rewrite took the convolution's place
+    np.testing.assert_allclose(np.asarray(part.tail(k, part.trunk((), x))), np.asarray(fn(x, k)),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_unknown_rewrite_raises():
+  with pytest.raises(ValueError, match="unknown rewrite"):
+    trunk.partition(lambda t, f, x: t * x, jnp.ones(3), (), jnp.ones(3), rewrites=("fast_everything",))
+
+
+def test_refine_with_cached_trunk_equals_full_forward():
+  split = sj.split_params(_unet(2), sj.last_layers(5))
+  image = np.asarray(_image((16, 16), seed=1))
+  marks = np.full((16, 16), -1, np.int32)
+  marks[2:4, 2:8] = 1
+  marks[10:12, 3:9] = 2
+  marks[14, 14] = 0
+  config = sj.RefineConfig(max_steps=25, learning_rate=0.05, prox_weight=0.01, driver="loop")
+  cached = sj.refine(split, image, marks, config)
+  full = sj.refine(split, image, marks, dataclasses.replace(config, cache_trunk=False))
+  assert int(cached.num_steps) == int(full.num_steps) > 0
+  assert bool(cached.satisfied) == bool(full.satisfied)
+  np.testing.assert_allclose(np.asarray(cached.logits), np.asarray(full.logits), rtol=1e-4, atol=1e-4)
+
+
+def test_early_stop_off_takes_every_step_and_no_retrace():
+  split = sj.split_params(_unet(2), sj.last_layers(5))
+  image = np.asarray(_image((16, 16), seed=2))
+  marks = np.full((16, 16), -1, np.int32)
+  marks[0, 0] = 1
+  stopping = sj.refine(split, image, marks, sj.RefineConfig(max_steps=12, learning_rate=0.05, prox_weight=0.01))
+  assert int(stopping.num_steps) < 12 and bool(stopping.satisfied)
+  fixed = sj.refine(split, image, marks, sj.RefineConfig(max_steps=12, learning_rate=0.05, prox_weight=0.01,
+                                                         early_stop=False))
+  assert int(fixed.num_steps) == 12 and bool(fixed.satisfied)
+  sizes = (refine_lib._run_trunk._cache_size(), refine_lib._run_chunk._cache_size())
+  other = np.full((16, 16), -1, np.int32)
+  other[5:9, 5:9] = 2
+  sj.refine(split, image + 1.0, other, sj.RefineConfig(max_steps=3, learning_rate=0.01, prox_weight=0.5,
+                                                       early_stop=False))
+  assert (refine_lib._run_trunk._cache_size(), refine_lib._run_chunk._cache_size()) == sizes
