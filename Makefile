@@ -1,5 +1,5 @@
 # Two commands, each creating and filling a local virtual environment (.venv) as needed.
-#   make demo  -- refine a real backbone on a real image: Dice before/after and a PNG overlay
+#   make demo  -- refine real backbones on real images: Dice before/after and PNG overlays
 #   make test  -- the whole test suite (what CI runs)
 PYTHON ?= python3
 VENV := .venv
@@ -20,7 +20,8 @@ $(STAMP):
 venv: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/scribblejax demo --out demo_output
+	$(BIN)/scribblejax demo --task tissue2d --out demo_output/tissue2d
+	$(BIN)/scribblejax demo --task nuclei2d --out demo_output/nuclei2d
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests

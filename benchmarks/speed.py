@@ -65,12 +65,13 @@ QUICK_CASES = {
     "3d16": Case("3d16", 3, 16, 2),
 }
 VARIANTS = ("scribblejax", "scribblejax_early_stop", "scribblejax_full_forward", "scribblejax_loop_driver",
-            "scribblejax_host_driver", "scribblejax_sequential", "scribblejax_sharded", "torch_eager",
-            "torch_eager_early_stop")
+            "scribblejax_host_driver", "scribblejax_vmap", "scribblejax_matmul", "scribblejax_sequential",
+            "scribblejax_sharded", "torch_eager", "torch_eager_early_stop")
 DEFAULT_VARIANTS = ("scribblejax", "scribblejax_early_stop", "scribblejax_full_forward", "torch_eager",
                     "torch_eager_early_stop")
 # variants that take a batch; the others run at batch 1 only
-BATCHED_VARIANTS = ("scribblejax", "scribblejax_sequential", "scribblejax_sharded")
+BATCHED_VARIANTS = ("scribblejax", "scribblejax_vmap", "scribblejax_matmul", "scribblejax_sequential",
+                    "scribblejax_sharded")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,7 +84,7 @@ class Settings:
   learning_rate: float = 0.01
   momentum: float = 0.9
   prox_weight: float = 1.0
-  early_stop_steps: int = 200       # M for the early-stop variants
+  early_stop_steps: int | None = None  # M for the early-stop variants (None: the case's steps)
   batch_steps: int | None = None    # fixed steps for batch > 1 (None: the case's steps)
   check_size_2d: int = 64           # size of the torch-vs-scribblejax consistency check
   check_size_3d: int = 16
@@ -240,7 +241,7 @@ def _record(variant, case, batch, steps, timing, settings, extra=None) -> dict:
 def _jax_config(variant: str, steps: int, settings: Settings):
   import scribblejax as sj
   early = variant.endswith("early_stop")
-  kwargs = dict(max_steps=settings.early_stop_steps if early else steps, early_stop=early,
+  kwargs = dict(max_steps=(settings.early_stop_steps or steps) if early else steps, early_stop=early,
                 learning_rate=settings.learning_rate, momentum=settings.momentum, prox_weight=settings.prox_weight)
   if variant == "scribblejax_full_forward":
     kwargs["cache_trunk"] = False
@@ -248,6 +249,8 @@ def _jax_config(variant: str, steps: int, settings: Settings):
     kwargs["driver"] = "loop"
   if variant == "scribblejax_host_driver":
     kwargs["driver"] = "host"
+  if variant in ("scribblejax_vmap", "scribblejax_matmul", "scribblejax_sequential"):
+    kwargs["batch_scheme"] = variant.split("_")[1]
   return sj.RefineConfig(**kwargs)
 
 
@@ -259,13 +262,10 @@ def bench_jax(variant: str, case: Case, batch: int, settings: Settings, split) -
   config = _jax_config(variant, steps, settings)
   inputs = [make_inputs(case.dims, case.size, batch, seed=1000 * case.size + i) for i in range(settings.repeats + 1)]
 
-  if batch == 1 and variant not in ("scribblejax_sequential", "scribblejax_sharded"):
+  if batch == 1 and variant not in BATCHED_VARIANTS[1:]:
     def call(i):
       result = sj.refine(split, inputs[i][0][0], inputs[i][1][0], config)
       return jax.block_until_ready(result)
-  elif variant == "scribblejax_sequential":
-    def call(i):
-      return [jax.block_until_ready(sj.refine(split, im, mk, config)) for im, mk in zip(*inputs[i])]
   elif variant == "scribblejax_sharded":
     from scribblejax import sharding
 
@@ -294,8 +294,14 @@ def bench_jax(variant: str, case: Case, batch: int, settings: Settings, split) -
     taken = int(np.max(np.asarray(last.num_steps)))
     satisfied = bool(np.all(np.asarray(last.satisfied)))
   extra = {"retraced": retraced, "satisfied": satisfied, "max_steps": config.max_steps,
-           "driver": sj.resolve_driver(config.driver), "cache_trunk": config.cache_trunk}
+           "driver": sj.resolve_driver(config.driver), "cache_trunk": config.cache_trunk,
+           "batch_scheme": refine_scheme(config) if batch > 1 else None}
   return _record(variant, case, batch, taken, timing, settings, extra)
+
+
+def refine_scheme(config) -> str:
+  import importlib as _importlib
+  return _importlib.import_module("scribblejax.refine").resolve_batch_scheme(config.batch_scheme)
 
 
 def torch_device() -> str:
@@ -320,7 +326,7 @@ def bench_torch(variant: str, case: Case, batch: int, settings: Settings, model,
   inputs = [make_inputs(case.dims, case.size, batch, seed=1000 * case.size + i) for i in range(settings.repeats + 1)]
 
   def call(i):
-    return [ref.refine_torch(net, names, im, mk, max_steps=settings.early_stop_steps if early else steps,
+    return [ref.refine_torch(net, names, im, mk, max_steps=(settings.early_stop_steps or steps) if early else steps,
                              learning_rate=settings.learning_rate, momentum=settings.momentum,
                              prox_weight=settings.prox_weight, early_stop=early, device=device)
             for im, mk in zip(*inputs[i])]
@@ -340,7 +346,7 @@ def check_torch_matches(case: Case, settings: Settings) -> dict:
   split = sj.split_params(model, sj.last_layers(settings.layers))
   images, marks = make_inputs(case.dims, size, 1, seed=7)
   start = time.perf_counter()
-  err = ref.check_same(split, model, images[0], marks[0], steps=settings.check_steps,
+  err = ref.check_same(split, model, images[0], marks[0], steps=settings.check_steps, device=torch_device(),
                        learning_rate=settings.learning_rate, momentum=settings.momentum,
                        prox_weight=settings.prox_weight)
   timing = Timing(time.perf_counter() - start, time.perf_counter() - start, (), None)
@@ -359,6 +365,7 @@ def _atomic_write(path: Path, text: str) -> None:
   try:
     with os.fdopen(fd, "w") as f:
       f.write(text)
+    os.chmod(tmp, 0o644)
     os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):
@@ -373,6 +380,9 @@ def markdown_table(records: Sequence[dict]) -> str:
   rows = []
   for r in records:
     case = f"{r['dims']}D {r['size']}^{r['dims']}"
+    if "error" in r:
+      rows.append(f"| {r['device']} | {r['variant']} | {case} | {r['batch']} | | failed: {r['error'][:80]} | | | |")
+      continue
     if r["variant"] == "check_torch_vs_scribblejax":
       rows.append(f"| {r['device']} | {r['variant']} | {case} | 1 | {r['steps']} | max logit diff "
                   f"{r['max_abs_logit_diff']:.2e} | | | |")
@@ -445,58 +455,87 @@ def _validate(args) -> tuple[list[Case], list[int], list[str], Settings]:
   channels = tuple(int(c) for c in _csv(args.channels)) if args.channels else ((4, 8) if args.quick else (32, 64, 128, 256))
   layers = 3 if len(channels) == 2 else 5
   settings = Settings(channels=channels, layers=layers, repeats=repeats, batch_steps=args.batch_steps,
-                      early_stop_steps=5 if args.quick else 200, check_size_2d=16 if args.quick else 64,
+                      early_stop_steps=5 if args.quick else None, check_size_2d=16 if args.quick else 64,
                       check_size_3d=8 if args.quick else 16, check_steps=2 if args.quick else 3)
   return cases, batches, variants, settings
 
 
-def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> list[dict]:
-  """Runs the measurements that ``args`` selects; returns the records."""
+def run(args: argparse.Namespace, log: Callable[[str], None] = print,
+        on_record: Callable[[list], None] | None = None) -> list[dict]:
+  """Runs the measurements that ``args`` selects; returns the records.
+
+  A measurement that fails (say, out of device memory) gives a record with an ``error`` field and the
+  run goes on. ``on_record(records)`` is called after each record (to save partial results).
+  """
   import scribblejax as sj
   cases, batches, variants, settings = _validate(args)
   has_torch = importlib.util.find_spec("torch") is not None
   if not has_torch:
     log("torch is not installed: skipping the PyTorch reference")
   records = []
+  checked = set()
   for case in cases:
     model = make_model(case.dims, settings)
     split = sj.split_params(model, sj.last_layers(settings.layers))
-    if has_torch and not args.no_check:
+    if has_torch and not args.no_check and case.dims not in checked:   # once per dimensionality (small size)
+      checked.add(case.dims)
       rec = check_torch_matches(case, settings)
       log(f"{case.name}: torch and scribblejax agree after {settings.check_steps} steps "
           f"(max logit diff {rec['max_abs_logit_diff']:.2e})")
       records.append(rec)
+      if on_record:
+        on_record(records)
     for variant in variants:
       for batch in batches:
         if batch > 1 and variant not in BATCHED_VARIANTS and not variant.startswith("torch_eager"):
           continue
         if batch > 1 and variant == "torch_eager_early_stop":
           continue
-        if variant.startswith("torch"):
-          if not has_torch:
-            continue
-          rec = bench_torch(variant, case, batch, settings, model, split)
+        if batch == 1 and variant in BATCHED_VARIANTS[1:]:
+          continue                       # a batch scheme with one image is plain `refine`
+        if variant.startswith("torch") and not has_torch:
+          continue
+        try:
+          if variant.startswith("torch"):
+            rec = bench_torch(variant, case, batch, settings, model, split)
+          else:
+            rec = bench_jax(variant, case, batch, settings, split)
+        except Exception as err:  # noqa: BLE001 (one failed measurement must not lose the others)
+          rec = {"device": device_name(), "variant": variant, "dims": case.dims, "size": case.size, "batch": batch,
+                 "error": f"{type(err).__name__}: {str(err)[:500]}", "versions": versions(),
+                 "settings": {**dataclasses.asdict(settings), **host_info()}}
+          log(f"{case.name} {variant} batch={batch}: FAILED {rec['error'][:200]}")
         else:
-          rec = bench_jax(variant, case, batch, settings, split)
+          log(f"{case.name} {variant} batch={batch}: {rec['ms_per_interaction']:.1f} ms/interaction, "
+              f"{rec['ms_per_step']:.2f} ms/step, {rec['images_per_s']:.3f} images/s, compile {rec['compile_s']:.1f} s"
+              + (f", retraced={rec['retraced']}" if "retraced" in rec else ""))
         records.append(rec)
-        log(f"{case.name} {variant} batch={batch}: {rec['ms_per_interaction']:.1f} ms/interaction, "
-            f"{rec['ms_per_step']:.2f} ms/step, {rec['images_per_s']:.3f} images/s, compile {rec['compile_s']:.1f} s"
-            + (f", retraced={rec['retraced']}" if "retraced" in rec else ""))
+        if on_record:
+          on_record(records)
   return records
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-  parser = build_parser()
-  args = parser.parse_args(argv)
-  try:
-    records = run(args)
-  except ValueError as err:
-    print(f"benchmarks.speed: error: {err}", file=sys.stderr)
-    return 2
+def execute(args: argparse.Namespace) -> int:
+  """Runs the benchmark and writes its results (``python -m benchmarks.speed`` and ``scribblejax bench``).
+
+  Raises:
+    ValueError: bad arguments.
+  """
+  _validate(args)                                             # bad arguments fail before any work
   out = Path(args.out) if args.out else RESULTS_DIR / f"speed_{device_name().replace(' ', '_').lower()}.json"
+  records = run(args, on_record=lambda recs: write_results(recs, out))
   json_path, md_path = write_results(records, out)
   print(f"wrote {json_path} and {md_path}")
   return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  args = build_parser().parse_args(argv)
+  try:
+    return execute(args)
+  except ValueError as err:
+    print(f"benchmarks.speed: error: {err}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

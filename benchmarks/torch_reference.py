@@ -210,19 +210,30 @@ def refine_torch(net, names, image, marks, *, max_steps=100, learning_rate=0.05,
   return np.moveaxis(logits.float().cpu().numpy(), 0, -1), steps
 
 
-def check_same(split, model, image, marks, *, steps=3, rtol=1e-3, atol=1e-3, **settings) -> float:
+def check_same(split, model, image, marks, *, steps=3, rtol=1e-3, atol=1e-3, device="cpu", **settings) -> float:
   """Runs scribblejax and the torch reference for ``steps`` fixed steps; returns the max logit error.
+
+  Both run in full float32 precision (JAX ``default_matmul_precision("highest")``, torch with TF32
+  off), so that the comparison also holds on GPUs, where both default to TF32 convolutions.
 
   Raises:
     AssertionError: the final logits differ by more than ``atol + rtol * |logits|``.
   """
+  import jax  # noqa: PLC0415
   import scribblejax as sj  # noqa: PLC0415
-  net = build_torch_unet(model)
+  torch = _torch()
+  net = build_torch_unet(model).to(device)
   config = sj.RefineConfig(max_steps=steps, early_stop=False, **settings)
-  ours = np.asarray(sj.refine(split, image, marks, config).logits)
-  theirs, taken = refine_torch(net, tunable_names(split), image, marks, max_steps=steps, early_stop=False,
-                               learning_rate=config.learning_rate, momentum=config.momentum,
-                               prox_weight=config.prox_weight)
+  with jax.default_matmul_precision("highest"):
+    ours = np.asarray(sj.refine(split, image, marks, config).logits)
+  saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+  torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+  try:
+    theirs, taken = refine_torch(net, tunable_names(split), image, marks, max_steps=steps, early_stop=False,
+                                 learning_rate=config.learning_rate, momentum=config.momentum,
+                                 prox_weight=config.prox_weight, device=device)
+  finally:
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
   if taken != steps:
     raise AssertionError(f"the torch reference took {taken} steps instead of {steps}")
   err = float(np.max(np.abs(ours - theirs)))

@@ -284,7 +284,6 @@ def max_pool(x: jax.Array, window: Sequence[int], stride: Sequence[int], padding
 
 def avg_pool(x: jax.Array, window: Sequence[int]) -> jax.Array:
   """``torch.nn.AvgPoolNd(window, window)``: non-overlapping mean, trailing remainder dropped."""
-  n = len(window)
   summed = jax.lax.reduce_window(x, 0.0, jax.lax.add, (1, *window, 1), (1, *window, 1), "VALID")
   return summed / math.prod(window)
 

@@ -8,6 +8,7 @@ import sys
 
 # Modules with an add_parser(subparsers) function, one per subcommand (or group of subcommands).
 COMMAND_MODULES = (
+    "scribblejax.commands.bench",
     "scribblejax.commands.demo",
     "scribblejax.commands.evaluate",
     "scribblejax.commands.io_commands",

@@ -1,15 +1,14 @@
 """The README's demo: refine a real backbone on a real image, with Dice before/after and a PNG overlay.
 
-The backbone is the shipped ``nuclei2d`` model when the package has it; otherwise a small U-Net is
-trained on the training part of the DSB 2018 nuclei image for a few seconds (real training, printed).
-The test part of the image is then corrected over a few interactions of the simulated user.
+The default task corrects the right 128 columns of the DSB 2018 nuclei image with the shipped
+``nuclei2d`` model (or, without shipped weights, a small U-Net trained on the left columns first);
+``task="tissue2d"`` corrects an MNI152 test slice with the shipped 4-class ``tissue2d`` model. Each
+interaction of the simulated user marks the largest error of every class.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from scribblejax import data, metrics
+from scribblejax import data, fileio, metrics
 from scribblejax.models.store import builtin_models, load_model
 from scribblejax.models.unet import UNet
 from scribblejax.normalize import normalize
@@ -28,6 +27,7 @@ from scribblejax.simulate import simulate_marks
 from scribblejax.train import TrainConfig, train_segmenter
 
 NORMALIZATION = {"kind": "percentile", "lower": 1.0, "upper": 99.8}
+DEMO_TASKS = ("nuclei2d", "tissue2d", "tissue2d_shifted", "nuclei3d_slices")
 
 
 def demo_backbone(train_steps: int, log=print) -> tuple[nnx.Module, dict]:
@@ -47,73 +47,95 @@ def demo_backbone(train_steps: int, log=print) -> tuple[nnx.Module, dict]:
                  "train_seconds": time.perf_counter() - start}
 
 
+def _case(task: str, train_steps: int, log):
+  """(model, image, truth, num_classes, backbone description) of a built-in 2D task."""
+  from scribblejax import evaluate
+  if task not in DEMO_TASKS:
+    raise ValueError(f"unknown demo task {task!r}; choose one of {DEMO_TASKS}")
+  if task == "nuclei2d":
+    model, source = demo_backbone(train_steps, log)
+    ds = data.nuclei2d("binary")
+    return model, normalize(ds.image, source["normalization"])[ds.test], ds.labels[ds.test], 2, source["source"]
+  backbone = evaluate.resolve_backbone(None, task)
+  log(f"backbone: shipped model {backbone.name!r}")
+  case = evaluate.task_case(task, backbone)
+  return backbone.model, case.image, case.truth, case.num_classes, f"shipped {backbone.name}"
+
+
 def _overlay(path: Path, image: np.ndarray, truth: np.ndarray, before: np.ndarray, after: np.ndarray,
-             marks: np.ndarray, dice_before: float, dice_after: float) -> None:
+             marks: np.ndarray, num_classes: int, dice_before: float, dice_after: float) -> None:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  fig, axes = plt.subplots(1, 3, figsize=(9, 9 * image.shape[0] / image.shape[1] / 3 + 0.8))
-  panels = [("image and ground truth", truth, None), (f"network: Dice {dice_before:.3f}", before, None),
-            (f"refined: Dice {dice_after:.3f}, marks", after, marks)]
+  height = image.shape[0] / image.shape[1] * 3
+  fig, axes = plt.subplots(1, 3, figsize=(9, min(12.0, height + 0.8)))
+  panels = [("ground truth", truth, None), (f"network: Dice {dice_before:.3f}", before, None),
+            (f"refined: Dice {dice_after:.3f}, all marks", after, marks)]
   for ax, (title, seg, mk) in zip(axes, panels):
     ax.imshow(image, cmap="gray")
-    ax.contour(seg > 0, levels=[0.5], colors="yellow", linewidths=0.7)
+    if num_classes == 2:
+      ax.contour(seg > 0, levels=[0.5], colors="yellow", linewidths=0.7)
+    else:
+      ax.imshow(np.ma.masked_equal(seg, 0), cmap="viridis", vmin=0, vmax=num_classes - 1, alpha=0.45,
+                interpolation="nearest")
     if mk is not None:
-      shown = np.ma.masked_less(mk, 0)
-      ax.imshow(shown, cmap="cool", vmin=0, vmax=max(1, int(mk.max())), alpha=0.9, interpolation="nearest")
+      ax.imshow(np.ma.masked_less(mk, 0), cmap="cool", vmin=0, vmax=num_classes - 1, alpha=0.95,
+                interpolation="nearest")
     ax.set_title(title, fontsize=9)
     ax.axis("off")
   fig.tight_layout()
-  fd, tmp = tempfile.mkstemp(suffix=".png", dir=path.parent)
-  os.close(fd)
-  fig.savefig(tmp, dpi=110)
+  with fileio.atomic_path(path) as tmp:
+    fig.savefig(tmp, dpi=110)
   plt.close(fig)
-  os.replace(tmp, path)
 
 
-def run_demo(out_dir: str | os.PathLike = "demo_output", *, train_steps: int = 150, interactions: int = 3,
-             kind: str = "scribble", layers: int = 5, config: RefineConfig = RefineConfig(max_steps=100),
-             log=print) -> dict:
+def run_demo(out_dir: str | os.PathLike = "demo_output", *, task: str = "nuclei2d", train_steps: int = 150,
+             interactions: int = 3, kind: str = "scribble", layers: int = 5,
+             config: RefineConfig = RefineConfig(max_steps=100), log=print) -> dict:
   """Runs the demo and writes ``overlay.png`` and ``results.json`` into ``out_dir``.
+
+  Args:
+    out_dir: output folder.
+    task: a built-in 2D case (``DEMO_TASKS``): the DSB nuclei test columns by default.
+    train_steps: training steps of the nuclei backbone when no shipped weights exist.
+    interactions: rounds of the simulated user.
+    kind: "scribble", "point" or "box".
+    layers: tunable last layers.
+    config: refinement settings.
+    log: where progress lines go.
 
   Returns:
     The results dict (Dice per interaction, steps, seconds, device).
   """
   out = Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
-  model, source = demo_backbone(train_steps, log)
-  ds = data.nuclei2d("binary")
-  image = normalize(ds.image, source["normalization"])[ds.test]
-  truth = ds.labels[ds.test]
+  model, image, truth, num_classes, source = _case(task, train_steps, log)
   split = split_params(model, last_layers(layers))
   session = start_session(split, image, config)
-  dice = [metrics.mean_foreground_dice(np.asarray(current_labels(session)), truth, 2)]
-  log(f"test columns 384..511 ({truth.shape[0]}x{truth.shape[1]}), device {jax.devices()[0].device_kind}, "
-      f"driver {resolve_driver(config.driver)}")
+  dice = [metrics.mean_foreground_dice(np.asarray(current_labels(session)), truth, num_classes)]
+  log(f"task {task}: image {truth.shape[0]}x{truth.shape[1]}, {num_classes} classes, device "
+      f"{jax.devices()[0].device_kind}, driver {resolve_driver(config.driver)}")
   log(f"interaction 0 (network alone): Dice {dice[0]:.3f}")
   seconds, steps = [], []
   for i in range(1, interactions + 1):
-    new = simulate_marks(np.asarray(current_labels(session)), truth, 2, kind=kind)
+    new = simulate_marks(np.asarray(current_labels(session)), truth, num_classes, kind=kind)
     start = time.perf_counter()
     session = add_marks(session, new)
     labels = np.asarray(current_labels(session))
     seconds.append(time.perf_counter() - start)
     result = session.rounds[-1].result
     steps.append(int(result.num_steps))
-    dice.append(metrics.mean_foreground_dice(labels, truth, 2))
+    dice.append(metrics.mean_foreground_dice(labels, truth, num_classes))
     log(f"interaction {i}: {int((new >= 0).sum())} marked pixels, {steps[-1]} steps, "
         f"satisfied={bool(result.satisfied)}, {seconds[-1]:.2f}s -> Dice {dice[-1]:.3f}")
   marks = session.rounds[-1].marks if session.rounds else np.full(truth.shape, -1)
   before = np.asarray(np.argmax(session.initial_logits, -1))
   _overlay(out / "overlay.png", image[..., 0], truth, before, np.asarray(current_labels(session)), marks,
-           dice[0], dice[-1])
-  results = {"dice_per_interaction": dice, "steps_per_interaction": steps, "seconds_per_interaction": seconds,
-             "mark_kind": kind, "tunable_layers": layers, "max_steps": config.max_steps,
-             "backbone": source["source"], "device": jax.devices()[0].device_kind,
-             "note": "seconds of interaction 1 include compilation"}
-  fd, tmp = tempfile.mkstemp(suffix=".json", dir=out)
-  with os.fdopen(fd, "w") as f:
-    json.dump(results, f, indent=2)
-  os.replace(tmp, out / "results.json")
+           num_classes, dice[0], dice[-1])
+  results = {"task": task, "dice_per_interaction": dice, "steps_per_interaction": steps,
+             "seconds_per_interaction": seconds, "mark_kind": kind, "tunable_layers": layers,
+             "max_steps": config.max_steps, "keep_weight": config.keep_weight, "backbone": source,
+             "device": jax.devices()[0].device_kind, "note": "seconds of interaction 1 include compilation"}
+  fileio.write_json(out / "results.json", results)
   log(f"Dice {dice[0]:.3f} -> {dice[-1]:.3f}; wrote {out / 'overlay.png'} and {out / 'results.json'}")
   return results

@@ -27,9 +27,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -38,7 +36,7 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from scribblejax import metrics
+from scribblejax import fileio, metrics
 from scribblejax.baselines import Method
 from scribblejax.marks import UNMARKED, accumulate, grow_marks
 from scribblejax.simulate import KINDS, simulate_marks
@@ -198,24 +196,9 @@ def device_name() -> str:
 # Writing results: JSON, a markdown table and a PNG plot, each atomically
 # ---------------------------------------------------------------------------------------------
 
-def _atomic_write(path: Path, write) -> None:
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-  try:
-    with os.fdopen(fd, "wb") as f:
-      write(f)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-
-
 def write_json(path: str | os.PathLike, obj: Any) -> None:
   """Writes ``obj`` as indented JSON, atomically."""
-  text = json.dumps(obj, indent=2, default=_json_default).encode()
-  _atomic_write(Path(path), lambda f: f.write(text))
+  fileio.write_json(path, obj, default=_json_default)
 
 
 def _json_default(x):
@@ -230,7 +213,7 @@ def _json_default(x):
 
 def write_text(path: str | os.PathLike, text: str) -> None:
   """Writes text atomically."""
-  _atomic_write(Path(path), lambda f: f.write(text.encode()))
+  fileio.write_text(path, text)
 
 
 def _fmt(x, digits: int = 3) -> str:
@@ -293,10 +276,9 @@ def plot_curves(path: str | os.PathLike, curves: dict[str, Sequence[float]], *, 
   ax.legend(fontsize=7)
   fig.tight_layout()
 
-  def write(f):
-    fig.savefig(f, format="png", dpi=100)
   try:
-    _atomic_write(Path(path), write)
+    with fileio.atomic_path(path) as tmp:
+      fig.savefig(tmp, format="png", dpi=100)
   finally:
     plt.close(fig)
 

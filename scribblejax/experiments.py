@@ -111,7 +111,13 @@ def _payload(ctx: Context, name: str, description: str, results: list[dict], **e
 def _standard_methods(ctx: Context, model) -> list[bl.Method]:
   cfg = ctx.config()
   return [bl.initial_method(model), bl.random_walker_method(model), bl.refine_method(model, "head", cfg),
-          bl.refine_method(model, ctx.size.layers, cfg)]
+          bl.refine_method(model, ctx.size.layers, cfg), _keep_method(ctx, model)]
+
+
+def _keep_method(ctx: Context, model) -> bl.Method:
+  """Last-l refinement plus the optional keep term (not in the paper; ``RefineConfig.keep_weight``)."""
+  return bl.refine_method(model, ctx.size.layers, dataclasses.replace(ctx.config(), keep_weight=1.0),
+                          name=f"refine_l{ctx.size.layers}_keep")
 
 
 def exp_dice(ctx: Context) -> dict:
@@ -223,7 +229,8 @@ def exp_shift(ctx: Context) -> dict:
   for task in ctx.tasks("nuclei3d_slices", "tissue2d_shifted"):
     case = ctx.case(task)
     model = ctx.backbone(task).model
-    for m in [bl.initial_method(model), bl.random_walker_method(model), bl.refine_method(model, ctx.size.layers, ctx.config())]:
+    for m in [bl.initial_method(model), bl.random_walker_method(model), bl.refine_method(model, ctx.size.layers, ctx.config()),
+              _keep_method(ctx, model)]:
       results.append(ev.run_case(case, m, ctx.eval_config()))
   desc = ("Distribution shift: the 2D DSB nuclei backbone on three planes of the synthetic 3D nuclei "
           "(z = 8, 15, 22, side by side; a different imaging source); the tissue backbone on an MNI test slice "

@@ -56,6 +56,10 @@ class RefineConfig:
     learning_rate: SGD learning rate (ignored when ``optimizer`` is given).
     momentum: SGD momentum (ignored when ``optimizer`` is given).
     prox_weight: alpha, the weight of ``||W_lam - W||_2`` (a plain, not squared, L2 norm).
+    keep_weight: weight of an optional term that is NOT in the paper's Algorithm 1 (0, the default,
+      is the paper's objective): the mean cross-entropy of the unmarked pixels against the network's
+      own initial labels (argmax under W), so that honouring the marks does not relabel the rest of
+      the image. See the README for what it changed in our measurements.
     class_balance: weight the cross-entropy so every marked class counts equally.
     optimizer: any optax ``GradientTransformation``; ``None`` means SGD with the settings above.
     driver: "auto", "loop" (one compiled while_loop) or "host" (jitted chunks driven from Python).
@@ -75,6 +79,7 @@ class RefineConfig:
   learning_rate: float = 0.01
   momentum: float = 0.9
   prox_weight: float = 1.0
+  keep_weight: float = 0.0
   class_balance: bool = False
   optimizer: optax.GradientTransformation | None = None
   driver: str = "auto"
@@ -88,7 +93,7 @@ class RefineConfig:
   def __post_init__(self):
     if not isinstance(self.max_steps, (int, np.integer)) or self.max_steps < 0:
       raise ValueError(f"max_steps must be a non-negative integer, got {self.max_steps!r}")
-    for name in ("learning_rate", "momentum", "prox_weight"):
+    for name in ("learning_rate", "momentum", "prox_weight", "keep_weight"):
       value = getattr(self, name)
       if not np.isfinite(value) or value < 0:
         raise ValueError(f"{name} must be finite and >= 0, got {value!r}")
@@ -142,6 +147,7 @@ class _Hyper(NamedTuple):
   learning_rate: jax.Array    # f32[]
   momentum: jax.Array         # f32[]
   prox_weight: jax.Array      # f32[]
+  keep_weight: jax.Array      # f32[]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,7 +164,8 @@ class _Static:
 
 def _hyper(config: RefineConfig) -> _Hyper:
   return _Hyper(jnp.asarray(config.max_steps, jnp.int32), jnp.asarray(config.learning_rate, jnp.float32),
-                jnp.asarray(config.momentum, jnp.float32), jnp.asarray(config.prox_weight, jnp.float32))
+                jnp.asarray(config.momentum, jnp.float32), jnp.asarray(config.prox_weight, jnp.float32),
+                jnp.asarray(config.keep_weight, jnp.float32))
 
 
 def _static(config: RefineConfig, batched: bool = False) -> _Static:
@@ -247,7 +254,9 @@ def _logits(graphdef, tunable, frozen, image, residuals, conv_as_matmul=False):
 def _objective(graphdef, frozen, anchor, image, marks, static, hyper, tunable, residuals=None):
   logits = _logits(graphdef, tunable, frozen, image, residuals, static.conv_as_matmul)
   ce = marked_cross_entropy(logits, marks, static.class_balance)
-  return ce + hyper.prox_weight * proximal_norm(tunable, anchor), logits
+  # Internally, unmarked pixels may carry the network's initial label k as -2 - k (see _keep_targets).
+  keep = marked_cross_entropy(logits, jnp.where(marks <= -2, -2 - marks, -1))
+  return ce + hyper.keep_weight * keep + hyper.prox_weight * proximal_norm(tunable, anchor), logits
 
 
 def init_state(start, static: _Static, hyper: _Hyper) -> RefineState:
@@ -374,17 +383,18 @@ def _run_predict(graphdef, tunable, frozen, image):
 
 
 def resolve_batch_scheme(scheme: str) -> str:
-  """``"auto"`` -> ``"sequential"`` on CPU, ``"matmul"`` on GPU and TPU.
+  """``"auto"`` -> ``"sequential"`` (one image after another), the fastest scheme measured so far.
 
-  On CPU one image already keeps every core busy, and both batched forms are slower per image
-  (measured on 2 cores: grouped convolutions 4x, batched matrix products 3.7x slower than one image
-  after another). On GPUs ``vmap`` over per-image weights makes each tunable convolution a grouped
-  convolution, measured slower than one image after another; the patches-and-matrix-products form
-  turns them into batched matrix products.
+  On CPU one image already keeps every core busy and both batched forms are slower per image
+  (measured on 2 cores, 2D 256^2, last 5 layers: "vmap" 3.5x and "matmul" 3x the time of
+  "sequential"). On GPUs ``vmap`` over per-image weights makes each tunable convolution a grouped
+  convolution, measured slower than one image after another (issue 6: 3.6 against 7.7 images/s
+  on an H100); "matmul" turns them into batched matrix products and is what ``benchmarks/gpu_suite.sh``
+  compares there (``gpu_batch.json``) before it becomes the GPU default.
   """
   if scheme != "auto":
     return scheme
-  return "sequential" if jax.default_backend() == "cpu" else "matmul"
+  return "sequential"
 
 
 def resolve_driver(driver: str) -> str:
@@ -469,10 +479,25 @@ def split_spatial_dims(split: Split) -> int | None:
   return getattr(model, "spatial_dims", None)
 
 
+def _keep_targets(split: Split, image: jax.Array, marks: jax.Array, batched: bool) -> jax.Array:
+  """Marks with each unmarked pixel holding the network's initial label k as ``-2 - k``.
+
+  Pixels with a value <= -2 count as unmarked everywhere (loss, stop rule); only the optional
+  ``keep_weight`` term reads them. Users cannot pass such values: validation rejects labels < -1.
+  """
+  images = image if batched else image[None]
+  initial = jnp.stack([jnp.argmax(_run_predict(split.graphdef, split.tunable, split.frozen, x), axis=-1)
+                       for x in images]).astype(jnp.int32)
+  encoded = jnp.where(marks >= 0, marks, -2 - (initial if batched else initial[0]))
+  return encoded
+
+
 def _drive(split: Split, image: jax.Array, marks: jax.Array, config: RefineConfig, batched: bool,
            start: Any, batched_start: bool = False) -> RefineResult:
   static, hyper = _static(config, batched), _hyper(config)
   anchor = split.tunable
+  if config.keep_weight > 0:
+    marks = _keep_targets(split, image, marks, batched)
   if resolve_driver(config.driver) == "loop":
     return _run_loop(split.graphdef, static, batched, anchor, start, split.frozen, image, marks, hyper,
                      batched_start=batched_start)

@@ -14,7 +14,7 @@ from benchmarks.speed import random_unet
 
 @functools.lru_cache(maxsize=None)
 def _split():
-  return sj.split_params(random_unet(2, (4, 8, 16), classes=3), sj.last_layers(4))
+  return sj.split_params(random_unet(2, (4, 8), classes=3), sj.last_layers(3))
 
 
 def _batch(n=3, size=16, seed=0):

@@ -1,7 +1,6 @@
 """The torch-free checkpoint reader: bit-identical to torch.load, and refuses unsafe pickles."""
 
 import collections
-import io
 import json
 import pickle
 import zipfile

@@ -287,3 +287,20 @@ def test_refine_batch_equals_one_by_one():
     assert bool(batch.satisfied[i]) == bool(one.satisfied)
     np.testing.assert_allclose(np.asarray(batch.logits[i]), np.asarray(one.logits), rtol=1e-4, atol=1e-4)
   assert int(batch.num_steps[2]) == 0
+
+
+def test_keep_weight_anchors_unmarked_pixels_without_recompiling():
+  split = sj.split_params(_model(2), sj.last_layers(3))
+  image, marks = _image((16, 16)), _marks_2d()
+  initial = np.asarray(sj.predict(split, image)).argmax(-1)
+  plain = sj.refine(split, image, marks, CFG)
+  size = refine_lib._run_chunk._cache_size()
+  kept = sj.refine(split, image, marks, dataclasses.replace(CFG, keep_weight=1.0, max_steps=200))
+  assert refine_lib._run_chunk._cache_size() == size
+  assert bool(kept.satisfied) and bool(plain.satisfied)
+  unmarked = marks < 0
+  changed_plain = (np.asarray(plain.labels) != initial)[unmarked].mean()
+  changed_kept = (np.asarray(kept.labels) != initial)[unmarked].mean()
+  assert changed_kept < changed_plain, (changed_kept, changed_plain)
+  with pytest.raises(ValueError, match="keep_weight"):
+    sj.RefineConfig(keep_weight=-1.0)

@@ -7,7 +7,7 @@ import dataclasses
 
 
 def run(args: argparse.Namespace) -> int:
-  from scribblejax.train import TASK_NAMES, TrainConfig, _tasks, train_task
+  from scribblejax.train import TASK_NAMES, _tasks, train_task
   if args.task not in TASK_NAMES:
     raise ValueError(f"unknown task {args.task!r}; known tasks: {', '.join(TASK_NAMES)}")
   defaults = _tasks()[args.task].config

@@ -39,11 +39,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
 import numpy as np
+
+from scribblejax import fileio
 
 MEDICAL = ("nifti", "nrrd", "dicom")
 RASTER = ("tiff", "png", "jpeg")
@@ -192,16 +193,8 @@ def output_format(path: str | os.PathLike, geometry: Geometry) -> str:
 
 def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
   """Calls ``write(tmp)`` on a temporary sibling with the same suffix, then renames it to ``path``."""
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=_suffix(path) or ".tmp", dir=path.parent)
-  os.close(fd)
-  try:
+  with fileio.atomic_path(path) as tmp:
     write(tmp)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
 
 
 def image_digest(image: Image) -> str:

@@ -8,10 +8,10 @@ axis of medical images (``k``) and the first axis of TIFF stacks (``z``).
 from __future__ import annotations
 
 import os
-import tempfile
-from pathlib import Path
 
 import numpy as np
+
+from scribblejax import fileio
 
 from scribblejax.io.images import MEDICAL, Geometry
 
@@ -116,16 +116,8 @@ def save_overlay(path: str | os.PathLike, image: np.ndarray, geometry: Geometry,
   if title:
     fig.suptitle(title, fontsize=9)
   fig.tight_layout()
-  out = Path(path)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".png", dir=out.parent)
-  os.close(fd)
   try:
-    fig.savefig(tmp, dpi=100)
-    os.replace(tmp, out)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+    with fileio.atomic_path(path) as tmp:
+      fig.savefig(tmp, dpi=100)
   finally:
     plt.close(fig)

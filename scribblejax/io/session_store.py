@@ -18,26 +18,21 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from scribblejax import fileio
 
 FORMAT = "scribblejax-session"
 VERSION = 1
 
 
 def _write_atomic(path: Path, write) -> None:
-  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-  try:
-    with os.fdopen(fd, "wb") as f:
-      write(f)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  """Calls ``write(file)`` on a temporary sibling opened for binary writing, then renames it."""
+  with fileio.atomic_path(path) as tmp, open(tmp, "wb") as f:
+    write(f)
 
 
 def load_session(directory: str | os.PathLike) -> dict | None:

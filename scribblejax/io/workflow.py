@@ -15,15 +15,15 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import os
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
+
+from scribblejax import fileio
 
 from scribblejax.io import session_store
 from scribblejax.io.images import Image, _suffix, image_digest, output_format, read_image, write_label_map
@@ -255,18 +255,7 @@ def check_outputs(outputs: Sequence[str | os.PathLike | None], inputs: Sequence[
 
 def write_json(path: str | os.PathLike, data: dict) -> None:
   """Writes JSON atomically."""
-  p = Path(path)
-  p.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-  try:
-    with os.fdopen(fd, "w") as f:
-      json.dump(data, f, indent=2)
-      f.write("\n")
-    os.replace(tmp, p)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  fileio.write_json(path, data)
 
 
 @contextlib.contextmanager

@@ -1,0 +1,107 @@
+#!/usr/bin/env bash
+# The full speed suite on one GPU, from the repository root, in about 6 minutes of wall time:
+#
+#   OUT=/some/folder bash benchmarks/gpu_suite.sh          # on the GPU machine (the device tool sets $OUT)
+#   SMOKE=1 OUT=/tmp/suite bash benchmarks/gpu_suite.sh    # the same steps at tiny sizes, on any machine
+#
+# Works offline with what the machine has: no pip install. The repository goes on PYTHONPATH; the
+# script checks the imports first and skips what is missing (torch: no PyTorch reference; a missing
+# scikit-image, imported by scribblejax.marks but not used by the benchmark, gets a stub that
+# raises if called). Each part has its own time limit and writes its JSON and markdown under $OUT
+# after every measurement, so a part cut short keeps what it measured. Writes 7 files:
+#   $OUT/suite.log (environment and progress), $OUT/gpu_2d.{json,md}, $OUT/gpu_batch.{json,md},
+#   $OUT/gpu_3d.{json,md}
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-benchmarks/results/gpu_suite}"
+mkdir -p "$OUT"
+export XLA_PYTHON_CLIENT_PREALLOCATE=false
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+LOG="$OUT/suite.log"
+PY="${PYTHON:-python}"
+exec > >(tee -a "$LOG") 2>&1
+start=$(date +%s)
+echo "== gpu_suite start $(date -u)"
+
+{
+  echo "date: $(date -u)"
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>/dev/null || echo "nvidia-smi: none"
+  "$PY" - <<'EOF'
+import importlib, platform
+print("python", platform.python_version())
+for name in ("jax", "jaxlib", "flax", "optax", "numpy", "torch", "skimage"):
+  try:
+    m = importlib.import_module(name)
+    print(name, getattr(m, "__version__", "?"))
+  except Exception as err:
+    print(name, "MISSING", type(err).__name__, err)
+try:
+  import jax
+  print("jax devices", jax.devices())
+except Exception as err:
+  print("jax devices: FAILED", err)
+try:
+  import torch
+  print("torch cuda", torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else "")
+except Exception:
+  pass
+EOF
+}
+
+# scikit-image: scribblejax.marks imports skimage.draw at the top; the benchmark never draws marks
+# with it. Without it, a stub package (on PYTHONPATH for this run only) lets the import succeed.
+if ! "$PY" -c "import skimage.draw" 2>/dev/null; then
+  STUB="$(mktemp -d)"
+  mkdir -p "$STUB/skimage"
+  printf '"""Stub for the benchmark run only: scikit-image is not installed."""\n' > "$STUB/skimage/__init__.py"
+  cat > "$STUB/skimage/draw.py" <<'EOF'
+"""Stub for the benchmark run only: scikit-image is not installed."""
+def __getattr__(name):
+  def missing(*args, **kwargs):
+    raise ImportError(f"scikit-image is not installed (skimage.draw.{name})")
+  return missing
+EOF
+  export PYTHONPATH="$PYTHONPATH:$STUB"
+  echo "scikit-image missing: using a stub for skimage.draw"
+fi
+
+if ! "$PY" -c "import scribblejax, benchmarks.speed" ; then
+  echo "cannot import scribblejax: see the error above; stopping"
+  exit 1
+fi
+VARIANTS_TORCH="torch_eager,torch_eager_early_stop"
+BATCH_TORCH="torch_eager"
+if ! "$PY" -c "import torch" 2>/dev/null; then
+  echo "torch missing: no PyTorch reference"
+fi
+
+if [ "${SMOKE:-0}" = "1" ]; then
+  CASES_2D="2d32"; CASES_3D="3d16"; BATCHES="2,4"; COMMON="--channels 4,8 --repeats 1"
+  STEPS_2D=3; STEPS_3D=2; BATCH_STEPS=2; LIMIT_2D=600; LIMIT_BATCH=600; LIMIT_3D=600
+else
+  CASES_2D="2d256,2d512"; CASES_3D="3d64,3d96,3d128"; BATCHES="8,32"; COMMON="--repeats 3"
+  STEPS_2D=100; STEPS_3D=50; BATCH_STEPS=20
+  LIMIT_2D=${LIMIT_2D:-150}; LIMIT_BATCH=${LIMIT_BATCH:-100}; LIMIT_3D=${LIMIT_3D:-110}
+fi
+
+run_part() {  # name, time limit (s), arguments...
+  local name=$1 limit=$2; shift 2
+  echo "== part $name (limit ${limit}s) at +$(( $(date +%s) - start ))s"
+  timeout --signal=INT --kill-after=15 "$limit" "$PY" -m benchmarks.speed "$@" --out "$OUT/$name.json"
+  echo "== part $name exit $? at +$(( $(date +%s) - start ))s"
+}
+
+# 1. One interaction, 2D: fixed steps and early stop; what the cached trunk buys (full_forward);
+#    the PyTorch eager reference (cuDNN benchmark mode, TF32 as both default); the logit check.
+run_part gpu_2d "$LIMIT_2D" --cases "$CASES_2D" --batches 1 --steps "$STEPS_2D" $COMMON \
+  --variants "scribblejax,scribblejax_early_stop,scribblejax_full_forward,$VARIANTS_TORCH"
+# 2. Batches (2D 256^2): the three batch schemes against torch one image at a time.
+run_part gpu_batch "$LIMIT_BATCH" --cases "${CASES_2D%%,*}" --batches "$BATCHES" --batch-steps "$BATCH_STEPS" \
+  $COMMON --repeats 2 --no-check --variants "scribblejax_sequential,scribblejax_matmul,scribblejax_vmap,$BATCH_TORCH"
+# 3. One interaction, 3D.
+run_part gpu_3d "$LIMIT_3D" --cases "$CASES_3D" --batches 1 --steps "$STEPS_3D" $COMMON \
+  --variants "scribblejax,scribblejax_early_stop,torch_eager"
+
+echo "== gpu_suite done in $(( $(date +%s) - start ))s; results in $OUT"
+ls -la "$OUT"
