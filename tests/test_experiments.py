@@ -3,29 +3,13 @@
 import json
 
 import pytest
-from flax import nnx
 
-from scribblejax import data
 from scribblejax.cli import main
 from scribblejax.experiments import EXPERIMENTS
-from scribblejax.models.store import save_model
-from scribblejax.models.unet import UNet
-from scribblejax.normalize import normalize
-from scribblejax.train import TrainConfig, train_segmenter
-
-NORM = {"kind": "percentile", "lower": 1.0, "upper": 99.8}
-KW = dict(spatial_dims=2, in_channels=1, num_classes=2, channels=[4, 8])
-
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory):
-  ds = data.nuclei2d("binary")
-  model = UNet(**KW, rngs=nnx.Rngs(0))
-  train_segmenter(model, normalize(ds.image, NORM)[ds.train], ds.labels[ds.train],
-                  TrainConfig(steps=30, crop=48, batch_size=4, learning_rate=1e-2), progress=False)
-  folder = tmp_path_factory.mktemp("m") / "tiny"
-  save_model(folder, model, family="scribblejax.UNet", kwargs=KW, normalization=NORM,
-             class_names=["background", "nucleus"])
+def results(tmp_path_factory, tiny_model):
+  _, folder = tiny_model
   out = tmp_path_factory.mktemp("exp")
   assert main(["evaluate", "--experiment", "all", "--size", "tiny", "--model", str(folder), "--tissue-model", "none",
                "--out", str(out)]) == 0
