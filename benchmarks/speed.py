@@ -127,30 +127,42 @@ def make_model(dims: int, settings: Settings, seed: int = 0):
   return random_unet(dims, settings.channels, settings.classes, seed)
 
 
+def _ball(shape: tuple, centre: np.ndarray, radius: float) -> tuple[tuple, np.ndarray]:
+  """The bounding box of a Euclidean ball (slices) and the ball's mask inside it."""
+  lo = [max(int(np.floor(c - radius)), 0) for c in centre]
+  hi = [min(int(np.ceil(c + radius)) + 1, n) for c, n in zip(centre, shape)]
+  axes = np.ogrid[tuple(slice(a, b) for a, b in zip(lo, hi))]
+  d2 = sum((ax - c) ** 2 for ax, c in zip(axes, centre))
+  return tuple(slice(a, b) for a, b in zip(lo, hi)), d2 <= radius ** 2
+
+
 def make_inputs(dims: int, size: int, batch: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
   """Synthetic images ``f32[batch, *spatial, 1]`` (bright blobs on noise) and marks ``[batch, *spatial]``.
 
-  Each image gets 4 blobs; the marks are small disks (2D) or balls (3D) of class 1 at 4 blob centres
-  and class 0 at 4 background points, so early stopping ends after a realistic number of steps.
+  Each image gets 4 blobs; the marks are small disks (2D) or balls (3D) of class 1 at the 4 blob
+  centres and class 0 at 4 background points, so early stopping ends after a realistic number of steps.
   """
   rng = np.random.default_rng(seed)
-  grid = np.stack(np.meshgrid(*[np.arange(size)] * dims, indexing="ij"), -1).astype(np.float32)
-  images = np.empty((batch, *(size,) * dims, 1), np.float32)
-  marks = np.full((batch, *(size,) * dims), -1, np.int32)
+  shape = (size,) * dims
+  images = np.empty((batch, *shape, 1), np.float32)
+  marks = np.full((batch, *shape), -1, np.int32)
   radius = max(size / 16, 2.0)
+  mark_radius = max(1.0, size / 128)
   for b in range(batch):
     centres = rng.uniform(2 * radius, size - 2 * radius, (4, dims))
-    dist = np.min(np.linalg.norm(grid[..., None, :] - centres, axis=-1), axis=-1)
-    images[b, ..., 0] = (dist < radius).astype(np.float32) + 0.3 * rng.standard_normal((size,) * dims)
-    mark_radius = max(1.0, size / 128)
+    blobs = np.zeros(shape, np.float32)
     for c in centres:
-      marks[b][np.linalg.norm(grid - c, axis=-1) <= mark_radius] = 1
-    for _ in range(4):
-      while True:
-        p = rng.uniform(0, size, dims)
-        if np.min(np.linalg.norm(centres - p, axis=-1)) > 2 * radius:
-          break
-      marks[b][np.linalg.norm(grid - p, axis=-1) <= mark_radius] = 0
+      box, ball = _ball(shape, c, radius)
+      blobs[box][ball] = 1.0
+    images[b, ..., 0] = blobs + 0.3 * rng.standard_normal(shape).astype(np.float32)
+    points = [(c, 1) for c in centres]
+    while len(points) < 8:
+      p = rng.uniform(0, size, dims)
+      if np.min(np.linalg.norm(centres - p, axis=-1)) > 2 * radius:
+        points.append((p, 0))
+    for p, label in points:
+      box, ball = _ball(shape, p, mark_radius)
+      marks[b][box][ball] = label
   return images, marks
 
 

@@ -22,7 +22,9 @@ from scribblejax.normalize import normalize
 from scribblejax.params import (Split, biases, by_predicate, by_regex, count_params, head, last_layers,
                                 merge_params, norm_affine, split_params, tunable_paths)
 from scribblejax.refine import (RefineConfig, RefineResult, RefineState, forward, marked_cross_entropy,
-                                marks_satisfied, predict, proximal_norm, refine, refine_batch, resolve_driver)
+                                marks_satisfied, predict, proximal_norm, refine, refine_batch, resolve_batch_scheme,
+                                resolve_driver)
+from scribblejax.sharding import batch_mesh, refine_sharded
 from scribblejax.session import (Round, Session, add_marks, current_labels, current_logits, current_marks,
                                  start_session, undo)
 
@@ -72,8 +74,11 @@ __all__ = [
     "read_info",
     "refine",
     "refine_batch",
+    "resolve_batch_scheme",
     "resolve_driver",
     "save_model",
+    "batch_mesh",
+    "refine_sharded",
     "split_params",
     "start_session",
     "traced_layer_order",

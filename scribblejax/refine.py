@@ -383,18 +383,18 @@ def _run_predict(graphdef, tunable, frozen, image):
 
 
 def resolve_batch_scheme(scheme: str) -> str:
-  """``"auto"`` -> ``"sequential"`` (one image after another), the fastest scheme measured so far.
+  """``"auto"`` -> ``"sequential"`` on CPU, ``"matmul"`` on GPU and TPU (the fastest measured).
 
   On CPU one image already keeps every core busy and both batched forms are slower per image
-  (measured on 2 cores, 2D 256^2, last 5 layers: "vmap" 3.5x and "matmul" 3x the time of
+  (measured on 2 cores, 2D 256^2, batch 8, last 5 layers: "vmap" 3.9x and "matmul" 3.3x the time of
   "sequential"). On GPUs ``vmap`` over per-image weights makes each tunable convolution a grouped
-  convolution, measured slower than one image after another (issue 6: 3.6 against 7.7 images/s
-  on an H100); "matmul" turns them into batched matrix products and is what ``benchmarks/gpu_suite.sh``
-  compares there (``gpu_batch.json``) before it becomes the GPU default.
+  convolution, slower than one image after another (issue 6: 3.6 against 7.7 images/s on an H100);
+  "matmul" turns them into batched matrix products: on an H100 (2D 256^2, 20 steps) 65 images/s for a
+  batch of 32 and 51 for 8, against 47 and 40 for "sequential" (``benchmarks/results/gpu_h100``).
   """
   if scheme != "auto":
     return scheme
-  return "sequential"
+  return "sequential" if jax.default_backend() == "cpu" else "matmul"
 
 
 def resolve_driver(driver: str) -> str:
