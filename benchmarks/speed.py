@@ -34,7 +34,6 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -371,20 +370,6 @@ def check_torch_matches(case: Case, settings: Settings) -> dict:
 # Output
 # ---------------------------------------------------------------------------------------------
 
-def _atomic_write(path: Path, text: str) -> None:
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-  try:
-    with os.fdopen(fd, "w") as f:
-      f.write(text)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
-
-
 def markdown_table(records: Sequence[dict]) -> str:
   """A markdown table with one row per record."""
   head = ("| device | variant | case | batch | steps | ms / interaction | ms / step | images / s | compile s |\n"
@@ -407,10 +392,11 @@ def markdown_table(records: Sequence[dict]) -> str:
 
 def write_results(records: Sequence[dict], out: Path) -> tuple[Path, Path]:
   """Writes ``out`` (JSON list of records) and ``out`` with suffix ``.md`` (the table), atomically."""
+  from scribblejax import fileio  # lazy, like every scribblejax import here
   out = Path(out)
   md = out.with_suffix(".md")
-  _atomic_write(out, json.dumps(list(records), indent=1) + "\n")
-  _atomic_write(md, f"# Speed benchmark ({datetime.date.today().isoformat()})\n\n" + markdown_table(records))
+  fileio.write_text(out, json.dumps(list(records), indent=1) + "\n")
+  fileio.write_text(md, f"# Speed benchmark ({datetime.date.today().isoformat()})\n\n" + markdown_table(records))
   return out, md
 
 
