@@ -22,8 +22,8 @@ from scribblejax.normalize import normalize
 from scribblejax.params import (Split, biases, by_predicate, by_regex, count_params, head, last_layers,
                                 merge_params, norm_affine, split_params, tunable_paths)
 from scribblejax.refine import (RefineConfig, RefineResult, RefineState, forward, marked_cross_entropy,
-                                marks_satisfied, predict, proximal_norm, refine, refine_batch, resolve_batch_scheme,
-                                resolve_driver)
+                                marks_satisfied, memory_analysis, predict, proximal_norm, refine, refine_batch,
+                                resolve_batch_scheme, resolve_driver)
 from scribblejax.sharding import batch_mesh, refine_sharded
 from scribblejax.session import (Round, Session, add_marks, current_labels, current_logits, current_marks,
                                  start_session, undo)
@@ -59,6 +59,7 @@ __all__ = [
     "current_marks",
     "encode_marks",
     "forward",
+    "memory_analysis",
     "grow_marks",
     "head",
     "last_layers",

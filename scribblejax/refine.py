@@ -42,6 +42,7 @@ from scribblejax.params import Split
 
 DRIVERS = ("auto", "loop", "host")
 BATCH_SCHEMES = ("auto", "vmap", "matmul", "sequential")
+COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +75,13 @@ class RefineConfig:
       tunable convolution becomes a grouped convolution), "matmul" (the same, with the tail's
       convolutions as patches and batched matrix products; needs ``cache_trunk``), "sequential"
       (one image after another) or "auto" (see :func:`resolve_batch_scheme`).
+    compute_dtype: "float32" or "bfloat16": the dtype the network computes in. Parameters, their
+      gradients, the optimiser state and the loss stay float32 (the weights and the image are cast
+      on the way in, the logits cast back); bf16 halves activation memory and uses the tensor cores
+      of recent GPUs. Its effect on results is measured in ``benchmarks/results/precision_cpu.md``.
+    remat: rematerialise the network's activations in the backward pass instead of storing them
+      (``jax.checkpoint`` around the tunable forward): less memory for large 3D volumes, for about one
+      more forward of the tail per step. :func:`memory_analysis` reports what it saves.
   """
   max_steps: int = 100
   learning_rate: float = 0.01
@@ -89,6 +97,8 @@ class RefineConfig:
   early_stop: bool = True
   cache_trunk: bool = True
   batch_scheme: str = "auto"
+  compute_dtype: str = "float32"
+  remat: bool = False
 
   def __post_init__(self):
     if not isinstance(self.max_steps, (int, np.integer)) or self.max_steps < 0:
@@ -101,6 +111,8 @@ class RefineConfig:
       raise ValueError(f"driver must be one of {DRIVERS}, got {self.driver!r}")
     if self.batch_scheme not in BATCH_SCHEMES:
       raise ValueError(f"batch_scheme must be one of {BATCH_SCHEMES}, got {self.batch_scheme!r}")
+    if self.compute_dtype not in COMPUTE_DTYPES:
+      raise ValueError(f"compute_dtype must be one of {COMPUTE_DTYPES}, got {self.compute_dtype!r}")
     if self.check_every < 1 or self.trace_length < 1:
       raise ValueError("check_every and trace_length must be >= 1")
     if self.output not in ("logits", "probabilities"):
@@ -160,6 +172,8 @@ class _Static:
   early_stop: bool = True
   cache_trunk: bool = True
   conv_as_matmul: bool = False    # the tail's convolutions as patches and matrix products
+  compute_dtype: str | None = None  # None: the parameters' own dtype (float32)
+  remat: bool = False
 
 
 def _hyper(config: RefineConfig) -> _Hyper:
@@ -170,16 +184,26 @@ def _hyper(config: RefineConfig) -> _Hyper:
 
 def _static(config: RefineConfig, batched: bool = False) -> _Static:
   conv_as_matmul = batched and resolve_batch_scheme(config.batch_scheme) == "matmul"
+  compute_dtype = None if config.compute_dtype == "float32" else config.compute_dtype
   return _Static(config.optimizer, config.class_balance, config.trace_length, config.output,
-                 bool(config.early_stop), bool(config.cache_trunk), conv_as_matmul)
+                 bool(config.early_stop), bool(config.cache_trunk), conv_as_matmul, compute_dtype,
+                 bool(config.remat))
 
 
 # ---------------------------------------------------------------------------------------------
 # Pure pieces
 # ---------------------------------------------------------------------------------------------
 
-def forward(graphdef: Any, tunable: Any, frozen: Any, image: jax.Array) -> jax.Array:
-  """Logits ``f32[*spatial, classes]`` of one unbatched image ``[*spatial, channels]``."""
+def forward(graphdef: Any, tunable: Any, frozen: Any, image: jax.Array, compute_dtype: Any = None) -> jax.Array:
+  """Logits ``f32[*spatial, classes]`` of one unbatched image ``[*spatial, channels]``.
+
+  With ``compute_dtype`` (e.g. ``"bfloat16"``) every floating-point parameter and the image are cast
+  to it first, so the network computes in that dtype; gradients still reach the float32 parameters.
+  """
+  if compute_dtype is not None:
+    dtype = jnp.dtype(compute_dtype)
+    cast = lambda x: x.astype(dtype) if jnp.issubdtype(jnp.result_type(x), jnp.floating) else x
+    tunable, frozen, image = jax.tree.map(cast, (tunable, frozen, image))
   model = nnx.merge(graphdef, tunable, frozen)
   return model(image[None])[0].astype(jnp.float32)
 
@@ -231,28 +255,34 @@ def _tree_select(pred: jax.Array, on_true: Any, on_false: Any) -> Any:
 
 @dataclasses.dataclass(frozen=True)
 class _Forward:
-  """``forward`` bound to a graphdef, hashable (the key under which the trunk's plan is cached)."""
+  """``forward`` bound to a graphdef and a compute dtype, hashable (the key under which the trunk's
+  plan is cached)."""
   graphdef: Any
+  compute_dtype: str | None = None
 
   def __call__(self, tunable, frozen, image):
-    return forward(self.graphdef, tunable, frozen, image)
+    return forward(self.graphdef, tunable, frozen, image, self.compute_dtype)
 
 
-def trunk_residuals(graphdef, tunable, frozen, image) -> list:
+def trunk_residuals(graphdef, tunable, frozen, image, compute_dtype: str | None = None) -> list:
   """The frozen trunk's values that the tunable tail reads (once per interaction)."""
-  return trunk_lib.partition(_Forward(graphdef), tunable, frozen, image).trunk(frozen, image)
+  return trunk_lib.partition(_Forward(graphdef, compute_dtype), tunable, frozen, image).trunk(frozen, image)
 
 
-def _logits(graphdef, tunable, frozen, image, residuals, conv_as_matmul=False):
+def _logits(graphdef, tunable, frozen, image, residuals, static: _Static):
   """The forward pass: the tail alone on the trunk's ``residuals`` when given, else all of it."""
+  fn = _Forward(graphdef, static.compute_dtype)
   if residuals is None:
-    return forward(graphdef, tunable, frozen, image)
-  rewrites = trunk_lib.DEFAULT_REWRITES + (("conv_as_matmul",) if conv_as_matmul else ())
-  return trunk_lib.partition(_Forward(graphdef), tunable, frozen, image, rewrites=rewrites).tail(tunable, residuals)
+    return fn(tunable, frozen, image)
+  rewrites = trunk_lib.DEFAULT_REWRITES + (("conv_as_matmul",) if static.conv_as_matmul else ())
+  return trunk_lib.partition(fn, tunable, frozen, image, rewrites=rewrites).tail(tunable, residuals)
 
 
 def _objective(graphdef, frozen, anchor, image, marks, static, hyper, tunable, residuals=None):
-  logits = _logits(graphdef, tunable, frozen, image, residuals, static.conv_as_matmul)
+  logits_of = lambda t: _logits(graphdef, t, frozen, image, residuals, static)
+  if static.remat:
+    logits_of = jax.checkpoint(logits_of)
+  logits = logits_of(tunable)
   ce = marked_cross_entropy(logits, marks, static.class_balance)
   # Internally, unmarked pixels may carry the network's initial label k as -2 - k (see _keep_targets).
   keep = marked_cross_entropy(logits, jnp.where(marks <= -2, -2 - marks, -1))
@@ -304,20 +334,22 @@ def refine_step(graphdef, frozen, anchor, image, marks, static: _Static, hyper: 
   )
 
 
-def finalize(graphdef, frozen, image, marks, static: _Static, state: RefineState) -> RefineResult:
-  """Evaluates W_lam once more and packs the result."""
-  logits = forward(graphdef, state.tunable, frozen, image)
+def finalize(graphdef, frozen, image, marks, static: _Static, state: RefineState,
+             residuals: list | None = None) -> RefineResult:
+  """Evaluates W_lam once more (only the tail, when the trunk's ``residuals`` are given) and packs the
+  result."""
+  logits = _logits(graphdef, state.tunable, frozen, image, residuals, static)
   out = jax.nn.softmax(logits, axis=-1) if static.output == "probabilities" else logits
   return RefineResult(out, jnp.argmax(logits, axis=-1).astype(jnp.int32), state.tunable, state.step,
                       marks_satisfied(logits, marks), state.nonfinite, state.loss_trace)
 
 
 def _loop_one(graphdef, static, anchor, start, frozen, image, marks, hyper) -> RefineResult:
-  residuals = trunk_residuals(graphdef, anchor, frozen, image) if static.cache_trunk else None
+  residuals = trunk_residuals(graphdef, anchor, frozen, image, static.compute_dtype) if static.cache_trunk else None
   step = functools.partial(refine_step, graphdef, frozen, anchor, image, marks, static, hyper, residuals=residuals)
   state = init_state(start, static, hyper)
   state = jax.lax.while_loop(lambda s: ~s.done & (s.step < hyper.max_steps), step, state)
-  return finalize(graphdef, frozen, image, marks, static, state)
+  return finalize(graphdef, frozen, image, marks, static, state, residuals)
 
 
 def _chunk_one(graphdef, static, check_every, anchor, frozen, image, marks, hyper, state,
@@ -361,20 +393,20 @@ def _run_chunk(graphdef, static, check_every, batched, anchor, frozen, image, ma
   return fn(anchor, frozen, image, marks, hyper, state, residuals)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "batched"))
-def _run_trunk(graphdef, batched, tunable, frozen, image):
-  fn = functools.partial(trunk_residuals, graphdef)
+@functools.partial(jax.jit, static_argnames=("graphdef", "compute_dtype", "batched"))
+def _run_trunk(graphdef, compute_dtype, batched, tunable, frozen, image):
+  fn = functools.partial(trunk_residuals, graphdef, compute_dtype=compute_dtype)
   if batched:
     fn = _batched(fn, (False, False, True))
   return fn(tunable, frozen, image)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "static", "batched"))
-def _run_finalize(graphdef, static, batched, frozen, image, marks, state):
+def _run_finalize(graphdef, static, batched, frozen, image, marks, state, residuals=None):
   fn = functools.partial(finalize, graphdef)
   if batched:
-    return jax.vmap(lambda i, m, s: fn(frozen, i, m, static, s))(image, marks, state)
-  return fn(frozen, image, marks, static, state)
+    return jax.vmap(lambda i, m, s, r: fn(frozen, i, m, static, s, r))(image, marks, state, residuals)
+  return fn(frozen, image, marks, static, state, residuals)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
@@ -417,14 +449,34 @@ def _check_image(image: Any) -> np.ndarray:
   return arr
 
 
-def num_classes_of(split: Split, image_shape: tuple[int, ...], dtype=jnp.float32) -> int:
-  """The number of output classes of the split's model for an unbatched image shape (no compile)."""
-  struct = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x)), tree)
+def _structure_key(tree: Any) -> tuple:
+  """A hashable key of a pytree's structure, shapes and dtypes."""
+  leaves, treedef = jax.tree.flatten(tree)
+  return treedef, tuple((tuple(np.shape(x)), jnp.result_type(x).str) for x in leaves)
+
+
+@functools.lru_cache(maxsize=256)
+def _output_shape(graphdef: Any, tunable_key: tuple, frozen_key: tuple, image_shape: tuple, dtype: str):
+  """The logits' shape (by abstract evaluation, cached per model structure and image shape), or the
+  model's own error."""
+  structs = [jax.tree.unflatten(treedef, [jax.ShapeDtypeStruct(s, np.dtype(d)) for s, d in leaves])
+             for treedef, leaves in (tunable_key, frozen_key)]
   try:
-    shape = jax.eval_shape(functools.partial(forward, split.graphdef), struct(split.tunable), struct(split.frozen),
-                           jax.ShapeDtypeStruct(image_shape, dtype)).shape
-  except Exception as err:  # the model's own shape checks, reported as a ValueError
-    raise ValueError(f"the model does not accept an image of shape {image_shape}: {err}") from err
+    return tuple(jax.eval_shape(functools.partial(forward, graphdef), *structs,
+                                jax.ShapeDtypeStruct(image_shape, np.dtype(dtype))).shape), None
+  except Exception as err:  # noqa: BLE001 (the model's own shape checks, reported by the caller)
+    return None, f"{type(err).__name__}: {err}"
+
+
+def num_classes_of(split: Split, image_shape: tuple[int, ...], dtype=jnp.float32) -> int:
+  """The number of output classes of the split's model for an unbatched image shape (no compile).
+
+  Cached per model structure and image shape, so repeated interactions do not trace the model again.
+  """
+  shape, error = _output_shape(split.graphdef, _structure_key(split.tunable), _structure_key(split.frozen),
+                               tuple(int(n) for n in image_shape), jnp.dtype(dtype).str)
+  if error is not None:
+    raise ValueError(f"the model does not accept an image of shape {tuple(image_shape)}: {error}")
   if tuple(shape[:-1]) != tuple(image_shape[:-1]):
     raise ValueError(f"the model maps an image of spatial shape {image_shape[:-1]} to logits of shape {shape}; "
                      "refinement needs one logit vector per pixel")
@@ -475,8 +527,22 @@ def predict(split: Split, image: Any, tunable: Any = None) -> jax.Array:
 
 def split_spatial_dims(split: Split) -> int | None:
   """The model's spatial rank when it states one (``spatial_dims`` attribute), else ``None``."""
+  try:
+    return _spatial_dims_cache[split.graphdef]
+  except (KeyError, TypeError):  # TypeError: a graphdef that cannot be hashed is not cached
+    pass
   model = nnx.merge(split.graphdef, split.tunable, split.frozen)
-  return getattr(model, "spatial_dims", None)
+  dims = getattr(model, "spatial_dims", None)
+  try:
+    if len(_spatial_dims_cache) > 256:
+      _spatial_dims_cache.clear()
+    _spatial_dims_cache[split.graphdef] = dims
+  except TypeError:
+    pass
+  return dims
+
+
+_spatial_dims_cache: dict = {}
 
 
 def _keep_targets(split: Split, image: jax.Array, marks: jax.Array, batched: bool) -> jax.Array:
@@ -502,14 +568,15 @@ def _drive(split: Split, image: jax.Array, marks: jax.Array, config: RefineConfi
     return _run_loop(split.graphdef, static, batched, anchor, start, split.frozen, image, marks, hyper,
                      batched_start=batched_start)
   state = _run_init(static, batched, start, hyper, image.shape[0] if batched else 1, batched_start=batched_start)
-  residuals = _run_trunk(split.graphdef, batched, anchor, split.frozen, image) if config.cache_trunk else None
+  residuals = (_run_trunk(split.graphdef, static.compute_dtype, batched, anchor, split.frozen, image)
+               if config.cache_trunk else None)
   while True:
     finished = np.asarray(jax.device_get(state.done | (state.step >= config.max_steps)))
     if finished.all():
       break
     state = _run_chunk(split.graphdef, static, config.check_every, batched, anchor, split.frozen, image, marks,
                        hyper, state, residuals)
-  return _run_finalize(split.graphdef, static, batched, split.frozen, image, marks, state)
+  return _run_finalize(split.graphdef, static, batched, split.frozen, image, marks, state, residuals)
 
 
 def refine(split: Split, image: Any, marks: Any, config: RefineConfig = RefineConfig(), *,
@@ -574,3 +641,53 @@ def refine_batch(split: Split, images: Any, marks: Any, config: RefineConfig = R
   if start is None:
     return _drive(split, images, marks, config, True, split.tunable)
   return _drive(split, images, marks, config, True, start, batched_start=True)
+
+
+def _memory_stats(lowered) -> dict:
+  stats = lowered.compile().memory_analysis()
+  out = {"argument_bytes": int(stats.argument_size_in_bytes), "output_bytes": int(stats.output_size_in_bytes),
+         "alias_bytes": int(stats.alias_size_in_bytes), "temp_bytes": int(stats.temp_size_in_bytes)}
+  out["peak_bytes"] = out["argument_bytes"] + out["output_bytes"] - out["alias_bytes"] + out["temp_bytes"]
+  return out
+
+
+def memory_analysis(split: Split, image: Any, marks: Any, config: RefineConfig = RefineConfig()) -> dict:
+  """Device memory of the compiled programs that one :func:`refine` call runs, from XLA's own
+  analysis of the compiled executables (compiles them; runs nothing).
+
+  Args:
+    split: from :func:`scribblejax.split_params`.
+    image: as for :func:`refine` (only its shape and dtype matter).
+    marks: as for :func:`refine`.
+    config: the settings to analyse (``driver``, ``cache_trunk``, ``compute_dtype`` and ``remat``
+      change the programs).
+
+  Returns:
+    ``{"driver": ..., "programs": {name: stats}, "peak_bytes": int}`` where each program's stats hold
+    ``argument_bytes``, ``output_bytes``, ``alias_bytes`` (donated), ``temp_bytes`` (XLA's scratch:
+    activations kept for the backward pass live here) and ``peak_bytes`` (their sum, less aliases);
+    the top-level ``peak_bytes`` is the largest program's.
+
+  Raises:
+    ValueError: bad input, as for :func:`refine`.
+  """
+  image, marks = prepare_inputs(split, image, marks)
+  static, hyper = _static(config), _hyper(config)
+  anchor, frozen, graphdef = split.tunable, split.frozen, split.graphdef
+  driver = resolve_driver(config.driver)
+  programs = {}
+  if driver == "loop":
+    programs["loop"] = _memory_stats(_run_loop.lower(graphdef, static, False, anchor, anchor, frozen, image, marks,
+                                                     hyper))
+  else:
+    state = jax.eval_shape(functools.partial(_run_init, static, False, batch_size=1), anchor, hyper)
+    residuals = None
+    if config.cache_trunk:
+      trunk = functools.partial(_run_trunk, graphdef, static.compute_dtype, False)
+      residuals = jax.eval_shape(trunk, anchor, frozen, image)
+      programs["trunk"] = _memory_stats(_run_trunk.lower(graphdef, static.compute_dtype, False, anchor, frozen, image))
+    programs["chunk"] = _memory_stats(_run_chunk.lower(graphdef, static, config.check_every, False, anchor, frozen,
+                                                       image, marks, hyper, state, residuals))
+    programs["finalize"] = _memory_stats(_run_finalize.lower(graphdef, static, False, frozen, image, marks, state,
+                                                             residuals))
+  return {"driver": driver, "programs": programs, "peak_bytes": max(p["peak_bytes"] for p in programs.values())}

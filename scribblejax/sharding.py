@@ -75,9 +75,9 @@ def _run_loop(graphdef, static, mesh, batched_start, anchor, start, frozen, imag
                                                                                  marks, hyper)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "mesh"))
-def _run_trunk(graphdef, mesh, tunable, frozen, image):
-  fn = functools.partial(refine_lib.trunk_residuals, graphdef)
+@functools.partial(jax.jit, static_argnames=("graphdef", "compute_dtype", "mesh"))
+def _run_trunk(graphdef, compute_dtype, mesh, tunable, frozen, image):
+  fn = functools.partial(refine_lib.trunk_residuals, graphdef, compute_dtype=compute_dtype)
   return _per_device(mesh, fn, (False, False, True))(tunable, frozen, image)
 
 
@@ -94,9 +94,9 @@ def _run_chunk(graphdef, static, check_every, mesh, anchor, frozen, image, marks
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "static", "mesh"))
-def _run_finalize(graphdef, static, mesh, frozen, image, marks, state):
-  fn = lambda f, i, m, s: refine_lib.finalize(graphdef, f, i, m, static, s)
-  return _per_device(mesh, fn, (False, True, True, True))(frozen, image, marks, state)
+def _run_finalize(graphdef, static, mesh, frozen, image, marks, state, residuals=None):
+  fn = lambda f, i, m, s, r: refine_lib.finalize(graphdef, f, i, m, static, s, r)
+  return _per_device(mesh, fn, (False, True, True, True, True))(frozen, image, marks, state, residuals)
 
 
 def _drive(split: Split, images, marks, config, mesh: Mesh, start, batched_start: bool):
@@ -108,14 +108,15 @@ def _drive(split: Split, images, marks, config, mesh: Mesh, start, batched_start
   if not batched_start:
     start = jax.tree.map(lambda x: jnp.broadcast_to(x, (images.shape[0], *x.shape)), start)
   state = _run_init(static, mesh, start, hyper)
-  residuals = _run_trunk(split.graphdef, mesh, anchor, split.frozen, images) if config.cache_trunk else None
+  residuals = (_run_trunk(split.graphdef, static.compute_dtype, mesh, anchor, split.frozen, images)
+               if config.cache_trunk else None)
   while True:
     finished = np.asarray(jax.device_get(state.done | (state.step >= config.max_steps)))
     if finished.all():
       break
     state = _run_chunk(split.graphdef, static, config.check_every, mesh, anchor, split.frozen, images, marks, hyper,
                        state, residuals)
-  return _run_finalize(split.graphdef, static, mesh, split.frozen, images, marks, state)
+  return _run_finalize(split.graphdef, static, mesh, split.frozen, images, marks, state, residuals)
 
 
 def _global(x: Any) -> bool:

@@ -99,7 +99,10 @@ def test_empty_marks_return_initial_prediction_with_zero_steps():
   image = _image((16, 16))
   result = sj.refine(split, image, np.full((16, 16), -1, np.int32), CFG)
   assert int(result.num_steps) == 0 and bool(result.satisfied)
-  np.testing.assert_array_equal(np.asarray(result.logits), np.asarray(sj.predict(split, image)))
+  # the final logits come from the cached trunk and the tail: equal to the prediction up to rounding
+  expected = np.asarray(sj.predict(split, image))
+  np.testing.assert_allclose(np.asarray(result.logits), expected, atol=1e-5, rtol=1e-5)
+  np.testing.assert_array_equal(np.asarray(result.labels), expected.argmax(-1))
   assert _leaves_equal(result.tunable, split.tunable)
 
 
