@@ -65,7 +65,7 @@ QUICK_CASES = {
 }
 VARIANTS = ("scribblejax", "scribblejax_early_stop", "scribblejax_full_forward", "scribblejax_loop_driver",
             "scribblejax_host_driver", "scribblejax_vmap", "scribblejax_matmul", "scribblejax_sequential",
-            "scribblejax_sharded", "torch_eager", "torch_eager_early_stop")
+            "scribblejax_sharded", "scribblejax_bf16", "scribblejax_remat", "torch_eager", "torch_eager_early_stop")
 DEFAULT_VARIANTS = ("scribblejax", "scribblejax_early_stop", "scribblejax_full_forward", "torch_eager",
                     "torch_eager_early_stop")
 # variants that take a batch; the others run at batch 1 only
@@ -88,6 +88,7 @@ class Settings:
   check_size_2d: int = 64           # size of the torch-vs-scribblejax consistency check
   check_size_3d: int = 16
   check_steps: int = 3
+  memory: bool = False              # add XLA's compiled-memory analysis to batch-1 scribblejax records
 
 
 # ---------------------------------------------------------------------------------------------
@@ -262,6 +263,10 @@ def _jax_config(variant: str, steps: int, settings: Settings):
     kwargs["driver"] = "host"
   if variant in ("scribblejax_vmap", "scribblejax_matmul", "scribblejax_sequential"):
     kwargs["batch_scheme"] = variant.split("_")[1]
+  if variant == "scribblejax_bf16":
+    kwargs["compute_dtype"] = "bfloat16"
+  if variant == "scribblejax_remat":
+    kwargs["remat"] = True
   return sj.RefineConfig(**kwargs)
 
 
@@ -306,7 +311,11 @@ def bench_jax(variant: str, case: Case, batch: int, settings: Settings, split) -
     satisfied = bool(np.all(np.asarray(last.satisfied)))
   extra = {"retraced": retraced, "satisfied": satisfied, "max_steps": config.max_steps,
            "driver": sj.resolve_driver(config.driver), "cache_trunk": config.cache_trunk,
-           "batch_scheme": refine_scheme(config) if batch > 1 else None}
+           "batch_scheme": refine_scheme(config) if batch > 1 else None,
+           "compute_dtype": config.compute_dtype, "remat": config.remat}
+  if settings.memory and batch == 1 and variant not in BATCHED_VARIANTS[1:]:
+    memory = sj.memory_analysis(split, inputs[0][0][0], inputs[0][1][0], config)
+    extra.update(memory=memory, peak_bytes=memory["peak_bytes"])
   return _record(variant, case, batch, taken, timing, settings, extra)
 
 
@@ -372,21 +381,22 @@ def check_torch_matches(case: Case, settings: Settings) -> dict:
 
 def markdown_table(records: Sequence[dict]) -> str:
   """A markdown table with one row per record."""
-  head = ("| device | variant | case | batch | steps | ms / interaction | ms / step | images / s | compile s |\n"
-          "|---|---|---|---|---|---|---|---|---|\n")
+  head = ("| device | variant | case | batch | steps | ms / interaction | ms / step | images / s | compile s | peak MiB |\n"
+          "|---|---|---|---|---|---|---|---|---|---|\n")
   rows = []
   for r in records:
     case = f"{r['dims']}D {r['size']}^{r['dims']}"
     if "error" in r:
-      rows.append(f"| {r['device']} | {r['variant']} | {case} | {r['batch']} | | failed: {r['error'][:80]} | | | |")
+      rows.append(f"| {r['device']} | {r['variant']} | {case} | {r['batch']} | | failed: {r['error'][:80]} | | | | |")
       continue
     if r["variant"] == "check_torch_vs_scribblejax":
       rows.append(f"| {r['device']} | {r['variant']} | {case} | 1 | {r['steps']} | max logit diff "
-                  f"{r['max_abs_logit_diff']:.2e} | | | |")
+                  f"{r['max_abs_logit_diff']:.2e} | | | | |")
       continue
+    peak = f"{r['peak_bytes'] / 2**20:.0f}" if "peak_bytes" in r else ""
     rows.append(f"| {r['device']} | {r['variant']} | {case} | {r['batch']} | {r['steps']} | "
                 f"{r['ms_per_interaction']:.1f} | {r['ms_per_step']:.2f} | {r['images_per_s']:.3f} | "
-                f"{r['compile_s']:.1f} |")
+                f"{r['compile_s']:.1f} | {peak} |")
   return head + "\n".join(rows) + "\n"
 
 
@@ -422,6 +432,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
   parser.add_argument("--batch-steps", type=int, default=None, help="fixed steps for batches > 1 (default: the case's)")
   parser.add_argument("--channels", default=None, help="U-Net channels (default 32,64,128,256; --quick 4,8)")
   parser.add_argument("--no-check", action="store_true", help="skip the torch-vs-scribblejax logit check")
+  parser.add_argument("--memory", action="store_true",
+                      help="add XLA's compiled-memory analysis (scribblejax.memory_analysis) to batch-1 records")
   parser.add_argument("--out", default=None, help="JSON output path (default benchmarks/results/speed_<device>.json)")
   return parser
 
@@ -454,7 +466,8 @@ def _validate(args) -> tuple[list[Case], list[int], list[str], Settings]:
   layers = 3 if len(channels) == 2 else 5
   settings = Settings(channels=channels, layers=layers, repeats=repeats, batch_steps=args.batch_steps,
                       early_stop_steps=5 if args.quick else None, check_size_2d=16 if args.quick else 64,
-                      check_size_3d=8 if args.quick else 16, check_steps=2 if args.quick else 3)
+                      check_size_3d=8 if args.quick else 16, check_steps=2 if args.quick else 3,
+                      memory=bool(getattr(args, "memory", False)))
   return cases, batches, variants, settings
 
 

@@ -339,10 +339,33 @@ def exp_optimizer_sweep(ctx: Context) -> dict:
   return payload
 
 
+def exp_precision(ctx: Context) -> dict:
+  """bf16 compute (``RefineConfig.compute_dtype``) against float32, same simulated user."""
+  results, rows = [], []
+  for task in ctx.tasks("nuclei2d", "tissue2d", "tissue2d_shifted"):
+    case = ctx.case(task)
+    model = ctx.backbone(task).model
+    for dtype in ("float32", "bfloat16"):
+      cfg = ctx.config(compute_dtype=dtype)
+      r = ev.run_case(case, bl.refine_method(model, ctx.size.layers, cfg, name=f"refine_l{ctx.size.layers}_{dtype}"),
+                      ctx.eval_config())
+      results.append(r)
+      rows.append(_final_row(r, task=task, compute_dtype=dtype))
+      ctx.log(f"  precision {task} {dtype}: {np.round(r['dice_per_interaction'], 3).tolist()}")
+  cols = ["task", "compute_dtype", "dice_0", "dice_N", "mean_dice", "satisfied_rate", "mean_steps",
+          "s_per_interaction"]
+  table = ev.markdown_table(rows, cols) + ("\nSame case, same simulated user; marks after interaction 1 depend on "
+                                           "each run's own prediction. Parameters, gradients and the loss stay "
+                                           "float32 in both.\n")
+  payload = _payload(ctx, "precision", "float32 against bfloat16 compute (parameters float32).", results, rows=rows)
+  ev.write_results(ctx.out, "precision", payload, results, table=table, title="bf16 compute against float32")
+  return payload
+
+
 EXPERIMENTS = {"dice": exp_dice, "multiclass": exp_multiclass, "missed_class": exp_missed_class,
                "new_class": exp_new_class, "shift": exp_shift, "mark_types": exp_mark_types,
                "region_growing": exp_region_growing, "steps_layers": exp_steps_layers,
-               "optimizer_sweep": exp_optimizer_sweep}
+               "optimizer_sweep": exp_optimizer_sweep, "precision": exp_precision}
 
 
 def make_context(out: str | Path, size: str = "small", nuclei_model: str | None = None,

@@ -79,9 +79,11 @@ class RefineConfig:
       gradients, the optimiser state and the loss stay float32 (the weights and the image are cast
       on the way in, the logits cast back); bf16 halves activation memory and uses the tensor cores
       of recent GPUs. Its effect on results is measured in ``benchmarks/results/precision_cpu.md``.
-    remat: rematerialise the network's activations in the backward pass instead of storing them
-      (``jax.checkpoint`` around the tunable forward): less memory for large 3D volumes, for about one
-      more forward of the tail per step. :func:`memory_analysis` reports what it saves.
+    remat: rematerialise activations in the backward pass instead of storing them: each layer of
+      the tunable tail (from one convolution to the next) is one ``jax.checkpoint``, so only the values
+      between layers are kept (with ``cache_trunk=False``, one checkpoint around the whole forward
+      pass, which saves little). Less memory for large 3D volumes and batches, for about one more
+      forward of the tail per step; :func:`memory_analysis` reports what it saves.
   """
   max_steps: int = 100
   learning_rate: float = 0.01
@@ -269,20 +271,20 @@ def trunk_residuals(graphdef, tunable, frozen, image, compute_dtype: str | None 
   return trunk_lib.partition(_Forward(graphdef, compute_dtype), tunable, frozen, image).trunk(frozen, image)
 
 
-def _logits(graphdef, tunable, frozen, image, residuals, static: _Static):
-  """The forward pass: the tail alone on the trunk's ``residuals`` when given, else all of it."""
+def _logits(graphdef, tunable, frozen, image, residuals, static: _Static, remat: bool = False):
+  """The forward pass: the tail alone on the trunk's ``residuals`` when given, else all of it.
+
+  ``remat`` rematerialises layer by layer in the tail (:func:`scribblejax.trunk.partition`), or
+  around the whole forward pass without residuals."""
   fn = _Forward(graphdef, static.compute_dtype)
   if residuals is None:
-    return fn(tunable, frozen, image)
+    return (jax.checkpoint(fn) if remat else fn)(tunable, frozen, image)
   rewrites = trunk_lib.DEFAULT_REWRITES + (("conv_as_matmul",) if static.conv_as_matmul else ())
-  return trunk_lib.partition(fn, tunable, frozen, image, rewrites=rewrites).tail(tunable, residuals)
+  return trunk_lib.partition(fn, tunable, frozen, image, rewrites=rewrites, remat=remat).tail(tunable, residuals)
 
 
 def _objective(graphdef, frozen, anchor, image, marks, static, hyper, tunable, residuals=None):
-  logits_of = lambda t: _logits(graphdef, t, frozen, image, residuals, static)
-  if static.remat:
-    logits_of = jax.checkpoint(logits_of)
-  logits = logits_of(tunable)
+  logits = _logits(graphdef, tunable, frozen, image, residuals, static, static.remat)
   ce = marked_cross_entropy(logits, marks, static.class_balance)
   # Internally, unmarked pixels may carry the network's initial label k as -2 - k (see _keep_targets).
   keep = marked_cross_entropy(logits, jnp.where(marks <= -2, -2 - marks, -1))

@@ -222,31 +222,87 @@ def _run_trunk(level: _Level, consts, invals, residuals: list, top: bool, rewrit
           for v in level.jaxpr.outvars]
 
 
-def _run_tail(level: _Level, consts, invals, residuals, top: bool, rewrites: tuple = ()) -> list:
+# Primitives that open a new rematerialisation segment: the layers' heavy operations.
+_SEGMENT_STARTS = frozenset({"conv_general_dilated", "dot_general"})
+
+
+def _segments(level: _Level) -> list[list[int]]:
+  """The tail's equations in runs that each start at a convolution or matrix product (one layer
+  with its normalisation and activation); a nested level is a run of its own."""
+  runs: list[list[int]] = []
+  for i, (eqn, kind) in enumerate(zip(level.jaxpr.eqns, level.kinds)):
+    if kind == "known":
+      continue
+    if kind != "unknown" or not runs or eqn.primitive.name in _SEGMENT_STARTS or level.kinds[runs[-1][0]] != "unknown":
+      runs.append([i])
+    else:
+      runs[-1].append(i)
+  return runs
+
+
+def _eval_run(eqns, rewrites, in_ids, out_ids, *values):
+  """Evaluates a run of equations on the values of its inputs (``in_ids``); returns ``out_ids``'s."""
+  local = dict(zip(in_ids, values))
+  for eqn in eqns:
+    _write(local, eqn.outvars, _bind(eqn, [_read(local, v) for v in eqn.invars], rewrites))
+  return [local[i] for i in out_ids]
+
+
+def _run_tail(level: _Level, consts, invals, residuals, top: bool, rewrites: tuple = (), remat: bool = False) -> list:
   """Evaluates the unknown equations, reading the trunk's values back from the residual iterator.
-  Known outputs of a nested level come out as ``None`` (the enclosing level has them as residuals)."""
+  Known outputs of a nested level come out as ``None`` (the enclosing level has them as residuals).
+
+  With ``remat`` each run of :func:`_segments` is one ``jax.checkpoint``: the backward pass keeps
+  only the values passed between runs and recomputes the rest of each run when it needs it."""
   env: dict = {}
   _write(env, level.jaxpr.constvars, consts)
   _write(env, level.jaxpr.invars, invals)
+  eqns = level.jaxpr.eqns
 
   def pull(vars_):
     for v in _known_reads(level, vars_):
       if id(v) not in env:
         env[id(v)] = next(residuals)
 
-  for eqn, kind in zip(level.jaxpr.eqns, level.kinds):
-    if kind == "known":
-      continue
-    if kind == "unknown":
-      pull(eqn.invars)
-      _write(env, eqn.outvars, _bind(eqn, [_read(env, v) for v in eqn.invars], rewrites))
-    else:
+  runs = _segments(level) if remat else [[i] for i, k in enumerate(level.kinds) if k != "known"]
+  needed_after = _last_reads(level) if remat else {}
+  for run in runs:
+    kind = level.kinds[run[0]]
+    if kind != "unknown":
+      eqn = eqns[run[0]]
       inner = _inner_closed(eqn)
       _write(env, eqn.outvars, _run_tail(kind, inner.consts, [_read(env, v) for v in eqn.invars], residuals, False,
-                                         rewrites))
+                                         rewrites, remat))
+      continue
+    for i in run:
+      pull(eqns[i].invars)
+    if not remat:
+      eqn = eqns[run[0]]
+      _write(env, eqn.outvars, _bind(eqn, [_read(env, v) for v in eqn.invars], rewrites))
+      continue
+    defined = {id(v) for i in run for v in eqns[i].outvars}
+    in_vars = {id(v): v for i in run for v in eqns[i].invars if not _is_literal(v) and id(v) not in defined}
+    out_vars = [v for i in run for v in eqns[i].outvars
+                if not isinstance(v, jex_core.DropVar) and needed_after.get(id(v), -1) > run[-1]]
+    fn = functools.partial(_eval_run, [eqns[i] for i in run], rewrites, tuple(in_vars), tuple(id(v) for v in out_vars))
+    _write(env, out_vars, jax.checkpoint(fn)(*[env[i] for i in in_vars]))
   if top:
     pull(level.jaxpr.outvars)
   return [_read(env, v) for v in level.jaxpr.outvars]
+
+
+def _last_reads(level: _Level) -> dict:
+  """For each variable, the index of the last equation that reads it (the jaxpr's outputs count as
+  read after the last equation)."""
+  last: dict = {}
+  for i, eqn in enumerate(level.jaxpr.eqns):
+    for v in eqn.invars:
+      if not _is_literal(v):
+        last[id(v)] = i
+  for v in level.jaxpr.outvars:
+    if not _is_literal(v):
+      last[id(v)] = len(level.jaxpr.eqns)
+  return last
 
 
 # ---------------------------------------------------------------------------------------------
@@ -289,7 +345,7 @@ def _collect(level, consts, invals, rewrites: tuple = ()) -> list:
 
 
 def partition(fn: Callable, tunable: Any, frozen: Any, image: Any, *,
-              rewrites: tuple[str, ...] = DEFAULT_REWRITES) -> Partition:
+              rewrites: tuple[str, ...] = DEFAULT_REWRITES, remat: bool = False) -> Partition:
   """Unzips ``fn(tunable, frozen, image)`` into a trunk and a tail (see the module docstring).
 
   ``tunable``, ``frozen`` and ``image`` serve only for their structure, shapes and dtypes: they may
@@ -307,6 +363,9 @@ def partition(fn: Callable, tunable: Any, frozen: Any, image: Any, *,
       order: ``"transposed_conv"`` (a transposed convolution whose stride equals its kernel, as a
       matrix product; on by default) and ``"conv_as_matmul"`` (every stride-1 convolution as patches
       and a matrix product, for ``vmap`` over per-example weights).
+    remat: rematerialise in the tail's backward pass: each layer (a run of equations from one
+      convolution or matrix product to the next) is one ``jax.checkpoint``, so the backward pass keeps
+      only the values passed between layers instead of every intermediate.
 
   Returns:
     A :class:`Partition`: ``tail(tunable, trunk(frozen, image))`` equals ``fn(tunable, frozen, image)``
@@ -327,7 +386,7 @@ def partition(fn: Callable, tunable: Any, frozen: Any, image: Any, *,
       raise ValueError("tail called with tunable parameters or residuals of another structure")
     n_rest = len(level.jaxpr.invars) - n_tunable
     it = iter(residuals)
-    outs = _run_tail(level, consts, leaves + [None] * n_rest, it, True, rewrites)
+    outs = _run_tail(level, consts, leaves + [None] * n_rest, it, True, rewrites, remat)
     return jax.tree.unflatten(out_treedef, outs)
 
   return Partition(trunk, tail, residual_shapes)

@@ -177,8 +177,11 @@ def test_refine_reads_a_slicer_segmentation_on_an_nrrd_image(tmp_path, model_dir
                             affine_ras=affine, extent_offset=lo)
 
   code = main(["refine", "--model", str(model_dir), "--image", str(tmp_path / "img.nrrd"), "--marks",
-               str(tmp_path / "fix.seg.nrrd"), "--out", str(tmp_path / "seg.nrrd"), *KNOBS, "--quiet"])
+               str(tmp_path / "fix.seg.nrrd"), "--out", str(tmp_path / "seg.nrrd"), *KNOBS, "--quiet",
+               "--compute-dtype", "bfloat16", "--remat"])
   assert code == 0, capsys.readouterr().err
+  report = json.loads((tmp_path / "seg.report.json").read_text())
+  assert report["settings"]["compute_dtype"] == "bfloat16" and report["settings"]["remat"] is True
   labels, out_header = nrrd.read(str(tmp_path / "seg.nrrd"), index_order="F")
   assert labels.shape == (96, 96)
   np.testing.assert_allclose(out_header["space directions"], header["space directions"])

@@ -53,3 +53,15 @@ def test_torch_mirror_computes_the_flax_forward(dims, shape):
   with torch.no_grad():
     theirs = net(torch.from_numpy(np.moveaxis(image, -1, 1).copy())).numpy()
   np.testing.assert_allclose(np.moveaxis(theirs, 1, -1), ours, rtol=1e-4, atol=1e-4)
+
+
+def test_precision_and_memory_variants(tmp_path):
+  out = tmp_path / "mem.json"
+  assert speed.main(["--quick", "--cases", "2d32", "--variants", "scribblejax,scribblejax_bf16,scribblejax_remat",
+                     "--batches", "1", "--no-check", "--memory", "--out", str(out)]) == 0
+  records = {r["variant"]: r for r in json.loads(out.read_text())}
+  assert records["scribblejax_bf16"]["compute_dtype"] == "bfloat16" and records["scribblejax_remat"]["remat"]
+  for r in records.values():
+    assert r["steps"] == 2 and r["peak_bytes"] == r["memory"]["peak_bytes"] > 0
+    assert set(r["memory"]["programs"]) >= {"chunk"} or set(r["memory"]["programs"]) == {"loop"}
+  assert "peak MiB" in out.with_suffix(".md").read_text()

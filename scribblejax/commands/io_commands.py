@@ -92,7 +92,8 @@ def _refine(args: argparse.Namespace) -> int:
     settings = RefineSettings(layers=args.layers, max_steps=args.steps, learning_rate=args.lr, momentum=args.momentum,
                               prox_weight=args.alpha, region_growing=args.region_growing, driver=args.driver,
                               check_every=args.check_every, class_balance=args.class_balance,
-                              continue_weights=args.continue_weights)
+                              continue_weights=args.continue_weights, compute_dtype=args.compute_dtype,
+                              remat=args.remat)
     options = MarkOptions(class_names=_classes(args.classes), background_value=args.background_value,
                           unmarked_value=args.unmarked_value, radius=args.radius, rectangle=args.rectangle)
     return run_refine(model=args.model, image=args.image, marks=args.marks or [], out=args.out, session=args.session,
@@ -140,6 +141,10 @@ def _add_refine(subparsers) -> None:
                       help="auto: host on CPU, loop on GPU/TPU (default auto)")
   method.add_argument("--check-every", type=int, default=1, help="steps per compiled chunk of the host driver")
   method.add_argument("--class-balance", action="store_true", help="weight every marked class equally")
+  method.add_argument("--compute-dtype", choices=("float32", "bfloat16"), default="float32",
+                      help="dtype the network computes in; weights stay float32 (default float32)")
+  method.add_argument("--remat", action="store_true",
+                      help="recompute the tail's activations in the backward pass (less memory, more time)")
   method.add_argument("--continue-weights", action="store_true",
                       help="in a session, start from the previous round's weights instead of the network's")
   marks = parser.add_argument_group("marks files")

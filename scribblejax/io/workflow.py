@@ -161,6 +161,8 @@ class RefineSettings:
     check_every: steps per compiled chunk of the host driver.
     class_balance: weight every marked class equally in the loss.
     continue_weights: start from the previous round's W_lam instead of W (sessions only).
+    compute_dtype: "float32" or "bfloat16" (``RefineConfig.compute_dtype``).
+    remat: rematerialise the tail's activations in the backward pass (``RefineConfig.remat``).
   """
   layers: int | None = None
   max_steps: int | None = None
@@ -172,6 +174,8 @@ class RefineSettings:
   check_every: int = 1
   class_balance: bool = False
   continue_weights: bool = False
+  compute_dtype: str = "float32"
+  remat: bool = False
 
   def resolve(self, metadata: dict) -> tuple[int | None, Any, float | None]:
     """``(layers, RefineConfig, region_growing)`` with the defaults filled in."""
@@ -180,7 +184,8 @@ class RefineSettings:
     pick = lambda name: getattr(self, name) if getattr(self, name) is not None else stored.get(name)
     fields = {k: pick(k) for k in ("max_steps", "learning_rate", "momentum", "prox_weight")}
     config = RefineConfig(**{k: v for k, v in fields.items() if v is not None}, driver=self.driver,
-                          check_every=self.check_every, class_balance=self.class_balance)
+                          check_every=self.check_every, class_balance=self.class_balance,
+                          compute_dtype=self.compute_dtype, remat=self.remat)
     grow = pick("region_growing")
     if grow is not None and (not np.isfinite(grow) or grow < 0):
       raise ValueError(f"the region growing threshold must be finite and >= 0, got {grow}")
@@ -540,7 +545,8 @@ def _refine_round(model, model_ref, img, digest, marks_files, new, out, session,
             "settings": {"layers": layers, "max_steps": config.max_steps, "learning_rate": config.learning_rate,
                          "momentum": config.momentum, "prox_weight": config.prox_weight, "region_growing": grow,
                          "class_balance": config.class_balance, "continue_weights": settings.continue_weights,
-                         "check_every": config.check_every},
+                         "check_every": config.check_every, "compute_dtype": config.compute_dtype,
+                         "remat": config.remat},
             "notes": list(fitted.notes)}
   if session:
     report["session"] = str(session)
