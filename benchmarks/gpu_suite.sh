@@ -8,9 +8,10 @@
 # script checks the imports first and skips what is missing (torch: no PyTorch reference; a missing
 # scikit-image, imported by scribblejax.marks but not used by the benchmark, gets a stub that
 # raises if called). Each part has its own time limit and writes its JSON and markdown under $OUT
-# after every measurement, so a part cut short keeps what it measured. Writes 7 files:
+# after every measurement, so a part cut short keeps what it measured. Writes 9 files:
 #   $OUT/suite.log (environment and progress), $OUT/gpu_2d.{json,md}, $OUT/gpu_batch.{json,md},
-#   $OUT/gpu_3d.{json,md}
+#   $OUT/gpu_3d.{json,md}, $OUT/gpu_precision.{json,md}
+# PARTS="2d batch 3d precision" (the default) picks the parts to run, in that order.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-benchmarks/results/gpu_suite}"
@@ -78,11 +79,12 @@ fi
 
 if [ "${SMOKE:-0}" = "1" ]; then
   CASES_2D="2d32"; CASES_3D="3d16"; BATCHES="2,4"; COMMON="--channels 4,8 --repeats 1"
-  STEPS_2D=3; STEPS_3D=2; BATCH_STEPS=2; LIMIT_2D=600; LIMIT_BATCH=600; LIMIT_3D=600
+  STEPS_2D=3; STEPS_3D=2; BATCH_STEPS=2; LIMIT_2D=600; LIMIT_BATCH=600; LIMIT_3D=600; LIMIT_PRECISION=600
 else
   CASES_2D="2d256,2d512"; CASES_3D="3d64,3d96,3d128"; BATCHES="8,32"; COMMON="--repeats 3"
   STEPS_2D=100; STEPS_3D=50; BATCH_STEPS=20
   LIMIT_2D=${LIMIT_2D:-150}; LIMIT_BATCH=${LIMIT_BATCH:-100}; LIMIT_3D=${LIMIT_3D:-110}
+  LIMIT_PRECISION=${LIMIT_PRECISION:-120}
 fi
 
 run_part() {  # name, time limit (s), arguments...
@@ -92,16 +94,27 @@ run_part() {  # name, time limit (s), arguments...
   echo "== part $name exit $? at +$(( $(date +%s) - start ))s"
 }
 
-# 1. One interaction, 2D: fixed steps and early stop; what the cached trunk buys (full_forward);
-#    the PyTorch eager reference (cuDNN benchmark mode, TF32 as both default); the logit check.
-run_part gpu_2d "$LIMIT_2D" --cases "$CASES_2D" --batches 1 --steps "$STEPS_2D" $COMMON \
-  --variants "scribblejax,scribblejax_early_stop,scribblejax_full_forward,$VARIANTS_TORCH"
-# 2. Batches (2D 256^2): the three batch schemes against torch one image at a time.
-run_part gpu_batch "$LIMIT_BATCH" --cases "${CASES_2D%%,*}" --batches "$BATCHES" --batch-steps "$BATCH_STEPS" \
-  $COMMON --repeats 2 --no-check --variants "scribblejax_sequential,scribblejax_matmul,scribblejax_vmap,$BATCH_TORCH"
-# 3. One interaction, 3D.
-run_part gpu_3d "$LIMIT_3D" --cases "$CASES_3D" --batches 1 --steps "$STEPS_3D" $COMMON \
-  --variants "scribblejax,scribblejax_early_stop,torch_eager"
+PARTS="${PARTS:-2d batch 3d precision}"
+for part in $PARTS; do
+  case "$part" in
+    # One interaction, 2D: fixed steps and early stop; what the cached trunk buys (full_forward);
+    # the PyTorch eager reference (cuDNN benchmark mode, TF32 as both default); the logit check.
+    2d) run_part gpu_2d "$LIMIT_2D" --cases "$CASES_2D" --batches 1 --steps "$STEPS_2D" $COMMON \
+          --variants "scribblejax,scribblejax_early_stop,scribblejax_full_forward,$VARIANTS_TORCH" ;;
+    # Batches (2D 256^2): the three batch schemes against torch one image at a time.
+    batch) run_part gpu_batch "$LIMIT_BATCH" --cases "${CASES_2D%%,*}" --batches "$BATCHES" \
+             --batch-steps "$BATCH_STEPS" $COMMON --repeats 2 --no-check \
+             --variants "scribblejax_sequential,scribblejax_matmul,scribblejax_vmap,$BATCH_TORCH" ;;
+    # One interaction, 3D.
+    3d) run_part gpu_3d "$LIMIT_3D" --cases "$CASES_3D" --batches 1 --steps "$STEPS_3D" $COMMON \
+          --variants "scribblejax,scribblejax_early_stop,torch_eager" ;;
+    # bf16 compute and layer-wise remat against float32, with XLA's compiled-memory analysis.
+    precision) run_part gpu_precision "$LIMIT_PRECISION" --cases "${CASES_2D##*,},${CASES_3D}" --batches 1 \
+                 --steps "$STEPS_3D" $COMMON --no-check --memory \
+                 --variants "scribblejax,scribblejax_bf16,scribblejax_remat" ;;
+    *) echo "unknown part $part (known: 2d batch 3d precision)" ;;
+  esac
+done
 
 echo "== gpu_suite done in $(( $(date +%s) - start ))s; results in $OUT"
 ls -la "$OUT"

@@ -279,7 +279,7 @@ def _logits(graphdef, tunable, frozen, image, residuals, static: _Static, remat:
   fn = _Forward(graphdef, static.compute_dtype)
   if residuals is None:
     return (jax.checkpoint(fn) if remat else fn)(tunable, frozen, image)
-  rewrites = trunk_lib.DEFAULT_REWRITES + (("conv_as_matmul",) if static.conv_as_matmul else ())
+  rewrites = (("conv_as_matmul",) if static.conv_as_matmul else ()) + trunk_lib.default_rewrites()
   return trunk_lib.partition(fn, tunable, frozen, image, rewrites=rewrites, remat=remat).tail(tunable, residuals)
 
 
@@ -413,7 +413,9 @@ def _run_finalize(graphdef, static, batched, frozen, image, marks, state, residu
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
 def _run_predict(graphdef, tunable, frozen, image):
-  return forward(graphdef, tunable, frozen, image)
+  # the trunk and the tail, as refine computes them (with the same faster forms of some operations)
+  return _logits(graphdef, tunable, frozen, image, trunk_residuals(graphdef, tunable, frozen, image), _Static(
+      None, False, 1, "logits"))
 
 
 def resolve_batch_scheme(scheme: str) -> str:
@@ -561,20 +563,25 @@ def _keep_targets(split: Split, image: jax.Array, marks: jax.Array, batched: boo
 
 
 def _drive(split: Split, image: jax.Array, marks: jax.Array, config: RefineConfig, batched: bool,
-           start: Any, batched_start: bool = False) -> RefineResult:
+           start: Any, batched_start: bool = False, progress: Any = None) -> RefineResult:
   static, hyper = _static(config, batched), _hyper(config)
   anchor = split.tunable
   if config.keep_weight > 0:
     marks = _keep_targets(split, image, marks, batched)
   if resolve_driver(config.driver) == "loop":
-    return _run_loop(split.graphdef, static, batched, anchor, start, split.frozen, image, marks, hyper,
-                     batched_start=batched_start)
+    result = _run_loop(split.graphdef, static, batched, anchor, start, split.frozen, image, marks, hyper,
+                       batched_start=batched_start)
+    if progress is not None:
+      progress(int(np.max(jax.device_get(result.num_steps))), config.max_steps)
+    return result
   state = _run_init(static, batched, start, hyper, image.shape[0] if batched else 1, batched_start=batched_start)
   residuals = (_run_trunk(split.graphdef, static.compute_dtype, batched, anchor, split.frozen, image)
                if config.cache_trunk else None)
   while True:
-    finished = np.asarray(jax.device_get(state.done | (state.step >= config.max_steps)))
-    if finished.all():
+    finished, steps = jax.device_get((state.done | (state.step >= config.max_steps), state.step))
+    if progress is not None:
+      progress(int(np.max(steps)), config.max_steps)
+    if np.asarray(finished).all():
       break
     state = _run_chunk(split.graphdef, static, config.check_every, batched, anchor, split.frozen, image, marks,
                        hyper, state, residuals)
@@ -582,7 +589,7 @@ def _drive(split: Split, image: jax.Array, marks: jax.Array, config: RefineConfi
 
 
 def refine(split: Split, image: Any, marks: Any, config: RefineConfig = RefineConfig(), *,
-           start: Any = None) -> RefineResult:
+           start: Any = None, progress: Any = None) -> RefineResult:
   """Refines the split's tunable parameters until the prediction honours every mark.
 
   Args:
@@ -592,6 +599,10 @@ def refine(split: Split, image: Any, marks: Any, config: RefineConfig = RefineCo
     config: a :class:`RefineConfig`.
     start: tunable parameters to start from instead of W (to continue an earlier round). The
       proximal term still pulls towards W, the split's own tunable parameters.
+    progress: ``progress(steps_taken, max_steps)``, called from Python as the refinement runs: with
+      the host driver before the first chunk and after each chunk of ``check_every`` steps; with
+      the loop driver (one compiled loop) once, at the end. For progress bars; it cannot change
+      the result.
 
   Returns:
     A :class:`RefineResult`.
@@ -602,7 +613,7 @@ def refine(split: Split, image: Any, marks: Any, config: RefineConfig = RefineCo
   image, marks = prepare_inputs(split, image, marks)
   if start is not None and jax.tree.structure(start) != jax.tree.structure(split.tunable):
     raise ValueError("start must have the same structure as split.tunable")
-  return _drive(split, image, marks, config, False, split.tunable if start is None else start)
+  return _drive(split, image, marks, config, False, split.tunable if start is None else start, progress=progress)
 
 
 def _check_batched_start(split: Split, start: Any, batch: int) -> None:

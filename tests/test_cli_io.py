@@ -147,13 +147,19 @@ def test_refine_labelme_two_labels_corrects_two_classes_in_one_round(tmp_path, m
   assert report["satisfied"] and 0 < report["steps"] <= 300 and report["marks_honoured"] == 1.0
   assert report["settings"] == {"layers": 5, "max_steps": 300, "learning_rate": 0.05, "momentum": 0.9, "prox_weight": 0.01,
                                 "region_growing": None, "class_balance": False, "continue_weights": False,
-                                "check_every": 1}
+                                "check_every": 1, "compute_dtype": "float32", "remat": False}
   assert report["marked_pixels"] == {"background": 5, "nucleus": 5}   # radius 1: a 5-pixel cross each
   labels = np.asarray(PILImage.open(tmp_path / "refined.png"))
   for label, (r, c) in ((1, (r1, c1)), (0, (r0, c0))):
     assert network[r, c] != label and labels[r, c] == label           # both classes corrected
     assert all(labels[r + dr, c + dc] == label for dr, dc in ((0, 1), (1, 0), (0, -1), (-1, 0)))
   assert json.loads((tmp_path / "refined.report.json").read_text())["steps"] == report["steps"]
+  # without --json or --quiet: log lines and a progress bar of SGD steps on stderr, the summary on stdout
+  code = main(["refine", "--model", str(model_dir), "--image", str(tmp_path / "img.png"), "--marks",
+               str(tmp_path / "marks.json"), "--out", str(tmp_path / "again.png"), *KNOBS, "--radius", "1"])
+  out = capsys.readouterr()
+  assert code == 0 and "wrote" in out.out
+  assert "refining:" in out.err and "/300" in out.err, repr(out.err)
 
 
 def test_refine_reads_a_slicer_segmentation_on_an_nrrd_image(tmp_path, model_dir, crop, capsys):

@@ -133,3 +133,19 @@ def test_cached_shape_check_raises_every_time():
   for _ in range(2):      # the second call answers from the cache, with the same error
     with pytest.raises(ValueError, match="does not accept an image"):
       refine_lib.num_classes_of(split, (16, 16, 3))
+
+
+@pytest.mark.parametrize("driver, check_every", [("host", 1), ("host", 4), ("loop", 1)])
+def test_progress_reports_steps_as_they_are_taken(driver, check_every):
+  split = sj.split_params(_unet(2), sj.last_layers(4))
+  image, marks = _problem()
+  seen = []
+  config = dataclasses.replace(CFG, max_steps=9, driver=driver, check_every=check_every)
+  result = sj.refine(split, image, marks, config, progress=lambda steps, total: seen.append((steps, total)))
+  assert int(result.num_steps) == 9 and all(total == 9 for _, total in seen)
+  steps = [s for s, _ in seen]
+  assert steps == sorted(steps) and steps[-1] == 9
+  if driver == "host":   # before the first chunk, then after each chunk
+    assert steps == list(range(0, 9, check_every)) + [9]
+  else:                  # one compiled loop: once, at the end
+    assert steps == [9]

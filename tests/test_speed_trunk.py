@@ -112,6 +112,57 @@ def test_rewrites_equal_lax_convolutions(dn):
                                rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dn, padding", [(("NDHWC", "DHWIO", "NDHWC"), ((1, 1), (1, 1), (1, 1))),
+                                         (("NCDHW", "OIDHW", "NCDHW"), ((0, 2), (1, 0), (2, 2))),
+                                         (("NDHWC", "OIDHW", "NCDHW"), ((0, 0), (0, 0), (0, 0)))])
+def test_conv3d_as_2d_equals_lax_convolution_and_its_gradients(dn, padding):
+  rng = np.random.default_rng(1)
+  spatial, kernel_size = (5, 6, 7), (3, 2, 3)
+  x = rng.normal(size=(2, *spatial, 3)) if dn[0] == "NDHWC" else rng.normal(size=(2, 3, *spatial))
+  w = rng.normal(size=(*kernel_size, 3, 4))
+  w = w if dn[1] == "DHWIO" else np.transpose(w, (4, 3, 0, 1, 2))
+  x, w = jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32)
+  conv = lambda x, k: jax.lax.conv_general_dilated(x, k, (1, 1, 1), padding, dimension_numbers=dn)
+  part = trunk.partition(lambda t, f, img: conv(img, t), w, (), x, rewrites=("conv3d_as_2d",))
+  rewritten = lambda k: part.tail(k, part.trunk((), x))
+  jaxpr = str(jax.make_jaxpr(rewritten)(w))
+  assert "conv_general_dilated" in jaxpr and "lhs_dilation=(1, 1)" in jaxpr    # one 2D convolution
+  np.testing.assert_allclose(np.asarray(rewritten(w)), np.asarray(conv(x, w)), rtol=1e-5, atol=1e-5)
+  loss = lambda f: (lambda k: jnp.sum(jnp.sin(f(k))))
+  np.testing.assert_allclose(np.asarray(jax.grad(loss(rewritten))(w)), np.asarray(jax.grad(loss(lambda k: conv(x, k)))(w)),
+                             rtol=1e-4, atol=1e-4)
+  # strided convolutions keep the lax form
+  strided = lambda x, k: jax.lax.conv_general_dilated(x, k, (2, 1, 1), padding, dimension_numbers=dn)
+  part = trunk.partition(lambda t, f, img: strided(img, t), w, (), x, rewrites=("conv3d_as_2d",))
+  assert "window_strides=(2, 1, 1)" in str(jax.make_jaxpr(lambda k: part.tail(k, part.trunk((), x)))(w))
+
+
+def _conv_ranks(jaxpr) -> list[int]:
+  """Spatial rank of every convolution in a jaxpr, nested calls included."""
+  ranks = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "conv_general_dilated":
+      ranks.append(len(eqn.params["window_strides"]))
+    for value in eqn.params.values():
+      inner = getattr(value, "jaxpr", None)
+      if inner is not None:
+        ranks += _conv_ranks(inner if hasattr(inner, "eqns") else inner.jaxpr)
+  return ranks
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the 3D-as-2D rewrite is a CPU default")
+def test_3d_unet_runs_2d_convolutions_on_cpu_with_the_same_logits():
+  split = sj.split_params(_unet(3, (4, 8)), sj.last_layers(3))
+  image = _image((8, 8, 8, 1), seed=3)
+  predict = functools.partial(refine_lib._run_predict, split.graphdef)
+  ranks = _conv_ranks(jax.make_jaxpr(predict)(split.tunable, split.frozen, image).jaxpr)
+  plain = _conv_ranks(jax.make_jaxpr(refine_lib._Forward(split.graphdef))(split.tunable, split.frozen, image).jaxpr)
+  assert plain and set(plain) == {3} and ranks and set(ranks) == {2}
+  np.testing.assert_allclose(np.asarray(predict(split.tunable, split.frozen, image)),
+                             np.asarray(refine_lib.forward(split.graphdef, split.tunable, split.frozen, image)),
+                             rtol=1e-5, atol=1e-5)
+
+
 def test_unknown_rewrite_raises():
   with pytest.raises(ValueError, match="unknown rewrite"):
     trunk.partition(lambda t, f, x: t * x, jnp.ones(3), (), jnp.ones(3), rewrites=("fast_everything",))

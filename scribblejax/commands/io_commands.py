@@ -9,6 +9,7 @@ stdout for scripts.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -44,6 +45,29 @@ def _run(command: str, args: argparse.Namespace, work, summary) -> int:
   elif not args.quiet:
     print(summary(report))
   return 0
+
+
+@contextlib.contextmanager
+def _progress_bar(args: argparse.Namespace):
+  """A ``progress(steps, max_steps)`` callback drawing a tqdm bar of SGD steps on stderr (``None``
+  with ``--quiet`` or ``--json``)."""
+  if args.quiet or args.json:
+    yield None
+    return
+  from tqdm import tqdm
+  bar = None
+
+  def progress(steps: int, max_steps: int) -> None:
+    nonlocal bar
+    if bar is None:
+      bar = tqdm(total=max_steps, desc="refining", unit="step", file=sys.stderr, leave=False)
+    bar.update(steps - bar.n)
+
+  try:
+    yield progress
+  finally:
+    if bar is not None:
+      bar.close()
 
 
 def _scripting(parser: argparse.ArgumentParser) -> None:
@@ -96,8 +120,10 @@ def _refine(args: argparse.Namespace) -> int:
                               remat=args.remat)
     options = MarkOptions(class_names=_classes(args.classes), background_value=args.background_value,
                           unmarked_value=args.unmarked_value, radius=args.radius, rectangle=args.rectangle)
-    return run_refine(model=args.model, image=args.image, marks=args.marks or [], out=args.out, session=args.session,
-                      undo=args.undo, settings=settings, mark_options=options, overlay=not args.no_overlay, log=log)
+    with _progress_bar(args) as progress:
+      return run_refine(model=args.model, image=args.image, marks=args.marks or [], out=args.out,
+                        session=args.session, undo=args.undo, settings=settings, mark_options=options,
+                        overlay=not args.no_overlay, log=log, progress=progress)
 
   def summary(report):
     if "steps" not in report:

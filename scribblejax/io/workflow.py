@@ -392,7 +392,8 @@ def run_predict(model: str, image: str, out: str, *, overlay: bool = True, log: 
 
 def run_refine(*, model: str | None, image: str | None, marks: Sequence[str], out: str | None,
                session: str | None = None, undo: bool = False, settings: RefineSettings = RefineSettings(),
-               mark_options: MarkOptions = MarkOptions(), overlay: bool = True, log: Log = _silent) -> dict:
+               mark_options: MarkOptions = MarkOptions(), overlay: bool = True, log: Log = _silent,
+               progress: Any = None) -> dict:
   """One refinement round (or an undo) on an image with marks files.
 
   Args:
@@ -406,6 +407,7 @@ def run_refine(*, model: str | None, image: str | None, marks: Sequence[str], ou
     mark_options: how marks files are read.
     overlay: write ``<out stem>.overlay.png``.
     log: progress messages.
+    progress: ``progress(steps_taken, max_steps)`` during the refinement (see :func:`scribblejax.refine`).
 
   Returns:
     The report (also written as ``<out stem>.report.json``).
@@ -459,7 +461,7 @@ def run_refine(*, model: str | None, image: str | None, marks: Sequence[str], ou
   if new is None:
     return _after_undo(doc, session, undone, img, out, overlay, log, info, class_names)
   return _refine_round(model, model_ref, img, digest, list(marks), new, out, session, doc, undone, settings,
-                       class_names, info, overlay, log)
+                       class_names, info, overlay, log, progress)
 
 
 def _after_undo(doc, session, undone, img, out, overlay, log, info, class_names) -> dict:
@@ -484,7 +486,7 @@ def _after_undo(doc, session, undone, img, out, overlay, log, info, class_names)
 
 
 def _refine_round(model, model_ref, img, digest, marks_files, new, out, session, doc, undone, settings,
-                  class_names, info, overlay, log) -> dict:
+                  class_names, info, overlay, log, progress=None) -> dict:
   import jax
   from scribblejax import marks as marks_lib
   from scribblejax.refine import refine, resolve_driver
@@ -523,7 +525,7 @@ def _refine_round(model, model_ref, img, digest, marks_files, new, out, session,
       f"pixels (driver {driver}, {_device()['device']})")
   with compile_timer() as compiled:
     start_time = time.perf_counter()
-    result = refine(split, fitted.image, all_marks, config, start=start)
+    result = refine(split, fitted.image, all_marks, config, start=start, progress=progress)
     labels = np.asarray(result.labels).astype(np.int32)
     seconds = time.perf_counter() - start_time
   steps, satisfied = int(result.num_steps), bool(result.satisfied)
