@@ -280,6 +280,20 @@ def _final_row(r: dict, **keys) -> dict:
           "s_per_interaction": r["mean_seconds"]}
 
 
+FINAL_COLUMNS = ["dice_0", "dice_N", "mean_dice", "satisfied_rate", "mean_steps", "s_per_interaction"]
+FINAL_NOTE = ("\ndice_N: after the last interaction; mean_dice: mean over interactions 1..N; satisfied_rate: share "
+              "of interactions whose refinement honoured every mark.\n")
+
+
+def _write_rows(ctx: Context, name: str, description: str, results: list[dict], rows: list[dict],
+                keys: list[str], title: str, note: str = FINAL_NOTE, **extra) -> dict:
+  """Writes an experiment whose table has one :func:`_final_row` per run (``keys`` first)."""
+  table = ev.markdown_table(rows, keys + FINAL_COLUMNS) + note
+  payload = _payload(ctx, name, description, results, rows=rows, **extra)
+  ev.write_results(ctx.out, name, payload, results, table=table, title=title)
+  return payload
+
+
 def exp_steps_layers(ctx: Context) -> dict:
   """(viii) Steps M and tunable layers l."""
   results, rows = [], []
@@ -296,13 +310,8 @@ def exp_steps_layers(ctx: Context) -> dict:
       r["method"] = f"M={ctx.size.max_steps} l={layers}"
       results.append(r)
       rows.append(_final_row(r, task=task, M=ctx.size.max_steps, l=layers))
-  cols = ["task", "M", "l", "dice_0", "dice_N", "mean_dice", "satisfied_rate", "mean_steps", "s_per_interaction"]
-  table = ev.markdown_table(rows, cols) + ("\ndice_N: after the last interaction; mean_dice: mean over "
-                                           "interactions 1..N; satisfied_rate: share of interactions whose "
-                                           "refinement honoured every mark.\n")
-  payload = _payload(ctx, "steps_layers", "Steps M and number of tunable last layers l.", results, rows=rows)
-  ev.write_results(ctx.out, "steps_layers", payload, results, table=table, title="(viii) steps M and layers l")
-  return payload
+  return _write_rows(ctx, "steps_layers", "Steps M and number of tunable last layers l.", results, rows,
+                     ["task", "M", "l"], "(viii) steps M and layers l")
 
 
 def exp_optimizer_sweep(ctx: Context) -> dict:
@@ -328,15 +337,11 @@ def exp_optimizer_sweep(ctx: Context) -> dict:
                      "min_dice_N": float(np.min([r["dice_N"] for r in v])),
                      "satisfied_rate": float(np.mean([r["satisfied_rate"] for r in v]))}
                     for k, v in by_setting.items()), key=lambda d: (-d["mean_dice"], -d["satisfied_rate"]))
-  cols = ["task", "lr", "prox", "momentum", "dice_0", "dice_N", "mean_dice", "satisfied_rate", "mean_steps",
-          "s_per_interaction"]
-  table = ev.markdown_table(rows, cols) + "\n## Ranking (mean over tasks)\n\n" + ev.markdown_table(
+  note = FINAL_NOTE + "\n## Ranking (mean over tasks)\n\n" + ev.markdown_table(
       ranking, ["lr", "prox", "momentum", "mean_dice", "min_dice_N", "satisfied_rate"])
-  payload = _payload(ctx, "optimizer_sweep", "SGD learning rate x proximal weight alpha x momentum, "
-                     f"l={ctx.size.layers}, M={ctx.size.max_steps}.", results, rows=rows, ranking=ranking,
-                     best=ranking[0] if ranking else None)
-  ev.write_results(ctx.out, "optimizer_sweep", payload, results, table=table, title="(viii) optimiser sweep")
-  return payload
+  return _write_rows(ctx, "optimizer_sweep", "SGD learning rate x proximal weight alpha x momentum, "
+                     f"l={ctx.size.layers}, M={ctx.size.max_steps}.", results, rows, ["task", "lr", "prox", "momentum"],
+                     "(viii) optimiser sweep", note, ranking=ranking, best=ranking[0] if ranking else None)
 
 
 def exp_precision(ctx: Context) -> dict:
@@ -352,14 +357,10 @@ def exp_precision(ctx: Context) -> dict:
       results.append(r)
       rows.append(_final_row(r, task=task, compute_dtype=dtype))
       ctx.log(f"  precision {task} {dtype}: {np.round(r['dice_per_interaction'], 3).tolist()}")
-  cols = ["task", "compute_dtype", "dice_0", "dice_N", "mean_dice", "satisfied_rate", "mean_steps",
-          "s_per_interaction"]
-  table = ev.markdown_table(rows, cols) + ("\nSame case, same simulated user; marks after interaction 1 depend on "
-                                           "each run's own prediction. Parameters, gradients and the loss stay "
-                                           "float32 in both.\n")
-  payload = _payload(ctx, "precision", "float32 against bfloat16 compute (parameters float32).", results, rows=rows)
-  ev.write_results(ctx.out, "precision", payload, results, table=table, title="bf16 compute against float32")
-  return payload
+  note = FINAL_NOTE + ("\nSame case, same simulated user; marks after interaction 1 depend on each run's own "
+                       "prediction. Parameters, gradients and the loss stay float32 in both.\n")
+  return _write_rows(ctx, "precision", "float32 against bfloat16 compute (parameters float32).", results, rows,
+                     ["task", "compute_dtype"], "bf16 compute against float32", note)
 
 
 EXPERIMENTS = {"dice": exp_dice, "multiclass": exp_multiclass, "missed_class": exp_missed_class,
