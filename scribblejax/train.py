@@ -256,7 +256,7 @@ def _tasks() -> dict[str, Task]:
                                    dice_weight=1.0)),
       "tissue3d": Task(lambda: data.tissue3d(3), {"spatial_dims": 3, "in_channels": 1, "num_classes": 4,
                                                   "channels": [8, 16, 32]}, mri,
-                       TrainConfig(steps=200, batch_size=2, crop=32, learning_rate=3e-3, intensity=0.1,
+                       TrainConfig(steps=1000, batch_size=2, crop=32, learning_rate=3e-3, intensity=0.1,
                                    dice_weight=1.0)),
   }
 
