@@ -393,7 +393,7 @@ def markdown_table(records: Sequence[dict]) -> str:
       rows.append(f"| {r['device']} | {r['variant']} | {case} | 1 | {r['steps']} | max logit diff "
                   f"{r['max_abs_logit_diff']:.2e} | | | | |")
       continue
-    peak = f"{r['peak_bytes'] / 2**20:.0f}" if "peak_bytes" in r else ""
+    peak = f"{r['peak_bytes'] / 2**20:.1f}" if "peak_bytes" in r else ""
     rows.append(f"| {r['device']} | {r['variant']} | {case} | {r['batch']} | {r['steps']} | "
                 f"{r['ms_per_interaction']:.1f} | {r['ms_per_step']:.2f} | {r['images_per_s']:.3f} | "
                 f"{r['compile_s']:.1f} | {peak} |")

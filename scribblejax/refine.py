@@ -414,11 +414,13 @@ def _run_finalize(graphdef, static, batched, frozen, image, marks, state, residu
   return fn(frozen, image, marks, static, state, residuals)
 
 
+_PREDICT = _Static(optimizer=None, class_balance=False, trace_length=1, output="logits")
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef",))
 def _run_predict(graphdef, tunable, frozen, image):
   # the trunk and the tail, as refine computes them (with the same faster forms of some operations)
-  return _logits(graphdef, tunable, frozen, image, trunk_residuals(graphdef, tunable, frozen, image), _Static(
-      None, False, 1, "logits"))
+  return _logits(graphdef, tunable, frozen, image, trunk_residuals(graphdef, tunable, frozen, image), _PREDICT)
 
 
 def resolve_batch_scheme(scheme: str) -> str:
