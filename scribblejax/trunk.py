@@ -152,6 +152,10 @@ def _conv_as_matmul(eqn, lhs, rhs):
   return [y.astype(eqn.outvars[0].aval.dtype)]
 
 
+# The largest stacked input (bytes) that "conv3d_as_2d" builds; bigger convolutions stay 3D.
+CONV3D_AS_2D_MAX_BYTES = 1 << 30
+
+
 def _conv3d_as_2d(eqn, lhs, rhs):
   """A stride-1, undilated, ungrouped 3D convolution as one 2D convolution over the other two axes,
   with the first spatial axis folded into the batch and its kernel taps stacked as input features;
@@ -161,7 +165,8 @@ def _conv3d_as_2d(eqn, lhs, rhs):
   the input along the feature axis turns the 3D convolution into a 2D one with ``K`` times the input
   features. XLA:CPU runs 2D convolutions on its fast kernels and 3D ones on a slower path (one 3x3x3
   convolution, 64 -> 32 features at 64^3, 2 cores: 866 ms as a 3D and 578-632 ms as 2D convolutions;
-  oneDNN in PyTorch: 208 ms); it costs ``K`` copies of the input.
+  oneDNN in PyTorch: 208 ms); it costs ``K`` copies of the input, so a convolution whose stacked
+  input would exceed :data:`CONV3D_AS_2D_MAX_BYTES` stays 3D.
   """
   p = eqn.params
   if (len(p["window_strides"]) != 3 or p["feature_group_count"] != 1 or p["batch_group_count"] != 1
@@ -177,6 +182,8 @@ def _conv3d_as_2d(eqn, lhs, rhs):
   taps = k.shape[0]
   depth = x.shape[1] - taps + 1
   n, _, h, w, features = x.shape
+  if n * depth * h * w * taps * features * x.dtype.itemsize > CONV3D_AS_2D_MAX_BYTES:
+    return None
   stacked = jax.numpy.concatenate([x[:, t:t + depth] for t in range(taps)], axis=-1)  # [N, D', H, W, KD*I]
   kernel = jax.numpy.transpose(k, (1, 2, 0, 3, 4)).reshape(k.shape[1], k.shape[2], taps * features, k.shape[4])
   y = jax.lax.conv_general_dilated(stacked.reshape(n * depth, h, w, taps * features), kernel, (1, 1), rest,

@@ -115,7 +115,7 @@ def test_rewrites_equal_lax_convolutions(dn):
 @pytest.mark.parametrize("dn, padding", [(("NDHWC", "DHWIO", "NDHWC"), ((1, 1), (1, 1), (1, 1))),
                                          (("NCDHW", "OIDHW", "NCDHW"), ((0, 2), (1, 0), (2, 2))),
                                          (("NDHWC", "OIDHW", "NCDHW"), ((0, 0), (0, 0), (0, 0)))])
-def test_conv3d_as_2d_equals_lax_convolution_and_its_gradients(dn, padding):
+def test_conv3d_as_2d_equals_lax_convolution_and_its_gradients(dn, padding, monkeypatch):
   rng = np.random.default_rng(1)
   spatial, kernel_size = (5, 6, 7), (3, 2, 3)
   x = rng.normal(size=(2, *spatial, 3)) if dn[0] == "NDHWC" else rng.normal(size=(2, 3, *spatial))
@@ -131,6 +131,10 @@ def test_conv3d_as_2d_equals_lax_convolution_and_its_gradients(dn, padding):
   loss = lambda f: (lambda k: jnp.sum(jnp.sin(f(k))))
   np.testing.assert_allclose(np.asarray(jax.grad(loss(rewritten))(w)), np.asarray(jax.grad(loss(lambda k: conv(x, k)))(w)),
                              rtol=1e-4, atol=1e-4)
+  # a convolution whose stacked input would be too big stays 3D
+  monkeypatch.setattr(trunk, "CONV3D_AS_2D_MAX_BYTES", 1024)
+  part = trunk.partition(lambda t, f, img: conv(img, t), w, (), x, rewrites=("conv3d_as_2d",))
+  assert "lhs_dilation=(1, 1, 1)" in str(jax.make_jaxpr(lambda k: part.tail(k, part.trunk((), x)))(w))
   # strided convolutions keep the lax form
   strided = lambda x, k: jax.lax.conv_general_dilated(x, k, (2, 1, 1), padding, dimension_numbers=dn)
   part = trunk.partition(lambda t, f, img: strided(img, t), w, (), x, rewrites=("conv3d_as_2d",))
