@@ -108,6 +108,14 @@ def _payload(ctx: Context, name: str, description: str, results: list[dict], **e
           "max_steps": ctx.size.max_steps, "layers": ctx.size.layers, "results": results, **extra}
 
 
+def _write(ctx: Context, name: str, description: str, results: list[dict], title: str,
+           payload_extra: dict | None = None, **write_kwargs) -> dict:
+  """Writes ``<name>.{json,md,png}`` under ``ctx.out`` (see :func:`evaluate.write_results`); returns the payload."""
+  payload = _payload(ctx, name, description, results, **(payload_extra or {}))
+  ev.write_results(ctx.out, name, payload, results, title=title, **write_kwargs)
+  return payload
+
+
 def _standard_methods(ctx: Context, model) -> list[bl.Method]:
   cfg = ctx.config()
   return [bl.initial_method(model), bl.random_walker_method(model), bl.refine_method(model, "head", cfg),
@@ -131,9 +139,7 @@ def exp_dice(ctx: Context) -> dict:
   desc = ("Dice per interaction (mean foreground Dice) for each method on the same case, each fed by the "
           "same deterministic simulated user (scribbles); marks after interaction 1 depend on each method's "
           "own prediction.")
-  payload = _payload(ctx, "dice", desc, results)
-  ev.write_results(ctx.out, "dice", payload, results, title="(i) Dice per interaction")
-  return payload
+  return _write(ctx, "dice", desc, results, "(i) Dice per interaction")
 
 
 def exp_multiclass(ctx: Context) -> dict:
@@ -152,11 +158,9 @@ def exp_multiclass(ctx: Context) -> dict:
   table = ev.markdown_table(rows, cols) + (f"\nclasses: {', '.join(f'{c}={n}' for c, n in enumerate(case.class_names))}. "
                                            "'corrected': per-class Dice rose by >= 0.01 in that interaction.\n")
   desc = (f"Several classes marked and corrected in one interaction ({task}, one mark per class with errors).")
-  payload = _payload(ctx, "multiclass", desc, results, rows=rows, task=task)
   curves = {case.class_names[c]: [d[c] for d in r["dice_per_class"]] for c in range(case.num_classes)}
-  ev.write_results(ctx.out, "multiclass", payload, results, table=table, curves=curves,
-                   title=f"(ii) per-class Dice per interaction ({task})", ylabel="Dice")
-  return payload
+  return _write(ctx, "multiclass", desc, results, f"(ii) per-class Dice per interaction ({task})",
+                {"rows": rows, "task": task}, table=table, curves=curves, ylabel="Dice")
 
 
 def exp_missed_class(ctx: Context) -> dict:
@@ -178,11 +182,9 @@ def exp_missed_class(ctx: Context) -> dict:
   desc = ("A class missed entirely by the initial prediction, inserted by marks. The miss is PRODUCED: the "
           "class's head bias is lowered (see notes); the proximal term anchors to the lowered weights. "
           + " ".join(notes))
-  payload = _payload(ctx, "missed_class", desc, results, notes=notes)
   curves = {f"{r['case']} {r['method']}": r["missed_class_dice"] for r in results}
-  ev.write_results(ctx.out, "missed_class", payload, results, curves=curves,
-                   title="(iii) Dice of the missed class per interaction", ylabel="Dice of the missed class")
-  return payload
+  return _write(ctx, "missed_class", desc, results, "(iii) Dice of the missed class per interaction",
+                {"notes": notes}, curves=curves, ylabel="Dice of the missed class")
 
 
 def new_class_case(ctx: Context, percentile: float = 75.0) -> ev.Case:
@@ -216,11 +218,9 @@ def exp_new_class(ctx: Context) -> dict:
           "all nuclei areas; defined from the instance mask). The binary backbone gets a third output channel by "
           "add_classes (a copy of the background channel with its bias lowered by 4, so the initial prediction "
           "is unchanged and never contains the class); the user marks it like any class.")
-  payload = _payload(ctx, "new_class", desc, results)
   curves = {r["method"]: r["new_class_dice"] for r in results}
-  ev.write_results(ctx.out, "new_class", payload, results, curves=curves,
-                   title="(iv) Dice of the appended class 'large nucleus'", ylabel="Dice of the new class")
-  return payload
+  return _write(ctx, "new_class", desc, results, "(iv) Dice of the appended class 'large nucleus'",
+                curves=curves, ylabel="Dice of the new class")
 
 
 def exp_shift(ctx: Context) -> dict:
@@ -235,9 +235,7 @@ def exp_shift(ctx: Context) -> dict:
   desc = ("Distribution shift: the 2D DSB nuclei backbone on three planes of the synthetic 3D nuclei "
           "(z = 8, 15, 22, side by side; a different imaging source); the tissue backbone on an MNI test slice "
           "after a gamma-0.6 contrast change and a +-20% intensity ramp (evaluate.shift_intensity).")
-  payload = _payload(ctx, "shift", desc, results)
-  ev.write_results(ctx.out, "shift", payload, results, title="(v) distribution shift")
-  return payload
+  return _write(ctx, "shift", desc, results, "(v) distribution shift")
 
 
 def exp_mark_types(ctx: Context) -> dict:
@@ -249,9 +247,7 @@ def exp_mark_types(ctx: Context) -> dict:
       method = bl.refine_method(ctx.backbone(task).model, ctx.size.layers, ctx.config())
       results.append(ev.run_case(case, method, ctx.eval_config(mark_kind=kind)))
   desc = "Mark types: interactions needed (NoC) and Dice per interaction with scribbles, points (radius 1) and boxes."
-  payload = _payload(ctx, "mark_types", desc, results)
-  ev.write_results(ctx.out, "mark_types", payload, results, title="(vi) mark types")
-  return payload
+  return _write(ctx, "mark_types", desc, results, "(vi) mark types")
 
 
 def exp_region_growing(ctx: Context) -> dict:
@@ -266,9 +262,7 @@ def exp_region_growing(ctx: Context) -> dict:
       results.append(r)
   desc = ("Short scribbles (at most 5 skeleton pixels) with region growing off (T=0) and on (T in normalised "
           "intensity units; growth of at most 20 pixel layers).")
-  payload = _payload(ctx, "region_growing", desc, results)
-  ev.write_results(ctx.out, "region_growing", payload, results, title="(vii) region growing, short scribbles")
-  return payload
+  return _write(ctx, "region_growing", desc, results, "(vii) region growing, short scribbles")
 
 
 def _final_row(r: dict, **keys) -> dict:
@@ -289,9 +283,7 @@ def _write_rows(ctx: Context, name: str, description: str, results: list[dict], 
                 keys: list[str], title: str, note: str = FINAL_NOTE, **extra) -> dict:
   """Writes an experiment whose table has one :func:`_final_row` per run (``keys`` first)."""
   table = ev.markdown_table(rows, keys + FINAL_COLUMNS) + note
-  payload = _payload(ctx, name, description, results, rows=rows, **extra)
-  ev.write_results(ctx.out, name, payload, results, table=table, title=title)
-  return payload
+  return _write(ctx, name, description, results, title, {"rows": rows, **extra}, table=table)
 
 
 def exp_steps_layers(ctx: Context) -> dict:
