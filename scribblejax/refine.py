@@ -458,18 +458,11 @@ def _check_image(image: Any) -> np.ndarray:
   return arr
 
 
-def _structure_key(tree: Any) -> tuple:
-  """A hashable key of a pytree's structure, shapes and dtypes."""
-  leaves, treedef = jax.tree.flatten(tree)
-  return treedef, tuple((tuple(np.shape(x)), jnp.result_type(x).str) for x in leaves)
-
-
 @functools.lru_cache(maxsize=256)
 def _output_shape(graphdef: Any, tunable_key: tuple, frozen_key: tuple, image_shape: tuple, dtype: str):
   """The logits' shape (by abstract evaluation, cached per model structure and image shape), or the
   model's own error."""
-  structs = [jax.tree.unflatten(treedef, [jax.ShapeDtypeStruct(s, np.dtype(d)) for s, d in leaves])
-             for treedef, leaves in (tunable_key, frozen_key)]
+  structs = [jax.tree.unflatten(key[0], trunk_lib.key_leaves(key)) for key in (tunable_key, frozen_key)]
   try:
     return tuple(jax.eval_shape(functools.partial(forward, graphdef), *structs,
                                 jax.ShapeDtypeStruct(image_shape, np.dtype(dtype))).shape), None
@@ -482,7 +475,8 @@ def num_classes_of(split: Split, image_shape: tuple[int, ...], dtype=jnp.float32
 
   Cached per model structure and image shape, so repeated interactions do not trace the model again.
   """
-  shape, error = _output_shape(split.graphdef, _structure_key(split.tunable), _structure_key(split.frozen),
+  shape, error = _output_shape(split.graphdef, trunk_lib.structure_key(split.tunable),
+                               trunk_lib.structure_key(split.frozen),
                                tuple(int(n) for n in image_shape), jnp.dtype(dtype).str)
   if error is not None:
     raise ValueError(f"the model does not accept an image of shape {tuple(image_shape)}: {error}")
@@ -536,19 +530,13 @@ def predict(split: Split, image: Any, tunable: Any = None) -> jax.Array:
 
 def split_spatial_dims(split: Split) -> int | None:
   """The model's spatial rank when it states one (``spatial_dims`` attribute), else ``None``."""
-  try:
-    return _spatial_dims_cache[split.graphdef]
-  except (KeyError, TypeError):  # TypeError: a graphdef that cannot be hashed is not cached
-    pass
-  model = nnx.merge(split.graphdef, split.tunable, split.frozen)
-  dims = getattr(model, "spatial_dims", None)
-  try:
-    if len(_spatial_dims_cache) > 256:
+  # cached per graphdef (hashable: it is a static argument of every compiled function here)
+  if split.graphdef not in _spatial_dims_cache:
+    if len(_spatial_dims_cache) >= 256:
       _spatial_dims_cache.clear()
-    _spatial_dims_cache[split.graphdef] = dims
-  except TypeError:
-    pass
-  return dims
+    model = nnx.merge(split.graphdef, split.tunable, split.frozen)
+    _spatial_dims_cache[split.graphdef] = getattr(model, "spatial_dims", None)
+  return _spatial_dims_cache[split.graphdef]
 
 
 _spatial_dims_cache: dict = {}

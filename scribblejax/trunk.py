@@ -366,16 +366,23 @@ def _struct(x) -> jax.ShapeDtypeStruct:
   return jax.ShapeDtypeStruct(aval.shape, aval.dtype, weak_type=getattr(aval, "weak_type", False))
 
 
-def _key(tree) -> tuple:
+def structure_key(tree) -> tuple:
+  """A hashable key of a pytree's structure, leaf shapes and dtypes (arrays, tracers or
+  ``jax.ShapeDtypeStruct``), for caches of traces; :func:`key_leaves` gives the leaves back abstractly."""
   leaves, treedef = jax.tree.flatten(tree)
   return treedef, tuple((tuple(s.shape), np.dtype(s.dtype).str, bool(s.weak_type)) for s in map(_struct, leaves))
+
+
+def key_leaves(key: tuple) -> list:
+  """The ``jax.ShapeDtypeStruct`` leaves described by a :func:`structure_key`."""
+  return [jax.ShapeDtypeStruct(s, np.dtype(d), weak_type=w) for s, d, w in key[1]]
 
 
 @functools.lru_cache(maxsize=64)
 def _unzip(fn, tunable_key, frozen_key, image_key):
   """Traces ``fn`` once per (function, structures, shapes) and plans the unzipping."""
   keys = (tunable_key, frozen_key, image_key)
-  structs = [[jax.ShapeDtypeStruct(s, np.dtype(d), weak_type=w) for s, d, w in key[1]] for key in keys]
+  structs = [key_leaves(key) for key in keys]
 
   def flat_fn(*flat):
     return fn(*(jax.tree.unflatten(key[0], leaves) for key, leaves in zip(keys, flat)))
@@ -429,7 +436,8 @@ def partition(fn: Callable, tunable: Any, frozen: Any, image: Any, *,
   if unknown:
     raise ValueError(f"unknown rewrite(s) {unknown}; choose from {sorted(REWRITES)}")
   rewrites = tuple(rewrites)
-  consts, level, n_tunable, out_treedef, residual_shapes = _unzip(fn, _key(tunable), _key(frozen), _key(image))
+  consts, level, n_tunable, out_treedef, residual_shapes = _unzip(fn, structure_key(tunable), structure_key(frozen),
+                                                                structure_key(image))
 
   def trunk(frozen, image):
     return _collect(level, consts, [None] * n_tunable + jax.tree.leaves(frozen) + jax.tree.leaves(image), rewrites)
