@@ -65,7 +65,8 @@ QUICK_CASES = {
 }
 VARIANTS = ("scribblejax", "scribblejax_early_stop", "scribblejax_full_forward", "scribblejax_loop_driver",
             "scribblejax_host_driver", "scribblejax_vmap", "scribblejax_matmul", "scribblejax_sequential",
-            "scribblejax_sharded", "scribblejax_bf16", "scribblejax_remat", "torch_eager", "torch_eager_early_stop")
+            "scribblejax_sharded", "scribblejax_bf16", "scribblejax_remat", "scribblejax_xla", "torch_eager",
+            "torch_eager_early_stop")
 DEFAULT_VARIANTS = ("scribblejax", "scribblejax_early_stop", "scribblejax_full_forward", "torch_eager",
                     "torch_eager_early_stop")
 # variants that take a batch; the others run at batch 1 only
@@ -267,6 +268,8 @@ def _jax_config(variant: str, steps: int, settings: Settings):
     kwargs["compute_dtype"] = "bfloat16"
   if variant == "scribblejax_remat":
     kwargs["remat"] = True
+  if variant == "scribblejax_xla":
+    kwargs["conv_backend"] = "xla"
   return sj.RefineConfig(**kwargs)
 
 
@@ -312,7 +315,8 @@ def bench_jax(variant: str, case: Case, batch: int, settings: Settings, split) -
   extra = {"retraced": retraced, "satisfied": satisfied, "max_steps": config.max_steps,
            "driver": sj.resolve_driver(config.driver), "cache_trunk": config.cache_trunk,
            "batch_scheme": refine_scheme(config) if batch > 1 else None,
-           "compute_dtype": config.compute_dtype, "remat": config.remat}
+           "compute_dtype": config.compute_dtype, "remat": config.remat,
+           "conv_backend": sj.resolve_conv_backend(config.conv_backend)}
   if settings.memory and batch == 1 and variant not in BATCHED_VARIANTS[1:]:
     memory = sj.memory_analysis(split, inputs[0][0][0], inputs[0][1][0], config)
     extra.update(memory=memory, peak_bytes=memory["peak_bytes"])

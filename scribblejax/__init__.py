@@ -13,6 +13,7 @@ Example:
   >>> result.labels, int(result.num_steps), bool(result.satisfied)
 """
 
+from scribblejax.kernels import KernelStatus, kernel_status, resolve_conv_backend
 from scribblejax.marks import (UNMARKED, Box, LabelMap, Mark, Point, Polygon, Scribble, accumulate,
                                encode_marks, grow_marks, validate_mark_map)
 from scribblejax.models.layer_order import check_layer_order, layer_order, traced_layer_order
@@ -32,6 +33,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Box",
+    "KernelStatus",
     "LabelMap",
     "Mark",
     "ModelInfo",
@@ -62,6 +64,7 @@ __all__ = [
     "memory_analysis",
     "grow_marks",
     "head",
+    "kernel_status",
     "last_layers",
     "layer_order",
     "load_model",
@@ -76,6 +79,7 @@ __all__ = [
     "refine",
     "refine_batch",
     "resolve_batch_scheme",
+    "resolve_conv_backend",
     "resolve_driver",
     "save_model",
     "batch_mesh",

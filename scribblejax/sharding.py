@@ -75,9 +75,10 @@ def _run_loop(graphdef, static, mesh, batched_start, anchor, start, frozen, imag
                                                                                  marks, hyper)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "compute_dtype", "mesh"))
-def _run_trunk(graphdef, compute_dtype, mesh, tunable, frozen, image):
-  fn = functools.partial(refine_lib.trunk_residuals, graphdef, compute_dtype=compute_dtype)
+@functools.partial(jax.jit, static_argnames=("graphdef", "compute_dtype", "conv_backend", "mesh"))
+def _run_trunk(graphdef, compute_dtype, conv_backend, mesh, tunable, frozen, image):
+  fn = functools.partial(refine_lib.trunk_residuals, graphdef, compute_dtype=compute_dtype,
+                         conv_backend=conv_backend)
   return _per_device(mesh, fn, (False, False, True))(tunable, frozen, image)
 
 
@@ -108,7 +109,7 @@ def _drive(split: Split, images, marks, config, mesh: Mesh, start, batched_start
   if not batched_start:
     start = jax.tree.map(lambda x: jnp.broadcast_to(x, (images.shape[0], *x.shape)), start)
   state = _run_init(static, mesh, start, hyper)
-  residuals = (_run_trunk(split.graphdef, static.compute_dtype, mesh, anchor, split.frozen, images)
+  residuals = (_run_trunk(split.graphdef, static.compute_dtype, static.conv_backend, mesh, anchor, split.frozen, images)
                if config.cache_trunk else None)
   while True:
     finished = np.asarray(jax.device_get(state.done | (state.step >= config.max_steps)))

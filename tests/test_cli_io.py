@@ -147,7 +147,9 @@ def test_refine_labelme_two_labels_corrects_two_classes_in_one_round(tmp_path, m
   assert report["satisfied"] and 0 < report["steps"] <= 300 and report["marks_honoured"] == 1.0
   assert report["settings"] == {"layers": 5, "max_steps": 300, "learning_rate": 0.05, "momentum": 0.9, "prox_weight": 0.01,
                                 "region_growing": None, "class_balance": False, "continue_weights": False,
-                                "check_every": 1, "compute_dtype": "float32", "remat": False}
+                                "check_every": 1, "compute_dtype": "float32", "remat": False,
+                                "conv_backend": "auto"}
+  assert report["conv_backend"] == sj.resolve_conv_backend("auto")
   assert report["marked_pixels"] == {"background": 5, "nucleus": 5}   # radius 1: a 5-pixel cross each
   labels = np.asarray(PILImage.open(tmp_path / "refined.png"))
   for label, (r, c) in ((1, (r1, c1)), (0, (r0, c0))):
@@ -184,10 +186,11 @@ def test_refine_reads_a_slicer_segmentation_on_an_nrrd_image(tmp_path, model_dir
 
   code = main(["refine", "--model", str(model_dir), "--image", str(tmp_path / "img.nrrd"), "--marks",
                str(tmp_path / "fix.seg.nrrd"), "--out", str(tmp_path / "seg.nrrd"), *KNOBS, "--quiet",
-               "--compute-dtype", "bfloat16", "--remat"])
+               "--compute-dtype", "bfloat16", "--remat", "--conv-backend", "xla"])
   assert code == 0, capsys.readouterr().err
   report = json.loads((tmp_path / "seg.report.json").read_text())
   assert report["settings"]["compute_dtype"] == "bfloat16" and report["settings"]["remat"] is True
+  assert report["settings"]["conv_backend"] == report["conv_backend"] == "xla"
   labels, out_header = nrrd.read(str(tmp_path / "seg.nrrd"), index_order="F")
   assert labels.shape == (96, 96)
   np.testing.assert_allclose(out_header["space directions"], header["space directions"])

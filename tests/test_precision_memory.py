@@ -11,7 +11,9 @@ import pytest
 
 import scribblejax as sj
 from benchmarks.speed import random_unet
-from scribblejax import trunk
+from scribblejax import kernels, trunk
+
+CONV_BACKENDS = ["xla"] + (["onednn"] if kernels.kernel_status().available else [])
 
 refine_lib = importlib.import_module("scribblejax.refine")
 
@@ -84,16 +86,19 @@ def test_remat_gives_the_same_refinement(dims, cache_trunk, driver):
   np.testing.assert_allclose(np.asarray(remat.logits), np.asarray(plain.logits), rtol=1e-4, atol=1e-4)
 
 
-def test_remat_tail_checkpoints_each_layer_and_recomputes():
+@pytest.mark.parametrize("backend", CONV_BACKENDS)
+def test_remat_tail_checkpoints_each_layer_and_recomputes(backend):
   split = sj.split_params(_unet(2), sj.last_layers(4))
   image = jnp.asarray(_problem()[0][..., None])
   fn = refine_lib._Forward(split.graphdef)
-  residuals = trunk.partition(fn, split.tunable, split.frozen, image).trunk(split.frozen, image)
+  rewrites = trunk.default_rewrites(backend)
+  residuals = trunk.partition(fn, split.tunable, split.frozen, image, rewrites=rewrites).trunk(split.frozen, image)
   loss = lambda remat: lambda t: jnp.sum(jnp.sin(
-      trunk.partition(fn, split.tunable, split.frozen, image, remat=remat).tail(t, residuals)))
+      trunk.partition(fn, split.tunable, split.frozen, image, rewrites=rewrites, remat=remat).tail(t, residuals)))
   plain = jax.make_jaxpr(jax.grad(loss(False)))(split.tunable)
   remat = jax.make_jaxpr(jax.grad(loss(True)))(split.tunable)
-  convs = lambda j: str(j).count("conv_general_dilated")
+  # forward convolutions: XLA's, or oneDNN's forward calls
+  convs = lambda j: str(j).count("conv_general_dilated") + str(j).count("onednn_conv_forward")
   # one checkpoint per tunable layer that starts with a convolution or a matrix product
   assert str(remat).count("remat") >= 3
   assert convs(remat) > convs(plain)                # the backward pass recomputes forward convolutions

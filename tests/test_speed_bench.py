@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import scribblejax as sj
 from benchmarks import speed, torch_reference
 
 FIELDS = ("device", "variant", "dims", "size", "batch", "steps", "ms_per_interaction", "ms_per_step",
@@ -57,10 +58,13 @@ def test_torch_mirror_computes_the_flax_forward(dims, shape):
 
 def test_precision_and_memory_variants(tmp_path):
   out = tmp_path / "mem.json"
-  assert speed.main(["--quick", "--cases", "2d32", "--variants", "scribblejax,scribblejax_bf16,scribblejax_remat",
+  assert speed.main(["--quick", "--cases", "2d32", "--variants",
+                     "scribblejax,scribblejax_bf16,scribblejax_remat,scribblejax_xla",
                      "--batches", "1", "--no-check", "--memory", "--out", str(out)]) == 0
   records = {r["variant"]: r for r in json.loads(out.read_text())}
   assert records["scribblejax_bf16"]["compute_dtype"] == "bfloat16" and records["scribblejax_remat"]["remat"]
+  assert records["scribblejax_xla"]["conv_backend"] == "xla"
+  assert records["scribblejax"]["conv_backend"] == sj.resolve_conv_backend("auto")
   for r in records.values():
     assert r["steps"] == 2 and r["peak_bytes"] == r["memory"]["peak_bytes"] > 0
     assert set(r["memory"]["programs"]) >= {"chunk"} or set(r["memory"]["programs"]) == {"loop"}

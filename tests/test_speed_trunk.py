@@ -12,7 +12,9 @@ from flax import nnx
 
 import scribblejax as sj
 from benchmarks.speed import random_unet
-from scribblejax import trunk
+from scribblejax import kernels, trunk
+
+CONV_BACKENDS = ["xla"] + (["onednn"] if kernels.kernel_status().available else [])
 
 refine_lib = importlib.import_module("scribblejax.refine")
 
@@ -155,16 +157,23 @@ def _conv_ranks(jaxpr) -> list[int]:
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="the 3D-as-2D rewrite is a CPU default")
-def test_3d_unet_runs_2d_convolutions_on_cpu_with_the_same_logits():
+@pytest.mark.parametrize("backend", CONV_BACKENDS)
+def test_3d_unet_on_cpu_runs_2d_or_onednn_convolutions_with_the_same_logits(backend):
   split = sj.split_params(_unet(3, (4, 8)), sj.last_layers(3))
   image = _image((8, 8, 8, 1), seed=3)
-  predict = functools.partial(refine_lib._run_predict, split.graphdef)
-  ranks = _conv_ranks(jax.make_jaxpr(predict)(split.tunable, split.frozen, image).jaxpr)
-  plain = _conv_ranks(jax.make_jaxpr(refine_lib._Forward(split.graphdef))(split.tunable, split.frozen, image).jaxpr)
-  assert plain and set(plain) == {3} and ranks and set(ranks) == {2}
-  np.testing.assert_allclose(np.asarray(predict(split.tunable, split.frozen, image)),
-                             np.asarray(refine_lib.forward(split.graphdef, split.tunable, split.frozen, image)),
-                             rtol=1e-5, atol=1e-5)
+  fn = refine_lib._Forward(split.graphdef)
+  part = trunk.partition(fn, split.tunable, split.frozen, image, rewrites=trunk.default_rewrites(backend))
+  rewritten = lambda t, f, x: part.tail(t, part.trunk(f, x))
+  jaxpr = jax.make_jaxpr(rewritten)(split.tunable, split.frozen, image).jaxpr
+  ranks, plain = _conv_ranks(jaxpr), _conv_ranks(jax.make_jaxpr(fn)(split.tunable, split.frozen, image).jaxpr)
+  assert plain and set(plain) == {3}
+  if backend == "xla":
+    assert ranks and set(ranks) == {2}                       # conv3d_as_2d
+  else:
+    # every convolution but the U-Net's one up-sampling (a matrix product, "transposed_conv")
+    assert not ranks and str(jaxpr).count("onednn_conv_forward") == len(plain) - 1
+  np.testing.assert_allclose(np.asarray(rewritten(split.tunable, split.frozen, image)),
+                             np.asarray(fn(split.tunable, split.frozen, image)), rtol=1e-5, atol=1e-5)
 
 
 def test_unknown_rewrite_raises():

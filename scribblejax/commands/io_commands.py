@@ -117,7 +117,7 @@ def _refine(args: argparse.Namespace) -> int:
                               prox_weight=args.alpha, region_growing=args.region_growing, driver=args.driver,
                               check_every=args.check_every, class_balance=args.class_balance,
                               continue_weights=args.continue_weights, compute_dtype=args.compute_dtype,
-                              remat=args.remat)
+                              remat=args.remat, conv_backend=args.conv_backend)
     options = MarkOptions(class_names=_classes(args.classes), background_value=args.background_value,
                           unmarked_value=args.unmarked_value, radius=args.radius, rectangle=args.rectangle)
     with _progress_bar(args) as progress:
@@ -171,6 +171,9 @@ def _add_refine(subparsers) -> None:
                       help="dtype the network computes in; weights stay float32 (default float32)")
   method.add_argument("--remat", action="store_true",
                       help="recompute the tail's activations in the backward pass (less memory, more time)")
+  method.add_argument("--conv-backend", choices=("auto", "xla", "onednn"), default="auto",
+                      help="who computes the convolutions: auto (oneDNN on the CPU when the kernels are available, "
+                           "else XLA), xla, or onednn (CPU only; see scribblejax.kernels) (default auto)")
   method.add_argument("--continue-weights", action="store_true",
                       help="in a session, start from the previous round's weights instead of the network's")
   marks = parser.add_argument_group("marks files")

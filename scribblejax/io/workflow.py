@@ -163,6 +163,7 @@ class RefineSettings:
     continue_weights: start from the previous round's W_lam instead of W (sessions only).
     compute_dtype: "float32" or "bfloat16" (``RefineConfig.compute_dtype``).
     remat: rematerialise the tail's activations in the backward pass (``RefineConfig.remat``).
+    conv_backend: "auto", "xla" or "onednn" (``RefineConfig.conv_backend``).
   """
   layers: int | None = None
   max_steps: int | None = None
@@ -176,6 +177,7 @@ class RefineSettings:
   continue_weights: bool = False
   compute_dtype: str = "float32"
   remat: bool = False
+  conv_backend: str = "auto"
 
   def resolve(self, metadata: dict) -> tuple[int | None, Any, float | None]:
     """``(layers, RefineConfig, region_growing)`` with the defaults filled in."""
@@ -185,7 +187,7 @@ class RefineSettings:
     fields = {k: pick(k) for k in ("max_steps", "learning_rate", "momentum", "prox_weight")}
     config = RefineConfig(**{k: v for k, v in fields.items() if v is not None}, driver=self.driver,
                           check_every=self.check_every, class_balance=self.class_balance,
-                          compute_dtype=self.compute_dtype, remat=self.remat)
+                          compute_dtype=self.compute_dtype, remat=self.remat, conv_backend=self.conv_backend)
     grow = pick("region_growing")
     if grow is not None and (not np.isfinite(grow) or grow < 0):
       raise ValueError(f"the region growing threshold must be finite and >= 0, got {grow}")
@@ -489,6 +491,7 @@ def _refine_round(model, model_ref, img, digest, marks_files, new, out, session,
                   class_names, info, overlay, log, progress=None) -> dict:
   import jax
   from scribblejax import marks as marks_lib
+  from scribblejax.kernels import resolve_conv_backend
   from scribblejax.refine import refine, resolve_driver
 
   network = _load(model, log)
@@ -543,12 +546,12 @@ def _refine_round(model, model_ref, img, digest, marks_files, new, out, session,
             "nonfinite": bool(result.nonfinite), "marks_honoured": honoured,
             "changed_pixels": int((labels != before).sum()),
             "seconds": seconds, "compile_seconds": compiled[0], "compile_seconds_note": COMPILE_NOTE,
-            **_device(), "driver": driver,
+            **_device(), "driver": driver, "conv_backend": resolve_conv_backend(config.conv_backend),
             "settings": {"layers": layers, "max_steps": config.max_steps, "learning_rate": config.learning_rate,
                          "momentum": config.momentum, "prox_weight": config.prox_weight, "region_growing": grow,
                          "class_balance": config.class_balance, "continue_weights": settings.continue_weights,
                          "check_every": config.check_every, "compute_dtype": config.compute_dtype,
-                         "remat": config.remat},
+                         "remat": config.remat, "conv_backend": config.conv_backend},
             "notes": list(fitted.notes)}
   if session:
     report["session"] = str(session)
