@@ -313,7 +313,8 @@ def bench_jax(variant: str, case: Case, batch: int, settings: Settings, split) -
     taken = int(np.max(np.asarray(last.num_steps)))
     satisfied = bool(np.all(np.asarray(last.satisfied)))
   extra = {"retraced": retraced, "satisfied": satisfied, "max_steps": config.max_steps,
-           "driver": sj.resolve_driver(config.driver), "cache_trunk": config.cache_trunk,
+           "driver": sj.resolve_driver(config.driver, config.conv_backend, config.compute_dtype),
+           "cache_trunk": config.cache_trunk,
            "batch_scheme": refine_scheme(config) if batch > 1 else None,
            "compute_dtype": config.compute_dtype, "remat": config.remat,
            "conv_backend": sj.resolve_conv_backend(config.conv_backend)}

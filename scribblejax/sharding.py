@@ -104,7 +104,7 @@ def _drive(split: Split, images, marks, config, mesh: Mesh, start, batched_start
   """refine.py's driver, with every compiled piece split over the mesh's batch axis."""
   static, hyper = refine_lib._static(config, True), refine_lib._hyper(config)
   anchor = split.tunable
-  if refine_lib.resolve_driver(config.driver) == "loop":
+  if refine_lib._driver(config) == "loop":
     return _run_loop(split.graphdef, static, mesh, batched_start, anchor, start, split.frozen, images, marks, hyper)
   if not batched_start:
     start = jax.tree.map(lambda x: jnp.broadcast_to(x, (images.shape[0], *x.shape)), start)

@@ -71,6 +71,50 @@ def test_conv_and_its_gradients_equal_xla(nd, strides, padding):
 
 
 @needs_kernels
+@pytest.mark.parametrize("nd,strides,kernel,padding", [
+    (2, (2, 2), (2, 2), ((0, 0), (0, 0))),           # a U-Net's up-sampling
+    (2, (2, 1), (3, 2), ((1, 0), (0, 1))),
+    (3, (2, 2, 2), (2, 2, 2), ((0, 0),) * 3),
+    (3, (1, 2, 3), (3, 3, 3), ((1, 1), (0, 2), (2, 0))),
+])
+def test_conv_transpose_and_its_gradients_equal_xla(nd, strides, kernel, padding):
+  rng = np.random.default_rng(10 + nd)
+  x = jnp.asarray(rng.normal(size=(2, *(4, 5, 3)[:nd], 3)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(*kernel, 3, 4)), jnp.float32)
+
+  def theirs(x, w):   # the gradient of a convolution: an input-dilated convolution, kernel flipped
+    flipped = jnp.flip(w, axis=tuple(range(nd)))
+    pads = [(k - 1 - lo, k - 1 - hi) for k, (lo, hi) in zip(kernel, padding)]
+    return jax.lax.conv_general_dilated(x, flipped, (1,) * nd, pads, lhs_dilation=strides,
+                                        dimension_numbers=DN[nd], precision=jax.lax.Precision.HIGHEST)
+  ours = lambda x, w: kernels.conv_transpose(x, w, strides, padding)
+  assert ours(x, w).shape == theirs(x, w).shape == kernels.output_shape(x.shape, w.shape, strides, padding, True)
+  np.testing.assert_allclose(np.asarray(jax.jit(ours)(x, w)), np.asarray(theirs(x, w)), rtol=1e-4, atol=1e-4)
+  cot = jnp.asarray(rng.normal(size=theirs(x, w).shape), jnp.float32)
+  loss = lambda f: lambda x, w: jnp.sum(jnp.sin(f(x, w)) * cot)
+  for a, b in zip(jax.grad(loss(ours), argnums=(0, 1))(x, w), jax.grad(loss(theirs), argnums=(0, 1))(x, w)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4)
+
+
+@needs_kernels
+@pytest.mark.parametrize("strides,kernel,padding", [((2, 2), (2, 2), "VALID"), ((2, 2), (3, 3), "SAME"),
+                                                    ((1, 1), (3, 3), "SAME")])
+def test_trunk_rewrite_runs_lax_conv_transpose_on_onednn(strides, kernel, padding):
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.normal(size=(1, 5, 6, 3)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(*kernel, 3, 4)), jnp.float32)
+  up = lambda k, img: jax.lax.conv_transpose(img, k, strides, padding, dimension_numbers=DN[2])
+  part = trunk.partition(lambda t, f, img: up(t, img), w, (), x, rewrites=("onednn_conv",))
+  rewritten = lambda k: part.tail(k, part.trunk((), x))
+  jaxpr = str(jax.make_jaxpr(rewritten)(w))
+  assert "onednn_conv_forward" in jaxpr and "conv_general_dilated" not in jaxpr
+  np.testing.assert_allclose(np.asarray(rewritten(w)), np.asarray(up(w, x)), rtol=1e-4, atol=1e-4)
+  loss = lambda f: lambda k: jnp.sum(jnp.sin(f(k)))
+  np.testing.assert_allclose(np.asarray(jax.grad(loss(rewritten))(w)), np.asarray(jax.grad(loss(lambda k: up(k, x)))(w)),
+                             rtol=1e-4, atol=1e-4)
+
+
+@needs_kernels
 def test_conv_under_vmap_with_per_example_weights_and_in_a_while_loop():
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.normal(size=(3, 1, 6, 6, 2)), jnp.float32)     # 3 examples of batch 1
@@ -131,6 +175,10 @@ def test_auto_means_onednn_on_cpu_and_bf16_stays_with_xla():
     pytest.skip("oneDNN runs on the CPU only")
   assert sj.resolve_conv_backend("auto") == "onednn"
   assert sj.resolve_conv_backend("xla") == "xla"
+  # one compiled loop when every convolution is oneDNN's; host-driven chunks when XLA's are left
+  assert sj.resolve_driver("auto") == sj.resolve_driver("auto", "onednn") == "loop"
+  assert sj.resolve_driver("auto", "xla") == sj.resolve_driver("auto", "auto", "bfloat16") == "host"
+  assert sj.resolve_driver("host") == "host"
   split = sj.split_params(random_unet(2, (4, 8)), sj.last_layers(3))
   image = np.zeros((8, 8, 1), np.float32)
   fn = refine_lib._Forward(split.graphdef, "bfloat16")

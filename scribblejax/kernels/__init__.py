@@ -5,9 +5,9 @@ and both gradients of one 3x3 convolution, 64 -> 32 features, took 77 ms at 256^
 64^3; oneDNN (the library behind PyTorch's CPU convolutions) took 37 ms and 473 ms on the same
 cores. This module compiles ``onednn_conv.cc`` against the oneDNN shipped in the
 ``onednn-cpu-gomp`` / ``onednn-devel-cpu-gomp`` wheels (once per machine and version, about 7 s, cached
-under ``~/.cache/scribblejax/kernels``), registers its three handlers with XLA, and exposes :func:`conv`:
-a channels-last convolution whose forward pass and both gradients run in oneDNN, usable under ``jit``,
-``grad``, ``vmap``, ``lax.while_loop`` and ``shard_map`` like any JAX function.
+under ``~/.cache/scribblejax/kernels``), registers its three handlers with XLA, and exposes :func:`conv` and :func:`conv_transpose`:
+channels-last (transposed) convolutions whose forward pass and both gradients run in oneDNN, usable
+under ``jit``, ``grad``, ``vmap``, ``lax.while_loop`` and ``shard_map`` like any JAX function.
 
 :mod:`scribblejax.trunk` applies it to every float32 convolution it can (rewrite ``"onednn_conv"``)
 when :attr:`scribblejax.RefineConfig.conv_backend` resolves to ``"onednn"``: by default on the CPU
@@ -168,53 +168,72 @@ def resolve_conv_backend(backend: str) -> str:
   return "onednn"
 
 
-def _attrs(strides, padding) -> dict:
+def _attrs(strides, padding, transposed) -> dict:
   return dict(strides=np.asarray(strides, np.int64), padding_lo=np.asarray([p[0] for p in padding], np.int64),
-              padding_hi=np.asarray([p[1] for p in padding], np.int64))
+              padding_hi=np.asarray([p[1] for p in padding], np.int64), transposed=bool(transposed))
 
 
-def _call(kind: str, shape, *args, strides, padding):
+def _call(kind: str, shape, *args, strides, padding, transposed):
   return jax.ffi.ffi_call(_FFI_NAMES[kind], jax.ShapeDtypeStruct(tuple(shape), jnp.float32),
-                          vmap_method="sequential")(*args, **_attrs(strides, padding))
+                          vmap_method="sequential")(*args, **_attrs(strides, padding, transposed))
 
 
-def output_shape(x_shape, w_shape, strides, padding) -> tuple[int, ...]:
-  """Shape of ``conv(x, w, strides, padding)``."""
+def output_shape(x_shape, w_shape, strides, padding, transposed: bool = False) -> tuple[int, ...]:
+  """Shape of ``conv(x, w, strides, padding)`` (or of ``conv_transpose`` when ``transposed``)."""
   nd = len(strides)
-  spatial = [(x_shape[1 + d] + padding[d][0] + padding[d][1] - w_shape[d]) // strides[d] + 1 for d in range(nd)]
+  if transposed:
+    spatial = [(x_shape[1 + d] - 1) * strides[d] + w_shape[d] - padding[d][0] - padding[d][1] for d in range(nd)]
+  else:
+    spatial = [(x_shape[1 + d] + padding[d][0] + padding[d][1] - w_shape[d]) // strides[d] + 1 for d in range(nd)]
   return (x_shape[0], *spatial, w_shape[-1])
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _conv(x, w, strides, padding, transposed):
+  return _call("forward", output_shape(x.shape, w.shape, strides, padding, transposed), x, w, strides=strides,
+               padding=padding, transposed=transposed)
+
+
+def _conv_fwd(x, w, strides, padding, transposed):
+  return _conv(x, w, strides, padding, transposed), (x, w)
+
+
+def _conv_bwd(strides, padding, transposed, res, dy):
+  x, w = res
+  kw = dict(strides=strides, padding=padding, transposed=transposed)
+  return _call("backward_data", x.shape, dy, w, **kw), _call("backward_weights", w.shape, x, dy, **kw)
+
+
+_conv.defvjp(_conv_fwd, _conv_bwd)
+
+
 def conv(x: jax.Array, w: jax.Array, strides: tuple[int, ...], padding: tuple[tuple[int, int], ...]) -> jax.Array:
   """A channels-last convolution on oneDNN: ``float32`` x ``[N, *S, I]``, w ``[*K, I, O]`` ->
   ``[N, *S', O]``, with 1 to 3 spatial axes, non-negative ``padding`` (``(lo, hi)`` per axis) and
   ``strides``; no dilation, no feature groups. Equal to ``lax.conv_general_dilated`` with dimension
-  numbers ``("NHWC", "HWIO", "NHWC")`` up to float rounding. Needs :func:`kernel_status` available.
+  numbers ``("NHWC", "HWIO", "NHWC")`` up to float rounding; differentiable (both gradients run on
+  oneDNN too). Needs :func:`kernel_status` available.
   """
-  return _call("forward", output_shape(x.shape, w.shape, strides, padding), x, w, strides=strides, padding=padding)
+  return _conv(x, w, tuple(strides), tuple(map(tuple, padding)), False)
 
 
-def _conv_fwd(x, w, strides, padding):
-  return conv(x, w, strides, padding), (x, w)
+def conv_transpose(x: jax.Array, w: jax.Array, strides: tuple[int, ...],
+                   padding: tuple[tuple[int, int], ...]) -> jax.Array:
+  """A channels-last transposed convolution on oneDNN (the gradient of a convolution with respect to
+  its input, as ``torch.nn.ConvTranspose``): x ``[N, *S, I]``, w ``[*K, I, O]`` -> ``[N, *S', O]``
+  with ``S' = (S - 1) * strides + K - lo - hi``. Equal to
+  ``lax.conv_transpose(x, w, strides, padding, transpose_kernel=False)`` with the kernel flipped
+  along its spatial axes and each side's padding ``K - 1 - pad``; differentiable.
+  """
+  return _conv(x, w, tuple(strides), tuple(map(tuple, padding)), True)
 
 
-def _conv_bwd(strides, padding, res, dy):
-  x, w = res
-  dx = _call("backward_data", x.shape, dy, w, strides=strides, padding=padding)
-  dw = _call("backward_weights", w.shape, x, dy, strides=strides, padding=padding)
-  return dx, dw
-
-
-conv.defvjp(_conv_fwd, _conv_bwd)
-
-
-def supports(x_shape, w_shape, dtype, strides, padding, lhs_dilation=None, rhs_dilation=None,
-             feature_group_count: int = 1, batch_group_count: int = 1) -> bool:
-  """Whether :func:`conv` computes this convolution (else it stays with XLA)."""
+def supports(x_shape, w_shape, dtype, strides, padding, transposed: bool = False) -> bool:
+  """Whether :func:`conv` (or :func:`conv_transpose`) computes this case: float32, 1 to 3 spatial
+  axes, strides >= 1, padding >= 0, no empty axis."""
   nd = len(strides)
-  return (1 <= nd <= 3 and jnp.dtype(dtype) == jnp.float32 and feature_group_count == 1 and batch_group_count == 1
-          and all(d == 1 for d in (lhs_dilation or ())) and all(d == 1 for d in (rhs_dilation or ()))
+  return (1 <= nd <= 3 and jnp.dtype(dtype) == jnp.float32 and len(padding) == nd
+          and len(x_shape) == len(w_shape) == nd + 2 and x_shape[-1] == w_shape[-2]
           and all(s >= 1 for s in strides) and all(lo >= 0 and hi >= 0 for lo, hi in padding)
           and all(n > 0 for n in x_shape) and all(n > 0 for n in w_shape)
-          and all(n > 0 for n in output_shape(x_shape, w_shape, strides, padding)))
+          and all(n > 0 for n in output_shape(x_shape, w_shape, strides, padding, transposed)))

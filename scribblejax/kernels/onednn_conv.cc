@@ -1,13 +1,17 @@
 // Convolutions on oneDNN for XLA:CPU, through the XLA FFI.
 //
 // XLA:CPU runs convolutions, and above all their gradients and 3D convolutions, on generic kernels
-// that reach a quarter to a half of oneDNN's speed on the same cores. These three handlers compute a
-// channels-last convolution and its two gradients with oneDNN; scribblejax/kernels/__init__.py builds
-// this file, registers the handlers and wraps them in a jax.custom_vjp.
+// that reach a quarter to a half of oneDNN's speed on the same cores. These handlers compute a
+// channels-last convolution or transposed convolution (oneDNN's "deconvolution", the gradient of a
+// convolution, as torch.nn.ConvTranspose) and their two gradients with oneDNN;
+// scribblejax/kernels/__init__.py builds this file, registers the handlers and wraps them in a
+// jax.custom_vjp.
 //
 // Layouts (N batch, S spatial axes (1 to 3), I input and O output features, K kernel taps):
 //   x, dx: f32[N, *S, I]     w, dw: f32[*K, I, O]     y, dy: f32[N, *S', O]
-// Attributes: strides, padding_lo, padding_hi (one int64 per spatial axis); no dilation, no groups.
+// Attributes: strides, padding_lo, padding_hi (one int64 per spatial axis), transposed (bool);
+// no dilation, no groups. S' = (S + lo + hi - K) / stride + 1, or for a transposed convolution
+// S' = (S - 1) * stride + K - lo - hi.
 
 #include <cstdint>
 #include <memory>
@@ -37,12 +41,13 @@ Tag WeightTag(size_t nd) { return nd == 1 ? Tag::wio : nd == 2 ? Tag::hwio : Tag
 struct Geometry {
   memory::dims src, wei, dst, strides, dilates, pad_l, pad_r;
   size_t nd = 0;
+  bool transposed = false;
   std::string key;
 };
 
 ffi::Error MakeGeometry(ffi::Span<const int64_t> x, ffi::Span<const int64_t> w, ffi::Span<const int64_t> y,
                         ffi::Span<const int64_t> strides, ffi::Span<const int64_t> lo,
-                        ffi::Span<const int64_t> hi, Geometry* g) {
+                        ffi::Span<const int64_t> hi, bool transposed, Geometry* g) {
   const size_t nd = strides.size();
   if (nd < 1 || nd > 3 || lo.size() != nd || hi.size() != nd) {
     return ffi::Error::InvalidArgument("onednn_conv: 1 to 3 spatial axes, one stride and padding per axis");
@@ -55,12 +60,17 @@ ffi::Error MakeGeometry(ffi::Span<const int64_t> x, ffi::Span<const int64_t> w, 
     return ffi::Error::InvalidArgument("onednn_conv: feature or batch sizes of x, w and y disagree");
   }
   g->nd = nd;
+  g->transposed = transposed;
   g->src = {n, in};
   g->wei = {out, in};
   g->dst = {n, out};
   for (size_t d = 0; d < nd; ++d) {
-    const int64_t expect = (x[1 + d] + lo[d] + hi[d] - w[d]) / strides[d] + 1;
-    if (strides[d] < 1 || expect != y[1 + d]) {
+    if (strides[d] < 1 || lo[d] < 0 || hi[d] < 0) {
+      return ffi::Error::InvalidArgument("onednn_conv: strides must be >= 1 and padding >= 0");
+    }
+    const int64_t expect = transposed ? (x[1 + d] - 1) * strides[d] + w[d] - lo[d] - hi[d]
+                                      : (x[1 + d] + lo[d] + hi[d] - w[d]) / strides[d] + 1;
+    if (expect != y[1 + d]) {
       return ffi::Error::InvalidArgument("onednn_conv: output spatial size does not match the convolution");
     }
     g->src.push_back(x[1 + d]);
@@ -75,6 +85,7 @@ ffi::Error MakeGeometry(ffi::Span<const int64_t> x, ffi::Span<const int64_t> w, 
     for (int64_t v : *part) g->key += std::to_string(v) + ",";
     g->key += ";";
   }
+  g->key += transposed ? "T" : "C";
   return ffi::Error::Success();
 }
 
@@ -82,16 +93,6 @@ dnnl::primitive_attr UserScratchpad() {
   dnnl::primitive_attr attr;
   attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
   return attr;
-}
-
-dnnl::convolution_forward::primitive_desc ForwardDesc(const Geometry& g) {
-  const size_t nd = g.nd;
-  return dnnl::convolution_forward::primitive_desc(
-      Engine(), dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct,
-      memory::desc(g.src, memory::data_type::f32, ActivationTag(nd)),
-      memory::desc(g.wei, memory::data_type::f32, Tag::any),
-      memory::desc(g.dst, memory::data_type::f32, ActivationTag(nd)), g.strides, g.dilates, g.pad_l, g.pad_r,
-      UserScratchpad());
 }
 
 // One cached primitive: its descriptor's weights layout and scratchpad size, and the reorder between
@@ -107,31 +108,42 @@ struct Entry {
 
 enum class Kind { kForward, kBackwardData, kBackwardWeights };
 
-std::shared_ptr<Entry> Build(Kind kind, const Geometry& g) {
-  auto entry = std::make_shared<Entry>();
-  entry->user_weights = memory::desc(g.wei, memory::data_type::f32, WeightTag(g.nd));
-  const memory::desc act_src(g.src, memory::data_type::f32, ActivationTag(g.nd));
-  const memory::desc act_dst(g.dst, memory::data_type::f32, ActivationTag(g.nd));
+// The three primitives of one family: convolution_* or deconvolution_*.
+template <class Forward, class BackwardData, class BackwardWeights>
+void BuildFamily(Kind kind, const Geometry& g, dnnl::algorithm algorithm, Entry* entry) {
+  const memory::desc src(g.src, memory::data_type::f32, ActivationTag(g.nd));
+  const memory::desc dst(g.dst, memory::data_type::f32, ActivationTag(g.nd));
   const memory::desc any_wei(g.wei, memory::data_type::f32, Tag::any);
-  auto forward = ForwardDesc(g);
+  typename Forward::primitive_desc forward(Engine(), dnnl::prop_kind::forward_training, algorithm, src, any_wei, dst,
+                                           g.strides, g.dilates, g.pad_l, g.pad_r, UserScratchpad());
   if (kind == Kind::kForward) {
-    entry->primitive = dnnl::convolution_forward(forward);
+    entry->primitive = Forward(forward);
     entry->weights = forward.weights_desc();
     entry->scratchpad = forward.scratchpad_desc().get_size();
   } else if (kind == Kind::kBackwardData) {
-    dnnl::convolution_backward_data::primitive_desc pd(Engine(), dnnl::algorithm::convolution_direct, act_src,
-                                                       any_wei, act_dst, g.strides, g.dilates, g.pad_l,
-                                                       g.pad_r, forward, UserScratchpad());
-    entry->primitive = dnnl::convolution_backward_data(pd);
+    typename BackwardData::primitive_desc pd(Engine(), algorithm, src, any_wei, dst, g.strides, g.dilates, g.pad_l,
+                                             g.pad_r, forward, UserScratchpad());
+    entry->primitive = BackwardData(pd);
     entry->weights = pd.weights_desc();
     entry->scratchpad = pd.scratchpad_desc().get_size();
   } else {
-    dnnl::convolution_backward_weights::primitive_desc pd(Engine(), dnnl::algorithm::convolution_direct,
-                                                          act_src, any_wei, act_dst, g.strides, g.dilates,
-                                                          g.pad_l, g.pad_r, forward, UserScratchpad());
-    entry->primitive = dnnl::convolution_backward_weights(pd);
+    typename BackwardWeights::primitive_desc pd(Engine(), algorithm, src, any_wei, dst, g.strides, g.dilates,
+                                                g.pad_l, g.pad_r, forward, UserScratchpad());
+    entry->primitive = BackwardWeights(pd);
     entry->weights = pd.diff_weights_desc();
     entry->scratchpad = pd.scratchpad_desc().get_size();
+  }
+}
+
+std::shared_ptr<Entry> Build(Kind kind, const Geometry& g) {
+  auto entry = std::make_shared<Entry>();
+  entry->user_weights = memory::desc(g.wei, memory::data_type::f32, WeightTag(g.nd));
+  if (g.transposed) {
+    BuildFamily<dnnl::deconvolution_forward, dnnl::deconvolution_backward_data,
+                dnnl::deconvolution_backward_weights>(kind, g, dnnl::algorithm::deconvolution_direct, entry.get());
+  } else {
+    BuildFamily<dnnl::convolution_forward, dnnl::convolution_backward_data, dnnl::convolution_backward_weights>(
+        kind, g, dnnl::algorithm::convolution_direct, entry.get());
   }
   entry->needs_reorder = entry->weights != entry->user_weights;
   if (entry->needs_reorder) {
@@ -195,9 +207,10 @@ ffi::Error Run(Kind kind, const Geometry& g, float* src, float* wei, float* dst)
 }
 
 ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> y,
-                   ffi::Span<const int64_t> strides, ffi::Span<const int64_t> lo, ffi::Span<const int64_t> hi) {
+                   ffi::Span<const int64_t> strides, ffi::Span<const int64_t> lo, ffi::Span<const int64_t> hi,
+                   bool transposed) {
   Geometry g;
-  if (auto err = MakeGeometry(x.dimensions(), w.dimensions(), y->dimensions(), strides, lo, hi, &g);
+  if (auto err = MakeGeometry(x.dimensions(), w.dimensions(), y->dimensions(), strides, lo, hi, transposed, &g);
       !err.success()) {
     return err;
   }
@@ -206,9 +219,9 @@ ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::Result
 
 ffi::Error BackwardData(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> dx,
                         ffi::Span<const int64_t> strides, ffi::Span<const int64_t> lo,
-                        ffi::Span<const int64_t> hi) {
+                        ffi::Span<const int64_t> hi, bool transposed) {
   Geometry g;
-  if (auto err = MakeGeometry(dx->dimensions(), w.dimensions(), dy.dimensions(), strides, lo, hi, &g);
+  if (auto err = MakeGeometry(dx->dimensions(), w.dimensions(), dy.dimensions(), strides, lo, hi, transposed, &g);
       !err.success()) {
     return err;
   }
@@ -217,9 +230,9 @@ ffi::Error BackwardData(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> w, ffi::
 
 ffi::Error BackwardWeights(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy, ffi::ResultBuffer<ffi::F32> dw,
                            ffi::Span<const int64_t> strides, ffi::Span<const int64_t> lo,
-                           ffi::Span<const int64_t> hi) {
+                           ffi::Span<const int64_t> hi, bool transposed) {
   Geometry g;
-  if (auto err = MakeGeometry(x.dimensions(), dw->dimensions(), dy.dimensions(), strides, lo, hi, &g);
+  if (auto err = MakeGeometry(x.dimensions(), dw->dimensions(), dy.dimensions(), strides, lo, hi, transposed, &g);
       !err.success()) {
     return err;
   }
@@ -235,7 +248,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SjConvForward, Forward,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<ffi::Span<const int64_t>>("strides")
                                   .Attr<ffi::Span<const int64_t>>("padding_lo")
-                                  .Attr<ffi::Span<const int64_t>>("padding_hi"));
+                                  .Attr<ffi::Span<const int64_t>>("padding_hi")
+                                  .Attr<bool>("transposed"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SjConvBackwardData, BackwardData,
                               ffi::Ffi::Bind()
@@ -244,7 +258,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SjConvBackwardData, BackwardData,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<ffi::Span<const int64_t>>("strides")
                                   .Attr<ffi::Span<const int64_t>>("padding_lo")
-                                  .Attr<ffi::Span<const int64_t>>("padding_hi"));
+                                  .Attr<ffi::Span<const int64_t>>("padding_hi")
+                                  .Attr<bool>("transposed"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SjConvBackwardWeights, BackwardWeights,
                               ffi::Ffi::Bind()
@@ -253,4 +268,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SjConvBackwardWeights, BackwardWeights,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<ffi::Span<const int64_t>>("strides")
                                   .Attr<ffi::Span<const int64_t>>("padding_lo")
-                                  .Attr<ffi::Span<const int64_t>>("padding_hi"));
+                                  .Attr<ffi::Span<const int64_t>>("padding_hi")
+                                  .Attr<bool>("transposed"));
