@@ -91,7 +91,7 @@ class RefineConfig:
     conv_backend: who computes the convolutions of the trunk and the tail: "xla", "onednn" (oneDNN
       through :mod:`scribblejax.kernels`, CPU only, float32 only; an error if the kernels cannot
       run here) or "auto" (oneDNN on the CPU whenever available, else XLA). On 2 cores, oneDNN made a
-      refinement step 1.6x (2D) to 3.6x (3D) faster; see the README.
+      refinement step 2.1x (2D 256^2) to 3.4x (3D 64^3) faster than XLA's kernels; see the README.
   """
   max_steps: int = 100
   learning_rate: float = 0.01
