@@ -230,3 +230,21 @@ def test_a_built_library_is_reused(monkeypatch, tmp_path):
   monkeypatch.setattr(kernels.subprocess, "run", lambda *a, **k: pytest.fail("compiled a second time"))
   assert kernels._build(kernels._compiler(), *found) == first and first.stat().st_mtime_ns == stamp
   assert [p.name for p in tmp_path.iterdir()] == [first.name]
+
+
+@needs_kernels
+def test_self_check_passes_even_when_first_run_inside_a_trace_and_catches_wrong_results(monkeypatch):
+  assert kernels._self_check() is None
+  seen = []
+  jax.jit(lambda v: seen.append(kernels._self_check()) or v)(1.0)      # first call from inside a jit trace
+  assert seen == [None]
+  wrong = lambda x, w, strides, padding: kernels._conv(x, w, tuple(strides), tuple(map(tuple, padding)), False) * 1.01
+  monkeypatch.setattr(kernels, "conv", wrong)
+  assert "convolution forward differ" in kernels._self_check()
+
+
+@needs_kernels
+def test_a_library_that_fails_its_self_check_is_not_used(monkeypatch):
+  monkeypatch.setattr(kernels, "_self_check", lambda: "convolution forward differ from XLA's")
+  status = kernels.kernel_status.__wrapped__()
+  assert not status.available and "failed their self-check" in status.reason

@@ -137,9 +137,44 @@ def kernel_status() -> KernelStatus:
     handle = ctypes.CDLL(str(library))
     for kind, symbol in _TARGETS.items():
       jax.ffi.register_ffi_target(_FFI_NAMES[kind], jax.ffi.pycapsule(getattr(handle, symbol)), platform="cpu")
+    error = _self_check()
   except (RuntimeError, OSError, subprocess.SubprocessError) as err:
     return KernelStatus(False, f"the oneDNN kernels are unavailable: {err}", None)
+  if error is not None:
+    return KernelStatus(False, f"the oneDNN kernels built at {library} failed their self-check: {error}", None)
   return KernelStatus(True, f"built at {library}", str(library))
+
+
+def _self_check() -> str | None:
+  """Compares one small convolution, transposed convolution and their gradients with XLA's; what
+  differs, or ``None``. Runs eagerly even when first called while a function is being traced."""
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(2, 5, 4, 3)).astype(np.float32)
+  w = rng.normal(size=(3, 2, 3, 4)).astype(np.float32)
+  dn = ("NHWC", "HWIO", "NHWC")
+  pads = ((1, 0), (0, 1))
+
+  def xla(x, w, transposed):
+    if transposed:
+      flipped = jnp.flip(w, axis=(0, 1))
+      return jax.lax.conv_general_dilated(x, flipped, (1, 1), [(k - 1 - lo, k - 1 - hi) for k, (lo, hi) in
+                                                               zip(w.shape, pads)], lhs_dilation=(2, 1),
+                                          dimension_numbers=dn, precision=jax.lax.Precision.HIGHEST)
+    return jax.lax.conv_general_dilated(x, w, (2, 1), pads, dimension_numbers=dn,
+                                        precision=jax.lax.Precision.HIGHEST)
+
+  def ours(x, w, transposed):
+    return (conv_transpose if transposed else conv)(x, w, (2, 1), pads)
+
+  with jax.ensure_compile_time_eval():
+    for transposed in (False, True):
+      for name, f in (("forward", lambda f, x, w: f(x, w, transposed)),
+                      ("gradients", lambda f, x, w: jax.grad(lambda x, w: jnp.sum(jnp.sin(f(x, w, transposed))),
+                                                             argnums=(0, 1))(x, w))):
+        for a, b in zip(jax.tree.leaves(f(ours, x, w)), jax.tree.leaves(f(xla, x, w))):
+          if a.shape != b.shape or not np.allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4):
+            return f"{'transposed ' if transposed else ''}convolution {name} differ from XLA's"
+  return None
 
 
 def resolve_conv_backend(backend: str) -> str:
