@@ -426,12 +426,12 @@ def _run_finalize(graphdef, static, batched, frozen, image, marks, state, residu
   return fn(frozen, image, marks, static, state, residuals)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def _run_predict(graphdef, tunable, frozen, image):
-  # the trunk and the tail, as refine computes them (with the same faster forms of some operations)
-  static = _Static(optimizer=None, class_balance=False, trace_length=1, output="logits",
-                   conv_backend=kernels.resolve_conv_backend("auto"))
-  residuals = trunk_residuals(graphdef, tunable, frozen, image, conv_backend=static.conv_backend)
+@functools.partial(jax.jit, static_argnames=("graphdef", "conv_backend"))
+def _run_predict(graphdef, conv_backend, tunable, frozen, image):
+  # the trunk and the tail, as refine computes them (with the same faster forms of some operations);
+  # conv_backend is resolved by the caller, outside any trace (resolving may build the kernels)
+  static = _Static(optimizer=None, class_balance=False, trace_length=1, output="logits", conv_backend=conv_backend)
+  residuals = trunk_residuals(graphdef, tunable, frozen, image, conv_backend=conv_backend)
   return _logits(graphdef, tunable, frozen, image, residuals, static)
 
 
@@ -552,8 +552,8 @@ def predict(split: Split, image: Any, tunable: Any = None) -> jax.Array:
   if arr.ndim == split_spatial_dims(split):
     arr = arr[..., None]
   num_classes_of(split, arr.shape)
-  return _run_predict(split.graphdef, split.tunable if tunable is None else tunable, split.frozen,
-                      jnp.asarray(arr, jnp.float32))
+  return _run_predict(split.graphdef, kernels.resolve_conv_backend("auto"),
+                      split.tunable if tunable is None else tunable, split.frozen, jnp.asarray(arr, jnp.float32))
 
 
 def split_spatial_dims(split: Split) -> int | None:
@@ -577,7 +577,8 @@ def _keep_targets(split: Split, image: jax.Array, marks: jax.Array, batched: boo
   ``keep_weight`` term reads them. Users cannot pass such values: validation rejects labels < -1.
   """
   images = image if batched else image[None]
-  initial = jnp.stack([jnp.argmax(_run_predict(split.graphdef, split.tunable, split.frozen, x), axis=-1)
+  backend = kernels.resolve_conv_backend("auto")
+  initial = jnp.stack([jnp.argmax(_run_predict(split.graphdef, backend, split.tunable, split.frozen, x), axis=-1)
                        for x in images]).astype(jnp.int32)
   encoded = jnp.where(marks >= 0, marks, -2 - (initial if batched else initial[0]))
   return encoded
