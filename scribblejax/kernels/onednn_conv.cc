@@ -169,8 +169,9 @@ std::shared_ptr<Entry> Lookup(Kind kind, const Geometry& g) {
   return entry;
 }
 
-// Runs one cached primitive. `act_a`/`act_b` are the two activations in the primitive's argument
-// order; `weights` is the user's weights buffer (read, or written for the weights gradient).
+// Runs one cached primitive on the convolution's input `src` [N, *S, I], weights `wei` [*K, I, O] and
+// output `dst` [N, *S', O]: whichever of them the kind reads (forward: src, wei; backward data: dst =
+// dy, wei; backward weights: src, dst = dy) or writes (y into dst, dx into src, dw into wei).
 ffi::Error Run(Kind kind, const Geometry& g, float* src, float* wei, float* dst) {
   try {
     auto entry = Lookup(kind, g);
@@ -206,67 +207,39 @@ ffi::Error Run(Kind kind, const Geometry& g, float* src, float* wei, float* dst)
   return ffi::Error::Success();
 }
 
-ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> y,
-                   ffi::Span<const int64_t> strides, ffi::Span<const int64_t> lo, ffi::Span<const int64_t> hi,
-                   bool transposed) {
+// One handler per kind. Arguments and result, by kind:
+//   forward: (x, w) -> y      backward data: (dy, w) -> dx      backward weights: (x, dy) -> dw
+template <Kind kind>
+ffi::Error Handle(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b, ffi::ResultBuffer<ffi::F32> out,
+                  ffi::Span<const int64_t> strides, ffi::Span<const int64_t> lo, ffi::Span<const int64_t> hi,
+                  bool transposed) {
+  float* x = kind == Kind::kBackwardData ? out->typed_data() : a.typed_data();
+  float* w = kind == Kind::kBackwardWeights ? out->typed_data() : b.typed_data();
+  float* y = kind == Kind::kForward ? out->typed_data() : kind == Kind::kBackwardData ? a.typed_data() : b.typed_data();
+  auto x_dims = kind == Kind::kBackwardData ? out->dimensions() : a.dimensions();
+  auto w_dims = kind == Kind::kBackwardWeights ? out->dimensions() : b.dimensions();
+  auto y_dims = kind == Kind::kForward ? out->dimensions() : kind == Kind::kBackwardData ? a.dimensions()
+                                                                                          : b.dimensions();
   Geometry g;
-  if (auto err = MakeGeometry(x.dimensions(), w.dimensions(), y->dimensions(), strides, lo, hi, transposed, &g);
-      !err.success()) {
+  if (auto err = MakeGeometry(x_dims, w_dims, y_dims, strides, lo, hi, transposed, &g); !err.success()) {
     return err;
   }
-  return Run(Kind::kForward, g, x.typed_data(), w.typed_data(), y->typed_data());
+  return Run(kind, g, x, w, y);
 }
 
-ffi::Error BackwardData(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> dx,
-                        ffi::Span<const int64_t> strides, ffi::Span<const int64_t> lo,
-                        ffi::Span<const int64_t> hi, bool transposed) {
-  Geometry g;
-  if (auto err = MakeGeometry(dx->dimensions(), w.dimensions(), dy.dimensions(), strides, lo, hi, transposed, &g);
-      !err.success()) {
-    return err;
-  }
-  return Run(Kind::kBackwardData, g, dx->typed_data(), w.typed_data(), dy.typed_data());
-}
-
-ffi::Error BackwardWeights(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy, ffi::ResultBuffer<ffi::F32> dw,
-                           ffi::Span<const int64_t> strides, ffi::Span<const int64_t> lo,
-                           ffi::Span<const int64_t> hi, bool transposed) {
-  Geometry g;
-  if (auto err = MakeGeometry(x.dimensions(), dw->dimensions(), dy.dimensions(), strides, lo, hi, transposed, &g);
-      !err.success()) {
-    return err;
-  }
-  return Run(Kind::kBackwardWeights, g, x.typed_data(), dw->typed_data(), dy.typed_data());
+auto Binding() {
+  return ffi::Ffi::Bind()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Ret<ffi::Buffer<ffi::F32>>()
+      .Attr<ffi::Span<const int64_t>>("strides")
+      .Attr<ffi::Span<const int64_t>>("padding_lo")
+      .Attr<ffi::Span<const int64_t>>("padding_hi")
+      .Attr<bool>("transposed");
 }
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(SjConvForward, Forward,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<ffi::Span<const int64_t>>("strides")
-                                  .Attr<ffi::Span<const int64_t>>("padding_lo")
-                                  .Attr<ffi::Span<const int64_t>>("padding_hi")
-                                  .Attr<bool>("transposed"));
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(SjConvBackwardData, BackwardData,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<ffi::Span<const int64_t>>("strides")
-                                  .Attr<ffi::Span<const int64_t>>("padding_lo")
-                                  .Attr<ffi::Span<const int64_t>>("padding_hi")
-                                  .Attr<bool>("transposed"));
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(SjConvBackwardWeights, BackwardWeights,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<ffi::Span<const int64_t>>("strides")
-                                  .Attr<ffi::Span<const int64_t>>("padding_lo")
-                                  .Attr<ffi::Span<const int64_t>>("padding_hi")
-                                  .Attr<bool>("transposed"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SjConvForward, Handle<Kind::kForward>, Binding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SjConvBackwardData, Handle<Kind::kBackwardData>, Binding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SjConvBackwardWeights, Handle<Kind::kBackwardWeights>, Binding());
