@@ -597,8 +597,8 @@ def _drive(split: Split, image: jax.Array, marks: jax.Array, config: RefineConfi
       progress(int(np.max(jax.device_get(result.num_steps))), config.max_steps)
     return result
   state = _run_init(static, batched, start, hyper, image.shape[0] if batched else 1, batched_start=batched_start)
-  residuals = (_run_trunk(split.graphdef, static.compute_dtype, static.conv_backend, batched, anchor, split.frozen, image)
-               if config.cache_trunk else None)
+  residuals = (_run_trunk(split.graphdef, static.compute_dtype, static.conv_backend, batched, anchor, split.frozen,
+                          image) if config.cache_trunk else None)
   while True:
     finished, steps = jax.device_get((state.done | (state.step >= config.max_steps), state.step))
     if progress is not None:
@@ -720,7 +720,8 @@ def memory_analysis(split: Split, image: Any, marks: Any, config: RefineConfig =
     if config.cache_trunk:
       trunk = functools.partial(_run_trunk, graphdef, static.compute_dtype, static.conv_backend, False)
       residuals = jax.eval_shape(trunk, anchor, frozen, image)
-      programs["trunk"] = _memory_stats(_run_trunk.lower(graphdef, static.compute_dtype, static.conv_backend, False, anchor, frozen, image))
+      programs["trunk"] = _memory_stats(_run_trunk.lower(graphdef, static.compute_dtype, static.conv_backend, False,
+                                                         anchor, frozen, image))
     programs["chunk"] = _memory_stats(_run_chunk.lower(graphdef, static, config.check_every, False, anchor, frozen,
                                                        image, marks, hyper, state, residuals))
     programs["finalize"] = _memory_stats(_run_finalize.lower(graphdef, static, False, frozen, image, marks, state,

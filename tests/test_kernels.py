@@ -248,3 +248,25 @@ def test_a_library_that_fails_its_self_check_is_not_used(monkeypatch):
   monkeypatch.setattr(kernels, "_self_check", lambda: "convolution forward differ from XLA's")
   status = kernels.kernel_status.__wrapped__()
   assert not status.available and "failed their self-check" in status.reason
+
+
+@needs_kernels
+def test_convolution_of_tail_and_skip_concatenation_is_split_with_the_same_value_and_gradient():
+  split = sj.split_params(random_unet(2, (4, 8)), sj.last_layers(4))     # up/0 is tunable: [up(x), skip]
+  image = jnp.asarray(np.random.default_rng(5).normal(size=(12, 12, 1)), jnp.float32)
+  fn = refine_lib._Forward(split.graphdef)
+  counts = {}
+  for name, rewrites in (("split", trunk.default_rewrites("onednn")),
+                         ("whole", tuple(r for r in trunk.default_rewrites("onednn") if r != "split_concat_conv"))):
+    part = trunk.partition(fn, split.tunable, split.frozen, image, rewrites=rewrites)
+    residuals = part.trunk(split.frozen, image)
+    tail = lambda t: part.tail(t, residuals)
+    counts[name] = str(jax.make_jaxpr(tail)(split.tunable)).count("onednn_conv_forward")
+    np.testing.assert_allclose(np.asarray(tail(split.tunable)), np.asarray(fn(split.tunable, split.frozen, image)),
+                               rtol=1e-5, atol=1e-5)
+    loss = lambda f: lambda t: jnp.sum(jnp.sin(f(t)))
+    ours = jax.grad(loss(tail))(split.tunable)
+    theirs = jax.grad(loss(lambda t: fn(t, split.frozen, image)))(split.tunable)
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs)):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+  assert counts["split"] == counts["whole"] + 1        # decoder/0/0 runs as two convolutions

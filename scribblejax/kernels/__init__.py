@@ -5,9 +5,10 @@ and both gradients of one 3x3 convolution, 64 -> 32 features, took 77 ms at 256^
 64^3; oneDNN (the library behind PyTorch's CPU convolutions) took 37 ms and 473 ms on the same
 cores. This module compiles ``onednn_conv.cc`` against the oneDNN shipped in the
 ``onednn-cpu-gomp`` / ``onednn-devel-cpu-gomp`` wheels (once per machine and version, about 7 s, cached
-under ``~/.cache/scribblejax/kernels``), registers its three handlers with XLA, and exposes :func:`conv` and :func:`conv_transpose`:
-channels-last (transposed) convolutions whose forward pass and both gradients run in oneDNN, usable
-under ``jit``, ``grad``, ``vmap``, ``lax.while_loop`` and ``shard_map`` like any JAX function.
+under ``~/.cache/scribblejax/kernels``), registers its three handlers with XLA, checks them against
+XLA once, and exposes :func:`conv` and :func:`conv_transpose`: channels-last (transposed)
+convolutions whose forward pass and both gradients run in oneDNN, usable under ``jit``, ``grad``,
+``vmap``, ``lax.while_loop`` and ``shard_map`` like any JAX function.
 
 :mod:`scribblejax.trunk` applies it to every float32 convolution it can (rewrite ``"onednn_conv"``)
 when :attr:`scribblejax.RefineConfig.conv_backend` resolves to ``"onednn"``: by default on the CPU
@@ -18,6 +19,7 @@ Environment:
     searched before the Python environment's own prefixes.
   SCRIBBLEJAX_KERNEL_CACHE: where built kernels are kept (default ``$XDG_CACHE_HOME/scribblejax/kernels``).
   CXX: the C++ compiler (default ``c++``, then ``g++``).
+  OMP_NUM_THREADS: how many threads oneDNN's convolutions use (GNU OpenMP; default: every core).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import importlib.metadata
 import os
 import shutil
 import site
@@ -61,7 +64,7 @@ def _find_onednn() -> tuple[Path, Path] | str:
   """``(include dir, lib dir)`` of a oneDNN 3 installation, or why none was found."""
   for root in _onednn_prefixes():
     include, lib = root / "include", root / "lib"
-    if (include / "oneapi" / "dnnl" / "dnnl.hpp").is_file() and any(lib.glob("libdnnl.so*")):
+    if (include / "oneapi" / "dnnl" / "dnnl.hpp").is_file() and (lib / "libdnnl.so").exists():
       return include, lib
   return ("oneDNN not found (looked for include/oneapi/dnnl/dnnl.hpp and lib/libdnnl.so under "
           f"{', '.join(map(str, _onednn_prefixes()))}); install it with `pip install scribblejax[cpu]` "
@@ -70,6 +73,13 @@ def _find_onednn() -> tuple[Path, Path] | str:
 
 def _compiler() -> str | None:
   return os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+
+
+def _jaxlib_version() -> str:
+  try:
+    return importlib.metadata.version("jaxlib")
+  except importlib.metadata.PackageNotFoundError:
+    return "unknown"
 
 
 def _cache_dir() -> Path:
@@ -93,7 +103,7 @@ def _build(cxx: str, include: Path, lib: Path) -> Path:
   """
   key = hashlib.sha256()
   key.update(SOURCE.read_bytes())
-  for part in (cxx, str(include), str(lib), jax.ffi.include_dir(), jax.__version__, sys.platform):
+  for part in (cxx, str(include), str(lib), jax.ffi.include_dir(), jax.__version__, _jaxlib_version(), sys.platform):
     key.update(part.encode())
   for dnnl in sorted(lib.glob("libdnnl.so*")):
     key.update(f"{dnnl.name}:{dnnl.stat().st_size}".encode())
