@@ -313,7 +313,8 @@ def bench_jax(variant: str, case: Case, batch: int, settings: Settings, split) -
     taken = int(np.max(np.asarray(last.num_steps)))
     satisfied = bool(np.all(np.asarray(last.satisfied)))
   extra = {"retraced": retraced, "satisfied": satisfied, "max_steps": config.max_steps,
-           "driver": sj.resolve_driver(config.driver, config.conv_backend, config.compute_dtype),
+           "driver": sj.resolve_driver(config.driver, config.conv_backend, config.compute_dtype,
+                                     config.cache_trunk),
            "cache_trunk": config.cache_trunk,
            "batch_scheme": refine_scheme(config) if batch > 1 else None,
            "compute_dtype": config.compute_dtype, "remat": config.remat,

@@ -115,7 +115,7 @@ def run_demo(out_dir: str | os.PathLike = "demo_output", *, task: str = "nuclei2
   dice = [metrics.mean_foreground_dice(np.asarray(current_labels(session)), truth, num_classes)]
   log(f"task {task}: image {truth.shape[0]}x{truth.shape[1]}, {num_classes} classes, device "
       f"{jax.devices()[0].device_kind}, "
-      f"driver {resolve_driver(config.driver, config.conv_backend, config.compute_dtype)}")
+      f"driver {resolve_driver(config.driver, config.conv_backend, config.compute_dtype, config.cache_trunk)}")
   log(f"interaction 0 (network alone): Dice {dice[0]:.3f}")
   seconds, steps = [], []
   for i in range(1, interactions + 1):

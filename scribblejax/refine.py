@@ -450,10 +450,12 @@ def resolve_batch_scheme(scheme: str) -> str:
   return "sequential" if jax.default_backend() == "cpu" else "matmul"
 
 
-def resolve_driver(driver: str, conv_backend: str = "auto", compute_dtype: str = "float32") -> str:
+def resolve_driver(driver: str, conv_backend: str = "auto", compute_dtype: str = "float32",
+                   cache_trunk: bool = True) -> str:
   """What ``driver`` means here: ``"auto"`` is ``"loop"`` on GPU and TPU, and on the CPU too when
-  every convolution runs on oneDNN (``conv_backend`` resolves to ``"onednn"`` and ``compute_dtype``
-  is float32); else ``"host"`` on the CPU.
+  every convolution runs on oneDNN (``conv_backend`` resolves to ``"onednn"``, ``compute_dtype`` is
+  float32 and ``cache_trunk`` is on: without it every step runs the model's own forward pass, on
+  XLA's convolutions); else ``"host"`` on the CPU.
 
   XLA:CPU runs its own convolution gradients inside a ``while_loop`` body on a slow generic path
   (25x slower than host-driven jitted steps, measured on a 2D U-Net), so its CPU refinement is driven
@@ -465,12 +467,12 @@ def resolve_driver(driver: str, conv_backend: str = "auto", compute_dtype: str =
     return driver
   if jax.default_backend() != "cpu":
     return "loop"
-  onednn = kernels.resolve_conv_backend(conv_backend) == "onednn" and compute_dtype == "float32"
+  onednn = kernels.resolve_conv_backend(conv_backend) == "onednn" and compute_dtype == "float32" and cache_trunk
   return "loop" if onednn else "host"
 
 
 def _driver(config: RefineConfig) -> str:
-  return resolve_driver(config.driver, config.conv_backend, config.compute_dtype)
+  return resolve_driver(config.driver, config.conv_backend, config.compute_dtype, config.cache_trunk)
 
 
 # ---------------------------------------------------------------------------------------------

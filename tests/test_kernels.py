@@ -178,6 +178,7 @@ def test_auto_means_onednn_on_cpu_and_bf16_stays_with_xla():
   # one compiled loop when every convolution is oneDNN's; host-driven chunks when XLA's are left
   assert sj.resolve_driver("auto") == sj.resolve_driver("auto", "onednn") == "loop"
   assert sj.resolve_driver("auto", "xla") == sj.resolve_driver("auto", "auto", "bfloat16") == "host"
+  assert sj.resolve_driver("auto", cache_trunk=False) == "host"      # the full forward runs XLA's convolutions
   assert sj.resolve_driver("host") == "host"
   split = sj.split_params(random_unet(2, (4, 8)), sj.last_layers(3))
   image = np.zeros((8, 8, 1), np.float32)

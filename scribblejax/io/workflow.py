@@ -523,7 +523,7 @@ def _refine_round(model, model_ref, img, digest, marks_files, new, out, session,
   all_marks = marks_lib.validate_mark_map(all_marks, fitted.image.shape[:-1], num_classes)
   initial = session_store.load_initial(session) if session else None
   before = to_model(initial, fitted) if initial is not None else _network_labels(split, fitted)
-  driver = resolve_driver(config.driver, config.conv_backend, config.compute_dtype)
+  driver = resolve_driver(config.driver, config.conv_backend, config.compute_dtype, config.cache_trunk)
   log(f"refining the last {layers} layers: up to {config.max_steps} steps on {int((all_marks >= 0).sum())} marked "
       f"pixels (driver {driver}, {_device()['device']})")
   with compile_timer() as compiled:
