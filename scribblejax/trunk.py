@@ -252,11 +252,12 @@ CPU_REWRITES = ("conv3d_as_2d",)
 def default_rewrites(conv_backend: str = "auto") -> tuple[str, ...]:
   """The rewrites :func:`partition` applies unless told otherwise, in order: :data:`ONEDNN_REWRITES`
   when ``conv_backend`` (see :func:`scribblejax.kernels.resolve_conv_backend`) resolves to
-  ``"onednn"`` (every float32 convolution and transposed convolution on oneDNN; the up-sampling on
+  ``"onednn"`` (every float32 convolution and transposed convolution on oneDNN: the up-sampling on
   oneDNN rather than as a matrix product made a 2D 256^2 step 6% and a 3D 64^3 step 8% faster on 2
-  cores; and convolutions of concatenated tail and trunk values split, :func:`_split_concat_conv`); then :data:`DEFAULT_REWRITES`; then :data:`CPU_REWRITES` when JAX's default backend is the
-  CPU, for the convolutions oneDNN does not take (3D convolutions as 2D ones: an interaction of 3
-  steps on a 3D 64^3 U-Net took 10.7 s instead of 17.4 s on 2 cores).
+  cores; and convolutions of concatenated tail and trunk values split, :func:`_split_concat_conv`);
+  then :data:`DEFAULT_REWRITES`; then :data:`CPU_REWRITES` when JAX's default backend is the CPU, for
+  the convolutions oneDNN does not take (3D convolutions as 2D ones: an interaction of 3 steps on a 3D
+  64^3 U-Net took 10.7 s instead of 17.4 s on 2 cores).
 
   Raises:
     ValueError, RuntimeError: as :func:`scribblejax.kernels.resolve_conv_backend`.
@@ -384,8 +385,10 @@ def _run_tail(level: _Level, consts, invals, residuals, top: bool, rewrites: tup
       pull(eqns[i].invars)
     if not remat:
       eqn = eqns[run[0]]
-      split = _split_concat_conv(level, producers, eqn, env, rewrites) if "split_concat_conv" in rewrites else None
-      _write(env, eqn.outvars, split if split is not None else _bind(eqn, [_read(env, v) for v in eqn.invars], rewrites))
+      out = _split_concat_conv(level, producers, eqn, env, rewrites) if "split_concat_conv" in rewrites else None
+      if out is None:
+        out = _bind(eqn, [_read(env, v) for v in eqn.invars], rewrites)
+      _write(env, eqn.outvars, out)
       continue
     defined = {id(v) for i in run for v in eqns[i].outvars}
     in_vars = {id(v): v for i in run for v in eqns[i].invars if not _is_literal(v) and id(v) not in defined}
@@ -413,7 +416,8 @@ def _split_concat_conv(level: _Level, producers: dict, eqn, env: dict, rewrites:
     return None
   p = eqn.params
   source = producers.get(id(eqn.invars[0]))
-  if source is None or level.kinds[source] != "unknown" or p["feature_group_count"] != 1 or p["batch_group_count"] != 1:
+  if (source is None or level.kinds[source] != "unknown" or p["feature_group_count"] != 1
+      or p["batch_group_count"] != 1):
     return None
   concat = level.jaxpr.eqns[source]
   dn = p["dimension_numbers"]
@@ -515,8 +519,10 @@ def partition(fn: Callable, tunable: Any, frozen: Any, image: Any, *,
       order: ``"transposed_conv"`` (a transposed convolution whose stride equals its kernel, as a
       matrix product), ``"conv3d_as_2d"`` (a stride-1 3D convolution as a 2D one on stacked shifted
       copies), ``"conv_as_matmul"`` (every stride-1 convolution as patches and a matrix product,
-      for ``vmap`` over per-example weights) and ``"onednn_conv"`` (float32 convolutions on oneDNN,
-      CPU only; :mod:`scribblejax.kernels`). ``None``: :func:`default_rewrites`.
+      for ``vmap`` over per-example weights), ``"onednn_conv"`` (float32 convolutions on oneDNN,
+      CPU only; :mod:`scribblejax.kernels`) and ``"split_concat_conv"`` (a convolution of
+      concatenated tail and trunk values as one convolution per part, in the tail without ``remat``).
+      ``None``: :func:`default_rewrites`.
     remat: rematerialise in the tail's backward pass: each layer (a run of equations from one
       convolution or matrix product to the next) is one ``jax.checkpoint``, so the backward pass keeps
       only the values passed between layers instead of every intermediate.
