@@ -90,6 +90,23 @@ def _plan(jaxpr, unknown_in: tuple[bool, ...]) -> _Level:
   return _Level(jaxpr, tuple(kinds), frozenset(unknown))
 
 
+def _lhs_channels_last(lhs, dn):
+  """A convolution's input as ``[N, *S, I]``, whatever its dimension numbers ``dn``."""
+  return jax.numpy.transpose(lhs, (dn.lhs_spec[0], *dn.lhs_spec[2:], dn.lhs_spec[1]))
+
+
+def _rhs_spatial_in_out(rhs, dn):
+  """A convolution's kernel as ``[*K, I, O]``, whatever its dimension numbers ``dn``."""
+  return jax.numpy.transpose(rhs, (*dn.rhs_spec[2:], dn.rhs_spec[1], dn.rhs_spec[0]))
+
+
+def _restore_layout(y, dn):
+  """A channels-last output ``[N, *S, O]`` in the layout of the dimension numbers ``dn``."""
+  nd = y.ndim - 2
+  logical = (0, nd + 1, *range(1, nd + 1))      # where y holds (batch, feature, *spatial)
+  return jax.numpy.transpose(y, [logical[list(dn.out_spec).index(a)] for a in range(nd + 2)])
+
+
 def _transposed_conv_as_matmul(eqn, lhs, rhs):
   """A transposed convolution whose stride equals its kernel (a U-Net's up-sampling), as one matrix
   product and a depth-to-space reshape; ``None`` for any other convolution.
@@ -103,13 +120,13 @@ def _transposed_conv_as_matmul(eqn, lhs, rhs):
   p = eqn.params
   nd = len(p["window_strides"])
   dn = p["dimension_numbers"]
-  lhs_spec, rhs_spec, out_spec = dn.lhs_spec, dn.rhs_spec, dn.out_spec
+  rhs_spec = dn.rhs_spec
   kernel = tuple(rhs.shape[d] for d in rhs_spec[2:])
   if (p["feature_group_count"] != 1 or p["batch_group_count"] != 1 or any(s != 1 for s in p["window_strides"])
       or any(d != 1 for d in p["rhs_dilation"]) or tuple(p["lhs_dilation"]) != kernel or max(kernel) < 2
       or tuple(tuple(q) for q in p["padding"]) != tuple((k - 1, k - 1) for k in kernel)):
     return None
-  x = jax.numpy.transpose(lhs, (lhs_spec[0], *lhs_spec[2:], lhs_spec[1]))          # [N, *S, I]
+  x = _lhs_channels_last(lhs, dn)                                                   # [N, *S, I]
   k = jax.numpy.transpose(rhs, (rhs_spec[1], *rhs_spec[2:], rhs_spec[0]))          # [I, *K, O]
   k = jax.numpy.flip(k, axis=tuple(range(1, nd + 1)))
   out_features = k.shape[-1]
@@ -120,9 +137,7 @@ def _transposed_conv_as_matmul(eqn, lhs, rhs):
   interleave = [0] + [a for d in range(nd) for a in (1 + d, 1 + nd + d)] + [1 + 2 * nd]
   y = jax.numpy.transpose(y, interleave).reshape(x.shape[0], *(s * k for s, k in zip(spatial, kernel)),
                                                  out_features)                       # [N, *S*K, O]
-  logical = (0, nd + 1, *range(1, nd + 1))      # where y holds (batch, feature, *spatial)
-  y = jax.numpy.transpose(y, [logical[list(out_spec).index(a)] for a in range(nd + 2)])
-  return [y.astype(eqn.outvars[0].aval.dtype)]
+  return [_restore_layout(y, dn).astype(eqn.outvars[0].aval.dtype)]
 
 
 def _conv_as_matmul(eqn, lhs, rhs):
@@ -138,9 +153,8 @@ def _conv_as_matmul(eqn, lhs, rhs):
       or any(d != 1 for d in p["rhs_dilation"]) or any(d != 1 for d in p["lhs_dilation"])):
     return None
   dn = p["dimension_numbers"]
-  lhs_spec, rhs_spec, out_spec = dn.lhs_spec, dn.rhs_spec, dn.out_spec
-  x = jax.numpy.transpose(lhs, (lhs_spec[0], *lhs_spec[2:], lhs_spec[1]))          # [N, *S, I]
-  k = jax.numpy.transpose(rhs, (*rhs_spec[2:], rhs_spec[1], rhs_spec[0]))          # [*K, I, O]
+  x = _lhs_channels_last(lhs, dn)                                                   # [N, *S, I]
+  k = _rhs_spatial_in_out(rhs, dn)                                                 # [*K, I, O]
   kernel = k.shape[:nd]
   x = jax.numpy.pad(x, [(0, 0), *[tuple(q) for q in p["padding"]], (0, 0)])
   out_spatial = tuple(x.shape[1 + d] - kernel[d] + 1 for d in range(nd))
@@ -149,9 +163,7 @@ def _conv_as_matmul(eqn, lhs, rhs):
   cols = patches[0] if len(patches) == 1 else jax.numpy.concatenate(patches, axis=-1)  # [N, *S', prod(K)*I]
   y = jax.lax.dot_general(cols, k.reshape(-1, k.shape[-1]), (((nd + 1,), (0,)), ((), ())),
                           precision=p["precision"], preferred_element_type=p["preferred_element_type"])
-  logical = (0, nd + 1, *range(1, nd + 1))      # where y holds (batch, feature, *spatial)
-  y = jax.numpy.transpose(y, [logical[list(out_spec).index(a)] for a in range(nd + 2)])
-  return [y.astype(eqn.outvars[0].aval.dtype)]
+  return [_restore_layout(y, dn).astype(eqn.outvars[0].aval.dtype)]
 
 
 # The largest stacked input (bytes) that "conv3d_as_2d" builds; bigger convolutions stay 3D.
@@ -176,9 +188,8 @@ def _conv3d_as_2d(eqn, lhs, rhs):
       or any(d != 1 for d in p["lhs_dilation"]) or min(min(q) for q in p["padding"]) < 0):
     return None
   dn = p["dimension_numbers"]
-  lhs_spec, rhs_spec, out_spec = dn.lhs_spec, dn.rhs_spec, dn.out_spec
-  x = jax.numpy.transpose(lhs, (lhs_spec[0], *lhs_spec[2:], lhs_spec[1]))          # [N, D, H, W, I]
-  k = jax.numpy.transpose(rhs, (*rhs_spec[2:], rhs_spec[1], rhs_spec[0]))          # [KD, KH, KW, I, O]
+  x = _lhs_channels_last(lhs, dn)                                                   # [N, D, H, W, I]
+  k = _rhs_spatial_in_out(rhs, dn)                                                 # [KD, KH, KW, I, O]
   (lo, hi), *rest = [tuple(q) for q in p["padding"]]
   x = jax.numpy.pad(x, [(0, 0), (lo, hi), (0, 0), (0, 0), (0, 0)])
   taps = k.shape[0]
@@ -192,9 +203,7 @@ def _conv3d_as_2d(eqn, lhs, rhs):
                                    dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=p["precision"],
                                    preferred_element_type=p["preferred_element_type"])
   y = y.reshape(n, depth, *y.shape[1:])                                             # [N, D', H', W', O]
-  logical = (0, 4, 1, 2, 3)      # where y holds (batch, feature, *spatial)
-  y = jax.numpy.transpose(y, [logical[list(out_spec).index(a)] for a in range(5)])
-  return [y.astype(eqn.outvars[0].aval.dtype)]
+  return [_restore_layout(y, dn).astype(eqn.outvars[0].aval.dtype)]
 
 
 def _onednn_conv(eqn, lhs, rhs):
@@ -210,7 +219,7 @@ def _onednn_conv(eqn, lhs, rhs):
   p = eqn.params
   nd = len(p["window_strides"])
   dn = p["dimension_numbers"]
-  lhs_spec, rhs_spec, out_spec = dn.lhs_spec, dn.rhs_spec, dn.out_spec
+  lhs_spec, rhs_spec = dn.lhs_spec, dn.rhs_spec
   strides = tuple(int(s) for s in p["window_strides"])
   dilation = tuple(int(d) for d in (p["lhs_dilation"] or (1,) * nd))
   padding = tuple((int(lo), int(hi)) for lo, hi in p["padding"])
@@ -225,14 +234,13 @@ def _onednn_conv(eqn, lhs, rhs):
       or p["batch_group_count"] != 1 or any(d != 1 for d in (p["rhs_dilation"] or ()))
       or not kernels.supports(x_shape, w_shape, lhs.dtype, strides, padding, transposed)):
     return None
-  x = jax.numpy.transpose(lhs, (lhs_spec[0], *lhs_spec[2:], lhs_spec[1]))          # [N, *S, I]
-  k = jax.numpy.transpose(rhs, (*rhs_spec[2:], rhs_spec[1], rhs_spec[0]))          # [*K, I, O]
+  x = _lhs_channels_last(lhs, dn)                                                   # [N, *S, I]
+  k = _rhs_spatial_in_out(rhs, dn)                                                 # [*K, I, O]
   if transposed:
     y = kernels.conv_transpose(x, jax.numpy.flip(k, axis=tuple(range(nd))), strides, padding)
   else:
     y = kernels.conv(x, k, strides, padding)                                         # [N, *S', O]
-  logical = (0, nd + 1, *range(1, nd + 1))      # where y holds (batch, feature, *spatial)
-  return [jax.numpy.transpose(y, [logical[list(out_spec).index(a)] for a in range(nd + 2)])]
+  return [_restore_layout(y, dn)]
 
 
 # Rewrites by name: (primitive name, (eqn, *invals) -> outputs or None when it does not apply).
