@@ -28,9 +28,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from typing import Any, NamedTuple
 
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -42,7 +44,7 @@ from scribblejax import trunk as trunk_lib
 from scribblejax.params import Split
 
 DRIVERS = ("auto", "loop", "host")
-BATCH_SCHEMES = ("auto", "vmap", "matmul", "sequential")
+BATCH_SCHEMES = ("auto", "vmap", "matmul", "shifted", "sequential")
 COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
@@ -74,7 +76,8 @@ class RefineConfig:
       the loop (:mod:`scribblejax.trunk`); ``False`` runs the whole forward pass at every step.
     batch_scheme: how :func:`refine_batch` runs a batch: "vmap" (one program over the batch; each
       tunable convolution becomes a grouped convolution), "matmul" (the same, with the tail's
-      convolutions as patches and batched matrix products; needs ``cache_trunk``), "sequential"
+      convolutions as patches and batched matrix products; needs ``cache_trunk``), "shifted" (the
+      same, one batched matrix product per kernel tap over a shifted window, without patches), "sequential"
       (one image after another) or "auto" (see :func:`resolve_batch_scheme`).
     compute_dtype: "float32" or "bfloat16": the dtype the network computes in. Parameters, their
       gradients, the optimiser state and the loss stay float32 (the weights and the image are cast
@@ -184,24 +187,79 @@ class _Static:
   output: str
   early_stop: bool = True
   cache_trunk: bool = True
-  conv_as_matmul: bool = False    # the tail's convolutions as patches and matrix products
   compute_dtype: str | None = None  # None: the parameters' own dtype (float32)
   remat: bool = False
   conv_backend: str = "xla"       # resolved: "xla" or "onednn"
+  conv_rewrite: str | None = None  # batches: "conv_as_matmul" or "conv_as_shifted_matmul" in the tail
+  flat_params: bool = False       # the loop driver carries W_lam as one flat vector (see _flattens)
+
+
+# XLA options of every compiled refinement program: channels-last cuDNN convolutions. XLA:GPU's own
+# choice for float32 3D convolutions on Hopper is channels-first, which cuDNN converts at every call;
+# channels-last made a 3D 96^3 interaction 13% faster on an H100 (476 -> 413 ms for 50 steps,
+# benchmarks/results/gpu_h100_2026-11-27). No effect off GPUs. SCRIBBLEJAX_FORCE_CONV_NHWC=0 (read at import)
+# leaves the layout to XLA.
+_COMPILER_OPTIONS = ({"xla_gpu_force_conv_nhwc": True} if os.environ.get("SCRIBBLEJAX_FORCE_CONV_NHWC", "1") != "0"
+                     else None)
+_jit = functools.partial(jax.jit, compiler_options=_COMPILER_OPTIONS)
+
+
+class GraphKey:
+  """A model's graphdef with its hash computed once.
+
+  ``jax.jit`` hashes its static arguments at every call, and hashing an ``nnx`` graphdef walks the
+  whole model in Python (about 2 ms for the benchmark U-Net on 2 cores, several times per
+  interaction). Compiled functions here take this key instead; :func:`forward` unwraps it.
+  """
+  __slots__ = ("graphdef", "_hash")
+
+  def __init__(self, graphdef: Any):
+    self.graphdef = graphdef
+    self._hash = hash(graphdef)
+
+  def __hash__(self) -> int:
+    return self._hash
+
+  def __eq__(self, other: Any) -> bool:
+    return self is other or (isinstance(other, GraphKey) and self._hash == other._hash
+                             and self.graphdef == other.graphdef)
+
+  def __repr__(self) -> str:
+    return f"GraphKey({self.graphdef!r})"
+
+
+_graph_keys: dict[int, GraphKey] = {}
+
+
+def graph_key(graphdef: Any) -> GraphKey:
+  """The :class:`GraphKey` of ``graphdef``, the same object for the same graphdef object."""
+  if isinstance(graphdef, GraphKey):
+    return graphdef
+  key = _graph_keys.get(id(graphdef))
+  if key is None or key.graphdef is not graphdef:
+    if len(_graph_keys) >= 256:
+      _graph_keys.clear()
+    key = _graph_keys[id(graphdef)] = GraphKey(graphdef)
+  return key
 
 
 def _hyper(config: RefineConfig) -> _Hyper:
-  return _Hyper(jnp.asarray(config.max_steps, jnp.int32), jnp.asarray(config.learning_rate, jnp.float32),
-                jnp.asarray(config.momentum, jnp.float32), jnp.asarray(config.prox_weight, jnp.float32),
-                jnp.asarray(config.keep_weight, jnp.float32))
+  # numpy scalars: they travel with the compiled call's arguments (no dispatch of their own)
+  return _Hyper(np.asarray(config.max_steps, np.int32), np.asarray(config.learning_rate, np.float32),
+                np.asarray(config.momentum, np.float32), np.asarray(config.prox_weight, np.float32),
+                np.asarray(config.keep_weight, np.float32))
+
+
+_SCHEME_REWRITES = {"matmul": "conv_as_matmul", "shifted": "conv_as_shifted_matmul"}
 
 
 def _static(config: RefineConfig, batched: bool = False) -> _Static:
-  conv_as_matmul = batched and resolve_batch_scheme(config.batch_scheme) == "matmul"
+  rewrite = _SCHEME_REWRITES.get(resolve_batch_scheme(config.batch_scheme)) if batched else None
   compute_dtype = None if config.compute_dtype == "float32" else config.compute_dtype
   return _Static(config.optimizer, config.class_balance, config.trace_length, config.output,
-                 bool(config.early_stop), bool(config.cache_trunk), conv_as_matmul, compute_dtype,
-                 bool(config.remat), kernels.resolve_conv_backend(config.conv_backend))
+                 bool(config.early_stop), bool(config.cache_trunk), compute_dtype,
+                 bool(config.remat), kernels.resolve_conv_backend(config.conv_backend), rewrite,
+                 _flat_carry())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -218,7 +276,7 @@ def forward(graphdef: Any, tunable: Any, frozen: Any, image: jax.Array, compute_
     dtype = jnp.dtype(compute_dtype)
     cast = lambda x: x.astype(dtype) if jnp.issubdtype(jnp.result_type(x), jnp.floating) else x
     tunable, frozen, image = jax.tree.map(cast, (tunable, frozen, image))
-  model = nnx.merge(graphdef, tunable, frozen)
+  model = nnx.merge(graphdef.graphdef if isinstance(graphdef, GraphKey) else graphdef, tunable, frozen)
   return model(image[None])[0].astype(jnp.float32)
 
 
@@ -293,12 +351,13 @@ def _logits(graphdef, tunable, frozen, image, residuals, static: _Static, remat:
   fn = _Forward(graphdef, static.compute_dtype)
   if residuals is None:
     return (jax.checkpoint(fn) if remat else fn)(tunable, frozen, image)
-  rewrites = (("conv_as_matmul",) if static.conv_as_matmul else ()) + trunk_lib.default_rewrites(static.conv_backend)
+  rewrites = ((static.conv_rewrite,) if static.conv_rewrite else ()) + trunk_lib.default_rewrites(static.conv_backend)
   return trunk_lib.partition(fn, tunable, frozen, image, rewrites=rewrites, remat=remat).tail(tunable, residuals)
 
 
-def _objective(graphdef, frozen, anchor, image, marks, static, hyper, tunable, residuals=None):
-  logits = _logits(graphdef, tunable, frozen, image, residuals, static, static.remat)
+def _objective(graphdef, frozen, anchor, image, marks, static, hyper, tunable, residuals=None, unravel=None):
+  tree = tunable if unravel is None else unravel(tunable)
+  logits = _logits(graphdef, tree, frozen, image, residuals, static, static.remat)
   ce = marked_cross_entropy(logits, marks, static.class_balance)
   # Internally, unmarked pixels may carry the network's initial label k as -2 - k (see _keep_targets).
   keep = marked_cross_entropy(logits, jnp.where(marks <= -2, -2 - marks, -1))
@@ -314,16 +373,17 @@ def init_state(start, static: _Static, hyper: _Hyper) -> RefineState:
 
 
 def refine_step(graphdef, frozen, anchor, image, marks, static: _Static, hyper: _Hyper,
-                state: RefineState, residuals: list | None = None) -> RefineState:
+                state: RefineState, residuals: list | None = None, unravel: Any = None) -> RefineState:
   """One guarded step: evaluate; stop if satisfied or non-finite; else one optimiser update.
 
   A step taken when the loop is already done, or at ``max_steps``, changes nothing. When the
   objective at the current weights is non-finite, the loop stops and steps back to the previous
   (finite) weights. With ``residuals`` (from :func:`trunk_residuals`) only the tunable tail of the
-  network runs.
+  network runs. With ``unravel``, ``state.tunable`` and ``anchor`` are flat vectors
+  (``jax.flatten_util.ravel_pytree``) and ``unravel`` rebuilds the tunable pytree from one.
   """
   objective = functools.partial(_objective, graphdef, frozen, anchor, image, marks, static, hyper,
-                                residuals=residuals)
+                                residuals=residuals, unravel=unravel)
   (value, logits), grads = jax.value_and_grad(objective, has_aux=True)(state.tunable)
   active = ~state.done & (state.step < hyper.max_steps)
   satisfied = marks_satisfied(logits, marks)
@@ -351,22 +411,44 @@ def refine_step(graphdef, frozen, anchor, image, marks, static: _Static, hyper: 
 
 
 def finalize(graphdef, frozen, image, marks, static: _Static, state: RefineState,
-             residuals: list | None = None) -> RefineResult:
+             residuals: list | None = None, unravel: Any = None) -> RefineResult:
   """Evaluates W_lam once more (only the tail, when the trunk's ``residuals`` are given) and packs the
-  result."""
-  logits = _logits(graphdef, state.tunable, frozen, image, residuals, static)
+  result (``unravel``: as :func:`refine_step`)."""
+  tunable = state.tunable if unravel is None else unravel(state.tunable)
+  logits = _logits(graphdef, tunable, frozen, image, residuals, static)
   out = jax.nn.softmax(logits, axis=-1) if static.output == "probabilities" else logits
-  return RefineResult(out, jnp.argmax(logits, axis=-1).astype(jnp.int32), state.tunable, state.step,
+  return RefineResult(out, jnp.argmax(logits, axis=-1).astype(jnp.int32), tunable, state.step,
                       marks_satisfied(logits, marks), state.nonfinite, state.loss_trace)
+
+
+def _flat_carry() -> bool:
+  """Whether the loop driver carries W_lam flat on this backend: on GPUs and TPUs. One kernel for the
+  optimiser, the proximal term and the finiteness checks instead of one per parameter made a 2D 256^2
+  interaction 9% faster on an H100 (66.5 -> 60.7 ms); on 2 CPU cores, where the slicing and
+  concatenation are copies, it was no faster (102-138 against 111-119 ms per step, alternating runs)."""
+  return jax.default_backend() != "cpu"
+
+
+def _flattens(static: _Static, tunable: Any) -> bool:
+  """Whether the loop carries W_lam flat: the built-in SGD (elementwise, so the same on one vector)
+  and one dtype for every tunable leaf."""
+  leaves = jax.tree.leaves(tunable)
+  return (static.flat_params and static.optimizer is None and len(leaves) > 1
+          and len({jnp.result_type(x) for x in leaves}) == 1)
 
 
 def _loop_one(graphdef, static, anchor, start, frozen, image, marks, hyper) -> RefineResult:
   residuals = (trunk_residuals(graphdef, anchor, frozen, image, static.compute_dtype, static.conv_backend)
                if static.cache_trunk else None)
-  step = functools.partial(refine_step, graphdef, frozen, anchor, image, marks, static, hyper, residuals=residuals)
+  unravel = None
+  if _flattens(static, anchor):
+    anchor, unravel = jax.flatten_util.ravel_pytree(anchor)
+    start = jax.flatten_util.ravel_pytree(start)[0]
+  step = functools.partial(refine_step, graphdef, frozen, anchor, image, marks, static, hyper, residuals=residuals,
+                           unravel=unravel)
   state = init_state(start, static, hyper)
   state = jax.lax.while_loop(lambda s: ~s.done & (s.step < hyper.max_steps), step, state)
-  return finalize(graphdef, frozen, image, marks, static, state, residuals)
+  return finalize(graphdef, frozen, image, marks, static, state, residuals, unravel)
 
 
 def _chunk_one(graphdef, static, check_every, anchor, frozen, image, marks, hyper, state,
@@ -384,7 +466,7 @@ def _batched(fn, batched_args: tuple[bool, ...]):
   return jax.vmap(fn, in_axes=tuple(0 if b else None for b in batched_args))
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "static", "batched", "batched_start"))
+@functools.partial(_jit, static_argnames=("graphdef", "static", "batched", "batched_start"))
 def _run_loop(graphdef, static, batched, anchor, start, frozen, image, marks, hyper, batched_start=False):
   fn = functools.partial(_loop_one, graphdef, static)
   if batched:
@@ -392,7 +474,7 @@ def _run_loop(graphdef, static, batched, anchor, start, frozen, image, marks, hy
   return fn(anchor, start, frozen, image, marks, hyper)
 
 
-@functools.partial(jax.jit, static_argnames=("static", "batched", "batch_size", "batched_start"))
+@functools.partial(_jit, static_argnames=("static", "batched", "batch_size", "batched_start"))
 def _run_init(static, batched, start, hyper, batch_size, batched_start=False):
   if batched_start:
     return jax.vmap(lambda s: init_state(s, static, hyper))(start)
@@ -402,7 +484,7 @@ def _run_init(static, batched, start, hyper, batch_size, batched_start=False):
   return state
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "static", "check_every", "batched"), donate_argnames=("state",))
+@functools.partial(_jit, static_argnames=("graphdef", "static", "check_every", "batched"), donate_argnames=("state",))
 def _run_chunk(graphdef, static, check_every, batched, anchor, frozen, image, marks, hyper, state, residuals=None):
   fn = functools.partial(_chunk_one, graphdef, static, check_every)
   if batched:
@@ -410,7 +492,7 @@ def _run_chunk(graphdef, static, check_every, batched, anchor, frozen, image, ma
   return fn(anchor, frozen, image, marks, hyper, state, residuals)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "compute_dtype", "conv_backend", "batched"))
+@functools.partial(_jit, static_argnames=("graphdef", "compute_dtype", "conv_backend", "batched"))
 def _run_trunk(graphdef, compute_dtype, conv_backend, batched, tunable, frozen, image):
   fn = functools.partial(trunk_residuals, graphdef, compute_dtype=compute_dtype, conv_backend=conv_backend)
   if batched:
@@ -418,7 +500,7 @@ def _run_trunk(graphdef, compute_dtype, conv_backend, batched, tunable, frozen, 
   return fn(tunable, frozen, image)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "static", "batched"))
+@functools.partial(_jit, static_argnames=("graphdef", "static", "batched"))
 def _run_finalize(graphdef, static, batched, frozen, image, marks, state, residuals=None):
   fn = functools.partial(finalize, graphdef)
   if batched:
@@ -426,7 +508,7 @@ def _run_finalize(graphdef, static, batched, frozen, image, marks, state, residu
   return fn(frozen, image, marks, static, state, residuals)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "conv_backend"))
+@functools.partial(_jit, static_argnames=("graphdef", "conv_backend"))
 def _run_predict(graphdef, conv_backend, tunable, frozen, image):
   # the trunk and the tail, as refine computes them (with the same faster forms of some operations);
   # conv_backend is resolved by the caller, outside any trace (resolving may build the kernels)
@@ -441,9 +523,11 @@ def resolve_batch_scheme(scheme: str) -> str:
   On CPU one image already keeps every core busy and both batched forms are slower per image
   (measured on 2 cores, 2D 256^2, batch 8, last 5 layers: "vmap" 3.9x and "matmul" 3.3x the time of
   "sequential"). On GPUs ``vmap`` over per-image weights makes each tunable convolution a grouped
-  convolution, slower than one image after another (issue 6: 3.6 against 7.7 images/s on an H100);
-  "matmul" turns them into batched matrix products: on an H100 (2D 256^2, 20 steps) 65 images/s for a
-  batch of 32 and 51 for 8, against 47 and 40 for "sequential" (``benchmarks/results/gpu_h100``).
+  convolution (3.6 against 7.7 images/s on an H100, issue 6); "matmul" turns them into batched matrix
+  products, "shifted" into one batched product per kernel tap. On an H100 (2D 256^2, 20 steps,
+  ``benchmarks/results/gpu_h100_2026-11-27``), for 8 and 32 images: "matmul" 65.7 and 71.8 images/s,
+  "sequential" 67.5 and 69.3, "shifted" 55.1 and 60.6, one image 54.6: one image already keeps the GPU
+  busy, so no scheme gains much.
   """
   if scheme != "auto":
     return scheme
@@ -505,7 +589,7 @@ def num_classes_of(split: Split, image_shape: tuple[int, ...], dtype=jnp.float32
 
   Cached per model structure and image shape, so repeated interactions do not trace the model again.
   """
-  shape, error = _output_shape(split.graphdef, trunk_lib.structure_key(split.tunable),
+  shape, error = _output_shape(graph_key(split.graphdef), trunk_lib.structure_key(split.tunable),
                                trunk_lib.structure_key(split.frozen),
                                tuple(int(n) for n in image_shape), jnp.dtype(dtype).str)
   if error is not None:
@@ -554,19 +638,19 @@ def predict(split: Split, image: Any, tunable: Any = None) -> jax.Array:
   if arr.ndim == split_spatial_dims(split):
     arr = arr[..., None]
   num_classes_of(split, arr.shape)
-  return _run_predict(split.graphdef, kernels.resolve_conv_backend("auto"),
+  return _run_predict(graph_key(split.graphdef), kernels.resolve_conv_backend("auto"),
                       split.tunable if tunable is None else tunable, split.frozen, jnp.asarray(arr, jnp.float32))
 
 
 def split_spatial_dims(split: Split) -> int | None:
   """The model's spatial rank when it states one (``spatial_dims`` attribute), else ``None``."""
-  # cached per graphdef (hashable: it is a static argument of every compiled function here)
-  if split.graphdef not in _spatial_dims_cache:
+  key = graph_key(split.graphdef)
+  if key not in _spatial_dims_cache:
     if len(_spatial_dims_cache) >= 256:
       _spatial_dims_cache.clear()
     model = nnx.merge(split.graphdef, split.tunable, split.frozen)
-    _spatial_dims_cache[split.graphdef] = getattr(model, "spatial_dims", None)
-  return _spatial_dims_cache[split.graphdef]
+    _spatial_dims_cache[key] = getattr(model, "spatial_dims", None)
+  return _spatial_dims_cache[key]
 
 
 _spatial_dims_cache: dict = {}
@@ -580,7 +664,8 @@ def _keep_targets(split: Split, image: jax.Array, marks: jax.Array, batched: boo
   """
   images = image if batched else image[None]
   backend = kernels.resolve_conv_backend("auto")
-  initial = jnp.stack([jnp.argmax(_run_predict(split.graphdef, backend, split.tunable, split.frozen, x), axis=-1)
+  graphdef = graph_key(split.graphdef)
+  initial = jnp.stack([jnp.argmax(_run_predict(graphdef, backend, split.tunable, split.frozen, x), axis=-1)
                        for x in images]).astype(jnp.int32)
   encoded = jnp.where(marks >= 0, marks, -2 - (initial if batched else initial[0]))
   return encoded
@@ -589,17 +674,18 @@ def _keep_targets(split: Split, image: jax.Array, marks: jax.Array, batched: boo
 def _drive(split: Split, image: jax.Array, marks: jax.Array, config: RefineConfig, batched: bool,
            start: Any, batched_start: bool = False, progress: Any = None) -> RefineResult:
   static, hyper = _static(config, batched), _hyper(config)
+  graphdef = graph_key(split.graphdef)
   anchor = split.tunable
   if config.keep_weight > 0:
     marks = _keep_targets(split, image, marks, batched)
   if _driver(config) == "loop":
-    result = _run_loop(split.graphdef, static, batched, anchor, start, split.frozen, image, marks, hyper,
+    result = _run_loop(graphdef, static, batched, anchor, start, split.frozen, image, marks, hyper,
                        batched_start=batched_start)
     if progress is not None:
       progress(int(np.max(jax.device_get(result.num_steps))), config.max_steps)
     return result
   state = _run_init(static, batched, start, hyper, image.shape[0] if batched else 1, batched_start=batched_start)
-  residuals = (_run_trunk(split.graphdef, static.compute_dtype, static.conv_backend, batched, anchor, split.frozen,
+  residuals = (_run_trunk(graphdef, static.compute_dtype, static.conv_backend, batched, anchor, split.frozen,
                           image) if config.cache_trunk else None)
   while True:
     finished, steps = jax.device_get((state.done | (state.step >= config.max_steps), state.step))
@@ -607,9 +693,9 @@ def _drive(split: Split, image: jax.Array, marks: jax.Array, config: RefineConfi
       progress(int(np.max(steps)), config.max_steps)
     if np.asarray(finished).all():
       break
-    state = _run_chunk(split.graphdef, static, config.check_every, batched, anchor, split.frozen, image, marks,
+    state = _run_chunk(graphdef, static, config.check_every, batched, anchor, split.frozen, image, marks,
                        hyper, state, residuals)
-  return _run_finalize(split.graphdef, static, batched, split.frozen, image, marks, state, residuals)
+  return _run_finalize(graphdef, static, batched, split.frozen, image, marks, state, residuals)
 
 
 def refine(split: Split, image: Any, marks: Any, config: RefineConfig = RefineConfig(), *,
@@ -710,17 +796,19 @@ def memory_analysis(split: Split, image: Any, marks: Any, config: RefineConfig =
   """
   image, marks = prepare_inputs(split, image, marks)
   static, hyper = _static(config), _hyper(config)
-  anchor, frozen, graphdef = split.tunable, split.frozen, split.graphdef
+  anchor, frozen, graphdef = split.tunable, split.frozen, graph_key(split.graphdef)
   driver = _driver(config)
   programs = {}
   if driver == "loop":
     programs["loop"] = _memory_stats(_run_loop.lower(graphdef, static, False, anchor, anchor, frozen, image, marks,
                                                      hyper))
   else:
-    state = jax.eval_shape(functools.partial(_run_init, static, False, batch_size=1), anchor, hyper)
+    # shapes only, from the plain functions (the compiled ones take XLA options, refused when nested)
+    state = jax.eval_shape(lambda a, h: init_state(a, static, h), anchor, hyper)
     residuals = None
     if config.cache_trunk:
-      trunk = functools.partial(_run_trunk, graphdef, static.compute_dtype, static.conv_backend, False)
+      trunk = functools.partial(trunk_residuals, graphdef, compute_dtype=static.compute_dtype,
+                                conv_backend=static.conv_backend)
       residuals = jax.eval_shape(trunk, anchor, frozen, image)
       programs["trunk"] = _memory_stats(_run_trunk.lower(graphdef, static.compute_dtype, static.conv_backend, False,
                                                          anchor, frozen, image))

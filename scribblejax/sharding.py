@@ -68,33 +68,34 @@ def _per_device(mesh, fn, batched_args: tuple[bool, ...], batched_out: bool = Tr
                        out_specs=rows if batched_out else everywhere, check_vma=False)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "static", "mesh", "batched_start"))
+@functools.partial(refine_lib._jit, static_argnames=("graphdef", "static", "mesh", "batched_start"))
 def _run_loop(graphdef, static, mesh, batched_start, anchor, start, frozen, image, marks, hyper):
   fn = functools.partial(refine_lib._loop_one, graphdef, static)
   return _per_device(mesh, fn, (False, batched_start, False, True, True, False))(anchor, start, frozen, image,
                                                                                  marks, hyper)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "compute_dtype", "conv_backend", "mesh"))
+@functools.partial(refine_lib._jit, static_argnames=("graphdef", "compute_dtype", "conv_backend", "mesh"))
 def _run_trunk(graphdef, compute_dtype, conv_backend, mesh, tunable, frozen, image):
   fn = functools.partial(refine_lib.trunk_residuals, graphdef, compute_dtype=compute_dtype,
                          conv_backend=conv_backend)
   return _per_device(mesh, fn, (False, False, True))(tunable, frozen, image)
 
 
-@functools.partial(jax.jit, static_argnames=("static", "mesh"))
+@functools.partial(refine_lib._jit, static_argnames=("static", "mesh"))
 def _run_init(static, mesh, start, hyper):
   return _per_device(mesh, lambda s, h: refine_lib.init_state(s, static, h), (True, False))(start, hyper)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "static", "check_every", "mesh"), donate_argnames=("state",))
+@functools.partial(refine_lib._jit, static_argnames=("graphdef", "static", "check_every", "mesh"),
+                   donate_argnames=("state",))
 def _run_chunk(graphdef, static, check_every, mesh, anchor, frozen, image, marks, hyper, state, residuals):
   fn = functools.partial(refine_lib._chunk_one, graphdef, static, check_every)
   return _per_device(mesh, fn, (False, False, True, True, False, True, True))(anchor, frozen, image, marks, hyper,
                                                                               state, residuals)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "static", "mesh"))
+@functools.partial(refine_lib._jit, static_argnames=("graphdef", "static", "mesh"))
 def _run_finalize(graphdef, static, mesh, frozen, image, marks, state, residuals=None):
   fn = lambda f, i, m, s, r: refine_lib.finalize(graphdef, f, i, m, static, s, r)
   return _per_device(mesh, fn, (False, True, True, True, True))(frozen, image, marks, state, residuals)
@@ -103,21 +104,21 @@ def _run_finalize(graphdef, static, mesh, frozen, image, marks, state, residuals
 def _drive(split: Split, images, marks, config, mesh: Mesh, start, batched_start: bool):
   """refine.py's driver, with every compiled piece split over the mesh's batch axis."""
   static, hyper = refine_lib._static(config, True), refine_lib._hyper(config)
-  anchor = split.tunable
+  anchor, graphdef = split.tunable, refine_lib.graph_key(split.graphdef)
   if refine_lib._driver(config) == "loop":
-    return _run_loop(split.graphdef, static, mesh, batched_start, anchor, start, split.frozen, images, marks, hyper)
+    return _run_loop(graphdef, static, mesh, batched_start, anchor, start, split.frozen, images, marks, hyper)
   if not batched_start:
     start = jax.tree.map(lambda x: jnp.broadcast_to(x, (images.shape[0], *x.shape)), start)
   state = _run_init(static, mesh, start, hyper)
-  residuals = (_run_trunk(split.graphdef, static.compute_dtype, static.conv_backend, mesh, anchor, split.frozen, images)
+  residuals = (_run_trunk(graphdef, static.compute_dtype, static.conv_backend, mesh, anchor, split.frozen, images)
                if config.cache_trunk else None)
   while True:
     finished = np.asarray(jax.device_get(state.done | (state.step >= config.max_steps)))
     if finished.all():
       break
-    state = _run_chunk(split.graphdef, static, config.check_every, mesh, anchor, split.frozen, images, marks, hyper,
+    state = _run_chunk(graphdef, static, config.check_every, mesh, anchor, split.frozen, images, marks, hyper,
                        state, residuals)
-  return _run_finalize(split.graphdef, static, mesh, split.frozen, images, marks, state, residuals)
+  return _run_finalize(graphdef, static, mesh, split.frozen, images, marks, state, residuals)
 
 
 def _global(x: Any) -> bool:

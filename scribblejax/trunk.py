@@ -166,6 +166,33 @@ def _conv_as_matmul(eqn, lhs, rhs):
   return [_restore_layout(y, dn).astype(eqn.outvars[0].aval.dtype)]
 
 
+def _conv_as_shifted_matmul(eqn, lhs, rhs):
+  """A stride-1, undilated, ungrouped convolution as a sum of one matrix product per kernel tap, each
+  over a shifted window of the padded input; ``None`` for any other convolution.
+
+  Like :func:`_conv_as_matmul` this turns a convolution with per-example kernels (under ``vmap``)
+  into batched matrix products, without building the patches (``prod(kernel)`` times the input).
+  """
+  p = eqn.params
+  nd = len(p["window_strides"])
+  if (p["feature_group_count"] != 1 or p["batch_group_count"] != 1 or any(s != 1 for s in p["window_strides"])
+      or any(d != 1 for d in p["rhs_dilation"]) or any(d != 1 for d in p["lhs_dilation"])):
+    return None
+  dn = p["dimension_numbers"]
+  x = _lhs_channels_last(lhs, dn)                                                   # [N, *S, I]
+  k = _rhs_spatial_in_out(rhs, dn)                                                 # [*K, I, O]
+  kernel = k.shape[:nd]
+  x = jax.numpy.pad(x, [(0, 0), *[tuple(q) for q in p["padding"]], (0, 0)])
+  out_spatial = tuple(x.shape[1 + d] - kernel[d] + 1 for d in range(nd))
+  y = None
+  for offset in np.ndindex(*kernel):
+    window = x[(slice(None), *(slice(o, o + n) for o, n in zip(offset, out_spatial)), slice(None))]
+    term = jax.lax.dot_general(window, k[offset], (((nd + 1,), (0,)), ((), ())), precision=p["precision"],
+                               preferred_element_type=p["preferred_element_type"])
+    y = term if y is None else y + term
+  return [_restore_layout(y, dn).astype(eqn.outvars[0].aval.dtype)]
+
+
 # The largest stacked input (bytes) that "conv3d_as_2d" builds; bigger convolutions stay 3D.
 CONV3D_AS_2D_MAX_BYTES = 1 << 30
 
@@ -247,6 +274,7 @@ def _onednn_conv(eqn, lhs, rhs):
 REWRITES = {
     "transposed_conv": ("conv_general_dilated", _transposed_conv_as_matmul),
     "conv_as_matmul": ("conv_general_dilated", _conv_as_matmul),
+    "conv_as_shifted_matmul": ("conv_general_dilated", _conv_as_shifted_matmul),
     "onednn_conv": ("conv_general_dilated", _onednn_conv),
     "conv3d_as_2d": ("conv_general_dilated", _conv3d_as_2d),
     # applied by the tail's interpreter, which sees the convolution's producer (_split_concat_conv)

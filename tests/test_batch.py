@@ -44,7 +44,8 @@ def _assert_matches(batched, singles, atol=1e-4):
       np.testing.assert_allclose(np.asarray(a[i]), np.asarray(b), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("scheme, driver", [("vmap", "host"), ("sequential", "host"), ("matmul", "loop")])
+@pytest.mark.parametrize("scheme, driver", [("vmap", "host"), ("sequential", "host"), ("matmul", "loop"),
+                                            ("shifted", "loop")])
 def test_batch_equals_one_by_one(scheme, driver):
   split = _split()
   images, marks = _batch()

@@ -3,6 +3,9 @@
 import dataclasses
 import functools
 import importlib
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -191,6 +194,72 @@ def test_new_marks_and_settings_do_not_retrace(driver):
   sj.refine(split, image + 1.0, other, sj.RefineConfig(max_steps=7, learning_rate=0.01, momentum=0.5,
                                                        prox_weight=0.3, driver=driver))
   assert compiled._cache_size() == size
+
+
+def _loop_with(split, image, marks, config, **static_changes):
+  """The loop driver's compiled program, run with some of its static settings changed."""
+  image, marks = refine_lib.prepare_inputs(split, image, marks)
+  static = dataclasses.replace(refine_lib._static(config), **static_changes)
+  return refine_lib._run_loop(refine_lib.graph_key(split.graphdef), static, False, split.tunable, split.tunable,
+                              split.frozen, image, marks, refine_lib._hyper(config))
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_flat_carry_equals_per_leaf_carry(dims):
+  # the loop carries W_lam as one flat vector (one kernel for the optimiser on a GPU); same refinement
+  split = sj.split_params(_model(dims), sj.last_layers(3))
+  image = _image((16, 16) if dims == 2 else (8, 8, 8), seed=dims)
+  marks = _marks_2d() if dims == 2 else np.where(_image((8, 8, 8), seed=9) > 1.2, 1, -1).astype(np.int32)
+  assert refine_lib._flat_carry() == (jax.default_backend() != "cpu")
+  config = dataclasses.replace(CFG, max_steps=20, early_stop=False, driver="loop")
+  flat, per_leaf = (_loop_with(split, image, marks, config, flat_params=f) for f in (True, False))
+  assert int(flat.num_steps) == int(per_leaf.num_steps) == 20
+  assert jax.tree.structure(flat.tunable) == jax.tree.structure(split.tunable)
+  for a, b in zip(jax.tree.leaves(flat.tunable), jax.tree.leaves(per_leaf.tunable)):
+    assert a.shape == b.shape
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(flat.logits), np.asarray(per_leaf.logits), rtol=1e-5, atol=1e-5)
+  assert not _leaves_equal(flat.tunable, split.tunable)          # it did move
+
+
+def test_flat_carry_only_for_the_built_in_sgd_and_one_dtype():
+  split = sj.split_params(_model(2), sj.last_layers(3))
+  static = dataclasses.replace(refine_lib._static(CFG), flat_params=True)
+  assert refine_lib._flattens(static, split.tunable)
+  assert not refine_lib._flattens(dataclasses.replace(static, flat_params=False), split.tunable)
+  # a user's optimiser may treat leaves differently (per-layer norms): the carry stays per leaf
+  assert not refine_lib._flattens(dataclasses.replace(static, optimizer=optax.adam(1e-3)), split.tunable)
+  mixed = jax.tree.map(lambda x: x, split.tunable)
+  leaves, treedef = jax.tree.flatten(mixed)
+  mixed = jax.tree.unflatten(treedef, [leaves[0].astype(jnp.bfloat16), *leaves[1:]])
+  assert not refine_lib._flattens(static, mixed)
+
+
+def test_graph_key_hashes_once_and_resplitting_the_model_does_not_recompile():
+  model = _model(2)
+  split = sj.split_params(model, sj.last_layers(3))
+  key = refine_lib.graph_key(split.graphdef)
+  assert refine_lib.graph_key(split.graphdef) is key and refine_lib.graph_key(key) is key
+  assert hash(key) == hash(split.graphdef)
+  image, marks = _image((16, 16)), _marks_2d()
+  config = sj.RefineConfig(max_steps=3, driver="loop")
+  first = sj.refine(split, image, marks, config)
+  size = refine_lib._run_loop._cache_size()
+  again = sj.split_params(model, sj.last_layers(3))       # a new but equal graphdef
+  assert again.graphdef is not split.graphdef and refine_lib.graph_key(again.graphdef) == key
+  second = sj.refine(again, image, marks, config)
+  assert refine_lib._run_loop._cache_size() == size
+  np.testing.assert_array_equal(np.asarray(first.labels), np.asarray(second.labels))
+  other = sj.split_params(_model(2, classes=2), sj.last_layers(3))
+  assert refine_lib.graph_key(other.graphdef) != key
+
+
+def test_conv_layout_option_follows_the_environment():
+  code = "import importlib; print(importlib.import_module('scribblejax.refine')._COMPILER_OPTIONS)"
+  out = {v: subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           env={**os.environ, "SCRIBBLEJAX_FORCE_CONV_NHWC": v}).stdout.strip()
+         for v in ("0", "1")}
+  assert out == {"0": "None", "1": "{'xla_gpu_force_conv_nhwc': True}"}
 
 
 def test_nonfinite_loss_stops_with_last_finite_weights():

@@ -1,5 +1,6 @@
 """The speed benchmark: a CI-sized run, its records, and the PyTorch reference's equivalence."""
 
+import gzip
 import json
 
 import jax.numpy as jnp
@@ -69,3 +70,30 @@ def test_precision_and_memory_variants(tmp_path):
     assert r["steps"] == 2 and r["peak_bytes"] == r["memory"]["peak_bytes"] > 0
     assert set(r["memory"]["programs"]) >= {"chunk"} or set(r["memory"]["programs"]) == {"loop"}
   assert "peak MiB" in out.with_suffix(".md").read_text()
+
+
+def test_probe_sums_the_device_events_of_a_trace(tmp_path):
+  from benchmarks import gpu_probe
+  events = [{"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/device:GPU:0"}},
+            {"ph": "M", "name": "process_name", "pid": 2, "args": {"name": "/host:CPU"}},
+            {"ph": "X", "pid": 1, "name": "conv", "ts": 0, "dur": 30},
+            {"ph": "X", "pid": 1, "name": "conv", "ts": 40, "dur": 30},
+            {"ph": "X", "pid": 1, "name": "fusion", "ts": 80, "dur": 20},
+            {"ph": "X", "pid": 2, "name": "host work", "ts": 0, "dur": 500}]
+  with gzip.open(tmp_path / "run.trace.json.gz", "wt") as f:
+    json.dump({"traceEvents": events}, f)
+  prof = gpu_probe._kernel_profile(tmp_path, calls=1, steps=2)
+  assert prof["events_per_step"] == 1.5 and prof["busy_ms_per_step"] == 0.04 and prof["span_ms"] == 0.1
+  assert prof["top"][0] == {"name": "conv", "count_per_step": 1.0, "us_per_step": 30.0}
+  assert [t["name"] for t in prof["top"]] == ["conv", "fusion"]        # the host's events are not counted
+  assert "error" in gpu_probe._kernel_profile(tmp_path / "missing", calls=1, steps=1)
+
+
+def test_probe_times_and_profiles_one_configuration(tmp_path, monkeypatch):
+  from benchmarks import gpu_probe
+  monkeypatch.setenv("PROBE_DEVICE_PROCESS", "CPU")        # no GPU here: profile the host's events
+  gpu_probe.main(["--out", str(tmp_path), "--label", "t", "--cases", "2d32", "--repeats", "1", "--trace"])
+  (rec,) = [json.loads(line) for line in (tmp_path / "probe.jsonl").read_text().splitlines()]
+  assert rec["label"] == "t" and rec["case"] == "2d32" and "error" not in rec
+  assert rec["median_ms"] > 0 and rec["ms_per_step"] == round(rec["median_ms"] / rec["steps"], 4)
+  assert rec["profile"]["events_per_step"] > 0, rec["profile"]
