@@ -64,14 +64,14 @@ QUICK_CASES = {
     "3d16": Case("3d16", 3, 16, 2),
 }
 VARIANTS = ("scribblejax", "scribblejax_early_stop", "scribblejax_full_forward", "scribblejax_loop_driver",
-            "scribblejax_host_driver", "scribblejax_vmap", "scribblejax_matmul", "scribblejax_sequential",
-            "scribblejax_sharded", "scribblejax_bf16", "scribblejax_remat", "scribblejax_xla", "torch_eager",
-            "torch_eager_early_stop")
+            "scribblejax_host_driver", "scribblejax_vmap", "scribblejax_matmul", "scribblejax_shifted",
+            "scribblejax_sequential", "scribblejax_sharded", "scribblejax_bf16", "scribblejax_remat", "scribblejax_xla",
+            "torch_eager", "torch_eager_early_stop")
 DEFAULT_VARIANTS = ("scribblejax", "scribblejax_early_stop", "scribblejax_full_forward", "torch_eager",
                     "torch_eager_early_stop")
 # variants that take a batch; the others run at batch 1 only
-BATCHED_VARIANTS = ("scribblejax", "scribblejax_vmap", "scribblejax_matmul", "scribblejax_sequential",
-                    "scribblejax_sharded")
+BATCHED_VARIANTS = ("scribblejax", "scribblejax_vmap", "scribblejax_matmul", "scribblejax_shifted",
+                    "scribblejax_sequential", "scribblejax_sharded")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -230,7 +230,8 @@ def host_info() -> dict:
   except OSError:
     pass
   return {"platform": jax.default_backend(), "devices": jax.device_count(), "host_cpu": cpu,
-          "cpu_count": os.cpu_count(), "xla_flags": os.environ.get("XLA_FLAGS", "")}
+          "cpu_count": os.cpu_count(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
+          "scribblejax_env": {k: v for k, v in os.environ.items() if k.startswith("SCRIBBLEJAX_")}}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -262,7 +263,7 @@ def _jax_config(variant: str, steps: int, settings: Settings):
     kwargs["driver"] = "loop"
   if variant == "scribblejax_host_driver":
     kwargs["driver"] = "host"
-  if variant in ("scribblejax_vmap", "scribblejax_matmul", "scribblejax_sequential"):
+  if variant in ("scribblejax_vmap", "scribblejax_matmul", "scribblejax_shifted", "scribblejax_sequential"):
     kwargs["batch_scheme"] = variant.split("_")[1]
   if variant == "scribblejax_bf16":
     kwargs["compute_dtype"] = "bfloat16"

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Several configurations of the refinement loop on one GPU, one process each (benchmarks/gpu_probe.py),
+# with kernel profiles: the default (with the optimised HLO of the loop), bf16 compute, the cuDNN
+# layouts XLA picks itself, and XLA's command buffers (CUDA graphs) over the whole while loop. From the
+# repository root:
+#
+#   OUT=/some/folder bash benchmarks/gpu_probe.sh
+#
+# Writes $OUT/probe.jsonl (one line per measurement), $OUT/probe.log and $OUT/hlo.tgz.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-/tmp/gpu_probe}"
+mkdir -p "$OUT"
+export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+PY="${PYTHON:-python3}"
+exec > >(tee -a "$OUT/probe.log") 2>&1
+start=$(date +%s)
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>/dev/null
+"$PY" -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())"
+
+CASES="${CASES:-2d256,2d512,3d96}"
+ALL_CMDBUF="FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL"
+probe() {  # label, time limit (s), env assignments..., -- probe arguments...
+  local label=$1 limit=$2; shift 2
+  local envs=()
+  while [ "$1" != "--" ]; do envs+=("$1"); shift; done
+  shift
+  echo "== $label (limit ${limit}s) at +$(( $(date +%s) - start ))s: ${envs[*]}"
+  env "${envs[@]}" timeout --signal=INT --kill-after=10 "$limit" "$PY" -m benchmarks.gpu_probe --out "$OUT" \
+    --label "$label" "$@"
+  echo "== $label exit $? at +$(( $(date +%s) - start ))s"
+}
+
+probe base 100 "XLA_FLAGS=--xla_dump_to=$OUT/hlo --xla_dump_hlo_as_text --xla_dump_hlo_module_re=.*_run_loop.*" -- \
+  --cases "$CASES" --trace --batch "${BATCH:-32}" --batch-case "${BATCH_CASE:-2d256}"
+probe bf16 60 -- --cases "$CASES" --dtypes bfloat16 --trace
+probe xla_layout 40 SCRIBBLEJAX_FORCE_CONV_NHWC=0 -- --cases "${CASES_3D:-3d96}" --trace
+probe cmdbuf_while 50 "XLA_FLAGS=--xla_gpu_enable_command_buffer=$ALL_CMDBUF --xla_gpu_graph_min_graph_size=1" -- \
+  --cases "${CASES_QUICK:-2d256,3d96}" --trace
+
+(cd "$OUT" && find hlo -name '*after_optimizations.txt' | tar czf hlo.tgz -T - 2>/dev/null; rm -rf hlo)
+echo "== done in $(( $(date +%s) - start ))s"
+ls -la "$OUT"
