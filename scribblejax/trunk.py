@@ -140,13 +140,10 @@ def _transposed_conv_as_matmul(eqn, lhs, rhs):
   return [_restore_layout(y, dn).astype(eqn.outvars[0].aval.dtype)]
 
 
-def _conv_as_matmul(eqn, lhs, rhs):
-  """A stride-1, undilated, ungrouped convolution as explicit patches and one matrix product
-  (im2col); ``None`` for any other convolution.
-
-  Under ``vmap`` over per-example kernels a convolution becomes a grouped convolution (slow on
-  cuDNN and on XLA:CPU); this form becomes a batched matrix product instead.
-  """
+def _stride1_windows(eqn, lhs, rhs):
+  """For a stride-1, undilated, ungrouped convolution: its kernel ``[*K, I, O]`` and, per kernel tap
+  (in ``np.ndindex`` order), the window of the padded channels-last input that the tap multiplies
+  (``[N, *S', I]`` each); ``None`` for any other convolution."""
   p = eqn.params
   nd = len(p["window_strides"])
   if (p["feature_group_count"] != 1 or p["batch_group_count"] != 1 or any(s != 1 for s in p["window_strides"])
@@ -158,12 +155,32 @@ def _conv_as_matmul(eqn, lhs, rhs):
   kernel = k.shape[:nd]
   x = jax.numpy.pad(x, [(0, 0), *[tuple(q) for q in p["padding"]], (0, 0)])
   out_spatial = tuple(x.shape[1 + d] - kernel[d] + 1 for d in range(nd))
-  patches = [x[(slice(None), *(slice(o, o + n) for o, n in zip(offset, out_spatial)), slice(None))]
+  windows = [x[(slice(None), *(slice(o, o + n) for o, n in zip(offset, out_spatial)), slice(None))]
              for offset in np.ndindex(*kernel)]
-  cols = patches[0] if len(patches) == 1 else jax.numpy.concatenate(patches, axis=-1)  # [N, *S', prod(K)*I]
-  y = jax.lax.dot_general(cols, k.reshape(-1, k.shape[-1]), (((nd + 1,), (0,)), ((), ())),
-                          precision=p["precision"], preferred_element_type=p["preferred_element_type"])
-  return [_restore_layout(y, dn).astype(eqn.outvars[0].aval.dtype)]
+  return k, windows
+
+
+def _matmul(eqn, x, w):
+  """``x [N, *S, I] @ w [I, O]`` with the convolution's precision settings."""
+  p = eqn.params
+  return jax.lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())), precision=p["precision"],
+                             preferred_element_type=p["preferred_element_type"])
+
+
+def _conv_as_matmul(eqn, lhs, rhs):
+  """A stride-1, undilated, ungrouped convolution as explicit patches and one matrix product
+  (im2col); ``None`` for any other convolution.
+
+  Under ``vmap`` over per-example kernels a convolution becomes a grouped convolution (slow on
+  cuDNN and on XLA:CPU); this form becomes a batched matrix product instead.
+  """
+  parts = _stride1_windows(eqn, lhs, rhs)
+  if parts is None:
+    return None
+  k, windows = parts
+  cols = windows[0] if len(windows) == 1 else jax.numpy.concatenate(windows, axis=-1)  # [N, *S', prod(K)*I]
+  y = _matmul(eqn, cols, k.reshape(-1, k.shape[-1]))
+  return [_restore_layout(y, eqn.params["dimension_numbers"]).astype(eqn.outvars[0].aval.dtype)]
 
 
 def _conv_as_shifted_matmul(eqn, lhs, rhs):
@@ -173,24 +190,15 @@ def _conv_as_shifted_matmul(eqn, lhs, rhs):
   Like :func:`_conv_as_matmul` this turns a convolution with per-example kernels (under ``vmap``)
   into batched matrix products, without building the patches (``prod(kernel)`` times the input).
   """
-  p = eqn.params
-  nd = len(p["window_strides"])
-  if (p["feature_group_count"] != 1 or p["batch_group_count"] != 1 or any(s != 1 for s in p["window_strides"])
-      or any(d != 1 for d in p["rhs_dilation"]) or any(d != 1 for d in p["lhs_dilation"])):
+  parts = _stride1_windows(eqn, lhs, rhs)
+  if parts is None:
     return None
-  dn = p["dimension_numbers"]
-  x = _lhs_channels_last(lhs, dn)                                                   # [N, *S, I]
-  k = _rhs_spatial_in_out(rhs, dn)                                                 # [*K, I, O]
-  kernel = k.shape[:nd]
-  x = jax.numpy.pad(x, [(0, 0), *[tuple(q) for q in p["padding"]], (0, 0)])
-  out_spatial = tuple(x.shape[1 + d] - kernel[d] + 1 for d in range(nd))
-  y = None
-  for offset in np.ndindex(*kernel):
-    window = x[(slice(None), *(slice(o, o + n) for o, n in zip(offset, out_spatial)), slice(None))]
-    term = jax.lax.dot_general(window, k[offset], (((nd + 1,), (0,)), ((), ())), precision=p["precision"],
-                               preferred_element_type=p["preferred_element_type"])
-    y = term if y is None else y + term
-  return [_restore_layout(y, dn).astype(eqn.outvars[0].aval.dtype)]
+  k, windows = parts
+  taps = k.reshape(-1, *k.shape[-2:])                                              # [prod(K), I, O]
+  y = _matmul(eqn, windows[0], taps[0])
+  for window, tap in zip(windows[1:], taps[1:]):
+    y = y + _matmul(eqn, window, tap)
+  return [_restore_layout(y, eqn.params["dimension_numbers"]).astype(eqn.outvars[0].aval.dtype)]
 
 
 # The largest stacked input (bytes) that "conv3d_as_2d" builds; bigger convolutions stay 3D.
