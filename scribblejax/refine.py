@@ -194,14 +194,36 @@ class _Static:
   flat_params: bool = False       # the loop driver carries W_lam as one flat vector (see _flattens)
 
 
-# XLA options of every compiled refinement program: channels-last cuDNN convolutions. XLA:GPU's own
-# choice for float32 3D convolutions on Hopper is channels-first, which cuDNN converts at every call;
-# channels-last made a 3D 96^3 interaction 13% faster on an H100 (476 -> 413 ms for 50 steps,
-# benchmarks/results/gpu_h100_2026-11-27). No effect off GPUs. SCRIBBLEJAX_FORCE_CONV_NHWC=0 (read at import)
-# leaves the layout to XLA.
+# XLA options of every compiled refinement program on GPUs: channels-last cuDNN convolutions. XLA:GPU's
+# own choice for float32 3D convolutions on Hopper is channels-first, which cuDNN converts at every
+# call; channels-last made a 3D 96^3 interaction 13% faster on an H100 (476 -> 413 ms for 50 steps,
+# benchmarks/results/gpu_h100_2026-11-27). SCRIBBLEJAX_FORCE_CONV_NHWC=0 (read at import) leaves the
+# layout to XLA.
 _COMPILER_OPTIONS = ({"xla_gpu_force_conv_nhwc": True} if os.environ.get("SCRIBBLEJAX_FORCE_CONV_NHWC", "1") != "0"
                      else None)
-_jit = functools.partial(jax.jit, compiler_options=_COMPILER_OPTIONS)
+
+
+class _jit:  # noqa: N801 (used as jax.jit is)
+  """``jax.jit`` that compiles with :data:`_COMPILER_OPTIONS` when the default backend is a GPU and
+  without them elsewhere (CPU and TPU programs stay as plain ``jax.jit`` makes them). The backend
+  is looked up at each call, not at import, so importing never starts one."""
+
+  def __init__(self, fn, **kwargs):
+    self._plain = jax.jit(fn, **kwargs)
+    self._gpu = jax.jit(fn, compiler_options=_COMPILER_OPTIONS, **kwargs) if _COMPILER_OPTIONS else self._plain
+    functools.update_wrapper(self, fn)
+
+  def _pick(self):
+    return self._gpu if jax.default_backend() == "gpu" else self._plain
+
+  def __call__(self, *args, **kwargs):
+    return self._pick()(*args, **kwargs)
+
+  def lower(self, *args, **kwargs):
+    return self._pick().lower(*args, **kwargs)
+
+  def _cache_size(self) -> int:
+    return self._pick()._cache_size()
 
 
 class GraphKey:
@@ -803,7 +825,7 @@ def memory_analysis(split: Split, image: Any, marks: Any, config: RefineConfig =
     programs["loop"] = _memory_stats(_run_loop.lower(graphdef, static, False, anchor, anchor, frozen, image, marks,
                                                      hyper))
   else:
-    # shapes only, from the plain functions (the compiled ones take XLA options, refused when nested)
+    # shapes only, from the plain functions (on GPUs the compiled ones take XLA options, refused when nested)
     state = jax.eval_shape(lambda a, h: init_state(a, static, h), anchor, hyper)
     residuals = None
     if config.cache_trunk:

@@ -260,6 +260,10 @@ def test_conv_layout_option_follows_the_environment():
                            env={**os.environ, "SCRIBBLEJAX_FORCE_CONV_NHWC": v}).stdout.strip()
          for v in ("0", "1")}
   assert out == {"0": "None", "1": "{'xla_gpu_force_conv_nhwc': True}"}
+  # the options go to GPU programs only: elsewhere the compiled functions are plain jax.jit ones
+  on_gpu = jax.default_backend() == "gpu"
+  for fn in (refine_lib._run_loop, refine_lib._run_chunk, refine_lib._run_predict):
+    assert (fn._pick() is fn._gpu) == on_gpu and (fn._pick() is fn._plain) != on_gpu
 
 
 def test_nonfinite_loss_stops_with_last_finite_weights():
