@@ -5,7 +5,8 @@ environment); ``benchmarks/gpu_probe.sh`` runs several, one process each. For ea
 interaction with a fixed number of steps (median of ``--repeats`` calls after a warm-up call), and
 with ``--trace`` it profiles two more calls with ``jax.profiler`` and sums the GPU's kernels by name
 (how many per step, how long in all, and the share of the interaction's wall time the GPU was busy).
-``--batch N`` adds batches of N images (2D 256^2, ``--batch-steps`` steps) for each ``--schemes``.
+``--batch N`` adds batches of N images (``--batch-case``, ``--batch-steps`` steps) for each ``--schemes``,
+and one image at those steps.
 
 Appends one JSON line per measurement to ``OUT/probe.jsonl``.
 
@@ -21,12 +22,8 @@ import collections
 import gzip
 import json
 import os
-import statistics
 import tempfile
-import time
 from pathlib import Path
-
-import numpy as np
 
 from benchmarks import speed
 
@@ -63,19 +60,6 @@ def _kernel_profile(trace_dir: Path, calls: int, steps: int) -> dict:
                   for n, (c, d) in top]}
 
 
-def _time(fn, repeats: int) -> dict:
-  start = time.perf_counter()
-  fn(0)
-  first = time.perf_counter() - start
-  times = []
-  for i in range(1, repeats + 1):
-    start = time.perf_counter()
-    fn(i)
-    times.append(time.perf_counter() - start)
-  return {"first_s": round(first, 3), "median_ms": round(1000 * statistics.median(times), 3),
-          "times_ms": [round(1000 * t, 2) for t in times]}
-
-
 def measure(case: speed.Case, steps: int, batch: int, scheme: str | None, dtype: str, repeats: int,
             trace: bool) -> dict:
   import jax
@@ -95,8 +79,10 @@ def measure(case: speed.Case, steps: int, batch: int, scheme: str | None, dtype:
       return jax.block_until_ready(sj.refine(split, im[0], mk[0], config))
     return jax.block_until_ready(sj.refine_batch(split, im, mk, config))
 
+  timing = speed.time_calls(call, repeats)
   rec = {"case": case.name, "steps": steps, "batch": batch, "scheme": scheme, "dtype": dtype,
-         **_time(call, repeats)}
+         "first_s": round(timing.first_s, 3), "median_ms": round(1000 * timing.median_s, 3),
+         "times_ms": [round(1000 * t, 2) for t in timing.times_s]}
   rec["ms_per_step"] = round(rec["median_ms"] / steps, 4)
   rec["images_per_s"] = round(batch / (rec["median_ms"] / 1000), 2)
   if trace:
