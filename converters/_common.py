@@ -24,6 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from scribblejax.models import init
+
 Path = tuple[Any, ...]
 
 
@@ -59,13 +61,10 @@ def as_tuple(value: int | Sequence[int], n: int) -> tuple[int, ...]:
 
 
 def _normal(rngs: nnx.Rngs, shape: Sequence[int], std: float) -> jax.Array:
-  """Normal(0, std) initial values drawn with NumPy from a seed taken from ``rngs``.
-
-  One tiny jitted draw per layer (the seed) instead of one XLA compilation per kernel shape, so that
-  building a large converted network (whose values are then overwritten) stays fast.
-  """
-  seed = int(jax.random.bits(rngs.params(), (), jnp.uint32))
-  return jnp.asarray(np.random.default_rng(seed).standard_normal(tuple(shape), dtype=np.float32) * std)
+  """Normal(0, std) initial values drawn with NumPy (:mod:`scribblejax.models.init`): building a large
+  converted network, whose values are then overwritten, compiles one tiny draw instead of one XLA program per
+  kernel shape, and it still builds under ``nnx.eval_shape``."""
+  return init.normal(std)(rngs.params(), tuple(shape))
 
 
 def _dims(n: int) -> tuple[str, str, str]:

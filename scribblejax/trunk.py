@@ -511,7 +511,16 @@ def structure_key(tree) -> tuple:
   """A hashable key of a pytree's structure, leaf shapes and dtypes (arrays, tracers or
   ``jax.ShapeDtypeStruct``), for caches of traces; :func:`key_leaves` gives the leaves back abstractly."""
   leaves, treedef = jax.tree.flatten(tree)
-  return treedef, tuple((tuple(s.shape), np.dtype(s.dtype).str, bool(s.weak_type)) for s in map(_struct, leaves))
+  return treedef, tuple(map(_leaf_key, leaves))
+
+
+def _leaf_key(x) -> tuple:
+  if isinstance(x, (jax.Array, np.ndarray)) and not isinstance(x, jax.core.Tracer):
+    # concrete arrays: their own attributes (jax.typeof builds an abstract value: 6x slower, and
+    # refine computes these keys at every call)
+    return tuple(x.shape), x.dtype.str, bool(getattr(x, "weak_type", False))
+  s = _struct(x)
+  return tuple(s.shape), np.dtype(s.dtype).str, bool(s.weak_type)
 
 
 def key_leaves(key: tuple) -> list:

@@ -59,7 +59,10 @@ def test_reset_restarts_from_w_and_continue_from_last():
   expected = sj.refine(split, image, sj.accumulate(first, second), CFG, start=start)
   for a, b in zip(jax.tree.leaves(cont.rounds[-1].result.tunable), jax.tree.leaves(expected.tunable)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  assert int(cont.rounds[-1].result.num_steps) <= int(reset.rounds[-1].result.num_steps)
+  # both honour every mark, and the two modes really started from different weights
+  assert bool(cont.rounds[-1].result.satisfied) and bool(reset.rounds[-1].result.satisfied)
+  assert any(not np.array_equal(np.asarray(a), np.asarray(b))
+             for a, b in zip(jax.tree.leaves(start), jax.tree.leaves(split.tunable)))
 
 
 def test_session_does_not_change_the_network():

@@ -78,8 +78,7 @@ def build_model(family: str, kwargs: dict) -> nnx.Module:
 
 
 def _abstract_model(family: str, kwargs: dict) -> nnx.Module:
-  """The model's structure with shape-only leaves: no random initialisation is computed or compiled
-  (building a U-Net concretely compiles one initialiser per weight shape: seconds to tens of seconds).
+  """The model's structure with shape-only leaves: no initial value is drawn (they would be overwritten).
   Constructors that need concrete values (e.g. Python control flow on random numbers) are built concretely."""
   constructor = _constructor(family)
   try:

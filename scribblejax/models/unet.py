@@ -27,6 +27,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from scribblejax.models import init
+
 NORMS = ("instance", "group", "batch", "none")
 ACTIVATIONS = {
     "relu": jax.nn.relu,
@@ -37,15 +39,22 @@ ACTIVATIONS = {
 }
 
 
+# Initial values drawn with NumPy (scribblejax.models.init): building a U-Net compiles almost nothing.
+_KERNEL = dict(kernel_init=init.lecun_normal(), bias_init=init.zeros)
+_AFFINE = dict(scale_init=init.ones, bias_init=init.zeros)
+
+
 def _norm(kind: str, features: int, groups: int, rngs: nnx.Rngs) -> nnx.Module | None:
   if kind == "instance":
-    return nnx.GroupNorm(features, num_groups=features, epsilon=1e-5, use_fast_variance=False, rngs=rngs)
+    return nnx.GroupNorm(features, num_groups=features, epsilon=1e-5, use_fast_variance=False, rngs=rngs,
+                         **_AFFINE)
   if kind == "group":
     return nnx.GroupNorm(features, num_groups=min(groups, features), epsilon=1e-5,
-                         use_fast_variance=False, rngs=rngs)
+                         use_fast_variance=False, rngs=rngs, **_AFFINE)
   if kind == "batch":
     # Refinement runs the network in evaluation mode: running statistics, never batch statistics.
-    return nnx.BatchNorm(features, use_running_average=True, epsilon=1e-5, use_fast_variance=False, rngs=rngs)
+    return nnx.BatchNorm(features, use_running_average=True, epsilon=1e-5, use_fast_variance=False, rngs=rngs,
+                         **_AFFINE)
   return None
 
 
@@ -55,7 +64,7 @@ class ConvBlock(nnx.Module):
   def __init__(self, spatial_dims: int, in_features: int, out_features: int, *, norm: str,
                activation: str, groups: int, rngs: nnx.Rngs):
     self.conv = nnx.Conv(in_features, out_features, (3,) * spatial_dims,
-                         padding=((1, 1),) * spatial_dims, use_bias=norm == "none", rngs=rngs)
+                         padding=((1, 1),) * spatial_dims, use_bias=norm == "none", rngs=rngs, **_KERNEL)
     self.norm = _norm(norm, out_features, groups, rngs)
     self.activation = activation
 
@@ -112,9 +121,10 @@ class UNet(nnx.Module):
                              for i, c in enumerate(channels)])
     deep = channels[::-1]
     self.up = nnx.List([nnx.ConvTranspose(deep[i], deep[i + 1], (2,) * spatial_dims, (2,) * spatial_dims,
-                                          padding="VALID", rngs=rngs) for i in range(len(deep) - 1)])
+                                          padding="VALID", rngs=rngs, **_KERNEL)
+                       for i in range(len(deep) - 1)])
     self.decoder = nnx.List([level(2 * deep[i + 1], deep[i + 1]) for i in range(len(deep) - 1)])
-    self.head = nnx.Conv(channels[0], num_classes, (1,) * spatial_dims, rngs=rngs)
+    self.head = nnx.Conv(channels[0], num_classes, (1,) * spatial_dims, rngs=rngs, **_KERNEL)
 
   def layer_order(self) -> list[tuple]:
     """Parameter path prefixes, one per layer, in forward order (see the module docstring)."""
