@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # Several configurations of the refinement loop on one GPU, one process each (benchmarks/gpu_probe.py),
-# with kernel profiles: the default (with the optimised HLO of the loop), bf16 compute, the cuDNN
-# layouts XLA picks itself, and XLA's command buffers (CUDA graphs) over the whole while loop. From the
-# repository root:
+# with kernel profiles. Parts (PARTS, default "base bf16 xla_layout cmdbuf_while"): the default (with
+# the optimised HLO of the loop), bf16 compute, the cuDNN layouts XLA picks itself, XLA's command
+# buffers (CUDA graphs) over the whole while loop; and "flags": float32 2D under XLA options not yet
+# measured (cuDNN GEMM fusions, exhaustive Triton tiling, no Triton GEMMs, block-level fusion
+# rewriting), each against "base" for the float32 2D targets of issue 6. From the repository root:
 #
 #   OUT=/some/folder bash benchmarks/gpu_probe.sh
+#   PARTS="base flags" CASES=2d256,2d512 OUT=/some/folder bash benchmarks/gpu_probe.sh
 #
 # Writes $OUT/probe.jsonl (one line per measurement), $OUT/probe.log and $OUT/hlo.tgz.
 set -uo pipefail
@@ -32,12 +35,23 @@ probe() {  # label, time limit (s), env assignments..., -- probe arguments...
   echo "== $label exit $? at +$(( $(date +%s) - start ))s"
 }
 
-probe base 100 "XLA_FLAGS=--xla_dump_to=$OUT/hlo --xla_dump_hlo_as_text --xla_dump_hlo_module_re=.*_run_loop.*" -- \
-  --cases "$CASES" --trace --batch "${BATCH:-32}" --batch-case "${BATCH_CASE:-2d256}"
-probe bf16 60 -- --cases "$CASES" --dtypes bfloat16 --trace
-probe xla_layout 40 SCRIBBLEJAX_FORCE_CONV_NHWC=0 -- --cases "${CASES_3D:-3d96}" --trace
-probe cmdbuf_while 50 "XLA_FLAGS=--xla_gpu_enable_command_buffer=$ALL_CMDBUF --xla_gpu_graph_min_graph_size=1" -- \
-  --cases "${CASES_QUICK:-2d256,3d96}" --trace
+for part in ${PARTS:-base bf16 xla_layout cmdbuf_while}; do
+  case "$part" in
+    base) probe base 100 "XLA_FLAGS=--xla_dump_to=$OUT/hlo --xla_dump_hlo_as_text --xla_dump_hlo_module_re=.*_run_loop.*" -- \
+            --cases "$CASES" --trace --batch "${BATCH:-32}" --batch-case "${BATCH_CASE:-2d256}" ;;
+    bf16) probe bf16 60 -- --cases "$CASES" --dtypes bfloat16 --trace ;;
+    xla_layout) probe xla_layout 40 SCRIBBLEJAX_FORCE_CONV_NHWC=0 -- --cases "${CASES_3D:-3d96}" --trace ;;
+    cmdbuf_while) probe cmdbuf_while 50 "XLA_FLAGS=--xla_gpu_enable_command_buffer=$ALL_CMDBUF --xla_gpu_graph_min_graph_size=1" -- \
+            --cases "${CASES_QUICK:-2d256,3d96}" --trace ;;
+    flags)  # each flag name was checked against jaxlib 0.10.2 (an unknown one aborts the process)
+      for flag in --xla_gpu_cudnn_gemm_fusion_level=2 --xla_gpu_exhaustive_tiling_search=true \
+                  --xla_gpu_enable_triton_gemm=false --xla_gpu_experimental_enable_fusion_block_level_rewriter=true; do
+        name=${flag#--xla_gpu_}
+        probe "flag_${name%%=*}" 45 "XLA_FLAGS=$flag" -- --cases "${CASES_FLAGS:-2d256,2d512}" --trace
+      done ;;
+    *) echo "unknown part $part" ;;
+  esac
+done
 
 (cd "$OUT" && find hlo -name '*after_optimizations.txt' | tar czf hlo.tgz -T - 2>/dev/null; rm -rf hlo)
 echo "== done in $(( $(date +%s) - start ))s"
