@@ -66,7 +66,7 @@ QUICK_CASES = {
 VARIANTS = ("scribblejax", "scribblejax_early_stop", "scribblejax_full_forward", "scribblejax_loop_driver",
             "scribblejax_host_driver", "scribblejax_vmap", "scribblejax_matmul", "scribblejax_shifted",
             "scribblejax_sequential", "scribblejax_sharded", "scribblejax_bf16", "scribblejax_remat", "scribblejax_xla",
-            "torch_eager", "torch_eager_early_stop")
+            "scribblejax_trunk_reused", "scribblejax_trunk_reused_early_stop", "torch_eager", "torch_eager_early_stop")
 DEFAULT_VARIANTS = ("scribblejax", "scribblejax_early_stop", "scribblejax_full_forward", "torch_eager",
                     "torch_eager_early_stop")
 # variants that take a batch; the others run at batch 1 only
@@ -281,7 +281,13 @@ def bench_jax(variant: str, case: Case, batch: int, settings: Settings, split) -
   config = _jax_config(variant, steps, settings)
   inputs = [make_inputs(case.dims, case.size, batch, seed=1000 * case.size + i) for i in range(settings.repeats + 1)]
 
-  if batch == 1 and variant not in BATCHED_VARIANTS[1:]:
+  if variant.startswith("scribblejax_trunk_reused"):
+    # a later interaction on an image: its trunk was computed once before (as a session does), untimed
+    trunks = [sj.compute_trunk(split, x[0][0], config) for x in inputs]
+
+    def call(i):
+      return jax.block_until_ready(sj.refine(split, inputs[i][0][0], inputs[i][1][0], config, trunk=trunks[i]))
+  elif batch == 1 and variant not in BATCHED_VARIANTS[1:]:
     def call(i):
       result = sj.refine(split, inputs[i][0][0], inputs[i][1][0], config)
       return jax.block_until_ready(result)

@@ -22,9 +22,9 @@ from scribblejax.models.unet import UNet
 from scribblejax.normalize import normalize
 from scribblejax.params import (Split, biases, by_predicate, by_regex, count_params, head, last_layers,
                                 merge_params, norm_affine, split_params, tunable_paths)
-from scribblejax.refine import (RefineConfig, RefineResult, RefineState, forward, marked_cross_entropy,
-                                marks_satisfied, memory_analysis, predict, proximal_norm, refine, refine_batch,
-                                resolve_batch_scheme, resolve_driver)
+from scribblejax.refine import (RefineConfig, RefineResult, RefineState, Trunk, compute_trunk, forward,
+                                marked_cross_entropy, marks_satisfied, memory_analysis, predict, proximal_norm,
+                                refine, refine_batch, resolve_batch_scheme, resolve_driver)
 from scribblejax.sharding import batch_mesh, refine_sharded
 from scribblejax.session import (Round, Session, add_marks, current_labels, current_logits, current_marks,
                                  start_session, undo)
@@ -46,6 +46,7 @@ __all__ = [
     "Scribble",
     "Session",
     "Split",
+    "Trunk",
     "UNMARKED",
     "UNet",
     "accumulate",
@@ -55,6 +56,7 @@ __all__ = [
     "by_predicate",
     "by_regex",
     "check_layer_order",
+    "compute_trunk",
     "count_params",
     "current_labels",
     "current_logits",

@@ -26,7 +26,7 @@ from flax import nnx
 from scribblejax import marks as marks_lib
 from scribblejax.models.layer_order import layer_order
 from scribblejax.params import head, last_layers, split_params
-from scribblejax.refine import RefineConfig, predict, refine
+from scribblejax.refine import RefineConfig, compute_trunk, predict, refine
 
 
 class Method(NamedTuple):
@@ -155,6 +155,7 @@ class RefineMethodState(NamedTuple):
   num_steps: int              # steps of the last refinement (0 before any)
   satisfied: bool             # every mark honoured after the last refinement
   tunable: Any                # W_lam of the last refinement (None before any)
+  trunk: Any = None           # the frozen trunk's values for the image (computed once, with cache_trunk)
 
 
 def refine_method(model: nnx.Module, layers: int | str = 5, config: RefineConfig = RefineConfig(), *,
@@ -173,22 +174,25 @@ def refine_method(model: nnx.Module, layers: int | str = 5, config: RefineConfig
   if name is None:
     name = "head" if layers == "head" else f"refine_l{int(layers)}"
 
+  def trunk_of(image):  # computed once per image, as an interactive session does
+    return compute_trunk(split, image, config) if config.cache_trunk else None
+
   def init(image):
     image = np.asarray(image, np.float32)
     labels = np.asarray(jnp.argmax(predict(split, image), -1), np.int32)
-    return RefineMethodState(image, labels, 0, True, None)
+    return RefineMethodState(image, labels, 0, True, None, trunk_of(image))
 
   def update(state, marks):
     start = state.tunable if continue_weights else None
-    result = refine(split, state.image, marks, config, start=start)
-    return RefineMethodState(state.image, np.asarray(result.labels), int(result.num_steps),
-                             bool(result.satisfied), result.tunable)
+    result = refine(split, state.image, marks, config, start=start, trunk=state.trunk)
+    return state._replace(labels=np.asarray(result.labels), num_steps=int(result.num_steps),
+                          satisfied=bool(result.satisfied), tunable=result.tunable)
 
   def warmup(image):
     image = np.asarray(image, np.float32)
     empty = np.full(image.shape[:-1], marks_lib.UNMARKED, np.int32)
     jax.block_until_ready(predict(split, image))
-    jax.block_until_ready(refine(split, image, empty, config).labels)
+    jax.block_until_ready(refine(split, image, empty, config, trunk=trunk_of(image)).labels)
 
   return Method(name, init, lambda s: s.labels, update, warmup,
                 lambda s: {"steps": s.num_steps, "satisfied": s.satisfied})

@@ -14,6 +14,7 @@ Two drivers run the same guarded step function:
 The frozen trunk is computed once per interaction (``cache_trunk``, on by default): the forward pass
 is unzipped into the part that depends only on the frozen weights and the image, evaluated once, and
 the tunable tail, the only part the loop runs (:mod:`scribblejax.trunk`, generic for any model).
+:func:`compute_trunk` computes it once for every interaction on one image (sessions use it).
 
 Both give the same result: each step is guarded (a step after the stop rule fired changes nothing),
 so the host driver's extra steps inside its last chunk are no-ops.
@@ -167,6 +168,30 @@ class RefineResult(NamedTuple):
   satisfied: jax.Array
   nonfinite: jax.Array
   loss_trace: jax.Array
+
+
+class Trunk(NamedTuple):
+  """The frozen trunk's values for one image, computed once by :func:`compute_trunk` and reused by
+  every :func:`refine` call on that image (``refine(..., trunk=...)``; a :class:`~scribblejax.Session`
+  does this for its rounds). The values do not depend on the tunable weights, so they serve a fresh
+  round from W and a round continued from an earlier W_lam alike.
+
+  Attributes:
+    residuals: the trunk's values that the tunable tail reads (device arrays).
+    image: the image they belong to, float32 ``[*spatial, channels]`` (a host copy; each call's
+      image must equal it).
+    frozen: the split's frozen parameters they were computed with (each call's split must hold
+      this very object).
+    graphdef: the split's :class:`GraphKey`.
+    compute_dtype: the network's compute dtype (``None`` for float32).
+    conv_backend: the resolved convolution backend.
+  """
+  residuals: list
+  image: np.ndarray
+  frozen: Any
+  graphdef: Any
+  compute_dtype: str | None
+  conv_backend: str
 
 
 class _Hyper(NamedTuple):
@@ -459,9 +484,9 @@ def _flattens(static: _Static, tunable: Any) -> bool:
           and len({jnp.result_type(x) for x in leaves}) == 1)
 
 
-def _loop_one(graphdef, static, anchor, start, frozen, image, marks, hyper) -> RefineResult:
-  residuals = (trunk_residuals(graphdef, anchor, frozen, image, static.compute_dtype, static.conv_backend)
-               if static.cache_trunk else None)
+def _loop_one(graphdef, static, anchor, start, frozen, image, marks, hyper, residuals=None) -> RefineResult:
+  if residuals is None and static.cache_trunk:
+    residuals = trunk_residuals(graphdef, anchor, frozen, image, static.compute_dtype, static.conv_backend)
   unravel = None
   if _flattens(static, anchor):
     anchor, unravel = jax.flatten_util.ravel_pytree(anchor)
@@ -489,11 +514,13 @@ def _batched(fn, batched_args: tuple[bool, ...]):
 
 
 @functools.partial(_jit, static_argnames=("graphdef", "static", "batched", "batched_start"))
-def _run_loop(graphdef, static, batched, anchor, start, frozen, image, marks, hyper, batched_start=False):
+def _run_loop(graphdef, static, batched, anchor, start, frozen, image, marks, hyper, batched_start=False,
+              residuals=None):
   fn = functools.partial(_loop_one, graphdef, static)
   if batched:
     fn = _batched(fn, (False, batched_start, False, True, True, False))
-  return fn(anchor, start, frozen, image, marks, hyper)
+    return fn(anchor, start, frozen, image, marks, hyper)
+  return fn(anchor, start, frozen, image, marks, hyper, residuals)
 
 
 @functools.partial(_jit, static_argnames=("static", "batched", "batch_size", "batched_start"))
@@ -628,6 +655,12 @@ def prepare_inputs(split: Split, image: Any, marks: Any, *, batched: bool = Fals
   An image without a channel axis (same shape as the marks) gets one. Raises ``ValueError`` naming
   the problem: rank or shape mismatch, non-integer marks, labels out of range, NaN/Inf pixels.
   """
+  arr, mk = _prepare_host(split, image, marks, batched)
+  return jnp.asarray(arr), jnp.asarray(mk)
+
+
+def _prepare_host(split: Split, image: Any, marks: Any, batched: bool) -> tuple[np.ndarray, np.ndarray]:
+  """:func:`prepare_inputs` on the host: float32 image and int32 marks as NumPy arrays."""
   arr = _check_image(image)
   mk = np.asarray(marks)
   lead = 1 if batched else 0
@@ -647,7 +680,7 @@ def prepare_inputs(split: Split, image: Any, marks: Any, *, batched: bool = Fals
     mk = np.stack([marks_lib.validate_mark_map(m, arr.shape[1:-1], num_classes) for m in mk])
   else:
     mk = marks_lib.validate_mark_map(mk, arr.shape[:-1], num_classes)
-  return jnp.asarray(arr, jnp.float32), jnp.asarray(mk, jnp.int32)
+  return np.asarray(arr, np.float32), np.asarray(mk, np.int32)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -694,7 +727,8 @@ def _keep_targets(split: Split, image: jax.Array, marks: jax.Array, batched: boo
 
 
 def _drive(split: Split, image: jax.Array, marks: jax.Array, config: RefineConfig, batched: bool,
-           start: Any, batched_start: bool = False, progress: Any = None) -> RefineResult:
+           start: Any, batched_start: bool = False, progress: Any = None, residuals: list | None = None
+           ) -> RefineResult:
   static, hyper = _static(config, batched), _hyper(config)
   graphdef = graph_key(split.graphdef)
   anchor = split.tunable
@@ -702,13 +736,13 @@ def _drive(split: Split, image: jax.Array, marks: jax.Array, config: RefineConfi
     marks = _keep_targets(split, image, marks, batched)
   if _driver(config) == "loop":
     result = _run_loop(graphdef, static, batched, anchor, start, split.frozen, image, marks, hyper,
-                       batched_start=batched_start)
+                       batched_start=batched_start, residuals=residuals)
     if progress is not None:
       progress(int(np.max(jax.device_get(result.num_steps))), config.max_steps)
     return result
   state = _run_init(static, batched, start, hyper, image.shape[0] if batched else 1, batched_start=batched_start)
-  residuals = (_run_trunk(graphdef, static.compute_dtype, static.conv_backend, batched, anchor, split.frozen,
-                          image) if config.cache_trunk else None)
+  if residuals is None and config.cache_trunk:
+    residuals = _run_trunk(graphdef, static.compute_dtype, static.conv_backend, batched, anchor, split.frozen, image)
   while True:
     finished, steps = jax.device_get((state.done | (state.step >= config.max_steps), state.step))
     if progress is not None:
@@ -720,8 +754,61 @@ def _drive(split: Split, image: jax.Array, marks: jax.Array, config: RefineConfi
   return _run_finalize(graphdef, static, batched, split.frozen, image, marks, state, residuals)
 
 
+def compute_trunk(split: Split, image: Any, config: RefineConfig = RefineConfig()) -> Trunk:
+  """The frozen trunk's values for ``image``, for every later :func:`refine` call on it.
+
+  One interaction computes the trunk (the part of the forward pass that only the frozen weights
+  and the image decide) once; with this, a series of interactions on one image computes it once
+  in all. Pass the result as ``refine(..., trunk=...)`` with the same split, the same image and a
+  config with the same ``compute_dtype`` and ``conv_backend``. It holds device memory (the values
+  the tail reads) for as long as it is kept.
+
+  Args:
+    split: from :func:`scribblejax.split_params`.
+    image: ``[*spatial, channels]``, or ``[*spatial]`` for a model that states its
+      ``spatial_dims``.
+    config: needs ``cache_trunk=True``; its ``compute_dtype`` and ``conv_backend`` apply.
+
+  Raises:
+    ValueError: bad image (as for :func:`refine`), or ``config.cache_trunk`` is off.
+  """
+  if not config.cache_trunk:
+    raise ValueError("compute_trunk needs config.cache_trunk=True (without it every step runs the whole network)")
+  arr = _check_image(image)
+  if arr.ndim == split_spatial_dims(split):
+    arr = arr[..., None]
+  num_classes_of(split, arr.shape)
+  arr = np.array(arr, np.float32)  # a copy: later changes to the caller's array cannot reach it
+  static = _static(config)
+  graphdef = graph_key(split.graphdef)
+  residuals = _run_trunk(graphdef, static.compute_dtype, static.conv_backend, False, split.tunable, split.frozen,
+                         jnp.asarray(arr))
+  return Trunk(residuals, arr, split.frozen, graphdef, static.compute_dtype, static.conv_backend)
+
+
+def trunk_mismatch(trunk: Trunk, split: Split, config: RefineConfig, image: np.ndarray | None = None) -> str | None:
+  """Why ``trunk`` cannot serve a refinement with ``split`` and ``config`` (and of the prepared
+  ``image``, float32 ``[*spatial, channels]``, when given); ``None`` when it can."""
+  if not isinstance(trunk, Trunk):
+    return f"trunk must come from compute_trunk, got {type(trunk).__name__}"
+  if not config.cache_trunk:
+    return "a trunk was given but config.cache_trunk is off"
+  if trunk.frozen is not split.frozen or trunk.graphdef != graph_key(split.graphdef):
+    return "the trunk was computed for another split (compute it again with this one)"
+  static = _static(config)
+  if (trunk.compute_dtype, trunk.conv_backend) != (static.compute_dtype, static.conv_backend):
+    return (f"the trunk was computed with compute_dtype={trunk.compute_dtype or 'float32'}, conv_backend="
+            f"{trunk.conv_backend}; this config has {static.compute_dtype or 'float32'}, {static.conv_backend}")
+  if image is not None and trunk.image.shape != image.shape:
+    return (f"the trunk was computed for another image: of shape {trunk.image.shape}, this one is {image.shape} "
+            "(pass compute_trunk the image with its channel axis)")
+  if image is not None and not np.array_equal(trunk.image, image):
+    return "the trunk was computed for another image (compute it again for this one)"
+  return None
+
+
 def refine(split: Split, image: Any, marks: Any, config: RefineConfig = RefineConfig(), *,
-           start: Any = None, progress: Any = None) -> RefineResult:
+           start: Any = None, progress: Any = None, trunk: Trunk | None = None) -> RefineResult:
   """Refines the split's tunable parameters until the prediction honours every mark.
 
   Args:
@@ -735,17 +822,27 @@ def refine(split: Split, image: Any, marks: Any, config: RefineConfig = RefineCo
       the host driver before the first chunk and after each chunk of ``check_every`` steps; with
       the loop driver (one compiled loop) once, at the end. For progress bars; it cannot change
       the result.
+    trunk: from :func:`compute_trunk` for this split and image: the trunk is not computed again
+      (the result is the same).
 
   Returns:
     A :class:`RefineResult`.
 
   Raises:
-    ValueError: bad input (see :func:`prepare_inputs`), before anything is compiled.
+    ValueError: bad input (see :func:`prepare_inputs`) or a trunk that does not belong to this
+      split, image and config, before anything is compiled.
   """
-  image, marks = prepare_inputs(split, image, marks)
+  arr, mk = _prepare_host(split, image, marks, False)
   if start is not None and jax.tree.structure(start) != jax.tree.structure(split.tunable):
     raise ValueError("start must have the same structure as split.tunable")
-  return _drive(split, image, marks, config, False, split.tunable if start is None else start, progress=progress)
+  residuals = None
+  if trunk is not None:
+    problem = trunk_mismatch(trunk, split, config, arr)
+    if problem:
+      raise ValueError(problem)
+    residuals = trunk.residuals
+  return _drive(split, jnp.asarray(arr), jnp.asarray(mk), config, False, split.tunable if start is None else start,
+                progress=progress, residuals=residuals)
 
 
 def _check_batched_start(split: Split, start: Any, batch: int) -> None:

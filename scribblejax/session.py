@@ -23,7 +23,7 @@ import numpy as np
 
 from scribblejax import marks as marks_lib
 from scribblejax.params import Split
-from scribblejax.refine import RefineConfig, RefineResult, predict, refine
+from scribblejax.refine import RefineConfig, RefineResult, Trunk, compute_trunk, predict, refine, trunk_mismatch
 
 
 class Round(NamedTuple):
@@ -40,12 +40,19 @@ class Session(NamedTuple):
   rounds: tuple[Round, ...]   # completed rounds, oldest first
   config: RefineConfig
   continue_weights: bool      # start each round from the previous W_lam instead of W
+  trunk: Trunk | None = None  # the frozen trunk's values for this image, computed once for all rounds
 
 
 def start_session(split: Split, image: Any, config: RefineConfig = RefineConfig(), *,
                   continue_weights: bool = False) -> Session:
-  """Starts a session on one image with the network's own prediction."""
-  return Session(split, image, predict(split, image), (), config, continue_weights)
+  """Starts a session on one image with the network's own prediction.
+
+  With ``config.cache_trunk`` (the default) the frozen trunk is computed here, once
+  (:func:`scribblejax.compute_trunk`), and every round reuses it; the session holds its values in
+  device memory.
+  """
+  trunk = compute_trunk(split, image, config) if config.cache_trunk else None
+  return Session(split, image, predict(split, image), (), config, continue_weights, trunk)
 
 
 def current_marks(session: Session) -> np.ndarray:
@@ -81,7 +88,10 @@ def add_marks(session: Session, new_marks: Any, config: RefineConfig | None = No
   marks = marks_lib.accumulate(current_marks(session), new_marks)
   config = session.config if config is None else config
   start = session.rounds[-1].result.tunable if (session.continue_weights and session.rounds) else None
-  result = refine(session.split, session.image, marks, config, start=start)
+  trunk = session.trunk
+  if trunk is not None and trunk_mismatch(trunk, session.split, config) is not None:
+    trunk = None  # a round whose config computes differently computes its own trunk
+  result = refine(session.split, session.image, marks, config, start=start, trunk=trunk)
   return session._replace(rounds=session.rounds + (Round(marks, result),))
 
 

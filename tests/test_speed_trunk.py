@@ -212,3 +212,82 @@ def test_early_stop_off_takes_every_step_and_no_retrace():
   sj.refine(split, image + 1.0, other, sj.RefineConfig(max_steps=3, learning_rate=0.01, prox_weight=0.5,
                                                        early_stop=False))
   assert (refine_lib._run_trunk._cache_size(), refine_lib._run_chunk._cache_size()) == sizes
+
+
+def _trunk_case(seed=3):
+  split = sj.split_params(_unet(2, (4, 8)), sj.last_layers(4))
+  image = np.array(_image((16, 16), seed=seed))
+  marks = np.full((16, 16), -1, np.int32)
+  marks[2:4, 2:8] = 1
+  marks[10:12, 3:9] = 2
+  return split, image, marks
+
+
+@pytest.mark.parametrize("driver, backend", [("loop", "auto"), ("host", "xla")])
+def test_a_computed_trunk_gives_the_same_refinement_and_is_used(driver, backend):
+  split, image, marks = _trunk_case()
+  config = sj.RefineConfig(max_steps=15, learning_rate=0.05, prox_weight=0.01, driver=driver, conv_backend=backend)
+  computed = sj.compute_trunk(split, image, config)
+  plain = sj.refine(split, image, marks, config)
+  reused = sj.refine(split, image, marks, config, trunk=computed)
+  assert int(reused.num_steps) == int(plain.num_steps) > 0
+  for a, b in zip(jax.tree.leaves((plain.logits, plain.tunable)), jax.tree.leaves((reused.logits, reused.tunable))):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
+  # a second interaction with new marks compiles nothing
+  sizes = (refine_lib._run_loop._cache_size(), refine_lib._run_chunk._cache_size(), refine_lib._run_trunk._cache_size())
+  other = marks.copy()
+  other[14, 14] = 0
+  sj.refine(split, image, other, config, trunk=computed)
+  assert (refine_lib._run_loop._cache_size(), refine_lib._run_chunk._cache_size(),
+          refine_lib._run_trunk._cache_size()) == sizes
+  # the loop reads the given values: zeroed ones give another prediction
+  zeroed = computed._replace(residuals=[jnp.zeros_like(r) for r in computed.residuals])
+  blind = sj.refine(split, image, marks, dataclasses.replace(config, max_steps=0), trunk=zeroed)
+  assert not np.allclose(np.asarray(blind.logits), np.asarray(sj.predict(split, image)), atol=1e-3)
+
+
+def test_a_trunk_of_another_image_split_or_setting_is_refused():
+  split, image, marks = _trunk_case()
+  config = sj.RefineConfig(max_steps=2, learning_rate=0.05, prox_weight=0.01)
+  computed = sj.compute_trunk(split, image, config)
+  image_before = image.copy()
+  with pytest.raises(ValueError, match="another image"):
+    sj.refine(split, image + 0.5, marks, config, trunk=computed)
+  with pytest.raises(ValueError, match="another split"):
+    sj.refine(sj.split_params(_unet(2, (4, 8)), sj.last_layers(4)), image, marks, config, trunk=computed)
+  with pytest.raises(ValueError, match="cache_trunk is off"):
+    sj.refine(split, image, marks, dataclasses.replace(config, cache_trunk=False), trunk=computed)
+  with pytest.raises(ValueError, match="compute_dtype=float32"):
+    sj.refine(split, image, marks, dataclasses.replace(config, compute_dtype="bfloat16"), trunk=computed)
+  with pytest.raises(ValueError, match="must come from compute_trunk"):
+    sj.refine(split, image, marks, config, trunk=computed.residuals)
+  with pytest.raises(ValueError, match="cache_trunk=True"):
+    sj.compute_trunk(split, image, dataclasses.replace(config, cache_trunk=False))
+  # the trunk keeps its own copy: changing the caller's array afterwards is caught, not used
+  image[0, 0] += 1.0
+  with pytest.raises(ValueError, match="another image"):
+    sj.refine(split, image, marks, config, trunk=computed)
+  np.testing.assert_array_equal(computed.image[..., 0], image_before)
+
+
+def test_a_session_computes_the_trunk_once_for_all_rounds(monkeypatch):
+  split, image, marks = _trunk_case(seed=4)
+  config = sj.RefineConfig(max_steps=15, learning_rate=0.05, prox_weight=0.01)
+  session = sj.start_session(split, image, config)
+  assert isinstance(session.trunk, sj.Trunk)
+  session_lib = importlib.import_module("scribblejax.session")
+  given = []
+  original = session_lib.refine
+  monkeypatch.setattr(session_lib, "refine", lambda *a, **k: given.append(k.get("trunk")) or original(*a, **k))
+  session = sj.add_marks(session, marks)
+  more = np.full((16, 16), -1, np.int32)
+  more[14, 14] = 0
+  session = sj.add_marks(session, more)
+  assert len(given) == 2 and all(t is session.trunk for t in given)
+  direct = sj.refine(split, image, sj.current_marks(session), config)
+  np.testing.assert_allclose(np.asarray(session.rounds[-1].result.logits), np.asarray(direct.logits),
+                             rtol=1e-6, atol=1e-6)
+  # a round with another compute setting computes its own trunk
+  other = sj.add_marks(session, marks, dataclasses.replace(config, compute_dtype="bfloat16"))
+  assert given[-1] is None
+  np.testing.assert_array_equal(np.asarray(other.rounds[-1].marks), np.asarray(session.rounds[-1].marks))
