@@ -107,10 +107,11 @@ run_part() {  # name, time limit (s), arguments...
 PARTS="${PARTS:-2d 3d layout batch precision}"
 for part in $PARTS; do
   case "$part" in
-    # One interaction, 2D: fixed steps and early stop; what the cached trunk buys (full_forward);
-    # the PyTorch eager reference (cuDNN benchmark mode, TF32 as both default); the logit check.
+    # One interaction, 2D: fixed steps and early stop; what the cached trunk buys (full_forward) and a
+    # later interaction on the same image (trunk_reused); the PyTorch eager reference (cuDNN benchmark
+    # mode, TF32 as both default); the logit check.
     2d) run_part gpu_2d "$LIMIT_2D" --cases "$CASES_2D" --batches 1 --steps "$STEPS_2D" $COMMON \
-          --variants "scribblejax,scribblejax_early_stop,scribblejax_full_forward,$VARIANTS_TORCH" ;;
+          --variants "scribblejax,scribblejax_early_stop,scribblejax_trunk_reused_early_stop,scribblejax_full_forward,$VARIANTS_TORCH" ;;
     # Batches (2D 256^2): batch schemes against torch one image at a time ("vmap", grouped
     # convolutions, is left out: it did not finish compiling within its limit on an H100).
     # "scribblejax" is the default scheme ("auto": "matmul" on GPUs); one image takes the same steps.

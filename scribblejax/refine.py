@@ -217,6 +217,7 @@ class _Static:
   conv_backend: str = "xla"       # resolved: "xla" or "onednn"
   conv_rewrite: str | None = None  # batches: "conv_as_matmul" or "conv_as_shifted_matmul" in the tail
   flat_params: bool = False       # the loop driver carries W_lam as one flat vector (see _flattens)
+  lazy_backward: bool = False     # the backward pass runs only when its update will be taken (see _static)
 
 
 # XLA options of every compiled refinement program on GPUs: channels-last cuDNN convolutions. XLA:GPU's
@@ -303,10 +304,14 @@ _SCHEME_REWRITES = {"matmul": "conv_as_matmul", "shifted": "conv_as_shifted_matm
 def _static(config: RefineConfig, batched: bool = False) -> _Static:
   rewrite = _SCHEME_REWRITES.get(resolve_batch_scheme(config.batch_scheme)) if batched else None
   compute_dtype = None if config.compute_dtype == "float32" else config.compute_dtype
+  conv_backend = kernels.resolve_conv_backend(config.conv_backend)
+  # The step that finds every mark honoured needs no gradient. Skipping its backward pass takes a
+  # lax.cond, which costs nothing on the CPU but a device-to-host sync per step on a GPU; XLA:CPU's own
+  # convolution gradients are only fast outside nested computations, so: CPU with oneDNN only.
+  lazy = jax.default_backend() == "cpu" and conv_backend == "onednn"
   return _Static(config.optimizer, config.class_balance, config.trace_length, config.output,
                  bool(config.early_stop), bool(config.cache_trunk), compute_dtype,
-                 bool(config.remat), kernels.resolve_conv_backend(config.conv_backend), rewrite,
-                 _flat_carry())
+                 bool(config.remat), conv_backend, rewrite, _flat_carry(), lazy)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -427,13 +432,27 @@ def refine_step(graphdef, frozen, anchor, image, marks, static: _Static, hyper: 
   objective at the current weights is non-finite, the loop stops and steps back to the previous
   (finite) weights. With ``residuals`` (from :func:`trunk_residuals`) only the tunable tail of the
   network runs. With ``unravel``, ``state.tunable`` and ``anchor`` are flat vectors
-  (``jax.flatten_util.ravel_pytree``) and ``unravel`` rebuilds the tunable pytree from one.
+  (``jax.flatten_util.ravel_pytree``) and ``unravel`` rebuilds the tunable pytree from one. With
+  ``static.lazy_backward`` the backward pass runs under ``lax.cond``, only when the update is taken.
   """
+  return _step(graphdef, frozen, anchor, image, marks, static, hyper, state, residuals, unravel)[0]
+
+
+def _step(graphdef, frozen, anchor, image, marks, static: _Static, hyper: _Hyper, state: RefineState,
+          residuals: list | None = None, unravel: Any = None) -> tuple[RefineState, jax.Array]:
+  """:func:`refine_step`, also returning the logits it evaluated (those of ``state.tunable``)."""
   objective = functools.partial(_objective, graphdef, frozen, anchor, image, marks, static, hyper,
                                 residuals=residuals, unravel=unravel)
-  (value, logits), grads = jax.value_and_grad(objective, has_aux=True)(state.tunable)
   active = ~state.done & (state.step < hyper.max_steps)
-  satisfied = marks_satisfied(logits, marks)
+  if static.lazy_backward:
+    value, pullback, logits = jax.vjp(objective, state.tunable, has_aux=True)
+    satisfied = marks_satisfied(logits, marks)
+    needed = active & jnp.isfinite(value) & jnp.all(jnp.isfinite(logits)) & ~(satisfied & static.early_stop)
+    grads = jax.lax.cond(needed, lambda: pullback(jnp.ones_like(value))[0],
+                         lambda: jax.tree.map(jnp.zeros_like, state.tunable))
+  else:
+    (value, logits), grads = jax.value_and_grad(objective, has_aux=True)(state.tunable)
+    satisfied = marks_satisfied(logits, marks)
   updates, new_opt_state = _optimizer(static, hyper).update(grads, state.opt_state, state.tunable)
   new_tunable = optax.apply_updates(state.tunable, updates)
   evaluated_finite = jnp.isfinite(value) & jnp.all(jnp.isfinite(logits)) & _all_finite(grads)
@@ -454,15 +473,24 @@ def refine_step(graphdef, frozen, anchor, image, marks, static: _Static, hyper: 
       satisfied=jnp.where(active, satisfied, state.satisfied),
       nonfinite=state.nonfinite | (active & ~finite),
       loss_trace=trace,
-  )
+  ), logits
 
 
 def finalize(graphdef, frozen, image, marks, static: _Static, state: RefineState,
-             residuals: list | None = None, unravel: Any = None) -> RefineResult:
+             residuals: list | None = None, unravel: Any = None, last_logits: jax.Array | None = None
+             ) -> RefineResult:
   """Evaluates W_lam once more (only the tail, when the trunk's ``residuals`` are given) and packs the
-  result (``unravel``: as :func:`refine_step`)."""
+  result (``unravel``: as :func:`refine_step`).
+
+  ``last_logits``, the logits the last step evaluated, are W_lam's own when that step stopped the
+  loop because every mark was honoured (it took no update); then they are used as they are.
+  """
   tunable = state.tunable if unravel is None else unravel(state.tunable)
-  logits = _logits(graphdef, tunable, frozen, image, residuals, static)
+  evaluate = lambda: _logits(graphdef, tunable, frozen, image, residuals, static)
+  if last_logits is None:
+    logits = evaluate()
+  else:
+    logits = jax.lax.cond(state.done & state.satisfied & ~state.nonfinite, lambda: last_logits, evaluate)
   out = jax.nn.softmax(logits, axis=-1) if static.output == "probabilities" else logits
   return RefineResult(out, jnp.argmax(logits, axis=-1).astype(jnp.int32), tunable, state.step,
                       marks_satisfied(logits, marks), state.nonfinite, state.loss_trace)
@@ -491,11 +519,13 @@ def _loop_one(graphdef, static, anchor, start, frozen, image, marks, hyper, resi
   if _flattens(static, anchor):
     anchor, unravel = jax.flatten_util.ravel_pytree(anchor)
     start = jax.flatten_util.ravel_pytree(start)[0]
-  step = functools.partial(refine_step, graphdef, frozen, anchor, image, marks, static, hyper, residuals=residuals,
+  step = functools.partial(_step, graphdef, frozen, anchor, image, marks, static, hyper, residuals=residuals,
                            unravel=unravel)
   state = init_state(start, static, hyper)
-  state = jax.lax.while_loop(lambda s: ~s.done & (s.step < hyper.max_steps), step, state)
-  return finalize(graphdef, frozen, image, marks, static, state, residuals, unravel)
+  logits = jnp.zeros(jax.eval_shape(lambda: step(state)[1]).shape, jnp.float32)
+  state, logits = jax.lax.while_loop(lambda c: ~c[0].done & (c[0].step < hyper.max_steps),
+                                     lambda c: step(c[0]), (state, logits))
+  return finalize(graphdef, frozen, image, marks, static, state, residuals, unravel, last_logits=logits)
 
 
 def _chunk_one(graphdef, static, check_every, anchor, frozen, image, marks, hyper, state,

@@ -222,6 +222,34 @@ def test_flat_carry_equals_per_leaf_carry(dims):
   assert not _leaves_equal(flat.tunable, split.tunable)          # it did move
 
 
+@pytest.mark.parametrize("early_stop", [True, False])
+def test_lazy_backward_gives_the_same_refinement(early_stop):
+  # the backward pass under lax.cond (run only when its update is taken): same steps, weights, logits
+  split = sj.split_params(_model(2), sj.last_layers(3))
+  image, marks = _image((16, 16), seed=5), _marks_2d()
+  config = dataclasses.replace(CFG, max_steps=40, early_stop=early_stop, driver="loop")
+  lazy, eager = (_loop_with(split, image, marks, config, lazy_backward=b) for b in (True, False))
+  assert int(lazy.num_steps) == int(eager.num_steps) > 0
+  assert bool(lazy.satisfied) == bool(eager.satisfied) and (early_stop or int(lazy.num_steps) == 40)
+  for a, b in zip(jax.tree.leaves((lazy.tunable, lazy.logits, lazy.loss_trace)),
+                  jax.tree.leaves((eager.tunable, eager.logits, eager.loss_trace))):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)  # float rounding over 40 steps
+  assert refine_lib._static(config).lazy_backward == (
+      jax.default_backend() == "cpu" and sj.resolve_conv_backend("auto") == "onednn")
+
+
+@pytest.mark.parametrize("max_steps", [40, 2])
+def test_returned_logits_are_those_of_the_returned_weights(max_steps):
+  # stopping on honoured marks, the loop returns the logits its last step evaluated; they must be W_lam's
+  split = sj.split_params(_model(2), sj.last_layers(3))
+  image, marks = _image((16, 16), seed=6), _marks_2d()
+  result = sj.refine(split, image, marks, dataclasses.replace(CFG, max_steps=max_steps, driver="loop"))
+  assert bool(result.satisfied) == (max_steps == 40)
+  fresh = sj.predict(split, image, tunable=result.tunable)
+  np.testing.assert_allclose(np.asarray(result.logits), np.asarray(fresh), rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(np.asarray(result.labels), np.asarray(result.logits).argmax(-1))
+
+
 def test_flat_carry_only_for_the_built_in_sgd_and_one_dtype():
   split = sj.split_params(_model(2), sj.last_layers(3))
   static = dataclasses.replace(refine_lib._static(CFG), flat_params=True)

@@ -97,3 +97,17 @@ def test_probe_times_and_profiles_one_configuration(tmp_path, monkeypatch):
   assert rec["label"] == "t" and rec["case"] == "2d32" and "error" not in rec
   assert rec["median_ms"] > 0 and rec["ms_per_step"] == round(rec["median_ms"] / rec["steps"], 4)
   assert rec["profile"]["events_per_step"] > 0, rec["profile"]
+
+
+def test_final_step_ab_times_both_backward_modes(tmp_path):
+  import importlib
+
+  from benchmarks import final_step_ab
+  refine_lib = importlib.import_module("scribblejax.refine")
+  plain_static = refine_lib._static
+  rec = final_step_ab.main(["--size", "32", "--repeats", "1", "--out", str(tmp_path / "ab.json")])
+  assert refine_lib._static is plain_static                    # the switch is put back
+  assert json.loads((tmp_path / "ab.json").read_text())["case"] == "2d32"
+  for key in ("ms_per_interaction_lazy_backward", "ms_per_interaction_eager_backward"):
+    assert len(rec[key]["times"]) == 3 and rec[key]["median"] > 0
+  assert rec["ms_tail_forward"] > 0 and all(0 <= s <= 30 for s in rec["steps_taken"])
