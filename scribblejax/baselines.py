@@ -179,8 +179,9 @@ def refine_method(model: nnx.Module, layers: int | str = 5, config: RefineConfig
 
   def init(image):
     image = np.asarray(image, np.float32)
-    labels = np.asarray(jnp.argmax(predict(split, image), -1), np.int32)
-    return RefineMethodState(image, labels, 0, True, None, trunk_of(image))
+    trunk = trunk_of(image)
+    labels = np.asarray(jnp.argmax(predict(split, image, trunk=trunk), -1), np.int32)
+    return RefineMethodState(image, labels, 0, True, None, trunk)
 
   def update(state, marks):
     start = state.tunable if continue_weights else None
@@ -191,8 +192,9 @@ def refine_method(model: nnx.Module, layers: int | str = 5, config: RefineConfig
   def warmup(image):
     image = np.asarray(image, np.float32)
     empty = np.full(image.shape[:-1], marks_lib.UNMARKED, np.int32)
-    jax.block_until_ready(predict(split, image))
-    jax.block_until_ready(refine(split, image, empty, config, trunk=trunk_of(image)).labels)
+    trunk = trunk_of(image)
+    jax.block_until_ready(predict(split, image, trunk=trunk))
+    jax.block_until_ready(refine(split, image, empty, config, trunk=trunk).labels)
 
   return Method(name, init, lambda s: s.labels, update, warmup,
                 lambda s: {"steps": s.num_steps, "satisfied": s.satisfied})

@@ -522,7 +522,9 @@ def _loop_one(graphdef, static, anchor, start, frozen, image, marks, hyper, resi
   step = functools.partial(_step, graphdef, frozen, anchor, image, marks, static, hyper, residuals=residuals,
                            unravel=unravel)
   state = init_state(start, static, hyper)
-  logits = jnp.zeros(jax.eval_shape(lambda: step(state)[1]).shape, jnp.float32)
+  tree = start if unravel is None else unravel(start)
+  logits = jnp.zeros(jax.eval_shape(lambda: _logits(graphdef, tree, frozen, image, residuals, static)).shape,
+                     jnp.float32)
   state, logits = jax.lax.while_loop(lambda c: ~c[0].done & (c[0].step < hyper.max_steps),
                                      lambda c: step(c[0]), (state, logits))
   return finalize(graphdef, frozen, image, marks, static, state, residuals, unravel, last_logits=logits)
@@ -587,12 +589,15 @@ def _run_finalize(graphdef, static, batched, frozen, image, marks, state, residu
   return fn(frozen, image, marks, static, state, residuals)
 
 
-@functools.partial(_jit, static_argnames=("graphdef", "conv_backend"))
-def _run_predict(graphdef, conv_backend, tunable, frozen, image):
-  # the trunk and the tail, as refine computes them (with the same faster forms of some operations);
-  # conv_backend is resolved by the caller, outside any trace (resolving may build the kernels)
-  static = _Static(optimizer=None, class_balance=False, trace_length=1, output="logits", conv_backend=conv_backend)
-  residuals = trunk_residuals(graphdef, tunable, frozen, image, conv_backend=conv_backend)
+@functools.partial(_jit, static_argnames=("graphdef", "conv_backend", "compute_dtype"))
+def _run_predict(graphdef, conv_backend, tunable, frozen, image, residuals=None, compute_dtype=None):
+  # the trunk (unless its residuals are given) and the tail, as refine computes them (with the same
+  # faster forms of some operations); conv_backend is resolved by the caller, outside any trace
+  # (resolving may build the kernels)
+  static = _Static(optimizer=None, class_balance=False, trace_length=1, output="logits", conv_backend=conv_backend,
+                   compute_dtype=compute_dtype)
+  if residuals is None:
+    residuals = trunk_residuals(graphdef, tunable, frozen, image, compute_dtype, conv_backend)
   return _logits(graphdef, tunable, frozen, image, residuals, static)
 
 
@@ -717,14 +722,26 @@ def _prepare_host(split: Split, image: Any, marks: Any, batched: bool) -> tuple[
 # Public API
 # ---------------------------------------------------------------------------------------------
 
-def predict(split: Split, image: Any, tunable: Any = None) -> jax.Array:
-  """Logits ``f32[*spatial, classes]`` of the network (W, or ``tunable`` when given) on one image."""
+def predict(split: Split, image: Any, tunable: Any = None, *, trunk: Trunk | None = None) -> jax.Array:
+  """Logits ``f32[*spatial, classes]`` of the network (W, or ``tunable`` when given) on one image.
+
+  With ``trunk`` (:func:`compute_trunk` of this split and image) only the tail runs, under the
+  trunk's compute settings.
+  """
   arr = _check_image(image)
   if arr.ndim == split_spatial_dims(split):
     arr = arr[..., None]
   num_classes_of(split, arr.shape)
-  return _run_predict(graph_key(split.graphdef), kernels.resolve_conv_backend("auto"),
-                      split.tunable if tunable is None else tunable, split.frozen, jnp.asarray(arr, jnp.float32))
+  arr = np.asarray(arr, np.float32)
+  tunable = split.tunable if tunable is None else tunable
+  if trunk is None:
+    return _run_predict(graph_key(split.graphdef), kernels.resolve_conv_backend("auto"), tunable, split.frozen,
+                        jnp.asarray(arr))
+  problem = trunk_mismatch(trunk, split, image=arr)
+  if problem:
+    raise ValueError(problem)
+  return _run_predict(trunk.graphdef, trunk.conv_backend, tunable, split.frozen, jnp.asarray(arr), trunk.residuals,
+                      compute_dtype=trunk.compute_dtype)
 
 
 def split_spatial_dims(split: Split) -> int | None:
@@ -816,17 +833,18 @@ def compute_trunk(split: Split, image: Any, config: RefineConfig = RefineConfig(
   return Trunk(residuals, arr, split.frozen, graphdef, static.compute_dtype, static.conv_backend)
 
 
-def trunk_mismatch(trunk: Trunk, split: Split, config: RefineConfig, image: np.ndarray | None = None) -> str | None:
-  """Why ``trunk`` cannot serve a refinement with ``split`` and ``config`` (and of the prepared
-  ``image``, float32 ``[*spatial, channels]``, when given); ``None`` when it can."""
+def trunk_mismatch(trunk: Trunk, split: Split, config: RefineConfig | None = None,
+                   image: np.ndarray | None = None) -> str | None:
+  """Why ``trunk`` cannot serve ``split`` (a refinement with ``config``, of the prepared ``image``,
+  float32 ``[*spatial, channels]``, for those given); ``None`` when it can."""
   if not isinstance(trunk, Trunk):
     return f"trunk must come from compute_trunk, got {type(trunk).__name__}"
-  if not config.cache_trunk:
+  if config is not None and not config.cache_trunk:
     return "a trunk was given but config.cache_trunk is off"
   if trunk.frozen is not split.frozen or trunk.graphdef != graph_key(split.graphdef):
     return "the trunk was computed for another split (compute it again with this one)"
-  static = _static(config)
-  if (trunk.compute_dtype, trunk.conv_backend) != (static.compute_dtype, static.conv_backend):
+  static = _static(config) if config is not None else None
+  if static is not None and (trunk.compute_dtype, trunk.conv_backend) != (static.compute_dtype, static.conv_backend):
     return (f"the trunk was computed with compute_dtype={trunk.compute_dtype or 'float32'}, conv_backend="
             f"{trunk.conv_backend}; this config has {static.compute_dtype or 'float32'}, {static.conv_backend}")
   if image is not None and trunk.image.shape != image.shape:

@@ -52,7 +52,7 @@ def start_session(split: Split, image: Any, config: RefineConfig = RefineConfig(
   device memory.
   """
   trunk = compute_trunk(split, image, config) if config.cache_trunk else None
-  return Session(split, image, predict(split, image), (), config, continue_weights, trunk)
+  return Session(split, image, predict(split, image, trunk=trunk), (), config, continue_weights, trunk)
 
 
 def current_marks(session: Session) -> np.ndarray:

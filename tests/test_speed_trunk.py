@@ -240,6 +240,11 @@ def test_a_computed_trunk_gives_the_same_refinement_and_is_used(driver, backend)
   sj.refine(split, image, other, config, trunk=computed)
   assert (refine_lib._run_loop._cache_size(), refine_lib._run_chunk._cache_size(),
           refine_lib._run_trunk._cache_size()) == sizes
+  # predict with the trunk runs only the tail: the same logits
+  np.testing.assert_allclose(np.asarray(sj.predict(split, image, trunk=computed)),
+                             np.asarray(sj.predict(split, image)), rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="another image"):
+    sj.predict(split, image * 2.0, trunk=computed)
   # the loop reads the given values: zeroed ones give another prediction
   zeroed = computed._replace(residuals=[jnp.zeros_like(r) for r in computed.residuals])
   blind = sj.refine(split, image, marks, dataclasses.replace(config, max_steps=0), trunk=zeroed)
