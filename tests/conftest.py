@@ -1,5 +1,7 @@
 """Fixtures shared by several test files."""
 
+import os
+
 import pytest
 from flax import nnx
 
@@ -8,6 +10,10 @@ from scribblejax.models.store import save_model
 from scribblejax.models.unet import UNet
 from scribblejax.normalize import normalize
 from scribblejax.train import TrainConfig, train_segmenter
+
+# The command line keeps compiled programs on disk (scribblejax.cli.enable_compilation_cache); the tests,
+# which call it in-process and in subprocesses, do not write there (one test turns it on on purpose).
+os.environ["SCRIBBLEJAX_COMPILATION_CACHE"] = "0"
 
 NORM = {"kind": "percentile", "lower": 1.0, "upper": 99.8}
 KW = dict(spatial_dims=2, in_channels=1, num_classes=2, channels=[4, 8])

@@ -80,11 +80,12 @@ def _digest(path):
   return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def _cli(*args, cwd=None):
-  """Runs the installed ``scribblejax`` command (or ``python -m scribblejax.cli``)."""
+def _cli(*args, cwd=None, env=None):
+  """Runs the installed ``scribblejax`` command (or ``python -m scribblejax.cli``); ``env`` adds variables."""
   script = Path(sys.executable).parent / "scribblejax"
   command = [str(script)] if script.exists() else [sys.executable, "-m", "scribblejax.cli"]
-  return subprocess.run(command + [str(a) for a in args], capture_output=True, text=True, timeout=600, cwd=cwd)
+  return subprocess.run(command + [str(a) for a in args], capture_output=True, text=True, timeout=600, cwd=cwd,
+                        env=None if env is None else {**os.environ, **env})
 
 
 def _no_temporaries(folder):
@@ -124,6 +125,41 @@ def test_predict_nifti_round_trip_keeps_affine_and_header(tmp_path, model_dir, c
   assert (tmp_path / "seg.overlay.png").stat().st_size > 0
   assert _digest(tmp_path / "img.nii.gz") == before
   _no_temporaries(tmp_path)
+
+
+def test_commands_keep_compiled_programs_on_disk(tmp_path, model_dir, crop):
+  image = crop[0]
+  tifffile.imwrite(tmp_path / "img.tif", image)
+  cache = tmp_path / "cache"
+  # every program is worth keeping here (JAX keeps only those that took a second or more to compile)
+  env = {"SCRIBBLEJAX_COMPILATION_CACHE": str(cache), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+  outputs = []
+  for run in range(2):
+    proc = _cli("predict", "--model", model_dir, "--image", tmp_path / "img.tif", "--out", tmp_path / f"s{run}.tif",
+                env=env)
+    assert proc.returncode == 0, proc.stderr
+    outputs.append(tifffile.imread(tmp_path / f"s{run}.tif"))
+    if run == 0:
+      kept = sorted(p.name for p in cache.iterdir())
+      assert kept, "nothing was written to the compilation cache"
+  np.testing.assert_array_equal(outputs[1], outputs[0])        # the loaded programs compute the same
+  np.testing.assert_array_equal(outputs[0], crop[2])
+  assert sorted(p.name for p in cache.iterdir()) == kept       # same keys in a new process: they are hits
+  # "0" leaves it off; a folder set in JAX's own configuration is kept
+  from scribblejax import kernels
+  off = _cli("predict", "--model", model_dir, "--image", tmp_path / "img.tif", "--out", tmp_path / "s2.tif",
+             env={**env, "SCRIBBLEJAX_COMPILATION_CACHE": "0", "XDG_CACHE_HOME": str(tmp_path / "xdg"),
+                  "SCRIBBLEJAX_KERNEL_CACHE": str(kernels._cache_dir())})    # the built kernels, where they are
+  assert off.returncode == 0, off.stderr
+  assert not (tmp_path / "xdg" / "scribblejax" / "jax").exists()
+  script = "from scribblejax.cli import enable_compilation_cache as e; print(e())"
+  for extra, expected in [({"SCRIBBLEJAX_COMPILATION_CACHE": "", "XDG_CACHE_HOME": str(tmp_path / "x")},
+                           str(tmp_path / "x" / "scribblejax" / "jax")),
+                          ({"SCRIBBLEJAX_COMPILATION_CACHE": "", "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "j")},
+                           str(tmp_path / "j"))]:
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, **extra})
+    assert proc.stdout.strip() == expected, proc.stderr
 
 
 # ----------------------------------------------------------------------------------------------
