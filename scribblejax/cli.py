@@ -27,8 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
   return parser
 
 
-# Commands that measure compilation leave JAX's persistent cache alone.
-_UNCACHED = ("bench",)
+# Commands whose results include compile times leave JAX's persistent cache alone.
+_UNCACHED = ("bench", "evaluate")
 
 
 def enable_compilation_cache() -> str | None:
