@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# What the next session with a GPU should run first, in one call (about 8 minutes on an H100): the
+# open questions of issue 6 after 2026-11-27.
+#   1. float32 2D under XLA options not yet measured, against the default, with kernel profiles
+#      (gpu_probe.sh parts "base" and "flags", 2D 256^2 and 512^2);
+#   2. one interaction in 2D with the trunk computed per call, reused from an earlier interaction,
+#      and the whole network each step, against PyTorch (gpu_suite.sh part "2d").
+# From the repository root, with the device tool's output folder:
+#
+#   OUT=$OUT/session bash benchmarks/gpu_session.sh        # writes $OUT/session.tgz as well
+#   SMOKE=1 OUT=/tmp/gpu_session bash benchmarks/gpu_session.sh   # the same steps at tiny sizes, any machine
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-/tmp/gpu_session}"
+mkdir -p "$OUT"
+export XLA_PYTHON_CLIENT_PREALLOCATE=false
+if [ "${SMOKE:-0}" = "1" ]; then
+  CASES=2d32 PARTS="base flags" BATCH=2 BATCH_CASE=2d32 CASES_FLAGS=2d32 OUT="$OUT/probe" bash benchmarks/gpu_probe.sh
+  SMOKE=1 PARTS=2d OUT="$OUT/suite" bash benchmarks/gpu_suite.sh
+else
+  CASES=2d256,2d512 PARTS="base flags" BATCH=8 OUT="$OUT/probe" bash benchmarks/gpu_probe.sh
+  PARTS=2d OUT="$OUT/suite" bash benchmarks/gpu_suite.sh
+fi
+tar czf "$OUT.tgz.tmp" -C "$OUT" . && mv "$OUT.tgz.tmp" "$OUT.tgz"
+echo "== gpu_session: $OUT.tgz"
