@@ -723,17 +723,23 @@ def _prepare_host(split: Split, image: Any, marks: Any, batched: bool) -> tuple[
 # Public API
 # ---------------------------------------------------------------------------------------------
 
+def _one_image(split: Split, image: Any) -> np.ndarray:
+  """A checked float32 image ``[*spatial, channels]`` (a channel axis added for a model that states its
+  ``spatial_dims``), which the model accepts; not necessarily a copy."""
+  arr = _check_image(image)
+  if arr.ndim == split_spatial_dims(split):
+    arr = arr[..., None]
+  num_classes_of(split, arr.shape)
+  return np.asarray(arr, np.float32)
+
+
 def predict(split: Split, image: Any, tunable: Any = None, *, trunk: Trunk | None = None) -> jax.Array:
   """Logits ``f32[*spatial, classes]`` of the network (W, or ``tunable`` when given) on one image.
 
   With ``trunk`` (:func:`compute_trunk` of this split and image) only the tail runs, under the
   trunk's compute settings.
   """
-  arr = _check_image(image)
-  if arr.ndim == split_spatial_dims(split):
-    arr = arr[..., None]
-  num_classes_of(split, arr.shape)
-  arr = np.asarray(arr, np.float32)
+  arr = _one_image(split, image)
   tunable = split.tunable if tunable is None else tunable
   if trunk is None:
     return _run_predict(graph_key(split.graphdef), kernels.resolve_conv_backend("auto"), tunable, split.frozen,
@@ -822,11 +828,7 @@ def compute_trunk(split: Split, image: Any, config: RefineConfig = RefineConfig(
   """
   if not config.cache_trunk:
     raise ValueError("compute_trunk needs config.cache_trunk=True (without it every step runs the whole network)")
-  arr = _check_image(image)
-  if arr.ndim == split_spatial_dims(split):
-    arr = arr[..., None]
-  num_classes_of(split, arr.shape)
-  arr = np.array(arr, np.float32)  # a copy: later changes to the caller's array cannot reach it
+  arr = np.array(_one_image(split, image))  # a copy: later changes to the caller's array cannot reach it
   static = _static(config)
   graphdef = graph_key(split.graphdef)
   residuals = _run_trunk(graphdef, static.compute_dtype, static.conv_backend, False, split.tunable, split.frozen,
