@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# What the next session with a GPU should run first, in one call (about 8 minutes on an H100): the
+# What the next session with a GPU should run first, in one call (at most about 8 minutes by the parts' time
+# limits; not yet run on a GPU): the
 # open questions of issue 6 after 2026-11-27.
 #   1. float32 2D under XLA options not yet measured, against the default, with kernel profiles
 #      (gpu_probe.sh parts "base" and "flags", 2D 256^2 and 512^2);
