@@ -8,11 +8,14 @@ with ``--trace`` it profiles two more calls with ``jax.profiler`` and sums the G
 ``--batch N`` adds batches of N images (``--batch-case``, ``--batch-steps`` steps) for each ``--schemes``,
 and one image at those steps.
 
-Appends one JSON line per measurement to ``OUT/probe.jsonl``.
+Appends one JSON line per measurement to ``OUT/probe.jsonl``. ``--summarise FILE`` reads such a
+file instead and prints, for each profiled record, its kernels' time per step by class
+(:func:`kernel_classes`): what a step would still cost if everything but the matrix products were free.
 
 Usage::
 
     python -m benchmarks.gpu_probe --out /tmp/probe --label base --cases 2d256,3d96 --trace
+    python -m benchmarks.gpu_probe --summarise benchmarks/results/gpu_h100_2026-11-27/probe.jsonl
 """
 
 from __future__ import annotations
@@ -60,6 +63,52 @@ def _kernel_profile(trace_dir: Path, calls: int, steps: int) -> dict:
                   for n, (c, d) in top]}
 
 
+# Kernel classes by name, first match wins. cuDNN's convolution kernels name their pass; cuBLAS,
+# CUTLASS and XLA's Triton GEMMs ("gemm_fusion") are the matrix products XLA does not hand to cuDNN.
+_KERNEL_CLASSES = (
+    ("conv_weight_grad", ("wgrad",)),
+    ("conv_input_grad", ("dgrad",)),
+    ("conv_forward", ("fprop",)),
+    ("gemm", ("cutlass", "gemm_fusion", "cublas", "gemm")),
+    ("cudnn_layout", ("convertTensor", "nchwToNhwc", "nhwcToNchw")),
+    ("cudnn_other", ("cudnn",)),
+)
+MATMUL_CLASSES = ("conv_weight_grad", "conv_input_grad", "conv_forward", "gemm", "cudnn_other")
+
+
+def kernel_classes(profile: dict) -> dict[str, float]:
+  """Sums a kernel profile's microseconds per step by class (``other``: XLA's own fusions, copies).
+
+  Only the profile's ``top`` kernels are counted, so every sum is a lower bound. ``cudnn_layout``
+  (cuDNN's layout conversions) is kept apart because channels-last convolutions remove it.
+  """
+  sums = {name: 0.0 for name, _ in _KERNEL_CLASSES} | {"other": 0.0}
+  for kernel in profile.get("top", []):
+    cls = next((name for name, keys in _KERNEL_CLASSES if any(k in kernel["name"] for k in keys)), "other")
+    sums[cls] += kernel["us_per_step"]
+  return {k: round(v, 2) for k, v in sums.items()}
+
+
+def summarise(path: Path) -> list[dict]:
+  """One row per profiled record of a ``probe.jsonl``: its kernel classes and the matmul floor.
+
+  ``matmul_floor_ms`` is what the record's interaction would take if every kernel but the matrix
+  products (convolutions, GEMMs) cost nothing: steps x their microseconds per step.
+  """
+  rows = []
+  for line in Path(path).read_text().splitlines():
+    rec = json.loads(line)
+    prof = rec.get("profile") or {}
+    if "top" not in prof:
+      continue
+    classes = kernel_classes(prof)
+    per_step = sum(classes[c] for c in MATMUL_CLASSES)
+    rows.append({k: rec.get(k) for k in ("label", "case", "batch", "scheme", "dtype", "steps", "median_ms")}
+                | {"busy_us_per_step": round(1000 * prof["busy_ms_per_step"], 1), "classes_us_per_step": classes,
+                   "matmul_floor_ms": round(per_step * rec["steps"] * rec["batch"] / 1000, 1)})
+  return rows
+
+
 def measure(case: speed.Case, steps: int, batch: int, scheme: str | None, dtype: str, repeats: int,
             trace: bool) -> dict:
   import jax
@@ -99,8 +148,9 @@ def measure(case: speed.Case, steps: int, batch: int, scheme: str | None, dtype:
 
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--out", required=True)
-  parser.add_argument("--label", required=True)
+  parser.add_argument("--out")
+  parser.add_argument("--label")
+  parser.add_argument("--summarise", metavar="PROBE_JSONL", help="summarise a probe.jsonl and exit")
   parser.add_argument("--cases", default="2d256,3d96")
   parser.add_argument("--dtypes", default="float32")
   parser.add_argument("--repeats", type=int, default=5)
@@ -110,6 +160,12 @@ def main(argv=None) -> None:
   parser.add_argument("--batch-case", default="2d256")
   parser.add_argument("--schemes", default="matmul,shifted")
   args = parser.parse_args(argv)
+  if args.summarise:
+    for row in summarise(Path(args.summarise)):
+      print(json.dumps(row))
+    return
+  if not (args.out and args.label):
+    parser.error("--out and --label are required unless --summarise is given")
   import jax
   out = Path(args.out)
   out.mkdir(parents=True, exist_ok=True)

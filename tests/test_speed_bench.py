@@ -89,6 +89,31 @@ def test_probe_sums_the_device_events_of_a_trace(tmp_path):
   assert "error" in gpu_probe._kernel_profile(tmp_path / "missing", calls=1, steps=1)
 
 
+def test_probe_summary_classes_kernels_and_bounds_the_matmul_time(tmp_path, capsys):
+  from benchmarks import gpu_probe
+  top = [{"name": "sm90_xmma_wgrad_implicit_gemm_tf32", "count_per_step": 2, "us_per_step": 40.0},
+         {"name": "sm90_xmma_fprop_implicit_gemm_tf32", "count_per_step": 1, "us_per_step": 15.0},
+         {"name": "sm90_xmma_dgrad_implicit_gemm_tf32", "count_per_step": 1, "us_per_step": 10.0},
+         {"name": "void cutlass::Kernel2<cutlass_80_tensorop_s1688gemm>", "count_per_step": 1, "us_per_step": 4.0},
+         {"name": "gemm_fusion_dot_3", "count_per_step": 1, "us_per_step": 1.0},
+         {"name": "void cudnn::engines_precompiled::nchwToNhwcKernel<float>", "count_per_step": 2, "us_per_step": 7.0},
+         {"name": "input_reduce_fusion_7", "count_per_step": 9, "us_per_step": 23.0}]
+  records = [{"label": "a", "case": "2d64", "batch": 2, "scheme": "matmul", "dtype": "float32", "steps": 10,
+              "median_ms": 3.0, "profile": {"busy_ms_per_step": 0.1, "top": top}},
+             {"label": "untraced", "case": "2d64", "batch": 1, "steps": 10, "median_ms": 1.0},
+             {"label": "failed", "case": "2d64", "batch": 1, "steps": 10, "profile": {"error": "no trace"}}]
+  path = tmp_path / "probe.jsonl"
+  path.write_text("".join(json.dumps(r) + "\n" for r in records))
+  (row,) = gpu_probe.summarise(path)
+  assert row["classes_us_per_step"] == {"conv_weight_grad": 40.0, "conv_input_grad": 10.0, "conv_forward": 15.0,
+                                        "gemm": 5.0, "cudnn_layout": 7.0, "cudnn_other": 0.0, "other": 23.0}
+  assert row["matmul_floor_ms"] == 1.4 and row["busy_us_per_step"] == 100.0     # 70 us x 10 steps x 2 images
+  gpu_probe.main(["--summarise", str(path)])
+  assert json.loads(capsys.readouterr().out) == row
+  with pytest.raises(SystemExit):
+    gpu_probe.main(["--label", "x"])                                          # no --out, no --summarise
+
+
 def test_probe_times_and_profiles_one_configuration(tmp_path, monkeypatch):
   from benchmarks import gpu_probe
   monkeypatch.setenv("PROBE_DEVICE_PROCESS", "CPU")        # no GPU here: profile the host's events
