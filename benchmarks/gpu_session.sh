@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# What the next session with a GPU should run first, in one call (at most about 8 minutes by the parts' time
+# What the next session with a GPU should run first, in one call (at most about 9 minutes by the parts' time
 # limits; not yet run on a GPU): the
 # open questions of issue 6 after 2026-11-27.
-#   1. float32 2D under XLA options not yet measured, against the default, with kernel profiles
-#      (gpu_probe.sh parts "base" and "flags", 2D 256^2 and 512^2);
+#   1. float32 2D under XLA options not yet measured, against the default, and bf16, with kernel
+#      profiles (gpu_probe.sh parts "base", "bf16" and "flags", 2D 256^2 and 512^2), summed by kernel
+#      class into summary.jsonl (gpu_probe.py --summarise: what the matrix products alone take);
 #   2. one interaction in 2D with the trunk computed per call, reused from an earlier interaction,
 #      and the whole network each step, against PyTorch (gpu_suite.sh part "2d").
 # From the repository root, with the device tool's output folder:
@@ -16,11 +17,12 @@ OUT="${OUT:-/tmp/gpu_session}"
 mkdir -p "$OUT"
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
 if [ "${SMOKE:-0}" = "1" ]; then
-  CASES=2d32 PARTS="base flags" BATCH=2 BATCH_CASE=2d32 CASES_FLAGS=2d32 OUT="$OUT/probe" bash benchmarks/gpu_probe.sh
+  CASES=2d32 PARTS="base bf16 flags" BATCH=2 BATCH_CASE=2d32 CASES_FLAGS=2d32 OUT="$OUT/probe" bash benchmarks/gpu_probe.sh
   SMOKE=1 PARTS=2d OUT="$OUT/suite" bash benchmarks/gpu_suite.sh
 else
-  CASES=2d256,2d512 PARTS="base flags" BATCH=8 OUT="$OUT/probe" bash benchmarks/gpu_probe.sh
+  CASES=2d256,2d512 PARTS="base bf16 flags" BATCH=8 OUT="$OUT/probe" bash benchmarks/gpu_probe.sh
   PARTS=2d OUT="$OUT/suite" bash benchmarks/gpu_suite.sh
 fi
+PYTHONPATH="$PWD" "${PYTHON:-python3}" -m benchmarks.gpu_probe --summarise "$OUT/probe/probe.jsonl" > "$OUT/summary.jsonl"
 tar czf "$OUT.tgz.tmp" -C "$OUT" . && mv "$OUT.tgz.tmp" "$OUT.tgz"
 echo "== gpu_session: $OUT.tgz"
