@@ -38,10 +38,39 @@ def check_spec(spec: Any) -> list[dict] | dict:
     unknown = sorted(set(spec) - allowed)
     if unknown:
       raise ValueError(f"normalisation spec has unknown keys {unknown}")
+    _check_values(kind, spec)
     return dict(spec)
   if isinstance(spec, Sequence) and not isinstance(spec, str):
     return [check_spec(s) for s in spec]
   raise ValueError(f"a normalisation spec is a dict or a list of dicts, got {type(spec).__name__}")
+
+
+def _number(kind: str, key: str, value: Any) -> float:
+  try:
+    number = float(value)
+  except (TypeError, ValueError):
+    raise ValueError(f"normalisation {kind!r}: {key} must be a number, got {value!r}") from None
+  if not np.isfinite(number):
+    raise ValueError(f"normalisation {kind!r}: {key} must be finite, got {value!r}")
+  return number
+
+
+def _check_values(kind: str, spec: Mapping) -> None:
+  """Refuses values that would give a constant, binarised or blown-up image instead of an error."""
+  values = {k: _number(kind, k, spec[k]) for k in ("mean", "std", "lower", "upper", "factor")
+            if spec.get(k) is not None}
+  if "std" in values and values["std"] <= 0:
+    raise ValueError(f"normalisation {kind!r}: std must be positive, got {spec['std']!r}")
+  if kind == "percentile":
+    lower, upper = values.get("lower", 0.5), values.get("upper", 99.5)
+    if not 0 <= lower < upper <= 100:
+      raise ValueError(f"normalisation 'percentile' needs 0 <= lower < upper <= 100, got lower={lower}, "
+                       f"upper={upper}")
+  elif kind == "ct" and not values["lower"] < values["upper"]:
+    raise ValueError(f"normalisation 'ct' needs lower < upper, got lower={values['lower']}, "
+                     f"upper={values['upper']}")
+  if kind == "scale" and values["factor"] == 0:
+    raise ValueError("normalisation 'scale': factor 0 would make every image 0")
 
 
 def _one(channel: np.ndarray, spec: Mapping) -> np.ndarray:
@@ -67,18 +96,40 @@ def _one(channel: np.ndarray, spec: Mapping) -> np.ndarray:
   return np.clip((x - lo) / max(float(hi - lo), _EPS), 0.0, 1.0)
 
 
-def normalize(image: np.ndarray, spec: Any) -> np.ndarray:
+def normalize(image: np.ndarray, spec: Any, *, spatial_dims: int | None = None) -> np.ndarray:
   """Normalises a channels-last image ``[*spatial, C]`` per ``spec``; returns a new float32 array.
 
+  Each channel is normalised over the whole image, so the last axis must be the channel axis. An
+  image without one (``[H, W]`` or ``[D, H, W]``) needs ``spatial_dims`` to say so: a 3D volume
+  ``[D, H, W]`` would otherwise be read as a 2D image of ``W`` channels, which cannot be detected.
+
   Args:
-    image: ``[*spatial, C]``; not modified.
+    image: ``[*spatial, C]``, or ``[*spatial]`` with ``spatial_dims`` given; not modified.
     spec: a spec dict, a list of ``C`` spec dicts, or ``None`` (no normalisation).
+    spatial_dims: 2 or 3, to check the image's rank and accept one without a channel axis (which is
+      then normalised as one channel, and returned without one).
 
   Returns:
-    ``float32[*spatial, C]``.
+    ``float32`` of the image's shape.
+
+  Raises:
+    ValueError: an unknown or meaningless spec, an image of two axes without ``spatial_dims``, or an
+      image whose rank fits neither ``spatial_dims`` nor ``spatial_dims + 1``.
   """
   spec = check_spec(spec)
   image = np.asarray(image)
+  if spatial_dims is not None:
+    if spatial_dims not in (2, 3):
+      raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}")
+    if image.ndim == spatial_dims:
+      return normalize(image[..., None], spec)[..., 0]
+    if image.ndim != spatial_dims + 1:
+      raise ValueError(f"a {spatial_dims}D image has {spatial_dims} axes, or {spatial_dims + 1} with "
+                       f"channels last; got shape {image.shape}")
+  elif image.ndim < 3:
+    raise ValueError(f"normalize reads the last axis as channels, and an image of shape {image.shape} "
+                     "has no spatial axes besides it; add a channel axis (image[..., None]) or pass "
+                     "spatial_dims=2")
   if isinstance(spec, list):
     if len(spec) != image.shape[-1]:
       raise ValueError(f"normalisation lists {len(spec)} channels but the image has {image.shape[-1]}")

@@ -10,9 +10,12 @@ which are the false positives of the others), and marks it with the true class:
   thickened by ``radius`` but never leaving the region; in 3D it is drawn on the slice (of axis 0)
   where the region is largest;
 * ``"box"``: the region's bounding box as a :class:`scribblejax.marks.Box` (core of the class, ring
-  of background; class 0 regions get no ring).
+  of background; class 0 regions get no ring), less every pixel whose true class is not the one the
+  box marks it with (a box's ring can cross the rest of the object, or another class; its core can
+  reach past a region that is not convex).
 
-Marks never lie outside the error region they correct, so they always carry the true class.
+Points and scribbles never lie outside the error region they correct, and boxes are clipped to the
+ground truth, so every mark carries the true class.
 
 Like a person, the simulated user ignores disagreements only ``ignore_border`` pixels wide along a
 boundary: each error mask is eroded by that many pixels before its largest region is chosen (0 marks
@@ -120,5 +123,5 @@ def simulate_marks(pred: np.ndarray, truth: np.ndarray, num_classes: int, *, kin
       coords = np.argwhere(region)
       box = Box(tuple(coords.min(0)), tuple(coords.max(0)), c, background=0 if c != 0 else None)
       encoded = encode_marks(pred.shape, [box])
-      out = np.where(encoded >= 0, encoded, out)
+      out = np.where((encoded >= 0) & (encoded == truth), encoded, out)
   return out

@@ -37,14 +37,25 @@ def test_simulated_user_marks_errors_with_true_class_2d(kind):
   marks = simulate_marks(pred, truth, 3, kind=kind)
   marked = marks >= 0
   assert marked.any()
+  assert np.all(marks[marked] == truth[marked])         # every kind of mark carries the true class
   if kind != "box":
-    # marks carry the true class and lie only on errors
-    assert np.all(marks[marked] == truth[marked])
-    assert np.all(pred[marked] != truth[marked])
+    assert np.all(pred[marked] != truth[marked])        # points and scribbles lie only on errors
   assert (marks == 1).any() and (marks == 0).any()     # both error classes marked in one interaction
   assert not (marks == 2).any()                         # class 2 is right: nothing marked
   again = simulate_marks(pred, truth, 3, kind=kind)
   np.testing.assert_array_equal(marks, again)           # deterministic
+
+
+def test_simulated_box_is_clipped_to_the_truth_where_its_ring_crosses_the_object():
+  truth = np.zeros((16, 16), np.int32)
+  truth[2:14, 4:12] = 1
+  pred = truth.copy()
+  pred[8:14] = 0                                          # the object's lower half is missed
+  marks = simulate_marks(pred, truth, 2, kind="box", ignore_border=0)
+  ring_on_object = (truth == 1) & (pred == 1) & (np.arange(16)[:, None] >= 6)
+  assert (marks[ring_on_object] == -1).all()              # the ring above the box would say "background" there
+  assert (marks == 1).any() and (marks == 0).any()        # the core and the rest of the ring remain
+  assert np.all(marks[marks >= 0] == truth[marks >= 0])
 
 
 def test_simulated_user_3d_and_perfect_prediction():

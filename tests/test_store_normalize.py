@@ -62,3 +62,33 @@ def test_normalize_kinds():
     sj.normalize(image, {"kind": "magic"})
   with pytest.raises(ValueError, match="2 channels"):
     sj.normalize(image[..., :1], [{"kind": "none"}, {"kind": "none"}])
+
+
+def test_normalize_needs_a_channel_axis_or_spatial_dims():
+  image = np.arange(256, dtype=np.float32).reshape(16, 16)
+  with pytest.raises(ValueError, match="spatial_dims=2"):
+    sj.normalize(image, {"kind": "minmax"})               # was: each column scaled on its own
+  flat = sj.normalize(image, {"kind": "minmax"}, spatial_dims=2)
+  assert flat.shape == (16, 16)
+  np.testing.assert_allclose(flat.ravel(), np.arange(256) / 255, atol=1e-6)   # one range for the image
+  np.testing.assert_array_equal(sj.normalize(image[..., None], {"kind": "minmax"}, spatial_dims=2)[..., 0], flat)
+  volume = np.arange(512, dtype=np.float32).reshape(8, 8, 8)
+  np.testing.assert_allclose(sj.normalize(volume, {"kind": "minmax"}, spatial_dims=3).ravel(),
+                             np.arange(512) / 511, atol=1e-6)
+  with pytest.raises(ValueError, match="3D image has 3 axes"):
+    sj.normalize(image, {"kind": "minmax"}, spatial_dims=3)
+
+
+@pytest.mark.parametrize("spec, message", [
+    ({"kind": "zscore", "mean": 0, "std": -1}, "std must be positive"),
+    ({"kind": "zscore", "std": 0}, "std must be positive"),
+    ({"kind": "percentile", "lower": 99, "upper": 1}, "lower < upper"),
+    ({"kind": "percentile", "lower": -5, "upper": 50}, "0 <= lower"),
+    ({"kind": "ct", "lower": 100, "upper": 0, "mean": 0, "std": 1}, "lower < upper"),
+    ({"kind": "scale", "factor": 0}, "factor 0"),
+    ({"kind": "scale", "factor": float("nan")}, "finite"),
+    ({"kind": "zscore", "mean": "a"}, "must be a number"),
+])
+def test_normalize_refuses_meaningless_specs(spec, message):
+  with pytest.raises(ValueError, match=message):
+    sj.normalize(np.ones((4, 4, 1), np.float32), spec)
