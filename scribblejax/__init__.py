@@ -20,8 +20,8 @@ from scribblejax.models.layer_order import check_layer_order, layer_order, trace
 from scribblejax.models.store import ModelInfo, builtin_models, load_model, read_info, save_model
 from scribblejax.models.unet import UNet
 from scribblejax.normalize import normalize
-from scribblejax.params import (Split, biases, by_predicate, by_regex, count_params, head, last_layers,
-                                merge_params, norm_affine, split_params, tunable_paths)
+from scribblejax.params import (Split, biases, by_predicate, by_regex, check_tunable, count_params, head,
+                                last_layers, merge_params, norm_affine, split_params, tunable_paths)
 from scribblejax.refine import (RefineConfig, RefineResult, RefineState, Trunk, compute_trunk, forward,
                                 marked_cross_entropy, marks_satisfied, memory_analysis, predict, proximal_norm,
                                 refine, refine_batch, resolve_batch_scheme, resolve_driver)
@@ -57,6 +57,7 @@ __all__ = [
     "by_regex",
     "check_layer_order",
     "compute_trunk",
+    "check_tunable",
     "count_params",
     "current_labels",
     "current_logits",

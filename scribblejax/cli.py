@@ -58,9 +58,10 @@ def main(argv: list[str] | None = None) -> int:
     enable_compilation_cache()
   try:
     return args.func(args)
-  except (ValueError, OSError) as err:
-    print(f"scribblejax {args.command}: error: {err}", file=sys.stderr)
-    return 2
+  except (ValueError, OSError) as err:   # bad input: exit 1, as every command's help says (2: usage errors)
+    print(f"scribblejax {args.command}: error: {' '.join(str(err).split()) or type(err).__name__}",
+          file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

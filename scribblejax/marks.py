@@ -215,6 +215,9 @@ def _check_shape(shape: Any) -> tuple[int, ...]:
   return dims
 
 
+_INT32_MAX = int(np.iinfo(np.int32).max)
+
+
 def _integer_array(value: Any, what: str) -> np.ndarray:
   arr = np.asarray(value)
   if not np.issubdtype(arr.dtype, np.integer):
@@ -230,6 +233,8 @@ def _check_range(arr: np.ndarray, what: str, num_classes: int | None) -> None:
     raise ValueError(f"{what} hold value {lo}; values must be -1 (unmarked) or a class index >= 0")
   if num_classes is not None and hi >= num_classes:
     raise ValueError(f"{what} hold value {hi}, outside [-1, num_classes) with num_classes={num_classes}")
+  if hi > _INT32_MAX:
+    raise ValueError(f"{what} hold value {hi}, too large for a class index (marks are stored as int32)")
 
 
 def _num_classes(num_classes: Any) -> int | None:
@@ -464,7 +469,8 @@ def accumulate(previous: Any, new: Any) -> np.ndarray:
     ``int32`` array: ``new`` where it is marked (``>= 0``), ``previous`` elsewhere.
 
   Raises:
-    ValueError: either is not an integer array, holds values below ``-1``, or the shapes differ.
+    ValueError: either is not an integer array, holds values below ``-1`` or beyond int32, or the
+      shapes differ.
   """
   previous = _integer_array(previous, "previous marks")
   new = _integer_array(new, "new marks")

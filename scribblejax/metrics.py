@@ -11,11 +11,20 @@ def dice_per_class(pred: np.ndarray, truth: np.ndarray, num_classes: int) -> np.
   """Dice of each class, ``float64[num_classes]``; NaN for a class absent from both maps.
 
   Raises:
-    ValueError: the maps have different shapes.
+    ValueError: the maps have different shapes, are not integer label maps, or hold a label outside
+      ``[0, num_classes)`` (which no class's Dice would count).
   """
   pred, truth = np.asarray(pred), np.asarray(truth)
   if pred.shape != truth.shape:
     raise ValueError(f"prediction of shape {pred.shape} and ground truth of shape {truth.shape} differ")
+  if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 1:
+    raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+  for what, arr in (("prediction", pred), ("ground truth", truth)):
+    if not (np.issubdtype(arr.dtype, np.integer) or arr.dtype == bool):
+      raise ValueError(f"the {what} must be an integer label map, got dtype {arr.dtype}")
+    if arr.size and (int(arr.min()) < 0 or int(arr.max()) >= num_classes):
+      raise ValueError(f"the {what} holds labels {int(arr.min())}..{int(arr.max())}, outside "
+                       f"[0, {num_classes}) with num_classes={num_classes}")
   out = np.full(num_classes, np.nan)
   for c in range(num_classes):
     p, t = pred == c, truth == c

@@ -148,8 +148,54 @@ def split_params(model: nnx.Module, select: Any, *, example: Any = None) -> Spli
   return Split(graphdef, copy(tunable), copy(frozen))
 
 
+def check_tunable(split: Split, tree: Any, what: str = "tunable", *, batch: int | None = None) -> Any:
+  """Checks that ``tree`` can stand in for ``split.tunable``; returns it in W's dtypes.
+
+  Args:
+    split: the split whose tunable parameters ``tree`` replaces.
+    tree: a pytree of the same structure as ``split.tunable``, every leaf a floating-point array of
+      its parameter's shape (with a leading ``batch`` axis when ``batch`` is given).
+    what: how error messages name ``tree``.
+    batch: the batch size of per-image parameters, or ``None`` for one set.
+
+  Returns:
+    ``tree`` with each leaf cast to its parameter's dtype (the leaves themselves when they have it).
+
+  Raises:
+    ValueError: another structure, a leaf of another shape (naming the parameter), or a leaf that is
+      not floating-point.
+  """
+  if jax.tree.structure(tree) != jax.tree.structure(split.tunable):
+    batched = ", with a leading batch axis" if batch is not None else ""
+    raise ValueError(f"{what} must have the same structure as split.tunable{batched}")
+  paths = jax.tree_util.tree_flatten_with_path(split.tunable)[0]
+  lead = () if batch is None else (batch,)
+  out = []
+  for (path, w), x in zip(paths, jax.tree.leaves(tree)):
+    name = jax.tree_util.keystr(path)
+    shape, want = tuple(np.shape(x)), (*lead, *np.shape(w))
+    if shape != want:
+      hint = ""
+      if batch is None and len(shape) == len(want) + 1 and shape[1:] == want:
+        hint = ("; it looks batched (a refine_batch result): take one image's, "
+                "jax.tree.map(lambda x: x[i], result.tunable)")
+      raise ValueError(f"{what} parameter {name} has shape {shape}, expected {want}{hint}")
+    dtype = np.dtype(x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype)
+    if not np.issubdtype(dtype, np.floating) and dtype.name != "bfloat16":
+      raise ValueError(f"{what} parameter {name} has dtype {dtype}; parameters are floating-point")
+    out.append(x if dtype == w.dtype else jax.numpy.asarray(x, w.dtype))
+  return jax.tree.unflatten(jax.tree.structure(tree), out)
+
+
 def merge_params(split: Split, tunable: Any = None) -> nnx.Module:
-  """Rebuilds the model from a split, optionally with refined tunable parameters."""
+  """Rebuilds the model from a split, optionally with refined tunable parameters.
+
+  Raises:
+    ValueError: ``tunable`` does not fit the split (see :func:`check_tunable`), e.g. the batched
+      parameters of a :func:`scribblejax.refine_batch` result.
+  """
+  if tunable is not None:
+    tunable = check_tunable(split, tunable)
   return nnx.merge(split.graphdef, split.tunable if tunable is None else tunable, split.frozen)
 
 

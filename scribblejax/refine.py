@@ -41,6 +41,7 @@ from flax import nnx
 
 from scribblejax import kernels
 from scribblejax import marks as marks_lib
+from scribblejax import params as params_lib
 from scribblejax import trunk as trunk_lib
 from scribblejax.params import Split
 
@@ -649,12 +650,18 @@ def _driver(config: RefineConfig) -> str:
 # ---------------------------------------------------------------------------------------------
 
 def _check_image(image: Any) -> np.ndarray:
+  """The image as float32 (not necessarily a copy), refused if not real numbers or not finite in float32."""
   arr = np.asarray(image)
   if not np.issubdtype(arr.dtype, np.number) or np.issubdtype(arr.dtype, np.complexfloating):
     raise ValueError(f"image must be a real numeric array, got dtype {arr.dtype}")
   if not np.all(np.isfinite(arr)):
     raise ValueError(f"image contains {int(np.size(arr) - np.isfinite(arr).sum())} NaN or Inf values")
-  return arr
+  with np.errstate(over="ignore"):
+    as_f32 = np.asarray(arr, np.float32)
+  if as_f32 is not arr and not np.all(np.isfinite(as_f32)):
+    raise ValueError(f"image holds {int(np.size(as_f32) - np.isfinite(as_f32).sum())} values beyond float32's "
+                     f"range (largest magnitude {float(np.abs(arr).max()):.3g}); rescale it first")
+  return as_f32
 
 
 @functools.lru_cache(maxsize=256)
@@ -700,9 +707,14 @@ def _prepare_host(split: Split, image: Any, marks: Any, batched: bool) -> tuple[
   arr = _check_image(image)
   mk = np.asarray(marks)
   lead = 1 if batched else 0
+  spatial_dims = split_spatial_dims(split)
+  if batched and spatial_dims is not None and mk.ndim == spatial_dims:
+    raise ValueError(f"a batch needs a leading batch axis, but marks of shape {mk.shape} are one "
+                     f"{spatial_dims}D map; add one (marks[None], image[None]) or refine one image with refine")
   if batched and (arr.ndim < 1 or mk.ndim < 1 or arr.shape[0] != mk.shape[0]):
     raise ValueError(f"images and marks must share a leading batch axis, got shapes {arr.shape} and {mk.shape}")
-  spatial_dims = split_spatial_dims(split)
+  if batched and mk.shape[0] == 0:
+    raise ValueError(f"a batch needs at least one image, got images of shape {arr.shape}")
   if spatial_dims is not None and mk.ndim - lead != spatial_dims:
     raise ValueError(f"marks of shape {mk.shape} have {mk.ndim - lead} spatial axes but the model is "
                      f"{spatial_dims}D")
@@ -740,7 +752,7 @@ def predict(split: Split, image: Any, tunable: Any = None, *, trunk: Trunk | Non
   trunk's compute settings.
   """
   arr = _one_image(split, image)
-  tunable = split.tunable if tunable is None else tunable
+  tunable = split.tunable if tunable is None else params_lib.check_tunable(split, tunable)
   if trunk is None:
     return _run_predict(graph_key(split.graphdef), kernels.resolve_conv_backend("auto"), tunable, split.frozen,
                         jnp.asarray(arr))
@@ -884,8 +896,8 @@ def refine(split: Split, image: Any, marks: Any, config: RefineConfig = RefineCo
       split, image and config, before anything is compiled.
   """
   arr, mk = _prepare_host(split, image, marks, False)
-  if start is not None and jax.tree.structure(start) != jax.tree.structure(split.tunable):
-    raise ValueError("start must have the same structure as split.tunable")
+  if start is not None:
+    start = params_lib.check_tunable(split, start, "start")
   residuals = None
   if trunk is not None:
     problem = trunk_mismatch(trunk, split, config, arr)
@@ -894,15 +906,6 @@ def refine(split: Split, image: Any, marks: Any, config: RefineConfig = RefineCo
     residuals = trunk.residuals
   return _drive(split, jnp.asarray(arr), jnp.asarray(mk), config, False, split.tunable if start is None else start,
                 progress=progress, residuals=residuals)
-
-
-def _check_batched_start(split: Split, start: Any, batch: int) -> None:
-  if jax.tree.structure(start) != jax.tree.structure(split.tunable):
-    raise ValueError("start must have the same structure as split.tunable, with a leading batch axis")
-  for s, w in zip(jax.tree.leaves(start), jax.tree.leaves(split.tunable)):
-    if tuple(np.shape(s)) != (batch, *np.shape(w)):
-      raise ValueError(f"start leaves must have shape (batch, *parameter shape) = {(batch, *np.shape(w))}, "
-                       f"got {tuple(np.shape(s))}")
 
 
 def refine_batch(split: Split, images: Any, marks: Any, config: RefineConfig = RefineConfig(), *,
@@ -925,7 +928,7 @@ def refine_batch(split: Split, images: Any, marks: Any, config: RefineConfig = R
   """
   images, marks = prepare_inputs(split, images, marks, batched=True)
   if start is not None:
-    _check_batched_start(split, start, images.shape[0])
+    start = params_lib.check_tunable(split, start, "start", batch=images.shape[0])
   if resolve_batch_scheme(config.batch_scheme) == "sequential":
     results = [_drive(split, images[i], marks[i], config, False,
                       split.tunable if start is None else jax.tree.map(lambda x, i=i: x[i], start))

@@ -28,14 +28,14 @@ from scribblejax.refine import RefineConfig, RefineResult, Trunk, compute_trunk,
 
 class Round(NamedTuple):
   """One interaction round."""
-  marks: np.ndarray           # int32[*spatial]: all marks so far (accumulated), -1 unmarked
+  marks: np.ndarray           # int32[*spatial]: all marks so far (accumulated), -1 unmarked; read-only
   result: RefineResult        # the refinement this round produced
 
 
 class Session(NamedTuple):
   """An interaction session; every operation returns a new session."""
   split: Split                # the network, with the original tunable weights W
-  image: Any                  # the image as given
+  image: np.ndarray           # a read-only copy of the image as given
   initial_logits: jax.Array   # f32[*spatial, classes]: the network's own prediction
   rounds: tuple[Round, ...]   # completed rounds, oldest first
   config: RefineConfig
@@ -49,16 +49,23 @@ def start_session(split: Split, image: Any, config: RefineConfig = RefineConfig(
 
   With ``config.cache_trunk`` (the default) the frozen trunk is computed here, once
   (:func:`scribblejax.compute_trunk`), and every round reuses it; the session holds its values in
-  device memory.
+  device memory. The session keeps a read-only copy of ``image``: later changes to the caller's array
+  do not reach it.
   """
+  image = _frozen(np.array(image))
   trunk = compute_trunk(split, image, config) if config.cache_trunk else None
   return Session(split, image, predict(split, image, trunk=trunk), (), config, continue_weights, trunk)
 
 
+def _frozen(array: np.ndarray) -> np.ndarray:
+  array.setflags(write=False)
+  return array
+
+
 def current_marks(session: Session) -> np.ndarray:
-  """All marks so far (``-1`` everywhere before the first round)."""
+  """All marks so far (``-1`` everywhere before the first round), as a new array the caller may edit."""
   if session.rounds:
-    return session.rounds[-1].marks
+    return session.rounds[-1].marks.copy()
   return np.full(session.initial_logits.shape[:-1], marks_lib.UNMARKED, np.int32)
 
 
@@ -85,7 +92,7 @@ def add_marks(session: Session, new_marks: Any, config: RefineConfig | None = No
   Returns:
     A new session with one more round.
   """
-  marks = marks_lib.accumulate(current_marks(session), new_marks)
+  marks = _frozen(marks_lib.accumulate(current_marks(session), new_marks))
   config = session.config if config is None else config
   start = session.rounds[-1].result.tunable if (session.continue_weights and session.rounds) else None
   trunk = session.trunk

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from scribblejax.params import Split
+from scribblejax.params import Split, check_tunable
 
 refine_lib = importlib.import_module("scribblejax.refine")  # the package re-exports the function `refine`
 
@@ -173,7 +173,7 @@ def refine_sharded(split: Split, images: Any, marks: Any, config: Any = None, *,
       images = np.concatenate([images, np.repeat(images[-1:], pad, axis=0)])
       marks = np.concatenate([marks, np.full((pad, *marks.shape[1:]), -1, marks.dtype)])
   if start is not None:
-    refine_lib._check_batched_start(split, start, batch)
+    start = check_tunable(split, start, "start", batch=batch)
     if pad:
       start = jax.tree.map(lambda x: jnp.concatenate([x, jnp.repeat(x[-1:], pad, axis=0)]), start)
     start = jax.device_put(start, rows)

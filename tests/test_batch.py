@@ -78,4 +78,8 @@ def test_bad_batched_start_and_scheme_raise():
     sj.refine_batch(split, images, marks, CFG, start=split.tunable)        # no batch axis
   with pytest.raises(ValueError, match="batch_scheme"):
     sj.RefineConfig(batch_scheme="parallel")
+  with pytest.raises(ValueError, match="a batch needs a leading batch axis"):
+    sj.refine_batch(split, images[0], marks[0], CFG)                      # one image, not a batch
+  with pytest.raises(ValueError, match="at least one image"):
+    sj.refine_batch(split, images[:0], marks[:0], CFG)
   assert sj.refine_batch.__module__ == "scribblejax.refine"

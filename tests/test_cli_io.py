@@ -356,6 +356,11 @@ def files(tmp_path, crop):
   PILImage.fromarray(np.zeros((50, 50), np.uint8)).save(tmp_path / "small.png")
   write_labelme(tmp_path / "tumour.json", [{"label": "tumour", "points": [[3, 3]], "shape_type": "point"}], 96, 96)
   (tmp_path / "garbage.tif").write_bytes(b"not a tiff at all")
+  nan = image.astype(np.float32)
+  nan[7, 7] = np.nan
+  tifffile.imwrite(tmp_path / "nan.tif", nan)
+  (tmp_path / "folder.tif").mkdir()
+  (tmp_path / "height.json").write_text(json.dumps({"shapes": [], "imageHeight": "abc", "imageWidth": 96}))
   return tmp_path
 
 
@@ -372,6 +377,10 @@ BAD_INPUTS = {
     "classes count": (["--classes", "a,b,c"], r"--classes lists 3 names, but the model predicts 2 classes"),
     "jpeg out": (["--out", "{d}/seg.jpg"], r"cannot write the segmentation of a tiff image as \S*seg\.jpg"),
     "bad steps": (["--steps", "-3"], r"max_steps must be a non-negative integer"),
+    "nan image": (["--image", "{d}/nan.tif"], r"nan\.tif contains 1 NaN or Inf values"),
+    "out is a folder": (["--out", "{d}/folder.tif"], r"output \S*folder\.tif is a folder"),
+    "out under a file": (["--out", "{d}/img.tif/seg.tif"], r"cannot write \S*seg\.tif: \S*img\.tif is a file"),
+    "labelme field": (["--marks", "{d}/height.json"], r"height\.json"),
 }
 
 
@@ -390,6 +399,32 @@ def test_bad_input_gives_one_line_and_exit_1(case, files, model_dir, capsys):
   assert err.count("\n") == 1 and err.startswith("scribblejax refine: error: "), err
   assert __import__("re").search(message, err), err
   assert {p.name: _digest(p) for p in files.iterdir() if p.is_file()} == before    # nothing written or changed
+
+
+def test_multichannel_volumes_flags_and_damaged_sessions_are_refused(files, model_dir, crop, capsys):
+  image = crop[0].astype(np.float32)
+  nib.save(nib.Nifti1Image(np.stack([image, image], -1)[:, :, None], np.eye(4)), files / "two.nii.gz")
+  assert main(["predict", "--model", str(model_dir), "--image", f"{files}/two.nii.gz", "--out",
+               f"{files}/s.nii.gz"]) == 1                  # was: the second volume dropped as "alpha"
+  assert "the channels of a nifti image are separate volumes" in capsys.readouterr().err
+  base = ["refine", "--model", str(model_dir), "--image", f"{files}/img.tif", "--marks", f"{files}/marks.png",
+          "--steps", "5", "--quiet"]
+  assert main([*base, "--out", f"{files}/a.tif", "--continue-weights"]) == 1     # was: ignored, but reported
+  assert "--continue-weights needs --session" in capsys.readouterr().err
+  session = files / "session"
+  assert main([*base, "--out", f"{files}/a.tif", "--session", str(session)]) == 0
+  capsys.readouterr()
+  for name, command, message in (("round-001.npz", [*base, "--out", f"{files}/b.tif", "--session", str(session)],
+                                   "cannot read session round"),
+                                  ("initial.npz", ["refine", "--session", str(session), "--undo", "--quiet"],
+                                   r"cannot read \S*initial\.npz")):
+    (session / name).write_bytes((session / name).read_bytes()[:100])             # a truncated file
+    assert main(command) == 1                                                    # was: zipfile.BadZipFile
+    assert __import__("re").search(message, capsys.readouterr().err)
+  doc = json.loads((session / "session.json").read_text())
+  (session / "session.json").write_text(json.dumps({k: v for k, v in doc.items() if k != "image_digest"}))
+  assert main([*base, "--out", f"{files}/b.tif", "--session", str(session)]) == 1
+  assert "is damaged: it lacks ['image_digest']" in capsys.readouterr().err
 
 
 def test_predict_bad_input_and_a_real_exit_status(files, model_dir, capsys):

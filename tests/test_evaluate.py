@@ -119,15 +119,15 @@ def test_cli_single_case_task_and_files(tiny_model, tmp_path, capsys):
   tifffile.imwrite(tmp_path / "lab.tif", lab.astype(np.uint8))
   args = ["evaluate", "--image", str(tmp_path / "img.tif"), "--label", str(tmp_path / "lab.tif"), "--model",
           str(folder), "--interactions", "1", "--steps", "3", "--layers", "1", "--out", str(tmp_path / "u")]
-  assert main(args) == 2
+  assert main(args) == 1
   assert "--add-classes" in capsys.readouterr().err
   assert main(args + ["--add-classes", "1"]) == 0
   assert json.loads((tmp_path / "u" / "results.json").read_text())["num_classes"] == 3
   tifffile.imwrite(tmp_path / "small.tif", lab[:16].astype(np.uint8))
-  assert main(args[:4] + [str(tmp_path / "small.tif")] + args[5:]) == 2
+  assert main(args[:4] + [str(tmp_path / "small.tif")] + args[5:]) == 1
   assert "shape" in capsys.readouterr().err
   assert main(["evaluate", "--image", str(tmp_path / "nope.tif"), "--label", str(tmp_path / "lab.tif"),
-               "--model", str(folder), "--out", str(tmp_path / "v")]) == 2
+               "--model", str(folder), "--out", str(tmp_path / "v")]) == 1
   err = capsys.readouterr().err.strip()
   assert "does not exist" in err and len(err.splitlines()) == 1
   del Geometry, write_label_map

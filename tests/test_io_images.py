@@ -269,3 +269,22 @@ def test_image_digest_follows_values_not_names(tmp_path, dsb):
   tifffile.imwrite(tmp_path / "c.tif", image + 1)
   a, b, c = (image_digest(read_image(tmp_path / n)) for n in ("a.tif", "b.tif", "c.tif"))
   assert a == b != c
+
+
+def test_complex_images_nhdr_outputs_and_dicom_without_rows_are_refused(tmp_path, dicom_series):
+  tifffile.imwrite(tmp_path / "c.tif", (np.ones((8, 8)) + 1j).astype(np.complex64))
+  with pytest.raises(ValueError, match=r"c\.tif holds complex64 values"):
+    read_image(tmp_path / "c.tif")                          # was: the imaginary part dropped silently
+  _nifti(tmp_path / "c.nii.gz", (np.ones((8, 8, 1)) + 1j).astype(np.complex64))
+  with pytest.raises(ValueError, match="complex64"):
+    read_image(tmp_path / "c.nii.gz")
+  geometry = read_image(sorted(dicom_series[0].glob("*.dcm"))[0]).geometry
+  with pytest.raises(ValueError, match=r"\.nhdr header keeps its data in a second file"):
+    output_format(tmp_path / "seg.nhdr", geometry)          # was: data in a hidden temporary file
+  import pydicom
+  path = sorted(dicom_series[0].glob("*.dcm"))[0]
+  ds = pydicom.dcmread(path)
+  del ds.Rows
+  ds.save_as(tmp_path / "norows.dcm")
+  with pytest.raises(ValueError, match=r"norows\.dcm: it has pixel data but no Rows"):
+    read_image(tmp_path / "norows.dcm")                     # was: AttributeError

@@ -279,6 +279,9 @@ def test_accumulate_errors():
     accumulate(np.zeros((2, 3), int), np.zeros((3, 2), int))
   with pytest.raises(ValueError, match=r"new marks must be an integer array"):
     accumulate(np.zeros((2, 3), int), np.zeros((2, 3)))
+  for too_big in (2 ** 32 + 1, 2 ** 32 - 1):                   # were wrapped to 1 and to -1 (unmarked)
+    with pytest.raises(ValueError, match=f"new marks hold value {too_big}, too large"):
+      accumulate(np.full((2, 3), -1, np.int64), np.full((2, 3), too_big, np.int64))
 
 
 def test_validate_mark_map():

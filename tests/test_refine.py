@@ -367,6 +367,27 @@ def test_bad_marks_and_images_raise_before_compiling():
   assert refine_lib._run_chunk._cache_size() == size
 
 
+def test_values_beyond_float32_and_weights_that_do_not_fit_are_refused():
+  split = sj.split_params(_model(2), sj.last_layers(3))
+  image = _image((16, 16)).astype(np.float64)
+  image[0, 0] = 1e39                                            # finite in float64, inf in float32
+  with pytest.raises(ValueError, match="beyond float32's range"):
+    sj.predict(split, image)                                    # was: all-NaN logits
+  with pytest.raises(ValueError, match="beyond float32's range"):
+    sj.refine(split, image, _marks_2d(), CFG)
+  image = _image((16, 16))
+  batched = jax.tree.map(lambda x: jnp.stack([x, x]), split.tunable)
+  with pytest.raises(ValueError, match=r"has shape \(2, .*it looks batched"):
+    sj.predict(split, image, batched)
+  with pytest.raises(ValueError, match="it looks batched"):
+    sj.merge_params(split, batched)                             # was: a model that failed when called
+  with pytest.raises(ValueError, match="start parameter .* has dtype int32"):
+    sj.refine(split, image, _marks_2d(), CFG, start=jax.tree.map(lambda x: x.astype(jnp.int32), split.tunable))
+  as_f64 = jax.tree.map(lambda x: np.asarray(x, np.float64), split.tunable)
+  np.testing.assert_allclose(np.asarray(sj.refine(split, image, _marks_2d(), CFG, start=as_f64).logits),
+                             np.asarray(sj.refine(split, image, _marks_2d(), CFG).logits), rtol=1e-6, atol=1e-6)
+
+
 def test_bad_config_raises():
   with pytest.raises(ValueError, match="max_steps"):
     sj.RefineConfig(max_steps=-1)

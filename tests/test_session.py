@@ -1,5 +1,7 @@
 """Interaction sessions: rounds accumulate marks, undo, reset vs continue."""
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -71,3 +73,22 @@ def test_session_does_not_change_the_network():
   session = sj.add_marks(sj.start_session(split, image, CFG), _round((16, 16), ((3, 3), 1)))
   for a, b in zip(jax.tree.leaves(session.split.tunable), jax.tree.leaves(tunable)):
     np.testing.assert_array_equal(np.asarray(a), b)
+
+
+@pytest.mark.parametrize("cache_trunk", [True, False])
+def test_session_history_is_not_changed_through_the_callers_arrays(cache_trunk):
+  split, image = _setup()
+  config = dataclasses.replace(CFG, cache_trunk=cache_trunk)
+  session = sj.start_session(split, image, config)
+  initial = np.asarray(session.initial_logits).copy()
+  image += 5.0                          # the caller edits their own array after starting the session
+  session = sj.add_marks(session, _round((16, 16), ((3, 3), 1)))
+  expected = sj.refine(split, image - 5.0, session.rounds[-1].marks, config)
+  np.testing.assert_allclose(np.asarray(session.rounds[-1].result.logits), np.asarray(expected.logits),
+                             rtol=1e-5, atol=1e-5)       # refined the image as it was given, not as edited
+  np.testing.assert_array_equal(np.asarray(session.initial_logits), initial)
+  marks = sj.current_marks(session)
+  marks[0, 0] = 2                       # editing what current_marks returned ...
+  assert sj.current_marks(session)[0, 0] == -1 and session.rounds[-1].marks[0, 0] == -1   # ... changes no round
+  with pytest.raises(ValueError, match="read-only"):
+    session.rounds[-1].marks[0, 0] = 2

@@ -24,6 +24,14 @@ def test_dice_and_noc():
   assert metrics.noc([0.5, 0.8], 0.9, cap=20) == 20
   with pytest.raises(ValueError, match="differ"):
     metrics.dice_per_class(pred, truth[:5], 2)
+  three = truth.copy()
+  three[0, 0] = 3
+  with pytest.raises(ValueError, match=r"ground truth holds labels 0..3, outside \[0, 2\)"):
+    metrics.mean_foreground_dice(pred, three, 2)         # was 1.0: the class-3 pixel was not counted
+  with pytest.raises(ValueError, match="prediction must be an integer label map"):
+    metrics.dice_per_class(pred + 0.4, truth, 2)         # was Dice 0 for every class
+  with pytest.raises(ValueError, match="num_classes"):
+    metrics.dice_per_class(pred, truth, 0)
 
 
 @pytest.mark.parametrize("kind", ["scribble", "point", "box"])

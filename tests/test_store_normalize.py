@@ -43,6 +43,54 @@ def test_store_refuses_bad_input(tmp_path):
     sj.load_model(path)
 
 
+def test_overwrite_replaces_only_a_model_folder_and_never_loses_both(tmp_path, monkeypatch):
+  model = sj.UNet(**KWARGS, rngs=nnx.Rngs(0))
+  other = sj.UNet(**KWARGS, rngs=nnx.Rngs(1))
+  save = lambda m, path: sj.save_model(path, m, family="scribblejax.UNet", kwargs=KWARGS, overwrite=True)
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(1, 12, 12, 1)), jnp.float32)
+  work = tmp_path / "work"                                   # a user's folder: a checkpoint and notes
+  work.mkdir()
+  (work / "model.pt").write_bytes(b"checkpoint")
+  (work / "notes.txt").write_text("notes")
+  with pytest.raises(ValueError, match="not a scribblejax-model folder"):
+    save(model, work)
+  assert sorted(p.name for p in work.iterdir()) == ["model.pt", "notes.txt"]      # nothing deleted
+  path = save(model, tmp_path / "m")
+  (path / "notes.txt").write_text("notes")
+  with pytest.raises(ValueError, match=r"also holds \['notes.txt'\]"):
+    save(other, path)
+  (path / "notes.txt").unlink()
+  save(other, path)                                          # a plain model folder is replaced
+  np.testing.assert_array_equal(np.asarray(sj.load_model(path)[0](x)), np.asarray(other(x)))
+
+  def interrupted(src, dst, _replace=__import__("os").replace):
+    if str(src).startswith(str(tmp_path / ".m.")) and not str(src).startswith(str(tmp_path / ".m.old")):
+      raise KeyboardInterrupt                                # Ctrl-C as the new folder moves in
+    return _replace(src, dst)
+  monkeypatch.setattr("os.replace", interrupted)
+  with pytest.raises(KeyboardInterrupt):
+    save(model, path)
+  monkeypatch.undo()
+  np.testing.assert_array_equal(np.asarray(sj.load_model(path)[0](x)), np.asarray(other(x)))  # old one intact
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["m", "work"]                # no temporary left
+
+
+def test_load_refuses_weights_that_do_not_match_model_json(tmp_path):
+  model = sj.UNet(**KWARGS, rngs=nnx.Rngs(0))
+  path = sj.save_model(tmp_path / "m", model, family="scribblejax.UNet", kwargs=KWARGS)
+  config = json.loads((path / "model.json").read_text())
+  (path / "model.json").write_text(json.dumps({**config, "kwargs": {**KWARGS, "num_classes": 4}}))
+  with pytest.raises(ValueError, match=r"do not match model.json: parameter .* has shape \(3,\), .* has \(4,\)"):
+    sj.load_model(path)                                      # was: loaded, and reported 4 classes
+  (path / "model.json").write_text(json.dumps({**config, "kwargs": {**KWARGS, "norm": "instance"}}))
+  with pytest.raises(ValueError, match=r"do not match .*: they hold unknown parameters \['.*mean"):
+    sj.load_model(path)                                      # batch-norm statistics an instance norm lacks
+  for broken in ({k: v for k, v in config.items() if k != "family"}, [config]):
+    (path / "model.json").write_text(json.dumps(broken))
+    with pytest.raises(ValueError, match="model.json"):
+      sj.load_model(path)
+
+
 def test_normalize_kinds():
   rng = np.random.default_rng(0)
   image = rng.normal(5.0, 2.0, size=(32, 32, 2)).astype(np.float32)

@@ -94,7 +94,7 @@ def test_train_cli_smoke_run_loads(tmp_path, capsys):
   assert meta["command"].startswith("scribblejax train --task nuclei2d") and "--steps 3" in meta["command"]
   assert set(meta["test_dice"]) == {"background", "nucleus"} and meta["train_seconds"] > 0 and meta["machine"]
   assert model(np.zeros((1, 40, 40, 1), np.float32)).shape == (1, 40, 40, 2)
-  assert main(argv) == 2                                      # exists, no --overwrite
+  assert main(argv) == 1                                      # exists, no --overwrite
   assert "already exists" in capsys.readouterr().err
-  assert main(["train", "--task", "cats", "--out", str(tmp_path / "x")]) == 2
+  assert main(["train", "--task", "cats", "--out", str(tmp_path / "x")]) == 1
   assert "unknown task" in capsys.readouterr().err

@@ -177,10 +177,14 @@ def output_format(path: str | os.PathLike, geometry: Geometry) -> str:
 
   Raises:
     ValueError: the suffix is not one the input's family may be written as (e.g. JPEG, which is
-      lossy, or a 3-D image as PNG).
+      lossy, or a 3-D image as PNG), or is ``.nhdr`` (read, never written).
   """
   allowed = OUTPUTS[geometry.family]
-  family = _READ_SUFFIXES.get(_suffix(Path(path)))
+  suffix = _suffix(Path(path))
+  if suffix == ".nhdr":
+    raise ValueError(f"cannot write {path}: a .nhdr header keeps its data in a second file, which cannot be "
+                     "written atomically with it; write a .nrrd file (header and data in one)")
+  family = _READ_SUFFIXES.get(suffix)
   if family not in allowed:
     choices = ", ".join(s for f in allowed for s in SUFFIXES[f])
     why = " (JPEG is lossy and would change the labels)" if family == "jpeg" else ""
@@ -370,6 +374,9 @@ def _dicom_files(path: Path) -> list:
     except Exception as err:  # pydicom raises assorted errors on damaged files
       raise ValueError(f"cannot read {f} as DICOM: {err}") from err
     if "PixelData" in ds:
+      missing = [tag for tag in ("Rows", "Columns") if ds.get(tag) is None]
+      if missing:
+        raise ValueError(f"cannot read {f}: it has pixel data but no {' or '.join(missing)} (a damaged DICOM file)")
       datasets.append((f, ds))
   if not datasets:
     raise ValueError(f"cannot read {path}: no DICOM image found")
@@ -622,22 +629,19 @@ def read_image(path: str | os.PathLike, *, labels: bool = False) -> Image:
     An :class:`Image`: ``array`` ``[*spatial, C]`` in the axis order of the module docstring's table.
 
   Raises:
-    ValueError: the path is missing, the format is not supported, or the file cannot be read; the
-      message names the path.
+    ValueError: the path is missing, the format is not supported, the file cannot be read, or it
+      holds values that are not real numbers (complex); the message names the path.
   """
   p = Path(path)
   family = format_of(p)
   if p.is_file() and not os.access(p, os.R_OK):
     raise ValueError(f"cannot read {path}: permission denied")
-  if family == "nifti":
-    return _read_nifti(p)
-  if family == "nrrd":
-    return _read_nrrd(p)
-  if family == "dicom":
-    return _read_dicom(p)
-  if family == "tiff":
-    return _read_tiff(p)
-  return _read_raster(p, family, labels)
+  readers = {"nifti": _read_nifti, "nrrd": _read_nrrd, "dicom": _read_dicom, "tiff": _read_tiff}
+  image = readers[family](p) if family in readers else _read_raster(p, family, labels)
+  dtype = image.array.dtype
+  if not (np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating) or dtype == bool):
+    raise ValueError(f"{path} holds {dtype} values; images must be real numbers (integer or floating point)")
+  return image
 
 
 def label_dtype(labels: np.ndarray) -> np.dtype:

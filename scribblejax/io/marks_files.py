@@ -451,8 +451,17 @@ def read_marks(paths: Sequence[str | os.PathLike], target: Geometry, **options: 
 
   Returns:
     ``int32[*target.shape]``, ``-1`` unmarked.
+
+  Raises:
+    ValueError: a file cannot be read or holds bad marks; the message names the file.
   """
   out = np.full(tuple(target.shape), UNMARKED, np.int32)
   for path in paths:
-    out = marks_lib.accumulate(out, read_marks_file(path, target, **options))
+    try:
+      marks = read_marks_file(path, target, **options)
+    except ValueError as err:
+      if str(path) in str(err) or Path(path).name in str(err):
+        raise
+      raise ValueError(f"marks file {path}: {err}") from err
+    out = marks_lib.accumulate(out, marks)
   return out

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,11 @@ def load_session(directory: str | os.PathLike) -> dict | None:
     raise ValueError(f"cannot read {path}: {err}") from err
   if not isinstance(doc, dict) or doc.get("format") != FORMAT or doc.get("version") != VERSION:
     raise ValueError(f"{path} is not a {FORMAT} v{VERSION} file")
+  missing = [k for k in ("image", "image_digest", "model", "rounds") if k not in doc]
+  rounds = doc.get("rounds")
+  if missing or not isinstance(rounds, list) or not all(isinstance(r, dict) and "file" in r for r in rounds):
+    raise ValueError(f"{path} is damaged: " + (f"it lacks {missing}" if missing else
+                                                "its rounds are not a list of records naming their files"))
   return doc
 
 
@@ -81,7 +87,7 @@ def round_arrays(directory: str | os.PathLike, record: dict) -> dict[str, np.nda
   try:
     with np.load(path) as data:
       return {k: data[k] for k in data.files}
-  except (OSError, ValueError) as err:
+  except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
     raise ValueError(f"cannot read session round {path}: {err}") from err
 
 
@@ -142,5 +148,5 @@ def load_initial(directory: str | os.PathLike) -> np.ndarray | None:
   try:
     with np.load(path) as data:
       return data["labels"]
-  except (OSError, ValueError, KeyError) as err:
+  except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as err:
     raise ValueError(f"cannot read {path}: {err}") from err

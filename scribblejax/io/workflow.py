@@ -26,7 +26,7 @@ import numpy as np
 from scribblejax import fileio
 
 from scribblejax.io import session_store
-from scribblejax.io.images import Image, _suffix, image_digest, output_format, read_image, write_label_map
+from scribblejax.io.images import RASTER, Image, _suffix, image_digest, output_format, read_image, write_label_map
 from scribblejax.io.marks_files import RECTANGLE_MODES, read_marks
 
 Log = Callable[[str], None]
@@ -81,8 +81,13 @@ class Fitted(NamedTuple):
   notes: tuple[str, ...]          # what was adapted, in words
 
 
-def adapt_channels(array: np.ndarray, want: int | None, what: str) -> tuple[np.ndarray, str | None]:
+def adapt_channels(array: np.ndarray, want: int | None, what: str,
+                   family: str | None = None) -> tuple[np.ndarray, str | None]:
   """Makes ``array`` ``[*spatial, C]`` have ``want`` channels where that is unambiguous.
+
+  Colour conversions (RGB(A) to grey, dropping alpha, grey to RGB) apply only to raster images
+  (``images.RASTER``: PNG, JPEG, TIFF) or images of unknown ``family``. A NIfTI, NRRD or DICOM image's
+  channels are separate volumes or modalities: never converted.
 
   Raises:
     ValueError: the channel counts cannot be reconciled.
@@ -90,6 +95,10 @@ def adapt_channels(array: np.ndarray, want: int | None, what: str) -> tuple[np.n
   have = array.shape[-1]
   if want is None or have == want:
     return array, None
+  if family is not None and family not in RASTER:
+    raise ValueError(f"the model takes {want} channel(s), but {what} has {have}; the channels of a {family} "
+                     "image are separate volumes or modalities, not colours: save the one(s) the model "
+                     "takes as an image of their own")
   x = array.astype(np.float32)
   if want == 1 and have in (3, 4):
     grey = 0.299 * x[..., 0] + 0.587 * x[..., 1] + 0.114 * x[..., 2]
@@ -112,7 +121,10 @@ def fit_image(image: Image, spec: InputSpec, normalization: Any) -> Fitted:
   """
   from scribblejax.normalize import normalize
   notes = []
-  array, note = adapt_channels(image.array, spec.in_channels, image.path)
+  array, note = adapt_channels(image.array, spec.in_channels, image.path, image.family)
+  bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
+  if bad:
+    raise ValueError(f"{image.path} contains {bad} NaN or Inf values; the network needs finite pixels")
   if note:
     notes.append(note)
   spatial = image.array.shape[:-1]
@@ -243,10 +255,10 @@ def _same(a: str | os.PathLike, b: str | os.PathLike) -> bool:
 
 
 def check_outputs(outputs: Sequence[str | os.PathLike | None], inputs: Sequence[str | os.PathLike]) -> None:
-  """Refuses outputs that would overwrite an input (or each other).
+  """Refuses outputs that would overwrite an input (or each other), or could not be written.
 
   Raises:
-    ValueError: naming the output and the input.
+    ValueError: naming the output (and the input, or the folder that is in the way).
   """
   outputs = [o for o in outputs if o is not None]
   for o in outputs:
@@ -258,6 +270,21 @@ def check_outputs(outputs: Sequence[str | os.PathLike | None], inputs: Sequence[
   for n, o in enumerate(outputs):
     if any(_same(o, p) for p in outputs[n + 1:]):
       raise ValueError(f"two outputs would be written to {o}")
+  for o in outputs:
+    _check_writable(Path(o))
+
+
+def _check_writable(path: Path) -> None:
+  """Refuses, before any work, an output that is a folder or whose folder cannot be made or written."""
+  if path.is_dir():
+    raise ValueError(f"output {path} is a folder; name a file")
+  parent = path.parent
+  while not parent.exists() and parent != parent.parent:
+    parent = parent.parent
+  if not parent.is_dir():
+    raise ValueError(f"cannot write {path}: {parent} is a file, not a folder")
+  if not os.access(parent, os.W_OK | os.X_OK):
+    raise ValueError(f"cannot write {path}: no permission to write in {parent}")
 
 
 def write_json(path: str | os.PathLike, data: dict) -> None:
@@ -375,6 +402,8 @@ def run_predict(model: str, image: str, out: str, *, overlay: bool = True, log: 
   output_format(out, img.geometry)
   network = _load(model, log)
   fitted = fit_image(img, network.spec, info.normalization)
+  for note in fitted.notes:
+    log(f"note: {note}")
   split, _ = _split(network, fitted, 1)
   log(f"predicting on {fitted.image.shape[:-1]} ({_device()['device']})")
   with compile_timer() as compiled:
@@ -421,6 +450,8 @@ def run_refine(*, model: str | None, image: str | None, marks: Sequence[str], ou
   doc = session_store.load_session(session) if session else None
   if undo and not session:
     raise ValueError("--undo needs --session (the folder of the rounds to undo)")
+  if settings.continue_weights and not session:
+    raise ValueError("--continue-weights needs --session (it starts a round from the previous round's weights)")
   if undo and (doc is None or not doc["rounds"]):
     raise ValueError(f"nothing to undo: session {session} has no rounds")
   if not marks and not undo:
@@ -497,6 +528,8 @@ def _refine_round(model, model_ref, img, digest, marks_files, new, out, session,
   network = _load(model, log)
   num_classes = network.spec.num_classes
   fitted = fit_image(img, network.spec, info.normalization)
+  for note in fitted.notes:
+    log(f"note: {note}")
   layers, config, grow = settings.resolve(info.metadata)
   split, layers = _split(network, fitted, layers)
   if num_classes is None:

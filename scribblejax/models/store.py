@@ -111,10 +111,14 @@ def save_model(directory: str | os.PathLike, model: nnx.Module, *, family: str, 
     normalization: a spec for :func:`scribblejax.normalize.normalize` (``None``: no normalisation).
     class_names: one name per output class.
     metadata: anything JSON-serialisable (training command, scores, provenance).
-    overwrite: replace an existing folder.
+    overwrite: replace an existing model folder (one holding only ``model.json`` and ``state``).
 
   Returns:
     The folder's path.
+
+  Raises:
+    ValueError: the folder exists (without ``overwrite``), or exists and is not a model folder or holds
+      other files (with it), or the model does not match ``family`` and ``kwargs``.
   """
   import orbax.checkpoint as ocp
   from scribblejax.normalize import check_spec
@@ -122,6 +126,8 @@ def save_model(directory: str | os.PathLike, model: nnx.Module, *, family: str, 
   directory = Path(directory).resolve()
   if directory.exists() and not overwrite:
     raise ValueError(f"{directory} already exists (pass overwrite=True to replace it)")
+  if directory.exists():
+    _check_replaceable(directory)
   reference = _abstract_model(family, kwargs)
   want = jax.tree.map(lambda x: tuple(x.shape), nnx.to_pure_dict(nnx.state(reference)))
   state = _to_plain(nnx.state(model))
@@ -136,13 +142,50 @@ def save_model(directory: str | os.PathLike, model: nnx.Module, *, family: str, 
     (tmp / "model.json").write_text(text)
     with ocp.StandardCheckpointer() as checkpointer:
       checkpointer.save(tmp / "state", state)
-    if directory.exists():
-      shutil.rmtree(directory)
-    os.replace(tmp, directory)
+    _replace_dir(tmp, directory)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
   return directory
+
+
+_MODEL_ENTRIES = {"model.json", "state"}
+
+
+def _check_replaceable(directory: Path) -> None:
+  """Refuses to replace anything but a model folder that holds nothing else (``overwrite=True`` must not
+  delete a checkpoint being converted, or a user's other files)."""
+  if not directory.is_dir():
+    raise ValueError(f"{directory} exists and is not a folder; refusing to replace it with a model")
+  entries = {p.name for p in directory.iterdir()}
+  try:
+    is_model = json.loads((directory / "model.json").read_text()).get("format") == FORMAT
+  except (OSError, ValueError, AttributeError):
+    is_model = False
+  if not is_model:
+    raise ValueError(f"{directory} exists and is not a {FORMAT} folder (no model.json of that format); "
+                     "refusing to replace it: choose another output folder")
+  others = sorted(entries - _MODEL_ENTRIES)
+  if others:
+    raise ValueError(f"{directory} is a model folder but also holds {others[:5]}; refusing to replace it and "
+                     "delete them: move them out or choose another output folder")
+
+
+def _replace_dir(new: Path, directory: Path) -> None:
+  """Moves ``new`` to ``directory``: the old folder is renamed aside first and deleted only once the new
+  one is in place, so an interruption leaves one of the two whole."""
+  if not directory.exists():
+    os.replace(new, directory)
+    return
+  old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old.", dir=directory.parent))
+  os.rmdir(old)
+  os.replace(directory, old)
+  try:
+    os.replace(new, directory)
+  except BaseException:
+    os.replace(old, directory)
+    raise
+  shutil.rmtree(old, ignore_errors=True)
 
 
 def resolve_model_path(name_or_path: str | os.PathLike) -> Path:
@@ -163,11 +206,38 @@ def read_info(name_or_path: str | os.PathLike) -> ModelInfo:
     config = json.loads((path / "model.json").read_text())
   except (OSError, json.JSONDecodeError) as err:
     raise ValueError(f"cannot read {path / 'model.json'}: {err}") from err
-  if config.get("format") != FORMAT or config.get("version") != VERSION:
+  if not isinstance(config, dict) or config.get("format") != FORMAT or config.get("version") != VERSION:
     raise ValueError(f"{path / 'model.json'} is not a {FORMAT} v{VERSION} file")
+  if not isinstance(config.get("family"), str) or not isinstance(config.get("kwargs"), dict):
+    raise ValueError(f"{path / 'model.json'} needs a \"family\" (a string) and \"kwargs\" (an object)")
   names = config.get("class_names")
   return ModelInfo(config["family"], config["kwargs"], config.get("normalization"),
                    tuple(names) if names else None, config.get("metadata", {}), str(path))
+
+
+def _dotted(tree: Any) -> dict[str, tuple[int, ...]]:
+  """``{"decoder.0.conv.kernel": shape}`` of a nested dict of arrays (or of array metadata)."""
+  def name(path):
+    return ".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+  return {name(path): tuple(leaf.shape) for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+class _Mismatch(ValueError):
+  """Stored weights that do not fit ``model.json``'s architecture."""
+
+
+def _check_stored(info: ModelInfo, want: dict[str, tuple[int, ...]], have: dict[str, tuple[int, ...]]) -> None:
+  """Refuses stored weights whose names or shapes are not those of ``model.json``'s architecture."""
+  built = f"{info.family} built with {info.kwargs} (model.json)"
+  extra, missing = sorted(set(have) - set(want)), sorted(set(want) - set(have))
+  if extra or missing:
+    parts = ([f"unknown parameters {extra[:5]}{' ...' if len(extra) > 5 else ''}"] if extra else []) + \
+            ([f"no {missing[:5]}{' ...' if len(missing) > 5 else ''}"] if missing else [])
+    raise _Mismatch(f"the weights in {info.path} do not match {built}: they hold {' and '.join(parts)}")
+  for name in sorted(want):
+    if have[name] != want[name]:
+      raise _Mismatch(f"the weights in {info.path} do not match model.json: parameter {name} has shape "
+                       f"{have[name]}, but {built} has {want[name]}")
 
 
 def load_model(name_or_path: str | os.PathLike) -> tuple[nnx.Module, ModelInfo]:
@@ -184,11 +254,17 @@ def load_model(name_or_path: str | os.PathLike) -> tuple[nnx.Module, ModelInfo]:
   info = read_info(name_or_path)
   model = _abstract_model(info.family, info.kwargs)
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nnx.to_pure_dict(nnx.state(model)))
+  want = _dotted(abstract)
   try:
     with ocp.StandardCheckpointer() as checkpointer:
+      stored = checkpointer.metadata(Path(info.path).resolve() / "state")
+      _check_stored(info, want, _dotted(getattr(stored, "item_metadata", stored)))
       restored = checkpointer.restore(Path(info.path).resolve() / "state", abstract)
+  except _Mismatch:
+    raise
   except Exception as err:
     raise ValueError(f"cannot restore the weights in {info.path}: {err}") from err
+  _check_stored(info, want, _dotted(restored))
   state = nnx.state(model)
   nnx.replace_by_pure_dict(state, jax.tree.map(np.asarray, restored))
   nnx.update(model, state)
