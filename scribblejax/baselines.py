@@ -232,6 +232,11 @@ def _final_layer(model: nnx.Module, example: Any) -> tuple[nnx.Module, str, nnx.
   return parent, key, layer
 
 
+def _check_finite(value: Any, what: str) -> None:
+  if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) or not np.isfinite(value):
+    raise ValueError(f"{what} must be a finite number, got {value!r}")
+
+
 def add_classes(model: nnx.Module, k: int, *, margin: float = 4.0, example: Any = None) -> nnx.Module:
   """A copy of ``model`` with ``k`` output classes appended to its final convolution.
 
@@ -256,6 +261,7 @@ def add_classes(model: nnx.Module, k: int, *, margin: float = 4.0, example: Any 
   """
   if not isinstance(k, (int, np.integer)) or k < 1:
     raise ValueError(f"the number of classes to add must be a positive integer, got {k!r}")
+  _check_finite(margin, "margin")
   new = nnx.clone(model)
   parent, key, layer = _final_layer(new, example)
   if not isinstance(layer, (nnx.Conv, nnx.Linear)):
@@ -296,6 +302,7 @@ def suppress_class(model: nnx.Module, c: int, *, amount: float, example: Any = N
   a controlled way to produce "the network missed this class entirely", stated as such wherever it
   is used. The refinement's proximal term then anchors to the lowered bias.
   """
+  _check_finite(amount, "amount")
   new = nnx.clone(model)
   _, _, layer = _final_layer(new, example)
   bias = getattr(layer, "bias", None)

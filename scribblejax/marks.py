@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import math
 import operator
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple, Union
 
 import numpy as np
@@ -192,7 +192,11 @@ def _real(value: Any, what: str, lo: float = 0.0, hi: float = math.inf) -> float
 
 def _int_coords(value: Any, what: str, ndim: int, rows: bool) -> np.ndarray:
   """Integer coordinates: shape ``(ndim,)``, or ``(N, ndim)`` with ``N >= 1`` when ``rows``."""
-  arr = np.array(value)                    # a copy: never alias the caller's array
+  try:
+    arr = np.array(value)                  # a copy: never alias the caller's array
+  except ValueError:                       # ragged nested sequences
+    raise ValueError(f"{what} must be {'an N x ' + str(ndim) + ' array' if rows else str(ndim) + ' integers'}, "
+                     f"got the ragged {value!r}") from None
   if arr.dtype == object or (arr.size and not np.issubdtype(arr.dtype, np.integer)):
     raise ValueError(f"{what} must be integers, got {value!r}")
   if rows:
@@ -259,11 +263,19 @@ def _ball_offsets(radius: float, ndim: int) -> np.ndarray:
 def _write_thick(out: np.ndarray, centres: np.ndarray, radius: float, label: int) -> int:
   """Marks every in-image pixel within ``radius`` of any of ``centres`` (``int64[N, ndim]``)."""
   shape = np.array(out.shape)
-  offsets = _ball_offsets(radius, out.ndim)
   # Centres further than `radius` outside the image cannot reach it.
   near = np.all((centres >= -radius) & (centres <= shape - 1 + radius), axis=1)
   centres = np.unique(centres[near], axis=0)
   written = np.zeros(out.shape, bool)
+  if (2 * math.floor(radius) + 1) ** out.ndim > out.size:
+    # A ball larger than the image: test the image's pixels instead of listing the ball's offsets.
+    grid = np.indices(out.shape).reshape(out.ndim, -1).T
+    flat = written.reshape(-1)
+    for centre in centres:
+      flat |= ((grid - centre) ** 2).sum(axis=1) <= radius * radius
+    out[written] = label
+    return int(written.sum())
+  offsets = _ball_offsets(radius, out.ndim)
   step = max(1, _CHUNK // len(offsets))
   for start in range(0, len(centres), step):
     coords = (centres[start:start + step, None, :] + offsets[None]).reshape(-1, out.ndim)
@@ -349,6 +361,8 @@ def _draw_polygon(out: np.ndarray, mark: Polygon, what: str, num_classes: int | 
   if out.ndim == 2:
     if mark.index is not None:
       raise ValueError(f"{what}: index must be None for a 2-D image, got {mark.index!r}")
+    if mark.axis != 0:
+      raise ValueError(f"{what}: axis applies to 3-D images only; leave it at 0 for a 2-D image, got {mark.axis!r}")
     plane = out
   elif out.ndim == 3:
     axis = _index(mark.axis, f"{what}: axis")
@@ -420,6 +434,8 @@ def encode_marks(shape: Sequence[int], marks: Sequence[Mark] | Mark, *,
   num_classes = _num_classes(num_classes)
   if isinstance(marks, _MARK_TYPES):
     marks = [marks]
+  if isinstance(marks, (str, bytes)) or not isinstance(marks, Iterable):
+    raise ValueError(f"marks must be a mark or a sequence of marks, got {type(marks).__name__}")
   out = np.full(shape, UNMARKED, np.int32)
   for i, mark in enumerate(marks):
     draw = _DRAW.get(type(mark))

@@ -52,7 +52,7 @@ class last_layers:  # noqa: N801 (reads as a function at the call site)
 
   def predicate(self, model: nnx.Module, example: Any) -> PathPredicate:
     order = layer_order(model, example)
-    if not isinstance(self.n, int) or self.n < 1:
+    if not isinstance(self.n, (int, np.integer)) or isinstance(self.n, bool) or self.n < 1:
       raise ValueError(f"the number of tunable layers must be a positive integer, got {self.n!r}")
     if self.n > len(order):
       raise ValueError(f"asked for the last {self.n} layers but the model has only {len(order)} layers")
@@ -67,7 +67,10 @@ class by_regex:  # noqa: N801
 
   def predicate(self, model: nnx.Module, example: Any) -> PathPredicate:
     del model, example
-    compiled = re.compile(self.pattern)
+    try:
+      compiled = re.compile(self.pattern)
+    except (re.error, TypeError) as err:
+      raise ValueError(f"by_regex pattern {self.pattern!r} is not a regular expression: {err}") from None
     return lambda path: compiled.fullmatch(path_name(path)) is not None
 
 

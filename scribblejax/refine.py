@@ -50,6 +50,13 @@ BATCH_SCHEMES = ("auto", "vmap", "matmul", "shifted", "sequential")
 COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
+_INT32_MAX = int(np.iinfo(np.int32).max)
+
+
+def _is_int(value: Any) -> bool:
+  return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
 @dataclasses.dataclass(frozen=True)
 class RefineConfig:
   """Settings of one refinement (immutable, hashable).
@@ -117,12 +124,24 @@ class RefineConfig:
   conv_backend: str = "auto"
 
   def __post_init__(self):
-    if not isinstance(self.max_steps, (int, np.integer)) or self.max_steps < 0:
-      raise ValueError(f"max_steps must be a non-negative integer, got {self.max_steps!r}")
+    if not _is_int(self.max_steps) or not 0 <= self.max_steps <= _INT32_MAX:
+      raise ValueError(f"max_steps must be a non-negative integer (at most {_INT32_MAX}), got {self.max_steps!r}")
     for name in ("learning_rate", "momentum", "prox_weight", "keep_weight"):
       value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise ValueError(f"{name} must be a number, got {value!r}")
       if not np.isfinite(value) or value < 0:
         raise ValueError(f"{name} must be finite and >= 0, got {value!r}")
+    for name in ("class_balance", "early_stop", "cache_trunk", "remat"):
+      if not isinstance(getattr(self, name), (bool, np.bool_)):
+        raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+    if self.optimizer is not None and not (callable(getattr(self.optimizer, "init", None))
+                                           and callable(getattr(self.optimizer, "update", None))):
+      raise ValueError(f"optimizer must be an optax GradientTransformation (or None for SGD), got {self.optimizer!r}")
+    for name in ("check_every", "trace_length"):
+      value = getattr(self, name)
+      if not _is_int(value) or not 1 <= value <= _INT32_MAX:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
     if self.driver not in DRIVERS:
       raise ValueError(f"driver must be one of {DRIVERS}, got {self.driver!r}")
     if self.batch_scheme not in BATCH_SCHEMES:
@@ -131,8 +150,6 @@ class RefineConfig:
       raise ValueError(f"conv_backend must be one of {kernels.CONV_BACKENDS}, got {self.conv_backend!r}")
     if self.compute_dtype not in COMPUTE_DTYPES:
       raise ValueError(f"compute_dtype must be one of {COMPUTE_DTYPES}, got {self.compute_dtype!r}")
-    if self.check_every < 1 or self.trace_length < 1:
-      raise ValueError("check_every and trace_length must be >= 1")
     if self.output not in ("logits", "probabilities"):
       raise ValueError(f"output must be 'logits' or 'probabilities', got {self.output!r}")
 
@@ -334,11 +351,22 @@ def forward(graphdef: Any, tunable: Any, frozen: Any, image: jax.Array, compute_
   return model(image[None])[0].astype(jnp.float32)
 
 
+def _check_pairs(logits: jax.Array, marks: jax.Array, what: str) -> None:
+  if tuple(logits.shape[:-1]) != tuple(marks.shape):
+    raise ValueError(f"{what}: logits of shape {tuple(logits.shape)} are not [*marks.shape, classes] for marks of "
+                     f"shape {tuple(marks.shape)}")
+
+
 def marked_cross_entropy(logits: jax.Array, marks: jax.Array, class_balance: bool = False) -> jax.Array:
   """Mean cross-entropy over marked pixels (``marks >= 0``); 0 when nothing is marked.
 
-  With ``class_balance`` every marked class contributes its own mean equally.
+  With ``class_balance`` every marked class contributes its own mean equally. Labels must be below
+  ``logits.shape[-1]`` (:func:`scribblejax.refine` checks that; this traced function cannot).
+
+  Raises:
+    ValueError: ``logits`` is not ``[*marks.shape, classes]``.
   """
+  _check_pairs(logits, marks, "marked_cross_entropy")
   num_classes = logits.shape[-1]
   marked = marks >= 0
   ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(marked, marks, 0))
@@ -353,12 +381,24 @@ def marked_cross_entropy(logits: jax.Array, marks: jax.Array, class_balance: boo
 
 
 def marks_satisfied(logits: jax.Array, marks: jax.Array) -> jax.Array:
-  """True when every marked pixel's argmax equals its label (vacuously true with no marks)."""
+  """True when every marked pixel's argmax equals its label (vacuously true with no marks).
+
+  Raises:
+    ValueError: ``logits`` is not ``[*marks.shape, classes]``.
+  """
+  _check_pairs(logits, marks, "marks_satisfied")
   return jnp.all((marks < 0) | (jnp.argmax(logits, axis=-1) == marks))
 
 
 def proximal_norm(tunable: Any, anchor: Any) -> jax.Array:
-  """``||tunable - anchor||_2`` over all leaves, with a finite (zero) gradient at ``tunable == anchor``."""
+  """``||tunable - anchor||_2`` over all leaves, with a finite (zero) gradient at ``tunable == anchor``.
+
+  Raises:
+    ValueError: the two trees differ in structure or in a leaf's shape.
+  """
+  if jax.tree.structure(tunable) != jax.tree.structure(anchor) or any(
+      np.shape(a) != np.shape(b) for a, b in zip(jax.tree.leaves(tunable), jax.tree.leaves(anchor))):
+    raise ValueError("proximal_norm needs two trees of the same structure and leaf shapes")
   sq = sum(jnp.sum(jnp.square(a - b)) for a, b in zip(jax.tree.leaves(tunable), jax.tree.leaves(anchor)))
   sq = jnp.asarray(sq, jnp.float32)
   positive = sq > 0

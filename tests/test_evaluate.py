@@ -88,6 +88,10 @@ def test_suppress_class_removes_class(tiny_model, case):
   amount = bl.suppression_amount(model, case.image, 1)
   missing = bl.suppress_class(model, 1, amount=amount)
   assert not (np.asarray(predict(split_params(missing, head()), case.image)).argmax(-1) == 1).any()
+  with pytest.raises(ValueError, match="amount must be a finite number"):
+    bl.suppress_class(model, 1, amount=float("nan"))             # was: a model predicting NaN
+  with pytest.raises(ValueError, match="margin must be a finite number"):
+    bl.add_classes(model, 1, margin=float("inf"))
 
 
 def test_make_case_and_metrics_errors():

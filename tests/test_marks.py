@@ -40,6 +40,15 @@ def test_point_radius_marks_euclidean_ball(radius, ndim):
   np.testing.assert_array_equal(m == 1, dist2 <= radius**2)
 
 
+@pytest.mark.parametrize("radius,centre", [(7.5, (2, 3)), (9, (-4, 12)), (1e5, (3, 3))])
+def test_a_ball_larger_than_the_image_marks_the_same_pixels_without_listing_its_offsets(radius, centre):
+  m = encode_marks((6, 10), [Point(centre, label=1, radius=radius)])     # 1e5 asked for 596 GiB before
+  dist2 = ((np.indices((6, 10)) - np.reshape(centre, (2, 1, 1))) ** 2).sum(0)
+  np.testing.assert_array_equal(m == 1, dist2 <= radius ** 2)
+  s = encode_marks((6, 10), [Scribble([(0, 0), (5, 9)], label=1, radius=radius)])
+  assert (s == 1).all()
+
+
 def test_point_partly_outside_is_clipped():
   m = encode_marks((10, 10), [Point((0, 0), label=1, radius=2)])
   # Quarter disk: offsets (dr, dc) >= 0 with dr^2 + dc^2 <= 4.
@@ -241,6 +250,12 @@ def test_encode_validation_errors():
     encode_marks((5, 5), [{"coord": (1, 2), "label": 0}])
   with pytest.raises(ValueError, match=r"shape must be"):
     encode_marks((5, 0), [])
+  with pytest.raises(ValueError, match=r"marks\[0\] Scribble.*points must be an N x 2 array, got the ragged"):
+    encode_marks((5, 5), [Scribble([(1, 2), (3,)], label=0)])
+  with pytest.raises(ValueError, match="marks must be a mark or a sequence of marks, got NoneType"):
+    encode_marks((5, 5), None)
+  with pytest.raises(ValueError, match="axis applies to 3-D images only"):
+    encode_marks((5, 5), [Polygon([(1, 1), (1, 4), (4, 4)], label=0, axis=2)])
 
 
 def test_encode_accepts_single_mark_and_numpy_scalars():

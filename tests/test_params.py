@@ -69,6 +69,9 @@ def test_bad_selections_raise():
     sj.split_params(model, sj.last_layers(0))
   with pytest.raises(ValueError, match="empty tunable set"):
     sj.split_params(model, sj.by_regex(r"no/such/param"))
+  with pytest.raises(ValueError, match=r"pattern 'head/\(' is not a regular expression"):
+    sj.split_params(model, sj.by_regex("head/("))
+  assert sj.tunable_paths(model, sj.last_layers(np.int64(2))) == sj.tunable_paths(model, sj.last_layers(2))
 
 
 class _Plain(nnx.Module):

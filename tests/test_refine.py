@@ -332,6 +332,17 @@ def test_proximal_norm_has_finite_gradient_at_anchor():
   assert all(np.all(np.isfinite(np.asarray(g))) for g in jax.tree.leaves(grad))
   moved = {"a": jnp.ones((3,)) + 3.0, "b": jnp.zeros((2, 2)) + 4.0 / 2.0}
   np.testing.assert_allclose(float(sj.proximal_norm(moved, w)), np.sqrt(3 * 9 + 4 * 4), rtol=1e-6)
+  with pytest.raises(ValueError, match="same structure"):
+    sj.proximal_norm([w["a"], w["b"]], [w["a"]])                 # was: the unmatched leaf dropped
+  with pytest.raises(ValueError, match="same structure and leaf shapes"):
+    sj.proximal_norm({"a": jnp.ones((3,)), "b": jnp.zeros((2, 2))}, {"a": jnp.ones((3,)), "b": jnp.zeros((4,))})
+
+
+def test_loss_and_stop_rule_refuse_logits_of_another_shape():
+  logits, marks = jnp.zeros((4, 4, 2)), jnp.zeros((4,), jnp.int32)
+  for fn in (sj.marks_satisfied, sj.marked_cross_entropy):
+    with pytest.raises(ValueError, match=r"logits of shape \(4, 4, 2\) are not \[\*marks.shape, classes\]"):
+      fn(logits, marks)                                           # was: broadcast, True
 
 
 @pytest.mark.parametrize("image_shape, marks_shape, message", [
@@ -395,6 +406,17 @@ def test_bad_config_raises():
     sj.RefineConfig(learning_rate=float("nan"))
   with pytest.raises(ValueError, match="driver"):
     sj.RefineConfig(driver="gpu")
+  for bad, message in [(dict(check_every=2.5), "check_every must be an integer"),
+                       (dict(trace_length=2.5), "trace_length must be an integer"),
+                       (dict(optimizer="adam"), "optimizer must be an optax GradientTransformation"),
+                       (dict(learning_rate="0.1"), "learning_rate must be a number"),
+                       (dict(learning_rate=None), "learning_rate must be a number"),
+                       (dict(max_steps=2 ** 40), "at most"),
+                       (dict(max_steps=True), "max_steps must be a non-negative integer"),
+                       (dict(early_stop="False"), "early_stop must be True or False")]:
+    with pytest.raises(ValueError, match=message):
+      sj.RefineConfig(**bad)
+  assert sj.RefineConfig(max_steps=np.int64(5), optimizer=optax.adam(1e-3)).max_steps == 5
 
 
 def test_refine_batch_equals_one_by_one():
