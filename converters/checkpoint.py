@@ -152,6 +152,10 @@ class RestrictedUnpickler(pickle.Unpickler):
     try:
       return self._allowed[(module, name)]
     except KeyError:
+      if (module, name) == ("torch._utils", "_rebuild_tensor_v3"):
+        raise CheckpointFormatError(
+            "checkpoint holds tensors of a dtype this reader does not support (torch saves unsigned 16/32/64-bit "
+            "and float8 tensors this way); convert them to float32 before saving") from None
       raise UnsafeCheckpointError(
           f"checkpoint refers to {module}.{name}, which is not on the allow-list of safe types; "
           "refusing to load it (unpickling it could run code)") from None
@@ -246,7 +250,9 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
     with np.load(path, allow_pickle=False) as archive:
       return collections.OrderedDict((k, archive[k]) for k in archive.files)
   except ValueError as e:
-    raise UnsafeCheckpointError(f"{path}: contains pickled objects, refusing to load ({e})") from None
+    if "allow_pickle" in str(e):
+      raise UnsafeCheckpointError(f"{path}: contains pickled objects, refusing to load ({e})") from None
+    raise CheckpointFormatError(f"cannot read checkpoint {path}: {e}") from None
 
 
 def load_checkpoint(path: str | os.PathLike) -> Any:
@@ -280,8 +286,13 @@ def load_checkpoint(path: str | os.PathLike) -> Any:
       return _read_npz(path)
     if magic.startswith(b"PK"):
       return _read_torch_zip(path)
-  except (zipfile.BadZipFile, EOFError, pickle.UnpicklingError, KeyError, TypeError, OSError) as e:
-    raise CheckpointFormatError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
+  except (UnsafeCheckpointError, CheckpointFormatError):
+    raise
+  except (zipfile.BadZipFile, EOFError, pickle.UnpicklingError, KeyError, TypeError, OSError, ValueError,
+          IndexError, AttributeError, OverflowError, MemoryError, RecursionError) as e:
+    # a damaged pickle stream can fail in any of these ways (a corrupted length asks for petabytes)
+    raise CheckpointFormatError(f"cannot read checkpoint {path}: {type(e).__name__}: "
+                                f"{' '.join(str(e).split())[:200]}") from None
   if magic[:1] == b"\x80":
     raise CheckpointFormatError(
         f"{path} uses torch's legacy (pre-1.6) serialization, which this reader does not support; "

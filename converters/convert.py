@@ -14,6 +14,7 @@ The result is written with :func:`scribblejax.models.store.save_model` and loads
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from collections.abc import Mapping
@@ -59,6 +60,25 @@ def _convert_state(arch: str, kwargs: Mapping[str, Any], state: Mapping[str, Any
   return family, model
 
 
+def _plain(value: Any) -> bool:
+  if value is None or isinstance(value, (bool, int, float, str)):
+    return True
+  return isinstance(value, (list, tuple)) and all(_plain(v) for v in value)
+
+
+def resolved_kwargs(arch: str, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+  """``kwargs`` with the constructor's defaults for every argument not given (those that are plain JSON
+  values), so that ``model.json`` states the whole architecture: the input's spatial dimensions and
+  channels included, which the command line reads to adapt images."""
+  family, module = _ARCHS[arch]
+  out = dict(kwargs)
+  for name, param in inspect.signature(module.FAMILY_CLASSES[family].__init__).parameters.items():
+    if name in out or name in ("self", "rngs") or param.default is inspect.Parameter.empty or not _plain(param.default):
+      continue
+    out[name] = list(param.default) if isinstance(param.default, tuple) else param.default
+  return out
+
+
 def _resolve_refs(value, config: Mapping[str, Any]):
   """Resolves MONAI bundle ``"@name"`` references to literal top-level values; refuses expressions."""
   if isinstance(value, str) and value.startswith("@"):
@@ -81,6 +101,8 @@ def _bundle(src: Path) -> tuple[str, dict, Path]:
     config = json.loads(config_path.read_text())
   except (OSError, json.JSONDecodeError) as e:
     raise ConversionError(f"cannot read {config_path}: {e}") from None
+  if not isinstance(config, Mapping):
+    raise ConversionError(f"{config_path} holds a JSON {type(config).__name__}, not an object")
   network = config.get("network_def")
   if not isinstance(network, Mapping) or "_target_" not in network:
     raise ConversionError(f"{config_path} has no network_def with a _target_")
@@ -138,6 +160,7 @@ def convert(src: str | os.PathLike, out_dir: str | os.PathLike, *, arch: str | N
     model_kwargs = {**bundle_kwargs, **(kwargs or {})}
     family, model = _convert_state(bundle_arch, model_kwargs, _state_dict(load_checkpoint(weights), str(weights)),
                                    str(weights))
+    model_kwargs = resolved_kwargs(bundle_arch, model_kwargs)
     metadata.update({"source": "monai-bundle", "arch": bundle_arch})
     normalization = normalize
   elif src.is_file():
@@ -146,6 +169,7 @@ def convert(src: str | os.PathLike, out_dir: str | os.PathLike, *, arch: str | N
                             f"one of {', '.join(SUPPORTED_ARCHS)}")
     model_kwargs = dict(kwargs or {})
     family, model = _convert_state(arch, model_kwargs, _state_dict(load_checkpoint(src), str(src)), str(src))
+    model_kwargs = resolved_kwargs(arch, model_kwargs)
     metadata.update({"source": "checkpoint", "arch": arch})
     normalization = normalize
   else:

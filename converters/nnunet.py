@@ -9,6 +9,12 @@ torch's module names (``encoder/stages/2/convs/1/conv/kernel``).
 
   Dataset004_Hippocampus/nnUNetTrainer__nnUNetPlans__3d_fullres/
     plans.json  dataset.json  fold_0/checkpoint_final.pth
+
+An nnU-Net network reads a volume's axes in SimpleITK's order (the reverse of NIfTI's ``(i, j, k)``),
+permuted by the plans' ``transpose_forward``. The converted model states that order in its metadata
+(``input_axis_order``) and the command line applies it (and its inverse to the segmentation); a
+library user calling ``predict`` or ``refine`` on an array gives it in that order
+(:func:`scribblejax.io.workflow.input_axis_order` says which).
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from converters._common import (
     Activation, ConversionError, Conv, ConvTranspose, StateReader, as_tuple, assign, avg_pool, canonicalize,
     conv_kernel, conv_transpose_kernel, make_norm)
 from converters.checkpoint import load_checkpoint
+from scribblejax.io.workflow import nnunet_axis_order
 
 LayerPath = tuple[Any, ...]
 
@@ -544,15 +551,18 @@ def normalization_spec(plans: Mapping[str, Any], configuration: Mapping[str, Any
   ``ZScoreNormalization`` -> per-image z-score; ``CTNormalization`` -> clip to the foreground
   0.5/99.5 percentiles then z-score with the foreground mean/std; ``NoNormalization`` -> none;
   ``RescaleTo01Normalization`` -> min-max; ``RGBTo0_1Normalization`` -> scale by 1/255.
-  (``use_mask_for_norm`` — z-score over the non-zero region only — is not represented.)
+  ``use_mask_for_norm`` (a z-score over the image's non-zero region only, which nnU-Net uses when
+  cropping to that region shrank the images) -> ``{"kind": "zscore", "mask": "nonzero"}``. nnU-Net
+  also crops each image to that region before the network; the converted model sees the whole image.
   """
   specs = []
   properties = plans.get("foreground_intensity_properties_per_channel", {})
+  masked = configuration.get("use_mask_for_norm") or []
   for c, scheme in enumerate(configuration.get("normalization_schemes", [])):
     if scheme not in _SCHEMES:
       raise ConversionError(f"unsupported nnU-Net normalization scheme {scheme!r}")
     if scheme == "ZScoreNormalization":
-      specs.append({"kind": "zscore"})
+      specs.append({"kind": "zscore", "mask": "nonzero"} if c < len(masked) and masked[c] else {"kind": "zscore"})
     elif scheme == "CTNormalization":
       p = properties.get(str(c)) or properties.get(c)
       if p is None:
@@ -570,17 +580,27 @@ def normalization_spec(plans: Mapping[str, Any], configuration: Mapping[str, Any
 
 def _read_json(path: Path) -> dict:
   try:
-    return json.loads(path.read_text())
+    value = json.loads(path.read_text())
   except (OSError, json.JSONDecodeError) as e:
     raise ConversionError(f"cannot read {path}: {e}") from None
+  if not isinstance(value, dict):
+    raise ConversionError(f"{path} holds a JSON {type(value).__name__}, not an object")
+  return value
 
 
 def _class_names(dataset: Mapping[str, Any]) -> list[str]:
   if "regions_class_order" in dataset:
     raise ConversionError("region-based nnU-Net models (regions_class_order) are not supported yet")
   labels = dataset.get("labels")
-  if not labels:
-    raise ConversionError("dataset.json has no labels")
+  if not labels or not isinstance(labels, Mapping):
+    raise ConversionError(f"dataset.json needs \"labels\", an object mapping names to values, got {labels!r}")
+  if "ignore" in labels:
+    # nnU-Net's sparse-annotation label: the highest value, never predicted (no output channel).
+    ignore = labels["ignore"]
+    others = [v for k, v in labels.items() if k != "ignore"]
+    if not isinstance(ignore, int) or any(not isinstance(v, int) or v >= ignore for v in others):
+      raise ConversionError(f"dataset.json's 'ignore' label must be the highest integer label, got {ignore!r}")
+    labels = {k: v for k, v in labels.items() if k != "ignore"}
   by_value = {}
   for name, value in labels.items():
     if not isinstance(value, int):
@@ -640,12 +660,20 @@ def load_trained_model_folder(folder, *, fold: str | int | None = None, rngs: nn
     if len(parts) != 3:
       raise ConversionError(f"cannot tell the configuration of {folder} (expected Trainer__Plans__Configuration)")
     config_name = parts[2]
+  if not isinstance(plans, Mapping) or not isinstance(dataset, Mapping):
+    raise ConversionError(f"{folder}: plans and dataset.json must be JSON objects")
   configuration = resolve_configuration(plans, config_name)
   channels = dataset.get("channel_names") or dataset.get("modality")
-  if not channels:
-    raise ConversionError("dataset.json has no channel_names")
+  if not channels or not isinstance(channels, Mapping):
+    raise ConversionError("dataset.json has no channel_names (an object of channel index -> name)")
   class_names = _class_names(dataset)
-  family, kwargs = architecture_kwargs(configuration, len(channels), len(class_names))
+  try:
+    family, kwargs = architecture_kwargs(configuration, len(channels), len(class_names))
+  except (KeyError, TypeError, AttributeError, ValueError) as err:
+    if isinstance(err, ConversionError):
+      raise
+    raise ConversionError(f"{folder}: the plans' configuration {config_name!r} lacks or mangles an architecture "
+                          f"field ({type(err).__name__}: {err})") from None
   model = FAMILY_CLASSES[family](**kwargs, rngs=rngs or nnx.Rngs(0))
   load_weights(model, checkpoint["network_weights"], source=str(checkpoint_path))
   info = {"family": family, "kwargs": kwargs, "normalization": normalization_spec(plans, configuration),
@@ -654,5 +682,6 @@ def load_trained_model_folder(folder, *, fold: str | int | None = None, rngs: nn
                        "configuration": config_name, "trainer": checkpoint.get("trainer_name"),
                        "patch_size": configuration.get("patch_size"), "spacing": configuration.get("spacing"),
                        "transpose_forward": plans.get("transpose_forward"),
+                       "input_axis_order": nnunet_axis_order(plans.get("transpose_forward")),
                        "channel_names": _plain_json(channels)}}
   return model, _plain_json(info)

@@ -4,6 +4,9 @@ Specs (a single dict for all channels, or a list with one dict per input channel
 
 * ``{"kind": "none"}``: feed the image as it is.
 * ``{"kind": "zscore"}``: per-image mean and standard deviation; or with fixed ``"mean"`` and ``"std"``.
+  ``"mask": "nonzero"`` (nnU-Net's ``use_mask_for_norm``): the statistics of, and the scaling of, only
+  the pixels inside the image's non-zero region (non-zero in any channel, holes filled); the pixels
+  outside it keep their value (0).
 * ``{"kind": "ct", "lower": l, "upper": u, "mean": m, "std": s}``: clip to [l, u], then z-score with the
   fixed mean and std (nnU-Net's CTNormalization).
 * ``{"kind": "minmax"}``: rescale the image's own range to [0, 1].
@@ -34,7 +37,7 @@ def check_spec(spec: Any) -> list[dict] | dict:
     missing = [k for k in required if k not in spec]
     if missing:
       raise ValueError(f"normalisation {kind!r} needs {missing}")
-    allowed = {"kind", "mean", "std", "lower", "upper", "factor"}
+    allowed = {"kind", "mean", "std", "lower", "upper", "factor", "mask"}
     unknown = sorted(set(spec) - allowed)
     if unknown:
       raise ValueError(f"normalisation spec has unknown keys {unknown}")
@@ -59,6 +62,9 @@ def _check_values(kind: str, spec: Mapping) -> None:
   """Refuses values that would give a constant, binarised or blown-up image instead of an error."""
   values = {k: _number(kind, k, spec[k]) for k in ("mean", "std", "lower", "upper", "factor")
             if spec.get(k) is not None}
+  if spec.get("mask") is not None and (kind != "zscore" or spec["mask"] != "nonzero"):
+    raise ValueError(f"normalisation {kind!r}: mask {spec['mask']!r} is not supported; only 'zscore' takes "
+                     "a mask, and only 'nonzero'")
   if "std" in values and values["std"] <= 0:
     raise ValueError(f"normalisation {kind!r}: std must be positive, got {spec['std']!r}")
   if kind == "percentile":
@@ -73,11 +79,16 @@ def _check_values(kind: str, spec: Mapping) -> None:
     raise ValueError("normalisation 'scale': factor 0 would make every image 0")
 
 
-def _one(channel: np.ndarray, spec: Mapping) -> np.ndarray:
+def _one(channel: np.ndarray, spec: Mapping, nonzero: np.ndarray | None = None) -> np.ndarray:
   x = channel.astype(np.float32)
   kind = spec["kind"]
   if kind == "none":
     return x
+  if kind == "zscore" and spec.get("mask") == "nonzero":
+    out = x.copy()
+    if nonzero.any():
+      out[nonzero] = _one(x[nonzero], {k: v for k, v in spec.items() if k != "mask"})
+    return out
   if kind == "zscore":
     mean = spec.get("mean", None)
     std = spec.get("std", None)
@@ -136,4 +147,8 @@ def normalize(image: np.ndarray, spec: Any, *, spatial_dims: int | None = None) 
     specs = spec
   else:
     specs = [spec] * image.shape[-1]
-  return np.stack([_one(image[..., c], s) for c, s in enumerate(specs)], axis=-1)
+  nonzero = None
+  if any(s.get("mask") == "nonzero" for s in specs):
+    from scipy import ndimage
+    nonzero = ndimage.binary_fill_holes(np.any(image != 0, axis=-1))
+  return np.stack([_one(image[..., c], s, nonzero) for c, s in enumerate(specs)], axis=-1)

@@ -153,3 +153,15 @@ def test_safetensors_matches_reference_package(tmp_path):
   assert _same_bits(loaded["w"], tensors["w"].numpy())
   assert _same_bits(loaded["i"], tensors["i"].numpy())
   assert _same_bits(loaded["h"], tensors["h"].float().numpy().astype(ml_dtypes.bfloat16))
+
+
+def test_unsupported_dtypes_and_damaged_files_are_format_errors_not_safety_errors(tmp_path):
+  torch = pytest.importorskip("torch")
+  torch.save({"w": torch.zeros(3, dtype=torch.uint16)}, tmp_path / "u16.pt")
+  with pytest.raises(CheckpointFormatError, match="dtype this reader does not support"):
+    load_checkpoint(tmp_path / "u16.pt")                    # was: "could run code"
+  header = b"{'descr': '<f4', 'fortran_order': False, 'shape': (6,), }"
+  with zipfile.ZipFile(tmp_path / "bad.npz", "w") as z:  # a damaged .npy header in a sound archive
+    z.writestr("w.npy", b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header.replace(b"<f4", b"<q9"))
+  with pytest.raises(CheckpointFormatError, match="bad.npz"):
+    load_checkpoint(tmp_path / "bad.npz")                   # was: "contains pickled objects"

@@ -140,3 +140,19 @@ def test_normalize_needs_a_channel_axis_or_spatial_dims():
 def test_normalize_refuses_meaningless_specs(spec, message):
   with pytest.raises(ValueError, match=message):
     sj.normalize(np.ones((4, 4, 1), np.float32), spec)
+
+
+def test_masked_zscore_normalises_the_filled_nonzero_region_only():
+  image = np.zeros((12, 12, 2), np.float32)
+  image[2:10, 2:10, 0] = np.arange(64).reshape(8, 8) + 1.0
+  image[5, 5, 0] = 0.0                                     # a hole: inside the region
+  image[3, 3, 1] = 7.0                                      # channel 1 is non-zero at one pixel only
+  out = sj.normalize(image, {"kind": "zscore", "mask": "nonzero"})
+  region = np.zeros((12, 12), bool)
+  region[2:10, 2:10] = True
+  for c in range(2):
+    np.testing.assert_allclose(out[..., c][region].mean(), 0.0, atol=1e-5)
+    np.testing.assert_allclose(out[..., c][region].std(), 1.0, atol=1e-5)
+  assert (out[~region] == 0).all() and out[5, 5, 0] < 0
+  with pytest.raises(ValueError, match="only 'zscore' takes a mask"):
+    sj.normalize(image, {"kind": "minmax", "mask": "nonzero"})

@@ -26,7 +26,7 @@ import numpy as np
 from scribblejax import fileio
 
 from scribblejax.io import session_store
-from scribblejax.io.images import RASTER, Image, _suffix, image_digest, output_format, read_image, write_label_map
+from scribblejax.io.images import MEDICAL, RASTER, Image, _suffix, image_digest, output_format, read_image, write_label_map
 from scribblejax.io.marks_files import RECTANGLE_MODES, read_marks
 
 Log = Callable[[str], None]
@@ -52,7 +52,7 @@ class InputSpec(NamedTuple):
 
 
 _KWARG_NAMES = {"spatial_dims": ("spatial_dims",), "in_channels": ("in_channels", "input_channels"),
-                "num_classes": ("num_classes", "out_channels")}
+                "num_classes": ("num_classes", "out_channels", "classes")}
 
 
 def spec_from_info(info: Any) -> InputSpec:
@@ -77,8 +77,47 @@ def spec_of(model: Any, info: Any) -> InputSpec:
 class Fitted(NamedTuple):
   """An image made ready for a model."""
   image: np.ndarray               # float32[*model_spatial, C]: channels adapted and normalised
-  squeezed: tuple[int, ...]       # spatial axes of the image dropped (each of length 1)
+  squeezed: tuple[int, ...]       # spatial axes (after `order`) dropped (each of length 1)
   notes: tuple[str, ...]          # what was adapted, in words
+  order: tuple[int, ...] | None = None   # the image's spatial axes in the order the model reads them
+
+
+def input_axis_order(metadata: dict | None, family: str, ndim: int) -> tuple[int, ...] | None:
+  """The order in which a model reads an image's spatial axes, when it is not the image's own.
+
+  A model states it in ``model.json`` ``metadata.input_axis_order``: ``{"medical": [...], "raster":
+  [...]}``, a permutation of the spatial axes as :func:`read_image` gives them, per family group
+  (``None`` or absent: as given). nnU-Net networks read volumes in SimpleITK's order (the reverse of
+  NIfTI's ``(i, j, k)``) and then apply the plans' ``transpose_forward``; models converted before
+  the key existed are recognised by ``metadata.source == "nnunetv2"``.
+
+  Raises:
+    ValueError: the stated order is not a permutation of the image's spatial axes.
+  """
+  metadata = metadata or {}
+  orders = metadata.get("input_axis_order")
+  if orders is None and metadata.get("source") == "nnunetv2":
+    orders = nnunet_axis_order(metadata.get("transpose_forward"))
+  if not orders:
+    return None
+  order = orders.get("medical" if family in MEDICAL else "raster")
+  if order is None:
+    return None
+  order = tuple(int(a) for a in order)
+  if len(order) == 3 and ndim == 2 and order[0] == 0:     # a 3-D order over (1, y, x) for a 2-D raster image
+    order = (order[1] - 1, order[2] - 1)
+  if sorted(order) != list(range(ndim)):
+    raise ValueError(f"the model reads images with axis order {list(order)}, which does not fit an image with "
+                     f"{ndim} spatial axes (model.json metadata.input_axis_order)")
+  return None if order == tuple(range(ndim)) else order
+
+
+def nnunet_axis_order(transpose_forward: Any) -> dict:
+  """``metadata.input_axis_order`` of an nnU-Net network (see :func:`input_axis_order`)."""
+  forward = [int(a) for a in (transpose_forward or (0, 1, 2))]
+  if len(forward) == 2:                 # a 2-D plans' order over (y, x): z stays first
+    forward = [0, forward[0] + 1, forward[1] + 1]
+  return {"medical": [(2, 1, 0)[a] for a in forward], "raster": forward}
 
 
 def adapt_channels(array: np.ndarray, want: int | None, what: str,
@@ -112,8 +151,15 @@ def adapt_channels(array: np.ndarray, want: int | None, what: str,
   raise ValueError(f"the model takes {want} channel(s), but {what} has {have}")
 
 
-def fit_image(image: Image, spec: InputSpec, normalization: Any) -> Fitted:
-  """Adapts channels, normalises as the model expects, and drops length-1 axes the model lacks.
+def fit_image(image: Image, spec: InputSpec, normalization: Any, metadata: dict | None = None) -> Fitted:
+  """Orders axes, adapts channels, normalises as the model expects, and drops length-1 axes the model
+  lacks.
+
+  Args:
+    image: as read.
+    spec: what the model takes.
+    normalization: the model's normalisation spec.
+    metadata: ``model.json``'s metadata (its ``input_axis_order``, see :func:`input_axis_order`).
 
   Raises:
     ValueError: the image has more (non-trivial) or fewer spatial dimensions than the model, or
@@ -127,7 +173,12 @@ def fit_image(image: Image, spec: InputSpec, normalization: Any) -> Fitted:
     raise ValueError(f"{image.path} contains {bad} NaN or Inf values; the network needs finite pixels")
   if note:
     notes.append(note)
-  spatial = image.array.shape[:-1]
+  order = input_axis_order(metadata, image.family, array.ndim - 1)
+  if order is not None:
+    array = np.transpose(array, (*order, array.ndim - 1))
+    notes.append(f"read the image's axes in the order {list(order)}, as the model was trained to read them "
+                 "(model.json metadata.input_axis_order)")
+  spatial = array.shape[:-1]
   squeezed: tuple[int, ...] = ()
   if spec.spatial_dims is not None and len(spatial) != spec.spatial_dims:
     ones = [a for a, n in enumerate(spatial) if n == 1]
@@ -140,17 +191,22 @@ def fit_image(image: Image, spec: InputSpec, normalization: Any) -> Fitted:
   array = normalize(array, normalization)
   if squeezed:
     array = np.squeeze(array, axis=squeezed)
-  return Fitted(np.ascontiguousarray(array, np.float32), squeezed, tuple(notes))
+  return Fitted(np.ascontiguousarray(array, np.float32), squeezed, tuple(notes), order)
 
 
 def to_model(array: np.ndarray, fitted: Fitted) -> np.ndarray:
   """A ``[*image_spatial]`` array in the model's spatial layout."""
+  if fitted.order is not None:
+    array = np.transpose(array, fitted.order)
   return np.squeeze(array, axis=fitted.squeezed) if fitted.squeezed else array
 
 
 def to_image(array: np.ndarray, fitted: Fitted) -> np.ndarray:
   """A ``[*model_spatial]`` array back in the image's spatial layout."""
-  return np.expand_dims(array, fitted.squeezed) if fitted.squeezed else array
+  array = np.expand_dims(array, fitted.squeezed) if fitted.squeezed else array
+  if fitted.order is not None:
+    array = np.transpose(array, np.argsort(fitted.order))
+  return array
 
 
 # ----------------------------------------------------------------------------------------------
@@ -401,7 +457,7 @@ def run_predict(model: str, image: str, out: str, *, overlay: bool = True, log: 
   img = read_image(image)
   output_format(out, img.geometry)
   network = _load(model, log)
-  fitted = fit_image(img, network.spec, info.normalization)
+  fitted = fit_image(img, network.spec, info.normalization, info.metadata)
   for note in fitted.notes:
     log(f"note: {note}")
   split, _ = _split(network, fitted, 1)
@@ -527,7 +583,7 @@ def _refine_round(model, model_ref, img, digest, marks_files, new, out, session,
 
   network = _load(model, log)
   num_classes = network.spec.num_classes
-  fitted = fit_image(img, network.spec, info.normalization)
+  fitted = fit_image(img, network.spec, info.normalization, info.metadata)
   for note in fitted.notes:
     log(f"note: {note}")
   layers, config, grow = settings.resolve(info.metadata)
