@@ -407,6 +407,15 @@ class StateReader:
       raise ConversionError(f"{self.source}: unexpected keys not used by the conversion: {shown}")
 
 
+def strip_wrappers(state: Mapping[str, Any]) -> dict[str, Any]:
+  """Drops ``module.`` (DDP) and ``_orig_mod.`` (torch.compile) prefixes shared by every key."""
+  state = dict(state)
+  for prefix in ("module.", "_orig_mod."):
+    if state and all(k.startswith(prefix) for k in state):
+      state = {k[len(prefix):]: v for k, v in state.items()}
+  return state
+
+
 def assign(model: nnx.Module, values: Mapping[Path, np.ndarray], *, source: str = "checkpoint",
            torch_param_count: int | None = None) -> None:
   """Sets every Param and BatchStat of ``model`` from ``values``, in place, strictly.

@@ -19,7 +19,7 @@ from flax import nnx
 
 from converters._common import (
     Activation, ConversionError, Conv, ConvTranspose, StateReader, as_tuple, assign, conv_kernel,
-    conv_transpose_kernel, make_norm, max_pool, resize_linear)
+    conv_transpose_kernel, make_norm, max_pool, resize_linear, strip_wrappers)
 
 LayerPath = tuple[Any, ...]
 
@@ -482,8 +482,9 @@ ARCH_NAMES = {"monai.networks.nets.BasicUNet": "monai.BasicUNet", "monai.network
 
 
 def load_weights(model, state: Mapping[str, Any], *, source: str = "checkpoint") -> None:
-  """Loads a MONAI state dict into ``model`` strictly (in place)."""
-  reader = StateReader(state, source=source)
+  """Loads a MONAI state dict into ``model`` strictly (in place); a ``module.`` (DDP) or ``_orig_mod.``
+  (torch.compile) prefix shared by every key is dropped first."""
+  reader = StateReader(strip_wrappers(state), source=source)
   values = model.load_torch(reader)
   reader.finish()
   assign(model, values, source=source)

@@ -32,7 +32,7 @@ from flax import nnx
 
 from converters._common import (
     Activation, ConversionError, Conv, ConvTranspose, StateReader, as_tuple, assign, avg_pool, canonicalize,
-    conv_kernel, conv_transpose_kernel, make_norm)
+    conv_kernel, conv_transpose_kernel, make_norm, strip_wrappers)
 from converters.checkpoint import load_checkpoint
 from scribblejax.io.workflow import nnunet_axis_order
 
@@ -457,15 +457,6 @@ def act_values(reader: StateReader, torch_key_prefix: str, path: LayerPath, act,
     values[(*path, "weight")] = reader.take(f"{torch_key_prefix}.weight")
 
 
-def _strip_wrappers(state: Mapping[str, Any]) -> dict[str, Any]:
-  """Drops ``module.`` (DDP) and ``_orig_mod.`` (torch.compile) prefixes shared by every key."""
-  state = dict(state)
-  for prefix in ("module.", "_orig_mod."):
-    if state and all(k.startswith(prefix) for k in state):
-      state = {k[len(prefix):]: v for k, v in state.items()}
-  return state
-
-
 def load_weights(model: PlainConvUNet | ResidualEncoderUNet, state: Mapping[str, Any], kwargs=None, *,
                  source: str = "checkpoint") -> None:
   """Loads an nnU-Net ``network_weights`` state dict into ``model`` strictly (in place).
@@ -480,7 +471,7 @@ def load_weights(model: PlainConvUNet | ResidualEncoderUNet, state: Mapping[str,
     ConversionError: a key is missing, unexpected or of the wrong shape; aliases disagree.
   """
   del kwargs
-  state = canonicalize(_strip_wrappers(state), _canonical_key, source=source)
+  state = canonicalize(strip_wrappers(state), _canonical_key, source=source)
   state = _drop_all_modules_aliases(state, source=source)
   reader = StateReader(state, source=source)
   values: dict = {}

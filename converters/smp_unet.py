@@ -37,7 +37,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from converters._common import ConversionError, Conv, StateReader, assign, conv_kernel, make_norm, resize_linear
+from converters._common import (ConversionError, Conv, StateReader, assign, conv_kernel, make_norm, resize_linear,
+                                strip_wrappers)
 
 LayerPath = tuple[Any, ...]
 
@@ -381,15 +382,6 @@ def _conv_norm_values(reader: StateReader, conv_key: str, norm_key: str, path: L
     reader.ignore_matching(re.escape(f"{norm_key}.num_batches_tracked"))
 
 
-def _strip_wrappers(state: Mapping[str, Any]) -> dict[str, Any]:
-  """Drops a ``module.`` (DDP) or ``_orig_mod.`` (torch.compile) prefix shared by every key."""
-  state = dict(state)
-  for prefix in ("module.", "_orig_mod."):
-    if state and all(k.startswith(prefix) for k in state):
-      state = {k[len(prefix):]: v for k, v in state.items()}
-  return state
-
-
 FAMILY_CLASSES = {"smp.Unet": Unet}
 ARCH_NAMES = {"segmentation_models_pytorch.Unet": "smp.Unet",
               "segmentation_models_pytorch.decoders.unet.model.Unet": "smp.Unet"}
@@ -401,7 +393,7 @@ def load_weights(model: Unet, state: Mapping[str, Any], *, source: str = "checkp
   Raises:
     ConversionError: a key is missing, unexpected (named) or of the wrong shape.
   """
-  reader = StateReader(_strip_wrappers(state), source=source)
+  reader = StateReader(strip_wrappers(state), source=source)
   values = model.load_torch(reader)
   reader.finish()
   assign(model, values, source=source)

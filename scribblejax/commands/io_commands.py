@@ -164,7 +164,8 @@ def _add_refine(subparsers) -> None:
   method.add_argument("--region-growing", type=float, metavar="T",
                       help="grow this round's marks into neighbours whose normalised intensity differs by < T")
   method.add_argument("--driver", choices=("auto", "loop", "host"), default="auto",
-                      help="auto: host on CPU, loop on GPU/TPU (default auto)")
+                      help="auto: one compiled loop on GPU/TPU, and on the CPU with oneDNN convolutions "
+                           "(the cpu extra); host-driven chunks on the CPU otherwise (default auto)")
   method.add_argument("--check-every", type=int, default=1, help="steps per compiled chunk of the host driver")
   method.add_argument("--class-balance", action="store_true", help="weight every marked class equally")
   method.add_argument("--compute-dtype", choices=("float32", "bfloat16"), default="float32",

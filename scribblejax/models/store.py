@@ -125,7 +125,8 @@ def save_model(directory: str | os.PathLike, model: nnx.Module, *, family: str, 
 
   directory = Path(directory).resolve()
   if directory.exists() and not overwrite:
-    raise ValueError(f"{directory} already exists (pass overwrite=True to replace it)")
+    raise ValueError(f"{directory} already exists (overwrite=True, or --overwrite on the command line, replaces "
+                     "a model folder)")
   if directory.exists():
     _check_replaceable(directory)
   reference = _abstract_model(family, kwargs)
