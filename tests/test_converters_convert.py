@@ -235,3 +235,34 @@ def test_converted_model_json_states_the_constructor_defaults(tmp_path):
   assert info.kwargs["in_channels"] == 1 and info.kwargs["upsample"] == "deconv"
   assert {k: info.kwargs[k] for k in given} == given
   assert tuple(spec_from_info(info)) == (2, 1, 3)          # what the command line adapts images to
+
+
+def test_a_volume_the_network_cannot_take_is_padded_and_cropped_back(tmp_path, capsys):
+  import nibabel as nib
+
+  from scribblejax.cli import main
+  folder, net = _nnunet_folder_3d(tmp_path, [0, 1, 2])
+  out = convert(folder, tmp_path / "converted")
+  volume = np.random.default_rng(4).normal(size=(9, 12, 7)).astype(np.float32)       # odd: stride 2 refuses it
+  volume += np.linspace(-2, 2, 9)[:, None, None]
+  nib.save(nib.Nifti1Image(volume, np.eye(4)), tmp_path / "odd.nii.gz")
+  assert main(["predict", "--model", str(out), "--image", str(tmp_path / "odd.nii.gz"),
+               "--out", str(tmp_path / "seg.nii.gz"), "--quiet"]) == 0, capsys.readouterr().err
+  got = np.asarray(nib.load(tmp_path / "seg.nii.gz").dataobj)
+  assert got.shape == volume.shape
+  # nnU-Net: (k, j, i) order, z-score, zero padding to even sizes (half before, half after), crop back.
+  x = volume.transpose(2, 1, 0)
+  x = (x - x.mean()) / x.std()
+  padded = np.pad(x, ((0, 1), (0, 0), (0, 1)))                    # 7 -> 8, 12, 9 -> 10: (0, 1) each
+  want = _logits(net, padded[None, None]).argmax(1)[0][:7, :, :9].transpose(2, 1, 0)
+  assert 0.2 < want.mean() < 0.8 and (got == want).mean() > 0.995, (got == want).mean()
+  report = json.loads((tmp_path / "seg.report.json").read_text())
+  assert any("padded the image from (7, 12, 9) to (8, 12, 10)" in note for note in report["notes"])
+  marks = np.zeros(volume.shape, np.uint8)
+  spot = tuple(np.argwhere(got == 0)[3])
+  marks[spot] = 1
+  nib.save(nib.Nifti1Image(marks, np.eye(4)), tmp_path / "marks.nii.gz")
+  assert main(["refine", "--model", str(out), "--image", str(tmp_path / "odd.nii.gz"), "--marks",
+               str(tmp_path / "marks.nii.gz"), "--out", str(tmp_path / "refined.nii.gz"), "--steps", "300",
+               "--lr", "0.05", "--alpha", "0.01", "--layers", "3", "--region-growing", "0.5", "--quiet"]) == 0
+  assert np.asarray(nib.load(tmp_path / "refined.nii.gz").dataobj)[spot] == 1

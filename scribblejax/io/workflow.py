@@ -80,6 +80,7 @@ class Fitted(NamedTuple):
   squeezed: tuple[int, ...]       # spatial axes (after `order`) dropped (each of length 1)
   notes: tuple[str, ...]          # what was adapted, in words
   order: tuple[int, ...] | None = None   # the image's spatial axes in the order the model reads them
+  pad: tuple[tuple[int, int], ...] | None = None   # zeros added before/after each model axis (see pad_to_fit)
 
 
 def input_axis_order(metadata: dict | None, family: str, ndim: int) -> tuple[int, ...] | None:
@@ -194,15 +195,25 @@ def fit_image(image: Image, spec: InputSpec, normalization: Any, metadata: dict 
   return Fitted(np.ascontiguousarray(array, np.float32), squeezed, tuple(notes), order)
 
 
-def to_model(array: np.ndarray, fitted: Fitted) -> np.ndarray:
-  """A ``[*image_spatial]`` array in the model's spatial layout."""
+def to_model(array: np.ndarray, fitted: Fitted, fill: int = -1) -> np.ndarray:
+  """A ``[*image_spatial]`` array in the model's spatial layout (padding, if any, holds ``fill``:
+  unmarked for marks)."""
   if fitted.order is not None:
     array = np.transpose(array, fitted.order)
-  return np.squeeze(array, axis=fitted.squeezed) if fitted.squeezed else array
+  array = np.squeeze(array, axis=fitted.squeezed) if fitted.squeezed else array
+  return np.pad(array, fitted.pad, constant_values=fill) if fitted.pad else array
+
+
+def inside(fitted: Fitted) -> tuple[slice, ...]:
+  """The slices of the model's layout that hold the image (all of it when nothing was padded)."""
+  if not fitted.pad:
+    return (slice(None),) * (fitted.image.ndim - 1)
+  return tuple(slice(a, n - b) for (a, b), n in zip(fitted.pad, fitted.image.shape[:-1]))
 
 
 def to_image(array: np.ndarray, fitted: Fitted) -> np.ndarray:
   """A ``[*model_spatial]`` array back in the image's spatial layout."""
+  array = array[inside(fitted)]
   array = np.expand_dims(array, fitted.squeezed) if fitted.squeezed else array
   if fitted.order is not None:
     array = np.transpose(array, np.argsort(fitted.order))
@@ -410,6 +421,51 @@ def _split(network: _Network, fitted: Fitted, layers: int | None):
   return split_params(network.model, last_layers(layers), example=example), layers
 
 
+def _accepts(split, shape: tuple[int, ...]) -> bool:
+  from scribblejax.refine import num_classes_of
+  try:
+    num_classes_of(split, shape)
+    return True
+  except ValueError:
+    return False
+
+
+def pad_to_fit(split, fitted: Fitted, most: int = 7) -> Fitted:
+  """Pads the image with zeros (after normalisation, as nnU-Net pads) to a size the network accepts.
+
+  Networks whose downsampling needs sizes divisible by some factor (nnU-Net, MONAI's UNet and
+  SegResNet) refuse other sizes. Each axis is padded to the smallest multiple of a power of two
+  (at most ``2**most``) that the network accepts, half before and half after; :func:`to_model` pads
+  marks with "unmarked" and :func:`to_image` crops results back.
+
+  Raises:
+    ValueError: no such padding makes the network accept the image (its own error).
+  """
+  from scribblejax.refine import num_classes_of
+  shape = fitted.image.shape
+  if _accepts(split, shape):
+    return fitted
+  spatial = list(shape[:-1])
+  up = lambda n, m: -(-n // m) * m
+  for k in range(1, most + 1):
+    target = [up(n, 2 ** k) for n in spatial]
+    if _accepts(split, (*target, shape[-1])):
+      break
+  else:
+    num_classes_of(split, shape)          # the model's own error
+  for axis in range(len(spatial)):        # then each axis as little as it needs
+    for j in range(k):
+      trial = target[:axis] + [up(spatial[axis], 2 ** j)] + target[axis + 1:]
+      if _accepts(split, (*trial, shape[-1])):
+        target = trial
+        break
+  pad = tuple(((t - n) // 2, t - n - (t - n) // 2) for n, t in zip(spatial, target))
+  note = (f"padded the image from {tuple(spatial)} to {tuple(target)} with zeros (after normalisation) for the "
+          "network's downsampling; results are cropped back")
+  image = np.pad(fitted.image, (*pad, (0, 0)))
+  return fitted._replace(image=image, pad=pad, notes=(*fitted.notes, note))
+
+
 def _network_labels(split, fitted: Fitted) -> np.ndarray:
   import jax.numpy as jnp
   from scribblejax.refine import predict
@@ -458,9 +514,10 @@ def run_predict(model: str, image: str, out: str, *, overlay: bool = True, log: 
   output_format(out, img.geometry)
   network = _load(model, log)
   fitted = fit_image(img, network.spec, info.normalization, info.metadata)
+  split, _ = _split(network, fitted, 1)
+  fitted = pad_to_fit(split, fitted)
   for note in fitted.notes:
     log(f"note: {note}")
-  split, _ = _split(network, fitted, 1)
   log(f"predicting on {fitted.image.shape[:-1]} ({_device()['device']})")
   with compile_timer() as compiled:
     start = time.perf_counter()
@@ -584,17 +641,20 @@ def _refine_round(model, model_ref, img, digest, marks_files, new, out, session,
   network = _load(model, log)
   num_classes = network.spec.num_classes
   fitted = fit_image(img, network.spec, info.normalization, info.metadata)
-  for note in fitted.notes:
-    log(f"note: {note}")
   layers, config, grow = settings.resolve(info.metadata)
   split, layers = _split(network, fitted, layers)
+  fitted = pad_to_fit(split, fitted)
+  for note in fitted.notes:
+    log(f"note: {note}")
   if num_classes is None:
     from scribblejax.refine import num_classes_of
     num_classes = num_classes_of(split, fitted.image.shape)
   new_model = to_model(new, fitted)
   grown = 0
   if grow:
-    grown_marks = marks_lib.grow_marks(new_model, fitted.image, grow)
+    grown_marks = np.full_like(new_model, -1)              # never grown into the padding
+    region = inside(fitted)
+    grown_marks[region] = marks_lib.grow_marks(new_model[region], fitted.image[region], grow)
     grown = int((grown_marks >= 0).sum() - (new_model >= 0).sum())
     new_model = grown_marks
   previous = None
@@ -611,7 +671,7 @@ def _refine_round(model, model_ref, img, digest, marks_files, new, out, session,
   all_marks = new_model if previous is None else marks_lib.accumulate(previous, new_model)
   all_marks = marks_lib.validate_mark_map(all_marks, fitted.image.shape[:-1], num_classes)
   initial = session_store.load_initial(session) if session else None
-  before = to_model(initial, fitted) if initial is not None else _network_labels(split, fitted)
+  before = to_model(initial, fitted, fill=0) if initial is not None else _network_labels(split, fitted)
   driver = resolve_driver(config.driver, config.conv_backend, config.compute_dtype, config.cache_trunk)
   log(f"refining the last {layers} layers: up to {config.max_steps} steps on {int((all_marks >= 0).sum())} marked "
       f"pixels (driver {driver}, {_device()['device']})")
@@ -633,7 +693,7 @@ def _refine_round(model, model_ref, img, digest, marks_files, new, out, session,
             "marked_pixels": _class_counts(all_marks, class_names, num_classes),
             "steps": steps, "max_steps": config.max_steps, "satisfied": satisfied,
             "nonfinite": bool(result.nonfinite), "marks_honoured": honoured,
-            "changed_pixels": int((labels != before).sum()),
+            "changed_pixels": int((to_image(labels, fitted) != to_image(before, fitted)).sum()),
             "seconds": seconds, "compile_seconds": compiled[0], "compile_seconds_note": COMPILE_NOTE,
             **_device(), "driver": driver, "conv_backend": resolve_conv_backend(config.conv_backend),
             "settings": {"layers": layers, "max_steps": config.max_steps, "learning_rate": config.learning_rate,
