@@ -55,13 +55,21 @@ class TrainConfig:
   dice_weight: float = 0.0
 
   def __post_init__(self):
-    for name in ("steps", "batch_size", "crop"):
-      if int(getattr(self, name)) < 1:
-        raise ValueError(f"TrainConfig.{name} must be at least 1, got {getattr(self, name)}")
+    for name in ("steps", "batch_size", "crop", "seed"):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < (0 if name == "seed" else 1):
+        raise ValueError(f"TrainConfig.{name} must be an integer >= {0 if name == 'seed' else 1}, got {value!r}")
+    for name in ("learning_rate", "intensity", "dice_weight"):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
+          or not np.isfinite(value):
+        raise ValueError(f"TrainConfig.{name} must be a finite number, got {value!r}")
     if not self.learning_rate > 0:
       raise ValueError(f"TrainConfig.learning_rate must be positive, got {self.learning_rate}")
-    if self.intensity < 0 or self.dice_weight < 0:
-      raise ValueError("TrainConfig.intensity and dice_weight must be non-negative")
+    if not 0 <= self.intensity < 1:
+      raise ValueError(f"TrainConfig.intensity must lie in [0, 1) (a scale in [1 - a, 1 + a]), got {self.intensity}")
+    if self.dice_weight < 0:
+      raise ValueError(f"TrainConfig.dice_weight must be non-negative, got {self.dice_weight}")
 
 
 def sample_batch(step: int, image: np.ndarray, labels: np.ndarray, config: TrainConfig, *,
@@ -130,6 +138,60 @@ def _checkpoint_manager(directory: str | os.PathLike, every: int):
   return ocp.CheckpointManager(Path(directory).resolve(), options=options)
 
 
+RUN_FILE = "run.json"      # what a checkpoint folder's run trains: settings, parameter shapes, data digests
+
+
+def _digest(array: np.ndarray) -> str:
+  import hashlib
+  array = np.ascontiguousarray(array)
+  return hashlib.sha256(f"{array.dtype.str}{array.shape}".encode() + array.tobytes()).hexdigest()[:16]
+
+
+def _run_description(params: Any, image: np.ndarray, labels: np.ndarray, config: TrainConfig,
+                     stacked: bool) -> dict:
+  """What must be the same for a run to resume another: all but the number of steps."""
+  shapes = {jax.tree_util.keystr(path): list(np.shape(leaf))
+            for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+  settings = {k: v for k, v in dataclasses.asdict(config).items() if k != "steps"}
+  settings = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in settings.items()}
+  return {"format": "scribblejax-training", "settings": settings, "parameters": shapes,
+          "data": {"image": _digest(image), "labels": _digest(labels), "stacked": bool(stacked)}}
+
+
+def _check_checkpoint_dir(directory: Path, description: dict) -> bool:
+  """Refuses a folder that is not this run's checkpoint folder; True when it holds one to resume.
+
+  Raises:
+    ValueError: the path is a file, or a folder holding something other than this run's checkpoints
+      (a checkpoint of other settings, parameters or data included).
+  """
+  import json
+  if directory.exists() and not directory.is_dir():
+    raise ValueError(f"checkpoint folder {directory} is a file")
+  if not directory.exists() or not any(directory.iterdir()):
+    return False
+  run = directory / RUN_FILE
+  if not run.is_file():
+    raise ValueError(f"checkpoint folder {directory} is not empty and holds no {RUN_FILE} (not a scribblejax training "
+                     "checkpoint, or one made by an older version): choose another folder")
+  try:
+    stored = json.loads(run.read_text())
+  except (OSError, ValueError) as err:
+    raise ValueError(f"cannot read {run}: {err}") from None
+  if not isinstance(stored, dict):
+    raise ValueError(f"{run} is not a training run description")
+  differ = [key for key in ("settings", "parameters", "data") if stored.get(key) != description[key]]
+  if differ:
+    detail = {"settings": "training settings", "parameters": "model (parameter shapes)", "data": "training data"}
+    changed = ""
+    if "settings" in differ:
+      old, new = stored.get("settings") or {}, description["settings"]
+      changed = ": " + ", ".join(f"{k} {old.get(k)!r} -> {new[k]!r}" for k in new if old.get(k) != new[k])
+    raise ValueError(f"checkpoint folder {directory} holds a run of other {' and '.join(detail[d] for d in differ)}"
+                     f"{changed}; resuming it would not give this run: choose another folder")
+  return True
+
+
 def train_segmenter(model: nnx.Module, image: np.ndarray, labels: np.ndarray, config: TrainConfig = TrainConfig(),
                     *, stacked: bool = False, progress: bool = True,
                     checkpoint_dir: str | os.PathLike | None = None,
@@ -152,7 +214,9 @@ def train_segmenter(model: nnx.Module, image: np.ndarray, labels: np.ndarray, co
     ``(model, losses)``: the trained model and the loss of every step (``config.steps`` floats).
 
   Raises:
-    ValueError: image and labels do not match, or labels outside the model's classes.
+    ValueError: image and labels do not match, labels that are not class indices of the model, or a
+      checkpoint folder that is a file or holds another run (other settings but ``steps``, another
+      model or other data).
   """
   from tqdm.auto import tqdm
 
@@ -160,9 +224,12 @@ def train_segmenter(model: nnx.Module, image: np.ndarray, labels: np.ndarray, co
   labels = np.asarray(labels)
   if image.shape[:-1] != labels.shape:
     raise ValueError(f"image of shape {image.shape} (channels last) does not match labels of shape {labels.shape}")
-  if labels.min() < 0:
-    raise ValueError("labels must be non-negative class indices")
+  if not labels.size:
+    raise ValueError(f"the labels of shape {labels.shape} hold no pixel")
+  if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, (int, np.integer)) or checkpoint_every < 1:
+    raise ValueError(f"checkpoint_every must be an integer >= 1, got {checkpoint_every!r}")
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  labels = _check_labels(labels, _num_outputs(graphdef, params, rest, image, config, stacked))
   opt_state = optax.adam(config.learning_rate).init(params)
   train_step = functools.partial(_train_step, graphdef, float(config.learning_rate), float(config.dice_weight))
 
@@ -170,7 +237,13 @@ def train_segmenter(model: nnx.Module, image: np.ndarray, labels: np.ndarray, co
   manager = None
   if checkpoint_dir is not None:
     import orbax.checkpoint as ocp
-    manager = _checkpoint_manager(checkpoint_dir, max(1, int(checkpoint_every)))
+
+    from scribblejax import fileio
+    description = _run_description(params, image, labels, config, stacked)
+    resume = _check_checkpoint_dir(Path(checkpoint_dir), description)
+    if not resume:
+      fileio.write_json(Path(checkpoint_dir) / RUN_FILE, description)
+    manager = _checkpoint_manager(checkpoint_dir, int(checkpoint_every))
     latest = manager.latest_step()
     if latest is not None:
       if latest > config.steps:
@@ -191,25 +264,52 @@ def train_segmenter(model: nnx.Module, image: np.ndarray, labels: np.ndarray, co
   bar = tqdm(range(start_step, config.steps), total=config.steps, initial=start_step, disable=not progress,
              desc="training", file=sys.stderr, dynamic_ncols=True)
   pending = []
-  for step in bar:
-    x, y = sample_batch(step, image, labels, config, stacked=stacked)
-    params, opt_state, loss = train_step(params, opt_state, rest, jnp.asarray(x), jnp.asarray(y))
-    pending.append(loss)
-    if manager is not None and (step + 1) % checkpoint_every == 0 and step + 1 < config.steps:
-      losses.extend(float(v) for v in pending)
-      pending = []
-      save(step + 1)
-    if progress and (step % 10 == 0 or step == config.steps - 1):
-      bar.set_postfix(loss=f"{float(loss):.4f}")
-  bar.close()
-  losses.extend(float(v) for v in pending)
-  if manager is not None:
-    if manager.latest_step() != config.steps:
-      save(config.steps, force=True)
-    manager.wait_until_finished()
-    manager.close()
+  try:
+    for step in bar:
+      x, y = sample_batch(step, image, labels, config, stacked=stacked)
+      params, opt_state, loss = train_step(params, opt_state, rest, jnp.asarray(x), jnp.asarray(y))
+      pending.append(loss)
+      if manager is not None and (step + 1) % checkpoint_every == 0 and step + 1 < config.steps:
+        losses.extend(float(v) for v in pending)
+        pending = []
+        save(step + 1)
+      if progress and (step % 10 == 0 or step == config.steps - 1):
+        bar.set_postfix(loss=f"{float(loss):.4f}")
+    bar.close()
+    losses.extend(float(v) for v in pending)
+    if manager is not None:
+      if manager.latest_step() != config.steps:
+        save(config.steps, force=True)
+      manager.wait_until_finished()
+  finally:
+    if manager is not None:
+      manager.close()       # its threads would otherwise keep the process alive after an error
   nnx.update(model, params)
   return model, losses
+
+
+def _num_outputs(graphdef, params, rest, image: np.ndarray, config: TrainConfig, stacked: bool) -> int:
+  """The model's number of output classes, by abstract evaluation on one training crop."""
+  spatial = image.shape[1:-1] if stacked else image.shape[:-1]
+  crop = jax.ShapeDtypeStruct((1, *[min(config.crop, n) for n in spatial], image.shape[-1]), jnp.float32)
+  out = jax.eval_shape(lambda p, r, x: nnx.merge(graphdef, p, r)(x), params, rest, crop)
+  return int(out.shape[-1])
+
+
+def _check_labels(labels: np.ndarray, num_classes: int) -> np.ndarray:
+  """Integer class indices in ``[0, num_classes)`` (whole-number floats accepted), as int32."""
+  if num_classes < 2:
+    raise ValueError(f"the model predicts {num_classes} class(es); a segmentation model needs at least 2")
+  if labels.dtype == bool:
+    labels = labels.astype(np.int32)
+  elif not np.issubdtype(labels.dtype, np.integer):
+    if not np.issubdtype(labels.dtype, np.floating) or not np.all(np.isfinite(labels)) \
+        or not np.all(labels == np.round(labels)):
+      raise ValueError(f"labels must be integer class indices, got dtype {labels.dtype} with non-integer values")
+  lo, hi = int(labels.min()), int(labels.max())
+  if lo < 0 or hi >= num_classes:
+    raise ValueError(f"labels hold values {lo}..{hi}, outside the model's classes 0..{num_classes - 1}")
+  return labels.astype(np.int32)
 
 
 def predict_labels(model: nnx.Module, image: np.ndarray, *, stacked: bool = False, batch: int = 8) -> np.ndarray:
@@ -308,6 +408,8 @@ def train_task(task: str, out: str | os.PathLike, *, config: TrainConfig | None 
   out = Path(out)
   if out.exists() and not overwrite:
     raise ValueError(f"{out} already exists (pass --overwrite to replace it)")
+  if checkpoint_dir is not None and Path(checkpoint_dir).resolve() in (out.resolve(), *out.resolve().parents):
+    raise ValueError(f"the checkpoint folder {checkpoint_dir} must not be the model folder {out} or hold it")
   ds = spec.dataset()
   kwargs = dict(spec.model_kwargs)
   image = normalize_dataset_part(ds.image[ds.train], spec.normalization, stacked=ds.stacked)

@@ -98,3 +98,30 @@ def test_train_cli_smoke_run_loads(tmp_path, capsys):
   assert "already exists" in capsys.readouterr().err
   assert main(["train", "--task", "cats", "--out", str(tmp_path / "x")]) == 1
   assert "unknown task" in capsys.readouterr().err
+
+
+def test_resume_refuses_another_run_and_bad_inputs_are_named(problem, tmp_path):
+  image, labels = problem
+  config = dataclasses.replace(CONFIG, steps=2)
+  train_segmenter(_model(), image, labels, config, progress=False, checkpoint_dir=tmp_path / "ckpt",
+                  checkpoint_every=1)
+  with pytest.raises(ValueError, match=r"holds a run of other training settings: learning_rate"):
+    train_segmenter(_model(), image, labels, dataclasses.replace(config, learning_rate=5e-2), progress=False,
+                    checkpoint_dir=tmp_path / "ckpt")               # was: resumed silently
+  three = UNet(spatial_dims=2, in_channels=1, num_classes=3, channels=(4, 8), rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="other model"):
+    train_segmenter(three, image, labels, config, progress=False, checkpoint_dir=tmp_path / "ckpt")
+  with pytest.raises(ValueError, match="other training data"):
+    train_segmenter(_model(), image[::-1].copy(), labels[::-1].copy(), config, progress=False,
+                    checkpoint_dir=tmp_path / "ckpt")
+  (tmp_path / "file").write_text("x")
+  with pytest.raises(ValueError, match="is a file"):
+    train_segmenter(_model(), image, labels, config, progress=False, checkpoint_dir=tmp_path / "file")
+  with pytest.raises(ValueError, match=r"labels hold values 0..2, outside the model's classes 0..1"):
+    train_segmenter(_model(), image, labels * 2, config, progress=False)        # was: NaN losses
+  with pytest.raises(ValueError, match="integer class indices"):
+    train_segmenter(_model(), image, labels * 0.5, config, progress=False)      # was: 0.5 -> class 0
+  for bad in (dict(learning_rate=float("inf")), dict(intensity=float("nan")), dict(dice_weight=float("inf")),
+              dict(steps=2.5), dict(crop=7.5), dict(intensity=1.5)):
+    with pytest.raises(ValueError, match=list(bad)[0]):
+      dataclasses.replace(config, **bad)
