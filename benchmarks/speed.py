@@ -474,7 +474,15 @@ def _validate(args) -> tuple[list[Case], list[int], list[str], Settings]:
   repeats = args.repeats if args.repeats is not None else (1 if args.quick else 3)
   if repeats < 1:
     raise ValueError(f"--repeats must be >= 1, got {repeats}")
-  channels = tuple(int(c) for c in _csv(args.channels)) if args.channels else ((4, 8) if args.quick else (32, 64, 128, 256))
+  try:
+    channels = tuple(int(c) for c in _csv(args.channels)) if args.channels else \
+        ((4, 8) if args.quick else (32, 64, 128, 256))
+  except ValueError:
+    raise ValueError(f"--channels must be comma-separated integers, got {args.channels!r}") from None
+  if len(channels) < 2 or min(channels) < 1:
+    raise ValueError(f"--channels must be at least two positive integers (U-Net levels), got {args.channels!r}")
+  if args.batch_steps is not None and args.batch_steps < 1:
+    raise ValueError(f"--batch-steps must be >= 1, got {args.batch_steps}")
   layers = 3 if len(channels) == 2 else 5
   settings = Settings(channels=channels, layers=layers, repeats=repeats, batch_steps=args.batch_steps,
                       early_stop_steps=5 if args.quick else None, check_size_2d=16 if args.quick else 64,
@@ -549,6 +557,11 @@ def execute(args: argparse.Namespace) -> int:
   records = run(args, on_record=lambda recs: write_results(recs, out))
   json_path, md_path = write_results(records, out)
   print(f"wrote {json_path} and {md_path}")
+  failed = [r for r in records if "error" in r]
+  if failed:
+    print(f"{len(failed)} of {len(records)} measurements failed (their records hold the error), e.g. "
+          f"{failed[0]['error'][:200]}", file=sys.stderr)
+    return 1
   return 0
 
 
@@ -556,9 +569,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = build_parser().parse_args(argv)
   try:
     return execute(args)
-  except ValueError as err:
+  except ValueError as err:   # bad input: 1, like the scribblejax command (2: argparse's usage errors)
     print(f"benchmarks.speed: error: {err}", file=sys.stderr)
-    return 2
+    return 1
 
 
 if __name__ == "__main__":

@@ -203,8 +203,9 @@ def tissue3d(factor: int = 3) -> Dataset:
     ``int32[X, Y, Z]``; train and test are the axial slabs of :data:`TISSUE_TRAIN_SLICES` and
     :data:`TISSUE_TEST_SLICES` divided by ``factor`` (rounded outwards from the gap).
   """
-  if not isinstance(factor, int) or factor < 1:
+  if isinstance(factor, bool) or not isinstance(factor, (int, np.integer)) or factor < 1:
     raise ValueError(f"factor must be a positive integer, got {factor!r}")
+  factor = int(factor)
   from skimage.transform import downscale_local_mean
   t1, gm, wm, affine = mni152()
   if factor > 1:
@@ -215,6 +216,9 @@ def tissue3d(factor: int = 3) -> Dataset:
   labels = derive_tissue_labels(t1, gm, wm)
   train = (slice(None), slice(None), slice(TISSUE_TRAIN_SLICES[0] // factor, TISSUE_TRAIN_SLICES[1] // factor))
   test = (slice(None), slice(None), slice(-(-TISSUE_TEST_SLICES[0] // factor), -(-TISSUE_TEST_SLICES[1] // factor)))
+  if train[2].start >= train[2].stop or test[2].start >= test[2].stop:
+    raise ValueError(f"downsampling by {factor} leaves no {'training' if train[2].start >= train[2].stop else 'test'} "
+                     "slice; use a smaller factor")
   spacing = tuple(float(s) for s in np.linalg.norm(affine[:3, :3], axis=0))
   return Dataset(np.asarray(t1, np.float32)[..., None], labels, TISSUE_CLASSES, train, test, spacing,
                  affine=affine, description=_tissue_description(

@@ -106,11 +106,17 @@ def run_demo(out_dir: str | os.PathLike = "demo_output", *, task: str = "nuclei2
 
   Returns:
     The results dict (Dice per interaction, steps, seconds, device).
+
+  Raises:
+    ValueError: an unknown task, negative interactions or a layer count the model lacks (before anything
+      is written).
   """
+  if isinstance(interactions, bool) or not isinstance(interactions, (int, np.integer)) or interactions < 0:
+    raise ValueError(f"interactions must be an integer >= 0, got {interactions!r}")
+  model, image, truth, num_classes, source = _case(task, train_steps, log)
+  split = split_params(model, last_layers(layers))       # refuses a bad layer count before anything is written
   out = Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
-  model, image, truth, num_classes, source = _case(task, train_steps, log)
-  split = split_params(model, last_layers(layers))
   session = start_session(split, image, config)
   dice = [metrics.mean_foreground_dice(np.asarray(current_labels(session)), truth, num_classes)]
   log(f"task {task}: image {truth.shape[0]}x{truth.shape[1]}, {num_classes} classes, device "

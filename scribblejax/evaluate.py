@@ -76,6 +76,12 @@ class EvalConfig:
       raise ValueError(f"mark kind must be one of {KINDS}, got {self.mark_kind!r}")
     if not np.isfinite(self.region_growing) or self.region_growing < 0:
       raise ValueError(f"region growing threshold must be finite and >= 0, got {self.region_growing!r}")
+    for name, least in (("radius", 0), ("max_length", 1), ("ignore_border", 0)):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
+        raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
+    if not self.taus or any(not 0 < float(t) <= 1 for t in self.taus):
+      raise ValueError(f"taus are Dice thresholds in (0, 1], got {self.taus!r}")
 
 
 class Case(NamedTuple):
@@ -111,6 +117,8 @@ def make_case(name: str, image: Any, truth: Any, num_classes: int, class_names: 
                      f"0..{num_classes - 1}")
   if not np.all(np.isfinite(image)):
     raise ValueError("the image contains NaN or Inf values")
+  if class_names and len(class_names) != num_classes:
+    raise ValueError(f"{len(class_names)} class names for {num_classes} classes")
   names = tuple(class_names) if class_names else tuple(f"class {c}" for c in range(num_classes))
   return Case(name, image, truth.astype(np.int32), int(num_classes), names)
 

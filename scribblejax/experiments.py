@@ -381,7 +381,8 @@ def make_context(out: str | Path, size: str = "small", nuclei_model: str | None 
 
 def run_experiments(names, out: str | Path, size: str = "small", nuclei_model: str | None = None,
                     tissue_model: str | None = None, log=print) -> dict:
-  """Runs the named experiments; returns ``{name: payload}``."""
+  """Runs the named experiments (a name, or a sequence of names); returns ``{name: payload}``."""
+  names = [names] if isinstance(names, str) else list(names)
   unknown = [n for n in names if n not in EXPERIMENTS]
   if unknown:
     raise ValueError(f"unknown experiment(s) {unknown}; known: {', '.join(EXPERIMENTS)}")
@@ -409,9 +410,9 @@ def main(argv=None) -> int:
     parser.error("name experiments or pass --all")
   try:
     run_experiments(names, args.out, args.size, args.nuclei_model, args.tissue_model)
-  except (ValueError, OSError) as err:
+  except (ValueError, OSError) as err:   # bad input: 1, like the scribblejax command (2: argparse's usage errors)
     print(f"experiments: error: {err}", file=sys.stderr)
-    return 2
+    return 1
   return 0
 
 

@@ -19,3 +19,11 @@ def test_demo_writes_dice_and_overlay(tmp_path):
   assert 0 <= results["steps_per_interaction"][0] <= 5
   assert any("Dice" in line for line in lines)
   assert np.isfinite(results["seconds_per_interaction"]).all()
+
+
+def test_demo_refuses_bad_counts_before_writing(tmp_path):
+  import pytest
+  for bad, message in ((dict(interactions=-1), "interactions"), (dict(layers=0), "positive integer")):
+    with pytest.raises(ValueError, match=message):
+      run_demo(tmp_path / "out", train_steps=8, log=lambda _: None, **bad)
+    assert not (tmp_path / "out").exists()                 # was: the folder was made first

@@ -112,6 +112,14 @@ def test_cli_single_case_task_and_files(tiny_model, tmp_path, capsys):
   for key in ("dice_per_interaction", "noc", "seconds_per_interaction", "method", "model", "device"):
     assert key in res
   assert len(res["dice_per_interaction"]) == 2 and (out / "results.png").stat().st_size > 0
+  summary = capsys.readouterr().out
+  for tau, n in res["noc"].items():                     # '+': not reached in the interactions run
+    assert f"NoC@{tau} {n}{'' if res['noc_reached'][tau] else '+'}" in summary
+  assert main(["evaluate", "--experiment", "dice", "--size", "tiny", "--steps", "1", "--out", str(tmp_path / "e")]) == 1
+  assert "--steps set(s) one case and does not apply to --experiment" in capsys.readouterr().err  # was: ignored
+  assert not (tmp_path / "e").exists()
+  assert main(["evaluate", "--task", "nuclei2d", "--crop", "0", "--out", str(tmp_path / "c")]) == 1
+  assert "--crop must be >= 1" in capsys.readouterr().err                                   # was: IndexError
   # a user case by paths, with a label value the model lacks
   from scribblejax.io.images import Geometry, write_label_map
   ds = data.nuclei2d("binary")

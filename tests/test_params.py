@@ -127,5 +127,15 @@ def test_unet_any_size_2d_3d():
   assert model3(jnp.zeros((1, 5, 6, 7, 1))).shape == (1, 5, 6, 7, 2)
   with pytest.raises(ValueError, match="norm"):
     sj.UNet(norm="layer", rngs=nnx.Rngs(0))
+  for bad, message in [(dict(in_channels=0), "in_channels must be a positive integer"),
+                       (dict(channels=(4, -8)), "every entry of channels"),
+                       (dict(channels=(4.7, 8)), "every entry of channels"),       # was: truncated to 4
+                       (dict(channels="48"), "non-empty sequence"),                # was: (4, 8)
+                       (dict(channels=()), "non-empty sequence"),
+                       (dict(convs_per_level=1.5), "convs_per_level"),
+                       (dict(num_classes=1), "at least 2"),
+                       (dict(norm="group", groups=3, channels=(4, 8)), "divisible")]:
+    with pytest.raises(ValueError, match=message):
+      sj.UNet(**bad, rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="expects"):
     model2(jnp.zeros((1, 8, 8, 1)))

@@ -39,10 +39,14 @@ def test_quick_benchmark_writes_records_and_table(tmp_path, capsys):
 
 
 def test_bad_arguments_fail_with_one_line(capsys):
-  assert speed.main(["--quick", "--cases", "2d7"]) == 2
+  assert speed.main(["--quick", "--cases", "2d7"]) == 1
   assert "unknown case" in capsys.readouterr().err
-  assert speed.main(["--quick", "--batches", "0"]) == 2
+  assert speed.main(["--quick", "--batches", "0"]) == 1
   assert "--batches" in capsys.readouterr().err
+  for bad, message in ((["--channels", "a,b"], "comma-separated integers"), (["--channels", "0,8"], "positive"),
+                       (["--channels", "4"], "at least two"), (["--batch-steps", "-1"], "--batch-steps")):
+    assert speed.main(["--quick", *bad]) == 1                 # was: tracebacks, or every measurement failing
+    assert message in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("dims, shape", [(2, (13, 18)), (3, (6, 9, 7))])

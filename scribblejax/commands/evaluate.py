@@ -37,6 +37,12 @@ def _user_case(args, backbone):
   return make_case(Path(args.image).name, normalize(image, backbone.normalization), label, n + args.add_classes, names)
 
 
+def _noc_text(result: dict) -> str:
+  """``NoC@0.85 2, NoC@0.9 5+`` ('+': not reached within the interactions run)."""
+  reached = result.get("noc_reached", {})
+  return ", ".join(f"NoC@{tau} {n}{'' if reached.get(tau, True) else '+'}" for tau, n in result["noc"].items())
+
+
 def _single_case(args) -> int:
   from scribblejax import baselines as bl
   from scribblejax import evaluate as ev
@@ -45,6 +51,8 @@ def _single_case(args) -> int:
     raise ValueError(f"--interactions must be >= 0, got {args.interactions}")
   if args.add_classes < 0:
     raise ValueError(f"--add-classes must be >= 0, got {args.add_classes}")
+  if args.crop is not None and args.crop < 1:
+    raise ValueError(f"--crop must be >= 1, got {args.crop}")
   if (args.image is None) != (args.label is None):
     raise ValueError("give both --image and --label")
   if args.image is None and args.task is None:
@@ -77,12 +85,22 @@ def _single_case(args) -> int:
                  title=f"{case.name}: {result['method']}, {args.marks}")
   dice = " ".join(f"{d:.3f}" if d is not None else "nan" for d in result["dice_per_interaction"])
   print(f"{case.name} {result['method']} ({args.marks}): Dice per interaction {dice}; "
-        f"NoC {result['noc']}; wrote {out / 'results.json'}")
+        f"{_noc_text(result)}; wrote {out / 'results.json'}")
   return 0
+
+
+# Flags of one case (their defaults): an experiment sets these itself, so they are refused beside it.
+SINGLE_CASE_FLAGS = {"task": None, "image": None, "label": None, "marks": "scribble", "interactions": 5,
+                     "add_classes": 0, "region_growing": 0.0, "method": "refine", "layers": 5, "steps": 100,
+                     "lr": None, "prox_weight": None, "crop": None}
 
 
 def run(args: argparse.Namespace) -> int:
   if args.experiment:
+    given = [f"--{k.replace('_', '-')}" for k, v in SINGLE_CASE_FLAGS.items() if getattr(args, k) != v]
+    if given:
+      raise ValueError(f"{', '.join(given)} set(s) one case and does not apply to --experiment, whose settings "
+                       "come from --size; leave it out, or run one case with --task or --image/--label")
     from scribblejax.experiments import run_experiments
     names = args.experiment.split(",")
     if names == ["all"]:
@@ -100,24 +118,26 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
       "evaluate", help="simulated-user evaluation: an experiment, a built-in task or your own image and label",
       description="Runs an experiment (--experiment NAME[,NAME...] or all) or one case: a built-in task "
                   "(--task) or --image FILE --label FILE (NIfTI, TIFF, PNG, NRRD) with --model. Writes "
-                  "OUT/results.json, results.md and results.png (experiments: OUT/NAME.{json,md,png}).")
+                  "OUT/results.json, results.md and results.png (experiments: OUT/NAME.{json,md,png}). An "
+                  "experiment takes only --size, --model, --tissue-model and --out.")
   parser.add_argument("--experiment", default=None, help="experiment name(s), comma-separated, or 'all'")
   parser.add_argument("--size", default="small", choices=("tiny", "small", "full"), help="experiment size preset")
-  parser.add_argument("--task", default=None, choices=TASKS)
-  parser.add_argument("--image", default=None)
-  parser.add_argument("--label", default=None)
+  one = SINGLE_CASE_FLAGS            # one case only: refused beside --experiment
+  parser.add_argument("--task", default=one["task"], choices=TASKS)
+  parser.add_argument("--image", default=one["image"])
+  parser.add_argument("--label", default=one["label"])
   parser.add_argument("--model", default=None, help="built-in model name or saved model folder")
   parser.add_argument("--tissue-model", default=None, help="tissue backbone for experiments")
-  parser.add_argument("--marks", choices=("scribble", "point", "box"), default="scribble")
-  parser.add_argument("--interactions", type=int, default=5)
-  parser.add_argument("--add-classes", type=int, default=0, help="append K output classes for labels >= the model's")
-  parser.add_argument("--region-growing", type=float, default=0.0, help="threshold T (0: off)")
-  parser.add_argument("--method", choices=METHODS, default="refine")
-  parser.add_argument("--layers", type=int, default=5, help="tunable last layers for --method refine")
-  parser.add_argument("--steps", type=int, default=100, help="most refinement steps M")
-  parser.add_argument("--lr", type=float, default=None, help="SGD learning rate (default: RefineConfig's)")
-  parser.add_argument("--prox-weight", type=float, default=None, help="alpha (default: RefineConfig's)")
-  parser.add_argument("--crop", type=int, default=None, help="centre crop of a built-in task's image")
+  parser.add_argument("--marks", choices=("scribble", "point", "box"), default=one["marks"])
+  parser.add_argument("--interactions", type=int, default=one["interactions"])
+  parser.add_argument("--add-classes", type=int, default=one["add_classes"], help="append K output classes for labels >= the model's")
+  parser.add_argument("--region-growing", type=float, default=one["region_growing"], help="threshold T (0: off)")
+  parser.add_argument("--method", choices=METHODS, default=one["method"])
+  parser.add_argument("--layers", type=int, default=one["layers"], help="tunable last layers for --method refine")
+  parser.add_argument("--steps", type=int, default=one["steps"], help="most refinement steps M")
+  parser.add_argument("--lr", type=float, default=one["lr"], help="SGD learning rate (default: RefineConfig's)")
+  parser.add_argument("--prox-weight", type=float, default=one["prox_weight"], help="alpha (default: RefineConfig's)")
+  parser.add_argument("--crop", type=int, default=one["crop"], help="centre crop of a built-in task's image")
   parser.add_argument("--out", default="evaluate_output")
   parser.set_defaults(func=run)
   return parser

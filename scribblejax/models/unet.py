@@ -22,9 +22,11 @@ is padded to a multiple of ``2 ** (len(channels) - 1)`` and the output cropped b
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from scribblejax.models import init
@@ -104,9 +106,23 @@ class UNet(nnx.Module):
       raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
     if activation not in ACTIVATIONS:
       raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
-    channels = tuple(int(c) for c in channels)
-    if len(channels) < 1 or convs_per_level < 1:
-      raise ValueError("a U-Net needs at least one level and one conv per level")
+    def positive(value: Any, what: str) -> int:
+      if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{what} must be a positive integer, got {value!r}")
+      return int(value)
+
+    if isinstance(channels, (str, bytes)) or not isinstance(channels, Sequence) or not channels:
+      raise ValueError(f"channels must be a non-empty sequence of positive integers, got {channels!r}")
+    channels = tuple(positive(c, "every entry of channels") for c in channels)
+    in_channels = positive(in_channels, "in_channels")
+    convs_per_level = positive(convs_per_level, "convs_per_level")
+    if positive(num_classes, "num_classes") < 2:
+      raise ValueError(f"num_classes must be at least 2 (background and one class), got {num_classes}")
+    if norm == "group":
+      groups = positive(groups, "groups")
+      if any(c % min(groups, c) for c in channels):
+        raise ValueError(f"norm='group' needs every entry of channels {channels} that exceeds groups={groups} to be "
+                         "divisible by it")
     self.spatial_dims = spatial_dims
     self.in_channels = in_channels
     self.num_classes = num_classes
