@@ -326,6 +326,7 @@ class Backbone(NamedTuple):
   normalization: Any
   class_names: tuple[str, ...] | None
   num_classes: int
+  info: Any = None                # the stored model's ModelInfo (None for a backbone built here)
 
 
 def cache_dir() -> Path:
@@ -348,7 +349,7 @@ def load_backbone(name_or_path: str | os.PathLike) -> Backbone:
   """A built-in model by name or a saved model folder (see :func:`scribblejax.load_model`)."""
   from scribblejax.models.store import load_model
   model, info = load_model(name_or_path)
-  return Backbone(model, str(name_or_path), info.normalization, info.class_names, _num_classes(model, info))
+  return Backbone(model, str(name_or_path), info.normalization, info.class_names, _num_classes(model, info), info)
 
 
 def fallback_nuclei2d(train_steps: int = 300, log=print) -> Backbone:

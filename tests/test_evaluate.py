@@ -135,6 +135,8 @@ def test_cli_single_case_task_and_files(tiny_model, tmp_path, capsys):
   assert "--add-classes" in capsys.readouterr().err
   assert main(args + ["--add-classes", "1"]) == 0
   assert json.loads((tmp_path / "u" / "results.json").read_text())["num_classes"] == 3
+  assert main(args[:6] + ["tissue3d"] + args[7:]) == 1                       # a 2-D image for a 3-D model
+  assert "the model takes 3-D images, but" in capsys.readouterr().err           # was: about marks
   tifffile.imwrite(tmp_path / "small.tif", lab[:16].astype(np.uint8))
   assert main(args[:4] + [str(tmp_path / "small.tif")] + args[5:]) == 1
   assert "shape" in capsys.readouterr().err

@@ -9,19 +9,26 @@ import numpy as np
 
 
 def _user_case(args, backbone):
+  """The user's image and label, made ready for the model as ``scribblejax predict`` makes them (channels,
+  axis order, length-1 axes, normalisation: :func:`scribblejax.io.workflow.fit_image`)."""
   from scribblejax.evaluate import make_case
   from scribblejax.io.images import read_image
-  from scribblejax.normalize import normalize
+  from scribblejax.io.workflow import InputSpec, fit_image, spec_of, to_model
   for what, path in (("image", args.image), ("label", args.label)):
     if not Path(path).exists():
       raise ValueError(f"{what} file {path} does not exist")
-  image = read_image(args.image).array
+  img = read_image(args.image)
   label = read_image(args.label, labels=True).array
-  if label.ndim == image.ndim and label.shape[-1] == 1:
+  if label.ndim == img.array.ndim and label.shape[-1] == 1:
     label = label[..., 0]
-  if label.shape != image.shape[:-1]:
-    raise ValueError(f"image {args.image} has spatial shape {image.shape[:-1]} but label {args.label} has "
+  if label.shape != img.array.shape[:-1]:
+    raise ValueError(f"image {args.image} has spatial shape {img.array.shape[:-1]} but label {args.label} has "
                      f"shape {label.shape}")
+  info = backbone.info
+  spec = spec_of(backbone.model, info) if info is not None else InputSpec(
+      getattr(backbone.model, "spatial_dims", None), getattr(backbone.model, "in_channels", None), None)
+  fitted = fit_image(img, spec, backbone.normalization, info.metadata if info is not None else None)
+  label = to_model(label, fitted, fill=0)
   if label.dtype.kind == "f" and not np.all(label == np.round(label)):
     raise ValueError(f"label {args.label} holds non-integer values")
   label = label.astype(np.int64)
@@ -34,7 +41,7 @@ def _user_case(args, backbone):
     raise ValueError(f"label {args.label} has values up to {top} but the model has {n} classes "
                      f"(0..{n - 1}){' + ' + str(args.add_classes) + ' added' if args.add_classes else ''}{hint}")
   names = list(backbone.class_names or [f"class {c}" for c in range(n)]) + [f"added {c}" for c in range(n, n + args.add_classes)]
-  return make_case(Path(args.image).name, normalize(image, backbone.normalization), label, n + args.add_classes, names)
+  return make_case(Path(args.image).name, fitted.image, label, n + args.add_classes, names)
 
 
 def _noc_text(result: dict) -> str:
