@@ -363,6 +363,12 @@ class StateReader:
     self.source = source
     self._state = {k: v for k, v in state.items()}
     self._used: set[str] = set()
+    self._last: tuple[str, tuple[int, ...]] | None = None
+
+  def values(self) -> "Values":
+    """An empty ``{variable path: array}`` map that remembers, for each entry, the key last taken
+    before it was set: :func:`assign` names that torch key in its shape errors."""
+    return Values(self)
 
   def __contains__(self, key: str) -> bool:
     return key in self._state
@@ -384,6 +390,7 @@ class StateReader:
     if shape is not None and tuple(value.shape) != tuple(shape):
       raise ConversionError(f"{self.source}: key {key!r} has shape {tuple(value.shape)}, expected {tuple(shape)}")
     self._used.add(key)
+    self._last = (key, tuple(value.shape))
     return value
 
   def ignore(self, *keys: str) -> None:
@@ -405,6 +412,21 @@ class StateReader:
     if left:
       shown = ", ".join(left[:20]) + (f", ... ({len(left)} in all)" if len(left) > 20 else "")
       raise ConversionError(f"{self.source}: unexpected keys not used by the conversion: {shown}")
+
+
+class Values(dict):
+  """``{variable path: array}`` that records the torch key (and its shape) each entry came from."""
+
+  def __init__(self, reader: StateReader):
+    super().__init__()
+    self.origins: dict[Path, tuple[str, tuple[int, ...]]] = {}
+    self._reader = reader
+
+  def __setitem__(self, path, value) -> None:
+    super().__setitem__(path, value)
+    if self._reader._last is not None:
+      self.origins[tuple(path)] = self._reader._last
+      self._reader._last = None          # an entry set without a new take has no origin
 
 
 def strip_wrappers(state: Mapping[str, Any]) -> dict[str, Any]:
@@ -441,8 +463,10 @@ def assign(model: nnx.Module, values: Mapping[Path, np.ndarray], *, source: str 
   for path, variable in flat.items():
     value = np.asarray(values[path], dtype=np.float32)
     if tuple(value.shape) != tuple(variable.shape):
+      origin = getattr(values, "origins", {}).get(tuple(path))
+      torch = f" (from torch key {origin[0]!r} of shape {origin[1]})" if origin else ""
       raise ConversionError(f"{source}: {'/'.join(map(str, path))} has shape {tuple(variable.shape)}, "
-                            f"converted value has {tuple(value.shape)}")
+                            f"converted value has {tuple(value.shape)}{torch}")
     variable.set_value(jnp.asarray(value))
   if torch_param_count is not None:
     ours = sum(int(np.prod(v.shape)) for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param)))

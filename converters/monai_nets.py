@@ -206,7 +206,7 @@ class BasicUNet(nnx.Module):
 
   def load_torch(self, reader: StateReader) -> dict:
     """``{variable path: array}`` from a torch BasicUNet state dict."""
-    values: dict = {}
+    values = reader.values()
     torch_two = {("conv_0",): "conv_0", **{("downs", i): f"down_{i + 1}.convs" for i in range(4)},
                  **{("upcats", i, "convs"): f"upcat_{4 - i}.convs" for i in range(4)}}
     for path, t in torch_two.items():
@@ -337,7 +337,7 @@ class UNet(nnx.Module):
       _conv_adn_values(reader, t, path, block, values)
 
   def load_torch(self, reader: StateReader) -> dict:
-    values: dict = {}
+    values = reader.values()
     for i in range(len(self.downs)):
       prefix = "model." + "1.submodule." * i
       self._block_values(reader, f"{prefix}0", ("downs", i), self.downs[i], values)
@@ -453,7 +453,7 @@ class SegResNet(nnx.Module):
       values[(*path, "act", "weight")] = reader.take(f"{t}.act.weight")
 
   def load_torch(self, reader: StateReader) -> dict:
-    values: dict = {}
+    values = reader.values()
     _conv_values(reader, "convInit.conv", ("conv_init",), self.conv_init, values)
     for i, down in enumerate(self.downs):
       if down["pre_conv"] is not None:

@@ -474,7 +474,7 @@ def load_weights(model: PlainConvUNet | ResidualEncoderUNet, state: Mapping[str,
   state = canonicalize(strip_wrappers(state), _canonical_key, source=source)
   state = _drop_all_modules_aliases(state, source=source)
   reader = StateReader(state, source=source)
-  values: dict = {}
+  values = reader.values()
   if isinstance(model, PlainConvUNet):
     for s, stage in enumerate(model.encoder["stages"]):
       for i, conv in enumerate(stage.convs):

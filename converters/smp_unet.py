@@ -327,7 +327,7 @@ class Unet(nnx.Module):
 
   def load_torch(self, reader: StateReader) -> dict:
     """``{variable path: array}`` from an smp ``Unet`` state dict (keys used or explicitly ignored)."""
-    values: dict = {}
+    values = reader.values()
     _conv_norm_values(reader, "encoder.conv1", "encoder.bn1", ("encoder", "stem"), self.encoder.stem, values)
     for k, stage in enumerate(self.encoder.layers):
       for j, block in enumerate(stage):

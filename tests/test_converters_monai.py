@@ -61,3 +61,12 @@ def test_unknown_options_refused():
     monai_nets.BasicUNet(spatial_dims=2, upsample="pixelshuffle", rngs=nnx.Rngs(0))
   with pytest.raises(ConversionError, match="norm"):
     monai_nets.UNet(2, 1, 2, [4, 8], [2], norm="layer", rngs=nnx.Rngs(0))
+
+
+def test_shape_errors_name_the_torch_key():
+  net = nets.BasicUNet(spatial_dims=2, in_channels=1, out_channels=3, features=[4, 4, 4, 4, 4, 4])
+  model = monai_nets.BasicUNet(spatial_dims=2, in_channels=1, out_channels=3, features=[4, 4, 4, 4, 4, 8],
+                               rngs=nnx.Rngs(0))
+  with pytest.raises(ConversionError, match=r"final_conv/kernel has shape \(1, 1, 8, 3\), converted value has "
+                                            r"\(1, 1, 4, 3\) \(from torch key 'final_conv.weight' of shape \(3, 4, 1, 1\)\)"):
+    monai_nets.load_weights(model, torch_state(net))
