@@ -24,6 +24,7 @@ import numpy as np
 from flax import nnx
 
 from scribblejax import marks as marks_lib
+from scribblejax._checks import is_finite_number
 from scribblejax.models.layer_order import layer_order
 from scribblejax.params import head, last_layers, split_params
 from scribblejax.refine import RefineConfig, compute_trunk, predict, refine
@@ -233,7 +234,7 @@ def _final_layer(model: nnx.Module, example: Any) -> tuple[nnx.Module, str, nnx.
 
 
 def _check_finite(value: Any, what: str) -> None:
-  if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) or not np.isfinite(value):
+  if not is_finite_number(value):
     raise ValueError(f"{what} must be a finite number, got {value!r}")
 
 

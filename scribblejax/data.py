@@ -28,6 +28,9 @@ from typing import NamedTuple
 
 import numpy as np
 
+from scribblejax._checks import is_integer
+
+
 DATA_DIR = Path(__file__).resolve().parent / "data"
 
 MNI_FILES = {name: f"mni152_brain/mni_icbm152_{name}_tal_nlin_sym_09a_converted.nii.gz"
@@ -203,7 +206,7 @@ def tissue3d(factor: int = 3) -> Dataset:
     ``int32[X, Y, Z]``; train and test are the axial slabs of :data:`TISSUE_TRAIN_SLICES` and
     :data:`TISSUE_TEST_SLICES` divided by ``factor`` (rounded outwards from the gap).
   """
-  if isinstance(factor, bool) or not isinstance(factor, (int, np.integer)) or factor < 1:
+  if not is_integer(factor) or factor < 1:
     raise ValueError(f"factor must be a positive integer, got {factor!r}")
   factor = int(factor)
   from skimage.transform import downscale_local_mean

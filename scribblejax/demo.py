@@ -17,6 +17,7 @@ import numpy as np
 from flax import nnx
 
 from scribblejax import data, fileio, metrics
+from scribblejax._checks import is_integer
 from scribblejax.models.store import builtin_models, load_model
 from scribblejax.models.unet import UNet
 from scribblejax.normalize import normalize
@@ -111,7 +112,7 @@ def run_demo(out_dir: str | os.PathLike = "demo_output", *, task: str = "nuclei2
     ValueError: an unknown task, negative interactions or a layer count the model lacks (before anything
       is written).
   """
-  if isinstance(interactions, bool) or not isinstance(interactions, (int, np.integer)) or interactions < 0:
+  if not is_integer(interactions) or interactions < 0:
     raise ValueError(f"interactions must be an integer >= 0, got {interactions!r}")
   model, image, truth, num_classes, source = _case(task, train_steps, log)
   split = split_params(model, last_layers(layers))       # refuses a bad layer count before anything is written

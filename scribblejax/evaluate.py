@@ -37,6 +37,7 @@ import jax
 import numpy as np
 
 from scribblejax import fileio, metrics
+from scribblejax._checks import is_integer
 from scribblejax.baselines import Method
 from scribblejax.marks import UNMARKED, accumulate, grow_marks
 from scribblejax.simulate import KINDS, simulate_marks
@@ -78,7 +79,7 @@ class EvalConfig:
       raise ValueError(f"region growing threshold must be finite and >= 0, got {self.region_growing!r}")
     for name, least in (("radius", 0), ("max_length", 1), ("ignore_border", 0)):
       value = getattr(self, name)
-      if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
+      if not is_integer(value) or value < least:
         raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
     if not self.taus or any(not 0 < float(t) <= 1 for t in self.taus):
       raise ValueError(f"taus are Dice thresholds in (0, 1], got {self.taus!r}")

@@ -6,6 +6,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from scribblejax._checks import is_integer
+
 
 def dice_per_class(pred: np.ndarray, truth: np.ndarray, num_classes: int) -> np.ndarray:
   """Dice of each class, ``float64[num_classes]``; NaN for a class absent from both maps.
@@ -17,7 +19,7 @@ def dice_per_class(pred: np.ndarray, truth: np.ndarray, num_classes: int) -> np.
   pred, truth = np.asarray(pred), np.asarray(truth)
   if pred.shape != truth.shape:
     raise ValueError(f"prediction of shape {pred.shape} and ground truth of shape {truth.shape} differ")
-  if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 1:
+  if not is_integer(num_classes) or num_classes < 1:
     raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
   for what, arr in (("prediction", pred), ("ground truth", truth)):
     if not (np.issubdtype(arr.dtype, np.integer) or arr.dtype == bool):

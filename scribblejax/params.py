@@ -22,6 +22,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from scribblejax._checks import is_integer
 from scribblejax.models.layer_order import LayerPath, layer_order
 
 PathPredicate = Callable[[LayerPath], bool]
@@ -52,7 +53,7 @@ class last_layers:  # noqa: N801 (reads as a function at the call site)
 
   def predicate(self, model: nnx.Module, example: Any) -> PathPredicate:
     order = layer_order(model, example)
-    if not isinstance(self.n, (int, np.integer)) or isinstance(self.n, bool) or self.n < 1:
+    if not is_integer(self.n) or self.n < 1:
       raise ValueError(f"the number of tunable layers must be a positive integer, got {self.n!r}")
     if self.n > len(order):
       raise ValueError(f"asked for the last {self.n} layers but the model has only {len(order)} layers")

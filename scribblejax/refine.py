@@ -43,6 +43,7 @@ from scribblejax import kernels
 from scribblejax import marks as marks_lib
 from scribblejax import params as params_lib
 from scribblejax import trunk as trunk_lib
+from scribblejax._checks import is_integer, is_number
 from scribblejax.params import Split
 
 DRIVERS = ("auto", "loop", "host")
@@ -51,10 +52,6 @@ COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
 _INT32_MAX = int(np.iinfo(np.int32).max)
-
-
-def _is_int(value: Any) -> bool:
-  return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,11 +121,11 @@ class RefineConfig:
   conv_backend: str = "auto"
 
   def __post_init__(self):
-    if not _is_int(self.max_steps) or not 0 <= self.max_steps <= _INT32_MAX:
+    if not is_integer(self.max_steps) or not 0 <= self.max_steps <= _INT32_MAX:
       raise ValueError(f"max_steps must be a non-negative integer (at most {_INT32_MAX}), got {self.max_steps!r}")
     for name in ("learning_rate", "momentum", "prox_weight", "keep_weight"):
       value = getattr(self, name)
-      if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+      if not is_number(value):
         raise ValueError(f"{name} must be a number, got {value!r}")
       if not np.isfinite(value) or value < 0:
         raise ValueError(f"{name} must be finite and >= 0, got {value!r}")
@@ -140,7 +137,7 @@ class RefineConfig:
       raise ValueError(f"optimizer must be an optax GradientTransformation (or None for SGD), got {self.optimizer!r}")
     for name in ("check_every", "trace_length"):
       value = getattr(self, name)
-      if not _is_int(value) or not 1 <= value <= _INT32_MAX:
+      if not is_integer(value) or not 1 <= value <= _INT32_MAX:
         raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
     if self.driver not in DRIVERS:
       raise ValueError(f"driver must be one of {DRIVERS}, got {self.driver!r}")

@@ -29,6 +29,8 @@ import numpy as np
 import optax
 from flax import nnx
 
+from scribblejax._checks import is_finite_number, is_integer
+
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
@@ -57,12 +59,11 @@ class TrainConfig:
   def __post_init__(self):
     for name in ("steps", "batch_size", "crop", "seed"):
       value = getattr(self, name)
-      if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < (0 if name == "seed" else 1):
+      if not is_integer(value) or value < (0 if name == "seed" else 1):
         raise ValueError(f"TrainConfig.{name} must be an integer >= {0 if name == 'seed' else 1}, got {value!r}")
     for name in ("learning_rate", "intensity", "dice_weight"):
       value = getattr(self, name)
-      if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
-          or not np.isfinite(value):
+      if not is_finite_number(value):
         raise ValueError(f"TrainConfig.{name} must be a finite number, got {value!r}")
     if not self.learning_rate > 0:
       raise ValueError(f"TrainConfig.learning_rate must be positive, got {self.learning_rate}")
@@ -226,7 +227,7 @@ def train_segmenter(model: nnx.Module, image: np.ndarray, labels: np.ndarray, co
     raise ValueError(f"image of shape {image.shape} (channels last) does not match labels of shape {labels.shape}")
   if not labels.size:
     raise ValueError(f"the labels of shape {labels.shape} hold no pixel")
-  if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, (int, np.integer)) or checkpoint_every < 1:
+  if not is_integer(checkpoint_every) or checkpoint_every < 1:
     raise ValueError(f"checkpoint_every must be an integer >= 1, got {checkpoint_every!r}")
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   labels = _check_labels(labels, _num_outputs(graphdef, params, rest, image, config, stacked))

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from scribblejax._checks import is_integer
 from scribblejax.models import init
 
 NORMS = ("instance", "group", "batch", "none")
@@ -107,7 +108,7 @@ class UNet(nnx.Module):
     if activation not in ACTIVATIONS:
       raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
     def positive(value: Any, what: str) -> int:
-      if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+      if not is_integer(value) or value < 1:
         raise ValueError(f"{what} must be a positive integer, got {value!r}")
       return int(value)
 
