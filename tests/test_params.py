@@ -111,6 +111,32 @@ def test_user_model_layer_order_traced_or_stated():
     sj.layer_order(_Stated(nnx.Rngs(0), [("early",), ("late",), ("late", "kernel")]))
 
 
+class _Nested(nnx.Module):
+  """Three layers called inside one remat (or jit), defined in reverse alphabetical order, and an unused one."""
+
+  def __init__(self, rngs, wrap):
+    self.a_head = nnx.Conv(4, 2, (1, 1), rngs=rngs)
+    self.y_second = nnx.Conv(4, 4, (3, 3), rngs=rngs)
+    self.z_first = nnx.Conv(1, 4, (3, 3), rngs=rngs)
+    self.aux = nnx.Conv(1, 1, (1, 1), rngs=rngs)
+    self.wrap = wrap
+
+  def __call__(self, x):
+    body = lambda m, x: m.a_head(jax.nn.relu(m.y_second(jax.nn.relu(m.z_first(x)))))
+    if self.wrap == "remat":
+      return nnx.remat(body)(self, x)
+    return jax.jit(lambda x: body(self, x))(x)
+
+
+@pytest.mark.parametrize("wrap", ["remat", "jit"])
+def test_traced_order_looks_inside_nested_calls_and_puts_unused_layers_first(wrap):
+  model = _Nested(nnx.Rngs(0), wrap)
+  example = jnp.zeros((1, 8, 8, 1))
+  # was: ('a_head', 'y_second', 'z_first') by name (one nested call), and 'aux' last, so head() tuned it
+  assert sj.layer_order(model, example) == (("aux",), ("z_first",), ("y_second",), ("a_head",))
+  assert _names(sj.split_params(model, sj.head(), example=example).tunable) == ["a_head/bias", "a_head/kernel"]
+
+
 def test_split_does_not_alias_the_model():
   model = _unet()
   split = sj.split_params(model, sj.last_layers(2))

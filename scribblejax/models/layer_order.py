@@ -92,26 +92,57 @@ def traced_layer_order(model: nnx.Module, example: jax.Array | jax.ShapeDtypeStr
   example = jax.ShapeDtypeStruct(example.shape, example.dtype)
   closed = jax.make_jaxpr(forward)([jax.ShapeDtypeStruct(jnp.shape(v), jnp.result_type(v)) for v in leaves], example)
   jaxpr = closed.jaxpr
-  invars = jaxpr.invars[: len(leaves)]
-  # For each variable, the set of parameter indices it depends on; record the first equation that
-  # depends on each parameter directly or indirectly.
-  depends = {v: {i} for i, v in enumerate(invars)}
-  first_use = {}
-  for eqn_index, eqn in enumerate(jaxpr.eqns):
-    deps = set()
-    for v in eqn.invars:
-      if not hasattr(v, "val") and v in depends:  # skip literals
-        deps |= depends[v]
-    for i in deps:
-      first_use.setdefault(i, eqn_index)
-    for v in eqn.outvars:
-      depends[v] = deps
+  first_use = _first_uses(jaxpr, {v: {i} for i, v in enumerate(jaxpr.invars[: len(leaves)])})
   owners: dict[LayerPath, int] = {}
   for i, path in enumerate(paths):
     owner = path[:-1]
-    use = first_use.get(i, len(jaxpr.eqns))
+    use = first_use.get(i, -1)          # a layer the output never reads goes first: never a "last" layer
     owners[owner] = min(owners.get(owner, use), use)
   return tuple(sorted(owners, key=lambda o: (owners[o], o.__repr__())))
+
+
+# Equation parameters that hold the sub-programs of calls, remat, custom derivatives, control flow.
+_SUB_JAXPRS = ("jaxpr", "call_jaxpr", "fun_jaxpr", "body_jaxpr", "branches")
+
+
+def _sub_jaxprs(eqn) -> list:
+  subs = []
+  for key in _SUB_JAXPRS:
+    value = eqn.params.get(key)
+    for sub in (value if isinstance(value, (tuple, list)) else [value]):
+      sub = getattr(sub, "jaxpr", sub)                # ClosedJaxpr -> Jaxpr
+      if hasattr(sub, "eqns") and hasattr(sub, "invars"):
+        subs.append(sub)
+  return subs
+
+
+def _first_uses(jaxpr, depends: dict, clock: list | None = None, first_use: dict | None = None) -> dict:
+  """``{parameter index: time of the first primitive reading it}``, in execution order, looking inside
+  sub-programs (``jit``, ``remat``, custom derivatives, ``cond``, ``while``, ``scan``) so that layers
+  called in one nested call still get distinct times. ``depends`` maps variables to the parameter
+  indices they depend on (updated in place)."""
+  clock = [0] if clock is None else clock
+  first_use = {} if first_use is None else first_use
+  for eqn in jaxpr.eqns:
+    deps = set()
+    for v in eqn.invars:
+      if not hasattr(v, "val") and v in depends:      # skip literals
+        deps |= depends[v]
+    passed = set()        # parameters handed into a sub-program: read there, or not at all
+    for sub in _sub_jaxprs(eqn):
+      # the sub-program's inputs are the equation's last operands (cond's first is the branch index)
+      inner = {}
+      for outer, var in zip(eqn.invars[len(eqn.invars) - len(sub.invars):], sub.invars):
+        if not hasattr(outer, "val") and outer in depends:
+          inner[var] = depends[outer]
+          passed |= depends[outer]
+      _first_uses(sub, inner, clock, first_use)
+    clock[0] += 1
+    for i in deps - passed:
+      first_use.setdefault(i, clock[0])
+    for v in eqn.outvars:
+      depends[v] = deps
+  return first_use
 
 
 def layer_order(model: nnx.Module, example: jax.Array | jax.ShapeDtypeStruct | None = None) -> tuple[LayerPath, ...]:
