@@ -252,3 +252,23 @@ def test_3d_overlay_shows_the_marked_slices(tmp_path, dicom):
   with PILImage.open(tmp_path / "o.png") as im:
     width, height = im.size
   assert height > width                                 # two slices: two rows of two panels
+
+
+def test_overlay_of_a_flat_volume_many_classes_and_bad_maps(tmp_path, dicom):
+  from scribblejax.io.images import Geometry
+  from scribblejax.io.overlay import _palette
+  flat = Geometry("nifti", (1, 24, 30), "ijk", (1.0, 1.0, 1.0), np.eye(4), None)
+  rng = np.random.default_rng(1)
+  image = rng.normal(size=(1, 24, 30, 1))
+  labels = rng.integers(0, 23, size=(1, 24, 30))          # 23 classes: more than tab20 holds
+  marks = np.full((1, 24, 30), -1)
+  marks[0, 3, 3] = 22
+  save_overlay(tmp_path / "flat.png", image, flat, labels, labels, marks)
+  with PILImage.open(tmp_path / "flat.png") as im:
+    width, height = im.size
+  assert height > 100 and width > 2 * 100                 # was: a 1 x 24 strip per panel (axis 2 squeezed)
+  assert len({tuple(c) for c in _palette(23).colors}) >= 23  # every class its own colour
+  with pytest.raises(ValueError, match="max_slices"):
+    save_overlay(tmp_path / "x.png", image, flat, labels, max_slices=0)
+  with pytest.raises(ValueError, match=r"before map has shape \(24, 30\)"):
+    save_overlay(tmp_path / "x.png", image, flat, labels[0])

@@ -44,7 +44,7 @@ def _display(image: np.ndarray) -> np.ndarray:
     x = x[..., :3]
   else:
     x = x[..., 0]
-  lo, hi = np.percentile(x, [1, 99])
+  lo, hi = np.nanpercentile(x, [1, 99]) if np.isfinite(x).any() else (0.0, 1.0)
   return np.clip((x - lo) / max(float(hi - lo), 1e-8), 0, 1)
 
 
@@ -55,11 +55,23 @@ def _draw_marks(ax, marks: np.ndarray, cmap, origin: str) -> None:
     ax.imshow(np.ma.masked_less(marks, 0), cmap=cmap, vmin=0, vmax=cmap.N - 1, origin=origin,
               interpolation="nearest")
     return
-  colours = cmap(marks[tuple(where.T)] % cmap.N)
+  colours = cmap(marks[tuple(where.T)] % cmap.N)       # class % palette size, as for segmentations
   limits = ax.get_xlim(), ax.get_ylim()
   ax.scatter(where[:, 1], where[:, 0], s=10, c=colours, edgecolors="white", linewidths=0.4, marker="s")
   ax.set_xlim(*limits[0])
   ax.set_ylim(*limits[1])
+
+
+def _palette(num_classes: int):
+  """Distinct colours for up to 60 classes (tab10, tab20, then tab20 + tab20b + tab20c); beyond that,
+  class ``c`` takes colour ``c % 60`` in segmentations and marks alike."""
+  import matplotlib.pyplot as plt
+  from matplotlib.colors import ListedColormap
+  if num_classes <= 10:
+    return plt.get_cmap("tab10")
+  if num_classes <= 20:
+    return plt.get_cmap("tab20")
+  return ListedColormap([c for name in ("tab20", "tab20b", "tab20c") for c in plt.get_cmap(name).colors])
 
 
 def save_overlay(path: str | os.PathLike, image: np.ndarray, geometry: Geometry, before: np.ndarray,
@@ -82,16 +94,22 @@ def save_overlay(path: str | os.PathLike, image: np.ndarray, geometry: Geometry,
   import matplotlib.pyplot as plt
 
   spatial = tuple(geometry.shape)
+  if max_slices < 1:
+    raise ValueError(f"max_slices must be >= 1, got {max_slices}")
+  for name, labels in (("before", before), ("after", after), ("marks", marks)):
+    if labels is not None and tuple(labels.shape) != spatial:
+      raise ValueError(f"the overlay's {name} map has shape {tuple(labels.shape)}, the image {spatial}")
   axis = slice_axis(geometry)
-  squeeze = axis is None and len(spatial) == 3
-  if squeeze:   # a medical 2-D image stored as [i, j, 1]
-    image, before = image[:, :, 0], before[:, :, 0]
-    after = None if after is None else after[:, :, 0]
-    marks = None if marks is None else marks[:, :, 0]
+  if axis is None and len(spatial) == 3:   # a 3-D array with a length-1 axis: [i, j, 1] or [1, j, k]
+    flat = [a for a, n in enumerate(spatial) if n == 1][-1]
+    image, before = np.take(image, 0, axis=flat), np.take(before, 0, axis=flat)
+    after = None if after is None else np.take(after, 0, axis=flat)
+    marks = None if marks is None else np.take(marks, 0, axis=flat)
   slices = [None] if axis is None else marked_slices(marks, axis, spatial[axis], max_slices)
   columns = [("network", before, None)] + ([("refined + marks", after, marks)] if after is not None else [])
-  num_classes = int(max(before.max(), 0 if after is None else after.max(), 1)) + 1
-  cmap = plt.get_cmap("tab10" if num_classes <= 10 else "tab20")
+  num_classes = int(max(before.max(), 0 if after is None else after.max(),
+                        0 if marks is None else marks.max(), 1)) + 1
+  cmap = _palette(num_classes)
   medical = geometry.family in MEDICAL
   fig, axes = plt.subplots(len(slices), len(columns), figsize=(4.2 * len(columns), 4.2 * len(slices) + 0.4),
                            squeeze=False)
@@ -107,7 +125,8 @@ def save_overlay(path: str | os.PathLike, image: np.ndarray, geometry: Geometry,
         layers = [np.swapaxes(layer, 0, 1) for layer in layers]
       origin = "lower" if medical else "upper"
       ax.imshow(layers[0], cmap="gray", origin=origin, interpolation="nearest")
-      ax.imshow(layers[1], cmap=cmap, vmin=0, vmax=cmap.N - 1, alpha=0.4, origin=origin, interpolation="nearest")
+      ax.imshow(layers[1] % cmap.N, cmap=cmap, vmin=0, vmax=cmap.N - 1, alpha=0.4, origin=origin,
+                interpolation="nearest")
       if len(layers) > 2:
         _draw_marks(ax, np.ma.filled(layers[2], -1), cmap, origin)
       where = "" if axis is None else f" (slice {index} of axis {axis})"
