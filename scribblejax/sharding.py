@@ -23,7 +23,9 @@ Several hosts (``jax.distributed``)::
     mine = [s.data for s in result.logits.addressable_shards]           # this host's images
 
 Arrays that span several hosts are not validated again (no host can see all of them) and their
-batch must be a multiple of the number of devices; every host must run the same call.
+batch must be a multiple of the number of devices; every host must run the same call. Tested with
+two processes on one machine (``jax.distributed`` over gloo, one CPU device each; both drivers): each
+host's images come out as a local :func:`scribblejax.refine_batch` of them would.
 """
 
 from __future__ import annotations
@@ -113,12 +115,18 @@ def _drive(split: Split, images, marks, config, mesh: Mesh, start, batched_start
   residuals = (_run_trunk(graphdef, static.compute_dtype, static.conv_backend, mesh, anchor, split.frozen, images)
                if config.cache_trunk else None)
   while True:
-    finished = np.asarray(jax.device_get(state.done | (state.step >= config.max_steps)))
-    if finished.all():
+    # one replicated flag, which every host holds (the per-image flags of other hosts it cannot fetch)
+    if bool(np.asarray(_all_finished(state.done, state.step, config.max_steps).addressable_data(0))):
       break
     state = _run_chunk(graphdef, static, config.check_every, mesh, anchor, split.frozen, images, marks, hyper,
                        state, residuals)
   return _run_finalize(graphdef, static, mesh, split.frozen, images, marks, state, residuals)
+
+
+@jax.jit
+def _all_finished(done: jax.Array, step: jax.Array, max_steps: int) -> jax.Array:
+  """Whether every image of the (possibly multi-host) batch is finished, as a replicated scalar."""
+  return jnp.all(done | (step >= max_steps))
 
 
 def _global(x: Any) -> bool:

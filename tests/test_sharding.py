@@ -1,5 +1,6 @@
 """Sharded refinement over 4 (simulated) CPU devices equals the unsharded batch."""
 
+import json
 import os
 import subprocess
 import sys
@@ -55,3 +56,61 @@ def test_batch_mesh_spans_every_device():
   from scribblejax import sharding
   mesh = sharding.batch_mesh()
   assert mesh.axis_names == ("batch",) and mesh.size == jax.device_count()
+
+
+HOST_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import jax
+    process, port = int(sys.argv[1]), sys.argv[2]
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=f"localhost:{port}", num_processes=2, process_id=process)
+    import numpy as np
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    import scribblejax as sj
+    from benchmarks.speed import random_unet
+    from scribblejax.refine import prepare_inputs
+    from scribblejax.sharding import batch_mesh, refine_sharded
+    split = sj.split_params(random_unet(2, (4, 8), classes=2), sj.last_layers(2))
+    rng = np.random.default_rng(process)                   # each host has its own image and marks
+    images = rng.normal(size=(1, 8, 8)).astype(np.float32)
+    marks = np.full((1, 8, 8), -1, np.int32)
+    marks[0, 1, 1], marks[0, 6, 6] = 0, 1
+    mesh = batch_mesh()                                    # one device per host here
+    spec = NamedSharding(mesh, P("batch"))
+    local_images, local_marks = prepare_inputs(split, images, marks, batched=True)
+    out = {}
+    for driver in ("host", "loop"):                        # the docstring's procedure, with both drivers
+      config = sj.RefineConfig(max_steps=10, learning_rate=0.05, prox_weight=0.01, driver=driver)
+      result = refine_sharded(split, jax.make_array_from_process_local_data(spec, np.asarray(local_images)),
+                              jax.make_array_from_process_local_data(spec, np.asarray(local_marks)), config, mesh=mesh)
+      mine = np.asarray(result.logits.addressable_shards[0].data)
+      alone = sj.refine_batch(split, images, marks, config)
+      out[driver] = float(np.abs(mine - np.asarray(alone.logits)).max())
+    print("HOSTS_OK", json.dumps(out), flush=True)
+""")
+
+
+def test_multi_host_procedure_of_the_docstring_with_two_processes(tmp_path):
+  """Two processes (jax.distributed over gloo on the CPU), one device each: each host's images refined
+  as a local refine_batch would; the host driver used to fail fetching other hosts' flags."""
+  import socket
+  root = Path(__file__).resolve().parent.parent
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = str(s.getsockname()[1])
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  env.pop("XLA_FLAGS", None)
+  procs = [subprocess.Popen([sys.executable, "-c", HOST_SCRIPT, str(i), port], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+  outputs = []
+  try:
+    for proc in procs:
+      stdout, stderr = proc.communicate(timeout=300)
+      outputs.append((proc.returncode, stdout, stderr))
+  finally:
+    for proc in procs:
+      proc.kill()
+  for code, stdout, stderr in outputs:
+    assert code == 0 and "HOSTS_OK" in stdout, stdout + stderr[-3000:]
+    diffs = json.loads(stdout.split("HOSTS_OK", 1)[1])
+    assert diffs["host"] < 1e-5 and diffs["loop"] < 1e-5, diffs
