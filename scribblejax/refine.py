@@ -147,6 +147,9 @@ class RefineConfig:
       raise ValueError(f"conv_backend must be one of {kernels.CONV_BACKENDS}, got {self.conv_backend!r}")
     if self.compute_dtype not in COMPUTE_DTYPES:
       raise ValueError(f"compute_dtype must be one of {COMPUTE_DTYPES}, got {self.compute_dtype!r}")
+    if self.conv_backend == "onednn" and self.compute_dtype != "float32":
+      raise ValueError(f"conv_backend='onednn' computes float32 only, so it cannot run compute_dtype="
+                       f"{self.compute_dtype!r}; use conv_backend='auto' (XLA's convolutions then) or 'xla'")
     if self.output not in ("logits", "probabilities"):
       raise ValueError(f"output must be 'logits' or 'probabilities', got {self.output!r}")
 
@@ -345,7 +348,11 @@ def forward(graphdef: Any, tunable: Any, frozen: Any, image: jax.Array, compute_
     cast = lambda x: x.astype(dtype) if jnp.issubdtype(jnp.result_type(x), jnp.floating) else x
     tunable, frozen, image = jax.tree.map(cast, (tunable, frozen, image))
   model = nnx.merge(graphdef.graphdef if isinstance(graphdef, GraphKey) else graphdef, tunable, frozen)
-  return model(image[None])[0].astype(jnp.float32)
+  out = model(image[None])
+  if not isinstance(out, jax.Array):
+    raise ValueError(f"the model returns a {type(out).__name__}; refinement needs one array of logits "
+                     "[batch, *spatial, classes] (wrap the model to return its segmentation output)")
+  return out[0].astype(jnp.float32)
 
 
 def _check_pairs(logits: jax.Array, marks: jax.Array, what: str) -> None:

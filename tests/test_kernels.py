@@ -188,9 +188,26 @@ def test_auto_means_onednn_on_cpu_and_bf16_stays_with_xla():
   assert "onednn_conv" not in jaxpr and "conv_general_dilated" in jaxpr    # bf16 convolutions stay with XLA
 
 
+@needs_kernels
+def test_public_conv_refuses_what_it_cannot_compute():
+  x, w = jnp.ones((1, 6, 6, 2)), jnp.ones((3, 3, 2, 4))
+  for args, bad in [((x.astype(jnp.bfloat16), w, (1, 1), ((1, 1), (1, 1))), "bfloat16"),     # was: FFI decode error
+                    ((x.astype(jnp.int32), w, (1, 1), ((1, 1), (1, 1))), "int32"),
+                    ((x, w, (0, 1), ((1, 1), (1, 1))), "strides (0, 1)"),                    # was: ZeroDivisionError
+                    ((x[:, :2, :2], jnp.ones((5, 5, 2, 4)), (1, 1), ((0, 0), (0, 0))), "non-empty output")]:
+    with pytest.raises(ValueError, match=bad.replace("(", r"\(").replace(")", r"\)")):
+      kernels.conv(*args)
+  np.testing.assert_allclose(np.asarray(kernels.conv(x, w, (1, 1), ((1, 1), (1, 1)))),
+                             np.asarray(jax.lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)),
+                                                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))),
+                             rtol=1e-5)
+
+
 def test_bad_backend_and_unavailable_kernels_raise_clear_errors(monkeypatch):
   with pytest.raises(ValueError, match="conv_backend must be one of"):
     sj.RefineConfig(conv_backend="cudnn")
+  with pytest.raises(ValueError, match="computes float32 only"):
+    sj.RefineConfig(conv_backend="onednn", compute_dtype="bfloat16")       # was: XLA's convolutions, silently
   with pytest.raises(ValueError, match="conv_backend must be one of"):
     sj.resolve_conv_backend("fast")
   monkeypatch.setattr(kernels, "kernel_status", lambda: kernels.KernelStatus(False, "oneDNN not found (test)", None))
@@ -239,8 +256,9 @@ def test_self_check_passes_even_when_first_run_inside_a_trace_and_catches_wrong_
   seen = []
   jax.jit(lambda v: seen.append(kernels._self_check()) or v)(1.0)      # first call from inside a jit trace
   assert seen == [None]
-  wrong = lambda x, w, strides, padding: kernels._conv(x, w, tuple(strides), tuple(map(tuple, padding)), False) * 1.01
-  monkeypatch.setattr(kernels, "conv", wrong)
+  right = kernels._conv
+  wrong = lambda x, w, strides, padding, transposed: right(x, w, strides, padding, transposed) * 1.01
+  monkeypatch.setattr(kernels, "_conv", wrong)                 # the self-check runs the unchecked kernels
   assert "convolution forward differ" in kernels._self_check()
 
 

@@ -165,3 +165,16 @@ def test_unet_any_size_2d_3d():
       sj.UNet(**bad, rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="expects"):
     model2(jnp.zeros((1, 8, 8, 1)))
+
+
+def test_a_model_returning_a_tuple_is_refused_by_name():
+  class Pair(nnx.Module):
+    def __init__(self, rngs):
+      self.head = nnx.Conv(1, 2, (3, 3), rngs=rngs)
+
+    def __call__(self, x):
+      return self.head(x), x                              # (logits, something else)
+
+  split = sj.split_params(Pair(nnx.Rngs(0)), sj.head(), example=jnp.zeros((1, 8, 8, 1)))
+  with pytest.raises(ValueError, match="the model returns a tuple; refinement needs one array of logits"):
+    sj.predict(split, np.zeros((8, 8, 1), np.float32))     # was: "logits of shape (1, 8, 8, 2)"

@@ -173,8 +173,8 @@ def _self_check() -> str | None:
     return jax.lax.conv_general_dilated(x, w, (2, 1), pads, dimension_numbers=dn,
                                         precision=jax.lax.Precision.HIGHEST)
 
-  def ours(x, w, transposed):
-    return (conv_transpose if transposed else conv)(x, w, (2, 1), pads)
+  def ours(x, w, transposed):      # the unchecked kernels: the public ones ask kernel_status, which runs this
+    return _conv(x, w, (2, 1), pads, transposed)
 
   with jax.ensure_compile_time_eval():
     for transposed in (False, True):
@@ -252,14 +252,33 @@ def _conv_bwd(strides, padding, transposed, res, dy):
 _conv.defvjp(_conv_fwd, _conv_bwd)
 
 
+def _checked(x, w, strides, padding, transposed: bool) -> tuple:
+  """``(strides, padding)`` as tuples, after refusing what the kernels cannot compute (a clear error
+  instead of one from XLA's custom-call machinery), and with the kernels registered."""
+  strides, padding = tuple(int(s) for s in strides), tuple(tuple(int(p) for p in pair) for pair in padding)
+  if not supports(x.shape, w.shape, x.dtype, strides, padding, transposed) or jnp.dtype(w.dtype) != jnp.float32:
+    name = "conv_transpose" if transposed else "conv"
+    raise ValueError(f"kernels.{name} computes float32 x [N, *S, I] with w [*K, I, O], 1 to 3 spatial axes, "
+                     f"strides >= 1, padding >= 0 and a non-empty output; got x {tuple(x.shape)} {x.dtype}, "
+                     f"w {tuple(w.shape)} {w.dtype}, strides {strides}, padding {padding}")
+  status = kernel_status()
+  if not status.available:
+    raise RuntimeError(f"the oneDNN kernels cannot run here: {status.reason}")
+  return strides, padding
+
+
 def conv(x: jax.Array, w: jax.Array, strides: tuple[int, ...], padding: tuple[tuple[int, int], ...]) -> jax.Array:
   """A channels-last convolution on oneDNN: ``float32`` x ``[N, *S, I]``, w ``[*K, I, O]`` ->
   ``[N, *S', O]``, with 1 to 3 spatial axes, non-negative ``padding`` (``(lo, hi)`` per axis) and
   ``strides``; no dilation, no feature groups. Equal to ``lax.conv_general_dilated`` with dimension
   numbers ``("NHWC", "HWIO", "NHWC")`` up to float rounding; differentiable (both gradients run on
   oneDNN too). Needs :func:`kernel_status` available.
+
+  Raises:
+    ValueError: a case :func:`supports` refuses (another dtype, a stride of 0, an empty output ...).
+    RuntimeError: the kernels cannot run here (:func:`kernel_status` says why).
   """
-  return _conv(x, w, tuple(strides), tuple(map(tuple, padding)), False)
+  return _conv(x, w, *_checked(x, w, strides, padding, False), False)
 
 
 def conv_transpose(x: jax.Array, w: jax.Array, strides: tuple[int, ...],
@@ -269,8 +288,11 @@ def conv_transpose(x: jax.Array, w: jax.Array, strides: tuple[int, ...],
   with ``S' = (S - 1) * strides + K - lo - hi``. Equal to
   ``lax.conv_transpose(x, w, strides, padding, transpose_kernel=False)`` with the kernel flipped
   along its spatial axes and each side's padding ``K - 1 - pad``; differentiable.
+
+  Raises:
+    ValueError, RuntimeError: as :func:`conv`.
   """
-  return _conv(x, w, tuple(strides), tuple(map(tuple, padding)), True)
+  return _conv(x, w, *_checked(x, w, strides, padding, True), True)
 
 
 def supports(x_shape, w_shape, dtype, strides, padding, transposed: bool = False) -> bool:
