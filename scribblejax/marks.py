@@ -45,6 +45,8 @@ from typing import Any, NamedTuple, Union
 import numpy as np
 import skimage.draw
 
+from scribblejax._checks import INT32_MAX
+
 UNMARKED = -1
 _WALL = -2                                 # label of the padding around the image in grow_marks
 _NO_LABEL = np.iinfo(np.int32).max         # "no candidate yet" in grow_marks
@@ -219,9 +221,6 @@ def _check_shape(shape: Any) -> tuple[int, ...]:
   return dims
 
 
-_INT32_MAX = int(np.iinfo(np.int32).max)
-
-
 def _integer_array(value: Any, what: str) -> np.ndarray:
   arr = np.asarray(value)
   if not np.issubdtype(arr.dtype, np.integer):
@@ -237,7 +236,7 @@ def _check_range(arr: np.ndarray, what: str, num_classes: int | None) -> None:
     raise ValueError(f"{what} hold value {lo}; values must be -1 (unmarked) or a class index >= 0")
   if num_classes is not None and hi >= num_classes:
     raise ValueError(f"{what} hold value {hi}, outside [-1, num_classes) with num_classes={num_classes}")
-  if hi > _INT32_MAX:
+  if hi > INT32_MAX:
     raise ValueError(f"{what} hold value {hi}, too large for a class index (marks are stored as int32)")
 
 

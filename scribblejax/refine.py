@@ -43,15 +43,12 @@ from scribblejax import kernels
 from scribblejax import marks as marks_lib
 from scribblejax import params as params_lib
 from scribblejax import trunk as trunk_lib
-from scribblejax._checks import is_integer, is_number
+from scribblejax._checks import INT32_MAX, is_integer, is_number
 from scribblejax.params import Split
 
 DRIVERS = ("auto", "loop", "host")
 BATCH_SCHEMES = ("auto", "vmap", "matmul", "shifted", "sequential")
 COMPUTE_DTYPES = ("float32", "bfloat16")
-
-
-_INT32_MAX = int(np.iinfo(np.int32).max)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,8 +118,8 @@ class RefineConfig:
   conv_backend: str = "auto"
 
   def __post_init__(self):
-    if not is_integer(self.max_steps) or not 0 <= self.max_steps <= _INT32_MAX:
-      raise ValueError(f"max_steps must be a non-negative integer (at most {_INT32_MAX}), got {self.max_steps!r}")
+    if not is_integer(self.max_steps) or not 0 <= self.max_steps <= INT32_MAX:
+      raise ValueError(f"max_steps must be a non-negative integer (at most {INT32_MAX}), got {self.max_steps!r}")
     for name in ("learning_rate", "momentum", "prox_weight", "keep_weight"):
       value = getattr(self, name)
       if not is_number(value):
@@ -137,7 +134,7 @@ class RefineConfig:
       raise ValueError(f"optimizer must be an optax GradientTransformation (or None for SGD), got {self.optimizer!r}")
     for name in ("check_every", "trace_length"):
       value = getattr(self, name)
-      if not is_integer(value) or not 1 <= value <= _INT32_MAX:
+      if not is_integer(value) or not 1 <= value <= INT32_MAX:
         raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
     if self.driver not in DRIVERS:
       raise ValueError(f"driver must be one of {DRIVERS}, got {self.driver!r}")

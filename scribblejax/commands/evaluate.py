@@ -13,7 +13,7 @@ def _user_case(args, backbone):
   axis order, length-1 axes, normalisation: :func:`scribblejax.io.workflow.fit_image`)."""
   from scribblejax.evaluate import make_case
   from scribblejax.io.images import read_image
-  from scribblejax.io.workflow import InputSpec, fit_image, spec_of, to_model
+  from scribblejax.io.workflow import fit_image, spec_of, to_model
   for what, path in (("image", args.image), ("label", args.label)):
     if not Path(path).exists():
       raise ValueError(f"{what} file {path} does not exist")
@@ -24,10 +24,8 @@ def _user_case(args, backbone):
   if label.shape != img.array.shape[:-1]:
     raise ValueError(f"image {args.image} has spatial shape {img.array.shape[:-1]} but label {args.label} has "
                      f"shape {label.shape}")
-  info = backbone.info
-  spec = spec_of(backbone.model, info) if info is not None else InputSpec(
-      getattr(backbone.model, "spatial_dims", None), getattr(backbone.model, "in_channels", None), None)
-  fitted = fit_image(img, spec, backbone.normalization, info.metadata if info is not None else None)
+  fitted = fit_image(img, spec_of(backbone.model, backbone.info), backbone.normalization,
+                     getattr(backbone.info, "metadata", None))
   label = to_model(label, fitted, fill=0)
   if label.dtype.kind == "f" and not np.all(label == np.round(label)):
     raise ValueError(f"label {args.label} holds non-integer values")

@@ -56,8 +56,9 @@ _KWARG_NAMES = {"spatial_dims": ("spatial_dims",), "in_channels": ("in_channels"
 
 
 def spec_from_info(info: Any) -> InputSpec:
-  """The input spec as far as ``model.json``'s constructor arguments state it (no model built)."""
-  kwargs = info.kwargs or {}
+  """The input spec as far as ``model.json``'s constructor arguments state it (no model built; ``info``
+  ``None``: nothing stated)."""
+  kwargs = getattr(info, "kwargs", None) or {}
   found = {}
   for field, names in _KWARG_NAMES.items():
     found[field] = next((int(kwargs[n]) for n in names if isinstance(kwargs.get(n), (int, np.integer))), None)
