@@ -536,6 +536,27 @@ _SCHEMES = {"ZScoreNormalization", "CTNormalization", "NoNormalization", "Rescal
             "RGBTo0_1Normalization"}
 
 
+def resampling_metadata(configuration: Mapping[str, Any]) -> dict[str, Any]:
+  """``metadata.resampling`` of a converted model: how images go to the plans' spacing and logits come
+  back (:class:`scribblejax.resample.ResampleScheme`; nnU-Net's defaults where the plans say nothing).
+
+  Raises:
+    ConversionError: the plans use another resampling function or options this one does not know.
+  """
+  from scribblejax.resample import IMAGE, LOGITS, ResampleScheme
+  known = {"resample_data_or_seg_to_shape", None}
+  for key in ("resampling_fn_data", "resampling_fn_probabilities"):
+    if configuration.get(key) not in known:
+      raise ConversionError(f"the plans' {key} is {configuration.get(key)!r}; only nnU-Net's default "
+                            "resample_data_or_seg_to_shape is supported")
+  try:
+    image = ResampleScheme.from_nnunet(configuration.get("resampling_fn_data_kwargs"), IMAGE)
+    logits = ResampleScheme.from_nnunet(configuration.get("resampling_fn_probabilities_kwargs"), LOGITS)
+  except ValueError as err:
+    raise ConversionError(f"the plans' resampling options: {err}") from None
+  return {"image": image.to_json(), "logits": logits.to_json()}
+
+
 def normalization_spec(plans: Mapping[str, Any], configuration: Mapping[str, Any]) -> list[dict[str, Any]]:
   """The intensity normalisation nnU-Net applies, one spec per input channel.
 
@@ -672,6 +693,8 @@ def load_trained_model_folder(folder, *, fold: str | int | None = None, rngs: nn
           "metadata": {"source": "nnunetv2", "folder": str(folder), "checkpoint": str(checkpoint_path),
                        "configuration": config_name, "trainer": checkpoint.get("trainer_name"),
                        "patch_size": configuration.get("patch_size"), "spacing": configuration.get("spacing"),
+                       "resampling": resampling_metadata(configuration),
+                       "mirroring_axes": _plain_json(checkpoint.get("inference_allowed_mirroring_axes")),
                        "transpose_forward": plans.get("transpose_forward"),
                        "input_axis_order": nnunet_axis_order(plans.get("transpose_forward")),
                        "channel_names": _plain_json(channels)}}

@@ -25,7 +25,9 @@ from scribblejax.params import (Split, biases, by_predicate, by_regex, check_tun
 from scribblejax.refine import (RefineConfig, RefineResult, RefineState, Trunk, compute_trunk, forward,
                                 marked_cross_entropy, marks_satisfied, memory_analysis, predict, proximal_norm,
                                 refine, refine_batch, resolve_batch_scheme, resolve_driver)
+from scribblejax.resample import ResampleScheme, resample_label_map, resampled_shape
 from scribblejax.sharding import batch_mesh, refine_sharded
+from scribblejax.sliding_window import PatchBlend, marked_windows, sliding_window_logits
 from scribblejax.session import (Round, Session, add_marks, current_labels, current_logits, current_marks,
                                  start_session, undo)
 
@@ -37,11 +39,13 @@ __all__ = [
     "LabelMap",
     "Mark",
     "ModelInfo",
+    "PatchBlend",
     "Point",
     "Polygon",
     "RefineConfig",
     "RefineResult",
     "RefineState",
+    "ResampleScheme",
     "Round",
     "Scribble",
     "Session",
@@ -72,6 +76,7 @@ __all__ = [
     "layer_order",
     "load_model",
     "marked_cross_entropy",
+    "marked_windows",
     "marks_satisfied",
     "merge_params",
     "norm_affine",
@@ -87,6 +92,9 @@ __all__ = [
     "save_model",
     "batch_mesh",
     "refine_sharded",
+    "resample_label_map",
+    "resampled_shape",
+    "sliding_window_logits",
     "split_params",
     "start_session",
     "traced_layer_order",

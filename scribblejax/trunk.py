@@ -347,7 +347,7 @@ def _run_trunk(level: _Level, consts, invals, residuals: list, top: bool, rewrit
   """Evaluates the known equations and appends each known value that the tail reads, once, in a
   fixed order (the order :func:`_run_tail` reads them back). Unknown values come out as ``None``."""
   env: dict = {}
-  emitted: set = set()
+  emitted: set = {id(v) for v in level.jaxpr.constvars}   # the tail has the constants itself
   _write(env, level.jaxpr.constvars, consts)
   _write(env, level.jaxpr.invars, invals)
 

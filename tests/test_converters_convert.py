@@ -127,8 +127,10 @@ def test_monai_bundle(tmp_path):
   assert np.max(np.abs(got - _logits(net, x))) < 1e-4
 
 
-def _nnunet_folder_3d(tmp_path, transpose_forward, labels=None, use_mask_for_norm=False):
-  """A 3-D nnU-Net trained-model folder (z-score normalisation) with the given axis order."""
+def _nnunet_folder_3d(tmp_path, transpose_forward, labels=None, use_mask_for_norm=False, spacing=(3.0, 1.0, 1.0),
+                      patch_size=(8, 8, 8)):
+  """A 3-D nnU-Net trained-model folder (z-score normalisation) with the given axis order, spacing
+  (in the network's axis order) and patch size."""
   pytest.importorskip("dynamic_network_architectures")
   from dynamic_network_architectures.architectures.unet import PlainConvUNet
   arch_kwargs = {"n_stages": 2, "features_per_stage": [4, 8], "conv_op": "torch.nn.modules.conv.Conv3d",
@@ -140,7 +142,7 @@ def _nnunet_folder_3d(tmp_path, transpose_forward, labels=None, use_mask_for_nor
   plans = {"dataset_name": "Dataset998_Axes", "plans_name": "nnUNetPlans", "transpose_forward": transpose_forward,
            "foreground_intensity_properties_per_channel": {},
            "configurations": {"3d_fullres": {
-               "data_identifier": "nnUNetPlans_3d_fullres", "patch_size": [8, 8, 8], "spacing": [3.0, 1.0, 1.0],
+               "data_identifier": "nnUNetPlans_3d_fullres", "patch_size": list(patch_size), "spacing": list(spacing),
                "normalization_schemes": ["ZScoreNormalization"], "use_mask_for_norm": [use_mask_for_norm],
                "architecture": {"network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
                                 "arch_kwargs": arch_kwargs,
@@ -158,12 +160,44 @@ def _nnunet_folder_3d(tmp_path, transpose_forward, labels=None, use_mask_for_nor
   return folder, net.eval()
 
 
+def _nnunet_sliding_window(net, x, patch, step=0.5):
+  """nnU-Net's predict_sliding_window_return_logits, written out from its description: zero padding to
+  the patch (half before), patches at most step * patch apart, logits weighted by a Gaussian (sigma
+  patch / 8, peak 1, no zeros), divided by the summed weights, cropped back. ``x``: [z, y, x] float."""
+  from scipy.ndimage import gaussian_filter
+  pad = [((max(p - n, 0)) // 2, max(p - n, 0) - max(p - n, 0) // 2) for n, p in zip(x.shape, patch)]
+  padded = np.pad(x, pad)
+  starts = []
+  for n, p in zip(padded.shape, patch):
+    count = int(np.ceil((n - p) / (p * step))) + 1
+    stride = (n - p) / (count - 1) if count > 1 else 0
+    starts.append([int(np.round(stride * i)) for i in range(count)])
+  impulse = np.zeros(patch)
+  impulse[tuple(p // 2 for p in patch)] = 1
+  gauss = gaussian_filter(impulse, [p / 8 for p in patch], 0, mode="constant", cval=0)
+  gauss = gauss / gauss.max()
+  gauss[gauss == 0] = gauss[gauss > 0].min()
+  total, weight = None, np.zeros(padded.shape)
+  for a in starts[0]:
+    for b in starts[1]:
+      for c in starts[2]:
+        window = (slice(a, a + patch[0]), slice(b, b + patch[1]), slice(c, c + patch[2]))
+        logits = _logits(net, np.ascontiguousarray(padded[window], np.float32)[None, None])[0]
+        if total is None:
+          total = np.zeros((logits.shape[0], *padded.shape))
+        total[(slice(None), *window)] += logits * gauss
+        weight[window] += gauss
+  total /= weight
+  return total[(slice(None), *[slice(lo, n - hi) for (lo, hi), n in zip(pad, padded.shape)])]
+
+
 @pytest.mark.parametrize("transpose_forward", [[0, 1, 2], [2, 0, 1]])
 def test_nnunet_model_reads_a_nifti_volume_in_nnunets_axis_order(tmp_path, transpose_forward, capsys):
   import nibabel as nib
 
   from scribblejax.cli import main
-  folder, net = _nnunet_folder_3d(tmp_path, transpose_forward)
+  # The plans' spacing is in the network's order: SimpleITK's (3, 1, 1) permuted by transpose_forward.
+  folder, net = _nnunet_folder_3d(tmp_path, transpose_forward, spacing=[(3.0, 1.0, 1.0)[a] for a in transpose_forward])
   out = convert(folder, tmp_path / "converted")
   volume = np.random.default_rng(3).normal(size=(8, 12, 16)).astype(np.float32)       # (i, j, k)
   volume += np.linspace(-2, 2, 16)[None, None, :]
@@ -171,14 +205,18 @@ def test_nnunet_model_reads_a_nifti_volume_in_nnunets_axis_order(tmp_path, trans
   assert main(["predict", "--model", str(out), "--image", str(tmp_path / "vol.nii.gz"),
                "--out", str(tmp_path / "seg.nii.gz"), "--quiet"]) == 0, capsys.readouterr().err
   got = np.asarray(nib.load(tmp_path / "seg.nii.gz").dataobj)
-  # What nnU-Net computes: SimpleITK's (k, j, i) array, transpose_forward, z-score, the network, and back.
+  # What nnU-Net computes: SimpleITK's (k, j, i) array, transpose_forward, z-score, the network patch by
+  # patch (8^3 patches over a 16 x 12 x 8 volume), and back.
   as_nnunet = volume.transpose(2, 1, 0).transpose(transpose_forward)
   x = (as_nnunet - as_nnunet.mean()) / as_nnunet.std()
-  want = _logits(net, x[None, None]).argmax(1)[0].transpose(np.argsort(transpose_forward)).transpose(2, 1, 0)
+  want = _nnunet_sliding_window(net, x, (8, 8, 8)).argmax(0)
+  want = want.transpose(np.argsort(transpose_forward)).transpose(2, 1, 0)
   assert 0.2 < want.mean() < 0.8                                   # both classes: a real comparison
   assert (got == want).mean() > 0.995, (got == want).mean()
-  plain = _logits(net, ((volume - volume.mean()) / volume.std())[None, None]).argmax(1)[0]
+  plain = _nnunet_sliding_window(net, (volume - volume.mean()) / volume.std(), (8, 8, 8)).argmax(0)
   assert (plain != want).mean() > 0.05                              # the axis order matters here
+  whole = _logits(net, x[None, None]).argmax(1)[0].transpose(np.argsort(transpose_forward)).transpose(2, 1, 0)
+  assert (whole != want).mean() > 0.02                              # and so do the patches
   report = json.loads((tmp_path / "seg.report.json").read_text())
   assert any("axes in the order" in note for note in report["notes"])
   # Marks drawn in the file's (i, j, k) space land on the same voxels of the refined segmentation.
@@ -215,6 +253,16 @@ def test_malformed_nnunet_folders_give_messages(tmp_path):
   (folder / "plans.json").write_text(json.dumps([plans]))
   with pytest.raises(ValueError, match="plans.json holds a JSON list, not an object"):
     convert(folder, tmp_path / "b")                          # was: AttributeError
+  odd = json.loads(json.dumps(plans))
+  odd["configurations"]["3d_fullres"]["resampling_fn_data"] = "resample_torch_fornnunet"
+  (folder / "plans.json").write_text(json.dumps(odd))
+  with pytest.raises(ValueError, match="resampling_fn_data is 'resample_torch_fornnunet'"):
+    convert(folder, tmp_path / "d")                          # would have resampled another way, silently
+  odd["configurations"]["3d_fullres"]["resampling_fn_data"] = "resample_data_or_seg_to_shape"
+  odd["configurations"]["3d_fullres"]["resampling_fn_data_kwargs"] = {"is_seg": False, "order": 9}
+  (folder / "plans.json").write_text(json.dumps(odd))
+  with pytest.raises(ValueError, match="resampling options.*spline order"):
+    convert(folder, tmp_path / "e")
   (folder / "plans.json").write_text(json.dumps(plans))
   dataset = json.loads((folder / "dataset.json").read_text())
   (folder / "dataset.json").write_text(json.dumps({**dataset, "labels": ["background", "organ"]}))
@@ -245,24 +293,80 @@ def test_a_volume_the_network_cannot_take_is_padded_and_cropped_back(tmp_path, c
   out = convert(folder, tmp_path / "converted")
   volume = np.random.default_rng(4).normal(size=(9, 12, 7)).astype(np.float32)       # odd: stride 2 refuses it
   volume += np.linspace(-2, 2, 9)[:, None, None]
-  nib.save(nib.Nifti1Image(volume, np.eye(4)), tmp_path / "odd.nii.gz")
-  assert main(["predict", "--model", str(out), "--image", str(tmp_path / "odd.nii.gz"),
-               "--out", str(tmp_path / "seg.nii.gz"), "--quiet"]) == 0, capsys.readouterr().err
-  got = np.asarray(nib.load(tmp_path / "seg.nii.gz").dataobj)
-  assert got.shape == volume.shape
-  # nnU-Net: (k, j, i) order, z-score, zero padding to even sizes (half before, half after), crop back.
-  x = volume.transpose(2, 1, 0)
+  affine = np.diag([1.0, 1.0, 3.0, 1.0])                          # the model's spacing: no resampling
+  nib.save(nib.Nifti1Image(volume, affine), tmp_path / "odd.nii.gz")
+  x = volume.transpose(2, 1, 0)                                   # nnU-Net: (k, j, i) order, z-score
   x = (x - x.mean()) / x.std()
-  padded = np.pad(x, ((0, 1), (0, 0), (0, 1)))                    # 7 -> 8, 12, 9 -> 10: (0, 1) each
-  want = _logits(net, padded[None, None]).argmax(1)[0][:7, :, :9].transpose(2, 1, 0)
-  assert 0.2 < want.mean() < 0.8 and (got == want).mean() > 0.995, (got == want).mean()
-  report = json.loads((tmp_path / "seg.report.json").read_text())
-  assert any("padded the image from (7, 12, 9) to (8, 12, 10)" in note for note in report["notes"])
+  for patch in ("auto", "whole"):
+    assert main(["predict", "--model", str(out), "--image", str(tmp_path / "odd.nii.gz"), "--patch-size", patch,
+                 "--out", str(tmp_path / f"{patch}.nii.gz"), "--quiet"]) == 0, capsys.readouterr().err
+    got = np.asarray(nib.load(tmp_path / f"{patch}.nii.gz").dataobj)
+    assert got.shape == volume.shape
+    notes = json.loads((tmp_path / f"{patch}.report.json").read_text())["notes"]
+    if patch == "auto":    # nnU-Net: zero padding to the 8^3 patch (7 -> 8, half before), then patches
+      want = _nnunet_sliding_window(net, x, (8, 8, 8)).argmax(0).transpose(2, 1, 0)
+      assert any("from (7, 12, 9) with zeros" in n for n in notes) and any("4 patch(es)" in n for n in notes)
+    else:                  # the whole image: zero padding to even sizes (half before, half after), crop back
+      padded = np.pad(x, ((0, 1), (0, 0), (0, 1)))                # 7 -> 8, 12, 9 -> 10: (0, 1) each
+      want = _logits(net, padded[None, None]).argmax(1)[0][:7, :, :9].transpose(2, 1, 0)
+      assert any("padded the image from (7, 12, 9) to (8, 12, 10)" in n for n in notes)
+    assert 0.2 < want.mean() < 0.8 and (got == want).mean() > 0.995, (patch, (got == want).mean())
+  got = np.asarray(nib.load(tmp_path / "auto.nii.gz").dataobj)
   marks = np.zeros(volume.shape, np.uint8)
   spot = tuple(np.argwhere(got == 0)[3])
   marks[spot] = 1
-  nib.save(nib.Nifti1Image(marks, np.eye(4)), tmp_path / "marks.nii.gz")
+  nib.save(nib.Nifti1Image(marks, affine), tmp_path / "marks.nii.gz")
   assert main(["refine", "--model", str(out), "--image", str(tmp_path / "odd.nii.gz"), "--marks",
                str(tmp_path / "marks.nii.gz"), "--out", str(tmp_path / "refined.nii.gz"), "--steps", "300",
                "--lr", "0.05", "--alpha", "0.01", "--layers", "3", "--region-growing", "0.5", "--quiet"]) == 0
   assert np.asarray(nib.load(tmp_path / "refined.nii.gz").dataobj)[spot] == 1
+
+
+def test_an_image_at_another_spacing_is_resampled_as_nnunet_does(tmp_path, capsys):
+  import nibabel as nib
+  from skimage.transform import resize
+
+  from scribblejax.cli import main
+  from scribblejax.models.store import read_info
+  folder, net = _nnunet_folder_3d(tmp_path, [0, 1, 2])          # the network's spacing: (3, 1, 1)
+  out = convert(folder, tmp_path / "converted")
+  assert read_info(out).metadata["resampling"] == {"image": {"order": 3, "order_z": 0, "force_separate_z": None},
+                                                   "logits": {"order": 1, "order_z": 0, "force_separate_z": None}}
+  volume = np.random.default_rng(6).normal(size=(20, 18, 5)).astype(np.float32)        # (i, j, k)
+  volume += np.linspace(-2, 2, 20)[:, None, None]
+  nib.save(nib.Nifti1Image(volume, np.diag([0.5, 0.5, 3.0, 1.0])), tmp_path / "fine.nii.gz")   # half the voxel size
+  assert main(["predict", "--model", str(out), "--image", str(tmp_path / "fine.nii.gz"),
+               "--out", str(tmp_path / "seg.nii.gz"), "--quiet"]) == 0, capsys.readouterr().err
+  got = np.asarray(nib.load(tmp_path / "seg.nii.gz").dataobj)
+  # nnU-Net: (k, j, i) at spacing (3, 0.5, 0.5), z-score, then (anisotropic: in-plane only) cubic resize to
+  # (5, 9, 10), patches, and the logits back by linear in-plane resize.
+  x = volume.transpose(2, 1, 0).astype(np.float64)
+  x = (x - x.mean()) / x.std()
+  small = np.stack([resize(s, (9, 10), 3, mode="edge", anti_aliasing=False) for s in x])
+  logits = _nnunet_sliding_window(net, small, (8, 8, 8))
+  back = np.stack([np.stack([resize(s, (18, 20), 1, mode="edge", anti_aliasing=False) for s in c]) for c in logits])
+  want = back.argmax(0).transpose(2, 1, 0)
+  assert 0.05 < want.mean() < 0.95 and (got == want).mean() > 0.995, (got == want).mean()
+  report = json.loads((tmp_path / "seg.report.json").read_text())
+  assert any("resampled the image from spacing (3.0, 0.5, 0.5) ((5, 18, 20))" in n for n in report["notes"])
+  assert main(["predict", "--model", str(out), "--image", str(tmp_path / "fine.nii.gz"), "--no-resample",
+               "--out", str(tmp_path / "plain.nii.gz"), "--quiet"]) == 0
+  plain = np.asarray(nib.load(tmp_path / "plain.nii.gz").dataobj)
+  assert (plain != want).mean() > 0.05                               # the spacing matters here
+  # A one-voxel-wide scribble drawn at the fine spacing is honoured by the refined segmentation.
+  marks = np.zeros(volume.shape, np.uint8)
+  wrong = np.argwhere(got == 0)
+  line = [tuple(v) for v in wrong[:4]]
+  for v in line:
+    marks[v] = 1
+  nib.save(nib.Nifti1Image(marks, np.diag([0.5, 0.5, 3.0, 1.0])), tmp_path / "marks.nii.gz")
+  session = tmp_path / "session"
+  for round_, flags in ((1, []), (2, ["--continue-weights"])):
+    assert main(["refine", "--model", str(out), "--image", str(tmp_path / "fine.nii.gz"), "--marks",
+                 str(tmp_path / "marks.nii.gz"), "--out", str(tmp_path / f"refined{round_}.nii.gz"), "--steps", "300",
+                 "--lr", "0.05", "--alpha", "0.01", "--layers", "3", "--session", str(session), *flags,
+                 "--quiet"]) == 0, capsys.readouterr().err
+    report = json.loads((tmp_path / f"refined{round_}.report.json").read_text())
+    assert report["satisfied"] and report["marks_honoured"] == 1.0 and report["round"] == round_
+  refined = np.asarray(nib.load(tmp_path / "refined2.nii.gz").dataobj)
+  assert all(refined[v] == 1 for v in line)

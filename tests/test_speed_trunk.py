@@ -94,6 +94,32 @@ def test_nested_jit_is_unzipped_and_matches():
                              np.asarray(fn(split.tunable, split.frozen, image)), rtol=1e-6, atol=1e-6)
 
 
+class _Constants(nnx.Module):
+  """A model whose tail reads numpy constants it closes over (a weighting map, an empty index)."""
+
+  def __init__(self):
+    self.body = nnx.Conv(1, 4, (3, 3), rngs=nnx.Rngs(0))
+    self.head = nnx.Conv(4, 2, (1, 1), rngs=nnx.Rngs(1))
+
+  def __call__(self, x):
+    shape = (*x.shape[:-1], 2)                   # the output's shape: the multiply reads the constant itself
+    weights = np.linspace(0.5, 2.0, int(np.prod(shape)), dtype=np.float32).reshape(shape)
+    features = jax.nn.relu(self.body(x))
+    skip = jnp.tanh(features[..., :2])           # frozen: a residual the tail reads after the constant
+    return self.head(features) * jnp.asarray(weights) + skip
+
+
+def test_constants_the_tail_reads_do_not_shift_the_residuals():
+  # Was: the trunk handed the constants over as residuals that the tail never read back, so every
+  # later residual came one place late (a shape error, or silently wrong values).
+  split = sj.split_params(_Constants(), sj.by_regex("head/.*"))
+  image = _image((6, 7, 1), seed=4)
+  fn = refine_lib._Forward(split.graphdef)
+  part = trunk.partition(fn, split.tunable, split.frozen, image)
+  np.testing.assert_array_equal(np.asarray(part.tail(split.tunable, part.trunk(split.frozen, image))),
+                                np.asarray(fn(split.tunable, split.frozen, image)))
+
+
 @pytest.mark.parametrize("dn", [("NHWC", "HWIO", "NHWC"), ("NCHW", "OIHW", "NCHW"), ("NHWC", "OIHW", "NCHW")])
 def test_rewrites_equal_lax_convolutions(dn):
   rng = np.random.default_rng(0)

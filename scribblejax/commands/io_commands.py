@@ -79,13 +79,39 @@ def _classes(text: str | None) -> tuple[str, ...] | None:
   return None if text is None else tuple(text.split(","))
 
 
+def _inference_flags(parser: argparse.ArgumentParser) -> None:
+  group = parser.add_argument_group("spacing and patches", "how the network sees the image (nnU-Net's pipeline)")
+  group.add_argument("--no-resample", action="store_true",
+                     help="do not resample the image to the model's voxel spacing (model.json metadata.spacing; "
+                          "nnU-Net models state it)")
+  group.add_argument("--patch-size", default="auto", metavar="auto|whole|N,N[,N]",
+                     help="auto: patch by patch when the model states a patch size (nnU-Net), else the whole image; "
+                          "whole: the whole image at once; or the patch, one size per model axis (default auto)")
+  group.add_argument("--patch-step", type=float, default=0.5, metavar="F",
+                     help="patches start at most F patches apart (default 0.5, as nnU-Net)")
+
+
+def _inference(args: argparse.Namespace):
+  from scribblejax.io.workflow import InferenceOptions
+  text = args.patch_size.strip().lower()
+  if text in ("auto", "whole"):
+    patch = "auto" if text == "auto" else None
+  else:
+    try:
+      patch = tuple(int(v) for v in text.split(","))
+    except ValueError:
+      raise ValueError(f"--patch-size must be auto, whole or sizes like 96,96,96, got {args.patch_size!r}") from None
+  return InferenceOptions(resample=not args.no_resample, patch_size=patch, step=args.patch_step)
+
+
 # ----------------------------------------------------------------------------------------------
 # predict
 
 def _predict(args: argparse.Namespace) -> int:
   def work(log):
     from scribblejax.io.workflow import run_predict
-    return run_predict(args.model, args.image, args.out, overlay=not args.no_overlay, log=log)
+    return run_predict(args.model, args.image, args.out, overlay=not args.no_overlay, log=log,
+                       inference=_inference(args))
 
   def summary(report):
     pixels = ", ".join(f"{k}: {v}" for k, v in report["class_pixels"].items())
@@ -103,6 +129,7 @@ def _add_predict(subparsers) -> None:
   parser.add_argument("--image", required=True, help="image file, or a DICOM series folder")
   parser.add_argument("--out", required=True, help="segmentation to write (its suffix picks the format)")
   parser.add_argument("--no-overlay", action="store_true", help="do not write <out>.overlay.png")
+  _inference_flags(parser)
   _scripting(parser)
   parser.set_defaults(func=_predict)
 
@@ -123,7 +150,7 @@ def _refine(args: argparse.Namespace) -> int:
     with _progress_bar(args) as progress:
       return run_refine(model=args.model, image=args.image, marks=args.marks or [], out=args.out,
                         session=args.session, undo=args.undo, settings=settings, mark_options=options,
-                        overlay=not args.no_overlay, log=log, progress=progress)
+                        overlay=not args.no_overlay, log=log, progress=progress, inference=_inference(args))
 
   def summary(report):
     if "steps" not in report:
@@ -185,6 +212,7 @@ def _add_refine(subparsers) -> None:
   marks.add_argument("--radius", type=float, default=1.0, help="thickness of LabelMe points and lines (default 1)")
   marks.add_argument("--rectangle", choices=("box", "fill"), default="box",
                      help="LabelMe rectangles: box (core + background ring) or fill (default box)")
+  _inference_flags(parser)
   _scripting(parser)
   parser.set_defaults(func=_refine)
 

@@ -82,6 +82,16 @@ class Fitted(NamedTuple):
   notes: tuple[str, ...]          # what was adapted, in words
   order: tuple[int, ...] | None = None   # the image's spatial axes in the order the model reads them
   pad: tuple[tuple[int, int], ...] | None = None   # zeros added before/after each model axis (see pad_to_fit)
+  resampling: "Resampling | None" = None  # the image was resampled to the model's spacing (see resample_to_model)
+  patch: tuple[int, ...] | None = None   # the network runs patch by patch (see fit_to_patch)
+
+
+class Resampling(NamedTuple):
+  """How an image went to the model's voxel spacing, to bring results back."""
+  shape: tuple[int, ...]          # the model-layout spatial shape before resampling
+  spacing: tuple[float, ...]      # the image's spacing, in model layout
+  target: tuple[float, ...]       # the model's spacing
+  logits: Any                     # ResampleScheme of logits on the way back
 
 
 def input_axis_order(metadata: dict | None, family: str, ndim: int) -> tuple[int, ...] | None:
@@ -202,7 +212,16 @@ def to_model(array: np.ndarray, fitted: Fitted, fill: int = -1) -> np.ndarray:
   if fitted.order is not None:
     array = np.transpose(array, fitted.order)
   array = np.squeeze(array, axis=fitted.squeezed) if fitted.squeezed else array
+  if fitted.resampling is not None:
+    from scribblejax.resample import resample_label_map
+    array, _ = resample_label_map(array, _resampled_shape(fitted), fill=fill)
   return np.pad(array, fitted.pad, constant_values=fill) if fitted.pad else array
+
+
+def _resampled_shape(fitted: Fitted) -> tuple[int, ...]:
+  """The model-layout spatial shape after resampling, before padding."""
+  pad = fitted.pad or ((0, 0),) * (fitted.image.ndim - 1)
+  return tuple(n - a - b for n, (a, b) in zip(fitted.image.shape[:-1], pad))
 
 
 def inside(fitted: Fitted) -> tuple[slice, ...]:
@@ -213,12 +232,154 @@ def inside(fitted: Fitted) -> tuple[slice, ...]:
 
 
 def to_image(array: np.ndarray, fitted: Fitted) -> np.ndarray:
-  """A ``[*model_spatial]`` array back in the image's spatial layout."""
+  """A ``[*model_spatial]`` label map or marks (``-1`` unmarked) back in the image's spatial layout
+  (nearest neighbour where the image was resampled; logits go back by :func:`labels_from_logits`)."""
   array = array[inside(fitted)]
+  if fitted.resampling is not None:
+    from scribblejax.resample import resample_label_map
+    array, _ = resample_label_map(array, fitted.resampling.shape, fill=-1)
+  return _image_layout(array, fitted)
+
+
+def _image_layout(array: np.ndarray, fitted: Fitted) -> np.ndarray:
   array = np.expand_dims(array, fitted.squeezed) if fitted.squeezed else array
   if fitted.order is not None:
     array = np.transpose(array, np.argsort(fitted.order))
   return array
+
+
+def labels_from_logits(logits: Any, fitted: Fitted) -> np.ndarray:
+  """The labels ``int32[*image_spatial]`` of model-layout logits: cropped, resampled back to the
+  image's grid (the model's logits scheme, as nnU-Net exports) where the image was resampled, then
+  the largest logit's class."""
+  logits = np.asarray(logits)[inside(fitted)]
+  if fitted.resampling is not None:
+    from scribblejax.resample import resample
+    r = fitted.resampling
+    logits = resample(logits, r.shape, r.target, r.spacing, r.logits)
+  return _image_layout(np.argmax(logits, axis=-1).astype(np.int32), fitted)
+
+
+# ----------------------------------------------------------------------------------------------
+# Spacing and patches.
+
+@dataclasses.dataclass(frozen=True)
+class InferenceOptions:
+  """How the network sees an image on the command line.
+
+  Attributes:
+    resample: resample the image to the model's voxel spacing (``model.json`` ``metadata.spacing``,
+      in the model's axis order, as nnU-Net plans state it) and results back; no effect when the
+      model states none.
+    patch_size: ``"auto"``: patch by patch when the model states ``metadata.patch_size`` (nnU-Net),
+      else the whole image at once; ``None``: the whole image at once; or one size per model axis.
+    step: patches start at most ``step * patch`` apart (nnU-Net: 0.5).
+  """
+  resample: bool = True
+  patch_size: Any = "auto"
+  step: float = 0.5
+
+  def __post_init__(self):
+    from scribblejax._checks import is_finite_number
+    if not isinstance(self.resample, bool):
+      raise ValueError(f"InferenceOptions.resample must be True or False, got {self.resample!r}")
+    if not (self.patch_size is None or self.patch_size == "auto" or isinstance(self.patch_size, (tuple, list))):
+      raise ValueError(f"the patch size must be 'auto', None or one size per axis, got {self.patch_size!r}")
+    if not is_finite_number(self.step) or not 0 < self.step <= 1:
+      raise ValueError(f"the sliding-window step must be in (0, 1] (a fraction of the patch), got {self.step!r}")
+
+
+def _stated(metadata: dict | None, key: str, ndim: int, kind: type) -> tuple | None:
+  """``metadata[key]`` as ``ndim`` positive numbers of ``kind``, or ``None`` when not stated.
+
+  Raises:
+    ValueError: stated, but not ``ndim`` positive numbers.
+  """
+  from scribblejax._checks import is_finite_number, is_integer
+  value = (metadata or {}).get(key)
+  if value is None:
+    return None
+  check = is_integer if kind is int else is_finite_number
+  if not isinstance(value, (list, tuple)) or len(value) != ndim or not all(check(v) and v > 0 for v in value):
+    raise ValueError(f"model.json metadata.{key} must be {ndim} positive {kind.__name__}s for a {ndim}-D "
+                     f"model, got {value!r}")
+  return tuple(kind(v) for v in value)
+
+
+def resample_to_model(fitted: Fitted, image: Image, metadata: dict | None) -> Fitted:
+  """Resamples a fitted image to the model's voxel spacing (``metadata.spacing``), as nnU-Net does
+  after normalising (:mod:`scribblejax.resample`); unchanged when the model states no spacing or the
+  resampled shape equals the image's."""
+  from scribblejax.resample import IMAGE, LOGITS, ResampleScheme, resample, resampled_shape
+  ndim = fitted.image.ndim - 1
+  target = _stated(metadata, "spacing", ndim, float)
+  if target is None:
+    return fitted
+  spacing = tuple(float(s) for s in image.geometry.spacing)
+  if fitted.order is not None:
+    spacing = tuple(spacing[a] for a in fitted.order)
+  spacing = tuple(s for a, s in enumerate(spacing) if a not in fitted.squeezed)
+  shape = tuple(fitted.image.shape[:-1])
+  new = resampled_shape(shape, spacing, target)
+  if new == shape:
+    return fitted
+  stated = (metadata or {}).get("resampling") or {}
+  schemes = {}
+  for key, default in (("image", IMAGE), ("logits", LOGITS)):
+    given = stated.get(key) if isinstance(stated, dict) else None
+    try:
+      schemes[key] = default if given is None else ResampleScheme(**given)
+    except (TypeError, ValueError) as err:
+      raise ValueError(f"model.json metadata.resampling.{key}: {err}") from None
+  array = resample(fitted.image, new, spacing, target, schemes["image"])
+  note = (f"resampled the image from spacing {_rounded(spacing)} ({shape}) to the model's {_rounded(target)} "
+          f"({new}); results are resampled back")
+  return fitted._replace(image=array, notes=(*fitted.notes, note),
+                         resampling=Resampling(shape, spacing, target, schemes["logits"]))
+
+
+def _rounded(values: Sequence[float]) -> tuple[float, ...]:
+  return tuple(round(float(v), 4) for v in values)
+
+
+def fit_to_patch(fitted: Fitted, metadata: dict | None, options: InferenceOptions) -> Fitted:
+  """Sets the patch the network runs on (``options.patch_size``, or the model's ``metadata.patch_size``)
+  and pads axes shorter than it with zeros (half before, as nnU-Net pads); unchanged for whole-image
+  inference.
+
+  Raises:
+    ValueError: the patch size is not one positive size per model axis.
+  """
+  from scribblejax.sliding_window import pad_to_patch, window_starts
+  ndim = fitted.image.ndim - 1
+  if options.patch_size is None:
+    return fitted
+  if options.patch_size == "auto":
+    patch = _stated(metadata, "patch_size", ndim, int)
+  else:
+    patch = _stated({"patch_size": list(options.patch_size)}, "patch_size", ndim, int)
+  if patch is None:
+    return fitted
+  pad = pad_to_patch(fitted.image.shape[:-1], patch)
+  notes = list(fitted.notes)
+  if any(a or b for a, b in pad):
+    notes.append(f"padded the image from {tuple(fitted.image.shape[:-1])} with zeros (after normalisation) to at "
+                 f"least the patch {patch}; results are cropped back")
+  grid = np.pad(fitted.image, (*pad, (0, 0))) if any(a or b for a, b in pad) else fitted.image
+  count = int(np.prod([len(window_starts(n, p, options.step)) for n, p in zip(grid.shape[:-1], patch)]))
+  notes.append(f"the network runs patch by patch: {count} patch(es) of {patch}, Gaussian-weighted where they overlap")
+  return fitted._replace(image=grid, pad=pad if any(a or b for a, b in pad) else None, patch=patch,
+                         notes=tuple(notes))
+
+
+def network_logits(split, fitted: Fitted, tunable: Any = None, step: float = 0.5) -> np.ndarray:
+  """The network's model-layout logits on a fitted image: patch by patch when ``fitted.patch`` is set,
+  else at once."""
+  from scribblejax.refine import predict
+  from scribblejax.sliding_window import sliding_window_logits
+  if fitted.patch is not None:
+    return sliding_window_logits(split, fitted.image, fitted.patch, tunable, step=step)
+  return np.asarray(predict(split, fitted.image, tunable))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -413,7 +574,8 @@ def _split(network: _Network, fitted: Fitted, layers: int | None):
   import jax.numpy as jnp
   from scribblejax.models.layer_order import layer_order
   from scribblejax.params import last_layers, split_params
-  example = jax.ShapeDtypeStruct((1, *fitted.image.shape), jnp.float32)
+  shape = fitted.image.shape if fitted.patch is None else (*fitted.patch, fitted.image.shape[-1])
+  example = jax.ShapeDtypeStruct((1, *shape), jnp.float32)
   count = len(layer_order(network.model, example))
   if layers is None:
     layers = min(DEFAULT_LAYERS, count)
@@ -429,6 +591,23 @@ def _accepts(split, shape: tuple[int, ...]) -> bool:
     return True
   except ValueError:
     return False
+
+
+def fit_network(split, fitted: Fitted) -> Fitted:
+  """Pads the image to a size the network accepts (:func:`pad_to_fit`); with patches, checks that the
+  network accepts the patch instead.
+
+  Raises:
+    ValueError: the network refuses the patch (its own error).
+  """
+  from scribblejax.refine import num_classes_of
+  if fitted.patch is None:
+    return pad_to_fit(split, fitted)
+  try:
+    num_classes_of(split, (*fitted.patch, fitted.image.shape[-1]))
+  except ValueError as err:
+    raise ValueError(f"the network refuses patches of {fitted.patch}: {err}") from None
+  return fitted
 
 
 def pad_to_fit(split, fitted: Fitted, most: int = 7) -> Fitted:
@@ -467,12 +646,6 @@ def pad_to_fit(split, fitted: Fitted, most: int = 7) -> Fitted:
   return fitted._replace(image=image, pad=pad, notes=(*fitted.notes, note))
 
 
-def _network_labels(split, fitted: Fitted) -> np.ndarray:
-  import jax.numpy as jnp
-  from scribblejax.refine import predict
-  return np.asarray(jnp.argmax(predict(split, fitted.image), axis=-1)).astype(np.int32)
-
-
 def _class_counts(marks: np.ndarray, class_names: Sequence[str] | None, num_classes: int) -> dict:
   counts = np.bincount(marks[marks >= 0].ravel(), minlength=num_classes)
   names = class_names or [str(k) for k in range(num_classes)]
@@ -500,7 +673,20 @@ def _finish(report: dict, out: str | None, image: Image, labels: np.ndarray, bef
 # ----------------------------------------------------------------------------------------------
 # The workflows.
 
-def run_predict(model: str, image: str, out: str, *, overlay: bool = True, log: Log = _silent) -> dict:
+def prepare(network: _Network, img: Image, info: Any, layers: int | None,
+            options: InferenceOptions) -> tuple[Any, Fitted, int]:
+  """The image made ready for the network (axes, channels, normalisation, spacing, patches or
+  padding) and the network's split: ``(split, fitted, layers)``."""
+  fitted = fit_image(img, network.spec, info.normalization, info.metadata)
+  if options.resample:
+    fitted = resample_to_model(fitted, img, info.metadata)
+  fitted = fit_to_patch(fitted, info.metadata, options)
+  split, layers = _split(network, fitted, layers)
+  return split, fit_network(split, fitted), layers
+
+
+def run_predict(model: str, image: str, out: str, *, overlay: bool = True, log: Log = _silent,
+                inference: InferenceOptions = InferenceOptions()) -> dict:
   """The network's own segmentation of an image, written like the image (see :func:`write_label_map`).
 
   Returns:
@@ -514,17 +700,14 @@ def run_predict(model: str, image: str, out: str, *, overlay: bool = True, log: 
   img = read_image(image)
   output_format(out, img.geometry)
   network = _load(model, log)
-  fitted = fit_image(img, network.spec, info.normalization, info.metadata)
-  split, _ = _split(network, fitted, 1)
-  fitted = pad_to_fit(split, fitted)
+  split, fitted, _ = prepare(network, img, info, 1, inference)
   for note in fitted.notes:
     log(f"note: {note}")
   log(f"predicting on {fitted.image.shape[:-1]} ({_device()['device']})")
   with compile_timer() as compiled:
     start = time.perf_counter()
-    labels = _network_labels(split, fitted)
+    labels = labels_from_logits(network_logits(split, fitted, step=inference.step), fitted)
     seconds = time.perf_counter() - start
-  labels = to_image(labels, fitted)
   num_classes = int(network.spec.num_classes or labels.max() + 1)
   report = {"command": "predict", "image": str(image), "image_format": img.family,
             "image_shape": list(img.spatial_shape), "model": _model_ref(model),
@@ -538,7 +721,7 @@ def run_predict(model: str, image: str, out: str, *, overlay: bool = True, log: 
 def run_refine(*, model: str | None, image: str | None, marks: Sequence[str], out: str | None,
                session: str | None = None, undo: bool = False, settings: RefineSettings = RefineSettings(),
                mark_options: MarkOptions = MarkOptions(), overlay: bool = True, log: Log = _silent,
-               progress: Any = None) -> dict:
+               progress: Any = None, inference: InferenceOptions = InferenceOptions()) -> dict:
   """One refinement round (or an undo) on an image with marks files.
 
   Args:
@@ -553,6 +736,9 @@ def run_refine(*, model: str | None, image: str | None, marks: Sequence[str], ou
     overlay: write ``<out stem>.overlay.png``.
     log: progress messages.
     progress: ``progress(steps_taken, max_steps)`` during the refinement (see :func:`scribblejax.refine`).
+    inference: spacing and patches (:class:`InferenceOptions`). With patches, the loop runs on the
+      region around the marks (:func:`scribblejax.sliding_window.region_around_marks`) and the refined
+      network then segments the whole image patch by patch.
 
   Returns:
     The report (also written as ``<out stem>.report.json``).
@@ -608,7 +794,7 @@ def run_refine(*, model: str | None, image: str | None, marks: Sequence[str], ou
   if new is None:
     return _after_undo(doc, session, undone, img, out, overlay, log, info, class_names)
   return _refine_round(model, model_ref, img, digest, list(marks), new, out, session, doc, undone, settings,
-                       class_names, info, overlay, log, progress)
+                       class_names, info, overlay, log, progress, inference)
 
 
 def _after_undo(doc, session, undone, img, out, overlay, log, info, class_names) -> dict:
@@ -633,7 +819,7 @@ def _after_undo(doc, session, undone, img, out, overlay, log, info, class_names)
 
 
 def _refine_round(model, model_ref, img, digest, marks_files, new, out, session, doc, undone, settings,
-                  class_names, info, overlay, log, progress=None) -> dict:
+                  class_names, info, overlay, log, progress=None, inference=InferenceOptions()) -> dict:
   import jax
   from scribblejax import marks as marks_lib
   from scribblejax.kernels import resolve_conv_backend
@@ -641,15 +827,14 @@ def _refine_round(model, model_ref, img, digest, marks_files, new, out, session,
 
   network = _load(model, log)
   num_classes = network.spec.num_classes
-  fitted = fit_image(img, network.spec, info.normalization, info.metadata)
   layers, config, grow = settings.resolve(info.metadata)
-  split, layers = _split(network, fitted, layers)
-  fitted = pad_to_fit(split, fitted)
+  split, fitted, layers = prepare(network, img, info, layers, inference)
   for note in fitted.notes:
     log(f"note: {note}")
   if num_classes is None:
     from scribblejax.refine import num_classes_of
-    num_classes = num_classes_of(split, fitted.image.shape)
+    num_classes = num_classes_of(split, fitted.image.shape if fitted.patch is None
+                                 else (*fitted.patch, fitted.image.shape[-1]))
   new_model = to_model(new, fitted)
   grown = 0
   if grow:
@@ -672,15 +857,30 @@ def _refine_round(model, model_ref, img, digest, marks_files, new, out, session,
   all_marks = new_model if previous is None else marks_lib.accumulate(previous, new_model)
   all_marks = marks_lib.validate_mark_map(all_marks, fitted.image.shape[:-1], num_classes)
   initial = session_store.load_initial(session) if session else None
-  before = to_model(initial, fitted, fill=0) if initial is not None else _network_labels(split, fitted)
+  if initial is not None:
+    before_image = initial
+  else:
+    before_image = labels_from_logits(network_logits(split, fitted, step=inference.step), fitted)
+  loop_split, image, loop_marks, region = split, fitted.image, all_marks, None
+  if fitted.patch is not None:
+    loop_split, region, count = _patch_split(network, fitted, all_marks, layers, inference.step)
+    image, loop_marks = fitted.image[region], all_marks[region]
+    start = None if start is None else _same_tree(loop_split.tunable, start)
+    span = ", ".join(f"{r.start}:{r.stop}" for r in region)
+    log(f"note: the loop runs the {count} patch(es) that hold marks (region [{span}] of the model's grid), "
+        "blended as the sliding window blends them; the refined network then segments the whole image")
   driver = resolve_driver(config.driver, config.conv_backend, config.compute_dtype, config.cache_trunk)
   log(f"refining the last {layers} layers: up to {config.max_steps} steps on {int((all_marks >= 0).sum())} marked "
       f"pixels (driver {driver}, {_device()['device']})")
   with compile_timer() as compiled:
     start_time = time.perf_counter()
-    result = refine(split, fitted.image, all_marks, config, start=start, progress=progress)
-    labels = np.asarray(result.labels).astype(np.int32)
+    result = refine(loop_split, image, loop_marks, config, start=start, progress=progress)
+    if region is None:
+      logits = np.asarray(result.logits)
+    else:
+      logits = network_logits(split, fitted, _same_tree(split.tunable, result.tunable), step=inference.step)
     seconds = time.perf_counter() - start_time
+  labels = np.argmax(logits, axis=-1).astype(np.int32)
   steps, satisfied = int(result.num_steps), bool(result.satisfied)
   marked = all_marks >= 0
   honoured = float((labels[marked] == all_marks[marked]).mean()) if marked.any() else 1.0
@@ -694,7 +894,7 @@ def _refine_round(model, model_ref, img, digest, marks_files, new, out, session,
             "marked_pixels": _class_counts(all_marks, class_names, num_classes),
             "steps": steps, "max_steps": config.max_steps, "satisfied": satisfied,
             "nonfinite": bool(result.nonfinite), "marks_honoured": honoured,
-            "changed_pixels": int((to_image(labels, fitted) != to_image(before, fitted)).sum()),
+            "changed_pixels": None,
             "seconds": seconds, "compile_seconds": compiled[0], "compile_seconds_note": COMPILE_NOTE,
             **_device(), "driver": driver, "conv_backend": resolve_conv_backend(config.conv_backend),
             "settings": {"layers": layers, "max_steps": config.max_steps, "learning_rate": config.learning_rate,
@@ -703,12 +903,15 @@ def _refine_round(model, model_ref, img, digest, marks_files, new, out, session,
                          "check_every": config.check_every, "compute_dtype": config.compute_dtype,
                          "remat": config.remat, "conv_backend": config.conv_backend},
             "notes": list(fitted.notes)}
+  if region is not None:
+    report["refined_region"] = [[r.start, r.stop] for r in region]
   if session:
     report["session"] = str(session)
     report["rounds"] = round_index
     if undone is not None:
       report["undone_round"] = undone["round"]
-  labels_image, before_image = to_image(labels, fitted), to_image(before, fitted)
+  labels_image = labels_from_logits(logits, fitted)
+  report["changed_pixels"] = int((labels_image != before_image).sum())
   marks_image = to_image(all_marks, fitted)
   report = _finish(report, out, img, labels_image, before_image, labels_image, marks_image, overlay, log,
                    f"{Path(img.path).name}: round {round_index}, {steps} steps, satisfied={satisfied}")
@@ -724,6 +927,29 @@ def _refine_round(model, model_ref, img, digest, marks_files, new, out, session,
     if undone is not None:
       session_store.remove_round_file(session, doc, undone)
   return report
+
+
+def _patch_split(network: _Network, fitted: Fitted, marks: np.ndarray, layers: int, step: float):
+  """The split of the network applied to the patches that hold marks (:class:`PatchBlend`), and the
+  region of the model's grid they cover."""
+  import jax
+  import jax.numpy as jnp
+  from scribblejax.params import last_layers, split_params
+  from scribblejax.sliding_window import PatchBlend, marked_windows, windows_region
+  region, starts = windows_region(marked_windows(marks, fitted.patch, step), fitted.patch)
+  blend = PatchBlend(network.model, starts, fitted.patch, fitted.image.shape[-1])
+  shape = tuple(r.stop - r.start for r in region)
+  example = jax.ShapeDtypeStruct((1, *shape, fitted.image.shape[-1]), jnp.float32)
+  return split_params(blend, last_layers(layers), example=example), region, len(starts)
+
+
+def _same_tree(like: Any, leaves_of: Any) -> Any:
+  """``leaves_of``'s leaves in ``like``'s structure (a network's and its PatchBlend's tunable layers)."""
+  import jax
+  leaves = jax.tree.leaves(leaves_of)
+  if [np.shape(a) for a in leaves] != [np.shape(b) for b in jax.tree.leaves(like)]:
+    raise AssertionError("the patch blend's tunable layers are not the network's")
+  return jax.tree.unflatten(jax.tree.structure(like), leaves)
 
 
 # ----------------------------------------------------------------------------------------------

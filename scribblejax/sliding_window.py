@@ -1,0 +1,197 @@
+"""Sliding-window inference over patches, and the patch-aligned region around marks.
+
+Networks trained on patches (nnU-Net, most 3-D models) are applied to larger images patch by patch:
+nnU-Net pads the image with zeros to at least one patch, places patches with a step of half a patch
+(``compute_steps_for_sliding_window``) and averages the overlapping logits weighted by a Gaussian
+centred on each patch (sigma 1/8 of the patch; ``nnunetv2.inference.sliding_window_prediction``).
+:func:`sliding_window_logits` does the same with one compiled program for every patch.
+
+Refinement runs only the patches that hold marks (:func:`marked_windows`): :class:`PatchBlend` applies
+the network to them as one batch and blends them as sliding-window inference does, so the loop's
+stop rule reads the very logits that the refined network's sliding-window segmentation gives at every
+marked voxel. The refined weights then segment the whole image patch by patch.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from scribblejax._checks import is_finite_number, is_integer
+
+
+def _patch(patch_size: Any, ndim: int) -> tuple[int, ...]:
+  values = tuple(patch_size) if isinstance(patch_size, (Sequence, np.ndarray)) else None
+  if values is None or len(values) != ndim or not all(is_integer(p) and p >= 1 for p in values):
+    raise ValueError(f"the patch size must be {ndim} positive integers (one per spatial axis), got {patch_size!r}")
+  return tuple(int(p) for p in values)
+
+
+def window_starts(size: int, patch: int, step: float = 0.5) -> list[int]:
+  """Where patches of ``patch`` voxels start along an axis of ``size >= patch`` voxels, at most
+  ``step * patch`` apart, the last one ending at the edge (nnU-Net's ``compute_steps_for_sliding_window``).
+
+  Raises:
+    ValueError: ``size < patch`` or ``step`` outside ``(0, 1]``.
+  """
+  if not is_finite_number(step) or not 0 < step <= 1:
+    raise ValueError(f"the sliding-window step must be in (0, 1] (a fraction of the patch), got {step!r}")
+  if size < patch:
+    raise ValueError(f"an axis of {size} voxels is shorter than the patch ({patch}); pad it first")
+  count = int(np.ceil((size - patch) / (patch * step))) + 1
+  if count == 1:
+    return [0]
+  stride = (size - patch) / (count - 1)
+  return [int(np.round(stride * i)) for i in range(count)]
+
+
+@functools.lru_cache(maxsize=8)
+def gaussian_importance(patch: tuple[int, ...], sigma_scale: float = 1.0 / 8) -> np.ndarray:
+  """The weight of each voxel of a patch: a Gaussian of sigma ``sigma_scale * patch`` centred on the
+  patch, largest 1, never 0 (nnU-Net's ``compute_gaussian``, in float32). Read-only."""
+  from scipy.ndimage import gaussian_filter
+  impulse = np.zeros(patch)
+  impulse[tuple(p // 2 for p in patch)] = 1.0
+  weights = gaussian_filter(impulse, [p * sigma_scale for p in patch], 0, mode="constant", cval=0)
+  weights = (weights / weights.max()).astype(np.float32)
+  weights[weights == 0] = weights[weights > 0].min()
+  weights.setflags(write=False)
+  return weights
+
+
+def pad_to_patch(shape: Sequence[int], patch: Sequence[int]) -> tuple[tuple[int, int], ...]:
+  """Zeros before and after each axis that make ``shape`` at least ``patch`` (half before, the odd
+  one after, as nnU-Net's ``pad_nd_image``)."""
+  return tuple(((max(p - n, 0)) // 2, max(p - n, 0) - max(p - n, 0) // 2) for n, p in zip(shape, patch))
+
+
+def sliding_window_logits(split: Any, image: Any, patch_size: Sequence[int], tunable: Any = None, *,
+                          step: float = 0.5, progress: Any = None) -> np.ndarray:
+  """Logits of the network on an image, patch by patch, blended with Gaussian weights.
+
+  Args:
+    split: the network's :class:`scribblejax.Split`.
+    image: ``[*spatial, C]``; axes shorter than the patch are padded with zeros (and cropped back).
+    patch_size: the patch, one size per spatial axis.
+    tunable: the tunable weights to use (default: the split's own W).
+    step: patches start at most ``step * patch`` apart (nnU-Net: 0.5).
+    progress: called as ``progress(done, total)`` after each patch.
+
+  Returns:
+    float32 ``[*spatial, classes]``.
+
+  Raises:
+    ValueError: the patch size does not fit the image, or the network refuses the patch.
+  """
+  from scribblejax.refine import predict
+  image = np.asarray(image)
+  if image.ndim < 2:
+    raise ValueError(f"the image must be [*spatial, channels], got shape {image.shape}")
+  spatial = image.shape[:-1]
+  patch = _patch(patch_size, len(spatial))
+  pad = pad_to_patch(spatial, patch)
+  padded = np.pad(image, (*pad, (0, 0))) if any(a or b for a, b in pad) else image
+  grid = [window_starts(n, p, step) for n, p in zip(padded.shape[:-1], patch)]
+  weights = gaussian_importance(patch)[..., None]
+  total = None
+  norm = np.zeros(padded.shape[:-1] + (1,), np.float32)
+  corners = list(np.ndindex(*[len(g) for g in grid]))
+  for done, index in enumerate(corners, start=1):
+    window = tuple(slice(g[i], g[i] + p) for g, i, p in zip(grid, index, patch))
+    logits = np.asarray(predict(split, padded[window], tunable), np.float32)
+    if total is None:
+      total = np.zeros(padded.shape[:-1] + (logits.shape[-1],), np.float32)
+    total[window] += logits * weights
+    norm[window] += weights
+    if progress is not None:
+      progress(done, len(corners))
+  total /= norm
+  return total[tuple(slice(a, n - b) for (a, b), n in zip(pad, total.shape[:-1]))]
+
+
+def windows_region(starts: Sequence[Sequence[int]], patch_size: Sequence[int]
+                   ) -> tuple[tuple[slice, ...], tuple[tuple[int, ...], ...]]:
+  """The smallest box holding the patches that start at ``starts``, and their starts within it."""
+  starts = np.asarray(starts, np.int64)
+  patch = np.asarray(patch_size, np.int64)
+  low, high = starts.min(axis=0), (starts + patch).max(axis=0)
+  region = tuple(slice(int(a), int(b)) for a, b in zip(low, high))
+  return region, tuple(tuple(int(v) for v in s - low) for s in starts)
+
+
+def marked_windows(marks: Any, patch_size: Sequence[int], step: float = 0.5) -> tuple[tuple[int, ...], ...]:
+  """The starts of the sliding-window patches (of an image of ``marks``' shape, at least one patch per
+  axis) that hold at least one marked voxel: every patch that contributes to a marked voxel's logits.
+
+  Raises:
+    ValueError: nothing is marked, an axis is shorter than the patch, or the patch does not fit.
+  """
+  marks = np.asarray(marks)
+  patch = _patch(patch_size, marks.ndim)
+  grid = [window_starts(n, p, step) for n, p in zip(marks.shape, patch)]
+  marked = marks >= 0
+  if not marked.any():
+    raise ValueError("no voxel is marked: there is no region to refine")
+  table = np.pad(marked, [(1, 0)] * marks.ndim).astype(np.int64)   # summed-area table of the marks
+  for axis in range(marks.ndim):
+    table = np.cumsum(table, axis=axis)
+  windows = []
+  for corner in np.ndindex(*[len(g) for g in grid]):
+    start = tuple(g[i] for g, i in zip(grid, corner))
+    count = 0
+    for signs in np.ndindex(*(2,) * marks.ndim):              # inclusion-exclusion over the box's corners
+      index = tuple(s + p if high else s for s, p, high in zip(start, patch, signs))
+      count += (-1) ** (marks.ndim - sum(signs)) * int(table[index])
+    if count:
+      windows.append(start)
+  return tuple(windows)
+
+
+class PatchBlend(nnx.Module):
+  """A network applied to fixed patches of its input and blended as :func:`sliding_window_logits` blends
+  them, in one differentiable call: refinement on it optimises exactly the logits sliding-window
+  inference gives at the marked voxels.
+
+  The patches run as one batch. Voxels no patch covers get logits 0.
+
+  Attributes:
+    net: the network (its parameters are this module's, under ``net``).
+    starts: each patch's first voxel per spatial axis.
+    patch: the patch size.
+  """
+
+  def __init__(self, net: nnx.Module, starts: Sequence[Sequence[int]], patch: Sequence[int], in_channels: int):
+    self.net = net
+    self.starts = tuple(tuple(int(v) for v in s) for s in starts)
+    self.patch = tuple(int(p) for p in patch)
+    self.in_channels = int(in_channels)
+    if not self.starts:
+      raise ValueError("PatchBlend needs at least one patch")
+
+  def layer_order(self) -> list[tuple]:
+    """The network's layers (stated, or traced on one patch), under ``net``."""
+    from scribblejax.models.layer_order import layer_order
+    example = jax.ShapeDtypeStruct((1, *self.patch, self.in_channels), jnp.float32)
+    return [("net", *path) for path in layer_order(self.net, example)]
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    batch, spatial = x.shape[0], x.shape[1:-1]
+    windows = [tuple(slice(s, s + p) for s, p in zip(start, self.patch)) for start in self.starts]
+    for start in self.starts:
+      if any(s + p > n for s, p, n in zip(start, self.patch, spatial)):
+        raise ValueError(f"a patch at {start} of size {self.patch} leaves the input of spatial shape {spatial}")
+    patches = jnp.concatenate([x[(slice(None), *w)] for w in windows], axis=0)
+    logits = self.net(patches)
+    weights = jnp.asarray(gaussian_importance(self.patch))[..., None]
+    total = jnp.zeros((batch, *spatial, logits.shape[-1]), logits.dtype)
+    norm = np.zeros((*spatial, 1), np.float32)
+    for i, w in enumerate(windows):
+      total = total.at[(slice(None), *w)].add(logits[i * batch:(i + 1) * batch] * weights.astype(logits.dtype))
+      norm[w] += gaussian_importance(self.patch)[..., None]
+    return total / jnp.asarray(np.maximum(norm, np.finfo(np.float32).tiny), logits.dtype)

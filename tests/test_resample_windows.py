@@ -1,0 +1,116 @@
+"""Resampling to a model's spacing and sliding-window inference, against nnU-Net's rules written out."""
+
+import numpy as np
+import pytest
+from flax import nnx
+from scipy.ndimage import map_coordinates
+from skimage.transform import resize
+
+import scribblejax as sj
+from scribblejax import resample as rs
+from scribblejax import sliding_window as sw
+
+
+def _nnunet_separate_z(data, new_shape, axis, order, order_z):
+  """nnU-Net's resample_data_or_seg for one channel with do_separate_z, as its source spells it."""
+  plane = [n for a, n in enumerate(new_shape) if a != axis]
+  slices = [resize(np.take(data, i, axis=axis), plane, order, mode="edge", anti_aliasing=False)
+            for i in range(data.shape[axis])]
+  stacked = np.stack(slices, axis)
+  if stacked.shape[axis] == new_shape[axis]:
+    return stacked
+  scales = [o / n for o, n in zip(stacked.shape, new_shape)]
+  grid = np.mgrid[tuple(slice(0, n) for n in new_shape)]
+  coords = np.array([s * (g + 0.5) - 0.5 for s, g in zip(scales, grid)])
+  return map_coordinates(stacked, coords, order=order_z, mode="nearest")
+
+
+@pytest.mark.parametrize("spacing, target, separate", [
+    ((2.5, 0.9, 0.9), (2.0, 1.0, 1.0), None),         # nearly isotropic: one 3-D cubic resize
+    ((3.0, 0.5, 0.5), (3.0, 1.0, 1.0), 0),            # anisotropic source: in-plane cubic, z untouched
+    ((0.6, 4.0, 0.7), (1.0, 2.5, 1.0), 1),            # coarse axis 1, resized along it by nearest
+    ((1.0, 1.0, 1.0), (4.0, 1.0, 1.0), 0),            # anisotropic target decides
+])
+def test_resample_follows_nnunet(spacing, target, separate):
+  data = np.random.default_rng(0).normal(size=(9, 10, 11, 2)).astype(np.float32)
+  shape = rs.resampled_shape(data.shape[:-1], spacing, target)
+  assert shape == tuple(int(round(s / t * n)) for n, s, t in zip(data.shape[:-1], spacing, target))
+  assert rs.separate_axis(spacing, target) == separate
+  got = rs.resample(data, shape, spacing, target)
+  assert got.shape == (*shape, 2) and got.dtype == np.float32
+  for c in range(2):
+    x = data[..., c].astype(np.float64)
+    want = (resize(x, shape, 3, mode="edge", anti_aliasing=False) if separate is None
+            else _nnunet_separate_z(x, shape, separate, 3, 0))
+    np.testing.assert_allclose(got[..., c], want, rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(rs.resample(data, data.shape[:-1], spacing, target), data)   # same shape: as is
+  with pytest.raises(ValueError, match="positive finite"):
+    rs.resampled_shape((4, 4), (1.0, 0.0), (1.0, 1.0))
+  with pytest.raises(ValueError, match="spline order"):
+    rs.ResampleScheme(order=7)
+
+
+def test_marks_survive_a_coarser_grid_and_map_back_to_the_same_places():
+  marks = np.full((40, 41), -1, np.int32)
+  marks[12, 3:38] = 1                                  # a one-pixel scribble between sampled rows
+  marks[30, 20] = 0
+  coarse, lost = rs.resample_label_map(marks, (10, 13))
+  assert lost == 0 and set(np.unique(coarse)) == {-1, 0, 1}
+  nearest = marks[np.ix_(*[np.clip(np.floor((np.arange(m) + 0.5) * (n / m)), 0, n - 1).astype(int)
+                           for n, m in zip(marks.shape, (10, 13))])]
+  assert (nearest == 1).sum() == 0                     # plain nearest-neighbour sampling drops the scribble
+  crossed = {int(np.floor((c + 0.5) * 13 / 41)) for c in range(3, 38)}
+  assert len(crossed) == 11 and set(np.argwhere(coarse == 1)[:, 1]) == crossed   # every column it crosses keeps it
+  fine, _ = rs.resample_label_map(coarse, marks.shape)
+  assert fine[12, 20] == 1 and fine[30, 20] == 0
+  clash = np.full((4, 4), -1, np.int32)
+  clash[0, 0], clash[0, 1] = 1, 2
+  _, lost = rs.resample_label_map(clash, (1, 1))
+  assert lost == 1
+
+
+def test_window_starts_and_weights_follow_nnunet():
+  assert sw.window_starts(110, 64, 0.5) == [0, 23, 46]     # the example in nnU-Net's source
+  assert sw.window_starts(64, 64) == [0] and sw.window_starts(65, 64) == [0, 1]
+  with pytest.raises(ValueError, match="shorter than the patch"):
+    sw.window_starts(10, 16)
+  weights = sw.gaussian_importance((8, 9))
+  assert weights.max() == 1.0 and weights.min() > 0 and weights[4, 4] == 1.0
+  assert sw.pad_to_patch((5, 20), (8, 8)) == ((1, 2), (0, 0))
+
+
+class _Pointwise(nnx.Module):
+  def __init__(self):
+    self.conv = nnx.Conv(2, 3, (1, 1), rngs=nnx.Rngs(0))
+
+  def __call__(self, x):
+    return self.conv(x)
+
+
+def test_sliding_window_blends_to_the_whole_image_for_a_pointwise_network():
+  split = sj.split_params(_Pointwise(), sj.by_regex("conv/.*"))
+  image = np.random.default_rng(1).normal(size=(13, 21, 2)).astype(np.float32)
+  whole = np.asarray(sj.predict(split, image))
+  got = sw.sliding_window_logits(split, image, (8, 8))
+  np.testing.assert_allclose(got, whole, rtol=1e-5, atol=1e-5)
+  small = sw.sliding_window_logits(split, image[:5], (8, 8))       # padded to the patch, cropped back
+  np.testing.assert_allclose(small, whole[:5], rtol=1e-5, atol=1e-5)
+
+
+def test_patch_blend_gives_the_sliding_window_logits_at_every_marked_voxel():
+  net = sj.UNet(spatial_dims=2, in_channels=1, num_classes=2, channels=(4, 8), rngs=nnx.Rngs(0))
+  split = sj.split_params(net, sj.last_layers(2))
+  image = np.random.default_rng(2).normal(size=(20, 28, 1)).astype(np.float32)
+  full = sw.sliding_window_logits(split, image, (8, 8))
+  marks = np.full(image.shape[:-1], -1, np.int32)
+  marks[3, 25], marks[5, 27], marks[9, 20] = 1, 0, 1
+  starts = sw.marked_windows(marks, (8, 8))
+  brute = [s for s in np.ndindex(*[len(sw.window_starts(n, 8)) for n in image.shape[:-1]])]
+  brute = [tuple(sw.window_starts(n, 8)[i] for n, i in zip(image.shape[:-1], c)) for c in brute]
+  assert list(starts) == [s for s in brute if (marks[s[0]:s[0] + 8, s[1]:s[1] + 8] >= 0).any()]
+  region, relative = sw.windows_region(starts, (8, 8))
+  blend = sw.PatchBlend(net, relative, (8, 8), 1)
+  got = np.asarray(blend(image[region][None]))[0]
+  marked = marks[region] >= 0
+  np.testing.assert_allclose(got[marked], full[region][marked], rtol=1e-5, atol=1e-5)
+  assert [p[0] for p in blend.layer_order()] == ["net"] * len(net.layer_order())
