@@ -693,7 +693,7 @@ def load_trained_model_folder(folder, *, fold: str | int | None = None, rngs: nn
           "metadata": {"source": "nnunetv2", "folder": str(folder), "checkpoint": str(checkpoint_path),
                        "configuration": config_name, "trainer": checkpoint.get("trainer_name"),
                        "patch_size": configuration.get("patch_size"), "spacing": configuration.get("spacing"),
-                       "resampling": resampling_metadata(configuration),
+                       "resampling": resampling_metadata(configuration), "crop_to_nonzero": True,
                        "mirroring_axes": _plain_json(checkpoint.get("inference_allowed_mirroring_axes")),
                        "transpose_forward": plans.get("transpose_forward"),
                        "input_axis_order": nnunet_axis_order(plans.get("transpose_forward")),

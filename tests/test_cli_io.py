@@ -200,6 +200,28 @@ def test_refine_labelme_two_labels_corrects_two_classes_in_one_round(tmp_path, m
   assert "refining:" in out.err and "/300" in out.err, repr(out.err)
 
 
+def test_refine_with_patches_chosen_on_the_command_line_honours_the_marks(tmp_path, model_dir, crop, capsys):
+  # Any model can run patch by patch (--patch-size); the loop runs the patches that hold marks, blended
+  # as the sliding window blends them, so the written segmentation honours every mark.
+  image, truth, network = crop
+  tifffile.imwrite(tmp_path / "img.tif", image)
+  spots = _wrong_spots(truth, network)
+  marks = np.zeros((96, 96), np.uint8)
+  (r1, c1), (r0, c0) = spots[1][0], spots[0][0]
+  marks[r1, c1], marks[r0, c0] = 1, 255
+  PILImage.fromarray(marks).save(tmp_path / "marks.png")
+  code = main(["refine", "--model", str(model_dir), "--image", str(tmp_path / "img.tif"), "--marks",
+               str(tmp_path / "marks.png"), "--out", str(tmp_path / "refined.tif"), *KNOBS, "--patch-size", "64,64",
+               "--json"])
+  out = capsys.readouterr()
+  assert code == 0, out.err
+  report = json.loads(out.out)
+  assert report["satisfied"] and report["marks_honoured"] == 1.0
+  assert any("4 patch(es) of (64, 64)" in n for n in report["notes"])
+  labels = tifffile.imread(tmp_path / "refined.tif")
+  assert labels[r1, c1] == 1 and labels[r0, c0] == 0
+
+
 def test_refine_reads_a_slicer_segmentation_on_an_nrrd_image(tmp_path, model_dir, crop, capsys):
   image, truth, network = crop
   # The crop as a 2-D NRRD in LPS space: axis 0 = rows, axis 1 = columns (any order works: geometry rules).
@@ -381,6 +403,10 @@ BAD_INPUTS = {
     "out is a folder": (["--out", "{d}/folder.tif"], r"output \S*folder\.tif is a folder"),
     "out under a file": (["--out", "{d}/img.tif/seg.tif"], r"cannot write \S*seg\.tif: \S*img\.tif is a file"),
     "labelme field": (["--marks", "{d}/height.json"], r"height\.json"),
+    "patch size rank": (["--patch-size", "8,8,8"], r"the patch size must be 2 positive integers for a 2-D model, "
+                                                   r"got \[8, 8, 8\]"),
+    "patch size text": (["--patch-size", "big"], r"--patch-size must be auto, whole or sizes like 96,96,96, got 'big'"),
+    "patch step": (["--patch-step", "0"], r"sliding-window step must be in \(0, 1\]"),
 }
 
 

@@ -370,3 +370,44 @@ def test_an_image_at_another_spacing_is_resampled_as_nnunet_does(tmp_path, capsy
     assert report["satisfied"] and report["marks_honoured"] == 1.0 and report["round"] == round_
   refined = np.asarray(nib.load(tmp_path / "refined2.nii.gz").dataobj)
   assert all(refined[v] == 1 for v in line)
+
+
+def test_an_image_with_a_zero_border_is_cropped_to_its_non_zero_region_as_nnunet_does(tmp_path, capsys):
+  import nibabel as nib
+
+  from scribblejax.cli import main
+  folder, net = _nnunet_folder_3d(tmp_path, [0, 1, 2])
+  out = convert(folder, tmp_path / "converted")
+  volume = np.zeros((14, 12, 10), np.float32)                        # (i, j, k); zero outside a box
+  rng = np.random.default_rng(7)
+  volume[2:12, 1:11, 1:9] = rng.normal(size=(10, 10, 8)) + np.linspace(-2, 2, 10)[:, None, None] + 3.0
+  affine = np.diag([1.0, 1.0, 3.0, 1.0])
+  nib.save(nib.Nifti1Image(volume, affine), tmp_path / "box.nii.gz")
+  assert main(["predict", "--model", str(out), "--image", str(tmp_path / "box.nii.gz"),
+               "--out", str(tmp_path / "seg.nii.gz"), "--quiet"]) == 0, capsys.readouterr().err
+  got = np.asarray(nib.load(tmp_path / "seg.nii.gz").dataobj)
+  # nnU-Net: (k, j, i), crop to the non-zero box, z-score of the crop, patches; background outside.
+  x = volume.transpose(2, 1, 0)[1:9, 1:11, 2:12]
+  x = (x - x.mean()) / x.std()
+  want = np.zeros((10, 12, 14), np.int64)
+  want[1:9, 1:11, 2:12] = _nnunet_sliding_window(net, x, (8, 8, 8)).argmax(0)
+  want = want.transpose(2, 1, 0)
+  assert 0.05 < want.mean() < 0.95 and (got == want).mean() > 0.995, (got == want).mean()
+  notes = json.loads((tmp_path / "seg.report.json").read_text())["notes"]
+  assert any("cropped the image to its non-zero region [1:9, 1:11, 2:12]" in n for n in notes)
+  assert main(["predict", "--model", str(out), "--image", str(tmp_path / "box.nii.gz"), "--no-crop",
+               "--out", str(tmp_path / "whole.nii.gz"), "--quiet"]) == 0
+  whole = np.asarray(nib.load(tmp_path / "whole.nii.gz").dataobj)
+  assert (whole != want).mean() > 0.02
+  # A foreground mark outside the region cannot be honoured there: refused by name, unless --no-crop.
+  marks = np.zeros(volume.shape, np.uint8)
+  marks[0, 0, 0] = 1
+  nib.save(nib.Nifti1Image(marks, affine), tmp_path / "marks.nii.gz")
+  args = ["refine", "--model", str(out), "--image", str(tmp_path / "box.nii.gz"), "--marks",
+          str(tmp_path / "marks.nii.gz"), "--out", str(tmp_path / "refined.nii.gz"), "--steps", "200",
+          "--lr", "0.05", "--layers", "3", "--quiet"]
+  capsys.readouterr()
+  assert main(args) == 1
+  assert "outside the image's non-zero region (1 voxel(s) of organ)" in capsys.readouterr().err
+  assert main(args + ["--no-crop"]) == 0, capsys.readouterr().err
+  assert np.asarray(nib.load(tmp_path / "refined.nii.gz").dataobj)[0, 0, 0] == 1

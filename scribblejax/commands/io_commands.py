@@ -84,6 +84,9 @@ def _inference_flags(parser: argparse.ArgumentParser) -> None:
   group.add_argument("--no-resample", action="store_true",
                      help="do not resample the image to the model's voxel spacing (model.json metadata.spacing; "
                           "nnU-Net models state it)")
+  group.add_argument("--no-crop", action="store_true",
+                     help="do not crop the image to its non-zero region before normalising (nnU-Net models crop, "
+                          "and give background outside it)")
   group.add_argument("--patch-size", default="auto", metavar="auto|whole|N,N[,N]",
                      help="auto: patch by patch when the model states a patch size (nnU-Net), else the whole image; "
                           "whole: the whole image at once; or the patch, one size per model axis (default auto)")
@@ -101,7 +104,8 @@ def _inference(args: argparse.Namespace):
       patch = tuple(int(v) for v in text.split(","))
     except ValueError:
       raise ValueError(f"--patch-size must be auto, whole or sizes like 96,96,96, got {args.patch_size!r}") from None
-  return InferenceOptions(resample=not args.no_resample, patch_size=patch, step=args.patch_step)
+  return InferenceOptions(resample=not args.no_resample, patch_size=patch, step=args.patch_step,
+                          crop=not args.no_crop)
 
 
 # ----------------------------------------------------------------------------------------------

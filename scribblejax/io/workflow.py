@@ -84,6 +84,13 @@ class Fitted(NamedTuple):
   pad: tuple[tuple[int, int], ...] | None = None   # zeros added before/after each model axis (see pad_to_fit)
   resampling: "Resampling | None" = None  # the image was resampled to the model's spacing (see resample_to_model)
   patch: tuple[int, ...] | None = None   # the network runs patch by patch (see fit_to_patch)
+  crop: "Crop | None" = None     # the image was cropped to its non-zero region (see nonzero_box)
+
+
+class Crop(NamedTuple):
+  """The box an image was cropped to, in the model's axis order before length-1 axes are dropped."""
+  box: tuple[slice, ...]
+  shape: tuple[int, ...]          # the uncropped spatial shape
 
 
 class Resampling(NamedTuple):
@@ -163,15 +170,17 @@ def adapt_channels(array: np.ndarray, want: int | None, what: str,
   raise ValueError(f"the model takes {want} channel(s), but {what} has {have}")
 
 
-def fit_image(image: Image, spec: InputSpec, normalization: Any, metadata: dict | None = None) -> Fitted:
-  """Orders axes, adapts channels, normalises as the model expects, and drops length-1 axes the model
-  lacks.
+def fit_image(image: Image, spec: InputSpec, normalization: Any, metadata: dict | None = None,
+              crop: bool = False) -> Fitted:
+  """Orders axes, adapts channels, crops to the non-zero region (``crop`` and a model that crops, see
+  :func:`crops_to_nonzero`), normalises as the model expects, and drops length-1 axes the model lacks.
 
   Args:
     image: as read.
     spec: what the model takes.
     normalization: the model's normalisation spec.
     metadata: ``model.json``'s metadata (its ``input_axis_order``, see :func:`input_axis_order`).
+    crop: crop as nnU-Net crops, where the model asks for it.
 
   Raises:
     ValueError: the image has more (non-trivial) or fewer spatial dimensions than the model, or
@@ -200,10 +209,42 @@ def fit_image(image: Image, spec: InputSpec, normalization: Any, metadata: dict 
                        f"{tuple(spatial)}")
     squeezed = tuple(ones[len(ones) - extra:])
     notes.append(f"dropped length-1 axis {list(squeezed)} of the image for a {spec.spatial_dims}-D model")
+  box = None
+  if crop and crops_to_nonzero(metadata):
+    box = nonzero_box(array)
+    if box is not None and tuple(b.stop - b.start for b in box) != array.shape[:-1]:
+      notes.append(f"cropped the image to its non-zero region {_span(box)} before normalising, as nnU-Net does; "
+                   "outside it the segmentation is background")
+      array = array[box]
+    else:
+      box = None
   array = normalize(array, normalization)
   if squeezed:
     array = np.squeeze(array, axis=squeezed)
-  return Fitted(np.ascontiguousarray(array, np.float32), squeezed, tuple(notes), order)
+  cropped = None if box is None else Crop(box, tuple(spatial))
+  return Fitted(np.ascontiguousarray(array, np.float32), squeezed, tuple(notes), order, crop=cropped)
+
+
+def crops_to_nonzero(metadata: dict | None) -> bool:
+  """Whether a model's images are cropped to their non-zero region (``metadata.crop_to_nonzero``; nnU-Net
+  models, also those converted before the key existed)."""
+  metadata = metadata or {}
+  return bool(metadata.get("crop_to_nonzero", metadata.get("source") == "nnunetv2"))
+
+
+def nonzero_box(array: np.ndarray) -> tuple[slice, ...] | None:
+  """The bounding box of the voxels where any channel is non-zero, holes filled (nnU-Net's
+  ``crop_to_nonzero``); ``None`` for an image that is zero everywhere."""
+  from scipy import ndimage
+  mask = ndimage.binary_fill_holes(np.any(array != 0, axis=-1))
+  if not mask.any():
+    return None
+  where = np.argwhere(mask)
+  return tuple(slice(int(a), int(b) + 1) for a, b in zip(where.min(axis=0), where.max(axis=0)))
+
+
+def _span(box: Sequence[slice]) -> str:
+  return "[" + ", ".join(f"{b.start}:{b.stop}" for b in box) + "]"
 
 
 def to_model(array: np.ndarray, fitted: Fitted, fill: int = -1) -> np.ndarray:
@@ -211,6 +252,8 @@ def to_model(array: np.ndarray, fitted: Fitted, fill: int = -1) -> np.ndarray:
   unmarked for marks)."""
   if fitted.order is not None:
     array = np.transpose(array, fitted.order)
+  if fitted.crop is not None:
+    array = array[fitted.crop.box]
   array = np.squeeze(array, axis=fitted.squeezed) if fitted.squeezed else array
   if fitted.resampling is not None:
     from scribblejax.resample import resample_label_map
@@ -238,11 +281,17 @@ def to_image(array: np.ndarray, fitted: Fitted) -> np.ndarray:
   if fitted.resampling is not None:
     from scribblejax.resample import resample_label_map
     array, _ = resample_label_map(array, fitted.resampling.shape, fill=-1)
-  return _image_layout(array, fitted)
+  return _image_layout(array, fitted, fill=-1)
 
 
-def _image_layout(array: np.ndarray, fitted: Fitted) -> np.ndarray:
+def _image_layout(array: np.ndarray, fitted: Fitted, fill: int) -> np.ndarray:
+  """Back to the image's axes: length-1 axes restored, the crop undone (``fill`` around it), axes
+  reordered."""
   array = np.expand_dims(array, fitted.squeezed) if fitted.squeezed else array
+  if fitted.crop is not None:
+    full = np.full(fitted.crop.shape, fill, array.dtype)
+    full[fitted.crop.box] = array
+    array = full
   if fitted.order is not None:
     array = np.transpose(array, np.argsort(fitted.order))
   return array
@@ -257,7 +306,7 @@ def labels_from_logits(logits: Any, fitted: Fitted) -> np.ndarray:
     from scribblejax.resample import resample
     r = fitted.resampling
     logits = resample(logits, r.shape, r.target, r.spacing, r.logits)
-  return _image_layout(np.argmax(logits, axis=-1).astype(np.int32), fitted)
+  return _image_layout(np.argmax(logits, axis=-1).astype(np.int32), fitted, fill=0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -274,15 +323,19 @@ class InferenceOptions:
     patch_size: ``"auto"``: patch by patch when the model states ``metadata.patch_size`` (nnU-Net),
       else the whole image at once; ``None``: the whole image at once; or one size per model axis.
     step: patches start at most ``step * patch`` apart (nnU-Net: 0.5).
+    crop: crop the image to its non-zero region before normalising, where the model asks for it
+      (:func:`crops_to_nonzero`); the segmentation is background outside it.
   """
   resample: bool = True
   patch_size: Any = "auto"
   step: float = 0.5
+  crop: bool = True
 
   def __post_init__(self):
     from scribblejax._checks import is_finite_number
-    if not isinstance(self.resample, bool):
-      raise ValueError(f"InferenceOptions.resample must be True or False, got {self.resample!r}")
+    for name in ("resample", "crop"):
+      if not isinstance(getattr(self, name), bool):
+        raise ValueError(f"InferenceOptions.{name} must be True or False, got {getattr(self, name)!r}")
     if not (self.patch_size is None or self.patch_size == "auto" or isinstance(self.patch_size, (tuple, list))):
       raise ValueError(f"the patch size must be 'auto', None or one size per axis, got {self.patch_size!r}")
     if not is_finite_number(self.step) or not 0 < self.step <= 1:
@@ -350,6 +403,7 @@ def fit_to_patch(fitted: Fitted, metadata: dict | None, options: InferenceOption
   Raises:
     ValueError: the patch size is not one positive size per model axis.
   """
+  from scribblejax._checks import is_integer
   from scribblejax.sliding_window import pad_to_patch, window_starts
   ndim = fitted.image.ndim - 1
   if options.patch_size is None:
@@ -357,7 +411,9 @@ def fit_to_patch(fitted: Fitted, metadata: dict | None, options: InferenceOption
   if options.patch_size == "auto":
     patch = _stated(metadata, "patch_size", ndim, int)
   else:
-    patch = _stated({"patch_size": list(options.patch_size)}, "patch_size", ndim, int)
+    patch = tuple(options.patch_size)
+    if len(patch) != ndim or not all(is_integer(v) and v > 0 for v in patch):
+      raise ValueError(f"the patch size must be {ndim} positive integers for a {ndim}-D model, got {list(patch)}")
   if patch is None:
     return fitted
   pad = pad_to_patch(fitted.image.shape[:-1], patch)
@@ -677,7 +733,7 @@ def prepare(network: _Network, img: Image, info: Any, layers: int | None,
             options: InferenceOptions) -> tuple[Any, Fitted, int]:
   """The image made ready for the network (axes, channels, normalisation, spacing, patches or
   padding) and the network's split: ``(split, fitted, layers)``."""
-  fitted = fit_image(img, network.spec, info.normalization, info.metadata)
+  fitted = fit_image(img, network.spec, info.normalization, info.metadata, crop=options.crop)
   if options.resample:
     fitted = resample_to_model(fitted, img, info.metadata)
   fitted = fit_to_patch(fitted, info.metadata, options)
@@ -835,6 +891,7 @@ def _refine_round(model, model_ref, img, digest, marks_files, new, out, session,
     from scribblejax.refine import num_classes_of
     num_classes = num_classes_of(split, fitted.image.shape if fitted.patch is None
                                  else (*fitted.patch, fitted.image.shape[-1]))
+  _check_inside_crop(new, fitted, class_names)
   new_model = to_model(new, fitted)
   grown = 0
   if grow:
@@ -941,6 +998,28 @@ def _patch_split(network: _Network, fitted: Fitted, marks: np.ndarray, layers: i
   shape = tuple(r.stop - r.start for r in region)
   example = jax.ShapeDtypeStruct((1, *shape, fitted.image.shape[-1]), jnp.float32)
   return split_params(blend, last_layers(layers), example=example), region, len(starts)
+
+
+def _check_inside_crop(marks: np.ndarray, fitted: Fitted, class_names: Sequence[str] | None) -> None:
+  """Refuses marks of a class other than background outside the non-zero region an image was cropped
+  to (the segmentation is background there, whatever the network learns).
+
+  Raises:
+    ValueError: naming the classes and the voxel counts.
+  """
+  if fitted.crop is None:
+    return
+  layout = np.transpose(marks, fitted.order) if fitted.order is not None else marks
+  outside = layout.copy()
+  outside[fitted.crop.box] = -1
+  labels, counts = np.unique(outside[outside > 0], return_counts=True)
+  if len(labels):
+    names = class_names or ()
+    what = ", ".join(f"{counts[i]} voxel(s) of {names[k] if k < len(names) else f'class {k}'}"
+                     for i, k in enumerate(labels))
+    raise ValueError(f"marks lie outside the image's non-zero region ({what}), where this model's pipeline "
+                     "(nnU-Net's crop to the non-zero region) always gives background; pass --no-crop to let "
+                     "the network see the whole image")
 
 
 def _same_tree(like: Any, leaves_of: Any) -> Any:
