@@ -176,9 +176,7 @@ class PatchBlend(nnx.Module):
 
   def layer_order(self) -> list[tuple]:
     """The network's layers (stated, or traced on one patch), under ``net``."""
-    from scribblejax.models.layer_order import layer_order
-    example = jax.ShapeDtypeStruct((1, *self.patch, self.in_channels), jnp.float32)
-    return [("net", *path) for path in layer_order(self.net, example)]
+    return _inner_order(self.net, (*self.patch, self.in_channels))
 
   def __call__(self, x: jax.Array) -> jax.Array:
     batch, spatial = x.shape[0], x.shape[1:-1]
@@ -195,3 +193,52 @@ class PatchBlend(nnx.Module):
       total = total.at[(slice(None), *w)].add(logits[i * batch:(i + 1) * batch] * weights.astype(logits.dtype))
       norm[w] += gaussian_importance(self.patch)[..., None]
     return total / jnp.asarray(np.maximum(norm, np.finfo(np.float32).tiny), logits.dtype)
+
+
+def _inner_order(net: nnx.Module, example_shape: Sequence[int]) -> list[tuple]:
+  """A wrapped network's layers in forward order (stated, or traced on one input of ``example_shape``
+  ``[*spatial, C]``), under the wrapper's ``net``."""
+  from scribblejax.models.layer_order import layer_order
+  example = jax.ShapeDtypeStruct((1, *example_shape), jnp.float32)
+  return [("net", *path) for path in layer_order(net, example)]
+
+
+def mirror_combinations(axes: Sequence[int]) -> tuple[tuple[int, ...], ...]:
+  """Every non-empty set of ``axes`` to flip together, in nnU-Net's order (singles, then pairs, ...)."""
+  import itertools
+  axes = tuple(axes)
+  return tuple(c for k in range(1, len(axes) + 1) for c in itertools.combinations(axes, k))
+
+
+class Mirrored(nnx.Module):
+  """A network averaged over its input flipped along every combination of ``axes`` (test-time
+  mirroring, nnU-Net's ``_internal_maybe_mirror_and_predict``): ``2**len(axes)`` passes as one batch.
+
+  Attributes:
+    net: the network (its parameters are this module's, under ``net``).
+    axes: spatial axes (0 = the first spatial axis) that may be flipped.
+    example_shape: one input's ``[*spatial, C]`` (for the traced layer order of a network that states
+      none).
+  """
+
+  def __init__(self, net: nnx.Module, axes: Sequence[int], example_shape: Sequence[int]):
+    self.net = net
+    self.example_shape = tuple(int(n) for n in example_shape)
+    spatial = len(self.example_shape) - 1
+    axes = tuple(axes)
+    if not axes or len(set(axes)) != len(axes) or not all(is_integer(a) and 0 <= a < spatial for a in axes):
+      raise ValueError(f"mirroring axes must be distinct spatial axes 0..{spatial - 1}, got {list(axes)}")
+    self.axes = tuple(int(a) for a in axes)
+
+  def layer_order(self) -> list[tuple]:
+    """The network's layers, under ``net``."""
+    return _inner_order(self.net, self.example_shape)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    batch = x.shape[0]
+    flips = ((),) + mirror_combinations(self.axes)
+    inputs = jnp.concatenate([jnp.flip(x, [a + 1 for a in f]) if f else x for f in flips], axis=0)
+    logits = self.net(inputs)
+    parts = [logits[i * batch:(i + 1) * batch] for i in range(len(flips))]
+    total = sum(jnp.flip(part, [a + 1 for a in f]) if f else part for part, f in zip(parts, flips))
+    return total / len(flips)

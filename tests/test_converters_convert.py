@@ -128,7 +128,7 @@ def test_monai_bundle(tmp_path):
 
 
 def _nnunet_folder_3d(tmp_path, transpose_forward, labels=None, use_mask_for_norm=False, spacing=(3.0, 1.0, 1.0),
-                      patch_size=(8, 8, 8)):
+                      patch_size=(8, 8, 8), mirroring_axes=None):
   """A 3-D nnU-Net trained-model folder (z-score normalisation) with the given axis order, spacing
   (in the network's axis order) and patch size."""
   pytest.importorskip("dynamic_network_architectures")
@@ -155,12 +155,26 @@ def _nnunet_folder_3d(tmp_path, transpose_forward, labels=None, use_mask_for_nor
   (folder / "fold_0").mkdir(parents=True)
   (folder / "plans.json").write_text(json.dumps(plans))
   (folder / "dataset.json").write_text(json.dumps(dataset))
-  torch.save({"network_weights": net.state_dict(), "trainer_name": "nnUNetTrainer"},
-             folder / "fold_0" / "checkpoint_final.pth")
+  checkpoint = {"network_weights": net.state_dict(), "trainer_name": "nnUNetTrainer"}
+  if mirroring_axes is not None:
+    checkpoint["inference_allowed_mirroring_axes"] = tuple(mirroring_axes)
+  torch.save(checkpoint, folder / "fold_0" / "checkpoint_final.pth")
   return folder, net.eval()
 
 
-def _nnunet_sliding_window(net, x, patch, step=0.5):
+def _mirrored_logits(net, x_nchw, mirror_axes):
+  """nnU-Net's _internal_maybe_mirror_and_predict: the mean over the input flipped along every
+  non-empty combination of the spatial axes, and unflipped."""
+  import itertools
+  total = _logits(net, x_nchw)
+  combos = [c for k in range(1, len(mirror_axes) + 1) for c in itertools.combinations(mirror_axes, k)]
+  for axes in combos:
+    flip = tuple(a + 2 for a in axes)
+    total = total + np.flip(_logits(net, np.ascontiguousarray(np.flip(x_nchw, flip))), flip)
+  return total / (len(combos) + 1)
+
+
+def _nnunet_sliding_window(net, x, patch, step=0.5, mirror_axes=None):
   """nnU-Net's predict_sliding_window_return_logits, written out from its description: zero padding to
   the patch (half before), patches at most step * patch apart, logits weighted by a Gaussian (sigma
   patch / 8, peak 1, no zeros), divided by the summed weights, cropped back. ``x``: [z, y, x] float."""
@@ -182,7 +196,8 @@ def _nnunet_sliding_window(net, x, patch, step=0.5):
     for b in starts[1]:
       for c in starts[2]:
         window = (slice(a, a + patch[0]), slice(b, b + patch[1]), slice(c, c + patch[2]))
-        logits = _logits(net, np.ascontiguousarray(padded[window], np.float32)[None, None])[0]
+        one = np.ascontiguousarray(padded[window], np.float32)[None, None]
+        logits = (_logits(net, one) if mirror_axes is None else _mirrored_logits(net, one, mirror_axes))[0]
         if total is None:
           total = np.zeros((logits.shape[0], *padded.shape))
         total[(slice(None), *window)] += logits * gauss
@@ -411,3 +426,44 @@ def test_an_image_with_a_zero_border_is_cropped_to_its_non_zero_region_as_nnunet
   assert "outside the image's non-zero region (1 voxel(s) of organ)" in capsys.readouterr().err
   assert main(args + ["--no-crop"]) == 0, capsys.readouterr().err
   assert np.asarray(nib.load(tmp_path / "refined.nii.gz").dataobj)[0, 0, 0] == 1
+
+
+def test_mirroring_averages_the_flipped_passes_as_nnunet_does(tmp_path, capsys):
+  import nibabel as nib
+
+  from scribblejax.cli import main
+  folder, net = _nnunet_folder_3d(tmp_path, [0, 1, 2], mirroring_axes=(1, 2))
+  out = convert(folder, tmp_path / "converted")
+  volume = np.random.default_rng(8).normal(size=(12, 10, 8)).astype(np.float32) + np.linspace(-2, 2, 12)[:, None, None]
+  affine = np.diag([1.0, 1.0, 3.0, 1.0])
+  nib.save(nib.Nifti1Image(volume, affine), tmp_path / "vol.nii.gz")
+  assert main(["predict", "--model", str(out), "--image", str(tmp_path / "vol.nii.gz"), "--mirror",
+               "--out", str(tmp_path / "seg.nii.gz"), "--quiet"]) == 0, capsys.readouterr().err
+  got = np.asarray(nib.load(tmp_path / "seg.nii.gz").dataobj)
+  x = volume.transpose(2, 1, 0)
+  x = (x - x.mean()) / x.std()
+  want = _nnunet_sliding_window(net, x, (8, 8, 8), mirror_axes=(1, 2)).argmax(0).transpose(2, 1, 0)
+  plain = _nnunet_sliding_window(net, x, (8, 8, 8)).argmax(0).transpose(2, 1, 0)
+  assert 0.05 < want.mean() < 0.95 and (got == want).mean() > 0.995, (got == want).mean()
+  assert (plain != want).mean() > 0.01                                # the mirroring matters here
+  notes = json.loads((tmp_path / "seg.report.json").read_text())["notes"]
+  assert any("mirrored along the model's axes [1, 2]: 4 passes" in n for n in notes)
+  marks = np.zeros(volume.shape, np.uint8)
+  spots = [tuple(v) for v in np.argwhere(got == 0)[:3]]
+  for v in spots:
+    marks[v] = 1
+  nib.save(nib.Nifti1Image(marks, affine), tmp_path / "marks.nii.gz")
+  assert main(["refine", "--model", str(out), "--image", str(tmp_path / "vol.nii.gz"), "--marks",
+               str(tmp_path / "marks.nii.gz"), "--out", str(tmp_path / "refined.nii.gz"), "--steps", "300",
+               "--lr", "0.05", "--alpha", "0.01", "--layers", "3", "--mirror", "--quiet"]) == 0, capsys.readouterr().err
+  report = json.loads((tmp_path / "refined.report.json").read_text())
+  assert report["satisfied"] and report["marks_honoured"] == 1.0
+  refined = np.asarray(nib.load(tmp_path / "refined.nii.gz").dataobj)
+  assert all(refined[v] == 1 for v in spots)
+  # A checkpoint that allows no mirroring (nnU-Net's trainers without it) refuses --mirror by name.
+  plain_folder, _ = _nnunet_folder_3d(tmp_path / "plain", [0, 1, 2])
+  plain_out = convert(plain_folder, tmp_path / "plain_converted")
+  capsys.readouterr()
+  assert main(["predict", "--model", str(plain_out), "--image", str(tmp_path / "vol.nii.gz"), "--mirror",
+               "--out", str(tmp_path / "no.nii.gz"), "--quiet"]) == 1
+  assert "the model allows no mirroring" in capsys.readouterr().err

@@ -114,3 +114,22 @@ def test_patch_blend_gives_the_sliding_window_logits_at_every_marked_voxel():
   marked = marks[region] >= 0
   np.testing.assert_allclose(got[marked], full[region][marked], rtol=1e-5, atol=1e-5)
   assert [p[0] for p in blend.layer_order()] == ["net"] * len(net.layer_order())
+
+
+def test_mirrored_network_is_the_mean_over_flips_and_refines_as_one_network():
+  net = sj.UNet(spatial_dims=2, in_channels=1, num_classes=2, channels=(4, 8), rngs=nnx.Rngs(3))
+  assert sw.mirror_combinations((0, 1)) == ((0,), (1,), (0, 1))
+  mirrored = sw.Mirrored(net, (0, 1), (8, 12, 1))
+  x = np.random.default_rng(4).normal(size=(2, 8, 12, 1)).astype(np.float32)
+  flips = [(), (1,), (2,), (1, 2)]
+  want = sum(np.flip(np.asarray(net(np.flip(x, f).copy())), f) for f in flips) / 4
+  np.testing.assert_allclose(np.asarray(mirrored(x)), want, rtol=1e-5, atol=1e-5)
+  assert mirrored.layer_order() == [("net", *p) for p in net.layer_order()]
+  split = sj.split_params(mirrored, sj.last_layers(2))
+  marks = np.full((8, 12), -1, np.int32)
+  marks[2, 3], marks[6, 9] = 1, 0
+  result = sj.refine(split, x[0], marks, sj.RefineConfig(max_steps=200, learning_rate=0.05))
+  assert bool(result.satisfied)
+  for bad in ((2,), (0, 0), ()):
+    with pytest.raises(ValueError, match="mirroring axes must be distinct spatial axes 0..1"):
+      sw.Mirrored(net, bad, (8, 12, 1))

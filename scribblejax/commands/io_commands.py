@@ -87,6 +87,9 @@ def _inference_flags(parser: argparse.ArgumentParser) -> None:
   group.add_argument("--no-crop", action="store_true",
                      help="do not crop the image to its non-zero region before normalising (nnU-Net models crop, "
                           "and give background outside it)")
+  group.add_argument("--mirror", action="store_true",
+                     help="average the network over its input flipped along the model's mirroring axes, as nnU-Net "
+                          "predicts by default (up to 8 passes in 3-D; in the refinement loop too)")
   group.add_argument("--patch-size", default="auto", metavar="auto|whole|N,N[,N]",
                      help="auto: patch by patch when the model states a patch size (nnU-Net), else the whole image; "
                           "whole: the whole image at once; or the patch, one size per model axis (default auto)")
@@ -105,7 +108,7 @@ def _inference(args: argparse.Namespace):
     except ValueError:
       raise ValueError(f"--patch-size must be auto, whole or sizes like 96,96,96, got {args.patch_size!r}") from None
   return InferenceOptions(resample=not args.no_resample, patch_size=patch, step=args.patch_step,
-                          crop=not args.no_crop)
+                          crop=not args.no_crop, mirror=args.mirror)
 
 
 # ----------------------------------------------------------------------------------------------

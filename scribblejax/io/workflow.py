@@ -325,15 +325,18 @@ class InferenceOptions:
     step: patches start at most ``step * patch`` apart (nnU-Net: 0.5).
     crop: crop the image to its non-zero region before normalising, where the model asks for it
       (:func:`crops_to_nonzero`); the segmentation is background outside it.
+    mirror: average the network over its input flipped along the model's mirroring axes
+      (:class:`scribblejax.sliding_window.Mirrored`; up to 8 passes in 3-D), in the refinement loop too.
   """
   resample: bool = True
   patch_size: Any = "auto"
   step: float = 0.5
   crop: bool = True
+  mirror: bool = False
 
   def __post_init__(self):
     from scribblejax._checks import is_finite_number
-    for name in ("resample", "crop"):
+    for name in ("resample", "crop", "mirror"):
       if not isinstance(getattr(self, name), bool):
         raise ValueError(f"InferenceOptions.{name} must be True or False, got {getattr(self, name)!r}")
     if not (self.patch_size is None or self.patch_size == "auto" or isinstance(self.patch_size, (tuple, list))):
@@ -417,15 +420,15 @@ def fit_to_patch(fitted: Fitted, metadata: dict | None, options: InferenceOption
   if patch is None:
     return fitted
   pad = pad_to_patch(fitted.image.shape[:-1], patch)
+  padded = any(a or b for a, b in pad)
   notes = list(fitted.notes)
-  if any(a or b for a, b in pad):
+  if padded:
     notes.append(f"padded the image from {tuple(fitted.image.shape[:-1])} with zeros (after normalisation) to at "
                  f"least the patch {patch}; results are cropped back")
-  grid = np.pad(fitted.image, (*pad, (0, 0))) if any(a or b for a, b in pad) else fitted.image
+  grid = np.pad(fitted.image, (*pad, (0, 0))) if padded else fitted.image
   count = int(np.prod([len(window_starts(n, p, options.step)) for n, p in zip(grid.shape[:-1], patch)]))
   notes.append(f"the network runs patch by patch: {count} patch(es) of {patch}, Gaussian-weighted where they overlap")
-  return fitted._replace(image=grid, pad=pad if any(a or b for a, b in pad) else None, patch=patch,
-                         notes=tuple(notes))
+  return fitted._replace(image=grid, pad=pad if padded else None, patch=patch, notes=tuple(notes))
 
 
 def network_logits(split, fitted: Fitted, tunable: Any = None, step: float = 0.5) -> np.ndarray:
@@ -730,15 +733,46 @@ def _finish(report: dict, out: str | None, image: Image, labels: np.ndarray, bef
 # The workflows.
 
 def prepare(network: _Network, img: Image, info: Any, layers: int | None,
-            options: InferenceOptions) -> tuple[Any, Fitted, int]:
+            options: InferenceOptions) -> tuple[_Network, Any, Fitted, int]:
   """The image made ready for the network (axes, channels, normalisation, spacing, patches or
-  padding) and the network's split: ``(split, fitted, layers)``."""
+  padding), the network (mirrored if asked) and its split: ``(network, split, fitted, layers)``."""
   fitted = fit_image(img, network.spec, info.normalization, info.metadata, crop=options.crop)
   if options.resample:
     fitted = resample_to_model(fitted, img, info.metadata)
   fitted = fit_to_patch(fitted, info.metadata, options)
+  if options.mirror:
+    network = _mirrored(network, fitted, info.metadata)
+    axes = network.model.axes
+    fitted = fitted._replace(notes=(*fitted.notes, f"mirrored along the model's axes {list(axes)}: "
+                                    f"{2 ** len(axes)} passes averaged, as nnU-Net predicts"))
   split, layers = _split(network, fitted, layers)
-  return split, fit_network(split, fitted), layers
+  return network, split, fit_network(split, fitted), layers
+
+
+def mirroring_axes(metadata: dict | None, ndim: int) -> tuple[int, ...]:
+  """The axes a model may be mirrored along: ``metadata.mirroring_axes`` (nnU-Net's
+  ``inference_allowed_mirroring_axes``, in the network's axis order), else every spatial axis.
+
+  Raises:
+    ValueError: the model allows no mirroring, or states axes it does not have.
+  """
+  metadata = metadata or {}
+  if "mirroring_axes" not in metadata:
+    return tuple(range(ndim))
+  axes = metadata["mirroring_axes"]
+  if not axes:
+    raise ValueError("the model allows no mirroring (model.json metadata.mirroring_axes is empty); drop --mirror")
+  if not isinstance(axes, (list, tuple)) or not all(isinstance(a, int) and 0 <= a < ndim for a in axes):
+    raise ValueError(f"model.json metadata.mirroring_axes must list spatial axes 0..{ndim - 1}, got {axes!r}")
+  return tuple(axes)
+
+
+def _mirrored(network: _Network, fitted: Fitted, metadata: dict | None) -> _Network:
+  from scribblejax.sliding_window import Mirrored
+  ndim = fitted.image.ndim - 1
+  axes = mirroring_axes(metadata, ndim)
+  example = (*(fitted.patch or fitted.image.shape[:-1]), fitted.image.shape[-1])
+  return network._replace(model=Mirrored(network.model, axes, example))
 
 
 def run_predict(model: str, image: str, out: str, *, overlay: bool = True, log: Log = _silent,
@@ -756,7 +790,7 @@ def run_predict(model: str, image: str, out: str, *, overlay: bool = True, log: 
   img = read_image(image)
   output_format(out, img.geometry)
   network = _load(model, log)
-  split, fitted, _ = prepare(network, img, info, 1, inference)
+  _, split, fitted, _ = prepare(network, img, info, 1, inference)
   for note in fitted.notes:
     log(f"note: {note}")
   log(f"predicting on {fitted.image.shape[:-1]} ({_device()['device']})")
@@ -884,7 +918,7 @@ def _refine_round(model, model_ref, img, digest, marks_files, new, out, session,
   network = _load(model, log)
   num_classes = network.spec.num_classes
   layers, config, grow = settings.resolve(info.metadata)
-  split, fitted, layers = prepare(network, img, info, layers, inference)
+  network, split, fitted, layers = prepare(network, img, info, layers, inference)
   for note in fitted.notes:
     log(f"note: {note}")
   if num_classes is None:
