@@ -48,7 +48,7 @@ def window_starts(size: int, patch: int, step: float = 0.5) -> list[int]:
   if count == 1:
     return [0]
   stride = (size - patch) / (count - 1)
-  return [int(np.round(stride * i)) for i in range(count)]
+  return list(dict.fromkeys(int(np.round(stride * i)) for i in range(count)))   # no repeats (1-voxel patches)
 
 
 @functools.lru_cache(maxsize=8)
@@ -242,3 +242,27 @@ class Mirrored(nnx.Module):
     parts = [logits[i * batch:(i + 1) * batch] for i in range(len(flips))]
     total = sum(jnp.flip(part, [a + 1 for a in f]) if f else part for part, f in zip(parts, flips))
     return total / len(flips)
+
+
+class SliceWise(nnx.Module):
+  """A 2-D network applied to every slice along the first spatial axis of a 3-D input (nnU-Net's 2-D
+  configurations on volumes): ``[B, Z, Y, X, C]`` runs as ``[B * Z, Y, X, C]``.
+
+  Attributes:
+    net: the 2-D network (its parameters are this module's, under ``net``).
+    example_shape: one slice's ``[Y, X, C]`` (for the traced layer order of a network that states none).
+  """
+
+  def __init__(self, net: nnx.Module, example_shape: Sequence[int]):
+    self.net = net
+    self.example_shape = tuple(int(n) for n in example_shape)
+
+  def layer_order(self) -> list[tuple]:
+    """The network's layers, under ``net``."""
+    return _inner_order(self.net, self.example_shape)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    if x.ndim != 5:
+      raise ValueError(f"SliceWise takes [batch, slices, *2-D spatial, channels], got shape {x.shape}")
+    out = self.net(x.reshape((x.shape[0] * x.shape[1], *x.shape[2:])))
+    return out.reshape((x.shape[0], x.shape[1], *out.shape[1:]))

@@ -127,6 +127,25 @@ def test_predict_nifti_round_trip_keeps_affine_and_header(tmp_path, model_dir, c
   _no_temporaries(tmp_path)
 
 
+def test_a_2d_model_segments_a_stack_slice_by_slice(tmp_path, model_dir, crop):
+  # Was: refused ("the model takes 2-D images"). A TIFF stack goes slice by slice along its first axis,
+  # normalised as one volume (here three copies: each slice normalises as the crop alone does).
+  image, truth, network = crop
+  tifffile.imwrite(tmp_path / "stack.tif", np.stack([image, image[::-1], image]), photometric="minisblack")
+  proc = _cli("predict", "--model", model_dir, "--image", tmp_path / "stack.tif", "--out", tmp_path / "seg.tif",
+              "--json")
+  assert proc.returncode == 0, proc.stderr
+  labels = tifffile.imread(tmp_path / "seg.tif")
+  assert labels.shape == (3, 96, 96)
+  np.testing.assert_array_equal(labels[0], network)
+  np.testing.assert_array_equal(labels[2], network)
+  model, info = sj.load_model(model_dir)                            # the flipped slice, on its own
+  flipped = sj.predict(sj.split_params(model, sj.last_layers(1)), sj.normalize(image[::-1, :, None], info.normalization))
+  np.testing.assert_array_equal(labels[1], np.argmax(np.asarray(flipped), -1))
+  assert any("slice by slice along the image's axis 0 (3 slices of (96, 96))" in n
+             for n in json.loads(proc.stdout)["notes"])
+
+
 def test_commands_keep_compiled_programs_on_disk(tmp_path, model_dir, crop):
   image = crop[0]
   tifffile.imwrite(tmp_path / "img.tif", image)

@@ -1,6 +1,7 @@
 """End to end: a synthetic nnU-Net folder, a MONAI bundle and a bare checkpoint convert, save and reload."""
 
 import argparse
+import itertools
 import json
 
 import numpy as np
@@ -177,7 +178,7 @@ def _mirrored_logits(net, x_nchw, mirror_axes):
 def _nnunet_sliding_window(net, x, patch, step=0.5, mirror_axes=None):
   """nnU-Net's predict_sliding_window_return_logits, written out from its description: zero padding to
   the patch (half before), patches at most step * patch apart, logits weighted by a Gaussian (sigma
-  patch / 8, peak 1, no zeros), divided by the summed weights, cropped back. ``x``: [z, y, x] float."""
+  patch / 8, peak 1, no zeros), divided by the summed weights, cropped back. ``x``: [*spatial] float."""
   from scipy.ndimage import gaussian_filter
   pad = [((max(p - n, 0)) // 2, max(p - n, 0) - max(p - n, 0) // 2) for n, p in zip(x.shape, patch)]
   padded = np.pad(x, pad)
@@ -192,16 +193,14 @@ def _nnunet_sliding_window(net, x, patch, step=0.5, mirror_axes=None):
   gauss = gauss / gauss.max()
   gauss[gauss == 0] = gauss[gauss > 0].min()
   total, weight = None, np.zeros(padded.shape)
-  for a in starts[0]:
-    for b in starts[1]:
-      for c in starts[2]:
-        window = (slice(a, a + patch[0]), slice(b, b + patch[1]), slice(c, c + patch[2]))
-        one = np.ascontiguousarray(padded[window], np.float32)[None, None]
-        logits = (_logits(net, one) if mirror_axes is None else _mirrored_logits(net, one, mirror_axes))[0]
-        if total is None:
-          total = np.zeros((logits.shape[0], *padded.shape))
-        total[(slice(None), *window)] += logits * gauss
-        weight[window] += gauss
+  for corner in itertools.product(*starts):
+    window = tuple(slice(a, a + p) for a, p in zip(corner, patch))
+    one = np.ascontiguousarray(padded[window], np.float32)[None, None]
+    logits = (_logits(net, one) if mirror_axes is None else _mirrored_logits(net, one, mirror_axes))[0]
+    if total is None:
+      total = np.zeros((logits.shape[0], *padded.shape))
+    total[(slice(None), *window)] += logits * gauss
+    weight[window] += gauss
   total /= weight
   return total[(slice(None), *[slice(lo, n - hi) for (lo, hi), n in zip(pad, padded.shape)])]
 
@@ -467,3 +466,38 @@ def test_mirroring_averages_the_flipped_passes_as_nnunet_does(tmp_path, capsys):
   assert main(["predict", "--model", str(plain_out), "--image", str(tmp_path / "vol.nii.gz"), "--mirror",
                "--out", str(tmp_path / "no.nii.gz"), "--quiet"]) == 1
   assert "the model allows no mirroring" in capsys.readouterr().err
+
+
+def test_a_2d_nnunet_segments_a_volume_slice_by_slice_as_nnunet_does(tmp_path, capsys):
+  import nibabel as nib
+
+  from scribblejax.cli import main
+  folder, net = _nnunet_folder(tmp_path)                              # 2-D: patch 16 x 16, spacing (1, 1), CT norm
+  out = convert(folder, tmp_path / "converted")
+  rng = np.random.default_rng(9)
+  volume = (rng.normal(size=(24, 20, 3)) * 40 + np.linspace(-20, 150, 24)[:, None, None]).astype(np.float32)
+  nib.save(nib.Nifti1Image(volume, np.diag([1.0, 1.0, 2.5, 1.0])), tmp_path / "ct.nii.gz")
+  assert main(["predict", "--model", str(out), "--image", str(tmp_path / "ct.nii.gz"),
+               "--out", str(tmp_path / "seg.nii.gz"), "--quiet"]) == 0, capsys.readouterr().err
+  got = np.asarray(nib.load(tmp_path / "seg.nii.gz").dataobj)
+  # nnU-Net: SimpleITK's (k, j, i), CT normalisation of the whole volume, then each k slice (j, i) by a
+  # 2-D sliding window of 16 x 16 patches.
+  x = np.clip(volume.transpose(2, 1, 0), -10.0, 200.0)
+  x = (x - 50.0) / 20.0
+  logits = np.stack([_nnunet_sliding_window(net, s, (16, 16)) for s in x], axis=1)
+  want = logits.argmax(0).transpose(2, 1, 0)
+  assert len(np.unique(want)) == 3 and (got == want).mean() > 0.995, (got == want).mean()
+  notes = json.loads((tmp_path / "seg.report.json").read_text())["notes"]
+  assert any("slice by slice along the image's axis 2 (3 slices of (20, 24))" in n for n in notes)
+  # Marks on two slices: the loop runs the marked slices' patches, and the written volume honours them.
+  marks = np.zeros(volume.shape, np.uint8)
+  spots = [tuple(np.argwhere((got == 0)[..., 0])[2]) + (0,), tuple(np.argwhere((got != 2)[..., 2])[5]) + (2,)]
+  marks[spots[0]], marks[spots[1]] = 1, 2                             # liver on slice 0, tumour on slice 2
+  nib.save(nib.Nifti1Image(marks, np.diag([1.0, 1.0, 2.5, 1.0])), tmp_path / "marks.nii.gz")
+  assert main(["refine", "--model", str(out), "--image", str(tmp_path / "ct.nii.gz"), "--marks",
+               str(tmp_path / "marks.nii.gz"), "--out", str(tmp_path / "refined.nii.gz"), "--steps", "300",
+               "--lr", "0.05", "--alpha", "0.01", "--layers", "3", "--quiet"]) == 0, capsys.readouterr().err
+  report = json.loads((tmp_path / "refined.report.json").read_text())
+  assert report["satisfied"] and report["marks_honoured"] == 1.0
+  refined = np.asarray(nib.load(tmp_path / "refined.nii.gz").dataobj)
+  assert refined[spots[0]] == 1 and refined[spots[1]] == 2

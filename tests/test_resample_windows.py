@@ -72,6 +72,7 @@ def test_marks_survive_a_coarser_grid_and_map_back_to_the_same_places():
 def test_window_starts_and_weights_follow_nnunet():
   assert sw.window_starts(110, 64, 0.5) == [0, 23, 46]     # the example in nnU-Net's source
   assert sw.window_starts(64, 64) == [0] and sw.window_starts(65, 64) == [0, 1]
+  assert sw.window_starts(5, 1) == [0, 1, 2, 3, 4]                # one slice at a time: each slice once
   with pytest.raises(ValueError, match="shorter than the patch"):
     sw.window_starts(10, 16)
   weights = sw.gaussian_importance((8, 9))

@@ -85,6 +85,7 @@ class Fitted(NamedTuple):
   resampling: "Resampling | None" = None  # the image was resampled to the model's spacing (see resample_to_model)
   patch: tuple[int, ...] | None = None   # the network runs patch by patch (see fit_to_patch)
   crop: "Crop | None" = None     # the image was cropped to its non-zero region (see nonzero_box)
+  slices: bool = False           # a 2-D model segments the volume slice by slice along model axis 0
 
 
 class Crop(NamedTuple):
@@ -171,7 +172,7 @@ def adapt_channels(array: np.ndarray, want: int | None, what: str,
 
 
 def fit_image(image: Image, spec: InputSpec, normalization: Any, metadata: dict | None = None,
-              crop: bool = False) -> Fitted:
+              crop: bool = False, slices: bool = False) -> Fitted:
   """Orders axes, adapts channels, crops to the non-zero region (``crop`` and a model that crops, see
   :func:`crops_to_nonzero`), normalises as the model expects, and drops length-1 axes the model lacks.
 
@@ -181,6 +182,9 @@ def fit_image(image: Image, spec: InputSpec, normalization: Any, metadata: dict 
     normalization: the model's normalisation spec.
     metadata: ``model.json``'s metadata (its ``input_axis_order``, see :func:`input_axis_order`).
     crop: crop as nnU-Net crops, where the model asks for it.
+    slices: a 2-D model may take a volume without a length-1 axis slice by slice: along the model's
+      first axis when the model states an axis order (nnU-Net), else along a medical image's last
+      axis (NIfTI's k) or a TIFF stack's first; ``Fitted.slices`` says so.
 
   Raises:
     ValueError: the image has more (non-trivial) or fewer spatial dimensions than the model, or
@@ -195,13 +199,19 @@ def fit_image(image: Image, spec: InputSpec, normalization: Any, metadata: dict 
   if note:
     notes.append(note)
   order = input_axis_order(metadata, image.family, array.ndim - 1)
+  sliced = (slices and spec.spatial_dims == 2 and array.ndim == 4 and 1 not in array.shape[:-1])
+  if sliced and order is None and image.family in MEDICAL:
+    order = (2, 0, 1)
   if order is not None:
     array = np.transpose(array, (*order, array.ndim - 1))
     notes.append(f"read the image's axes in the order {list(order)}, as the model was trained to read them "
                  "(model.json metadata.input_axis_order)")
   spatial = array.shape[:-1]
   squeezed: tuple[int, ...] = ()
-  if spec.spatial_dims is not None and len(spatial) != spec.spatial_dims:
+  if sliced:
+    notes.append(f"the model is 2-D: it segments the volume slice by slice along the image's axis "
+                 f"{order[0] if order is not None else 0} ({spatial[0]} slices of {tuple(spatial[1:])})")
+  elif spec.spatial_dims is not None and len(spatial) != spec.spatial_dims:
     ones = [a for a, n in enumerate(spatial) if n == 1]
     extra = len(spatial) - spec.spatial_dims
     if extra < 0 or len(ones) < extra:
@@ -222,7 +232,7 @@ def fit_image(image: Image, spec: InputSpec, normalization: Any, metadata: dict 
   if squeezed:
     array = np.squeeze(array, axis=squeezed)
   cropped = None if box is None else Crop(box, tuple(spatial))
-  return Fitted(np.ascontiguousarray(array, np.float32), squeezed, tuple(notes), order, crop=cropped)
+  return Fitted(np.ascontiguousarray(array, np.float32), squeezed, tuple(notes), order, crop=cropped, slices=sliced)
 
 
 def crops_to_nonzero(metadata: dict | None) -> bool:
@@ -368,13 +378,15 @@ def resample_to_model(fitted: Fitted, image: Image, metadata: dict | None) -> Fi
   resampled shape equals the image's."""
   from scribblejax.resample import IMAGE, LOGITS, ResampleScheme, resample, resampled_shape
   ndim = fitted.image.ndim - 1
-  target = _stated(metadata, "spacing", ndim, float)
+  target = _stated(metadata, "spacing", ndim - 1 if fitted.slices else ndim, float)
   if target is None:
     return fitted
   spacing = tuple(float(s) for s in image.geometry.spacing)
   if fitted.order is not None:
     spacing = tuple(spacing[a] for a in fitted.order)
   spacing = tuple(s for a, s in enumerate(spacing) if a not in fitted.squeezed)
+  if fitted.slices:                      # nnU-Net's 2-D configurations leave the slice axis alone
+    target = (spacing[0], *target)
   shape = tuple(fitted.image.shape[:-1])
   new = resampled_shape(shape, spacing, target)
   if new == shape:
@@ -408,15 +420,19 @@ def fit_to_patch(fitted: Fitted, metadata: dict | None, options: InferenceOption
   """
   from scribblejax._checks import is_integer
   from scribblejax.sliding_window import pad_to_patch, window_starts
-  ndim = fitted.image.ndim - 1
-  if options.patch_size is None:
+  ndim = fitted.image.ndim - 1 - fitted.slices
+  if options.patch_size is None and not fitted.slices:
     return fitted
-  if options.patch_size == "auto":
+  if options.patch_size is None:
+    patch = None
+  elif options.patch_size == "auto":
     patch = _stated(metadata, "patch_size", ndim, int)
   else:
     patch = tuple(options.patch_size)
     if len(patch) != ndim or not all(is_integer(v) and v > 0 for v in patch):
       raise ValueError(f"the patch size must be {ndim} positive integers for a {ndim}-D model, got {list(patch)}")
+  if fitted.slices:                      # one slice at a time: whole slices unless the model states a patch
+    patch = (1, *(patch or fitted.image.shape[1:-1]))
   if patch is None:
     return fitted
   pad = pad_to_patch(fitted.image.shape[:-1], patch)
@@ -736,7 +752,7 @@ def prepare(network: _Network, img: Image, info: Any, layers: int | None,
             options: InferenceOptions) -> tuple[_Network, Any, Fitted, int]:
   """The image made ready for the network (axes, channels, normalisation, spacing, patches or
   padding), the network (mirrored if asked) and its split: ``(network, split, fitted, layers)``."""
-  fitted = fit_image(img, network.spec, info.normalization, info.metadata, crop=options.crop)
+  fitted = fit_image(img, network.spec, info.normalization, info.metadata, crop=options.crop, slices=True)
   if options.resample:
     fitted = resample_to_model(fitted, img, info.metadata)
   fitted = fit_to_patch(fitted, info.metadata, options)
@@ -745,6 +761,9 @@ def prepare(network: _Network, img: Image, info: Any, layers: int | None,
     axes = network.model.axes
     fitted = fitted._replace(notes=(*fitted.notes, f"mirrored along the model's axes {list(axes)}: "
                                     f"{2 ** len(axes)} passes averaged, as nnU-Net predicts"))
+  if fitted.slices:
+    from scribblejax.sliding_window import SliceWise
+    network = network._replace(model=SliceWise(network.model, (*fitted.patch[1:], fitted.image.shape[-1])))
   split, layers = _split(network, fitted, layers)
   return network, split, fit_network(split, fitted), layers
 
@@ -769,9 +788,9 @@ def mirroring_axes(metadata: dict | None, ndim: int) -> tuple[int, ...]:
 
 def _mirrored(network: _Network, fitted: Fitted, metadata: dict | None) -> _Network:
   from scribblejax.sliding_window import Mirrored
-  ndim = fitted.image.ndim - 1
+  ndim = fitted.image.ndim - 1 - fitted.slices
   axes = mirroring_axes(metadata, ndim)
-  example = (*(fitted.patch or fitted.image.shape[:-1]), fitted.image.shape[-1])
+  example = (*(fitted.patch or fitted.image.shape[:-1])[fitted.slices:], fitted.image.shape[-1])
   return network._replace(model=Mirrored(network.model, axes, example))
 
 
