@@ -1,4 +1,5 @@
-"""Sliding-window inference over patches, and the patch-aligned region around marks.
+"""Sliding-window inference over patches, refinement on the patches that hold marks, and the
+wrappers nnU-Net's inference needs (test-time mirroring, a 2-D network over a volume's slices).
 
 Networks trained on patches (nnU-Net, most 3-D models) are applied to larger images patch by patch:
 nnU-Net pads the image with zeros to at least one patch, places patches with a step of half a patch
@@ -10,6 +11,11 @@ Refinement runs only the patches that hold marks (:func:`marked_windows`): :clas
 the network to them as one batch and blends them as sliding-window inference does, so the loop's
 stop rule reads the very logits that the refined network's sliding-window segmentation gives at every
 marked voxel. The refined weights then segment the whole image patch by patch.
+
+:class:`Mirrored` averages a network over flips of its input (nnU-Net's test-time mirroring) and
+:class:`SliceWise` runs a 2-D network on every slice of a volume. Both, like :class:`PatchBlend`, are
+Flax modules around the network (its parameters under ``net``, its layer order kept), so refinement
+runs through them unchanged.
 """
 
 from __future__ import annotations
