@@ -649,8 +649,7 @@ def _split(network: _Network, fitted: Fitted, layers: int | None):
   import jax.numpy as jnp
   from scribblejax.models.layer_order import layer_order
   from scribblejax.params import last_layers, split_params
-  shape = fitted.image.shape if fitted.patch is None else (*fitted.patch, fitted.image.shape[-1])
-  example = jax.ShapeDtypeStruct((1, *shape), jnp.float32)
+  example = jax.ShapeDtypeStruct((1, *_network_input(fitted)), jnp.float32)
   count = len(layer_order(network.model, example))
   if layers is None:
     layers = min(DEFAULT_LAYERS, count)
@@ -668,6 +667,11 @@ def _accepts(split, shape: tuple[int, ...]) -> bool:
     return False
 
 
+def _network_input(fitted: Fitted) -> tuple[int, ...]:
+  """The shape ``[*spatial, C]`` one network call takes: a patch, or the whole fitted image."""
+  return fitted.image.shape if fitted.patch is None else (*fitted.patch, fitted.image.shape[-1])
+
+
 def fit_network(split, fitted: Fitted) -> Fitted:
   """Pads the image to a size the network accepts (:func:`pad_to_fit`); with patches, checks that the
   network accepts the patch instead.
@@ -679,7 +683,7 @@ def fit_network(split, fitted: Fitted) -> Fitted:
   if fitted.patch is None:
     return pad_to_fit(split, fitted)
   try:
-    num_classes_of(split, (*fitted.patch, fitted.image.shape[-1]))
+    num_classes_of(split, _network_input(fitted))
   except ValueError as err:
     raise ValueError(f"the network refuses patches of {fitted.patch}: {err}") from None
   return fitted
@@ -845,9 +849,10 @@ def run_refine(*, model: str | None, image: str | None, marks: Sequence[str], ou
     overlay: write ``<out stem>.overlay.png``.
     log: progress messages.
     progress: ``progress(steps_taken, max_steps)`` during the refinement (see :func:`scribblejax.refine`).
-    inference: spacing and patches (:class:`InferenceOptions`). With patches, the loop runs on the
-      region around the marks (:func:`scribblejax.sliding_window.region_around_marks`) and the refined
-      network then segments the whole image patch by patch.
+    inference: crop, spacing, patches, mirroring (:class:`InferenceOptions`). With patches, the loop
+      runs the patches that hold marks, blended as the sliding window blends them
+      (:class:`scribblejax.sliding_window.PatchBlend`), and the refined network then segments the whole
+      image patch by patch.
 
   Returns:
     The report (also written as ``<out stem>.report.json``).
@@ -942,8 +947,7 @@ def _refine_round(model, model_ref, img, digest, marks_files, new, out, session,
     log(f"note: {note}")
   if num_classes is None:
     from scribblejax.refine import num_classes_of
-    num_classes = num_classes_of(split, fitted.image.shape if fitted.patch is None
-                                 else (*fitted.patch, fitted.image.shape[-1]))
+    num_classes = num_classes_of(split, _network_input(fitted))
   _check_inside_crop(new, fitted, class_names)
   new_model = to_model(new, fitted)
   grown = 0
@@ -991,6 +995,7 @@ def _refine_round(model, model_ref, img, digest, marks_files, new, out, session,
       logits = network_logits(split, fitted, _same_tree(split.tunable, result.tunable), step=inference.step)
     seconds = time.perf_counter() - start_time
   labels = np.argmax(logits, axis=-1).astype(np.int32)
+  labels_image = labels_from_logits(logits, fitted)
   steps, satisfied = int(result.num_steps), bool(result.satisfied)
   marked = all_marks >= 0
   honoured = float((labels[marked] == all_marks[marked]).mean()) if marked.any() else 1.0
@@ -1004,7 +1009,7 @@ def _refine_round(model, model_ref, img, digest, marks_files, new, out, session,
             "marked_pixels": _class_counts(all_marks, class_names, num_classes),
             "steps": steps, "max_steps": config.max_steps, "satisfied": satisfied,
             "nonfinite": bool(result.nonfinite), "marks_honoured": honoured,
-            "changed_pixels": None,
+            "changed_pixels": int((labels_image != before_image).sum()),
             "seconds": seconds, "compile_seconds": compiled[0], "compile_seconds_note": COMPILE_NOTE,
             **_device(), "driver": driver, "conv_backend": resolve_conv_backend(config.conv_backend),
             "settings": {"layers": layers, "max_steps": config.max_steps, "learning_rate": config.learning_rate,
@@ -1020,8 +1025,6 @@ def _refine_round(model, model_ref, img, digest, marks_files, new, out, session,
     report["rounds"] = round_index
     if undone is not None:
       report["undone_round"] = undone["round"]
-  labels_image = labels_from_logits(logits, fitted)
-  report["changed_pixels"] = int((labels_image != before_image).sum())
   marks_image = to_image(all_marks, fitted)
   report = _finish(report, out, img, labels_image, before_image, labels_image, marks_image, overlay, log,
                    f"{Path(img.path).name}: round {round_index}, {steps} steps, satisfied={satisfied}")
