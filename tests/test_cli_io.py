@@ -501,6 +501,7 @@ def test_info_lists_classes_layers_and_input(model_dir, capsys):
   assert main(["info", str(model_dir)]) == 0
   text = capsys.readouterr().out
   assert "classes: background, nucleus" in text and "decoder/0/1" in text
+  assert "pipeline: the file's own spacing; the whole image at once" in text
   assert main(["info", "no_such_model"]) == 1
   assert "no model at 'no_such_model'" in capsys.readouterr().err
 

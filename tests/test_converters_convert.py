@@ -447,6 +447,10 @@ def test_mirroring_averages_the_flipped_passes_as_nnunet_does(tmp_path, capsys):
   assert (plain != want).mean() > 0.01                                # the mirroring matters here
   notes = json.loads((tmp_path / "seg.report.json").read_text())["notes"]
   assert any("mirrored along the model's axes [1, 2]: 4 passes" in n for n in notes)
+  capsys.readouterr()
+  assert main(["info", str(out)]) == 0
+  assert ("pipeline: axis order {\"medical\": [2, 1, 0], \"raster\": [0, 1, 2]}; crop to the non-zero region; "
+          "spacing [3.0, 1.0, 1.0]; patches of [8, 8, 8]; --mirror along [1, 2]") in capsys.readouterr().out
   marks = np.zeros(volume.shape, np.uint8)
   spots = [tuple(v) for v in np.argwhere(got == 0)[:3]]
   for v in spots:

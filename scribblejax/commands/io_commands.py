@@ -239,6 +239,7 @@ def _info(args: argparse.Namespace) -> int:
              f"classes: {', '.join(d['classes']) if d['classes'] else d['num_classes']}",
              f"input: {inp['spatial_dims']}-D, {inp['channels']} channel(s), {inp['layout']}; "
              f"normalisation {json.dumps(inp['normalization'])}",
+             "pipeline: " + _pipeline_text(d["pipeline"]),
              f"parameters: {d['total_params']:,} in {len(d['layers'])} layers (+ {d['other_variables']:,} other "
              "variables)", "layers in forward order (refine --layers l tunes the last l):"]
     width = max(len(layer["name"]) for layer in d["layers"])
@@ -247,6 +248,19 @@ def _info(args: argparse.Namespace) -> int:
     return "\n".join(lines)
 
   return _run("info", args, work, summary)
+
+
+def _pipeline_text(pipeline: dict) -> str:
+  parts = []
+  if pipeline["axis_order"]:
+    parts.append(f"axis order {json.dumps(pipeline['axis_order'])}")
+  if pipeline["crop_to_nonzero"]:
+    parts.append("crop to the non-zero region")
+  parts.append(f"spacing {pipeline['spacing']}" if pipeline["spacing"] else "the file's own spacing")
+  parts.append(f"patches of {pipeline['patch_size']}" if pipeline["patch_size"] else "the whole image at once")
+  if pipeline["mirroring_axes"] != "all":
+    parts.append(f"--mirror along {pipeline['mirroring_axes']}" if pipeline["mirroring_axes"] else "no mirroring")
+  return "; ".join(parts)
 
 
 def _add_info(subparsers) -> None:

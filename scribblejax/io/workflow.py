@@ -1090,6 +1090,17 @@ def _same_tree(like: Any, leaves_of: Any) -> Any:
 # ----------------------------------------------------------------------------------------------
 # Describing a model.
 
+def pipeline_of(metadata: dict | None) -> dict:
+  """What ``predict`` and ``refine`` do to an image for this model before and after the network
+  (see :class:`InferenceOptions`), as the model states it."""
+  metadata = metadata or {}
+  orders = metadata.get("input_axis_order")
+  if orders is None and metadata.get("source") == "nnunetv2":
+    orders = nnunet_axis_order(metadata.get("transpose_forward"))
+  return {"axis_order": orders, "crop_to_nonzero": crops_to_nonzero(metadata), "spacing": metadata.get("spacing"),
+          "patch_size": metadata.get("patch_size"), "mirroring_axes": metadata.get("mirroring_axes", "all")}
+
+
 def describe_model(model: str) -> dict:
   """Classes, layers in forward order with parameter counts, and what the model expects as input."""
   import jax
@@ -1118,5 +1129,6 @@ def describe_model(model: str) -> dict:
           "classes": list(info.class_names) if info.class_names else None, "num_classes": num_classes,
           "input": {"spatial_dims": spec.spatial_dims, "channels": spec.in_channels,
                     "layout": "[*spatial, channels], channels last", "normalization": info.normalization},
+          "pipeline": pipeline_of(info.metadata),
           "layers": layers, "total_params": count_params(nnx.state(network.model, nnx.Param)),
           "other_variables": count_params(others), "metadata": info.metadata}
