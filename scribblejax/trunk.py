@@ -343,11 +343,17 @@ def _known_reads(level: _Level, vars_):
   return [v for v in vars_ if not _is_literal(v) and id(v) not in level.unknown_vars]
 
 
-def _run_trunk(level: _Level, consts, invals, residuals: list, top: bool, rewrites: tuple = ()) -> list:
+def _run_trunk(level: _Level, consts, invals, residuals: list, top: bool, rewrites: tuple = (),
+               held: tuple[bool, ...] = ()) -> list:
   """Evaluates the known equations and appends each known value that the tail reads, once, in a
-  fixed order (the order :func:`_run_tail` reads them back). Unknown values come out as ``None``."""
+  fixed order (the order :func:`_run_tail` reads them back). Unknown values come out as ``None``.
+
+  The tail has some values without reading them back: the constants, and the inputs of a nested
+  level (``held``, per input) whose value the enclosing level of the tail already has (a literal, a
+  constant or a value it has read back). Those are never appended."""
   env: dict = {}
-  emitted: set = {id(v) for v in level.jaxpr.constvars}   # the tail has the constants itself
+  emitted: set = {id(v) for v in level.jaxpr.constvars}
+  emitted |= {id(v) for v, h in zip(level.jaxpr.invars, held) if h}
   _write(env, level.jaxpr.constvars, consts)
   _write(env, level.jaxpr.invars, invals)
 
@@ -364,8 +370,9 @@ def _run_trunk(level: _Level, consts, invals, residuals: list, top: bool, rewrit
       emit(eqn.invars)
     else:
       inner = _inner_closed(eqn)
+      held = tuple(_is_literal(v) or id(v) in emitted for v in eqn.invars)
       _write(env, eqn.outvars, _run_trunk(kind, inner.consts, [_read(env, v) for v in eqn.invars], residuals, False,
-                                          rewrites))
+                                          rewrites, held))
   if top:
     emit(level.jaxpr.outvars)
   return [None if not _is_literal(v) and id(v) in level.unknown_vars else _read(env, v)
