@@ -147,8 +147,12 @@ def normalize(image: np.ndarray, spec: Any, *, spatial_dims: int | None = None) 
     specs = spec
   else:
     specs = [spec] * image.shape[-1]
-  nonzero = None
-  if any(s.get("mask") == "nonzero" for s in specs):
-    from scipy import ndimage
-    nonzero = ndimage.binary_fill_holes(np.any(image != 0, axis=-1))
+  nonzero = nonzero_mask(image) if any(s.get("mask") == "nonzero" for s in specs) else None
   return np.stack([_one(image[..., c], s, nonzero) for c, s in enumerate(specs)], axis=-1)
+
+
+def nonzero_mask(image: np.ndarray) -> np.ndarray:
+  """nnU-Net's non-zero mask of an image ``[*spatial, C]``: where any channel is non-zero, holes filled
+  (``nnunetv2.preprocessing.cropping.cropping.create_nonzero_mask``)."""
+  from scipy import ndimage
+  return ndimage.binary_fill_holes(np.any(np.asarray(image) != 0, axis=-1))

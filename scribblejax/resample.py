@@ -77,7 +77,8 @@ class ResampleScheme:
                force_separate_z=kwargs.get("force_separate_z", default.force_separate_z))
 
   def to_json(self) -> dict:
-    return {"order": self.order, "order_z": self.order_z, "force_separate_z": self.force_separate_z}
+    return {"order": self.order, "order_z": self.order_z, "force_separate_z": self.force_separate_z,
+            "anisotropy_threshold": self.anisotropy_threshold}
 
 
 IMAGE = ResampleScheme(order=3, order_z=0)          # nnU-Net's default for images
@@ -198,7 +199,8 @@ def resample_label_map(labels: Any, shape: Sequence[int], fill: int = -1) -> tup
 
   Each new voxel takes the label of its nearest old voxel. Where the new grid is coarser, a marked
   voxel (one not equal to ``fill``) whose nearest new voxel holds ``fill`` then marks that voxel, so a
-  thin scribble keeps every piece; two labels meeting in one new voxel keep the first (counted).
+  thin scribble keeps every piece. Where labels meet in one new voxel, one holds: the nearest old
+  voxel's, else one of those mapped there; the others are counted as lost.
 
   Returns:
     ``(new labels of labels' dtype, count of marked voxels whose label found no voxel of its own)``.

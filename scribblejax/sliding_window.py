@@ -50,7 +50,7 @@ def window_starts(size: int, patch: int, step: float = 0.5) -> list[int]:
     raise ValueError(f"the sliding-window step must be in (0, 1] (a fraction of the patch), got {step!r}")
   if size < patch:
     raise ValueError(f"an axis of {size} voxels is shorter than the patch ({patch}); pad it first")
-  count = int(np.ceil((size - patch) / (patch * step))) + 1
+  count = min(int(np.ceil((size - patch) / (patch * step))) + 1, size - patch + 1)   # never more than distinct starts
   if count == 1:
     return [0]
   stride = (size - patch) / (count - 1)
@@ -192,12 +192,13 @@ class PatchBlend(nnx.Module):
         raise ValueError(f"a patch at {start} of size {self.patch} leaves the input of spatial shape {spatial}")
     patches = jnp.concatenate([x[(slice(None), *w)] for w in windows], axis=0)
     logits = self.net(patches)
-    weights = jnp.asarray(gaussian_importance(self.patch))[..., None]
+    gauss = gaussian_importance(self.patch)[..., None]
+    weights = jnp.asarray(gauss, logits.dtype)
     total = jnp.zeros((batch, *spatial, logits.shape[-1]), logits.dtype)
     norm = np.zeros((*spatial, 1), np.float32)
     for i, w in enumerate(windows):
-      total = total.at[(slice(None), *w)].add(logits[i * batch:(i + 1) * batch] * weights.astype(logits.dtype))
-      norm[w] += gaussian_importance(self.patch)[..., None]
+      total = total.at[(slice(None), *w)].add(logits[i * batch:(i + 1) * batch] * weights)
+      norm[w] += gauss
     return total / jnp.asarray(np.maximum(norm, np.finfo(np.float32).tiny), logits.dtype)
 
 

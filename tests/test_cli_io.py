@@ -241,6 +241,39 @@ def test_refine_with_patches_chosen_on_the_command_line_honours_the_marks(tmp_pa
   assert labels[r1, c1] == 1 and labels[r0, c0] == 0
 
 
+def test_on_a_coarser_model_grid_the_report_counts_marks_in_the_written_file(tmp_path, model_dir, crop, capsys):
+  # A model stating a voxel spacing twice the image's: marks go to a coarser grid, the segmentation
+  # comes back by resampling. marks_honoured is measured in the written file against the marks drawn,
+  # and two marks of different classes in one model voxel are counted.
+  import shutil
+  image, truth, network = crop
+  coarse = tmp_path / "coarse"
+  shutil.copytree(model_dir, coarse)
+  doc = json.loads((coarse / "model.json").read_text())
+  doc["metadata"] = {**(doc.get("metadata") or {}), "spacing": [2.0, 2.0]}
+  (coarse / "model.json").write_text(json.dumps(doc))
+  tifffile.imwrite(tmp_path / "img.tif", image)
+  spots = _wrong_spots(truth, network)
+  marks = np.zeros((96, 96), np.uint8)
+  marks[spots[1][0]] = 1
+  (r, c) = spots[0][0]
+  marks[r, c] = 255
+  marks[r, c + 1 if c % 2 == 0 else c - 1] = 1                       # the same 2 x 2 model voxel, another class
+  PILImage.fromarray(marks).save(tmp_path / "marks.png")
+  code = main(["refine", "--model", str(coarse), "--image", str(tmp_path / "img.tif"), "--marks",
+               str(tmp_path / "marks.png"), "--out", str(tmp_path / "refined.tif"), *KNOBS, "--json"])
+  out = capsys.readouterr()
+  assert code == 0, out.err
+  report = json.loads(out.out)
+  assert any("to the model's (2.0, 2.0) ((48, 48))" in n for n in report["notes"])
+  assert report["clashing_marks"] == 1
+  written = tifffile.imread(tmp_path / "refined.tif")
+  drawn = np.where(marks == 255, 0, marks.astype(np.int64) - 1)       # 0 unmarked, 255 background
+  drawn[marks == 0] = -1
+  assert report["marks_honoured"] == float((written[drawn >= 0] == drawn[drawn >= 0]).mean())
+  assert report["marked_pixels"] == {"background": 1, "nucleus": int((marks == 1).sum())}
+
+
 def test_refine_reads_a_slicer_segmentation_on_an_nrrd_image(tmp_path, model_dir, crop, capsys):
   image, truth, network = crop
   # The crop as a 2-D NRRD in LPS space: axis 0 = rows, axis 1 = columns (any order works: geometry rules).

@@ -344,8 +344,9 @@ def test_an_image_at_another_spacing_is_resampled_as_nnunet_does(tmp_path, capsy
   from scribblejax.models.store import read_info
   folder, net = _nnunet_folder_3d(tmp_path, [0, 1, 2])          # the network's spacing: (3, 1, 1)
   out = convert(folder, tmp_path / "converted")
-  assert read_info(out).metadata["resampling"] == {"image": {"order": 3, "order_z": 0, "force_separate_z": None},
-                                                   "logits": {"order": 1, "order_z": 0, "force_separate_z": None}}
+  assert read_info(out).metadata["resampling"] == {
+      "image": {"order": 3, "order_z": 0, "force_separate_z": None, "anisotropy_threshold": 3.0},
+      "logits": {"order": 1, "order_z": 0, "force_separate_z": None, "anisotropy_threshold": 3.0}}
   volume = np.random.default_rng(6).normal(size=(20, 18, 5)).astype(np.float32)        # (i, j, k)
   volume += np.linspace(-2, 2, 20)[:, None, None]
   nib.save(nib.Nifti1Image(volume, np.diag([0.5, 0.5, 3.0, 1.0])), tmp_path / "fine.nii.gz")   # half the voxel size

@@ -73,6 +73,7 @@ def test_window_starts_and_weights_follow_nnunet():
   assert sw.window_starts(110, 64, 0.5) == [0, 23, 46]     # the example in nnU-Net's source
   assert sw.window_starts(64, 64) == [0] and sw.window_starts(65, 64) == [0, 1]
   assert sw.window_starts(5, 1) == [0, 1, 2, 3, 4]                # one slice at a time: each slice once
+  assert sw.window_starts(300, 64, 1e-9) == list(range(237))       # a tiny step: every start once, quickly
   with pytest.raises(ValueError, match="shorter than the patch"):
     sw.window_starts(10, 16)
   weights = sw.gaussian_importance((8, 9))
@@ -134,3 +135,29 @@ def test_mirrored_network_is_the_mean_over_flips_and_refines_as_one_network():
   for bad in ((2,), (0, 0), ()):
     with pytest.raises(ValueError, match="mirroring axes must be distinct spatial axes 0..1"):
       sw.Mirrored(net, bad, (8, 12, 1))
+
+
+def test_a_stack_of_slices_a_strided_2d_network_refuses_is_padded_in_plane(tmp_path):
+  import tifffile
+
+  from converters.monai_nets import UNet
+  from scribblejax.io.workflow import run_predict
+  kwargs = dict(spatial_dims=2, in_channels=1, out_channels=2, channels=[4, 8, 16], strides=[2, 2], num_res_units=0)
+  sj.save_model(tmp_path / "m", UNet(**kwargs, rngs=nnx.Rngs(0)), family="monai.UNet", kwargs=kwargs)
+  stack = np.random.default_rng(0).random((3, 45, 45)).astype(np.float32)       # 45: stride 2 twice refuses it
+  tifffile.imwrite(tmp_path / "one.tif", stack[1])
+  tifffile.imwrite(tmp_path / "stack.tif", stack, photometric="minisblack")
+  report = run_predict(str(tmp_path / "m"), str(tmp_path / "stack.tif"), str(tmp_path / "stack_seg.tif"), overlay=False)
+  assert any("from (3, 45, 45) to (3, 48, 48)" in n for n in report["notes"])   # was: the network's own error
+  run_predict(str(tmp_path / "m"), str(tmp_path / "one.tif"), str(tmp_path / "one_seg.tif"), overlay=False)
+  np.testing.assert_array_equal(tifffile.imread(tmp_path / "stack_seg.tif")[1], tifffile.imread(tmp_path / "one_seg.tif"))
+
+
+def test_mirroring_axes_come_from_the_model_or_are_refused_by_name():
+  from scribblejax.io.workflow import mirroring_axes
+  assert mirroring_axes({}, 3) == (0, 1, 2) and mirroring_axes({"mirroring_axes": [1, 2]}, 3) == (1, 2)
+  with pytest.raises(ValueError, match="allows no mirroring"):
+    mirroring_axes({"mirroring_axes": None}, 3)
+  for bad in ([True], [3], "0"):
+    with pytest.raises(ValueError, match="must list spatial axes 0..2"):
+      mirroring_axes({"mirroring_axes": bad}, 3)

@@ -114,10 +114,7 @@ def input_axis_order(metadata: dict | None, family: str, ndim: int) -> tuple[int
   Raises:
     ValueError: the stated order is not a permutation of the image's spatial axes.
   """
-  metadata = metadata or {}
-  orders = metadata.get("input_axis_order")
-  if orders is None and metadata.get("source") == "nnunetv2":
-    orders = nnunet_axis_order(metadata.get("transpose_forward"))
+  orders = stated_axis_orders(metadata)
   if not orders:
     return None
   order = orders.get("medical" if family in MEDICAL else "raster")
@@ -130,6 +127,15 @@ def input_axis_order(metadata: dict | None, family: str, ndim: int) -> tuple[int
     raise ValueError(f"the model reads images with axis order {list(order)}, which does not fit an image with "
                      f"{ndim} spatial axes (model.json metadata.input_axis_order)")
   return None if order == tuple(range(ndim)) else order
+
+
+def stated_axis_orders(metadata: dict | None) -> dict | None:
+  """``metadata.input_axis_order``, or an nnU-Net model's order for models converted before the key."""
+  metadata = metadata or {}
+  orders = metadata.get("input_axis_order")
+  if orders is None and metadata.get("source") == "nnunetv2":
+    orders = nnunet_axis_order(metadata.get("transpose_forward"))
+  return orders
 
 
 def nnunet_axis_order(transpose_forward: Any) -> dict:
@@ -245,8 +251,8 @@ def crops_to_nonzero(metadata: dict | None) -> bool:
 def nonzero_box(array: np.ndarray) -> tuple[slice, ...] | None:
   """The bounding box of the voxels where any channel is non-zero, holes filled (nnU-Net's
   ``crop_to_nonzero``); ``None`` for an image that is zero everywhere."""
-  from scipy import ndimage
-  mask = ndimage.binary_fill_holes(np.any(array != 0, axis=-1))
+  from scribblejax.normalize import nonzero_mask
+  mask = nonzero_mask(array)
   if not mask.any():
     return None
   where = np.argwhere(mask)
@@ -260,6 +266,13 @@ def _span(box: Sequence[slice]) -> str:
 def to_model(array: np.ndarray, fitted: Fitted, fill: int = -1) -> np.ndarray:
   """A ``[*image_spatial]`` array in the model's spatial layout (padding, if any, holds ``fill``:
   unmarked for marks)."""
+  return to_model_counted(array, fitted, fill)[0]
+
+
+def to_model_counted(array: np.ndarray, fitted: Fitted, fill: int = -1) -> tuple[np.ndarray, int]:
+  """:func:`to_model`, and how many marked voxels lost their label to another mark sharing their
+  voxel of the model's grid (only where the image was resampled to a coarser grid)."""
+  lost = 0
   if fitted.order is not None:
     array = np.transpose(array, fitted.order)
   if fitted.crop is not None:
@@ -267,8 +280,8 @@ def to_model(array: np.ndarray, fitted: Fitted, fill: int = -1) -> np.ndarray:
   array = np.squeeze(array, axis=fitted.squeezed) if fitted.squeezed else array
   if fitted.resampling is not None:
     from scribblejax.resample import resample_label_map
-    array, _ = resample_label_map(array, _resampled_shape(fitted), fill=fill)
-  return np.pad(array, fitted.pad, constant_values=fill) if fitted.pad else array
+    array, lost = resample_label_map(array, _resampled_shape(fitted), fill=fill)
+  return (np.pad(array, fitted.pad, constant_values=fill) if fitted.pad else array), lost
 
 
 def _resampled_shape(fitted: Fitted) -> tuple[int, ...]:
@@ -441,9 +454,17 @@ def fit_to_patch(fitted: Fitted, metadata: dict | None, options: InferenceOption
   if padded:
     notes.append(f"padded the image from {tuple(fitted.image.shape[:-1])} with zeros (after normalisation) to at "
                  f"least the patch {patch}; results are cropped back")
-  grid = np.pad(fitted.image, (*pad, (0, 0))) if padded else fitted.image
+  try:
+    grid = np.pad(fitted.image, (*pad, (0, 0))) if padded else fitted.image
+  except MemoryError:
+    raise ValueError(f"padding the image {tuple(fitted.image.shape[:-1])} to the patch {patch} needs more memory "
+                     "than there is; choose a smaller --patch-size") from None
   count = int(np.prod([len(window_starts(n, p, options.step)) for n, p in zip(grid.shape[:-1], patch)]))
-  notes.append(f"the network runs patch by patch: {count} patch(es) of {patch}, Gaussian-weighted where they overlap")
+  if fitted.slices and patch[1:] == grid.shape[1:-1]:
+    notes.append(f"the network runs one whole slice at a time ({count} slices)")
+  else:
+    notes.append(f"the network runs patch by patch: {count} patch(es) of {patch}, Gaussian-weighted where they "
+                 "overlap")
   return fitted._replace(image=grid, pad=pad if padded else None, patch=patch, notes=tuple(notes))
 
 
@@ -682,6 +703,9 @@ def fit_network(split, fitted: Fitted) -> Fitted:
   from scribblejax.refine import num_classes_of
   if fitted.patch is None:
     return pad_to_fit(split, fitted)
+  if fitted.slices and fitted.patch[1:] == fitted.image.shape[1:-1] and not _accepts(split, _network_input(fitted)):
+    padded = pad_to_fit(split, fitted, fixed=(0,))          # whole slices: pad them in-plane instead
+    return padded._replace(patch=(1, *padded.image.shape[1:-1]))
   try:
     num_classes_of(split, _network_input(fitted))
   except ValueError as err:
@@ -689,13 +713,14 @@ def fit_network(split, fitted: Fitted) -> Fitted:
   return fitted
 
 
-def pad_to_fit(split, fitted: Fitted, most: int = 7) -> Fitted:
+def pad_to_fit(split, fitted: Fitted, most: int = 7, fixed: tuple[int, ...] = ()) -> Fitted:
   """Pads the image with zeros (after normalisation, as nnU-Net pads) to a size the network accepts.
 
   Networks whose downsampling needs sizes divisible by some factor (nnU-Net, MONAI's UNet and
   SegResNet) refuse other sizes. Each axis is padded to the smallest multiple of a power of two
   (at most ``2**most``) that the network accepts, half before and half after; :func:`to_model` pads
-  marks with "unmarked" and :func:`to_image` crops results back.
+  marks with "unmarked" and :func:`to_image` crops results back. Axes in ``fixed`` keep their size
+  (a volume's slice axis for a 2-D network).
 
   Raises:
     ValueError: no such padding makes the network accept the image (its own error).
@@ -705,16 +730,16 @@ def pad_to_fit(split, fitted: Fitted, most: int = 7) -> Fitted:
   if _accepts(split, shape):
     return fitted
   spatial = list(shape[:-1])
-  up = lambda n, m: -(-n // m) * m
+  up = lambda n, m, axis: n if axis in fixed else -(-n // m) * m
   for k in range(1, most + 1):
-    target = [up(n, 2 ** k) for n in spatial]
+    target = [up(n, 2 ** k, a) for a, n in enumerate(spatial)]
     if _accepts(split, (*target, shape[-1])):
       break
   else:
     num_classes_of(split, shape)          # the model's own error
   for axis in range(len(spatial)):        # then each axis as little as it needs
     for j in range(k):
-      trial = target[:axis] + [up(spatial[axis], 2 ** j)] + target[axis + 1:]
+      trial = target[:axis] + [up(spatial[axis], 2 ** j, axis)] + target[axis + 1:]
       if _accepts(split, (*trial, shape[-1])):
         target = trial
         break
@@ -785,7 +810,8 @@ def mirroring_axes(metadata: dict | None, ndim: int) -> tuple[int, ...]:
   axes = metadata["mirroring_axes"]
   if not axes:
     raise ValueError("the model allows no mirroring (model.json metadata.mirroring_axes is empty); drop --mirror")
-  if not isinstance(axes, (list, tuple)) or not all(isinstance(a, int) and 0 <= a < ndim for a in axes):
+  from scribblejax._checks import is_integer
+  if not isinstance(axes, (list, tuple)) or not all(is_integer(a) and 0 <= a < ndim for a in axes):
     raise ValueError(f"model.json metadata.mirroring_axes must list spatial axes 0..{ndim - 1}, got {axes!r}")
   return tuple(axes)
 
@@ -948,20 +974,29 @@ def _refine_round(model, model_ref, img, digest, marks_files, new, out, session,
   if num_classes is None:
     from scribblejax.refine import num_classes_of
     num_classes = num_classes_of(split, _network_input(fitted))
-  _check_inside_crop(new, fitted, class_names)
-  new_model = to_model(new, fitted)
-  grown = 0
+  # The marks' truth is the image's grid: what the user drew, plus what region growing added. The
+  # model's grid gets them by to_model, once per round.
+  previous_image, start, arrays = None, None, None
+  if doc is not None and doc["rounds"]:
+    arrays = session_store.round_arrays(session, doc["rounds"][-1])
+    previous_image = arrays["marks"]
+  _check_inside_crop(new if previous_image is None else marks_lib.accumulate(previous_image, new), fitted,
+                     class_names)
+  new_model, clashes = to_model_counted(new, fitted)
+  if clashes:
+    log(f"note: {clashes} marked voxel(s) share a voxel of the model's grid with a mark of another class; one "
+        "label holds there")
+  new_image, grown = new, 0
   if grow:
     grown_marks = np.full_like(new_model, -1)              # never grown into the padding
     region = inside(fitted)
     grown_marks[region] = marks_lib.grow_marks(new_model[region], fitted.image[region], grow)
     grown = int((grown_marks >= 0).sum() - (new_model >= 0).sum())
     new_model = grown_marks
+    new_image = np.where(new >= 0, new, to_image(grown_marks, fitted))
   previous = None
-  start = None
-  if doc is not None and doc["rounds"]:
-    arrays = session_store.round_arrays(session, doc["rounds"][-1])
-    previous = to_model(arrays["marks"], fitted)
+  if previous_image is not None:
+    previous = to_model(previous_image, fitted)
     if settings.continue_weights:
       leaves = session_store.tunable_leaves(arrays)
       want = jax.tree.leaves(split.tunable)
@@ -980,8 +1015,7 @@ def _refine_round(model, model_ref, img, digest, marks_files, new, out, session,
     loop_split, region, count = _patch_split(network, fitted, all_marks, layers, inference.step)
     image, loop_marks = fitted.image[region], all_marks[region]
     start = None if start is None else _same_tree(loop_split.tunable, start)
-    span = ", ".join(f"{r.start}:{r.stop}" for r in region)
-    log(f"note: the loop runs the {count} patch(es) that hold marks (region [{span}] of the model's grid), "
+    log(f"note: the loop runs the {count} patch(es) that hold marks (region {_span(region)} of the model's grid), "
         "blended as the sliding window blends them; the refined network then segments the whole image")
   driver = resolve_driver(config.driver, config.conv_backend, config.compute_dtype, config.cache_trunk)
   log(f"refining the last {layers} layers: up to {config.max_steps} steps on {int((all_marks >= 0).sum())} marked "
@@ -994,19 +1028,22 @@ def _refine_round(model, model_ref, img, digest, marks_files, new, out, session,
     else:
       logits = network_logits(split, fitted, _same_tree(split.tunable, result.tunable), step=inference.step)
     seconds = time.perf_counter() - start_time
-  labels = np.argmax(logits, axis=-1).astype(np.int32)
   labels_image = labels_from_logits(logits, fitted)
+  marks_image = new_image if previous_image is None else marks_lib.accumulate(previous_image, new_image)
   steps, satisfied = int(result.num_steps), bool(result.satisfied)
-  marked = all_marks >= 0
-  honoured = float((labels[marked] == all_marks[marked]).mean()) if marked.any() else 1.0
+  marked = marks_image >= 0                  # honoured in the written segmentation, on the image's grid
+  honoured = float((labels_image[marked] == marks_image[marked]).mean()) if marked.any() else 1.0
   log(f"{steps} steps in {seconds:.2f}s ({compiled[0]:.2f}s compiling): "
-      f"{'every mark honoured' if satisfied else f'{honoured:.1%} of marked pixels honoured'}")
+      f"{'every mark honoured' if satisfied and honoured == 1.0 else f'{honoured:.1%} of marked pixels honoured'}")
+  if satisfied and honoured < 1.0:
+    log("note: the loop honoured every mark on the model's grid, but the segmentation brought back to the "
+        "image's grid misses some marked pixels (they lie between the model's voxels)")
   round_index = len(doc["rounds"]) + 1 if doc is not None else 1
   report = {"command": "refine", "image": img.path, "image_format": img.family, "image_shape": list(img.spatial_shape),
             "model": model_ref, "classes": list(class_names or [str(k) for k in range(num_classes)]),
             "marks_files": [str(m) for m in marks_files], "round": round_index,
             "new_marked_pixels": int((new >= 0).sum()), "grown_pixels": grown,
-            "marked_pixels": _class_counts(all_marks, class_names, num_classes),
+            "marked_pixels": _class_counts(marks_image, class_names, num_classes), "clashing_marks": clashes,
             "steps": steps, "max_steps": config.max_steps, "satisfied": satisfied,
             "nonfinite": bool(result.nonfinite), "marks_honoured": honoured,
             "changed_pixels": int((labels_image != before_image).sum()),
@@ -1025,7 +1062,6 @@ def _refine_round(model, model_ref, img, digest, marks_files, new, out, session,
     report["rounds"] = round_index
     if undone is not None:
       report["undone_round"] = undone["round"]
-  marks_image = to_image(all_marks, fitted)
   report = _finish(report, out, img, labels_image, before_image, labels_image, marks_image, overlay, log,
                    f"{Path(img.path).name}: round {round_index}, {steps} steps, satisfied={satisfied}")
   if session:
@@ -1035,7 +1071,7 @@ def _refine_round(model, model_ref, img, digest, marks_files, new, out, session,
       session_store.save_initial(session, before_image)
     record = {"marks_files": [str(Path(m).resolve()) for m in marks_files], "steps": steps, "satisfied": satisfied,
               "settings": report["settings"], "out": str(out)}
-    doc = session_store.append_round(session, doc, record, marks=marks_image, new_marks=to_image(new_model, fitted),
+    doc = session_store.append_round(session, doc, record, marks=marks_image, new_marks=new_image,
                                      labels=labels_image, tunable=[np.asarray(x) for x in jax.tree.leaves(result.tunable)])
     if undone is not None:
       session_store.remove_round_file(session, doc, undone)
@@ -1094,10 +1130,7 @@ def pipeline_of(metadata: dict | None) -> dict:
   """What ``predict`` and ``refine`` do to an image for this model before and after the network
   (see :class:`InferenceOptions`), as the model states it."""
   metadata = metadata or {}
-  orders = metadata.get("input_axis_order")
-  if orders is None and metadata.get("source") == "nnunetv2":
-    orders = nnunet_axis_order(metadata.get("transpose_forward"))
-  return {"axis_order": orders, "crop_to_nonzero": crops_to_nonzero(metadata), "spacing": metadata.get("spacing"),
+  return {"axis_order": stated_axis_orders(metadata), "crop_to_nonzero": crops_to_nonzero(metadata), "spacing": metadata.get("spacing"),
           "patch_size": metadata.get("patch_size"), "mirroring_axes": metadata.get("mirroring_axes", "all")}
 
 
