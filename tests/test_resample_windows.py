@@ -147,7 +147,10 @@ def test_a_stack_of_slices_a_strided_2d_network_refuses_is_padded_in_plane(tmp_p
   stack = np.random.default_rng(0).random((3, 45, 45)).astype(np.float32)       # 45: stride 2 twice refuses it
   tifffile.imwrite(tmp_path / "one.tif", stack[1])
   tifffile.imwrite(tmp_path / "stack.tif", stack, photometric="minisblack")
-  report = run_predict(str(tmp_path / "m"), str(tmp_path / "stack.tif"), str(tmp_path / "stack_seg.tif"), overlay=False)
+  calls = []
+  report = run_predict(str(tmp_path / "m"), str(tmp_path / "stack.tif"), str(tmp_path / "stack_seg.tif"), overlay=False,
+                       progress=lambda done, total: calls.append((done, total)))
+  assert calls == [(1, 3), (2, 3), (3, 3)]                            # one whole slice at a time
   assert any("from (3, 45, 45) to (3, 48, 48)" in n for n in report["notes"])   # was: the network's own error
   run_predict(str(tmp_path / "m"), str(tmp_path / "one.tif"), str(tmp_path / "one_seg.tif"), overlay=False)
   np.testing.assert_array_equal(tifffile.imread(tmp_path / "stack_seg.tif")[1], tifffile.imread(tmp_path / "one_seg.tif"))

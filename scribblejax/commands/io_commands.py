@@ -48,9 +48,9 @@ def _run(command: str, args: argparse.Namespace, work, summary) -> int:
 
 
 @contextlib.contextmanager
-def _progress_bar(args: argparse.Namespace):
-  """A ``progress(steps, max_steps)`` callback drawing a tqdm bar of SGD steps on stderr (``None``
-  with ``--quiet`` or ``--json``)."""
+def _progress_bar(args: argparse.Namespace, desc: str = "refining", unit: str = "step"):
+  """A ``progress(done, total)`` callback drawing a tqdm bar (of SGD steps, by default) on stderr
+  (``None`` with ``--quiet`` or ``--json``)."""
   if args.quiet or args.json:
     yield None
     return
@@ -60,7 +60,7 @@ def _progress_bar(args: argparse.Namespace):
   def progress(steps: int, max_steps: int) -> None:
     nonlocal bar
     if bar is None:
-      bar = tqdm(total=max_steps, desc="refining", unit="step", file=sys.stderr, leave=False)
+      bar = tqdm(total=max_steps, desc=desc, unit=unit, file=sys.stderr, leave=False)
     bar.update(steps - bar.n)
 
   try:
@@ -117,8 +117,9 @@ def _inference(args: argparse.Namespace):
 def _predict(args: argparse.Namespace) -> int:
   def work(log):
     from scribblejax.io.workflow import run_predict
-    return run_predict(args.model, args.image, args.out, overlay=not args.no_overlay, log=log,
-                       inference=_inference(args))
+    with _progress_bar(args, "predicting", "patch") as progress:
+      return run_predict(args.model, args.image, args.out, overlay=not args.no_overlay, log=log,
+                         inference=_inference(args), progress=progress)
 
   def summary(report):
     pixels = ", ".join(f"{k}: {v}" for k, v in report["class_pixels"].items())

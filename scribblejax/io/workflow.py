@@ -468,13 +468,13 @@ def fit_to_patch(fitted: Fitted, metadata: dict | None, options: InferenceOption
   return fitted._replace(image=grid, pad=pad if padded else None, patch=patch, notes=tuple(notes))
 
 
-def network_logits(split, fitted: Fitted, tunable: Any = None, step: float = 0.5) -> np.ndarray:
-  """The network's model-layout logits on a fitted image: patch by patch when ``fitted.patch`` is set,
-  else at once."""
+def network_logits(split, fitted: Fitted, tunable: Any = None, step: float = 0.5, progress: Any = None) -> np.ndarray:
+  """The network's model-layout logits on a fitted image: patch by patch when ``fitted.patch`` is set
+  (``progress(done, total)`` after each), else at once."""
   from scribblejax.refine import predict
   from scribblejax.sliding_window import sliding_window_logits
   if fitted.patch is not None:
-    return sliding_window_logits(split, fitted.image, fitted.patch, tunable, step=step)
+    return sliding_window_logits(split, fitted.image, fitted.patch, tunable, step=step, progress=progress)
   return np.asarray(predict(split, fitted.image, tunable))
 
 
@@ -825,8 +825,10 @@ def _mirrored(network: _Network, fitted: Fitted, metadata: dict | None) -> _Netw
 
 
 def run_predict(model: str, image: str, out: str, *, overlay: bool = True, log: Log = _silent,
-                inference: InferenceOptions = InferenceOptions()) -> dict:
+                inference: InferenceOptions = InferenceOptions(), progress: Any = None) -> dict:
   """The network's own segmentation of an image, written like the image (see :func:`write_label_map`).
+
+  ``progress(done, total)`` is called after each patch when the network runs patch by patch.
 
   Returns:
     The report (also written as ``<out stem>.report.json``).
@@ -845,7 +847,7 @@ def run_predict(model: str, image: str, out: str, *, overlay: bool = True, log: 
   log(f"predicting on {fitted.image.shape[:-1]} ({_device()['device']})")
   with compile_timer() as compiled:
     start = time.perf_counter()
-    labels = labels_from_logits(network_logits(split, fitted, step=inference.step), fitted)
+    labels = labels_from_logits(network_logits(split, fitted, step=inference.step, progress=progress), fitted)
     seconds = time.perf_counter() - start
   num_classes = int(network.spec.num_classes or labels.max() + 1)
   report = {"command": "predict", "image": str(image), "image_format": img.family,
