@@ -57,6 +57,13 @@ def window_starts(size: int, patch: int, step: float = 0.5) -> list[int]:
   return list(dict.fromkeys(int(np.round(stride * i)) for i in range(count)))   # no repeats (1-voxel patches)
 
 
+def window_grid(shape: Sequence[int], patch: Sequence[int], step: float = 0.5) -> list[tuple[int, ...]]:
+  """Every sliding-window patch's first voxel over ``shape`` (at least ``patch`` per axis), the last
+  axis fastest (:func:`window_starts` per axis)."""
+  import itertools
+  return list(itertools.product(*[window_starts(n, p, step) for n, p in zip(shape, patch)]))
+
+
 @functools.lru_cache(maxsize=8)
 def gaussian_importance(patch: tuple[int, ...], sigma_scale: float = 1.0 / 8) -> np.ndarray:
   """The weight of each voxel of a patch: a Gaussian of sigma ``sigma_scale * patch`` centred on the
@@ -103,13 +110,12 @@ def sliding_window_logits(split: Any, image: Any, patch_size: Sequence[int], tun
   patch = _patch(patch_size, len(spatial))
   pad = pad_to_patch(spatial, patch)
   padded = np.pad(image, (*pad, (0, 0))) if any(a or b for a, b in pad) else image
-  grid = [window_starts(n, p, step) for n, p in zip(padded.shape[:-1], patch)]
   weights = gaussian_importance(patch)[..., None]
   total = None
   norm = np.zeros(padded.shape[:-1] + (1,), np.float32)
-  corners = list(np.ndindex(*[len(g) for g in grid]))
-  for done, index in enumerate(corners, start=1):
-    window = tuple(slice(g[i], g[i] + p) for g, i, p in zip(grid, index, patch))
+  corners = window_grid(padded.shape[:-1], patch, step)
+  for done, start in enumerate(corners, start=1):
+    window = tuple(slice(s, s + p) for s, p in zip(start, patch))
     logits = np.asarray(predict(split, padded[window], tunable), np.float32)
     if total is None:
       total = np.zeros(padded.shape[:-1] + (logits.shape[-1],), np.float32)
@@ -140,7 +146,6 @@ def marked_windows(marks: Any, patch_size: Sequence[int], step: float = 0.5) -> 
   """
   marks = np.asarray(marks)
   patch = _patch(patch_size, marks.ndim)
-  grid = [window_starts(n, p, step) for n, p in zip(marks.shape, patch)]
   marked = marks >= 0
   if not marked.any():
     raise ValueError("no voxel is marked: there is no region to refine")
@@ -148,8 +153,7 @@ def marked_windows(marks: Any, patch_size: Sequence[int], step: float = 0.5) -> 
   for axis in range(marks.ndim):
     table = np.cumsum(table, axis=axis)
   windows = []
-  for corner in np.ndindex(*[len(g) for g in grid]):
-    start = tuple(g[i] for g, i in zip(grid, corner))
+  for start in window_grid(marks.shape, patch, step):
     count = 0
     for signs in np.ndindex(*(2,) * marks.ndim):              # inclusion-exclusion over the box's corners
       index = tuple(s + p if high else s for s, p, high in zip(start, patch, signs))

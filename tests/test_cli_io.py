@@ -375,6 +375,10 @@ def test_continue_weights_and_region_growing(tmp_path, model_dir, crop, capsys):
   # The same mark again: from round 1's weights it already holds (no step); from W it must be learnt again.
   assert reports[0]["steps"] > 0 and reports[1]["steps"] == 0 and reports[2]["steps"] == reports[0]["steps"]
   assert reports[1]["settings"]["continue_weights"] and all(r["satisfied"] for r in reports)
+  other_layers = [a if a != "5" else "3" for a in base]              # KNOBS: --layers 5
+  assert main([*other_layers, "--session", str(tmp_path / "s"), "--out", str(tmp_path / "d.tif"),
+               "--continue-weights"]) == 1
+  assert "--continue-weights needs the same --layers as the previous round" in capsys.readouterr().err
 
   assert main([*base, "--region-growing", "0.05", "--out", str(tmp_path / "g.tif")]) == 0
   grown = json.loads(capsys.readouterr().out)

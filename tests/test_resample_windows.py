@@ -107,8 +107,7 @@ def test_patch_blend_gives_the_sliding_window_logits_at_every_marked_voxel():
   marks = np.full(image.shape[:-1], -1, np.int32)
   marks[3, 25], marks[5, 27], marks[9, 20] = 1, 0, 1
   starts = sw.marked_windows(marks, (8, 8))
-  brute = [s for s in np.ndindex(*[len(sw.window_starts(n, 8)) for n in image.shape[:-1]])]
-  brute = [tuple(sw.window_starts(n, 8)[i] for n, i in zip(image.shape[:-1], c)) for c in brute]
+  brute = [(a, b) for a in sw.window_starts(20, 8) for b in sw.window_starts(28, 8)]
   assert list(starts) == [s for s in brute if (marks[s[0]:s[0] + 8, s[1]:s[1] + 8] >= 0).any()]
   region, relative = sw.windows_region(starts, (8, 8))
   blend = sw.PatchBlend(net, relative, (8, 8), 1)

@@ -978,7 +978,7 @@ def _refine_round(model, model_ref, img, digest, marks_files, new, out, session,
     num_classes = num_classes_of(split, _network_input(fitted))
   # The marks' truth is the image's grid: what the user drew, plus what region growing added. The
   # model's grid gets them by to_model, once per round.
-  previous_image, start, arrays = None, None, None
+  previous_image, arrays = None, None
   if doc is not None and doc["rounds"]:
     arrays = session_store.round_arrays(session, doc["rounds"][-1])
     previous_image = arrays["marks"]
@@ -996,15 +996,11 @@ def _refine_round(model, model_ref, img, digest, marks_files, new, out, session,
     grown = int((grown_marks >= 0).sum() - (new_model >= 0).sum())
     new_model = grown_marks
     new_image = np.where(new >= 0, new, to_image(grown_marks, fitted))
-  previous = None
+  previous, start_leaves = None, None
   if previous_image is not None:
     previous = to_model(previous_image, fitted)
     if settings.continue_weights:
-      leaves = session_store.tunable_leaves(arrays)
-      want = jax.tree.leaves(split.tunable)
-      if [np.shape(a) for a in leaves] != [np.shape(b) for b in want]:
-        raise ValueError("--continue-weights needs the same --layers as the previous round")
-      start = jax.tree.unflatten(jax.tree.structure(split.tunable), [np.asarray(a) for a in leaves])
+      start_leaves = session_store.tunable_leaves(arrays)
   all_marks = new_model if previous is None else marks_lib.accumulate(previous, new_model)
   all_marks = marks_lib.validate_mark_map(all_marks, fitted.image.shape[:-1], num_classes)
   initial = session_store.load_initial(session) if session else None
@@ -1016,9 +1012,10 @@ def _refine_round(model, model_ref, img, digest, marks_files, new, out, session,
   if fitted.patch is not None:
     loop_split, region, count = _patch_split(network, fitted, all_marks, layers, inference.step)
     image, loop_marks = fitted.image[region], all_marks[region]
-    start = None if start is None else _same_tree(loop_split.tunable, start)
     log(f"note: the loop runs the {count} patch(es) that hold marks (region {_span(region)} of the model's grid), "
         "blended as the sliding window blends them; the refined network then segments the whole image")
+  start = None if start_leaves is None else _same_tree(
+      loop_split.tunable, start_leaves, "--continue-weights needs the same --layers as the previous round")
   driver = resolve_driver(config.driver, config.conv_backend, config.compute_dtype, config.cache_trunk)
   log(f"refining the last {layers} layers: up to {config.max_steps} steps on {int((all_marks >= 0).sum())} marked "
       f"pixels (driver {driver}, {_device()['device']})")
@@ -1116,12 +1113,17 @@ def _check_inside_crop(marks: np.ndarray, fitted: Fitted, class_names: Sequence[
                      "the network see the whole image")
 
 
-def _same_tree(like: Any, leaves_of: Any) -> Any:
-  """``leaves_of``'s leaves in ``like``'s structure (a network's and its PatchBlend's tunable layers)."""
+def _same_tree(like: Any, leaves_of: Any, problem: str = "the patch blend's tunable layers are not the network's") -> Any:
+  """``leaves_of``'s leaves in ``like``'s structure: a network's and its PatchBlend's tunable layers,
+  or a session's stored weights.
+
+  Raises:
+    ValueError: ``problem``, when the leaves' shapes differ.
+  """
   import jax
   leaves = jax.tree.leaves(leaves_of)
   if [np.shape(a) for a in leaves] != [np.shape(b) for b in jax.tree.leaves(like)]:
-    raise AssertionError("the patch blend's tunable layers are not the network's")
+    raise ValueError(problem)
   return jax.tree.unflatten(jax.tree.structure(like), leaves)
 
 
