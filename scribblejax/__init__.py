@@ -27,7 +27,7 @@ from scribblejax.refine import (RefineConfig, RefineResult, RefineState, Trunk, 
                                 refine, refine_batch, resolve_batch_scheme, resolve_driver)
 from scribblejax.resample import ResampleScheme, resample_label_map, resampled_shape
 from scribblejax.sharding import batch_mesh, refine_sharded
-from scribblejax.sliding_window import PatchBlend, marked_windows, sliding_window_logits
+from scribblejax.sliding_window import PatchBlend, marked_windows, patch_chunk, sliding_window_logits
 from scribblejax.session import (Round, Session, add_marks, current_labels, current_logits, current_marks,
                                  start_session, undo)
 
@@ -80,6 +80,7 @@ __all__ = [
     "marks_satisfied",
     "merge_params",
     "norm_affine",
+    "patch_chunk",
     "normalize",
     "predict",
     "proximal_norm",

@@ -8,9 +8,11 @@ centred on each patch (sigma 1/8 of the patch; ``nnunetv2.inference.sliding_wind
 :func:`sliding_window_logits` does the same with one compiled program for every patch.
 
 Refinement runs only the patches that hold marks (:func:`marked_windows`): :class:`PatchBlend` applies
-the network to them as one batch and blends them as sliding-window inference does, so the loop's
-stop rule reads the very logits that the refined network's sliding-window segmentation gives at every
-marked voxel. The refined weights then segment the whole image patch by patch.
+the network to them (in batches of at most :func:`patch_chunk` patches, each a ``jax.checkpoint``, so
+the backward pass holds one batch's activations at a time) and blends them as sliding-window
+inference does, so the loop's stop rule reads the very logits that the refined network's
+sliding-window segmentation gives at every marked voxel. The refined weights then segment the whole
+image patch by patch.
 
 :class:`Mirrored` averages a network over flips of its input (nnU-Net's test-time mirroring) and
 :class:`SliceWise` runs a 2-D network on every slice of a volume. Both, like :class:`PatchBlend`, are
@@ -163,26 +165,60 @@ def marked_windows(marks: Any, patch_size: Sequence[int], step: float = 0.5) -> 
   return tuple(windows)
 
 
+# The most voxels (patches times their size times the passes each takes, e.g. mirrored copies) that
+# one network call of PatchBlend runs by default: one 128^3 patch, nnU-Net's usual 3-D patch. XLA's
+# analysis of the compiled refinement loop of nnU-Net's 3d_fullres U-Net (5 stages, last 3 layers
+# tunable, float32, CPU) grew by about 370 MB per 64^3 patch run at once (benchmarks/patch_memory.py:
+# 8 patches 3.6 GB at once, 1.0 GB one by one), so about 3 GB per 128^3 patch. A GPU is busy with one
+# such patch; running fewer patches per call costs the recomputation of each call's tail in the
+# backward pass (28% more per step on 2 CPU cores at 32^3).
+PATCH_CHUNK_VOXELS = 128 ** 3
+
+
+def patch_chunk(patch: Sequence[int], passes: int = 1, voxels: int = PATCH_CHUNK_VOXELS) -> int:
+  """How many patches :class:`PatchBlend` runs per network call so that a call sees at most ``voxels``
+  voxels: ``voxels // (prod(patch) * passes)``, at least 1.
+
+  Args:
+    patch: the patch size.
+    passes: network passes per patch (``2 ** len(axes)`` under :class:`Mirrored`).
+    voxels: the budget (default :data:`PATCH_CHUNK_VOXELS`, one 128^3 patch).
+  """
+  if not is_integer(passes) or passes < 1 or not is_integer(voxels) or voxels < 1:
+    raise ValueError(f"passes and voxels must be positive integers, got {passes!r} and {voxels!r}")
+  return max(1, int(voxels) // (int(np.prod(patch)) * int(passes)))
+
+
 class PatchBlend(nnx.Module):
   """A network applied to fixed patches of its input and blended as :func:`sliding_window_logits` blends
   them, in one differentiable call: refinement on it optimises exactly the logits sliding-window
   inference gives at the marked voxels.
 
-  The patches run as one batch. Voxels no patch covers get logits 0.
+  The patches run in batches of at most ``chunk``. With more patches than that, the batches run one
+  after another (``lax.map``), each a ``jax.checkpoint``: the backward pass keeps each batch's input
+  and logits and recomputes its activations when it needs them, so memory grows with one batch
+  rather than with every patch. The frozen trunk of a cached-trunk refinement is still computed once
+  per interaction (:mod:`scribblejax.trunk` unzips maps and checkpoints). Voxels no patch covers get
+  logits 0.
 
   Attributes:
     net: the network (its parameters are this module's, under ``net``).
     starts: each patch's first voxel per spatial axis.
     patch: the patch size.
+    chunk: the most patches per network call (``None``: all at once).
   """
 
-  def __init__(self, net: nnx.Module, starts: Sequence[Sequence[int]], patch: Sequence[int], in_channels: int):
+  def __init__(self, net: nnx.Module, starts: Sequence[Sequence[int]], patch: Sequence[int], in_channels: int,
+               chunk: int | None = None):
     self.net = net
     self.starts = tuple(tuple(int(v) for v in s) for s in starts)
     self.patch = tuple(int(p) for p in patch)
     self.in_channels = int(in_channels)
     if not self.starts:
       raise ValueError("PatchBlend needs at least one patch")
+    if chunk is not None and (not is_integer(chunk) or chunk < 1):
+      raise ValueError(f"the patches per network call must be a positive integer or None, got {chunk!r}")
+    self.chunk = None if chunk is None or chunk >= len(self.starts) else int(chunk)
 
   def layer_order(self) -> list[tuple]:
     """The network's layers (stated, or traced on one patch), under ``net``."""
@@ -194,8 +230,17 @@ class PatchBlend(nnx.Module):
     for start in self.starts:
       if any(s + p > n for s, p, n in zip(start, self.patch, spatial)):
         raise ValueError(f"a patch at {start} of size {self.patch} leaves the input of spatial shape {spatial}")
-    patches = jnp.concatenate([x[(slice(None), *w)] for w in windows], axis=0)
-    logits = self.net(patches)
+    gather = lambda indices: jnp.concatenate([x[(slice(None), *windows[i])] for i in indices], axis=0)
+    if self.chunk is None:
+      logits = self.net(gather(range(len(windows))))
+    else:
+      # balanced batches; the last one filled up with the first patch, whose copy is dropped
+      groups = -(-len(windows) // self.chunk)
+      size = -(-len(windows) // groups)
+      order = list(range(len(windows))) + [0] * (groups * size - len(windows))
+      stacked = jnp.stack([gather(order[g * size:(g + 1) * size]) for g in range(groups)])
+      out = jax.lax.map(jax.checkpoint(lambda patches: self.net(patches)), stacked)
+      logits = out.reshape((-1, *out.shape[2:]))[:len(windows) * batch]
     gauss = gaussian_importance(self.patch)[..., None]
     weights = jnp.asarray(gauss, logits.dtype)
     total = jnp.zeros((batch, *spatial, logits.shape[-1]), logits.dtype)

@@ -10,8 +10,14 @@ the output. The refinement loop then runs only the tail, on residuals computed o
 This is generic: it works on the jaxpr of any forward function and knows nothing about the model,
 so it covers the built-in U-Nets and imported networks alike. For "the last l layers" of a U-Net
 the residuals are the input of the first tunable layer and the skip connections that the tail
-reads. Nested ``jit`` calls are unzipped too; every other higher-order primitive (``custom_jvp``,
-``custom_vjp``, loops) goes wholly to the trunk or wholly to the tail.
+reads. Nested ``jit`` calls are unzipped too, and so are ``jax.checkpoint`` blocks: their trunk part is
+computed once like the rest, and their tail part stays one ``jax.checkpoint`` (its backward pass
+recomputes the block's tail from the block's inputs and residuals), and so are maps (``lax.map``, a
+``scan`` without a carry): the trunk part runs as one map that also stacks each iteration's residuals,
+the tail part as another map over them (with a checkpointed body, this bounds the memory of a network
+applied to many patches in turn: :class:`scribblejax.PatchBlend`). Every other higher-order
+primitive (``custom_jvp``, ``custom_vjp``, loops with a carry) goes wholly to the trunk or wholly to
+the tail.
 
 Example:
   >>> part = partition(fn, tunable, frozen, image)      # fn(tunable, frozen, image) -> logits
@@ -34,6 +40,9 @@ from scribblejax import kernels
 
 # Call-like primitives whose body is unzipped rather than treated as one operation.
 _INLINE = frozenset({"pjit", "jit", "closed_call"})
+# ``jax.checkpoint``'s primitive (named "remat2" by JAX 0.10, "checkpoint" in its source): unzipped too,
+# its tail part run under a ``jax.checkpoint`` again.
+_CHECKPOINTS = frozenset({"remat2", "checkpoint"})
 
 
 class Partition(NamedTuple):
@@ -58,8 +67,17 @@ class Partition(NamedTuple):
 class _Level(NamedTuple):
   """One jaxpr's plan."""
   jaxpr: Any                  # jax.extend.core.Jaxpr
-  kinds: tuple                # per equation: "known", "unknown" or a nested _Level (an unzipped call)
+  kinds: tuple                # per equation: "known", "unknown", a nested _Level (an unzipped call) or a _Mapped
   unknown_vars: frozenset     # variables (by id) whose value depends on the tunable inputs
+  tail_reads: frozenset = frozenset()   # positions of the inputs that the tail (or a nested tail) may read
+
+
+class _Mapped(NamedTuple):
+  """The plan of a ``scan`` without a carry (a map) whose inputs are partly unknown."""
+  level: _Level               # the body's plan
+  num_consts: int             # the scan's loop-invariant inputs come first
+  tail_consts: tuple          # indices of known loop-invariant inputs the body's tail may read
+  counts: dict                # {"residuals": per-iteration residuals of the body}, set by the first trunk run
 
 
 def _is_literal(var) -> bool:
@@ -68,6 +86,8 @@ def _is_literal(var) -> bool:
 
 def _inner_closed(eqn):
   inner = eqn.params.get("jaxpr")
+  if eqn.primitive.name in _CHECKPOINTS and isinstance(inner, jex_core.Jaxpr) and not inner.constvars:
+    return jex_core.ClosedJaxpr(inner, [])
   return inner if isinstance(inner, jex_core.ClosedJaxpr) else None
 
 
@@ -76,9 +96,15 @@ def _plan(jaxpr, unknown_in: tuple[bool, ...]) -> _Level:
   kinds = []
   for eqn in jaxpr.eqns:
     flags = tuple((not _is_literal(v)) and id(v) in unknown for v in eqn.invars)
-    inner = _inner_closed(eqn) if eqn.primitive.name in _INLINE else None
+    inner = _inner_closed(eqn) if eqn.primitive.name in _INLINE | _CHECKPOINTS else None
     if not any(flags):
       kinds.append("known")
+    elif _is_map(eqn) and not all(flags):
+      body = eqn.params["jaxpr"].jaxpr
+      sub = _plan(body, flags)
+      needed = tuple(i for i in range(eqn.params["num_consts"]) if not flags[i] and i in sub.tail_reads)
+      kinds.append(_Mapped(sub, eqn.params["num_consts"], needed, {}))
+      unknown.update(id(o) for o, i in zip(eqn.outvars, body.outvars) if (not _is_literal(i)) and id(i) in sub.unknown_vars)
     elif inner is not None and not all(flags):
       sub = _plan(inner.jaxpr, flags)
       kinds.append(sub)
@@ -87,7 +113,88 @@ def _plan(jaxpr, unknown_in: tuple[bool, ...]) -> _Level:
     else:
       kinds.append("unknown")
       unknown.update(id(o) for o in eqn.outvars)
-  return _Level(jaxpr, tuple(kinds), frozenset(unknown))
+  return _Level(jaxpr, tuple(kinds), frozenset(unknown), _tail_reads(jaxpr, kinds))
+
+
+def _tail_reads(jaxpr, kinds) -> frozenset:
+  """Positions of ``jaxpr``'s inputs that its tail may read: inputs of unknown equations, of a nested
+  level's tail, or of a map's loop-invariant inputs its tail reads."""
+  read: set = set()
+  for eqn, kind in zip(jaxpr.eqns, kinds):
+    if kind == "unknown":
+      read.update(id(v) for v in eqn.invars if not _is_literal(v))
+    elif isinstance(kind, _Mapped):
+      read.update(id(eqn.invars[i]) for i in kind.tail_consts)
+    elif isinstance(kind, _Level):
+      read.update(id(eqn.invars[i]) for i in kind.tail_reads if not _is_literal(eqn.invars[i]))
+  return frozenset(i for i, v in enumerate(jaxpr.invars) if id(v) in read)
+
+
+def _is_map(eqn) -> bool:
+  return (eqn.primitive.name == "scan" and eqn.params.get("num_carry") == 0
+          and isinstance(eqn.params.get("jaxpr"), jex_core.ClosedJaxpr))
+
+
+def _map_outputs(level: _Level, values, unknown: bool) -> list:
+  """The body outputs that are (``unknown``) or are not tail values."""
+  return [x for v, x in zip(level.jaxpr.outvars, values)
+          if ((not _is_literal(v)) and id(v) in level.unknown_vars) == unknown]
+
+
+def _map_scatter(level: _Level, values, unknown: bool) -> list:
+  """The scan's outputs: ``values`` where the body's outputs are (``unknown``) tail values, else None."""
+  it = iter(values)
+  return [next(it) if ((not _is_literal(v)) and id(v) in level.unknown_vars) == unknown else None
+          for v in level.jaxpr.outvars]
+
+
+def _scan(eqn, body, xs):
+  p = eqn.params
+  return jax.lax.scan(lambda _, x: (None, body(x)), None, xs, length=p["length"], reverse=p["reverse"],
+                      unroll=p["unroll"])[1]
+
+
+def _run_mapped_trunk(mapped: _Mapped, eqn, invals, residuals: list, rewrites: tuple) -> list:
+  """The trunk of a map: one map that computes the body's known outputs and stacks the residuals its
+  tail reads in each iteration. Known loop-invariant inputs that the tail reads are not stacked: the
+  enclosing level emits them once, before this."""
+  level, nc = mapped.level, mapped.num_consts
+  inner = eqn.params["jaxpr"]
+  known_xs = [i for i in range(nc, len(invals)) if id(level.jaxpr.invars[i]) not in level.unknown_vars]
+  held = tuple(i < nc for i in range(len(invals)))
+
+  def body(xs):
+    vals = list(invals[:nc]) + [None] * (len(invals) - nc)
+    for i, x in zip(known_xs, xs):
+      vals[i] = x
+    stacked: list = []
+    outs = _run_trunk(level, inner.consts, vals, stacked, False, rewrites, held)
+    return _map_outputs(level, outs, False), stacked
+
+  known, stacked = _scan(eqn, body, [invals[i] for i in known_xs])
+  mapped.counts["residuals"] = len(stacked)
+  residuals.extend(stacked)
+  return _map_scatter(level, known, False)
+
+
+def _run_mapped_tail(mapped: _Mapped, eqn, invals, residuals, rewrites: tuple, remat: bool) -> list:
+  """The tail of a map: a map over its unknown per-iteration inputs and the stacked residuals."""
+  level, nc = mapped.level, mapped.num_consts
+  inner = eqn.params["jaxpr"]
+  if "residuals" not in mapped.counts:
+    raise RuntimeError("the tail of a map ran before its trunk was planned")
+  stacked = [next(residuals) for _ in range(mapped.counts["residuals"])]
+  unknown_xs = [i for i in range(nc, len(invals)) if id(level.jaxpr.invars[i]) in level.unknown_vars]
+
+  def body(xs):
+    values, own = xs
+    vals = list(invals[:nc]) + [None] * (len(invals) - nc)
+    for i, x in zip(unknown_xs, values):
+      vals[i] = x
+    outs = _run_tail(level, inner.consts, vals, iter(own), False, rewrites, remat)
+    return _map_outputs(level, outs, True)
+
+  return _map_scatter(level, _scan(eqn, body, ([invals[i] for i in unknown_xs], stacked)), True)
 
 
 def _lhs_channels_last(lhs, dn):
@@ -368,6 +475,9 @@ def _run_trunk(level: _Level, consts, invals, residuals: list, top: bool, rewrit
       _write(env, eqn.outvars, _bind(eqn, [_read(env, v) for v in eqn.invars], rewrites))
     elif kind == "unknown":
       emit(eqn.invars)
+    elif isinstance(kind, _Mapped):
+      emit([eqn.invars[i] for i in kind.tail_consts])
+      _write(env, eqn.outvars, _run_mapped_trunk(kind, eqn, [_read(env, v) for v in eqn.invars], residuals, rewrites))
     else:
       inner = _inner_closed(eqn)
       held = tuple(_is_literal(v) or id(v) in emitted for v in eqn.invars)
@@ -426,11 +536,21 @@ def _run_tail(level: _Level, consts, invals, residuals, top: bool, rewrites: tup
   needed_after = _last_reads(level) if remat else {}
   for run in runs:
     kind = level.kinds[run[0]]
+    if isinstance(kind, _Mapped):
+      eqn = eqns[run[0]]
+      pull([eqn.invars[i] for i in kind.tail_consts])
+      _write(env, eqn.outvars, _run_mapped_tail(kind, eqn, [_read(env, v) for v in eqn.invars], residuals, rewrites,
+                                                remat))
+      continue
     if kind != "unknown":
       eqn = eqns[run[0]]
       inner = _inner_closed(eqn)
-      _write(env, eqn.outvars, _run_tail(kind, inner.consts, [_read(env, v) for v in eqn.invars], residuals, False,
-                                         rewrites, remat))
+      invals = [_read(env, v) for v in eqn.invars]
+      if eqn.primitive.name in _CHECKPOINTS:
+        outs = _checkpointed_tail(kind, inner.consts, invals, residuals, rewrites, remat, eqn.params)
+      else:
+        outs = _run_tail(kind, inner.consts, invals, residuals, False, rewrites, remat)
+      _write(env, eqn.outvars, outs)
       continue
     for i in run:
       pull(eqns[i].invars)
@@ -449,7 +569,29 @@ def _run_tail(level: _Level, consts, invals, residuals, top: bool, rewrites: tup
     _write(env, out_vars, jax.checkpoint(fn)(*[env[i] for i in in_vars]))
   if top:
     pull(level.jaxpr.outvars)
-  return [_read(env, v) for v in level.jaxpr.outvars]
+    return [_read(env, v) for v in level.jaxpr.outvars]
+  # A nested level gives its known outputs as None even when it holds them (a residual it read, an
+  # input, a literal): the enclosing trunk hands them over when the enclosing tail reads them.
+  return [_read(env, v) if not _is_literal(v) and id(v) in level.unknown_vars else None for v in level.jaxpr.outvars]
+
+
+def _checkpointed_tail(level: _Level, consts, invals, residuals, rewrites: tuple, remat: bool, params: dict) -> list:
+  """The tail part of a ``jax.checkpoint`` block, as one ``jax.checkpoint`` with the block's settings.
+
+  The block reads its trunk values from ``residuals`` while it is traced (``jax.checkpoint`` traces
+  once, at the call), so they enter the checkpoint as closed-over inputs: the backward pass keeps the
+  block's inputs and residuals and recomputes everything else of the block.
+  """
+  present = [i for i, x in enumerate(invals) if x is not None]
+
+  def block(*values):
+    full = list(invals)
+    for i, x in zip(present, values):
+      full[i] = x
+    return _run_tail(level, consts, full, residuals, False, rewrites, remat)
+
+  checkpointed = jax.checkpoint(block, prevent_cse=params.get("prevent_cse", True), policy=params.get("policy"))
+  return checkpointed(*[invals[i] for i in present])
 
 
 def _split_concat_conv(level: _Level, producers: dict, eqn, env: dict, rewrites: tuple):

@@ -237,8 +237,19 @@ def test_refine_with_patches_chosen_on_the_command_line_honours_the_marks(tmp_pa
   report = json.loads(out.out)
   assert report["satisfied"] and report["marks_honoured"] == 1.0
   assert any("4 patch(es) of (64, 64)" in n for n in report["notes"])
+  assert report["patches_per_call"] == report["refined_patches"] >= 2
   labels = tifffile.imread(tmp_path / "refined.tif")
   assert labels[r1, c1] == 1 and labels[r0, c0] == 0
+  # one marked patch per network call, one after another: the same refinement
+  code = main(["refine", "--model", str(model_dir), "--image", str(tmp_path / "img.tif"), "--marks",
+               str(tmp_path / "marks.png"), "--out", str(tmp_path / "one.tif"), *KNOBS, "--patch-size", "64,64",
+               "--patch-batch", "1", "--json"])
+  out = capsys.readouterr()
+  assert code == 0, out.err
+  one = json.loads(out.out)
+  assert one["patches_per_call"] == 1 and one["refined_patches"] == report["refined_patches"]
+  assert one["satisfied"] and one["steps"] == report["steps"] and one["marks_honoured"] == 1.0
+  assert (tifffile.imread(tmp_path / "one.tif") == labels).mean() > 0.999
 
 
 def test_on_a_coarser_model_grid_the_report_counts_marks_in_the_written_file(tmp_path, model_dir, crop, capsys):
@@ -463,6 +474,8 @@ BAD_INPUTS = {
                                                    r"got \[8, 8, 8\]"),
     "patch size text": (["--patch-size", "big"], r"--patch-size must be auto, whole or sizes like 96,96,96, got 'big'"),
     "patch step": (["--patch-step", "0"], r"sliding-window step must be in \(0, 1\]"),
+    "patch batch": (["--patch-batch", "0"], r"the patches per network call must be a positive integer, got 0"),
+    "patch batch text": (["--patch-batch", "all"], r"--patch-batch must be auto or a positive integer, got 'all'"),
 }
 
 

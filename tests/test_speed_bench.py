@@ -140,3 +140,16 @@ def test_final_step_ab_times_both_backward_modes(tmp_path):
   for key in ("ms_per_interaction_lazy_backward", "ms_per_interaction_eager_backward"):
     assert len(rec[key]["times"]) == 3 and rec[key]["median"] > 0
   assert rec["ms_tail_forward"] > 0 and all(0 <= s <= 30 for s in rec["steps_taken"])
+
+
+def test_patch_memory_measures_less_memory_one_patch_per_call(tmp_path, capsys):
+  from benchmarks import patch_memory
+  out = tmp_path / "pm.json"
+  assert patch_memory.main(["--patch", "8", "--stages", "2", "--chunks", "all,1", "--steps", "1", "--repeats", "1",
+                            "--out", str(out)]) == 0
+  records = json.loads(out.read_text())
+  assert [r["chunk"] for r in records] == [None, 1] and all(r["patches"] == 8 and r["passes"] == 1 for r in records)
+  assert records[1]["peak_bytes"] < records[0]["peak_bytes"]
+  assert all(r["device"] and r["ms_per_step"] > 0 and r["programs"] for r in records)
+  assert "| cpu | 8^3 | 8 x 1 | 1 |" in capsys.readouterr().out
+  assert "| cpu | 8^3 | 8 x 1 | 1 |" in out.with_suffix(".md").read_text()

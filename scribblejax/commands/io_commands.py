@@ -79,7 +79,7 @@ def _classes(text: str | None) -> tuple[str, ...] | None:
   return None if text is None else tuple(text.split(","))
 
 
-def _inference_flags(parser: argparse.ArgumentParser) -> None:
+def _inference_flags(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
   group = parser.add_argument_group("spacing and patches", "how the network sees the image (nnU-Net's pipeline)")
   group.add_argument("--no-resample", action="store_true",
                      help="do not resample the image to the model's voxel spacing (model.json metadata.spacing; "
@@ -95,6 +95,7 @@ def _inference_flags(parser: argparse.ArgumentParser) -> None:
                           "whole: the whole image at once; or the patch, one size per model axis (default auto)")
   group.add_argument("--patch-step", type=float, default=0.5, metavar="F",
                      help="patches start at most F patches apart (default 0.5, as nnU-Net)")
+  return group
 
 
 def _inference(args: argparse.Namespace):
@@ -107,8 +108,14 @@ def _inference(args: argparse.Namespace):
       patch = tuple(int(v) for v in text.split(","))
     except ValueError:
       raise ValueError(f"--patch-size must be auto, whole or sizes like 96,96,96, got {args.patch_size!r}") from None
+  batch = getattr(args, "patch_batch", "auto").strip().lower()
+  if batch != "auto":
+    try:
+      batch = int(batch)
+    except ValueError:
+      raise ValueError(f"--patch-batch must be auto or a positive integer, got {args.patch_batch!r}") from None
   return InferenceOptions(resample=not args.no_resample, patch_size=patch, step=args.patch_step,
-                          crop=not args.no_crop, mirror=args.mirror)
+                          crop=not args.no_crop, mirror=args.mirror, patch_batch=None if batch == "auto" else batch)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -220,7 +227,11 @@ def _add_refine(subparsers) -> None:
   marks.add_argument("--radius", type=float, default=1.0, help="thickness of LabelMe points and lines (default 1)")
   marks.add_argument("--rectangle", choices=("box", "fill"), default="box",
                      help="LabelMe rectangles: box (core + background ring) or fill (default box)")
-  _inference_flags(parser)
+  patches = _inference_flags(parser)
+  patches.add_argument("--patch-batch", default="auto", metavar="auto|N",
+                       help="with patches, the most marked patches one network call of the refinement loop runs; "
+                            "more run one batch after another, each recomputed in the backward pass, so memory "
+                            "grows with one batch (auto: up to 128^3 voxels per call, mirrored copies counted)")
   _scripting(parser)
   parser.set_defaults(func=_refine)
 

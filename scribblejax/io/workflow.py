@@ -350,12 +350,17 @@ class InferenceOptions:
       (:func:`crops_to_nonzero`); the segmentation is background outside it.
     mirror: average the network over its input flipped along the model's mirroring axes
       (:class:`scribblejax.sliding_window.Mirrored`; up to 8 passes in 3-D), in the refinement loop too.
+    patch_batch: with patches, the most marked patches one network call of the refinement loop runs
+      (:class:`scribblejax.PatchBlend`: more run one batch after another, each rematerialised in the
+      backward pass); ``None``: as many as :func:`scribblejax.patch_chunk` allows (128^3 voxels
+      per call, mirrored copies counted).
   """
   resample: bool = True
   patch_size: Any = "auto"
   step: float = 0.5
   crop: bool = True
   mirror: bool = False
+  patch_batch: int | None = None
 
   def __post_init__(self):
     from scribblejax._checks import is_finite_number
@@ -366,6 +371,9 @@ class InferenceOptions:
       raise ValueError(f"the patch size must be 'auto', None or one size per axis, got {self.patch_size!r}")
     if not is_finite_number(self.step) or not 0 < self.step <= 1:
       raise ValueError(f"the sliding-window step must be in (0, 1] (a fraction of the patch), got {self.step!r}")
+    from scribblejax._checks import is_integer
+    if self.patch_batch is not None and (not is_integer(self.patch_batch) or self.patch_batch < 1):
+      raise ValueError(f"the patches per network call must be a positive integer, got {self.patch_batch!r}")
 
 
 def _stated(metadata: dict | None, key: str, ndim: int, kind: type) -> tuple | None:
@@ -1010,10 +1018,11 @@ def _refine_round(model, model_ref, img, digest, marks_files, new, out, session,
     before_image = labels_from_logits(network_logits(split, fitted, step=inference.step), fitted)
   loop_split, image, loop_marks, region = split, fitted.image, all_marks, None
   if fitted.patch is not None:
-    loop_split, region, count = _patch_split(network, fitted, all_marks, layers, inference.step)
+    loop_split, region, count, per_call = _patch_split(network, fitted, all_marks, layers, inference)
     image, loop_marks = fitted.image[region], all_marks[region]
-    log(f"note: the loop runs the {count} patch(es) that hold marks (region {_span(region)} of the model's grid), "
-        "blended as the sliding window blends them; the refined network then segments the whole image")
+    batches = "" if per_call >= count else f", {per_call} per network call (rematerialised one call at a time)"
+    log(f"note: the loop runs the {count} patch(es) that hold marks (region {_span(region)} of the model's grid"
+        f"{batches}), blended as the sliding window blends them; the refined network then segments the whole image")
   start = None if start_leaves is None else _same_tree(
       loop_split.tunable, start_leaves, "--continue-weights needs the same --layers as the previous round")
   driver = resolve_driver(config.driver, config.conv_backend, config.compute_dtype, config.cache_trunk)
@@ -1056,6 +1065,8 @@ def _refine_round(model, model_ref, img, digest, marks_files, new, out, session,
             "notes": list(fitted.notes)}
   if region is not None:
     report["refined_region"] = [[r.start, r.stop] for r in region]
+    report["refined_patches"] = count
+    report["patches_per_call"] = min(per_call, count)
   if session:
     report["session"] = str(session)
     report["rounds"] = round_index
@@ -1077,18 +1088,20 @@ def _refine_round(model, model_ref, img, digest, marks_files, new, out, session,
   return report
 
 
-def _patch_split(network: _Network, fitted: Fitted, marks: np.ndarray, layers: int, step: float):
-  """The split of the network applied to the patches that hold marks (:class:`PatchBlend`), and the
-  region of the model's grid they cover."""
+def _patch_split(network: _Network, fitted: Fitted, marks: np.ndarray, layers: int, inference: InferenceOptions):
+  """The split of the network applied to the patches that hold marks (:class:`PatchBlend`), the region
+  of the model's grid they cover, how many there are and how many run per network call."""
   import jax
   import jax.numpy as jnp
   from scribblejax.params import last_layers, split_params
-  from scribblejax.sliding_window import PatchBlend, marked_windows, windows_region
-  region, starts = windows_region(marked_windows(marks, fitted.patch, step), fitted.patch)
-  blend = PatchBlend(network.model, starts, fitted.patch, fitted.image.shape[-1])
+  from scribblejax.sliding_window import Mirrored, PatchBlend, marked_windows, patch_chunk, windows_region
+  region, starts = windows_region(marked_windows(marks, fitted.patch, inference.step), fitted.patch)
+  passes = 2 ** len(network.model.axes) if isinstance(network.model, Mirrored) else 1
+  per_call = inference.patch_batch or patch_chunk(fitted.patch, passes)
+  blend = PatchBlend(network.model, starts, fitted.patch, fitted.image.shape[-1], chunk=per_call)
   shape = tuple(r.stop - r.start for r in region)
   example = jax.ShapeDtypeStruct((1, *shape, fitted.image.shape[-1]), jnp.float32)
-  return split_params(blend, last_layers(layers), example=example), region, len(starts)
+  return split_params(blend, last_layers(layers), example=example), region, len(starts), per_call
 
 
 def _check_inside_crop(marks: np.ndarray, fitted: Fitted, class_names: Sequence[str] | None) -> None:
