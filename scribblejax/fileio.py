@@ -1,7 +1,10 @@
 """Atomic file writes: everything goes to a temporary sibling that is renamed into place.
 
 A reader never sees a half-written file, and a failed write leaves the old file (if any) intact.
-Files get the usual permissions (``0o666`` less the process umask), not ``mkstemp``'s ``0o600``.
+The data reach the disk before the rename and the rename reaches the disk after it (``fsync`` of the
+file, then of its folder where the system allows), so a crash or power cut leaves the old file or
+the new one, never an empty one. Files get the usual permissions (``0o666`` less the process umask),
+not ``mkstemp``'s ``0o600``.
 """
 
 from __future__ import annotations
@@ -36,11 +39,30 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
   try:
     yield tmp
     os.chmod(tmp, _default_mode())
+    _fsync(tmp)
     os.replace(tmp, path)
+    _fsync(path.parent, folder=True)
   except BaseException:
     if os.path.exists(tmp):
       os.remove(tmp)
     raise
+
+
+def _fsync(path: str | os.PathLike, folder: bool = False) -> None:
+  """Flushes ``path`` to the disk; a folder only where the system allows opening one (not Windows)."""
+  try:
+    fd = os.open(path, os.O_RDONLY)
+  except OSError:
+    if folder:
+      return
+    raise
+  try:
+    os.fsync(fd)
+  except OSError:
+    if not folder:
+      raise
+  finally:
+    os.close(fd)
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:

@@ -262,6 +262,22 @@ def test_write_label_map_checks_and_is_atomic(tmp_path, dsb):
   assert sorted(os.listdir(tmp_path)) == ["a.tif", "s.tif"]      # no temporary file left behind
 
 
+def test_atomic_writes_reach_the_disk_before_and_after_the_rename(tmp_path, monkeypatch):
+  # The data are flushed before the rename, the folder's entry after it: a crash leaves the old file
+  # or the new one, never an empty new one.
+  from scribblejax import fileio
+  events = []
+  real_fsync, real_replace = os.fsync, os.replace
+  monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))),
+                                               real_fsync(fd))[1])
+  monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", str(b))), real_replace(a, b))[1])
+  (tmp_path / "r.json").write_text("old")
+  fileio.write_json(tmp_path / "r.json", {"a": 1})
+  assert [e[0] for e in events] == ["fsync", "replace", "fsync"], events
+  assert events[0][1].startswith(str(tmp_path / ".r.json.")) and events[2][1] == str(tmp_path)
+  assert (tmp_path / "r.json").read_text() == '{\n  "a": 1\n}\n'
+
+
 def test_image_digest_follows_values_not_names(tmp_path, dsb):
   image, _ = dsb
   tifffile.imwrite(tmp_path / "a.tif", image)
