@@ -18,6 +18,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
   parser.add_argument("--arch", help="architecture as its library names it, e.g. monai.networks.nets.BasicUNet")
   parser.add_argument("--kwargs", help="constructor arguments as JSON, e.g. '{\"spatial_dims\": 2}'")
   parser.add_argument("--normalize", help="normalisation spec as JSON, e.g. '{\"kind\": \"zscore\"}'")
+  parser.add_argument("--folds", metavar="cv|K[,K...]",
+                      help="nnU-Net folders: the folds to convert, averaged as one model (cv: every numbered fold, "
+                           "what nnUNetv2_predict uses by default; names as its -f: 0,1,2 or all for fold_all; "
+                           "default: the first fold)")
   parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
   parser.set_defaults(func=run)
   return parser
@@ -39,8 +43,15 @@ def run(args: argparse.Namespace) -> int:
     kwargs = _json_arg(args.kwargs, "kwargs")
     if kwargs is not None and not isinstance(kwargs, dict):
       raise ValueError("--kwargs must be a JSON object")
+    folds = args.folds
+    if folds is not None and folds.strip() == "cv":
+      folds = "cv"
+    elif folds is not None:
+      folds = [f.strip() for f in folds.split(",")]
+      if not all(folds):
+        raise ValueError(f"--folds must be cv or fold names separated by commas, got {args.folds!r}")
     out = convert(args.src, args.out, arch=args.arch, kwargs=kwargs, normalize=_json_arg(args.normalize, "normalize"),
-                  overwrite=args.overwrite)
+                  overwrite=args.overwrite, folds=folds, log=lambda text: print(text, file=sys.stderr))
   except (ValueError, OSError) as e:
     print(f"scribblejax convert: error: {e}", file=sys.stderr)
     return 1

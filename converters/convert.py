@@ -3,7 +3,8 @@
 ``convert(src, out_dir)`` accepts
 
 * an nnU-Net v2 trained-model folder (``plans.json``, ``dataset.json``, ``fold_*/checkpoint_final.pth``):
-  architecture, classes and intensity normalisation come from the folder;
+  architecture, classes and intensity normalisation come from the folder; one fold, or several
+  averaged as one ensemble (``folds="cv"``: every cross-validation fold, as ``nnUNetv2_predict``);
 * a MONAI bundle folder (``configs/inference.json`` with a literal ``network_def`` + ``models/model.pt``);
 * a bare checkpoint (``.pth``/``.pt``/``.safetensors``/``.npz`` state dict) with ``arch`` named as the
   original library names it (``monai.networks.nets.BasicUNet``, ``segmentation_models_pytorch.Unet``) and its
@@ -121,7 +122,8 @@ def _bundle(src: Path) -> tuple[str, dict, Path]:
 
 
 def convert(src: str | os.PathLike, out_dir: str | os.PathLike, *, arch: str | None = None,
-            kwargs: Mapping[str, Any] | None = None, normalize: Any = None, overwrite: bool = False) -> Path:
+            kwargs: Mapping[str, Any] | None = None, normalize: Any = None, overwrite: bool = False,
+            folds: Any = None, log: Any = None) -> Path:
   """Converts a PyTorch segmentation network into a scribblejax model folder.
 
   Args:
@@ -132,6 +134,10 @@ def convert(src: str | os.PathLike, out_dir: str | os.PathLike, *, arch: str | N
     normalize: a normalisation spec (dict or one per channel). nnU-Net folders default to the plans'
       normalisation; everything else defaults to ``{"kind": "none"}`` (images fed as they are).
     overwrite: replace an existing ``out_dir``.
+    folds: for an nnU-Net folder, the folds to convert (see :func:`converters.nnunet.fold_names`;
+      ``"cv"``: every numbered fold, averaged as ``nnUNetv2_predict`` averages them by default; default:
+      the first fold).
+    log: called with a note when an nnU-Net folder holds folds that were not converted.
 
   Returns:
     The written folder.
@@ -149,10 +155,16 @@ def convert(src: str | os.PathLike, out_dir: str | os.PathLike, *, arch: str | N
   if src.is_dir() and ((src / "plans.json").is_file() or any(src.glob("fold_*"))):
     if arch is not None or kwargs:
       raise ConversionError("an nnU-Net folder carries its architecture; do not pass arch/kwargs")
-    model, info = nnunet.load_trained_model_folder(src)
+    model, info = nnunet.load_trained_model_folder(src, folds=folds)
+    left = [f for f in info["metadata"]["available_folds"] if f.isascii() and f.isdigit() and f not in info["metadata"]["folds"]]
+    if left and log is not None:
+      log(f"note: converted fold(s) {', '.join(info['metadata']['folds'])}; {src} also holds cross-validation "
+          f"fold(s) {', '.join(left)} (nnUNetv2_predict averages all of them by default: --folds cv)")
     family, model_kwargs, class_names = info["family"], info["kwargs"], info["class_names"]
     metadata.update(info["metadata"])
     normalization = normalize if normalize is not None else info["normalization"]
+  elif folds is not None:
+    raise ConversionError(f"folds apply to nnU-Net folders; {src} is not one")
   elif src.is_dir() and (src / "configs" / "inference.json").is_file():
     bundle_arch, bundle_kwargs, weights = _bundle(src)
     if arch is not None and arch != bundle_arch:

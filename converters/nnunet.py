@@ -8,7 +8,11 @@ torch's module names (``encoder/stages/2/convs/1/conv/kernel``).
 :func:`load_trained_model_folder` rebuilds one from an nnU-Net trained-model folder::
 
   Dataset004_Hippocampus/nnUNetTrainer__nnUNetPlans__3d_fullres/
-    plans.json  dataset.json  fold_0/checkpoint_final.pth
+    plans.json  dataset.json  fold_0/checkpoint_final.pth  fold_1/...
+
+one fold, or several as a :class:`scribblejax.models.ensemble.Ensemble` whose logits are their mean
+(``folds="cv"``: every numbered fold, what ``nnUNetv2_predict`` uses by default; fold names as its
+``-f`` takes them, ``"all"`` being ``fold_all``).
 
 An nnU-Net network reads a volume's axes in SimpleITK's order (the reverse of NIfTI's ``(i, j, k)``),
 permuted by the plans' ``transpose_forward``. The converted model states that order in its metadata
@@ -623,13 +627,53 @@ def _class_names(dataset: Mapping[str, Any]) -> list[str]:
   return [by_value[i] for i in range(len(by_value))]
 
 
+def available_folds(folder: Path) -> list[str]:
+  """The names ``k`` of the folder's ``fold_<k>`` directories, numbered ones first in numeric order."""
+  names = [p.name[len("fold_"):] for p in Path(folder).glob("fold_*") if p.is_dir()]
+  return sorted(names, key=lambda n: (not _numbered(n), int(n) if _numbered(n) else 0, n))
+
+
+def _numbered(name: str) -> bool:
+  return name.isascii() and name.isdigit()
+
+
+def fold_names(folder: Path, folds: Any = None) -> list[str]:
+  """The folds to load: ``None``: the first (``fold_0`` when present); ``"cv"``: every numbered fold
+  (the cross-validation folds, ``nnUNetv2_predict``'s default set); a fold as ``nnUNetv2_predict -f``
+  names it (``3``, or ``"all"`` for ``fold_all``); or a list of folds.
+
+  Raises:
+    ConversionError: no such fold, a repeated fold, or no folds at all.
+  """
+  present = available_folds(folder)
+  if folds is None:
+    if not present:
+      raise ConversionError(f"{folder} has no fold_* directory")
+    return present[:1]
+  if isinstance(folds, str) and folds == "cv":
+    numbered = [n for n in present if _numbered(n)]
+    if not numbered:
+      raise ConversionError(f"{folder} has no numbered fold_<k> directory (nnU-Net's cross-validation folds)")
+    return numbered
+  chosen = [folds] if isinstance(folds, (int, str)) else list(folds)
+  names = [str(f) for f in chosen]
+  if not names:
+    raise ConversionError("no fold chosen")
+  if len(set(names)) != len(names):
+    raise ConversionError(f"a fold is named twice: {names}")
+  bad = [n for n in names if not re.fullmatch(r"[A-Za-z0-9_.-]+", n) or n in (".", "..")]
+  if bad:
+    raise ConversionError(f"fold names are folder suffixes (fold_<name>) of letters, digits, '_', '.' and '-', "
+                          f"got {bad[0]!r}")
+  for name in names:
+    if not (Path(folder) / f"fold_{name}").is_dir():
+      raise ConversionError(f"{folder} has no fold_{name} (its folds: {', '.join(present) or 'none'})")
+  return names
+
+
 def find_checkpoint(folder: Path, fold: str | int | None = None) -> Path:
-  """``fold_<k>/checkpoint_final.pth`` (or ``checkpoint_best.pth``) of the requested or only fold."""
-  folds = sorted(p for p in folder.glob("fold_*") if p.is_dir())
-  if fold is not None:
-    folds = [folder / f"fold_{fold}"]
-  if not folds:
-    raise ConversionError(f"{folder} has no fold_* directory")
+  """``fold_<k>/checkpoint_final.pth`` (or ``checkpoint_best.pth``) of the requested or first fold."""
+  folds = [Path(folder) / f"fold_{fold_names(folder, None if fold is None else [fold])[0]}"]
   for name in ("checkpoint_final.pth", "checkpoint_best.pth"):
     path = folds[0] / name
     if path.is_file():
@@ -637,29 +681,41 @@ def find_checkpoint(folder: Path, fold: str | int | None = None) -> Path:
   raise ConversionError(f"{folds[0]} has no checkpoint_final.pth or checkpoint_best.pth")
 
 
-def load_trained_model_folder(folder, *, fold: str | int | None = None, rngs: nnx.Rngs | None = None
-                              ) -> tuple[nnx.Module, dict[str, Any]]:
+def _fold_checkpoint(folder: Path, fold: str) -> tuple[Path, Mapping]:
+  path = find_checkpoint(folder, fold)
+  checkpoint = load_checkpoint(path)
+  if not isinstance(checkpoint, Mapping) or "network_weights" not in checkpoint:
+    raise ConversionError(f"{path} has no 'network_weights'")
+  return path, checkpoint
+
+
+def load_trained_model_folder(folder, *, fold: str | int | None = None, folds: Any = None,
+                              rngs: nnx.Rngs | None = None) -> tuple[nnx.Module, dict[str, Any]]:
   """Rebuilds the network of an nnU-Net v2 trained-model folder, with its weights.
 
   Args:
     folder: the folder holding ``plans.json``, ``dataset.json`` and ``fold_*/``.
-    fold: which fold to load (default: the first found).
+    fold: one fold to load (default: the first, ``fold_0`` when present).
+    folds: instead of ``fold``: ``"cv"`` (every numbered fold, ``nnUNetv2_predict``'s default) or a
+      list of folds (``"all"`` is ``fold_all``, as for ``nnUNetv2_predict -f``). Several folds make one :class:`scribblejax.models.ensemble.Ensemble` (family
+      ``scribblejax.Ensemble``) whose logits are the folds' mean, as nnU-Net averages them.
     rngs: random generators for construction (weights are then overwritten).
 
   Returns:
     ``(model, info)``; ``info`` has ``family``, ``kwargs`` (JSON), ``normalization`` (one spec per
-    channel), ``class_names``, ``configuration`` and ``metadata``.
+    channel), ``class_names``, ``configuration`` and ``metadata`` (``folds``: the folds loaded,
+    ``available_folds``: the folder's).
 
   Raises:
-    ConversionError: missing files, unsupported architecture or mismatching weights.
+    ConversionError: missing files or folds, unsupported architecture or mismatching weights.
   """
   folder = Path(folder)
   if not folder.is_dir():
     raise ConversionError(f"nnU-Net folder {folder} does not exist")
-  checkpoint_path = find_checkpoint(folder, fold)
-  checkpoint = load_checkpoint(checkpoint_path)
-  if not isinstance(checkpoint, Mapping) or "network_weights" not in checkpoint:
-    raise ConversionError(f"{checkpoint_path} has no 'network_weights'")
+  if fold is not None and folds is not None:
+    raise ConversionError("pass fold or folds, not both")
+  names = fold_names(folder, folds if folds is not None else fold)
+  checkpoint_path, checkpoint = _fold_checkpoint(folder, names[0])
   init_args = checkpoint.get("init_args") or {}
   plans = _read_json(folder / "plans.json") if (folder / "plans.json").is_file() else init_args.get("plans")
   dataset = (_read_json(folder / "dataset.json") if (folder / "dataset.json").is_file()
@@ -686,11 +742,23 @@ def load_trained_model_folder(folder, *, fold: str | int | None = None, rngs: nn
       raise
     raise ConversionError(f"{folder}: the plans' configuration {config_name!r} lacks or mangles an architecture "
                           f"field ({type(err).__name__}: {err})") from None
-  model = FAMILY_CLASSES[family](**kwargs, rngs=rngs or nnx.Rngs(0))
-  load_weights(model, checkpoint["network_weights"], source=str(checkpoint_path))
+  members, paths = [], []
+  for k, name in enumerate(names):
+    path, weights = (checkpoint_path, checkpoint) if k == 0 else _fold_checkpoint(folder, name)
+    member = FAMILY_CLASSES[family](**kwargs, rngs=rngs or nnx.Rngs(0))
+    load_weights(member, weights["network_weights"], source=str(path))
+    members.append(member)
+    paths.append(str(path))
+    del weights
+  model, member_family = members[0], family
+  if len(members) > 1:
+    from scribblejax.models.ensemble import Ensemble
+    family, kwargs = "scribblejax.Ensemble", {"family": member_family, "kwargs": kwargs, "members": len(members)}
+    model = Ensemble.of(members, member_family)
   info = {"family": family, "kwargs": kwargs, "normalization": normalization_spec(plans, configuration),
           "class_names": class_names, "configuration": config_name,
-          "metadata": {"source": "nnunetv2", "folder": str(folder), "checkpoint": str(checkpoint_path),
+          "metadata": {"source": "nnunetv2", "folder": str(folder), "checkpoint": paths[0],
+                       "folds": names, "checkpoints": paths, "available_folds": available_folds(folder),
                        "configuration": config_name, "trainer": checkpoint.get("trainer_name"),
                        "patch_size": configuration.get("patch_size"), "spacing": configuration.get("spacing"),
                        "resampling": resampling_metadata(configuration), "crop_to_nonzero": True,

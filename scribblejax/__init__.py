@@ -16,6 +16,7 @@ Example:
 from scribblejax.kernels import KernelStatus, kernel_status, resolve_conv_backend
 from scribblejax.marks import (UNMARKED, Box, LabelMap, Mark, Point, Polygon, Scribble, accumulate,
                                encode_marks, grow_marks, validate_mark_map)
+from scribblejax.models.ensemble import Ensemble
 from scribblejax.models.layer_order import check_layer_order, layer_order, traced_layer_order
 from scribblejax.models.store import ModelInfo, builtin_models, load_model, read_info, save_model
 from scribblejax.models.unet import UNet
@@ -35,6 +36,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Box",
+    "Ensemble",
     "KernelStatus",
     "LabelMap",
     "Mark",

@@ -233,6 +233,15 @@ def _final_layer(model: nnx.Module, example: Any) -> tuple[nnx.Module, str, nnx.
   return parent, key, layer
 
 
+def _members(model: nnx.Module):
+  """For an :class:`scribblejax.models.ensemble.Ensemble`, a function applying a change to every member
+  and building the changed ensemble; ``None`` for any other model."""
+  from scribblejax.models.ensemble import Ensemble
+  if not isinstance(model, Ensemble):
+    return None
+  return lambda change: Ensemble.of([change(model.member(i)) for i in range(model.members)], model.family)
+
+
 def _check_finite(value: Any, what: str) -> None:
   if not is_finite_number(value):
     raise ValueError(f"{what} must be a finite number, got {value!r}")
@@ -263,6 +272,9 @@ def add_classes(model: nnx.Module, k: int, *, margin: float = 4.0, example: Any 
   if not isinstance(k, (int, np.integer)) or k < 1:
     raise ValueError(f"the number of classes to add must be a positive integer, got {k!r}")
   _check_finite(margin, "margin")
+  members = _members(model)
+  if members is not None:
+    return members(lambda net: add_classes(net, k, margin=margin, example=example))
   new = nnx.clone(model)
   parent, key, layer = _final_layer(new, example)
   if not isinstance(layer, (nnx.Conv, nnx.Linear)):
@@ -304,6 +316,9 @@ def suppress_class(model: nnx.Module, c: int, *, amount: float, example: Any = N
   is used. The refinement's proximal term then anchors to the lowered bias.
   """
   _check_finite(amount, "amount")
+  members = _members(model)
+  if members is not None:
+    return members(lambda net: suppress_class(net, c, amount=amount, example=example))
   new = nnx.clone(model)
   _, _, layer = _final_layer(new, example)
   bias = getattr(layer, "bias", None)

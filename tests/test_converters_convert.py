@@ -84,6 +84,70 @@ def _basic_unet():
   return kwargs, randomize_(BasicUNet(**kwargs), seed=2)
 
 
+def _add_fold(folder, net, name, seed):
+  import copy
+  other = copy.deepcopy(net)
+  randomize_(other, seed=seed)
+  (folder / f"fold_{name}").mkdir()
+  torch.save({"network_weights": other.state_dict(), "trainer_name": "nnUNetTrainer",
+              "inference_allowed_mirroring_axes": (0, 1)}, folder / f"fold_{name}" / "checkpoint_final.pth")
+  return other.eval()
+
+
+def test_nnunet_folds_average_as_nnunet_does_and_refine_together(tmp_path, capsys):
+  # nnUNetv2_predict averages the logits of every fold it is given (by default the cross-validation
+  # folds 0..4); --folds cv converts them into one Ensemble whose last layers are every fold's.
+  import jax
+  import scribblejax as sj
+  from scribblejax.models.store import load_model
+  folder, net = _nnunet_folder(tmp_path)
+  fold1 = _add_fold(folder, net, "1", seed=12)
+  fold_all = _add_fold(folder, net, "all", seed=13)
+  x = np.random.default_rng(2).standard_normal((2, 1, 16, 24)).astype(np.float32)
+  ours = lambda model: np.moveaxis(np.asarray(model(np.moveaxis(x, 1, -1))), -1, 1)
+  parser = argparse.ArgumentParser()
+  cli.add_parser(parser.add_subparsers())
+  args = parser.parse_args(["convert", str(folder), "--out", str(tmp_path / "cv"), "--folds", "cv"])
+  assert cli.run(args) == 0
+  assert "note:" not in capsys.readouterr().err          # fold_all is not a cross-validation fold
+  model, info = load_model(tmp_path / "cv")
+  assert info.family == "scribblejax.Ensemble" and info.kwargs["members"] == 2
+  assert info.metadata["folds"] == ["0", "1"] and info.metadata["available_folds"] == ["0", "1", "all"]
+  want = (_logits(net, x) + _logits(fold1, x)) / 2
+  assert np.max(np.abs(ours(model) - want)) < 1e-4
+  assert np.max(np.abs(ours(model.member(1)) - _logits(fold1, x))) < 1e-4
+  # nnU-Net's -f names: "all" is fold_all
+  single, info = load_model(convert(folder, tmp_path / "all", folds=["all"]))
+  assert info.family == "nnunet.PlainConvUNet" and info.metadata["folds"] == ["all"]
+  assert np.max(np.abs(ours(single) - _logits(fold_all, x))) < 1e-4
+  # by default the first fold, with a note naming the others ("²" is a digit to str.isdigit, not a fold number)
+  (folder / "fold_²").mkdir()
+  notes = []
+  first, info = load_model(convert(folder, tmp_path / "first", log=notes.append))
+  assert info.metadata["folds"] == ["0"] and np.max(np.abs(ours(first) - _logits(net, x))) < 1e-4
+  assert notes and "also holds cross-validation fold(s) 1 " in notes[0] and "--folds cv" in notes[0]
+  # refinement tunes the last layers of both folds against their mean
+  split = sj.split_params(model, sj.last_layers(2))
+  assert all(leaf.shape[0] == 2 for leaf in jax.tree.leaves(split.tunable))
+  image = np.moveaxis(x[0], 0, -1)
+  labels = np.asarray(sj.predict(split, image)).argmax(-1)
+  marks = np.full(labels.shape, -1, np.int32)
+  marks[4, 5], marks[11, 17] = (labels[4, 5] + 1) % 3, (labels[11, 17] + 2) % 3
+  result = sj.refine(split, image, marks, sj.RefineConfig(max_steps=200, learning_rate=0.5))
+  assert bool(result.satisfied)
+  for before, after in zip(jax.tree.leaves(split.tunable), jax.tree.leaves(result.tunable)):
+    assert all(float(np.abs(np.asarray(after[k]) - np.asarray(before[k])).max()) > 0 for k in range(2))
+  # bad folds: one line each
+  for folds, message in ((["7"], r"has no fold_7 \(its folds: 0, 1, all, ²\)"), (["1", "1"], "a fold is named twice"),
+                         (["../x"], r"fold names are folder suffixes \(fold_<name>\).*got '\.\./x'")):
+    with pytest.raises(ValueError, match=message):
+      convert(folder, tmp_path / "bad", folds=folds)
+  capsys.readouterr()
+  args = parser.parse_args(["convert", str(folder), "--out", str(tmp_path / "bad"), "--folds", "0,,1"])
+  assert cli.run(args) == 1 and "--folds must be cv or fold names" in capsys.readouterr().err
+  assert not (tmp_path / "bad").exists()
+
+
 def test_bare_checkpoint_and_cli(tmp_path, capsys):
   pytest.importorskip("monai")
   from scribblejax.models.store import load_model
@@ -244,6 +308,42 @@ def test_nnunet_model_reads_a_nifti_volume_in_nnunets_axis_order(tmp_path, trans
                "--lr", "0.05", "--alpha", "0.01", "--layers", "3", "--quiet"]) == 0, capsys.readouterr().err
   refined = np.asarray(nib.load(tmp_path / "refined.nii.gz").dataobj)
   assert refined[spots[1]] == 1 and refined[spots[255]] == 0
+
+
+def test_an_ensemble_of_folds_predicts_and_refines_on_the_command_line(tmp_path, capsys):
+  # Two folds on a volume through nnU-Net's pipeline (patches, mirroring): the prediction is the mean
+  # of both folds' sliding windows, and a refinement round honours its marks with both folds tuned.
+  import nibabel as nib
+
+  from scribblejax.cli import main
+  folder, net = _nnunet_folder_3d(tmp_path, [0, 1, 2], spacing=(1.0, 1.0, 1.0), mirroring_axes=(0, 1, 2))
+  fold1 = _add_fold(folder, net, "1", seed=25)
+  out = convert(folder, tmp_path / "cv", folds="cv")
+  volume = np.random.default_rng(4).normal(size=(12, 10, 8)).astype(np.float32) + np.linspace(-2, 2, 8)
+  nib.save(nib.Nifti1Image(volume, np.eye(4)), tmp_path / "vol.nii.gz")
+  assert main(["predict", "--model", str(out), "--image", str(tmp_path / "vol.nii.gz"), "--out",
+               str(tmp_path / "seg.nii.gz"), "--mirror", "--quiet"]) == 0, capsys.readouterr().err
+  got = np.asarray(nib.load(tmp_path / "seg.nii.gz").dataobj)
+  as_nnunet = volume.transpose(2, 1, 0)
+  x = (as_nnunet - as_nnunet.mean()) / as_nnunet.std()
+  folds = [_nnunet_sliding_window(n, x, (8, 8, 8), mirror_axes=(0, 1, 2)) for n in (net, fold1)]
+  want = ((folds[0] + folds[1]) / 2).argmax(0).transpose(2, 1, 0)
+  assert 0.1 < want.mean() < 0.9 and (folds[0].argmax(0) != folds[1].argmax(0)).mean() > 0.05
+  assert (got == want).mean() > 0.995, (got == want).mean()
+  spots = {1: tuple(np.argwhere(got == 0)[3]), 255: tuple(np.argwhere(got == 1)[4])}
+  marks = np.zeros(volume.shape, np.uint8)
+  for value, spot in spots.items():
+    marks[spot] = value
+  nib.save(nib.Nifti1Image(marks, np.eye(4)), tmp_path / "marks.nii.gz")
+  assert main(["refine", "--model", str(out), "--image", str(tmp_path / "vol.nii.gz"), "--marks",
+               str(tmp_path / "marks.nii.gz"), "--out", str(tmp_path / "refined.nii.gz"), "--steps", "300",
+               "--lr", "0.05", "--alpha", "0.01", "--layers", "2", "--mirror", "--json"]) == 0
+  report = json.loads(capsys.readouterr().out)
+  assert report["satisfied"] and report["marks_honoured"] == 1.0
+  refined = np.asarray(nib.load(tmp_path / "refined.nii.gz").dataobj)
+  assert refined[spots[1]] == 1 and refined[spots[255]] == 0
+  assert main(["info", str(out)]) == 0
+  assert "ensemble: 2 networks of nnunet.PlainConvUNet (folds 0, 1), logits averaged" in capsys.readouterr().out
 
 
 def test_nnunet_masked_normalisation_and_ignore_label_convert(tmp_path):

@@ -231,7 +231,7 @@ def _add_refine(subparsers) -> None:
   patches.add_argument("--patch-batch", default="auto", metavar="auto|N",
                        help="with patches, the most marked patches one network call of the refinement loop runs; "
                             "more run one batch after another, each recomputed in the backward pass, so memory "
-                            "grows with one batch (auto: up to 128^3 voxels per call, mirrored copies counted)")
+                            "grows with one batch (auto: up to 128^3 voxels per call, mirrored copies and folds counted)")
   _scripting(parser)
   parser.set_defaults(func=_refine)
 
@@ -254,6 +254,11 @@ def _info(args: argparse.Namespace) -> int:
              "pipeline: " + _pipeline_text(d["pipeline"]),
              f"parameters: {d['total_params']:,} in {len(d['layers'])} layers (+ {d['other_variables']:,} other "
              "variables)", "layers in forward order (refine --layers l tunes the last l):"]
+    if d.get("members"):
+      folds = (d.get("metadata") or {}).get("folds")
+      lines.insert(1, f"ensemble: {d['members']} networks of {d['kwargs'].get('family')}"
+                      f"{' (folds ' + ', '.join(map(str, folds)) + ')' if folds else ''}, logits averaged; "
+                      "each layer below is every network's, and its parameter count theirs together")
     width = max(len(layer["name"]) for layer in d["layers"])
     count = len(d["layers"])
     lines += [f"  {count - i:3d}  {layer['name']:<{width}}  {layer['params']:>10,}" for i, layer in enumerate(d["layers"])]

@@ -59,6 +59,8 @@ def spec_from_info(info: Any) -> InputSpec:
   """The input spec as far as ``model.json``'s constructor arguments state it (no model built; ``info``
   ``None``: nothing stated)."""
   kwargs = getattr(info, "kwargs", None) or {}
+  if getattr(info, "family", None) == "scribblejax.Ensemble" and isinstance(kwargs.get("kwargs"), dict):
+    kwargs = kwargs["kwargs"]                    # an ensemble's members state it
   found = {}
   for field, names in _KWARG_NAMES.items():
     found[field] = next((int(kwargs[n]) for n in names if isinstance(kwargs.get(n), (int, np.integer))), None)
@@ -353,7 +355,7 @@ class InferenceOptions:
     patch_batch: with patches, the most marked patches one network call of the refinement loop runs
       (:class:`scribblejax.PatchBlend`: more run one batch after another, each rematerialised in the
       backward pass); ``None``: as many as :func:`scribblejax.patch_chunk` allows (128^3 voxels
-      per call, mirrored copies counted).
+      per call, mirrored copies and an ensemble's networks counted).
   """
   resample: bool = True
   patch_size: Any = "auto"
@@ -1094,14 +1096,24 @@ def _patch_split(network: _Network, fitted: Fitted, marks: np.ndarray, layers: i
   import jax
   import jax.numpy as jnp
   from scribblejax.params import last_layers, split_params
-  from scribblejax.sliding_window import Mirrored, PatchBlend, marked_windows, patch_chunk, windows_region
+  from scribblejax.sliding_window import PatchBlend, marked_windows, patch_chunk, windows_region
   region, starts = windows_region(marked_windows(marks, fitted.patch, inference.step), fitted.patch)
-  passes = 2 ** len(network.model.axes) if isinstance(network.model, Mirrored) else 1
-  per_call = inference.patch_batch or patch_chunk(fitted.patch, passes)
+  per_call = inference.patch_batch or patch_chunk(fitted.patch, _passes(network.model))
   blend = PatchBlend(network.model, starts, fitted.patch, fitted.image.shape[-1], chunk=per_call)
   shape = tuple(r.stop - r.start for r in region)
   example = jax.ShapeDtypeStruct((1, *shape, fitted.image.shape[-1]), jnp.float32)
   return split_params(blend, last_layers(layers), example=example), region, len(starts), per_call
+
+
+def _passes(model: Any) -> int:
+  """Network passes per patch: mirrored copies times an ensemble's members."""
+  from scribblejax.models.ensemble import Ensemble
+  from scribblejax.sliding_window import Mirrored, SliceWise
+  passes = 1
+  while isinstance(model, (Mirrored, SliceWise)):
+    passes *= 2 ** len(model.axes) if isinstance(model, Mirrored) else 1
+    model = model.net
+  return passes * model.members if isinstance(model, Ensemble) else passes
 
 
 def _check_inside_crop(marks: np.ndarray, fitted: Fitted, class_names: Sequence[str] | None) -> None:
@@ -1181,4 +1193,5 @@ def describe_model(model: str) -> dict:
                     "layout": "[*spatial, channels], channels last", "normalization": info.normalization},
           "pipeline": pipeline_of(info.metadata),
           "layers": layers, "total_params": count_params(nnx.state(network.model, nnx.Param)),
+          "members": getattr(network.model, "members", None) if info.family == "scribblejax.Ensemble" else None,
           "other_variables": count_params(others), "metadata": info.metadata}

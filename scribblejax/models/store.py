@@ -39,6 +39,7 @@ FAMILIES: dict[str, str] = {
     "monai.UNet": "converters.monai_nets:UNet",
     "monai.SegResNet": "converters.monai_nets:SegResNet",
     "smp.Unet": "converters.smp_unet:Unet",
+    "scribblejax.Ensemble": "scribblejax.models.ensemble:Ensemble",
 }
 
 # Built-in models shipped inside the package: name -> folder under scribblejax/weights/.
@@ -69,10 +70,10 @@ def _constructor(family: str):
   return getattr(importlib.import_module(module), attr)
 
 
-def build_model(family: str, kwargs: dict) -> nnx.Module:
-  """Constructs a freshly initialised model of a known family."""
+def build_model(family: str, kwargs: dict, seed: int = 0) -> nnx.Module:
+  """Constructs a freshly initialised model of a known family (random weights from ``seed``)."""
   try:
-    return _constructor(family)(**kwargs, rngs=nnx.Rngs(0))
+    return _constructor(family)(**kwargs, rngs=nnx.Rngs(seed))
   except TypeError as err:
     raise ValueError(f"model family {family!r} rejects the arguments {kwargs}: {err}") from err
 
