@@ -254,8 +254,11 @@ def add_classes(model: nnx.Module, k: int, *, margin: float = 4.0, example: Any 
   ``margin``: its logit is ``background - margin`` everywhere, so the new class is never predicted
   and the initial segmentation is exactly the model's own; marking the new class then moves it
   through the tunable layers (the head must be among them). Works for any model whose last layer
-  (in :func:`scribblejax.layer_order` order) is an ``nnx.Conv`` or ``nnx.Linear`` over the channel
-  axis; ``num_classes`` attributes are updated when present.
+  (in :func:`scribblejax.layer_order` order) is a convolution or linear layer over the channel axis
+  with a bias: ``nnx.Conv``, ``nnx.Linear``, or any layer with ``kernel`` (outputs last) and ``bias``
+  parameters and no feature groups (the imported networks' ``Conv``: nnU-Net's ``seg_layer``, MONAI's
+  ``final_conv``); ``num_classes`` attributes are updated when present, and every member of an
+  :class:`scribblejax.Ensemble` changes.
 
   Args:
     model: a Flax NNX segmentation model (not modified).
@@ -277,9 +280,13 @@ def add_classes(model: nnx.Module, k: int, *, margin: float = 4.0, example: Any 
     return members(lambda net: add_classes(net, k, margin=margin, example=example))
   new = nnx.clone(model)
   parent, key, layer = _final_layer(new, example)
-  if not isinstance(layer, (nnx.Conv, nnx.Linear)):
-    raise ValueError(f"add_classes needs a final nnx.Conv or nnx.Linear head; the last layer is "
-                     f"{type(layer).__name__}")
+  kernel_param, bias_param = getattr(layer, "kernel", None), getattr(layer, "bias", None)
+  if not isinstance(kernel_param, nnx.Param) or (isinstance(bias_param, nnx.Param)
+                                                 and bias_param.shape != kernel_param.shape[-1:]):
+    raise ValueError(f"add_classes needs a final convolution or linear head (a kernel with the outputs last); "
+                     f"the last layer is {type(layer).__name__}")
+  if getattr(layer, "groups", 1) != 1 or getattr(layer, "feature_group_count", 1) != 1:
+    raise ValueError("add_classes needs a head without feature groups")
   kernel = layer.kernel[...]
   extra = jnp.repeat(kernel[..., :1], k, axis=-1)
   layer.kernel = nnx.Param(jnp.concatenate([kernel, extra], axis=-1))
@@ -288,7 +295,8 @@ def add_classes(model: nnx.Module, k: int, *, margin: float = 4.0, example: Any 
     layer.bias = nnx.Param(jnp.concatenate([bias, jnp.repeat(bias[:1] - margin, k)]))
   else:
     raise ValueError("add_classes needs a head with a bias (to start the new classes below background)")
-  layer.out_features = int(layer.out_features) + int(k)
+  if hasattr(layer, "out_features"):
+    layer.out_features = int(layer.out_features) + int(k)
   if hasattr(layer, "kernel_shape"):
     layer.kernel_shape = tuple(layer.kernel.shape)
   if getattr(layer, "mask", None) is not None:

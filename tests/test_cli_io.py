@@ -562,3 +562,58 @@ def test_help(command, capsys):
     main([command, "--help"])
   assert exit_info.value.code == 0
   assert "exit status: 0 success" in capsys.readouterr().out
+
+
+def test_a_new_class_is_appended_learnt_from_its_marks_and_kept_by_the_session(tmp_path, model_dir, crop, capsys):
+  # A structure the network was never trained for: --new-class appends an output class to the head
+  # (label-map value 2 after background and nucleus); the first segmentation is still the network's own.
+  image, truth, network = crop
+  tifffile.imwrite(tmp_path / "img.tif", image)
+  inside = np.argwhere(network == 1)
+  spot = tuple(inside[len(inside) // 2])
+  marks = np.zeros((96, 96), np.uint8)
+  marks[spot] = 2
+  marks[np.argwhere(network == 0)[0][0], np.argwhere(network == 0)[0][1]] = 255
+  PILImage.fromarray(marks).save(tmp_path / "marks.png")
+  session = tmp_path / "session"
+  base = ["refine", "--model", str(model_dir), "--image", str(tmp_path / "img.tif"), *KNOBS, "--session", str(session),
+          "--radius", "1", "--json"]
+  code = main([*base, "--marks", str(tmp_path / "marks.png"), "--out", str(tmp_path / "r1.tif"),
+               "--new-class", "mitosis"])
+  out = capsys.readouterr()
+  assert code == 0, out.err
+  report = json.loads(out.out)
+  assert report["new_classes"] == ["mitosis"] and report["classes"] == ["background", "nucleus", "mitosis"]
+  assert report["satisfied"] and report["marks_honoured"] == 1.0 and report["marked_pixels"]["mitosis"] == 1
+  labels = tifffile.imread(tmp_path / "r1.tif")
+  assert labels[spot] == 2 and (labels == 2).sum() < labels.size // 4
+  assert not (np.load(session / "initial.npz")["labels"] == 2).any()      # the network's own segmentation
+  # the session keeps the class: a second round names it by value without the flag, from the same weights
+  marks2 = np.zeros((96, 96), np.uint8)
+  other = tuple(inside[len(inside) // 3])
+  marks2[other] = 2
+  PILImage.fromarray(marks2).save(tmp_path / "marks2.png")
+  code = main([*base, "--marks", str(tmp_path / "marks2.png"), "--out", str(tmp_path / "r2.tif"),
+               "--continue-weights"])
+  out = capsys.readouterr()
+  assert code == 0, out.err
+  assert json.loads(out.out)["new_classes"] == ["mitosis"]
+  labels = tifffile.imread(tmp_path / "r2.tif")
+  assert labels[spot] == 2 and labels[other] == 2
+  # refused by name: another new class in this session, a class the model has, a value beyond the classes
+  for extra, message in ((["--new-class", "cyst"], "was started with new classes \\['mitosis'\\]"),
+                         (["--classes", "bg,mitosis"], "--new-class 'mitosis' is already a class of the model "
+                                                       "\\(bg, mitosis\\)")):
+    assert main([*base, "--marks", str(tmp_path / "marks2.png"), "--out", str(tmp_path / "r3.tif"), *extra]) == 1
+    assert __import__("re").search(message, capsys.readouterr().err)
+  single = ["refine", "--model", str(model_dir), "--image", str(tmp_path / "img.tif"), "--marks",
+            str(tmp_path / "marks.png"), "--out", str(tmp_path / "r4.tif"), "--steps", "5", "--quiet"]
+  for name, message in (("nucleus", "--new-class 'nucleus' is already a class of the model"),
+                        ("Nucleus", "already a class of the model (background, nucleus); marks files match class names "
+                                    "ignoring case"),
+                        ("2", "--new-class '2' is a number, which marks files read as a class index")):
+    assert main([*single, "--new-class", name]) == 1
+    assert message in capsys.readouterr().err
+  assert main(single) == 1                                         # value 2 without the new class
+  assert "holds value 2, which is not a class (2 classes" in capsys.readouterr().err
+  assert not (tmp_path / "r3.tif").exists() and not (tmp_path / "r4.tif").exists()

@@ -126,6 +126,10 @@ def test_nnunet_folds_average_as_nnunet_does_and_refine_together(tmp_path, capsy
   first, info = load_model(convert(folder, tmp_path / "first", log=notes.append))
   assert info.metadata["folds"] == ["0"] and np.max(np.abs(ours(first) - _logits(net, x))) < 1e-4
   assert notes and "also holds cross-validation fold(s) 1 " in notes[0] and "--folds cv" in notes[0]
+  # a class appended to every fold's head (nnU-Net's seg_layer): the segmentation stays the folds' own
+  from scribblejax.baselines import add_classes
+  grown = ours(add_classes(model, 1))
+  assert grown.shape[1] == 4 and np.array_equal(grown.argmax(1), ours(model).argmax(1))
   # refinement tunes the last layers of both folds against their mean
   split = sj.split_params(model, sj.last_layers(2))
   assert all(leaf.shape[0] == 2 for leaf in jax.tree.leaves(split.tunable))

@@ -159,7 +159,8 @@ def _refine(args: argparse.Namespace) -> int:
                               prox_weight=args.alpha, region_growing=args.region_growing, driver=args.driver,
                               check_every=args.check_every, class_balance=args.class_balance,
                               continue_weights=args.continue_weights, compute_dtype=args.compute_dtype,
-                              remat=args.remat, conv_backend=args.conv_backend)
+                              remat=args.remat, conv_backend=args.conv_backend,
+                              new_classes=tuple(args.new_class or ()))
     options = MarkOptions(class_names=_classes(args.classes), background_value=args.background_value,
                           unmarked_value=args.unmarked_value, radius=args.radius, rectangle=args.rectangle)
     with _progress_bar(args) as progress:
@@ -221,6 +222,11 @@ def _add_refine(subparsers) -> None:
                       help="in a session, start from the previous round's weights instead of the network's")
   marks = parser.add_argument_group("marks files")
   marks.add_argument("--classes", metavar="A,B,C", help="class names in index order (default: the model's)")
+  marks.add_argument("--new-class", action="append", metavar="NAME",
+                     help="append an output class NAME to the network's head, for a structure it was never trained "
+                          "for (repeatable; it follows the model's classes: label-map value n for a model of n "
+                          "classes); the first segmentation stays the network's own, and marks of NAME teach it; a "
+                          "session keeps the classes it started with")
   marks.add_argument("--background-value", type=int, default=255,
                      help="label-map value meaning class 0 / background (default 255)")
   marks.add_argument("--unmarked-value", type=int, default=0, help="label-map value meaning unmarked (default 0)")

@@ -511,6 +511,10 @@ class RefineSettings:
     compute_dtype: "float32" or "bfloat16" (``RefineConfig.compute_dtype``).
     remat: rematerialise the tail's activations in the backward pass (``RefineConfig.remat``).
     conv_backend: "auto", "xla" or "onednn" (``RefineConfig.conv_backend``).
+    new_classes: names of output classes to append to the network's head for structures it was never
+      trained for (:func:`scribblejax.baselines.add_classes`: each starts as the background's logit
+      less 4, so the first segmentation is the network's own); they follow the model's classes. A
+      session keeps the classes it started with.
   """
   layers: int | None = None
   max_steps: int | None = None
@@ -525,6 +529,7 @@ class RefineSettings:
   compute_dtype: str = "float32"
   remat: bool = False
   conv_backend: str = "auto"
+  new_classes: tuple[str, ...] = ()
 
   def resolve(self, metadata: dict) -> tuple[int | None, Any, float | None]:
     """``(layers, RefineConfig, region_growing)`` with the defaults filled in."""
@@ -931,10 +936,17 @@ def run_refine(*, model: str | None, image: str | None, marks: Sequence[str], ou
       raise ValueError(f"model {model} is not the model of session {session} ({doc['model']})")
   stated = spec_from_info(info)
   class_names = resolve_class_names(mark_options.class_names, info, stated.num_classes)
+  num_classes = stated.num_classes
+  added = _new_classes(settings.new_classes, doc, session)
+  if added:
+    if num_classes is None:
+      raise ValueError(f"model {model} does not state how many classes it predicts; --new-class needs that")
+    class_names = _with_new_classes(class_names or tuple(str(k) for k in range(num_classes)), added)
+    num_classes += len(added)
   new = None
   if marks:
     log(f"reading marks {', '.join(map(str, marks))}")
-    new = read_marks(list(marks), img.geometry, num_classes=stated.num_classes, class_names=class_names,
+    new = read_marks(list(marks), img.geometry, num_classes=num_classes, class_names=class_names,
                      background_value=mark_options.background_value, unmarked_value=mark_options.unmarked_value,
                      radius=mark_options.radius, rectangle=mark_options.rectangle)
     if not (new >= 0).any():
@@ -946,7 +958,42 @@ def run_refine(*, model: str | None, image: str | None, marks: Sequence[str], ou
   if new is None:
     return _after_undo(doc, session, undone, img, out, overlay, log, info, class_names)
   return _refine_round(model, model_ref, img, digest, list(marks), new, out, session, doc, undone, settings,
-                       class_names, info, overlay, log, progress, inference)
+                       class_names, info, overlay, log, progress, inference, added)
+
+
+def _new_classes(given: Sequence[str] | str, doc: dict | None, session: str | None) -> tuple[str, ...]:
+  """The classes appended to the network's head this round: ``--new-class`` names, or the session's.
+
+  Raises:
+    ValueError: empty or repeated names, or names other than those the session started with.
+  """
+  given = tuple(str(n).strip() for n in ((given,) if isinstance(given, str) else given))
+  if any(not n for n in given) or len({n.casefold() for n in given}) != len(given):
+    raise ValueError(f"--new-class names must be distinct and non-empty, got {list(given)}")
+  stored = tuple(doc.get("new_classes", ())) if doc is not None else ()
+  if doc is not None and given and given != stored:
+    started = f"with new classes {list(stored)}" if stored else "without new classes"
+    raise ValueError(f"session {session} was started {started}; a session keeps its classes (pass the same "
+                     "--new-class names, or none; a new session can add classes)")
+  return given or stored
+
+
+def _with_new_classes(names: Sequence[str], added: Sequence[str]) -> tuple[str, ...]:
+  """The class names with ``added`` after them.
+
+  Raises:
+    ValueError: an added name that a marks file could take for one of the classes: the same name in
+      any letter case (marks files match names ignoring case), or a number (a class index).
+  """
+  for name in added:
+    same = [n for n in names if n.casefold() == name.casefold()]
+    if same:
+      raise ValueError(f"--new-class {name!r} is already a class of the model ({', '.join(names)}); marks files "
+                       "match class names ignoring case")
+    if name.lstrip("+-").isdigit():
+      raise ValueError(f"--new-class {name!r} is a number, which marks files read as a class index; name it "
+                       "with letters")
+  return tuple(names) + tuple(added)
 
 
 def _after_undo(doc, session, undone, img, out, overlay, log, info, class_names) -> dict:
@@ -971,13 +1018,22 @@ def _after_undo(doc, session, undone, img, out, overlay, log, info, class_names)
 
 
 def _refine_round(model, model_ref, img, digest, marks_files, new, out, session, doc, undone, settings,
-                  class_names, info, overlay, log, progress=None, inference=InferenceOptions()) -> dict:
+                  class_names, info, overlay, log, progress=None, inference=InferenceOptions(), added=()) -> dict:
   import jax
   from scribblejax import marks as marks_lib
   from scribblejax.kernels import resolve_conv_backend
   from scribblejax.refine import refine, resolve_driver
 
   network = _load(model, log)
+  if added:
+    from scribblejax.baselines import add_classes
+    log(f"appending class(es) {', '.join(added)} to the network's head")
+    try:
+      extended = add_classes(network.model, len(added))
+    except ValueError as err:
+      raise ValueError(f"--new-class cannot extend this model's head: {err}") from None
+    network = network._replace(model=extended,
+                               spec=network.spec._replace(num_classes=network.spec.num_classes + len(added)))
   num_classes = network.spec.num_classes
   layers, config, grow = settings.resolve(info.metadata)
   network, split, fitted, layers = prepare(network, img, info, layers, inference)
@@ -1065,6 +1121,8 @@ def _refine_round(model, model_ref, img, digest, marks_files, new, out, session,
                          "check_every": config.check_every, "compute_dtype": config.compute_dtype,
                          "remat": config.remat, "conv_backend": config.conv_backend},
             "notes": list(fitted.notes)}
+  if added:
+    report["new_classes"] = list(added)
   if region is not None:
     report["refined_region"] = [[r.start, r.stop] for r in region]
     report["refined_patches"] = count
@@ -1079,6 +1137,8 @@ def _refine_round(model, model_ref, img, digest, marks_files, new, out, session,
   if session:
     if doc is None:
       doc = session_store.new_session(str(Path(img.path).resolve()), digest, model_ref, img.spatial_shape)
+      if added:
+        doc["new_classes"] = list(added)
     if initial is None:
       session_store.save_initial(session, before_image)
     record = {"marks_files": [str(Path(m).resolve()) for m in marks_files], "steps": steps, "satisfied": satisfied,
