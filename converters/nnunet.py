@@ -697,8 +697,9 @@ def load_trained_model_folder(folder, *, fold: str | int | None = None, folds: A
     folder: the folder holding ``plans.json``, ``dataset.json`` and ``fold_*/``.
     fold: one fold to load (default: the first, ``fold_0`` when present).
     folds: instead of ``fold``: ``"cv"`` (every numbered fold, ``nnUNetv2_predict``'s default) or a
-      list of folds (``"all"`` is ``fold_all``, as for ``nnUNetv2_predict -f``). Several folds make one :class:`scribblejax.models.ensemble.Ensemble` (family
-      ``scribblejax.Ensemble``) whose logits are the folds' mean, as nnU-Net averages them.
+      list of folds (``"all"`` is ``fold_all``, as for ``nnUNetv2_predict -f``). Several folds make
+      one :class:`scribblejax.models.ensemble.Ensemble` (family ``scribblejax.Ensemble``) whose logits
+      are the folds' mean, as nnU-Net averages them.
     rngs: random generators for construction (weights are then overwritten).
 
   Returns:

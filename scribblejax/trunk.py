@@ -104,7 +104,7 @@ def _plan(jaxpr, unknown_in: tuple[bool, ...]) -> _Level:
       sub = _plan(body, flags)
       needed = tuple(i for i in range(eqn.params["num_consts"]) if not flags[i] and i in sub.tail_reads)
       kinds.append(_Mapped(sub, eqn.params["num_consts"], needed, {}))
-      unknown.update(id(o) for o, i in zip(eqn.outvars, body.outvars) if (not _is_literal(i)) and id(i) in sub.unknown_vars)
+      unknown.update(id(o) for o, i in zip(eqn.outvars, body.outvars) if _is_tail_value(sub, i))
     elif inner is not None and not all(flags):
       sub = _plan(inner.jaxpr, flags)
       kinds.append(sub)
@@ -135,17 +135,27 @@ def _is_map(eqn) -> bool:
           and isinstance(eqn.params.get("jaxpr"), jex_core.ClosedJaxpr))
 
 
+def _is_tail_value(level: _Level, var) -> bool:
+  return (not _is_literal(var)) and id(var) in level.unknown_vars
+
+
 def _map_outputs(level: _Level, values, unknown: bool) -> list:
   """The body outputs that are (``unknown``) or are not tail values."""
-  return [x for v, x in zip(level.jaxpr.outvars, values)
-          if ((not _is_literal(v)) and id(v) in level.unknown_vars) == unknown]
+  return [x for v, x in zip(level.jaxpr.outvars, values) if _is_tail_value(level, v) == unknown]
 
 
 def _map_scatter(level: _Level, values, unknown: bool) -> list:
   """The scan's outputs: ``values`` where the body's outputs are (``unknown``) tail values, else None."""
   it = iter(values)
-  return [next(it) if ((not _is_literal(v)) and id(v) in level.unknown_vars) == unknown else None
-          for v in level.jaxpr.outvars]
+  return [next(it) if _is_tail_value(level, v) == unknown else None for v in level.jaxpr.outvars]
+
+
+def _filled(base, positions, values) -> list:
+  """``base`` as a list with ``values`` at ``positions``."""
+  out = list(base)
+  for i, x in zip(positions, values):
+    out[i] = x
+  return out
 
 
 def _scan(eqn, body, xs):
@@ -164,9 +174,7 @@ def _run_mapped_trunk(mapped: _Mapped, eqn, invals, residuals: list, rewrites: t
   held = tuple(i < nc for i in range(len(invals)))
 
   def body(xs):
-    vals = list(invals[:nc]) + [None] * (len(invals) - nc)
-    for i, x in zip(known_xs, xs):
-      vals[i] = x
+    vals = _filled(list(invals[:nc]) + [None] * (len(invals) - nc), known_xs, xs)
     stacked: list = []
     outs = _run_trunk(level, inner.consts, vals, stacked, False, rewrites, held)
     return _map_outputs(level, outs, False), stacked
@@ -188,9 +196,7 @@ def _run_mapped_tail(mapped: _Mapped, eqn, invals, residuals, rewrites: tuple, r
 
   def body(xs):
     values, own = xs
-    vals = list(invals[:nc]) + [None] * (len(invals) - nc)
-    for i, x in zip(unknown_xs, values):
-      vals[i] = x
+    vals = _filled(list(invals[:nc]) + [None] * (len(invals) - nc), unknown_xs, values)
     outs = _run_tail(level, inner.consts, vals, iter(own), False, rewrites, remat)
     return _map_outputs(level, outs, True)
 
@@ -572,7 +578,7 @@ def _run_tail(level: _Level, consts, invals, residuals, top: bool, rewrites: tup
     return [_read(env, v) for v in level.jaxpr.outvars]
   # A nested level gives its known outputs as None even when it holds them (a residual it read, an
   # input, a literal): the enclosing trunk hands them over when the enclosing tail reads them.
-  return [_read(env, v) if not _is_literal(v) and id(v) in level.unknown_vars else None for v in level.jaxpr.outvars]
+  return [_read(env, v) if _is_tail_value(level, v) else None for v in level.jaxpr.outvars]
 
 
 def _checkpointed_tail(level: _Level, consts, invals, residuals, rewrites: tuple, remat: bool, params: dict) -> list:
@@ -585,10 +591,7 @@ def _checkpointed_tail(level: _Level, consts, invals, residuals, rewrites: tuple
   present = [i for i, x in enumerate(invals) if x is not None]
 
   def block(*values):
-    full = list(invals)
-    for i, x in zip(present, values):
-      full[i] = x
-    return _run_tail(level, consts, full, residuals, False, rewrites, remat)
+    return _run_tail(level, consts, _filled(invals, present, values), residuals, False, rewrites, remat)
 
   checkpointed = jax.checkpoint(block, prevent_cse=params.get("prevent_cse", True), policy=params.get("policy"))
   return checkpointed(*[invals[i] for i in present])

@@ -237,7 +237,8 @@ def _add_refine(subparsers) -> None:
   patches.add_argument("--patch-batch", default="auto", metavar="auto|N",
                        help="with patches, the most marked patches one network call of the refinement loop runs; "
                             "more run one batch after another, each recomputed in the backward pass, so memory "
-                            "grows with one batch (auto: up to 128^3 voxels per call, mirrored copies and folds counted)")
+                            "grows with one batch (auto: up to 128^3 voxels per call, mirrored copies and folds "
+                            "counted)")
   _scripting(parser)
   parser.set_defaults(func=_refine)
 
