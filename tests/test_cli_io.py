@@ -240,13 +240,15 @@ def test_refine_with_patches_chosen_on_the_command_line_honours_the_marks(tmp_pa
   assert report["patches_per_call"] == report["refined_patches"] >= 2
   labels = tifffile.imread(tmp_path / "refined.tif")
   assert labels[r1, c1] == 1 and labels[r0, c0] == 0
-  # one marked patch per network call, one after another: the same refinement
+  # one marked patch per network call, one after another: the same refinement; without --json, bars of
+  # SGD steps and of the sliding window's patches on stderr
   code = main(["refine", "--model", str(model_dir), "--image", str(tmp_path / "img.tif"), "--marks",
                str(tmp_path / "marks.png"), "--out", str(tmp_path / "one.tif"), *KNOBS, "--patch-size", "64,64",
-               "--patch-batch", "1", "--json"])
+               "--patch-batch", "1"])
   out = capsys.readouterr()
   assert code == 0, out.err
-  one = json.loads(out.out)
+  assert "refining:" in out.err and "segmenting:" in out.err and "/4 [" in out.err, repr(out.err)
+  one = json.loads((tmp_path / "one.report.json").read_text())
   assert one["patches_per_call"] == 1 and one["refined_patches"] == report["refined_patches"]
   assert one["satisfied"] and one["steps"] == report["steps"] and one["marks_honoured"] == 1.0
   assert (tifffile.imread(tmp_path / "one.tif") == labels).mean() > 0.999

@@ -61,6 +61,8 @@ def _progress_bar(args: argparse.Namespace, desc: str = "refining", unit: str = 
     nonlocal bar
     if bar is None:
       bar = tqdm(total=max_steps, desc=desc, unit=unit, file=sys.stderr, leave=False)
+    elif steps < bar.n:                  # a new pass (the sliding window after the refinement)
+      bar.reset(total=max_steps)
     bar.update(steps - bar.n)
 
   try:
@@ -163,10 +165,11 @@ def _refine(args: argparse.Namespace) -> int:
                               new_classes=tuple(args.new_class or ()))
     options = MarkOptions(class_names=_classes(args.classes), background_value=args.background_value,
                           unmarked_value=args.unmarked_value, radius=args.radius, rectangle=args.rectangle)
-    with _progress_bar(args) as progress:
+    with _progress_bar(args) as progress, _progress_bar(args, "segmenting", "patch") as patches:
       return run_refine(model=args.model, image=args.image, marks=args.marks or [], out=args.out,
                         session=args.session, undo=args.undo, settings=settings, mark_options=options,
-                        overlay=not args.no_overlay, log=log, progress=progress, inference=_inference(args))
+                        overlay=not args.no_overlay, log=log, progress=progress, inference=_inference(args),
+                        patch_progress=patches)
 
   def summary(report):
     if "steps" not in report:

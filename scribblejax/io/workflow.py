@@ -877,7 +877,8 @@ def run_predict(model: str, image: str, out: str, *, overlay: bool = True, log: 
 def run_refine(*, model: str | None, image: str | None, marks: Sequence[str], out: str | None,
                session: str | None = None, undo: bool = False, settings: RefineSettings = RefineSettings(),
                mark_options: MarkOptions = MarkOptions(), overlay: bool = True, log: Log = _silent,
-               progress: Any = None, inference: InferenceOptions = InferenceOptions()) -> dict:
+               progress: Any = None, inference: InferenceOptions = InferenceOptions(),
+               patch_progress: Any = None) -> dict:
   """One refinement round (or an undo) on an image with marks files.
 
   Args:
@@ -892,6 +893,8 @@ def run_refine(*, model: str | None, image: str | None, marks: Sequence[str], ou
     overlay: write ``<out stem>.overlay.png``.
     log: progress messages.
     progress: ``progress(steps_taken, max_steps)`` during the refinement (see :func:`scribblejax.refine`).
+    patch_progress: ``patch_progress(done, total)`` after each patch of a sliding-window segmentation
+      (before and after the refinement; ``done`` starts again at 1 for the second).
     inference: crop, spacing, patches, mirroring (:class:`InferenceOptions`). With patches, the loop
       runs the patches that hold marks, blended as the sliding window blends them
       (:class:`scribblejax.sliding_window.PatchBlend`), and the refined network then segments the whole
@@ -958,7 +961,7 @@ def run_refine(*, model: str | None, image: str | None, marks: Sequence[str], ou
   if new is None:
     return _after_undo(doc, session, undone, img, out, overlay, log, info, class_names)
   return _refine_round(model, model_ref, img, digest, list(marks), new, out, session, doc, undone, settings,
-                       class_names, info, overlay, log, progress, inference, added)
+                       class_names, info, overlay, log, progress, inference, added, patch_progress)
 
 
 def _new_classes(given: Sequence[str] | str, doc: dict | None, session: str | None) -> tuple[str, ...]:
@@ -1018,7 +1021,8 @@ def _after_undo(doc, session, undone, img, out, overlay, log, info, class_names)
 
 
 def _refine_round(model, model_ref, img, digest, marks_files, new, out, session, doc, undone, settings,
-                  class_names, info, overlay, log, progress=None, inference=InferenceOptions(), added=()) -> dict:
+                  class_names, info, overlay, log, progress=None, inference=InferenceOptions(), added=(),
+                  patch_progress=None) -> dict:
   import jax
   from scribblejax import marks as marks_lib
   from scribblejax.kernels import resolve_conv_backend
@@ -1073,7 +1077,8 @@ def _refine_round(model, model_ref, img, digest, marks_files, new, out, session,
   if initial is not None:
     before_image = initial
   else:
-    before_image = labels_from_logits(network_logits(split, fitted, step=inference.step), fitted)
+    before_image = labels_from_logits(network_logits(split, fitted, step=inference.step, progress=patch_progress),
+                                      fitted)
   loop_split, image, loop_marks, region = split, fitted.image, all_marks, None
   if fitted.patch is not None:
     loop_split, region, count, per_call = _patch_split(network, fitted, all_marks, layers, inference)
@@ -1092,7 +1097,8 @@ def _refine_round(model, model_ref, img, digest, marks_files, new, out, session,
     if region is None:
       logits = np.asarray(result.logits)
     else:
-      logits = network_logits(split, fitted, _same_tree(split.tunable, result.tunable), step=inference.step)
+      logits = network_logits(split, fitted, _same_tree(split.tunable, result.tunable), step=inference.step,
+                              progress=patch_progress)
     seconds = time.perf_counter() - start_time
   labels_image = labels_from_logits(logits, fitted)
   marks_image = new_image if previous_image is None else marks_lib.accumulate(previous_image, new_image)
