@@ -157,9 +157,9 @@ def convert(src: str | os.PathLike, out_dir: str | os.PathLike, *, arch: str | N
       raise ConversionError("an nnU-Net folder carries its architecture; do not pass arch/kwargs")
     model, info = nnunet.load_trained_model_folder(src, folds=folds)
     converted = info["metadata"]["folds"]
-    left = [f for f in info["metadata"]["available_folds"] if f.isascii() and f.isdigit() and f not in converted]
+    left = [f for f in info["metadata"]["available_folds"] if nnunet.numbered_fold(f) and f not in converted]
     if left and log is not None:
-      log(f"note: converted fold(s) {', '.join(info['metadata']['folds'])}; {src} also holds cross-validation "
+      log(f"note: converted fold(s) {', '.join(converted)}; {src} also holds cross-validation "
           f"fold(s) {', '.join(left)} (nnUNetv2_predict averages all of them by default: --folds cv)")
     family, model_kwargs, class_names = info["family"], info["kwargs"], info["class_names"]
     metadata.update(info["metadata"])

@@ -630,10 +630,11 @@ def _class_names(dataset: Mapping[str, Any]) -> list[str]:
 def available_folds(folder: Path) -> list[str]:
   """The names ``k`` of the folder's ``fold_<k>`` directories, numbered ones first in numeric order."""
   names = [p.name[len("fold_"):] for p in Path(folder).glob("fold_*") if p.is_dir()]
-  return sorted(names, key=lambda n: (not _numbered(n), int(n) if _numbered(n) else 0, n))
+  return sorted(names, key=lambda n: (not numbered_fold(n), int(n) if numbered_fold(n) else 0, n))
 
 
-def _numbered(name: str) -> bool:
+def numbered_fold(name: str) -> bool:
+  """Whether ``fold_<name>`` is a cross-validation fold (``0``, ``1``, ...; not ``all``)."""
   return name.isascii() and name.isdigit()
 
 
@@ -651,7 +652,7 @@ def fold_names(folder: Path, folds: Any = None) -> list[str]:
       raise ConversionError(f"{folder} has no fold_* directory")
     return present[:1]
   if isinstance(folds, str) and folds == "cv":
-    numbered = [n for n in present if _numbered(n)]
+    numbered = [n for n in present if numbered_fold(n)]
     if not numbered:
       raise ConversionError(f"{folder} has no numbered fold_<k> directory (nnU-Net's cross-validation folds)")
     return numbered

@@ -28,6 +28,11 @@ def _stack(states: Sequence[nnx.State]) -> nnx.State:
   return jax.tree.map(lambda *leaves: jnp.stack([jnp.asarray(x) for x in leaves]), *states)
 
 
+def _sliced(graphdef, state: nnx.State, k: int) -> nnx.Module:
+  """Member ``k`` of stacked parameters, as a network of its own."""
+  return nnx.merge(graphdef, jax.tree.map(lambda x: x[k], state))
+
+
 class Ensemble(nnx.Module):
   """The mean of the logits of ``members`` networks of one stored family.
 
@@ -87,8 +92,7 @@ class Ensemble(nnx.Module):
     """
     if not is_integer(k) or not 0 <= k < self.members:
       raise ValueError(f"the ensemble has members 0..{self.members - 1}, not {k!r}")
-    graphdef, state = nnx.split(self.net)
-    return nnx.merge(graphdef, jax.tree.map(lambda x: x[k], state))
+    return _sliced(*nnx.split(self.net), k)
 
   def layer_order(self) -> list[tuple]:
     """The members' layer order (stated by the member's family), under ``net``.
@@ -104,8 +108,9 @@ class Ensemble(nnx.Module):
     return [("net", *path) for path in check_layer_order(member, stated())]
 
   def __call__(self, x: jax.Array) -> jax.Array:
+    graphdef, state = nnx.split(self.net)
     total = None
     for k in range(self.members):
-      out = self.member(k)(x)
+      out = _sliced(graphdef, state, k)(x)
       total = out if total is None else total + out
     return total / self.members
