@@ -604,27 +604,70 @@ def _read_json(path: Path) -> dict:
   return value
 
 
-def _class_names(dataset: Mapping[str, Any]) -> list[str]:
-  if "regions_class_order" in dataset:
-    raise ConversionError("region-based nnU-Net models (regions_class_order) are not supported yet")
+def _is_region(value: Any) -> bool:
+  return isinstance(value, (list, tuple)) and len(value) > 1
+
+
+def _label_value(name: str, value: Any) -> int:
+  """A label's integer value (a one-element list is its element, as nnU-Net reads it)."""
+  if isinstance(value, (list, tuple)) and len(value) == 1:
+    value = value[0]
+  if isinstance(value, bool) or not isinstance(value, int):
+    raise ConversionError(f"label {name!r} maps to {value!r}, not an integer label value")
+  return value
+
+
+def _regions(dataset: Mapping[str, Any], labels: Mapping[str, Any]) -> tuple[list[str], dict]:
+  """A region-based dataset's class names (background, then the name of the region writing each class
+  1..n) and the metadata of its regions, as nnU-Net's LabelManager reads them: every label entry but
+  ``ignore`` and the background is a region (an output channel, in the file's order), and region ``i``
+  writes class ``regions_class_order[i]``."""
+  from scribblejax.models.regions import check_order
+  names, sets = [], []
+  background = "background"
+  for name, value in labels.items():
+    if name == "ignore":
+      continue
+    values = [_label_value(name, v) for v in value] if isinstance(value, (list, tuple)) else [_label_value(name, value)]
+    if set(values) == {0}:
+      background = name
+      continue
+    names.append(name)
+    sets.append(sorted(set(values)))
+  order = dataset.get("regions_class_order")
+  if order is None:
+    raise ConversionError("dataset.json has region labels (lists of label values) but no regions_class_order")
+  if not isinstance(order, (list, tuple)) or len(order) != len(names):
+    raise ConversionError(f"dataset.json's regions_class_order must list one class per region ({len(names)}: "
+                          f"{', '.join(names)}), got {order!r}")
+  try:
+    order = list(check_order(order))
+  except ValueError as err:
+    raise ConversionError(f"dataset.json: {err}") from None
+  class_names = [background] + [names[order.index(c)] for c in range(1, len(order) + 1)]
+  return class_names, {"names": names, "labels": sets, "class_order": order}
+
+
+def _class_names(dataset: Mapping[str, Any]) -> tuple[list[str], dict | None]:
+  """The class names in value order, and for a region-based dataset its regions (see :func:`_regions`)."""
   labels = dataset.get("labels")
   if not labels or not isinstance(labels, Mapping):
     raise ConversionError(f"dataset.json needs \"labels\", an object mapping names to values, got {labels!r}")
+  if any(_is_region(v) for k, v in labels.items() if k != "ignore"):
+    return _regions(dataset, labels)
   if "ignore" in labels:
     # nnU-Net's sparse-annotation label: the highest value, never predicted (no output channel).
     ignore = labels["ignore"]
-    others = [v for k, v in labels.items() if k != "ignore"]
-    if not isinstance(ignore, int) or any(not isinstance(v, int) or v >= ignore for v in others):
+    others = [_label_value(k, v) for k, v in labels.items() if k != "ignore"]
+    if not isinstance(ignore, int) or any(v >= ignore for v in others):
       raise ConversionError(f"dataset.json's 'ignore' label must be the highest integer label, got {ignore!r}")
     labels = {k: v for k, v in labels.items() if k != "ignore"}
   by_value = {}
   for name, value in labels.items():
-    if not isinstance(value, int):
-      raise ConversionError(f"label {name!r} maps to {value!r}; region-based models are not supported yet")
-    by_value[value] = name
+    by_value[_label_value(name, value)] = name
   if sorted(by_value) != list(range(len(by_value))):
     raise ConversionError(f"dataset.json labels are not 0..n-1: {sorted(by_value)}")
-  return [by_value[i] for i in range(len(by_value))]
+  return [by_value[i] for i in range(len(by_value))], None
 
 
 def available_folds(folder: Path) -> list[str]:
@@ -736,9 +779,10 @@ def load_trained_model_folder(folder, *, fold: str | int | None = None, folds: A
   channels = dataset.get("channel_names") or dataset.get("modality")
   if not channels or not isinstance(channels, Mapping):
     raise ConversionError("dataset.json has no channel_names (an object of channel index -> name)")
-  class_names = _class_names(dataset)
+  class_names, regions = _class_names(dataset)
+  outputs = len(class_names) if regions is None else len(regions["class_order"])
   try:
-    family, kwargs = architecture_kwargs(configuration, len(channels), len(class_names))
+    family, kwargs = architecture_kwargs(configuration, len(channels), outputs)
   except (KeyError, TypeError, AttributeError, ValueError) as err:
     if isinstance(err, ConversionError):
       raise
@@ -757,6 +801,10 @@ def load_trained_model_folder(folder, *, fold: str | int | None = None, folds: A
     from scribblejax.models.ensemble import Ensemble
     family, kwargs = "scribblejax.Ensemble", {"family": member_family, "kwargs": kwargs, "members": len(members)}
     model = Ensemble.of(members, member_family)
+  if regions is not None:
+    from scribblejax.models.regions import Regions
+    family, kwargs = "scribblejax.Regions", {"family": family, "kwargs": kwargs, "order": regions["class_order"]}
+    model = Regions.of(model, regions["class_order"], kwargs["family"])
   info = {"family": family, "kwargs": kwargs, "normalization": normalization_spec(plans, configuration),
           "class_names": class_names, "configuration": config_name,
           "metadata": {"source": "nnunetv2", "folder": str(folder), "checkpoint": paths[0],
@@ -768,4 +816,6 @@ def load_trained_model_folder(folder, *, fold: str | int | None = None, folds: A
                        "transpose_forward": plans.get("transpose_forward"),
                        "input_axis_order": nnunet_axis_order(plans.get("transpose_forward")),
                        "channel_names": _plain_json(channels)}}
+  if regions is not None:
+    info["metadata"]["regions"] = regions
   return model, _plain_json(info)

@@ -18,6 +18,7 @@ from scribblejax.marks import (UNMARKED, Box, LabelMap, Mark, Point, Polygon, Sc
                                encode_marks, grow_marks, validate_mark_map)
 from scribblejax.models.ensemble import Ensemble
 from scribblejax.models.layer_order import check_layer_order, layer_order, traced_layer_order
+from scribblejax.models.regions import Regions, region_labels, region_scores
 from scribblejax.models.store import ModelInfo, builtin_models, load_model, read_info, save_model
 from scribblejax.models.unet import UNet
 from scribblejax.normalize import normalize
@@ -47,6 +48,7 @@ __all__ = [
     "RefineConfig",
     "RefineResult",
     "RefineState",
+    "Regions",
     "ResampleScheme",
     "Round",
     "Scribble",
@@ -95,6 +97,8 @@ __all__ = [
     "save_model",
     "batch_mesh",
     "refine_sharded",
+    "region_labels",
+    "region_scores",
     "resample_label_map",
     "resampled_shape",
     "sliding_window_logits",

@@ -113,18 +113,27 @@ def random_walker_labels(image: np.ndarray, marks: np.ndarray, beta: float = 130
   return present[np.asarray(out) - 1].astype(np.int32)
 
 
-def random_walker_method(model: nnx.Module | None, beta: float = 130.0) -> Method:
+def random_walker_method(model: nnx.Module | None, beta: float = 130.0, *,
+                         initial: Callable[[np.ndarray], np.ndarray] | None = None) -> Method:
   """Random walker seeded by the marks so far.
 
   Before any interaction, and while fewer than two classes are marked, the segmentation is the
   network's prediction (or all background without a model) with the marked pixels set to their
   class: the walker alone cannot place a boundary from one class's seeds.
+
+  Args:
+    model: the network whose prediction the walker starts from, or ``None``.
+    beta: the walker's edge penalty.
+    initial: ``image -> int32[*spatial]``, the segmentation to start from instead of the model's
+      prediction on the image (e.g. the model's pipeline of patches and resampling).
   """
-  split = split_params(model, head()) if model is not None else None
+  split = split_params(model, head()) if model is not None and initial is None else None
 
   def init(image):
     image = np.asarray(image)
-    if split is None:
+    if initial is not None:
+      labels = np.asarray(initial(image), np.int32)
+    elif split is None:
       labels = np.zeros(image.shape[:-1], np.int32)
     else:
       labels = np.asarray(jnp.argmax(predict(split, image), -1), np.int32)
@@ -233,10 +242,18 @@ def _final_layer(model: nnx.Module, example: Any) -> tuple[nnx.Module, str, nnx.
   return parent, key, layer
 
 
-def _members(model: nnx.Module):
+def _members(model: nnx.Module, what: str = "this change"):
   """For an :class:`scribblejax.models.ensemble.Ensemble`, a function applying a change to every member
-  and building the changed ensemble; ``None`` for any other model."""
+  and building the changed ensemble; ``None`` for any other model.
+
+  Raises:
+    ValueError: a region-based network (:class:`scribblejax.Regions`), whose head gives regions, not classes.
+  """
   from scribblejax.models.ensemble import Ensemble
+  from scribblejax.models.regions import Regions
+  if isinstance(model, Regions):
+    raise ValueError(f"{what} needs a head of classes; this region-based network's head gives one logit per region "
+                     "(nnU-Net's regions_class_order)")
   if not isinstance(model, Ensemble):
     return None
   return lambda change: Ensemble.of([change(model.member(i)) for i in range(model.members)], model.family)
@@ -275,7 +292,7 @@ def add_classes(model: nnx.Module, k: int, *, margin: float = 4.0, example: Any 
   if not isinstance(k, (int, np.integer)) or k < 1:
     raise ValueError(f"the number of classes to add must be a positive integer, got {k!r}")
   _check_finite(margin, "margin")
-  members = _members(model)
+  members = _members(model, "add_classes")
   if members is not None:
     return members(lambda net: add_classes(net, k, margin=margin, example=example))
   new = nnx.clone(model)
@@ -324,7 +341,7 @@ def suppress_class(model: nnx.Module, c: int, *, amount: float, example: Any = N
   is used. The refinement's proximal term then anchors to the lowered bias.
   """
   _check_finite(amount, "amount")
-  members = _members(model)
+  members = _members(model, "suppress_class")
   if members is not None:
     return members(lambda net: suppress_class(net, c, amount=amount, example=example))
   new = nnx.clone(model)

@@ -197,9 +197,9 @@ def test_monai_bundle(tmp_path):
 
 
 def _nnunet_folder_3d(tmp_path, transpose_forward, labels=None, use_mask_for_norm=False, spacing=(3.0, 1.0, 1.0),
-                      patch_size=(8, 8, 8), mirroring_axes=None):
+                      patch_size=(8, 8, 8), mirroring_axes=None, dataset_extra=None):
   """A 3-D nnU-Net trained-model folder (z-score normalisation) with the given axis order, spacing
-  (in the network's axis order) and patch size."""
+  (in the network's axis order) and patch size; two output channels."""
   pytest.importorskip("dynamic_network_architectures")
   from dynamic_network_architectures.architectures.unet import PlainConvUNet
   arch_kwargs = {"n_stages": 2, "features_per_stage": [4, 8], "conv_op": "torch.nn.modules.conv.Conv3d",
@@ -216,7 +216,8 @@ def _nnunet_folder_3d(tmp_path, transpose_forward, labels=None, use_mask_for_nor
                "architecture": {"network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
                                 "arch_kwargs": arch_kwargs,
                                 "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"]}}}}
-  dataset = {"channel_names": {"0": "MRI"}, "labels": labels or {"background": 0, "organ": 1}, "file_ending": ".nii.gz"}
+  dataset = {"channel_names": {"0": "MRI"}, "labels": labels or {"background": 0, "organ": 1}, "file_ending": ".nii.gz",
+             **(dataset_extra or {})}
   net = PlainConvUNet(1, 2, [4, 8], torch.nn.Conv3d, 3, [1, 2], [1, 1], 2, [1], True, torch.nn.InstanceNorm3d,
                       {"eps": 1e-5, "affine": True}, None, None, torch.nn.LeakyReLU, {"inplace": True})
   randomize_(net, seed=5)
@@ -610,3 +611,102 @@ def test_a_2d_nnunet_segments_a_volume_slice_by_slice_as_nnunet_does(tmp_path, c
   assert report["satisfied"] and report["marks_honoured"] == 1.0
   refined = np.asarray(nib.load(tmp_path / "refined.nii.gz").dataobj)
   assert refined[spots[0]] == 1 and refined[spots[1]] == 2
+
+
+def _region_labels_nnunet(logits_cxyz, order):
+  """nnU-Net's LabelManager.convert_logits_to_segmentation for regions, written from its rule: sigmoid,
+  then for each region in turn its class where the probability exceeds 0.5."""
+  probabilities = 1 / (1 + np.exp(-logits_cxyz))
+  seg = np.zeros(logits_cxyz.shape[1:], np.int32)
+  for i, c in enumerate(order):
+    seg[probabilities[i] > 0.5] = c
+  return seg
+
+
+def test_a_region_based_nnunet_predicts_and_refines_as_classes(tmp_path, capsys):
+  # BraTS-style nested regions: "organ" = labels {1, 2}, "core" = {2}. Region 0 (organ) writes 1 and
+  # region 1 (core) writes 2 over it, where their sigmoids exceed 0.5.
+  import nibabel as nib
+
+  from scribblejax.cli import main
+  from scribblejax.models.regions import Regions
+  from scribblejax.models.store import load_model
+  labels = {"background": 0, "organ": [1, 2], "core": [2]}
+  folder, net = _nnunet_folder_3d(tmp_path, [0, 1, 2], labels=labels, dataset_extra={"regions_class_order": [1, 2]})
+  volume = np.random.default_rng(3).normal(size=(16, 12, 8)).astype(np.float32)       # (i, j, k)
+  volume += np.linspace(-3, 3, 16)[:, None, None]
+  z = volume.transpose(2, 1, 0)
+  z = (z - z.mean()) / z.std()
+  # lower the organ's bias until about a third of the volume is background (the random network's is not)
+  with torch.no_grad():
+    net.decoder.seg_layers[-1].bias[0] -= float(np.quantile(_nnunet_sliding_window(net, z, (8, 8, 8))[0], 0.35))
+  checkpoint = folder / "fold_0" / "checkpoint_final.pth"
+  torch.save({"network_weights": net.state_dict(), "trainer_name": "nnUNetTrainer"}, checkpoint)
+  out = convert(folder, tmp_path / "converted")
+  model, info = load_model(out)
+  assert isinstance(model, Regions) and info.family == "scribblejax.Regions" and model.num_classes == 3
+  assert info.class_names == ("background", "organ", "core")
+  assert info.metadata["regions"] == {"names": ["organ", "core"], "labels": [[1, 2], [2]], "class_order": [1, 2]}
+  # the library reads the network as 3 classes whose argmax is nnU-Net's label map
+  x = np.random.default_rng(4).normal(size=(1, 1, 8, 16, 16)).astype(np.float32)
+  scores = np.asarray(model(np.moveaxis(x, 1, -1)))[0]
+  want = _region_labels_nnunet(_logits(net, x)[0], [1, 2])
+  assert scores.shape == (8, 16, 16, 3) and (scores.argmax(-1) == want).mean() > 0.999
+  # predict: nnU-Net's pipeline blends the region logits over the patches, then reads the classes
+  nib.save(nib.Nifti1Image(volume, np.diag([1.0, 1.0, 3.0, 1.0])), tmp_path / "vol.nii.gz")
+  assert main(["predict", "--model", str(out), "--image", str(tmp_path / "vol.nii.gz"),
+               "--out", str(tmp_path / "seg.nii.gz"), "--quiet"]) == 0, capsys.readouterr().err
+  got = np.asarray(nib.load(tmp_path / "seg.nii.gz").dataobj)
+  want = _region_labels_nnunet(_nnunet_sliding_window(net, z, (8, 8, 8)), [1, 2]).transpose(2, 1, 0)
+  counts = np.bincount(want.ravel(), minlength=3)
+  assert counts.min() > 0.02 * want.size, counts                    # every class: a real comparison
+  assert (got == want).mean() > 0.995, (got == want).mean()
+  # refine: marks of each class where the network gives another are honoured
+  marks = np.zeros(volume.shape, np.uint8)
+  for c in range(3):
+    wrong = np.argwhere(got != c)[:: max(1, int((got != c).sum()) // 3)][:3]
+    for v in wrong:
+      marks[tuple(v)] = 255 if c == 0 else c
+  nib.save(nib.Nifti1Image(marks, np.diag([1.0, 1.0, 3.0, 1.0])), tmp_path / "marks.nii.gz")
+  assert main(["refine", "--model", str(out), "--image", str(tmp_path / "vol.nii.gz"), "--marks",
+               str(tmp_path / "marks.nii.gz"), "--out", str(tmp_path / "refined.nii.gz"), "--steps", "300",
+               "--lr", "0.05", "--layers", "3", "--quiet"]) == 0, capsys.readouterr().err
+  report = json.loads((tmp_path / "refined.report.json").read_text())
+  assert report["satisfied"] and report["marks_honoured"] == 1.0, report
+  assert report["marked_pixels"] == {"background": int((marks == 255).sum()), "organ": int((marks == 1).sum()),
+                                     "core": int((marks == 2).sum())}
+  refined = np.asarray(nib.load(tmp_path / "refined.nii.gz").dataobj)
+  drawn = np.where(marks == 255, 0, marks.astype(np.int64))
+  assert (refined[marks > 0] == drawn[marks > 0]).all() and min(np.bincount(drawn[marks > 0], minlength=3)) >= 2
+  # evaluate --image runs the same pipeline: Dice before any mark is that of predict's file
+  from scribblejax.metrics import mean_foreground_dice
+  truth = got.copy()
+  truth[:6] = np.where(truth[:6] == 2, 1, truth[:6])
+  nib.save(nib.Nifti1Image(truth.astype(np.uint8), np.diag([1.0, 1.0, 3.0, 1.0])), tmp_path / "truth.nii.gz")
+  assert main(["evaluate", "--image", str(tmp_path / "vol.nii.gz"), "--label", str(tmp_path / "truth.nii.gz"),
+               "--model", str(out), "--interactions", "1", "--steps", "100", "--lr", "0.05", "--layers", "3",
+               "--out", str(tmp_path / "eval")]) == 0, capsys.readouterr().err
+  result = json.loads((tmp_path / "eval" / "results.json").read_text())
+  assert result["dice_per_interaction"][0] == pytest.approx(mean_foreground_dice(got, truth, 3))
+  assert result["method_info"][0]["refined_patches"] >= 1 and result["method_info"][0]["marks_honoured"] > 0.9
+  # a head of regions cannot take new classes
+  assert main(["refine", "--model", str(out), "--image", str(tmp_path / "vol.nii.gz"), "--marks",
+               str(tmp_path / "marks.nii.gz"), "--out", str(tmp_path / "new.nii.gz"), "--new-class", "edema",
+               "--quiet"]) == 1
+  assert "region-based network's head gives one logit per region" in capsys.readouterr().err
+
+
+def test_malformed_region_based_datasets_give_messages(tmp_path):
+  from converters._common import ConversionError
+  from converters.nnunet import _class_names
+  regions = {"background": 0, "organ": [1, 2], "core": 2}
+  with pytest.raises(ConversionError, match="no regions_class_order"):
+    _class_names({"labels": regions})
+  with pytest.raises(ConversionError, match="one class per region"):
+    _class_names({"labels": regions, "regions_class_order": [1]})
+  with pytest.raises(ConversionError, match="each of the classes 1..2 once"):
+    _class_names({"labels": regions, "regions_class_order": [1, 1]})
+  names, meta = _class_names({"labels": {**regions, "ignore": 3}, "regions_class_order": [2, 1]})
+  assert names == ["background", "core", "organ"] and meta["class_order"] == [2, 1]
+  assert _class_names({"labels": {"background": 0, "organ": [1]}, "regions_class_order": [1]}) == (
+      ["background", "organ"], None)                                  # one-element lists are labels, as nnU-Net reads them

@@ -145,3 +145,126 @@ def test_cli_single_case_task_and_files(tiny_model, tmp_path, capsys):
   err = capsys.readouterr().err.strip()
   assert "does not exist" in err and len(err.splitlines()) == 1
   del Geometry, write_label_map
+
+
+def _nuclei_files(tmp_path, size=96):
+  """A DSB crop and its labels as TIFF files: (image path, label path, labels)."""
+  import tifffile
+  ds = data.nuclei2d("binary")
+  img = ds.image[:size, 384:384 + size, 0].astype(np.uint16)
+  lab = ds.labels[:size, 384:384 + size].astype(np.uint8)
+  tifffile.imwrite(tmp_path / "img.tif", img)
+  tifffile.imwrite(tmp_path / "lab.tif", lab)
+  return tmp_path / "img.tif", tmp_path / "lab.tif", lab
+
+
+def test_a_case_given_by_files_runs_through_the_models_pipeline(tiny_model, tmp_path, capsys):
+  # A model stating a voxel spacing twice the image's and a patch: the simulated user sees what
+  # predict writes, marks the image's grid, and the loop refines the marked patches on the model's grid.
+  import shutil
+
+  import tifffile
+  _, folder = tiny_model
+  piped = tmp_path / "piped"
+  shutil.copytree(folder, piped)
+  doc = json.loads((piped / "model.json").read_text())
+  doc["metadata"] = {**(doc.get("metadata") or {}), "spacing": [2.0, 2.0], "patch_size": [32, 32]}
+  (piped / "model.json").write_text(json.dumps(doc))
+  img, lab, truth = _nuclei_files(tmp_path)
+  assert main(["predict", "--model", str(piped), "--image", str(img), "--out", str(tmp_path / "seg.tif"),
+               "--quiet"]) == 0, capsys.readouterr().err
+  seg = tifffile.imread(tmp_path / "seg.tif")
+  base = ["evaluate", "--image", str(img), "--label", str(lab), "--model", str(piped), "--steps", "60", "--lr", "0.05",
+          "--layers", "3"]
+  assert main([*base, "--interactions", "2", "--out", str(tmp_path / "run")]) == 0, capsys.readouterr().err
+  res = json.loads((tmp_path / "run" / "results.json").read_text())
+  assert res["dice_per_interaction"][0] == pytest.approx(metrics.mean_foreground_dice(seg, truth, 2))
+  assert res["pipeline"]["model_grid"] == [48, 48] and res["pipeline"]["patch"] == [32, 32]
+  assert res["pipeline"]["resampled"] and any("patch by patch" in n for n in res["pipeline"]["notes"])
+  infos = res["method_info"]
+  assert len(infos) == 2 and all(1 <= i["refined_patches"] <= 4 for i in infos)
+  assert infos[0]["satisfied"] and infos[0]["marks_honoured"] > 0.9, infos
+  # Interaction 1 is what `refine` does with the simulated user's marks drawn on the image.
+  from PIL import Image as PILImage
+  new = simulate_marks(seg, truth, 2)
+  drawn = np.where(new == 0, 255, np.where(new < 0, 0, new)).astype(np.uint8)     # 0 unmarked, 255 background
+  PILImage.fromarray(drawn).save(tmp_path / "marks.png")
+  assert main(["refine", "--model", str(piped), "--image", str(img), "--marks", str(tmp_path / "marks.png"),
+               "--out", str(tmp_path / "refined.tif"), "--steps", "60", "--lr", "0.05", "--layers", "3",
+               "--quiet"]) == 0, capsys.readouterr().err
+  report = json.loads((tmp_path / "refined.report.json").read_text())
+  assert report["steps"] == infos[0]["steps"] and report["marks_honoured"] == infos[0]["marks_honoured"]
+  refined = tifffile.imread(tmp_path / "refined.tif")
+  assert res["dice_per_interaction"][1] == pytest.approx(metrics.mean_foreground_dice(refined, truth, 2))
+  assert (refined != seg).sum() > 20                                   # the refinement changed something
+  # The whole image at the image's own spacing is another segmentation: the pipeline matters here.
+  assert main([*base, "--interactions", "0", "--no-resample", "--patch-size", "whole", "--out",
+               str(tmp_path / "plain")]) == 0
+  plain = json.loads((tmp_path / "plain" / "results.json").read_text())
+  assert plain["pipeline"]["model_grid"] == [96, 96] and plain["pipeline"]["patch"] is None
+  assert abs(plain["dice_per_interaction"][0] - res["dice_per_interaction"][0]) > 0.01
+  # the pipeline's flags belong to cases given by files
+  assert main(["evaluate", "--task", "nuclei2d", "--model", str(piped), "--mirror", "--out", str(tmp_path / "t")]) == 1
+  assert "--mirror set(s) how the network sees a case given by --image/--label" in capsys.readouterr().err
+  assert main(["evaluate", "--experiment", "dice", "--patch-size", "whole", "--out", str(tmp_path / "e")]) == 1
+  assert "--patch-size set(s) one case" in capsys.readouterr().err
+
+
+def test_without_a_pipeline_the_pipeline_method_is_the_plain_one(tiny_model, tmp_path):
+  # A model that states no spacing or patch sees the image as read: the pipeline's refinement, walker
+  # and initial methods give what the plain methods give on the same case.
+  from scribblejax.io.evaluate_image import image_case, pipeline_method, prepare_pipeline
+  from scribblejax.io.images import read_image
+  from scribblejax.models.store import read_info
+  model, folder = tiny_model
+  img, _, truth = _nuclei_files(tmp_path, 48)
+  pipe = prepare_pipeline(model, read_info(folder), read_image(img), layers=3)
+  assert pipe.fitted.patch is None and pipe.fitted.resampling is None and pipe.fitted.pad is None
+  case = image_case("crop", read_image(img), truth, pipe, 2)
+  np.testing.assert_array_equal(case.image, pipe.fitted.image)
+  cfg = RefineConfig(max_steps=20, learning_rate=0.05)
+  config = ev.EvalConfig(interactions=2)
+  for kind in ("refine", "initial", "random_walker"):
+    got = ev.run_case(case, pipeline_method(kind, pipe, cfg), config)
+    want = ev.run_case(case, bl.make_method(kind, model, layers=3, config=cfg), config)
+    assert got["dice_per_interaction"] == want["dice_per_interaction"], kind
+    if kind == "refine":
+      assert [i["steps"] for i in got["method_info"]] == [i["steps"] for i in want["method_info"]]
+      assert all(i["refined_patches"] == 0 for i in got["method_info"])
+
+
+def test_marks_outside_the_crop_to_the_non_zero_region_change_nothing(tiny_model, tmp_path):
+  # nnU-Net's crop: outside the image's non-zero region the segmentation is background whatever the
+  # network learns, so marks there alone leave the segmentation as it is (and are counted unhonoured).
+  import shutil
+
+  import tifffile
+  from scribblejax.io.evaluate_image import pipeline_method, prepare_pipeline
+  from scribblejax.io.images import read_image
+  from scribblejax.models.store import load_model
+  _, folder = tiny_model
+  cropping = tmp_path / "cropping"
+  shutil.copytree(folder, cropping)
+  doc = json.loads((cropping / "model.json").read_text())
+  doc["metadata"] = {**(doc.get("metadata") or {}), "crop_to_nonzero": True}
+  (cropping / "model.json").write_text(json.dumps(doc))
+  ds = data.nuclei2d("binary")
+  img = np.zeros((48, 48), np.uint16)
+  img[8:40, 8:40] = ds.image[:32, 384:416, 0].astype(np.uint16) + 1
+  tifffile.imwrite(tmp_path / "img.tif", img)
+  model, info = load_model(cropping)
+  pipe = prepare_pipeline(model, info, read_image(tmp_path / "img.tif"), layers=2)
+  assert pipe.fitted.crop is not None and pipe.fitted.image.shape[:-1] == (32, 32)
+  method = pipeline_method("refine", pipe, RefineConfig(max_steps=100, learning_rate=0.05))
+  state = method.init(None)
+  assert state.labels.shape == (48, 48) and not state.labels[:8].any()
+  marks = np.full((48, 48), -1, np.int32)
+  marks[2, 2:6] = 1
+  after = method.update(state, marks)
+  np.testing.assert_array_equal(after.labels, state.labels)
+  assert method.info(after) == {"steps": 0, "satisfied": False, "marks_honoured": 0.0, "refined_patches": 0,
+                                "compile_seconds": 0.0}
+  marks[20, 20:24] = 1                                              # one inside: the loop runs
+  inside = method.update(state, marks)
+  assert inside.satisfied and (inside.labels[20, 20:24] == 1).all() and not inside.labels[:8].any()
+  assert inside.honoured == 0.5                                     # the marks outside stay unhonoured

@@ -8,12 +8,13 @@ from pathlib import Path
 import numpy as np
 
 
-def _user_case(args, backbone):
-  """The user's image and label, made ready for the model as ``scribblejax predict`` makes them (channels,
-  axis order, length-1 axes, normalisation: :func:`scribblejax.io.workflow.fit_image`)."""
-  from scribblejax.evaluate import make_case
+def _user_case(args, backbone, model, layers):
+  """The user's image and label, and the model's pipeline on the image (axes, channels, crop,
+  normalisation, spacing, patches: as ``scribblejax refine`` runs it, see
+  :mod:`scribblejax.io.evaluate_image`): ``(case, pipeline)``."""
+  from scribblejax.commands.io_commands import _inference
+  from scribblejax.io.evaluate_image import image_case, prepare_pipeline
   from scribblejax.io.images import read_image
-  from scribblejax.io.workflow import fit_image, spec_of, to_model
   for what, path in (("image", args.image), ("label", args.label)):
     if not Path(path).exists():
       raise ValueError(f"{what} file {path} does not exist")
@@ -24,22 +25,20 @@ def _user_case(args, backbone):
   if label.shape != img.array.shape[:-1]:
     raise ValueError(f"image {args.image} has spatial shape {img.array.shape[:-1]} but label {args.label} has "
                      f"shape {label.shape}")
-  fitted = fit_image(img, spec_of(backbone.model, backbone.info), backbone.normalization,
-                     getattr(backbone.info, "metadata", None))
-  label = to_model(label, fitted, fill=0)
   if label.dtype.kind == "f" and not np.all(label == np.round(label)):
     raise ValueError(f"label {args.label} holds non-integer values")
   label = label.astype(np.int64)
-  if label.min() < 0:
+  if label.size and label.min() < 0:
     raise ValueError(f"label {args.label} holds negative values")
-  top = int(label.max())
+  top = int(label.max()) if label.size else 0
   n = backbone.num_classes
   if top >= n + args.add_classes:
     hint = "" if args.add_classes else "; pass --add-classes K to append output classes for them"
     raise ValueError(f"label {args.label} has values up to {top} but the model has {n} classes "
                      f"(0..{n - 1}){' + ' + str(args.add_classes) + ' added' if args.add_classes else ''}{hint}")
+  pipe = prepare_pipeline(model, backbone.info, img, layers, _inference(args))
   names = list(backbone.class_names or [f"class {c}" for c in range(n)]) + [f"added {c}" for c in range(n, n + args.add_classes)]
-  return make_case(Path(args.image).name, fitted.image, label, n + args.add_classes, names)
+  return image_case(Path(args.image).name, img, label, pipe, n + args.add_classes, names), pipe
 
 
 def _noc_text(result: dict) -> str:
@@ -64,24 +63,34 @@ def _single_case(args) -> int:
     raise ValueError("give --experiment NAME, --task NAME, or --image FILE --label FILE")
   if args.image is not None and args.model is None:
     raise ValueError("a case given by --image/--label needs --model NAME_OR_PATH")
+  pipeline_flags = [f"--{k.replace('_', '-')}" for k, v in PIPELINE_FLAGS.items() if getattr(args, k) != v]
+  if args.image is None and pipeline_flags:
+    raise ValueError(f"{', '.join(pipeline_flags)} set(s) how the network sees a case given by --image/--label; "
+                     "a built-in --task is fed whole")
   backbone = ev.resolve_backbone(args.model, args.task)
+  model = bl.add_classes(backbone.model, args.add_classes) if args.add_classes else backbone.model
+  config = RefineConfig(max_steps=args.steps, **({} if args.lr is None else {"learning_rate": args.lr}),
+                        **({} if args.prox_weight is None else {"prox_weight": args.prox_weight}))
+  pipe = None
   if args.image is not None:
-    case = _user_case(args, backbone)
+    from scribblejax.io.evaluate_image import pipeline_method
+    case, pipe = _user_case(args, backbone, model, args.layers if args.method == "refine" else 1)
+    method = pipeline_method(args.method, pipe, config)
   else:
     case = ev.task_case(args.task, backbone, args.crop)
     if args.add_classes:
       case = case._replace(num_classes=case.num_classes + args.add_classes,
                            class_names=case.class_names + tuple(f"added {c}" for c in range(args.add_classes)))
-  model = bl.add_classes(backbone.model, args.add_classes) if args.add_classes else backbone.model
-  config = RefineConfig(max_steps=args.steps, **({} if args.lr is None else {"learning_rate": args.lr}),
-                        **({} if args.prox_weight is None else {"prox_weight": args.prox_weight}))
-  method = bl.make_method(args.method, model, layers=args.layers, config=config)
+    method = bl.make_method(args.method, model, layers=args.layers, config=config)
   eval_config = ev.EvalConfig(interactions=args.interactions, mark_kind=args.marks, region_growing=args.region_growing)
   result = ev.run_case(case, method, eval_config)
   result.update({"model": backbone.name, "device": ev.device_name(), "layers": args.layers, "max_steps": args.steps,
                  "learning_rate": config.learning_rate, "prox_weight": config.prox_weight,
                  "momentum": config.momentum, "added_classes": args.add_classes,
                  "task": args.task, "image": args.image, "label": args.label})
+  if pipe is not None:
+    from scribblejax.io.evaluate_image import pipeline_summary
+    result["pipeline"] = pipeline_summary(pipe)
   out = Path(args.out)
   ev.write_json(out / "results.json", result)
   ev.write_text(out / "results.md", f"# scribblejax evaluate: {case.name}\n\n" + ev.results_table([result]) +
@@ -94,10 +103,13 @@ def _single_case(args) -> int:
   return 0
 
 
+# How the network sees a case given by files (their defaults): refused beside --task and --experiment.
+PIPELINE_FLAGS = {"no_resample": False, "no_crop": False, "mirror": False, "patch_size": "auto", "patch_step": 0.5,
+                  "patch_batch": "auto"}
 # Flags of one case (their defaults): an experiment sets these itself, so they are refused beside it.
 SINGLE_CASE_FLAGS = {"task": None, "image": None, "label": None, "marks": "scribble", "interactions": 5,
                      "add_classes": 0, "region_growing": 0.0, "method": "refine", "layers": 5, "steps": 100,
-                     "lr": None, "prox_weight": None, "crop": None}
+                     "lr": None, "prox_weight": None, "crop": None, **PIPELINE_FLAGS}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -144,5 +156,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
   parser.add_argument("--prox-weight", type=float, default=one["prox_weight"], help="alpha (default: RefineConfig's)")
   parser.add_argument("--crop", type=int, default=one["crop"], help="centre crop of a built-in task's image")
   parser.add_argument("--out", default="evaluate_output")
+  from scribblejax.commands.io_commands import _inference_flags
+  patches = _inference_flags(parser)
+  patches.description = ("--image/--label cases only: how the network sees the image, as predict and refine run "
+                         "it (nnU-Net's pipeline); the simulated user marks, and Dice is measured, on the image's "
+                         "own grid")
+  patches.add_argument("--patch-batch", default="auto", metavar="auto|N",
+                       help="with patches, the most marked patches one network call of the refinement loop runs "
+                            "(auto: up to 128^3 voxels per call)")
   parser.set_defaults(func=run)
   return parser

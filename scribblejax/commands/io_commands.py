@@ -266,9 +266,17 @@ def _info(args: argparse.Namespace) -> int:
              "variables)", "layers in forward order (refine --layers l tunes the last l):"]
     if d.get("members"):
       folds = (d.get("metadata") or {}).get("folds")
-      lines.insert(1, f"ensemble: {d['members']} networks of {d['kwargs'].get('family')}"
+      lines.insert(1, f"ensemble: {d['members']} networks of {d['member_family']}"
                       f"{' (folds ' + ', '.join(map(str, folds)) + ')' if folds else ''}, logits averaged; "
                       "each layer below is every network's, and its parameter count theirs together")
+    if d.get("regions"):
+      r = d["regions"]
+      names = r.get("names") or [f"region {i}" for i in range(len(r["class_order"]))]
+      labels = r.get("labels") or [None] * len(names)
+      each = ", ".join(f"{n}{'' if v is None else ' (labels ' + ', '.join(map(str, v)) + ')'} writes class {c}"
+                       for n, v, c in zip(names, labels, r["class_order"]))
+      lines.insert(2, f"regions: one sigmoid output per region, read in turn as nnU-Net does (a later region's "
+                      f"class over an earlier one's where its sigmoid > 0.5): {each}")
     width = max(len(layer["name"]) for layer in d["layers"])
     count = len(d["layers"])
     lines += [f"  {count - i:3d}  {layer['name']:<{width}}  {layer['params']:>10,}" for i, layer in enumerate(d["layers"])]

@@ -58,9 +58,16 @@ _KWARG_NAMES = {"spatial_dims": ("spatial_dims",), "in_channels": ("in_channels"
 def spec_from_info(info: Any) -> InputSpec:
   """The input spec as far as ``model.json``'s constructor arguments state it (no model built; ``info``
   ``None``: nothing stated)."""
-  kwargs = getattr(info, "kwargs", None) or {}
-  if getattr(info, "family", None) == "scribblejax.Ensemble" and isinstance(kwargs.get("kwargs"), dict):
-    kwargs = kwargs["kwargs"]                    # an ensemble's members state it
+  return _spec_from_kwargs(getattr(info, "family", None), getattr(info, "kwargs", None) or {})
+
+
+def _spec_from_kwargs(family: str | None, kwargs: dict) -> InputSpec:
+  if family in ("scribblejax.Ensemble", "scribblejax.Regions") and isinstance(kwargs.get("kwargs"), dict):
+    inner = _spec_from_kwargs(kwargs.get("family"), kwargs["kwargs"])   # the wrapped network states it
+    if family == "scribblejax.Regions":
+      order = kwargs.get("order")
+      inner = inner._replace(num_classes=len(order) + 1 if isinstance(order, list) else None)
+    return inner
   found = {}
   for field, names in _KWARG_NAMES.items():
     found[field] = next((int(kwargs[n]) for n in names if isinstance(kwargs.get(n), (int, np.integer))), None)
@@ -88,6 +95,7 @@ class Fitted(NamedTuple):
   patch: tuple[int, ...] | None = None   # the network runs patch by patch (see fit_to_patch)
   crop: "Crop | None" = None     # the image was cropped to its non-zero region (see nonzero_box)
   slices: bool = False           # a 2-D model segments the volume slice by slice along model axis 0
+  regions: tuple[int, ...] | None = None  # the network gives region logits: the class each region writes
 
 
 class Crop(NamedTuple):
@@ -325,13 +333,18 @@ def _image_layout(array: np.ndarray, fitted: Fitted, fill: int) -> np.ndarray:
 def labels_from_logits(logits: Any, fitted: Fitted) -> np.ndarray:
   """The labels ``int32[*image_spatial]`` of model-layout logits: cropped, resampled back to the
   image's grid (the model's logits scheme, as nnU-Net exports) where the image was resampled, then
-  the largest logit's class."""
+  the largest logit's class (for region logits, nnU-Net's rule: :func:`scribblejax.region_labels`)."""
   logits = np.asarray(logits)[inside(fitted)]
   if fitted.resampling is not None:
     from scribblejax.resample import resample
     r = fitted.resampling
     logits = resample(logits, r.shape, r.target, r.spacing, r.logits)
-  return _image_layout(np.argmax(logits, axis=-1).astype(np.int32), fitted, fill=0)
+  if fitted.regions is not None:
+    from scribblejax.models.regions import region_labels
+    labels = region_labels(logits, fitted.regions)
+  else:
+    labels = np.argmax(logits, axis=-1).astype(np.int32)
+  return _image_layout(labels, fitted, fill=0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -795,8 +808,18 @@ def _finish(report: dict, out: str | None, image: Image, labels: np.ndarray, bef
 def prepare(network: _Network, img: Image, info: Any, layers: int | None,
             options: InferenceOptions) -> tuple[_Network, Any, Fitted, int]:
   """The image made ready for the network (axes, channels, normalisation, spacing, patches or
-  padding), the network (mirrored if asked) and its split: ``(network, split, fitted, layers)``."""
+  padding), the network (mirrored if asked) and its split: ``(network, split, fitted, layers)``.
+
+  A region-based network (:class:`scribblejax.Regions`) is unwrapped: the pipeline blends, mirrors
+  and resamples its region logits as nnU-Net does, ``fitted.regions`` holds its class order, and
+  :func:`loop_split` wraps it again for the refinement loop."""
+  from scribblejax.models.regions import Regions
+  regions = None
+  if isinstance(network.model, Regions):
+    regions = network.model.order
+    network = network._replace(model=network.model.net)
   fitted = fit_image(img, network.spec, info.normalization, info.metadata, crop=options.crop, slices=True)
+  fitted = fitted._replace(regions=regions)
   if options.resample:
     fitted = resample_to_model(fitted, img, info.metadata)
   fitted = fit_to_patch(fitted, info.metadata, options)
@@ -1079,26 +1102,23 @@ def _refine_round(model, model_ref, img, digest, marks_files, new, out, session,
   else:
     before_image = labels_from_logits(network_logits(split, fitted, step=inference.step, progress=patch_progress),
                                       fitted)
-  loop_split, image, loop_marks, region = split, fitted.image, all_marks, None
-  if fitted.patch is not None:
-    loop_split, region, count, per_call = _patch_split(network, fitted, all_marks, layers, inference)
+  from scribblejax.params import last_layers
+  loop, region, count, per_call = loop_split(network, fitted, split, all_marks, last_layers(layers), inference)
+  image, loop_marks = fitted.image, all_marks
+  if region is not None:
     image, loop_marks = fitted.image[region], all_marks[region]
     batches = "" if per_call >= count else f", {per_call} per network call (rematerialised one call at a time)"
     log(f"note: the loop runs the {count} patch(es) that hold marks (region {_span(region)} of the model's grid"
         f"{batches}), blended as the sliding window blends them; the refined network then segments the whole image")
   start = None if start_leaves is None else _same_tree(
-      loop_split.tunable, start_leaves, "--continue-weights needs the same --layers as the previous round")
+      loop.tunable, start_leaves, "--continue-weights needs the same --layers as the previous round")
   driver = resolve_driver(config.driver, config.conv_backend, config.compute_dtype, config.cache_trunk)
   log(f"refining the last {layers} layers: up to {config.max_steps} steps on {int((all_marks >= 0).sum())} marked "
       f"pixels (driver {driver}, {_device()['device']})")
   with compile_timer() as compiled:
     start_time = time.perf_counter()
-    result = refine(loop_split, image, loop_marks, config, start=start, progress=progress)
-    if region is None:
-      logits = np.asarray(result.logits)
-    else:
-      logits = network_logits(split, fitted, _same_tree(split.tunable, result.tunable), step=inference.step,
-                              progress=patch_progress)
+    result = refine(loop, image, loop_marks, config, start=start, progress=progress)
+    logits = refined_logits(split, fitted, result, region, inference.step, patch_progress)
     seconds = time.perf_counter() - start_time
   labels_image = labels_from_logits(logits, fitted)
   marks_image = new_image if previous_image is None else marks_lib.accumulate(previous_image, new_image)
@@ -1156,19 +1176,53 @@ def _refine_round(model, model_ref, img, digest, marks_files, new, out, session,
   return report
 
 
-def _patch_split(network: _Network, fitted: Fitted, marks: np.ndarray, layers: int, inference: InferenceOptions):
-  """The split of the network applied to the patches that hold marks (:class:`PatchBlend`), the region
-  of the model's grid they cover, how many there are and how many run per network call."""
+def loop_split(network: _Network, fitted: Fitted, split: Any, marks: np.ndarray, select: Any,
+               inference: InferenceOptions) -> tuple[Any, tuple[slice, ...] | None, int, int]:
+  """What the refinement loop runs: ``(split, region, patches, patches per call)``.
+
+  With patches, the network on the patches that hold marks (:func:`_patch_split`) over ``region`` of
+  the model's grid; else ``split`` itself on the whole image (``region`` ``None``, 0 patches). A
+  region-based network is read as classes (:class:`scribblejax.Regions`) around either.
+  """
+  if fitted.patch is not None:
+    return _patch_split(network, fitted, marks, select, inference)
+  if fitted.regions is None:
+    return split, None, 0, 0
   import jax
   import jax.numpy as jnp
-  from scribblejax.params import last_layers, split_params
+  from scribblejax.models.regions import Regions
+  from scribblejax.params import split_params
+  example = jax.ShapeDtypeStruct((1, *fitted.image.shape), jnp.float32)
+  return split_params(Regions.of(network.model, fitted.regions), select, example=example), None, 0, 0
+
+
+def refined_logits(split: Any, fitted: Fitted, result: Any, region: tuple[slice, ...] | None, step: float = 0.5,
+                   progress: Any = None) -> np.ndarray:
+  """The model-layout logits of the network refined by ``result`` (a :func:`loop_split` loop's): the
+  loop's own on the whole image, else the refined network's on every patch (and raw region logits for
+  a region-based network, to blend and resample as nnU-Net does)."""
+  if region is None and fitted.regions is None:
+    return np.asarray(result.logits)
+  return network_logits(split, fitted, _same_tree(split.tunable, result.tunable), step=step, progress=progress)
+
+
+def _patch_split(network: _Network, fitted: Fitted, marks: np.ndarray, select: Any, inference: InferenceOptions):
+  """The split of the network applied to the patches that hold marks (:class:`PatchBlend`), with the
+  parameters ``select`` picks tunable (e.g. ``last_layers(l)``), the region of the model's grid the
+  patches cover, how many there are and how many run per network call."""
+  import jax
+  import jax.numpy as jnp
+  from scribblejax.params import split_params
   from scribblejax.sliding_window import PatchBlend, marked_windows, patch_chunk, windows_region
   region, starts = windows_region(marked_windows(marks, fitted.patch, inference.step), fitted.patch)
   per_call = inference.patch_batch or patch_chunk(fitted.patch, _passes(network.model))
   blend = PatchBlend(network.model, starts, fitted.patch, fitted.image.shape[-1], chunk=per_call)
+  if fitted.regions is not None:
+    from scribblejax.models.regions import Regions
+    blend = Regions.of(blend, fitted.regions)
   shape = tuple(r.stop - r.start for r in region)
   example = jax.ShapeDtypeStruct((1, *shape, fitted.image.shape[-1]), jnp.float32)
-  return split_params(blend, last_layers(layers), example=example), region, len(starts), per_call
+  return split_params(blend, select, example=example), region, len(starts), per_call
 
 
 def _passes(model: Any) -> int:
@@ -1253,11 +1307,19 @@ def describe_model(model: str) -> dict:
     layers.append({"name": "/".join(map(str, prefix)), "params": size})
   others = nnx.state(network.model, nnx.Not(nnx.Param))
   num_classes = spec.num_classes
+  from scribblejax.models.ensemble import Ensemble
+  from scribblejax.models.regions import Regions
+  inner, regions = network.model, None
+  if isinstance(inner, Regions):
+    stated = (info.metadata or {}).get("regions") or {}
+    regions = {"class_order": list(inner.order), "names": stated.get("names"), "labels": stated.get("labels")}
+    inner = inner.net
   return {"model": _model_ref(model), "family": info.family, "kwargs": info.kwargs,
           "classes": list(info.class_names) if info.class_names else None, "num_classes": num_classes,
           "input": {"spatial_dims": spec.spatial_dims, "channels": spec.in_channels,
                     "layout": "[*spatial, channels], channels last", "normalization": info.normalization},
           "pipeline": pipeline_of(info.metadata),
           "layers": layers, "total_params": count_params(nnx.state(network.model, nnx.Param)),
-          "members": getattr(network.model, "members", None) if info.family == "scribblejax.Ensemble" else None,
+          "members": inner.members if isinstance(inner, Ensemble) else None,
+          "member_family": inner.family if isinstance(inner, Ensemble) else None, "regions": regions,
           "other_variables": count_params(others), "metadata": info.metadata}

@@ -40,6 +40,7 @@ FAMILIES: dict[str, str] = {
     "monai.SegResNet": "converters.monai_nets:SegResNet",
     "smp.Unet": "converters.smp_unet:Unet",
     "scribblejax.Ensemble": "scribblejax.models.ensemble:Ensemble",
+    "scribblejax.Regions": "scribblejax.models.regions:Regions",
 }
 
 # Built-in models shipped inside the package: name -> folder under scribblejax/weights/.
