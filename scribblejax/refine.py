@@ -362,23 +362,30 @@ def marked_cross_entropy(logits: jax.Array, marks: jax.Array, class_balance: boo
   """Mean cross-entropy over marked pixels (``marks >= 0``); 0 when nothing is marked.
 
   With ``class_balance`` every marked class contributes its own mean equally. Labels must be below
-  ``logits.shape[-1]`` (:func:`scribblejax.refine` checks that; this traced function cannot).
+  ``logits.shape[-1]``: concrete marks with a larger label are refused; under ``jit`` (where the
+  values are unknown) the loss is NaN instead, never a silently wrong number.
 
   Raises:
-    ValueError: ``logits`` is not ``[*marks.shape, classes]``.
+    ValueError: ``logits`` is not ``[*marks.shape, classes]``, or concrete marks hold a label of no class.
   """
   _check_pairs(logits, marks, "marked_cross_entropy")
   num_classes = logits.shape[-1]
+  if not isinstance(marks, jax.core.Tracer):
+    top = int(np.max(np.asarray(marks))) if np.size(marks) else -1
+    if top >= num_classes:
+      raise ValueError(f"marks hold label {top}, but the logits have {num_classes} classes (0..{num_classes - 1})")
   marked = marks >= 0
   ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(marked, marks, 0))
   ce = jnp.where(marked, ce, 0.0)
   if not class_balance:
-    return ce.sum() / jnp.maximum(marked.sum(), 1)
-  onehot = (marks[..., None] == jnp.arange(num_classes)) & marked[..., None]
-  per_class_count = onehot.sum(axis=tuple(range(marks.ndim)))
-  per_class = (ce[..., None] * onehot).sum(axis=tuple(range(marks.ndim))) / jnp.maximum(per_class_count, 1)
-  present = per_class_count > 0
-  return jnp.where(present, per_class, 0.0).sum() / jnp.maximum(present.sum(), 1)
+    loss = ce.sum() / jnp.maximum(marked.sum(), 1)
+  else:
+    onehot = (marks[..., None] == jnp.arange(num_classes)) & marked[..., None]
+    per_class_count = onehot.sum(axis=tuple(range(marks.ndim)))
+    per_class = (ce[..., None] * onehot).sum(axis=tuple(range(marks.ndim))) / jnp.maximum(per_class_count, 1)
+    present = per_class_count > 0
+    loss = jnp.where(present, per_class, 0.0).sum() / jnp.maximum(present.sum(), 1)
+  return jnp.where(jnp.any(marks >= num_classes), jnp.nan, loss)
 
 
 def marks_satisfied(logits: jax.Array, marks: jax.Array) -> jax.Array:

@@ -345,6 +345,17 @@ def test_loss_and_stop_rule_refuse_logits_of_another_shape():
       fn(logits, marks)                                           # was: broadcast, True
 
 
+def test_the_loss_refuses_a_label_of_no_class_and_is_nan_under_jit():
+  logits = jnp.asarray(np.random.default_rng(0).normal(size=(4, 4, 2)), jnp.float32)
+  marks = jnp.full((4, 4), -1, jnp.int32).at[1, 1].set(2)
+  for balance in (False, True):
+    with pytest.raises(ValueError, match=r"marks hold label 2, but the logits have 2 classes \(0..1\)"):
+      sj.marked_cross_entropy(logits, marks, balance)
+    traced = jax.jit(sj.marked_cross_entropy, static_argnums=2)
+    assert np.isnan(float(traced(logits, marks, balance)))       # was: the mark silently left out of the loss
+    assert np.isfinite(float(traced(logits, marks.at[1, 1].set(1), balance)))
+
+
 @pytest.mark.parametrize("image_shape, marks_shape, message", [
     ((16, 16), (16, 15), "do not match"),
     ((16, 16, 1), (16, 16, 1), "3 spatial axes but the model is 2D"),
