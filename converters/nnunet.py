@@ -618,10 +618,11 @@ def _label_value(name: str, value: Any) -> int:
 
 
 def _regions(dataset: Mapping[str, Any], labels: Mapping[str, Any]) -> tuple[list[str], dict]:
-  """A region-based dataset's class names (background, then the name of the region writing each class
-  1..n) and the metadata of its regions, as nnU-Net's LabelManager reads them: every label entry but
-  ``ignore`` and the background is a region (an output channel, in the file's order), and region ``i``
-  writes class ``regions_class_order[i]``."""
+  """A region-based dataset's class names and the metadata of its regions, as nnU-Net's LabelManager
+  reads them: every label entry but ``ignore`` and the background is a region (an output channel, in
+  the file's order), and region ``i`` writes class ``regions_class_order[i]`` where no later region
+  is on. Class 0 is the background's name; class ``order[i]`` is region ``i``'s name, followed by
+  "excluding" and the later regions that share labels with it."""
   from scribblejax.models.regions import check_order
   names, sets = [], []
   background = "background"
@@ -644,7 +645,12 @@ def _regions(dataset: Mapping[str, Any], labels: Mapping[str, Any]) -> tuple[lis
     order = list(check_order(order))
   except ValueError as err:
     raise ConversionError(f"dataset.json: {err}") from None
-  class_names = [background] + [names[order.index(c)] for c in range(1, len(order) + 1)]
+  # class order[j] is written where region j is on and no later region is: "j excluding the later
+  # regions that share its labels" (BraTS: whole tumour excluding tumour core, enhancing tumour = edema)
+  def written(j: int) -> str:
+    later = [names[i] for i in range(j + 1, len(names)) if set(sets[i]) & set(sets[j])]
+    return names[j] + (f" excluding {', '.join(later)}" if later else "")
+  class_names = [background] + [written(order.index(c)) for c in range(1, len(order) + 1)]
   return class_names, {"names": names, "labels": sets, "class_order": order}
 
 

@@ -99,12 +99,15 @@ def sliding_window_logits(split: Any, image: Any, patch_size: Sequence[int], tun
     progress: called as ``progress(done, total)`` after each patch.
 
   Returns:
-    float32 ``[*spatial, classes]``.
+    float32 ``[*spatial, classes]``. For a region-based network (:class:`scribblejax.Regions`) the
+    region logits are blended, as nnU-Net blends them, and the result is their class scores
+    (:func:`scribblejax.region_scores`), whose argmax is nnU-Net's label map.
 
   Raises:
     ValueError: the patch size does not fit the image, or the network refuses the patch.
   """
   from scribblejax.refine import predict
+  split, tunable, order = _unwrap_regions(split, tunable)
   image = np.asarray(image)
   if image.ndim < 2:
     raise ValueError(f"the image must be [*spatial, channels], got shape {image.shape}")
@@ -126,7 +129,34 @@ def sliding_window_logits(split: Any, image: Any, patch_size: Sequence[int], tun
     if progress is not None:
       progress(done, len(corners))
   total /= norm
-  return total[tuple(slice(a, n - b) for (a, b), n in zip(pad, total.shape[:-1]))]
+  total = total[tuple(slice(a, n - b) for (a, b), n in zip(pad, total.shape[:-1]))]
+  if order is not None:
+    from scribblejax.models.regions import region_scores
+    total = np.asarray(region_scores(total, order), np.float32)
+  return total
+
+
+def _unwrap_regions(split: Any, tunable: Any) -> tuple[Any, Any, tuple[int, ...] | None]:
+  """For the split of a :class:`scribblejax.Regions` network: the split of its network (the same
+  tunable parameters), ``tunable`` in that split's structure, and the class order; else unchanged."""
+  from scribblejax.models.regions import Regions
+  from scribblejax.params import by_predicate, check_tunable, split_params
+  model = nnx.merge(split.graphdef, split.tunable, split.frozen)
+  if not isinstance(model, Regions):
+    return split, tunable, None
+  tunable = split.tunable if tunable is None else check_tunable(split, tunable)
+  chosen = {tuple(p[1:]) for p, _ in nnx.to_flat_state(split.tunable)}
+  inner = split_params(model.net, by_predicate(lambda path: path in chosen))
+  leaves = jax.tree.leaves(tunable)
+  return inner, jax.tree.unflatten(jax.tree.structure(inner.tunable), leaves), model.order
+
+
+def _refuse_regions(net: nnx.Module, wrapper: str) -> None:
+  from scribblejax.models.regions import Regions
+  if isinstance(net, Regions):
+    raise ValueError(f"{wrapper} averages its network's outputs, and a Regions network's are class scores; "
+                     f"nnU-Net averages the region logits first: wrap the region network instead, "
+                     f"Regions.of({wrapper}(model.net, ...), model.order)")
 
 
 def windows_region(starts: Sequence[Sequence[int]], patch_size: Sequence[int]
@@ -210,6 +240,7 @@ class PatchBlend(nnx.Module):
 
   def __init__(self, net: nnx.Module, starts: Sequence[Sequence[int]], patch: Sequence[int], in_channels: int,
                chunk: int | None = None):
+    _refuse_regions(net, "PatchBlend")
     self.net = net
     self.starts = tuple(tuple(int(v) for v in s) for s in starts)
     self.patch = tuple(int(p) for p in patch)
@@ -278,6 +309,7 @@ class Mirrored(nnx.Module):
   """
 
   def __init__(self, net: nnx.Module, axes: Sequence[int], example_shape: Sequence[int]):
+    _refuse_regions(net, "Mirrored")
     self.net = net
     self.example_shape = tuple(int(n) for n in example_shape)
     spatial = len(self.example_shape) - 1

@@ -645,7 +645,7 @@ def test_a_region_based_nnunet_predicts_and_refines_as_classes(tmp_path, capsys)
   out = convert(folder, tmp_path / "converted")
   model, info = load_model(out)
   assert isinstance(model, Regions) and info.family == "scribblejax.Regions" and model.num_classes == 3
-  assert info.class_names == ("background", "organ", "core")
+  assert info.class_names == ("background", "organ excluding core", "core")
   assert info.metadata["regions"] == {"names": ["organ", "core"], "labels": [[1, 2], [2]], "class_order": [1, 2]}
   # the library reads the network as 3 classes whose argmax is nnU-Net's label map
   x = np.random.default_rng(4).normal(size=(1, 1, 8, 16, 16)).astype(np.float32)
@@ -673,7 +673,8 @@ def test_a_region_based_nnunet_predicts_and_refines_as_classes(tmp_path, capsys)
                "--lr", "0.05", "--layers", "3", "--quiet"]) == 0, capsys.readouterr().err
   report = json.loads((tmp_path / "refined.report.json").read_text())
   assert report["satisfied"] and report["marks_honoured"] == 1.0, report
-  assert report["marked_pixels"] == {"background": int((marks == 255).sum()), "organ": int((marks == 1).sum()),
+  assert report["marked_pixels"] == {"background": int((marks == 255).sum()),
+                                     "organ excluding core": int((marks == 1).sum()),
                                      "core": int((marks == 2).sum())}
   refined = np.asarray(nib.load(tmp_path / "refined.nii.gz").dataobj)
   drawn = np.where(marks == 255, 0, marks.astype(np.int64))
@@ -707,6 +708,10 @@ def test_malformed_region_based_datasets_give_messages(tmp_path):
   with pytest.raises(ConversionError, match="each of the classes 1..2 once"):
     _class_names({"labels": regions, "regions_class_order": [1, 1]})
   names, meta = _class_names({"labels": {**regions, "ignore": 3}, "regions_class_order": [2, 1]})
-  assert names == ["background", "core", "organ"] and meta["class_order"] == [2, 1]
+  assert names == ["background", "core", "organ excluding core"] and meta["class_order"] == [2, 1]
+  brats = {"background": 0, "whole tumor": [1, 2, 3], "tumor core": [2, 3], "enhancing tumor": [3]}
+  assert _class_names({"labels": brats, "regions_class_order": [1, 2, 3]})[0] == [
+      "background", "whole tumor excluding tumor core, enhancing tumor", "tumor core excluding enhancing tumor",
+      "enhancing tumor"]
   assert _class_names({"labels": {"background": 0, "organ": [1]}, "regions_class_order": [1]}) == (
       ["background", "organ"], None)                                  # one-element lists are labels, as nnU-Net reads them

@@ -268,3 +268,50 @@ def test_marks_outside_the_crop_to_the_non_zero_region_change_nothing(tiny_model
   inside = method.update(state, marks)
   assert inside.satisfied and (inside.labels[20, 20:24] == 1).all() and not inside.labels[:8].any()
   assert inside.honoured == 0.5                                     # the marks outside stay unhonoured
+
+
+def _with_metadata(folder, tmp_path, name, **metadata):
+  import shutil
+  copy = tmp_path / name
+  shutil.copytree(folder, copy)
+  doc = json.loads((copy / "model.json").read_text())
+  doc["metadata"] = {**(doc.get("metadata") or {}), **metadata}
+  (copy / "model.json").write_text(json.dumps(doc))
+  return copy
+
+
+def test_evaluate_takes_the_models_stored_refine_defaults_as_refine_does(tiny_model, tmp_path):
+  _, folder = tiny_model
+  stored = _with_metadata(folder, tmp_path, "stored", refine={"max_steps": 7, "learning_rate": 0.3, "layers": 2})
+  img, lab, _ = _nuclei_files(tmp_path, 32)
+  assert main(["evaluate", "--image", str(img), "--label", str(lab), "--model", str(stored), "--interactions", "1",
+               "--out", str(tmp_path / "run")]) == 0
+  res = json.loads((tmp_path / "run" / "results.json").read_text())
+  assert (res["layers"], res["max_steps"], res["learning_rate"]) == (2, 7, 0.3)    # was: 5, 100, 0.01
+  assert res["method"] == "refine_l2" and res["method_info"][0]["steps"] <= 7
+  assert main(["evaluate", "--image", str(img), "--label", str(lab), "--model", str(stored), "--interactions", "0",
+               "--layers", "3", "--steps", "9", "--out", str(tmp_path / "flags")]) == 0
+  flags = json.loads((tmp_path / "flags" / "results.json").read_text())
+  assert (flags["layers"], flags["max_steps"]) == (3, 9)
+  assert main(["evaluate", "--image", str(img), "--label", str(lab), "--model", str(stored), "--crop", "16",
+               "--out", str(tmp_path / "c")]) == 1                      # was: --crop silently ignored
+
+
+def test_marks_of_two_interactions_in_one_coarse_voxel_keep_the_newer_as_a_session_does(tiny_model, tmp_path):
+  from scribblejax.io.evaluate_image import pipeline_method, prepare_pipeline
+  from scribblejax.io.images import read_image
+  from scribblejax.models.store import load_model
+  _, folder = tiny_model
+  coarse = _with_metadata(folder, tmp_path, "coarse", spacing=[2.0, 2.0])
+  img, _, _ = _nuclei_files(tmp_path, 32)
+  model, info = load_model(coarse)
+  pipe = prepare_pipeline(model, info, read_image(img), layers=2)
+  method = pipeline_method("refine", pipe, RefineConfig(max_steps=3))
+  state = method.init(None)
+  marks = np.full((32, 32), -1, np.int32)
+  marks[11, 10] = 1
+  state = method.update(state, marks)
+  assert state.model_marks[5, 5] == 1
+  marks[10, 10] = 0                                   # the same voxel of the model's grid, a later interaction
+  state = method.update(state, marks)
+  assert state.model_marks[5, 5] == 0                 # was: 1 (all marks resampled at once, the older held)

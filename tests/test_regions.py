@@ -1,5 +1,6 @@
 """Region-based networks read as classes (scribblejax.Regions), without torch."""
 
+import jax
 import numpy as np
 import pytest
 from flax import nnx
@@ -61,3 +62,28 @@ def test_a_regions_network_stores_reloads_and_refines_as_classes(tmp_path):
   assert bool(result.satisfied)
   got = sj.region_labels(np.asarray(sj.merge_params(split, result.tunable).net(image[None]))[0], [2, 1])
   assert (got[marks >= 0] == marks[marks >= 0]).all()
+
+
+def test_the_sliding_window_blends_region_logits_and_the_wrappers_refuse_scores():
+  # nnU-Net blends the patches' region logits, then reads classes; blending class scores would differ.
+  from scribblejax.sliding_window import Mirrored, PatchBlend
+  net = sj.UNet(spatial_dims=2, in_channels=1, num_classes=2, channels=[4, 8], rngs=nnx.Rngs(3))
+  model = sj.Regions.of(net, [1, 2])
+  image = np.random.default_rng(1).normal(size=(40, 36, 1)).astype(np.float32)
+  split = sj.split_params(model, sj.last_layers(2))
+  got = sj.sliding_window_logits(split, image, (16, 16))
+  raw = sj.sliding_window_logits(sj.split_params(net, sj.last_layers(2)), image, (16, 16))
+  np.testing.assert_allclose(got, np.asarray(sj.region_scores(raw, [1, 2])), atol=1e-5)
+  assert got.shape == (40, 36, 3) and (got.argmax(-1) == sj.region_labels(raw, [1, 2])).all()
+  # with other tunable weights too (given in the Regions split's structure)
+  tunable = jax.tree.map(lambda w: w * 1.5, split.tunable)
+  inner = sj.split_params(net, sj.last_layers(2))
+  raw2 = sj.sliding_window_logits(inner, image, (16, 16), jax.tree.unflatten(jax.tree.structure(inner.tunable),
+                                                                            jax.tree.leaves(tunable)))
+  np.testing.assert_allclose(sj.sliding_window_logits(split, image, (16, 16), tunable),
+                             np.asarray(sj.region_scores(raw2, [1, 2])), atol=1e-5)
+  assert np.abs(raw2 - raw).max() > 1e-3
+  for wrap in (lambda: Mirrored(model, (0,), (16, 16, 1)), lambda: PatchBlend(model, [(0, 0)], (16, 16), 1),
+               lambda: sj.Ensemble.of([model, model])):
+    with pytest.raises(ValueError, match="class scores"):
+      wrap()

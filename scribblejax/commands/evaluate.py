@@ -41,6 +41,12 @@ def _user_case(args, backbone, model, layers):
   return image_case(Path(args.image).name, img, label, pipe, n + args.add_classes, names), pipe
 
 
+def _example(image: np.ndarray):
+  """A one-image batch's shape and dtype, for tracing a model's layer order."""
+  import jax
+  return jax.ShapeDtypeStruct((1, *image.shape), np.float32)
+
+
 def _noc_text(result: dict) -> str:
   """``NoC@0.85 2, NoC@0.9 5+`` ('+': not reached within the interactions run)."""
   reached = result.get("noc_reached", {})
@@ -50,7 +56,7 @@ def _noc_text(result: dict) -> str:
 def _single_case(args) -> int:
   from scribblejax import baselines as bl
   from scribblejax import evaluate as ev
-  from scribblejax.refine import RefineConfig
+  from scribblejax.io.workflow import DEFAULT_LAYERS, RefineSettings
   if args.interactions < 0:
     raise ValueError(f"--interactions must be >= 0, got {args.interactions}")
   if args.add_classes < 0:
@@ -63,28 +69,42 @@ def _single_case(args) -> int:
     raise ValueError("give --experiment NAME, --task NAME, or --image FILE --label FILE")
   if args.image is not None and args.model is None:
     raise ValueError("a case given by --image/--label needs --model NAME_OR_PATH")
+  if args.image is not None and (args.task is not None or args.crop is not None):
+    raise ValueError(f"{'--task' if args.task is not None else '--crop'} names a built-in case; a case given by "
+                     "--image/--label takes neither")
+  for flag, value in (("--layers", args.layers), ("--steps", args.steps)):
+    if value is not None and value < 1:
+      raise ValueError(f"{flag} must be >= 1, got {value}")
   pipeline_flags = [f"--{k.replace('_', '-')}" for k, v in PIPELINE_FLAGS.items() if getattr(args, k) != v]
   if args.image is None and pipeline_flags:
     raise ValueError(f"{', '.join(pipeline_flags)} set(s) how the network sees a case given by --image/--label; "
                      "a built-in --task is fed whole")
   backbone = ev.resolve_backbone(args.model, args.task)
   model = bl.add_classes(backbone.model, args.add_classes) if args.add_classes else backbone.model
-  config = RefineConfig(max_steps=args.steps, **({} if args.lr is None else {"learning_rate": args.lr}),
-                        **({} if args.prox_weight is None else {"prox_weight": args.prox_weight}))
+  # as refine resolves them: the flags, else the model's stored defaults (model.json metadata.refine), else
+  # the library's; the layers at most the model's
+  metadata = getattr(backbone.info, "metadata", None) or {}
+  layers, config, _ = RefineSettings(layers=args.layers, max_steps=args.steps, learning_rate=args.lr,
+                                     prox_weight=args.prox_weight).resolve(metadata)
   pipe = None
   if args.image is not None:
     from scribblejax.io.evaluate_image import pipeline_method
-    case, pipe = _user_case(args, backbone, model, args.layers if args.method == "refine" else 1)
+    case, pipe = _user_case(args, backbone, model, layers if args.method == "refine" else 1)
     method = pipeline_method(args.method, pipe, config)
+    layers = pipe.layers
   else:
     case = ev.task_case(args.task, backbone, args.crop)
     if args.add_classes:
       case = case._replace(num_classes=case.num_classes + args.add_classes,
                            class_names=case.class_names + tuple(f"added {c}" for c in range(args.add_classes)))
-    method = bl.make_method(args.method, model, layers=args.layers, config=config)
+    if layers is None:
+      from scribblejax.models.layer_order import layer_order
+      example = _example(case.image)
+      layers = min(DEFAULT_LAYERS, len(layer_order(model, example)))
+    method = bl.make_method(args.method, model, layers=layers, config=config)
   eval_config = ev.EvalConfig(interactions=args.interactions, mark_kind=args.marks, region_growing=args.region_growing)
   result = ev.run_case(case, method, eval_config)
-  result.update({"model": backbone.name, "device": ev.device_name(), "layers": args.layers, "max_steps": args.steps,
+  result.update({"model": backbone.name, "device": ev.device_name(), "layers": layers, "max_steps": config.max_steps,
                  "learning_rate": config.learning_rate, "prox_weight": config.prox_weight,
                  "momentum": config.momentum, "added_classes": args.add_classes,
                  "task": args.task, "image": args.image, "label": args.label})
@@ -108,7 +128,7 @@ PIPELINE_FLAGS = {"no_resample": False, "no_crop": False, "mirror": False, "patc
                   "patch_batch": "auto"}
 # Flags of one case (their defaults): an experiment sets these itself, so they are refused beside it.
 SINGLE_CASE_FLAGS = {"task": None, "image": None, "label": None, "marks": "scribble", "interactions": 5,
-                     "add_classes": 0, "region_growing": 0.0, "method": "refine", "layers": 5, "steps": 100,
+                     "add_classes": 0, "region_growing": 0.0, "method": "refine", "layers": None, "steps": None,
                      "lr": None, "prox_weight": None, "crop": None, **PIPELINE_FLAGS}
 
 
@@ -150,10 +170,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
   parser.add_argument("--add-classes", type=int, default=one["add_classes"], help="append K output classes for labels >= the model's")
   parser.add_argument("--region-growing", type=float, default=one["region_growing"], help="threshold T (0: off)")
   parser.add_argument("--method", choices=METHODS, default=one["method"])
-  parser.add_argument("--layers", type=int, default=one["layers"], help="tunable last layers for --method refine")
-  parser.add_argument("--steps", type=int, default=one["steps"], help="most refinement steps M")
-  parser.add_argument("--lr", type=float, default=one["lr"], help="SGD learning rate (default: RefineConfig's)")
-  parser.add_argument("--prox-weight", type=float, default=one["prox_weight"], help="alpha (default: RefineConfig's)")
+  parser.add_argument("--layers", type=int, default=one["layers"],
+                      help="tunable last layers for --method refine (default: the model's stored default, else 5, "
+                           "at most the model's layers)")
+  parser.add_argument("--steps", type=int, default=one["steps"],
+                      help="most refinement steps M (default: the model's stored default, else 100)")
+  parser.add_argument("--lr", type=float, default=one["lr"], help="SGD learning rate (default: the model's stored default, else RefineConfig's)")
+  parser.add_argument("--prox-weight", type=float, default=one["prox_weight"], help="alpha (default: the model's stored default, else RefineConfig's)")
   parser.add_argument("--crop", type=int, default=one["crop"], help="centre crop of a built-in task's image")
   parser.add_argument("--out", default="evaluate_output")
   from scribblejax.commands.io_commands import _inference_flags

@@ -61,6 +61,8 @@ class PipelineRefineState(NamedTuple):
   compile_seconds: float      # of the last update (patches: each new set of patches compiles anew)
   tunable: Any = None         # W_lam of the last refinement, in the network's structure
   trunk: Any = None           # the frozen trunk on the whole image (no patches, cache_trunk)
+  marks: Any = None           # int32[*image_spatial]: the marks so far, as the last update saw them
+  model_marks: Any = None     # int32[*model_spatial]: those marks on the model's grid, newest on top
 
 
 def prepare_pipeline(model: Any, info: Any, image: Image, layers: int | None = None,
@@ -150,6 +152,7 @@ def pipeline_refine_method(pipe: Pipeline, config: Any = None, *, head_only: boo
     marked patches compiles its loop, and that time is inside the interaction's seconds.
   """
   import jax
+  from scribblejax import marks as marks_lib
   from scribblejax.baselines import Method
   from scribblejax.io.workflow import (_network_input, _same_tree, compile_timer, labels_from_logits, loop_split,
                                        refined_logits, to_model)
@@ -170,8 +173,15 @@ def pipeline_refine_method(pipe: Pipeline, config: Any = None, *, head_only: boo
     return PipelineRefineState(segment(pipe, split=split), 0, True, 1.0, 0, 0.0, None, trunk)
 
   def update(state, marks):
-    marks = np.asarray(marks)
-    model_marks = to_model(marks, fitted)
+    marks = np.array(marks, np.int32)              # a copy: the caller may change its array later
+    # as a refine session does: each interaction's new marks go to the model's grid and over the earlier
+    # ones there, so where marks of two interactions share a voxel of a coarser grid, the newer holds
+    if state.marks is None:
+      model_marks = to_model(marks, fitted)
+    else:
+      new = np.where(marks != state.marks, marks, -1)
+      model_marks = marks_lib.accumulate(state.model_marks, to_model(new, fitted))
+    state = state._replace(marks=marks, model_marks=model_marks)
     if not (model_marks >= 0).any():        # every mark outside the crop: the pipeline gives background there
       return state._replace(num_steps=0, satisfied=False, honoured=_honoured(state.labels, marks), patches=0,
                             compile_seconds=0.0)

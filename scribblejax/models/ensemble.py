@@ -70,6 +70,10 @@ class Ensemble(nnx.Module):
   def _set(self, nets: list, family: str) -> None:
     if not nets:
       raise ValueError("an Ensemble needs at least one network")
+    from scribblejax.models.regions import Regions
+    if any(isinstance(net, Regions) for net in nets):
+      raise ValueError("an Ensemble averages its networks' outputs, and a Regions network's are class scores; "
+                       "nnU-Net averages the region logits first: Regions.of(Ensemble.of([r.net for r in nets]), order)")
     graphdef, first = nnx.split(nets[0])
     states = [first]
     for k, net in enumerate(nets[1:], start=1):
