@@ -782,6 +782,10 @@ def load_trained_model_folder(folder, *, fold: str | int | None = None, folds: A
   if not isinstance(plans, Mapping) or not isinstance(dataset, Mapping):
     raise ConversionError(f"{folder}: plans and dataset.json must be JSON objects")
   configuration = resolve_configuration(plans, config_name)
+  if configuration.get("previous_stage"):
+    raise ConversionError(f"{config_name!r} is a cascade stage: its network also reads the segmentation of the "
+                          f"{configuration['previous_stage']!r} stage as input channels, which scribblejax cannot "
+                          f"supply; convert the {configuration['previous_stage']!r} or 3d_fullres folder instead")
   channels = dataset.get("channel_names") or dataset.get("modality")
   if not channels or not isinstance(channels, Mapping):
     raise ConversionError("dataset.json has no channel_names (an object of channel index -> name)")

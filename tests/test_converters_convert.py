@@ -697,6 +697,20 @@ def test_a_region_based_nnunet_predicts_and_refines_as_classes(tmp_path, capsys)
   assert "region-based network's head gives one logit per region" in capsys.readouterr().err
 
 
+def test_a_cascade_stage_is_refused_by_name(tmp_path):
+  from converters._common import ConversionError
+  folder, _ = _nnunet_folder_3d(tmp_path, [0, 1, 2])
+  plans = json.loads((folder / "plans.json").read_text())
+  plans["configurations"]["3d_cascade_fullres"] = {"inherits_from": "3d_fullres", "previous_stage": "3d_lowres"}
+  (folder / "plans.json").write_text(json.dumps(plans))
+  cascade = folder.parent / "nnUNetTrainer__nnUNetPlans__3d_cascade_fullres"
+  folder.rename(cascade)
+  with pytest.raises(ConversionError, match="'3d_cascade_fullres' is a cascade stage: its network also reads the "
+                                            "segmentation of the '3d_lowres' stage"):
+    convert(cascade, tmp_path / "out")          # was: converted (a real cascade: a weight shape mismatch)
+  assert not (tmp_path / "out").exists()
+
+
 def test_malformed_region_based_datasets_give_messages(tmp_path):
   from converters._common import ConversionError
   from converters.nnunet import _class_names
