@@ -29,7 +29,8 @@ from scribblejax.refine import (RefineConfig, RefineResult, RefineState, Trunk, 
                                 refine, refine_batch, resolve_batch_scheme, resolve_driver)
 from scribblejax.resample import ResampleScheme, resample_label_map, resampled_shape
 from scribblejax.sharding import batch_mesh, refine_sharded
-from scribblejax.sliding_window import PatchBlend, marked_windows, patch_chunk, sliding_window_logits
+from scribblejax.sliding_window import (PatchBlend, marked_windows, patch_chunk, sliding_window_logits,
+                                        sliding_window_logits_of)
 from scribblejax.session import (Round, Session, add_marks, current_labels, current_logits, current_marks,
                                  start_session, undo)
 
@@ -102,6 +103,7 @@ __all__ = [
     "resample_label_map",
     "resampled_shape",
     "sliding_window_logits",
+    "sliding_window_logits_of",
     "split_params",
     "start_session",
     "traced_layer_order",

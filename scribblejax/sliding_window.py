@@ -106,8 +106,35 @@ def sliding_window_logits(split: Any, image: Any, patch_size: Sequence[int], tun
   Raises:
     ValueError: the patch size does not fit the image, or the network refuses the patch.
   """
-  from scribblejax.refine import predict
-  split, tunable, order = _unwrap_regions(split, tunable)
+  return sliding_window_logits_of(split, image, patch_size, [tunable], step=step, progress=progress)[0]
+
+
+def sliding_window_logits_of(split: Any, image: Any, patch_size: Sequence[int], tunables: Sequence[Any], *,
+                             step: float = 0.5, progress: Any = None) -> list[np.ndarray]:
+  """:func:`sliding_window_logits` for several sets of tunable weights in one pass over the patches
+  (e.g. the network before and after a refinement): each patch's frozen trunk
+  (:func:`scribblejax.compute_trunk`) is computed once, and only the tunable tail runs once per set.
+
+  Args:
+    split: the network's :class:`scribblejax.Split`.
+    image: ``[*spatial, C]``.
+    patch_size: the patch, one size per spatial axis.
+    tunables: tunable weights, each in the split's structure (``None``: the split's own W).
+    step: patches start at most ``step * patch`` apart.
+    progress: called as ``progress(done, total)`` after each patch.
+
+  Returns:
+    One float32 ``[*spatial, classes]`` per entry of ``tunables``.
+  """
+  from scribblejax.refine import compute_trunk, predict
+  if not tunables:
+    raise ValueError("no tunable weights given")
+  order = None
+  unwrapped = []
+  for tunable in tunables:
+    inner, tunable, order = _unwrap_regions(split, tunable)
+    unwrapped.append(tunable)
+  split = inner
   image = np.asarray(image)
   if image.ndim < 2:
     raise ValueError(f"the image must be [*spatial, channels], got shape {image.shape}")
@@ -116,24 +143,33 @@ def sliding_window_logits(split: Any, image: Any, patch_size: Sequence[int], tun
   pad = pad_to_patch(spatial, patch)
   padded = np.pad(image, (*pad, (0, 0))) if any(a or b for a, b in pad) else image
   weights = gaussian_importance(patch)[..., None]
-  total = None
+  totals = None
   norm = np.zeros(padded.shape[:-1] + (1,), np.float32)
   corners = window_grid(padded.shape[:-1], patch, step)
   for done, start in enumerate(corners, start=1):
     window = tuple(slice(s, s + p) for s, p in zip(start, patch))
-    logits = np.asarray(predict(split, padded[window], tunable), np.float32)
-    if total is None:
-      total = np.zeros(padded.shape[:-1] + (logits.shape[-1],), np.float32)
-    total[window] += logits * weights
+    if len(unwrapped) == 1:
+      outputs = [predict(split, padded[window], unwrapped[0])]
+    else:
+      trunk = compute_trunk(split, padded[window])
+      outputs = [predict(split, padded[window], tunable, trunk=trunk) for tunable in unwrapped]
+    if totals is None:
+      classes = outputs[0].shape[-1]
+      totals = [np.zeros(padded.shape[:-1] + (classes,), np.float32) for _ in unwrapped]
+    for total, logits in zip(totals, outputs):
+      total[window] += np.asarray(logits, np.float32) * weights
     norm[window] += weights
     if progress is not None:
       progress(done, len(corners))
-  total /= norm
-  total = total[tuple(slice(a, n - b) for (a, b), n in zip(pad, total.shape[:-1]))]
-  if order is not None:
-    from scribblejax.models.regions import region_scores
-    total = np.asarray(region_scores(total, order), np.float32)
-  return total
+  results = []
+  for total in totals:
+    total /= norm
+    total = total[tuple(slice(a, n - b) for (a, b), n in zip(pad, total.shape[:-1]))]
+    if order is not None:
+      from scribblejax.models.regions import region_scores
+      total = np.asarray(region_scores(total, order), np.float32)
+    results.append(total)
+  return results
 
 
 def _unwrap_regions(split: Any, tunable: Any) -> tuple[Any, Any, tuple[int, ...] | None]:

@@ -197,6 +197,8 @@ def test_a_case_given_by_files_runs_through_the_models_pipeline(tiny_model, tmp_
   refined = tifffile.imread(tmp_path / "refined.tif")
   assert res["dice_per_interaction"][1] == pytest.approx(metrics.mean_foreground_dice(refined, truth, 2))
   assert (refined != seg).sum() > 20                                   # the refinement changed something
+  # the network's own segmentation, computed beside the refined one in one pass over the patches
+  assert report["changed_pixels"] == int((refined != seg).sum())
   # The whole image at the image's own spacing is another segmentation: the pipeline matters here.
   assert main([*base, "--interactions", "0", "--no-resample", "--patch-size", "whole", "--out",
                str(tmp_path / "plain")]) == 0

@@ -101,6 +101,22 @@ def test_sliding_window_blends_to_the_whole_image_for_a_pointwise_network():
   np.testing.assert_allclose(small, whole[:5], rtol=1e-5, atol=1e-5)
 
 
+def test_several_weight_sets_in_one_pass_equal_one_pass_each():
+  # each patch's frozen trunk is computed once and the tail runs per set of weights: the same logits
+  net = sj.UNet(spatial_dims=2, in_channels=1, num_classes=3, channels=(4, 8), rngs=nnx.Rngs(5))
+  split = sj.split_params(net, sj.last_layers(2))
+  image = np.random.default_rng(3).normal(size=(20, 26, 1)).astype(np.float32)
+  other = jax.tree.map(lambda w: w * 1.3 + 0.01, split.tunable)
+  calls = []
+  both = sw.sliding_window_logits_of(split, image, (8, 8), [None, other], progress=lambda d, n: calls.append((d, n)))
+  one = [sw.sliding_window_logits(split, image, (8, 8)), sw.sliding_window_logits(split, image, (8, 8), other)]
+  for got, want in zip(both, one):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  assert np.abs(one[0] - one[1]).max() > 1e-3 and calls[-1][0] == calls[-1][1] == len(calls)
+  with pytest.raises(ValueError, match="no tunable weights"):
+    sw.sliding_window_logits_of(split, image, (8, 8), [])
+
+
 def test_patch_blend_gives_the_sliding_window_logits_at_every_marked_voxel():
   net = sj.UNet(spatial_dims=2, in_channels=1, num_classes=2, channels=(4, 8), rngs=nnx.Rngs(0))
   split = sj.split_params(net, sj.last_layers(2))

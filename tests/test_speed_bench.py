@@ -153,3 +153,15 @@ def test_patch_memory_measures_less_memory_one_patch_per_call(tmp_path, capsys):
   assert all(r["device"] and r["ms_per_step"] > 0 and r["programs"] for r in records)
   assert "| cpu | 8^3 | 8 x 1 | 1 |" in capsys.readouterr().out
   assert "| cpu | 8^3 | 8 x 1 | 1 |" in out.with_suffix(".md").read_text()
+
+
+def test_sliding_window_benchmark_times_both_variants_on_the_same_logits(tmp_path, capsys):
+  from benchmarks import sliding_window
+  out = tmp_path / "sw.json"
+  assert sliding_window.main(["--volume", "12", "--patch", "8", "--stages", "2", "--layers", "2", "--repeats", "1",
+                              "--out", str(out)]) == 0
+  records = json.loads(out.read_text())
+  assert [r["variant"] for r in records] == ["two_passes", "joint_pass"]
+  assert all(r["patches"] == 8 and r["seconds"] > 0 and r["device"] for r in records)
+  assert records[0]["max_abs_diff"] < 1e-4
+  assert "| cpu | 12^3 | 8^3 | 8 | 2 | joint_pass |" in out.with_suffix(".md").read_text()

@@ -1097,9 +1097,12 @@ def _refine_round(model, model_ref, img, digest, marks_files, new, out, session,
   all_marks = new_model if previous is None else marks_lib.accumulate(previous, new_model)
   all_marks = marks_lib.validate_mark_map(all_marks, fitted.image.shape[:-1], num_classes)
   initial = session_store.load_initial(session) if session else None
+  # with patches, the network's own segmentation comes with the refined one, in one pass over the
+  # patches that computes each patch's frozen trunk once
+  joint = initial is None and fitted.patch is not None
   if initial is not None:
     before_image = initial
-  else:
+  elif not joint:
     before_image = labels_from_logits(network_logits(split, fitted, step=inference.step, progress=patch_progress),
                                       fitted)
   from scribblejax.params import last_layers
@@ -1118,7 +1121,14 @@ def _refine_round(model, model_ref, img, digest, marks_files, new, out, session,
   with compile_timer() as compiled:
     start_time = time.perf_counter()
     result = refine(loop, image, loop_marks, config, start=start, progress=progress)
-    logits = refined_logits(split, fitted, result, region, inference.step, patch_progress)
+    if joint:
+      from scribblejax.sliding_window import sliding_window_logits_of
+      before, logits = sliding_window_logits_of(split, fitted.image, fitted.patch,
+                                                [None, _same_tree(split.tunable, result.tunable)],
+                                                step=inference.step, progress=patch_progress)
+      before_image = labels_from_logits(before, fitted)
+    else:
+      logits = refined_logits(split, fitted, result, region, inference.step, patch_progress)
     seconds = time.perf_counter() - start_time
   labels_image = labels_from_logits(logits, fitted)
   marks_image = new_image if previous_image is None else marks_lib.accumulate(previous_image, new_image)
