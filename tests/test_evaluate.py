@@ -158,7 +158,7 @@ def _nuclei_files(tmp_path, size=96):
   return tmp_path / "img.tif", tmp_path / "lab.tif", lab
 
 
-def test_a_case_given_by_files_runs_through_the_models_pipeline(tiny_model, tmp_path, capsys):
+def test_a_case_given_by_files_runs_through_the_models_pipeline(tiny_model, tmp_path, capsys, monkeypatch):
   # A model stating a voxel spacing twice the image's and a patch: the simulated user sees what
   # predict writes, marks the image's grid, and the loop refines the marked patches on the model's grid.
   import shutil
@@ -199,6 +199,15 @@ def test_a_case_given_by_files_runs_through_the_models_pipeline(tiny_model, tmp_
   assert (refined != seg).sum() > 20                                   # the refinement changed something
   # the network's own segmentation, computed beside the refined one in one pass over the patches
   assert report["changed_pixels"] == int((refined != seg).sum())
+  assert any("same pass over the patches" in n for n in report["notes"])
+  from scribblejax.io import workflow
+  monkeypatch.setattr(workflow, "JOINT_LOGITS_BYTES", 0)               # too big for one pass: one after the other
+  assert main(["refine", "--model", str(piped), "--image", str(img), "--marks", str(tmp_path / "marks.png"),
+               "--out", str(tmp_path / "apart.tif"), "--steps", "60", "--lr", "0.05", "--layers", "3",
+               "--quiet"]) == 0, capsys.readouterr().err
+  apart = json.loads((tmp_path / "apart.report.json").read_text())
+  assert apart["changed_pixels"] == report["changed_pixels"] and not any("same pass" in n for n in apart["notes"])
+  np.testing.assert_array_equal(tifffile.imread(tmp_path / "apart.tif"), refined)
   # The whole image at the image's own spacing is another segmentation: the pipeline matters here.
   assert main([*base, "--interactions", "0", "--no-resample", "--patch-size", "whole", "--out",
                str(tmp_path / "plain")]) == 0

@@ -72,9 +72,10 @@ def _single_case(args) -> int:
   if args.image is not None and (args.task is not None or args.crop is not None):
     raise ValueError(f"{'--task' if args.task is not None else '--crop'} names a built-in case; a case given by "
                      "--image/--label takes neither")
-  for flag, value in (("--layers", args.layers), ("--steps", args.steps)):
-    if value is not None and value < 1:
-      raise ValueError(f"{flag} must be >= 1, got {value}")
+  if args.layers is not None and args.layers < 1:
+    raise ValueError(f"--layers must be >= 1, got {args.layers}")
+  if args.steps is not None and args.steps < 0:
+    raise ValueError(f"--steps must be >= 0, got {args.steps}")
   pipeline_flags = [f"--{k.replace('_', '-')}" for k, v in PIPELINE_FLAGS.items() if getattr(args, k) != v]
   if args.image is None and pipeline_flags:
     raise ValueError(f"{', '.join(pipeline_flags)} set(s) how the network sees a case given by --image/--label; "

@@ -31,6 +31,9 @@ from scribblejax.io.marks_files import RECTANGLE_MODES, read_marks
 
 Log = Callable[[str], None]
 DEFAULT_LAYERS = 5
+# refine segments the image with W and with the refined weights in one pass over the patches when their
+# two float32 logits volumes take at most this many bytes (else one pass after the other)
+JOINT_LOGITS_BYTES = 4 * 2 ** 30
 _COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
                    "/jax/core/compile/backend_compile_duration")
 COMPILE_NOTE = ("compile_seconds: time JAX reported spending on tracing, lowering and XLA compilation during "
@@ -916,8 +919,10 @@ def run_refine(*, model: str | None, image: str | None, marks: Sequence[str], ou
     overlay: write ``<out stem>.overlay.png``.
     log: progress messages.
     progress: ``progress(steps_taken, max_steps)`` during the refinement (see :func:`scribblejax.refine`).
-    patch_progress: ``patch_progress(done, total)`` after each patch of a sliding-window segmentation
-      (before and after the refinement; ``done`` starts again at 1 for the second).
+    patch_progress: ``patch_progress(done, total)`` after each patch of a sliding-window segmentation:
+      after the refinement, when the network's own segmentation comes with the refined one (a first
+      round, see :func:`scribblejax.sliding_window_logits_of`), else before and after it (``done``
+      starts again at 1 for the second).
     inference: crop, spacing, patches, mirroring (:class:`InferenceOptions`). With patches, the loop
       runs the patches that hold marks, blended as the sliding window blends them
       (:class:`scribblejax.sliding_window.PatchBlend`), and the refined network then segments the whole
@@ -1098,8 +1103,9 @@ def _refine_round(model, model_ref, img, digest, marks_files, new, out, session,
   all_marks = marks_lib.validate_mark_map(all_marks, fitted.image.shape[:-1], num_classes)
   initial = session_store.load_initial(session) if session else None
   # with patches, the network's own segmentation comes with the refined one, in one pass over the
-  # patches that computes each patch's frozen trunk once
-  joint = initial is None and fitted.patch is not None
+  # patches that computes each patch's frozen trunk once, unless two volumes of logits would not fit
+  joint = (initial is None and fitted.patch is not None
+           and 2 * 4 * int(np.prod(fitted.image.shape[:-1])) * num_classes <= JOINT_LOGITS_BYTES)
   if initial is not None:
     before_image = initial
   elif not joint:
@@ -1127,6 +1133,7 @@ def _refine_round(model, model_ref, img, digest, marks_files, new, out, session,
                                                 [None, _same_tree(split.tunable, result.tunable)],
                                                 step=inference.step, progress=patch_progress)
       before_image = labels_from_logits(before, fitted)
+      del before
     else:
       logits = refined_logits(split, fitted, result, region, inference.step, patch_progress)
     seconds = time.perf_counter() - start_time
@@ -1159,6 +1166,9 @@ def _refine_round(model, model_ref, img, digest, marks_files, new, out, session,
             "notes": list(fitted.notes)}
   if added:
     report["new_classes"] = list(added)
+  if joint:
+    report["notes"].append("the network's own segmentation (for changed_pixels and the overlay) was computed in "
+                           "the same pass over the patches as the refined one; seconds includes it")
   if region is not None:
     report["refined_region"] = [[r.start, r.stop] for r in region]
     report["refined_patches"] = count
