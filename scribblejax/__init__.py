@@ -29,8 +29,8 @@ from scribblejax.refine import (RefineConfig, RefineResult, RefineState, Trunk, 
                                 refine, refine_batch, resolve_batch_scheme, resolve_driver)
 from scribblejax.resample import ResampleScheme, resample_label_map, resampled_shape
 from scribblejax.sharding import batch_mesh, refine_sharded
-from scribblejax.sliding_window import (PatchBlend, marked_windows, patch_chunk, sliding_window_logits,
-                                        sliding_window_logits_of)
+from scribblejax.sliding_window import (MarkedPatches, PatchBlend, marked_patches, marked_windows, patch_chunk,
+                                        sliding_window_logits, sliding_window_logits_of)
 from scribblejax.session import (Round, Session, add_marks, current_labels, current_logits, current_marks,
                                  start_session, undo)
 
@@ -43,6 +43,7 @@ __all__ = [
     "LabelMap",
     "Mark",
     "ModelInfo",
+    "MarkedPatches",
     "PatchBlend",
     "Point",
     "Polygon",
@@ -81,6 +82,7 @@ __all__ = [
     "layer_order",
     "load_model",
     "marked_cross_entropy",
+    "marked_patches",
     "marked_windows",
     "marks_satisfied",
     "merge_params",

@@ -298,16 +298,7 @@ class PatchBlend(nnx.Module):
       if any(s + p > n for s, p, n in zip(start, self.patch, spatial)):
         raise ValueError(f"a patch at {start} of size {self.patch} leaves the input of spatial shape {spatial}")
     gather = lambda indices: jnp.concatenate([x[(slice(None), *windows[i])] for i in indices], axis=0)
-    if self.chunk is None:
-      logits = self.net(gather(range(len(windows))))
-    else:
-      # balanced batches; the last one filled up with the first patch, whose copy is dropped
-      groups = -(-len(windows) // self.chunk)
-      size = -(-len(windows) // groups)
-      order = list(range(len(windows))) + [0] * (groups * size - len(windows))
-      stacked = jnp.stack([gather(order[g * size:(g + 1) * size]) for g in range(groups)])
-      out = jax.lax.map(jax.checkpoint(lambda patches: self.net(patches)), stacked)
-      logits = out.reshape((-1, *out.shape[2:]))[:len(windows) * batch]
+    logits = _run_in_chunks(self.net, gather, len(windows), self.chunk)[:len(windows) * batch]
     gauss = gaussian_importance(self.patch)[..., None]
     weights = jnp.asarray(gauss, logits.dtype)
     total = jnp.zeros((batch, *spatial, logits.shape[-1]), logits.dtype)
@@ -316,6 +307,154 @@ class PatchBlend(nnx.Module):
       total = total.at[(slice(None), *w)].add(logits[i * batch:(i + 1) * batch] * weights)
       norm[w] += gauss
     return total / jnp.asarray(np.maximum(norm, np.finfo(np.float32).tiny), logits.dtype)
+
+
+def _run_in_chunks(net: nnx.Module, gather: Any, count: int, chunk: int | None) -> jax.Array:
+  """The network on ``count`` inputs, ``gather(indices)`` giving the batch of those inputs: at once, or
+  in balanced batches of at most ``chunk`` run one after another (``lax.map``), each a
+  ``jax.checkpoint``. The last batch is filled up with input 0; its outputs come after the others'."""
+  if chunk is None or chunk >= count:
+    return net(gather(range(count)))
+  groups = -(-count // chunk)
+  size = -(-count // groups)
+  order = list(range(count)) + [0] * (groups * size - count)
+  stacked = jnp.stack([gather(order[g * size:(g + 1) * size]) for g in range(groups)])
+  out = jax.lax.map(jax.checkpoint(lambda patches: net(patches)), stacked)
+  return out.reshape((-1, *out.shape[2:]))
+
+
+class PatchIndex(nnx.Variable):
+  """Where :class:`MarkedPatches` reads and writes its marked voxels: values of the frozen state, so
+  that marks elsewhere change no compiled program."""
+
+
+def _bucket(n: int, least: int) -> int:
+  """The smallest power of two >= max(n, least)."""
+  return 1 << max(int(max(n, least)) - 1, 0).bit_length()
+
+
+def _patch_bucket(n: int, least: int) -> int:
+  """The smallest of 1, 2, 3, 4, 6, 8, 12, 16, ... (powers of two and 1.5 times them) >= max(n, least):
+  padding adds less than half the patches' work (17 patches run as 24)."""
+  n = max(int(n), int(least), 1)
+  power = _bucket(n, 1)
+  return power * 3 // 4 if power >= 4 and power * 3 // 4 >= n else power
+
+
+class MarkedPatches(nnx.Module):
+  """A network on the sliding-window patches that hold marks, its logits blended at the marked voxels
+  only, as :func:`sliding_window_logits` blends them: the refinement loop of a large image whose
+  compiled program depends on how many patches and marked voxels there are (rounded up to powers of
+  two), not on where they are.
+
+  Its input is the patches stacked along the first spatial axis (``[B, P * p_0, p_1, ..., C]``, from
+  :func:`marked_patches`), and its output the same patch space with each marked voxel's blended logits
+  at one place (the voxel in the first patch holding it) and 0 elsewhere; the marks come in the same
+  patch space. Where the patches sit is frozen state (:class:`PatchIndex`), so new marks reuse the
+  compiled loop. Padding patches are zeros; padding voxels have weight 0.
+
+  Attributes:
+    net: the network (its parameters are this module's, under ``net``).
+    patch: the patch size.
+    patches: how many patches the input holds (padding included).
+    chunk: the most patches per network call (``None``: all at once); more run as in :class:`PatchBlend`.
+    reads: ``int32[m, 2**d]``: for each marked voxel, its flat index in each patch that holds it.
+    weights: ``float32[m, 2**d]``: the Gaussian weight of each, normalised to sum 1 (0: padding).
+    writes: ``int32[m]``: where each marked voxel's blended logits go in the output.
+  """
+
+  def __init__(self, net: nnx.Module, patch: Sequence[int], in_channels: int, patches: int, reads: Any,
+               weights: Any, writes: Any, chunk: int | None = None):
+    _refuse_regions(net, "MarkedPatches")
+    self.net = net
+    self.patch = tuple(int(p) for p in patch)
+    self.in_channels = int(in_channels)
+    self.patches = int(patches)
+    if chunk is not None and (not is_integer(chunk) or chunk < 1):
+      raise ValueError(f"the patches per network call must be a positive integer or None, got {chunk!r}")
+    self.chunk = None if chunk is None or chunk >= self.patches else int(chunk)
+    self.reads = PatchIndex(jnp.asarray(reads, jnp.int32))
+    self.weights = PatchIndex(jnp.asarray(weights, jnp.float32))
+    self.writes = PatchIndex(jnp.asarray(writes, jnp.int32))
+
+  def layer_order(self) -> list[tuple]:
+    """The network's layers (stated, or traced on one patch), under ``net``."""
+    return _inner_order(self.net, (*self.patch, self.in_channels))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    batch, count, size = x.shape[0], self.patches, int(np.prod(self.patch))
+    if x.shape[1:-1] != (count * self.patch[0], *self.patch[1:]):
+      raise ValueError(f"MarkedPatches takes {count} patches of {self.patch} stacked along the first axis, got "
+                       f"spatial shape {x.shape[1:-1]}")
+    patches = x.reshape((batch, count, *self.patch, x.shape[-1]))
+    gather = lambda indices: jnp.concatenate([patches[:, i] for i in indices], axis=0)
+    logits = _run_in_chunks(self.net, gather, count, self.chunk)        # [groups..., batch, *patch, K]
+    classes = logits.shape[-1]
+    logits = logits.reshape((-1, batch, size, classes))[:count]          # [P, B, voxels, K]
+    flat = jnp.moveaxis(logits, 1, 0).reshape((batch, count * size, classes))
+    reads, weights = self.reads[...], self.weights[...].astype(flat.dtype)
+    blended = jnp.einsum("bmjk,mj->bmk", flat[:, reads], weights)      # [B, m, K]
+    out = jnp.zeros_like(flat).at[:, self.writes[...]].add(blended)
+    return out.reshape((batch, count * self.patch[0], *self.patch[1:], classes))
+
+
+def marked_patches(image: Any, marks: Any, patch_size: Sequence[int], step: float = 0.5, *,
+                   least_patches: int = 1, least_marks: int = 64) -> tuple[np.ndarray, np.ndarray, dict]:
+  """The inputs of a :class:`MarkedPatches` loop: the sliding-window patches of ``image`` that hold marks,
+  stacked, the marks in the same patch space, and the module's patch positions.
+
+  Args:
+    image: ``[*spatial, C]``, every axis at least the patch.
+    marks: ``int[*spatial]``, -1 unmarked.
+    patch_size: the patch.
+    step: the sliding window's step (a fraction of the patch).
+    least_patches, least_marks: the counts are rounded up (patches: to 1, 2, 3, 4, 6, 8, 12, ...;
+      marked voxels: to a power of two) no smaller than these, so that interactions with a few more or
+      fewer marks share a compiled loop.
+
+  Returns:
+    ``(stacked image [P * p_0, p_1, ..., C], stacked marks [P * p_0, ...], kwargs)``: ``kwargs`` are
+    ``patches``, ``reads``, ``weights``, ``writes`` and ``starts`` (the real patches' first voxels)
+    for :class:`MarkedPatches` (pass all but ``starts``).
+
+  Raises:
+    ValueError: nothing is marked, or the patch does not fit (as :func:`marked_windows`).
+  """
+  image, marks = np.asarray(image), np.asarray(marks)
+  patch = _patch(patch_size, marks.ndim)
+  starts = np.asarray(marked_windows(marks, patch, step), np.int64)            # [P, d]
+  count = _patch_bucket(len(starts), least_patches)
+  size = int(np.prod(patch))
+  gauss = gaussian_importance(patch)
+  voxels = np.argwhere(marks >= 0)                                             # [m, d]
+  inside = np.all((voxels[:, None] >= starts[None]) & (voxels[:, None] < starts[None] + np.asarray(patch)), axis=-1)
+  # each marked voxel lies in at most 2**d of the patches (half-patch steps or more)
+  ways = 2 ** marks.ndim
+  held = inside.sum(axis=1)
+  if held.max() > ways:
+    raise ValueError(f"a voxel lies in {held.max()} patches, more than {ways}: the step must be at least half a patch")
+  rows = _bucket(len(voxels), least_marks)
+  reads = np.zeros((rows, ways), np.int32)
+  weights = np.zeros((rows, ways), np.float32)
+  writes = np.zeros((rows,), np.int32)
+  slot = np.cumsum(inside, axis=1) - 1                       # a voxel's patches in order fill its slots 0, 1, ...
+  for p, start in enumerate(starts):
+    held_here = np.flatnonzero(inside[:, p])
+    local = voxels[held_here] - start
+    reads[held_here, slot[held_here, p]] = p * size + np.ravel_multi_index(tuple(local.T), patch)
+    weights[held_here, slot[held_here, p]] = gauss[tuple(local.T)]
+  m = len(voxels)
+  weights[:m] /= weights[:m].sum(axis=1, keepdims=True)
+  writes[:m] = reads[:m, 0]                                  # each voxel's place: in the first patch holding it
+  stacked_marks = np.full((count * size,), -1, np.int32)
+  stacked_marks[writes[:m]] = marks[tuple(voxels.T)]
+  stacked = np.zeros((count, *patch, image.shape[-1]), np.float32)
+  for i, start in enumerate(starts):
+    stacked[i] = image[tuple(slice(a, a + p) for a, p in zip(start, patch))]
+  shape = (count * patch[0], *patch[1:])
+  kwargs = {"patches": count, "reads": reads, "weights": weights, "writes": writes,
+            "starts": tuple(tuple(int(v) for v in s) for s in starts)}
+  return stacked.reshape((*shape, image.shape[-1])), stacked_marks.reshape(shape), kwargs
 
 
 def _inner_order(net: nnx.Module, example_shape: Sequence[int]) -> list[tuple]:

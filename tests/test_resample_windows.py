@@ -218,3 +218,62 @@ def test_patch_chunk_keeps_a_voxel_budget():
   assert sj.patch_chunk((512, 512)) == 8 and sj.patch_chunk((64, 64), voxels=100) == 1
   with pytest.raises(ValueError, match="passes and voxels must be positive integers"):
     sj.patch_chunk((8, 8), passes=0)
+
+
+def _marked(shape, spots):
+  marks = np.full(shape, -1, np.int32)
+  for spot, label in spots:
+    marks[spot] = label
+  return marks
+
+
+def test_marked_patches_blend_the_sliding_window_logits_at_the_marks_and_refine_as_patch_blend():
+  net = sj.UNet(spatial_dims=2, in_channels=1, num_classes=3, channels=(4, 8), rngs=nnx.Rngs(7))
+  image = np.random.default_rng(4).normal(size=(20, 28, 1)).astype(np.float32)
+  marks = _marked((20, 28), [((3, 25), 1), ((5, 27), 0), ((9, 20), 2), ((12, 5), 1), ((15, 14), 2)])
+  full = sw.sliding_window_logits(sj.split_params(net, sj.last_layers(2)), image, (8, 8))
+  stacked, stacked_marks, kwargs = sw.marked_patches(image, marks, (8, 8))
+  starts = kwargs.pop("starts")
+  assert starts == sw.marked_windows(marks, (8, 8)) and kwargs["patches"] >= len(starts)
+  voxels = np.argwhere(marks >= 0)
+  assert sorted(stacked_marks[stacked_marks >= 0]) == sorted(marks[marks >= 0])
+  for chunk in (None, 2):
+    out = np.asarray(sw.MarkedPatches(net, (8, 8), 1, chunk=chunk, **kwargs)(stacked[None]))[0]
+    at = out.reshape(-1, 3)[kwargs["writes"][:len(voxels)]]
+    np.testing.assert_allclose(at, full[tuple(voxels.T)], atol=1e-5)
+    assert np.count_nonzero(out.reshape(-1, 3).any(-1)) <= len(voxels)     # 0 away from the marks
+  # the refinement on them is the refinement on the blended region (PatchBlend): same loss, same steps
+  config = sj.RefineConfig(max_steps=40, learning_rate=0.05)
+  mp = sj.split_params(sw.MarkedPatches(net, (8, 8), 1, **kwargs), sj.last_layers(2))
+  region, relative = sw.windows_region(starts, (8, 8))
+  pb = sj.split_params(sw.PatchBlend(net, relative, (8, 8), 1), sj.last_layers(2))
+  a = sj.refine(mp, stacked, stacked_marks, config)
+  b = sj.refine(pb, image[region], marks[region], config)
+  assert int(a.num_steps) == int(b.num_steps) and bool(a.satisfied) == bool(b.satisfied)
+  for x, y in zip(jax.tree.leaves(a.tunable), jax.tree.leaves(b.tunable)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-4)
+
+
+def test_marked_patches_elsewhere_reuse_the_compiled_loop():
+  # The patches' places are frozen state: marks in other patches, of the same counts after rounding up,
+  # compile nothing new (PatchBlend, whose starts are static, compiles every time).
+  from scribblejax.io.workflow import compile_timer
+  net = sj.UNet(spatial_dims=2, in_channels=1, num_classes=2, channels=(4, 8), rngs=nnx.Rngs(8))
+  image = np.random.default_rng(5).normal(size=(40, 40, 1)).astype(np.float32)
+  config = sj.RefineConfig(max_steps=3)
+  seconds = []
+  for spots in ([((3, 3), 1), ((4, 30), 0)], [((30, 33), 1), ((36, 3), 0)]):        # 1 + 2 patches each
+    stacked, stacked_marks, kwargs = sw.marked_patches(image, _marked((40, 40), spots), (16, 16))
+    kwargs.pop("starts")
+    split = sj.split_params(sw.MarkedPatches(net, (16, 16), 1, **kwargs), sj.last_layers(2))
+    with compile_timer() as compiled:
+      jax.block_until_ready(sj.refine(split, stacked, stacked_marks, config).logits)
+    seconds.append(compiled[0])
+  assert seconds[0] > 0 and seconds[1] == 0.0, seconds
+
+
+def test_patch_buckets_add_less_than_half_the_work():
+  sizes = [sw._patch_bucket(n, 1) for n in range(1, 200)]
+  assert sizes[:9] == [1, 2, 3, 4, 6, 6, 8, 8, 12]
+  assert all(n <= b < 1.5 * n or b == n for n, b in zip(range(1, 200), sizes))
+  assert len(set(sizes)) == 16                                      # few sizes: few compiled loops

@@ -10,7 +10,7 @@ are what a user of ``refine`` gets:
   that grid, as a clinician draws on the image;
 * the marks go to the model's grid as ``refine`` sends a marks file there
   (:func:`scribblejax.io.workflow.to_model`); with patches, the loop refines the network on the
-  patches that hold marks, blended as the sliding window blends them (:class:`scribblejax.PatchBlend`);
+  patches that hold marks, blended as the sliding window blends them (:class:`scribblejax.MarkedPatches`);
 * the refined network segments the whole image again, and the segmentation comes back to the image's
   grid (:func:`scribblejax.io.workflow.labels_from_logits`), where Dice is measured.
 
@@ -164,7 +164,7 @@ def pipeline_refine_method(pipe: Pipeline, config: Any = None, *, head_only: boo
   select = head() if head_only else last_layers(pipe.layers)
   whole = fitted.patch is None
   # the whole image's loop is the same every interaction (its frozen trunk is computed once)
-  whole_loop = loop_split(pipe.network, fitted, split, None, select, pipe.inference)[0] if whole else None
+  whole_loop = loop_split(pipe.network, fitted, split, None, select, pipe.inference).split if whole else None
   cached = whole and config.cache_trunk
 
   def init(image):
@@ -187,14 +187,13 @@ def pipeline_refine_method(pipe: Pipeline, config: Any = None, *, head_only: boo
                             compile_seconds=0.0)
     with compile_timer() as compiled:
       if whole:
-        loop, region, patches = whole_loop, None, 0
-        image, loop_marks = fitted.image, model_marks
+        loop, image, loop_marks, patches = whole_loop, fitted.image, model_marks, 0
       else:
-        loop, region, patches, _ = loop_split(pipe.network, fitted, split, model_marks, select, pipe.inference)
-        image, loop_marks = fitted.image[region], model_marks[region]
+        found = loop_split(pipe.network, fitted, split, model_marks, select, pipe.inference)
+        loop, image, loop_marks, patches = found.split, found.image, found.marks, found.patches
       start = _same_tree(loop.tunable, state.tunable) if continue_weights and state.tunable is not None else None
       result = refine(loop, image, loop_marks, config, start=start, trunk=state.trunk if whole else None)
-      logits = refined_logits(split, fitted, result, region, pipe.inference.step)
+      logits = refined_logits(split, fitted, result, patches, pipe.inference.step)
     tunable = _same_tree(split.tunable, result.tunable)
     labels = labels_from_logits(logits, fitted)
     return state._replace(labels=labels, num_steps=int(result.num_steps), satisfied=bool(result.satisfied),

@@ -34,6 +34,9 @@ DEFAULT_LAYERS = 5
 # refine segments the image with W and with the refined weights in one pass over the patches when their
 # two float32 logits volumes take at most this many bytes (else one pass after the other)
 JOINT_LOGITS_BYTES = 4 * 2 ** 30
+# the refinement loop on marked patches runs at least this many patches (padding with empty ones), so
+# that rounds with a few marked patches more or fewer share a compiled loop
+PATCH_BUCKET = 1
 _COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
                    "/jax/core/compile/backend_compile_duration")
 COMPILE_NOTE = ("compile_seconds: time JAX reported spending on tracing, lowering and XLA compilation during "
@@ -369,7 +372,7 @@ class InferenceOptions:
     mirror: average the network over its input flipped along the model's mirroring axes
       (:class:`scribblejax.sliding_window.Mirrored`; up to 8 passes in 3-D), in the refinement loop too.
     patch_batch: with patches, the most marked patches one network call of the refinement loop runs
-      (:class:`scribblejax.PatchBlend`: more run one batch after another, each rematerialised in the
+      (:class:`scribblejax.MarkedPatches`: more run one batch after another, each rematerialised in the
       backward pass); ``None``: as many as :func:`scribblejax.patch_chunk` allows (128^3 voxels
       per call, mirrored copies and an ensemble's networks counted).
   """
@@ -925,7 +928,7 @@ def run_refine(*, model: str | None, image: str | None, marks: Sequence[str], ou
       starts again at 1 for the second).
     inference: crop, spacing, patches, mirroring (:class:`InferenceOptions`). With patches, the loop
       runs the patches that hold marks, blended as the sliding window blends them
-      (:class:`scribblejax.sliding_window.PatchBlend`), and the refined network then segments the whole
+      (:class:`scribblejax.sliding_window.MarkedPatches`), and the refined network then segments the whole
       image patch by patch.
 
   Returns:
@@ -1112,21 +1115,20 @@ def _refine_round(model, model_ref, img, digest, marks_files, new, out, session,
     before_image = labels_from_logits(network_logits(split, fitted, step=inference.step, progress=patch_progress),
                                       fitted)
   from scribblejax.params import last_layers
-  loop, region, count, per_call = loop_split(network, fitted, split, all_marks, last_layers(layers), inference)
-  image, loop_marks = fitted.image, all_marks
-  if region is not None:
-    image, loop_marks = fitted.image[region], all_marks[region]
+  loop = loop_split(network, fitted, split, all_marks, last_layers(layers), inference)
+  count, per_call, region = loop.patches, loop.per_call, loop.region
+  if count:
     batches = "" if per_call >= count else f", {per_call} per network call (rematerialised one call at a time)"
     log(f"note: the loop runs the {count} patch(es) that hold marks (region {_span(region)} of the model's grid"
         f"{batches}), blended as the sliding window blends them; the refined network then segments the whole image")
   start = None if start_leaves is None else _same_tree(
-      loop.tunable, start_leaves, "--continue-weights needs the same --layers as the previous round")
+      loop.split.tunable, start_leaves, "--continue-weights needs the same --layers as the previous round")
   driver = resolve_driver(config.driver, config.conv_backend, config.compute_dtype, config.cache_trunk)
   log(f"refining the last {layers} layers: up to {config.max_steps} steps on {int((all_marks >= 0).sum())} marked "
       f"pixels (driver {driver}, {_device()['device']})")
   with compile_timer() as compiled:
     start_time = time.perf_counter()
-    result = refine(loop, image, loop_marks, config, start=start, progress=progress)
+    result = refine(loop.split, loop.image, loop.marks, config, start=start, progress=progress)
     if joint:
       from scribblejax.sliding_window import sliding_window_logits_of
       before, logits = sliding_window_logits_of(split, fitted.image, fitted.patch,
@@ -1135,7 +1137,7 @@ def _refine_round(model, model_ref, img, digest, marks_files, new, out, session,
       before_image = labels_from_logits(before, fitted)
       del before
     else:
-      logits = refined_logits(split, fitted, result, region, inference.step, patch_progress)
+      logits = refined_logits(split, fitted, result, count, inference.step, patch_progress)
     seconds = time.perf_counter() - start_time
   labels_image = labels_from_logits(logits, fitted)
   marks_image = new_image if previous_image is None else marks_lib.accumulate(previous_image, new_image)
@@ -1169,7 +1171,7 @@ def _refine_round(model, model_ref, img, digest, marks_files, new, out, session,
   if joint:
     report["notes"].append("the network's own segmentation (for changed_pixels and the overlay) was computed in "
                            "the same pass over the patches as the refined one; seconds includes it")
-  if region is not None:
+  if count:
     report["refined_region"] = [[r.start, r.stop] for r in region]
     report["refined_patches"] = count
     report["patches_per_call"] = min(per_call, count)
@@ -1196,53 +1198,57 @@ def _refine_round(model, model_ref, img, digest, marks_files, new, out, session,
   return report
 
 
-def loop_split(network: _Network, fitted: Fitted, split: Any, marks: np.ndarray, select: Any,
-               inference: InferenceOptions) -> tuple[Any, tuple[slice, ...] | None, int, int]:
-  """What the refinement loop runs: ``(split, region, patches, patches per call)``.
+class Loop(NamedTuple):
+  """What the refinement loop runs (:func:`loop_split`)."""
+  split: Any                      # the network (on the marked patches, or the whole image)
+  image: np.ndarray               # its input
+  marks: np.ndarray               # the marks, in the input's layout
+  patches: int                    # marked patches (0: the whole image)
+  per_call: int                   # patches per network call
+  region: tuple[slice, ...] | None = None   # the box of the model's grid the patches cover
 
-  With patches, the network on the patches that hold marks (:func:`_patch_split`) over ``region`` of
-  the model's grid; else ``split`` itself on the whole image (``region`` ``None``, 0 patches). A
-  region-based network is read as classes (:class:`scribblejax.Regions`) around either.
+
+def loop_split(network: _Network, fitted: Fitted, split: Any, marks: np.ndarray, select: Any,
+               inference: InferenceOptions) -> Loop:
+  """What the refinement loop runs, with the parameters ``select`` picks tunable.
+
+  With patches, the network on the sliding-window patches that hold marks, blended at the marked
+  voxels as the sliding window blends them (:class:`scribblejax.sliding_window.MarkedPatches`: the
+  compiled loop depends on the counts of patches and marked voxels, rounded up, not on where they
+  are); else ``split`` itself on the whole image. A region-based network is read as classes
+  (:class:`scribblejax.Regions`) around either.
   """
-  if fitted.patch is not None:
-    return _patch_split(network, fitted, marks, select, inference)
-  if fitted.regions is None:
-    return split, None, 0, 0
   import jax
   import jax.numpy as jnp
   from scribblejax.models.regions import Regions
   from scribblejax.params import split_params
-  example = jax.ShapeDtypeStruct((1, *fitted.image.shape), jnp.float32)
-  return split_params(Regions.of(network.model, fitted.regions), select, example=example), None, 0, 0
+  if fitted.patch is None:
+    if fitted.regions is None:
+      return Loop(split, fitted.image, marks, 0, 0)
+    example = jax.ShapeDtypeStruct((1, *fitted.image.shape), jnp.float32)
+    return Loop(split_params(Regions.of(network.model, fitted.regions), select, example=example), fitted.image,
+                marks, 0, 0)
+  from scribblejax.sliding_window import MarkedPatches, marked_patches, patch_chunk, windows_region
+  image, stacked_marks, kwargs = marked_patches(fitted.image, marks, fitted.patch, inference.step,
+                                                least_patches=PATCH_BUCKET)
+  starts = kwargs.pop("starts")
+  per_call = inference.patch_batch or patch_chunk(fitted.patch, _passes(network.model))
+  module = MarkedPatches(network.model, fitted.patch, fitted.image.shape[-1], chunk=per_call, **kwargs)
+  if fitted.regions is not None:
+    module = Regions.of(module, fitted.regions)
+  example = jax.ShapeDtypeStruct((1, *image.shape), jnp.float32)
+  region = windows_region(starts, fitted.patch)[0]
+  return Loop(split_params(module, select, example=example), image, stacked_marks, len(starts), per_call, region)
 
 
-def refined_logits(split: Any, fitted: Fitted, result: Any, region: tuple[slice, ...] | None, step: float = 0.5,
+def refined_logits(split: Any, fitted: Fitted, result: Any, patches: int, step: float = 0.5,
                    progress: Any = None) -> np.ndarray:
   """The model-layout logits of the network refined by ``result`` (a :func:`loop_split` loop's): the
   loop's own on the whole image, else the refined network's on every patch (and raw region logits for
   a region-based network, to blend and resample as nnU-Net does)."""
-  if region is None and fitted.regions is None:
+  if not patches and fitted.regions is None:
     return np.asarray(result.logits)
   return network_logits(split, fitted, _same_tree(split.tunable, result.tunable), step=step, progress=progress)
-
-
-def _patch_split(network: _Network, fitted: Fitted, marks: np.ndarray, select: Any, inference: InferenceOptions):
-  """The split of the network applied to the patches that hold marks (:class:`PatchBlend`), with the
-  parameters ``select`` picks tunable (e.g. ``last_layers(l)``), the region of the model's grid the
-  patches cover, how many there are and how many run per network call."""
-  import jax
-  import jax.numpy as jnp
-  from scribblejax.params import split_params
-  from scribblejax.sliding_window import PatchBlend, marked_windows, patch_chunk, windows_region
-  region, starts = windows_region(marked_windows(marks, fitted.patch, inference.step), fitted.patch)
-  per_call = inference.patch_batch or patch_chunk(fitted.patch, _passes(network.model))
-  blend = PatchBlend(network.model, starts, fitted.patch, fitted.image.shape[-1], chunk=per_call)
-  if fitted.regions is not None:
-    from scribblejax.models.regions import Regions
-    blend = Regions.of(blend, fitted.regions)
-  shape = tuple(r.stop - r.start for r in region)
-  example = jax.ShapeDtypeStruct((1, *shape, fitted.image.shape[-1]), jnp.float32)
-  return split_params(blend, select, example=example), region, len(starts), per_call
 
 
 def _passes(model: Any) -> int:
