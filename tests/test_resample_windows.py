@@ -277,3 +277,17 @@ def test_patch_buckets_add_less_than_half_the_work():
   assert sizes[:9] == [1, 2, 3, 4, 6, 6, 8, 8, 12]
   assert all(n <= b < 1.5 * n or b == n for n, b in zip(range(1, 200), sizes))
   assert len(set(sizes)) == 16                                      # few sizes: few compiled loops
+
+
+@pytest.mark.parametrize("step", [0.25, 1.0])
+def test_marked_patches_follow_any_step(step):
+  net = sj.UNet(spatial_dims=2, in_channels=1, num_classes=2, channels=(4, 8), rngs=nnx.Rngs(9))
+  image = np.random.default_rng(6).normal(size=(24, 32, 1)).astype(np.float32)
+  marks = _marked((24, 32), [((0, 0), 1), ((11, 13), 0), ((23, 31), 1), ((12, 16), 1)])
+  full = sw.sliding_window_logits(sj.split_params(net, sj.last_layers(2)), image, (8, 8), step=step)
+  stacked, _, kwargs = sw.marked_patches(image, marks, (8, 8), step)
+  kwargs.pop("starts")
+  voxels = np.argwhere(marks >= 0)
+  out = np.asarray(sw.MarkedPatches(net, (8, 8), 1, **kwargs)(stacked[None]))[0].reshape(-1, 2)
+  np.testing.assert_allclose(out[kwargs["writes"][:len(voxels)]], full[tuple(voxels.T)], atol=1e-5)
+  assert kwargs["reads"].shape[1] == (16 if step == 0.25 else 4)
