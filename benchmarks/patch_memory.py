@@ -44,26 +44,32 @@ def nnunet_fullres(stages: int, classes: int = 3, seed: int = 0):
 
 
 def measure(net, patch: int, chunk: int | None, layers: int, mirror: bool, driver: str, steps: int = 0,
-            repeats: int = 3) -> dict:
-  """One record: the refinement's compiled memory for a 2x2x2 block of marked patches."""
+            repeats: int = 3, variant: str = "patch_blend") -> dict:
+  """One record: the refinement's compiled memory for a 2x2x2 block of marked patches, blended over
+  their dense region (``patch_blend``) or at the marks only (``marked_patches``, what ``refine`` runs)."""
   import jax
   import jax.numpy as jnp
 
   import scribblejax as sj
-  from scribblejax.sliding_window import Mirrored, PatchBlend
+  from scribblejax.sliding_window import MarkedPatches, Mirrored, PatchBlend, marked_patches
   size = patch + patch // 2
   starts = list(itertools.product((0, patch // 2), repeat=3))
   model = Mirrored(net, (0, 1, 2), (patch,) * 3 + (1,)) if mirror else net
-  blend = PatchBlend(model, starts, (patch,) * 3, 1, chunk=chunk)
-  example = jax.ShapeDtypeStruct((1, size, size, size, 1), jnp.float32)
-  split = sj.split_params(blend, sj.last_layers(layers), example=example)
   image = np.zeros((size, size, size, 1), np.float32)
   marks = np.full((size,) * 3, -1, np.int32)
   marks[(size // 2,) * 3] = 1
+  if variant == "marked_patches":
+    image, marks, kwargs = marked_patches(image, marks, (patch,) * 3)
+    assert len(kwargs.pop("starts")) == len(starts)
+    blend = MarkedPatches(model, (patch,) * 3, 1, chunk=chunk, **kwargs)
+  else:
+    blend = PatchBlend(model, starts, (patch,) * 3, 1, chunk=chunk)
+  example = jax.ShapeDtypeStruct((1, *image.shape), jnp.float32)
+  split = sj.split_params(blend, sj.last_layers(layers), example=example)
   config = sj.RefineConfig(driver=driver, max_steps=max(steps, 1), early_stop=False)
   start = time.perf_counter()
   memory = sj.memory_analysis(split, image, marks, config)
-  record = {"variant": "patch_blend", "dims": 3, "patch": patch, "patches": len(starts), "passes": 8 if mirror else 1,
+  record = {"variant": variant, "dims": 3, "patch": patch, "patches": len(starts), "passes": 8 if mirror else 1,
             "chunk": blend.chunk, "layers": layers, "driver": memory["driver"], "peak_bytes": memory["peak_bytes"],
             "programs": memory["programs"], "compile_s": time.perf_counter() - start}
   if steps:
@@ -78,11 +84,12 @@ def measure(net, patch: int, chunk: int | None, layers: int, mirror: bool, drive
 
 
 def markdown(records: list[dict]) -> str:
-  rows = ["| device | patch | patches x passes | per call | peak MiB | ms per step |", "|---|---|---|---|---|---|"]
+  rows = ["| device | variant | patch | patches x passes | per call | peak MiB | ms per step |",
+          "|---|---|---|---|---|---|---|"]
   for r in records:
     per_call = r["patches"] if r["chunk"] is None else r["chunk"]
     step = f"{r['ms_per_step']:.0f}" if "ms_per_step" in r else "-"
-    rows.append(f"| {r['device']} | {r['patch']}^3 | {r['patches']} x {r['passes']} | {per_call} | "
+    rows.append(f"| {r['device']} | {r['variant']} | {r['patch']}^3 | {r['patches']} x {r['passes']} | {per_call} | "
                 f"{r['peak_bytes'] / 2 ** 20:.0f} | {step} |")
   return "\n".join(rows)
 
@@ -97,6 +104,9 @@ def main(argv=None) -> int:
   parser.add_argument("--driver", default="auto", help="refinement driver (default auto)")
   parser.add_argument("--steps", type=int, default=0, help="also time a refinement of this many steps (default 0: no)")
   parser.add_argument("--repeats", type=int, default=3, help="timed refinements after the first (default 3)")
+  parser.add_argument("--variants", default="patch_blend",
+                      help="patch_blend (over the patches' dense region) and/or marked_patches (at the marks only, "
+                           "what refine runs), comma-separated (default patch_blend)")
   parser.add_argument("--out", help="JSON file of the records (written atomically)")
   args = parser.parse_args(argv)
   import jax
@@ -105,14 +115,15 @@ def main(argv=None) -> int:
   from scribblejax.evaluate import device_name, write_json, write_text
   net = nnunet_fullres(args.stages)
   records = []
-  for mirror in (False, True) if args.mirror else (False,):
-    for text in args.chunks.split(","):
-      chunk = None if text.strip() == "all" else int(text)
-      record = measure(net, args.patch, chunk, args.layers, mirror, args.driver, args.steps, args.repeats)
-      record.update(device=device_name(), versions={"jax": jax.__version__, "scribblejax": sj.__version__},
-                    stages=args.stages)
-      records.append(record)
-      print(json.dumps({k: v for k, v in record.items() if k != "programs"}), flush=True)
+  for variant, mirror, text in itertools.product(args.variants.split(","), (False, True) if args.mirror else (False,),
+                                                args.chunks.split(",")):
+    chunk = None if text.strip() == "all" else int(text)
+    record = measure(net, args.patch, chunk, args.layers, mirror, args.driver, args.steps, args.repeats,
+                     variant.strip())
+    record.update(device=device_name(), versions={"jax": jax.__version__, "scribblejax": sj.__version__},
+                  stages=args.stages)
+    records.append(record)
+    print(json.dumps({k: v for k, v in record.items() if k != "programs"}), flush=True)
   table = markdown(records)
   print(table)
   if args.out:

@@ -351,7 +351,8 @@ class MarkedPatches(nnx.Module):
   :func:`marked_patches`), and its output the same patch space with each marked voxel's blended logits
   at one place (the voxel in the first patch holding it) and 0 elsewhere; the marks come in the same
   patch space. Where the patches sit is frozen state (:class:`PatchIndex`), so new marks reuse the
-  compiled loop. Padding patches are zeros; padding voxels have weight 0.
+  compiled loop. Padding patches are zeros; padding voxels have weight 0. The output is 0 away from
+  the marks, so ``RefineConfig.keep_weight`` (which reads the prediction everywhere) does not apply.
 
   Attributes:
     net: the network (its parameters are this module's, under ``net``).
@@ -427,22 +428,31 @@ def marked_patches(image: Any, marks: Any, patch_size: Sequence[int], step: floa
   size = int(np.prod(patch))
   gauss = gaussian_importance(patch)
   voxels = np.argwhere(marks >= 0)                                             # [m, d]
-  inside = np.all((voxels[:, None] >= starts[None]) & (voxels[:, None] < starts[None] + np.asarray(patch)), axis=-1)
-  # a marked voxel lies in at most 2**d of the patches with steps of half a patch or more; smaller steps
-  # put it in more
-  ways = _bucket(int(inside.sum(axis=1).max()), 2 ** marks.ndim)
-  rows = _bucket(len(voxels), least_marks)
+  m = len(voxels)
+  # the most patches any voxel of this grid lies in (per axis, multiplied): from the image's shape, patch
+  # and step alone, so that marks elsewhere give the same shapes (2**d for steps of half a patch or more
+  # with exact strides; nnU-Net's rounded strides can give 3 per axis)
+  ways = 1
+  for n, p in zip(marks.shape, patch):
+    cover = np.zeros(n + 1, np.int64)
+    for a in window_starts(n, p, step):
+      cover[a] += 1
+      cover[a + p] -= 1
+    ways *= int(np.cumsum(cover)[:n].max())
+  ways = _bucket(ways, 1)
+  rows = _bucket(m, least_marks)
   reads = np.zeros((rows, ways), np.int32)
   weights = np.zeros((rows, ways), np.float32)
-  writes = np.zeros((rows,), np.int32)
-  slot = np.cumsum(inside, axis=1) - 1                       # a voxel's patches in order fill its slots 0, 1, ...
-  for p, start in enumerate(starts):
-    held_here = np.flatnonzero(inside[:, p])
+  filled = np.zeros(m, np.int64)                   # a voxel's patches, in order, fill its slots 0, 1, ...
+  for p, start in enumerate(starts):               # one patch at a time: memory O(marked voxels)
+    held_here = np.flatnonzero(np.all((voxels >= start) & (voxels < start + np.asarray(patch)), axis=1))
     local = voxels[held_here] - start
-    reads[held_here, slot[held_here, p]] = p * size + np.ravel_multi_index(tuple(local.T), patch)
-    weights[held_here, slot[held_here, p]] = gauss[tuple(local.T)]
-  m = len(voxels)
+    slots = filled[held_here]
+    reads[held_here, slots] = p * size + np.ravel_multi_index(tuple(local.T), patch)
+    weights[held_here, slots] = gauss[tuple(local.T)]
+    filled[held_here] += 1
   weights[:m] /= weights[:m].sum(axis=1, keepdims=True)
+  writes = np.zeros((rows,), np.int32)
   writes[:m] = reads[:m, 0]                                  # each voxel's place: in the first patch holding it
   stacked_marks = np.full((count * size,), -1, np.int32)
   stacked_marks[writes[:m]] = marks[tuple(voxels.T)]

@@ -326,3 +326,17 @@ def test_marks_of_two_interactions_in_one_coarse_voxel_keep_the_newer_as_a_sessi
   marks[10, 10] = 0                                   # the same voxel of the model's grid, a later interaction
   state = method.update(state, marks)
   assert state.model_marks[5, 5] == 0                 # was: 1 (all marks resampled at once, the older held)
+
+
+def test_keep_weight_is_refused_with_patches(tiny_model, tmp_path):
+  from scribblejax.io.evaluate_image import pipeline_method, prepare_pipeline
+  from scribblejax.io.images import read_image
+  from scribblejax.models.store import load_model
+  _, folder = tiny_model
+  patched = _with_metadata(folder, tmp_path, "patched", patch_size=[16, 16])
+  img, _, _ = _nuclei_files(tmp_path, 32)
+  model, info = load_model(patched)
+  pipe = prepare_pipeline(model, info, read_image(img), layers=2)
+  with pytest.raises(ValueError, match="keep_weight needs the network's logits at every voxel"):
+    pipeline_method("refine", pipe, RefineConfig(keep_weight=0.5))   # was: silently a constant term
+  assert pipeline_method("refine", pipe, RefineConfig()).name == "refine_l2"

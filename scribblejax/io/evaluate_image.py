@@ -160,6 +160,9 @@ def pipeline_refine_method(pipe: Pipeline, config: Any = None, *, head_only: boo
   from scribblejax.refine import RefineConfig, compute_trunk, predict, refine
   config = RefineConfig() if config is None else config
   fitted = pipe.fitted
+  if config.keep_weight and fitted.patch is not None:
+    raise ValueError("keep_weight needs the network's logits at every voxel, but with patches the loop blends "
+                     "them at the marked voxels only (MarkedPatches); use keep_weight=0 or --patch-size whole")
   split = _head_split(pipe) if head_only else pipe.split
   select = head() if head_only else last_layers(pipe.layers)
   whole = fitted.patch is None
