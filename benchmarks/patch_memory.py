@@ -83,6 +83,25 @@ def measure(net, patch: int, chunk: int | None, layers: int, mirror: bool, drive
   return record
 
 
+def stamp(record: dict) -> dict:
+  """``record`` with the device's name and the versions."""
+  import jax
+
+  import scribblejax as sj
+  from scribblejax.evaluate import device_name
+  record.update(device=device_name(), versions={"jax": jax.__version__, "scribblejax": sj.__version__})
+  return record
+
+
+def write_records(records: list[dict], table: str, out: str | None) -> None:
+  """Prints the table, and writes the records as JSON to ``out`` and the table beside it (``.md``), atomically."""
+  from scribblejax.evaluate import write_json, write_text
+  print(table)
+  if out:
+    write_json(out, records)
+    write_text(Path(out).with_suffix(".md"), table + "\n")
+
+
 def markdown(records: list[dict]) -> str:
   rows = ["| device | variant | patch | patches x passes | per call | peak MiB | ms per step |",
           "|---|---|---|---|---|---|---|"]
@@ -109,10 +128,6 @@ def main(argv=None) -> int:
                            "what refine runs), comma-separated (default patch_blend)")
   parser.add_argument("--out", help="JSON file of the records (written atomically)")
   args = parser.parse_args(argv)
-  import jax
-
-  import scribblejax as sj
-  from scribblejax.evaluate import device_name, write_json, write_text
   net = nnunet_fullres(args.stages)
   records = []
   for variant, mirror, text in itertools.product(args.variants.split(","), (False, True) if args.mirror else (False,),
@@ -120,15 +135,9 @@ def main(argv=None) -> int:
     chunk = None if text.strip() == "all" else int(text)
     record = measure(net, args.patch, chunk, args.layers, mirror, args.driver, args.steps, args.repeats,
                      variant.strip())
-    record.update(device=device_name(), versions={"jax": jax.__version__, "scribblejax": sj.__version__},
-                  stages=args.stages)
-    records.append(record)
+    records.append(stamp({**record, "stages": args.stages}))
     print(json.dumps({k: v for k, v in record.items() if k != "programs"}), flush=True)
-  table = markdown(records)
-  print(table)
-  if args.out:
-    write_json(args.out, records)
-    write_text(Path(args.out).with_suffix(".md"), table + "\n")
+  write_records(records, markdown(records), args.out)
   return 0
 
 

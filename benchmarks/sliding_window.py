@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from pathlib import Path
 
 import numpy as np
 
@@ -90,19 +89,11 @@ def main(argv=None) -> int:
   parser.add_argument("--repeats", type=int, default=3, help="timed runs after the first (default 3)")
   parser.add_argument("--out", help="JSON file of the records (written atomically), with a .md table beside it")
   args = parser.parse_args(argv)
-  import jax
-
-  import scribblejax as sj
-  from scribblejax.evaluate import device_name, write_json, write_text
-  records = measure(args.volume, args.patch, args.stages, args.layers, args.repeats)
+  from benchmarks.patch_memory import stamp, write_records
+  records = [stamp(r) for r in measure(args.volume, args.patch, args.stages, args.layers, args.repeats)]
   for record in records:
-    record.update(device=device_name(), versions={"jax": jax.__version__, "scribblejax": sj.__version__})
     print(json.dumps(record), flush=True)
-  table = markdown(records)
-  print(table)
-  if args.out:
-    write_json(args.out, records)
-    write_text(Path(args.out).with_suffix(".md"), table + "\n")
+  write_records(records, markdown(records), args.out)
   return 0
 
 

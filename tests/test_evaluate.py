@@ -308,15 +308,19 @@ def test_evaluate_takes_the_models_stored_refine_defaults_as_refine_does(tiny_mo
                "--out", str(tmp_path / "c")]) == 1                      # was: --crop silently ignored
 
 
-def test_marks_of_two_interactions_in_one_coarse_voxel_keep_the_newer_as_a_session_does(tiny_model, tmp_path):
-  from scribblejax.io.evaluate_image import pipeline_method, prepare_pipeline
+def _pipeline_on_a_crop(tiny_model, tmp_path, **metadata):
+  """The tiny model with ``metadata`` added, prepared for a 32 x 32 DSB crop (last 2 layers tunable)."""
+  from scribblejax.io.evaluate_image import prepare_pipeline
   from scribblejax.io.images import read_image
   from scribblejax.models.store import load_model
-  _, folder = tiny_model
-  coarse = _with_metadata(folder, tmp_path, "coarse", spacing=[2.0, 2.0])
+  model, info = load_model(_with_metadata(tiny_model[1], tmp_path, "with_metadata", **metadata))
   img, _, _ = _nuclei_files(tmp_path, 32)
-  model, info = load_model(coarse)
-  pipe = prepare_pipeline(model, info, read_image(img), layers=2)
+  return prepare_pipeline(model, info, read_image(img), layers=2)
+
+
+def test_marks_of_two_interactions_in_one_coarse_voxel_keep_the_newer_as_a_session_does(tiny_model, tmp_path):
+  from scribblejax.io.evaluate_image import pipeline_method
+  pipe = _pipeline_on_a_crop(tiny_model, tmp_path, spacing=[2.0, 2.0])
   method = pipeline_method("refine", pipe, RefineConfig(max_steps=3))
   state = method.init(None)
   marks = np.full((32, 32), -1, np.int32)
@@ -329,14 +333,8 @@ def test_marks_of_two_interactions_in_one_coarse_voxel_keep_the_newer_as_a_sessi
 
 
 def test_keep_weight_is_refused_with_patches(tiny_model, tmp_path):
-  from scribblejax.io.evaluate_image import pipeline_method, prepare_pipeline
-  from scribblejax.io.images import read_image
-  from scribblejax.models.store import load_model
-  _, folder = tiny_model
-  patched = _with_metadata(folder, tmp_path, "patched", patch_size=[16, 16])
-  img, _, _ = _nuclei_files(tmp_path, 32)
-  model, info = load_model(patched)
-  pipe = prepare_pipeline(model, info, read_image(img), layers=2)
+  from scribblejax.io.evaluate_image import pipeline_method
+  pipe = _pipeline_on_a_crop(tiny_model, tmp_path, patch_size=[16, 16])
   with pytest.raises(ValueError, match="keep_weight needs the network's logits at every voxel"):
     pipeline_method("refine", pipe, RefineConfig(keep_weight=0.5))   # was: silently a constant term
   assert pipeline_method("refine", pipe, RefineConfig()).name == "refine_l2"
