@@ -87,3 +87,23 @@ def test_the_sliding_window_blends_region_logits_and_the_wrappers_refuse_scores(
                lambda: sj.Ensemble.of([model, model])):
     with pytest.raises(ValueError, match="class scores"):
       wrap()
+
+
+def test_wrappers_of_a_network_without_a_stated_layer_order_are_traced():
+  # Regions and Ensemble read their network's stated order; without one, sj.layer_order traces the
+  # wrapper's forward pass like any other model's (was: a ValueError naming the wrapper)
+  class Plain(nnx.Module):
+    def __init__(self, rngs):
+      self.first = nnx.Conv(1, 4, (3, 3), rngs=rngs)
+      self.last = nnx.Conv(4, 2, (1, 1), rngs=rngs)
+
+    def __call__(self, x):
+      return self.last(nnx.relu(self.first(x)))
+
+  example = jax.ShapeDtypeStruct((1, 8, 8, 1), np.float32)
+  for model in (sj.Regions.of(Plain(nnx.Rngs(0)), [1, 2]), sj.Ensemble.of([Plain(nnx.Rngs(0)), Plain(nnx.Rngs(1))])):
+    assert sj.layer_order(model, example) == (("net", "first"), ("net", "last"))
+    with pytest.raises(ValueError, match="states no layer order; pass an example input"):
+      sj.layer_order(model)
+  assert sj.tunable_paths(sj.Regions.of(Plain(nnx.Rngs(0)), [1, 2]), sj.last_layers(1), example) == (
+      ("net", "last", "bias"), ("net", "last", "kernel"))

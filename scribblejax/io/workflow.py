@@ -1285,7 +1285,7 @@ def _check_inside_crop(marks: np.ndarray, fitted: Fitted, class_names: Sequence[
 
 
 def _same_tree(like: Any, leaves_of: Any, problem: str = "the patch blend's tunable layers are not the network's") -> Any:
-  """``leaves_of``'s leaves in ``like``'s structure: a network's and its PatchBlend's tunable layers,
+  """``leaves_of``'s leaves in ``like``'s structure: a network's and its MarkedPatches' tunable layers,
   or a session's stored weights.
 
   Raises:

@@ -102,13 +102,14 @@ class Ensemble(nnx.Module):
     """The members' layer order (stated by the member's family), under ``net``.
 
     Raises:
-      ValueError: the members' family states no layer order.
+      NotImplementedError: the members state none (:func:`scribblejax.layer_order` then traces the
+        forward pass, given an example input).
     """
     from scribblejax.models.layer_order import check_layer_order
     member = self.member(0)
     stated = getattr(member, "layer_order", None)
     if not callable(stated):
-      raise ValueError(f"an Ensemble needs members that state their layer order; {type(member).__name__} does not")
+      raise NotImplementedError(f"{type(member).__name__} states no layer order")
     return [("net", *path) for path in check_layer_order(member, stated())]
 
   def __call__(self, x: jax.Array) -> jax.Array:

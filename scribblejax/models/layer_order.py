@@ -157,13 +157,17 @@ def layer_order(model: nnx.Module, example: jax.Array | jax.ShapeDtypeStruct | N
 
   Raises:
     ValueError: the model states no layer order and no example input was given, or its stated order
-      does not cover every parameter exactly once.
+      does not cover every parameter exactly once. A ``layer_order`` method that raises
+      ``NotImplementedError`` (a wrapper whose network states none) counts as none.
   """
   stated = getattr(model, "layer_order", None)
   if callable(stated):
-    return check_layer_order(model, stated())
+    try:
+      return check_layer_order(model, stated())
+    except NotImplementedError:
+      pass          # a wrapper around a network that states none: traced like any other model
   if example is None:
     raise ValueError(
-        f"{type(model).__name__} has no layer_order() method; pass an example input so that the "
+        f"{type(model).__name__} states no layer order; pass an example input so that the "
         "layer order can be traced from the forward pass")
   return check_layer_order(model, traced_layer_order(model, example))

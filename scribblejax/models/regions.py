@@ -128,12 +128,13 @@ class Regions(nnx.Module):
     """The network's layers (stated by its family), under ``net``.
 
     Raises:
-      ValueError: the network states no layer order.
+      NotImplementedError: the network states none (:func:`scribblejax.layer_order` then traces the
+        forward pass, given an example input).
     """
     from scribblejax.models.layer_order import check_layer_order
     stated = getattr(self.net, "layer_order", None)
     if not callable(stated):
-      raise ValueError(f"Regions needs a network that states its layer order; {type(self.net).__name__} does not")
+      raise NotImplementedError(f"{type(self.net).__name__} states no layer order")
     return [("net", *path) for path in check_layer_order(self.net, stated())]
 
   def __call__(self, x: jax.Array) -> jax.Array:
