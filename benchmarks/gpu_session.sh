@@ -9,7 +9,8 @@
 #      and the whole network each step, against PyTorch (gpu_suite.sh part "2d");
 #   3. with PATCH_MEMORY=1, instead of 1 and 2 (a second call, at most 5 minutes): XLA's compiled memory of
 #      refinement on 8 marked 128^3 patches of nnU-Net's 3d_fullres U-Net, all at once against
-#      PatchBlend batches of 4 and 1, with and without mirroring (benchmarks/patch_memory.py).
+#      batches of 4 and 1, with and without mirroring, in the loop refine runs (MarkedPatches;
+#      benchmarks/patch_memory.py).
 # From the repository root, with the device tool's output folder:
 #
 #   OUT=$OUT/session bash benchmarks/gpu_session.sh        # writes $OUT/session.tgz as well
@@ -21,7 +22,7 @@ mkdir -p "$OUT"
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
 if [ "${PATCH_MEMORY:-0}" = "1" ]; then
   if [ "${SMOKE:-0}" = "1" ]; then SIZE="--patch 16 --stages 3"; else SIZE="--patch 128 --stages 6"; fi
-  PYTHONPATH="$PWD" timeout 300 "${PYTHON:-python3}" -m benchmarks.patch_memory $SIZE --chunks all,4,1 --mirror \
+  PYTHONPATH="$PWD" timeout 300 "${PYTHON:-python3}" -m benchmarks.patch_memory $SIZE --chunks all,4,1 --mirror --variants marked_patches \
     --out "$OUT/patch_memory.json" > "$OUT/patch_memory.log" 2>&1 || echo "== patch_memory failed or timed out"
 elif [ "${SMOKE:-0}" = "1" ]; then
   CASES=2d32 PARTS="base bf16 flags" BATCH=2 BATCH_CASE=2d32 CASES_FLAGS=2d32 OUT="$OUT/probe" bash benchmarks/gpu_probe.sh
