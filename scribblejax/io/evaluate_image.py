@@ -148,8 +148,9 @@ def pipeline_refine_method(pipe: Pipeline, config: Any = None, *, head_only: boo
   Returns:
     A :class:`scribblejax.baselines.Method` whose ``init`` and ``warmup`` ignore the image they are
     given (the pipeline holds it). ``info`` gives ``steps``, ``satisfied``, ``marks_honoured`` (on
-    the image's grid), ``refined_patches`` and ``compile_seconds``: with patches, each new set of
-    marked patches compiles its loop, and that time is inside the interaction's seconds.
+    the image's grid), ``refined_patches`` and ``compile_seconds``: with patches, a round whose counts
+    of marked patches and voxels round up to an earlier round's reuses its compiled loop; otherwise
+    it compiles, and that time is inside the interaction's seconds.
   """
   import jax
   from scribblejax import marks as marks_lib
