@@ -7,12 +7,13 @@ nnU-Net pads the image with zeros to at least one patch, places patches with a s
 centred on each patch (sigma 1/8 of the patch; ``nnunetv2.inference.sliding_window_prediction``).
 :func:`sliding_window_logits` does the same with one compiled program for every patch.
 
-Refinement runs only the patches that hold marks (:func:`marked_windows`): :class:`PatchBlend` applies
-the network to them (in batches of at most :func:`patch_chunk` patches, each a ``jax.checkpoint``, so
-the backward pass holds one batch's activations at a time) and blends them as sliding-window
-inference does, so the loop's stop rule reads the very logits that the refined network's
-sliding-window segmentation gives at every marked voxel. The refined weights then segment the whole
-image patch by patch.
+Refinement runs only the patches that hold marks (:func:`marked_windows`): :class:`MarkedPatches`
+applies the network to them (in batches of at most :func:`patch_chunk` patches, each a
+``jax.checkpoint``, so the backward pass holds one batch's activations at a time) and blends their
+logits at the marked voxels as sliding-window inference does, so the loop's stop rule reads the very
+logits that the refined network's sliding-window segmentation gives at every marked voxel
+(:class:`PatchBlend` does the same over the patches' dense region). The refined weights then segment
+the whole image patch by patch.
 
 :class:`Mirrored` averages a network over flips of its input (nnU-Net's test-time mirroring) and
 :class:`SliceWise` runs a 2-D network on every slice of a volume. Both, like :class:`PatchBlend`, are
@@ -129,12 +130,7 @@ def sliding_window_logits_of(split: Any, image: Any, patch_size: Sequence[int], 
   from scribblejax.refine import compute_trunk, predict
   if not tunables:
     raise ValueError("no tunable weights given")
-  order = None
-  unwrapped = []
-  for tunable in tunables:
-    inner, tunable, order = _unwrap_regions(split, tunable)
-    unwrapped.append(tunable)
-  split = inner
+  split, unwrapped, order = _unwrap_regions(split, tunables)
   image = np.asarray(image)
   if image.ndim < 2:
     raise ValueError(f"the image must be [*spatial, channels], got shape {image.shape}")
@@ -172,19 +168,19 @@ def sliding_window_logits_of(split: Any, image: Any, patch_size: Sequence[int], 
   return results
 
 
-def _unwrap_regions(split: Any, tunable: Any) -> tuple[Any, Any, tuple[int, ...] | None]:
+def _unwrap_regions(split: Any, tunables: Sequence[Any]) -> tuple[Any, list, tuple[int, ...] | None]:
   """For the split of a :class:`scribblejax.Regions` network: the split of its network (the same
-  tunable parameters), ``tunable`` in that split's structure, and the class order; else unchanged."""
+  tunable parameters), ``tunables`` in that split's structure, and the class order; else unchanged."""
   from scribblejax.models.regions import Regions
   from scribblejax.params import by_predicate, check_tunable, split_params
   model = nnx.merge(split.graphdef, split.tunable, split.frozen)
   if not isinstance(model, Regions):
-    return split, tunable, None
-  tunable = split.tunable if tunable is None else check_tunable(split, tunable)
+    return split, list(tunables), None
   chosen = {tuple(p[1:]) for p, _ in nnx.to_flat_state(split.tunable)}
   inner = split_params(model.net, by_predicate(lambda path: path in chosen))
-  leaves = jax.tree.leaves(tunable)
-  return inner, jax.tree.unflatten(jax.tree.structure(inner.tunable), leaves), model.order
+  structure = jax.tree.structure(inner.tunable)
+  leaves = [jax.tree.leaves(split.tunable if t is None else check_tunable(split, t)) for t in tunables]
+  return inner, [jax.tree.unflatten(structure, one) for one in leaves], model.order
 
 
 def _refuse_regions(net: nnx.Module, wrapper: str) -> None:
@@ -283,9 +279,7 @@ class PatchBlend(nnx.Module):
     self.in_channels = int(in_channels)
     if not self.starts:
       raise ValueError("PatchBlend needs at least one patch")
-    if chunk is not None and (not is_integer(chunk) or chunk < 1):
-      raise ValueError(f"the patches per network call must be a positive integer or None, got {chunk!r}")
-    self.chunk = None if chunk is None or chunk >= len(self.starts) else int(chunk)
+    self.chunk = _chunk(chunk, len(self.starts))
 
   def layer_order(self) -> list[tuple]:
     """The network's layers (stated, or traced on one patch), under ``net``."""
@@ -307,6 +301,18 @@ class PatchBlend(nnx.Module):
       total = total.at[(slice(None), *w)].add(logits[i * batch:(i + 1) * batch] * weights)
       norm[w] += gauss
     return total / jnp.asarray(np.maximum(norm, np.finfo(np.float32).tiny), logits.dtype)
+
+
+def _chunk(chunk: int | None, count: int) -> int | None:
+  """The patches per network call of ``count`` patches: ``None`` (all at once) when ``chunk`` is
+  ``None`` or holds them all.
+
+  Raises:
+    ValueError: ``chunk`` is not a positive integer or ``None``.
+  """
+  if chunk is not None and (not is_integer(chunk) or chunk < 1):
+    raise ValueError(f"the patches per network call must be a positive integer or None, got {chunk!r}")
+  return None if chunk is None or chunk >= count else int(chunk)
 
 
 def _run_in_chunks(net: nnx.Module, gather: Any, count: int, chunk: int | None) -> jax.Array:
@@ -344,8 +350,8 @@ def _patch_bucket(n: int, least: int) -> int:
 class MarkedPatches(nnx.Module):
   """A network on the sliding-window patches that hold marks, its logits blended at the marked voxels
   only, as :func:`sliding_window_logits` blends them: the refinement loop of a large image whose
-  compiled program depends on how many patches and marked voxels there are (rounded up to powers of
-  two), not on where they are.
+  compiled program depends on how many patches and marked voxels there are (rounded up, see
+  :func:`marked_patches`), not on where they are.
 
   Its input is the patches stacked along the first spatial axis (``[B, P * p_0, p_1, ..., C]``, from
   :func:`marked_patches`), and its output the same patch space with each marked voxel's blended logits
@@ -359,8 +365,9 @@ class MarkedPatches(nnx.Module):
     patch: the patch size.
     patches: how many patches the input holds (padding included).
     chunk: the most patches per network call (``None``: all at once); more run as in :class:`PatchBlend`.
-    reads: ``int32[m, 2**d]``: for each marked voxel, its flat index in each patch that holds it.
-    weights: ``float32[m, 2**d]``: the Gaussian weight of each, normalised to sum 1 (0: padding).
+    reads: ``int32[m, w]``: for each marked voxel, its flat index in each patch that holds it (``w``:
+      the most patches any voxel of the grid lies in, rounded up to a power of two).
+    weights: ``float32[m, w]``: the Gaussian weight of each, normalised to sum 1 (0: padding).
     writes: ``int32[m]``: where each marked voxel's blended logits go in the output.
   """
 
@@ -371,9 +378,7 @@ class MarkedPatches(nnx.Module):
     self.patch = tuple(int(p) for p in patch)
     self.in_channels = int(in_channels)
     self.patches = int(patches)
-    if chunk is not None and (not is_integer(chunk) or chunk < 1):
-      raise ValueError(f"the patches per network call must be a positive integer or None, got {chunk!r}")
-    self.chunk = None if chunk is None or chunk >= self.patches else int(chunk)
+    self.chunk = _chunk(chunk, self.patches)
     self.reads = PatchIndex(jnp.asarray(reads, jnp.int32))
     self.weights = PatchIndex(jnp.asarray(weights, jnp.float32))
     self.writes = PatchIndex(jnp.asarray(writes, jnp.int32))

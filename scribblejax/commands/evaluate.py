@@ -56,7 +56,7 @@ def _noc_text(result: dict) -> str:
 def _single_case(args) -> int:
   from scribblejax import baselines as bl
   from scribblejax import evaluate as ev
-  from scribblejax.io.workflow import DEFAULT_LAYERS, RefineSettings
+  from scribblejax.io.workflow import RefineSettings, resolve_layers
   if args.interactions < 0:
     raise ValueError(f"--interactions must be >= 0, got {args.interactions}")
   if args.add_classes < 0:
@@ -99,9 +99,7 @@ def _single_case(args) -> int:
       case = case._replace(num_classes=case.num_classes + args.add_classes,
                            class_names=case.class_names + tuple(f"added {c}" for c in range(args.add_classes)))
     if layers is None:
-      from scribblejax.models.layer_order import layer_order
-      example = _example(case.image)
-      layers = min(DEFAULT_LAYERS, len(layer_order(model, example)))
+      layers = resolve_layers(model, _example(case.image), None)
     method = bl.make_method(args.method, model, layers=layers, config=config)
   eval_config = ev.EvalConfig(interactions=args.interactions, mark_kind=args.marks, region_growing=args.region_growing)
   result = ev.run_case(case, method, eval_config)
@@ -180,13 +178,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
   parser.add_argument("--prox-weight", type=float, default=one["prox_weight"], help="alpha (default: the model's stored default, else RefineConfig's)")
   parser.add_argument("--crop", type=int, default=one["crop"], help="centre crop of a built-in task's image")
   parser.add_argument("--out", default="evaluate_output")
-  from scribblejax.commands.io_commands import _inference_flags
+  from scribblejax.commands.io_commands import _inference_flags, _patch_batch_flag
   patches = _inference_flags(parser)
   patches.description = ("--image/--label cases only: how the network sees the image, as predict and refine run "
                          "it (nnU-Net's pipeline); the simulated user marks, and Dice is measured, on the image's "
                          "own grid")
-  patches.add_argument("--patch-batch", default="auto", metavar="auto|N",
-                       help="with patches, the most marked patches one network call of the refinement loop runs "
-                            "(auto: up to 128^3 voxels per call)")
+  _patch_batch_flag(patches)
   parser.set_defaults(func=run)
   return parser

@@ -100,6 +100,15 @@ def _inference_flags(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup
   return group
 
 
+def _patch_batch_flag(group: argparse._ArgumentGroup) -> None:
+  """``--patch-batch``, for the commands that refine on patches (refine, evaluate)."""
+  group.add_argument("--patch-batch", default="auto", metavar="auto|N",
+                     help="with patches, the most marked patches one network call of the refinement loop runs; "
+                          "more run one batch after another, each recomputed in the backward pass, so memory "
+                          "grows with one batch (auto: up to 128^3 voxels per call, mirrored copies and folds "
+                          "counted)")
+
+
 def _inference(args: argparse.Namespace):
   from scribblejax.io.workflow import InferenceOptions
   text = args.patch_size.strip().lower()
@@ -236,12 +245,7 @@ def _add_refine(subparsers) -> None:
   marks.add_argument("--radius", type=float, default=1.0, help="thickness of LabelMe points and lines (default 1)")
   marks.add_argument("--rectangle", choices=("box", "fill"), default="box",
                      help="LabelMe rectangles: box (core + background ring) or fill (default box)")
-  patches = _inference_flags(parser)
-  patches.add_argument("--patch-batch", default="auto", metavar="auto|N",
-                       help="with patches, the most marked patches one network call of the refinement loop runs; "
-                            "more run one batch after another, each recomputed in the backward pass, so memory "
-                            "grows with one batch (auto: up to 128^3 voxels per call, mirrored copies and folds "
-                            "counted)")
+  _patch_batch_flag(_inference_flags(parser))
   _scripting(parser)
   parser.set_defaults(func=_refine)
 

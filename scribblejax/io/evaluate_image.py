@@ -85,12 +85,12 @@ def prepare_pipeline(model: Any, info: Any, image: Image, layers: int | None = N
   return Pipeline(network, split, fitted, inference, layers)
 
 
-def segment(pipe: Pipeline, tunable: Any = None, split: Any = None) -> np.ndarray:
-  """The segmentation ``int32[*image_spatial]`` the network (W, or ``tunable``) gives the image, on the
-  image's grid."""
+def segment(pipe: Pipeline, split: Any = None) -> np.ndarray:
+  """The segmentation ``int32[*image_spatial]`` the network (``split``, default the pipeline's) gives the
+  image, on the image's grid."""
   from scribblejax.io.workflow import labels_from_logits, network_logits
   split = pipe.split if split is None else split
-  return labels_from_logits(network_logits(split, pipe.fitted, tunable, step=pipe.inference.step), pipe.fitted)
+  return labels_from_logits(network_logits(split, pipe.fitted, step=pipe.inference.step), pipe.fitted)
 
 
 def image_grid_input(image: Image, pipe: Pipeline) -> np.ndarray:

@@ -34,9 +34,6 @@ DEFAULT_LAYERS = 5
 # refine segments the image with W and with the refined weights in one pass over the patches when their
 # two float32 logits volumes take at most this many bytes (else one pass after the other)
 JOINT_LOGITS_BYTES = 4 * 2 ** 30
-# the refinement loop on marked patches runs at least this many patches (padding with empty ones), so
-# that rounds with a few marked patches more or fewer share a compiled loop
-PATCH_BUCKET = 1
 _COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
                    "/jax/core/compile/backend_compile_duration")
 COMPILE_NOTE = ("compile_seconds: time JAX reported spending on tracing, lowering and XLA compilation during "
@@ -699,17 +696,27 @@ def _load(model: str, log: Log) -> _Network:
   return _Network(net, info, spec_of(net, info))
 
 
+def resolve_layers(model: Any, example: Any, layers: int | None) -> int:
+  """The tunable last layers: ``layers``, or :data:`DEFAULT_LAYERS` at most the model's layers.
+
+  Raises:
+    ValueError: ``layers`` is not between 1 and the model's layers.
+  """
+  from scribblejax.models.layer_order import layer_order
+  count = len(layer_order(model, example))
+  if layers is None:
+    return min(DEFAULT_LAYERS, count)
+  if not 1 <= layers <= count:
+    raise ValueError(f"--layers must be between 1 and {count} (the model's layers), got {layers}")
+  return layers
+
+
 def _split(network: _Network, fitted: Fitted, layers: int | None):
   import jax
   import jax.numpy as jnp
-  from scribblejax.models.layer_order import layer_order
   from scribblejax.params import last_layers, split_params
   example = jax.ShapeDtypeStruct((1, *_network_input(fitted)), jnp.float32)
-  count = len(layer_order(network.model, example))
-  if layers is None:
-    layers = min(DEFAULT_LAYERS, count)
-  elif not 1 <= layers <= count:
-    raise ValueError(f"--layers must be between 1 and {count} (the model's layers), got {layers}")
+  layers = resolve_layers(network.model, example, layers)
   return split_params(network.model, last_layers(layers), example=example), layers
 
 
@@ -1222,23 +1229,20 @@ def loop_split(network: _Network, fitted: Fitted, split: Any, marks: np.ndarray,
   import jax.numpy as jnp
   from scribblejax.models.regions import Regions
   from scribblejax.params import split_params
-  if fitted.patch is None:
-    if fitted.regions is None:
-      return Loop(split, fitted.image, marks, 0, 0)
-    example = jax.ShapeDtypeStruct((1, *fitted.image.shape), jnp.float32)
-    return Loop(split_params(Regions.of(network.model, fitted.regions), select, example=example), fitted.image,
-                marks, 0, 0)
   from scribblejax.sliding_window import MarkedPatches, marked_patches, patch_chunk, windows_region
-  image, stacked_marks, kwargs = marked_patches(fitted.image, marks, fitted.patch, inference.step,
-                                                least_patches=PATCH_BUCKET)
-  starts = kwargs.pop("starts")
-  per_call = inference.patch_batch or patch_chunk(fitted.patch, _passes(network.model))
-  module = MarkedPatches(network.model, fitted.patch, fitted.image.shape[-1], chunk=per_call, **kwargs)
+  if fitted.patch is None and fitted.regions is None:
+    return Loop(split, fitted.image, marks, 0, 0)
+  module, image, loop_marks, patches, per_call, region = network.model, fitted.image, marks, 0, 0, None
+  if fitted.patch is not None:
+    image, loop_marks, kwargs = marked_patches(fitted.image, marks, fitted.patch, inference.step)
+    starts = kwargs.pop("starts")
+    per_call = inference.patch_batch or patch_chunk(fitted.patch, _passes(network.model))
+    module = MarkedPatches(network.model, fitted.patch, fitted.image.shape[-1], chunk=per_call, **kwargs)
+    patches, region = len(starts), windows_region(starts, fitted.patch)[0]
   if fitted.regions is not None:
     module = Regions.of(module, fitted.regions)
   example = jax.ShapeDtypeStruct((1, *image.shape), jnp.float32)
-  region = windows_region(starts, fitted.patch)[0]
-  return Loop(split_params(module, select, example=example), image, stacked_marks, len(starts), per_call, region)
+  return Loop(split_params(module, select, example=example), image, loop_marks, patches, per_call, region)
 
 
 def refined_logits(split: Any, fitted: Fitted, result: Any, patches: int, step: float = 0.5,
