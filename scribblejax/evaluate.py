@@ -158,7 +158,9 @@ def run_case(case: Case, method: Method, config: EvalConfig = EvalConfig()) -> d
       stopped = i - 1          # nothing left for the user to correct
       break
     if config.region_growing > 0:
-      new = grow_marks(new, case.image, config.region_growing, max_distance=config.grow_max_distance)
+      # the user's earlier marks stand: growth neither replaces nor crosses them
+      new = grow_marks(new, case.image, config.region_growing, max_distance=config.grow_max_distance,
+                       blocked=marks >= 0)
     marks = accumulate(marks, new)
     before = labels
     t0 = time.perf_counter()

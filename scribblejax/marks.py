@@ -291,13 +291,48 @@ def _draw_point(out: np.ndarray, mark: Point, what: str, num_classes: int | None
   return _write_thick(out, coord[None], radius, label)
 
 
+def _clip_segment(start: np.ndarray, stop: np.ndarray, lo: np.ndarray,
+                  hi: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+  """The part of the segment ``start..stop`` inside the box ``lo..hi`` (Liang-Barsky); ``None`` if none."""
+  start, delta = start.astype(np.float64), (stop - start).astype(np.float64)
+  t0, t1 = 0.0, 1.0
+  for axis in range(len(start)):
+    if delta[axis] == 0:
+      if not lo[axis] <= start[axis] <= hi[axis]:
+        return None
+      continue
+    a, b = (lo[axis] - start[axis]) / delta[axis], (hi[axis] - start[axis]) / delta[axis]
+    t0, t1 = max(t0, min(a, b)), min(t1, max(a, b))
+  if t0 > t1:
+    return None
+  return start + t0 * delta, start + t1 * delta
+
+
+def _segment_pixels(start: np.ndarray, stop: np.ndarray, shape: tuple[int, ...], radius: float) -> np.ndarray:
+  """The pixels of the straight line ``start..stop`` (both ends included), ``int64[N, ndim]``.
+
+  A segment with an end far outside the image (further than the image's largest side beyond its
+  ``radius``-wide margin) is first cut to that wider box, so that only pixels near the image are
+  listed (a stray coordinate would otherwise list millions); its pixels in the image may then lie one
+  pixel off the uncut line's.
+  """
+  margin = radius + max(shape)
+  lo, hi = np.full(len(shape), -margin), np.array(shape) - 1 + margin
+  if np.all((start >= lo) & (start <= hi) & (stop >= lo) & (stop <= hi)):
+    return np.stack(skimage.draw.line_nd(start, stop, endpoint=True), axis=1)
+  part = _clip_segment(start, stop, lo, hi)
+  if part is None:
+    return np.zeros((0, len(shape)), np.int64)
+  return np.stack(skimage.draw.line_nd(*part, endpoint=True), axis=1)
+
+
 def _draw_scribble(out: np.ndarray, mark: Scribble, what: str, num_classes: int | None) -> int:
   label = _label(mark.label, f"{what}: label", num_classes)
   points = _int_coords(mark.points, f"{what}: points", out.ndim, rows=True)
   radius = _real(mark.radius, f"{what}: radius")
   pieces = [points]
   for start, stop in zip(points[:-1], points[1:]):
-    pieces.append(np.stack(skimage.draw.line_nd(start, stop, endpoint=True), axis=1))
+    pieces.append(_segment_pixels(start, stop, out.shape, radius))
   return _write_thick(out, np.concatenate(pieces).astype(np.int64), radius, label)
 
 
@@ -396,6 +431,8 @@ def _draw_label_map(out: np.ndarray, mark: LabelMap, what: str, num_classes: int
                        "class index >= 0")
     if num_classes is not None and hi >= num_classes:
       raise ValueError(f"{what}: labels hold value {hi}, but num_classes is {num_classes}")
+    if hi > INT32_MAX:
+      raise ValueError(f"{what}: labels hold value {hi}, too large for a class index (marks are stored as int32)")
   out[marked] = values
   return -1                                # a label map may legitimately mark nothing
 
@@ -425,8 +462,8 @@ def encode_marks(shape: Sequence[int], marks: Sequence[Mark] | Mark, *,
 
   Raises:
     ValueError: a mark is of an unknown kind, has a coordinate with the wrong number of entries, a
-      label that is not an integer in ``[0, num_classes)``, lies entirely outside the image (marks
-      no pixel of it), or a :class:`LabelMap` whose shape or values are wrong. The message names the
+      label that is not an integer in ``[0, num_classes)``, marks no pixel of the image (lies
+      outside it; a polygon: holds no pixel centre), or a :class:`LabelMap` whose shape or values are wrong. The message names the
       mark (its position in ``marks``) and the offending value.
   """
   shape = _check_shape(shape)
@@ -443,6 +480,9 @@ def encode_marks(shape: Sequence[int], marks: Sequence[Mark] | Mark, *,
                        f"{[t.__name__ for t in _MARK_TYPES]}")
     what = f"marks[{i}] {_describe(mark)}"
     if draw(out, mark, what, num_classes) == 0:
+      if isinstance(mark, Polygon):
+        raise ValueError(f"{what} marks no pixel: no pixel centre of the image of shape {shape} lies inside it "
+                         "(it is entirely outside the image, or thinner than a pixel)")
       raise ValueError(f"{what} lies entirely outside the image of shape {shape} (it marks no pixel)")
   return out
 
@@ -514,7 +554,8 @@ def _within_cap(labels: np.ndarray, remaining: np.ndarray) -> np.ndarray:
 
 
 def grow_marks(marks: Any, image: Any, threshold: float, *, connectivity: int = 1,
-               max_distance: int | None = None, max_pixels: int | None = None) -> np.ndarray:
+               max_distance: int | None = None, max_pixels: int | None = None,
+               blocked: Any = None) -> np.ndarray:
   """Grows marks into neighbouring pixels of similar intensity (Sambaturu et al., MICCAI 2021).
 
   Breadth-first from every marked pixel, one layer at a time: an unmarked neighbour of a pixel
@@ -534,14 +575,17 @@ def grow_marks(marks: Any, image: Any, threshold: float, *, connectivity: int = 
     max_pixels: at most this many pixels added per class in total (``None``: no limit). When a layer
       would exceed a class's allowance, that class takes the first pixels of the layer in raster (C)
       order; the rest stay unmarked (other classes may reach them later), and the class stops.
+    blocked: optional boolean ``[*spatial]``: unmarked pixels that never join and that growth does not
+      pass, e.g. the marks of earlier rounds, which a grown label must not replace (a pixel marked in
+      ``marks`` stays a seed). They stay unmarked in the result.
 
   Returns:
     A new ``int32[*spatial]`` mark map.
 
   Raises:
     ValueError: ``marks`` is not an integer map with values ``>= -1``; ``image`` is not real and
-      finite or its spatial shape differs from ``marks``; ``threshold``, ``connectivity``,
-      ``max_distance`` or ``max_pixels`` is out of range.
+      finite or its spatial shape differs from ``marks``; ``blocked`` is not a boolean map of the
+      marks' shape; ``threshold``, ``connectivity``, ``max_distance`` or ``max_pixels`` is out of range.
   """
   marks = _integer_array(marks, "marks")
   _check_range(marks, "marks", None)
@@ -567,9 +611,18 @@ def grow_marks(marks: Any, image: Any, threshold: float, *, connectivity: int = 
     raise ValueError(f"max_distance must be >= 0 or None, got {max_distance}")
   if max_pixels is not None and _index(max_pixels, "max_pixels") < 0:
     raise ValueError(f"max_pixels must be >= 0 or None, got {max_pixels}")
+  wall = None
+  if blocked is not None:
+    blocked = np.asarray(blocked)
+    if blocked.dtype != bool or blocked.shape != spatial:
+      raise ValueError(f"blocked must be a boolean map of the marks' shape {spatial}, got "
+                       f"{blocked.dtype} {blocked.shape}")
+    wall = blocked & (marks < 0)
 
   # Pad by one pixel of "wall" so that every neighbour of an image pixel is a valid flat index.
   labels = np.pad(marks.astype(np.int32), 1, constant_values=_WALL)
+  if wall is not None:
+    labels[(slice(1, -1),) * ndim][wall] = _WALL
   flat_labels = labels.reshape(-1)         # a view of `labels`
   flat_values = np.pad(values, [(1, 1)] * ndim + [(0, 0)]).reshape(-1, channels)
   if channels == 1:
@@ -611,4 +664,7 @@ def grow_marks(marks: Any, image: Any, threshold: float, *, connectivity: int = 
     flat_labels[new] = new_labels
     frontier = new
     layer += 1
-  return np.ascontiguousarray(labels[(slice(1, -1),) * ndim])
+  grown = np.ascontiguousarray(labels[(slice(1, -1),) * ndim])
+  if wall is not None:
+    grown[wall] = UNMARKED
+  return grown

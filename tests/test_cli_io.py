@@ -398,6 +398,25 @@ def test_continue_weights_and_region_growing(tmp_path, model_dir, crop, capsys):
   assert grown["grown_pixels"] > 0 and grown["settings"]["region_growing"] == 0.05
   assert grown["marked_pixels"] == {"nucleus": 1 + grown["grown_pixels"]} and grown["satisfied"]
 
+  # In a session, growth from a later round neither replaces nor crosses the marks of earlier rounds.
+  first = np.zeros((96, 96), np.uint8)
+  first[:, 48] = 255                                       # round 1: a background line down the middle
+  second = np.zeros((96, 96), np.uint8)
+  second[10, 10] = 1                                       # round 2: one nucleus pixel left of it, grown
+  PILImage.fromarray(first).save(tmp_path / "first.png")
+  PILImage.fromarray(second).save(tmp_path / "second.png")
+  session = ["refine", "--model", str(model_dir), "--image", str(tmp_path / "img.tif"), "--steps", "2", "--quiet",
+             "--json", "--session", str(tmp_path / "grown")]
+  for name, extra in (("first", []), ("second", ["--region-growing", "1e6"])):   # T = 1e6: any pixel joins
+    assert main([*session, "--marks", str(tmp_path / f"{name}.png"), "--out", str(tmp_path / f"{name}.tif"),
+                 *extra]) == 0
+    reports.append(json.loads(capsys.readouterr().out))
+  session_marks = np.load(sorted((tmp_path / "grown").glob("round-*.npz"))[-1])["marks"]
+  assert (session_marks[:, 48] == 0).all()                 # round 1's line is intact
+  assert (session_marks[:, :48] == 1).all() and (session_marks[:, 49:] == -1).all()
+  assert reports[-1]["grown_pixels"] == 96 * 48 - 1
+  assert reports[-1]["marked_pixels"] == {"background": 96, "nucleus": 96 * 48}
+
 
 def test_refine_dicom_series_3d_with_slicer_marks_writes_nifti(tmp_path, capsys):
   """A CT series, a small 3-D U-Net (random weights: this checks the plumbing), Slicer marks, NIfTI out."""

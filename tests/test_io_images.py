@@ -228,6 +228,26 @@ def test_png_and_jpeg(tmp_path, dsb):
     write_label_map(tmp_path / "jseg.jpg", labels, jpg.geometry)
 
 
+@pytest.mark.parametrize("orientation", [2, 3, 4, 5, 6, 7, 8])
+def test_exif_orientation_is_applied_as_viewers_show_the_image(tmp_path, orientation):
+  from PIL import ImageOps
+  from scribblejax.io.images import exif_note
+  raw = np.arange(20 * 30, dtype=np.uint16).reshape(20, 30) % 251
+  exif = PILImage.Exif()
+  exif[0x0112] = orientation
+  PILImage.fromarray(raw.astype(np.uint8)).save(tmp_path / "photo.png", exif=exif.tobytes())
+  with PILImage.open(tmp_path / "photo.png") as im:
+    shown = np.array(ImageOps.exif_transpose(im))
+  assert not np.array_equal(shown, raw)
+  image = read_image(tmp_path / "photo.png")
+  np.testing.assert_array_equal(image.array[..., 0], shown)
+  assert image.geometry.shape == shown.shape and "EXIF orientation" in exif_note(image.geometry)
+  write_label_map(tmp_path / "seg.png", (shown > 100).astype(np.uint8), image.geometry)   # as shown, no tag
+  np.testing.assert_array_equal(read_image(tmp_path / "seg.png", labels=True).array[..., 0], shown > 100)
+  PILImage.fromarray(raw.astype(np.uint8)).save(tmp_path / "plain.png")
+  assert exif_note(read_image(tmp_path / "plain.png").geometry) is None
+
+
 # ----------------------------------------------------------------------------------------------
 # Errors and helpers
 

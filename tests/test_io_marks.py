@@ -174,6 +174,25 @@ def test_labelme_errors_name_the_problem(tmp_path, png, nifti):
   (tmp_path / "bad.json").write_text("{not json")
   with pytest.raises(ValueError, match=r"cannot read .*bad\.json as LabelMe JSON"):
     read_labelme(tmp_path / "bad.json", png, num_classes=3)
+  # a shape that marks nothing is named as the file names it: its index among the shapes, x/y points
+  write_labelme(tmp_path / "m.json", [{"label": "1", "points": [[3, 3], [5, 5]], "shape_type": "points"},
+                                      {"label": "1", "points": [[10.1, 10.1], [20.9, 10.2], [20.9, 10.3]],
+                                       "shape_type": "polygon"}], 20, 30)
+  with pytest.raises(ValueError, match=r"shapes\[1\] \(a polygon labelled '1', points \[x, y\] \[\[10.1, 10.1\], "
+                                       r".*marks no pixel of the 20 x 30 image \(no pixel centre lies inside it\)"):
+    read_labelme(tmp_path / "m.json", png, num_classes=3)
+  buffer = io.BytesIO()
+  PILImage.fromarray(np.full((4, 4), 255, np.uint8)).save(buffer, format="PNG")
+  for corner in ([5, 25], [35, 5]):                   # a mask starting below or right of the image
+    write_labelme(tmp_path / "m.json", [{"label": "1", "points": [corner, [corner[0] + 3, corner[1] + 3]],
+                                         "shape_type": "mask", "mask": base64.b64encode(buffer.getvalue()).decode()}],
+                  20, 30)
+    with pytest.raises(ValueError, match=r"shapes\[0\]: its mask \(4 x 4 pixels from .*\) marks no pixel"):
+      read_labelme(tmp_path / "m.json", png, num_classes=3)
+  # a line to a far-off point is drawn where it crosses the image (no memory blow-up)
+  write_labelme(tmp_path / "m.json", [{"label": "1", "points": [[0.5, 5.5], [1e9, 5.5]], "shape_type": "line"}],
+                20, 30)
+  assert _pixels(read_labelme(tmp_path / "m.json", png, num_classes=3, radius=0), 1) == {(5, c) for c in range(30)}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -139,6 +139,15 @@ def test_box_ring_outside_image_dropped_and_no_ring():
   assert (m == 0).sum() == 0 and (m == 1).sum() == 4 * 4
 
 
+def test_scribble_to_a_far_off_point_is_cut_to_the_image():
+  far = encode_marks((40, 30), [Scribble([(5, 5), (5, 10**9)], label=1, radius=1)])      # would list 1e9 pixels
+  np.testing.assert_array_equal(far, encode_marks((40, 30), [Scribble([(5, 5), (5, 29)], label=1, radius=1)]))
+  diagonal = encode_marks((40, 30), [Scribble([(-10**8, -10**8), (10**8, 10**8)], label=0, radius=0)])
+  assert _pixels(diagonal, 0) == {(i, i) for i in range(30)}
+  with pytest.raises(ValueError, match=r"marks\[0\].*entirely outside"):
+    encode_marks((4, 4), [Scribble([(-10**9, 0), (-10**9, 10**9)], label=1)])
+
+
 def test_box_core_at_least_one_pixel():
   m = encode_marks((10, 10), [Box((2, 2), (6, 6), label=1, core=0.0)])
   assert _pixels(m, 1) == {(4, 4)}
@@ -217,6 +226,9 @@ def test_label_map_errors():
     encode_marks((4, 5), [LabelMap(np.full((4, 5), -3))])
   with pytest.raises(ValueError, match=r"labels hold value 4, but num_classes is 3"):
     encode_marks((4, 5), [LabelMap(np.full((4, 5), 4))], num_classes=3)
+  for big in (np.full((4, 5), 2**32 + 1, np.int64), np.full((4, 5), 2**63, np.uint64)):   # never wrapped
+    with pytest.raises(ValueError, match=r"labels hold value \d+, too large for a class index"):
+      encode_marks((4, 5), [LabelMap(big)])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -446,6 +458,23 @@ def test_grow_keeps_original_marks_and_leaves_inputs_unchanged():
   np.testing.assert_array_equal(grown[marks >= 0], marks[marks >= 0])
   assert grown.dtype == np.int32 and grown is not marks
   assert (grown >= 0).sum() > (marks >= 0).sum()
+
+
+def test_grow_blocked_pixels_neither_join_nor_pass():
+  image = np.zeros((5, 7), np.float32)                     # flat: everything could join
+  marks = _seed((5, 7), ((2, 0), 1))
+  blocked = np.zeros((5, 7), bool)
+  blocked[:, 3] = True                                     # a wall across the image (earlier marks)
+  blocked[2, 0] = True                                     # blocked, but marked now: still a seed
+  grown = grow_marks(marks, image, 0.5, blocked=blocked)
+  assert (grown[:, :3] == 1).all()                         # its side fills
+  assert (grown[:, 3:] == -1).all()                        # the wall and everything behind it stay unmarked
+  np.testing.assert_array_equal(grow_marks(marks, image, 0.5, blocked=np.zeros((5, 7), bool)),
+                                grow_marks(marks, image, 0.5))
+  with pytest.raises(ValueError, match=r"blocked must be a boolean map of the marks' shape \(5, 7\)"):
+    grow_marks(marks, image, 0.5, blocked=blocked[:, :6])
+  with pytest.raises(ValueError, match=r"blocked must be a boolean map"):
+    grow_marks(marks, image, 0.5, blocked=blocked.astype(np.uint8))
 
 
 def test_grow_integer_image_does_not_wrap():

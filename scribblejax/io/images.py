@@ -565,11 +565,19 @@ def _write_tiff(tmp: str, labels: np.ndarray, geometry: Geometry) -> None:
 # ----------------------------------------------------------------------------------------------
 # PNG / JPEG (Pillow).
 
+_EXIF_ORIENTATION = 0x0112
+
+
 def _read_raster(path: Path, family: str, labels: bool) -> Image:
   from PIL import Image as PILImage
+  from PIL import ImageOps
   try:
     with PILImage.open(str(path)) as im:
       im.load()
+      # as viewers and LabelMe show the image (LabelMe's points are in that orientation)
+      orientation = int(im.getexif().get(_EXIF_ORIENTATION) or 1)
+      if orientation != 1:
+        im = ImageOps.exif_transpose(im)
       if im.mode == "P" and labels:
         data = np.array(im)                              # palette indices are the labels
       elif im.mode in ("P", "PA"):
@@ -583,8 +591,18 @@ def _read_raster(path: Path, family: str, labels: bool) -> Image:
   except Exception as err:  # PIL raises UnidentifiedImageError, OSError, SyntaxError ...
     raise ValueError(f"cannot read {path} as {family.upper()}: {err}") from err
   array = data[..., None] if data.ndim == 2 else data
-  geometry = Geometry(family, tuple(int(s) for s in array.shape[:2]), "yx", (1.0, 1.0), None, {})
+  header = {"exif_orientation": orientation} if orientation != 1 else {}
+  geometry = Geometry(family, tuple(int(s) for s in array.shape[:2]), "yx", (1.0, 1.0), None, header)
   return Image(array, geometry, str(path))
+
+
+def exif_note(geometry: Geometry) -> str | None:
+  """What reading did to a PNG or JPEG with an EXIF orientation, for reports; ``None`` otherwise."""
+  orientation = geometry.header.get("exif_orientation") if isinstance(geometry.header, dict) else None
+  if geometry.family not in ("png", "jpeg") or not orientation:
+    return None
+  return (f"applied the file's EXIF orientation ({orientation}): the image, its marks and the segmentation "
+          "are in the orientation viewers and LabelMe show, not the file's stored pixel order")
 
 
 def _palette() -> list[int]:

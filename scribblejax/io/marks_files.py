@@ -269,9 +269,12 @@ def _shape_marks(shape: dict, label: int, height: int, width: int, radius: float
       raise ValueError(f"{what}: its mask is not a base64 PNG: {err}") from err
     top, left = pixels[0]
     labels = np.full((height, width), UNMARKED, np.int32)
-    rows = slice(max(top, 0), min(top + mask.shape[0], height))
-    cols = slice(max(left, 0), min(left + mask.shape[1], width))
-    part = mask[rows.start - top:rows.stop - top, cols.start - left:cols.stop - left]
+    rows = slice(max(top, 0), max(min(top + mask.shape[0], height), 0))
+    cols = slice(max(left, 0), max(min(left + mask.shape[1], width), 0))
+    part = mask[rows.start - top:max(rows.stop - top, 0), cols.start - left:max(cols.stop - left, 0)]
+    if part.shape != labels[rows, cols].shape or not part.any():
+      raise ValueError(f"{what}: its mask ({mask.shape[0]} x {mask.shape[1]} pixels from x={points[0][0]:g}, "
+                       f"y={points[0][1]:g}) marks no pixel of the {height} x {width} image")
     labels[rows, cols][part] = label
     return [marks_lib.LabelMap(labels)]
   # rectangle: LabelMe corners (x0, y0), (x1, y1) in any order
@@ -324,15 +327,31 @@ def read_labelme(path: str | os.PathLike, target: Geometry, *, num_classes: int 
     raise ValueError(f"LabelMe marks {path} were drawn on an image of {drawn[0]} x {drawn[1]} pixels (height x "
                      f"width), but the image is {height} x {width}")
   marks: list = []
+  shapes: list = []                      # per shape: what to call it, and its marks
   for n, item in enumerate(doc["shapes"]):
     what = f"{path}: shapes[{n}]"
     if not isinstance(item, dict) or "label" not in item:
       raise ValueError(f"{what} has no label")
     label = class_index(item["label"], class_names, num_classes, what)
-    marks += _shape_marks(item, label, height, width, radius, rectangle, what)
+    shapes.append((what, item, _shape_marks(item, label, height, width, radius, rectangle, what)))
+    marks += shapes[-1][2]
   if not marks:
     return np.full(shape, UNMARKED, np.int32)
-  return marks_lib.encode_marks(shape, marks, num_classes=num_classes)
+  try:
+    return marks_lib.encode_marks(shape, marks, num_classes=num_classes)
+  except ValueError:
+    # name the file's shape, in the file's coordinates, not the position in the list of marks
+    for what, item, group in shapes:
+      try:
+        marks_lib.encode_marks(shape, group, num_classes=num_classes)
+      except ValueError as err:
+        kind = item.get("shape_type") or "polygon"
+        described = f"{what} (a {kind} labelled {item['label']!r}, points [x, y] {np.asarray(item['points']).tolist()})"
+        if " marks no pixel" not in str(err) and " lies entirely outside" not in str(err):
+          raise ValueError(f"{described}: {err}") from None
+        raise ValueError(f"{described} marks no pixel of the {height} x {width} image"
+                         + (" (no pixel centre lies inside it)" if kind == "polygon" else "")) from None
+    raise
 
 
 # ----------------------------------------------------------------------------------------------

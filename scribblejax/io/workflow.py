@@ -209,8 +209,9 @@ def fit_image(image: Image, spec: InputSpec, normalization: Any, metadata: dict 
     ValueError: the image has more (non-trivial) or fewer spatial dimensions than the model, or
       channels that cannot be adapted.
   """
+  from scribblejax.io.images import exif_note
   from scribblejax.normalize import normalize
-  notes = []
+  notes = [note for note in [exif_note(image.geometry)] if note]
   array, note = adapt_channels(image.array, spec.in_channels, image.path, image.family)
   bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
   if bad:
@@ -1096,19 +1097,24 @@ def _refine_round(model, model_ref, img, digest, marks_files, new, out, session,
   if clashes:
     log(f"note: {clashes} marked voxel(s) share a voxel of the model's grid with a mark of another class; one "
         "label holds there")
-  new_image, grown = new, 0
-  if grow:
-    grown_marks = np.full_like(new_model, -1)              # never grown into the padding
-    region = inside(fitted)
-    grown_marks[region] = marks_lib.grow_marks(new_model[region], fitted.image[region], grow)
-    grown = int((grown_marks >= 0).sum() - (new_model >= 0).sum())
-    new_model = grown_marks
-    new_image = np.where(new >= 0, new, to_image(grown_marks, fitted))
   previous, start_leaves = None, None
   if previous_image is not None:
     previous = to_model(previous_image, fitted)
     if settings.continue_weights:
       start_leaves = session_store.tunable_leaves(arrays)
+  new_image, grown = new, 0
+  if grow:
+    grown_marks = np.full_like(new_model, -1)              # never grown into the padding
+    region = inside(fitted)
+    # what earlier rounds marked is the user's word: growth neither replaces nor crosses it
+    blocked = None if previous is None else previous[region] >= 0
+    grown_marks[region] = marks_lib.grow_marks(new_model[region], fitted.image[region], grow, blocked=blocked)
+    grown = int((grown_marks >= 0).sum() - (new_model >= 0).sum())
+    new_model = grown_marks
+    grown_image = to_image(grown_marks, fitted)
+    if previous_image is not None:
+      grown_image = np.where(previous_image >= 0, -1, grown_image)
+    new_image = np.where(new >= 0, new, grown_image)
   all_marks = new_model if previous is None else marks_lib.accumulate(previous, new_model)
   all_marks = marks_lib.validate_mark_map(all_marks, fitted.image.shape[:-1], num_classes)
   initial = session_store.load_initial(session) if session else None
