@@ -62,9 +62,21 @@ def _convert_state(arch: str, kwargs: Mapping[str, Any], state: Mapping[str, Any
 
 
 def _plain(value: Any) -> bool:
+  """A JSON value: scalars, lists/tuples and string-keyed dicts of them (MONAI's ``("GROUP", {...})``)."""
   if value is None or isinstance(value, (bool, int, float, str)):
     return True
+  if isinstance(value, dict):
+    return all(isinstance(k, str) and _plain(v) for k, v in value.items())
   return isinstance(value, (list, tuple)) and all(_plain(v) for v in value)
+
+
+def _as_json(value: Any) -> Any:
+  """A :func:`_plain` value with its tuples as lists."""
+  if isinstance(value, dict):
+    return {k: _as_json(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_as_json(v) for v in value]
+  return value
 
 
 def resolved_kwargs(arch: str, kwargs: Mapping[str, Any]) -> dict[str, Any]:
@@ -76,7 +88,7 @@ def resolved_kwargs(arch: str, kwargs: Mapping[str, Any]) -> dict[str, Any]:
   for name, param in inspect.signature(module.FAMILY_CLASSES[family].__init__).parameters.items():
     if name in out or name in ("self", "rngs") or param.default is inspect.Parameter.empty or not _plain(param.default):
       continue
-    out[name] = list(param.default) if isinstance(param.default, tuple) else param.default
+    out[name] = _as_json(param.default)
   return out
 
 

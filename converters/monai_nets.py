@@ -97,8 +97,9 @@ class ConvADN(nnx.Module):
     self.ordering = "".join(c for c in adn_ordering.upper() if c in "NA") if with_adn else ""
     if set(adn_ordering.upper()) - set("NDA"):
       raise ConversionError(f"unsupported adn_ordering {adn_ordering!r}")
-    self.norm = make_norm(norm, out_ch, rngs) if with_adn else None
-    self.act = Activation(act, rngs=rngs) if with_adn and act is not None else None
+    # as MONAI's ADN: a norm or activation whose letter the ordering leaves out is never built
+    self.norm = make_norm(norm, out_ch, rngs) if with_adn and "N" in self.ordering else None
+    self.act = Activation(act, rngs=rngs) if with_adn and act is not None and "A" in self.ordering else None
 
   def __call__(self, x):
     x = self.conv(x)
@@ -469,6 +470,11 @@ class SegResNet(nnx.Module):
     _norm_values(reader, "conv_final.0", ("final_norm",), self.final_norm, values)
     if self.final_act.weight is not None:
       values[("final_act", "weight")] = reader.take("conv_final.1.weight")
+      if "act_mod.weight" in reader:
+        # MONAI registers its final PReLU twice (``act_mod`` is ``conv_final[1]``): one tensor, two keys
+        if not np.array_equal(reader.take("act_mod.weight"), values[("final_act", "weight")]):
+          raise ConversionError(f"{reader.source}: 'act_mod.weight' differs from 'conv_final.1.weight', but MONAI's "
+                                "SegResNet shares one PReLU between them")
     _conv_values(reader, "conv_final.2.conv", ("final_conv",), self.final_conv, values)
     return values
 

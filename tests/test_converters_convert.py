@@ -401,6 +401,9 @@ def test_converted_model_json_states_the_constructor_defaults(tmp_path):
   model, info = load_model(out)
   assert info.kwargs["in_channels"] == 1 and info.kwargs["upsample"] == "deconv"
   assert {k: info.kwargs[k] for k in given} == given
+  # defaults given as MONAI's (name, {arguments}) pairs are stated too, as JSON
+  assert info.kwargs["act"] == ["LeakyReLU", {"negative_slope": 0.1, "inplace": True}]
+  assert info.kwargs["norm"] == ["instance", {"affine": True}]
   assert tuple(spec_from_info(info)) == (2, 1, 3)          # what the command line adapts images to
 
 

@@ -41,7 +41,12 @@ def test_basic_unet(kwargs, shape):
      (1, 2, 16, 8)),
     ({"spatial_dims": 3, "in_channels": 1, "out_channels": 2, "channels": [3, 4, 5], "strides": [2, 2],
       "num_res_units": 1, "norm": "batch", "act": "relu"}, (1, 1, 8, 12, 8)),
-], ids=["2d_plain", "2d_residual_prelu", "3d_residual_batch"])
+    # an ordering without N (or A) builds no norm (activation), as MONAI's ADN
+    ({"spatial_dims": 2, "in_channels": 1, "out_channels": 2, "channels": [4, 6], "strides": [2],
+      "adn_ordering": "DA", "norm": "batch"}, (1, 1, 8, 12)),
+    ({"spatial_dims": 2, "in_channels": 1, "out_channels": 2, "channels": [4, 6], "strides": [2],
+      "num_res_units": 1, "adn_ordering": "ND", "act": "prelu", "norm": "batch"}, (1, 1, 8, 12)),
+], ids=["2d_plain", "2d_residual_prelu", "3d_residual_batch", "ordering_without_norm", "ordering_without_act"])
 def test_unet(kwargs, shape):
   _check(nets.UNet, "monai.UNet", kwargs, shape)
 
@@ -51,7 +56,10 @@ def test_unet(kwargs, shape):
       "blocks_down": [1, 2, 1], "blocks_up": [1, 1]}, (2, 1, 12, 20)),
     ({"spatial_dims": 3, "init_filters": 4, "in_channels": 2, "out_channels": 2, "norm": ["group", {"num_groups": 4}],
       "blocks_down": [1, 1], "blocks_up": [1], "upsample_mode": "deconv"}, (1, 2, 8, 6, 10)),
-], ids=["2d_trilinear", "3d_deconv"])
+    # MONAI stores the final PReLU twice (act_mod and conv_final.1)
+    ({"spatial_dims": 2, "init_filters": 4, "in_channels": 1, "out_channels": 2, "act": "prelu",
+      "norm": ["group", {"num_groups": 2}], "blocks_down": [1, 1], "blocks_up": [1]}, (1, 1, 8, 12)),
+], ids=["2d_trilinear", "3d_deconv", "2d_prelu"])
 def test_segresnet(kwargs, shape):
   _check(nets.SegResNet, "monai.SegResNet", kwargs, shape)
 
