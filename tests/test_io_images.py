@@ -228,6 +228,20 @@ def test_png_and_jpeg(tmp_path, dsb):
     write_label_map(tmp_path / "jseg.jpg", labels, jpg.geometry)
 
 
+def test_ome_tiff_physical_sizes_are_its_spacing_and_written_back(tmp_path):
+  volume = np.arange(5 * 6 * 8, dtype=np.uint16).reshape(5, 6, 8)
+  tifffile.imwrite(tmp_path / "v.ome.tif", volume, ome=True,
+                   metadata={"axes": "ZYX", "PhysicalSizeX": 0.25, "PhysicalSizeY": 0.5, "PhysicalSizeZ": 2.0})
+  image = read_image(tmp_path / "v.ome.tif")
+  np.testing.assert_array_equal(image.array[..., 0], volume)
+  assert image.geometry.spacing == (2.0, 0.5, 0.25)
+  write_label_map(tmp_path / "seg.tif", (volume % 3).astype(np.uint8), image.geometry)
+  back = read_image(tmp_path / "seg.tif")
+  assert back.geometry.spacing == (2.0, 0.5, 0.25) and back.geometry.header["unit"] == "micron"
+  tifffile.imwrite(tmp_path / "p.ome.tif", volume[0], ome=True, metadata={"axes": "YX", "PhysicalSizeX": 0.3})
+  assert read_image(tmp_path / "p.ome.tif").geometry.spacing == (1.0, 0.3)     # Y unstated: 1
+
+
 @pytest.mark.parametrize("orientation", [2, 3, 4, 5, 6, 7, 8])
 def test_exif_orientation_is_applied_as_viewers_show_the_image(tmp_path, orientation):
   from PIL import ImageOps

@@ -20,7 +20,8 @@ trailing axis of length 1) and an ``affine``: a 4 x 4 matrix mapping the array i
 ``(i, j, k, 1)`` to world coordinates in millimetres, RAS+ (x increases to the patient's right, y to
 anterior, z to superior: nibabel's convention; NRRD and DICOM LPS coordinates are converted).
 The *raster* families (TIFF, PNG, JPEG) have no world frame (``affine is None``); TIFF keeps its
-pixel size (resolution tags, ImageJ ``spacing``) for writing back.
+pixel size (resolution tags, ImageJ ``spacing``, OME-XML ``PhysicalSize``) for writing back. A PNG or
+JPEG with an EXIF orientation is read as viewers show it (the orientation applied).
 
 Channels go last: a 4-D NIfTI's fourth axis, a non-spatial NRRD axis (``vector``, ``list``,
 ``RGB-color`` ...), TIFF ``C``/``S`` axes, RGB(A) pixels; a single-channel image gets ``C = 1``. Pixel
@@ -500,6 +501,30 @@ def _read_dicom_multiframe(path: Path, f: Path, ds) -> Image:
 # ----------------------------------------------------------------------------------------------
 # TIFF (tifffile).
 
+def _ome_sizes(xml: str | None) -> dict:
+  """``{"X": .., "Y": .., "Z": .., "unit": ..}`` from an OME-XML's first ``Pixels`` element, for the
+  sizes it states (positive numbers only)."""
+  import xml.etree.ElementTree as ElementTree
+  try:
+    root = ElementTree.fromstring(xml or "")
+  except ElementTree.ParseError:
+    return {}
+  pixels = next((e for e in root.iter() if e.tag.rsplit("}", 1)[-1] == "Pixels"), None)
+  out: dict = {}
+  for axis in "XYZ" if pixels is not None else "":
+    try:
+      size = float(pixels.get(f"PhysicalSize{axis}", "nan"))
+    except ValueError:
+      continue
+    if np.isfinite(size) and size > 0:
+      out[axis] = size
+      out.setdefault("unit", pixels.get(f"PhysicalSize{axis}Unit", "µm"))
+  if "unit" in out:                        # as ImageJ names it (its metadata is ASCII)
+    unit = {"µm": "micron", "um": "micron"}.get(out["unit"], out["unit"])
+    out["unit"] = unit if unit.isascii() else None
+  return out
+
+
 def _read_tiff(path: Path) -> Image:
   import tifffile
   try:
@@ -508,6 +533,7 @@ def _read_tiff(path: Path) -> Image:
       data = series.asarray()
       axes = series.axes.upper()
       imagej = tif.imagej_metadata or {}
+      ome = _ome_sizes(tif.ome_metadata) if tif.is_ome else {}
       page = tif.pages[0]
       tags = {t.name: t.value for t in page.tags.values()
               if t.name in ("XResolution", "YResolution", "ResolutionUnit")}
@@ -533,8 +559,13 @@ def _read_tiff(path: Path) -> Image:
     except (TypeError, ZeroDivisionError):
       ppu = 0.0
     spacing_xy.append(1.0 / ppu if ppu > 0 else 1.0)
-  spacing = ([float(imagej.get("spacing", 1.0))] if depth else []) + spacing_xy
-  header = {"imagej": bool(imagej), "unit": imagej.get("unit"), "z_spacing": float(imagej.get("spacing", 1.0)),
+  z_spacing = float(imagej.get("spacing", 1.0))
+  if ome:                                  # OME-XML's physical sizes, where it states them
+    spacing_xy = [ome.get("Y", spacing_xy[0]), ome.get("X", spacing_xy[1])]
+    z_spacing = ome.get("Z", z_spacing)
+    imagej = {**imagej, "unit": imagej.get("unit") or ome.get("unit")}
+  spacing = ([z_spacing] if depth else []) + spacing_xy
+  header = {"imagej": bool(imagej), "unit": imagej.get("unit"), "z_spacing": z_spacing,
             "resolution": (1.0 / spacing_xy[1], 1.0 / spacing_xy[0]),
             "resolutionunit": int(tags.get("ResolutionUnit", 1))}
   geometry = Geometry("tiff", tuple(int(s) for s in array.shape[:-1]), "zyx" if depth else "yx", tuple(spacing),
