@@ -834,10 +834,14 @@ def _keep_targets(split: Split, image: jax.Array, marks: jax.Array, batched: boo
   images = image if batched else image[None]
   backend = kernels.resolve_conv_backend("auto")
   graphdef = graph_key(split.graphdef)
-  initial = jnp.stack([jnp.argmax(_run_predict(graphdef, backend, split.tunable, split.frozen, x), axis=-1)
-                       for x in images]).astype(jnp.int32)
-  encoded = jnp.where(marks >= 0, marks, -2 - (initial if batched else initial[0]))
-  return encoded
+  logits = jnp.stack([_run_predict(graphdef, backend, split.tunable, split.frozen, x) for x in images])
+  return keep_encoding(logits if batched else logits[0], marks)
+
+
+def keep_encoding(initial_logits: jax.Array, marks: jax.Array) -> jax.Array:
+  """``marks`` with each unmarked pixel holding the argmax k of ``initial_logits`` as ``-2 - k``."""
+  initial = jnp.argmax(initial_logits, axis=-1).astype(jnp.int32)
+  return jnp.where(marks >= 0, marks, -2 - initial)
 
 
 def _drive(split: Split, image: jax.Array, marks: jax.Array, config: RefineConfig, batched: bool,

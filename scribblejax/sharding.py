@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from scribblejax import kernels
 from scribblejax.params import Split, check_tunable
 
 refine_lib = importlib.import_module("scribblejax.refine")  # the package re-exports the function `refine`
@@ -84,6 +85,13 @@ def _run_trunk(graphdef, compute_dtype, conv_backend, mesh, tunable, frozen, ima
   return _per_device(mesh, fn, (False, False, True))(tunable, frozen, image)
 
 
+@functools.partial(refine_lib._jit, static_argnames=("graphdef", "conv_backend", "mesh"))
+def _run_keep_targets(graphdef, conv_backend, mesh, tunable, frozen, image, marks):
+  # refine.py's _keep_targets, each device on its rows: the network's own labels for keep_weight
+  fn = lambda t, f, x, m: refine_lib.keep_encoding(refine_lib._run_predict(graphdef, conv_backend, t, f, x), m)
+  return _per_device(mesh, fn, (False, False, True, True))(tunable, frozen, image, marks)
+
+
 @functools.partial(refine_lib._jit, static_argnames=("static", "mesh"))
 def _run_init(static, mesh, start, hyper):
   return _per_device(mesh, lambda s, h: refine_lib.init_state(s, static, h), (True, False))(start, hyper)
@@ -107,6 +115,9 @@ def _drive(split: Split, images, marks, config, mesh: Mesh, start, batched_start
   """refine.py's driver, with every compiled piece split over the mesh's batch axis."""
   static, hyper = refine_lib._static(config, True), refine_lib._hyper(config)
   anchor, graphdef = split.tunable, refine_lib.graph_key(split.graphdef)
+  if config.keep_weight > 0:
+    marks = _run_keep_targets(graphdef, kernels.resolve_conv_backend("auto"), mesh, anchor, split.frozen, images,
+                              marks)
   if refine_lib._driver(config) == "loop":
     return _run_loop(graphdef, static, mesh, batched_start, anchor, start, split.frozen, images, marks, hyper)
   if not batched_start:

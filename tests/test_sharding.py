@@ -32,6 +32,11 @@ SCRIPT = textwrap.dedent("""
       if batch % 4 == 0:                               # no padding: the result stays spread over the devices
         assert len(sharded.logits.sharding.device_set) == 4
         assert sharded.logits.sharding.spec[0] == "batch"
+    # keep_weight: each device computes its images' own initial labels for the keep term
+    keep = sj.RefineConfig(max_steps=5, learning_rate=0.05, prox_weight=0.01, keep_weight=1.0)
+    unsharded, sharded = (f(split, images, marks, keep) for f in (sj.refine_batch, sharding.refine_sharded))
+    np.testing.assert_allclose(np.asarray(sharded.loss_trace), np.asarray(unsharded.loss_trace), rtol=1e-4)
+    np.testing.assert_allclose(np.asarray(sharded.logits), np.asarray(unsharded.logits), rtol=1e-4, atol=1e-4)
     try:
       sharding.refine_sharded(split, images, marks, config,
                               mesh=jax.sharding.Mesh(np.asarray(jax.devices()), ("data",)))
