@@ -700,7 +700,8 @@ def _driver(config: RefineConfig) -> str:
 def _check_image(image: Any) -> np.ndarray:
   """The image as float32 (not necessarily a copy), refused if not real numbers or not finite in float32."""
   arr = np.asarray(image)
-  if not np.issubdtype(arr.dtype, np.number) or np.issubdtype(arr.dtype, np.complexfloating):
+  # jnp.issubdtype knows ml_dtypes' floats (bfloat16 ...), which NumPy does not count as numbers
+  if not jnp.issubdtype(arr.dtype, jnp.number) or jnp.issubdtype(arr.dtype, jnp.complexfloating):
     raise ValueError(f"image must be a real numeric array, got dtype {arr.dtype}")
   if not np.all(np.isfinite(arr)):
     raise ValueError(f"image contains {int(np.size(arr) - np.isfinite(arr).sum())} NaN or Inf values")

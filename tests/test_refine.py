@@ -389,6 +389,16 @@ def test_bad_marks_and_images_raise_before_compiling():
   assert refine_lib._run_chunk._cache_size() == size
 
 
+def test_a_bfloat16_image_is_refined_as_its_float32_values():
+  split = sj.split_params(_model(2), sj.last_layers(3))
+  image = jnp.asarray(_image((16, 16)), jnp.bfloat16)
+  as_f32 = np.asarray(image.astype(jnp.float32))
+  low, high = (sj.refine(split, x, _marks_2d(), CFG) for x in (image, as_f32))
+  assert int(low.num_steps) == int(high.num_steps) > 0
+  np.testing.assert_array_equal(np.asarray(low.logits), np.asarray(high.logits))
+  np.testing.assert_array_equal(np.asarray(sj.predict(split, image)), np.asarray(sj.predict(split, as_f32)))
+
+
 def test_values_beyond_float32_and_weights_that_do_not_fit_are_refused():
   split = sj.split_params(_model(2), sj.last_layers(3))
   image = _image((16, 16)).astype(np.float64)
