@@ -111,6 +111,31 @@ def test_user_model_layer_order_traced_or_stated():
     sj.layer_order(_Stated(nnx.Rngs(0), [("early",), ("late",), ("late", "kernel")]))
 
 
+class _Scaled(nnx.Module):
+  """A layer scale held beside its convolution, and a temperature held beside the whole network."""
+
+  def __init__(self, rngs):
+    self.stem = nnx.Conv(1, 4, (3, 3), rngs=rngs)
+    self.block = nnx.Dict(conv=nnx.Conv(4, 4, (3, 3), rngs=rngs), gamma=nnx.Param(jnp.full((4,), 0.1)))
+    self.head = nnx.Conv(4, 3, (1, 1), rngs=rngs)
+    self.temperature = nnx.Param(jnp.ones(()))
+
+  def __call__(self, x):
+    x = self.stem(x)
+    x = x + self.block["gamma"] * self.block["conv"](x)
+    return self.head(jax.nn.relu(x)) / self.temperature
+
+
+def test_parameters_held_beside_submodules_are_layers_of_their_own():
+  model, example = _Scaled(nnx.Rngs(0)), jnp.zeros((1, 8, 8, 1))
+  order = sj.layer_order(model, example)                  # was: "belongs to several layers" for any selection
+  assert order == (("stem",), ("block", "conv"), ("block", "gamma"), ("head",), ("temperature",))
+  assert _names(sj.split_params(model, sj.last_layers(2), example=example).tunable) == [
+      "head/bias", "head/kernel", "temperature"]
+  assert _names(sj.split_params(model, sj.last_layers(4), example=example).tunable) == [
+      "block/conv/bias", "block/conv/kernel", "block/gamma", "head/bias", "head/kernel", "temperature"]
+
+
 class _Nested(nnx.Module):
   """Three layers called inside one remat (or jit), defined in reverse alphabetical order, and an unused one."""
 

@@ -11,7 +11,8 @@ defining a method::
 Every :class:`flax.nnx.Param` of the model must fall under exactly one listed prefix; this module
 checks that. Models without such a method get the *traced* order: the model's forward pass is traced
 once on an example input (no compilation) and each module that owns parameters becomes one layer,
-placed where the traced computation first uses any of its parameters.
+placed where the traced computation first uses any of its parameters (a parameter held beside
+submodules that hold parameters is a layer of its own).
 """
 
 from __future__ import annotations
@@ -70,8 +71,11 @@ def check_layer_order(model: nnx.Module, layers: Sequence[LayerPath]) -> tuple[L
 def traced_layer_order(model: nnx.Module, example: jax.Array | jax.ShapeDtypeStruct) -> tuple[LayerPath, ...]:
   """Layer order from a trace of the forward pass (no compilation, no FLOPs).
 
-  Each module that directly owns parameters is one layer. Layers are ordered by the first equation of
-  the traced program that reads any of their parameters (through any chain of operations).
+  Each module that directly owns parameters is one layer, except that a parameter held directly by a
+  module whose submodules hold parameters too (a logit temperature beside the network, a layer scale
+  beside its convolution) is a layer of its own: a path prefix cannot name a module's own parameters
+  apart from its submodules'. Layers are ordered by the first equation of the traced program that
+  reads any of their parameters (through any chain of operations).
 
   Args:
     model: any Flax NNX module whose ``__call__`` takes one batched input array.
@@ -93,9 +97,14 @@ def traced_layer_order(model: nnx.Module, example: jax.Array | jax.ShapeDtypeStr
   closed = jax.make_jaxpr(forward)([jax.ShapeDtypeStruct(jnp.shape(v), jnp.result_type(v)) for v in leaves], example)
   jaxpr = closed.jaxpr
   first_use = _first_uses(jaxpr, {v: {i} for i, v in enumerate(jaxpr.invars[: len(leaves)])})
+  modules = {path[:-1] for path in paths}
   owners: dict[LayerPath, int] = {}
   for i, path in enumerate(paths):
     owner = path[:-1]
+    if any(len(other) > len(owner) and other[: len(owner)] == owner for other in modules):
+      # a module holding parameters beside submodules that hold some (a temperature, a layer scale):
+      # its prefix would take its submodules' parameters too, so each such parameter is a layer
+      owner = path
     use = first_use.get(i, -1)          # a layer the output never reads goes first: never a "last" layer
     owners[owner] = min(owners.get(owner, use), use)
   return tuple(sorted(owners, key=lambda o: (owners[o], o.__repr__())))
