@@ -58,9 +58,15 @@ def _no_warmup(image: np.ndarray) -> None:
 # The initial prediction
 # ---------------------------------------------------------------------------------------------
 
-def initial_method(model: nnx.Module) -> Method:
-  """The network's own prediction, unchanged by any mark."""
-  split = split_params(model, head())
+def initial_method(model: nnx.Module, *, example: Any = None) -> Method:
+  """The network's own prediction, unchanged by any mark.
+
+  Args:
+    model: the network.
+    example: an example batched input, for a model that states no layer order (see
+      :func:`scribblejax.split_params`).
+  """
+  split = split_params(model, head(), example=example)
 
   def init(image):
     return np.asarray(jnp.argmax(predict(split, image), -1), np.int32)
@@ -114,7 +120,7 @@ def random_walker_labels(image: np.ndarray, marks: np.ndarray, beta: float = 130
 
 
 def random_walker_method(model: nnx.Module | None, beta: float = 130.0, *,
-                         initial: Callable[[np.ndarray], np.ndarray] | None = None) -> Method:
+                         initial: Callable[[np.ndarray], np.ndarray] | None = None, example: Any = None) -> Method:
   """Random walker seeded by the marks so far.
 
   Before any interaction, and while fewer than two classes are marked, the segmentation is the
@@ -126,8 +132,9 @@ def random_walker_method(model: nnx.Module | None, beta: float = 130.0, *,
     beta: the walker's edge penalty.
     initial: ``image -> int32[*spatial]``, the segmentation to start from instead of the model's
       prediction on the image (e.g. the model's pipeline of patches and resampling).
+    example: an example batched input, for a model that states no layer order.
   """
-  split = split_params(model, head()) if model is not None and initial is None else None
+  split = split_params(model, head(), example=example) if model is not None and initial is None else None
 
   def init(image):
     image = np.asarray(image)
@@ -169,7 +176,7 @@ class RefineMethodState(NamedTuple):
 
 
 def refine_method(model: nnx.Module, layers: int | str = 5, config: RefineConfig = RefineConfig(), *,
-                  continue_weights: bool = False, name: str | None = None) -> Method:
+                  continue_weights: bool = False, name: str | None = None, example: Any = None) -> Method:
   """The paper's refinement; every interaction refines on all marks so far.
 
   Args:
@@ -178,9 +185,11 @@ def refine_method(model: nnx.Module, layers: int | str = 5, config: RefineConfig
     config: the :class:`scribblejax.RefineConfig`.
     continue_weights: start each interaction from the previous W_lam (default: from W, the paper's reset).
     name: the method's name (default ``"refine_l{layers}"`` or ``"head"``).
+    example: an example batched input, for a model that states no layer order (its last layers are
+      then traced from the forward pass).
   """
   select = head() if layers == "head" else last_layers(int(layers))
-  split = split_params(model, select)
+  split = split_params(model, select, example=example)
   if name is None:
     name = "head" if layers == "head" else f"refine_l{int(layers)}"
 
@@ -213,16 +222,18 @@ def refine_method(model: nnx.Module, layers: int | str = 5, config: RefineConfig
 METHODS = ("refine", "head", "random_walker", "initial")
 
 
-def make_method(kind: str, model: nnx.Module, *, layers: int = 5, config: RefineConfig = RefineConfig()) -> Method:
-  """A method by name: "refine" (last ``layers`` layers), "head", "random_walker" or "initial"."""
+def make_method(kind: str, model: nnx.Module, *, layers: int = 5, config: RefineConfig = RefineConfig(),
+                example: Any = None) -> Method:
+  """A method by name: "refine" (last ``layers`` layers), "head", "random_walker" or "initial"
+  (``example``: an example batched input, for a model that states no layer order)."""
   if kind == "refine":
-    return refine_method(model, layers, config)
+    return refine_method(model, layers, config, example=example)
   if kind == "head":
-    return refine_method(model, "head", config)
+    return refine_method(model, "head", config, example=example)
   if kind == "random_walker":
-    return random_walker_method(model)
+    return random_walker_method(model, example=example)
   if kind == "initial":
-    return initial_method(model)
+    return initial_method(model, example=example)
   raise ValueError(f"method must be one of {METHODS}, got {kind!r}")
 
 
@@ -327,7 +338,8 @@ def add_classes(model: nnx.Module, k: int, *, margin: float = 4.0, example: Any 
 def suppression_amount(model: nnx.Module, image: np.ndarray, c: int, margin: float = 1.0) -> float:
   """The smallest lowering of class ``c``'s logit that removes ``c`` from the prediction on ``image``,
   plus ``margin`` (0 plus ``margin`` when ``c`` is never predicted)."""
-  split = split_params(model, head())
+  image = np.asarray(image)
+  split = split_params(model, head(), example=jax.ShapeDtypeStruct((1, *image.shape), jnp.float32))
   logits = np.asarray(predict(split, image))
   others = np.delete(logits, c, axis=-1).max(-1)
   return float(max(0.0, (logits[..., c] - others).max()) + margin)

@@ -338,3 +338,32 @@ def test_keep_weight_is_refused_with_patches(tiny_model, tmp_path):
   with pytest.raises(ValueError, match="keep_weight needs the network's logits at every voxel"):
     pipeline_method("refine", pipe, RefineConfig(keep_weight=0.5))   # was: silently a constant term
   assert pipeline_method("refine", pipe, RefineConfig()).name == "refine_l2"
+
+
+def test_baselines_take_a_model_that_states_no_layer_order_given_an_example():
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+
+  class Plain(nnx.Module):                                # no layer_order(): traced from the example
+    def __init__(self, rngs):
+      self.first = nnx.Conv(1, 4, (3, 3), rngs=rngs)
+      self.last = nnx.Conv(4, 2, (1, 1), rngs=rngs)
+
+    def __call__(self, x):
+      return self.last(jax.nn.relu(self.first(x)))
+
+  model, image = Plain(nnx.Rngs(0)), np.random.default_rng(0).normal(size=(12, 12, 1)).astype(np.float32)
+  example = jnp.zeros((1, 12, 12, 1))
+  with pytest.raises(ValueError, match="pass an example input"):
+    bl.refine_method(model, 1)
+  initial = bl.make_method("initial", model, example=example)
+  labels = initial.init(image)
+  np.testing.assert_array_equal(labels, np.argmax(model(image[None])[0], -1))
+  marks = np.full((12, 12), -1, np.int32)
+  marks[3, 3] = 1 - labels[3, 3]
+  method = bl.make_method("refine", model, layers=1, config=RefineConfig(max_steps=200, learning_rate=0.5,
+                                                                         prox_weight=0.0), example=example)
+  state = method.update(method.init(image), marks)
+  assert method.info(state)["satisfied"] and method.labels(state)[3, 3] == marks[3, 3]
+  assert bl.suppression_amount(model, image, 1) >= 1.0
