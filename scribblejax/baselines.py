@@ -300,7 +300,7 @@ def add_classes(model: nnx.Module, k: int, *, margin: float = 4.0, example: Any 
   Raises:
     ValueError: ``k < 1`` or the last layer is not a convolution/linear head.
   """
-  if not isinstance(k, (int, np.integer)) or k < 1:
+  if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:
     raise ValueError(f"the number of classes to add must be a positive integer, got {k!r}")
   _check_finite(margin, "margin")
   members = _members(model, "add_classes")

@@ -167,7 +167,7 @@ def check_tunable(split: Split, tree: Any, what: str = "tunable", *, batch: int 
 
   Raises:
     ValueError: another structure, a leaf of another shape (naming the parameter), or a leaf that is
-      not floating-point.
+      not floating-point or holds NaN or Inf.
   """
   if jax.tree.structure(tree) != jax.tree.structure(split.tunable):
     batched = ", with a leading batch axis" if batch is not None else ""
@@ -187,6 +187,9 @@ def check_tunable(split: Split, tree: Any, what: str = "tunable", *, batch: int 
     dtype = np.dtype(x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype)
     if not np.issubdtype(dtype, np.floating) and dtype.name != "bfloat16":
       raise ValueError(f"{what} parameter {name} has dtype {dtype}; parameters are floating-point")
+    concrete = not isinstance(x, jax.core.Tracer) and getattr(x, "is_fully_addressable", True)
+    if concrete and not bool(jax.numpy.isfinite(x).all()):
+      raise ValueError(f"{what} parameter {name} holds NaN or Inf values")
     out.append(x if dtype == w.dtype else jax.numpy.asarray(x, w.dtype))
   return jax.tree.unflatten(jax.tree.structure(tree), out)
 

@@ -70,7 +70,8 @@ class RefineConfig:
     class_balance: weight the cross-entropy so every marked class counts equally.
     optimizer: any optax ``GradientTransformation``; ``None`` means SGD with the settings above.
     driver: "auto", "loop" (one compiled while_loop) or "host" (jitted chunks driven from Python).
-    check_every: steps per jitted chunk between stop checks, for the host driver.
+    check_every: steps per jitted chunk between stop checks, for the host driver. The chunk's steps
+      are unrolled into one program, so its compile time grows with ``check_every`` (keep it small).
     trace_length: length of the fixed-size loss trace in the result.
     output: "logits" or "probabilities" in the result.
     early_stop: stop as soon as every marked pixel is predicted as its label (Algorithm 1);
@@ -126,6 +127,8 @@ class RefineConfig:
         raise ValueError(f"{name} must be a number, got {value!r}")
       if not np.isfinite(value) or value < 0:
         raise ValueError(f"{name} must be finite and >= 0, got {value!r}")
+    if self.momentum >= 1:
+      raise ValueError(f"momentum must be in [0, 1) (SGD with momentum >= 1 diverges), got {self.momentum!r}")
     for name in ("class_balance", "early_stop", "cache_trunk", "remat"):
       if not isinstance(getattr(self, name), (bool, np.bool_)):
         raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")

@@ -81,6 +81,8 @@ def test_add_classes_keeps_prediction_and_learns_new_class(tiny_model, case):
   assert r["dice_per_class"][0][2] == 0 and r["dice_per_class"][1][2] > 0.1
   with pytest.raises(ValueError, match="positive"):
     bl.add_classes(model, 0)
+  with pytest.raises(ValueError, match="positive integer, got True"):                     # was: one class
+    bl.add_classes(model, True)
 
 
 def test_suppress_class_removes_class(tiny_model, case):

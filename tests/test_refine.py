@@ -415,6 +415,8 @@ def test_values_beyond_float32_and_weights_that_do_not_fit_are_refused():
     sj.merge_params(split, batched)                             # was: a model that failed when called
   with pytest.raises(ValueError, match="start parameter .* has dtype int32"):
     sj.refine(split, image, _marks_2d(), CFG, start=jax.tree.map(lambda x: x.astype(jnp.int32), split.tunable))
+  with pytest.raises(ValueError, match="start parameter .* holds NaN or Inf"):         # was: NaN weights out
+    sj.refine(split, image, _marks_2d(), CFG, start=jax.tree.map(lambda x: x * np.nan, split.tunable))
   as_f64 = jax.tree.map(lambda x: np.asarray(x, np.float64), split.tunable)
   np.testing.assert_allclose(np.asarray(sj.refine(split, image, _marks_2d(), CFG, start=as_f64).logits),
                              np.asarray(sj.refine(split, image, _marks_2d(), CFG).logits), rtol=1e-6, atol=1e-6)
@@ -434,7 +436,8 @@ def test_bad_config_raises():
                        (dict(learning_rate=None), "learning_rate must be a number"),
                        (dict(max_steps=2 ** 40), "at most"),
                        (dict(max_steps=True), "max_steps must be a non-negative integer"),
-                       (dict(early_stop="False"), "early_stop must be True or False")]:
+                       (dict(early_stop="False"), "early_stop must be True or False"),
+                       (dict(momentum=1.0), r"momentum must be in \[0, 1\)")]:
     with pytest.raises(ValueError, match=message):
       sj.RefineConfig(**bad)
   assert sj.RefineConfig(max_steps=np.int64(5), optimizer=optax.adam(1e-3)).max_steps == 5
