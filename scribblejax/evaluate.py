@@ -128,6 +128,23 @@ def _json_float(x: float) -> float | None:
   return None if x is None or not np.isfinite(x) else float(x)
 
 
+def next_marks(marks: np.ndarray, drawn: np.ndarray, new: np.ndarray, image: np.ndarray, region_growing: float,
+               max_distance: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """One interaction's marks: the new drawn marks, grown (``region_growing`` > 0), over the marks so far.
+
+  What the user drew before stands: growth neither replaces nor crosses it. What earlier growth
+  inferred, this round's growth may relabel.
+
+  Returns:
+    ``(marks, drawn, new)``: every mark so far, the drawn ones among them, and this round's (grown).
+  """
+  if region_growing > 0:
+    grown = grow_marks(new, image, region_growing, max_distance=max_distance, blocked=drawn >= 0)
+  else:
+    grown = new
+  return accumulate(marks, grown), accumulate(drawn, new), grown
+
+
 def run_case(case: Case, method: Method, config: EvalConfig = EvalConfig()) -> dict:
   """Runs N interactions of the simulated user against ``method`` on ``case``.
 
@@ -149,6 +166,7 @@ def run_case(case: Case, method: Method, config: EvalConfig = EvalConfig()) -> d
   per_class = [metrics.dice_per_class(labels, case.truth, k)]
   seconds, marked, classes_marked, corrected, info = [], [], [], [], []
   marks = np.full(case.truth.shape, UNMARKED, np.int32)
+  drawn = marks                # the simulated user's own marks so far (without region growing's)
   stopped = None
   for i in range(1, config.interactions + 1):
     new = simulate_marks(labels, case.truth, k, kind=config.mark_kind, radius=config.radius,
@@ -157,11 +175,7 @@ def run_case(case: Case, method: Method, config: EvalConfig = EvalConfig()) -> d
     if not (new >= 0).any():
       stopped = i - 1          # nothing left for the user to correct
       break
-    if config.region_growing > 0:
-      # the user's earlier marks stand: growth neither replaces nor crosses them
-      new = grow_marks(new, case.image, config.region_growing, max_distance=config.grow_max_distance,
-                       blocked=marks >= 0)
-    marks = accumulate(marks, new)
+    marks, drawn, new = next_marks(marks, drawn, new, case.image, config.region_growing, config.grow_max_distance)
     before = labels
     t0 = time.perf_counter()
     state = method.update(state, marks)

@@ -416,6 +416,18 @@ def test_continue_weights_and_region_growing(tmp_path, model_dir, crop, capsys):
   assert (session_marks[:, :48] == 1).all() and (session_marks[:, 49:] == -1).all()
   assert reports[-1]["grown_pixels"] == 96 * 48 - 1
   assert reports[-1]["marked_pixels"] == {"background": 96, "nucleus": 96 * 48}
+  # What earlier growth inferred is not the user's word: a later round's growth relabels it.
+  third = np.zeros((96, 96), np.uint8)
+  third[60, 20] = 255                                      # round 3: background, inside round 2's growth
+  PILImage.fromarray(third).save(tmp_path / "third.png")
+  assert main([*session, "--marks", str(tmp_path / "third.png"), "--out", str(tmp_path / "third.tif"),
+               "--region-growing", "1e6"]) == 0
+  session_marks = np.load(sorted((tmp_path / "grown").glob("round-*.npz"))[-1])["marks"]
+  assert session_marks[10, 10] == 1                        # drawn in round 2: kept
+  left = session_marks[:, :48].copy()
+  left[10, 10] = 0
+  assert (left == 0).all()                                 # round 2's grown nucleus is background now
+  assert (session_marks[:, 48] == 0).all() and (session_marks[:, 49:] == -1).all()   # the drawn line still walls
 
 
 def test_refine_dicom_series_3d_with_slicer_marks_writes_nifti(tmp_path, capsys):

@@ -369,3 +369,21 @@ def test_baselines_take_a_model_that_states_no_layer_order_given_an_example():
   state = method.update(method.init(image), marks)
   assert method.info(state)["satisfied"] and method.labels(state)[3, 3] == marks[3, 3]
   assert bl.suppression_amount(model, image, 1) >= 1.0
+
+
+def test_growth_keeps_what_the_user_drew_and_relabels_what_growth_inferred():
+  image = np.zeros((6, 8, 1), np.float32)                 # flat: growth reaches every free pixel
+  none = np.full((6, 8), -1, np.int32)
+  first = none.copy()
+  first[:, 4] = 0                                          # round 1: a drawn background line
+  marks, drawn, grown = ev.next_marks(none, none, first, image, 1.0)
+  assert (marks >= 0).all() and (marks == 0).all()        # it grew over everything
+  second = none.copy()
+  second[2, 1] = 1                                         # round 2: nucleus, left of the line
+  marks, drawn, grown = ev.next_marks(marks, drawn, second, image, 1.0)
+  assert (marks[:, :4] == 1).all()                         # round 1's inferred background relabelled
+  assert (marks[:, 4:] == 0).all()                         # the drawn line stands and walls the right side
+  np.testing.assert_array_equal(drawn, ev.accumulate(first, second))
+  assert (grown[:, 4:] == -1).all()
+  same, _, _ = ev.next_marks(none, none, second, image, 0.0)           # no growth: the marks as drawn
+  np.testing.assert_array_equal(same, second)

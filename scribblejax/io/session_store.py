@@ -6,7 +6,8 @@ Layout::
     DIR/session.json     {"format": "scribblejax-session", "version": 1, "image": ..., "image_digest": ...,
                           "model": ..., "spatial_shape": [...], "rounds": [{"file": "round-001.npz", ...}]}
     DIR/round-001.npz    marks (int32, all marks so far, in the image's index space, -1 unmarked),
-                         new_marks (this round's marks), labels (int32 result),
+                         new_marks (this round's marks), drawn (the marks so far that the user
+                         drew, without region growing's), labels (int32 result),
                          tunable_0 ... tunable_N (the refined weights W_lam, leaves in pytree order)
     DIR/initial.npz      labels: the network's own segmentation (what an undo of every round shows)
 
@@ -97,15 +98,22 @@ def tunable_leaves(arrays: dict[str, np.ndarray]) -> list[np.ndarray]:
   return [arrays[f"tunable_{i}"] for i in range(count)]
 
 
+def drawn_marks(arrays: dict[str, np.ndarray]) -> np.ndarray:
+  """The marks so far that the user drew (a round stored before ``drawn`` was kept: all its marks)."""
+  return arrays["drawn"] if "drawn" in arrays else arrays["marks"]
+
+
 def append_round(directory: str | os.PathLike, doc: dict, record: dict, *, marks: np.ndarray,
-                 new_marks: np.ndarray, labels: np.ndarray, tunable: list[Any]) -> dict:
-  """Stores a new round; returns the updated document (already saved)."""
+                 new_marks: np.ndarray, labels: np.ndarray, tunable: list[Any], drawn: np.ndarray | None = None
+                 ) -> dict:
+  """Stores a new round; returns the updated document (already saved). ``drawn``: the marks so far
+  without region growing's (default: ``marks``)."""
   d = Path(directory)
   d.mkdir(parents=True, exist_ok=True)
   index = len(doc["rounds"]) + 1
   name = f"round-{index:03d}.npz"
   arrays = {"marks": np.asarray(marks, np.int32), "new_marks": np.asarray(new_marks, np.int32),
-            "labels": np.asarray(labels, np.int32)}
+            "drawn": np.asarray(marks if drawn is None else drawn, np.int32), "labels": np.asarray(labels, np.int32)}
   arrays.update({f"tunable_{i}": np.asarray(leaf) for i, leaf in enumerate(tunable)})
   _write_atomic(d / name, lambda f: np.savez_compressed(f, **arrays))
   doc = dict(doc, rounds=doc["rounds"] + [dict(record, file=name, round=index)])

@@ -1087,10 +1087,10 @@ def _refine_round(model, model_ref, img, digest, marks_files, new, out, session,
     num_classes = num_classes_of(split, _network_input(fitted))
   # The marks' truth is the image's grid: what the user drew, plus what region growing added. The
   # model's grid gets them by to_model, once per round.
-  previous_image, arrays = None, None
+  previous_image, previous_drawn, arrays = None, None, None
   if doc is not None and doc["rounds"]:
     arrays = session_store.round_arrays(session, doc["rounds"][-1])
-    previous_image = arrays["marks"]
+    previous_image, previous_drawn = arrays["marks"], session_store.drawn_marks(arrays)
   _check_inside_crop(new if previous_image is None else marks_lib.accumulate(previous_image, new), fitted,
                      class_names)
   new_model, clashes = to_model_counted(new, fitted)
@@ -1106,15 +1106,17 @@ def _refine_round(model, model_ref, img, digest, marks_files, new, out, session,
   if grow:
     grown_marks = np.full_like(new_model, -1)              # never grown into the padding
     region = inside(fitted)
-    # what earlier rounds marked is the user's word: growth neither replaces nor crosses it
-    blocked = None if previous is None else previous[region] >= 0
+    # what the user drew in earlier rounds is their word: growth neither replaces nor crosses it (what
+    # earlier growth inferred, a newer round's growth may relabel)
+    blocked = None if previous_drawn is None else to_model(previous_drawn, fitted)[region] >= 0
     grown_marks[region] = marks_lib.grow_marks(new_model[region], fitted.image[region], grow, blocked=blocked)
     grown = int((grown_marks >= 0).sum() - (new_model >= 0).sum())
     new_model = grown_marks
     grown_image = to_image(grown_marks, fitted)
-    if previous_image is not None:
-      grown_image = np.where(previous_image >= 0, -1, grown_image)
+    if previous_drawn is not None:
+      grown_image = np.where(previous_drawn >= 0, -1, grown_image)
     new_image = np.where(new >= 0, new, grown_image)
+  drawn_image = new if previous_drawn is None else marks_lib.accumulate(previous_drawn, new)
   all_marks = new_model if previous is None else marks_lib.accumulate(previous, new_model)
   all_marks = marks_lib.validate_mark_map(all_marks, fitted.image.shape[:-1], num_classes)
   initial = session_store.load_initial(session) if session else None
@@ -1205,7 +1207,8 @@ def _refine_round(model, model_ref, img, digest, marks_files, new, out, session,
     record = {"marks_files": [str(Path(m).resolve()) for m in marks_files], "steps": steps, "satisfied": satisfied,
               "settings": report["settings"], "out": str(out)}
     doc = session_store.append_round(session, doc, record, marks=marks_image, new_marks=new_image,
-                                     labels=labels_image, tunable=[np.asarray(x) for x in jax.tree.leaves(result.tunable)])
+                                     labels=labels_image, tunable=[np.asarray(x) for x in jax.tree.leaves(result.tunable)],
+                                     drawn=drawn_image)
     if undone is not None:
       session_store.remove_round_file(session, doc, undone)
   return report
