@@ -187,11 +187,19 @@ def check_tunable(split: Split, tree: Any, what: str = "tunable", *, batch: int 
     dtype = np.dtype(x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype)
     if not np.issubdtype(dtype, np.floating) and dtype.name != "bfloat16":
       raise ValueError(f"{what} parameter {name} has dtype {dtype}; parameters are floating-point")
-    concrete = not isinstance(x, jax.core.Tracer) and getattr(x, "is_fully_addressable", True)
-    if concrete and not bool(jax.numpy.isfinite(x).all()):
+    if not _finite(x):
       raise ValueError(f"{what} parameter {name} holds NaN or Inf values")
     out.append(x if dtype == w.dtype else jax.numpy.asarray(x, w.dtype))
   return jax.tree.unflatten(jax.tree.structure(tree), out)
+
+
+def _finite(x: Any) -> bool:
+  """Whether every value of ``x`` is finite (``True`` for a traced value, which has none yet, and for an
+  array spread over several hosts, which this host cannot read whole)."""
+  try:
+    return not getattr(x, "is_fully_addressable", True) or bool(jax.numpy.isfinite(x).all())
+  except jax.errors.ConcretizationTypeError:
+    return True
 
 
 def merge_params(split: Split, tunable: Any = None) -> nnx.Module:
