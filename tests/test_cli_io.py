@@ -287,6 +287,25 @@ def test_on_a_coarser_model_grid_the_report_counts_marks_in_the_written_file(tmp
   assert report["marked_pixels"] == {"background": 1, "nucleus": int((marks == 1).sum())}
 
 
+def test_a_tiffs_print_resolution_is_not_a_spacing_to_resample_from(tmp_path, model_dir, crop, capsys):
+  # nnU-Net reads a 2-D TIFF at spacing 1 whatever its resolution tags say (often 72 dots per inch)
+  import shutil
+  image = crop[0]
+  unit = tmp_path / "unit"
+  shutil.copytree(model_dir, unit)
+  doc = json.loads((unit / "model.json").read_text())
+  doc["metadata"] = {**(doc.get("metadata") or {}), "spacing": [1.0, 1.0]}
+  (unit / "model.json").write_text(json.dumps(doc))
+  tifffile.imwrite(tmp_path / "plain.tif", image)
+  tifffile.imwrite(tmp_path / "dpi.tif", image, resolution=(72, 72), resolutionunit=2)
+  for name in ("plain", "dpi"):
+    assert main(["predict", "--model", str(unit), "--image", str(tmp_path / f"{name}.tif"), "--out",
+                 str(tmp_path / f"{name}_seg.tif"), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+  assert any("pixel spacing as 1 for resampling" in n for n in report["notes"])     # was: resampled to 1 x 1
+  np.testing.assert_array_equal(tifffile.imread(tmp_path / "dpi_seg.tif"), tifffile.imread(tmp_path / "plain_seg.tif"))
+
+
 def test_refine_reads_a_slicer_segmentation_on_an_nrrd_image(tmp_path, model_dir, crop, capsys):
   image, truth, network = crop
   # The crop as a 2-D NRRD in LPS space: axis 0 = rows, axis 1 = columns (any order works: geometry rules).

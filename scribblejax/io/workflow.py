@@ -412,6 +412,27 @@ def _stated(metadata: dict | None, key: str, ndim: int, kind: type) -> tuple | N
   return tuple(kind(v) for v in value)
 
 
+def pipeline_spacing(geometry: Any) -> tuple[tuple[float, ...], str | None]:
+  """The pixel spacing resampling reads from an image, and a note when it is not the file's.
+
+  As nnU-Net's readers: a 2-D PNG, JPEG or TIFF has spacing 1 (its natural-image reader ignores TIFF
+  resolution tags, which are mostly a print resolution in dots per inch); a 3-D TIFF stack has the
+  physical spacing its ImageJ or OME metadata states (nnU-Net's 3-D TIFF reader takes it from a
+  sidecar file), else 1.
+  """
+  spacing = tuple(float(s) for s in geometry.spacing)
+  if geometry.family not in RASTER:
+    return spacing, None
+  header = geometry.header if isinstance(geometry.header, dict) else {}
+  if len(spacing) == 3 and header.get("imagej"):
+    return spacing, None
+  ones = (1.0,) * len(spacing)
+  if spacing == ones:
+    return ones, None
+  return ones, (f"took the raster image's pixel spacing as 1 for resampling, as nnU-Net reads such images, "
+                f"not its resolution tags' {_rounded(spacing)}")
+
+
 def resample_to_model(fitted: Fitted, image: Image, metadata: dict | None) -> Fitted:
   """Resamples a fitted image to the model's voxel spacing (``metadata.spacing``), as nnU-Net does
   after normalising (:mod:`scribblejax.resample`); unchanged when the model states no spacing or the
@@ -421,7 +442,7 @@ def resample_to_model(fitted: Fitted, image: Image, metadata: dict | None) -> Fi
   target = _stated(metadata, "spacing", ndim - 1 if fitted.slices else ndim, float)
   if target is None:
     return fitted
-  spacing = tuple(float(s) for s in image.geometry.spacing)
+  spacing, spacing_note = pipeline_spacing(image.geometry)
   if fitted.order is not None:
     spacing = tuple(spacing[a] for a in fitted.order)
   spacing = tuple(s for a, s in enumerate(spacing) if a not in fitted.squeezed)
@@ -429,6 +450,8 @@ def resample_to_model(fitted: Fitted, image: Image, metadata: dict | None) -> Fi
     target = (spacing[0], *target)
   shape = tuple(fitted.image.shape[:-1])
   new = resampled_shape(shape, spacing, target)
+  if spacing_note:
+    fitted = fitted._replace(notes=(*fitted.notes, spacing_note))
   if new == shape:
     return fitted
   stated = (metadata or {}).get("resampling") or {}
