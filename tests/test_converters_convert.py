@@ -534,6 +534,13 @@ def test_an_image_with_a_zero_border_is_cropped_to_its_non_zero_region_as_nnunet
   assert "outside the image's non-zero region (1 voxel(s) of organ)" in capsys.readouterr().err
   assert main(args + ["--no-crop"]) == 0, capsys.readouterr().err
   assert np.asarray(nib.load(tmp_path / "refined.nii.gz").dataobj)[0, 0, 0] == 1
+  # Background marks only outside it: honoured as they stand, nothing to refine (was: "no voxel is marked")
+  marks[0, 0, 0] = 255
+  nib.save(nib.Nifti1Image(marks, affine), tmp_path / "marks.nii.gz")
+  assert main(args + ["--json"]) == 0
+  report = json.loads(capsys.readouterr().out)
+  assert report["steps"] == 0 and report["marks_honoured"] == 1.0 and report["changed_pixels"] == 0
+  np.testing.assert_array_equal(np.asarray(nib.load(tmp_path / "refined.nii.gz").dataobj), got)
 
 
 def test_mirroring_averages_the_flipped_passes_as_nnunet_does(tmp_path, capsys):

@@ -1088,7 +1088,7 @@ def _refine_round(model, model_ref, img, digest, marks_files, new, out, session,
   import jax
   from scribblejax import marks as marks_lib
   from scribblejax.kernels import resolve_conv_backend
-  from scribblejax.refine import refine, resolve_driver
+  from scribblejax.refine import RefineResult, refine, resolve_driver
 
   network = _load(model, log)
   if added:
@@ -1153,7 +1153,14 @@ def _refine_round(model, model_ref, img, digest, marks_files, new, out, session,
     before_image = labels_from_logits(network_logits(split, fitted, step=inference.step, progress=patch_progress),
                                       fitted)
   from scribblejax.params import last_layers
-  loop = loop_split(network, fitted, split, all_marks, last_layers(layers), inference)
+  # every mark outside the crop (background marks, which the pipeline honours there): nothing to refine
+  nothing = fitted.patch is not None and not (all_marks >= 0).any()
+  if nothing:
+    log("note: every mark lies outside the image's non-zero region, where the segmentation is background "
+        "already: nothing to refine")
+    loop = Loop(split, fitted.image, all_marks, 0, 0)
+  else:
+    loop = loop_split(network, fitted, split, all_marks, last_layers(layers), inference)
   count, per_call, region = loop.patches, loop.per_call, loop.region
   if count:
     batches = "" if per_call >= count else f", {per_call} per network call (rematerialised one call at a time)"
@@ -1166,7 +1173,11 @@ def _refine_round(model, model_ref, img, digest, marks_files, new, out, session,
       f"pixels (driver {driver}, {_device()['device']})")
   with compile_timer() as compiled:
     start_time = time.perf_counter()
-    result = refine(loop.split, loop.image, loop.marks, config, start=start, progress=progress)
+    if nothing:               # the network (W, or the previous round's W_lam) as it stands: no step
+      result = RefineResult(None, None, split.tunable if start is None else start, np.int32(0), np.bool_(True),
+                            np.bool_(False), None)
+    else:
+      result = refine(loop.split, loop.image, loop.marks, config, start=start, progress=progress)
     if joint:
       from scribblejax.sliding_window import sliding_window_logits_of
       before, logits = sliding_window_logits_of(split, fitted.image, fitted.patch,
@@ -1175,7 +1186,7 @@ def _refine_round(model, model_ref, img, digest, marks_files, new, out, session,
       before_image = labels_from_logits(before, fitted)
       del before
     else:
-      logits = refined_logits(split, fitted, result, count, inference.step, patch_progress)
+      logits = refined_logits(split, fitted, result, max(count, int(nothing)), inference.step, patch_progress)
     seconds = time.perf_counter() - start_time
   labels_image = labels_from_logits(logits, fitted)
   marks_image = new_image if previous_image is None else marks_lib.accumulate(previous_image, new_image)
