@@ -447,6 +447,11 @@ def test_continue_weights_and_region_growing(tmp_path, model_dir, crop, capsys):
   left[10, 10] = 0
   assert (left == 0).all()                                 # round 2's grown nucleus is background now
   assert (session_marks[:, 48] == 0).all() and (session_marks[:, 49:] == -1).all()   # the drawn line still walls
+  # A round under other pipeline options would mix two pipelines' weights and segmentations: refused.
+  assert main([*session, "--marks", str(tmp_path / "third.png"), "--out", str(tmp_path / "fourth.tif"),
+               "--no-resample", "--patch-step", "0.25"]) == 1
+  assert ("was refined with other pipeline options: --no-resample (True then, False now), --patch-step (0.5 then, "
+          "0.25 now)") in capsys.readouterr().err
 
 
 def test_refine_dicom_series_3d_with_slicer_marks_writes_nifti(tmp_path, capsys):

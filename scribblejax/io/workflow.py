@@ -999,6 +999,7 @@ def run_refine(*, model: str | None, image: str | None, marks: Sequence[str], ou
       raise ValueError(f"image {image} is not the image of session {session} ({doc['image']})")
     if doc["model"] != model_ref:
       raise ValueError(f"model {model} is not the model of session {session} ({doc['model']})")
+    _check_session_pipeline(doc, session, inference, bool(marks))
   stated = spec_from_info(info)
   class_names = resolve_class_names(mark_options.class_names, info, stated.num_classes)
   num_classes = stated.num_classes
@@ -1024,6 +1025,32 @@ def run_refine(*, model: str | None, image: str | None, marks: Sequence[str], ou
     return _after_undo(doc, session, undone, img, out, overlay, log, info, class_names)
   return _refine_round(model, model_ref, img, digest, list(marks), new, out, session, doc, undone, settings,
                        class_names, info, overlay, log, progress, inference, added, patch_progress)
+
+
+_PIPELINE_FLAGS = {"resample": "--no-resample", "crop": "--no-crop", "mirror": "--mirror", "patch_size": "--patch-size",
+                   "step": "--patch-step"}
+
+
+def _pipeline_record(inference: InferenceOptions) -> dict:
+  """The options that decide what the network sees (not how many patches one call runs)."""
+  size = inference.patch_size
+  return {"resample": inference.resample, "crop": inference.crop, "mirror": inference.mirror,
+          "patch_size": list(size) if isinstance(size, (tuple, list)) else size, "step": inference.step}
+
+
+def _check_session_pipeline(doc: dict, session: str | None, inference: InferenceOptions, new_round: bool) -> None:
+  """Refuses a new round whose pipeline options differ from the session's first round (a session stored
+  before they were recorded is not checked): its weights, its initial segmentation and its marks belong
+  to that pipeline."""
+  stored = doc.get("pipeline")
+  if not new_round or stored is None:
+    return
+  current = _pipeline_record(inference)
+  differ = [f"{_PIPELINE_FLAGS[k]} ({stored.get(k)!r} then, {current[k]!r} now)" for k in _PIPELINE_FLAGS
+            if stored.get(k) != current[k]]
+  if differ:
+    raise ValueError(f"session {session} was refined with other pipeline options: {', '.join(differ)}; give its "
+                     "rounds the same options, or start a new session")
 
 
 def _new_classes(given: Sequence[str] | str, doc: dict | None, session: str | None) -> tuple[str, ...]:
@@ -1234,6 +1261,7 @@ def _refine_round(model, model_ref, img, digest, marks_files, new, out, session,
   if session:
     if doc is None:
       doc = session_store.new_session(str(Path(img.path).resolve()), digest, model_ref, img.spatial_shape)
+      doc["pipeline"] = _pipeline_record(inference)
       if added:
         doc["new_classes"] = list(added)
     if initial is None:
