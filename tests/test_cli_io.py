@@ -368,7 +368,9 @@ def test_session_two_rounds_then_undo(tmp_path, model_dir, crop, capsys):
   assert main(["refine", *common, "--undo", "--marks", str(tmp_path / "round2.json"), "--out",
                str(tmp_path / "r2b.tif")]) == 0
   np.testing.assert_array_equal(tifffile.imread(tmp_path / "r2b.tif"), out2)
-  assert len(json.loads((session / "session.json").read_text())["rounds"]) == 2 and (session / "round-002.npz").exists()
+  rounds = json.loads((session / "session.json").read_text())["rounds"]
+  replaced = rounds[-1]["file"]          # a new file: the undone one stayed until this round was saved
+  assert len(rounds) == 2 and (session / replaced).exists() and not (session / "round-002.npz").exists()
 
   # Undo in a fresh process: no model run, the session's stored round-1 result comes back.
   proc = _cli("refine", "--session", session, "--undo", "--out", tmp_path / "undo1.tif")
@@ -376,7 +378,7 @@ def test_session_two_rounds_then_undo(tmp_path, model_dir, crop, capsys):
   assert "undid round 2: 1 round(s) left" in proc.stdout
   np.testing.assert_array_equal(tifffile.imread(tmp_path / "undo1.tif"), out1)
   assert len(json.loads((session / "session.json").read_text())["rounds"]) == 1
-  assert not (session / "round-002.npz").exists()
+  assert not (session / replaced).exists()
 
   # A new round after the undo accumulates over round 1 only; undoing everything gives the network's labels.
   assert main(["refine", "--session", str(session), "--undo", "--out", str(tmp_path / "undo0.tif"), "--quiet"]) == 0
@@ -577,6 +579,51 @@ def test_multichannel_volumes_flags_and_damaged_sessions_are_refused(files, mode
   (session / "session.json").write_text(json.dumps({k: v for k, v in doc.items() if k != "image_digest"}))
   assert main([*base, "--out", f"{files}/b.tif", "--session", str(session)]) == 1
   assert "is damaged: it lacks ['image_digest']" in capsys.readouterr().err
+  # a crafted round file name never reaches outside the folder (an undo would delete it); other
+  # damage is named, not a traceback
+  (files / "victim.txt").write_text("precious")
+  for change, message in ((lambda d: d["rounds"][-1].update(file="../victim.txt"), "its rounds are not a list"),
+                          (lambda d: d["rounds"][-1].pop("round"), "its rounds are not a list"),
+                          (lambda d: d.update(model=5), "model must be text"),
+                          (lambda d: d.update(new_classes="mitosis"), "new_classes must be a list")):
+    crafted = json.loads(json.dumps(doc))
+    change(crafted)
+    (session / "session.json").write_text(json.dumps(crafted))
+    assert main(["refine", "--session", str(session), "--undo", "--quiet"]) == 1
+    assert message in capsys.readouterr().err
+  assert (files / "victim.txt").read_text() == "precious"
+
+
+def test_an_interrupted_round_leaves_the_session_as_it_was(tmp_path, model_dir, crop, capsys, monkeypatch):
+  from scribblejax.io import session_store
+  image = crop[0]
+  tifffile.imwrite(tmp_path / "img.tif", image)
+  for name, spot in (("m1", (10, 10)), ("m2", (40, 40)), ("m3", (70, 20))):
+    marks = np.zeros((96, 96), np.uint8)
+    marks[spot] = 1
+    PILImage.fromarray(marks).save(tmp_path / f"{name}.png")
+  session = tmp_path / "s"
+  run = lambda marks, *extra: main(["refine", "--model", str(model_dir), "--image", str(tmp_path / "img.tif"),
+                                    "--marks", str(tmp_path / f"{marks}.png"), "--out", str(tmp_path / "o.tif"),
+                                    "--session", str(session), "--steps", "2", "--quiet", *extra])
+  save = session_store.save_session
+
+  def killed(*args, **kwargs):
+    raise ValueError("simulated kill before session.json")
+
+  monkeypatch.setattr(session_store, "save_session", killed)
+  assert run("m1") == 1                                  # the first round dies before its session.json
+  monkeypatch.setattr(session_store, "save_session", save)
+  assert run("m1") == 0 and run("m2") == 0               # was: "not empty and holds no session.json", for good
+  before = {p.name: p.read_bytes() for p in session.iterdir()}
+  monkeypatch.setattr(session_store, "save_session", killed)
+  assert run("m3", "--undo") == 1                        # an undo-and-redo round dies before its session.json
+  monkeypatch.setattr(session_store, "save_session", save)
+  doc = json.loads((session / "session.json").read_text())
+  last = doc["rounds"][-1]
+  assert (session / last["file"]).read_bytes() == before[last["file"]]     # was: overwritten by the new round
+  assert run("m3", "--undo") == 0
+  capsys.readouterr()
 
 
 def test_predict_bad_input_and_a_real_exit_status(files, model_dir, capsys):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -51,7 +52,9 @@ def load_session(directory: str | os.PathLike) -> dict | None:
     raise ValueError(f"session {directory} is not a folder")
   path = d / "session.json"
   if not path.exists():
-    if any(d.iterdir()):
+    # a first round interrupted before its session.json leaves only the session's own files: no session yet
+    if any(not _ROUND_FILE.fullmatch(p.name) and p.name != "initial.npz" and not p.name.startswith(".")
+           for p in d.iterdir()):
       raise ValueError(f"session folder {directory} is not empty and holds no session.json")
     return None
   try:
@@ -62,10 +65,28 @@ def load_session(directory: str | os.PathLike) -> dict | None:
     raise ValueError(f"{path} is not a {FORMAT} v{VERSION} file")
   missing = [k for k in ("image", "image_digest", "model", "rounds") if k not in doc]
   rounds = doc.get("rounds")
-  if missing or not isinstance(rounds, list) or not all(isinstance(r, dict) and "file" in r for r in rounds):
+  if missing or not isinstance(rounds, list) or not all(_good_record(r, i) for i, r in enumerate(rounds)):
     raise ValueError(f"{path} is damaged: " + (f"it lacks {missing}" if missing else
-                                                "its rounds are not a list of records naming their files"))
+                                                "its rounds are not a list of records naming their files "
+                                                "(round-NNN.npz in the session folder) and numbers"))
+  wrong = [k for k in ("image", "image_digest", "model") if not isinstance(doc[k], str)]
+  if wrong:
+    raise ValueError(f"{path} is damaged: {', '.join(wrong)} must be text")
+  added = doc.get("new_classes", [])
+  if not isinstance(added, list) or not all(isinstance(name, str) for name in added):
+    raise ValueError(f"{path} is damaged: new_classes must be a list of class names")
+  if not isinstance(doc.get("pipeline", {}), dict):
+    raise ValueError(f"{path} is damaged: pipeline must be an object of options")
   return doc
+
+
+_ROUND_FILE = re.compile(r"round-\d{3,}\.npz")
+
+
+def _good_record(record: Any, index: int) -> bool:
+  """A round record names a round file of the session folder (never a path out of it) and its number."""
+  return (isinstance(record, dict) and isinstance(record.get("file"), str)
+          and _ROUND_FILE.fullmatch(record["file"]) is not None and record.get("round") == index + 1)
 
 
 def new_session(image: str, image_digest: str, model: str, spatial_shape: tuple[int, ...]) -> dict:
@@ -87,9 +108,13 @@ def round_arrays(directory: str | os.PathLike, record: dict) -> dict[str, np.nda
   path = Path(directory) / record["file"]
   try:
     with np.load(path) as data:
-      return {k: data[k] for k in data.files}
+      arrays = {k: data[k] for k in data.files}
   except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
     raise ValueError(f"cannot read session round {path}: {err}") from err
+  missing = [k for k in ("marks", "labels") if k not in arrays]
+  if missing:
+    raise ValueError(f"session round {path} is damaged: it lacks {', '.join(missing)}")
+  return arrays
 
 
 def tunable_leaves(arrays: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -111,7 +136,13 @@ def append_round(directory: str | os.PathLike, doc: dict, record: dict, *, marks
   d = Path(directory)
   d.mkdir(parents=True, exist_ok=True)
   index = len(doc["rounds"]) + 1
-  name = f"round-{index:03d}.npz"
+  # a file name no saved round uses and no file holds (an undone round's file stays until this round
+  # is saved, so an interruption leaves the session as it was)
+  taken = {r["file"] for r in doc["rounds"]}
+  number = index
+  while f"round-{number:03d}.npz" in taken or (d / f"round-{number:03d}.npz").exists():
+    number += 1
+  name = f"round-{number:03d}.npz"
   arrays = {"marks": np.asarray(marks, np.int32), "new_marks": np.asarray(new_marks, np.int32),
             "drawn": np.asarray(marks if drawn is None else drawn, np.int32), "labels": np.asarray(labels, np.int32)}
   arrays.update({f"tunable_{i}": np.asarray(leaf) for i, leaf in enumerate(tunable)})
