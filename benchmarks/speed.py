@@ -19,7 +19,8 @@ Usage::
     python -m benchmarks.speed --cases 2d256 --batches 1 --variants scribblejax,torch_eager
     scribblejax bench --quick                       # the same, as a subcommand
 
-Results: ``--out PATH.json`` (one record per measurement; default under ``benchmarks/results/``)
+Results: ``--out PATH.json`` (one record per measurement; default ``benchmarks/results/speed_DEVICE.json``,
+``speed_DEVICE_quick.json`` for ``--quick``)
 and a markdown table next to it (``PATH.md``).
 """
 
@@ -446,7 +447,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
   parser.add_argument("--no-check", action="store_true", help="skip the torch-vs-scribblejax logit check")
   parser.add_argument("--memory", action="store_true",
                       help="add XLA's compiled-memory analysis (scribblejax.memory_analysis) to batch-1 records")
-  parser.add_argument("--out", default=None, help="JSON output path (default benchmarks/results/speed_<device>.json)")
+  parser.add_argument("--out", default=None, help="JSON output path (default benchmarks/results/speed_<device>.json; --quick: speed_<device>_quick.json)")
   return parser
 
 
@@ -553,7 +554,9 @@ def execute(args: argparse.Namespace) -> int:
     ValueError: bad arguments.
   """
   _validate(args)                                             # bad arguments fail before any work
-  out = Path(args.out) if args.out else RESULTS_DIR / f"speed_{device_name().replace(' ', '_').lower()}.json"
+  # a --quick smoke run never replaces the full results committed under benchmarks/results/
+  name = f"speed_{device_name().replace(' ', '_').lower()}{'_quick' if args.quick else ''}.json"
+  out = Path(args.out) if args.out else RESULTS_DIR / name
   records = run(args, on_record=lambda recs: write_results(recs, out))
   json_path, md_path = write_results(records, out)
   print(f"wrote {json_path} and {md_path}")

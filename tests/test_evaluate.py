@@ -146,6 +146,13 @@ def test_cli_single_case_task_and_files(tiny_model, tmp_path, capsys):
                "--model", str(folder), "--out", str(tmp_path / "v")]) == 1
   err = capsys.readouterr().err.strip()
   assert "does not exist" in err and len(err.splitlines()) == 1
+  # the results never overwrite an input (was: the label file replaced by the plot)
+  (tmp_path / "r").mkdir()
+  tifffile.imwrite(tmp_path / "r" / "results.png", np.asarray(tifffile.imread(tmp_path / "lab.tif")))
+  kept = (tmp_path / "r" / "results.png").read_bytes()
+  assert main(["evaluate", "--image", str(tmp_path / "img.tif"), "--label", str(tmp_path / "r" / "results.png"),
+               "--model", str(folder), "--out", str(tmp_path / "r")]) == 1
+  assert "is the input" in capsys.readouterr().err and (tmp_path / "r" / "results.png").read_bytes() == kept
   del Geometry, write_label_map
 
 

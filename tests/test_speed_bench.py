@@ -14,6 +14,12 @@ FIELDS = ("device", "variant", "dims", "size", "batch", "steps", "ms_per_interac
           "images_per_s", "compile_s", "versions", "settings")
 
 
+def test_a_quick_run_never_replaces_the_committed_full_results(tmp_path, monkeypatch):
+  monkeypatch.setattr(speed, "RESULTS_DIR", tmp_path)
+  assert speed.main(["--quick", "--cases", "2d32", "--variants", "scribblejax", "--batches", "1", "--no-check"]) == 0
+  assert [p.name for p in sorted(tmp_path.glob("*.json"))] == [f"speed_{speed.device_name().lower()}_quick.json"]
+
+
 def test_quick_benchmark_writes_records_and_table(tmp_path, capsys):
   out = tmp_path / "quick.json"
   variants = "scribblejax,torch_eager"

@@ -72,6 +72,9 @@ def _single_case(args) -> int:
   if args.image is not None and (args.task is not None or args.crop is not None):
     raise ValueError(f"{'--task' if args.task is not None else '--crop'} names a built-in case; a case given by "
                      "--image/--label takes neither")
+  if args.image is not None:
+    from scribblejax.io.workflow import check_outputs
+    check_outputs([Path(args.out) / f"results.{ext}" for ext in ("json", "md", "png")], [args.image, args.label])
   if args.layers is not None and args.layers < 1:
     raise ValueError(f"--layers must be >= 1, got {args.layers}")
   if args.steps is not None and args.steps < 0:
