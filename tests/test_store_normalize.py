@@ -41,6 +41,14 @@ def test_store_refuses_bad_input(tmp_path):
   (path / "model.json").write_text(json.dumps(config))
   with pytest.raises(ValueError, match="unknown model family"):
     sj.load_model(path)
+  # hand-edited fields of the wrong kind are named (were: AttributeError deep in the command line)
+  config["family"] = "scribblejax.UNet"
+  for key, value, message in (("metadata", [1], r'"metadata" must be an object, got list'),
+                              ("metadata", {"refine": "fast"}, r'"metadata.refine" must be an object, got str'),
+                              ("class_names", "bgnuc", r'"class_names" must be a list of names')):
+    (path / "model.json").write_text(json.dumps({**config, key: value}))
+    with pytest.raises(ValueError, match=message):
+      sj.read_info(path)
 
 
 def test_overwrite_replaces_only_a_model_folder_and_never_loses_both(tmp_path, monkeypatch):

@@ -214,8 +214,19 @@ def read_info(name_or_path: str | os.PathLike) -> ModelInfo:
   if not isinstance(config.get("family"), str) or not isinstance(config.get("kwargs"), dict):
     raise ValueError(f"{path / 'model.json'} needs a \"family\" (a string) and \"kwargs\" (an object)")
   names = config.get("class_names")
+  if names is not None and (not isinstance(names, list) or not all(isinstance(n, str) for n in names)):
+    raise ValueError(f"{path / 'model.json'}: \"class_names\" must be a list of names, got {names!r}")
+  metadata = config.get("metadata", {})
+  if metadata is None:
+    metadata = {}
+  if not isinstance(metadata, dict):
+    raise ValueError(f"{path / 'model.json'}: \"metadata\" must be an object, got {type(metadata).__name__}")
+  for key in ("refine", "resampling", "regions"):
+    if metadata.get(key) is not None and not isinstance(metadata[key], dict):
+      raise ValueError(f"{path / 'model.json'}: \"metadata.{key}\" must be an object, got "
+                       f"{type(metadata[key]).__name__}")
   return ModelInfo(config["family"], config["kwargs"], config.get("normalization"),
-                   tuple(names) if names else None, config.get("metadata", {}), str(path))
+                   tuple(names) if names else None, metadata, str(path))
 
 
 def _dotted(tree: Any) -> dict[str, tuple[int, ...]]:
