@@ -407,10 +407,20 @@ def train_task(task: str, out: str | os.PathLike, *, config: TrainConfig | None 
   spec = tasks[task]
   config = spec.config if config is None else config
   out = Path(out)
+  # every refusal of --out before the training run, not after it
   if out.exists() and not overwrite:
     raise ValueError(f"{out} already exists (pass --overwrite to replace it)")
-  if checkpoint_dir is not None and Path(checkpoint_dir).resolve() in (out.resolve(), *out.resolve().parents):
-    raise ValueError(f"the checkpoint folder {checkpoint_dir} must not be the model folder {out} or hold it")
+  if out.exists():
+    from scribblejax.models.store import _check_replaceable
+    _check_replaceable(out)
+  blocking = next((p for p in out.resolve().parents if p.exists() and not p.is_dir()), None)
+  if blocking is not None:
+    raise ValueError(f"cannot write the model to {out}: {blocking} is a file, not a folder")
+  if checkpoint_dir is not None:
+    ckpt, model_dir = Path(checkpoint_dir).resolve(), out.resolve()
+    if ckpt == model_dir or model_dir in ckpt.parents or ckpt in model_dir.parents:
+      raise ValueError(f"the checkpoint folder {checkpoint_dir} must be apart from the model folder {out} (not it, "
+                       "inside it, or holding it): the model folder is replaced when the model is written")
   ds = spec.dataset()
   kwargs = dict(spec.model_kwargs)
   image = normalize_dataset_part(ds.image[ds.train], spec.normalization, stacked=ds.stacked)
@@ -437,6 +447,10 @@ def train_task(task: str, out: str | os.PathLike, *, config: TrainConfig | None 
       "test_dice": test_dice, "test_mean_foreground_dice": round(float(np.mean(foreground)), 4),
       "final_loss": round(float(np.mean(losses[-10:])), 5),
   }
+  bad = [p for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param)) if not np.all(np.isfinite(np.asarray(v.get_value())))]
+  if bad or not np.isfinite(metadata["final_loss"]):
+    raise ValueError(f"training diverged (final loss {metadata['final_loss']}, {len(bad)} parameter array(s) not "
+                     f"finite); nothing was written to {out}: lower --learning-rate")
   save_model(out, model, family="scribblejax.UNet", kwargs=kwargs, normalization=spec.normalization,
              class_names=list(ds.class_names), metadata=metadata, overwrite=overwrite)
   log(f"{task}: {config.steps} steps in {seconds:.0f}s; test Dice "

@@ -98,6 +98,15 @@ def test_train_cli_smoke_run_loads(tmp_path, capsys):
   assert "already exists" in capsys.readouterr().err
   assert main(["train", "--task", "cats", "--out", str(tmp_path / "x")]) == 1
   assert "unknown task" in capsys.readouterr().err
+  # refused before training, not after it: a checkpoint folder inside the model folder, an output under a file
+  assert main([*argv[:4], str(tmp_path / "m2"), *argv[5:], "--checkpoint-dir", str(tmp_path / "m2" / "ckpt")]) == 1
+  assert "must be apart from the model folder" in capsys.readouterr().err
+  (tmp_path / "file").write_text("x")
+  assert main([*argv[:4], str(tmp_path / "file" / "sub"), *argv[5:]]) == 1
+  assert "is a file, not a folder" in capsys.readouterr().err
+  # a run that diverges writes nothing (was: NaN weights saved, exit 0)
+  assert main([*argv[:4], str(tmp_path / "nan"), *argv[5:], "--learning-rate", "1e30"]) == 1
+  assert "training diverged" in capsys.readouterr().err and not (tmp_path / "nan").exists()
 
 
 def test_resume_refuses_another_run_and_bad_inputs_are_named(problem, tmp_path):
