@@ -49,6 +49,12 @@ def test_store_refuses_bad_input(tmp_path):
     (path / "model.json").write_text(json.dumps({**config, key: value}))
     with pytest.raises(ValueError, match=message):
       sj.read_info(path)
+  # weights that hold NaN (a diverged training) are refused when loaded, not used (was: all background)
+  kernel = nnx.to_flat_state(nnx.state(model, nnx.Param))[0][1]
+  kernel.set_value(kernel.get_value() * np.nan)
+  sj.save_model(tmp_path / "nan", model, family="scribblejax.UNet", kwargs=KWARGS)
+  with pytest.raises(ValueError, match=r"hold NaN or Inf values \(1 array\(s\)"):
+    sj.load_model(tmp_path / "nan")
 
 
 def test_overwrite_replaces_only_a_model_folder_and_never_loses_both(tmp_path, monkeypatch):

@@ -279,6 +279,11 @@ def load_model(name_or_path: str | os.PathLike) -> tuple[nnx.Module, ModelInfo]:
   except Exception as err:
     raise ValueError(f"cannot restore the weights in {info.path}: {err}") from err
   _check_stored(info, want, _dotted(restored))
+  bad = [jax.tree_util.keystr(path) for path, x in jax.tree_util.tree_flatten_with_path(restored)[0]
+         if np.issubdtype(np.asarray(x).dtype, np.floating) and not np.all(np.isfinite(np.asarray(x)))]
+  if bad:
+    raise ValueError(f"the weights in {info.path} hold NaN or Inf values ({len(bad)} array(s), e.g. {bad[0]}): "
+                     "the network would give no meaningful segmentation")
   state = nnx.state(model)
   nnx.replace_by_pure_dict(state, jax.tree.map(np.asarray, restored))
   nnx.update(model, state)
