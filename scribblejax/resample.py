@@ -20,6 +20,7 @@ when a grid gets coarser.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Sequence
 from typing import Any
 
@@ -192,6 +193,50 @@ def _nearest(n_from: int, n_to: int) -> np.ndarray:
   """For each of ``n_to`` voxels, the nearest of ``n_from`` (pixel centres aligned)."""
   centre = (np.arange(n_to) + 0.5) * (n_from / n_to) - 0.5
   return np.clip(np.floor(centre + 0.5), 0, n_from - 1).astype(np.int64)
+
+
+def _stencil(index: np.ndarray, old: int, new: int, order: int) -> tuple[np.ndarray, np.ndarray]:
+  """The two voxels (maybe one twice) of a ``new``-voxel axis that interpolation of ``order`` 0 or 1
+  reads for the ``old``-voxel axis' voxels ``index`` (centre-aligned, clamped at the edges, as
+  :func:`resample` maps an axis of ``new`` voxels back to ``old``)."""
+  c = np.clip((index + 0.5) * (new / old) - 0.5, 0, new - 1)
+  lo = np.floor(c)
+  frac = c - lo
+  hi = np.minimum(lo + 1, new - 1)
+  if order == 1:
+    return lo, np.where(frac > 0, hi, lo)
+  near = np.where(frac > 0.5, hi, lo)
+  return near, np.where(np.isclose(frac, 0.5), hi, near)         # a tie: either may be read
+
+
+def cover_label_map(labels: Any, into: np.ndarray, orders: Sequence[int], fill: int = -1) -> np.ndarray:
+  """``into`` (a label map of another grid over the same extent) with every voxel still ``fill`` that
+  the way back to ``labels``' grid reads for a marked voxel of ``labels`` given that voxel's label.
+
+  Logits resampled back with interpolation of order 0 or 1 are convex blends of the voxels read, so a
+  marked voxel of ``labels`` whose every voxel read on ``into``'s grid predicts its class is predicted
+  as its class after the way back too.
+
+  Args:
+    labels: the marks ``[*old]`` (``fill`` unmarked).
+    into: the marks ``[*new]`` so far (not changed; a copy is returned).
+    orders: per axis, the interpolation order (0 or 1) of the way back.
+    fill: the unmarked value.
+  """
+  labels = np.asarray(labels)
+  out = np.array(into, copy=True)
+  if len(orders) != labels.ndim or any(o not in (0, 1) for o in orders):
+    raise ValueError(f"cover_label_map needs one order, 0 or 1, per axis; got {tuple(orders)}")
+  marked = np.argwhere(labels != fill)
+  if not len(marked) or labels.shape == out.shape:
+    return out
+  values = labels[tuple(marked.T)]
+  pairs = [_stencil(marked[:, a], m, n, o) for a, (m, n, o) in enumerate(zip(labels.shape, out.shape, orders))]
+  for choice in itertools.product((0, 1), repeat=labels.ndim):
+    spots = tuple(pairs[a][k].astype(np.int64) for a, k in enumerate(choice))
+    empty = out[spots] == fill
+    out[tuple(s[empty] for s in spots)] = values[empty]
+  return out
 
 
 def resample_label_map(labels: Any, shape: Sequence[int], fill: int = -1) -> tuple[np.ndarray, int]:

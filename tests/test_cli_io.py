@@ -284,6 +284,7 @@ def test_on_a_coarser_model_grid_the_report_counts_marks_in_the_written_file(tmp
   drawn = np.where(marks == 255, 0, marks.astype(np.int64) - 1)       # 0 unmarked, 255 background
   drawn[marks == 0] = -1
   assert report["marks_honoured"] == float((written[drawn >= 0] == drawn[drawn >= 0]).mean())
+  assert written[spots[1][0]] == 1 and report["satisfied"]       # away from the clash: honoured on the image's grid
   assert report["marked_pixels"] == {"background": 1, "nucleus": int((marks == 1).sum())}
 
 

@@ -296,3 +296,29 @@ def test_marked_patches_follow_any_step(step):
   out = np.asarray(sw.MarkedPatches(net, (8, 8), 1, **kwargs)(stacked[None]))[0].reshape(-1, 2)
   np.testing.assert_allclose(out[kwargs["writes"][:len(voxels)]], full[tuple(voxels.T)], atol=1e-5)
   assert kwargs["reads"].shape[1] == (16 if step == 0.25 else 1)             # from the grid, not the marks
+
+
+@pytest.mark.parametrize("old,new,spacing,target", [
+    ((9, 11), (5, 6), (1.0, 1.0), (1.8, 1.8)),               # coarser model grid
+    ((6, 7), (11, 13), (1.0, 1.0), (0.55, 0.55)),            # finer
+    ((12, 10, 4), (6, 5, 6), (0.5, 0.5, 3.0), (1.0, 1.0, 2.0)),   # anisotropic: the coarse axis on its own
+])
+def test_covered_marks_honoured_on_the_model_grid_are_honoured_after_the_way_back(old, new, spacing, target):
+  rng = np.random.default_rng(len(old) + old[0])
+  marks = np.full(old, -1, np.int32)
+  marks[tuple(np.array([0, n // 2, n - 1]) for n in old)] = [1, 2, 1]    # apart: no voxel read for two marks
+  nearest, _ = rs.resample_label_map(marks, new)
+  axis = rs.separate_axis(target, spacing, rs.LOGITS)        # the way back: model spacing -> image spacing
+  orders = tuple(rs.LOGITS.order_z if a == axis else rs.LOGITS.order for a in range(len(old)))
+  covered = rs.cover_label_map(marks, nearest, orders)
+  assert (covered[nearest >= 0] == nearest[nearest >= 0]).all() and (covered >= 0).sum() >= (nearest >= 0).sum()
+  assert (covered >= 0).sum() > (nearest >= 0).sum() or new[0] > old[0]      # a finer grid: its nearest voxels do
+  # logits that honour every covered voxel by a small margin, and strongly favour class 0 everywhere else
+  logits = rng.normal(size=(*new, 3)) * 0.1
+  logits[..., 0] += 10.0
+  logits[covered >= 0, :] = -1.0
+  logits[np.nonzero(covered >= 0) + (covered[covered >= 0],)] = 1.0
+  back = rs.resample(logits, old, target, spacing, rs.LOGITS).argmax(-1)
+  np.testing.assert_array_equal(back[marks >= 0], marks[marks >= 0])
+  with pytest.raises(ValueError, match="one order, 0 or 1, per axis"):
+    rs.cover_label_map(marks, nearest, (3,) * len(old))

@@ -155,8 +155,8 @@ def pipeline_refine_method(pipe: Pipeline, config: Any = None, *, head_only: boo
   import jax
   from scribblejax import marks as marks_lib
   from scribblejax.baselines import Method
-  from scribblejax.io.workflow import (_network_input, _same_tree, compile_timer, labels_from_logits, loop_split,
-                                       refined_logits, to_model)
+  from scribblejax.io.workflow import (_network_input, _same_tree, compile_timer, cover_marks, labels_from_logits,
+                                       loop_split, refined_logits, to_model)
   from scribblejax.params import head, last_layers
   from scribblejax.refine import RefineConfig, compute_trunk, predict, refine
   config = RefineConfig() if config is None else config
@@ -186,6 +186,7 @@ def pipeline_refine_method(pipe: Pipeline, config: Any = None, *, head_only: boo
       new = np.where(marks != state.marks, marks, -1)
       model_marks = marks_lib.accumulate(state.model_marks, to_model(new, fitted))
     state = state._replace(marks=marks, model_marks=model_marks)
+    model_marks = cover_marks(model_marks, marks, fitted)         # as refine: the way back's voxels too
     if not (model_marks >= 0).any():        # every mark outside the crop: the pipeline gives background there
       return state._replace(num_steps=0, satisfied=False, honoured=_honoured(state.labels, marks), patches=0,
                             compile_seconds=0.0)

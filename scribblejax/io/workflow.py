@@ -287,15 +287,49 @@ def to_model_counted(array: np.ndarray, fitted: Fitted, fill: int = -1) -> tuple
   """:func:`to_model`, and how many marked voxels lost their label to another mark sharing their
   voxel of the model's grid (only where the image was resampled to a coarser grid)."""
   lost = 0
-  if fitted.order is not None:
-    array = np.transpose(array, fitted.order)
-  if fitted.crop is not None:
-    array = array[fitted.crop.box]
-  array = np.squeeze(array, axis=fitted.squeezed) if fitted.squeezed else array
+  array = _before_resampling(array, fitted)
   if fitted.resampling is not None:
     from scribblejax.resample import resample_label_map
     array, lost = resample_label_map(array, _resampled_shape(fitted), fill=fill)
   return (np.pad(array, fitted.pad, constant_values=fill) if fitted.pad else array), lost
+
+
+def _before_resampling(array: np.ndarray, fitted: Fitted) -> np.ndarray:
+  """An image-layout array in the model's axis order, cropped and squeezed as the image was."""
+  if fitted.order is not None:
+    array = np.transpose(array, fitted.order)
+  if fitted.crop is not None:
+    array = array[fitted.crop.box]
+  return np.squeeze(array, axis=fitted.squeezed) if fitted.squeezed else array
+
+
+def _logit_orders(resampling: Resampling) -> tuple[int, ...] | None:
+  """Per model axis, the interpolation order that brings logits back to the image's grid, when each is
+  0 or 1 (convex blends of the voxels read); ``None`` otherwise."""
+  from scribblejax.resample import separate_axis
+  axis = separate_axis(resampling.target, resampling.spacing, resampling.logits)     # as labels_from_logits
+  orders = tuple(resampling.logits.order_z if a == axis else resampling.logits.order
+                 for a in range(len(resampling.shape)))
+  return orders if all(o in (0, 1) for o in orders) else None
+
+
+def cover_marks(model_marks: np.ndarray, image_marks: np.ndarray, fitted: Fitted) -> np.ndarray:
+  """``model_marks`` with each unmarked voxel that the logits' way back to the image's grid reads for a
+  marked image pixel given that pixel's label (:func:`scribblejax.resample.cover_label_map`).
+
+  A mark goes to the model's grid as its nearest voxel (:func:`to_model`), but the segmentation comes
+  back by interpolating the logits of the voxels around it; with these voxels marked too, a loop that
+  honours every mark on the model's grid honours them on the image's grid. Unchanged without
+  resampling, or when logits come back with splines of order 2 or more (no convex blends).
+  """
+  orders = None if fitted.resampling is None else _logit_orders(fitted.resampling)
+  if orders is None:
+    return model_marks
+  from scribblejax.resample import cover_label_map
+  out = np.array(model_marks, copy=True)
+  region = inside(fitted)
+  out[region] = cover_label_map(_before_resampling(image_marks, fitted), out[region], orders)
+  return out
 
 
 def _resampled_shape(fitted: Fitted) -> tuple[int, ...]:
@@ -1167,7 +1201,10 @@ def _refine_round(model, model_ref, img, digest, marks_files, new, out, session,
       grown_image = np.where(previous_drawn >= 0, -1, grown_image)
     new_image = np.where(new >= 0, new, grown_image)
   drawn_image = new if previous_drawn is None else marks_lib.accumulate(previous_drawn, new)
+  marks_image = new_image if previous_image is None else marks_lib.accumulate(previous_image, new_image)
   all_marks = new_model if previous is None else marks_lib.accumulate(previous, new_model)
+  # where the image was resampled: also the voxels the segmentation's way back reads for each mark
+  all_marks = cover_marks(all_marks, marks_image, fitted)
   all_marks = marks_lib.validate_mark_map(all_marks, fitted.image.shape[:-1], num_classes)
   initial = session_store.load_initial(session) if session else None
   # with patches, the network's own segmentation comes with the refined one, in one pass over the
@@ -1216,7 +1253,6 @@ def _refine_round(model, model_ref, img, digest, marks_files, new, out, session,
       logits = refined_logits(split, fitted, result, max(count, int(nothing)), inference.step, patch_progress)
     seconds = time.perf_counter() - start_time
   labels_image = labels_from_logits(logits, fitted)
-  marks_image = new_image if previous_image is None else marks_lib.accumulate(previous_image, new_image)
   steps, satisfied = int(result.num_steps), bool(result.satisfied)
   marked = marks_image >= 0                  # honoured in the written segmentation, on the image's grid
   honoured = float((labels_image[marked] == marks_image[marked]).mean()) if marked.any() else 1.0
