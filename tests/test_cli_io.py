@@ -254,17 +254,22 @@ def test_refine_with_patches_chosen_on_the_command_line_honours_the_marks(tmp_pa
   assert (tifffile.imread(tmp_path / "one.tif") == labels).mean() > 0.999
 
 
+def _at_spacing(model_dir, folder, spacing):
+  """A copy of the model folder whose model.json states a voxel spacing."""
+  import shutil
+  shutil.copytree(model_dir, folder)
+  doc = json.loads((folder / "model.json").read_text())
+  doc["metadata"] = {**(doc.get("metadata") or {}), "spacing": spacing}
+  (folder / "model.json").write_text(json.dumps(doc))
+  return folder
+
+
 def test_on_a_coarser_model_grid_the_report_counts_marks_in_the_written_file(tmp_path, model_dir, crop, capsys):
   # A model stating a voxel spacing twice the image's: marks go to a coarser grid, the segmentation
   # comes back by resampling. marks_honoured is measured in the written file against the marks drawn,
   # and two marks of different classes in one model voxel are counted.
-  import shutil
   image, truth, network = crop
-  coarse = tmp_path / "coarse"
-  shutil.copytree(model_dir, coarse)
-  doc = json.loads((coarse / "model.json").read_text())
-  doc["metadata"] = {**(doc.get("metadata") or {}), "spacing": [2.0, 2.0]}
-  (coarse / "model.json").write_text(json.dumps(doc))
+  coarse = _at_spacing(model_dir, tmp_path / "coarse", [2.0, 2.0])
   tifffile.imwrite(tmp_path / "img.tif", image)
   spots = _wrong_spots(truth, network)
   marks = np.zeros((96, 96), np.uint8)
@@ -290,13 +295,8 @@ def test_on_a_coarser_model_grid_the_report_counts_marks_in_the_written_file(tmp
 
 def test_a_tiffs_print_resolution_is_not_a_spacing_to_resample_from(tmp_path, model_dir, crop, capsys):
   # nnU-Net reads a 2-D TIFF at spacing 1 whatever its resolution tags say (often 72 dots per inch)
-  import shutil
   image = crop[0]
-  unit = tmp_path / "unit"
-  shutil.copytree(model_dir, unit)
-  doc = json.loads((unit / "model.json").read_text())
-  doc["metadata"] = {**(doc.get("metadata") or {}), "spacing": [1.0, 1.0]}
-  (unit / "model.json").write_text(json.dumps(doc))
+  unit = _at_spacing(model_dir, tmp_path / "unit", [1.0, 1.0])
   tifffile.imwrite(tmp_path / "plain.tif", image)
   tifffile.imwrite(tmp_path / "dpi.tif", image, resolution=(72, 72), resolutionunit=2)
   for name in ("plain", "dpi"):
