@@ -272,7 +272,7 @@ def _shape_marks(shape: dict, label: int, height: int, width: int, radius: float
     rows = slice(max(top, 0), max(min(top + mask.shape[0], height), 0))
     cols = slice(max(left, 0), max(min(left + mask.shape[1], width), 0))
     part = mask[rows.start - top:max(rows.stop - top, 0), cols.start - left:max(cols.stop - left, 0)]
-    if part.shape != labels[rows, cols].shape or not part.any():
+    if not part.any():
       raise ValueError(f"{what}: its mask ({mask.shape[0]} x {mask.shape[1]} pixels from x={points[0][0]:g}, "
                        f"y={points[0][1]:g}) marks no pixel of the {height} x {width} image")
     labels[rows, cols][part] = label
