@@ -5,8 +5,13 @@ A method is a :class:`Method`: a NamedTuple of pure functions over an explicit s
 
 * :func:`initial_method`: the network's prediction, never changed (the floor);
 * :func:`random_walker_method`: scikit-image's random walker seeded by all marks so far (no network);
-* :func:`refine_method`: the paper's refinement (Algorithm 1) of a chosen tunable set: ``head()``
-  (the classifier only) or ``last_layers(l)``.
+* :func:`refine_method`: refinement (Algorithm 1) of a chosen tunable set: ``head()`` (the
+  classifier only), ``last_layers(l)`` or any selector, with the library's defaults or
+  ``RefineConfig.paper()``;
+* :func:`fbrs_method`: f-BRS-style tuning (Sofiiuk et al., CVPR 2020) of per-channel scales and
+  biases of the intermediate features (the normalisation affines and biases of the last layers);
+* :func:`graph_cut_method` (in :mod:`scribblejax.graphcut`): a graph cut whose unaries are the
+  network's probabilities, with the marks as hard constraints (MONAI Label's scribbles app).
 
 Model surgery: :func:`add_classes` appends output classes to a model's final convolution (for
 structures the network never learnt); :func:`suppress_class` lowers one class's head bias so the
@@ -18,6 +23,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,8 +32,9 @@ from flax import nnx
 
 from scribblejax import marks as marks_lib
 from scribblejax._checks import is_finite_number
+from scribblejax.merge import new_marks_of, progressive_merge
 from scribblejax.models.layer_order import layer_order
-from scribblejax.params import head, last_layers, split_params
+from scribblejax.params import head, last_layers, norm_affine, split_params
 from scribblejax.refine import RefineConfig, compute_trunk, predict, refine
 
 
@@ -173,25 +181,41 @@ class RefineMethodState(NamedTuple):
   satisfied: bool             # every mark honoured after the last refinement
   tunable: Any                # W_lam of the last refinement (None before any)
   trunk: Any = None           # the frozen trunk's values for the image (computed once, with cache_trunk)
+  marks: Any = None           # int32[*spatial]: the marks of the last refinement (None before any)
 
 
-def refine_method(model: nnx.Module, layers: int | str = 5, config: RefineConfig = RefineConfig(), *,
+@dataclasses.dataclass(frozen=True)
+class scale_and_bias:  # noqa: N801 (reads as a function at the call site, like the params selectors)
+  """The per-channel scales and biases in the last ``layers`` layers: normalisation affines and biases."""
+  layers: int
+
+  def predicate(self, model: nnx.Module, example: Any):
+    within = last_layers(self.layers).predicate(model, example)
+    norms = norm_affine().predicate(model, example)
+    return lambda path: within(path) and (norms(path) or path[-1] == "bias")
+
+
+def refine_method(model: nnx.Module, layers: Any = 5, config: RefineConfig = RefineConfig(), *,
                   continue_weights: bool = False, name: str | None = None, example: Any = None) -> Method:
-  """The paper's refinement; every interaction refines on all marks so far.
+  """Refinement; every interaction refines on all marks so far.
 
   Args:
     model: a Flax NNX segmentation model (not modified).
-    layers: number of tunable last layers, or ``"head"`` for the classifier only.
+    layers: number of tunable last layers, ``"head"`` for the classifier only, or a selector (an
+      object with ``predicate(model, example)``, as in :mod:`scribblejax.params`).
     config: the :class:`scribblejax.RefineConfig`.
     continue_weights: start each interaction from the previous W_lam (default: from W, the paper's reset).
     name: the method's name (default ``"refine_l{layers}"`` or ``"head"``).
     example: an example batched input, for a model that states no layer order (its last layers are
       then traced from the forward pass).
   """
-  select = head() if layers == "head" else last_layers(int(layers))
+  if hasattr(layers, "predicate"):
+    select = layers
+  else:
+    select = head() if layers == "head" else last_layers(int(layers))
   split = split_params(model, select, example=example)
   if name is None:
-    name = "head" if layers == "head" else f"refine_l{int(layers)}"
+    name = "head" if layers == "head" else f"refine_l{layers}"
 
   def trunk_of(image):  # computed once per image, as an interactive session does
     return compute_trunk(split, image, config) if config.cache_trunk else None
@@ -205,8 +229,11 @@ def refine_method(model: nnx.Module, layers: int | str = 5, config: RefineConfig
   def update(state, marks):
     start = state.tunable if continue_weights else None
     result = refine(split, state.image, marks, config, start=start, trunk=state.trunk)
-    return state._replace(labels=np.asarray(result.labels), num_steps=int(result.num_steps),
-                          satisfied=bool(result.satisfied), tunable=result.tunable)
+    labels = np.asarray(result.labels)
+    if config.progressive_merge:
+      labels = progressive_merge(state.labels, labels, new_marks_of(marks, state.marks), marks)
+    return state._replace(labels=labels, num_steps=int(result.num_steps), satisfied=bool(result.satisfied),
+                          tunable=result.tunable, marks=np.array(marks, np.int32))
 
   def warmup(image):
     image = np.asarray(image, np.float32)
@@ -219,15 +246,33 @@ def refine_method(model: nnx.Module, layers: int | str = 5, config: RefineConfig
                 lambda s: {"steps": s.num_steps, "satisfied": s.satisfied})
 
 
-METHODS = ("refine", "head", "random_walker", "initial")
+def fbrs_method(model: nnx.Module, layers: int = 5, config: RefineConfig | None = None, *,
+                example: Any = None) -> Method:
+  """f-BRS-style correction: only the per-channel scales and biases of the last ``layers`` layers move.
+
+  f-BRS (Sofiiuk et al., CVPR 2020) optimises a scale and a bias of intermediate features with
+  L-BFGS and an inertia term. Here the same parameters (the normalisation affines and the biases)
+  are tuned by Adam with the keep term as the inertia, in the library's loop.
+  """
+  config = RefineConfig(optimizer="adam", learning_rate=1e-2, prox_weight=0.0, keep_weight=1.0) if config is None \
+      else config
+  return refine_method(model, scale_and_bias(layers), config, name="fbrs_scale_bias", example=example)
+
+
+METHODS = ("refine", "paper", "head", "fbrs", "random_walker", "initial")
 
 
 def make_method(kind: str, model: nnx.Module, *, layers: int = 5, config: RefineConfig = RefineConfig(),
                 example: Any = None) -> Method:
-  """A method by name: "refine" (last ``layers`` layers), "head", "random_walker" or "initial"
-  (``example``: an example batched input, for a model that states no layer order)."""
+  """A method by name: "refine" (last ``layers`` layers, ``config``), "paper" (the same with
+  ``RefineConfig.paper()``), "head", "fbrs", "random_walker" or "initial" (``example``: an example
+  batched input, for a model that states no layer order)."""
   if kind == "refine":
     return refine_method(model, layers, config, example=example)
+  if kind == "paper":
+    return refine_method(model, layers, RefineConfig.paper(), name="paper", example=example)
+  if kind == "fbrs":
+    return fbrs_method(model, layers, example=example)
   if kind == "head":
     return refine_method(model, "head", config, example=example)
   if kind == "random_walker":

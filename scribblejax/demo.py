@@ -22,8 +22,8 @@ from scribblejax.models.store import builtin_models, load_model
 from scribblejax.models.unet import UNet
 from scribblejax.normalize import normalize
 from scribblejax.params import last_layers, split_params
-from scribblejax.refine import RefineConfig, resolve_driver
-from scribblejax.session import add_marks, current_labels, start_session
+from scribblejax.refine import RefineConfig, describe_marks, marks_report, resolve_driver
+from scribblejax.session import add_marks, current_labels, current_marks, start_session
 from scribblejax.simulate import simulate_marks
 from scribblejax.train import TrainConfig, train_segmenter
 
@@ -64,14 +64,14 @@ def _case(task: str, train_steps: int, log):
 
 
 def _overlay(path: Path, image: np.ndarray, truth: np.ndarray, before: np.ndarray, after: np.ndarray,
-             marks: np.ndarray, num_classes: int, dice_before: float, dice_after: float) -> None:
+             marks: np.ndarray, num_classes: int, dice_before: float, dice_after: float, honoured: str) -> None:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   height = image.shape[0] / image.shape[1] * 3
   fig, axes = plt.subplots(1, 3, figsize=(9, min(12.0, height + 0.8)))
   panels = [("ground truth", truth, None), (f"network: Dice {dice_before:.3f}", before, None),
-            (f"refined: Dice {dice_after:.3f}, all marks", after, marks)]
+            (f"refined: Dice {dice_after:.3f}, {honoured}", after, marks)]
   for ax, (title, seg, mk) in zip(axes, panels):
     ax.imshow(image, cmap="gray")
     if num_classes == 2:
@@ -92,7 +92,7 @@ def _overlay(path: Path, image: np.ndarray, truth: np.ndarray, before: np.ndarra
 
 def run_demo(out_dir: str | os.PathLike = "demo_output", *, task: str = "nuclei2d", train_steps: int = 150,
              interactions: int = 3, kind: str = "scribble", layers: int = 5,
-             config: RefineConfig = RefineConfig(max_steps=100), log=print) -> dict:
+             config: RefineConfig = RefineConfig(), log=print) -> dict:
   """Runs the demo and writes ``overlay.png`` and ``results.json`` into ``out_dir``.
 
   Args:
@@ -124,25 +124,37 @@ def run_demo(out_dir: str | os.PathLike = "demo_output", *, task: str = "nuclei2
       f"{jax.devices()[0].device_kind}, "
       f"driver {resolve_driver(config.driver, config.conv_backend, config.compute_dtype, config.cache_trunk)}")
   log(f"interaction 0 (network alone): Dice {dice[0]:.3f}")
-  seconds, steps = [], []
+  seconds, steps, reports = [], [], []
   for i in range(1, interactions + 1):
-    new = simulate_marks(np.asarray(current_labels(session)), truth, num_classes, kind=kind)
+    marked = current_marks(session) >= 0
+    new = simulate_marks(np.asarray(current_labels(session)), truth, num_classes, kind=kind, marked=marked)
+    new = np.where(marked, -1, new).astype(np.int32)
+    if not (new >= 0).any():
+      log(f"interaction {i}: the simulated user finds no new error to mark; stopping")
+      break
     start = time.perf_counter()
     session = add_marks(session, new)
     labels = np.asarray(current_labels(session))
     seconds.append(time.perf_counter() - start)
     result = session.rounds[-1].result
     steps.append(int(result.num_steps))
+    reports.append(marks_report(result, session.rounds[-1].marks, config))
     dice.append(metrics.mean_foreground_dice(labels, truth, num_classes))
-    log(f"interaction {i}: {int((new >= 0).sum())} marked pixels, {steps[-1]} steps, "
-        f"satisfied={bool(result.satisfied)}, {seconds[-1]:.2f}s -> Dice {dice[-1]:.3f}")
+    log(f"interaction {i}: {int((new >= 0).sum())} marked pixels, {steps[-1]} steps, network: "
+        f"{describe_marks(reports[-1])}; {seconds[-1]:.2f}s -> Dice {dice[-1]:.3f}")
   marks = session.rounds[-1].marks if session.rounds else np.full(truth.shape, -1)
   before = np.asarray(np.argmax(session.initial_logits, -1))
-  _overlay(out / "overlay.png", image[..., 0], truth, before, np.asarray(current_labels(session)), marks,
-           num_classes, dice[0], dice[-1])
+  final = np.asarray(current_labels(session))
+  shown = marks >= 0
+  honoured = "no marks" if not shown.any() else (
+      "every mark honoured" if np.all(final[shown] == marks[shown])
+      else f"{np.mean(final[shown] == marks[shown]):.0%} of marks honoured")
+  _overlay(out / "overlay.png", image[..., 0], truth, before, final, marks, num_classes, dice[0], dice[-1], honoured)
   results = {"task": task, "dice_per_interaction": dice, "steps_per_interaction": steps,
              "seconds_per_interaction": seconds, "mark_kind": kind, "tunable_layers": layers,
              "max_steps": config.max_steps, "keep_weight": config.keep_weight, "backbone": source,
+             "satisfied_per_interaction": [r.satisfied for r in reports],
+             "network_marks_honoured": [r.honoured for r in reports],
              "device": jax.devices()[0].device_kind, "note": "seconds of interaction 1 include compilation"}
   fileio.write_json(out / "results.json", results)
   log(f"Dice {dice[0]:.3f} -> {dice[-1]:.3f}; wrote {out / 'overlay.png'} and {out / 'results.json'}")

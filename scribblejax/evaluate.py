@@ -2,14 +2,21 @@
 
 For a case (image, ground truth) and a method (:mod:`scribblejax.baselines`), each interaction:
 
-1. the simulated user (:func:`scribblejax.simulate.simulate_marks`, deterministic) compares the
+1. the simulated user (:func:`scribblejax.simulate.robot_marks`, deterministic) compares the
    method's *current* prediction with the ground truth and marks the largest error region of every
-   class with its true class;
+   class with its true class (or one click, or boxes: see ``EvalConfig.mark_kind``), never on a
+   pixel it has marked before;
 2. optionally the new marks grow into neighbouring pixels of similar intensity (region growing with
    threshold T, :func:`scribblejax.marks.grow_marks`);
 3. the marks accumulate over the earlier ones and the method updates its segmentation;
-4. Dice (per class and mean foreground), the classes marked and corrected, and the wall-clock seconds
-   of the update are recorded.
+4. Dice (per class and mean foreground), the fraction of all marks so far that the new segmentation
+   honours, whether the method reports its marks satisfied, the classes marked and corrected, and
+   the wall-clock seconds of the update are recorded.
+
+When the user finds no new error to mark while the segmentation is still imperfect (what is left is
+thinner than ``ignore_border``, or lies under marks the method does not honour), the run stops
+there and says so (``stop_reason``, and a warning through ``log``): the remaining interactions
+repeat the last Dice and are not counted as progress.
 
 Every method is fed by the same deterministic user, but - as in any interactive evaluation - the
 marks of interaction i > 1 depend on the method's own prediction after interaction i - 1, so two
@@ -40,7 +47,7 @@ from scribblejax import fileio, metrics
 from scribblejax._checks import is_integer
 from scribblejax.baselines import Method
 from scribblejax.marks import UNMARKED, accumulate, grow_marks
-from scribblejax.simulate import KINDS, simulate_marks
+from scribblejax.simulate import ROBOT_USERS, robot_marks
 
 TAUS = (0.85, 0.9)
 
@@ -51,7 +58,8 @@ class EvalConfig:
 
   Attributes:
     interactions: N, the number of interactions.
-    mark_kind: "scribble", "point" or "box".
+    mark_kind: the robot user (:data:`scribblejax.simulate.ROBOT_USERS`): "scribble", "point", "box",
+      "click" (RITM's: one click per interaction) or "cvpr25" (an object box, then clicks).
     radius: thickness of points and scribbles.
     max_length: most skeleton pixels per scribble (short scribbles: small values).
     per_class: one mark per class with errors (True) or only the largest error overall.
@@ -73,8 +81,8 @@ class EvalConfig:
   def __post_init__(self):
     if not isinstance(self.interactions, (int, np.integer)) or self.interactions < 0:
       raise ValueError(f"interactions must be a non-negative integer, got {self.interactions!r}")
-    if self.mark_kind not in KINDS:
-      raise ValueError(f"mark kind must be one of {KINDS}, got {self.mark_kind!r}")
+    if self.mark_kind not in ROBOT_USERS:
+      raise ValueError(f"mark kind must be one of {ROBOT_USERS}, got {self.mark_kind!r}")
     if not np.isfinite(self.region_growing) or self.region_growing < 0:
       raise ValueError(f"region growing threshold must be finite and >= 0, got {self.region_growing!r}")
     for name, least in (("radius", 0), ("max_length", 1), ("ignore_border", 0)):
@@ -145,14 +153,38 @@ def next_marks(marks: np.ndarray, drawn: np.ndarray, new: np.ndarray, image: np.
   return accumulate(marks, grown), accumulate(drawn, new), grown
 
 
-def run_case(case: Case, method: Method, config: EvalConfig = EvalConfig()) -> dict:
+def marks_honoured(labels: np.ndarray, marks: np.ndarray) -> float | None:
+  """The fraction of marked pixels whose label is their mark (``None`` with nothing marked)."""
+  marked = np.asarray(marks) >= 0
+  if not marked.any():
+    return None
+  return float(np.mean(np.asarray(labels)[marked] == np.asarray(marks)[marked]))
+
+
+def dice_auc(dice: Sequence[float | None]) -> float | None:
+  """The area under Dice over interactions 0..N (trapezoids), divided by N: 1 is perfect throughout."""
+  values = [np.nan if d is None else d for d in dice]
+  if len(values) < 2 or not np.all(np.isfinite(values)):
+    return None
+  return float((np.sum(values) - (values[0] + values[-1]) / 2) / (len(values) - 1))
+
+
+def run_case(case: Case, method: Method, config: EvalConfig = EvalConfig(), *, log=None) -> dict:
   """Runs N interactions of the simulated user against ``method`` on ``case``.
+
+  Args:
+    case: the image and its ground truth.
+    method: the method under test.
+    config: the simulated user and harness settings.
+    log: called with a message when the user stops early with errors left (``None``: silent).
 
   Returns:
     A JSON-serialisable dict: ``dice_per_interaction`` (N+1 values, index 0 before any mark),
-    ``dice_per_class`` (per interaction), ``noc`` ({tau: int}), ``noc_reached``,
+    ``dice_per_class`` (per interaction), ``noc`` ({tau: int}), ``noc_reached``, ``dice_auc``,
+    ``marks_honoured`` and ``satisfied`` per interaction, ``rounds_unsatisfied``,
     ``seconds_per_interaction``, ``compile_seconds``, ``initial_seconds``, ``marked_pixels``,
-    ``classes_marked``, ``classes_corrected`` and ``method_info`` per interaction, ``stopped_early``.
+    ``classes_marked``, ``classes_corrected`` and ``method_info`` per interaction, ``stopped_early``
+    (the interactions run when the user stopped, else ``None``) and ``stop_reason``.
   """
   start = time.perf_counter()
   method.warmup(case.image)
@@ -164,16 +196,21 @@ def run_case(case: Case, method: Method, config: EvalConfig = EvalConfig()) -> d
   k = case.num_classes
   dice = [metrics.mean_foreground_dice(labels, case.truth, k)]
   per_class = [metrics.dice_per_class(labels, case.truth, k)]
-  seconds, marked, classes_marked, corrected, info = [], [], [], [], []
+  seconds, marked, classes_marked, corrected, info, honoured, satisfied = [], [], [], [], [], [], []
   marks = np.full(case.truth.shape, UNMARKED, np.int32)
   drawn = marks                # the simulated user's own marks so far (without region growing's)
-  stopped = None
+  stopped, reason = None, None
   for i in range(1, config.interactions + 1):
-    new = simulate_marks(labels, case.truth, k, kind=config.mark_kind, radius=config.radius,
-                         max_length=config.max_length, per_class=config.per_class,
-                         ignore_border=config.ignore_border)
+    new = robot_marks(config.mark_kind, i, labels, case.truth, k, radius=config.radius,
+                      max_length=config.max_length, per_class=config.per_class,
+                      ignore_border=config.ignore_border, marked=marks >= 0)
+    new = np.where(marks >= 0, UNMARKED, new).astype(np.int32)
     if not (new >= 0).any():
-      stopped = i - 1          # nothing left for the user to correct
+      stopped = i - 1
+      reason = "perfect" if np.array_equal(labels, case.truth) else "no new error to mark"
+      if reason != "perfect" and log is not None:
+        log(f"{case.name} / {method.name}: after {stopped} interaction(s) the simulated user finds no new error "
+            f"to mark (Dice {dice[-1]:.3f}); the remaining interactions repeat it")
       break
     marks, drawn, new = next_marks(marks, drawn, new, case.image, config.region_growing, config.grow_max_distance)
     before = labels
@@ -187,7 +224,9 @@ def run_case(case: Case, method: Method, config: EvalConfig = EvalConfig()) -> d
     classes_marked.append(sorted(int(c) for c in np.unique(new[new >= 0])))
     corrected.append(metrics.classes_corrected(before, labels, case.truth, k))
     info.append(method.info(state))
-  if stopped is not None:        # a perfect (per the user) segmentation stays as it is
+    honoured.append(marks_honoured(labels, marks))
+    satisfied.append(honoured[-1] == 1.0)
+  if stopped is not None:        # what the user left stays as it is
     dice += [dice[-1]] * (config.interactions - stopped)
   timing = metrics.timing_summary(seconds, compile_seconds)
   noc = metrics.noc_summary(dice, config.taus)
@@ -199,11 +238,14 @@ def run_case(case: Case, method: Method, config: EvalConfig = EvalConfig()) -> d
       "dice_per_class": [[_json_float(x) for x in d] for d in per_class],
       "noc": {t: v["noc"] for t, v in noc.items()},
       "noc_reached": {t: v["reached"] for t, v in noc.items()},
+      "dice_auc": dice_auc(dice),
+      "marks_honoured": honoured, "satisfied": satisfied,
+      "rounds_unsatisfied": int(sum(not s for s in satisfied)),
       "seconds_per_interaction": timing["seconds_per_interaction"],
       "mean_seconds": _json_float(timing["mean_seconds"]),
       "compile_seconds": timing["compile_seconds"], "initial_seconds": initial_seconds,
       "marked_pixels": marked, "classes_marked": classes_marked, "classes_corrected": corrected,
-      "method_info": info, "stopped_early": stopped,
+      "method_info": info, "stopped_early": stopped, "stop_reason": reason,
   }
 
 

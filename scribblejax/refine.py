@@ -49,6 +49,12 @@ from scribblejax.params import Split
 DRIVERS = ("auto", "loop", "host")
 BATCH_SCHEMES = ("auto", "vmap", "matmul", "shifted", "sequential")
 COMPUTE_DTYPES = ("float32", "bfloat16")
+OPTIMIZERS = ("sgd", "adam")
+# Algorithm 1 as the paper states it (RefineConfig.paper()): the settings the library used before the
+# correction benchmark (benchmarks/correction) chose its defaults.
+PAPER = {"max_steps": 100, "optimizer": "sgd", "learning_rate": 0.01, "momentum": 0.9, "prox_weight": 1.0,
+         "keep_weight": 0.0, "class_balance": False, "progressive_merge": False}
+PRESETS = ("default", "paper")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,15 +66,18 @@ class RefineConfig:
 
   Attributes:
     max_steps: M, the most optimiser steps (the paper found 80 to 140 enough).
-    learning_rate: SGD learning rate (ignored when ``optimizer`` is given).
-    momentum: SGD momentum (ignored when ``optimizer`` is given).
-    prox_weight: alpha, the weight of ``||W_lam - W||_2`` (a plain, not squared, L2 norm).
-    keep_weight: weight of an optional term that is NOT in the paper's Algorithm 1 (0, the default,
-      is the paper's objective): the mean cross-entropy of the unmarked pixels against the network's
-      own initial labels (argmax under W), so that honouring the marks does not relabel the rest of
-      the image. See the README for what it changed in our measurements.
+    learning_rate: the step size of the named optimiser (ignored for a ``GradientTransformation``).
+    momentum: SGD's momentum (used by ``optimizer="sgd"`` only).
+    prox_weight: alpha, the weight of ``||W_lam - W||_2`` (a plain, not squared, L2 norm). Its pull is
+      the same however close W_lam is to W, so with SGD it keeps small remaining errors from being
+      fixed; the defaults leave it at 0 and anchor the prediction with ``keep_weight`` instead.
+    keep_weight: weight of a term that is not in the paper's Algorithm 1 (0 is the paper's
+      objective): the mean cross-entropy of the unmarked pixels against the network's own initial
+      labels (argmax under W), an inertia like BRS's, so that honouring the marks does not relabel
+      the rest of the image. ``docs/correction.md`` says what it changed.
     class_balance: weight the cross-entropy so every marked class counts equally.
-    optimizer: any optax ``GradientTransformation``; ``None`` means SGD with the settings above.
+    optimizer: ``"sgd"`` (SGD with ``momentum``, the paper's), ``"adam"`` (Adam, Kingma & Ba 2015),
+      both at ``learning_rate``; or any optax ``GradientTransformation``. ``None`` means ``"sgd"``.
     driver: "auto", "loop" (one compiled while_loop) or "host" (jitted chunks driven from Python).
     check_every: steps per jitted chunk between stop checks, for the host driver. The chunk's steps
       are unrolled into one program, so its compile time grows with ``check_every`` (keep it small).
@@ -95,18 +104,23 @@ class RefineConfig:
       for about one more forward of the tail per step. :func:`memory_analysis` reports what it
       saves: on XLA:CPU nothing (the peak there is the backward pass's workspace; measured in
       ``benchmarks/results/speed_cpu_3d_precision.md``).
+    progressive_merge: how a *round* (a session's, the command line's, the harness's) turns the
+      refined labels into its segmentation: ``True`` keeps the previous segmentation except in the
+      connected regions of change that touch the round's new marks, and sets every marked pixel to
+      its mark (:mod:`scribblejax.merge`); ``False`` takes the refined network's labels as they are
+      (the paper). :func:`refine` itself, which knows no previous segmentation, ignores it.
     conv_backend: who computes the convolutions of the trunk and the tail: "xla", "onednn" (oneDNN
       through :mod:`scribblejax.kernels`, CPU only, float32 only; an error if the kernels cannot
       run here) or "auto" (oneDNN on the CPU whenever available, else XLA). On 2 cores, oneDNN made a
       refinement step 2.1x (2D 256^2) to 3.4x (3D 64^3) faster than XLA's kernels; see the README.
   """
   max_steps: int = 100
-  learning_rate: float = 0.01
+  learning_rate: float = 1e-3
   momentum: float = 0.9
-  prox_weight: float = 1.0
-  keep_weight: float = 0.0
+  prox_weight: float = 0.0
+  keep_weight: float = 1.0
   class_balance: bool = False
-  optimizer: optax.GradientTransformation | None = None
+  optimizer: str | optax.GradientTransformation | None = "adam"
   driver: str = "auto"
   check_every: int = 1
   trace_length: int = 256
@@ -117,6 +131,17 @@ class RefineConfig:
   compute_dtype: str = "float32"
   remat: bool = False
   conv_backend: str = "auto"
+  progressive_merge: bool = True
+
+  @classmethod
+  def paper(cls, **overrides: Any) -> RefineConfig:
+    """Algorithm 1 of Sambaturu et al. exactly: SGD (learning rate 0.01, momentum 0.9) on the marked
+    pixels' cross-entropy plus ``1.0 * ||W_lam - W||_2``, at most 100 steps, no keep term.
+
+    These were the library's defaults before the correction benchmark chose today's; ``overrides``
+    replace any field (e.g. ``RefineConfig.paper(max_steps=140)``).
+    """
+    return cls(**{**PAPER, **overrides})
 
   def __post_init__(self):
     if not is_integer(self.max_steps) or not 0 <= self.max_steps <= INT32_MAX:
@@ -129,12 +154,17 @@ class RefineConfig:
         raise ValueError(f"{name} must be finite and >= 0, got {value!r}")
     if self.momentum >= 1:
       raise ValueError(f"momentum must be in [0, 1) (SGD with momentum >= 1 diverges), got {self.momentum!r}")
-    for name in ("class_balance", "early_stop", "cache_trunk", "remat"):
+    for name in ("class_balance", "early_stop", "cache_trunk", "remat", "progressive_merge"):
       if not isinstance(getattr(self, name), (bool, np.bool_)):
         raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
-    if self.optimizer is not None and not (callable(getattr(self.optimizer, "init", None))
-                                           and callable(getattr(self.optimizer, "update", None))):
-      raise ValueError(f"optimizer must be an optax GradientTransformation (or None for SGD), got {self.optimizer!r}")
+    if isinstance(self.optimizer, str):
+      if self.optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {OPTIMIZERS} or an optax GradientTransformation, "
+                         f"got {self.optimizer!r}")
+    elif self.optimizer is not None and not (callable(getattr(self.optimizer, "init", None))
+                                             and callable(getattr(self.optimizer, "update", None))):
+      raise ValueError(f"optimizer must be one of {OPTIMIZERS} or an optax GradientTransformation, "
+                       f"got {self.optimizer!r}")
     for name in ("check_every", "trace_length"):
       value = getattr(self, name)
       if not is_integer(value) or not 1 <= value <= INT32_MAX:
@@ -186,6 +216,57 @@ class RefineResult(NamedTuple):
   satisfied: jax.Array
   nonfinite: jax.Array
   loss_trace: jax.Array
+
+
+class MarksReport(NamedTuple):
+  """Whether a round honoured its marks, and if not, why (:func:`marks_report`).
+
+  Attributes:
+    satisfied: every marked pixel is predicted as its label.
+    honoured: the fraction of marked pixels predicted as their label (1.0 with nothing marked).
+    per_class: ``{class: fraction honoured}`` for every marked class.
+    reason: ``None`` when satisfied, else why not: the step budget ran out, or the objective became
+      non-finite (the last finite weights are kept).
+  """
+  satisfied: bool
+  honoured: float
+  per_class: dict
+  reason: str | None
+
+
+def marks_report(result: RefineResult, marks: Any, config: RefineConfig | None = None) -> MarksReport:
+  """What a refinement did with its marks: honoured or not, per class, and why not.
+
+  Args:
+    result: from :func:`refine` (one image).
+    marks: the marks it was given, ``int[*spatial]``, -1 unmarked.
+    config: its config (for the step budget in the reason).
+
+  Returns:
+    A :class:`MarksReport`.
+  """
+  labels, marks = np.asarray(result.labels), np.asarray(marks)
+  marked = marks >= 0
+  per_class = {int(c): float(np.mean(labels[marks == c] == c)) for c in np.unique(marks[marked])}
+  honoured = float(np.mean(labels[marked] == marks[marked])) if marked.any() else 1.0
+  satisfied = honoured == 1.0
+  reason = None
+  if not satisfied:
+    if bool(result.nonfinite):
+      reason = "the objective became non-finite (the last finite weights are kept)"
+    else:
+      budget = f" ({config.max_steps})" if config is not None else ""
+      reason = f"the step budget{budget} ran out after {int(result.num_steps)} steps"
+  return MarksReport(satisfied, honoured, per_class, reason)
+
+
+def describe_marks(report: MarksReport, class_names: Any = None) -> str:
+  """One line for a person: "every mark honoured", or the fraction per class and the reason."""
+  if report.satisfied:
+    return "every mark honoured"
+  name = lambda c: class_names[c] if class_names is not None and c < len(class_names) else f"class {c}"
+  parts = ", ".join(f"{name(c)} {f:.1%}" for c, f in sorted(report.per_class.items()))
+  return f"{report.honoured:.1%} of marked pixels honoured ({parts}): {report.reason}"
 
 
 class Trunk(NamedTuple):
@@ -417,9 +498,11 @@ def proximal_norm(tunable: Any, anchor: Any) -> jax.Array:
 
 
 def _optimizer(static: _Static, hyper: _Hyper) -> optax.GradientTransformation:
-  if static.optimizer is not None:
-    return static.optimizer
-  return optax.inject_hyperparams(optax.sgd)(learning_rate=hyper.learning_rate, momentum=hyper.momentum)
+  if static.optimizer == "adam":
+    return optax.inject_hyperparams(optax.adam)(learning_rate=hyper.learning_rate)
+  if static.optimizer is None or static.optimizer == "sgd":
+    return optax.inject_hyperparams(optax.sgd)(learning_rate=hyper.learning_rate, momentum=hyper.momentum)
+  return static.optimizer
 
 
 def _all_finite(tree: Any) -> jax.Array:

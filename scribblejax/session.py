@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from scribblejax import marks as marks_lib
+from scribblejax.merge import new_marks_of, progressive_merge
 from scribblejax.params import Split
 from scribblejax.refine import RefineConfig, RefineResult, Trunk, compute_trunk, predict, refine, trunk_mismatch
 
@@ -30,6 +31,8 @@ class Round(NamedTuple):
   """One interaction round."""
   marks: np.ndarray           # int32[*spatial]: all marks so far (accumulated), -1 unmarked; read-only
   result: RefineResult        # the refinement this round produced
+  labels: Any = None          # int32[*spatial]: the round's segmentation (None: result.labels); see
+                              # RefineConfig.progressive_merge
 
 
 class Session(NamedTuple):
@@ -77,12 +80,18 @@ def current_logits(session: Session) -> jax.Array:
 def current_labels(session: Session) -> jax.Array:
   """The current segmentation, ``int32[*spatial]``."""
   if session.rounds:
-    return session.rounds[-1].result.labels
+    last = session.rounds[-1]
+    return last.result.labels if last.labels is None else last.labels
   return jnp.argmax(session.initial_logits, axis=-1).astype(jnp.int32)
 
 
 def add_marks(session: Session, new_marks: Any, config: RefineConfig | None = None) -> Session:
   """Adds a round: accumulates ``new_marks`` (int map, -1 unmarked) and refines.
+
+  With ``config.progressive_merge`` (the default) the round's segmentation is the refined labels in
+  the regions of change that touch the new marks, the previous segmentation elsewhere, and every
+  mark on its pixels (:func:`scribblejax.merge.progressive_merge`); ``current_logits`` stays the
+  refined network's.
 
   Args:
     session: the session so far.
@@ -99,7 +108,11 @@ def add_marks(session: Session, new_marks: Any, config: RefineConfig | None = No
   if trunk is not None and trunk_mismatch(trunk, session.split, config) is not None:
     trunk = None  # a round whose config computes differently computes its own trunk
   result = refine(session.split, session.image, marks, config, start=start, trunk=trunk)
-  return session._replace(rounds=session.rounds + (Round(marks, result),))
+  labels = None
+  if config.progressive_merge:
+    new = new_marks_of(marks, current_marks(session) if session.rounds else None)
+    labels = _frozen(progressive_merge(np.asarray(current_labels(session)), np.asarray(result.labels), new, marks))
+  return session._replace(rounds=session.rounds + (Round(marks, result, labels),))
 
 
 def undo(session: Session) -> Session:

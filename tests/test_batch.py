@@ -31,7 +31,7 @@ def _batch(n=3, size=16, seed=0):
   return images, marks
 
 
-CFG = sj.RefineConfig(max_steps=30, learning_rate=0.05, momentum=0.9, prox_weight=0.01)
+CFG = sj.RefineConfig.paper(max_steps=30, learning_rate=0.05, momentum=0.9, prox_weight=0.01)
 
 
 def _assert_matches(batched, singles, atol=1e-4):
@@ -77,7 +77,7 @@ def test_bad_batched_start_and_scheme_raise():
   with pytest.raises(ValueError, match="leading batch axis|shape"):
     sj.refine_batch(split, images, marks, CFG, start=split.tunable)        # no batch axis
   with pytest.raises(ValueError, match="batch_scheme"):
-    sj.RefineConfig(batch_scheme="parallel")
+    sj.RefineConfig.paper(batch_scheme="parallel")
   with pytest.raises(ValueError, match="a batch needs a leading batch axis"):
     sj.refine_batch(split, images[0], marks[0], CFG)                      # one image, not a batch
   with pytest.raises(ValueError, match="at least one image"):

@@ -32,7 +32,7 @@ NORM = {"kind": "percentile", "lower": 1.0, "upper": 99.8}
 CROP = (slice(0, 96), slice(384, 480))          # from the DSB test columns (not trained on)
 KWARGS = dict(spatial_dims=2, in_channels=1, num_classes=2, channels=[8, 16])
 # Refinement settings (explicit, so that the tests do not depend on the library defaults).
-KNOBS = ["--steps", "300", "--lr", "0.05", "--momentum", "0.9", "--alpha", "0.01", "--layers", "5"]
+KNOBS = ["--preset", "paper", "--steps", "300", "--lr", "0.05", "--momentum", "0.9", "--alpha", "0.01", "--layers", "5"]
 AFFINE = np.array([[0.0, -0.6, 0.05, 12.0], [0.55, 0.0, 0.0, -40.0], [0.0, 0.02, 3.0, 7.5], [0, 0, 0, 1]])
 
 
@@ -201,6 +201,7 @@ def test_refine_labelme_two_labels_corrects_two_classes_in_one_round(tmp_path, m
   report = json.loads(out.out)
   assert report["satisfied"] and 0 < report["steps"] <= 300 and report["marks_honoured"] == 1.0
   assert report["settings"] == {"layers": 5, "max_steps": 300, "learning_rate": 0.05, "momentum": 0.9, "prox_weight": 0.01,
+                                "keep_weight": 0.0, "optimizer": "sgd", "progressive_merge": False, "preset": "paper",
                                 "region_growing": None, "class_balance": False, "continue_weights": False,
                                 "check_every": 1, "compute_dtype": "float32", "remat": False,
                                 "conv_backend": "auto"}

@@ -137,7 +137,7 @@ def test_nnunet_folds_average_as_nnunet_does_and_refine_together(tmp_path, capsy
   labels = np.asarray(sj.predict(split, image)).argmax(-1)
   marks = np.full(labels.shape, -1, np.int32)
   marks[4, 5], marks[11, 17] = (labels[4, 5] + 1) % 3, (labels[11, 17] + 2) % 3
-  result = sj.refine(split, image, marks, sj.RefineConfig(max_steps=200, learning_rate=0.5))
+  result = sj.refine(split, image, marks, sj.RefineConfig.paper(max_steps=200, learning_rate=0.5))
   assert bool(result.satisfied)
   for before, after in zip(jax.tree.leaves(split.tunable), jax.tree.leaves(result.tunable)):
     assert all(float(np.abs(np.asarray(after[k]) - np.asarray(before[k])).max()) > 0 for k in range(2))

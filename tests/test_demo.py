@@ -10,7 +10,7 @@ from scribblejax.refine import RefineConfig
 
 def test_demo_writes_dice_and_overlay(tmp_path):
   lines = []
-  results = run_demo(tmp_path, train_steps=8, interactions=1, config=RefineConfig(max_steps=5), log=lines.append)
+  results = run_demo(tmp_path, train_steps=8, interactions=1, config=RefineConfig.paper(max_steps=5), log=lines.append)
   assert (tmp_path / "overlay.png").stat().st_size > 1000
   saved = json.loads((tmp_path / "results.json").read_text())
   assert saved["dice_per_interaction"] == results["dice_per_interaction"]

@@ -22,13 +22,13 @@ def case(tiny_model):
 def test_harness_refine_records_everything_and_improves(tiny_model, case):
   model, _ = tiny_model
   cfg = ev.EvalConfig(interactions=2)
-  r = ev.run_case(case, bl.refine_method(model, 3, RefineConfig(max_steps=30, learning_rate=0.05)), cfg)
+  r = ev.run_case(case, bl.refine_method(model, 3, RefineConfig.paper(max_steps=30, learning_rate=0.05)), cfg)
   assert len(r["dice_per_interaction"]) == 3 and len(r["seconds_per_interaction"]) <= 2
   assert r["compile_seconds"] > 0 and set(r["noc"]) == {"0.85", "0.9"}
   assert all(set(i) == {"steps", "satisfied"} for i in r["method_info"])
   assert all(0.0 <= d <= 1.0 for d in r["dice_per_interaction"])
   # what the harness records is what the method does: replay interaction 1 by hand
-  method = bl.refine_method(model, 3, RefineConfig(max_steps=30, learning_rate=0.05))
+  method = bl.refine_method(model, 3, RefineConfig.paper(max_steps=30, learning_rate=0.05))
   state = method.init(case.image)
   initial = np.asarray(method.labels(state))
   assert r["dice_per_interaction"][0] == pytest.approx(metrics.mean_foreground_dice(initial, case.truth, 2))
@@ -76,7 +76,7 @@ def test_add_classes_keeps_prediction_and_learns_new_class(tiny_model, case):
   truth = case.truth.copy()
   truth[:10, :10] = 2                                               # a new structure
   new_case = ev.make_case("new", case.image, truth, 3)
-  r = ev.run_case(new_case, bl.refine_method(bl.add_classes(model, 1), 3, RefineConfig(max_steps=40, learning_rate=0.05)),
+  r = ev.run_case(new_case, bl.refine_method(bl.add_classes(model, 1), 3, RefineConfig.paper(max_steps=40, learning_rate=0.05)),
                   ev.EvalConfig(interactions=1))
   assert r["dice_per_class"][0][2] == 0 and r["dice_per_class"][1][2] > 0.1
   with pytest.raises(ValueError, match="positive"):
@@ -242,7 +242,7 @@ def test_without_a_pipeline_the_pipeline_method_is_the_plain_one(tiny_model, tmp
   assert pipe.fitted.patch is None and pipe.fitted.resampling is None and pipe.fitted.pad is None
   case = image_case("crop", read_image(img), truth, pipe, 2)
   np.testing.assert_array_equal(case.image, pipe.fitted.image)
-  cfg = RefineConfig(max_steps=20, learning_rate=0.05)
+  cfg = RefineConfig.paper(max_steps=20, learning_rate=0.05)
   config = ev.EvalConfig(interactions=2)
   for kind in ("refine", "initial", "random_walker"):
     got = ev.run_case(case, pipeline_method(kind, pipe, cfg), config)
@@ -275,7 +275,7 @@ def test_marks_outside_the_crop_to_the_non_zero_region_change_nothing(tiny_model
   model, info = load_model(cropping)
   pipe = prepare_pipeline(model, info, read_image(tmp_path / "img.tif"), layers=2)
   assert pipe.fitted.crop is not None and pipe.fitted.image.shape[:-1] == (32, 32)
-  method = pipeline_method("refine", pipe, RefineConfig(max_steps=100, learning_rate=0.05))
+  method = pipeline_method("refine", pipe, RefineConfig.paper(max_steps=100, learning_rate=0.05))
   state = method.init(None)
   assert state.labels.shape == (48, 48) and not state.labels[:8].any()
   marks = np.full((48, 48), -1, np.int32)
@@ -330,7 +330,7 @@ def _pipeline_on_a_crop(tiny_model, tmp_path, **metadata):
 def test_marks_of_two_interactions_in_one_coarse_voxel_keep_the_newer_as_a_session_does(tiny_model, tmp_path):
   from scribblejax.io.evaluate_image import pipeline_method
   pipe = _pipeline_on_a_crop(tiny_model, tmp_path, spacing=[2.0, 2.0])
-  method = pipeline_method("refine", pipe, RefineConfig(max_steps=3))
+  method = pipeline_method("refine", pipe, RefineConfig.paper(max_steps=3))
   state = method.init(None)
   marks = np.full((32, 32), -1, np.int32)
   marks[11, 10] = 1
@@ -345,8 +345,8 @@ def test_keep_weight_is_refused_with_patches(tiny_model, tmp_path):
   from scribblejax.io.evaluate_image import pipeline_method
   pipe = _pipeline_on_a_crop(tiny_model, tmp_path, patch_size=[16, 16])
   with pytest.raises(ValueError, match="keep_weight needs the network's logits at every voxel"):
-    pipeline_method("refine", pipe, RefineConfig(keep_weight=0.5))   # was: silently a constant term
-  assert pipeline_method("refine", pipe, RefineConfig()).name == "refine_l2"
+    pipeline_method("refine", pipe, RefineConfig.paper(keep_weight=0.5))   # was: silently a constant term
+  assert pipeline_method("refine", pipe, RefineConfig.paper()).name == "refine_l2"
 
 
 def test_baselines_take_a_model_that_states_no_layer_order_given_an_example():
@@ -371,7 +371,7 @@ def test_baselines_take_a_model_that_states_no_layer_order_given_an_example():
   np.testing.assert_array_equal(labels, np.argmax(model(image[None])[0], -1))
   marks = np.full((12, 12), -1, np.int32)
   marks[3, 3] = 1 - labels[3, 3]
-  method = bl.make_method("refine", model, layers=1, config=RefineConfig(max_steps=200, learning_rate=0.5,
+  method = bl.make_method("refine", model, layers=1, config=RefineConfig.paper(max_steps=200, learning_rate=0.5,
                                                                          prox_weight=0.0), example=example)
   state = method.update(method.init(image), marks)
   assert method.info(state)["satisfied"] and method.labels(state)[3, 3] == marks[3, 3]
@@ -394,3 +394,30 @@ def test_growth_keeps_what_the_user_drew_and_relabels_what_growth_inferred():
   assert (grown[:, 4:] == -1).all()
   same, _, _ = ev.next_marks(none, none, second, image, 0.0)           # no growth: the marks as drawn
   np.testing.assert_array_equal(same, second)
+
+
+def test_a_round_with_nothing_new_to_mark_stops_and_says_so():
+  from scribblejax.baselines import Method
+  truth = np.zeros((24, 24), np.int32)
+  truth[4:12, 4:12] = 1
+  case = ev.make_case("stuck", np.random.default_rng(0).random((24, 24)), truth, 2)
+  never = Method("never", lambda image: np.zeros((24, 24), np.int32), lambda s: s, lambda s, marks: s,
+                 lambda image: None, lambda s: {})
+  said = []
+  result = ev.run_case(case, never, ev.EvalConfig(interactions=4, mark_kind="scribble"), log=said.append)
+  # the method honours nothing: the user marks the error once, then finds nothing new (its marks cover
+  # the whole eroded error) and stops, instead of drawing the same pixels again as if it were progress
+  assert result["stop_reason"] == "no new error to mark"
+  assert result["stopped_early"] is not None and result["stopped_early"] < 4
+  assert result["satisfied"] == [False] * result["stopped_early"]
+  assert result["rounds_unsatisfied"] == result["stopped_early"]
+  assert result["marks_honoured"][0] == 0.0
+  assert said and "finds no new error" in said[0]
+  assert result["dice_auc"] == 0.0
+
+
+def test_dice_auc_and_marks_honoured():
+  assert ev.dice_auc([0.5, 1.0]) == 0.75
+  assert ev.dice_auc([0.2, 0.4, 0.6]) == pytest.approx(0.4)
+  assert ev.marks_honoured(np.array([1, 0, 1]), np.array([1, 1, -1])) == 0.5
+  assert ev.marks_honoured(np.array([1]), np.array([-1])) is None

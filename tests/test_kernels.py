@@ -151,7 +151,7 @@ def test_refine_on_onednn_equals_refine_on_xla(dims):
   marks = np.full((size,) * dims, -1, np.int32)
   marks[(slice(1, 3),) * dims] = 1
   marks[(slice(5, 7),) * dims] = 0
-  config = sj.RefineConfig(max_steps=6, early_stop=False, learning_rate=0.05, conv_backend="xla")
+  config = sj.RefineConfig.paper(max_steps=6, early_stop=False, learning_rate=0.05, conv_backend="xla")
   xla = sj.refine(split, image, marks, config)
   ours = sj.refine(split, image, marks, dataclasses.replace(config, conv_backend="onednn"))
   assert int(ours.num_steps) == int(xla.num_steps) == 6
@@ -205,9 +205,9 @@ def test_public_conv_refuses_what_it_cannot_compute():
 
 def test_bad_backend_and_unavailable_kernels_raise_clear_errors(monkeypatch):
   with pytest.raises(ValueError, match="conv_backend must be one of"):
-    sj.RefineConfig(conv_backend="cudnn")
+    sj.RefineConfig.paper(conv_backend="cudnn")
   with pytest.raises(ValueError, match="computes float32 only"):
-    sj.RefineConfig(conv_backend="onednn", compute_dtype="bfloat16")       # was: XLA's convolutions, silently
+    sj.RefineConfig.paper(conv_backend="onednn", compute_dtype="bfloat16")       # was: XLA's convolutions, silently
   with pytest.raises(ValueError, match="conv_backend must be one of"):
     sj.resolve_conv_backend("fast")
   monkeypatch.setattr(kernels, "kernel_status", lambda: kernels.KernelStatus(False, "oneDNN not found (test)", None))

@@ -33,7 +33,7 @@ def _problem(dims: int = 2, size: int = 16, seed: int = 1):
   return image, marks
 
 
-CFG = sj.RefineConfig(max_steps=15, learning_rate=0.05, prox_weight=0.01, early_stop=False)
+CFG = sj.RefineConfig.paper(max_steps=15, learning_rate=0.05, prox_weight=0.01, early_stop=False)
 
 
 def test_bf16_compute_keeps_float32_parameters_and_tracks_float32():
@@ -61,7 +61,7 @@ def test_bf16_compute_keeps_float32_parameters_and_tracks_float32():
 def test_bf16_with_early_stop_honours_the_marks():
   split = sj.split_params(_unet(2), sj.last_layers(4))
   image, marks = _problem(seed=3)
-  result = sj.refine(split, image, marks, sj.RefineConfig(max_steps=80, learning_rate=0.05, prox_weight=0.01,
+  result = sj.refine(split, image, marks, sj.RefineConfig.paper(max_steps=80, learning_rate=0.05, prox_weight=0.01,
                                                           compute_dtype="bfloat16"))
   assert bool(result.satisfied)
   labels = np.asarray(result.labels)
@@ -70,7 +70,7 @@ def test_bf16_with_early_stop_honours_the_marks():
 
 def test_unknown_compute_dtype_is_refused():
   with pytest.raises(ValueError, match="compute_dtype"):
-    sj.RefineConfig(compute_dtype="float16")
+    sj.RefineConfig.paper(compute_dtype="float16")
 
 
 @pytest.mark.parametrize("dims, cache_trunk, driver", [(2, True, "host"), (2, False, "host"), (3, True, "loop")])
@@ -112,18 +112,18 @@ def test_remat_tail_checkpoints_each_layer_and_recomputes(backend):
 def test_memory_analysis_reports_each_program():
   split = sj.split_params(_unet(2), sj.last_layers(4))
   image, marks = _problem()
-  host = sj.memory_analysis(split, image, marks, sj.RefineConfig(driver="host"))
+  host = sj.memory_analysis(split, image, marks, sj.RefineConfig.paper(driver="host"))
   assert host["driver"] == "host" and set(host["programs"]) == {"trunk", "chunk", "finalize"}
   chunk = host["programs"]["chunk"]
   # the chunk takes the image, the marks and the trunk's residuals as arguments
   assert chunk["argument_bytes"] >= image.nbytes + marks.nbytes
   assert chunk["alias_bytes"] > 0                   # the loop state is donated
   assert host["peak_bytes"] == max(p["peak_bytes"] for p in host["programs"].values())
-  loop = sj.memory_analysis(split, image, marks, sj.RefineConfig(driver="loop", cache_trunk=False))
+  loop = sj.memory_analysis(split, image, marks, sj.RefineConfig.paper(driver="loop", cache_trunk=False))
   assert set(loop["programs"]) == {"loop"} and loop["peak_bytes"] > 0
   # a bigger image needs more memory
   big_image, big_marks = _problem(size=64)
-  assert sj.memory_analysis(split, big_image, big_marks, sj.RefineConfig(driver="host"))["peak_bytes"] > \
+  assert sj.memory_analysis(split, big_image, big_marks, sj.RefineConfig.paper(driver="host"))["peak_bytes"] > \
       host["peak_bytes"]
 
 

@@ -35,7 +35,7 @@ def _marks_2d():
   return marks
 
 
-CFG = sj.RefineConfig(max_steps=60, learning_rate=0.05, momentum=0.9, prox_weight=0.01, driver="host")
+CFG = sj.RefineConfig.paper(max_steps=60, learning_rate=0.05, momentum=0.9, prox_weight=0.01, driver="host")
 
 
 def _leaves_equal(a, b):
@@ -74,7 +74,7 @@ def test_class_absent_from_prediction_is_inserted(dims, shape):
   marks[region] = absent
   marks[(slice(-3, -1),) * dims] = 0
   marks[(slice(5, 6),) * dims] = 1
-  result = sj.refine(split, image, marks, sj.RefineConfig(max_steps=150, learning_rate=0.05, momentum=0.9,
+  result = sj.refine(split, image, marks, sj.RefineConfig.paper(max_steps=150, learning_rate=0.05, momentum=0.9,
                                                           prox_weight=0.01))
   assert bool(result.satisfied), int(result.num_steps)
   labels = np.asarray(result.labels)
@@ -159,7 +159,7 @@ def _plain_python_loop(split, image, marks, config):
 def test_jitted_loop_equals_plain_python_loop(driver):
   split = sj.split_params(_model(2), sj.last_layers(3))
   image, marks = _image((16, 16)), _marks_2d()
-  config = sj.RefineConfig(max_steps=25, learning_rate=0.05, momentum=0.9, prox_weight=0.05, driver=driver)
+  config = sj.RefineConfig.paper(max_steps=25, learning_rate=0.05, momentum=0.9, prox_weight=0.05, driver=driver)
   result = sj.refine(split, image, marks, config)
   w, steps = _plain_python_loop(split, image, marks, config)
   assert int(result.num_steps) == steps
@@ -173,7 +173,7 @@ def test_host_and_loop_drivers_agree_3d():
   marks = np.full((8, 8, 8), -1, np.int32)
   marks[1:3, 1:3, 1:3] = 1
   marks[5:7, 5:7, 5:7] = 2
-  results = [sj.refine(split, image, marks, sj.RefineConfig(max_steps=40, prox_weight=0.01, driver=d, check_every=k))
+  results = [sj.refine(split, image, marks, sj.RefineConfig.paper(max_steps=40, prox_weight=0.01, driver=d, check_every=k))
              for d, k in [("host", 1), ("host", 4), ("loop", 1)]]
   for other in results[1:]:
     assert int(other.num_steps) == int(results[0].num_steps)
@@ -186,12 +186,12 @@ def test_new_marks_and_settings_do_not_retrace(driver):
   split = sj.split_params(_model(2), sj.last_layers(3))
   image = _image((16, 16))
   compiled = refine_lib._run_loop if driver == "loop" else refine_lib._run_chunk
-  sj.refine(split, image, _marks_2d(), sj.RefineConfig(max_steps=5, driver=driver))
+  sj.refine(split, image, _marks_2d(), sj.RefineConfig.paper(max_steps=5, driver=driver))
   size = compiled._cache_size()
   other = np.full((16, 16), -1, np.int32)
   other[5:9, 5:9] = 0
   other[0, 0] = 2
-  sj.refine(split, image + 1.0, other, sj.RefineConfig(max_steps=7, learning_rate=0.01, momentum=0.5,
+  sj.refine(split, image + 1.0, other, sj.RefineConfig.paper(max_steps=7, learning_rate=0.01, momentum=0.5,
                                                        prox_weight=0.3, driver=driver))
   assert compiled._cache_size() == size
 
@@ -270,7 +270,7 @@ def test_graph_key_hashes_once_and_resplitting_the_model_does_not_recompile():
   assert refine_lib.graph_key(split.graphdef) is key and refine_lib.graph_key(key) is key
   assert hash(key) == hash(split.graphdef)
   image, marks = _image((16, 16)), _marks_2d()
-  config = sj.RefineConfig(max_steps=3, driver="loop")
+  config = sj.RefineConfig.paper(max_steps=3, driver="loop")
   first = sj.refine(split, image, marks, config)
   size = refine_lib._run_loop._cache_size()
   again = sj.split_params(model, sj.last_layers(3))       # a new but equal graphdef
@@ -297,7 +297,7 @@ def test_conv_layout_option_follows_the_environment():
 def test_nonfinite_loss_stops_with_last_finite_weights():
   split = sj.split_params(_model(2), sj.last_layers(3))
   image, marks = _image((16, 16)), _marks_2d()
-  result = sj.refine(split, image, marks, sj.RefineConfig(max_steps=50, learning_rate=1e30, momentum=0.0))
+  result = sj.refine(split, image, marks, sj.RefineConfig.paper(max_steps=50, learning_rate=1e30, momentum=0.0))
   assert bool(result.nonfinite) and not bool(result.satisfied)
   assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(result.tunable))
   assert np.all(np.isfinite(np.asarray(result.logits)))
@@ -307,7 +307,7 @@ def test_nonfinite_loss_stops_with_last_finite_weights():
 def test_any_optax_transformation_and_probabilities_output():
   split = sj.split_params(_model(2), sj.last_layers(3))
   result = sj.refine(split, _image((16, 16)), _marks_2d(),
-                     sj.RefineConfig(max_steps=100, optimizer=optax.adam(1e-2), prox_weight=0.01, output="probabilities"))
+                     sj.RefineConfig.paper(max_steps=100, optimizer=optax.adam(1e-2), prox_weight=0.01, output="probabilities"))
   assert bool(result.satisfied)
   np.testing.assert_allclose(np.asarray(result.logits).sum(-1), 1.0, atol=1e-5)
 
@@ -424,11 +424,11 @@ def test_values_beyond_float32_and_weights_that_do_not_fit_are_refused():
 
 def test_bad_config_raises():
   with pytest.raises(ValueError, match="max_steps"):
-    sj.RefineConfig(max_steps=-1)
+    sj.RefineConfig.paper(max_steps=-1)
   with pytest.raises(ValueError, match="learning_rate"):
-    sj.RefineConfig(learning_rate=float("nan"))
+    sj.RefineConfig.paper(learning_rate=float("nan"))
   with pytest.raises(ValueError, match="driver"):
-    sj.RefineConfig(driver="gpu")
+    sj.RefineConfig.paper(driver="gpu")
   for bad, message in [(dict(check_every=2.5), "check_every must be an integer"),
                        (dict(trace_length=2.5), "trace_length must be an integer"),
                        (dict(optimizer="adam"), "optimizer must be an optax GradientTransformation"),
@@ -439,8 +439,8 @@ def test_bad_config_raises():
                        (dict(early_stop="False"), "early_stop must be True or False"),
                        (dict(momentum=1.0), r"momentum must be in \[0, 1\)")]:
     with pytest.raises(ValueError, match=message):
-      sj.RefineConfig(**bad)
-  assert sj.RefineConfig(max_steps=np.int64(5), optimizer=optax.adam(1e-3)).max_steps == 5
+      sj.RefineConfig.paper(**bad)
+  assert sj.RefineConfig.paper(max_steps=np.int64(5), optimizer=optax.adam(1e-3)).max_steps == 5
 
 
 def test_refine_batch_equals_one_by_one():
@@ -450,7 +450,7 @@ def test_refine_batch_equals_one_by_one():
   marks[0] = _marks_2d()
   marks[1, 4:6, 4:6] = 2
   # example 2: no marks at all -> 0 steps
-  config = sj.RefineConfig(max_steps=40, prox_weight=0.01, driver="host")
+  config = sj.RefineConfig.paper(max_steps=40, prox_weight=0.01, driver="host")
   batch = sj.refine_batch(split, images, marks, config)
   for i in range(3):
     one = sj.refine(split, images[i], marks[i], config)
@@ -474,4 +474,4 @@ def test_keep_weight_anchors_unmarked_pixels_without_recompiling():
   changed_kept = (np.asarray(kept.labels) != initial)[unmarked].mean()
   assert changed_kept < changed_plain, (changed_kept, changed_plain)
   with pytest.raises(ValueError, match="keep_weight"):
-    sj.RefineConfig(keep_weight=-1.0)
+    sj.RefineConfig.paper(keep_weight=-1.0)

@@ -58,7 +58,7 @@ def test_a_regions_network_stores_reloads_and_refines_as_classes(tmp_path):
     wrong = np.argwhere(labels != c)[:2]
     for r, col in wrong:
       marks[r, col] = c
-  result = sj.refine(split, image, marks, sj.RefineConfig(max_steps=300, learning_rate=0.05))
+  result = sj.refine(split, image, marks, sj.RefineConfig.paper(max_steps=300, learning_rate=0.05))
   assert bool(result.satisfied)
   got = sj.region_labels(np.asarray(sj.merge_params(split, result.tunable).net(image[None]))[0], [2, 1])
   assert (got[marks >= 0] == marks[marks >= 0]).all()

@@ -147,7 +147,7 @@ def test_mirrored_network_is_the_mean_over_flips_and_refines_as_one_network():
   split = sj.split_params(mirrored, sj.last_layers(2))
   marks = np.full((8, 12), -1, np.int32)
   marks[2, 3], marks[6, 9] = 1, 0
-  result = sj.refine(split, x[0], marks, sj.RefineConfig(max_steps=200, learning_rate=0.05))
+  result = sj.refine(split, x[0], marks, sj.RefineConfig.paper(max_steps=200, learning_rate=0.05))
   assert bool(result.satisfied)
   for bad in ((2,), (0, 0), ()):
     with pytest.raises(ValueError, match="mirroring axes must be distinct spatial axes 0..1"):
@@ -197,7 +197,7 @@ def test_patch_blend_in_batches_gives_the_same_logits_and_refinement_in_less_mem
   splits = {chunk: sj.split_params(sw.PatchBlend(net, starts, (24, 24), 1, chunk=chunk), sj.last_layers(3),
                                    example=example) for chunk in (None, 1, 4)}
   assert sw.PatchBlend(net, starts, (24, 24), 1, chunk=7).chunk is None       # one batch holds them all
-  config = sj.RefineConfig(max_steps=8, early_stop=False, learning_rate=0.05, driver="loop")
+  config = sj.RefineConfig.paper(max_steps=8, early_stop=False, learning_rate=0.05, driver="loop")
   logits, refined, memory = {}, {}, {}
   for chunk, split in splits.items():
     logits[chunk] = np.asarray(jax.jit(sj.forward, static_argnums=0)(split.graphdef, split.tunable, split.frozen,
@@ -243,7 +243,7 @@ def test_marked_patches_blend_the_sliding_window_logits_at_the_marks_and_refine_
     np.testing.assert_allclose(at, full[tuple(voxels.T)], atol=1e-5)
     assert np.count_nonzero(out.reshape(-1, 3).any(-1)) <= len(voxels)     # 0 away from the marks
   # the refinement on them is the refinement on the blended region (PatchBlend): same loss, same steps
-  config = sj.RefineConfig(max_steps=40, learning_rate=0.05)
+  config = sj.RefineConfig.paper(max_steps=40, learning_rate=0.05)
   mp = sj.split_params(sw.MarkedPatches(net, (8, 8), 1, **kwargs), sj.last_layers(2))
   region, relative = sw.windows_region(starts, (8, 8))
   pb = sj.split_params(sw.PatchBlend(net, relative, (8, 8), 1), sj.last_layers(2))
@@ -265,7 +265,7 @@ def test_marked_patches_elsewhere_reuse_the_compiled_loop(shape, patch, first, s
   from scribblejax.io.workflow import compile_timer
   net = sj.UNet(spatial_dims=2, in_channels=1, num_classes=2, channels=(4, 8), rngs=nnx.Rngs(8))
   image = np.random.default_rng(5).normal(size=(*shape, 1)).astype(np.float32)
-  config = sj.RefineConfig(max_steps=3)
+  config = sj.RefineConfig.paper(max_steps=3)
   seconds = []
   for spots in (first, second):
     stacked, stacked_marks, kwargs = sw.marked_patches(image, _marked(shape, spots), (patch, patch))

@@ -9,7 +9,7 @@ from flax import nnx
 
 import scribblejax as sj
 
-CFG = sj.RefineConfig(max_steps=80, learning_rate=0.05, momentum=0.9, prox_weight=0.01)
+CFG = sj.RefineConfig.paper(max_steps=80, learning_rate=0.05, momentum=0.9, prox_weight=0.01)
 
 
 def _setup():

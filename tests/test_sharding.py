@@ -22,7 +22,7 @@ SCRIPT = textwrap.dedent("""
       marks = np.full((batch, 16, 16), -1, np.int32)
       for b in range(batch - 1):                       # the last image has no marks
         marks[b, rng.integers(0, 16, 6), rng.integers(0, 16, 6)] = rng.integers(0, 3, 6)
-      config = sj.RefineConfig(max_steps=15, learning_rate=0.05, prox_weight=0.01, driver=driver)
+      config = sj.RefineConfig.paper(max_steps=15, learning_rate=0.05, prox_weight=0.01, driver=driver)
       unsharded = sj.refine_batch(split, images, marks, config)
       sharded = sharding.refine_sharded(split, images, marks, config)
       assert np.array_equal(np.asarray(sharded.num_steps), np.asarray(unsharded.num_steps))
@@ -33,7 +33,7 @@ SCRIPT = textwrap.dedent("""
         assert len(sharded.logits.sharding.device_set) == 4
         assert sharded.logits.sharding.spec[0] == "batch"
     # keep_weight: each device computes its images' own initial labels for the keep term
-    keep = sj.RefineConfig(max_steps=5, learning_rate=0.05, prox_weight=0.01, keep_weight=1.0)
+    keep = sj.RefineConfig.paper(max_steps=5, learning_rate=0.05, prox_weight=0.01, keep_weight=1.0)
     unsharded, sharded = (f(split, images, marks, keep) for f in (sj.refine_batch, sharding.refine_sharded))
     np.testing.assert_allclose(np.asarray(sharded.loss_trace), np.asarray(unsharded.loss_trace), rtol=1e-4)
     np.testing.assert_allclose(np.asarray(sharded.logits), np.asarray(unsharded.logits), rtol=1e-4, atol=1e-4)
@@ -85,7 +85,7 @@ HOST_SCRIPT = textwrap.dedent("""
     local_images, local_marks = prepare_inputs(split, images, marks, batched=True)
     out = {}
     for driver in ("host", "loop"):                        # the docstring's procedure, with both drivers
-      config = sj.RefineConfig(max_steps=10, learning_rate=0.05, prox_weight=0.01, driver=driver)
+      config = sj.RefineConfig.paper(max_steps=10, learning_rate=0.05, prox_weight=0.01, driver=driver)
       result = refine_sharded(split, jax.make_array_from_process_local_data(spec, np.asarray(local_images)),
                               jax.make_array_from_process_local_data(spec, np.asarray(local_marks)), config, mesh=mesh)
       mine = np.asarray(result.logits.addressable_shards[0].data)

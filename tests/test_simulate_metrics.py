@@ -77,3 +77,55 @@ def test_simulated_user_3d_and_perfect_prediction():
   assert (simulate_marks(truth, truth, 2) == -1).all()
   with pytest.raises(ValueError, match="kind"):
     simulate_marks(pred, truth, 2, kind="lasso")
+
+
+def _missed_object(shape=(30, 30)):
+  truth = np.zeros(shape, np.int32)
+  truth[_disk(shape, (10, 10), 6)] = 1
+  truth[_disk(shape, (22, 22), 4)] = 1
+  return truth
+
+
+def test_a_2d_slice_stored_with_a_singleton_axis_gets_the_same_marks():
+  # the H x W x 1 copy of a slice used to erode to nothing in 3-D: no marks at all, silently
+  truth = _missed_object()
+  pred = np.zeros_like(truth)
+  flat = simulate_marks(pred, truth, 2, kind="scribble")
+  for axis in (0, 2):
+    stacked = simulate_marks(np.expand_dims(pred, axis), np.expand_dims(truth, axis), 2, kind="scribble")
+    assert stacked.shape == np.expand_dims(pred, axis).shape
+    np.testing.assert_array_equal(np.squeeze(stacked, axis), flat)
+  assert (flat == 1).sum() >= 5
+
+
+def test_pixels_marked_already_are_never_marked_again():
+  truth = _missed_object()
+  pred = np.zeros_like(truth)
+  first = simulate_marks(pred, truth, 2, kind="point", per_class=False, radius=0)
+  second = simulate_marks(pred, truth, 2, kind="point", per_class=False, radius=0, marked=first >= 0)
+  assert (first >= 0).sum() == 1 and (second >= 0).sum() == 1
+  assert not ((first >= 0) & (second >= 0)).any()          # the same unhonoured pixel is not drawn twice
+  everything = simulate_marks(pred, truth, 2, kind="scribble", marked=truth == 1)
+  assert (everything == -1).all()                          # every error marked already: nothing new
+
+
+def test_click_is_one_point_at_the_centre_of_the_largest_error():
+  truth = _missed_object()
+  pred = np.zeros_like(truth)
+  pred[0:4, 20:30] = 1                                     # a smaller false positive
+  clicks = simulate_marks(pred, truth, 2, kind="click", radius=0)
+  assert np.argwhere(clicks >= 0).tolist() == [[10, 10]] and clicks[10, 10] == 1
+
+
+def test_cvpr25_user_boxes_the_object_first_then_clicks():
+  from scribblejax.simulate import robot_marks
+  truth = _missed_object()
+  pred = np.zeros_like(truth)
+  boxes = robot_marks("cvpr25", 1, pred, truth, 2)
+  core = boxes == 1
+  assert core.any() and (boxes == 0).any()                 # the box's core and its ring of background
+  assert np.all(truth[boxes >= 0] == boxes[boxes >= 0])
+  click = robot_marks("cvpr25", 2, pred, truth, 2, radius=0)
+  assert (click >= 0).sum() == 1
+  with pytest.raises(ValueError, match="robot user"):
+    robot_marks("lasso", 1, pred, truth, 2)

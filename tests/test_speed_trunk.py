@@ -249,7 +249,7 @@ def test_refine_with_cached_trunk_equals_full_forward():
   marks[2:4, 2:8] = 1
   marks[10:12, 3:9] = 2
   marks[14, 14] = 0
-  config = sj.RefineConfig(max_steps=25, learning_rate=0.05, prox_weight=0.01, driver="loop")
+  config = sj.RefineConfig.paper(max_steps=25, learning_rate=0.05, prox_weight=0.01, driver="loop")
   cached = sj.refine(split, image, marks, config)
   full = sj.refine(split, image, marks, dataclasses.replace(config, cache_trunk=False))
   assert int(cached.num_steps) == int(full.num_steps) > 0
@@ -262,15 +262,15 @@ def test_early_stop_off_takes_every_step_and_no_retrace():
   image = np.asarray(_image((16, 16), seed=2))
   marks = np.full((16, 16), -1, np.int32)
   marks[0, 0] = 1
-  stopping = sj.refine(split, image, marks, sj.RefineConfig(max_steps=12, learning_rate=0.05, prox_weight=0.01))
+  stopping = sj.refine(split, image, marks, sj.RefineConfig.paper(max_steps=12, learning_rate=0.05, prox_weight=0.01))
   assert int(stopping.num_steps) < 12 and bool(stopping.satisfied)
-  fixed = sj.refine(split, image, marks, sj.RefineConfig(max_steps=12, learning_rate=0.05, prox_weight=0.01,
+  fixed = sj.refine(split, image, marks, sj.RefineConfig.paper(max_steps=12, learning_rate=0.05, prox_weight=0.01,
                                                          early_stop=False))
   assert int(fixed.num_steps) == 12 and bool(fixed.satisfied)
   sizes = (refine_lib._run_trunk._cache_size(), refine_lib._run_chunk._cache_size())
   other = np.full((16, 16), -1, np.int32)
   other[5:9, 5:9] = 2
-  sj.refine(split, image + 1.0, other, sj.RefineConfig(max_steps=3, learning_rate=0.01, prox_weight=0.5,
+  sj.refine(split, image + 1.0, other, sj.RefineConfig.paper(max_steps=3, learning_rate=0.01, prox_weight=0.5,
                                                        early_stop=False))
   assert (refine_lib._run_trunk._cache_size(), refine_lib._run_chunk._cache_size()) == sizes
 
@@ -287,7 +287,7 @@ def _trunk_case(seed=3):
 @pytest.mark.parametrize("driver, backend", [("loop", "auto"), ("host", "xla")])
 def test_a_computed_trunk_gives_the_same_refinement_and_is_used(driver, backend):
   split, image, marks = _trunk_case()
-  config = sj.RefineConfig(max_steps=15, learning_rate=0.05, prox_weight=0.01, driver=driver, conv_backend=backend)
+  config = sj.RefineConfig.paper(max_steps=15, learning_rate=0.05, prox_weight=0.01, driver=driver, conv_backend=backend)
   computed = sj.compute_trunk(split, image, config)
   plain = sj.refine(split, image, marks, config)
   reused = sj.refine(split, image, marks, config, trunk=computed)
@@ -314,7 +314,7 @@ def test_a_computed_trunk_gives_the_same_refinement_and_is_used(driver, backend)
 
 def test_a_trunk_of_another_image_split_or_setting_is_refused():
   split, image, marks = _trunk_case()
-  config = sj.RefineConfig(max_steps=2, learning_rate=0.05, prox_weight=0.01)
+  config = sj.RefineConfig.paper(max_steps=2, learning_rate=0.05, prox_weight=0.01)
   computed = sj.compute_trunk(split, image, config)
   image_before = image.copy()
   with pytest.raises(ValueError, match="another image"):
@@ -338,7 +338,7 @@ def test_a_trunk_of_another_image_split_or_setting_is_refused():
 
 def test_a_session_computes_the_trunk_once_for_all_rounds(monkeypatch):
   split, image, marks = _trunk_case(seed=4)
-  config = sj.RefineConfig(max_steps=15, learning_rate=0.05, prox_weight=0.01)
+  config = sj.RefineConfig.paper(max_steps=15, learning_rate=0.05, prox_weight=0.01)
   session = sj.start_session(split, image, config)
   assert isinstance(session.trunk, sj.Trunk)
   session_lib = importlib.import_module("scribblejax.session")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -89,7 +90,9 @@ def _single_case(args) -> int:
   # the library's; the layers at most the model's
   metadata = getattr(backbone.info, "metadata", None) or {}
   layers, config, _ = RefineSettings(layers=args.layers, max_steps=args.steps, learning_rate=args.lr,
-                                     prox_weight=args.prox_weight).resolve(metadata)
+                                     prox_weight=args.prox_weight, keep_weight=args.keep_weight,
+                                     optimizer=args.optimizer, progressive_merge=args.progressive_merge,
+                                     preset=args.preset).resolve(metadata)
   pipe = None
   if args.image is not None:
     from scribblejax.io.evaluate_image import pipeline_method
@@ -105,10 +108,12 @@ def _single_case(args) -> int:
       layers = resolve_layers(model, _example(case.image), None)
     method = bl.make_method(args.method, model, layers=layers, config=config)
   eval_config = ev.EvalConfig(interactions=args.interactions, mark_kind=args.marks, region_growing=args.region_growing)
-  result = ev.run_case(case, method, eval_config)
+  result = ev.run_case(case, method, eval_config, log=lambda line: print(f"warning: {line}", file=sys.stderr))
   result.update({"model": backbone.name, "device": ev.device_name(), "layers": layers, "max_steps": config.max_steps,
                  "learning_rate": config.learning_rate, "prox_weight": config.prox_weight,
-                 "momentum": config.momentum, "added_classes": args.add_classes,
+                 "momentum": config.momentum, "keep_weight": config.keep_weight,
+                 "optimizer": str(config.optimizer or "sgd"), "progressive_merge": config.progressive_merge,
+                 "preset": args.preset, "added_classes": args.add_classes,
                  "task": args.task, "image": args.image, "label": args.label})
   if pipe is not None:
     from scribblejax.io.evaluate_image import pipeline_summary
@@ -120,8 +125,13 @@ def _single_case(args) -> int:
   ev.plot_curves(out / "results.png", {result["method"]: result["dice_per_interaction"]},
                  title=f"{case.name}: {result['method']}, {args.marks}")
   dice = " ".join(f"{d:.3f}" if d is not None else "nan" for d in result["dice_per_interaction"])
+  unsatisfied = result["rounds_unsatisfied"]
+  rounds = len(result["satisfied"])
+  honoured = (f"every round honoured its marks" if not unsatisfied else
+              f"{unsatisfied} of {rounds} round(s) ended with marks not honoured")
+  stop = f"; stopped: {result['stop_reason']}" if result["stop_reason"] not in (None, "perfect") else ""
   print(f"{case.name} {result['method']} ({args.marks}): Dice per interaction {dice}; "
-        f"{_noc_text(result)}; wrote {out / 'results.json'}")
+        f"{_noc_text(result)}; {honoured}{stop}; wrote {out / 'results.json'}")
   return 0
 
 
@@ -131,7 +141,8 @@ PIPELINE_FLAGS = {"no_resample": False, "no_crop": False, "mirror": False, "patc
 # Flags of one case (their defaults): an experiment sets these itself, so they are refused beside it.
 SINGLE_CASE_FLAGS = {"task": None, "image": None, "label": None, "marks": "scribble", "interactions": 5,
                      "add_classes": 0, "region_growing": 0.0, "method": "refine", "layers": None, "steps": None,
-                     "lr": None, "prox_weight": None, "crop": None, **PIPELINE_FLAGS}
+                     "lr": None, "prox_weight": None, "keep_weight": None, "optimizer": None,
+                     "progressive_merge": None, "preset": "default", "crop": None, **PIPELINE_FLAGS}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -167,7 +178,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
   parser.add_argument("--label", default=one["label"])
   parser.add_argument("--model", default=None, help="built-in model name or saved model folder")
   parser.add_argument("--tissue-model", default=None, help="tissue backbone for experiments")
-  parser.add_argument("--marks", choices=("scribble", "point", "box"), default=one["marks"])
+  from scribblejax.simulate import ROBOT_USERS
+  parser.add_argument("--marks", choices=ROBOT_USERS, default=one["marks"],
+                      help="the robot user: scribble, point, box, click (RITM: one click per interaction) or cvpr25 "
+                           "(a box, then clicks)")
   parser.add_argument("--interactions", type=int, default=one["interactions"])
   parser.add_argument("--add-classes", type=int, default=one["add_classes"], help="append K output classes for labels >= the model's")
   parser.add_argument("--region-growing", type=float, default=one["region_growing"], help="threshold T (0: off)")
@@ -177,8 +191,16 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                            "at most the model's layers)")
   parser.add_argument("--steps", type=int, default=one["steps"],
                       help="most refinement steps M (default: the model's stored default, else 100)")
-  parser.add_argument("--lr", type=float, default=one["lr"], help="SGD learning rate (default: the model's stored default, else RefineConfig's)")
-  parser.add_argument("--prox-weight", type=float, default=one["prox_weight"], help="alpha (default: the model's stored default, else RefineConfig's)")
+  parser.add_argument("--preset", choices=("default", "paper"), default=one["preset"],
+                      help="refinement settings for options left out: the library's defaults or 'paper' (Algorithm 1)")
+  parser.add_argument("--optimizer", choices=("sgd", "adam"), default=one["optimizer"])
+  parser.add_argument("--lr", "--learning-rate", dest="lr", type=float, default=one["lr"],
+                      help="learning rate (default: the model's stored default, else the preset's)")
+  parser.add_argument("--prox-weight", "--alpha", dest="prox_weight", type=float, default=one["prox_weight"],
+                      help="alpha (default: the model's stored default, else the preset's)")
+  parser.add_argument("--keep-weight", type=float, default=one["keep_weight"], help="weight of the keep term")
+  parser.add_argument("--progressive-merge", action=argparse.BooleanOptionalAction, default=one["progressive_merge"],
+                      help="change the segmentation only where the round's marks touch the change")
   parser.add_argument("--crop", type=int, default=one["crop"], help="centre crop of a built-in task's image")
   parser.add_argument("--out", default="evaluate_output")
   from scribblejax.commands.io_commands import _inference_flags, _patch_batch_flag

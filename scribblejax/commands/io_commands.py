@@ -167,7 +167,9 @@ def _refine(args: argparse.Namespace) -> int:
   def work(log):
     from scribblejax.io.workflow import MarkOptions, RefineSettings, run_refine
     settings = RefineSettings(layers=args.layers, max_steps=args.steps, learning_rate=args.lr, momentum=args.momentum,
-                              prox_weight=args.alpha, region_growing=args.region_growing, driver=args.driver,
+                              prox_weight=args.prox_weight, keep_weight=args.keep_weight, optimizer=args.optimizer,
+                              progressive_merge=args.progressive_merge, preset=args.preset,
+                              region_growing=args.region_growing, driver=args.driver,
                               check_every=args.check_every, class_balance=args.class_balance,
                               continue_weights=args.continue_weights, compute_dtype=args.compute_dtype,
                               remat=args.remat, conv_backend=args.conv_backend,
@@ -184,7 +186,10 @@ def _refine(args: argparse.Namespace) -> int:
     if "steps" not in report:
       where = f"; wrote {report['out']}" if "out" in report else ""
       return f"undid round {report['undone_round']}: {report['rounds']} round(s) left{where}"
-    state = "every mark honoured" if report["satisfied"] else f"{report['marks_honoured']:.1%} of marks honoured"
+    network = report.get("network_marks_honoured", report["marks_honoured"])
+    state = ("every mark honoured" if report["satisfied"] and network == 1.0 else
+             f"the network honours {network:.1%} of marks (not satisfied after {report['steps']} steps), the "
+             f"segmentation {report['marks_honoured']:.1%}")
     return (f"wrote {report['out']}: round {report['round']}, {report['steps']} steps, {state}, "
             f"{report['seconds']:.2f}s ({report['compile_seconds']:.2f}s compiling) on {report['device']}")
 
@@ -212,10 +217,20 @@ def _add_refine(subparsers) -> None:
   method = parser.add_argument_group(
       "method", "defaults: the model's stored settings (model.json metadata.refine), else scribblejax.RefineConfig's")
   method.add_argument("--layers", type=int, help="tunable last layers l (default: 5, or fewer if the model has fewer)")
-  method.add_argument("--steps", type=int, help="most SGD steps M")
-  method.add_argument("--lr", type=float, help="SGD learning rate")
+  method.add_argument("--preset", choices=("default", "paper"), default="default",
+                      help="the settings every option left out takes: the library's defaults, or 'paper' "
+                           "(Algorithm 1 exactly: SGD 0.01, momentum 0.9, alpha 1, no keep term, no merge)")
+  method.add_argument("--steps", type=int, help="most optimiser steps M")
+  method.add_argument("--optimizer", choices=("sgd", "adam"), help="the optimiser")
+  method.add_argument("--lr", "--learning-rate", dest="lr", type=float, help="the optimiser's learning rate")
   method.add_argument("--momentum", type=float, help="SGD momentum")
-  method.add_argument("--alpha", type=float, help="alpha, the weight of ||W_lam - W||_2")
+  method.add_argument("--prox-weight", "--alpha", dest="prox_weight", type=float,
+                      help="alpha, the weight of ||W_lam - W||_2")
+  method.add_argument("--keep-weight", type=float,
+                      help="weight of the keep term: the unmarked pixels' cross-entropy against the network's labels")
+  method.add_argument("--progressive-merge", action=argparse.BooleanOptionalAction, default=None,
+                      help="change the segmentation only in the regions of change that touch this round's marks, "
+                           "and honour every mark in it (default: on; off in the paper preset)")
   method.add_argument("--region-growing", type=float, metavar="T",
                       help="grow this round's marks into neighbours whose normalised intensity differs by < T")
   method.add_argument("--driver", choices=("auto", "loop", "host"), default="auto",

@@ -25,6 +25,8 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
+
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -162,8 +164,9 @@ def pipeline_refine_method(pipe: Pipeline, config: Any = None, *, head_only: boo
   config = RefineConfig() if config is None else config
   fitted = pipe.fitted
   if config.keep_weight and fitted.patch is not None:
-    raise ValueError("keep_weight needs the network's logits at every voxel, but with patches the loop blends "
-                     "them at the marked voxels only (MarkedPatches); use keep_weight=0 or --patch-size whole")
+    # the keep term needs the network's logits at every voxel, but with patches the loop blends them at
+    # the marked voxels only (MarkedPatches): as refine does, patches refine without it
+    config = dataclasses.replace(config, keep_weight=0.0)
   split = _head_split(pipe) if head_only else pipe.split
   select = head() if head_only else last_layers(pipe.layers)
   whole = fitted.patch is None
@@ -178,6 +181,7 @@ def pipeline_refine_method(pipe: Pipeline, config: Any = None, *, head_only: boo
 
   def update(state, marks):
     marks = np.array(marks, np.int32)              # a copy: the caller may change its array later
+    previous_marks = state.marks
     # as a refine session does: each interaction's new marks go to the model's grid and over the earlier
     # ones there, so where marks of two interactions share a voxel of a coarser grid, the newer holds
     if state.marks is None:
@@ -201,6 +205,9 @@ def pipeline_refine_method(pipe: Pipeline, config: Any = None, *, head_only: boo
       logits = refined_logits(split, fitted, result, patches, pipe.inference.step)
     tunable = _same_tree(split.tunable, result.tunable)
     labels = labels_from_logits(logits, fitted)
+    if config.progressive_merge:
+      from scribblejax.merge import new_marks_of, progressive_merge
+      labels = progressive_merge(state.labels, labels, new_marks_of(marks, previous_marks), marks)
     return state._replace(labels=labels, num_steps=int(result.num_steps), satisfied=bool(result.satisfied),
                           honoured=_honoured(labels, marks), patches=patches, compile_seconds=compiled[0],
                           tunable=tunable)
@@ -231,6 +238,9 @@ def pipeline_method(kind: str, pipe: Pipeline, config: Any = None):
   from scribblejax.refine import predict
   if kind in ("refine", "head"):
     return pipeline_refine_method(pipe, config, head_only=kind == "head")
+  if kind == "paper":
+    from scribblejax.refine import RefineConfig
+    return pipeline_refine_method(pipe, RefineConfig.paper(), name="paper")
   if kind == "random_walker":
     return random_walker_method(None, initial=lambda image: segment(pipe))
   if kind == "initial":

@@ -565,17 +565,27 @@ def network_logits(split, fitted: Fitted, tunable: Any = None, step: float = 0.5
 # ----------------------------------------------------------------------------------------------
 # Settings.
 
+# RefineConfig fields a round's settings (and a model's stored "metadata.refine") may give
+TUNED = ("max_steps", "learning_rate", "momentum", "prox_weight", "keep_weight", "optimizer", "progressive_merge")
+
+
 @dataclasses.dataclass(frozen=True)
 class RefineSettings:
   """The knobs of one refinement round; ``None`` means the model's stored default (``model.json``
   ``metadata.refine``), else the library's.
 
   Attributes:
+    preset: "default" (the library's defaults) or "paper" (Algorithm 1 exactly,
+      ``RefineConfig.paper()``): the settings every field left ``None`` takes.
     layers: tunable last layers l.
-    max_steps: M, the most SGD steps.
-    learning_rate: SGD learning rate.
-    momentum: SGD momentum.
+    max_steps: M, the most optimiser steps.
+    learning_rate: the optimiser's step size.
+    momentum: SGD's momentum.
     prox_weight: alpha, the weight of ``||W_lam - W||_2``.
+    keep_weight: the weight of the keep term (``RefineConfig.keep_weight``).
+    optimizer: "sgd" or "adam" (``RefineConfig.optimizer``).
+    progressive_merge: ``RefineConfig.progressive_merge``: change the segmentation only in the regions
+      of change that touch the round's new marks, and honour every mark in it.
     region_growing: T: grow this round's marks into neighbours whose normalised intensity differs by
       less than T (:func:`scribblejax.grow_marks`); ``None`` or 0: no growing.
     driver: "auto", "loop" or "host".
@@ -595,6 +605,10 @@ class RefineSettings:
   learning_rate: float | None = None
   momentum: float | None = None
   prox_weight: float | None = None
+  keep_weight: float | None = None
+  optimizer: str | None = None
+  progressive_merge: bool | None = None
+  preset: str = "default"
   region_growing: float | None = None
   driver: str = "auto"
   check_every: int = 1
@@ -607,13 +621,18 @@ class RefineSettings:
 
   def resolve(self, metadata: dict) -> tuple[int | None, Any, float | None]:
     """``(layers, RefineConfig, region_growing)`` with the defaults filled in."""
-    from scribblejax.refine import RefineConfig
+    from scribblejax.refine import PRESETS, RefineConfig
     stored = (metadata or {}).get("refine", {}) if isinstance(metadata, dict) else {}
+    if self.preset not in PRESETS:
+      raise ValueError(f"preset must be one of {PRESETS}, got {self.preset!r}")
+    if self.preset == "paper":      # the paper's settings, whatever the model stores
+      stored = {}
     pick = lambda name: getattr(self, name) if getattr(self, name) is not None else stored.get(name)
-    fields = {k: pick(k) for k in ("max_steps", "learning_rate", "momentum", "prox_weight")}
-    config = RefineConfig(**{k: v for k, v in fields.items() if v is not None}, driver=self.driver,
-                          check_every=self.check_every, class_balance=self.class_balance,
-                          compute_dtype=self.compute_dtype, remat=self.remat, conv_backend=self.conv_backend)
+    fields = {k: pick(k) for k in TUNED}
+    base = RefineConfig.paper if self.preset == "paper" else RefineConfig
+    config = base(**{k: v for k, v in fields.items() if v is not None}, driver=self.driver,
+                  check_every=self.check_every, compute_dtype=self.compute_dtype, remat=self.remat,
+                  conv_backend=self.conv_backend, **({"class_balance": True} if self.class_balance else {}))
     grow = pick("region_growing")
     if grow is not None and (not np.isfinite(grow) or grow < 0):
       raise ValueError(f"the region growing threshold must be finite and >= 0, got {grow}")
@@ -1166,6 +1185,11 @@ def _refine_round(model, model_ref, img, digest, marks_files, new, out, session,
   network, split, fitted, layers = prepare(network, img, info, layers, inference)
   for note in fitted.notes:
     log(f"note: {note}")
+  if config.keep_weight and fitted.patch is not None:
+    # the keep term reads the network's logits at every voxel; with patches the loop has them at the marked
+    # voxels only (MarkedPatches)
+    log("note: with patches the keep term is off (it needs the network's logits at every voxel)")
+    config = dataclasses.replace(config, keep_weight=0.0)
   if num_classes is None:
     from scribblejax.refine import num_classes_of
     num_classes = num_classes_of(split, _network_input(fitted))
@@ -1254,11 +1278,17 @@ def _refine_round(model, model_ref, img, digest, marks_files, new, out, session,
     seconds = time.perf_counter() - start_time
   labels_image = labels_from_logits(logits, fitted)
   steps, satisfied = int(result.num_steps), bool(result.satisfied)
-  marked = marks_image >= 0                  # honoured in the written segmentation, on the image's grid
+  marked = marks_image >= 0
+  network_honoured = float((labels_image[marked] == marks_image[marked]).mean()) if marked.any() else 1.0
+  if config.progressive_merge:
+    from scribblejax.merge import progressive_merge
+    previous_labels = arrays["labels"] if arrays is not None and arrays.get("labels") is not None else before_image
+    labels_image = progressive_merge(previous_labels, labels_image, new_image, marks_image)
   honoured = float((labels_image[marked] == marks_image[marked]).mean()) if marked.any() else 1.0
   log(f"{steps} steps in {seconds:.2f}s ({compiled[0]:.2f}s compiling): "
-      f"{'every mark honoured' if satisfied and honoured == 1.0 else f'{honoured:.1%} of marked pixels honoured'}")
-  if satisfied and honoured < 1.0:
+      + round_line(satisfied, network_honoured, honoured, marks_image, labels_from_logits(logits, fitted),
+                   class_names, steps, config.max_steps, bool(result.nonfinite)))
+  if satisfied and network_honoured < 1.0:
     log("note: the loop honoured every mark on the model's grid, but the segmentation brought back to the "
         "image's grid misses some marked pixels (they lie between the model's voxels)")
   round_index = len(doc["rounds"]) + 1 if doc is not None else 1
@@ -1269,11 +1299,14 @@ def _refine_round(model, model_ref, img, digest, marks_files, new, out, session,
             "marked_pixels": _class_counts(marks_image, class_names, num_classes), "clashing_marks": clashes,
             "steps": steps, "max_steps": config.max_steps, "satisfied": satisfied,
             "nonfinite": bool(result.nonfinite), "marks_honoured": honoured,
+            "network_marks_honoured": network_honoured,
             "changed_pixels": int((labels_image != before_image).sum()),
             "seconds": seconds, "compile_seconds": compiled[0], "compile_seconds_note": COMPILE_NOTE,
             **_device(), "driver": driver, "conv_backend": resolve_conv_backend(config.conv_backend),
             "settings": {"layers": layers, "max_steps": config.max_steps, "learning_rate": config.learning_rate,
                          "momentum": config.momentum, "prox_weight": config.prox_weight, "region_growing": grow,
+                         "keep_weight": config.keep_weight, "optimizer": str(config.optimizer or "sgd"),
+                         "progressive_merge": config.progressive_merge, "preset": settings.preset,
                          "class_balance": config.class_balance, "continue_weights": settings.continue_weights,
                          "check_every": config.check_every, "compute_dtype": config.compute_dtype,
                          "remat": config.remat, "conv_backend": config.conv_backend},
@@ -1310,6 +1343,25 @@ def _refine_round(model, model_ref, img, digest, marks_files, new, out, session,
     if undone is not None:
       session_store.remove_round_file(session, doc, undone)
   return report
+
+
+def round_line(satisfied: bool, network_honoured: float, honoured: float, marks: np.ndarray, network_labels: np.ndarray,
+               class_names, steps: int, max_steps: int, nonfinite: bool) -> str:
+  """The one line a round ends with: every mark honoured, or the fraction per class and why not."""
+  if satisfied and network_honoured == 1.0:
+    return "every mark honoured"
+  marked = marks >= 0
+  name = lambda c: class_names[c] if class_names and c < len(class_names) else f"class {c}"
+  per_class = ", ".join(f"{name(int(c))} {np.mean(network_labels[marks == c] == c):.1%}"
+                        for c in np.unique(marks[marked]))
+  if satisfied:
+    why = "the marks lie between the model's voxels"
+  elif nonfinite:
+    why = "the objective became non-finite"
+  else:
+    why = f"the step budget ({max_steps}) ran out after {steps} steps"
+  shown = "; the segmentation honours every mark" if honoured == 1.0 else f"; the segmentation honours {honoured:.1%}"
+  return f"the network honours {network_honoured:.1%} of marked pixels ({per_class}): {why}{shown}"
 
 
 class Loop(NamedTuple):

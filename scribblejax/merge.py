@@ -1,0 +1,57 @@
+"""A round's segmentation: the refined network's labels where the new marks asked for a change.
+
+Refining a network on a few marked pixels moves its decision everywhere: besides the region the user
+corrected, hundreds of small regions far from any mark can flip (on the DSB nuclei case, 30 marked
+pixels flipped about 3,200 pixels in about 200 separate regions, four fifths of them wrongly). The
+user asked for none of those. So a round keeps the previous segmentation except in the connected
+regions of change that touch one of this round's new marks, where it takes the refined labels: the
+progressive merge of FocalClick (Chen et al., "FocalClick: Towards Practical Interactive Image
+Segmentation", CVPR 2022), which updates only the connected regions that contain the new clicks.
+Every marked pixel then takes its mark: what the user drew holds in the segmentation whether or not
+the network's argmax honours it (the round's report says which).
+
+A change that the marks do ask for is never cut off: a region of change that touches a new mark is
+taken whole, however far it reaches.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from scipy import ndimage
+
+
+def progressive_merge(previous: Any, proposed: Any, new_marks: Any, marks: Any | None = None) -> np.ndarray:
+  """The round's labels: ``proposed`` in the changed regions that touch a new mark, ``previous`` elsewhere.
+
+  Args:
+    previous: ``int[*spatial]``, the segmentation before this round.
+    proposed: ``int[*spatial]``, the refined network's labels.
+    new_marks: ``int[*spatial]``, this round's marks (-1 unmarked).
+    marks: ``int[*spatial]``, every mark so far (``None``: ``new_marks``); each marked pixel takes its mark.
+
+  Returns:
+    ``int32[*spatial]``.
+
+  Raises:
+    ValueError: the maps differ in shape.
+  """
+  previous, proposed, new_marks = np.asarray(previous), np.asarray(proposed), np.asarray(new_marks)
+  marks = new_marks if marks is None else np.asarray(marks)
+  shapes = {previous.shape, proposed.shape, new_marks.shape, marks.shape}
+  if len(shapes) != 1:
+    raise ValueError(f"progressive_merge needs label maps of one shape, got {sorted(shapes)}")
+  changed = proposed != previous
+  regions, _ = ndimage.label(changed)
+  asked = np.unique(regions[(new_marks >= 0) & changed])
+  merged = np.where(np.isin(regions, asked[asked > 0]), proposed, previous)
+  return np.where(marks >= 0, marks, merged).astype(np.int32)
+
+
+def new_marks_of(marks: Any, earlier: Any | None) -> np.ndarray:
+  """The marks of ``marks`` that ``earlier`` (the marks before this round, or ``None``) did not hold."""
+  marks = np.asarray(marks)
+  if earlier is None:
+    return marks.astype(np.int32)
+  return np.where(np.asarray(earlier) == marks, -1, marks).astype(np.int32)
