@@ -22,7 +22,7 @@ maintained max-flow library PyMaxflow (``pip install 'scribblejax[test]'`` or ``
 PyMaxflow``).
 
 Example:
-  >>> labels = graph_cut_labels(image, probabilities, marks, lam=2.0)
+  >>> labels = graph_cut_labels(image, probabilities, marks, lam=1.0)
   >>> method = graph_cut_method(model, lam=2.0, sigma=None)   # for scribblejax.evaluate.run_case
 """
 
@@ -36,7 +36,7 @@ import numpy as np
 
 from scribblejax.baselines import Method
 
-DEFAULT_LAM = 2.0
+DEFAULT_LAM = 1.0
 DEFAULT_EPS = 1e-4
 MAX_SWEEPS = 10        # alpha-expansion: most passes over all classes (it usually settles in two or three)
 

@@ -200,7 +200,8 @@ def _build(task: str, steps: int, seed: int, folder: Path, log: Callable[[str], 
   dice = dice_per_class(predict_labels(model, test_image, stacked=ds.stacked), truth, k)
   foreground = [float(d) for d in dice[1:] if not np.isnan(d)]
   report = {
-      "task": task, "class_names": list(ds.class_names), "arch": ARCH, "kwargs": model_kwargs(k, image.shape[-1]), "steps": steps, "seed": seed,
+      "task": task, "class_names": list(ds.class_names), "arch": ARCH, "kwargs": model_kwargs(k, image.shape[-1]),
+      "steps": steps, "seed": seed,
       "train_config": {**dataclasses.asdict(spec.config), "steps": steps, "seed": seed},
       "normalization": spec.normalization, "torch": torch.__version__, "train_seconds": round(seconds, 1),
       "final_loss": round(float(np.mean(losses[-10:])), 5), "losses": [round(x, 5) for x in losses],
