@@ -168,3 +168,10 @@ def test_method_with_a_probabilities_function_and_an_initial_labelling():
   assert labels[0, 0] == 1 and labels.sum() == 1
   with pytest.raises(ValueError, match="model or probabilities_fn"):
     graph_cut_method(lam=1.0)
+
+
+def test_without_pymaxflow_the_error_names_the_extra(monkeypatch):
+  import sys
+  monkeypatch.setitem(sys.modules, "maxflow", None)       # makes `import maxflow` raise ImportError
+  with pytest.raises(ImportError, match=r"scribblejax\[test\]"):
+    graph_cut_method(lam=1.0, probabilities_fn=lambda image: image)
