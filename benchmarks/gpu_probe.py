@@ -116,7 +116,7 @@ def measure(case: speed.Case, steps: int, batch: int, scheme: str | None, dtype:
   settings = speed.Settings()
   model = speed.make_model(case.dims, settings)
   split = sj.split_params(model, sj.last_layers(settings.layers))
-  config = sj.RefineConfig(max_steps=steps, early_stop=False, learning_rate=settings.learning_rate,
+  config = sj.RefineConfig.paper(max_steps=steps, early_stop=False, learning_rate=settings.learning_rate,
                            momentum=settings.momentum, prox_weight=settings.prox_weight,
                            compute_dtype=dtype, batch_scheme=scheme or "auto")
   inputs = [speed.make_inputs(case.dims, case.size, batch, seed=1000 * case.size + i) for i in range(repeats + 3)]

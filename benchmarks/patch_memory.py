@@ -66,7 +66,7 @@ def measure(net, patch: int, chunk: int | None, layers: int, mirror: bool, drive
     blend = PatchBlend(model, starts, (patch,) * 3, 1, chunk=chunk)
   example = jax.ShapeDtypeStruct((1, *image.shape), jnp.float32)
   split = sj.split_params(blend, sj.last_layers(layers), example=example)
-  config = sj.RefineConfig(driver=driver, max_steps=max(steps, 1), early_stop=False)
+  config = sj.RefineConfig.paper(driver=driver, max_steps=max(steps, 1), early_stop=False)
   start = time.perf_counter()
   memory = sj.memory_analysis(split, image, marks, config)
   record = {"variant": variant, "dims": 3, "patch": patch, "patches": len(starts), "passes": 8 if mirror else 1,

@@ -82,7 +82,7 @@ class Context:
   log: Callable = print
 
   def config(self, **kw) -> RefineConfig:
-    return RefineConfig(max_steps=kw.pop("max_steps", self.size.max_steps), **kw)
+    return RefineConfig.paper(max_steps=kw.pop("max_steps", self.size.max_steps), **kw)
 
   def eval_config(self, **kw) -> ev.EvalConfig:
     return ev.EvalConfig(interactions=kw.pop("interactions", self.size.interactions), **kw)

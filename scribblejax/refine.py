@@ -109,6 +109,8 @@ class RefineConfig:
       connected regions of change that touch the round's new marks, and sets every marked pixel to
       its mark (:mod:`scribblejax.merge`); ``False`` takes the refined network's labels as they are
       (the paper). :func:`refine` itself, which knows no previous segmentation, ignores it.
+    merge_confidence: with ``progressive_merge``, the pixels where the network (W) gave its top
+      class less than this probability follow the refined network wherever they lie (0: none).
     conv_backend: who computes the convolutions of the trunk and the tail: "xla", "onednn" (oneDNN
       through :mod:`scribblejax.kernels`, CPU only, float32 only; an error if the kernels cannot
       run here) or "auto" (oneDNN on the CPU whenever available, else XLA). On 2 cores, oneDNN made a
@@ -132,6 +134,7 @@ class RefineConfig:
   remat: bool = False
   conv_backend: str = "auto"
   progressive_merge: bool = True
+  merge_confidence: float = 0.8
 
   @classmethod
   def paper(cls, **overrides: Any) -> RefineConfig:
@@ -146,12 +149,14 @@ class RefineConfig:
   def __post_init__(self):
     if not is_integer(self.max_steps) or not 0 <= self.max_steps <= INT32_MAX:
       raise ValueError(f"max_steps must be a non-negative integer (at most {INT32_MAX}), got {self.max_steps!r}")
-    for name in ("learning_rate", "momentum", "prox_weight", "keep_weight"):
+    for name in ("learning_rate", "momentum", "prox_weight", "keep_weight", "merge_confidence"):
       value = getattr(self, name)
       if not is_number(value):
         raise ValueError(f"{name} must be a number, got {value!r}")
       if not np.isfinite(value) or value < 0:
         raise ValueError(f"{name} must be finite and >= 0, got {value!r}")
+    if self.merge_confidence > 1:
+      raise ValueError(f"merge_confidence is a probability in [0, 1], got {self.merge_confidence!r}")
     if self.momentum >= 1:
       raise ValueError(f"momentum must be in [0, 1) (SGD with momentum >= 1 diverges), got {self.momentum!r}")
     for name in ("class_balance", "early_stop", "cache_trunk", "remat", "progressive_merge"):

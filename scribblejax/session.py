@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from scribblejax import marks as marks_lib
-from scribblejax.merge import new_marks_of, progressive_merge
+from scribblejax.merge import new_marks_of, progressive_merge, unsure
 from scribblejax.params import Split
 from scribblejax.refine import RefineConfig, RefineResult, Trunk, compute_trunk, predict, refine, trunk_mismatch
 
@@ -111,7 +111,9 @@ def add_marks(session: Session, new_marks: Any, config: RefineConfig | None = No
   labels = None
   if config.progressive_merge:
     new = new_marks_of(marks, current_marks(session) if session.rounds else None)
-    labels = _frozen(progressive_merge(np.asarray(current_labels(session)), np.asarray(result.labels), new, marks))
+    free = unsure(jax.nn.softmax(session.initial_logits, axis=-1), config.merge_confidence)
+    labels = _frozen(progressive_merge(np.asarray(current_labels(session)), np.asarray(result.labels), new, marks,
+                                       free=free))
   return session._replace(rounds=session.rounds + (Round(marks, result, labels),))
 
 

@@ -80,7 +80,8 @@ def squeezed(method: bl.Method, axes: tuple[int, ...]) -> bl.Method:
 def run_one(bench: BenchCase, method_name: str, user: str, interactions: int, log) -> dict:
   """One method on one case with one robot user."""
   method = squeezed(make_method(method_name, bench.model), bench.squeeze)
-  result = ev.run_case(bench.case, method, ev.EvalConfig(interactions=interactions, mark_kind=user), log=log)
+  config = ev.EvalConfig(interactions=interactions, mark_kind=user, ignore_border=bench.ignore_border)
+  result = ev.run_case(bench.case, method, config, log=log)
   result.update(situation=bench.situation, split=bench.split, user=user, method=method_name)
   return result
 

@@ -65,6 +65,7 @@ class PipelineRefineState(NamedTuple):
   trunk: Any = None           # the frozen trunk on the whole image (no patches, cache_trunk)
   marks: Any = None           # int32[*image_spatial]: the marks so far, as the last update saw them
   model_marks: Any = None     # int32[*model_spatial]: those marks on the model's grid, newest on top
+  free: Any = None            # bool[*image_spatial]: where the network was unsure (progressive merge)
 
 
 def prepare_pipeline(model: Any, info: Any, image: Image, layers: int | None = None,
@@ -176,8 +177,11 @@ def pipeline_refine_method(pipe: Pipeline, config: Any = None, *, head_only: boo
 
   def init(image):
     del image
+    from scribblejax.io.workflow import network_logits, unsure_on_image
     trunk = compute_trunk(whole_loop, fitted.image, config) if cached else None
-    return PipelineRefineState(segment(pipe, split=split), 0, True, 1.0, 0, 0.0, None, trunk)
+    logits = network_logits(split, fitted, step=pipe.inference.step)
+    free = unsure_on_image(logits, fitted, config.merge_confidence) if config.progressive_merge else None
+    return PipelineRefineState(labels_from_logits(logits, fitted), 0, True, 1.0, 0, 0.0, None, trunk, free=free)
 
   def update(state, marks):
     marks = np.array(marks, np.int32)              # a copy: the caller may change its array later
@@ -207,7 +211,7 @@ def pipeline_refine_method(pipe: Pipeline, config: Any = None, *, head_only: boo
     labels = labels_from_logits(logits, fitted)
     if config.progressive_merge:
       from scribblejax.merge import new_marks_of, progressive_merge
-      labels = progressive_merge(state.labels, labels, new_marks_of(marks, previous_marks), marks)
+      labels = progressive_merge(state.labels, labels, new_marks_of(marks, previous_marks), marks, free=state.free)
     return state._replace(labels=labels, num_steps=int(result.num_steps), satisfied=bool(result.satisfied),
                           honoured=_honoured(labels, marks), patches=patches, compile_seconds=compiled[0],
                           tunable=tunable)

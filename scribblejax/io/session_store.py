@@ -172,11 +172,27 @@ def remove_round_file(directory: str | os.PathLike, doc: dict, record: dict) -> 
     stale.unlink()
 
 
-def save_initial(directory: str | os.PathLike, labels: np.ndarray) -> None:
-  """Stores the network's own segmentation (``initial.npz``), shown before any round."""
+def save_initial(directory: str | os.PathLike, labels: np.ndarray, unsure: np.ndarray | None = None) -> None:
+  """Stores the network's own segmentation (``initial.npz``), shown before any round, and where the
+  network was unsure (``scribblejax.merge.unsure``), when known."""
   d = Path(directory)
   d.mkdir(parents=True, exist_ok=True)
-  _write_atomic(d / "initial.npz", lambda f: np.savez_compressed(f, labels=np.asarray(labels, np.int32)))
+  arrays = {"labels": np.asarray(labels, np.int32)}
+  if unsure is not None:
+    arrays["unsure"] = np.asarray(unsure, bool)
+  _write_atomic(d / "initial.npz", lambda f: np.savez_compressed(f, **arrays))
+
+
+def load_unsure(directory: str | os.PathLike) -> np.ndarray | None:
+  """Where the network was unsure, as stored beside its segmentation; ``None`` if not stored."""
+  path = Path(directory) / "initial.npz"
+  if not path.exists():
+    return None
+  try:
+    with np.load(path) as data:
+      return data["unsure"] if "unsure" in data.files else None
+  except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
+    raise ValueError(f"cannot read {path}: {err}") from err
 
 
 def load_initial(directory: str | os.PathLike) -> np.ndarray | None:

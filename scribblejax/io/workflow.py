@@ -368,6 +368,19 @@ def _image_layout(array: np.ndarray, fitted: Fitted, fill: int) -> np.ndarray:
   return array
 
 
+def unsure_on_image(logits: Any, fitted: Fitted, confidence: float) -> np.ndarray | None:
+  """Where the network's top class probability is below ``confidence``, on the image's grid
+  (:func:`scribblejax.merge.unsure`); ``None`` for a region-based network (its sigmoids are no
+  distribution over classes) or ``confidence`` 0."""
+  if fitted.regions is not None or confidence <= 0:
+    return None
+  from scribblejax.merge import unsure
+  logits = np.asarray(logits, np.float32)
+  shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
+  mask = unsure(shifted / shifted.sum(axis=-1, keepdims=True), confidence)
+  return to_image(np.where(mask, 1, -1).astype(np.int32), fitted) >= 0
+
+
 def labels_from_logits(logits: Any, fitted: Fitted) -> np.ndarray:
   """The labels ``int32[*image_spatial]`` of model-layout logits: cropped, resampled back to the
   image's grid (the model's logits scheme, as nnU-Net exports) where the image was resampled, then
@@ -1235,11 +1248,14 @@ def _refine_round(model, model_ref, img, digest, marks_files, new, out, session,
   # patches that computes each patch's frozen trunk once, unless two volumes of logits would not fit
   joint = (initial is None and fitted.patch is not None
            and 2 * 4 * int(np.prod(fitted.image.shape[:-1])) * num_classes <= JOINT_LOGITS_BYTES)
+  unsure_image = session_store.load_unsure(session) if initial is not None else None
   if initial is not None:
     before_image = initial
   elif not joint:
-    before_image = labels_from_logits(network_logits(split, fitted, step=inference.step, progress=patch_progress),
-                                      fitted)
+    before_logits = network_logits(split, fitted, step=inference.step, progress=patch_progress)
+    before_image = labels_from_logits(before_logits, fitted)
+    unsure_image = unsure_on_image(before_logits, fitted, config.merge_confidence)
+    del before_logits
   from scribblejax.params import last_layers
   # every mark outside the crop (background marks, which the pipeline honours there): nothing to refine
   nothing = fitted.patch is not None and not (all_marks >= 0).any()
@@ -1272,6 +1288,7 @@ def _refine_round(model, model_ref, img, digest, marks_files, new, out, session,
                                                 [None, _same_tree(split.tunable, result.tunable)],
                                                 step=inference.step, progress=patch_progress)
       before_image = labels_from_logits(before, fitted)
+      unsure_image = unsure_on_image(before, fitted, config.merge_confidence)
       del before
     else:
       logits = refined_logits(split, fitted, result, max(count, int(nothing)), inference.step, patch_progress)
@@ -1283,7 +1300,7 @@ def _refine_round(model, model_ref, img, digest, marks_files, new, out, session,
   if config.progressive_merge:
     from scribblejax.merge import progressive_merge
     previous_labels = arrays["labels"] if arrays is not None and arrays.get("labels") is not None else before_image
-    labels_image = progressive_merge(previous_labels, labels_image, new_image, marks_image)
+    labels_image = progressive_merge(previous_labels, labels_image, new_image, marks_image, free=unsure_image)
   honoured = float((labels_image[marked] == marks_image[marked]).mean()) if marked.any() else 1.0
   log(f"{steps} steps in {seconds:.2f}s ({compiled[0]:.2f}s compiling): "
       + round_line(satisfied, network_honoured, honoured, marks_image, labels_from_logits(logits, fitted),
@@ -1334,7 +1351,7 @@ def _refine_round(model, model_ref, img, digest, marks_files, new, out, session,
       if added:
         doc["new_classes"] = list(added)
     if initial is None:
-      session_store.save_initial(session, before_image)
+      session_store.save_initial(session, before_image, unsure_image)
     record = {"marks_files": [str(Path(m).resolve()) for m in marks_files], "steps": steps, "satisfied": satisfied,
               "settings": report["settings"], "out": str(out)}
     doc = session_store.append_round(session, doc, record, marks=marks_image, new_marks=new_image,
