@@ -258,10 +258,9 @@ class ScribbleWidget(QWidget):
     self.busy = True
     self._enable()
     self._say(f"{what}...")
-    worker = create_worker(work, _start_thread=False)
-    worker.returned.connect(done)
-    worker.errored.connect(self._failed)
-    worker.finished.connect(self._finished)
+    # errors are the widget's to show (a default connection would re-raise them in the GUI thread)
+    worker = create_worker(work, _start_thread=False,
+                           _connect={"returned": done, "errored": self._failed, "finished": self._finished})
     self.worker = worker
     worker.start()
 
