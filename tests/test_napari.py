@@ -113,6 +113,8 @@ def test_refine_in_2d_honours_the_stroke_and_undo_restores_the_layer(make_napari
   assert f"{report['steps']} steps" in widget.report_label.text()
   assert "every mark honoured" in widget.report_label.text()
 
+  viewer.window.resize(1400, 900)
+  viewer.reset_view()
   shot = viewer.screenshot(canvas_only=False, flash=False)
   assert shot.ndim == 3 and shot.shape[0] > 200 and shot[..., :3].std() > 0
   for path in (tmp_path / "widget.png", os.environ.get("SCRIBBLEJAX_NAPARI_SCREENSHOT")):

@@ -106,17 +106,19 @@ class ScribbleWidget(QWidget):
     form.addRow("new class", _row(self.new_class_edit, self.add_class_button))
     return form
 
-  def _setting_rows(self) -> QFormLayout:
-    form = QFormLayout()
+  def _setting_rows(self) -> QGridLayout:
+    grid = QGridLayout()
     self.setting_edits = {}
-    for flag, field, _ in SETTINGS:
+    for i, (flag, field, _) in enumerate(SETTINGS):
       edit = QLineEdit()
-      edit.setPlaceholderText("off" if field == "region_growing" else "the model's default")
+      edit.setPlaceholderText("off" if field == "region_growing" else "default")
+      edit.setToolTip(f"as scribblejax refine {flag}; empty: the model's stored setting, else the library's")
       self.setting_edits[field] = edit
-      form.addRow(flag, edit)
+      grid.addWidget(QLabel(flag), i // 2, 2 * (i % 2))
+      grid.addWidget(edit, i // 2, 2 * (i % 2) + 1)
     self.continue_check = QCheckBox("--continue-weights")
-    form.addRow(self.continue_check)
-    return form
+    grid.addWidget(self.continue_check, len(SETTINGS) // 2, 2)
+    return grid
 
   def _action_rows(self) -> QGridLayout:
     grid = QGridLayout()
@@ -306,6 +308,7 @@ class ScribbleWidget(QWidget):
     scribbles.brush_size = 3
     scribbles.mode = "paint"
     self._show_classes()
+    self.viewer.reset_view()
     self.session_edit.setText(str(it.session))
     self.report_label.setText("")
     self._say(f"opened {Path(it.image.path).name} ({it.image.geometry.describe()}) with {it.model}; "
