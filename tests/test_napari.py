@@ -140,6 +140,14 @@ def test_bad_marks_are_named_and_nothing_drawn_is_lost(make_napari_viewer, qtbot
   assert "value 7" in widget.message_label.text() and "2 = nucleus" in widget.message_label.text()
   np.testing.assert_array_equal(scribbles.data, drawn)
   np.testing.assert_array_equal(viewer.layers[SEGMENTATION].data, before)
+  scribbles.data[5, 5:9] = 2
+  scribbles.refresh()
+  widget.refine_button.click()
+  widget.cancel_button.click()                             # stops at the round's progress report
+  _wait(qtbot, widget)
+  assert widget.message_label.text().startswith("cancelled"), widget.message_label.text()
+  assert widget.interaction.rounds == 0 and not (widget.interaction.session / "session.json").exists()
+  np.testing.assert_array_equal(viewer.layers[SEGMENTATION].data, before)
   widget.setting_edits["max_steps"].setText("many")
   widget.refine_button.click()
   assert "--steps must be an integer" in widget.message_label.text()
@@ -149,7 +157,7 @@ def test_bad_marks_are_named_and_nothing_drawn_is_lost(make_napari_viewer, qtbot
   widget.open(str(two), "nuclei2d")
   _wait(qtbot, widget)
   assert "channel" in widget.message_label.text() and widget.message_label.text().startswith("error:")
-  np.testing.assert_array_equal(viewer.layers[SCRIBBLES].data, drawn)   # the opened image stays
+  assert viewer.layers[SCRIBBLES].data[5, 5] == 2          # the opened image and its strokes stay
   assert widget.interaction.image.path == str(cells)
 
 
@@ -208,6 +216,12 @@ def test_marks_of_names_a_value_that_is_no_class():
   new, erased = _core.pending_marks(np.array([1, -1, 0, 0]), np.array([1, 0, -1, 1]))
   np.testing.assert_array_equal(new, [-1, -1, 0, 0])
   assert erased == 1
+
+
+def test_view_has_help(capsys):
+  with pytest.raises(SystemExit) as exit_:
+    main(["view", "--help"])
+  assert exit_.value.code == 0 and "value = class + 1" in capsys.readouterr().out
 
 
 def test_the_manifest_names_the_widget():
