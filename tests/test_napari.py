@@ -218,6 +218,22 @@ def test_marks_of_names_a_value_that_is_no_class():
   assert erased == 1
 
 
+def test_view_opens_the_image_with_the_widget_docked(make_napari_viewer, qtbot, monkeypatch, cells):
+  viewers = []
+  monkeypatch.setattr(napari, "Viewer", lambda **kwargs: viewers.append(make_napari_viewer(**kwargs)) or viewers[-1])
+  monkeypatch.setattr(napari, "run", lambda: None)        # the event loop is pytest-qt's
+  assert main(["view", str(cells), "--model", "nuclei2d", "--steps", "7"]) == 0
+  widget = viewers[0].window.dock_widgets["scribblejax refine"]
+  _wait(qtbot, widget)
+  assert widget.interaction is not None, widget.message_label.text()
+  assert {SEGMENTATION, SCRIBBLES, "image"} <= {layer.name for layer in viewers[0].layers}
+  assert widget.settings().max_steps == 7
+  widget.add_class("mitosis")                              # a class the network never learnt: value 3
+  assert "3 = mitosis" in widget.legend_label.text() and widget.class_box.count() == 3
+  widget.add_class("Nucleus")
+  assert "already a class" in widget.message_label.text()
+
+
 def test_view_has_help(capsys):
   with pytest.raises(SystemExit) as exit_:
     main(["view", "--help"])

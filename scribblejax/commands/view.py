@@ -22,8 +22,11 @@ def _view(args: argparse.Namespace) -> int:
   for field, value in (("layers", args.layers), ("max_steps", args.steps), ("region_growing", args.region_growing)):
     if value is not None:
       widget.setting_edits[field].setText(str(value))
-  if args.image or args.session:
+  if args.model or args.session:
     widget.open(args.image, args.model, args.session)
+  elif args.image:                        # no model named: let the user choose one first
+    widget.image_edit.setText(args.image)
+    widget.message_label.setText("choose a model (a shipped one or a model folder), then Open")
   napari.run()
   return 0
 

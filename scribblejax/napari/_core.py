@@ -322,7 +322,10 @@ def save_session(it: Interaction, folder: str) -> Interaction:
     return it
   if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
     raise ValueError(f"save the session into a new or empty folder; {folder} is not one")
-  shutil.copytree(it.session, dest, dirs_exist_ok=True)
+  if it.session.exists():
+    shutil.copytree(it.session, dest, dirs_exist_ok=True)
+  else:                                   # a named session folder before its first round
+    dest.mkdir(parents=True, exist_ok=True)
   return it._replace(session=dest)
 
 
