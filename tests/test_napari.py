@@ -188,6 +188,12 @@ def test_a_session_saved_from_the_widget_continues_on_the_command_line(make_napa
   assert again.interaction.rounds == 2, again.message_label.text()
   np.testing.assert_array_equal(viewer.layers[SEGMENTATION].data, read_image(cli_out, labels=True).array[..., 0])
   assert viewer.layers[SCRIBBLES].data[50, 45] == 1 and viewer.layers[SCRIBBLES].data[30, 20] > 0
+  network = again.interaction.initial
+  again.reset_button.click()                               # both rounds undone: the network's own, no marks
+  _wait(qtbot, again)
+  assert again.interaction.rounds == 0 and json.loads((saved / "session.json").read_text())["rounds"] == []
+  np.testing.assert_array_equal(viewer.layers[SEGMENTATION].data, network)
+  assert not viewer.layers[SCRIBBLES].data.any()
 
 
 def test_refine_in_3d_honours_the_stroke_and_undo_restores_the_layer(make_napari_viewer, qtbot, brain):
@@ -200,7 +206,7 @@ def test_refine_in_3d_honours_the_stroke_and_undo_restores_the_layer(make_napari
   scribbles.data[index] = np.where(before[index] == 3, 3, 4)   # grey matter where it says white, else white
   scribbles.refresh()
   values = scribbles.data.copy()
-  _refine(qtbot, widget)
+  assert _refine(qtbot, widget)["satisfied"], widget.report
   _assert_honoured(widget, values)
   widget.undo_button.click()
   _wait(qtbot, widget)
