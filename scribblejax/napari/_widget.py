@@ -309,6 +309,7 @@ class ScribbleWidget(QWidget):
     scribbles.brush_size = 3
     scribbles.mode = "paint"
     self._show_classes()
+    self._orient(it)
     self.viewer.reset_view()
     self.session_edit.setText(str(it.session))
     self.report_label.setText("")
@@ -323,6 +324,14 @@ class ScribbleWidget(QWidget):
       self.viewer.add_image(array, name=IMAGE, rgb=True, scale=scale)
     else:
       self.viewer.add_image(array, name=IMAGE, channel_axis=-1, scale=scale)
+
+  def _orient(self, it: _core.Interaction) -> None:
+    """A medical volume (axes i, j, k) is sliced along k, with i across the screen (an axial view of a
+    RAS-oriented file); raster stacks (z, y, x) keep napari's own order."""
+    if it.image.family in ("nifti", "nrrd", "dicom") and len(it.image.spatial_shape) == 3:
+      self.viewer.dims.order = (2, 1, 0)
+    else:
+      self.viewer.dims.order = tuple(range(self.viewer.dims.ndim))
 
   def _refined(self, result: tuple[_core.Interaction, dict]) -> None:
     it, report = result
