@@ -168,6 +168,7 @@ def test_a_session_saved_from_the_widget_continues_on_the_command_line(make_napa
   _refine(qtbot, widget)
   saved = tmp_path / "session"
   widget.save_session(str(saved))
+  assert _core.default_output(widget.interaction) == str(cells.with_name("cells.seg.png"))
   out = tmp_path / "widget_seg.png"
   widget.save_segmentation(str(out))
   np.testing.assert_array_equal(read_image(out, labels=True).array[..., 0], viewer.layers[SEGMENTATION].data)

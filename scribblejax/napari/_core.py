@@ -32,7 +32,7 @@ import numpy as np
 
 from scribblejax.io import session_store
 from scribblejax.io import workflow
-from scribblejax.io.images import OUTPUTS, SUFFIXES, Image, image_digest, read_image, write_label_map
+from scribblejax.io.images import OUTPUTS, SUFFIXES, Image, _suffix, image_digest, read_image, write_label_map
 from scribblejax.io.workflow import InferenceOptions, RefineSettings
 
 WORK_FOLDER = ".napari"           # inside a session folder: the marks files and outputs of the widget's rounds
@@ -309,6 +309,13 @@ def save_segmentation(it: Interaction, path: str) -> str:
   """
   workflow.check_outputs([path], [it.image.path])
   return write_label_map(path, it.labels, it.image.geometry)
+
+
+def default_output(it: Interaction) -> str:
+  """A segmentation path beside the image, in its format family: ``cells.png`` -> ``cells.seg.png``."""
+  path = Path(it.image.path)
+  stem = path.name[: len(path.name) - len(_suffix(path))] if path.is_file() else path.name
+  return str(path.with_name(f"{stem}.seg{_label_suffix(it.image)}"))
 
 
 def save_session(it: Interaction, folder: str) -> Interaction:

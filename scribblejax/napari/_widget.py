@@ -211,7 +211,7 @@ class ScribbleWidget(QWidget):
     it = self.interaction
     if it is None:
       return
-    path = path or QFileDialog.getSaveFileName(self, "Save segmentation", "", "")[0]
+    path = path or QFileDialog.getSaveFileName(self, "Save segmentation", _core.default_output(it), "")[0]
     if not path:
       return
     try:
