@@ -60,10 +60,11 @@ def brain(tmp_path_factory):
   return path
 
 
-def _widget(make_napari_viewer, qtbot, image, model, **knobs):
+def _widget(make_napari_viewer, qtbot, image, model, warm=False, **knobs):
   viewer = make_napari_viewer()
   widget = ScribbleWidget(viewer)
   viewer.window.add_dock_widget(widget, name="scribblejax refine")
+  widget.warm_check.setChecked(warm)                       # compile on open: on in the 2-D and 3-D tests
   for field, text in {**KNOBS, **knobs}.items():
     widget.setting_edits[field].setText(text)
   widget.open(str(image), model)
@@ -101,13 +102,15 @@ def _assert_honoured(widget, values):
 
 
 def test_refine_in_2d_honours_the_stroke_and_undo_restores_the_layer(make_napari_viewer, qtbot, cells, tmp_path):
-  viewer, widget = _widget(make_napari_viewer, qtbot, cells, "nuclei2d")
+  viewer, widget = _widget(make_napari_viewer, qtbot, cells, "nuclei2d", warm=True)
+  assert "compiled in" in widget.message_label.text(), widget.message_label.text()
   segmentation = viewer.layers[SEGMENTATION]
   before = segmentation.data.copy()
   assert before.shape == (64, 64) and "1 = background, 2 = nucleus" in widget.legend_label.text()
   values = _stroke(widget, (30, slice(10, 30)))
   report = _refine(qtbot, widget)
   assert report["satisfied"], report
+  assert report["compile_seconds"] < 1.0, report           # compiled on open, by the throwaway round
   assert viewer.layers[SEGMENTATION] is segmentation         # the same layer, updated in place
   _assert_honoured(widget, values)
   assert f"{report['steps']} steps" in widget.report_label.text()
@@ -184,6 +187,7 @@ def test_a_session_saved_from_the_widget_continues_on_the_command_line(make_napa
   assert code == 0 and report["round"] == 2 and report["rounds"] == 2
 
   again = ScribbleWidget(viewer)                           # and back in the widget: two rounds, both strokes
+  again.warm_check.setChecked(False)
   again.open(None, None, str(saved))
   _wait(qtbot, again)
   assert again.interaction.rounds == 2, again.message_label.text()
@@ -198,7 +202,7 @@ def test_a_session_saved_from_the_widget_continues_on_the_command_line(make_napa
 
 
 def test_refine_in_3d_honours_the_stroke_and_undo_restores_the_layer(make_napari_viewer, qtbot, brain):
-  viewer, widget = _widget(make_napari_viewer, qtbot, brain, "tissue3d")
+  viewer, widget = _widget(make_napari_viewer, qtbot, brain, "tissue3d", warm=True)
   segmentation = viewer.layers[SEGMENTATION]
   before = segmentation.data.copy()
   assert before.shape == (24, 24, 12) and viewer.layers["image"].scale[0] == pytest.approx(3.0)
@@ -229,6 +233,7 @@ def test_view_opens_the_image_with_the_widget_docked(make_napari_viewer, qtbot, 
   viewers = []
   monkeypatch.setattr(napari, "Viewer", lambda **kwargs: viewers.append(make_napari_viewer(**kwargs)) or viewers[-1])
   monkeypatch.setattr(napari, "run", lambda: None)        # the event loop is pytest-qt's
+  monkeypatch.setattr(ScribbleWidget, "_warm_up", lambda self, it: 0.0)
   assert main(["view", str(cells), "--model", "nuclei2d", "--steps", "7"]) == 0
   widget = viewers[0].window.dock_widgets["scribblejax refine"]
   _wait(qtbot, widget)

@@ -278,6 +278,34 @@ def _round_paths(work: Path, suffix: str) -> tuple[Path, Path]:
   return work / f"marks-{number:03d}{suffix}", work / f"segmentation-{number:03d}{suffix}"
 
 
+def warm_up(it: Interaction, settings: RefineSettings = RefineSettings()) -> float:
+  """Compiles a round's programs before the first Refine: a throwaway one-step round, without a
+  session, in a temporary folder (the session is untouched).
+
+  One pixel is marked with the network's own class, where the image is brightest (inside a model's
+  crop). ``max_steps`` is traced, so the first real round with the same settings reuses the compiled
+  loop; with patches, only when its marks round up to the same counts (one patch, 64 voxels).
+
+  Returns:
+    The seconds it took.
+  """
+  import time
+  start = time.perf_counter()
+  brightest = np.unravel_index(int(np.argmax(it.image.array.max(axis=-1))), it.image.spatial_shape)
+  label = int(it.labels[brightest])
+  values = np.zeros(it.image.spatial_shape, np.uint8)
+  values[brightest] = _FILE_BACKGROUND if label == 0 else label
+  suffix = _label_suffix(it.image)
+  with tempfile.TemporaryDirectory(prefix="scribblejax-warm-up-") as folder:
+    marks = Path(folder) / f"marks{suffix}"
+    write_label_map(marks, values, it.image.geometry)
+    workflow.run_refine(model=it.model, image=it.image.path, marks=[str(marks)], out=str(Path(folder) / f"seg{suffix}"),
+                        settings=dataclasses.replace(settings, max_steps=1, new_classes=it.new_classes,
+                                                     continue_weights=False),
+                        overlay=False, inference=it.inference)
+  return time.perf_counter() - start
+
+
 def undo_round(it: Interaction, log: workflow.Log = workflow._silent) -> Interaction:
   """Drops the session's latest round (``scribblejax refine --session DIR --undo``).
 

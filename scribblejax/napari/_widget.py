@@ -54,6 +54,7 @@ class ScribbleWidget(QWidget):
     self.report: dict | None = None
     self.busy = False
     self.worker = None
+    self._next = None                     # a step to start when the running one has finished
     self._cancel = threading.Event()
     self._bridge = _Bridge()
     self._bridge.progress.connect(self._on_progress)
@@ -79,7 +80,11 @@ class ScribbleWidget(QWidget):
     files.addRow("session", _row(self.session_edit, _button("Folder...", self._choose_session)))
     layout.addLayout(files)
     self.open_button = _button("Open", lambda: self.open())
-    layout.addWidget(self.open_button)
+    self.warm_check = QCheckBox("compile on open")
+    self.warm_check.setChecked(True)
+    self.warm_check.setToolTip("after opening, compile the refinement with a throwaway one-step round (the "
+                               "session is untouched), so that the first Refine does not wait for it")
+    layout.addWidget(_row(self.open_button, self.warm_check))
     layout.addLayout(self._class_rows())
     layout.addLayout(self._setting_rows())
     layout.addLayout(self._action_rows())
@@ -270,6 +275,9 @@ class ScribbleWidget(QWidget):
   def _finished(self) -> None:
     self.busy = False
     self._enable()
+    follow, self._next = self._next, None
+    if follow is not None:
+      self._run(*follow)
 
   def _failed(self, err: BaseException) -> None:
     if isinstance(err, _core.Cancelled):
@@ -313,8 +321,19 @@ class ScribbleWidget(QWidget):
     self.viewer.reset_view()
     self.session_edit.setText(str(it.session))
     self.report_label.setText("")
-    self._say(f"opened {Path(it.image.path).name} ({it.image.geometry.describe()}) with {it.model}; "
+    opened = (f"opened {Path(it.image.path).name} ({it.image.geometry.describe()}) with {it.model}; "
               f"{it.rounds} round(s) in the session")
+    self._say(opened)
+    if self.warm_check.isChecked():
+      self._next = ("compiling the refinement (paint meanwhile; Refine is ready when this ends)",
+                    lambda: self._warm_up(it), lambda seconds: self._say(f"{opened}; compiled in {seconds:.1f}s"))
+
+  def _warm_up(self, it: _core.Interaction) -> float:
+    """In the worker: :func:`scribblejax.napari._core.warm_up` with the fields' settings."""
+    try:
+      return _core.warm_up(it, self.settings())
+    except ValueError as err:
+      raise ValueError(f"compiling on open failed (Refine will compile): {err}") from None
 
   def _add_image(self, it: _core.Interaction) -> None:
     array, scale = it.image.array, tuple(it.image.geometry.spacing)
