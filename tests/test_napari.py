@@ -151,6 +151,10 @@ def test_bad_marks_are_named_and_nothing_drawn_is_lost(make_napari_viewer, qtbot
   assert widget.message_label.text().startswith("cancelled"), widget.message_label.text()
   assert widget.interaction.rounds == 0 and not (widget.interaction.session / "session.json").exists()
   np.testing.assert_array_equal(viewer.layers[SEGMENTATION].data, before)
+  viewer.layers.remove(SCRIBBLES)
+  widget.refine_button.click()
+  assert "layer is gone" in widget.message_label.text()
+  viewer.add_labels(drawn, name=SCRIBBLES)
   widget.setting_edits["max_steps"].setText("many")
   widget.refine_button.click()
   assert "--steps must be an integer" in widget.message_label.text()
@@ -160,7 +164,7 @@ def test_bad_marks_are_named_and_nothing_drawn_is_lost(make_napari_viewer, qtbot
   widget.open(str(two), "nuclei2d")
   _wait(qtbot, widget)
   assert "channel" in widget.message_label.text() and widget.message_label.text().startswith("error:")
-  assert viewer.layers[SCRIBBLES].data[5, 5] == 2          # the opened image and its strokes stay
+  assert viewer.layers[SCRIBBLES].data[5, 5] == 7          # the opened image and its strokes stay
   assert widget.interaction.image.path == str(cells)
 
 

@@ -166,9 +166,11 @@ class ScribbleWidget(QWidget):
       return self._say("open an image first", error=True)
     try:
       settings = self.settings()
+      values = np.array(self._layer(SCRIBBLES).data, copy=True)
     except ValueError as err:
       return self._say(str(err), error=True)
-    values = np.array(self._layer(SCRIBBLES).data, copy=True)
+    except KeyError:
+      return self._say(f"the {SCRIBBLES!r} layer is gone; Open the image again", error=True)
     self._cancel.clear()
     progress = self._progress_callback()
     self._run("refining", lambda: _core.refine_round(it, values, settings, progress=progress,
@@ -379,7 +381,12 @@ class ScribbleWidget(QWidget):
       return None
 
   def _set_layer(self, name: str, values: np.ndarray) -> None:
-    """Writes ``values`` into the layer's own array (the same layer, updated in place)."""
+    """Writes ``values`` into the layer's own array (the same layer, updated in place; a layer the
+    user deleted comes back)."""
+    if name not in self.viewer.layers:
+      scale = tuple(self.interaction.image.geometry.spacing)
+      self.viewer.add_labels(np.array(values, np.int32), name=name, scale=scale)
+      return
     layer = self._layer(name)
     if layer.data.shape == values.shape:
       layer.data[...] = values
