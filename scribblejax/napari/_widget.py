@@ -218,6 +218,8 @@ class ScribbleWidget(QWidget):
     it = self.interaction
     if it is None:
       return
+    if self.busy:
+      return self._say("busy: save when the running step has finished", error=True)
     path = path or QFileDialog.getSaveFileName(self, "Save segmentation", _core.default_output(it), "")[0]
     if not path:
       return
@@ -232,6 +234,8 @@ class ScribbleWidget(QWidget):
     it = self.interaction
     if it is None:
       return
+    if self.busy:
+      return self._say("busy: save when the running step has finished", error=True)
     folder = folder or QFileDialog.getExistingDirectory(self, "Save session into an empty folder")
     if not folder:
       return
