@@ -60,14 +60,14 @@ def brain(tmp_path_factory):
   return path
 
 
-def _widget(make_napari_viewer, qtbot, image, model, warm=False, **knobs):
+def _widget(make_napari_viewer, qtbot, image, model, session, warm=False, **knobs):
   viewer = make_napari_viewer()
   widget = ScribbleWidget(viewer)
   viewer.window.add_dock_widget(widget, name="scribblejax refine")
   widget.warm_check.setChecked(warm)                       # compile on open: on in the 2-D and 3-D tests
   for field, text in {**KNOBS, **knobs}.items():
     widget.setting_edits[field].setText(text)
-  widget.open(str(image), model)
+  widget.open(str(image), model, str(session))
   _wait(qtbot, widget)
   assert widget.interaction is not None, widget.message_label.text()
   return viewer, widget
@@ -102,7 +102,7 @@ def _assert_honoured(widget, values):
 
 
 def test_refine_in_2d_honours_the_stroke_and_undo_restores_the_layer(make_napari_viewer, qtbot, cells, tmp_path):
-  viewer, widget = _widget(make_napari_viewer, qtbot, cells, "nuclei2d", warm=True)
+  viewer, widget = _widget(make_napari_viewer, qtbot, cells, "nuclei2d", tmp_path / "session", warm=True)
   assert "compiled in" in widget.message_label.text(), widget.message_label.text()
   segmentation = viewer.layers[SEGMENTATION]
   before = segmentation.data.copy()
@@ -132,7 +132,7 @@ def test_refine_in_2d_honours_the_stroke_and_undo_restores_the_layer(make_napari
 
 
 def test_bad_marks_are_named_and_nothing_drawn_is_lost(make_napari_viewer, qtbot, cells, tmp_path):
-  viewer, widget = _widget(make_napari_viewer, qtbot, cells, "nuclei2d")
+  viewer, widget = _widget(make_napari_viewer, qtbot, cells, "nuclei2d", tmp_path / "session")
   before = viewer.layers[SEGMENTATION].data.copy()
   scribbles = viewer.layers[SCRIBBLES]
   scribbles.data[5, 5:9] = 7                               # no class: values are 0, 1, 2
@@ -170,10 +170,10 @@ def test_bad_marks_are_named_and_nothing_drawn_is_lost(make_napari_viewer, qtbot
 
 def test_a_session_saved_from_the_widget_continues_on_the_command_line(make_napari_viewer, qtbot, cells, tmp_path,
                                                                        capsys):
-  viewer, widget = _widget(make_napari_viewer, qtbot, cells, "nuclei2d")
+  viewer, widget = _widget(make_napari_viewer, qtbot, cells, "nuclei2d", tmp_path / "session")
   _stroke(widget, (30, slice(10, 30)))
   _refine(qtbot, widget)
-  saved = tmp_path / "session"
+  saved = tmp_path / "saved"                               # a copy, continued on the command line
   widget.save_session(str(saved))
   assert _core.default_output(widget.interaction) == str(cells.with_name("cells.seg.png"))
   out = tmp_path / "widget_seg.png"
@@ -205,8 +205,8 @@ def test_a_session_saved_from_the_widget_continues_on_the_command_line(make_napa
   assert not viewer.layers[SCRIBBLES].data.any()
 
 
-def test_refine_in_3d_honours_the_stroke_and_undo_restores_the_layer(make_napari_viewer, qtbot, brain):
-  viewer, widget = _widget(make_napari_viewer, qtbot, brain, "tissue3d", warm=True)
+def test_refine_in_3d_honours_the_stroke_and_undo_restores_the_layer(make_napari_viewer, qtbot, brain, tmp_path):
+  viewer, widget = _widget(make_napari_viewer, qtbot, brain, "tissue3d", tmp_path / "session", warm=True)
   segmentation = viewer.layers[SEGMENTATION]
   before = segmentation.data.copy()
   assert before.shape == (24, 24, 12) and viewer.layers["image"].scale[0] == pytest.approx(3.0)
@@ -233,12 +233,12 @@ def test_marks_of_names_a_value_that_is_no_class():
   assert erased == 1
 
 
-def test_view_opens_the_image_with_the_widget_docked(make_napari_viewer, qtbot, monkeypatch, cells):
+def test_view_opens_the_image_with_the_widget_docked(make_napari_viewer, qtbot, monkeypatch, cells, tmp_path):
   viewers = []
   monkeypatch.setattr(napari, "Viewer", lambda **kwargs: viewers.append(make_napari_viewer(**kwargs)) or viewers[-1])
   monkeypatch.setattr(napari, "run", lambda: None)        # the event loop is pytest-qt's
   monkeypatch.setattr(ScribbleWidget, "_warm_up", lambda self, it: 0.0)
-  assert main(["view", str(cells), "--model", "nuclei2d", "--steps", "7"]) == 0
+  assert main(["view", str(cells), "--model", "nuclei2d", "--steps", "7", "--session", str(tmp_path / "s")]) == 0
   widget = viewers[0].window.dock_widgets["scribblejax refine"]
   _wait(qtbot, widget)
   assert widget.interaction is not None, widget.message_label.text()
