@@ -13,7 +13,7 @@ $(STAMP):
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch first, pinned to the CPU wheel on disk (any other spec downloads a CUDA build)
 	$(BIN)/python -m pip install -q "torch==2.13.0"
-	$(BIN)/python -m pip install -q -e ".[test,torch,cpu]"
+	$(BIN)/python -m pip install -q -e ".[test,torch,cpu,napari]"
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 

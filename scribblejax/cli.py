@@ -15,6 +15,7 @@ COMMAND_MODULES = (
     "scribblejax.commands.evaluate",
     "scribblejax.commands.io_commands",
     "scribblejax.commands.train",
+    "scribblejax.commands.view",
     "converters.cli",
 )
 

@@ -1,0 +1,50 @@
+"""``scribblejax view``: open an image in napari with the refinement widget docked.
+
+Needs the ``napari`` extra (``pip install "scribblejax[napari]"``). The widget's rounds are
+``scribblejax refine --session`` rounds, so a session started here continues on the command line and
+the other way round.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def _view(args: argparse.Namespace) -> int:
+  try:
+    import napari
+  except ImportError as err:
+    raise ValueError(f"napari is not installed ({err}); pip install \"scribblejax[napari]\"") from None
+  from scribblejax.napari._widget import ScribbleWidget
+  viewer = napari.Viewer(title="scribblejax")
+  widget = ScribbleWidget(viewer)
+  viewer.window.add_dock_widget(widget, name="scribblejax refine", area="right")
+  for field, value in (("layers", args.layers), ("max_steps", args.steps), ("region_growing", args.region_growing)):
+    if value is not None:
+      widget.setting_edits[field].setText(str(value))
+  if args.model or args.session:
+    widget.open(args.image, args.model, args.session)
+  elif args.image:                        # no model named: let the user choose one first
+    widget.image_edit.setText(args.image)
+    widget.message_label.setText("choose a model (a shipped one or a model folder), then Open")
+  napari.run()
+  return 0
+
+
+def add_parser(subparsers) -> None:
+  """Registers ``view`` on an ``argparse`` subparsers object."""
+  parser = subparsers.add_parser(
+      "view", help="open an image in napari with the interactive refinement widget (needs the napari extra)",
+      description="Open an image in napari with scribblejax's widget docked: the network's segmentation, a "
+                  "scribble layer (value = class + 1, 0 = unmarked), Refine, Undo, Reset, Save. Each Refine is "
+                  "a 'scribblejax refine --session' round.")
+  parser.add_argument("image", nargs="?", help="image file or DICOM series folder (default: the session's)")
+  parser.add_argument("--model", help="a built-in model name or a model folder (default: the session's, else "
+                                      "chosen in the widget)")
+  parser.add_argument("--session", metavar="DIR",
+                      help="session folder: continued if it holds one, else created by the first round "
+                           "(default: a temporary folder; the widget's Save session keeps it)")
+  parser.add_argument("--layers", type=int, help="tunable last layers l (as refine --layers)")
+  parser.add_argument("--steps", type=int, help="most SGD steps M (as refine --steps)")
+  parser.add_argument("--region-growing", type=float, metavar="T", help="as refine --region-growing")
+  parser.set_defaults(func=_view)
