@@ -1,12 +1,16 @@
 # Two commands, each creating and filling a local virtual environment (.venv) as needed.
 #   make demo  -- refine real backbones on real images: Dice before/after and PNG overlays
-#   make test  -- the whole test suite (what CI runs)
+#   make test  -- the whole test suite (what CI runs); make test-quick: the fast tier
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | cksum | cut -d' ' -f1)
 
-.PHONY: demo test venv clean
+# a fast tier for daily use (a couple of minutes): the pure pieces, no long refinements or GUI
+QUICK_TESTS := tests/test_marks.py tests/test_simulate_metrics.py tests/test_merge.py tests/test_graphcut.py \
+	tests/test_params.py tests/test_store_normalize.py tests/test_io_marks.py tests/test_data.py
+
+.PHONY: demo test test-quick venv clean
 
 $(STAMP):
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,6 +29,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
+
+test-quick: $(STAMP)
+	$(BIN)/python -m pytest -q $(QUICK_TESTS)
 
 clean:
 	rm -rf $(VENV) demo_output

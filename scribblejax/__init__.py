@@ -2,7 +2,8 @@
 
 Scribble-conditioned test-time refinement (Sambaturu et al., MICCAI 2021, Algorithm 1) in JAX/Flax:
 the user marks pixels with their true class; the last layers of one image's copy of the network are
-fine-tuned until every marked pixel is predicted as its label.
+fine-tuned until every marked pixel is predicted as its label, and a round changes the segmentation
+where its marks asked for it (:mod:`scribblejax.merge`).
 
 Example:
   >>> import scribblejax as sj
@@ -24,9 +25,11 @@ from scribblejax.models.unet import UNet
 from scribblejax.normalize import normalize
 from scribblejax.params import (Split, biases, by_predicate, by_regex, check_tunable, count_params, head,
                                 last_layers, merge_params, norm_affine, split_params, tunable_paths)
-from scribblejax.refine import (RefineConfig, RefineResult, RefineState, Trunk, compute_trunk, forward,
-                                marked_cross_entropy, marks_satisfied, memory_analysis, predict, proximal_norm,
-                                refine, refine_batch, resolve_batch_scheme, resolve_driver)
+from scribblejax.merge import progressive_merge
+from scribblejax.refine import (MarksReport, RefineConfig, RefineResult, RefineState, Trunk, compute_trunk,
+                                describe_marks, forward, marked_cross_entropy, marks_report, marks_satisfied,
+                                memory_analysis, predict, proximal_norm, refine, refine_batch, resolve_batch_scheme,
+                                resolve_driver)
 from scribblejax.resample import ResampleScheme, resample_label_map, resampled_shape
 from scribblejax.sharding import batch_mesh, refine_sharded
 from scribblejax.sliding_window import (MarkedPatches, PatchBlend, marked_patches, marked_windows, patch_chunk,
@@ -41,6 +44,7 @@ __all__ = [
     "Ensemble",
     "KernelStatus",
     "LabelMap",
+    "MarksReport",
     "Mark",
     "ModelInfo",
     "MarkedPatches",
@@ -72,6 +76,7 @@ __all__ = [
     "current_labels",
     "current_logits",
     "current_marks",
+    "describe_marks",
     "encode_marks",
     "forward",
     "memory_analysis",
@@ -85,7 +90,9 @@ __all__ = [
     "marked_patches",
     "marked_windows",
     "marks_satisfied",
+    "marks_report",
     "merge_params",
+    "progressive_merge",
     "norm_affine",
     "patch_chunk",
     "normalize",

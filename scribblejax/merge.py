@@ -1,15 +1,15 @@
 """A round's segmentation: the refined network's labels where the new marks asked for a change.
 
 Refining a network on a few marked pixels moves its decision everywhere: besides the region the user
-corrected, hundreds of small regions far from any mark can flip (on the DSB nuclei case, 30 marked
-pixels flipped about 3,200 pixels in about 200 separate regions, four fifths of them wrongly). The
-user asked for none of those. So a round keeps the previous segmentation except in the connected
+corrected, hundreds of small regions far from any mark can flip, and where the network was good most
+of those flips are wrong (``docs/correction.md`` has the measurement). The user asked for none of
+those. So a round keeps the previous segmentation except in the connected
 regions of change that touch one of this round's new marks, where it takes the refined labels: the
 progressive merge of FocalClick (Chen et al., "FocalClick: Towards Practical Interactive Image
 Segmentation", CVPR 2022), which updates only the connected regions that contain the new clicks.
 Where the network itself was unsure (its top class probability below ``merge_confidence``), the
 refined labels are taken wherever they lie: there a change no mark asked for was more often right
-than wrong on the benchmark's cases. Every marked pixel then takes its mark: what the user drew holds in the segmentation whether or not
+than wrong on the benchmark's cases, where the network was sure, more often wrong. Every marked pixel then takes its mark: what the user drew holds in the segmentation whether or not
 the network's argmax honours it (the round's report says which).
 
 A change that the marks do ask for is never cut off: a region of change that touches a new mark is

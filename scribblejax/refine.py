@@ -766,11 +766,9 @@ def resolve_driver(driver: str, conv_backend: str = "auto", compute_dtype: str =
   float32 and ``cache_trunk`` is on: without it every step runs the model's own forward pass, on
   XLA's convolutions); else ``"host"`` on the CPU.
 
-  XLA:CPU runs its own convolution gradients inside a ``while_loop`` body on a slow generic path
-  (25x slower than host-driven jitted steps, measured on a 2D U-Net), so its CPU refinement is driven
-  from Python. oneDNN's convolutions are custom calls that run at full speed in a loop body, where
-  one compiled loop is faster than host-driven chunks (2D 256^2, 2 cores: 109 against 145 ms per
-  step).
+  XLA:CPU runs its own convolution gradients inside a ``while_loop`` body on a slow generic path, so
+  its CPU refinement is driven from Python. oneDNN's convolutions are custom calls that run at full
+  speed in a loop body, where one compiled loop is the faster driver (``docs/performance.md``).
   """
   if driver != "auto":
     return driver

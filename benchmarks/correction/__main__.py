@@ -13,7 +13,9 @@ The claims checked (``verdicts`` in the JSON), for the defaults (``scribblejax``
 robot user: Dice@k >= Dice@0 for k = 1..N; Dice@k >= the best peer's Dice@k - 0.01; the first
 interaction lowers Dice by at most 0.01; Dice@N >= 0.85 on the in-domain and shift cases.
 
-Run:  python -m benchmarks.correction --out benchmarks/results/correction_cpu
+Run:  python -m benchmarks.correction               (every case with scribbles and clicks; boxes and the
+                                                    CVPR 2025 protocol on nuclei2d and tissue2d; 3-D cases
+                                                    with scribbles and the CVPR 2025 protocol)
       python -m benchmarks.correction --quick          (a few minutes: 3 cases, 2 users, 3 interactions)
 """
 
@@ -142,24 +144,27 @@ def markdown(payload: dict) -> str:
            "is the last column. NoC: interactions to reach 0.85 / 0.90 ('+': not reached). AUC: mean Dice over "
            "interactions 0..N (trapezoids). honoured: fraction of all marks so far that the last segmentation "
            "honours; unsat.: rounds that ended with a mark not honoured. s: median seconds per interaction "
-           "(compiled code; compile time apart). Marks after interaction 1 depend on each method's own "
-           "prediction.", ""]
+           "(compiled code; compile time apart). net unsat.: rounds in which the refined network's own argmax "
+           "left a mark unhonoured (before the round's merge). Marks after interaction 1 depend on each method's "
+           "own prediction.", ""]
   results = payload["results"]
   for case in dict.fromkeys(r["case"] for r in results):
     first = next(r for r in results if r["case"] == case)
     lines += [f"## {case} ({first['situation']}, {first['split']})", "", payload["notes"].get(case, ""), ""]
     n = max(len(r["dice_per_interaction"]) for r in results if r["case"] == case)
     lines.append("| user | method | " + " | ".join(f"Dice@{k}" for k in range(n))
-                 + " | NoC85 | NoC90 | AUC | honoured | unsat. | s |")
-    lines.append("|" + "---|" * (n + 8))
+                 + " | NoC85 | NoC90 | AUC | honoured | unsat. | net unsat. | s |")
+    lines.append("|" + "---|" * (n + 9))
     for r in (r for r in results if r["case"] == case):
       noc = [f"{r['noc'][t]}{'' if r['noc_reached'][t] else '+'}" for t in r["noc"]]
       honoured = r["marks_honoured"][-1] if r["marks_honoured"] else None
       seconds = float(np.median(r["seconds_per_interaction"])) if r["seconds_per_interaction"] else None
       name = f"**{r['method']}**" if r["method"] == OURS else r["method"]
+      net = [i.get("satisfied") for i in r["method_info"] if "satisfied" in i]
+      net_unsat = str(sum(not x for x in net)) if net else "-"
       lines.append(f"| {r['user']} | {name} | " + " | ".join(_f(d) for d in r["dice_per_interaction"])
                    + f" | {' | '.join(noc)} | {_f(r['dice_auc'])} | {_f(honoured)} | {r['rounds_unsatisfied']} "
-                   f"| {_f(seconds, 2)} |")
+                   f"| {net_unsat} | {_f(seconds, 2)} |")
     lines.append("")
   lines += ["## Verdicts (the defaults, `scribblejax`)", "",
             "| case | user | split | >= network at every k | first drop <= 0.01 | within 0.01 of best peer "
@@ -217,11 +222,16 @@ def parse(argv: list[str]) -> argparse.Namespace:
   parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of: {', '.join(METHODS)}")
   parser.add_argument("--interactions", type=int, default=None)
   parser.add_argument("--users-3d", default="scribble,cvpr25", help="robot users for 3-D cases (slower)")
+  parser.add_argument("--more-users", default="box,cvpr25", help="robot users run on --more-users-cases as well")
+  parser.add_argument("--more-users-cases", default="nuclei2d,tissue2d",
+                      help="cases that the robot users of --more-users also correct")
   parser.add_argument("--quick", action="store_true", help="3 cases, 2 robot users, 3 interactions")
   args = parser.parse_args(argv)
   pick = lambda given, quick, full: given.split(",") if given else list(quick if args.quick else full)
   args.cases = pick(args.cases, QUICK["cases"], CASES)
-  args.users = pick(args.users, QUICK["users"], ("scribble", "click", "box", "cvpr25"))
+  args.users = pick(args.users, QUICK["users"], ("scribble", "click"))
+  if args.quick:
+    args.more_users = ""
   args.methods = args.methods.split(",")
   args.interactions = args.interactions or (QUICK["interactions"] if args.quick else 5)
   for name, given, known in (("case", args.cases, CASES), ("robot user", args.users, ROBOT_USERS),
@@ -243,7 +253,9 @@ def main(argv: list[str] | None = None) -> int:
   for name in args.cases:
     bench = CASES[name]()
     payload["notes"][name] = bench.note
-    users = args.users_3d.split(",") if bench.case.truth.ndim == 3 and not bench.squeeze else args.users
+    users = args.users_3d.split(",") if bench.case.truth.ndim == 3 and not bench.squeeze else list(args.users)
+    if name in args.more_users_cases.split(","):
+      users += [u for u in args.more_users.split(",") if u and u not in users]
     for user in users:
       for method in args.methods:
         try:

@@ -157,6 +157,6 @@ def tissue2d_monai() -> BenchCase:
 CASES: dict[str, Callable[[], BenchCase]] = {
     "nuclei2d": nuclei2d, "tissue2d": tissue2d, "tissue2d_shifted": tissue2d_shifted, "tissue2d_s140": tissue2d_s140,
     "nuclei_synthetic": nuclei_synthetic, "tissue2d_missed_csf": tissue2d_missed_csf, "nuclei2d_large": nuclei2d_large,
-    "wm_from_nuclei": wm_from_nuclei, "tissue2d_as_3d": tissue2d_as_3d, "tissue3d": tissue3d,
-    "tissue2d_monai": tissue2d_monai,
+    "wm_from_nuclei": wm_from_nuclei, "tissue2d_monai": tissue2d_monai, "tissue3d": tissue3d,
+    "tissue2d_as_3d": tissue2d_as_3d,
 }
