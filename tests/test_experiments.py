@@ -11,7 +11,7 @@ from scribblejax import evaluate as ev
 from scribblejax.cli import main
 from scribblejax.experiments import EXPERIMENTS, SIZES
 from scribblejax.params import last_layers, split_params
-from scribblejax.refine import RefineConfig, refine
+from scribblejax.refine import RefineConfig, compute_trunk, refine
 from scribblejax.simulate import simulate_marks
 
 TINY = SIZES["tiny"]
@@ -101,8 +101,10 @@ def replay(backbone, case, layers, max_steps):
   marks = simulate_marks(network_labels(backbone, case), case.truth, case.num_classes, kind=user.mark_kind,
                          radius=user.radius, max_length=user.max_length, per_class=user.per_class,
                          ignore_border=user.ignore_border)
-  result = refine(split_params(backbone.model, last_layers(layers)), case.image, marks,
-                  RefineConfig(max_steps=max_steps))            # the experiments' own config at this size
+  config = RefineConfig(max_steps=max_steps)              # the experiments' own config at this size
+  split = split_params(backbone.model, last_layers(layers))
+  trunk = compute_trunk(split, case.image, config) if config.cache_trunk else None   # as a session does
+  result = refine(split, case.image, marks, config, trunk=trunk)
   return marks, result, np.asarray(result.logits).argmax(-1)
 
 
