@@ -43,6 +43,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+CHECK_TOLERANCE = 1e-3    # largest |logit difference| at which check_torch_vs_scribblejax passes
 
 
 class Case(NamedTuple):
@@ -385,7 +386,19 @@ def check_torch_matches(case: Case, settings: Settings) -> dict:
   timing = Timing(time.perf_counter() - start, time.perf_counter() - start, (), None)
   small = case._replace(size=size, steps=settings.check_steps)
   return _record("check_torch_vs_scribblejax", small, 1, settings.check_steps, timing, settings,
-                 {"max_abs_logit_diff": err, "passed": True})
+                 check_outcome(err))
+
+
+def check_outcome(err: float, tolerance: float = CHECK_TOLERANCE) -> dict:
+  """The fields of a consistency-check record: ``passed`` is ``err <= tolerance`` (NaN fails).
+
+  A failed check also gets an ``error`` field, so the table shows it and the run exits 1.
+  """
+  passed = bool(err <= tolerance)
+  out = {"max_abs_logit_diff": err, "logit_tolerance": tolerance, "passed": passed}
+  if not passed:
+    out["error"] = f"torch and scribblejax logits differ by {err:.3g} > {tolerance:g}"
+  return out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -140,8 +140,9 @@ def run_demo(out_dir: str | os.PathLike = "demo_output", *, task: str = "nuclei2
     steps.append(int(result.num_steps))
     reports.append(marks_report(result, session.rounds[-1].marks, config))
     dice.append(metrics.mean_foreground_dice(labels, truth, num_classes))
-    log(f"interaction {i}: {int((new >= 0).sum())} marked pixels, {steps[-1]} steps, network: "
-        f"{describe_marks(reports[-1])}; {seconds[-1]:.2f}s -> Dice {dice[-1]:.3f}")
+    log(f"interaction {i}: {int((new >= 0).sum())} marked pixels, {steps[-1]} steps, "
+        f"satisfied={reports[-1].satisfied} (network: {describe_marks(reports[-1])}); {seconds[-1]:.2f}s -> "
+        f"Dice {dice[-1]:.3f}")
   marks = session.rounds[-1].marks if session.rounds else np.full(truth.shape, -1)
   before = np.asarray(np.argmax(session.initial_logits, -1))
   final = np.asarray(current_labels(session))

@@ -3,6 +3,8 @@
 import collections
 import json
 import pickle
+import subprocess
+import sys
 import zipfile
 
 import ml_dtypes
@@ -81,10 +83,23 @@ def _torch_like_zip(path, payload: bytes):
     z.writestr("archive/version", "3\n")
 
 
-def test_malicious_pickle_refused_and_never_runs(tmp_path):
+def _unsafe_load(loader: str, path) -> None:
+  """Loads ``path`` in a fresh Python with an unsafe loader ("pickle" or "torch"), as a careless user would."""
+  code = {"pickle": "import pickle, sys, zipfile; pickle.loads(zipfile.ZipFile(sys.argv[1]).read('archive/data.pkl'))",
+          "torch": "import sys, torch; torch.load(sys.argv[1], weights_only=False)"}[loader]
+  subprocess.run([sys.executable, "-c", code, str(path)], check=True, capture_output=True, timeout=120)
+
+
+@pytest.mark.parametrize("unsafe", ["pickle", "torch"])
+def test_malicious_pickle_runs_under_an_unsafe_loader_but_ours_refuses_it(tmp_path, unsafe):
+  if unsafe == "torch":
+    pytest.importorskip("torch")
   marker = tmp_path / "pwned"
   path = tmp_path / "evil.pth"
   _torch_like_zip(path, pickle.dumps({"network_weights": _Evil(str(marker))}, protocol=2))
+  _unsafe_load(unsafe, path)                 # positive control: the payload is live and does run
+  assert marker.exists()
+  marker.unlink()
   with pytest.raises(UnsafeCheckpointError, match=r"(posix|os)\.system"):
     load_checkpoint(path)
   assert not marker.exists()

@@ -37,11 +37,26 @@ def test_quick_benchmark_writes_records_and_table(tmp_path, capsys):
     assert r["settings"]["channels"] == [4, 8] and r["versions"]["jax"]
   if torch_reference.torch_available():
     check = by_variant["check_torch_vs_scribblejax"][0]
-    assert check["passed"] and check["max_abs_logit_diff"] < 1e-3
+    assert check["passed"] is True and "error" not in check
+    assert check["max_abs_logit_diff"] <= check["logit_tolerance"] == speed.CHECK_TOLERANCE
     assert by_variant["torch_eager"][0]["steps"] == 2
   table = out.with_suffix(".md").read_text()
   assert "| device | variant |" in table and table.count("\n| ") >= len(records)
   assert "wrote" in capsys.readouterr().out
+
+
+def test_a_torch_mismatch_fails_the_check_and_the_run(tmp_path, monkeypatch, capsys):
+  pytest.importorskip("torch")
+  out = tmp_path / "mismatch.json"
+  # logits 2e-3 apart: within check_same's allclose (rtol 1e-3) on large logits, over the tolerance
+  monkeypatch.setattr(torch_reference, "check_same", lambda *args, **kwargs: 2 * speed.CHECK_TOLERANCE)
+  assert speed.main(["--quick", "--cases", "2d32", "--variants", "scribblejax", "--batches", "1",
+                     "--out", str(out)]) == 1
+  (check,) = [r for r in json.loads(out.read_text()) if r["variant"] == "check_torch_vs_scribblejax"]
+  assert check["passed"] is False and "logits differ by 0.002" in check["error"]
+  assert "failed: torch and scribblejax logits differ" in out.with_suffix(".md").read_text()
+  assert "measurements failed" in capsys.readouterr().err
+  assert speed.check_outcome(float("nan"))["passed"] is False                # NaN logits never pass
 
 
 def test_bad_arguments_fail_with_one_line(capsys):

@@ -1,5 +1,6 @@
 """The shipped models: they load by name, have the stated classes and provenance, and segment (a small
-part of) their test split. Thresholds sit about 0.1 below the Dice measured on the same crops."""
+part of) their test split. Thresholds sit 0.01 below the Dice measured on the same crops (the shipped
+models are deterministic on CPU; the margin absorbs another machine's float rounding, not a worse model)."""
 
 import numpy as np
 import pytest
@@ -10,11 +11,11 @@ from scribblejax.models.store import builtin_models, load_model
 from scribblejax.train import normalize_dataset_part, predict_labels
 
 # name -> (dataset, classes, crop of the test part, least mean foreground Dice on that crop).
-# Measured on these crops: nuclei2d 0.939, tissue2d 0.668, tissue3d 0.837
+# Measured on these crops (CPU, 2026-12-06): nuclei2d 0.9390, tissue2d 0.6682, tissue3d 0.8369
 CASES = {
-    "nuclei2d": (data.nuclei2d, ("background", "nucleus"), np.s_[:256], 0.84),
-    "tissue2d": (data.tissue2d, data.TISSUE_CLASSES, np.s_[5:40:10], 0.56),
-    "tissue3d": (data.tissue3d, data.TISSUE_CLASSES, np.s_[:], 0.73),
+    "nuclei2d": (data.nuclei2d, ("background", "nucleus"), np.s_[:256], 0.928),
+    "tissue2d": (data.tissue2d, data.TISSUE_CLASSES, np.s_[5:40:10], 0.658),
+    "tissue3d": (data.tissue3d, data.TISSUE_CLASSES, np.s_[:], 0.826),
 }
 
 
