@@ -179,6 +179,25 @@ def markdown(payload: dict) -> str:
   return "\n".join(lines) + "\n"
 
 
+def summary_table(payload: dict, user: str = "scribble") -> str:
+  """A compact table for the README: Dice after the last interaction, per case and method, one robot user.
+
+  The best value of each row is in bold; the defaults' column is ``scribblejax``."""
+  results = [r for r in payload["results"] if r["user"] == user]
+  methods = [m for m in METHODS if any(r["method"] == m for r in results)]
+  named = {"scribble": "scribbles", "click": "clicks", "box": "boxes", "point": "points", "cvpr25": "CVPR 2025 protocol"}
+  head = f"| case, Dice@0 ({named.get(user, user)}: Dice@N) | " + " | ".join(methods) + " |"
+  lines = [head, "|" + "---|" * (len(methods) + 1)]
+  for case in dict.fromkeys(r["case"] for r in results):
+    runs = {r["method"]: r for r in results if r["case"] == case}
+    last = {m: runs[m]["dice_per_interaction"][-1] for m in methods if m in runs}
+    best = max(last.values())
+    start = next(iter(runs.values()))["dice_per_interaction"][0]
+    cells = [("**" + _f(last[m]) + "**" if last[m] == best else _f(last[m])) if m in last else "-" for m in methods]
+    lines.append(f"| {case} ({_f(start)}) | " + " | ".join(cells) + " |")
+  return "\n".join(lines) + "\n"
+
+
 def plot_case(path: Path, case: str, results: list[dict]) -> None:
   """Dice per interaction of every method, one panel per robot user."""
   import matplotlib
@@ -226,6 +245,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
   parser.add_argument("--more-users-cases", default="nuclei2d,tissue2d",
                       help="cases that the robot users of --more-users also correct")
   parser.add_argument("--quick", action="store_true", help="3 cases, 2 robot users, 3 interactions")
+  parser.add_argument("--resume", action="store_true",
+                      help="keep the cases --out's results.json holds already and run only the others")
+  parser.add_argument("--summary", type=Path, default=None, metavar="RESULTS_JSON",
+                      help="print the README's table of a results.json (per robot user) and exit")
   args = parser.parse_args(argv)
   pick = lambda given, quick, full: given.split(",") if given else list(quick if args.quick else full)
   args.cases = pick(args.cases, QUICK["cases"], CASES)
@@ -248,9 +271,23 @@ def parse(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
   argv = sys.argv[1:] if argv is None else argv
   args = parse(argv)
+  if args.summary is not None:
+    import json
+    payload = json.loads(args.summary.read_text())
+    for user in dict.fromkeys(r["user"] for r in payload["results"]):
+      print(summary_table(payload, user))
+    return 0
   payload = {"environment": environment(argv), "notes": {}, "results": [], "verdicts": []}
   started = time.perf_counter()
+  if args.resume and (args.out / "results.json").is_file():
+    import json
+    earlier = json.loads((args.out / "results.json").read_text())
+    payload["results"], payload["notes"] = earlier["results"], earlier["notes"]
+    payload["environment"]["resumed_from"] = earlier["environment"]
+    started -= earlier.get("seconds", 0.0)
   for name in args.cases:
+    if any(r["case"] == name for r in payload["results"]):
+      continue
     bench = CASES[name]()
     payload["notes"][name] = bench.note
     users = args.users_3d.split(",") if bench.case.truth.ndim == 3 and not bench.squeeze else list(args.users)

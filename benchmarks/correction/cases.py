@@ -96,7 +96,7 @@ def nuclei_synthetic() -> BenchCase:
 def tissue2d_missed_csf() -> BenchCase:
   bb = ev.resolve_backbone(None, "tissue2d")
   image, truth = _tissue_slice(bb, HELD_OUT_SLICE)
-  amount = bl.suppression_amount(bb.model, image[..., None], 1)
+  amount = bl.suppression_amount(bb.model, image, 1)
   model = bl.suppress_class(bb.model, 1, amount=amount)
   return BenchCase(ev.make_case("tissue2d_missed_csf", image, truth, 4, bb.class_names), model, "missed class",
                    "held-out", f"slice {HELD_OUT_SLICE}; the CSF head bias lowered by {amount:.2f} (the least amount "

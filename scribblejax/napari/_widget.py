@@ -25,7 +25,8 @@ from scribblejax.napari import _core
 IMAGE, SEGMENTATION, SCRIBBLES = "image", "segmentation", "scribbles"
 # the CLI's names for the knobs the widget offers: (flag, RefineSettings field, type)
 SETTINGS = (("--layers", "layers", int), ("--steps", "max_steps", int), ("--lr", "learning_rate", float),
-            ("--alpha", "prox_weight", float), ("--region-growing", "region_growing", float))
+            ("--prox-weight", "prox_weight", float), ("--keep-weight", "keep_weight", float),
+            ("--region-growing", "region_growing", float))
 
 
 class _Bridge(QObject):
