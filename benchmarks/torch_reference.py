@@ -308,6 +308,23 @@ def compile_unavailable(device: str = "cpu") -> str | None:
   return None
 
 
+# Every peer, case and precision of a benchmark run is one more compilation of the same two functions;
+# past torch's default limit (8) it would silently run them eagerly.
+RECOMPILE_LIMIT = 256
+
+
+def _compiled(fn):
+  """``torch.compile(fn)`` with static shapes (each case compiles its own kernels, as a user compiling
+  for one image size gets) and room for every compilation of a benchmark run."""
+  torch = _torch()
+  compiled = torch.compile(fn, dynamic=False)
+
+  def call(*args):
+    with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+      return compiled(*args)
+  return call
+
+
 class TorchPeer:
   """Algorithm 1 in PyTorch, as a demanding PyTorch user would write it, reusable across interactions.
 
@@ -350,8 +367,8 @@ class TorchPeer:
     self._forward = self._loss_and_logits
     self._update = self._sgd_update
     if options.compile:
-      self._forward = torch.compile(self._loss_and_logits)
-      self._update = torch.compile(self._sgd_update)
+      self._forward = _compiled(self._loss_and_logits)
+      self._update = _compiled(self._sgd_update)
     self._graphs = {}                  # input shape -> (graph, static tensors)
 
   # -- pieces -------------------------------------------------------------------------------------
