@@ -1,4 +1,4 @@
-"""The PyTorch eager reference: Algorithm 1 as a researcher would write it in PyTorch.
+"""PyTorch references: Algorithm 1 as a researcher would first write it, and as a demanding user would.
 
 A torch U-Net that mirrors :class:`scribblejax.UNet` layer for layer (instance norm as
 ``GroupNorm(C, C, eps=1e-5)``, edge padding to a multiple of ``2 ** (levels - 1)``, 2x max pooling,
@@ -11,6 +11,14 @@ Semantics match :func:`scribblejax.refine` step for step: evaluate; stop when ev
 predicted as its label (if early stopping is on) or the loss is not finite; otherwise one SGD update.
 The final logits are those of W_lam after the loop. :func:`check_same` runs both for a fixed number of
 steps and compares the final logits.
+
+That first loop (:func:`refine_torch`, the benchmark's ``torch_eager``) runs the whole network at every
+step, reads the device twice per step and runs one more forward after an early stop. :class:`TorchPeer`
+is the loop a demanding PyTorch user would write instead: the frozen trunk once per interaction
+(the mirror's :meth:`trunk` up to the first tunable layer, under ``torch.no_grad``) and only the
+:meth:`tail` in the loop, no host read in a fixed-step loop, and by :class:`PeerOptions`
+``torch.compile``, CUDA graphs and bf16 autocast. :func:`check_peer` compares any of them with
+scribblejax the same way.
 
 torch is imported lazily: importing this module never needs it.
 """
@@ -89,17 +97,24 @@ def build_torch_unet(model) -> Any:
       self.head = conv_cls(chans[0], model.num_classes, 1)
       self.multiple = 2 ** (len(chans) - 1)
 
-    def units(self) -> list[tuple[str, Any]]:
-      """The forward pass as a list of ``(parameter name prefix, function of (x, skips))``, in order."""
+    def units(self, split_concat: bool = False) -> list[tuple[str, Any]]:
+      """The forward pass as a list of ``(parameter name prefix, function of (x, skips))``, in order.
+
+      With ``split_concat`` an up-sampling unit hands on the pair ``(up(x), skip)`` instead of their
+      concatenation, and the next layer convolves each with its half of the kernel and adds the two
+      (the kernel has no bias): the same function, but the backward pass computes no gradient for the
+      skip connection, which only the frozen trunk produced (scribblejax does the same).
+      """
       out = []
       for i, level in enumerate(self.encoder):
         for j, layer in enumerate(level):
           out.append((f"encoder.{i}.{j}.", functools.partial(_encoder_unit, layer, i > 0 and j == 0,
                                                               j == len(level) - 1)))
       for k, (up, level) in enumerate(zip(self.up, self.decoder)):
-        out.append((f"up.{k}.", functools.partial(_up_unit, up, k)))
+        out.append((f"up.{k}.", functools.partial(_up_pair_unit if split_concat else _up_unit, up, k)))
         for j, layer in enumerate(level):
-          out.append((f"decoder.{k}.{j}.", functools.partial(_layer_unit, layer)))
+          unit = _split_block_unit if split_concat and j == 0 else _layer_unit
+          out.append((f"decoder.{k}.{j}.", functools.partial(unit, layer)))
       out.append(("head.", functools.partial(_layer_unit, self.head)))
       return out
 
@@ -110,8 +125,9 @@ def build_torch_unet(model) -> Any:
           return index
       raise ValueError(f"no unit holds any of {sorted(names)}")
 
-    def trunk(self, x, first: int):
-      """Runs units ``[0, first)`` on channels-first ``x``: the state ``(x, skips, spatial)`` the tail reads."""
+    def trunk(self, x, first: int, split_concat: bool = False):
+      """Runs units ``[0, first)`` on channels-first ``x``: the state ``(x, skips, spatial)`` the tail reads
+      (``x`` a pair with ``split_concat`` when ``first`` follows an up-sampling unit)."""
       spatial = tuple(x.shape[2:])
       pad = []
       for s in reversed(spatial):
@@ -119,14 +135,14 @@ def build_torch_unet(model) -> Any:
       if any(pad):
         x = F.pad(x, pad, mode="replicate")
       skips = ()
-      for _, unit in self.units()[:first]:
+      for _, unit in self.units(split_concat)[:first]:
         x, skips = unit(x, skips)
       return x, skips, spatial
 
-    def tail(self, state, first: int):
+    def tail(self, state, first: int, split_concat: bool = False):
       """Runs units ``[first, end)`` on a state from :meth:`trunk`; the logits, cropped to the input."""
       x, skips, spatial = state
-      for _, unit in self.units()[first:]:
+      for _, unit in self.units(split_concat)[first:]:
         x, skips = unit(x, skips)
       return x[(slice(None), slice(None), *(slice(0, s) for s in spatial))]
 
@@ -144,6 +160,16 @@ def build_torch_unet(model) -> Any:
 
   def _layer_unit(layer, x, skips):
     return layer(x), skips
+
+  def _up_pair_unit(up, k, x, skips):
+    return (up(x), skips[-2 - k]), skips
+
+  def _split_block_unit(layer, x, skips):
+    upsampled, skip = x
+    weight = layer.conv.weight
+    c = upsampled.shape[1]
+    y = layer.conv._conv_forward(upsampled, weight[:, :c], None) + layer.conv._conv_forward(skip, weight[:, c:], None)
+    return F.relu(layer.norm(y)), skips
 
   net = TorchUNet()
   copy_weights(model, net)
@@ -270,6 +296,8 @@ class PeerOptions:
       default 1 matches it.
     sync_every: with early stop off, steps between host reads of the finiteness flag; 0 (the
       default) reads it once, after the loop: no host sync in the loop at all.
+    split_concat: a decoder layer reading ``[up(x), skip]`` convolves the two halves apart, so the
+      backward pass computes no gradient for the frozen skip connection (the mirror's ``units``).
   """
   cache_trunk: bool = True
   compile: bool = False
@@ -277,6 +305,7 @@ class PeerOptions:
   autocast_bf16: bool = False
   check_every: int = 1
   sync_every: int = 0
+  split_concat: bool = True
 
   def __post_init__(self):
     if self.check_every < 1 or self.sync_every < 0:
@@ -380,13 +409,13 @@ class TorchPeer:
   def _trunk(self, x):
     torch = _torch()
     with torch.no_grad(), self._autocast():
-      return self.model.trunk(x, self.first)
+      return self.model.trunk(x, self.first, self.options.split_concat)
 
   def _loss_and_logits(self, state, target, count):
     """The objective at the current W_lam and the logits ``f32[classes, *spatial]`` it evaluated."""
     torch = _torch()
     with self._autocast():
-      logits = self.model.tail(state, self.first)[0]
+      logits = self.model.tail(state, self.first, self.options.split_concat)[0]
     logits = logits.float()
     ce = torch.nn.functional.cross_entropy(logits[None], target[None], ignore_index=-1, reduction="sum") / count
     diff = torch.cat([(p - a).reshape(-1) for p, a in zip(self.tunable, self.anchor)])
@@ -420,7 +449,7 @@ class TorchPeer:
   def _final_logits(self, state):
     torch = _torch()
     with torch.no_grad(), self._autocast():
-      return self.model.tail(state, self.first)[0].float()
+      return self.model.tail(state, self.first, self.options.split_concat)[0].float()
 
   # -- loops --------------------------------------------------------------------------------------
 
@@ -465,16 +494,16 @@ class TorchPeer:
     """The loop as replays of one captured, guarded step: after the stop rule fires a replay changes
     nothing, so reading the flag every ``check_every`` replays loses no exactness."""
     torch = _torch()
-    key = (tuple(state[0].shape), tuple(s.shape for s in state[1]), state[2], tuple(target.shape), early_stop)
+    from torch.utils import _pytree as pytree  # noqa: PLC0415
+    leaves, spec = pytree.tree_flatten((state[0], state[1], target, count))
+    key = (spec, tuple(t.shape for t in leaves), tuple(t.dtype for t in leaves), state[2], early_stop)
     if key not in self._graphs:
-      self._graphs[key] = self._capture(state, target, count, early_stop)
+      self._graphs[key] = self._capture(leaves, spec, state[2], early_stop)
     graph, static = self._graphs[key]
     with torch.no_grad():
-      for dst, src in zip(static["inputs"], (state[0], *state[1], target, count)):
-        dst.copy_(src)
-      for name in ("done", "satisfied", "bad"):
+      torch._foreach_copy_(static["inputs"], leaves)
+      for name in ("done", "satisfied", "bad", "steps"):
         static[name].zero_()
-      static["steps"].zero_()
       self._reset()
     every = self.options.check_every if early_stop else (self.options.sync_every or max_steps)
     for step in range(max_steps):
@@ -485,13 +514,15 @@ class TorchPeer:
     if bool(static["done"].item()) and bool(static["satisfied"].item()) and not bool(static["bad"].item()):
       logits = static["logits"]                       # the stopping step's own logits (no update taken)
     else:
-      logits = self._final_logits((static["inputs"][0], tuple(static["inputs"][1:-2]), state[2]))
+      x, skips, _, _ = pytree.tree_unflatten(static["inputs"], spec)
+      logits = self._final_logits((x, skips, state[2]))
     return self._result(logits, steps, bool(static["bad"].item()))
 
   def _guarded_step(self, static, early_stop):
     torch = _torch()
-    x, *skips, target, count = static["inputs"]
-    loss, logits = self._forward((x, tuple(skips), static["spatial"]), target, count)
+    from torch.utils import _pytree as pytree  # noqa: PLC0415
+    x, skips, target, count = pytree.tree_unflatten(static["inputs"], static["spec"])
+    loss, logits = self._forward((x, skips, static["spatial"]), target, count)
     satisfied = self._satisfied(logits, target)
     finite = torch.isfinite(loss)
     active = ~static["done"]
@@ -509,15 +540,16 @@ class TorchPeer:
       static["done"].copy_(static["done"] | (active & stop))
       static["steps"].add_(take.to(static["steps"].dtype))
 
-  def _capture(self, state, target, count, early_stop):
-    """Static tensors and the captured step (after warm-up replays on a side stream, as CUDA requires)."""
+  def _capture(self, leaves, spec, spatial, early_stop):
+    """Static tensors and the captured step (after warm-up steps on a side stream, as CUDA requires)."""
     torch = _torch()
+    from torch.utils import _pytree as pytree  # noqa: PLC0415
+    x, skips, target, _ = pytree.tree_unflatten(leaves, spec)
     with torch.no_grad():
-      logits = self._final_logits(state)
-    static = {"inputs": [t.clone() for t in (state[0], *state[1], target, count)], "spatial": state[2],
-              "logits": torch.zeros_like(logits), "satisfied": torch.zeros((), dtype=torch.bool, device=self.device),
-              "bad": torch.zeros((), dtype=torch.bool, device=self.device),
-              "done": torch.zeros((), dtype=torch.bool, device=self.device),
+      logits = self._final_logits((x, skips, spatial))
+    flag = functools.partial(torch.zeros, (), dtype=torch.bool, device=self.device)
+    static = {"inputs": [t.clone() for t in leaves], "spec": spec, "spatial": spatial,
+              "logits": torch.zeros_like(logits), "satisfied": flag(), "bad": flag(), "done": flag(),
               "steps": torch.zeros((), dtype=torch.int32, device=self.device)}
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())

@@ -30,10 +30,13 @@ def test_trunk_then_tail_is_the_whole_network(problem):
     whole = net(x)
     for start in range(len(net.units()) + 1):
       assert torch.equal(net.tail(net.trunk(x, start), start), whole), start
+      split = net.tail(net.trunk(x, start, split_concat=True), start, split_concat=True)   # halves of each kernel
+      torch.testing.assert_close(split, whole, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("options", [ref.PeerOptions(), ref.PeerOptions(cache_trunk=False),
-                                     ref.PeerOptions(sync_every=1)], ids=["cached", "full_forward", "sync_every_step"])
+                                     ref.PeerOptions(sync_every=1), ref.PeerOptions(split_concat=False)],
+                         ids=["cached", "full_forward", "sync_every_step", "concatenated"])
 def test_peer_gives_scribblejax_logits_after_the_same_steps(problem, options):
   model, split, image, marks = problem
   err = ref.check_peer(split, model, image, marks, options, steps=3, **HYPER)    # rtol = atol = 1e-3, float32
