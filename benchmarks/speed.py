@@ -206,6 +206,14 @@ def time_calls(fn: Callable[[int], Any], repeats: int) -> Timing:
   return Timing(first, statistics.median(times) if times else first, tuple(times), out)
 
 
+class Interrupted(Exception):
+  """Ctrl-C, or a time limit's SIGINT, in the middle of a series: ``partial`` holds what it measured."""
+
+  def __init__(self, partial: list):
+    super().__init__("interrupted")
+    self.partial = partial
+
+
 def time_interleaved(calls: Sequence[Callable[[int], Any]], repeats: int,
                      after_warmup: Callable[[], None] | None = None) -> list[Timing | Exception]:
   """Times several contestants in one series, so that a change of load hits them all alike.
@@ -222,9 +230,13 @@ def time_interleaved(calls: Sequence[Callable[[int], Any]], repeats: int,
 
   Returns:
     One :class:`Timing` (or the exception it raised) per contestant, in the order of ``calls``.
+
+  Raises:
+    Interrupted: on ``KeyboardInterrupt``; its ``partial`` holds the same list for the rounds that
+      ended (a contestant whose warm-up call did not end holds a ``RuntimeError``).
   """
   n = len(calls)
-  firsts, lasts, times = [0.0] * n, [None] * n, [[] for _ in range(n)]
+  lasts, times = [None] * n, [[] for _ in range(n)]
   failed: dict[int, Exception] = {}
 
   def one(k, i):
@@ -236,19 +248,26 @@ def time_interleaved(calls: Sequence[Callable[[int], Any]], repeats: int,
       return None
     return time.perf_counter() - start
 
-  for k in range(n):
-    firsts[k] = one(k, 0)
-  if after_warmup:
-    after_warmup()
-  for i in range(1, repeats + 1):
-    for k in [(j + i - 1) % n for j in range(n)]:
-      if k not in failed:
-        elapsed = one(k, i)
-        if elapsed is not None:
-          times[k].append(elapsed)
-  return [failed[k] if k in failed else
-          Timing(firsts[k], statistics.median(times[k]) if times[k] else firsts[k], tuple(times[k]), lasts[k])
-          for k in range(n)]
+  def results():
+    return [failed.get(k) or (RuntimeError("interrupted before its warm-up call ended") if firsts[k] is None else
+            Timing(firsts[k], statistics.median(times[k]) if times[k] else firsts[k], tuple(times[k]), lasts[k]))
+            for k in range(n)]
+
+  firsts = [None] * n
+  try:
+    for k in range(n):
+      firsts[k] = one(k, 0)
+    if after_warmup:
+      after_warmup()
+    for i in range(1, repeats + 1):
+      for k in [(j + i - 1) % n for j in range(n)]:
+        if k not in failed:
+          elapsed = one(k, i)
+          if elapsed is not None:
+            times[k].append(elapsed)
+  except KeyboardInterrupt:
+    raise Interrupted(results()) from None
+  return results()
 
 
 def _compiled_cache_sizes() -> dict:
@@ -749,13 +768,22 @@ def measure(variants: Sequence[str], case: Case, batch: int, settings: Settings,
       ready.append((k, _prepare(variant, case, batch, settings, model, split)))
     except Exception as err:  # noqa: BLE001 (one failed measurement must not lose the others)
       records[k] = _failure(variant, case, batch, settings, err)
+  cut = []
+
   def timed(calls):
     sizes = {}
-    timings = time_interleaved(calls, settings.repeats, after_warmup=lambda: sizes.update(before=_compiled_cache_sizes()))
-    return [(t, _compiled_cache_sizes() != sizes["before"]) for t in timings]
+    try:
+      timings = time_interleaved(calls, settings.repeats,
+                                 after_warmup=lambda: sizes.update(before=_compiled_cache_sizes()))
+    except Interrupted as stop:
+      timings = stop.partial
+      cut.append(True)
+    return [(t, "before" in sizes and _compiled_cache_sizes() != sizes["before"]) for t in timings]
 
   if order == "sequential":
-    results = [timed([c.call])[0] for _, c in ready]
+    results = []
+    for _, c in ready:
+      results += timed([c.call]) if not cut else [(RuntimeError("interrupted before it ran"), False)]
   else:
     results = timed([c.call for _, c in ready])
   for (k, contestant), (timing, retraced) in zip(ready, results):
@@ -766,6 +794,9 @@ def measure(variants: Sequence[str], case: Case, batch: int, settings: Settings,
       records[k]["order"] = order
     except Exception as err:  # noqa: BLE001
       records[k] = _failure(contestant.variant, case, batch, settings, err)
+    records[k]["interrupted"] = bool(cut)
+  if cut:
+    raise Interrupted(records)
   return records
 
 
@@ -832,7 +863,11 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print,
     for batch in batches:
       chosen = [v for v in variants if not _skip(v, batch, has_torch)]
       if chosen:
-        add(measure(chosen, case, batch, settings, model, split, getattr(args, "order", "interleaved")), case)
+        try:
+          add(measure(chosen, case, batch, settings, model, split, getattr(args, "order", "interleaved")), case)
+        except Interrupted as stop:               # keep what the series measured (a time limit's SIGINT)
+          add(stop.partial, case)
+          raise KeyboardInterrupt from None
   return records
 
 

@@ -192,6 +192,15 @@ def test_interleaved_timing_rotates_the_order_and_keeps_a_failing_contestant_apa
   assert [len(t.times_s) for t in timings[:2]] == [3, 3] and timings[0].last == "a"
   assert isinstance(timings[2], RuntimeError)
 
+  def cut_short(i):                                     # a time limit's SIGINT in round 2
+    if i == 2:
+      raise KeyboardInterrupt
+    return i
+  with pytest.raises(speed.Interrupted) as stop:
+    speed.time_interleaved([contestant("a"), cut_short, contestant("c")], repeats=3)
+  a, cut, c = stop.value.partial                          # what the ended rounds measured
+  assert [len(t.times_s) for t in (a, cut, c)] == [1, 1, 1]           # round 2 began with the cut one
+
 
 def test_ratios_are_against_the_strongest_torch_variant_of_the_same_precision_and_stop_rule():
   def rec(variant, ms, **kw):
