@@ -1,4 +1,4 @@
-"""Speed of scribble-conditioned refinement, side by side with a PyTorch eager reference.
+"""Speed of scribble-conditioned refinement, side by side with PyTorch implementations of it.
 
 Times, on whatever device JAX finds (and torch, when installed, on the matching device):
 
@@ -8,9 +8,16 @@ Times, on whatever device JAX finds (and torch, when installed, on the matching 
 * 2D 256^2 and 512^2, 3D 64^3, 96^3 and 128^3, on a U-Net with channels (32, 64, 128, 256),
   instance norm, the last 5 layers tunable (the setting of the issue's table).
 
+PyTorch: the loop a researcher would first write (``torch_eager``) and the peer a demanding user
+would write (``torch_cached``, ``torch_compiled``, ``torch_cuda_graphs``, their bf16 and early-stop
+forms: :class:`benchmarks.torch_reference.TorchPeer`), each checked first to give scribblejax's logits.
+
 Every interaction of a timed series gets new marks of the same shape, and the benchmark records
-whether any of scribblejax's compiled functions was traced again after the warm-up call
-(``retraced``: it never should be). Times are medians of ``--repeats`` calls after one warm-up call.
+whether any of scribblejax's compiled functions was traced again after the warm-up calls
+(``retraced``: it never should be). The variants of a case and batch are timed in turns: one warm-up
+call each, then ``--repeats`` rounds of one call each, the order rotated every round; times are the
+medians, with the fastest and slowest call. Each timed record names the strongest (fastest) PyTorch
+variant of its case, batch, precision and stopping rule, and its ratio to it.
 
 Usage::
 
@@ -367,12 +374,8 @@ class Unavailable(Exception):
 
 
 def bench_jax(variant: str, case: Case, batch: int, settings: Settings, split) -> dict:
-  """One scribblejax measurement, timed alone."""
-  contestant = prepare_jax(variant, case, batch, settings, split)
-  sizes = {}
-  timing = time_calls(lambda i: (contestant.call(i), sizes.setdefault("after_warmup", _compiled_cache_sizes()))[0],
-                      settings.repeats)
-  return contestant.finish(timing, _compiled_cache_sizes() != sizes["after_warmup"])
+  """One scribblejax measurement, timed alone (its record; a failure's holds ``error``)."""
+  return measure([variant], case, batch, settings, None, split, order="sequential")[0]
 
 
 def prepare_jax(variant: str, case: Case, batch: int, settings: Settings, split) -> Contestant:
@@ -465,9 +468,9 @@ def peer_unavailable(options, device: str) -> str | None:
 
 
 def bench_torch(variant: str, case: Case, batch: int, settings: Settings, model, split) -> dict:
-  """One PyTorch measurement, timed alone (images one at a time)."""
-  contestant = prepare_torch(variant, case, batch, settings, model, split)
-  return contestant.finish(time_calls(contestant.call, settings.repeats), False)
+  """One PyTorch measurement, timed alone, images one at a time (its record; a failure's holds ``error``,
+  a variant that cannot run here ``unavailable``)."""
+  return measure([variant], case, batch, settings, model, split, order="sequential")[0]
 
 
 def prepare_torch(variant: str, case: Case, batch: int, settings: Settings, model, split) -> Contestant:
