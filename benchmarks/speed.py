@@ -40,6 +40,7 @@ import importlib
 import json
 import os
 import platform
+import shlex
 import statistics
 import sys
 import time
@@ -821,7 +822,7 @@ def _log_record(rec: dict, case: Case, log: Callable[[str], None]) -> None:
 
 def run_metadata(args: argparse.Namespace) -> dict:
   """What every record of a run states about the run: UTC date and time, the command, the notes."""
-  command = getattr(args, "command", None) or " ".join([Path(sys.executable).name, *sys.argv])
+  command = getattr(args, "command", None) or shlex.join([Path(sys.executable).name, *sys.argv])
   return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "command": command,
           "notes": getattr(args, "notes", "") or ""}
 
@@ -897,7 +898,7 @@ def execute(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
   args = build_parser().parse_args(argv)
-  args.command = " ".join(["python -m benchmarks.speed", *(sys.argv[1:] if argv is None else argv)])
+  args.command = "python -m benchmarks.speed " + shlex.join(sys.argv[1:] if argv is None else argv)
   try:
     return execute(args)
   except ValueError as err:   # bad input: 1, like the scribblejax command (2: argparse's usage errors)
