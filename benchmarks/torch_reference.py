@@ -404,7 +404,9 @@ class TorchPeer:
 
   def _autocast(self):
     torch = _torch()
-    return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.options.autocast_bf16)
+    # CUDA graph capture needs autocast's cache of cast weights off (PyTorch's CUDA graphs notes)
+    return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.options.autocast_bf16,
+                          cache_enabled=not self.options.cuda_graphs)
 
   def _trunk(self, x):
     torch = _torch()
