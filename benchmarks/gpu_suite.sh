@@ -13,7 +13,8 @@
 #   $OUT/suite.log (environment and progress), $OUT/gpu_2d.{json,md}, $OUT/gpu_batch.{json,md},
 #   $OUT/gpu_3d.{json,md}, $OUT/gpu_precision.{json,md}, $OUT/gpu_3d_xla_layout.{json,md}
 # PARTS="2d 3d layout batch precision" (the default) picks the parts to run, in that order; LIMIT_<PART>
-# (seconds) bounds each.
+# (seconds) bounds each. PARTS="peer2d peer3d" (about 8.5 minutes) times every PyTorch peer variant
+# (torch.compile, CUDA graphs, bf16 autocast) against scribblejax: $OUT/gpu_peer_{2d,3d}.{json,md}.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-benchmarks/results/gpu_suite}"
@@ -73,8 +74,12 @@ if ! "$PY" -c "import scribblejax, benchmarks.speed" ; then
   echo "cannot import scribblejax: see the error above; stopping"
   exit 1
 fi
-VARIANTS_TORCH="torch_eager,torch_eager_early_stop"
-BATCH_TORCH="torch_eager"
+# the researcher's loop as it was, and the peer without compilation (trunk cached, no host sync; CUDA
+# graphs): the parts below need no torch.compile time. The "peer2d" and "peer3d" parts add torch.compile.
+VARIANTS_TORCH="torch_eager,torch_eager_early_stop,torch_cached,torch_cached_early_stop,torch_cuda_graphs,torch_cuda_graphs_early_stop"
+BATCH_TORCH="torch_eager,torch_cuda_graphs"
+# Every PyTorch peer against scribblejax in float32, bf16 and with early stop, timed in turns.
+VARIANTS_PEER="scribblejax,scribblejax_early_stop,scribblejax_bf16,torch_eager,torch_cached,torch_cached_early_stop,torch_cached_bf16,torch_compiled,torch_compiled_early_stop,torch_compiled_bf16,torch_cuda_graphs,torch_cuda_graphs_early_stop,torch_cuda_graphs_bf16,torch_compiled_cuda_graphs,torch_compiled_cuda_graphs_early_stop,torch_compiled_cuda_graphs_bf16"
 if ! "$PY" -c "import torch" 2>/dev/null; then
   echo "torch missing: no PyTorch reference"
 fi
@@ -83,12 +88,15 @@ if [ "${SMOKE:-0}" = "1" ]; then
   CASES_2D="2d32"; CASES_3D="3d16"; BATCHES="2"; COMMON="--channels 4,8 --repeats 1"
   STEPS_2D=3; STEPS_3D=2; BATCH_STEPS=2; LIMIT_2D=600; LIMIT_BATCH=600; LIMIT_3D=600; LIMIT_PRECISION=600
   LIMIT_LAYOUT=600; CASES_PRECISION="2d32,3d16"; CASES_LAYOUT="3d16"
+  CASES_PEER_2D="2d32"; CASES_PEER_3D="3d16"; LIMIT_PEER2D=600; LIMIT_PEER3D=600
 else
   CASES_2D="2d256,2d512"; CASES_3D="3d64,3d96,3d128"; BATCHES="8,32"; COMMON="--repeats 3"
   STEPS_2D=100; STEPS_3D=50; BATCH_STEPS=20
   LIMIT_2D=${LIMIT_2D:-130}; LIMIT_BATCH=${LIMIT_BATCH:-100}; LIMIT_3D=${LIMIT_3D:-150}
   LIMIT_PRECISION=${LIMIT_PRECISION:-90}; LIMIT_LAYOUT=${LIMIT_LAYOUT:-60}
   CASES_PRECISION="3d96,2d512"; CASES_LAYOUT="3d96,3d128"
+  CASES_PEER_2D="${CASES_PEER_2D:-2d256}"; CASES_PEER_3D="${CASES_PEER_3D:-3d96}"
+  LIMIT_PEER2D=${LIMIT_PEER2D:-290}; LIMIT_PEER3D=${LIMIT_PEER3D:-230}
 fi
 
 pack() {  # the results so far, as one archive (the device tool brings back at most 8 files)
@@ -129,7 +137,14 @@ for part in $PARTS; do
     # channels-last layouts scribblejax asks for.
     layout) SCRIBBLEJAX_FORCE_CONV_NHWC=0 run_part gpu_3d_xla_layout "$LIMIT_LAYOUT" --cases "$CASES_LAYOUT" \
               --batches 1 --steps "$STEPS_3D" $COMMON --no-check --variants "scribblejax,scribblejax_bf16" ;;
-    *) echo "unknown part $part (known: 2d batch 3d precision layout)" ;;
+    # Every PyTorch peer (trunk cached; torch.compile; CUDA graphs; bf16 autocast; early stop) against
+    # scribblejax, all in turns in one run; each record's ratio is against the strongest PyTorch
+    # variant of its case, precision and stopping rule. torch.compile's time is each record's compile_s.
+    peer2d) run_part gpu_peer_2d "$LIMIT_PEER2D" --cases "$CASES_PEER_2D" --batches 1 --steps "$STEPS_2D" $COMMON \
+              --variants "$VARIANTS_PEER" --notes "gpu_suite.sh part peer2d" ;;
+    peer3d) run_part gpu_peer_3d "$LIMIT_PEER3D" --cases "$CASES_PEER_3D" --batches 1 --steps "$STEPS_3D" $COMMON \
+              --variants "$VARIANTS_PEER" --notes "gpu_suite.sh part peer3d" ;;
+    *) echo "unknown part $part (known: 2d batch 3d precision layout peer2d peer3d)" ;;
   esac
 done
 

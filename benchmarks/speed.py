@@ -1,4 +1,4 @@
-"""Speed of scribble-conditioned refinement, side by side with a PyTorch eager reference.
+"""Speed of scribble-conditioned refinement, side by side with PyTorch implementations of it.
 
 Times, on whatever device JAX finds (and torch, when installed, on the matching device):
 
@@ -8,9 +8,16 @@ Times, on whatever device JAX finds (and torch, when installed, on the matching 
 * 2D 256^2 and 512^2, 3D 64^3, 96^3 and 128^3, on a U-Net with channels (32, 64, 128, 256),
   instance norm, the last 5 layers tunable (the setting of the issue's table).
 
+PyTorch: the loop a researcher would first write (``torch_eager``) and the peer a demanding user
+would write (``torch_cached``, ``torch_compiled``, ``torch_cuda_graphs``, their bf16 and early-stop
+forms: :class:`benchmarks.torch_reference.TorchPeer`), each checked first to give scribblejax's logits.
+
 Every interaction of a timed series gets new marks of the same shape, and the benchmark records
-whether any of scribblejax's compiled functions was traced again after the warm-up call
-(``retraced``: it never should be). Times are medians of ``--repeats`` calls after one warm-up call.
+whether any of scribblejax's compiled functions was traced again after the warm-up calls
+(``retraced``: it never should be). The variants of a case and batch are timed in turns: one warm-up
+call each, then ``--repeats`` rounds of one call each, the order rotated every round; times are the
+medians, with the fastest and slowest call. Each timed record names the strongest (fastest) PyTorch
+variant of its case, batch, precision and stopping rule, and its ratio to it.
 
 Usage::
 
@@ -33,6 +40,7 @@ import importlib
 import json
 import os
 import platform
+import shlex
 import statistics
 import sys
 import time
@@ -65,12 +73,27 @@ QUICK_CASES = {
     "2d32": Case("2d32", 2, 32, 2),
     "3d16": Case("3d16", 3, 16, 2),
 }
+# The PyTorch peer (benchmarks.torch_reference.TorchPeer), trunk cached, no host sync in a fixed-step
+# loop: base name -> PeerOptions fields. Each has "_bf16" (autocast) and "_early_stop" forms.
+TORCH_PEERS = {
+    "torch_cached": {},
+    "torch_compiled": {"compile": True},
+    "torch_cuda_graphs": {"cuda_graphs": True},
+    "torch_compiled_cuda_graphs": {"compile": True, "cuda_graphs": True},
+    "torch_full_forward": {"cache_trunk": False},
+}
+PEER_VARIANTS = tuple(f"{base}{bf16}{early}" for base in TORCH_PEERS for bf16 in ("", "_bf16")
+                      for early in ("", "_early_stop"))
 VARIANTS = ("scribblejax", "scribblejax_early_stop", "scribblejax_full_forward", "scribblejax_loop_driver",
             "scribblejax_host_driver", "scribblejax_vmap", "scribblejax_matmul", "scribblejax_shifted",
             "scribblejax_sequential", "scribblejax_sharded", "scribblejax_bf16", "scribblejax_remat", "scribblejax_xla",
-            "scribblejax_trunk_reused", "scribblejax_trunk_reused_early_stop", "torch_eager", "torch_eager_early_stop")
-DEFAULT_VARIANTS = ("scribblejax", "scribblejax_early_stop", "scribblejax_full_forward", "torch_eager",
-                    "torch_eager_early_stop")
+            "scribblejax_trunk_reused", "scribblejax_trunk_reused_early_stop", "torch_eager", "torch_eager_early_stop",
+            *PEER_VARIANTS)
+DEFAULT_VARIANTS = ("scribblejax", "scribblejax_early_stop", "scribblejax_full_forward", "scribblejax_bf16",
+                    "torch_eager", "torch_eager_early_stop", "torch_cached", "torch_cached_early_stop",
+                    "torch_cached_bf16", "torch_compiled", "torch_compiled_early_stop", "torch_compiled_bf16",
+                    "torch_cuda_graphs", "torch_cuda_graphs_early_stop", "torch_cuda_graphs_bf16",
+                    "torch_compiled_cuda_graphs", "torch_compiled_cuda_graphs_bf16")
 # variants that take a batch; the others run at batch 1 only
 BATCHED_VARIANTS = ("scribblejax", "scribblejax_vmap", "scribblejax_matmul", "scribblejax_shifted",
                     "scribblejax_sequential", "scribblejax_sharded")
@@ -192,6 +215,70 @@ def time_calls(fn: Callable[[int], Any], repeats: int) -> Timing:
   return Timing(first, statistics.median(times) if times else first, tuple(times), out)
 
 
+class Interrupted(Exception):
+  """Ctrl-C, or a time limit's SIGINT, in the middle of a series: ``partial`` holds what it measured."""
+
+  def __init__(self, partial: list):
+    super().__init__("interrupted")
+    self.partial = partial
+
+
+def time_interleaved(calls: Sequence[Callable[[int], Any]], repeats: int,
+                     after_warmup: Callable[[], None] | None = None) -> list[Timing | Exception]:
+  """Times several contestants in one series, so that a change of load hits them all alike.
+
+  Each ``calls[k](0)`` runs once to warm up (compilation + one run), one after another; then come
+  ``repeats`` rounds, each calling every contestant once (``calls[k](i)`` in round ``i``), the order
+  rotated by one place each round (A B C, B C A, C A B, ...): no contestant always runs first, or
+  always after the same one. A contestant that raises is dropped; its slot holds the exception.
+
+  Args:
+    calls: one function per contestant.
+    repeats: rounds after the warm-up.
+    after_warmup: called once between the warm-up calls and the first round.
+
+  Returns:
+    One :class:`Timing` (or the exception it raised) per contestant, in the order of ``calls``.
+
+  Raises:
+    Interrupted: on ``KeyboardInterrupt``; its ``partial`` holds the same list for the rounds that
+      ended (a contestant whose warm-up call did not end holds a ``RuntimeError``).
+  """
+  n = len(calls)
+  lasts, times = [None] * n, [[] for _ in range(n)]
+  failed: dict[int, Exception] = {}
+
+  def one(k, i):
+    start = time.perf_counter()
+    try:
+      lasts[k] = calls[k](i)
+    except Exception as err:  # noqa: BLE001 (one failing contestant must not stop the others)
+      failed[k] = err
+      return None
+    return time.perf_counter() - start
+
+  def results():
+    return [failed.get(k) or (RuntimeError("interrupted before its warm-up call ended") if firsts[k] is None else
+            Timing(firsts[k], statistics.median(times[k]) if times[k] else firsts[k], tuple(times[k]), lasts[k]))
+            for k in range(n)]
+
+  firsts = [None] * n
+  try:
+    for k in range(n):
+      firsts[k] = one(k, 0)
+    if after_warmup:
+      after_warmup()
+    for i in range(1, repeats + 1):
+      for k in [(j + i - 1) % n for j in range(n)]:
+        if k not in failed:
+          elapsed = one(k, i)
+          if elapsed is not None:
+            times[k].append(elapsed)
+  except KeyboardInterrupt:
+    raise Interrupted(results()) from None
+  return results()
+
+
 def _compiled_cache_sizes() -> dict:
   """Cache sizes of scribblejax's compiled entry points (to detect retracing)."""
   sizes = {}
@@ -247,6 +334,8 @@ def _record(variant, case, batch, steps, timing, settings, extra=None) -> dict:
       "ms_per_batch": round(ms, 3), "ms_per_step": round(ms / max(int(steps), 1), 3),
       "images_per_s": round(batch / timing.median_s, 4), "compile_s": round(max(timing.first_s - timing.median_s, 0.0), 3),
       "first_call_s": round(timing.first_s, 3), "times_s": [round(t, 4) for t in timing.times_s],
+      "spread_ms_per_interaction": [round(1000 * t / batch, 3) for t in (min(timing.times_s), max(timing.times_s))]
+      if timing.times_s else None,
       "versions": versions(), "settings": {**dataclasses.asdict(settings), **host_info()},
   }
   rec.update(extra or {})
@@ -275,8 +364,24 @@ def _jax_config(variant: str, steps: int, settings: Settings):
   return sj.RefineConfig(**kwargs)
 
 
+class Contestant(NamedTuple):
+  """One variant of one case and batch, ready to time."""
+  variant: str
+  call: Callable[[int], Any]                # call(i): interaction i (0: the warm-up)
+  finish: Callable[[Timing, bool], dict]    # finish(timing, retraced): its record
+
+
+class Unavailable(Exception):
+  """A variant that cannot run here (CUDA graphs on a CPU, torch.compile without a compiler)."""
+
+
 def bench_jax(variant: str, case: Case, batch: int, settings: Settings, split) -> dict:
-  """One scribblejax measurement."""
+  """One scribblejax measurement, timed alone (its record; a failure's holds ``error``)."""
+  return measure([variant], case, batch, settings, None, split, order="sequential")[0]
+
+
+def prepare_jax(variant: str, case: Case, batch: int, settings: Settings, split) -> Contestant:
+  """One scribblejax measurement, ready to time (:class:`Contestant`)."""
   import jax
   import scribblejax as sj
   steps = case.steps if batch == 1 or settings.batch_steps is None else settings.batch_steps
@@ -302,17 +407,18 @@ def bench_jax(variant: str, case: Case, batch: int, settings: Settings, split) -
     def call(i):
       return jax.block_until_ready(sj.refine_batch(split, inputs[i][0], inputs[i][1], config))
 
-  sizes_before = None
+  def finish(timing: Timing, retraced: bool) -> dict:
+    extra = {}
+    if settings.memory and batch == 1 and variant not in BATCHED_VARIANTS[1:]:
+      memory = sj.memory_analysis(split, inputs[0][0][0], inputs[0][1][0], config)
+      extra.update(memory=memory, peak_bytes=memory["peak_bytes"])
+    return _jax_record(variant, case, batch, settings, config, timing, retraced, extra)
 
-  def tracked(i):
-    nonlocal sizes_before
-    out = call(i)
-    if i == 0:
-      sizes_before = _compiled_cache_sizes()
-    return out
+  return Contestant(variant, call, finish)
 
-  timing = time_calls(tracked, settings.repeats)
-  retraced = _compiled_cache_sizes() != sizes_before
+
+def _jax_record(variant, case, batch, settings, config, timing, retraced, extra) -> dict:
+  import scribblejax as sj
   last = timing.last
   if isinstance(last, list):
     taken = max(int(r.num_steps) for r in last)
@@ -320,16 +426,13 @@ def bench_jax(variant: str, case: Case, batch: int, settings: Settings, split) -
   else:
     taken = int(np.max(np.asarray(last.num_steps)))
     satisfied = bool(np.all(np.asarray(last.satisfied)))
-  extra = {"retraced": retraced, "satisfied": satisfied, "max_steps": config.max_steps,
+  extra = {**extra, "retraced": retraced, "satisfied": satisfied, "max_steps": config.max_steps,
            "driver": sj.resolve_driver(config.driver, config.conv_backend, config.compute_dtype,
                                      config.cache_trunk),
            "cache_trunk": config.cache_trunk,
            "batch_scheme": refine_scheme(config) if batch > 1 else None,
            "compute_dtype": config.compute_dtype, "remat": config.remat,
            "conv_backend": sj.resolve_conv_backend(config.conv_backend)}
-  if settings.memory and batch == 1 and variant not in BATCHED_VARIANTS[1:]:
-    memory = sj.memory_analysis(split, inputs[0][0][0], inputs[0][1][0], config)
-    extra.update(memory=memory, peak_bytes=memory["peak_bytes"])
   return _record(variant, case, batch, taken, timing, settings, extra)
 
 
@@ -346,8 +449,39 @@ def torch_device() -> str:
   return "cpu"
 
 
+def peer_options(variant: str):
+  """The :class:`~benchmarks.torch_reference.PeerOptions` of a ``TORCH_PEERS`` variant (any suffixes)."""
+  from benchmarks import torch_reference as ref
+  base = variant.removesuffix("_early_stop")
+  bf16 = base.endswith("_bf16")
+  return ref.PeerOptions(autocast_bf16=bf16, **TORCH_PEERS[base.removesuffix("_bf16")])
+
+
+def peer_unavailable(options, device: str) -> str | None:
+  """Why a peer with ``options`` cannot run on ``device`` (``None``: it can)."""
+  from benchmarks import torch_reference as ref
+  if options.cuda_graphs and device != "cuda":
+    return "CUDA graphs need a CUDA device"
+  if options.compile:
+    reason = ref.compile_unavailable(device)
+    if reason:
+      return f"torch.compile failed on a tiny function: {reason}"
+  return None
+
+
 def bench_torch(variant: str, case: Case, batch: int, settings: Settings, model, split) -> dict:
-  """One measurement of the PyTorch eager reference (images one at a time)."""
+  """One PyTorch measurement, timed alone, images one at a time (its record; a failure's holds ``error``,
+  a variant that cannot run here ``unavailable``)."""
+  return measure([variant], case, batch, settings, model, split, order="sequential")[0]
+
+
+def prepare_torch(variant: str, case: Case, batch: int, settings: Settings, model, split) -> Contestant:
+  """One PyTorch measurement, ready to time: ``torch_eager*``, the researcher's loop as it was
+  (:func:`~benchmarks.torch_reference.refine_torch`), or a peer (:class:`~benchmarks.torch_reference.TorchPeer`).
+
+  Raises:
+    Unavailable: the variant cannot run here.
+  """
   import torch
   from benchmarks import torch_reference as ref
   device = torch_device()
@@ -357,18 +491,36 @@ def bench_torch(variant: str, case: Case, batch: int, settings: Settings, model,
   names = ref.tunable_names(split)
   early = variant.endswith("early_stop")
   steps = case.steps if batch == 1 or settings.batch_steps is None else settings.batch_steps
+  max_steps = (settings.early_stop_steps or steps) if early else steps
   inputs = [make_inputs(case.dims, case.size, batch, seed=1000 * case.size + i) for i in range(settings.repeats + 1)]
+  hyper = dict(learning_rate=settings.learning_rate, momentum=settings.momentum, prox_weight=settings.prox_weight)
+  extra = {"torch_device": device, "cudnn_benchmark": device == "cuda", "torch_threads": torch.get_num_threads()}
+  if variant.startswith("torch_eager"):
+    def one(im, mk):
+      return ref.refine_torch(net, names, im, mk, max_steps=max_steps, early_stop=early, device=device, **hyper)
+  else:
+    options = peer_options(variant)
+    reason = peer_unavailable(options, device)
+    if reason:
+      raise Unavailable(reason)
+    peer = ref.TorchPeer(net, names, options, device=device, **hyper)
+    extra.update(peer_options=dataclasses.asdict(options), autocast_bf16=options.autocast_bf16)
+
+    def one(im, mk):
+      return peer.refine(im, mk, max_steps=max_steps, early_stop=early)
 
   def call(i):
-    return [ref.refine_torch(net, names, im, mk, max_steps=(settings.early_stop_steps or steps) if early else steps,
-                             learning_rate=settings.learning_rate, momentum=settings.momentum,
-                             prox_weight=settings.prox_weight, early_stop=early, device=device)
-            for im, mk in zip(*inputs[i])]
+    out = [one(im, mk) for im, mk in zip(*inputs[i])]
+    if device == "cuda":
+      torch.cuda.synchronize()
+    return out
 
-  timing = time_calls(call, settings.repeats)
-  taken = max(n for _, n in timing.last)
-  extra = {"torch_device": device, "cudnn_benchmark": device == "cuda", "torch_threads": torch.get_num_threads()}
-  return _record(variant, case, batch, taken, timing, settings, extra)
+  def finish(timing: Timing, retraced: bool) -> dict:
+    del retraced                                   # nothing of scribblejax's runs here
+    taken = max(r[1] for r in timing.last)
+    return _record(variant, case, batch, taken, timing, settings, {**extra, "max_steps": max_steps})
+
+  return Contestant(variant, call, finish)
 
 
 def check_torch_matches(case: Case, settings: Settings) -> dict:
@@ -401,28 +553,112 @@ def check_outcome(err: float, tolerance: float = CHECK_TOLERANCE) -> dict:
   return out
 
 
+def peer_checks(variants: Sequence[str]) -> list[str]:
+  """The peer variants whose logits :func:`check_peer_matches` compares: one per set of options (an
+  ``_early_stop`` form runs the same steps as its fixed-step form)."""
+  out = []
+  for v in variants:
+    base = v.removesuffix("_early_stop")
+    if v in PEER_VARIANTS and base not in out:
+      out.append(base)
+  return out
+
+
+def check_peer_matches(variant: str, case: Case, settings: Settings) -> dict:
+  """Runs scribblejax and one PyTorch peer for ``check_steps`` fixed steps at a small size; records the
+  logit error (``passed``: within the tolerance, ``BF16_TOLERANCE`` for the bf16 forms, against
+  ``compute_dtype="bfloat16"``), or why the peer cannot run here (``unavailable``)."""
+  import scribblejax as sj
+  from benchmarks import torch_reference as ref
+  size = settings.check_size_2d if case.dims == 2 else settings.check_size_3d
+  small = case._replace(size=size, steps=settings.check_steps)
+  name = f"check_{variant}_vs_scribblejax"
+  options = peer_options(variant)
+  reason = peer_unavailable(options, torch_device())
+  if reason:
+    return {"device": device_name(), "variant": name, "dims": case.dims, "size": size, "batch": 1,
+            "unavailable": reason, "versions": versions(), "settings": {**dataclasses.asdict(settings), **host_info()}}
+  model = make_model(case.dims, settings)
+  split = sj.split_params(model, sj.last_layers(settings.layers))
+  images, marks = make_inputs(case.dims, size, 1, seed=7)
+  tolerance = ref.BF16_TOLERANCE if options.autocast_bf16 else {"rtol": 1e-3, "atol": 1e-3}
+  start = time.perf_counter()
+  try:
+    err, passed = ref.check_peer(split, model, images[0], marks[0], options, steps=settings.check_steps,
+                                 device=torch_device(), learning_rate=settings.learning_rate,
+                                 momentum=settings.momentum, prox_weight=settings.prox_weight, **tolerance), True
+  except AssertionError as failure:
+    err, passed = str(failure), False
+  elapsed = time.perf_counter() - start
+  return _record(name, small, 1, settings.check_steps, Timing(elapsed, elapsed, (), None), settings,
+                 {"max_abs_logit_diff": err, "passed": passed, "tolerance": tolerance,
+                  "peer_options": dataclasses.asdict(options)})
+
+
+def _contest_key(record: dict) -> tuple | None:
+  """What a record competes in: ``(dims, size, batch, precision, early stop)``; ``None`` for checks,
+  failures and the variants that are not one interaction from W (``scribblejax_trunk_reused*``)."""
+  variant = record["variant"]
+  if "ms_per_interaction" not in record or variant.startswith(("check_", "scribblejax_trunk_reused")):
+    return None
+  bf16 = record.get("compute_dtype") == "bfloat16" or bool(record.get("autocast_bf16"))
+  return (record["dims"], record["size"], record["batch"], "bfloat16" if bf16 else "float32",
+          variant.endswith("early_stop"))
+
+
+def add_ratios(records: Sequence[dict]) -> None:
+  """Sets, on every timed record, the strongest (fastest) PyTorch variant of the same run, case, batch,
+  precision and stopping rule: ``strongest_torch`` (its name), ``strongest_torch_ms_per_interaction``,
+  ``strongest_torch_steps`` and ``speedup_vs_strongest_torch`` (its time over this record's; below 1 for
+  the slower PyTorch variants). In place."""
+  best = {}
+  for r in records:
+    key = _contest_key(r)
+    if key and r["variant"].startswith("torch") and (key not in best or
+                                                     r["ms_per_interaction"] < best[key]["ms_per_interaction"]):
+      best[key] = r
+  for r in records:
+    strongest = best.get(_contest_key(r))
+    if strongest is not None:
+      r.update(strongest_torch=strongest["variant"],
+               strongest_torch_ms_per_interaction=strongest["ms_per_interaction"],
+               strongest_torch_steps=strongest["steps"],
+               speedup_vs_strongest_torch=round(strongest["ms_per_interaction"] / r["ms_per_interaction"], 3))
+
+
 # ---------------------------------------------------------------------------------------------
 # Output
 # ---------------------------------------------------------------------------------------------
 
 def markdown_table(records: Sequence[dict]) -> str:
-  """A markdown table with one row per record."""
-  head = ("| device | variant | case | batch | steps | ms / interaction | ms / step | images / s | compile s | peak MiB |\n"
-          "|---|---|---|---|---|---|---|---|---|---|\n")
+  """A markdown table with one row per record (``spread``: the fastest and slowest timed call, ms per
+  interaction; ``vs strongest torch``: the strongest PyTorch variant's time over this one's)."""
+  head = ("| device | variant | case | batch | steps | ms / interaction | ms / step | images / s | compile s | peak MiB "
+          "| spread | vs strongest torch |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|---|\n")
   rows = []
   for r in records:
     case = f"{r['dims']}D {r['size']}^{r['dims']}"
     if "error" in r:
-      rows.append(f"| {r['device']} | {r['variant']} | {case} | {r['batch']} | | failed: {r['error'][:80]} | | | | |")
+      rows.append(f"| {r['device']} | {r['variant']} | {case} | {r['batch']} | | failed: {r['error'][:80]} | | | | | | |")
       continue
-    if r["variant"] == "check_torch_vs_scribblejax":
+    if "unavailable" in r:
+      rows.append(f"| {r['device']} | {r['variant']} | {case} | {r['batch']} | | unavailable: {r['unavailable'][:80]} "
+                  "| | | | | | |")
+      continue
+    if r["variant"].startswith("check_"):
+      diff = r["max_abs_logit_diff"]
+      diff = f"{diff:.2e}" if isinstance(diff, float) else "see record"
       rows.append(f"| {r['device']} | {r['variant']} | {case} | 1 | {r['steps']} | max logit diff "
-                  f"{r['max_abs_logit_diff']:.2e} | | | | |")
+                  f"{diff}{'' if r.get('passed', True) else ' FAILED'} | | | | | | |")
       continue
     peak = f"{r['peak_bytes'] / 2**20:.1f}" if "peak_bytes" in r else ""
+    spread = "{:.1f}-{:.1f}".format(*r["spread_ms_per_interaction"]) if r.get("spread_ms_per_interaction") else ""
+    ratio = (f"{r['speedup_vs_strongest_torch']:.2f}x vs {r['strongest_torch']}"
+             if "speedup_vs_strongest_torch" in r else "")
     rows.append(f"| {r['device']} | {r['variant']} | {case} | {r['batch']} | {r['steps']} | "
                 f"{r['ms_per_interaction']:.1f} | {r['ms_per_step']:.2f} | {r['images_per_s']:.3f} | "
-                f"{r['compile_s']:.1f} | {peak} |")
+                f"{r['compile_s']:.1f} | {peak} | {spread} | {ratio} |")
   return head + "\n".join(rows) + "\n"
 
 
@@ -461,6 +697,10 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
   parser.add_argument("--memory", action="store_true",
                       help="add XLA's compiled-memory analysis (scribblejax.memory_analysis) to batch-1 records")
   parser.add_argument("--out", default=None, help="JSON output path (default benchmarks/results/speed_<device>.json; --quick: speed_<device>_quick.json)")
+  parser.add_argument("--order", choices=("interleaved", "sequential"), default="interleaved",
+                      help="interleaved (default): the variants of a case and batch take turns, call by call, the "
+                      "order rotated each round; sequential: each variant's calls one after another")
+  parser.add_argument("--notes", default="", help="free text stored in every record (say, what else ran)")
   return parser
 
 
@@ -505,58 +745,146 @@ def _validate(args) -> tuple[list[Case], list[int], list[str], Settings]:
   return cases, batches, variants, settings
 
 
+def _skip(variant: str, batch: int, has_torch: bool) -> bool:
+  """Whether ``variant`` sits out at ``batch``: a batch runs scribblejax's batched variants and the
+  fixed-step float32 PyTorch variants (one image at a time); batch 1 runs every variant but the batch
+  schemes (with one image they are plain ``refine``)."""
+  if variant.startswith("torch"):
+    return not has_torch or (batch > 1 and (variant.endswith("early_stop") or "_bf16" in variant))
+  if batch > 1:
+    return variant not in BATCHED_VARIANTS
+  return variant in BATCHED_VARIANTS[1:]
+
+
+def _failure(variant: str, case: Case, batch: int, settings: Settings, err: Exception) -> dict:
+  """The record of a variant that could not be measured: ``unavailable`` (cannot run here) or ``error``."""
+  field = "unavailable" if isinstance(err, Unavailable) else "error"
+  text = str(err) if isinstance(err, Unavailable) else f"{type(err).__name__}: {str(err)[:500]}"
+  return {"device": device_name(), "variant": variant, "dims": case.dims, "size": case.size, "batch": batch,
+          field: text, "versions": versions(), "settings": {**dataclasses.asdict(settings), **host_info()}}
+
+
+def _prepare(variant, case, batch, settings, model, split) -> Contestant:
+  if variant.startswith("torch"):
+    return prepare_torch(variant, case, batch, settings, model, split)
+  return prepare_jax(variant, case, batch, settings, split)
+
+
+def measure(variants: Sequence[str], case: Case, batch: int, settings: Settings, model, split,
+            order: str = "interleaved") -> list[dict]:
+  """Measures ``variants`` on one case and batch; one record each, in the order given.
+
+  ``order="interleaved"``: every variant's warm-up call, then ``settings.repeats`` rounds of one call
+  each (:func:`time_interleaved`); ``retraced`` then says whether any of scribblejax's compiled
+  functions was traced again after all the warm-ups. ``"sequential"``: each variant timed alone.
+  """
+  records: list[dict | None] = [None] * len(variants)
+  ready = []
+  for k, variant in enumerate(variants):
+    try:
+      ready.append((k, _prepare(variant, case, batch, settings, model, split)))
+    except Exception as err:  # noqa: BLE001 (one failed measurement must not lose the others)
+      records[k] = _failure(variant, case, batch, settings, err)
+  cut = []
+
+  def timed(calls):
+    sizes = {}
+    try:
+      timings = time_interleaved(calls, settings.repeats,
+                                 after_warmup=lambda: sizes.update(before=_compiled_cache_sizes()))
+    except Interrupted as stop:
+      timings = stop.partial
+      cut.append(True)
+    return [(t, "before" in sizes and _compiled_cache_sizes() != sizes["before"]) for t in timings]
+
+  if order == "sequential":
+    results = []
+    for _, c in ready:
+      results += timed([c.call]) if not cut else [(RuntimeError("interrupted before it ran"), False)]
+  else:
+    results = timed([c.call for _, c in ready])
+  for (k, contestant), (timing, retraced) in zip(ready, results):
+    try:
+      if isinstance(timing, Exception):
+        raise timing
+      records[k] = contestant.finish(timing, retraced)
+      records[k]["order"] = order
+    except Exception as err:  # noqa: BLE001
+      records[k] = _failure(contestant.variant, case, batch, settings, err)
+    records[k]["interrupted"] = bool(cut)
+  if cut:
+    raise Interrupted(records)
+  return records
+
+
+def _log_record(rec: dict, case: Case, log: Callable[[str], None]) -> None:
+  head = f"{case.name} {rec['variant']} batch={rec['batch']}"
+  if "error" in rec:
+    log(f"{head}: FAILED {rec['error'][:200]}")
+  elif "unavailable" in rec:
+    log(f"{head}: unavailable ({rec['unavailable'][:200]})")
+  elif rec["variant"].startswith("check_"):
+    log(f"{head}: max logit diff {rec['max_abs_logit_diff']}, passed={rec['passed']}")
+  else:
+    log(f"{head}: {rec['ms_per_interaction']:.1f} ms/interaction, {rec['ms_per_step']:.2f} ms/step, "
+        f"{rec['images_per_s']:.3f} images/s, compile {rec['compile_s']:.1f} s, {rec['steps']} steps"
+        + (f", retraced={rec['retraced']}" if "retraced" in rec else "")
+        + (f", {rec['speedup_vs_strongest_torch']:.2f}x vs {rec['strongest_torch']}"
+           if "speedup_vs_strongest_torch" in rec else ""))
+
+
+def run_metadata(args: argparse.Namespace) -> dict:
+  """What every record of a run states about the run: UTC date and time, the command, the notes."""
+  command = getattr(args, "command", None) or shlex.join([Path(sys.executable).name, *sys.argv])
+  return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "command": command,
+          "notes": getattr(args, "notes", "") or ""}
+
+
 def run(args: argparse.Namespace, log: Callable[[str], None] = print,
         on_record: Callable[[list], None] | None = None) -> list[dict]:
   """Runs the measurements that ``args`` selects; returns the records.
 
-  A measurement that fails (say, out of device memory) gives a record with an ``error`` field and the
-  run goes on. ``on_record(records)`` is called after each record (to save partial results).
+  Per case: the logit checks (once per dimensionality, small size: the researcher's reference and each
+  selected PyTorch peer against scribblejax), then per batch the selected variants, timed together
+  (``--order``), each timed record carrying its ratio to the strongest PyTorch variant of the same
+  case, batch, precision and stopping rule (:func:`add_ratios`). A measurement that fails (say, out
+  of device memory) gives a record with an ``error`` field, one that cannot run here (CUDA graphs on a
+  CPU) one with ``unavailable``, and the run goes on. ``on_record(records)`` is called after each
+  batch of records (to save partial results).
   """
   import scribblejax as sj
   cases, batches, variants, settings = _validate(args)
   has_torch = importlib.util.find_spec("torch") is not None
   if not has_torch:
     log("torch is not installed: skipping the PyTorch reference")
+  meta = run_metadata(args)
   records = []
+
+  def add(new: Sequence[dict], case: Case) -> None:
+    for rec in new:
+      rec.update(meta)
+      _log_record(rec, case, log)
+    records.extend(new)
+    add_ratios(records)
+    if on_record:
+      on_record(records)
+
   checked = set()
   for case in cases:
     model = make_model(case.dims, settings)
     split = sj.split_params(model, sj.last_layers(settings.layers))
     if has_torch and not args.no_check and case.dims not in checked:   # once per dimensionality (small size)
       checked.add(case.dims)
-      rec = check_torch_matches(case, settings)
-      log(f"{case.name}: torch and scribblejax agree after {settings.check_steps} steps "
-          f"(max logit diff {rec['max_abs_logit_diff']:.2e})")
-      records.append(rec)
-      if on_record:
-        on_record(records)
-    for variant in variants:
-      for batch in batches:
-        if batch > 1 and variant not in BATCHED_VARIANTS and not variant.startswith("torch_eager"):
-          continue
-        if batch > 1 and variant == "torch_eager_early_stop":
-          continue
-        if batch == 1 and variant in BATCHED_VARIANTS[1:]:
-          continue                       # a batch scheme with one image is plain `refine`
-        if variant.startswith("torch") and not has_torch:
-          continue
+      add([check_torch_matches(case, settings)], case)
+      add([check_peer_matches(v, case, settings) for v in peer_checks(variants)], case)
+    for batch in batches:
+      chosen = [v for v in variants if not _skip(v, batch, has_torch)]
+      if chosen:
         try:
-          if variant.startswith("torch"):
-            rec = bench_torch(variant, case, batch, settings, model, split)
-          else:
-            rec = bench_jax(variant, case, batch, settings, split)
-        except Exception as err:  # noqa: BLE001 (one failed measurement must not lose the others)
-          rec = {"device": device_name(), "variant": variant, "dims": case.dims, "size": case.size, "batch": batch,
-                 "error": f"{type(err).__name__}: {str(err)[:500]}", "versions": versions(),
-                 "settings": {**dataclasses.asdict(settings), **host_info()}}
-          log(f"{case.name} {variant} batch={batch}: FAILED {rec['error'][:200]}")
-        else:
-          log(f"{case.name} {variant} batch={batch}: {rec['ms_per_interaction']:.1f} ms/interaction, "
-              f"{rec['ms_per_step']:.2f} ms/step, {rec['images_per_s']:.3f} images/s, compile {rec['compile_s']:.1f} s"
-              + (f", retraced={rec['retraced']}" if "retraced" in rec else ""))
-        records.append(rec)
-        if on_record:
-          on_record(records)
+          add(measure(chosen, case, batch, settings, model, split, getattr(args, "order", "interleaved")), case)
+        except Interrupted as stop:               # keep what the series measured (a time limit's SIGINT)
+          add(stop.partial, case)
+          raise KeyboardInterrupt from None
   return records
 
 
@@ -583,6 +911,7 @@ def execute(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
   args = build_parser().parse_args(argv)
+  args.command = "python -m benchmarks.speed " + shlex.join(sys.argv[1:] if argv is None else argv)
   try:
     return execute(args)
   except ValueError as err:   # bad input: 1, like the scribblejax command (2: argparse's usage errors)

@@ -188,3 +188,72 @@ def test_sliding_window_benchmark_times_both_variants_on_the_same_logits(tmp_pat
   assert all(r["patches"] == 8 and r["seconds"] > 0 and r["device"] for r in records)
   assert records[0]["max_abs_diff"] < 1e-4
   assert "| cpu | 12^3 | 8^3 | 8 | 2 | joint_pass |" in out.with_suffix(".md").read_text()
+
+
+def test_interleaved_timing_rotates_the_order_and_keeps_a_failing_contestant_apart():
+  calls = []
+
+  def contestant(name, fail_at=None):
+    def call(i):
+      if i == fail_at:
+        raise RuntimeError(f"{name} failed")
+      calls.append((name, i))
+      return name
+    return call
+
+  timings = speed.time_interleaved([contestant("a"), contestant("b"), contestant("c", fail_at=2)], repeats=3)
+  assert calls == [("a", 0), ("b", 0), ("c", 0), ("a", 1), ("b", 1), ("c", 1), ("b", 2), ("a", 2),
+                   ("a", 3), ("b", 3)]                          # rounds: a b c, b c a, c a b (c dropped)
+  assert [len(t.times_s) for t in timings[:2]] == [3, 3] and timings[0].last == "a"
+  assert isinstance(timings[2], RuntimeError)
+
+  def cut_short(i):                                     # a time limit's SIGINT in round 2
+    if i == 2:
+      raise KeyboardInterrupt
+    return i
+  with pytest.raises(speed.Interrupted) as stop:
+    speed.time_interleaved([contestant("a"), cut_short, contestant("c")], repeats=3)
+  a, cut, c = stop.value.partial                          # what the ended rounds measured
+  assert [len(t.times_s) for t in (a, cut, c)] == [1, 1, 1]           # round 2 began with the cut one
+
+
+def test_ratios_are_against_the_strongest_torch_variant_of_the_same_precision_and_stop_rule():
+  def rec(variant, ms, **kw):
+    return {"variant": variant, "dims": 2, "size": 64, "batch": 1, "steps": 10, "ms_per_interaction": ms, **kw}
+  records = [rec("scribblejax", 10.0, compute_dtype="float32"), rec("scribblejax_bf16", 5.0, compute_dtype="bfloat16"),
+             rec("scribblejax_early_stop", 4.0, compute_dtype="float32"), rec("torch_eager", 60.0),
+             rec("torch_cached", 30.0), rec("torch_compiled", 20.0), rec("torch_cached_bf16", 15.0, autocast_bf16=True),
+             rec("torch_cached_early_stop", 8.0), rec("check_torch_cached_vs_scribblejax", 1.0),
+             rec("scribblejax_trunk_reused", 1.0, compute_dtype="float32")]
+  speed.add_ratios(records)
+  by = {r["variant"]: r for r in records}
+  assert by["scribblejax"]["strongest_torch"] == "torch_compiled" and by["scribblejax"]["speedup_vs_strongest_torch"] == 2
+  assert by["scribblejax_bf16"]["strongest_torch"] == "torch_cached_bf16" and by["scribblejax_bf16"]["speedup_vs_strongest_torch"] == 3
+  assert by["scribblejax_early_stop"]["strongest_torch"] == "torch_cached_early_stop"
+  assert by["torch_eager"]["speedup_vs_strongest_torch"] == round(20 / 60, 3)
+  assert "strongest_torch" not in by["check_torch_cached_vs_scribblejax"]
+  assert "strongest_torch" not in by["scribblejax_trunk_reused"]      # not one interaction from W
+
+
+def test_peer_variants_run_in_turns_with_checks_and_unavailable_records(tmp_path):
+  pytest.importorskip("torch")
+  out = tmp_path / "peer.json"
+  variants = "scribblejax,scribblejax_bf16,torch_cached,torch_cached_bf16,torch_cuda_graphs,torch_cached_early_stop"
+  assert speed.main(["--quick", "--cases", "2d32", "--variants", variants, "--batches", "1,2", "--repeats", "2",
+                     "--notes", "test run", "--out", str(out)]) == 0            # unavailable is no failure
+  records = json.loads(out.read_text())
+  by = {(r["variant"], r["batch"]): r for r in records}
+  for name in ("check_torch_cached_vs_scribblejax", "check_torch_cached_bf16_vs_scribblejax"):
+    assert by[(name, 1)]["passed"], by[(name, 1)]
+  cuda = "check_torch_cuda_graphs_vs_scribblejax"
+  if speed.torch_device() == "cpu":
+    assert "CUDA" in by[(cuda, 1)]["unavailable"] and "CUDA" in by[("torch_cuda_graphs", 1)]["unavailable"]
+  ours = by[("scribblejax", 1)]
+  assert ours["order"] == "interleaved" and len(ours["times_s"]) == 2 and ours["retraced"] is False
+  assert ours["strongest_torch"] in ("torch_cached", "torch_cuda_graphs")
+  assert by[("scribblejax_bf16", 1)]["strongest_torch"] in ("torch_cached_bf16", "torch_cuda_graphs_bf16")
+  assert by[("torch_cached_early_stop", 1)]["steps"] <= 5
+  assert ("torch_cached_bf16", 2) not in by and ("torch_cached", 2) in by        # a batch: float32, fixed steps
+  for r in records:
+    assert r["notes"] == "test run" and r["date"] and "--notes" in r["command"] and r["versions"]
+  assert "vs strongest torch" in out.with_suffix(".md").read_text()
