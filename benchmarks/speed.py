@@ -361,7 +361,7 @@ def _jax_config(variant: str, steps: int, settings: Settings):
     kwargs["remat"] = True
   if variant == "scribblejax_xla":
     kwargs["conv_backend"] = "xla"
-  return sj.RefineConfig(**kwargs)
+  return sj.RefineConfig.paper(**kwargs)    # the algorithm the PyTorch peer implements (SGD, alpha)
 
 
 class Contestant(NamedTuple):

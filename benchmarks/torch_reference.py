@@ -580,7 +580,7 @@ def check_peer(split, model, image, marks, options: PeerOptions, *, steps=3, rto
   import scribblejax as sj  # noqa: PLC0415
   torch = _torch()
   dtype = "bfloat16" if options.autocast_bf16 else "float32"
-  config = sj.RefineConfig(max_steps=steps, early_stop=False, compute_dtype=dtype, **settings)
+  config = sj.RefineConfig.paper(max_steps=steps, early_stop=False, compute_dtype=dtype, **settings)
   with jax.default_matmul_precision("highest"):
     ours = np.asarray(sj.refine(split, image, marks, config).logits)
   saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
@@ -612,7 +612,7 @@ def check_same(split, model, image, marks, *, steps=3, rtol=1e-3, atol=1e-3, dev
   import scribblejax as sj  # noqa: PLC0415
   torch = _torch()
   net = build_torch_unet(model).to(device)
-  config = sj.RefineConfig(max_steps=steps, early_stop=False, **settings)
+  config = sj.RefineConfig.paper(max_steps=steps, early_stop=False, **settings)
   with jax.default_matmul_precision("highest"):
     ours = np.asarray(sj.refine(split, image, marks, config).logits)
   saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32

@@ -87,7 +87,7 @@ def test_no_host_read_in_a_fixed_step_loop(problem, monkeypatch):
 def test_early_stop_peer_stops_where_scribblejax_stops(problem):
   model, split, image, marks = problem
   hyper = dict(learning_rate=0.05, momentum=0.9, prox_weight=0.01)
-  ours = sj.refine(split, image, marks, sj.RefineConfig(max_steps=40, **hyper))
+  ours = sj.refine(split, image, marks, sj.RefineConfig.paper(max_steps=40, **hyper))
   assert bool(ours.satisfied) and 0 < int(ours.num_steps) < 40            # the stop rule fired
   peer = ref.TorchPeer(ref.build_torch_unet(model), ref.tunable_names(split), **hyper)
   theirs = peer.refine(image, marks, max_steps=40, early_stop=True)
