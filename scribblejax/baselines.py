@@ -229,7 +229,7 @@ def refine_method(model: nnx.Module, layers: Any = 5, config: RefineConfig = Ref
     trunk = trunk_of(image)
     logits = predict(split, image, trunk=trunk)
     labels = np.asarray(jnp.argmax(logits, -1), np.int32)
-    free = unsure(jax.nn.softmax(logits, -1), config.merge_confidence)
+    free = None if _is_regions(model) else unsure(jax.nn.softmax(logits, -1), config.merge_confidence)
     return RefineMethodState(image, labels, 0, True, None, trunk, None, free)
 
   def update(state, marks):
@@ -252,6 +252,12 @@ def refine_method(model: nnx.Module, layers: Any = 5, config: RefineConfig = Ref
                 lambda s: {"steps": s.num_steps, "satisfied": s.satisfied})
 
 
+def _is_regions(model: nnx.Module) -> bool:
+  """A region-based network: its scores are sigmoids, no distribution over classes to be unsure in."""
+  from scribblejax.models.regions import Regions
+  return isinstance(model, Regions)
+
+
 def fbrs_method(model: nnx.Module, layers: int = 5, config: RefineConfig | None = None, *,
                 example: Any = None) -> Method:
   """f-BRS-style correction: only the per-channel scales and biases of the last ``layers`` layers move.
@@ -270,13 +276,13 @@ METHODS = ("refine", "paper", "head", "fbrs", "random_walker", "initial")
 
 def make_method(kind: str, model: nnx.Module, *, layers: int = 5, config: RefineConfig = RefineConfig(),
                 example: Any = None) -> Method:
-  """A method by name: "refine" (last ``layers`` layers, ``config``), "paper" (the same with
-  ``RefineConfig.paper()``), "head", "fbrs", "random_walker" or "initial" (``example``: an example
-  batched input, for a model that states no layer order)."""
+  """A method by name: "refine" (last ``layers`` layers, ``config``), "paper" (the same, named so; give
+  it ``RefineConfig.paper()``, with any changes), "head", "fbrs" (its own settings), "random_walker"
+  or "initial" (``example``: an example batched input, for a model that states no layer order)."""
   if kind == "refine":
     return refine_method(model, layers, config, example=example)
-  if kind == "paper":
-    return refine_method(model, layers, RefineConfig.paper(), name="paper", example=example)
+  if kind == "paper":          # config: RefineConfig.paper() with the caller's changes, as evaluate resolves it
+    return refine_method(model, layers, config, name="paper", example=example)
   if kind == "fbrs":
     return fbrs_method(model, layers, example=example)
   if kind == "head":

@@ -10,8 +10,9 @@ For a case (image, ground truth) and a method (:mod:`scribblejax.baselines`), ea
    threshold T, :func:`scribblejax.marks.grow_marks`);
 3. the marks accumulate over the earlier ones and the method updates its segmentation;
 4. Dice (per class and mean foreground), the fraction of all marks so far that the new segmentation
-   honours, whether the method reports its marks satisfied, the classes marked and corrected, and
-   the wall-clock seconds of the update are recorded.
+   honours (``satisfied``: all of them), whether the method's network honoured them itself
+   (``network_satisfied``, from the method's ``info``, where it says), the classes marked and
+   corrected, and the wall-clock seconds of the update are recorded.
 
 When the user finds no new error to mark while the segmentation is still imperfect (what is left is
 thinner than ``ignore_border``, or lies under marks the method does not honour), the run stops
@@ -201,10 +202,11 @@ def run_case(case: Case, method: Method, config: EvalConfig = EvalConfig(), *, l
   drawn = marks                # the simulated user's own marks so far (without region growing's)
   stopped, reason = None, None
   for i in range(1, config.interactions + 1):
+    # never where the user drew before; where growth inferred a wrong class, the user may mark again
     new = robot_marks(config.mark_kind, i, labels, case.truth, k, radius=config.radius,
                       max_length=config.max_length, per_class=config.per_class,
-                      ignore_border=config.ignore_border, marked=marks >= 0)
-    new = np.where(marks >= 0, UNMARKED, new).astype(np.int32)
+                      ignore_border=config.ignore_border, marked=drawn >= 0)
+    new = np.where(drawn >= 0, UNMARKED, new).astype(np.int32)
     if not (new >= 0).any():
       stopped = i - 1
       reason = "perfect" if np.array_equal(labels, case.truth) else "no new error to mark"
@@ -241,6 +243,7 @@ def run_case(case: Case, method: Method, config: EvalConfig = EvalConfig(), *, l
       "dice_auc": dice_auc(dice),
       "marks_honoured": honoured, "satisfied": satisfied,
       "rounds_unsatisfied": int(sum(not s for s in satisfied)),
+      "network_unsatisfied": int(sum(not x["satisfied"] for x in info if "satisfied" in x)),
       "seconds_per_interaction": timing["seconds_per_interaction"],
       "mean_seconds": _json_float(timing["mean_seconds"]),
       "compile_seconds": timing["compile_seconds"], "initial_seconds": initial_seconds,

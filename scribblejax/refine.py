@@ -61,7 +61,7 @@ PRESETS = ("default", "paper")
 class RefineConfig:
   """Settings of one refinement (immutable, hashable).
 
-  Changing ``max_steps``, ``learning_rate``, ``momentum`` or ``prox_weight`` never recompiles: they
+  Changing ``max_steps``, ``learning_rate``, ``momentum``, ``prox_weight`` or ``keep_weight`` never recompiles: they
   enter the compiled function as traced scalars. The other fields are static.
 
   Attributes:
@@ -646,10 +646,10 @@ def _flat_carry() -> bool:
 
 
 def _flattens(static: _Static, tunable: Any) -> bool:
-  """Whether the loop carries W_lam flat: the built-in SGD (elementwise, so the same on one vector)
-  and one dtype for every tunable leaf."""
+  """Whether the loop carries W_lam flat: a built-in optimiser (SGD and Adam work element by element,
+  so the same on one vector) and one dtype for every tunable leaf."""
   leaves = jax.tree.leaves(tunable)
-  return (static.flat_params and static.optimizer is None and len(leaves) > 1
+  return (static.flat_params and static.optimizer in (None, "sgd", "adam") and len(leaves) > 1
           and len({jnp.result_type(x) for x in leaves}) == 1)
 
 

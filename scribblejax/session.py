@@ -60,6 +60,13 @@ def start_session(split: Split, image: Any, config: RefineConfig = RefineConfig(
   return Session(split, image, predict(split, image, trunk=trunk), (), config, continue_weights, trunk)
 
 
+def _regions(split: Split) -> bool:
+  """Whether the network is region-based (sigmoid scores: no distribution over classes)."""
+  from flax import nnx
+  from scribblejax.models.regions import Regions
+  return isinstance(nnx.merge(split.graphdef, split.tunable, split.frozen), Regions)
+
+
 def _frozen(array: np.ndarray) -> np.ndarray:
   array.setflags(write=False)
   return array
@@ -111,7 +118,8 @@ def add_marks(session: Session, new_marks: Any, config: RefineConfig | None = No
   labels = None
   if config.progressive_merge:
     new = new_marks_of(marks, current_marks(session) if session.rounds else None)
-    free = unsure(jax.nn.softmax(session.initial_logits, axis=-1), config.merge_confidence)
+    free = None if _regions(session.split) else unsure(jax.nn.softmax(session.initial_logits, axis=-1),
+                                                        config.merge_confidence)
     labels = _frozen(progressive_merge(np.asarray(current_labels(session)), np.asarray(result.labels), new, marks,
                                        free=free))
   return session._replace(rounds=session.rounds + (Round(marks, result, labels),))

@@ -357,12 +357,19 @@ def test_marks_of_two_interactions_in_one_coarse_voxel_keep_the_newer_as_a_sessi
   assert state.model_marks[5, 5] == 0                 # was: 1 (all marks resampled at once, the older held)
 
 
-def test_keep_weight_is_refused_with_patches(tiny_model, tmp_path):
-  from scribblejax.io.evaluate_image import pipeline_method
+def test_with_patches_the_keep_term_is_off_as_refine_has_it(tiny_model, tmp_path):
+  from scribblejax.io.evaluate_image import effective_config, pipeline_method
   pipe = _pipeline_on_a_crop(tiny_model, tmp_path, patch_size=[16, 16])
-  with pytest.raises(ValueError, match="keep_weight needs the network's logits at every voxel"):
-    pipeline_method("refine", pipe, RefineConfig.paper(keep_weight=0.5))   # was: silently a constant term
+  # the keep term reads the network's logits at every voxel; with patches the loop has them at the marks only
+  # (it was once silently a constant term, then refused; now off, as `scribblejax refine` turns it off)
+  assert effective_config(pipe, RefineConfig(keep_weight=0.5)).keep_weight == 0.0
+  assert effective_config(pipe, RefineConfig(keep_weight=0.5)).optimizer == "adam"
+  (tmp_path / "whole").mkdir()
+  whole = _pipeline_on_a_crop(tiny_model, tmp_path / "whole")
+  assert effective_config(whole, RefineConfig(keep_weight=0.5)).keep_weight == 0.5
   assert pipeline_method("refine", pipe, RefineConfig.paper()).name == "refine_l2"
+  with pytest.raises(ValueError, match="fbrs runs on built-in tasks"):
+    pipeline_method("fbrs", pipe)
 
 
 def test_baselines_take_a_model_that_states_no_layer_order_given_an_example():

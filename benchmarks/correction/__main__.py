@@ -307,6 +307,9 @@ def main(argv: list[str] | None = None) -> int:
     payload["verdicts"] = verdicts(payload["results"])
     payload["seconds"] = time.perf_counter() - started
     write(args.out, payload)                # after every case: a long run leaves what it measured
+  payload["verdicts"] = verdicts(payload["results"])
+  payload["seconds"] = time.perf_counter() - started
+  write(args.out, payload)
   print(f"wrote {args.out}/results.json, results.md and a plot per case ({payload['seconds']:.0f} s)")
   return 0
 

@@ -92,11 +92,11 @@ def _single_case(args) -> int:
   layers, config, _ = RefineSettings(layers=args.layers, max_steps=args.steps, learning_rate=args.lr,
                                      prox_weight=args.prox_weight, keep_weight=args.keep_weight,
                                      optimizer=args.optimizer, progressive_merge=args.progressive_merge,
-                                     preset=args.preset).resolve(metadata)
+                                     preset="paper" if args.method == "paper" else args.preset).resolve(metadata)
   pipe = None
   if args.image is not None:
     from scribblejax.io.evaluate_image import pipeline_method
-    case, pipe = _user_case(args, backbone, model, layers if args.method == "refine" else 1)
+    case, pipe = _user_case(args, backbone, model, layers if args.method in ("refine", "paper") else 1)
     method = pipeline_method(args.method, pipe, config)
     layers = pipe.layers
   else:
@@ -125,10 +125,11 @@ def _single_case(args) -> int:
   ev.plot_curves(out / "results.png", {result["method"]: result["dice_per_interaction"]},
                  title=f"{case.name}: {result['method']}, {args.marks}")
   dice = " ".join(f"{d:.3f}" if d is not None else "nan" for d in result["dice_per_interaction"])
-  unsatisfied = result["rounds_unsatisfied"]
   rounds = len(result["satisfied"])
-  honoured = (f"every round honoured its marks" if not unsatisfied else
-              f"{unsatisfied} of {rounds} round(s) ended with marks not honoured")
+  honoured = (f"the segmentation honoured every mark in every round" if not result["rounds_unsatisfied"] else
+              f"{result['rounds_unsatisfied']} of {rounds} round(s) ended with marks the segmentation does not honour")
+  if result["network_unsatisfied"]:
+    honoured += f"; the network itself left marks unhonoured in {result['network_unsatisfied']} round(s)"
   stop = f"; stopped: {result['stop_reason']}" if result["stop_reason"] not in (None, "perfect") else ""
   print(f"{case.name} {result['method']} ({args.marks}): Dice per interaction {dice}; "
         f"{_noc_text(result)}; {honoured}{stop}; wrote {out / 'results.json'}")

@@ -187,9 +187,13 @@ def _refine(args: argparse.Namespace) -> int:
       where = f"; wrote {report['out']}" if "out" in report else ""
       return f"undid round {report['undone_round']}: {report['rounds']} round(s) left{where}"
     network = report.get("network_marks_honoured", report["marks_honoured"])
-    state = ("every mark honoured" if report["satisfied"] and network == 1.0 else
-             f"the network honours {network:.1%} of marks (not satisfied after {report['steps']} steps), the "
-             f"segmentation {report['marks_honoured']:.1%}")
+    if report["satisfied"] and network == 1.0:
+      state = "every mark honoured"
+    else:
+      why = ("some marks lie between the model's voxels" if report["satisfied"] else
+             "the objective became non-finite" if report.get("nonfinite") else
+             f"not satisfied after {report['steps']} steps")
+      state = f"the network honours {network:.1%} of marks ({why}), the segmentation {report['marks_honoured']:.1%}"
     return (f"wrote {report['out']}: round {report['round']}, {report['steps']} steps, {state}, "
             f"{report['seconds']:.2f}s ({report['compile_seconds']:.2f}s compiling) on {report['device']}")
 

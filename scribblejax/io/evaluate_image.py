@@ -136,6 +136,15 @@ def _honoured(labels: np.ndarray, marks: np.ndarray) -> float:
   return float((labels[marked] == marks[marked]).mean()) if marked.any() else 1.0
 
 
+def effective_config(pipe: Pipeline, config: Any) -> Any:
+  """The config a refinement through ``pipe`` runs with: as ``scribblejax refine`` does, without the
+  keep term where the network runs patch by patch (the term needs the network's logits at every
+  voxel; with patches the loop has them at the marked voxels only)."""
+  if config.keep_weight and pipe.fitted.patch is not None:
+    return dataclasses.replace(config, keep_weight=0.0)
+  return config
+
+
 def pipeline_refine_method(pipe: Pipeline, config: Any = None, *, head_only: bool = False,
                            continue_weights: bool = False, name: str | None = None):
   """The paper's refinement through the model's pipeline; each interaction refines on all marks so
@@ -162,12 +171,8 @@ def pipeline_refine_method(pipe: Pipeline, config: Any = None, *, head_only: boo
                                        loop_split, refined_logits, to_model)
   from scribblejax.params import head, last_layers
   from scribblejax.refine import RefineConfig, compute_trunk, predict, refine
-  config = RefineConfig() if config is None else config
+  config = effective_config(pipe, RefineConfig() if config is None else config)
   fitted = pipe.fitted
-  if config.keep_weight and fitted.patch is not None:
-    # the keep term needs the network's logits at every voxel, but with patches the loop blends them at
-    # the marked voxels only (MarkedPatches): as refine does, patches refine without it
-    config = dataclasses.replace(config, keep_weight=0.0)
   split = _head_split(pipe) if head_only else pipe.split
   select = head() if head_only else last_layers(pipe.layers)
   whole = fitted.patch is None
@@ -244,7 +249,10 @@ def pipeline_method(kind: str, pipe: Pipeline, config: Any = None):
     return pipeline_refine_method(pipe, config, head_only=kind == "head")
   if kind == "paper":
     from scribblejax.refine import RefineConfig
-    return pipeline_refine_method(pipe, RefineConfig.paper(), name="paper")
+    return pipeline_refine_method(pipe, RefineConfig.paper() if config is None else config, name="paper")
+  if kind == "fbrs":
+    raise ValueError("--method fbrs runs on built-in tasks (--task) only; a case given by --image/--label runs "
+                     "refine, paper, head, random_walker or initial through the model's pipeline")
   if kind == "random_walker":
     return random_walker_method(None, initial=lambda image: segment(pipe))
   if kind == "initial":

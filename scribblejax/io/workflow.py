@@ -634,7 +634,7 @@ class RefineSettings:
 
   def resolve(self, metadata: dict) -> tuple[int | None, Any, float | None]:
     """``(layers, RefineConfig, region_growing)`` with the defaults filled in."""
-    from scribblejax.refine import PRESETS, RefineConfig
+    from scribblejax.refine import PAPER, PRESETS, RefineConfig
     stored = (metadata or {}).get("refine", {}) if isinstance(metadata, dict) else {}
     if self.preset not in PRESETS:
       raise ValueError(f"preset must be one of {PRESETS}, got {self.preset!r}")
@@ -642,6 +642,8 @@ class RefineSettings:
       stored = {}
     pick = lambda name: getattr(self, name) if getattr(self, name) is not None else stored.get(name)
     fields = {k: pick(k) for k in TUNED}
+    if fields["optimizer"] == "sgd" and fields["learning_rate"] is None:
+      fields["learning_rate"] = PAPER["learning_rate"]      # Adam's default step would barely move SGD
     base = RefineConfig.paper if self.preset == "paper" else RefineConfig
     config = base(**{k: v for k, v in fields.items() if v is not None}, driver=self.driver,
                   check_every=self.check_every, compute_dtype=self.compute_dtype, remat=self.remat,
@@ -1293,17 +1295,22 @@ def _refine_round(model, model_ref, img, digest, marks_files, new, out, session,
     else:
       logits = refined_logits(split, fitted, result, max(count, int(nothing)), inference.step, patch_progress)
     seconds = time.perf_counter() - start_time
-  labels_image = labels_from_logits(logits, fitted)
+  labels_image = network_labels = labels_from_logits(logits, fitted)
   steps, satisfied = int(result.num_steps), bool(result.satisfied)
   marked = marks_image >= 0
   network_honoured = float((labels_image[marked] == marks_image[marked]).mean()) if marked.any() else 1.0
   if config.progressive_merge:
     from scribblejax.merge import progressive_merge
     previous_labels = arrays["labels"] if arrays is not None and arrays.get("labels") is not None else before_image
-    labels_image = progressive_merge(previous_labels, labels_image, new_image, marks_image, free=unsure_image)
+    # what this round added: a marks file that holds earlier rounds' marks too does not make them new
+    from scribblejax.merge import new_marks_of
+    new_marks = new_marks_of(marks_image, previous_image)
+    if unsure_image is None and initial is not None and config.merge_confidence > 0:
+      log("note: this session was started before its network's unsure pixels were stored; the merge frees none")
+    labels_image = progressive_merge(previous_labels, labels_image, new_marks, marks_image, free=unsure_image)
   honoured = float((labels_image[marked] == marks_image[marked]).mean()) if marked.any() else 1.0
   log(f"{steps} steps in {seconds:.2f}s ({compiled[0]:.2f}s compiling): "
-      + round_line(satisfied, network_honoured, honoured, marks_image, labels_from_logits(logits, fitted),
+      + round_line(satisfied, network_honoured, honoured, marks_image, network_labels,
                    class_names, steps, config.max_steps, bool(result.nonfinite)))
   if satisfied and network_honoured < 1.0:
     log("note: the loop honoured every mark on the model's grid, but the segmentation brought back to the "
