@@ -36,7 +36,7 @@ from scribblejax.napari import _core
 from scribblejax.napari._widget import SCRIBBLES, SEGMENTATION, ScribbleWidget
 
 # explicit knobs, so that the rounds are short and do not depend on the models' stored defaults
-KNOBS = {"max_steps": "60", "learning_rate": "0.05", "prox_weight": "0.01"}
+KNOBS = {"max_steps": "100"}     # the library's defaults otherwise
 TIMEOUT_MS = 120_000
 
 
@@ -185,8 +185,8 @@ def test_a_session_saved_from_the_widget_continues_on_the_command_line(make_napa
   marks_path = tmp_path / "more.png"
   PILImage.fromarray(marks).save(marks_path)
   cli_out = tmp_path / "cli_seg.png"
-  code = main(["refine", "--session", str(saved), "--marks", str(marks_path), "--out", str(cli_out), "--steps", "60",
-               "--lr", "0.05", "--alpha", "0.01", "--json"])
+  code = main(["refine", "--session", str(saved), "--marks", str(marks_path), "--out", str(cli_out), "--steps", "100",
+               "--json"])
   report = json.loads(capsys.readouterr().out)
   assert code == 0 and report["round"] == 2 and report["rounds"] == 2
 
