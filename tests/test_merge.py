@@ -65,7 +65,10 @@ def test_a_session_round_merges_and_reports(monkeypatch):
   labels = np.asarray(sj.current_labels(session))
   before = np.asarray(np.argmax(session.initial_logits, -1))
   refined = np.asarray(session.rounds[-1].result.labels)
-  np.testing.assert_array_equal(labels, progressive_merge(before, refined, marks, marks))
+  import jax
+  from scribblejax.merge import unsure
+  free = unsure(jax.nn.softmax(session.initial_logits, -1), config.merge_confidence)
+  np.testing.assert_array_equal(labels, progressive_merge(before, refined, marks, marks, free=free))
   assert (labels[marks >= 0] == marks[marks >= 0]).all()
   paper = sj.add_marks(sj.start_session(split, image, sj.RefineConfig.paper(max_steps=30)), marks)
   np.testing.assert_array_equal(np.asarray(sj.current_labels(paper)), np.asarray(paper.rounds[-1].result.labels))

@@ -431,7 +431,10 @@ def test_bad_config_raises():
     sj.RefineConfig.paper(driver="gpu")
   for bad, message in [(dict(check_every=2.5), "check_every must be an integer"),
                        (dict(trace_length=2.5), "trace_length must be an integer"),
-                       (dict(optimizer="adam"), "optimizer must be an optax GradientTransformation"),
+                       (dict(optimizer="lbfgs"), "optimizer must be one of"),
+                       (dict(optimizer=3), "optimizer must be one of"),
+                       (dict(merge_confidence=1.5), "merge_confidence is a probability"),
+                       (dict(progressive_merge="yes"), "progressive_merge must be True or False"),
                        (dict(learning_rate="0.1"), "learning_rate must be a number"),
                        (dict(learning_rate=None), "learning_rate must be a number"),
                        (dict(max_steps=2 ** 40), "at most"),
