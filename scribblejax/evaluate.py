@@ -506,14 +506,8 @@ def task_case(task: str, backbone: Backbone, crop: int | Sequence[int] | None = 
     image, truth = ds.image[ds.test], ds.labels[ds.test]
     names = ds.class_names
   elif task == "nuclei3d_slices":
-    if hasattr(data, "nuclei3d"):
-      ds = data.nuclei3d()
-      volume, labels = ds.image, ds.labels
-    else:   # development fallback until the loader exists
-      import tifffile
-      root = Path("/work/shared/data/synthetic_nuclei_3d")
-      volume = tifffile.imread(root / "img3d.tif")[..., None].astype(np.float32)
-      labels = (tifffile.imread(root / "mask3d.tif") > 0).astype(np.int32)
+    ds = data.nuclei3d()
+    volume, labels = ds.image, ds.labels
     planes = (8, 15, 22)
     image = np.concatenate([volume[z] for z in planes], axis=1)
     truth = np.concatenate([labels[z] for z in planes], axis=1)
