@@ -146,10 +146,10 @@ def run_demo(out_dir: str | os.PathLike = "demo_output", *, task: str = "nuclei2
   marks = session.rounds[-1].marks if session.rounds else np.full(truth.shape, -1)
   before = np.asarray(np.argmax(session.initial_logits, -1))
   final = np.asarray(current_labels(session))
-  shown = marks >= 0
-  honoured = "no marks" if not shown.any() else (
-      "every mark honoured" if np.all(final[shown] == marks[shown])
-      else f"{np.mean(final[shown] == marks[shown]):.0%} of marks honoured")
+  from scribblejax.evaluate import marks_honoured
+  fraction = marks_honoured(final, marks)
+  honoured = ("no marks" if fraction is None else "every mark honoured" if fraction == 1.0
+              else f"{fraction:.0%} of marks honoured")
   _overlay(out / "overlay.png", image[..., 0], truth, before, final, marks, num_classes, dice[0], dice[-1], honoured)
   results = {"task": task, "dice_per_interaction": dice, "steps_per_interaction": steps,
              "seconds_per_interaction": seconds, "mark_kind": kind, "tunable_layers": layers,

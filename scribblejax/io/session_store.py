@@ -183,25 +183,29 @@ def save_initial(directory: str | os.PathLike, labels: np.ndarray, unsure: np.nd
   _write_atomic(d / "initial.npz", lambda f: np.savez_compressed(f, **arrays))
 
 
-def load_unsure(directory: str | os.PathLike) -> np.ndarray | None:
-  """Where the network was unsure, as stored beside its segmentation; ``None`` if not stored."""
+def _read_initial(directory: str | os.PathLike) -> dict[str, np.ndarray] | None:
+  """The arrays of ``initial.npz``, or ``None`` when the session has none."""
   path = Path(directory) / "initial.npz"
   if not path.exists():
     return None
   try:
     with np.load(path) as data:
-      return data["unsure"] if "unsure" in data.files else None
+      return {k: data[k] for k in data.files}
   except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
     raise ValueError(f"cannot read {path}: {err}") from err
 
 
+def load_unsure(directory: str | os.PathLike) -> np.ndarray | None:
+  """Where the network was unsure, as stored beside its segmentation; ``None`` if not stored."""
+  arrays = _read_initial(directory)
+  return None if arrays is None else arrays.get("unsure")
+
+
 def load_initial(directory: str | os.PathLike) -> np.ndarray | None:
   """The stored network segmentation, or ``None``."""
-  path = Path(directory) / "initial.npz"
-  if not path.exists():
+  arrays = _read_initial(directory)
+  if arrays is None:
     return None
-  try:
-    with np.load(path) as data:
-      return data["labels"]
-  except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as err:
-    raise ValueError(f"cannot read {path}: {err}") from err
+  if "labels" not in arrays:
+    raise ValueError(f"cannot read {Path(directory) / 'initial.npz'}: 'labels is not a file in the archive'")
+  return arrays["labels"]
