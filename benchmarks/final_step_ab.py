@@ -35,7 +35,7 @@ def main(argv=None) -> dict:
 
   import jax
   import scribblejax as sj
-  refine_lib = importlib.import_module("scribblejax.refine")
+  refine_lib = importlib.import_module("scribblejax.refinement.engine")
   split = sj.split_params(speed.random_unet(2, (32, 64, 128, 256)), sj.last_layers(5))
   inputs = [speed.make_inputs(2, args.size, 1, seed=100 + i) for i in range(3)]
   config = sj.RefineConfig.paper(max_steps=30, early_stop=True)

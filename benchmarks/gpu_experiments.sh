@@ -25,10 +25,10 @@ PY
 [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "missing dependencies: see $OUT/environment.txt"; exit 3; }
 start=$(date +%s)
 # Everything except the sweep first (so a time-out still leaves these), then the sweep.
-timeout 170 python -m scribblejax.experiments dice multiclass missed_class new_class shift mark_types \
+timeout 170 python -m scribblejax.research.experiments dice multiclass missed_class new_class shift mark_types \
   region_growing steps_layers --size full --out "$OUT/experiments" 2>&1 | tee "$OUT/experiments.log"
 echo "experiments: $(( $(date +%s) - start ))s" | tee -a "$OUT/timing.txt"
-timeout 120 python -m scribblejax.experiments optimizer_sweep --size full --out "$OUT/experiments" 2>&1 \
+timeout 120 python -m scribblejax.research.experiments optimizer_sweep --size full --out "$OUT/experiments" 2>&1 \
   | tee "$OUT/sweep.log"
 echo "total: $(( $(date +%s) - start ))s" | tee -a "$OUT/timing.txt"
 rm -rf "$OUT/cache"

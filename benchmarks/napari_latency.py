@@ -38,7 +38,7 @@ def _images(folder: Path) -> dict:
   import nibabel as nib
   from PIL import Image as PILImage
 
-  from scribblejax import data
+  from scribblejax.research import data
   image, _ = data.nuclei_instances()
   png = folder / "cells256.png"
   PILImage.fromarray(image[:256, :256].astype(np.uint16)).save(png)

@@ -1,9 +1,9 @@
-"""Device memory of refinement on many patches: :class:`scribblejax.PatchBlend` in batches.
+"""Device memory of refinement on many patches: :class:`scribblejax.pipeline.PatchBlend` in batches.
 
 With nnU-Net's sliding window (half-patch steps), one marked voxel of a volume lies in up to 8
 patches, and test-time mirroring runs each patch 8 times. The refinement loop runs every marked
 patch; this measures, from XLA's own analysis of the compiled programs
-(:func:`scribblejax.memory_analysis`, nothing is run), how the peak memory grows with the patches
+(:func:`scribblejax.refinement.memory_analysis`, nothing is run), how the peak memory grows with the patches
 that one network call runs (``PatchBlend(chunk=...)``).
 
 The network is nnU-Net's ``PlainConvUNet`` of a ``3d_fullres`` plan (features 32, 64, 128, 256,
@@ -36,7 +36,7 @@ def nnunet_fullres(stages: int, classes: int = 3, seed: int = 0):
   """nnU-Net's PlainConvUNet of a 3d_fullres plan with ``stages`` resolution stages."""
   from flax import nnx
 
-  from converters.nnunet import PlainConvUNet
+  from scribblejax.convert.nnunet import PlainConvUNet
   features = [min(32 * 2 ** s, 320) for s in range(stages)]
   return PlainConvUNet(1, classes, 3, stages, features, 3, [1] + [2] * (stages - 1), 2, 2, conv_bias=True,
                        norm={"kind": "instance", "eps": 1e-5, "affine": True}, nonlin={"kind": "leaky_relu"},
@@ -51,7 +51,7 @@ def measure(net, patch: int, chunk: int | None, layers: int, mirror: bool, drive
   import jax.numpy as jnp
 
   import scribblejax as sj
-  from scribblejax.sliding_window import MarkedPatches, Mirrored, PatchBlend, marked_patches
+  from scribblejax.pipeline.sliding_window import MarkedPatches, Mirrored, PatchBlend, marked_patches
   size = patch + patch // 2
   starts = list(itertools.product((0, patch // 2), repeat=3))
   model = Mirrored(net, (0, 1, 2), (patch,) * 3 + (1,)) if mirror else net
@@ -68,7 +68,7 @@ def measure(net, patch: int, chunk: int | None, layers: int, mirror: bool, drive
   split = sj.split_params(blend, sj.last_layers(layers), example=example)
   config = sj.RefineConfig.paper(driver=driver, max_steps=max(steps, 1), early_stop=False)
   start = time.perf_counter()
-  memory = sj.memory_analysis(split, image, marks, config)
+  memory = sj.refinement.memory_analysis(split, image, marks, config)
   record = {"variant": variant, "dims": 3, "patch": patch, "patches": len(starts), "passes": 8 if mirror else 1,
             "chunk": blend.chunk, "layers": layers, "driver": memory["driver"], "peak_bytes": memory["peak_bytes"],
             "programs": memory["programs"], "compile_s": time.perf_counter() - start}
@@ -88,14 +88,14 @@ def stamp(record: dict) -> dict:
   import jax
 
   import scribblejax as sj
-  from scribblejax.evaluate import device_name
+  from scribblejax.research.evaluate import device_name
   record.update(device=device_name(), versions={"jax": jax.__version__, "scribblejax": sj.__version__})
   return record
 
 
 def write_records(records: list[dict], table: str, out: str | None) -> None:
   """Prints the table, and writes the records as JSON to ``out`` and the table beside it (``.md``), atomically."""
-  from scribblejax.evaluate import write_json, write_text
+  from scribblejax.research.evaluate import write_json, write_text
   print(table)
   if out:
     write_json(out, records)

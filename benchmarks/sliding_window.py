@@ -1,5 +1,5 @@
 """Segmenting a volume before and after a refinement: two sliding-window passes against one pass that
-computes each patch's frozen trunk once (:func:`scribblejax.sliding_window_logits_of`).
+computes each patch's frozen trunk once (:func:`scribblejax.pipeline.sliding_window_logits_of`).
 
 ``refine`` without a session writes the refined segmentation and reports how many voxels changed
 from the network's own, so it segments the whole volume with W and with the refined W_lam. The two
@@ -46,17 +46,17 @@ def measure(volume: int, patch: int, stages: int, layers: int, repeats: int) -> 
 
   import scribblejax as sj
   from benchmarks.patch_memory import nnunet_fullres
-  from scribblejax.sliding_window import window_grid
+  from scribblejax.pipeline.sliding_window import window_grid
   split = sj.split_params(nnunet_fullres(stages), sj.last_layers(layers))
   refined = jax.tree.map(lambda w: w * 1.1, split.tunable)
   image = np.random.default_rng(0).normal(size=(volume,) * 3 + (1,)).astype(np.float32)
   shape = (patch,) * 3
 
   def two():
-    return [sj.sliding_window_logits(split, image, shape), sj.sliding_window_logits(split, image, shape, refined)]
+    return [sj.pipeline.sliding_window_logits(split, image, shape), sj.pipeline.sliding_window_logits(split, image, shape, refined)]
 
   def joint():
-    return sj.sliding_window_logits_of(split, image, shape, [None, refined])
+    return sj.pipeline.sliding_window_logits_of(split, image, shape, [None, refined])
 
   base = {"volume": volume, "patch": patch, "patches": len(window_grid((max(volume, patch),) * 3, shape, 0.5)),
           "layers": layers, "stages": stages, "repeats": repeats}

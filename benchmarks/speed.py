@@ -24,7 +24,6 @@ Usage::
     python -m benchmarks.speed                      # the full suite on the default device
     python -m benchmarks.speed --quick              # CI-sized smoke run (tiny sizes, 2 steps)
     python -m benchmarks.speed --cases 2d256 --batches 1 --variants scribblejax,torch_eager
-    scribblejax bench --quick                       # the same, as a subcommand
 
 Results: ``--out PATH.json`` (one record per measurement; default ``benchmarks/results/speed_DEVICE.json``,
 ``speed_DEVICE_quick.json`` for ``--quick``)
@@ -49,6 +48,8 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
+
+from scribblejax.testing import random_unet  # noqa: F401 (benchmarks and tests build their models with it)
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 CHECK_TOLERANCE = 1e-3    # largest |logit difference| at which check_torch_vs_scribblejax passes
@@ -120,32 +121,6 @@ class Settings:
 # ---------------------------------------------------------------------------------------------
 # Inputs
 # ---------------------------------------------------------------------------------------------
-
-def random_unet(dims: int, channels: Sequence[int], classes: int = 2, seed: int = 0):
-  """A :class:`scribblejax.UNet` with random weights drawn by numpy (fixed seed).
-
-  Kernels are normal with variance ``1 / fan_in``, norm scales 1 and biases 0: the weights every
-  recorded benchmark used, the same for the PyTorch reference (built from them).
-  """
-  import jax.numpy as jnp
-  from flax import nnx
-  import scribblejax as sj
-  abstract = nnx.eval_shape(lambda: sj.UNet(spatial_dims=dims, in_channels=1, num_classes=classes,
-                                            channels=tuple(channels), rngs=nnx.Rngs(0)))
-  graphdef, state = nnx.split(abstract)
-  rng = np.random.default_rng(seed)
-  flat = []
-  for path, var in nnx.to_flat_state(state):
-    shape = tuple(var.shape)
-    if path[-1] == "scale":
-      value = np.ones(shape, np.float32)
-    elif path[-1] == "bias":
-      value = np.zeros(shape, np.float32)
-    else:
-      value = (rng.standard_normal(shape) / np.sqrt(np.prod(shape[:-1]))).astype(np.float32)
-    flat.append((path, var.replace(jnp.asarray(value))))
-  return nnx.merge(graphdef, nnx.from_flat_state(flat))
-
 
 def make_model(dims: int, settings: Settings, seed: int = 0):
   """The benchmark U-Net (random weights, fixed seed)."""
@@ -282,7 +257,7 @@ def time_interleaved(calls: Sequence[Callable[[int], Any]], repeats: int,
 def _compiled_cache_sizes() -> dict:
   """Cache sizes of scribblejax's compiled entry points (to detect retracing)."""
   sizes = {}
-  for module in ("scribblejax.refine", "scribblejax.batch"):
+  for module in ("scribblejax.refinement.engine", "scribblejax.batch"):
     try:
       mod = importlib.import_module(module)
     except ImportError:
@@ -399,7 +374,7 @@ def prepare_jax(variant: str, case: Case, batch: int, settings: Settings, split)
       result = sj.refine(split, inputs[i][0][0], inputs[i][1][0], config)
       return jax.block_until_ready(result)
   elif variant == "scribblejax_sharded":
-    from scribblejax import sharding
+    from scribblejax.refinement import sharding
 
     def call(i):
       return jax.block_until_ready(sharding.refine_sharded(split, inputs[i][0], inputs[i][1], config))
@@ -410,7 +385,7 @@ def prepare_jax(variant: str, case: Case, batch: int, settings: Settings, split)
   def finish(timing: Timing, retraced: bool) -> dict:
     extra = {}
     if settings.memory and batch == 1 and variant not in BATCHED_VARIANTS[1:]:
-      memory = sj.memory_analysis(split, inputs[0][0][0], inputs[0][1][0], config)
+      memory = sj.refinement.memory_analysis(split, inputs[0][0][0], inputs[0][1][0], config)
       extra.update(memory=memory, peak_bytes=memory["peak_bytes"])
     return _jax_record(variant, case, batch, settings, config, timing, retraced, extra)
 
@@ -427,18 +402,18 @@ def _jax_record(variant, case, batch, settings, config, timing, retraced, extra)
     taken = int(np.max(np.asarray(last.num_steps)))
     satisfied = bool(np.all(np.asarray(last.satisfied)))
   extra = {**extra, "retraced": retraced, "satisfied": satisfied, "max_steps": config.max_steps,
-           "driver": sj.resolve_driver(config.driver, config.conv_backend, config.compute_dtype,
+           "driver": sj.refinement.resolve_driver(config.driver, config.conv_backend, config.compute_dtype,
                                      config.cache_trunk),
            "cache_trunk": config.cache_trunk,
            "batch_scheme": refine_scheme(config) if batch > 1 else None,
            "compute_dtype": config.compute_dtype, "remat": config.remat,
-           "conv_backend": sj.resolve_conv_backend(config.conv_backend)}
+           "conv_backend": sj.kernels.resolve_conv_backend(config.conv_backend)}
   return _record(variant, case, batch, taken, timing, settings, extra)
 
 
 def refine_scheme(config) -> str:
   import importlib as _importlib
-  return _importlib.import_module("scribblejax.refine").resolve_batch_scheme(config.batch_scheme)
+  return _importlib.import_module("scribblejax.refinement.engine").resolve_batch_scheme(config.batch_scheme)
 
 
 def torch_device() -> str:
@@ -664,7 +639,7 @@ def markdown_table(records: Sequence[dict]) -> str:
 
 def write_results(records: Sequence[dict], out: Path) -> tuple[Path, Path]:
   """Writes ``out`` (JSON list of records) and ``out`` with suffix ``.md`` (the table), atomically."""
-  from scribblejax import fileio  # lazy, like every scribblejax import here
+  from scribblejax.io import fileio  # lazy, like every scribblejax import here
   out = Path(out)
   md = out.with_suffix(".md")
   fileio.write_text(out, json.dumps(list(records), indent=1) + "\n")
@@ -695,7 +670,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
   parser.add_argument("--channels", default=None, help="U-Net channels (default 32,64,128,256; --quick 4,8)")
   parser.add_argument("--no-check", action="store_true", help="skip the torch-vs-scribblejax logit check")
   parser.add_argument("--memory", action="store_true",
-                      help="add XLA's compiled-memory analysis (scribblejax.memory_analysis) to batch-1 records")
+                      help="add XLA's compiled-memory analysis (scribblejax.refinement.memory_analysis) to batch-1 records")
   parser.add_argument("--out", default=None, help="JSON output path (default benchmarks/results/speed_<device>.json; --quick: speed_<device>_quick.json)")
   parser.add_argument("--order", choices=("interleaved", "sequential"), default="interleaved",
                       help="interleaved (default): the variants of a case and batch take turns, call by call, the "
@@ -889,7 +864,7 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print,
 
 
 def execute(args: argparse.Namespace) -> int:
-  """Runs the benchmark and writes its results (``python -m benchmarks.speed`` and ``scribblejax bench``).
+  """Runs the benchmark and writes its results (``python -m benchmarks.speed``).
 
   Raises:
     ValueError: bad arguments.

@@ -3,7 +3,7 @@
 Scribble-conditioned test-time refinement (Sambaturu et al., MICCAI 2021, Algorithm 1) in JAX/Flax:
 the user marks pixels with their true class; the last layers of one image's copy of the network are
 fine-tuned until every marked pixel is predicted as its label, and a round changes the segmentation
-where its marks asked for it (:mod:`scribblejax.merge`).
+where its marks asked for it (:func:`progressive_merge`).
 
 Example:
   >>> import scribblejax as sj
@@ -14,109 +14,24 @@ Example:
   >>> result.labels, int(result.num_steps), bool(result.satisfied)
 """
 
-from scribblejax.kernels import KernelStatus, kernel_status, resolve_conv_backend
-from scribblejax.marks import (UNMARKED, Box, LabelMap, Mark, Point, Polygon, Scribble, accumulate,
-                               encode_marks, grow_marks, validate_mark_map)
-from scribblejax.models.ensemble import Ensemble
-from scribblejax.models.layer_order import check_layer_order, layer_order, traced_layer_order
-from scribblejax.models.regions import Regions, region_labels, region_scores
-from scribblejax.models.store import ModelInfo, builtin_models, load_model, read_info, save_model
-from scribblejax.models.unet import UNet
-from scribblejax.normalize import normalize
-from scribblejax.params import (Split, biases, by_predicate, by_regex, check_tunable, count_params, head,
-                                last_layers, merge_params, norm_affine, split_params, tunable_paths)
-from scribblejax.merge import progressive_merge
-from scribblejax.refine import (MarksReport, RefineConfig, RefineResult, RefineState, Trunk, compute_trunk,
-                                describe_marks, forward, marked_cross_entropy, marks_report, marks_satisfied,
-                                memory_analysis, predict, proximal_norm, refine, refine_batch, resolve_batch_scheme,
-                                resolve_driver)
-from scribblejax.resample import ResampleScheme, resample_label_map, resampled_shape
-from scribblejax.sharding import batch_mesh, refine_sharded
-from scribblejax.sliding_window import (MarkedPatches, PatchBlend, marked_patches, marked_windows, patch_chunk,
-                                        sliding_window_logits, sliding_window_logits_of)
-from scribblejax.session import (Round, Session, add_marks, current_labels, current_logits, current_marks,
-                                 start_session, undo)
+from scribblejax import config, io, kernels, marks, models, params, pipeline, refinement, session
+from scribblejax.config import RefineConfig
+from scribblejax.marks import UNMARKED, Box, LabelMap, Point, Polygon, Scribble, encode_marks, grow_marks
+from scribblejax.models import ModelInfo, UNet, load_model, save_model
+from scribblejax.params import Split, head, last_layers, norm_affine, split_params
+from scribblejax.pipeline import normalize
+from scribblejax.refinement import (RefineResult, compute_trunk, marks_report, predict, progressive_merge, refine,
+                                    refine_batch, refine_sharded)
+from scribblejax.session import Session, add_marks, current_labels, start_session, undo
 
 __version__ = "0.1.0"
 
+# The curated API; everything else lives in its namespace: sj.marks, sj.params, sj.models,
+# sj.refinement, sj.pipeline, sj.session, sj.io, sj.kernels, sj.config.
 __all__ = [
-    "Box",
-    "Ensemble",
-    "KernelStatus",
-    "LabelMap",
-    "MarksReport",
-    "Mark",
-    "ModelInfo",
-    "MarkedPatches",
-    "PatchBlend",
-    "Point",
-    "Polygon",
-    "RefineConfig",
-    "RefineResult",
-    "RefineState",
-    "Regions",
-    "ResampleScheme",
-    "Round",
-    "Scribble",
-    "Session",
-    "Split",
-    "Trunk",
-    "UNMARKED",
-    "UNet",
-    "accumulate",
-    "add_marks",
-    "biases",
-    "builtin_models",
-    "by_predicate",
-    "by_regex",
-    "check_layer_order",
-    "compute_trunk",
-    "check_tunable",
-    "count_params",
-    "current_labels",
-    "current_logits",
-    "current_marks",
-    "describe_marks",
-    "encode_marks",
-    "forward",
-    "memory_analysis",
-    "grow_marks",
-    "head",
-    "kernel_status",
-    "last_layers",
-    "layer_order",
-    "load_model",
-    "marked_cross_entropy",
-    "marked_patches",
-    "marked_windows",
-    "marks_satisfied",
-    "marks_report",
-    "merge_params",
-    "progressive_merge",
-    "norm_affine",
-    "patch_chunk",
-    "normalize",
-    "predict",
-    "proximal_norm",
-    "read_info",
-    "refine",
-    "refine_batch",
-    "resolve_batch_scheme",
-    "resolve_conv_backend",
-    "resolve_driver",
-    "save_model",
-    "batch_mesh",
-    "refine_sharded",
-    "region_labels",
-    "region_scores",
-    "resample_label_map",
-    "resampled_shape",
-    "sliding_window_logits",
-    "sliding_window_logits_of",
-    "split_params",
-    "start_session",
-    "traced_layer_order",
-    "tunable_paths",
-    "undo",
-    "validate_mark_map",
+    "Box", "LabelMap", "ModelInfo", "Point", "Polygon", "RefineConfig", "RefineResult", "Scribble", "Session",
+    "Split", "UNMARKED", "UNet", "add_marks", "compute_trunk", "current_labels", "encode_marks", "grow_marks",
+    "head", "last_layers", "load_model", "marks_report", "norm_affine", "normalize", "predict",
+    "progressive_merge", "refine", "refine_batch", "refine_sharded", "save_model", "split_params",
+    "start_session", "undo",
 ]

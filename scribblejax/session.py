@@ -22,9 +22,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from scribblejax import marks as marks_lib
-from scribblejax.merge import new_marks_of, progressive_merge, unsure
+from scribblejax.refinement.merge import new_marks_of, progressive_merge, unsure
 from scribblejax.params import Split
-from scribblejax.refine import RefineConfig, RefineResult, Trunk, compute_trunk, predict, refine, trunk_mismatch
+from scribblejax.refinement.engine import RefineConfig, RefineResult, Trunk, compute_trunk, predict, refine, trunk_mismatch
 
 
 class Round(NamedTuple):
@@ -97,7 +97,7 @@ def add_marks(session: Session, new_marks: Any, config: RefineConfig | None = No
 
   With ``config.progressive_merge`` (the default) the round's segmentation is the refined labels in
   the regions of change that touch the new marks, the previous segmentation elsewhere, and every
-  mark on its pixels (:func:`scribblejax.merge.progressive_merge`); ``current_logits`` stays the
+  mark on its pixels (:func:`scribblejax.refinement.merge.progressive_merge`); ``current_logits`` stays the
   refined network's.
 
   Args:

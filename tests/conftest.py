@@ -5,11 +5,11 @@ import os
 import pytest
 from flax import nnx
 
-from scribblejax import data
+from scribblejax.research import data
 from scribblejax.models.store import save_model
 from scribblejax.models.unet import UNet
-from scribblejax.normalize import normalize
-from scribblejax.train import TrainConfig, train_segmenter
+from scribblejax.pipeline.normalization import normalize
+from scribblejax.research.train import TrainConfig, train_segmenter
 
 # The command line keeps compiled programs on disk (scribblejax.cli.enable_compilation_cache); the tests,
 # which call it in-process and in subprocesses, do not write there (one test turns it on on purpose).

@@ -19,8 +19,8 @@ def _names(state):
 
 def test_unet_layer_order_is_the_forward_order():
   model = _unet()
-  stated = sj.layer_order(model)
-  traced = sj.traced_layer_order(model, jnp.zeros((1, 16, 16, 1)))
+  stated = sj.models.layer_order(model)
+  traced = sj.models.traced_layer_order(model, jnp.zeros((1, 16, 16, 1)))
   # the traced order names (conv, norm) separately: collapse to the stated layers and compare
   collapsed = []
   for path in traced:
@@ -36,13 +36,13 @@ def test_unet_layer_order_is_the_forward_order():
 def test_split_covers_every_variable_once_and_merges_losslessly(norm):
   model = _unet(norm)
   x = jnp.asarray(np.random.default_rng(0).normal(size=(1, 20, 18, 1)), jnp.float32)
-  for select in [sj.last_layers(5), sj.by_regex(r"decoder/1/.*"), sj.norm_affine() if norm != "none" else sj.head(),
-                 sj.biases() if norm == "none" else sj.head(), sj.by_predicate(lambda p: p[0] == "up")]:
+  for select in [sj.last_layers(5), sj.params.by_regex(r"decoder/1/.*"), sj.norm_affine() if norm != "none" else sj.head(),
+                 sj.params.biases() if norm == "none" else sj.head(), sj.params.by_predicate(lambda p: p[0] == "up")]:
     split = sj.split_params(model, select)
     tunable, frozen = _names(split.tunable), _names(split.frozen)
     assert tunable and not set(tunable) & set(frozen)
     assert sorted(tunable + frozen) == _names(nnx.state(model))
-    np.testing.assert_array_equal(np.asarray(sj.merge_params(split)(x)), np.asarray(model(x)))
+    np.testing.assert_array_equal(np.asarray(sj.params.merge_params(split)(x)), np.asarray(model(x)))
 
 
 def test_selections_pick_the_right_parameters():
@@ -52,26 +52,26 @@ def test_selections_pick_the_right_parameters():
   assert all(n.startswith(("head/", "decoder/1/")) for n in last3) and "decoder/1/0/conv/kernel" in last3
   norms = _names(sj.split_params(model, sj.norm_affine()).tunable)
   assert norms and all(n.endswith(("/norm/scale", "/norm/bias")) for n in norms)
-  biases = _names(sj.split_params(model, sj.biases()).tunable)
+  biases = _names(sj.split_params(model, sj.params.biases()).tunable)
   assert biases and all(n.endswith("bias") for n in biases)
   # batch statistics are never tunable
-  split = sj.split_params(model, sj.by_regex(r".*"))
+  split = sj.split_params(model, sj.params.by_regex(r".*"))
   assert not any("mean" in n or "var" in n for n in _names(split.tunable))
   assert any(n.endswith("norm/mean") for n in _names(split.frozen))
 
 
 def test_bad_selections_raise():
   model = _unet()
-  n_layers = len(sj.layer_order(model))
+  n_layers = len(sj.models.layer_order(model))
   with pytest.raises(ValueError, match=f"only {n_layers} layers"):
     sj.split_params(model, sj.last_layers(n_layers + 1))
   with pytest.raises(ValueError, match="positive integer"):
     sj.split_params(model, sj.last_layers(0))
   with pytest.raises(ValueError, match="empty tunable set"):
-    sj.split_params(model, sj.by_regex(r"no/such/param"))
+    sj.split_params(model, sj.params.by_regex(r"no/such/param"))
   with pytest.raises(ValueError, match=r"pattern 'head/\(' is not a regular expression"):
-    sj.split_params(model, sj.by_regex("head/("))
-  assert sj.tunable_paths(model, sj.last_layers(np.int64(2))) == sj.tunable_paths(model, sj.last_layers(2))
+    sj.split_params(model, sj.params.by_regex("head/("))
+  assert sj.params.tunable_paths(model, sj.last_layers(np.int64(2))) == sj.params.tunable_paths(model, sj.last_layers(2))
 
 
 class _Plain(nnx.Module):
@@ -97,18 +97,18 @@ class _Stated(_Plain):
 def test_user_model_layer_order_traced_or_stated():
   model = _Plain(nnx.Rngs(0))
   example = jnp.zeros((1, 8, 8, 1))
-  assert sj.layer_order(model, example) == (("early",), ("late",))
+  assert sj.models.layer_order(model, example) == (("early",), ("late",))
   with pytest.raises(ValueError, match="example input"):
-    sj.layer_order(model)
+    sj.models.layer_order(model)
   split = sj.split_params(model, sj.last_layers(1), example=example)
   assert _names(split.tunable) == ["late/bias", "late/kernel"]
-  assert sj.layer_order(_Stated(nnx.Rngs(0), [("early",), ("late",)])) == (("early",), ("late",))
+  assert sj.models.layer_order(_Stated(nnx.Rngs(0), [("early",), ("late",)])) == (("early",), ("late",))
   with pytest.raises(ValueError, match="belongs to no layer"):
-    sj.layer_order(_Stated(nnx.Rngs(0), [("early",)]))
+    sj.models.layer_order(_Stated(nnx.Rngs(0), [("early",)]))
   with pytest.raises(ValueError, match="owns no parameter"):
-    sj.layer_order(_Stated(nnx.Rngs(0), [("early",), ("late",), ("nothing",)]))
+    sj.models.layer_order(_Stated(nnx.Rngs(0), [("early",), ("late",), ("nothing",)]))
   with pytest.raises(ValueError, match="several layers"):
-    sj.layer_order(_Stated(nnx.Rngs(0), [("early",), ("late",), ("late", "kernel")]))
+    sj.models.layer_order(_Stated(nnx.Rngs(0), [("early",), ("late",), ("late", "kernel")]))
 
 
 class _Scaled(nnx.Module):
@@ -128,7 +128,7 @@ class _Scaled(nnx.Module):
 
 def test_parameters_held_beside_submodules_are_layers_of_their_own():
   model, example = _Scaled(nnx.Rngs(0)), jnp.zeros((1, 8, 8, 1))
-  order = sj.layer_order(model, example)                  # was: "belongs to several layers" for any selection
+  order = sj.models.layer_order(model, example)                  # was: "belongs to several layers" for any selection
   assert order == (("stem",), ("block", "conv"), ("block", "gamma"), ("head",), ("temperature",))
   assert _names(sj.split_params(model, sj.last_layers(2), example=example).tunable) == [
       "head/bias", "head/kernel", "temperature"]
@@ -158,7 +158,7 @@ def test_traced_order_looks_inside_nested_calls_and_puts_unused_layers_first(wra
   model = _Nested(nnx.Rngs(0), wrap)
   example = jnp.zeros((1, 8, 8, 1))
   # was: ('a_head', 'y_second', 'z_first') by name (one nested call), and 'aux' last, so head() tuned it
-  assert sj.layer_order(model, example) == (("aux",), ("z_first",), ("y_second",), ("a_head",))
+  assert sj.models.layer_order(model, example) == (("aux",), ("z_first",), ("y_second",), ("a_head",))
   assert _names(sj.split_params(model, sj.head(), example=example).tunable) == ["a_head/bias", "a_head/kernel"]
 
 

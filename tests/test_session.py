@@ -34,7 +34,7 @@ def test_rounds_accumulate_and_undo_restores():
   labels1 = np.asarray(sj.current_labels(session))
   second = _round((16, 16), ((3, 12), 0), ((12, 3), 1))
   session = sj.add_marks(session, second)
-  marks = sj.current_marks(session)
+  marks = sj.session.current_marks(session)
   # both rounds' marks are kept and honoured
   assert set(zip(*np.nonzero(first >= 0))) <= set(zip(*np.nonzero(marks >= 0)))
   labels2 = np.asarray(sj.current_labels(session))
@@ -42,7 +42,7 @@ def test_rounds_accumulate_and_undo_restores():
   undone = sj.undo(session)
   assert len(undone.rounds) == 1
   np.testing.assert_array_equal(np.asarray(sj.current_labels(undone)), labels1)
-  np.testing.assert_array_equal(sj.current_marks(undone), first)
+  np.testing.assert_array_equal(sj.session.current_marks(undone), first)
   with pytest.raises(ValueError, match="nothing to undo"):
     sj.undo(sj.undo(undone))
 
@@ -52,13 +52,13 @@ def test_reset_restarts_from_w_and_continue_from_last():
   first = _round((16, 16), ((3, 3), 1))
   second = _round((16, 16), ((12, 12), 2))
   reset = sj.add_marks(sj.add_marks(sj.start_session(split, image, CFG), first), second)
-  direct = sj.refine(split, image, sj.accumulate(first, second), CFG)
+  direct = sj.refine(split, image, sj.marks.accumulate(first, second), CFG)
   # with the paper's reset, round 2 is exactly a fresh refinement from W on all marks
   for a, b in zip(jax.tree.leaves(reset.rounds[-1].result.tunable), jax.tree.leaves(direct.tunable)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   cont = sj.add_marks(sj.add_marks(sj.start_session(split, image, CFG, continue_weights=True), first), second)
   start = cont.rounds[0].result.tunable
-  expected = sj.refine(split, image, sj.accumulate(first, second), CFG, start=start)
+  expected = sj.refine(split, image, sj.marks.accumulate(first, second), CFG, start=start)
   for a, b in zip(jax.tree.leaves(cont.rounds[-1].result.tunable), jax.tree.leaves(expected.tunable)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   # both honour every mark, and the two modes really started from different weights
@@ -87,8 +87,8 @@ def test_session_history_is_not_changed_through_the_callers_arrays(cache_trunk):
   np.testing.assert_allclose(np.asarray(session.rounds[-1].result.logits), np.asarray(expected.logits),
                              rtol=1e-5, atol=1e-5)       # refined the image as it was given, not as edited
   np.testing.assert_array_equal(np.asarray(session.initial_logits), initial)
-  marks = sj.current_marks(session)
+  marks = sj.session.current_marks(session)
   marks[0, 0] = 2                       # editing what current_marks returned ...
-  assert sj.current_marks(session)[0, 0] == -1 and session.rounds[-1].marks[0, 0] == -1   # ... changes no round
+  assert sj.session.current_marks(session)[0, 0] == -1 and session.rounds[-1].marks[0, 0] == -1   # ... changes no round
   with pytest.raises(ValueError, match="read-only"):
     session.rounds[-1].marks[0, 0] = 2

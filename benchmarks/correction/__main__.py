@@ -1,7 +1,7 @@
 """The correction benchmark: does refinement correct, against the network and the peers?
 
 Every case of :mod:`benchmarks.correction.cases` is corrected by every method, each fed by the same
-deterministic robot user (:func:`scribblejax.simulate.robot_marks`: scribbles, RITM's clicks, boxes,
+deterministic robot user (:func:`scribblejax.research.simulate.robot_marks`: scribbles, RITM's clicks, boxes,
 the CVPR 2025 interactive 3-D challenge's box-then-clicks), for N interactions. It writes, atomically:
 
 * ``results.json``: every run (Dice per interaction, NoC@85/90, Dice-AUC, marks honoured, satisfied,
@@ -33,10 +33,10 @@ from typing import Any
 import numpy as np
 
 from benchmarks.correction.cases import CASES, BenchCase
-from scribblejax import baselines as bl
-from scribblejax import evaluate as ev
-from scribblejax.refine import RefineConfig
-from scribblejax.simulate import ROBOT_USERS
+from scribblejax.research import baselines as bl
+from scribblejax.research import evaluate as ev
+from scribblejax.refinement.engine import RefineConfig
+from scribblejax.research.simulate import ROBOT_USERS
 
 OURS = "scribblejax"
 METHODS = ("initial", "random_walker", "graph_cut", "head", "fbrs", "paper", OURS)
@@ -57,7 +57,7 @@ def make_method(name: str, model: Any, layers: int = 5) -> bl.Method:
   if name == "fbrs":
     return bl.fbrs_method(model, layers)
   if name == "graph_cut":
-    from scribblejax.graphcut import graph_cut_method
+    from scribblejax.research.graphcut import graph_cut_method
     return graph_cut_method(model)
   if name == "random_walker":
     return bl.random_walker_method(model)
@@ -237,7 +237,7 @@ def plot_case(path: Path, case: str, results: list[dict]) -> None:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  from scribblejax import fileio
+  from scribblejax.io import fileio
   runs = [r for r in results if r["case"] == case]
   users = list(dict.fromkeys(r["user"] for r in runs))
   fig, axes = plt.subplots(1, len(users), figsize=(3.6 * len(users), 3.2), squeeze=False)

@@ -37,10 +37,10 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from scribblejax import baselines as bl
-from scribblejax import data
-from scribblejax import evaluate as ev
-from scribblejax.normalize import normalize
+from scribblejax.models import surgery
+from scribblejax.research import data
+from scribblejax.research import evaluate as ev
+from scribblejax.pipeline.normalization import normalize
 
 HELD_OUT_SLICE = 140           # an MNI axial test slice (test range 105..149) not used for tuning
 
@@ -96,8 +96,8 @@ def nuclei_synthetic() -> BenchCase:
 def tissue2d_missed_csf() -> BenchCase:
   bb = ev.resolve_backbone(None, "tissue2d")
   image, truth = _tissue_slice(bb, HELD_OUT_SLICE)
-  amount = bl.suppression_amount(bb.model, image, 1)
-  model = bl.suppress_class(bb.model, 1, amount=amount)
+  amount = surgery.suppression_amount(bb.model, image, 1)
+  model = surgery.suppress_class(bb.model, 1, amount=amount)
   return BenchCase(ev.make_case("tissue2d_missed_csf", image, truth, 4, bb.class_names), model, "missed class",
                    "held-out", f"slice {HELD_OUT_SLICE}; the CSF head bias lowered by {amount:.2f} (the least amount "
                    "that removes CSF on this image, plus 1): a produced miss")
@@ -113,7 +113,7 @@ def nuclei2d_large() -> BenchCase:
   truth = np.where(instances > 0, np.where(large, 2, 1), 0).astype(np.int32)
   case = ev.make_case("nuclei2d_large", normalize(ds.image[ds.test], bb.normalization), truth[ds.test], 3,
                       ("background", "nucleus", "large nucleus"))
-  return BenchCase(case, bl.add_classes(bb.model, 1), "new class", "held-out",
+  return BenchCase(case, surgery.add_classes(bb.model, 1), "new class", "held-out",
                    "DSB test columns; 'large nucleus' (area >= 75th percentile) appended to the head by add_classes")
 
 

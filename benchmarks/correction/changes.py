@@ -22,10 +22,10 @@ from scipy import ndimage
 
 from benchmarks.correction.__main__ import environment
 from benchmarks.correction.cases import CASES
-from scribblejax import evaluate as ev
+from scribblejax.research import evaluate as ev
 from scribblejax.params import last_layers, split_params
-from scribblejax.refine import RefineConfig, predict, refine
-from scribblejax.simulate import simulate_marks
+from scribblejax.refinement.engine import RefineConfig, predict, refine
+from scribblejax.research.simulate import simulate_marks
 
 BINS = (0.0, 0.8, 0.9, 0.95, 0.99, 1.01)
 

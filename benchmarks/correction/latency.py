@@ -20,9 +20,9 @@ import numpy as np
 
 import scribblejax as sj
 from benchmarks.correction.__main__ import environment
-from scribblejax import data
-from scribblejax import evaluate as ev
-from scribblejax.simulate import simulate_marks
+from scribblejax.research import data
+from scribblejax.research import evaluate as ev
+from scribblejax.research.simulate import simulate_marks
 
 
 def _nuclei_256() -> tuple:
@@ -56,7 +56,7 @@ def measure(name: str, interactions: int) -> dict:
   compile_seconds = time.perf_counter() - start
   seconds, steps, satisfied = [], [], []
   for _ in range(interactions):
-    marked = sj.current_marks(session) >= 0
+    marked = sj.session.current_marks(session) >= 0
     new = simulate_marks(np.asarray(sj.current_labels(session)), truth, classes, marked=marked)
     new = np.where(marked, -1, new).astype(np.int32)
     if not (new >= 0).any():
@@ -69,7 +69,7 @@ def measure(name: str, interactions: int) -> dict:
     satisfied.append(bool(session.rounds[-1].result.satisfied))
   return {"case": name, "shape": list(truth.shape), "seconds": seconds, "median_seconds": float(np.median(seconds)),
           "steps": steps, "satisfied": satisfied, "first_round_with_compilation_seconds": compile_seconds,
-          "kernels": str(sj.kernel_status())}
+          "kernels": str(sj.kernels.kernel_status())}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,11 +1,11 @@
 """A network trained in PyTorch and imported, as a user would bring one to scribblejax.
 
 :func:`monai_backbone` trains a small MONAI ``BasicUNet`` with torch on the training split of a
-built-in 2D task (the crops, flips and intensity jitter of :func:`scribblejax.train.sample_batch`, the
+built-in 2D task (the crops, flips and intensity jitter of :func:`scribblejax.research.train.sample_batch`, the
 normalisation and loss the shipped model of that task was trained with), saves its ``state_dict`` as
 ``model.pt``, converts it with the project's converter exactly as ``scribblejax convert model.pt --arch
 monai.networks.nets.BasicUNet --kwargs ... --normalize ... --out DIR`` does, and loads the folder with
-:func:`scribblejax.evaluate.load_backbone`. The result is cached: a second call with the same settings
+:func:`scribblejax.research.evaluate.load_backbone`. The result is cached: a second call with the same settings
 loads the folder.
 
 The cache folder holds ``model.pt`` (the torch weights), ``model/`` (the converted scribblejax model)
@@ -16,7 +16,7 @@ torch and MONAI are imported lazily: importing this module needs neither.
 
 Example:
   >>> backbone = monai_backbone("tissue2d", steps=300)
-  >>> case = scribblejax.evaluate.task_case("tissue2d", backbone)
+  >>> case = scribblejax.research.evaluate.task_case("tissue2d", backbone)
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import numpy as np
 
 ARCH = "monai.networks.nets.BasicUNet"
 FEATURES = (8, 8, 16, 32, 64, 8)
-TASKS = ("tissue2d", "nuclei2d")      # the built-in 2D training tasks of scribblejax.train
+TASKS = ("tissue2d", "nuclei2d")      # the built-in 2D training tasks of scribblejax.research.train
 DEFAULT_STEPS = 400                   # the shipped tissue2d model's steps
 
 
@@ -43,7 +43,7 @@ def model_kwargs(num_classes: int, in_channels: int = 1) -> dict:
 
 
 def _task(task: str):
-  from scribblejax import train
+  from scribblejax.research import train
   if task not in TASKS:
     raise ValueError(f"task must be one of {TASKS}, got {task!r}")
   return train._tasks()[task]
@@ -56,7 +56,7 @@ def training_data(task: str) -> tuple[np.ndarray, np.ndarray, Any]:
     ``(image float32[n, H, W, 1] or [H, W, 1], labels int32[...], dataset)``: each slice of a stack
     normalised alone, as the shipped model of the task was trained.
   """
-  from scribblejax.train import normalize_dataset_part
+  from scribblejax.research.train import normalize_dataset_part
   spec = _task(task)
   ds = spec.dataset()
   image = normalize_dataset_part(ds.image[ds.train], spec.normalization, stacked=ds.stacked)
@@ -65,7 +65,7 @@ def training_data(task: str) -> tuple[np.ndarray, np.ndarray, Any]:
 
 def _loss(torch, logits, y, num_classes: int, dice_weight: float):
   """Cross-entropy plus ``dice_weight`` times a soft Dice loss over the classes present in the batch
-  (the loss of :func:`scribblejax.train.train_segmenter`), for channels-first logits."""
+  (the loss of :func:`scribblejax.research.train.train_segmenter`), for channels-first logits."""
   loss = torch.nn.functional.cross_entropy(logits, y)
   if dice_weight:
     probs = torch.softmax(logits, 1)
@@ -83,7 +83,7 @@ def train_torch_unet(image: np.ndarray, labels: np.ndarray, num_classes: int, *,
                      log: Callable[[str], None] = print):
   """Trains a fresh MONAI ``BasicUNet`` with torch's Adam; deterministic given the seed.
 
-  The batches are :func:`scribblejax.train.sample_batch`'s (a function of ``(seed, step)``), the
+  The batches are :func:`scribblejax.research.train.sample_batch`'s (a function of ``(seed, step)``), the
   initial weights come from ``torch.manual_seed(seed)`` inside :func:`torch.random.fork_rng` and
   deterministic algorithms are on while it trains (the caller's settings are restored afterwards).
   One intra-op thread by default: these convolutions are small, and on a few shared CPU cores more
@@ -96,7 +96,7 @@ def train_torch_unet(image: np.ndarray, labels: np.ndarray, num_classes: int, *,
     steps: Adam steps.
     seed: seed of the weights and of the batches.
     stacked: axis 0 of ``image`` indexes independent slices.
-    config: a :class:`scribblejax.train.TrainConfig` for batch size, crop, learning rate, flips,
+    config: a :class:`scribblejax.research.train.TrainConfig` for batch size, crop, learning rate, flips,
       intensity jitter and Dice weight (its ``steps`` and ``seed`` are replaced by the arguments).
     threads: torch's intra-op threads while it trains (``None``: leave torch's setting).
     log: where progress lines go.
@@ -106,7 +106,7 @@ def train_torch_unet(image: np.ndarray, labels: np.ndarray, num_classes: int, *,
   """
   import torch
   from monai.networks.nets import BasicUNet
-  from scribblejax.train import TrainConfig, sample_batch
+  from scribblejax.research.train import TrainConfig, sample_batch
   config = dataclasses.replace(config or TrainConfig(), steps=steps, seed=seed)
   deterministic, num_threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
   losses = []
@@ -159,23 +159,23 @@ def load_torch_net(path: str | Path, num_classes: int, in_channels: int = 1):
 
 
 def default_cache(task: str, steps: int, seed: int) -> Path:
-  """``scribblejax.evaluate.cache_dir() / f"torch_monai_{task}_{steps}_{seed}"``."""
-  from scribblejax.evaluate import cache_dir
+  """``scribblejax.research.evaluate.cache_dir() / f"torch_monai_{task}_{steps}_{seed}"``."""
+  from scribblejax.research.evaluate import cache_dir
   return cache_dir() / f"torch_monai_{task}_{steps}_{seed}"
 
 
 def _test_slice(ds) -> int:
-  from scribblejax.evaluate import TISSUE_TEST_SLICE
+  from scribblejax.research.evaluate import TISSUE_TEST_SLICE
   return TISSUE_TEST_SLICE if ds.stacked else 0
 
 
 def _build(task: str, steps: int, seed: int, folder: Path, log: Callable[[str], None]) -> dict:
   """Trains, saves, converts and checks one backbone into ``folder``; returns what ``training.json`` holds."""
   import torch
-  from converters.convert import convert
-  from scribblejax.metrics import dice_per_class
+  from scribblejax.convert.folder import convert
+  from scribblejax.research.metrics import dice_per_class
   from scribblejax.models.store import load_model
-  from scribblejax.train import normalize_dataset_part, predict_labels
+  from scribblejax.research.train import normalize_dataset_part, predict_labels
   spec = _task(task)
   image, labels, ds = training_data(task)
   k = len(ds.class_names)
@@ -232,7 +232,7 @@ def monai_backbone(task: str = "tissue2d", *, steps: int = DEFAULT_STEPS, seed: 
     log: where progress lines go.
 
   Returns:
-    A :class:`scribblejax.evaluate.Backbone` named after the cache folder, with the task's class names
+    A :class:`scribblejax.research.evaluate.Backbone` named after the cache folder, with the task's class names
     and normalisation (the converted model's ``model.json`` states the normalisation; a bare checkpoint
     carries no class names, so they come from the dataset).
 
@@ -241,7 +241,7 @@ def monai_backbone(task: str = "tissue2d", *, steps: int = DEFAULT_STEPS, seed: 
     ImportError: torch or MONAI is missing (``pip install 'scribblejax[torch]'``).
   """
   from scribblejax._checks import is_integer
-  from scribblejax.evaluate import load_backbone
+  from scribblejax.research.evaluate import load_backbone
   _task(task)
   if not is_integer(steps) or steps < 1:
     raise ValueError(f"steps must be a positive integer, got {steps!r}")

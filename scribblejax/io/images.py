@@ -45,7 +45,7 @@ from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
-from scribblejax import fileio
+from scribblejax.io import fileio
 
 MEDICAL = ("nifti", "nrrd", "dicom")
 RASTER = ("tiff", "png", "jpeg")

@@ -11,7 +11,7 @@ import os
 
 import numpy as np
 
-from scribblejax import fileio
+from scribblejax.io import fileio
 
 from scribblejax.io.images import MEDICAL, Geometry
 

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from scribblejax import fileio
+from scribblejax.io import fileio
 
 FORMAT = "scribblejax-session"
 VERSION = 1
@@ -174,7 +174,7 @@ def remove_round_file(directory: str | os.PathLike, doc: dict, record: dict) -> 
 
 def save_initial(directory: str | os.PathLike, labels: np.ndarray, unsure: np.ndarray | None = None) -> None:
   """Stores the network's own segmentation (``initial.npz``), shown before any round, and where the
-  network was unsure (``scribblejax.merge.unsure``), when known."""
+  network was unsure (``scribblejax.refinement.merge.unsure``), when known."""
   d = Path(directory)
   d.mkdir(parents=True, exist_ok=True)
   arrays = {"labels": np.asarray(labels, np.int32)}

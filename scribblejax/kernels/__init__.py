@@ -10,7 +10,7 @@ XLA once, and exposes :func:`conv` and :func:`conv_transpose`: channels-last (tr
 convolutions whose forward pass and both gradients run in oneDNN, usable under ``jit``, ``grad``,
 ``vmap``, ``lax.while_loop`` and ``shard_map`` like any JAX function.
 
-:mod:`scribblejax.trunk` applies it to every float32 convolution it can (rewrite ``"onednn_conv"``)
+:mod:`scribblejax.refinement.trunk` applies it to every float32 convolution it can (rewrite ``"onednn_conv"``)
 when :attr:`scribblejax.RefineConfig.conv_backend` resolves to ``"onednn"``: by default on the CPU
 whenever the kernels are available (:func:`kernel_status`).
 

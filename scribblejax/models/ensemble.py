@@ -51,7 +51,7 @@ class Ensemble(nnx.Module):
     from scribblejax.models.store import build_model
     del rngs      # each member draws from its own stream, so that members differ
     if nets is None:
-      if family == "scribblejax.Ensemble":
+      if family == "scribblejax.models.Ensemble":
         raise ValueError("an Ensemble's members cannot be ensembles")
       if not is_integer(members) or members < 1:
         raise ValueError(f"an Ensemble needs a positive number of members, got {members!r}")
@@ -102,7 +102,7 @@ class Ensemble(nnx.Module):
     """The members' layer order (stated by the member's family), under ``net``.
 
     Raises:
-      NotImplementedError: the members state none (:func:`scribblejax.layer_order` then traces the
+      NotImplementedError: the members state none (:func:`scribblejax.models.layer_order` then traces the
         forward pass, given an example input).
     """
     from scribblejax.models.layer_order import check_layer_order

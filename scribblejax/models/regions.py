@@ -107,7 +107,7 @@ class Regions(nnx.Module):
     del rngs      # the network is built from its own family's seed (its weights are loaded over it)
     self.order = check_order(order)
     if net is None:
-      if family == "scribblejax.Regions":
+      if family == "scribblejax.models.Regions":
         raise ValueError("a Regions network cannot wrap another Regions network")
       net = build_model(family, kwargs or {})
     outputs = getattr(net, "num_classes", None)
@@ -128,7 +128,7 @@ class Regions(nnx.Module):
     """The network's layers (stated by its family), under ``net``.
 
     Raises:
-      NotImplementedError: the network states none (:func:`scribblejax.layer_order` then traces the
+      NotImplementedError: the network states none (:func:`scribblejax.models.layer_order` then traces the
         forward pass, given an example input).
     """
     from scribblejax.models.layer_order import check_layer_order

@@ -33,14 +33,14 @@ VERSION = 1
 # family name -> "module:attribute" of a constructor. A fixed table: nothing else is ever imported.
 FAMILIES: dict[str, str] = {
     "scribblejax.UNet": "scribblejax.models.unet:UNet",
-    "nnunet.PlainConvUNet": "converters.nnunet:PlainConvUNet",
-    "nnunet.ResidualEncoderUNet": "converters.nnunet:ResidualEncoderUNet",
-    "monai.BasicUNet": "converters.monai_nets:BasicUNet",
-    "monai.UNet": "converters.monai_nets:UNet",
-    "monai.SegResNet": "converters.monai_nets:SegResNet",
-    "smp.Unet": "converters.smp_unet:Unet",
-    "scribblejax.Ensemble": "scribblejax.models.ensemble:Ensemble",
-    "scribblejax.Regions": "scribblejax.models.regions:Regions",
+    "nnunet.PlainConvUNet": "scribblejax.convert.nnunet:PlainConvUNet",
+    "nnunet.ResidualEncoderUNet": "scribblejax.convert.nnunet:ResidualEncoderUNet",
+    "monai.BasicUNet": "scribblejax.convert.monai_nets:BasicUNet",
+    "monai.UNet": "scribblejax.convert.monai_nets:UNet",
+    "monai.SegResNet": "scribblejax.convert.monai_nets:SegResNet",
+    "smp.Unet": "scribblejax.convert.smp_unet:Unet",
+    "scribblejax.models.Ensemble": "scribblejax.models.ensemble:Ensemble",
+    "scribblejax.models.Regions": "scribblejax.models.regions:Regions",
 }
 
 # Built-in models shipped inside the package: name -> folder under scribblejax/weights/.
@@ -110,7 +110,7 @@ def save_model(directory: str | os.PathLike, model: nnx.Module, *, family: str, 
     model: the model; its state must match ``build_model(family, kwargs)``.
     family: a key of :data:`FAMILIES`.
     kwargs: JSON-serialisable constructor arguments.
-    normalization: a spec for :func:`scribblejax.normalize.normalize` (``None``: no normalisation).
+    normalization: a spec for :func:`scribblejax.pipeline.normalization.normalize` (``None``: no normalisation).
     class_names: one name per output class.
     metadata: anything JSON-serialisable (training command, scores, provenance).
     overwrite: replace an existing model folder (one holding only ``model.json`` and ``state``).
@@ -123,7 +123,7 @@ def save_model(directory: str | os.PathLike, model: nnx.Module, *, family: str, 
       other files (with it), or the model does not match ``family`` and ``kwargs``.
   """
   import orbax.checkpoint as ocp
-  from scribblejax.normalize import check_spec
+  from scribblejax.pipeline.normalization import check_spec
 
   directory = Path(directory).resolve()
   if directory.exists() and not overwrite:

@@ -3,7 +3,7 @@ run a refinement round on the scribble layer's values, undo, reset, save.
 
 A round is exactly a ``scribblejax refine --session`` round: the new marks are written as a label map
 in the image's geometry (in the session folder's hidden ``.napari/``), and
-:func:`scribblejax.io.workflow.run_refine` reads them, runs the pipeline (crop, spacing, patches),
+:func:`scribblejax.app.workflow.run_refine` reads them, runs the pipeline (crop, spacing, patches),
 refines and stores the round. So a session started here continues with
 ``scribblejax refine --session DIR``, and one started there opens here.
 
@@ -31,9 +31,9 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from scribblejax.io import session_store
-from scribblejax.io import workflow
+from scribblejax.app import workflow
 from scribblejax.io.images import OUTPUTS, SUFFIXES, Image, _suffix, image_digest, read_image, write_label_map
-from scribblejax.io.workflow import InferenceOptions, RefineSettings
+from scribblejax.app.workflow import InferenceOptions, RefineSettings
 
 WORK_FOLDER = ".napari"           # inside a session folder: the marks files and outputs of the widget's rounds
 UNMARKED_VALUE = 0                # scribble layer value meaning "no mark"
@@ -149,7 +149,7 @@ def network_labels(it: Interaction, log: workflow.Log = workflow._silent) -> np.
   pipeline (with the new classes' head, whose first segmentation is the network's own)."""
   network = workflow._load(it.model, log)
   if it.new_classes:
-    from scribblejax.baselines import add_classes
+    from scribblejax.models.surgery import add_classes
     try:
       network = network._replace(model=add_classes(network.model, len(it.new_classes)),
                                  spec=network.spec._replace(num_classes=it.num_classes))

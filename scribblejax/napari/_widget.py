@@ -19,7 +19,7 @@ from qtpy.QtCore import QObject, Signal
 from qtpy.QtWidgets import (QCheckBox, QComboBox, QFileDialog, QFormLayout, QGridLayout, QHBoxLayout, QLabel,
                             QLineEdit, QProgressBar, QPushButton, QVBoxLayout, QWidget)
 
-from scribblejax.io.workflow import RefineSettings
+from scribblejax.app.workflow import RefineSettings
 from scribblejax.napari import _core
 
 IMAGE, SEGMENTATION, SCRIBBLES = "image", "segmentation", "scribbles"

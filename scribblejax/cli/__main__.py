@@ -1,0 +1,7 @@
+"""``python -m scribblejax.cli``: the ``scribblejax`` command."""
+
+import sys
+
+from scribblejax.cli.main import main
+
+sys.exit(main())

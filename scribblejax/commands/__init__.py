@@ -1,1 +1,0 @@
-"""Subcommands of the ``scribblejax`` command line: each module has ``add_parser(subparsers)``."""

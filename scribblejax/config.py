@@ -1,0 +1,159 @@
+"""The refinement's settings: :class:`RefineConfig`, the one schema for every setting.
+
+The command line's flags, a model folder's ``model.json`` defaults and the reports all derive from its
+fields. Two presets: the library's defaults (``RefineConfig()``, chosen on the correction benchmark,
+see ``docs/correction.md``) and Algorithm 1 of Sambaturu et al. exactly (:meth:`RefineConfig.paper`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+import optax
+
+from scribblejax import kernels
+from scribblejax._checks import INT32_MAX, is_integer, is_number
+
+DRIVERS = ("auto", "loop", "host")
+BATCH_SCHEMES = ("auto", "vmap", "matmul", "shifted", "sequential")
+COMPUTE_DTYPES = ("float32", "bfloat16")
+OPTIMIZERS = ("sgd", "adam")
+# Algorithm 1 as the paper states it (RefineConfig.paper()): the settings the library used before the
+# correction benchmark (benchmarks/correction) chose its defaults.
+PAPER = {"max_steps": 100, "optimizer": "sgd", "learning_rate": 0.01, "momentum": 0.9, "prox_weight": 1.0,
+         "keep_weight": 0.0, "class_balance": False, "progressive_merge": False}
+PRESETS = ("default", "paper")
+
+
+@dataclasses.dataclass(frozen=True)
+class RefineConfig:
+  """Settings of one refinement (immutable, hashable).
+
+  Changing ``max_steps``, ``learning_rate``, ``momentum``, ``prox_weight`` or ``keep_weight`` never recompiles: they
+  enter the compiled function as traced scalars. The other fields are static.
+
+  Attributes:
+    max_steps: M, the most optimiser steps (the paper found 80 to 140 enough).
+    learning_rate: the step size of the named optimiser (ignored for a ``GradientTransformation``).
+    momentum: SGD's momentum (used by ``optimizer="sgd"`` only).
+    prox_weight: alpha, the weight of ``||W_lam - W||_2`` (a plain, not squared, L2 norm). Its pull is
+      the same however close W_lam is to W, so with SGD it keeps small remaining errors from being
+      fixed; the defaults leave it at 0 and anchor the prediction with ``keep_weight`` instead.
+    keep_weight: weight of a term that is not in the paper's Algorithm 1 (0 is the paper's
+      objective): the mean cross-entropy of the unmarked pixels against the network's own initial
+      labels (argmax under W), an inertia like BRS's, so that honouring the marks does not relabel
+      the rest of the image. ``docs/correction.md`` says what it changed.
+    class_balance: weight the cross-entropy so every marked class counts equally.
+    optimizer: ``"sgd"`` (SGD with ``momentum``, the paper's), ``"adam"`` (Adam, Kingma & Ba 2015),
+      both at ``learning_rate``; or any optax ``GradientTransformation``. ``None`` means ``"sgd"``.
+    driver: "auto", "loop" (one compiled while_loop) or "host" (jitted chunks driven from Python).
+    check_every: steps per jitted chunk between stop checks, for the host driver. The chunk's steps
+      are unrolled into one program, so its compile time grows with ``check_every`` (keep it small).
+    trace_length: length of the fixed-size loss trace in the result.
+    output: "logits" or "probabilities" in the result.
+    early_stop: stop as soon as every marked pixel is predicted as its label (Algorithm 1);
+      ``False`` always takes ``max_steps`` steps (a non-finite objective still stops), for benchmarks.
+    cache_trunk: compute the frozen trunk once per interaction and run only the tunable tail in
+      the loop (:mod:`scribblejax.refinement.trunk`); ``False`` runs the whole forward pass at every step.
+    batch_scheme: how :func:`refine_batch` runs a batch: "vmap" (one program over the batch; each
+      tunable convolution becomes a grouped convolution), "matmul" (the same, with the tail's
+      convolutions as patches and batched matrix products; needs ``cache_trunk``), "shifted" (the
+      same, one batched matrix product per kernel tap over a shifted window, without patches), "sequential"
+      (one image after another) or "auto" (see :func:`resolve_batch_scheme`).
+    compute_dtype: "float32" or "bfloat16": the dtype the network computes in. Parameters, their
+      gradients, the optimiser state and the loss stay float32 (the weights and the image are cast
+      on the way in, the logits cast back). Meant for the bf16 tensor cores of recent GPUs; its
+      effect on results is measured in ``benchmarks/results/experiments/full_cpu/precision.md``
+      (within about 0.01 Dice of float32).
+    remat: rematerialise activations in the backward pass instead of storing them: each layer of
+      the tunable tail (from one convolution to the next) is one ``jax.checkpoint``, so only the values
+      between layers are kept (with ``cache_trunk=False``, one checkpoint around the whole forward
+      pass). Meant for large 3D volumes and batches where stored activations dominate the memory,
+      for about one more forward of the tail per step. :func:`memory_analysis` reports what it
+      saves: on XLA:CPU nothing (the peak there is the backward pass's workspace; measured in
+      ``benchmarks/results/speed_cpu_3d_precision.md``).
+    progressive_merge: how a *round* (a session's, the command line's, the harness's) turns the
+      refined labels into its segmentation: ``True`` keeps the previous segmentation except in the
+      connected regions of change that touch the round's new marks, and sets every marked pixel to
+      its mark (:mod:`scribblejax.refinement.merge`); ``False`` takes the refined network's labels as they are
+      (the paper). :func:`refine` itself, which knows no previous segmentation, ignores it.
+    merge_confidence: with ``progressive_merge``, the pixels where the network (W) gave its top
+      class less than this probability follow the refined network wherever they lie (0: none).
+    conv_backend: who computes the convolutions of the trunk and the tail: "xla", "onednn" (oneDNN
+      through :mod:`scribblejax.kernels`, CPU only, float32 only; an error if the kernels cannot
+      run here) or "auto" (oneDNN on the CPU whenever available, else XLA). On 2 cores, oneDNN made a
+      refinement step 2.1x (2D 256^2) to 3.4x (3D 64^3) faster than XLA's kernels; see the README.
+  """
+  max_steps: int = 100
+  learning_rate: float = 1e-3
+  momentum: float = 0.9
+  prox_weight: float = 0.0
+  keep_weight: float = 1.0
+  class_balance: bool = False
+  optimizer: str | optax.GradientTransformation | None = "adam"
+  driver: str = "auto"
+  check_every: int = 1
+  trace_length: int = 256
+  output: str = "logits"
+  early_stop: bool = True
+  cache_trunk: bool = True
+  batch_scheme: str = "auto"
+  compute_dtype: str = "float32"
+  remat: bool = False
+  conv_backend: str = "auto"
+  progressive_merge: bool = True
+  merge_confidence: float = 0.8
+
+  @classmethod
+  def paper(cls, **overrides: Any) -> RefineConfig:
+    """Algorithm 1 of Sambaturu et al. exactly: SGD (learning rate 0.01, momentum 0.9) on the marked
+    pixels' cross-entropy plus ``1.0 * ||W_lam - W||_2``, at most 100 steps, no keep term.
+
+    These were the library's defaults before the correction benchmark chose today's; ``overrides``
+    replace any field (e.g. ``RefineConfig.paper(max_steps=140)``).
+    """
+    return cls(**{**PAPER, **overrides})
+
+  def __post_init__(self):
+    if not is_integer(self.max_steps) or not 0 <= self.max_steps <= INT32_MAX:
+      raise ValueError(f"max_steps must be a non-negative integer (at most {INT32_MAX}), got {self.max_steps!r}")
+    for name in ("learning_rate", "momentum", "prox_weight", "keep_weight", "merge_confidence"):
+      value = getattr(self, name)
+      if not is_number(value):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+      if not np.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be finite and >= 0, got {value!r}")
+    if self.merge_confidence > 1:
+      raise ValueError(f"merge_confidence is a probability in [0, 1], got {self.merge_confidence!r}")
+    if self.momentum >= 1:
+      raise ValueError(f"momentum must be in [0, 1) (SGD with momentum >= 1 diverges), got {self.momentum!r}")
+    for name in ("class_balance", "early_stop", "cache_trunk", "remat", "progressive_merge"):
+      if not isinstance(getattr(self, name), (bool, np.bool_)):
+        raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+    if isinstance(self.optimizer, str):
+      if self.optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {OPTIMIZERS} or an optax GradientTransformation, "
+                         f"got {self.optimizer!r}")
+    elif self.optimizer is not None and not (callable(getattr(self.optimizer, "init", None))
+                                             and callable(getattr(self.optimizer, "update", None))):
+      raise ValueError(f"optimizer must be one of {OPTIMIZERS} or an optax GradientTransformation, "
+                       f"got {self.optimizer!r}")
+    for name in ("check_every", "trace_length"):
+      value = getattr(self, name)
+      if not is_integer(value) or not 1 <= value <= INT32_MAX:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    if self.driver not in DRIVERS:
+      raise ValueError(f"driver must be one of {DRIVERS}, got {self.driver!r}")
+    if self.batch_scheme not in BATCH_SCHEMES:
+      raise ValueError(f"batch_scheme must be one of {BATCH_SCHEMES}, got {self.batch_scheme!r}")
+    if self.conv_backend not in kernels.CONV_BACKENDS:
+      raise ValueError(f"conv_backend must be one of {kernels.CONV_BACKENDS}, got {self.conv_backend!r}")
+    if self.compute_dtype not in COMPUTE_DTYPES:
+      raise ValueError(f"compute_dtype must be one of {COMPUTE_DTYPES}, got {self.compute_dtype!r}")
+    if self.conv_backend == "onednn" and self.compute_dtype != "float32":
+      raise ValueError(f"conv_backend='onednn' computes float32 only, so it cannot run compute_dtype="
+                       f"{self.compute_dtype!r}; use conv_backend='auto' (XLA's convolutions then) or 'xla'")
+    if self.output not in ("logits", "probabilities"):
+      raise ValueError(f"output must be 'logits' or 'probabilities', got {self.output!r}")

@@ -1,0 +1,42 @@
+"""The correction benchmark's verdicts and its wrapper for slices stored as volumes."""
+
+import numpy as np
+
+from benchmarks.correction.__main__ import OURS, squeezed, verdicts
+from scribblejax.research.baselines import Method
+
+
+def _run(method, dice, situation="in-domain"):
+  return {"case": "c", "user": "scribble", "method": method, "dice_per_interaction": dice, "situation": situation,
+          "split": "tuning", "rounds_unsatisfied": 0, "stop_reason": None}
+
+
+def test_verdicts_compare_the_defaults_with_the_network_and_the_best_peer():
+  ok = verdicts([_run(OURS, [0.8, 0.85, 0.9]), _run("graph_cut", [0.8, 0.855, 0.88]), _run("paper", [0.8, 0.5, 0.9])])[0]
+  assert ok["not_below_network"] and ok["first_drop_at_most_0.01"] and ok["within_0.01_of_best_peer"]
+  assert abs(ok["worst_gap_to_best_peer"] + 0.005) < 1e-9
+  assert ok["final_at_least_0.85"]
+  bad = verdicts([_run(OURS, [0.8, 0.78, 0.84]), _run("graph_cut", [0.8, 0.8, 0.86])])[0]
+  assert not bad["not_below_network"] and not bad["first_drop_at_most_0.01"]
+  assert not bad["within_0.01_of_best_peer"] and not bad["final_at_least_0.85"]
+  assert "final_at_least_0.85" not in verdicts([_run(OURS, [0.1, 0.2], "new class")])[0]
+
+
+def test_a_slice_stored_as_a_volume_reaches_the_method_as_a_slice():
+  seen = {}
+
+  def init(image):
+    seen["init"] = image.shape
+    return np.zeros(image.shape[:-1], np.int32)
+
+  def update(state, marks):
+    seen["update"] = marks.shape
+    return np.where(marks >= 0, marks, state)
+
+  method = squeezed(Method("m", init, lambda s: s, update, lambda image: None, lambda s: {}), (2,))
+  state = method.init(np.zeros((5, 6, 1, 1), np.float32))
+  marks = np.full((5, 6, 1), -1, np.int32)
+  marks[1, 2, 0] = 1
+  state = method.update(state, marks)
+  assert seen == {"init": (5, 6, 1), "update": (5, 6)}
+  assert method.labels(state).shape == (5, 6, 1) and method.labels(state)[1, 2, 0] == 1

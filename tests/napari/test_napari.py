@@ -1,0 +1,263 @@
+"""The napari plugin as a user drives it, headless (napari's ``make_napari_viewer`` under Xvfb): open an
+image with a shipped model, paint a stroke, press Refine, check the segmentation honours it, undo; in
+2-D and 3-D; a session saved from the widget continued by ``scribblejax refine --session``; bad input
+named in the widget with nothing drawn lost.
+
+On CI (``CI`` set) napari must import and a display must exist (``.ci/run`` runs the tests under
+``xvfb-run``): a missing one fails instead of skipping. Elsewhere the tests skip without them.
+
+``SCRIBBLEJAX_NAPARI_SCREENSHOT=docs/napari_widget.png`` also saves the 2-D test's screenshot there.
+"""
+
+import json
+import os
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from PIL import Image as PILImage
+
+try:
+  import napari  # noqa: F401
+except ImportError:
+  if os.environ.get("CI"):
+    raise                                  # on CI the plugin's tests never skip silently
+  pytest.skip("the napari extra is not installed (pip install \"scribblejax[napari]\")", allow_module_level=True)
+if not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
+  if os.environ.get("CI"):
+    raise RuntimeError("no display for napari's tests: run them under xvfb-run (as .ci/run does)")
+  pytest.skip("no display: run under xvfb-run -a", allow_module_level=True)
+
+from scribblejax.research import data
+from scribblejax.cli import main
+from scribblejax.io import read_image
+from scribblejax.napari import _core
+from scribblejax.napari._widget import SCRIBBLES, SEGMENTATION, ScribbleWidget
+
+# explicit knobs, so that the rounds are short and do not depend on the models' stored defaults
+KNOBS = {"max_steps": "100"}     # the library's defaults otherwise
+TIMEOUT_MS = 120_000
+
+
+@pytest.fixture(scope="module")
+def cells(tmp_path_factory):
+  """A 64x64 crop of the DSB nuclei test columns as a 16-bit PNG."""
+  image, _ = data.nuclei_instances()
+  path = tmp_path_factory.mktemp("images") / "cells.png"
+  PILImage.fromarray(image[0:64, 384:448].astype(np.uint16)).save(path)
+  return path
+
+
+@pytest.fixture(scope="module")
+def brain(tmp_path_factory):
+  """A 24x24x12 crop of the 3 mm MNI volume (tissue3d's test slab) as NIfTI at 3 mm."""
+  ds = data.tissue3d()
+  z0 = ds.test[2].start
+  crop = ds.image[20:44, 28:52, z0:z0 + 12, 0]
+  path = tmp_path_factory.mktemp("images") / "brain.nii.gz"
+  nib.save(nib.Nifti1Image(crop.astype(np.float32), ds.affine), path)
+  return path
+
+
+def _widget(make_napari_viewer, qtbot, image, model, session, warm=False, **knobs):
+  viewer = make_napari_viewer()
+  widget = ScribbleWidget(viewer)
+  viewer.window.add_dock_widget(widget, name="scribblejax refine")
+  widget.warm_check.setChecked(warm)                       # compile on open: on in the 2-D and 3-D tests
+  for field, text in {**KNOBS, **knobs}.items():
+    widget.setting_edits[field].setText(text)
+  widget.open(str(image), model, str(session))
+  _wait(qtbot, widget)
+  assert widget.interaction is not None, widget.message_label.text()
+  return viewer, widget
+
+
+def _wait(qtbot, widget):
+  qtbot.waitUntil(lambda: not widget.busy, timeout=TIMEOUT_MS)
+
+
+def _stroke(widget, index):
+  """Paints the class the network does not predict along a short line (values: class + 1)."""
+  labels = widget.viewer.layers[SEGMENTATION].data
+  scribbles = widget.viewer.layers[SCRIBBLES]
+  scribbles.data[index] = np.where(labels[index] == 1, 1, 2)
+  scribbles.refresh()
+  return scribbles.data.copy()
+
+
+def _refine(qtbot, widget):
+  widget.refine_button.click()
+  _wait(qtbot, widget)
+  assert widget.report is not None, widget.message_label.text()
+  return widget.report
+
+
+def _assert_honoured(widget, values):
+  painted = values > 0
+  labels = widget.viewer.layers[SEGMENTATION].data
+  if widget.report["satisfied"]:
+    np.testing.assert_array_equal(labels[painted], values[painted] - 1)
+  assert widget.report["marks_honoured"] == float((labels[painted] == values[painted] - 1).mean())
+
+
+def test_refine_in_2d_honours_the_stroke_and_undo_restores_the_layer(make_napari_viewer, qtbot, cells, tmp_path):
+  viewer, widget = _widget(make_napari_viewer, qtbot, cells, "nuclei2d", tmp_path / "session", warm=True)
+  assert "compiled in" in widget.message_label.text(), widget.message_label.text()
+  segmentation = viewer.layers[SEGMENTATION]
+  before = segmentation.data.copy()
+  assert before.shape == (64, 64) and "1 = background, 2 = nucleus" in widget.legend_label.text()
+  values = _stroke(widget, (30, slice(10, 30)))
+  report = _refine(qtbot, widget)
+  assert report["satisfied"], report
+  assert report["compile_seconds"] < 1.0, report           # compiled on open, by the throwaway round
+  assert viewer.layers[SEGMENTATION] is segmentation         # the same layer, updated in place
+  _assert_honoured(widget, values)
+  assert f"{report['steps']} steps" in widget.report_label.text()
+  assert "every mark honoured" in widget.report_label.text()
+
+  viewer.window.resize(1400, 900)
+  viewer.reset_view()
+  shot = viewer.screenshot(canvas_only=False, flash=False)
+  assert shot.ndim == 3 and shot.shape[0] > 200 and shot[..., :3].std() > 0
+  for path in (tmp_path / "widget.png", os.environ.get("SCRIBBLEJAX_NAPARI_SCREENSHOT")):
+    if path:
+      PILImage.fromarray(np.asarray(shot)).save(path)
+
+  widget.undo_button.click()
+  _wait(qtbot, widget)
+  np.testing.assert_array_equal(segmentation.data, before)
+  assert not viewer.layers[SCRIBBLES].data.any()
+  assert widget.interaction.rounds == 0
+
+
+def test_bad_marks_are_named_and_nothing_drawn_is_lost(make_napari_viewer, qtbot, cells, tmp_path):
+  viewer, widget = _widget(make_napari_viewer, qtbot, cells, "nuclei2d", tmp_path / "session")
+  before = viewer.layers[SEGMENTATION].data.copy()
+  scribbles = viewer.layers[SCRIBBLES]
+  scribbles.data[5, 5:9] = 7                               # no class: values are 0, 1, 2
+  scribbles.refresh()
+  drawn = scribbles.data.copy()
+  widget.refine_button.click()
+  _wait(qtbot, widget)
+  assert "value 7" in widget.message_label.text() and "2 = nucleus" in widget.message_label.text()
+  np.testing.assert_array_equal(scribbles.data, drawn)
+  np.testing.assert_array_equal(viewer.layers[SEGMENTATION].data, before)
+  scribbles.data[5, 5:9] = 2
+  scribbles.refresh()
+  widget.refine_button.click()
+  widget.cancel_button.click()                             # stops at the round's progress report
+  _wait(qtbot, widget)
+  assert widget.message_label.text().startswith("cancelled"), widget.message_label.text()
+  assert widget.interaction.rounds == 0 and not (widget.interaction.session / "session.json").exists()
+  np.testing.assert_array_equal(viewer.layers[SEGMENTATION].data, before)
+  viewer.layers.remove(SCRIBBLES)
+  widget.refine_button.click()
+  assert "layer is gone" in widget.message_label.text()
+  viewer.add_labels(drawn, name=SCRIBBLES)
+  widget.setting_edits["max_steps"].setText("many")
+  widget.refine_button.click()
+  assert "--steps must be an integer" in widget.message_label.text()
+
+  two = tmp_path / "two_channels.nii.gz"                   # the 1-channel model cannot read 2 channels
+  nib.save(nib.Nifti1Image(np.random.default_rng(0).random((32, 32, 1, 2), np.float32), np.eye(4)), two)
+  widget.open(str(two), "nuclei2d")
+  _wait(qtbot, widget)
+  assert "channel" in widget.message_label.text() and widget.message_label.text().startswith("error:")
+  assert viewer.layers[SCRIBBLES].data[5, 5] == 7          # the opened image and its strokes stay
+  assert widget.interaction.image.path == str(cells)
+
+
+def test_a_session_saved_from_the_widget_continues_on_the_command_line(make_napari_viewer, qtbot, cells, tmp_path,
+                                                                       capsys):
+  viewer, widget = _widget(make_napari_viewer, qtbot, cells, "nuclei2d", tmp_path / "session")
+  _stroke(widget, (30, slice(10, 30)))
+  _refine(qtbot, widget)
+  saved = tmp_path / "saved"                               # a copy, continued on the command line
+  widget.save_session(str(saved))
+  assert _core.default_output(widget.interaction) == str(cells.with_name("cells.seg.png"))
+  out = tmp_path / "widget_seg.png"
+  widget.save_segmentation(str(out))
+  np.testing.assert_array_equal(read_image(out, labels=True).array[..., 0], viewer.layers[SEGMENTATION].data)
+
+  marks = np.zeros((64, 64), np.uint8)                     # round 2 on the command line: background here
+  marks[50, 40:50] = 255
+  marks_path = tmp_path / "more.png"
+  PILImage.fromarray(marks).save(marks_path)
+  cli_out = tmp_path / "cli_seg.png"
+  code = main(["refine", "--session", str(saved), "--marks", str(marks_path), "--out", str(cli_out), "--steps", "100",
+               "--json"])
+  report = json.loads(capsys.readouterr().out)
+  assert code == 0 and report["round"] == 2 and report["rounds"] == 2
+
+  again = ScribbleWidget(viewer)                           # and back in the widget: two rounds, both strokes
+  again.warm_check.setChecked(False)
+  again.open(None, None, str(saved))
+  _wait(qtbot, again)
+  assert again.interaction.rounds == 2, again.message_label.text()
+  np.testing.assert_array_equal(viewer.layers[SEGMENTATION].data, read_image(cli_out, labels=True).array[..., 0])
+  assert viewer.layers[SCRIBBLES].data[50, 45] == 1 and viewer.layers[SCRIBBLES].data[30, 20] > 0
+  network = again.interaction.initial
+  again.reset_button.click()                               # both rounds undone: the network's own, no marks
+  _wait(qtbot, again)
+  assert again.interaction.rounds == 0 and json.loads((saved / "session.json").read_text())["rounds"] == []
+  np.testing.assert_array_equal(viewer.layers[SEGMENTATION].data, network)
+  assert not viewer.layers[SCRIBBLES].data.any()
+
+
+def test_refine_in_3d_honours_the_stroke_and_undo_restores_the_layer(make_napari_viewer, qtbot, brain, tmp_path):
+  viewer, widget = _widget(make_napari_viewer, qtbot, brain, "tissue3d", tmp_path / "session", warm=True)
+  segmentation = viewer.layers[SEGMENTATION]
+  before = segmentation.data.copy()
+  assert before.shape == (24, 24, 12) and viewer.layers["image"].scale[0] == pytest.approx(3.0)
+  scribbles = viewer.layers[SCRIBBLES]
+  index = (12, slice(6, 18), 6)
+  scribbles.data[index] = np.where(before[index] == 3, 3, 4)   # grey matter where it says white, else white
+  scribbles.refresh()
+  values = scribbles.data.copy()
+  assert _refine(qtbot, widget)["satisfied"], widget.report
+  _assert_honoured(widget, values)
+  widget.undo_button.click()
+  _wait(qtbot, widget)
+  np.testing.assert_array_equal(segmentation.data, before)
+
+
+def test_marks_of_names_a_value_that_is_no_class():
+  names = ("background", "nucleus")
+  assert _core.legend(names) == "0 = unmarked, 1 = background, 2 = nucleus"
+  np.testing.assert_array_equal(_core.marks_of(np.array([0, 1, 2]), names), [-1, 0, 1])
+  with pytest.raises(ValueError, match="value 3 at 1 pixel"):
+    _core.marks_of(np.array([0, 3]), names)
+  new, erased = _core.pending_marks(np.array([1, -1, 0, 0]), np.array([1, 0, -1, 1]))
+  np.testing.assert_array_equal(new, [-1, -1, 0, 0])
+  assert erased == 1
+
+
+def test_view_opens_the_image_with_the_widget_docked(make_napari_viewer, qtbot, monkeypatch, cells, tmp_path):
+  viewers = []
+  monkeypatch.setattr(napari, "Viewer", lambda **kwargs: viewers.append(make_napari_viewer(**kwargs)) or viewers[-1])
+  monkeypatch.setattr(napari, "run", lambda: None)        # the event loop is pytest-qt's
+  monkeypatch.setattr(ScribbleWidget, "_warm_up", lambda self, it: 0.0)
+  assert main(["view", str(cells), "--model", "nuclei2d", "--steps", "7", "--session", str(tmp_path / "s")]) == 0
+  widget = viewers[0].window.dock_widgets["scribblejax refine"]
+  _wait(qtbot, widget)
+  assert widget.interaction is not None, widget.message_label.text()
+  assert {SEGMENTATION, SCRIBBLES, "image"} <= {layer.name for layer in viewers[0].layers}
+  assert widget.settings().max_steps == 7
+  widget.add_class("mitosis")                              # a class the network never learnt: value 3
+  assert "3 = mitosis" in widget.legend_label.text() and widget.class_box.count() == 3
+  widget.add_class("Nucleus")
+  assert "already a class" in widget.message_label.text()
+
+
+def test_view_has_help(capsys):
+  with pytest.raises(SystemExit) as exit_:
+    main(["view", "--help"])
+  assert exit_.value.code == 0 and "value = class + 1" in capsys.readouterr().out
+
+
+def test_the_manifest_names_the_widget():
+  import npe2
+  manifest = npe2.PluginManifest.from_distribution("scribblejax")
+  assert manifest.contributions.widgets[0].display_name == "scribblejax refine"
+  assert Path(manifest.contributions.commands[0].python_name.split(":")[0].replace(".", "/") + ".py").name == "_widget.py"

@@ -1,0 +1,102 @@
+"""Progressive merge (a round changes the segmentation only where its marks asked) and the round's
+report on its marks."""
+
+import numpy as np
+import pytest
+
+import scribblejax as sj
+from scribblejax.refinement.merge import new_marks_of, progressive_merge
+from scribblejax.refinement.engine import describe_marks, marks_report
+
+
+def test_only_changes_that_touch_a_new_mark_are_taken():
+  previous = np.zeros((12, 12), np.int32)
+  proposed = previous.copy()
+  proposed[1:4, 1:4] = 1                     # the change the mark asked for
+  proposed[8:11, 8:11] = 1                   # a change far from every mark (an over-correction)
+  new = np.full((12, 12), -1, np.int32)
+  new[2, 2] = 1
+  merged = progressive_merge(previous, proposed, new)
+  assert (merged[1:4, 1:4] == 1).all()
+  assert (merged[8:11, 8:11] == 0).all()
+  assert merged.dtype == np.int32
+
+
+def test_every_mark_holds_even_where_the_network_disagrees():
+  previous = np.zeros((6, 6), np.int32)
+  proposed = previous.copy()
+  marks = np.full((6, 6), -1, np.int32)
+  marks[0, 0], marks[5, 5] = 1, 2            # the network honoured neither
+  merged = progressive_merge(previous, proposed, marks, marks)
+  assert merged[0, 0] == 1 and merged[5, 5] == 2 and (merged[1:5] == 0).all()
+
+
+def test_a_change_that_touches_a_mark_is_taken_whole_and_new_marks_are_only_the_new_ones():
+  previous = np.zeros((3, 20), np.int32)
+  proposed = previous.copy()
+  proposed[1, :] = 1                         # one long region of change
+  new = np.full((3, 20), -1, np.int32)
+  new[1, 0] = 1
+  assert (progressive_merge(previous, proposed, new)[1] == 1).all()
+  earlier = np.full((3, 20), -1, np.int32)
+  earlier[0, 0] = 0
+  both = earlier.copy()
+  both[1, 0] = 1
+  np.testing.assert_array_equal(new_marks_of(both, earlier), new)
+  np.testing.assert_array_equal(new_marks_of(both, None), both)
+  with pytest.raises(ValueError, match="one shape"):
+    progressive_merge(previous, proposed[:2], new)
+
+
+def _tiny(seed=0):
+  from flax import nnx
+  return sj.UNet(spatial_dims=2, in_channels=1, num_classes=2, channels=(4, 8), rngs=nnx.Rngs(seed))
+
+
+def test_a_session_round_merges_and_reports(monkeypatch):
+  model = _tiny()
+  split = sj.split_params(model, sj.last_layers(2))
+  image = np.random.default_rng(0).random((16, 16, 1)).astype(np.float32)
+  marks = np.full((16, 16), -1, np.int32)
+  marks[3, 3:9] = 1
+  marks[12, 3:9] = 0
+  config = sj.RefineConfig(max_steps=30, learning_rate=0.05)
+  session = sj.add_marks(sj.start_session(split, image, config), marks)
+  labels = np.asarray(sj.current_labels(session))
+  before = np.asarray(np.argmax(session.initial_logits, -1))
+  refined = np.asarray(session.rounds[-1].result.labels)
+  import jax
+  from scribblejax.refinement.merge import unsure
+  free = unsure(jax.nn.softmax(session.initial_logits, -1), config.merge_confidence)
+  np.testing.assert_array_equal(labels, progressive_merge(before, refined, marks, marks, free=free))
+  assert (labels[marks >= 0] == marks[marks >= 0]).all()
+  paper = sj.add_marks(sj.start_session(split, image, sj.RefineConfig.paper(max_steps=30)), marks)
+  np.testing.assert_array_equal(np.asarray(sj.current_labels(paper)), np.asarray(paper.rounds[-1].result.labels))
+
+
+def test_the_report_names_why_marks_are_not_honoured():
+  model = _tiny(1)
+  split = sj.split_params(model, sj.last_layers(1))
+  image = np.random.default_rng(1).random((16, 16, 1)).astype(np.float32)
+  marks = np.full((16, 16), -1, np.int32)
+  marks[2:14, 2:14] = np.random.default_rng(2).integers(0, 2, (12, 12))   # salt and pepper: unreachable
+  config = sj.RefineConfig(max_steps=3)
+  result = sj.refine(split, image, marks, config)
+  report = marks_report(result, marks, config)
+  assert not report.satisfied and report.honoured < 1.0
+  assert set(report.per_class) == {0, 1}
+  assert report.reason == "the step budget (3) ran out after 3 steps"
+  line = describe_marks(report, ("background", "object"))
+  assert "background" in line and "object" in line and "step budget" in line
+  empty = np.full((16, 16), -1, np.int32)
+  assert marks_report(sj.refine(split, image, empty, config), empty).satisfied
+  assert describe_marks(marks_report(sj.refine(split, image, empty, config), empty)) == "every mark honoured"
+
+
+def test_the_paper_preset_is_algorithm_1_as_it_was():
+  paper = sj.RefineConfig.paper()
+  assert (paper.optimizer, paper.learning_rate, paper.momentum, paper.prox_weight, paper.keep_weight,
+          paper.max_steps, paper.progressive_merge) == ("sgd", 0.01, 0.9, 1.0, 0.0, 100, False)
+  assert sj.RefineConfig.paper(max_steps=140).max_steps == 140
+  with pytest.raises(ValueError, match="optimizer"):
+    sj.RefineConfig(optimizer="lbfgs")
