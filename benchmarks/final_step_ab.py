@@ -9,7 +9,7 @@ save) on its own.
 
 Usage::
 
-    python -m benchmarks.final_step_ab --out benchmarks/results/speed_cpu_final_step/ab.json
+    python -m benchmarks.final_step_ab --out benchmarks/results/cpu_epyc_2core_2026-11-27/final_step/ab.json
 """
 
 from __future__ import annotations
