@@ -6,11 +6,11 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | cksum | cut -d' ' -f1)
 
-# a fast tier for daily use (a couple of minutes): the pure pieces, no long refinements or GUI
-QUICK_TESTS := tests/test_marks.py tests/test_simulate_metrics.py tests/test_merge.py tests/test_graphcut.py \
-	tests/test_params.py tests/test_store_normalize.py tests/test_io_marks.py tests/test_data.py
+# a fast tier for daily use (a couple of minutes): no test marked slow (long refinements, training,
+# subprocesses), torch (converter equivalence) or gui (napari); markers are set in tests/conftest.py
+QUICK := -m "not slow and not torch and not gui"
 
-.PHONY: demo test test-quick venv clean
+.PHONY: demo test test-quick lint venv clean
 
 $(STAMP):
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,11 +27,14 @@ demo: $(STAMP)
 	$(BIN)/scribblejax demo --task tissue2d --out demo_output/tissue2d
 	$(BIN)/scribblejax demo --task nuclei2d --out demo_output/nuclei2d
 
-test: $(STAMP)
+test: lint
 	$(BIN)/python -m pytest -q tests
 
 test-quick: $(STAMP)
-	$(BIN)/python -m pytest -q $(QUICK_TESTS)
+	$(BIN)/python -m pytest -q $(QUICK) tests
+
+lint: $(STAMP)
+	$(BIN)/ruff check scribblejax tests benchmarks
 
 clean:
 	rm -rf $(VENV) demo_output

@@ -65,15 +65,13 @@ class RefineConfig:
     compute_dtype: "float32" or "bfloat16": the dtype the network computes in. Parameters, their
       gradients, the optimiser state and the loss stay float32 (the weights and the image are cast
       on the way in, the logits cast back). Meant for the bf16 tensor cores of recent GPUs; its
-      effect on results is measured in ``benchmarks/results/experiments/full_cpu/precision.md``
-      (within about 0.01 Dice of float32).
+      effect on results and speed is in ``docs/performance.md``.
     remat: rematerialise activations in the backward pass instead of storing them: each layer of
       the tunable tail (from one convolution to the next) is one ``jax.checkpoint``, so only the values
       between layers are kept (with ``cache_trunk=False``, one checkpoint around the whole forward
       pass). Meant for large 3D volumes and batches where stored activations dominate the memory,
       for about one more forward of the tail per step. :func:`memory_analysis` reports what it
-      saves: on XLA:CPU nothing (the peak there is the backward pass's workspace; measured in
-      ``benchmarks/results/speed_cpu_3d_precision.md``).
+      saves on a given device (``docs/performance.md`` has measurements).
     progressive_merge: how a *round* (a session's, the command line's, the harness's) turns the
       refined labels into its segmentation: ``True`` keeps the previous segmentation except in the
       connected regions of change that touch the round's new marks, and sets every marked pixel to
