@@ -19,14 +19,15 @@ from qtpy.QtCore import QObject, Signal
 from qtpy.QtWidgets import (QCheckBox, QComboBox, QFileDialog, QFormLayout, QGridLayout, QHBoxLayout, QLabel,
                             QLineEdit, QProgressBar, QPushButton, QVBoxLayout, QWidget)
 
-from scribblejax.app.workflow import RefineSettings
-from scribblejax.napari import _core
+from scribblejax.app import SETTINGS, RefineSettings
+from scribblejax.io import session_store
+from scribblejax.models.store import builtin_models, read_info
+from scribblejax.napari import core
 
 IMAGE, SEGMENTATION, SCRIBBLES = "image", "segmentation", "scribbles"
-# the CLI's names for the knobs the widget offers: (flag, RefineSettings field, type)
-SETTINGS = (("--layers", "layers", int), ("--steps", "max_steps", int), ("--lr", "learning_rate", float),
-            ("--prox-weight", "prox_weight", float), ("--keep-weight", "keep_weight", float),
-            ("--region-growing", "region_growing", float))
+# the knobs the widget offers, by RefineSettings field: (the CLI's flag, field, type), from the settings table
+KNOBS = tuple((SETTINGS[field].flag, field, SETTINGS[field].type)
+              for field in ("layers", "max_steps", "learning_rate", "prox_weight", "keep_weight", "region_growing"))
 
 
 class _Bridge(QObject):
@@ -42,7 +43,7 @@ class ScribbleWidget(QWidget):
     parent: a Qt parent.
 
   Attributes:
-    interaction: the open :class:`scribblejax.napari._core.Interaction`, or ``None``.
+    interaction: the open :class:`scribblejax.napari.core.Interaction`, or ``None``.
     report: the latest round's report (the CLI's), or ``None``.
     busy: a worker is running.
     worker: the latest worker (tests wait on it).
@@ -51,7 +52,7 @@ class ScribbleWidget(QWidget):
   def __init__(self, napari_viewer: Any, parent: QWidget | None = None):
     super().__init__(parent)
     self.viewer = napari_viewer
-    self.interaction: _core.Interaction | None = None
+    self.interaction: core.Interaction | None = None
     self.report: dict | None = None
     self.busy = False
     self.worker = None
@@ -65,7 +66,6 @@ class ScribbleWidget(QWidget):
   # Layout.
 
   def _build(self) -> None:
-    from scribblejax.models.store import builtin_models
     layout = QVBoxLayout(self)
     files = QFormLayout()
     self.model_box = QComboBox()
@@ -116,7 +116,7 @@ class ScribbleWidget(QWidget):
   def _setting_rows(self) -> QGridLayout:
     grid = QGridLayout()
     self.setting_edits = {}
-    for i, (flag, field, _) in enumerate(SETTINGS):
+    for i, (flag, field, _) in enumerate(KNOBS):
       edit = QLineEdit()
       edit.setPlaceholderText("off" if field == "region_growing" else "default")
       edit.setToolTip(f"as scribblejax refine {flag}; empty: the model's stored setting, else the library's")
@@ -124,7 +124,7 @@ class ScribbleWidget(QWidget):
       grid.addWidget(QLabel(flag), i // 2, 2 * (i % 2))
       grid.addWidget(edit, i // 2, 2 * (i % 2) + 1)
     self.continue_check = QCheckBox("--continue-weights")
-    grid.addWidget(self.continue_check, len(SETTINGS) // 2, 2)
+    grid.addWidget(self.continue_check, len(KNOBS) // 2, 2)
     return grid
 
   def _action_rows(self) -> QGridLayout:
@@ -158,7 +158,7 @@ class ScribbleWidget(QWidget):
     model = model if model is not None else self.model_box.currentText().strip() or None
     session = session if session is not None else self.session_edit.text().strip() or None
     self._show_fields(image, model, session)
-    self._run("opening", lambda: _core.open_interaction(image, model, session), self._opened)
+    self._run("opening", lambda: core.open_interaction(image, model, session), self._opened)
 
   def refine(self) -> None:
     """Runs one round on the scribble layer (``scribblejax refine --session``)."""
@@ -174,7 +174,7 @@ class ScribbleWidget(QWidget):
       return self._say(f"the {SCRIBBLES!r} layer is gone; Open the image again", error=True)
     self._cancel.clear()
     progress = self._progress_callback()
-    self._run("refining", lambda: _core.refine_round(it, values, settings, progress=progress,
+    self._run("refining", lambda: core.refine_round(it, values, settings, progress=progress,
                                                     patch_progress=progress), self._refined)
 
   def cancel(self) -> None:
@@ -188,14 +188,14 @@ class ScribbleWidget(QWidget):
     if it is None:
       return
     pending = self._pending()
-    self._run("undoing", lambda: _core.undo_round(it), lambda new: self._restored(new, pending, "undid a round"))
+    self._run("undoing", lambda: core.undo_round(it), lambda new: self._restored(new, pending, "undid a round"))
 
   def reset(self) -> None:
     """Undoes every round: the network's own segmentation and no marks."""
     it = self.interaction
     if it is None:
       return
-    self._run("resetting", lambda: _core.reset(it), lambda new: self._restored(new, None, "back to the network"))
+    self._run("resetting", lambda: core.reset(it), lambda new: self._restored(new, None, "back to the network"))
 
   def add_class(self, name: str | None = None) -> None:
     """Appends a class to the network's head (before the first round only; the session keeps it)."""
@@ -206,7 +206,7 @@ class ScribbleWidget(QWidget):
     try:
       if it.rounds or _session_started(it):
         raise ValueError("a session keeps the classes it started with: add classes before the first round")
-      names = _core._class_names(_model_info(it.model), (*it.new_classes, name))
+      names = core.class_names_of(_model_info(it.model), (*it.new_classes, name))
     except ValueError as err:
       return self._say(str(err), error=True)
     self.interaction = it._replace(class_names=names, new_classes=(*it.new_classes, name))
@@ -221,11 +221,11 @@ class ScribbleWidget(QWidget):
       return
     if self.busy:
       return self._say("busy: save when the running step has finished", error=True)
-    path = path or QFileDialog.getSaveFileName(self, "Save segmentation", _core.default_output(it), "")[0]
+    path = path or QFileDialog.getSaveFileName(self, "Save segmentation", core.default_output(it), "")[0]
     if not path:
       return
     try:
-      family = _core.save_segmentation(it, path)
+      family = core.save_segmentation(it, path)
     except (ValueError, OSError) as err:
       return self._say(str(err), error=True)
     self._say(f"wrote {path} ({family})")
@@ -241,7 +241,7 @@ class ScribbleWidget(QWidget):
     if not folder:
       return
     try:
-      self.interaction = _core.save_session(it, folder)
+      self.interaction = core.save_session(it, folder)
     except (ValueError, OSError) as err:
       return self._say(str(err), error=True)
     self.session_edit.setText(str(self.interaction.session))
@@ -254,7 +254,7 @@ class ScribbleWidget(QWidget):
       ValueError: a field that is not a number, named by its CLI flag.
     """
     values = {}
-    for flag, field, kind in SETTINGS:
+    for flag, field, kind in KNOBS:
       text = self.setting_edits[field].text().strip()
       if text:
         try:
@@ -287,7 +287,7 @@ class ScribbleWidget(QWidget):
       self._run(*follow)
 
   def _failed(self, err: BaseException) -> None:
-    if isinstance(err, _core.Cancelled):
+    if isinstance(err, core.Cancelled):
       self._say("cancelled: the session and the layers are as they were")
     elif isinstance(err, (ValueError, OSError)):
       self._say(" ".join(str(err).split()) or type(err).__name__, error=True)
@@ -299,7 +299,7 @@ class ScribbleWidget(QWidget):
 
     def progress(done: int, total: int) -> None:
       if cancel.is_set():
-        raise _core.Cancelled()
+        raise core.Cancelled()
       bridge.progress.emit(int(done), int(total))
 
     return progress
@@ -311,7 +311,7 @@ class ScribbleWidget(QWidget):
   # ------------------------------------------------------------------------------------------
   # Results (GUI thread).
 
-  def _opened(self, it: _core.Interaction) -> None:
+  def _opened(self, it: core.Interaction) -> None:
     self.interaction = it
     self.report = None
     for name in (SCRIBBLES, SEGMENTATION, IMAGE):
@@ -320,7 +320,7 @@ class ScribbleWidget(QWidget):
     self._add_image(it)
     scale = tuple(it.image.geometry.spacing)
     self.viewer.add_labels(np.array(it.labels, np.int32), name=SEGMENTATION, scale=scale, opacity=0.4)
-    scribbles = self.viewer.add_labels(_core.scribble_values(it), name=SCRIBBLES, scale=scale)
+    scribbles = self.viewer.add_labels(core.scribble_values(it), name=SCRIBBLES, scale=scale)
     scribbles.brush_size = 3
     scribbles.mode = "paint"
     self._show_classes()
@@ -335,14 +335,14 @@ class ScribbleWidget(QWidget):
       self._next = ("compiling the refinement (paint meanwhile; Refine is ready when this ends)",
                     lambda: self._warm_up(it), lambda seconds: self._say(f"{opened}; compiled in {seconds:.1f}s"))
 
-  def _warm_up(self, it: _core.Interaction) -> float:
-    """In the worker: :func:`scribblejax.napari._core.warm_up` with the fields' settings."""
+  def _warm_up(self, it: core.Interaction) -> float:
+    """In the worker: :func:`scribblejax.napari.core.warm_up` with the fields' settings."""
     try:
-      return _core.warm_up(it, self.settings())
+      return core.warm_up(it, self.settings())
     except ValueError as err:
       raise ValueError(f"compiling on open failed (Refine will compile): {err}") from None
 
-  def _add_image(self, it: _core.Interaction) -> None:
+  def _add_image(self, it: core.Interaction) -> None:
     array, scale = it.image.array, tuple(it.image.geometry.spacing)
     if array.shape[-1] == 1:
       self.viewer.add_image(array[..., 0], name=IMAGE, scale=scale)
@@ -351,7 +351,7 @@ class ScribbleWidget(QWidget):
     else:
       self.viewer.add_image(array, name=IMAGE, channel_axis=-1, scale=scale)
 
-  def _orient(self, it: _core.Interaction) -> None:
+  def _orient(self, it: core.Interaction) -> None:
     """A medical volume (axes i, j, k) is sliced along k, with i across the screen (an axial view of a
     RAS-oriented file); raster stacks (z, y, x) keep napari's own order."""
     if it.image.family in ("nifti", "nrrd", "dicom") and len(it.image.spatial_shape) == 3:
@@ -359,21 +359,21 @@ class ScribbleWidget(QWidget):
     else:
       self.viewer.dims.order = tuple(range(self.viewer.dims.ndim))
 
-  def _refined(self, result: tuple[_core.Interaction, dict]) -> None:
+  def _refined(self, result: tuple[core.Interaction, dict]) -> None:
     it, report = result
     self.interaction, self.report = it, report
     self._set_layer(SEGMENTATION, it.labels)
-    text = _core.summary(report)
+    text = core.summary(report)
     if report.get("erased_marks"):
       text += f"; {report['erased_marks']} erased mark pixel(s) stay in the session (Undo drops a round)"
     self.report_label.setText(text)
     self._say(f"refined: session {it.session}")
 
-  def _restored(self, it: _core.Interaction, pending: np.ndarray | None, what: str) -> None:
+  def _restored(self, it: core.Interaction, pending: np.ndarray | None, what: str) -> None:
     self.interaction, self.report = it, None
     self._set_layer(SEGMENTATION, it.labels)
     marks = it.drawn if pending is None else np.where(pending >= 0, pending, it.drawn)
-    self._set_layer(SCRIBBLES, _core.values_of(marks))
+    self._set_layer(SCRIBBLES, core.values_of(marks))
     self.report_label.setText("")
     self._say(f"{what}: {it.rounds} round(s) in the session")
 
@@ -381,7 +381,7 @@ class ScribbleWidget(QWidget):
     """Strokes painted since the latest round (they survive an undo), or ``None`` if unreadable."""
     it = self.interaction
     try:
-      return _core.pending_marks(_core.marks_of(self._layer(SCRIBBLES).data, it.class_names), it.drawn)[0]
+      return core.pending_marks(core.marks_of(self._layer(SCRIBBLES).data, it.class_names), it.drawn)[0]
     except (ValueError, KeyError):
       return None
 
@@ -410,7 +410,7 @@ class ScribbleWidget(QWidget):
     self.class_box.blockSignals(False)
     self.class_box.setCurrentIndex(min(1, len(it.class_names) - 1))
     self._on_class(self.class_box.currentIndex())
-    self.legend_label.setText(f"scribble value = class + 1: {_core.legend(it.class_names)}")
+    self.legend_label.setText(f"scribble value = class + 1: {core.legend(it.class_names)}")
     self._enable()
 
   def _on_class(self, index: int) -> None:
@@ -443,13 +443,11 @@ class ScribbleWidget(QWidget):
       self.session_edit.setText(folder)
 
 
-def _session_started(it: _core.Interaction) -> bool:
-  from scribblejax.io import session_store
+def _session_started(it: core.Interaction) -> bool:
   return session_store.load_session(it.session) is not None
 
 
 def _model_info(model: str) -> Any:
-  from scribblejax.models.store import read_info
   return read_info(model)
 
 
