@@ -178,14 +178,7 @@ def run_refine(*, model: str | None, image: str | None, marks: Sequence[str], ou
   if doc is not None:
     _check_session(doc, session, img, digest, model, ref, inference, bool(marks))
   class_names, num_classes, added = _classes(settings, mark_options, info, doc, session, model)
-  new = None
-  if marks:
-    log(f"reading marks {', '.join(map(str, marks))}")
-    new = read_marks(list(marks), img.geometry, num_classes=num_classes, class_names=class_names,
-                     background_value=mark_options.background_value, unmarked_value=mark_options.unmarked_value,
-                     radius=mark_options.radius, rectangle=mark_options.rectangle)
-    if not (new >= 0).any():
-      raise ValueError(f"the marks files {', '.join(map(str, marks))} mark no pixel")
+  new = _read_marks(marks, img, mark_options, num_classes, class_names, log) if marks else None
   undone = None
   if undo:
     doc, undone = session_store.without_last_round(doc, session)
@@ -233,6 +226,22 @@ def _classes(settings: RefineSettings, mark_options: MarkOptions, info: Any, doc
     class_names = with_new_classes(class_names or tuple(str(k) for k in range(num_classes)), added)
     num_classes += len(added)
   return class_names, num_classes, added
+
+
+def _read_marks(marks: Sequence[str], img: Image, mark_options: MarkOptions, num_classes: int | None,
+                class_names: Sequence[str] | None, log: Log) -> np.ndarray:
+  """The marks files on the image's grid, accumulated in order.
+
+  Raises:
+    ValueError: a file that cannot be read as marks, or files that mark no pixel.
+  """
+  log(f"reading marks {', '.join(map(str, marks))}")
+  new = read_marks(list(marks), img.geometry, num_classes=num_classes, class_names=class_names,
+                   background_value=mark_options.background_value, unmarked_value=mark_options.unmarked_value,
+                   radius=mark_options.radius, rectangle=mark_options.rectangle)
+  if not (new >= 0).any():
+    raise ValueError(f"the marks files {', '.join(map(str, marks))} mark no pixel")
+  return new
 
 
 def check_session_pipeline(doc: dict, session: str | None, inference: InferenceOptions, new_round: bool) -> None:

@@ -11,8 +11,9 @@ Layers: ``image``, ``segmentation`` (class k = label k; 0, the background, shows
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 from qtpy.QtCore import QObject, Signal

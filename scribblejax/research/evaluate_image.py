@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
@@ -36,7 +37,7 @@ import numpy as np
 from scribblejax import marks as marks_lib
 from scribblejax.app import compile_timer
 from scribblejax.config import RefineConfig
-from scribblejax.io.images import Image
+from scribblejax.io.images import Image, read_image
 from scribblejax.params import head, last_layers, split_params
 from scribblejax.pipeline import (Fitted, InferenceOptions, Network, cover_marks, fit_image, labels_from_logits,
                                   loop_split, network_input, network_logits, prepare, refined_logits, same_tree,
@@ -127,6 +128,64 @@ def image_case(name: str, image: Image, truth: np.ndarray, pipe: Pipeline, num_c
     ValueError: the label map's shape differs from the image's, or its values are not classes.
   """
   return make_case(name, image_grid_input(image, pipe), truth, num_classes, class_names)
+
+
+def read_label(image: Image, label_path: str, num_classes: int, add_classes: int = 0) -> np.ndarray:
+  """A label file as ``int64[*image_spatial]``, checked against the image and the model's classes.
+
+  Raises:
+    ValueError: the label's shape is not the image's, or it holds values that are no class.
+  """
+  label = read_image(label_path, labels=True).array
+  if label.ndim == image.array.ndim and label.shape[-1] == 1:
+    label = label[..., 0]
+  if label.shape != image.array.shape[:-1]:
+    raise ValueError(f"image {image.path} has spatial shape {image.array.shape[:-1]} but label {label_path} has "
+                     f"shape {label.shape}")
+  if label.dtype.kind == "f" and not np.all(label == np.round(label)):
+    raise ValueError(f"label {label_path} holds non-integer values")
+  label = label.astype(np.int64)
+  if label.size and label.min() < 0:
+    raise ValueError(f"label {label_path} holds negative values")
+  top = int(label.max()) if label.size else 0
+  n = num_classes
+  if top >= n + add_classes:
+    hint = "" if add_classes else "; pass --add-classes K to append output classes for them"
+    raise ValueError(f"label {label_path} has values up to {top} but the model has {n} classes "
+                     f"(0..{n - 1}){' + ' + str(add_classes) + ' added' if add_classes else ''}{hint}")
+  return label
+
+
+def file_case(image_path: str, label_path: str, backbone: Any, model: Any, layers: int | None,
+              inference: InferenceOptions = InferenceOptions(), add_classes: int = 0):
+  """A case given by an image file and a label file, and the model's pipeline on the image (axes,
+  channels, crop, normalisation, spacing, patches: as ``scribblejax refine`` runs it).
+
+  Args:
+    image_path: the image file.
+    label_path: its label map, in the image's geometry.
+    backbone: a :class:`scribblejax.research.evaluate.Backbone` (its ``info``, ``num_classes``, ``class_names``).
+    model: the network to refine (the backbone's, perhaps with ``add_classes`` classes appended).
+    layers: tunable last layers (``None``: the library's default).
+    inference: how the network sees the image.
+    add_classes: classes appended to the backbone's.
+
+  Returns:
+    ``(case, pipeline)``.
+
+  Raises:
+    ValueError: a file is missing, the label does not fit the image or the classes, or the image the model.
+  """
+  for what, path in (("image", image_path), ("label", label_path)):
+    if not Path(path).exists():
+      raise ValueError(f"{what} file {path} does not exist")
+  img = read_image(image_path)
+  n = backbone.num_classes
+  label = read_label(img, label_path, n, add_classes)
+  pipe = prepare_pipeline(model, backbone.info, img, layers, inference)
+  names = (list(backbone.class_names or [f"class {c}" for c in range(n)])
+           + [f"added {c}" for c in range(n, n + add_classes)])
+  return image_case(Path(image_path).name, img, label, pipe, n + add_classes, names), pipe
 
 
 def _head_split(pipe: Pipeline):
