@@ -11,12 +11,11 @@ import numpy as np
 
 from scribblejax.app import check_outputs
 from scribblejax.cli import flags
-from scribblejax.io.images import read_image
 from scribblejax.models import surgery
 from scribblejax.pipeline import resolve_layers
 from scribblejax.research import baselines as bl
 from scribblejax.research import evaluate as ev
-from scribblejax.research.evaluate_image import image_case, pipeline_method, pipeline_summary, prepare_pipeline
+from scribblejax.research.evaluate_image import file_case, pipeline_method, pipeline_summary
 from scribblejax.research.simulate import ROBOT_USERS
 
 # the refinement settings one case takes (their flags: scribblejax.app.settings.SETTINGS)
@@ -25,34 +24,8 @@ EVALUATE_SETTINGS = ("layers", "max_steps", "preset", "optimizer", "learning_rat
 
 
 def _user_case(args, backbone, model, layers):
-  """The user's image and label, and the model's pipeline on the image (axes, channels, crop,
-  normalisation, spacing, patches: as ``scribblejax refine`` runs it, see
-  :mod:`scribblejax.research.evaluate_image`): ``(case, pipeline)``."""
-  for what, path in (("image", args.image), ("label", args.label)):
-    if not Path(path).exists():
-      raise ValueError(f"{what} file {path} does not exist")
-  img = read_image(args.image)
-  label = read_image(args.label, labels=True).array
-  if label.ndim == img.array.ndim and label.shape[-1] == 1:
-    label = label[..., 0]
-  if label.shape != img.array.shape[:-1]:
-    raise ValueError(f"image {args.image} has spatial shape {img.array.shape[:-1]} but label {args.label} has "
-                     f"shape {label.shape}")
-  if label.dtype.kind == "f" and not np.all(label == np.round(label)):
-    raise ValueError(f"label {args.label} holds non-integer values")
-  label = label.astype(np.int64)
-  if label.size and label.min() < 0:
-    raise ValueError(f"label {args.label} holds negative values")
-  top = int(label.max()) if label.size else 0
-  n = backbone.num_classes
-  if top >= n + args.add_classes:
-    hint = "" if args.add_classes else "; pass --add-classes K to append output classes for them"
-    raise ValueError(f"label {args.label} has values up to {top} but the model has {n} classes "
-                     f"(0..{n - 1}){' + ' + str(args.add_classes) + ' added' if args.add_classes else ''}{hint}")
-  pipe = prepare_pipeline(model, backbone.info, img, layers, flags.inference_options(args))
-  names = (list(backbone.class_names or [f"class {c}" for c in range(n)])
-           + [f"added {c}" for c in range(n, n + args.add_classes)])
-  return image_case(Path(args.image).name, img, label, pipe, n + args.add_classes, names), pipe
+  """The case given by ``--image``/``--label`` and the model's pipeline on its image: ``(case, pipeline)``."""
+  return file_case(args.image, args.label, backbone, model, layers, flags.inference_options(args), args.add_classes)
 
 
 def _example(image: np.ndarray):
