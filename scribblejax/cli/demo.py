@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import argparse
 
+from scribblejax.cli import flags
+from scribblejax.config import RefineConfig
+
 
 def run(args: argparse.Namespace) -> int:
-  from scribblejax.research.demo import run_demo
-  from scribblejax.refinement.engine import RefineConfig
-  given = {k: v for k, v in (("max_steps", args.steps), ("keep_weight", args.keep_weight)) if v is not None}
+  """Runs the demo; returns the exit status."""
+  from scribblejax.research.demo import run_demo      # trains a backbone when no weights ship: only when run
+  given = {k: v for k in ("max_steps", "keep_weight") if (v := getattr(args, k)) is not None}
   config = RefineConfig.paper(**given) if args.preset == "paper" else RefineConfig(**given)
   run_demo(args.out, task=args.task, train_steps=args.train_steps, interactions=args.interactions,
            kind=args.marks, layers=args.layers, config=config)
@@ -16,19 +19,18 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
+  """Registers ``demo`` on an ``argparse`` subparsers object."""
   parser = subparsers.add_parser("demo", help="refine a real backbone on the DSB nuclei image (Dice, PNG overlay)")
   parser.add_argument("--out", default="demo_output", help="output folder (default: demo_output)")
   parser.add_argument("--task", default="nuclei2d",
                       choices=("nuclei2d", "tissue2d", "tissue2d_shifted", "nuclei3d_slices"),
                       help="built-in case (default nuclei2d: DSB nuclei test columns)")
-  parser.add_argument("--preset", choices=("default", "paper"), default="default",
-                      help="refinement settings: the library's defaults, or 'paper' (Algorithm 1 exactly)")
-  parser.add_argument("--keep-weight", type=float, default=None,
-                      help="weight of the keep term (not in the paper; default: the preset's)")
+  flags.add_setting(parser, "preset")
+  flags.add_setting(parser, "keep_weight", help="weight of the keep term (not in the paper; default: the preset's)")
   parser.add_argument("--interactions", type=int, default=3)
   parser.add_argument("--marks", choices=("scribble", "point", "box"), default="scribble")
   parser.add_argument("--layers", type=int, default=5, help="tunable last layers (default 5)")
-  parser.add_argument("--steps", type=int, default=None, help="most refinement steps M (default: the preset's)")
+  flags.add_setting(parser, "max_steps", help="most refinement steps M (default: the preset's)")
   parser.add_argument("--train-steps", type=int, default=150,
                       help="training steps when no shipped weights exist (default 150)")
   parser.set_defaults(func=run)

@@ -6,45 +6,30 @@ import argparse
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
+
+from scribblejax.app import check_outputs
+from scribblejax.cli import flags
+from scribblejax.models import surgery
+from scribblejax.pipeline import resolve_layers
+from scribblejax.research import baselines as bl
+from scribblejax.research import evaluate as ev
+from scribblejax.research.evaluate_image import file_case, pipeline_method, pipeline_summary
+from scribblejax.research.simulate import ROBOT_USERS
+
+# the refinement settings one case takes (their flags: scribblejax.app.settings.SETTINGS)
+EVALUATE_SETTINGS = ("layers", "max_steps", "preset", "optimizer", "learning_rate", "prox_weight", "keep_weight",
+                     "progressive_merge")
 
 
 def _user_case(args, backbone, model, layers):
-  """The user's image and label, and the model's pipeline on the image (axes, channels, crop,
-  normalisation, spacing, patches: as ``scribblejax refine`` runs it, see
-  :mod:`scribblejax.research.evaluate_image`): ``(case, pipeline)``."""
-  from scribblejax.cli.io_commands import _inference
-  from scribblejax.research.evaluate_image import image_case, prepare_pipeline
-  from scribblejax.io.images import read_image
-  for what, path in (("image", args.image), ("label", args.label)):
-    if not Path(path).exists():
-      raise ValueError(f"{what} file {path} does not exist")
-  img = read_image(args.image)
-  label = read_image(args.label, labels=True).array
-  if label.ndim == img.array.ndim and label.shape[-1] == 1:
-    label = label[..., 0]
-  if label.shape != img.array.shape[:-1]:
-    raise ValueError(f"image {args.image} has spatial shape {img.array.shape[:-1]} but label {args.label} has "
-                     f"shape {label.shape}")
-  if label.dtype.kind == "f" and not np.all(label == np.round(label)):
-    raise ValueError(f"label {args.label} holds non-integer values")
-  label = label.astype(np.int64)
-  if label.size and label.min() < 0:
-    raise ValueError(f"label {args.label} holds negative values")
-  top = int(label.max()) if label.size else 0
-  n = backbone.num_classes
-  if top >= n + args.add_classes:
-    hint = "" if args.add_classes else "; pass --add-classes K to append output classes for them"
-    raise ValueError(f"label {args.label} has values up to {top} but the model has {n} classes "
-                     f"(0..{n - 1}){' + ' + str(args.add_classes) + ' added' if args.add_classes else ''}{hint}")
-  pipe = prepare_pipeline(model, backbone.info, img, layers, _inference(args))
-  names = list(backbone.class_names or [f"class {c}" for c in range(n)]) + [f"added {c}" for c in range(n, n + args.add_classes)]
-  return image_case(Path(args.image).name, img, label, pipe, n + args.add_classes, names), pipe
+  """The case given by ``--image``/``--label`` and the model's pipeline on its image: ``(case, pipeline)``."""
+  return file_case(args.image, args.label, backbone, model, layers, flags.inference_options(args), args.add_classes)
 
 
 def _example(image: np.ndarray):
   """A one-image batch's shape and dtype, for tracing a model's layer order."""
-  import jax
   return jax.ShapeDtypeStruct((1, *image.shape), np.float32)
 
 
@@ -55,10 +40,6 @@ def _noc_text(result: dict) -> str:
 
 
 def _single_case(args) -> int:
-  from scribblejax.models import surgery
-  from scribblejax.research import baselines as bl
-  from scribblejax.research import evaluate as ev
-  from scribblejax.app.workflow import RefineSettings, resolve_layers
   if args.interactions < 0:
     raise ValueError(f"--interactions must be >= 0, got {args.interactions}")
   if args.add_classes < 0:
@@ -75,13 +56,12 @@ def _single_case(args) -> int:
     raise ValueError(f"{'--task' if args.task is not None else '--crop'} names a built-in case; a case given by "
                      "--image/--label takes neither")
   if args.image is not None:
-    from scribblejax.app.workflow import check_outputs
     check_outputs([Path(args.out) / f"results.{ext}" for ext in ("json", "md", "png")], [args.image, args.label])
   if args.layers is not None and args.layers < 1:
     raise ValueError(f"--layers must be >= 1, got {args.layers}")
-  if args.steps is not None and args.steps < 0:
-    raise ValueError(f"--steps must be >= 0, got {args.steps}")
-  pipeline_flags = [f"--{k.replace('_', '-')}" for k, v in PIPELINE_FLAGS.items() if getattr(args, k) != v]
+  if args.max_steps is not None and args.max_steps < 0:
+    raise ValueError(f"--steps must be >= 0, got {args.max_steps}")
+  pipeline_flags = [flags.flag_of(k) for k, v in PIPELINE_FLAGS.items() if getattr(args, k) != v]
   if args.image is None and pipeline_flags:
     raise ValueError(f"{', '.join(pipeline_flags)} set(s) how the network sees a case given by --image/--label; "
                      "a built-in --task is fed whole")
@@ -90,13 +70,10 @@ def _single_case(args) -> int:
   # as refine resolves them: the flags, else the model's stored defaults (model.json metadata.refine), else
   # the library's; the layers at most the model's
   metadata = getattr(backbone.info, "metadata", None) or {}
-  layers, config, _ = RefineSettings(layers=args.layers, max_steps=args.steps, learning_rate=args.lr,
-                                     prox_weight=args.prox_weight, keep_weight=args.keep_weight,
-                                     optimizer=args.optimizer, progressive_merge=args.progressive_merge,
-                                     preset="paper" if args.method == "paper" else args.preset).resolve(metadata)
+  settings = flags.refine_settings(args, EVALUATE_SETTINGS, preset="paper" if args.method == "paper" else args.preset)
+  layers, config, _ = settings.resolve(metadata)
   pipe = None
   if args.image is not None:
-    from scribblejax.research.evaluate_image import pipeline_method
     case, pipe = _user_case(args, backbone, model, layers if args.method in ("refine", "paper") else 1)
     method = pipeline_method(args.method, pipe, config)
     layers = pipe.layers
@@ -117,7 +94,6 @@ def _single_case(args) -> int:
                  "preset": args.preset, "added_classes": args.add_classes,
                  "task": args.task, "image": args.image, "label": args.label})
   if pipe is not None:
-    from scribblejax.research.evaluate_image import pipeline_summary
     result["pipeline"] = pipeline_summary(pipe)
   out = Path(args.out)
   ev.write_json(out / "results.json", result)
@@ -142,21 +118,21 @@ PIPELINE_FLAGS = {"no_resample": False, "no_crop": False, "mirror": False, "patc
                   "patch_batch": "auto"}
 # Flags of one case (their defaults): an experiment sets these itself, so they are refused beside it.
 SINGLE_CASE_FLAGS = {"task": None, "image": None, "label": None, "marks": "scribble", "interactions": 5,
-                     "add_classes": 0, "region_growing": 0.0, "method": "refine", "layers": None, "steps": None,
-                     "lr": None, "prox_weight": None, "keep_weight": None, "optimizer": None,
+                     "add_classes": 0, "region_growing": 0.0, "method": "refine", "layers": None, "max_steps": None,
+                     "learning_rate": None, "prox_weight": None, "keep_weight": None, "optimizer": None,
                      "progressive_merge": None, "preset": "default", "crop": None, **PIPELINE_FLAGS}
 
 
 def run(args: argparse.Namespace) -> int:
+  """Runs ``evaluate``: the experiments named, else one case; returns the exit status."""
   if args.experiment:
-    given = [f"--{k.replace('_', '-')}" for k, v in SINGLE_CASE_FLAGS.items() if getattr(args, k) != v]
+    given = [flags.flag_of(k) for k, v in SINGLE_CASE_FLAGS.items() if getattr(args, k) != v]
     if given:
       raise ValueError(f"{', '.join(given)} set(s) one case and does not apply to --experiment, whose settings "
                        "come from --size; leave it out, or run one case with --task or --image/--label")
-    from scribblejax.research.experiments import run_experiments
+    from scribblejax.research.experiments import EXPERIMENTS, run_experiments   # only for experiments
     names = args.experiment.split(",")
     if names == ["all"]:
-      from scribblejax.research.experiments import EXPERIMENTS
       names = list(EXPERIMENTS)
     run_experiments(names, args.out, args.size, args.model, args.tissue_model)
     return 0
@@ -164,8 +140,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-  from scribblejax.research.baselines import METHODS
-  from scribblejax.research.evaluate import TASKS
+  """Registers ``evaluate`` on an ``argparse`` subparsers object."""
   parser = subparsers.add_parser(
       "evaluate", help="simulated-user evaluation: an experiment, a built-in task or your own image and label",
       description="Runs an experiment (--experiment NAME[,NAME...] or all) or one case: a built-in task "
@@ -175,41 +150,28 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
   parser.add_argument("--experiment", default=None, help="experiment name(s), comma-separated, or 'all'")
   parser.add_argument("--size", default="small", choices=("tiny", "small", "full"), help="experiment size preset")
   one = SINGLE_CASE_FLAGS            # one case only: refused beside --experiment
-  parser.add_argument("--task", default=one["task"], choices=TASKS)
+  parser.add_argument("--task", default=one["task"], choices=ev.TASKS)
   parser.add_argument("--image", default=one["image"])
   parser.add_argument("--label", default=one["label"])
   parser.add_argument("--model", default=None, help="built-in model name or saved model folder")
   parser.add_argument("--tissue-model", default=None, help="tissue backbone for experiments")
-  from scribblejax.research.simulate import ROBOT_USERS
   parser.add_argument("--marks", choices=ROBOT_USERS, default=one["marks"],
                       help="the robot user: scribble, point, box, click (RITM: one click per interaction) or cvpr25 "
                            "(a box, then clicks)")
   parser.add_argument("--interactions", type=int, default=one["interactions"])
-  parser.add_argument("--add-classes", type=int, default=one["add_classes"], help="append K output classes for labels >= the model's")
+  parser.add_argument("--add-classes", type=int, default=one["add_classes"],
+                      help="append K output classes for labels >= the model's")
   parser.add_argument("--region-growing", type=float, default=one["region_growing"], help="threshold T (0: off)")
-  parser.add_argument("--method", choices=METHODS, default=one["method"])
-  parser.add_argument("--layers", type=int, default=one["layers"],
-                      help="tunable last layers for --method refine (default: the model's stored default, else 5, "
-                           "at most the model's layers)")
-  parser.add_argument("--steps", type=int, default=one["steps"],
-                      help="most refinement steps M (default: the model's stored default, else 100)")
-  parser.add_argument("--preset", choices=("default", "paper"), default=one["preset"],
-                      help="refinement settings for options left out: the library's defaults or 'paper' (Algorithm 1)")
-  parser.add_argument("--optimizer", choices=("sgd", "adam"), default=one["optimizer"])
-  parser.add_argument("--lr", "--learning-rate", dest="lr", type=float, default=one["lr"],
-                      help="learning rate (default: the model's stored default, else the preset's)")
-  parser.add_argument("--prox-weight", "--alpha", dest="prox_weight", type=float, default=one["prox_weight"],
-                      help="alpha (default: the model's stored default, else the preset's)")
-  parser.add_argument("--keep-weight", type=float, default=one["keep_weight"], help="weight of the keep term")
-  parser.add_argument("--progressive-merge", action=argparse.BooleanOptionalAction, default=one["progressive_merge"],
-                      help="change the segmentation only where the round's marks touch the change")
+  parser.add_argument("--method", choices=bl.METHODS, default=one["method"])
+  method = parser.add_argument_group(
+      "refinement settings", "defaults: the model's stored settings (model.json metadata.refine), else the preset's")
+  flags.add_settings(method, EVALUATE_SETTINGS)
   parser.add_argument("--crop", type=int, default=one["crop"], help="centre crop of a built-in task's image")
   parser.add_argument("--out", default="evaluate_output")
-  from scribblejax.cli.io_commands import _inference_flags, _patch_batch_flag
-  patches = _inference_flags(parser)
+  patches = flags.add_inference(parser)
   patches.description = ("--image/--label cases only: how the network sees the image, as predict and refine run "
                          "it (nnU-Net's pipeline); the simulated user marks, and Dice is measured, on the image's "
                          "own grid")
-  _patch_batch_flag(patches)
+  flags.add_patch_batch(patches)
   parser.set_defaults(func=run)
   return parser

@@ -8,11 +8,18 @@ import os
 import sys
 from pathlib import Path
 
-# Modules with an add_parser(subparsers) function, one per subcommand (or group of subcommands).
+import jax
+
+from scribblejax.cli import flags
+
+# The command registry: one module per command, each with an add_parser(subparsers) function that sets the
+# command's func(args) -> exit status. Listed in the order `scribblejax --help` shows them.
 COMMAND_MODULES = (
     "scribblejax.cli.demo",
     "scribblejax.cli.evaluate",
-    "scribblejax.cli.io_commands",
+    "scribblejax.cli.predict",
+    "scribblejax.cli.refine",
+    "scribblejax.cli.info",
     "scribblejax.cli.train",
     "scribblejax.cli.view",
     "scribblejax.cli.convert",
@@ -20,6 +27,7 @@ COMMAND_MODULES = (
 
 
 def build_parser() -> argparse.ArgumentParser:
+  """The ``scribblejax`` parser with every command of :data:`COMMAND_MODULES`."""
   parser = argparse.ArgumentParser(prog="scribblejax", description=__doc__)
   sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
   for name in COMMAND_MODULES:
@@ -40,7 +48,6 @@ def enable_compilation_cache() -> str | None:
   ``SCRIBBLEJAX_COMPILATION_CACHE`` names the folder (default ``$XDG_CACHE_HOME/scribblejax/jax``),
   or is ``0`` to leave the cache off; a folder already set in JAX's own configuration is kept.
   """
-  import jax
   setting = os.environ.get("SCRIBBLEJAX_COMPILATION_CACHE", "")
   if setting == "0":
     return None
@@ -53,15 +60,15 @@ def enable_compilation_cache() -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+  """Runs ``scribblejax ARGV``; returns the exit status (:data:`scribblejax.cli.flags.EXIT_OK`, ``EXIT_BAD_INPUT``
+  after a one-line error on stderr; argparse exits with ``EXIT_USAGE`` itself)."""
   args = build_parser().parse_args(argv)
   if args.command not in _UNCACHED:
     enable_compilation_cache()
   try:
     return args.func(args)
   except (ValueError, OSError) as err:   # bad input: exit 1, as every command's help says (2: usage errors)
-    print(f"scribblejax {args.command}: error: {' '.join(str(err).split()) or type(err).__name__}",
-          file=sys.stderr)
-    return 1
+    return flags.error(args.command, err)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import dataclasses
 
 
 def run(args: argparse.Namespace) -> int:
+  """Trains the task's backbone and saves it; returns the exit status."""
   from scribblejax.research.train import TASK_NAMES, _tasks, train_task
   if args.task not in TASK_NAMES:
     raise ValueError(f"unknown task {args.task!r}; known tasks: {', '.join(TASK_NAMES)}")
@@ -21,6 +22,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
+  """Registers ``train`` on an ``argparse`` subparsers object."""
   parser = subparsers.add_parser(
       "train", help="train a backbone on a built-in task (nuclei2d, tissue2d, tissue3d) and save it",
       description="Trains a U-Net on the training split of a vendored dataset (optax Adam, random crops, flips, "

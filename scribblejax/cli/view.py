@@ -9,18 +9,24 @@ from __future__ import annotations
 
 import argparse
 
+from scribblejax.cli import flags
+
+
+# the settings the widget's fields take from the command line
+VIEW_SETTINGS = ("layers", "max_steps", "region_growing")
+
 
 def _view(args: argparse.Namespace) -> int:
   try:
     import napari
   except ImportError as err:
     raise ValueError(f"napari is not installed ({err}); pip install \"scribblejax[napari]\"") from None
-  from scribblejax.napari._widget import ScribbleWidget
+  from scribblejax.napari.widget import ScribbleWidget
   viewer = napari.Viewer(title="scribblejax")
   widget = ScribbleWidget(viewer)
   viewer.window.add_dock_widget(widget, name="scribblejax refine", area="right")
-  for field, value in (("layers", args.layers), ("max_steps", args.steps), ("region_growing", args.region_growing)):
-    if value is not None:
+  for field in VIEW_SETTINGS:
+    if (value := getattr(args, field)) is not None:
       widget.setting_edits[field].setText(str(value))
   if args.model or args.session:
     widget.open(args.image, args.model, args.session)
@@ -44,7 +50,6 @@ def add_parser(subparsers) -> None:
   parser.add_argument("--session", metavar="DIR",
                       help="session folder: continued if it holds one, else created by the first round "
                            "(default: a temporary folder; the widget's Save session keeps it)")
-  parser.add_argument("--layers", type=int, help="tunable last layers l (as refine --layers)")
-  parser.add_argument("--steps", type=int, help="most SGD steps M (as refine --steps)")
-  parser.add_argument("--region-growing", type=float, metavar="T", help="as refine --region-growing")
+  for field in VIEW_SETTINGS:
+    flags.add_setting(parser, field, help=f"as refine {flags.SETTINGS[field].flag}")
   parser.set_defaults(func=_view)

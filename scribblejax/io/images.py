@@ -137,7 +137,9 @@ def _axis_code(vector: np.ndarray) -> str:
 # ----------------------------------------------------------------------------------------------
 # Format detection and atomic writing.
 
-def _suffix(path: Path) -> str:
+def suffix_of(path: str | os.PathLike) -> str:
+  """The image suffix of a path, in lower case: its longest known one (``.nii.gz``), else its last."""
+  path = Path(path)
   name = path.name.lower()
   for suffix in sorted(_READ_SUFFIXES, key=len, reverse=True):
     if name.endswith(suffix):
@@ -164,11 +166,11 @@ def format_of(path: str | os.PathLike) -> str:
     raise ValueError(f"cannot read {path}: no such file or folder")
   if p.is_dir():
     return "dicom"
-  family = _READ_SUFFIXES.get(_suffix(p))
+  family = _READ_SUFFIXES.get(suffix_of(p))
   if family is None and _is_dicom_file(p):
     return "dicom"
   if family is None:
-    raise ValueError(f"cannot read {path}: unsupported image format {_suffix(p) or '(no suffix)'!r}; supported: "
+    raise ValueError(f"cannot read {path}: unsupported image format {suffix_of(p) or '(no suffix)'!r}; supported: "
                      ".nii, .nii.gz, .nrrd, .nhdr, .tif, .tiff, .png, .jpg, .jpeg, DICOM files and series folders")
   return family
 
@@ -181,7 +183,7 @@ def output_format(path: str | os.PathLike, geometry: Geometry) -> str:
       lossy, or a 3-D image as PNG), or is ``.nhdr`` (read, never written).
   """
   allowed = OUTPUTS[geometry.family]
-  suffix = _suffix(Path(path))
+  suffix = suffix_of(Path(path))
   if suffix == ".nhdr":
     raise ValueError(f"cannot write {path}: a .nhdr header keeps its data in a second file, which cannot be "
                      "written atomically with it; write a .nrrd file (header and data in one)")

@@ -2,17 +2,17 @@
 
 ``predict`` and ``refine`` do not feed the network the image as read: they order its axes, crop it to
 its non-zero region, normalise it, resample it to the model's voxel spacing, pad it and run the
-network patch by patch, as nnU-Net does (:func:`scribblejax.app.workflow.prepare`). A case given by
+network patch by patch, as nnU-Net does (:func:`scribblejax.pipeline.prepare`). A case given by
 files (``scribblejax evaluate --image FILE --label FILE``) is evaluated the same way, so its numbers
 are what a user of ``refine`` gets:
 
 * the simulated user compares the segmentation on the image's own grid with the label file and marks
   that grid, as a clinician draws on the image;
 * the marks go to the model's grid as ``refine`` sends a marks file there
-  (:func:`scribblejax.app.workflow.to_model`); with patches, the loop refines the network on the
+  (:func:`scribblejax.pipeline.to_model`); with patches, the loop refines the network on the
   patches that hold marks, blended as the sliding window blends them (:class:`scribblejax.pipeline.MarkedPatches`);
 * the refined network segments the whole image again, and the segmentation comes back to the image's
-  grid (:func:`scribblejax.app.workflow.labels_from_logits`), where Dice is measured.
+  grid (:func:`scribblejax.pipeline.labels_from_logits`), where Dice is measured.
 
 Region growing and the random walker work on the image's grid, on the image normalised as the model
 normalises it (without the crop to the non-zero region).
@@ -26,14 +26,26 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, NamedTuple
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
-from scribblejax.io.images import Image
-from scribblejax.app.workflow import Fitted, InferenceOptions
+from scribblejax import marks as marks_lib
+from scribblejax.app import compile_timer
+from scribblejax.config import RefineConfig
+from scribblejax.io.images import Image, read_image
+from scribblejax.params import head, last_layers, split_params
+from scribblejax.pipeline import (Fitted, InferenceOptions, Network, cover_marks, fit_image, labels_from_logits,
+                                  loop_split, network_input, network_logits, prepare, refined_logits, same_tree,
+                                  spec_of, to_model, unsure_on_image)
+from scribblejax.refinement import compute_trunk, predict, progressive_merge, refine
+from scribblejax.refinement.merge import new_marks_of
+from scribblejax.research.baselines import METHODS, Method, random_walker_method
+from scribblejax.research.evaluate import make_case
 
 
 class Pipeline(NamedTuple):
@@ -82,8 +94,7 @@ def prepare_pipeline(model: Any, info: Any, image: Image, layers: int | None = N
   Raises:
     ValueError: the image does not suit the model (dimensions, channels), or ``layers`` is out of range.
   """
-  from scribblejax.app.workflow import _Network, prepare, spec_of
-  network = _Network(model, info, spec_of(model, info))
+  network = Network(model, info, spec_of(model, info))
   network, split, fitted, layers = prepare(network, image, info, layers, inference)
   return Pipeline(network, split, fitted, inference, layers)
 
@@ -91,7 +102,6 @@ def prepare_pipeline(model: Any, info: Any, image: Image, layers: int | None = N
 def segment(pipe: Pipeline, split: Any = None) -> np.ndarray:
   """The segmentation ``int32[*image_spatial]`` the network (``split``, default the pipeline's) gives the
   image, on the image's grid."""
-  from scribblejax.app.workflow import labels_from_logits, network_logits
   split = pipe.split if split is None else split
   return labels_from_logits(network_logits(split, pipe.fitted, step=pipe.inference.step), pipe.fitted)
 
@@ -99,7 +109,6 @@ def segment(pipe: Pipeline, split: Any = None) -> np.ndarray:
 def image_grid_input(image: Image, pipe: Pipeline) -> np.ndarray:
   """``float32[*image_spatial, C]``: the image on its own grid and axes, channels adapted and normalised
   as the model normalises it (without cropping), for region growing and the random walker."""
-  from scribblejax.app.workflow import fit_image
   info = pipe.network.info
   fitted = fit_image(image, pipe.network.spec, info.normalization, info.metadata, slices=True)
   array = fitted.image
@@ -118,16 +127,69 @@ def image_case(name: str, image: Image, truth: np.ndarray, pipe: Pipeline, num_c
   Raises:
     ValueError: the label map's shape differs from the image's, or its values are not classes.
   """
-  from scribblejax.research.evaluate import make_case
   return make_case(name, image_grid_input(image, pipe), truth, num_classes, class_names)
 
 
+def read_label(image: Image, label_path: str, num_classes: int, add_classes: int = 0) -> np.ndarray:
+  """A label file as ``int64[*image_spatial]``, checked against the image and the model's classes.
+
+  Raises:
+    ValueError: the label's shape is not the image's, or it holds values that are no class.
+  """
+  label = read_image(label_path, labels=True).array
+  if label.ndim == image.array.ndim and label.shape[-1] == 1:
+    label = label[..., 0]
+  if label.shape != image.array.shape[:-1]:
+    raise ValueError(f"image {image.path} has spatial shape {image.array.shape[:-1]} but label {label_path} has "
+                     f"shape {label.shape}")
+  if label.dtype.kind == "f" and not np.all(label == np.round(label)):
+    raise ValueError(f"label {label_path} holds non-integer values")
+  label = label.astype(np.int64)
+  if label.size and label.min() < 0:
+    raise ValueError(f"label {label_path} holds negative values")
+  top = int(label.max()) if label.size else 0
+  n = num_classes
+  if top >= n + add_classes:
+    hint = "" if add_classes else "; pass --add-classes K to append output classes for them"
+    raise ValueError(f"label {label_path} has values up to {top} but the model has {n} classes "
+                     f"(0..{n - 1}){' + ' + str(add_classes) + ' added' if add_classes else ''}{hint}")
+  return label
+
+
+def file_case(image_path: str, label_path: str, backbone: Any, model: Any, layers: int | None,
+              inference: InferenceOptions = InferenceOptions(), add_classes: int = 0):
+  """A case given by an image file and a label file, and the model's pipeline on the image (axes,
+  channels, crop, normalisation, spacing, patches: as ``scribblejax refine`` runs it).
+
+  Args:
+    image_path: the image file.
+    label_path: its label map, in the image's geometry.
+    backbone: a :class:`scribblejax.research.evaluate.Backbone` (its ``info``, ``num_classes``, ``class_names``).
+    model: the network to refine (the backbone's, perhaps with ``add_classes`` classes appended).
+    layers: tunable last layers (``None``: the library's default).
+    inference: how the network sees the image.
+    add_classes: classes appended to the backbone's.
+
+  Returns:
+    ``(case, pipeline)``.
+
+  Raises:
+    ValueError: a file is missing, the label does not fit the image or the classes, or the image the model.
+  """
+  for what, path in (("image", image_path), ("label", label_path)):
+    if not Path(path).exists():
+      raise ValueError(f"{what} file {path} does not exist")
+  img = read_image(image_path)
+  n = backbone.num_classes
+  label = read_label(img, label_path, n, add_classes)
+  pipe = prepare_pipeline(model, backbone.info, img, layers, inference)
+  names = (list(backbone.class_names or [f"class {c}" for c in range(n)])
+           + [f"added {c}" for c in range(n, n + add_classes)])
+  return image_case(Path(image_path).name, img, label, pipe, n + add_classes, names), pipe
+
+
 def _head_split(pipe: Pipeline):
-  import jax
-  import jax.numpy as jnp
-  from scribblejax.app.workflow import _network_input
-  from scribblejax.params import head, split_params
-  example = jax.ShapeDtypeStruct((1, *_network_input(pipe.fitted)), jnp.float32)
+  example = jax.ShapeDtypeStruct((1, *network_input(pipe.fitted)), jnp.float32)
   return split_params(pipe.network.model, head(), example=example)
 
 
@@ -164,12 +226,6 @@ def pipeline_refine_method(pipe: Pipeline, config: Any = None, *, head_only: boo
     of marked patches and voxels round up to an earlier round's reuses its compiled loop; otherwise
     it compiles, and that time is inside the interaction's seconds.
   """
-  import jax
-  from scribblejax import marks as marks_lib
-  from scribblejax.research.baselines import Method
-  from scribblejax.app.workflow import _network_input, _same_tree, compile_timer, cover_marks, labels_from_logits, loop_split, refined_logits, to_model
-  from scribblejax.params import head, last_layers
-  from scribblejax.refinement.engine import RefineConfig, compute_trunk, predict, refine
   config = effective_config(pipe, RefineConfig() if config is None else config)
   fitted = pipe.fitted
   split = _head_split(pipe) if head_only else pipe.split
@@ -181,7 +237,6 @@ def pipeline_refine_method(pipe: Pipeline, config: Any = None, *, head_only: boo
 
   def init(image):
     del image
-    from scribblejax.app.workflow import network_logits, unsure_on_image
     trunk = compute_trunk(whole_loop, fitted.image, config) if cached else None
     logits = network_logits(split, fitted, step=pipe.inference.step)
     free = unsure_on_image(logits, fitted, config.merge_confidence) if config.progressive_merge else None
@@ -208,13 +263,12 @@ def pipeline_refine_method(pipe: Pipeline, config: Any = None, *, head_only: boo
       else:
         found = loop_split(pipe.network, fitted, split, model_marks, select, pipe.inference)
         loop, image, loop_marks, patches = found.split, found.image, found.marks, found.patches
-      start = _same_tree(loop.tunable, state.tunable) if continue_weights and state.tunable is not None else None
+      start = same_tree(loop.tunable, state.tunable) if continue_weights and state.tunable is not None else None
       result = refine(loop, image, loop_marks, config, start=start, trunk=state.trunk if whole else None)
       logits = refined_logits(split, fitted, result, patches, pipe.inference.step)
-    tunable = _same_tree(split.tunable, result.tunable)
+    tunable = same_tree(split.tunable, result.tunable)
     labels = labels_from_logits(logits, fitted)
     if config.progressive_merge:
-      from scribblejax.refinement.merge import new_marks_of, progressive_merge
       labels = progressive_merge(state.labels, labels, new_marks_of(marks, previous_marks), marks, free=state.free)
     return state._replace(labels=labels, num_steps=int(result.num_steps), satisfied=bool(result.satisfied),
                           honoured=_honoured(labels, marks), patches=patches, compile_seconds=compiled[0],
@@ -222,7 +276,7 @@ def pipeline_refine_method(pipe: Pipeline, config: Any = None, *, head_only: boo
 
   def warmup(image):
     del image
-    jax.block_until_ready(predict(split, np.zeros(_network_input(fitted), np.float32)))
+    jax.block_until_ready(predict(split, np.zeros(network_input(fitted), np.float32)))
     if whole:
       trunk = compute_trunk(whole_loop, fitted.image, config) if cached else None
       empty = np.full(fitted.image.shape[:-1], -1, np.int32)
@@ -240,14 +294,9 @@ def pipeline_refine_method(pipe: Pipeline, config: Any = None, *, head_only: boo
 def pipeline_method(kind: str, pipe: Pipeline, config: Any = None):
   """A method by name through the model's pipeline: "refine" (the pipeline's last layers), "head",
   "random_walker" (from the pipeline's segmentation) or "initial" (the pipeline's segmentation)."""
-  import jax
-  from scribblejax.research.baselines import METHODS, Method, random_walker_method
-  from scribblejax.app.workflow import _network_input
-  from scribblejax.refinement.engine import predict
   if kind in ("refine", "head"):
     return pipeline_refine_method(pipe, config, head_only=kind == "head")
   if kind == "paper":
-    from scribblejax.refinement.engine import RefineConfig
     return pipeline_refine_method(pipe, RefineConfig.paper() if config is None else config, name="paper")
   if kind == "fbrs":
     raise ValueError("--method fbrs runs on built-in tasks (--task) only; a case given by --image/--label runs "
@@ -257,7 +306,7 @@ def pipeline_method(kind: str, pipe: Pipeline, config: Any = None):
   if kind == "initial":
     def warmup(image):
       del image
-      jax.block_until_ready(predict(pipe.split, np.zeros(_network_input(pipe.fitted), np.float32)))
+      jax.block_until_ready(predict(pipe.split, np.zeros(network_input(pipe.fitted), np.float32)))
     return Method("initial", lambda image: segment(pipe), lambda s: s, lambda s, marks: s, warmup, lambda s: {})
   raise ValueError(f"method must be one of {METHODS}, got {kind!r}")
 

@@ -32,8 +32,8 @@ if not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
 from scribblejax.research import data
 from scribblejax.cli import main
 from scribblejax.io import read_image
-from scribblejax.napari import _core
-from scribblejax.napari._widget import SCRIBBLES, SEGMENTATION, ScribbleWidget
+from scribblejax.napari import core
+from scribblejax.napari.widget import SCRIBBLES, SEGMENTATION, ScribbleWidget
 
 # explicit knobs, so that the rounds are short and do not depend on the models' stored defaults
 KNOBS = {"max_steps": "100"}     # the library's defaults otherwise
@@ -175,7 +175,7 @@ def test_a_session_saved_from_the_widget_continues_on_the_command_line(make_napa
   _refine(qtbot, widget)
   saved = tmp_path / "saved"                               # a copy, continued on the command line
   widget.save_session(str(saved))
-  assert _core.default_output(widget.interaction) == str(cells.with_name("cells.seg.png"))
+  assert core.default_output(widget.interaction) == str(cells.with_name("cells.seg.png"))
   out = tmp_path / "widget_seg.png"
   widget.save_segmentation(str(out))
   np.testing.assert_array_equal(read_image(out, labels=True).array[..., 0], viewer.layers[SEGMENTATION].data)
@@ -224,11 +224,11 @@ def test_refine_in_3d_honours_the_stroke_and_undo_restores_the_layer(make_napari
 
 def test_marks_of_names_a_value_that_is_no_class():
   names = ("background", "nucleus")
-  assert _core.legend(names) == "0 = unmarked, 1 = background, 2 = nucleus"
-  np.testing.assert_array_equal(_core.marks_of(np.array([0, 1, 2]), names), [-1, 0, 1])
+  assert core.legend(names) == "0 = unmarked, 1 = background, 2 = nucleus"
+  np.testing.assert_array_equal(core.marks_of(np.array([0, 1, 2]), names), [-1, 0, 1])
   with pytest.raises(ValueError, match="value 3 at 1 pixel"):
-    _core.marks_of(np.array([0, 3]), names)
-  new, erased = _core.pending_marks(np.array([1, -1, 0, 0]), np.array([1, 0, -1, 1]))
+    core.marks_of(np.array([0, 3]), names)
+  new, erased = core.pending_marks(np.array([1, -1, 0, 0]), np.array([1, 0, -1, 1]))
   np.testing.assert_array_equal(new, [-1, -1, 0, 0])
   assert erased == 1
 
@@ -260,4 +260,5 @@ def test_the_manifest_names_the_widget():
   import npe2
   manifest = npe2.PluginManifest.from_distribution("scribblejax")
   assert manifest.contributions.widgets[0].display_name == "scribblejax refine"
-  assert Path(manifest.contributions.commands[0].python_name.split(":")[0].replace(".", "/") + ".py").name == "_widget.py"
+  module = manifest.contributions.commands[0].python_name.split(":")[0]
+  assert Path(module.replace(".", "/") + ".py").name == "widget.py"

@@ -158,7 +158,7 @@ def test_a_stack_of_slices_a_strided_2d_network_refuses_is_padded_in_plane(tmp_p
   import tifffile
 
   from scribblejax.convert.monai_nets import UNet
-  from scribblejax.app.workflow import run_predict
+  from scribblejax.app import run_predict
   kwargs = dict(spatial_dims=2, in_channels=1, out_channels=2, channels=[4, 8, 16], strides=[2, 2], num_res_units=0)
   sj.save_model(tmp_path / "m", UNet(**kwargs, rngs=nnx.Rngs(0)), family="monai.UNet", kwargs=kwargs)
   stack = np.random.default_rng(0).random((3, 45, 45)).astype(np.float32)       # 45: stride 2 twice refuses it
@@ -174,7 +174,7 @@ def test_a_stack_of_slices_a_strided_2d_network_refuses_is_padded_in_plane(tmp_p
 
 
 def test_mirroring_axes_come_from_the_model_or_are_refused_by_name():
-  from scribblejax.app.workflow import mirroring_axes
+  from scribblejax.pipeline import mirroring_axes
   assert mirroring_axes({}, 3) == (0, 1, 2) and mirroring_axes({"mirroring_axes": [1, 2]}, 3) == (1, 2)
   with pytest.raises(ValueError, match="allows no mirroring"):
     mirroring_axes({"mirroring_axes": None}, 3)
@@ -262,7 +262,7 @@ def test_marked_patches_blend_the_sliding_window_logits_at_the_marks_and_refine_
 def test_marked_patches_elsewhere_reuse_the_compiled_loop(shape, patch, first, second):
   # The patches' places are frozen state: marks in other patches, of the same counts after rounding up,
   # compile nothing new (PatchBlend, whose starts are static, compiles every time).
-  from scribblejax.app.workflow import compile_timer
+  from scribblejax.app import compile_timer
   net = sj.UNet(spatial_dims=2, in_channels=1, num_classes=2, channels=(4, 8), rngs=nnx.Rngs(8))
   image = np.random.default_rng(5).normal(size=(*shape, 1)).astype(np.float32)
   config = sj.RefineConfig.paper(max_steps=3)

@@ -226,8 +226,8 @@ def test_a_case_given_by_files_runs_through_the_models_pipeline(tiny_model, tmp_
   # the network's own segmentation, computed beside the refined one in one pass over the patches
   assert report["changed_pixels"] == int((refined != seg).sum())
   assert any("same pass over the patches" in n for n in report["notes"])
-  from scribblejax.app import workflow
-  monkeypatch.setattr(workflow, "JOINT_LOGITS_BYTES", 0)               # too big for one pass: one after the other
+  from scribblejax.app import refine_round
+  monkeypatch.setattr(refine_round, "JOINT_LOGITS_BYTES", 0)               # too big for one pass: one after the other
   assert main(["refine", "--model", str(piped), "--image", str(img), "--marks", str(tmp_path / "marks.png"),
                "--out", str(tmp_path / "apart.tif"), "--steps", "60", "--lr", "0.05", "--layers", "3",
                "--quiet"]) == 0, capsys.readouterr().err

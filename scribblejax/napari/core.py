@@ -3,7 +3,7 @@ run a refinement round on the scribble layer's values, undo, reset, save.
 
 A round is exactly a ``scribblejax refine --session`` round: the new marks are written as a label map
 in the image's geometry (in the session folder's hidden ``.napari/``), and
-:func:`scribblejax.app.workflow.run_refine` reads them, runs the pipeline (crop, spacing, patches),
+:func:`scribblejax.app.run_refine` reads them, runs the pipeline (crop, spacing, patches),
 refines and stores the round. So a session started here continues with
 ``scribblejax refine --session DIR``, and one started there opens here.
 
@@ -24,16 +24,20 @@ from __future__ import annotations
 import dataclasses
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 
+from scribblejax.app import Log, RefineSettings, check_outputs, load_network, model_ref, run_refine, silent
+from scribblejax.app.settings import with_new_classes
 from scribblejax.io import session_store
-from scribblejax.app import workflow
-from scribblejax.io.images import OUTPUTS, SUFFIXES, Image, _suffix, image_digest, read_image, write_label_map
-from scribblejax.app.workflow import InferenceOptions, RefineSettings
+from scribblejax.io.images import OUTPUTS, SUFFIXES, Image, image_digest, read_image, suffix_of, write_label_map
+from scribblejax.models.store import read_info
+from scribblejax.models.surgery import add_classes
+from scribblejax.pipeline import InferenceOptions, labels_from_logits, network_logits, prepare, spec_from_info
 
 WORK_FOLDER = ".napari"           # inside a session folder: the marks files and outputs of the widget's rounds
 UNMARKED_VALUE = 0                # scribble layer value meaning "no mark"
@@ -65,7 +69,7 @@ class Interaction(NamedTuple):
 
 def open_interaction(image: str | None, model: str | None = None, session: str | None = None,
                      inference: InferenceOptions | None = None, new_classes: Sequence[str] = (),
-                     log: workflow.Log = workflow._silent) -> Interaction:
+                     log: Log = silent) -> Interaction:
   """Reads the image and the model, and the session's state or the network's own segmentation.
 
   Args:
@@ -83,11 +87,10 @@ def open_interaction(image: str | None, model: str | None = None, session: str |
     ValueError: the image or model cannot be read, the model cannot read the image (channels,
       dimensions), or the session belongs to another image or model.
   """
-  from scribblejax.models.store import read_info
   doc = session_store.load_session(session) if session else None
   if doc is not None:
     model, image = model or doc["model"], image or doc["image"]
-    inference = inference or _session_inference(doc)
+    inference = inference or InferenceOptions.from_record(doc.get("pipeline"))
     new_classes = _session_classes(doc, new_classes, session)
   if model is None or image is None:
     raise ValueError(f"name {'a model' if model is None else 'an image'} (no session to take it from)")
@@ -97,7 +100,7 @@ def open_interaction(image: str | None, model: str | None = None, session: str |
   img = read_image(image)
   if doc is not None:
     _check_session(doc, img, model, session)
-  names = _class_names(info, tuple(new_classes))
+  names = class_names_of(info, tuple(new_classes))
   folder = Path(session) if session else Path(tempfile.mkdtemp(prefix="scribblejax-napari-"))
   blank = np.full(img.spatial_shape, -1, np.int32)
   it = Interaction(str(model), img, names, tuple(new_classes), folder, inference, blank, blank, blank, 0)
@@ -105,17 +108,6 @@ def open_interaction(image: str | None, model: str | None = None, session: str |
     return reload(it)
   labels = network_labels(it, log)
   return it._replace(labels=labels, initial=labels)
-
-
-def _session_inference(doc: dict) -> InferenceOptions:
-  """The pipeline options a session's first round used (the CLI refuses others)."""
-  stored = doc.get("pipeline")
-  if not stored:
-    return InferenceOptions()
-  size = stored.get("patch_size", "auto")
-  return InferenceOptions(resample=stored.get("resample", True), crop=stored.get("crop", True),
-                          mirror=stored.get("mirror", False), step=stored.get("step", 0.5),
-                          patch_size=tuple(size) if isinstance(size, list) else size)
 
 
 def _session_classes(doc: dict, given: Sequence[str], session: str) -> tuple[str, ...]:
@@ -128,36 +120,40 @@ def _session_classes(doc: dict, given: Sequence[str], session: str) -> tuple[str
 def _check_session(doc: dict, img: Image, model: str, session: str) -> None:
   if doc["image_digest"] != image_digest(img):
     raise ValueError(f"image {img.path} is not the image of session {session} ({doc['image']})")
-  if doc["model"] != workflow._model_ref(model):
+  if doc["model"] != model_ref(model):
     raise ValueError(f"model {model} is not the model of session {session} ({doc['model']})")
 
 
-def _class_names(info: Any, added: tuple[str, ...]) -> tuple[str, ...]:
-  """The model's class names (or their numbers), then ``added``, checked as ``--new-class`` is."""
-  count = workflow.spec_from_info(info).num_classes
+def class_names_of(info: Any, added: tuple[str, ...]) -> tuple[str, ...]:
+  """The model's class names (or their numbers), then ``added``, checked as ``--new-class`` is.
+
+  Raises:
+    ValueError: the model states neither names nor a class count, an added name a marks file would take
+      for another class, or more classes than the scribble layer's values can hold.
+  """
+  count = spec_from_info(info).num_classes
   names = tuple(info.class_names or (str(k) for k in range(count or 0)))
   if not names:
     raise ValueError("the model states neither its class names nor how many classes it predicts")
-  names = workflow._with_new_classes(names, added) if added else names
+  names = with_new_classes(names, added) if added else names
   if len(names) >= _FILE_BACKGROUND:
     raise ValueError(f"the model has {len(names)} classes; the widget handles at most {_FILE_BACKGROUND - 1}")
   return names
 
 
-def network_labels(it: Interaction, log: workflow.Log = workflow._silent) -> np.ndarray:
+def network_labels(it: Interaction, log: Log = silent) -> np.ndarray:
   """The network's own segmentation of the image on the image's grid, by ``scribblejax predict``'s
   pipeline (with the new classes' head, whose first segmentation is the network's own)."""
-  network = workflow._load(it.model, log)
+  network = load_network(it.model, log)
   if it.new_classes:
-    from scribblejax.models.surgery import add_classes
     try:
       network = network._replace(model=add_classes(network.model, len(it.new_classes)),
                                  spec=network.spec._replace(num_classes=it.num_classes))
     except ValueError as err:
       raise ValueError(f"a new class cannot extend this model's head: {err}") from None
-  _, split, fitted, _ = workflow.prepare(network, it.image, network.info, 1, it.inference)
-  logits = workflow.network_logits(split, fitted, step=it.inference.step)
-  return workflow.labels_from_logits(logits, fitted).astype(np.int32)
+  _, split, fitted, _ = prepare(network, it.image, network.info, 1, it.inference)
+  logits = network_logits(split, fitted, step=it.inference.step)
+  return labels_from_logits(logits, fitted).astype(np.int32)
 
 
 def reload(it: Interaction) -> Interaction:
@@ -227,7 +223,7 @@ class Cancelled(Exception):
 
 def refine_round(it: Interaction, values: Any, settings: RefineSettings = RefineSettings(), *,
                  progress: Progress = None, patch_progress: Progress = None,
-                 log: workflow.Log = workflow._silent) -> tuple[Interaction, dict]:
+                 log: Log = silent) -> tuple[Interaction, dict]:
   """One ``scribblejax refine --session`` round on the scribble layer's values.
 
   Args:
@@ -258,7 +254,7 @@ def refine_round(it: Interaction, values: Any, settings: RefineSettings = Refine
   file_values = np.where(new < 0, 0, np.where(new == 0, _FILE_BACKGROUND, new))
   write_label_map(marks_path, file_values, it.image.geometry)
   settings = dataclasses.replace(settings, new_classes=it.new_classes)
-  report = workflow.run_refine(model=it.model, image=it.image.path, marks=[str(marks_path)], out=str(out),
+  report = run_refine(model=it.model, image=it.image.path, marks=[str(marks_path)], out=str(out),
                                session=str(it.session), settings=settings, overlay=False, log=log,
                                progress=progress, inference=it.inference, patch_progress=patch_progress)
   report["erased_marks"] = erased
@@ -289,7 +285,6 @@ def warm_up(it: Interaction, settings: RefineSettings = RefineSettings()) -> flo
   Returns:
     The seconds it took.
   """
-  import time
   start = time.perf_counter()
   brightest = np.unravel_index(int(np.argmax(it.image.array.max(axis=-1))), it.image.spatial_shape)
   label = int(it.labels[brightest])
@@ -299,14 +294,14 @@ def warm_up(it: Interaction, settings: RefineSettings = RefineSettings()) -> flo
   with tempfile.TemporaryDirectory(prefix="scribblejax-warm-up-") as folder:
     marks = Path(folder) / f"marks{suffix}"
     write_label_map(marks, values, it.image.geometry)
-    workflow.run_refine(model=it.model, image=it.image.path, marks=[str(marks)], out=str(Path(folder) / f"seg{suffix}"),
+    run_refine(model=it.model, image=it.image.path, marks=[str(marks)], out=str(Path(folder) / f"seg{suffix}"),
                         settings=dataclasses.replace(settings, max_steps=1, new_classes=it.new_classes,
                                                      continue_weights=False),
                         overlay=False, inference=it.inference)
   return time.perf_counter() - start
 
 
-def undo_round(it: Interaction, log: workflow.Log = workflow._silent) -> Interaction:
+def undo_round(it: Interaction, log: Log = silent) -> Interaction:
   """Drops the session's latest round (``scribblejax refine --session DIR --undo``).
 
   Raises:
@@ -314,12 +309,12 @@ def undo_round(it: Interaction, log: workflow.Log = workflow._silent) -> Interac
   """
   if it.rounds == 0:
     raise ValueError("nothing to undo: no round yet")
-  workflow.run_refine(model=None, image=None, marks=[], out=None, session=str(it.session), undo=True,
+  run_refine(model=None, image=None, marks=[], out=None, session=str(it.session), undo=True,
                       overlay=False, log=log, inference=it.inference)
   return reload(it)
 
 
-def reset(it: Interaction, log: workflow.Log = workflow._silent) -> Interaction:
+def reset(it: Interaction, log: Log = silent) -> Interaction:
   """Undoes every round: the network's own segmentation, no marks."""
   while it.rounds:
     it = undo_round(it, log)
@@ -335,14 +330,14 @@ def save_segmentation(it: Interaction, path: str) -> str:
   Raises:
     ValueError: the path is the image, or its suffix is not a format the image's family may be written as.
   """
-  workflow.check_outputs([path], [it.image.path])
+  check_outputs([path], [it.image.path])
   return write_label_map(path, it.labels, it.image.geometry)
 
 
 def default_output(it: Interaction) -> str:
   """A segmentation path beside the image, in its format family: ``cells.png`` -> ``cells.seg.png``."""
   path = Path(it.image.path)
-  stem = path.name[: len(path.name) - len(_suffix(path))] if path.is_file() else path.name
+  stem = path.name[: len(path.name) - len(suffix_of(path))] if path.is_file() else path.name
   return str(path.with_name(f"{stem}.seg{_label_suffix(it.image)}"))
 
 
