@@ -3,7 +3,8 @@
 Public API:
 
 * :func:`scribblejax.convert.checkpoint.load_checkpoint`,
-  :class:`~scribblejax.convert.checkpoint.UnsafeCheckpointError`: a torch-free, code-free reader for ``.pth``/``.pt``, ``.safetensors`` and ``.npz``;
+  :class:`~scribblejax.convert.checkpoint.UnsafeCheckpointError`: a torch-free, code-free reader for
+  ``.pth``/``.pt``, ``.safetensors`` and ``.npz``;
 * :func:`scribblejax.convert.folder.convert`: an nnU-Net folder, a MONAI bundle or a bare checkpoint -> a
   scribblejax model folder (``scribblejax convert`` on the command line, see :mod:`scribblejax.cli.convert`);
 * one converter per library, ``load_weights(model, state, *, source)``, moving a state dict into the Flax

@@ -178,6 +178,7 @@ def _clipped_slices(lo: np.ndarray, hi: np.ndarray, shape: tuple[int, ...]) -> t
     return None
   return tuple(slice(int(a), int(b) + 1) for a, b in zip(lo, hi))
 
+
 # ----------------------------------------------------------------------------------------------
 # Point
 
@@ -201,6 +202,7 @@ def _draw_point(out: np.ndarray, mark: Point, what: str, num_classes: int | None
   coord = int_coords(mark.coord, f"{what}: coord", out.ndim, rows=False)
   radius = as_real(mark.radius, f"{what}: radius")
   return _write_thick(out, coord[None], radius, label)
+
 
 # ----------------------------------------------------------------------------------------------
 # Scribble
@@ -230,6 +232,7 @@ def _draw_scribble(out: np.ndarray, mark: Scribble, what: str, num_classes: int 
   for start, stop in zip(points[:-1], points[1:]):
     pieces.append(_segment_pixels(start, stop, out.shape, radius))
   return _write_thick(out, np.concatenate(pieces).astype(np.int64), radius, label)
+
 
 # ----------------------------------------------------------------------------------------------
 # Box
@@ -302,6 +305,7 @@ def _draw_box(out: np.ndarray, mark: Box, what: str, num_classes: int | None) ->
     count += int(np.prod([s.stop - s.start for s in inside]))
   return count
 
+
 # ----------------------------------------------------------------------------------------------
 # Polygon
 
@@ -359,6 +363,7 @@ def _draw_polygon(out: np.ndarray, mark: Polygon, what: str, num_classes: int | 
   rows, cols = skimage.draw.polygon(vertices[:, 0], vertices[:, 1], shape=plane.shape)
   plane[rows, cols] = label
   return len(np.unique(rows * plane.shape[1] + cols))
+
 
 # ----------------------------------------------------------------------------------------------
 # LabelMap

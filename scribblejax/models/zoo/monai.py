@@ -109,8 +109,6 @@ class ConvADN(nnx.Module):
     return x
 
 
-
-
 # ----------------------------------------------------------------------------- BasicUNet
 
 
@@ -176,7 +174,6 @@ class BasicUNet(nnx.Module):
     for i in range(4):
       order += [("upcats", i, "deconv"), ("upcats", i, "convs", "conv_0"), ("upcats", i, "convs", "conv_1")]
     return order + [("final_conv",)]
-
 
 
 # ----------------------------------------------------------------------------- UNet
@@ -279,7 +276,6 @@ class UNet(nnx.Module):
       else:
         order.append(("ups", i))
     return order
-
 
 
 # ----------------------------------------------------------------------------- SegResNet
