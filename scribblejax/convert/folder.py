@@ -24,14 +24,13 @@ from typing import Any
 
 from flax import nnx
 
-from scribblejax.convert import monai_nets, nnunet, smp_unet
-from scribblejax.convert._common import ConversionError
+from scribblejax.convert import nnunet
 from scribblejax.convert.checkpoint import load_checkpoint
+from scribblejax.convert.state_dict import ConversionError
+from scribblejax.models.families import SOURCES, Family
 
-# original class path -> (family, module with FAMILY_CLASSES and load_weights)
-_ARCHS = {**{arch: (family, monai_nets) for arch, family in monai_nets.ARCH_NAMES.items()},
-          **{arch: (family, smp_unet) for arch, family in smp_unet.ARCH_NAMES.items()}}
-SUPPORTED_ARCHS = tuple(sorted(_ARCHS))
+# the original class paths a bare checkpoint or a MONAI bundle may name (the registry's sources)
+SUPPORTED_ARCHS = tuple(sorted(SOURCES))
 
 
 def _state_dict(obj: Any, source: str) -> Mapping[str, Any]:
@@ -45,20 +44,20 @@ def _state_dict(obj: Any, source: str) -> Mapping[str, Any]:
   raise ConversionError(f"{source} does not hold a state dict")
 
 
-def _build(arch: str, kwargs: Mapping[str, Any]):
-  if arch not in _ARCHS:
+def _family(arch: str) -> Family:
+  if arch not in SOURCES:
     raise ConversionError(f"unsupported architecture {arch!r}; supported: {', '.join(SUPPORTED_ARCHS)}")
-  family, module = _ARCHS[arch]
-  try:
-    return family, module, module.FAMILY_CLASSES[family](**kwargs, rngs=nnx.Rngs(0))
-  except TypeError as e:
-    raise ConversionError(f"{arch} does not accept {dict(kwargs)}: {e}") from None
+  return SOURCES[arch]
 
 
 def _convert_state(arch: str, kwargs: Mapping[str, Any], state: Mapping[str, Any], source: str):
-  family, module, model = _build(arch, kwargs)
-  module.load_weights(model, state, source=source)
-  return family, model
+  family = _family(arch)
+  try:
+    model = family.constructor()(**kwargs, rngs=nnx.Rngs(0))
+  except TypeError as e:
+    raise ConversionError(f"{arch} does not accept {dict(kwargs)}: {e}") from None
+  family.load_weights()(model, state, source=source)
+  return family.name, model
 
 
 def _plain(value: Any) -> bool:
@@ -83,9 +82,8 @@ def resolved_kwargs(arch: str, kwargs: Mapping[str, Any]) -> dict[str, Any]:
   """``kwargs`` with the constructor's defaults for every argument not given (those that are plain JSON
   values), so that ``model.json`` states the whole architecture: the input's spatial dimensions and
   channels included, which the command line reads to adapt images."""
-  family, module = _ARCHS[arch]
   out = dict(kwargs)
-  for name, param in inspect.signature(module.FAMILY_CLASSES[family].__init__).parameters.items():
+  for name, param in inspect.signature(_family(arch).constructor().__init__).parameters.items():
     if name in out or name in ("self", "rngs") or param.default is inspect.Parameter.empty or not _plain(param.default):
       continue
     out[name] = _as_json(param.default)

@@ -1,5 +1,6 @@
-"""Models: the built-in U-Net, the model folder store (the one registry of model families), layer
-order, ensembles, region-based heads and model surgery."""
+"""Models: the built-in U-Net, the imported architectures (:mod:`scribblejax.models.zoo`), the one registry
+of model families (:mod:`scribblejax.models.families`), the model folder store, layer order, ensembles,
+region-based heads and model surgery."""
 
 from scribblejax.models.ensemble import Ensemble
 from scribblejax.models.layer_order import check_layer_order, layer_order, traced_layer_order

@@ -42,13 +42,13 @@ class Ensemble(nnx.Module):
   Attributes:
     net: one member's structure holding every member's parameters, stacked along a new first axis.
     members: how many networks.
-    family: the members' family (a key of :data:`scribblejax.models.store.FAMILIES`).
+    family: the members' family (a key of :data:`scribblejax.models.families.FAMILIES`).
     spatial_dims, in_channels, num_classes: the members' own (``None`` where they state none).
   """
 
   def __init__(self, family: str = "", kwargs: dict | None = None, members: int | None = None, *,
                rngs: nnx.Rngs | None = None, nets: Sequence[nnx.Module] | None = None):
-    from scribblejax.models.store import build_model
+    from scribblejax.models.families import build_model
     del rngs      # each member draws from its own stream, so that members differ
     if nets is None:
       if family == "scribblejax.models.Ensemble":
@@ -73,7 +73,8 @@ class Ensemble(nnx.Module):
     from scribblejax.models.regions import Regions
     if any(isinstance(net, Regions) for net in nets):
       raise ValueError("an Ensemble averages its networks' outputs, and a Regions network's are class scores; "
-                       "nnU-Net averages the region logits first: Regions.of(Ensemble.of([r.net for r in nets]), order)")
+                       "nnU-Net averages the region logits first: "
+                       "Regions.of(Ensemble.of([r.net for r in nets]), order)")
     graphdef, first = nnx.split(nets[0])
     states = [first]
     for k, net in enumerate(nets[1:], start=1):

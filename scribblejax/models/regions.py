@@ -96,14 +96,14 @@ class Regions(nnx.Module):
   Attributes:
     net: the network giving one logit per region.
     order: the class each region writes (nnU-Net's ``regions_class_order``).
-    family: the network's family (a key of :data:`scribblejax.models.store.FAMILIES`).
+    family: the network's family (a key of :data:`scribblejax.models.families.FAMILIES`).
     spatial_dims, in_channels: the network's own (``None`` where it states none).
     num_classes: ``len(order) + 1``.
   """
 
   def __init__(self, family: str = "", kwargs: dict | None = None, order: Sequence[int] = (), *,
                rngs: nnx.Rngs | None = None, net: nnx.Module | None = None):
-    from scribblejax.models.store import build_model
+    from scribblejax.models.families import build_model
     del rngs      # the network is built from its own family's seed (its weights are loaded over it)
     self.order = check_order(order)
     if net is None:

@@ -1,8 +1,9 @@
 """Save and load models: a folder with ``model.json`` (architecture, normalisation, classes) and an
 orbax checkpoint of the model's state.
 
-Loading never imports code named by the file: the family must be one of :data:`FAMILIES`, a fixed
-table of known constructors, each called as ``Cls(**kwargs, rngs=nnx.Rngs(0))``.
+Loading never imports code named by the file: the family must be one of
+:data:`scribblejax.models.families.FAMILIES`, a fixed table of known constructors, each called as
+``Cls(**kwargs, rngs=nnx.Rngs(0))``.
 
 Layout::
 
@@ -15,7 +16,6 @@ Writes are atomic: everything goes to a temporary sibling folder that is renamed
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import shutil
@@ -27,21 +27,14 @@ import jax
 import numpy as np
 from flax import nnx
 
+# the registry of families (re-exported: older code imports FAMILIES and build_model from here)
+from scribblejax.models.families import FAMILIES, abstract_model, build_model
+
+__all__ = ["FAMILIES", "FORMAT", "VERSION", "WEIGHTS_DIR", "ModelInfo", "build_model", "builtin_models",
+           "check_replaceable", "load_model", "read_info", "resolve_model_path", "save_model"]
+
 FORMAT = "scribblejax-model"
 VERSION = 1
-
-# family name -> "module:attribute" of a constructor. A fixed table: nothing else is ever imported.
-FAMILIES: dict[str, str] = {
-    "scribblejax.UNet": "scribblejax.models.unet:UNet",
-    "nnunet.PlainConvUNet": "scribblejax.convert.nnunet:PlainConvUNet",
-    "nnunet.ResidualEncoderUNet": "scribblejax.convert.nnunet:ResidualEncoderUNet",
-    "monai.BasicUNet": "scribblejax.convert.monai_nets:BasicUNet",
-    "monai.UNet": "scribblejax.convert.monai_nets:UNet",
-    "monai.SegResNet": "scribblejax.convert.monai_nets:SegResNet",
-    "smp.Unet": "scribblejax.convert.smp_unet:Unet",
-    "scribblejax.models.Ensemble": "scribblejax.models.ensemble:Ensemble",
-    "scribblejax.models.Regions": "scribblejax.models.regions:Regions",
-}
 
 # Built-in models shipped inside the package: name -> folder under scribblejax/weights/.
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
@@ -64,31 +57,6 @@ def builtin_models() -> tuple[str, ...]:
   return tuple(sorted(p.name for p in WEIGHTS_DIR.iterdir() if (p / "model.json").is_file()))
 
 
-def _constructor(family: str):
-  if family not in FAMILIES:
-    raise ValueError(f"unknown model family {family!r}; known families: {sorted(FAMILIES)}")
-  module, attr = FAMILIES[family].split(":")
-  return getattr(importlib.import_module(module), attr)
-
-
-def build_model(family: str, kwargs: dict, seed: int = 0) -> nnx.Module:
-  """Constructs a freshly initialised model of a known family (random weights from ``seed``)."""
-  try:
-    return _constructor(family)(**kwargs, rngs=nnx.Rngs(seed))
-  except TypeError as err:
-    raise ValueError(f"model family {family!r} rejects the arguments {kwargs}: {err}") from err
-
-
-def _abstract_model(family: str, kwargs: dict) -> nnx.Module:
-  """The model's structure with shape-only leaves: no initial value is drawn (they would be overwritten).
-  Constructors that need concrete values (e.g. Python control flow on random numbers) are built concretely."""
-  constructor = _constructor(family)
-  try:
-    return nnx.eval_shape(lambda: constructor(**kwargs, rngs=nnx.Rngs(0)))
-  except Exception:  # noqa: BLE001 -- any tracing problem: fall back to the plain build (and its error messages)
-    return build_model(family, kwargs)
-
-
 def _to_plain(state: nnx.State) -> dict:
   return jax.tree.map(np.asarray, nnx.to_pure_dict(state))
 
@@ -108,7 +76,7 @@ def save_model(directory: str | os.PathLike, model: nnx.Module, *, family: str, 
   Args:
     directory: the folder to create.
     model: the model; its state must match ``build_model(family, kwargs)``.
-    family: a key of :data:`FAMILIES`.
+    family: a key of :data:`scribblejax.models.families.FAMILIES`.
     kwargs: JSON-serialisable constructor arguments.
     normalization: a spec for :func:`scribblejax.pipeline.normalization.normalize` (``None``: no normalisation).
     class_names: one name per output class.
@@ -130,8 +98,8 @@ def save_model(directory: str | os.PathLike, model: nnx.Module, *, family: str, 
     raise ValueError(f"{directory} already exists (overwrite=True, or --overwrite on the command line, replaces "
                      "a model folder)")
   if directory.exists():
-    _check_replaceable(directory)
-  reference = _abstract_model(family, kwargs)
+    check_replaceable(directory)
+  reference = abstract_model(family, kwargs)
   want = jax.tree.map(lambda x: tuple(x.shape), nnx.to_pure_dict(nnx.state(reference)))
   state = _to_plain(nnx.state(model))
   if jax.tree.map(np.shape, state) != want:
@@ -155,9 +123,13 @@ def save_model(directory: str | os.PathLike, model: nnx.Module, *, family: str, 
 _MODEL_ENTRIES = {"model.json", "state"}
 
 
-def _check_replaceable(directory: Path) -> None:
+def check_replaceable(directory: Path) -> None:
   """Refuses to replace anything but a model folder that holds nothing else (``overwrite=True`` must not
-  delete a checkpoint being converted, or a user's other files)."""
+  delete a checkpoint being converted, or a user's other files).
+
+  Raises:
+    ValueError: ``directory`` is not a folder, not a model folder, or holds other files too.
+  """
   if not directory.is_dir():
     raise ValueError(f"{directory} exists and is not a folder; refusing to replace it with a model")
   entries = {p.name for p in directory.iterdir()}
@@ -266,7 +238,7 @@ def load_model(name_or_path: str | os.PathLike) -> tuple[nnx.Module, ModelInfo]:
   import orbax.checkpoint as ocp
 
   info = read_info(name_or_path)
-  model = _abstract_model(info.family, info.kwargs)
+  model = abstract_model(info.family, info.kwargs)
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nnx.to_pure_dict(nnx.state(model)))
   want = _dotted(abstract)
   try:

@@ -30,9 +30,20 @@ every error, however thin). Axes of length 1 (a 2-D slice stored as ``H x W x 1`
 first, so that the erosion does not empty every mask. Pixels already marked (``marked=``) are never
 chosen again: a mark the method has not honoured is not drawn twice, the user moves on to the next
 error.
+
+Kinds and robot users are registries: :data:`MARK_KINDS` maps a kind of mark to the function that draws it, and
+:data:`ROBOT_USER_SCHEDULES` a robot user to the kind it draws at each interaction; :data:`KINDS` and
+:data:`ROBOT_USERS` are their names, which the evaluation harness and the command line's ``--marks`` offer.
+A new kind is one function and one entry (most draw on each class's largest error region: wrap a
+``draw(region, class, truth, out, options) -> out`` in :func:`per_error_region`); a new robot user is one
+entry.
 """
 
 from __future__ import annotations
+
+import types
+from collections.abc import Callable, Mapping
+from typing import NamedTuple
 
 import numpy as np
 from scipy import ndimage
@@ -40,8 +51,19 @@ from skimage.morphology import skeletonize
 
 from scribblejax.marks import UNMARKED, Box, encode_marks
 
-KINDS = ("scribble", "point", "box", "click", "object_box")
-ROBOT_USERS = ("scribble", "point", "box", "click", "cvpr25")
+
+class UserOptions(NamedTuple):
+  """How the simulated user draws (the options of :func:`simulate_marks`), as every kind of mark receives them."""
+  radius: int                    # thickness of points and scribbles
+  max_length: int                # most skeleton pixels per scribble
+  per_class: bool                # every class's largest error region, or only the largest of all
+  ignore_border: int             # each error mask is eroded by this many pixels first
+  marked: np.ndarray             # bool[*spatial]: pixels marked already, left out of every error region
+
+
+# A kind of mark: (pred, truth, num_classes, options) -> int32[*spatial] marks (-1 unmarked), on arrays whose
+# axes of length 1 are set aside.
+MarkKind = Callable[[np.ndarray, np.ndarray, int, UserOptions], np.ndarray]
 
 
 def _largest_component(mask: np.ndarray) -> np.ndarray | None:
@@ -116,9 +138,8 @@ def simulate_marks(pred: np.ndarray, truth: np.ndarray, num_classes: int, *, kin
     raise ValueError(f"marked pixels of shape {marked.shape} and prediction {pred.shape} differ in shape")
   kept = tuple(d for d, n in enumerate(pred.shape) if n > 1)
   squeeze = lambda a: a.reshape(tuple(pred.shape[d] for d in kept))
-  out = _marks(squeeze(pred), squeeze(truth), num_classes, kind, radius, max_length, per_class, ignore_border,
-               squeeze(marked))
-  return out.reshape(pred.shape)
+  options = UserOptions(radius, max_length, per_class, ignore_border, squeeze(marked))
+  return MARK_KINDS[kind](squeeze(pred), squeeze(truth), num_classes, options).reshape(pred.shape)
 
 
 def _error_regions(pred, truth, num_classes, ignore_border, marked):
@@ -135,25 +156,49 @@ def _error_regions(pred, truth, num_classes, ignore_border, marked):
   return regions
 
 
-def _marks(pred, truth, num_classes, kind, radius, max_length, per_class, ignore_border, marked):
-  out = np.full(pred.shape, UNMARKED, np.int32)
-  if kind == "object_box":
-    return _object_boxes(truth, num_classes, out)
-  regions = _error_regions(pred, truth, num_classes, ignore_border, marked)
-  if not per_class or kind == "click":
-    regions = regions[:1]
-  for _, c, region in regions:
-    if kind in ("point", "click"):
-      mark = np.zeros_like(region)
-      mark[_interior_point(region)] = True
-      if radius > 0:
-        mark = ndimage.binary_dilation(mark, _ball(radius, region.ndim)) & region
-      out[mark] = c
-    elif kind == "scribble":
-      out[_scribble_pixels(region, max_length, radius)] = c
-    else:
-      out = _box(region, c, truth, out)
+def per_error_region(draw: Callable[..., np.ndarray], *, largest_only: bool = False) -> MarkKind:
+  """A kind of mark drawn on the largest error region of every class (or of all classes).
+
+  Args:
+    draw: ``draw(region, c, truth, out, options) -> out`` marks ``region`` (bool ``[*spatial]``, pixels that
+      should be class ``c``) in the mark map ``out`` and returns it.
+    largest_only: mark only the largest error region of all classes, whatever ``options.per_class`` says.
+
+  Returns:
+    The kind of mark, for :data:`MARK_KINDS`.
+  """
+  def marks(pred, truth, num_classes, options):
+    out = np.full(pred.shape, UNMARKED, np.int32)
+    regions = _error_regions(pred, truth, num_classes, options.ignore_border, options.marked)
+    if not options.per_class or largest_only:
+      regions = regions[:1]
+    for _, c, region in regions:
+      out = draw(region, c, truth, out, options)
+    return out
+  return marks
+
+
+def _draw_point(region, c, truth, out, options):
+  """A disk of ``options.radius`` at the region's interior pixel farthest from its boundary, inside the region."""
+  del truth
+  mark = np.zeros_like(region)
+  mark[_interior_point(region)] = True
+  if options.radius > 0:
+    mark = ndimage.binary_dilation(mark, _ball(options.radius, region.ndim)) & region
+  out[mark] = c
   return out
+
+
+def _draw_scribble(region, c, truth, out, options):
+  """The region's skeleton nearest its interior point, thickened inside the region."""
+  del truth
+  out[_scribble_pixels(region, options.max_length, options.radius)] = c
+  return out
+
+
+def _draw_box(region, c, truth, out, options):
+  del options
+  return _box(region, c, truth, out)
 
 
 def _box(region, c, truth, out):
@@ -162,6 +207,12 @@ def _box(region, c, truth, out):
   box = Box(tuple(coords.min(0)), tuple(coords.max(0)), c, background=0 if c != 0 else None)
   encoded = encode_marks(region.shape, [box])
   return np.where((encoded >= 0) & (encoded == truth), encoded, out)
+
+
+def _object_box_marks(pred, truth, num_classes, options):
+  """``"object_box"``: boxes around the ground truth, whatever the prediction."""
+  del options
+  return _object_boxes(truth, num_classes, np.full(pred.shape, UNMARKED, np.int32))
 
 
 def _object_boxes(truth, num_classes, out):
@@ -173,17 +224,48 @@ def _object_boxes(truth, num_classes, out):
   return out
 
 
+# The registry of kinds of mark: name -> the function that draws it (KINDS: the names, in this order).
+MARK_KINDS: Mapping[str, MarkKind] = types.MappingProxyType({
+    "scribble": per_error_region(_draw_scribble),
+    "point": per_error_region(_draw_point),
+    "box": per_error_region(_draw_box),
+    "click": per_error_region(_draw_point, largest_only=True),      # RITM's robot user
+    "object_box": _object_box_marks,
+})
+KINDS = tuple(MARK_KINDS)
+
+
+def _always(kind: str) -> Callable[[int], str]:
+  return lambda interaction: kind
+
+
+def _cvpr25(interaction: int) -> str:
+  """The CVPR 2025 interactive 3-D challenge: an object box first, then one click per interaction."""
+  return "object_box" if interaction == 1 else "click"
+
+
+# The registry of robot users: name -> the kind of mark it draws at interaction i (1 for the first).
+ROBOT_USER_SCHEDULES: Mapping[str, Callable[[int], str]] = types.MappingProxyType({
+    "scribble": _always("scribble"),
+    "point": _always("point"),
+    "box": _always("box"),
+    "click": _always("click"),
+    "cvpr25": _cvpr25,
+})
+ROBOT_USERS = tuple(ROBOT_USER_SCHEDULES)
+
+
 def robot_marks(user: str, interaction: int, pred: np.ndarray, truth: np.ndarray, num_classes: int, **kwargs
                 ) -> np.ndarray:
   """The marks a robot user draws at ``interaction`` (1 for the first), as :func:`simulate_marks`.
 
-  ``"cvpr25"`` draws an object box at the first interaction and one click at each later one; every
-  other user draws the kind of its name every time.
+  The user's schedule (:data:`ROBOT_USER_SCHEDULES`) says which kind of mark: ``"cvpr25"`` draws an
+  object box at the first interaction and one click at each later one; every other user draws the kind
+  of its name every time.
 
   Raises:
     ValueError: an unknown user.
   """
   if user not in ROBOT_USERS:
     raise ValueError(f"robot user must be one of {ROBOT_USERS}, got {user!r}")
-  kind = ("object_box" if interaction == 1 else "click") if user == "cvpr25" else user
-  return simulate_marks(pred, truth, num_classes, kind=kind, **kwargs)
+  return simulate_marks(pred, truth, num_classes, kind=ROBOT_USER_SCHEDULES[user](interaction), **kwargs)

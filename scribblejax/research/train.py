@@ -411,8 +411,8 @@ def train_task(task: str, out: str | os.PathLike, *, config: TrainConfig | None 
   if out.exists() and not overwrite:
     raise ValueError(f"{out} already exists (pass --overwrite to replace it)")
   if out.exists():
-    from scribblejax.models.store import _check_replaceable
-    _check_replaceable(out)
+    from scribblejax.models.store import check_replaceable
+    check_replaceable(out)
   blocking = next((p for p in out.resolve().parents if p.exists() and not p.is_dir()), None)
   if blocking is not None:
     raise ValueError(f"cannot write the model to {out}: {blocking} is a file, not a folder")

@@ -708,7 +708,7 @@ def test_a_region_based_nnunet_predicts_and_refines_as_classes(tmp_path, capsys)
 
 
 def test_a_cascade_stage_is_refused_by_name(tmp_path):
-  from scribblejax.convert._common import ConversionError
+  from scribblejax.convert.state_dict import ConversionError
   folder, _ = _nnunet_folder_3d(tmp_path, [0, 1, 2])
   plans = json.loads((folder / "plans.json").read_text())
   plans["configurations"]["3d_cascade_fullres"] = {"inherits_from": "3d_fullres", "previous_stage": "3d_lowres"}
@@ -722,7 +722,7 @@ def test_a_cascade_stage_is_refused_by_name(tmp_path):
 
 
 def test_malformed_region_based_datasets_give_messages(tmp_path):
-  from scribblejax.convert._common import ConversionError
+  from scribblejax.convert.state_dict import ConversionError
   from scribblejax.convert.nnunet import _class_names
   regions = {"background": 0, "organ": [1, 2], "core": 2}
   with pytest.raises(ConversionError, match="no regions_class_order"):

@@ -6,9 +6,11 @@ import pytest
 from flax import nnx
 
 from scribblejax.convert import monai_nets
-from scribblejax.convert._common import ConversionError
 from scribblejax.convert._testing import compare, randomize_, torch_state
+from scribblejax.convert.state_dict import ConversionError
+from scribblejax.models.families import constructor
 from scribblejax.models.layer_order import check_layer_order
+from scribblejax.models.zoo import monai as monai_zoo
 
 torch = pytest.importorskip("torch")
 nets = pytest.importorskip("monai.networks.nets")
@@ -17,7 +19,7 @@ nets = pytest.importorskip("monai.networks.nets")
 def _check(torch_cls, family, kwargs, shape):
   json.dumps(kwargs)
   net = randomize_(torch_cls(**kwargs), seed=5)
-  model = monai_nets.FAMILY_CLASSES[family](**kwargs, rngs=nnx.Rngs(0))
+  model = constructor(family)(**kwargs, rngs=nnx.Rngs(0))
   # A checkpoint saved from DDP: every key has a "module." prefix, which is dropped (was: missing keys).
   monai_nets.load_weights(model, {f"module.{k}": v for k, v in torch_state(net).items()})
   compare(net, model, shape)
@@ -66,14 +68,14 @@ def test_segresnet(kwargs, shape):
 
 def test_unknown_options_refused():
   with pytest.raises(ConversionError, match="upsample"):
-    monai_nets.BasicUNet(spatial_dims=2, upsample="pixelshuffle", rngs=nnx.Rngs(0))
+    monai_zoo.BasicUNet(spatial_dims=2, upsample="pixelshuffle", rngs=nnx.Rngs(0))
   with pytest.raises(ConversionError, match="norm"):
-    monai_nets.UNet(2, 1, 2, [4, 8], [2], norm="layer", rngs=nnx.Rngs(0))
+    monai_zoo.UNet(2, 1, 2, [4, 8], [2], norm="layer", rngs=nnx.Rngs(0))
 
 
 def test_shape_errors_name_the_torch_key():
   net = nets.BasicUNet(spatial_dims=2, in_channels=1, out_channels=3, features=[4, 4, 4, 4, 4, 4])
-  model = monai_nets.BasicUNet(spatial_dims=2, in_channels=1, out_channels=3, features=[4, 4, 4, 4, 4, 8],
+  model = monai_zoo.BasicUNet(spatial_dims=2, in_channels=1, out_channels=3, features=[4, 4, 4, 4, 4, 8],
                                rngs=nnx.Rngs(0))
   with pytest.raises(ConversionError, match=r"final_conv/kernel has shape \(1, 1, 8, 3\), converted value has "
                                             r"\(1, 1, 4, 3\) \(from torch key 'final_conv.weight' of shape \(3, 4, 1, 1\)\)"):

@@ -7,9 +7,11 @@ import pytest
 from flax import nnx
 
 from scribblejax.convert import nnunet
-from scribblejax.convert._common import ConversionError
 from scribblejax.convert._testing import compare, randomize_, torch_state
+from scribblejax.convert.state_dict import ConversionError
+from scribblejax.models.families import constructor
 from scribblejax.models.layer_order import check_layer_order
+from scribblejax.models.zoo.nnunet import PlainConvUNet
 
 torch = pytest.importorskip("torch")
 dna_unet = pytest.importorskip("dynamic_network_architectures.architectures.unet")
@@ -63,7 +65,7 @@ def test_network_matches_torch(class_name, arch, shape):
       "network_class_name": f"dynamic_network_architectures.architectures.unet.{class_name}",
       "arch_kwargs": arch}}, shape[1], 3)
   json.dumps(kwargs)
-  model = nnunet.FAMILY_CLASSES[family](**kwargs, rngs=nnx.Rngs(0))
+  model = constructor(family)(**kwargs, rngs=nnx.Rngs(0))
   nnunet.load_weights(model, torch_state(net))
   compare(net, model, shape)
   check_layer_order(model, model.layer_order())
@@ -84,7 +86,7 @@ def test_strict_keys():
   family, kwargs = nnunet.architecture_kwargs({"architecture": {"network_class_name": "PlainConvUNet",
                                                                 "arch_kwargs": arch}}, 1, 2)
   state = torch_state(net)
-  model = nnunet.PlainConvUNet(**kwargs, rngs=nnx.Rngs(0))
+  model = PlainConvUNet(**kwargs, rngs=nnx.Rngs(0))
   with pytest.raises(ConversionError, match="extra.thing"):
     nnunet.load_weights(model, {**state, "extra.thing": np.zeros(1)})
   missing = {k: v for k, v in state.items() if "transpconvs.1.bias" not in k}

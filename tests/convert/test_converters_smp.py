@@ -10,9 +10,10 @@ import pytest
 from flax import nnx
 
 from scribblejax.convert import smp_unet
-from scribblejax.convert._common import ConversionError
 from scribblejax.convert._testing import compare, randomize_, torch_state
+from scribblejax.convert.state_dict import ConversionError
 from scribblejax.models.layer_order import check_layer_order
+from scribblejax.models.zoo import smp as smp_zoo
 
 torch = pytest.importorskip("torch")
 
@@ -72,7 +73,7 @@ def _random_unet(kwargs, seed, shape):
 def _pair(kwargs, seed=3):
   json.dumps(kwargs)  # constructor arguments are JSON values
   net = _random_unet(kwargs, seed, (1, kwargs.get("in_channels", 3), 32, 32))
-  model = smp_unet.Unet(**kwargs, rngs=nnx.Rngs(0))
+  model = smp_zoo.Unet(**kwargs, rngs=nnx.Rngs(0))
   smp_unet.load_weights(model, torch_state(net))
   check_layer_order(model, model.layer_order())
   return net, model
@@ -120,7 +121,7 @@ def test_strict_loading_names_extra_missing_and_misshapen_keys():
   kwargs, net = _small()
   state = torch_state(net)
   assert any(k.startswith("encoder.layer4.") for k in state)  # unused stages are ignored explicitly
-  fresh = lambda: smp_unet.Unet(**kwargs, rngs=nnx.Rngs(0))
+  fresh = lambda: smp_zoo.Unet(**kwargs, rngs=nnx.Rngs(0))
   with pytest.raises(ConversionError, match=r"unexpected keys.*decoder\.blocks\.0\.extra\.weight"):
     smp_unet.load_weights(fresh(), {**state, "decoder.blocks.0.extra.weight": np.zeros(3, np.float32)})
   missing = {k: v for k, v in state.items() if k != "encoder.layer1.1.bn2.running_var"}
@@ -130,7 +131,7 @@ def test_strict_loading_names_extra_missing_and_misshapen_keys():
     smp_unet.load_weights(fresh(), {**state, "segmentation_head.0.weight": np.zeros((3, 4, 3, 3), np.float32)})
   # A checkpoint of another configuration (a decoder with norms vs without) is refused, not guessed.
   with pytest.raises(ConversionError, match="decoder.blocks.0.conv1.0.bias"):
-    smp_unet.load_weights(smp_unet.Unet(**kwargs, decoder_use_norm=False, rngs=nnx.Rngs(0)), state)
+    smp_unet.load_weights(smp_zoo.Unet(**kwargs, decoder_use_norm=False, rngs=nnx.Rngs(0)), state)
   # DDP's "module." prefix is accepted; the model then equals smp's.
   model = fresh()
   smp_unet.load_weights(model, {f"module.{k}": v for k, v in state.items()})
@@ -152,12 +153,12 @@ def test_unsupported_options_refused():
       ({"output_stride": 4}, "output_stride"),
       ({"aux_params": {"classes": 2, "pooling": "avg", "dropot": 0.1}}, "aux_params")]:
     with pytest.raises(ConversionError, match=message):
-      smp_unet.Unet(**{**ok, **bad}, rngs=nnx.Rngs(0))
+      smp_zoo.Unet(**{**ok, **bad}, rngs=nnx.Rngs(0))
   # smp < 0.5's decoder_use_batchnorm still selects the decoder norm.
-  legacy = smp_unet.Unet(**ok, decoder_use_batchnorm=False, rngs=nnx.Rngs(0))
+  legacy = smp_zoo.Unet(**ok, decoder_use_batchnorm=False, rngs=nnx.Rngs(0))
   assert legacy.decoder["blocks"][0].conv1.norm is None and legacy.decoder["blocks"][0].conv1.conv.bias is not None
   with pytest.raises(ValueError, match="2D"):
-    smp_unet.Unet(**ok, rngs=nnx.Rngs(0))(np.zeros((1, 8, 8, 8, 3), np.float32))
+    smp_zoo.Unet(**ok, rngs=nnx.Rngs(0))(np.zeros((1, 8, 8, 8, 3), np.float32))
 
 
 def test_convert_bare_checkpoint_round_trip(tmp_path):

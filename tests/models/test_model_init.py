@@ -10,8 +10,8 @@ import pytest
 from flax import nnx
 
 import scribblejax as sj
-from scribblejax.convert import _common
 from scribblejax.models import init
+from scribblejax.models.zoo import layers
 
 
 def test_lecun_normal_draws_the_truncated_fan_in_distribution():
@@ -49,7 +49,7 @@ def test_traced_keys_use_jax_initialisers():
   abstract = nnx.eval_shape(lambda: sj.UNet(spatial_dims=3, channels=(4, 8), rngs=nnx.Rngs(0)))
   assert abstract.encoder[0][0].conv.kernel.shape == (3, 3, 3, 1, 4)
   # converter layers build abstractly too (a concrete seed was required before)
-  conv = nnx.eval_shape(lambda: _common.Conv(3, 5, 3, spatial_dims=2, rngs=nnx.Rngs(0)))
+  conv = nnx.eval_shape(lambda: layers.Conv(3, 5, 3, spatial_dims=2, rngs=nnx.Rngs(0)))
   assert conv.kernel.shape == (3, 3, 3, 5)
 
 

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from scribblejax.research import metrics
 from scribblejax.research.simulate import simulate_marks
@@ -129,3 +130,24 @@ def test_cvpr25_user_boxes_the_object_first_then_clicks():
   assert (click >= 0).sum() == 1
   with pytest.raises(ValueError, match="robot user"):
     robot_marks("lasso", 1, pred, truth, 2)
+
+
+def test_kinds_and_robot_users_are_registries():
+  from scribblejax.research import simulate
+  assert simulate.KINDS == ("scribble", "point", "box", "click", "object_box") == tuple(simulate.MARK_KINDS)
+  users = simulate.ROBOT_USER_SCHEDULES
+  assert simulate.ROBOT_USERS == ("scribble", "point", "box", "click", "cvpr25") == tuple(users)
+  assert [users["cvpr25"](i) for i in (1, 2, 3)] == ["object_box", "click", "click"]
+  assert all(users[u](4) == u for u in simulate.ROBOT_USERS if u != "cvpr25")
+  assert {users[u](i) for u in simulate.ROBOT_USERS for i in (1, 2)} <= set(simulate.KINDS)
+  # a new kind is a drawing function on each class's largest error region
+  centre = simulate.per_error_region(lambda region, c, truth, out, options: np.where(region, c, out))
+  truth = _missed_object()
+  pred = np.zeros_like(truth)
+  options = simulate.UserOptions(radius=1, max_length=40, per_class=True, ignore_border=0,
+                                 marked=np.zeros(truth.shape, bool))
+  filled = centre(pred, truth, 2, options)
+  labelled, _ = ndimage.label((truth == 1) & (pred != 1))
+  largest = labelled == np.argmax(np.bincount(labelled.ravel())[1:]) + 1
+  np.testing.assert_array_equal(filled == 1, largest)           # the class's largest error region, whole
+
