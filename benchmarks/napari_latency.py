@@ -1,6 +1,6 @@
 """Latency of the napari widget: seconds from pressing Refine to the updated segmentation layer.
 
-Each case opens an image in a napari viewer with :class:`scribblejax.napari._widget.ScribbleWidget`,
+Each case opens an image in a napari viewer with :class:`scribblejax.napari.widget.ScribbleWidget`,
 paints one stroke and presses Refine; the clock runs from the click until the worker has returned and
 the layer holds the new segmentation (the GUI thread idles in between, as a user's would). The first
 round includes compilation (the widget's "compile on open" is off unless ``--compile-on-open``) and is
@@ -60,7 +60,7 @@ def _wait(app, widget, limit: float = 1800.0) -> None:
 
 
 def _timed_round(app, widget, stroke, values) -> tuple[float, dict]:
-  from scribblejax.napari._widget import SCRIBBLES
+  from scribblejax.napari.widget import SCRIBBLES
   layer = widget.viewer.layers[SCRIBBLES]
   layer.data[stroke] = values
   layer.refresh()
@@ -77,7 +77,7 @@ def _timed_round(app, widget, stroke, values) -> tuple[float, dict]:
 def run_case(app, viewer, name: str, image: Path, model: str, stroke, repeats: int, steps: int,
              warm: bool = False) -> dict:
   """Opens the image, times a first round (with compilation) and ``repeats`` more after resets."""
-  from scribblejax.napari._widget import SEGMENTATION, ScribbleWidget
+  from scribblejax.napari.widget import SEGMENTATION, ScribbleWidget
   widget = ScribbleWidget(viewer)
   viewer.window.add_dock_widget(widget, name=f"scribblejax {name}")
   widget.setting_edits["max_steps"].setText(str(steps))

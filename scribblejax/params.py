@@ -23,7 +23,7 @@ import numpy as np
 from flax import nnx
 
 from scribblejax._checks import is_integer
-from scribblejax.models.layer_order import LayerPath, layer_order
+from scribblejax.models.ordering import LayerPath, layer_order
 
 PathPredicate = Callable[[LayerPath], bool]
 
@@ -48,7 +48,7 @@ def path_name(path: LayerPath) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class last_layers:  # noqa: N801 (reads as a function at the call site)
-  """The last ``n`` layers of the model's layer order (see :mod:`scribblejax.models.layer_order`)."""
+  """The last ``n`` layers of the model's layer order (see :mod:`scribblejax.models.ordering`)."""
   n: int
 
   def predicate(self, model: nnx.Module, example: Any) -> PathPredicate:

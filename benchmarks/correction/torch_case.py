@@ -46,7 +46,7 @@ def _task(task: str):
   from scribblejax.research import train
   if task not in TASKS:
     raise ValueError(f"task must be one of {TASKS}, got {task!r}")
-  return train._tasks()[task]
+  return train.tasks()[task]
 
 
 def training_data(task: str) -> tuple[np.ndarray, np.ndarray, Any]:

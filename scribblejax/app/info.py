@@ -9,7 +9,7 @@ from flax import nnx
 
 from scribblejax.app.models import load_network, model_ref
 from scribblejax.models.ensemble import Ensemble
-from scribblejax.models.layer_order import layer_order
+from scribblejax.models.ordering import layer_order
 from scribblejax.models.regions import Regions
 from scribblejax.params import count_params
 from scribblejax.pipeline.spec import pipeline_of

@@ -1,5 +1,5 @@
 """The ``scribblejax`` command line: argparse only, one module per command."""
 
-from scribblejax.cli.main import build_parser, enable_compilation_cache, main
+from scribblejax.cli.entry import build_parser, enable_compilation_cache, main
 
 __all__ = ["build_parser", "enable_compilation_cache", "main"]

@@ -2,6 +2,6 @@
 
 import sys
 
-from scribblejax.cli.main import main
+from scribblejax.cli.entry import main
 
 sys.exit(main())

@@ -8,10 +8,10 @@ import dataclasses
 
 def run(args: argparse.Namespace) -> int:
   """Trains the task's backbone and saves it; returns the exit status."""
-  from scribblejax.research.train import TASK_NAMES, _tasks, train_task
+  from scribblejax.research.train import TASK_NAMES, tasks, train_task
   if args.task not in TASK_NAMES:
     raise ValueError(f"unknown task {args.task!r}; known tasks: {', '.join(TASK_NAMES)}")
-  defaults = _tasks()[args.task].config
+  defaults = tasks()[args.task].config
   overrides = {"steps": args.steps, "seed": args.seed, "batch_size": args.batch_size, "crop": args.crop,
                "learning_rate": args.learning_rate, "intensity": args.intensity, "dice_weight": args.dice_weight}
   config = dataclasses.replace(defaults, **{k: v for k, v in overrides.items() if v is not None},

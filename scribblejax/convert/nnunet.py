@@ -17,7 +17,7 @@ An nnU-Net network reads a volume's axes in SimpleITK's order (the reverse of NI
 permuted by the plans' ``transpose_forward``. The converted model states that order in its metadata
 (``input_axis_order``) and the command line applies it (and its inverse to the segmentation); a
 library user calling ``predict`` or ``refine`` on an array gives it in that order
-(:func:`scribblejax.app.workflow.input_axis_order` says which).
+(:func:`scribblejax.pipeline.spec.input_axis_order` says which).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 from flax import nnx
 
-from scribblejax.app.workflow import nnunet_axis_order
+from scribblejax.pipeline.spec import nnunet_axis_order
 from scribblejax.convert.checkpoint import load_checkpoint
 from scribblejax.convert.state_dict import (ConversionError, StateReader, assign, canonicalize, conv_kernel,
                                             conv_transpose_kernel, strip_wrappers)

@@ -213,7 +213,8 @@ def image_digest(image: Image) -> str:
   return h.hexdigest()
 
 
-def _spacing_of(affine: np.ndarray) -> tuple[float, ...]:
+def spacing_of(affine: np.ndarray) -> tuple[float, ...]:
+  """The voxel spacing along each axis of a 4 x 4 affine (the lengths of its first three columns)."""
   return tuple(float(v) for v in np.linalg.norm(affine[:3, :3], axis=0))
 
 
@@ -222,7 +223,7 @@ def _medical(family: str, array: np.ndarray, affine: np.ndarray, header: Any, pa
   affine = np.asarray(affine, np.float64)
   if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
     raise ValueError(f"cannot read {path}: its orientation matrix is singular or not finite")
-  geometry = Geometry(family, tuple(int(s) for s in array.shape[:3]), "ijk", _spacing_of(affine), affine, header)
+  geometry = Geometry(family, tuple(int(s) for s in array.shape[:3]), "ijk", spacing_of(affine), affine, header)
   return Image(array, geometry, str(path))
 
 
@@ -271,7 +272,7 @@ def _write_nifti(tmp: str, labels: np.ndarray, geometry: Geometry) -> None:
 # ----------------------------------------------------------------------------------------------
 # NRRD (pynrrd).
 
-def _nrrd_geometry(header: dict, path: Path) -> tuple[list[int], np.ndarray]:
+def nrrd_geometry(header: dict, path: Path) -> tuple[list[int], np.ndarray]:
   """The spatial axes of an NRRD file and the 4 x 4 RAS+ affine of those axes (2-D padded to 3-D)."""
   dim = int(header["dimension"])
   kinds = header.get("kinds") or [None] * dim
@@ -319,7 +320,7 @@ def _read_nrrd(path: Path) -> Image:
     data, header = nrrd.read(str(path), index_order="F")
   except Exception as err:  # pynrrd raises NRRDError, OSError, ValueError ...
     raise ValueError(f"cannot read {path} as NRRD: {err}") from err
-  spatial, affine = _nrrd_geometry(header, path)
+  spatial, affine = nrrd_geometry(header, path)
   others = [a for a in range(data.ndim) if a not in spatial]
   if len(others) > 1:
     raise ValueError(f"cannot read {path}: an NRRD image may have one non-spatial (channel) axis, found "

@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 
 from scribblejax import marks as marks_lib
-from scribblejax.io.images import Geometry, MEDICAL, _nrrd_geometry, _spacing_of, read_image
+from scribblejax.io.images import Geometry, MEDICAL, nrrd_geometry, spacing_of, read_image
 
 UNMARKED = marks_lib.UNMARKED
 RECTANGLE_MODES = ("box", "fill")
@@ -399,7 +399,7 @@ def read_slicer_segmentation(path: str | os.PathLike, target: Geometry, *, num_c
   numbers = _segments(header)
   if not numbers:
     raise ValueError(f"{path} is not a 3D Slicer segmentation (no Segment0_* keys in its header)")
-  spatial, affine = _nrrd_geometry(header, p)
+  spatial, affine = nrrd_geometry(header, p)
   others = [a for a in range(data.ndim) if a not in spatial]
   if len(others) > 1:
     raise ValueError(f"cannot read {path}: a segmentation has at most one layer axis, found {len(others)}")
@@ -435,7 +435,7 @@ def read_slicer_segmentation(path: str | os.PathLike, target: Geometry, *, num_c
     offset = None
   if offset is not None:
     offset = (offset + [0, 0, 0])[:3]
-  source = Geometry("nrrd", tuple(int(s) for s in marks.shape), "ijk", _spacing_of(affine), affine, {})
+  source = Geometry("nrrd", tuple(int(s) for s in marks.shape), "ijk", spacing_of(affine), affine, {})
   return align_to_grid(marks, source, target, f"segmentation {path}", offset=offset)
 
 

@@ -3,7 +3,7 @@ of model families (:mod:`scribblejax.models.families`), the model folder store, 
 region-based heads and model surgery."""
 
 from scribblejax.models.ensemble import Ensemble
-from scribblejax.models.layer_order import check_layer_order, layer_order, traced_layer_order
+from scribblejax.models.ordering import check_layer_order, layer_order, traced_layer_order
 from scribblejax.models.regions import Regions, region_labels, region_scores
 from scribblejax.models.store import ModelInfo, builtin_models, load_model, read_info, save_model
 from scribblejax.models.surgery import add_classes, suppress_class, suppression_amount

@@ -103,10 +103,10 @@ class Ensemble(nnx.Module):
     """The members' layer order (stated by the member's family), under ``net``.
 
     Raises:
-      NotImplementedError: the members state none (:func:`scribblejax.models.layer_order` then traces the
+      NotImplementedError: the members state none (:func:`scribblejax.models.ordering` then traces the
         forward pass, given an example input).
     """
-    from scribblejax.models.layer_order import check_layer_order
+    from scribblejax.models.ordering import check_layer_order
     member = self.member(0)
     stated = getattr(member, "layer_order", None)
     if not callable(stated):

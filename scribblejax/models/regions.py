@@ -128,10 +128,10 @@ class Regions(nnx.Module):
     """The network's layers (stated by its family), under ``net``.
 
     Raises:
-      NotImplementedError: the network states none (:func:`scribblejax.models.layer_order` then traces the
+      NotImplementedError: the network states none (:func:`scribblejax.models.ordering` then traces the
         forward pass, given an example input).
     """
-    from scribblejax.models.layer_order import check_layer_order
+    from scribblejax.models.ordering import check_layer_order
     stated = getattr(self.net, "layer_order", None)
     if not callable(stated):
       raise NotImplementedError(f"{type(self.net).__name__} states no layer order")

@@ -19,7 +19,7 @@ import numpy as np
 from flax import nnx
 
 from scribblejax._checks import is_finite_number
-from scribblejax.models.layer_order import layer_order
+from scribblejax.models.ordering import layer_order
 from scribblejax.params import head, split_params
 
 
@@ -65,7 +65,7 @@ def add_classes(model: nnx.Module, k: int, *, margin: float = 4.0, example: Any 
   ``margin``: its logit is ``background - margin`` everywhere, so the new class is never predicted
   and the initial segmentation is exactly the model's own; marking the new class then moves it
   through the tunable layers (the head must be among them). Works for any model whose last layer
-  (in :func:`scribblejax.models.layer_order` order) is a convolution or linear layer over the channel axis
+  (in :func:`scribblejax.models.ordering` order) is a convolution or linear layer over the channel axis
   with a bias: ``nnx.Conv``, ``nnx.Linear``, or any layer with ``kernel`` (outputs last) and ``bias``
   parameters and no feature groups (the imported networks' ``Conv``: nnU-Net's ``seg_layer``, MONAI's
   ``final_conv``); ``num_classes`` attributes are updated when present, and every member of an

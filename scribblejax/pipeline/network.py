@@ -12,7 +12,7 @@ import numpy as np
 
 from scribblejax.io.images import Image
 from scribblejax.models.ensemble import Ensemble
-from scribblejax.models.layer_order import layer_order
+from scribblejax.models.ordering import layer_order
 from scribblejax.models.regions import Regions
 from scribblejax.params import last_layers, split_params
 from scribblejax.pipeline.preprocess import (Fitted, fit_image, fit_network, fit_to_patch, network_input,

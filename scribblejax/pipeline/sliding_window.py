@@ -473,7 +473,7 @@ def marked_patches(image: Any, marks: Any, patch_size: Sequence[int], step: floa
 def _inner_order(net: nnx.Module, example_shape: Sequence[int]) -> list[tuple]:
   """A wrapped network's layers in forward order (stated, or traced on one input of ``example_shape``
   ``[*spatial, C]``), under the wrapper's ``net``."""
-  from scribblejax.models.layer_order import layer_order
+  from scribblejax.models.ordering import layer_order
   example = jax.ShapeDtypeStruct((1, *example_shape), jnp.float32)
   return [("net", *path) for path in layer_order(net, example)]
 

@@ -344,7 +344,8 @@ class Task(NamedTuple):
   config: TrainConfig               # default training settings
 
 
-def _tasks() -> dict[str, Task]:
+def tasks() -> dict[str, Task]:
+  """The built-in training tasks by name (the shipped models were trained by these)."""
   from scribblejax.research import data
   percentile = {"kind": "percentile", "lower": 1.0, "upper": 99.8}
   mri = {"kind": "percentile", "lower": 0.5, "upper": 99.5}
@@ -401,10 +402,10 @@ def train_task(task: str, out: str | os.PathLike, *, config: TrainConfig | None 
   from scribblejax.models.store import save_model
   from scribblejax.models.unet import UNet
 
-  tasks = _tasks()
-  if task not in tasks:
+  known = tasks()
+  if task not in known:
     raise ValueError(f"unknown task {task!r}; known tasks: {', '.join(TASK_NAMES)}")
-  spec = tasks[task]
+  spec = known[task]
   config = spec.config if config is None else config
   out = Path(out)
   # every refusal of --out before the training run, not after it

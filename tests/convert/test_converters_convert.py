@@ -393,7 +393,7 @@ def test_converted_model_json_states_the_constructor_defaults(tmp_path):
   pytest.importorskip("monai")
   from monai.networks.nets import BasicUNet
 
-  from scribblejax.app.workflow import spec_from_info
+  from scribblejax.pipeline.spec import spec_from_info
   from scribblejax.models.store import load_model
   given = {"spatial_dims": 2, "out_channels": 3, "features": [4, 4, 4, 4, 4, 4]}   # in_channels left at 1
   torch.save(randomize_(BasicUNet(**given), seed=4).state_dict(), tmp_path / "w.pth")

@@ -9,7 +9,7 @@ from scribblejax.convert import monai_nets
 from scribblejax.convert._testing import compare, randomize_, torch_state
 from scribblejax.convert.state_dict import ConversionError
 from scribblejax.models.families import constructor
-from scribblejax.models.layer_order import check_layer_order
+from scribblejax.models.ordering import check_layer_order
 from scribblejax.models.zoo import monai as monai_zoo
 
 torch = pytest.importorskip("torch")

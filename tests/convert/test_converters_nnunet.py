@@ -10,7 +10,7 @@ from scribblejax.convert import nnunet
 from scribblejax.convert._testing import compare, randomize_, torch_state
 from scribblejax.convert.state_dict import ConversionError
 from scribblejax.models.families import constructor
-from scribblejax.models.layer_order import check_layer_order
+from scribblejax.models.ordering import check_layer_order
 from scribblejax.models.zoo.nnunet import PlainConvUNet
 
 torch = pytest.importorskip("torch")

@@ -12,7 +12,7 @@ from flax import nnx
 from scribblejax.convert import smp_unet
 from scribblejax.convert._testing import compare, randomize_, torch_state
 from scribblejax.convert.state_dict import ConversionError
-from scribblejax.models.layer_order import check_layer_order
+from scribblejax.models.ordering import check_layer_order
 from scribblejax.models.zoo import smp as smp_zoo
 
 torch = pytest.importorskip("torch")
@@ -163,7 +163,7 @@ def test_unsupported_options_refused():
 
 def test_convert_bare_checkpoint_round_trip(tmp_path):
   from scribblejax.convert.folder import convert
-  from scribblejax.models.layer_order import layer_order
+  from scribblejax.models.ordering import layer_order
   from scribblejax.models.store import load_model
   kwargs, net = _small()
   torch.save(net.state_dict(), tmp_path / "unet.pth")

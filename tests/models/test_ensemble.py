@@ -40,7 +40,7 @@ def test_an_ensemble_is_the_mean_of_its_networks_and_tunes_each_ones_last_layers
 
 
 def test_the_patches_per_call_count_mirrored_copies_and_networks():
-  from scribblejax.app.workflow import _passes
+  from scribblejax.pipeline.network import network_passes as _passes
   from scribblejax.pipeline.sliding_window import Mirrored, SliceWise
   ensemble = Ensemble.of(_nets(3), "scribblejax.UNet")
   assert _passes(ensemble) == 3 and _passes(_nets(1)[0]) == 1

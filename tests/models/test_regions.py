@@ -90,7 +90,7 @@ def test_the_sliding_window_blends_region_logits_and_the_wrappers_refuse_scores(
 
 
 def test_wrappers_of_a_network_without_a_stated_layer_order_are_traced():
-  # Regions and Ensemble read their network's stated order; without one, sj.models.layer_order traces the
+  # Regions and Ensemble read their network's stated order; without one, sj.models.ordering traces the
   # wrapper's forward pass like any other model's (was: a ValueError naming the wrapper)
   class Plain(nnx.Module):
     def __init__(self, rngs):
