@@ -112,6 +112,7 @@ def summarise(path: Path) -> list[dict]:
 def measure(case: speed.Case, steps: int, batch: int, scheme: str | None, dtype: str, repeats: int,
             trace: bool) -> dict:
   import jax
+
   import scribblejax as sj
   settings = speed.Settings()
   model = speed.make_model(case.dims, settings)

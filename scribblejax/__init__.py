@@ -14,14 +14,22 @@ Example:
   >>> result.labels, int(result.num_steps), bool(result.satisfied)
 """
 
-from scribblejax import config, io, kernels, marks, models, params, pipeline, refinement, session
+from scribblejax import config, io, kernels, marks, models, params, pipeline, refinement, session  # noqa: F401 (the namespaces: sj.marks, sj.models, sj.refinement, ...)
 from scribblejax.config import RefineConfig
 from scribblejax.marks import UNMARKED, Box, LabelMap, Point, Polygon, Scribble, encode_marks, grow_marks
 from scribblejax.models import ModelInfo, UNet, load_model, save_model
 from scribblejax.params import Split, head, last_layers, norm_affine, split_params
 from scribblejax.pipeline import normalize
-from scribblejax.refinement import (RefineResult, compute_trunk, marks_report, predict, progressive_merge, refine,
-                                    refine_batch, refine_sharded)
+from scribblejax.refinement import (
+    RefineResult,
+    compute_trunk,
+    marks_report,
+    predict,
+    progressive_merge,
+    refine,
+    refine_batch,
+    refine_sharded,
+)
 from scribblejax.session import Session, add_marks, current_labels, start_session, undo
 
 __version__ = "0.1.0"

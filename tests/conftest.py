@@ -5,10 +5,10 @@ import os
 import pytest
 from flax import nnx
 
-from scribblejax.research import data
 from scribblejax.models.store import save_model
 from scribblejax.models.unet import UNet
 from scribblejax.pipeline.normalization import normalize
+from scribblejax.research import data
 from scribblejax.research.train import TrainConfig, train_segmenter
 
 # The command line keeps compiled programs on disk (scribblejax.cli.enable_compilation_cache); the tests,

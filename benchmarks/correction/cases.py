@@ -38,9 +38,9 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from scribblejax.models import surgery
+from scribblejax.pipeline.normalization import normalize
 from scribblejax.research import data
 from scribblejax.research import evaluate as ev
-from scribblejax.pipeline.normalization import normalize
 
 HELD_OUT_SLICE = 140           # an MNI axial test slice (test range 105..149) not used for tuning
 

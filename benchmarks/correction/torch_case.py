@@ -106,6 +106,7 @@ def train_torch_unet(image: np.ndarray, labels: np.ndarray, num_classes: int, *,
   """
   import torch
   from monai.networks.nets import BasicUNet
+
   from scribblejax.research.train import TrainConfig, sample_batch
   config = dataclasses.replace(config or TrainConfig(), steps=steps, seed=seed)
   deterministic, num_threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
@@ -172,9 +173,10 @@ def _test_slice(ds) -> int:
 def _build(task: str, steps: int, seed: int, folder: Path, log: Callable[[str], None]) -> dict:
   """Trains, saves, converts and checks one backbone into ``folder``; returns what ``training.json`` holds."""
   import torch
+
   from scribblejax.convert.folder import convert
-  from scribblejax.research.metrics import dice_per_class
   from scribblejax.models.store import load_model
+  from scribblejax.research.metrics import dice_per_class
   from scribblejax.research.train import normalize_dataset_part, predict_labels
   spec = _task(task)
   image, labels, ds = training_data(task)

@@ -7,8 +7,15 @@ from pathlib import Path
 from typing import Any
 
 from scribblejax.app.models import Log, load_network, model_ref, read_info, silent
-from scribblejax.app.report import (COMPILE_NOTE, check_outputs, class_counts, companion_paths, compile_timer,
-                                    device_info, write_outputs)
+from scribblejax.app.report import (
+  COMPILE_NOTE,
+  check_outputs,
+  class_counts,
+  companion_paths,
+  compile_timer,
+  device_info,
+  write_outputs,
+)
 from scribblejax.io.images import output_format, read_image
 from scribblejax.pipeline.grid import labels_from_logits
 from scribblejax.pipeline.network import network_logits, prepare

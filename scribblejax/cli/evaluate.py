@@ -103,7 +103,7 @@ def _single_case(args) -> int:
                  title=f"{case.name}: {result['method']}, {args.marks}")
   dice = " ".join(f"{d:.3f}" if d is not None else "nan" for d in result["dice_per_interaction"])
   rounds = len(result["satisfied"])
-  honoured = (f"the segmentation honoured every mark in every round" if not result["rounds_unsatisfied"] else
+  honoured = ("the segmentation honoured every mark in every round" if not result["rounds_unsatisfied"] else
               f"{result['rounds_unsatisfied']} of {rounds} round(s) ended with marks the segmentation does not honour")
   if result["network_unsatisfied"]:
     honoured += f"; the network itself left marks unhonoured in {result['network_unsatisfied']} round(s)"
@@ -130,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
     if given:
       raise ValueError(f"{', '.join(given)} set(s) one case and does not apply to --experiment, whose settings "
                        "come from --size; leave it out, or run one case with --task or --image/--label")
-    from scribblejax.research.experiments import EXPERIMENTS, run_experiments   # only for experiments
+    from scribblejax.research.experiments import EXPERIMENTS, run_experiments  # only for experiments
     names = args.experiment.split(",")
     if names == ["all"]:
       names = list(EXPERIMENTS)

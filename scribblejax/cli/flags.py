@@ -77,7 +77,7 @@ def progress_bar(args: argparse.Namespace, desc: str = "refining", unit: str = "
   if args.quiet or args.json:
     yield None
     return
-  from tqdm import tqdm              # only when a bar is drawn
+  from tqdm import tqdm  # only when a bar is drawn
   bar = None
 
   def progress(steps: int, max_steps: int) -> None:

@@ -11,7 +11,6 @@ import argparse
 
 from scribblejax.cli import flags
 
-
 # the settings the widget's fields take from the command line
 VIEW_SETTINGS = ("layers", "max_steps", "region_growing")
 

@@ -14,9 +14,16 @@ from typing import Any
 
 import numpy as np
 
-from scribblejax.convert.state_dict import (ConversionError, StateReader, assign, conv_kernel, conv_transpose_kernel,
-                                            strip_wrappers)
+from scribblejax.convert.state_dict import (
+  ConversionError,
+  StateReader,
+  assign,
+  conv_kernel,
+  conv_transpose_kernel,
+  strip_wrappers,
+)
 from scribblejax.models.zoo.layers import ConvTranspose
+
 # the architectures, also importable from here as before they moved to the zoo
 from scribblejax.models.zoo.monai import BasicUNet, ConvADN, ResidualUnit, SegResNet, UNet
 

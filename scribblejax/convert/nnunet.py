@@ -31,13 +31,21 @@ from typing import Any
 import numpy as np
 from flax import nnx
 
-from scribblejax.pipeline.spec import nnunet_axis_order
 from scribblejax.convert.checkpoint import load_checkpoint
-from scribblejax.convert.state_dict import (ConversionError, StateReader, assign, canonicalize, conv_kernel,
-                                            conv_transpose_kernel, strip_wrappers)
+from scribblejax.convert.state_dict import (
+  ConversionError,
+  StateReader,
+  assign,
+  canonicalize,
+  conv_kernel,
+  conv_transpose_kernel,
+  strip_wrappers,
+)
 from scribblejax.models.families import constructor
+
 # the architectures, also importable from here as before they moved to the zoo
 from scribblejax.models.zoo.nnunet import ConvNormAct, PlainConvUNet, ResidualEncoderUNet
+from scribblejax.pipeline.spec import nnunet_axis_order
 
 LayerPath = tuple[Any, ...]
 

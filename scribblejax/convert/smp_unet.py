@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from scribblejax.convert.state_dict import StateReader, assign, conv_kernel, strip_wrappers
+
 # the architecture, also importable from here as before it moved to the zoo
 from scribblejax.models.zoo.smp import ConvNorm, Unet
 

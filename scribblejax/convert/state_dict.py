@@ -91,7 +91,7 @@ class StateReader:
     self._used: set[str] = set()
     self._last: tuple[str, tuple[int, ...]] | None = None
 
-  def values(self) -> "Values":
+  def values(self) -> Values:
     """An empty ``{variable path: array}`` map that remembers, for each entry, the key last taken
     before it was set: :func:`assign` names that torch key in its shape errors."""
     return Values(self)

@@ -40,8 +40,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -691,7 +692,7 @@ def read_image(path: str | os.PathLike, *, labels: bool = False) -> Image:
   readers = {"nifti": _read_nifti, "nrrd": _read_nrrd, "dicom": _read_dicom, "tiff": _read_tiff}
   image = readers[family](p) if family in readers else _read_raster(p, family, labels)
   dtype = image.array.dtype
-  if not (np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating) or dtype == bool):
+  if not (np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating) or dtype == np.bool_):
     raise ValueError(f"{path} holds {dtype} values; images must be real numbers (integer or floating point)")
   return image
 

@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 
 from scribblejax import marks as marks_lib
-from scribblejax.io.images import Geometry, MEDICAL, nrrd_geometry, spacing_of, read_image
+from scribblejax.io.images import MEDICAL, Geometry, nrrd_geometry, read_image, spacing_of
 
 UNMARKED = marks_lib.UNMARKED
 RECTANGLE_MODES = ("box", "fill")

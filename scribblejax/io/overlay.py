@@ -12,7 +12,6 @@ import os
 import numpy as np
 
 from scribblejax.io import fileio
-
 from scribblejax.io.images import MEDICAL, Geometry
 
 

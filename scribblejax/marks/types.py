@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 import types
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, NamedTuple, Union
+from typing import Any, NamedTuple
 
 import numpy as np
 import skimage.draw
@@ -407,4 +407,4 @@ def _draw_label_map(out: np.ndarray, mark: LabelMap, what: str, num_classes: int
   return -1                                # a label map may legitimately mark nothing
 
 
-Mark = Union[Point, Scribble, Box, Polygon, LabelMap]
+Mark = Point | Scribble | Box | Polygon | LabelMap

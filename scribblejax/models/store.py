@@ -91,6 +91,7 @@ def save_model(directory: str | os.PathLike, model: nnx.Module, *, family: str, 
       other files (with it), or the model does not match ``family`` and ``kwargs``.
   """
   import orbax.checkpoint as ocp
+
   from scribblejax.pipeline.normalization import check_spec
 
   directory = Path(directory).resolve()

@@ -17,8 +17,20 @@ from typing import Any
 
 import numpy as np
 from qtpy.QtCore import QObject, Signal
-from qtpy.QtWidgets import (QCheckBox, QComboBox, QFileDialog, QFormLayout, QGridLayout, QHBoxLayout, QLabel,
-                            QLineEdit, QProgressBar, QPushButton, QVBoxLayout, QWidget)
+from qtpy.QtWidgets import (
+  QCheckBox,
+  QComboBox,
+  QFileDialog,
+  QFormLayout,
+  QGridLayout,
+  QHBoxLayout,
+  QLabel,
+  QLineEdit,
+  QProgressBar,
+  QPushButton,
+  QVBoxLayout,
+  QWidget,
+)
 
 from scribblejax.app import SETTINGS, RefineSettings
 from scribblejax.io import session_store

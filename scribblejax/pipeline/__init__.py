@@ -8,19 +8,65 @@ logits (:mod:`~scribblejax.pipeline.network`), and sliding-window patches with t
 (:mod:`~scribblejax.pipeline.sliding_window`).
 """
 
-from scribblejax.pipeline.grid import (check_marks_inside_crop, cover_marks, inside, labels_from_logits, to_image,
-                                       to_model, to_model_counted, unsure_on_image)
-from scribblejax.pipeline.network import (DEFAULT_LAYERS, Loop, Network, loop_split, network_logits, network_passes,
-                                          prepare, refined_logits, resolve_layers, same_tree, split_network)
+from scribblejax.pipeline.grid import (
+                                       check_marks_inside_crop,
+                                       cover_marks,
+                                       inside,
+                                       labels_from_logits,
+                                       to_image,
+                                       to_model,
+                                       to_model_counted,
+                                       unsure_on_image,
+)
+from scribblejax.pipeline.network import (
+                                       DEFAULT_LAYERS,
+                                       Loop,
+                                       Network,
+                                       loop_split,
+                                       network_logits,
+                                       network_passes,
+                                       prepare,
+                                       refined_logits,
+                                       resolve_layers,
+                                       same_tree,
+                                       split_network,
+)
 from scribblejax.pipeline.normalization import normalize
-from scribblejax.pipeline.preprocess import (Crop, Fitted, Resampling, adapt_channels, fit_image, fit_network,
-                                             fit_to_patch, network_input, nonzero_box, pad_to_fit, pipeline_spacing,
-                                             resample_to_model)
+from scribblejax.pipeline.preprocess import (
+                                       Crop,
+                                       Fitted,
+                                       Resampling,
+                                       adapt_channels,
+                                       fit_image,
+                                       fit_network,
+                                       fit_to_patch,
+                                       network_input,
+                                       nonzero_box,
+                                       pad_to_fit,
+                                       pipeline_spacing,
+                                       resample_to_model,
+)
 from scribblejax.pipeline.resampling import ResampleScheme, resample_label_map, resampled_shape
-from scribblejax.pipeline.sliding_window import (MarkedPatches, PatchBlend, marked_patches, marked_windows,
-                                                 patch_chunk, sliding_window_logits, sliding_window_logits_of)
-from scribblejax.pipeline.spec import (InferenceOptions, InputSpec, crops_to_nonzero, input_axis_order, mirroring_axes,
-                                       nnunet_axis_order, pipeline_of, spec_from_info, spec_of)
+from scribblejax.pipeline.sliding_window import (
+                                       MarkedPatches,
+                                       PatchBlend,
+                                       marked_patches,
+                                       marked_windows,
+                                       patch_chunk,
+                                       sliding_window_logits,
+                                       sliding_window_logits_of,
+)
+from scribblejax.pipeline.spec import (
+                                       InferenceOptions,
+                                       InputSpec,
+                                       crops_to_nonzero,
+                                       input_axis_order,
+                                       mirroring_axes,
+                                       nnunet_axis_order,
+                                       pipeline_of,
+                                       spec_from_info,
+                                       spec_of,
+)
 
 __all__ = ["Crop", "DEFAULT_LAYERS", "Fitted", "InferenceOptions", "InputSpec", "Loop", "MarkedPatches", "Network",
            "PatchBlend", "ResampleScheme", "Resampling", "adapt_channels", "check_marks_inside_crop", "cover_marks",

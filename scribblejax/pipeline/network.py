@@ -15,10 +15,23 @@ from scribblejax.models.ensemble import Ensemble
 from scribblejax.models.ordering import layer_order
 from scribblejax.models.regions import Regions
 from scribblejax.params import last_layers, split_params
-from scribblejax.pipeline.preprocess import (Fitted, fit_image, fit_network, fit_to_patch, network_input,
-                                             resample_to_model)
-from scribblejax.pipeline.sliding_window import (MarkedPatches, Mirrored, SliceWise, marked_patches, patch_chunk,
-                                                 sliding_window_logits, windows_region)
+from scribblejax.pipeline.preprocess import (
+  Fitted,
+  fit_image,
+  fit_network,
+  fit_to_patch,
+  network_input,
+  resample_to_model,
+)
+from scribblejax.pipeline.sliding_window import (
+  MarkedPatches,
+  Mirrored,
+  SliceWise,
+  marked_patches,
+  patch_chunk,
+  sliding_window_logits,
+  windows_region,
+)
 from scribblejax.pipeline.spec import InferenceOptions, InputSpec, mirroring_axes
 from scribblejax.refinement import predict
 

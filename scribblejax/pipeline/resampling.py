@@ -58,7 +58,7 @@ class ResampleScheme:
       raise ValueError(f"ResampleScheme.anisotropy_threshold must be a positive number, got {self.anisotropy_threshold!r}")
 
   @classmethod
-  def from_nnunet(cls, kwargs: Any, default: "ResampleScheme") -> "ResampleScheme":
+  def from_nnunet(cls, kwargs: Any, default: ResampleScheme) -> ResampleScheme:
     """The scheme of a plans' ``resampling_fn_data_kwargs`` / ``..._probabilities_kwargs`` (``default``
     for what they do not state).
 

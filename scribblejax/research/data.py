@@ -30,7 +30,6 @@ import numpy as np
 
 from scribblejax._checks import is_integer
 
-
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"   # scribblejax/data: shipped with the package
 
 MNI_FILES = {name: f"mni152_brain/mni_icbm152_{name}_tal_nlin_sym_09a_converted.nii.gz"

@@ -44,11 +44,11 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from scribblejax.io import fileio
-from scribblejax.research import metrics
 from scribblejax._checks import is_integer
-from scribblejax.research.baselines import Method
+from scribblejax.io import fileio
 from scribblejax.marks import UNMARKED, accumulate, grow_marks
+from scribblejax.research import metrics
+from scribblejax.research.baselines import Method
 from scribblejax.research.simulate import ROBOT_USERS, robot_marks
 
 TAUS = (0.85, 0.9)
@@ -425,9 +425,10 @@ def fallback_nuclei2d(train_steps: int = 300, log=print) -> Backbone:
   if (folder / "model.json").is_file():
     return load_backbone(folder)._replace(name=f"fallback nuclei2d ({train_steps} steps, {folder})")
   from flax import nnx
-  from scribblejax.research import data
+
   from scribblejax.models.unet import UNet
   from scribblejax.pipeline.normalization import normalize
+  from scribblejax.research import data
   from scribblejax.research.train import TrainConfig, train_segmenter
   ds = data.nuclei2d("binary")
   kwargs = dict(spatial_dims=2, in_channels=1, num_classes=2, channels=[16, 32, 64])
@@ -498,8 +499,8 @@ def task_case(task: str, backbone: Backbone, crop: int | Sequence[int] | None = 
     * ``tissue2d_shifted``: the same slice after :func:`shift_intensity`.
     * ``tissue3d``: the 2 mm MNI test slab, 4 derived tissue classes.
   """
-  from scribblejax.research import data
   from scribblejax.pipeline.normalization import normalize
+  from scribblejax.research import data
   if task not in TASKS:
     raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
   if task == "nuclei2d":

@@ -398,9 +398,9 @@ def train_task(task: str, out: str | os.PathLike, *, config: TrainConfig | None 
   Returns:
     The metadata written to ``model.json`` (``test_dice`` per class, ``train_seconds``, ``machine``, ...).
   """
-  from scribblejax.research.metrics import dice_per_class
   from scribblejax.models.store import save_model
   from scribblejax.models.unet import UNet
+  from scribblejax.research.metrics import dice_per_class
 
   known = tasks()
   if task not in known:

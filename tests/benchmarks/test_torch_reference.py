@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 import scribblejax as sj
-from benchmarks import speed, torch_reference as ref
+from benchmarks import speed
+from benchmarks import torch_reference as ref
 
 torch = pytest.importorskip("torch")
 

@@ -22,10 +22,10 @@ from flax import nnx
 from PIL import Image as PILImage
 
 import scribblejax as sj
-from scribblejax.research import data, metrics
 from scribblejax.cli import main
 from scribblejax.io import read_image
 from scribblejax.io._testing import write_dicom_series, write_labelme, write_slicer_segmentation
+from scribblejax.research import data, metrics
 from scribblejax.research.train import TrainConfig, train_segmenter
 
 NORM = {"kind": "percentile", "lower": 1.0, "upper": 99.8}

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from scribblejax.cli import convert as cli
-from scribblejax.convert.folder import convert
 from scribblejax.convert._testing import randomize_
+from scribblejax.convert.folder import convert
 
 torch = pytest.importorskip("torch")
 
@@ -98,6 +98,7 @@ def test_nnunet_folds_average_as_nnunet_does_and_refine_together(tmp_path, capsy
   # nnUNetv2_predict averages the logits of every fold it is given (by default the cross-validation
   # folds 0..4); --folds cv converts them into one Ensemble whose last layers are every fold's.
   import jax
+
   import scribblejax as sj
   from scribblejax.models.store import load_model
   folder, net = _nnunet_folder(tmp_path)
@@ -393,8 +394,8 @@ def test_converted_model_json_states_the_constructor_defaults(tmp_path):
   pytest.importorskip("monai")
   from monai.networks.nets import BasicUNet
 
-  from scribblejax.pipeline.spec import spec_from_info
   from scribblejax.models.store import load_model
+  from scribblejax.pipeline.spec import spec_from_info
   given = {"spatial_dims": 2, "out_channels": 3, "features": [4, 4, 4, 4, 4, 4]}   # in_channels left at 1
   torch.save(randomize_(BasicUNet(**given), seed=4).state_dict(), tmp_path / "w.pth")
   out = convert(tmp_path / "w.pth", tmp_path / "m", arch="monai.networks.nets.BasicUNet", kwargs=given)
@@ -722,8 +723,8 @@ def test_a_cascade_stage_is_refused_by_name(tmp_path):
 
 
 def test_malformed_region_based_datasets_give_messages(tmp_path):
-  from scribblejax.convert.state_dict import ConversionError
   from scribblejax.convert.nnunet import _class_names
+  from scribblejax.convert.state_dict import ConversionError
   regions = {"background": 0, "organ": [1, 2], "core": 2}
   with pytest.raises(ConversionError, match="no regions_class_order"):
     _class_names({"labels": regions})
@@ -738,4 +739,5 @@ def test_malformed_region_based_datasets_give_messages(tmp_path):
       "background", "whole tumor excluding tumor core, enhancing tumor", "tumor core excluding enhancing tumor",
       "enhancing tumor"]
   assert _class_names({"labels": {"background": 0, "organ": [1]}, "regions_class_order": [1]}) == (
-      ["background", "organ"], None)                                  # one-element lists are labels, as nnU-Net reads them
+      # one-element lists are labels, as nnU-Net reads them
+      ["background", "organ"], None)

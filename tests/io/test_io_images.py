@@ -9,9 +9,9 @@ import pytest
 import tifffile
 from PIL import Image as PILImage
 
-from scribblejax.research import data
 from scribblejax.io import image_digest, output_format, read_image, write_label_map
 from scribblejax.io._testing import write_dicom_series
+from scribblejax.research import data
 
 # A non-trivial affine: axes permuted and flipped, anisotropic spacing, a small oblique tilt.
 AFFINE = np.array([[0.0, -1.2, 0.1, 10.0], [1.1, 0.0, 0.0, -20.0], [0.0, 0.05, 2.5, 30.0], [0, 0, 0, 1]])
@@ -245,6 +245,7 @@ def test_ome_tiff_physical_sizes_are_its_spacing_and_written_back(tmp_path):
 @pytest.mark.parametrize("orientation", [2, 3, 4, 5, 6, 7, 8])
 def test_exif_orientation_is_applied_as_viewers_show_the_image(tmp_path, orientation):
   from PIL import ImageOps
+
   from scribblejax.io.images import exif_note
   raw = np.arange(20 * 30, dtype=np.uint16).reshape(20, 30) % 251
   exif = PILImage.Exif()

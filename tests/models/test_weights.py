@@ -5,9 +5,9 @@ models are deterministic on CPU; the margin absorbs another machine's float roun
 import numpy as np
 import pytest
 
+from scribblejax.models.store import builtin_models, load_model
 from scribblejax.research import data
 from scribblejax.research.metrics import dice_per_class
-from scribblejax.models.store import builtin_models, load_model
 from scribblejax.research.train import normalize_dataset_part, predict_labels
 
 # name -> (dataset, classes, crop of the test part, least mean foreground Dice on that crop).

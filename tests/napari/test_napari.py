@@ -29,11 +29,11 @@ if not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
     raise RuntimeError("no display for napari's tests: run them under xvfb-run (as .ci/run does)")
   pytest.skip("no display: run under xvfb-run -a", allow_module_level=True)
 
-from scribblejax.research import data
 from scribblejax.cli import main
 from scribblejax.io import read_image
 from scribblejax.napari import core
 from scribblejax.napari.widget import SCRIBBLES, SEGMENTATION, ScribbleWidget
+from scribblejax.research import data
 
 # explicit knobs, so that the rounds are short and do not depend on the models' stored defaults
 KNOBS = {"max_steps": "100"}     # the library's defaults otherwise

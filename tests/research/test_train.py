@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from scribblejax.research import data
 from scribblejax.cli import main
 from scribblejax.models.store import load_model
 from scribblejax.models.unet import UNet
 from scribblejax.pipeline.normalization import normalize
+from scribblejax.research import data
 from scribblejax.research.train import TrainConfig, predict_labels, sample_batch, train_segmenter
 
 CONFIG = TrainConfig(steps=12, batch_size=2, crop=32, learning_rate=1e-2, seed=3, intensity=0.1)

@@ -17,8 +17,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from scribblejax.models.zoo.layers import (Activation, ConversionError, Conv, ConvTranspose, as_tuple, make_norm,
-                                           max_pool, resize_linear)
+from scribblejax.models.zoo.layers import (
+  Activation,
+  Conv,
+  ConversionError,
+  ConvTranspose,
+  as_tuple,
+  make_norm,
+  max_pool,
+  resize_linear,
+)
 
 LayerPath = tuple[Any, ...]
 

@@ -16,8 +16,15 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from scribblejax.models.zoo.layers import (Activation, ConversionError, Conv, ConvTranspose, as_tuple, avg_pool,
-                                           make_norm)
+from scribblejax.models.zoo.layers import (
+  Activation,
+  Conv,
+  ConversionError,
+  ConvTranspose,
+  as_tuple,
+  avg_pool,
+  make_norm,
+)
 
 LayerPath = tuple[Any, ...]
 

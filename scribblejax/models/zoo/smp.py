@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from scribblejax.models.zoo.layers import ConversionError, Conv, make_norm, resize_linear
+from scribblejax.models.zoo.layers import Conv, ConversionError, make_norm, resize_linear
 
 LayerPath = tuple[Any, ...]
 
