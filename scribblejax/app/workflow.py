@@ -568,7 +568,7 @@ def fit_to_patch(fitted: Fitted, metadata: dict | None, options: InferenceOption
 def network_logits(split, fitted: Fitted, tunable: Any = None, step: float = 0.5, progress: Any = None) -> np.ndarray:
   """The network's model-layout logits on a fitted image: patch by patch when ``fitted.patch`` is set
   (``progress(done, total)`` after each), else at once."""
-  from scribblejax.refinement.engine import predict
+  from scribblejax.refinement import predict
   from scribblejax.pipeline.sliding_window import sliding_window_logits
   if fitted.patch is not None:
     return sliding_window_logits(split, fitted.image, fitted.patch, tunable, step=step, progress=progress)
@@ -634,7 +634,7 @@ class RefineSettings:
 
   def resolve(self, metadata: dict) -> tuple[int | None, Any, float | None]:
     """``(layers, RefineConfig, region_growing)`` with the defaults filled in."""
-    from scribblejax.refinement.engine import PAPER, PRESETS, RefineConfig
+    from scribblejax.config import PAPER, PRESETS, RefineConfig
     stored = (metadata or {}).get("refine", {}) if isinstance(metadata, dict) else {}
     if self.preset not in PRESETS:
       raise ValueError(f"preset must be one of {PRESETS}, got {self.preset!r}")
@@ -813,7 +813,7 @@ def _split(network: _Network, fitted: Fitted, layers: int | None):
 
 
 def _accepts(split, shape: tuple[int, ...]) -> bool:
-  from scribblejax.refinement.engine import num_classes_of
+  from scribblejax.refinement import num_classes_of
   try:
     num_classes_of(split, shape)
     return True
@@ -833,7 +833,7 @@ def fit_network(split, fitted: Fitted) -> Fitted:
   Raises:
     ValueError: the network refuses the patch (its own error).
   """
-  from scribblejax.refinement.engine import num_classes_of
+  from scribblejax.refinement import num_classes_of
   if fitted.patch is None:
     return pad_to_fit(split, fitted)
   if fitted.slices and fitted.patch[1:] == fitted.image.shape[1:-1] and not _accepts(split, _network_input(fitted)):
@@ -858,7 +858,7 @@ def pad_to_fit(split, fitted: Fitted, most: int = 7, fixed: tuple[int, ...] = ()
   Raises:
     ValueError: no such padding makes the network accept the image (its own error).
   """
-  from scribblejax.refinement.engine import num_classes_of
+  from scribblejax.refinement import num_classes_of
   shape = fitted.image.shape
   if _accepts(split, shape):
     return fitted
@@ -1183,7 +1183,7 @@ def _refine_round(model, model_ref, img, digest, marks_files, new, out, session,
   import jax
   from scribblejax import marks as marks_lib
   from scribblejax.kernels import resolve_conv_backend
-  from scribblejax.refinement.engine import RefineResult, refine, resolve_driver
+  from scribblejax.refinement import RefineResult, refine, resolve_driver
 
   network = _load(model, log)
   if added:
@@ -1206,7 +1206,7 @@ def _refine_round(model, model_ref, img, digest, marks_files, new, out, session,
     log("note: with patches the keep term is off (it needs the network's logits at every voxel)")
     config = dataclasses.replace(config, keep_weight=0.0)
   if num_classes is None:
-    from scribblejax.refinement.engine import num_classes_of
+    from scribblejax.refinement import num_classes_of
     num_classes = num_classes_of(split, _network_input(fitted))
   # The marks' truth is the image's grid: what the user drew, plus what region growing added. The
   # model's grid gets them by to_model, once per round.

@@ -7,7 +7,7 @@ import argparse
 
 def run(args: argparse.Namespace) -> int:
   from scribblejax.research.demo import run_demo
-  from scribblejax.refinement.engine import RefineConfig
+  from scribblejax.config import RefineConfig
   given = {k: v for k, v in (("max_steps", args.steps), ("keep_weight", args.keep_weight)) if v is not None}
   config = RefineConfig.paper(**given) if args.preset == "paper" else RefineConfig(**given)
   run_demo(args.out, task=args.task, train_steps=args.train_steps, interactions=args.interactions,

@@ -169,7 +169,8 @@ def pipeline_refine_method(pipe: Pipeline, config: Any = None, *, head_only: boo
   from scribblejax.research.baselines import Method
   from scribblejax.app.workflow import _network_input, _same_tree, compile_timer, cover_marks, labels_from_logits, loop_split, refined_logits, to_model
   from scribblejax.params import head, last_layers
-  from scribblejax.refinement.engine import RefineConfig, compute_trunk, predict, refine
+  from scribblejax.config import RefineConfig
+  from scribblejax.refinement import compute_trunk, predict, refine
   config = effective_config(pipe, RefineConfig() if config is None else config)
   fitted = pipe.fitted
   split = _head_split(pipe) if head_only else pipe.split
@@ -243,11 +244,11 @@ def pipeline_method(kind: str, pipe: Pipeline, config: Any = None):
   import jax
   from scribblejax.research.baselines import METHODS, Method, random_walker_method
   from scribblejax.app.workflow import _network_input
-  from scribblejax.refinement.engine import predict
+  from scribblejax.refinement import predict
   if kind in ("refine", "head"):
     return pipeline_refine_method(pipe, config, head_only=kind == "head")
   if kind == "paper":
-    from scribblejax.refinement.engine import RefineConfig
+    from scribblejax.config import RefineConfig
     return pipeline_refine_method(pipe, RefineConfig.paper() if config is None else config, name="paper")
   if kind == "fbrs":
     raise ValueError("--method fbrs runs on built-in tasks (--task) only; a case given by --image/--label runs "

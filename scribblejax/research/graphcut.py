@@ -350,7 +350,7 @@ def graph_cut_method(model: Any = None, *, lam: float = DEFAULT_LAM, sigma: floa
   if probabilities_fn is None:
     import jax
     from scribblejax.params import head, split_params
-    from scribblejax.refinement.engine import predict
+    from scribblejax.refinement import predict
     split = split_params(model, head(), example=example)
 
     def probabilities_fn(image):
