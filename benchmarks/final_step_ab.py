@@ -5,7 +5,8 @@ oneDNN convolutions) its backward pass is skipped under ``lax.cond``, and the lo
 to the result instead of evaluating the tail once more. Timing one code version against another in
 separate processes on a shared 2-core machine drowns a 10% change in noise, so this alternates the
 backward flag call by call in one process, and times the tail's forward pass (what the reused logits
-save) on its own.
+save) on its own. Each arm runs what :func:`scribblejax.refine` runs (validation, then the driver),
+with the backend's ``lazy_backward`` set for that arm.
 
 Usage::
 
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
 import json
 import time
 from pathlib import Path
@@ -35,18 +35,19 @@ def main(argv=None) -> dict:
 
   import jax
   import scribblejax as sj
-  refine_lib = importlib.import_module("scribblejax.refinement.engine")
+  from scribblejax.refinement import drivers, network
+  from scribblejax.refinement.algorithm import Hyper, Settings
+  from scribblejax.refinement.backend import Backend
   split = sj.split_params(speed.random_unet(2, (32, 64, 128, 256)), sj.last_layers(5))
   inputs = [speed.make_inputs(2, args.size, 1, seed=100 + i) for i in range(3)]
   config = sj.RefineConfig.paper(max_steps=30, early_stop=True)
-  plain_static = refine_lib._static
+  backend = Backend.of(config)
+  backends = {lazy: dataclasses.replace(backend, lazy_backward=lazy) for lazy in (True, False)}
 
   def run(lazy, x):
-    refine_lib._static = lambda c, b=False: dataclasses.replace(plain_static(c, b), lazy_backward=lazy)
-    try:
-      return jax.block_until_ready(sj.refine(split, x[0][0], x[1][0], config))
-    finally:
-      refine_lib._static = plain_static
+    # sj.refine(split, image, marks, config) with the backward flag of this arm
+    image, marks = sj.refinement.prepare_inputs(split, x[0][0], x[1][0])
+    return jax.block_until_ready(drivers.drive(split, image, marks, config, backend=backends[lazy]))
 
   for lazy in (True, False):
     for x in inputs:
@@ -59,20 +60,21 @@ def main(argv=None) -> dict:
         run(lazy, x)
         times[lazy].append(1000 * (time.perf_counter() - start))
 
-  image, marks = refine_lib.prepare_inputs(split, inputs[0][0][0], inputs[0][1][0])
-  static, graphdef = refine_lib._static(config), refine_lib.graph_key(split.graphdef)
-  residuals = refine_lib._run_trunk(graphdef, None, static.conv_backend, False, split.tunable, split.frozen, image)
-  state = refine_lib._run_init(static, False, split.tunable, refine_lib._hyper(config), 1)
+  image, marks = sj.refinement.prepare_inputs(split, inputs[0][0][0], inputs[0][1][0])
+  settings, graphdef = Settings.of(config), network.graph_key(split.graphdef)
+  residuals = drivers.trunk_program(graphdef, None, backend.conv_backend, drivers.SINGLE, split.tunable, split.frozen,
+                                    image)
+  state = drivers.init_program(settings, drivers.SINGLE, split.tunable, Hyper.of(config), 1)
   tail = []
   for i in range(11):
     start = time.perf_counter()
-    jax.block_until_ready(refine_lib._run_finalize(graphdef, static, False, split.frozen, image, marks, state,
-                                                   residuals))
+    jax.block_until_ready(drivers.finalize_program(graphdef, settings, backend, drivers.SINGLE, split.frozen, image,
+                                                   marks, state, residuals))
     if i:
       tail.append(1000 * (time.perf_counter() - start))
   record = {
       "device": str(jax.devices()[0].device_kind), "case": f"2d{args.size}", "max_steps": 30,
-      "steps_taken": [int(run(True, x).num_steps) for x in inputs], "conv_backend": static.conv_backend,
+      "steps_taken": [int(run(True, x).num_steps) for x in inputs], "conv_backend": backend.conv_backend,
       "ms_per_interaction_lazy_backward": {"median": float(np.median(times[True])), "min": float(np.min(times[True])),
                                            "times": [round(t, 1) for t in times[True]]},
       "ms_per_interaction_eager_backward": {"median": float(np.median(times[False])),

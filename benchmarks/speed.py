@@ -256,17 +256,8 @@ def time_interleaved(calls: Sequence[Callable[[int], Any]], repeats: int,
 
 def _compiled_cache_sizes() -> dict:
   """Cache sizes of scribblejax's compiled entry points (to detect retracing)."""
-  sizes = {}
-  for module in ("scribblejax.refinement.engine", "scribblejax.batch"):
-    try:
-      mod = importlib.import_module(module)
-    except ImportError:
-      continue
-    for name in dir(mod):
-      fn = getattr(mod, name)
-      if name.startswith("_run") and hasattr(fn, "_cache_size"):
-        sizes[f"{module}.{name}"] = fn._cache_size()
-  return sizes
+  from scribblejax.refinement import drivers
+  return {f"scribblejax.refinement.drivers.{name}": size for name, size in drivers.cache_sizes().items()}
 
 
 def device_name() -> str:
@@ -412,8 +403,8 @@ def _jax_record(variant, case, batch, settings, config, timing, retraced, extra)
 
 
 def refine_scheme(config) -> str:
-  import importlib as _importlib
-  return _importlib.import_module("scribblejax.refinement.engine").resolve_batch_scheme(config.batch_scheme)
+  from scribblejax.refinement import resolve_batch_scheme
+  return resolve_batch_scheme(config.batch_scheme)
 
 
 def torch_device() -> str:

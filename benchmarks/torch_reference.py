@@ -7,7 +7,7 @@ from the Flax model, and the refinement loop a researcher would write: copy the 
 l layers trainable, SGD with momentum on cross-entropy over the marked pixels plus
 ``prox_weight * ||W_lam - W||_2``, and a ``.item()`` stop check each step.
 
-Semantics match :func:`scribblejax.refinement.engine` step for step: evaluate; stop when every marked pixel is
+Semantics match :func:`scribblejax.refinement.refine` step for step: evaluate; stop when every marked pixel is
 predicted as its label (if early stopping is on) or the loss is not finite; otherwise one SGD update.
 The final logits are those of W_lam after the loop. :func:`check_same` runs both for a fixed number of
 steps and compares the final logits.

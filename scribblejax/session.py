@@ -24,7 +24,8 @@ import numpy as np
 from scribblejax import marks as marks_lib
 from scribblejax.refinement.merge import new_marks_of, progressive_merge, unsure
 from scribblejax.params import Split
-from scribblejax.refinement.engine import RefineConfig, RefineResult, Trunk, compute_trunk, predict, refine, trunk_mismatch
+from scribblejax.config import RefineConfig
+from scribblejax.refinement import RefineResult, Trunk, compute_trunk, predict, refine, trunk_mismatch
 
 
 class Round(NamedTuple):

@@ -35,7 +35,7 @@ import numpy as np
 from benchmarks.correction.cases import CASES, BenchCase
 from scribblejax.research import baselines as bl
 from scribblejax.research import evaluate as ev
-from scribblejax.refinement.engine import RefineConfig
+from scribblejax.config import RefineConfig
 from scribblejax.research.simulate import ROBOT_USERS
 
 OURS = "scribblejax"

@@ -24,7 +24,8 @@ from benchmarks.correction.__main__ import environment
 from benchmarks.correction.cases import CASES
 from scribblejax.research import evaluate as ev
 from scribblejax.params import last_layers, split_params
-from scribblejax.refinement.engine import RefineConfig, predict, refine
+from scribblejax.config import RefineConfig
+from scribblejax.refinement import predict, refine
 from scribblejax.research.simulate import simulate_marks
 
 BINS = (0.0, 0.8, 0.9, 0.95, 0.99, 1.01)

@@ -44,7 +44,7 @@ from scribblejax.pipeline.preprocess import Fitted, network_input, span_text
 from scribblejax.pipeline.sliding_window import sliding_window_logits_of
 from scribblejax.pipeline.spec import InferenceOptions, spec_from_info
 from scribblejax.refinement import RefineResult, refine, resolve_driver
-from scribblejax.refinement.engine import num_classes_of
+from scribblejax.refinement import num_classes_of
 from scribblejax.refinement.merge import new_marks_of, progressive_merge
 
 # refine segments the image with W and with the refined weights in one pass over the patches when their

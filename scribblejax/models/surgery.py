@@ -123,7 +123,7 @@ def suppression_amount(model: nnx.Module, image: np.ndarray, c: int, margin: flo
   plus ``margin`` (0 plus ``margin`` when ``c`` is never predicted)."""
   image = np.asarray(image)
   split = split_params(model, head(), example=jax.ShapeDtypeStruct((1, *image.shape), jnp.float32))
-  from scribblejax.refinement.engine import predict
+  from scribblejax.refinement import predict
   logits = np.asarray(predict(split, image))
   others = np.delete(logits, c, axis=-1).max(-1)
   return float(max(0.0, (logits[..., c] - others).max()) + margin)

@@ -21,7 +21,7 @@ from scribblejax.pipeline.normalization import nonzero_mask, normalize
 from scribblejax.pipeline.resampling import IMAGE, LOGITS, ResampleScheme, resample, resampled_shape
 from scribblejax.pipeline.sliding_window import pad_to_patch, window_starts
 from scribblejax.pipeline.spec import InferenceOptions, InputSpec, crops_to_nonzero, input_axis_order, stated_sizes
-from scribblejax.refinement.engine import num_classes_of
+from scribblejax.refinement import num_classes_of
 
 
 class Crop(NamedTuple):

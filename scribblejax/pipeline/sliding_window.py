@@ -127,7 +127,7 @@ def sliding_window_logits_of(split: Any, image: Any, patch_size: Sequence[int], 
   Returns:
     One float32 ``[*spatial, classes]`` per entry of ``tunables``.
   """
-  from scribblejax.refinement.engine import compute_trunk, predict
+  from scribblejax.refinement import compute_trunk, predict
   if not tunables:
     raise ValueError("no tunable weights given")
   split, unwrapped, order = _unwrap_regions(split, tunables)

@@ -9,8 +9,9 @@ progressive merge of FocalClick (Chen et al., "FocalClick: Towards Practical Int
 Segmentation", CVPR 2022), which updates only the connected regions that contain the new clicks.
 Where the network itself was unsure (its top class probability below ``merge_confidence``), the
 refined labels are taken wherever they lie: there a change no mark asked for was more often right
-than wrong on the benchmark's cases, where the network was sure, more often wrong. Every marked pixel then takes its mark: what the user drew holds in the segmentation whether or not
-the network's argmax honours it (the round's report says which).
+than wrong on the benchmark's cases, where the network was sure, more often wrong. Every marked pixel
+then takes its mark: what the user drew holds in the segmentation whether or not the network's argmax
+honours it (the round's report says which).
 
 A change that the marks do ask for is never cut off: a region of change that touches a new mark is
 taken whole, however far it reaches.

@@ -37,6 +37,7 @@ import numpy as np
 from jax.extend import core as jex_core
 
 from scribblejax import kernels
+from scribblejax.refinement import backend
 
 # Call-like primitives whose body is unzipped rather than treated as one operation.
 _INLINE = frozenset({"pjit", "jit", "closed_call"})
@@ -227,8 +228,8 @@ def _transposed_conv_as_matmul(eqn, lhs, rhs):
   ``lax.conv_transpose(x, k, strides=k.shape, padding="VALID")`` reaches the jaxpr as a convolution
   of the input dilated by the kernel size with padding ``k - 1``: every output pixel sees exactly one
   input pixel, so ``y[s*i + a] = x[i] @ k[s - 1 - a]``. XLA:CPU computes the gradient of the dilated
-  form on a slow generic path (measured: 366 ms against 25 ms for this form, 64 -> 32 channels at
-  256^2); the matrix product and its gradients are plain matrix products.
+  form on a slow generic path (``docs/performance.md``); the matrix product and its gradients are plain
+  matrix products.
   """
   p = eqn.params
   nd = len(p["window_strides"])
@@ -325,9 +326,8 @@ def _conv3d_as_2d(eqn, lhs, rhs):
 
   ``y[d] = sum_k x[d + k] @ w[k]`` along the first spatial axis, so stacking the ``K`` shifted copies of
   the input along the feature axis turns the 3D convolution into a 2D one with ``K`` times the input
-  features. XLA:CPU runs 2D convolutions on its fast kernels and 3D ones on a slower path (one 3x3x3
-  convolution, 64 -> 32 features at 64^3, 2 cores: 866 ms as a 3D and 578-632 ms as 2D convolutions;
-  oneDNN in PyTorch: 208 ms); it costs ``K`` copies of the input, so a convolution whose stacked
+  features. XLA:CPU runs 2D convolutions on its fast kernels and 3D ones on a slower path
+  (``docs/performance.md``); it costs ``K`` copies of the input, so a convolution whose stacked
   input would exceed :data:`CONV3D_AS_2D_MAX_BYTES` stays 3D.
   """
   p = eqn.params
@@ -360,9 +360,8 @@ def _onednn_conv(eqn, lhs, rhs):
 
   A convolution of an input dilated by ``s`` (what ``lax.conv_transpose`` binds: a U-Net's
   up-sampling) with padding ``(lo, hi) <= K - 1`` is oneDNN's transposed convolution with strides
-  ``s``, padding ``K - 1 - lo`` and ``K - 1 - hi``, and the kernel flipped. On 2 cores, the value and
-  gradients of a 3x3 convolution, 64 -> 32 features, took 37 ms instead of 77 ms at 256^2 and 473 ms
-  instead of 2609 ms at 64^3.
+  ``s``, padding ``K - 1 - lo`` and ``K - 1 - hi``, and the kernel flipped. Why this is faster than XLA:CPU's
+  own convolutions: ``docs/performance.md``.
   """
   p = eqn.params
   nd = len(p["window_strides"])
@@ -401,28 +400,6 @@ REWRITES = {
     # applied by the tail's interpreter, which sees the convolution's producer (_split_concat_conv)
     "split_concat_conv": ("conv_general_dilated", lambda eqn, *invals: None),
 }
-DEFAULT_REWRITES = ("transposed_conv",)
-ONEDNN_REWRITES = ("onednn_conv", "split_concat_conv")
-CPU_REWRITES = ("conv3d_as_2d",)
-
-
-def default_rewrites(conv_backend: str = "auto") -> tuple[str, ...]:
-  """The rewrites :func:`partition` applies unless told otherwise, in order: :data:`ONEDNN_REWRITES`
-  when ``conv_backend`` (see :func:`scribblejax.kernels.resolve_conv_backend`) resolves to
-  ``"onednn"`` (every float32 convolution and transposed convolution on oneDNN: the up-sampling on
-  oneDNN rather than as a matrix product made a 2D 256^2 step 6% and a 3D 64^3 step 8% faster on 2
-  cores; and convolutions of concatenated tail and trunk values split, :func:`_split_concat_conv`);
-  then :data:`DEFAULT_REWRITES`; then :data:`CPU_REWRITES` when JAX's default backend is the CPU, for
-  the convolutions oneDNN does not take (3D convolutions as 2D ones: an interaction of 3 steps on a 3D
-  64^3 U-Net took 10.7 s instead of 17.4 s on 2 cores).
-
-  Raises:
-    ValueError, RuntimeError: as :func:`scribblejax.kernels.resolve_conv_backend`.
-  """
-  onednn = ONEDNN_REWRITES if kernels.resolve_conv_backend(conv_backend) == "onednn" else ()
-  return onednn + DEFAULT_REWRITES + (CPU_REWRITES if jax.default_backend() == "cpu" else ())
-
-
 def _bind(eqn, invals, rewrites: tuple[str, ...] = ()):
   """``eqn`` applied to ``invals``, as ``jax.core.eval_jaxpr`` applies it, or by the first of the
   named ``rewrites`` that applies to it."""
@@ -604,9 +581,9 @@ def _split_concat_conv(level: _Level, producers: dict, eqn, env: dict, rewrites:
 
   The value is the same up to float rounding; the gradient is cheaper: the backward pass computes the
   input gradient of the tail part only, where one convolution of the concatenation computes it for the
-  skip connection too (and drops it). At 3D 64^3 on 2 cores with oneDNN this saved about 50 ms of the
-  convolutions' 764 ms per step. Float32 only; part of :data:`ONEDNN_REWRITES` (unmeasured on GPUs,
-  where two convolutions cost two launches); not applied under ``remat``.
+  skip connection too (and drops it; ``docs/performance.md``). Float32 only; part of
+  :data:`scribblejax.refinement.backend.ONEDNN_REWRITES` (unmeasured on GPUs, where two convolutions cost
+  two launches); not applied under ``remat``.
   """
   if eqn.primitive.name != "conv_general_dilated" or _is_literal(eqn.invars[0]):
     return None
@@ -727,7 +704,7 @@ def partition(fn: Callable, tunable: Any, frozen: Any, image: Any, *,
       for ``vmap`` over per-example weights), ``"onednn_conv"`` (float32 convolutions on oneDNN,
       CPU only; :mod:`scribblejax.kernels`) and ``"split_concat_conv"`` (a convolution of
       concatenated tail and trunk values as one convolution per part, in the tail without ``remat``).
-      ``None``: :func:`default_rewrites`.
+      ``None``: :func:`scribblejax.refinement.backend.default_rewrites`.
     remat: rematerialise in the tail's backward pass: each layer (a run of equations from one
       convolution or matrix product to the next) is one ``jax.checkpoint``, so the backward pass keeps
       only the values passed between layers instead of every intermediate.
@@ -736,7 +713,7 @@ def partition(fn: Callable, tunable: Any, frozen: Any, image: Any, *,
     A :class:`Partition`: ``tail(tunable, trunk(frozen, image))`` equals ``fn(tunable, frozen, image)``
     up to float rounding (exactly, without rewrites).
   """
-  rewrites = default_rewrites() if rewrites is None else rewrites
+  rewrites = backend.default_rewrites() if rewrites is None else rewrites
   unknown = [r for r in rewrites if r not in REWRITES]
   if unknown:
     raise ValueError(f"unknown rewrite(s) {unknown}; choose from {sorted(REWRITES)}")

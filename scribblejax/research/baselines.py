@@ -34,7 +34,8 @@ from scribblejax._checks import is_finite_number
 from scribblejax.refinement.merge import new_marks_of, progressive_merge, unsure
 from scribblejax.models.ordering import layer_order
 from scribblejax.params import head, last_layers, norm_affine, split_params
-from scribblejax.refinement.engine import RefineConfig, compute_trunk, predict, refine
+from scribblejax.config import RefineConfig
+from scribblejax.refinement import compute_trunk, predict, refine
 
 
 class Method(NamedTuple):

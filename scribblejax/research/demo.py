@@ -23,7 +23,8 @@ from scribblejax.models.store import builtin_models, load_model
 from scribblejax.models.unet import UNet
 from scribblejax.pipeline.normalization import normalize
 from scribblejax.params import last_layers, split_params
-from scribblejax.refinement.engine import RefineConfig, describe_marks, marks_report, resolve_driver
+from scribblejax.config import RefineConfig
+from scribblejax.refinement import describe_marks, marks_report, resolve_driver
 from scribblejax.session import add_marks, current_labels, current_marks, start_session
 from scribblejax.research.simulate import simulate_marks
 from scribblejax.research.train import TrainConfig, train_segmenter

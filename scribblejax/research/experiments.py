@@ -42,7 +42,7 @@ import numpy as np
 from scribblejax.models import surgery
 from scribblejax.research import baselines as bl
 from scribblejax.research import evaluate as ev
-from scribblejax.refinement.engine import RefineConfig
+from scribblejax.config import RefineConfig
 
 
 @dataclasses.dataclass(frozen=True)

@@ -328,7 +328,7 @@ def graph_cut_method(model: Any = None, *, lam: float = DEFAULT_LAM, sigma: floa
   :func:`graph_cut_labels` with every mark so far; the network is never changed.
 
   Args:
-    model: the network, run with :func:`scribblejax.refinement.engine.predict` (ignored when
+    model: the network, run with :func:`scribblejax.refinement.predict` (ignored when
       ``probabilities_fn`` is given).
     lam: the weight of the boundary term.
     sigma: the contrast scale in image units, or ``None`` to estimate it per image.
@@ -350,7 +350,7 @@ def graph_cut_method(model: Any = None, *, lam: float = DEFAULT_LAM, sigma: floa
   if probabilities_fn is None:
     import jax
     from scribblejax.params import head, split_params
-    from scribblejax.refinement.engine import predict
+    from scribblejax.refinement import predict
     split = split_params(model, head(), example=example)
 
     def probabilities_fn(image):

@@ -150,13 +150,8 @@ def test_probe_times_and_profiles_one_configuration(tmp_path, monkeypatch):
 
 
 def test_final_step_ab_times_both_backward_modes(tmp_path):
-  import importlib
-
   from benchmarks import final_step_ab
-  refine_lib = importlib.import_module("scribblejax.refinement.engine")
-  plain_static = refine_lib._static
   rec = final_step_ab.main(["--size", "32", "--repeats", "1", "--out", str(tmp_path / "ab.json")])
-  assert refine_lib._static is plain_static                    # the switch is put back
   assert json.loads((tmp_path / "ab.json").read_text())["case"] == "2d32"
   for key in ("ms_per_interaction_lazy_backward", "ms_per_interaction_eager_backward"):
     assert len(rec[key]["times"]) == 3 and rec[key]["median"] > 0

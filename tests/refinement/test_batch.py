@@ -82,4 +82,4 @@ def test_bad_batched_start_and_scheme_raise():
     sj.refine_batch(split, images[0], marks[0], CFG)                      # one image, not a batch
   with pytest.raises(ValueError, match="at least one image"):
     sj.refine_batch(split, images[:0], marks[:0], CFG)
-  assert sj.refine_batch.__module__ == "scribblejax.refinement.engine"
+  assert sj.refine_batch.__module__ == "scribblejax.refinement.api"

@@ -15,8 +15,8 @@ import scribblejax as sj
 from scribblejax.testing import random_unet
 from scribblejax import kernels
 from scribblejax.refinement import trunk
-
-refine_lib = importlib.import_module("scribblejax.refinement.engine")
+from scribblejax.refinement import backend as backend_lib
+from scribblejax.refinement import network
 
 AVAILABLE = kernels.kernel_status().available
 needs_kernels = pytest.mark.skipif(not AVAILABLE, reason=f"oneDNN kernels unavailable: {kernels.kernel_status().reason}")
@@ -183,8 +183,8 @@ def test_auto_means_onednn_on_cpu_and_bf16_stays_with_xla():
   assert sj.refinement.resolve_driver("host") == "host"
   split = sj.split_params(random_unet(2, (4, 8)), sj.last_layers(3))
   image = np.zeros((8, 8, 1), np.float32)
-  fn = refine_lib._Forward(split.graphdef, "bfloat16")
-  part = trunk.partition(fn, split.tunable, split.frozen, image, rewrites=trunk.default_rewrites("onednn"))
+  fn = network.Forward(split.graphdef, "bfloat16")
+  part = trunk.partition(fn, split.tunable, split.frozen, image, rewrites=backend_lib.default_rewrites("onednn"))
   jaxpr = str(jax.make_jaxpr(lambda t: part.tail(t, part.trunk(split.frozen, image)))(split.tunable))
   assert "onednn_conv" not in jaxpr and "conv_general_dilated" in jaxpr    # bf16 convolutions stay with XLA
 
@@ -274,10 +274,10 @@ def test_a_library_that_fails_its_self_check_is_not_used(monkeypatch):
 def test_convolution_of_tail_and_skip_concatenation_is_split_with_the_same_value_and_gradient():
   split = sj.split_params(random_unet(2, (4, 8)), sj.last_layers(4))     # up/0 is tunable: [up(x), skip]
   image = jnp.asarray(np.random.default_rng(5).normal(size=(12, 12, 1)), jnp.float32)
-  fn = refine_lib._Forward(split.graphdef)
+  fn = network.Forward(split.graphdef)
   counts = {}
-  for name, rewrites in (("split", trunk.default_rewrites("onednn")),
-                         ("whole", tuple(r for r in trunk.default_rewrites("onednn") if r != "split_concat_conv"))):
+  for name, rewrites in (("split", backend_lib.default_rewrites("onednn")),
+                         ("whole", tuple(r for r in backend_lib.default_rewrites("onednn") if r != "split_concat_conv"))):
     part = trunk.partition(fn, split.tunable, split.frozen, image, rewrites=rewrites)
     residuals = part.trunk(split.frozen, image)
     tail = lambda t: part.tail(t, residuals)

@@ -6,7 +6,7 @@ import pytest
 
 import scribblejax as sj
 from scribblejax.refinement.merge import new_marks_of, progressive_merge
-from scribblejax.refinement.engine import describe_marks, marks_report
+from scribblejax.refinement import describe_marks, marks_report
 
 
 def test_only_changes_that_touch_a_new_mark_are_taken():

@@ -2,7 +2,6 @@
 
 import dataclasses
 import functools
-import importlib
 
 import jax
 import jax.numpy as jnp
@@ -13,10 +12,10 @@ import scribblejax as sj
 from scribblejax.testing import random_unet
 from scribblejax import kernels
 from scribblejax.refinement import trunk
+from scribblejax.refinement import backend as backend_lib
+from scribblejax.refinement import network
 
 CONV_BACKENDS = ["xla"] + (["onednn"] if kernels.kernel_status().available else [])
-
-refine_lib = importlib.import_module("scribblejax.refinement.engine")
 
 
 @functools.lru_cache(maxsize=None)
@@ -91,9 +90,9 @@ def test_remat_gives_the_same_refinement(dims, cache_trunk, driver):
 def test_remat_tail_checkpoints_each_layer_and_recomputes(backend):
   split = sj.split_params(_unet(2), sj.last_layers(4))
   image = jnp.asarray(_problem()[0][..., None])
-  fn = refine_lib._Forward(split.graphdef)
+  fn = network.Forward(split.graphdef)
   # without "split_concat_conv", which applies only without remat (plain would count its extra convolutions)
-  rewrites = tuple(r for r in trunk.default_rewrites(backend) if r != "split_concat_conv")
+  rewrites = tuple(r for r in backend_lib.default_rewrites(backend) if r != "split_concat_conv")
   residuals = trunk.partition(fn, split.tunable, split.frozen, image, rewrites=rewrites).trunk(split.frozen, image)
   loss = lambda remat: lambda t: jnp.sum(jnp.sin(
       trunk.partition(fn, split.tunable, split.frozen, image, rewrites=rewrites, remat=remat).tail(t, residuals)))
@@ -139,7 +138,7 @@ def test_cached_shape_check_raises_every_time():
   split = sj.split_params(_unet(2), sj.last_layers(4))
   for _ in range(2):      # the second call answers from the cache, with the same error
     with pytest.raises(ValueError, match="does not accept an image"):
-      refine_lib.num_classes_of(split, (16, 16, 3))
+      sj.refinement.num_classes_of(split, (16, 16, 3))
 
 
 @pytest.mark.parametrize("driver, check_every", [("host", 1), ("host", 4), ("loop", 1)])

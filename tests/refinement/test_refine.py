@@ -2,7 +2,6 @@
 
 import dataclasses
 import functools
-import importlib
 import os
 import subprocess
 import sys
@@ -15,7 +14,8 @@ import pytest
 from flax import nnx
 
 import scribblejax as sj
-refine_lib = importlib.import_module("scribblejax.refinement.engine")  # the package re-exports the function `refine`
+from scribblejax.refinement import backend as backend_lib
+from scribblejax.refinement import drivers, network
 
 
 @functools.lru_cache(maxsize=None)
@@ -185,23 +185,23 @@ def test_host_and_loop_drivers_agree_3d():
 def test_new_marks_and_settings_do_not_retrace(driver):
   split = sj.split_params(_model(2), sj.last_layers(3))
   image = _image((16, 16))
-  compiled = refine_lib._run_loop if driver == "loop" else refine_lib._run_chunk
+  compiled = drivers.loop_program if driver == "loop" else drivers.chunk_program
   sj.refine(split, image, _marks_2d(), sj.RefineConfig.paper(max_steps=5, driver=driver))
-  size = compiled._cache_size()
+  size = compiled.cache_size()
   other = np.full((16, 16), -1, np.int32)
   other[5:9, 5:9] = 0
   other[0, 0] = 2
   sj.refine(split, image + 1.0, other, sj.RefineConfig.paper(max_steps=7, learning_rate=0.01, momentum=0.5,
                                                        prox_weight=0.3, driver=driver))
-  assert compiled._cache_size() == size
+  assert compiled.cache_size() == size
 
 
-def _loop_with(split, image, marks, config, **static_changes):
-  """The loop driver's compiled program, run with some of its static settings changed."""
-  image, marks = refine_lib.prepare_inputs(split, image, marks)
-  static = dataclasses.replace(refine_lib._static(config), **static_changes)
-  return refine_lib._run_loop(refine_lib.graph_key(split.graphdef), static, False, split.tunable, split.tunable,
-                              split.frozen, image, marks, refine_lib._hyper(config))
+def _loop_with(split, image, marks, config, **backend_changes):
+  """The loop driver, run with some of its backend settings changed."""
+  assert config.driver == "loop" and config.keep_weight == 0
+  image, marks = sj.refinement.prepare_inputs(split, image, marks)
+  backend = dataclasses.replace(backend_lib.Backend.of(config), **backend_changes)
+  return drivers.drive(split, image, marks, config, backend=backend)
 
 
 @pytest.mark.parametrize("dims", [2, 3])
@@ -210,7 +210,7 @@ def test_flat_carry_equals_per_leaf_carry(dims):
   split = sj.split_params(_model(dims), sj.last_layers(3))
   image = _image((16, 16) if dims == 2 else (8, 8, 8), seed=dims)
   marks = _marks_2d() if dims == 2 else np.where(_image((8, 8, 8), seed=9) > 1.2, 1, -1).astype(np.int32)
-  assert refine_lib._flat_carry() == (jax.default_backend() != "cpu")
+  assert backend_lib.flat_carry() == (jax.default_backend() != "cpu")
   config = dataclasses.replace(CFG, max_steps=20, early_stop=False, driver="loop")
   flat, per_leaf = (_loop_with(split, image, marks, config, flat_params=f) for f in (True, False))
   assert int(flat.num_steps) == int(per_leaf.num_steps) == 20
@@ -234,7 +234,7 @@ def test_lazy_backward_gives_the_same_refinement(early_stop):
   for a, b in zip(jax.tree.leaves((lazy.tunable, lazy.logits, lazy.loss_trace)),
                   jax.tree.leaves((eager.tunable, eager.logits, eager.loss_trace))):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)  # float rounding over 40 steps
-  assert refine_lib._static(config).lazy_backward == (
+  assert backend_lib.Backend.of(config).lazy_backward == (
       jax.default_backend() == "cpu" and sj.kernels.resolve_conv_backend("auto") == "onednn")
 
 
@@ -252,46 +252,46 @@ def test_returned_logits_are_those_of_the_returned_weights(max_steps):
 
 def test_flat_carry_only_for_the_built_in_sgd_and_one_dtype():
   split = sj.split_params(_model(2), sj.last_layers(3))
-  static = dataclasses.replace(refine_lib._static(CFG), flat_params=True)
-  assert refine_lib._flattens(static, split.tunable)
-  assert not refine_lib._flattens(dataclasses.replace(static, flat_params=False), split.tunable)
+  backend = dataclasses.replace(backend_lib.Backend.of(CFG), flat_params=True)
+  assert backend_lib.flattens(backend, CFG.optimizer, split.tunable)
+  assert not backend_lib.flattens(dataclasses.replace(backend, flat_params=False), CFG.optimizer, split.tunable)
   # a user's optimiser may treat leaves differently (per-layer norms): the carry stays per leaf
-  assert not refine_lib._flattens(dataclasses.replace(static, optimizer=optax.adam(1e-3)), split.tunable)
+  assert not backend_lib.flattens(backend, optax.adam(1e-3), split.tunable)
   mixed = jax.tree.map(lambda x: x, split.tunable)
   leaves, treedef = jax.tree.flatten(mixed)
   mixed = jax.tree.unflatten(treedef, [leaves[0].astype(jnp.bfloat16), *leaves[1:]])
-  assert not refine_lib._flattens(static, mixed)
+  assert not backend_lib.flattens(backend, CFG.optimizer, mixed)
 
 
 def test_graph_key_hashes_once_and_resplitting_the_model_does_not_recompile():
   model = _model(2)
   split = sj.split_params(model, sj.last_layers(3))
-  key = refine_lib.graph_key(split.graphdef)
-  assert refine_lib.graph_key(split.graphdef) is key and refine_lib.graph_key(key) is key
+  key = network.graph_key(split.graphdef)
+  assert network.graph_key(split.graphdef) is key and network.graph_key(key) is key
   assert hash(key) == hash(split.graphdef)
   image, marks = _image((16, 16)), _marks_2d()
   config = sj.RefineConfig.paper(max_steps=3, driver="loop")
   first = sj.refine(split, image, marks, config)
-  size = refine_lib._run_loop._cache_size()
+  size = drivers.loop_program.cache_size()
   again = sj.split_params(model, sj.last_layers(3))       # a new but equal graphdef
-  assert again.graphdef is not split.graphdef and refine_lib.graph_key(again.graphdef) == key
+  assert again.graphdef is not split.graphdef and network.graph_key(again.graphdef) == key
   second = sj.refine(again, image, marks, config)
-  assert refine_lib._run_loop._cache_size() == size
+  assert drivers.loop_program.cache_size() == size
   np.testing.assert_array_equal(np.asarray(first.labels), np.asarray(second.labels))
   other = sj.split_params(_model(2, classes=2), sj.last_layers(3))
-  assert refine_lib.graph_key(other.graphdef) != key
+  assert network.graph_key(other.graphdef) != key
 
 
 def test_conv_layout_option_follows_the_environment():
-  code = "import importlib; print(importlib.import_module('scribblejax.refinement.engine')._COMPILER_OPTIONS)"
+  code = "from scribblejax.refinement import backend; print(backend.COMPILER_OPTIONS)"
   out = {v: subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                            env={**os.environ, "SCRIBBLEJAX_FORCE_CONV_NHWC": v}).stdout.strip()
          for v in ("0", "1")}
   assert out == {"0": "None", "1": "{'xla_gpu_force_conv_nhwc': True}"}
   # the options go to GPU programs only: elsewhere the compiled functions are plain jax.jit ones
   on_gpu = jax.default_backend() == "gpu"
-  for fn in (refine_lib._run_loop, refine_lib._run_chunk, refine_lib._run_predict):
-    assert (fn._pick() is fn._gpu) == on_gpu and (fn._pick() is fn._plain) != on_gpu
+  for fn in (drivers.loop_program, drivers.chunk_program, drivers.predict_program):
+    assert fn.compiler_options() == (backend_lib.COMPILER_OPTIONS if on_gpu else None)
 
 
 def test_nonfinite_loss_stops_with_last_finite_weights():
@@ -370,7 +370,7 @@ def test_shape_mismatch_raises(image_shape, marks_shape, message):
 def test_bad_marks_and_images_raise_before_compiling():
   split = sj.split_params(_model(2), sj.last_layers(3))
   image = _image((16, 16))
-  size = refine_lib._run_chunk._cache_size()
+  size = drivers.chunk_program.cache_size()
   with pytest.raises(ValueError, match="3"):
     sj.refine(split, image, np.full((16, 16), 3, np.int32), CFG)        # label >= number of classes
   with pytest.raises(ValueError, match="-2"):
@@ -386,7 +386,7 @@ def test_bad_marks_and_images_raise_before_compiling():
     sj.refine(split, bad, _marks_2d(), CFG)
   with pytest.raises(ValueError, match="channels"):
     sj.refine(split, np.zeros((16, 16, 2), np.float32), _marks_2d(), CFG)  # model wants 1 channel
-  assert refine_lib._run_chunk._cache_size() == size
+  assert drivers.chunk_program.cache_size() == size
 
 
 def test_a_bfloat16_image_is_refined_as_its_float32_values():
@@ -468,9 +468,9 @@ def test_keep_weight_anchors_unmarked_pixels_without_recompiling():
   image, marks = _image((16, 16)), _marks_2d()
   initial = np.asarray(sj.predict(split, image)).argmax(-1)
   plain = sj.refine(split, image, marks, CFG)
-  size = refine_lib._run_chunk._cache_size()
+  size = drivers.chunk_program.cache_size()
   kept = sj.refine(split, image, marks, dataclasses.replace(CFG, keep_weight=1.0, max_steps=200))
-  assert refine_lib._run_chunk._cache_size() == size
+  assert drivers.chunk_program.cache_size() == size
   assert bool(kept.satisfied) and bool(plain.satisfied)
   unmarked = marks < 0
   changed_plain = (np.asarray(plain.labels) != initial)[unmarked].mean()

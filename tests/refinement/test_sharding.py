@@ -13,7 +13,7 @@ SCRIPT = textwrap.dedent("""
     import numpy as np, jax
     import scribblejax as sj
     from scribblejax.testing import random_unet
-    from scribblejax import sharding
+    from scribblejax.refinement import sharding
     assert jax.device_count() == 4, jax.devices()
     split = sj.split_params(random_unet(2, (4, 8), classes=3), sj.last_layers(3))
     rng = np.random.default_rng(0)
@@ -73,7 +73,7 @@ HOST_SCRIPT = textwrap.dedent("""
     from jax.sharding import NamedSharding, PartitionSpec as P
     import scribblejax as sj
     from scribblejax.testing import random_unet
-    from scribblejax.refinement.engine import prepare_inputs
+    from scribblejax.refinement import prepare_inputs
     from scribblejax.refinement.sharding import batch_mesh, refine_sharded
     split = sj.split_params(random_unet(2, (4, 8), classes=2), sj.last_layers(2))
     rng = np.random.default_rng(process)                   # each host has its own image and marks

@@ -14,10 +14,11 @@ import scribblejax as sj
 from scribblejax.testing import random_unet
 from scribblejax import kernels
 from scribblejax.refinement import trunk
+from scribblejax.refinement import backend as backend_lib
+from scribblejax.refinement import drivers
+from scribblejax.refinement import network
 
 CONV_BACKENDS = ["xla"] + (["onednn"] if kernels.kernel_status().available else [])
-
-refine_lib = importlib.import_module("scribblejax.refinement.engine")
 
 
 @functools.lru_cache(maxsize=None)
@@ -35,11 +36,11 @@ def _max_rel(a, b):
 
 
 @pytest.mark.parametrize("dims, layers, rewrites", [
-    (2, 5, ()), (2, 5, trunk.DEFAULT_REWRITES), (2, 8, ()), (3, 3, ("transposed_conv", "conv_as_matmul"))])
+    (2, 5, ()), (2, 5, backend_lib.DEFAULT_REWRITES), (2, 8, ()), (3, 3, ("transposed_conv", "conv_as_matmul"))])
 def test_trunk_then_tail_equals_full_forward(dims, layers, rewrites):
   split = sj.split_params(_unet(dims) if layers == 5 else _unet(dims, (4, 8)), sj.last_layers(layers))
   image = _image((12,) * dims + (1,) if dims == 2 else (8,) * dims + (1,))
-  fn = refine_lib._Forward(split.graphdef)
+  fn = network.Forward(split.graphdef)
   part = trunk.partition(fn, split.tunable, split.frozen, image, rewrites=rewrites)
   residuals = jax.jit(part.trunk)(split.frozen, image)
   assert [tuple(r.shape) for r in residuals] == [tuple(s.shape) for s in part.residual_shapes]
@@ -62,7 +63,7 @@ def test_residuals_are_the_tails_inputs_only():
   # reads the input of decoder/0/1 (6x6x8) and the level-0 skip connection (12x12x4).
   split = sj.split_params(_unet(2), sj.last_layers(5))
   image = _image((12, 12, 1))
-  part = trunk.partition(refine_lib._Forward(split.graphdef), split.tunable, split.frozen, image)
+  part = trunk.partition(network.Forward(split.graphdef), split.tunable, split.frozen, image)
   assert sorted(tuple(s.shape) for s in part.residual_shapes) == [(1, 6, 6, 8), (1, 12, 12, 4)]
 
 
@@ -87,7 +88,7 @@ def test_nested_jit_is_unzipped_and_matches():
   model = _JitInside()
   split = sj.split_params(model, sj.params.by_regex("head/.*"))
   image = _image((10, 10, 1), seed=3)
-  fn = refine_lib._Forward(split.graphdef)
+  fn = network.Forward(split.graphdef)
   part = trunk.partition(fn, split.tunable, split.frozen, image)
   # the residual is tanh(relu(conv)), computed inside the jitted call: the trunk reached into it
   assert [tuple(s.shape) for s in part.residual_shapes] == [(1, 10, 10, 4)]
@@ -115,7 +116,7 @@ def test_constants_the_tail_reads_do_not_shift_the_residuals():
   # later residual came one place late (a shape error, or silently wrong values).
   split = sj.split_params(_Constants(), sj.params.by_regex("head/.*"))
   image = _image((6, 7, 1), seed=4)
-  fn = refine_lib._Forward(split.graphdef)
+  fn = network.Forward(split.graphdef)
   part = trunk.partition(fn, split.tunable, split.frozen, image)
   np.testing.assert_array_equal(np.asarray(part.tail(split.tunable, part.trunk(split.frozen, image))),
                                 np.asarray(fn(split.tunable, split.frozen, image)))
@@ -150,7 +151,7 @@ def test_values_the_tail_holds_are_not_handed_over_again_to_a_nested_call(case):
   # later residuals came one place late (silently wrong logits, up to 2.0 off).
   split = sj.split_params(_HeldIntoJit(case), sj.params.by_regex("head/.*"))
   image = _image((6, 7, 1), seed=5)
-  fn = refine_lib._Forward(split.graphdef)
+  fn = network.Forward(split.graphdef)
   part = trunk.partition(fn, split.tunable, split.frozen, image)
   np.testing.assert_allclose(np.asarray(part.tail(split.tunable, part.trunk(split.frozen, image))),
                              np.asarray(fn(split.tunable, split.frozen, image)), rtol=1e-5, atol=1e-5)
@@ -223,8 +224,8 @@ def _conv_ranks(jaxpr) -> list[int]:
 def test_3d_unet_on_cpu_runs_2d_or_onednn_convolutions_with_the_same_logits(backend):
   split = sj.split_params(_unet(3, (4, 8)), sj.last_layers(3))
   image = _image((8, 8, 8, 1), seed=3)
-  fn = refine_lib._Forward(split.graphdef)
-  part = trunk.partition(fn, split.tunable, split.frozen, image, rewrites=trunk.default_rewrites(backend))
+  fn = network.Forward(split.graphdef)
+  part = trunk.partition(fn, split.tunable, split.frozen, image, rewrites=backend_lib.default_rewrites(backend))
   rewritten = lambda t, f, x: part.tail(t, part.trunk(f, x))
   jaxpr = jax.make_jaxpr(rewritten)(split.tunable, split.frozen, image).jaxpr
   ranks, plain = _conv_ranks(jaxpr), _conv_ranks(jax.make_jaxpr(fn)(split.tunable, split.frozen, image).jaxpr)
@@ -268,12 +269,12 @@ def test_early_stop_off_takes_every_step_and_no_retrace():
   fixed = sj.refine(split, image, marks, sj.RefineConfig.paper(max_steps=12, learning_rate=0.05, prox_weight=0.01,
                                                          early_stop=False))
   assert int(fixed.num_steps) == 12 and bool(fixed.satisfied)
-  sizes = (refine_lib._run_trunk._cache_size(), refine_lib._run_chunk._cache_size())
+  sizes = (drivers.trunk_program.cache_size(), drivers.chunk_program.cache_size())
   other = np.full((16, 16), -1, np.int32)
   other[5:9, 5:9] = 2
   sj.refine(split, image + 1.0, other, sj.RefineConfig.paper(max_steps=3, learning_rate=0.01, prox_weight=0.5,
                                                        early_stop=False))
-  assert (refine_lib._run_trunk._cache_size(), refine_lib._run_chunk._cache_size()) == sizes
+  assert (drivers.trunk_program.cache_size(), drivers.chunk_program.cache_size()) == sizes
 
 
 def _trunk_case(seed=3):
@@ -296,12 +297,12 @@ def test_a_computed_trunk_gives_the_same_refinement_and_is_used(driver, backend)
   for a, b in zip(jax.tree.leaves((plain.logits, plain.tunable)), jax.tree.leaves((reused.logits, reused.tunable))):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
   # a second interaction with new marks compiles nothing
-  sizes = (refine_lib._run_loop._cache_size(), refine_lib._run_chunk._cache_size(), refine_lib._run_trunk._cache_size())
+  sizes = (drivers.loop_program.cache_size(), drivers.chunk_program.cache_size(), drivers.trunk_program.cache_size())
   other = marks.copy()
   other[14, 14] = 0
   sj.refine(split, image, other, config, trunk=computed)
-  assert (refine_lib._run_loop._cache_size(), refine_lib._run_chunk._cache_size(),
-          refine_lib._run_trunk._cache_size()) == sizes
+  assert (drivers.loop_program.cache_size(), drivers.chunk_program.cache_size(),
+          drivers.trunk_program.cache_size()) == sizes
   # predict with the trunk runs only the tail: the same logits
   np.testing.assert_allclose(np.asarray(sj.predict(split, image, trunk=computed)),
                              np.asarray(sj.predict(split, image)), rtol=1e-5, atol=1e-5)

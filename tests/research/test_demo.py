@@ -12,7 +12,8 @@ from scribblejax.research.demo import run_demo
 from scribblejax.models.store import load_model
 from scribblejax.pipeline.normalization import normalize
 from scribblejax.params import last_layers, split_params
-from scribblejax.refinement.engine import RefineConfig, refine
+from scribblejax.config import RefineConfig
+from scribblejax.refinement import refine
 from scribblejax.research.simulate import simulate_marks
 
 # the refinement settings spelled out, so that no assertion here depends on RefineConfig's defaults

@@ -12,7 +12,8 @@ from scribblejax.research import evaluate as ev
 from scribblejax.research import metrics
 from scribblejax.cli import main
 from scribblejax.params import head, split_params
-from scribblejax.refinement.engine import RefineConfig, predict
+from scribblejax.config import RefineConfig
+from scribblejax.refinement import predict
 from scribblejax.research.simulate import simulate_marks
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,8 @@ from scribblejax.research import evaluate as ev
 from scribblejax.cli import main
 from scribblejax.research.experiments import EXPERIMENTS, SIZES
 from scribblejax.params import last_layers, split_params
-from scribblejax.refinement.engine import RefineConfig, compute_trunk, refine
+from scribblejax.config import RefineConfig
+from scribblejax.refinement import compute_trunk, refine
 from scribblejax.research.simulate import simulate_marks
 
 TINY = SIZES["tiny"]

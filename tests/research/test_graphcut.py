@@ -140,7 +140,7 @@ def test_method_starts_from_the_network_and_cuts_with_every_mark():
   state = method.init(image)
   import jax
   from scribblejax.params import head, split_params
-  from scribblejax.refinement.engine import predict
+  from scribblejax.refinement import predict
   logits = np.asarray(predict(split_params(model, head()), image))
   np.testing.assert_array_equal(method.labels(state), np.argmax(logits, -1))
   np.testing.assert_allclose(state.probabilities, np.asarray(jax.nn.softmax(logits, -1)), atol=1e-6)
