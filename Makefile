@@ -1,6 +1,6 @@
 # Two commands, each creating and filling a local virtual environment (.venv) as needed.
 #   make demo  -- refine real backbones on real images: Dice before/after and PNG overlays
-#   make test  -- the whole test suite (what CI runs); make test-quick: the fast tier
+#   make test  -- ruff, then the whole test suite (what CI runs); make test-quick: the fast tier
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -35,6 +35,7 @@ test-quick: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check scribblejax tests benchmarks
+	$(BIN)/ruff format --check scribblejax tests benchmarks
 
 clean:
 	rm -rf $(VENV) demo_output

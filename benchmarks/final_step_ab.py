@@ -34,10 +34,12 @@ def main(argv=None) -> dict:
   args = parser.parse_args(argv)
 
   import jax
+
   import scribblejax as sj
   from scribblejax.refinement import drivers, network
   from scribblejax.refinement.algorithm import Hyper, Settings
   from scribblejax.refinement.backend import Backend
+
   split = sj.split_params(speed.random_unet(2, (32, 64, 128, 256)), sj.last_layers(5))
   inputs = [speed.make_inputs(2, args.size, 1, seed=100 + i) for i in range(3)]
   config = sj.RefineConfig.paper(max_steps=30, early_stop=True)
@@ -62,32 +64,49 @@ def main(argv=None) -> dict:
 
   image, marks = sj.refinement.prepare_inputs(split, inputs[0][0][0], inputs[0][1][0])
   settings, graphdef = Settings.of(config), network.graph_key(split.graphdef)
-  residuals = drivers.trunk_program(graphdef, None, backend.conv_backend, drivers.SINGLE, split.tunable, split.frozen,
-                                    image)
+  residuals = drivers.trunk_program(
+    graphdef, None, backend.conv_backend, drivers.SINGLE, split.tunable, split.frozen, image
+  )
   state = drivers.init_program(settings, drivers.SINGLE, split.tunable, Hyper.of(config), 1)
   tail = []
   for i in range(11):
     start = time.perf_counter()
-    jax.block_until_ready(drivers.finalize_program(graphdef, settings, backend, drivers.SINGLE, split.frozen, image,
-                                                   marks, state, residuals))
+    jax.block_until_ready(
+      drivers.finalize_program(
+        graphdef, settings, backend, drivers.SINGLE, split.frozen, image, marks, state, residuals
+      )
+    )
     if i:
       tail.append(1000 * (time.perf_counter() - start))
   record = {
-      "device": str(jax.devices()[0].device_kind), "case": f"2d{args.size}", "max_steps": 30,
-      "steps_taken": [int(run(True, x).num_steps) for x in inputs], "conv_backend": backend.conv_backend,
-      "ms_per_interaction_lazy_backward": {"median": float(np.median(times[True])), "min": float(np.min(times[True])),
-                                           "times": [round(t, 1) for t in times[True]]},
-      "ms_per_interaction_eager_backward": {"median": float(np.median(times[False])),
-                                            "min": float(np.min(times[False])),
-                                            "times": [round(t, 1) for t in times[False]]},
-      "ms_tail_forward": float(np.median(tail)), "versions": {"jax": jax.__version__},
+    "device": str(jax.devices()[0].device_kind),
+    "case": f"2d{args.size}",
+    "max_steps": 30,
+    "steps_taken": [int(run(True, x).num_steps) for x in inputs],
+    "conv_backend": backend.conv_backend,
+    "ms_per_interaction_lazy_backward": {
+      "median": float(np.median(times[True])),
+      "min": float(np.min(times[True])),
+      "times": [round(t, 1) for t in times[True]],
+    },
+    "ms_per_interaction_eager_backward": {
+      "median": float(np.median(times[False])),
+      "min": float(np.min(times[False])),
+      "times": [round(t, 1) for t in times[False]],
+    },
+    "ms_tail_forward": float(np.median(tail)),
+    "versions": {"jax": jax.__version__},
   }
   args.out.parent.mkdir(parents=True, exist_ok=True)
   tmp = args.out.with_suffix(".tmp")
   tmp.write_text(json.dumps(record, indent=1))
   tmp.replace(args.out)
-  print(json.dumps({k: v for k, v in record.items() if not isinstance(v, dict)} |
-                   {k: round(v["median"], 1) for k, v in record.items() if isinstance(v, dict) and "median" in v}))
+  print(
+    json.dumps(
+      {k: v for k, v in record.items() if not isinstance(v, dict)}
+      | {k: round(v["median"], 1) for k, v in record.items() if isinstance(v, dict) and "median" in v}
+    )
+  )
   return record
 
 

@@ -39,8 +39,11 @@ def _kernel_profile(trace_dir: Path, calls: int, steps: int) -> dict:
   with gzip.open(files[-1], "rt") as f:
     data = json.load(f)
   events = data["traceEvents"] if isinstance(data, dict) else data
-  names = {e["pid"]: e.get("args", {}).get("name", "") for e in events
-           if e.get("ph") == "M" and e.get("name") == "process_name"}
+  names = {
+    e["pid"]: e.get("args", {}).get("name", "")
+    for e in events
+    if e.get("ph") == "M" and e.get("name") == "process_name"
+  }
   wanted = os.environ.get("PROBE_DEVICE_PROCESS", "GPU")
   device = {pid for pid, name in names.items() if wanted in name}
   spans = [e for e in events if e.get("ph") == "X" and e.get("pid") in device and "dur" in e]
@@ -56,22 +59,25 @@ def _kernel_profile(trace_dir: Path, calls: int, steps: int) -> dict:
   last = max(e["ts"] + e["dur"] for e in spans)
   top = sorted(by_name.items(), key=lambda kv: -kv[1][1])[:30]
   per = calls * steps
-  return {"events_per_step": round(len(spans) / per, 1), "busy_ms_per_step": round(busy / 1000 / per, 4),
-          "span_ms": round((last - first) / 1000, 3), "busy_ms": round(busy / 1000, 3),
-          "device_processes": sorted(names[p] for p in device),
-          "top": [{"name": n, "count_per_step": round(c / per, 2), "us_per_step": round(d / per, 2)}
-                  for n, (c, d) in top]}
+  return {
+    "events_per_step": round(len(spans) / per, 1),
+    "busy_ms_per_step": round(busy / 1000 / per, 4),
+    "span_ms": round((last - first) / 1000, 3),
+    "busy_ms": round(busy / 1000, 3),
+    "device_processes": sorted(names[p] for p in device),
+    "top": [{"name": n, "count_per_step": round(c / per, 2), "us_per_step": round(d / per, 2)} for n, (c, d) in top],
+  }
 
 
 # Kernel classes by name, first match wins. cuDNN's convolution kernels name their pass; cuBLAS,
 # CUTLASS and XLA's Triton GEMMs ("gemm_fusion") are the matrix products XLA does not hand to cuDNN.
 _KERNEL_CLASSES = (
-    ("conv_weight_grad", ("wgrad",)),
-    ("conv_input_grad", ("dgrad",)),
-    ("conv_forward", ("fprop",)),
-    ("gemm", ("cutlass", "gemm_fusion", "cublas", "gemm")),
-    ("cudnn_layout", ("convertTensor", "nchwToNhwc", "nhwcToNchw")),
-    ("cudnn_other", ("cudnn",)),
+  ("conv_weight_grad", ("wgrad",)),
+  ("conv_input_grad", ("dgrad",)),
+  ("conv_forward", ("fprop",)),
+  ("gemm", ("cutlass", "gemm_fusion", "cublas", "gemm")),
+  ("cudnn_layout", ("convertTensor", "nchwToNhwc", "nhwcToNchw")),
+  ("cudnn_other", ("cudnn",)),
 )
 MATMUL_CLASSES = ("conv_weight_grad", "conv_input_grad", "conv_forward", "gemm", "cudnn_other")
 
@@ -103,23 +109,36 @@ def summarise(path: Path) -> list[dict]:
       continue
     classes = kernel_classes(prof)
     per_step = sum(classes[c] for c in MATMUL_CLASSES)
-    rows.append({k: rec.get(k) for k in ("label", "case", "batch", "scheme", "dtype", "steps", "median_ms")}
-                | {"busy_us_per_step": round(1000 * prof["busy_ms_per_step"], 1), "classes_us_per_step": classes,
-                   "matmul_floor_ms": round(per_step * rec["steps"] * rec["batch"] / 1000, 1)})
+    rows.append(
+      {k: rec.get(k) for k in ("label", "case", "batch", "scheme", "dtype", "steps", "median_ms")}
+      | {
+        "busy_us_per_step": round(1000 * prof["busy_ms_per_step"], 1),
+        "classes_us_per_step": classes,
+        "matmul_floor_ms": round(per_step * rec["steps"] * rec["batch"] / 1000, 1),
+      }
+    )
   return rows
 
 
-def measure(case: speed.Case, steps: int, batch: int, scheme: str | None, dtype: str, repeats: int,
-            trace: bool) -> dict:
+def measure(
+  case: speed.Case, steps: int, batch: int, scheme: str | None, dtype: str, repeats: int, trace: bool
+) -> dict:
   import jax
 
   import scribblejax as sj
+
   settings = speed.Settings()
   model = speed.make_model(case.dims, settings)
   split = sj.split_params(model, sj.last_layers(settings.layers))
-  config = sj.RefineConfig.paper(max_steps=steps, early_stop=False, learning_rate=settings.learning_rate,
-                           momentum=settings.momentum, prox_weight=settings.prox_weight,
-                           compute_dtype=dtype, batch_scheme=scheme or "auto")
+  config = sj.RefineConfig.paper(
+    max_steps=steps,
+    early_stop=False,
+    learning_rate=settings.learning_rate,
+    momentum=settings.momentum,
+    prox_weight=settings.prox_weight,
+    compute_dtype=dtype,
+    batch_scheme=scheme or "auto",
+  )
   inputs = [speed.make_inputs(case.dims, case.size, batch, seed=1000 * case.size + i) for i in range(repeats + 3)]
   inputs = [(jax.device_put(a), jax.device_put(b)) for a, b in inputs]
 
@@ -130,9 +149,16 @@ def measure(case: speed.Case, steps: int, batch: int, scheme: str | None, dtype:
     return jax.block_until_ready(sj.refine_batch(split, im, mk, config))
 
   timing = speed.time_calls(call, repeats)
-  rec = {"case": case.name, "steps": steps, "batch": batch, "scheme": scheme, "dtype": dtype,
-         "first_s": round(timing.first_s, 3), "median_ms": round(1000 * timing.median_s, 3),
-         "times_ms": [round(1000 * t, 2) for t in timing.times_s]}
+  rec = {
+    "case": case.name,
+    "steps": steps,
+    "batch": batch,
+    "scheme": scheme,
+    "dtype": dtype,
+    "first_s": round(timing.first_s, 3),
+    "median_ms": round(1000 * timing.median_s, 3),
+    "times_ms": [round(1000 * t, 2) for t in timing.times_s],
+  }
   rec["ms_per_step"] = round(rec["median_ms"] / steps, 4)
   rec["images_per_s"] = round(batch / (rec["median_ms"] / 1000), 2)
   if trace:
@@ -168,12 +194,17 @@ def main(argv=None) -> None:
   if not (args.out and args.label):
     parser.error("--out and --label are required unless --summarise is given")
   import jax
+
   out = Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
   env = {k: v for k, v in os.environ.items() if k.startswith(("SCRIBBLEJAX_", "XLA_FLAGS"))}
   cases = {**speed.CASES, **speed.QUICK_CASES}
-  jobs = [(cases[c], cases[c].steps, 1, None, d, args.trace)
-          for c in args.cases.split(",") if c for d in args.dtypes.split(",")]
+  jobs = [
+    (cases[c], cases[c].steps, 1, None, d, args.trace)
+    for c in args.cases.split(",")
+    if c
+    for d in args.dtypes.split(",")
+  ]
   if args.batch:
     case = cases[args.batch_case]
     jobs.append((case, args.batch_steps, 1, None, "float32", False))
@@ -182,13 +213,31 @@ def main(argv=None) -> None:
     try:
       rec = measure(case, steps, batch, scheme, dtype, args.repeats, trace)
     except Exception as err:  # noqa: BLE001 (one failed measurement must not end the probe)
-      rec = {"case": case.name, "batch": batch, "scheme": scheme, "dtype": dtype,
-             "error": f"{type(err).__name__}: {err}"[:500]}
+      rec = {
+        "case": case.name,
+        "batch": batch,
+        "scheme": scheme,
+        "dtype": dtype,
+        "error": f"{type(err).__name__}: {err}"[:500],
+      }
     rec.update(label=args.label, env=env, device=jax.devices()[0].device_kind, jax=jax.__version__)
     with open(out / "probe.jsonl", "a") as f:
       f.write(json.dumps(rec) + "\n")
-    brief = {k: rec.get(k) for k in ("label", "case", "batch", "scheme", "dtype", "median_ms", "ms_per_step",
-                                     "images_per_s", "first_s", "error")}
+    brief = {
+      k: rec.get(k)
+      for k in (
+        "label",
+        "case",
+        "batch",
+        "scheme",
+        "dtype",
+        "median_ms",
+        "ms_per_step",
+        "images_per_s",
+        "first_s",
+        "error",
+      )
+    }
     prof = rec.get("profile", {})
     brief.update({k: prof.get(k) for k in ("events_per_step", "busy_ms_per_step") if k in prof})
     print(json.dumps(brief), flush=True)

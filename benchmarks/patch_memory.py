@@ -37,14 +37,36 @@ def nnunet_fullres(stages: int, classes: int = 3, seed: int = 0):
   from flax import nnx
 
   from scribblejax.convert.nnunet import PlainConvUNet
-  features = [min(32 * 2 ** s, 320) for s in range(stages)]
-  return PlainConvUNet(1, classes, 3, stages, features, 3, [1] + [2] * (stages - 1), 2, 2, conv_bias=True,
-                       norm={"kind": "instance", "eps": 1e-5, "affine": True}, nonlin={"kind": "leaky_relu"},
-                       rngs=nnx.Rngs(seed))
+
+  features = [min(32 * 2**s, 320) for s in range(stages)]
+  return PlainConvUNet(
+    1,
+    classes,
+    3,
+    stages,
+    features,
+    3,
+    [1] + [2] * (stages - 1),
+    2,
+    2,
+    conv_bias=True,
+    norm={"kind": "instance", "eps": 1e-5, "affine": True},
+    nonlin={"kind": "leaky_relu"},
+    rngs=nnx.Rngs(seed),
+  )
 
 
-def measure(net, patch: int, chunk: int | None, layers: int, mirror: bool, driver: str, steps: int = 0,
-            repeats: int = 3, variant: str = "patch_blend") -> dict:
+def measure(
+  net,
+  patch: int,
+  chunk: int | None,
+  layers: int,
+  mirror: bool,
+  driver: str,
+  steps: int = 0,
+  repeats: int = 3,
+  variant: str = "patch_blend",
+) -> dict:
   """One record: the refinement's compiled memory for a 2x2x2 block of marked patches, blended over
   their dense region (``patch_blend``) or at the marks only (``marked_patches``, what ``refine`` runs)."""
   import jax
@@ -52,6 +74,7 @@ def measure(net, patch: int, chunk: int | None, layers: int, mirror: bool, drive
 
   import scribblejax as sj
   from scribblejax.pipeline.sliding_window import MarkedPatches, Mirrored, PatchBlend, marked_patches
+
   size = patch + patch // 2
   starts = list(itertools.product((0, patch // 2), repeat=3))
   model = Mirrored(net, (0, 1, 2), (patch,) * 3 + (1,)) if mirror else net
@@ -69,9 +92,19 @@ def measure(net, patch: int, chunk: int | None, layers: int, mirror: bool, drive
   config = sj.RefineConfig.paper(driver=driver, max_steps=max(steps, 1), early_stop=False)
   start = time.perf_counter()
   memory = sj.refinement.memory_analysis(split, image, marks, config)
-  record = {"variant": variant, "dims": 3, "patch": patch, "patches": len(starts), "passes": 8 if mirror else 1,
-            "chunk": blend.chunk, "layers": layers, "driver": memory["driver"], "peak_bytes": memory["peak_bytes"],
-            "programs": memory["programs"], "compile_s": time.perf_counter() - start}
+  record = {
+    "variant": variant,
+    "dims": 3,
+    "patch": patch,
+    "patches": len(starts),
+    "passes": 8 if mirror else 1,
+    "chunk": blend.chunk,
+    "layers": layers,
+    "driver": memory["driver"],
+    "peak_bytes": memory["peak_bytes"],
+    "programs": memory["programs"],
+    "compile_s": time.perf_counter() - start,
+  }
   if steps:
     times = []
     for _ in range(repeats + 1):
@@ -89,6 +122,7 @@ def stamp(record: dict) -> dict:
 
   import scribblejax as sj
   from scribblejax.research.evaluate import device_name
+
   record.update(device=device_name(), versions={"jax": jax.__version__, "scribblejax": sj.__version__})
   return record
 
@@ -96,6 +130,7 @@ def stamp(record: dict) -> dict:
 def write_records(records: list[dict], table: str, out: str | None) -> None:
   """Prints the table, and writes the records as JSON to ``out`` and the table beside it (``.md``), atomically."""
   from scribblejax.research.evaluate import write_json, write_text
+
   print(table)
   if out:
     write_json(out, records)
@@ -103,13 +138,17 @@ def write_records(records: list[dict], table: str, out: str | None) -> None:
 
 
 def markdown(records: list[dict]) -> str:
-  rows = ["| device | variant | patch | patches x passes | per call | peak MiB | ms per step |",
-          "|---|---|---|---|---|---|---|"]
+  rows = [
+    "| device | variant | patch | patches x passes | per call | peak MiB | ms per step |",
+    "|---|---|---|---|---|---|---|",
+  ]
   for r in records:
     per_call = r["patches"] if r["chunk"] is None else r["chunk"]
     step = f"{r['ms_per_step']:.0f}" if "ms_per_step" in r else "-"
-    rows.append(f"| {r['device']} | {r['variant']} | {r['patch']}^3 | {r['patches']} x {r['passes']} | {per_call} | "
-                f"{r['peak_bytes'] / 2 ** 20:.0f} | {step} |")
+    rows.append(
+      f"| {r['device']} | {r['variant']} | {r['patch']}^3 | {r['patches']} x {r['passes']} | {per_call} | "
+      f"{r['peak_bytes'] / 2**20:.0f} | {step} |"
+    )
   return "\n".join(rows)
 
 
@@ -123,18 +162,23 @@ def main(argv=None) -> int:
   parser.add_argument("--driver", default="auto", help="refinement driver (default auto)")
   parser.add_argument("--steps", type=int, default=0, help="also time a refinement of this many steps (default 0: no)")
   parser.add_argument("--repeats", type=int, default=3, help="timed refinements after the first (default 3)")
-  parser.add_argument("--variants", default="patch_blend",
-                      help="patch_blend (over the patches' dense region) and/or marked_patches (at the marks only, "
-                           "what refine runs), comma-separated (default patch_blend)")
+  parser.add_argument(
+    "--variants",
+    default="patch_blend",
+    help="patch_blend (over the patches' dense region) and/or marked_patches (at the marks only, "
+    "what refine runs), comma-separated (default patch_blend)",
+  )
   parser.add_argument("--out", help="JSON file of the records (written atomically)")
   args = parser.parse_args(argv)
   net = nnunet_fullres(args.stages)
   records = []
-  for variant, mirror, text in itertools.product(args.variants.split(","), (False, True) if args.mirror else (False,),
-                                                args.chunks.split(",")):
+  for variant, mirror, text in itertools.product(
+    args.variants.split(","), (False, True) if args.mirror else (False,), args.chunks.split(",")
+  ):
     chunk = None if text.strip() == "all" else int(text)
-    record = measure(net, args.patch, chunk, args.layers, mirror, args.driver, args.steps, args.repeats,
-                     variant.strip())
+    record = measure(
+      net, args.patch, chunk, args.layers, mirror, args.driver, args.steps, args.repeats, variant.strip()
+    )
     records.append(stamp({**record, "stages": args.stages}))
     print(json.dumps({k: v for k, v in record.items() if k != "programs"}), flush=True)
   write_records(records, markdown(records), args.out)

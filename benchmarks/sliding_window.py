@@ -47,19 +47,29 @@ def measure(volume: int, patch: int, stages: int, layers: int, repeats: int) -> 
   import scribblejax as sj
   from benchmarks.patch_memory import nnunet_fullres
   from scribblejax.pipeline.sliding_window import window_grid
+
   split = sj.split_params(nnunet_fullres(stages), sj.last_layers(layers))
   refined = jax.tree.map(lambda w: w * 1.1, split.tunable)
   image = np.random.default_rng(0).normal(size=(volume,) * 3 + (1,)).astype(np.float32)
   shape = (patch,) * 3
 
   def two():
-    return [sj.pipeline.sliding_window_logits(split, image, shape), sj.pipeline.sliding_window_logits(split, image, shape, refined)]
+    return [
+      sj.pipeline.sliding_window_logits(split, image, shape),
+      sj.pipeline.sliding_window_logits(split, image, shape, refined),
+    ]
 
   def joint():
     return sj.pipeline.sliding_window_logits_of(split, image, shape, [None, refined])
 
-  base = {"volume": volume, "patch": patch, "patches": len(window_grid((max(volume, patch),) * 3, shape, 0.5)),
-          "layers": layers, "stages": stages, "repeats": repeats}
+  base = {
+    "volume": volume,
+    "patch": patch,
+    "patches": len(window_grid((max(volume, patch),) * 3, shape, 0.5)),
+    "layers": layers,
+    "stages": stages,
+    "repeats": repeats,
+  }
   records, outputs = [], []
   for name, fn in (("two_passes", two), ("joint_pass", joint)):
     seconds, compile_s, out = _timed(fn, repeats)
@@ -72,11 +82,15 @@ def measure(volume: int, patch: int, stages: int, layers: int, repeats: int) -> 
 
 
 def markdown(records: list[dict]) -> str:
-  rows = ["| device | volume | patch | patches | layers | variant | s (median) | compile s | max abs diff |",
-          "|---|---|---|---|---|---|---|---|---|"]
+  rows = [
+    "| device | volume | patch | patches | layers | variant | s (median) | compile s | max abs diff |",
+    "|---|---|---|---|---|---|---|---|---|",
+  ]
   for r in records:
-    rows.append(f"| {r['device']} | {r['volume']}^3 | {r['patch']}^3 | {r['patches']} | {r['layers']} | "
-                f"{r['variant']} | {r['seconds']:.2f} | {r['compile_s']:.2f} | {r['max_abs_diff']:.1e} |")
+    rows.append(
+      f"| {r['device']} | {r['volume']}^3 | {r['patch']}^3 | {r['patches']} | {r['layers']} | "
+      f"{r['variant']} | {r['seconds']:.2f} | {r['compile_s']:.2f} | {r['max_abs_diff']:.1e} |"
+    )
   return "\n".join(rows)
 
 
@@ -90,6 +104,7 @@ def main(argv=None) -> int:
   parser.add_argument("--out", help="JSON file of the records (written atomically), with a .md table beside it")
   args = parser.parse_args(argv)
   from benchmarks.patch_memory import stamp, write_records
+
   records = [stamp(r) for r in measure(args.volume, args.patch, args.stages, args.layers, args.repeats)]
   for record in records:
     print(json.dumps(record), flush=True)

@@ -52,57 +52,95 @@ import numpy as np
 from scribblejax.testing import random_unet  # noqa: F401 (benchmarks and tests build their models with it)
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-CHECK_TOLERANCE = 1e-3    # largest |logit difference| at which check_torch_vs_scribblejax passes
+CHECK_TOLERANCE = 1e-3  # largest |logit difference| at which check_torch_vs_scribblejax passes
 
 
 class Case(NamedTuple):
   """One problem size."""
+
   name: str
   dims: int
   size: int
-  steps: int            # fixed steps per interaction (early stop off)
+  steps: int  # fixed steps per interaction (early stop off)
 
 
 CASES = {
-    "2d256": Case("2d256", 2, 256, 100),
-    "2d512": Case("2d512", 2, 512, 100),
-    "3d64": Case("3d64", 3, 64, 50),
-    "3d96": Case("3d96", 3, 96, 50),
-    "3d128": Case("3d128", 3, 128, 50),
+  "2d256": Case("2d256", 2, 256, 100),
+  "2d512": Case("2d512", 2, 512, 100),
+  "3d64": Case("3d64", 3, 64, 50),
+  "3d96": Case("3d96", 3, 96, 50),
+  "3d128": Case("3d128", 3, 128, 50),
 }
 QUICK_CASES = {
-    "2d32": Case("2d32", 2, 32, 2),
-    "3d16": Case("3d16", 3, 16, 2),
+  "2d32": Case("2d32", 2, 32, 2),
+  "3d16": Case("3d16", 3, 16, 2),
 }
 # The PyTorch peer (benchmarks.torch_reference.TorchPeer), trunk cached, no host sync in a fixed-step
 # loop: base name -> PeerOptions fields. Each has "_bf16" (autocast) and "_early_stop" forms.
 TORCH_PEERS = {
-    "torch_cached": {},
-    "torch_compiled": {"compile": True},
-    "torch_cuda_graphs": {"cuda_graphs": True},
-    "torch_compiled_cuda_graphs": {"compile": True, "cuda_graphs": True},
-    "torch_full_forward": {"cache_trunk": False},
+  "torch_cached": {},
+  "torch_compiled": {"compile": True},
+  "torch_cuda_graphs": {"cuda_graphs": True},
+  "torch_compiled_cuda_graphs": {"compile": True, "cuda_graphs": True},
+  "torch_full_forward": {"cache_trunk": False},
 }
-PEER_VARIANTS = tuple(f"{base}{bf16}{early}" for base in TORCH_PEERS for bf16 in ("", "_bf16")
-                      for early in ("", "_early_stop"))
-VARIANTS = ("scribblejax", "scribblejax_early_stop", "scribblejax_full_forward", "scribblejax_loop_driver",
-            "scribblejax_host_driver", "scribblejax_vmap", "scribblejax_matmul", "scribblejax_shifted",
-            "scribblejax_sequential", "scribblejax_sharded", "scribblejax_bf16", "scribblejax_remat", "scribblejax_xla",
-            "scribblejax_trunk_reused", "scribblejax_trunk_reused_early_stop", "torch_eager", "torch_eager_early_stop",
-            *PEER_VARIANTS)
-DEFAULT_VARIANTS = ("scribblejax", "scribblejax_early_stop", "scribblejax_full_forward", "scribblejax_bf16",
-                    "torch_eager", "torch_eager_early_stop", "torch_cached", "torch_cached_early_stop",
-                    "torch_cached_bf16", "torch_compiled", "torch_compiled_early_stop", "torch_compiled_bf16",
-                    "torch_cuda_graphs", "torch_cuda_graphs_early_stop", "torch_cuda_graphs_bf16",
-                    "torch_compiled_cuda_graphs", "torch_compiled_cuda_graphs_bf16")
+PEER_VARIANTS = tuple(
+  f"{base}{bf16}{early}" for base in TORCH_PEERS for bf16 in ("", "_bf16") for early in ("", "_early_stop")
+)
+VARIANTS = (
+  "scribblejax",
+  "scribblejax_early_stop",
+  "scribblejax_full_forward",
+  "scribblejax_loop_driver",
+  "scribblejax_host_driver",
+  "scribblejax_vmap",
+  "scribblejax_matmul",
+  "scribblejax_shifted",
+  "scribblejax_sequential",
+  "scribblejax_sharded",
+  "scribblejax_bf16",
+  "scribblejax_remat",
+  "scribblejax_xla",
+  "scribblejax_trunk_reused",
+  "scribblejax_trunk_reused_early_stop",
+  "torch_eager",
+  "torch_eager_early_stop",
+  *PEER_VARIANTS,
+)
+DEFAULT_VARIANTS = (
+  "scribblejax",
+  "scribblejax_early_stop",
+  "scribblejax_full_forward",
+  "scribblejax_bf16",
+  "torch_eager",
+  "torch_eager_early_stop",
+  "torch_cached",
+  "torch_cached_early_stop",
+  "torch_cached_bf16",
+  "torch_compiled",
+  "torch_compiled_early_stop",
+  "torch_compiled_bf16",
+  "torch_cuda_graphs",
+  "torch_cuda_graphs_early_stop",
+  "torch_cuda_graphs_bf16",
+  "torch_compiled_cuda_graphs",
+  "torch_compiled_cuda_graphs_bf16",
+)
 # variants that take a batch; the others run at batch 1 only
-BATCHED_VARIANTS = ("scribblejax", "scribblejax_vmap", "scribblejax_matmul", "scribblejax_shifted",
-                    "scribblejax_sequential", "scribblejax_sharded")
+BATCHED_VARIANTS = (
+  "scribblejax",
+  "scribblejax_vmap",
+  "scribblejax_matmul",
+  "scribblejax_shifted",
+  "scribblejax_sequential",
+  "scribblejax_sharded",
+)
 
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
   """What every measurement of one run shares."""
+
   channels: tuple = (32, 64, 128, 256)
   layers: int = 5
   classes: int = 2
@@ -111,16 +149,17 @@ class Settings:
   momentum: float = 0.9
   prox_weight: float = 1.0
   early_stop_steps: int | None = None  # M for the early-stop variants (None: the case's steps)
-  batch_steps: int | None = None    # fixed steps for batch > 1 (None: the case's steps)
-  check_size_2d: int = 64           # size of the torch-vs-scribblejax consistency check
+  batch_steps: int | None = None  # fixed steps for batch > 1 (None: the case's steps)
+  check_size_2d: int = 64  # size of the torch-vs-scribblejax consistency check
   check_size_3d: int = 16
   check_steps: int = 3
-  memory: bool = False              # add XLA's compiled-memory analysis to batch-1 scribblejax records
+  memory: bool = False  # add XLA's compiled-memory analysis to batch-1 scribblejax records
 
 
 # ---------------------------------------------------------------------------------------------
 # Inputs
 # ---------------------------------------------------------------------------------------------
+
 
 def make_model(dims: int, settings: Settings, seed: int = 0):
   """The benchmark U-Net (random weights, fixed seed)."""
@@ -133,7 +172,7 @@ def _ball(shape: tuple, centre: np.ndarray, radius: float) -> tuple[tuple, np.nd
   hi = [min(int(np.ceil(c + radius)) + 1, n) for c, n in zip(centre, shape)]
   axes = np.ogrid[tuple(slice(a, b) for a, b in zip(lo, hi))]
   d2 = sum((ax - c) ** 2 for ax, c in zip(axes, centre))
-  return tuple(slice(a, b) for a, b in zip(lo, hi)), d2 <= radius ** 2
+  return tuple(slice(a, b) for a, b in zip(lo, hi)), d2 <= radius**2
 
 
 def make_inputs(dims: int, size: int, batch: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -170,11 +209,12 @@ def make_inputs(dims: int, size: int, batch: int, seed: int) -> tuple[np.ndarray
 # Timing
 # ---------------------------------------------------------------------------------------------
 
+
 class Timing(NamedTuple):
-  first_s: float              # the warm-up call (compilation + one run)
+  first_s: float  # the warm-up call (compilation + one run)
   median_s: float
   times_s: tuple
-  last: Any                   # what the last call returned
+  last: Any  # what the last call returned
 
 
 def time_calls(fn: Callable[[int], Any], repeats: int) -> Timing:
@@ -198,8 +238,9 @@ class Interrupted(Exception):
     self.partial = partial
 
 
-def time_interleaved(calls: Sequence[Callable[[int], Any]], repeats: int,
-                     after_warmup: Callable[[], None] | None = None) -> list[Timing | Exception]:
+def time_interleaved(
+  calls: Sequence[Callable[[int], Any]], repeats: int, after_warmup: Callable[[], None] | None = None
+) -> list[Timing | Exception]:
   """Times several contestants in one series, so that a change of load hits them all alike.
 
   Each ``calls[k](0)`` runs once to warm up (compilation + one run), one after another; then come
@@ -233,9 +274,15 @@ def time_interleaved(calls: Sequence[Callable[[int], Any]], repeats: int,
     return time.perf_counter() - start
 
   def results():
-    return [failed.get(k) or (RuntimeError("interrupted before its warm-up call ended") if firsts[k] is None else
-            Timing(firsts[k], statistics.median(times[k]) if times[k] else firsts[k], tuple(times[k]), lasts[k]))
-            for k in range(n)]
+    return [
+      failed.get(k)
+      or (
+        RuntimeError("interrupted before its warm-up call ended")
+        if firsts[k] is None
+        else Timing(firsts[k], statistics.median(times[k]) if times[k] else firsts[k], tuple(times[k]), lasts[k])
+      )
+      for k in range(n)
+    ]
 
   firsts = [None] * n
   try:
@@ -257,11 +304,13 @@ def time_interleaved(calls: Sequence[Callable[[int], Any]], repeats: int,
 def _compiled_cache_sizes() -> dict:
   """Cache sizes of scribblejax's compiled entry points (to detect retracing)."""
   from scribblejax.refinement import drivers
+
   return {f"scribblejax.refinement.drivers.{name}": size for name, size in drivers.cache_sizes().items()}
 
 
 def device_name() -> str:
   import jax
+
   return jax.devices()[0].device_kind
 
 
@@ -277,32 +326,49 @@ def versions() -> dict:
 
 def host_info() -> dict:
   import jax
+
   cpu = platform.processor()
   try:
     with open("/proc/cpuinfo") as f:
       cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
   except OSError:
     pass
-  return {"platform": jax.default_backend(), "devices": jax.device_count(), "host_cpu": cpu,
-          "cpu_count": os.cpu_count(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
-          "scribblejax_env": {k: v for k, v in os.environ.items() if k.startswith("SCRIBBLEJAX_")}}
+  return {
+    "platform": jax.default_backend(),
+    "devices": jax.device_count(),
+    "host_cpu": cpu,
+    "cpu_count": os.cpu_count(),
+    "xla_flags": os.environ.get("XLA_FLAGS", ""),
+    "scribblejax_env": {k: v for k, v in os.environ.items() if k.startswith("SCRIBBLEJAX_")},
+  }
 
 
 # ---------------------------------------------------------------------------------------------
 # Measurements
 # ---------------------------------------------------------------------------------------------
 
+
 def _record(variant, case, batch, steps, timing, settings, extra=None) -> dict:
   ms = 1000 * timing.median_s
   rec = {
-      "device": device_name(), "variant": variant, "dims": case.dims, "size": case.size, "batch": batch,
-      "steps": int(steps), "ms_per_interaction": round(ms / batch, 3) if batch > 1 else round(ms, 3),
-      "ms_per_batch": round(ms, 3), "ms_per_step": round(ms / max(int(steps), 1), 3),
-      "images_per_s": round(batch / timing.median_s, 4), "compile_s": round(max(timing.first_s - timing.median_s, 0.0), 3),
-      "first_call_s": round(timing.first_s, 3), "times_s": [round(t, 4) for t in timing.times_s],
-      "spread_ms_per_interaction": [round(1000 * t / batch, 3) for t in (min(timing.times_s), max(timing.times_s))]
-      if timing.times_s else None,
-      "versions": versions(), "settings": {**dataclasses.asdict(settings), **host_info()},
+    "device": device_name(),
+    "variant": variant,
+    "dims": case.dims,
+    "size": case.size,
+    "batch": batch,
+    "steps": int(steps),
+    "ms_per_interaction": round(ms / batch, 3) if batch > 1 else round(ms, 3),
+    "ms_per_batch": round(ms, 3),
+    "ms_per_step": round(ms / max(int(steps), 1), 3),
+    "images_per_s": round(batch / timing.median_s, 4),
+    "compile_s": round(max(timing.first_s - timing.median_s, 0.0), 3),
+    "first_call_s": round(timing.first_s, 3),
+    "times_s": [round(t, 4) for t in timing.times_s],
+    "spread_ms_per_interaction": [round(1000 * t / batch, 3) for t in (min(timing.times_s), max(timing.times_s))]
+    if timing.times_s
+    else None,
+    "versions": versions(),
+    "settings": {**dataclasses.asdict(settings), **host_info()},
   }
   rec.update(extra or {})
   return rec
@@ -310,9 +376,15 @@ def _record(variant, case, batch, steps, timing, settings, extra=None) -> dict:
 
 def _jax_config(variant: str, steps: int, settings: Settings):
   import scribblejax as sj
+
   early = variant.endswith("early_stop")
-  kwargs = dict(max_steps=(settings.early_stop_steps or steps) if early else steps, early_stop=early,
-                learning_rate=settings.learning_rate, momentum=settings.momentum, prox_weight=settings.prox_weight)
+  kwargs = dict(
+    max_steps=(settings.early_stop_steps or steps) if early else steps,
+    early_stop=early,
+    learning_rate=settings.learning_rate,
+    momentum=settings.momentum,
+    prox_weight=settings.prox_weight,
+  )
   if variant == "scribblejax_full_forward":
     kwargs["cache_trunk"] = False
   if variant == "scribblejax_loop_driver":
@@ -327,14 +399,15 @@ def _jax_config(variant: str, steps: int, settings: Settings):
     kwargs["remat"] = True
   if variant == "scribblejax_xla":
     kwargs["conv_backend"] = "xla"
-  return sj.RefineConfig.paper(**kwargs)    # the algorithm the PyTorch peer implements (SGD, alpha)
+  return sj.RefineConfig.paper(**kwargs)  # the algorithm the PyTorch peer implements (SGD, alpha)
 
 
 class Contestant(NamedTuple):
   """One variant of one case and batch, ready to time."""
+
   variant: str
-  call: Callable[[int], Any]                # call(i): interaction i (0: the warm-up)
-  finish: Callable[[Timing, bool], dict]    # finish(timing, retraced): its record
+  call: Callable[[int], Any]  # call(i): interaction i (0: the warm-up)
+  finish: Callable[[Timing, bool], dict]  # finish(timing, retraced): its record
 
 
 class Unavailable(Exception):
@@ -349,7 +422,9 @@ def bench_jax(variant: str, case: Case, batch: int, settings: Settings, split) -
 def prepare_jax(variant: str, case: Case, batch: int, settings: Settings, split) -> Contestant:
   """One scribblejax measurement, ready to time (:class:`Contestant`)."""
   import jax
+
   import scribblejax as sj
+
   steps = case.steps if batch == 1 or settings.batch_steps is None else settings.batch_steps
   config = _jax_config(variant, steps, settings)
   inputs = [make_inputs(case.dims, case.size, batch, seed=1000 * case.size + i) for i in range(settings.repeats + 1)]
@@ -361,6 +436,7 @@ def prepare_jax(variant: str, case: Case, batch: int, settings: Settings, split)
     def call(i):
       return jax.block_until_ready(sj.refine(split, inputs[i][0][0], inputs[i][1][0], config, trunk=trunks[i]))
   elif batch == 1 and variant not in BATCHED_VARIANTS[1:]:
+
     def call(i):
       result = sj.refine(split, inputs[i][0][0], inputs[i][1][0], config)
       return jax.block_until_ready(result)
@@ -370,6 +446,7 @@ def prepare_jax(variant: str, case: Case, batch: int, settings: Settings, split)
     def call(i):
       return jax.block_until_ready(sharding.refine_sharded(split, inputs[i][0], inputs[i][1], config))
   else:
+
     def call(i):
       return jax.block_until_ready(sj.refine_batch(split, inputs[i][0], inputs[i][1], config))
 
@@ -385,6 +462,7 @@ def prepare_jax(variant: str, case: Case, batch: int, settings: Settings, split)
 
 def _jax_record(variant, case, batch, settings, config, timing, retraced, extra) -> dict:
   import scribblejax as sj
+
   last = timing.last
   if isinstance(last, list):
     taken = max(int(r.num_steps) for r in last)
@@ -392,24 +470,33 @@ def _jax_record(variant, case, batch, settings, config, timing, retraced, extra)
   else:
     taken = int(np.max(np.asarray(last.num_steps)))
     satisfied = bool(np.all(np.asarray(last.satisfied)))
-  extra = {**extra, "retraced": retraced, "satisfied": satisfied, "max_steps": config.max_steps,
-           "driver": sj.refinement.resolve_driver(config.driver, config.conv_backend, config.compute_dtype,
-                                     config.cache_trunk),
-           "cache_trunk": config.cache_trunk,
-           "batch_scheme": refine_scheme(config) if batch > 1 else None,
-           "compute_dtype": config.compute_dtype, "remat": config.remat,
-           "conv_backend": sj.kernels.resolve_conv_backend(config.conv_backend)}
+  extra = {
+    **extra,
+    "retraced": retraced,
+    "satisfied": satisfied,
+    "max_steps": config.max_steps,
+    "driver": sj.refinement.resolve_driver(
+      config.driver, config.conv_backend, config.compute_dtype, config.cache_trunk
+    ),
+    "cache_trunk": config.cache_trunk,
+    "batch_scheme": refine_scheme(config) if batch > 1 else None,
+    "compute_dtype": config.compute_dtype,
+    "remat": config.remat,
+    "conv_backend": sj.kernels.resolve_conv_backend(config.conv_backend),
+  }
   return _record(variant, case, batch, taken, timing, settings, extra)
 
 
 def refine_scheme(config) -> str:
   from scribblejax.refinement import resolve_batch_scheme
+
   return resolve_batch_scheme(config.batch_scheme)
 
 
 def torch_device() -> str:
   import jax
   import torch
+
   if jax.default_backend() == "gpu" and torch.cuda.is_available():
     return "cuda"
   return "cpu"
@@ -418,6 +505,7 @@ def torch_device() -> str:
 def peer_options(variant: str):
   """The :class:`~benchmarks.torch_reference.PeerOptions` of a ``TORCH_PEERS`` variant (any suffixes)."""
   from benchmarks import torch_reference as ref
+
   base = variant.removesuffix("_early_stop")
   bf16 = base.endswith("_bf16")
   return ref.PeerOptions(autocast_bf16=bf16, **TORCH_PEERS[base.removesuffix("_bf16")])
@@ -426,6 +514,7 @@ def peer_options(variant: str):
 def peer_unavailable(options, device: str) -> str | None:
   """Why a peer with ``options`` cannot run on ``device`` (``None``: it can)."""
   from benchmarks import torch_reference as ref
+
   if options.cuda_graphs and device != "cuda":
     return "CUDA graphs need a CUDA device"
   if options.compile:
@@ -449,7 +538,9 @@ def prepare_torch(variant: str, case: Case, batch: int, settings: Settings, mode
     Unavailable: the variant cannot run here.
   """
   import torch
+
   from benchmarks import torch_reference as ref
+
   device = torch_device()
   if device == "cuda":
     torch.backends.cudnn.benchmark = True
@@ -462,6 +553,7 @@ def prepare_torch(variant: str, case: Case, batch: int, settings: Settings, mode
   hyper = dict(learning_rate=settings.learning_rate, momentum=settings.momentum, prox_weight=settings.prox_weight)
   extra = {"torch_device": device, "cudnn_benchmark": device == "cuda", "torch_threads": torch.get_num_threads()}
   if variant.startswith("torch_eager"):
+
     def one(im, mk):
       return ref.refine_torch(net, names, im, mk, max_steps=max_steps, early_stop=early, device=device, **hyper)
   else:
@@ -482,7 +574,7 @@ def prepare_torch(variant: str, case: Case, batch: int, settings: Settings, mode
     return out
 
   def finish(timing: Timing, retraced: bool) -> dict:
-    del retraced                                   # nothing of scribblejax's runs here
+    del retraced  # nothing of scribblejax's runs here
     taken = max(r[1] for r in timing.last)
     return _record(variant, case, batch, taken, timing, settings, {**extra, "max_steps": max_steps})
 
@@ -493,18 +585,26 @@ def check_torch_matches(case: Case, settings: Settings) -> dict:
   """Runs both implementations for ``check_steps`` fixed steps at a small size; records the logit error."""
   import scribblejax as sj
   from benchmarks import torch_reference as ref
+
   size = settings.check_size_2d if case.dims == 2 else settings.check_size_3d
   model = make_model(case.dims, settings)
   split = sj.split_params(model, sj.last_layers(settings.layers))
   images, marks = make_inputs(case.dims, size, 1, seed=7)
   start = time.perf_counter()
-  err = ref.check_same(split, model, images[0], marks[0], steps=settings.check_steps, device=torch_device(),
-                       learning_rate=settings.learning_rate, momentum=settings.momentum,
-                       prox_weight=settings.prox_weight)
+  err = ref.check_same(
+    split,
+    model,
+    images[0],
+    marks[0],
+    steps=settings.check_steps,
+    device=torch_device(),
+    learning_rate=settings.learning_rate,
+    momentum=settings.momentum,
+    prox_weight=settings.prox_weight,
+  )
   timing = Timing(time.perf_counter() - start, time.perf_counter() - start, (), None)
   small = case._replace(size=size, steps=settings.check_steps)
-  return _record("check_torch_vs_scribblejax", small, 1, settings.check_steps, timing, settings,
-                 check_outcome(err))
+  return _record("check_torch_vs_scribblejax", small, 1, settings.check_steps, timing, settings, check_outcome(err))
 
 
 def check_outcome(err: float, tolerance: float = CHECK_TOLERANCE) -> dict:
@@ -536,29 +636,57 @@ def check_peer_matches(variant: str, case: Case, settings: Settings) -> dict:
   ``compute_dtype="bfloat16"``), or why the peer cannot run here (``unavailable``)."""
   import scribblejax as sj
   from benchmarks import torch_reference as ref
+
   size = settings.check_size_2d if case.dims == 2 else settings.check_size_3d
   small = case._replace(size=size, steps=settings.check_steps)
   name = f"check_{variant}_vs_scribblejax"
   options = peer_options(variant)
   reason = peer_unavailable(options, torch_device())
   if reason:
-    return {"device": device_name(), "variant": name, "dims": case.dims, "size": size, "batch": 1,
-            "unavailable": reason, "versions": versions(), "settings": {**dataclasses.asdict(settings), **host_info()}}
+    return {
+      "device": device_name(),
+      "variant": name,
+      "dims": case.dims,
+      "size": size,
+      "batch": 1,
+      "unavailable": reason,
+      "versions": versions(),
+      "settings": {**dataclasses.asdict(settings), **host_info()},
+    }
   model = make_model(case.dims, settings)
   split = sj.split_params(model, sj.last_layers(settings.layers))
   images, marks = make_inputs(case.dims, size, 1, seed=7)
   tolerance = ref.BF16_TOLERANCE if options.autocast_bf16 else {"rtol": 1e-3, "atol": 1e-3}
   start = time.perf_counter()
   try:
-    err, passed = ref.check_peer(split, model, images[0], marks[0], options, steps=settings.check_steps,
-                                 device=torch_device(), learning_rate=settings.learning_rate,
-                                 momentum=settings.momentum, prox_weight=settings.prox_weight, **tolerance), True
+    err, passed = (
+      ref.check_peer(
+        split,
+        model,
+        images[0],
+        marks[0],
+        options,
+        steps=settings.check_steps,
+        device=torch_device(),
+        learning_rate=settings.learning_rate,
+        momentum=settings.momentum,
+        prox_weight=settings.prox_weight,
+        **tolerance,
+      ),
+      True,
+    )
   except AssertionError as failure:
     err, passed = str(failure), False
   elapsed = time.perf_counter() - start
-  return _record(name, small, 1, settings.check_steps, Timing(elapsed, elapsed, (), None), settings,
-                 {"max_abs_logit_diff": err, "passed": passed, "tolerance": tolerance,
-                  "peer_options": dataclasses.asdict(options)})
+  return _record(
+    name,
+    small,
+    1,
+    settings.check_steps,
+    Timing(elapsed, elapsed, (), None),
+    settings,
+    {"max_abs_logit_diff": err, "passed": passed, "tolerance": tolerance, "peer_options": dataclasses.asdict(options)},
+  )
 
 
 def _contest_key(record: dict) -> tuple | None:
@@ -568,8 +696,13 @@ def _contest_key(record: dict) -> tuple | None:
   if "ms_per_interaction" not in record or variant.startswith(("check_", "scribblejax_trunk_reused")):
     return None
   bf16 = record.get("compute_dtype") == "bfloat16" or bool(record.get("autocast_bf16"))
-  return (record["dims"], record["size"], record["batch"], "bfloat16" if bf16 else "float32",
-          variant.endswith("early_stop"))
+  return (
+    record["dims"],
+    record["size"],
+    record["batch"],
+    "bfloat16" if bf16 else "float32",
+    variant.endswith("early_stop"),
+  )
 
 
 def add_ratios(records: Sequence[dict]) -> None:
@@ -580,57 +713,75 @@ def add_ratios(records: Sequence[dict]) -> None:
   best = {}
   for r in records:
     key = _contest_key(r)
-    if key and r["variant"].startswith("torch") and (key not in best or
-                                                     r["ms_per_interaction"] < best[key]["ms_per_interaction"]):
+    if (
+      key
+      and r["variant"].startswith("torch")
+      and (key not in best or r["ms_per_interaction"] < best[key]["ms_per_interaction"])
+    ):
       best[key] = r
   for r in records:
     strongest = best.get(_contest_key(r))
     if strongest is not None:
-      r.update(strongest_torch=strongest["variant"],
-               strongest_torch_ms_per_interaction=strongest["ms_per_interaction"],
-               strongest_torch_steps=strongest["steps"],
-               speedup_vs_strongest_torch=round(strongest["ms_per_interaction"] / r["ms_per_interaction"], 3))
+      r.update(
+        strongest_torch=strongest["variant"],
+        strongest_torch_ms_per_interaction=strongest["ms_per_interaction"],
+        strongest_torch_steps=strongest["steps"],
+        speedup_vs_strongest_torch=round(strongest["ms_per_interaction"] / r["ms_per_interaction"], 3),
+      )
 
 
 # ---------------------------------------------------------------------------------------------
 # Output
 # ---------------------------------------------------------------------------------------------
 
+
 def markdown_table(records: Sequence[dict]) -> str:
   """A markdown table with one row per record (``spread``: the fastest and slowest timed call, ms per
   interaction; ``vs strongest torch``: the strongest PyTorch variant's time over this one's)."""
-  head = ("| device | variant | case | batch | steps | ms / interaction | ms / step | images / s | compile s | peak MiB "
-          "| spread | vs strongest torch |\n"
-          "|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+  head = (
+    "| device | variant | case | batch | steps | ms / interaction | ms / step | images / s | compile s | peak MiB "
+    "| spread | vs strongest torch |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+  )
   rows = []
   for r in records:
     case = f"{r['dims']}D {r['size']}^{r['dims']}"
     if "error" in r:
-      rows.append(f"| {r['device']} | {r['variant']} | {case} | {r['batch']} | | failed: {r['error'][:80]} | | | | | | |")
+      rows.append(
+        f"| {r['device']} | {r['variant']} | {case} | {r['batch']} | | failed: {r['error'][:80]} | | | | | | |"
+      )
       continue
     if "unavailable" in r:
-      rows.append(f"| {r['device']} | {r['variant']} | {case} | {r['batch']} | | unavailable: {r['unavailable'][:80]} "
-                  "| | | | | | |")
+      rows.append(
+        f"| {r['device']} | {r['variant']} | {case} | {r['batch']} | | unavailable: {r['unavailable'][:80]} "
+        "| | | | | | |"
+      )
       continue
     if r["variant"].startswith("check_"):
       diff = r["max_abs_logit_diff"]
       diff = f"{diff:.2e}" if isinstance(diff, float) else "see record"
-      rows.append(f"| {r['device']} | {r['variant']} | {case} | 1 | {r['steps']} | max logit diff "
-                  f"{diff}{'' if r.get('passed', True) else ' FAILED'} | | | | | | |")
+      rows.append(
+        f"| {r['device']} | {r['variant']} | {case} | 1 | {r['steps']} | max logit diff "
+        f"{diff}{'' if r.get('passed', True) else ' FAILED'} | | | | | | |"
+      )
       continue
     peak = f"{r['peak_bytes'] / 2**20:.1f}" if "peak_bytes" in r else ""
     spread = "{:.1f}-{:.1f}".format(*r["spread_ms_per_interaction"]) if r.get("spread_ms_per_interaction") else ""
-    ratio = (f"{r['speedup_vs_strongest_torch']:.2f}x vs {r['strongest_torch']}"
-             if "speedup_vs_strongest_torch" in r else "")
-    rows.append(f"| {r['device']} | {r['variant']} | {case} | {r['batch']} | {r['steps']} | "
-                f"{r['ms_per_interaction']:.1f} | {r['ms_per_step']:.2f} | {r['images_per_s']:.3f} | "
-                f"{r['compile_s']:.1f} | {peak} | {spread} | {ratio} |")
+    ratio = (
+      f"{r['speedup_vs_strongest_torch']:.2f}x vs {r['strongest_torch']}" if "speedup_vs_strongest_torch" in r else ""
+    )
+    rows.append(
+      f"| {r['device']} | {r['variant']} | {case} | {r['batch']} | {r['steps']} | "
+      f"{r['ms_per_interaction']:.1f} | {r['ms_per_step']:.2f} | {r['images_per_s']:.3f} | "
+      f"{r['compile_s']:.1f} | {peak} | {spread} | {ratio} |"
+    )
   return head + "\n".join(rows) + "\n"
 
 
 def write_results(records: Sequence[dict], out: Path) -> tuple[Path, Path]:
   """Writes ``out`` (JSON list of records) and ``out`` with suffix ``.md`` (the table), atomically."""
   from scribblejax.io import fileio  # lazy, like every scribblejax import here
+
   out = Path(out)
   md = out.with_suffix(".md")
   fileio.write_text(out, json.dumps(list(records), indent=1) + "\n")
@@ -642,30 +793,47 @@ def write_results(records: Sequence[dict], out: Path) -> tuple[Path, Path]:
 # Driver
 # ---------------------------------------------------------------------------------------------
 
+
 def _csv(text: str) -> list[str]:
   return [t.strip() for t in text.split(",") if t.strip()]
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-  parser = parser or argparse.ArgumentParser(prog="python -m benchmarks.speed", description=__doc__,
-                                             formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = parser or argparse.ArgumentParser(
+    prog="python -m benchmarks.speed", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   parser.add_argument("--quick", action="store_true", help="CI-sized smoke run: tiny sizes, 2 steps, 1 repeat")
-  parser.add_argument("--cases", default=None,
-                      help=f"comma-separated cases from {sorted(CASES)} (default: all; --quick: {sorted(QUICK_CASES)})")
+  parser.add_argument(
+    "--cases",
+    default=None,
+    help=f"comma-separated cases from {sorted(CASES)} (default: all; --quick: {sorted(QUICK_CASES)})",
+  )
   parser.add_argument("--batches", default=None, help="comma-separated batch sizes (default 1,8,32; --quick 1,2)")
-  parser.add_argument("--variants", default=None,
-                      help=f"comma-separated from {VARIANTS} (default: {','.join(DEFAULT_VARIANTS)})")
+  parser.add_argument(
+    "--variants", default=None, help=f"comma-separated from {VARIANTS} (default: {','.join(DEFAULT_VARIANTS)})"
+  )
   parser.add_argument("--repeats", type=int, default=None, help="timed calls after the warm-up (default 3; --quick 1)")
   parser.add_argument("--steps", type=int, default=None, help="override every case's fixed step count")
   parser.add_argument("--batch-steps", type=int, default=None, help="fixed steps for batches > 1 (default: the case's)")
   parser.add_argument("--channels", default=None, help="U-Net channels (default 32,64,128,256; --quick 4,8)")
   parser.add_argument("--no-check", action="store_true", help="skip the torch-vs-scribblejax logit check")
-  parser.add_argument("--memory", action="store_true",
-                      help="add XLA's compiled-memory analysis (scribblejax.refinement.memory_analysis) to batch-1 records")
-  parser.add_argument("--out", default=None, help="JSON output path (default benchmarks/results/speed_<device>.json; --quick: speed_<device>_quick.json)")
-  parser.add_argument("--order", choices=("interleaved", "sequential"), default="interleaved",
-                      help="interleaved (default): the variants of a case and batch take turns, call by call, the "
-                      "order rotated each round; sequential: each variant's calls one after another")
+  parser.add_argument(
+    "--memory",
+    action="store_true",
+    help="add XLA's compiled-memory analysis (scribblejax.refinement.memory_analysis) to batch-1 records",
+  )
+  parser.add_argument(
+    "--out",
+    default=None,
+    help="JSON output path (default benchmarks/results/speed_<device>.json; --quick: speed_<device>_quick.json)",
+  )
+  parser.add_argument(
+    "--order",
+    choices=("interleaved", "sequential"),
+    default="interleaved",
+    help="interleaved (default): the variants of a case and batch take turns, call by call, the "
+    "order rotated each round; sequential: each variant's calls one after another",
+  )
   parser.add_argument("--notes", default="", help="free text stored in every record (say, what else ran)")
   return parser
 
@@ -695,8 +863,9 @@ def _validate(args) -> tuple[list[Case], list[int], list[str], Settings]:
   if repeats < 1:
     raise ValueError(f"--repeats must be >= 1, got {repeats}")
   try:
-    channels = tuple(int(c) for c in _csv(args.channels)) if args.channels else \
-        ((4, 8) if args.quick else (32, 64, 128, 256))
+    channels = (
+      tuple(int(c) for c in _csv(args.channels)) if args.channels else ((4, 8) if args.quick else (32, 64, 128, 256))
+    )
   except ValueError:
     raise ValueError(f"--channels must be comma-separated integers, got {args.channels!r}") from None
   if len(channels) < 2 or min(channels) < 1:
@@ -704,10 +873,17 @@ def _validate(args) -> tuple[list[Case], list[int], list[str], Settings]:
   if args.batch_steps is not None and args.batch_steps < 1:
     raise ValueError(f"--batch-steps must be >= 1, got {args.batch_steps}")
   layers = 3 if len(channels) == 2 else 5
-  settings = Settings(channels=channels, layers=layers, repeats=repeats, batch_steps=args.batch_steps,
-                      early_stop_steps=5 if args.quick else None, check_size_2d=16 if args.quick else 64,
-                      check_size_3d=8 if args.quick else 16, check_steps=2 if args.quick else 3,
-                      memory=bool(getattr(args, "memory", False)))
+  settings = Settings(
+    channels=channels,
+    layers=layers,
+    repeats=repeats,
+    batch_steps=args.batch_steps,
+    early_stop_steps=5 if args.quick else None,
+    check_size_2d=16 if args.quick else 64,
+    check_size_3d=8 if args.quick else 16,
+    check_steps=2 if args.quick else 3,
+    memory=bool(getattr(args, "memory", False)),
+  )
   return cases, batches, variants, settings
 
 
@@ -726,8 +902,16 @@ def _failure(variant: str, case: Case, batch: int, settings: Settings, err: Exce
   """The record of a variant that could not be measured: ``unavailable`` (cannot run here) or ``error``."""
   field = "unavailable" if isinstance(err, Unavailable) else "error"
   text = str(err) if isinstance(err, Unavailable) else f"{type(err).__name__}: {str(err)[:500]}"
-  return {"device": device_name(), "variant": variant, "dims": case.dims, "size": case.size, "batch": batch,
-          field: text, "versions": versions(), "settings": {**dataclasses.asdict(settings), **host_info()}}
+  return {
+    "device": device_name(),
+    "variant": variant,
+    "dims": case.dims,
+    "size": case.size,
+    "batch": batch,
+    field: text,
+    "versions": versions(),
+    "settings": {**dataclasses.asdict(settings), **host_info()},
+  }
 
 
 def _prepare(variant, case, batch, settings, model, split) -> Contestant:
@@ -736,8 +920,9 @@ def _prepare(variant, case, batch, settings, model, split) -> Contestant:
   return prepare_jax(variant, case, batch, settings, split)
 
 
-def measure(variants: Sequence[str], case: Case, batch: int, settings: Settings, model, split,
-            order: str = "interleaved") -> list[dict]:
+def measure(
+  variants: Sequence[str], case: Case, batch: int, settings: Settings, model, split, order: str = "interleaved"
+) -> list[dict]:
   """Measures ``variants`` on one case and batch; one record each, in the order given.
 
   ``order="interleaved"``: every variant's warm-up call, then ``settings.repeats`` rounds of one call
@@ -756,8 +941,9 @@ def measure(variants: Sequence[str], case: Case, batch: int, settings: Settings,
   def timed(calls):
     sizes = {}
     try:
-      timings = time_interleaved(calls, settings.repeats,
-                                 after_warmup=lambda: sizes.update(before=_compiled_cache_sizes()))
+      timings = time_interleaved(
+        calls, settings.repeats, after_warmup=lambda: sizes.update(before=_compiled_cache_sizes())
+      )
     except Interrupted as stop:
       timings = stop.partial
       cut.append(True)
@@ -792,22 +978,31 @@ def _log_record(rec: dict, case: Case, log: Callable[[str], None]) -> None:
   elif rec["variant"].startswith("check_"):
     log(f"{head}: max logit diff {rec['max_abs_logit_diff']}, passed={rec['passed']}")
   else:
-    log(f"{head}: {rec['ms_per_interaction']:.1f} ms/interaction, {rec['ms_per_step']:.2f} ms/step, "
-        f"{rec['images_per_s']:.3f} images/s, compile {rec['compile_s']:.1f} s, {rec['steps']} steps"
-        + (f", retraced={rec['retraced']}" if "retraced" in rec else "")
-        + (f", {rec['speedup_vs_strongest_torch']:.2f}x vs {rec['strongest_torch']}"
-           if "speedup_vs_strongest_torch" in rec else ""))
+    log(
+      f"{head}: {rec['ms_per_interaction']:.1f} ms/interaction, {rec['ms_per_step']:.2f} ms/step, "
+      f"{rec['images_per_s']:.3f} images/s, compile {rec['compile_s']:.1f} s, {rec['steps']} steps"
+      + (f", retraced={rec['retraced']}" if "retraced" in rec else "")
+      + (
+        f", {rec['speedup_vs_strongest_torch']:.2f}x vs {rec['strongest_torch']}"
+        if "speedup_vs_strongest_torch" in rec
+        else ""
+      )
+    )
 
 
 def run_metadata(args: argparse.Namespace) -> dict:
   """What every record of a run states about the run: UTC date and time, the command, the notes."""
   command = getattr(args, "command", None) or shlex.join([Path(sys.executable).name, *sys.argv])
-  return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "command": command,
-          "notes": getattr(args, "notes", "") or ""}
+  return {
+    "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    "command": command,
+    "notes": getattr(args, "notes", "") or "",
+  }
 
 
-def run(args: argparse.Namespace, log: Callable[[str], None] = print,
-        on_record: Callable[[list], None] | None = None) -> list[dict]:
+def run(
+  args: argparse.Namespace, log: Callable[[str], None] = print, on_record: Callable[[list], None] | None = None
+) -> list[dict]:
   """Runs the measurements that ``args`` selects; returns the records.
 
   Per case: the logit checks (once per dimensionality, small size: the researcher's reference and each
@@ -819,6 +1014,7 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print,
   batch of records (to save partial results).
   """
   import scribblejax as sj
+
   cases, batches, variants, settings = _validate(args)
   has_torch = importlib.util.find_spec("torch") is not None
   if not has_torch:
@@ -839,7 +1035,7 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print,
   for case in cases:
     model = make_model(case.dims, settings)
     split = sj.split_params(model, sj.last_layers(settings.layers))
-    if has_torch and not args.no_check and case.dims not in checked:   # once per dimensionality (small size)
+    if has_torch and not args.no_check and case.dims not in checked:  # once per dimensionality (small size)
       checked.add(case.dims)
       add([check_torch_matches(case, settings)], case)
       add([check_peer_matches(v, case, settings) for v in peer_checks(variants)], case)
@@ -848,7 +1044,7 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print,
       if chosen:
         try:
           add(measure(chosen, case, batch, settings, model, split, getattr(args, "order", "interleaved")), case)
-        except Interrupted as stop:               # keep what the series measured (a time limit's SIGINT)
+        except Interrupted as stop:  # keep what the series measured (a time limit's SIGINT)
           add(stop.partial, case)
           raise KeyboardInterrupt from None
   return records
@@ -860,7 +1056,7 @@ def execute(args: argparse.Namespace) -> int:
   Raises:
     ValueError: bad arguments.
   """
-  _validate(args)                                             # bad arguments fail before any work
+  _validate(args)  # bad arguments fail before any work
   # a --quick smoke run never replaces the full results committed under benchmarks/results/
   name = f"speed_{device_name().replace(' ', '_').lower()}{'_quick' if args.quick else ''}.json"
   out = Path(args.out) if args.out else RESULTS_DIR / name
@@ -869,8 +1065,11 @@ def execute(args: argparse.Namespace) -> int:
   print(f"wrote {json_path} and {md_path}")
   failed = [r for r in records if "error" in r]
   if failed:
-    print(f"{len(failed)} of {len(records)} measurements failed (their records hold the error), e.g. "
-          f"{failed[0]['error'][:200]}", file=sys.stderr)
+    print(
+      f"{len(failed)} of {len(records)} measurements failed (their records hold the error), e.g. "
+      f"{failed[0]['error'][:200]}",
+      file=sys.stderr,
+    )
     return 1
   return 0
 
@@ -880,7 +1079,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   args.command = "python -m benchmarks.speed " + shlex.join(sys.argv[1:] if argv is None else argv)
   try:
     return execute(args)
-  except ValueError as err:   # bad input: 1, like the scribblejax command (2: argparse's usage errors)
+  except ValueError as err:  # bad input: 1, like the scribblejax command (2: argparse's usage errors)
     print(f"benchmarks.speed: error: {err}", file=sys.stderr)
     return 1
 

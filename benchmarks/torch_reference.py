@@ -36,11 +36,13 @@ import numpy as np
 def torch_available() -> bool:
   """Whether torch can be imported."""
   import importlib.util  # noqa: PLC0415
+
   return importlib.util.find_spec("torch") is not None
 
 
 def _torch():
   import torch  # noqa: PLC0415 (lazy: torch is optional)
+
   return torch
 
 
@@ -90,10 +92,15 @@ def build_torch_unet(model) -> Any:
         self.encoder.append(nn.ModuleList(level))
       deep = chans[::-1]
       self.up = nn.ModuleList([tconv_cls(deep[i], deep[i + 1], 2, stride=2) for i in range(len(deep) - 1)])
-      self.decoder = nn.ModuleList([
-          nn.ModuleList([Block(2 * deep[i + 1], deep[i + 1])]
-                        + [Block(deep[i + 1], deep[i + 1]) for _ in range(len(model.decoder[i]) - 1)])
-          for i in range(len(deep) - 1)])
+      self.decoder = nn.ModuleList(
+        [
+          nn.ModuleList(
+            [Block(2 * deep[i + 1], deep[i + 1])]
+            + [Block(deep[i + 1], deep[i + 1]) for _ in range(len(model.decoder[i]) - 1)]
+          )
+          for i in range(len(deep) - 1)
+        ]
+      )
       self.head = conv_cls(chans[0], model.num_classes, 1)
       self.multiple = 2 ** (len(chans) - 1)
 
@@ -108,8 +115,9 @@ def build_torch_unet(model) -> Any:
       out = []
       for i, level in enumerate(self.encoder):
         for j, layer in enumerate(level):
-          out.append((f"encoder.{i}.{j}.", functools.partial(_encoder_unit, layer, i > 0 and j == 0,
-                                                              j == len(level) - 1)))
+          out.append(
+            (f"encoder.{i}.{j}.", functools.partial(_encoder_unit, layer, i > 0 and j == 0, j == len(level) - 1))
+          )
       for k, (up, level) in enumerate(zip(self.up, self.decoder)):
         out.append((f"up.{k}.", functools.partial(_up_pair_unit if split_concat else _up_unit, up, k)))
         for j, layer in enumerate(level):
@@ -184,9 +192,10 @@ def copy_weights(model, net) -> None:
   """Copies every parameter of the Flax U-Net ``model`` into the torch mirror ``net`` (in place)."""
   torch = _torch()
   from flax import nnx  # noqa: PLC0415
+
   dims = model.spatial_dims
-  conv_perm = (dims + 1, dims, *range(dims))          # (*k, in, out) -> (out, in, *k)
-  tconv_perm = (dims, dims + 1, *range(dims))         # (*k, in, out) -> (in, out, *k)
+  conv_perm = (dims + 1, dims, *range(dims))  # (*k, in, out) -> (out, in, *k)
+  tconv_perm = (dims, dims + 1, *range(dims))  # (*k, in, out) -> (in, out, *k)
   flat = {".".join(map(str, p)): v for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
   named = dict(net.named_parameters())
   used = set()
@@ -217,6 +226,7 @@ def copy_weights(model, net) -> None:
 def tunable_names(split) -> list[str]:
   """Torch parameter names of the split's tunable Flax parameters."""
   from flax import nnx  # noqa: PLC0415
+
   names = []
   for path, _ in nnx.to_flat_state(split.tunable):
     parts = [str(p) for p in path]
@@ -225,8 +235,19 @@ def tunable_names(split) -> list[str]:
   return names
 
 
-def refine_torch(net, names, image, marks, *, max_steps=100, learning_rate=0.05, momentum=0.9,
-                 prox_weight=0.01, early_stop=True, device="cpu"):
+def refine_torch(
+  net,
+  names,
+  image,
+  marks,
+  *,
+  max_steps=100,
+  learning_rate=0.05,
+  momentum=0.9,
+  prox_weight=0.01,
+  early_stop=True,
+  device="cpu",
+):
   """Algorithm 1 in PyTorch eager mode on one image.
 
   Args:
@@ -256,8 +277,8 @@ def refine_torch(net, names, image, marks, *, max_steps=100, learning_rate=0.05,
   opt = torch.optim.SGD(tunable, lr=learning_rate, momentum=momentum)
   steps = 0
   for _ in range(max_steps):
-    logits = model(x)[0]                                # [classes, *spatial]
-    picked = logits.movedim(0, -1)[marked]              # [marked, classes]
+    logits = model(x)[0]  # [classes, *spatial]
+    picked = logits.movedim(0, -1)[marked]  # [marked, classes]
     ce = torch.nn.functional.cross_entropy(picked, labels) if labels.numel() else logits.sum() * 0
     diff = torch.cat([(p - a).reshape(-1) for p, a in zip(tunable, anchor)])
     loss = ce + prox_weight * torch.linalg.vector_norm(diff)
@@ -276,6 +297,7 @@ def refine_torch(net, names, image, marks, *, max_steps=100, learning_rate=0.05,
 # ---------------------------------------------------------------------------------------------
 # The peer a demanding PyTorch user would write
 # ---------------------------------------------------------------------------------------------
+
 
 @dataclasses.dataclass(frozen=True)
 class PeerOptions:
@@ -299,6 +321,7 @@ class PeerOptions:
     split_concat: a decoder layer reading ``[up(x), skip]`` convolves the two halves apart, so the
       backward pass computes no gradient for the frozen skip connection (the mirror's ``units``).
   """
+
   cache_trunk: bool = True
   compile: bool = False
   cuda_graphs: bool = False
@@ -314,10 +337,11 @@ class PeerOptions:
 
 class PeerResult(NamedTuple):
   """What one :meth:`TorchPeer.refine` returns."""
-  logits: np.ndarray          # f32[*spatial, classes], channels-last, W_lam's
-  num_steps: int              # SGD updates taken
-  nonfinite: bool             # the objective was not finite at some step (the loop stopped there
-                              # when it checked; with sync_every=0 it is only reported)
+
+  logits: np.ndarray  # f32[*spatial, classes], channels-last, W_lam's
+  num_steps: int  # SGD updates taken
+  nonfinite: bool  # the objective was not finite at some step (the loop stopped there
+  # when it checked; with sync_every=0 it is only reported)
 
 
 # bf16 autocast against RefineConfig(compute_dtype="bfloat16"): the two round differently (measured:
@@ -351,6 +375,7 @@ def _compiled(fn):
   def call(*args):
     with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
       return compiled(*args)
+
   return call
 
 
@@ -378,8 +403,17 @@ class TorchPeer:
     ValueError: ``cuda_graphs`` off CUDA.
   """
 
-  def __init__(self, net, names, options: PeerOptions = PeerOptions(), *, learning_rate=0.01, momentum=0.9,
-               prox_weight=1.0, device="cpu"):
+  def __init__(
+    self,
+    net,
+    names,
+    options: PeerOptions = PeerOptions(),
+    *,
+    learning_rate=0.01,
+    momentum=0.9,
+    prox_weight=1.0,
+    device="cpu",
+  ):
     torch = _torch()
     if options.cuda_graphs and torch.device(device).type != "cuda":
       raise ValueError("CUDA graphs need a CUDA device")
@@ -398,15 +432,19 @@ class TorchPeer:
     if options.compile:
       self._forward = _compiled(self._loss_and_logits)
       self._update = _compiled(self._sgd_update)
-    self._graphs = {}                  # input shape -> (graph, static tensors)
+    self._graphs = {}  # input shape -> (graph, static tensors)
 
   # -- pieces -------------------------------------------------------------------------------------
 
   def _autocast(self):
     torch = _torch()
     # CUDA graph capture needs autocast's cache of cast weights off (PyTorch's CUDA graphs notes)
-    return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.options.autocast_bf16,
-                          cache_enabled=not self.options.cuda_graphs)
+    return torch.autocast(
+      self.device.type,
+      dtype=torch.bfloat16,
+      enabled=self.options.autocast_bf16,
+      cache_enabled=not self.options.cuda_graphs,
+    )
 
   def _trunk(self, x):
     torch = _torch()
@@ -483,7 +521,7 @@ class TorchPeer:
       bad = bad | ~torch.isfinite(loss)
       if every and step % every == 0:
         stop = bad | self._satisfied(logits, target) if early_stop else bad
-        if bool(stop.item()):                                      # the loop's one host read
+        if bool(stop.item()):  # the loop's one host read
           return self._result(logits.detach(), step, bool(bad.item()))
       grads = torch.autograd.grad(loss, self.tunable)
       self._update(grads)
@@ -497,6 +535,7 @@ class TorchPeer:
     nothing, so reading the flag every ``check_every`` replays loses no exactness."""
     torch = _torch()
     from torch.utils import _pytree as pytree  # noqa: PLC0415
+
     leaves, spec = pytree.tree_flatten((state[0], state[1], target, count))
     key = (spec, tuple(t.shape for t in leaves), tuple(t.dtype for t in leaves), state[2], early_stop)
     if key not in self._graphs:
@@ -514,7 +553,7 @@ class TorchPeer:
         break
     steps = min(int(static["steps"].item()), max_steps)
     if bool(static["done"].item()) and bool(static["satisfied"].item()) and not bool(static["bad"].item()):
-      logits = static["logits"]                       # the stopping step's own logits (no update taken)
+      logits = static["logits"]  # the stopping step's own logits (no update taken)
     else:
       x, skips, _, _ = pytree.tree_unflatten(static["inputs"], spec)
       logits = self._final_logits((x, skips, state[2]))
@@ -523,6 +562,7 @@ class TorchPeer:
   def _guarded_step(self, static, early_stop):
     torch = _torch()
     from torch.utils import _pytree as pytree  # noqa: PLC0415
+
     x, skips, target, count = pytree.tree_unflatten(static["inputs"], static["spec"])
     loss, logits = self._forward((x, skips, static["spatial"]), target, count)
     satisfied = self._satisfied(logits, target)
@@ -546,13 +586,21 @@ class TorchPeer:
     """Static tensors and the captured step (after warm-up steps on a side stream, as CUDA requires)."""
     torch = _torch()
     from torch.utils import _pytree as pytree  # noqa: PLC0415
+
     x, skips, target, _ = pytree.tree_unflatten(leaves, spec)
     with torch.no_grad():
       logits = self._final_logits((x, skips, spatial))
     flag = functools.partial(torch.zeros, (), dtype=torch.bool, device=self.device)
-    static = {"inputs": [t.clone() for t in leaves], "spec": spec, "spatial": spatial,
-              "logits": torch.zeros_like(logits), "satisfied": flag(), "bad": flag(), "done": flag(),
-              "steps": torch.zeros((), dtype=torch.int32, device=self.device)}
+    static = {
+      "inputs": [t.clone() for t in leaves],
+      "spec": spec,
+      "spatial": spatial,
+      "logits": torch.zeros_like(logits),
+      "satisfied": flag(),
+      "bad": flag(),
+      "done": flag(),
+      "steps": torch.zeros((), dtype=torch.int32, device=self.device),
+    }
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -565,8 +613,9 @@ class TorchPeer:
     return graph, static
 
 
-def check_peer(split, model, image, marks, options: PeerOptions, *, steps=3, rtol=1e-3, atol=1e-3,
-               device="cpu", **settings) -> float:
+def check_peer(
+  split, model, image, marks, options: PeerOptions, *, steps=3, rtol=1e-3, atol=1e-3, device="cpu", **settings
+) -> float:
   """Runs scribblejax and :class:`TorchPeer` for ``steps`` fixed steps; returns the max logit error.
 
   float32 options compare in full float32 precision, as :func:`check_same`; ``autocast_bf16`` compares
@@ -577,7 +626,9 @@ def check_peer(split, model, image, marks, options: PeerOptions, *, steps=3, rto
       another number of steps.
   """
   import jax  # noqa: PLC0415
+
   import scribblejax as sj  # noqa: PLC0415
+
   torch = _torch()
   dtype = "bfloat16" if options.autocast_bf16 else "float32"
   config = sj.RefineConfig.paper(max_steps=steps, early_stop=False, compute_dtype=dtype, **settings)
@@ -586,8 +637,15 @@ def check_peer(split, model, image, marks, options: PeerOptions, *, steps=3, rto
   saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
   torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
   try:
-    peer = TorchPeer(build_torch_unet(model), tunable_names(split), options, learning_rate=config.learning_rate,
-                     momentum=config.momentum, prox_weight=config.prox_weight, device=device)
+    peer = TorchPeer(
+      build_torch_unet(model),
+      tunable_names(split),
+      options,
+      learning_rate=config.learning_rate,
+      momentum=config.momentum,
+      prox_weight=config.prox_weight,
+      device=device,
+    )
     theirs = peer.refine(image, marks, max_steps=steps, early_stop=False)
   finally:
     torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
@@ -609,7 +667,9 @@ def check_same(split, model, image, marks, *, steps=3, rtol=1e-3, atol=1e-3, dev
     AssertionError: the final logits differ by more than ``atol + rtol * |logits|``.
   """
   import jax  # noqa: PLC0415
+
   import scribblejax as sj  # noqa: PLC0415
+
   torch = _torch()
   net = build_torch_unet(model).to(device)
   config = sj.RefineConfig.paper(max_steps=steps, early_stop=False, **settings)
@@ -618,9 +678,18 @@ def check_same(split, model, image, marks, *, steps=3, rtol=1e-3, atol=1e-3, dev
   saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
   torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
   try:
-    theirs, taken = refine_torch(net, tunable_names(split), image, marks, max_steps=steps, early_stop=False,
-                                 learning_rate=config.learning_rate, momentum=config.momentum,
-                                 prox_weight=config.prox_weight, device=device)
+    theirs, taken = refine_torch(
+      net,
+      tunable_names(split),
+      image,
+      marks,
+      max_steps=steps,
+      early_stop=False,
+      learning_rate=config.learning_rate,
+      momentum=config.momentum,
+      prox_weight=config.prox_weight,
+      device=device,
+    )
   finally:
     torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
   if taken != steps:

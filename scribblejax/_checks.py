@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-INT32_MAX = int(np.iinfo(np.int32).max)     # the largest step count, class index or length JAX's int32 holds
+INT32_MAX = int(np.iinfo(np.int32).max)  # the largest step count, class index or length JAX's int32 holds
 
 
 def is_integer(value: Any) -> bool:

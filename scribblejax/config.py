@@ -22,8 +22,16 @@ COMPUTE_DTYPES = ("float32", "bfloat16")
 OPTIMIZERS = ("sgd", "adam")
 # Algorithm 1 as the paper states it (RefineConfig.paper()): the settings the library used before the
 # correction benchmark (benchmarks/correction) chose its defaults.
-PAPER = {"max_steps": 100, "optimizer": "sgd", "learning_rate": 0.01, "momentum": 0.9, "prox_weight": 1.0,
-         "keep_weight": 0.0, "class_balance": False, "progressive_merge": False}
+PAPER = {
+  "max_steps": 100,
+  "optimizer": "sgd",
+  "learning_rate": 0.01,
+  "momentum": 0.9,
+  "prox_weight": 1.0,
+  "keep_weight": 0.0,
+  "class_balance": False,
+  "progressive_merge": False,
+}
 PRESETS = ("default", "paper")
 
 
@@ -84,6 +92,7 @@ class RefineConfig:
       run here) or "auto" (oneDNN on the CPU whenever available, else XLA). On 2 cores, oneDNN made a
       refinement step 2.1x (2D 256^2) to 3.4x (3D 64^3) faster than XLA's kernels; see the README.
   """
+
   max_steps: int = 100
   learning_rate: float = 1e-3
   momentum: float = 0.9
@@ -132,12 +141,15 @@ class RefineConfig:
         raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
     if isinstance(self.optimizer, str):
       if self.optimizer not in OPTIMIZERS:
-        raise ValueError(f"optimizer must be one of {OPTIMIZERS} or an optax GradientTransformation, "
-                         f"got {self.optimizer!r}")
-    elif self.optimizer is not None and not (callable(getattr(self.optimizer, "init", None))
-                                             and callable(getattr(self.optimizer, "update", None))):
-      raise ValueError(f"optimizer must be one of {OPTIMIZERS} or an optax GradientTransformation, "
-                       f"got {self.optimizer!r}")
+        raise ValueError(
+          f"optimizer must be one of {OPTIMIZERS} or an optax GradientTransformation, got {self.optimizer!r}"
+        )
+    elif self.optimizer is not None and not (
+      callable(getattr(self.optimizer, "init", None)) and callable(getattr(self.optimizer, "update", None))
+    ):
+      raise ValueError(
+        f"optimizer must be one of {OPTIMIZERS} or an optax GradientTransformation, got {self.optimizer!r}"
+      )
     for name in ("check_every", "trace_length"):
       value = getattr(self, name)
       if not is_integer(value) or not 1 <= value <= INT32_MAX:
@@ -151,7 +163,9 @@ class RefineConfig:
     if self.compute_dtype not in COMPUTE_DTYPES:
       raise ValueError(f"compute_dtype must be one of {COMPUTE_DTYPES}, got {self.compute_dtype!r}")
     if self.conv_backend == "onednn" and self.compute_dtype != "float32":
-      raise ValueError(f"conv_backend='onednn' computes float32 only, so it cannot run compute_dtype="
-                       f"{self.compute_dtype!r}; use conv_backend='auto' (XLA's convolutions then) or 'xla'")
+      raise ValueError(
+        f"conv_backend='onednn' computes float32 only, so it cannot run compute_dtype="
+        f"{self.compute_dtype!r}; use conv_backend='auto' (XLA's convolutions then) or 'xla'"
+      )
     if self.output not in ("logits", "probabilities"):
       raise ValueError(f"output must be 'logits' or 'probabilities', got {self.output!r}")

@@ -36,6 +36,7 @@ class Split(NamedTuple):
     tunable: ``nnx.State`` of the tunable parameters (W restricted to the tunable set).
     frozen: ``nnx.State`` of everything else: frozen parameters, batch statistics, other variables.
   """
+
   graphdef: Any
   tunable: Any
   frozen: Any
@@ -49,6 +50,7 @@ def path_name(path: LayerPath) -> str:
 @dataclasses.dataclass(frozen=True)
 class last_layers:  # noqa: N801 (reads as a function at the call site)
   """The last ``n`` layers of the model's layer order (see :mod:`scribblejax.models.ordering`)."""
+
   n: int
 
   def predicate(self, model: nnx.Module, example: Any) -> PathPredicate:
@@ -57,13 +59,14 @@ class last_layers:  # noqa: N801 (reads as a function at the call site)
       raise ValueError(f"the number of tunable layers must be a positive integer, got {self.n!r}")
     if self.n > len(order):
       raise ValueError(f"asked for the last {self.n} layers but the model has only {len(order)} layers")
-    chosen = order[len(order) - self.n:]
+    chosen = order[len(order) - self.n :]
     return lambda path: any(tuple(path[: len(c)]) == c for c in chosen)
 
 
 @dataclasses.dataclass(frozen=True)
 class by_regex:  # noqa: N801
   """Parameters whose path ``a/b/c`` fully matches ``pattern`` (big_vision style)."""
+
   pattern: str
 
   def predicate(self, model: nnx.Module, example: Any) -> PathPredicate:
@@ -78,6 +81,7 @@ class by_regex:  # noqa: N801
 @dataclasses.dataclass(frozen=True)
 class by_predicate:  # noqa: N801
   """Parameters for which ``fn(path_tuple)`` is true."""
+
   fn: Callable[[LayerPath], bool]
 
   def predicate(self, model: nnx.Module, example: Any) -> PathPredicate:
@@ -87,9 +91,11 @@ class by_predicate:  # noqa: N801
 
 def _norm_module_paths(model: nnx.Module) -> set[LayerPath]:
   norm_types = (nnx.BatchNorm, nnx.GroupNorm, nnx.LayerNorm, nnx.RMSNorm, nnx.InstanceNorm)
-  return {tuple(path) for path, module in nnx.iter_graph(model)
-          if isinstance(module, norm_types) or (isinstance(module, nnx.Module)
-                                                 and type(module).__name__.endswith("Norm"))}
+  return {
+    tuple(path)
+    for path, module in nnx.iter_graph(model)
+    if isinstance(module, norm_types) or (isinstance(module, nnx.Module) and type(module).__name__.endswith("Norm"))
+  }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,8 +187,9 @@ def check_tunable(split: Split, tree: Any, what: str = "tunable", *, batch: int 
     if shape != want:
       hint = ""
       if batch is None and len(shape) == len(want) + 1 and shape[1:] == want:
-        hint = ("; it looks batched (a refine_batch result): take one image's, "
-                "jax.tree.map(lambda x: x[i], result.tunable)")
+        hint = (
+          "; it looks batched (a refine_batch result): take one image's, jax.tree.map(lambda x: x[i], result.tunable)"
+        )
       raise ValueError(f"{what} parameter {name} has shape {shape}, expected {want}{hint}")
     dtype = np.dtype(x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype)
     if not np.issubdtype(dtype, np.floating) and dtype.name != "bfloat16":

@@ -22,33 +22,36 @@ import jax.numpy as jnp
 import numpy as np
 
 from scribblejax import marks as marks_lib
-from scribblejax.refinement.merge import new_marks_of, progressive_merge, unsure
-from scribblejax.params import Split
 from scribblejax.config import RefineConfig
+from scribblejax.params import Split
 from scribblejax.refinement import RefineResult, Trunk, compute_trunk, predict, refine, trunk_mismatch
+from scribblejax.refinement.merge import new_marks_of, progressive_merge, unsure
 
 
 class Round(NamedTuple):
   """One interaction round."""
-  marks: np.ndarray           # int32[*spatial]: all marks so far (accumulated), -1 unmarked; read-only
-  result: RefineResult        # the refinement this round produced
-  labels: Any = None          # int32[*spatial]: the round's segmentation (None: result.labels); see
-                              # RefineConfig.progressive_merge
+
+  marks: np.ndarray  # int32[*spatial]: all marks so far (accumulated), -1 unmarked; read-only
+  result: RefineResult  # the refinement this round produced
+  labels: Any = None  # int32[*spatial]: the round's segmentation (None: result.labels); see
+  # RefineConfig.progressive_merge
 
 
 class Session(NamedTuple):
   """An interaction session; every operation returns a new session."""
-  split: Split                # the network, with the original tunable weights W
-  image: np.ndarray           # a read-only copy of the image as given
-  initial_logits: jax.Array   # f32[*spatial, classes]: the network's own prediction
-  rounds: tuple[Round, ...]   # completed rounds, oldest first
+
+  split: Split  # the network, with the original tunable weights W
+  image: np.ndarray  # a read-only copy of the image as given
+  initial_logits: jax.Array  # f32[*spatial, classes]: the network's own prediction
+  rounds: tuple[Round, ...]  # completed rounds, oldest first
   config: RefineConfig
-  continue_weights: bool      # start each round from the previous W_lam instead of W
+  continue_weights: bool  # start each round from the previous W_lam instead of W
   trunk: Trunk | None = None  # the frozen trunk's values for this image, computed once for all rounds
 
 
-def start_session(split: Split, image: Any, config: RefineConfig = RefineConfig(), *,
-                  continue_weights: bool = False) -> Session:
+def start_session(
+  split: Split, image: Any, config: RefineConfig = RefineConfig(), *, continue_weights: bool = False
+) -> Session:
   """Starts a session on one image with the network's own prediction.
 
   With ``config.cache_trunk`` (the default) the frozen trunk is computed here, once
@@ -64,7 +67,9 @@ def start_session(split: Split, image: Any, config: RefineConfig = RefineConfig(
 def _regions(split: Split) -> bool:
   """Whether the network is region-based (sigmoid scores: no distribution over classes)."""
   from flax import nnx
+
   from scribblejax.models.regions import Regions
+
   return isinstance(nnx.merge(split.graphdef, split.tunable, split.frozen), Regions)
 
 
@@ -119,10 +124,14 @@ def add_marks(session: Session, new_marks: Any, config: RefineConfig | None = No
   labels = None
   if config.progressive_merge:
     new = new_marks_of(marks, current_marks(session) if session.rounds else None)
-    free = None if _regions(session.split) else unsure(jax.nn.softmax(session.initial_logits, axis=-1),
-                                                        config.merge_confidence)
-    labels = _frozen(progressive_merge(np.asarray(current_labels(session)), np.asarray(result.labels), new, marks,
-                                       free=free))
+    free = (
+      None
+      if _regions(session.split)
+      else unsure(jax.nn.softmax(session.initial_logits, axis=-1), config.merge_confidence)
+    )
+    labels = _frozen(
+      progressive_merge(np.asarray(current_labels(session)), np.asarray(result.labels), new, marks, free=free)
+    )
   return session._replace(rounds=session.rounds + (Round(marks, result, labels),))
 
 

@@ -17,8 +17,10 @@ def random_unet(dims: int, channels: Sequence[int], classes: int = 2, seed: int 
   from flax import nnx
 
   import scribblejax as sj
-  abstract = nnx.eval_shape(lambda: sj.UNet(spatial_dims=dims, in_channels=1, num_classes=classes,
-                                            channels=tuple(channels), rngs=nnx.Rngs(0)))
+
+  abstract = nnx.eval_shape(
+    lambda: sj.UNet(spatial_dims=dims, in_channels=1, num_classes=classes, channels=tuple(channels), rngs=nnx.Rngs(0))
+  )
   graphdef, state = nnx.split(abstract)
   rng = np.random.default_rng(seed)
   flat = []

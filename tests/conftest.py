@@ -24,23 +24,46 @@ def tiny_model(tmp_path_factory):
   """A 4/8 U-Net trained for 40 Adam steps on the DSB training columns, saved to a folder: (model, folder)."""
   ds = data.nuclei2d("binary")
   model = UNet(**KW, rngs=nnx.Rngs(0))
-  train_segmenter(model, normalize(ds.image, NORM)[ds.train], ds.labels[ds.train],
-                  TrainConfig(steps=40, crop=48, batch_size=4, learning_rate=1e-2), progress=False)
+  train_segmenter(
+    model,
+    normalize(ds.image, NORM)[ds.train],
+    ds.labels[ds.train],
+    TrainConfig(steps=40, crop=48, batch_size=4, learning_rate=1e-2),
+    progress=False,
+  )
   folder = tmp_path_factory.mktemp("models") / "tiny"
-  save_model(folder, model, family="scribblejax.UNet", kwargs=KW, normalization=NORM,
-             class_names=["background", "nucleus"])
+  save_model(
+    folder, model, family="scribblejax.UNet", kwargs=KW, normalization=NORM, class_names=["background", "nucleus"]
+  )
   return model, folder
-
 
 
 # Markers by where a test lives (pyproject.toml registers them): `make test-quick` runs
 # `-m "not slow and not torch and not gui"`, `make test` runs everything.
 TORCH_MODULES = ("test_torch_reference.py", "test_torch_case.py")
-SLOW_MODULES = ("test_refine.py", "test_batch.py", "test_sharding.py", "test_speed_trunk.py", "test_kernels.py",
-                "test_precision_memory.py", "test_ensemble.py", "test_model_init.py", "test_regions.py",
-                "test_weights.py", "test_resample_windows.py", "test_io_images.py", "test_cli_io.py", "test_demo.py",
-                "test_evaluate.py", "test_experiments.py", "test_train.py", "test_correction_bench.py",
-                "test_speed_bench.py", "test_session.py", "test_ci_skip_guard.py")
+SLOW_MODULES = (
+  "test_refine.py",
+  "test_batch.py",
+  "test_sharding.py",
+  "test_speed_trunk.py",
+  "test_kernels.py",
+  "test_precision_memory.py",
+  "test_ensemble.py",
+  "test_model_init.py",
+  "test_regions.py",
+  "test_weights.py",
+  "test_resample_windows.py",
+  "test_io_images.py",
+  "test_cli_io.py",
+  "test_demo.py",
+  "test_evaluate.py",
+  "test_experiments.py",
+  "test_train.py",
+  "test_correction_bench.py",
+  "test_speed_bench.py",
+  "test_session.py",
+  "test_ci_skip_guard.py",
+)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -57,8 +80,13 @@ def pytest_collection_modifyitems(config, items):
 # On CI (the environment variable CI set, as CI services do) the converter families' equivalence tests
 # must run: a failed import of torch, monai, smp or dynamic_network_architectures would otherwise hide every
 # test of a family behind one "skipped" line. There a skip in these modules fails the session.
-GUARDED_MODULES = ("test_converters_smp.py", "test_converters_monai.py", "test_converters_nnunet.py",
-                   "test_converters_convert.py", "test_converters_checkpoint.py")
+GUARDED_MODULES = (
+  "test_converters_smp.py",
+  "test_converters_monai.py",
+  "test_converters_nnunet.py",
+  "test_converters_convert.py",
+  "test_converters_checkpoint.py",
+)
 
 
 def on_ci() -> bool:
@@ -78,17 +106,17 @@ class ConverterSkipGuard:
   """A pytest plugin: a skipped guarded module or test makes the session fail, naming module and reason."""
 
   def __init__(self):
-    self.skips = []                      # "nodeid: reason", in the order pytest reported them
+    self.skips = []  # "nodeid: reason", in the order pytest reported them
 
   def _note(self, report) -> None:
     found = guarded_skip(report)
     if found is not None:
       self.skips.append(found)
 
-  def pytest_collectreport(self, report):          # a module skipped at import (importorskip, allow_module_level)
+  def pytest_collectreport(self, report):  # a module skipped at import (importorskip, allow_module_level)
     self._note(report)
 
-  def pytest_runtest_logreport(self, report):      # a test skipped inside a guarded module
+  def pytest_runtest_logreport(self, report):  # a test skipped inside a guarded module
     self._note(report)
 
   def pytest_sessionfinish(self, session):

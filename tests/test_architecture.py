@@ -14,7 +14,7 @@ PACKAGE = Path(scribblejax.__file__).parent
 # Each layer may import the layers below it, never one above. The library (everything not named here) is
 # the bottom; the use cases over files sit on it; the research harness on both; the front ends on top.
 LAYERS = {"app": 1, "research": 2, "cli": 3, "napari": 3}
-FOREIGN = ("benchmarks", "tests", "converters")   # never imported by the installed package
+FOREIGN = ("benchmarks", "tests", "converters")  # never imported by the installed package
 
 
 def module_name(path: Path) -> str:
@@ -85,7 +85,7 @@ def test_no_function_or_class_hides_a_module_of_the_same_name():
   hidden = []
   for info in pkgutil.walk_packages([str(PACKAGE)], "scribblejax."):
     if info.name.startswith("scribblejax.napari"):
-      continue                                     # importing napari's widgets needs Qt
+      continue  # importing napari's widgets needs Qt
     parent_name, _, child = info.name.rpartition(".")
     parent = importlib.import_module(parent_name)
     value = getattr(parent, child, None)
@@ -94,7 +94,8 @@ def test_no_function_or_class_hides_a_module_of_the_same_name():
   assert not hidden, "\n".join(hidden)
 
 
-@pytest.mark.parametrize("folder", sorted(p.name for p in Path(__file__).parent.iterdir()
-                                          if p.is_dir() and not p.name.startswith((".", "__"))))
+@pytest.mark.parametrize(
+  "folder", sorted(p.name for p in Path(__file__).parent.iterdir() if p.is_dir() and not p.name.startswith((".", "__")))
+)
 def test_test_folders_mirror_the_package(folder):
   assert (PACKAGE / folder).is_dir() or folder == "benchmarks", f"tests/{folder} has no scribblejax/{folder}"

@@ -8,25 +8,31 @@ from pathlib import Path
 
 import pytest
 
-SKIPPING_MODULE = '''import pytest
+SKIPPING_MODULE = """import pytest
 pytest.skip("deliberately skipped: the family's package does not import", allow_module_level=True)
-'''
-SKIPPING_TEST = '''import pytest
+"""
+SKIPPING_TEST = """import pytest
 
 def test_equivalence():
   pytest.importorskip("a_package_that_is_not_installed")
 
 def test_fine():
   pass
-'''
+"""
 
 
 def run_pytest(folder: Path, ci: str | None) -> subprocess.CompletedProcess:
   env = {k: v for k, v in os.environ.items() if k != "CI"}
   if ci is not None:
     env["CI"] = ci
-  return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(folder)], cwd=folder,
-                        env=env, capture_output=True, text=True, timeout=300)
+  return subprocess.run(
+    [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(folder)],
+    cwd=folder,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +51,9 @@ def test_on_ci_a_guarded_skip_fails_the_run_naming_test_and_reason(folder):
   assert proc.returncode == 1, proc.stdout + proc.stderr
   assert "SKIPPED ON CI test_converters_smp.py: Skipped: deliberately skipped" in proc.stdout
   assert "SKIPPED ON CI test_converters_convert.py::test_equivalence: Skipped: could not import" in proc.stdout
-  assert "test_unguarded" not in proc.stdout.split("converter equivalence tests skipped on CI")[1].split("short test")[0]
+  assert (
+    "test_unguarded" not in proc.stdout.split("converter equivalence tests skipped on CI")[1].split("short test")[0]
+  )
 
 
 @pytest.mark.parametrize("ci", [None, "false"])

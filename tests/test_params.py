@@ -36,8 +36,13 @@ def test_unet_layer_order_is_the_forward_order():
 def test_split_covers_every_variable_once_and_merges_losslessly(norm):
   model = _unet(norm)
   x = jnp.asarray(np.random.default_rng(0).normal(size=(1, 20, 18, 1)), jnp.float32)
-  for select in [sj.last_layers(5), sj.params.by_regex(r"decoder/1/.*"), sj.norm_affine() if norm != "none" else sj.head(),
-                 sj.params.biases() if norm == "none" else sj.head(), sj.params.by_predicate(lambda p: p[0] == "up")]:
+  for select in [
+    sj.last_layers(5),
+    sj.params.by_regex(r"decoder/1/.*"),
+    sj.norm_affine() if norm != "none" else sj.head(),
+    sj.params.biases() if norm == "none" else sj.head(),
+    sj.params.by_predicate(lambda p: p[0] == "up"),
+  ]:
     split = sj.split_params(model, select)
     tunable, frozen = _names(split.tunable), _names(split.frozen)
     assert tunable and not set(tunable) & set(frozen)
@@ -71,14 +76,16 @@ def test_bad_selections_raise():
     sj.split_params(model, sj.params.by_regex(r"no/such/param"))
   with pytest.raises(ValueError, match=r"pattern 'head/\(' is not a regular expression"):
     sj.split_params(model, sj.params.by_regex("head/("))
-  assert sj.params.tunable_paths(model, sj.last_layers(np.int64(2))) == sj.params.tunable_paths(model, sj.last_layers(2))
+  assert sj.params.tunable_paths(model, sj.last_layers(np.int64(2))) == sj.params.tunable_paths(
+    model, sj.last_layers(2)
+  )
 
 
 class _Plain(nnx.Module):
   """A user model without a layer_order method: the order is traced."""
 
   def __init__(self, rngs):
-    self.late = nnx.Conv(4, 2, (1, 1), rngs=rngs)     # defined first, runs last
+    self.late = nnx.Conv(4, 2, (1, 1), rngs=rngs)  # defined first, runs last
     self.early = nnx.Conv(1, 4, (3, 3), rngs=rngs)
 
   def __call__(self, x):
@@ -128,12 +135,21 @@ class _Scaled(nnx.Module):
 
 def test_parameters_held_beside_submodules_are_layers_of_their_own():
   model, example = _Scaled(nnx.Rngs(0)), jnp.zeros((1, 8, 8, 1))
-  order = sj.models.layer_order(model, example)                  # was: "belongs to several layers" for any selection
+  order = sj.models.layer_order(model, example)  # was: "belongs to several layers" for any selection
   assert order == (("stem",), ("block", "conv"), ("block", "gamma"), ("head",), ("temperature",))
   assert _names(sj.split_params(model, sj.last_layers(2), example=example).tunable) == [
-      "head/bias", "head/kernel", "temperature"]
+    "head/bias",
+    "head/kernel",
+    "temperature",
+  ]
   assert _names(sj.split_params(model, sj.last_layers(4), example=example).tunable) == [
-      "block/conv/bias", "block/conv/kernel", "block/gamma", "head/bias", "head/kernel", "temperature"]
+    "block/conv/bias",
+    "block/conv/kernel",
+    "block/gamma",
+    "head/bias",
+    "head/kernel",
+    "temperature",
+  ]
 
 
 class _Nested(nnx.Module):
@@ -173,19 +189,29 @@ def test_split_does_not_alias_the_model():
 def test_unet_any_size_2d_3d():
   model2 = sj.UNet(spatial_dims=2, in_channels=2, num_classes=4, channels=(4, 8, 16), rngs=nnx.Rngs(0))
   assert model2(jnp.zeros((2, 13, 22, 2))).shape == (2, 13, 22, 4)
-  model3 = sj.UNet(spatial_dims=3, in_channels=1, num_classes=2, channels=(4, 8), norm="group", groups=2,
-                   activation="leaky_relu", rngs=nnx.Rngs(0))
+  model3 = sj.UNet(
+    spatial_dims=3,
+    in_channels=1,
+    num_classes=2,
+    channels=(4, 8),
+    norm="group",
+    groups=2,
+    activation="leaky_relu",
+    rngs=nnx.Rngs(0),
+  )
   assert model3(jnp.zeros((1, 5, 6, 7, 1))).shape == (1, 5, 6, 7, 2)
   with pytest.raises(ValueError, match="norm"):
     sj.UNet(norm="layer", rngs=nnx.Rngs(0))
-  for bad, message in [(dict(in_channels=0), "in_channels must be a positive integer"),
-                       (dict(channels=(4, -8)), "every entry of channels"),
-                       (dict(channels=(4.7, 8)), "every entry of channels"),       # was: truncated to 4
-                       (dict(channels="48"), "non-empty sequence"),                # was: (4, 8)
-                       (dict(channels=()), "non-empty sequence"),
-                       (dict(convs_per_level=1.5), "convs_per_level"),
-                       (dict(num_classes=1), "at least 2"),
-                       (dict(norm="group", groups=3, channels=(4, 8)), "divisible")]:
+  for bad, message in [
+    (dict(in_channels=0), "in_channels must be a positive integer"),
+    (dict(channels=(4, -8)), "every entry of channels"),
+    (dict(channels=(4.7, 8)), "every entry of channels"),  # was: truncated to 4
+    (dict(channels="48"), "non-empty sequence"),  # was: (4, 8)
+    (dict(channels=()), "non-empty sequence"),
+    (dict(convs_per_level=1.5), "convs_per_level"),
+    (dict(num_classes=1), "at least 2"),
+    (dict(norm="group", groups=3, channels=(4, 8)), "divisible"),
+  ]:
     with pytest.raises(ValueError, match=message):
       sj.UNet(**bad, rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="expects"):
@@ -198,8 +224,8 @@ def test_a_model_returning_a_tuple_is_refused_by_name():
       self.head = nnx.Conv(1, 2, (3, 3), rngs=rngs)
 
     def __call__(self, x):
-      return self.head(x), x                              # (logits, something else)
+      return self.head(x), x  # (logits, something else)
 
   split = sj.split_params(Pair(nnx.Rngs(0)), sj.head(), example=jnp.zeros((1, 8, 8, 1)))
   with pytest.raises(ValueError, match="the model returns a tuple; refinement needs one array of logits"):
-    sj.predict(split, np.zeros((8, 8, 1), np.float32))     # was: "logits of shape (1, 8, 8, 2)"
+    sj.predict(split, np.zeros((8, 8, 1), np.float32))  # was: "logits of shape (1, 8, 8, 2)"

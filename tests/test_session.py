@@ -26,8 +26,7 @@ def _round(shape, *items):
 def test_rounds_accumulate_and_undo_restores():
   split, image = _setup()
   session = sj.start_session(split, image, CFG)
-  np.testing.assert_array_equal(np.asarray(sj.current_labels(session)),
-                                np.asarray(sj.predict(split, image)).argmax(-1))
+  np.testing.assert_array_equal(np.asarray(sj.current_labels(session)), np.asarray(sj.predict(split, image)).argmax(-1))
   first = _round((16, 16), ((3, 3), 1), ((12, 12), 2))
   session = sj.add_marks(session, first)
   assert bool(session.rounds[-1].result.satisfied)
@@ -63,8 +62,10 @@ def test_reset_restarts_from_w_and_continue_from_last():
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   # both honour every mark, and the two modes really started from different weights
   assert bool(cont.rounds[-1].result.satisfied) and bool(reset.rounds[-1].result.satisfied)
-  assert any(not np.array_equal(np.asarray(a), np.asarray(b))
-             for a, b in zip(jax.tree.leaves(start), jax.tree.leaves(split.tunable)))
+  assert any(
+    not np.array_equal(np.asarray(a), np.asarray(b))
+    for a, b in zip(jax.tree.leaves(start), jax.tree.leaves(split.tunable))
+  )
 
 
 def test_session_does_not_change_the_network():
@@ -81,14 +82,15 @@ def test_session_history_is_not_changed_through_the_callers_arrays(cache_trunk):
   config = dataclasses.replace(CFG, cache_trunk=cache_trunk)
   session = sj.start_session(split, image, config)
   initial = np.asarray(session.initial_logits).copy()
-  image += 5.0                          # the caller edits their own array after starting the session
+  image += 5.0  # the caller edits their own array after starting the session
   session = sj.add_marks(session, _round((16, 16), ((3, 3), 1)))
   expected = sj.refine(split, image - 5.0, session.rounds[-1].marks, config)
-  np.testing.assert_allclose(np.asarray(session.rounds[-1].result.logits), np.asarray(expected.logits),
-                             rtol=1e-5, atol=1e-5)       # refined the image as it was given, not as edited
+  np.testing.assert_allclose(
+    np.asarray(session.rounds[-1].result.logits), np.asarray(expected.logits), rtol=1e-5, atol=1e-5
+  )  # refined the image as it was given, not as edited
   np.testing.assert_array_equal(np.asarray(session.initial_logits), initial)
   marks = sj.session.current_marks(session)
-  marks[0, 0] = 2                       # editing what current_marks returned ...
-  assert sj.session.current_marks(session)[0, 0] == -1 and session.rounds[-1].marks[0, 0] == -1   # ... changes no round
+  marks[0, 0] = 2  # editing what current_marks returned ...
+  assert sj.session.current_marks(session)[0, 0] == -1 and session.rounds[-1].marks[0, 0] == -1  # ... changes no round
   with pytest.raises(ValueError, match="read-only"):
     session.rounds[-1].marks[0, 0] = 2

@@ -33,9 +33,9 @@ from typing import Any
 import numpy as np
 
 from benchmarks.correction.cases import CASES, BenchCase
+from scribblejax.config import RefineConfig
 from scribblejax.research import baselines as bl
 from scribblejax.research import evaluate as ev
-from scribblejax.config import RefineConfig
 from scribblejax.research.simulate import ROBOT_USERS
 
 OURS = "scribblejax"
@@ -58,6 +58,7 @@ def make_method(name: str, model: Any, layers: int = 5) -> bl.Method:
     return bl.fbrs_method(model, layers)
   if name == "graph_cut":
     from scribblejax.research.graphcut import graph_cut_method
+
     return graph_cut_method(model)
   if name == "random_walker":
     return bl.random_walker_method(model)
@@ -71,12 +72,14 @@ def squeezed(method: bl.Method, axes: tuple[int, ...]) -> bl.Method:
   if not axes:
     return method
   drop = lambda a: np.squeeze(np.asarray(a), axis=axes)
-  image_of = lambda image: np.squeeze(np.asarray(image), axis=axes)       # spatial axes come before channels
+  image_of = lambda image: np.squeeze(np.asarray(image), axis=axes)  # spatial axes come before channels
   add = lambda labels: np.expand_dims(np.asarray(labels), axis=axes)
-  return method._replace(init=lambda image: method.init(image_of(image)),
-                         labels=lambda state: add(method.labels(state)),
-                         update=lambda state, marks: method.update(state, drop(marks)),
-                         warmup=lambda image: method.warmup(image_of(image)))
+  return method._replace(
+    init=lambda image: method.init(image_of(image)),
+    labels=lambda state: add(method.labels(state)),
+    update=lambda state, marks: method.update(state, drop(marks)),
+    warmup=lambda image: method.warmup(image_of(image)),
+  )
 
 
 def run_one(bench: BenchCase, method_name: str, user: str, interactions: int, log) -> dict:
@@ -101,14 +104,19 @@ def verdicts(results: list[dict]) -> list[dict]:
     dice = ours["dice_per_interaction"]
     peers = [runs[p]["dice_per_interaction"] for p in PEERS if p in runs]
     best = [max(p[k] for p in peers) for k in range(len(dice))] if peers else None
-    row = {"case": case, "user": user, "situation": ours["situation"], "split": ours["split"],
-           "not_below_network": all(d >= dice[0] - 1e-9 for d in dice[1:]),
-           "first_drop_at_most_0.01": dice[1] >= dice[0] - TOLERANCE if len(dice) > 1 else True,
-           "within_0.01_of_best_peer": None if best is None else all(d >= b - TOLERANCE for d, b in zip(dice[1:],
-                                                                                                         best[1:])),
-           "worst_gap_to_best_peer": None if best is None else float(min(d - b for d, b in zip(dice[1:], best[1:]))),
-           "final_dice": dice[-1], "rounds_unsatisfied": ours["rounds_unsatisfied"],
-           "stop_reason": ours["stop_reason"]}
+    row = {
+      "case": case,
+      "user": user,
+      "situation": ours["situation"],
+      "split": ours["split"],
+      "not_below_network": all(d >= dice[0] - 1e-9 for d in dice[1:]),
+      "first_drop_at_most_0.01": dice[1] >= dice[0] - TOLERANCE if len(dice) > 1 else True,
+      "within_0.01_of_best_peer": None if best is None else all(d >= b - TOLERANCE for d, b in zip(dice[1:], best[1:])),
+      "worst_gap_to_best_peer": None if best is None else float(min(d - b for d, b in zip(dice[1:], best[1:]))),
+      "final_dice": dice[-1],
+      "rounds_unsatisfied": ours["rounds_unsatisfied"],
+      "stop_reason": ours["stop_reason"],
+    }
     if ours["situation"] in ("in-domain", "shift"):
       row[f"final_at_least_{GOOD}"] = dice[-1] >= GOOD
     out.append(row)
@@ -123,16 +131,23 @@ def aggregate(results: list[dict]) -> list[dict]:
   for method in dict.fromkeys(r["method"] for r in results):
     runs = [r for r in results if r["method"] == method and r["dice_auc"] is not None]
     dice = [r["dice_per_interaction"] for r in runs]
-    rows.append({
-        "method": method, "runs": len(runs), "mean_auc": float(np.mean([r["dice_auc"] for r in runs])),
+    rows.append(
+      {
+        "method": method,
+        "runs": len(runs),
+        "mean_auc": float(np.mean([r["dice_auc"] for r in runs])),
         "mean_gain_first": float(np.mean([d[1] - d[0] for d in dice])),
         "mean_gain_last": float(np.mean([d[-1] - d[0] for d in dice])),
         "first_drops": int(sum(d[1] < d[0] - TOLERANCE for d in dice)),
         "below_network": int(sum(min(d[1:]) < d[0] - TOLERANCE for d in dice)),
         "worst_step_drop": float(max(max(d[k - 1] - d[k] for k in range(1, len(d))) for d in dice)),
-        "network_unsatisfied_rounds": (int(sum(not i["satisfied"] for r in runs for i in r["method_info"]
-                                                if "satisfied" in i))
-                                       if any("satisfied" in i for r in runs for i in r["method_info"]) else None)})
+        "network_unsatisfied_rounds": (
+          int(sum(not i["satisfied"] for r in runs for i in r["method_info"] if "satisfied" in i))
+          if any("satisfied" in i for r in runs for i in r["method_info"])
+          else None
+        ),
+      }
+    )
   return rows
 
 
@@ -141,14 +156,26 @@ def environment(argv: list[str]) -> dict:
   import flax
   import jax
   import optax
+
   from scribblejax.kernels import kernel_status
-  return {"device": ev.device_name(), "platform": platform.platform(), "processor": platform.processor(),
-          "cpu_count": __import__("os").cpu_count(), "python": sys.version.split()[0], "jax": jax.__version__,
-          "flax": flax.__version__, "optax": optax.__version__, "onednn": str(kernel_status()),
-          "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-          "command": "python -m benchmarks.correction " + " ".join(argv),
-          "defaults": {k: (v if isinstance(v, (int, float, str, bool, type(None))) else repr(v))
-                       for k, v in dataclasses.asdict(RefineConfig()).items()}}
+
+  return {
+    "device": ev.device_name(),
+    "platform": platform.platform(),
+    "processor": platform.processor(),
+    "cpu_count": __import__("os").cpu_count(),
+    "python": sys.version.split()[0],
+    "jax": jax.__version__,
+    "flax": flax.__version__,
+    "optax": optax.__version__,
+    "onednn": str(kernel_status()),
+    "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    "command": "python -m benchmarks.correction " + " ".join(argv),
+    "defaults": {
+      k: (v if isinstance(v, (int, float, str, bool, type(None))) else repr(v))
+      for k, v in dataclasses.asdict(RefineConfig()).items()
+    },
+  }
 
 
 def _f(x, digits: int = 3) -> str:
@@ -158,23 +185,32 @@ def _f(x, digits: int = 3) -> str:
 def markdown(payload: dict) -> str:
   """The results as markdown: a table per case, then the verdicts."""
   env = payload["environment"]
-  lines = ["# Correction benchmark", "",
-           f"Machine: {env['device']} ({env['cpu_count']} cores, {env['platform']}); jax {env['jax']}, flax "
-           f"{env['flax']}; {env['date']}.", f"Command: `{env['command']}`", "",
-           "Dice@k: mean foreground Dice after k interactions (0: the network alone), the *last* interaction "
-           "is the last column. NoC: interactions to reach 0.85 / 0.90 ('+': not reached). AUC: mean Dice over "
-           "interactions 0..N (trapezoids). honoured: fraction of all marks so far that the last segmentation "
-           "honours; unsat.: rounds that ended with a mark not honoured. s: median seconds per interaction "
-           "(compiled code; compile time apart). net unsat.: rounds in which the refined network's own argmax "
-           "left a mark unhonoured (before the round's merge). Marks after interaction 1 depend on each method's "
-           "own prediction.", ""]
+  lines = [
+    "# Correction benchmark",
+    "",
+    f"Machine: {env['device']} ({env['cpu_count']} cores, {env['platform']}); jax {env['jax']}, flax "
+    f"{env['flax']}; {env['date']}.",
+    f"Command: `{env['command']}`",
+    "",
+    "Dice@k: mean foreground Dice after k interactions (0: the network alone), the *last* interaction "
+    "is the last column. NoC: interactions to reach 0.85 / 0.90 ('+': not reached). AUC: mean Dice over "
+    "interactions 0..N (trapezoids). honoured: fraction of all marks so far that the last segmentation "
+    "honours; unsat.: rounds that ended with a mark not honoured. s: median seconds per interaction "
+    "(compiled code; compile time apart). net unsat.: rounds in which the refined network's own argmax "
+    "left a mark unhonoured (before the round's merge). Marks after interaction 1 depend on each method's "
+    "own prediction.",
+    "",
+  ]
   results = payload["results"]
   for case in dict.fromkeys(r["case"] for r in results):
     first = next(r for r in results if r["case"] == case)
     lines += [f"## {case} ({first['situation']}, {first['split']})", "", payload["notes"].get(case, ""), ""]
     n = max(len(r["dice_per_interaction"]) for r in results if r["case"] == case)
-    lines.append("| user | method | " + " | ".join(f"Dice@{k}" for k in range(n))
-                 + " | NoC85 | NoC90 | AUC | honoured | unsat. | net unsat. | s |")
+    lines.append(
+      "| user | method | "
+      + " | ".join(f"Dice@{k}" for k in range(n))
+      + " | NoC85 | NoC90 | AUC | honoured | unsat. | net unsat. | s |"
+    )
     lines.append("|" + "---|" * (n + 9))
     for r in (r for r in results if r["case"] == case):
       noc = [f"{r['noc'][t]}{'' if r['noc_reached'][t] else '+'}" for t in r["noc"]]
@@ -183,33 +219,48 @@ def markdown(payload: dict) -> str:
       name = f"**{r['method']}**" if r["method"] == OURS else r["method"]
       net = [i.get("satisfied") for i in r["method_info"] if "satisfied" in i]
       net_unsat = str(sum(not x for x in net)) if net else "-"
-      lines.append(f"| {r['user']} | {name} | " + " | ".join(_f(d) for d in r["dice_per_interaction"])
-                   + f" | {' | '.join(noc)} | {_f(r['dice_auc'])} | {_f(honoured)} | {r['rounds_unsatisfied']} "
-                   f"| {net_unsat} | {_f(seconds, 2)} |")
+      lines.append(
+        f"| {r['user']} | {name} | "
+        + " | ".join(_f(d) for d in r["dice_per_interaction"])
+        + f" | {' | '.join(noc)} | {_f(r['dice_auc'])} | {_f(honoured)} | {r['rounds_unsatisfied']} "
+        f"| {net_unsat} | {_f(seconds, 2)} |"
+      )
     lines.append("")
-  lines += ["## Over all runs", "",
-            "Per method, over every (case, robot user) run except the slice stored as 3-D (the same computation as "
-            "tissue2d_s140): mean Dice-AUC; mean gain over the network after the first and after the last "
-            "interaction; runs whose first interaction lowered Dice by more than 0.01; runs below the network "
-            "at any interaction (by more than 0.01); the worst fall from one interaction to the next; rounds whose "
-            "network left a mark unhonoured (-: the method has no network).", "",
-            "| method | runs | mean AUC | mean gain @1 | mean gain @N | first drops | below network | worst fall "
-            "| network-unsatisfied rounds |", "|---|---|---|---|---|---|---|---|---|"]
+  lines += [
+    "## Over all runs",
+    "",
+    "Per method, over every (case, robot user) run except the slice stored as 3-D (the same computation as "
+    "tissue2d_s140): mean Dice-AUC; mean gain over the network after the first and after the last "
+    "interaction; runs whose first interaction lowered Dice by more than 0.01; runs below the network "
+    "at any interaction (by more than 0.01); the worst fall from one interaction to the next; rounds whose "
+    "network left a mark unhonoured (-: the method has no network).",
+    "",
+    "| method | runs | mean AUC | mean gain @1 | mean gain @N | first drops | below network | worst fall "
+    "| network-unsatisfied rounds |",
+    "|---|---|---|---|---|---|---|---|---|",
+  ]
   for a in aggregate([r for r in results if r["case"] != "tissue2d_as_3d"]):
-    lines.append(f"| {a['method']} | {a['runs']} | {a['mean_auc']:.3f} | {a['mean_gain_first']:+.3f} | "
-                 f"{a['mean_gain_last']:+.3f} | {a['first_drops']} | {a['below_network']} | "
-                 f"{a['worst_step_drop']:.3f} | {_f(a['network_unsatisfied_rounds'])} |")
+    lines.append(
+      f"| {a['method']} | {a['runs']} | {a['mean_auc']:.3f} | {a['mean_gain_first']:+.3f} | "
+      f"{a['mean_gain_last']:+.3f} | {a['first_drops']} | {a['below_network']} | "
+      f"{a['worst_step_drop']:.3f} | {_f(a['network_unsatisfied_rounds'])} |"
+    )
   lines.append("")
-  lines += ["## Verdicts (the defaults, `scribblejax`)", "",
-            "| case | user | split | >= network at every k | first drop <= 0.01 | within 0.01 of best peer "
-            "| worst gap to best peer | final Dice | >= 0.85 (in-domain, shift) | unsat. rounds |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
+  lines += [
+    "## Verdicts (the defaults, `scribblejax`)",
+    "",
+    "| case | user | split | >= network at every k | first drop <= 0.01 | within 0.01 of best peer "
+    "| worst gap to best peer | final Dice | >= 0.85 (in-domain, shift) | unsat. rounds |",
+    "|---|---|---|---|---|---|---|---|---|---|",
+  ]
   yes = lambda v: "-" if v is None else ("yes" if v else "**no**")
   for v in payload["verdicts"]:
-    lines.append(f"| {v['case']} | {v['user']} | {v['split']} | {yes(v['not_below_network'])} | "
-                 f"{yes(v['first_drop_at_most_0.01'])} | {yes(v['within_0.01_of_best_peer'])} | "
-                 f"{_f(v['worst_gap_to_best_peer'])} | {_f(v['final_dice'])} | {yes(v.get(f'final_at_least_{GOOD}'))} "
-                 f"| {v['rounds_unsatisfied']} |")
+    lines.append(
+      f"| {v['case']} | {v['user']} | {v['split']} | {yes(v['not_below_network'])} | "
+      f"{yes(v['first_drop_at_most_0.01'])} | {yes(v['within_0.01_of_best_peer'])} | "
+      f"{_f(v['worst_gap_to_best_peer'])} | {_f(v['final_dice'])} | {yes(v.get(f'final_at_least_{GOOD}'))} "
+      f"| {v['rounds_unsatisfied']} |"
+    )
   return "\n".join(lines) + "\n"
 
 
@@ -219,7 +270,13 @@ def summary_table(payload: dict, user: str = "scribble") -> str:
   The best value of each row is in bold; the defaults' column is ``scribblejax``."""
   results = [r for r in payload["results"] if r["user"] == user]
   methods = [m for m in METHODS if any(r["method"] == m for r in results)]
-  named = {"scribble": "scribbles", "click": "clicks", "box": "boxes", "point": "points", "cvpr25": "CVPR 2025 protocol"}
+  named = {
+    "scribble": "scribbles",
+    "click": "clicks",
+    "box": "boxes",
+    "point": "points",
+    "cvpr25": "CVPR 2025 protocol",
+  }
   head = f"| case, Dice@0 ({named.get(user, user)}: Dice@N) | " + " | ".join(methods) + " |"
   lines = [head, "|" + "---|" * (len(methods) + 1)]
   for case in dict.fromkeys(r["case"] for r in results):
@@ -235,16 +292,18 @@ def summary_table(payload: dict, user: str = "scribble") -> str:
 def plot_case(path: Path, case: str, results: list[dict]) -> None:
   """Dice per interaction of every method, one panel per robot user."""
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+
   from scribblejax.io import fileio
+
   runs = [r for r in results if r["case"] == case]
   users = list(dict.fromkeys(r["user"] for r in runs))
   fig, axes = plt.subplots(1, len(users), figsize=(3.6 * len(users), 3.2), squeeze=False)
   for ax, user in zip(axes[0], users):
     for r in (r for r in runs if r["user"] == user):
-      ax.plot(r["dice_per_interaction"], marker="o", ms=3, lw=2.2 if r["method"] == OURS else 1.0,
-              label=r["method"])
+      ax.plot(r["dice_per_interaction"], marker="o", ms=3, lw=2.2 if r["method"] == OURS else 1.0, label=r["method"])
     ax.set_title(f"{case}: {user}", fontsize=9)
     ax.set_xlabel("interaction")
     ax.grid(alpha=0.3)
@@ -268,23 +327,35 @@ def write(out: Path, payload: dict) -> None:
 
 def parse(argv: list[str]) -> argparse.Namespace:
   parser = argparse.ArgumentParser(prog="python -m benchmarks.correction", description=__doc__.split("\n")[0])
-  parser.add_argument("--out", type=Path, default=None, help="output folder (default benchmarks/results/correction_"
-                                                              "<device>, or ..._quick with --quick)")
+  parser.add_argument(
+    "--out",
+    type=Path,
+    default=None,
+    help="output folder (default benchmarks/results/correction_<device>, or ..._quick with --quick)",
+  )
   parser.add_argument("--cases", default=None, help=f"comma-separated, of: {', '.join(CASES)}")
   parser.add_argument("--users", default=None, help=f"comma-separated robot users, of: {', '.join(ROBOT_USERS)}")
   parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of: {', '.join(METHODS)}")
   parser.add_argument("--interactions", type=int, default=None)
   parser.add_argument("--users-3d", default="scribble,cvpr25", help="robot users for 3-D cases (slower)")
   parser.add_argument("--more-users", default="box,cvpr25", help="robot users run on --more-users-cases as well")
-  parser.add_argument("--more-users-cases", default="nuclei2d,tissue2d",
-                      help="cases that the robot users of --more-users also correct")
+  parser.add_argument(
+    "--more-users-cases", default="nuclei2d,tissue2d", help="cases that the robot users of --more-users also correct"
+  )
   parser.add_argument("--quick", action="store_true", help="3 cases, 2 robot users, 3 interactions")
-  parser.add_argument("--resume", action="store_true",
-                      help="keep the cases --out's results.json holds already and run only the others")
-  parser.add_argument("--rewrite", action="store_true",
-                      help="write results.md and the plots of --out's results.json again (no run)")
-  parser.add_argument("--summary", type=Path, default=None, metavar="RESULTS_JSON",
-                      help="print the README's table of a results.json (per robot user) and exit")
+  parser.add_argument(
+    "--resume", action="store_true", help="keep the cases --out's results.json holds already and run only the others"
+  )
+  parser.add_argument(
+    "--rewrite", action="store_true", help="write results.md and the plots of --out's results.json again (no run)"
+  )
+  parser.add_argument(
+    "--summary",
+    type=Path,
+    default=None,
+    metavar="RESULTS_JSON",
+    help="print the README's table of a results.json (per robot user) and exit",
+  )
   args = parser.parse_args(argv)
   pick = lambda given, quick, full: given.split(",") if given else list(quick if args.quick else full)
   args.cases = pick(args.cases, QUICK["cases"], CASES)
@@ -293,8 +364,11 @@ def parse(argv: list[str]) -> argparse.Namespace:
     args.more_users = ""
   args.methods = args.methods.split(",")
   args.interactions = args.interactions or (QUICK["interactions"] if args.quick else 5)
-  for name, given, known in (("case", args.cases, CASES), ("robot user", args.users, ROBOT_USERS),
-                             ("method", args.methods, METHODS)):
+  for name, given, known in (
+    ("case", args.cases, CASES),
+    ("robot user", args.users, ROBOT_USERS),
+    ("method", args.methods, METHODS),
+  ):
     unknown = [g for g in given if g not in known]
     if unknown:
       parser.error(f"unknown {name}(s) {', '.join(unknown)}; known: {', '.join(known)}")
@@ -309,12 +383,14 @@ def main(argv: list[str] | None = None) -> int:
   args = parse(argv)
   if args.rewrite:
     import json
+
     payload = json.loads((args.out / "results.json").read_text())
     payload["verdicts"] = verdicts(payload["results"])
     write(args.out, payload)
     return 0
   if args.summary is not None:
     import json
+
     payload = json.loads(args.summary.read_text())
     for user in dict.fromkeys(r["user"] for r in payload["results"]):
       print(summary_table(payload, user))
@@ -323,6 +399,7 @@ def main(argv: list[str] | None = None) -> int:
   started = time.perf_counter()
   if args.resume and (args.out / "results.json").is_file():
     import json
+
     earlier = json.loads((args.out / "results.json").read_text())
     payload["results"], payload["notes"] = earlier["results"], earlier["notes"]
     payload["environment"]["resumed_from"] = earlier["environment"]
@@ -339,16 +416,20 @@ def main(argv: list[str] | None = None) -> int:
       for method in args.methods:
         try:
           result = run_one(bench, method, user, args.interactions, log=print)
-        except ImportError as err:        # a peer whose library is missing: said, not hidden
+        except ImportError as err:  # a peer whose library is missing: said, not hidden
           print(f"{name} / {user} / {method}: skipped: {err}", flush=True)
           payload.setdefault("skipped", []).append({"case": name, "user": user, "method": method, "why": str(err)})
           continue
         payload["results"].append(result)
-        print(f"{name:20s} {user:8s} {method:14s} " + " ".join(_f(d) for d in result["dice_per_interaction"])
-              + f"  unsat={result['rounds_unsatisfied']}", flush=True)
+        print(
+          f"{name:20s} {user:8s} {method:14s} "
+          + " ".join(_f(d) for d in result["dice_per_interaction"])
+          + f"  unsat={result['rounds_unsatisfied']}",
+          flush=True,
+        )
     payload["verdicts"] = verdicts(payload["results"])
     payload["seconds"] = time.perf_counter() - started
-    write(args.out, payload)                # after every case: a long run leaves what it measured
+    write(args.out, payload)  # after every case: a long run leaves what it measured
   payload["verdicts"] = verdicts(payload["results"])
   payload["seconds"] = time.perf_counter() - started
   write(args.out, payload)

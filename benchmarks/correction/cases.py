@@ -42,18 +42,19 @@ from scribblejax.pipeline.normalization import normalize
 from scribblejax.research import data
 from scribblejax.research import evaluate as ev
 
-HELD_OUT_SLICE = 140           # an MNI axial test slice (test range 105..149) not used for tuning
+HELD_OUT_SLICE = 140  # an MNI axial test slice (test range 105..149) not used for tuning
 
 
 class BenchCase(NamedTuple):
   """One benchmark case."""
-  case: ev.Case                # image (normalised for the model) and ground truth
-  model: Any                   # the network every method starts from (already altered where stated)
-  situation: str               # what kind of situation the case stands for
-  split: str                   # "tuning" (the defaults were chosen on it) or "held-out"
-  note: str                    # how the case was made
+
+  case: ev.Case  # image (normalised for the model) and ground truth
+  model: Any  # the network every method starts from (already altered where stated)
+  situation: str  # what kind of situation the case stands for
+  split: str  # "tuning" (the defaults were chosen on it) or "held-out"
+  note: str  # how the case was made
   squeeze: tuple[int, ...] = ()  # spatial axes of length 1 the network does not see (a 2-D slice stored as 3-D)
-  ignore_border: int = 1       # errors thinner than this along a boundary the robot user leaves alone
+  ignore_border: int = 1  # errors thinner than this along a boundary the robot user leaves alone
 
 
 def _tissue_slice(backbone: ev.Backbone, z: int) -> tuple[np.ndarray, np.ndarray]:
@@ -63,34 +64,59 @@ def _tissue_slice(backbone: ev.Backbone, z: int) -> tuple[np.ndarray, np.ndarray
 
 def nuclei2d() -> BenchCase:
   bb = ev.resolve_backbone(None, "nuclei2d")
-  return BenchCase(ev.task_case("nuclei2d", bb), bb.model, "in-domain", "tuning",
-                   "DSB 2018 field, test columns 384..511; the shipped nuclei2d network")
+  return BenchCase(
+    ev.task_case("nuclei2d", bb),
+    bb.model,
+    "in-domain",
+    "tuning",
+    "DSB 2018 field, test columns 384..511; the shipped nuclei2d network",
+  )
 
 
 def tissue2d() -> BenchCase:
   bb = ev.resolve_backbone(None, "tissue2d")
-  return BenchCase(ev.task_case("tissue2d", bb), bb.model, "in-domain", "tuning",
-                   "MNI152 axial slice 125 (test range), derived 4-class tissue label; the shipped tissue2d network")
+  return BenchCase(
+    ev.task_case("tissue2d", bb),
+    bb.model,
+    "in-domain",
+    "tuning",
+    "MNI152 axial slice 125 (test range), derived 4-class tissue label; the shipped tissue2d network",
+  )
 
 
 def tissue2d_shifted() -> BenchCase:
   bb = ev.resolve_backbone(None, "tissue2d")
-  return BenchCase(ev.task_case("tissue2d_shifted", bb), bb.model, "shift", "tuning",
-                   "slice 125 after a gamma-0.6 contrast change and a +-20% intensity ramp")
+  return BenchCase(
+    ev.task_case("tissue2d_shifted", bb),
+    bb.model,
+    "shift",
+    "tuning",
+    "slice 125 after a gamma-0.6 contrast change and a +-20% intensity ramp",
+  )
 
 
 def tissue2d_s140() -> BenchCase:
   bb = ev.resolve_backbone(None, "tissue2d")
   image, truth = _tissue_slice(bb, HELD_OUT_SLICE)
-  return BenchCase(ev.make_case("tissue2d_s140", image, truth, 4, bb.class_names), bb.model, "in-domain", "held-out",
-                   f"MNI152 axial slice {HELD_OUT_SLICE} (test range); the shipped tissue2d network")
+  return BenchCase(
+    ev.make_case("tissue2d_s140", image, truth, 4, bb.class_names),
+    bb.model,
+    "in-domain",
+    "held-out",
+    f"MNI152 axial slice {HELD_OUT_SLICE} (test range); the shipped tissue2d network",
+  )
 
 
 def nuclei_synthetic() -> BenchCase:
   bb = ev.resolve_backbone(None, "nuclei2d")
   case = ev.task_case("nuclei3d_slices", bb)._replace(name="nuclei_synthetic")
-  return BenchCase(case, bb.model, "shift", "held-out",
-                   "three planes (z = 8, 15, 22) of the synthetic 3-D nuclei side by side; the DSB nuclei network")
+  return BenchCase(
+    case,
+    bb.model,
+    "shift",
+    "held-out",
+    "three planes (z = 8, 15, 22) of the synthetic 3-D nuclei side by side; the DSB nuclei network",
+  )
 
 
 def tissue2d_missed_csf() -> BenchCase:
@@ -98,9 +124,14 @@ def tissue2d_missed_csf() -> BenchCase:
   image, truth = _tissue_slice(bb, HELD_OUT_SLICE)
   amount = surgery.suppression_amount(bb.model, image, 1)
   model = surgery.suppress_class(bb.model, 1, amount=amount)
-  return BenchCase(ev.make_case("tissue2d_missed_csf", image, truth, 4, bb.class_names), model, "missed class",
-                   "held-out", f"slice {HELD_OUT_SLICE}; the CSF head bias lowered by {amount:.2f} (the least amount "
-                   "that removes CSF on this image, plus 1): a produced miss")
+  return BenchCase(
+    ev.make_case("tissue2d_missed_csf", image, truth, 4, bb.class_names),
+    model,
+    "missed class",
+    "held-out",
+    f"slice {HELD_OUT_SLICE}; the CSF head bias lowered by {amount:.2f} (the least amount "
+    "that removes CSF on this image, plus 1): a produced miss",
+  )
 
 
 def nuclei2d_large() -> BenchCase:
@@ -111,10 +142,20 @@ def nuclei2d_large() -> BenchCase:
   ids = np.arange(len(areas))
   large = np.isin(instances, ids[1:][areas[1:] >= np.percentile(areas[1:], 75)])
   truth = np.where(instances > 0, np.where(large, 2, 1), 0).astype(np.int32)
-  case = ev.make_case("nuclei2d_large", normalize(ds.image[ds.test], bb.normalization), truth[ds.test], 3,
-                      ("background", "nucleus", "large nucleus"))
-  return BenchCase(case, surgery.add_classes(bb.model, 1), "new class", "held-out",
-                   "DSB test columns; 'large nucleus' (area >= 75th percentile) appended to the head by add_classes")
+  case = ev.make_case(
+    "nuclei2d_large",
+    normalize(ds.image[ds.test], bb.normalization),
+    truth[ds.test],
+    3,
+    ("background", "nucleus", "large nucleus"),
+  )
+  return BenchCase(
+    case,
+    surgery.add_classes(bb.model, 1),
+    "new class",
+    "held-out",
+    "DSB test columns; 'large nucleus' (area >= 75th percentile) appended to the head by add_classes",
+  )
 
 
 def wm_from_nuclei() -> BenchCase:
@@ -123,40 +164,67 @@ def wm_from_nuclei() -> BenchCase:
   image = normalize(ds.image[HELD_OUT_SLICE], bb.normalization)
   truth = (ds.labels[HELD_OUT_SLICE] == 3).astype(np.int32)
   case = ev.make_case("wm_from_nuclei", image, truth, 2, ("background", "white matter"))
-  return BenchCase(case, bb.model, "new structure", "held-out",
-                   f"white matter of MNI slice {HELD_OUT_SLICE} as class 1 of the DSB nuclei network (never trained "
-                   "on MRI or on white matter)")
+  return BenchCase(
+    case,
+    bb.model,
+    "new structure",
+    "held-out",
+    f"white matter of MNI slice {HELD_OUT_SLICE} as class 1 of the DSB nuclei network (never trained "
+    "on MRI or on white matter)",
+  )
 
 
 def tissue2d_as_3d() -> BenchCase:
   bench = tissue2d_s140()
   case = bench.case
   volume = ev.make_case("tissue2d_as_3d", case.image[:, :, None], case.truth[:, :, None], 4, case.class_names)
-  return bench._replace(case=volume, situation="slice as 3-D", squeeze=(2,),
-                        note=f"slice {HELD_OUT_SLICE} stored as a {case.truth.shape[0]} x {case.truth.shape[1]} x 1 "
-                             "volume, as NIfTI files often hold a 2-D slice")
+  return bench._replace(
+    case=volume,
+    situation="slice as 3-D",
+    squeeze=(2,),
+    note=f"slice {HELD_OUT_SLICE} stored as a {case.truth.shape[0]} x {case.truth.shape[1]} x 1 "
+    "volume, as NIfTI files often hold a 2-D slice",
+  )
 
 
 def tissue3d() -> BenchCase:
   bb = ev.resolve_backbone(None, "tissue3d")
-  return BenchCase(ev.task_case("tissue3d", bb), bb.model, "3-D", "held-out",
-                   "the MNI152 test slab at 3 mm (66 x 78 x 15); the shipped tissue3d network. Its errors are one "
-                   "voxel (3 mm) thin, so the robot user marks them (ignore_border 0; at 1 it finds nothing)",
-                   ignore_border=0)
+  return BenchCase(
+    ev.task_case("tissue3d", bb),
+    bb.model,
+    "3-D",
+    "held-out",
+    "the MNI152 test slab at 3 mm (66 x 78 x 15); the shipped tissue3d network. Its errors are one "
+    "voxel (3 mm) thin, so the robot user marks them (ignore_border 0; at 1 it finds nothing)",
+    ignore_border=0,
+  )
 
 
 def tissue2d_monai() -> BenchCase:
   from benchmarks.correction.torch_case import monai_backbone
+
   bb = monai_backbone("tissue2d")
   image, truth = _tissue_slice(bb, HELD_OUT_SLICE)
-  return BenchCase(ev.make_case("tissue2d_monai", image, truth, 4, bb.class_names), bb.model, "imported", "held-out",
-                   f"slice {HELD_OUT_SLICE}; a MONAI BasicUNet trained here with torch on the training slices and "
-                   "converted with scribblejax convert")
+  return BenchCase(
+    ev.make_case("tissue2d_monai", image, truth, 4, bb.class_names),
+    bb.model,
+    "imported",
+    "held-out",
+    f"slice {HELD_OUT_SLICE}; a MONAI BasicUNet trained here with torch on the training slices and "
+    "converted with scribblejax convert",
+  )
 
 
 CASES: dict[str, Callable[[], BenchCase]] = {
-    "nuclei2d": nuclei2d, "tissue2d": tissue2d, "tissue2d_shifted": tissue2d_shifted, "tissue2d_s140": tissue2d_s140,
-    "nuclei_synthetic": nuclei_synthetic, "tissue2d_missed_csf": tissue2d_missed_csf, "nuclei2d_large": nuclei2d_large,
-    "wm_from_nuclei": wm_from_nuclei, "tissue2d_monai": tissue2d_monai, "tissue3d": tissue3d,
-    "tissue2d_as_3d": tissue2d_as_3d,
+  "nuclei2d": nuclei2d,
+  "tissue2d": tissue2d,
+  "tissue2d_shifted": tissue2d_shifted,
+  "tissue2d_s140": tissue2d_s140,
+  "nuclei_synthetic": nuclei_synthetic,
+  "tissue2d_missed_csf": tissue2d_missed_csf,
+  "nuclei2d_large": nuclei2d_large,
+  "wm_from_nuclei": wm_from_nuclei,
+  "tissue2d_monai": tissue2d_monai,
+  "tissue3d": tissue3d,
+  "tissue2d_as_3d": tissue2d_as_3d,
 }

@@ -22,10 +22,10 @@ from scipy import ndimage
 
 from benchmarks.correction.__main__ import environment
 from benchmarks.correction.cases import CASES
-from scribblejax.research import evaluate as ev
-from scribblejax.params import last_layers, split_params
 from scribblejax.config import RefineConfig
+from scribblejax.params import last_layers, split_params
 from scribblejax.refinement import predict, refine
+from scribblejax.research import evaluate as ev
 from scribblejax.research.simulate import simulate_marks
 
 BINS = (0.0, 0.8, 0.9, 0.95, 0.99, 1.01)
@@ -52,19 +52,34 @@ def analyse(name: str) -> dict:
     mask = away & (sure >= lo) & (sure < hi)
     groups[f"away, network sure in [{lo}, {min(hi, 1.0)}]"] = {"pixels": int(mask.sum()), "gain": gain(mask)}
   dice = lambda labels: ev.metrics.mean_foreground_dice(labels, case.truth, case.num_classes)
-  return {"case": name, "marked_pixels": int((marks >= 0).sum()), "changed_pixels": int(changed.sum()),
-          "regions_of_change": int(count), "dice_before": dice(before), "dice_after": dice(after), "groups": groups}
+  return {
+    "case": name,
+    "marked_pixels": int((marks >= 0).sum()),
+    "changed_pixels": int(changed.sum()),
+    "regions_of_change": int(count),
+    "dice_before": dice(before),
+    "dice_after": dice(after),
+    "groups": groups,
+  }
 
 
 def markdown(payload: dict) -> str:
-  lines = ["# Where the first round's refinement changes the segmentation", "",
-           f"Command: `{payload['environment']['command']}`; {payload['environment']['device']}, "
-           f"{payload['environment']['date']}. Defaults without the progressive merge; the robot user's first "
-           "scribbles. gain = pixels right after - pixels right before.", ""]
+  lines = [
+    "# Where the first round's refinement changes the segmentation",
+    "",
+    f"Command: `{payload['environment']['command']}`; {payload['environment']['device']}, "
+    f"{payload['environment']['date']}. Defaults without the progressive merge; the robot user's first "
+    "scribbles. gain = pixels right after - pixels right before.",
+    "",
+  ]
   for r in payload["results"]:
-    lines += [f"## {r['case']}: {r['marked_pixels']} marked pixels changed {r['changed_pixels']} pixels in "
-              f"{r['regions_of_change']} regions; Dice {r['dice_before']:.3f} -> {r['dice_after']:.3f}", "",
-              "| group | pixels | gain |", "|---|---|---|"]
+    lines += [
+      f"## {r['case']}: {r['marked_pixels']} marked pixels changed {r['changed_pixels']} pixels in "
+      f"{r['regions_of_change']} regions; Dice {r['dice_before']:.3f} -> {r['dice_after']:.3f}",
+      "",
+      "| group | pixels | gain |",
+      "|---|---|---|",
+    ]
     lines += [f"| {g} | {v['pixels']} | {v['gain']} |" for g, v in r["groups"].items()]
     lines.append("")
   return "\n".join(lines) + "\n"
@@ -76,8 +91,10 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--out", type=Path, default=Path("benchmarks/results/correction_cpu"))
   parser.add_argument("--cases", default="nuclei2d,tissue2d,tissue2d_shifted,nuclei_synthetic")
   args = parser.parse_args(argv)
-  payload = {"environment": environment(["-m", "benchmarks.correction.changes", *argv]),
-             "results": [analyse(name) for name in args.cases.split(",")]}
+  payload = {
+    "environment": environment(["-m", "benchmarks.correction.changes", *argv]),
+    "results": [analyse(name) for name in args.cases.split(",")],
+  }
   payload["environment"]["command"] = "python -m benchmarks.correction.changes " + " ".join(argv)
   ev.write_json(args.out / "changes.json", payload)
   ev.write_text(args.out / "changes.md", markdown(payload))

@@ -67,9 +67,16 @@ def measure(name: str, interactions: int) -> dict:
     seconds.append(time.perf_counter() - t0)
     steps.append(int(session.rounds[-1].result.num_steps))
     satisfied.append(bool(session.rounds[-1].result.satisfied))
-  return {"case": name, "shape": list(truth.shape), "seconds": seconds, "median_seconds": float(np.median(seconds)),
-          "steps": steps, "satisfied": satisfied, "first_round_with_compilation_seconds": compile_seconds,
-          "kernels": str(sj.kernels.kernel_status())}
+  return {
+    "case": name,
+    "shape": list(truth.shape),
+    "seconds": seconds,
+    "median_seconds": float(np.median(seconds)),
+    "steps": steps,
+    "satisfied": satisfied,
+    "first_round_with_compilation_seconds": compile_seconds,
+    "kernels": str(sj.kernels.kernel_status()),
+  }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,14 +91,20 @@ def main(argv: list[str] | None = None) -> int:
   results = [measure(name, args.interactions) for name in args.cases.split(",")]
   payload = {"environment": env, "results": results}
   ev.write_json(args.out / "latency.json", payload)
-  lines = ["# Seconds per interaction (defaults, scribble robot user)", "",
-           f"Command: `{env['command']}`; {env['device']} ({env['cpu_count']} cores), {env['date']}; {results[0]['kernels']}.",
-           "", "| case | shape | median s per interaction | each | steps | satisfied | first round, with compiling (s) |",
-           "|---|---|---|---|---|---|---|"]
+  lines = [
+    "# Seconds per interaction (defaults, scribble robot user)",
+    "",
+    f"Command: `{env['command']}`; {env['device']} ({env['cpu_count']} cores), {env['date']}; {results[0]['kernels']}.",
+    "",
+    "| case | shape | median s per interaction | each | steps | satisfied | first round, with compiling (s) |",
+    "|---|---|---|---|---|---|---|",
+  ]
   for r in results:
-    lines.append(f"| {r['case']} | {'x'.join(map(str, r['shape']))} | {r['median_seconds']:.2f} | "
-                 f"{', '.join(f'{s:.2f}' for s in r['seconds'])} | {r['steps']} | {r['satisfied']} | "
-                 f"{r['first_round_with_compilation_seconds']:.1f} |")
+    lines.append(
+      f"| {r['case']} | {'x'.join(map(str, r['shape']))} | {r['median_seconds']:.2f} | "
+      f"{', '.join(f'{s:.2f}' for s in r['seconds'])} | {r['steps']} | {r['satisfied']} | "
+      f"{r['first_round_with_compilation_seconds']:.1f} |"
+    )
   ev.write_text(args.out / "latency.md", "\n".join(lines) + "\n")
   print("\n".join(lines))
   return 0

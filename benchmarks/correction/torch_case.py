@@ -33,8 +33,8 @@ import numpy as np
 
 ARCH = "monai.networks.nets.BasicUNet"
 FEATURES = (8, 8, 16, 32, 64, 8)
-TASKS = ("tissue2d", "nuclei2d")      # the built-in 2D training tasks of scribblejax.research.train
-DEFAULT_STEPS = 400                   # the shipped tissue2d model's steps
+TASKS = ("tissue2d", "nuclei2d")  # the built-in 2D training tasks of scribblejax.research.train
+DEFAULT_STEPS = 400  # the shipped tissue2d model's steps
 
 
 def model_kwargs(num_classes: int, in_channels: int = 1) -> dict:
@@ -44,6 +44,7 @@ def model_kwargs(num_classes: int, in_channels: int = 1) -> dict:
 
 def _task(task: str):
   from scribblejax.research import train
+
   if task not in TASKS:
     raise ValueError(f"task must be one of {TASKS}, got {task!r}")
   return train.tasks()[task]
@@ -57,6 +58,7 @@ def training_data(task: str) -> tuple[np.ndarray, np.ndarray, Any]:
     normalised alone, as the shipped model of the task was trained.
   """
   from scribblejax.research.train import normalize_dataset_part
+
   spec = _task(task)
   ds = spec.dataset()
   image = normalize_dataset_part(ds.image[ds.train], spec.normalization, stacked=ds.stacked)
@@ -78,9 +80,18 @@ def _loss(torch, logits, y, num_classes: int, dice_weight: float):
   return loss
 
 
-def train_torch_unet(image: np.ndarray, labels: np.ndarray, num_classes: int, *, steps: int, seed: int = 0,
-                     stacked: bool = True, config: Any = None, threads: int | None = 1,
-                     log: Callable[[str], None] = print):
+def train_torch_unet(
+  image: np.ndarray,
+  labels: np.ndarray,
+  num_classes: int,
+  *,
+  steps: int,
+  seed: int = 0,
+  stacked: bool = True,
+  config: Any = None,
+  threads: int | None = 1,
+  log: Callable[[str], None] = print,
+):
   """Trains a fresh MONAI ``BasicUNet`` with torch's Adam; deterministic given the seed.
 
   The batches are :func:`scribblejax.research.train.sample_batch`'s (a function of ``(seed, step)``), the
@@ -108,6 +119,7 @@ def train_torch_unet(image: np.ndarray, labels: np.ndarray, num_classes: int, *,
   from monai.networks.nets import BasicUNet
 
   from scribblejax.research.train import TrainConfig, sample_batch
+
   config = dataclasses.replace(config or TrainConfig(), steps=steps, seed=seed)
   deterministic, num_threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
   losses = []
@@ -139,6 +151,7 @@ def train_torch_unet(image: np.ndarray, labels: np.ndarray, num_classes: int, *,
 def torch_logits(net: Any, image: np.ndarray) -> np.ndarray:
   """The torch network's logits on one channels-last image ``[H, W, C]``: ``float32[H, W, K]``."""
   import torch
+
   with torch.no_grad():
     x = torch.from_numpy(np.ascontiguousarray(np.moveaxis(np.asarray(image, np.float32), -1, 0)[None]))
     return np.moveaxis(net.eval()(x)[0].numpy(), 0, -1)
@@ -147,6 +160,7 @@ def torch_logits(net: Any, image: np.ndarray) -> np.ndarray:
 def jax_logits(model: Any, image: np.ndarray) -> np.ndarray:
   """The converted model's logits on one channels-last image ``[H, W, C]``: ``float32[H, W, K]``."""
   import jax.numpy as jnp
+
   return np.asarray(model(jnp.asarray(image, jnp.float32)[None])[0])
 
 
@@ -154,6 +168,7 @@ def load_torch_net(path: str | Path, num_classes: int, in_channels: int = 1):
   """A ``BasicUNet`` of :func:`model_kwargs` with the ``state_dict`` saved at ``path``, in eval mode."""
   import torch
   from monai.networks.nets import BasicUNet
+
   net = BasicUNet(**model_kwargs(num_classes, in_channels))
   net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
   return net.eval()
@@ -162,11 +177,13 @@ def load_torch_net(path: str | Path, num_classes: int, in_channels: int = 1):
 def default_cache(task: str, steps: int, seed: int) -> Path:
   """``scribblejax.research.evaluate.cache_dir() / f"torch_monai_{task}_{steps}_{seed}"``."""
   from scribblejax.research.evaluate import cache_dir
+
   return cache_dir() / f"torch_monai_{task}_{steps}_{seed}"
 
 
 def _test_slice(ds) -> int:
   from scribblejax.research.evaluate import TISSUE_TEST_SLICE
+
   return TISSUE_TEST_SLICE if ds.stacked else 0
 
 
@@ -178,18 +195,26 @@ def _build(task: str, steps: int, seed: int, folder: Path, log: Callable[[str], 
   from scribblejax.models.store import load_model
   from scribblejax.research.metrics import dice_per_class
   from scribblejax.research.train import normalize_dataset_part, predict_labels
+
   spec = _task(task)
   image, labels, ds = training_data(task)
   k = len(ds.class_names)
   log(f"training a MONAI BasicUNet {list(FEATURES)} with torch on {task} for {steps} steps (seed {seed})")
   start = time.perf_counter()
-  net, losses = train_torch_unet(image, labels, k, steps=steps, seed=seed, stacked=ds.stacked, config=spec.config,
-                                 log=log)
+  net, losses = train_torch_unet(
+    image, labels, k, steps=steps, seed=seed, stacked=ds.stacked, config=spec.config, log=log
+  )
   seconds = time.perf_counter() - start
   torch.save(net.state_dict(), folder / "model.pt")
   # what `scribblejax convert model.pt --arch ... --kwargs ... --normalize ... --out model` runs
-  convert(folder / "model.pt", folder / "model", arch=ARCH, kwargs=model_kwargs(k, image.shape[-1]),
-          normalize=spec.normalization, log=log)
+  convert(
+    folder / "model.pt",
+    folder / "model",
+    arch=ARCH,
+    kwargs=model_kwargs(k, image.shape[-1]),
+    normalize=spec.normalization,
+    log=log,
+  )
   model, _ = load_model(folder / "model")
   test_image = normalize_dataset_part(ds.image[ds.test], spec.normalization, stacked=ds.stacked)
   truth = np.asarray(ds.labels[ds.test])
@@ -202,24 +227,39 @@ def _build(task: str, steps: int, seed: int, folder: Path, log: Callable[[str], 
   dice = dice_per_class(predict_labels(model, test_image, stacked=ds.stacked), truth, k)
   foreground = [float(d) for d in dice[1:] if not np.isnan(d)]
   report = {
-      "task": task, "class_names": list(ds.class_names), "arch": ARCH, "kwargs": model_kwargs(k, image.shape[-1]),
-      "steps": steps, "seed": seed,
-      "train_config": {**dataclasses.asdict(spec.config), "steps": steps, "seed": seed},
-      "normalization": spec.normalization, "torch": torch.__version__, "train_seconds": round(seconds, 1),
-      "final_loss": round(float(np.mean(losses[-10:])), 5), "losses": [round(x, 5) for x in losses],
-      "max_abs_logit_difference": difference,
-      "compared_on": f"test slice {_test_slice(ds)}" if ds.stacked else "test part",
-      "test_dice": {n: (None if np.isnan(d) else round(float(d), 4)) for n, d in zip(ds.class_names, dice)},
-      "test_mean_foreground_dice": round(float(np.mean(foreground)), 4) if foreground else None,
+    "task": task,
+    "class_names": list(ds.class_names),
+    "arch": ARCH,
+    "kwargs": model_kwargs(k, image.shape[-1]),
+    "steps": steps,
+    "seed": seed,
+    "train_config": {**dataclasses.asdict(spec.config), "steps": steps, "seed": seed},
+    "normalization": spec.normalization,
+    "torch": torch.__version__,
+    "train_seconds": round(seconds, 1),
+    "final_loss": round(float(np.mean(losses[-10:])), 5),
+    "losses": [round(x, 5) for x in losses],
+    "max_abs_logit_difference": difference,
+    "compared_on": f"test slice {_test_slice(ds)}" if ds.stacked else "test part",
+    "test_dice": {n: (None if np.isnan(d) else round(float(d), 4)) for n, d in zip(ds.class_names, dice)},
+    "test_mean_foreground_dice": round(float(np.mean(foreground)), 4) if foreground else None,
   }
   (folder / "training.json").write_text(json.dumps(report, indent=1))
-  log(f"{task}: {steps} torch steps in {seconds:.0f}s; torch vs converted logits max |diff| {difference:.2e}; "
-      f"test Dice " + ", ".join(f"{n} {v:.3f}" for n, v in report["test_dice"].items() if v is not None))
+  log(
+    f"{task}: {steps} torch steps in {seconds:.0f}s; torch vs converted logits max |diff| {difference:.2e}; "
+    f"test Dice " + ", ".join(f"{n} {v:.3f}" for n, v in report["test_dice"].items() if v is not None)
+  )
   return report
 
 
-def monai_backbone(task: str = "tissue2d", *, steps: int = DEFAULT_STEPS, seed: int = 0, cache: Path | None = None,
-                   log: Callable[[str], None] = print):
+def monai_backbone(
+  task: str = "tissue2d",
+  *,
+  steps: int = DEFAULT_STEPS,
+  seed: int = 0,
+  cache: Path | None = None,
+  log: Callable[[str], None] = print,
+):
   """A MONAI ``BasicUNet`` trained with torch and imported with ``scribblejax convert``, as a Backbone.
 
   The first call trains (see the module docstring) and writes the cache folder; later calls with the
@@ -244,6 +284,7 @@ def monai_backbone(task: str = "tissue2d", *, steps: int = DEFAULT_STEPS, seed: 
   """
   from scribblejax._checks import is_integer
   from scribblejax.research.evaluate import load_backbone
+
   _task(task)
   if not is_integer(steps) or steps < 1:
     raise ValueError(f"steps must be a positive integer, got {steps!r}")
@@ -264,5 +305,7 @@ def monai_backbone(task: str = "tissue2d", *, steps: int = DEFAULT_STEPS, seed: 
     partial.rename(folder)
   backbone = load_backbone(folder / "model")
   class_names = json.loads((folder / "training.json").read_text())["class_names"]
-  return backbone._replace(name=f"MONAI BasicUNet trained with torch ({task}, {steps} steps, seed {seed}; {folder})",
-                           class_names=tuple(class_names))
+  return backbone._replace(
+    name=f"MONAI BasicUNet trained with torch ({task}, {steps} steps, seed {seed}; {folder})",
+    class_names=tuple(class_names),
+  )

@@ -14,6 +14,21 @@ from scribblejax.app.refine_round import run_refine
 from scribblejax.app.report import check_outputs, companion_paths, compile_timer, round_line
 from scribblejax.app.settings import SETTINGS, TUNED, MarkOptions, RefineSettings, Setting
 
-__all__ = ["Log", "MarkOptions", "RefineSettings", "SETTINGS", "Setting", "TUNED", "check_outputs",
-           "companion_paths", "compile_timer", "describe_model", "load_network", "model_ref", "round_line",
-           "run_predict", "run_refine", "silent"]
+__all__ = [
+  "Log",
+  "MarkOptions",
+  "RefineSettings",
+  "SETTINGS",
+  "Setting",
+  "TUNED",
+  "check_outputs",
+  "companion_paths",
+  "compile_timer",
+  "describe_model",
+  "load_network",
+  "model_ref",
+  "round_line",
+  "run_predict",
+  "run_refine",
+  "silent",
+]

@@ -20,8 +20,11 @@ def _layers(model, order) -> list[dict]:
   flat = [(tuple(p), v) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))]
   layers = []
   for prefix in order:
-    size = sum(int(np.prod(np.shape(v.get_value() if hasattr(v, "get_value") else v.value)))
-               for p, v in flat if p[:len(prefix)] == prefix)
+    size = sum(
+      int(np.prod(np.shape(v.get_value() if hasattr(v, "get_value") else v.value)))
+      for p, v in flat
+      if p[: len(prefix)] == prefix
+    )
     layers.append({"name": "/".join(map(str, prefix)), "params": size})
   return layers
 
@@ -46,12 +49,24 @@ def describe_model(model: str) -> dict:
     stated = (info.metadata or {}).get("regions") or {}
     regions = {"class_order": list(inner.order), "names": stated.get("names"), "labels": stated.get("labels")}
     inner = inner.net
-  return {"model": model_ref(model), "family": info.family, "kwargs": info.kwargs,
-          "classes": list(info.class_names) if info.class_names else None, "num_classes": spec.num_classes,
-          "input": {"spatial_dims": spec.spatial_dims, "channels": spec.in_channels,
-                    "layout": "[*spatial, channels], channels last", "normalization": info.normalization},
-          "pipeline": pipeline_of(info.metadata),
-          "layers": layers, "total_params": count_params(nnx.state(network.model, nnx.Param)),
-          "members": inner.members if isinstance(inner, Ensemble) else None,
-          "member_family": inner.family if isinstance(inner, Ensemble) else None, "regions": regions,
-          "other_variables": count_params(others), "metadata": info.metadata}
+  return {
+    "model": model_ref(model),
+    "family": info.family,
+    "kwargs": info.kwargs,
+    "classes": list(info.class_names) if info.class_names else None,
+    "num_classes": spec.num_classes,
+    "input": {
+      "spatial_dims": spec.spatial_dims,
+      "channels": spec.in_channels,
+      "layout": "[*spatial, channels], channels last",
+      "normalization": info.normalization,
+    },
+    "pipeline": pipeline_of(info.metadata),
+    "layers": layers,
+    "total_params": count_params(nnx.state(network.model, nnx.Param)),
+    "members": inner.members if isinstance(inner, Ensemble) else None,
+    "member_family": inner.family if isinstance(inner, Ensemble) else None,
+    "regions": regions,
+    "other_variables": count_params(others),
+    "metadata": info.metadata,
+  }

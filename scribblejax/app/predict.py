@@ -22,8 +22,16 @@ from scribblejax.pipeline.network import network_logits, prepare
 from scribblejax.pipeline.spec import InferenceOptions
 
 
-def run_predict(model: str, image: str, out: str, *, overlay: bool = True, log: Log = silent,
-                inference: InferenceOptions = InferenceOptions(), progress: Any = None) -> dict:
+def run_predict(
+  model: str,
+  image: str,
+  out: str,
+  *,
+  overlay: bool = True,
+  log: Log = silent,
+  inference: InferenceOptions = InferenceOptions(),
+  progress: Any = None,
+) -> dict:
   """The network's own segmentation of an image, written like the image (see
   :func:`scribblejax.io.write_label_map`).
 
@@ -58,10 +66,18 @@ def run_predict(model: str, image: str, out: str, *, overlay: bool = True, log: 
     labels = labels_from_logits(network_logits(split, fitted, step=inference.step, progress=progress), fitted)
     seconds = time.perf_counter() - start
   num_classes = int(network.spec.num_classes or labels.max() + 1)
-  report = {"command": "predict", "image": str(image), "image_format": img.family,
-            "image_shape": list(img.spatial_shape), "model": model_ref(model),
-            "classes": list(info.class_names or [str(k) for k in range(num_classes)]),
-            "class_pixels": class_counts(labels, info.class_names, num_classes),
-            "seconds": seconds, "compile_seconds": compiled[0], "compile_seconds_note": COMPILE_NOTE,
-            **device_info(), "notes": list(fitted.notes)}
+  report = {
+    "command": "predict",
+    "image": str(image),
+    "image_format": img.family,
+    "image_shape": list(img.spatial_shape),
+    "model": model_ref(model),
+    "classes": list(info.class_names or [str(k) for k in range(num_classes)]),
+    "class_pixels": class_counts(labels, info.class_names, num_classes),
+    "seconds": seconds,
+    "compile_seconds": compiled[0],
+    "compile_seconds_note": COMPILE_NOTE,
+    **device_info(),
+    "notes": list(fitted.notes),
+  }
   return write_outputs(report, out, img, labels, labels, None, None, overlay, log, f"{Path(image).name}: network")

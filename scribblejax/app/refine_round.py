@@ -26,10 +26,24 @@ import numpy as np
 
 from scribblejax import marks as marks_lib
 from scribblejax.app.models import Log, load_network, model_ref, read_info, silent
-from scribblejax.app.report import (COMPILE_NOTE, check_outputs, class_counts, companion_paths, compile_timer,
-                                    device_info, round_line, write_outputs)
-from scribblejax.app.settings import (MarkOptions, RefineSettings, reported_settings, resolve_class_names,
-                                      session_new_classes, with_new_classes)
+from scribblejax.app.report import (
+  COMPILE_NOTE,
+  check_outputs,
+  class_counts,
+  companion_paths,
+  compile_timer,
+  device_info,
+  round_line,
+  write_outputs,
+)
+from scribblejax.app.settings import (
+  MarkOptions,
+  RefineSettings,
+  reported_settings,
+  resolve_class_names,
+  session_new_classes,
+  with_new_classes,
+)
 from scribblejax.config import RefineConfig
 from scribblejax.io import session_store
 from scribblejax.io.images import Image, image_digest, output_format, read_image
@@ -37,80 +51,96 @@ from scribblejax.io.marks_files import read_marks
 from scribblejax.kernels import resolve_conv_backend
 from scribblejax.models.surgery import add_classes
 from scribblejax.params import last_layers
-from scribblejax.pipeline.grid import (check_marks_inside_crop, cover_marks, inside, labels_from_logits, to_image,
-                                       to_model, to_model_counted, unsure_on_image)
+from scribblejax.pipeline.grid import (
+  check_marks_inside_crop,
+  cover_marks,
+  inside,
+  labels_from_logits,
+  to_image,
+  to_model,
+  to_model_counted,
+  unsure_on_image,
+)
 from scribblejax.pipeline.network import Loop, Network, loop_split, network_logits, prepare, refined_logits, same_tree
 from scribblejax.pipeline.preprocess import Fitted, network_input, span_text
 from scribblejax.pipeline.sliding_window import sliding_window_logits_of
 from scribblejax.pipeline.spec import InferenceOptions, spec_from_info
-from scribblejax.refinement import RefineResult, refine, resolve_driver
-from scribblejax.refinement import num_classes_of
+from scribblejax.refinement import RefineResult, num_classes_of, refine, resolve_driver
 from scribblejax.refinement.merge import new_marks_of, progressive_merge
 
 # refine segments the image with W and with the refined weights in one pass over the patches when their
 # two float32 logits volumes take at most this many bytes (else one pass after the other)
-JOINT_LOGITS_BYTES = 4 * 2 ** 30
+JOINT_LOGITS_BYTES = 4 * 2**30
 # the flags that set each pipeline option a session records
-_PIPELINE_FLAGS = {"resample": "--no-resample", "crop": "--no-crop", "mirror": "--mirror", "patch_size": "--patch-size",
-                   "step": "--patch-step"}
+_PIPELINE_FLAGS = {
+  "resample": "--no-resample",
+  "crop": "--no-crop",
+  "mirror": "--mirror",
+  "patch_size": "--patch-size",
+  "step": "--patch-step",
+}
 
 
 class Request(NamedTuple):
   """One round, checked and read: what every step reads."""
-  model: str                       # as given (a built-in name or a folder)
-  model_ref: str                   # as reports and sessions store it
+
+  model: str  # as given (a built-in name or a folder)
+  model_ref: str  # as reports and sessions store it
   image: Image
-  digest: str                      # the image's digest (sessions)
+  digest: str  # the image's digest (sessions)
   marks_files: tuple[str, ...]
-  new: np.ndarray                  # int32[*image_spatial]: this round's marks as read, -1 unmarked
+  new: np.ndarray  # int32[*image_spatial]: this round's marks as read, -1 unmarked
   out: str | None
   session: str | None
-  doc: dict | None                 # the session as stored (None: a first round, or no session)
-  undone: dict | None              # the round an undo dropped first
+  doc: dict | None  # the session as stored (None: a first round, or no session)
+  undone: dict | None  # the round an undo dropped first
   settings: RefineSettings
   class_names: tuple[str, ...] | None
-  info: Any                        # the model's stored info
+  info: Any  # the model's stored info
   overlay: bool
   inference: InferenceOptions
-  added: tuple[str, ...]           # classes appended to the network's head
+  added: tuple[str, ...]  # classes appended to the network's head
   log: Log = silent
-  progress: Any = None             # progress(steps, max_steps) during the loop
-  patch_progress: Any = None       # patch_progress(done, total) during a sliding window
+  progress: Any = None  # progress(steps, max_steps) during the loop
+  patch_progress: Any = None  # patch_progress(done, total) during a sliding window
 
 
 class Prepared(NamedTuple):
   """The network made ready for the round's image (:func:`load`)."""
+
   network: Network
   split: Any
   fitted: Fitted
   layers: int
   config: RefineConfig
-  grow: float | None               # the region-growing threshold (None: off)
+  grow: float | None  # the region-growing threshold (None: off)
   num_classes: int
 
 
 class RoundMarks(NamedTuple):
   """The round's marks on both grids (:func:`round_marks`)."""
-  new_image: np.ndarray            # int32[*image_spatial]: this round's marks, grown
-  drawn_image: np.ndarray          # int32[*image_spatial]: every round's marks as drawn (no growth)
-  marks_image: np.ndarray          # int32[*image_spatial]: every round's marks, grown
+
+  new_image: np.ndarray  # int32[*image_spatial]: this round's marks, grown
+  drawn_image: np.ndarray  # int32[*image_spatial]: every round's marks as drawn (no growth)
+  marks_image: np.ndarray  # int32[*image_spatial]: every round's marks, grown
   previous_image: np.ndarray | None  # the marks of the rounds before
-  model: np.ndarray                # int32[*model_spatial]: every round's marks on the model's grid, covered
-  arrays: dict | None              # the previous round's stored arrays
-  grown: int                       # voxels region growing added
-  clashes: int                     # marked voxels that lost their label to another on the model's grid
-  start: Any                       # the previous round's tunable leaves (--continue-weights), else None
+  model: np.ndarray  # int32[*model_spatial]: every round's marks on the model's grid, covered
+  arrays: dict | None  # the previous round's stored arrays
+  grown: int  # voxels region growing added
+  clashes: int  # marked voxels that lost their label to another on the model's grid
+  start: Any  # the previous round's tunable leaves (--continue-weights), else None
 
 
 class Refined(NamedTuple):
   """The refinement's outcome (:func:`refine_marks`)."""
-  result: Any                      # RefineResult
-  logits: np.ndarray               # the refined network's model-layout logits
-  before_image: np.ndarray         # int32[*image_spatial]: the network's own segmentation (or the session's)
+
+  result: Any  # RefineResult
+  logits: np.ndarray  # the refined network's model-layout logits
+  before_image: np.ndarray  # int32[*image_spatial]: the network's own segmentation (or the session's)
   unsure_image: np.ndarray | None  # where the network was unsure, on the image's grid
-  initial: np.ndarray | None       # the session's stored initial segmentation
+  initial: np.ndarray | None  # the session's stored initial segmentation
   loop: Loop
-  joint: bool                      # before and after came from one pass over the patches
+  joint: bool  # before and after came from one pass over the patches
   driver: str
   seconds: float
   compile_seconds: float
@@ -118,16 +148,28 @@ class Refined(NamedTuple):
 
 class Segmented(NamedTuple):
   """The round's segmentation (:func:`segment`)."""
-  labels: np.ndarray               # int32[*image_spatial]
-  honoured: float                  # of marked pixels, in the segmentation
-  network_honoured: float          # of marked pixels, in the refined network's labels
+
+  labels: np.ndarray  # int32[*image_spatial]
+  honoured: float  # of marked pixels, in the segmentation
+  network_honoured: float  # of marked pixels, in the refined network's labels
 
 
-def run_refine(*, model: str | None, image: str | None, marks: Sequence[str], out: str | None,
-               session: str | None = None, undo: bool = False, settings: RefineSettings = RefineSettings(),
-               mark_options: MarkOptions = MarkOptions(), overlay: bool = True, log: Log = silent,
-               progress: Any = None, inference: InferenceOptions = InferenceOptions(),
-               patch_progress: Any = None) -> dict:
+def run_refine(
+  *,
+  model: str | None,
+  image: str | None,
+  marks: Sequence[str],
+  out: str | None,
+  session: str | None = None,
+  undo: bool = False,
+  settings: RefineSettings = RefineSettings(),
+  mark_options: MarkOptions = MarkOptions(),
+  overlay: bool = True,
+  log: Log = silent,
+  progress: Any = None,
+  inference: InferenceOptions = InferenceOptions(),
+  patch_progress: Any = None,
+) -> dict:
   """One refinement round (or an undo) on an image with marks files.
 
   Args:
@@ -185,13 +227,33 @@ def run_refine(*, model: str | None, image: str | None, marks: Sequence[str], ou
     log(f"undoing round {undone['round']} of session {session}")
   if new is None:
     return after_undo(doc, session, undone, img, out, overlay, log, info, class_names)
-  request = Request(model, ref, img, digest, tuple(marks), new, out, session, doc, undone, settings, class_names,
-                    info, overlay, inference, added, log, progress, patch_progress)
+  request = Request(
+    model,
+    ref,
+    img,
+    digest,
+    tuple(marks),
+    new,
+    out,
+    session,
+    doc,
+    undone,
+    settings,
+    class_names,
+    info,
+    overlay,
+    inference,
+    added,
+    log,
+    progress,
+    patch_progress,
+  )
   return refine_round(request)
 
 
-def _check_request(doc: dict | None, session: str | None, undo: bool, marks: Sequence[str],
-                   settings: RefineSettings) -> None:
+def _check_request(
+  doc: dict | None, session: str | None, undo: bool, marks: Sequence[str], settings: RefineSettings
+) -> None:
   """Refuses a request that cannot be run, before any file is read but the session's."""
   if undo and not session:
     raise ValueError("--undo needs --session (the folder of the rounds to undo)")
@@ -203,8 +265,16 @@ def _check_request(doc: dict | None, session: str | None, undo: bool, marks: Seq
     raise ValueError("refine needs at least one --marks file")
 
 
-def _check_session(doc: dict, session: str | None, img: Image, digest: str, model: str, ref: str,
-                   inference: InferenceOptions, new_round: bool) -> None:
+def _check_session(
+  doc: dict,
+  session: str | None,
+  img: Image,
+  digest: str,
+  model: str,
+  ref: str,
+  inference: InferenceOptions,
+  new_round: bool,
+) -> None:
   """Refuses a session of another image or model, or (for a new round) other pipeline options."""
   if doc["image_digest"] != digest:
     raise ValueError(f"image {img.path} is not the image of session {session} ({doc['image']})")
@@ -213,8 +283,9 @@ def _check_session(doc: dict, session: str | None, img: Image, digest: str, mode
   check_session_pipeline(doc, session, inference, new_round)
 
 
-def _classes(settings: RefineSettings, mark_options: MarkOptions, info: Any, doc: dict | None, session: str | None,
-             model: str) -> tuple[tuple[str, ...] | None, int | None, tuple[str, ...]]:
+def _classes(
+  settings: RefineSettings, mark_options: MarkOptions, info: Any, doc: dict | None, session: str | None, model: str
+) -> tuple[tuple[str, ...] | None, int | None, tuple[str, ...]]:
   """The class names marks files are read with, the class count, and the classes appended this round."""
   stated = spec_from_info(info)
   class_names = resolve_class_names(mark_options.class_names, info, stated.num_classes)
@@ -228,17 +299,30 @@ def _classes(settings: RefineSettings, mark_options: MarkOptions, info: Any, doc
   return class_names, num_classes, added
 
 
-def _read_marks(marks: Sequence[str], img: Image, mark_options: MarkOptions, num_classes: int | None,
-                class_names: Sequence[str] | None, log: Log) -> np.ndarray:
+def _read_marks(
+  marks: Sequence[str],
+  img: Image,
+  mark_options: MarkOptions,
+  num_classes: int | None,
+  class_names: Sequence[str] | None,
+  log: Log,
+) -> np.ndarray:
   """The marks files on the image's grid, accumulated in order.
 
   Raises:
     ValueError: a file that cannot be read as marks, or files that mark no pixel.
   """
   log(f"reading marks {', '.join(map(str, marks))}")
-  new = read_marks(list(marks), img.geometry, num_classes=num_classes, class_names=class_names,
-                   background_value=mark_options.background_value, unmarked_value=mark_options.unmarked_value,
-                   radius=mark_options.radius, rectangle=mark_options.rectangle)
+  new = read_marks(
+    list(marks),
+    img.geometry,
+    num_classes=num_classes,
+    class_names=class_names,
+    background_value=mark_options.background_value,
+    unmarked_value=mark_options.unmarked_value,
+    radius=mark_options.radius,
+    rectangle=mark_options.rectangle,
+  )
   if not (new >= 0).any():
     raise ValueError(f"the marks files {', '.join(map(str, marks))} mark no pixel")
   return new
@@ -256,15 +340,29 @@ def check_session_pipeline(doc: dict, session: str | None, inference: InferenceO
   if not new_round or stored is None:
     return
   current = inference.record()
-  differ = [f"{_PIPELINE_FLAGS[k]} ({stored.get(k)!r} then, {current[k]!r} now)" for k in _PIPELINE_FLAGS
-            if stored.get(k) != current[k]]
+  differ = [
+    f"{_PIPELINE_FLAGS[k]} ({stored.get(k)!r} then, {current[k]!r} now)"
+    for k in _PIPELINE_FLAGS
+    if stored.get(k) != current[k]
+  ]
   if differ:
-    raise ValueError(f"session {session} was refined with other pipeline options: {', '.join(differ)}; give its "
-                     "rounds the same options, or start a new session")
+    raise ValueError(
+      f"session {session} was refined with other pipeline options: {', '.join(differ)}; give its "
+      "rounds the same options, or start a new session"
+    )
 
 
-def after_undo(doc: dict, session: str, undone: dict, img: Image, out: str | None, overlay: bool, log: Log,
-               info: Any, class_names: Sequence[str] | None) -> dict:
+def after_undo(
+  doc: dict,
+  session: str,
+  undone: dict,
+  img: Image,
+  out: str | None,
+  overlay: bool,
+  log: Log,
+  info: Any,
+  class_names: Sequence[str] | None,
+) -> dict:
   """Saves the session without its last round and writes the segmentation it now shows.
 
   Returns:
@@ -279,11 +377,28 @@ def after_undo(doc: dict, session: str, undone: dict, img: Image, out: str | Non
   if labels is None:
     raise ValueError(f"session {session} has lost its stored segmentation (initial.npz); start a new session")
   num_classes = int(max(labels.max(), 0 if initial is None else initial.max())) + 1
-  report = {"command": "refine", "undo": True, "undone_round": undone["round"], "rounds": len(doc["rounds"]),
-            "session": str(session), "image": doc["image"], "model": doc["model"],
-            "class_pixels": class_counts(labels, class_names or info.class_names, num_classes)}
-  report = write_outputs(report, out, img, labels, initial if initial is not None else labels,
-                         labels if doc["rounds"] else None, marks, overlay, log, f"{Path(img.path).name}: after undo")
+  report = {
+    "command": "refine",
+    "undo": True,
+    "undone_round": undone["round"],
+    "rounds": len(doc["rounds"]),
+    "session": str(session),
+    "image": doc["image"],
+    "model": doc["model"],
+    "class_pixels": class_counts(labels, class_names or info.class_names, num_classes),
+  }
+  report = write_outputs(
+    report,
+    out,
+    img,
+    labels,
+    initial if initial is not None else labels,
+    labels if doc["rounds"] else None,
+    marks,
+    overlay,
+    log,
+    f"{Path(img.path).name}: after undo",
+  )
   session_store.save_session(session, doc)
   session_store.remove_round_file(session, doc, undone)
   return report
@@ -313,8 +428,9 @@ def load(request: Request) -> Prepared:
       extended = add_classes(network.model, len(request.added))
     except ValueError as err:
       raise ValueError(f"--new-class cannot extend this model's head: {err}") from None
-    network = network._replace(model=extended, spec=network.spec._replace(
-        num_classes=network.spec.num_classes + len(request.added)))
+    network = network._replace(
+      model=extended, spec=network.spec._replace(num_classes=network.spec.num_classes + len(request.added))
+    )
   num_classes = network.spec.num_classes
   layers, config, grow = request.settings.resolve(request.info.metadata)
   network, split, fitted, layers = prepare(network, request.image, request.info, layers, request.inference)
@@ -330,8 +446,9 @@ def load(request: Request) -> Prepared:
   return Prepared(network, split, fitted, layers, config, grow, num_classes)
 
 
-def _grow(new: np.ndarray, new_model: np.ndarray, fitted: Fitted, grow: float,
-          previous_drawn: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, int]:
+def _grow(
+  new: np.ndarray, new_model: np.ndarray, fitted: Fitted, grow: float, previous_drawn: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray, int]:
   """This round's marks grown on the model's grid (never into the padding, nor into or across what the
   user drew in earlier rounds: their word; what earlier growth inferred, a newer round's may relabel).
 
@@ -360,12 +477,15 @@ def round_marks(request: Request, prepared: Prepared) -> RoundMarks:
   if doc is not None and doc["rounds"]:
     arrays = session_store.round_arrays(session, doc["rounds"][-1])
     previous_image, previous_drawn = arrays["marks"], session_store.drawn_marks(arrays)
-  check_marks_inside_crop(new if previous_image is None else marks_lib.accumulate(previous_image, new), fitted,
-                          request.class_names)
+  check_marks_inside_crop(
+    new if previous_image is None else marks_lib.accumulate(previous_image, new), fitted, request.class_names
+  )
   new_model, clashes = to_model_counted(new, fitted)
   if clashes:
-    request.log(f"note: {clashes} marked voxel(s) share a voxel of the model's grid with a mark of another class; "
-                "one label holds there")
+    request.log(
+      f"note: {clashes} marked voxel(s) share a voxel of the model's grid with a mark of another class; "
+      "one label holds there"
+    )
   previous, start = None, None
   if previous_image is not None:
     previous = to_model(previous_image, fitted)
@@ -389,17 +509,22 @@ def _loop(request: Request, prepared: Prepared, marks: RoundMarks) -> tuple[Loop
   # every mark outside the crop (background marks, which the pipeline honours there): nothing to refine
   nothing = fitted.patch is not None and not (model_marks >= 0).any()
   if nothing:
-    log("note: every mark lies outside the image's non-zero region, where the segmentation is background "
-        "already: nothing to refine")
+    log(
+      "note: every mark lies outside the image's non-zero region, where the segmentation is background "
+      "already: nothing to refine"
+    )
     return Loop(prepared.split, fitted.image, model_marks, 0, 0), True
-  loop = loop_split(prepared.network, fitted, prepared.split, model_marks, last_layers(prepared.layers),
-                    request.inference)
+  loop = loop_split(
+    prepared.network, fitted, prepared.split, model_marks, last_layers(prepared.layers), request.inference
+  )
   if loop.patches:
     count, per_call = loop.patches, loop.per_call
     batches = "" if per_call >= count else f", {per_call} per network call (rematerialised one call at a time)"
-    log(f"note: the loop runs the {count} patch(es) that hold marks (region {span_text(loop.region)} of the model's "
-        f"grid{batches}), blended as the sliding window blends them; the refined network then segments the whole "
-        "image")
+    log(
+      f"note: the loop runs the {count} patch(es) that hold marks (region {span_text(loop.region)} of the model's "
+      f"grid{batches}), blended as the sliding window blends them; the refined network then segments the whole "
+      "image"
+    )
   return loop, False
 
 
@@ -409,8 +534,11 @@ def refine_marks(request: Request, prepared: Prepared, marks: RoundMarks) -> Ref
   patches, unless two volumes of logits would not fit :data:`JOINT_LOGITS_BYTES`)."""
   split, fitted, config, inference = prepared.split, prepared.fitted, prepared.config, request.inference
   initial = session_store.load_initial(request.session) if request.session else None
-  joint = (initial is None and fitted.patch is not None
-           and 2 * 4 * int(np.prod(fitted.image.shape[:-1])) * prepared.num_classes <= JOINT_LOGITS_BYTES)
+  joint = (
+    initial is None
+    and fitted.patch is not None
+    and 2 * 4 * int(np.prod(fitted.image.shape[:-1])) * prepared.num_classes <= JOINT_LOGITS_BYTES
+  )
   unsure_image = session_store.load_unsure(request.session) if initial is not None else None
   before_image = initial
   if initial is None and not joint:
@@ -419,28 +547,40 @@ def refine_marks(request: Request, prepared: Prepared, marks: RoundMarks) -> Ref
     unsure_image = unsure_on_image(before_logits, fitted, config.merge_confidence)
     del before_logits
   loop, nothing = _loop(request, prepared, marks)
-  start = None if marks.start is None else same_tree(
-      loop.split.tunable, marks.start, "--continue-weights needs the same --layers as the previous round")
+  start = (
+    None
+    if marks.start is None
+    else same_tree(loop.split.tunable, marks.start, "--continue-weights needs the same --layers as the previous round")
+  )
   driver = resolve_driver(config.driver, config.conv_backend, config.compute_dtype, config.cache_trunk)
-  request.log(f"refining the last {prepared.layers} layers: up to {config.max_steps} steps on "
-              f"{int((marks.model >= 0).sum())} marked pixels (driver {driver}, {device_info()['device']})")
+  request.log(
+    f"refining the last {prepared.layers} layers: up to {config.max_steps} steps on "
+    f"{int((marks.model >= 0).sum())} marked pixels (driver {driver}, {device_info()['device']})"
+  )
   with compile_timer() as compiled:
     start_time = time.perf_counter()
-    if nothing:               # the network (W, or the previous round's W_lam) as it stands: no step
-      result = RefineResult(None, None, split.tunable if start is None else start, np.int32(0), np.bool_(True),
-                            np.bool_(False), None)
+    if nothing:  # the network (W, or the previous round's W_lam) as it stands: no step
+      result = RefineResult(
+        None, None, split.tunable if start is None else start, np.int32(0), np.bool_(True), np.bool_(False), None
+      )
     else:
       result = refine(loop.split, loop.image, loop.marks, config, start=start, progress=request.progress)
     if joint:
-      before, logits = sliding_window_logits_of(split, fitted.image, fitted.patch,
-                                                [None, same_tree(split.tunable, result.tunable)],
-                                                step=inference.step, progress=request.patch_progress)
+      before, logits = sliding_window_logits_of(
+        split,
+        fitted.image,
+        fitted.patch,
+        [None, same_tree(split.tunable, result.tunable)],
+        step=inference.step,
+        progress=request.patch_progress,
+      )
       before_image = labels_from_logits(before, fitted)
       unsure_image = unsure_on_image(before, fitted, config.merge_confidence)
       del before
     else:
-      logits = refined_logits(split, fitted, result, max(loop.patches, int(nothing)), inference.step,
-                              request.patch_progress)
+      logits = refined_logits(
+        split, fitted, result, max(loop.patches, int(nothing)), inference.step, request.patch_progress
+      )
     seconds = time.perf_counter() - start_time
   return Refined(result, logits, before_image, unsure_image, initial, loop, joint, driver, seconds, compiled[0])
 
@@ -459,49 +599,81 @@ def segment(request: Request, prepared: Prepared, marks: RoundMarks, refined: Re
   network_honoured = _honoured(labels, marks.marks_image)
   if config.progressive_merge:
     arrays = marks.arrays
-    previous_labels = (arrays["labels"] if arrays is not None and arrays.get("labels") is not None
-                       else refined.before_image)
+    previous_labels = (
+      arrays["labels"] if arrays is not None and arrays.get("labels") is not None else refined.before_image
+    )
     # what this round added: a marks file that holds earlier rounds' marks too does not make them new
     new_marks = new_marks_of(marks.marks_image, marks.previous_image)
     if refined.unsure_image is None and refined.initial is not None and config.merge_confidence > 0:
       log("note: this session was started before its network's unsure pixels were stored; the merge frees none")
     labels = progressive_merge(previous_labels, labels, new_marks, marks.marks_image, free=refined.unsure_image)
   honoured = _honoured(labels, marks.marks_image)
-  log(f"{steps} steps in {refined.seconds:.2f}s ({refined.compile_seconds:.2f}s compiling): "
-      + round_line(satisfied, network_honoured, honoured, marks.marks_image, network_labels,
-                   request.class_names, steps, config.max_steps, bool(result.nonfinite)))
+  log(
+    f"{steps} steps in {refined.seconds:.2f}s ({refined.compile_seconds:.2f}s compiling): "
+    + round_line(
+      satisfied,
+      network_honoured,
+      honoured,
+      marks.marks_image,
+      network_labels,
+      request.class_names,
+      steps,
+      config.max_steps,
+      bool(result.nonfinite),
+    )
+  )
   if satisfied and network_honoured < 1.0:
-    log("note: the loop honoured every mark on the model's grid, but the segmentation brought back to the "
-        "image's grid misses some marked pixels (they lie between the model's voxels)")
+    log(
+      "note: the loop honoured every mark on the model's grid, but the segmentation brought back to the "
+      "image's grid misses some marked pixels (they lie between the model's voxels)"
+    )
   return Segmented(labels, honoured, network_honoured)
 
 
-def round_report(request: Request, prepared: Prepared, marks: RoundMarks, refined: Refined,
-                 segmented: Segmented) -> dict:
+def round_report(
+  request: Request, prepared: Prepared, marks: RoundMarks, refined: Refined, segmented: Segmented
+) -> dict:
   """The round's report (before the paths written are added)."""
   img, config, result, loop = request.image, prepared.config, refined.result, refined.loop
   doc, num_classes, class_names = request.doc, prepared.num_classes, request.class_names
   steps, satisfied = int(result.num_steps), bool(result.satisfied)
   round_index = len(doc["rounds"]) + 1 if doc is not None else 1
-  report = {"command": "refine", "image": img.path, "image_format": img.family, "image_shape": list(img.spatial_shape),
-            "model": request.model_ref, "classes": list(class_names or [str(k) for k in range(num_classes)]),
-            "marks_files": [str(m) for m in request.marks_files], "round": round_index,
-            "new_marked_pixels": int((request.new >= 0).sum()), "grown_pixels": marks.grown,
-            "marked_pixels": class_counts(marks.marks_image, class_names, num_classes),
-            "clashing_marks": marks.clashes, "steps": steps, "max_steps": config.max_steps, "satisfied": satisfied,
-            "nonfinite": bool(result.nonfinite), "marks_honoured": segmented.honoured,
-            "network_marks_honoured": segmented.network_honoured,
-            "changed_pixels": int((segmented.labels != refined.before_image).sum()),
-            "seconds": refined.seconds, "compile_seconds": refined.compile_seconds,
-            "compile_seconds_note": COMPILE_NOTE, **device_info(), "driver": refined.driver,
-            "conv_backend": resolve_conv_backend(config.conv_backend),
-            "settings": reported_settings(request.settings, prepared.layers, config, prepared.grow),
-            "notes": list(prepared.fitted.notes)}
+  report = {
+    "command": "refine",
+    "image": img.path,
+    "image_format": img.family,
+    "image_shape": list(img.spatial_shape),
+    "model": request.model_ref,
+    "classes": list(class_names or [str(k) for k in range(num_classes)]),
+    "marks_files": [str(m) for m in request.marks_files],
+    "round": round_index,
+    "new_marked_pixels": int((request.new >= 0).sum()),
+    "grown_pixels": marks.grown,
+    "marked_pixels": class_counts(marks.marks_image, class_names, num_classes),
+    "clashing_marks": marks.clashes,
+    "steps": steps,
+    "max_steps": config.max_steps,
+    "satisfied": satisfied,
+    "nonfinite": bool(result.nonfinite),
+    "marks_honoured": segmented.honoured,
+    "network_marks_honoured": segmented.network_honoured,
+    "changed_pixels": int((segmented.labels != refined.before_image).sum()),
+    "seconds": refined.seconds,
+    "compile_seconds": refined.compile_seconds,
+    "compile_seconds_note": COMPILE_NOTE,
+    **device_info(),
+    "driver": refined.driver,
+    "conv_backend": resolve_conv_backend(config.conv_backend),
+    "settings": reported_settings(request.settings, prepared.layers, config, prepared.grow),
+    "notes": list(prepared.fitted.notes),
+  }
   if request.added:
     report["new_classes"] = list(request.added)
   if refined.joint:
-    report["notes"].append("the network's own segmentation (for changed_pixels and the overlay) was computed in "
-                           "the same pass over the patches as the refined one; seconds includes it")
+    report["notes"].append(
+      "the network's own segmentation (for changed_pixels and the overlay) was computed in "
+      "the same pass over the patches as the refined one; seconds includes it"
+    )
   if loop.patches:
     report["refined_region"] = [[r.start, r.stop] for r in loop.region]
     report["refined_patches"] = loop.patches
@@ -523,26 +695,45 @@ def persist(request: Request, prepared: Prepared, marks: RoundMarks, refined: Re
   """
   report = round_report(request, prepared, marks, refined, segmented)
   img, session, doc = request.image, request.session, request.doc
-  title = (f"{Path(img.path).name}: round {report['round']}, {report['steps']} steps, "
-           f"satisfied={report['satisfied']}")
-  report = write_outputs(report, request.out, img, segmented.labels, refined.before_image, segmented.labels,
-                         marks.marks_image, request.overlay, request.log, title)
+  title = f"{Path(img.path).name}: round {report['round']}, {report['steps']} steps, satisfied={report['satisfied']}"
+  report = write_outputs(
+    report,
+    request.out,
+    img,
+    segmented.labels,
+    refined.before_image,
+    segmented.labels,
+    marks.marks_image,
+    request.overlay,
+    request.log,
+    title,
+  )
   if not session:
     return report
   if doc is None:
-    doc = session_store.new_session(str(Path(img.path).resolve()), request.digest, request.model_ref,
-                                    img.spatial_shape)
+    doc = session_store.new_session(str(Path(img.path).resolve()), request.digest, request.model_ref, img.spatial_shape)
     doc["pipeline"] = request.inference.record()
     if request.added:
       doc["new_classes"] = list(request.added)
   if refined.initial is None:
     session_store.save_initial(session, refined.before_image, refined.unsure_image)
-  record = {"marks_files": [str(Path(m).resolve()) for m in request.marks_files], "steps": report["steps"],
-            "satisfied": report["satisfied"], "settings": report["settings"], "out": str(request.out)}
-  doc = session_store.append_round(session, doc, record, marks=marks.marks_image, new_marks=marks.new_image,
-                                   labels=segmented.labels,
-                                   tunable=[np.asarray(x) for x in jax.tree.leaves(refined.result.tunable)],
-                                   drawn=marks.drawn_image)
+  record = {
+    "marks_files": [str(Path(m).resolve()) for m in request.marks_files],
+    "steps": report["steps"],
+    "satisfied": report["satisfied"],
+    "settings": report["settings"],
+    "out": str(request.out),
+  }
+  doc = session_store.append_round(
+    session,
+    doc,
+    record,
+    marks=marks.marks_image,
+    new_marks=marks.new_image,
+    labels=segmented.labels,
+    tunable=[np.asarray(x) for x in jax.tree.leaves(refined.result.tunable)],
+    drawn=marks.drawn_image,
+  )
   if request.undone is not None:
     session_store.remove_round_file(session, doc, request.undone)
   return report

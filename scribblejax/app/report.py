@@ -17,10 +17,15 @@ from scribblejax.io import fileio
 from scribblejax.io.images import Image, suffix_of, write_label_map
 from scribblejax.io.overlay import save_overlay
 
-_COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
-                   "/jax/core/compile/backend_compile_duration")
-COMPILE_NOTE = ("compile_seconds: time JAX reported spending on tracing, lowering and XLA compilation during "
-                "the timed call (jax.monitoring events); seconds includes it")
+_COMPILE_EVENTS = (
+  "/jax/core/compile/jaxpr_trace_duration",
+  "/jax/core/compile/jaxpr_to_mlir_module_duration",
+  "/jax/core/compile/backend_compile_duration",
+)
+COMPILE_NOTE = (
+  "compile_seconds: time JAX reported spending on tracing, lowering and XLA compilation during "
+  "the timed call (jax.monitoring events); seconds includes it"
+)
 
 
 def companion_paths(out: str | os.PathLike) -> tuple[Path, Path]:
@@ -54,7 +59,7 @@ def check_outputs(outputs: Sequence[str | os.PathLike | None], inputs: Sequence[
       if Path(i).is_dir() and os.path.realpath(o).startswith(os.path.realpath(i) + os.sep) and Path(o).exists():
         raise ValueError(f"output {o} would overwrite a file of the input folder {i}")
   for n, o in enumerate(outputs):
-    if any(_same(o, p) for p in outputs[n + 1:]):
+    if any(_same(o, p) for p in outputs[n + 1 :]):
       raise ValueError(f"two outputs would be written to {o}")
   for o in outputs:
     _check_writable(Path(o))
@@ -112,9 +117,18 @@ def class_counts(marks: np.ndarray, class_names: Sequence[str] | None, num_class
   return {str(names[k]) if k < len(names) else str(k): int(c) for k, c in enumerate(counts) if c}
 
 
-def write_outputs(report: dict, out: str | None, image: Image, labels: np.ndarray, before: np.ndarray,
-                  after: np.ndarray | None, marks: np.ndarray | None, overlay: bool, log: Callable[[str], None],
-                  title: str) -> dict:
+def write_outputs(
+  report: dict,
+  out: str | None,
+  image: Image,
+  labels: np.ndarray,
+  before: np.ndarray,
+  after: np.ndarray | None,
+  marks: np.ndarray | None,
+  overlay: bool,
+  log: Callable[[str], None],
+  title: str,
+) -> dict:
   """Writes the segmentation, the overlay and the report (each atomically); nothing when ``out`` is
   ``None``.
 
@@ -135,15 +149,25 @@ def write_outputs(report: dict, out: str | None, image: Image, labels: np.ndarra
   return report
 
 
-def round_line(satisfied: bool, network_honoured: float, honoured: float, marks: np.ndarray, network_labels: np.ndarray,
-               class_names: Sequence[str] | None, steps: int, max_steps: int, nonfinite: bool) -> str:
+def round_line(
+  satisfied: bool,
+  network_honoured: float,
+  honoured: float,
+  marks: np.ndarray,
+  network_labels: np.ndarray,
+  class_names: Sequence[str] | None,
+  steps: int,
+  max_steps: int,
+  nonfinite: bool,
+) -> str:
   """The one line a round ends with: every mark honoured, or the fraction per class and why not."""
   if satisfied and network_honoured == 1.0:
     return "every mark honoured"
   marked = marks >= 0
   name = lambda c: class_names[c] if class_names and c < len(class_names) else f"class {c}"
-  per_class = ", ".join(f"{name(int(c))} {np.mean(network_labels[marks == c] == c):.1%}"
-                        for c in np.unique(marks[marked]))
+  per_class = ", ".join(
+    f"{name(int(c))} {np.mean(network_labels[marks == c] == c):.1%}" for c in np.unique(marks[marked])
+  )
   if satisfied:
     why = "the marks lie between the model's voxels"
   elif nonfinite:

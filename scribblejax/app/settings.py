@@ -20,59 +20,106 @@ from scribblejax.kernels import CONV_BACKENDS
 
 class Setting(NamedTuple):
   """One setting of a round, as the command line and ``model.json`` name it."""
-  flag: str                        # its one documented command-line name
-  type: type                       # int, float, str or bool
+
+  flag: str  # its one documented command-line name
+  type: type  # int, float, str or bool
   help: str
-  stored: bool = False             # a model may state a default (model.json metadata.refine); the flag's default
+  stored: bool = False  # a model may state a default (model.json metadata.refine); the flag's default
   #                                  is then None ("the model's, else the preset's")
   choices: tuple[str, ...] | None = None
-  aliases: tuple[str, ...] = ()    # older names that still work, undocumented
-  metavar: str | None = None       # the value's name in the help (default: the flag's, in capitals)
+  aliases: tuple[str, ...] = ()  # older names that still work, undocumented
+  metavar: str | None = None  # the value's name in the help (default: the flag's, in capitals)
 
 
 # Keyed by RefineConfig field, then the round's own knobs (RefineSettings fields that are not RefineConfig's).
 SETTINGS: dict[str, Setting] = {
-    "max_steps": Setting("--steps", int, "most optimiser steps M", stored=True, metavar="M"),
-    "optimizer": Setting("--optimizer", str, "the optimiser", stored=True, choices=OPTIMIZERS),
-    "learning_rate": Setting("--learning-rate", float, "the optimiser's learning rate", stored=True, aliases=("--lr",),
-                             metavar="LR"),
-    "momentum": Setting("--momentum", float, "SGD momentum", stored=True),
-    "prox_weight": Setting("--prox-weight", float, "alpha, the weight of ||W_lam - W||_2", stored=True,
-                           aliases=("--alpha",), metavar="ALPHA"),
-    "keep_weight": Setting("--keep-weight", float, "weight of the keep term: the unmarked pixels' cross-entropy "
-                           "against the network's labels", stored=True),
-    "progressive_merge": Setting("--progressive-merge", bool, "change the segmentation only in the regions of change "
-                                 "that touch this round's marks, and honour every mark in it (default: on; off in "
-                                 "the paper preset)", stored=True),
-    "driver": Setting("--driver", str, "auto: one compiled loop on GPU/TPU, and on the CPU with oneDNN convolutions "
-                      "(the cpu extra); host-driven chunks on the CPU otherwise", choices=DRIVERS),
-    "check_every": Setting("--check-every", int, "steps per compiled chunk of the host driver"),
-    "class_balance": Setting("--class-balance", bool, "weight every marked class equally"),
-    "compute_dtype": Setting("--compute-dtype", str, "dtype the network computes in; weights stay float32",
-                             choices=COMPUTE_DTYPES),
-    "remat": Setting("--remat", bool, "recompute the tail's activations in the backward pass (less memory, more "
-                     "time)"),
-    "conv_backend": Setting("--conv-backend", str, "who computes the convolutions: auto (oneDNN on the CPU when the "
-                            "kernels are available, else XLA), xla, or onednn (CPU only; see scribblejax.kernels)",
-                            choices=CONV_BACKENDS),
-    # the round's own
-    "layers": Setting("--layers", int, "tunable last layers l (default: 5, or fewer if the model has fewer)",
-                      stored=True, metavar="L"),
-    "preset": Setting("--preset", str, "the settings every option left out takes: the library's defaults, or "
-                      "'paper' (Algorithm 1 exactly: SGD 0.01, momentum 0.9, alpha 1, no keep term, no merge)",
-                      choices=PRESETS),
-    "region_growing": Setting("--region-growing", float, "grow this round's marks into neighbours whose normalised "
-                              "intensity differs by < T", stored=True, metavar="T"),
-    "continue_weights": Setting("--continue-weights", bool, "in a session, start from the previous round's weights "
-                                "instead of the network's"),
+  "max_steps": Setting("--steps", int, "most optimiser steps M", stored=True, metavar="M"),
+  "optimizer": Setting("--optimizer", str, "the optimiser", stored=True, choices=OPTIMIZERS),
+  "learning_rate": Setting(
+    "--learning-rate", float, "the optimiser's learning rate", stored=True, aliases=("--lr",), metavar="LR"
+  ),
+  "momentum": Setting("--momentum", float, "SGD momentum", stored=True),
+  "prox_weight": Setting(
+    "--prox-weight", float, "alpha, the weight of ||W_lam - W||_2", stored=True, aliases=("--alpha",), metavar="ALPHA"
+  ),
+  "keep_weight": Setting(
+    "--keep-weight",
+    float,
+    "weight of the keep term: the unmarked pixels' cross-entropy against the network's labels",
+    stored=True,
+  ),
+  "progressive_merge": Setting(
+    "--progressive-merge",
+    bool,
+    "change the segmentation only in the regions of change "
+    "that touch this round's marks, and honour every mark in it (default: on; off in "
+    "the paper preset)",
+    stored=True,
+  ),
+  "driver": Setting(
+    "--driver",
+    str,
+    "auto: one compiled loop on GPU/TPU, and on the CPU with oneDNN convolutions "
+    "(the cpu extra); host-driven chunks on the CPU otherwise",
+    choices=DRIVERS,
+  ),
+  "check_every": Setting("--check-every", int, "steps per compiled chunk of the host driver"),
+  "class_balance": Setting("--class-balance", bool, "weight every marked class equally"),
+  "compute_dtype": Setting(
+    "--compute-dtype", str, "dtype the network computes in; weights stay float32", choices=COMPUTE_DTYPES
+  ),
+  "remat": Setting("--remat", bool, "recompute the tail's activations in the backward pass (less memory, more time)"),
+  "conv_backend": Setting(
+    "--conv-backend",
+    str,
+    "who computes the convolutions: auto (oneDNN on the CPU when the "
+    "kernels are available, else XLA), xla, or onednn (CPU only; see scribblejax.kernels)",
+    choices=CONV_BACKENDS,
+  ),
+  # the round's own
+  "layers": Setting(
+    "--layers", int, "tunable last layers l (default: 5, or fewer if the model has fewer)", stored=True, metavar="L"
+  ),
+  "preset": Setting(
+    "--preset",
+    str,
+    "the settings every option left out takes: the library's defaults, or "
+    "'paper' (Algorithm 1 exactly: SGD 0.01, momentum 0.9, alpha 1, no keep term, no merge)",
+    choices=PRESETS,
+  ),
+  "region_growing": Setting(
+    "--region-growing",
+    float,
+    "grow this round's marks into neighbours whose normalised intensity differs by < T",
+    stored=True,
+    metavar="T",
+  ),
+  "continue_weights": Setting(
+    "--continue-weights", bool, "in a session, start from the previous round's weights instead of the network's"
+  ),
 }
 CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(RefineConfig))
 # RefineConfig fields a round's settings (and a model's stored "metadata.refine") may give
 TUNED = tuple(name for name, s in SETTINGS.items() if s.stored and name in CONFIG_FIELDS)
 # the report's "settings", in this order
-REPORTED = ("layers", "max_steps", "learning_rate", "momentum", "prox_weight", "region_growing", "keep_weight",
-            "optimizer", "progressive_merge", "preset", "class_balance", "continue_weights", "check_every",
-            "compute_dtype", "remat", "conv_backend")
+REPORTED = (
+  "layers",
+  "max_steps",
+  "learning_rate",
+  "momentum",
+  "prox_weight",
+  "region_growing",
+  "keep_weight",
+  "optimizer",
+  "progressive_merge",
+  "preset",
+  "class_balance",
+  "continue_weights",
+  "check_every",
+  "compute_dtype",
+  "remat",
+  "conv_backend",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,6 +153,7 @@ class RefineSettings:
       so the first segmentation is the network's own); they follow the model's classes. A session keeps
       the classes it started with.
   """
+
   layers: int | None = None
   max_steps: int | None = None
   learning_rate: float | None = None
@@ -134,16 +182,22 @@ class RefineSettings:
     stored = (metadata or {}).get("refine", {}) if isinstance(metadata, dict) else {}
     if self.preset not in PRESETS:
       raise ValueError(f"preset must be one of {PRESETS}, got {self.preset!r}")
-    if self.preset == "paper":      # the paper's settings, whatever the model stores
+    if self.preset == "paper":  # the paper's settings, whatever the model stores
       stored = {}
     pick = lambda name: getattr(self, name) if getattr(self, name) is not None else stored.get(name)
     fields = {k: pick(k) for k in TUNED}
     if fields["optimizer"] == "sgd" and fields["learning_rate"] is None:
-      fields["learning_rate"] = PAPER["learning_rate"]      # Adam's default step would barely move SGD
+      fields["learning_rate"] = PAPER["learning_rate"]  # Adam's default step would barely move SGD
     base = RefineConfig.paper if self.preset == "paper" else RefineConfig
-    config = base(**{k: v for k, v in fields.items() if v is not None}, driver=self.driver,
-                  check_every=self.check_every, compute_dtype=self.compute_dtype, remat=self.remat,
-                  conv_backend=self.conv_backend, **({"class_balance": True} if self.class_balance else {}))
+    config = base(
+      **{k: v for k, v in fields.items() if v is not None},
+      driver=self.driver,
+      check_every=self.check_every,
+      compute_dtype=self.compute_dtype,
+      remat=self.remat,
+      conv_backend=self.conv_backend,
+      **({"class_balance": True} if self.class_balance else {}),
+    )
     grow = pick("region_growing")
     if grow is not None and (not np.isfinite(grow) or grow < 0):
       raise ValueError(f"the region growing threshold must be finite and >= 0, got {grow}")
@@ -152,14 +206,20 @@ class RefineSettings:
 
 def reported_settings(settings: RefineSettings, layers: int, config: RefineConfig, grow: float | None) -> dict:
   """The report's ``settings``: what a round ran with, its defaults filled in (:data:`REPORTED`)."""
-  own = {"layers": layers, "region_growing": grow, "preset": settings.preset,
-         "continue_weights": settings.continue_weights, "optimizer": str(config.optimizer or "sgd")}
+  own = {
+    "layers": layers,
+    "region_growing": grow,
+    "preset": settings.preset,
+    "continue_weights": settings.continue_weights,
+    "optimizer": str(config.optimizer or "sgd"),
+  }
   return {name: own[name] if name in own else getattr(config, name) for name in REPORTED}
 
 
 @dataclasses.dataclass(frozen=True)
 class MarkOptions:
   """How marks files are read (see :mod:`scribblejax.io.marks_files`)."""
+
   class_names: tuple[str, ...] | None = None
   background_value: int = 255
   unmarked_value: int = 0
@@ -201,8 +261,10 @@ def session_new_classes(given: Sequence[str] | str, doc: dict | None, session: s
   stored = tuple(doc.get("new_classes", ())) if doc is not None else ()
   if doc is not None and given and given != stored:
     started = f"with new classes {list(stored)}" if stored else "without new classes"
-    raise ValueError(f"session {session} was started {started}; a session keeps its classes (pass the same "
-                     "--new-class names, or none; a new session can add classes)")
+    raise ValueError(
+      f"session {session} was started {started}; a session keeps its classes (pass the same "
+      "--new-class names, or none; a new session can add classes)"
+    )
   return given or stored
 
 
@@ -216,9 +278,12 @@ def with_new_classes(names: Sequence[str], added: Sequence[str]) -> tuple[str, .
   for name in added:
     same = [n for n in names if n.casefold() == name.casefold()]
     if same:
-      raise ValueError(f"--new-class {name!r} is already a class of the model ({', '.join(names)}); marks files "
-                       "match class names ignoring case")
+      raise ValueError(
+        f"--new-class {name!r} is already a class of the model ({', '.join(names)}); marks files "
+        "match class names ignoring case"
+      )
     if name.lstrip("+-").isdigit():
-      raise ValueError(f"--new-class {name!r} is a number, which marks files read as a class index; name it "
-                       "with letters")
+      raise ValueError(
+        f"--new-class {name!r} is a number, which marks files read as a class index; name it with letters"
+      )
   return tuple(names) + tuple(added)

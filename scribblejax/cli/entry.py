@@ -15,14 +15,14 @@ from scribblejax.cli import flags
 # The command registry: one module per command, each with an add_parser(subparsers) function that sets the
 # command's func(args) -> exit status. Listed in the order `scribblejax --help` shows them.
 COMMAND_MODULES = (
-    "scribblejax.cli.demo",
-    "scribblejax.cli.evaluate",
-    "scribblejax.cli.predict",
-    "scribblejax.cli.refine",
-    "scribblejax.cli.info",
-    "scribblejax.cli.train",
-    "scribblejax.cli.view",
-    "scribblejax.cli.convert",
+  "scribblejax.cli.demo",
+  "scribblejax.cli.evaluate",
+  "scribblejax.cli.predict",
+  "scribblejax.cli.refine",
+  "scribblejax.cli.info",
+  "scribblejax.cli.train",
+  "scribblejax.cli.view",
+  "scribblejax.cli.convert",
 )
 
 
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     enable_compilation_cache()
   try:
     return args.func(args)
-  except (ValueError, OSError) as err:   # bad input: exit 1, as every command's help says (2: usage errors)
+  except (ValueError, OSError) as err:  # bad input: exit 1, as every command's help says (2: usage errors)
     return flags.error(args.command, err)
 
 

@@ -19,8 +19,16 @@ from scribblejax.research.evaluate_image import file_case, pipeline_method, pipe
 from scribblejax.research.simulate import ROBOT_USERS
 
 # the refinement settings one case takes (their flags: scribblejax.app.settings.SETTINGS)
-EVALUATE_SETTINGS = ("layers", "max_steps", "preset", "optimizer", "learning_rate", "prox_weight", "keep_weight",
-                     "progressive_merge")
+EVALUATE_SETTINGS = (
+  "layers",
+  "max_steps",
+  "preset",
+  "optimizer",
+  "learning_rate",
+  "prox_weight",
+  "keep_weight",
+  "progressive_merge",
+)
 
 
 def _user_case(args, backbone, model, layers):
@@ -53,8 +61,10 @@ def _single_case(args) -> int:
   if args.image is not None and args.model is None:
     raise ValueError("a case given by --image/--label needs --model NAME_OR_PATH")
   if args.image is not None and (args.task is not None or args.crop is not None):
-    raise ValueError(f"{'--task' if args.task is not None else '--crop'} names a built-in case; a case given by "
-                     "--image/--label takes neither")
+    raise ValueError(
+      f"{'--task' if args.task is not None else '--crop'} names a built-in case; a case given by "
+      "--image/--label takes neither"
+    )
   if args.image is not None:
     check_outputs([Path(args.out) / f"results.{ext}" for ext in ("json", "md", "png")], [args.image, args.label])
   if args.layers is not None and args.layers < 1:
@@ -63,8 +73,10 @@ def _single_case(args) -> int:
     raise ValueError(f"--steps must be >= 0, got {args.max_steps}")
   pipeline_flags = [flags.flag_of(k) for k, v in PIPELINE_FLAGS.items() if getattr(args, k) != v]
   if args.image is None and pipeline_flags:
-    raise ValueError(f"{', '.join(pipeline_flags)} set(s) how the network sees a case given by --image/--label; "
-                     "a built-in --task is fed whole")
+    raise ValueError(
+      f"{', '.join(pipeline_flags)} set(s) how the network sees a case given by --image/--label; "
+      "a built-in --task is fed whole"
+    )
   backbone = ev.resolve_backbone(args.model, args.task)
   model = surgery.add_classes(backbone.model, args.add_classes) if args.add_classes else backbone.model
   # as refine resolves them: the flags, else the model's stored defaults (model.json metadata.refine), else
@@ -80,47 +92,96 @@ def _single_case(args) -> int:
   else:
     case = ev.task_case(args.task, backbone, args.crop)
     if args.add_classes:
-      case = case._replace(num_classes=case.num_classes + args.add_classes,
-                           class_names=case.class_names + tuple(f"added {c}" for c in range(args.add_classes)))
+      case = case._replace(
+        num_classes=case.num_classes + args.add_classes,
+        class_names=case.class_names + tuple(f"added {c}" for c in range(args.add_classes)),
+      )
     if layers is None:
       layers = resolve_layers(model, _example(case.image), None)
     method = bl.make_method(args.method, model, layers=layers, config=config)
   eval_config = ev.EvalConfig(interactions=args.interactions, mark_kind=args.marks, region_growing=args.region_growing)
   result = ev.run_case(case, method, eval_config, log=lambda line: print(f"warning: {line}", file=sys.stderr))
-  result.update({"model": backbone.name, "device": ev.device_name(), "layers": layers, "max_steps": config.max_steps,
-                 "learning_rate": config.learning_rate, "prox_weight": config.prox_weight,
-                 "momentum": config.momentum, "keep_weight": config.keep_weight,
-                 "optimizer": str(config.optimizer or "sgd"), "progressive_merge": config.progressive_merge,
-                 "preset": args.preset, "added_classes": args.add_classes,
-                 "task": args.task, "image": args.image, "label": args.label})
+  result.update(
+    {
+      "model": backbone.name,
+      "device": ev.device_name(),
+      "layers": layers,
+      "max_steps": config.max_steps,
+      "learning_rate": config.learning_rate,
+      "prox_weight": config.prox_weight,
+      "momentum": config.momentum,
+      "keep_weight": config.keep_weight,
+      "optimizer": str(config.optimizer or "sgd"),
+      "progressive_merge": config.progressive_merge,
+      "preset": args.preset,
+      "added_classes": args.add_classes,
+      "task": args.task,
+      "image": args.image,
+      "label": args.label,
+    }
+  )
   if pipe is not None:
     result["pipeline"] = pipeline_summary(pipe)
   out = Path(args.out)
   ev.write_json(out / "results.json", result)
-  ev.write_text(out / "results.md", f"# scribblejax evaluate: {case.name}\n\n" + ev.results_table([result]) +
-                f"\nmodel: {backbone.name}; device: {result['device']}\n")
-  ev.plot_curves(out / "results.png", {result["method"]: result["dice_per_interaction"]},
-                 title=f"{case.name}: {result['method']}, {args.marks}")
+  ev.write_text(
+    out / "results.md",
+    f"# scribblejax evaluate: {case.name}\n\n"
+    + ev.results_table([result])
+    + f"\nmodel: {backbone.name}; device: {result['device']}\n",
+  )
+  ev.plot_curves(
+    out / "results.png",
+    {result["method"]: result["dice_per_interaction"]},
+    title=f"{case.name}: {result['method']}, {args.marks}",
+  )
   dice = " ".join(f"{d:.3f}" if d is not None else "nan" for d in result["dice_per_interaction"])
   rounds = len(result["satisfied"])
-  honoured = ("the segmentation honoured every mark in every round" if not result["rounds_unsatisfied"] else
-              f"{result['rounds_unsatisfied']} of {rounds} round(s) ended with marks the segmentation does not honour")
+  honoured = (
+    "the segmentation honoured every mark in every round"
+    if not result["rounds_unsatisfied"]
+    else f"{result['rounds_unsatisfied']} of {rounds} round(s) ended with marks the segmentation does not honour"
+  )
   if result["network_unsatisfied"]:
     honoured += f"; the network itself left marks unhonoured in {result['network_unsatisfied']} round(s)"
   stop = f"; stopped: {result['stop_reason']}" if result["stop_reason"] not in (None, "perfect") else ""
-  print(f"{case.name} {result['method']} ({args.marks}): Dice per interaction {dice}; "
-        f"{_noc_text(result)}; {honoured}{stop}; wrote {out / 'results.json'}")
+  print(
+    f"{case.name} {result['method']} ({args.marks}): Dice per interaction {dice}; "
+    f"{_noc_text(result)}; {honoured}{stop}; wrote {out / 'results.json'}"
+  )
   return 0
 
 
 # How the network sees a case given by files (their defaults): refused beside --task and --experiment.
-PIPELINE_FLAGS = {"no_resample": False, "no_crop": False, "mirror": False, "patch_size": "auto", "patch_step": 0.5,
-                  "patch_batch": "auto"}
+PIPELINE_FLAGS = {
+  "no_resample": False,
+  "no_crop": False,
+  "mirror": False,
+  "patch_size": "auto",
+  "patch_step": 0.5,
+  "patch_batch": "auto",
+}
 # Flags of one case (their defaults): an experiment sets these itself, so they are refused beside it.
-SINGLE_CASE_FLAGS = {"task": None, "image": None, "label": None, "marks": "scribble", "interactions": 5,
-                     "add_classes": 0, "region_growing": 0.0, "method": "refine", "layers": None, "max_steps": None,
-                     "learning_rate": None, "prox_weight": None, "keep_weight": None, "optimizer": None,
-                     "progressive_merge": None, "preset": "default", "crop": None, **PIPELINE_FLAGS}
+SINGLE_CASE_FLAGS = {
+  "task": None,
+  "image": None,
+  "label": None,
+  "marks": "scribble",
+  "interactions": 5,
+  "add_classes": 0,
+  "region_growing": 0.0,
+  "method": "refine",
+  "layers": None,
+  "max_steps": None,
+  "learning_rate": None,
+  "prox_weight": None,
+  "keep_weight": None,
+  "optimizer": None,
+  "progressive_merge": None,
+  "preset": "default",
+  "crop": None,
+  **PIPELINE_FLAGS,
+}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -128,9 +189,12 @@ def run(args: argparse.Namespace) -> int:
   if args.experiment:
     given = [flags.flag_of(k) for k, v in SINGLE_CASE_FLAGS.items() if getattr(args, k) != v]
     if given:
-      raise ValueError(f"{', '.join(given)} set(s) one case and does not apply to --experiment, whose settings "
-                       "come from --size; leave it out, or run one case with --task or --image/--label")
+      raise ValueError(
+        f"{', '.join(given)} set(s) one case and does not apply to --experiment, whose settings "
+        "come from --size; leave it out, or run one case with --task or --image/--label"
+      )
     from scribblejax.research.experiments import EXPERIMENTS, run_experiments  # only for experiments
+
     names = args.experiment.split(",")
     if names == ["all"]:
       names = list(EXPERIMENTS)
@@ -142,36 +206,45 @@ def run(args: argparse.Namespace) -> int:
 def add_parser(subparsers) -> argparse.ArgumentParser:
   """Registers ``evaluate`` on an ``argparse`` subparsers object."""
   parser = subparsers.add_parser(
-      "evaluate", help="simulated-user evaluation: an experiment, a built-in task or your own image and label",
-      description="Runs an experiment (--experiment NAME[,NAME...] or all) or one case: a built-in task "
-                  "(--task) or --image FILE --label FILE (NIfTI, TIFF, PNG, NRRD) with --model. Writes "
-                  "OUT/results.json, results.md and results.png (experiments: OUT/NAME.{json,md,png}). An "
-                  "experiment takes only --size, --model, --tissue-model and --out.")
+    "evaluate",
+    help="simulated-user evaluation: an experiment, a built-in task or your own image and label",
+    description="Runs an experiment (--experiment NAME[,NAME...] or all) or one case: a built-in task "
+    "(--task) or --image FILE --label FILE (NIfTI, TIFF, PNG, NRRD) with --model. Writes "
+    "OUT/results.json, results.md and results.png (experiments: OUT/NAME.{json,md,png}). An "
+    "experiment takes only --size, --model, --tissue-model and --out.",
+  )
   parser.add_argument("--experiment", default=None, help="experiment name(s), comma-separated, or 'all'")
   parser.add_argument("--size", default="small", choices=("tiny", "small", "full"), help="experiment size preset")
-  one = SINGLE_CASE_FLAGS            # one case only: refused beside --experiment
+  one = SINGLE_CASE_FLAGS  # one case only: refused beside --experiment
   parser.add_argument("--task", default=one["task"], choices=ev.TASKS)
   parser.add_argument("--image", default=one["image"])
   parser.add_argument("--label", default=one["label"])
   parser.add_argument("--model", default=None, help="built-in model name or saved model folder")
   parser.add_argument("--tissue-model", default=None, help="tissue backbone for experiments")
-  parser.add_argument("--marks", choices=ROBOT_USERS, default=one["marks"],
-                      help="the robot user: scribble, point, box, click (RITM: one click per interaction) or cvpr25 "
-                           "(a box, then clicks)")
+  parser.add_argument(
+    "--marks",
+    choices=ROBOT_USERS,
+    default=one["marks"],
+    help="the robot user: scribble, point, box, click (RITM: one click per interaction) or cvpr25 (a box, then clicks)",
+  )
   parser.add_argument("--interactions", type=int, default=one["interactions"])
-  parser.add_argument("--add-classes", type=int, default=one["add_classes"],
-                      help="append K output classes for labels >= the model's")
+  parser.add_argument(
+    "--add-classes", type=int, default=one["add_classes"], help="append K output classes for labels >= the model's"
+  )
   parser.add_argument("--region-growing", type=float, default=one["region_growing"], help="threshold T (0: off)")
   parser.add_argument("--method", choices=bl.METHODS, default=one["method"])
   method = parser.add_argument_group(
-      "refinement settings", "defaults: the model's stored settings (model.json metadata.refine), else the preset's")
+    "refinement settings", "defaults: the model's stored settings (model.json metadata.refine), else the preset's"
+  )
   flags.add_settings(method, EVALUATE_SETTINGS)
   parser.add_argument("--crop", type=int, default=one["crop"], help="centre crop of a built-in task's image")
   parser.add_argument("--out", default="evaluate_output")
   patches = flags.add_inference(parser)
-  patches.description = ("--image/--label cases only: how the network sees the image, as predict and refine run "
-                         "it (nnU-Net's pipeline); the simulated user marks, and Dice is measured, on the image's "
-                         "own grid")
+  patches.description = (
+    "--image/--label cases only: how the network sees the image, as predict and refine run "
+    "it (nnU-Net's pipeline); the simulated user marks, and Dice is measured, on the image's "
+    "own grid"
+  )
   flags.add_patch_batch(patches)
   parser.set_defaults(func=run)
   return parser

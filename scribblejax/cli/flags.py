@@ -15,17 +15,35 @@ from scribblejax.app.settings import CONFIG_FIELDS, SETTINGS, RefineSettings
 from scribblejax.config import RefineConfig
 from scribblejax.pipeline.spec import InferenceOptions
 
-EXIT_OK = 0              # success
-EXIT_BAD_INPUT = 1       # bad input or a failure: one line on stderr
-EXIT_USAGE = 2           # a command line argparse rejects
-EPILOG = ("exit status: 0 success; 1 bad input or failure (one line on stderr); 2 usage error. "
-          "Images: NIfTI (.nii, .nii.gz), NRRD (.nrrd, .nhdr), TIFF 2D/3D, PNG, JPEG, DICOM file or series folder. "
-          "The output keeps the input's geometry and format family (DICOM -> NIfTI or NRRD, JPEG -> PNG or TIFF); "
-          "a report (<out>.report.json) and an overlay (<out>.overlay.png) are written next to it.")
+EXIT_OK = 0  # success
+EXIT_BAD_INPUT = 1  # bad input or a failure: one line on stderr
+EXIT_USAGE = 2  # a command line argparse rejects
+EPILOG = (
+  "exit status: 0 success; 1 bad input or failure (one line on stderr); 2 usage error. "
+  "Images: NIfTI (.nii, .nii.gz), NRRD (.nrrd, .nhdr), TIFF 2D/3D, PNG, JPEG, DICOM file or series folder. "
+  "The output keeps the input's geometry and format family (DICOM -> NIfTI or NRRD, JPEG -> PNG or TIFF); "
+  "a report (<out>.report.json) and an overlay (<out>.overlay.png) are written next to it."
+)
 # the refinement settings refine offers, in the order its help lists them
-REFINE_SETTINGS = ("layers", "preset", "max_steps", "optimizer", "learning_rate", "momentum", "prox_weight",
-                   "keep_weight", "progressive_merge", "region_growing", "driver", "check_every", "class_balance",
-                   "compute_dtype", "remat", "conv_backend", "continue_weights")
+REFINE_SETTINGS = (
+  "layers",
+  "preset",
+  "max_steps",
+  "optimizer",
+  "learning_rate",
+  "momentum",
+  "prox_weight",
+  "keep_weight",
+  "progressive_merge",
+  "region_growing",
+  "driver",
+  "check_every",
+  "class_balance",
+  "compute_dtype",
+  "remat",
+  "conv_backend",
+  "continue_weights",
+)
 _CONFIG_DEFAULTS = {f.name: f.default for f in dataclasses.fields(RefineConfig)}
 _SETTINGS_DEFAULTS = {f.name: f.default for f in dataclasses.fields(RefineSettings)}
 
@@ -52,8 +70,9 @@ def logger(args: argparse.Namespace, command: str) -> Callable[[str], None]:
   return log
 
 
-def run_reporting(command: str, args: argparse.Namespace, work: Callable[[Callable[[str], None]], dict],
-                  summary: Callable[[dict], str]) -> int:
+def run_reporting(
+  command: str, args: argparse.Namespace, work: Callable[[Callable[[str], None]], dict], summary: Callable[[dict], str]
+) -> int:
   """Runs ``work(log)``; prints its report as JSON (``--json``) or its summary (unless ``--quiet``).
 
   Returns:
@@ -78,13 +97,14 @@ def progress_bar(args: argparse.Namespace, desc: str = "refining", unit: str = "
     yield None
     return
   from tqdm import tqdm  # only when a bar is drawn
+
   bar = None
 
   def progress(steps: int, max_steps: int) -> None:
     nonlocal bar
     if bar is None:
       bar = tqdm(total=max_steps, desc=desc, unit=unit, file=sys.stderr, leave=False)
-    elif steps < bar.n:                  # a new pass (the sliding window after the refinement)
+    elif steps < bar.n:  # a new pass (the sliding window after the refinement)
       bar.reset(total=max_steps)
     bar.update(steps - bar.n)
 
@@ -104,33 +124,56 @@ def add_scripting(parser: argparse.ArgumentParser) -> None:
 # ----------------------------------------------------------------------------------------------
 # The pipeline's flags.
 
+
 def add_inference(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
   """The ``spacing and patches`` group: how the network sees the image."""
   group = parser.add_argument_group("spacing and patches", "how the network sees the image (nnU-Net's pipeline)")
-  group.add_argument("--no-resample", action="store_true",
-                     help="do not resample the image to the model's voxel spacing (model.json metadata.spacing; "
-                          "nnU-Net models state it)")
-  group.add_argument("--no-crop", action="store_true",
-                     help="do not crop the image to its non-zero region before normalising (nnU-Net models crop, "
-                          "and give background outside it)")
-  group.add_argument("--mirror", action="store_true",
-                     help="average the network over its input flipped along the model's mirroring axes, as nnU-Net "
-                          "predicts by default (up to 8 passes in 3-D; in the refinement loop too)")
-  group.add_argument("--patch-size", default="auto", metavar="auto|whole|N,N[,N]",
-                     help="auto: patch by patch when the model states a patch size (nnU-Net), else the whole image; "
-                          "whole: the whole image at once; or the patch, one size per model axis (default auto)")
-  group.add_argument("--patch-step", type=float, default=0.5, metavar="F",
-                     help="patches start at most F patches apart (default 0.5, as nnU-Net)")
+  group.add_argument(
+    "--no-resample",
+    action="store_true",
+    help="do not resample the image to the model's voxel spacing (model.json metadata.spacing; "
+    "nnU-Net models state it)",
+  )
+  group.add_argument(
+    "--no-crop",
+    action="store_true",
+    help="do not crop the image to its non-zero region before normalising (nnU-Net models crop, "
+    "and give background outside it)",
+  )
+  group.add_argument(
+    "--mirror",
+    action="store_true",
+    help="average the network over its input flipped along the model's mirroring axes, as nnU-Net "
+    "predicts by default (up to 8 passes in 3-D; in the refinement loop too)",
+  )
+  group.add_argument(
+    "--patch-size",
+    default="auto",
+    metavar="auto|whole|N,N[,N]",
+    help="auto: patch by patch when the model states a patch size (nnU-Net), else the whole image; "
+    "whole: the whole image at once; or the patch, one size per model axis (default auto)",
+  )
+  group.add_argument(
+    "--patch-step",
+    type=float,
+    default=0.5,
+    metavar="F",
+    help="patches start at most F patches apart (default 0.5, as nnU-Net)",
+  )
   return group
 
 
 def add_patch_batch(group: argparse._ArgumentGroup) -> None:
   """``--patch-batch``, for the commands that refine on patches (refine, evaluate)."""
-  group.add_argument("--patch-batch", default="auto", metavar="auto|N",
-                     help="with patches, the most marked patches one network call of the refinement loop runs; "
-                          "more run one batch after another, each recomputed in the backward pass, so memory "
-                          "grows with one batch (auto: up to 128^3 voxels per call, mirrored copies and folds "
-                          "counted)")
+  group.add_argument(
+    "--patch-batch",
+    default="auto",
+    metavar="auto|N",
+    help="with patches, the most marked patches one network call of the refinement loop runs; "
+    "more run one batch after another, each recomputed in the backward pass, so memory "
+    "grows with one batch (auto: up to 128^3 voxels per call, mirrored copies and folds "
+    "counted)",
+  )
 
 
 def inference_options(args: argparse.Namespace) -> InferenceOptions:
@@ -153,12 +196,19 @@ def inference_options(args: argparse.Namespace) -> InferenceOptions:
       batch = int(batch)
     except ValueError:
       raise ValueError(f"--patch-batch must be auto or a positive integer, got {args.patch_batch!r}") from None
-  return InferenceOptions(resample=not args.no_resample, patch_size=patch, step=args.patch_step,
-                          crop=not args.no_crop, mirror=args.mirror, patch_batch=None if batch == "auto" else batch)
+  return InferenceOptions(
+    resample=not args.no_resample,
+    patch_size=patch,
+    step=args.patch_step,
+    crop=not args.no_crop,
+    mirror=args.mirror,
+    patch_batch=None if batch == "auto" else batch,
+  )
 
 
 # ----------------------------------------------------------------------------------------------
 # The refinement settings' flags, one per SETTINGS entry.
+
 
 def setting_default(field: str):
   """A setting's flag default: ``None`` for one a model may store (the model's, else the preset's), else
@@ -193,7 +243,7 @@ def add_setting(parser: argparse.ArgumentParser | argparse._ArgumentGroup, field
     else:
       kwargs["metavar"] = setting.metavar or setting.flag.lstrip("-").upper().replace("-", "_")
   if help is None:
-    fixed = default not in (None, False, "default")       # a default worth saying ("default": the preset)
+    fixed = default not in (None, False, "default")  # a default worth saying ("default": the preset)
     help = f"{setting.help} (default {default})" if fixed else setting.help
   parser.add_argument(setting.flag, help=help, **kwargs)
   for alias in setting.aliases:

@@ -14,6 +14,7 @@ from scribblejax.cli import flags
 
 def run(args: argparse.Namespace) -> int:
   """Runs ``info``; returns the exit status."""
+
   def work(log):
     log(f"loading {args.model}")
     return describe_model(args.model)
@@ -24,34 +25,44 @@ def run(args: argparse.Namespace) -> int:
 def summary(d: dict) -> str:
   """The description ``info`` prints."""
   inp = d["input"]
-  lines = [f"model: {d['model']} ({d['family']})",
-           f"classes: {', '.join(d['classes']) if d['classes'] else d['num_classes']}",
-           f"input: {inp['spatial_dims']}-D, {inp['channels']} channel(s), {inp['layout']}; "
-           f"normalisation {json.dumps(inp['normalization'])}",
-           "pipeline: " + pipeline_text(d["pipeline"]),
-           f"parameters: {d['total_params']:,} in {len(d['layers'])} layers (+ {d['other_variables']:,} other "
-           "variables)", "layers in forward order (refine --layers l tunes the last l):"]
+  lines = [
+    f"model: {d['model']} ({d['family']})",
+    f"classes: {', '.join(d['classes']) if d['classes'] else d['num_classes']}",
+    f"input: {inp['spatial_dims']}-D, {inp['channels']} channel(s), {inp['layout']}; "
+    f"normalisation {json.dumps(inp['normalization'])}",
+    "pipeline: " + pipeline_text(d["pipeline"]),
+    f"parameters: {d['total_params']:,} in {len(d['layers'])} layers (+ {d['other_variables']:,} other variables)",
+    "layers in forward order (refine --layers l tunes the last l):",
+  ]
   if d.get("members"):
     folds = (d.get("metadata") or {}).get("folds")
-    lines.insert(1, f"ensemble: {d['members']} networks of {d['member_family']}"
-                    f"{' (folds ' + ', '.join(map(str, folds)) + ')' if folds else ''}, logits averaged; "
-                    "each layer below is every network's, and its parameter count theirs together")
+    lines.insert(
+      1,
+      f"ensemble: {d['members']} networks of {d['member_family']}"
+      f"{' (folds ' + ', '.join(map(str, folds)) + ')' if folds else ''}, logits averaged; "
+      "each layer below is every network's, and its parameter count theirs together",
+    )
   if d.get("regions"):
     lines.insert(2, _regions_text(d["regions"]))
   width = max(len(layer["name"]) for layer in d["layers"])
   count = len(d["layers"])
-  lines += [f"  {count - i:3d}  {layer['name']:<{width}}  {layer['params']:>10,}"
-            for i, layer in enumerate(d["layers"])]
+  lines += [
+    f"  {count - i:3d}  {layer['name']:<{width}}  {layer['params']:>10,}" for i, layer in enumerate(d["layers"])
+  ]
   return "\n".join(lines)
 
 
 def _regions_text(r: dict) -> str:
   names = r.get("names") or [f"region {i}" for i in range(len(r["class_order"]))]
   labels = r.get("labels") or [None] * len(names)
-  each = ", ".join(f"{n}{'' if v is None else ' (labels ' + ', '.join(map(str, v)) + ')'} writes class {c}"
-                   for n, v, c in zip(names, labels, r["class_order"]))
-  return (f"regions: one sigmoid output per region, read in turn as nnU-Net does (a later region's "
-          f"class over an earlier one's where its sigmoid > 0.5): {each}")
+  each = ", ".join(
+    f"{n}{'' if v is None else ' (labels ' + ', '.join(map(str, v)) + ')'} writes class {c}"
+    for n, v, c in zip(names, labels, r["class_order"])
+  )
+  return (
+    f"regions: one sigmoid output per region, read in turn as nnU-Net does (a later region's "
+    f"class over an earlier one's where its sigmoid > 0.5): {each}"
+  )
 
 
 def pipeline_text(pipeline: dict) -> str:
@@ -70,8 +81,12 @@ def pipeline_text(pipeline: dict) -> str:
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
   """Registers ``info`` on an ``argparse`` subparsers object."""
-  parser = subparsers.add_parser("info", help="a model's classes, layers, parameter counts and input expectations",
-                                 description="Describe a stored or built-in model.", epilog=flags.EPILOG)
+  parser = subparsers.add_parser(
+    "info",
+    help="a model's classes, layers, parameter counts and input expectations",
+    description="Describe a stored or built-in model.",
+    epilog=flags.EPILOG,
+  )
   parser.add_argument("model", help="a built-in model name or a model folder")
   flags.add_scripting(parser)
   parser.set_defaults(func=run)

@@ -15,10 +15,18 @@ from scribblejax.cli import flags
 
 def run(args: argparse.Namespace) -> int:
   """Runs ``predict``; returns the exit status."""
+
   def work(log):
     with flags.progress_bar(args, "predicting", "patch") as progress:
-      return run_predict(args.model, args.image, args.out, overlay=not args.no_overlay, log=log,
-                         inference=flags.inference_options(args), progress=progress)
+      return run_predict(
+        args.model,
+        args.image,
+        args.out,
+        overlay=not args.no_overlay,
+        log=log,
+        inference=flags.inference_options(args),
+        progress=progress,
+      )
 
   return flags.run_reporting("predict", args, work, summary)
 
@@ -32,9 +40,11 @@ def summary(report: dict) -> str:
 def add_parser(subparsers) -> argparse.ArgumentParser:
   """Registers ``predict`` on an ``argparse`` subparsers object."""
   parser = subparsers.add_parser(
-      "predict", help="the network's own segmentation of an image (NIfTI, NRRD, TIFF, PNG, JPEG, DICOM)",
-      description="Segment an image with a model, writing the labels in the image's geometry and format.",
-      epilog=flags.EPILOG)
+    "predict",
+    help="the network's own segmentation of an image (NIfTI, NRRD, TIFF, PNG, JPEG, DICOM)",
+    description="Segment an image with a model, writing the labels in the image's geometry and format.",
+    epilog=flags.EPILOG,
+  )
   parser.add_argument("--model", required=True, help="a built-in model name or a model folder (model.json)")
   parser.add_argument("--image", required=True, help="image file, or a DICOM series folder")
   parser.add_argument("--out", required=True, help="segmentation to write (its suffix picks the format)")

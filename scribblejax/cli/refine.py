@@ -15,16 +15,33 @@ from scribblejax.cli import flags
 
 def run(args: argparse.Namespace) -> int:
   """Runs ``refine``; returns the exit status."""
+
   def work(log):
     settings = flags.refine_settings(args, flags.REFINE_SETTINGS, new_classes=tuple(args.new_class or ()))
     classes = None if args.classes is None else tuple(args.classes.split(","))
-    options = MarkOptions(class_names=classes, background_value=args.background_value,
-                          unmarked_value=args.unmarked_value, radius=args.radius, rectangle=args.rectangle)
+    options = MarkOptions(
+      class_names=classes,
+      background_value=args.background_value,
+      unmarked_value=args.unmarked_value,
+      radius=args.radius,
+      rectangle=args.rectangle,
+    )
     with flags.progress_bar(args) as progress, flags.progress_bar(args, "segmenting", "patch") as patches:
-      return run_refine(model=args.model, image=args.image, marks=args.marks or [], out=args.out,
-                        session=args.session, undo=args.undo, settings=settings, mark_options=options,
-                        overlay=not args.no_overlay, log=log, progress=progress,
-                        inference=flags.inference_options(args), patch_progress=patches)
+      return run_refine(
+        model=args.model,
+        image=args.image,
+        marks=args.marks or [],
+        out=args.out,
+        session=args.session,
+        undo=args.undo,
+        settings=settings,
+        mark_options=options,
+        overlay=not args.no_overlay,
+        log=log,
+        progress=progress,
+        inference=flags.inference_options(args),
+        patch_progress=patches,
+      )
 
   return flags.run_reporting("refine", args, work, summary)
 
@@ -38,49 +55,72 @@ def summary(report: dict) -> str:
   if report["satisfied"] and network == 1.0:
     state = "every mark honoured"
   else:
-    why = ("some marks lie between the model's voxels" if report["satisfied"] else
-           "the objective became non-finite" if report.get("nonfinite") else
-           f"not satisfied after {report['steps']} steps")
+    why = (
+      "some marks lie between the model's voxels"
+      if report["satisfied"]
+      else "the objective became non-finite"
+      if report.get("nonfinite")
+      else f"not satisfied after {report['steps']} steps"
+    )
     state = f"the network honours {network:.1%} of marks ({why}), the segmentation {report['marks_honoured']:.1%}"
-  return (f"wrote {report['out']}: round {report['round']}, {report['steps']} steps, {state}, "
-          f"{report['seconds']:.2f}s ({report['compile_seconds']:.2f}s compiling) on {report['device']}")
+  return (
+    f"wrote {report['out']}: round {report['round']}, {report['steps']} steps, {state}, "
+    f"{report['seconds']:.2f}s ({report['compile_seconds']:.2f}s compiling) on {report['device']}"
+  )
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
   """Registers ``refine`` on an ``argparse`` subparsers object."""
   parser = subparsers.add_parser(
-      "refine", help="correct a segmentation with marks (label map, LabelMe JSON, 3D Slicer .seg.nrrd)",
-      description="Fine-tune one copy of the network's last layers until it predicts every marked pixel as "
-                  "its mark (Sambaturu et al., MICCAI 2021), and write the corrected segmentation. With "
-                  "--session, marks accumulate over rounds and --undo drops the latest round.",
-      epilog=flags.EPILOG)
+    "refine",
+    help="correct a segmentation with marks (label map, LabelMe JSON, 3D Slicer .seg.nrrd)",
+    description="Fine-tune one copy of the network's last layers until it predicts every marked pixel as "
+    "its mark (Sambaturu et al., MICCAI 2021), and write the corrected segmentation. With "
+    "--session, marks accumulate over rounds and --undo drops the latest round.",
+    epilog=flags.EPILOG,
+  )
   io = parser.add_argument_group("files")
   io.add_argument("--model", help="a built-in model name or a model folder (default: the session's)")
   io.add_argument("--image", help="image file, or a DICOM series folder (default: the session's)")
-  io.add_argument("--marks", action="append", metavar="FILE",
-                  help="marks: a label map in the image's geometry, LabelMe .json or Slicer .seg.nrrd; repeat to "
-                       "add files (later files override earlier ones)")
+  io.add_argument(
+    "--marks",
+    action="append",
+    metavar="FILE",
+    help="marks: a label map in the image's geometry, LabelMe .json or Slicer .seg.nrrd; repeat to "
+    "add files (later files override earlier ones)",
+  )
   io.add_argument("--out", help="segmentation to write (its suffix picks the format)")
   io.add_argument("--session", metavar="DIR", help="keep the marks and state of rounds in DIR (created if missing)")
-  io.add_argument("--undo", action="store_true",
-                  help="drop the session's latest round (then refine with --marks, if given)")
+  io.add_argument(
+    "--undo", action="store_true", help="drop the session's latest round (then refine with --marks, if given)"
+  )
   io.add_argument("--no-overlay", action="store_true", help="do not write <out>.overlay.png")
   method = parser.add_argument_group(
-      "method", "defaults: the model's stored settings (model.json metadata.refine), else scribblejax.RefineConfig's")
+    "method", "defaults: the model's stored settings (model.json metadata.refine), else scribblejax.RefineConfig's"
+  )
   flags.add_settings(method, flags.REFINE_SETTINGS)
   marks = parser.add_argument_group("marks files")
   marks.add_argument("--classes", metavar="A,B,C", help="class names in index order (default: the model's)")
-  marks.add_argument("--new-class", action="append", metavar="NAME",
-                     help="append an output class NAME to the network's head, for a structure it was never trained "
-                          "for (repeatable; it follows the model's classes: label-map value n for a model of n "
-                          "classes); the first segmentation stays the network's own, and marks of NAME teach it; a "
-                          "session keeps the classes it started with")
-  marks.add_argument("--background-value", type=int, default=255,
-                     help="label-map value meaning class 0 / background (default 255)")
+  marks.add_argument(
+    "--new-class",
+    action="append",
+    metavar="NAME",
+    help="append an output class NAME to the network's head, for a structure it was never trained "
+    "for (repeatable; it follows the model's classes: label-map value n for a model of n "
+    "classes); the first segmentation stays the network's own, and marks of NAME teach it; a "
+    "session keeps the classes it started with",
+  )
+  marks.add_argument(
+    "--background-value", type=int, default=255, help="label-map value meaning class 0 / background (default 255)"
+  )
   marks.add_argument("--unmarked-value", type=int, default=0, help="label-map value meaning unmarked (default 0)")
   marks.add_argument("--radius", type=float, default=1.0, help="thickness of LabelMe points and lines (default 1)")
-  marks.add_argument("--rectangle", choices=("box", "fill"), default="box",
-                     help="LabelMe rectangles: box (core + background ring) or fill (default box)")
+  marks.add_argument(
+    "--rectangle",
+    choices=("box", "fill"),
+    default="box",
+    help="LabelMe rectangles: box (core + background ring) or fill (default box)",
+  )
   flags.add_patch_batch(flags.add_inference(parser))
   flags.add_scripting(parser)
   parser.set_defaults(func=run)

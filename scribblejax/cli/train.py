@@ -9,25 +9,42 @@ import dataclasses
 def run(args: argparse.Namespace) -> int:
   """Trains the task's backbone and saves it; returns the exit status."""
   from scribblejax.research.train import TASK_NAMES, tasks, train_task
+
   if args.task not in TASK_NAMES:
     raise ValueError(f"unknown task {args.task!r}; known tasks: {', '.join(TASK_NAMES)}")
   defaults = tasks()[args.task].config
-  overrides = {"steps": args.steps, "seed": args.seed, "batch_size": args.batch_size, "crop": args.crop,
-               "learning_rate": args.learning_rate, "intensity": args.intensity, "dice_weight": args.dice_weight}
-  config = dataclasses.replace(defaults, **{k: v for k, v in overrides.items() if v is not None},
-                               **({"flips": False} if args.no_flips else {}))
-  train_task(args.task, args.out, config=config, progress=not args.no_progress,
-             checkpoint_dir=args.checkpoint_dir, overwrite=args.overwrite)
+  overrides = {
+    "steps": args.steps,
+    "seed": args.seed,
+    "batch_size": args.batch_size,
+    "crop": args.crop,
+    "learning_rate": args.learning_rate,
+    "intensity": args.intensity,
+    "dice_weight": args.dice_weight,
+  }
+  config = dataclasses.replace(
+    defaults, **{k: v for k, v in overrides.items() if v is not None}, **({"flips": False} if args.no_flips else {})
+  )
+  train_task(
+    args.task,
+    args.out,
+    config=config,
+    progress=not args.no_progress,
+    checkpoint_dir=args.checkpoint_dir,
+    overwrite=args.overwrite,
+  )
   return 0
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
   """Registers ``train`` on an ``argparse`` subparsers object."""
   parser = subparsers.add_parser(
-      "train", help="train a backbone on a built-in task (nuclei2d, tissue2d, tissue3d) and save it",
-      description="Trains a U-Net on the training split of a vendored dataset (optax Adam, random crops, flips, "
-                  "intensity augmentation, fixed seed), reports the Dice per class on the test split and writes "
-                  "a model folder (model.json + orbax checkpoint) that load_model and --model accept.")
+    "train",
+    help="train a backbone on a built-in task (nuclei2d, tissue2d, tissue3d) and save it",
+    description="Trains a U-Net on the training split of a vendored dataset (optax Adam, random crops, flips, "
+    "intensity augmentation, fixed seed), reports the Dice per class on the test split and writes "
+    "a model folder (model.json + orbax checkpoint) that load_model and --model accept.",
+  )
   parser.add_argument("--task", required=True, help="nuclei2d, tissue2d or tissue3d")
   parser.add_argument("--out", required=True, help="model folder to write")
   parser.add_argument("--steps", type=int, help="Adam steps (default: the task's)")

@@ -19,8 +19,9 @@ def _view(args: argparse.Namespace) -> int:
   try:
     import napari
   except ImportError as err:
-    raise ValueError(f"napari is not installed ({err}); pip install \"scribblejax[napari]\"") from None
+    raise ValueError(f'napari is not installed ({err}); pip install "scribblejax[napari]"') from None
   from scribblejax.napari.widget import ScribbleWidget
+
   viewer = napari.Viewer(title="scribblejax")
   widget = ScribbleWidget(viewer)
   viewer.window.add_dock_widget(widget, name="scribblejax refine", area="right")
@@ -29,7 +30,7 @@ def _view(args: argparse.Namespace) -> int:
       widget.setting_edits[field].setText(str(value))
   if args.model or args.session:
     widget.open(args.image, args.model, args.session)
-  elif args.image:                        # no model named: let the user choose one first
+  elif args.image:  # no model named: let the user choose one first
     widget.image_edit.setText(args.image)
     widget.message_label.setText("choose a model (a shipped one or a model folder), then Open")
   napari.run()
@@ -39,16 +40,22 @@ def _view(args: argparse.Namespace) -> int:
 def add_parser(subparsers) -> None:
   """Registers ``view`` on an ``argparse`` subparsers object."""
   parser = subparsers.add_parser(
-      "view", help="open an image in napari with the interactive refinement widget (needs the napari extra)",
-      description="Open an image in napari with scribblejax's widget docked: the network's segmentation, a "
-                  "scribble layer (value = class + 1, 0 = unmarked), Refine, Undo, Reset, Save. Each Refine is "
-                  "a 'scribblejax refine --session' round.")
+    "view",
+    help="open an image in napari with the interactive refinement widget (needs the napari extra)",
+    description="Open an image in napari with scribblejax's widget docked: the network's segmentation, a "
+    "scribble layer (value = class + 1, 0 = unmarked), Refine, Undo, Reset, Save. Each Refine is "
+    "a 'scribblejax refine --session' round.",
+  )
   parser.add_argument("image", nargs="?", help="image file or DICOM series folder (default: the session's)")
-  parser.add_argument("--model", help="a built-in model name or a model folder (default: the session's, else "
-                                      "chosen in the widget)")
-  parser.add_argument("--session", metavar="DIR",
-                      help="session folder: continued if it holds one, else created by the first round "
-                           "(default: a temporary folder; the widget's Save session keeps it)")
+  parser.add_argument(
+    "--model", help="a built-in model name or a model folder (default: the session's, else chosen in the widget)"
+  )
+  parser.add_argument(
+    "--session",
+    metavar="DIR",
+    help="session folder: continued if it holds one, else created by the first round "
+    "(default: a temporary folder; the widget's Save session keeps it)",
+  )
   for field in VIEW_SETTINGS:
     flags.add_setting(parser, field, help=f"as refine {flags.SETTINGS[field].flag}")
   parser.set_defaults(func=_view)

@@ -11,10 +11,14 @@ def randomize_(module, seed=0):
   is called; everything else gets a fan-in-scaled normal draw.
   """
   import torch
+
   norm_types = (torch.nn.modules.batchnorm._NormBase, torch.nn.GroupNorm, torch.nn.LayerNorm)
-  norm_params = {f"{prefix}.{name}".lstrip(".")
-                 for prefix, sub in module.named_modules() if isinstance(sub, norm_types)
-                 for name, _ in list(sub.named_parameters(recurse=False)) + list(sub.named_buffers(recurse=False))}
+  norm_params = {
+    f"{prefix}.{name}".lstrip(".")
+    for prefix, sub in module.named_modules()
+    if isinstance(sub, norm_types)
+    for name, _ in list(sub.named_parameters(recurse=False)) + list(sub.named_buffers(recurse=False))
+  }
   g = torch.Generator().manual_seed(seed)
   with torch.no_grad():
     for name, p in list(module.named_parameters()) + list(module.named_buffers()):
@@ -36,6 +40,7 @@ def torch_state(module):
 def compare(torch_model, flax_model, shape_nchw, seed=1, atol=1e-4):
   """Runs both models on one random input; returns the max abs difference of the logits."""
   import torch
+
   x = np.random.default_rng(seed).standard_normal(shape_nchw).astype(np.float32)
   with torch.no_grad():
     expected = torch_model(torch.from_numpy(x)).numpy()

@@ -41,28 +41,28 @@ class CheckpointFormatError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class _StorageType:
   """Stand-in for a ``torch.<X>Storage`` class: only its element dtype matters here."""
+
   name: str
   dtype: np.dtype
 
 
 _STORAGE_DTYPES = {
-    "DoubleStorage": np.dtype(np.float64),
-    "FloatStorage": np.dtype(np.float32),
-    "HalfStorage": np.dtype(np.float16),
-    "BFloat16Storage": np.dtype(ml_dtypes.bfloat16),
-    "LongStorage": np.dtype(np.int64),
-    "IntStorage": np.dtype(np.int32),
-    "ShortStorage": np.dtype(np.int16),
-    "CharStorage": np.dtype(np.int8),
-    "ByteStorage": np.dtype(np.uint8),
-    "BoolStorage": np.dtype(np.bool_),
-    "ComplexFloatStorage": np.dtype(np.complex64),
-    "ComplexDoubleStorage": np.dtype(np.complex128),
+  "DoubleStorage": np.dtype(np.float64),
+  "FloatStorage": np.dtype(np.float32),
+  "HalfStorage": np.dtype(np.float16),
+  "BFloat16Storage": np.dtype(ml_dtypes.bfloat16),
+  "LongStorage": np.dtype(np.int64),
+  "IntStorage": np.dtype(np.int32),
+  "ShortStorage": np.dtype(np.int16),
+  "CharStorage": np.dtype(np.int8),
+  "ByteStorage": np.dtype(np.uint8),
+  "BoolStorage": np.dtype(np.bool_),
+  "ComplexFloatStorage": np.dtype(np.complex64),
+  "ComplexDoubleStorage": np.dtype(np.complex128),
 }
 
 
-def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None,
-                       metadata=None):
+def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None):
   """Builds the NumPy view of ``storage`` that ``torch._utils._rebuild_tensor_v2`` would build."""
   del requires_grad, backward_hooks, metadata
   if not isinstance(storage, np.ndarray):
@@ -74,10 +74,16 @@ def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=Fals
   last = int(storage_offset) + sum((n - 1) * s for n, s in zip(size, stride))
   if storage_offset < 0 or any(s < 0 for s in stride) or last >= storage.size:
     raise CheckpointFormatError(
-        f"tensor of size {size}, stride {stride}, offset {storage_offset} lies outside its storage "
-        f"of {storage.size} elements")
-  return np.ndarray(size, storage.dtype, buffer=storage, offset=int(storage_offset) * itemsize,
-                    strides=tuple(s * itemsize for s in stride))
+      f"tensor of size {size}, stride {stride}, offset {storage_offset} lies outside its storage "
+      f"of {storage.size} elements"
+    )
+  return np.ndarray(
+    size,
+    storage.dtype,
+    buffer=storage,
+    offset=int(storage_offset) * itemsize,
+    strides=tuple(s * itemsize for s in stride),
+  )
 
 
 def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, *state):
@@ -117,17 +123,17 @@ def _numpy_allowed() -> dict[tuple[str, str], Any]:
 def _allowed_globals() -> dict[tuple[str, str], Any]:
   """The complete allow-list: ``(module, qualname) -> object`` handed to the unpickler."""
   allowed: dict[tuple[str, str], Any] = {
-      ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
-      ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
-      ("torch", "device"): _torch_device,
-      ("torch", "Size"): tuple,
-      ("_codecs", "encode"): _codecs_encode,
-      ("collections", "OrderedDict"): collections.OrderedDict,
-      ("builtins", "set"): set,
-      ("builtins", "frozenset"): frozenset,
-      ("builtins", "slice"): slice,
-      ("builtins", "complex"): complex,
-      ("builtins", "bytearray"): bytearray,
+    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
+    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+    ("torch", "device"): _torch_device,
+    ("torch", "Size"): tuple,
+    ("_codecs", "encode"): _codecs_encode,
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    ("builtins", "set"): set,
+    ("builtins", "frozenset"): frozenset,
+    ("builtins", "slice"): slice,
+    ("builtins", "complex"): complex,
+    ("builtins", "bytearray"): bytearray,
   }
   for name, dtype in _STORAGE_DTYPES.items():
     allowed[("torch", name)] = _StorageType(name, dtype)
@@ -154,11 +160,13 @@ class RestrictedUnpickler(pickle.Unpickler):
     except KeyError:
       if (module, name) == ("torch._utils", "_rebuild_tensor_v3"):
         raise CheckpointFormatError(
-            "checkpoint holds tensors of a dtype this reader does not support (torch saves unsigned 16/32/64-bit "
-            "and float8 tensors this way); convert them to float32 before saving") from None
+          "checkpoint holds tensors of a dtype this reader does not support (torch saves unsigned 16/32/64-bit "
+          "and float8 tensors this way); convert them to float32 before saving"
+        ) from None
       raise UnsafeCheckpointError(
-          f"checkpoint refers to {module}.{name}, which is not on the allow-list of safe types; "
-          "refusing to load it (unpickling it could run code)") from None
+        f"checkpoint refers to {module}.{name}, which is not on the allow-list of safe types; "
+        "refusing to load it (unpickling it could run code)"
+      ) from None
 
   def persistent_load(self, pid):
     if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
@@ -177,8 +185,9 @@ def _read_torch_zip(path: Path) -> Any:
     if not pickles:
       if any(n.endswith("constants.pkl") or "/code/" in n for n in names):
         raise CheckpointFormatError(
-            f"{path} is a TorchScript archive, not a state dict; save the weights with "
-            "torch.save(model.state_dict(), ...) and convert that")
+          f"{path} is a TorchScript archive, not a state dict; save the weights with "
+          "torch.save(model.state_dict(), ...) and convert that"
+        )
       raise CheckpointFormatError(f"{path} is a zip file without a torch data.pkl")
     prefix = pickles[0][: -len("data.pkl")]
     byteorder = "little"
@@ -194,8 +203,9 @@ def _read_torch_zip(path: Path) -> Any:
           raise CheckpointFormatError(f"{path}: storage {key!r} is missing from the archive") from None
         order_dtype = dtype.newbyteorder("<" if byteorder == "little" else ">") if dtype.itemsize > 1 else dtype
         if len(raw) < numel * dtype.itemsize:
-          raise CheckpointFormatError(f"{path}: storage {key!r} holds {len(raw)} bytes, expected "
-                                      f"{numel * dtype.itemsize}")
+          raise CheckpointFormatError(
+            f"{path}: storage {key!r} holds {len(raw)} bytes, expected {numel * dtype.itemsize}"
+          )
         array = np.frombuffer(bytearray(raw), dtype=order_dtype, count=numel)
         storages[key] = array.astype(dtype, copy=False) if order_dtype != dtype else array
       storage = storages[key]
@@ -207,11 +217,21 @@ def _read_torch_zip(path: Path) -> Any:
 
 
 _SAFETENSORS_DTYPES = {
-    "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"),
-    "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype("<i8"), "I32": np.dtype("<i4"),
-    "I16": np.dtype("<i2"), "I8": np.dtype("i1"), "U64": np.dtype("<u8"), "U32": np.dtype("<u4"),
-    "U16": np.dtype("<u2"), "U8": np.dtype("u1"), "BOOL": np.dtype(np.bool_),
-    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn), "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
+  "F64": np.dtype("<f8"),
+  "F32": np.dtype("<f4"),
+  "F16": np.dtype("<f2"),
+  "BF16": np.dtype(ml_dtypes.bfloat16),
+  "I64": np.dtype("<i8"),
+  "I32": np.dtype("<i4"),
+  "I16": np.dtype("<i2"),
+  "I8": np.dtype("i1"),
+  "U64": np.dtype("<u8"),
+  "U32": np.dtype("<u4"),
+  "U16": np.dtype("<u2"),
+  "U8": np.dtype("u1"),
+  "BOOL": np.dtype(np.bool_),
+  "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+  "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
 }
 
 
@@ -224,10 +244,10 @@ def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
   if header_len > len(data) - 8:
     raise CheckpointFormatError(f"{path}: safetensors header length {header_len} exceeds the file")
   try:
-    header = json.loads(data[8: 8 + header_len])
+    header = json.loads(data[8 : 8 + header_len])
   except (UnicodeDecodeError, json.JSONDecodeError) as e:
     raise CheckpointFormatError(f"{path}: invalid safetensors header ({e})") from None
-  body = bytearray(data[8 + header_len:])
+  body = bytearray(data[8 + header_len :])
   out = collections.OrderedDict()
   for name, info in header.items():
     if name == "__metadata__":
@@ -288,13 +308,27 @@ def load_checkpoint(path: str | os.PathLike) -> Any:
       return _read_torch_zip(path)
   except (UnsafeCheckpointError, CheckpointFormatError):
     raise
-  except (zipfile.BadZipFile, EOFError, pickle.UnpicklingError, KeyError, TypeError, OSError, ValueError,
-          IndexError, AttributeError, OverflowError, MemoryError, RecursionError) as e:
+  except (
+    zipfile.BadZipFile,
+    EOFError,
+    pickle.UnpicklingError,
+    KeyError,
+    TypeError,
+    OSError,
+    ValueError,
+    IndexError,
+    AttributeError,
+    OverflowError,
+    MemoryError,
+    RecursionError,
+  ) as e:
     # a damaged pickle stream can fail in any of these ways (a corrupted length asks for petabytes)
-    raise CheckpointFormatError(f"cannot read checkpoint {path}: {type(e).__name__}: "
-                                f"{' '.join(str(e).split())[:200]}") from None
+    raise CheckpointFormatError(
+      f"cannot read checkpoint {path}: {type(e).__name__}: {' '.join(str(e).split())[:200]}"
+    ) from None
   if magic[:1] == b"\x80":
     raise CheckpointFormatError(
-        f"{path} uses torch's legacy (pre-1.6) serialization, which this reader does not support; "
-        "re-save it with a current torch.save")
+      f"{path} uses torch's legacy (pre-1.6) serialization, which this reader does not support; "
+      "re-save it with a current torch.save"
+    )
   raise CheckpointFormatError(f"{path} is not a torch zip, safetensors or npz checkpoint")

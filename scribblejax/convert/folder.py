@@ -131,9 +131,17 @@ def _bundle(src: Path) -> tuple[str, dict, Path]:
   return arch, network, weights
 
 
-def convert(src: str | os.PathLike, out_dir: str | os.PathLike, *, arch: str | None = None,
-            kwargs: Mapping[str, Any] | None = None, normalize: Any = None, overwrite: bool = False,
-            folds: Any = None, log: Any = None) -> Path:
+def convert(
+  src: str | os.PathLike,
+  out_dir: str | os.PathLike,
+  *,
+  arch: str | None = None,
+  kwargs: Mapping[str, Any] | None = None,
+  normalize: Any = None,
+  overwrite: bool = False,
+  folds: Any = None,
+  log: Any = None,
+) -> Path:
   """Converts a PyTorch segmentation network into a scribblejax model folder.
 
   Args:
@@ -169,8 +177,10 @@ def convert(src: str | os.PathLike, out_dir: str | os.PathLike, *, arch: str | N
     converted = info["metadata"]["folds"]
     left = [f for f in info["metadata"]["available_folds"] if nnunet.numbered_fold(f) and f not in converted]
     if left and log is not None:
-      log(f"note: converted fold(s) {', '.join(converted)}; {src} also holds cross-validation "
-          f"fold(s) {', '.join(left)} (nnUNetv2_predict averages all of them by default: --folds cv)")
+      log(
+        f"note: converted fold(s) {', '.join(converted)}; {src} also holds cross-validation "
+        f"fold(s) {', '.join(left)} (nnUNetv2_predict averages all of them by default: --folds cv)"
+      )
     family, model_kwargs, class_names = info["family"], info["kwargs"], info["class_names"]
     metadata.update(info["metadata"])
     normalization = normalize if normalize is not None else info["normalization"]
@@ -181,15 +191,17 @@ def convert(src: str | os.PathLike, out_dir: str | os.PathLike, *, arch: str | N
     if arch is not None and arch != bundle_arch:
       raise ConversionError(f"bundle defines {bundle_arch}, not {arch}")
     model_kwargs = {**bundle_kwargs, **(kwargs or {})}
-    family, model = _convert_state(bundle_arch, model_kwargs, _state_dict(load_checkpoint(weights), str(weights)),
-                                   str(weights))
+    family, model = _convert_state(
+      bundle_arch, model_kwargs, _state_dict(load_checkpoint(weights), str(weights)), str(weights)
+    )
     model_kwargs = resolved_kwargs(bundle_arch, model_kwargs)
     metadata.update({"source": "monai-bundle", "arch": bundle_arch})
     normalization = normalize
   elif src.is_file():
     if arch is None:
-      raise ConversionError(f"{src} is a bare checkpoint: name its architecture (arch=...), "
-                            f"one of {', '.join(SUPPORTED_ARCHS)}")
+      raise ConversionError(
+        f"{src} is a bare checkpoint: name its architecture (arch=...), one of {', '.join(SUPPORTED_ARCHS)}"
+      )
     model_kwargs = dict(kwargs or {})
     family, model = _convert_state(arch, model_kwargs, _state_dict(load_checkpoint(src), str(src)), str(src))
     model_kwargs = resolved_kwargs(arch, model_kwargs)
@@ -197,5 +209,13 @@ def convert(src: str | os.PathLike, out_dir: str | os.PathLike, *, arch: str | N
     normalization = normalize
   else:
     raise ConversionError(f"{src} is neither an nnU-Net folder, a MONAI bundle nor a checkpoint file")
-  return save_model(out_dir, model, family=family, kwargs=model_kwargs, normalization=normalization,
-                    class_names=class_names, metadata=metadata, overwrite=overwrite)
+  return save_model(
+    out_dir,
+    model,
+    family=family,
+    kwargs=model_kwargs,
+    normalization=normalization,
+    class_names=class_names,
+    metadata=metadata,
+    overwrite=overwrite,
+  )

@@ -72,15 +72,19 @@ def _at(model, path):
 def basic_unet_values(model: BasicUNet, reader: StateReader) -> dict:
   """``{variable path: array}`` from a torch ``BasicUNet`` state dict."""
   values = reader.values()
-  torch_two = {("conv_0",): "conv_0", **{("downs", i): f"down_{i + 1}.convs" for i in range(4)},
-               **{("upcats", i, "convs"): f"upcat_{4 - i}.convs" for i in range(4)}}
+  torch_two = {
+    ("conv_0",): "conv_0",
+    **{("downs", i): f"down_{i + 1}.convs" for i in range(4)},
+    **{("upcats", i, "convs"): f"upcat_{4 - i}.convs" for i in range(4)},
+  }
   for path, t in torch_two.items():
     for c in ("conv_0", "conv_1"):
       module = getattr(_at(model, path), c)
       _conv_adn_values(reader, f"{t}.{c}", (*path, c), module, values)
   for i in range(4):
-    _conv_values(reader, f"upcat_{4 - i}.upsample.deconv", ("upcats", i, "deconv"), model.upcats[i].deconv,
-                 values, transposed=True)
+    _conv_values(
+      reader, f"upcat_{4 - i}.upsample.deconv", ("upcats", i, "deconv"), model.upcats[i].deconv, values, transposed=True
+    )
   _conv_values(reader, "final_conv", ("final_conv",), model.final_conv, values)
   return values
 
@@ -147,8 +151,10 @@ def segresnet_values(model: SegResNet, reader: StateReader) -> dict:
     if "act_mod.weight" in reader:
       # MONAI registers its final PReLU twice (``act_mod`` is ``conv_final[1]``): one tensor, two keys
       if not np.array_equal(reader.take("act_mod.weight"), values[("final_act", "weight")]):
-        raise ConversionError(f"{reader.source}: 'act_mod.weight' differs from 'conv_final.1.weight', but MONAI's "
-                              "SegResNet shares one PReLU between them")
+        raise ConversionError(
+          f"{reader.source}: 'act_mod.weight' differs from 'conv_final.1.weight', but MONAI's "
+          "SegResNet shares one PReLU between them"
+        )
   _conv_values(reader, "conv_final.2.conv", ("final_conv",), model.final_conv, values)
   return values
 
@@ -173,8 +179,10 @@ def load_weights(model, state: Mapping[str, Any], *, source: str = "checkpoint")
   """
   values_of = _VALUES.get(type(model))
   if values_of is None:
-    raise ConversionError(f"{source}: {type(model).__name__} is not a MONAI network this converter knows "
-                          f"({', '.join(cls.__name__ for cls in _VALUES)})")
+    raise ConversionError(
+      f"{source}: {type(model).__name__} is not a MONAI network this converter knows "
+      f"({', '.join(cls.__name__ for cls in _VALUES)})"
+    )
   reader = StateReader(strip_wrappers(state), source=source)
   values = values_of(model, reader)
   reader.finish()

@@ -53,8 +53,15 @@ LayerPath = tuple[Any, ...]
 # ----------------------------------------------------------------------------- plans -> kwargs
 
 _NORMS = {"InstanceNorm": "instance", "BatchNorm": "batch", "GroupNorm": "group"}
-_NONLINS = {"LeakyReLU": "leaky_relu", "ReLU": "relu", "PReLU": "prelu", "ELU": "elu", "GELU": "gelu",
-            "Tanh": "tanh", "Sigmoid": "sigmoid"}
+_NONLINS = {
+  "LeakyReLU": "leaky_relu",
+  "ReLU": "relu",
+  "PReLU": "prelu",
+  "ELU": "elu",
+  "GELU": "gelu",
+  "Tanh": "tanh",
+  "Sigmoid": "sigmoid",
+}
 
 
 def _class_name(name: str | None) -> str | None:
@@ -95,22 +102,46 @@ def _nonlin_spec(nonlin: str | None, kwargs: Mapping | None) -> dict | None:
   kwargs = dict(kwargs or {})
   kwargs.pop("inplace", None)
   spec = {"kind": _NONLINS[name]}
-  allowed = {"leaky_relu": {"negative_slope"}, "prelu": {"num_parameters", "init"}, "elu": {"alpha"},
-             "gelu": {"approximate"}}.get(spec["kind"], set())
+  allowed = {
+    "leaky_relu": {"negative_slope"},
+    "prelu": {"num_parameters", "init"},
+    "elu": {"alpha"},
+    "gelu": {"approximate"},
+  }.get(spec["kind"], set())
   if set(kwargs) - allowed:
     raise ConversionError(f"unsupported nonlin_kwargs {sorted(set(kwargs) - allowed)} for {nonlin}")
   return {**spec, **kwargs}
 
 
-_PLAIN_ARCH_KEYS = {"n_stages", "features_per_stage", "conv_op", "kernel_sizes", "strides", "n_conv_per_stage",
-                    "n_conv_per_stage_decoder", "conv_bias", "norm_op", "norm_op_kwargs", "dropout_op",
-                    "dropout_op_kwargs", "nonlin", "nonlin_kwargs", "deep_supervision", "nonlin_first"}
+_PLAIN_ARCH_KEYS = {
+  "n_stages",
+  "features_per_stage",
+  "conv_op",
+  "kernel_sizes",
+  "strides",
+  "n_conv_per_stage",
+  "n_conv_per_stage_decoder",
+  "conv_bias",
+  "norm_op",
+  "norm_op_kwargs",
+  "dropout_op",
+  "dropout_op_kwargs",
+  "nonlin",
+  "nonlin_kwargs",
+  "deep_supervision",
+  "nonlin_first",
+}
 _RES_ARCH_KEYS = (_PLAIN_ARCH_KEYS - {"n_conv_per_stage", "nonlin_first"}) | {
-    "n_blocks_per_stage", "block", "bottleneck_channels", "stem_channels"}
+  "n_blocks_per_stage",
+  "block",
+  "bottleneck_channels",
+  "stem_channels",
+}
 
 
-def architecture_kwargs(configuration: Mapping[str, Any], input_channels: int, num_classes: int
-                        ) -> tuple[str, dict[str, Any]]:
+def architecture_kwargs(
+  configuration: Mapping[str, Any], input_channels: int, num_classes: int
+) -> tuple[str, dict[str, Any]]:
   """Family name and JSON constructor kwargs from a resolved plans configuration.
 
   Reads the current ``architecture`` section (``network_class_name`` + ``arch_kwargs``) or the older
@@ -128,32 +159,47 @@ def architecture_kwargs(configuration: Mapping[str, Any], input_channels: int, n
     kernels = configuration["conv_kernel_sizes"]
     n = len(kernels)
     base, cap = configuration["UNet_base_num_features"], configuration["unet_max_num_features"]
-    kw = {"n_stages": n, "features_per_stage": [min(base * 2 ** i, cap) for i in range(n)],
-          "conv_op": f"torch.nn.Conv{len(kernels[0])}d", "kernel_sizes": kernels,
-          "strides": configuration["pool_op_kernel_sizes"], "n_conv_per_stage_decoder":
-          configuration["n_conv_per_stage_decoder"], "conv_bias": True,
-          "norm_op": f"torch.nn.InstanceNorm{len(kernels[0])}d", "norm_op_kwargs": {"eps": 1e-5, "affine": True},
-          "nonlin": "torch.nn.LeakyReLU", "nonlin_kwargs": {"inplace": True}}
-    kw["n_conv_per_stage" if class_name == "PlainConvUNet" else "n_blocks_per_stage"] = \
-        configuration["n_conv_per_stage_encoder"]
+    kw = {
+      "n_stages": n,
+      "features_per_stage": [min(base * 2**i, cap) for i in range(n)],
+      "conv_op": f"torch.nn.Conv{len(kernels[0])}d",
+      "kernel_sizes": kernels,
+      "strides": configuration["pool_op_kernel_sizes"],
+      "n_conv_per_stage_decoder": configuration["n_conv_per_stage_decoder"],
+      "conv_bias": True,
+      "norm_op": f"torch.nn.InstanceNorm{len(kernels[0])}d",
+      "norm_op_kwargs": {"eps": 1e-5, "affine": True},
+      "nonlin": "torch.nn.LeakyReLU",
+      "nonlin_kwargs": {"inplace": True},
+    }
+    kw["n_conv_per_stage" if class_name == "PlainConvUNet" else "n_blocks_per_stage"] = configuration[
+      "n_conv_per_stage_encoder"
+    ]
   else:
     raise ConversionError("plans configuration has no 'architecture' section")
   allowed = {"PlainConvUNet": _PLAIN_ARCH_KEYS, "ResidualEncoderUNet": _RES_ARCH_KEYS}.get(class_name)
   if allowed is None:
-    raise ConversionError(f"unsupported nnU-Net network class {class_name!r} "
-                          "(supported: PlainConvUNet, ResidualEncoderUNet)")
+    raise ConversionError(
+      f"unsupported nnU-Net network class {class_name!r} (supported: PlainConvUNet, ResidualEncoderUNet)"
+    )
   if set(kw) - allowed:
     raise ConversionError(f"unsupported {class_name} arch_kwargs: {sorted(set(kw) - allowed)}")
   conv_name = _class_name(kw["conv_op"])
   if conv_name not in ("Conv2d", "Conv3d"):
     raise ConversionError(f"unsupported conv_op {kw['conv_op']!r}")
-  out = {"input_channels": int(input_channels), "num_classes": int(num_classes),
-         "spatial_dims": int(conv_name[4]), "n_stages": int(kw["n_stages"]),
-         "features_per_stage": kw["features_per_stage"], "kernel_sizes": kw["kernel_sizes"],
-         "strides": kw["strides"], "n_conv_per_stage_decoder": kw["n_conv_per_stage_decoder"],
-         "conv_bias": bool(kw.get("conv_bias", False)),
-         "norm": _norm_spec(kw.get("norm_op"), kw.get("norm_op_kwargs")),
-         "nonlin": _nonlin_spec(kw.get("nonlin"), kw.get("nonlin_kwargs"))}
+  out = {
+    "input_channels": int(input_channels),
+    "num_classes": int(num_classes),
+    "spatial_dims": int(conv_name[4]),
+    "n_stages": int(kw["n_stages"]),
+    "features_per_stage": kw["features_per_stage"],
+    "kernel_sizes": kw["kernel_sizes"],
+    "strides": kw["strides"],
+    "n_conv_per_stage_decoder": kw["n_conv_per_stage_decoder"],
+    "conv_bias": bool(kw.get("conv_bias", False)),
+    "norm": _norm_spec(kw.get("norm_op"), kw.get("norm_op_kwargs")),
+    "nonlin": _nonlin_spec(kw.get("nonlin"), kw.get("nonlin_kwargs")),
+  }
   if class_name == "PlainConvUNet":
     out["n_conv_per_stage"] = kw["n_conv_per_stage"]
     out["nonlin_first"] = bool(kw.get("nonlin_first", False))
@@ -184,7 +230,7 @@ def _plain_json(value):
 
 def _canonical_key(key: str) -> str:
   """``decoder.encoder.X`` (the decoder's reference to the encoder) -> ``encoder.X``."""
-  return key[len("decoder."):] if key.startswith("decoder.encoder.") else key
+  return key[len("decoder.") :] if key.startswith("decoder.encoder.") else key
 
 
 def _drop_all_modules_aliases(state: Mapping[str, np.ndarray], *, source: str) -> dict[str, np.ndarray]:
@@ -201,14 +247,14 @@ def _drop_all_modules_aliases(state: Mapping[str, np.ndarray], *, source: str) -
       continue
     prefix, param = match.groups()
     twins = [f"{prefix}.{op}.{param}" for op in ("conv", "norm", "nonlin")]
-    if not any(t in state and np.shape(state[t]) == np.shape(value) and np.array_equal(state[t], value)
-               for t in twins):
+    if not any(t in state and np.shape(state[t]) == np.shape(value) and np.array_equal(state[t], value) for t in twins):
       raise ConversionError(f"{source}: {key!r} is not a copy of any of {twins}")
   return out
 
 
-def _conv_norm_act_values(reader: StateReader, torch_prefix: str, path: LayerPath, module: ConvNormAct,
-                          values: dict) -> None:
+def _conv_norm_act_values(
+  reader: StateReader, torch_prefix: str, path: LayerPath, module: ConvNormAct, values: dict
+) -> None:
   conv = module.conv
   values[(*path, "conv", "kernel")] = conv_kernel(reader.take(f"{torch_prefix}.conv.weight"))
   if conv.bias is not None:
@@ -237,8 +283,9 @@ def act_values(reader: StateReader, torch_key_prefix: str, path: LayerPath, act,
     values[(*path, "weight")] = reader.take(f"{torch_key_prefix}.weight")
 
 
-def load_weights(model: PlainConvUNet | ResidualEncoderUNet, state: Mapping[str, Any], *,
-                 source: str = "checkpoint") -> None:
+def load_weights(
+  model: PlainConvUNet | ResidualEncoderUNet, state: Mapping[str, Any], *, source: str = "checkpoint"
+) -> None:
   """Loads an nnU-Net ``network_weights`` state dict into ``model`` strictly (in place).
 
   Args:
@@ -256,11 +303,13 @@ def load_weights(model: PlainConvUNet | ResidualEncoderUNet, state: Mapping[str,
   if isinstance(model, PlainConvUNet):
     for s, stage in enumerate(model.encoder["stages"]):
       for i, conv in enumerate(stage.convs):
-        _conv_norm_act_values(reader, f"encoder.stages.{s}.0.convs.{i}", ("encoder", "stages", s, "convs", i),
-                              conv, values)
+        _conv_norm_act_values(
+          reader, f"encoder.stages.{s}.0.convs.{i}", ("encoder", "stages", s, "convs", i), conv, values
+        )
   else:
-    _conv_norm_act_values(reader, "encoder.stem.convs.0", ("encoder", "stem", "convs", 0),
-                          model.encoder["stem"].convs[0], values)
+    _conv_norm_act_values(
+      reader, "encoder.stem.convs.0", ("encoder", "stem", "convs", 0), model.encoder["stem"].convs[0], values
+    )
     for s, stage in enumerate(model.encoder["stages"]):
       for b, block in enumerate(stage["blocks"]):
         t, p = f"encoder.stages.{s}.blocks.{b}", ("encoder", "stages", s, "blocks", b)
@@ -273,12 +322,12 @@ def load_weights(model: PlainConvUNet | ResidualEncoderUNet, state: Mapping[str,
   decoder = model.decoder
   for s, (up, stage) in enumerate(zip(decoder.transpconvs, decoder.stages)):
     values[("decoder", "transpconvs", s, "kernel")] = conv_transpose_kernel(
-        reader.take(f"decoder.transpconvs.{s}.weight"))
+      reader.take(f"decoder.transpconvs.{s}.weight")
+    )
     if up.bias is not None:
       values[("decoder", "transpconvs", s, "bias")] = reader.take(f"decoder.transpconvs.{s}.bias")
     for i, conv in enumerate(stage.convs):
-      _conv_norm_act_values(reader, f"decoder.stages.{s}.convs.{i}", ("decoder", "stages", s, "convs", i), conv,
-                            values)
+      _conv_norm_act_values(reader, f"decoder.stages.{s}.convs.{i}", ("decoder", "stages", s, "convs", i), conv, values)
   last = len(decoder.stages) - 1
   values[("decoder", "seg_layer", "kernel")] = conv_kernel(reader.take(f"decoder.seg_layers.{last}.weight"))
   values[("decoder", "seg_layer", "bias")] = reader.take(f"decoder.seg_layers.{last}.bias")
@@ -311,8 +360,13 @@ def resolve_configuration(plans: Mapping[str, Any], name: str) -> dict[str, Any]
   return resolved
 
 
-_SCHEMES = {"ZScoreNormalization", "CTNormalization", "NoNormalization", "RescaleTo01Normalization",
-            "RGBTo0_1Normalization"}
+_SCHEMES = {
+  "ZScoreNormalization",
+  "CTNormalization",
+  "NoNormalization",
+  "RescaleTo01Normalization",
+  "RGBTo0_1Normalization",
+}
 
 
 def resampling_metadata(configuration: Mapping[str, Any]) -> dict[str, Any]:
@@ -323,11 +377,14 @@ def resampling_metadata(configuration: Mapping[str, Any]) -> dict[str, Any]:
     ConversionError: the plans use another resampling function or options this one does not know.
   """
   from scribblejax.pipeline.resampling import IMAGE, LOGITS, ResampleScheme
+
   known = {"resample_data_or_seg_to_shape", None}
   for key in ("resampling_fn_data", "resampling_fn_probabilities"):
     if configuration.get(key) not in known:
-      raise ConversionError(f"the plans' {key} is {configuration.get(key)!r}; only nnU-Net's default "
-                            "resample_data_or_seg_to_shape is supported")
+      raise ConversionError(
+        f"the plans' {key} is {configuration.get(key)!r}; only nnU-Net's default "
+        "resample_data_or_seg_to_shape is supported"
+      )
   try:
     image = ResampleScheme.from_nnunet(configuration.get("resampling_fn_data_kwargs"), IMAGE)
     logits = ResampleScheme.from_nnunet(configuration.get("resampling_fn_probabilities_kwargs"), LOGITS)
@@ -358,8 +415,15 @@ def normalization_spec(plans: Mapping[str, Any], configuration: Mapping[str, Any
       p = properties.get(str(c)) or properties.get(c)
       if p is None:
         raise ConversionError(f"plans lack foreground intensity properties for channel {c}")
-      specs.append({"kind": "ct", "lower": float(p["percentile_00_5"]), "upper": float(p["percentile_99_5"]),
-                    "mean": float(p["mean"]), "std": float(p["std"])})
+      specs.append(
+        {
+          "kind": "ct",
+          "lower": float(p["percentile_00_5"]),
+          "upper": float(p["percentile_99_5"]),
+          "mean": float(p["mean"]),
+          "std": float(p["std"]),
+        }
+      )
     elif scheme == "NoNormalization":
       specs.append({"kind": "none"})
     elif scheme == "RescaleTo01Normalization":
@@ -399,6 +463,7 @@ def _regions(dataset: Mapping[str, Any], labels: Mapping[str, Any]) -> tuple[lis
   is on. Class 0 is the background's name; class ``order[i]`` is region ``i``'s name, followed by
   "excluding" and the later regions that share labels with it."""
   from scribblejax.models.regions import check_order
+
   names, sets = [], []
   background = "background"
   for name, value in labels.items():
@@ -414,17 +479,21 @@ def _regions(dataset: Mapping[str, Any], labels: Mapping[str, Any]) -> tuple[lis
   if order is None:
     raise ConversionError("dataset.json has region labels (lists of label values) but no regions_class_order")
   if not isinstance(order, (list, tuple)) or len(order) != len(names):
-    raise ConversionError(f"dataset.json's regions_class_order must list one class per region ({len(names)}: "
-                          f"{', '.join(names)}), got {order!r}")
+    raise ConversionError(
+      f"dataset.json's regions_class_order must list one class per region ({len(names)}: "
+      f"{', '.join(names)}), got {order!r}"
+    )
   try:
     order = list(check_order(order))
   except ValueError as err:
     raise ConversionError(f"dataset.json: {err}") from None
+
   # class order[j] is written where region j is on and no later region is: "j excluding the later
   # regions that share its labels" (BraTS: whole tumour excluding tumour core, enhancing tumour = edema)
   def written(j: int) -> str:
     later = [names[i] for i in range(j + 1, len(names)) if set(sets[i]) & set(sets[j])]
     return names[j] + (f" excluding {', '.join(later)}" if later else "")
+
   class_names = [background] + [written(order.index(c)) for c in range(1, len(order) + 1)]
   return class_names, {"names": names, "labels": sets, "class_order": order}
 
@@ -433,7 +502,7 @@ def _class_names(dataset: Mapping[str, Any]) -> tuple[list[str], dict | None]:
   """The class names in value order, and for a region-based dataset its regions (see :func:`_regions`)."""
   labels = dataset.get("labels")
   if not labels or not isinstance(labels, Mapping):
-    raise ConversionError(f"dataset.json needs \"labels\", an object mapping names to values, got {labels!r}")
+    raise ConversionError(f'dataset.json needs "labels", an object mapping names to values, got {labels!r}')
   if any(_is_region(v) for k, v in labels.items() if k != "ignore"):
     return _regions(dataset, labels)
   if "ignore" in labels:
@@ -453,7 +522,7 @@ def _class_names(dataset: Mapping[str, Any]) -> tuple[list[str], dict | None]:
 
 def available_folds(folder: Path) -> list[str]:
   """The names ``k`` of the folder's ``fold_<k>`` directories, numbered ones first in numeric order."""
-  names = [p.name[len("fold_"):] for p in Path(folder).glob("fold_*") if p.is_dir()]
+  names = [p.name[len("fold_") :] for p in Path(folder).glob("fold_*") if p.is_dir()]
   return sorted(names, key=lambda n: (not numbered_fold(n), int(n) if numbered_fold(n) else 0, n))
 
 
@@ -488,8 +557,9 @@ def fold_names(folder: Path, folds: Any = None) -> list[str]:
     raise ConversionError(f"a fold is named twice: {names}")
   bad = [n for n in names if not re.fullmatch(r"[A-Za-z0-9_.-]+", n) or n in (".", "..")]
   if bad:
-    raise ConversionError(f"fold names are folder suffixes (fold_<name>) of letters, digits, '_', '.' and '-', "
-                          f"got {bad[0]!r}")
+    raise ConversionError(
+      f"fold names are folder suffixes (fold_<name>) of letters, digits, '_', '.' and '-', got {bad[0]!r}"
+    )
   for name in names:
     if not (Path(folder) / f"fold_{name}").is_dir():
       raise ConversionError(f"{folder} has no fold_{name} (its folds: {', '.join(present) or 'none'})")
@@ -514,8 +584,9 @@ def _fold_checkpoint(folder: Path, fold: str) -> tuple[Path, Mapping]:
   return path, checkpoint
 
 
-def load_trained_model_folder(folder, *, fold: str | int | None = None, folds: Any = None,
-                              rngs: nnx.Rngs | None = None) -> tuple[nnx.Module, dict[str, Any]]:
+def load_trained_model_folder(
+  folder, *, fold: str | int | None = None, folds: Any = None, rngs: nnx.Rngs | None = None
+) -> tuple[nnx.Module, dict[str, Any]]:
   """Rebuilds the network of an nnU-Net v2 trained-model folder, with its weights.
 
   Args:
@@ -544,8 +615,9 @@ def load_trained_model_folder(folder, *, fold: str | int | None = None, folds: A
   checkpoint_path, checkpoint = _fold_checkpoint(folder, names[0])
   init_args = checkpoint.get("init_args") or {}
   plans = _read_json(folder / "plans.json") if (folder / "plans.json").is_file() else init_args.get("plans")
-  dataset = (_read_json(folder / "dataset.json") if (folder / "dataset.json").is_file()
-             else init_args.get("dataset_json"))
+  dataset = (
+    _read_json(folder / "dataset.json") if (folder / "dataset.json").is_file() else init_args.get("dataset_json")
+  )
   if plans is None or dataset is None:
     raise ConversionError(f"{folder} lacks plans.json / dataset.json and the checkpoint does not carry them")
   config_name = init_args.get("configuration")
@@ -558,9 +630,11 @@ def load_trained_model_folder(folder, *, fold: str | int | None = None, folds: A
     raise ConversionError(f"{folder}: plans and dataset.json must be JSON objects")
   configuration = resolve_configuration(plans, config_name)
   if configuration.get("previous_stage"):
-    raise ConversionError(f"{config_name!r} is a cascade stage: its network also reads the segmentation of the "
-                          f"{configuration['previous_stage']!r} stage as input channels, which scribblejax cannot "
-                          f"supply; convert the {configuration['previous_stage']!r} or 3d_fullres folder instead")
+    raise ConversionError(
+      f"{config_name!r} is a cascade stage: its network also reads the segmentation of the "
+      f"{configuration['previous_stage']!r} stage as input channels, which scribblejax cannot "
+      f"supply; convert the {configuration['previous_stage']!r} or 3d_fullres folder instead"
+    )
   channels = dataset.get("channel_names") or dataset.get("modality")
   if not channels or not isinstance(channels, Mapping):
     raise ConversionError("dataset.json has no channel_names (an object of channel index -> name)")
@@ -571,8 +645,10 @@ def load_trained_model_folder(folder, *, fold: str | int | None = None, folds: A
   except (KeyError, TypeError, AttributeError, ValueError) as err:
     if isinstance(err, ConversionError):
       raise
-    raise ConversionError(f"{folder}: the plans' configuration {config_name!r} lacks or mangles an architecture "
-                          f"field ({type(err).__name__}: {err})") from None
+    raise ConversionError(
+      f"{folder}: the plans' configuration {config_name!r} lacks or mangles an architecture "
+      f"field ({type(err).__name__}: {err})"
+    ) from None
   members, paths = [], []
   for k, name in enumerate(names):
     path, weights = (checkpoint_path, checkpoint) if k == 0 else _fold_checkpoint(folder, name)
@@ -584,23 +660,39 @@ def load_trained_model_folder(folder, *, fold: str | int | None = None, folds: A
   model, member_family = members[0], family
   if len(members) > 1:
     from scribblejax.models.ensemble import Ensemble
+
     family, kwargs = "scribblejax.models.Ensemble", {"family": member_family, "kwargs": kwargs, "members": len(members)}
     model = Ensemble.of(members, member_family)
   if regions is not None:
     from scribblejax.models.regions import Regions
+
     family, kwargs = "scribblejax.models.Regions", {"family": family, "kwargs": kwargs, "order": regions["class_order"]}
     model = Regions.of(model, regions["class_order"], kwargs["family"])
-  info = {"family": family, "kwargs": kwargs, "normalization": normalization_spec(plans, configuration),
-          "class_names": class_names, "configuration": config_name,
-          "metadata": {"source": "nnunetv2", "folder": str(folder), "checkpoint": paths[0],
-                       "folds": names, "checkpoints": paths, "available_folds": available_folds(folder),
-                       "configuration": config_name, "trainer": checkpoint.get("trainer_name"),
-                       "patch_size": configuration.get("patch_size"), "spacing": configuration.get("spacing"),
-                       "resampling": resampling_metadata(configuration), "crop_to_nonzero": True,
-                       "mirroring_axes": _plain_json(checkpoint.get("inference_allowed_mirroring_axes")),
-                       "transpose_forward": plans.get("transpose_forward"),
-                       "input_axis_order": nnunet_axis_order(plans.get("transpose_forward")),
-                       "channel_names": _plain_json(channels)}}
+  info = {
+    "family": family,
+    "kwargs": kwargs,
+    "normalization": normalization_spec(plans, configuration),
+    "class_names": class_names,
+    "configuration": config_name,
+    "metadata": {
+      "source": "nnunetv2",
+      "folder": str(folder),
+      "checkpoint": paths[0],
+      "folds": names,
+      "checkpoints": paths,
+      "available_folds": available_folds(folder),
+      "configuration": config_name,
+      "trainer": checkpoint.get("trainer_name"),
+      "patch_size": configuration.get("patch_size"),
+      "spacing": configuration.get("spacing"),
+      "resampling": resampling_metadata(configuration),
+      "crop_to_nonzero": True,
+      "mirroring_axes": _plain_json(checkpoint.get("inference_allowed_mirroring_axes")),
+      "transpose_forward": plans.get("transpose_forward"),
+      "input_axis_order": nnunet_axis_order(plans.get("transpose_forward")),
+      "channel_names": _plain_json(channels),
+    },
+  }
   if regions is not None:
     info["metadata"]["regions"] = regions
   return model, _plain_json(info)

@@ -18,8 +18,9 @@ from scribblejax.models.zoo.smp import ConvNorm, Unet
 LayerPath = tuple[Any, ...]
 
 
-def _conv_norm_values(reader: StateReader, conv_key: str, norm_key: str, path: LayerPath, m: ConvNorm,
-                      values: dict) -> None:
+def _conv_norm_values(
+  reader: StateReader, conv_key: str, norm_key: str, path: LayerPath, m: ConvNorm, values: dict
+) -> None:
   """Torch ``conv_key.weight`` (+ bias) and the norm under ``norm_key`` -> ``values`` at ``path``."""
   kernel = m.conv.kernel.shape
   torch_shape = (kernel[3], kernel[2], *kernel[:2])
@@ -48,8 +49,9 @@ def unet_values(model: Unet, reader: StateReader) -> dict:
       for i, conv in enumerate(block.convs):
         _conv_norm_values(reader, f"{t}.conv{i + 1}", f"{t}.bn{i + 1}", (*p, "convs", i), conv, values)
       if block.downsample is not None:
-        _conv_norm_values(reader, f"{t}.downsample.0", f"{t}.downsample.1", (*p, "downsample"), block.downsample,
-                          values)
+        _conv_norm_values(
+          reader, f"{t}.downsample.0", f"{t}.downsample.1", (*p, "downsample"), block.downsample, values
+        )
   for k in range(len(model.encoder.layers) + 1, 5):  # torchvision builds all four stages; smp runs `depth`
     reader.ignore_matching(rf"encoder\.layer{k}\..*")
   for i, block in enumerate(model.decoder["blocks"]):
@@ -58,7 +60,8 @@ def unet_values(model: Unet, reader: StateReader) -> dict:
       _conv_norm_values(reader, f"{t}.0", f"{t}.1", ("decoder", "blocks", i, c), getattr(block, c), values)
   head = model.segmentation_head
   values[("segmentation_head", "kernel")] = conv_kernel(
-      reader.take("segmentation_head.0.weight", (head.kernel.shape[-1], head.kernel.shape[-2], 3, 3)))
+    reader.take("segmentation_head.0.weight", (head.kernel.shape[-1], head.kernel.shape[-2], 3, 3))
+  )
   values[("segmentation_head", "bias")] = reader.take("segmentation_head.0.bias", head.bias.shape)
   if model.aux_classes is not None:  # classification head: not part of the segmentation logits
     c = model.encoder.out_channels[-1]

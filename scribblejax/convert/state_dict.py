@@ -17,8 +17,17 @@ from flax import nnx
 
 from scribblejax.models.zoo.layers import ConversionError
 
-__all__ = ["ConversionError", "StateReader", "Values", "assign", "canonicalize", "conv_kernel",
-           "conv_transpose_kernel", "path_prefixes", "strip_wrappers"]
+__all__ = [
+  "ConversionError",
+  "StateReader",
+  "Values",
+  "assign",
+  "canonicalize",
+  "conv_kernel",
+  "conv_transpose_kernel",
+  "path_prefixes",
+  "strip_wrappers",
+]
 
 Path = tuple[Any, ...]
 
@@ -44,8 +53,9 @@ def conv_transpose_kernel(weight: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------------- strict loading
 
 
-def canonicalize(state: Mapping[str, np.ndarray], canonical: Callable[[str], str], *, source: str = "checkpoint"
-                 ) -> dict[str, np.ndarray]:
+def canonicalize(
+  state: Mapping[str, np.ndarray], canonical: Callable[[str], str], *, source: str = "checkpoint"
+) -> dict[str, np.ndarray]:
   """Merges aliased keys (one tensor saved under several names) into their canonical name.
 
   Args:
@@ -152,7 +162,7 @@ class Values(dict):
     super().__setitem__(path, value)
     if self._reader._last is not None:
       self.origins[tuple(path)] = self._reader._last
-      self._reader._last = None          # an entry set without a new take has no origin
+      self._reader._last = None  # an entry set without a new take has no origin
 
 
 def strip_wrappers(state: Mapping[str, Any]) -> dict[str, Any]:
@@ -160,12 +170,17 @@ def strip_wrappers(state: Mapping[str, Any]) -> dict[str, Any]:
   state = dict(state)
   for prefix in ("module.", "_orig_mod."):
     if state and all(k.startswith(prefix) for k in state):
-      state = {k[len(prefix):]: v for k, v in state.items()}
+      state = {k[len(prefix) :]: v for k, v in state.items()}
   return state
 
 
-def assign(model: nnx.Module, values: Mapping[Path, np.ndarray], *, source: str = "checkpoint",
-           torch_param_count: int | None = None) -> None:
+def assign(
+  model: nnx.Module,
+  values: Mapping[Path, np.ndarray],
+  *,
+  source: str = "checkpoint",
+  torch_param_count: int | None = None,
+) -> None:
   """Sets every Param and BatchStat of ``model`` from ``values``, in place, strictly.
 
   Args:
@@ -184,15 +199,19 @@ def assign(model: nnx.Module, values: Mapping[Path, np.ndarray], *, source: str 
   unknown = [p for p in values if tuple(p) not in flat]
   if missing or unknown:
     fmt = lambda ps: ", ".join("/".join(map(str, p)) for p in ps[:20])
-    raise ConversionError(f"{source}: model variables not assigned: [{fmt(missing)}]; "
-                          f"assigned paths that are not model variables: [{fmt(unknown)}]")
+    raise ConversionError(
+      f"{source}: model variables not assigned: [{fmt(missing)}]; "
+      f"assigned paths that are not model variables: [{fmt(unknown)}]"
+    )
   for path, variable in flat.items():
     value = np.asarray(values[path], dtype=np.float32)
     if tuple(value.shape) != tuple(variable.shape):
       origin = getattr(values, "origins", {}).get(tuple(path))
       torch = f" (from torch key {origin[0]!r} of shape {origin[1]})" if origin else ""
-      raise ConversionError(f"{source}: {'/'.join(map(str, path))} has shape {tuple(variable.shape)}, "
-                            f"converted value has {tuple(value.shape)}{torch}")
+      raise ConversionError(
+        f"{source}: {'/'.join(map(str, path))} has shape {tuple(variable.shape)}, "
+        f"converted value has {tuple(value.shape)}{torch}"
+      )
     variable.set_value(jnp.asarray(value))
   if torch_param_count is not None:
     ours = sum(int(np.prod(v.shape)) for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param)))

@@ -10,15 +10,28 @@ Example:
 
 from scribblejax.io.images import Geometry, Image, format_of, image_digest, output_format, read_image, write_label_map
 from scribblejax.io.marks_files import (
-                                   align_to_grid,
-                                   class_index,
-                                   read_label_map_marks,
-                                   read_labelme,
-                                   read_marks,
-                                   read_marks_file,
-                                   read_slicer_segmentation,
+  align_to_grid,
+  class_index,
+  read_label_map_marks,
+  read_labelme,
+  read_marks,
+  read_marks_file,
+  read_slicer_segmentation,
 )
 
-__all__ = ["Geometry", "Image", "align_to_grid", "class_index", "format_of", "image_digest", "output_format",
-           "read_image", "read_label_map_marks", "read_labelme", "read_marks", "read_marks_file",
-           "read_slicer_segmentation", "write_label_map"]
+__all__ = [
+  "Geometry",
+  "Image",
+  "align_to_grid",
+  "class_index",
+  "format_of",
+  "image_digest",
+  "output_format",
+  "read_image",
+  "read_label_map_marks",
+  "read_labelme",
+  "read_marks",
+  "read_marks_file",
+  "read_slicer_segmentation",
+  "write_label_map",
+]

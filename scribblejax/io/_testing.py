@@ -15,10 +15,17 @@ from typing import Any
 import numpy as np
 
 
-def write_dicom_series(folder: str | os.PathLike, volume: np.ndarray, *, pixel_spacing=(0.8, 0.7),
-                       slice_step: Sequence[float] = (0.0, 0.0, 2.0), origin: Sequence[float] = (-40.0, -30.0, 10.0),
-                       orientation: Sequence[float] = (1, 0, 0, 0, 1, 0), rescale=(1.0, -1024.0),
-                       shuffle: bool = True) -> np.ndarray:
+def write_dicom_series(
+  folder: str | os.PathLike,
+  volume: np.ndarray,
+  *,
+  pixel_spacing=(0.8, 0.7),
+  slice_step: Sequence[float] = (0.0, 0.0, 2.0),
+  origin: Sequence[float] = (-40.0, -30.0, 10.0),
+  orientation: Sequence[float] = (1, 0, 0, 0, 1, 0),
+  rescale=(1.0, -1024.0),
+  shuffle: bool = True,
+) -> np.ndarray:
   """Writes ``volume`` (``int[cols, rows, slices]``, stored values) as a CT series, one file per slice.
 
   Args:
@@ -73,8 +80,14 @@ def write_dicom_series(folder: str | os.PathLike, volume: np.ndarray, *, pixel_s
   return np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
 
 
-def write_slicer_segmentation(path: str | os.PathLike, layers: np.ndarray, segments: Sequence[dict], *,
-                              affine_ras: np.ndarray, extent_offset: Sequence[int] = (0, 0, 0)) -> None:
+def write_slicer_segmentation(
+  path: str | os.PathLike,
+  layers: np.ndarray,
+  segments: Sequence[dict],
+  *,
+  affine_ras: np.ndarray,
+  extent_offset: Sequence[int] = (0, 0, 0),
+) -> None:
   """Writes a ``.seg.nrrd`` the way 3D Slicer does (LPS space, ``SegmentN_*`` keys, extent offset).
 
   Args:
@@ -89,10 +102,14 @@ def write_slicer_segmentation(path: str | os.PathLike, layers: np.ndarray, segme
   lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine_ras
   data = np.asarray(layers, np.uint8)
   directions = lps[:3, :3].T
-  header: dict[str, Any] = {"space": "left-posterior-superior", "space origin": lps[:3, 3], "encoding": "gzip",
-                            "Segmentation_MasterRepresentation": "Binary labelmap",
-                            "Segmentation_ContainedRepresentationNames": "Binary labelmap|",
-                            "Segmentation_ReferenceImageExtentOffset": " ".join(str(int(v)) for v in extent_offset)}
+  header: dict[str, Any] = {
+    "space": "left-posterior-superior",
+    "space origin": lps[:3, 3],
+    "encoding": "gzip",
+    "Segmentation_MasterRepresentation": "Binary labelmap",
+    "Segmentation_ContainedRepresentationNames": "Binary labelmap|",
+    "Segmentation_ReferenceImageExtentOffset": " ".join(str(int(v)) for v in extent_offset),
+  }
   if data.ndim == 4:
     header["kinds"] = ["list", "domain", "domain", "domain"]
     header["space directions"] = np.vstack([np.full((1, 3), np.nan), directions])
@@ -108,12 +125,28 @@ def write_slicer_segmentation(path: str | os.PathLike, layers: np.ndarray, segme
   nrrd.write(str(path), data, header, index_order="F")
 
 
-def write_labelme(path: str | os.PathLike, shapes: Sequence[dict], height: int, width: int,
-                  image_path: str = "image.png") -> None:
+def write_labelme(
+  path: str | os.PathLike, shapes: Sequence[dict], height: int, width: int, image_path: str = "image.png"
+) -> None:
   """Writes a LabelMe 5 file; each shape is ``{"label", "points": [[x, y], ...], "shape_type"}``."""
-  doc = {"version": "5.4.1", "flags": {}, "imagePath": image_path, "imageData": None, "imageHeight": height,
-         "imageWidth": width,
-         "shapes": [{"label": s["label"], "points": s["points"], "group_id": None, "description": "",
-                     "shape_type": s.get("shape_type", "polygon"), "flags": {}, "mask": s.get("mask")}
-                    for s in shapes]}
+  doc = {
+    "version": "5.4.1",
+    "flags": {},
+    "imagePath": image_path,
+    "imageData": None,
+    "imageHeight": height,
+    "imageWidth": width,
+    "shapes": [
+      {
+        "label": s["label"],
+        "points": s["points"],
+        "group_id": None,
+        "description": "",
+        "shape_type": s.get("shape_type", "polygon"),
+        "flags": {},
+        "mask": s.get("mask"),
+      }
+      for s in shapes
+    ],
+  }
   Path(path).write_text(json.dumps(doc, indent=1))

@@ -53,18 +53,47 @@ RASTER = ("tiff", "png", "jpeg")
 FAMILIES = MEDICAL + RASTER
 
 # Output families each input family may be written as (the first is the default).
-OUTPUTS = {"nifti": ("nifti", "nrrd"), "nrrd": ("nrrd", "nifti"), "dicom": ("nifti", "nrrd"),
-           "tiff": ("tiff", "png"), "png": ("png", "tiff"), "jpeg": ("png", "tiff")}
-SUFFIXES = {"nifti": (".nii.gz", ".nii"), "nrrd": (".nrrd",), "tiff": (".tif", ".tiff"), "png": (".png",),
-            "jpeg": (".jpg", ".jpeg"), "dicom": (".dcm",)}
-_READ_SUFFIXES = {".nii.gz": "nifti", ".nii": "nifti", ".nrrd": "nrrd", ".nhdr": "nrrd", ".tif": "tiff",
-                  ".tiff": "tiff", ".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".dcm": "dicom",
-                  ".dicom": "dicom", ".ima": "dicom"}
+OUTPUTS = {
+  "nifti": ("nifti", "nrrd"),
+  "nrrd": ("nrrd", "nifti"),
+  "dicom": ("nifti", "nrrd"),
+  "tiff": ("tiff", "png"),
+  "png": ("png", "tiff"),
+  "jpeg": ("png", "tiff"),
+}
+SUFFIXES = {
+  "nifti": (".nii.gz", ".nii"),
+  "nrrd": (".nrrd",),
+  "tiff": (".tif", ".tiff"),
+  "png": (".png",),
+  "jpeg": (".jpg", ".jpeg"),
+  "dicom": (".dcm",),
+}
+_READ_SUFFIXES = {
+  ".nii.gz": "nifti",
+  ".nii": "nifti",
+  ".nrrd": "nrrd",
+  ".nhdr": "nrrd",
+  ".tif": "tiff",
+  ".tiff": "tiff",
+  ".png": "png",
+  ".jpg": "jpeg",
+  ".jpeg": "jpeg",
+  ".dcm": "dicom",
+  ".dicom": "dicom",
+  ".ima": "dicom",
+}
 
 # NRRD world frames -> the diagonal that converts them to RAS+.
-_NRRD_TO_RAS = {"left-posterior-superior": (-1, -1, 1), "right-anterior-superior": (1, 1, 1),
-                "left-anterior-superior": (-1, 1, 1), "LPS": (-1, -1, 1), "RAS": (1, 1, 1), "LAS": (-1, 1, 1)}
-_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])     # RAS <-> LPS (its own inverse)
+_NRRD_TO_RAS = {
+  "left-posterior-superior": (-1, -1, 1),
+  "right-anterior-superior": (1, 1, 1),
+  "left-anterior-superior": (-1, 1, 1),
+  "LPS": (-1, -1, 1),
+  "RAS": (1, 1, 1),
+  "LAS": (-1, 1, 1),
+}
+_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])  # RAS <-> LPS (its own inverse)
 
 
 class Geometry(NamedTuple):
@@ -79,6 +108,7 @@ class Geometry(NamedTuple):
     header: format-specific details kept for writing (a nibabel header, an NRRD header dict, TIFF
       resolution tags, a few DICOM tags; never patient data).
   """
+
   family: str
   shape: tuple[int, ...]
   axes: str
@@ -116,6 +146,7 @@ class Image(NamedTuple):
     geometry: a :class:`Geometry`.
     path: the file (or DICOM folder) it came from.
   """
+
   array: np.ndarray
   geometry: Geometry
   path: str
@@ -137,6 +168,7 @@ def _axis_code(vector: np.ndarray) -> str:
 
 # ----------------------------------------------------------------------------------------------
 # Format detection and atomic writing.
+
 
 def suffix_of(path: str | os.PathLike) -> str:
   """The image suffix of a path, in lower case: its longest known one (``.nii.gz``), else its last."""
@@ -171,8 +203,10 @@ def format_of(path: str | os.PathLike) -> str:
   if family is None and _is_dicom_file(p):
     return "dicom"
   if family is None:
-    raise ValueError(f"cannot read {path}: unsupported image format {suffix_of(p) or '(no suffix)'!r}; supported: "
-                     ".nii, .nii.gz, .nrrd, .nhdr, .tif, .tiff, .png, .jpg, .jpeg, DICOM files and series folders")
+    raise ValueError(
+      f"cannot read {path}: unsupported image format {suffix_of(p) or '(no suffix)'!r}; supported: "
+      ".nii, .nii.gz, .nrrd, .nhdr, .tif, .tiff, .png, .jpg, .jpeg, DICOM files and series folders"
+    )
   return family
 
 
@@ -186,14 +220,17 @@ def output_format(path: str | os.PathLike, geometry: Geometry) -> str:
   allowed = OUTPUTS[geometry.family]
   suffix = suffix_of(Path(path))
   if suffix == ".nhdr":
-    raise ValueError(f"cannot write {path}: a .nhdr header keeps its data in a second file, which cannot be "
-                     "written atomically with it; write a .nrrd file (header and data in one)")
+    raise ValueError(
+      f"cannot write {path}: a .nhdr header keeps its data in a second file, which cannot be "
+      "written atomically with it; write a .nrrd file (header and data in one)"
+    )
   family = _READ_SUFFIXES.get(suffix)
   if family not in allowed:
     choices = ", ".join(s for f in allowed for s in SUFFIXES[f])
     why = " (JPEG is lossy and would change the labels)" if family == "jpeg" else ""
-    raise ValueError(f"cannot write the segmentation of a {geometry.family} image as {path}{why}; "
-                     f"use a file ending in {choices}")
+    raise ValueError(
+      f"cannot write the segmentation of a {geometry.family} image as {path}{why}; use a file ending in {choices}"
+    )
   if family == "png" and len([s for s in geometry.shape if s > 1]) > 2:
     raise ValueError(f"cannot write a 3-D segmentation of shape {geometry.shape} as PNG ({path}); use .tif")
   return family
@@ -231,8 +268,10 @@ def _medical(family: str, array: np.ndarray, affine: np.ndarray, header: Any, pa
 # ----------------------------------------------------------------------------------------------
 # NIfTI (nibabel).
 
+
 def _read_nifti(path: Path) -> Image:
   import nibabel as nib
+
   try:
     img = nib.load(str(path))
     data = np.asanyarray(img.dataobj)
@@ -241,23 +280,25 @@ def _read_nifti(path: Path) -> Image:
   shape = data.shape
   if data.ndim <= 3:
     data = data.reshape(shape + (1,) * (3 - data.ndim))[..., None]
-  elif data.ndim == 5 and shape[3] == 1:      # NIfTI vector data: dim 5 holds the components
+  elif data.ndim == 5 and shape[3] == 1:  # NIfTI vector data: dim 5 holds the components
     data = data[:, :, :, 0, :]
   elif data.ndim != 4:
-    raise ValueError(f"cannot read {path}: a {data.ndim}-D NIfTI of shape {shape} is not an image "
-                     "[i, j, k] or [i, j, k, channels]")
+    raise ValueError(
+      f"cannot read {path}: a {data.ndim}-D NIfTI of shape {shape} is not an image [i, j, k] or [i, j, k, channels]"
+    )
   return _medical("nifti", np.asarray(data), img.affine, img.header.copy(), path)
 
 
 def _write_nifti(tmp: str, labels: np.ndarray, geometry: Geometry) -> None:
   import nibabel as nib
+
   if geometry.family == "nifti":
     header = geometry.header.copy()
     file_shape = tuple(header.get_data_shape())
-    spatial = file_shape[:min(len(file_shape), 3)]
+    spatial = file_shape[: min(len(file_shape), 3)]
     data = labels.reshape(spatial) if int(np.prod(spatial)) == labels.size else labels
     klass = nib.Nifti2Image if isinstance(header, nib.Nifti2Header) else nib.Nifti1Image
-    img = klass(data, None, header)       # affine None: qform and sform stay exactly as in the header
+    img = klass(data, None, header)  # affine None: qform and sform stay exactly as in the header
   else:
     img = nib.Nifti1Image(labels, geometry.affine)
     img.header.set_qform(geometry.affine, code=1)
@@ -273,6 +314,7 @@ def _write_nifti(tmp: str, labels: np.ndarray, geometry: Geometry) -> None:
 # ----------------------------------------------------------------------------------------------
 # NRRD (pynrrd).
 
+
 def nrrd_geometry(header: dict, path: Path) -> tuple[list[int], np.ndarray]:
   """The spatial axes of an NRRD file and the 4 x 4 RAS+ affine of those axes (2-D padded to 3-D)."""
   dim = int(header["dimension"])
@@ -282,34 +324,59 @@ def nrrd_geometry(header: dict, path: Path) -> tuple[list[int], np.ndarray]:
     directions = np.asarray(directions, np.float64)
     spatial = [a for a in range(dim) if np.all(np.isfinite(directions[a]))]
   else:
-    non_spatial = {"list", "vector", "point", "normal", "stub", "scalar", "complex", "2-vector", "3-color",
-                   "RGB-color", "HSV-color", "XYZ-color", "4-color", "RGBA-color", "3-vector", "3-gradient",
-                   "3-normal", "4-vector", "quaternion", "2D-symmetric-matrix", "2D-masked-symmetric-matrix",
-                   "2D-matrix", "2D-masked-matrix", "3D-symmetric-matrix", "3D-masked-symmetric-matrix",
-                   "3D-matrix", "3D-masked-matrix", "covariant-vector"}
+    non_spatial = {
+      "list",
+      "vector",
+      "point",
+      "normal",
+      "stub",
+      "scalar",
+      "complex",
+      "2-vector",
+      "3-color",
+      "RGB-color",
+      "HSV-color",
+      "XYZ-color",
+      "4-color",
+      "RGBA-color",
+      "3-vector",
+      "3-gradient",
+      "3-normal",
+      "4-vector",
+      "quaternion",
+      "2D-symmetric-matrix",
+      "2D-masked-symmetric-matrix",
+      "2D-matrix",
+      "2D-masked-matrix",
+      "3D-symmetric-matrix",
+      "3D-masked-symmetric-matrix",
+      "3D-matrix",
+      "3D-masked-matrix",
+      "covariant-vector",
+    }
     spatial = [a for a in range(dim) if kinds[a] not in non_spatial]
   if not 2 <= len(spatial) <= 3:
     raise ValueError(f"cannot read {path}: an NRRD image needs 2 or 3 spatial axes, found {len(spatial)}")
   affine = np.eye(4)
   if directions is not None:
-    vectors = directions[spatial]                       # one row per spatial axis, in the file's space
+    vectors = directions[spatial]  # one row per spatial axis, in the file's space
     width = vectors.shape[1]
     if width < 3:
       vectors = np.pad(vectors, ((0, 0), (0, 3 - width)))
     origin = np.zeros(3)
     if header.get("space origin") is not None:
       given = np.asarray(header["space origin"], np.float64)
-      origin[:len(given)] = given
+      origin[: len(given)] = given
     space = header.get("space", "right-anterior-superior" if width == 3 else None)
     flip = np.array(_NRRD_TO_RAS.get(space, (1, 1, 1)), np.float64)
-    affine[:3, :len(spatial)] = (vectors * flip).T
+    affine[:3, : len(spatial)] = (vectors * flip).T
     affine[:3, 3] = origin * flip
   else:
     spacings = header.get("spacings")
     for n, a in enumerate(spatial):
       value = float(spacings[a]) if spacings is not None and np.isfinite(spacings[a]) else 1.0
       affine[n, n] = value
-  if len(spatial) == 2:                                 # a 2-D image: the slice normal, unit length
+  if len(spatial) == 2:  # a 2-D image: the slice normal, unit length
     normal = np.cross(affine[:3, 0], affine[:3, 1])
     affine[:3, 2] = normal / max(np.linalg.norm(normal), 1e-12)
   return spatial, affine
@@ -317,6 +384,7 @@ def nrrd_geometry(header: dict, path: Path) -> tuple[list[int], np.ndarray]:
 
 def _read_nrrd(path: Path) -> Image:
   import nrrd
+
   try:
     data, header = nrrd.read(str(path), index_order="F")
   except Exception as err:  # pynrrd raises NRRDError, OSError, ValueError ...
@@ -324,8 +392,7 @@ def _read_nrrd(path: Path) -> Image:
   spatial, affine = nrrd_geometry(header, path)
   others = [a for a in range(data.ndim) if a not in spatial]
   if len(others) > 1:
-    raise ValueError(f"cannot read {path}: an NRRD image may have one non-spatial (channel) axis, found "
-                     f"{len(others)}")
+    raise ValueError(f"cannot read {path}: an NRRD image may have one non-spatial (channel) axis, found {len(others)}")
   arr = np.transpose(data, spatial + others)
   if len(others) == 0:
     arr = arr[..., None]
@@ -337,6 +404,7 @@ def _read_nrrd(path: Path) -> Image:
 
 def _write_nrrd(tmp: str, labels: np.ndarray, geometry: Geometry) -> None:
   import nrrd
+
   if geometry.family == "nrrd":
     source = geometry.header["nrrd"]
     spatial = geometry.header["spatial_axes"]
@@ -355,8 +423,15 @@ def _write_nrrd(tmp: str, labels: np.ndarray, geometry: Geometry) -> None:
   else:
     data = labels
     lps = _LPS @ geometry.affine
-    header = {"type": None, "dimension": 3, "space": "left-posterior-superior", "kinds": ["domain"] * 3,
-              "space directions": lps[:3, :3].T, "space origin": lps[:3, 3], "encoding": "gzip"}
+    header = {
+      "type": None,
+      "dimension": 3,
+      "space": "left-posterior-superior",
+      "kinds": ["domain"] * 3,
+      "space directions": lps[:3, :3].T,
+      "space origin": lps[:3, 3],
+      "encoding": "gzip",
+    }
   header.pop("type")
   nrrd.write(tmp, np.asarray(data), header, index_order="F")
 
@@ -364,9 +439,11 @@ def _write_nrrd(tmp: str, labels: np.ndarray, geometry: Geometry) -> None:
 # ----------------------------------------------------------------------------------------------
 # DICOM (pydicom).
 
+
 def _dicom_files(path: Path) -> list:
   import pydicom
   from pydicom.errors import InvalidDicomError
+
   files = sorted(f for f in path.iterdir() if f.is_file()) if path.is_dir() else [path]
   datasets = []
   for f in files:
@@ -390,8 +467,9 @@ def _dicom_files(path: Path) -> list:
     series.setdefault(str(ds.get("SeriesInstanceUID", "")), []).append((f, ds))
   if len(series) > 1:
     counts = ", ".join(f"{uid or '(no UID)'}: {len(v)} files" for uid, v in series.items())
-    raise ValueError(f"cannot read {path}: the folder holds {len(series)} DICOM series ({counts}); "
-                     "point to a folder with one series")
+    raise ValueError(
+      f"cannot read {path}: the folder holds {len(series)} DICOM series ({counts}); point to a folder with one series"
+    )
   return next(iter(series.values()))
 
 
@@ -426,8 +504,7 @@ def _read_dicom(path: Path) -> Image:
   frames = int(first.get("NumberOfFrames", 1) or 1)
   if len(series) == 1 and frames > 1:
     return _read_dicom_multiframe(path, first_file, first)
-  orientations = {tuple(np.round(np.asarray(ds.get("ImageOrientationPatient", []), float), 4))
-                  for _, ds in series}
+  orientations = {tuple(np.round(np.asarray(ds.get("ImageOrientationPatient", []), float), 4)) for _, ds in series}
   if len(orientations) > 1:
     raise ValueError(f"cannot read {path}: its slices have different orientations {sorted(orientations)}")
   sizes = {(int(ds.Rows), int(ds.Columns)) for _, ds in series}
@@ -443,17 +520,18 @@ def _read_dicom(path: Path) -> Image:
     order = np.argsort(along, kind="stable")
     gaps = np.diff(along[order])
     if np.any(np.abs(gaps) < 1e-4):
-      raise ValueError(f"cannot read {path}: several slices lie at the same position (several echoes, phases "
-                       "or series in one folder?)")
+      raise ValueError(
+        f"cannot read {path}: several slices lie at the same position (several echoes, phases or series in one folder?)"
+      )
   else:
     order = np.argsort([int(ds.get("InstanceNumber", i)) for i, (_, ds) in enumerate(series)], kind="stable")
   series = [series[i] for i in order]
-  slices = [np.swapaxes(_pixels(f, ds), 0, 1) for f, ds in series]   # (rows, cols) -> (cols, rows)
+  slices = [np.swapaxes(_pixels(f, ds), 0, 1) for f, ds in series]  # (rows, cols) -> (cols, rows)
   dtype = np.result_type(*slices)
   array = np.stack([s.astype(dtype) for s in slices], axis=2)
   if array.ndim == 3:
     array = array[..., None]
-  pixel = [float(v) for v in first.get("PixelSpacing", [1.0, 1.0])]   # (between rows, between columns)
+  pixel = [float(v) for v in first.get("PixelSpacing", [1.0, 1.0])]  # (between rows, between columns)
   affine = np.eye(4)
   if geometric:
     affine[:3, 0] = row_cos * pixel[1]
@@ -463,17 +541,21 @@ def _read_dicom(path: Path) -> Image:
     else:
       affine[:3, 2] = normal * float(first.get("SpacingBetweenSlices", first.get("SliceThickness", 1.0)) or 1.0)
     affine[:3, 3] = positions[order[0]]
-    affine = _LPS @ affine                 # DICOM patient coordinates are LPS
+    affine = _LPS @ affine  # DICOM patient coordinates are LPS
   else:
     affine[:3, :3] = np.diag([pixel[1], pixel[0], float(first.get("SliceThickness", 1.0) or 1.0)])
-  header = {"Modality": str(first.get("Modality", "")), "SeriesInstanceUID": str(first.get("SeriesInstanceUID", "")),
-            "files": len(series), "geometric": geometric}
+  header = {
+    "Modality": str(first.get("Modality", "")),
+    "SeriesInstanceUID": str(first.get("SeriesInstanceUID", "")),
+    "files": len(series),
+    "geometric": geometric,
+  }
   return _medical("dicom", array, affine, header, path)
 
 
 def _read_dicom_multiframe(path: Path, f: Path, ds) -> Image:
-  pixels = _pixels(f, ds)                                   # (frames, rows, cols[, samples])
-  array = np.moveaxis(np.swapaxes(pixels, 1, 2), 0, 2)      # (cols, rows, frames[, samples])
+  pixels = _pixels(f, ds)  # (frames, rows, cols[, samples])
+  array = np.moveaxis(np.swapaxes(pixels, 1, 2), 0, 2)  # (cols, rows, frames[, samples])
   if array.ndim == 3:
     array = array[..., None]
   affine = np.eye(4)
@@ -481,8 +563,12 @@ def _read_dicom_multiframe(path: Path, f: Path, ds) -> Image:
     shared = ds.SharedFunctionalGroupsSequence[0]
     iop = _vec(shared.PlaneOrientationSequence[0].ImageOrientationPatient, 6, "ImageOrientationPatient", f)
     pixel = [float(v) for v in shared.PixelMeasuresSequence[0].PixelSpacing]
-    positions = np.array([_vec(g.PlanePositionSequence[0].ImagePositionPatient, 3, "ImagePositionPatient", f)
-                          for g in ds.PerFrameFunctionalGroupsSequence])
+    positions = np.array(
+      [
+        _vec(g.PlanePositionSequence[0].ImagePositionPatient, 3, "ImagePositionPatient", f)
+        for g in ds.PerFrameFunctionalGroupsSequence
+      ]
+    )
   except (AttributeError, IndexError, KeyError):
     geometric = False
   else:
@@ -497,18 +583,24 @@ def _read_dicom_multiframe(path: Path, f: Path, ds) -> Image:
     affine[:3, 2] = (positions[-1] - positions[0]) / max(len(positions) - 1, 1) if len(positions) > 1 else normal
     affine[:3, 3] = positions[0]
     affine = _LPS @ affine
-  header = {"Modality": str(ds.get("Modality", "")), "SeriesInstanceUID": str(ds.get("SeriesInstanceUID", "")),
-            "files": 1, "geometric": geometric}
+  header = {
+    "Modality": str(ds.get("Modality", "")),
+    "SeriesInstanceUID": str(ds.get("SeriesInstanceUID", "")),
+    "files": 1,
+    "geometric": geometric,
+  }
   return _medical("dicom", array, affine, header, path)
 
 
 # ----------------------------------------------------------------------------------------------
 # TIFF (tifffile).
 
+
 def _ome_sizes(xml: str | None) -> dict:
   """``{"X": .., "Y": .., "Z": .., "unit": ..}`` from an OME-XML's first ``Pixels`` element, for the
   sizes it states (positive numbers only)."""
   import xml.etree.ElementTree as ElementTree
+
   try:
     root = ElementTree.fromstring(xml or "")
   except ElementTree.ParseError:
@@ -523,7 +615,7 @@ def _ome_sizes(xml: str | None) -> dict:
     if np.isfinite(size) and size > 0:
       out[axis] = size
       out.setdefault("unit", pixels.get(f"PhysicalSize{axis}Unit", "µm"))
-  if "unit" in out:                        # as ImageJ names it (its metadata is ASCII)
+  if "unit" in out:  # as ImageJ names it (its metadata is ASCII)
     unit = {"µm": "micron", "um": "micron"}.get(out["unit"], out["unit"])
     out["unit"] = unit if unit.isascii() else None
   return out
@@ -531,6 +623,7 @@ def _ome_sizes(xml: str | None) -> dict:
 
 def _read_tiff(path: Path) -> Image:
   import tifffile
+
   try:
     with tifffile.TiffFile(str(path)) as tif:
       series = tif.series[0]
@@ -539,8 +632,7 @@ def _read_tiff(path: Path) -> Image:
       imagej = tif.imagej_metadata or {}
       ome = _ome_sizes(tif.ome_metadata) if tif.is_ome else {}
       page = tif.pages[0]
-      tags = {t.name: t.value for t in page.tags.values()
-              if t.name in ("XResolution", "YResolution", "ResolutionUnit")}
+      tags = {t.name: t.value for t in page.tags.values() if t.name in ("XResolution", "YResolution", "ResolutionUnit")}
   except Exception as err:  # tifffile raises TiffFileError, ValueError, OSError ...
     raise ValueError(f"cannot read {path} as TIFF: {err}") from err
   # Drop axes of length 1 other than Y and X; channels (C, S) go last; one more axis is depth.
@@ -564,21 +656,27 @@ def _read_tiff(path: Path) -> Image:
       ppu = 0.0
     spacing_xy.append(1.0 / ppu if ppu > 0 else 1.0)
   z_spacing = float(imagej.get("spacing", 1.0))
-  if ome:                                  # OME-XML's physical sizes, where it states them
+  if ome:  # OME-XML's physical sizes, where it states them
     spacing_xy = [ome.get("Y", spacing_xy[0]), ome.get("X", spacing_xy[1])]
     z_spacing = ome.get("Z", z_spacing)
     imagej = {**imagej, "unit": imagej.get("unit") or ome.get("unit")}
   spacing = ([z_spacing] if depth else []) + spacing_xy
-  header = {"imagej": bool(imagej), "unit": imagej.get("unit"), "z_spacing": z_spacing,
-            "resolution": (1.0 / spacing_xy[1], 1.0 / spacing_xy[0]),
-            "resolutionunit": int(tags.get("ResolutionUnit", 1))}
-  geometry = Geometry("tiff", tuple(int(s) for s in array.shape[:-1]), "zyx" if depth else "yx", tuple(spacing),
-                      None, header)
+  header = {
+    "imagej": bool(imagej),
+    "unit": imagej.get("unit"),
+    "z_spacing": z_spacing,
+    "resolution": (1.0 / spacing_xy[1], 1.0 / spacing_xy[0]),
+    "resolutionunit": int(tags.get("ResolutionUnit", 1)),
+  }
+  geometry = Geometry(
+    "tiff", tuple(int(s) for s in array.shape[:-1]), "zyx" if depth else "yx", tuple(spacing), None, header
+  )
   return Image(array, geometry, str(path))
 
 
 def _write_tiff(tmp: str, labels: np.ndarray, geometry: Geometry) -> None:
   import tifffile
+
   header = geometry.header if geometry.family == "tiff" else {}
   kwargs: dict[str, Any] = {}
   if header.get("resolution"):
@@ -606,6 +704,7 @@ _EXIF_ORIENTATION = 0x0112
 def _read_raster(path: Path, family: str, labels: bool) -> Image:
   from PIL import Image as PILImage
   from PIL import ImageOps
+
   try:
     with PILImage.open(str(path)) as im:
       im.load()
@@ -614,7 +713,7 @@ def _read_raster(path: Path, family: str, labels: bool) -> Image:
       if orientation != 1:
         im = ImageOps.exif_transpose(im)
       if im.mode == "P" and labels:
-        data = np.array(im)                              # palette indices are the labels
+        data = np.array(im)  # palette indices are the labels
       elif im.mode in ("P", "PA"):
         data = np.array(im.convert("RGBA" if "transparency" in im.info or im.mode == "PA" else "RGB"))
       elif im.mode in ("CMYK", "YCbCr", "LAB", "HSV"):
@@ -636,8 +735,10 @@ def exif_note(geometry: Geometry) -> str | None:
   orientation = geometry.header.get("exif_orientation") if isinstance(geometry.header, dict) else None
   if geometry.family not in ("png", "jpeg") or not orientation:
     return None
-  return (f"applied the file's EXIF orientation ({orientation}): the image, its marks and the segmentation "
-          "are in the orientation viewers and LabelMe show, not the file's stored pixel order")
+  return (
+    f"applied the file's EXIF orientation ({orientation}): the image, its marks and the segmentation "
+    "are in the orientation viewers and LabelMe show, not the file's stored pixel order"
+  )
 
 
 def _palette() -> list[int]:
@@ -657,12 +758,13 @@ def _palette() -> list[int]:
 
 def _write_png(tmp: str, labels: np.ndarray, geometry: Geometry) -> None:
   from PIL import Image as PILImage
+
   plane = labels.reshape([s for s in labels.shape if s > 1] or [1, 1]) if labels.ndim > 2 else labels
   if plane.ndim != 2:
     raise ValueError(f"cannot write a segmentation of shape {labels.shape} as PNG")
   if plane.max(initial=0) < 256:
     im = PILImage.fromarray(np.ascontiguousarray(plane, np.uint8))
-    im.putpalette(_palette())              # an "L" image becomes "P" with its values as indices
+    im.putpalette(_palette())  # an "L" image becomes "P" with its values as indices
   else:
     im = PILImage.fromarray(np.ascontiguousarray(plane, np.uint16))
   im.save(tmp, format="PNG")
@@ -670,6 +772,7 @@ def _write_png(tmp: str, labels: np.ndarray, geometry: Geometry) -> None:
 
 # ----------------------------------------------------------------------------------------------
 # Public functions.
+
 
 def read_image(path: str | os.PathLike, *, labels: bool = False) -> Image:
   """Reads an image and its geometry.

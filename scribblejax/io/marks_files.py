@@ -54,6 +54,7 @@ RECTANGLE_MODES = ("box", "fill")
 # ----------------------------------------------------------------------------------------------
 # Class names.
 
+
 def class_index(name: Any, class_names: Sequence[str] | None, num_classes: int | None, what: str) -> int:
   """The class index of a label name.
 
@@ -84,6 +85,7 @@ def class_index(name: Any, class_names: Sequence[str] | None, num_classes: int |
 # ----------------------------------------------------------------------------------------------
 # Placing marks in the image's index space.
 
+
 def _place(marks: np.ndarray, matrix: np.ndarray, shift: np.ndarray, shape: tuple[int, ...], what: str) -> np.ndarray:
   """Maps every marked index ``s`` of ``marks`` to ``matrix @ s + shift`` in a new map of ``shape``."""
   out = np.full(shape, UNMARKED, np.int32)
@@ -93,8 +95,9 @@ def _place(marks: np.ndarray, matrix: np.ndarray, shift: np.ndarray, shape: tupl
   dst = src @ matrix.T + shift
   inside = np.all((dst >= 0) & (dst < np.array(shape)), axis=1)
   if not inside.all():
-    raise ValueError(f"{what}: {int((~inside).sum())} of its {len(src)} marked pixels fall outside the image "
-                     f"of shape {shape}")
+    raise ValueError(
+      f"{what}: {int((~inside).sum())} of its {len(src)} marked pixels fall outside the image of shape {shape}"
+    )
   out[tuple(dst.T)] = marks[tuple(src.T)]
   return out
 
@@ -106,32 +109,43 @@ def _grid_map(source: Geometry, target: Geometry, what: str) -> tuple[np.ndarray
   rounded = np.round(linear)
   permutation = (np.abs(rounded).sum(axis=0) == 1).all() and (np.abs(rounded).sum(axis=1) == 1).all()
   if not permutation or np.abs(linear - rounded).max() > 1e-3 or np.abs(shift - np.round(shift)).max() > 1e-2:
-    raise ValueError(f"{what} does not lie on the image's voxel grid: marks have {source.describe()}; the image "
-                     f"has {target.describe()}")
+    raise ValueError(
+      f"{what} does not lie on the image's voxel grid: marks have {source.describe()}; the image "
+      f"has {target.describe()}"
+    )
   return rounded.astype(np.int64), np.round(shift).astype(np.int64)
 
 
-def _reverse_to(marks: np.ndarray, offset: np.ndarray, source_medical: bool, target: Geometry,
-                what: str, source_shape: tuple[int, ...]) -> np.ndarray:
+def _reverse_to(
+  marks: np.ndarray,
+  offset: np.ndarray,
+  source_medical: bool,
+  target: Geometry,
+  what: str,
+  source_shape: tuple[int, ...],
+) -> np.ndarray:
   """Places marks whose axes run opposite to the image's (medical file <-> raster image)."""
   ndim = marks.ndim
   matrix = np.eye(ndim, dtype=np.int64)[::-1]
   shift = offset[::-1]
   shape = tuple(target.shape)
-  if source_medical and len(shape) == 2 and ndim == 3:      # (x, y, 1) -> (y, x)
+  if source_medical and len(shape) == 2 and ndim == 3:  # (x, y, 1) -> (y, x)
     if marks.shape[2] != 1 or offset[2] != 0:
       raise ValueError(f"{what} has shape {source_shape}, but the image has shape {shape}")
     return _reverse_to(marks[:, :, 0], offset[:2], source_medical, target, what, source_shape)
   if not source_medical and len(shape) == 3 and ndim == 2:  # (y, x) -> (x, y, 1)
     return _reverse_to(marks[None], np.concatenate([[0], offset]), source_medical, target, what, source_shape)
   if ndim != len(shape) or (not offset.any() and tuple(marks.shape[::-1]) != shape):
-    raise ValueError(f"{what} has shape {source_shape} (axes {'x, y, z' if source_medical else 'z, y, x'}), "
-                     f"but the image has shape {shape}")
+    raise ValueError(
+      f"{what} has shape {source_shape} (axes {'x, y, z' if source_medical else 'z, y, x'}), "
+      f"but the image has shape {shape}"
+    )
   return _place(marks, matrix, shift, shape, what)
 
 
-def align_to_grid(marks: Any, source: Geometry, target: Geometry, what: str, *,
-                  offset: Sequence[int] | None = None) -> np.ndarray:
+def align_to_grid(
+  marks: Any, source: Geometry, target: Geometry, what: str, *, offset: Sequence[int] | None = None
+) -> np.ndarray:
   """Puts a mark map read from a file with geometry ``source`` into the image's index space.
 
   Args:
@@ -152,8 +166,9 @@ def align_to_grid(marks: Any, source: Geometry, target: Geometry, what: str, *,
   marks = np.asarray(marks, np.int32)
   shift = np.zeros(marks.ndim, np.int64) if offset is None else np.asarray(offset, np.int64)
   if source.affine is not None and target.affine is not None:
-    if marks.shape == tuple(target.shape) and np.allclose(source.affine, target.affine, atol=1e-4 * min(
-        min(target.spacing), 1.0), rtol=1e-5):
+    if marks.shape == tuple(target.shape) and np.allclose(
+      source.affine, target.affine, atol=1e-4 * min(min(target.spacing), 1.0), rtol=1e-5
+    ):
       return marks.copy()
     matrix, shift = _grid_map(source, target, what)
     return _place(marks, matrix, shift, tuple(target.shape), what)
@@ -171,8 +186,10 @@ def align_to_grid(marks: Any, source: Geometry, target: Geometry, what: str, *,
 # ----------------------------------------------------------------------------------------------
 # Label maps.
 
-def values_to_marks(values: Any, *, num_classes: int | None, background_value: int = 255,
-                    unmarked_value: int = 0, what: str = "marks") -> np.ndarray:
+
+def values_to_marks(
+  values: Any, *, num_classes: int | None, background_value: int = 255, unmarked_value: int = 0, what: str = "marks"
+) -> np.ndarray:
   """Converts stored label values to a mark map: ``unmarked_value`` -> -1, ``background_value`` -> 0.
 
   Raises:
@@ -198,13 +215,21 @@ def values_to_marks(values: Any, *, num_classes: int | None, background_value: i
   if bad.any():
     value = int(values[bad].flat[0])
     classes = f"{num_classes} classes" if num_classes is not None else "class indices are >= 0"
-    raise ValueError(f"{what} holds value {value}, which is not a class ({classes}; {unmarked_value} = unmarked, "
-                     f"{background_value} = background)")
+    raise ValueError(
+      f"{what} holds value {value}, which is not a class ({classes}; {unmarked_value} = unmarked, "
+      f"{background_value} = background)"
+    )
   return out.astype(np.int32)
 
 
-def read_label_map_marks(path: str | os.PathLike, target: Geometry, *, num_classes: int | None,
-                         background_value: int = 255, unmarked_value: int = 0) -> np.ndarray:
+def read_label_map_marks(
+  path: str | os.PathLike,
+  target: Geometry,
+  *,
+  num_classes: int | None,
+  background_value: int = 255,
+  unmarked_value: int = 0,
+) -> np.ndarray:
   """Reads a label map file as marks in the image's index space (see the module docstring).
 
   Returns:
@@ -218,13 +243,19 @@ def read_label_map_marks(path: str | os.PathLike, target: Geometry, *, num_class
   what = f"marks file {path}"
   if image.array.shape[-1] != 1:
     raise ValueError(f"{what} has {image.array.shape[-1]} channels; a label map has one")
-  marks = values_to_marks(image.array[..., 0], num_classes=num_classes, background_value=background_value,
-                          unmarked_value=unmarked_value, what=what)
+  marks = values_to_marks(
+    image.array[..., 0],
+    num_classes=num_classes,
+    background_value=background_value,
+    unmarked_value=unmarked_value,
+    what=what,
+  )
   return align_to_grid(marks, image.geometry, target, what)
 
 
 # ----------------------------------------------------------------------------------------------
 # LabelMe.
+
 
 def _pixel(x: float, y: float, height: int, width: int) -> tuple[int, int]:
   """The pixel a LabelMe point falls in; a point on the far border belongs to the last pixel."""
@@ -236,8 +267,7 @@ def _pixel(x: float, y: float, height: int, width: int) -> tuple[int, int]:
   return row, col
 
 
-def _shape_marks(shape: dict, label: int, height: int, width: int, radius: float, rectangle: str,
-                 what: str) -> list:
+def _shape_marks(shape: dict, label: int, height: int, width: int, radius: float, rectangle: str, what: str) -> list:
   kind = shape.get("shape_type") or "polygon"
   try:
     points = np.asarray(shape.get("points") or [], np.float64).reshape(-1, 2)
@@ -263,6 +293,7 @@ def _shape_marks(shape: dict, label: int, height: int, width: int, radius: float
   if kind == "mask":
     try:
       from PIL import Image as PILImage
+
       with PILImage.open(io.BytesIO(base64.b64decode(shape.get("mask") or ""))) as im:
         mask = np.array(im.convert("L")) > 0
     except Exception as err:  # bad base64 or image data
@@ -271,10 +302,12 @@ def _shape_marks(shape: dict, label: int, height: int, width: int, radius: float
     labels = np.full((height, width), UNMARKED, np.int32)
     rows = slice(max(top, 0), max(min(top + mask.shape[0], height), 0))
     cols = slice(max(left, 0), max(min(left + mask.shape[1], width), 0))
-    part = mask[rows.start - top:max(rows.stop - top, 0), cols.start - left:max(cols.stop - left, 0)]
+    part = mask[rows.start - top : max(rows.stop - top, 0), cols.start - left : max(cols.stop - left, 0)]
     if not part.any():
-      raise ValueError(f"{what}: its mask ({mask.shape[0]} x {mask.shape[1]} pixels from x={points[0][0]:g}, "
-                       f"y={points[0][1]:g}) marks no pixel of the {height} x {width} image")
+      raise ValueError(
+        f"{what}: its mask ({mask.shape[0]} x {mask.shape[1]} pixels from x={points[0][0]:g}, "
+        f"y={points[0][1]:g}) marks no pixel of the {height} x {width} image"
+      )
     labels[rows, cols][part] = label
     return [marks_lib.LabelMap(labels)]
   # rectangle: LabelMe corners (x0, y0), (x1, y1) in any order
@@ -283,13 +316,23 @@ def _shape_marks(shape: dict, label: int, height: int, width: int, radius: float
   hi = (max(int(np.ceil(ys[1])) - 1, lo[0]), max(int(np.ceil(xs[1])) - 1, lo[1]))
   if rectangle == "box" and label != 0:
     return [marks_lib.Box(lo, hi, label, background=0)]
-  return [marks_lib.Polygon([(lo[0] - 0.5, lo[1] - 0.5), (lo[0] - 0.5, hi[1] + 0.5), (hi[0] + 0.5, hi[1] + 0.5),
-                             (hi[0] + 0.5, lo[1] - 0.5)], label)]
+  return [
+    marks_lib.Polygon(
+      [(lo[0] - 0.5, lo[1] - 0.5), (lo[0] - 0.5, hi[1] + 0.5), (hi[0] + 0.5, hi[1] + 0.5), (hi[0] + 0.5, lo[1] - 0.5)],
+      label,
+    )
+  ]
 
 
-def read_labelme(path: str | os.PathLike, target: Geometry, *, num_classes: int | None,
-                 class_names: Sequence[str] | None = None, radius: float = 1.0,
-                 rectangle: str = "box") -> np.ndarray:
+def read_labelme(
+  path: str | os.PathLike,
+  target: Geometry,
+  *,
+  num_classes: int | None,
+  class_names: Sequence[str] | None = None,
+  radius: float = 1.0,
+  rectangle: str = "box",
+) -> np.ndarray:
   """Reads a LabelMe JSON file as marks on a 2-D image (see the module docstring).
 
   Args:
@@ -319,15 +362,19 @@ def read_labelme(path: str | os.PathLike, target: Geometry, *, num_classes: int 
     raise ValueError(f"{path} is not a LabelMe file (no list of 'shapes')")
   shape = tuple(target.shape)
   if len(shape) != 2:
-    raise ValueError(f"LabelMe marks {path} are 2-D, but the image has spatial shape {shape} (LabelMe files "
-                     "go with 2-D PNG, JPEG or TIFF images)")
+    raise ValueError(
+      f"LabelMe marks {path} are 2-D, but the image has spatial shape {shape} (LabelMe files "
+      "go with 2-D PNG, JPEG or TIFF images)"
+    )
   height, width = shape
   drawn = (doc.get("imageHeight"), doc.get("imageWidth"))
   if None not in drawn and (int(drawn[0]), int(drawn[1])) != (height, width):
-    raise ValueError(f"LabelMe marks {path} were drawn on an image of {drawn[0]} x {drawn[1]} pixels (height x "
-                     f"width), but the image is {height} x {width}")
+    raise ValueError(
+      f"LabelMe marks {path} were drawn on an image of {drawn[0]} x {drawn[1]} pixels (height x "
+      f"width), but the image is {height} x {width}"
+    )
   marks: list = []
-  shapes: list = []                      # per shape: what to call it, and its marks
+  shapes: list = []  # per shape: what to call it, and its marks
   for n, item in enumerate(doc["shapes"]):
     what = f"{path}: shapes[{n}]"
     if not isinstance(item, dict) or "label" not in item:
@@ -349,13 +396,16 @@ def read_labelme(path: str | os.PathLike, target: Geometry, *, num_classes: int 
         described = f"{what} (a {kind} labelled {item['label']!r}, points [x, y] {np.asarray(item['points']).tolist()})"
         if " marks no pixel" not in str(err) and " lies entirely outside" not in str(err):
           raise ValueError(f"{described}: {err}") from None
-        raise ValueError(f"{described} marks no pixel of the {height} x {width} image"
-                         + (" (no pixel centre lies inside it)" if kind == "polygon" else "")) from None
+        raise ValueError(
+          f"{described} marks no pixel of the {height} x {width} image"
+          + (" (no pixel centre lies inside it)" if kind == "polygon" else "")
+        ) from None
     raise
 
 
 # ----------------------------------------------------------------------------------------------
 # 3D Slicer segmentations.
+
 
 def _segments(header: dict) -> list[int]:
   found = {int(m.group(1)) for key in header for m in [re.fullmatch(r"Segment(\d+)_(ID|Name|LabelValue)", key)] if m}
@@ -371,14 +421,16 @@ def is_slicer_segmentation(path: str | os.PathLike) -> bool:
   if not name.endswith((".nrrd", ".nhdr")) or not p.is_file():
     return False
   import nrrd
+
   try:
     return bool(_segments(nrrd.read_header(str(p))))
   except Exception:  # not a readable NRRD header: let the label-map reader report it
     return False
 
 
-def read_slicer_segmentation(path: str | os.PathLike, target: Geometry, *, num_classes: int | None,
-                             class_names: Sequence[str] | None = None) -> np.ndarray:
+def read_slicer_segmentation(
+  path: str | os.PathLike, target: Geometry, *, num_classes: int | None, class_names: Sequence[str] | None = None
+) -> np.ndarray:
   """Reads a 3D Slicer ``.seg.nrrd`` as marks in the image's index space (see the module docstring).
 
   Returns:
@@ -389,6 +441,7 @@ def read_slicer_segmentation(path: str | os.PathLike, target: Geometry, *, num_c
       does not match the image's.
   """
   import nrrd
+
   p = Path(path)
   if not p.exists():
     raise ValueError(f"cannot read {path}: no such file")
@@ -442,9 +495,18 @@ def read_slicer_segmentation(path: str | os.PathLike, target: Geometry, *, num_c
 # ----------------------------------------------------------------------------------------------
 # Any marks file.
 
-def read_marks_file(path: str | os.PathLike, target: Geometry, *, num_classes: int | None,
-                    class_names: Sequence[str] | None = None, background_value: int = 255,
-                    unmarked_value: int = 0, radius: float = 1.0, rectangle: str = "box") -> np.ndarray:
+
+def read_marks_file(
+  path: str | os.PathLike,
+  target: Geometry,
+  *,
+  num_classes: int | None,
+  class_names: Sequence[str] | None = None,
+  background_value: int = 255,
+  unmarked_value: int = 0,
+  radius: float = 1.0,
+  rectangle: str = "box",
+) -> np.ndarray:
   """Reads one marks file of any kind (LabelMe ``.json``, Slicer ``.seg.nrrd``, else a label map).
 
   Returns:
@@ -452,12 +514,14 @@ def read_marks_file(path: str | os.PathLike, target: Geometry, *, num_classes: i
   """
   name = Path(path).name.lower()
   if name.endswith(".json"):
-    return read_labelme(path, target, num_classes=num_classes, class_names=class_names, radius=radius,
-                        rectangle=rectangle)
+    return read_labelme(
+      path, target, num_classes=num_classes, class_names=class_names, radius=radius, rectangle=rectangle
+    )
   if is_slicer_segmentation(path):
     return read_slicer_segmentation(path, target, num_classes=num_classes, class_names=class_names)
-  return read_label_map_marks(path, target, num_classes=num_classes, background_value=background_value,
-                              unmarked_value=unmarked_value)
+  return read_label_map_marks(
+    path, target, num_classes=num_classes, background_value=background_value, unmarked_value=unmarked_value
+  )
 
 
 def read_marks(paths: Sequence[str | os.PathLike], target: Geometry, **options: Any) -> np.ndarray:

@@ -51,10 +51,9 @@ def _draw_marks(ax, marks: np.ndarray, cmap, origin: str) -> None:
   """Sparse marks as dots with a white rim (visible at any size), dense ones as an opaque layer."""
   where = np.argwhere(marks >= 0)
   if len(where) > 4000:
-    ax.imshow(np.ma.masked_less(marks, 0), cmap=cmap, vmin=0, vmax=cmap.N - 1, origin=origin,
-              interpolation="nearest")
+    ax.imshow(np.ma.masked_less(marks, 0), cmap=cmap, vmin=0, vmax=cmap.N - 1, origin=origin, interpolation="nearest")
     return
-  colours = cmap(marks[tuple(where.T)] % cmap.N)       # class % palette size, as for segmentations
+  colours = cmap(marks[tuple(where.T)] % cmap.N)  # class % palette size, as for segmentations
   limits = ax.get_xlim(), ax.get_ylim()
   ax.scatter(where[:, 1], where[:, 0], s=10, c=colours, edgecolors="white", linewidths=0.4, marker="s")
   ax.set_xlim(*limits[0])
@@ -66,6 +65,7 @@ def _palette(num_classes: int):
   class ``c`` takes colour ``c % 60`` in segmentations and marks alike."""
   import matplotlib.pyplot as plt
   from matplotlib.colors import ListedColormap
+
   if num_classes <= 10:
     return plt.get_cmap("tab10")
   if num_classes <= 20:
@@ -73,9 +73,17 @@ def _palette(num_classes: int):
   return ListedColormap([c for name in ("tab20", "tab20b", "tab20c") for c in plt.get_cmap(name).colors])
 
 
-def save_overlay(path: str | os.PathLike, image: np.ndarray, geometry: Geometry, before: np.ndarray,
-                 after: np.ndarray | None = None, marks: np.ndarray | None = None, *, title: str = "",
-                 max_slices: int = 4) -> None:
+def save_overlay(
+  path: str | os.PathLike,
+  image: np.ndarray,
+  geometry: Geometry,
+  before: np.ndarray,
+  after: np.ndarray | None = None,
+  marks: np.ndarray | None = None,
+  *,
+  title: str = "",
+  max_slices: int = 4,
+) -> None:
   """Writes an overlay PNG atomically.
 
   Args:
@@ -89,6 +97,7 @@ def save_overlay(path: str | os.PathLike, image: np.ndarray, geometry: Geometry,
     max_slices: most slices shown for a 3-D image.
   """
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
@@ -99,19 +108,19 @@ def save_overlay(path: str | os.PathLike, image: np.ndarray, geometry: Geometry,
     if labels is not None and tuple(labels.shape) != spatial:
       raise ValueError(f"the overlay's {name} map has shape {tuple(labels.shape)}, the image {spatial}")
   axis = slice_axis(geometry)
-  if axis is None and len(spatial) == 3:   # a 3-D array with a length-1 axis: [i, j, 1] or [1, j, k]
+  if axis is None and len(spatial) == 3:  # a 3-D array with a length-1 axis: [i, j, 1] or [1, j, k]
     flat = [a for a, n in enumerate(spatial) if n == 1][-1]
     image, before = np.take(image, 0, axis=flat), np.take(before, 0, axis=flat)
     after = None if after is None else np.take(after, 0, axis=flat)
     marks = None if marks is None else np.take(marks, 0, axis=flat)
   slices = [None] if axis is None else marked_slices(marks, axis, spatial[axis], max_slices)
   columns = [("network", before, None)] + ([("refined + marks", after, marks)] if after is not None else [])
-  num_classes = int(max(before.max(), 0 if after is None else after.max(),
-                        0 if marks is None else marks.max(), 1)) + 1
+  num_classes = int(max(before.max(), 0 if after is None else after.max(), 0 if marks is None else marks.max(), 1)) + 1
   cmap = _palette(num_classes)
   medical = geometry.family in MEDICAL
-  fig, axes = plt.subplots(len(slices), len(columns), figsize=(4.2 * len(columns), 4.2 * len(slices) + 0.4),
-                           squeeze=False)
+  fig, axes = plt.subplots(
+    len(slices), len(columns), figsize=(4.2 * len(columns), 4.2 * len(slices) + 0.4), squeeze=False
+  )
   for row, index in enumerate(slices):
     base = _display(_plane(image, axis, index))
     for col, (name, labels, mk) in enumerate(columns):
@@ -120,12 +129,13 @@ def save_overlay(path: str | os.PathLike, image: np.ndarray, geometry: Geometry,
       layers = [base, np.ma.masked_equal(seg, 0)]
       if mk is not None:
         layers.append(np.ma.masked_less(_plane(mk, axis, index), 0))
-      if medical:                          # show i across and j upwards
+      if medical:  # show i across and j upwards
         layers = [np.swapaxes(layer, 0, 1) for layer in layers]
       origin = "lower" if medical else "upper"
       ax.imshow(layers[0], cmap="gray", origin=origin, interpolation="nearest")
-      ax.imshow(layers[1] % cmap.N, cmap=cmap, vmin=0, vmax=cmap.N - 1, alpha=0.4, origin=origin,
-                interpolation="nearest")
+      ax.imshow(
+        layers[1] % cmap.N, cmap=cmap, vmin=0, vmax=cmap.N - 1, alpha=0.4, origin=origin, interpolation="nearest"
+      )
       if len(layers) > 2:
         _draw_marks(ax, np.ma.filled(layers[2], -1), cmap, origin)
       where = "" if axis is None else f" (slice {index} of axis {axis})"

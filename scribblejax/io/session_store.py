@@ -53,8 +53,9 @@ def load_session(directory: str | os.PathLike) -> dict | None:
   path = d / "session.json"
   if not path.exists():
     # a first round interrupted before its session.json leaves only the session's own files: no session yet
-    if any(not _ROUND_FILE.fullmatch(p.name) and p.name != "initial.npz" and not p.name.startswith(".")
-           for p in d.iterdir()):
+    if any(
+      not _ROUND_FILE.fullmatch(p.name) and p.name != "initial.npz" and not p.name.startswith(".") for p in d.iterdir()
+    ):
       raise ValueError(f"session folder {directory} is not empty and holds no session.json")
     return None
   try:
@@ -66,9 +67,14 @@ def load_session(directory: str | os.PathLike) -> dict | None:
   missing = [k for k in ("image", "image_digest", "model", "rounds") if k not in doc]
   rounds = doc.get("rounds")
   if missing or not isinstance(rounds, list) or not all(_good_record(r, i) for i, r in enumerate(rounds)):
-    raise ValueError(f"{path} is damaged: " + (f"it lacks {missing}" if missing else
-                                                "its rounds are not a list of records naming their files "
-                                                "(round-NNN.npz in the session folder) and numbers"))
+    raise ValueError(
+      f"{path} is damaged: "
+      + (
+        f"it lacks {missing}"
+        if missing
+        else "its rounds are not a list of records naming their files (round-NNN.npz in the session folder) and numbers"
+      )
+    )
   wrong = [k for k in ("image", "image_digest", "model") if not isinstance(doc[k], str)]
   if wrong:
     raise ValueError(f"{path} is damaged: {', '.join(wrong)} must be text")
@@ -85,14 +91,25 @@ _ROUND_FILE = re.compile(r"round-\d{3,}\.npz")
 
 def _good_record(record: Any, index: int) -> bool:
   """A round record names a round file of the session folder (never a path out of it) and its number."""
-  return (isinstance(record, dict) and isinstance(record.get("file"), str)
-          and _ROUND_FILE.fullmatch(record["file"]) is not None and record.get("round") == index + 1)
+  return (
+    isinstance(record, dict)
+    and isinstance(record.get("file"), str)
+    and _ROUND_FILE.fullmatch(record["file"]) is not None
+    and record.get("round") == index + 1
+  )
 
 
 def new_session(image: str, image_digest: str, model: str, spatial_shape: tuple[int, ...]) -> dict:
   """A session document with no rounds."""
-  return {"format": FORMAT, "version": VERSION, "image": image, "image_digest": image_digest, "model": model,
-          "spatial_shape": list(spatial_shape), "rounds": []}
+  return {
+    "format": FORMAT,
+    "version": VERSION,
+    "image": image,
+    "image_digest": image_digest,
+    "model": model,
+    "spatial_shape": list(spatial_shape),
+    "rounds": [],
+  }
 
 
 def save_session(directory: str | os.PathLike, doc: dict) -> None:
@@ -128,9 +145,17 @@ def drawn_marks(arrays: dict[str, np.ndarray]) -> np.ndarray:
   return arrays["drawn"] if "drawn" in arrays else arrays["marks"]
 
 
-def append_round(directory: str | os.PathLike, doc: dict, record: dict, *, marks: np.ndarray,
-                 new_marks: np.ndarray, labels: np.ndarray, tunable: list[Any], drawn: np.ndarray | None = None
-                 ) -> dict:
+def append_round(
+  directory: str | os.PathLike,
+  doc: dict,
+  record: dict,
+  *,
+  marks: np.ndarray,
+  new_marks: np.ndarray,
+  labels: np.ndarray,
+  tunable: list[Any],
+  drawn: np.ndarray | None = None,
+) -> dict:
   """Stores a new round; returns the updated document (already saved). ``drawn``: the marks so far
   without region growing's (default: ``marks``)."""
   d = Path(directory)
@@ -143,8 +168,12 @@ def append_round(directory: str | os.PathLike, doc: dict, record: dict, *, marks
   while f"round-{number:03d}.npz" in taken or (d / f"round-{number:03d}.npz").exists():
     number += 1
   name = f"round-{number:03d}.npz"
-  arrays = {"marks": np.asarray(marks, np.int32), "new_marks": np.asarray(new_marks, np.int32),
-            "drawn": np.asarray(marks if drawn is None else drawn, np.int32), "labels": np.asarray(labels, np.int32)}
+  arrays = {
+    "marks": np.asarray(marks, np.int32),
+    "new_marks": np.asarray(new_marks, np.int32),
+    "drawn": np.asarray(marks if drawn is None else drawn, np.int32),
+    "labels": np.asarray(labels, np.int32),
+  }
   arrays.update({f"tunable_{i}": np.asarray(leaf) for i, leaf in enumerate(tunable)})
   _write_atomic(d / name, lambda f: np.savez_compressed(f, **arrays))
   doc = dict(doc, rounds=doc["rounds"] + [dict(record, file=name, round=index)])

@@ -43,16 +43,20 @@ import numpy as np
 
 CONV_BACKENDS = ("auto", "xla", "onednn")
 SOURCE = Path(__file__).with_name("onednn_conv.cc")
-_TARGETS = {"forward": "SjConvForward", "backward_data": "SjConvBackwardData",
-            "backward_weights": "SjConvBackwardWeights"}
+_TARGETS = {
+  "forward": "SjConvForward",
+  "backward_data": "SjConvBackwardData",
+  "backward_weights": "SjConvBackwardWeights",
+}
 _FFI_NAMES = {k: f"scribblejax_onednn_conv_{k}" for k in _TARGETS}
 
 
 class KernelStatus(NamedTuple):
   """Whether the oneDNN kernels can run in this process."""
+
   available: bool
-  reason: str               # where the built library is, or why the kernels are unavailable
-  library: str | None       # path of the built shared library
+  reason: str  # where the built library is, or why the kernels are unavailable
+  library: str | None  # path of the built shared library
 
 
 def _onednn_prefixes() -> list[Path]:
@@ -66,9 +70,11 @@ def _find_onednn() -> tuple[Path, Path] | str:
     include, lib = root / "include", root / "lib"
     if (include / "oneapi" / "dnnl" / "dnnl.hpp").is_file() and (lib / "libdnnl.so").exists():
       return include, lib
-  return ("oneDNN not found (looked for include/oneapi/dnnl/dnnl.hpp and lib/libdnnl.so under "
-          f"{', '.join(map(str, _onednn_prefixes()))}); install it with `pip install scribblejax[cpu]` "
-          "or set SCRIBBLEJAX_ONEDNN_ROOT")
+  return (
+    "oneDNN not found (looked for include/oneapi/dnnl/dnnl.hpp and lib/libdnnl.so under "
+    f"{', '.join(map(str, _onednn_prefixes()))}); install it with `pip install scribblejax[cpu]` "
+    "or set SCRIBBLEJAX_ONEDNN_ROOT"
+  )
 
 
 def _compiler() -> str | None:
@@ -91,8 +97,22 @@ def _cache_dir() -> Path:
 
 
 def _build_command(cxx: str, include: Path, lib: Path, out: Path) -> list[str]:
-  return [cxx, "-O2", "-std=c++17", "-shared", "-fPIC", "-w", str(SOURCE), f"-I{jax.ffi.include_dir()}",
-          f"-I{include}", f"-L{lib}", "-ldnnl", f"-Wl,-rpath,{lib}", "-o", str(out)]
+  return [
+    cxx,
+    "-O2",
+    "-std=c++17",
+    "-shared",
+    "-fPIC",
+    "-w",
+    str(SOURCE),
+    f"-I{jax.ffi.include_dir()}",
+    f"-I{include}",
+    f"-L{lib}",
+    "-ldnnl",
+    f"-Wl,-rpath,{lib}",
+    "-o",
+    str(out),
+  ]
 
 
 def _build(cxx: str, include: Path, lib: Path) -> Path:
@@ -114,19 +134,22 @@ def _build(cxx: str, include: Path, lib: Path) -> Path:
   fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
   os.close(fd)
   try:
-    done = subprocess.run(_build_command(cxx, include, lib, Path(tmp)), capture_output=True, text=True,
-                          timeout=600, check=False)
+    done = subprocess.run(
+      _build_command(cxx, include, lib, Path(tmp)), capture_output=True, text=True, timeout=600, check=False
+    )
     if done.returncode != 0:
-      raise RuntimeError(f"compiling {SOURCE.name} failed (exit {done.returncode}); the compiler said: "
-                         f"{(done.stderr or done.stdout)[:2000]}")      # the first error is the cause
-    os.replace(tmp, target)        # atomic: another process sees the whole library or none
+      raise RuntimeError(
+        f"compiling {SOURCE.name} failed (exit {done.returncode}); the compiler said: "
+        f"{(done.stderr or done.stdout)[:2000]}"
+      )  # the first error is the cause
+    os.replace(tmp, target)  # atomic: another process sees the whole library or none
   finally:
     if os.path.exists(tmp):
       os.unlink(tmp)
   return target
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def kernel_status() -> KernelStatus:
   """Finds oneDNN and a C++ compiler, builds the kernels if needed and registers them with XLA
   (once per process).
@@ -167,20 +190,29 @@ def _self_check() -> str | None:
   def xla(x, w, transposed):
     if transposed:
       flipped = jnp.flip(w, axis=(0, 1))
-      return jax.lax.conv_general_dilated(x, flipped, (1, 1), [(k - 1 - lo, k - 1 - hi) for k, (lo, hi) in
-                                                               zip(w.shape, pads)], lhs_dilation=(2, 1),
-                                          dimension_numbers=dn, precision=jax.lax.Precision.HIGHEST)
-    return jax.lax.conv_general_dilated(x, w, (2, 1), pads, dimension_numbers=dn,
-                                        precision=jax.lax.Precision.HIGHEST)
+      return jax.lax.conv_general_dilated(
+        x,
+        flipped,
+        (1, 1),
+        [(k - 1 - lo, k - 1 - hi) for k, (lo, hi) in zip(w.shape, pads)],
+        lhs_dilation=(2, 1),
+        dimension_numbers=dn,
+        precision=jax.lax.Precision.HIGHEST,
+      )
+    return jax.lax.conv_general_dilated(x, w, (2, 1), pads, dimension_numbers=dn, precision=jax.lax.Precision.HIGHEST)
 
-  def ours(x, w, transposed):      # the unchecked kernels: the public ones ask kernel_status, which runs this
+  def ours(x, w, transposed):  # the unchecked kernels: the public ones ask kernel_status, which runs this
     return _conv(x, w, (2, 1), pads, transposed)
 
   with jax.ensure_compile_time_eval():
     for transposed in (False, True):
-      for name, f in (("forward", lambda f, x, w: f(x, w, transposed)),
-                      ("gradients", lambda f, x, w: jax.grad(lambda x, w: jnp.sum(jnp.sin(f(x, w, transposed))),
-                                                             argnums=(0, 1))(x, w))):
+      for name, f in (
+        ("forward", lambda f, x, w: f(x, w, transposed)),  # noqa: B023 (called in this iteration)
+        (
+          "gradients",
+          lambda f, x, w: jax.grad(lambda x, w: jnp.sum(jnp.sin(f(x, w, transposed))), argnums=(0, 1))(x, w),  # noqa: B023
+        ),
+      ):
         for a, b in zip(jax.tree.leaves(f(ours, x, w)), jax.tree.leaves(f(xla, x, w))):
           if a.shape != b.shape or not np.allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4):
             return f"{'transposed ' if transposed else ''}convolution {name} differ from XLA's"
@@ -205,8 +237,9 @@ def resolve_conv_backend(backend: str) -> str:
   if backend == "auto":
     return "onednn" if on_cpu and kernel_status().available else "xla"
   if not on_cpu:
-    raise RuntimeError(f"conv_backend='onednn' runs on the CPU only; JAX's default backend is "
-                       f"{jax.default_backend()!r}")
+    raise RuntimeError(
+      f"conv_backend='onednn' runs on the CPU only; JAX's default backend is {jax.default_backend()!r}"
+    )
   status = kernel_status()
   if not status.available:
     raise RuntimeError(f"conv_backend='onednn': {status.reason}")
@@ -214,13 +247,18 @@ def resolve_conv_backend(backend: str) -> str:
 
 
 def _attrs(strides, padding, transposed) -> dict:
-  return dict(strides=np.asarray(strides, np.int64), padding_lo=np.asarray([p[0] for p in padding], np.int64),
-              padding_hi=np.asarray([p[1] for p in padding], np.int64), transposed=bool(transposed))
+  return dict(
+    strides=np.asarray(strides, np.int64),
+    padding_lo=np.asarray([p[0] for p in padding], np.int64),
+    padding_hi=np.asarray([p[1] for p in padding], np.int64),
+    transposed=bool(transposed),
+  )
 
 
 def _call(kind: str, shape, *args, strides, padding, transposed):
-  return jax.ffi.ffi_call(_FFI_NAMES[kind], jax.ShapeDtypeStruct(tuple(shape), jnp.float32),
-                          vmap_method="sequential")(*args, **_attrs(strides, padding, transposed))
+  return jax.ffi.ffi_call(_FFI_NAMES[kind], jax.ShapeDtypeStruct(tuple(shape), jnp.float32), vmap_method="sequential")(
+    *args, **_attrs(strides, padding, transposed)
+  )
 
 
 def output_shape(x_shape, w_shape, strides, padding, transposed: bool = False) -> tuple[int, ...]:
@@ -235,8 +273,15 @@ def output_shape(x_shape, w_shape, strides, padding, transposed: bool = False) -
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def _conv(x, w, strides, padding, transposed):
-  return _call("forward", output_shape(x.shape, w.shape, strides, padding, transposed), x, w, strides=strides,
-               padding=padding, transposed=transposed)
+  return _call(
+    "forward",
+    output_shape(x.shape, w.shape, strides, padding, transposed),
+    x,
+    w,
+    strides=strides,
+    padding=padding,
+    transposed=transposed,
+  )
 
 
 def _conv_fwd(x, w, strides, padding, transposed):
@@ -258,9 +303,11 @@ def _checked(x, w, strides, padding, transposed: bool) -> tuple:
   strides, padding = tuple(int(s) for s in strides), tuple(tuple(int(p) for p in pair) for pair in padding)
   if not supports(x.shape, w.shape, x.dtype, strides, padding, transposed) or jnp.dtype(w.dtype) != jnp.float32:
     name = "conv_transpose" if transposed else "conv"
-    raise ValueError(f"kernels.{name} computes float32 x [N, *S, I] with w [*K, I, O], 1 to 3 spatial axes, "
-                     f"strides >= 1, padding >= 0 and a non-empty output; got x {tuple(x.shape)} {x.dtype}, "
-                     f"w {tuple(w.shape)} {w.dtype}, strides {strides}, padding {padding}")
+    raise ValueError(
+      f"kernels.{name} computes float32 x [N, *S, I] with w [*K, I, O], 1 to 3 spatial axes, "
+      f"strides >= 1, padding >= 0 and a non-empty output; got x {tuple(x.shape)} {x.dtype}, "
+      f"w {tuple(w.shape)} {w.dtype}, strides {strides}, padding {padding}"
+    )
   status = kernel_status()
   if not status.available:
     raise RuntimeError(f"the oneDNN kernels cannot run here: {status.reason}")
@@ -281,8 +328,9 @@ def conv(x: jax.Array, w: jax.Array, strides: tuple[int, ...], padding: tuple[tu
   return _conv(x, w, *_checked(x, w, strides, padding, False), False)
 
 
-def conv_transpose(x: jax.Array, w: jax.Array, strides: tuple[int, ...],
-                   padding: tuple[tuple[int, int], ...]) -> jax.Array:
+def conv_transpose(
+  x: jax.Array, w: jax.Array, strides: tuple[int, ...], padding: tuple[tuple[int, int], ...]
+) -> jax.Array:
   """A channels-last transposed convolution on oneDNN (the gradient of a convolution with respect to
   its input, as ``torch.nn.ConvTranspose``): x ``[N, *S, I]``, w ``[*K, I, O]`` -> ``[N, *S', O]``
   with ``S' = (S - 1) * strides + K - lo - hi``. Equal to
@@ -299,8 +347,15 @@ def supports(x_shape, w_shape, dtype, strides, padding, transposed: bool = False
   """Whether :func:`conv` (or :func:`conv_transpose`) computes this case: float32, 1 to 3 spatial
   axes, strides >= 1, padding >= 0, no empty axis."""
   nd = len(strides)
-  return (1 <= nd <= 3 and jnp.dtype(dtype) == jnp.float32 and len(padding) == nd
-          and len(x_shape) == len(w_shape) == nd + 2 and x_shape[-1] == w_shape[-2]
-          and all(s >= 1 for s in strides) and all(lo >= 0 and hi >= 0 for lo, hi in padding)
-          and all(n > 0 for n in x_shape) and all(n > 0 for n in w_shape)
-          and all(n > 0 for n in output_shape(x_shape, w_shape, strides, padding, transposed)))
+  return (
+    1 <= nd <= 3
+    and jnp.dtype(dtype) == jnp.float32
+    and len(padding) == nd
+    and len(x_shape) == len(w_shape) == nd + 2
+    and x_shape[-1] == w_shape[-2]
+    and all(s >= 1 for s in strides)
+    and all(lo >= 0 and hi >= 0 for lo, hi in padding)
+    and all(n > 0 for n in x_shape)
+    and all(n > 0 for n in w_shape)
+    and all(n > 0 for n in output_shape(x_shape, w_shape, strides, padding, transposed))
+  )

@@ -44,17 +44,32 @@ Example::
 from scribblejax.marks.encode import UNMARKED, accumulate, encode_marks, validate_mark_map
 from scribblejax.marks.grow import grow_marks
 from scribblejax.marks.types import (
-                                     MARK_TYPES,
-                                     Box,
-                                     LabelMap,
-                                     Mark,
-                                     MarkType,
-                                     Point,
-                                     Polygon,
-                                     Scribble,
-                                     describe,
-                                     register,
+  MARK_TYPES,
+  Box,
+  LabelMap,
+  Mark,
+  MarkType,
+  Point,
+  Polygon,
+  Scribble,
+  describe,
+  register,
 )
 
-__all__ = ["MARK_TYPES", "UNMARKED", "Box", "LabelMap", "Mark", "MarkType", "Point", "Polygon", "Scribble",
-           "accumulate", "describe", "encode_marks", "grow_marks", "register", "validate_mark_map"]
+__all__ = [
+  "MARK_TYPES",
+  "UNMARKED",
+  "Box",
+  "LabelMap",
+  "Mark",
+  "MarkType",
+  "Point",
+  "Polygon",
+  "Scribble",
+  "accumulate",
+  "describe",
+  "encode_marks",
+  "grow_marks",
+  "register",
+  "validate_mark_map",
+]

@@ -10,7 +10,7 @@ import numpy as np
 
 from scribblejax._checks import INT32_MAX
 
-UNMARKED = -1                              # a mark map's "no mark here"
+UNMARKED = -1  # a mark map's "no mark here"
 
 
 def as_index(value: Any, what: str) -> int:
@@ -47,19 +47,21 @@ def as_real(value: Any, what: str, lo: float = 0.0, hi: float = math.inf) -> flo
 def int_coords(value: Any, what: str, ndim: int, rows: bool) -> np.ndarray:
   """Integer coordinates: shape ``(ndim,)``, or ``(N, ndim)`` with ``N >= 1`` when ``rows``."""
   try:
-    arr = np.array(value)                  # a copy: never alias the caller's array
-  except ValueError:                       # ragged nested sequences
-    raise ValueError(f"{what} must be {'an N x ' + str(ndim) + ' array' if rows else str(ndim) + ' integers'}, "
-                     f"got the ragged {value!r}") from None
+    arr = np.array(value)  # a copy: never alias the caller's array
+  except ValueError:  # ragged nested sequences
+    raise ValueError(
+      f"{what} must be {'an N x ' + str(ndim) + ' array' if rows else str(ndim) + ' integers'}, "
+      f"got the ragged {value!r}"
+    ) from None
   if arr.dtype == object or (arr.size and not np.issubdtype(arr.dtype, np.integer)):
     raise ValueError(f"{what} must be integers, got {value!r}")
   if rows:
     if arr.ndim != 2 or arr.shape[0] < 1 or arr.shape[1] != ndim:
-      raise ValueError(
-          f"{what} must be an N x {ndim} array (N >= 1) for a {ndim}-D image, got shape {arr.shape}")
+      raise ValueError(f"{what} must be an N x {ndim} array (N >= 1) for a {ndim}-D image, got shape {arr.shape}")
   elif arr.shape != (ndim,):
-    raise ValueError(f"{what} has {arr.size if arr.ndim == 1 else arr.shape} entries, but the image "
-                     f"has {ndim} dimensions")
+    raise ValueError(
+      f"{what} has {arr.size if arr.ndim == 1 else arr.shape} entries, but the image has {ndim} dimensions"
+    )
   return arr.astype(np.int64)
 
 

@@ -18,8 +18,7 @@ from scribblejax.marks.types import MARK_TYPES, Mark, describe
 __all__ = ["UNMARKED", "accumulate", "encode_marks", "validate_mark_map"]
 
 
-def encode_marks(shape: Sequence[int], marks: Sequence[Mark] | Mark, *,
-                 num_classes: int | None = None) -> np.ndarray:
+def encode_marks(shape: Sequence[int], marks: Sequence[Mark] | Mark, *, num_classes: int | None = None) -> np.ndarray:
   """Rasterises marks into one mark map.
 
   Marks are drawn in order, each by the drawing function its type registered
@@ -51,8 +50,9 @@ def encode_marks(shape: Sequence[int], marks: Sequence[Mark] | Mark, *,
   for i, mark in enumerate(marks):
     kind = MARK_TYPES.get(type(mark))
     if kind is None:
-      raise ValueError(f"marks[{i}] is a {type(mark).__name__}, not a mark; expected one of "
-                       f"{[t.__name__ for t in MARK_TYPES]}")
+      raise ValueError(
+        f"marks[{i}] is a {type(mark).__name__}, not a mark; expected one of {[t.__name__ for t in MARK_TYPES]}"
+      )
     what = f"marks[{i}] {describe(mark)}"
     if kind.draw(out, mark, what, num_classes) == 0:
       raise ValueError(f"{what} {kind.no_pixel.format(shape=shape)}")

@@ -8,8 +8,8 @@ import numpy as np
 
 from scribblejax.marks._checks import UNMARKED, as_index, as_real, check_range, integer_array
 
-_WALL = -2                                 # label of the padding around the image in grow_marks
-_NO_LABEL = np.iinfo(np.int32).max         # "no candidate yet" in grow_marks
+_WALL = -2  # label of the padding around the image in grow_marks
+_NO_LABEL = np.iinfo(np.int32).max  # "no candidate yet" in grow_marks
 
 
 def _neighbour_offsets(ndim: int, connectivity: int) -> list[np.ndarray]:
@@ -29,9 +29,16 @@ def _within_cap(labels: np.ndarray, remaining: np.ndarray) -> np.ndarray:
   return rank < remaining[labels]
 
 
-def grow_marks(marks: Any, image: Any, threshold: float, *, connectivity: int = 1,
-               max_distance: int | None = None, max_pixels: int | None = None,
-               blocked: Any = None) -> np.ndarray:
+def grow_marks(
+  marks: Any,
+  image: Any,
+  threshold: float,
+  *,
+  connectivity: int = 1,
+  max_distance: int | None = None,
+  max_pixels: int | None = None,
+  blocked: Any = None,
+) -> np.ndarray:
   """Grows marks into neighbouring pixels of similar intensity (Sambaturu et al., MICCAI 2021).
 
   Breadth-first from every marked pixel, one layer at a time: an unmarked neighbour of a pixel
@@ -74,8 +81,10 @@ def grow_marks(marks: Any, image: Any, threshold: float, *, connectivity: int = 
   elif image.ndim == ndim + 1 and image.shape[:-1] == spatial:
     channels = image.shape[-1]
   else:
-    raise ValueError(f"image has shape {image.shape}, but the marks' spatial shape is {spatial} "
-                     f"(image must be {spatial} or {spatial} + (channels,))")
+    raise ValueError(
+      f"image has shape {image.shape}, but the marks' spatial shape is {spatial} "
+      f"(image must be {spatial} or {spatial} + (channels,))"
+    )
   values = image.astype(np.float64).reshape(spatial + (channels,))
   if not np.all(np.isfinite(values)):
     raise ValueError("image contains NaN or Inf")
@@ -91,26 +100,27 @@ def grow_marks(marks: Any, image: Any, threshold: float, *, connectivity: int = 
   if blocked is not None:
     blocked = np.asarray(blocked)
     if blocked.dtype != bool or blocked.shape != spatial:
-      raise ValueError(f"blocked must be a boolean map of the marks' shape {spatial}, got "
-                       f"{blocked.dtype} {blocked.shape}")
+      raise ValueError(
+        f"blocked must be a boolean map of the marks' shape {spatial}, got {blocked.dtype} {blocked.shape}"
+      )
     wall = blocked & (marks < 0)
 
   # Pad by one pixel of "wall" so that every neighbour of an image pixel is a valid flat index.
   labels = np.pad(marks.astype(np.int32), 1, constant_values=_WALL)
   if wall is not None:
     labels[(slice(1, -1),) * ndim][wall] = _WALL
-  flat_labels = labels.reshape(-1)         # a view of `labels`
+  flat_labels = labels.reshape(-1)  # a view of `labels`
   flat_values = np.pad(values, [(1, 1)] * ndim + [(0, 0)]).reshape(-1, channels)
   if channels == 1:
     flat_values = flat_values[:, 0].copy()
-  strides = np.array([int(np.prod(labels.shape[a + 1:])) for a in range(ndim)], np.int64)
+  strides = np.array([int(np.prod(labels.shape[a + 1 :])) for a in range(ndim)], np.int64)
   deltas = [int(d @ strides) for d in _neighbour_offsets(ndim, connectivity)]
 
   frontier = np.flatnonzero(flat_labels >= 0)
   num_labels = int(marks.max()) + 1 if frontier.size else 0
   remaining = None if max_pixels is None else np.full(num_labels, int(max_pixels), np.int64)
-  best = np.full(flat_labels.size, _NO_LABEL, np.int32)   # lowest label reaching a pixel this layer
-  slot = np.zeros(flat_labels.size, np.int64)              # scratch for de-duplication
+  best = np.full(flat_labels.size, _NO_LABEL, np.int32)  # lowest label reaching a pixel this layer
+  slot = np.zeros(flat_labels.size, np.int64)  # scratch for de-duplication
   layer = 0
   while frontier.size and (max_distance is None or layer < max_distance):
     if remaining is not None:
@@ -126,11 +136,11 @@ def grow_marks(marks: Any, image: Any, threshold: float, *, connectivity: int = 
         diff = diff.max(axis=1)
       close = diff < threshold
       target, label = target[close], label[close]
-      best[target] = np.minimum(best[target], label)   # targets are distinct for one delta
+      best[target] = np.minimum(best[target], label)  # targets are distinct for one delta
       reached.append(target)
     new = np.concatenate(reached) if reached else np.zeros(0, np.int64)
-    slot[new] = np.arange(new.size)        # keep one entry per distinct pixel (the last written)
-    new = np.sort(new[slot[new] == np.arange(new.size)])   # raster order
+    slot[new] = np.arange(new.size)  # keep one entry per distinct pixel (the last written)
+    new = np.sort(new[slot[new] == np.arange(new.size)])  # raster order
     new_labels = best[new]
     best[new] = _NO_LABEL
     if remaining is not None:

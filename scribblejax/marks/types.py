@@ -37,11 +37,12 @@ import skimage.draw
 from scribblejax._checks import INT32_MAX
 from scribblejax.marks._checks import UNMARKED, as_index, as_label, as_real, int_coords, integer_array
 
-_CHUNK = 1 << 20                           # coordinates per chunk when thickening lines
+_CHUNK = 1 << 20  # coordinates per chunk when thickening lines
 
 
 # ----------------------------------------------------------------------------------------------
 # The registry.
+
 
 class MarkType(NamedTuple):
   """How one kind of mark is drawn into a mark map.
@@ -56,6 +57,7 @@ class MarkType(NamedTuple):
       is replaced by the image's shape.
     describe: ``describe(mark) -> str`` for error messages; ``None``: the mark's ``repr`` (shortened).
   """
+
   cls: type
   draw: Callable[[np.ndarray, Any, str, int | None], int]
   no_pixel: str = "lies entirely outside the image of shape {shape} (it marks no pixel)"
@@ -82,12 +84,14 @@ def register(cls: type, *, no_pixel: str | None = None, describe: Callable[[Any]
   Raises:
     ValueError: ``cls`` already has a drawing function.
   """
+
   def decorator(draw):
     if cls in _REGISTRY:
       raise ValueError(f"{cls.__name__} already has a drawing function")
     entry = MarkType(cls, draw, describe=describe)
     _REGISTRY[cls] = entry if no_pixel is None else entry._replace(no_pixel=no_pixel)
     return draw
+
   return decorator
 
 
@@ -102,6 +106,7 @@ def describe(mark: Any) -> str:
 
 # ----------------------------------------------------------------------------------------------
 # Rasterising helpers shared by the drawing functions.
+
 
 def _ball_offsets(radius: float, ndim: int) -> np.ndarray:
   """Integer offsets ``d`` with ``|d| <= radius`` (Euclidean), ``int64[K, ndim]``."""
@@ -128,15 +133,16 @@ def _write_thick(out: np.ndarray, centres: np.ndarray, radius: float, label: int
   offsets = _ball_offsets(radius, out.ndim)
   step = max(1, _CHUNK // len(offsets))
   for start in range(0, len(centres), step):
-    coords = (centres[start:start + step, None, :] + offsets[None]).reshape(-1, out.ndim)
+    coords = (centres[start : start + step, None, :] + offsets[None]).reshape(-1, out.ndim)
     coords = coords[np.all((coords >= 0) & (coords < shape), axis=1)]
     written[tuple(coords.T)] = True
   out[written] = label
   return int(written.sum())
 
 
-def _clip_segment(start: np.ndarray, stop: np.ndarray, lo: np.ndarray,
-                  hi: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+def _clip_segment(
+  start: np.ndarray, stop: np.ndarray, lo: np.ndarray, hi: np.ndarray
+) -> tuple[np.ndarray, np.ndarray] | None:
   """The part of the segment ``start..stop`` inside the box ``lo..hi`` (Liang-Barsky); ``None`` if none."""
   start, delta = start.astype(np.float64), (stop - start).astype(np.float64)
   t0, t1 = 0.0, 1.0
@@ -182,6 +188,7 @@ def _clipped_slices(lo: np.ndarray, hi: np.ndarray, shape: tuple[int, ...]) -> t
 # ----------------------------------------------------------------------------------------------
 # Point
 
+
 class Point(NamedTuple):
   """One marked pixel, or a Euclidean disk (2D) / ball (3D) around it.
 
@@ -191,6 +198,7 @@ class Point(NamedTuple):
     radius: pixels within this Euclidean distance of ``coord`` are marked; ``0`` marks ``coord``
       only.
   """
+
   coord: Sequence[int]
   label: int
   radius: float = 0
@@ -207,6 +215,7 @@ def _draw_point(out: np.ndarray, mark: Point, what: str, num_classes: int | None
 # ----------------------------------------------------------------------------------------------
 # Scribble
 
+
 class Scribble(NamedTuple):
   """A polyline through ``points``, thickened to ``radius``.
 
@@ -218,6 +227,7 @@ class Scribble(NamedTuple):
     label: class index (``>= 0``).
     radius: thickness; ``0`` gives the 1-pixel line.
   """
+
   points: Sequence[Sequence[int]]
   label: int
   radius: float = 1
@@ -237,8 +247,9 @@ def _draw_scribble(out: np.ndarray, mark: Scribble, what: str, num_classes: int 
 # ----------------------------------------------------------------------------------------------
 # Box
 
+
 class Box(NamedTuple):
-  """"The object of class ``label`` lies inside this box" (a bounding-box interaction).
+  """ "The object of class ``label`` lies inside this box" (a bounding-box interaction).
 
   The box spans ``lo[i] <= x[i] <= hi[i]`` on every axis ``i`` (corners included). Encoding marks:
 
@@ -260,6 +271,7 @@ class Box(NamedTuple):
     ring: width of the background ring in pixels (``>= 0``).
     core: fraction of the box's extent, per axis, marked as ``label`` (``0 <= core <= 1``).
   """
+
   lo: Sequence[int]
   hi: Sequence[int]
   label: int
@@ -271,8 +283,7 @@ class Box(NamedTuple):
 @register(Box)
 def _draw_box(out: np.ndarray, mark: Box, what: str, num_classes: int | None) -> int:
   label = as_label(mark.label, f"{what}: label", num_classes)
-  background = None if mark.background is None else as_label(mark.background, f"{what}: background",
-                                                            num_classes)
+  background = None if mark.background is None else as_label(mark.background, f"{what}: background", num_classes)
   if background is not None and background == label:
     raise ValueError(f"{what}: background and label are both {label}; the ring must be another class")
   lo = int_coords(mark.lo, f"{what}: lo", out.ndim, rows=False)
@@ -288,7 +299,7 @@ def _draw_box(out: np.ndarray, mark: Box, what: str, num_classes: int | None) ->
   count = 0
   if background is not None and ring > 0:
     outer = _clipped_slices(lo - ring, hi + ring, out.shape)
-    region = out[outer]                    # a view: writing to it writes to `out`
+    region = out[outer]  # a view: writing to it writes to `out`
     is_ring = np.ones(region.shape, bool)
     start = np.array([s.start for s in outer])
     inner = _clipped_slices(lo - start, hi - start, region.shape)
@@ -309,6 +320,7 @@ def _draw_box(out: np.ndarray, mark: Box, what: str, num_classes: int | None) ->
 # ----------------------------------------------------------------------------------------------
 # Polygon
 
+
 class Polygon(NamedTuple):
   """A filled polygon (lasso), rasterised with :func:`skimage.draw.polygon`.
 
@@ -323,19 +335,24 @@ class Polygon(NamedTuple):
     axis: 3D only: the axis normal to the polygon's plane.
     index: 3D only (required there; must be ``None`` in 2D): the slice along ``axis``.
   """
+
   vertices: Sequence[Sequence[float]]
   label: int
   axis: int = 0
   index: int | None = None
 
 
-@register(Polygon, no_pixel="marks no pixel: no pixel centre of the image of shape {shape} lies inside it "
-                           "(it is entirely outside the image, or thinner than a pixel)")
+@register(
+  Polygon,
+  no_pixel="marks no pixel: no pixel centre of the image of shape {shape} lies inside it "
+  "(it is entirely outside the image, or thinner than a pixel)",
+)
 def _draw_polygon(out: np.ndarray, mark: Polygon, what: str, num_classes: int | None) -> int:
   label = as_label(mark.label, f"{what}: label", num_classes)
   vertices = np.array(mark.vertices)
-  if vertices.dtype == object or not (np.issubdtype(vertices.dtype, np.integer)
-                                      or np.issubdtype(vertices.dtype, np.floating)):
+  if vertices.dtype == object or not (
+    np.issubdtype(vertices.dtype, np.integer) or np.issubdtype(vertices.dtype, np.floating)
+  ):
     raise ValueError(f"{what}: vertices must be real numbers")
   if vertices.ndim != 2 or vertices.shape[1] != 2 or vertices.shape[0] < 3:
     raise ValueError(f"{what}: vertices must be an N x 2 array with N >= 3, got shape {vertices.shape}")
@@ -355,9 +372,8 @@ def _draw_polygon(out: np.ndarray, mark: Polygon, what: str, num_classes: int | 
       raise ValueError(f"{what}: a polygon in a 3-D image needs the slice index along axis {axis}")
     index = as_index(mark.index, f"{what}: index")
     if not 0 <= index < out.shape[axis]:
-      raise ValueError(f"{what}: slice index {index} lies outside the image (axis {axis} has "
-                       f"{out.shape[axis]} slices)")
-    plane = np.moveaxis(out, axis, 0)[index]   # a view, in-plane axes in increasing order
+      raise ValueError(f"{what}: slice index {index} lies outside the image (axis {axis} has {out.shape[axis]} slices)")
+    plane = np.moveaxis(out, axis, 0)[index]  # a view, in-plane axes in increasing order
   else:
     raise ValueError(f"{what}: polygons need a 2-D or 3-D image, got {out.ndim} dimensions")
   rows, cols = skimage.draw.polygon(vertices[:, 0], vertices[:, 1], shape=plane.shape)
@@ -368,6 +384,7 @@ def _draw_polygon(out: np.ndarray, mark: Polygon, what: str, num_classes: int | 
 # ----------------------------------------------------------------------------------------------
 # LabelMap
 
+
 class LabelMap(NamedTuple):
   """A whole array of marks the shape of the image (e.g. a painted layer or an earlier result).
 
@@ -376,6 +393,7 @@ class LabelMap(NamedTuple):
       mean "no mark"; every other value is a class index (``>= 0``).
     unmarked: the value that means "no mark" (e.g. ``255`` for an 8-bit label image).
   """
+
   labels: Any
   unmarked: int = UNMARKED
 
@@ -397,14 +415,13 @@ def _draw_label_map(out: np.ndarray, mark: LabelMap, what: str, num_classes: int
   if values.size:
     lo, hi = int(values.min()), int(values.max())
     if lo < 0:
-      raise ValueError(f"{what}: labels hold value {lo}, which is neither unmarked ({unmarked}) nor a "
-                       "class index >= 0")
+      raise ValueError(f"{what}: labels hold value {lo}, which is neither unmarked ({unmarked}) nor a class index >= 0")
     if num_classes is not None and hi >= num_classes:
       raise ValueError(f"{what}: labels hold value {hi}, but num_classes is {num_classes}")
     if hi > INT32_MAX:
       raise ValueError(f"{what}: labels hold value {hi}, too large for a class index (marks are stored as int32)")
   out[marked] = values
-  return -1                                # a label map may legitimately mark nothing
+  return -1  # a label map may legitimately mark nothing
 
 
 Mark = Point | Scribble | Box | Polygon | LabelMap

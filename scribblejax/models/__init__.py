@@ -9,6 +9,21 @@ from scribblejax.models.store import ModelInfo, builtin_models, load_model, read
 from scribblejax.models.surgery import add_classes, suppress_class, suppression_amount
 from scribblejax.models.unet import UNet
 
-__all__ = ["Ensemble", "ModelInfo", "Regions", "UNet", "add_classes", "builtin_models", "check_layer_order",
-           "layer_order", "load_model", "read_info", "region_labels", "region_scores", "save_model",
-           "suppress_class", "suppression_amount", "traced_layer_order"]
+__all__ = [
+  "Ensemble",
+  "ModelInfo",
+  "Regions",
+  "UNet",
+  "add_classes",
+  "builtin_models",
+  "check_layer_order",
+  "layer_order",
+  "load_model",
+  "read_info",
+  "region_labels",
+  "region_scores",
+  "save_model",
+  "suppress_class",
+  "suppression_amount",
+  "traced_layer_order",
+]

@@ -46,10 +46,18 @@ class Ensemble(nnx.Module):
     spatial_dims, in_channels, num_classes: the members' own (``None`` where they state none).
   """
 
-  def __init__(self, family: str = "", kwargs: dict | None = None, members: int | None = None, *,
-               rngs: nnx.Rngs | None = None, nets: Sequence[nnx.Module] | None = None):
+  def __init__(
+    self,
+    family: str = "",
+    kwargs: dict | None = None,
+    members: int | None = None,
+    *,
+    rngs: nnx.Rngs | None = None,
+    nets: Sequence[nnx.Module] | None = None,
+  ):
     from scribblejax.models.families import build_model
-    del rngs      # each member draws from its own stream, so that members differ
+
+    del rngs  # each member draws from its own stream, so that members differ
     if nets is None:
       if family == "scribblejax.models.Ensemble":
         raise ValueError("an Ensemble's members cannot be ensembles")
@@ -71,10 +79,13 @@ class Ensemble(nnx.Module):
     if not nets:
       raise ValueError("an Ensemble needs at least one network")
     from scribblejax.models.regions import Regions
+
     if any(isinstance(net, Regions) for net in nets):
-      raise ValueError("an Ensemble averages its networks' outputs, and a Regions network's are class scores; "
-                       "nnU-Net averages the region logits first: "
-                       "Regions.of(Ensemble.of([r.net for r in nets]), order)")
+      raise ValueError(
+        "an Ensemble averages its networks' outputs, and a Regions network's are class scores; "
+        "nnU-Net averages the region logits first: "
+        "Regions.of(Ensemble.of([r.net for r in nets]), order)"
+      )
     graphdef, first = nnx.split(nets[0])
     states = [first]
     for k, net in enumerate(nets[1:], start=1):
@@ -86,7 +97,7 @@ class Ensemble(nnx.Module):
     self.net = nnx.merge(graphdef, _stack(states))
     self.members = len(nets)
     self.family = family
-    for name in ("spatial_dims", "in_channels", "num_classes"):    # what the library reads off a network
+    for name in ("spatial_dims", "in_channels", "num_classes"):  # what the library reads off a network
       setattr(self, name, getattr(nets[0], name, None))
 
   def member(self, k: int) -> nnx.Module:
@@ -107,6 +118,7 @@ class Ensemble(nnx.Module):
         forward pass, given an example input).
     """
     from scribblejax.models.ordering import check_layer_order
+
     member = self.member(0)
     stated = getattr(member, "layer_order", None)
     if not callable(stated):

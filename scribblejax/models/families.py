@@ -43,6 +43,7 @@ class Family(NamedTuple):
       checkpoint or a MONAI bundle names this family; empty for families converted another way (nnU-Net
       folders) or not at all.
   """
+
   name: str
   builder: str
   converter: str | None = None
@@ -72,27 +73,51 @@ _MONAI = "monai.networks.nets"
 _SMP = "segmentation_models_pytorch"
 
 # The registry. A fixed table: nothing else is ever imported to build a model.
-FAMILIES: Mapping[str, Family] = types.MappingProxyType({f.name: f for f in (
-    Family("scribblejax.UNet", "scribblejax.models.unet:UNet"),
-    Family("nnunet.PlainConvUNet", "scribblejax.models.zoo.nnunet:PlainConvUNet",
-           "scribblejax.convert.nnunet:load_weights"),
-    Family("nnunet.ResidualEncoderUNet", "scribblejax.models.zoo.nnunet:ResidualEncoderUNet",
-           "scribblejax.convert.nnunet:load_weights"),
-    Family("monai.BasicUNet", "scribblejax.models.zoo.monai:BasicUNet", "scribblejax.convert.monai_nets:load_weights",
-           (f"{_MONAI}.BasicUNet", f"{_MONAI}.basic_unet.BasicUNet", f"{_MONAI}.BasicUnet")),
-    Family("monai.UNet", "scribblejax.models.zoo.monai:UNet", "scribblejax.convert.monai_nets:load_weights",
-           (f"{_MONAI}.UNet", f"{_MONAI}.Unet", f"{_MONAI}.unet.UNet")),
-    Family("monai.SegResNet", "scribblejax.models.zoo.monai:SegResNet", "scribblejax.convert.monai_nets:load_weights",
-           (f"{_MONAI}.SegResNet", f"{_MONAI}.segresnet.SegResNet")),
-    Family("smp.Unet", "scribblejax.models.zoo.smp:Unet", "scribblejax.convert.smp_unet:load_weights",
-           (f"{_SMP}.Unet", f"{_SMP}.decoders.unet.model.Unet")),
-    Family("scribblejax.models.Ensemble", "scribblejax.models.ensemble:Ensemble"),
-    Family("scribblejax.models.Regions", "scribblejax.models.regions:Regions"),
-)})
+FAMILIES: Mapping[str, Family] = types.MappingProxyType(
+  {
+    f.name: f
+    for f in (
+      Family("scribblejax.UNet", "scribblejax.models.unet:UNet"),
+      Family(
+        "nnunet.PlainConvUNet", "scribblejax.models.zoo.nnunet:PlainConvUNet", "scribblejax.convert.nnunet:load_weights"
+      ),
+      Family(
+        "nnunet.ResidualEncoderUNet",
+        "scribblejax.models.zoo.nnunet:ResidualEncoderUNet",
+        "scribblejax.convert.nnunet:load_weights",
+      ),
+      Family(
+        "monai.BasicUNet",
+        "scribblejax.models.zoo.monai:BasicUNet",
+        "scribblejax.convert.monai_nets:load_weights",
+        (f"{_MONAI}.BasicUNet", f"{_MONAI}.basic_unet.BasicUNet", f"{_MONAI}.BasicUnet"),
+      ),
+      Family(
+        "monai.UNet",
+        "scribblejax.models.zoo.monai:UNet",
+        "scribblejax.convert.monai_nets:load_weights",
+        (f"{_MONAI}.UNet", f"{_MONAI}.Unet", f"{_MONAI}.unet.UNet"),
+      ),
+      Family(
+        "monai.SegResNet",
+        "scribblejax.models.zoo.monai:SegResNet",
+        "scribblejax.convert.monai_nets:load_weights",
+        (f"{_MONAI}.SegResNet", f"{_MONAI}.segresnet.SegResNet"),
+      ),
+      Family(
+        "smp.Unet",
+        "scribblejax.models.zoo.smp:Unet",
+        "scribblejax.convert.smp_unet:load_weights",
+        (f"{_SMP}.Unet", f"{_SMP}.decoders.unet.model.Unet"),
+      ),
+      Family("scribblejax.models.Ensemble", "scribblejax.models.ensemble:Ensemble"),
+      Family("scribblejax.models.Regions", "scribblejax.models.regions:Regions"),
+    )
+  }
+)
 
 # original class path -> family, for checkpoints named by the library they were trained with
-SOURCES: Mapping[str, Family] = types.MappingProxyType(
-    {source: f for f in FAMILIES.values() for source in f.sources})
+SOURCES: Mapping[str, Family] = types.MappingProxyType({source: f for f in FAMILIES.values() for source in f.sources})
 
 
 def family(name: str) -> Family:

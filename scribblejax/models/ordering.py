@@ -63,8 +63,8 @@ def check_layer_order(model: nnx.Module, layers: Sequence[LayerPath]) -> tuple[L
       raise ValueError(f"parameter {'/'.join(map(str, p))!r} belongs to no layer of the layer order")
     if len(owners) > 1:
       raise ValueError(
-          f"parameter {'/'.join(map(str, p))!r} belongs to several layers: "
-          f"{['/'.join(map(str, o)) for o in owners]}")
+        f"parameter {'/'.join(map(str, p))!r} belongs to several layers: {['/'.join(map(str, o)) for o in owners]}"
+      )
   return layers
 
 
@@ -105,7 +105,7 @@ def traced_layer_order(model: nnx.Module, example: jax.Array | jax.ShapeDtypeStr
       # a module holding parameters beside submodules that hold some (a temperature, a layer scale):
       # its prefix would take its submodules' parameters too, so each such parameter is a layer
       owner = path
-    use = first_use.get(i, -1)          # a layer the output never reads goes first: never a "last" layer
+    use = first_use.get(i, -1)  # a layer the output never reads goes first: never a "last" layer
     owners[owner] = min(owners.get(owner, use), use)
   return tuple(sorted(owners, key=lambda o: (owners[o], o.__repr__())))
 
@@ -118,8 +118,8 @@ def _sub_jaxprs(eqn) -> list:
   subs = []
   for key in _SUB_JAXPRS:
     value = eqn.params.get(key)
-    for sub in (value if isinstance(value, (tuple, list)) else [value]):
-      sub = getattr(sub, "jaxpr", sub)                # ClosedJaxpr -> Jaxpr
+    for sub in value if isinstance(value, (tuple, list)) else [value]:
+      sub = getattr(sub, "jaxpr", sub)  # ClosedJaxpr -> Jaxpr
       if hasattr(sub, "eqns") and hasattr(sub, "invars"):
         subs.append(sub)
   return subs
@@ -135,13 +135,13 @@ def _first_uses(jaxpr, depends: dict, clock: list | None = None, first_use: dict
   for eqn in jaxpr.eqns:
     deps = set()
     for v in eqn.invars:
-      if not hasattr(v, "val") and v in depends:      # skip literals
+      if not hasattr(v, "val") and v in depends:  # skip literals
         deps |= depends[v]
-    passed = set()        # parameters handed into a sub-program: read there, or not at all
+    passed = set()  # parameters handed into a sub-program: read there, or not at all
     for sub in _sub_jaxprs(eqn):
       # the sub-program's inputs are the equation's last operands (cond's first is the branch index)
       inner = {}
-      for outer, var in zip(eqn.invars[len(eqn.invars) - len(sub.invars):], sub.invars):
+      for outer, var in zip(eqn.invars[len(eqn.invars) - len(sub.invars) :], sub.invars):
         if not hasattr(outer, "val") and outer in depends:
           inner[var] = depends[outer]
           passed |= depends[outer]
@@ -174,9 +174,10 @@ def layer_order(model: nnx.Module, example: jax.Array | jax.ShapeDtypeStruct | N
     try:
       return check_layer_order(model, stated())
     except NotImplementedError:
-      pass          # a wrapper around a network that states none: traced like any other model
+      pass  # a wrapper around a network that states none: traced like any other model
   if example is None:
     raise ValueError(
-        f"{type(model).__name__} states no layer order; pass an example input so that the "
-        "layer order can be traced from the forward pass")
+      f"{type(model).__name__} states no layer order; pass an example input so that the "
+      "layer order can be traced from the forward pass"
+    )
   return check_layer_order(model, traced_layer_order(model, example))

@@ -44,8 +44,9 @@ def check_order(order: Sequence[int]) -> tuple[int, ...]:
   if isinstance(order, (str, bytes)) or not isinstance(order, Sequence) or not order:
     raise ValueError(f"the regions' class order must be a non-empty list of classes, got {order!r}")
   if not all(is_integer(c) for c in order) or sorted(int(c) for c in order) != list(range(1, len(order) + 1)):
-    raise ValueError(f"the regions' class order must list each of the classes 1..{len(order)} once (one per "
-                     f"region), got {list(order)}")
+    raise ValueError(
+      f"the regions' class order must list each of the classes 1..{len(order)} once (one per region), got {list(order)}"
+    )
   return tuple(int(c) for c in order)
 
 
@@ -70,7 +71,7 @@ def region_scores(logits: jax.Array, order: Sequence[int]) -> jax.Array:
   later = jnp.concatenate([after[..., 1:], jnp.full_like(logits[..., :1], -jnp.inf)], axis=-1)
   per_region = jnp.minimum(logits, -later)
   background = -after[..., :1]
-  classes = jnp.argsort(jnp.asarray(order))        # class c = 1..n is written by region classes[c - 1]
+  classes = jnp.argsort(jnp.asarray(order))  # class c = 1..n is written by region classes[c - 1]
   return jnp.concatenate([background, per_region[..., classes]], axis=-1)
 
 
@@ -101,10 +102,18 @@ class Regions(nnx.Module):
     num_classes: ``len(order) + 1``.
   """
 
-  def __init__(self, family: str = "", kwargs: dict | None = None, order: Sequence[int] = (), *,
-               rngs: nnx.Rngs | None = None, net: nnx.Module | None = None):
+  def __init__(
+    self,
+    family: str = "",
+    kwargs: dict | None = None,
+    order: Sequence[int] = (),
+    *,
+    rngs: nnx.Rngs | None = None,
+    net: nnx.Module | None = None,
+  ):
     from scribblejax.models.families import build_model
-    del rngs      # the network is built from its own family's seed (its weights are loaded over it)
+
+    del rngs  # the network is built from its own family's seed (its weights are loaded over it)
     self.order = check_order(order)
     if net is None:
       if family == "scribblejax.models.Regions":
@@ -132,6 +141,7 @@ class Regions(nnx.Module):
         forward pass, given an example input).
     """
     from scribblejax.models.ordering import check_layer_order
+
     stated = getattr(self.net, "layer_order", None)
     if not callable(stated):
       raise NotImplementedError(f"{type(self.net).__name__} states no layer order")

@@ -30,8 +30,20 @@ from flax import nnx
 # the registry of families (re-exported: older code imports FAMILIES and build_model from here)
 from scribblejax.models.families import FAMILIES, abstract_model, build_model
 
-__all__ = ["FAMILIES", "FORMAT", "VERSION", "WEIGHTS_DIR", "ModelInfo", "build_model", "builtin_models",
-           "check_replaceable", "load_model", "read_info", "resolve_model_path", "save_model"]
+__all__ = [
+  "FAMILIES",
+  "FORMAT",
+  "VERSION",
+  "WEIGHTS_DIR",
+  "ModelInfo",
+  "build_model",
+  "builtin_models",
+  "check_replaceable",
+  "load_model",
+  "read_info",
+  "resolve_model_path",
+  "save_model",
+]
 
 FORMAT = "scribblejax-model"
 VERSION = 1
@@ -42,6 +54,7 @@ WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
 
 class ModelInfo(NamedTuple):
   """What ``model.json`` says about a stored model."""
+
   family: str
   kwargs: dict
   normalization: Any
@@ -68,9 +81,17 @@ def _atomic_dir(directory: Path):
   return tmp
 
 
-def save_model(directory: str | os.PathLike, model: nnx.Module, *, family: str, kwargs: dict,
-               normalization: Any = None, class_names: list[str] | None = None,
-               metadata: dict | None = None, overwrite: bool = False) -> Path:
+def save_model(
+  directory: str | os.PathLike,
+  model: nnx.Module,
+  *,
+  family: str,
+  kwargs: dict,
+  normalization: Any = None,
+  class_names: list[str] | None = None,
+  metadata: dict | None = None,
+  overwrite: bool = False,
+) -> Path:
   """Writes ``model`` to ``directory`` atomically.
 
   Args:
@@ -96,8 +117,9 @@ def save_model(directory: str | os.PathLike, model: nnx.Module, *, family: str, 
 
   directory = Path(directory).resolve()
   if directory.exists() and not overwrite:
-    raise ValueError(f"{directory} already exists (overwrite=True, or --overwrite on the command line, replaces "
-                     "a model folder)")
+    raise ValueError(
+      f"{directory} already exists (overwrite=True, or --overwrite on the command line, replaces a model folder)"
+    )
   if directory.exists():
     check_replaceable(directory)
   reference = abstract_model(family, kwargs)
@@ -105,9 +127,15 @@ def save_model(directory: str | os.PathLike, model: nnx.Module, *, family: str, 
   state = _to_plain(nnx.state(model))
   if jax.tree.map(np.shape, state) != want:
     raise ValueError(f"the model's state does not match family {family!r} built with {kwargs}")
-  config = {"format": FORMAT, "version": VERSION, "family": family, "kwargs": kwargs,
-            "normalization": check_spec(normalization), "class_names": list(class_names) if class_names else None,
-            "metadata": metadata or {}}
+  config = {
+    "format": FORMAT,
+    "version": VERSION,
+    "family": family,
+    "kwargs": kwargs,
+    "normalization": check_spec(normalization),
+    "class_names": list(class_names) if class_names else None,
+    "metadata": metadata or {},
+  }
   text = json.dumps(config, indent=2, sort_keys=True)
   tmp = _atomic_dir(directory)
   try:
@@ -139,12 +167,16 @@ def check_replaceable(directory: Path) -> None:
   except (OSError, ValueError, AttributeError):
     is_model = False
   if not is_model:
-    raise ValueError(f"{directory} exists and is not a {FORMAT} folder (no model.json of that format); "
-                     "refusing to replace it: choose another output folder")
+    raise ValueError(
+      f"{directory} exists and is not a {FORMAT} folder (no model.json of that format); "
+      "refusing to replace it: choose another output folder"
+    )
   others = sorted(entries - _MODEL_ENTRIES)
   if others:
-    raise ValueError(f"{directory} is a model folder but also holds {others[:5]}; refusing to replace it and "
-                     "delete them: move them out or choose another output folder")
+    raise ValueError(
+      f"{directory} is a model folder but also holds {others[:5]}; refusing to replace it and "
+      "delete them: move them out or choose another output folder"
+    )
 
 
 def _replace_dir(new: Path, directory: Path) -> None:
@@ -171,8 +203,10 @@ def resolve_model_path(name_or_path: str | os.PathLike) -> Path:
     return path
   if str(name_or_path) in builtin_models():
     return WEIGHTS_DIR / str(name_or_path)
-  raise ValueError(f"no model at {str(name_or_path)!r}: not a folder with model.json, nor a built-in model "
-                   f"({', '.join(builtin_models()) or 'none shipped'})")
+  raise ValueError(
+    f"no model at {str(name_or_path)!r}: not a folder with model.json, nor a built-in model "
+    f"({', '.join(builtin_models()) or 'none shipped'})"
+  )
 
 
 def read_info(name_or_path: str | os.PathLike) -> ModelInfo:
@@ -185,27 +219,34 @@ def read_info(name_or_path: str | os.PathLike) -> ModelInfo:
   if not isinstance(config, dict) or config.get("format") != FORMAT or config.get("version") != VERSION:
     raise ValueError(f"{path / 'model.json'} is not a {FORMAT} v{VERSION} file")
   if not isinstance(config.get("family"), str) or not isinstance(config.get("kwargs"), dict):
-    raise ValueError(f"{path / 'model.json'} needs a \"family\" (a string) and \"kwargs\" (an object)")
+    raise ValueError(f'{path / "model.json"} needs a "family" (a string) and "kwargs" (an object)')
   names = config.get("class_names")
   if names is not None and (not isinstance(names, list) or not all(isinstance(n, str) for n in names)):
-    raise ValueError(f"{path / 'model.json'}: \"class_names\" must be a list of names, got {names!r}")
+    raise ValueError(f'{path / "model.json"}: "class_names" must be a list of names, got {names!r}')
   metadata = config.get("metadata", {})
   if metadata is None:
     metadata = {}
   if not isinstance(metadata, dict):
-    raise ValueError(f"{path / 'model.json'}: \"metadata\" must be an object, got {type(metadata).__name__}")
+    raise ValueError(f'{path / "model.json"}: "metadata" must be an object, got {type(metadata).__name__}')
   for key in ("refine", "resampling", "regions"):
     if metadata.get(key) is not None and not isinstance(metadata[key], dict):
-      raise ValueError(f"{path / 'model.json'}: \"metadata.{key}\" must be an object, got "
-                       f"{type(metadata[key]).__name__}")
-  return ModelInfo(config["family"], config["kwargs"], config.get("normalization"),
-                   tuple(names) if names else None, metadata, str(path))
+      raise ValueError(f'{path / "model.json"}: "metadata.{key}" must be an object, got {type(metadata[key]).__name__}')
+  return ModelInfo(
+    config["family"],
+    config["kwargs"],
+    config.get("normalization"),
+    tuple(names) if names else None,
+    metadata,
+    str(path),
+  )
 
 
 def _dotted(tree: Any) -> dict[str, tuple[int, ...]]:
   """``{"decoder.0.conv.kernel": shape}`` of a nested dict of arrays (or of array metadata)."""
+
   def name(path):
     return ".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
   return {name(path): tuple(leaf.shape) for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
@@ -218,13 +259,16 @@ def _check_stored(info: ModelInfo, want: dict[str, tuple[int, ...]], have: dict[
   built = f"{info.family} built with {info.kwargs} (model.json)"
   extra, missing = sorted(set(have) - set(want)), sorted(set(want) - set(have))
   if extra or missing:
-    parts = ([f"unknown parameters {extra[:5]}{' ...' if len(extra) > 5 else ''}"] if extra else []) + \
-            ([f"no {missing[:5]}{' ...' if len(missing) > 5 else ''}"] if missing else [])
+    parts = ([f"unknown parameters {extra[:5]}{' ...' if len(extra) > 5 else ''}"] if extra else []) + (
+      [f"no {missing[:5]}{' ...' if len(missing) > 5 else ''}"] if missing else []
+    )
     raise _Mismatch(f"the weights in {info.path} do not match {built}: they hold {' and '.join(parts)}")
   for name in sorted(want):
     if have[name] != want[name]:
-      raise _Mismatch(f"the weights in {info.path} do not match model.json: parameter {name} has shape "
-                       f"{have[name]}, but {built} has {want[name]}")
+      raise _Mismatch(
+        f"the weights in {info.path} do not match model.json: parameter {name} has shape "
+        f"{have[name]}, but {built} has {want[name]}"
+      )
 
 
 def load_model(name_or_path: str | os.PathLike) -> tuple[nnx.Module, ModelInfo]:
@@ -252,15 +296,20 @@ def load_model(name_or_path: str | os.PathLike) -> tuple[nnx.Module, ModelInfo]:
   except Exception as err:
     raise ValueError(f"cannot restore the weights in {info.path}: {err}") from err
   _check_stored(info, want, _dotted(restored))
-  bad = [jax.tree_util.keystr(path) for path, x in jax.tree_util.tree_flatten_with_path(restored)[0]
-         if np.issubdtype(np.asarray(x).dtype, np.floating) and not np.all(np.isfinite(np.asarray(x)))]
+  bad = [
+    jax.tree_util.keystr(path)
+    for path, x in jax.tree_util.tree_flatten_with_path(restored)[0]
+    if np.issubdtype(np.asarray(x).dtype, np.floating) and not np.all(np.isfinite(np.asarray(x)))
+  ]
   if bad:
-    raise ValueError(f"the weights in {info.path} hold NaN or Inf values ({len(bad)} array(s), e.g. {bad[0]}): "
-                     "the network would give no meaningful segmentation")
+    raise ValueError(
+      f"the weights in {info.path} hold NaN or Inf values ({len(bad)} array(s), e.g. {bad[0]}): "
+      "the network would give no meaningful segmentation"
+    )
   state = nnx.state(model)
   nnx.replace_by_pure_dict(state, jax.tree.map(np.asarray, restored))
   nnx.update(model, state)
   if any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(nnx.split(model)[1:])):
-    model = build_model(info.family, info.kwargs)     # arrays held outside Variables: build concretely
+    model = build_model(info.family, info.kwargs)  # arrays held outside Variables: build concretely
     nnx.update(model, state)
   return model, info

@@ -23,7 +23,6 @@ from scribblejax.models.ordering import layer_order
 from scribblejax.params import head, split_params
 
 
-
 def _final_layer(model: nnx.Module, example: Any) -> tuple[nnx.Module, str, nnx.Module]:
   """(parent module, attribute or index, the final layer module) of the model's last layer."""
   order = layer_order(model, example)
@@ -45,9 +44,12 @@ def _members(model: nnx.Module, what: str = "this change"):
   """
   from scribblejax.models.ensemble import Ensemble
   from scribblejax.models.regions import Regions
+
   if isinstance(model, Regions):
-    raise ValueError(f"{what} needs a head of classes; this region-based network's head gives one logit per region "
-                     "(nnU-Net's regions_class_order)")
+    raise ValueError(
+      f"{what} needs a head of classes; this region-based network's head gives one logit per region "
+      "(nnU-Net's regions_class_order)"
+    )
   if not isinstance(model, Ensemble):
     return None
   return lambda change: Ensemble.of([change(model.member(i)) for i in range(model.members)], model.family)
@@ -92,10 +94,13 @@ def add_classes(model: nnx.Module, k: int, *, margin: float = 4.0, example: Any 
   new = nnx.clone(model)
   parent, key, layer = _final_layer(new, example)
   kernel_param, bias_param = getattr(layer, "kernel", None), getattr(layer, "bias", None)
-  if not isinstance(kernel_param, nnx.Param) or (isinstance(bias_param, nnx.Param)
-                                                 and bias_param.shape != kernel_param.shape[-1:]):
-    raise ValueError(f"add_classes needs a final convolution or linear head (a kernel with the outputs last); "
-                     f"the last layer is {type(layer).__name__}")
+  if not isinstance(kernel_param, nnx.Param) or (
+    isinstance(bias_param, nnx.Param) and bias_param.shape != kernel_param.shape[-1:]
+  ):
+    raise ValueError(
+      f"add_classes needs a final convolution or linear head (a kernel with the outputs last); "
+      f"the last layer is {type(layer).__name__}"
+    )
   if getattr(layer, "groups", 1) != 1 or getattr(layer, "feature_group_count", 1) != 1:
     raise ValueError("add_classes needs a head without feature groups")
   kernel = layer.kernel[...]
@@ -124,6 +129,7 @@ def suppression_amount(model: nnx.Module, image: np.ndarray, c: int, margin: flo
   image = np.asarray(image)
   split = split_params(model, head(), example=jax.ShapeDtypeStruct((1, *image.shape), jnp.float32))
   from scribblejax.refinement import predict
+
   logits = np.asarray(predict(split, image))
   others = np.delete(logits, c, axis=-1).max(-1)
   return float(max(0.0, (logits[..., c] - others).max()) + margin)

@@ -33,11 +33,11 @@ from scribblejax.models import init
 
 NORMS = ("instance", "group", "batch", "none")
 ACTIVATIONS = {
-    "relu": jax.nn.relu,
-    "leaky_relu": lambda x: jax.nn.leaky_relu(x, 0.01),
-    "gelu": jax.nn.gelu,
-    "silu": jax.nn.silu,
-    "elu": jax.nn.elu,
+  "relu": jax.nn.relu,
+  "leaky_relu": lambda x: jax.nn.leaky_relu(x, 0.01),
+  "gelu": jax.nn.gelu,
+  "silu": jax.nn.silu,
+  "elu": jax.nn.elu,
 }
 
 
@@ -48,25 +48,42 @@ _AFFINE = dict(scale_init=init.ones, bias_init=init.zeros)
 
 def _norm(kind: str, features: int, groups: int, rngs: nnx.Rngs) -> nnx.Module | None:
   if kind == "instance":
-    return nnx.GroupNorm(features, num_groups=features, epsilon=1e-5, use_fast_variance=False, rngs=rngs,
-                         **_AFFINE)
+    return nnx.GroupNorm(features, num_groups=features, epsilon=1e-5, use_fast_variance=False, rngs=rngs, **_AFFINE)
   if kind == "group":
-    return nnx.GroupNorm(features, num_groups=min(groups, features), epsilon=1e-5,
-                         use_fast_variance=False, rngs=rngs, **_AFFINE)
+    return nnx.GroupNorm(
+      features, num_groups=min(groups, features), epsilon=1e-5, use_fast_variance=False, rngs=rngs, **_AFFINE
+    )
   if kind == "batch":
     # Refinement runs the network in evaluation mode: running statistics, never batch statistics.
-    return nnx.BatchNorm(features, use_running_average=True, epsilon=1e-5, use_fast_variance=False, rngs=rngs,
-                         **_AFFINE)
+    return nnx.BatchNorm(
+      features, use_running_average=True, epsilon=1e-5, use_fast_variance=False, rngs=rngs, **_AFFINE
+    )
   return None
 
 
 class ConvBlock(nnx.Module):
   """One layer: a 3^d convolution, an optional normalisation and an activation."""
 
-  def __init__(self, spatial_dims: int, in_features: int, out_features: int, *, norm: str,
-               activation: str, groups: int, rngs: nnx.Rngs):
-    self.conv = nnx.Conv(in_features, out_features, (3,) * spatial_dims,
-                         padding=((1, 1),) * spatial_dims, use_bias=norm == "none", rngs=rngs, **_KERNEL)
+  def __init__(
+    self,
+    spatial_dims: int,
+    in_features: int,
+    out_features: int,
+    *,
+    norm: str,
+    activation: str,
+    groups: int,
+    rngs: nnx.Rngs,
+  ):
+    self.conv = nnx.Conv(
+      in_features,
+      out_features,
+      (3,) * spatial_dims,
+      padding=((1, 1),) * spatial_dims,
+      use_bias=norm == "none",
+      rngs=rngs,
+      **_KERNEL,
+    )
     self.norm = _norm(norm, out_features, groups, rngs)
     self.activation = activation
 
@@ -97,15 +114,26 @@ class UNet(nnx.Module):
     (1, 30, 30, 3)
   """
 
-  def __init__(self, spatial_dims: int = 2, in_channels: int = 1, num_classes: int = 2,
-               channels: Sequence[int] = (16, 32, 64), convs_per_level: int = 2, norm: str = "instance",
-               activation: str = "relu", groups: int = 8, *, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    spatial_dims: int = 2,
+    in_channels: int = 1,
+    num_classes: int = 2,
+    channels: Sequence[int] = (16, 32, 64),
+    convs_per_level: int = 2,
+    norm: str = "instance",
+    activation: str = "relu",
+    groups: int = 8,
+    *,
+    rngs: nnx.Rngs,
+  ):
     if spatial_dims not in (2, 3):
       raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
     if norm not in NORMS:
       raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
     if activation not in ACTIVATIONS:
       raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+
     def positive(value: Any, what: str) -> int:
       if not is_integer(value) or value < 1:
         raise ValueError(f"{what} must be a positive integer, got {value!r}")
@@ -121,8 +149,9 @@ class UNet(nnx.Module):
     if norm == "group":
       groups = positive(groups, "groups")
       if any(c % min(groups, c) for c in channels):
-        raise ValueError(f"norm='group' needs every entry of channels {channels} that exceeds groups={groups} to be "
-                         "divisible by it")
+        raise ValueError(
+          f"norm='group' needs every entry of channels {channels} that exceeds groups={groups} to be divisible by it"
+        )
     self.spatial_dims = spatial_dims
     self.in_channels = in_channels
     self.num_classes = num_classes
@@ -130,15 +159,18 @@ class UNet(nnx.Module):
     block = dict(norm=norm, activation=activation, groups=groups, rngs=rngs)
 
     def level(cin: int, cout: int) -> nnx.List:
-      return nnx.List([ConvBlock(spatial_dims, cin if j == 0 else cout, cout, **block)
-                       for j in range(convs_per_level)])
+      return nnx.List([ConvBlock(spatial_dims, cin if j == 0 else cout, cout, **block) for j in range(convs_per_level)])
 
-    self.encoder = nnx.List([level(in_channels if i == 0 else channels[i - 1], c)
-                             for i, c in enumerate(channels)])
+    self.encoder = nnx.List([level(in_channels if i == 0 else channels[i - 1], c) for i, c in enumerate(channels)])
     deep = channels[::-1]
-    self.up = nnx.List([nnx.ConvTranspose(deep[i], deep[i + 1], (2,) * spatial_dims, (2,) * spatial_dims,
-                                          padding="VALID", rngs=rngs, **_KERNEL)
-                       for i in range(len(deep) - 1)])
+    self.up = nnx.List(
+      [
+        nnx.ConvTranspose(
+          deep[i], deep[i + 1], (2,) * spatial_dims, (2,) * spatial_dims, padding="VALID", rngs=rngs, **_KERNEL
+        )
+        for i in range(len(deep) - 1)
+      ]
+    )
     self.decoder = nnx.List([level(2 * deep[i + 1], deep[i + 1]) for i in range(len(deep) - 1)])
     self.head = nnx.Conv(channels[0], num_classes, (1,) * spatial_dims, rngs=rngs, **_KERNEL)
 
@@ -154,8 +186,9 @@ class UNet(nnx.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     spatial = x.shape[1:-1]
     if len(spatial) != self.spatial_dims or x.shape[-1] != self.in_channels:
-      raise ValueError(f"UNet expects [batch, {self.spatial_dims} spatial axes, {self.in_channels} channels], "
-                       f"got shape {x.shape}")
+      raise ValueError(
+        f"UNet expects [batch, {self.spatial_dims} spatial axes, {self.in_channels} channels], got shape {x.shape}"
+      )
     multiple = 2 ** (len(self.channels) - 1)
     pad = [(0, (-s) % multiple) for s in spatial]
     x = jnp.pad(x, [(0, 0), *pad, (0, 0)], mode="edge")

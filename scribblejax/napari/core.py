@@ -39,25 +39,26 @@ from scribblejax.models.store import read_info
 from scribblejax.models.surgery import add_classes
 from scribblejax.pipeline import InferenceOptions, labels_from_logits, network_logits, prepare, spec_from_info
 
-WORK_FOLDER = ".napari"           # inside a session folder: the marks files and outputs of the widget's rounds
-UNMARKED_VALUE = 0                # scribble layer value meaning "no mark"
-_FILE_BACKGROUND = 255            # marks files: the CLI's defaults (0 unmarked, 255 background, k class k)
+WORK_FOLDER = ".napari"  # inside a session folder: the marks files and outputs of the widget's rounds
+UNMARKED_VALUE = 0  # scribble layer value meaning "no mark"
+_FILE_BACKGROUND = 255  # marks files: the CLI's defaults (0 unmarked, 255 background, k class k)
 
 Progress = Callable[[int, int], None] | None
 
 
 class Interaction(NamedTuple):
   """An image opened with a model and a session folder (every operation returns a new one)."""
-  model: str                      # a built-in model name or a model folder, as the session states it
-  image: Image                    # the image as read (array [*spatial, C], geometry)
-  class_names: tuple[str, ...]    # the model's classes, then the session's new classes
-  new_classes: tuple[str, ...]    # classes appended to the network's head (fixed by the first round)
-  session: Path                   # the session folder (a temporary one unless named)
-  inference: InferenceOptions     # crop, spacing, patches, mirroring: the session's
-  labels: np.ndarray              # int32[*spatial]: the current segmentation
-  initial: np.ndarray             # int32[*spatial]: the network's own segmentation
-  drawn: np.ndarray               # int32[*spatial]: the marks the session's rounds hold that the user drew, -1 unmarked
-  rounds: int                     # rounds in the session
+
+  model: str  # a built-in model name or a model folder, as the session states it
+  image: Image  # the image as read (array [*spatial, C], geometry)
+  class_names: tuple[str, ...]  # the model's classes, then the session's new classes
+  new_classes: tuple[str, ...]  # classes appended to the network's head (fixed by the first round)
+  session: Path  # the session folder (a temporary one unless named)
+  inference: InferenceOptions  # crop, spacing, patches, mirroring: the session's
+  labels: np.ndarray  # int32[*spatial]: the current segmentation
+  initial: np.ndarray  # int32[*spatial]: the network's own segmentation
+  drawn: np.ndarray  # int32[*spatial]: the marks the session's rounds hold that the user drew, -1 unmarked
+  rounds: int  # rounds in the session
 
   @property
   def num_classes(self) -> int:
@@ -67,9 +68,15 @@ class Interaction(NamedTuple):
 # ----------------------------------------------------------------------------------------------
 # Opening.
 
-def open_interaction(image: str | None, model: str | None = None, session: str | None = None,
-                     inference: InferenceOptions | None = None, new_classes: Sequence[str] = (),
-                     log: Log = silent) -> Interaction:
+
+def open_interaction(
+  image: str | None,
+  model: str | None = None,
+  session: str | None = None,
+  inference: InferenceOptions | None = None,
+  new_classes: Sequence[str] = (),
+  log: Log = silent,
+) -> Interaction:
   """Reads the image and the model, and the session's state or the network's own segmentation.
 
   Args:
@@ -147,8 +154,9 @@ def network_labels(it: Interaction, log: Log = silent) -> np.ndarray:
   network = load_network(it.model, log)
   if it.new_classes:
     try:
-      network = network._replace(model=add_classes(network.model, len(it.new_classes)),
-                                 spec=network.spec._replace(num_classes=it.num_classes))
+      network = network._replace(
+        model=add_classes(network.model, len(it.new_classes)), spec=network.spec._replace(num_classes=it.num_classes)
+      )
     except ValueError as err:
       raise ValueError(f"a new class cannot extend this model's head: {err}") from None
   _, split, fitted, _ = prepare(network, it.image, network.info, 1, it.inference)
@@ -164,15 +172,21 @@ def reload(it: Interaction) -> Interaction:
     initial = it.initial
   if doc is None or not doc["rounds"]:
     blank = np.full(it.image.spatial_shape, -1, np.int32)
-    return it._replace(labels=np.asarray(initial, np.int32), initial=np.asarray(initial, np.int32), drawn=blank,
-                       rounds=0)
+    return it._replace(
+      labels=np.asarray(initial, np.int32), initial=np.asarray(initial, np.int32), drawn=blank, rounds=0
+    )
   arrays = session_store.round_arrays(it.session, doc["rounds"][-1])
-  return it._replace(labels=np.asarray(arrays["labels"], np.int32), initial=np.asarray(initial, np.int32),
-                     drawn=np.asarray(session_store.drawn_marks(arrays), np.int32), rounds=len(doc["rounds"]))
+  return it._replace(
+    labels=np.asarray(arrays["labels"], np.int32),
+    initial=np.asarray(initial, np.int32),
+    drawn=np.asarray(session_store.drawn_marks(arrays), np.int32),
+    rounds=len(doc["rounds"]),
+  )
 
 
 # ----------------------------------------------------------------------------------------------
 # The scribble layer.
+
 
 def scribble_values(it: Interaction) -> np.ndarray:
   """The scribble layer for the session's drawn marks: ``0`` unmarked, ``k + 1`` class ``k``."""
@@ -197,8 +211,9 @@ def marks_of(values: Any, class_names: Sequence[str]) -> np.ndarray:
   bad = (values < 0) | (values > len(class_names))
   if bad.any():
     value = int(values[bad].flat[0])
-    raise ValueError(f"the scribble layer holds value {value} at {int(bad.sum())} pixel(s), which is no class: "
-                     f"{legend(class_names)}")
+    raise ValueError(
+      f"the scribble layer holds value {value} at {int(bad.sum())} pixel(s), which is no class: {legend(class_names)}"
+    )
   return (values - 1).astype(np.int32)
 
 
@@ -217,13 +232,20 @@ def pending_marks(marks: np.ndarray, drawn: np.ndarray) -> tuple[np.ndarray, int
 # ----------------------------------------------------------------------------------------------
 # Rounds.
 
+
 class Cancelled(Exception):
   """Raised by a progress callback to stop a round; the session stays as it was."""
 
 
-def refine_round(it: Interaction, values: Any, settings: RefineSettings = RefineSettings(), *,
-                 progress: Progress = None, patch_progress: Progress = None,
-                 log: Log = silent) -> tuple[Interaction, dict]:
+def refine_round(
+  it: Interaction,
+  values: Any,
+  settings: RefineSettings = RefineSettings(),
+  *,
+  progress: Progress = None,
+  patch_progress: Progress = None,
+  log: Log = silent,
+) -> tuple[Interaction, dict]:
   """One ``scribblejax refine --session`` round on the scribble layer's values.
 
   Args:
@@ -254,9 +276,19 @@ def refine_round(it: Interaction, values: Any, settings: RefineSettings = Refine
   file_values = np.where(new < 0, 0, np.where(new == 0, _FILE_BACKGROUND, new))
   write_label_map(marks_path, file_values, it.image.geometry)
   settings = dataclasses.replace(settings, new_classes=it.new_classes)
-  report = run_refine(model=it.model, image=it.image.path, marks=[str(marks_path)], out=str(out),
-                               session=str(it.session), settings=settings, overlay=False, log=log,
-                               progress=progress, inference=it.inference, patch_progress=patch_progress)
+  report = run_refine(
+    model=it.model,
+    image=it.image.path,
+    marks=[str(marks_path)],
+    out=str(out),
+    session=str(it.session),
+    settings=settings,
+    overlay=False,
+    log=log,
+    progress=progress,
+    inference=it.inference,
+    patch_progress=patch_progress,
+  )
   report["erased_marks"] = erased
   return reload(it), report
 
@@ -294,10 +326,15 @@ def warm_up(it: Interaction, settings: RefineSettings = RefineSettings()) -> flo
   with tempfile.TemporaryDirectory(prefix="scribblejax-warm-up-") as folder:
     marks = Path(folder) / f"marks{suffix}"
     write_label_map(marks, values, it.image.geometry)
-    run_refine(model=it.model, image=it.image.path, marks=[str(marks)], out=str(Path(folder) / f"seg{suffix}"),
-                        settings=dataclasses.replace(settings, max_steps=1, new_classes=it.new_classes,
-                                                     continue_weights=False),
-                        overlay=False, inference=it.inference)
+    run_refine(
+      model=it.model,
+      image=it.image.path,
+      marks=[str(marks)],
+      out=str(Path(folder) / f"seg{suffix}"),
+      settings=dataclasses.replace(settings, max_steps=1, new_classes=it.new_classes, continue_weights=False),
+      overlay=False,
+      inference=it.inference,
+    )
   return time.perf_counter() - start
 
 
@@ -309,8 +346,17 @@ def undo_round(it: Interaction, log: Log = silent) -> Interaction:
   """
   if it.rounds == 0:
     raise ValueError("nothing to undo: no round yet")
-  run_refine(model=None, image=None, marks=[], out=None, session=str(it.session), undo=True,
-                      overlay=False, log=log, inference=it.inference)
+  run_refine(
+    model=None,
+    image=None,
+    marks=[],
+    out=None,
+    session=str(it.session),
+    undo=True,
+    overlay=False,
+    log=log,
+    inference=it.inference,
+  )
   return reload(it)
 
 
@@ -323,6 +369,7 @@ def reset(it: Interaction, log: Log = silent) -> Interaction:
 
 # ----------------------------------------------------------------------------------------------
 # Saving.
+
 
 def save_segmentation(it: Interaction, path: str) -> str:
   """Writes the current segmentation in the image's format family and geometry; returns the family.
@@ -354,15 +401,20 @@ def save_session(it: Interaction, folder: str) -> Interaction:
     raise ValueError(f"save the session into a new or empty folder; {folder} is not one")
   if it.session.exists():
     shutil.copytree(it.session, dest, dirs_exist_ok=True)
-  else:                                   # a named session folder before its first round
+  else:  # a named session folder before its first round
     dest.mkdir(parents=True, exist_ok=True)
   return it._replace(session=dest)
 
 
 def summary(report: dict) -> str:
   """A round's report in one line, as ``scribblejax refine`` prints it."""
-  state = "every mark honoured" if report["satisfied"] and report["marks_honoured"] == 1.0 else (
-      f"{report['marks_honoured']:.1%} of marks honoured")
-  return (f"round {report['round']}: {report['steps']} steps (of {report['max_steps']}), {state}, "
-          f"satisfied={report['satisfied']}, {report['seconds']:.2f}s ({report['compile_seconds']:.2f}s "
-          f"compiling) on {report['device']}")
+  state = (
+    "every mark honoured"
+    if report["satisfied"] and report["marks_honoured"] == 1.0
+    else (f"{report['marks_honoured']:.1%} of marks honoured")
+  )
+  return (
+    f"round {report['round']}: {report['steps']} steps (of {report['max_steps']}), {state}, "
+    f"satisfied={report['satisfied']}, {report['seconds']:.2f}s ({report['compile_seconds']:.2f}s "
+    f"compiling) on {report['device']}"
+  )

@@ -39,12 +39,15 @@ from scribblejax.napari import core
 
 IMAGE, SEGMENTATION, SCRIBBLES = "image", "segmentation", "scribbles"
 # the knobs the widget offers, by RefineSettings field: (the CLI's flag, field, type), from the settings table
-KNOBS = tuple((SETTINGS[field].flag, field, SETTINGS[field].type)
-              for field in ("layers", "max_steps", "learning_rate", "prox_weight", "keep_weight", "region_growing"))
+KNOBS = tuple(
+  (SETTINGS[field].flag, field, SETTINGS[field].type)
+  for field in ("layers", "max_steps", "learning_rate", "prox_weight", "keep_weight", "region_growing")
+)
 
 
 class _Bridge(QObject):
   """Carries a worker thread's progress to the GUI thread (a queued signal)."""
+
   progress = Signal(int, int)
 
 
@@ -69,7 +72,7 @@ class ScribbleWidget(QWidget):
     self.report: dict | None = None
     self.busy = False
     self.worker = None
-    self._next = None                     # a step to start when the running one has finished
+    self._next = None  # a step to start when the running one has finished
     self._cancel = threading.Event()
     self._bridge = _Bridge()
     self._bridge.progress.connect(self._on_progress)
@@ -96,8 +99,10 @@ class ScribbleWidget(QWidget):
     self.open_button = _button("Open", lambda: self.open())
     self.warm_check = QCheckBox("compile on open")
     self.warm_check.setChecked(True)
-    self.warm_check.setToolTip("after opening, compile the refinement with a throwaway one-step round (the "
-                               "session is untouched), so that the first Refine does not wait for it")
+    self.warm_check.setToolTip(
+      "after opening, compile the refinement with a throwaway one-step round (the "
+      "session is untouched), so that the first Refine does not wait for it"
+    )
     layout.addWidget(_row(self.open_button, self.warm_check))
     layout.addLayout(self._class_rows())
     layout.addLayout(self._setting_rows())
@@ -148,15 +153,22 @@ class ScribbleWidget(QWidget):
     self.reset_button = _button("Reset to network", lambda: self.reset())
     self.save_seg_button = _button("Save segmentation...", lambda: self.save_segmentation())
     self.save_session_button = _button("Save session...", lambda: self.save_session())
-    for i, b in enumerate((self.refine_button, self.cancel_button, self.undo_button, self.reset_button,
-                           self.save_seg_button, self.save_session_button)):
+    for i, b in enumerate(
+      (
+        self.refine_button,
+        self.cancel_button,
+        self.undo_button,
+        self.reset_button,
+        self.save_seg_button,
+        self.save_session_button,
+      )
+    ):
       grid.addWidget(b, i // 2, i % 2)
     return grid
 
   def _enable(self) -> None:
     opened = self.interaction is not None and not self.busy
-    for b in (self.refine_button, self.undo_button, self.reset_button, self.save_seg_button,
-              self.save_session_button):
+    for b in (self.refine_button, self.undo_button, self.reset_button, self.save_seg_button, self.save_session_button):
       b.setEnabled(opened)
     self.add_class_button.setEnabled(opened and self.interaction.rounds == 0)
     self.open_button.setEnabled(not self.busy)
@@ -187,8 +199,11 @@ class ScribbleWidget(QWidget):
       return self._say(f"the {SCRIBBLES!r} layer is gone; Open the image again", error=True)
     self._cancel.clear()
     progress = self._progress_callback()
-    self._run("refining", lambda: core.refine_round(it, values, settings, progress=progress,
-                                                    patch_progress=progress), self._refined)
+    self._run(
+      "refining",
+      lambda: core.refine_round(it, values, settings, progress=progress, patch_progress=progress),
+      self._refined,
+    )
 
   def cancel(self) -> None:
     """Asks the running round to stop at its next progress report (the session stays as it was)."""
@@ -281,14 +296,16 @@ class ScribbleWidget(QWidget):
 
   def _run(self, what: str, work: Callable[[], Any], done: Callable[[Any], None]) -> None:
     from napari.qt.threading import create_worker
+
     if self.busy:
       return self._say("busy: wait for the running step", error=True)
     self.busy = True
     self._enable()
     self._say(f"{what}...")
     # errors are the widget's to show (a default connection would re-raise them in the GUI thread)
-    worker = create_worker(work, _start_thread=False,
-                           _connect={"returned": done, "errored": self._failed, "finished": self._finished})
+    worker = create_worker(
+      work, _start_thread=False, _connect={"returned": done, "errored": self._failed, "finished": self._finished}
+    )
     self.worker = worker
     worker.start()
 
@@ -341,12 +358,17 @@ class ScribbleWidget(QWidget):
     self.viewer.reset_view()
     self.session_edit.setText(str(it.session))
     self.report_label.setText("")
-    opened = (f"opened {Path(it.image.path).name} ({it.image.geometry.describe()}) with {it.model}; "
-              f"{it.rounds} round(s) in the session")
+    opened = (
+      f"opened {Path(it.image.path).name} ({it.image.geometry.describe()}) with {it.model}; "
+      f"{it.rounds} round(s) in the session"
+    )
     self._say(opened)
     if self.warm_check.isChecked():
-      self._next = ("compiling the refinement (paint meanwhile; Refine is ready when this ends)",
-                    lambda: self._warm_up(it), lambda seconds: self._say(f"{opened}; compiled in {seconds:.1f}s"))
+      self._next = (
+        "compiling the refinement (paint meanwhile; Refine is ready when this ends)",
+        lambda: self._warm_up(it),
+        lambda seconds: self._say(f"{opened}; compiled in {seconds:.1f}s"),
+      )
 
   def _warm_up(self, it: core.Interaction) -> float:
     """In the worker: :func:`scribblejax.napari.core.warm_up` with the fields' settings."""

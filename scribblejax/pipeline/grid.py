@@ -70,9 +70,10 @@ def to_model_counted(array: np.ndarray, fitted: Fitted, fill: int = -1) -> tuple
 def _logit_orders(resampling: Resampling) -> tuple[int, ...] | None:
   """Per model axis, the interpolation order that brings logits back to the image's grid, when each is
   0 or 1 (convex blends of the voxels read); ``None`` otherwise."""
-  axis = separate_axis(resampling.target, resampling.spacing, resampling.logits)     # as labels_from_logits
-  orders = tuple(resampling.logits.order_z if a == axis else resampling.logits.order
-                 for a in range(len(resampling.shape)))
+  axis = separate_axis(resampling.target, resampling.spacing, resampling.logits)  # as labels_from_logits
+  orders = tuple(
+    resampling.logits.order_z if a == axis else resampling.logits.order for a in range(len(resampling.shape))
+  )
   return orders if all(o in (0, 1) for o in orders) else None
 
 
@@ -145,8 +146,11 @@ def check_marks_inside_crop(marks: np.ndarray, fitted: Fitted, class_names: Sequ
   labels, counts = np.unique(outside[outside > 0], return_counts=True)
   if len(labels):
     names = class_names or ()
-    what = ", ".join(f"{counts[i]} voxel(s) of {names[k] if k < len(names) else f'class {k}'}"
-                     for i, k in enumerate(labels))
-    raise ValueError(f"marks lie outside the image's non-zero region ({what}), where this model's pipeline "
-                     "(nnU-Net's crop to the non-zero region) always gives background; pass --no-crop to let "
-                     "the network see the whole image")
+    what = ", ".join(
+      f"{counts[i]} voxel(s) of {names[k] if k < len(names) else f'class {k}'}" for i, k in enumerate(labels)
+    )
+    raise ValueError(
+      f"marks lie outside the image's non-zero region ({what}), where this model's pipeline "
+      "(nnU-Net's crop to the non-zero region) always gives background; pass --no-crop to let "
+      "the network see the whole image"
+    )

@@ -41,19 +41,21 @@ DEFAULT_LAYERS = 5
 
 class Network(NamedTuple):
   """A model with what its folder states about it."""
-  model: Any                      # the Flax NNX module
-  info: Any                       # its scribblejax.models.ModelInfo (normalisation, metadata, class names)
-  spec: InputSpec                 # what it takes and gives
+
+  model: Any  # the Flax NNX module
+  info: Any  # its scribblejax.models.ModelInfo (normalisation, metadata, class names)
+  spec: InputSpec  # what it takes and gives
 
 
 class Loop(NamedTuple):
   """What the refinement loop runs (:func:`loop_split`)."""
-  split: Any                      # the network (on the marked patches, or the whole image)
-  image: np.ndarray               # its input
-  marks: np.ndarray               # the marks, in the input's layout
-  patches: int                    # marked patches (0: the whole image)
-  per_call: int                   # patches per network call
-  region: tuple[slice, ...] | None = None   # the box of the model's grid the patches cover
+
+  split: Any  # the network (on the marked patches, or the whole image)
+  image: np.ndarray  # its input
+  marks: np.ndarray  # the marks, in the input's layout
+  patches: int  # marked patches (0: the whole image)
+  per_call: int  # patches per network call
+  region: tuple[slice, ...] | None = None  # the box of the model's grid the patches cover
 
 
 def resolve_layers(model: Any, example: Any, layers: int | None) -> int:
@@ -82,12 +84,13 @@ def mirrored(network: Network, fitted: Fitted, metadata: dict | None) -> Network
   """The network averaged over its input flipped along the model's mirroring axes."""
   ndim = fitted.image.ndim - 1 - fitted.slices
   axes = mirroring_axes(metadata, ndim)
-  example = (*(fitted.patch or fitted.image.shape[:-1])[fitted.slices:], fitted.image.shape[-1])
+  example = (*(fitted.patch or fitted.image.shape[:-1])[fitted.slices :], fitted.image.shape[-1])
   return network._replace(model=Mirrored(network.model, axes, example))
 
 
-def prepare(network: Network, img: Image, info: Any, layers: int | None,
-            options: InferenceOptions) -> tuple[Network, Any, Fitted, int]:
+def prepare(
+  network: Network, img: Image, info: Any, layers: int | None, options: InferenceOptions
+) -> tuple[Network, Any, Fitted, int]:
   """The image made ready for the network (axes, channels, normalisation, spacing, patches or
   padding), the network (mirrored if asked) and its split.
 
@@ -110,8 +113,12 @@ def prepare(network: Network, img: Image, info: Any, layers: int | None,
   if options.mirror:
     network = mirrored(network, fitted, info.metadata)
     axes = network.model.axes
-    fitted = fitted._replace(notes=(*fitted.notes, f"mirrored along the model's axes {list(axes)}: "
-                                    f"{2 ** len(axes)} passes averaged, as nnU-Net predicts"))
+    fitted = fitted._replace(
+      notes=(
+        *fitted.notes,
+        f"mirrored along the model's axes {list(axes)}: {2 ** len(axes)} passes averaged, as nnU-Net predicts",
+      )
+    )
   if fitted.slices:
     network = network._replace(model=SliceWise(network.model, (*fitted.patch[1:], fitted.image.shape[-1])))
   split, layers = split_network(network, fitted, layers)
@@ -127,8 +134,9 @@ def network_passes(model: Any) -> int:
   return passes * model.members if isinstance(model, Ensemble) else passes
 
 
-def network_logits(split: Any, fitted: Fitted, tunable: Any = None, step: float = 0.5,
-                   progress: Any = None) -> np.ndarray:
+def network_logits(
+  split: Any, fitted: Fitted, tunable: Any = None, step: float = 0.5, progress: Any = None
+) -> np.ndarray:
   """The network's model-layout logits on a fitted image: patch by patch when ``fitted.patch`` is set
   (``progress(done, total)`` after each), else at once."""
   if fitted.patch is not None:
@@ -136,8 +144,9 @@ def network_logits(split: Any, fitted: Fitted, tunable: Any = None, step: float 
   return np.asarray(predict(split, fitted.image, tunable))
 
 
-def same_tree(like: Any, leaves_of: Any,
-              problem: str = "the patch blend's tunable layers are not the network's") -> Any:
+def same_tree(
+  like: Any, leaves_of: Any, problem: str = "the patch blend's tunable layers are not the network's"
+) -> Any:
   """``leaves_of``'s leaves in ``like``'s structure: a network's and its MarkedPatches' tunable layers,
   or a session's stored weights.
 
@@ -150,8 +159,9 @@ def same_tree(like: Any, leaves_of: Any,
   return jax.tree.unflatten(jax.tree.structure(like), leaves)
 
 
-def loop_split(network: Network, fitted: Fitted, split: Any, marks: np.ndarray, select: Any,
-               inference: InferenceOptions) -> Loop:
+def loop_split(
+  network: Network, fitted: Fitted, split: Any, marks: np.ndarray, select: Any, inference: InferenceOptions
+) -> Loop:
   """What the refinement loop runs, with the parameters ``select`` picks tunable.
 
   With patches, the network on the sliding-window patches that hold marks, blended at the marked
@@ -175,8 +185,9 @@ def loop_split(network: Network, fitted: Fitted, split: Any, marks: np.ndarray, 
   return Loop(split_params(module, select, example=example), image, loop_marks, patches, per_call, region)
 
 
-def refined_logits(split: Any, fitted: Fitted, result: Any, patches: int, step: float = 0.5,
-                   progress: Any = None) -> np.ndarray:
+def refined_logits(
+  split: Any, fitted: Fitted, result: Any, patches: int, step: float = 0.5, progress: Any = None
+) -> np.ndarray:
   """The model-layout logits of the network refined by ``result`` (a :func:`loop_split` loop's): the
   loop's own on the whole image, else the refined network's on every patch (and raw region logits for
   a region-based network, to blend and resample as nnU-Net does)."""

@@ -60,21 +60,21 @@ def _number(kind: str, key: str, value: Any) -> float:
 
 def _check_values(kind: str, spec: Mapping) -> None:
   """Refuses values that would give a constant, binarised or blown-up image instead of an error."""
-  values = {k: _number(kind, k, spec[k]) for k in ("mean", "std", "lower", "upper", "factor")
-            if spec.get(k) is not None}
+  values = {
+    k: _number(kind, k, spec[k]) for k in ("mean", "std", "lower", "upper", "factor") if spec.get(k) is not None
+  }
   if spec.get("mask") is not None and (kind != "zscore" or spec["mask"] != "nonzero"):
-    raise ValueError(f"normalisation {kind!r}: mask {spec['mask']!r} is not supported; only 'zscore' takes "
-                     "a mask, and only 'nonzero'")
+    raise ValueError(
+      f"normalisation {kind!r}: mask {spec['mask']!r} is not supported; only 'zscore' takes a mask, and only 'nonzero'"
+    )
   if "std" in values and values["std"] <= 0:
     raise ValueError(f"normalisation {kind!r}: std must be positive, got {spec['std']!r}")
   if kind == "percentile":
     lower, upper = values.get("lower", 0.5), values.get("upper", 99.5)
     if not 0 <= lower < upper <= 100:
-      raise ValueError(f"normalisation 'percentile' needs 0 <= lower < upper <= 100, got lower={lower}, "
-                       f"upper={upper}")
+      raise ValueError(f"normalisation 'percentile' needs 0 <= lower < upper <= 100, got lower={lower}, upper={upper}")
   elif kind == "ct" and not values["lower"] < values["upper"]:
-    raise ValueError(f"normalisation 'ct' needs lower < upper, got lower={values['lower']}, "
-                     f"upper={values['upper']}")
+    raise ValueError(f"normalisation 'ct' needs lower < upper, got lower={values['lower']}, upper={values['upper']}")
   if kind == "scale" and values["factor"] == 0:
     raise ValueError("normalisation 'scale': factor 0 would make every image 0")
 
@@ -135,12 +135,16 @@ def normalize(image: np.ndarray, spec: Any, *, spatial_dims: int | None = None) 
     if image.ndim == spatial_dims:
       return normalize(image[..., None], spec)[..., 0]
     if image.ndim != spatial_dims + 1:
-      raise ValueError(f"a {spatial_dims}D image has {spatial_dims} axes, or {spatial_dims + 1} with "
-                       f"channels last; got shape {image.shape}")
+      raise ValueError(
+        f"a {spatial_dims}D image has {spatial_dims} axes, or {spatial_dims + 1} with "
+        f"channels last; got shape {image.shape}"
+      )
   elif image.ndim < 3:
-    raise ValueError(f"normalize reads the last axis as channels, and an image of shape {image.shape} "
-                     "has no spatial axes besides it; add a channel axis (image[..., None]) or pass "
-                     "spatial_dims=2")
+    raise ValueError(
+      f"normalize reads the last axis as channels, and an image of shape {image.shape} "
+      "has no spatial axes besides it; add a channel axis (image[..., None]) or pass "
+      "spatial_dims=2"
+    )
   if isinstance(spec, list):
     if len(spec) != image.shape[-1]:
       raise ValueError(f"normalisation lists {len(spec)} channels but the image has {image.shape[-1]}")
@@ -155,4 +159,5 @@ def nonzero_mask(image: np.ndarray) -> np.ndarray:
   """nnU-Net's non-zero mask of an image ``[*spatial, C]``: where any channel is non-zero, holes filled
   (``nnunetv2.preprocessing.cropping.cropping.create_nonzero_mask``)."""
   from scipy import ndimage
+
   return ndimage.binary_fill_holes(np.any(np.asarray(image) != 0, axis=-1))

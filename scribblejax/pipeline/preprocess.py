@@ -26,29 +26,32 @@ from scribblejax.refinement import num_classes_of
 
 class Crop(NamedTuple):
   """The box an image was cropped to, in the model's axis order before length-1 axes are dropped."""
+
   box: tuple[slice, ...]
-  shape: tuple[int, ...]          # the uncropped spatial shape
+  shape: tuple[int, ...]  # the uncropped spatial shape
 
 
 class Resampling(NamedTuple):
   """How an image went to the model's voxel spacing, to bring results back."""
-  shape: tuple[int, ...]          # the model-layout spatial shape before resampling
-  spacing: tuple[float, ...]      # the image's spacing, in model layout
-  target: tuple[float, ...]       # the model's spacing
-  logits: Any                     # ResampleScheme of logits on the way back
+
+  shape: tuple[int, ...]  # the model-layout spatial shape before resampling
+  spacing: tuple[float, ...]  # the image's spacing, in model layout
+  target: tuple[float, ...]  # the model's spacing
+  logits: Any  # ResampleScheme of logits on the way back
 
 
 class Fitted(NamedTuple):
   """An image made ready for a model."""
-  image: np.ndarray               # float32[*model_spatial, C]: channels adapted and normalised
-  squeezed: tuple[int, ...]       # spatial axes (after `order`) dropped (each of length 1)
-  notes: tuple[str, ...]          # what was adapted, in words
-  order: tuple[int, ...] | None = None   # the image's spatial axes in the order the model reads them
-  pad: tuple[tuple[int, int], ...] | None = None   # zeros added before/after each model axis (see pad_to_fit)
-  resampling: Resampling | None = None   # the image was resampled to the model's spacing (see resample_to_model)
-  patch: tuple[int, ...] | None = None   # the network runs patch by patch (see fit_to_patch)
-  crop: Crop | None = None       # the image was cropped to its non-zero region (see nonzero_box)
-  slices: bool = False           # a 2-D model segments the volume slice by slice along model axis 0
+
+  image: np.ndarray  # float32[*model_spatial, C]: channels adapted and normalised
+  squeezed: tuple[int, ...]  # spatial axes (after `order`) dropped (each of length 1)
+  notes: tuple[str, ...]  # what was adapted, in words
+  order: tuple[int, ...] | None = None  # the image's spatial axes in the order the model reads them
+  pad: tuple[tuple[int, int], ...] | None = None  # zeros added before/after each model axis (see pad_to_fit)
+  resampling: Resampling | None = None  # the image was resampled to the model's spacing (see resample_to_model)
+  patch: tuple[int, ...] | None = None  # the network runs patch by patch (see fit_to_patch)
+  crop: Crop | None = None  # the image was cropped to its non-zero region (see nonzero_box)
+  slices: bool = False  # a 2-D model segments the volume slice by slice along model axis 0
   regions: tuple[int, ...] | None = None  # the network gives region logits: the class each region writes
 
 
@@ -61,8 +64,9 @@ def _rounded(values: Sequence[float]) -> tuple[float, ...]:
   return tuple(round(float(v), 4) for v in values)
 
 
-def adapt_channels(array: np.ndarray, want: int | None, what: str,
-                   family: str | None = None) -> tuple[np.ndarray, str | None]:
+def adapt_channels(
+  array: np.ndarray, want: int | None, what: str, family: str | None = None
+) -> tuple[np.ndarray, str | None]:
   """Makes ``array`` ``[*spatial, C]`` have ``want`` channels where that is unambiguous.
 
   Colour conversions (RGB(A) to grey, dropping alpha, grey to RGB) apply only to raster images
@@ -79,9 +83,11 @@ def adapt_channels(array: np.ndarray, want: int | None, what: str,
   if want is None or have == want:
     return array, None
   if family is not None and family not in RASTER:
-    raise ValueError(f"the model takes {want} channel(s), but {what} has {have}; the channels of a {family} "
-                     "image are separate volumes or modalities, not colours: save the one(s) the model "
-                     "takes as an image of their own")
+    raise ValueError(
+      f"the model takes {want} channel(s), but {what} has {have}; the channels of a {family} "
+      "image are separate volumes or modalities, not colours: save the one(s) the model "
+      "takes as an image of their own"
+    )
   x = array.astype(np.float32)
   if want == 1 and have in (3, 4):
     grey = 0.299 * x[..., 0] + 0.587 * x[..., 1] + 0.114 * x[..., 2]
@@ -103,11 +109,17 @@ def _squeezed_axes(spatial: tuple[int, ...], spec: InputSpec, path: str) -> tupl
   extra = len(spatial) - spec.spatial_dims
   if extra < 0 or len(ones) < extra:
     raise ValueError(f"the model takes {spec.spatial_dims}-D images, but {path} has spatial shape {tuple(spatial)}")
-  return tuple(ones[len(ones) - extra:])
+  return tuple(ones[len(ones) - extra :])
 
 
-def fit_image(image: Image, spec: InputSpec, normalization: Any, metadata: dict | None = None,
-              crop: bool = False, slices: bool = False) -> Fitted:
+def fit_image(
+  image: Image,
+  spec: InputSpec,
+  normalization: Any,
+  metadata: dict | None = None,
+  crop: bool = False,
+  slices: bool = False,
+) -> Fitted:
   """Orders axes, adapts channels, crops to the non-zero region (``crop`` and a model that crops, see
   :func:`scribblejax.pipeline.spec.crops_to_nonzero`), normalises as the model expects, and drops
   length-1 axes the model lacks.
@@ -138,18 +150,22 @@ def fit_image(image: Image, spec: InputSpec, normalization: Any, metadata: dict 
   if note:
     notes.append(note)
   order = input_axis_order(metadata, image.family, array.ndim - 1)
-  sliced = (slices and spec.spatial_dims == 2 and array.ndim == 4 and 1 not in array.shape[:-1])
+  sliced = slices and spec.spatial_dims == 2 and array.ndim == 4 and 1 not in array.shape[:-1]
   if sliced and order is None and image.family in MEDICAL:
     order = (2, 0, 1)
   if order is not None:
     array = np.transpose(array, (*order, array.ndim - 1))
-    notes.append(f"read the image's axes in the order {list(order)}, as the model was trained to read them "
-                 "(model.json metadata.input_axis_order)")
+    notes.append(
+      f"read the image's axes in the order {list(order)}, as the model was trained to read them "
+      "(model.json metadata.input_axis_order)"
+    )
   spatial = array.shape[:-1]
   squeezed: tuple[int, ...] = ()
   if sliced:
-    notes.append(f"the model is 2-D: it segments the volume slice by slice along the image's axis "
-                 f"{order[0] if order is not None else 0} ({spatial[0]} slices of {tuple(spatial[1:])})")
+    notes.append(
+      f"the model is 2-D: it segments the volume slice by slice along the image's axis "
+      f"{order[0] if order is not None else 0} ({spatial[0]} slices of {tuple(spatial[1:])})"
+    )
   else:
     squeezed = _squeezed_axes(spatial, spec, image.path)
     if squeezed:
@@ -158,8 +174,10 @@ def fit_image(image: Image, spec: InputSpec, normalization: Any, metadata: dict 
   if crop and crops_to_nonzero(metadata):
     box = nonzero_box(array)
     if box is not None and tuple(b.stop - b.start for b in box) != array.shape[:-1]:
-      notes.append(f"cropped the image to its non-zero region {span_text(box)} before normalising, as nnU-Net "
-                   "does; outside it the segmentation is background")
+      notes.append(
+        f"cropped the image to its non-zero region {span_text(box)} before normalising, as nnU-Net "
+        "does; outside it the segmentation is background"
+      )
       array = array[box]
     else:
       box = None
@@ -197,8 +215,10 @@ def pipeline_spacing(geometry: Any) -> tuple[tuple[float, ...], str | None]:
   ones = (1.0,) * len(spacing)
   if spacing == ones:
     return ones, None
-  return ones, (f"took the raster image's pixel spacing as 1 for resampling, as nnU-Net reads such images, "
-                f"not its resolution tags' {_rounded(spacing)}")
+  return ones, (
+    f"took the raster image's pixel spacing as 1 for resampling, as nnU-Net reads such images, "
+    f"not its resolution tags' {_rounded(spacing)}"
+  )
 
 
 def _resample_schemes(metadata: dict | None) -> dict:
@@ -226,7 +246,7 @@ def resample_to_model(fitted: Fitted, image: Image, metadata: dict | None) -> Fi
   if fitted.order is not None:
     spacing = tuple(spacing[a] for a in fitted.order)
   spacing = tuple(s for a, s in enumerate(spacing) if a not in fitted.squeezed)
-  if fitted.slices:                      # nnU-Net's 2-D configurations leave the slice axis alone
+  if fitted.slices:  # nnU-Net's 2-D configurations leave the slice axis alone
     target = (spacing[0], *target)
   shape = tuple(fitted.image.shape[:-1])
   new = resampled_shape(shape, spacing, target)
@@ -236,10 +256,13 @@ def resample_to_model(fitted: Fitted, image: Image, metadata: dict | None) -> Fi
     return fitted
   schemes = _resample_schemes(metadata)
   array = resample(fitted.image, new, spacing, target, schemes["image"])
-  note = (f"resampled the image from spacing {_rounded(spacing)} ({shape}) to the model's {_rounded(target)} "
-          f"({new}); results are resampled back")
-  return fitted._replace(image=array, notes=(*fitted.notes, note),
-                         resampling=Resampling(shape, spacing, target, schemes["logits"]))
+  note = (
+    f"resampled the image from spacing {_rounded(spacing)} ({shape}) to the model's {_rounded(target)} "
+    f"({new}); results are resampled back"
+  )
+  return fitted._replace(
+    image=array, notes=(*fitted.notes, note), resampling=Resampling(shape, spacing, target, schemes["logits"])
+  )
 
 
 def _patch_of(fitted: Fitted, metadata: dict | None, options: InferenceOptions) -> tuple[int, ...] | None:
@@ -266,7 +289,7 @@ def fit_to_patch(fitted: Fitted, metadata: dict | None, options: InferenceOption
   if options.patch_size is None and not fitted.slices:
     return fitted
   patch = _patch_of(fitted, metadata, options)
-  if fitted.slices:                      # one slice at a time: whole slices unless the model states a patch
+  if fitted.slices:  # one slice at a time: whole slices unless the model states a patch
     patch = (1, *(patch or fitted.image.shape[1:-1]))
   if patch is None:
     return fitted
@@ -274,19 +297,22 @@ def fit_to_patch(fitted: Fitted, metadata: dict | None, options: InferenceOption
   padded = any(a or b for a, b in pad)
   notes = list(fitted.notes)
   if padded:
-    notes.append(f"padded the image from {tuple(fitted.image.shape[:-1])} with zeros (after normalisation) to at "
-                 f"least the patch {patch}; results are cropped back")
+    notes.append(
+      f"padded the image from {tuple(fitted.image.shape[:-1])} with zeros (after normalisation) to at "
+      f"least the patch {patch}; results are cropped back"
+    )
   try:
     grid = np.pad(fitted.image, (*pad, (0, 0))) if padded else fitted.image
   except MemoryError:
-    raise ValueError(f"padding the image {tuple(fitted.image.shape[:-1])} to the patch {patch} needs more memory "
-                     "than there is; choose a smaller --patch-size") from None
+    raise ValueError(
+      f"padding the image {tuple(fitted.image.shape[:-1])} to the patch {patch} needs more memory "
+      "than there is; choose a smaller --patch-size"
+    ) from None
   count = int(np.prod([len(window_starts(n, p, options.step)) for n, p in zip(grid.shape[:-1], patch)]))
   if fitted.slices and patch[1:] == grid.shape[1:-1]:
     notes.append(f"the network runs one whole slice at a time ({count} slices)")
   else:
-    notes.append(f"the network runs patch by patch: {count} patch(es) of {patch}, Gaussian-weighted where they "
-                 "overlap")
+    notes.append(f"the network runs patch by patch: {count} patch(es) of {patch}, Gaussian-weighted where they overlap")
   return fitted._replace(image=grid, pad=pad if padded else None, patch=patch, notes=tuple(notes))
 
 
@@ -314,7 +340,7 @@ def fit_network(split: Any, fitted: Fitted) -> Fitted:
   if fitted.patch is None:
     return pad_to_fit(split, fitted)
   if fitted.slices and fitted.patch[1:] == fitted.image.shape[1:-1] and not accepts(split, network_input(fitted)):
-    padded = pad_to_fit(split, fitted, fixed=(0,))          # whole slices: pad them in-plane instead
+    padded = pad_to_fit(split, fitted, fixed=(0,))  # whole slices: pad them in-plane instead
     return padded._replace(patch=(1, *padded.image.shape[1:-1]))
   try:
     num_classes_of(split, network_input(fitted))
@@ -342,19 +368,21 @@ def pad_to_fit(split: Any, fitted: Fitted, most: int = 7, fixed: tuple[int, ...]
   spatial = list(shape[:-1])
   up = lambda n, m, axis: n if axis in fixed else -(-n // m) * m
   for k in range(1, most + 1):
-    target = [up(n, 2 ** k, a) for a, n in enumerate(spatial)]
+    target = [up(n, 2**k, a) for a, n in enumerate(spatial)]
     if accepts(split, (*target, shape[-1])):
       break
   else:
-    num_classes_of(split, shape)          # the model's own error
-  for axis in range(len(spatial)):        # then each axis as little as it needs
+    num_classes_of(split, shape)  # the model's own error
+  for axis in range(len(spatial)):  # then each axis as little as it needs
     for j in range(k):
-      trial = target[:axis] + [up(spatial[axis], 2 ** j, axis)] + target[axis + 1:]
+      trial = target[:axis] + [up(spatial[axis], 2**j, axis)] + target[axis + 1 :]
       if accepts(split, (*trial, shape[-1])):
         target = trial
         break
   pad = tuple(((t - n) // 2, t - n - (t - n) // 2) for n, t in zip(spatial, target))
-  note = (f"padded the image from {tuple(spatial)} to {tuple(target)} with zeros (after normalisation) for the "
-          "network's downsampling; results are cropped back")
+  note = (
+    f"padded the image from {tuple(spatial)} to {tuple(target)} with zeros (after normalisation) for the "
+    "network's downsampling; results are cropped back"
+  )
   image = np.pad(fitted.image, (*pad, (0, 0)))
   return fitted._replace(image=image, pad=pad, notes=(*fitted.notes, note))

@@ -28,7 +28,7 @@ import numpy as np
 
 from scribblejax._checks import is_finite_number, is_integer
 
-ANISOTROPY_THRESHOLD = 3.0       # nnunetv2.configuration.ANISO_THRESHOLD
+ANISOTROPY_THRESHOLD = 3.0  # nnunetv2.configuration.ANISO_THRESHOLD
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +42,7 @@ class ResampleScheme:
       ``anisotropy_threshold``.
     anisotropy_threshold: largest over smallest spacing above which a volume counts as anisotropic.
   """
+
   order: int = 3
   order_z: int = 0
   force_separate_z: bool | None = None
@@ -55,7 +56,9 @@ class ResampleScheme:
     if self.force_separate_z not in (None, True, False):
       raise ValueError(f"ResampleScheme.force_separate_z must be None, True or False, got {self.force_separate_z!r}")
     if not is_finite_number(self.anisotropy_threshold) or self.anisotropy_threshold <= 0:
-      raise ValueError(f"ResampleScheme.anisotropy_threshold must be a positive number, got {self.anisotropy_threshold!r}")
+      raise ValueError(
+        f"ResampleScheme.anisotropy_threshold must be a positive number, got {self.anisotropy_threshold!r}"
+      )
 
   @classmethod
   def from_nnunet(cls, kwargs: Any, default: ResampleScheme) -> ResampleScheme:
@@ -74,16 +77,23 @@ class ResampleScheme:
     unknown = set(kwargs) - {"is_seg", "order", "order_z", "force_separate_z"}
     if unknown:
       raise ValueError(f"unknown nnU-Net resampling option(s) {sorted(unknown)}")
-    return cls(order=kwargs.get("order", default.order), order_z=kwargs.get("order_z", default.order_z),
-               force_separate_z=kwargs.get("force_separate_z", default.force_separate_z))
+    return cls(
+      order=kwargs.get("order", default.order),
+      order_z=kwargs.get("order_z", default.order_z),
+      force_separate_z=kwargs.get("force_separate_z", default.force_separate_z),
+    )
 
   def to_json(self) -> dict:
-    return {"order": self.order, "order_z": self.order_z, "force_separate_z": self.force_separate_z,
-            "anisotropy_threshold": self.anisotropy_threshold}
+    return {
+      "order": self.order,
+      "order_z": self.order_z,
+      "force_separate_z": self.force_separate_z,
+      "anisotropy_threshold": self.anisotropy_threshold,
+    }
 
 
-IMAGE = ResampleScheme(order=3, order_z=0)          # nnU-Net's default for images
-LOGITS = ResampleScheme(order=1, order_z=0)         # nnU-Net's default for logits on export
+IMAGE = ResampleScheme(order=3, order_z=0)  # nnU-Net's default for images
+LOGITS = ResampleScheme(order=1, order_z=0)  # nnU-Net's default for logits on export
 
 
 def _spacing(spacing: Any, ndim: int, what: str) -> tuple[float, ...]:
@@ -127,6 +137,7 @@ def separate_axis(spacing: Sequence[float], target: Sequence[float], scheme: Res
 
 def _resize(array: np.ndarray, shape: tuple[int, ...], order: int) -> np.ndarray:
   from skimage.transform import resize
+
   if tuple(array.shape) == tuple(shape):
     return array
   return resize(array, shape, order=order, mode="edge", anti_aliasing=False)
@@ -135,14 +146,16 @@ def _resize(array: np.ndarray, shape: tuple[int, ...], order: int) -> np.ndarray
 def _along(array: np.ndarray, axis: int, length: int, order: int) -> np.ndarray:
   """Resamples one axis to ``length`` voxels with pixel-centre alignment and edge clamping."""
   from scipy.ndimage import affine_transform
+
   if array.shape[axis] == length:
     return array
   scale = np.ones(array.ndim)
   scale[axis] = array.shape[axis] / length
   shape = list(array.shape)
   shape[axis] = length
-  return affine_transform(array, scale, offset=0.5 * scale - 0.5, output_shape=tuple(shape), order=order,
-                          mode="nearest")
+  return affine_transform(
+    array, scale, offset=0.5 * scale - 0.5, output_shape=tuple(shape), order=order, mode="nearest"
+  )
 
 
 def _one_channel(array: np.ndarray, shape: tuple[int, ...], axis: int | None, scheme: ResampleScheme) -> np.ndarray:
@@ -153,8 +166,9 @@ def _one_channel(array: np.ndarray, shape: tuple[int, ...], axis: int | None, sc
   return _along(np.stack(slices, axis=axis), axis, shape[axis], scheme.order_z)
 
 
-def resample(array: Any, shape: Sequence[int], spacing: Sequence[float], target: Sequence[float],
-             scheme: ResampleScheme = IMAGE) -> np.ndarray:
+def resample(
+  array: Any, shape: Sequence[int], spacing: Sequence[float], target: Sequence[float], scheme: ResampleScheme = IMAGE
+) -> np.ndarray:
   """Resamples ``array`` ``[*spatial, C]`` at ``spacing`` to ``shape`` voxels at ``target`` spacing.
 
   nnU-Net's ``resample_data_or_seg_to_shape`` for images and logits (not segmentations), channels
@@ -177,8 +191,9 @@ def resample(array: Any, shape: Sequence[int], spacing: Sequence[float], target:
   spatial = array.shape[:-1]
   shape = tuple(int(n) for n in shape)
   if array.ndim < 2 or len(shape) != len(spatial) or any(n < 1 for n in shape):
-    raise ValueError(f"cannot resample an array of shape {array.shape} (spatial axes, then channels) to the "
-                     f"spatial shape {shape}")
+    raise ValueError(
+      f"cannot resample an array of shape {array.shape} (spatial axes, then channels) to the spatial shape {shape}"
+    )
   spacing = _spacing(spacing, len(spatial), "the spacing")
   target = _spacing(target, len(spatial), "the target spacing")
   if shape == tuple(spatial):
@@ -206,7 +221,7 @@ def _stencil(index: np.ndarray, old: int, new: int, order: int) -> tuple[np.ndar
   if order == 1:
     return lo, np.where(frac > 0, hi, lo)
   near = np.where(frac > 0.5, hi, lo)
-  return near, np.where(np.isclose(frac, 0.5), hi, near)         # a tie: either may be read
+  return near, np.where(np.isclose(frac, 0.5), hi, near)  # a tie: either may be read
 
 
 def cover_label_map(labels: Any, into: np.ndarray, orders: Sequence[int], fill: int = -1) -> np.ndarray:
@@ -260,8 +275,10 @@ def resample_label_map(labels: Any, shape: Sequence[int], fill: int = -1) -> tup
   marked = np.argwhere(labels != fill)
   if not len(marked):
     return out, 0
-  forward = np.stack([np.clip(np.floor((marked[:, a] + 0.5) * (n / m)), 0, n - 1)
-                      for a, (m, n) in enumerate(zip(labels.shape, shape))], axis=1).astype(np.int64)
+  forward = np.stack(
+    [np.clip(np.floor((marked[:, a] + 0.5) * (n / m)), 0, n - 1) for a, (m, n) in enumerate(zip(labels.shape, shape))],
+    axis=1,
+  ).astype(np.int64)
   values = labels[tuple(marked.T)]
   spots = tuple(forward.T)
   empty = out[spots] == fill

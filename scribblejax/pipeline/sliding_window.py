@@ -53,17 +53,18 @@ def window_starts(size: int, patch: int, step: float = 0.5) -> list[int]:
     raise ValueError(f"the sliding-window step must be in (0, 1] (a fraction of the patch), got {step!r}")
   if size < patch:
     raise ValueError(f"an axis of {size} voxels is shorter than the patch ({patch}); pad it first")
-  count = min(int(np.ceil((size - patch) / (patch * step))) + 1, size - patch + 1)   # never more than distinct starts
+  count = min(int(np.ceil((size - patch) / (patch * step))) + 1, size - patch + 1)  # never more than distinct starts
   if count == 1:
     return [0]
   stride = (size - patch) / (count - 1)
-  return list(dict.fromkeys(int(np.round(stride * i)) for i in range(count)))   # no repeats (1-voxel patches)
+  return list(dict.fromkeys(int(np.round(stride * i)) for i in range(count)))  # no repeats (1-voxel patches)
 
 
 def window_grid(shape: Sequence[int], patch: Sequence[int], step: float = 0.5) -> list[tuple[int, ...]]:
   """Every sliding-window patch's first voxel over ``shape`` (at least ``patch`` per axis), the last
   axis fastest (:func:`window_starts` per axis)."""
   import itertools
+
   return list(itertools.product(*[window_starts(n, p, step) for n, p in zip(shape, patch)]))
 
 
@@ -72,6 +73,7 @@ def gaussian_importance(patch: tuple[int, ...], sigma_scale: float = 1.0 / 8) ->
   """The weight of each voxel of a patch: a Gaussian of sigma ``sigma_scale * patch`` centred on the
   patch, largest 1, never 0 (nnU-Net's ``compute_gaussian``, in float32). Read-only."""
   from scipy.ndimage import gaussian_filter
+
   impulse = np.zeros(patch)
   impulse[tuple(p // 2 for p in patch)] = 1.0
   weights = gaussian_filter(impulse, [p * sigma_scale for p in patch], 0, mode="constant", cval=0)
@@ -87,8 +89,9 @@ def pad_to_patch(shape: Sequence[int], patch: Sequence[int]) -> tuple[tuple[int,
   return tuple(((max(p - n, 0)) // 2, max(p - n, 0) - max(p - n, 0) // 2) for n, p in zip(shape, patch))
 
 
-def sliding_window_logits(split: Any, image: Any, patch_size: Sequence[int], tunable: Any = None, *,
-                          step: float = 0.5, progress: Any = None) -> np.ndarray:
+def sliding_window_logits(
+  split: Any, image: Any, patch_size: Sequence[int], tunable: Any = None, *, step: float = 0.5, progress: Any = None
+) -> np.ndarray:
   """Logits of the network on an image, patch by patch, blended with Gaussian weights.
 
   Args:
@@ -110,8 +113,9 @@ def sliding_window_logits(split: Any, image: Any, patch_size: Sequence[int], tun
   return sliding_window_logits_of(split, image, patch_size, [tunable], step=step, progress=progress)[0]
 
 
-def sliding_window_logits_of(split: Any, image: Any, patch_size: Sequence[int], tunables: Sequence[Any], *,
-                             step: float = 0.5, progress: Any = None) -> list[np.ndarray]:
+def sliding_window_logits_of(
+  split: Any, image: Any, patch_size: Sequence[int], tunables: Sequence[Any], *, step: float = 0.5, progress: Any = None
+) -> list[np.ndarray]:
   """:func:`sliding_window_logits` for several sets of tunable weights in one pass over the patches
   (e.g. the network before and after a refinement): each patch's frozen trunk
   (:func:`scribblejax.compute_trunk`) is computed once, and only the tunable tail runs once per set.
@@ -128,6 +132,7 @@ def sliding_window_logits_of(split: Any, image: Any, patch_size: Sequence[int], 
     One float32 ``[*spatial, classes]`` per entry of ``tunables``.
   """
   from scribblejax.refinement import compute_trunk, predict
+
   if not tunables:
     raise ValueError("no tunable weights given")
   split, unwrapped, order = _unwrap_regions(split, tunables)
@@ -163,6 +168,7 @@ def sliding_window_logits_of(split: Any, image: Any, patch_size: Sequence[int], 
     total = total[tuple(slice(a, n - b) for (a, b), n in zip(pad, total.shape[:-1]))]
     if order is not None:
       from scribblejax.models.regions import region_scores
+
       total = np.asarray(region_scores(total, order), np.float32)
     results.append(total)
   return results
@@ -173,6 +179,7 @@ def _unwrap_regions(split: Any, tunables: Sequence[Any]) -> tuple[Any, list, tup
   tunable parameters), ``tunables`` in that split's structure, and the class order; else unchanged."""
   from scribblejax.models.regions import Regions
   from scribblejax.params import by_predicate, check_tunable, split_params
+
   model = nnx.merge(split.graphdef, split.tunable, split.frozen)
   if not isinstance(model, Regions):
     return split, list(tunables), None
@@ -185,14 +192,18 @@ def _unwrap_regions(split: Any, tunables: Sequence[Any]) -> tuple[Any, list, tup
 
 def _refuse_regions(net: nnx.Module, wrapper: str) -> None:
   from scribblejax.models.regions import Regions
+
   if isinstance(net, Regions):
-    raise ValueError(f"{wrapper} averages its network's outputs, and a Regions network's are class scores; "
-                     f"nnU-Net averages the region logits first: wrap the region network instead, "
-                     f"Regions.of({wrapper}(model.net, ...), model.order)")
+    raise ValueError(
+      f"{wrapper} averages its network's outputs, and a Regions network's are class scores; "
+      f"nnU-Net averages the region logits first: wrap the region network instead, "
+      f"Regions.of({wrapper}(model.net, ...), model.order)"
+    )
 
 
-def windows_region(starts: Sequence[Sequence[int]], patch_size: Sequence[int]
-                   ) -> tuple[tuple[slice, ...], tuple[tuple[int, ...], ...]]:
+def windows_region(
+  starts: Sequence[Sequence[int]], patch_size: Sequence[int]
+) -> tuple[tuple[slice, ...], tuple[tuple[int, ...], ...]]:
   """The smallest box holding the patches that start at ``starts``, and their starts within it."""
   starts = np.asarray(starts, np.int64)
   patch = np.asarray(patch_size, np.int64)
@@ -213,13 +224,13 @@ def marked_windows(marks: Any, patch_size: Sequence[int], step: float = 0.5) -> 
   marked = marks >= 0
   if not marked.any():
     raise ValueError("no voxel is marked: there is no region to refine")
-  table = np.pad(marked, [(1, 0)] * marks.ndim).astype(np.int64)   # summed-area table of the marks
+  table = np.pad(marked, [(1, 0)] * marks.ndim).astype(np.int64)  # summed-area table of the marks
   for axis in range(marks.ndim):
     table = np.cumsum(table, axis=axis)
   windows = []
   for start in window_grid(marks.shape, patch, step):
     count = 0
-    for signs in np.ndindex(*(2,) * marks.ndim):              # inclusion-exclusion over the box's corners
+    for signs in np.ndindex(*(2,) * marks.ndim):  # inclusion-exclusion over the box's corners
       index = tuple(s + p if high else s for s, p, high in zip(start, patch, signs))
       count += (-1) ** (marks.ndim - sum(signs)) * int(table[index])
     if count:
@@ -234,7 +245,7 @@ def marked_windows(marks: Any, patch_size: Sequence[int], step: float = 0.5) -> 
 # 8 patches 3.6 GB at once, 1.0 GB one by one), so about 3 GB per 128^3 patch. A GPU is busy with one
 # such patch; running fewer patches per call costs the recomputation of each call's tail in the
 # backward pass (28% more per step on 2 CPU cores at 32^3).
-PATCH_CHUNK_VOXELS = 128 ** 3
+PATCH_CHUNK_VOXELS = 128**3
 
 
 def patch_chunk(patch: Sequence[int], passes: int = 1, voxels: int = PATCH_CHUNK_VOXELS) -> int:
@@ -270,8 +281,14 @@ class PatchBlend(nnx.Module):
     chunk: the most patches per network call (``None``: all at once).
   """
 
-  def __init__(self, net: nnx.Module, starts: Sequence[Sequence[int]], patch: Sequence[int], in_channels: int,
-               chunk: int | None = None):
+  def __init__(
+    self,
+    net: nnx.Module,
+    starts: Sequence[Sequence[int]],
+    patch: Sequence[int],
+    in_channels: int,
+    chunk: int | None = None,
+  ):
     _refuse_regions(net, "PatchBlend")
     self.net = net
     self.starts = tuple(tuple(int(v) for v in s) for s in starts)
@@ -292,13 +309,13 @@ class PatchBlend(nnx.Module):
       if any(s + p > n for s, p, n in zip(start, self.patch, spatial)):
         raise ValueError(f"a patch at {start} of size {self.patch} leaves the input of spatial shape {spatial}")
     gather = lambda indices: jnp.concatenate([x[(slice(None), *windows[i])] for i in indices], axis=0)
-    logits = _run_in_chunks(self.net, gather, len(windows), self.chunk)[:len(windows) * batch]
+    logits = _run_in_chunks(self.net, gather, len(windows), self.chunk)[: len(windows) * batch]
     gauss = gaussian_importance(self.patch)[..., None]
     weights = jnp.asarray(gauss, logits.dtype)
     total = jnp.zeros((batch, *spatial, logits.shape[-1]), logits.dtype)
     norm = np.zeros((*spatial, 1), np.float32)
     for i, w in enumerate(windows):
-      total = total.at[(slice(None), *w)].add(logits[i * batch:(i + 1) * batch] * weights)
+      total = total.at[(slice(None), *w)].add(logits[i * batch : (i + 1) * batch] * weights)
       norm[w] += gauss
     return total / jnp.asarray(np.maximum(norm, np.finfo(np.float32).tiny), logits.dtype)
 
@@ -324,7 +341,7 @@ def _run_in_chunks(net: nnx.Module, gather: Any, count: int, chunk: int | None) 
   groups = -(-count // chunk)
   size = -(-count // groups)
   order = list(range(count)) + [0] * (groups * size - count)
-  stacked = jnp.stack([gather(order[g * size:(g + 1) * size]) for g in range(groups)])
+  stacked = jnp.stack([gather(order[g * size : (g + 1) * size]) for g in range(groups)])
   out = jax.lax.map(jax.checkpoint(lambda patches: net(patches)), stacked)
   return out.reshape((-1, *out.shape[2:]))
 
@@ -371,8 +388,17 @@ class MarkedPatches(nnx.Module):
     writes: ``int32[m]``: where each marked voxel's blended logits go in the output.
   """
 
-  def __init__(self, net: nnx.Module, patch: Sequence[int], in_channels: int, patches: int, reads: Any,
-               weights: Any, writes: Any, chunk: int | None = None):
+  def __init__(
+    self,
+    net: nnx.Module,
+    patch: Sequence[int],
+    in_channels: int,
+    patches: int,
+    reads: Any,
+    weights: Any,
+    writes: Any,
+    chunk: int | None = None,
+  ):
     _refuse_regions(net, "MarkedPatches")
     self.net = net
     self.patch = tuple(int(p) for p in patch)
@@ -390,22 +416,25 @@ class MarkedPatches(nnx.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     batch, count, size = x.shape[0], self.patches, int(np.prod(self.patch))
     if x.shape[1:-1] != (count * self.patch[0], *self.patch[1:]):
-      raise ValueError(f"MarkedPatches takes {count} patches of {self.patch} stacked along the first axis, got "
-                       f"spatial shape {x.shape[1:-1]}")
+      raise ValueError(
+        f"MarkedPatches takes {count} patches of {self.patch} stacked along the first axis, got "
+        f"spatial shape {x.shape[1:-1]}"
+      )
     patches = x.reshape((batch, count, *self.patch, x.shape[-1]))
     gather = lambda indices: jnp.concatenate([patches[:, i] for i in indices], axis=0)
-    logits = _run_in_chunks(self.net, gather, count, self.chunk)        # [groups..., batch, *patch, K]
+    logits = _run_in_chunks(self.net, gather, count, self.chunk)  # [groups..., batch, *patch, K]
     classes = logits.shape[-1]
-    logits = logits.reshape((-1, batch, size, classes))[:count]          # [P, B, voxels, K]
+    logits = logits.reshape((-1, batch, size, classes))[:count]  # [P, B, voxels, K]
     flat = jnp.moveaxis(logits, 1, 0).reshape((batch, count * size, classes))
     reads, weights = self.reads[...], self.weights[...].astype(flat.dtype)
-    blended = jnp.einsum("bmjk,mj->bmk", flat[:, reads], weights)      # [B, m, K]
+    blended = jnp.einsum("bmjk,mj->bmk", flat[:, reads], weights)  # [B, m, K]
     out = jnp.zeros_like(flat).at[:, self.writes[...]].add(blended)
     return out.reshape((batch, count * self.patch[0], *self.patch[1:], classes))
 
 
-def marked_patches(image: Any, marks: Any, patch_size: Sequence[int], step: float = 0.5, *,
-                   least_patches: int = 1, least_marks: int = 64) -> tuple[np.ndarray, np.ndarray, dict]:
+def marked_patches(
+  image: Any, marks: Any, patch_size: Sequence[int], step: float = 0.5, *, least_patches: int = 1, least_marks: int = 64
+) -> tuple[np.ndarray, np.ndarray, dict]:
   """The inputs of a :class:`MarkedPatches` loop: the sliding-window patches of ``image`` that hold marks,
   stacked, the marks in the same patch space, and the module's patch positions.
 
@@ -428,11 +457,11 @@ def marked_patches(image: Any, marks: Any, patch_size: Sequence[int], step: floa
   """
   image, marks = np.asarray(image), np.asarray(marks)
   patch = _patch(patch_size, marks.ndim)
-  starts = np.asarray(marked_windows(marks, patch, step), np.int64)            # [P, d]
+  starts = np.asarray(marked_windows(marks, patch, step), np.int64)  # [P, d]
   count = _patch_bucket(len(starts), least_patches)
   size = int(np.prod(patch))
   gauss = gaussian_importance(patch)
-  voxels = np.argwhere(marks >= 0)                                             # [m, d]
+  voxels = np.argwhere(marks >= 0)  # [m, d]
   m = len(voxels)
   # the most patches any voxel of this grid lies in (per axis, multiplied): from the image's shape, patch
   # and step alone, so that marks elsewhere give the same shapes (2**d for steps of half a patch or more
@@ -448,8 +477,8 @@ def marked_patches(image: Any, marks: Any, patch_size: Sequence[int], step: floa
   rows = _bucket(m, least_marks)
   reads = np.zeros((rows, ways), np.int32)
   weights = np.zeros((rows, ways), np.float32)
-  filled = np.zeros(m, np.int64)                   # a voxel's patches, in order, fill its slots 0, 1, ...
-  for p, start in enumerate(starts):               # one patch at a time: memory O(marked voxels)
+  filled = np.zeros(m, np.int64)  # a voxel's patches, in order, fill its slots 0, 1, ...
+  for p, start in enumerate(starts):  # one patch at a time: memory O(marked voxels)
     held_here = np.flatnonzero(np.all((voxels >= start) & (voxels < start + np.asarray(patch)), axis=1))
     local = voxels[held_here] - start
     slots = filled[held_here]
@@ -458,15 +487,20 @@ def marked_patches(image: Any, marks: Any, patch_size: Sequence[int], step: floa
     filled[held_here] += 1
   weights[:m] /= weights[:m].sum(axis=1, keepdims=True)
   writes = np.zeros((rows,), np.int32)
-  writes[:m] = reads[:m, 0]                                  # each voxel's place: in the first patch holding it
+  writes[:m] = reads[:m, 0]  # each voxel's place: in the first patch holding it
   stacked_marks = np.full((count * size,), -1, np.int32)
   stacked_marks[writes[:m]] = marks[tuple(voxels.T)]
   stacked = np.zeros((count, *patch, image.shape[-1]), np.float32)
   for i, start in enumerate(starts):
     stacked[i] = image[tuple(slice(a, a + p) for a, p in zip(start, patch))]
   shape = (count * patch[0], *patch[1:])
-  kwargs = {"patches": count, "reads": reads, "weights": weights, "writes": writes,
-            "starts": tuple(tuple(int(v) for v in s) for s in starts)}
+  kwargs = {
+    "patches": count,
+    "reads": reads,
+    "weights": weights,
+    "writes": writes,
+    "starts": tuple(tuple(int(v) for v in s) for s in starts),
+  }
   return stacked.reshape((*shape, image.shape[-1])), stacked_marks.reshape(shape), kwargs
 
 
@@ -474,6 +508,7 @@ def _inner_order(net: nnx.Module, example_shape: Sequence[int]) -> list[tuple]:
   """A wrapped network's layers in forward order (stated, or traced on one input of ``example_shape``
   ``[*spatial, C]``), under the wrapper's ``net``."""
   from scribblejax.models.ordering import layer_order
+
   example = jax.ShapeDtypeStruct((1, *example_shape), jnp.float32)
   return [("net", *path) for path in layer_order(net, example)]
 
@@ -481,6 +516,7 @@ def _inner_order(net: nnx.Module, example_shape: Sequence[int]) -> list[tuple]:
 def mirror_combinations(axes: Sequence[int]) -> tuple[tuple[int, ...], ...]:
   """Every non-empty set of ``axes`` to flip together, in nnU-Net's order (singles, then pairs, ...)."""
   import itertools
+
   axes = tuple(axes)
   return tuple(c for k in range(1, len(axes) + 1) for c in itertools.combinations(axes, k))
 
@@ -515,7 +551,7 @@ class Mirrored(nnx.Module):
     flips = ((),) + mirror_combinations(self.axes)
     inputs = jnp.concatenate([jnp.flip(x, [a + 1 for a in f]) if f else x for f in flips], axis=0)
     logits = self.net(inputs)
-    parts = [logits[i * batch:(i + 1) * batch] for i in range(len(flips))]
+    parts = [logits[i * batch : (i + 1) * batch] for i in range(len(flips))]
     total = sum(jnp.flip(part, [a + 1 for a in f]) if f else part for part, f in zip(parts, flips))
     return total / len(flips)
 

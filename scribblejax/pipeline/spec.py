@@ -14,13 +14,17 @@ from scribblejax.io.images import MEDICAL
 
 class InputSpec(NamedTuple):
   """What a model takes and gives (``None`` where the model does not say)."""
+
   spatial_dims: int | None
   in_channels: int | None
   num_classes: int | None
 
 
-_KWARG_NAMES = {"spatial_dims": ("spatial_dims",), "in_channels": ("in_channels", "input_channels"),
-                "num_classes": ("num_classes", "out_channels", "classes")}
+_KWARG_NAMES = {
+  "spatial_dims": ("spatial_dims",),
+  "in_channels": ("in_channels", "input_channels"),
+  "num_classes": ("num_classes", "out_channels", "classes"),
+}
 _WRAPPERS = ("scribblejax.models.Ensemble", "scribblejax.models.Regions")
 
 
@@ -32,7 +36,7 @@ def spec_from_info(info: Any) -> InputSpec:
 
 def _spec_from_kwargs(family: str | None, kwargs: dict) -> InputSpec:
   if family in _WRAPPERS and isinstance(kwargs.get("kwargs"), dict):
-    inner = _spec_from_kwargs(kwargs.get("family"), kwargs["kwargs"])   # the wrapped network states it
+    inner = _spec_from_kwargs(kwargs.get("family"), kwargs["kwargs"])  # the wrapped network states it
     if family == "scribblejax.models.Regions":
       order = kwargs.get("order")
       inner = inner._replace(num_classes=len(order) + 1 if isinstance(order, list) else None)
@@ -72,11 +76,13 @@ def input_axis_order(metadata: dict | None, family: str, ndim: int) -> tuple[int
   if order is None:
     return None
   order = tuple(int(a) for a in order)
-  if len(order) == 3 and ndim == 2 and order[0] == 0:     # a 3-D order over (1, y, x) for a 2-D raster image
+  if len(order) == 3 and ndim == 2 and order[0] == 0:  # a 3-D order over (1, y, x) for a 2-D raster image
     order = (order[1] - 1, order[2] - 1)
   if sorted(order) != list(range(ndim)):
-    raise ValueError(f"the model reads images with axis order {list(order)}, which does not fit an image with "
-                     f"{ndim} spatial axes (model.json metadata.input_axis_order)")
+    raise ValueError(
+      f"the model reads images with axis order {list(order)}, which does not fit an image with "
+      f"{ndim} spatial axes (model.json metadata.input_axis_order)"
+    )
   return None if order == tuple(range(ndim)) else order
 
 
@@ -92,7 +98,7 @@ def stated_axis_orders(metadata: dict | None) -> dict | None:
 def nnunet_axis_order(transpose_forward: Any) -> dict:
   """``metadata.input_axis_order`` of an nnU-Net network (see :func:`input_axis_order`)."""
   forward = [int(a) for a in (transpose_forward or (0, 1, 2))]
-  if len(forward) == 2:                 # a 2-D plans' order over (y, x): z stays first
+  if len(forward) == 2:  # a 2-D plans' order over (y, x): z stays first
     forward = [0, forward[0] + 1, forward[1] + 1]
   return {"medical": [(2, 1, 0)[a] for a in forward], "raster": forward}
 
@@ -133,8 +139,9 @@ def stated_sizes(metadata: dict | None, key: str, ndim: int, kind: type) -> tupl
     return None
   check = is_integer if kind is int else is_finite_number
   if not isinstance(value, (list, tuple)) or len(value) != ndim or not all(check(v) and v > 0 for v in value):
-    raise ValueError(f"model.json metadata.{key} must be {ndim} positive {kind.__name__}s for a {ndim}-D "
-                     f"model, got {value!r}")
+    raise ValueError(
+      f"model.json metadata.{key} must be {ndim} positive {kind.__name__}s for a {ndim}-D model, got {value!r}"
+    )
   return tuple(kind(v) for v in value)
 
 
@@ -142,9 +149,13 @@ def pipeline_of(metadata: dict | None) -> dict:
   """What ``predict`` and ``refine`` do to an image for this model before and after the network
   (see :class:`InferenceOptions`), as the model states it."""
   metadata = metadata or {}
-  return {"axis_order": stated_axis_orders(metadata), "crop_to_nonzero": crops_to_nonzero(metadata),
-          "spacing": metadata.get("spacing"), "patch_size": metadata.get("patch_size"),
-          "mirroring_axes": metadata.get("mirroring_axes", "all")}
+  return {
+    "axis_order": stated_axis_orders(metadata),
+    "crop_to_nonzero": crops_to_nonzero(metadata),
+    "spacing": metadata.get("spacing"),
+    "patch_size": metadata.get("patch_size"),
+    "mirroring_axes": metadata.get("mirroring_axes", "all"),
+  }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,6 +179,7 @@ class InferenceOptions:
       in the backward pass); ``None``: as many as :func:`scribblejax.pipeline.patch_chunk` allows (128^3
       voxels per call, mirrored copies and an ensemble's networks counted).
   """
+
   resample: bool = True
   patch_size: Any = "auto"
   step: float = 0.5
@@ -190,8 +202,13 @@ class InferenceOptions:
     """The options that decide what the network sees (not how many patches one call runs), as a
     session stores them."""
     size = self.patch_size
-    return {"resample": self.resample, "crop": self.crop, "mirror": self.mirror,
-            "patch_size": list(size) if isinstance(size, (tuple, list)) else size, "step": self.step}
+    return {
+      "resample": self.resample,
+      "crop": self.crop,
+      "mirror": self.mirror,
+      "patch_size": list(size) if isinstance(size, (tuple, list)) else size,
+      "step": self.step,
+    }
 
   @classmethod
   def from_record(cls, stored: dict | None) -> InferenceOptions:
@@ -199,6 +216,10 @@ class InferenceOptions:
     if not stored:
       return cls()
     size = stored.get("patch_size", "auto")
-    return cls(resample=stored.get("resample", True), crop=stored.get("crop", True),
-               mirror=stored.get("mirror", False), step=stored.get("step", 0.5),
-               patch_size=tuple(size) if isinstance(size, list) else size)
+    return cls(
+      resample=stored.get("resample", True),
+      crop=stored.get("crop", True),
+      mirror=stored.get("mirror", False),
+      step=stored.get("step", 0.5),
+      patch_size=tuple(size) if isinstance(size, list) else size,
+    )

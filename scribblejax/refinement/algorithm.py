@@ -36,29 +36,35 @@ from scribblejax.config import RefineConfig
 
 class Hyper(NamedTuple):
   """The traced settings: changing them never recompiles."""
-  max_steps: jax.Array        # int32[]
-  learning_rate: jax.Array    # f32[]
-  momentum: jax.Array         # f32[]
-  prox_weight: jax.Array      # f32[]
-  keep_weight: jax.Array      # f32[]
+
+  max_steps: jax.Array  # int32[]
+  learning_rate: jax.Array  # f32[]
+  momentum: jax.Array  # f32[]
+  prox_weight: jax.Array  # f32[]
+  keep_weight: jax.Array  # f32[]
 
   @classmethod
   def of(cls, config: RefineConfig) -> Hyper:
     """The traced settings of ``config``, as NumPy scalars: they travel with the compiled call's
     arguments (no dispatch of their own)."""
-    return cls(np.asarray(config.max_steps, np.int32), np.asarray(config.learning_rate, np.float32),
-               np.asarray(config.momentum, np.float32), np.asarray(config.prox_weight, np.float32),
-               np.asarray(config.keep_weight, np.float32))
+    return cls(
+      np.asarray(config.max_steps, np.int32),
+      np.asarray(config.learning_rate, np.float32),
+      np.asarray(config.momentum, np.float32),
+      np.asarray(config.prox_weight, np.float32),
+      np.asarray(config.keep_weight, np.float32),
+    )
 
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
   """The algorithm's static settings: part of the compilation cache key."""
-  optimizer: Any              # "sgd" (or None), "adam", or an optax.GradientTransformation
-  class_balance: bool         # every marked class contributes its own mean cross-entropy equally
-  trace_length: int           # length of RefineState.loss_trace
-  output: str                 # "logits" or "probabilities"
-  early_stop: bool = True     # stop once every marked pixel is predicted as its label
+
+  optimizer: Any  # "sgd" (or None), "adam", or an optax.GradientTransformation
+  class_balance: bool  # every marked class contributes its own mean cross-entropy equally
+  trace_length: int  # length of RefineState.loss_trace
+  output: str  # "logits" or "probabilities"
+  early_stop: bool = True  # stop once every marked pixel is predicted as its label
 
   @classmethod
   def of(cls, config: RefineConfig) -> Settings:
@@ -68,14 +74,15 @@ class Settings:
 
 class RefineState(NamedTuple):
   """The carry of the refinement loop."""
-  tunable: Any                # pytree like W's tunable part: the current W_lam
-  previous: Any               # the W_lam before the last update (returned if `tunable` gives a non-finite loss)
-  opt_state: Any              # optax state
-  step: jax.Array             # int32[]: optimiser steps taken
-  done: jax.Array             # bool[]: the stop rule fired (satisfied or non-finite)
-  satisfied: jax.Array        # bool[]: every marked pixel predicted as its label at `tunable`
-  nonfinite: jax.Array        # bool[]: the loss, a gradient or an update became non-finite
-  loss_trace: jax.Array       # f32[trace_length]: objective at step i (NaN where not evaluated)
+
+  tunable: Any  # pytree like W's tunable part: the current W_lam
+  previous: Any  # the W_lam before the last update (returned if `tunable` gives a non-finite loss)
+  opt_state: Any  # optax state
+  step: jax.Array  # int32[]: optimiser steps taken
+  done: jax.Array  # bool[]: the stop rule fired (satisfied or non-finite)
+  satisfied: jax.Array  # bool[]: every marked pixel predicted as its label at `tunable`
+  nonfinite: jax.Array  # bool[]: the loss, a gradient or an update became non-finite
+  loss_trace: jax.Array  # f32[trace_length]: objective at step i (NaN where not evaluated)
 
 
 class RefineResult(NamedTuple):
@@ -91,6 +98,7 @@ class RefineResult(NamedTuple):
       holds the last finite weights.
     loss_trace: f32[trace_length], objective before step i; NaN after the loop ended.
   """
+
   logits: jax.Array
   labels: jax.Array
   tunable: Any
@@ -102,8 +110,10 @@ class RefineResult(NamedTuple):
 
 def _check_pairs(logits: jax.Array, marks: jax.Array, what: str) -> None:
   if tuple(logits.shape[:-1]) != tuple(marks.shape):
-    raise ValueError(f"{what}: logits of shape {tuple(logits.shape)} are not [*marks.shape, classes] for marks of "
-                     f"shape {tuple(marks.shape)}")
+    raise ValueError(
+      f"{what}: logits of shape {tuple(logits.shape)} are not [*marks.shape, classes] for marks of "
+      f"shape {tuple(marks.shape)}"
+    )
 
 
 def marked_cross_entropy(logits: jax.Array, marks: jax.Array, class_balance: bool = False) -> jax.Array:
@@ -153,7 +163,8 @@ def proximal_norm(tunable: Any, anchor: Any) -> jax.Array:
     ValueError: the two trees differ in structure or in a leaf's shape.
   """
   if jax.tree.structure(tunable) != jax.tree.structure(anchor) or any(
-      np.shape(a) != np.shape(b) for a, b in zip(jax.tree.leaves(tunable), jax.tree.leaves(anchor))):
+    np.shape(a) != np.shape(b) for a, b in zip(jax.tree.leaves(tunable), jax.tree.leaves(anchor))
+  ):
     raise ValueError("proximal_norm needs two trees of the same structure and leaf shapes")
   sq = sum(jnp.sum(jnp.square(a - b)) for a, b in zip(jax.tree.leaves(tunable), jax.tree.leaves(anchor)))
   sq = jnp.asarray(sq, jnp.float32)
@@ -184,8 +195,10 @@ def optimizer(settings: Settings, hyper: Hyper) -> optax.GradientTransformation:
 # Algorithm 1
 # ---------------------------------------------------------------------------------------------
 
-def objective(logits_of: Callable, anchor: Any, marks: jax.Array, settings: Settings, hyper: Hyper,
-              tunable: Any) -> tuple[jax.Array, jax.Array]:
+
+def objective(
+  logits_of: Callable, anchor: Any, marks: jax.Array, settings: Settings, hyper: Hyper, tunable: Any
+) -> tuple[jax.Array, jax.Array]:
   """The loss of W_lam = ``tunable`` and its logits: marked cross-entropy + keep term + proximal term.
 
   Args:
@@ -214,8 +227,16 @@ def init_state(start: Any, settings: Settings, hyper: Hyper) -> RefineState:
   """The loop's initial state: W_lam = start (W itself for a fresh round), fresh optimiser state."""
   tunable = jax.tree.map(jnp.asarray, start)
   opt_state = optimizer(settings, hyper).init(tunable)
-  return RefineState(tunable, tunable, opt_state, jnp.zeros((), jnp.int32), jnp.zeros((), bool), jnp.zeros((), bool),
-                     jnp.zeros((), bool), jnp.full((settings.trace_length,), jnp.nan, jnp.float32))
+  return RefineState(
+    tunable,
+    tunable,
+    opt_state,
+    jnp.zeros((), jnp.int32),
+    jnp.zeros((), bool),
+    jnp.zeros((), bool),
+    jnp.zeros((), bool),
+    jnp.full((settings.trace_length,), jnp.nan, jnp.float32),
+  )
 
 
 def _all_finite(tree: Any) -> jax.Array:
@@ -226,8 +247,15 @@ def _select(pred: jax.Array, on_true: Any, on_false: Any) -> Any:
   return jax.tree.map(lambda a, b: jnp.where(pred, a, b), on_true, on_false)
 
 
-def step(state: RefineState, logits_of: Callable, anchor: Any, marks: jax.Array, settings: Settings, hyper: Hyper,
-         differentiate: Callable = value_and_grad) -> tuple[RefineState, jax.Array]:
+def step(
+  state: RefineState,
+  logits_of: Callable,
+  anchor: Any,
+  marks: jax.Array,
+  settings: Settings,
+  hyper: Hyper,
+  differentiate: Callable = value_and_grad,
+) -> tuple[RefineState, jax.Array]:
   """One guarded step: evaluate; stop if satisfied or non-finite; else one optimiser update.
 
   A step taken when the loop is already done, or at ``max_steps``, changes nothing, so a driver may
@@ -246,8 +274,9 @@ def step(state: RefineState, logits_of: Callable, anchor: Any, marks: jax.Array,
   active = ~state.done & (state.step < hyper.max_steps)
   value, logits, gradient = differentiate(loss, state.tunable)
   satisfied = marks_satisfied(logits, marks)
-  grads = gradient(lambda: active & jnp.isfinite(value) & jnp.all(jnp.isfinite(logits))
-                   & ~(satisfied & settings.early_stop))
+  grads = gradient(
+    lambda: active & jnp.isfinite(value) & jnp.all(jnp.isfinite(logits)) & ~(satisfied & settings.early_stop)
+  )
   updates, new_opt_state = optimizer(settings, hyper).update(grads, state.opt_state, state.tunable)
   new_tunable = optax.apply_updates(state.tunable, updates)
   evaluated_finite = jnp.isfinite(value) & jnp.all(jnp.isfinite(logits)) & _all_finite(grads)
@@ -256,23 +285,27 @@ def step(state: RefineState, logits_of: Callable, anchor: Any, marks: jax.Array,
   take = active & ~stop
   step_back = active & ~evaluated_finite & (state.step > 0)
   new_opt_state = optax.tree.cast_like(new_opt_state, state.opt_state)
-  trace = jnp.where(active & (state.step < settings.trace_length),
-                    state.loss_trace.at[state.step].set(value.astype(jnp.float32)), state.loss_trace)
+  trace = jnp.where(
+    active & (state.step < settings.trace_length),
+    state.loss_trace.at[state.step].set(value.astype(jnp.float32)),
+    state.loss_trace,
+  )
   tunable = _select(take, new_tunable, _select(step_back, state.previous, state.tunable))
   return RefineState(
-      tunable=tunable,
-      previous=_select(take, state.tunable, state.previous),
-      opt_state=_select(take, new_opt_state, state.opt_state),
-      step=state.step + take.astype(jnp.int32) - step_back.astype(jnp.int32),
-      done=state.done | (active & stop),
-      satisfied=jnp.where(active, satisfied, state.satisfied),
-      nonfinite=state.nonfinite | (active & ~finite),
-      loss_trace=trace,
+    tunable=tunable,
+    previous=_select(take, state.tunable, state.previous),
+    opt_state=_select(take, new_opt_state, state.opt_state),
+    step=state.step + take.astype(jnp.int32) - step_back.astype(jnp.int32),
+    done=state.done | (active & stop),
+    satisfied=jnp.where(active, satisfied, state.satisfied),
+    nonfinite=state.nonfinite | (active & ~finite),
+    loss_trace=trace,
   ), logits
 
 
-def finalize(state: RefineState, logits_of: Callable, marks: jax.Array, settings: Settings,
-             last_logits: jax.Array | None = None) -> RefineResult:
+def finalize(
+  state: RefineState, logits_of: Callable, marks: jax.Array, settings: Settings, last_logits: jax.Array | None = None
+) -> RefineResult:
   """Evaluates W_lam = ``state.tunable`` once more and packs the result.
 
   ``last_logits``, the logits the last :func:`step` evaluated, are W_lam's own when that step stopped
@@ -284,5 +317,12 @@ def finalize(state: RefineState, logits_of: Callable, marks: jax.Array, settings
   else:
     logits = jax.lax.cond(state.done & state.satisfied & ~state.nonfinite, lambda: last_logits, evaluate)
   out = jax.nn.softmax(logits, axis=-1) if settings.output == "probabilities" else logits
-  return RefineResult(out, jnp.argmax(logits, axis=-1).astype(jnp.int32), state.tunable, state.step,
-                      marks_satisfied(logits, marks), state.nonfinite, state.loss_trace)
+  return RefineResult(
+    out,
+    jnp.argmax(logits, axis=-1).astype(jnp.int32),
+    state.tunable,
+    state.step,
+    marks_satisfied(logits, marks),
+    state.nonfinite,
+    state.loss_trace,
+  )

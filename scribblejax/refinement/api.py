@@ -29,8 +29,16 @@ from scribblejax.refinement.backend import resolve_batch_scheme
 from scribblejax.refinement.inputs import Trunk, trunk_mismatch
 
 
-def refine(split: Split, image: Any, marks: Any, config: RefineConfig = RefineConfig(), *,
-           start: Any = None, progress: Any = None, trunk: Trunk | None = None) -> RefineResult:
+def refine(
+  split: Split,
+  image: Any,
+  marks: Any,
+  config: RefineConfig = RefineConfig(),
+  *,
+  start: Any = None,
+  progress: Any = None,
+  trunk: Trunk | None = None,
+) -> RefineResult:
   """Refines the split's tunable parameters until the prediction honours every mark.
 
   Args:
@@ -63,12 +71,14 @@ def refine(split: Split, image: Any, marks: Any, config: RefineConfig = RefineCo
     if problem:
       raise ValueError(problem)
     residuals = trunk.residuals
-  return drivers.drive(split, jnp.asarray(arr), jnp.asarray(mk), config, drivers.SINGLE, start, progress=progress,
-                       residuals=residuals)
+  return drivers.drive(
+    split, jnp.asarray(arr), jnp.asarray(mk), config, drivers.SINGLE, start, progress=progress, residuals=residuals
+  )
 
 
-def refine_batch(split: Split, images: Any, marks: Any, config: RefineConfig = RefineConfig(), *,
-                 start: Any = None) -> RefineResult:
+def refine_batch(
+  split: Split, images: Any, marks: Any, config: RefineConfig = RefineConfig(), *, start: Any = None
+) -> RefineResult:
   """Refines one copy of W per image: each has its own marks, weights, steps and flags.
 
   The result equals refining the images one by one (up to float rounding); ``config.batch_scheme``
@@ -92,9 +102,17 @@ def refine_batch(split: Split, images: Any, marks: Any, config: RefineConfig = R
   if start is not None:
     start = params_lib.check_tunable(split, start, "start", batch=images.shape[0])
   if resolve_batch_scheme(config.batch_scheme) == "sequential":
-    results = [drivers.drive(split, images[i], marks[i], config, drivers.SINGLE,
-                             None if start is None else jax.tree.map(lambda x, i=i: x[i], start))
-               for i in range(images.shape[0])]
+    results = [
+      drivers.drive(
+        split,
+        images[i],
+        marks[i],
+        config,
+        drivers.SINGLE,
+        None if start is None else jax.tree.map(lambda x, i=i: x[i], start),
+      )
+      for i in range(images.shape[0])
+    ]
     return jax.tree.map(lambda *xs: jnp.stack(xs), *results)
   return drivers.drive(split, images, marks, config, drivers.BATCH, start, batched_start=start is not None)
 
@@ -111,19 +129,31 @@ def predict(split: Split, image: Any, tunable: Any = None, *, trunk: Trunk | Non
   arr = inputs.one_image(split, image)
   tunable = split.tunable if tunable is None else params_lib.check_tunable(split, tunable)
   if trunk is None:
-    return drivers.predict_program(network.graph_key(split.graphdef), kernels.resolve_conv_backend("auto"), tunable,
-                                   split.frozen, jnp.asarray(arr))
+    return drivers.predict_program(
+      network.graph_key(split.graphdef), kernels.resolve_conv_backend("auto"), tunable, split.frozen, jnp.asarray(arr)
+    )
   problem = trunk_mismatch(trunk, split, image=arr)
   if problem:
     raise ValueError(problem)
-  return drivers.predict_program(trunk.graphdef, trunk.conv_backend, tunable, split.frozen, jnp.asarray(arr),
-                                 trunk.residuals, compute_dtype=trunk.compute_dtype)
+  return drivers.predict_program(
+    trunk.graphdef,
+    trunk.conv_backend,
+    tunable,
+    split.frozen,
+    jnp.asarray(arr),
+    trunk.residuals,
+    compute_dtype=trunk.compute_dtype,
+  )
 
 
 def _memory_stats(lowered) -> dict:
   stats = lowered.compile().memory_analysis()
-  out = {"argument_bytes": int(stats.argument_size_in_bytes), "output_bytes": int(stats.output_size_in_bytes),
-         "alias_bytes": int(stats.alias_size_in_bytes), "temp_bytes": int(stats.temp_size_in_bytes)}
+  out = {
+    "argument_bytes": int(stats.argument_size_in_bytes),
+    "output_bytes": int(stats.output_size_in_bytes),
+    "alias_bytes": int(stats.alias_size_in_bytes),
+    "temp_bytes": int(stats.temp_size_in_bytes),
+  }
   out["peak_bytes"] = out["argument_bytes"] + out["output_bytes"] - out["alias_bytes"] + out["temp_bytes"]
   return out
 
@@ -164,6 +194,7 @@ class MarksReport(NamedTuple):
     reason: ``None`` when satisfied, else why not: the step budget ran out, or the objective became
       non-finite (the last finite weights are kept).
   """
+
   satisfied: bool
   honoured: float
   per_class: dict

@@ -34,8 +34,9 @@ from scribblejax.refinement import algorithm
 # XLA options of every compiled refinement program on GPUs: channels-last cuDNN convolutions. XLA:GPU's
 # own choice for float32 3D convolutions on Hopper is channels-first, which cuDNN converts at every
 # call (docs/performance.md). SCRIBBLEJAX_FORCE_CONV_NHWC=0 (read at import) leaves the layout to XLA.
-COMPILER_OPTIONS = ({"xla_gpu_force_conv_nhwc": True} if os.environ.get("SCRIBBLEJAX_FORCE_CONV_NHWC", "1") != "0"
-                    else None)
+COMPILER_OPTIONS = (
+  {"xla_gpu_force_conv_nhwc": True} if os.environ.get("SCRIBBLEJAX_FORCE_CONV_NHWC", "1") != "0" else None
+)
 
 
 class jit:  # noqa: N801 (used as jax.jit is)
@@ -74,13 +75,14 @@ class Backend:
   None of them changes what Algorithm 1 computes (up to float rounding, and ``compute_dtype``'s
   precision).
   """
-  cache_trunk: bool = True         # the frozen trunk is computed once; the loop runs the tail alone
+
+  cache_trunk: bool = True  # the frozen trunk is computed once; the loop runs the tail alone
   compute_dtype: str | None = None  # None: the parameters' own dtype (float32)
-  remat: bool = False              # rematerialise the forward pass in the backward pass
-  conv_backend: str = "xla"        # resolved: "xla" or "onednn"
+  remat: bool = False  # rematerialise the forward pass in the backward pass
+  conv_backend: str = "xla"  # resolved: "xla" or "onednn"
   conv_rewrite: str | None = None  # batches: "conv_as_matmul" or "conv_as_shifted_matmul" in the tail
-  flat_params: bool = False        # the loop driver carries W_lam as one flat vector (see flattens)
-  lazy_backward: bool = False      # the backward pass runs only when its update will be taken
+  flat_params: bool = False  # the loop driver carries W_lam as one flat vector (see flattens)
+  lazy_backward: bool = False  # the backward pass runs only when its update will be taken
 
   @classmethod
   def of(cls, config: RefineConfig, batched: bool = False) -> Backend:
@@ -113,8 +115,9 @@ def resolve_batch_scheme(scheme: str) -> str:
   return "sequential" if jax.default_backend() == "cpu" else "matmul"
 
 
-def resolve_driver(driver: str, conv_backend: str = "auto", compute_dtype: str = "float32",
-                   cache_trunk: bool = True) -> str:
+def resolve_driver(
+  driver: str, conv_backend: str = "auto", compute_dtype: str = "float32", cache_trunk: bool = True
+) -> str:
   """What ``driver`` means here: ``"auto"`` is ``"loop"`` on GPU and TPU, and on the CPU too when
   every convolution runs on oneDNN (``conv_backend`` resolves to ``"onednn"``, ``compute_dtype`` is
   float32 and ``cache_trunk`` is on: without it every step runs the model's own forward pass, on
@@ -148,8 +151,12 @@ def flattens(backend: Backend, optimizer: Any, tunable: Any) -> bool:
   """Whether the loop carries W_lam flat: asked for (``backend.flat_params``), a built-in optimiser (SGD
   and Adam work element by element, so the same on one vector), and one dtype for every tunable leaf."""
   leaves = jax.tree.leaves(tunable)
-  return (backend.flat_params and optimizer in (None, "sgd", "adam") and len(leaves) > 1
-          and len({jnp.result_type(x) for x in leaves}) == 1)
+  return (
+    backend.flat_params
+    and optimizer in (None, "sgd", "adam")
+    and len(leaves) > 1
+    and len({jnp.result_type(x) for x in leaves}) == 1
+  )
 
 
 def lazy_value_and_grad(loss: Callable, tunable: Any) -> tuple[jax.Array, jax.Array, Callable]:
@@ -161,8 +168,9 @@ def lazy_value_and_grad(loss: Callable, tunable: Any) -> tuple[jax.Array, jax.Ar
   value, pullback, logits = jax.vjp(loss, tunable, has_aux=True)
 
   def gradient(wanted: Callable) -> Any:
-    return jax.lax.cond(wanted(), lambda: pullback(jnp.ones_like(value))[0],
-                        lambda: jax.tree.map(jnp.zeros_like, tunable))
+    return jax.lax.cond(
+      wanted(), lambda: pullback(jnp.ones_like(value))[0], lambda: jax.tree.map(jnp.zeros_like, tunable)
+    )
 
   return value, logits, gradient
 

@@ -48,6 +48,7 @@ class Placement:
     mesh: a 1-D :class:`jax.sharding.Mesh` with axis :data:`BATCH_AXIS`: each device maps over its
       own rows of the batch (``batched`` must be set); ``None``: one device.
   """
+
   batched: bool = False
   mesh: Any = None
 
@@ -69,16 +70,23 @@ def _mapped(placement: Placement, fn, batched_args: tuple[bool, ...], batched_ou
   if placement.mesh is None:
     return fn
   rows, everywhere = PartitionSpec(BATCH_AXIS), PartitionSpec()
-  return jax.shard_map(fn, mesh=placement.mesh, in_specs=tuple(rows if b else everywhere for b in batched_args),
-                       out_specs=rows if batched_out else everywhere, check_vma=False)
+  return jax.shard_map(
+    fn,
+    mesh=placement.mesh,
+    in_specs=tuple(rows if b else everywhere for b in batched_args),
+    out_specs=rows if batched_out else everywhere,
+    check_vma=False,
+  )
 
 
 # ---------------------------------------------------------------------------------------------
 # One image
 # ---------------------------------------------------------------------------------------------
 
-def _loop_one(graphdef, settings: Settings, backend: Backend, anchor, start, frozen, image, marks, hyper,
-              residuals=None) -> RefineResult:
+
+def _loop_one(
+  graphdef, settings: Settings, backend: Backend, anchor, start, frozen, image, marks, hyper, residuals=None
+) -> RefineResult:
   """The whole refinement of one image as one ``lax.while_loop`` (W_lam carried flat where
   :func:`~scribblejax.refinement.backend.flattens` says so)."""
   if residuals is None and backend.cache_trunk:
@@ -91,19 +99,33 @@ def _loop_one(graphdef, settings: Settings, backend: Backend, anchor, start, fro
   logits_of = lambda t: network.logits(graphdef, as_tree(t), frozen, image, residuals, backend, backend.remat)
   state = algorithm.init_state(start, settings, hyper)
   tree = as_tree(start)
-  logits = jnp.zeros(jax.eval_shape(lambda: network.logits(graphdef, tree, frozen, image, residuals, backend)).shape,
-                     jnp.float32)
+  logits = jnp.zeros(
+    jax.eval_shape(lambda: network.logits(graphdef, tree, frozen, image, residuals, backend)).shape, jnp.float32
+  )
   state, logits = jax.lax.while_loop(
-      lambda c: ~c[0].done & (c[0].step < hyper.max_steps),
-      lambda c: algorithm.step(c[0], logits_of, anchor, marks, settings, hyper, differentiate(backend)),
-      (state, logits))
+    lambda c: ~c[0].done & (c[0].step < hyper.max_steps),
+    lambda c: algorithm.step(c[0], logits_of, anchor, marks, settings, hyper, differentiate(backend)),
+    (state, logits),
+  )
   state = state._replace(tunable=as_tree(state.tunable))
-  return algorithm.finalize(state, lambda t: network.logits(graphdef, t, frozen, image, residuals, backend), marks,
-                            settings, last_logits=logits)
+  return algorithm.finalize(
+    state, lambda t: network.logits(graphdef, t, frozen, image, residuals, backend), marks, settings, last_logits=logits
+  )
 
 
-def _chunk_one(graphdef, settings: Settings, backend: Backend, check_every: int, anchor, frozen, image, marks,
-               hyper, state, residuals=None) -> RefineState:
+def _chunk_one(
+  graphdef,
+  settings: Settings,
+  backend: Backend,
+  check_every: int,
+  anchor,
+  frozen,
+  image,
+  marks,
+  hyper,
+  state,
+  residuals=None,
+) -> RefineState:
   """``check_every`` guarded steps of one image."""
   logits_of = lambda t: network.logits(graphdef, t, frozen, image, residuals, backend, backend.remat)
   for _ in range(check_every):
@@ -111,24 +133,40 @@ def _chunk_one(graphdef, settings: Settings, backend: Backend, check_every: int,
   return state
 
 
-def _finalize_one(graphdef, settings: Settings, backend: Backend, frozen, image, marks, state,
-                  residuals=None) -> RefineResult:
-  return algorithm.finalize(state, lambda t: network.logits(graphdef, t, frozen, image, residuals, backend), marks,
-                            settings)
+def _finalize_one(
+  graphdef, settings: Settings, backend: Backend, frozen, image, marks, state, residuals=None
+) -> RefineResult:
+  return algorithm.finalize(
+    state, lambda t: network.logits(graphdef, t, frozen, image, residuals, backend), marks, settings
+  )
 
 
 # ---------------------------------------------------------------------------------------------
 # Compiled programs
 # ---------------------------------------------------------------------------------------------
 
+
 @functools.partial(jit, static_argnames=("graphdef", "settings", "backend", "placement", "batched_start"))
-def loop_program(graphdef, settings, backend, placement, anchor, start, frozen, image, marks, hyper,
-                 batched_start=False, residuals=None) -> RefineResult:
+def loop_program(
+  graphdef,
+  settings,
+  backend,
+  placement,
+  anchor,
+  start,
+  frozen,
+  image,
+  marks,
+  hyper,
+  batched_start=False,
+  residuals=None,
+) -> RefineResult:
   """The loop driver: every image's whole refinement (a batch computes its trunks inside)."""
   fn = functools.partial(_loop_one, graphdef, settings, backend)
   if placement.batched:
-    return _mapped(placement, fn, (False, batched_start, False, True, True, False))(anchor, start, frozen, image,
-                                                                                    marks, hyper)
+    return _mapped(placement, fn, (False, batched_start, False, True, True, False))(
+      anchor, start, frozen, image, marks, hyper
+    )
   return fn(anchor, start, frozen, image, marks, hyper, residuals)
 
 
@@ -143,14 +181,17 @@ def init_program(settings, placement, start, hyper, batch_size, batched_start=Fa
   return state
 
 
-@functools.partial(jit, static_argnames=("graphdef", "settings", "backend", "check_every", "placement"),
-                   donate_argnames=("state",))
-def chunk_program(graphdef, settings, backend, check_every, placement, anchor, frozen, image, marks, hyper, state,
-                  residuals=None) -> RefineState:
+@functools.partial(
+  jit, static_argnames=("graphdef", "settings", "backend", "check_every", "placement"), donate_argnames=("state",)
+)
+def chunk_program(
+  graphdef, settings, backend, check_every, placement, anchor, frozen, image, marks, hyper, state, residuals=None
+) -> RefineState:
   """The host driver's chunk of ``check_every`` steps."""
   fn = functools.partial(_chunk_one, graphdef, settings, backend, check_every)
-  return _mapped(placement, fn, (False, False, True, True, False, True, True))(anchor, frozen, image, marks, hyper,
-                                                                               state, residuals)
+  return _mapped(placement, fn, (False, False, True, True, False, True, True))(
+    anchor, frozen, image, marks, hyper, state, residuals
+  )
 
 
 @functools.partial(jit, static_argnames=("graphdef", "compute_dtype", "conv_backend", "placement"))
@@ -161,8 +202,9 @@ def trunk_program(graphdef, compute_dtype, conv_backend, placement, tunable, fro
 
 
 @functools.partial(jit, static_argnames=("graphdef", "settings", "backend", "placement"))
-def finalize_program(graphdef, settings, backend, placement, frozen, image, marks, state,
-                     residuals=None) -> RefineResult:
+def finalize_program(
+  graphdef, settings, backend, placement, frozen, image, marks, state, residuals=None
+) -> RefineResult:
   """The host driver's result: W_lam evaluated once more."""
   fn = functools.partial(_finalize_one, graphdef, settings, backend)
   return _mapped(placement, fn, (False, True, True, True, True))(frozen, image, marks, state, residuals)
@@ -188,8 +230,15 @@ def keep_targets_program(graphdef, conv_backend, placement, tunable, frozen, ima
   return _mapped(placement, fn, (False, False, True, True))(tunable, frozen, image, marks)
 
 
-PROGRAMS = {"loop": loop_program, "init": init_program, "chunk": chunk_program, "trunk": trunk_program,
-            "finalize": finalize_program, "predict": predict_program, "keep_targets": keep_targets_program}
+PROGRAMS = {
+  "loop": loop_program,
+  "init": init_program,
+  "chunk": chunk_program,
+  "trunk": trunk_program,
+  "finalize": finalize_program,
+  "predict": predict_program,
+  "keep_targets": keep_targets_program,
+}
 
 
 def cache_sizes() -> dict[str, int]:
@@ -206,6 +255,7 @@ def _all_finished(done: jax.Array, step: jax.Array, max_steps: int) -> jax.Array
 # ---------------------------------------------------------------------------------------------
 # Drivers
 # ---------------------------------------------------------------------------------------------
+
 
 def keep_targets(split: Split, image: jax.Array, marks: jax.Array, placement: Placement = SINGLE) -> jax.Array:
   """``marks`` with each unmarked pixel holding the network's initial label (see
@@ -229,9 +279,19 @@ def _finished(placement: Placement, state: RefineState, max_steps: int, progress
   return bool(np.asarray(finished).all())
 
 
-def drive(split: Split, image: jax.Array, marks: jax.Array, config: RefineConfig, placement: Placement = SINGLE,
-          start: Any = None, *, batched_start: bool = False, progress: Any = None, residuals: list | None = None,
-          backend: Backend | None = None) -> RefineResult:
+def drive(
+  split: Split,
+  image: jax.Array,
+  marks: jax.Array,
+  config: RefineConfig,
+  placement: Placement = SINGLE,
+  start: Any = None,
+  *,
+  batched_start: bool = False,
+  progress: Any = None,
+  residuals: list | None = None,
+  backend: Backend | None = None,
+) -> RefineResult:
   """Refines validated inputs with the driver ``config`` resolves to.
 
   Args:
@@ -260,22 +320,48 @@ def drive(split: Split, image: jax.Array, marks: jax.Array, config: RefineConfig
   if config.keep_weight > 0:
     marks = keep_targets(split, image, marks, placement)
   if driver_of(config) == "loop":
-    result = loop_program(graphdef, settings, backend, placement, anchor, start, split.frozen, image, marks, hyper,
-                          batched_start=batched_start, residuals=residuals)
+    result = loop_program(
+      graphdef,
+      settings,
+      backend,
+      placement,
+      anchor,
+      start,
+      split.frozen,
+      image,
+      marks,
+      hyper,
+      batched_start=batched_start,
+      residuals=residuals,
+    )
     if progress is not None:
       progress(int(np.max(jax.device_get(result.num_steps))), config.max_steps)
     return result
   if placement.mesh is not None and not batched_start:
     start = jax.tree.map(lambda x: jnp.broadcast_to(x, (image.shape[0], *x.shape)), start)
     batched_start = True
-  state = init_program(settings, placement, start, hyper, image.shape[0] if placement.batched else 1,
-                       batched_start=batched_start)
+  state = init_program(
+    settings, placement, start, hyper, image.shape[0] if placement.batched else 1, batched_start=batched_start
+  )
   if residuals is None and backend.cache_trunk:
-    residuals = trunk_program(graphdef, backend.compute_dtype, backend.conv_backend, placement, anchor, split.frozen,
-                              image)
+    residuals = trunk_program(
+      graphdef, backend.compute_dtype, backend.conv_backend, placement, anchor, split.frozen, image
+    )
   while not _finished(placement, state, config.max_steps, progress):
-    state = chunk_program(graphdef, settings, backend, config.check_every, placement, anchor, split.frozen, image,
-                          marks, hyper, state, residuals)
+    state = chunk_program(
+      graphdef,
+      settings,
+      backend,
+      config.check_every,
+      placement,
+      anchor,
+      split.frozen,
+      image,
+      marks,
+      hyper,
+      state,
+      residuals,
+    )
   return finalize_program(graphdef, settings, backend, placement, split.frozen, image, marks, state, residuals)
 
 
@@ -290,19 +376,24 @@ def lowered_programs(split: Split, image: jax.Array, marks: jax.Array, config: R
   anchor, frozen, graphdef = split.tunable, split.frozen, network.graph_key(split.graphdef)
   driver = driver_of(config)
   if driver == "loop":
-    return driver, {"loop": loop_program.lower(graphdef, settings, backend, SINGLE, anchor, anchor, frozen, image,
-                                               marks, hyper)}
+    return driver, {
+      "loop": loop_program.lower(graphdef, settings, backend, SINGLE, anchor, anchor, frozen, image, marks, hyper)
+    }
   # shapes only, from the plain functions (on GPUs the compiled ones take XLA options, refused when nested)
   state = jax.eval_shape(lambda a, h: algorithm.init_state(a, settings, h), anchor, hyper)
   programs, residuals = {}, None
   if config.cache_trunk:
-    trunk = functools.partial(network.trunk_residuals, graphdef, compute_dtype=backend.compute_dtype,
-                              conv_backend=backend.conv_backend)
+    trunk = functools.partial(
+      network.trunk_residuals, graphdef, compute_dtype=backend.compute_dtype, conv_backend=backend.conv_backend
+    )
     residuals = jax.eval_shape(trunk, anchor, frozen, image)
-    programs["trunk"] = trunk_program.lower(graphdef, backend.compute_dtype, backend.conv_backend, SINGLE, anchor,
-                                            frozen, image)
-  programs["chunk"] = chunk_program.lower(graphdef, settings, backend, config.check_every, SINGLE, anchor, frozen,
-                                          image, marks, hyper, state, residuals)
-  programs["finalize"] = finalize_program.lower(graphdef, settings, backend, SINGLE, frozen, image, marks, state,
-                                                residuals)
+    programs["trunk"] = trunk_program.lower(
+      graphdef, backend.compute_dtype, backend.conv_backend, SINGLE, anchor, frozen, image
+    )
+  programs["chunk"] = chunk_program.lower(
+    graphdef, settings, backend, config.check_every, SINGLE, anchor, frozen, image, marks, hyper, state, residuals
+  )
+  programs["finalize"] = finalize_program.lower(
+    graphdef, settings, backend, SINGLE, frozen, image, marks, state, residuals
+  )
   return driver, programs

@@ -40,6 +40,7 @@ class Trunk(NamedTuple):
     compute_dtype: the network's compute dtype (``None`` for float32).
     conv_backend: the resolved convolution backend.
   """
+
   residuals: list
   image: np.ndarray
   frozen: Any
@@ -59,8 +60,10 @@ def _check_image(image: Any) -> np.ndarray:
   with np.errstate(over="ignore"):
     as_f32 = np.asarray(arr, np.float32)
   if as_f32 is not arr and not np.all(np.isfinite(as_f32)):
-    raise ValueError(f"image holds {int(np.size(as_f32) - np.isfinite(as_f32).sum())} values beyond float32's "
-                     f"range (largest magnitude {float(np.abs(arr).max()):.3g}); rescale it first")
+    raise ValueError(
+      f"image holds {int(np.size(as_f32) - np.isfinite(as_f32).sum())} values beyond float32's "
+      f"range (largest magnitude {float(np.abs(arr).max()):.3g}); rescale it first"
+    )
   return as_f32
 
 
@@ -70,8 +73,11 @@ def _output_shape(graphdef: Any, tunable_key: tuple, frozen_key: tuple, image_sh
   model's own error."""
   structs = [jax.tree.unflatten(key[0], trunk_lib.key_leaves(key)) for key in (tunable_key, frozen_key)]
   try:
-    return tuple(jax.eval_shape(functools.partial(network.forward, graphdef), *structs,
-                                jax.ShapeDtypeStruct(image_shape, np.dtype(dtype))).shape), None
+    return tuple(
+      jax.eval_shape(
+        functools.partial(network.forward, graphdef), *structs, jax.ShapeDtypeStruct(image_shape, np.dtype(dtype))
+      ).shape
+    ), None
   except Exception as err:  # noqa: BLE001 (the model's own shape checks, reported by the caller)
     return None, f"{type(err).__name__}: {err}"
 
@@ -84,14 +90,20 @@ def num_classes_of(split: Split, image_shape: tuple[int, ...], dtype=jnp.float32
   Raises:
     ValueError: the model does not accept such an image, or does not give one logit vector per pixel.
   """
-  shape, error = _output_shape(network.graph_key(split.graphdef), trunk_lib.structure_key(split.tunable),
-                               trunk_lib.structure_key(split.frozen),
-                               tuple(int(n) for n in image_shape), jnp.dtype(dtype).str)
+  shape, error = _output_shape(
+    network.graph_key(split.graphdef),
+    trunk_lib.structure_key(split.tunable),
+    trunk_lib.structure_key(split.frozen),
+    tuple(int(n) for n in image_shape),
+    jnp.dtype(dtype).str,
+  )
   if error is not None:
     raise ValueError(f"the model does not accept an image of shape {tuple(image_shape)}: {error}")
   if tuple(shape[:-1]) != tuple(image_shape[:-1]):
-    raise ValueError(f"the model maps an image of spatial shape {image_shape[:-1]} to logits of shape {shape}; "
-                     "refinement needs one logit vector per pixel")
+    raise ValueError(
+      f"the model maps an image of spatial shape {image_shape[:-1]} to logits of shape {shape}; "
+      "refinement needs one logit vector per pixel"
+    )
   return int(shape[-1])
 
 
@@ -116,20 +128,23 @@ def validate(split: Split, image: Any, marks: Any, *, batched: bool = False) -> 
   lead = 1 if batched else 0
   spatial_dims = split_spatial_dims(split)
   if batched and spatial_dims is not None and mk.ndim == spatial_dims:
-    raise ValueError(f"a batch needs a leading batch axis, but marks of shape {mk.shape} are one "
-                     f"{spatial_dims}D map; add one (marks[None], image[None]) or refine one image with refine")
+    raise ValueError(
+      f"a batch needs a leading batch axis, but marks of shape {mk.shape} are one "
+      f"{spatial_dims}D map; add one (marks[None], image[None]) or refine one image with refine"
+    )
   if batched and (arr.ndim < 1 or mk.ndim < 1 or arr.shape[0] != mk.shape[0]):
     raise ValueError(f"images and marks must share a leading batch axis, got shapes {arr.shape} and {mk.shape}")
   if batched and mk.shape[0] == 0:
     raise ValueError(f"a batch needs at least one image, got images of shape {arr.shape}")
   if spatial_dims is not None and mk.ndim - lead != spatial_dims:
-    raise ValueError(f"marks of shape {mk.shape} have {mk.ndim - lead} spatial axes but the model is "
-                     f"{spatial_dims}D")
+    raise ValueError(f"marks of shape {mk.shape} have {mk.ndim - lead} spatial axes but the model is {spatial_dims}D")
   if arr.shape == mk.shape:
     arr = arr[..., None]
   if arr.ndim != mk.ndim + 1 or arr.shape[:-1] != mk.shape:
-    raise ValueError(f"image of shape {arr.shape} and marks of shape {mk.shape} do not match: the image must be "
-                     "[*spatial, channels] (or [*spatial]) with marks [*spatial]")
+    raise ValueError(
+      f"image of shape {arr.shape} and marks of shape {mk.shape} do not match: the image must be "
+      "[*spatial, channels] (or [*spatial]) with marks [*spatial]"
+    )
   num_classes = num_classes_of(split, arr.shape[lead:])
   if batched:
     mk = np.stack([marks_lib.validate_mark_map(m, arr.shape[1:-1], num_classes) for m in mk])
@@ -188,13 +203,15 @@ def compute_trunk(split: Split, image: Any, config: RefineConfig = RefineConfig(
   arr = np.array(one_image(split, image))  # a copy: later changes to the caller's array cannot reach it
   backend = Backend.of(config)
   graphdef = network.graph_key(split.graphdef)
-  residuals = drivers.trunk_program(graphdef, backend.compute_dtype, backend.conv_backend, drivers.SINGLE,
-                                    split.tunable, split.frozen, jnp.asarray(arr))
+  residuals = drivers.trunk_program(
+    graphdef, backend.compute_dtype, backend.conv_backend, drivers.SINGLE, split.tunable, split.frozen, jnp.asarray(arr)
+  )
   return Trunk(residuals, arr, split.frozen, graphdef, backend.compute_dtype, backend.conv_backend)
 
 
-def trunk_mismatch(trunk: Trunk, split: Split, config: RefineConfig | None = None,
-                   image: np.ndarray | None = None) -> str | None:
+def trunk_mismatch(
+  trunk: Trunk, split: Split, config: RefineConfig | None = None, image: np.ndarray | None = None
+) -> str | None:
   """Why ``trunk`` cannot serve ``split`` (a refinement with ``config``, of the prepared ``image``,
   float32 ``[*spatial, channels]``, for those given); ``None`` when it can."""
   if not isinstance(trunk, Trunk):
@@ -204,13 +221,16 @@ def trunk_mismatch(trunk: Trunk, split: Split, config: RefineConfig | None = Non
   if trunk.frozen is not split.frozen or trunk.graphdef != network.graph_key(split.graphdef):
     return "the trunk was computed for another split (compute it again with this one)"
   backend = Backend.of(config) if config is not None else None
-  if backend is not None and (trunk.compute_dtype, trunk.conv_backend) != (backend.compute_dtype,
-                                                                           backend.conv_backend):
-    return (f"the trunk was computed with compute_dtype={trunk.compute_dtype or 'float32'}, conv_backend="
-            f"{trunk.conv_backend}; this config has {backend.compute_dtype or 'float32'}, {backend.conv_backend}")
+  if backend is not None and (trunk.compute_dtype, trunk.conv_backend) != (backend.compute_dtype, backend.conv_backend):
+    return (
+      f"the trunk was computed with compute_dtype={trunk.compute_dtype or 'float32'}, conv_backend="
+      f"{trunk.conv_backend}; this config has {backend.compute_dtype or 'float32'}, {backend.conv_backend}"
+    )
   if image is not None and trunk.image.shape != image.shape:
-    return (f"the trunk was computed for another image: of shape {trunk.image.shape}, this one is {image.shape} "
-            "(pass compute_trunk the image with its channel axis)")
+    return (
+      f"the trunk was computed for another image: of shape {trunk.image.shape}, this one is {image.shape} "
+      "(pass compute_trunk the image with its channel axis)"
+    )
   if image is not None and not np.array_equal(trunk.image, image):
     return "the trunk was computed for another image (compute it again for this one)"
   return None

@@ -25,8 +25,9 @@ import numpy as np
 from scipy import ndimage
 
 
-def progressive_merge(previous: Any, proposed: Any, new_marks: Any, marks: Any | None = None, *,
-                      free: Any | None = None) -> np.ndarray:
+def progressive_merge(
+  previous: Any, proposed: Any, new_marks: Any, marks: Any | None = None, *, free: Any | None = None
+) -> np.ndarray:
   """The round's labels: ``proposed`` in the changed regions that touch a new mark, ``previous`` elsewhere.
 
   Args:

@@ -27,6 +27,7 @@ class GraphKey:
   whole model in Python (milliseconds for a U-Net, several times per interaction). Compiled functions
   here take this key instead; :func:`forward` unwraps it.
   """
+
   __slots__ = ("graphdef", "_hash")
 
   def __init__(self, graphdef: Any):
@@ -37,8 +38,9 @@ class GraphKey:
     return self._hash
 
   def __eq__(self, other: Any) -> bool:
-    return self is other or (isinstance(other, GraphKey) and self._hash == other._hash
-                             and self.graphdef == other.graphdef)
+    return self is other or (
+      isinstance(other, GraphKey) and self._hash == other._hash and self.graphdef == other.graphdef
+    )
 
   def __repr__(self) -> str:
     return f"GraphKey({self.graphdef!r})"
@@ -75,8 +77,10 @@ def forward(graphdef: Any, tunable: Any, frozen: Any, image: jax.Array, compute_
   model = nnx.merge(graphdef.graphdef if isinstance(graphdef, GraphKey) else graphdef, tunable, frozen)
   out = model(image[None])
   if not isinstance(out, jax.Array):
-    raise ValueError(f"the model returns a {type(out).__name__}; refinement needs one array of logits "
-                     "[batch, *spatial, classes] (wrap the model to return its segmentation output)")
+    raise ValueError(
+      f"the model returns a {type(out).__name__}; refinement needs one array of logits "
+      "[batch, *spatial, classes] (wrap the model to return its segmentation output)"
+    )
   return out[0].astype(jnp.float32)
 
 
@@ -86,6 +90,7 @@ class Forward:
 
   Hashable, so :func:`scribblejax.refinement.trunk.partition` caches its plan under it.
   """
+
   graphdef: Any
   compute_dtype: str | None = None
 
@@ -93,15 +98,18 @@ class Forward:
     return forward(self.graphdef, tunable, frozen, image, self.compute_dtype)
 
 
-def trunk_residuals(graphdef, tunable, frozen, image, compute_dtype: str | None = None,
-                    conv_backend: str = "auto") -> list:
+def trunk_residuals(
+  graphdef, tunable, frozen, image, compute_dtype: str | None = None, conv_backend: str = "auto"
+) -> list:
   """The frozen trunk's values that the tunable tail reads (once per interaction)."""
-  return trunk_lib.partition(Forward(graphdef, compute_dtype), tunable, frozen, image,
-                             rewrites=backend_lib.default_rewrites(conv_backend)).trunk(frozen, image)
+  return trunk_lib.partition(
+    Forward(graphdef, compute_dtype), tunable, frozen, image, rewrites=backend_lib.default_rewrites(conv_backend)
+  ).trunk(frozen, image)
 
 
-def logits(graphdef, tunable, frozen, image, residuals: list | None, backend: backend_lib.Backend,
-           remat: bool = False) -> jax.Array:
+def logits(
+  graphdef, tunable, frozen, image, residuals: list | None, backend: backend_lib.Backend, remat: bool = False
+) -> jax.Array:
   """The forward pass: the tail alone on the trunk's ``residuals`` when given, else all of it.
 
   ``remat`` rematerialises layer by layer in the tail (:func:`scribblejax.refinement.trunk.partition`),
@@ -110,5 +118,6 @@ def logits(graphdef, tunable, frozen, image, residuals: list | None, backend: ba
   fn = Forward(graphdef, backend.compute_dtype)
   if residuals is None:
     return (jax.checkpoint(fn) if remat else fn)(tunable, frozen, image)
-  return trunk_lib.partition(fn, tunable, frozen, image, rewrites=backend_lib.tail_rewrites(backend),
-                             remat=remat).tail(tunable, residuals)
+  return trunk_lib.partition(fn, tunable, frozen, image, rewrites=backend_lib.tail_rewrites(backend), remat=remat).tail(
+    tunable, residuals
+  )

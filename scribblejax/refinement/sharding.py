@@ -60,8 +60,9 @@ def _global(x: Any) -> bool:
   return isinstance(x, jax.Array) and not x.is_fully_addressable
 
 
-def refine_sharded(split: Split, images: Any, marks: Any, config: Any = None, *, mesh: Mesh | None = None,
-                   start: Any = None):
+def refine_sharded(
+  split: Split, images: Any, marks: Any, config: Any = None, *, mesh: Mesh | None = None, start: Any = None
+):
   """:func:`scribblejax.refine_batch`, with the batch spread over the devices of ``mesh``.
 
   A batch that is not a multiple of the number of devices is padded with copies of its last image

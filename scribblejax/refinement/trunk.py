@@ -56,6 +56,7 @@ class Partition(NamedTuple):
       forward pass.
     residual_shapes: ``jax.ShapeDtypeStruct`` of each residual.
   """
+
   trunk: Callable[[Any, Any], list]
   tail: Callable[[Any, list], Any]
   residual_shapes: tuple
@@ -65,20 +66,23 @@ class Partition(NamedTuple):
 # The plan: which equations are known (trunk) and which are unknown (tail), per nesting level
 # ---------------------------------------------------------------------------------------------
 
+
 class _Level(NamedTuple):
   """One jaxpr's plan."""
-  jaxpr: Any                  # jax.extend.core.Jaxpr
-  kinds: tuple                # per equation: "known", "unknown", a nested _Level (an unzipped call) or a _Mapped
-  unknown_vars: frozenset     # variables (by id) whose value depends on the tunable inputs
-  tail_reads: frozenset = frozenset()   # positions of the inputs that the tail (or a nested tail) may read
+
+  jaxpr: Any  # jax.extend.core.Jaxpr
+  kinds: tuple  # per equation: "known", "unknown", a nested _Level (an unzipped call) or a _Mapped
+  unknown_vars: frozenset  # variables (by id) whose value depends on the tunable inputs
+  tail_reads: frozenset = frozenset()  # positions of the inputs that the tail (or a nested tail) may read
 
 
 class _Mapped(NamedTuple):
   """The plan of a ``scan`` without a carry (a map) whose inputs are partly unknown."""
-  level: _Level               # the body's plan
-  num_consts: int             # the scan's loop-invariant inputs come first
-  tail_consts: tuple          # indices of known loop-invariant inputs the body's tail may read
-  counts: dict                # {"residuals": per-iteration residuals of the body}, set by the first trunk run
+
+  level: _Level  # the body's plan
+  num_consts: int  # the scan's loop-invariant inputs come first
+  tail_consts: tuple  # indices of known loop-invariant inputs the body's tail may read
+  counts: dict  # {"residuals": per-iteration residuals of the body}, set by the first trunk run
 
 
 def _is_literal(var) -> bool:
@@ -109,8 +113,9 @@ def _plan(jaxpr, unknown_in: tuple[bool, ...]) -> _Level:
     elif inner is not None and not all(flags):
       sub = _plan(inner.jaxpr, flags)
       kinds.append(sub)
-      unknown.update(id(o) for o, i in zip(eqn.outvars, inner.jaxpr.outvars)
-                     if (not _is_literal(i)) and id(i) in sub.unknown_vars)
+      unknown.update(
+        id(o) for o, i in zip(eqn.outvars, inner.jaxpr.outvars) if (not _is_literal(i)) and id(i) in sub.unknown_vars
+      )
     else:
       kinds.append("unknown")
       unknown.update(id(o) for o in eqn.outvars)
@@ -132,8 +137,11 @@ def _tail_reads(jaxpr, kinds) -> frozenset:
 
 
 def _is_map(eqn) -> bool:
-  return (eqn.primitive.name == "scan" and eqn.params.get("num_carry") == 0
-          and isinstance(eqn.params.get("jaxpr"), jex_core.ClosedJaxpr))
+  return (
+    eqn.primitive.name == "scan"
+    and eqn.params.get("num_carry") == 0
+    and isinstance(eqn.params.get("jaxpr"), jex_core.ClosedJaxpr)
+  )
 
 
 def _is_tail_value(level: _Level, var) -> bool:
@@ -161,8 +169,9 @@ def _filled(base, positions, values) -> list:
 
 def _scan(eqn, body, xs):
   p = eqn.params
-  return jax.lax.scan(lambda _, x: (None, body(x)), None, xs, length=p["length"], reverse=p["reverse"],
-                      unroll=p["unroll"])[1]
+  return jax.lax.scan(
+    lambda _, x: (None, body(x)), None, xs, length=p["length"], reverse=p["reverse"], unroll=p["unroll"]
+  )[1]
 
 
 def _run_mapped_trunk(mapped: _Mapped, eqn, invals, residuals: list, rewrites: tuple) -> list:
@@ -217,7 +226,7 @@ def _rhs_spatial_in_out(rhs, dn):
 def _restore_layout(y, dn):
   """A channels-last output ``[N, *S, O]`` in the layout of the dimension numbers ``dn``."""
   nd = y.ndim - 2
-  logical = (0, nd + 1, *range(1, nd + 1))      # where y holds (batch, feature, *spatial)
+  logical = (0, nd + 1, *range(1, nd + 1))  # where y holds (batch, feature, *spatial)
   return jax.numpy.transpose(y, [logical[list(dn.out_spec).index(a)] for a in range(nd + 2)])
 
 
@@ -236,21 +245,33 @@ def _transposed_conv_as_matmul(eqn, lhs, rhs):
   dn = p["dimension_numbers"]
   rhs_spec = dn.rhs_spec
   kernel = tuple(rhs.shape[d] for d in rhs_spec[2:])
-  if (p["feature_group_count"] != 1 or p["batch_group_count"] != 1 or any(s != 1 for s in p["window_strides"])
-      or any(d != 1 for d in p["rhs_dilation"]) or tuple(p["lhs_dilation"]) != kernel or max(kernel) < 2
-      or tuple(tuple(q) for q in p["padding"]) != tuple((k - 1, k - 1) for k in kernel)):
+  if (
+    p["feature_group_count"] != 1
+    or p["batch_group_count"] != 1
+    or any(s != 1 for s in p["window_strides"])
+    or any(d != 1 for d in p["rhs_dilation"])
+    or tuple(p["lhs_dilation"]) != kernel
+    or max(kernel) < 2
+    or tuple(tuple(q) for q in p["padding"]) != tuple((k - 1, k - 1) for k in kernel)
+  ):
     return None
-  x = _lhs_channels_last(lhs, dn)                                                   # [N, *S, I]
-  k = jax.numpy.transpose(rhs, (rhs_spec[1], *rhs_spec[2:], rhs_spec[0]))          # [I, *K, O]
+  x = _lhs_channels_last(lhs, dn)  # [N, *S, I]
+  k = jax.numpy.transpose(rhs, (rhs_spec[1], *rhs_spec[2:], rhs_spec[0]))  # [I, *K, O]
   k = jax.numpy.flip(k, axis=tuple(range(1, nd + 1)))
   out_features = k.shape[-1]
-  y = jax.lax.dot_general(x, k.reshape(k.shape[0], -1), (((nd + 1,), (0,)), ((), ())),
-                          precision=p["precision"], preferred_element_type=p["preferred_element_type"])
-  spatial = x.shape[1:nd + 1]
-  y = y.reshape(x.shape[0], *spatial, *kernel, out_features)                         # [N, *S, *K, O]
+  y = jax.lax.dot_general(
+    x,
+    k.reshape(k.shape[0], -1),
+    (((nd + 1,), (0,)), ((), ())),
+    precision=p["precision"],
+    preferred_element_type=p["preferred_element_type"],
+  )
+  spatial = x.shape[1 : nd + 1]
+  y = y.reshape(x.shape[0], *spatial, *kernel, out_features)  # [N, *S, *K, O]
   interleave = [0] + [a for d in range(nd) for a in (1 + d, 1 + nd + d)] + [1 + 2 * nd]
-  y = jax.numpy.transpose(y, interleave).reshape(x.shape[0], *(s * k for s, k in zip(spatial, kernel)),
-                                                 out_features)                       # [N, *S*K, O]
+  y = jax.numpy.transpose(y, interleave).reshape(
+    x.shape[0], *(s * k for s, k in zip(spatial, kernel)), out_features
+  )  # [N, *S*K, O]
   return [_restore_layout(y, dn).astype(eqn.outvars[0].aval.dtype)]
 
 
@@ -260,25 +281,37 @@ def _stride1_windows(eqn, lhs, rhs):
   (``[N, *S', I]`` each); ``None`` for any other convolution."""
   p = eqn.params
   nd = len(p["window_strides"])
-  if (p["feature_group_count"] != 1 or p["batch_group_count"] != 1 or any(s != 1 for s in p["window_strides"])
-      or any(d != 1 for d in p["rhs_dilation"]) or any(d != 1 for d in p["lhs_dilation"])):
+  if (
+    p["feature_group_count"] != 1
+    or p["batch_group_count"] != 1
+    or any(s != 1 for s in p["window_strides"])
+    or any(d != 1 for d in p["rhs_dilation"])
+    or any(d != 1 for d in p["lhs_dilation"])
+  ):
     return None
   dn = p["dimension_numbers"]
-  x = _lhs_channels_last(lhs, dn)                                                   # [N, *S, I]
-  k = _rhs_spatial_in_out(rhs, dn)                                                 # [*K, I, O]
+  x = _lhs_channels_last(lhs, dn)  # [N, *S, I]
+  k = _rhs_spatial_in_out(rhs, dn)  # [*K, I, O]
   kernel = k.shape[:nd]
   x = jax.numpy.pad(x, [(0, 0), *[tuple(q) for q in p["padding"]], (0, 0)])
   out_spatial = tuple(x.shape[1 + d] - kernel[d] + 1 for d in range(nd))
-  windows = [x[(slice(None), *(slice(o, o + n) for o, n in zip(offset, out_spatial)), slice(None))]
-             for offset in np.ndindex(*kernel)]
+  windows = [
+    x[(slice(None), *(slice(o, o + n) for o, n in zip(offset, out_spatial)), slice(None))]
+    for offset in np.ndindex(*kernel)
+  ]
   return k, windows
 
 
 def _matmul(eqn, x, w):
   """``x [N, *S, I] @ w [I, O]`` with the convolution's precision settings."""
   p = eqn.params
-  return jax.lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())), precision=p["precision"],
-                             preferred_element_type=p["preferred_element_type"])
+  return jax.lax.dot_general(
+    x,
+    w,
+    (((x.ndim - 1,), (0,)), ((), ())),
+    precision=p["precision"],
+    preferred_element_type=p["preferred_element_type"],
+  )
 
 
 def _conv_as_matmul(eqn, lhs, rhs):
@@ -308,7 +341,7 @@ def _conv_as_shifted_matmul(eqn, lhs, rhs):
   if parts is None:
     return None
   k, windows = parts
-  taps = k.reshape(-1, *k.shape[-2:])                                              # [prod(K), I, O]
+  taps = k.reshape(-1, *k.shape[-2:])  # [prod(K), I, O]
   y = _matmul(eqn, windows[0], taps[0])
   for window, tap in zip(windows[1:], taps[1:]):
     y = y + _matmul(eqn, window, tap)
@@ -331,13 +364,19 @@ def _conv3d_as_2d(eqn, lhs, rhs):
   input would exceed :data:`CONV3D_AS_2D_MAX_BYTES` stays 3D.
   """
   p = eqn.params
-  if (len(p["window_strides"]) != 3 or p["feature_group_count"] != 1 or p["batch_group_count"] != 1
-      or any(s != 1 for s in p["window_strides"]) or any(d != 1 for d in p["rhs_dilation"])
-      or any(d != 1 for d in p["lhs_dilation"]) or min(min(q) for q in p["padding"]) < 0):
+  if (
+    len(p["window_strides"]) != 3
+    or p["feature_group_count"] != 1
+    or p["batch_group_count"] != 1
+    or any(s != 1 for s in p["window_strides"])
+    or any(d != 1 for d in p["rhs_dilation"])
+    or any(d != 1 for d in p["lhs_dilation"])
+    or min(min(q) for q in p["padding"]) < 0
+  ):
     return None
   dn = p["dimension_numbers"]
-  x = _lhs_channels_last(lhs, dn)                                                   # [N, D, H, W, I]
-  k = _rhs_spatial_in_out(rhs, dn)                                                 # [KD, KH, KW, I, O]
+  x = _lhs_channels_last(lhs, dn)  # [N, D, H, W, I]
+  k = _rhs_spatial_in_out(rhs, dn)  # [KD, KH, KW, I, O]
   (lo, hi), *rest = [tuple(q) for q in p["padding"]]
   x = jax.numpy.pad(x, [(0, 0), (lo, hi), (0, 0), (0, 0), (0, 0)])
   taps = k.shape[0]
@@ -345,12 +384,18 @@ def _conv3d_as_2d(eqn, lhs, rhs):
   n, _, h, w, features = x.shape
   if n * depth * h * w * taps * features * x.dtype.itemsize > CONV3D_AS_2D_MAX_BYTES:
     return None
-  stacked = jax.numpy.concatenate([x[:, t:t + depth] for t in range(taps)], axis=-1)  # [N, D', H, W, KD*I]
+  stacked = jax.numpy.concatenate([x[:, t : t + depth] for t in range(taps)], axis=-1)  # [N, D', H, W, KD*I]
   kernel = jax.numpy.transpose(k, (1, 2, 0, 3, 4)).reshape(k.shape[1], k.shape[2], taps * features, k.shape[4])
-  y = jax.lax.conv_general_dilated(stacked.reshape(n * depth, h, w, taps * features), kernel, (1, 1), rest,
-                                   dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=p["precision"],
-                                   preferred_element_type=p["preferred_element_type"])
-  y = y.reshape(n, depth, *y.shape[1:])                                             # [N, D', H', W', O]
+  y = jax.lax.conv_general_dilated(
+    stacked.reshape(n * depth, h, w, taps * features),
+    kernel,
+    (1, 1),
+    rest,
+    dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    precision=p["precision"],
+    preferred_element_type=p["preferred_element_type"],
+  )
+  y = y.reshape(n, depth, *y.shape[1:])  # [N, D', H', W', O]
   return [_restore_layout(y, dn).astype(eqn.outvars[0].aval.dtype)]
 
 
@@ -377,29 +422,36 @@ def _onednn_conv(eqn, lhs, rhs):
     if any(s != 1 for s in strides):
       return None
     strides, padding = dilation, tuple((k - 1 - lo, k - 1 - hi) for k, (lo, hi) in zip(w_shape, padding))
-  if (rhs.dtype != lhs.dtype or eqn.outvars[0].aval.dtype != lhs.dtype or p["feature_group_count"] != 1
-      or p["batch_group_count"] != 1 or any(d != 1 for d in (p["rhs_dilation"] or ()))
-      or not kernels.supports(x_shape, w_shape, lhs.dtype, strides, padding, transposed)):
+  if (
+    rhs.dtype != lhs.dtype
+    or eqn.outvars[0].aval.dtype != lhs.dtype
+    or p["feature_group_count"] != 1
+    or p["batch_group_count"] != 1
+    or any(d != 1 for d in (p["rhs_dilation"] or ()))
+    or not kernels.supports(x_shape, w_shape, lhs.dtype, strides, padding, transposed)
+  ):
     return None
-  x = _lhs_channels_last(lhs, dn)                                                   # [N, *S, I]
-  k = _rhs_spatial_in_out(rhs, dn)                                                 # [*K, I, O]
+  x = _lhs_channels_last(lhs, dn)  # [N, *S, I]
+  k = _rhs_spatial_in_out(rhs, dn)  # [*K, I, O]
   if transposed:
     y = kernels.conv_transpose(x, jax.numpy.flip(k, axis=tuple(range(nd))), strides, padding)
   else:
-    y = kernels.conv(x, k, strides, padding)                                         # [N, *S', O]
+    y = kernels.conv(x, k, strides, padding)  # [N, *S', O]
   return [_restore_layout(y, dn)]
 
 
 # Rewrites by name: (primitive name, (eqn, *invals) -> outputs or None when it does not apply).
 REWRITES = {
-    "transposed_conv": ("conv_general_dilated", _transposed_conv_as_matmul),
-    "conv_as_matmul": ("conv_general_dilated", _conv_as_matmul),
-    "conv_as_shifted_matmul": ("conv_general_dilated", _conv_as_shifted_matmul),
-    "onednn_conv": ("conv_general_dilated", _onednn_conv),
-    "conv3d_as_2d": ("conv_general_dilated", _conv3d_as_2d),
-    # applied by the tail's interpreter, which sees the convolution's producer (_split_concat_conv)
-    "split_concat_conv": ("conv_general_dilated", lambda eqn, *invals: None),
+  "transposed_conv": ("conv_general_dilated", _transposed_conv_as_matmul),
+  "conv_as_matmul": ("conv_general_dilated", _conv_as_matmul),
+  "conv_as_shifted_matmul": ("conv_general_dilated", _conv_as_shifted_matmul),
+  "onednn_conv": ("conv_general_dilated", _onednn_conv),
+  "conv3d_as_2d": ("conv_general_dilated", _conv3d_as_2d),
+  # applied by the tail's interpreter, which sees the convolution's producer (_split_concat_conv)
+  "split_concat_conv": ("conv_general_dilated", lambda eqn, *invals: None),
 }
+
+
 def _bind(eqn, invals, rewrites: tuple[str, ...] = ()):
   """``eqn`` applied to ``invals``, as ``jax.core.eval_jaxpr`` applies it, or by the first of the
   named ``rewrites`` that applies to it."""
@@ -433,8 +485,9 @@ def _known_reads(level: _Level, vars_):
   return [v for v in vars_ if not _is_literal(v) and id(v) not in level.unknown_vars]
 
 
-def _run_trunk(level: _Level, consts, invals, residuals: list, top: bool, rewrites: tuple = (),
-               held: tuple[bool, ...] = ()) -> list:
+def _run_trunk(
+  level: _Level, consts, invals, residuals: list, top: bool, rewrites: tuple = (), held: tuple[bool, ...] = ()
+) -> list:
   """Evaluates the known equations and appends each known value that the tail reads, once, in a
   fixed order (the order :func:`_run_tail` reads them back). Unknown values come out as ``None``.
 
@@ -464,12 +517,14 @@ def _run_trunk(level: _Level, consts, invals, residuals: list, top: bool, rewrit
     else:
       inner = _inner_closed(eqn)
       held = tuple(_is_literal(v) or id(v) in emitted for v in eqn.invars)
-      _write(env, eqn.outvars, _run_trunk(kind, inner.consts, [_read(env, v) for v in eqn.invars], residuals, False,
-                                          rewrites, held))
+      _write(
+        env,
+        eqn.outvars,
+        _run_trunk(kind, inner.consts, [_read(env, v) for v in eqn.invars], residuals, False, rewrites, held),
+      )
   if top:
     emit(level.jaxpr.outvars)
-  return [None if not _is_literal(v) and id(v) in level.unknown_vars else _read(env, v)
-          for v in level.jaxpr.outvars]
+  return [None if not _is_literal(v) and id(v) in level.unknown_vars else _read(env, v) for v in level.jaxpr.outvars]
 
 
 # Primitives that open a new rematerialisation segment: the layers' heavy operations.
@@ -522,8 +577,9 @@ def _run_tail(level: _Level, consts, invals, residuals, top: bool, rewrites: tup
     if isinstance(kind, _Mapped):
       eqn = eqns[run[0]]
       pull([eqn.invars[i] for i in kind.tail_consts])
-      _write(env, eqn.outvars, _run_mapped_tail(kind, eqn, [_read(env, v) for v in eqn.invars], residuals, rewrites,
-                                                remat))
+      _write(
+        env, eqn.outvars, _run_mapped_tail(kind, eqn, [_read(env, v) for v in eqn.invars], residuals, rewrites, remat)
+      )
       continue
     if kind != "unknown":
       eqn = eqns[run[0]]
@@ -546,8 +602,12 @@ def _run_tail(level: _Level, consts, invals, residuals, top: bool, rewrites: tup
       continue
     defined = {id(v) for i in run for v in eqns[i].outvars}
     in_vars = {id(v): v for i in run for v in eqns[i].invars if not _is_literal(v) and id(v) not in defined}
-    out_vars = [v for i in run for v in eqns[i].outvars
-                if not isinstance(v, jex_core.DropVar) and needed_after.get(id(v), -1) > run[-1]]
+    out_vars = [
+      v
+      for i in run
+      for v in eqns[i].outvars
+      if not isinstance(v, jex_core.DropVar) and needed_after.get(id(v), -1) > run[-1]
+    ]
     fn = functools.partial(_eval_run, [eqns[i] for i in run], rewrites, tuple(in_vars), tuple(id(v) for v in out_vars))
     _write(env, out_vars, jax.checkpoint(fn)(*[env[i] for i in in_vars]))
   if top:
@@ -589,8 +649,7 @@ def _split_concat_conv(level: _Level, producers: dict, eqn, env: dict, rewrites:
     return None
   p = eqn.params
   source = producers.get(id(eqn.invars[0]))
-  if (source is None or level.kinds[source] != "unknown" or p["feature_group_count"] != 1
-      or p["batch_group_count"] != 1):
+  if source is None or level.kinds[source] != "unknown" or p["feature_group_count"] != 1 or p["batch_group_count"] != 1:
     return None
   concat = level.jaxpr.eqns[source]
   dn = p["dimension_numbers"]
@@ -599,7 +658,7 @@ def _split_concat_conv(level: _Level, producers: dict, eqn, env: dict, rewrites:
   known = [not _is_literal(v) and id(v) not in level.unknown_vars for v in concat.invars]
   if all(known) or not any(known) or any(_is_literal(v) for v in concat.invars):
     return None
-  if concat.outvars[0].aval.dtype != np.float32:    # partial sums rounded in bf16 would lose precision
+  if concat.outvars[0].aval.dtype != np.float32:  # partial sums rounded in bf16 would lose precision
     return None
   parts = [_read(env, v) for v in concat.invars]
   rhs = _read(env, eqn.invars[1])
@@ -630,6 +689,7 @@ def _last_reads(level: _Level) -> dict:
 # ---------------------------------------------------------------------------------------------
 # Public entry point
 # ---------------------------------------------------------------------------------------------
+
 
 def _struct(x) -> jax.ShapeDtypeStruct:
   aval = jax.typeof(x)
@@ -672,7 +732,8 @@ def _unzip(fn, tunable_key, frozen_key, image_key):
   # the residual shapes, from an abstract evaluation of the trunk
   n_tunable = len(structs[0])
   residual_shapes = jax.eval_shape(
-      lambda known: _collect(level, closed.consts, [None] * n_tunable + list(known)), structs[1] + structs[2])
+    lambda known: _collect(level, closed.consts, [None] * n_tunable + list(known)), structs[1] + structs[2]
+  )
   return closed.consts, level, n_tunable, jax.tree.structure(out_shape), tuple(residual_shapes)
 
 
@@ -682,8 +743,9 @@ def _collect(level, consts, invals, rewrites: tuple = ()) -> list:
   return residuals
 
 
-def partition(fn: Callable, tunable: Any, frozen: Any, image: Any, *,
-              rewrites: tuple[str, ...] | None = None, remat: bool = False) -> Partition:
+def partition(
+  fn: Callable, tunable: Any, frozen: Any, image: Any, *, rewrites: tuple[str, ...] | None = None, remat: bool = False
+) -> Partition:
   """Unzips ``fn(tunable, frozen, image)`` into a trunk and a tail (see the module docstring).
 
   ``tunable``, ``frozen`` and ``image`` serve only for their structure, shapes and dtypes: they may
@@ -718,10 +780,11 @@ def partition(fn: Callable, tunable: Any, frozen: Any, image: Any, *,
   if unknown:
     raise ValueError(f"unknown rewrite(s) {unknown}; choose from {sorted(REWRITES)}")
   if "onednn_conv" in rewrites:
-    kernels.resolve_conv_backend("onednn")     # a clear error where the kernels cannot run
+    kernels.resolve_conv_backend("onednn")  # a clear error where the kernels cannot run
   rewrites = tuple(rewrites)
-  consts, level, n_tunable, out_treedef, residual_shapes = _unzip(fn, structure_key(tunable), structure_key(frozen),
-                                                                structure_key(image))
+  consts, level, n_tunable, out_treedef, residual_shapes = _unzip(
+    fn, structure_key(tunable), structure_key(frozen), structure_key(image)
+  )
 
   def trunk(frozen, image):
     return _collect(level, consts, [None] * n_tunable + jax.tree.leaves(frozen) + jax.tree.leaves(image), rewrites)

@@ -19,10 +19,9 @@ Model surgery for the experiments (a class the network never learnt, a class it 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any, NamedTuple
-
-import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -30,12 +29,10 @@ import numpy as np
 from flax import nnx
 
 from scribblejax import marks as marks_lib
-from scribblejax._checks import is_finite_number
-from scribblejax.refinement.merge import new_marks_of, progressive_merge, unsure
-from scribblejax.models.ordering import layer_order
-from scribblejax.params import head, last_layers, norm_affine, split_params
 from scribblejax.config import RefineConfig
+from scribblejax.params import head, last_layers, norm_affine, split_params
 from scribblejax.refinement import compute_trunk, predict, refine
+from scribblejax.refinement.merge import new_marks_of, progressive_merge, unsure
 
 
 class Method(NamedTuple):
@@ -50,6 +47,7 @@ class Method(NamedTuple):
     warmup: ``image -> None``: compiles what ``init``/``update`` will run (timed apart); may do nothing.
     info: ``state -> dict``: per-interaction details (steps, satisfied), JSON-serialisable.
   """
+
   name: str
   init: Callable[[np.ndarray], Any]
   labels: Callable[[Any], np.ndarray]
@@ -66,6 +64,7 @@ def _no_warmup(image: np.ndarray) -> None:
 # The initial prediction
 # ---------------------------------------------------------------------------------------------
 
+
 def initial_method(model: nnx.Module, *, example: Any = None) -> Method:
   """The network's own prediction, unchanged by any mark.
 
@@ -79,19 +78,27 @@ def initial_method(model: nnx.Module, *, example: Any = None) -> Method:
   def init(image):
     return np.asarray(jnp.argmax(predict(split, image), -1), np.int32)
 
-  return Method("initial", init, lambda s: s, lambda s, marks: s,
-                lambda image: jax.block_until_ready(predict(split, image)), lambda s: {})
+  return Method(
+    "initial",
+    init,
+    lambda s: s,
+    lambda s, marks: s,
+    lambda image: jax.block_until_ready(predict(split, image)),
+    lambda s: {},
+  )
 
 
 # ---------------------------------------------------------------------------------------------
 # Random walker
 # ---------------------------------------------------------------------------------------------
 
+
 class WalkerState(NamedTuple):
   """State of the random-walker baseline."""
-  image: np.ndarray           # float[*spatial, C]
-  labels: np.ndarray          # int32[*spatial]: current segmentation
-  seeded: bool                # whether the last update ran the random walker (>= 2 classes marked)
+
+  image: np.ndarray  # float[*spatial, C]
+  labels: np.ndarray  # int32[*spatial]: current segmentation
+  seeded: bool  # whether the last update ran the random walker (>= 2 classes marked)
 
 
 def random_walker_labels(image: np.ndarray, marks: np.ndarray, beta: float = 130.0) -> np.ndarray | None:
@@ -107,6 +114,7 @@ def random_walker_labels(image: np.ndarray, marks: np.ndarray, beta: float = 130
     needs at least two seeds' classes to separate anything).
   """
   from skimage.segmentation import random_walker
+
   marks = np.asarray(marks)
   present = np.unique(marks[marks >= 0])
   if len(present) < 2:
@@ -130,8 +138,13 @@ def random_walker_labels(image: np.ndarray, marks: np.ndarray, beta: float = 130
   return present[np.asarray(out) - 1].astype(np.int32)
 
 
-def random_walker_method(model: nnx.Module | None, beta: float = 130.0, *,
-                         initial: Callable[[np.ndarray], np.ndarray] | None = None, example: Any = None) -> Method:
+def random_walker_method(
+  model: nnx.Module | None,
+  beta: float = 130.0,
+  *,
+  initial: Callable[[np.ndarray], np.ndarray] | None = None,
+  example: Any = None,
+) -> Method:
   """Random walker seeded by the marks so far.
 
   Before any interaction, and while fewer than two classes are marked, the segmentation is the
@@ -168,29 +181,31 @@ def random_walker_method(model: nnx.Module | None, beta: float = 130.0, *,
     if split is not None:
       jax.block_until_ready(predict(split, image))
 
-  return Method("random_walker", init, lambda s: s.labels, update, warmup,
-                lambda s: {"walker_ran": bool(s.seeded)})
+  return Method("random_walker", init, lambda s: s.labels, update, warmup, lambda s: {"walker_ran": bool(s.seeded)})
 
 
 # ---------------------------------------------------------------------------------------------
 # Refinement (the paper's method), of the head only or of the last l layers
 # ---------------------------------------------------------------------------------------------
 
+
 class RefineMethodState(NamedTuple):
   """State of a refinement method."""
-  image: np.ndarray           # float32[*spatial, C]
-  labels: np.ndarray          # int32[*spatial]
-  num_steps: int              # steps of the last refinement (0 before any)
-  satisfied: bool             # every mark honoured after the last refinement
-  tunable: Any                # W_lam of the last refinement (None before any)
-  trunk: Any = None           # the frozen trunk's values for the image (computed once, with cache_trunk)
-  marks: Any = None           # int32[*spatial]: the marks of the last refinement (None before any)
-  free: Any = None            # bool[*spatial]: where the network was unsure (scribblejax.refinement.merge.unsure)
+
+  image: np.ndarray  # float32[*spatial, C]
+  labels: np.ndarray  # int32[*spatial]
+  num_steps: int  # steps of the last refinement (0 before any)
+  satisfied: bool  # every mark honoured after the last refinement
+  tunable: Any  # W_lam of the last refinement (None before any)
+  trunk: Any = None  # the frozen trunk's values for the image (computed once, with cache_trunk)
+  marks: Any = None  # int32[*spatial]: the marks of the last refinement (None before any)
+  free: Any = None  # bool[*spatial]: where the network was unsure (scribblejax.refinement.merge.unsure)
 
 
 @dataclasses.dataclass(frozen=True)
 class scale_and_bias:  # noqa: N801 (reads as a function at the call site, like the params selectors)
   """The per-channel scales and biases in the last ``layers`` layers: normalisation affines and biases."""
+
   layers: int
 
   def predicate(self, model: nnx.Module, example: Any):
@@ -199,8 +214,15 @@ class scale_and_bias:  # noqa: N801 (reads as a function at the call site, like 
     return lambda path: within(path) and (norms(path) or path[-1] == "bias")
 
 
-def refine_method(model: nnx.Module, layers: Any = 5, config: RefineConfig = RefineConfig(), *,
-                  continue_weights: bool = False, name: str | None = None, example: Any = None) -> Method:
+def refine_method(
+  model: nnx.Module,
+  layers: Any = 5,
+  config: RefineConfig = RefineConfig(),
+  *,
+  continue_weights: bool = False,
+  name: str | None = None,
+  example: Any = None,
+) -> Method:
   """Refinement; every interaction refines on all marks so far.
 
   Args:
@@ -238,8 +260,13 @@ def refine_method(model: nnx.Module, layers: Any = 5, config: RefineConfig = Ref
     labels = np.asarray(result.labels)
     if config.progressive_merge:
       labels = progressive_merge(state.labels, labels, new_marks_of(marks, state.marks), marks, free=state.free)
-    return state._replace(labels=labels, num_steps=int(result.num_steps), satisfied=bool(result.satisfied),
-                          tunable=result.tunable, marks=np.array(marks, np.int32))
+    return state._replace(
+      labels=labels,
+      num_steps=int(result.num_steps),
+      satisfied=bool(result.satisfied),
+      tunable=result.tunable,
+      marks=np.array(marks, np.int32),
+    )
 
   def warmup(image):
     image = np.asarray(image, np.float32)
@@ -248,40 +275,45 @@ def refine_method(model: nnx.Module, layers: Any = 5, config: RefineConfig = Ref
     jax.block_until_ready(predict(split, image, trunk=trunk))
     jax.block_until_ready(refine(split, image, empty, config, trunk=trunk).labels)
 
-  return Method(name, init, lambda s: s.labels, update, warmup,
-                lambda s: {"steps": s.num_steps, "satisfied": s.satisfied})
+  return Method(
+    name, init, lambda s: s.labels, update, warmup, lambda s: {"steps": s.num_steps, "satisfied": s.satisfied}
+  )
 
 
 def _is_regions(model: nnx.Module) -> bool:
   """A region-based network: its scores are sigmoids, no distribution over classes to be unsure in."""
   from scribblejax.models.regions import Regions
+
   return isinstance(model, Regions)
 
 
-def fbrs_method(model: nnx.Module, layers: int = 5, config: RefineConfig | None = None, *,
-                example: Any = None) -> Method:
+def fbrs_method(
+  model: nnx.Module, layers: int = 5, config: RefineConfig | None = None, *, example: Any = None
+) -> Method:
   """f-BRS-style correction: only the per-channel scales and biases of the last ``layers`` layers move.
 
   f-BRS (Sofiiuk et al., CVPR 2020) optimises a scale and a bias of intermediate features with
   L-BFGS and an inertia term. Here the same parameters (the normalisation affines and the biases)
   are tuned by Adam with the keep term as the inertia, in the library's loop.
   """
-  config = RefineConfig(optimizer="adam", learning_rate=1e-2, prox_weight=0.0, keep_weight=1.0) if config is None \
-      else config
+  config = (
+    RefineConfig(optimizer="adam", learning_rate=1e-2, prox_weight=0.0, keep_weight=1.0) if config is None else config
+  )
   return refine_method(model, scale_and_bias(layers), config, name="fbrs_scale_bias", example=example)
 
 
 METHODS = ("refine", "paper", "head", "fbrs", "random_walker", "initial")
 
 
-def make_method(kind: str, model: nnx.Module, *, layers: int = 5, config: RefineConfig = RefineConfig(),
-                example: Any = None) -> Method:
+def make_method(
+  kind: str, model: nnx.Module, *, layers: int = 5, config: RefineConfig = RefineConfig(), example: Any = None
+) -> Method:
   """A method by name: "refine" (last ``layers`` layers, ``config``), "paper" (the same, named so; give
   it ``RefineConfig.paper()``, with any changes), "head", "fbrs" (its own settings), "random_walker"
   or "initial" (``example``: an example batched input, for a model that states no layer order)."""
   if kind == "refine":
     return refine_method(model, layers, config, example=example)
-  if kind == "paper":          # config: RefineConfig.paper() with the caller's changes, as evaluate resolves it
+  if kind == "paper":  # config: RefineConfig.paper() with the caller's changes, as evaluate resolves it
     return refine_method(model, layers, config, name="paper", example=example)
   if kind == "fbrs":
     return fbrs_method(model, layers, example=example)

@@ -30,31 +30,32 @@ import numpy as np
 
 from scribblejax._checks import is_integer
 
-DATA_DIR = Path(__file__).resolve().parent.parent / "data"   # scribblejax/data: shipped with the package
+DATA_DIR = Path(__file__).resolve().parent.parent / "data"  # scribblejax/data: shipped with the package
 
-MNI_FILES = {name: f"mni152_brain/mni_icbm152_{name}_tal_nlin_sym_09a_converted.nii.gz"
-             for name in ("t1", "gm", "wm")}
+MNI_FILES = {name: f"mni152_brain/mni_icbm152_{name}_tal_nlin_sym_09a_converted.nii.gz" for name in ("t1", "gm", "wm")}
 TISSUE_CLASSES = ("background", "csf_other", "grey_matter", "white_matter")
-TISSUE_TRAIN_SLICES = (0, 95)       # axial slices z in [0, 95) of the 1 mm volume train
-TISSUE_TEST_SLICES = (105, 150)     # axial slices z in [105, 150) test
-BRAIN_THRESHOLD = 0.2               # brain = T1 / max(T1) > 0.2 (nilearn's brain-mask rule)
+TISSUE_TRAIN_SLICES = (0, 95)  # axial slices z in [0, 95) of the 1 mm volume train
+TISSUE_TEST_SLICES = (105, 150)  # axial slices z in [105, 150) test
+BRAIN_THRESHOLD = 0.2  # brain = T1 / max(T1) > 0.2 (nilearn's brain-mask rule)
 
 
 class Dataset(NamedTuple):
   """Images and labels with their split and class names."""
-  image: np.ndarray           # [*spatial, C] float32, as stored (no normalisation); [n, H, W, C] if stacked
-  labels: np.ndarray          # int32[*spatial]; int32[n, H, W] if stacked
+
+  image: np.ndarray  # [*spatial, C] float32, as stored (no normalisation); [n, H, W, C] if stacked
+  labels: np.ndarray  # int32[*spatial]; int32[n, H, W] if stacked
   class_names: tuple[str, ...]
-  train: tuple                # index (tuple of slices) of the training part
-  test: tuple                 # index of the test part (disjoint from train)
+  train: tuple  # index (tuple of slices) of the training part
+  test: tuple  # index of the test part (disjoint from train)
   spacing: tuple[float, ...]  # pixel spacing of the spatial axes (of one 2D image if stacked)
   affine: np.ndarray | None = None  # float64[4, 4] voxel -> world (mm) of the returned axes, if known
-  stacked: bool = False       # True: axis 0 indexes independent 2D images (e.g. the slices of a volume)
-  description: str = ""       # where the data and the label come from
+  stacked: bool = False  # True: axis 0 indexes independent 2D images (e.g. the slices of a volume)
+  description: str = ""  # where the data and the label come from
 
 
 def _read_tiff(path: Path) -> np.ndarray:
   import tifffile
+
   try:
     return tifffile.imread(path)
   except (OSError, ValueError) as err:
@@ -92,14 +93,21 @@ def nuclei2d(classes: str = "binary") -> Dataset:
     names = ("background", "nucleus")
   elif classes == "border":
     from skimage.segmentation import find_boundaries
+
     border = find_boundaries(instances, mode="inner") & (instances > 0)
     labels = np.where(border, 2, (instances > 0).astype(np.int32)).astype(np.int32)
     names = ("background", "interior", "border")
   else:
     raise ValueError(f"classes must be 'binary' or 'border', got {classes!r}")
-  return Dataset(image[..., None].astype(np.float32), labels, names,
-                 (slice(None), slice(0, 384)), (slice(None), slice(384, 512)), (1.0, 1.0),
-                 description="DSB 2018 nuclei field (stardist 0.9.2 wheel); label from the instance mask")
+  return Dataset(
+    image[..., None].astype(np.float32),
+    labels,
+    names,
+    (slice(None), slice(0, 384)),
+    (slice(None), slice(384, 512)),
+    (1.0, 1.0),
+    description="DSB 2018 nuclei field (stardist 0.9.2 wheel); label from the instance mask",
+  )
 
 
 def nuclei3d_instances() -> tuple[np.ndarray, np.ndarray]:
@@ -116,9 +124,16 @@ def nuclei3d() -> Dataset:
     A :class:`Dataset`; train = planes 0..15 of the first axis, test = planes 16..30.
   """
   image, instances = nuclei3d_instances()
-  return Dataset(image[..., None].astype(np.float32), (instances > 0).astype(np.int32),
-                 ("background", "nucleus"), (slice(0, 16),), (slice(16, None),), (1.0, 1.0, 1.0),
-                 affine=np.eye(4), description="synthetic 3D nuclei (stardist 0.9.2 wheel); spacing assumed 1")
+  return Dataset(
+    image[..., None].astype(np.float32),
+    (instances > 0).astype(np.int32),
+    ("background", "nucleus"),
+    (slice(0, 16),),
+    (slice(16, None),),
+    (1.0, 1.0, 1.0),
+    affine=np.eye(4),
+    description="synthetic 3D nuclei (stardist 0.9.2 wheel); spacing assumed 1",
+  )
 
 
 def mni152() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -129,6 +144,7 @@ def mni152() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     probability maps scaled to 0..255) and the ``float64[4, 4]`` voxel-to-world affine (1 mm voxels).
   """
   import nibabel as nib
+
   volumes = []
   for name in ("t1", "gm", "wm"):
     path = DATA_DIR / MNI_FILES[name]
@@ -165,9 +181,11 @@ def derive_tissue_labels(t1: np.ndarray, gm: np.ndarray, wm: np.ndarray) -> np.n
 
 
 def _tissue_description(extra: str) -> str:
-  return ("MNI152 ICBM 2009a nonlinear symmetric T1 template (nilearn 0.14.1 wheel); 4-class tissue label "
-          "DERIVED from the template's GM/WM probability maps: brain = T1/max(T1) > 0.2, inside it argmax of "
-          f"(1-GM-WM, GM, WM) -> 0 background, 1 CSF/other, 2 GM, 3 WM. {extra}")
+  return (
+    "MNI152 ICBM 2009a nonlinear symmetric T1 template (nilearn 0.14.1 wheel); 4-class tissue label "
+    "DERIVED from the template's GM/WM probability maps: brain = T1/max(T1) > 0.2, inside it argmax of "
+    f"(1-GM-WM, GM, WM) -> 0 background, 1 CSF/other, 2 GM, 3 WM. {extra}"
+  )
 
 
 def tissue2d() -> Dataset:
@@ -184,10 +202,17 @@ def tissue2d() -> Dataset:
   order = (2, 0, 1)
   permuted = affine.copy()
   permuted[:3, :3] = affine[:3, :3][:, list(order)]
-  return Dataset(np.transpose(t1, order)[..., None].astype(np.float32), np.ascontiguousarray(np.transpose(labels, order)),
-                 TISSUE_CLASSES, (slice(*TISSUE_TRAIN_SLICES),), (slice(*TISSUE_TEST_SLICES),), (1.0, 1.0),
-                 affine=permuted, stacked=True,
-                 description=_tissue_description("Axial 1 mm slices; train z in [0, 95), test z in [105, 150)."))
+  return Dataset(
+    np.transpose(t1, order)[..., None].astype(np.float32),
+    np.ascontiguousarray(np.transpose(labels, order)),
+    TISSUE_CLASSES,
+    (slice(*TISSUE_TRAIN_SLICES),),
+    (slice(*TISSUE_TEST_SLICES),),
+    (1.0, 1.0),
+    affine=permuted,
+    stacked=True,
+    description=_tissue_description("Axial 1 mm slices; train z in [0, 95), test z in [105, 150)."),
+  )
 
 
 def tissue3d(factor: int = 3) -> Dataset:
@@ -209,23 +234,35 @@ def tissue3d(factor: int = 3) -> Dataset:
     raise ValueError(f"factor must be a positive integer, got {factor!r}")
   factor = int(factor)
   from skimage.transform import downscale_local_mean
+
   t1, gm, wm, affine = mni152()
   if factor > 1:
     t1, gm, wm = (downscale_local_mean(v.astype(np.float64), (factor,) * 3) for v in (t1, gm, wm))
     affine = affine.copy()
     affine[:3, :3] = affine[:3, :3] * factor
-    affine[:3, 3] += affine[:3, :3].sum(1) / factor * (factor - 1) / 2   # block centre of voxel 0
+    affine[:3, 3] += affine[:3, :3].sum(1) / factor * (factor - 1) / 2  # block centre of voxel 0
   labels = derive_tissue_labels(t1, gm, wm)
   train = (slice(None), slice(None), slice(TISSUE_TRAIN_SLICES[0] // factor, TISSUE_TRAIN_SLICES[1] // factor))
   test = (slice(None), slice(None), slice(-(-TISSUE_TEST_SLICES[0] // factor), -(-TISSUE_TEST_SLICES[1] // factor)))
   if train[2].start >= train[2].stop or test[2].start >= test[2].stop:
-    raise ValueError(f"downsampling by {factor} leaves no {'training' if train[2].start >= train[2].stop else 'test'} "
-                     "slice; use a smaller factor")
+    raise ValueError(
+      f"downsampling by {factor} leaves no {'training' if train[2].start >= train[2].stop else 'test'} "
+      "slice; use a smaller factor"
+    )
   spacing = tuple(float(s) for s in np.linalg.norm(affine[:3, :3], axis=0))
-  return Dataset(np.asarray(t1, np.float32)[..., None], labels, TISSUE_CLASSES, train, test, spacing,
-                 affine=affine, description=_tissue_description(
-                     f"Downsampled by {factor} (block means of T1, GM, WM; label derived after downsampling); "
-                     f"train z in [{train[2].start}, {train[2].stop}), test z in [{test[2].start}, {test[2].stop})."))
+  return Dataset(
+    np.asarray(t1, np.float32)[..., None],
+    labels,
+    TISSUE_CLASSES,
+    train,
+    test,
+    spacing,
+    affine=affine,
+    description=_tissue_description(
+      f"Downsampled by {factor} (block means of T1, GM, WM; label derived after downsampling); "
+      f"train z in [{train[2].start}, {train[2].stop}), test z in [{test[2].start}, {test[2].stop})."
+    ),
+  )
 
 
 DATASETS = {"nuclei2d": nuclei2d, "tissue2d": tissue2d, "tissue3d": tissue3d, "nuclei3d": nuclei3d}

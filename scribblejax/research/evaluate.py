@@ -70,6 +70,7 @@ class EvalConfig:
     grow_max_distance: most layers a mark grows (``None``: unbounded).
     taus: Dice thresholds for NoC.
   """
+
   interactions: int = 5
   mark_kind: str = "scribble"
   radius: int = 1
@@ -97,9 +98,10 @@ class EvalConfig:
 
 class Case(NamedTuple):
   """One image to correct."""
+
   name: str
-  image: np.ndarray                 # float32[*spatial, C], already normalised for the model
-  truth: np.ndarray                 # int32[*spatial]
+  image: np.ndarray  # float32[*spatial, C], already normalised for the model
+  truth: np.ndarray  # int32[*spatial]
   num_classes: int
   class_names: tuple[str, ...]
 
@@ -124,8 +126,9 @@ def make_case(name: str, image: Any, truth: Any, num_classes: int, class_names: 
     raise ValueError(f"the label map must be an integer array, got dtype {truth.dtype}")
   truth = truth.astype(np.int64)
   if truth.size and (truth.min() < 0 or truth.max() >= num_classes):
-    raise ValueError(f"label values {int(truth.min())}..{int(truth.max())} lie outside the {num_classes} classes "
-                     f"0..{num_classes - 1}")
+    raise ValueError(
+      f"label values {int(truth.min())}..{int(truth.max())} lie outside the {num_classes} classes 0..{num_classes - 1}"
+    )
   if not np.all(np.isfinite(image)):
     raise ValueError("the image contains NaN or Inf values")
   if class_names and len(class_names) != num_classes:
@@ -138,8 +141,14 @@ def _json_float(x: float) -> float | None:
   return None if x is None or not np.isfinite(x) else float(x)
 
 
-def next_marks(marks: np.ndarray, drawn: np.ndarray, new: np.ndarray, image: np.ndarray, region_growing: float,
-               max_distance: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def next_marks(
+  marks: np.ndarray,
+  drawn: np.ndarray,
+  new: np.ndarray,
+  image: np.ndarray,
+  region_growing: float,
+  max_distance: int | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """One interaction's marks: the new drawn marks, grown (``region_growing`` > 0), over the marks so far.
 
   What the user drew before stands: growth neither replaces nor crosses it. What earlier growth
@@ -200,20 +209,31 @@ def run_case(case: Case, method: Method, config: EvalConfig = EvalConfig(), *, l
   per_class = [metrics.dice_per_class(labels, case.truth, k)]
   seconds, marked, classes_marked, corrected, info, honoured, satisfied = [], [], [], [], [], [], []
   marks = np.full(case.truth.shape, UNMARKED, np.int32)
-  drawn = marks                # the simulated user's own marks so far (without region growing's)
+  drawn = marks  # the simulated user's own marks so far (without region growing's)
   stopped, reason = None, None
   for i in range(1, config.interactions + 1):
     # never where the user drew before; where growth inferred a wrong class, the user may mark again
-    new = robot_marks(config.mark_kind, i, labels, case.truth, k, radius=config.radius,
-                      max_length=config.max_length, per_class=config.per_class,
-                      ignore_border=config.ignore_border, marked=drawn >= 0)
+    new = robot_marks(
+      config.mark_kind,
+      i,
+      labels,
+      case.truth,
+      k,
+      radius=config.radius,
+      max_length=config.max_length,
+      per_class=config.per_class,
+      ignore_border=config.ignore_border,
+      marked=drawn >= 0,
+    )
     new = np.where(drawn >= 0, UNMARKED, new).astype(np.int32)
     if not (new >= 0).any():
       stopped = i - 1
       reason = "perfect" if np.array_equal(labels, case.truth) else "no new error to mark"
       if reason != "perfect" and log is not None:
-        log(f"{case.name} / {method.name}: after {stopped} interaction(s) the simulated user finds no new error "
-            f"to mark (Dice {dice[-1]:.3f}); the remaining interactions repeat it")
+        log(
+          f"{case.name} / {method.name}: after {stopped} interaction(s) the simulated user finds no new error "
+          f"to mark (Dice {dice[-1]:.3f}); the remaining interactions repeat it"
+        )
       break
     marks, drawn, new = next_marks(marks, drawn, new, case.image, config.region_growing, config.grow_max_distance)
     before = labels
@@ -229,27 +249,38 @@ def run_case(case: Case, method: Method, config: EvalConfig = EvalConfig(), *, l
     info.append(method.info(state))
     honoured.append(marks_honoured(labels, marks))
     satisfied.append(honoured[-1] == 1.0)
-  if stopped is not None:        # what the user left stays as it is
+  if stopped is not None:  # what the user left stays as it is
     dice += [dice[-1]] * (config.interactions - stopped)
   timing = metrics.timing_summary(seconds, compile_seconds)
   noc = metrics.noc_summary(dice, config.taus)
   return {
-      "case": case.name, "method": method.name, "num_classes": k, "class_names": list(case.class_names),
-      "mark_kind": config.mark_kind, "interactions": config.interactions,
-      "region_growing": config.region_growing, "max_length": config.max_length,
-      "dice_per_interaction": [_json_float(d) for d in dice],
-      "dice_per_class": [[_json_float(x) for x in d] for d in per_class],
-      "noc": {t: v["noc"] for t, v in noc.items()},
-      "noc_reached": {t: v["reached"] for t, v in noc.items()},
-      "dice_auc": dice_auc(dice),
-      "marks_honoured": honoured, "satisfied": satisfied,
-      "rounds_unsatisfied": int(sum(not s for s in satisfied)),
-      "network_unsatisfied": int(sum(not x["satisfied"] for x in info if "satisfied" in x)),
-      "seconds_per_interaction": timing["seconds_per_interaction"],
-      "mean_seconds": _json_float(timing["mean_seconds"]),
-      "compile_seconds": timing["compile_seconds"], "initial_seconds": initial_seconds,
-      "marked_pixels": marked, "classes_marked": classes_marked, "classes_corrected": corrected,
-      "method_info": info, "stopped_early": stopped, "stop_reason": reason,
+    "case": case.name,
+    "method": method.name,
+    "num_classes": k,
+    "class_names": list(case.class_names),
+    "mark_kind": config.mark_kind,
+    "interactions": config.interactions,
+    "region_growing": config.region_growing,
+    "max_length": config.max_length,
+    "dice_per_interaction": [_json_float(d) for d in dice],
+    "dice_per_class": [[_json_float(x) for x in d] for d in per_class],
+    "noc": {t: v["noc"] for t, v in noc.items()},
+    "noc_reached": {t: v["reached"] for t, v in noc.items()},
+    "dice_auc": dice_auc(dice),
+    "marks_honoured": honoured,
+    "satisfied": satisfied,
+    "rounds_unsatisfied": int(sum(not s for s in satisfied)),
+    "network_unsatisfied": int(sum(not x["satisfied"] for x in info if "satisfied" in x)),
+    "seconds_per_interaction": timing["seconds_per_interaction"],
+    "mean_seconds": _json_float(timing["mean_seconds"]),
+    "compile_seconds": timing["compile_seconds"],
+    "initial_seconds": initial_seconds,
+    "marked_pixels": marked,
+    "classes_marked": classes_marked,
+    "classes_corrected": corrected,
+    "method_info": info,
+    "stopped_early": stopped,
+    "stop_reason": reason,
   }
 
 
@@ -266,6 +297,7 @@ def device_name() -> str:
 # ---------------------------------------------------------------------------------------------
 # Writing results: JSON, a markdown table and a PNG plot, each atomically
 # ---------------------------------------------------------------------------------------------
+
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
   """Writes ``obj`` as indented JSON, atomically."""
@@ -319,26 +351,40 @@ def results_table(results: Sequence[dict]) -> str:
     rows.append(row)
   taus = list(results[0]["noc"])
   cols = ["case", "method", "marks"] + [f"d{i}" for i in range(n)] + [f"noc{t}" for t in taus] + ["s", "compile"]
-  head = (["case", "method", "marks"] + [f"Dice@{i}" for i in range(n)] + [f"NoC@{t}" for t in taus]
-          + ["s/interaction", "compile s"])
-  return markdown_table(rows, cols, head) + ("\nDice@i: mean foreground Dice after i interactions (0: the "
-                                             "network alone). NoC@tau: interactions to reach tau; '+' = not "
-                                             "reached within the interactions run (capped). s/interaction: "
-                                             "mean over interactions of compiled code; compile s: warm-up "
-                                             "apart.\n")
+  head = (
+    ["case", "method", "marks"]
+    + [f"Dice@{i}" for i in range(n)]
+    + [f"NoC@{t}" for t in taus]
+    + ["s/interaction", "compile s"]
+  )
+  return markdown_table(rows, cols, head) + (
+    "\nDice@i: mean foreground Dice after i interactions (0: the "
+    "network alone). NoC@tau: interactions to reach tau; '+' = not "
+    "reached within the interactions run (capped). s/interaction: "
+    "mean over interactions of compiled code; compile s: warm-up "
+    "apart.\n"
+  )
 
 
-def plot_curves(path: str | os.PathLike, curves: dict[str, Sequence[float]], *, title: str = "",
-                xlabel: str = "interaction", ylabel: str = "mean foreground Dice",
-                x: Sequence | None = None) -> None:
+def plot_curves(
+  path: str | os.PathLike,
+  curves: dict[str, Sequence[float]],
+  *,
+  title: str = "",
+  xlabel: str = "interaction",
+  ylabel: str = "mean foreground Dice",
+  x: Sequence | None = None,
+) -> None:
   """A line plot of named curves, written atomically as PNG."""
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+
   fig, ax = plt.subplots(figsize=(5.5, 3.6))
   for name, ys in curves.items():
     ys = [np.nan if y is None else y for y in ys]
-    xs = list(range(len(ys))) if x is None else list(x)[:len(ys)]
+    xs = list(range(len(ys))) if x is None else list(x)[: len(ys)]
     ax.plot(xs, ys, marker="o", ms=3, label=name)
   ax.set_xlabel(xlabel)
   ax.set_ylabel(ylabel)
@@ -354,8 +400,17 @@ def plot_curves(path: str | os.PathLike, curves: dict[str, Sequence[float]], *, 
     plt.close(fig)
 
 
-def write_results(out_dir: str | os.PathLike, name: str, payload: dict, results: Sequence[dict], *,
-                  table: str | None = None, curves: dict | None = None, title: str = "", **plot_kw) -> dict:
+def write_results(
+  out_dir: str | os.PathLike,
+  name: str,
+  payload: dict,
+  results: Sequence[dict],
+  *,
+  table: str | None = None,
+  curves: dict | None = None,
+  title: str = "",
+  **plot_kw,
+) -> dict:
   """Writes ``out_dir/name.json``, ``name.md`` and ``name.png`` (Dice curves of ``results``)."""
   out = Path(out_dir)
   write_json(out / f"{name}.json", payload)
@@ -364,8 +419,9 @@ def write_results(out_dir: str | os.PathLike, name: str, payload: dict, results:
   text += f"\nmachine: {payload.get('device', device_name())}; size: {payload.get('size', '-')}\n"
   write_text(out / f"{name}.md", text)
   if curves is None:
-    curves = {f"{r.get('case', '')} {r['method']} {r.get('mark_kind', '')}".strip(): r["dice_per_interaction"]
-              for r in results}
+    curves = {
+      f"{r.get('case', '')} {r['method']} {r.get('mark_kind', '')}".strip(): r["dice_per_interaction"] for r in results
+    }
   plot_curves(out / f"{name}.png", curves, title=title or name, **plot_kw)
   return payload
 
@@ -375,21 +431,27 @@ def write_results(out_dir: str | os.PathLike, name: str, payload: dict, results:
 # ---------------------------------------------------------------------------------------------
 
 # task -> the built-in backbone it uses by default
-TASK_MODELS = {"nuclei2d": "nuclei2d", "nuclei3d_slices": "nuclei2d", "tissue2d": "tissue2d",
-               "tissue2d_shifted": "tissue2d", "tissue3d": "tissue3d"}
+TASK_MODELS = {
+  "nuclei2d": "nuclei2d",
+  "nuclei3d_slices": "nuclei2d",
+  "tissue2d": "tissue2d",
+  "tissue2d_shifted": "tissue2d",
+  "tissue3d": "tissue3d",
+}
 TASKS = tuple(TASK_MODELS)
 FALLBACK_NORMALIZATION = {"kind": "percentile", "lower": 1.0, "upper": 99.8}
-TISSUE_TEST_SLICE = 125          # the axial slice (z, 1 mm) of the 2D tissue case: inside the test range 105..149
+TISSUE_TEST_SLICE = 125  # the axial slice (z, 1 mm) of the 2D tissue case: inside the test range 105..149
 
 
 class Backbone(NamedTuple):
   """A model with what the harness needs to know about it."""
+
   model: Any
-  name: str                       # built-in name or folder
+  name: str  # built-in name or folder
   normalization: Any
   class_names: tuple[str, ...] | None
   num_classes: int
-  info: Any = None                # the stored model's ModelInfo (None for a backbone built here)
+  info: Any = None  # the stored model's ModelInfo (None for a backbone built here)
 
 
 def cache_dir() -> Path:
@@ -411,6 +473,7 @@ def _num_classes(model, info) -> int:
 def load_backbone(name_or_path: str | os.PathLike) -> Backbone:
   """A built-in model by name or a saved model folder (see :func:`scribblejax.load_model`)."""
   from scribblejax.models.store import load_model
+
   model, info = load_model(name_or_path)
   return Backbone(model, str(name_or_path), info.normalization, info.class_names, _num_classes(model, info), info)
 
@@ -419,6 +482,7 @@ def fallback_nuclei2d(train_steps: int = 300, log=print) -> Backbone:
   """The shipped ``nuclei2d`` model, or (until it ships) a 16/32/64 U-Net trained on the DSB training
   columns for ``train_steps`` Adam steps, cached under :func:`cache_dir`."""
   from scribblejax.models.store import builtin_models, save_model
+
   if "nuclei2d" in builtin_models():
     return load_backbone("nuclei2d")
   folder = cache_dir() / f"fallback_nuclei2d_{train_steps}"
@@ -430,20 +494,33 @@ def fallback_nuclei2d(train_steps: int = 300, log=print) -> Backbone:
   from scribblejax.pipeline.normalization import normalize
   from scribblejax.research import data
   from scribblejax.research.train import TrainConfig, train_segmenter
+
   ds = data.nuclei2d("binary")
   kwargs = dict(spatial_dims=2, in_channels=1, num_classes=2, channels=[16, 32, 64])
   model = UNet(**kwargs, rngs=nnx.Rngs(0))
   log(f"no shipped nuclei2d weights: training a fallback U-Net for {train_steps} steps")
-  train_segmenter(model, normalize(ds.image, FALLBACK_NORMALIZATION)[ds.train], ds.labels[ds.train],
-                  TrainConfig(steps=train_steps, crop=96, batch_size=4))
-  save_model(folder, model, family="scribblejax.UNet", kwargs=kwargs, normalization=FALLBACK_NORMALIZATION,
-             class_names=list(ds.class_names), metadata={"note": f"fallback, {train_steps} Adam steps"},
-             overwrite=True)
+  train_segmenter(
+    model,
+    normalize(ds.image, FALLBACK_NORMALIZATION)[ds.train],
+    ds.labels[ds.train],
+    TrainConfig(steps=train_steps, crop=96, batch_size=4),
+  )
+  save_model(
+    folder,
+    model,
+    family="scribblejax.UNet",
+    kwargs=kwargs,
+    normalization=FALLBACK_NORMALIZATION,
+    class_names=list(ds.class_names),
+    metadata={"note": f"fallback, {train_steps} Adam steps"},
+    overwrite=True,
+  )
   return load_backbone(folder)._replace(name=f"fallback nuclei2d ({train_steps} steps, {folder})")
 
 
-def resolve_backbone(name_or_path: str | os.PathLike | None, task: str | None = None, *,
-                     train_steps: int = 300) -> Backbone:
+def resolve_backbone(
+  name_or_path: str | os.PathLike | None, task: str | None = None, *, train_steps: int = 300
+) -> Backbone:
   """The model named (built-in or folder), or the task's default built-in one.
 
   Raises:
@@ -451,6 +528,7 @@ def resolve_backbone(name_or_path: str | os.PathLike | None, task: str | None = 
       trained-on-the-fly fallback).
   """
   from scribblejax.models.store import builtin_models
+
   if name_or_path is not None:
     return load_backbone(name_or_path)
   if task is None:
@@ -501,6 +579,7 @@ def task_case(task: str, backbone: Backbone, crop: int | Sequence[int] | None = 
   """
   from scribblejax.pipeline.normalization import normalize
   from scribblejax.research import data
+
   if task not in TASKS:
     raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
   if task == "nuclei2d":

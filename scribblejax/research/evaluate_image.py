@@ -39,9 +39,23 @@ from scribblejax.app import compile_timer
 from scribblejax.config import RefineConfig
 from scribblejax.io.images import Image, read_image
 from scribblejax.params import head, last_layers, split_params
-from scribblejax.pipeline import (Fitted, InferenceOptions, Network, cover_marks, fit_image, labels_from_logits,
-                                  loop_split, network_input, network_logits, prepare, refined_logits, same_tree,
-                                  spec_of, to_model, unsure_on_image)
+from scribblejax.pipeline import (
+  Fitted,
+  InferenceOptions,
+  Network,
+  cover_marks,
+  fit_image,
+  labels_from_logits,
+  loop_split,
+  network_input,
+  network_logits,
+  prepare,
+  refined_logits,
+  same_tree,
+  spec_of,
+  to_model,
+  unsure_on_image,
+)
 from scribblejax.refinement import compute_trunk, predict, progressive_merge, refine
 from scribblejax.refinement.merge import new_marks_of
 from scribblejax.research.baselines import METHODS, Method, random_walker_method
@@ -58,6 +72,7 @@ class Pipeline(NamedTuple):
     inference: the options it was prepared with.
     layers: the tunable last layers of ``split``.
   """
+
   network: Any
   split: Any
   fitted: Fitted
@@ -67,21 +82,23 @@ class Pipeline(NamedTuple):
 
 class PipelineRefineState(NamedTuple):
   """State of a refinement through the pipeline."""
-  labels: np.ndarray          # int32[*image_spatial]: the current segmentation on the image's grid
-  num_steps: int              # steps of the last refinement (0 before any)
-  satisfied: bool             # the loop honoured every mark on the model's grid
-  honoured: float             # the fraction of marked image pixels the segmentation gives their class
-  patches: int                # patches the last loop ran (0: the whole image)
-  compile_seconds: float      # of the last update (patches: each new set of patches compiles anew)
-  tunable: Any = None         # W_lam of the last refinement, in the network's structure
-  trunk: Any = None           # the frozen trunk on the whole image (no patches, cache_trunk)
-  marks: Any = None           # int32[*image_spatial]: the marks so far, as the last update saw them
-  model_marks: Any = None     # int32[*model_spatial]: those marks on the model's grid, newest on top
-  free: Any = None            # bool[*image_spatial]: where the network was unsure (progressive merge)
+
+  labels: np.ndarray  # int32[*image_spatial]: the current segmentation on the image's grid
+  num_steps: int  # steps of the last refinement (0 before any)
+  satisfied: bool  # the loop honoured every mark on the model's grid
+  honoured: float  # the fraction of marked image pixels the segmentation gives their class
+  patches: int  # patches the last loop ran (0: the whole image)
+  compile_seconds: float  # of the last update (patches: each new set of patches compiles anew)
+  tunable: Any = None  # W_lam of the last refinement, in the network's structure
+  trunk: Any = None  # the frozen trunk on the whole image (no patches, cache_trunk)
+  marks: Any = None  # int32[*image_spatial]: the marks so far, as the last update saw them
+  model_marks: Any = None  # int32[*model_spatial]: those marks on the model's grid, newest on top
+  free: Any = None  # bool[*image_spatial]: where the network was unsure (progressive merge)
 
 
-def prepare_pipeline(model: Any, info: Any, image: Image, layers: int | None = None,
-                     inference: InferenceOptions = InferenceOptions()) -> Pipeline:
+def prepare_pipeline(
+  model: Any, info: Any, image: Image, layers: int | None = None, inference: InferenceOptions = InferenceOptions()
+) -> Pipeline:
   """The model's pipeline on one image, as ``refine`` prepares it.
 
   Args:
@@ -119,8 +136,9 @@ def image_grid_input(image: Image, pipe: Pipeline) -> np.ndarray:
   return np.ascontiguousarray(array)
 
 
-def image_case(name: str, image: Image, truth: np.ndarray, pipe: Pipeline, num_classes: int,
-               class_names: Sequence[str] | None = None):
+def image_case(
+  name: str, image: Image, truth: np.ndarray, pipe: Pipeline, num_classes: int, class_names: Sequence[str] | None = None
+):
   """A :class:`scribblejax.research.evaluate.Case` on the image's own grid: the label map as read and the
   image as :func:`image_grid_input` gives it.
 
@@ -140,8 +158,9 @@ def read_label(image: Image, label_path: str, num_classes: int, add_classes: int
   if label.ndim == image.array.ndim and label.shape[-1] == 1:
     label = label[..., 0]
   if label.shape != image.array.shape[:-1]:
-    raise ValueError(f"image {image.path} has spatial shape {image.array.shape[:-1]} but label {label_path} has "
-                     f"shape {label.shape}")
+    raise ValueError(
+      f"image {image.path} has spatial shape {image.array.shape[:-1]} but label {label_path} has shape {label.shape}"
+    )
   if label.dtype.kind == "f" and not np.all(label == np.round(label)):
     raise ValueError(f"label {label_path} holds non-integer values")
   label = label.astype(np.int64)
@@ -151,13 +170,22 @@ def read_label(image: Image, label_path: str, num_classes: int, add_classes: int
   n = num_classes
   if top >= n + add_classes:
     hint = "" if add_classes else "; pass --add-classes K to append output classes for them"
-    raise ValueError(f"label {label_path} has values up to {top} but the model has {n} classes "
-                     f"(0..{n - 1}){' + ' + str(add_classes) + ' added' if add_classes else ''}{hint}")
+    raise ValueError(
+      f"label {label_path} has values up to {top} but the model has {n} classes "
+      f"(0..{n - 1}){' + ' + str(add_classes) + ' added' if add_classes else ''}{hint}"
+    )
   return label
 
 
-def file_case(image_path: str, label_path: str, backbone: Any, model: Any, layers: int | None,
-              inference: InferenceOptions = InferenceOptions(), add_classes: int = 0):
+def file_case(
+  image_path: str,
+  label_path: str,
+  backbone: Any,
+  model: Any,
+  layers: int | None,
+  inference: InferenceOptions = InferenceOptions(),
+  add_classes: int = 0,
+):
   """A case given by an image file and a label file, and the model's pipeline on the image (axes,
   channels, crop, normalisation, spacing, patches: as ``scribblejax refine`` runs it).
 
@@ -183,8 +211,9 @@ def file_case(image_path: str, label_path: str, backbone: Any, model: Any, layer
   n = backbone.num_classes
   label = read_label(img, label_path, n, add_classes)
   pipe = prepare_pipeline(model, backbone.info, img, layers, inference)
-  names = (list(backbone.class_names or [f"class {c}" for c in range(n)])
-           + [f"added {c}" for c in range(n, n + add_classes)])
+  names = list(backbone.class_names or [f"class {c}" for c in range(n)]) + [
+    f"added {c}" for c in range(n, n + add_classes)
+  ]
   return image_case(Path(image_path).name, img, label, pipe, n + add_classes, names), pipe
 
 
@@ -207,8 +236,14 @@ def effective_config(pipe: Pipeline, config: Any) -> Any:
   return config
 
 
-def pipeline_refine_method(pipe: Pipeline, config: Any = None, *, head_only: bool = False,
-                           continue_weights: bool = False, name: str | None = None):
+def pipeline_refine_method(
+  pipe: Pipeline,
+  config: Any = None,
+  *,
+  head_only: bool = False,
+  continue_weights: bool = False,
+  name: str | None = None,
+):
   """The paper's refinement through the model's pipeline; each interaction refines on all marks so
   far, on the model's grid (patches holding marks only, where the network runs patch by patch).
 
@@ -243,7 +278,7 @@ def pipeline_refine_method(pipe: Pipeline, config: Any = None, *, head_only: boo
     return PipelineRefineState(labels_from_logits(logits, fitted), 0, True, 1.0, 0, 0.0, None, trunk, free=free)
 
   def update(state, marks):
-    marks = np.array(marks, np.int32)              # a copy: the caller may change its array later
+    marks = np.array(marks, np.int32)  # a copy: the caller may change its array later
     previous_marks = state.marks
     # as a refine session does: each interaction's new marks go to the model's grid and over the earlier
     # ones there, so where marks of two interactions share a voxel of a coarser grid, the newer holds
@@ -253,10 +288,11 @@ def pipeline_refine_method(pipe: Pipeline, config: Any = None, *, head_only: boo
       new = np.where(marks != state.marks, marks, -1)
       model_marks = marks_lib.accumulate(state.model_marks, to_model(new, fitted))
     state = state._replace(marks=marks, model_marks=model_marks)
-    model_marks = cover_marks(model_marks, marks, fitted)         # as refine: the way back's voxels too
-    if not (model_marks >= 0).any():        # every mark outside the crop: the pipeline gives background there
-      return state._replace(num_steps=0, satisfied=False, honoured=_honoured(state.labels, marks), patches=0,
-                            compile_seconds=0.0)
+    model_marks = cover_marks(model_marks, marks, fitted)  # as refine: the way back's voxels too
+    if not (model_marks >= 0).any():  # every mark outside the crop: the pipeline gives background there
+      return state._replace(
+        num_steps=0, satisfied=False, honoured=_honoured(state.labels, marks), patches=0, compile_seconds=0.0
+      )
     with compile_timer() as compiled:
       if whole:
         loop, image, loop_marks, patches = whole_loop, fitted.image, model_marks, 0
@@ -270,9 +306,15 @@ def pipeline_refine_method(pipe: Pipeline, config: Any = None, *, head_only: boo
     labels = labels_from_logits(logits, fitted)
     if config.progressive_merge:
       labels = progressive_merge(state.labels, labels, new_marks_of(marks, previous_marks), marks, free=state.free)
-    return state._replace(labels=labels, num_steps=int(result.num_steps), satisfied=bool(result.satisfied),
-                          honoured=_honoured(labels, marks), patches=patches, compile_seconds=compiled[0],
-                          tunable=tunable)
+    return state._replace(
+      labels=labels,
+      num_steps=int(result.num_steps),
+      satisfied=bool(result.satisfied),
+      honoured=_honoured(labels, marks),
+      patches=patches,
+      compile_seconds=compiled[0],
+      tunable=tunable,
+    )
 
   def warmup(image):
     del image
@@ -283,8 +325,13 @@ def pipeline_refine_method(pipe: Pipeline, config: Any = None, *, head_only: boo
       jax.block_until_ready(refine(whole_loop, fitted.image, empty, config, trunk=trunk).labels)
 
   def info(state):
-    return {"steps": state.num_steps, "satisfied": state.satisfied, "marks_honoured": state.honoured,
-            "refined_patches": state.patches, "compile_seconds": state.compile_seconds}
+    return {
+      "steps": state.num_steps,
+      "satisfied": state.satisfied,
+      "marks_honoured": state.honoured,
+      "refined_patches": state.patches,
+      "compile_seconds": state.compile_seconds,
+    }
 
   if name is None:
     name = "head" if head_only else f"refine_l{pipe.layers}"
@@ -299,14 +346,18 @@ def pipeline_method(kind: str, pipe: Pipeline, config: Any = None):
   if kind == "paper":
     return pipeline_refine_method(pipe, RefineConfig.paper() if config is None else config, name="paper")
   if kind == "fbrs":
-    raise ValueError("--method fbrs runs on built-in tasks (--task) only; a case given by --image/--label runs "
-                     "refine, paper, head, random_walker or initial through the model's pipeline")
+    raise ValueError(
+      "--method fbrs runs on built-in tasks (--task) only; a case given by --image/--label runs "
+      "refine, paper, head, random_walker or initial through the model's pipeline"
+    )
   if kind == "random_walker":
     return random_walker_method(None, initial=lambda image: segment(pipe))
   if kind == "initial":
+
     def warmup(image):
       del image
       jax.block_until_ready(predict(pipe.split, np.zeros(network_input(pipe.fitted), np.float32)))
+
     return Method("initial", lambda image: segment(pipe), lambda s: s, lambda s, marks: s, warmup, lambda s: {})
   raise ValueError(f"method must be one of {METHODS}, got {kind!r}")
 
@@ -314,6 +365,12 @@ def pipeline_method(kind: str, pipe: Pipeline, config: Any = None):
 def pipeline_summary(pipe: Pipeline) -> dict:
   """What the pipeline did to the image, for the results: the model's grid, the patch, the notes."""
   fitted = pipe.fitted
-  return {"model_grid": list(fitted.image.shape[:-1]), "patch": None if fitted.patch is None else list(fitted.patch),
-          "resampled": fitted.resampling is not None, "cropped": fitted.crop is not None,
-          "patch_step": pipe.inference.step, "mirror": pipe.inference.mirror, "notes": list(fitted.notes)}
+  return {
+    "model_grid": list(fitted.image.shape[:-1]),
+    "patch": None if fitted.patch is None else list(fitted.patch),
+    "resampled": fitted.resampling is not None,
+    "cropped": fitted.crop is not None,
+    "patch_step": pipe.inference.step,
+    "mirror": pipe.inference.mirror,
+    "notes": list(fitted.notes),
+  }

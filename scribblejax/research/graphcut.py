@@ -38,21 +38,23 @@ from scribblejax.research.baselines import Method
 
 DEFAULT_LAM = 1.0
 DEFAULT_EPS = 1e-4
-MAX_SWEEPS = 10        # alpha-expansion: most passes over all classes (it usually settles in two or three)
+MAX_SWEEPS = 10  # alpha-expansion: most passes over all classes (it usually settles in two or three)
 
 
 def _maxflow():
   try:
     import maxflow
   except ImportError as err:
-    raise ImportError("the graph-cut method needs PyMaxflow: pip install 'scribblejax[test]' (or pip install "
-                      "PyMaxflow)") from err
+    raise ImportError(
+      "the graph-cut method needs PyMaxflow: pip install 'scribblejax[test]' (or pip install PyMaxflow)"
+    ) from err
   return maxflow
 
 
 # ---------------------------------------------------------------------------------------------
 # The CRF's terms
 # ---------------------------------------------------------------------------------------------
+
 
 def neighbour_offsets(ndim: int, connectivity: int = 1) -> list[tuple[int, ...]]:
   """One offset of every neighbour pair: the lexicographically positive half of the neighbourhood.
@@ -109,8 +111,9 @@ def estimate_sigma(image: np.ndarray, connectivity: int = 1) -> float:
   return float(np.sqrt(mean)) if mean > 0 else 1.0
 
 
-def pairwise_weights(image: np.ndarray, *, lam: float, sigma: float | None = None,
-                     connectivity: int = 1) -> tuple[list[tuple[int, ...]], list[np.ndarray]]:
+def pairwise_weights(
+  image: np.ndarray, *, lam: float, sigma: float | None = None, connectivity: int = 1
+) -> tuple[list[tuple[int, ...]], list[np.ndarray]]:
   """The contrast-sensitive Potts weights ``w_pq`` of every neighbour pair.
 
   Args:
@@ -132,7 +135,7 @@ def pairwise_weights(image: np.ndarray, *, lam: float, sigma: float | None = Non
   for d, diff in zip(offsets, _squared_differences(image, offsets)):
     w = np.zeros(spatial, np.float64)
     here, _ = _pair_slices(spatial, d)
-    w[here] = lam * np.exp(-diff / (2.0 * sigma ** 2)) / np.sqrt(sum(x * x for x in d))
+    w[here] = lam * np.exp(-diff / (2.0 * sigma**2)) / np.sqrt(sum(x * x for x in d))
     weights.append(w)
   return offsets, weights
 
@@ -142,8 +145,9 @@ def unary_terms(probabilities: np.ndarray, eps: float = DEFAULT_EPS) -> np.ndarr
   return -np.log(np.clip(np.asarray(probabilities, np.float64), eps, 1.0))
 
 
-def potts_energy(labels: np.ndarray, unaries: np.ndarray, offsets: list[tuple[int, ...]],
-                 weights: list[np.ndarray]) -> float:
+def potts_energy(
+  labels: np.ndarray, unaries: np.ndarray, offsets: list[tuple[int, ...]], weights: list[np.ndarray]
+) -> float:
   """``E(L)`` of a labelling without its hard constraints (see the module docstring)."""
   labels = np.asarray(labels)
   energy = float(np.take_along_axis(unaries, labels[..., None], -1).sum())
@@ -157,6 +161,7 @@ def potts_energy(labels: np.ndarray, unaries: np.ndarray, offsets: list[tuple[in
 # Alpha-expansion
 # ---------------------------------------------------------------------------------------------
 
+
 def _structure(offset: tuple[int, ...]) -> np.ndarray:
   """A ``3 x ... x 3`` PyMaxflow structure with one edge, to ``p + offset``."""
   s = np.zeros((3,) * len(offset))
@@ -164,8 +169,14 @@ def _structure(offset: tuple[int, ...]) -> np.ndarray:
   return s
 
 
-def expansion_move(labels: np.ndarray, alpha: int, unaries: np.ndarray, offsets: list[tuple[int, ...]],
-                   weights: list[np.ndarray], marks: np.ndarray) -> np.ndarray:
+def expansion_move(
+  labels: np.ndarray,
+  alpha: int,
+  unaries: np.ndarray,
+  offsets: list[tuple[int, ...]],
+  weights: list[np.ndarray],
+  marks: np.ndarray,
+) -> np.ndarray:
   """The labelling of least energy among those where each pixel keeps its class or takes ``alpha``.
 
   Each pixel is a binary variable ``x_p`` (1: take ``alpha``; the sink side of the cut). A pair term
@@ -186,17 +197,17 @@ def expansion_move(labels: np.ndarray, alpha: int, unaries: np.ndarray, offsets:
   """
   maxflow = _maxflow()
   shape = labels.shape
-  cost1 = unaries[..., alpha].copy()                                   # cost of x_p = 1
-  cost0 = np.take_along_axis(unaries, labels[..., None], -1)[..., 0]   # cost of x_p = 0
+  cost1 = unaries[..., alpha].copy()  # cost of x_p = 1
+  cost0 = np.take_along_axis(unaries, labels[..., None], -1)[..., 0]  # cost of x_p = 0
   graph = maxflow.Graph[float]()
   nodes = graph.add_grid_nodes(shape)
-  incident = np.zeros(shape)                                           # capacity of the arcs at p
+  incident = np.zeros(shape)  # capacity of the arcs at p
   for d, w in zip(offsets, weights):
     here, there = _pair_slices(shape, d)
     lp, lq, wpq = labels[here], labels[there], w[here]
     a = wpq * (lp != lq)
     b = wpq * (lp != alpha)
-    c = wpq * (lq != alpha)                                            # E(1, 0); E(1, 1) = 0
+    c = wpq * (lq != alpha)  # E(1, 0); E(1, 1) = 0
     cost1[here] += c - a
     cost1[there] -= c
     arc = np.zeros(shape)
@@ -206,11 +217,11 @@ def expansion_move(labels: np.ndarray, alpha: int, unaries: np.ndarray, offsets:
     incident[there] += arc[here]
   low = np.minimum(cost0, cost1)
   cost0, cost1 = cost0 - low, cost1 - low
-  heavy = 1.0 + float(np.max(cost0 + cost1 + incident))               # more than moving one pixel can save
+  heavy = 1.0 + float(np.max(cost0 + cost1 + incident))  # more than moving one pixel can save
   marked = marks >= 0
   cost0 = np.where(marked & (marks == alpha), heavy, cost0)
   cost1 = np.where(marked & (marks != alpha), heavy, cost1)
-  graph.add_grid_tedges(nodes, cost1, cost0)     # source arc cut when x_p = 1, sink arc when x_p = 0
+  graph.add_grid_tedges(nodes, cost1, cost0)  # source arc cut when x_p = 1, sink arc when x_p = 0
   graph.maxflow()
   take = graph.get_grid_segments(nodes)
   return np.where(take, alpha, labels).astype(np.int32)
@@ -218,9 +229,10 @@ def expansion_move(labels: np.ndarray, alpha: int, unaries: np.ndarray, offsets:
 
 class GraphCutResult(NamedTuple):
   """A graph cut's labelling and how it was reached."""
-  labels: np.ndarray          # int32[*spatial]
-  energy: float               # E(labels) without the hard constraints (which it satisfies)
-  sweeps: int                 # passes of alpha-expansion over all classes (1 for two classes: one exact cut)
+
+  labels: np.ndarray  # int32[*spatial]
+  energy: float  # E(labels) without the hard constraints (which it satisfies)
+  sweeps: int  # passes of alpha-expansion over all classes (1 for two classes: one exact cut)
 
 
 def _check_inputs(image, probabilities, marks):
@@ -232,8 +244,9 @@ def _check_inputs(image, probabilities, marks):
   if marks.ndim not in (2, 3):
     raise ValueError(f"marks must be 2D or 3D, got shape {marks.shape}")
   if image.shape[:-1] != marks.shape or probabilities.shape[:-1] != marks.shape:
-    raise ValueError(f"image {image.shape}, probabilities {probabilities.shape} and marks {marks.shape} disagree "
-                     "on the spatial shape")
+    raise ValueError(
+      f"image {image.shape}, probabilities {probabilities.shape} and marks {marks.shape} disagree on the spatial shape"
+    )
   if marks.dtype.kind not in "iu":
     raise ValueError(f"marks must be integers (-1 unmarked), got dtype {marks.dtype}")
   k = probabilities.shape[-1]
@@ -246,8 +259,17 @@ def _check_inputs(image, probabilities, marks):
   return image, probabilities, marks.astype(np.int32)
 
 
-def graph_cut(image: Any, probabilities: Any, marks: Any, *, lam: float = DEFAULT_LAM, sigma: float | None = None,
-              eps: float = DEFAULT_EPS, connectivity: int = 1, max_sweeps: int = MAX_SWEEPS) -> GraphCutResult:
+def graph_cut(
+  image: Any,
+  probabilities: Any,
+  marks: Any,
+  *,
+  lam: float = DEFAULT_LAM,
+  sigma: float | None = None,
+  eps: float = DEFAULT_EPS,
+  connectivity: int = 1,
+  max_sweeps: int = MAX_SWEEPS,
+) -> GraphCutResult:
   """:func:`graph_cut_labels` with the labelling's energy and the number of sweeps."""
   image, probabilities, marks = _check_inputs(image, probabilities, marks)
   if not (np.isfinite(lam) and lam >= 0):
@@ -260,7 +282,7 @@ def graph_cut(image: Any, probabilities: Any, marks: Any, *, lam: float = DEFAUL
   offsets, weights = pairwise_weights(image, lam=lam, sigma=sigma, connectivity=connectivity)
   k = unaries.shape[-1]
   marked = marks >= 0
-  if k == 2:   # from all-0, one expansion of class 1 lets every free pixel take either class: exact
+  if k == 2:  # from all-0, one expansion of class 1 lets every free pixel take either class: exact
     labels = expansion_move(np.where(marked, marks, 0).astype(np.int32), 1, unaries, offsets, weights, marks)
     return GraphCutResult(labels, potts_energy(labels, unaries, offsets, weights), 1)
   labels = np.where(marked, marks, np.argmin(unaries, -1)).astype(np.int32)
@@ -279,8 +301,16 @@ def graph_cut(image: Any, probabilities: Any, marks: Any, *, lam: float = DEFAUL
   return GraphCutResult(labels, energy, sweeps)
 
 
-def graph_cut_labels(image: Any, probabilities: Any, marks: Any, *, lam: float = DEFAULT_LAM,
-                     sigma: float | None = None, eps: float = DEFAULT_EPS, connectivity: int = 1) -> np.ndarray:
+def graph_cut_labels(
+  image: Any,
+  probabilities: Any,
+  marks: Any,
+  *,
+  lam: float = DEFAULT_LAM,
+  sigma: float | None = None,
+  eps: float = DEFAULT_EPS,
+  connectivity: int = 1,
+) -> np.ndarray:
   """The labelling of (near-)least CRF energy that honours every mark (see the module docstring).
 
   Args:
@@ -308,19 +338,28 @@ def graph_cut_labels(image: Any, probabilities: Any, marks: Any, *, lam: float =
 # As an interactive method
 # ---------------------------------------------------------------------------------------------
 
+
 class GraphCutState(NamedTuple):
   """State of the graph-cut method."""
-  image: np.ndarray           # float32[*spatial, C]
-  probabilities: np.ndarray   # float32[*spatial, K]: the network's softmax, computed once per image
-  labels: np.ndarray          # int32[*spatial]: current segmentation
-  energy: float | None        # E(labels) after the last cut (None before any)
-  sweeps: int                 # alpha-expansion sweeps of the last cut (0 before any)
+
+  image: np.ndarray  # float32[*spatial, C]
+  probabilities: np.ndarray  # float32[*spatial, K]: the network's softmax, computed once per image
+  labels: np.ndarray  # int32[*spatial]: current segmentation
+  energy: float | None  # E(labels) after the last cut (None before any)
+  sweeps: int  # alpha-expansion sweeps of the last cut (0 before any)
 
 
-def graph_cut_method(model: Any = None, *, lam: float = DEFAULT_LAM, sigma: float | None = None,
-                     probabilities_fn: Callable[[np.ndarray], Any] | None = None,
-                     initial: Callable[[np.ndarray], np.ndarray] | None = None, example: Any = None,
-                     eps: float = DEFAULT_EPS, connectivity: int = 1) -> Method:
+def graph_cut_method(
+  model: Any = None,
+  *,
+  lam: float = DEFAULT_LAM,
+  sigma: float | None = None,
+  probabilities_fn: Callable[[np.ndarray], Any] | None = None,
+  initial: Callable[[np.ndarray], np.ndarray] | None = None,
+  example: Any = None,
+  eps: float = DEFAULT_EPS,
+  connectivity: int = 1,
+) -> Method:
   """MONAI Label's scribbles correction as a :class:`scribblejax.research.baselines.Method` named ``"graph_cut"``.
 
   ``init`` computes the network's softmax probabilities once per image; before any interaction the
@@ -349,8 +388,10 @@ def graph_cut_method(model: Any = None, *, lam: float = DEFAULT_LAM, sigma: floa
     raise ValueError("the graph-cut method needs the network's probabilities: give a model or probabilities_fn")
   if probabilities_fn is None:
     import jax
+
     from scribblejax.params import head, split_params
     from scribblejax.refinement import predict
+
     split = split_params(model, head(), example=example)
 
     def probabilities_fn(image):
@@ -369,12 +410,14 @@ def graph_cut_method(model: Any = None, *, lam: float = DEFAULT_LAM, sigma: floa
     return GraphCutState(image, probabilities, np.asarray(labels, np.int32), None, 0)
 
   def update(state, marks):
-    result = graph_cut(state.image, state.probabilities, marks, lam=lam, sigma=sigma, eps=eps,
-                       connectivity=connectivity)
+    result = graph_cut(
+      state.image, state.probabilities, marks, lam=lam, sigma=sigma, eps=eps, connectivity=connectivity
+    )
     return state._replace(labels=result.labels, energy=result.energy, sweeps=result.sweeps)
 
   def warmup(image):
     probabilities_of(np.asarray(image, np.float32))
 
-  return Method("graph_cut", init, lambda s: s.labels, update, warmup,
-                lambda s: {"sweeps": s.sweeps, "energy": s.energy})
+  return Method(
+    "graph_cut", init, lambda s: s.labels, update, warmup, lambda s: {"sweeps": s.sweeps, "energy": s.energy}
+  )

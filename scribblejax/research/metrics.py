@@ -25,8 +25,10 @@ def dice_per_class(pred: np.ndarray, truth: np.ndarray, num_classes: int) -> np.
     if not (np.issubdtype(arr.dtype, np.integer) or arr.dtype == bool):
       raise ValueError(f"the {what} must be an integer label map, got dtype {arr.dtype}")
     if arr.size and (int(arr.min()) < 0 or int(arr.max()) >= num_classes):
-      raise ValueError(f"the {what} holds labels {int(arr.min())}..{int(arr.max())}, outside "
-                       f"[0, {num_classes}) with num_classes={num_classes}")
+      raise ValueError(
+        f"the {what} holds labels {int(arr.min())}..{int(arr.max())}, outside "
+        f"[0, {num_classes}) with num_classes={num_classes}"
+      )
   out = np.full(num_classes, np.nan)
   for c in range(num_classes):
     p, t = pred == c, truth == c
@@ -61,8 +63,9 @@ def dice_per_interaction(predictions: Sequence[np.ndarray], truth: np.ndarray, n
   return [mean_foreground_dice(p, truth, num_classes) for p in predictions]
 
 
-def noc_summary(dice_per_interaction: Sequence[float], taus: Sequence[float] = (0.85, 0.9),
-                cap: int | None = None) -> dict[str, dict]:
+def noc_summary(
+  dice_per_interaction: Sequence[float], taus: Sequence[float] = (0.85, 0.9), cap: int | None = None
+) -> dict[str, dict]:
   """NoC@tau for several thresholds, with whether tau was reached at all.
 
   Args:
@@ -82,12 +85,15 @@ def noc_summary(dice_per_interaction: Sequence[float], taus: Sequence[float] = (
   return out
 
 
-def classes_corrected(before: np.ndarray, after: np.ndarray, truth: np.ndarray, num_classes: int,
-                      min_gain: float = 0.01) -> list[int]:
+def classes_corrected(
+  before: np.ndarray, after: np.ndarray, truth: np.ndarray, num_classes: int, min_gain: float = 0.01
+) -> list[int]:
   """Classes whose Dice rose by at least ``min_gain`` from ``before`` to ``after``."""
   a = dice_per_class(before, truth, num_classes)
   b = dice_per_class(after, truth, num_classes)
-  return [c for c in range(num_classes) if np.isfinite(b[c]) and (np.nan_to_num(b[c]) - np.nan_to_num(a[c])) >= min_gain]
+  return [
+    c for c in range(num_classes) if np.isfinite(b[c]) and (np.nan_to_num(b[c]) - np.nan_to_num(a[c])) >= min_gain
+  ]
 
 
 def timing_summary(seconds: Sequence[float], compile_seconds: float | None) -> dict:
@@ -102,7 +108,9 @@ def timing_summary(seconds: Sequence[float], compile_seconds: float | None) -> d
     "compile_seconds": float | None}``.
   """
   values = [float(s) for s in seconds]
-  return {"seconds_per_interaction": values,
-          "mean_seconds": float(np.mean(values)) if values else float("nan"),
-          "median_seconds": float(np.median(values)) if values else float("nan"),
-          "compile_seconds": None if compile_seconds is None else float(compile_seconds)}
+  return {
+    "seconds_per_interaction": values,
+    "mean_seconds": float(np.mean(values)) if values else float("nan"),
+    "median_seconds": float(np.median(values)) if values else float("nan"),
+    "compile_seconds": None if compile_seconds is None else float(compile_seconds),
+  }

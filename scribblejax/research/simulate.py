@@ -54,11 +54,12 @@ from scribblejax.marks import UNMARKED, Box, encode_marks
 
 class UserOptions(NamedTuple):
   """How the simulated user draws (the options of :func:`simulate_marks`), as every kind of mark receives them."""
-  radius: int                    # thickness of points and scribbles
-  max_length: int                # most skeleton pixels per scribble
-  per_class: bool                # every class's largest error region, or only the largest of all
-  ignore_border: int             # each error mask is eroded by this many pixels first
-  marked: np.ndarray             # bool[*spatial]: pixels marked already, left out of every error region
+
+  radius: int  # thickness of points and scribbles
+  max_length: int  # most skeleton pixels per scribble
+  per_class: bool  # every class's largest error region, or only the largest of all
+  ignore_border: int  # each error mask is eroded by this many pixels first
+  marked: np.ndarray  # bool[*spatial]: pixels marked already, left out of every error region
 
 
 # A kind of mark: (pred, truth, num_classes, options) -> int32[*spatial] marks (-1 unmarked), on arrays whose
@@ -81,7 +82,7 @@ def _interior_point(region: np.ndarray) -> tuple[int, ...]:
 
 def _ball(radius: int, ndim: int) -> np.ndarray:
   grid = np.indices((2 * radius + 1,) * ndim) - radius
-  return (grid ** 2).sum(0) <= radius ** 2
+  return (grid**2).sum(0) <= radius**2
 
 
 def _scribble_pixels(region: np.ndarray, max_length: int, radius: int) -> np.ndarray:
@@ -107,9 +108,18 @@ def _scribble_pixels(region: np.ndarray, max_length: int, radius: int) -> np.nda
   return out
 
 
-def simulate_marks(pred: np.ndarray, truth: np.ndarray, num_classes: int, *, kind: str = "scribble",
-                   radius: int = 1, max_length: int = 40, per_class: bool = True,
-                   ignore_border: int = 1, marked: np.ndarray | None = None) -> np.ndarray:
+def simulate_marks(
+  pred: np.ndarray,
+  truth: np.ndarray,
+  num_classes: int,
+  *,
+  kind: str = "scribble",
+  radius: int = 1,
+  max_length: int = 40,
+  per_class: bool = True,
+  ignore_border: int = 1,
+  marked: np.ndarray | None = None,
+) -> np.ndarray:
   """One interaction of the simulated user, as a mark map (``-1`` unmarked).
 
   Args:
@@ -167,6 +177,7 @@ def per_error_region(draw: Callable[..., np.ndarray], *, largest_only: bool = Fa
   Returns:
     The kind of mark, for :data:`MARK_KINDS`.
   """
+
   def marks(pred, truth, num_classes, options):
     out = np.full(pred.shape, UNMARKED, np.int32)
     regions = _error_regions(pred, truth, num_classes, options.ignore_border, options.marked)
@@ -175,6 +186,7 @@ def per_error_region(draw: Callable[..., np.ndarray], *, largest_only: bool = Fa
     for _, c, region in regions:
       out = draw(region, c, truth, out, options)
     return out
+
   return marks
 
 
@@ -225,13 +237,15 @@ def _object_boxes(truth, num_classes, out):
 
 
 # The registry of kinds of mark: name -> the function that draws it (KINDS: the names, in this order).
-MARK_KINDS: Mapping[str, MarkKind] = types.MappingProxyType({
+MARK_KINDS: Mapping[str, MarkKind] = types.MappingProxyType(
+  {
     "scribble": per_error_region(_draw_scribble),
     "point": per_error_region(_draw_point),
     "box": per_error_region(_draw_box),
-    "click": per_error_region(_draw_point, largest_only=True),      # RITM's robot user
+    "click": per_error_region(_draw_point, largest_only=True),  # RITM's robot user
     "object_box": _object_box_marks,
-})
+  }
+)
 KINDS = tuple(MARK_KINDS)
 
 
@@ -245,18 +259,21 @@ def _cvpr25(interaction: int) -> str:
 
 
 # The registry of robot users: name -> the kind of mark it draws at interaction i (1 for the first).
-ROBOT_USER_SCHEDULES: Mapping[str, Callable[[int], str]] = types.MappingProxyType({
+ROBOT_USER_SCHEDULES: Mapping[str, Callable[[int], str]] = types.MappingProxyType(
+  {
     "scribble": _always("scribble"),
     "point": _always("point"),
     "box": _always("box"),
     "click": _always("click"),
     "cvpr25": _cvpr25,
-})
+  }
+)
 ROBOT_USERS = tuple(ROBOT_USER_SCHEDULES)
 
 
-def robot_marks(user: str, interaction: int, pred: np.ndarray, truth: np.ndarray, num_classes: int, **kwargs
-                ) -> np.ndarray:
+def robot_marks(
+  user: str, interaction: int, pred: np.ndarray, truth: np.ndarray, num_classes: int, **kwargs
+) -> np.ndarray:
   """The marks a robot user draws at ``interaction`` (1 for the first), as :func:`simulate_marks`.
 
   The user's schedule (:data:`ROBOT_USER_SCHEDULES`) says which kind of mark: ``"cvpr25"`` draws an

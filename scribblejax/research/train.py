@@ -47,6 +47,7 @@ class TrainConfig:
     dice_weight: weight of a soft Dice loss (mean over classes present in the batch) added to the
       cross-entropy.
   """
+
   steps: int = 400
   batch_size: int = 8
   crop: int = 128
@@ -73,8 +74,9 @@ class TrainConfig:
       raise ValueError(f"TrainConfig.dice_weight must be non-negative, got {self.dice_weight}")
 
 
-def sample_batch(step: int, image: np.ndarray, labels: np.ndarray, config: TrainConfig, *,
-                 stacked: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def sample_batch(
+  step: int, image: np.ndarray, labels: np.ndarray, config: TrainConfig, *, stacked: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
   """The augmented crops of training step ``step``: a function of ``(config.seed, step)`` only.
 
   Args:
@@ -126,8 +128,10 @@ def _loss(logits: jax.Array, y: jax.Array, dice_weight: float) -> jax.Array:
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
 def _train_step(graphdef, learning_rate, dice_weight, params, opt_state, rest, x, y):
   """One Adam step; compiled once per architecture, settings and shapes (shared across calls)."""
+
   def loss_fn(p):
     return _loss(nnx.merge(graphdef, p, rest)(x), y, dice_weight)
+
   loss, grads = jax.value_and_grad(loss_fn)(params)
   updates, opt_state = optax.adam(learning_rate).update(grads, opt_state, params)
   return optax.apply_updates(params, updates), opt_state, loss
@@ -135,28 +139,34 @@ def _train_step(graphdef, learning_rate, dice_weight, params, opt_state, rest, x
 
 def _checkpoint_manager(directory: str | os.PathLike, every: int):
   import orbax.checkpoint as ocp
+
   options = ocp.CheckpointManagerOptions(max_to_keep=2, save_interval_steps=every, create=True)
   return ocp.CheckpointManager(Path(directory).resolve(), options=options)
 
 
-RUN_FILE = "run.json"      # what a checkpoint folder's run trains: settings, parameter shapes, data digests
+RUN_FILE = "run.json"  # what a checkpoint folder's run trains: settings, parameter shapes, data digests
 
 
 def _digest(array: np.ndarray) -> str:
   import hashlib
+
   array = np.ascontiguousarray(array)
   return hashlib.sha256(f"{array.dtype.str}{array.shape}".encode() + array.tobytes()).hexdigest()[:16]
 
 
-def _run_description(params: Any, image: np.ndarray, labels: np.ndarray, config: TrainConfig,
-                     stacked: bool) -> dict:
+def _run_description(params: Any, image: np.ndarray, labels: np.ndarray, config: TrainConfig, stacked: bool) -> dict:
   """What must be the same for a run to resume another: all but the number of steps."""
-  shapes = {jax.tree_util.keystr(path): list(np.shape(leaf))
-            for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+  shapes = {
+    jax.tree_util.keystr(path): list(np.shape(leaf)) for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
+  }
   settings = {k: v for k, v in dataclasses.asdict(config).items() if k != "steps"}
   settings = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in settings.items()}
-  return {"format": "scribblejax-training", "settings": settings, "parameters": shapes,
-          "data": {"image": _digest(image), "labels": _digest(labels), "stacked": bool(stacked)}}
+  return {
+    "format": "scribblejax-training",
+    "settings": settings,
+    "parameters": shapes,
+    "data": {"image": _digest(image), "labels": _digest(labels), "stacked": bool(stacked)},
+  }
 
 
 def _check_checkpoint_dir(directory: Path, description: dict) -> bool:
@@ -167,14 +177,17 @@ def _check_checkpoint_dir(directory: Path, description: dict) -> bool:
       (a checkpoint of other settings, parameters or data included).
   """
   import json
+
   if directory.exists() and not directory.is_dir():
     raise ValueError(f"checkpoint folder {directory} is a file")
   if not directory.exists() or not any(directory.iterdir()):
     return False
   run = directory / RUN_FILE
   if not run.is_file():
-    raise ValueError(f"checkpoint folder {directory} is not empty and holds no {RUN_FILE} (not a scribblejax training "
-                     "checkpoint, or one made by an older version): choose another folder")
+    raise ValueError(
+      f"checkpoint folder {directory} is not empty and holds no {RUN_FILE} (not a scribblejax training "
+      "checkpoint, or one made by an older version): choose another folder"
+    )
   try:
     stored = json.loads(run.read_text())
   except (OSError, ValueError) as err:
@@ -188,15 +201,24 @@ def _check_checkpoint_dir(directory: Path, description: dict) -> bool:
     if "settings" in differ:
       old, new = stored.get("settings") or {}, description["settings"]
       changed = ": " + ", ".join(f"{k} {old.get(k)!r} -> {new[k]!r}" for k in new if old.get(k) != new[k])
-    raise ValueError(f"checkpoint folder {directory} holds a run of other {' and '.join(detail[d] for d in differ)}"
-                     f"{changed}; resuming it would not give this run: choose another folder")
+    raise ValueError(
+      f"checkpoint folder {directory} holds a run of other {' and '.join(detail[d] for d in differ)}"
+      f"{changed}; resuming it would not give this run: choose another folder"
+    )
   return True
 
 
-def train_segmenter(model: nnx.Module, image: np.ndarray, labels: np.ndarray, config: TrainConfig = TrainConfig(),
-                    *, stacked: bool = False, progress: bool = True,
-                    checkpoint_dir: str | os.PathLike | None = None,
-                    checkpoint_every: int = 100) -> tuple[nnx.Module, list[float]]:
+def train_segmenter(
+  model: nnx.Module,
+  image: np.ndarray,
+  labels: np.ndarray,
+  config: TrainConfig = TrainConfig(),
+  *,
+  stacked: bool = False,
+  progress: bool = True,
+  checkpoint_dir: str | os.PathLike | None = None,
+  checkpoint_every: int = 100,
+) -> tuple[nnx.Module, list[float]]:
   """Trains ``model`` (updated in place, as Flax NNX training does) on random crops.
 
   Args:
@@ -240,6 +262,7 @@ def train_segmenter(model: nnx.Module, image: np.ndarray, labels: np.ndarray, co
     import orbax.checkpoint as ocp
 
     from scribblejax.io import fileio
+
     description = _run_description(params, image, labels, config, stacked)
     resume = _check_checkpoint_dir(Path(checkpoint_dir), description)
     if not resume:
@@ -250,20 +273,32 @@ def train_segmenter(model: nnx.Module, image: np.ndarray, labels: np.ndarray, co
       if latest > config.steps:
         raise ValueError(f"{checkpoint_dir} holds a checkpoint of step {latest}, beyond steps={config.steps}")
       leaves, treedef = jax.tree.flatten((params, opt_state))
-      abstract = {"leaves": [jax.ShapeDtypeStruct(np.shape(v), jnp.asarray(v).dtype) for v in leaves],
-                  "losses": jax.ShapeDtypeStruct((latest,), np.float32)}
+      abstract = {
+        "leaves": [jax.ShapeDtypeStruct(np.shape(v), jnp.asarray(v).dtype) for v in leaves],
+        "losses": jax.ShapeDtypeStruct((latest,), np.float32),
+      }
       restored = manager.restore(latest, args=ocp.args.StandardRestore(abstract))
       params, opt_state = jax.tree.unflatten(treedef, [jnp.asarray(v) for v in restored["leaves"]])
       start_step, losses = latest, [float(v) for v in np.asarray(restored["losses"])]
 
   def save(step: int, force: bool = False):
     import orbax.checkpoint as ocp
-    state = {"leaves": [np.asarray(v) for v in jax.tree.leaves((params, opt_state))],
-             "losses": np.asarray(losses, np.float32)}
+
+    state = {
+      "leaves": [np.asarray(v) for v in jax.tree.leaves((params, opt_state))],
+      "losses": np.asarray(losses, np.float32),
+    }
     manager.save(step, args=ocp.args.StandardSave(state), force=force)
 
-  bar = tqdm(range(start_step, config.steps), total=config.steps, initial=start_step, disable=not progress,
-             desc="training", file=sys.stderr, dynamic_ncols=True)
+  bar = tqdm(
+    range(start_step, config.steps),
+    total=config.steps,
+    initial=start_step,
+    disable=not progress,
+    desc="training",
+    file=sys.stderr,
+    dynamic_ncols=True,
+  )
   pending = []
   try:
     for step in bar:
@@ -284,7 +319,7 @@ def train_segmenter(model: nnx.Module, image: np.ndarray, labels: np.ndarray, co
       manager.wait_until_finished()
   finally:
     if manager is not None:
-      manager.close()       # its threads would otherwise keep the process alive after an error
+      manager.close()  # its threads would otherwise keep the process alive after an error
   nnx.update(model, params)
   return model, losses
 
@@ -304,8 +339,11 @@ def _check_labels(labels: np.ndarray, num_classes: int) -> np.ndarray:
   if labels.dtype == bool:
     labels = labels.astype(np.int32)
   elif not np.issubdtype(labels.dtype, np.integer):
-    if not np.issubdtype(labels.dtype, np.floating) or not np.all(np.isfinite(labels)) \
-        or not np.all(labels == np.round(labels)):
+    if (
+      not np.issubdtype(labels.dtype, np.floating)
+      or not np.all(np.isfinite(labels))
+      or not np.all(labels == np.round(labels))
+    ):
       raise ValueError(f"labels must be integer class indices, got dtype {labels.dtype} with non-integer values")
   lo, hi = int(labels.min()), int(labels.max())
   if lo < 0 or hi >= num_classes:
@@ -322,15 +360,16 @@ def predict_labels(model: nnx.Module, image: np.ndarray, *, stacked: bool = Fals
     return np.asarray(forward(state, image[None]))[0]
   out = []
   for i in range(0, image.shape[0], batch):
-    chunk = image[i:i + batch]
+    chunk = image[i : i + batch]
     padded = np.concatenate([chunk, np.zeros((batch - len(chunk), *chunk.shape[1:]), np.float32)])
-    out.append(np.asarray(forward(state, padded))[:len(chunk)])
+    out.append(np.asarray(forward(state, padded))[: len(chunk)])
   return np.concatenate(out)
 
 
 def normalize_dataset_part(image: np.ndarray, spec: Any, *, stacked: bool = False) -> np.ndarray:
   """Normalises one image, or each image of a stack separately (as it would be normalised alone)."""
   from scribblejax.pipeline.normalization import normalize
+
   if stacked:
     return np.stack([normalize(x, spec) for x in image])
   return normalize(image, spec)
@@ -338,28 +377,39 @@ def normalize_dataset_part(image: np.ndarray, spec: Any, *, stacked: bool = Fals
 
 class Task(NamedTuple):
   """A built-in training task: a dataset, an architecture, a normalisation and default settings."""
-  dataset: Callable[[], Any]        # () -> scribblejax.research.data.Dataset
-  model_kwargs: dict                # kwargs of scribblejax.models.unet.UNet
-  normalization: dict               # normalisation spec stored with the model
-  config: TrainConfig               # default training settings
+
+  dataset: Callable[[], Any]  # () -> scribblejax.research.data.Dataset
+  model_kwargs: dict  # kwargs of scribblejax.models.unet.UNet
+  normalization: dict  # normalisation spec stored with the model
+  config: TrainConfig  # default training settings
 
 
 def tasks() -> dict[str, Task]:
   """The built-in training tasks by name (the shipped models were trained by these)."""
   from scribblejax.research import data
+
   percentile = {"kind": "percentile", "lower": 1.0, "upper": 99.8}
   mri = {"kind": "percentile", "lower": 0.5, "upper": 99.5}
   unet2d = {"spatial_dims": 2, "in_channels": 1, "channels": [16, 32, 64]}
   return {
-      "nuclei2d": Task(data.nuclei2d, {**unet2d, "num_classes": 2}, percentile,
-                       TrainConfig(steps=400, batch_size=8, crop=128, learning_rate=3e-3, intensity=0.1)),
-      "tissue2d": Task(data.tissue2d, {**unet2d, "num_classes": 4}, mri,
-                       TrainConfig(steps=400, batch_size=8, crop=128, learning_rate=3e-3, intensity=0.1,
-                                   dice_weight=1.0)),
-      "tissue3d": Task(lambda: data.tissue3d(3), {"spatial_dims": 3, "in_channels": 1, "num_classes": 4,
-                                                  "channels": [8, 16, 32]}, mri,
-                       TrainConfig(steps=1000, batch_size=2, crop=32, learning_rate=3e-3, intensity=0.1,
-                                   dice_weight=1.0)),
+    "nuclei2d": Task(
+      data.nuclei2d,
+      {**unet2d, "num_classes": 2},
+      percentile,
+      TrainConfig(steps=400, batch_size=8, crop=128, learning_rate=3e-3, intensity=0.1),
+    ),
+    "tissue2d": Task(
+      data.tissue2d,
+      {**unet2d, "num_classes": 4},
+      mri,
+      TrainConfig(steps=400, batch_size=8, crop=128, learning_rate=3e-3, intensity=0.1, dice_weight=1.0),
+    ),
+    "tissue3d": Task(
+      lambda: data.tissue3d(3),
+      {"spatial_dims": 3, "in_channels": 1, "num_classes": 4, "channels": [8, 16, 32]},
+      mri,
+      TrainConfig(steps=1000, batch_size=2, crop=32, learning_rate=3e-3, intensity=0.1, dice_weight=1.0),
+    ),
   }
 
 
@@ -380,9 +430,17 @@ def machine_description() -> str:
   return f"{cpu}; {usable} usable CPU cores; JAX {jax.__version__} on {jax.devices()[0].platform}"
 
 
-def train_task(task: str, out: str | os.PathLike, *, config: TrainConfig | None = None, progress: bool = True,
-               checkpoint_dir: str | os.PathLike | None = None, overwrite: bool = False,
-               command: str | None = None, log: Callable[[str], None] = print) -> dict:
+def train_task(
+  task: str,
+  out: str | os.PathLike,
+  *,
+  config: TrainConfig | None = None,
+  progress: bool = True,
+  checkpoint_dir: str | os.PathLike | None = None,
+  overwrite: bool = False,
+  command: str | None = None,
+  log: Callable[[str], None] = print,
+) -> dict:
   """Trains a built-in task on its training split, scores it on its test split and saves it.
 
   Args:
@@ -413,6 +471,7 @@ def train_task(task: str, out: str | os.PathLike, *, config: TrainConfig | None 
     raise ValueError(f"{out} already exists (pass --overwrite to replace it)")
   if out.exists():
     from scribblejax.models.store import check_replaceable
+
     check_replaceable(out)
   blocking = next((p for p in out.resolve().parents if p.exists() and not p.is_dir()), None)
   if blocking is not None:
@@ -420,15 +479,18 @@ def train_task(task: str, out: str | os.PathLike, *, config: TrainConfig | None 
   if checkpoint_dir is not None:
     ckpt, model_dir = Path(checkpoint_dir).resolve(), out.resolve()
     if ckpt == model_dir or model_dir in ckpt.parents or ckpt in model_dir.parents:
-      raise ValueError(f"the checkpoint folder {checkpoint_dir} must be apart from the model folder {out} (not it, "
-                       "inside it, or holding it): the model folder is replaced when the model is written")
+      raise ValueError(
+        f"the checkpoint folder {checkpoint_dir} must be apart from the model folder {out} (not it, "
+        "inside it, or holding it): the model folder is replaced when the model is written"
+      )
   ds = spec.dataset()
   kwargs = dict(spec.model_kwargs)
   image = normalize_dataset_part(ds.image[ds.train], spec.normalization, stacked=ds.stacked)
   model = UNet(**kwargs, rngs=nnx.Rngs(config.seed))
   start = time.perf_counter()
-  _, losses = train_segmenter(model, image, ds.labels[ds.train], config, stacked=ds.stacked, progress=progress,
-                              checkpoint_dir=checkpoint_dir)
+  _, losses = train_segmenter(
+    model, image, ds.labels[ds.train], config, stacked=ds.stacked, progress=progress, checkpoint_dir=checkpoint_dir
+  )
   seconds = time.perf_counter() - start
   test_image = normalize_dataset_part(ds.image[ds.test], spec.normalization, stacked=ds.stacked)
   truth = ds.labels[ds.test]
@@ -437,23 +499,45 @@ def train_task(task: str, out: str | os.PathLike, *, config: TrainConfig | None 
   test_dice = {name: (None if np.isnan(d) else round(float(d), 4)) for name, d in zip(ds.class_names, dice)}
   foreground = [d for d in dice[1:] if not np.isnan(d)]
   if command is None:
-    command = (f"scribblejax train --task {task} --out {out} --steps {config.steps} --seed {config.seed}"
-               f" --batch-size {config.batch_size} --crop {config.crop} --learning-rate {config.learning_rate}"
-               f" --intensity {config.intensity} --dice-weight {config.dice_weight}"
-               + ("" if config.flips else " --no-flips"))
+    command = (
+      f"scribblejax train --task {task} --out {out} --steps {config.steps} --seed {config.seed}"
+      f" --batch-size {config.batch_size} --crop {config.crop} --learning-rate {config.learning_rate}"
+      f" --intensity {config.intensity} --dice-weight {config.dice_weight}" + ("" if config.flips else " --no-flips")
+    )
   metadata = {
-      "task": task, "command": command, "train_seconds": round(seconds, 1), "machine": machine_description(),
-      "train_config": dataclasses.asdict(config), "data": ds.description,
-      "train_split": repr(ds.train), "test_split": repr(ds.test),
-      "test_dice": test_dice, "test_mean_foreground_dice": round(float(np.mean(foreground)), 4),
-      "final_loss": round(float(np.mean(losses[-10:])), 5),
+    "task": task,
+    "command": command,
+    "train_seconds": round(seconds, 1),
+    "machine": machine_description(),
+    "train_config": dataclasses.asdict(config),
+    "data": ds.description,
+    "train_split": repr(ds.train),
+    "test_split": repr(ds.test),
+    "test_dice": test_dice,
+    "test_mean_foreground_dice": round(float(np.mean(foreground)), 4),
+    "final_loss": round(float(np.mean(losses[-10:])), 5),
   }
-  bad = [p for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param)) if not np.all(np.isfinite(np.asarray(v.get_value())))]
+  bad = [
+    p for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param)) if not np.all(np.isfinite(np.asarray(v.get_value())))
+  ]
   if bad or not np.isfinite(metadata["final_loss"]):
-    raise ValueError(f"training diverged (final loss {metadata['final_loss']}, {len(bad)} parameter array(s) not "
-                     f"finite); nothing was written to {out}: lower --learning-rate")
-  save_model(out, model, family="scribblejax.UNet", kwargs=kwargs, normalization=spec.normalization,
-             class_names=list(ds.class_names), metadata=metadata, overwrite=overwrite)
-  log(f"{task}: {config.steps} steps in {seconds:.0f}s; test Dice "
-      + ", ".join(f"{k} {v:.3f}" for k, v in test_dice.items() if v is not None) + f"; wrote {out}")
+    raise ValueError(
+      f"training diverged (final loss {metadata['final_loss']}, {len(bad)} parameter array(s) not "
+      f"finite); nothing was written to {out}: lower --learning-rate"
+    )
+  save_model(
+    out,
+    model,
+    family="scribblejax.UNet",
+    kwargs=kwargs,
+    normalization=spec.normalization,
+    class_names=list(ds.class_names),
+    metadata=metadata,
+    overwrite=overwrite,
+  )
+  log(
+    f"{task}: {config.steps} steps in {seconds:.0f}s; test Dice "
+    + ", ".join(f"{k} {v:.3f}" for k, v in test_dice.items() if v is not None)
+    + f"; wrote {out}"
+  )
   return metadata

@@ -16,9 +16,16 @@ ROUND = {f.name: f.default for f in dataclasses.fields(RefineSettings)}
 
 def test_every_setting_is_a_config_field_or_a_rounds_knob_and_every_knob_has_one():
   assert set(SETTINGS) <= set(CONFIG) | set(ROUND)
-  assert set(ROUND) - {"new_classes"} == set(SETTINGS)          # --new-class is read with the marks files
-  assert set(TUNED) == {"max_steps", "learning_rate", "momentum", "prox_weight", "keep_weight", "optimizer",
-                        "progressive_merge"}
+  assert set(ROUND) - {"new_classes"} == set(SETTINGS)  # --new-class is read with the marks files
+  assert set(TUNED) == {
+    "max_steps",
+    "learning_rate",
+    "momentum",
+    "prox_weight",
+    "keep_weight",
+    "optimizer",
+    "progressive_merge",
+  }
   flags = [s.flag for s in SETTINGS.values()] + [a for s in SETTINGS.values() for a in s.aliases]
   assert len(flags) == len(set(flags))
 
@@ -40,7 +47,7 @@ def test_the_flags_come_from_the_table_and_the_old_names_still_work(command, cap
     parser.parse_args([command, "--help"])
   text = capsys.readouterr().out
   assert "--learning-rate" in text and "--prox-weight" in text
-  assert "--lr " not in text and "--alpha" not in text                # one documented name per setting
+  assert "--lr " not in text and "--alpha" not in text  # one documented name per setting
 
 
 def test_refine_defaults_are_none_for_stored_settings_and_refineconfigs_otherwise():
@@ -56,7 +63,7 @@ def test_stored_defaults_are_read_for_the_tuned_fields_and_the_flags_win():
   assert (layers, config.max_steps, config.keep_weight, grow) == (2, 30, 0.5, 0.1)
   layers, config, grow = RefineSettings(max_steps=9, layers=4).resolve(metadata)
   assert (layers, config.max_steps) == (4, 9)
-  layers, config, grow = RefineSettings(preset="paper").resolve(metadata)       # the paper ignores them
+  layers, config, grow = RefineSettings(preset="paper").resolve(metadata)  # the paper ignores them
   assert config == RefineConfig.paper() and layers is None and grow is None
 
 

@@ -7,12 +7,22 @@ from scribblejax.research.baselines import Method
 
 
 def _run(method, dice, situation="in-domain"):
-  return {"case": "c", "user": "scribble", "method": method, "dice_per_interaction": dice, "situation": situation,
-          "split": "tuning", "rounds_unsatisfied": 0, "stop_reason": None}
+  return {
+    "case": "c",
+    "user": "scribble",
+    "method": method,
+    "dice_per_interaction": dice,
+    "situation": situation,
+    "split": "tuning",
+    "rounds_unsatisfied": 0,
+    "stop_reason": None,
+  }
 
 
 def test_verdicts_compare_the_defaults_with_the_network_and_the_best_peer():
-  ok = verdicts([_run(OURS, [0.8, 0.85, 0.9]), _run("graph_cut", [0.8, 0.855, 0.88]), _run("paper", [0.8, 0.5, 0.9])])[0]
+  ok = verdicts([_run(OURS, [0.8, 0.85, 0.9]), _run("graph_cut", [0.8, 0.855, 0.88]), _run("paper", [0.8, 0.5, 0.9])])[
+    0
+  ]
   assert ok["not_below_network"] and ok["first_drop_at_most_0.01"] and ok["within_0.01_of_best_peer"]
   assert abs(ok["worst_gap_to_best_peer"] + 0.005) < 1e-9
   assert ok["final_at_least_0.85"]

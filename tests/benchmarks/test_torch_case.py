@@ -25,6 +25,7 @@ def test_monai_backbone_is_the_torch_network_converted(tmp_path):
   net = torch_case.load_torch_net(cache / "model.pt", 4)
   ds = data.tissue2d()
   from scribblejax.pipeline.normalization import normalize
+
   image = normalize(ds.image[125], backbone.normalization)
   expected, got = torch_case.torch_logits(net, image), torch_case.jax_logits(backbone.model, image)
   assert got.shape == (197, 233, 4)
@@ -42,10 +43,12 @@ def test_training_is_deterministic_and_leaves_torch_settings_alone():
   image = rng.normal(size=(3, 40, 36, 1)).astype(np.float32)
   labels = (image[..., 0] > 0).astype(np.int32)
   from scribblejax.research.train import TrainConfig
+
   config = TrainConfig(batch_size=2, crop=32, intensity=0.1, dice_weight=1.0)
   threads, state = torch.get_num_threads(), torch.random.get_rng_state()
-  runs = [torch_case.train_torch_unet(image, labels, 2, steps=2, seed=3, config=config, log=lambda _: None)
-          for _ in range(2)]
+  runs = [
+    torch_case.train_torch_unet(image, labels, 2, steps=2, seed=3, config=config, log=lambda _: None) for _ in range(2)
+  ]
   assert runs[0][1] == runs[1][1]
   for a, b in zip(runs[0][0].state_dict().values(), runs[1][0].state_dict().values()):
     assert torch.equal(a, b)

@@ -26,21 +26,28 @@ def test_trunk_then_tail_is_the_whole_network(problem):
   net = ref.build_torch_unet(model)
   x = torch.from_numpy(np.moveaxis(image, -1, 0)[None].copy())
   first = net.first_unit(ref.tunable_names(split))
-  assert net.units()[first][0] == "decoder.0.1."            # the first tunable layer, in forward order
+  assert net.units()[first][0] == "decoder.0.1."  # the first tunable layer, in forward order
   with torch.no_grad():
     whole = net(x)
     for start in range(len(net.units()) + 1):
       assert torch.equal(net.tail(net.trunk(x, start), start), whole), start
-      split = net.tail(net.trunk(x, start, split_concat=True), start, split_concat=True)   # halves of each kernel
+      split = net.tail(net.trunk(x, start, split_concat=True), start, split_concat=True)  # halves of each kernel
       torch.testing.assert_close(split, whole, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("options", [ref.PeerOptions(), ref.PeerOptions(cache_trunk=False),
-                                     ref.PeerOptions(sync_every=1), ref.PeerOptions(split_concat=False)],
-                         ids=["cached", "full_forward", "sync_every_step", "concatenated"])
+@pytest.mark.parametrize(
+  "options",
+  [
+    ref.PeerOptions(),
+    ref.PeerOptions(cache_trunk=False),
+    ref.PeerOptions(sync_every=1),
+    ref.PeerOptions(split_concat=False),
+  ],
+  ids=["cached", "full_forward", "sync_every_step", "concatenated"],
+)
 def test_peer_gives_scribblejax_logits_after_the_same_steps(problem, options):
   model, split, image, marks = problem
-  err = ref.check_peer(split, model, image, marks, options, steps=3, **HYPER)    # rtol = atol = 1e-3, float32
+  err = ref.check_peer(split, model, image, marks, options, steps=3, **HYPER)  # rtol = atol = 1e-3, float32
   assert err < 1e-3
 
 
@@ -79,22 +86,22 @@ def test_no_host_read_in_a_fixed_step_loop(problem, monkeypatch):
   monkeypatch.setattr(torch.Tensor, "item", lambda self: reads.append(1) or plain(self))
   result = peer.refine(image, marks, max_steps=6, early_stop=False)
   assert result.num_steps == 6 and not result.nonfinite
-  assert len(reads) == 1                                    # the finiteness flag, once, after the loop
+  assert len(reads) == 1  # the finiteness flag, once, after the loop
   reads.clear()
   peer.refine(image, marks, max_steps=6, early_stop=True)
-  assert len(reads) <= 6 + 1                                # one read per step at most (was two), then the flag
+  assert len(reads) <= 6 + 1  # one read per step at most (was two), then the flag
 
 
 def test_early_stop_peer_stops_where_scribblejax_stops(problem):
   model, split, image, marks = problem
   hyper = dict(learning_rate=0.05, momentum=0.9, prox_weight=0.01)
   ours = sj.refine(split, image, marks, sj.RefineConfig.paper(max_steps=40, **hyper))
-  assert bool(ours.satisfied) and 0 < int(ours.num_steps) < 40            # the stop rule fired
+  assert bool(ours.satisfied) and 0 < int(ours.num_steps) < 40  # the stop rule fired
   peer = ref.TorchPeer(ref.build_torch_unet(model), ref.tunable_names(split), **hyper)
   theirs = peer.refine(image, marks, max_steps=40, early_stop=True)
   assert theirs.num_steps == int(ours.num_steps)
   np.testing.assert_allclose(theirs.logits, np.asarray(ours.logits), rtol=1e-3, atol=1e-3)
-  again = peer.refine(image, marks, max_steps=40, early_stop=True)       # reset to W: the same interaction
+  again = peer.refine(image, marks, max_steps=40, early_stop=True)  # reset to W: the same interaction
   assert again.num_steps == theirs.num_steps and np.array_equal(again.logits, theirs.logits)
 
 

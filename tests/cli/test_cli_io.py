@@ -29,7 +29,7 @@ from scribblejax.research import data, metrics
 from scribblejax.research.train import TrainConfig, train_segmenter
 
 NORM = {"kind": "percentile", "lower": 1.0, "upper": 99.8}
-CROP = (slice(0, 96), slice(384, 480))          # from the DSB test columns (not trained on)
+CROP = (slice(0, 96), slice(384, 480))  # from the DSB test columns (not trained on)
 KWARGS = dict(spatial_dims=2, in_channels=1, num_classes=2, channels=[8, 16])
 # Refinement settings (explicit, so that the tests do not depend on the library defaults).
 KNOBS = ["--preset", "paper", "--steps", "300", "--lr", "0.05", "--momentum", "0.9", "--alpha", "0.01", "--layers", "5"]
@@ -41,11 +41,17 @@ def model_dir(tmp_path_factory):
   """A small U-Net trained for 30 steps on the DSB training columns, saved as a model folder."""
   ds = data.nuclei2d("binary")
   model = sj.UNet(**KWARGS, rngs=nnx.Rngs(0))
-  train_segmenter(model, sj.normalize(ds.image, NORM)[ds.train], ds.labels[ds.train],
-                  TrainConfig(steps=30, crop=48, batch_size=2), progress=False)
+  train_segmenter(
+    model,
+    sj.normalize(ds.image, NORM)[ds.train],
+    ds.labels[ds.train],
+    TrainConfig(steps=30, crop=48, batch_size=2),
+    progress=False,
+  )
   path = tmp_path_factory.mktemp("models") / "nuclei"
-  sj.save_model(path, model, family="scribblejax.UNet", kwargs=KWARGS, normalization=NORM,
-                class_names=["background", "nucleus"])
+  sj.save_model(
+    path, model, family="scribblejax.UNet", kwargs=KWARGS, normalization=NORM, class_names=["background", "nucleus"]
+  )
   return path
 
 
@@ -84,8 +90,14 @@ def _cli(*args, cwd=None, env=None):
   """Runs the installed ``scribblejax`` command (or ``python -m scribblejax.cli``); ``env`` adds variables."""
   script = Path(sys.executable).parent / "scribblejax"
   command = [str(script)] if script.exists() else [sys.executable, "-m", "scribblejax.cli"]
-  return subprocess.run(command + [str(a) for a in args], capture_output=True, text=True, timeout=600, cwd=cwd,
-                        env=None if env is None else {**os.environ, **env})
+  return subprocess.run(
+    command + [str(a) for a in args],
+    capture_output=True,
+    text=True,
+    timeout=600,
+    cwd=cwd,
+    env=None if env is None else {**os.environ, **env},
+  )
 
 
 def _no_temporaries(folder):
@@ -94,6 +106,7 @@ def _no_temporaries(folder):
 
 # ----------------------------------------------------------------------------------------------
 # predict
+
 
 def test_predict_nifti_round_trip_keeps_affine_and_header(tmp_path, model_dir, crop):
   image, truth, network = crop
@@ -107,17 +120,32 @@ def test_predict_nifti_round_trip_keeps_affine_and_header(tmp_path, model_dir, c
 
   proc = _cli("predict", "--model", model_dir, "--image", tmp_path / "img.nii.gz", "--out", tmp_path / "seg.nii.gz")
   assert proc.returncode == 0, proc.stderr
-  assert "wrote" in proc.stdout and "predict" in proc.stderr           # summary on stdout, progress on stderr
+  assert "wrote" in proc.stdout and "predict" in proc.stderr  # summary on stdout, progress on stderr
 
   src, out = nib.load(str(tmp_path / "img.nii.gz")), nib.load(str(tmp_path / "seg.nii.gz"))
   np.testing.assert_allclose(out.affine, src.affine, atol=1e-6)
-  for key in ("qform_code", "sform_code", "pixdim", "xyzt_units", "descrip", "quatern_b", "quatern_c", "quatern_d",
-              "qoffset_x", "qoffset_y", "qoffset_z", "srow_x", "srow_y", "srow_z", "dim_info"):
+  for key in (
+    "qform_code",
+    "sform_code",
+    "pixdim",
+    "xyzt_units",
+    "descrip",
+    "quatern_b",
+    "quatern_c",
+    "quatern_d",
+    "qoffset_x",
+    "qoffset_y",
+    "qoffset_z",
+    "srow_x",
+    "srow_y",
+    "srow_z",
+    "dim_info",
+  ):
     np.testing.assert_array_equal(out.header[key], src.header[key], err_msg=key)
   assert out.shape == (96, 96, 1) and out.get_data_dtype() == np.uint8
   labels = np.asanyarray(out.dataobj)[:, :, 0]
-  np.testing.assert_array_equal(labels, network)                       # the model's own prediction
-  assert metrics.mean_foreground_dice(labels, truth, 2) > 0.5        # and a meaningful one
+  np.testing.assert_array_equal(labels, network)  # the model's own prediction
+  assert metrics.mean_foreground_dice(labels, truth, 2) > 0.5  # and a meaningful one
   report = json.loads((tmp_path / "seg.report.json").read_text())
   assert report["image_format"] == "nifti" and report["out_format"] == "nifti" and report["device"]
   assert report["compile_seconds"] <= report["seconds"] + 1e-6
@@ -132,18 +160,22 @@ def test_a_2d_model_segments_a_stack_slice_by_slice(tmp_path, model_dir, crop):
   # normalised as one volume (here three copies: each slice normalises as the crop alone does).
   image, truth, network = crop
   tifffile.imwrite(tmp_path / "stack.tif", np.stack([image, image[::-1], image]), photometric="minisblack")
-  proc = _cli("predict", "--model", model_dir, "--image", tmp_path / "stack.tif", "--out", tmp_path / "seg.tif",
-              "--json")
+  proc = _cli(
+    "predict", "--model", model_dir, "--image", tmp_path / "stack.tif", "--out", tmp_path / "seg.tif", "--json"
+  )
   assert proc.returncode == 0, proc.stderr
   labels = tifffile.imread(tmp_path / "seg.tif")
   assert labels.shape == (3, 96, 96)
   np.testing.assert_array_equal(labels[0], network)
   np.testing.assert_array_equal(labels[2], network)
-  model, info = sj.load_model(model_dir)                            # the flipped slice, on its own
-  flipped = sj.predict(sj.split_params(model, sj.last_layers(1)), sj.normalize(image[::-1, :, None], info.normalization))
+  model, info = sj.load_model(model_dir)  # the flipped slice, on its own
+  flipped = sj.predict(
+    sj.split_params(model, sj.last_layers(1)), sj.normalize(image[::-1, :, None], info.normalization)
+  )
   np.testing.assert_array_equal(labels[1], np.argmax(np.asarray(flipped), -1))
-  assert any("slice by slice along the image's axis 0 (3 slices of (96, 96))" in n
-             for n in json.loads(proc.stdout)["notes"])
+  assert any(
+    "slice by slice along the image's axis 0 (3 slices of (96, 96))" in n for n in json.loads(proc.stdout)["notes"]
+  )
 
 
 def test_commands_keep_compiled_programs_on_disk(tmp_path, model_dir, crop):
@@ -154,35 +186,54 @@ def test_commands_keep_compiled_programs_on_disk(tmp_path, model_dir, crop):
   env = {"SCRIBBLEJAX_COMPILATION_CACHE": str(cache), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
   outputs = []
   for run in range(2):
-    proc = _cli("predict", "--model", model_dir, "--image", tmp_path / "img.tif", "--out", tmp_path / f"s{run}.tif",
-                env=env)
+    proc = _cli(
+      "predict", "--model", model_dir, "--image", tmp_path / "img.tif", "--out", tmp_path / f"s{run}.tif", env=env
+    )
     assert proc.returncode == 0, proc.stderr
     outputs.append(tifffile.imread(tmp_path / f"s{run}.tif"))
     if run == 0:
       kept = sorted(p.name for p in cache.iterdir())
       assert kept, "nothing was written to the compilation cache"
-  np.testing.assert_array_equal(outputs[1], outputs[0])        # the loaded programs compute the same
+  np.testing.assert_array_equal(outputs[1], outputs[0])  # the loaded programs compute the same
   np.testing.assert_array_equal(outputs[0], crop[2])
-  assert sorted(p.name for p in cache.iterdir()) == kept       # same keys in a new process: they are hits
+  assert sorted(p.name for p in cache.iterdir()) == kept  # same keys in a new process: they are hits
   # "0" leaves it off; a folder set in JAX's own configuration is kept
   from scribblejax import kernels
-  off = _cli("predict", "--model", model_dir, "--image", tmp_path / "img.tif", "--out", tmp_path / "s2.tif",
-             env={**env, "SCRIBBLEJAX_COMPILATION_CACHE": "0", "XDG_CACHE_HOME": str(tmp_path / "xdg"),
-                  "SCRIBBLEJAX_KERNEL_CACHE": str(kernels._cache_dir())})    # the built kernels, where they are
+
+  off = _cli(
+    "predict",
+    "--model",
+    model_dir,
+    "--image",
+    tmp_path / "img.tif",
+    "--out",
+    tmp_path / "s2.tif",
+    env={
+      **env,
+      "SCRIBBLEJAX_COMPILATION_CACHE": "0",
+      "XDG_CACHE_HOME": str(tmp_path / "xdg"),
+      "SCRIBBLEJAX_KERNEL_CACHE": str(kernels._cache_dir()),
+    },
+  )  # the built kernels, where they are
   assert off.returncode == 0, off.stderr
   assert not (tmp_path / "xdg" / "scribblejax" / "jax").exists()
   script = "from scribblejax.cli import enable_compilation_cache as e; print(e())"
-  for extra, expected in [({"SCRIBBLEJAX_COMPILATION_CACHE": "", "XDG_CACHE_HOME": str(tmp_path / "x")},
-                           str(tmp_path / "x" / "scribblejax" / "jax")),
-                          ({"SCRIBBLEJAX_COMPILATION_CACHE": "", "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "j")},
-                           str(tmp_path / "j"))]:
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, **extra})
+  for extra, expected in [
+    (
+      {"SCRIBBLEJAX_COMPILATION_CACHE": "", "XDG_CACHE_HOME": str(tmp_path / "x")},
+      str(tmp_path / "x" / "scribblejax" / "jax"),
+    ),
+    ({"SCRIBBLEJAX_COMPILATION_CACHE": "", "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "j")}, str(tmp_path / "j")),
+  ]:
+    proc = subprocess.run(
+      [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env={**os.environ, **extra}
+    )
     assert proc.stdout.strip() == expected, proc.stderr
 
 
 # ----------------------------------------------------------------------------------------------
 # refine
+
 
 def test_refine_labelme_two_labels_corrects_two_classes_in_one_round(tmp_path, model_dir, crop, capsys):
   image, truth, network = crop
@@ -190,31 +241,75 @@ def test_refine_labelme_two_labels_corrects_two_classes_in_one_round(tmp_path, m
   PILImage.fromarray(grey).save(tmp_path / "img.png")
   spots = _wrong_spots(truth, network)
   (r1, c1), (r0, c0) = spots[1][0], spots[0][0]
-  shapes = [{"label": "nucleus", "points": [[c1 + 0.5, r1 + 0.5]], "shape_type": "point"},
-            {"label": "background", "points": [[c0 + 0.5, r0 + 0.5]], "shape_type": "point"}]
+  shapes = [
+    {"label": "nucleus", "points": [[c1 + 0.5, r1 + 0.5]], "shape_type": "point"},
+    {"label": "background", "points": [[c0 + 0.5, r0 + 0.5]], "shape_type": "point"},
+  ]
   write_labelme(tmp_path / "marks.json", shapes, 96, 96, image_path="img.png")
 
-  code = main(["refine", "--model", str(model_dir), "--image", str(tmp_path / "img.png"), "--marks",
-               str(tmp_path / "marks.json"), "--out", str(tmp_path / "refined.png"), *KNOBS, "--radius", "1", "--json"])
+  code = main(
+    [
+      "refine",
+      "--model",
+      str(model_dir),
+      "--image",
+      str(tmp_path / "img.png"),
+      "--marks",
+      str(tmp_path / "marks.json"),
+      "--out",
+      str(tmp_path / "refined.png"),
+      *KNOBS,
+      "--radius",
+      "1",
+      "--json",
+    ]
+  )
   out = capsys.readouterr()
   assert code == 0, out.err
   report = json.loads(out.out)
   assert report["satisfied"] and 0 < report["steps"] <= 300 and report["marks_honoured"] == 1.0
-  assert report["settings"] == {"layers": 5, "max_steps": 300, "learning_rate": 0.05, "momentum": 0.9, "prox_weight": 0.01,
-                                "keep_weight": 0.0, "optimizer": "sgd", "progressive_merge": False, "preset": "paper",
-                                "region_growing": None, "class_balance": False, "continue_weights": False,
-                                "check_every": 1, "compute_dtype": "float32", "remat": False,
-                                "conv_backend": "auto"}
+  assert report["settings"] == {
+    "layers": 5,
+    "max_steps": 300,
+    "learning_rate": 0.05,
+    "momentum": 0.9,
+    "prox_weight": 0.01,
+    "keep_weight": 0.0,
+    "optimizer": "sgd",
+    "progressive_merge": False,
+    "preset": "paper",
+    "region_growing": None,
+    "class_balance": False,
+    "continue_weights": False,
+    "check_every": 1,
+    "compute_dtype": "float32",
+    "remat": False,
+    "conv_backend": "auto",
+  }
   assert report["conv_backend"] == sj.kernels.resolve_conv_backend("auto")
-  assert report["marked_pixels"] == {"background": 5, "nucleus": 5}   # radius 1: a 5-pixel cross each
+  assert report["marked_pixels"] == {"background": 5, "nucleus": 5}  # radius 1: a 5-pixel cross each
   labels = np.asarray(PILImage.open(tmp_path / "refined.png"))
   for label, (r, c) in ((1, (r1, c1)), (0, (r0, c0))):
-    assert network[r, c] != label and labels[r, c] == label           # both classes corrected
+    assert network[r, c] != label and labels[r, c] == label  # both classes corrected
     assert all(labels[r + dr, c + dc] == label for dr, dc in ((0, 1), (1, 0), (0, -1), (-1, 0)))
   assert json.loads((tmp_path / "refined.report.json").read_text())["steps"] == report["steps"]
   # without --json or --quiet: log lines and a progress bar of SGD steps on stderr, the summary on stdout
-  code = main(["refine", "--model", str(model_dir), "--image", str(tmp_path / "img.png"), "--marks",
-               str(tmp_path / "marks.json"), "--out", str(tmp_path / "again.png"), *KNOBS, "--radius", "1"])
+  code = main(
+    [
+      "refine",
+      "--model",
+      str(model_dir),
+      "--image",
+      str(tmp_path / "img.png"),
+      "--marks",
+      str(tmp_path / "marks.json"),
+      "--out",
+      str(tmp_path / "again.png"),
+      *KNOBS,
+      "--radius",
+      "1",
+    ]
+  )
   out = capsys.readouterr()
   assert code == 0 and "wrote" in out.out
   assert "refining:" in out.err and "/300" in out.err, repr(out.err)
@@ -230,9 +325,23 @@ def test_refine_with_patches_chosen_on_the_command_line_honours_the_marks(tmp_pa
   (r1, c1), (r0, c0) = spots[1][0], spots[0][0]
   marks[r1, c1], marks[r0, c0] = 1, 255
   PILImage.fromarray(marks).save(tmp_path / "marks.png")
-  code = main(["refine", "--model", str(model_dir), "--image", str(tmp_path / "img.tif"), "--marks",
-               str(tmp_path / "marks.png"), "--out", str(tmp_path / "refined.tif"), *KNOBS, "--patch-size", "64,64",
-               "--json"])
+  code = main(
+    [
+      "refine",
+      "--model",
+      str(model_dir),
+      "--image",
+      str(tmp_path / "img.tif"),
+      "--marks",
+      str(tmp_path / "marks.png"),
+      "--out",
+      str(tmp_path / "refined.tif"),
+      *KNOBS,
+      "--patch-size",
+      "64,64",
+      "--json",
+    ]
+  )
   out = capsys.readouterr()
   assert code == 0, out.err
   report = json.loads(out.out)
@@ -243,9 +352,24 @@ def test_refine_with_patches_chosen_on_the_command_line_honours_the_marks(tmp_pa
   assert labels[r1, c1] == 1 and labels[r0, c0] == 0
   # one marked patch per network call, one after another: the same refinement; without --json, bars of
   # SGD steps and of the sliding window's patches on stderr
-  code = main(["refine", "--model", str(model_dir), "--image", str(tmp_path / "img.tif"), "--marks",
-               str(tmp_path / "marks.png"), "--out", str(tmp_path / "one.tif"), *KNOBS, "--patch-size", "64,64",
-               "--patch-batch", "1"])
+  code = main(
+    [
+      "refine",
+      "--model",
+      str(model_dir),
+      "--image",
+      str(tmp_path / "img.tif"),
+      "--marks",
+      str(tmp_path / "marks.png"),
+      "--out",
+      str(tmp_path / "one.tif"),
+      *KNOBS,
+      "--patch-size",
+      "64,64",
+      "--patch-batch",
+      "1",
+    ]
+  )
   out = capsys.readouterr()
   assert code == 0, out.err
   assert "refining:" in out.err and "segmenting:" in out.err and "/4 [" in out.err, repr(out.err)
@@ -258,6 +382,7 @@ def test_refine_with_patches_chosen_on_the_command_line_honours_the_marks(tmp_pa
 def _at_spacing(model_dir, folder, spacing):
   """A copy of the model folder whose model.json states a voxel spacing."""
   import shutil
+
   shutil.copytree(model_dir, folder)
   doc = json.loads((folder / "model.json").read_text())
   doc["metadata"] = {**(doc.get("metadata") or {}), "spacing": spacing}
@@ -277,20 +402,33 @@ def test_on_a_coarser_model_grid_the_report_counts_marks_in_the_written_file(tmp
   marks[spots[1][0]] = 1
   (r, c) = spots[0][0]
   marks[r, c] = 255
-  marks[r, c + 1 if c % 2 == 0 else c - 1] = 1                       # the same 2 x 2 model voxel, another class
+  marks[r, c + 1 if c % 2 == 0 else c - 1] = 1  # the same 2 x 2 model voxel, another class
   PILImage.fromarray(marks).save(tmp_path / "marks.png")
-  code = main(["refine", "--model", str(coarse), "--image", str(tmp_path / "img.tif"), "--marks",
-               str(tmp_path / "marks.png"), "--out", str(tmp_path / "refined.tif"), *KNOBS, "--json"])
+  code = main(
+    [
+      "refine",
+      "--model",
+      str(coarse),
+      "--image",
+      str(tmp_path / "img.tif"),
+      "--marks",
+      str(tmp_path / "marks.png"),
+      "--out",
+      str(tmp_path / "refined.tif"),
+      *KNOBS,
+      "--json",
+    ]
+  )
   out = capsys.readouterr()
   assert code == 0, out.err
   report = json.loads(out.out)
   assert any("to the model's (2.0, 2.0) ((48, 48))" in n for n in report["notes"])
   assert report["clashing_marks"] == 1
   written = tifffile.imread(tmp_path / "refined.tif")
-  drawn = np.where(marks == 255, 0, marks.astype(np.int64) - 1)       # 0 unmarked, 255 background
+  drawn = np.where(marks == 255, 0, marks.astype(np.int64) - 1)  # 0 unmarked, 255 background
   drawn[marks == 0] = -1
   assert report["marks_honoured"] == float((written[drawn >= 0] == drawn[drawn >= 0]).mean())
-  assert written[spots[1][0]] == 1 and report["satisfied"]       # away from the clash: honoured on the image's grid
+  assert written[spots[1][0]] == 1 and report["satisfied"]  # away from the clash: honoured on the image's grid
   assert report["marked_pixels"] == {"background": 1, "nucleus": int((marks == 1).sum())}
 
 
@@ -301,18 +439,36 @@ def test_a_tiffs_print_resolution_is_not_a_spacing_to_resample_from(tmp_path, mo
   tifffile.imwrite(tmp_path / "plain.tif", image)
   tifffile.imwrite(tmp_path / "dpi.tif", image, resolution=(72, 72), resolutionunit=2)
   for name in ("plain", "dpi"):
-    assert main(["predict", "--model", str(unit), "--image", str(tmp_path / f"{name}.tif"), "--out",
-                 str(tmp_path / f"{name}_seg.tif"), "--json"]) == 0
+    assert (
+      main(
+        [
+          "predict",
+          "--model",
+          str(unit),
+          "--image",
+          str(tmp_path / f"{name}.tif"),
+          "--out",
+          str(tmp_path / f"{name}_seg.tif"),
+          "--json",
+        ]
+      )
+      == 0
+    )
     report = json.loads(capsys.readouterr().out)
-  assert any("pixel spacing as 1 for resampling" in n for n in report["notes"])     # was: resampled to 1 x 1
+  assert any("pixel spacing as 1 for resampling" in n for n in report["notes"])  # was: resampled to 1 x 1
   np.testing.assert_array_equal(tifffile.imread(tmp_path / "dpi_seg.tif"), tifffile.imread(tmp_path / "plain_seg.tif"))
 
 
 def test_refine_reads_a_slicer_segmentation_on_an_nrrd_image(tmp_path, model_dir, crop, capsys):
   image, truth, network = crop
   # The crop as a 2-D NRRD in LPS space: axis 0 = rows, axis 1 = columns (any order works: geometry rules).
-  header = {"space": "left-posterior-superior", "space directions": np.array([[0.0, 0.5, 0.0], [-0.5, 0.0, 0.0]]),
-            "space origin": np.array([3.0, -4.0, 10.0]), "kinds": ["domain", "domain"], "encoding": "gzip"}
+  header = {
+    "space": "left-posterior-superior",
+    "space directions": np.array([[0.0, 0.5, 0.0], [-0.5, 0.0, 0.0]]),
+    "space origin": np.array([3.0, -4.0, 10.0]),
+    "kinds": ["domain", "domain"],
+    "encoding": "gzip",
+  }
   nrrd.write(str(tmp_path / "img.nrrd"), image, header, index_order="F")
   geometry = read_image(tmp_path / "img.nrrd").geometry
   spots = _wrong_spots(truth, network)
@@ -320,17 +476,38 @@ def test_refine_reads_a_slicer_segmentation_on_an_nrrd_image(tmp_path, model_dir
   lo = np.array([min(r1, r0) - 1, min(c1, c0) - 1, 0])
   extent = np.array([max(r1, r0) + 2, max(c1, c0) + 2, 1]) - lo
   layer = np.zeros(extent, np.uint8)
-  layer[r1 - lo[0] - 1:r1 - lo[0] + 2, c1 - lo[1] - 1:c1 - lo[1] + 2, 0] = 1   # 'nucleus', label value 1
-  layer[r0 - lo[0] - 1:r0 - lo[0] + 2, c0 - lo[1] - 1:c0 - lo[1] + 2, 0] = 7   # 'Background', label value 7
+  layer[r1 - lo[0] - 1 : r1 - lo[0] + 2, c1 - lo[1] - 1 : c1 - lo[1] + 2, 0] = 1  # 'nucleus', label value 1
+  layer[r0 - lo[0] - 1 : r0 - lo[0] + 2, c0 - lo[1] - 1 : c0 - lo[1] + 2, 0] = 7  # 'Background', label value 7
   affine = geometry.affine.copy()
   affine[:3, 3] = (geometry.affine @ np.r_[lo, 1])[:3]
-  write_slicer_segmentation(tmp_path / "fix.seg.nrrd", layer,
-                            [dict(name="nucleus", label_value=1, layer=0), dict(name="Background", label_value=7, layer=0)],
-                            affine_ras=affine, extent_offset=lo)
+  write_slicer_segmentation(
+    tmp_path / "fix.seg.nrrd",
+    layer,
+    [dict(name="nucleus", label_value=1, layer=0), dict(name="Background", label_value=7, layer=0)],
+    affine_ras=affine,
+    extent_offset=lo,
+  )
 
-  code = main(["refine", "--model", str(model_dir), "--image", str(tmp_path / "img.nrrd"), "--marks",
-               str(tmp_path / "fix.seg.nrrd"), "--out", str(tmp_path / "seg.nrrd"), *KNOBS, "--quiet",
-               "--compute-dtype", "bfloat16", "--remat", "--conv-backend", "xla"])
+  code = main(
+    [
+      "refine",
+      "--model",
+      str(model_dir),
+      "--image",
+      str(tmp_path / "img.nrrd"),
+      "--marks",
+      str(tmp_path / "fix.seg.nrrd"),
+      "--out",
+      str(tmp_path / "seg.nrrd"),
+      *KNOBS,
+      "--quiet",
+      "--compute-dtype",
+      "bfloat16",
+      "--remat",
+      "--conv-backend",
+      "xla",
+    ]
+  )
   assert code == 0, capsys.readouterr().err
   report = json.loads((tmp_path / "seg.report.json").read_text())
   assert report["settings"]["compute_dtype"] == "bfloat16" and report["settings"]["remat"] is True
@@ -339,7 +516,7 @@ def test_refine_reads_a_slicer_segmentation_on_an_nrrd_image(tmp_path, model_dir
   assert labels.shape == (96, 96)
   np.testing.assert_allclose(out_header["space directions"], header["space directions"])
   np.testing.assert_allclose(out_header["space origin"], header["space origin"])
-  assert (labels[r1 - 1:r1 + 2, c1 - 1:c1 + 2] == 1).all() and (labels[r0 - 1:r0 + 2, c0 - 1:c0 + 2] == 0).all()
+  assert (labels[r1 - 1 : r1 + 2, c1 - 1 : c1 + 2] == 1).all() and (labels[r0 - 1 : r0 + 2, c0 - 1 : c0 + 2] == 0).all()
   report = json.loads((tmp_path / "seg.report.json").read_text())
   assert report["marked_pixels"] == {"background": 9, "nucleus": 9} and report["satisfied"]
 
@@ -350,28 +527,41 @@ def test_session_two_rounds_then_undo(tmp_path, model_dir, crop, capsys):
   spots = _wrong_spots(truth, network)
   (r1, c1), (r0, c0) = spots[1][0], spots[0][0]
   first = np.zeros((96, 96), np.uint8)
-  first[r1, c1] = 1                                             # round 1: a label map, "nucleus here"
+  first[r1, c1] = 1  # round 1: a label map, "nucleus here"
   PILImage.fromarray(first).save(tmp_path / "round1.png")
-  write_labelme(tmp_path / "round2.json", [{"label": "background", "points": [[c0 + 0.5, r0 + 0.5]],
-                                            "shape_type": "point"}], 96, 96)
+  write_labelme(
+    tmp_path / "round2.json", [{"label": "background", "points": [[c0 + 0.5, r0 + 0.5]], "shape_type": "point"}], 96, 96
+  )
   session = tmp_path / "session"
-  common = ["--model", str(model_dir), "--image", str(tmp_path / "img.tif"), "--session", str(session),
-            *KNOBS, "--radius", "0", "--quiet"]
+  common = [
+    "--model",
+    str(model_dir),
+    "--image",
+    str(tmp_path / "img.tif"),
+    "--session",
+    str(session),
+    *KNOBS,
+    "--radius",
+    "0",
+    "--quiet",
+  ]
   assert main(["refine", *common, "--marks", str(tmp_path / "round1.png"), "--out", str(tmp_path / "r1.tif")]) == 0
   assert main(["refine", *common, "--marks", str(tmp_path / "round2.json"), "--out", str(tmp_path / "r2.tif")]) == 0
   out1, out2 = tifffile.imread(tmp_path / "r1.tif"), tifffile.imread(tmp_path / "r2.tif")
   assert network[r1, c1] == 0 and out1[r1, c1] == 1
-  assert out2[r1, c1] == 1 and out2[r0, c0] == 0 and network[r0, c0] == 1   # round 2 keeps round 1's marks
+  assert out2[r1, c1] == 1 and out2[r0, c0] == 0 and network[r0, c0] == 1  # round 2 keeps round 1's marks
   doc = json.loads((session / "session.json").read_text())
   assert [r["round"] for r in doc["rounds"]] == [1, 2] and all(r["satisfied"] for r in doc["rounds"])
   assert json.loads((tmp_path / "r2.report.json").read_text())["marked_pixels"] == {"background": 1, "nucleus": 1}
 
   # Undo with new marks replaces the latest round: the same marks again give the same result.
-  assert main(["refine", *common, "--undo", "--marks", str(tmp_path / "round2.json"), "--out",
-               str(tmp_path / "r2b.tif")]) == 0
+  assert (
+    main(["refine", *common, "--undo", "--marks", str(tmp_path / "round2.json"), "--out", str(tmp_path / "r2b.tif")])
+    == 0
+  )
   np.testing.assert_array_equal(tifffile.imread(tmp_path / "r2b.tif"), out2)
   rounds = json.loads((session / "session.json").read_text())["rounds"]
-  replaced = rounds[-1]["file"]          # a new file: the undone one stayed until this round was saved
+  replaced = rounds[-1]["file"]  # a new file: the undone one stayed until this round was saved
   assert len(rounds) == 2 and (session / replaced).exists() and not (session / "round-002.npz").exists()
 
   # Undo in a fresh process: no model run, the session's stored round-1 result comes back.
@@ -389,8 +579,23 @@ def test_session_two_rounds_then_undo(tmp_path, model_dir, crop, capsys):
   assert "nothing to undo" in capsys.readouterr().err
   # The session belongs to its image: another image is refused.
   tifffile.imwrite(tmp_path / "other.tif", image[::-1])
-  assert main(["refine", *common[:2], "--image", str(tmp_path / "other.tif"), "--session", str(session),
-               "--marks", str(tmp_path / "round1.png"), "--out", str(tmp_path / "x.tif")]) == 1
+  assert (
+    main(
+      [
+        "refine",
+        *common[:2],
+        "--image",
+        str(tmp_path / "other.tif"),
+        "--session",
+        str(session),
+        "--marks",
+        str(tmp_path / "round1.png"),
+        "--out",
+        str(tmp_path / "x.tif"),
+      ]
+    )
+    == 1
+  )
   assert "is not the image of session" in capsys.readouterr().err
   _no_temporaries(tmp_path)
 
@@ -398,12 +603,22 @@ def test_session_two_rounds_then_undo(tmp_path, model_dir, crop, capsys):
 def test_continue_weights_and_region_growing(tmp_path, model_dir, crop, capsys):
   image, truth, network = crop
   tifffile.imwrite(tmp_path / "img.tif", image)
-  (r1, c1), = _wrong_spots(truth, network)[1]
+  ((r1, c1),) = _wrong_spots(truth, network)[1]
   marks = np.zeros((96, 96), np.uint8)
   marks[r1, c1] = 1
   PILImage.fromarray(marks).save(tmp_path / "m.png")
-  base = ["refine", "--model", str(model_dir), "--image", str(tmp_path / "img.tif"), "--marks", str(tmp_path / "m.png"),
-          *KNOBS, "--quiet", "--json"]
+  base = [
+    "refine",
+    "--model",
+    str(model_dir),
+    "--image",
+    str(tmp_path / "img.tif"),
+    "--marks",
+    str(tmp_path / "m.png"),
+    *KNOBS,
+    "--quiet",
+    "--json",
+  ]
   reports = []
   for name, extra in (("a", []), ("b", ["--continue-weights"]), ("c", [])):
     assert main([*base, "--session", str(tmp_path / "s"), "--out", str(tmp_path / f"{name}.tif"), *extra]) == 0
@@ -411,9 +626,10 @@ def test_continue_weights_and_region_growing(tmp_path, model_dir, crop, capsys):
   # The same mark again: from round 1's weights it already holds (no step); from W it must be learnt again.
   assert reports[0]["steps"] > 0 and reports[1]["steps"] == 0 and reports[2]["steps"] == reports[0]["steps"]
   assert reports[1]["settings"]["continue_weights"] and all(r["satisfied"] for r in reports)
-  other_layers = [a if a != "5" else "3" for a in base]              # KNOBS: --layers 5
-  assert main([*other_layers, "--session", str(tmp_path / "s"), "--out", str(tmp_path / "d.tif"),
-               "--continue-weights"]) == 1
+  other_layers = [a if a != "5" else "3" for a in base]  # KNOBS: --layers 5
+  assert (
+    main([*other_layers, "--session", str(tmp_path / "s"), "--out", str(tmp_path / "d.tif"), "--continue-weights"]) == 1
+  )
   assert "--continue-weights needs the same --layers as the previous round" in capsys.readouterr().err
 
   assert main([*base, "--region-growing", "0.05", "--out", str(tmp_path / "g.tif")]) == 0
@@ -423,39 +639,77 @@ def test_continue_weights_and_region_growing(tmp_path, model_dir, crop, capsys):
 
   # In a session, growth from a later round neither replaces nor crosses the marks of earlier rounds.
   first = np.zeros((96, 96), np.uint8)
-  first[:, 48] = 255                                       # round 1: a background line down the middle
+  first[:, 48] = 255  # round 1: a background line down the middle
   second = np.zeros((96, 96), np.uint8)
-  second[10, 10] = 1                                       # round 2: one nucleus pixel left of it, grown
+  second[10, 10] = 1  # round 2: one nucleus pixel left of it, grown
   PILImage.fromarray(first).save(tmp_path / "first.png")
   PILImage.fromarray(second).save(tmp_path / "second.png")
-  session = ["refine", "--model", str(model_dir), "--image", str(tmp_path / "img.tif"), "--steps", "2", "--quiet",
-             "--json", "--session", str(tmp_path / "grown")]
-  for name, extra in (("first", []), ("second", ["--region-growing", "1e6"])):   # T = 1e6: any pixel joins
-    assert main([*session, "--marks", str(tmp_path / f"{name}.png"), "--out", str(tmp_path / f"{name}.tif"),
-                 *extra]) == 0
+  session = [
+    "refine",
+    "--model",
+    str(model_dir),
+    "--image",
+    str(tmp_path / "img.tif"),
+    "--steps",
+    "2",
+    "--quiet",
+    "--json",
+    "--session",
+    str(tmp_path / "grown"),
+  ]
+  for name, extra in (("first", []), ("second", ["--region-growing", "1e6"])):  # T = 1e6: any pixel joins
+    assert (
+      main([*session, "--marks", str(tmp_path / f"{name}.png"), "--out", str(tmp_path / f"{name}.tif"), *extra]) == 0
+    )
     reports.append(json.loads(capsys.readouterr().out))
   session_marks = np.load(sorted((tmp_path / "grown").glob("round-*.npz"))[-1])["marks"]
-  assert (session_marks[:, 48] == 0).all()                 # round 1's line is intact
+  assert (session_marks[:, 48] == 0).all()  # round 1's line is intact
   assert (session_marks[:, :48] == 1).all() and (session_marks[:, 49:] == -1).all()
   assert reports[-1]["grown_pixels"] == 96 * 48 - 1
   assert reports[-1]["marked_pixels"] == {"background": 96, "nucleus": 96 * 48}
   # What earlier growth inferred is not the user's word: a later round's growth relabels it.
   third = np.zeros((96, 96), np.uint8)
-  third[60, 20] = 255                                      # round 3: background, inside round 2's growth
+  third[60, 20] = 255  # round 3: background, inside round 2's growth
   PILImage.fromarray(third).save(tmp_path / "third.png")
-  assert main([*session, "--marks", str(tmp_path / "third.png"), "--out", str(tmp_path / "third.tif"),
-               "--region-growing", "1e6"]) == 0
+  assert (
+    main(
+      [
+        *session,
+        "--marks",
+        str(tmp_path / "third.png"),
+        "--out",
+        str(tmp_path / "third.tif"),
+        "--region-growing",
+        "1e6",
+      ]
+    )
+    == 0
+  )
   session_marks = np.load(sorted((tmp_path / "grown").glob("round-*.npz"))[-1])["marks"]
-  assert session_marks[10, 10] == 1                        # drawn in round 2: kept
+  assert session_marks[10, 10] == 1  # drawn in round 2: kept
   left = session_marks[:, :48].copy()
   left[10, 10] = 0
-  assert (left == 0).all()                                 # round 2's grown nucleus is background now
-  assert (session_marks[:, 48] == 0).all() and (session_marks[:, 49:] == -1).all()   # the drawn line still walls
+  assert (left == 0).all()  # round 2's grown nucleus is background now
+  assert (session_marks[:, 48] == 0).all() and (session_marks[:, 49:] == -1).all()  # the drawn line still walls
   # A round under other pipeline options would mix two pipelines' weights and segmentations: refused.
-  assert main([*session, "--marks", str(tmp_path / "third.png"), "--out", str(tmp_path / "fourth.tif"),
-               "--no-resample", "--patch-step", "0.25"]) == 1
-  assert ("was refined with other pipeline options: --no-resample (True then, False now), --patch-step (0.5 then, "
-          "0.25 now)") in capsys.readouterr().err
+  assert (
+    main(
+      [
+        *session,
+        "--marks",
+        str(tmp_path / "third.png"),
+        "--out",
+        str(tmp_path / "fourth.tif"),
+        "--no-resample",
+        "--patch-step",
+        "0.25",
+      ]
+    )
+    == 1
+  )
+  assert (
+    "was refined with other pipeline options: --no-resample (True then, False now), --patch-step (0.5 then, 0.25 now)"
+  ) in capsys.readouterr().err
 
 
 def test_refine_dicom_series_3d_with_slicer_marks_writes_nifti(tmp_path, capsys):
@@ -464,10 +718,15 @@ def test_refine_dicom_series_3d_with_slicer_marks_writes_nifti(tmp_path, capsys)
   volume = (rng.normal(size=(24, 20, 8)) * 50 + 40).astype(np.int16)
   volume[5:12, 5:12, 2:6] += 300
   write_dicom_series(tmp_path / "ct", volume, slice_step=(0, 0, 2.5))
-  kwargs = dict(spatial_dims=3, in_channels=1, num_classes=2, channels=[4])      # small: 3 layers
-  sj.save_model(tmp_path / "m3d", sj.UNet(**kwargs, rngs=nnx.Rngs(0)), family="scribblejax.UNet", kwargs=kwargs,
-                normalization={"kind": "ct", "lower": -1000, "upper": 1000, "mean": 0, "std": 300},
-                class_names=["background", "lesion"])
+  kwargs = dict(spatial_dims=3, in_channels=1, num_classes=2, channels=[4])  # small: 3 layers
+  sj.save_model(
+    tmp_path / "m3d",
+    sj.UNet(**kwargs, rngs=nnx.Rngs(0)),
+    family="scribblejax.UNet",
+    kwargs=kwargs,
+    normalization={"kind": "ct", "lower": -1000, "upper": 1000, "mean": 0, "std": 300},
+    class_names=["background", "lesion"],
+  )
   geometry = read_image(tmp_path / "ct").geometry
   layer = np.zeros((3, 3, 2), np.uint8)
   layer[:, :, 0] = 1
@@ -475,26 +734,47 @@ def test_refine_dicom_series_3d_with_slicer_marks_writes_nifti(tmp_path, capsys)
   offset = np.array([6, 6, 3])
   affine = geometry.affine.copy()
   affine[:3, 3] = (geometry.affine @ np.r_[offset, 1])[:3]
-  write_slicer_segmentation(tmp_path / "m.seg.nrrd", layer, [dict(name="lesion", label_value=1, layer=0),
-                                                            dict(name="background", label_value=2, layer=0)],
-                            affine_ras=affine, extent_offset=offset)
-  assert main(["refine", "--model", str(tmp_path / "m3d"), "--image", str(tmp_path / "ct"), "--marks",
-               str(tmp_path / "m.seg.nrrd"), "--out", str(tmp_path / "seg.nii.gz"), *KNOBS, "--layers", "2",
-               "--quiet"]) == 0, \
-      capsys.readouterr().err
+  write_slicer_segmentation(
+    tmp_path / "m.seg.nrrd",
+    layer,
+    [dict(name="lesion", label_value=1, layer=0), dict(name="background", label_value=2, layer=0)],
+    affine_ras=affine,
+    extent_offset=offset,
+  )
+  assert (
+    main(
+      [
+        "refine",
+        "--model",
+        str(tmp_path / "m3d"),
+        "--image",
+        str(tmp_path / "ct"),
+        "--marks",
+        str(tmp_path / "m.seg.nrrd"),
+        "--out",
+        str(tmp_path / "seg.nii.gz"),
+        *KNOBS,
+        "--layers",
+        "2",
+        "--quiet",
+      ]
+    )
+    == 0
+  ), capsys.readouterr().err
   seg = read_image(tmp_path / "seg.nii.gz")
-  np.testing.assert_allclose(seg.geometry.affine, geometry.affine, atol=1e-5)      # DICOM -> NIfTI, same world
+  np.testing.assert_allclose(seg.geometry.affine, geometry.affine, atol=1e-5)  # DICOM -> NIfTI, same world
   labels = seg.array[..., 0]
   assert (labels[6:9, 6:9, 3] == 1).all() and labels[7, 7, 4] == 0
   report = json.loads((tmp_path / "seg.report.json").read_text())
   assert report["satisfied"] and report["marked_pixels"] == {"background": 1, "lesion": 9}
   assert report["image_format"] == "dicom" and report["out_format"] == "nifti"
-  with PILImage.open(tmp_path / "seg.overlay.png") as im:              # the two marked slices, one row each
+  with PILImage.open(tmp_path / "seg.overlay.png") as im:  # the two marked slices, one row each
     assert im.size[1] > im.size[0]
 
 
 # ----------------------------------------------------------------------------------------------
 # Bad input: one line naming the problem, exit status 1, inputs untouched.
+
 
 @pytest.fixture()
 def files(tmp_path, crop):
@@ -515,67 +795,94 @@ def files(tmp_path, crop):
 
 
 BAD_INPUTS = {
-    "missing image": (["--image", "{d}/missing.tif"], r"cannot read \S*missing\.tif: no such file"),
-    "unreadable image": (["--image", "{d}/garbage.tif"], r"cannot read \S*garbage\.tif as TIFF"),
-    "missing marks": (["--marks", "{d}/nothing.png"], r"cannot read \S*nothing\.png: no such file"),
-    "marks geometry": (["--marks", "{d}/small.png"],
-                       r"small\.png has shape \(50, 50\), but the image has shape \(96, 96\)"),
-    "label name": (["--marks", "{d}/tumour.json"], r"label 'tumour' is not a class \(classes: background, nucleus\)"),
-    "out is input": (["--out", "{d}/img.tif"], r"output \S*img\.tif is the input \S*img\.tif"),
-    "out is marks": (["--out", "{d}/marks.png"], r"output \S*marks\.png is the input"),
-    "missing model": (["--model", "{d}/no_such_model"], r"no model at '\S*no_such_model'"),
-    "classes count": (["--classes", "a,b,c"], r"--classes lists 3 names, but the model predicts 2 classes"),
-    "jpeg out": (["--out", "{d}/seg.jpg"], r"cannot write the segmentation of a tiff image as \S*seg\.jpg"),
-    "bad steps": (["--steps", "-3"], r"max_steps must be a non-negative integer"),
-    "nan image": (["--image", "{d}/nan.tif"], r"nan\.tif contains 1 NaN or Inf values"),
-    "out is a folder": (["--out", "{d}/folder.tif"], r"output \S*folder\.tif is a folder"),
-    "out under a file": (["--out", "{d}/img.tif/seg.tif"], r"cannot write \S*seg\.tif: \S*img\.tif is a file"),
-    "labelme field": (["--marks", "{d}/height.json"], r"height\.json"),
-    "patch size rank": (["--patch-size", "8,8,8"], r"the patch size must be 2 positive integers for a 2-D model, "
-                                                   r"got \[8, 8, 8\]"),
-    "patch size text": (["--patch-size", "big"], r"--patch-size must be auto, whole or sizes like 96,96,96, got 'big'"),
-    "patch step": (["--patch-step", "0"], r"sliding-window step must be in \(0, 1\]"),
-    "patch batch": (["--patch-batch", "0"], r"the patches per network call must be a positive integer, got 0"),
-    "patch batch text": (["--patch-batch", "all"], r"--patch-batch must be auto or a positive integer, got 'all'"),
+  "missing image": (["--image", "{d}/missing.tif"], r"cannot read \S*missing\.tif: no such file"),
+  "unreadable image": (["--image", "{d}/garbage.tif"], r"cannot read \S*garbage\.tif as TIFF"),
+  "missing marks": (["--marks", "{d}/nothing.png"], r"cannot read \S*nothing\.png: no such file"),
+  "marks geometry": (
+    ["--marks", "{d}/small.png"],
+    r"small\.png has shape \(50, 50\), but the image has shape \(96, 96\)",
+  ),
+  "label name": (["--marks", "{d}/tumour.json"], r"label 'tumour' is not a class \(classes: background, nucleus\)"),
+  "out is input": (["--out", "{d}/img.tif"], r"output \S*img\.tif is the input \S*img\.tif"),
+  "out is marks": (["--out", "{d}/marks.png"], r"output \S*marks\.png is the input"),
+  "missing model": (["--model", "{d}/no_such_model"], r"no model at '\S*no_such_model'"),
+  "classes count": (["--classes", "a,b,c"], r"--classes lists 3 names, but the model predicts 2 classes"),
+  "jpeg out": (["--out", "{d}/seg.jpg"], r"cannot write the segmentation of a tiff image as \S*seg\.jpg"),
+  "bad steps": (["--steps", "-3"], r"max_steps must be a non-negative integer"),
+  "nan image": (["--image", "{d}/nan.tif"], r"nan\.tif contains 1 NaN or Inf values"),
+  "out is a folder": (["--out", "{d}/folder.tif"], r"output \S*folder\.tif is a folder"),
+  "out under a file": (["--out", "{d}/img.tif/seg.tif"], r"cannot write \S*seg\.tif: \S*img\.tif is a file"),
+  "labelme field": (["--marks", "{d}/height.json"], r"height\.json"),
+  "patch size rank": (
+    ["--patch-size", "8,8,8"],
+    r"the patch size must be 2 positive integers for a 2-D model, "
+    r"got \[8, 8, 8\]",
+  ),
+  "patch size text": (["--patch-size", "big"], r"--patch-size must be auto, whole or sizes like 96,96,96, got 'big'"),
+  "patch step": (["--patch-step", "0"], r"sliding-window step must be in \(0, 1\]"),
+  "patch batch": (["--patch-batch", "0"], r"the patches per network call must be a positive integer, got 0"),
+  "patch batch text": (["--patch-batch", "all"], r"--patch-batch must be auto or a positive integer, got 'all'"),
 }
 
 
 @pytest.mark.parametrize("case", sorted(BAD_INPUTS))
 def test_bad_input_gives_one_line_and_exit_1(case, files, model_dir, capsys):
   change, message = BAD_INPUTS[case]
-  args = {"--model": str(model_dir), "--image": f"{files}/img.tif", "--marks": f"{files}/marks.png",
-          "--out": f"{files}/seg.tif"}
+  args = {
+    "--model": str(model_dir),
+    "--image": f"{files}/img.tif",
+    "--marks": f"{files}/marks.png",
+    "--out": f"{files}/seg.tif",
+  }
   for flag, value in zip(change[::2], change[1::2]):
     args[flag] = value.format(d=files)
   before = {p.name: _digest(p) for p in files.iterdir() if p.is_file()}
-  code = main(["refine", *[x for kv in args.items() for x in kv], "--steps" if case != "bad steps" else "--lr",
-               "5" if case != "bad steps" else "0.05", "--quiet"])
+  code = main(
+    [
+      "refine",
+      *[x for kv in args.items() for x in kv],
+      "--steps" if case != "bad steps" else "--lr",
+      "5" if case != "bad steps" else "0.05",
+      "--quiet",
+    ]
+  )
   err = capsys.readouterr().err
   assert code == 1
   assert err.count("\n") == 1 and err.startswith("scribblejax refine: error: "), err
   assert __import__("re").search(message, err), err
-  assert {p.name: _digest(p) for p in files.iterdir() if p.is_file()} == before    # nothing written or changed
+  assert {p.name: _digest(p) for p in files.iterdir() if p.is_file()} == before  # nothing written or changed
 
 
 def test_multichannel_volumes_flags_and_damaged_sessions_are_refused(files, model_dir, crop, capsys):
   image = crop[0].astype(np.float32)
   nib.save(nib.Nifti1Image(np.stack([image, image], -1)[:, :, None], np.eye(4)), files / "two.nii.gz")
-  assert main(["predict", "--model", str(model_dir), "--image", f"{files}/two.nii.gz", "--out",
-               f"{files}/s.nii.gz"]) == 1                  # was: the second volume dropped as "alpha"
+  assert (
+    main(["predict", "--model", str(model_dir), "--image", f"{files}/two.nii.gz", "--out", f"{files}/s.nii.gz"]) == 1
+  )  # was: the second volume dropped as "alpha"
   assert "the channels of a nifti image are separate volumes" in capsys.readouterr().err
-  base = ["refine", "--model", str(model_dir), "--image", f"{files}/img.tif", "--marks", f"{files}/marks.png",
-          "--steps", "5", "--quiet"]
-  assert main([*base, "--out", f"{files}/a.tif", "--continue-weights"]) == 1     # was: ignored, but reported
+  base = [
+    "refine",
+    "--model",
+    str(model_dir),
+    "--image",
+    f"{files}/img.tif",
+    "--marks",
+    f"{files}/marks.png",
+    "--steps",
+    "5",
+    "--quiet",
+  ]
+  assert main([*base, "--out", f"{files}/a.tif", "--continue-weights"]) == 1  # was: ignored, but reported
   assert "--continue-weights needs --session" in capsys.readouterr().err
   session = files / "session"
   assert main([*base, "--out", f"{files}/a.tif", "--session", str(session)]) == 0
   capsys.readouterr()
-  for name, command, message in (("round-001.npz", [*base, "--out", f"{files}/b.tif", "--session", str(session)],
-                                   "cannot read session round"),
-                                  ("initial.npz", ["refine", "--session", str(session), "--undo", "--quiet"],
-                                   r"cannot read \S*initial\.npz")):
-    (session / name).write_bytes((session / name).read_bytes()[:100])             # a truncated file
-    assert main(command) == 1                                                    # was: zipfile.BadZipFile
+  for name, command, message in (
+    ("round-001.npz", [*base, "--out", f"{files}/b.tif", "--session", str(session)], "cannot read session round"),
+    ("initial.npz", ["refine", "--session", str(session), "--undo", "--quiet"], r"cannot read \S*initial\.npz"),
+  ):
+    (session / name).write_bytes((session / name).read_bytes()[:100])  # a truncated file
+    assert main(command) == 1  # was: zipfile.BadZipFile
     assert __import__("re").search(message, capsys.readouterr().err)
   doc = json.loads((session / "session.json").read_text())
   (session / "session.json").write_text(json.dumps({k: v for k, v in doc.items() if k != "image_digest"}))
@@ -584,10 +891,12 @@ def test_multichannel_volumes_flags_and_damaged_sessions_are_refused(files, mode
   # a crafted round file name never reaches outside the folder (an undo would delete it); other
   # damage is named, not a traceback
   (files / "victim.txt").write_text("precious")
-  for change, message in ((lambda d: d["rounds"][-1].update(file="../victim.txt"), "its rounds are not a list"),
-                          (lambda d: d["rounds"][-1].pop("round"), "its rounds are not a list"),
-                          (lambda d: d.update(model=5), "model must be text"),
-                          (lambda d: d.update(new_classes="mitosis"), "new_classes must be a list")):
+  for change, message in (
+    (lambda d: d["rounds"][-1].update(file="../victim.txt"), "its rounds are not a list"),
+    (lambda d: d["rounds"][-1].pop("round"), "its rounds are not a list"),
+    (lambda d: d.update(model=5), "model must be text"),
+    (lambda d: d.update(new_classes="mitosis"), "new_classes must be a list"),
+  ):
     crafted = json.loads(json.dumps(doc))
     change(crafted)
     (session / "session.json").write_text(json.dumps(crafted))
@@ -598,6 +907,7 @@ def test_multichannel_volumes_flags_and_damaged_sessions_are_refused(files, mode
 
 def test_an_interrupted_round_leaves_the_session_as_it_was(tmp_path, model_dir, crop, capsys, monkeypatch):
   from scribblejax.io import session_store
+
   image = crop[0]
   tifffile.imwrite(tmp_path / "img.tif", image)
   for name, spot in (("m1", (10, 10)), ("m2", (40, 40)), ("m3", (70, 20))):
@@ -605,25 +915,41 @@ def test_an_interrupted_round_leaves_the_session_as_it_was(tmp_path, model_dir, 
     marks[spot] = 1
     PILImage.fromarray(marks).save(tmp_path / f"{name}.png")
   session = tmp_path / "s"
-  run = lambda marks, *extra: main(["refine", "--model", str(model_dir), "--image", str(tmp_path / "img.tif"),
-                                    "--marks", str(tmp_path / f"{marks}.png"), "--out", str(tmp_path / "o.tif"),
-                                    "--session", str(session), "--steps", "2", "--quiet", *extra])
+  run = lambda marks, *extra: main(
+    [
+      "refine",
+      "--model",
+      str(model_dir),
+      "--image",
+      str(tmp_path / "img.tif"),
+      "--marks",
+      str(tmp_path / f"{marks}.png"),
+      "--out",
+      str(tmp_path / "o.tif"),
+      "--session",
+      str(session),
+      "--steps",
+      "2",
+      "--quiet",
+      *extra,
+    ]
+  )
   save = session_store.save_session
 
   def killed(*args, **kwargs):
     raise ValueError("simulated kill before session.json")
 
   monkeypatch.setattr(session_store, "save_session", killed)
-  assert run("m1") == 1                                  # the first round dies before its session.json
+  assert run("m1") == 1  # the first round dies before its session.json
   monkeypatch.setattr(session_store, "save_session", save)
-  assert run("m1") == 0 and run("m2") == 0               # was: "not empty and holds no session.json", for good
+  assert run("m1") == 0 and run("m2") == 0  # was: "not empty and holds no session.json", for good
   before = {p.name: p.read_bytes() for p in session.iterdir()}
   monkeypatch.setattr(session_store, "save_session", killed)
-  assert run("m3", "--undo") == 1                        # an undo-and-redo round dies before its session.json
+  assert run("m3", "--undo") == 1  # an undo-and-redo round dies before its session.json
   monkeypatch.setattr(session_store, "save_session", save)
   doc = json.loads((session / "session.json").read_text())
   last = doc["rounds"][-1]
-  assert (session / last["file"]).read_bytes() == before[last["file"]]     # was: overwritten by the new round
+  assert (session / last["file"]).read_bytes() == before[last["file"]]  # was: overwritten by the new round
   assert run("m3", "--undo") == 0
   capsys.readouterr()
 
@@ -633,8 +959,17 @@ def test_predict_bad_input_and_a_real_exit_status(files, model_dir, capsys):
   assert "is the input" in capsys.readouterr().err
   assert main(["predict", "--model", "nowhere", "--image", f"{files}/img.tif", "--out", f"{files}/s.tif"]) == 1
   assert "no model at 'nowhere'" in capsys.readouterr().err
-  proc = _cli("refine", "--model", model_dir, "--image", files / "missing.tif", "--marks", files / "marks.png",
-              "--out", files / "seg.tif")
+  proc = _cli(
+    "refine",
+    "--model",
+    model_dir,
+    "--image",
+    files / "missing.tif",
+    "--marks",
+    files / "marks.png",
+    "--out",
+    files / "seg.tif",
+  )
   assert proc.returncode == 1 and proc.stdout == ""
   errors = [line for line in proc.stderr.splitlines() if "error" in line]
   assert errors == [f"scribblejax refine: error: cannot read {files}/missing.tif: no such file or folder"]
@@ -644,16 +979,22 @@ def test_predict_bad_input_and_a_real_exit_status(files, model_dir, capsys):
 # ----------------------------------------------------------------------------------------------
 # info and help
 
+
 def test_info_lists_classes_layers_and_input(model_dir, capsys):
   assert main(["info", str(model_dir), "--json"]) == 0
   info = json.loads(capsys.readouterr().out)
   model, _ = sj.load_model(model_dir)
   assert [layer["name"] for layer in info["layers"]] == ["/".join(map(str, p)) for p in sj.models.layer_order(model)]
   assert info["layers"][-1]["name"] == "head" and info["layers"][-1]["params"] == 8 * 2 + 2
-  assert sum(layer["params"] for layer in info["layers"]) == info["total_params"] == sj.params.count_params(
-      nnx.state(model, nnx.Param))
+  assert (
+    sum(layer["params"] for layer in info["layers"])
+    == info["total_params"]
+    == sj.params.count_params(nnx.state(model, nnx.Param))
+  )
   assert info["classes"] == ["background", "nucleus"]
-  assert info["input"]["spatial_dims"] == 2 and info["input"]["channels"] == 1 and info["input"]["normalization"] == NORM
+  assert (
+    info["input"]["spatial_dims"] == 2 and info["input"]["channels"] == 1 and info["input"]["normalization"] == NORM
+  )
   assert main(["info", str(model_dir)]) == 0
   text = capsys.readouterr().out
   assert "classes: background, nucleus" in text and "decoder/0/1" in text
@@ -682,10 +1023,22 @@ def test_a_new_class_is_appended_learnt_from_its_marks_and_kept_by_the_session(t
   marks[np.argwhere(network == 0)[0][0], np.argwhere(network == 0)[0][1]] = 255
   PILImage.fromarray(marks).save(tmp_path / "marks.png")
   session = tmp_path / "session"
-  base = ["refine", "--model", str(model_dir), "--image", str(tmp_path / "img.tif"), *KNOBS, "--session", str(session),
-          "--radius", "1", "--json"]
-  code = main([*base, "--marks", str(tmp_path / "marks.png"), "--out", str(tmp_path / "r1.tif"),
-               "--new-class", "mitosis"])
+  base = [
+    "refine",
+    "--model",
+    str(model_dir),
+    "--image",
+    str(tmp_path / "img.tif"),
+    *KNOBS,
+    "--session",
+    str(session),
+    "--radius",
+    "1",
+    "--json",
+  ]
+  code = main(
+    [*base, "--marks", str(tmp_path / "marks.png"), "--out", str(tmp_path / "r1.tif"), "--new-class", "mitosis"]
+  )
   out = capsys.readouterr()
   assert code == 0, out.err
   report = json.loads(out.out)
@@ -693,33 +1046,46 @@ def test_a_new_class_is_appended_learnt_from_its_marks_and_kept_by_the_session(t
   assert report["satisfied"] and report["marks_honoured"] == 1.0 and report["marked_pixels"]["mitosis"] == 1
   labels = tifffile.imread(tmp_path / "r1.tif")
   assert labels[spot] == 2 and (labels == 2).sum() < labels.size // 4
-  assert not (np.load(session / "initial.npz")["labels"] == 2).any()      # the network's own segmentation
+  assert not (np.load(session / "initial.npz")["labels"] == 2).any()  # the network's own segmentation
   # the session keeps the class: a second round names it by value without the flag, from the same weights
   marks2 = np.zeros((96, 96), np.uint8)
   other = tuple(inside[len(inside) // 3])
   marks2[other] = 2
   PILImage.fromarray(marks2).save(tmp_path / "marks2.png")
-  code = main([*base, "--marks", str(tmp_path / "marks2.png"), "--out", str(tmp_path / "r2.tif"),
-               "--continue-weights"])
+  code = main([*base, "--marks", str(tmp_path / "marks2.png"), "--out", str(tmp_path / "r2.tif"), "--continue-weights"])
   out = capsys.readouterr()
   assert code == 0, out.err
   assert json.loads(out.out)["new_classes"] == ["mitosis"]
   labels = tifffile.imread(tmp_path / "r2.tif")
   assert labels[spot] == 2 and labels[other] == 2
   # refused by name: another new class in this session, a class the model has, a value beyond the classes
-  for extra, message in ((["--new-class", "cyst"], "was started with new classes \\['mitosis'\\]"),
-                         (["--classes", "bg,mitosis"], "--new-class 'mitosis' is already a class of the model "
-                                                       "\\(bg, mitosis\\)")):
+  for extra, message in (
+    (["--new-class", "cyst"], "was started with new classes \\['mitosis'\\]"),
+    (["--classes", "bg,mitosis"], "--new-class 'mitosis' is already a class of the model \\(bg, mitosis\\)"),
+  ):
     assert main([*base, "--marks", str(tmp_path / "marks2.png"), "--out", str(tmp_path / "r3.tif"), *extra]) == 1
     assert __import__("re").search(message, capsys.readouterr().err)
-  single = ["refine", "--model", str(model_dir), "--image", str(tmp_path / "img.tif"), "--marks",
-            str(tmp_path / "marks.png"), "--out", str(tmp_path / "r4.tif"), "--steps", "5", "--quiet"]
-  for name, message in (("nucleus", "--new-class 'nucleus' is already a class of the model"),
-                        ("Nucleus", "already a class of the model (background, nucleus); marks files match class names "
-                                    "ignoring case"),
-                        ("2", "--new-class '2' is a number, which marks files read as a class index")):
+  single = [
+    "refine",
+    "--model",
+    str(model_dir),
+    "--image",
+    str(tmp_path / "img.tif"),
+    "--marks",
+    str(tmp_path / "marks.png"),
+    "--out",
+    str(tmp_path / "r4.tif"),
+    "--steps",
+    "5",
+    "--quiet",
+  ]
+  for name, message in (
+    ("nucleus", "--new-class 'nucleus' is already a class of the model"),
+    ("Nucleus", "already a class of the model (background, nucleus); marks files match class names ignoring case"),
+    ("2", "--new-class '2' is a number, which marks files read as a class index"),
+  ):
     assert main([*single, "--new-class", name]) == 1
     assert message in capsys.readouterr().err
-  assert main(single) == 1                                         # value 2 without the new class
+  assert main(single) == 1  # value 2 without the new class
   assert "holds value 2, which is not a class (2 classes" in capsys.readouterr().err
   assert not (tmp_path / "r3.tif").exists() and not (tmp_path / "r4.tif").exists()

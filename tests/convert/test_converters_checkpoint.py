@@ -23,20 +23,20 @@ def test_torch_zip_bit_identical(tmp_path):
   g = torch.Generator().manual_seed(0)
   base = torch.randn(6, 5, generator=g)
   state = collections.OrderedDict(
-      f32=torch.randn(3, 4, 5, generator=g),
-      f16=torch.randn(7, generator=g).half(),
-      bf16=torch.randn(2, 3, generator=g).bfloat16(),
-      f64=torch.randn(2, generator=g).double(),
-      i64=torch.arange(-5, 7),
-      i8=torch.tensor([-3, 4], dtype=torch.int8),
-      u8=torch.tensor([200, 4], dtype=torch.uint8),
-      boolean=torch.tensor([True, False, True]),
-      transposed=base.t(),
-      row=base[2],
-      strided=base[::2, 1::2],
-      scalar=torch.tensor(3.5),
-      empty=torch.zeros(0, 3),
-      param=torch.nn.Parameter(torch.randn(4, generator=g)),
+    f32=torch.randn(3, 4, 5, generator=g),
+    f16=torch.randn(7, generator=g).half(),
+    bf16=torch.randn(2, 3, generator=g).bfloat16(),
+    f64=torch.randn(2, generator=g).double(),
+    i64=torch.arange(-5, 7),
+    i8=torch.tensor([-3, 4], dtype=torch.int8),
+    u8=torch.tensor([200, 4], dtype=torch.uint8),
+    boolean=torch.tensor([True, False, True]),
+    transposed=base.t(),
+    row=base[2],
+    strided=base[::2, 1::2],
+    scalar=torch.tensor(3.5),
+    empty=torch.zeros(0, 3),
+    param=torch.nn.Parameter(torch.randn(4, generator=g)),
   )
   state["base"] = base
   path = tmp_path / "w.pth"
@@ -46,8 +46,11 @@ def test_torch_zip_bit_identical(tmp_path):
   assert ours["epoch"] == 3 and ours["nested"] == [1, (2.5, "x")] and ours["dev"] == "cpu"
   assert isinstance(ours["net"], collections.OrderedDict) and list(ours["net"]) == list(theirs["net"])
   for key, tensor in theirs["net"].items():
-    expected = tensor.detach().float().numpy().astype(ml_dtypes.bfloat16) if tensor.dtype == torch.bfloat16 \
-        else tensor.detach().numpy()
+    expected = (
+      tensor.detach().float().numpy().astype(ml_dtypes.bfloat16)
+      if tensor.dtype == torch.bfloat16
+      else tensor.detach().numpy()
+    )
     assert _same_bits(ours["net"][key], np.array(expected)), key
   assert ours["net"]["bf16"].dtype == ml_dtypes.bfloat16
   # Views of one storage share memory, as in torch.
@@ -60,8 +63,9 @@ def test_torch_zip_bit_identical(tmp_path):
 def test_numpy_scalars_and_dtypes_as_in_nnunet(tmp_path):
   torch = pytest.importorskip("torch")
   path = tmp_path / "c.pth"
-  torch.save({"_best_ema": np.float64(0.25), "losses": [np.float32(1.5)], "dt": np.dtype("int16"),
-              "arr": np.arange(3.0)}, path)
+  torch.save(
+    {"_best_ema": np.float64(0.25), "losses": [np.float32(1.5)], "dt": np.dtype("int16"), "arr": np.arange(3.0)}, path
+  )
   ours = load_checkpoint(path)
   assert ours["_best_ema"] == np.float64(0.25) and ours["losses"][0].dtype == np.float32
   assert ours["dt"] == np.dtype("int16") and np.array_equal(ours["arr"], np.arange(3.0))
@@ -73,6 +77,7 @@ class _Evil:
 
   def __reduce__(self):
     import os
+
     return (os.system, (f"touch {self.marker}",))
 
 
@@ -85,8 +90,10 @@ def _torch_like_zip(path, payload: bytes):
 
 def _unsafe_load(loader: str, path) -> None:
   """Loads ``path`` in a fresh Python with an unsafe loader ("pickle" or "torch"), as a careless user would."""
-  code = {"pickle": "import pickle, sys, zipfile; pickle.loads(zipfile.ZipFile(sys.argv[1]).read('archive/data.pkl'))",
-          "torch": "import sys, torch; torch.load(sys.argv[1], weights_only=False)"}[loader]
+  code = {
+    "pickle": "import pickle, sys, zipfile; pickle.loads(zipfile.ZipFile(sys.argv[1]).read('archive/data.pkl'))",
+    "torch": "import sys, torch; torch.load(sys.argv[1], weights_only=False)",
+  }[loader]
   subprocess.run([sys.executable, "-c", code, str(path)], check=True, capture_output=True, timeout=120)
 
 
@@ -97,7 +104,7 @@ def test_malicious_pickle_runs_under_an_unsafe_loader_but_ours_refuses_it(tmp_pa
   marker = tmp_path / "pwned"
   path = tmp_path / "evil.pth"
   _torch_like_zip(path, pickle.dumps({"network_weights": _Evil(str(marker))}, protocol=2))
-  _unsafe_load(unsafe, path)                 # positive control: the payload is live and does run
+  _unsafe_load(unsafe, path)  # positive control: the payload is live and does run
   assert marker.exists()
   marker.unlink()
   with pytest.raises(UnsafeCheckpointError, match=r"(posix|os)\.system"):
@@ -105,8 +112,15 @@ def test_malicious_pickle_runs_under_an_unsafe_loader_but_ours_refuses_it(tmp_pa
   assert not marker.exists()
 
 
-@pytest.mark.parametrize("module,name", [("builtins", "eval"), ("builtins", "getattr"), ("subprocess", "Popen"),
-                                         ("torch._utils", "_rebuild_device_tensor_from_numpy")])
+@pytest.mark.parametrize(
+  "module,name",
+  [
+    ("builtins", "eval"),
+    ("builtins", "getattr"),
+    ("subprocess", "Popen"),
+    ("torch._utils", "_rebuild_device_tensor_from_numpy"),
+  ],
+)
 def test_other_globals_refused(tmp_path, module, name):
   payload = b"\x80\x02c" + f"{module}\n{name}\n".encode() + b")R."
   path = tmp_path / "g.pt"
@@ -142,9 +156,12 @@ def _write_safetensors(path, arrays, names):
 
 def test_safetensors_and_npz(tmp_path):
   rng = np.random.default_rng(0)
-  arrays = {"a": rng.standard_normal((3, 2)).astype(np.float32),
-            "b": rng.standard_normal(5).astype(ml_dtypes.bfloat16),
-            "c": np.array([1, -2], np.int64), "d": np.array(True)}
+  arrays = {
+    "a": rng.standard_normal((3, 2)).astype(np.float32),
+    "b": rng.standard_normal(5).astype(ml_dtypes.bfloat16),
+    "c": np.array([1, -2], np.int64),
+    "d": np.array(True),
+  }
   path = tmp_path / "m.safetensors"
   _write_safetensors(path, arrays, ["F32", "BF16", "I64", "BOOL"])
   loaded = load_checkpoint(path)
@@ -174,9 +191,9 @@ def test_unsupported_dtypes_and_damaged_files_are_format_errors_not_safety_error
   torch = pytest.importorskip("torch")
   torch.save({"w": torch.zeros(3, dtype=torch.uint16)}, tmp_path / "u16.pt")
   with pytest.raises(CheckpointFormatError, match="dtype this reader does not support"):
-    load_checkpoint(tmp_path / "u16.pt")                    # was: "could run code"
+    load_checkpoint(tmp_path / "u16.pt")  # was: "could run code"
   header = b"{'descr': '<f4', 'fortran_order': False, 'shape': (6,), }"
   with zipfile.ZipFile(tmp_path / "bad.npz", "w") as z:  # a damaged .npy header in a sound archive
     z.writestr("w.npy", b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header.replace(b"<f4", b"<q9"))
   with pytest.raises(CheckpointFormatError, match="bad.npz"):
-    load_checkpoint(tmp_path / "bad.npz")                   # was: "contains pickled objects"
+    load_checkpoint(tmp_path / "bad.npz")  # was: "contains pickled objects"

@@ -27,17 +27,21 @@ def _import_smp():
   """
   try:
     import segmentation_models_pytorch
+
     return segmentation_models_pytorch
   except Exception:  # noqa: BLE001 - any import-time failure of torchvision
     pass
   sys.modules.setdefault("torchvision._meta_registrations", types.ModuleType("torchvision._meta_registrations"))
   try:
     import segmentation_models_pytorch
+
     return segmentation_models_pytorch
   except Exception as e:  # noqa: BLE001
-    pytest.skip(f"segmentation_models_pytorch cannot be imported beside torch {torch.__version__} "
-                f"(even with torchvision._meta_registrations stubbed): {type(e).__name__}: {e}",
-                allow_module_level=True)
+    pytest.skip(
+      f"segmentation_models_pytorch cannot be imported beside torch {torch.__version__} "
+      f"(even with torchvision._meta_registrations stubbed): {type(e).__name__}: {e}",
+      allow_module_level=True,
+    )
 
 
 smp = _import_smp()
@@ -88,23 +92,50 @@ def test_resnet18_logits_match_on_two_sizes():
   assert compare(net, forward, (2, 2, 64, 64)) < 1e-4
   assert compare(net, forward, (1, 2, 50, 37), seed=2) < 1e-4
   order = model.layer_order()
-  assert order[0] == ("encoder", "stem") and order[-3:] == [("decoder", "blocks", 4, "conv1"),
-                                                             ("decoder", "blocks", 4, "conv2"), ("segmentation_head",)]
+  assert order[0] == ("encoder", "stem") and order[-3:] == [
+    ("decoder", "blocks", 4, "conv1"),
+    ("decoder", "blocks", 4, "conv2"),
+    ("segmentation_head",),
+  ]
   assert ("encoder", "layers", 1, 0, "downsample") in order  # layer2.0 has a strided 1x1 projection
 
 
-@pytest.mark.parametrize("kwargs,shape", [
+@pytest.mark.parametrize(
+  "kwargs,shape",
+  [
     # Bottleneck encoder to depth 4 (layer4's weights ignored), dilated layer3 (output_stride 8), decoder
     # convs with biases and no norm, nearest-exact resizing, odd size.
-    ({"encoder_name": "resnet50", "encoder_depth": 4, "decoder_channels": [8, 6, 4, 4], "in_channels": 1,
-      "classes": 2, "output_stride": 8, "decoder_use_norm": False, "decoder_interpolation": "nearest-exact"},
-     (1, 1, 45, 33)),
+    (
+      {
+        "encoder_name": "resnet50",
+        "encoder_depth": 4,
+        "decoder_channels": [8, 6, 4, 4],
+        "in_channels": 1,
+        "classes": 2,
+        "output_stride": 8,
+        "decoder_use_norm": False,
+        "decoder_interpolation": "nearest-exact",
+      },
+      (1, 1, 45, 33),
+    ),
     # Grouped bottleneck (ResNeXt) to depth 3, affine instance-norm decoder, bilinear resizing, and an
     # auxiliary classification head whose weights are dropped.
-    ({"encoder_name": "resnext50_32x4d", "encoder_depth": 3, "decoder_channels": [6, 4, 4], "in_channels": 3,
-      "classes": 2, "decoder_use_norm": {"type": "instancenorm", "affine": True}, "decoder_interpolation": "bilinear",
-      "aux_params": {"classes": 5}}, (2, 3, 32, 40)),
-], ids=["resnet50_depth4_os8_nonorm_exact", "resnext50_depth3_instance_bilinear_aux"])
+    (
+      {
+        "encoder_name": "resnext50_32x4d",
+        "encoder_depth": 3,
+        "decoder_channels": [6, 4, 4],
+        "in_channels": 3,
+        "classes": 2,
+        "decoder_use_norm": {"type": "instancenorm", "affine": True},
+        "decoder_interpolation": "bilinear",
+        "aux_params": {"classes": 5},
+      },
+      (2, 3, 32, 40),
+    ),
+  ],
+  ids=["resnet50_depth4_os8_nonorm_exact", "resnext50_depth3_instance_bilinear_aux"],
+)
 def test_bottleneck_variants_logits_match(kwargs, shape):
   net, model = _pair(kwargs, seed=4)
   torch_forward = (lambda x: net(x)[0]) if "aux_params" in kwargs else net
@@ -112,8 +143,7 @@ def test_bottleneck_variants_logits_match(kwargs, shape):
 
 
 def _small():
-  kwargs = {"encoder_name": "resnet18", "encoder_depth": 2, "decoder_channels": [4, 4], "in_channels": 1,
-            "classes": 2}
+  kwargs = {"encoder_name": "resnet18", "encoder_depth": 2, "decoder_channels": [4, 4], "in_channels": 1, "classes": 2}
   return kwargs, _random_unet(kwargs, 7, (1, 1, 32, 32))
 
 
@@ -141,17 +171,18 @@ def test_strict_loading_names_extra_missing_and_misshapen_keys():
 def test_unsupported_options_refused():
   ok = {"encoder_name": "resnet18", "encoder_depth": 2, "decoder_channels": [4, 4]}
   for bad, message in [
-      ({"encoder_name": "efficientnet-b0"}, "encoder 'efficientnet-b0' is not supported"),
-      ({"decoder_attention_type": "scse"}, "decoder_attention_type"),
-      ({"activation": "sigmoid"}, "logits"),
-      ({"decoder_use_norm": "layernorm"}, "layernorm"),
-      ({"decoder_use_norm": "inplace"}, "InPlaceABN"),
-      ({"decoder_use_norm": {"type": "batchnorm", "track_running_stats": False}}, "running statistics"),
-      ({"decoder_interpolation": "bicubic"}, "decoder_interpolation"),
-      ({"decoder_channels": [4, 4, 4]}, "encoder_depth=2"),
-      ({"encoder_depth": 6, "decoder_channels": [4] * 6}, "encoder_depth must be 1 to 5"),
-      ({"output_stride": 4}, "output_stride"),
-      ({"aux_params": {"classes": 2, "pooling": "avg", "dropot": 0.1}}, "aux_params")]:
+    ({"encoder_name": "efficientnet-b0"}, "encoder 'efficientnet-b0' is not supported"),
+    ({"decoder_attention_type": "scse"}, "decoder_attention_type"),
+    ({"activation": "sigmoid"}, "logits"),
+    ({"decoder_use_norm": "layernorm"}, "layernorm"),
+    ({"decoder_use_norm": "inplace"}, "InPlaceABN"),
+    ({"decoder_use_norm": {"type": "batchnorm", "track_running_stats": False}}, "running statistics"),
+    ({"decoder_interpolation": "bicubic"}, "decoder_interpolation"),
+    ({"decoder_channels": [4, 4, 4]}, "encoder_depth=2"),
+    ({"encoder_depth": 6, "decoder_channels": [4] * 6}, "encoder_depth must be 1 to 5"),
+    ({"output_stride": 4}, "output_stride"),
+    ({"aux_params": {"classes": 2, "pooling": "avg", "dropot": 0.1}}, "aux_params"),
+  ]:
     with pytest.raises(ConversionError, match=message):
       smp_zoo.Unet(**{**ok, **bad}, rngs=nnx.Rngs(0))
   # smp < 0.5's decoder_use_batchnorm still selects the decoder norm.
@@ -165,14 +196,23 @@ def test_convert_bare_checkpoint_round_trip(tmp_path):
   from scribblejax.convert.folder import convert
   from scribblejax.models.ordering import layer_order
   from scribblejax.models.store import load_model
+
   kwargs, net = _small()
   torch.save(net.state_dict(), tmp_path / "unet.pth")
   out = convert(tmp_path / "unet.pth", tmp_path / "model", arch="segmentation_models_pytorch.Unet", kwargs=kwargs)
   model, info = load_model(out)
-  assert info.family == "smp.Unet" and {k: info.kwargs[k] for k in kwargs} == kwargs and info.normalization in (None, {"kind": "none"})
+  assert (
+    info.family == "smp.Unet"
+    and {k: info.kwargs[k] for k in kwargs} == kwargs
+    and info.normalization in (None, {"kind": "none"})
+  )
   assert compare(net, _jitted(model), (2, 1, 32, 32), seed=5) < 1e-4
   assert layer_order(model)[-1] == ("segmentation_head",)
   with pytest.raises(ConversionError, match="does not accept"):
-    convert(tmp_path / "unet.pth", tmp_path / "bad", arch="segmentation_models_pytorch.Unet",
-            kwargs={**kwargs, "encoder_output_stride": 16})
+    convert(
+      tmp_path / "unet.pth",
+      tmp_path / "bad",
+      arch="segmentation_models_pytorch.Unet",
+      kwargs={**kwargs, "encoder_output_stride": 16},
+    )
   assert not (tmp_path / "bad").exists()

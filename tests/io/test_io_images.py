@@ -37,6 +37,7 @@ def _nifti(path, array, affine=AFFINE):
 # ----------------------------------------------------------------------------------------------
 # NIfTI
 
+
 def test_nifti_2d_reads_as_ijk1_with_affine_and_writes_back_header(tmp_path, dsb):
   image, mask = dsb
   _nifti(tmp_path / "img.nii.gz", image)
@@ -50,18 +51,30 @@ def test_nifti_2d_reads_as_ijk1_with_affine_and_writes_back_header(tmp_path, dsb
   write_label_map(tmp_path / "seg.nii.gz", mask[:, :, None], img.geometry)
   out = nib.load(str(tmp_path / "seg.nii.gz"))
   src = nib.load(str(tmp_path / "img.nii.gz"))
-  assert out.shape == (64, 48)                       # the file's own dimensionality is kept
+  assert out.shape == (64, 48)  # the file's own dimensionality is kept
   assert out.get_data_dtype() == np.uint8 and out.header.get_intent()[0] == "label"
   np.testing.assert_array_equal(np.asanyarray(out.dataobj), mask)
-  for key in ("qform_code", "sform_code", "pixdim", "xyzt_units", "descrip", "quatern_b", "quatern_c", "quatern_d",
-              "qoffset_x", "srow_x", "srow_y", "srow_z"):
+  for key in (
+    "qform_code",
+    "sform_code",
+    "pixdim",
+    "xyzt_units",
+    "descrip",
+    "quatern_b",
+    "quatern_c",
+    "quatern_d",
+    "qoffset_x",
+    "srow_x",
+    "srow_y",
+    "srow_z",
+  ):
     np.testing.assert_array_equal(out.header[key], src.header[key], err_msg=key)
   np.testing.assert_allclose(out.affine, src.affine)
 
 
 def test_nifti_4d_channels_go_last(tmp_path, dsb):
   image, _ = dsb
-  vol = np.stack([image, image * 2], axis=-1)[:, :, None, :].astype(np.float32)   # [i, j, 1, 2]
+  vol = np.stack([image, image * 2], axis=-1)[:, :, None, :].astype(np.float32)  # [i, j, 1, 2]
   _nifti(tmp_path / "two.nii", vol)
   img = read_image(tmp_path / "two.nii")
   assert img.array.shape == (64, 48, 1, 2)
@@ -82,15 +95,21 @@ def test_nifti_scaling_is_applied(tmp_path, dsb):
 # ----------------------------------------------------------------------------------------------
 # NRRD
 
+
 def _lps_header(directions, origin):
-  return {"space": "left-posterior-superior", "space directions": np.asarray(directions, float),
-          "space origin": np.asarray(origin, float), "kinds": ["domain"] * len(directions), "encoding": "gzip",
-          "content": "dsb"}
+  return {
+    "space": "left-posterior-superior",
+    "space directions": np.asarray(directions, float),
+    "space origin": np.asarray(origin, float),
+    "kinds": ["domain"] * len(directions),
+    "encoding": "gzip",
+    "content": "dsb",
+  }
 
 
 def test_nrrd_lps_converted_to_ras_and_written_back(tmp_path, dsb):
   image, mask = dsb
-  vol = np.stack([image] * 3, axis=-1)                    # [i, j, k]
+  vol = np.stack([image] * 3, axis=-1)  # [i, j, k]
   directions = [[0.0, 0.8, 0.0], [-0.7, 0.0, 0.0], [0.0, 0.0, 1.5]]
   nrrd.write(str(tmp_path / "img.nrrd"), vol, _lps_header(directions, [5, 6, 7]), index_order="F")
   img = read_image(tmp_path / "img.nrrd")
@@ -111,9 +130,13 @@ def test_nrrd_lps_converted_to_ras_and_written_back(tmp_path, dsb):
 
 def test_nrrd_vector_axis_becomes_channels_and_2d_gets_a_k_axis(tmp_path, dsb):
   image, _ = dsb
-  vec = np.stack([image, image + 1], axis=0)               # [2, i, j]: a 2-vector per pixel
-  header = {"space": "right-anterior-superior", "kinds": ["vector", "domain", "domain"],
-            "space directions": np.array([[np.nan] * 3, [0.5, 0, 0], [0, 0.5, 0]]), "space origin": np.zeros(3)}
+  vec = np.stack([image, image + 1], axis=0)  # [2, i, j]: a 2-vector per pixel
+  header = {
+    "space": "right-anterior-superior",
+    "kinds": ["vector", "domain", "domain"],
+    "space directions": np.array([[np.nan] * 3, [0.5, 0, 0], [0, 0.5, 0]]),
+    "space origin": np.zeros(3),
+  }
   nrrd.write(str(tmp_path / "vec.nrrd"), vec, header, index_order="F")
   img = read_image(tmp_path / "vec.nrrd")
   assert img.array.shape == (64, 48, 1, 2)
@@ -136,18 +159,18 @@ def test_nifti_and_nrrd_convert_into_each_other_keeping_world_geometry(tmp_path,
 # ----------------------------------------------------------------------------------------------
 # DICOM
 
+
 @pytest.fixture()
 def dicom_series(tmp_path, dsb):
   image, _ = dsb
   volume = np.stack([image[:40, :30].T + 10 * k for k in range(4)], axis=2).astype(np.int16)  # [30, 40, 4]
-  affine = write_dicom_series(tmp_path / "series", volume, orientation=(0, 1, 0, 0, 0, -1),
-                              slice_step=(-2.0, 0.0, 0.0))
+  affine = write_dicom_series(tmp_path / "series", volume, orientation=(0, 1, 0, 0, 0, -1), slice_step=(-2.0, 0.0, 0.0))
   return tmp_path / "series", volume, affine
 
 
 def test_dicom_series_sorted_by_position_rescaled_with_affine(dicom_series):
   folder, volume, affine = dicom_series
-  (folder / "notes.txt").write_text("not dicom")           # ignored
+  (folder / "notes.txt").write_text("not dicom")  # ignored
   img = read_image(folder)
   assert img.family == "dicom" and img.array.shape == (30, 40, 4, 1)
   np.testing.assert_array_equal(img.array[..., 0], volume.astype(np.int32) - 1024)
@@ -180,6 +203,7 @@ def test_dicom_folder_with_two_series_is_refused(tmp_path, dicom_series):
 # ----------------------------------------------------------------------------------------------
 # TIFF, PNG, JPEG
 
+
 def test_tiff_2d_3d_and_rgb_keep_spacing(tmp_path, dsb):
   image, mask = dsb
   tifffile.imwrite(tmp_path / "a.tif", image, resolution=(4.0, 2.0), resolutionunit="CENTIMETER")
@@ -192,8 +216,13 @@ def test_tiff_2d_3d_and_rgb_keep_spacing(tmp_path, dsb):
   assert back.geometry.spacing == pytest.approx((0.5, 0.25))
 
   stack = np.stack([image, image, image // 2])
-  tifffile.imwrite(tmp_path / "z.tif", stack, imagej=True, resolution=(2.0, 2.0),
-                   metadata={"spacing": 3.0, "unit": "um", "axes": "ZYX"})
+  tifffile.imwrite(
+    tmp_path / "z.tif",
+    stack,
+    imagej=True,
+    resolution=(2.0, 2.0),
+    metadata={"spacing": 3.0, "unit": "um", "axes": "ZYX"},
+  )
   vol = read_image(tmp_path / "z.tif")
   assert vol.array.shape == (3, 64, 48, 1) and vol.geometry.axes == "zyx"
   assert vol.geometry.spacing == pytest.approx((3.0, 0.5, 0.5))
@@ -223,15 +252,19 @@ def test_png_and_jpeg(tmp_path, dsb):
   write_label_map(tmp_path / "seg.png", labels, png.geometry)
   assert PILImage.open(tmp_path / "seg.png").mode == "P"
   np.testing.assert_array_equal(read_image(tmp_path / "seg.png", labels=True).array[..., 0], labels)
-  write_label_map(tmp_path / "jseg.png", labels, jpg.geometry)    # JPEG input -> PNG output
+  write_label_map(tmp_path / "jseg.png", labels, jpg.geometry)  # JPEG input -> PNG output
   with pytest.raises(ValueError, match="lossy"):
     write_label_map(tmp_path / "jseg.jpg", labels, jpg.geometry)
 
 
 def test_ome_tiff_physical_sizes_are_its_spacing_and_written_back(tmp_path):
   volume = np.arange(5 * 6 * 8, dtype=np.uint16).reshape(5, 6, 8)
-  tifffile.imwrite(tmp_path / "v.ome.tif", volume, ome=True,
-                   metadata={"axes": "ZYX", "PhysicalSizeX": 0.25, "PhysicalSizeY": 0.5, "PhysicalSizeZ": 2.0})
+  tifffile.imwrite(
+    tmp_path / "v.ome.tif",
+    volume,
+    ome=True,
+    metadata={"axes": "ZYX", "PhysicalSizeX": 0.25, "PhysicalSizeY": 0.5, "PhysicalSizeZ": 2.0},
+  )
   image = read_image(tmp_path / "v.ome.tif")
   np.testing.assert_array_equal(image.array[..., 0], volume)
   assert image.geometry.spacing == (2.0, 0.5, 0.25)
@@ -239,7 +272,7 @@ def test_ome_tiff_physical_sizes_are_its_spacing_and_written_back(tmp_path):
   back = read_image(tmp_path / "seg.tif")
   assert back.geometry.spacing == (2.0, 0.5, 0.25) and back.geometry.header["unit"] == "micron"
   tifffile.imwrite(tmp_path / "p.ome.tif", volume[0], ome=True, metadata={"axes": "YX", "PhysicalSizeX": 0.3})
-  assert read_image(tmp_path / "p.ome.tif").geometry.spacing == (1.0, 0.3)     # Y unstated: 1
+  assert read_image(tmp_path / "p.ome.tif").geometry.spacing == (1.0, 0.3)  # Y unstated: 1
 
 
 @pytest.mark.parametrize("orientation", [2, 3, 4, 5, 6, 7, 8])
@@ -247,6 +280,7 @@ def test_exif_orientation_is_applied_as_viewers_show_the_image(tmp_path, orienta
   from PIL import ImageOps
 
   from scribblejax.io.images import exif_note
+
   raw = np.arange(20 * 30, dtype=np.uint16).reshape(20, 30) % 251
   exif = PILImage.Exif()
   exif[0x0112] = orientation
@@ -257,7 +291,7 @@ def test_exif_orientation_is_applied_as_viewers_show_the_image(tmp_path, orienta
   image = read_image(tmp_path / "photo.png")
   np.testing.assert_array_equal(image.array[..., 0], shown)
   assert image.geometry.shape == shown.shape and "EXIF orientation" in exif_note(image.geometry)
-  write_label_map(tmp_path / "seg.png", (shown > 100).astype(np.uint8), image.geometry)   # as shown, no tag
+  write_label_map(tmp_path / "seg.png", (shown > 100).astype(np.uint8), image.geometry)  # as shown, no tag
   np.testing.assert_array_equal(read_image(tmp_path / "seg.png", labels=True).array[..., 0], shown > 100)
   PILImage.fromarray(raw.astype(np.uint8)).save(tmp_path / "plain.png")
   assert exif_note(read_image(tmp_path / "plain.png").geometry) is None
@@ -265,6 +299,7 @@ def test_exif_orientation_is_applied_as_viewers_show_the_image(tmp_path, orienta
 
 # ----------------------------------------------------------------------------------------------
 # Errors and helpers
+
 
 def test_missing_unreadable_and_unsupported_files_name_the_path(tmp_path):
   with pytest.raises(ValueError, match=r"cannot read .*nope\.nii\.gz: no such file"):
@@ -294,17 +329,19 @@ def test_write_label_map_checks_and_is_atomic(tmp_path, dsb):
   with pytest.raises(ValueError, match=r"use a file ending in \.tif, \.tiff, \.png"):
     write_label_map(tmp_path / "s.nii.gz", mask, geometry)
   write_label_map(tmp_path / "s.tif", mask, geometry)
-  assert sorted(os.listdir(tmp_path)) == ["a.tif", "s.tif"]      # no temporary file left behind
+  assert sorted(os.listdir(tmp_path)) == ["a.tif", "s.tif"]  # no temporary file left behind
 
 
 def test_atomic_writes_reach_the_disk_before_and_after_the_rename(tmp_path, monkeypatch):
   # The data are flushed before the rename, the folder's entry after it: a crash leaves the old file
   # or the new one, never an empty new one.
   from scribblejax.io import fileio
+
   events = []
   real_fsync, real_replace = os.fsync, os.replace
-  monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))),
-                                               real_fsync(fd))[1])
+  monkeypatch.setattr(
+    os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))), real_fsync(fd))[1]
+  )
   monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", str(b))), real_replace(a, b))[1])
   (tmp_path / "r.json").write_text("old")
   fileio.write_json(tmp_path / "r.json", {"a": 1})
@@ -325,17 +362,18 @@ def test_image_digest_follows_values_not_names(tmp_path, dsb):
 def test_complex_images_nhdr_outputs_and_dicom_without_rows_are_refused(tmp_path, dicom_series):
   tifffile.imwrite(tmp_path / "c.tif", (np.ones((8, 8)) + 1j).astype(np.complex64))
   with pytest.raises(ValueError, match=r"c\.tif holds complex64 values"):
-    read_image(tmp_path / "c.tif")                          # was: the imaginary part dropped silently
+    read_image(tmp_path / "c.tif")  # was: the imaginary part dropped silently
   _nifti(tmp_path / "c.nii.gz", (np.ones((8, 8, 1)) + 1j).astype(np.complex64))
   with pytest.raises(ValueError, match="complex64"):
     read_image(tmp_path / "c.nii.gz")
   geometry = read_image(sorted(dicom_series[0].glob("*.dcm"))[0]).geometry
   with pytest.raises(ValueError, match=r"\.nhdr header keeps its data in a second file"):
-    output_format(tmp_path / "seg.nhdr", geometry)          # was: data in a hidden temporary file
+    output_format(tmp_path / "seg.nhdr", geometry)  # was: data in a hidden temporary file
   import pydicom
+
   path = sorted(dicom_series[0].glob("*.dcm"))[0]
   ds = pydicom.dcmread(path)
   del ds.Rows
   ds.save_as(tmp_path / "norows.dcm")
   with pytest.raises(ValueError, match=r"norows\.dcm: it has pixel data but no Rows"):
-    read_image(tmp_path / "norows.dcm")                     # was: AttributeError
+    read_image(tmp_path / "norows.dcm")  # was: AttributeError

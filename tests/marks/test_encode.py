@@ -13,12 +13,11 @@ def _pixels(marks, label):
 # ----------------------------------------------------------------------------------------------
 # encode_marks in general
 
+
 def test_later_marks_overwrite_earlier():
-  m = encode_marks((10, 10), [Scribble([(5, 0), (5, 9)], label=0, radius=0),
-                              Point((5, 5), label=1, radius=1)])
+  m = encode_marks((10, 10), [Scribble([(5, 0), (5, 9)], label=0, radius=0), Point((5, 5), label=1, radius=1)])
   assert m[5, 5] == 1 and m[5, 4] == 1 and m[5, 3] == 0
-  m = encode_marks((10, 10), [Point((5, 5), label=1, radius=1),
-                              Scribble([(5, 0), (5, 9)], label=0, radius=0)])
+  m = encode_marks((10, 10), [Point((5, 5), label=1, radius=1), Scribble([(5, 0), (5, 9)], label=0, radius=0)])
   assert m[5, 5] == 0 and m[4, 5] == 1
 
 
@@ -71,6 +70,7 @@ def test_encode_does_not_modify_inputs_and_marks_are_serialisable():
 # ----------------------------------------------------------------------------------------------
 # accumulate and validate_mark_map
 
+
 def test_accumulate_keeps_earlier_and_new_overrides():
   prev = np.array([[0, -1, 1], [-1, -1, 2]])
   new = np.array([[-1, 3, 0], [-1, -1, -1]], np.int16)
@@ -85,7 +85,7 @@ def test_accumulate_errors():
     accumulate(np.zeros((2, 3), int), np.zeros((3, 2), int))
   with pytest.raises(ValueError, match=r"new marks must be an integer array"):
     accumulate(np.zeros((2, 3), int), np.zeros((2, 3)))
-  for too_big in (2 ** 32 + 1, 2 ** 32 - 1):                   # were wrapped to 1 and to -1 (unmarked)
+  for too_big in (2**32 + 1, 2**32 - 1):  # were wrapped to 1 and to -1 (unmarked)
     with pytest.raises(ValueError, match=f"new marks hold value {too_big}, too large"):
       accumulate(np.full((2, 3), -1, np.int64), np.full((2, 3), too_big, np.int64))
 
@@ -95,7 +95,7 @@ def test_validate_mark_map():
   out = validate_mark_map(marks, (2, 2), 3)
   assert out.dtype == np.int32 and out is not marks
   out[0, 0] = 1
-  assert marks[0, 0] == -1                 # a copy
+  assert marks[0, 0] == -1  # a copy
   out32 = np.zeros((2, 2), np.int32)
   assert validate_mark_map(out32, (2, 2), 1) is not out32
 

@@ -12,6 +12,7 @@ def _pixels(marks, label):
 
 # grow_marks
 
+
 def _seed(shape, *points_labels):
   marks = np.full(shape, -1, np.int32)
   for point, label in points_labels:
@@ -21,7 +22,7 @@ def _seed(shape, *points_labels):
 
 def test_grow_fills_exactly_its_region_below_step_and_crosses_above():
   image = np.zeros((12, 16), np.float32)
-  image[:, 8:] = 1.0                       # step of 1.0 between two flat regions
+  image[:, 8:] = 1.0  # step of 1.0 between two flat regions
   marks = _seed(image.shape, ((3, 2), 1))
   grown = grow_marks(marks, image, threshold=0.9)
   np.testing.assert_array_equal(grown == 1, image == 0)
@@ -40,7 +41,7 @@ def test_grow_two_labels_each_fill_own_region():
 
 
 def test_grow_follows_ramp_by_current_pixel_not_seed():
-  image = np.tile(np.arange(20, dtype=np.float64) * 0.1, (3, 1))   # increments of 0.1 per column
+  image = np.tile(np.arange(20, dtype=np.float64) * 0.1, (3, 1))  # increments of 0.1 per column
   marks = _seed(image.shape, ((1, 0), 1))
   threshold = 0.15
   grown = grow_marks(marks, image, threshold)
@@ -56,7 +57,7 @@ def test_grow_follows_ramp_by_current_pixel_not_seed():
 
 def test_grow_connectivity_on_diagonal():
   image = np.ones((6, 6))
-  np.fill_diagonal(image, 0.0)             # a diagonal line of 0 in a field of 1
+  np.fill_diagonal(image, 0.0)  # a diagonal line of 0 in a field of 1
   marks = _seed(image.shape, ((0, 0), 1))
   face = grow_marks(marks, image, threshold=0.5, connectivity=1)
   assert _pixels(face, 1) == {(0, 0)}
@@ -98,8 +99,7 @@ def test_grow_max_pixels_per_class_in_raster_order():
   image = np.zeros((5, 5))
   grown = grow_marks(_seed(image.shape, ((2, 2), 0)), image, 1.0, max_pixels=2)
   assert _pixels(grown, 0) == {(2, 2), (1, 2), (2, 1)}
-  big = grow_marks(_seed((30, 30), ((0, 0), 0), ((29, 29), 1)), np.zeros((30, 30)), 1.0,
-                   max_pixels=100)
+  big = grow_marks(_seed((30, 30), ((0, 0), 0), ((29, 29), 1)), np.zeros((30, 30)), 1.0, max_pixels=100)
   assert (big == 0).sum() == 101 and (big == 1).sum() == 101
 
 
@@ -113,7 +113,7 @@ def test_grow_ties_lowest_label_wins():
 
 def test_grow_multichannel_uses_max_channel_difference():
   image = np.zeros((4, 8, 2))
-  image[:, 4:, 1] = 1.0                    # step only in channel 1
+  image[:, 4:, 1] = 1.0  # step only in channel 1
   marks = _seed((4, 8), ((0, 0), 1))
   np.testing.assert_array_equal(grow_marks(marks, image, 0.5)[0], [1] * 4 + [-1] * 4)
   assert (grow_marks(marks, image, 1.5) == 1).all()
@@ -136,16 +136,17 @@ def test_grow_keeps_original_marks_and_leaves_inputs_unchanged():
 
 
 def test_grow_blocked_pixels_neither_join_nor_pass():
-  image = np.zeros((5, 7), np.float32)                     # flat: everything could join
+  image = np.zeros((5, 7), np.float32)  # flat: everything could join
   marks = _seed((5, 7), ((2, 0), 1))
   blocked = np.zeros((5, 7), bool)
-  blocked[:, 3] = True                                     # a wall across the image (earlier marks)
-  blocked[2, 0] = True                                     # blocked, but marked now: still a seed
+  blocked[:, 3] = True  # a wall across the image (earlier marks)
+  blocked[2, 0] = True  # blocked, but marked now: still a seed
   grown = grow_marks(marks, image, 0.5, blocked=blocked)
-  assert (grown[:, :3] == 1).all()                         # its side fills
-  assert (grown[:, 3:] == -1).all()                        # the wall and everything behind it stay unmarked
-  np.testing.assert_array_equal(grow_marks(marks, image, 0.5, blocked=np.zeros((5, 7), bool)),
-                                grow_marks(marks, image, 0.5))
+  assert (grown[:, :3] == 1).all()  # its side fills
+  assert (grown[:, 3:] == -1).all()  # the wall and everything behind it stay unmarked
+  np.testing.assert_array_equal(
+    grow_marks(marks, image, 0.5, blocked=np.zeros((5, 7), bool)), grow_marks(marks, image, 0.5)
+  )
   with pytest.raises(ValueError, match=r"blocked must be a boolean map of the marks' shape \(5, 7\)"):
     grow_marks(marks, image, 0.5, blocked=blocked[:, :6])
   with pytest.raises(ValueError, match=r"blocked must be a boolean map"):

@@ -33,8 +33,9 @@ def test_an_ensemble_is_the_mean_of_its_networks_and_tunes_each_ones_last_layers
   assert [a.shape for a in jax.tree.leaves(split.tunable)] == [(3, *b.shape) for b in jax.tree.leaves(one.tunable)]
   # what the library reads off a network: an image without its channel axis is accepted as for one UNet
   assert (ensemble.spatial_dims, ensemble.in_channels, ensemble.num_classes) == (2, 1, 2)
-  np.testing.assert_allclose(np.asarray(sj.predict(split, _x()[0, ..., 0])), np.asarray(ensemble(_x()[:1]))[0],
-                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+    np.asarray(sj.predict(split, _x()[0, ..., 0])), np.asarray(ensemble(_x()[:1]))[0], rtol=1e-5, atol=1e-6
+  )
   with pytest.raises(ValueError, match=r"the ensemble has members 0..2, not 3"):
     ensemble.member(3)
 
@@ -42,6 +43,7 @@ def test_an_ensemble_is_the_mean_of_its_networks_and_tunes_each_ones_last_layers
 def test_the_patches_per_call_count_mirrored_copies_and_networks():
   from scribblejax.pipeline.network import network_passes as _passes
   from scribblejax.pipeline.sliding_window import Mirrored, SliceWise
+
   ensemble = Ensemble.of(_nets(3), "scribblejax.UNet")
   assert _passes(ensemble) == 3 and _passes(_nets(1)[0]) == 1
   assert _passes(Mirrored(ensemble, (0, 1), (16, 16, 1))) == 12
@@ -55,7 +57,7 @@ def test_an_ensemble_is_stored_and_loaded_like_any_model(tmp_path):
   loaded, info = load_model(tmp_path / "m")
   assert isinstance(loaded, Ensemble) and loaded.members == 2 and info.family == "scribblejax.models.Ensemble"
   np.testing.assert_array_equal(np.asarray(loaded(_x())), np.asarray(ensemble(_x())))
-  fresh = Ensemble("scribblejax.UNet", KWARGS, 2, rngs=nnx.Rngs(0))            # members drawn apart
+  fresh = Ensemble("scribblejax.UNet", KWARGS, 2, rngs=nnx.Rngs(0))  # members drawn apart
   assert not np.allclose(np.asarray(fresh.member(0)(_x())), np.asarray(fresh.member(1)(_x())))
 
 

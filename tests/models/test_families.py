@@ -12,9 +12,17 @@ from scribblejax.models import families, store
 from scribblejax.models.families import FAMILIES, SOURCES, Family, build_model, family, family_of_source
 
 # the family names model.json files written so far use: they must keep loading
-STORED_NAMES = ("scribblejax.UNet", "nnunet.PlainConvUNet", "nnunet.ResidualEncoderUNet", "monai.BasicUNet",
-                "monai.UNet", "monai.SegResNet", "smp.Unet", "scribblejax.models.Ensemble",
-                "scribblejax.models.Regions")
+STORED_NAMES = (
+  "scribblejax.UNet",
+  "nnunet.PlainConvUNet",
+  "nnunet.ResidualEncoderUNet",
+  "monai.BasicUNet",
+  "monai.UNet",
+  "monai.SegResNet",
+  "smp.Unet",
+  "scribblejax.models.Ensemble",
+  "scribblejax.models.Regions",
+)
 
 
 def test_every_stored_family_name_is_registered_once():
@@ -22,7 +30,7 @@ def test_every_stored_family_name_is_registered_once():
   assert all(name == f.name and isinstance(f, Family) for name, f in FAMILIES.items())
   assert store.FAMILIES is FAMILIES and store.build_model is build_model
   with pytest.raises(TypeError):
-    FAMILIES["mine"] = Family("mine", "x:y")   # a fixed table
+    FAMILIES["mine"] = Family("mine", "x:y")  # a fixed table
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))
@@ -43,6 +51,7 @@ def test_sources_name_their_family():
   assert family_of_source("torch.nn.Linear") is None
   assert all(f.converter is not None for f in SOURCES.values())
   from scribblejax.convert.folder import SUPPORTED_ARCHS
+
   assert SUPPORTED_ARCHS == tuple(sorted(SOURCES))
 
 
@@ -63,10 +72,13 @@ def test_a_converted_family_saves_and_loads_through_the_registry(tmp_path):
 
 
 def test_the_registry_and_every_zoo_module_import_without_torch():
-  code = ("import sys; from scribblejax.models import families\n"
-          "for f in families.FAMILIES.values():\n"
-          "  f.constructor(); f.converter and f.load_weights()\n"
-          "assert 'torch' not in sys.modules, 'torch was imported'")
+  code = (
+    "import sys; from scribblejax.models import families\n"
+    "for f in families.FAMILIES.values():\n"
+    "  f.constructor(); f.converter and f.load_weights()\n"
+    "assert 'torch' not in sys.modules, 'torch was imported'"
+  )
   root = Path(families.__file__).resolve().parents[2]
-  subprocess.run([sys.executable, "-c", code], check=True, cwd=root,
-                 env={"PYTHONPATH": str(root), "JAX_PLATFORMS": "cpu"})
+  subprocess.run(
+    [sys.executable, "-c", code], check=True, cwd=root, env={"PYTHONPATH": str(root), "JAX_PLATFORMS": "cpu"}
+  )

@@ -17,7 +17,7 @@ def test_the_scores_argmax_is_nnunets_rule(order):
   want = sj.models.region_labels(z, order)
   assert scores.shape == (4000, len(order) + 1)
   assert (scores.argmax(-1) == want).all()
-  assert np.bincount(want, minlength=len(order) + 1).min() > 100            # every class occurs: a real test
+  assert np.bincount(want, minlength=len(order) + 1).min() > 100  # every class occurs: a real test
   # nnU-Net's rule written out: each region in turn writes its class where its sigmoid exceeds 0.5
   seg = np.zeros(4000, np.int32)
   for i, c in enumerate(order):
@@ -40,18 +40,26 @@ def test_a_regions_network_stores_reloads_and_refines_as_classes(tmp_path):
   kwargs = dict(spatial_dims=2, in_channels=1, num_classes=2, channels=[4, 8])
   model = sj.models.Regions.of(sj.UNet(**kwargs, rngs=nnx.Rngs(1)), [2, 1], "scribblejax.UNet")
   assert model.num_classes == 3 and model.spatial_dims == 2 and model.in_channels == 1
-  folder = save_model(tmp_path / "m", model, family="scribblejax.models.Regions",
-                      kwargs={"family": "scribblejax.UNet", "kwargs": kwargs, "order": [2, 1]})
+  folder = save_model(
+    tmp_path / "m",
+    model,
+    family="scribblejax.models.Regions",
+    kwargs={"family": "scribblejax.UNet", "kwargs": kwargs, "order": [2, 1]},
+  )
   loaded, info = load_model(folder)
   image = np.random.default_rng(0).normal(size=(24, 24, 1)).astype(np.float32)
   np.testing.assert_allclose(np.asarray(loaded(image[None])), np.asarray(model(image[None])), atol=1e-6)
   raw = np.asarray(model.net(image[None]))[0]
-  np.testing.assert_array_equal(np.asarray(sj.predict(sj.split_params(loaded, sj.head()), image)).argmax(-1),
-                                sj.models.region_labels(raw, [2, 1]))
+  np.testing.assert_array_equal(
+    np.asarray(sj.predict(sj.split_params(loaded, sj.head()), image)).argmax(-1), sj.models.region_labels(raw, [2, 1])
+  )
   # "the last l layers" are the wrapped network's; marks of every class are honoured
   split = sj.split_params(loaded, sj.last_layers(3))
   inner = sj.params.tunable_paths(loaded.net, sj.last_layers(3))
-  assert sj.params.tunable_paths(loaded, sj.last_layers(3)) == tuple(("net", *p) for p in inner) and ("head", "kernel") in inner
+  assert (
+    sj.params.tunable_paths(loaded, sj.last_layers(3)) == tuple(("net", *p) for p in inner)
+    and ("head", "kernel") in inner
+  )
   labels = sj.models.region_labels(raw, [2, 1])
   marks = np.full((24, 24), -1, np.int32)
   for c in range(3):
@@ -67,6 +75,7 @@ def test_a_regions_network_stores_reloads_and_refines_as_classes(tmp_path):
 def test_the_sliding_window_blends_region_logits_and_the_wrappers_refuse_scores():
   # nnU-Net blends the patches' region logits, then reads classes; blending class scores would differ.
   from scribblejax.pipeline.sliding_window import Mirrored, PatchBlend
+
   net = sj.UNet(spatial_dims=2, in_channels=1, num_classes=2, channels=[4, 8], rngs=nnx.Rngs(3))
   model = sj.models.Regions.of(net, [1, 2])
   image = np.random.default_rng(1).normal(size=(40, 36, 1)).astype(np.float32)
@@ -78,13 +87,20 @@ def test_the_sliding_window_blends_region_logits_and_the_wrappers_refuse_scores(
   # with other tunable weights too (given in the Regions split's structure)
   tunable = jax.tree.map(lambda w: w * 1.5, split.tunable)
   inner = sj.split_params(net, sj.last_layers(2))
-  raw2 = sj.pipeline.sliding_window_logits(inner, image, (16, 16), jax.tree.unflatten(jax.tree.structure(inner.tunable),
-                                                                            jax.tree.leaves(tunable)))
-  np.testing.assert_allclose(sj.pipeline.sliding_window_logits(split, image, (16, 16), tunable),
-                             np.asarray(sj.models.region_scores(raw2, [1, 2])), atol=1e-5)
+  raw2 = sj.pipeline.sliding_window_logits(
+    inner, image, (16, 16), jax.tree.unflatten(jax.tree.structure(inner.tunable), jax.tree.leaves(tunable))
+  )
+  np.testing.assert_allclose(
+    sj.pipeline.sliding_window_logits(split, image, (16, 16), tunable),
+    np.asarray(sj.models.region_scores(raw2, [1, 2])),
+    atol=1e-5,
+  )
   assert np.abs(raw2 - raw).max() > 1e-3
-  for wrap in (lambda: Mirrored(model, (0,), (16, 16, 1)), lambda: PatchBlend(model, [(0, 0)], (16, 16), 1),
-               lambda: sj.models.Ensemble.of([model, model])):
+  for wrap in (
+    lambda: Mirrored(model, (0,), (16, 16, 1)),
+    lambda: PatchBlend(model, [(0, 0)], (16, 16), 1),
+    lambda: sj.models.Ensemble.of([model, model]),
+  ):
     with pytest.raises(ValueError, match="class scores"):
       wrap()
 
@@ -101,9 +117,14 @@ def test_wrappers_of_a_network_without_a_stated_layer_order_are_traced():
       return self.last(nnx.relu(self.first(x)))
 
   example = jax.ShapeDtypeStruct((1, 8, 8, 1), np.float32)
-  for model in (sj.models.Regions.of(Plain(nnx.Rngs(0)), [1, 2]), sj.models.Ensemble.of([Plain(nnx.Rngs(0)), Plain(nnx.Rngs(1))])):
+  for model in (
+    sj.models.Regions.of(Plain(nnx.Rngs(0)), [1, 2]),
+    sj.models.Ensemble.of([Plain(nnx.Rngs(0)), Plain(nnx.Rngs(1))]),
+  ):
     assert sj.models.layer_order(model, example) == (("net", "first"), ("net", "last"))
     with pytest.raises(ValueError, match="states no layer order; pass an example input"):
       sj.models.layer_order(model)
   assert sj.params.tunable_paths(sj.models.Regions.of(Plain(nnx.Rngs(0)), [1, 2]), sj.last_layers(1), example) == (
-      ("net", "last", "bias"), ("net", "last", "kernel"))
+    ("net", "last", "bias"),
+    ("net", "last", "kernel"),
+  )

@@ -13,9 +13,9 @@ from scribblejax.research.train import normalize_dataset_part, predict_labels
 # name -> (dataset, classes, crop of the test part, least mean foreground Dice on that crop).
 # Measured on these crops (CPU, 2026-12-06): nuclei2d 0.9390, tissue2d 0.6682, tissue3d 0.8369
 CASES = {
-    "nuclei2d": (data.nuclei2d, ("background", "nucleus"), np.s_[:256], 0.928),
-    "tissue2d": (data.tissue2d, data.TISSUE_CLASSES, np.s_[5:40:10], 0.658),
-    "tissue3d": (data.tissue3d, data.TISSUE_CLASSES, np.s_[:], 0.826),
+  "nuclei2d": (data.nuclei2d, ("background", "nucleus"), np.s_[:256], 0.928),
+  "tissue2d": (data.tissue2d, data.TISSUE_CLASSES, np.s_[5:40:10], 0.658),
+  "tissue3d": (data.tissue3d, data.TISSUE_CLASSES, np.s_[:], 0.826),
 }
 
 
@@ -34,7 +34,8 @@ def test_shipped_model_loads_and_segments_its_test_split(name):
   ds = load()
   image = ds.image[ds.test][crop]
   truth = ds.labels[ds.test][crop]
-  pred = predict_labels(model, normalize_dataset_part(image, info.normalization, stacked=ds.stacked),
-                        stacked=ds.stacked)
+  pred = predict_labels(
+    model, normalize_dataset_part(image, info.normalization, stacked=ds.stacked), stacked=ds.stacked
+  )
   dice = dice_per_class(pred, truth, len(classes))
   assert np.nanmean(dice[1:]) >= least, dice

@@ -22,8 +22,8 @@ try:
   import napari  # noqa: F401
 except ImportError:
   if os.environ.get("CI"):
-    raise                                  # on CI the plugin's tests never skip silently
-  pytest.skip("the napari extra is not installed (pip install \"scribblejax[napari]\")", allow_module_level=True)
+    raise  # on CI the plugin's tests never skip silently
+  pytest.skip('the napari extra is not installed (pip install "scribblejax[napari]")', allow_module_level=True)
 if not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
   if os.environ.get("CI"):
     raise RuntimeError("no display for napari's tests: run them under xvfb-run (as .ci/run does)")
@@ -36,7 +36,7 @@ from scribblejax.napari.widget import SCRIBBLES, SEGMENTATION, ScribbleWidget
 from scribblejax.research import data
 
 # explicit knobs, so that the rounds are short and do not depend on the models' stored defaults
-KNOBS = {"max_steps": "100"}     # the library's defaults otherwise
+KNOBS = {"max_steps": "100"}  # the library's defaults otherwise
 TIMEOUT_MS = 120_000
 
 
@@ -54,7 +54,7 @@ def brain(tmp_path_factory):
   """A 24x24x12 crop of the 3 mm MNI volume (tissue3d's test slab) as NIfTI at 3 mm."""
   ds = data.tissue3d()
   z0 = ds.test[2].start
-  crop = ds.image[20:44, 28:52, z0:z0 + 12, 0]
+  crop = ds.image[20:44, 28:52, z0 : z0 + 12, 0]
   path = tmp_path_factory.mktemp("images") / "brain.nii.gz"
   nib.save(nib.Nifti1Image(crop.astype(np.float32), ds.affine), path)
   return path
@@ -64,7 +64,7 @@ def _widget(make_napari_viewer, qtbot, image, model, session, warm=False, **knob
   viewer = make_napari_viewer()
   widget = ScribbleWidget(viewer)
   viewer.window.add_dock_widget(widget, name="scribblejax refine")
-  widget.warm_check.setChecked(warm)                       # compile on open: on in the 2-D and 3-D tests
+  widget.warm_check.setChecked(warm)  # compile on open: on in the 2-D and 3-D tests
   for field, text in {**KNOBS, **knobs}.items():
     widget.setting_edits[field].setText(text)
   widget.open(str(image), model, str(session))
@@ -110,8 +110,8 @@ def test_refine_in_2d_honours_the_stroke_and_undo_restores_the_layer(make_napari
   values = _stroke(widget, (30, slice(10, 30)))
   report = _refine(qtbot, widget)
   assert report["satisfied"], report
-  assert report["compile_seconds"] < 1.0, report           # compiled on open, by the throwaway round
-  assert viewer.layers[SEGMENTATION] is segmentation         # the same layer, updated in place
+  assert report["compile_seconds"] < 1.0, report  # compiled on open, by the throwaway round
+  assert viewer.layers[SEGMENTATION] is segmentation  # the same layer, updated in place
   _assert_honoured(widget, values)
   assert f"{report['steps']} steps" in widget.report_label.text()
   assert "every mark honoured" in widget.report_label.text()
@@ -135,7 +135,7 @@ def test_bad_marks_are_named_and_nothing_drawn_is_lost(make_napari_viewer, qtbot
   viewer, widget = _widget(make_napari_viewer, qtbot, cells, "nuclei2d", tmp_path / "session")
   before = viewer.layers[SEGMENTATION].data.copy()
   scribbles = viewer.layers[SCRIBBLES]
-  scribbles.data[5, 5:9] = 7                               # no class: values are 0, 1, 2
+  scribbles.data[5, 5:9] = 7  # no class: values are 0, 1, 2
   scribbles.refresh()
   drawn = scribbles.data.copy()
   widget.refine_button.click()
@@ -146,7 +146,7 @@ def test_bad_marks_are_named_and_nothing_drawn_is_lost(make_napari_viewer, qtbot
   scribbles.data[5, 5:9] = 2
   scribbles.refresh()
   widget.refine_button.click()
-  widget.cancel_button.click()                             # stops at the round's progress report
+  widget.cancel_button.click()  # stops at the round's progress report
   _wait(qtbot, widget)
   assert widget.message_label.text().startswith("cancelled"), widget.message_label.text()
   assert widget.interaction.rounds == 0 and not (widget.interaction.session / "session.json").exists()
@@ -159,38 +159,40 @@ def test_bad_marks_are_named_and_nothing_drawn_is_lost(make_napari_viewer, qtbot
   widget.refine_button.click()
   assert "--steps must be an integer" in widget.message_label.text()
 
-  two = tmp_path / "two_channels.nii.gz"                   # the 1-channel model cannot read 2 channels
+  two = tmp_path / "two_channels.nii.gz"  # the 1-channel model cannot read 2 channels
   nib.save(nib.Nifti1Image(np.random.default_rng(0).random((32, 32, 1, 2), np.float32), np.eye(4)), two)
   widget.open(str(two), "nuclei2d")
   _wait(qtbot, widget)
   assert "channel" in widget.message_label.text() and widget.message_label.text().startswith("error:")
-  assert viewer.layers[SCRIBBLES].data[5, 5] == 7          # the opened image and its strokes stay
+  assert viewer.layers[SCRIBBLES].data[5, 5] == 7  # the opened image and its strokes stay
   assert widget.interaction.image.path == str(cells)
 
 
-def test_a_session_saved_from_the_widget_continues_on_the_command_line(make_napari_viewer, qtbot, cells, tmp_path,
-                                                                       capsys):
+def test_a_session_saved_from_the_widget_continues_on_the_command_line(
+  make_napari_viewer, qtbot, cells, tmp_path, capsys
+):
   viewer, widget = _widget(make_napari_viewer, qtbot, cells, "nuclei2d", tmp_path / "session")
   _stroke(widget, (30, slice(10, 30)))
   _refine(qtbot, widget)
-  saved = tmp_path / "saved"                               # a copy, continued on the command line
+  saved = tmp_path / "saved"  # a copy, continued on the command line
   widget.save_session(str(saved))
   assert core.default_output(widget.interaction) == str(cells.with_name("cells.seg.png"))
   out = tmp_path / "widget_seg.png"
   widget.save_segmentation(str(out))
   np.testing.assert_array_equal(read_image(out, labels=True).array[..., 0], viewer.layers[SEGMENTATION].data)
 
-  marks = np.zeros((64, 64), np.uint8)                     # round 2 on the command line: background here
+  marks = np.zeros((64, 64), np.uint8)  # round 2 on the command line: background here
   marks[50, 40:50] = 255
   marks_path = tmp_path / "more.png"
   PILImage.fromarray(marks).save(marks_path)
   cli_out = tmp_path / "cli_seg.png"
-  code = main(["refine", "--session", str(saved), "--marks", str(marks_path), "--out", str(cli_out), "--steps", "100",
-               "--json"])
+  code = main(
+    ["refine", "--session", str(saved), "--marks", str(marks_path), "--out", str(cli_out), "--steps", "100", "--json"]
+  )
   report = json.loads(capsys.readouterr().out)
   assert code == 0 and report["round"] == 2 and report["rounds"] == 2
 
-  again = ScribbleWidget(viewer)                           # and back in the widget: two rounds, both strokes
+  again = ScribbleWidget(viewer)  # and back in the widget: two rounds, both strokes
   again.warm_check.setChecked(False)
   again.open(None, None, str(saved))
   _wait(qtbot, again)
@@ -198,7 +200,7 @@ def test_a_session_saved_from_the_widget_continues_on_the_command_line(make_napa
   np.testing.assert_array_equal(viewer.layers[SEGMENTATION].data, read_image(cli_out, labels=True).array[..., 0])
   assert viewer.layers[SCRIBBLES].data[50, 45] == 1 and viewer.layers[SCRIBBLES].data[30, 20] > 0
   network = again.interaction.initial
-  again.reset_button.click()                               # both rounds undone: the network's own, no marks
+  again.reset_button.click()  # both rounds undone: the network's own, no marks
   _wait(qtbot, again)
   assert again.interaction.rounds == 0 and json.loads((saved / "session.json").read_text())["rounds"] == []
   np.testing.assert_array_equal(viewer.layers[SEGMENTATION].data, network)
@@ -212,7 +214,7 @@ def test_refine_in_3d_honours_the_stroke_and_undo_restores_the_layer(make_napari
   assert before.shape == (24, 24, 12) and viewer.layers["image"].scale[0] == pytest.approx(3.0)
   scribbles = viewer.layers[SCRIBBLES]
   index = (12, slice(6, 18), 6)
-  scribbles.data[index] = np.where(before[index] == 3, 3, 4)   # grey matter where it says white, else white
+  scribbles.data[index] = np.where(before[index] == 3, 3, 4)  # grey matter where it says white, else white
   scribbles.refresh()
   values = scribbles.data.copy()
   assert _refine(qtbot, widget)["satisfied"], widget.report
@@ -236,7 +238,7 @@ def test_marks_of_names_a_value_that_is_no_class():
 def test_view_opens_the_image_with_the_widget_docked(make_napari_viewer, qtbot, monkeypatch, cells, tmp_path):
   viewers = []
   monkeypatch.setattr(napari, "Viewer", lambda **kwargs: viewers.append(make_napari_viewer(**kwargs)) or viewers[-1])
-  monkeypatch.setattr(napari, "run", lambda: None)        # the event loop is pytest-qt's
+  monkeypatch.setattr(napari, "run", lambda: None)  # the event loop is pytest-qt's
   monkeypatch.setattr(ScribbleWidget, "_warm_up", lambda self, it: 0.0)
   assert main(["view", str(cells), "--model", "nuclei2d", "--steps", "7", "--session", str(tmp_path / "s")]) == 0
   widget = viewers[0].window.dock_widgets["scribblejax refine"]
@@ -244,7 +246,7 @@ def test_view_opens_the_image_with_the_widget_docked(make_napari_viewer, qtbot, 
   assert widget.interaction is not None, widget.message_label.text()
   assert {SEGMENTATION, SCRIBBLES, "image"} <= {layer.name for layer in viewers[0].layers}
   assert widget.settings().max_steps == 7
-  widget.add_class("mitosis")                              # a class the network never learnt: value 3
+  widget.add_class("mitosis")  # a class the network never learnt: value 3
   assert "3 = mitosis" in widget.legend_label.text() and widget.class_box.count() == 3
   widget.add_class("Nucleus")
   assert "already a class" in widget.message_label.text()
@@ -258,6 +260,7 @@ def test_view_has_help(capsys):
 
 def test_the_manifest_names_the_widget():
   import npe2
+
   manifest = npe2.PluginManifest.from_distribution("scribblejax")
   assert manifest.contributions.widgets[0].display_name == "scribblejax refine"
   module = manifest.contributions.commands[0].python_name.split(":")[0]

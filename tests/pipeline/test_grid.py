@@ -14,7 +14,7 @@ def _image(array, family="tiff"):
 def test_marks_go_to_the_models_grid_and_back_through_order_crop_squeeze_and_padding():
   rng = np.random.default_rng(0)
   array = np.zeros((1, 12, 10, 1), np.float32)
-  array[0, 2:9, 3:8] = rng.uniform(1, 2, (7, 5, 1))              # non-zero box [2:9, 3:8]
+  array[0, 2:9, 3:8] = rng.uniform(1, 2, (7, 5, 1))  # non-zero box [2:9, 3:8]
   metadata = {"crop_to_nonzero": True, "input_axis_order": {"raster": [0, 2, 1]}}
   fitted = fit_image(_image(array), InputSpec(2, 1, 2), {"kind": "none"}, metadata, crop=True)
   assert fitted.order == (0, 2, 1) and fitted.squeezed == (0,) and fitted.image.shape == (5, 7, 1)
@@ -27,4 +27,4 @@ def test_marks_go_to_the_models_grid_and_back_through_order_crop_squeeze_and_pad
   np.testing.assert_array_equal(back, marks)
   logits = np.stack([model < 0, model >= 0], axis=-1).astype(np.float32)
   labels = labels_from_logits(logits, fitted)
-  assert labels.shape == (1, 12, 10) and labels[0, 4, 5] == 1 and labels.sum() == 2     # background outside the crop
+  assert labels.shape == (1, 12, 10) and labels[0, 4, 5] == 1 and labels.sum() == 2  # background outside the crop

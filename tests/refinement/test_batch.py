@@ -12,7 +12,7 @@ import scribblejax as sj
 from scribblejax.testing import random_unet
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _split():
   return sj.split_params(random_unet(2, (4, 8), classes=3), sj.last_layers(3))
 
@@ -44,15 +44,16 @@ def _assert_matches(batched, singles, atol=1e-4):
       np.testing.assert_allclose(np.asarray(a[i]), np.asarray(b), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("scheme, driver", [("vmap", "host"), ("sequential", "host"), ("matmul", "loop"),
-                                            ("shifted", "loop")])
+@pytest.mark.parametrize(
+  "scheme, driver", [("vmap", "host"), ("sequential", "host"), ("matmul", "loop"), ("shifted", "loop")]
+)
 def test_batch_equals_one_by_one(scheme, driver):
   split = _split()
   images, marks = _batch()
   config = dataclasses.replace(CFG, driver=driver)
   singles = [sj.refine(split, images[i], marks[i], config) for i in range(len(images))]
   steps = [int(r.num_steps) for r in singles]
-  assert steps[0] != steps[1] and steps[2] == 0           # the examples really differ
+  assert steps[0] != steps[1] and steps[2] == 0  # the examples really differ
   batched = sj.refine_batch(split, images, marks, dataclasses.replace(config, batch_scheme=scheme))
   assert batched.logits.shape == (3, 16, 16, 3)
   _assert_matches(batched, singles)
@@ -75,11 +76,11 @@ def test_bad_batched_start_and_scheme_raise():
   split = _split()
   images, marks = _batch()
   with pytest.raises(ValueError, match="leading batch axis|shape"):
-    sj.refine_batch(split, images, marks, CFG, start=split.tunable)        # no batch axis
+    sj.refine_batch(split, images, marks, CFG, start=split.tunable)  # no batch axis
   with pytest.raises(ValueError, match="batch_scheme"):
     sj.RefineConfig.paper(batch_scheme="parallel")
   with pytest.raises(ValueError, match="a batch needs a leading batch axis"):
-    sj.refine_batch(split, images[0], marks[0], CFG)                      # one image, not a batch
+    sj.refine_batch(split, images[0], marks[0], CFG)  # one image, not a batch
   with pytest.raises(ValueError, match="at least one image"):
     sj.refine_batch(split, images[:0], marks[:0], CFG)
   assert sj.refine_batch.__module__ == "scribblejax.refinement.api"

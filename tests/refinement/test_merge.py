@@ -5,15 +5,15 @@ import numpy as np
 import pytest
 
 import scribblejax as sj
-from scribblejax.refinement.merge import new_marks_of, progressive_merge
 from scribblejax.refinement import describe_marks, marks_report
+from scribblejax.refinement.merge import new_marks_of, progressive_merge
 
 
 def test_only_changes_that_touch_a_new_mark_are_taken():
   previous = np.zeros((12, 12), np.int32)
   proposed = previous.copy()
-  proposed[1:4, 1:4] = 1                     # the change the mark asked for
-  proposed[8:11, 8:11] = 1                   # a change far from every mark (an over-correction)
+  proposed[1:4, 1:4] = 1  # the change the mark asked for
+  proposed[8:11, 8:11] = 1  # a change far from every mark (an over-correction)
   new = np.full((12, 12), -1, np.int32)
   new[2, 2] = 1
   merged = progressive_merge(previous, proposed, new)
@@ -26,7 +26,7 @@ def test_every_mark_holds_even_where_the_network_disagrees():
   previous = np.zeros((6, 6), np.int32)
   proposed = previous.copy()
   marks = np.full((6, 6), -1, np.int32)
-  marks[0, 0], marks[5, 5] = 1, 2            # the network honoured neither
+  marks[0, 0], marks[5, 5] = 1, 2  # the network honoured neither
   merged = progressive_merge(previous, proposed, marks, marks)
   assert merged[0, 0] == 1 and merged[5, 5] == 2 and (merged[1:5] == 0).all()
 
@@ -34,7 +34,7 @@ def test_every_mark_holds_even_where_the_network_disagrees():
 def test_a_change_that_touches_a_mark_is_taken_whole_and_new_marks_are_only_the_new_ones():
   previous = np.zeros((3, 20), np.int32)
   proposed = previous.copy()
-  proposed[1, :] = 1                         # one long region of change
+  proposed[1, :] = 1  # one long region of change
   new = np.full((3, 20), -1, np.int32)
   new[1, 0] = 1
   assert (progressive_merge(previous, proposed, new)[1] == 1).all()
@@ -50,6 +50,7 @@ def test_a_change_that_touches_a_mark_is_taken_whole_and_new_marks_are_only_the_
 
 def _tiny(seed=0):
   from flax import nnx
+
   return sj.UNet(spatial_dims=2, in_channels=1, num_classes=2, channels=(4, 8), rngs=nnx.Rngs(seed))
 
 
@@ -66,7 +67,9 @@ def test_a_session_round_merges_and_reports(monkeypatch):
   before = np.asarray(np.argmax(session.initial_logits, -1))
   refined = np.asarray(session.rounds[-1].result.labels)
   import jax
+
   from scribblejax.refinement.merge import unsure
+
   free = unsure(jax.nn.softmax(session.initial_logits, -1), config.merge_confidence)
   np.testing.assert_array_equal(labels, progressive_merge(before, refined, marks, marks, free=free))
   assert (labels[marks >= 0] == marks[marks >= 0]).all()
@@ -79,7 +82,7 @@ def test_the_report_names_why_marks_are_not_honoured():
   split = sj.split_params(model, sj.last_layers(1))
   image = np.random.default_rng(1).random((16, 16, 1)).astype(np.float32)
   marks = np.full((16, 16), -1, np.int32)
-  marks[2:14, 2:14] = np.random.default_rng(2).integers(0, 2, (12, 12))   # salt and pepper: unreachable
+  marks[2:14, 2:14] = np.random.default_rng(2).integers(0, 2, (12, 12))  # salt and pepper: unreachable
   config = sj.RefineConfig(max_steps=3)
   result = sj.refine(split, image, marks, config)
   report = marks_report(result, marks, config)
@@ -95,8 +98,15 @@ def test_the_report_names_why_marks_are_not_honoured():
 
 def test_the_paper_preset_is_algorithm_1_as_it_was():
   paper = sj.RefineConfig.paper()
-  assert (paper.optimizer, paper.learning_rate, paper.momentum, paper.prox_weight, paper.keep_weight,
-          paper.max_steps, paper.progressive_merge) == ("sgd", 0.01, 0.9, 1.0, 0.0, 100, False)
+  assert (
+    paper.optimizer,
+    paper.learning_rate,
+    paper.momentum,
+    paper.prox_weight,
+    paper.keep_weight,
+    paper.max_steps,
+    paper.progressive_merge,
+  ) == ("sgd", 0.01, 0.9, 1.0, 0.0, 100, False)
   assert sj.RefineConfig.paper(max_steps=140).max_steps == 140
   with pytest.raises(ValueError, match="optimizer"):
     sj.RefineConfig(optimizer="lbfgs")

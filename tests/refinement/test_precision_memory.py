@@ -9,16 +9,15 @@ import numpy as np
 import pytest
 
 import scribblejax as sj
-from scribblejax.testing import random_unet
 from scribblejax import kernels
-from scribblejax.refinement import trunk
 from scribblejax.refinement import backend as backend_lib
-from scribblejax.refinement import network
+from scribblejax.refinement import network, trunk
+from scribblejax.testing import random_unet
 
 CONV_BACKENDS = ["xla"] + (["onednn"] if kernels.kernel_status().available else [])
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _unet(dims: int, channels=(4, 8)):
   return random_unet(dims, channels, classes=3)
 
@@ -54,15 +53,20 @@ def test_bf16_compute_keeps_float32_parameters_and_tracks_float32():
   moved32 = jax.tree.leaves(jax.tree.map(lambda a, b: a - b, f32.tunable, split.tunable))
   moved16 = jax.tree.leaves(jax.tree.map(lambda a, b: a - b, bf16.tunable, split.tunable))
   cos = sum(float(jnp.sum(a * b)) for a, b in zip(moved32, moved16)) / np.sqrt(
-      sum(float(jnp.sum(a * a)) for a in moved32) * sum(float(jnp.sum(b * b)) for b in moved16))
+    sum(float(jnp.sum(a * a)) for a in moved32) * sum(float(jnp.sum(b * b)) for b in moved16)
+  )
   assert cos > 0.95
 
 
 def test_bf16_with_early_stop_honours_the_marks():
   split = sj.split_params(_unet(2), sj.last_layers(4))
   image, marks = _problem(seed=3)
-  result = sj.refine(split, image, marks, sj.RefineConfig.paper(max_steps=80, learning_rate=0.05, prox_weight=0.01,
-                                                          compute_dtype="bfloat16"))
+  result = sj.refine(
+    split,
+    image,
+    marks,
+    sj.RefineConfig.paper(max_steps=80, learning_rate=0.05, prox_weight=0.01, compute_dtype="bfloat16"),
+  )
   assert bool(result.satisfied)
   labels = np.asarray(result.labels)
   assert np.all(labels[marks >= 0] == marks[marks >= 0])
@@ -94,15 +98,20 @@ def test_remat_tail_checkpoints_each_layer_and_recomputes(backend):
   # without "split_concat_conv", which applies only without remat (plain would count its extra convolutions)
   rewrites = tuple(r for r in backend_lib.default_rewrites(backend) if r != "split_concat_conv")
   residuals = trunk.partition(fn, split.tunable, split.frozen, image, rewrites=rewrites).trunk(split.frozen, image)
-  loss = lambda remat: lambda t: jnp.sum(jnp.sin(
-      trunk.partition(fn, split.tunable, split.frozen, image, rewrites=rewrites, remat=remat).tail(t, residuals)))
+  loss = lambda remat: (
+    lambda t: jnp.sum(
+      jnp.sin(
+        trunk.partition(fn, split.tunable, split.frozen, image, rewrites=rewrites, remat=remat).tail(t, residuals)
+      )
+    )
+  )
   plain = jax.make_jaxpr(jax.grad(loss(False)))(split.tunable)
   remat = jax.make_jaxpr(jax.grad(loss(True)))(split.tunable)
   # forward convolutions: XLA's, or oneDNN's forward calls
   convs = lambda j: str(j).count("conv_general_dilated") + str(j).count("onednn_conv_forward")
   # one checkpoint per tunable layer that starts with a convolution or a matrix product
   assert str(remat).count("remat") >= 3
-  assert convs(remat) > convs(plain)                # the backward pass recomputes forward convolutions
+  assert convs(remat) > convs(plain)  # the backward pass recomputes forward convolutions
   g_plain = jax.grad(loss(False))(split.tunable)
   g_remat = jax.grad(loss(True))(split.tunable)
   for a, b in zip(jax.tree.leaves(g_plain), jax.tree.leaves(g_remat)):
@@ -117,14 +126,16 @@ def test_memory_analysis_reports_each_program():
   chunk = host["programs"]["chunk"]
   # the chunk takes the image, the marks and the trunk's residuals as arguments
   assert chunk["argument_bytes"] >= image.nbytes + marks.nbytes
-  assert chunk["alias_bytes"] > 0                   # the loop state is donated
+  assert chunk["alias_bytes"] > 0  # the loop state is donated
   assert host["peak_bytes"] == max(p["peak_bytes"] for p in host["programs"].values())
   loop = sj.refinement.memory_analysis(split, image, marks, sj.RefineConfig.paper(driver="loop", cache_trunk=False))
   assert set(loop["programs"]) == {"loop"} and loop["peak_bytes"] > 0
   # a bigger image needs more memory
   big_image, big_marks = _problem(size=64)
-  assert sj.refinement.memory_analysis(split, big_image, big_marks, sj.RefineConfig.paper(driver="host"))["peak_bytes"] > \
-      host["peak_bytes"]
+  assert (
+    sj.refinement.memory_analysis(split, big_image, big_marks, sj.RefineConfig.paper(driver="host"))["peak_bytes"]
+    > host["peak_bytes"]
+  )
 
 
 def test_memory_analysis_refuses_bad_input():
@@ -136,7 +147,7 @@ def test_memory_analysis_refuses_bad_input():
 
 def test_cached_shape_check_raises_every_time():
   split = sj.split_params(_unet(2), sj.last_layers(4))
-  for _ in range(2):      # the second call answers from the cache, with the same error
+  for _ in range(2):  # the second call answers from the cache, with the same error
     with pytest.raises(ValueError, match="does not accept an image"):
       sj.refinement.num_classes_of(split, (16, 16, 3))
 
@@ -151,7 +162,7 @@ def test_progress_reports_steps_as_they_are_taken(driver, check_every):
   assert int(result.num_steps) == 9 and all(total == 9 for _, total in seen)
   steps = [s for s, _ in seen]
   assert steps == sorted(steps) and steps[-1] == 9
-  if driver == "host":   # before the first chunk, then after each chunk
+  if driver == "host":  # before the first chunk, then after each chunk
     assert steps == list(range(0, 9, check_every)) + [9]
-  else:                  # one compiled loop: once, at the end
+  else:  # one compiled loop: once, at the end
     assert steps == [9]

@@ -18,7 +18,7 @@ from scribblejax.refinement import backend as backend_lib
 from scribblejax.refinement import drivers, network
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _model(dims: int, classes: int = 3, seed: int = 0):
   return sj.UNet(spatial_dims=dims, in_channels=1, num_classes=classes, channels=(8, 16), rngs=nnx.Rngs(seed))
 
@@ -74,8 +74,9 @@ def test_class_absent_from_prediction_is_inserted(dims, shape):
   marks[region] = absent
   marks[(slice(-3, -1),) * dims] = 0
   marks[(slice(5, 6),) * dims] = 1
-  result = sj.refine(split, image, marks, sj.RefineConfig.paper(max_steps=150, learning_rate=0.05, momentum=0.9,
-                                                          prox_weight=0.01))
+  result = sj.refine(
+    split, image, marks, sj.RefineConfig.paper(max_steps=150, learning_rate=0.05, momentum=0.9, prox_weight=0.01)
+  )
   assert bool(result.satisfied), int(result.num_steps)
   labels = np.asarray(result.labels)
   assert np.all(labels[marks >= 0] == marks[marks >= 0])
@@ -94,7 +95,7 @@ def test_stops_at_first_satisfied_step():
   assert int(later.num_steps) == n
   # the loss trace holds one value per evaluated step (n updates + the satisfied check), NaN after
   trace = np.asarray(result.loss_trace)
-  assert np.all(np.isfinite(trace[: n + 1])) and np.all(np.isnan(trace[n + 1:]))
+  assert np.all(np.isfinite(trace[: n + 1])) and np.all(np.isnan(trace[n + 1 :]))
 
 
 def test_empty_marks_return_initial_prediction_with_zero_steps():
@@ -126,8 +127,9 @@ def test_frozen_and_original_weights_untouched_tunable_moved():
   np.testing.assert_array_equal(marks, marks_copy)
   # the refined model = frozen part of W + refined tunable part
   refined = sj.params.merge_params(split, result.tunable)
-  np.testing.assert_allclose(np.asarray(refined(jnp.asarray(image)[None, ..., None])[0]), np.asarray(result.logits),
-                             atol=1e-5)
+  np.testing.assert_allclose(
+    np.asarray(refined(jnp.asarray(image)[None, ..., None])[0]), np.asarray(result.logits), atol=1e-5
+  )
 
 
 def _plain_python_loop(split, image, marks, config):
@@ -173,8 +175,10 @@ def test_host_and_loop_drivers_agree_3d():
   marks = np.full((8, 8, 8), -1, np.int32)
   marks[1:3, 1:3, 1:3] = 1
   marks[5:7, 5:7, 5:7] = 2
-  results = [sj.refine(split, image, marks, sj.RefineConfig.paper(max_steps=40, prox_weight=0.01, driver=d, check_every=k))
-             for d, k in [("host", 1), ("host", 4), ("loop", 1)]]
+  results = [
+    sj.refine(split, image, marks, sj.RefineConfig.paper(max_steps=40, prox_weight=0.01, driver=d, check_every=k))
+    for d, k in [("host", 1), ("host", 4), ("loop", 1)]
+  ]
   for other in results[1:]:
     assert int(other.num_steps) == int(results[0].num_steps)
     assert bool(other.satisfied) == bool(results[0].satisfied)
@@ -191,8 +195,12 @@ def test_new_marks_and_settings_do_not_retrace(driver):
   other = np.full((16, 16), -1, np.int32)
   other[5:9, 5:9] = 0
   other[0, 0] = 2
-  sj.refine(split, image + 1.0, other, sj.RefineConfig.paper(max_steps=7, learning_rate=0.01, momentum=0.5,
-                                                       prox_weight=0.3, driver=driver))
+  sj.refine(
+    split,
+    image + 1.0,
+    other,
+    sj.RefineConfig.paper(max_steps=7, learning_rate=0.01, momentum=0.5, prox_weight=0.3, driver=driver),
+  )
   assert compiled.cache_size() == size
 
 
@@ -219,7 +227,7 @@ def test_flat_carry_equals_per_leaf_carry(dims):
     assert a.shape == b.shape
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(np.asarray(flat.logits), np.asarray(per_leaf.logits), rtol=1e-5, atol=1e-5)
-  assert not _leaves_equal(flat.tunable, split.tunable)          # it did move
+  assert not _leaves_equal(flat.tunable, split.tunable)  # it did move
 
 
 @pytest.mark.parametrize("early_stop", [True, False])
@@ -231,11 +239,14 @@ def test_lazy_backward_gives_the_same_refinement(early_stop):
   lazy, eager = (_loop_with(split, image, marks, config, lazy_backward=b) for b in (True, False))
   assert int(lazy.num_steps) == int(eager.num_steps) > 0
   assert bool(lazy.satisfied) == bool(eager.satisfied) and (early_stop or int(lazy.num_steps) == 40)
-  for a, b in zip(jax.tree.leaves((lazy.tunable, lazy.logits, lazy.loss_trace)),
-                  jax.tree.leaves((eager.tunable, eager.logits, eager.loss_trace))):
+  for a, b in zip(
+    jax.tree.leaves((lazy.tunable, lazy.logits, lazy.loss_trace)),
+    jax.tree.leaves((eager.tunable, eager.logits, eager.loss_trace)),
+  ):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)  # float rounding over 40 steps
   assert backend_lib.Backend.of(config).lazy_backward == (
-      jax.default_backend() == "cpu" and sj.kernels.resolve_conv_backend("auto") == "onednn")
+    jax.default_backend() == "cpu" and sj.kernels.resolve_conv_backend("auto") == "onednn"
+  )
 
 
 @pytest.mark.parametrize("max_steps", [40, 2])
@@ -273,7 +284,7 @@ def test_graph_key_hashes_once_and_resplitting_the_model_does_not_recompile():
   config = sj.RefineConfig.paper(max_steps=3, driver="loop")
   first = sj.refine(split, image, marks, config)
   size = drivers.loop_program.cache_size()
-  again = sj.split_params(model, sj.last_layers(3))       # a new but equal graphdef
+  again = sj.split_params(model, sj.last_layers(3))  # a new but equal graphdef
   assert again.graphdef is not split.graphdef and network.graph_key(again.graphdef) == key
   second = sj.refine(again, image, marks, config)
   assert drivers.loop_program.cache_size() == size
@@ -284,9 +295,16 @@ def test_graph_key_hashes_once_and_resplitting_the_model_does_not_recompile():
 
 def test_conv_layout_option_follows_the_environment():
   code = "from scribblejax.refinement import backend; print(backend.COMPILER_OPTIONS)"
-  out = {v: subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                           env={**os.environ, "SCRIBBLEJAX_FORCE_CONV_NHWC": v}).stdout.strip()
-         for v in ("0", "1")}
+  out = {
+    v: subprocess.run(
+      [sys.executable, "-c", code],
+      capture_output=True,
+      text=True,
+      check=True,
+      env={**os.environ, "SCRIBBLEJAX_FORCE_CONV_NHWC": v},
+    ).stdout.strip()
+    for v in ("0", "1")
+  }
   assert out == {"0": "None", "1": "{'xla_gpu_force_conv_nhwc': True}"}
   # the options go to GPU programs only: elsewhere the compiled functions are plain jax.jit ones
   on_gpu = jax.default_backend() == "gpu"
@@ -306,8 +324,12 @@ def test_nonfinite_loss_stops_with_last_finite_weights():
 
 def test_any_optax_transformation_and_probabilities_output():
   split = sj.split_params(_model(2), sj.last_layers(3))
-  result = sj.refine(split, _image((16, 16)), _marks_2d(),
-                     sj.RefineConfig.paper(max_steps=100, optimizer=optax.adam(1e-2), prox_weight=0.01, output="probabilities"))
+  result = sj.refine(
+    split,
+    _image((16, 16)),
+    _marks_2d(),
+    sj.RefineConfig.paper(max_steps=100, optimizer=optax.adam(1e-2), prox_weight=0.01, output="probabilities"),
+  )
   assert bool(result.satisfied)
   np.testing.assert_allclose(np.asarray(result.logits).sum(-1), 1.0, atol=1e-5)
 
@@ -322,7 +344,9 @@ def test_class_balanced_cross_entropy():
   plain = ce[marks >= 0].mean()
   balanced = (ce[marks == 0].mean() + ce[marks == 2].mean()) / 2
   np.testing.assert_allclose(float(sj.refinement.marked_cross_entropy(logits, jnp.asarray(marks))), plain, rtol=1e-6)
-  np.testing.assert_allclose(float(sj.refinement.marked_cross_entropy(logits, jnp.asarray(marks), True)), balanced, rtol=1e-6)
+  np.testing.assert_allclose(
+    float(sj.refinement.marked_cross_entropy(logits, jnp.asarray(marks), True)), balanced, rtol=1e-6
+  )
   assert float(sj.refinement.marked_cross_entropy(logits, jnp.full((4, 4), -1))) == 0.0
 
 
@@ -333,16 +357,18 @@ def test_proximal_norm_has_finite_gradient_at_anchor():
   moved = {"a": jnp.ones((3,)) + 3.0, "b": jnp.zeros((2, 2)) + 4.0 / 2.0}
   np.testing.assert_allclose(float(sj.refinement.proximal_norm(moved, w)), np.sqrt(3 * 9 + 4 * 4), rtol=1e-6)
   with pytest.raises(ValueError, match="same structure"):
-    sj.refinement.proximal_norm([w["a"], w["b"]], [w["a"]])                 # was: the unmatched leaf dropped
+    sj.refinement.proximal_norm([w["a"], w["b"]], [w["a"]])  # was: the unmatched leaf dropped
   with pytest.raises(ValueError, match="same structure and leaf shapes"):
-    sj.refinement.proximal_norm({"a": jnp.ones((3,)), "b": jnp.zeros((2, 2))}, {"a": jnp.ones((3,)), "b": jnp.zeros((4,))})
+    sj.refinement.proximal_norm(
+      {"a": jnp.ones((3,)), "b": jnp.zeros((2, 2))}, {"a": jnp.ones((3,)), "b": jnp.zeros((4,))}
+    )
 
 
 def test_loss_and_stop_rule_refuse_logits_of_another_shape():
   logits, marks = jnp.zeros((4, 4, 2)), jnp.zeros((4,), jnp.int32)
   for fn in (sj.refinement.marks_satisfied, sj.refinement.marked_cross_entropy):
     with pytest.raises(ValueError, match=r"logits of shape \(4, 4, 2\) are not \[\*marks.shape, classes\]"):
-      fn(logits, marks)                                           # was: broadcast, True
+      fn(logits, marks)  # was: broadcast, True
 
 
 def test_the_loss_refuses_a_label_of_no_class_and_is_nan_under_jit():
@@ -352,15 +378,18 @@ def test_the_loss_refuses_a_label_of_no_class_and_is_nan_under_jit():
     with pytest.raises(ValueError, match=r"marks hold label 2, but the logits have 2 classes \(0..1\)"):
       sj.refinement.marked_cross_entropy(logits, marks, balance)
     traced = jax.jit(sj.refinement.marked_cross_entropy, static_argnums=2)
-    assert np.isnan(float(traced(logits, marks, balance)))       # was: the mark silently left out of the loss
+    assert np.isnan(float(traced(logits, marks, balance)))  # was: the mark silently left out of the loss
     assert np.isfinite(float(traced(logits, marks.at[1, 1].set(1), balance)))
 
 
-@pytest.mark.parametrize("image_shape, marks_shape, message", [
+@pytest.mark.parametrize(
+  "image_shape, marks_shape, message",
+  [
     ((16, 16), (16, 15), "do not match"),
     ((16, 16, 1), (16, 16, 1), "3 spatial axes but the model is 2D"),
-    ((8, 8, 8), (8, 8), "channels"),   # read as a 2D image with 8 channels; the model wants 1
-])
+    ((8, 8, 8), (8, 8), "channels"),  # read as a 2D image with 8 channels; the model wants 1
+  ],
+)
 def test_shape_mismatch_raises(image_shape, marks_shape, message):
   split = sj.split_params(_model(2), sj.last_layers(3))
   with pytest.raises(ValueError, match=message):
@@ -372,11 +401,11 @@ def test_bad_marks_and_images_raise_before_compiling():
   image = _image((16, 16))
   size = drivers.chunk_program.cache_size()
   with pytest.raises(ValueError, match="3"):
-    sj.refine(split, image, np.full((16, 16), 3, np.int32), CFG)        # label >= number of classes
+    sj.refine(split, image, np.full((16, 16), 3, np.int32), CFG)  # label >= number of classes
   with pytest.raises(ValueError, match="-2"):
-    sj.refine(split, image, np.full((16, 16), -2, np.int32), CFG)       # label < -1
+    sj.refine(split, image, np.full((16, 16), -2, np.int32), CFG)  # label < -1
   with pytest.raises(ValueError, match="integer"):
-    sj.refine(split, image, np.zeros((16, 16), np.float32), CFG)        # non-integer marks
+    sj.refine(split, image, np.zeros((16, 16), np.float32), CFG)  # non-integer marks
   bad = image.copy()
   bad[3, 3] = np.nan
   with pytest.raises(ValueError, match="NaN"):
@@ -402,9 +431,9 @@ def test_a_bfloat16_image_is_refined_as_its_float32_values():
 def test_values_beyond_float32_and_weights_that_do_not_fit_are_refused():
   split = sj.split_params(_model(2), sj.last_layers(3))
   image = _image((16, 16)).astype(np.float64)
-  image[0, 0] = 1e39                                            # finite in float64, inf in float32
+  image[0, 0] = 1e39  # finite in float64, inf in float32
   with pytest.raises(ValueError, match="beyond float32's range"):
-    sj.predict(split, image)                                    # was: all-NaN logits
+    sj.predict(split, image)  # was: all-NaN logits
   with pytest.raises(ValueError, match="beyond float32's range"):
     sj.refine(split, image, _marks_2d(), CFG)
   image = _image((16, 16))
@@ -412,14 +441,18 @@ def test_values_beyond_float32_and_weights_that_do_not_fit_are_refused():
   with pytest.raises(ValueError, match=r"has shape \(2, .*it looks batched"):
     sj.predict(split, image, batched)
   with pytest.raises(ValueError, match="it looks batched"):
-    sj.params.merge_params(split, batched)                             # was: a model that failed when called
+    sj.params.merge_params(split, batched)  # was: a model that failed when called
   with pytest.raises(ValueError, match="start parameter .* has dtype int32"):
     sj.refine(split, image, _marks_2d(), CFG, start=jax.tree.map(lambda x: x.astype(jnp.int32), split.tunable))
-  with pytest.raises(ValueError, match="start parameter .* holds NaN or Inf"):         # was: NaN weights out
+  with pytest.raises(ValueError, match="start parameter .* holds NaN or Inf"):  # was: NaN weights out
     sj.refine(split, image, _marks_2d(), CFG, start=jax.tree.map(lambda x: x * np.nan, split.tunable))
   as_f64 = jax.tree.map(lambda x: np.asarray(x, np.float64), split.tunable)
-  np.testing.assert_allclose(np.asarray(sj.refine(split, image, _marks_2d(), CFG, start=as_f64).logits),
-                             np.asarray(sj.refine(split, image, _marks_2d(), CFG).logits), rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(
+    np.asarray(sj.refine(split, image, _marks_2d(), CFG, start=as_f64).logits),
+    np.asarray(sj.refine(split, image, _marks_2d(), CFG).logits),
+    rtol=1e-6,
+    atol=1e-6,
+  )
 
 
 def test_bad_config_raises():
@@ -429,18 +462,20 @@ def test_bad_config_raises():
     sj.RefineConfig.paper(learning_rate=float("nan"))
   with pytest.raises(ValueError, match="driver"):
     sj.RefineConfig.paper(driver="gpu")
-  for bad, message in [(dict(check_every=2.5), "check_every must be an integer"),
-                       (dict(trace_length=2.5), "trace_length must be an integer"),
-                       (dict(optimizer="lbfgs"), "optimizer must be one of"),
-                       (dict(optimizer=3), "optimizer must be one of"),
-                       (dict(merge_confidence=1.5), "merge_confidence is a probability"),
-                       (dict(progressive_merge="yes"), "progressive_merge must be True or False"),
-                       (dict(learning_rate="0.1"), "learning_rate must be a number"),
-                       (dict(learning_rate=None), "learning_rate must be a number"),
-                       (dict(max_steps=2 ** 40), "at most"),
-                       (dict(max_steps=True), "max_steps must be a non-negative integer"),
-                       (dict(early_stop="False"), "early_stop must be True or False"),
-                       (dict(momentum=1.0), r"momentum must be in \[0, 1\)")]:
+  for bad, message in [
+    (dict(check_every=2.5), "check_every must be an integer"),
+    (dict(trace_length=2.5), "trace_length must be an integer"),
+    (dict(optimizer="lbfgs"), "optimizer must be one of"),
+    (dict(optimizer=3), "optimizer must be one of"),
+    (dict(merge_confidence=1.5), "merge_confidence is a probability"),
+    (dict(progressive_merge="yes"), "progressive_merge must be True or False"),
+    (dict(learning_rate="0.1"), "learning_rate must be a number"),
+    (dict(learning_rate=None), "learning_rate must be a number"),
+    (dict(max_steps=2**40), "at most"),
+    (dict(max_steps=True), "max_steps must be a non-negative integer"),
+    (dict(early_stop="False"), "early_stop must be True or False"),
+    (dict(momentum=1.0), r"momentum must be in \[0, 1\)"),
+  ]:
     with pytest.raises(ValueError, match=message):
       sj.RefineConfig.paper(**bad)
   assert sj.RefineConfig.paper(max_steps=np.int64(5), optimizer=optax.adam(1e-3)).max_steps == 5

@@ -49,16 +49,22 @@ SCRIPT = textwrap.dedent("""
 
 def test_sharded_equals_unsharded_on_four_cpu_devices(tmp_path):
   root = Path(__file__).resolve().parents[2]
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
-             PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-  proc = subprocess.run([sys.executable, "-c", SCRIPT], cwd=tmp_path, env=env, capture_output=True, text=True,
-                        timeout=600)
+  env = dict(
+    os.environ,
+    XLA_FLAGS="--xla_force_host_platform_device_count=4",
+    JAX_PLATFORMS="cpu",
+    PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+  )
+  proc = subprocess.run(
+    [sys.executable, "-c", SCRIPT], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+  )
   assert proc.returncode == 0 and "SHARDED_OK" in proc.stdout, proc.stdout + proc.stderr
 
 
 def test_batch_mesh_spans_every_device():
   jax = pytest.importorskip("jax")
   from scribblejax.refinement import sharding
+
   mesh = sharding.batch_mesh()
   assert mesh.axis_names == ("batch",) and mesh.size == jax.device_count()
 
@@ -99,14 +105,24 @@ def test_multi_host_procedure_of_the_docstring_with_two_processes(tmp_path):
   """Two processes (jax.distributed over gloo on the CPU), one device each: each host's images refined
   as a local refine_batch would; the host driver used to fail fetching other hosts' flags."""
   import socket
+
   root = Path(__file__).resolve().parents[2]
   with socket.socket() as s:
     s.bind(("localhost", 0))
     port = str(s.getsockname()[1])
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
   env.pop("XLA_FLAGS", None)
-  procs = [subprocess.Popen([sys.executable, "-c", HOST_SCRIPT, str(i), port], cwd=tmp_path, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+  procs = [
+    subprocess.Popen(
+      [sys.executable, "-c", HOST_SCRIPT, str(i), port],
+      cwd=tmp_path,
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for i in range(2)
+  ]
   outputs = []
   try:
     for proc in procs:

@@ -11,17 +11,15 @@ import pytest
 from flax import nnx
 
 import scribblejax as sj
-from scribblejax.testing import random_unet
 from scribblejax import kernels
-from scribblejax.refinement import trunk
 from scribblejax.refinement import backend as backend_lib
-from scribblejax.refinement import drivers
-from scribblejax.refinement import network
+from scribblejax.refinement import drivers, network, trunk
+from scribblejax.testing import random_unet
 
 CONV_BACKENDS = ["xla"] + (["onednn"] if kernels.kernel_status().available else [])
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _unet(dims: int, channels=(4, 8, 16)):
   return random_unet(dims, channels, classes=3)
 
@@ -31,12 +29,16 @@ def _image(shape, seed=0):
 
 
 def _max_rel(a, b):
-  return max(float(jnp.max(jnp.abs(x - y)) / (jnp.max(jnp.abs(y)) + 1e-12))
-             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+  return max(
+    float(jnp.max(jnp.abs(x - y)) / (jnp.max(jnp.abs(y)) + 1e-12))
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
+  )
 
 
-@pytest.mark.parametrize("dims, layers, rewrites", [
-    (2, 5, ()), (2, 5, backend_lib.DEFAULT_REWRITES), (2, 8, ()), (3, 3, ("transposed_conv", "conv_as_matmul"))])
+@pytest.mark.parametrize(
+  "dims, layers, rewrites",
+  [(2, 5, ()), (2, 5, backend_lib.DEFAULT_REWRITES), (2, 8, ()), (3, 3, ("transposed_conv", "conv_as_matmul"))],
+)
 def test_trunk_then_tail_equals_full_forward(dims, layers, rewrites):
   split = sj.split_params(_unet(dims) if layers == 5 else _unet(dims, (4, 8)), sj.last_layers(layers))
   image = _image((12,) * dims + (1,) if dims == 2 else (8,) * dims + (1,))
@@ -49,10 +51,10 @@ def test_trunk_then_tail_equals_full_forward(dims, layers, rewrites):
   if rewrites:
     np.testing.assert_allclose(np.asarray(cached), np.asarray(full), rtol=1e-5, atol=1e-5)
   else:
-    np.testing.assert_array_equal(np.asarray(cached), np.asarray(full))   # the very same operations
+    np.testing.assert_array_equal(np.asarray(cached), np.asarray(full))  # the very same operations
   # gradients with respect to the tunable weights, at weights other than W
   moved = jax.tree.map(lambda w: w * 1.1 + 0.01, split.tunable)
-  loss = lambda f: (lambda t: jnp.sum(jnp.sin(f(t))))
+  loss = lambda f: lambda t: jnp.sum(jnp.sin(f(t)))
   g_full = jax.jit(jax.grad(loss(lambda t: fn(t, split.frozen, image))))(moved)
   g_tail = jax.jit(jax.grad(loss(lambda t: part.tail(t, residuals))))(moved)
   assert _max_rel(g_tail, g_full) < 1e-4
@@ -77,10 +79,12 @@ class _JitInside(nnx.Module):
   def __call__(self, x):
     @jax.jit
     def mixed(x, body_kernel, head_kernel, head_bias):
-      h = jax.nn.relu(jax.lax.conv_general_dilated(x, body_kernel, (1, 1), "SAME",
-                                                   dimension_numbers=("NHWC", "HWIO", "NHWC")))
-      h2 = jnp.tanh(h)          # frozen: stays in the trunk even inside the jitted call
+      h = jax.nn.relu(
+        jax.lax.conv_general_dilated(x, body_kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+      )
+      h2 = jnp.tanh(h)  # frozen: stays in the trunk even inside the jitted call
       return jnp.einsum("nhwc,co->nhwo", h2, head_kernel[0, 0]) + head_bias
+
     return mixed(x, self.body.kernel[...], self.head.kernel[...], self.head.bias[...])
 
 
@@ -92,8 +96,12 @@ def test_nested_jit_is_unzipped_and_matches():
   part = trunk.partition(fn, split.tunable, split.frozen, image)
   # the residual is tanh(relu(conv)), computed inside the jitted call: the trunk reached into it
   assert [tuple(s.shape) for s in part.residual_shapes] == [(1, 10, 10, 4)]
-  np.testing.assert_allclose(np.asarray(part.tail(split.tunable, part.trunk(split.frozen, image))),
-                             np.asarray(fn(split.tunable, split.frozen, image)), rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(
+    np.asarray(part.tail(split.tunable, part.trunk(split.frozen, image))),
+    np.asarray(fn(split.tunable, split.frozen, image)),
+    rtol=1e-6,
+    atol=1e-6,
+  )
 
 
 class _Constants(nnx.Module):
@@ -104,10 +112,10 @@ class _Constants(nnx.Module):
     self.head = nnx.Conv(4, 2, (1, 1), rngs=nnx.Rngs(1))
 
   def __call__(self, x):
-    shape = (*x.shape[:-1], 2)                   # the output's shape: the multiply reads the constant itself
+    shape = (*x.shape[:-1], 2)  # the output's shape: the multiply reads the constant itself
     weights = np.linspace(0.5, 2.0, int(np.prod(shape)), dtype=np.float32).reshape(shape)
     features = jax.nn.relu(self.body(x))
-    skip = jnp.tanh(features[..., :2])           # frozen: a residual the tail reads after the constant
+    skip = jnp.tanh(features[..., :2])  # frozen: a residual the tail reads after the constant
     return self.head(features) * jnp.asarray(weights) + skip
 
 
@@ -118,8 +126,10 @@ def test_constants_the_tail_reads_do_not_shift_the_residuals():
   image = _image((6, 7, 1), seed=4)
   fn = network.Forward(split.graphdef)
   part = trunk.partition(fn, split.tunable, split.frozen, image)
-  np.testing.assert_array_equal(np.asarray(part.tail(split.tunable, part.trunk(split.frozen, image))),
-                                np.asarray(fn(split.tunable, split.frozen, image)))
+  np.testing.assert_array_equal(
+    np.asarray(part.tail(split.tunable, part.trunk(split.frozen, image))),
+    np.asarray(fn(split.tunable, split.frozen, image)),
+  )
 
 
 @jax.jit
@@ -153,8 +163,12 @@ def test_values_the_tail_holds_are_not_handed_over_again_to_a_nested_call(case):
   image = _image((6, 7, 1), seed=5)
   fn = network.Forward(split.graphdef)
   part = trunk.partition(fn, split.tunable, split.frozen, image)
-  np.testing.assert_allclose(np.asarray(part.tail(split.tunable, part.trunk(split.frozen, image))),
-                             np.asarray(fn(split.tunable, split.frozen, image)), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    np.asarray(part.tail(split.tunable, part.trunk(split.frozen, image))),
+    np.asarray(fn(split.tunable, split.frozen, image)),
+    rtol=1e-5,
+    atol=1e-5,
+  )
 
 
 @pytest.mark.parametrize("dn", [("NHWC", "HWIO", "NHWC"), ("NCHW", "OIHW", "NCHW"), ("NHWC", "OIHW", "NCHW")])
@@ -169,17 +183,24 @@ def test_rewrites_equal_lax_convolutions(dn):
 
   up = lambda x, k: jax.lax.conv_transpose(x, k, (2, 2), "VALID", dimension_numbers=dn)
   conv = lambda x, k: jax.lax.conv_general_dilated(x, k, (1, 1), ((1, 1), (0, 2)), dimension_numbers=dn)
-  for fn, k, rewrites in [(up, kernel(2, 2, 3, 4), ("transposed_conv",)), (conv, kernel(3, 3, 3, 4), ("conv_as_matmul",))]:
-    part = trunk.partition(lambda t, f, img: fn(img, t), k, (), x, rewrites=rewrites)
-    jaxpr = str(jax.make_jaxpr(lambda t: part.tail(t, part.trunk((), x)))(k))
-    assert "conv_general_dilated" not in jaxpr          # the rewrite took the convolution's place
-    np.testing.assert_allclose(np.asarray(part.tail(k, part.trunk((), x))), np.asarray(fn(x, k)),
-                               rtol=1e-5, atol=1e-5)
+  for fn, k, rewrites in [
+    (up, kernel(2, 2, 3, 4), ("transposed_conv",)),
+    (conv, kernel(3, 3, 3, 4), ("conv_as_matmul",)),
+  ]:
+    part = trunk.partition(lambda t, f, img: fn(img, t), k, (), x, rewrites=rewrites)  # noqa: B023
+    jaxpr = str(jax.make_jaxpr(lambda t: part.tail(t, part.trunk((), x)))(k))  # noqa: B023
+    assert "conv_general_dilated" not in jaxpr  # the rewrite took the convolution's place
+    np.testing.assert_allclose(np.asarray(part.tail(k, part.trunk((), x))), np.asarray(fn(x, k)), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("dn, padding", [(("NDHWC", "DHWIO", "NDHWC"), ((1, 1), (1, 1), (1, 1))),
-                                         (("NCDHW", "OIDHW", "NCDHW"), ((0, 2), (1, 0), (2, 2))),
-                                         (("NDHWC", "OIDHW", "NCDHW"), ((0, 0), (0, 0), (0, 0)))])
+@pytest.mark.parametrize(
+  "dn, padding",
+  [
+    (("NDHWC", "DHWIO", "NDHWC"), ((1, 1), (1, 1), (1, 1))),
+    (("NCDHW", "OIDHW", "NCDHW"), ((0, 2), (1, 0), (2, 2))),
+    (("NDHWC", "OIDHW", "NCDHW"), ((0, 0), (0, 0), (0, 0))),
+  ],
+)
 def test_conv3d_as_2d_equals_lax_convolution_and_its_gradients(dn, padding, monkeypatch):
   rng = np.random.default_rng(1)
   spatial, kernel_size = (5, 6, 7), (3, 2, 3)
@@ -191,11 +212,12 @@ def test_conv3d_as_2d_equals_lax_convolution_and_its_gradients(dn, padding, monk
   part = trunk.partition(lambda t, f, img: conv(img, t), w, (), x, rewrites=("conv3d_as_2d",))
   rewritten = lambda k: part.tail(k, part.trunk((), x))
   jaxpr = str(jax.make_jaxpr(rewritten)(w))
-  assert "conv_general_dilated" in jaxpr and "lhs_dilation=(1, 1)" in jaxpr    # one 2D convolution
+  assert "conv_general_dilated" in jaxpr and "lhs_dilation=(1, 1)" in jaxpr  # one 2D convolution
   np.testing.assert_allclose(np.asarray(rewritten(w)), np.asarray(conv(x, w)), rtol=1e-5, atol=1e-5)
-  loss = lambda f: (lambda k: jnp.sum(jnp.sin(f(k))))
-  np.testing.assert_allclose(np.asarray(jax.grad(loss(rewritten))(w)), np.asarray(jax.grad(loss(lambda k: conv(x, k)))(w)),
-                             rtol=1e-4, atol=1e-4)
+  loss = lambda f: lambda k: jnp.sum(jnp.sin(f(k)))
+  np.testing.assert_allclose(
+    np.asarray(jax.grad(loss(rewritten))(w)), np.asarray(jax.grad(loss(lambda k: conv(x, k)))(w)), rtol=1e-4, atol=1e-4
+  )
   # a convolution whose stacked input would be too big stays 3D
   monkeypatch.setattr(trunk, "CONV3D_AS_2D_MAX_BYTES", 1024)
   part = trunk.partition(lambda t, f, img: conv(img, t), w, (), x, rewrites=("conv3d_as_2d",))
@@ -231,12 +253,16 @@ def test_3d_unet_on_cpu_runs_2d_or_onednn_convolutions_with_the_same_logits(back
   ranks, plain = _conv_ranks(jaxpr), _conv_ranks(jax.make_jaxpr(fn)(split.tunable, split.frozen, image).jaxpr)
   assert plain and set(plain) == {3}
   if backend == "xla":
-    assert ranks and set(ranks) == {2}                       # conv3d_as_2d
+    assert ranks and set(ranks) == {2}  # conv3d_as_2d
   else:
     # every convolution, the U-Net's up-sampling (a transposed convolution) included
     assert not ranks and str(jaxpr).count("onednn_conv_forward") == len(plain)
-  np.testing.assert_allclose(np.asarray(rewritten(split.tunable, split.frozen, image)),
-                             np.asarray(fn(split.tunable, split.frozen, image)), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    np.asarray(rewritten(split.tunable, split.frozen, image)),
+    np.asarray(fn(split.tunable, split.frozen, image)),
+    rtol=1e-5,
+    atol=1e-5,
+  )
 
 
 def test_unknown_rewrite_raises():
@@ -266,14 +292,16 @@ def test_early_stop_off_takes_every_step_and_no_retrace():
   marks[0, 0] = 1
   stopping = sj.refine(split, image, marks, sj.RefineConfig.paper(max_steps=12, learning_rate=0.05, prox_weight=0.01))
   assert int(stopping.num_steps) < 12 and bool(stopping.satisfied)
-  fixed = sj.refine(split, image, marks, sj.RefineConfig.paper(max_steps=12, learning_rate=0.05, prox_weight=0.01,
-                                                         early_stop=False))
+  fixed = sj.refine(
+    split, image, marks, sj.RefineConfig.paper(max_steps=12, learning_rate=0.05, prox_weight=0.01, early_stop=False)
+  )
   assert int(fixed.num_steps) == 12 and bool(fixed.satisfied)
   sizes = (drivers.trunk_program.cache_size(), drivers.chunk_program.cache_size())
   other = np.full((16, 16), -1, np.int32)
   other[5:9, 5:9] = 2
-  sj.refine(split, image + 1.0, other, sj.RefineConfig.paper(max_steps=3, learning_rate=0.01, prox_weight=0.5,
-                                                       early_stop=False))
+  sj.refine(
+    split, image + 1.0, other, sj.RefineConfig.paper(max_steps=3, learning_rate=0.01, prox_weight=0.5, early_stop=False)
+  )
   assert (drivers.trunk_program.cache_size(), drivers.chunk_program.cache_size()) == sizes
 
 
@@ -289,7 +317,9 @@ def _trunk_case(seed=3):
 @pytest.mark.parametrize("driver, backend", [("loop", "auto"), ("host", "xla")])
 def test_a_computed_trunk_gives_the_same_refinement_and_is_used(driver, backend):
   split, image, marks = _trunk_case()
-  config = sj.RefineConfig.paper(max_steps=15, learning_rate=0.05, prox_weight=0.01, driver=driver, conv_backend=backend)
+  config = sj.RefineConfig.paper(
+    max_steps=15, learning_rate=0.05, prox_weight=0.01, driver=driver, conv_backend=backend
+  )
   computed = sj.compute_trunk(split, image, config)
   plain = sj.refine(split, image, marks, config)
   reused = sj.refine(split, image, marks, config, trunk=computed)
@@ -301,11 +331,15 @@ def test_a_computed_trunk_gives_the_same_refinement_and_is_used(driver, backend)
   other = marks.copy()
   other[14, 14] = 0
   sj.refine(split, image, other, config, trunk=computed)
-  assert (drivers.loop_program.cache_size(), drivers.chunk_program.cache_size(),
-          drivers.trunk_program.cache_size()) == sizes
+  assert (
+    drivers.loop_program.cache_size(),
+    drivers.chunk_program.cache_size(),
+    drivers.trunk_program.cache_size(),
+  ) == sizes
   # predict with the trunk runs only the tail: the same logits
-  np.testing.assert_allclose(np.asarray(sj.predict(split, image, trunk=computed)),
-                             np.asarray(sj.predict(split, image)), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    np.asarray(sj.predict(split, image, trunk=computed)), np.asarray(sj.predict(split, image)), rtol=1e-5, atol=1e-5
+  )
   with pytest.raises(ValueError, match="another image"):
     sj.predict(split, image * 2.0, trunk=computed)
   # the loop reads the given values: zeroed ones give another prediction
@@ -353,8 +387,9 @@ def test_a_session_computes_the_trunk_once_for_all_rounds(monkeypatch):
   session = sj.add_marks(session, more)
   assert len(given) == 2 and all(t is session.trunk for t in given)
   direct = sj.refine(split, image, sj.session.current_marks(session), config)
-  np.testing.assert_allclose(np.asarray(session.rounds[-1].result.logits), np.asarray(direct.logits),
-                             rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(
+    np.asarray(session.rounds[-1].result.logits), np.asarray(direct.logits), rtol=1e-6, atol=1e-6
+  )
   # a round with another compute setting computes its own trunk
   other = sj.add_marks(session, marks, dataclasses.replace(config, compute_dtype="bfloat16"))
   assert given[-1] is None
@@ -410,7 +445,7 @@ def test_a_map_and_checkpoints_are_unzipped_and_the_tail_keeps_its_checkpoints(c
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
   tail = str(jax.make_jaxpr(lambda t: part.tail(t, residuals))(split.tunable))
-  assert tail.count("conv_general_dilated") == 1           # the head only: the body's convolution is trunk
+  assert tail.count("conv_general_dilated") == 1  # the head only: the body's convolution is trunk
   assert ("remat" in tail or "checkpoint[" in tail) == (checkpoint or remat)
   batched = jax.vmap(lambda t: part.tail(t, residuals))(jax.tree.map(lambda a: jnp.stack([a, 2 * a]), split.tunable))
   np.testing.assert_allclose(np.asarray(batched[0]), np.asarray(want), rtol=1e-6, atol=1e-6)
@@ -421,10 +456,12 @@ def _known_output(wrap):
     w, v = frozen
 
     def block(t, x):
-      f = jnp.tanh(x @ w)                     # trunk, returned and read by the block's own tail
+      f = jnp.tanh(x @ w)  # trunk, returned and read by the block's own tail
       return f * t, f
+
     out, f = wrap(block)(t, x)
-    return out + f * t + jnp.cos(x @ v) * t   # a later residual: was read one place late
+    return out + f * t + jnp.cos(x @ v) * t  # a later residual: was read one place late
+
   return fn
 
 
@@ -433,6 +470,7 @@ def _literal_output(wrap):
     w, v = frozen
     a, c = wrap(lambda t, x: (t @ w, jnp.float32(3.0)))(t, x)
     return a * c + jnp.cos(x @ v) @ t
+
   return fn
 
 
@@ -447,5 +485,9 @@ def test_known_outputs_of_a_nested_call_do_not_shift_the_residuals(wrap, make):
   part = trunk.partition(fn, t, (w, v), x, rewrites=())
   residuals = part.trunk((w, v), x)
   np.testing.assert_allclose(np.asarray(part.tail(t, residuals)), np.asarray(fn(t, (w, v), x)), rtol=1e-6, atol=1e-6)
-  np.testing.assert_allclose(np.asarray(jax.grad(lambda t: part.tail(t, residuals).sum())(t)),
-                             np.asarray(jax.grad(lambda t: fn(t, (w, v), x).sum())(t)), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    np.asarray(jax.grad(lambda t: part.tail(t, residuals).sum())(t)),
+    np.asarray(jax.grad(lambda t: fn(t, (w, v), x).sum())(t)),
+    rtol=1e-5,
+    atol=1e-5,
+  )

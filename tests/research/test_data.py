@@ -94,10 +94,10 @@ def test_tissue3d_downsampled_labels_and_split():
   assert not (train & test).any()
   assert set(np.unique(ds.labels[ds.test])) == {0, 1, 2, 3}
   t1, gm, wm, affine = data.mni152()
-  np.testing.assert_allclose(ds.affine @ [0, 0, 0, 1], affine @ [1, 1, 1, 1])   # centre of the first block
+  np.testing.assert_allclose(ds.affine @ [0, 0, 0, 1], affine @ [1, 1, 1, 1])  # centre of the first block
   t1_max = float(ds.image.max())
   for i, j, k in [(20, 30, 40), (33, 39, 30), (10, 60, 20), (45, 20, 36), (30, 50, 45)]:
-    block = np.s_[3 * i:3 * i + 3, 3 * j:3 * j + 3, 3 * k:3 * k + 3]
+    block = np.s_[3 * i : 3 * i + 3, 3 * j : 3 * j + 3, 3 * k : 3 * k + 3]
     means = [float(v[block].astype(np.float64).mean()) for v in (t1, gm, wm)]
     assert ds.image[i, j, k, 0] == pytest.approx(means[0], rel=1e-5)
     assert ds.labels[i, j, k] == _rule(means[0], t1_max, means[1], means[2])

@@ -6,28 +6,19 @@ import re
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import foreground_dice
 
+from scribblejax.config import RefineConfig
+from scribblejax.models.store import load_model
+from scribblejax.params import last_layers, split_params
+from scribblejax.pipeline.normalization import normalize
+from scribblejax.refinement import refine
 from scribblejax.research import data
 from scribblejax.research.demo import run_demo
-from scribblejax.models.store import load_model
-from scribblejax.pipeline.normalization import normalize
-from scribblejax.params import last_layers, split_params
-from scribblejax.config import RefineConfig
-from scribblejax.refinement import refine
 from scribblejax.research.simulate import simulate_marks
 
 # the refinement settings spelled out, so that no assertion here depends on RefineConfig's defaults
 CONFIG = RefineConfig.paper(max_steps=5)
-
-
-def foreground_dice(pred: np.ndarray, truth: np.ndarray, num_classes: int) -> float:
-  """Mean Dice over the foreground classes present in either map, written out here (not scribblejax.research.metrics)."""
-  scores = []
-  for c in range(1, num_classes):
-    p, t = pred == c, truth == c
-    if p.any() or t.any():
-      scores.append(2.0 * np.sum(p & t) / (np.sum(p) + np.sum(t)))
-  return float(np.mean(scores))
 
 
 def nuclei_case():
@@ -57,7 +48,7 @@ def test_demo_reports_the_dice_of_its_model_and_marks(tmp_path):
   (line,) = [s for s in lines if s.startswith("interaction 1:")]
   said = re.search(r"(\d+) marked pixels, (\d+) steps, satisfied=(True|False)", line)
   assert said.groups() == (str(int((marks >= 0).sum())), str(int(result.num_steps)), str(bool(result.satisfied)))
-  if result.satisfied:                                   # satisfied means every mark is honoured
+  if result.satisfied:  # satisfied means every mark is honoured
     assert np.array_equal(labels[marks >= 0], marks[marks >= 0])
   assert np.isfinite(results["seconds_per_interaction"]).all()
 
@@ -66,4 +57,4 @@ def test_demo_refuses_bad_counts_before_writing(tmp_path):
   for bad, message in ((dict(interactions=-1), "interactions"), (dict(layers=0), "positive integer")):
     with pytest.raises(ValueError, match=message):
       run_demo(tmp_path / "out", train_steps=8, log=lambda _: None, **bad)
-    assert not (tmp_path / "out").exists()                 # was: the folder was made first
+    assert not (tmp_path / "out").exists()  # was: the folder was made first

@@ -5,16 +5,16 @@ import json
 import numpy as np
 import pytest
 
-from scribblejax.models import surgery
-from scribblejax.research import baselines as bl
-from scribblejax.research import data
-from scribblejax.research import evaluate as ev
-from scribblejax.research import metrics
 from scribblejax.cli import main
-from scribblejax.params import head, split_params
 from scribblejax.config import RefineConfig
+from scribblejax.models import surgery
+from scribblejax.params import head, split_params
 from scribblejax.refinement import predict
+from scribblejax.research import baselines as bl
+from scribblejax.research import data, metrics
+from scribblejax.research import evaluate as ev
 from scribblejax.research.simulate import simulate_marks
+
 
 @pytest.fixture(scope="module")
 def case(tiny_model):
@@ -34,8 +34,16 @@ def test_harness_refine_records_what_the_method_does_and_honours_marks(tiny_mode
   state = method.init(case.image)
   initial = np.asarray(method.labels(state))
   assert r["dice_per_interaction"][0] == pytest.approx(metrics.mean_foreground_dice(initial, case.truth, 2))
-  marks = simulate_marks(initial, case.truth, 2, kind=cfg.mark_kind, radius=cfg.radius, max_length=cfg.max_length,
-                         per_class=cfg.per_class, ignore_border=cfg.ignore_border)
+  marks = simulate_marks(
+    initial,
+    case.truth,
+    2,
+    kind=cfg.mark_kind,
+    radius=cfg.radius,
+    max_length=cfg.max_length,
+    per_class=cfg.per_class,
+    ignore_border=cfg.ignore_border,
+  )
   assert r["marked_pixels"][0] == int((marks >= 0).sum()) > 0
   labels = np.asarray(method.labels(method.update(state, marks)))
   assert r["dice_per_interaction"][1] == pytest.approx(metrics.mean_foreground_dice(labels, case.truth, 2))
@@ -79,27 +87,30 @@ def test_random_walker_baseline_2d_and_3d():
   m3 = np.full(vol.shape, -1)
   m3[3, 6, 6], m3[0, 0, 0] = 1, 0
   assert bl.random_walker_labels(vol, m3)[2, 5, 5] == 1
-  assert bl.random_walker_labels(image, np.where(marks == 1, 1, -1)) is None   # one class: no walk
+  assert bl.random_walker_labels(image, np.where(marks == 1, 1, -1)) is None  # one class: no walk
 
 
 def test_add_classes_keeps_prediction_and_learns_new_class(tiny_model, case):
   model, _ = tiny_model
   bigger = surgery.add_classes(model, 2)
-  assert bigger.num_classes == 4 and model.num_classes == 2        # the input model is untouched
+  assert bigger.num_classes == 4 and model.num_classes == 2  # the input model is untouched
   before = np.asarray(predict(split_params(model, head()), case.image))
   after = np.asarray(predict(split_params(bigger, head()), case.image))
   assert after.shape[-1] == 4
   np.testing.assert_array_equal(after.argmax(-1), before.argmax(-1))
   np.testing.assert_allclose(after[..., 2], after[..., 0] - 4.0, atol=1e-4)
   truth = case.truth.copy()
-  truth[:10, :10] = 2                                               # a new structure
+  truth[:10, :10] = 2  # a new structure
   new_case = ev.make_case("new", case.image, truth, 3)
-  r = ev.run_case(new_case, bl.refine_method(surgery.add_classes(model, 1), 3, RefineConfig.paper(max_steps=40, learning_rate=0.05)),
-                  ev.EvalConfig(interactions=1))
+  r = ev.run_case(
+    new_case,
+    bl.refine_method(surgery.add_classes(model, 1), 3, RefineConfig.paper(max_steps=40, learning_rate=0.05)),
+    ev.EvalConfig(interactions=1),
+  )
   assert r["dice_per_class"][0][2] == 0 and r["dice_per_class"][1][2] > 0.1
   with pytest.raises(ValueError, match="positive"):
     surgery.add_classes(model, 0)
-  with pytest.raises(ValueError, match="positive integer, got True"):                     # was: one class
+  with pytest.raises(ValueError, match="positive integer, got True"):  # was: one class
     surgery.add_classes(model, True)
 
 
@@ -109,7 +120,7 @@ def test_suppress_class_removes_class(tiny_model, case):
   missing = surgery.suppress_class(model, 1, amount=amount)
   assert not (np.asarray(predict(split_params(missing, head()), case.image)).argmax(-1) == 1).any()
   with pytest.raises(ValueError, match="amount must be a finite number"):
-    surgery.suppress_class(model, 1, amount=float("nan"))             # was: a model predicting NaN
+    surgery.suppress_class(model, 1, amount=float("nan"))  # was: a model predicting NaN
   with pytest.raises(ValueError, match="margin must be a finite number"):
     surgery.add_classes(model, 1, margin=float("inf"))
 
@@ -126,50 +137,117 @@ def test_make_case_and_metrics_errors():
 def test_cli_single_case_task_and_files(tiny_model, tmp_path, capsys):
   _, folder = tiny_model
   out = tmp_path / "run"
-  assert main(["evaluate", "--task", "nuclei2d", "--model", str(folder), "--crop", "32", "--interactions", "1",
-               "--steps", "5", "--layers", "2", "--marks", "point", "--out", str(out)]) == 0
+  assert (
+    main(
+      [
+        "evaluate",
+        "--task",
+        "nuclei2d",
+        "--model",
+        str(folder),
+        "--crop",
+        "32",
+        "--interactions",
+        "1",
+        "--steps",
+        "5",
+        "--layers",
+        "2",
+        "--marks",
+        "point",
+        "--out",
+        str(out),
+      ]
+    )
+    == 0
+  )
   res = json.loads((out / "results.json").read_text())
   for key in ("dice_per_interaction", "noc", "seconds_per_interaction", "method", "model", "device"):
     assert key in res
   assert len(res["dice_per_interaction"]) == 2 and (out / "results.png").stat().st_size > 0
   summary = capsys.readouterr().out
-  for tau, n in res["noc"].items():                     # '+': not reached in the interactions run
+  for tau, n in res["noc"].items():  # '+': not reached in the interactions run
     assert f"NoC@{tau} {n}{'' if res['noc_reached'][tau] else '+'}" in summary
   assert main(["evaluate", "--experiment", "dice", "--size", "tiny", "--steps", "1", "--out", str(tmp_path / "e")]) == 1
   assert "--steps set(s) one case and does not apply to --experiment" in capsys.readouterr().err  # was: ignored
   assert not (tmp_path / "e").exists()
   assert main(["evaluate", "--task", "nuclei2d", "--crop", "0", "--out", str(tmp_path / "c")]) == 1
-  assert "--crop must be >= 1" in capsys.readouterr().err                                   # was: IndexError
+  assert "--crop must be >= 1" in capsys.readouterr().err  # was: IndexError
   # a user case by paths, with a label value the model lacks
   from scribblejax.io.images import Geometry, write_label_map
+
   ds = data.nuclei2d("binary")
   img = ds.image[:32, 384:416, 0].astype(np.uint16)
   lab = ds.labels[:32, 384:416].copy()
   lab[:4, :4] = 2
   import tifffile
+
   tifffile.imwrite(tmp_path / "img.tif", img)
   tifffile.imwrite(tmp_path / "lab.tif", lab.astype(np.uint8))
-  args = ["evaluate", "--image", str(tmp_path / "img.tif"), "--label", str(tmp_path / "lab.tif"), "--model",
-          str(folder), "--interactions", "1", "--steps", "3", "--layers", "1", "--out", str(tmp_path / "u")]
+  args = [
+    "evaluate",
+    "--image",
+    str(tmp_path / "img.tif"),
+    "--label",
+    str(tmp_path / "lab.tif"),
+    "--model",
+    str(folder),
+    "--interactions",
+    "1",
+    "--steps",
+    "3",
+    "--layers",
+    "1",
+    "--out",
+    str(tmp_path / "u"),
+  ]
   assert main(args) == 1
   assert "--add-classes" in capsys.readouterr().err
   assert main(args + ["--add-classes", "1"]) == 0
   assert json.loads((tmp_path / "u" / "results.json").read_text())["num_classes"] == 3
-  assert main(args[:6] + ["tissue3d"] + args[7:]) == 1                       # a 2-D image for a 3-D model
-  assert "the model takes 3-D images, but" in capsys.readouterr().err           # was: about marks
+  assert main(args[:6] + ["tissue3d"] + args[7:]) == 1  # a 2-D image for a 3-D model
+  assert "the model takes 3-D images, but" in capsys.readouterr().err  # was: about marks
   tifffile.imwrite(tmp_path / "small.tif", lab[:16].astype(np.uint8))
   assert main(args[:4] + [str(tmp_path / "small.tif")] + args[5:]) == 1
   assert "shape" in capsys.readouterr().err
-  assert main(["evaluate", "--image", str(tmp_path / "nope.tif"), "--label", str(tmp_path / "lab.tif"),
-               "--model", str(folder), "--out", str(tmp_path / "v")]) == 1
+  assert (
+    main(
+      [
+        "evaluate",
+        "--image",
+        str(tmp_path / "nope.tif"),
+        "--label",
+        str(tmp_path / "lab.tif"),
+        "--model",
+        str(folder),
+        "--out",
+        str(tmp_path / "v"),
+      ]
+    )
+    == 1
+  )
   err = capsys.readouterr().err.strip()
   assert "does not exist" in err and len(err.splitlines()) == 1
   # the results never overwrite an input (was: the label file replaced by the plot)
   (tmp_path / "r").mkdir()
   tifffile.imwrite(tmp_path / "r" / "results.png", np.asarray(tifffile.imread(tmp_path / "lab.tif")))
   kept = (tmp_path / "r" / "results.png").read_bytes()
-  assert main(["evaluate", "--image", str(tmp_path / "img.tif"), "--label", str(tmp_path / "r" / "results.png"),
-               "--model", str(folder), "--out", str(tmp_path / "r")]) == 1
+  assert (
+    main(
+      [
+        "evaluate",
+        "--image",
+        str(tmp_path / "img.tif"),
+        "--label",
+        str(tmp_path / "r" / "results.png"),
+        "--model",
+        str(folder),
+        "--out",
+        str(tmp_path / "r"),
+      ]
+    )
+    == 1
+  )
   assert "is the input" in capsys.readouterr().err and (tmp_path / "r" / "results.png").read_bytes() == kept
   del Geometry, write_label_map
 
@@ -177,9 +255,10 @@ def test_cli_single_case_task_and_files(tiny_model, tmp_path, capsys):
 def _nuclei_files(tmp_path, size=96):
   """A DSB crop and its labels as TIFF files: (image path, label path, labels)."""
   import tifffile
+
   ds = data.nuclei2d("binary")
-  img = ds.image[:size, 384:384 + size, 0].astype(np.uint16)
-  lab = ds.labels[:size, 384:384 + size].astype(np.uint8)
+  img = ds.image[:size, 384 : 384 + size, 0].astype(np.uint16)
+  lab = ds.labels[:size, 384 : 384 + size].astype(np.uint8)
   tifffile.imwrite(tmp_path / "img.tif", img)
   tifffile.imwrite(tmp_path / "lab.tif", lab)
   return tmp_path / "img.tif", tmp_path / "lab.tif", lab
@@ -191,6 +270,7 @@ def test_a_case_given_by_files_runs_through_the_models_pipeline(tiny_model, tmp_
   import shutil
 
   import tifffile
+
   _, folder = tiny_model
   piped = tmp_path / "piped"
   shutil.copytree(folder, piped)
@@ -198,11 +278,25 @@ def test_a_case_given_by_files_runs_through_the_models_pipeline(tiny_model, tmp_
   doc["metadata"] = {**(doc.get("metadata") or {}), "spacing": [2.0, 2.0], "patch_size": [32, 32]}
   (piped / "model.json").write_text(json.dumps(doc))
   img, lab, truth = _nuclei_files(tmp_path)
-  assert main(["predict", "--model", str(piped), "--image", str(img), "--out", str(tmp_path / "seg.tif"),
-               "--quiet"]) == 0, capsys.readouterr().err
+  assert (
+    main(["predict", "--model", str(piped), "--image", str(img), "--out", str(tmp_path / "seg.tif"), "--quiet"]) == 0
+  ), capsys.readouterr().err
   seg = tifffile.imread(tmp_path / "seg.tif")
-  base = ["evaluate", "--image", str(img), "--label", str(lab), "--model", str(piped), "--steps", "60", "--lr", "0.05",
-          "--layers", "3"]
+  base = [
+    "evaluate",
+    "--image",
+    str(img),
+    "--label",
+    str(lab),
+    "--model",
+    str(piped),
+    "--steps",
+    "60",
+    "--lr",
+    "0.05",
+    "--layers",
+    "3",
+  ]
   assert main([*base, "--interactions", "2", "--out", str(tmp_path / "run")]) == 0, capsys.readouterr().err
   res = json.loads((tmp_path / "run" / "results.json").read_text())
   assert res["dice_per_interaction"][0] == pytest.approx(metrics.mean_foreground_dice(seg, truth, 2))
@@ -213,31 +307,75 @@ def test_a_case_given_by_files_runs_through_the_models_pipeline(tiny_model, tmp_
   assert infos[0]["satisfied"] and infos[0]["marks_honoured"] > 0.9, infos
   # Interaction 1 is what `refine` does with the simulated user's marks drawn on the image.
   from PIL import Image as PILImage
+
   new = simulate_marks(seg, truth, 2)
-  drawn = np.where(new == 0, 255, np.where(new < 0, 0, new)).astype(np.uint8)     # 0 unmarked, 255 background
+  drawn = np.where(new == 0, 255, np.where(new < 0, 0, new)).astype(np.uint8)  # 0 unmarked, 255 background
   PILImage.fromarray(drawn).save(tmp_path / "marks.png")
-  assert main(["refine", "--model", str(piped), "--image", str(img), "--marks", str(tmp_path / "marks.png"),
-               "--out", str(tmp_path / "refined.tif"), "--steps", "60", "--lr", "0.05", "--layers", "3",
-               "--quiet"]) == 0, capsys.readouterr().err
+  assert (
+    main(
+      [
+        "refine",
+        "--model",
+        str(piped),
+        "--image",
+        str(img),
+        "--marks",
+        str(tmp_path / "marks.png"),
+        "--out",
+        str(tmp_path / "refined.tif"),
+        "--steps",
+        "60",
+        "--lr",
+        "0.05",
+        "--layers",
+        "3",
+        "--quiet",
+      ]
+    )
+    == 0
+  ), capsys.readouterr().err
   report = json.loads((tmp_path / "refined.report.json").read_text())
   assert report["steps"] == infos[0]["steps"] and report["marks_honoured"] == infos[0]["marks_honoured"]
   refined = tifffile.imread(tmp_path / "refined.tif")
   assert res["dice_per_interaction"][1] == pytest.approx(metrics.mean_foreground_dice(refined, truth, 2))
-  assert (refined != seg).sum() > 20                                   # the refinement changed something
+  assert (refined != seg).sum() > 20  # the refinement changed something
   # the network's own segmentation, computed beside the refined one in one pass over the patches
   assert report["changed_pixels"] == int((refined != seg).sum())
   assert any("same pass over the patches" in n for n in report["notes"])
   from scribblejax.app import refine_round
-  monkeypatch.setattr(refine_round, "JOINT_LOGITS_BYTES", 0)               # too big for one pass: one after the other
-  assert main(["refine", "--model", str(piped), "--image", str(img), "--marks", str(tmp_path / "marks.png"),
-               "--out", str(tmp_path / "apart.tif"), "--steps", "60", "--lr", "0.05", "--layers", "3",
-               "--quiet"]) == 0, capsys.readouterr().err
+
+  monkeypatch.setattr(refine_round, "JOINT_LOGITS_BYTES", 0)  # too big for one pass: one after the other
+  assert (
+    main(
+      [
+        "refine",
+        "--model",
+        str(piped),
+        "--image",
+        str(img),
+        "--marks",
+        str(tmp_path / "marks.png"),
+        "--out",
+        str(tmp_path / "apart.tif"),
+        "--steps",
+        "60",
+        "--lr",
+        "0.05",
+        "--layers",
+        "3",
+        "--quiet",
+      ]
+    )
+    == 0
+  ), capsys.readouterr().err
   apart = json.loads((tmp_path / "apart.report.json").read_text())
   assert apart["changed_pixels"] == report["changed_pixels"] and not any("same pass" in n for n in apart["notes"])
   np.testing.assert_array_equal(tifffile.imread(tmp_path / "apart.tif"), refined)
   # The whole image at the image's own spacing is another segmentation: the pipeline matters here.
-  assert main([*base, "--interactions", "0", "--no-resample", "--patch-size", "whole", "--out",
-               str(tmp_path / "plain")]) == 0
+  assert (
+    main([*base, "--interactions", "0", "--no-resample", "--patch-size", "whole", "--out", str(tmp_path / "plain")])
+    == 0
+  )
   plain = json.loads((tmp_path / "plain" / "results.json").read_text())
   assert plain["pipeline"]["model_grid"] == [96, 96] and plain["pipeline"]["patch"] is None
   assert abs(plain["dice_per_interaction"][0] - res["dice_per_interaction"][0]) > 0.01
@@ -251,9 +389,10 @@ def test_a_case_given_by_files_runs_through_the_models_pipeline(tiny_model, tmp_
 def test_without_a_pipeline_the_pipeline_method_is_the_plain_one(tiny_model, tmp_path):
   # A model that states no spacing or patch sees the image as read: the pipeline's refinement, walker
   # and initial methods give what the plain methods give on the same case.
-  from scribblejax.research.evaluate_image import image_case, pipeline_method, prepare_pipeline
   from scribblejax.io.images import read_image
   from scribblejax.models.store import read_info
+  from scribblejax.research.evaluate_image import image_case, pipeline_method, prepare_pipeline
+
   model, folder = tiny_model
   img, _, truth = _nuclei_files(tmp_path, 48)
   pipe = prepare_pipeline(model, read_info(folder), read_image(img), layers=3)
@@ -277,9 +416,11 @@ def test_marks_outside_the_crop_to_the_non_zero_region_change_nothing(tiny_model
   import shutil
 
   import tifffile
-  from scribblejax.research.evaluate_image import pipeline_method, prepare_pipeline
+
   from scribblejax.io.images import read_image
   from scribblejax.models.store import load_model
+  from scribblejax.research.evaluate_image import pipeline_method, prepare_pipeline
+
   _, folder = tiny_model
   cropping = tmp_path / "cropping"
   shutil.copytree(folder, cropping)
@@ -300,16 +441,22 @@ def test_marks_outside_the_crop_to_the_non_zero_region_change_nothing(tiny_model
   marks[2, 2:6] = 1
   after = method.update(state, marks)
   np.testing.assert_array_equal(after.labels, state.labels)
-  assert method.info(after) == {"steps": 0, "satisfied": False, "marks_honoured": 0.0, "refined_patches": 0,
-                                "compile_seconds": 0.0}
-  marks[20, 20:24] = 1                                              # one inside: the loop runs
+  assert method.info(after) == {
+    "steps": 0,
+    "satisfied": False,
+    "marks_honoured": 0.0,
+    "refined_patches": 0,
+    "compile_seconds": 0.0,
+  }
+  marks[20, 20:24] = 1  # one inside: the loop runs
   inside = method.update(state, marks)
   assert inside.satisfied and (inside.labels[20, 20:24] == 1).all() and not inside.labels[:8].any()
-  assert inside.honoured == 0.5                                     # the marks outside stay unhonoured
+  assert inside.honoured == 0.5  # the marks outside stay unhonoured
 
 
 def _with_metadata(folder, tmp_path, name, **metadata):
   import shutil
+
   copy = tmp_path / name
   shutil.copytree(folder, copy)
   doc = json.loads((copy / "model.json").read_text())
@@ -322,24 +469,77 @@ def test_evaluate_takes_the_models_stored_refine_defaults_as_refine_does(tiny_mo
   _, folder = tiny_model
   stored = _with_metadata(folder, tmp_path, "stored", refine={"max_steps": 7, "learning_rate": 0.3, "layers": 2})
   img, lab, _ = _nuclei_files(tmp_path, 32)
-  assert main(["evaluate", "--image", str(img), "--label", str(lab), "--model", str(stored), "--interactions", "1",
-               "--out", str(tmp_path / "run")]) == 0
+  assert (
+    main(
+      [
+        "evaluate",
+        "--image",
+        str(img),
+        "--label",
+        str(lab),
+        "--model",
+        str(stored),
+        "--interactions",
+        "1",
+        "--out",
+        str(tmp_path / "run"),
+      ]
+    )
+    == 0
+  )
   res = json.loads((tmp_path / "run" / "results.json").read_text())
-  assert (res["layers"], res["max_steps"], res["learning_rate"]) == (2, 7, 0.3)    # was: 5, 100, 0.01
+  assert (res["layers"], res["max_steps"], res["learning_rate"]) == (2, 7, 0.3)  # was: 5, 100, 0.01
   assert res["method"] == "refine_l2" and res["method_info"][0]["steps"] <= 7
-  assert main(["evaluate", "--image", str(img), "--label", str(lab), "--model", str(stored), "--interactions", "0",
-               "--layers", "3", "--steps", "9", "--out", str(tmp_path / "flags")]) == 0
+  assert (
+    main(
+      [
+        "evaluate",
+        "--image",
+        str(img),
+        "--label",
+        str(lab),
+        "--model",
+        str(stored),
+        "--interactions",
+        "0",
+        "--layers",
+        "3",
+        "--steps",
+        "9",
+        "--out",
+        str(tmp_path / "flags"),
+      ]
+    )
+    == 0
+  )
   flags = json.loads((tmp_path / "flags" / "results.json").read_text())
   assert (flags["layers"], flags["max_steps"]) == (3, 9)
-  assert main(["evaluate", "--image", str(img), "--label", str(lab), "--model", str(stored), "--crop", "16",
-               "--out", str(tmp_path / "c")]) == 1                      # was: --crop silently ignored
+  assert (
+    main(
+      [
+        "evaluate",
+        "--image",
+        str(img),
+        "--label",
+        str(lab),
+        "--model",
+        str(stored),
+        "--crop",
+        "16",
+        "--out",
+        str(tmp_path / "c"),
+      ]
+    )
+    == 1
+  )  # was: --crop silently ignored
 
 
 def _pipeline_on_a_crop(tiny_model, tmp_path, **metadata):
   """The tiny model with ``metadata`` added, prepared for a 32 x 32 DSB crop (last 2 layers tunable)."""
-  from scribblejax.research.evaluate_image import prepare_pipeline
   from scribblejax.io.images import read_image
   from scribblejax.models.store import load_model
+  from scribblejax.research.evaluate_image import prepare_pipeline
+
   model, info = load_model(_with_metadata(tiny_model[1], tmp_path, "with_metadata", **metadata))
   img, _, _ = _nuclei_files(tmp_path, 32)
   return prepare_pipeline(model, info, read_image(img), layers=2)
@@ -347,6 +547,7 @@ def _pipeline_on_a_crop(tiny_model, tmp_path, **metadata):
 
 def test_marks_of_two_interactions_in_one_coarse_voxel_keep_the_newer_as_a_session_does(tiny_model, tmp_path):
   from scribblejax.research.evaluate_image import pipeline_method
+
   pipe = _pipeline_on_a_crop(tiny_model, tmp_path, spacing=[2.0, 2.0])
   method = pipeline_method("refine", pipe, RefineConfig.paper(max_steps=3))
   state = method.init(None)
@@ -354,13 +555,14 @@ def test_marks_of_two_interactions_in_one_coarse_voxel_keep_the_newer_as_a_sessi
   marks[11, 10] = 1
   state = method.update(state, marks)
   assert state.model_marks[5, 5] == 1
-  marks[10, 10] = 0                                   # the same voxel of the model's grid, a later interaction
+  marks[10, 10] = 0  # the same voxel of the model's grid, a later interaction
   state = method.update(state, marks)
-  assert state.model_marks[5, 5] == 0                 # was: 1 (all marks resampled at once, the older held)
+  assert state.model_marks[5, 5] == 0  # was: 1 (all marks resampled at once, the older held)
 
 
 def test_with_patches_the_keep_term_is_off_as_refine_has_it(tiny_model, tmp_path):
   from scribblejax.research.evaluate_image import effective_config, pipeline_method
+
   pipe = _pipeline_on_a_crop(tiny_model, tmp_path, patch_size=[16, 16])
   # the keep term reads the network's logits at every voxel; with patches the loop has them at the marks only
   # (it was once silently a constant term, then refused; now off, as `scribblejax refine` turns it off)
@@ -379,7 +581,7 @@ def test_baselines_take_a_model_that_states_no_layer_order_given_an_example():
   import jax.numpy as jnp
   from flax import nnx
 
-  class Plain(nnx.Module):                                # no layer_order(): traced from the example
+  class Plain(nnx.Module):  # no layer_order(): traced from the example
     def __init__(self, rngs):
       self.first = nnx.Conv(1, 4, (3, 3), rngs=rngs)
       self.last = nnx.Conv(4, 2, (1, 1), rngs=rngs)
@@ -396,38 +598,50 @@ def test_baselines_take_a_model_that_states_no_layer_order_given_an_example():
   np.testing.assert_array_equal(labels, np.argmax(model(image[None])[0], -1))
   marks = np.full((12, 12), -1, np.int32)
   marks[3, 3] = 1 - labels[3, 3]
-  method = bl.make_method("refine", model, layers=1, config=RefineConfig.paper(max_steps=200, learning_rate=0.5,
-                                                                         prox_weight=0.0), example=example)
+  method = bl.make_method(
+    "refine",
+    model,
+    layers=1,
+    config=RefineConfig.paper(max_steps=200, learning_rate=0.5, prox_weight=0.0),
+    example=example,
+  )
   state = method.update(method.init(image), marks)
   assert method.info(state)["satisfied"] and method.labels(state)[3, 3] == marks[3, 3]
   assert surgery.suppression_amount(model, image, 1) >= 1.0
 
 
 def test_growth_keeps_what_the_user_drew_and_relabels_what_growth_inferred():
-  image = np.zeros((6, 8, 1), np.float32)                 # flat: growth reaches every free pixel
+  image = np.zeros((6, 8, 1), np.float32)  # flat: growth reaches every free pixel
   none = np.full((6, 8), -1, np.int32)
   first = none.copy()
-  first[:, 4] = 0                                          # round 1: a drawn background line
+  first[:, 4] = 0  # round 1: a drawn background line
   marks, drawn, grown = ev.next_marks(none, none, first, image, 1.0)
-  assert (marks >= 0).all() and (marks == 0).all()        # it grew over everything
+  assert (marks >= 0).all() and (marks == 0).all()  # it grew over everything
   second = none.copy()
-  second[2, 1] = 1                                         # round 2: nucleus, left of the line
+  second[2, 1] = 1  # round 2: nucleus, left of the line
   marks, drawn, grown = ev.next_marks(marks, drawn, second, image, 1.0)
-  assert (marks[:, :4] == 1).all()                         # round 1's inferred background relabelled
-  assert (marks[:, 4:] == 0).all()                         # the drawn line stands and walls the right side
+  assert (marks[:, :4] == 1).all()  # round 1's inferred background relabelled
+  assert (marks[:, 4:] == 0).all()  # the drawn line stands and walls the right side
   np.testing.assert_array_equal(drawn, ev.accumulate(first, second))
   assert (grown[:, 4:] == -1).all()
-  same, _, _ = ev.next_marks(none, none, second, image, 0.0)           # no growth: the marks as drawn
+  same, _, _ = ev.next_marks(none, none, second, image, 0.0)  # no growth: the marks as drawn
   np.testing.assert_array_equal(same, second)
 
 
 def test_a_round_with_nothing_new_to_mark_stops_and_says_so():
   from scribblejax.research.baselines import Method
+
   truth = np.zeros((24, 24), np.int32)
   truth[4:12, 4:12] = 1
   case = ev.make_case("stuck", np.random.default_rng(0).random((24, 24)), truth, 2)
-  never = Method("never", lambda image: np.zeros((24, 24), np.int32), lambda s: s, lambda s, marks: s,
-                 lambda image: None, lambda s: {})
+  never = Method(
+    "never",
+    lambda image: np.zeros((24, 24), np.int32),
+    lambda s: s,
+    lambda s, marks: s,
+    lambda image: None,
+    lambda s: {},
+  )
   said = []
   result = ev.run_case(case, never, ev.EvalConfig(interactions=4, mark_kind="scribble"), log=said.append)
   # the method honours nothing: the user marks the error once, then finds nothing new (its marks cover

@@ -6,30 +6,20 @@ import json
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import foreground_dice
 
-from scribblejax.research import evaluate as ev
 from scribblejax.cli import main
-from scribblejax.research.experiments import EXPERIMENTS, SIZES
-from scribblejax.params import last_layers, split_params
 from scribblejax.config import RefineConfig
+from scribblejax.params import last_layers, split_params
 from scribblejax.refinement import compute_trunk, refine
+from scribblejax.research import evaluate as ev
+from scribblejax.research.experiments import EXPERIMENTS, SIZES
 from scribblejax.research.simulate import simulate_marks
 
 TINY = SIZES["tiny"]
 # experiments whose runs all start from the unmodified backbone (missed_class lowers a head bias, new_class
 # adds a class; bf16 runs predict in bfloat16)
-PLAIN = ("dice", "multiclass", "shift", "mark_types", "region_growing", "steps_layers", "optimizer_sweep",
-         "precision")
-
-
-def foreground_dice(pred: np.ndarray, truth: np.ndarray, num_classes: int) -> float:
-  """Mean Dice over the foreground classes present in either map, written out here (not scribblejax.research.metrics)."""
-  scores = []
-  for c in range(1, num_classes):
-    p, t = pred == c, truth == c
-    if p.any() or t.any():
-      scores.append(2.0 * np.sum(p & t) / (np.sum(p) + np.sum(t)))
-  return float(np.mean(scores))
+PLAIN = ("dice", "multiclass", "shift", "mark_types", "region_growing", "steps_layers", "optimizer_sweep", "precision")
 
 
 def network_labels(backbone: ev.Backbone, case: ev.Case) -> np.ndarray:
@@ -38,8 +28,24 @@ def network_labels(backbone: ev.Backbone, case: ev.Case) -> np.ndarray:
 
 
 def run(out, folder, names, tissue):
-  assert main(["evaluate", "--experiment", names, "--size", "tiny", "--model", str(folder), "--tissue-model", tissue,
-               "--out", str(out)]) == 0
+  assert (
+    main(
+      [
+        "evaluate",
+        "--experiment",
+        names,
+        "--size",
+        "tiny",
+        "--model",
+        str(folder),
+        "--tissue-model",
+        tissue,
+        "--out",
+        str(out),
+      ]
+    )
+    == 0
+  )
   return out
 
 
@@ -78,7 +84,7 @@ def test_experiment_writes_json_table_plot(results, name):
   for r in payload["results"]:
     d, per_class = r["dice_per_interaction"], r["dice_per_class"]
     assert len(d) == 2 and len(per_class) == 2 and all(len(p) == r["num_classes"] for p in per_class)
-    for mean, classes in zip(d, per_class):          # the mean is the mean of the classes that occur
+    for mean, classes in zip(d, per_class):  # the mean is the mean of the classes that occur
       present = [x for x in classes[1:] if x is not None]
       assert mean == pytest.approx(np.mean(present) if present else None)
 
@@ -93,18 +99,25 @@ def test_dice_before_any_mark_is_the_networks_own(results, backbones, name):
       backbone, case = case_of(backbones, r["case"])
       cases[r["case"]] = foreground_dice(network_labels(backbone, case), case.truth, case.num_classes)
     assert r["dice_per_interaction"][0] == pytest.approx(cases[r["case"]], abs=1e-6), (r["case"], r["method"])
-  assert cases                                           # some run was checked
+  assert cases  # some run was checked
 
 
 def replay(backbone, case, layers, max_steps):
   """Interaction 1 of the harness's simulated user, refined here by refine(): (marks, result, labels)."""
   user = ev.EvalConfig(interactions=1)
-  marks = simulate_marks(network_labels(backbone, case), case.truth, case.num_classes, kind=user.mark_kind,
-                         radius=user.radius, max_length=user.max_length, per_class=user.per_class,
-                         ignore_border=user.ignore_border)
-  config = RefineConfig.paper(max_steps=max_steps)        # the experiments' own config at this size
+  marks = simulate_marks(
+    network_labels(backbone, case),
+    case.truth,
+    case.num_classes,
+    kind=user.mark_kind,
+    radius=user.radius,
+    max_length=user.max_length,
+    per_class=user.per_class,
+    ignore_border=user.ignore_border,
+  )
+  config = RefineConfig.paper(max_steps=max_steps)  # the experiments' own config at this size
   split = split_params(backbone.model, last_layers(layers))
-  trunk = compute_trunk(split, case.image, config) if config.cache_trunk else None   # as a session does
+  trunk = compute_trunk(split, case.image, config) if config.cache_trunk else None  # as a session does
   result = refine(split, case.image, marks, config, trunk=trunk)
   return marks, result, np.asarray(result.logits).argmax(-1)
 
@@ -116,7 +129,7 @@ def check_replay(r, backbones):
   assert r["marked_pixels"] == [int((marks >= 0).sum())]
   assert r["dice_per_interaction"][1] == pytest.approx(foreground_dice(labels, case.truth, case.num_classes), abs=1e-6)
   assert r["method_info"] == [{"steps": int(result.num_steps), "satisfied": bool(result.satisfied)}]
-  if result.satisfied:                                   # satisfied means every mark is honoured
+  if result.satisfied:  # satisfied means every mark is honoured
     assert np.array_equal(labels[marks >= 0], marks[marks >= 0])
 
 
@@ -132,14 +145,15 @@ def test_tissue_multiclass_on_the_shipped_tissue_model(tissue_results, backbones
   assert r["case"] == "tissue2d" and r["num_classes"] == 4
   backbone, case = case_of(backbones, "tissue2d")
   assert r["dice_per_interaction"][0] == pytest.approx(
-      foreground_dice(network_labels(backbone, case), case.truth, 4), abs=1e-6)
-  assert len(r["classes_marked"][0]) > 1                # several classes marked in one interaction
+    foreground_dice(network_labels(backbone, case), case.truth, 4), abs=1e-6
+  )
+  assert len(r["classes_marked"][0]) > 1  # several classes marked in one interaction
   check_replay(r, backbones)
 
 
 def test_experiment_outcomes(results):
   missed = load(results, "missed_class")["results"]
-  assert all(r["missed_class_dice"][0] == 0 for r in missed)                 # the class really is missed
+  assert all(r["missed_class_dice"][0] == 0 for r in missed)  # the class really is missed
   assert max(r["missed_class_dice"][1] for r in missed if r["method"] != "random_walker") > 0  # and inserted
   new = {r["method"]: r for r in load(results, "new_class")["results"]}
   assert new["initial"]["new_class_dice"] == [0.0, 0.0]

@@ -21,7 +21,7 @@ def _energy(labels, probabilities, image, lam, sigma, eps=1e-4):
       q = (y + dy, x + dx)
       if q[0] < h and q[1] < w and labels[y, x] != labels[q]:
         diff = float(np.sum((image[y, x] - image[q]) ** 2))
-        energy += lam * np.exp(-diff / (2 * sigma ** 2))
+        energy += lam * np.exp(-diff / (2 * sigma**2))
   return float(energy)
 
 
@@ -86,7 +86,7 @@ def test_3d_cut_finds_a_bright_box_from_two_seeds(connectivity):
   image[3:9, 4:11, 2:8] = 1.0
   probabilities = np.full((12, 14, 10, 2), 0.5)
   marks = np.full((12, 14, 10), -1, np.int32)
-  marks[6, 5:10, 5] = 1           # short scribbles, as a user would draw (a single voxel is cheap to cut around)
+  marks[6, 5:10, 5] = 1  # short scribbles, as a user would draw (a single voxel is cheap to cut around)
   marks[0, :, 0] = 0
   labels = graph_cut_labels(image, probabilities, marks, lam=1.0, connectivity=connectivity)
   np.testing.assert_array_equal(labels, (image > 0.5).astype(np.int32))
@@ -97,8 +97,11 @@ def test_two_classes_reach_the_brute_force_minimum():
   marks[0, 0], marks[2, 3] = 1, 0
   lam, sigma = 0.8, 1.5
   labels = graph_cut_labels(image, probabilities, marks, lam=lam, sigma=sigma)
-  best = min(_energy(np.array(c).reshape(3, 4), probabilities, image, lam, sigma)
-             for c in itertools.product((0, 1), repeat=12) if c[0] == 1 and c[-1] == 0)
+  best = min(
+    _energy(np.array(c).reshape(3, 4), probabilities, image, lam, sigma)
+    for c in itertools.product((0, 1), repeat=12)
+    if c[0] == 1 and c[-1] == 0
+  )
   assert _energy(labels, probabilities, image, lam, sigma) == pytest.approx(best, rel=1e-9)
 
 
@@ -112,12 +115,14 @@ def test_alpha_expansion_lowers_the_energy_of_three_classes():
   lam, sigma = 1.5, 0.8
   start = np.where(marks >= 0, marks, np.argmax(probabilities, -1))
   result = graph_cut(image, probabilities, marks, lam=lam, sigma=sigma)
-  before, after = _energy(start, probabilities, image, lam, sigma), _energy(result.labels, probabilities, image, lam,
-                                                                             sigma)
-  assert after < before - 1.0                  # it moved, and downhill
+  before, after = (
+    _energy(start, probabilities, image, lam, sigma),
+    _energy(result.labels, probabilities, image, lam, sigma),
+  )
+  assert after < before - 1.0  # it moved, and downhill
   assert result.energy == pytest.approx(after, rel=1e-9)
   np.testing.assert_array_equal(result.labels[marks >= 0], marks[marks >= 0])
-  assert result.sweeps >= 2                     # it ran to a sweep without improvement
+  assert result.sweeps >= 2  # it ran to a sweep without improvement
 
 
 def test_inputs_are_checked():
@@ -132,6 +137,7 @@ def test_inputs_are_checked():
 
 def test_method_starts_from_the_network_and_cuts_with_every_mark():
   from scribblejax.models.unet import UNet
+
   model = UNet(spatial_dims=2, in_channels=1, num_classes=3, channels=[4, 8], rngs=nnx.Rngs(0))
   image = np.random.default_rng(8).normal(size=(16, 20, 1)).astype(np.float32)
   method = graph_cut_method(model, lam=1.0, sigma=None)
@@ -139,8 +145,10 @@ def test_method_starts_from_the_network_and_cuts_with_every_mark():
   method.warmup(image)
   state = method.init(image)
   import jax
+
   from scribblejax.params import head, split_params
   from scribblejax.refinement import predict
+
   logits = np.asarray(predict(split_params(model, head()), image))
   np.testing.assert_array_equal(method.labels(state), np.argmax(logits, -1))
   np.testing.assert_allclose(state.probabilities, np.asarray(jax.nn.softmax(logits, -1)), atol=1e-6)
@@ -158,8 +166,9 @@ def test_method_with_a_probabilities_function_and_an_initial_labelling():
   probabilities = np.zeros((8, 9, 2))
   probabilities[..., 0] = 0.9
   probabilities[..., 1] = 0.1
-  method = graph_cut_method(lam=0.0, probabilities_fn=lambda image: probabilities,
-                            initial=lambda image: np.ones(image.shape[:-1], np.int32))
+  method = graph_cut_method(
+    lam=0.0, probabilities_fn=lambda image: probabilities, initial=lambda image: np.ones(image.shape[:-1], np.int32)
+  )
   state = method.init(np.zeros((8, 9, 1)))
   assert (method.labels(state) == 1).all()
   marks = np.full((8, 9), -1, np.int32)
@@ -172,6 +181,7 @@ def test_method_with_a_probabilities_function_and_an_initial_labelling():
 
 def test_without_pymaxflow_the_error_names_the_extra(monkeypatch):
   import sys
-  monkeypatch.setitem(sys.modules, "maxflow", None)       # makes `import maxflow` raise ImportError
+
+  monkeypatch.setitem(sys.modules, "maxflow", None)  # makes `import maxflow` raise ImportError
   with pytest.raises(ImportError, match=r"scribblejax\[test\]"):
     graph_cut_method(lam=1.0, probabilities_fn=lambda image: image)

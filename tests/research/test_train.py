@@ -42,8 +42,7 @@ def test_loss_falls_and_training_is_deterministic(problem):
   assert losses_a == losses_b
   for a, b in zip(_params(model_a), _params(model_b)):
     np.testing.assert_array_equal(a, b)
-  _, losses_c = train_segmenter(_model(), image, labels, dataclasses.replace(CONFIG, seed=4, steps=3),
-                                progress=False)
+  _, losses_c = train_segmenter(_model(), image, labels, dataclasses.replace(CONFIG, seed=4, steps=3), progress=False)
   assert losses_c != losses_a[:3]
   assert predict_labels(model_a, image).shape == labels.shape
 
@@ -52,11 +51,19 @@ def test_resume_from_checkpoint_equals_uninterrupted_run(problem, tmp_path):
   image, labels = problem
   config = dataclasses.replace(CONFIG, steps=4)
   straight, losses = train_segmenter(_model(), image, labels, config, progress=False)
-  first, _ = train_segmenter(_model(), image, labels, dataclasses.replace(config, steps=2), progress=False,
-                             checkpoint_dir=tmp_path / "ckpt", checkpoint_every=1)
+  first, _ = train_segmenter(
+    _model(),
+    image,
+    labels,
+    dataclasses.replace(config, steps=2),
+    progress=False,
+    checkpoint_dir=tmp_path / "ckpt",
+    checkpoint_every=1,
+  )
   assert (tmp_path / "ckpt" / "2").is_dir()
-  resumed, losses_resumed = train_segmenter(_model(seed=9), image, labels, config, progress=False,
-                                            checkpoint_dir=tmp_path / "ckpt")
+  resumed, losses_resumed = train_segmenter(
+    _model(seed=9), image, labels, config, progress=False, checkpoint_dir=tmp_path / "ckpt"
+  )
   assert losses_resumed == pytest.approx(losses, rel=1e-6)
   for a, b in zip(_params(straight), _params(resumed)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
@@ -68,7 +75,7 @@ def test_sample_batch_stacked_and_deterministic():
   config = TrainConfig(batch_size=4, crop=8, seed=1, intensity=0.0)
   x, y = sample_batch(5, image, labels, config, stacked=True)
   assert x.shape == (4, 8, 8, 1) and y.shape == (4, 8, 8)
-  np.testing.assert_array_equal(y, (x[..., 0] % 2).astype(np.int32))   # labels stay aligned after flips
+  np.testing.assert_array_equal(y, (x[..., 0] % 2).astype(np.int32))  # labels stay aligned after flips
   x2, _ = sample_batch(5, image, labels, config, stacked=True)
   np.testing.assert_array_equal(x, x2)
   assert not np.array_equal(x, sample_batch(6, image, labels, config, stacked=True)[0])
@@ -84,8 +91,22 @@ def test_bad_inputs_raise(problem):
 
 def test_train_cli_smoke_run_loads(tmp_path, capsys):
   out = tmp_path / "model"
-  argv = ["train", "--task", "nuclei2d", "--out", str(out), "--steps", "3", "--batch-size", "2", "--crop", "32",
-          "--seed", "1", "--no-progress"]
+  argv = [
+    "train",
+    "--task",
+    "nuclei2d",
+    "--out",
+    str(out),
+    "--steps",
+    "3",
+    "--batch-size",
+    "2",
+    "--crop",
+    "32",
+    "--seed",
+    "1",
+    "--no-progress",
+  ]
   assert main(argv) == 0
   model, info = load_model(out)
   assert info.class_names == ("background", "nucleus")
@@ -94,7 +115,7 @@ def test_train_cli_smoke_run_loads(tmp_path, capsys):
   assert meta["command"].startswith("scribblejax train --task nuclei2d") and "--steps 3" in meta["command"]
   assert set(meta["test_dice"]) == {"background", "nucleus"} and meta["train_seconds"] > 0 and meta["machine"]
   assert model(np.zeros((1, 40, 40, 1), np.float32)).shape == (1, 40, 40, 2)
-  assert main(argv) == 1                                      # exists, no --overwrite
+  assert main(argv) == 1  # exists, no --overwrite
   assert "already exists" in capsys.readouterr().err
   assert main(["train", "--task", "cats", "--out", str(tmp_path / "x")]) == 1
   assert "unknown task" in capsys.readouterr().err
@@ -112,25 +133,37 @@ def test_train_cli_smoke_run_loads(tmp_path, capsys):
 def test_resume_refuses_another_run_and_bad_inputs_are_named(problem, tmp_path):
   image, labels = problem
   config = dataclasses.replace(CONFIG, steps=2)
-  train_segmenter(_model(), image, labels, config, progress=False, checkpoint_dir=tmp_path / "ckpt",
-                  checkpoint_every=1)
+  train_segmenter(_model(), image, labels, config, progress=False, checkpoint_dir=tmp_path / "ckpt", checkpoint_every=1)
   with pytest.raises(ValueError, match=r"holds a run of other training settings: learning_rate"):
-    train_segmenter(_model(), image, labels, dataclasses.replace(config, learning_rate=5e-2), progress=False,
-                    checkpoint_dir=tmp_path / "ckpt")               # was: resumed silently
+    train_segmenter(
+      _model(),
+      image,
+      labels,
+      dataclasses.replace(config, learning_rate=5e-2),
+      progress=False,
+      checkpoint_dir=tmp_path / "ckpt",
+    )  # was: resumed silently
   three = UNet(spatial_dims=2, in_channels=1, num_classes=3, channels=(4, 8), rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="other model"):
     train_segmenter(three, image, labels, config, progress=False, checkpoint_dir=tmp_path / "ckpt")
   with pytest.raises(ValueError, match="other training data"):
-    train_segmenter(_model(), image[::-1].copy(), labels[::-1].copy(), config, progress=False,
-                    checkpoint_dir=tmp_path / "ckpt")
+    train_segmenter(
+      _model(), image[::-1].copy(), labels[::-1].copy(), config, progress=False, checkpoint_dir=tmp_path / "ckpt"
+    )
   (tmp_path / "file").write_text("x")
   with pytest.raises(ValueError, match="is a file"):
     train_segmenter(_model(), image, labels, config, progress=False, checkpoint_dir=tmp_path / "file")
   with pytest.raises(ValueError, match=r"labels hold values 0..2, outside the model's classes 0..1"):
-    train_segmenter(_model(), image, labels * 2, config, progress=False)        # was: NaN losses
+    train_segmenter(_model(), image, labels * 2, config, progress=False)  # was: NaN losses
   with pytest.raises(ValueError, match="integer class indices"):
-    train_segmenter(_model(), image, labels * 0.5, config, progress=False)      # was: 0.5 -> class 0
-  for bad in (dict(learning_rate=float("inf")), dict(intensity=float("nan")), dict(dice_weight=float("inf")),
-              dict(steps=2.5), dict(crop=7.5), dict(intensity=1.5)):
+    train_segmenter(_model(), image, labels * 0.5, config, progress=False)  # was: 0.5 -> class 0
+  for bad in (
+    dict(learning_rate=float("inf")),
+    dict(intensity=float("nan")),
+    dict(dice_weight=float("inf")),
+    dict(steps=2.5),
+    dict(crop=7.5),
+    dict(intensity=1.5),
+  ):
     with pytest.raises(ValueError, match=list(bad)[0]):
       dataclasses.replace(config, **bad)

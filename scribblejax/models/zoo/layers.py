@@ -74,8 +74,20 @@ class Conv(nnx.Module):
     rngs: random generators for initialisation.
   """
 
-  def __init__(self, in_channels: int, out_channels: int, kernel_size, *, spatial_dims: int, stride=1,
-               padding=0, dilation=1, groups: int = 1, use_bias: bool = True, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    in_channels: int,
+    out_channels: int,
+    kernel_size,
+    *,
+    spatial_dims: int,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups: int = 1,
+    use_bias: bool = True,
+    rngs: nnx.Rngs,
+  ):
     n = spatial_dims
     self.kernel_size = as_tuple(kernel_size, n)
     self.stride = as_tuple(stride, n)
@@ -89,9 +101,15 @@ class Conv(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     y = jax.lax.conv_general_dilated(
-        x, self.kernel[...], self.stride, self.padding, rhs_dilation=self.dilation,
-        dimension_numbers=_dims(len(self.stride)), feature_group_count=self.groups,
-        precision=jax.lax.Precision.HIGHEST)
+      x,
+      self.kernel[...],
+      self.stride,
+      self.padding,
+      rhs_dilation=self.dilation,
+      dimension_numbers=_dims(len(self.stride)),
+      feature_group_count=self.groups,
+      precision=jax.lax.Precision.HIGHEST,
+    )
     return y + self.bias[...] if self.bias is not None else y
 
 
@@ -103,15 +121,28 @@ class ConvTranspose(nnx.Module):
   torch's ``(n - 1) * stride - 2 * padding + dilation * (k - 1) + output_padding + 1``.
   """
 
-  def __init__(self, in_channels: int, out_channels: int, kernel_size, *, spatial_dims: int, stride=1,
-               padding=0, output_padding=0, dilation=1, use_bias: bool = True, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    in_channels: int,
+    out_channels: int,
+    kernel_size,
+    *,
+    spatial_dims: int,
+    stride=1,
+    padding=0,
+    output_padding=0,
+    dilation=1,
+    use_bias: bool = True,
+    rngs: nnx.Rngs,
+  ):
     n = spatial_dims
     self.kernel_size = as_tuple(kernel_size, n)
     self.stride = as_tuple(stride, n)
     self.dilation = as_tuple(dilation, n)
     pad, out_pad = as_tuple(padding, n), as_tuple(output_padding, n)
-    self.padding = tuple((d * (k - 1) - p, d * (k - 1) - p + o)
-                         for k, p, o, d in zip(self.kernel_size, pad, out_pad, self.dilation))
+    self.padding = tuple(
+      (d * (k - 1) - p, d * (k - 1) - p + o) for k, p, o, d in zip(self.kernel_size, pad, out_pad, self.dilation)
+    )
     shape = (*self.kernel_size, in_channels, out_channels)
     self.kernel = nnx.Param(_normal(rngs, shape, 1.0 / math.sqrt(in_channels)))
     self.bias = nnx.Param(jnp.zeros((out_channels,))) if use_bias else None
@@ -120,8 +151,15 @@ class ConvTranspose(nnx.Module):
     n = len(self.stride)
     kernel = jnp.flip(self.kernel[...], axis=tuple(range(n)))
     y = jax.lax.conv_general_dilated(
-        x, kernel, (1,) * n, self.padding, lhs_dilation=self.stride, rhs_dilation=self.dilation,
-        dimension_numbers=_dims(n), precision=jax.lax.Precision.HIGHEST)
+      x,
+      kernel,
+      (1,) * n,
+      self.padding,
+      lhs_dilation=self.stride,
+      rhs_dilation=self.dilation,
+      dimension_numbers=_dims(n),
+      precision=jax.lax.Precision.HIGHEST,
+    )
     return y + self.bias[...] if self.bias is not None else y
 
 
@@ -150,8 +188,9 @@ class InstanceNorm(nnx.Module):
 class GroupNorm(nnx.Module):
   """``torch.nn.GroupNorm``: statistics per sample over each group of channels and all positions."""
 
-  def __init__(self, channels: int, *, groups: int, eps: float = 1e-5, affine: bool = True,
-               rngs: nnx.Rngs | None = None):
+  def __init__(
+    self, channels: int, *, groups: int, eps: float = 1e-5, affine: bool = True, rngs: nnx.Rngs | None = None
+  ):
     del rngs
     if channels % groups:
       raise ConversionError(f"GroupNorm: {channels} channels do not split into {groups} groups")
@@ -209,8 +248,9 @@ def make_norm(spec: Mapping[str, Any] | None, channels: int, rngs: nnx.Rngs) -> 
     return InstanceNorm(channels, eps=spec.get("eps", 1e-5), affine=spec.get("affine", False), rngs=rngs)
   if kind == "batch":
     return BatchNorm(channels, eps=spec.get("eps", 1e-5), affine=spec.get("affine", True), rngs=rngs)
-  return GroupNorm(channels, groups=spec["groups"], eps=spec.get("eps", 1e-5), affine=spec.get("affine", True),
-                   rngs=rngs)
+  return GroupNorm(
+    channels, groups=spec["groups"], eps=spec.get("eps", 1e-5), affine=spec.get("affine", True), rngs=rngs
+  )
 
 
 ACT_KINDS = ("relu", "leaky_relu", "prelu", "elu", "gelu", "tanh", "sigmoid")
@@ -227,8 +267,15 @@ class Activation(nnx.Module):
     del rngs
     spec = dict(spec)
     self.kind = spec.pop("kind", None)
-    allowed = {"relu": set(), "leaky_relu": {"negative_slope"}, "prelu": {"num_parameters", "init"},
-               "elu": {"alpha"}, "gelu": {"approximate"}, "tanh": set(), "sigmoid": set()}
+    allowed = {
+      "relu": set(),
+      "leaky_relu": {"negative_slope"},
+      "prelu": {"num_parameters", "init"},
+      "elu": {"alpha"},
+      "gelu": {"approximate"},
+      "tanh": set(),
+      "sigmoid": set(),
+    }
     if self.kind not in allowed or set(spec) - allowed[self.kind]:
       raise ConversionError(f"unsupported activation spec {dict(spec, kind=self.kind)}")
     self.negative_slope = float(spec.get("negative_slope", 0.01))
@@ -236,8 +283,11 @@ class Activation(nnx.Module):
     self.approximate = spec.get("approximate", "none")
     if self.approximate not in ("none", "tanh"):
       raise ConversionError(f"unsupported GELU approximation {self.approximate!r}")
-    self.weight = (nnx.Param(jnp.full((int(spec.get("num_parameters", 1)),), float(spec.get("init", 0.25))))
-                   if self.kind == "prelu" else None)
+    self.weight = (
+      nnx.Param(jnp.full((int(spec.get("num_parameters", 1)),), float(spec.get("init", 0.25))))
+      if self.kind == "prelu"
+      else None
+    )
 
   def __call__(self, x: jax.Array) -> jax.Array:
     if self.kind == "relu":

@@ -49,8 +49,15 @@ def act_spec(act) -> dict | None:
     return None
   name, kw = _split(act)
   kw.pop("inplace", None)
-  names = {"relu": "relu", "leakyrelu": "leaky_relu", "prelu": "prelu", "elu": "elu", "gelu": "gelu",
-           "tanh": "tanh", "sigmoid": "sigmoid"}
+  names = {
+    "relu": "relu",
+    "leakyrelu": "leaky_relu",
+    "prelu": "prelu",
+    "elu": "elu",
+    "gelu": "gelu",
+    "tanh": "tanh",
+    "sigmoid": "sigmoid",
+  }
   if name not in names:
     raise ConversionError(f"unsupported MONAI activation {act!r}")
   return {"kind": names[name], **kw}
@@ -89,17 +96,42 @@ def _no_dropout(dropout) -> None:
 class ConvADN(nnx.Module):
   """MONAI ``Convolution``: conv (or transposed conv), then norm / act in ``adn_ordering`` unless conv-only."""
 
-  def __init__(self, spatial_dims, in_ch, out_ch, *, kernel_size=3, strides=1, act=None, norm=None, bias=True,
-               conv_only=False, is_transposed=False, adn_ordering="NDA", padding=None, rngs):
+  def __init__(
+    self,
+    spatial_dims,
+    in_ch,
+    out_ch,
+    *,
+    kernel_size=3,
+    strides=1,
+    act=None,
+    norm=None,
+    bias=True,
+    conv_only=False,
+    is_transposed=False,
+    adn_ordering="NDA",
+    padding=None,
+    rngs,
+  ):
     k = as_tuple(kernel_size, spatial_dims)
     pad = [(i - 1) // 2 for i in k] if padding is None else padding
     if is_transposed:
       s = as_tuple(strides, spatial_dims)
-      self.conv = ConvTranspose(in_ch, out_ch, k, spatial_dims=spatial_dims, stride=s, padding=pad,
-                                output_padding=[i - 1 for i in s], use_bias=bias, rngs=rngs)
+      self.conv = ConvTranspose(
+        in_ch,
+        out_ch,
+        k,
+        spatial_dims=spatial_dims,
+        stride=s,
+        padding=pad,
+        output_padding=[i - 1 for i in s],
+        use_bias=bias,
+        rngs=rngs,
+      )
     else:
-      self.conv = Conv(in_ch, out_ch, k, spatial_dims=spatial_dims, stride=strides, padding=pad, use_bias=bias,
-                       rngs=rngs)
+      self.conv = Conv(
+        in_ch, out_ch, k, spatial_dims=spatial_dims, stride=strides, padding=pad, use_bias=bias, rngs=rngs
+      )
     with_adn = not conv_only and (act is not None or norm is not None)
     self.ordering = "".join(c for c in adn_ordering.upper() if c in "NA") if with_adn else ""
     if set(adn_ordering.upper()) - set("NDA"):
@@ -148,10 +180,20 @@ class UpCat(nnx.Module):
 class BasicUNet(nnx.Module):
   """``monai.networks.nets.BasicUNet`` (``upsample="deconv"``), channels-last; odd sizes as MONAI handles them."""
 
-  def __init__(self, spatial_dims: int = 3, in_channels: int = 1, out_channels: int = 2,
-               features: Sequence[int] = (32, 32, 64, 128, 256, 32),
-               act=("LeakyReLU", {"negative_slope": 0.1, "inplace": True}), norm=("instance", {"affine": True}),
-               bias: bool = True, dropout: float | tuple = 0.0, upsample: str = "deconv", *, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    spatial_dims: int = 3,
+    in_channels: int = 1,
+    out_channels: int = 2,
+    features: Sequence[int] = (32, 32, 64, 128, 256, 32),
+    act=("LeakyReLU", {"negative_slope": 0.1, "inplace": True}),
+    norm=("instance", {"affine": True}),
+    bias: bool = True,
+    dropout: float | tuple = 0.0,
+    upsample: str = "deconv",
+    *,
+    rngs: nnx.Rngs,
+  ):
     if upsample != "deconv":
       raise ConversionError(f"BasicUNet upsample={upsample!r} is not supported (only 'deconv')")
     _no_dropout(dropout)
@@ -161,10 +203,14 @@ class BasicUNet(nnx.Module):
     a, n, d = act_spec(act), norm_spec(norm), spatial_dims
     self.conv_0 = TwoConv(d, in_channels, fea[0], a, n, bias, rngs)
     self.downs = nnx.List([TwoConv(d, fea[i], fea[i + 1], a, n, bias, rngs) for i in range(4)])
-    self.upcats = nnx.List([UpCat(d, fea[4], fea[3], fea[3], a, n, bias, True, rngs),
-                            UpCat(d, fea[3], fea[2], fea[2], a, n, bias, True, rngs),
-                            UpCat(d, fea[2], fea[1], fea[1], a, n, bias, True, rngs),
-                            UpCat(d, fea[1], fea[0], fea[5], a, n, bias, False, rngs)])
+    self.upcats = nnx.List(
+      [
+        UpCat(d, fea[4], fea[3], fea[3], a, n, bias, True, rngs),
+        UpCat(d, fea[3], fea[2], fea[2], a, n, bias, True, rngs),
+        UpCat(d, fea[2], fea[1], fea[1], a, n, bias, True, rngs),
+        UpCat(d, fea[1], fea[0], fea[5], a, n, bias, False, rngs),
+      ]
+    )
     self.final_conv = Conv(fea[5], out_channels, 1, spatial_dims=d, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -190,20 +236,50 @@ class BasicUNet(nnx.Module):
 class ResidualUnit(nnx.Module):
   """MONAI ``ResidualUnit``: ``subunits`` Convolutions plus a residual conv when shape changes."""
 
-  def __init__(self, dims, in_ch, out_ch, *, strides, kernel_size, subunits, act, norm, bias, adn_ordering,
-               last_conv_only=False, rngs):
+  def __init__(
+    self,
+    dims,
+    in_ch,
+    out_ch,
+    *,
+    strides,
+    kernel_size,
+    subunits,
+    act,
+    norm,
+    bias,
+    adn_ordering,
+    last_conv_only=False,
+    rngs,
+  ):
     k = as_tuple(kernel_size, dims)
     units, ch, s = [], in_ch, strides
     subunits = max(1, subunits)
     for su in range(subunits):
-      units.append(ConvADN(dims, ch, out_ch, kernel_size=k, strides=s, act=act, norm=norm, bias=bias,
-                           conv_only=last_conv_only and su == subunits - 1, adn_ordering=adn_ordering, rngs=rngs))
+      units.append(
+        ConvADN(
+          dims,
+          ch,
+          out_ch,
+          kernel_size=k,
+          strides=s,
+          act=act,
+          norm=norm,
+          bias=bias,
+          conv_only=last_conv_only and su == subunits - 1,
+          adn_ordering=adn_ordering,
+          rngs=rngs,
+        )
+      )
       ch, s = out_ch, 1
     self.units = nnx.List(units)
     strided = int(np.prod(as_tuple(strides, dims))) != 1
     rk, rp = (k, [(i - 1) // 2 for i in k]) if strided else (1, 0)
-    self.residual = (Conv(in_ch, out_ch, rk, spatial_dims=dims, stride=strides, padding=rp, use_bias=bias, rngs=rngs)
-                     if strided or in_ch != out_ch else None)
+    self.residual = (
+      Conv(in_ch, out_ch, rk, spatial_dims=dims, stride=strides, padding=rp, use_bias=bias, rngs=rngs)
+      if strided or in_ch != out_ch
+      else None
+    )
 
   def __call__(self, x):
     res = self.residual(x) if self.residual is not None else x
@@ -220,9 +296,24 @@ class UNet(nnx.Module):
   ``[down_i(x), deeper(down_i(x))]`` as MONAI's ``SkipConnection`` does.
   """
 
-  def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, channels: Sequence[int],
-               strides: Sequence[int], kernel_size=3, up_kernel_size=3, num_res_units: int = 0, act="PRELU",
-               norm="INSTANCE", dropout=0.0, bias: bool = True, adn_ordering: str = "NDA", *, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    spatial_dims: int,
+    in_channels: int,
+    out_channels: int,
+    channels: Sequence[int],
+    strides: Sequence[int],
+    kernel_size=3,
+    up_kernel_size=3,
+    num_res_units: int = 0,
+    act="PRELU",
+    norm="INSTANCE",
+    dropout=0.0,
+    bias: bool = True,
+    adn_ordering: str = "NDA",
+    *,
+    rngs: nnx.Rngs,
+  ):
     _no_dropout(dropout)
     channels, n = list(channels), len(channels)
     if n < 2 or len(strides) < n - 1:
@@ -237,12 +328,19 @@ class UNet(nnx.Module):
       return ConvADN(d, inc, outc, kernel_size=kernel_size, strides=s, **common)
 
     def up(inc, outc, s, top):
-      conv = ConvADN(d, inc, outc, kernel_size=up_kernel_size, strides=s, conv_only=top and num_res_units == 0,
-                     is_transposed=True, **common)
+      conv = ConvADN(
+        d,
+        inc,
+        outc,
+        kernel_size=up_kernel_size,
+        strides=s,
+        conv_only=top and num_res_units == 0,
+        is_transposed=True,
+        **common,
+      )
       if num_res_units == 0:
         return conv
-      unit = ResidualUnit(d, outc, outc, strides=1, kernel_size=kernel_size, subunits=1, last_conv_only=top,
-                          **common)
+      unit = ResidualUnit(d, outc, outc, strides=1, kernel_size=kernel_size, subunits=1, last_conv_only=top, **common)
       return nnx.Dict(conv=conv, unit=unit)
 
     downs, ups = [], []
@@ -269,8 +367,9 @@ class UNet(nnx.Module):
 
   def _block_order(self, path, block) -> list[LayerPath]:
     if isinstance(block, ResidualUnit):
-      return ([(*path, "residual")] if block.residual is not None else []) + \
-          [(*path, "units", j) for j in range(len(block.units))]
+      return ([(*path, "residual")] if block.residual is not None else []) + [
+        (*path, "units", j) for j in range(len(block.units))
+      ]
     return [path]
 
   def layer_order(self) -> list[LayerPath]:
@@ -307,11 +406,24 @@ class ResBlock(nnx.Module):
 class SegResNet(nnx.Module):
   """``monai.networks.nets.SegResNet`` (``upsample_mode`` ``"nontrainable"`` or ``"deconv"``), channels-last."""
 
-  def __init__(self, spatial_dims: int = 3, init_filters: int = 8, in_channels: int = 1, out_channels: int = 2,
-               dropout_prob: float | None = None, act=("RELU", {"inplace": True}), norm=("GROUP", {"num_groups": 8}),
-               norm_name: str = "", num_groups: int = 8, use_conv_final: bool = True,
-               blocks_down: Sequence[int] = (1, 2, 2, 4), blocks_up: Sequence[int] = (1, 1, 1),
-               upsample_mode: str = "nontrainable", *, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    spatial_dims: int = 3,
+    init_filters: int = 8,
+    in_channels: int = 1,
+    out_channels: int = 2,
+    dropout_prob: float | None = None,
+    act=("RELU", {"inplace": True}),
+    norm=("GROUP", {"num_groups": 8}),
+    norm_name: str = "",
+    num_groups: int = 8,
+    use_conv_final: bool = True,
+    blocks_down: Sequence[int] = (1, 2, 2, 4),
+    blocks_up: Sequence[int] = (1, 1, 1),
+    upsample_mode: str = "nontrainable",
+    *,
+    rngs: nnx.Rngs,
+  ):
     del dropout_prob, num_groups
     if norm_name:
       raise ConversionError("SegResNet norm_name is deprecated in MONAI; pass norm")
@@ -324,7 +436,7 @@ class SegResNet(nnx.Module):
     self.conv_init = Conv(in_channels, f, 3, spatial_dims=d, padding=1, use_bias=False, rngs=rngs)
     downs = []
     for i, count in enumerate(blocks_down):
-      ch = f * 2 ** i
+      ch = f * 2**i
       pre = Conv(ch // 2, ch, 3, spatial_dims=d, stride=2, padding=1, use_bias=False, rngs=rngs) if i > 0 else None
       downs.append(nnx.Dict(pre_conv=pre, blocks=nnx.List([ResBlock(d, ch, n, a, rngs) for _ in range(count)])))
     self.downs = nnx.List(downs)
@@ -332,10 +444,16 @@ class SegResNet(nnx.Module):
     n_up = len(blocks_up)
     for i in range(n_up):
       ch = f * 2 ** (n_up - i)
-      up = (ConvTranspose(ch // 2, ch // 2, 2, spatial_dims=d, stride=2, rngs=rngs)
-            if upsample_mode == "deconv" else None)
-      ups.append(nnx.Dict(reduce=Conv(ch, ch // 2, 1, spatial_dims=d, use_bias=False, rngs=rngs), deconv=up,
-                          blocks=nnx.List([ResBlock(d, ch // 2, n, a, rngs) for _ in range(blocks_up[i])])))
+      up = (
+        ConvTranspose(ch // 2, ch // 2, 2, spatial_dims=d, stride=2, rngs=rngs) if upsample_mode == "deconv" else None
+      )
+      ups.append(
+        nnx.Dict(
+          reduce=Conv(ch, ch // 2, 1, spatial_dims=d, use_bias=False, rngs=rngs),
+          deconv=up,
+          blocks=nnx.List([ResBlock(d, ch // 2, n, a, rngs) for _ in range(blocks_up[i])]),
+        )
+      )
     self.ups = nnx.List(ups)
     self.final_norm = make_norm(n, f, rngs)
     self.final_act = Activation(a, rngs=rngs)

@@ -41,11 +41,31 @@ def _per_stage(value, n: int, name: str) -> list:
 class ConvNormAct(nnx.Module):
   """``ConvDropoutNormReLU``: conv (padding ``(k - 1) // 2``), [norm], [nonlin]; dropout is off in eval."""
 
-  def __init__(self, in_channels, out_channels, kernel_size, stride, *, spatial_dims, conv_bias, norm, nonlin,
-               nonlin_first=False, rngs):
+  def __init__(
+    self,
+    in_channels,
+    out_channels,
+    kernel_size,
+    stride,
+    *,
+    spatial_dims,
+    conv_bias,
+    norm,
+    nonlin,
+    nonlin_first=False,
+    rngs,
+  ):
     kernel_size = as_tuple(kernel_size, spatial_dims)
-    self.conv = Conv(in_channels, out_channels, kernel_size, spatial_dims=spatial_dims, stride=stride,
-                     padding=[(k - 1) // 2 for k in kernel_size], use_bias=conv_bias, rngs=rngs)
+    self.conv = Conv(
+      in_channels,
+      out_channels,
+      kernel_size,
+      spatial_dims=spatial_dims,
+      stride=stride,
+      padding=[(k - 1) // 2 for k in kernel_size],
+      use_bias=conv_bias,
+      rngs=rngs,
+    )
     self.norm = make_norm(norm, out_channels, rngs)
     self.nonlin = Activation(nonlin, rngs=rngs) if nonlin is not None else None
     self.nonlin_first = bool(nonlin_first and norm is not None and nonlin is not None)
@@ -63,8 +83,12 @@ class ConvNormAct(nnx.Module):
 
 def _stacked(num, in_ch, out_ch, kernel, stride, common, rngs):
   """``StackedConvBlocks``: the first conv has the stride, the rest stride 1."""
-  return nnx.List([ConvNormAct(in_ch if i == 0 else out_ch, out_ch, kernel, stride if i == 0 else 1,
-                               **common, rngs=rngs) for i in range(num)])
+  return nnx.List(
+    [
+      ConvNormAct(in_ch if i == 0 else out_ch, out_ch, kernel, stride if i == 0 else 1, **common, rngs=rngs)
+      for i in range(num)
+    ]
+  )
 
 
 class StackedConvs(nnx.Module):
@@ -87,17 +111,26 @@ class ResidualBlock(nnx.Module):
     stride = as_tuple(stride, n)
     plain = dict(common, nonlin=None)
     if kind == "BasicBlockD":
-      self.convs = nnx.List([ConvNormAct(in_ch, out_ch, kernel, stride, **common, rngs=rngs),
-                             ConvNormAct(out_ch, out_ch, kernel, 1, **plain, rngs=rngs)])
+      self.convs = nnx.List(
+        [
+          ConvNormAct(in_ch, out_ch, kernel, stride, **common, rngs=rngs),
+          ConvNormAct(out_ch, out_ch, kernel, 1, **plain, rngs=rngs),
+        ]
+      )
     elif kind == "BottleneckD":
-      self.convs = nnx.List([ConvNormAct(in_ch, bottleneck_ch, 1, 1, **common, rngs=rngs),
-                             ConvNormAct(bottleneck_ch, bottleneck_ch, kernel, stride, **common, rngs=rngs),
-                             ConvNormAct(bottleneck_ch, out_ch, 1, 1, **plain, rngs=rngs)])
+      self.convs = nnx.List(
+        [
+          ConvNormAct(in_ch, bottleneck_ch, 1, 1, **common, rngs=rngs),
+          ConvNormAct(bottleneck_ch, bottleneck_ch, kernel, stride, **common, rngs=rngs),
+          ConvNormAct(bottleneck_ch, out_ch, 1, 1, **plain, rngs=rngs),
+        ]
+      )
     else:
       raise ConversionError(f"unknown residual block {kind!r}")
     self.pool = stride if any(s != 1 for s in stride) else None
-    self.projection = (ConvNormAct(in_ch, out_ch, 1, 1, **dict(plain, conv_bias=False), rngs=rngs)
-                       if in_ch != out_ch else None)
+    self.projection = (
+      ConvNormAct(in_ch, out_ch, 1, 1, **dict(plain, conv_bias=False), rngs=rngs) if in_ch != out_ch else None
+    )
     self.nonlin = Activation(common["nonlin"], rngs=rngs) if common["nonlin"] is not None else None
 
   def __call__(self, x):
@@ -121,10 +154,12 @@ class Decoder(nnx.Module):
     self.stages = nnx.List()
     for s in range(1, len(features)):
       below, skip = features[-s], features[-(s + 1)]
-      self.transpconvs.append(ConvTranspose(below, skip, strides[-s], spatial_dims=n, stride=strides[-s],
-                                            use_bias=common["conv_bias"], rngs=rngs))
-      self.stages.append(StackedConvs(n_conv_decoder[s - 1], 2 * skip, skip, kernel_sizes[-(s + 1)], 1, common,
-                                      rngs))
+      self.transpconvs.append(
+        ConvTranspose(
+          below, skip, strides[-s], spatial_dims=n, stride=strides[-s], use_bias=common["conv_bias"], rngs=rngs
+        )
+      )
+      self.stages.append(StackedConvs(n_conv_decoder[s - 1], 2 * skip, skip, kernel_sizes[-(s + 1)], 1, common, rngs))
     self.seg_layer = Conv(features[0], num_classes, 1, spatial_dims=n, rngs=rngs)
 
   def __call__(self, skips):
@@ -168,17 +203,38 @@ class PlainConvUNet(nnx.Module):
   the strides); output logits ``[batch, *spatial, num_classes]``.
   """
 
-  def __init__(self, input_channels: int, num_classes: int, spatial_dims: int, n_stages: int, features_per_stage,
-               kernel_sizes, strides, n_conv_per_stage, n_conv_per_stage_decoder, conv_bias: bool = False,
-               norm: dict | None = None, nonlin: dict | None = None, nonlin_first: bool = False, *,
-               rngs: nnx.Rngs):
+  def __init__(
+    self,
+    input_channels: int,
+    num_classes: int,
+    spatial_dims: int,
+    n_stages: int,
+    features_per_stage,
+    kernel_sizes,
+    strides,
+    n_conv_per_stage,
+    n_conv_per_stage_decoder,
+    conv_bias: bool = False,
+    norm: dict | None = None,
+    nonlin: dict | None = None,
+    nonlin_first: bool = False,
+    *,
+    rngs: nnx.Rngs,
+  ):
     features, kernels, strides = _stage_args(n_stages, spatial_dims, features_per_stage, kernel_sizes, strides)
     n_conv = _per_stage(n_conv_per_stage, n_stages, "n_conv_per_stage")
     n_dec = _per_stage(n_conv_per_stage_decoder, n_stages - 1, "n_conv_per_stage_decoder")
     common = _common_kwargs(spatial_dims, conv_bias, norm, nonlin, nonlin_first)
-    self.encoder = nnx.Dict(stages=nnx.List(
-        [StackedConvs(n_conv[s], input_channels if s == 0 else features[s - 1], features[s], kernels[s],
-                      strides[s], common, rngs) for s in range(n_stages)]))
+    self.encoder = nnx.Dict(
+      stages=nnx.List(
+        [
+          StackedConvs(
+            n_conv[s], input_channels if s == 0 else features[s - 1], features[s], kernels[s], strides[s], common, rngs
+          )
+          for s in range(n_stages)
+        ]
+      )
+    )
     self.decoder = Decoder(features, strides, kernels, n_dec, num_classes, common, rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -190,8 +246,11 @@ class PlainConvUNet(nnx.Module):
 
   def layer_order(self) -> list[LayerPath]:
     """One layer per conv block / transposed conv, in forward order."""
-    order = [("encoder", "stages", s, "convs", i)
-             for s, stage in enumerate(self.encoder["stages"]) for i in range(len(stage.convs))]
+    order = [
+      ("encoder", "stages", s, "convs", i)
+      for s, stage in enumerate(self.encoder["stages"])
+      for i in range(len(stage.convs))
+    ]
     return order + _decoder_order(self.decoder)
 
 
@@ -211,15 +270,34 @@ class ResidualEncoderUNet(nnx.Module):
   ``bottleneck_channels`` (BottleneckD only) and ``stem_channels`` (default ``features_per_stage[0]``).
   """
 
-  def __init__(self, input_channels: int, num_classes: int, spatial_dims: int, n_stages: int, features_per_stage,
-               kernel_sizes, strides, n_blocks_per_stage, n_conv_per_stage_decoder, conv_bias: bool = False,
-               norm: dict | None = None, nonlin: dict | None = None, block: str = "BasicBlockD",
-               bottleneck_channels=None, stem_channels: int | None = None, *, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    input_channels: int,
+    num_classes: int,
+    spatial_dims: int,
+    n_stages: int,
+    features_per_stage,
+    kernel_sizes,
+    strides,
+    n_blocks_per_stage,
+    n_conv_per_stage_decoder,
+    conv_bias: bool = False,
+    norm: dict | None = None,
+    nonlin: dict | None = None,
+    block: str = "BasicBlockD",
+    bottleneck_channels=None,
+    stem_channels: int | None = None,
+    *,
+    rngs: nnx.Rngs,
+  ):
     features, kernels, strides = _stage_args(n_stages, spatial_dims, features_per_stage, kernel_sizes, strides)
     n_blocks = _per_stage(n_blocks_per_stage, n_stages, "n_blocks_per_stage")
     n_dec = _per_stage(n_conv_per_stage_decoder, n_stages - 1, "n_conv_per_stage_decoder")
-    bottleneck = (_per_stage(bottleneck_channels, n_stages, "bottleneck_channels")
-                  if bottleneck_channels is not None else [None] * n_stages)
+    bottleneck = (
+      _per_stage(bottleneck_channels, n_stages, "bottleneck_channels")
+      if bottleneck_channels is not None
+      else [None] * n_stages
+    )
     if block == "BottleneckD" and None in bottleneck:
       raise ConversionError("BottleneckD needs bottleneck_channels")
     common = _common_kwargs(spatial_dims, conv_bias, norm, nonlin)
@@ -227,8 +305,19 @@ class ResidualEncoderUNet(nnx.Module):
     stem = StackedConvs(1, input_channels, stem_channels, kernels[0], 1, common, rngs)
     stages, in_ch = [], stem_channels
     for s in range(n_stages):
-      blocks = [ResidualBlock(block, in_ch if b == 0 else features[s], features[s], bottleneck[s], kernels[s],
-                              strides[s] if b == 0 else 1, common, rngs) for b in range(n_blocks[s])]
+      blocks = [
+        ResidualBlock(
+          block,
+          in_ch if b == 0 else features[s],
+          features[s],
+          bottleneck[s],
+          kernels[s],
+          strides[s] if b == 0 else 1,
+          common,
+          rngs,
+        )
+        for b in range(n_blocks[s])
+      ]
       stages.append(nnx.Dict(blocks=nnx.List(blocks)))
       in_ch = features[s]
     self.encoder = nnx.Dict(stem=stem, stages=nnx.List(stages))

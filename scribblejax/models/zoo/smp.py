@@ -43,17 +43,17 @@ LayerPath = tuple[Any, ...]
 
 # encoder_name -> (block, blocks per stage, groups, width_per_group), as smp's ``resnet_encoders`` table.
 ENCODERS: dict[str, tuple[str, tuple[int, int, int, int], int, int]] = {
-    "resnet18": ("basic", (2, 2, 2, 2), 1, 64),
-    "resnet34": ("basic", (3, 4, 6, 3), 1, 64),
-    "resnet50": ("bottleneck", (3, 4, 6, 3), 1, 64),
-    "resnet101": ("bottleneck", (3, 4, 23, 3), 1, 64),
-    "resnet152": ("bottleneck", (3, 8, 36, 3), 1, 64),
-    "resnext50_32x4d": ("bottleneck", (3, 4, 6, 3), 32, 4),
-    "resnext101_32x4d": ("bottleneck", (3, 4, 23, 3), 32, 4),
-    "resnext101_32x8d": ("bottleneck", (3, 4, 23, 3), 32, 8),
-    "resnext101_32x16d": ("bottleneck", (3, 4, 23, 3), 32, 16),
-    "resnext101_32x32d": ("bottleneck", (3, 4, 23, 3), 32, 32),
-    "resnext101_32x48d": ("bottleneck", (3, 4, 23, 3), 32, 48),
+  "resnet18": ("basic", (2, 2, 2, 2), 1, 64),
+  "resnet34": ("basic", (3, 4, 6, 3), 1, 64),
+  "resnet50": ("bottleneck", (3, 4, 6, 3), 1, 64),
+  "resnet101": ("bottleneck", (3, 4, 23, 3), 1, 64),
+  "resnet152": ("bottleneck", (3, 8, 36, 3), 1, 64),
+  "resnext50_32x4d": ("bottleneck", (3, 4, 6, 3), 32, 4),
+  "resnext101_32x4d": ("bottleneck", (3, 4, 23, 3), 32, 4),
+  "resnext101_32x8d": ("bottleneck", (3, 4, 23, 3), 32, 8),
+  "resnext101_32x16d": ("bottleneck", (3, 4, 23, 3), 32, 16),
+  "resnext101_32x32d": ("bottleneck", (3, 4, 23, 3), 32, 32),
+  "resnext101_32x48d": ("bottleneck", (3, 4, 23, 3), 32, 48),
 }
 INTERPOLATIONS = ("nearest", "nearest-exact", "bilinear")
 _STAGE_PLANES = (64, 128, 256, 512)
@@ -94,8 +94,9 @@ def decoder_norm_spec(use_norm) -> dict | None:
     if params.pop("track_running_stats", False):
       raise ConversionError("decoder instance norm with running statistics is not supported")
   elif kind == "layernorm":
-    raise ConversionError("decoder_use_norm='layernorm' is not supported (smp's LayerNorm normalises the "
-                          "width axis of NCHW tensors)")
+    raise ConversionError(
+      "decoder_use_norm='layernorm' is not supported (smp's LayerNorm normalises the width axis of NCHW tensors)"
+    )
   elif kind == "inplace":
     raise ConversionError("decoder_use_norm='inplace' (InPlaceABN) is not supported")
   else:
@@ -144,10 +145,30 @@ def resize(x: jax.Array, size: Sequence[int], mode: str) -> jax.Array:
 class ConvNorm(nnx.Module):
   """A 2D convolution followed by an optional norm (no activation): one layer of the layer order."""
 
-  def __init__(self, in_ch: int, out_ch: int, kernel: int, *, stride: int = 1, dilation: int = 1, groups: int = 1,
-               norm: dict | None, rngs: nnx.Rngs):
-    self.conv = Conv(in_ch, out_ch, kernel, spatial_dims=2, stride=stride, padding=(kernel // 2) * dilation,
-                     dilation=dilation, groups=groups, use_bias=norm is None, rngs=rngs)
+  def __init__(
+    self,
+    in_ch: int,
+    out_ch: int,
+    kernel: int,
+    *,
+    stride: int = 1,
+    dilation: int = 1,
+    groups: int = 1,
+    norm: dict | None,
+    rngs: nnx.Rngs,
+  ):
+    self.conv = Conv(
+      in_ch,
+      out_ch,
+      kernel,
+      spatial_dims=2,
+      stride=stride,
+      padding=(kernel // 2) * dilation,
+      dilation=dilation,
+      groups=groups,
+      use_bias=norm is None,
+      rngs=rngs,
+    )
     self.norm = make_norm(norm, out_ch, rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -164,20 +185,38 @@ class ResidualBlock(nnx.Module):
   ``convs[i]`` is torch's ``conv{i+1}``/``bn{i+1}``; ``downsample`` its ``downsample.0``/``.1``.
   """
 
-  def __init__(self, kind: str, in_ch: int, planes: int, *, stride: int, dilation: int, groups: int,
-               width_per_group: int, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    kind: str,
+    in_ch: int,
+    planes: int,
+    *,
+    stride: int,
+    dilation: int,
+    groups: int,
+    width_per_group: int,
+    rngs: nnx.Rngs,
+  ):
     c = dict(norm=_BN, rngs=rngs)
     if kind == "basic":
       out_ch = planes
-      self.convs = nnx.List([ConvNorm(in_ch, planes, 3, stride=stride, dilation=dilation, **c),
-                             ConvNorm(planes, planes, 3, dilation=dilation, **c)])
+      self.convs = nnx.List(
+        [
+          ConvNorm(in_ch, planes, 3, stride=stride, dilation=dilation, **c),
+          ConvNorm(planes, planes, 3, dilation=dilation, **c),
+        ]
+      )
     else:
       width = int(planes * (width_per_group / 64.0)) * groups
       out_ch = planes * 4
-      self.convs = nnx.List([ConvNorm(in_ch, width, 1, **c),
-                             ConvNorm(width, width, 3, stride=stride, dilation=dilation, groups=groups, **c),
-                             ConvNorm(width, out_ch, 1, **c)])
-    self.downsample = (ConvNorm(in_ch, out_ch, 1, stride=stride, **c) if stride != 1 or in_ch != out_ch else None)
+      self.convs = nnx.List(
+        [
+          ConvNorm(in_ch, width, 1, **c),
+          ConvNorm(width, width, 3, stride=stride, dilation=dilation, groups=groups, **c),
+          ConvNorm(width, out_ch, 1, **c),
+        ]
+      )
+    self.downsample = ConvNorm(in_ch, out_ch, 1, stride=stride, **c) if stride != 1 or in_ch != out_ch else None
     self.out_channels = out_ch
 
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -206,14 +245,21 @@ class ResNetEncoder(nnx.Module):
       stride = 1 if k == 0 or dilations[k] > 1 else 2
       stage = []
       for j in range(blocks[k]):
-        block = ResidualBlock(kind, ch, _STAGE_PLANES[k], stride=stride if j == 0 else 1, dilation=dilations[k],
-                              groups=groups, width_per_group=width_per_group, rngs=rngs)
+        block = ResidualBlock(
+          kind,
+          ch,
+          _STAGE_PLANES[k],
+          stride=stride if j == 0 else 1,
+          dilation=dilations[k],
+          groups=groups,
+          width_per_group=width_per_group,
+          rngs=rngs,
+        )
         stage.append(block)
         ch = block.out_channels
       layers.append(nnx.List(stage))
     self.layers = nnx.List(layers)
-    self.out_channels = (in_channels, 64) + tuple(
-        (p if kind == "basic" else 4 * p) for p in _STAGE_PLANES[: depth - 1])
+    self.out_channels = (in_channels, 64) + tuple((p if kind == "basic" else 4 * p) for p in _STAGE_PLANES[: depth - 1])
 
   def __call__(self, x: jax.Array) -> list[jax.Array]:
     features = [x]
@@ -221,8 +267,9 @@ class ResNetEncoder(nnx.Module):
     features.append(x)
     for k, stage in enumerate(self.layers):
       if k == 0:
-        x = jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1),
-                                  ((0, 0), (1, 1), (1, 1), (0, 0)))
+        x = jax.lax.reduce_window(
+          x, -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1), ((0, 0), (1, 1), (1, 1), (0, 0))
+        )
       for block in stage:
         x = block(x)
       features.append(x)
@@ -266,16 +313,29 @@ class Unet(nnx.Module):
     ConversionError: an option this module does not implement.
   """
 
-  def __init__(self, encoder_name: str = "resnet34", encoder_depth: int = 5, encoder_weights: Any = None,
-               decoder_use_norm: bool | str | dict = "batchnorm",
-               decoder_channels: Sequence[int] = (256, 128, 64, 32, 16), decoder_attention_type: str | None = None,
-               decoder_interpolation: str = "nearest", in_channels: int = 3, classes: int = 1,
-               activation: str | None = None, aux_params: dict | None = None, *,
-               decoder_use_batchnorm: bool | str | None = None, output_stride: int = 32, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    encoder_name: str = "resnet34",
+    encoder_depth: int = 5,
+    encoder_weights: Any = None,
+    decoder_use_norm: bool | str | dict = "batchnorm",
+    decoder_channels: Sequence[int] = (256, 128, 64, 32, 16),
+    decoder_attention_type: str | None = None,
+    decoder_interpolation: str = "nearest",
+    in_channels: int = 3,
+    classes: int = 1,
+    activation: str | None = None,
+    aux_params: dict | None = None,
+    *,
+    decoder_use_batchnorm: bool | str | None = None,
+    output_stride: int = 32,
+    rngs: nnx.Rngs,
+  ):
     del encoder_weights
     if encoder_name not in ENCODERS:
-      raise ConversionError(f"segmentation_models_pytorch.Unet encoder {encoder_name!r} is not supported; "
-                            f"supported: {', '.join(ENCODERS)}")
+      raise ConversionError(
+        f"segmentation_models_pytorch.Unet encoder {encoder_name!r} is not supported; supported: {', '.join(ENCODERS)}"
+      )
     if not isinstance(encoder_depth, int) or not 1 <= encoder_depth <= 5:
       raise ConversionError(f"encoder_depth must be 1 to 5, got {encoder_depth!r}")
     decoder_channels = [int(c) for c in decoder_channels]
@@ -284,19 +344,24 @@ class Unet(nnx.Module):
     if decoder_attention_type is not None:
       raise ConversionError(f"decoder_attention_type={decoder_attention_type!r} is not supported (only None)")
     if decoder_interpolation not in INTERPOLATIONS:
-      raise ConversionError(f"decoder_interpolation={decoder_interpolation!r} is not supported; "
-                            f"supported: {', '.join(INTERPOLATIONS)}")
+      raise ConversionError(
+        f"decoder_interpolation={decoder_interpolation!r} is not supported; supported: {', '.join(INTERPOLATIONS)}"
+      )
     if activation not in (None, "identity"):
-      raise ConversionError(f"activation={activation!r} is not supported: the converted network must return "
-                            "logits (activation None)")
+      raise ConversionError(
+        f"activation={activation!r} is not supported: the converted network must return logits (activation None)"
+      )
     _check_aux_params(aux_params)
     norm = decoder_norm_spec(decoder_use_batchnorm if decoder_use_batchnorm is not None else decoder_use_norm)
     self.interpolation = decoder_interpolation
     self.encoder = ResNetEncoder(encoder_name, in_channels, encoder_depth, output_stride, rngs=rngs)
     skips = list(self.encoder.out_channels[1:])[::-1]
     ins = [skips[0]] + decoder_channels[:-1]
-    self.decoder = nnx.Dict(blocks=nnx.List([
-        DecoderBlock(i, s, o, norm, rngs=rngs) for i, s, o in zip(ins, skips[1:] + [0], decoder_channels)]))
+    self.decoder = nnx.Dict(
+      blocks=nnx.List(
+        [DecoderBlock(i, s, o, norm, rngs=rngs) for i, s, o in zip(ins, skips[1:] + [0], decoder_channels)]
+      )
+    )
     self.segmentation_head = Conv(decoder_channels[-1], classes, 3, spatial_dims=2, padding=1, rngs=rngs)
     self.aux_classes = int(aux_params["classes"]) if aux_params else None
 
