@@ -37,7 +37,7 @@ probe() {  # label, time limit (s), env assignments..., -- probe arguments...
 
 for part in ${PARTS:-base bf16 xla_layout cmdbuf_while}; do
   case "$part" in
-    base) probe base 100 "XLA_FLAGS=--xla_dump_to=$OUT/hlo --xla_dump_hlo_as_text --xla_dump_hlo_module_re=.*_run_loop.*" -- \
+    base) probe base 100 "XLA_FLAGS=--xla_dump_to=$OUT/hlo --xla_dump_hlo_as_text --xla_dump_hlo_module_re=.*loop_program.*" -- \
             --cases "$CASES" --trace --batch "${BATCH:-32}" --batch-case "${BATCH_CASE:-2d256}" ;;
     bf16) probe bf16 60 -- --cases "$CASES" --dtypes bfloat16 --trace ;;
     xla_layout) probe xla_layout 40 SCRIBBLEJAX_FORCE_CONV_NHWC=0 -- --cases "${CASES_3D:-3d96}" --trace ;;

@@ -38,32 +38,10 @@ def tiny_model(tmp_path_factory):
   return model, folder
 
 
-# Markers by where a test lives (pyproject.toml registers them): `make test-quick` runs
-# `-m "not slow and not torch and not gui"`, `make test` runs everything.
+# Markers (pyproject.toml registers them): `make test-quick` runs `-m "not slow and not torch and not gui"`,
+# `make test` runs everything. torch and gui are set here by where a test lives; slow is set on each test
+# that takes more than about a second (long refinements, training, subprocesses).
 TORCH_MODULES = ("test_torch_reference.py", "test_torch_case.py")
-SLOW_MODULES = (
-  "test_refine.py",
-  "test_batch.py",
-  "test_sharding.py",
-  "test_speed_trunk.py",
-  "test_kernels.py",
-  "test_precision_memory.py",
-  "test_ensemble.py",
-  "test_model_init.py",
-  "test_regions.py",
-  "test_weights.py",
-  "test_resample_windows.py",
-  "test_io_images.py",
-  "test_cli_io.py",
-  "test_demo.py",
-  "test_evaluate.py",
-  "test_experiments.py",
-  "test_train.py",
-  "test_correction_bench.py",
-  "test_speed_bench.py",
-  "test_session.py",
-  "test_ci_skip_guard.py",
-)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -73,8 +51,6 @@ def pytest_collection_modifyitems(config, items):
       item.add_marker(pytest.mark.torch)
     if path.parent.name == "napari":
       item.add_marker(pytest.mark.gui)
-    if path.name in SLOW_MODULES:
-      item.add_marker(pytest.mark.slow)
 
 
 # On CI (the environment variable CI set, as CI services do) the converter families' equivalence tests

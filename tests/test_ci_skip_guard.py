@@ -46,6 +46,7 @@ def folder(tmp_path_factory):
   return root
 
 
+@pytest.mark.slow
 def test_on_ci_a_guarded_skip_fails_the_run_naming_test_and_reason(folder):
   proc = run_pytest(folder, "true")
   assert proc.returncode == 1, proc.stdout + proc.stderr
@@ -56,6 +57,7 @@ def test_on_ci_a_guarded_skip_fails_the_run_naming_test_and_reason(folder):
   )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ci", [None, "false"])
 def test_off_ci_a_skip_is_only_a_skip(folder, ci):
   proc = run_pytest(folder, ci)

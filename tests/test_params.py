@@ -186,6 +186,7 @@ def test_split_does_not_alias_the_model():
   np.testing.assert_array_equal(np.asarray(model.head.kernel[...]), before)
 
 
+@pytest.mark.slow
 def test_unet_any_size_2d_3d():
   model2 = sj.UNet(spatial_dims=2, in_channels=2, num_classes=4, channels=(4, 8, 16), rngs=nnx.Rngs(0))
   assert model2(jnp.zeros((2, 13, 22, 2))).shape == (2, 13, 22, 4)

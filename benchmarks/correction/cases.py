@@ -122,7 +122,7 @@ def nuclei_synthetic() -> BenchCase:
 def tissue2d_missed_csf() -> BenchCase:
   bb = ev.resolve_backbone(None, "tissue2d")
   image, truth = _tissue_slice(bb, HELD_OUT_SLICE)
-  amount = surgery.suppression_amount(bb.model, image, 1)
+  amount = ev.suppression_amount(bb.model, image, 1)
   model = surgery.suppress_class(bb.model, 1, amount=amount)
   return BenchCase(
     ev.make_case("tissue2d_missed_csf", image, truth, 4, bb.class_names),

@@ -1,14 +1,13 @@
 """oneDNN convolutions for XLA:CPU, through the XLA FFI (optional; ``pip install scribblejax[cpu]``).
 
-XLA:CPU computes convolutions on its own generic kernels. On 2 cores of an AMD EPYC (Zen 4), the value
-and both gradients of one 3x3 convolution, 64 -> 32 features, took 77 ms at 256^2 and 2609 ms at
-64^3; oneDNN (the library behind PyTorch's CPU convolutions) took 37 ms and 473 ms on the same
-cores. This module compiles ``onednn_conv.cc`` against the oneDNN shipped in the
-``onednn-cpu-gomp`` / ``onednn-devel-cpu-gomp`` wheels (once per machine and version, about 7 s, cached
-under ``~/.cache/scribblejax/kernels``), registers its three handlers with XLA, checks them against
-XLA once, and exposes :func:`conv` and :func:`conv_transpose`: channels-last (transposed)
-convolutions whose forward pass and both gradients run in oneDNN, usable under ``jit``, ``grad``,
-``vmap``, ``lax.while_loop`` and ``shard_map`` like any JAX function.
+XLA:CPU computes convolutions on its own generic kernels; oneDNN (the library behind PyTorch's CPU
+convolutions) is faster on the same cores (``docs/performance.md``). This module compiles
+``onednn_conv.cc`` against the oneDNN shipped in the ``onednn-cpu-gomp`` / ``onednn-devel-cpu-gomp``
+wheels (once per machine and version, cached under ``~/.cache/scribblejax/kernels``), registers its
+three handlers with XLA, checks them against XLA once, and exposes :func:`conv` and
+:func:`conv_transpose`: channels-last (transposed) convolutions whose forward pass and both gradients
+run in oneDNN, usable under ``jit``, ``grad``, ``vmap``, ``lax.while_loop`` and ``shard_map`` like any
+JAX function.
 
 :mod:`scribblejax.refinement.trunk` applies it to every float32 convolution it can (rewrite ``"onednn_conv"``)
 when :attr:`scribblejax.RefineConfig.conv_backend` resolves to ``"onednn"``: by default on the CPU

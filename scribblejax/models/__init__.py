@@ -6,7 +6,7 @@ from scribblejax.models.ensemble import Ensemble
 from scribblejax.models.ordering import check_layer_order, layer_order, traced_layer_order
 from scribblejax.models.regions import Regions, region_labels, region_scores
 from scribblejax.models.store import ModelInfo, builtin_models, load_model, read_info, save_model
-from scribblejax.models.surgery import add_classes, suppress_class, suppression_amount
+from scribblejax.models.surgery import add_classes, suppress_class
 from scribblejax.models.unet import UNet
 
 __all__ = [
@@ -24,6 +24,5 @@ __all__ = [
   "region_scores",
   "save_model",
   "suppress_class",
-  "suppression_amount",
   "traced_layer_order",
 ]

@@ -1,9 +1,8 @@
 """Initialisers that draw with NumPy, so that building a model compiles (almost) nothing.
 
 Flax's own initialisers run eagerly when a module is built, and JAX compiles one XLA program per
-operation and weight shape the first time it sees it: building the benchmark U-Net (channels 32 to
-256) took 6.7 s in 2D and 10.8 s in 3D on 2 CPU cores, almost all of it compiling, and 34 s of the
-test suite went there. These initialisers draw the same distributions with NumPy from a seed taken
+operation and weight shape the first time it sees it, so building a large U-Net is mostly compiling.
+These initialisers draw the same distributions with NumPy from a seed taken
 from the layer's key (one tiny compiled draw, the same for every shape). Under a trace
 (``nnx.eval_shape``, ``nnx.jit``) they hand over to JAX's own, which compile nothing there.
 

@@ -3,7 +3,8 @@
 * :func:`add_classes` appends output classes to the final convolution, each starting below the
   background, so structures the network never learnt can be marked and refined in;
 * :func:`suppress_class` lowers one class's head bias so the network misses that class entirely
-  (with :func:`suppression_amount`, the smallest lowering that does so on one image): a controlled
+  (with :func:`scribblejax.research.evaluate.suppression_amount`, the smallest lowering that does so
+  on one image): a controlled
   "missed class" for the correction benchmark.
 
 Each returns a new model; the one given is not modified. Ensembles change every member.
@@ -13,14 +14,12 @@ from __future__ import annotations
 
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from scribblejax._checks import is_finite_number
 from scribblejax.models.ordering import layer_order
-from scribblejax.params import head, split_params
 
 
 def _final_layer(model: nnx.Module, example: Any) -> tuple[nnx.Module, str, nnx.Module]:
@@ -123,24 +122,12 @@ def add_classes(model: nnx.Module, k: int, *, margin: float = 4.0, example: Any 
   return new
 
 
-def suppression_amount(model: nnx.Module, image: np.ndarray, c: int, margin: float = 1.0) -> float:
-  """The smallest lowering of class ``c``'s logit that removes ``c`` from the prediction on ``image``,
-  plus ``margin`` (0 plus ``margin`` when ``c`` is never predicted)."""
-  image = np.asarray(image)
-  split = split_params(model, head(), example=jax.ShapeDtypeStruct((1, *image.shape), jnp.float32))
-  from scribblejax.refinement import predict
-
-  logits = np.asarray(predict(split, image))
-  others = np.delete(logits, c, axis=-1).max(-1)
-  return float(max(0.0, (logits[..., c] - others).max()) + margin)
-
-
 def suppress_class(model: nnx.Module, c: int, *, amount: float, example: Any = None) -> nnx.Module:
   """A copy of ``model`` whose final-layer bias of class ``c`` is lowered by ``amount``.
 
-  With ``amount`` from :func:`suppression_amount` the copy never predicts class ``c`` on that image:
-  a controlled way to produce "the network missed this class entirely", stated as such wherever it
-  is used. The refinement's proximal term then anchors to the lowered bias.
+  With ``amount`` from :func:`scribblejax.research.evaluate.suppression_amount` the copy never predicts
+  class ``c`` on that image: a controlled way to produce "the network missed this class entirely",
+  stated as such wherever it is used. The refinement's proximal term then anchors to the lowered bias.
   """
   _check_finite(amount, "amount")
   members = _members(model, "suppress_class")

@@ -132,7 +132,7 @@ def random_walker_labels(image: np.ndarray, marks: np.ndarray, beta: float = 130
   for i, c in enumerate(present, start=1):
     seeds[marks == c] = i
   # a direct solve is exact and, up to a few hundred thousand pixels, faster than scikit-image's default
-  # conjugate gradients (which took 25-30 s per round at 197 x 233 with four classes here)
+  # conjugate gradients
   mode = "bf" if marks.size <= 300_000 else "cg_j"
   out = random_walker(image, seeds, beta=beta, mode=mode, tol=1e-3, channel_axis=channel_axis)
   return present[np.asarray(out) - 1].astype(np.int32)

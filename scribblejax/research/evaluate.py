@@ -42,11 +42,15 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from scribblejax._checks import is_integer
 from scribblejax.io import fileio
 from scribblejax.marks import UNMARKED, accumulate, grow_marks
+from scribblejax.params import head, split_params
+from scribblejax.refinement import predict
 from scribblejax.research import metrics
 from scribblejax.research.baselines import Method
 from scribblejax.research.simulate import ROBOT_USERS, robot_marks
@@ -541,7 +545,9 @@ def resolve_backbone(
   raise ValueError(f"the built-in model {name!r} for task {task!r} is not shipped; pass --model NAME_OR_PATH")
 
 
-def _centre_crop(arrays: Sequence[np.ndarray], size: int | Sequence[int] | None, ndim: int) -> list[np.ndarray]:
+def centre_crop(arrays: Sequence[np.ndarray], size: int | Sequence[int] | None, ndim: int) -> list[np.ndarray]:
+  """The centre ``size`` (per axis, or one size for all) of each array's first ``ndim`` axes (all of
+  each array when ``size`` is ``None``)."""
   if size is None:
     return list(arrays)
   sizes = (size,) * ndim if isinstance(size, (int, np.integer)) else tuple(size)
@@ -603,6 +609,17 @@ def task_case(task: str, backbone: Backbone, crop: int | Sequence[int] | None = 
     ds = data.tissue3d()
     image, truth = ds.image[ds.test], ds.labels[ds.test]
     names = ds.class_names
-  image, truth = _centre_crop([image, truth], crop, truth.ndim)
+  image, truth = centre_crop([image, truth], crop, truth.ndim)
   image = normalize(image, backbone.normalization)
   return make_case(task, image, truth, backbone.num_classes, backbone.class_names or names)
+
+
+def suppression_amount(model: nnx.Module, image: np.ndarray, c: int, margin: float = 1.0) -> float:
+  """The smallest lowering of class ``c``'s logit that removes ``c`` from the prediction on ``image``,
+  plus ``margin`` (0 plus ``margin`` when ``c`` is never predicted)."""
+  image = np.asarray(image)
+  split = split_params(model, head(), example=jax.ShapeDtypeStruct((1, *image.shape), jnp.float32))
+
+  logits = np.asarray(predict(split, image))
+  others = np.delete(logits, c, axis=-1).max(-1)
+  return float(max(0.0, (logits[..., c] - others).max()) + margin)

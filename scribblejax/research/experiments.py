@@ -10,7 +10,7 @@ folder, atomically, labelled with the machine and the size preset:
 ``missed_class``      (iii) a class the network misses entirely (its head bias lowered by the least amount
                       that removes it on this image, stated as such), inserted by marks
 ``new_class``         (iv) a structure never trained for ("large nuclei", area >= 75th percentile), by
-                      appending an output class to the head (:func:`scribblejax.research.baselines.add_classes`)
+                      appending an output class to the head (:func:`scribblejax.models.surgery.add_classes`)
 ``shift``             (v) DSB nuclei backbone on synthetic 3D nuclei planes; tissue backbone on an
                       intensity/contrast-shifted MNI slice
 ``mark_types``        (vi) scribble vs point vs box: NoC (the seed's Table 4)
@@ -249,7 +249,7 @@ def exp_missed_class(ctx: Context) -> dict:
   for task, c in [("nuclei2d", 1)] + ([("tissue2d", 1)] if ctx.tissue is not None else []):
     case = ctx.case(task)
     model = ctx.backbone(task).model
-    amount = surgery.suppression_amount(model, case.image, c)
+    amount = ev.suppression_amount(model, case.image, c)
     missing = surgery.suppress_class(model, c, amount=amount)
     notes.append(
       f"{task}: class {c} ({case.class_names[c]}) removed by lowering its head bias by {amount:.2f} "
@@ -294,7 +294,7 @@ def new_class_case(ctx: Context, percentile: float = 75.0) -> ev.Case:
   ids = np.arange(len(areas))
   large = np.isin(instances, ids[1:][areas[1:] >= cut])
   truth = np.where(instances > 0, np.where(large, 2, 1), 0).astype(np.int32)
-  image, truth = ev._centre_crop([ds.image[ds.test], truth[ds.test]], ctx.size.crop, 2)
+  image, truth = ev.centre_crop([ds.image[ds.test], truth[ds.test]], ctx.size.crop, 2)
   return ev.make_case(
     "nuclei2d_large", normalize(image, ctx.nuclei.normalization), truth, 3, ("background", "nucleus", "large nucleus")
   )

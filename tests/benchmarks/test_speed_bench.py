@@ -99,6 +99,7 @@ def test_torch_mirror_computes_the_flax_forward(dims, shape):
   np.testing.assert_allclose(np.moveaxis(theirs, 1, -1), ours, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_precision_and_memory_variants(tmp_path):
   out = tmp_path / "mem.json"
   assert (
@@ -194,6 +195,7 @@ def test_probe_summary_classes_kernels_and_bounds_the_matmul_time(tmp_path, caps
     gpu_probe.main(["--label", "x"])  # no --out, no --summarise
 
 
+@pytest.mark.slow
 def test_probe_times_and_profiles_one_configuration(tmp_path, monkeypatch):
   from benchmarks import gpu_probe
 
@@ -205,6 +207,7 @@ def test_probe_times_and_profiles_one_configuration(tmp_path, monkeypatch):
   assert rec["profile"]["events_per_step"] > 0, rec["profile"]
 
 
+@pytest.mark.slow
 def test_final_step_ab_times_both_backward_modes(tmp_path):
   from benchmarks import final_step_ab
 
@@ -215,6 +218,7 @@ def test_final_step_ab_times_both_backward_modes(tmp_path):
   assert rec["ms_tail_forward"] > 0 and all(0 <= s <= 30 for s in rec["steps_taken"])
 
 
+@pytest.mark.slow
 def test_patch_memory_measures_less_memory_one_patch_per_call(tmp_path, capsys):
   from benchmarks import patch_memory
 
@@ -337,6 +341,7 @@ def test_ratios_are_against_the_strongest_torch_variant_of_the_same_precision_an
   assert "strongest_torch" not in by["scribblejax_trunk_reused"]  # not one interaction from W
 
 
+@pytest.mark.slow
 def test_peer_variants_run_in_turns_with_checks_and_unavailable_records(tmp_path):
   pytest.importorskip("torch")
   out = tmp_path / "peer.json"

@@ -12,6 +12,7 @@ torch = pytest.importorskip("torch")
 nets = pytest.importorskip("monai.networks.nets")
 
 
+@pytest.mark.slow
 def test_monai_backbone_is_the_torch_network_converted(tmp_path):
   lines = []
   cache = tmp_path / "monai"

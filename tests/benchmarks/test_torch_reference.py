@@ -45,12 +45,14 @@ def test_trunk_then_tail_is_the_whole_network(problem):
   ],
   ids=["cached", "full_forward", "sync_every_step", "concatenated"],
 )
+@pytest.mark.slow
 def test_peer_gives_scribblejax_logits_after_the_same_steps(problem, options):
   model, split, image, marks = problem
   err = ref.check_peer(split, model, image, marks, options, steps=3, **HYPER)  # rtol = atol = 1e-3, float32
   assert err < 1e-3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cache_trunk", [True, False])
 def test_bf16_autocast_peer_is_near_scribblejax_bf16(problem, cache_trunk):
   model, split, image, marks = problem
@@ -58,6 +60,7 @@ def test_bf16_autocast_peer_is_near_scribblejax_bf16(problem, cache_trunk):
   assert ref.check_peer(split, model, image, marks, options, steps=3, **ref.BF16_TOLERANCE, **HYPER) < 0.2
 
 
+@pytest.mark.slow
 def test_compiled_peer_gives_scribblejax_logits(problem):
   """torch.compile (inductor): its C++ kernels compile in 30 to 90 s on 2 busy cores the first time
   (the inductor cache makes a second run quick); kept in the suite, as the slowest test here."""
@@ -92,6 +95,7 @@ def test_no_host_read_in_a_fixed_step_loop(problem, monkeypatch):
   assert len(reads) <= 6 + 1  # one read per step at most (was two), then the flag
 
 
+@pytest.mark.slow
 def test_early_stop_peer_stops_where_scribblejax_stops(problem):
   model, split, image, marks = problem
   hyper = dict(learning_rate=0.05, momentum=0.9, prox_weight=0.01)

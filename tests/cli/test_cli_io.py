@@ -18,13 +18,13 @@ import nrrd
 import numpy as np
 import pytest
 import tifffile
+from file_builders import write_dicom_series, write_labelme, write_slicer_segmentation
 from flax import nnx
 from PIL import Image as PILImage
 
 import scribblejax as sj
 from scribblejax.cli import main
 from scribblejax.io import read_image
-from scribblejax.io._testing import write_dicom_series, write_labelme, write_slicer_segmentation
 from scribblejax.research import data, metrics
 from scribblejax.research.train import TrainConfig, train_segmenter
 
@@ -108,6 +108,7 @@ def _no_temporaries(folder):
 # predict
 
 
+@pytest.mark.slow
 def test_predict_nifti_round_trip_keeps_affine_and_header(tmp_path, model_dir, crop):
   image, truth, network = crop
   src = nib.Nifti1Image(image.astype(np.int16)[:, :, None], AFFINE)
@@ -155,6 +156,7 @@ def test_predict_nifti_round_trip_keeps_affine_and_header(tmp_path, model_dir, c
   _no_temporaries(tmp_path)
 
 
+@pytest.mark.slow
 def test_a_2d_model_segments_a_stack_slice_by_slice(tmp_path, model_dir, crop):
   # Was: refused ("the model takes 2-D images"). A TIFF stack goes slice by slice along its first axis,
   # normalised as one volume (here three copies: each slice normalises as the crop alone does).
@@ -178,6 +180,7 @@ def test_a_2d_model_segments_a_stack_slice_by_slice(tmp_path, model_dir, crop):
   )
 
 
+@pytest.mark.slow
 def test_commands_keep_compiled_programs_on_disk(tmp_path, model_dir, crop):
   image = crop[0]
   tifffile.imwrite(tmp_path / "img.tif", image)
@@ -235,6 +238,7 @@ def test_commands_keep_compiled_programs_on_disk(tmp_path, model_dir, crop):
 # refine
 
 
+@pytest.mark.slow
 def test_refine_labelme_two_labels_corrects_two_classes_in_one_round(tmp_path, model_dir, crop, capsys):
   image, truth, network = crop
   grey = np.round(image * (255.0 / image.max())).astype(np.uint8)
@@ -315,6 +319,7 @@ def test_refine_labelme_two_labels_corrects_two_classes_in_one_round(tmp_path, m
   assert "refining:" in out.err and "/300" in out.err, repr(out.err)
 
 
+@pytest.mark.slow
 def test_refine_with_patches_chosen_on_the_command_line_honours_the_marks(tmp_path, model_dir, crop, capsys):
   # Any model can run patch by patch (--patch-size); the loop runs the patches that hold marks, blended
   # as the sliding window blends them, so the written segmentation honours every mark.
@@ -390,6 +395,7 @@ def _at_spacing(model_dir, folder, spacing):
   return folder
 
 
+@pytest.mark.slow
 def test_on_a_coarser_model_grid_the_report_counts_marks_in_the_written_file(tmp_path, model_dir, crop, capsys):
   # A model stating a voxel spacing twice the image's: marks go to a coarser grid, the segmentation
   # comes back by resampling. marks_honoured is measured in the written file against the marks drawn,
@@ -459,6 +465,7 @@ def test_a_tiffs_print_resolution_is_not_a_spacing_to_resample_from(tmp_path, mo
   np.testing.assert_array_equal(tifffile.imread(tmp_path / "dpi_seg.tif"), tifffile.imread(tmp_path / "plain_seg.tif"))
 
 
+@pytest.mark.slow
 def test_refine_reads_a_slicer_segmentation_on_an_nrrd_image(tmp_path, model_dir, crop, capsys):
   image, truth, network = crop
   # The crop as a 2-D NRRD in LPS space: axis 0 = rows, axis 1 = columns (any order works: geometry rules).
@@ -521,6 +528,7 @@ def test_refine_reads_a_slicer_segmentation_on_an_nrrd_image(tmp_path, model_dir
   assert report["marked_pixels"] == {"background": 9, "nucleus": 9} and report["satisfied"]
 
 
+@pytest.mark.slow
 def test_session_two_rounds_then_undo(tmp_path, model_dir, crop, capsys):
   image, truth, network = crop
   tifffile.imwrite(tmp_path / "img.tif", image)
@@ -600,6 +608,7 @@ def test_session_two_rounds_then_undo(tmp_path, model_dir, crop, capsys):
   _no_temporaries(tmp_path)
 
 
+@pytest.mark.slow
 def test_continue_weights_and_region_growing(tmp_path, model_dir, crop, capsys):
   image, truth, network = crop
   tifffile.imwrite(tmp_path / "img.tif", image)
@@ -712,6 +721,7 @@ def test_continue_weights_and_region_growing(tmp_path, model_dir, crop, capsys):
   ) in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_refine_dicom_series_3d_with_slicer_marks_writes_nifti(tmp_path, capsys):
   """A CT series, a small 3-D U-Net (random weights: this checks the plumbing), Slicer marks, NIfTI out."""
   rng = np.random.default_rng(0)
@@ -954,6 +964,7 @@ def test_an_interrupted_round_leaves_the_session_as_it_was(tmp_path, model_dir, 
   capsys.readouterr()
 
 
+@pytest.mark.slow
 def test_predict_bad_input_and_a_real_exit_status(files, model_dir, capsys):
   assert main(["predict", "--model", str(model_dir), "--image", f"{files}/img.tif", "--out", f"{files}/img.tif"]) == 1
   assert "is the input" in capsys.readouterr().err
@@ -1011,6 +1022,7 @@ def test_help(command, capsys):
   assert "exit status: 0 success" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_a_new_class_is_appended_learnt_from_its_marks_and_kept_by_the_session(tmp_path, model_dir, crop, capsys):
   # A structure the network was never trained for: --new-class appends an output class to the head
   # (label-map value 2 after background and nucleus); the first segmentation is still the network's own.

@@ -97,6 +97,7 @@ def _unsafe_load(loader: str, path) -> None:
   subprocess.run([sys.executable, "-c", code, str(path)], check=True, capture_output=True, timeout=120)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("unsafe", ["pickle", "torch"])
 def test_malicious_pickle_runs_under_an_unsafe_loader_but_ours_refuses_it(tmp_path, unsafe):
   if unsafe == "torch":

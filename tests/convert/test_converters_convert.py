@@ -6,9 +6,9 @@ import json
 
 import numpy as np
 import pytest
+from torch_builders import randomize_
 
 from scribblejax.cli import convert as cli
-from scribblejax.convert._testing import randomize_
 from scribblejax.convert.folder import convert
 
 torch = pytest.importorskip("torch")
@@ -123,6 +123,7 @@ def _logits(torch_net, x_nchw):
     return torch_net(torch.from_numpy(x_nchw)).numpy()
 
 
+@pytest.mark.slow
 def test_nnunet_folder_round_trip(tmp_path):
   from scribblejax.models.store import load_model
 
@@ -163,6 +164,7 @@ def _add_fold(folder, net, name, seed):
   return other.eval()
 
 
+@pytest.mark.slow
 def test_nnunet_folds_average_as_nnunet_does_and_refine_together(tmp_path, capsys):
   # nnUNetv2_predict averages the logits of every fold it is given (by default the cross-validation
   # folds 0..4); --folds cv converts them into one Ensemble whose last layers are every fold's.
@@ -227,6 +229,7 @@ def test_nnunet_folds_average_as_nnunet_does_and_refine_together(tmp_path, capsy
   assert not (tmp_path / "bad").exists()
 
 
+@pytest.mark.slow
 def test_bare_checkpoint_and_cli(tmp_path, capsys):
   pytest.importorskip("monai")
   from scribblejax.models.store import load_model
@@ -276,6 +279,7 @@ def test_bare_checkpoint_and_cli(tmp_path, capsys):
   assert cli.run(args) == 1
 
 
+@pytest.mark.slow
 def test_monai_bundle(tmp_path):
   pytest.importorskip("monai")
   from scribblejax.models.store import load_model
@@ -433,6 +437,7 @@ def _nnunet_sliding_window(net, x, patch, step=0.5, mirror_axes=None):
   return total[(slice(None), *[slice(lo, n - hi) for (lo, hi), n in zip(pad, padded.shape)])]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("transpose_forward", [[0, 1, 2], [2, 0, 1]])
 def test_nnunet_model_reads_a_nifti_volume_in_nnunets_axis_order(tmp_path, transpose_forward, capsys):
   import nibabel as nib
@@ -510,6 +515,7 @@ def test_nnunet_model_reads_a_nifti_volume_in_nnunets_axis_order(tmp_path, trans
   assert refined[spots[1]] == 1 and refined[spots[255]] == 0
 
 
+@pytest.mark.slow
 def test_an_ensemble_of_folds_predicts_and_refines_on_the_command_line(tmp_path, capsys):
   # Two folds on a volume through nnU-Net's pipeline (patches, mirroring): the prediction is the mean
   # of both folds' sliding windows, and a refinement round honours its marks with both folds tuned.
@@ -720,6 +726,7 @@ def test_a_volume_the_network_cannot_take_is_padded_and_cropped_back(tmp_path, c
   assert np.asarray(nib.load(tmp_path / "refined.nii.gz").dataobj)[spot] == 1
 
 
+@pytest.mark.slow
 def test_an_image_at_another_spacing_is_resampled_as_nnunet_does(tmp_path, capsys):
   import nibabel as nib
   from skimage.transform import resize
@@ -824,6 +831,7 @@ def test_an_image_at_another_spacing_is_resampled_as_nnunet_does(tmp_path, capsy
   assert all(refined[v] == 1 for v in line)
 
 
+@pytest.mark.slow
 def test_an_image_with_a_zero_border_is_cropped_to_its_non_zero_region_as_nnunet_does(tmp_path, capsys):
   import nibabel as nib
 
@@ -915,6 +923,7 @@ def test_an_image_with_a_zero_border_is_cropped_to_its_non_zero_region_as_nnunet
   np.testing.assert_array_equal(np.asarray(nib.load(tmp_path / "refined.nii.gz").dataobj), got)
 
 
+@pytest.mark.slow
 def test_mirroring_averages_the_flipped_passes_as_nnunet_does(tmp_path, capsys):
   import nibabel as nib
 
@@ -1014,6 +1023,7 @@ def test_mirroring_averages_the_flipped_passes_as_nnunet_does(tmp_path, capsys):
   assert "the model allows no mirroring" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_2d_nnunet_segments_a_volume_slice_by_slice_as_nnunet_does(tmp_path, capsys):
   import nibabel as nib
 
@@ -1095,6 +1105,7 @@ def _region_labels_nnunet(logits_cxyz, order):
   return seg
 
 
+@pytest.mark.slow
 def test_a_region_based_nnunet_predicts_and_refines_as_classes(tmp_path, capsys):
   # BraTS-style nested regions: "organ" = labels {1, 2}, "core" = {2}. Region 0 (organ) writes 1 and
   # region 1 (core) writes 2 over it, where their sigmoids exceed 0.5.

@@ -4,9 +4,9 @@ import json
 
 import pytest
 from flax import nnx
+from torch_builders import compare, randomize_, torch_state
 
 from scribblejax.convert import monai_nets
-from scribblejax.convert._testing import compare, randomize_, torch_state
 from scribblejax.convert.state_dict import ConversionError
 from scribblejax.models.families import constructor
 from scribblejax.models.ordering import check_layer_order
@@ -44,6 +44,7 @@ def _check(torch_cls, family, kwargs, shape):
   ],
   ids=["2d_odd", "3d_batch_prelu_odd"],
 )
+@pytest.mark.slow
 def test_basic_unet(kwargs, shape):
   _check(nets.BasicUNet, "monai.BasicUNet", kwargs, shape)
 
@@ -111,6 +112,7 @@ def test_basic_unet(kwargs, shape):
   ],
   ids=["2d_plain", "2d_residual_prelu", "3d_residual_batch", "ordering_without_norm", "ordering_without_act"],
 )
+@pytest.mark.slow
 def test_unet(kwargs, shape):
   _check(nets.UNet, "monai.UNet", kwargs, shape)
 
@@ -160,6 +162,7 @@ def test_unet(kwargs, shape):
   ],
   ids=["2d_trilinear", "3d_deconv", "2d_prelu"],
 )
+@pytest.mark.slow
 def test_segresnet(kwargs, shape):
   _check(nets.SegResNet, "monai.SegResNet", kwargs, shape)
 

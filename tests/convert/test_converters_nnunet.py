@@ -5,9 +5,9 @@ import json
 import numpy as np
 import pytest
 from flax import nnx
+from torch_builders import compare, randomize_, torch_state
 
 from scribblejax.convert import nnunet
-from scribblejax.convert._testing import compare, randomize_, torch_state
 from scribblejax.convert.state_dict import ConversionError
 from scribblejax.models.families import constructor
 from scribblejax.models.ordering import check_layer_order
@@ -97,6 +97,7 @@ CASES = [
 @pytest.mark.parametrize(
   "class_name,arch,shape", CASES, ids=["plain2d", "plain3d_bn_prelu", "res2d_bn", "res3d_bottleneck"]
 )
+@pytest.mark.slow
 def test_network_matches_torch(class_name, arch, shape):
   net = _torch_net(class_name, arch, shape[1], 3)
   net.decoder.deep_supervision = False

@@ -8,9 +8,9 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
+from torch_builders import compare, randomize_, torch_state
 
 from scribblejax.convert import smp_unet
-from scribblejax.convert._testing import compare, randomize_, torch_state
 from scribblejax.convert.state_dict import ConversionError
 from scribblejax.models.ordering import check_layer_order
 from scribblejax.models.zoo import smp as smp_zoo
@@ -83,6 +83,7 @@ def _pair(kwargs, seed=3):
   return net, model
 
 
+@pytest.mark.slow
 def test_resnet18_logits_match_on_two_sizes():
   # BasicBlock encoder, full depth, batch-norm decoder, nearest x2 upsampling (64x64) and smp >= 0.5's
   # resize-to-skip on an odd size (50x37: the stem and max pool round up, the decoder resizes back).
@@ -136,6 +137,7 @@ def test_resnet18_logits_match_on_two_sizes():
   ],
   ids=["resnet50_depth4_os8_nonorm_exact", "resnext50_depth3_instance_bilinear_aux"],
 )
+@pytest.mark.slow
 def test_bottleneck_variants_logits_match(kwargs, shape):
   net, model = _pair(kwargs, seed=4)
   torch_forward = (lambda x: net(x)[0]) if "aux_params" in kwargs else net

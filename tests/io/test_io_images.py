@@ -7,10 +7,10 @@ import nrrd
 import numpy as np
 import pytest
 import tifffile
+from file_builders import write_dicom_series
 from PIL import Image as PILImage
 
 from scribblejax.io import image_digest, output_format, read_image, write_label_map
-from scribblejax.io._testing import write_dicom_series
 from scribblejax.research import data
 
 # A non-trivial affine: axes permuted and flipped, anisotropic spacing, a small oblique tilt.

@@ -7,10 +7,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 import tifffile
+from file_builders import write_dicom_series, write_labelme, write_slicer_segmentation
 from PIL import Image as PILImage
 
 from scribblejax.io import read_image, read_labelme, read_marks, read_marks_file
-from scribblejax.io._testing import write_dicom_series, write_labelme, write_slicer_segmentation
 from scribblejax.io.overlay import marked_slices, save_overlay
 
 AFFINE = np.array([[0.0, -1.2, 0.0, 10.0], [1.1, 0.0, 0.0, -20.0], [0.0, 0.0, 2.5, 30.0], [0, 0, 0, 1]])

@@ -21,6 +21,7 @@ def _x():
   return np.random.default_rng(0).normal(size=(2, 16, 16, 1)).astype(np.float32)
 
 
+@pytest.mark.slow
 def test_an_ensemble_is_the_mean_of_its_networks_and_tunes_each_ones_last_layers():
   nets = _nets()
   ensemble = Ensemble.of(nets, "scribblejax.UNet")

@@ -42,6 +42,7 @@ def test_draws_follow_the_key_and_dtype():
     init.lecun_normal()(jax.random.key(0), (5,))
 
 
+@pytest.mark.slow
 def test_traced_keys_use_jax_initialisers():
   # under jit the key is a tracer: JAX's own initialiser runs inside the program
   values = jax.jit(lambda k: init.lecun_normal()(k, (3, 3, 8, 4), jnp.float32))(jax.random.key(0))

@@ -36,6 +36,7 @@ def test_bad_class_orders_are_refused():
     sj.models.Regions.of(net, [1, 2])
 
 
+@pytest.mark.slow
 def test_a_regions_network_stores_reloads_and_refines_as_classes(tmp_path):
   kwargs = dict(spatial_dims=2, in_channels=1, num_classes=2, channels=[4, 8])
   model = sj.models.Regions.of(sj.UNet(**kwargs, rngs=nnx.Rngs(1)), [2, 1], "scribblejax.UNet")
@@ -72,6 +73,7 @@ def test_a_regions_network_stores_reloads_and_refines_as_classes(tmp_path):
   assert (got[marks >= 0] == marks[marks >= 0]).all()
 
 
+@pytest.mark.slow
 def test_the_sliding_window_blends_region_logits_and_the_wrappers_refuse_scores():
   # nnU-Net blends the patches' region logits, then reads classes; blending class scores would differ.
   from scribblejax.pipeline.sliding_window import Mirrored, PatchBlend
@@ -105,6 +107,7 @@ def test_the_sliding_window_blends_region_logits_and_the_wrappers_refuse_scores(
       wrap()
 
 
+@pytest.mark.slow
 def test_wrappers_of_a_network_without_a_stated_layer_order_are_traced():
   # Regions and Ensemble read their network's stated order; without one, sj.models.ordering traces the
   # wrapper's forward pass like any other model's (was: a ValueError naming the wrapper)

@@ -23,6 +23,7 @@ def test_builtin_models_are_listed():
   assert set(CASES) <= set(builtin_models())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_shipped_model_loads_and_segments_its_test_split(name):
   load, classes, crop, least = CASES[name]

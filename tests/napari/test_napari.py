@@ -101,6 +101,7 @@ def _assert_honoured(widget, values):
   assert widget.report["marks_honoured"] == float((labels[painted] == values[painted] - 1).mean())
 
 
+@pytest.mark.slow
 def test_refine_in_2d_honours_the_stroke_and_undo_restores_the_layer(make_napari_viewer, qtbot, cells, tmp_path):
   viewer, widget = _widget(make_napari_viewer, qtbot, cells, "nuclei2d", tmp_path / "session", warm=True)
   assert "compiled in" in widget.message_label.text(), widget.message_label.text()
@@ -131,6 +132,7 @@ def test_refine_in_2d_honours_the_stroke_and_undo_restores_the_layer(make_napari
   assert widget.interaction.rounds == 0
 
 
+@pytest.mark.slow
 def test_bad_marks_are_named_and_nothing_drawn_is_lost(make_napari_viewer, qtbot, cells, tmp_path):
   viewer, widget = _widget(make_napari_viewer, qtbot, cells, "nuclei2d", tmp_path / "session")
   before = viewer.layers[SEGMENTATION].data.copy()
@@ -168,6 +170,7 @@ def test_bad_marks_are_named_and_nothing_drawn_is_lost(make_napari_viewer, qtbot
   assert widget.interaction.image.path == str(cells)
 
 
+@pytest.mark.slow
 def test_a_session_saved_from_the_widget_continues_on_the_command_line(
   make_napari_viewer, qtbot, cells, tmp_path, capsys
 ):
@@ -207,6 +210,7 @@ def test_a_session_saved_from_the_widget_continues_on_the_command_line(
   assert not viewer.layers[SCRIBBLES].data.any()
 
 
+@pytest.mark.slow
 def test_refine_in_3d_honours_the_stroke_and_undo_restores_the_layer(make_napari_viewer, qtbot, brain, tmp_path):
   viewer, widget = _widget(make_napari_viewer, qtbot, brain, "tissue3d", tmp_path / "session", warm=True)
   segmentation = viewer.layers[SEGMENTATION]
@@ -235,6 +239,7 @@ def test_marks_of_names_a_value_that_is_no_class():
   assert erased == 1
 
 
+@pytest.mark.slow
 def test_view_opens_the_image_with_the_widget_docked(make_napari_viewer, qtbot, monkeypatch, cells, tmp_path):
   viewers = []
   monkeypatch.setattr(napari, "Viewer", lambda **kwargs: viewers.append(make_napari_viewer(**kwargs)) or viewers[-1])

@@ -111,6 +111,7 @@ def test_sliding_window_blends_to_the_whole_image_for_a_pointwise_network():
   np.testing.assert_allclose(small, whole[:5], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_several_weight_sets_in_one_pass_equal_one_pass_each():
   # each patch's frozen trunk is computed once and the tail runs per set of weights: the same logits
   net = sj.UNet(spatial_dims=2, in_channels=1, num_classes=3, channels=(4, 8), rngs=nnx.Rngs(5))
@@ -127,6 +128,7 @@ def test_several_weight_sets_in_one_pass_equal_one_pass_each():
     sw.sliding_window_logits_of(split, image, (8, 8), [])
 
 
+@pytest.mark.slow
 def test_patch_blend_gives_the_sliding_window_logits_at_every_marked_voxel():
   net = sj.UNet(spatial_dims=2, in_channels=1, num_classes=2, channels=(4, 8), rngs=nnx.Rngs(0))
   split = sj.split_params(net, sj.last_layers(2))
@@ -145,6 +147,7 @@ def test_patch_blend_gives_the_sliding_window_logits_at_every_marked_voxel():
   assert [p[0] for p in blend.layer_order()] == ["net"] * len(net.layer_order())
 
 
+@pytest.mark.slow
 def test_mirrored_network_is_the_mean_over_flips_and_refines_as_one_network():
   net = sj.UNet(spatial_dims=2, in_channels=1, num_classes=2, channels=(4, 8), rngs=nnx.Rngs(3))
   assert sw.mirror_combinations((0, 1)) == ((0,), (1,), (0, 1))
@@ -202,6 +205,7 @@ def test_mirroring_axes_come_from_the_model_or_are_refused_by_name():
       mirroring_axes({"mirroring_axes": bad}, 3)
 
 
+@pytest.mark.slow
 def test_patch_blend_in_batches_gives_the_same_logits_and_refinement_in_less_memory():
   # Many marked patches run one batch after another (lax.map), each rematerialised: same logits and
   # refinement; XLA's own analysis of the compiled loop shows the memory drop; the frozen trunk is
@@ -249,6 +253,7 @@ def _marked(shape, spots):
   return marks
 
 
+@pytest.mark.slow
 def test_marked_patches_blend_the_sliding_window_logits_at_the_marks_and_refine_as_patch_blend():
   net = sj.UNet(spatial_dims=2, in_channels=1, num_classes=3, channels=(4, 8), rngs=nnx.Rngs(7))
   image = np.random.default_rng(4).normal(size=(20, 28, 1)).astype(np.float32)
@@ -284,6 +289,7 @@ def test_marked_patches_blend_the_sliding_window_logits_at_the_marks_and_refine_
     ((23, 30), 8, [((9, 1), 1), ((9, 13), 0)], [((11, 9), 1), ((11, 10), 0)]),
   ],
 )
+@pytest.mark.slow
 def test_marked_patches_elsewhere_reuse_the_compiled_loop(shape, patch, first, second):
   # The patches' places are frozen state: marks in other patches, of the same counts after rounding up,
   # compile nothing new (PatchBlend, whose starts are static, compiles every time).
@@ -310,6 +316,7 @@ def test_patch_buckets_add_less_than_half_the_work():
   assert len(set(sizes)) == 16  # few sizes: few compiled loops
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("step", [0.25, 1.0])
 def test_marked_patches_follow_any_step(step):
   net = sj.UNet(spatial_dims=2, in_channels=1, num_classes=2, channels=(4, 8), rngs=nnx.Rngs(9))

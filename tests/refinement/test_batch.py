@@ -47,6 +47,7 @@ def _assert_matches(batched, singles, atol=1e-4):
 @pytest.mark.parametrize(
   "scheme, driver", [("vmap", "host"), ("sequential", "host"), ("matmul", "loop"), ("shifted", "loop")]
 )
+@pytest.mark.slow
 def test_batch_equals_one_by_one(scheme, driver):
   split = _split()
   images, marks = _batch()
@@ -59,6 +60,7 @@ def test_batch_equals_one_by_one(scheme, driver):
   _assert_matches(batched, singles)
 
 
+@pytest.mark.slow
 def test_batch_with_per_image_start_weights_continues_each_image():
   split = _split()
   images, marks = _batch()

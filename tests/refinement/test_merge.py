@@ -54,6 +54,7 @@ def _tiny(seed=0):
   return sj.UNet(spatial_dims=2, in_channels=1, num_classes=2, channels=(4, 8), rngs=nnx.Rngs(seed))
 
 
+@pytest.mark.slow
 def test_a_session_round_merges_and_reports(monkeypatch):
   model = _tiny()
   split = sj.split_params(model, sj.last_layers(2))

@@ -35,6 +35,7 @@ def _problem(dims: int = 2, size: int = 16, seed: int = 1):
 CFG = sj.RefineConfig.paper(max_steps=15, learning_rate=0.05, prox_weight=0.01, early_stop=False)
 
 
+@pytest.mark.slow
 def test_bf16_compute_keeps_float32_parameters_and_tracks_float32():
   split = sj.split_params(_unet(2), sj.last_layers(4))
   image, marks = _problem()
@@ -77,6 +78,7 @@ def test_unknown_compute_dtype_is_refused():
     sj.RefineConfig.paper(compute_dtype="float16")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dims, cache_trunk, driver", [(2, True, "host"), (2, False, "host"), (3, True, "loop")])
 def test_remat_gives_the_same_refinement(dims, cache_trunk, driver):
   split = sj.split_params(_unet(dims), sj.last_layers(4))
@@ -90,6 +92,7 @@ def test_remat_gives_the_same_refinement(dims, cache_trunk, driver):
   np.testing.assert_allclose(np.asarray(remat.logits), np.asarray(plain.logits), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", CONV_BACKENDS)
 def test_remat_tail_checkpoints_each_layer_and_recomputes(backend):
   split = sj.split_params(_unet(2), sj.last_layers(4))
@@ -118,6 +121,7 @@ def test_remat_tail_checkpoints_each_layer_and_recomputes(backend):
     np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_memory_analysis_reports_each_program():
   split = sj.split_params(_unet(2), sj.last_layers(4))
   image, marks = _problem()
@@ -152,6 +156,7 @@ def test_cached_shape_check_raises_every_time():
       sj.refinement.num_classes_of(split, (16, 16, 3))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("driver, check_every", [("host", 1), ("host", 4), ("loop", 1)])
 def test_progress_reports_steps_as_they_are_taken(driver, check_every):
   split = sj.split_params(_unet(2), sj.last_layers(4))

@@ -42,6 +42,7 @@ def _leaves_equal(a, b):
   return all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("driver", ["host", "loop"])
 def test_two_classes_corrected_in_one_call_2d(driver):
   split = sj.split_params(_model(2), sj.last_layers(3))
@@ -62,6 +63,7 @@ def _without_class(dims: int, absent: int):
   return model
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dims, shape", [(2, (16, 16)), (3, (8, 8, 8))])
 def test_class_absent_from_prediction_is_inserted(dims, shape):
   absent = 2
@@ -157,6 +159,7 @@ def _plain_python_loop(split, image, marks, config):
   return w, steps
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("driver", ["host", "loop"])
 def test_jitted_loop_equals_plain_python_loop(driver):
   split = sj.split_params(_model(2), sj.last_layers(3))
@@ -169,6 +172,7 @@ def test_jitted_loop_equals_plain_python_loop(driver):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_host_and_loop_drivers_agree_3d():
   split = sj.split_params(_model(3), sj.last_layers(2))
   image = _image((8, 8, 8), seed=3)
@@ -212,6 +216,7 @@ def _loop_with(split, image, marks, config, **backend_changes):
   return drivers.drive(split, image, marks, config, backend=backend)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dims", [2, 3])
 def test_flat_carry_equals_per_leaf_carry(dims):
   # the loop carries W_lam as one flat vector (one kernel for the optimiser on a GPU); same refinement
@@ -230,6 +235,7 @@ def test_flat_carry_equals_per_leaf_carry(dims):
   assert not _leaves_equal(flat.tunable, split.tunable)  # it did move
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("early_stop", [True, False])
 def test_lazy_backward_gives_the_same_refinement(early_stop):
   # the backward pass under lax.cond (run only when its update is taken): same steps, weights, logits
@@ -293,6 +299,7 @@ def test_graph_key_hashes_once_and_resplitting_the_model_does_not_recompile():
   assert network.graph_key(other.graphdef) != key
 
 
+@pytest.mark.slow
 def test_conv_layout_option_follows_the_environment():
   code = "from scribblejax.refinement import backend; print(backend.COMPILER_OPTIONS)"
   out = {
@@ -322,6 +329,7 @@ def test_nonfinite_loss_stops_with_last_finite_weights():
   assert int(result.num_steps) < 50
 
 
+@pytest.mark.slow
 def test_any_optax_transformation_and_probabilities_output():
   split = sj.split_params(_model(2), sj.last_layers(3))
   result = sj.refine(
@@ -334,6 +342,7 @@ def test_any_optax_transformation_and_probabilities_output():
   np.testing.assert_allclose(np.asarray(result.logits).sum(-1), 1.0, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_class_balanced_cross_entropy():
   logits = jnp.asarray(np.random.default_rng(0).normal(size=(4, 4, 3)), jnp.float32)
   marks = np.full((4, 4), -1, np.int32)

@@ -47,6 +47,7 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_sharded_equals_unsharded_on_four_cpu_devices(tmp_path):
   root = Path(__file__).resolve().parents[2]
   env = dict(
@@ -101,6 +102,7 @@ HOST_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_multi_host_procedure_of_the_docstring_with_two_processes(tmp_path):
   """Two processes (jax.distributed over gloo on the CPU), one device each: each host's images refined
   as a local refine_batch would; the host driver used to fail fetching other hosts' flags."""

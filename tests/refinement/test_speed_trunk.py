@@ -39,6 +39,7 @@ def _max_rel(a, b):
   "dims, layers, rewrites",
   [(2, 5, ()), (2, 5, backend_lib.DEFAULT_REWRITES), (2, 8, ()), (3, 3, ("transposed_conv", "conv_as_matmul"))],
 )
+@pytest.mark.slow
 def test_trunk_then_tail_equals_full_forward(dims, layers, rewrites):
   split = sj.split_params(_unet(dims) if layers == 5 else _unet(dims, (4, 8)), sj.last_layers(layers))
   image = _image((12,) * dims + (1,) if dims == 2 else (8,) * dims + (1,))
@@ -119,6 +120,7 @@ class _Constants(nnx.Module):
     return self.head(features) * jnp.asarray(weights) + skip
 
 
+@pytest.mark.slow
 def test_constants_the_tail_reads_do_not_shift_the_residuals():
   # Was: the trunk handed the constants over as residuals that the tail never read back, so every
   # later residual came one place late (a shape error, or silently wrong values).
@@ -201,6 +203,7 @@ def test_rewrites_equal_lax_convolutions(dn):
     (("NDHWC", "OIDHW", "NCDHW"), ((0, 0), (0, 0), (0, 0))),
   ],
 )
+@pytest.mark.slow
 def test_conv3d_as_2d_equals_lax_convolution_and_its_gradients(dn, padding, monkeypatch):
   rng = np.random.default_rng(1)
   spatial, kernel_size = (5, 6, 7), (3, 2, 3)
@@ -241,6 +244,7 @@ def _conv_ranks(jaxpr) -> list[int]:
   return ranks
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="the 3D-as-2D rewrite is a CPU default")
 @pytest.mark.parametrize("backend", CONV_BACKENDS)
 def test_3d_unet_on_cpu_runs_2d_or_onednn_convolutions_with_the_same_logits(backend):
@@ -270,6 +274,7 @@ def test_unknown_rewrite_raises():
     trunk.partition(lambda t, f, x: t * x, jnp.ones(3), (), jnp.ones(3), rewrites=("fast_everything",))
 
 
+@pytest.mark.slow
 def test_refine_with_cached_trunk_equals_full_forward():
   split = sj.split_params(_unet(2, (4, 8)), sj.last_layers(4))
   image = np.asarray(_image((16, 16), seed=1))
@@ -314,6 +319,7 @@ def _trunk_case(seed=3):
   return split, image, marks
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("driver, backend", [("loop", "auto"), ("host", "xla")])
 def test_a_computed_trunk_gives_the_same_refinement_and_is_used(driver, backend):
   split, image, marks = _trunk_case()
@@ -424,6 +430,7 @@ def _relu_jit(x):
   return jax.nn.relu(x)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("checkpoint", [False, True])
 @pytest.mark.parametrize("remat", [False, True])
 def test_a_map_and_checkpoints_are_unzipped_and_the_tail_keeps_its_checkpoints(checkpoint, remat):

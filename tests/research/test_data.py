@@ -44,6 +44,7 @@ def test_nuclei3d_shapes_and_split():
   assert data.nuclei3d_instances()[1].max() == 51
 
 
+@pytest.mark.slow
 def test_tissue2d_stack_split_and_affine(tissue2d):
   ds = tissue2d
   assert ds.stacked and ds.image.shape == (189, 197, 233, 1) and ds.labels.shape == (189, 197, 233)

@@ -28,6 +28,7 @@ def nuclei_case():
   return model, normalize(ds.image, info.normalization)[ds.test], ds.labels[ds.test]
 
 
+@pytest.mark.slow
 def test_demo_reports_the_dice_of_its_model_and_marks(tmp_path):
   lines = []
   results = run_demo(tmp_path, interactions=1, layers=5, config=CONFIG, log=lines.append)

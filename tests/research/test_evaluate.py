@@ -21,6 +21,7 @@ def case(tiny_model):
   return ev.task_case("nuclei2d", ev.load_backbone(tiny_model[1]), crop=40)
 
 
+@pytest.mark.slow
 def test_harness_refine_records_what_the_method_does_and_honours_marks(tiny_model, case):
   model, _ = tiny_model
   cfg = ev.EvalConfig(interactions=2)
@@ -63,6 +64,7 @@ def test_harness_refine_records_what_the_method_does_and_honours_marks(tiny_mode
 EXPLICIT = RefineConfig.paper(max_steps=100)
 
 
+@pytest.mark.slow
 def test_refinement_improves_the_shipped_tissue_model():
   backbone = ev.resolve_backbone("tissue2d", "tissue2d")
   case = ev.task_case("tissue2d", backbone, crop=48)
@@ -90,6 +92,7 @@ def test_random_walker_baseline_2d_and_3d():
   assert bl.random_walker_labels(image, np.where(marks == 1, 1, -1)) is None  # one class: no walk
 
 
+@pytest.mark.slow
 def test_add_classes_keeps_prediction_and_learns_new_class(tiny_model, case):
   model, _ = tiny_model
   bigger = surgery.add_classes(model, 2)
@@ -116,7 +119,7 @@ def test_add_classes_keeps_prediction_and_learns_new_class(tiny_model, case):
 
 def test_suppress_class_removes_class(tiny_model, case):
   model, _ = tiny_model
-  amount = surgery.suppression_amount(model, case.image, 1)
+  amount = ev.suppression_amount(model, case.image, 1)
   missing = surgery.suppress_class(model, 1, amount=amount)
   assert not (np.asarray(predict(split_params(missing, head()), case.image)).argmax(-1) == 1).any()
   with pytest.raises(ValueError, match="amount must be a finite number"):
@@ -134,6 +137,7 @@ def test_make_case_and_metrics_errors():
     ev.EvalConfig(mark_kind="lasso")
 
 
+@pytest.mark.slow
 def test_cli_single_case_task_and_files(tiny_model, tmp_path, capsys):
   _, folder = tiny_model
   out = tmp_path / "run"
@@ -264,6 +268,7 @@ def _nuclei_files(tmp_path, size=96):
   return tmp_path / "img.tif", tmp_path / "lab.tif", lab
 
 
+@pytest.mark.slow
 def test_a_case_given_by_files_runs_through_the_models_pipeline(tiny_model, tmp_path, capsys, monkeypatch):
   # A model stating a voxel spacing twice the image's and a patch: the simulated user sees what
   # predict writes, marks the image's grid, and the loop refines the marked patches on the model's grid.
@@ -386,6 +391,7 @@ def test_a_case_given_by_files_runs_through_the_models_pipeline(tiny_model, tmp_
   assert "--patch-size set(s) one case" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_without_a_pipeline_the_pipeline_method_is_the_plain_one(tiny_model, tmp_path):
   # A model that states no spacing or patch sees the image as read: the pipeline's refinement, walker
   # and initial methods give what the plain methods give on the same case.
@@ -410,6 +416,7 @@ def test_without_a_pipeline_the_pipeline_method_is_the_plain_one(tiny_model, tmp
       assert all(i["refined_patches"] == 0 for i in got["method_info"])
 
 
+@pytest.mark.slow
 def test_marks_outside_the_crop_to_the_non_zero_region_change_nothing(tiny_model, tmp_path):
   # nnU-Net's crop: outside the image's non-zero region the segmentation is background whatever the
   # network learns, so marks there alone leave the segmentation as it is (and are counted unhonoured).
@@ -465,6 +472,7 @@ def _with_metadata(folder, tmp_path, name, **metadata):
   return copy
 
 
+@pytest.mark.slow
 def test_evaluate_takes_the_models_stored_refine_defaults_as_refine_does(tiny_model, tmp_path):
   _, folder = tiny_model
   stored = _with_metadata(folder, tmp_path, "stored", refine={"max_steps": 7, "learning_rate": 0.3, "layers": 2})
@@ -576,6 +584,7 @@ def test_with_patches_the_keep_term_is_off_as_refine_has_it(tiny_model, tmp_path
     pipeline_method("fbrs", pipe)
 
 
+@pytest.mark.slow
 def test_baselines_take_a_model_that_states_no_layer_order_given_an_example():
   import jax
   import jax.numpy as jnp
@@ -607,7 +616,7 @@ def test_baselines_take_a_model_that_states_no_layer_order_given_an_example():
   )
   state = method.update(method.init(image), marks)
   assert method.info(state)["satisfied"] and method.labels(state)[3, 3] == marks[3, 3]
-  assert surgery.suppression_amount(model, image, 1) >= 1.0
+  assert ev.suppression_amount(model, image, 1) >= 1.0
 
 
 def test_growth_keeps_what_the_user_drew_and_relabels_what_growth_inferred():

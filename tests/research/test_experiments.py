@@ -75,6 +75,7 @@ def case_of(backbones, task):
   return backbone, ev.task_case(task, backbone, TINY.crop)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(EXPERIMENTS))
 def test_experiment_writes_json_table_plot(results, name):
   payload = load(results, name)
@@ -138,6 +139,7 @@ def test_refinement_reports_what_a_replay_computes(results, backbones):
   check_replay(r, backbones)
 
 
+@pytest.mark.slow
 def test_tissue_multiclass_on_the_shipped_tissue_model(tissue_results, backbones):
   payload = load(tissue_results, "multiclass")
   assert payload["tissue_model"] == "tissue2d" and payload["skipped"] is None and payload["task"] == "tissue2d"

@@ -33,6 +33,7 @@ def _params(model):
   return jax.tree.leaves(nnx.state(model, nnx.Param))
 
 
+@pytest.mark.slow
 def test_loss_falls_and_training_is_deterministic(problem):
   image, labels = problem
   model_a, losses_a = train_segmenter(_model(), image, labels, CONFIG, progress=False)
@@ -89,6 +90,7 @@ def test_bad_inputs_raise(problem):
     TrainConfig(steps=0)
 
 
+@pytest.mark.slow
 def test_train_cli_smoke_run_loads(tmp_path, capsys):
   out = tmp_path / "model"
   argv = [

@@ -156,6 +156,7 @@ def test_conv_under_vmap_with_per_example_weights_and_in_a_while_loop():
   np.testing.assert_allclose(np.asarray(jax.jit(descend)(w[0])), np.asarray(descend_xla(w[0])), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 @needs_kernels
 @pytest.mark.parametrize("dims", [2, 3])
 def test_refine_on_onednn_equals_refine_on_xla(dims):
@@ -268,6 +269,7 @@ def test_status_names_what_is_missing(monkeypatch, tmp_path):
   assert not list((tmp_path / "cache").glob("*.so"))  # nothing half-written is left behind
 
 
+@pytest.mark.slow
 @needs_kernels
 def test_a_built_library_is_reused(monkeypatch, tmp_path):
   found = kernels._find_onednn()
@@ -298,6 +300,7 @@ def test_a_library_that_fails_its_self_check_is_not_used(monkeypatch):
   assert not status.available and "failed their self-check" in status.reason
 
 
+@pytest.mark.slow
 @needs_kernels
 def test_convolution_of_tail_and_skip_concatenation_is_split_with_the_same_value_and_gradient():
   split = sj.split_params(random_unet(2, (4, 8)), sj.last_layers(4))  # up/0 is tunable: [up(x), skip]
