@@ -9,13 +9,14 @@ marks; a round is then a sequence of named steps over one immutable :class:`Requ
 4. :func:`segment`: the refined labels on the image's grid, merged into the previous segmentation;
 5. :func:`persist`: the segmentation, overlay and report written, the session's round stored.
 
+Steps 3 and 4 run :mod:`scribblejax.pipeline.round`, the step the evaluation harness runs too.
+
 The marks' truth is the image's grid: what the user drew, plus what region growing added; the model's
 grid gets them by :func:`scribblejax.pipeline.grid.to_model`, once per round.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -61,12 +62,11 @@ from scribblejax.pipeline.grid import (
   to_model_counted,
   unsure_on_image,
 )
-from scribblejax.pipeline.network import Loop, Network, loop_split, network_logits, prepare, refined_logits, same_tree
+from scribblejax.pipeline.network import Loop, Network, loop_split, network_logits, prepare, same_tree
 from scribblejax.pipeline.preprocess import Fitted, network_input, span_text
-from scribblejax.pipeline.sliding_window import sliding_window_logits_of
+from scribblejax.pipeline.round import honoured_fraction, refine_on_model_grid, round_config, round_labels
 from scribblejax.pipeline.spec import InferenceOptions, spec_from_info
-from scribblejax.refinement import RefineResult, num_classes_of, refine, resolve_driver
-from scribblejax.refinement.merge import new_marks_of, progressive_merge
+from scribblejax.refinement import num_classes_of, resolve_driver
 
 # refine segments the image with W and with the refined weights in one pass over the patches when their
 # two float32 logits volumes take at most this many bytes (else one pass after the other)
@@ -436,11 +436,10 @@ def load(request: Request) -> Prepared:
   network, split, fitted, layers = prepare(network, request.image, request.info, layers, request.inference)
   for note in fitted.notes:
     log(f"note: {note}")
-  if config.keep_weight and fitted.patch is not None:
-    # the keep term reads the network's logits at every voxel; with patches the loop has them at the marked
-    # voxels only (MarkedPatches)
+  effective = round_config(config, fitted)
+  if effective is not config:
     log("note: with patches the keep term is off (it needs the network's logits at every voxel)")
-    config = dataclasses.replace(config, keep_weight=0.0)
+    config = effective
   if num_classes is None:
     num_classes = num_classes_of(split, network_input(fitted))
   return Prepared(network, split, fitted, layers, config, grow, num_classes)
@@ -559,55 +558,51 @@ def refine_marks(request: Request, prepared: Prepared, marks: RoundMarks) -> Ref
   )
   with compile_timer() as compiled:
     start_time = time.perf_counter()
-    if nothing:  # the network (W, or the previous round's W_lam) as it stands: no step
-      result = RefineResult(
-        None, None, split.tunable if start is None else start, np.int32(0), np.bool_(True), np.bool_(False), None
-      )
-    else:
-      result = refine(loop.split, loop.image, loop.marks, config, start=start, progress=request.progress)
+    # nothing: the network (W, or the previous round's W_lam) as it stands, no step
+    result, logits, before = refine_on_model_grid(
+      split,
+      fitted,
+      loop,
+      config,
+      inference.step,
+      start=start,
+      progress=request.progress,
+      patch_progress=request.patch_progress,
+      joint=joint,
+      nothing=nothing,
+    )
     if joint:
-      before, logits = sliding_window_logits_of(
-        split,
-        fitted.image,
-        fitted.patch,
-        [None, same_tree(split.tunable, result.tunable)],
-        step=inference.step,
-        progress=request.patch_progress,
-      )
       before_image = labels_from_logits(before, fitted)
       unsure_image = unsure_on_image(before, fitted, config.merge_confidence)
-      del before
-    else:
-      logits = refined_logits(
-        split, fitted, result, max(loop.patches, int(nothing)), inference.step, request.patch_progress
-      )
+    del before
     seconds = time.perf_counter() - start_time
   return Refined(result, logits, before_image, unsure_image, initial, loop, joint, driver, seconds, compiled[0])
-
-
-def _honoured(labels: np.ndarray, marks: np.ndarray) -> float:
-  marked = marks >= 0
-  return float((labels[marked] == marks[marked]).mean()) if marked.any() else 1.0
 
 
 def segment(request: Request, prepared: Prepared, marks: RoundMarks, refined: Refined) -> Segmented:
   """The refined labels on the image's grid and, with the progressive merge, merged into the previous
   segmentation where this round's new marks ask for it; logs the round's closing line."""
   config, log, result = prepared.config, request.log, refined.result
-  labels = network_labels = labels_from_logits(refined.logits, prepared.fitted)
   steps, satisfied = int(result.num_steps), bool(result.satisfied)
-  network_honoured = _honoured(labels, marks.marks_image)
-  if config.progressive_merge:
-    arrays = marks.arrays
-    previous_labels = (
-      arrays["labels"] if arrays is not None and arrays.get("labels") is not None else refined.before_image
-    )
-    # what this round added: a marks file that holds earlier rounds' marks too does not make them new
-    new_marks = new_marks_of(marks.marks_image, marks.previous_image)
-    if refined.unsure_image is None and refined.initial is not None and config.merge_confidence > 0:
-      log("note: this session was started before its network's unsure pixels were stored; the merge frees none")
-    labels = progressive_merge(previous_labels, labels, new_marks, marks.marks_image, free=refined.unsure_image)
-  honoured = _honoured(labels, marks.marks_image)
+  arrays = marks.arrays
+  previous_labels = (
+    arrays["labels"] if arrays is not None and arrays.get("labels") is not None else refined.before_image
+  )
+  stale = refined.unsure_image is None and refined.initial is not None
+  if config.progressive_merge and stale and config.merge_confidence > 0:
+    log("note: this session was started before its network's unsure pixels were stored; the merge frees none")
+  # with the merge, what this round added: a marks file that holds earlier rounds' marks too does not make them new
+  labels, network_labels = round_labels(
+    refined.logits,
+    prepared.fitted,
+    config,
+    previous_labels,
+    marks.marks_image,
+    marks.previous_image,
+    refined.unsure_image,
+  )
+  network_honoured = honoured_fraction(network_labels, marks.marks_image)
+  honoured = honoured_fraction(labels, marks.marks_image)
   log(
     f"{steps} steps in {refined.seconds:.2f}s ({refined.compile_seconds:.2f}s compiling): "
     + round_line(

@@ -18,17 +18,8 @@ from scribblejax.research import evaluate as ev
 from scribblejax.research.evaluate_image import file_case, pipeline_method, pipeline_summary
 from scribblejax.research.simulate import ROBOT_USERS
 
-# the refinement settings one case takes (their flags: scribblejax.app.settings.SETTINGS)
-EVALUATE_SETTINGS = (
-  "layers",
-  "max_steps",
-  "preset",
-  "optimizer",
-  "learning_rate",
-  "prox_weight",
-  "keep_weight",
-  "progressive_merge",
-)
+# the refinement settings one case takes (the table's "evaluate" rows: scribblejax.app.settings.SETTINGS)
+EVALUATE_SETTINGS = flags.settings_of("evaluate")
 
 
 def _user_case(args, backbone, model, layers):
@@ -82,8 +73,8 @@ def _single_case(args) -> int:
   # as refine resolves them: the flags, else the model's stored defaults (model.json metadata.refine), else
   # the library's; the layers at most the model's
   metadata = getattr(backbone.info, "metadata", None) or {}
-  settings = flags.refine_settings(args, EVALUATE_SETTINGS, preset="paper" if args.method == "paper" else args.preset)
-  layers, config, _ = settings.resolve(metadata)
+  settings = flags.refine_settings(args, "evaluate", preset="paper" if args.method == "paper" else args.preset)
+  layers, config, grow = settings.resolve(metadata)
   pipe = None
   if args.image is not None:
     case, pipe = _user_case(args, backbone, model, layers if args.method in ("refine", "paper") else 1)
@@ -99,7 +90,7 @@ def _single_case(args) -> int:
     if layers is None:
       layers = resolve_layers(model, _example(case.image), None)
     method = bl.make_method(args.method, model, layers=layers, config=config)
-  eval_config = ev.EvalConfig(interactions=args.interactions, mark_kind=args.marks, region_growing=args.region_growing)
+  eval_config = ev.EvalConfig(interactions=args.interactions, mark_kind=args.marks, region_growing=grow or 0.0)
   result = ev.run_case(case, method, eval_config, log=lambda line: print(f"warning: {line}", file=sys.stderr))
   result.update(
     {
@@ -169,16 +160,8 @@ SINGLE_CASE_FLAGS = {
   "marks": "scribble",
   "interactions": 5,
   "add_classes": 0,
-  "region_growing": 0.0,
   "method": "refine",
-  "layers": None,
-  "max_steps": None,
-  "learning_rate": None,
-  "prox_weight": None,
-  "keep_weight": None,
-  "optimizer": None,
-  "progressive_merge": None,
-  "preset": "default",
+  **{field: flags.setting_default(field) for field in EVALUATE_SETTINGS},
   "crop": None,
   **PIPELINE_FLAGS,
 }
@@ -231,12 +214,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
   parser.add_argument(
     "--add-classes", type=int, default=one["add_classes"], help="append K output classes for labels >= the model's"
   )
-  parser.add_argument("--region-growing", type=float, default=one["region_growing"], help="threshold T (0: off)")
   parser.add_argument("--method", choices=bl.METHODS, default=one["method"])
   method = parser.add_argument_group(
     "refinement settings", "defaults: the model's stored settings (model.json metadata.refine), else the preset's"
   )
-  flags.add_settings(method, EVALUATE_SETTINGS)
+  flags.add_settings(method, "evaluate")
   parser.add_argument("--crop", type=int, default=one["crop"], help="centre crop of a built-in task's image")
   parser.add_argument("--out", default="evaluate_output")
   patches = flags.add_inference(parser)

@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import json
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 
-from scribblejax.app.settings import CONFIG_FIELDS, SETTINGS, RefineSettings
-from scribblejax.config import RefineConfig
+from scribblejax.app.settings import DEFAULTS, SETTINGS, RefineSettings, settings_of
 from scribblejax.pipeline.spec import InferenceOptions
 
 EXIT_OK = 0  # success
@@ -24,28 +22,8 @@ EPILOG = (
   "The output keeps the input's geometry and format family (DICOM -> NIfTI or NRRD, JPEG -> PNG or TIFF); "
   "a report (<out>.report.json) and an overlay (<out>.overlay.png) are written next to it."
 )
-# the refinement settings refine offers, in the order its help lists them
-REFINE_SETTINGS = (
-  "layers",
-  "preset",
-  "max_steps",
-  "optimizer",
-  "learning_rate",
-  "momentum",
-  "prox_weight",
-  "keep_weight",
-  "progressive_merge",
-  "region_growing",
-  "driver",
-  "check_every",
-  "class_balance",
-  "compute_dtype",
-  "remat",
-  "conv_backend",
-  "continue_weights",
-)
-_CONFIG_DEFAULTS = {f.name: f.default for f in dataclasses.fields(RefineConfig)}
-_SETTINGS_DEFAULTS = {f.name: f.default for f in dataclasses.fields(RefineSettings)}
+# the refinement settings refine offers, in the order its help lists them (the table's)
+REFINE_SETTINGS = settings_of("refine")
 
 
 def one_line(err: BaseException) -> str:
@@ -212,10 +190,8 @@ def inference_options(args: argparse.Namespace) -> InferenceOptions:
 
 def setting_default(field: str):
   """A setting's flag default: ``None`` for one a model may store (the model's, else the preset's), else
-  RefineConfig's default (a round's own knob: RefineSettings')."""
-  if SETTINGS[field].stored:
-    return None
-  return _CONFIG_DEFAULTS[field] if field in CONFIG_FIELDS else _SETTINGS_DEFAULTS[field]
+  RefineConfig's default (a round's own knob: the table's)."""
+  return DEFAULTS[field]
 
 
 def flag_of(dest: str) -> str:
@@ -250,13 +226,21 @@ def add_setting(parser: argparse.ArgumentParser | argparse._ArgumentGroup, field
     parser.add_argument(alias, help=argparse.SUPPRESS, **kwargs)
 
 
-def add_settings(parser: argparse.ArgumentParser | argparse._ArgumentGroup, fields: Iterable[str]) -> None:
-  """The flags of ``fields`` (keys of :data:`SETTINGS`), in that order."""
-  for field in fields:
-    add_setting(parser, field)
+def add_settings(
+  parser: argparse.ArgumentParser | argparse._ArgumentGroup, command: str, helps: Mapping[str, str] | None = None
+) -> None:
+  """The flags of the settings ``command`` offers (``Setting.commands``), in the table's order.
+
+  Args:
+    parser: the parser or group to add them to.
+    command: the command (a front end of :data:`scribblejax.app.settings.FRONT_ENDS`).
+    helps: help texts of the command's own, by setting (default: the table's).
+  """
+  for field in settings_of(command):
+    add_setting(parser, field, (helps or {}).get(field))
 
 
-def refine_settings(args: argparse.Namespace, fields: Iterable[str], **overrides) -> RefineSettings:
-  """The settings ``fields``' flags give, as :class:`scribblejax.app.RefineSettings`."""
-  given = {field: getattr(args, field) for field in fields}
+def refine_settings(args: argparse.Namespace, command: str, **overrides) -> RefineSettings:
+  """The settings ``command``'s flags give, as :class:`scribblejax.app.RefineSettings`."""
+  given = {field: getattr(args, field) for field in settings_of(command)}
   return RefineSettings(**{**given, **overrides})

@@ -17,7 +17,7 @@ def run(args: argparse.Namespace) -> int:
   """Runs ``refine``; returns the exit status."""
 
   def work(log):
-    settings = flags.refine_settings(args, flags.REFINE_SETTINGS, new_classes=tuple(args.new_class or ()))
+    settings = flags.refine_settings(args, "refine", new_classes=tuple(args.new_class or ()))
     classes = None if args.classes is None else tuple(args.classes.split(","))
     options = MarkOptions(
       class_names=classes,
@@ -98,7 +98,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
   method = parser.add_argument_group(
     "method", "defaults: the model's stored settings (model.json metadata.refine), else scribblejax.RefineConfig's"
   )
-  flags.add_settings(method, flags.REFINE_SETTINGS)
+  flags.add_settings(method, "refine")
   marks = parser.add_argument_group("marks files")
   marks.add_argument("--classes", metavar="A,B,C", help="class names in index order (default: the model's)")
   marks.add_argument(

@@ -11,8 +11,8 @@ import argparse
 
 from scribblejax.cli import flags
 
-# the settings the widget's fields take from the command line
-VIEW_SETTINGS = ("layers", "max_steps", "region_growing")
+# the settings the widget's fields take from the command line (the table's "view" rows)
+VIEW_SETTINGS = flags.settings_of("view")
 
 
 def _view(args: argparse.Namespace) -> int:
@@ -56,6 +56,5 @@ def add_parser(subparsers) -> None:
     help="session folder: continued if it holds one, else created by the first round "
     "(default: a temporary folder; the widget's Save session keeps it)",
   )
-  for field in VIEW_SETTINGS:
-    flags.add_setting(parser, field, help=f"as refine {flags.SETTINGS[field].flag}")
+  flags.add_settings(parser, "view", {field: f"as refine {flags.SETTINGS[field].flag}" for field in VIEW_SETTINGS})
   parser.set_defaults(func=_view)

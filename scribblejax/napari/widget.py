@@ -33,16 +33,20 @@ from qtpy.QtWidgets import (
 )
 
 from scribblejax.app import SETTINGS, RefineSettings
+from scribblejax.app.settings import settings_of
 from scribblejax.io import session_store
 from scribblejax.models.store import builtin_models, read_info
 from scribblejax.napari import core
 
 IMAGE, SEGMENTATION, SCRIBBLES = "image", "segmentation", "scribbles"
-# the knobs the widget offers, by RefineSettings field: (the CLI's flag, field, type), from the settings table
+# the knobs the widget offers (the settings table's "napari" rows), by RefineSettings field: numbers as
+# (the CLI's flag, field, type) in edit boxes, switches as fields in check boxes
 KNOBS = tuple(
   (SETTINGS[field].flag, field, SETTINGS[field].type)
-  for field in ("layers", "max_steps", "learning_rate", "prox_weight", "keep_weight", "region_growing")
+  for field in settings_of("napari")
+  if SETTINGS[field].type is not bool
 )
+SWITCHES = tuple(field for field in settings_of("napari") if SETTINGS[field].type is bool)
 
 
 class _Bridge(QObject):
@@ -141,8 +145,13 @@ class ScribbleWidget(QWidget):
       self.setting_edits[field] = edit
       grid.addWidget(QLabel(flag), i // 2, 2 * (i % 2))
       grid.addWidget(edit, i // 2, 2 * (i % 2) + 1)
-    self.continue_check = QCheckBox("--continue-weights")
-    grid.addWidget(self.continue_check, len(KNOBS) // 2, 2)
+    self.setting_checks = {}
+    for i, field in enumerate(SWITCHES):
+      check = QCheckBox(SETTINGS[field].flag)
+      check.setToolTip(f"as scribblejax refine {SETTINGS[field].flag}: {SETTINGS[field].help}")
+      self.setting_checks[field] = check
+      grid.addWidget(check, len(KNOBS) // 2 + i, 2)
+    self.continue_check = self.setting_checks["continue_weights"]
     return grid
 
   def _action_rows(self) -> QGridLayout:
@@ -289,7 +298,7 @@ class ScribbleWidget(QWidget):
           values[field] = kind(text)
         except ValueError:
           raise ValueError(f"{flag} must be {'an integer' if kind is int else 'a number'}, got {text!r}") from None
-    return RefineSettings(**values, continue_weights=self.continue_check.isChecked())
+    return RefineSettings(**values, **{field: check.isChecked() for field, check in self.setting_checks.items()})
 
   # ------------------------------------------------------------------------------------------
   # Workers.

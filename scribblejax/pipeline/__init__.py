@@ -4,8 +4,9 @@ What a model takes and states (:mod:`~scribblejax.pipeline.spec`), an image fitt
 channels, crop, normalisation, spacing, patches (:mod:`~scribblejax.pipeline.preprocess`, with
 :mod:`~scribblejax.pipeline.normalization` and :mod:`~scribblejax.pipeline.resampling`), marks to the
 model's grid and results back (:mod:`~scribblejax.pipeline.grid`), the network made ready and its
-logits (:mod:`~scribblejax.pipeline.network`), and sliding-window patches with their Gaussian blend
-(:mod:`~scribblejax.pipeline.sliding_window`).
+logits (:mod:`~scribblejax.pipeline.network`), sliding-window patches with their Gaussian blend
+(:mod:`~scribblejax.pipeline.sliding_window`), and one round's refine-and-segment on the model's grid, as
+``refine`` and the evaluation harness run it (:mod:`~scribblejax.pipeline.round`).
 """
 
 from scribblejax.pipeline.grid import (

@@ -25,7 +25,7 @@ from scribblejax.params import last_layers, split_params
 from scribblejax.pipeline.normalization import normalize
 from scribblejax.refinement import describe_marks, marks_report, resolve_driver
 from scribblejax.research import data, metrics
-from scribblejax.research.simulate import simulate_marks
+from scribblejax.research.simulate import ROBOT_USER_SCHEDULES, simulate_marks
 from scribblejax.research.train import TrainConfig, train_segmenter
 from scribblejax.session import add_marks, current_labels, current_marks, start_session
 
@@ -132,7 +132,8 @@ def run_demo(
     task: a built-in 2D case (``DEMO_TASKS``): the DSB nuclei test columns by default.
     train_steps: training steps of the nuclei backbone when no shipped weights exist.
     interactions: rounds of the simulated user.
-    kind: "scribble", "point" or "box".
+    kind: a robot user (:data:`scribblejax.research.simulate.ROBOT_USERS`: "scribble", "point", "box",
+      "click", "cvpr25") or a kind of mark (:data:`scribblejax.research.simulate.KINDS`).
     layers: tunable last layers.
     config: refinement settings.
     log: where progress lines go.
@@ -161,7 +162,8 @@ def run_demo(
   seconds, steps, reports = [], [], []
   for i in range(1, interactions + 1):
     marked = current_marks(session) >= 0
-    new = simulate_marks(np.asarray(current_labels(session)), truth, num_classes, kind=kind, marked=marked)
+    drawn = ROBOT_USER_SCHEDULES[kind](i) if kind in ROBOT_USER_SCHEDULES else kind  # the user's kind this time
+    new = simulate_marks(np.asarray(current_labels(session)), truth, num_classes, kind=drawn, marked=marked)
     new = np.where(marked, -1, new).astype(np.int32)
     if not (new >= 0).any():
       log(f"interaction {i}: the simulated user finds no new error to mark; stopping")

@@ -25,7 +25,6 @@ Example:
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -50,14 +49,13 @@ from scribblejax.pipeline import (
   network_input,
   network_logits,
   prepare,
-  refined_logits,
   same_tree,
   spec_of,
   to_model,
   unsure_on_image,
 )
-from scribblejax.refinement import compute_trunk, predict, progressive_merge, refine
-from scribblejax.refinement.merge import new_marks_of
+from scribblejax.pipeline.round import honoured_fraction, refine_on_model_grid, round_config, round_labels
+from scribblejax.refinement import compute_trunk, predict, refine
 from scribblejax.research.baselines import METHODS, Method, random_walker_method
 from scribblejax.research.evaluate import make_case
 
@@ -222,18 +220,10 @@ def _head_split(pipe: Pipeline):
   return split_params(pipe.network.model, head(), example=example)
 
 
-def _honoured(labels: np.ndarray, marks: np.ndarray) -> float:
-  marked = marks >= 0
-  return float((labels[marked] == marks[marked]).mean()) if marked.any() else 1.0
-
-
 def effective_config(pipe: Pipeline, config: Any) -> Any:
-  """The config a refinement through ``pipe`` runs with: as ``scribblejax refine`` does, without the
-  keep term where the network runs patch by patch (the term needs the network's logits at every
-  voxel; with patches the loop has them at the marked voxels only)."""
-  if config.keep_weight and pipe.fitted.patch is not None:
-    return dataclasses.replace(config, keep_weight=0.0)
-  return config
+  """The config a refinement through ``pipe`` runs with, as ``scribblejax refine``'s
+  (:func:`scribblejax.pipeline.round.round_config`: no keep term where the network runs patch by patch)."""
+  return round_config(config, pipe.fitted)
 
 
 def pipeline_refine_method(
@@ -245,7 +235,8 @@ def pipeline_refine_method(
   name: str | None = None,
 ):
   """The paper's refinement through the model's pipeline; each interaction refines on all marks so
-  far, on the model's grid (patches holding marks only, where the network runs patch by patch).
+  far, on the model's grid (patches holding marks only, where the network runs patch by patch), with
+  ``refine``'s own step (:mod:`scribblejax.pipeline.round`).
 
   Args:
     pipe: from :func:`prepare_pipeline`.
@@ -267,12 +258,12 @@ def pipeline_refine_method(
   select = head() if head_only else last_layers(pipe.layers)
   whole = fitted.patch is None
   # the whole image's loop is the same every interaction (its frozen trunk is computed once)
-  whole_loop = loop_split(pipe.network, fitted, split, None, select, pipe.inference).split if whole else None
+  whole_loop = loop_split(pipe.network, fitted, split, None, select, pipe.inference) if whole else None
   cached = whole and config.cache_trunk
 
   def init(image):
     del image
-    trunk = compute_trunk(whole_loop, fitted.image, config) if cached else None
+    trunk = compute_trunk(whole_loop.split, fitted.image, config) if cached else None
     logits = network_logits(split, fitted, step=pipe.inference.step)
     free = unsure_on_image(logits, fitted, config.merge_confidence) if config.progressive_merge else None
     return PipelineRefineState(labels_from_logits(logits, fitted), 0, True, 1.0, 0, 0.0, None, trunk, free=free)
@@ -291,27 +282,26 @@ def pipeline_refine_method(
     model_marks = cover_marks(model_marks, marks, fitted)  # as refine: the way back's voxels too
     if not (model_marks >= 0).any():  # every mark outside the crop: the pipeline gives background there
       return state._replace(
-        num_steps=0, satisfied=False, honoured=_honoured(state.labels, marks), patches=0, compile_seconds=0.0
+        num_steps=0, satisfied=False, honoured=honoured_fraction(state.labels, marks), patches=0, compile_seconds=0.0
       )
     with compile_timer() as compiled:
       if whole:
-        loop, image, loop_marks, patches = whole_loop, fitted.image, model_marks, 0
+        loop = whole_loop._replace(marks=model_marks)
       else:
-        found = loop_split(pipe.network, fitted, split, model_marks, select, pipe.inference)
-        loop, image, loop_marks, patches = found.split, found.image, found.marks, found.patches
-      start = same_tree(loop.tunable, state.tunable) if continue_weights and state.tunable is not None else None
-      result = refine(loop, image, loop_marks, config, start=start, trunk=state.trunk if whole else None)
-      logits = refined_logits(split, fitted, result, patches, pipe.inference.step)
+        loop = loop_split(pipe.network, fitted, split, model_marks, select, pipe.inference)
+      start = same_tree(loop.split.tunable, state.tunable) if continue_weights and state.tunable is not None else None
+      trunk = state.trunk if whole else None
+      result, logits, _ = refine_on_model_grid(
+        split, fitted, loop, config, pipe.inference.step, start=start, trunk=trunk
+      )
     tunable = same_tree(split.tunable, result.tunable)
-    labels = labels_from_logits(logits, fitted)
-    if config.progressive_merge:
-      labels = progressive_merge(state.labels, labels, new_marks_of(marks, previous_marks), marks, free=state.free)
+    labels, _ = round_labels(logits, fitted, config, state.labels, marks, previous_marks, state.free)
     return state._replace(
       labels=labels,
       num_steps=int(result.num_steps),
       satisfied=bool(result.satisfied),
-      honoured=_honoured(labels, marks),
-      patches=patches,
+      honoured=honoured_fraction(labels, marks),
+      patches=loop.patches,
       compile_seconds=compiled[0],
       tunable=tunable,
     )
@@ -320,9 +310,9 @@ def pipeline_refine_method(
     del image
     jax.block_until_ready(predict(split, np.zeros(network_input(fitted), np.float32)))
     if whole:
-      trunk = compute_trunk(whole_loop, fitted.image, config) if cached else None
+      trunk = compute_trunk(whole_loop.split, fitted.image, config) if cached else None
       empty = np.full(fitted.image.shape[:-1], -1, np.int32)
-      jax.block_until_ready(refine(whole_loop, fitted.image, empty, config, trunk=trunk).labels)
+      jax.block_until_ready(refine(whole_loop.split, fitted.image, empty, config, trunk=trunk).labels)
 
   def info(state):
     return {

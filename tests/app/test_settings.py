@@ -1,14 +1,16 @@
 """The settings table: one name per setting, RefineConfig's defaults, model.json's stored defaults."""
 
+import argparse
 import dataclasses
 
 import pytest
 
 from scribblejax.app import SETTINGS, TUNED, RefineSettings
-from scribblejax.app.settings import REPORTED, reported_settings
+from scribblejax.app.settings import DEFAULTS, FRONT_ENDS, REPORTED, reported_settings, settings_of
 from scribblejax.cli import build_parser
 from scribblejax.cli.flags import REFINE_SETTINGS
-from scribblejax.config import RefineConfig
+from scribblejax.config import PRESETS, RefineConfig
+from scribblejax.research.simulate import ROBOT_USERS
 
 CONFIG = {f.name: f.default for f in dataclasses.fields(RefineConfig)}
 ROUND = {f.name: f.default for f in dataclasses.fields(RefineSettings)}
@@ -72,3 +74,60 @@ def test_the_reports_settings_keep_their_keys_and_order():
   reported = reported_settings(RefineSettings(optimizer="sgd"), 5, config, grow)
   assert tuple(reported) == REPORTED
   assert reported["optimizer"] == "sgd" and reported["learning_rate"] == 0.01 and reported["layers"] == 5
+
+
+def test_the_reports_settings_order_is_the_tables_and_unchanged():
+  assert REPORTED == (
+    "layers",
+    "max_steps",
+    "learning_rate",
+    "momentum",
+    "prox_weight",
+    "region_growing",
+    "keep_weight",
+    "optimizer",
+    "progressive_merge",
+    "preset",
+    "class_balance",
+    "continue_weights",
+    "check_every",
+    "compute_dtype",
+    "remat",
+    "conv_backend",
+  )
+
+
+def test_refinesettings_is_generated_from_the_table():
+  assert list(ROUND) == [*SETTINGS, "new_classes"]
+  assert {name: ROUND[name] for name in SETTINGS} == DEFAULTS
+  for name, setting in SETTINGS.items():
+    assert setting.help in RefineSettings.__doc__, name
+  assert hash(RefineSettings(max_steps=3)) == hash(RefineSettings(max_steps=3))  # frozen, hashable
+
+
+def test_resolve_forwards_every_config_setting():
+  given = {"driver": "host", "check_every": 4, "class_balance": True, "compute_dtype": "bfloat16", "remat": True}
+  for preset in PRESETS:
+    _, config, _ = RefineSettings(preset=preset, conv_backend="xla", **given).resolve({})
+    assert {name: getattr(config, name) for name in given} == given and config.conv_backend == "xla", preset
+
+
+@pytest.mark.parametrize("command", ["refine", "evaluate", "view", "demo"])
+def test_each_command_offers_the_settings_whose_rows_name_it(command):
+  subparsers = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+  dests = [a.dest for a in subparsers.choices[command]._actions if a.dest in SETTINGS]
+  assert list(dict.fromkeys(dests)) == list(settings_of(command))  # (aliases repeat a dest)
+  for name in settings_of(command):
+    assert any(SETTINGS[name].flag in a.option_strings for a in subparsers.choices[command]._actions), name
+
+
+def test_the_rows_name_known_front_ends_and_view_sets_widget_fields():
+  assert all(set(s.commands) <= set(FRONT_ENDS) for s in SETTINGS.values())
+  assert set(settings_of("refine")) == set(SETTINGS)  # refine offers every setting
+  assert set(settings_of("view")) <= set(settings_of("napari"))  # view fills the widget's fields
+
+
+def test_demo_offers_the_robot_users():
+  subparsers = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+  (marks,) = [a for a in subparsers.choices["demo"]._actions if a.dest == "marks"]
+  assert tuple(marks.choices) == ROBOT_USERS
