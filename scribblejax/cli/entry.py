@@ -44,7 +44,7 @@ def enable_compilation_cache() -> str | None:
 
   Every ``scribblejax`` command is a new process, so without it each one compiles its programs again
   (a session continued with ``scribblejax refine --session`` included). With it, a later run loads
-  them from disk: the tissue2d demo's first interaction took 1.1 instead of 3.8 s on 2 CPU cores.
+  them from disk instead of compiling them.
   ``SCRIBBLEJAX_COMPILATION_CACHE`` names the folder (default ``$XDG_CACHE_HOME/scribblejax/jax``),
   or is ``0`` to leave the cache off; a folder already set in JAX's own configuration is kept.
   """

@@ -100,7 +100,7 @@ def prepare_pipeline(
   """The model's pipeline on one image, as ``refine`` prepares it.
 
   Args:
-    model: the network (e.g. with classes appended by :func:`scribblejax.research.baselines.add_classes`).
+    model: the network (e.g. with classes appended by :func:`scribblejax.models.add_classes`).
     info: its :class:`scribblejax.models.store.ModelInfo` (normalisation, spacing, patch size).
     image: as read by :func:`scribblejax.io.images.read_image`.
     layers: tunable last layers (``None``: the library's default, at most the model's layers).
