@@ -8,6 +8,7 @@ see ``docs/correction.md``) and Algorithm 1 of Sambaturu et al. exactly (:meth:`
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -19,7 +20,6 @@ from scribblejax._checks import INT32_MAX, is_integer, is_number
 DRIVERS = ("auto", "loop", "host")
 BATCH_SCHEMES = ("auto", "vmap", "matmul", "shifted", "sequential")
 COMPUTE_DTYPES = ("float32", "bfloat16")
-OPTIMIZERS = ("sgd", "adam")
 # Algorithm 1 as the paper states it (RefineConfig.paper()): the settings the library used before the
 # correction benchmark (benchmarks/correction) chose its defaults.
 PAPER = {
@@ -33,6 +33,64 @@ PAPER = {
   "progressive_merge": False,
 }
 PRESETS = ("default", "paper")
+
+
+@dataclasses.dataclass(frozen=True)
+class BuiltinOptimizer:
+  """A named optimiser of :data:`BUILTIN_OPTIMIZERS`.
+
+  Attributes:
+    make: ``make(learning_rate, momentum) -> optax.GradientTransformation``, called inside the compiled
+      programs with the traced hyperparameters (each optimiser reads those it uses).
+    elementwise: the update of each parameter depends on that parameter (and its gradient) alone, so the
+      loop may carry W_lam as one flat vector and get the same steps
+      (:func:`scribblejax.refinement.backend.flattens`).
+    default_learning_rate: the step size a caller that names this optimiser but gives no learning rate
+      gets (the command line, a model's stored settings); ``None``: the preset's own.
+  """
+
+  make: Callable[[Any, Any], optax.GradientTransformation]
+  elementwise: bool
+  default_learning_rate: float | None
+
+
+# The one table of named optimisers: adding one here makes it valid in RefineConfig and on the command line.
+BUILTIN_OPTIMIZERS = {
+  "sgd": BuiltinOptimizer(
+    lambda learning_rate, momentum: optax.inject_hyperparams(optax.sgd)(learning_rate=learning_rate, momentum=momentum),
+    elementwise=True,
+    default_learning_rate=PAPER["learning_rate"],  # Adam's default step would barely move SGD
+  ),
+  "adam": BuiltinOptimizer(
+    lambda learning_rate, momentum: optax.inject_hyperparams(optax.adam)(learning_rate=learning_rate),
+    elementwise=True,
+    default_learning_rate=None,
+  ),
+}
+OPTIMIZERS = tuple(BUILTIN_OPTIMIZERS)
+
+
+def builtin_optimizer(optimizer: Any) -> BuiltinOptimizer | None:
+  """The table's entry for ``RefineConfig.optimizer`` (``None`` is ``"sgd"``); ``None`` for a user's own
+  ``GradientTransformation`` or an unknown name."""
+  if optimizer is None:
+    optimizer = "sgd"
+  return BUILTIN_OPTIMIZERS.get(optimizer) if isinstance(optimizer, str) else None
+
+
+def default_learning_rate(optimizer: str | None) -> float | None:
+  """The learning rate of a named optimiser when the caller names it but gives no learning rate.
+
+  Args:
+    optimizer: a name of :data:`OPTIMIZERS`, or ``None`` when the caller names none (the preset then
+      chooses the optimiser and its learning rate).
+
+  Returns:
+    The optimiser's :attr:`BuiltinOptimizer.default_learning_rate`; ``None`` (the preset's own) for no
+    name, a name whose entry has none, or a name that is not in the table (which ``RefineConfig`` refuses).
+  """
+  entry = BUILTIN_OPTIMIZERS.get(optimizer) if isinstance(optimizer, str) else None
+  return None if entry is None else entry.default_learning_rate
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,7 +113,8 @@ class RefineConfig:
       the rest of the image. ``docs/correction.md`` says what it changed.
     class_balance: weight the cross-entropy so every marked class counts equally.
     optimizer: ``"sgd"`` (SGD with ``momentum``, the paper's), ``"adam"`` (Adam, Kingma & Ba 2015),
-      both at ``learning_rate``; or any optax ``GradientTransformation``. ``None`` means ``"sgd"``.
+      both at ``learning_rate`` (the names of :data:`BUILTIN_OPTIMIZERS`); or any optax
+      ``GradientTransformation``. ``None`` means ``"sgd"``.
     driver: "auto", "loop" (one compiled while_loop) or "host" (jitted chunks driven from Python).
     check_every: steps per jitted chunk between stop checks, for the host driver. The chunk's steps
       are unrolled into one program, so its compile time grows with ``check_every`` (keep it small).
@@ -89,8 +148,8 @@ class RefineConfig:
       class less than this probability follow the refined network wherever they lie (0: none).
     conv_backend: who computes the convolutions of the trunk and the tail: "xla", "onednn" (oneDNN
       through :mod:`scribblejax.kernels`, CPU only, float32 only; an error if the kernels cannot
-      run here) or "auto" (oneDNN on the CPU whenever available, else XLA). On 2 cores, oneDNN made a
-      refinement step 2.1x (2D 256^2) to 3.4x (3D 64^3) faster than XLA's kernels; see the README.
+      run here) or "auto" (oneDNN on the CPU whenever available, else XLA). What each costs:
+      ``docs/performance.md``.
   """
 
   max_steps: int = 100
@@ -140,15 +199,17 @@ class RefineConfig:
       if not isinstance(getattr(self, name), (bool, np.bool_)):
         raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
     if isinstance(self.optimizer, str):
-      if self.optimizer not in OPTIMIZERS:
+      if self.optimizer not in BUILTIN_OPTIMIZERS:
         raise ValueError(
-          f"optimizer must be one of {OPTIMIZERS} or an optax GradientTransformation, got {self.optimizer!r}"
+          f"optimizer must be one of {tuple(BUILTIN_OPTIMIZERS)} or an optax GradientTransformation, "
+          f"got {self.optimizer!r}"
         )
     elif self.optimizer is not None and not (
       callable(getattr(self.optimizer, "init", None)) and callable(getattr(self.optimizer, "update", None))
     ):
       raise ValueError(
-        f"optimizer must be one of {OPTIMIZERS} or an optax GradientTransformation, got {self.optimizer!r}"
+        f"optimizer must be one of {tuple(BUILTIN_OPTIMIZERS)} or an optax GradientTransformation, "
+        f"got {self.optimizer!r}"
       )
     for name in ("check_every", "trace_length"):
       value = getattr(self, name)

@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from scribblejax.config import COMPUTE_DTYPES, DRIVERS, OPTIMIZERS, PAPER, PRESETS, RefineConfig
+from scribblejax.config import COMPUTE_DTYPES, DRIVERS, OPTIMIZERS, PRESETS, RefineConfig, default_learning_rate
 from scribblejax.io.marks_files import RECTANGLE_MODES
 from scribblejax.kernels import CONV_BACKENDS
 
@@ -201,8 +201,8 @@ def _resolve(self, metadata: dict) -> tuple[int | None, RefineConfig, float | No
   for name, setting in SETTINGS.items():
     value = getattr(self, name)
     values[name] = stored.get(name) if value is None and setting.stored else value
-  if values["optimizer"] == "sgd" and values["learning_rate"] is None:
-    values["learning_rate"] = PAPER["learning_rate"]  # Adam's default step would barely move SGD
+  if values["learning_rate"] is None:
+    values["learning_rate"] = default_learning_rate(values["optimizer"])  # None: the preset's own
   # a RefineConfig field overrides the preset's where it is given: a stored setting when not None, another
   # when not its default
   given = {

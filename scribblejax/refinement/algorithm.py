@@ -5,6 +5,10 @@ marked pixels; stop when every marked pixel is predicted as its label (``satisfi
 ``max_steps`` steps; otherwise one optimiser step on ``g + prox_weight * ||W_lam - W||_2`` (plus, with
 ``keep_weight``, a cross-entropy that keeps unmarked pixels at the network's initial labels).
 
+Two label maps enter, each an int32 ``[*spatial]``: ``marks``, the user's (-1 unmarked, k marked as
+class k), and ``keep``, the keep term's targets (the network's initial labels, :func:`initial_labels`;
+-1: no target). The keep term reads ``keep`` on the unmarked pixels only; nothing else reads it.
+
 This module is the algorithm and nothing else: it sees the network only as ``logits_of(tunable)``,
 a function of W_lam, and never asks which device it runs on. How the forward pass is evaluated (a
 cached trunk, W_lam carried as one flat vector, a lazy backward pass) is decided in
@@ -15,7 +19,7 @@ Example (what a driver does, without the compiled loop)::
 
   state = init_state(W, settings, hyper)
   while not (state.done or state.step >= max_steps):
-    state, logits = step(state, logits_of, W, marks, settings, hyper)
+    state, logits = step(state, logits_of, W, marks, keep, settings, hyper)
   result = finalize(state, logits_of, marks, settings)
 """
 
@@ -31,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from scribblejax.config import RefineConfig
+from scribblejax.config import RefineConfig, builtin_optimizer
 
 
 class Hyper(NamedTuple):
@@ -60,7 +64,7 @@ class Hyper(NamedTuple):
 class Settings:
   """The algorithm's static settings: part of the compilation cache key."""
 
-  optimizer: Any  # "sgd" (or None), "adam", or an optax.GradientTransformation
+  optimizer: Any  # a name of config.BUILTIN_OPTIMIZERS (None: "sgd"), or an optax.GradientTransformation
   class_balance: bool  # every marked class contributes its own mean cross-entropy equally
   trace_length: int  # length of RefineState.loss_trace
   output: str  # "logits" or "probabilities"
@@ -172,23 +176,24 @@ def proximal_norm(tunable: Any, anchor: Any) -> jax.Array:
   return jnp.where(positive, jnp.sqrt(jnp.where(positive, sq, 1.0)), 0.0)
 
 
-def keep_encoding(initial_logits: jax.Array, marks: jax.Array) -> jax.Array:
-  """``marks`` with each unmarked pixel holding the argmax k of ``initial_logits`` as ``-2 - k``.
+def initial_labels(initial_logits: jax.Array) -> jax.Array:
+  """The keep term's targets: int32 ``[*spatial]``, the argmax of the network's initial logits (under W)."""
+  return jnp.argmax(initial_logits, axis=-1).astype(jnp.int32)
 
-  Pixels with a value <= -2 count as unmarked everywhere (loss, stop rule); only the ``keep_weight``
-  term of :func:`objective` reads them. Users cannot pass such values: validation rejects labels < -1.
-  """
-  initial = jnp.argmax(initial_logits, axis=-1).astype(jnp.int32)
-  return jnp.where(marks >= 0, marks, -2 - initial)
+
+def no_keep(marks: jax.Array) -> jax.Array:
+  """Keep targets that hold none (-1 at every pixel), shaped and placed like ``marks``: the keep term is
+  then 0 (what a driver passes when ``keep_weight`` is 0, so that the same compiled program serves both)."""
+  return jnp.full_like(marks, -1)
 
 
 def optimizer(settings: Settings, hyper: Hyper) -> optax.GradientTransformation:
-  """The named optimiser with the traced learning rate (and momentum), or the user's own transformation."""
-  if settings.optimizer == "adam":
-    return optax.inject_hyperparams(optax.adam)(learning_rate=hyper.learning_rate)
-  if settings.optimizer is None or settings.optimizer == "sgd":
-    return optax.inject_hyperparams(optax.sgd)(learning_rate=hyper.learning_rate, momentum=hyper.momentum)
-  return settings.optimizer
+  """The named optimiser (:data:`scribblejax.config.BUILTIN_OPTIMIZERS`) with the traced learning rate
+  (and momentum), or the user's own transformation."""
+  builtin = builtin_optimizer(settings.optimizer)
+  if builtin is None:
+    return settings.optimizer
+  return builtin.make(hyper.learning_rate, hyper.momentum)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -197,20 +202,32 @@ def optimizer(settings: Settings, hyper: Hyper) -> optax.GradientTransformation:
 
 
 def objective(
-  logits_of: Callable, anchor: Any, marks: jax.Array, settings: Settings, hyper: Hyper, tunable: Any
+  logits_of: Callable,
+  anchor: Any,
+  marks: jax.Array,
+  keep: jax.Array | None,
+  settings: Settings,
+  hyper: Hyper,
+  tunable: Any,
 ) -> tuple[jax.Array, jax.Array]:
   """The loss of W_lam = ``tunable`` and its logits: marked cross-entropy + keep term + proximal term.
+
+  ``g = CE(marked pixels vs marks) + keep_weight * CE(unmarked pixels vs keep) + prox_weight * ||W_lam - W||_2``.
 
   Args:
     logits_of: ``logits_of(tunable) -> f32[*spatial, classes]``, the network on this image.
     anchor: W's tunable part, which the proximal term pulls towards (same form as ``tunable``).
-    marks: int32 ``[*spatial]``: k >= 0 marked as class k, -1 unmarked, ``-2 - k`` unmarked with
-      initial label k (:func:`keep_encoding`).
+    marks: int32 ``[*spatial]``, the user's map: k >= 0 marked as class k, -1 unmarked.
+    keep: int32 ``[*spatial]``, the label each unmarked pixel is kept at (:func:`initial_labels`; -1: none,
+      :func:`no_keep`); read on the unmarked pixels only. ``None``: no keep term.
+    settings, hyper: the static and the traced settings.
+    tunable: W_lam (the argument differentiated).
   """
   logits = logits_of(tunable)
-  ce = marked_cross_entropy(logits, marks, settings.class_balance)
-  keep = marked_cross_entropy(logits, jnp.where(marks <= -2, -2 - marks, -1))
-  return ce + hyper.keep_weight * keep + hyper.prox_weight * proximal_norm(tunable, anchor), logits
+  loss = marked_cross_entropy(logits, marks, settings.class_balance)
+  if keep is not None:
+    loss = loss + hyper.keep_weight * marked_cross_entropy(logits, jnp.where(marks < 0, keep, -1))
+  return loss + hyper.prox_weight * proximal_norm(tunable, anchor), logits
 
 
 def value_and_grad(loss: Callable, tunable: Any) -> tuple[jax.Array, jax.Array, Callable]:
@@ -252,6 +269,7 @@ def step(
   logits_of: Callable,
   anchor: Any,
   marks: jax.Array,
+  keep: jax.Array | None,
   settings: Settings,
   hyper: Hyper,
   differentiate: Callable = value_and_grad,
@@ -264,13 +282,13 @@ def step(
 
   Args:
     state: the carry (``state.tunable`` and ``anchor`` in the form ``logits_of`` takes).
-    logits_of, anchor, marks: as for :func:`objective`.
+    logits_of, anchor, marks, keep, settings, hyper: as for :func:`objective`.
     differentiate: how the gradient is computed: :func:`value_and_grad`, or a backend's equivalent.
 
   Returns:
     The next state, and the logits this step evaluated (those of ``state.tunable``).
   """
-  loss = functools.partial(objective, logits_of, anchor, marks, settings, hyper)
+  loss = functools.partial(objective, logits_of, anchor, marks, keep, settings, hyper)
   active = ~state.done & (state.step < hyper.max_steps)
   value, logits, gradient = differentiate(loss, state.tunable)
   satisfied = marks_satisfied(logits, marks)

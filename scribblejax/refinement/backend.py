@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from scribblejax import kernels
-from scribblejax.config import RefineConfig
+from scribblejax.config import RefineConfig, builtin_optimizer
 from scribblejax.refinement import algorithm
 
 # XLA options of every compiled refinement program on GPUs: channels-last cuDNN convolutions. XLA:GPU's
@@ -148,12 +148,15 @@ def flat_carry() -> bool:
 
 
 def flattens(backend: Backend, optimizer: Any, tunable: Any) -> bool:
-  """Whether the loop carries W_lam flat: asked for (``backend.flat_params``), a built-in optimiser (SGD
-  and Adam work element by element, so the same on one vector), and one dtype for every tunable leaf."""
+  """Whether the loop carries W_lam flat: asked for (``backend.flat_params``), a built-in optimiser that works
+  element by element (:attr:`scribblejax.config.BuiltinOptimizer.elementwise`: the same steps on one vector),
+  and one dtype for every tunable leaf."""
   leaves = jax.tree.leaves(tunable)
+  builtin = builtin_optimizer(optimizer)
   return (
     backend.flat_params
-    and optimizer in (None, "sgd", "adam")
+    and builtin is not None
+    and builtin.elementwise
     and len(leaves) > 1
     and len({jnp.result_type(x) for x in leaves}) == 1
   )

@@ -85,7 +85,7 @@ def _mapped(placement: Placement, fn, batched_args: tuple[bool, ...], batched_ou
 
 
 def _loop_one(
-  graphdef, settings: Settings, backend: Backend, anchor, start, frozen, image, marks, hyper, residuals=None
+  graphdef, settings: Settings, backend: Backend, anchor, start, frozen, image, marks, keep, hyper, residuals=None
 ) -> RefineResult:
   """The whole refinement of one image as one ``lax.while_loop`` (W_lam carried flat where
   :func:`~scribblejax.refinement.backend.flattens` says so)."""
@@ -104,7 +104,7 @@ def _loop_one(
   )
   state, logits = jax.lax.while_loop(
     lambda c: ~c[0].done & (c[0].step < hyper.max_steps),
-    lambda c: algorithm.step(c[0], logits_of, anchor, marks, settings, hyper, differentiate(backend)),
+    lambda c: algorithm.step(c[0], logits_of, anchor, marks, keep, settings, hyper, differentiate(backend)),
     (state, logits),
   )
   state = state._replace(tunable=as_tree(state.tunable))
@@ -122,6 +122,7 @@ def _chunk_one(
   frozen,
   image,
   marks,
+  keep,
   hyper,
   state,
   residuals=None,
@@ -129,7 +130,7 @@ def _chunk_one(
   """``check_every`` guarded steps of one image."""
   logits_of = lambda t: network.logits(graphdef, t, frozen, image, residuals, backend, backend.remat)
   for _ in range(check_every):
-    state = algorithm.step(state, logits_of, anchor, marks, settings, hyper, differentiate(backend))[0]
+    state = algorithm.step(state, logits_of, anchor, marks, keep, settings, hyper, differentiate(backend))[0]
   return state
 
 
@@ -157,6 +158,7 @@ def loop_program(
   frozen,
   image,
   marks,
+  keep,
   hyper,
   batched_start=False,
   residuals=None,
@@ -164,10 +166,10 @@ def loop_program(
   """The loop driver: every image's whole refinement (a batch computes its trunks inside)."""
   fn = functools.partial(_loop_one, graphdef, settings, backend)
   if placement.batched:
-    return _mapped(placement, fn, (False, batched_start, False, True, True, False))(
-      anchor, start, frozen, image, marks, hyper
+    return _mapped(placement, fn, (False, batched_start, False, True, True, True, False))(
+      anchor, start, frozen, image, marks, keep, hyper
     )
-  return fn(anchor, start, frozen, image, marks, hyper, residuals)
+  return fn(anchor, start, frozen, image, marks, keep, hyper, residuals)
 
 
 @functools.partial(jit, static_argnames=("settings", "placement", "batch_size", "batched_start"))
@@ -185,12 +187,12 @@ def init_program(settings, placement, start, hyper, batch_size, batched_start=Fa
   jit, static_argnames=("graphdef", "settings", "backend", "check_every", "placement"), donate_argnames=("state",)
 )
 def chunk_program(
-  graphdef, settings, backend, check_every, placement, anchor, frozen, image, marks, hyper, state, residuals=None
+  graphdef, settings, backend, check_every, placement, anchor, frozen, image, marks, keep, hyper, state, residuals=None
 ) -> RefineState:
   """The host driver's chunk of ``check_every`` steps."""
   fn = functools.partial(_chunk_one, graphdef, settings, backend, check_every)
-  return _mapped(placement, fn, (False, False, True, True, False, True, True))(
-    anchor, frozen, image, marks, hyper, state, residuals
+  return _mapped(placement, fn, (False, False, True, True, True, False, True, True))(
+    anchor, frozen, image, marks, keep, hyper, state, residuals
   )
 
 
@@ -222,12 +224,12 @@ def predict_program(graphdef, conv_backend, tunable, frozen, image, residuals=No
 
 
 @functools.partial(jit, static_argnames=("graphdef", "conv_backend", "placement"))
-def keep_targets_program(graphdef, conv_backend, placement, tunable, frozen, image, marks) -> jax.Array:
-  """The marks with the network's own labels for ``keep_weight``
-  (:func:`~scribblejax.refinement.algorithm.keep_encoding`), each image in one program (a mesh's devices on
+def keep_targets_program(graphdef, conv_backend, placement, tunable, frozen, image) -> jax.Array:
+  """The network's initial labels, the keep term's targets
+  (:func:`~scribblejax.refinement.algorithm.initial_labels`), each image in one program (a mesh's devices on
   their own rows)."""
-  fn = lambda t, f, x, m: algorithm.keep_encoding(predict_program(graphdef, conv_backend, t, f, x), m)
-  return _mapped(placement, fn, (False, False, True, True))(tunable, frozen, image, marks)
+  fn = lambda t, f, x: algorithm.initial_labels(predict_program(graphdef, conv_backend, t, f, x))
+  return _mapped(placement, fn, (False, False, True))(tunable, frozen, image)
 
 
 PROGRAMS = {
@@ -257,16 +259,22 @@ def _all_finished(done: jax.Array, step: jax.Array, max_steps: int) -> jax.Array
 # ---------------------------------------------------------------------------------------------
 
 
-def keep_targets(split: Split, image: jax.Array, marks: jax.Array, placement: Placement = SINGLE) -> jax.Array:
-  """``marks`` with each unmarked pixel holding the network's initial label (see
-  :func:`~scribblejax.refinement.algorithm.keep_encoding`), for ``keep_weight``."""
+def keep_targets(
+  split: Split, image: jax.Array, marks: jax.Array, keep_weight: float, placement: Placement = SINGLE
+) -> jax.Array:
+  """The keep term's targets, int32 like ``marks`` (and placed like them): the network's initial labels
+  (:func:`~scribblejax.refinement.algorithm.initial_labels`) when ``keep_weight`` is positive, else none
+  (:func:`~scribblejax.refinement.algorithm.no_keep`: the network is not run). Either way the refinement's
+  programs take the same arguments, so changing ``keep_weight`` never recompiles them."""
+  if not keep_weight > 0:
+    return algorithm.no_keep(marks)
   conv_backend = kernels.resolve_conv_backend("auto")
   graphdef = network.graph_key(split.graphdef)
   if placement.mesh is not None:
-    return keep_targets_program(graphdef, conv_backend, placement, split.tunable, split.frozen, image, marks)
+    return keep_targets_program(graphdef, conv_backend, placement, split.tunable, split.frozen, image)
   images = image if placement.batched else image[None]
   logits = jnp.stack([predict_program(graphdef, conv_backend, split.tunable, split.frozen, x) for x in images])
-  return algorithm.keep_encoding(logits if placement.batched else logits[0], marks)
+  return algorithm.initial_labels(logits if placement.batched else logits[0])
 
 
 def _finished(placement: Placement, state: RefineState, max_steps: int, progress: Any) -> bool:
@@ -297,7 +305,8 @@ def drive(
   Args:
     split: the network (its arrays placed where ``placement`` needs them).
     image: float32 ``[*spatial, C]``, with a leading batch axis for a batched placement.
-    marks: int32 ``[*spatial]`` (batched likewise).
+    marks: int32 ``[*spatial]``, the user's map (batched likewise); the keep term's targets are computed
+      here (:func:`keep_targets`) and passed on beside it.
     config: the settings.
     placement: :data:`SINGLE`, :data:`BATCH` or :func:`on_mesh`.
     start: the tunable parameters to start from; ``None``: W (``split.tunable``).
@@ -317,8 +326,7 @@ def drive(
   graphdef = network.graph_key(split.graphdef)
   anchor = split.tunable
   start = anchor if start is None else start
-  if config.keep_weight > 0:
-    marks = keep_targets(split, image, marks, placement)
+  keep = keep_targets(split, image, marks, config.keep_weight, placement)
   if driver_of(config) == "loop":
     result = loop_program(
       graphdef,
@@ -330,6 +338,7 @@ def drive(
       split.frozen,
       image,
       marks,
+      keep,
       hyper,
       batched_start=batched_start,
       residuals=residuals,
@@ -358,6 +367,7 @@ def drive(
       split.frozen,
       image,
       marks,
+      keep,
       hyper,
       state,
       residuals,
@@ -374,10 +384,11 @@ def lowered_programs(split: Split, image: jax.Array, marks: jax.Array, config: R
   """
   settings, hyper, backend = Settings.of(config), Hyper.of(config), Backend.of(config)
   anchor, frozen, graphdef = split.tunable, split.frozen, network.graph_key(split.graphdef)
+  keep = jax.ShapeDtypeStruct(marks.shape, jnp.int32)  # the programs are the same for any keep_weight
   driver = driver_of(config)
   if driver == "loop":
     return driver, {
-      "loop": loop_program.lower(graphdef, settings, backend, SINGLE, anchor, anchor, frozen, image, marks, hyper)
+      "loop": loop_program.lower(graphdef, settings, backend, SINGLE, anchor, anchor, frozen, image, marks, keep, hyper)
     }
   # shapes only, from the plain functions (on GPUs the compiled ones take XLA options, refused when nested)
   state = jax.eval_shape(lambda a, h: algorithm.init_state(a, settings, h), anchor, hyper)
@@ -391,7 +402,7 @@ def lowered_programs(split: Split, image: jax.Array, marks: jax.Array, config: R
       graphdef, backend.compute_dtype, backend.conv_backend, SINGLE, anchor, frozen, image
     )
   programs["chunk"] = chunk_program.lower(
-    graphdef, settings, backend, config.check_every, SINGLE, anchor, frozen, image, marks, hyper, state, residuals
+    graphdef, settings, backend, config.check_every, SINGLE, anchor, frozen, image, marks, keep, hyper, state, residuals
   )
   programs["finalize"] = finalize_program.lower(
     graphdef, settings, backend, SINGLE, frozen, image, marks, state, residuals

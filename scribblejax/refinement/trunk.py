@@ -705,7 +705,7 @@ def structure_key(tree) -> tuple:
 
 def _leaf_key(x) -> tuple:
   if isinstance(x, (jax.Array, np.ndarray)) and not isinstance(x, jax.core.Tracer):
-    # concrete arrays: their own attributes (jax.typeof builds an abstract value: 6x slower, and
+    # concrete arrays: their own attributes (jax.typeof builds an abstract value, which is slower, and
     # refine computes these keys at every call)
     return tuple(x.shape), x.dtype.str, bool(getattr(x, "weak_type", False))
   s = _struct(x)

@@ -14,8 +14,9 @@ import pytest
 from flax import nnx
 
 import scribblejax as sj
+from scribblejax import config as config_lib
+from scribblejax.refinement import algorithm, drivers, network
 from scribblejax.refinement import backend as backend_lib
-from scribblejax.refinement import drivers, network
 
 
 @functools.cache
@@ -278,6 +279,83 @@ def test_flat_carry_only_for_the_built_in_sgd_and_one_dtype():
   leaves, treedef = jax.tree.flatten(mixed)
   mixed = jax.tree.unflatten(treedef, [leaves[0].astype(jnp.bfloat16), *leaves[1:]])
   assert not backend_lib.flattens(backend, CFG.optimizer, mixed)
+
+
+def test_one_optimizer_table_gives_the_names_the_flat_carry_and_the_default_learning_rate(monkeypatch):
+  assert config_lib.OPTIMIZERS == tuple(config_lib.BUILTIN_OPTIMIZERS) == ("sgd", "adam")
+  assert config_lib.default_learning_rate("sgd") == config_lib.PAPER["learning_rate"]
+  assert config_lib.default_learning_rate("adam") is None and config_lib.default_learning_rate(None) is None
+  assert config_lib.default_learning_rate("nesterov") is None
+  # a new entry is valid at once; the flat carry follows its `elementwise` (LAMB scales each layer)
+  lamb = config_lib.BuiltinOptimizer(
+    lambda learning_rate, momentum: optax.inject_hyperparams(optax.lamb)(learning_rate=learning_rate),
+    elementwise=False,
+    default_learning_rate=1e-3,
+  )
+  monkeypatch.setitem(config_lib.BUILTIN_OPTIMIZERS, "lamb", lamb)
+  assert config_lib.default_learning_rate("lamb") == 1e-3
+  split = sj.split_params(_model(2), sj.last_layers(3))
+  config = dataclasses.replace(CFG, optimizer="lamb", max_steps=2)
+  backend = dataclasses.replace(backend_lib.Backend.of(config), flat_params=True)
+  assert not backend_lib.flattens(backend, "lamb", split.tunable)
+  assert backend_lib.flattens(backend, "adam", split.tunable) and backend_lib.flattens(backend, None, split.tunable)
+  result = sj.refine(split, _image((16, 16)), _marks_2d(), config)
+  assert int(result.num_steps) == 2 and not _leaves_equal(result.tunable, split.tunable)
+  monkeypatch.delitem(config_lib.BUILTIN_OPTIMIZERS, "lamb")
+  with pytest.raises(ValueError, match="optimizer must be one of"):
+    sj.RefineConfig(optimizer="lamb")
+
+
+def test_objective_reads_the_keep_targets_beside_the_users_marks():
+  rng = np.random.default_rng(0)
+  logits = jnp.asarray(rng.normal(size=(4, 5, 3)), jnp.float32)
+  marks = np.full((4, 5), -1, np.int32)
+  marks[0, :3] = [1, 2, 0]
+  keep = rng.integers(0, 3, size=(4, 5)).astype(np.int32)
+  settings = algorithm.Settings.of(CFG)
+  hyper = algorithm.Hyper.of(dataclasses.replace(CFG, keep_weight=0.5, prox_weight=0.25))
+  anchor, tunable = {"w": jnp.zeros(2)}, {"w": jnp.ones(2)}
+
+  def loss(targets):
+    return float(
+      algorithm.objective(lambda t: logits, anchor, jnp.asarray(marks), targets, settings, hyper, tunable)[0]
+    )
+
+  marked_ce = float(algorithm.marked_cross_entropy(logits, jnp.asarray(marks)))
+  keep_ce = float(algorithm.marked_cross_entropy(logits, jnp.asarray(np.where(marks < 0, keep, -1))))
+  np.testing.assert_allclose(loss(jnp.asarray(keep)), marked_ce + 0.5 * keep_ce + 0.25 * np.sqrt(2), rtol=1e-6)
+  # the keep targets of marked pixels are never read
+  other = keep.copy()
+  other[marks >= 0] = (other[marks >= 0] + 1) % 3
+  assert loss(jnp.asarray(other)) == loss(jnp.asarray(keep))
+  # no targets (what the drivers pass when keep_weight is 0), or None: no keep term
+  np.testing.assert_allclose(loss(algorithm.no_keep(jnp.asarray(marks))), marked_ce + 0.25 * np.sqrt(2), rtol=1e-6)
+  assert loss(None) == loss(algorithm.no_keep(jnp.asarray(marks)))
+
+
+@pytest.mark.parametrize("driver", ["host", "loop"])
+def test_the_programs_get_the_users_marks_and_the_keep_targets_apart(driver, monkeypatch):
+  split = sj.split_params(_model(2), sj.last_layers(3))
+  image, marks = sj.refinement.prepare_inputs(split, _image((16, 16)), _marks_2d())
+  initial = np.asarray(sj.predict(split, image)).argmax(-1)
+  np.testing.assert_array_equal(np.asarray(drivers.keep_targets(split, image, marks, 0.5)), initial)
+  np.testing.assert_array_equal(np.asarray(drivers.keep_targets(split, image, marks, 0.0)), np.full((16, 16), -1))
+  name = "loop_program" if driver == "loop" else "chunk_program"
+  program, seen = getattr(drivers, name), []
+
+  def spy(*args, **kwargs):
+    seen.append((np.asarray(args[8]), np.asarray(args[9])))  # marks, keep
+    return program(*args, **kwargs)
+
+  monkeypatch.setattr(drivers, name, spy)
+  config = dataclasses.replace(CFG, driver=driver, max_steps=3)
+  sj.refine(split, image, marks, config)
+  size = program.cache_size()
+  sj.refine(split, image, marks, dataclasses.replace(config, keep_weight=0.5))
+  assert program.cache_size() == size  # keep_weight is traced; the keep targets are always an argument
+  for (m, keep), expected in zip((seen[0], seen[-1]), (np.full((16, 16), -1), initial)):
+    np.testing.assert_array_equal(m, _marks_2d())
+    np.testing.assert_array_equal(keep, expected)
 
 
 def test_graph_key_hashes_once_and_resplitting_the_model_does_not_recompile():
