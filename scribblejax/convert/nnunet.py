@@ -661,12 +661,12 @@ def load_trained_model_folder(
   if len(members) > 1:
     from scribblejax.models.ensemble import Ensemble
 
-    family, kwargs = "scribblejax.models.Ensemble", {"family": member_family, "kwargs": kwargs, "members": len(members)}
+    family, kwargs = "scribblejax.Ensemble", {"family": member_family, "kwargs": kwargs, "members": len(members)}
     model = Ensemble.of(members, member_family)
   if regions is not None:
     from scribblejax.models.regions import Regions
 
-    family, kwargs = "scribblejax.models.Regions", {"family": family, "kwargs": kwargs, "order": regions["class_order"]}
+    family, kwargs = "scribblejax.Regions", {"family": family, "kwargs": kwargs, "order": regions["class_order"]}
     model = Regions.of(model, regions["class_order"], kwargs["family"])
   info = {
     "family": family,

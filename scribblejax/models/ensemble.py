@@ -59,7 +59,7 @@ class Ensemble(nnx.Module):
 
     del rngs  # each member draws from its own stream, so that members differ
     if nets is None:
-      if family == "scribblejax.models.Ensemble":
+      if family == "scribblejax.Ensemble":
         raise ValueError("an Ensemble's members cannot be ensembles")
       if not is_integer(members) or members < 1:
         raise ValueError(f"an Ensemble needs a positive number of members, got {members!r}")

@@ -110,8 +110,8 @@ FAMILIES: Mapping[str, Family] = types.MappingProxyType(
         "scribblejax.convert.smp_unet:load_weights",
         (f"{_SMP}.Unet", f"{_SMP}.decoders.unet.model.Unet"),
       ),
-      Family("scribblejax.models.Ensemble", "scribblejax.models.ensemble:Ensemble"),
-      Family("scribblejax.models.Regions", "scribblejax.models.regions:Regions"),
+      Family("scribblejax.Ensemble", "scribblejax.models.ensemble:Ensemble"),
+      Family("scribblejax.Regions", "scribblejax.models.regions:Regions"),
     )
   }
 )

@@ -116,7 +116,7 @@ class Regions(nnx.Module):
     del rngs  # the network is built from its own family's seed (its weights are loaded over it)
     self.order = check_order(order)
     if net is None:
-      if family == "scribblejax.models.Regions":
+      if family == "scribblejax.Regions":
         raise ValueError("a Regions network cannot wrap another Regions network")
       net = build_model(family, kwargs or {})
     outputs = getattr(net, "num_classes", None)

@@ -25,7 +25,7 @@ _KWARG_NAMES = {
   "in_channels": ("in_channels", "input_channels"),
   "num_classes": ("num_classes", "out_channels", "classes"),
 }
-_WRAPPERS = ("scribblejax.models.Ensemble", "scribblejax.models.Regions")
+_WRAPPERS = ("scribblejax.Ensemble", "scribblejax.Regions")
 
 
 def spec_from_info(info: Any) -> InputSpec:
@@ -37,7 +37,7 @@ def spec_from_info(info: Any) -> InputSpec:
 def _spec_from_kwargs(family: str | None, kwargs: dict) -> InputSpec:
   if family in _WRAPPERS and isinstance(kwargs.get("kwargs"), dict):
     inner = _spec_from_kwargs(kwargs.get("family"), kwargs["kwargs"])  # the wrapped network states it
-    if family == "scribblejax.models.Regions":
+    if family == "scribblejax.Regions":
       order = kwargs.get("order")
       inner = inner._replace(num_classes=len(order) + 1 if isinstance(order, list) else None)
     return inner

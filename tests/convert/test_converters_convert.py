@@ -184,7 +184,7 @@ def test_nnunet_folds_average_as_nnunet_does_and_refine_together(tmp_path, capsy
   assert cli.run(args) == 0
   assert "note:" not in capsys.readouterr().err  # fold_all is not a cross-validation fold
   model, info = load_model(tmp_path / "cv")
-  assert info.family == "scribblejax.models.Ensemble" and info.kwargs["members"] == 2
+  assert info.family == "scribblejax.Ensemble" and info.kwargs["members"] == 2
   assert info.metadata["folds"] == ["0", "1"] and info.metadata["available_folds"] == ["0", "1", "all"]
   want = (_logits(net, x) + _logits(fold1, x)) / 2
   assert np.max(np.abs(ours(model) - want)) < 1e-4
@@ -1128,7 +1128,7 @@ def test_a_region_based_nnunet_predicts_and_refines_as_classes(tmp_path, capsys)
   torch.save({"network_weights": net.state_dict(), "trainer_name": "nnUNetTrainer"}, checkpoint)
   out = convert(folder, tmp_path / "converted")
   model, info = load_model(out)
-  assert isinstance(model, Regions) and info.family == "scribblejax.models.Regions" and model.num_classes == 3
+  assert isinstance(model, Regions) and info.family == "scribblejax.Regions" and model.num_classes == 3
   assert info.class_names == ("background", "organ excluding core", "core")
   assert info.metadata["regions"] == {"names": ["organ", "core"], "labels": [[1, 2], [2]], "class_order": [1, 2]}
   # the library reads the network as 3 classes whose argmax is nnU-Net's label map

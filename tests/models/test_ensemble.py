@@ -54,9 +54,9 @@ def test_the_patches_per_call_count_mirrored_copies_and_networks():
 def test_an_ensemble_is_stored_and_loaded_like_any_model(tmp_path):
   ensemble = Ensemble.of(_nets(2), "scribblejax.UNet")
   kwargs = {"family": "scribblejax.UNet", "kwargs": KWARGS, "members": 2}
-  save_model(tmp_path / "m", ensemble, family="scribblejax.models.Ensemble", kwargs=kwargs, class_names=["bg", "fg"])
+  save_model(tmp_path / "m", ensemble, family="scribblejax.Ensemble", kwargs=kwargs, class_names=["bg", "fg"])
   loaded, info = load_model(tmp_path / "m")
-  assert isinstance(loaded, Ensemble) and loaded.members == 2 and info.family == "scribblejax.models.Ensemble"
+  assert isinstance(loaded, Ensemble) and loaded.members == 2 and info.family == "scribblejax.Ensemble"
   np.testing.assert_array_equal(np.asarray(loaded(_x())), np.asarray(ensemble(_x())))
   fresh = Ensemble("scribblejax.UNet", KWARGS, 2, rngs=nnx.Rngs(0))  # members drawn apart
   assert not np.allclose(np.asarray(fresh.member(0)(_x())), np.asarray(fresh.member(1)(_x())))
@@ -80,4 +80,4 @@ def test_bad_ensembles_are_refused_by_name():
   with pytest.raises(ValueError, match="positive number of members, got 0"):
     Ensemble("scribblejax.UNet", KWARGS, 0, rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="members cannot be ensembles"):
-    Ensemble("scribblejax.models.Ensemble", {}, 2, rngs=nnx.Rngs(0))
+    Ensemble("scribblejax.Ensemble", {}, 2, rngs=nnx.Rngs(0))

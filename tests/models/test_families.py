@@ -20,8 +20,8 @@ STORED_NAMES = (
   "monai.UNet",
   "monai.SegResNet",
   "smp.Unet",
-  "scribblejax.models.Ensemble",
-  "scribblejax.models.Regions",
+  "scribblejax.Ensemble",
+  "scribblejax.Regions",
 )
 
 

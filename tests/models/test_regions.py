@@ -44,7 +44,7 @@ def test_a_regions_network_stores_reloads_and_refines_as_classes(tmp_path):
   folder = save_model(
     tmp_path / "m",
     model,
-    family="scribblejax.models.Regions",
+    family="scribblejax.Regions",
     kwargs={"family": "scribblejax.UNet", "kwargs": kwargs, "order": [2, 1]},
   )
   loaded, info = load_model(folder)
