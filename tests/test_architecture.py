@@ -2,6 +2,7 @@
 top-level API is curated and no function hides a module (docs/design.md describes the layers)."""
 
 import ast
+import functools
 import importlib
 import pkgutil
 from pathlib import Path
@@ -57,6 +58,12 @@ def rank_of(module: str) -> int:
   return RANK_OF_PACKAGE[parts[1] if len(parts) > 1 else ""]
 
 
+@functools.cache
+def tree_of(path: Path) -> ast.Module:
+  """The file's syntax tree, parsed once for every check that reads it."""
+  return ast.parse(path.read_text(), str(path))
+
+
 def absolute(node: ast.ImportFrom, here: str, is_package: bool) -> str:
   """The module an ``ImportFrom`` reads from, relative imports resolved against ``here``."""
   if not node.level:
@@ -73,8 +80,7 @@ def imports_of(path: Path):
   import research`` is an import of ``scribblejax.research``); relative imports are resolved.
   """
   here = module_name(path)
-  tree = ast.parse(path.read_text(), str(path))
-  for node in ast.walk(tree):
+  for node in ast.walk(tree_of(path)):
     if isinstance(node, ast.Import):
       for alias in node.names:
         yield alias.name, (), node.lineno
@@ -94,7 +100,7 @@ def module_aliases(path: Path) -> dict[str, str]:
   """Local names bound to scribblejax modules in the file (``import a.b as c``, ``from a import b``)."""
   here = module_name(path)
   aliases = {}
-  for node in ast.walk(ast.parse(path.read_text(), str(path))):
+  for node in ast.walk(tree_of(path)):
     if isinstance(node, ast.Import):
       for alias in node.names:
         if alias.name.startswith("scribblejax") and alias.asname:
@@ -134,7 +140,7 @@ def test_no_module_takes_another_modules_private_names():
       if private:
         wrong.append(f"{here}:{line} takes {private} from {module}")
     aliases = module_aliases(path)
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in ast.walk(tree_of(path)):
       if (
         isinstance(node, ast.Attribute)
         and isinstance(node.value, ast.Name)

@@ -50,6 +50,7 @@ from scribblejax._checks import is_integer
 from scribblejax.io import fileio
 from scribblejax.marks import UNMARKED, accumulate, grow_marks
 from scribblejax.params import head, split_params
+from scribblejax.pipeline.round import honoured_fraction
 from scribblejax.refinement import predict
 from scribblejax.research import metrics
 from scribblejax.research.baselines import Method
@@ -169,11 +170,10 @@ def next_marks(
 
 
 def marks_honoured(labels: np.ndarray, marks: np.ndarray) -> float | None:
-  """The fraction of marked pixels whose label is their mark (``None`` with nothing marked)."""
-  marked = np.asarray(marks) >= 0
-  if not marked.any():
-    return None
-  return float(np.mean(np.asarray(labels)[marked] == np.asarray(marks)[marked]))
+  """The fraction of marked pixels whose label is their mark (``None`` with nothing marked): the round's
+  :func:`scribblejax.pipeline.round.honoured_fraction`, which says 1 where the harness says nothing."""
+  marks = np.asarray(marks)
+  return honoured_fraction(np.asarray(labels), marks) if (marks >= 0).any() else None
 
 
 def dice_auc(dice: Sequence[float | None]) -> float | None:

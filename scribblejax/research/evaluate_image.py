@@ -220,12 +220,6 @@ def _head_split(pipe: Pipeline):
   return split_params(pipe.network.model, head(), example=example)
 
 
-def effective_config(pipe: Pipeline, config: Any) -> Any:
-  """The config a refinement through ``pipe`` runs with, as ``scribblejax refine``'s
-  (:func:`scribblejax.pipeline.round.round_config`: no keep term where the network runs patch by patch)."""
-  return round_config(config, pipe.fitted)
-
-
 def pipeline_refine_method(
   pipe: Pipeline,
   config: Any = None,
@@ -252,7 +246,7 @@ def pipeline_refine_method(
     of marked patches and voxels round up to an earlier round's reuses its compiled loop; otherwise
     it compiles, and that time is inside the interaction's seconds.
   """
-  config = effective_config(pipe, RefineConfig() if config is None else config)
+  config = round_config(RefineConfig() if config is None else config, pipe.fitted)
   fitted = pipe.fitted
   split = _head_split(pipe) if head_only else pipe.split
   select = head() if head_only else last_layers(pipe.layers)

@@ -569,16 +569,17 @@ def test_marks_of_two_interactions_in_one_coarse_voxel_keep_the_newer_as_a_sessi
 
 
 def test_with_patches_the_keep_term_is_off_as_refine_has_it(tiny_model, tmp_path):
-  from scribblejax.research.evaluate_image import effective_config, pipeline_method
+  from scribblejax.pipeline.round import round_config
+  from scribblejax.research.evaluate_image import pipeline_method
 
   pipe = _pipeline_on_a_crop(tiny_model, tmp_path, patch_size=[16, 16])
   # the keep term reads the network's logits at every voxel; with patches the loop has them at the marks only
   # (it was once silently a constant term, then refused; now off, as `scribblejax refine` turns it off)
-  assert effective_config(pipe, RefineConfig(keep_weight=0.5)).keep_weight == 0.0
-  assert effective_config(pipe, RefineConfig(keep_weight=0.5)).optimizer == "adam"
+  assert round_config(RefineConfig(keep_weight=0.5), pipe.fitted).keep_weight == 0.0
+  assert round_config(RefineConfig(keep_weight=0.5), pipe.fitted).optimizer == "adam"
   (tmp_path / "whole").mkdir()
   whole = _pipeline_on_a_crop(tiny_model, tmp_path / "whole")
-  assert effective_config(whole, RefineConfig(keep_weight=0.5)).keep_weight == 0.5
+  assert round_config(RefineConfig(keep_weight=0.5), whole.fitted).keep_weight == 0.5
   assert pipeline_method("refine", pipe, RefineConfig.paper()).name == "refine_l2"
   with pytest.raises(ValueError, match="fbrs runs on built-in tasks"):
     pipeline_method("fbrs", pipe)
