@@ -33,6 +33,7 @@ PAPER = {
   "progressive_merge": False,
 }
 PRESETS = ("default", "paper")
+MERGE_PROBABILITIES = ("merge_confidence", "merge_near", "merge_far")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,7 +146,16 @@ class RefineConfig:
       its mark (:mod:`scribblejax.refinement.merge`); ``False`` takes the refined network's labels as they are
       (the paper). :func:`refine` itself, which knows no previous segmentation, ignores it.
     merge_confidence: with ``progressive_merge``, the pixels where the network (W) gave its top
-      class less than this probability follow the refined network wherever they lie (0: none).
+      class less than this probability follow the refined network wherever they lie (0: none, the
+      default).
+    merge_near: with ``progressive_merge``, in a region of change that touches a new mark, a pixel
+      takes the refined label only where the refined network gives it at least this probability (0:
+      the whole region). A refinement that honours a click or a scribble often grows a fringe of weak
+      labels around it; this keeps the part it is sure of.
+    merge_far: with ``progressive_merge``, away from the new marks, a pixel takes the refined label
+      where the refined network gives it at least this probability (1: never). A change the refined
+      network is that sure of is a correction it learnt from the marks and applies elsewhere (the
+      network's error was systematic); a change it is unsure of is drift.
     conv_backend: who computes the convolutions of the trunk and the tail: "xla", "onednn" (oneDNN
       through :mod:`scribblejax.kernels`, CPU only, float32 only; an error if the kernels cannot
       run here) or "auto" (oneDNN on the CPU whenever available, else XLA). What each costs:
@@ -153,7 +163,7 @@ class RefineConfig:
   """
 
   max_steps: int = 100
-  learning_rate: float = 1e-3
+  learning_rate: float = 1e-2
   momentum: float = 0.9
   prox_weight: float = 0.0
   keep_weight: float = 1.0
@@ -170,7 +180,9 @@ class RefineConfig:
   remat: bool = False
   conv_backend: str = "auto"
   progressive_merge: bool = True
-  merge_confidence: float = 0.8
+  merge_confidence: float = 0.0
+  merge_near: float = 0.9
+  merge_far: float = 0.995
 
   @classmethod
   def paper(cls, **overrides: Any) -> RefineConfig:
@@ -185,14 +197,15 @@ class RefineConfig:
   def __post_init__(self):
     if not is_integer(self.max_steps) or not 0 <= self.max_steps <= INT32_MAX:
       raise ValueError(f"max_steps must be a non-negative integer (at most {INT32_MAX}), got {self.max_steps!r}")
-    for name in ("learning_rate", "momentum", "prox_weight", "keep_weight", "merge_confidence"):
+    for name in ("learning_rate", "momentum", "prox_weight", "keep_weight", *MERGE_PROBABILITIES):
       value = getattr(self, name)
       if not is_number(value):
         raise ValueError(f"{name} must be a number, got {value!r}")
       if not np.isfinite(value) or value < 0:
         raise ValueError(f"{name} must be finite and >= 0, got {value!r}")
-    if self.merge_confidence > 1:
-      raise ValueError(f"merge_confidence is a probability in [0, 1], got {self.merge_confidence!r}")
+    for name in MERGE_PROBABILITIES:
+      if getattr(self, name) > 1:
+        raise ValueError(f"{name} is a probability in [0, 1], got {getattr(self, name)!r}")
     if self.momentum >= 1:
       raise ValueError(f"momentum must be in [0, 1) (SGD with momentum >= 1 diverges), got {self.momentum!r}")
     for name in ("class_balance", "early_stop", "cache_trunk", "remat", "progressive_merge"):

@@ -25,7 +25,7 @@ from scribblejax import marks as marks_lib
 from scribblejax.config import RefineConfig
 from scribblejax.params import Split
 from scribblejax.refinement import RefineResult, Trunk, compute_trunk, predict, refine, trunk_mismatch
-from scribblejax.refinement.merge import new_marks_of, progressive_merge, unsure
+from scribblejax.refinement.merge import merge_masks, new_marks_of, progressive_merge
 
 
 class Round(NamedTuple):
@@ -62,6 +62,12 @@ def start_session(
   image = _frozen(np.array(image))
   trunk = compute_trunk(split, image, config) if config.cache_trunk else None
   return Session(split, image, predict(split, image, trunk=trunk), (), config, continue_weights, trunk)
+
+
+def _probabilities(output: Any, config: RefineConfig) -> Any:
+  """The refined network's softmax from a result's ``logits`` (which hold probabilities already with
+  ``config.output == "probabilities"``)."""
+  return output if config.output == "probabilities" else jax.nn.softmax(output, axis=-1)
 
 
 def _regions(split: Split) -> bool:
@@ -102,8 +108,9 @@ def add_marks(session: Session, new_marks: Any, config: RefineConfig | None = No
   """Adds a round: accumulates ``new_marks`` (int map, -1 unmarked) and refines.
 
   With ``config.progressive_merge`` (the default) the round's segmentation is the refined labels in
-  the regions of change that touch the new marks, the previous segmentation elsewhere, and every
-  mark on its pixels (:func:`scribblejax.refinement.merge.progressive_merge`); ``current_logits`` stays the
+  the regions of change that touch the new marks (where the refined network is sure of them) and
+  wherever the refined network is very sure, the previous segmentation elsewhere, and every mark on its
+  pixels (:func:`scribblejax.refinement.merge.progressive_merge`); ``current_logits`` stays the
   refined network's.
 
   Args:
@@ -124,13 +131,15 @@ def add_marks(session: Session, new_marks: Any, config: RefineConfig | None = No
   labels = None
   if config.progressive_merge:
     new = new_marks_of(marks, current_marks(session) if session.rounds else None)
-    free = (
-      None
+    free, near = (
+      (None, None)
       if _regions(session.split)
-      else unsure(jax.nn.softmax(session.initial_logits, axis=-1), config.merge_confidence)
+      else merge_masks(_probabilities(result.logits, config), jax.nn.softmax(session.initial_logits, axis=-1), config)
     )
     labels = _frozen(
-      progressive_merge(np.asarray(current_labels(session)), np.asarray(result.labels), new, marks, free=free)
+      progressive_merge(
+        np.asarray(current_labels(session)), np.asarray(result.labels), new, marks, free=free, near=near
+      )
     )
   return session._replace(rounds=session.rounds + (Round(marks, result, labels),))
 

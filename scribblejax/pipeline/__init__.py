@@ -14,6 +14,7 @@ from scribblejax.pipeline.grid import (
   cover_marks,
   inside,
   labels_from_logits,
+  sure_on_image,
   to_image,
   to_model,
   to_model_counted,
@@ -120,5 +121,6 @@ __all__ = [
   "to_image",
   "to_model",
   "to_model_counted",
+  "sure_on_image",
   "unsure_on_image",
 ]

@@ -13,7 +13,7 @@ import numpy as np
 from scribblejax.models.regions import region_labels
 from scribblejax.pipeline.preprocess import Fitted, Resampling
 from scribblejax.pipeline.resampling import cover_label_map, resample, resample_label_map, separate_axis
-from scribblejax.refinement.merge import unsure
+from scribblejax.refinement.merge import sure, unsure
 
 
 def inside(fitted: Fitted) -> tuple[slice, ...]:
@@ -110,9 +110,24 @@ def unsure_on_image(logits: Any, fitted: Fitted, confidence: float) -> np.ndarra
   distribution over classes) or ``confidence`` 0."""
   if fitted.regions is not None or confidence <= 0:
     return None
+  return _mask_on_image(unsure(_softmax(logits), confidence), fitted)
+
+
+def sure_on_image(logits: Any, fitted: Fitted, confidence: float) -> np.ndarray | None:
+  """Where the network's top class probability is at least ``confidence``, on the image's grid
+  (:func:`scribblejax.refinement.merge.sure`); ``None`` for a region-based network."""
+  if fitted.regions is not None:
+    return None
+  return _mask_on_image(sure(_softmax(logits), confidence), fitted)
+
+
+def _softmax(logits: Any) -> np.ndarray:
   logits = np.asarray(logits, np.float32)
   shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
-  mask = unsure(shifted / shifted.sum(axis=-1, keepdims=True), confidence)
+  return shifted / shifted.sum(axis=-1, keepdims=True)
+
+
+def _mask_on_image(mask: np.ndarray, fitted: Fitted) -> np.ndarray:
   return to_image(np.where(mask, 1, -1).astype(np.int32), fitted) >= 0
 
 

@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from scribblejax.config import RefineConfig
-from scribblejax.pipeline.grid import labels_from_logits
+from scribblejax.pipeline.grid import labels_from_logits, sure_on_image
 from scribblejax.pipeline.network import Loop, refined_logits, same_tree
 from scribblejax.pipeline.preprocess import Fitted
 from scribblejax.pipeline.sliding_window import sliding_window_logits_of
@@ -128,15 +128,20 @@ def round_labels(
     marks: ``int32[*image_spatial]``, every round's marks so far, ``-1`` unmarked.
     previous_marks: the marks of the rounds before (``None``: none), so that marks a round repeats are
       not new.
-    free: ``bool[*image_spatial]``, where the network was unsure (the merge may change it), or ``None``.
+    free: ``bool[*image_spatial]``, where the network was unsure (the merge may change it), or ``None``;
+      the pixels where the refined network is sure (``config.merge_far``) are added to it.
 
   Returns:
     ``(labels, network_labels)``: the segmentation (with the progressive merge, the refined labels in the
-    regions of change that touch this round's new marks, every mark honoured there), and the refined
-    network's own labels.
+    regions of change that touch this round's new marks where the refined network is sure of them, and
+    wherever it is very sure; every mark honoured), and the refined network's own labels.
   """
   network_labels = labels_from_logits(logits, fitted)
   if not config.progressive_merge:
     return network_labels, network_labels
   new_marks = new_marks_of(marks, previous_marks)
-  return progressive_merge(previous_labels, network_labels, new_marks, marks, free=free), network_labels
+  near = sure_on_image(logits, fitted, config.merge_near)
+  far = sure_on_image(logits, fitted, config.merge_far)
+  free = far if free is None else (free if far is None else free | far)
+  merged = progressive_merge(previous_labels, network_labels, new_marks, marks, free=free, near=near)
+  return merged, network_labels

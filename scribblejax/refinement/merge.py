@@ -1,20 +1,24 @@
-"""A round's segmentation: the refined network's labels where the new marks asked for a change.
+"""A round's segmentation: the refined network's labels where the new marks asked for a change, and
+where the refined network is sure.
 
 Refining a network on a few marked pixels moves its decision everywhere: besides the region the user
-corrected, hundreds of small regions far from any mark can flip, and where the network was good most
-of those flips are wrong (``docs/correction.md`` has the measurement). The user asked for none of
-those. So a round keeps the previous segmentation except in the connected
-regions of change that touch one of this round's new marks, where it takes the refined labels: the
-progressive merge of FocalClick (Chen et al., "FocalClick: Towards Practical Interactive Image
-Segmentation", CVPR 2022), which updates only the connected regions that contain the new clicks.
-Where the network itself was unsure (its top class probability below ``merge_confidence``), the
-refined labels are taken wherever they lie: there a change no mark asked for was more often right
-than wrong on the benchmark's cases, where the network was sure, more often wrong. Every marked pixel
-then takes its mark: what the user drew holds in the segmentation whether or not the network's argmax
-honours it (the round's report says which).
+corrected, hundreds of small regions far from any mark can flip. Where the network was good, most of
+those flips are wrong; where its error was systematic (a shifted intensity, a class it under-segments
+everywhere), many are the very correction the user would draw next. What tells them apart, on the
+correction benchmark's cases (``docs/correction.md``), is how sure the *refined* network is of its new
+label: changes it gives a probability of 0.99 or more were mostly right, changes it is unsure of mostly
+wrong, near the marks as well as far from them. So a round keeps the previous segmentation except
 
-A change that the marks do ask for is never cut off: a region of change that touches a new mark is
-taken whole, however far it reaches.
+* in the connected regions of change that touch one of this round's new marks, where it takes the
+  refined labels the refined network gives at least ``near`` probability: the progressive merge of
+  FocalClick (Chen et al., "FocalClick: Towards Practical Interactive Image Segmentation", CVPR 2022),
+  which updates only the regions that contain the new clicks, without the weak fringe a refinement
+  grows around a click;
+* wherever the refined network gives its new label at least ``far`` probability;
+* optionally, wherever the network (W) itself was unsure (``free``).
+
+Every marked pixel then takes its mark: what the user drew holds in the segmentation whether or not
+the network's argmax honours it (the round's report says which).
 """
 
 from __future__ import annotations
@@ -26,7 +30,13 @@ from scipy import ndimage
 
 
 def progressive_merge(
-  previous: Any, proposed: Any, new_marks: Any, marks: Any | None = None, *, free: Any | None = None
+  previous: Any,
+  proposed: Any,
+  new_marks: Any,
+  marks: Any | None = None,
+  *,
+  free: Any | None = None,
+  near: Any | None = None,
 ) -> np.ndarray:
   """The round's labels: ``proposed`` in the changed regions that touch a new mark, ``previous`` elsewhere.
 
@@ -35,7 +45,10 @@ def progressive_merge(
     proposed: ``int[*spatial]``, the refined network's labels.
     new_marks: ``int[*spatial]``, this round's marks (-1 unmarked).
     marks: ``int[*spatial]``, every mark so far (``None``: ``new_marks``); each marked pixel takes its mark.
-    free: ``bool[*spatial]``, pixels that take ``proposed`` wherever they lie (see :func:`unsure`).
+    free: ``bool[*spatial]``, pixels that take ``proposed`` wherever they lie (the refined network's sure
+      pixels, :func:`sure`, and where the network was unsure, :func:`unsure`).
+    near: ``bool[*spatial]``, the pixels of a region of change touching a new mark that take ``proposed``
+      (``None``: every pixel of such a region).
 
   Returns:
     ``int32[*spatial]``.
@@ -52,21 +65,58 @@ def progressive_merge(
   regions, _ = ndimage.label(changed)
   asked = np.unique(regions[(new_marks >= 0) & changed])
   taken = np.isin(regions, asked[asked > 0])
+  if near is not None:
+    taken &= _mask("near", near, previous.shape)
   if free is not None:
-    free = np.asarray(free, bool)
-    if free.shape != previous.shape:
-      raise ValueError(f"free pixels of shape {free.shape} and labels of shape {previous.shape} differ")
-    taken |= free
+    taken |= _mask("free", free, previous.shape)
   merged = np.where(taken, proposed, previous)
   return np.where(marks >= 0, marks, merged).astype(np.int32)
+
+
+def _mask(name: str, mask: Any, shape: tuple[int, ...]) -> np.ndarray:
+  mask = np.asarray(mask, bool)
+  if mask.shape != shape:
+    raise ValueError(f"{name} pixels of shape {mask.shape} and labels of shape {shape} differ")
+  return mask
+
+
+def sure(probabilities: Any, confidence: float) -> np.ndarray:
+  """Pixels whose top class probability is at least ``confidence``: where a network is sure.
+
+  Args:
+    probabilities: ``float[*spatial, classes]`` (a softmax).
+    confidence: in ``[0, 1]``; 0 marks every pixel, 1 none (a saturated float32 softmax can reach 1).
+  """
+  top = np.asarray(probabilities).max(axis=-1)
+  return top >= confidence if confidence < 1 else np.zeros(top.shape, bool)
+
+
+def merge_masks(
+  refined_probabilities: Any, initial_probabilities: Any | None, config: Any
+) -> tuple[np.ndarray | None, np.ndarray | None]:
+  """The ``(free, near)`` masks of :func:`progressive_merge` for a round with ``config``'s thresholds.
+
+  Args:
+    refined_probabilities: ``float[*spatial, classes]``, the refined network's softmax (``None``: a network
+      without a distribution over classes, whose regions of change are taken whole and nothing far).
+    initial_probabilities: the network's (W) softmax, for ``config.merge_confidence`` (``None``: not used).
+    config: a :class:`scribblejax.RefineConfig` (``merge_near``, ``merge_far``, ``merge_confidence``).
+  """
+  free = near = None
+  if refined_probabilities is not None:
+    near = sure(refined_probabilities, config.merge_near)
+    free = sure(refined_probabilities, config.merge_far)
+  if initial_probabilities is not None and config.merge_confidence > 0:
+    unsure_w = unsure(initial_probabilities, config.merge_confidence)
+    free = unsure_w if free is None else free | unsure_w
+  return free, near
 
 
 def unsure(probabilities: Any, confidence: float) -> np.ndarray:
   """Pixels whose top class probability is below ``confidence``: where the network was unsure.
 
-  Where the network was sure, a change no mark asked for was, on the benchmark's cases, more often
-  wrong than right; where it was unsure, more often right (``docs/correction.md``). So a round lets
-  the refined network relabel unsure pixels anywhere (``free=`` of :func:`progressive_merge`).
+  With ``RefineConfig.merge_confidence`` above 0 a round lets the refined network relabel the pixels
+  where the network (W) was unsure anywhere (``free=`` of :func:`progressive_merge`).
 
   Args:
     probabilities: ``float[*spatial, classes]`` (a softmax).

@@ -32,7 +32,7 @@ from scribblejax import marks as marks_lib
 from scribblejax.config import RefineConfig
 from scribblejax.params import head, last_layers, norm_affine, split_params
 from scribblejax.refinement import compute_trunk, predict, refine
-from scribblejax.refinement.merge import new_marks_of, progressive_merge, unsure
+from scribblejax.refinement.merge import merge_masks, new_marks_of, progressive_merge
 
 
 class Method(NamedTuple):
@@ -199,7 +199,7 @@ class RefineMethodState(NamedTuple):
   tunable: Any  # W_lam of the last refinement (None before any)
   trunk: Any = None  # the frozen trunk's values for the image (computed once, with cache_trunk)
   marks: Any = None  # int32[*spatial]: the marks of the last refinement (None before any)
-  free: Any = None  # bool[*spatial]: where the network was unsure (scribblejax.refinement.merge.unsure)
+  initial: Any = None  # float32[*spatial, classes]: the network's softmax, for the merge (None: region-based)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -251,15 +251,20 @@ def refine_method(
     trunk = trunk_of(image)
     logits = predict(split, image, trunk=trunk)
     labels = np.asarray(jnp.argmax(logits, -1), np.int32)
-    free = None if _is_regions(model) else unsure(jax.nn.softmax(logits, -1), config.merge_confidence)
-    return RefineMethodState(image, labels, 0, True, None, trunk, None, free)
+    initial = None if _is_regions(model) else np.asarray(jax.nn.softmax(logits, -1))
+    return RefineMethodState(image, labels, 0, True, None, trunk, None, initial)
 
   def update(state, marks):
     start = state.tunable if continue_weights else None
     result = refine(split, state.image, marks, config, start=start, trunk=state.trunk)
     labels = np.asarray(result.labels)
     if config.progressive_merge:
-      labels = progressive_merge(state.labels, labels, new_marks_of(marks, state.marks), marks, free=state.free)
+      free, near = (None, None)
+      if state.initial is not None:
+        refined = result.logits if config.output == "probabilities" else jax.nn.softmax(result.logits, -1)
+        free, near = merge_masks(refined, state.initial, config)
+      new = new_marks_of(marks, state.marks)
+      labels = progressive_merge(state.labels, labels, new, marks, free=free, near=near)
     return state._replace(
       labels=labels,
       num_steps=int(result.num_steps),
