@@ -33,7 +33,7 @@ PAPER = {
   "progressive_merge": False,
 }
 PRESETS = ("default", "paper")
-MERGE_PROBABILITIES = ("merge_confidence", "merge_near", "merge_far")
+MERGE_PROBABILITIES = ("merge_confidence", "merge_near", "merge_far", "merge_protect")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,8 +142,9 @@ class RefineConfig:
       saves on a given device (``docs/performance.md`` has measurements).
     progressive_merge: how a *round* (a session's, the command line's, the harness's) turns the
       refined labels into its segmentation: ``True`` keeps the previous segmentation except in the
-      connected regions of change that touch the round's new marks, and sets every marked pixel to
-      its mark (:mod:`scribblejax.refinement.merge`); ``False`` takes the refined network's labels as they are
+      connected regions of change that touch the round's new marks (``merge_near``) and where the
+      refined network is very sure (``merge_far``), and sets every marked pixel to its mark
+      (:mod:`scribblejax.refinement.merge`); ``False`` takes the refined network's labels as they are
       (the paper). :func:`refine` itself, which knows no previous segmentation, ignores it.
     merge_confidence: with ``progressive_merge``, the pixels where the network (W) gave its top
       class less than this probability follow the refined network wherever they lie (0: none, the
@@ -153,9 +154,12 @@ class RefineConfig:
       the whole region). A refinement that honours a click or a scribble often grows a fringe of weak
       labels around it; this keeps the part it is sure of.
     merge_far: with ``progressive_merge``, away from the new marks, a pixel takes the refined label
-      where the refined network gives it at least this probability (1: never). A change the refined
-      network is that sure of is a correction it learnt from the marks and applies elsewhere (the
-      network's error was systematic); a change it is unsure of is drift.
+      where the refined network gives it at least this probability (1: never), if the marks so far hold
+      both its old and its new class. A change the refined network is that sure of is a correction it
+      learnt from the marks and applies elsewhere (the network's error was systematic); a change it is
+      unsure of is drift.
+    merge_protect: with ``progressive_merge``, a pixel the network (W) gave its label at least this
+      probability keeps its label unless it is marked (1: none is protected).
     conv_backend: who computes the convolutions of the trunk and the tail: "xla", "onednn" (oneDNN
       through :mod:`scribblejax.kernels`, CPU only, float32 only; an error if the kernels cannot
       run here) or "auto" (oneDNN on the CPU whenever available, else XLA). What each costs:
@@ -183,6 +187,7 @@ class RefineConfig:
   merge_confidence: float = 0.0
   merge_near: float = 0.9
   merge_far: float = 0.995
+  merge_protect: float = 0.99
 
   @classmethod
   def paper(cls, **overrides: Any) -> RefineConfig:

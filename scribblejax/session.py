@@ -131,16 +131,16 @@ def add_marks(session: Session, new_marks: Any, config: RefineConfig | None = No
   labels = None
   if config.progressive_merge:
     new = new_marks_of(marks, current_marks(session) if session.rounds else None)
-    free, near = (
-      (None, None)
+    free, near, protected = (
+      (None, None, None)
       if _regions(session.split)
       else merge_masks(_probabilities(result.logits, config), jax.nn.softmax(session.initial_logits, axis=-1), config)
     )
-    labels = _frozen(
-      progressive_merge(
-        np.asarray(current_labels(session)), np.asarray(result.labels), new, marks, free=free, near=near
-      )
+    previous = np.asarray(current_labels(session))
+    merged = progressive_merge(
+      previous, np.asarray(result.labels), new, marks, free=free, near=near, protected=protected
     )
+    labels = _frozen(merged)
   return session._replace(rounds=session.rounds + (Round(marks, result, labels),))
 
 

@@ -3,8 +3,10 @@
 For each case, the robot user's first marks (scribbles) are given to a refinement with the
 defaults but without the progressive merge, and every pixel whose label changed is sorted by (a)
 whether its connected region of change touches a mark, and (b) how sure the network (W) was of its
-old label. Each group's gain is (pixels right after) - (pixels right before). This is the measurement
-behind ``RefineConfig.progressive_merge`` and ``merge_confidence``.
+old label, or (b') how sure the refined network is of its new label. Each group's gain is (pixels
+right after) - (pixels right before). This is the measurement behind ``RefineConfig.progressive_merge``,
+``merge_near`` and ``merge_far`` (the refined network's confidence separates right changes from wrong
+ones; W's does not).
 
 Run:  python -m benchmarks.correction.changes --out benchmarks/results/correction_cpu
 """
@@ -29,6 +31,7 @@ from scribblejax.research import evaluate as ev
 from scribblejax.research.simulate import simulate_marks
 
 BINS = (0.0, 0.8, 0.9, 0.95, 0.99, 1.01)
+REFINED_BINS = (0.0, 0.9, 0.99, 0.995, 1.01)
 
 
 def analyse(name: str) -> dict:
@@ -41,7 +44,9 @@ def analyse(name: str) -> dict:
   sure = np.asarray(jax.nn.softmax(logits, -1)).max(-1)
   marks = simulate_marks(before, case.truth, case.num_classes)
   config = dataclasses.replace(RefineConfig(), progressive_merge=False)
-  after = np.asarray(refine(split, case.image, marks, config).labels)
+  result = refine(split, case.image, marks, config)
+  after = np.asarray(result.labels)
+  refined_sure = np.asarray(jax.nn.softmax(result.logits, -1)).max(-1)
   changed = after != before
   regions, count = ndimage.label(changed)
   touching = np.isin(regions, np.unique(regions[(marks >= 0) & changed])) & changed
@@ -51,6 +56,11 @@ def analyse(name: str) -> dict:
   for lo, hi in zip(BINS[:-1], BINS[1:]):
     mask = away & (sure >= lo) & (sure < hi)
     groups[f"away, network sure in [{lo}, {min(hi, 1.0)}]"] = {"pixels": int(mask.sum()), "gain": gain(mask)}
+  for where, region in (("touching", touching), ("away", away)):
+    for lo, hi in zip(REFINED_BINS[:-1], REFINED_BINS[1:]):
+      mask = region & (refined_sure >= lo) & (refined_sure < hi)
+      label = f"{where}, refined network sure in [{lo}, {min(hi, 1.0)}]"
+      groups[label] = {"pixels": int(mask.sum()), "gain": gain(mask)}
   dice = lambda labels: ev.metrics.mean_foreground_dice(labels, case.truth, case.num_classes)
   return {
     "case": name,

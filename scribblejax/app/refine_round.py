@@ -57,6 +57,7 @@ from scribblejax.pipeline.grid import (
   cover_marks,
   inside,
   labels_from_logits,
+  sure_on_image,
   to_image,
   to_model,
   to_model_counted,
@@ -138,6 +139,7 @@ class Refined(NamedTuple):
   logits: np.ndarray  # the refined network's model-layout logits
   before_image: np.ndarray  # int32[*image_spatial]: the network's own segmentation (or the session's)
   unsure_image: np.ndarray | None  # where the network was unsure, on the image's grid
+  sure_image: np.ndarray | None  # where the network was sure (the merge protects it), on the image's grid
   initial: np.ndarray | None  # the session's stored initial segmentation
   loop: Loop
   joint: bool  # before and after came from one pass over the patches
@@ -539,11 +541,13 @@ def refine_marks(request: Request, prepared: Prepared, marks: RoundMarks) -> Ref
     and 2 * 4 * int(np.prod(fitted.image.shape[:-1])) * prepared.num_classes <= JOINT_LOGITS_BYTES
   )
   unsure_image = session_store.load_unsure(request.session) if initial is not None else None
+  sure_image = session_store.load_sure(request.session) if initial is not None else None
   before_image = initial
   if initial is None and not joint:
     before_logits = network_logits(split, fitted, step=inference.step, progress=request.patch_progress)
     before_image = labels_from_logits(before_logits, fitted)
     unsure_image = unsure_on_image(before_logits, fitted, config.merge_confidence)
+    sure_image = sure_on_image(before_logits, fitted, config.merge_protect)
     del before_logits
   loop, nothing = _loop(request, prepared, marks)
   start = (
@@ -574,9 +578,12 @@ def refine_marks(request: Request, prepared: Prepared, marks: RoundMarks) -> Ref
     if joint:
       before_image = labels_from_logits(before, fitted)
       unsure_image = unsure_on_image(before, fitted, config.merge_confidence)
+      sure_image = sure_on_image(before, fitted, config.merge_protect)
     del before
     seconds = time.perf_counter() - start_time
-  return Refined(result, logits, before_image, unsure_image, initial, loop, joint, driver, seconds, compiled[0])
+  return Refined(
+    result, logits, before_image, unsure_image, sure_image, initial, loop, joint, driver, seconds, compiled[0]
+  )
 
 
 def segment(request: Request, prepared: Prepared, marks: RoundMarks, refined: Refined) -> Segmented:
@@ -591,6 +598,8 @@ def segment(request: Request, prepared: Prepared, marks: RoundMarks, refined: Re
   stale = refined.unsure_image is None and refined.initial is not None
   if config.progressive_merge and stale and config.merge_confidence > 0:
     log("note: this session was started before its network's unsure pixels were stored; the merge frees none")
+  if config.progressive_merge and refined.sure_image is None and refined.initial is not None:
+    log("note: this session was started before its network's sure pixels were stored; the merge protects none")
   # with the merge, what this round added: a marks file that holds earlier rounds' marks too does not make them new
   labels, network_labels = round_labels(
     refined.logits,
@@ -600,6 +609,7 @@ def segment(request: Request, prepared: Prepared, marks: RoundMarks, refined: Re
     marks.marks_image,
     marks.previous_image,
     refined.unsure_image,
+    refined.sure_image,
   )
   network_honoured = honoured_fraction(network_labels, marks.marks_image)
   honoured = honoured_fraction(labels, marks.marks_image)
@@ -711,7 +721,7 @@ def persist(request: Request, prepared: Prepared, marks: RoundMarks, refined: Re
     if request.added:
       doc["new_classes"] = list(request.added)
   if refined.initial is None:
-    session_store.save_initial(session, refined.before_image, refined.unsure_image)
+    session_store.save_initial(session, refined.before_image, refined.unsure_image, refined.sure_image)
   record = {
     "marks_files": [str(Path(m).resolve()) for m in request.marks_files],
     "steps": report["steps"],

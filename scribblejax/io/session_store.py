@@ -201,14 +201,18 @@ def remove_round_file(directory: str | os.PathLike, doc: dict, record: dict) -> 
     stale.unlink()
 
 
-def save_initial(directory: str | os.PathLike, labels: np.ndarray, unsure: np.ndarray | None = None) -> None:
+def save_initial(
+  directory: str | os.PathLike, labels: np.ndarray, unsure: np.ndarray | None = None, sure: np.ndarray | None = None
+) -> None:
   """Stores the network's own segmentation (``initial.npz``), shown before any round, and where the
-  network was unsure (``scribblejax.refinement.merge.unsure``), when known."""
+  network was unsure and sure (``scribblejax.refinement.merge.unsure``, ``sure``), when known."""
   d = Path(directory)
   d.mkdir(parents=True, exist_ok=True)
   arrays = {"labels": np.asarray(labels, np.int32)}
   if unsure is not None:
     arrays["unsure"] = np.asarray(unsure, bool)
+  if sure is not None:
+    arrays["sure"] = np.asarray(sure, bool)
   _write_atomic(d / "initial.npz", lambda f: np.savez_compressed(f, **arrays))
 
 
@@ -228,6 +232,13 @@ def load_unsure(directory: str | os.PathLike) -> np.ndarray | None:
   """Where the network was unsure, as stored beside its segmentation; ``None`` if not stored."""
   arrays = _read_initial(directory)
   return None if arrays is None else arrays.get("unsure")
+
+
+def load_sure(directory: str | os.PathLike) -> np.ndarray | None:
+  """Where the network was sure (the merge's protected pixels), as stored beside its segmentation;
+  ``None`` if not stored (a session started before they were)."""
+  arrays = _read_initial(directory)
+  return None if arrays is None else arrays.get("sure")
 
 
 def load_initial(directory: str | os.PathLike) -> np.ndarray | None:

@@ -117,6 +117,7 @@ def round_labels(
   marks: np.ndarray,
   previous_marks: np.ndarray | None,
   free: np.ndarray | None = None,
+  protected: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
   """The round's segmentation on the image's grid.
 
@@ -130,6 +131,8 @@ def round_labels(
       not new.
     free: ``bool[*image_spatial]``, where the network was unsure (the merge may change it), or ``None``;
       the pixels where the refined network is sure (``config.merge_far``) are added to it.
+    protected: ``bool[*image_spatial]``, where the network was sure (``config.merge_protect``: the merge
+      keeps its label unless marked), or ``None``.
 
   Returns:
     ``(labels, network_labels)``: the segmentation (with the progressive merge, the refined labels in the
@@ -143,5 +146,7 @@ def round_labels(
   near = sure_on_image(logits, fitted, config.merge_near)
   far = sure_on_image(logits, fitted, config.merge_far)
   free = far if free is None else (free if far is None else free | far)
-  merged = progressive_merge(previous_labels, network_labels, new_marks, marks, free=free, near=near)
+  merged = progressive_merge(
+    previous_labels, network_labels, new_marks, marks, free=free, near=near, protected=protected
+  )
   return merged, network_labels

@@ -1,24 +1,28 @@
 """A round's segmentation: the refined network's labels where the new marks asked for a change, and
-where the refined network is sure.
+where the refined network is sure, except where the network itself was sure.
 
 Refining a network on a few marked pixels moves its decision everywhere: besides the region the user
 corrected, hundreds of small regions far from any mark can flip. Where the network was good, most of
 those flips are wrong; where its error was systematic (a shifted intensity, a class it under-segments
-everywhere), many are the very correction the user would draw next. What tells them apart, on the
-correction benchmark's cases (``docs/correction.md``), is how sure the *refined* network is of its new
-label: changes it gives a probability of 0.99 or more were mostly right, changes it is unsure of mostly
-wrong, near the marks as well as far from them. So a round keeps the previous segmentation except
+everywhere), many are the very correction the user would draw next. On the correction benchmark's
+cases (``docs/correction.md``, ``benchmarks/results/correction_cpu/changes.md``) three things told them
+apart: how sure the *refined* network is of its new label (sure changes were mostly right, unsure ones
+mostly wrong, near the marks as well as far from them); how sure the network W was of its old label
+(pixels W gave 0.99 or more were mostly right, and flipping them mostly wrong); and whether the marks
+so far hold both classes of a change (marks of one class only teach a network to paint that class
+everywhere). So a round keeps the previous segmentation except
 
 * in the connected regions of change that touch one of this round's new marks, where it takes the
   refined labels the refined network gives at least ``near`` probability: the progressive merge of
   FocalClick (Chen et al., "FocalClick: Towards Practical Interactive Image Segmentation", CVPR 2022),
   which updates only the regions that contain the new clicks, without the weak fringe a refinement
   grows around a click;
-* wherever the refined network gives its new label at least ``far`` probability;
-* optionally, wherever the network (W) itself was unsure (``free``).
+* wherever the refined network gives its new label at least ``far`` probability (``free``; also, if
+  asked, where W was unsure), from one marked class to another;
 
-Every marked pixel then takes its mark: what the user drew holds in the segmentation whether or not
-the network's argmax honours it (the round's report says which).
+and never on a ``protected`` pixel (W was sure of it). Every marked pixel then takes its mark: what the
+user drew holds in the segmentation whether or not the network's argmax honours it (the round's report
+says which).
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ def progressive_merge(
   *,
   free: Any | None = None,
   near: Any | None = None,
+  protected: Any | None = None,
 ) -> np.ndarray:
   """The round's labels: ``proposed`` in the changed regions that touch a new mark, ``previous`` elsewhere.
 
@@ -45,10 +50,13 @@ def progressive_merge(
     proposed: ``int[*spatial]``, the refined network's labels.
     new_marks: ``int[*spatial]``, this round's marks (-1 unmarked).
     marks: ``int[*spatial]``, every mark so far (``None``: ``new_marks``); each marked pixel takes its mark.
-    free: ``bool[*spatial]``, pixels that take ``proposed`` wherever they lie (the refined network's sure
-      pixels, :func:`sure`, and where the network was unsure, :func:`unsure`).
+    free: ``bool[*spatial]``, pixels that take ``proposed`` wherever they lie, where both their previous
+      and their proposed class are marked somewhere (the refined network's sure pixels, :func:`sure`, and
+      where the network was unsure, :func:`unsure`).
     near: ``bool[*spatial]``, the pixels of a region of change touching a new mark that take ``proposed``
       (``None``: every pixel of such a region).
+    protected: ``bool[*spatial]``, pixels that keep ``previous`` unless marked (where the network was
+      sure, :func:`sure`).
 
   Returns:
     ``int32[*spatial]``.
@@ -68,7 +76,10 @@ def progressive_merge(
   if near is not None:
     taken &= _mask("near", near, previous.shape)
   if free is not None:
-    taken |= _mask("free", free, previous.shape)
+    marked = np.unique(marks[marks >= 0])
+    taken |= _mask("free", free, previous.shape) & np.isin(previous, marked) & np.isin(proposed, marked)
+  if protected is not None:
+    taken &= ~_mask("protected", protected, previous.shape)
   merged = np.where(taken, proposed, previous)
   return np.where(marks >= 0, marks, merged).astype(np.int32)
 
@@ -93,23 +104,27 @@ def sure(probabilities: Any, confidence: float) -> np.ndarray:
 
 def merge_masks(
   refined_probabilities: Any, initial_probabilities: Any | None, config: Any
-) -> tuple[np.ndarray | None, np.ndarray | None]:
-  """The ``(free, near)`` masks of :func:`progressive_merge` for a round with ``config``'s thresholds.
+) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]:
+  """The ``(free, near, protected)`` masks of :func:`progressive_merge` for a round with ``config``'s thresholds.
 
   Args:
     refined_probabilities: ``float[*spatial, classes]``, the refined network's softmax (``None``: a network
       without a distribution over classes, whose regions of change are taken whole and nothing far).
-    initial_probabilities: the network's (W) softmax, for ``config.merge_confidence`` (``None``: not used).
-    config: a :class:`scribblejax.RefineConfig` (``merge_near``, ``merge_far``, ``merge_confidence``).
+    initial_probabilities: the network's (W) softmax, for ``config.merge_protect`` and
+      ``config.merge_confidence`` (``None``: neither).
+    config: a :class:`scribblejax.RefineConfig` (``merge_near``, ``merge_far``, ``merge_protect``,
+      ``merge_confidence``).
   """
-  free = near = None
+  free = near = protected = None
   if refined_probabilities is not None:
     near = sure(refined_probabilities, config.merge_near)
     free = sure(refined_probabilities, config.merge_far)
-  if initial_probabilities is not None and config.merge_confidence > 0:
-    unsure_w = unsure(initial_probabilities, config.merge_confidence)
-    free = unsure_w if free is None else free | unsure_w
-  return free, near
+  if initial_probabilities is not None:
+    protected = sure(initial_probabilities, config.merge_protect)
+    if config.merge_confidence > 0:
+      unsure_w = unsure(initial_probabilities, config.merge_confidence)
+      free = unsure_w if free is None else free | unsure_w
+  return free, near, protected
 
 
 def unsure(probabilities: Any, confidence: float) -> np.ndarray:

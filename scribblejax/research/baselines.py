@@ -259,12 +259,12 @@ def refine_method(
     result = refine(split, state.image, marks, config, start=start, trunk=state.trunk)
     labels = np.asarray(result.labels)
     if config.progressive_merge:
-      free, near = (None, None)
+      free = near = protected = None
       if state.initial is not None:
         refined = result.logits if config.output == "probabilities" else jax.nn.softmax(result.logits, -1)
-        free, near = merge_masks(refined, state.initial, config)
+        free, near, protected = merge_masks(refined, state.initial, config)
       new = new_marks_of(marks, state.marks)
-      labels = progressive_merge(state.labels, labels, new, marks, free=free, near=near)
+      labels = progressive_merge(state.labels, labels, new, marks, free=free, near=near, protected=protected)
     return state._replace(
       labels=labels,
       num_steps=int(result.num_steps),

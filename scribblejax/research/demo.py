@@ -8,7 +8,10 @@ interaction of the simulated user marks the largest error of every class.
 
 from __future__ import annotations
 
+import datetime
+import importlib.metadata
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -26,7 +29,7 @@ from scribblejax.pipeline.normalization import normalize
 from scribblejax.refinement import describe_marks, marks_report, resolve_driver
 from scribblejax.research import data, metrics
 from scribblejax.research.simulate import ROBOT_USER_SCHEDULES, simulate_marks
-from scribblejax.research.train import TrainConfig, train_segmenter
+from scribblejax.research.train import TrainConfig, machine_description, train_segmenter
 from scribblejax.session import add_marks, current_labels, current_marks, start_session
 
 NORMALIZATION = {"kind": "percentile", "lower": 1.0, "upper": 99.8}
@@ -207,7 +210,13 @@ def run_demo(
     "backbone": source,
     "satisfied_per_interaction": [r.satisfied for r in reports],
     "network_marks_honoured": [r.honoured for r in reports],
+    "learning_rate": config.learning_rate,
+    "progressive_merge": config.progressive_merge,
     "device": jax.devices()[0].device_kind,
+    "machine": machine_description(),
+    "versions": {"jax": jax.__version__, "flax": importlib.metadata.version("flax")},
+    "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
     "note": "seconds of interaction 1 include compilation",
   }
   fileio.write_json(out / "results.json", results)

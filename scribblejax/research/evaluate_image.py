@@ -51,6 +51,7 @@ from scribblejax.pipeline import (
   prepare,
   same_tree,
   spec_of,
+  sure_on_image,
   to_model,
   unsure_on_image,
 )
@@ -92,6 +93,7 @@ class PipelineRefineState(NamedTuple):
   marks: Any = None  # int32[*image_spatial]: the marks so far, as the last update saw them
   model_marks: Any = None  # int32[*model_spatial]: those marks on the model's grid, newest on top
   free: Any = None  # bool[*image_spatial]: where the network was unsure (progressive merge)
+  protected: Any = None  # bool[*image_spatial]: where the network was sure (progressive merge)
 
 
 def prepare_pipeline(
@@ -259,8 +261,11 @@ def pipeline_refine_method(
     del image
     trunk = compute_trunk(whole_loop.split, fitted.image, config) if cached else None
     logits = network_logits(split, fitted, step=pipe.inference.step)
-    free = unsure_on_image(logits, fitted, config.merge_confidence) if config.progressive_merge else None
-    return PipelineRefineState(labels_from_logits(logits, fitted), 0, True, 1.0, 0, 0.0, None, trunk, free=free)
+    merge = config.progressive_merge
+    free = unsure_on_image(logits, fitted, config.merge_confidence) if merge else None
+    protected = sure_on_image(logits, fitted, config.merge_protect) if merge else None
+    labels = labels_from_logits(logits, fitted)
+    return PipelineRefineState(labels, 0, True, 1.0, 0, 0.0, None, trunk, free=free, protected=protected)
 
   def update(state, marks):
     marks = np.array(marks, np.int32)  # a copy: the caller may change its array later
@@ -289,7 +294,7 @@ def pipeline_refine_method(
         split, fitted, loop, config, pipe.inference.step, start=start, trunk=trunk
       )
     tunable = same_tree(split.tunable, result.tunable)
-    labels, _ = round_labels(logits, fitted, config, state.labels, marks, previous_marks, state.free)
+    labels, _ = round_labels(logits, fitted, config, state.labels, marks, previous_marks, state.free, state.protected)
     return state._replace(
       labels=labels,
       num_steps=int(result.num_steps),

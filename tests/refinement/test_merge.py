@@ -6,7 +6,7 @@ import pytest
 
 import scribblejax as sj
 from scribblejax.refinement import describe_marks, marks_report
-from scribblejax.refinement.merge import new_marks_of, progressive_merge
+from scribblejax.refinement.merge import merge_masks, new_marks_of, progressive_merge, sure
 
 
 def test_only_changes_that_touch_a_new_mark_are_taken():
@@ -48,6 +48,63 @@ def test_a_change_that_touches_a_mark_is_taken_whole_and_new_marks_are_only_the_
     progressive_merge(previous, proposed[:2], new)
 
 
+def test_near_a_mark_only_the_sure_part_of_a_region_is_taken_and_far_only_the_very_sure():
+  previous = np.zeros((1, 10), np.int32)
+  proposed = np.ones((1, 10), np.int32)  # one region of change, touching the mark at its left end
+  new = np.full((1, 10), -1, np.int32)
+  new[0, 0] = 1
+  near = np.zeros((1, 10), bool)
+  near[0, :4] = True  # the refined network is sure of the first four pixels only
+  merged = progressive_merge(previous, proposed, new, near=near)
+  np.testing.assert_array_equal(merged[0], [1, 1, 1, 1, 0, 0, 0, 0, 0, 0])
+  far = np.zeros((1, 10), bool)
+  far[0, 8] = True  # very sure: taken although not near (both classes are marked)
+  marks = new.copy()
+  marks[0, 9] = 0
+  merged = progressive_merge(previous, proposed, new, marks, free=far, near=near)
+  np.testing.assert_array_equal(merged[0, 4:], [0, 0, 0, 0, 1, 0])
+  with pytest.raises(ValueError, match="near pixels of shape"):
+    progressive_merge(previous, proposed, new, near=near[:, :5])
+
+
+def test_sure_and_the_masks_a_config_gives():
+  p = np.array([[0.5, 0.5], [0.95, 0.05], [0.999, 0.001], [1.0, 0.0]], np.float32)
+  np.testing.assert_array_equal(sure(p, 0.9), [False, True, True, True])
+  assert sure(p, 0.0).all() and not sure(p, 1.0).any()  # 1 takes nothing, even a saturated softmax
+  config = sj.RefineConfig(merge_near=0.9, merge_far=0.995)
+  free, near, protected = merge_masks(p, None, config)
+  np.testing.assert_array_equal(near, [False, True, True, True])
+  np.testing.assert_array_equal(free, [False, False, True, True])
+  assert protected is None
+  w = np.array([[0.6, 0.4], [0.99, 0.01], [0.98, 0.02], [0.98, 0.02]], np.float32)
+  free, _, protected = merge_masks(p, w, sj.RefineConfig(merge_confidence=0.8, merge_protect=0.99))
+  np.testing.assert_array_equal(free, [True, False, True, True])  # W unsure, or refined very sure
+  np.testing.assert_array_equal(protected, [False, True, False, False])  # W sure
+  free, near, protected = merge_masks(None, w, sj.RefineConfig())
+  assert free is None and near is None and protected is not None  # no refined distribution: whole regions
+  with pytest.raises(ValueError, match="merge_far is a probability"):
+    sj.RefineConfig(merge_far=1.5)
+
+
+def test_far_changes_need_both_classes_marked_and_the_networks_sure_pixels_stay():
+  previous = np.zeros((1, 8), np.int32)
+  proposed = np.ones((1, 8), np.int32)
+  new = np.full((1, 8), -1, np.int32)
+  new[0, 0] = 1  # marks of class 1 only: nothing says where class 0 holds
+  free = np.ones((1, 8), bool)
+  proposed[0, 1:3] = 0  # splits the change: pixels 3..7 are away from the mark
+  merged = progressive_merge(previous, proposed, new, free=free)
+  np.testing.assert_array_equal(merged[0], [1, 0, 0, 0, 0, 0, 0, 0])  # one class marked: nothing far taken
+  both = new.copy()
+  both[0, 1] = 0  # a mark of class 0 as well
+  merged = progressive_merge(previous, proposed, both, free=free)
+  np.testing.assert_array_equal(merged[0], [1, 0, 0, 1, 1, 1, 1, 1])
+  protected = np.zeros((1, 8), bool)
+  protected[0, [0, 5]] = True  # the network was sure there: a mark still holds, a change does not
+  merged = progressive_merge(previous, proposed, both, free=free, protected=protected)
+  np.testing.assert_array_equal(merged[0], [1, 0, 0, 1, 1, 0, 1, 1])
+
+
 def _tiny(seed=0):
   from flax import nnx
 
@@ -69,10 +126,11 @@ def test_a_session_round_merges_and_reports(monkeypatch):
   refined = np.asarray(session.rounds[-1].result.labels)
   import jax
 
-  from scribblejax.refinement.merge import unsure
-
-  free = unsure(jax.nn.softmax(session.initial_logits, -1), config.merge_confidence)
-  np.testing.assert_array_equal(labels, progressive_merge(before, refined, marks, marks, free=free))
+  free, near, protected = merge_masks(
+    jax.nn.softmax(session.rounds[-1].result.logits, -1), jax.nn.softmax(session.initial_logits, -1), config
+  )
+  expected = progressive_merge(before, refined, marks, marks, free=free, near=near, protected=protected)
+  np.testing.assert_array_equal(labels, expected)
   assert (labels[marks >= 0] == marks[marks >= 0]).all()
   paper = sj.add_marks(sj.start_session(split, image, sj.RefineConfig.paper(max_steps=30)), marks)
   np.testing.assert_array_equal(np.asarray(sj.current_labels(paper)), np.asarray(paper.rounds[-1].result.labels))

@@ -1,0 +1,45 @@
+"""The round's segmentation on the image's grid: the progressive merge with the refined network's sure pixels."""
+
+import numpy as np
+
+from scribblejax.config import RefineConfig
+from scribblejax.io.images import Geometry, Image
+from scribblejax.pipeline import InputSpec, fit_image
+from scribblejax.pipeline.round import round_labels
+
+
+def _fitted(shape):
+  array = np.ones((*shape, 1), np.float32)
+  return fit_image(
+    Image(array, Geometry("tiff", shape, "yx", (1.0, 1.0), None, {}), "img.tif"), InputSpec(2, 1, 2), {"kind": "none"}
+  )
+
+
+def _logits(p_object):
+  """Two-class logits whose softmax gives the object class ``p_object``."""
+  p = np.clip(np.asarray(p_object, np.float64), 1e-7, 1 - 1e-7)
+  return np.stack([np.zeros_like(p), np.log(p / (1 - p))], axis=-1).astype(np.float32)
+
+
+def test_a_round_takes_the_sure_part_near_a_new_mark_and_very_sure_changes_anywhere():
+  fitted = _fitted((1, 12))
+  # the refined network calls pixels 0..6 and 8..11 object: sure near the mark (0..3: 0.95), weakly
+  # beyond it (0.6), very sure at pixel 10, far from it (pixel 7, background, splits the change)
+  p = np.full((1, 12), 0.6)
+  p[0, :4], p[0, 7], p[0, 10] = 0.95, 0.2, 0.999
+  previous = np.zeros((1, 12), np.int32)
+  marks = np.full((1, 12), -1, np.int32)
+  marks[0, 0] = 1
+  labels, network = round_labels(_logits(p), fitted, RefineConfig(), previous, marks, None)
+  assert (network == (p > 0.5)).all()
+  np.testing.assert_array_equal(labels[0], [1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0])  # one class marked: none far
+  marks[0, 11] = 0  # both classes marked (and the change 8..11 touches a new mark): pixel 10, sure, is taken
+  labels, _ = round_labels(_logits(p), fitted, RefineConfig(), previous, marks, None)
+  np.testing.assert_array_equal(labels[0], [1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 1, 0])
+  protected = np.zeros((1, 12), bool)
+  protected[0, [2, 10]] = True  # the network was sure there
+  labels, _ = round_labels(_logits(p), fitted, RefineConfig(), previous, marks, None, None, protected)
+  np.testing.assert_array_equal(labels[0], [1, 1, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0])
+  plain = RefineConfig(merge_near=0.0, merge_far=1.0)  # FocalClick's merge: the touching region whole
+  labels, _ = round_labels(_logits(p), fitted, plain, previous, marks, None)
+  np.testing.assert_array_equal(labels[0], [1, 1, 1, 1, 1, 1, 1, 0, 1, 1, 1, 0])
