@@ -167,7 +167,7 @@ class RefineConfig:
   """
 
   max_steps: int = 100
-  learning_rate: float = 1e-2
+  learning_rate: float = 5e-3
   momentum: float = 0.9
   prox_weight: float = 0.0
   keep_weight: float = 1.0
@@ -187,7 +187,7 @@ class RefineConfig:
   merge_confidence: float = 0.0
   merge_near: float = 0.9
   merge_far: float = 0.995
-  merge_protect: float = 0.99
+  merge_protect: float = 0.999
 
   @classmethod
   def paper(cls, **overrides: Any) -> RefineConfig:
