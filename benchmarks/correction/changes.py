@@ -30,7 +30,7 @@ from scribblejax.refinement import predict, refine
 from scribblejax.research import evaluate as ev
 from scribblejax.research.simulate import simulate_marks
 
-BINS = (0.0, 0.8, 0.9, 0.95, 0.99, 1.01)
+BINS = (0.0, 0.8, 0.9, 0.95, 0.99, 0.999, 1.01)
 REFINED_BINS = (0.0, 0.9, 0.99, 0.995, 1.01)
 
 
