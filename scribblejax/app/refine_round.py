@@ -598,7 +598,8 @@ def segment(request: Request, prepared: Prepared, marks: RoundMarks, refined: Re
   stale = refined.unsure_image is None and refined.initial is not None
   if config.progressive_merge and stale and config.merge_confidence > 0:
     log("note: this session was started before its network's unsure pixels were stored; the merge frees none")
-  if config.progressive_merge and refined.sure_image is None and refined.initial is not None:
+  regions = prepared.fitted.regions is not None
+  if config.progressive_merge and refined.sure_image is None and refined.initial is not None and not regions:
     log("note: this session was started before its network's sure pixels were stored; the merge protects none")
   # with the merge, what this round added: a marks file that holds earlier rounds' marks too does not make them new
   labels, network_labels = round_labels(
@@ -608,7 +609,7 @@ def segment(request: Request, prepared: Prepared, marks: RoundMarks, refined: Re
     previous_labels,
     marks.marks_image,
     marks.previous_image,
-    refined.unsure_image,
+    refined.unsure_image if config.merge_confidence > 0 else None,  # an older session stored it at 0.8
     refined.sure_image,
   )
   network_honoured = honoured_fraction(network_labels, marks.marks_image)

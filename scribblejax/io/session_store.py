@@ -9,7 +9,8 @@ Layout::
                          new_marks (this round's marks), drawn (the marks so far that the user
                          drew, without region growing's), labels (int32 result),
                          tunable_0 ... tunable_N (the refined weights W_lam, leaves in pytree order)
-    DIR/initial.npz      labels: the network's own segmentation (what an undo of every round shows)
+    DIR/initial.npz      labels: the network's own segmentation (what an undo of every round shows);
+                         unsure, sure (bool): where the network was unsure and sure, for the merge
 
 Every write is atomic (temporary file, then rename); ``session.json`` is written last, so a round
 that failed half-way leaves the session as it was.

@@ -104,31 +104,39 @@ def to_image(array: np.ndarray, fitted: Fitted) -> np.ndarray:
   return _image_layout(array, fitted, fill=-1)
 
 
-def unsure_on_image(logits: Any, fitted: Fitted, confidence: float) -> np.ndarray | None:
+def unsure_on_image(logits: Any, fitted: Fitted, confidence: float, probabilities: bool = False) -> np.ndarray | None:
   """Where the network's top class probability is below ``confidence``, on the image's grid
   (:func:`scribblejax.refinement.merge.unsure`); ``None`` for a region-based network (its sigmoids are no
-  distribution over classes) or ``confidence`` 0."""
+  distribution over classes) or ``confidence`` 0.
+
+  The probabilities are those of the logits brought back to the image's grid as the labels are
+  (:func:`labels_from_logits`); ``probabilities``: ``logits`` holds a softmax already.
+  """
   if fitted.regions is not None or confidence <= 0:
     return None
-  return _mask_on_image(unsure(_softmax(logits), confidence), fitted)
+  return _mask_on_image(logits, fitted, lambda p: unsure(p, confidence), probabilities)
 
 
-def sure_on_image(logits: Any, fitted: Fitted, confidence: float) -> np.ndarray | None:
+def sure_on_image(logits: Any, fitted: Fitted, confidence: float, probabilities: bool = False) -> np.ndarray | None:
   """Where the network's top class probability is at least ``confidence``, on the image's grid
-  (:func:`scribblejax.refinement.merge.sure`); ``None`` for a region-based network."""
+  (:func:`scribblejax.refinement.merge.sure`; as :func:`unsure_on_image`); ``None`` for a region-based
+  network."""
   if fitted.regions is not None:
     return None
-  return _mask_on_image(sure(_softmax(logits), confidence), fitted)
+  return _mask_on_image(logits, fitted, lambda p: sure(p, confidence), probabilities)
 
 
-def _softmax(logits: Any) -> np.ndarray:
-  logits = np.asarray(logits, np.float32)
-  shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
-  return shifted / shifted.sum(axis=-1, keepdims=True)
-
-
-def _mask_on_image(mask: np.ndarray, fitted: Fitted) -> np.ndarray:
-  return to_image(np.where(mask, 1, -1).astype(np.int32), fitted) >= 0
+def _mask_on_image(logits: Any, fitted: Fitted, mask_of: Any, probabilities: bool) -> np.ndarray:
+  """``mask_of(softmax)`` on the image's grid: the logits cropped and resampled as
+  :func:`labels_from_logits` does, the mask computed there and put back in the image's layout."""
+  scores = np.asarray(logits, np.float32)[inside(fitted)]
+  if fitted.resampling is not None:
+    r = fitted.resampling
+    scores = resample(scores, r.shape, r.target, r.spacing, r.logits)
+  if not probabilities:
+    shifted = np.exp(scores - scores.max(axis=-1, keepdims=True))
+    scores = shifted / shifted.sum(axis=-1, keepdims=True)
+  return _image_layout(np.asarray(mask_of(scores), bool), fitted, fill=False)
 
 
 def labels_from_logits(logits: Any, fitted: Fitted) -> np.ndarray:

@@ -143,8 +143,9 @@ def round_labels(
   if not config.progressive_merge:
     return network_labels, network_labels
   new_marks = new_marks_of(marks, previous_marks)
-  near = sure_on_image(logits, fitted, config.merge_near)
-  far = sure_on_image(logits, fitted, config.merge_far)
+  probabilities = config.output == "probabilities"
+  near = sure_on_image(logits, fitted, config.merge_near, probabilities)
+  far = sure_on_image(logits, fitted, config.merge_far, probabilities)
   free = far if free is None else (free if far is None else free | far)
   merged = progressive_merge(
     previous_labels, network_labels, new_marks, marks, free=free, near=near, protected=protected

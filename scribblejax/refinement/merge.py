@@ -6,9 +6,10 @@ corrected, hundreds of small regions far from any mark can flip. Where the netwo
 those flips are wrong; where its error was systematic (a shifted intensity, a class it under-segments
 everywhere), many are the very correction the user would draw next. On the correction benchmark's
 cases (``docs/correction.md``, ``benchmarks/results/correction_cpu/changes.md``) three things told them
-apart: how sure the *refined* network is of its new label (sure changes were mostly right, unsure ones
-mostly wrong, near the marks as well as far from them); how sure the network W was of its old label
-(pixels W gave 0.99 or more were mostly right, and flipping them mostly wrong); and whether the marks
+apart: how sure the *refined* network is of its new label (on the tissue cases, sure changes were
+mostly right and unsure ones mostly wrong, near the marks as well as far from them; on the nuclei
+cases hardly any change away from the marks was right); how sure the network W was of its old label
+(flipping pixels W gave 0.999 or more was mostly wrong); and whether the marks
 so far hold both classes of a change (marks of one class only teach a network to paint that class
 everywhere). So a round keeps the previous segmentation except
 
@@ -108,8 +109,8 @@ def merge_masks(
   """The ``(free, near, protected)`` masks of :func:`progressive_merge` for a round with ``config``'s thresholds.
 
   Args:
-    refined_probabilities: ``float[*spatial, classes]``, the refined network's softmax (``None``: a network
-      without a distribution over classes, whose regions of change are taken whole and nothing far).
+    refined_probabilities: ``float[*spatial, classes]``, the refined network's softmax (``None``: no near
+      or far masks; the regions of change touching a new mark are taken whole).
     initial_probabilities: the network's (W) softmax, for ``config.merge_protect`` and
       ``config.merge_confidence`` (``None``: neither).
     config: a :class:`scribblejax.RefineConfig` (``merge_near``, ``merge_far``, ``merge_protect``,

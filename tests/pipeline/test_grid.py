@@ -3,7 +3,16 @@
 import numpy as np
 
 from scribblejax.io.images import Geometry, Image
-from scribblejax.pipeline import InputSpec, fit_image, inside, labels_from_logits, to_image, to_model
+from scribblejax.pipeline import (
+  InputSpec,
+  fit_image,
+  inside,
+  labels_from_logits,
+  sure_on_image,
+  to_image,
+  to_model,
+  unsure_on_image,
+)
 
 
 def _image(array, family="tiff"):
@@ -28,3 +37,31 @@ def test_marks_go_to_the_models_grid_and_back_through_order_crop_squeeze_and_pad
   logits = np.stack([model < 0, model >= 0], axis=-1).astype(np.float32)
   labels = labels_from_logits(logits, fitted)
   assert labels.shape == (1, 12, 10) and labels[0, 4, 5] == 1 and labels.sum() == 2  # background outside the crop
+
+
+def test_sure_and_unsure_pixels_land_where_the_labels_do_and_a_region_network_has_none():
+  rng = np.random.default_rng(1)
+  array = np.zeros((1, 12, 10, 1), np.float32)
+  array[0, 2:9, 3:8] = rng.uniform(1, 2, (7, 5, 1))
+  metadata = {"crop_to_nonzero": True, "input_axis_order": {"raster": [0, 2, 1]}}
+  fitted = fit_image(_image(array), InputSpec(2, 1, 2), {"kind": "none"}, metadata, crop=True)
+  # model-layout logits (5 x 7): class 1 very sure on one voxel, unsure on another, class 0 sure elsewhere
+  logits = np.zeros((5, 7, 2), np.float32)
+  logits[..., 0] = 8.0
+  logits[1, 2] = (0.0, 8.0)
+  logits[3, 4] = (0.0, 0.1)
+  labels = labels_from_logits(logits, fitted)
+  sure = sure_on_image(logits, fitted, 0.99)
+  unsure = unsure_on_image(logits, fitted, 0.8)
+  assert sure.shape == unsure.shape == labels.shape == (1, 12, 10)
+  marker = np.full((5, 7), -1, np.int32)
+  marker[1, 2], marker[3, 4] = 1, 2
+  where = to_image(marker, fitted)  # where those two model voxels lie on the image's grid
+  assert sure[where == 1].all() and (labels[where == 1] == 1).all()
+  np.testing.assert_array_equal(unsure, where == 2)
+  assert not sure[0, 0, 0]  # outside the crop: neither
+  assert sure[0, 2:9, 3:8].sum() == 34  # the crop's 35 pixels less the unsure one
+  softmax = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+  np.testing.assert_array_equal(sure_on_image(softmax, fitted, 0.99, probabilities=True), sure)
+  regions = fitted._replace(regions=((1,),))
+  assert sure_on_image(logits, regions, 0.99) is None and unsure_on_image(logits, regions, 0.8) is None

@@ -23,8 +23,8 @@ def _logits(p_object):
 
 def test_a_round_takes_the_sure_part_near_a_new_mark_and_very_sure_changes_anywhere():
   fitted = _fitted((1, 12))
-  # the refined network calls pixels 0..6 and 8..11 object: sure near the mark (0..3: 0.95), weakly
-  # beyond it (0.6), very sure at pixel 10, far from it (pixel 7, background, splits the change)
+  # the refined network calls pixels 0..6 and 8..11 object: sure near the new mark at 0 (0..3: 0.95),
+  # weakly beyond it (0.6), very sure at pixel 10, in a change (8..11) that touches no new mark
   p = np.full((1, 12), 0.6)
   p[0, :4], p[0, 7], p[0, 10] = 0.95, 0.2, 0.999
   previous = np.zeros((1, 12), np.int32)
@@ -33,13 +33,22 @@ def test_a_round_takes_the_sure_part_near_a_new_mark_and_very_sure_changes_anywh
   labels, network = round_labels(_logits(p), fitted, RefineConfig(), previous, marks, None)
   assert (network == (p > 0.5)).all()
   np.testing.assert_array_equal(labels[0], [1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0])  # one class marked: none far
-  marks[0, 11] = 0  # both classes marked (and the change 8..11 touches a new mark): pixel 10, sure, is taken
-  labels, _ = round_labels(_logits(p), fitted, RefineConfig(), previous, marks, None)
-  np.testing.assert_array_equal(labels[0], [1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 1, 0])
+  earlier = np.full((1, 12), -1, np.int32)
+  earlier[0, 11] = 0  # an earlier round's mark of the other class
+  marks[0, 11] = 0
+  labels, _ = round_labels(_logits(p), fitted, RefineConfig(), previous, marks, earlier)
+  np.testing.assert_array_equal(labels[0], [1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 1, 0])  # both marked: the far one too
+  no_far = RefineConfig(merge_far=1.0)
+  labels, _ = round_labels(_logits(p), fitted, no_far, previous, marks, earlier)
+  np.testing.assert_array_equal(labels[0], [1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0])
   protected = np.zeros((1, 12), bool)
   protected[0, [2, 10]] = True  # the network was sure there
-  labels, _ = round_labels(_logits(p), fitted, RefineConfig(), previous, marks, None, None, protected)
+  labels, _ = round_labels(_logits(p), fitted, RefineConfig(), previous, marks, earlier, None, protected)
   np.testing.assert_array_equal(labels[0], [1, 1, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0])
   plain = RefineConfig(merge_near=0.0, merge_far=1.0)  # FocalClick's merge: the touching region whole
-  labels, _ = round_labels(_logits(p), fitted, plain, previous, marks, None)
-  np.testing.assert_array_equal(labels[0], [1, 1, 1, 1, 1, 1, 1, 0, 1, 1, 1, 0])
+  labels, _ = round_labels(_logits(p), fitted, plain, previous, marks, earlier)
+  np.testing.assert_array_equal(labels[0], [1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0])
+  probabilities = RefineConfig(output="probabilities")  # the refined scores are a softmax already
+  softmax = np.stack([1 - p, p], axis=-1).astype(np.float32)
+  labels, _ = round_labels(softmax, fitted, probabilities, previous, marks, earlier)
+  np.testing.assert_array_equal(labels[0], [1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 1, 0])
