@@ -64,12 +64,6 @@ def start_session(
   return Session(split, image, predict(split, image, trunk=trunk), (), config, continue_weights, trunk)
 
 
-def _probabilities(output: Any, config: RefineConfig) -> Any:
-  """The refined network's softmax from a result's ``logits`` (which hold probabilities already with
-  ``config.output == "probabilities"``)."""
-  return output if config.output == "probabilities" else jax.nn.softmax(output, axis=-1)
-
-
 def _regions(split: Split) -> bool:
   """Whether the network is region-based (sigmoid scores: no distribution over classes)."""
   from flax import nnx
@@ -132,9 +126,7 @@ def add_marks(session: Session, new_marks: Any, config: RefineConfig | None = No
   if config.progressive_merge:
     new = new_marks_of(marks, current_marks(session) if session.rounds else None)
     free, near, protected = (
-      (None, None, None)
-      if _regions(session.split)
-      else merge_masks(_probabilities(result.logits, config), jax.nn.softmax(session.initial_logits, axis=-1), config)
+      (None, None, None) if _regions(session.split) else merge_masks(result.logits, session.initial_logits, config)
     )
     previous = np.asarray(current_labels(session))
     merged = progressive_merge(

@@ -57,11 +57,10 @@ from scribblejax.pipeline.grid import (
   cover_marks,
   inside,
   labels_from_logits,
-  sure_on_image,
+  masks_on_image,
   to_image,
   to_model,
   to_model_counted,
-  unsure_on_image,
 )
 from scribblejax.pipeline.network import Loop, Network, loop_split, network_logits, prepare, same_tree
 from scribblejax.pipeline.preprocess import Fitted, network_input, span_text
@@ -546,8 +545,7 @@ def refine_marks(request: Request, prepared: Prepared, marks: RoundMarks) -> Ref
   if initial is None and not joint:
     before_logits = network_logits(split, fitted, step=inference.step, progress=request.patch_progress)
     before_image = labels_from_logits(before_logits, fitted)
-    unsure_image = unsure_on_image(before_logits, fitted, config.merge_confidence)
-    sure_image = sure_on_image(before_logits, fitted, config.merge_protect)
+    unsure_image, _, sure_image = masks_on_image(None, before_logits, fitted, config)
     del before_logits
   loop, nothing = _loop(request, prepared, marks)
   start = (
@@ -577,8 +575,7 @@ def refine_marks(request: Request, prepared: Prepared, marks: RoundMarks) -> Ref
     )
     if joint:
       before_image = labels_from_logits(before, fitted)
-      unsure_image = unsure_on_image(before, fitted, config.merge_confidence)
-      sure_image = sure_on_image(before, fitted, config.merge_protect)
+      unsure_image, _, sure_image = masks_on_image(None, before, fitted, config)
     del before
     seconds = time.perf_counter() - start_time
   return Refined(

@@ -14,11 +14,10 @@ from scribblejax.pipeline.grid import (
   cover_marks,
   inside,
   labels_from_logits,
-  sure_on_image,
+  masks_on_image,
   to_image,
   to_model,
   to_model_counted,
-  unsure_on_image,
 )
 from scribblejax.pipeline.network import (
   DEFAULT_LAYERS,
@@ -92,6 +91,7 @@ __all__ = [
   "input_axis_order",
   "inside",
   "labels_from_logits",
+  "masks_on_image",
   "loop_split",
   "marked_patches",
   "marked_windows",
@@ -121,6 +121,4 @@ __all__ = [
   "to_image",
   "to_model",
   "to_model_counted",
-  "sure_on_image",
-  "unsure_on_image",
 ]

@@ -13,7 +13,7 @@ import numpy as np
 from scribblejax.models.regions import region_labels
 from scribblejax.pipeline.preprocess import Fitted, Resampling
 from scribblejax.pipeline.resampling import cover_label_map, resample, resample_label_map, separate_axis
-from scribblejax.refinement.merge import sure, unsure
+from scribblejax.refinement.merge import merge_masks
 
 
 def inside(fitted: Fitted) -> tuple[slice, ...]:
@@ -104,49 +104,43 @@ def to_image(array: np.ndarray, fitted: Fitted) -> np.ndarray:
   return _image_layout(array, fitted, fill=-1)
 
 
-def unsure_on_image(logits: Any, fitted: Fitted, confidence: float, probabilities: bool = False) -> np.ndarray | None:
-  """Where the network's top class probability is below ``confidence``, on the image's grid
-  (:func:`scribblejax.refinement.merge.unsure`); ``None`` for a region-based network (its sigmoids are no
-  distribution over classes) or ``confidence`` 0.
+def masks_on_image(
+  refined_output: Any, initial_logits: Any, fitted: Fitted, config: Any
+) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]:
+  """The merge's ``(free, near, protected)`` masks (:func:`scribblejax.refinement.merge.merge_masks`) on
+  the image's grid, from model-layout scores brought back as the labels are (:func:`labels_from_logits`:
+  cropped, resampled, then put in the image's layout); all ``None`` for a region-based network (its
+  sigmoids are no distribution over classes).
 
-  The probabilities are those of the logits brought back to the image's grid as the labels are
-  (:func:`labels_from_logits`); ``probabilities``: ``logits`` holds a softmax already.
+  Args:
+    refined_output: the refined network's model-layout scores (logits, or a softmax with
+      ``config.output == "probabilities"``), or ``None``.
+    initial_logits: the network's (W) model-layout logits, or ``None``.
+    fitted: the image on the model's grid.
+    config: the round's settings (the merge's thresholds).
   """
-  if fitted.regions is not None or confidence <= 0:
-    return None
-  return _mask_on_image(logits, fitted, lambda p: unsure(p, confidence), probabilities)
-
-
-def sure_on_image(logits: Any, fitted: Fitted, confidence: float, probabilities: bool = False) -> np.ndarray | None:
-  """Where the network's top class probability is at least ``confidence``, on the image's grid
-  (:func:`scribblejax.refinement.merge.sure`; as :func:`unsure_on_image`); ``None`` for a region-based
-  network."""
   if fitted.regions is not None:
-    return None
-  return _mask_on_image(logits, fitted, lambda p: sure(p, confidence), probabilities)
+    return None, None, None
+  back = lambda scores: None if scores is None else _scores_on_image_grid(scores, fitted)
+  masks = merge_masks(back(refined_output), back(initial_logits), config)
+  return tuple(None if mask is None else _image_layout(np.asarray(mask, bool), fitted, fill=False) for mask in masks)
 
 
-def _mask_on_image(logits: Any, fitted: Fitted, mask_of: Any, probabilities: bool) -> np.ndarray:
-  """``mask_of(softmax)`` on the image's grid: the logits cropped and resampled as
-  :func:`labels_from_logits` does, the mask computed there and put back in the image's layout."""
-  scores = np.asarray(logits, np.float32)[inside(fitted)]
+def _scores_on_image_grid(scores: Any, fitted: Fitted) -> np.ndarray:
+  """Model-layout scores cropped to the image and resampled back to its spacing (still in the model's
+  axis order, before length-1 axes and the crop's border are restored)."""
+  scores = np.asarray(scores)[inside(fitted)]
   if fitted.resampling is not None:
     r = fitted.resampling
     scores = resample(scores, r.shape, r.target, r.spacing, r.logits)
-  if not probabilities:
-    shifted = np.exp(scores - scores.max(axis=-1, keepdims=True))
-    scores = shifted / shifted.sum(axis=-1, keepdims=True)
-  return _image_layout(np.asarray(mask_of(scores), bool), fitted, fill=False)
+  return scores
 
 
 def labels_from_logits(logits: Any, fitted: Fitted) -> np.ndarray:
   """The labels ``int32[*image_spatial]`` of model-layout logits: cropped, resampled back to the
   image's grid (the model's logits scheme, as nnU-Net exports) where the image was resampled, then
   the largest logit's class (for region logits, nnU-Net's rule: :func:`scribblejax.models.region_labels`)."""
-  logits = np.asarray(logits)[inside(fitted)]
-  if fitted.resampling is not None:
-    r = fitted.resampling
-    logits = resample(logits, r.shape, r.target, r.spacing, r.logits)
+  logits = _scores_on_image_grid(logits, fitted)
   if fitted.regions is not None:
     labels = region_labels(logits, fitted.regions)
   else:

@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from scribblejax.config import RefineConfig
-from scribblejax.pipeline.grid import labels_from_logits, sure_on_image
+from scribblejax.pipeline.grid import labels_from_logits, masks_on_image
 from scribblejax.pipeline.network import Loop, refined_logits, same_tree
 from scribblejax.pipeline.preprocess import Fitted
 from scribblejax.pipeline.sliding_window import sliding_window_logits_of
@@ -143,9 +143,7 @@ def round_labels(
   if not config.progressive_merge:
     return network_labels, network_labels
   new_marks = new_marks_of(marks, previous_marks)
-  probabilities = config.output == "probabilities"
-  near = sure_on_image(logits, fitted, config.merge_near, probabilities)
-  far = sure_on_image(logits, fitted, config.merge_far, probabilities)
+  far, near, _ = masks_on_image(logits, None, fitted, config)
   free = far if free is None else (free if far is None else free | far)
   merged = progressive_merge(
     previous_labels, network_labels, new_marks, marks, free=free, near=near, protected=protected

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax
 import numpy as np
 from scipy import ndimage
 
@@ -104,26 +105,30 @@ def sure(probabilities: Any, confidence: float) -> np.ndarray:
 
 
 def merge_masks(
-  refined_probabilities: Any, initial_probabilities: Any | None, config: Any
+  refined_output: Any, initial_logits: Any | None, config: Any
 ) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]:
-  """The ``(free, near, protected)`` masks of :func:`progressive_merge` for a round with ``config``'s thresholds.
+  """The ``(free, near, protected)`` masks of :func:`progressive_merge` for a round with ``config``'s thresholds:
+  the one place the thresholds become masks, for a session, the harness and the pipeline's round alike.
 
   Args:
-    refined_probabilities: ``float[*spatial, classes]``, the refined network's softmax (``None``: no near
-      or far masks; the regions of change touching a new mark are taken whole).
-    initial_probabilities: the network's (W) softmax, for ``config.merge_protect`` and
-      ``config.merge_confidence`` (``None``: neither).
-    config: a :class:`scribblejax.RefineConfig` (``merge_near``, ``merge_far``, ``merge_protect``,
-      ``merge_confidence``).
+    refined_output: ``float[*spatial, classes]``, the refined network's scores as a refinement returns
+      them: logits, or a softmax with ``config.output == "probabilities"`` (``None``: no near or far
+      masks; the regions of change touching a new mark are taken whole).
+    initial_logits: the network's (W) logits, for ``config.merge_protect`` and ``config.merge_confidence``
+      (``None``: neither).
+    config: a :class:`scribblejax.RefineConfig` (``output``, ``merge_near``, ``merge_far``,
+      ``merge_protect``, ``merge_confidence``).
   """
   free = near = protected = None
-  if refined_probabilities is not None:
-    near = sure(refined_probabilities, config.merge_near)
-    free = sure(refined_probabilities, config.merge_far)
-  if initial_probabilities is not None:
-    protected = sure(initial_probabilities, config.merge_protect)
+  if refined_output is not None:
+    refined = refined_output if config.output == "probabilities" else jax.nn.softmax(refined_output, axis=-1)
+    near = sure(refined, config.merge_near)
+    free = sure(refined, config.merge_far)
+  if initial_logits is not None:
+    initial = jax.nn.softmax(initial_logits, axis=-1)
+    protected = sure(initial, config.merge_protect)
     if config.merge_confidence > 0:
-      unsure_w = unsure(initial_probabilities, config.merge_confidence)
+      unsure_w = unsure(initial, config.merge_confidence)
       free = unsure_w if free is None else free | unsure_w
   return free, near, protected
 

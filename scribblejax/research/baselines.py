@@ -199,7 +199,7 @@ class RefineMethodState(NamedTuple):
   tunable: Any  # W_lam of the last refinement (None before any)
   trunk: Any = None  # the frozen trunk's values for the image (computed once, with cache_trunk)
   marks: Any = None  # int32[*spatial]: the marks of the last refinement (None before any)
-  initial: Any = None  # float32[*spatial, classes]: the network's softmax, for the merge (None: region-based)
+  initial: Any = None  # float32[*spatial, classes]: the network's logits, for the merge (None: region-based)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -251,7 +251,7 @@ def refine_method(
     trunk = trunk_of(image)
     logits = predict(split, image, trunk=trunk)
     labels = np.asarray(jnp.argmax(logits, -1), np.int32)
-    initial = None if _is_regions(model) else np.asarray(jax.nn.softmax(logits, -1))
+    initial = None if _is_regions(model) else logits
     return RefineMethodState(image, labels, 0, True, None, trunk, None, initial)
 
   def update(state, marks):
@@ -261,8 +261,7 @@ def refine_method(
     if config.progressive_merge:
       free = near = protected = None
       if state.initial is not None:
-        refined = result.logits if config.output == "probabilities" else jax.nn.softmax(result.logits, -1)
-        free, near, protected = merge_masks(refined, state.initial, config)
+        free, near, protected = merge_masks(result.logits, state.initial, config)
       new = new_marks_of(marks, state.marks)
       labels = progressive_merge(state.labels, labels, new, marks, free=free, near=near, protected=protected)
     return state._replace(

@@ -46,14 +46,13 @@ from scribblejax.pipeline import (
   fit_image,
   labels_from_logits,
   loop_split,
+  masks_on_image,
   network_input,
   network_logits,
   prepare,
   same_tree,
   spec_of,
-  sure_on_image,
   to_model,
-  unsure_on_image,
 )
 from scribblejax.pipeline.round import honoured_fraction, refine_on_model_grid, round_config, round_labels
 from scribblejax.refinement import compute_trunk, predict, refine
@@ -261,9 +260,7 @@ def pipeline_refine_method(
     del image
     trunk = compute_trunk(whole_loop.split, fitted.image, config) if cached else None
     logits = network_logits(split, fitted, step=pipe.inference.step)
-    merge = config.progressive_merge
-    free = unsure_on_image(logits, fitted, config.merge_confidence) if merge else None
-    protected = sure_on_image(logits, fitted, config.merge_protect) if merge else None
+    free, _, protected = masks_on_image(None, logits, fitted, config) if config.progressive_merge else (None,) * 3
     labels = labels_from_logits(logits, fitted)
     return PipelineRefineState(labels, 0, True, 1.0, 0, 0.0, None, trunk, free=free, protected=protected)
 

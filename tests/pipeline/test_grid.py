@@ -2,16 +2,16 @@
 
 import numpy as np
 
+from scribblejax.config import RefineConfig
 from scribblejax.io.images import Geometry, Image
 from scribblejax.pipeline import (
   InputSpec,
   fit_image,
   inside,
   labels_from_logits,
-  sure_on_image,
+  masks_on_image,
   to_image,
   to_model,
-  unsure_on_image,
 )
 
 
@@ -51,8 +51,9 @@ def test_sure_and_unsure_pixels_land_where_the_labels_do_and_a_region_network_ha
   logits[1, 2] = (0.0, 8.0)
   logits[3, 4] = (0.0, 0.1)
   labels = labels_from_logits(logits, fitted)
-  sure = sure_on_image(logits, fitted, 0.99)
-  unsure = unsure_on_image(logits, fitted, 0.8)
+  config = RefineConfig(merge_protect=0.99, merge_confidence=0.8)
+  unsure, none, sure = masks_on_image(None, logits, fitted, config)  # W's masks: free (unsure), protected (sure)
+  assert none is None
   assert sure.shape == unsure.shape == labels.shape == (1, 12, 10)
   marker = np.full((5, 7), -1, np.int32)
   marker[1, 2], marker[3, 4] = 1, 2
@@ -61,7 +62,11 @@ def test_sure_and_unsure_pixels_land_where_the_labels_do_and_a_region_network_ha
   np.testing.assert_array_equal(unsure, where == 2)
   assert not sure[0, 0, 0]  # outside the crop: neither
   assert sure[0, 2:9, 3:8].sum() == 34  # the crop's 35 pixels less the unsure one
+  far, near, _ = masks_on_image(logits, None, fitted, RefineConfig(merge_far=0.99, merge_near=0.99))
+  np.testing.assert_array_equal(far, sure)  # the refined network's masks, from its logits ...
+  np.testing.assert_array_equal(near, sure)
   softmax = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
-  np.testing.assert_array_equal(sure_on_image(softmax, fitted, 0.99, probabilities=True), sure)
+  given = RefineConfig(merge_far=0.99, output="probabilities")
+  np.testing.assert_array_equal(masks_on_image(softmax, None, fitted, given)[0], sure)  # ... or a softmax
   regions = fitted._replace(regions=((1,),))
-  assert sure_on_image(logits, regions, 0.99) is None and unsure_on_image(logits, regions, 0.8) is None
+  assert masks_on_image(logits, logits, regions, config) == (None, None, None)

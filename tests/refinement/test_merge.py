@@ -71,13 +71,14 @@ def test_sure_and_the_masks_a_config_gives():
   p = np.array([[0.5, 0.5], [0.95, 0.05], [0.999, 0.001], [1.0, 0.0]], np.float32)
   np.testing.assert_array_equal(sure(p, 0.9), [False, True, True, True])
   assert sure(p, 0.0).all() and not sure(p, 1.0).any()  # 1 takes nothing, even a saturated softmax
-  config = sj.RefineConfig(merge_near=0.9, merge_far=0.995)
+  config = sj.RefineConfig(merge_near=0.9, merge_far=0.995, output="probabilities")  # scores given as a softmax
   free, near, protected = merge_masks(p, None, config)
   np.testing.assert_array_equal(near, [False, True, True, True])
   np.testing.assert_array_equal(free, [False, False, True, True])
   assert protected is None
-  w = np.array([[0.6, 0.4], [0.99, 0.01], [0.98, 0.02], [0.98, 0.02]], np.float32)
-  free, _, protected = merge_masks(p, w, sj.RefineConfig(merge_confidence=0.8, merge_protect=0.99))
+  w = np.log(np.array([[0.6, 0.4], [0.99, 0.01], [0.98, 0.02], [0.98, 0.02]], np.float32))  # W's logits
+  config = sj.RefineConfig(merge_confidence=0.8, merge_protect=0.99, output="probabilities")
+  free, _, protected = merge_masks(p, w, config)
   np.testing.assert_array_equal(free, [True, False, True, True])  # W unsure, or refined very sure
   np.testing.assert_array_equal(protected, [False, True, False, False])  # W sure
   free, near, protected = merge_masks(None, w, sj.RefineConfig())
@@ -126,9 +127,8 @@ def test_a_session_round_merges_and_reports(monkeypatch):
   refined = np.asarray(session.rounds[-1].result.labels)
   import jax
 
-  free, near, protected = merge_masks(
-    jax.nn.softmax(session.rounds[-1].result.logits, -1), jax.nn.softmax(session.initial_logits, -1), config
-  )
+  free, near, protected = merge_masks(session.rounds[-1].result.logits, session.initial_logits, config)
+  np.testing.assert_array_equal(near, jax.nn.softmax(session.rounds[-1].result.logits, -1).max(-1) >= config.merge_near)
   expected = progressive_merge(before, refined, marks, marks, free=free, near=near, protected=protected)
   np.testing.assert_array_equal(labels, expected)
   assert (labels[marks >= 0] == marks[marks >= 0]).all()
