@@ -154,10 +154,10 @@ class RefineConfig:
       the whole region). A refinement that honours a click or a scribble often grows a fringe of weak
       labels around it; this keeps the part it is sure of.
     merge_far: with ``progressive_merge``, away from the new marks, a pixel takes the refined label
-      where the refined network gives it at least this probability (1: never), if the marks so far hold
-      both its old and its new class. A change the refined network is that sure of is a correction it
-      learnt from the marks and applies elsewhere (the network's error was systematic); a change it is
-      unsure of is drift.
+      where the refined network gives it at least this probability (1: never). A change the refined
+      network is that sure of is a correction it learnt from the marks and applies elsewhere (the
+      network's error was systematic); a change it is unsure of is drift. ``merge_protect`` keeps such
+      a change off the pixels the network was sure of.
     merge_protect: with ``progressive_merge``, a pixel the network (W) gave its label at least this
       probability keeps its label unless it is marked (1: none is protected).
     conv_backend: who computes the convolutions of the trunk and the tail: "xla", "onednn" (oneDNN

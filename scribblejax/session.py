@@ -103,9 +103,9 @@ def add_marks(session: Session, new_marks: Any, config: RefineConfig | None = No
 
   With ``config.progressive_merge`` (the default) the round's segmentation is the refined labels in
   the regions of change that touch the new marks (where the refined network is sure of them) and
-  wherever the refined network is very sure (between marked classes), except where the network was very
-  sure, the previous segmentation elsewhere, and every mark on its pixels
-  (:func:`scribblejax.refinement.merge.progressive_merge`); ``current_logits`` stays the refined network's.
+  wherever the refined network is very sure, except where the network was very sure; the previous
+  segmentation elsewhere, and every mark on its pixels (:func:`scribblejax.refinement.merge.progressive_merge`);
+  ``current_logits`` stays the refined network's.
 
   Args:
     session: the session so far.

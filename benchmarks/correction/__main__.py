@@ -6,7 +6,8 @@ the CVPR 2025 interactive 3-D challenge's box-then-clicks), for N interactions. 
 
 * ``results.json``: every run (Dice per interaction, NoC@85/90, Dice-AUC, marks honoured, satisfied,
   seconds per interaction, compile time apart), with the machine, versions, date and command;
-* ``results.md``: one table per case and the verdict of the defaults against each claim below;
+* ``results.md``: one table per case, the defaults against each peer alone (head to head), and the
+  verdict of the defaults against each claim below;
 * ``<case>.png``: Dice per interaction, a panel per robot user.
 
 The claims checked (``verdicts`` in the JSON), for the defaults (``scribblejax``) on every case and
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import json
 import platform
 import sys
 import time
@@ -46,10 +48,10 @@ TOLERANCE = 0.01
 GOOD = 0.85
 
 
-def make_method(name: str, model: Any, layers: int = 5) -> bl.Method:
-  """The method called ``name`` on ``model``."""
+def make_method(name: str, model: Any, layers: int = 5, config: RefineConfig | None = None) -> bl.Method:
+  """The method called ``name`` on ``model``; ``config`` replaces the defaults of ``scribblejax``."""
   if name == OURS:
-    return bl.refine_method(model, layers, RefineConfig(), name=OURS)
+    return bl.refine_method(model, layers, config or RefineConfig(), name=OURS)
   if name == "paper":
     return bl.refine_method(model, layers, RefineConfig.paper(), name="paper")
   if name == "head":
@@ -82,9 +84,11 @@ def squeezed(method: bl.Method, axes: tuple[int, ...]) -> bl.Method:
   )
 
 
-def run_one(bench: BenchCase, method_name: str, user: str, interactions: int, log) -> dict:
-  """One method on one case with one robot user."""
-  method = squeezed(make_method(method_name, bench.model), bench.squeeze)
+def run_one(
+  bench: BenchCase, method_name: str, user: str, interactions: int, log, config: RefineConfig | None = None
+) -> dict:
+  """One method on one case with one robot user (``config``: the settings of ``scribblejax``)."""
+  method = squeezed(make_method(method_name, bench.model, config=config), bench.squeeze)
   config = ev.EvalConfig(interactions=interactions, mark_kind=user, ignore_border=bench.ignore_border)
   result = ev.run_case(bench.case, method, config, log=log)
   result.update(situation=bench.situation, split=bench.split, user=user, method=method_name)
@@ -123,6 +127,48 @@ def verdicts(results: list[dict]) -> list[dict]:
   return out
 
 
+def _holds(dice: list[float], other: list[float]) -> bool:
+  """``dice`` is at least ``other`` - TOLERANCE after every interaction (k >= 1)."""
+  return all(d >= o - TOLERANCE for d, o in zip(dice[1:], other[1:]))
+
+
+def head_to_head(results: list[dict]) -> list[dict]:
+  """The defaults against each peer alone, over every (case, robot user) run both have.
+
+  The verdicts ask the defaults to stay within 0.01 of the *best* peer at every interaction, a maximum
+  taken afresh at each k over five methods whose curves cross; this says how each pair compares
+  (``ours_holds``: runs where the defaults stay within 0.01 of the peer at every k; ``peer_holds``: the
+  reverse; ``ours_higher_auc``: runs where the defaults' Dice-AUC is the higher), and, for every method,
+  in how many runs it would meet that verdict itself against all the others (``within_best_of_others``).
+  """
+  groups: dict[tuple[str, str], dict[str, list[float]]] = {}
+  for r in results:
+    groups.setdefault((r["case"], r["user"]), {})[r["method"]] = r["dice_per_interaction"]
+  groups = {k: runs for k, runs in groups.items() if OURS in runs}
+  rows = []
+  for method in (*PEERS, OURS):
+    shared = [runs for runs in groups.values() if method in runs]
+    row = {"method": method, "runs": len(shared)}
+    if method != OURS:
+      auc = ev.dice_auc
+      row.update(
+        ours_holds=sum(_holds(runs[OURS], runs[method]) for runs in shared),
+        peer_holds=sum(_holds(runs[method], runs[OURS]) for runs in shared),
+        ours_higher_auc=sum(auc(runs[OURS]) > auc(runs[method]) for runs in shared),
+      )
+    others = [[runs[m] for m in (*PEERS, OURS) if m != method and m in runs] for runs in shared]
+    best = [[max(o[k] for o in group) for k in range(len(group[0]))] for group in others]
+    row["within_best_of_others"] = sum(_holds(runs[method], b) for runs, b in zip(shared, best))
+    rows.append(row)
+  return rows
+
+
+def judged(payload: dict) -> dict:
+  """``payload`` with its ``verdicts`` and ``head_to_head`` computed from its results."""
+  compared = [r for r in payload["results"] if r["case"] != "tissue2d_as_3d"]  # tissue2d_s140 again
+  return {**payload, "verdicts": verdicts(payload["results"]), "head_to_head": head_to_head(compared)}
+
+
 def aggregate(results: list[dict]) -> list[dict]:
   """Per method, over every (case, robot user) run: mean Dice-AUC, mean gain after the first and the
   last interaction, how many runs dropped more than 0.01 at the first interaction or below the network
@@ -149,6 +195,28 @@ def aggregate(results: list[dict]) -> list[dict]:
       }
     )
   return rows
+
+
+def settings(items: list[str]) -> dict[str, Any]:
+  """``KEY=VALUE`` items as :class:`RefineConfig` overrides (values read as JSON, else as strings).
+
+  Raises:
+    ValueError: an item without ``=``, a name that is no setting, or a value the setting refuses.
+  """
+  names = {f.name for f in dataclasses.fields(RefineConfig)}
+  out: dict[str, Any] = {}
+  for item in items:
+    key, sep, value = item.partition("=")
+    if not sep:
+      raise ValueError(f"--set takes KEY=VALUE, got {item!r}")
+    if key not in names:
+      raise ValueError(f"--set {key}: no such setting of RefineConfig; known: {', '.join(sorted(names))}")
+    try:
+      out[key] = json.loads(value)
+    except json.JSONDecodeError:
+      out[key] = value
+  RefineConfig(**out)  # a value the setting refuses is named here, before any case runs
+  return out
 
 
 def environment(argv: list[str]) -> dict:
@@ -178,6 +246,15 @@ def environment(argv: list[str]) -> dict:
   }
 
 
+def overridden(env: dict) -> list[str]:
+  """The markdown lines that say which settings a run changed from the defaults (none: no lines)."""
+  given = env.get("overrides") or {}
+  if not given:
+    return []
+  named = ", ".join(f"`{k}={v!r}`" for k, v in given.items())
+  return [f"**Not the defaults:** `scribblejax` ran with {named}.", ""]
+
+
 def _f(x, digits: int = 3) -> str:
   return "-" if x is None else f"{x:.{digits}f}" if isinstance(x, float) else str(x)
 
@@ -192,6 +269,7 @@ def markdown(payload: dict) -> str:
     f"{env['flax']}; {env['date']}.",
     f"Command: `{env['command']}`",
     "",
+    *overridden(env),
     "Dice@k: mean foreground Dice after k interactions (0: the network alone), the *last* interaction "
     "is the last column. NoC: interactions to reach 0.85 / 0.90 ('+': not reached). AUC: mean Dice over "
     "interactions 0..N (trapezoids). honoured: fraction of all marks so far that the last segmentation "
@@ -244,6 +322,24 @@ def markdown(payload: dict) -> str:
       f"| {a['method']} | {a['runs']} | {a['mean_auc']:.3f} | {a['mean_gain_first']:+.3f} | "
       f"{a['mean_gain_last']:+.3f} | {a['first_drops']} | {a['below_network']} | "
       f"{a['worst_step_drop']:.3f} | {_f(a['network_unsatisfied_rounds'])} |"
+    )
+  lines.append("")
+  lines += [
+    "## Head to head",
+    "",
+    "The defaults against each peer alone, over the same runs as above: runs where the defaults stay within "
+    "0.01 of the peer after every interaction, runs where the peer stays within 0.01 of the defaults, and "
+    "runs where the defaults' Dice-AUC is the higher. The last column: runs where the method itself stays "
+    "within 0.01 of the best of all the *other* methods after every interaction (the verdict below asks "
+    "this of the defaults).",
+    "",
+    "| method | runs | defaults hold | peer holds | defaults' AUC higher | within 0.01 of the best of the others |",
+    "|---|---|---|---|---|---|",
+  ]
+  for h in payload.get("head_to_head") or head_to_head([r for r in results if r["case"] != "tissue2d_as_3d"]):
+    lines.append(
+      f"| {h['method']} | {h['runs']} | {_f(h.get('ours_holds'))} | {_f(h.get('peer_holds'))} | "
+      f"{_f(h.get('ours_higher_auc'))} | {h['within_best_of_others']} |"
     )
   lines.append("")
   lines += [
@@ -344,6 +440,14 @@ def parse(argv: list[str]) -> argparse.Namespace:
   )
   parser.add_argument("--quick", action="store_true", help="3 cases, 2 robot users, 3 interactions")
   parser.add_argument(
+    "--set",
+    action="append",
+    default=[],
+    metavar="KEY=VALUE",
+    help="run scribblejax with this RefineConfig setting instead of the default (repeatable), to compare a "
+    "candidate; the record names it (environment.overrides)",
+  )
+  parser.add_argument(
     "--resume", action="store_true", help="keep the cases --out's results.json holds already and run only the others"
   )
   parser.add_argument(
@@ -364,6 +468,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
     args.more_users = ""
   args.methods = args.methods.split(",")
   args.interactions = args.interactions or (QUICK["interactions"] if args.quick else 5)
+  try:
+    args.overrides = settings(args.set)
+  except ValueError as err:
+    parser.error(str(err))
   for name, given, known in (
     ("case", args.cases, CASES),
     ("robot user", args.users, ROBOT_USERS),
@@ -382,24 +490,24 @@ def main(argv: list[str] | None = None) -> int:
   argv = sys.argv[1:] if argv is None else argv
   args = parse(argv)
   if args.rewrite:
-    import json
-
     payload = json.loads((args.out / "results.json").read_text())
-    payload["verdicts"] = verdicts(payload["results"])
+    payload = judged(payload)
     write(args.out, payload)
     return 0
   if args.summary is not None:
-    import json
-
     payload = json.loads(args.summary.read_text())
     for user in dict.fromkeys(r["user"] for r in payload["results"]):
       print(summary_table(payload, user))
     return 0
-  payload = {"environment": environment(argv), "notes": {}, "results": [], "verdicts": []}
+  payload = {
+    "environment": {**environment(argv), "overrides": args.overrides},
+    "notes": {},
+    "results": [],
+    "verdicts": [],
+  }
+  config = dataclasses.replace(RefineConfig(), **args.overrides)
   started = time.perf_counter()
   if args.resume and (args.out / "results.json").is_file():
-    import json
-
     earlier = json.loads((args.out / "results.json").read_text())
     payload["results"], payload["notes"] = earlier["results"], earlier["notes"]
     payload["environment"]["resumed_from"] = earlier["environment"]
@@ -415,7 +523,7 @@ def main(argv: list[str] | None = None) -> int:
     for user in users:
       for method in args.methods:
         try:
-          result = run_one(bench, method, user, args.interactions, log=print)
+          result = run_one(bench, method, user, args.interactions, log=print, config=config)
         except ImportError as err:  # a peer whose library is missing: said, not hidden
           print(f"{name} / {user} / {method}: skipped: {err}", flush=True)
           payload.setdefault("skipped", []).append({"case": name, "user": user, "method": method, "why": str(err)})
@@ -427,10 +535,10 @@ def main(argv: list[str] | None = None) -> int:
           + f"  unsat={result['rounds_unsatisfied']}",
           flush=True,
         )
-    payload["verdicts"] = verdicts(payload["results"])
+    payload = judged(payload)
     payload["seconds"] = time.perf_counter() - started
     write(args.out, payload)  # after every case: a long run leaves what it measured
-  payload["verdicts"] = verdicts(payload["results"])
+  payload = judged(payload)
   payload["seconds"] = time.perf_counter() - started
   write(args.out, payload)
   print(f"wrote {args.out}/results.json, results.md and a plot per case ({payload['seconds']:.0f} s)")

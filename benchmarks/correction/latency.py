@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 
 import scribblejax as sj
-from benchmarks.correction.__main__ import environment
-from scribblejax.research import data
+from benchmarks.correction.__main__ import environment, overridden, settings
+from scribblejax.research import data, metrics
 from scribblejax.research import evaluate as ev
 from scribblejax.research.simulate import simulate_marks
 
@@ -44,22 +44,24 @@ def _tissue_64() -> tuple:
 CASES = {"2d_256": _nuclei_256, "3d_64": _tissue_64}
 
 
-def measure(name: str, interactions: int) -> dict:
-  """Times ``interactions`` rounds of the scribble robot user on one case."""
+def measure(name: str, interactions: int, config: sj.RefineConfig | None = None) -> dict:
+  """Times ``interactions`` rounds of the scribble robot user on one case (``config``: the defaults)."""
   model, image, truth, classes = CASES[name]()
   split = sj.split_params(model, sj.last_layers(5))
-  config = sj.RefineConfig()
+  config = config or sj.RefineConfig()
   start = time.perf_counter()
   session = sj.start_session(split, image, config)
   warm = sj.add_marks(session, simulate_marks(np.asarray(sj.current_labels(session)), truth, classes))
   np.asarray(sj.current_labels(warm))
   compile_seconds = time.perf_counter() - start
-  seconds, steps, satisfied = [], [], []
+  seconds, steps, satisfied, stopped = [], [], [], None
+  dice = [metrics.mean_foreground_dice(np.asarray(sj.current_labels(session)), truth, classes)]
   for _ in range(interactions):
     marked = sj.session.current_marks(session) >= 0
     new = simulate_marks(np.asarray(sj.current_labels(session)), truth, classes, marked=marked)
     new = np.where(marked, -1, new).astype(np.int32)
     if not (new >= 0).any():
+      stopped = f"the robot user found no new error to mark after interaction {len(seconds)}"
       break
     t0 = time.perf_counter()
     session = sj.add_marks(session, new)
@@ -67,6 +69,7 @@ def measure(name: str, interactions: int) -> dict:
     seconds.append(time.perf_counter() - t0)
     steps.append(int(session.rounds[-1].result.num_steps))
     satisfied.append(bool(session.rounds[-1].result.satisfied))
+    dice.append(metrics.mean_foreground_dice(np.asarray(sj.current_labels(session)), truth, classes))
   return {
     "case": name,
     "shape": list(truth.shape),
@@ -74,7 +77,9 @@ def measure(name: str, interactions: int) -> dict:
     "median_seconds": float(np.median(seconds)),
     "steps": steps,
     "satisfied": satisfied,
+    "dice": dice,
     "first_round_with_compilation_seconds": compile_seconds,
+    "stopped": stopped,
     "kernels": str(sj.kernels.kernel_status()),
   }
 
@@ -85,26 +90,37 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--out", type=Path, default=Path("benchmarks/results/correction_cpu"))
   parser.add_argument("--interactions", type=int, default=5)
   parser.add_argument("--cases", default=",".join(CASES))
+  parser.add_argument(
+    "--set", action="append", default=[], metavar="KEY=VALUE", help="a RefineConfig setting instead of the default"
+  )
   args = parser.parse_args(argv)
-  env = environment(argv)
+  try:
+    overrides = settings(args.set)
+  except ValueError as err:
+    parser.error(str(err))
+  env = {**environment(argv), "overrides": overrides}
   env["command"] = "python -m benchmarks.correction.latency " + " ".join(argv)
-  results = [measure(name, args.interactions) for name in args.cases.split(",")]
+  config = sj.RefineConfig(**overrides)
+  results = [measure(name, args.interactions, config) for name in args.cases.split(",")]
   payload = {"environment": env, "results": results}
   ev.write_json(args.out / "latency.json", payload)
   lines = [
     "# Seconds per interaction (defaults, scribble robot user)",
     "",
+    *overridden(env),
     f"Command: `{env['command']}`; {env['device']} ({env['cpu_count']} cores), {env['date']}; {results[0]['kernels']}.",
     "",
-    "| case | shape | median s per interaction | each | steps | satisfied | first round, with compiling (s) |",
-    "|---|---|---|---|---|---|---|",
+    "| case | shape | median s per interaction | each | steps | satisfied | first round, with compiling (s) "
+    "| Dice@0..N |",
+    "|---|---|---|---|---|---|---|---|",
   ]
   for r in results:
     lines.append(
       f"| {r['case']} | {'x'.join(map(str, r['shape']))} | {r['median_seconds']:.2f} | "
       f"{', '.join(f'{s:.2f}' for s in r['seconds'])} | {r['steps']} | {r['satisfied']} | "
-      f"{r['first_round_with_compilation_seconds']:.1f} |"
+      f"{r['first_round_with_compilation_seconds']:.1f} | {' '.join(f'{d:.3f}' for d in r['dice'])} |"
     )
+  lines += [f"\n{r['case']}: {r['stopped']}." for r in results if r["stopped"]]
   ev.write_text(args.out / "latency.md", "\n".join(lines) + "\n")
   print("\n".join(lines))
   return 0

@@ -5,13 +5,12 @@ Refining a network on a few marked pixels moves its decision everywhere: besides
 corrected, hundreds of small regions far from any mark can flip. Where the network was good, most of
 those flips are wrong; where its error was systematic (a shifted intensity, a class it under-segments
 everywhere), many are the very correction the user would draw next. On the correction benchmark's
-cases (``docs/correction.md``, ``benchmarks/results/correction_cpu/changes.md``) three things told them
+cases (``docs/correction.md``, ``benchmarks/results/correction_cpu/changes.md``) two things told them
 apart: how sure the *refined* network is of its new label (on the tissue cases, sure changes were
 mostly right and unsure ones mostly wrong, near the marks as well as far from them; on the nuclei
-cases hardly any change away from the marks was right); how sure the network W was of its old label
-(flipping pixels W gave 0.999 or more was mostly wrong); and whether the marks
-so far hold both classes of a change (marks of one class only teach a network to paint that class
-everywhere). So a round keeps the previous segmentation except
+cases hardly any change away from the marks was right, and the refined network was rarely sure of
+one), and how sure the network W was of its old label (flipping pixels W gave 0.999 or more was mostly
+wrong). So a round keeps the previous segmentation except
 
 * in the connected regions of change that touch one of this round's new marks, where it takes the
   refined labels the refined network gives at least ``near`` probability: the progressive merge of
@@ -19,7 +18,7 @@ everywhere). So a round keeps the previous segmentation except
   which updates only the regions that contain the new clicks, without the weak fringe a refinement
   grows around a click;
 * wherever the refined network gives its new label at least ``far`` probability (``free``; also, if
-  asked, where W was unsure), from one marked class to another;
+  asked, where W was unsure);
 
 and never on a ``protected`` pixel (W was sure of it). Every marked pixel then takes its mark: what the
 user drew holds in the segmentation whether or not the network's argmax honours it (the round's report
@@ -52,9 +51,8 @@ def progressive_merge(
     proposed: ``int[*spatial]``, the refined network's labels.
     new_marks: ``int[*spatial]``, this round's marks (-1 unmarked).
     marks: ``int[*spatial]``, every mark so far (``None``: ``new_marks``); each marked pixel takes its mark.
-    free: ``bool[*spatial]``, pixels that take ``proposed`` wherever they lie, where both their previous
-      and their proposed class are marked somewhere (the refined network's sure pixels, :func:`sure`, and
-      where the network was unsure, :func:`unsure`).
+    free: ``bool[*spatial]``, pixels that take ``proposed`` wherever they lie (the refined network's sure
+      pixels, :func:`sure`, and where the network was unsure, :func:`unsure`).
     near: ``bool[*spatial]``, the pixels of a region of change touching a new mark that take ``proposed``
       (``None``: every pixel of such a region).
     protected: ``bool[*spatial]``, pixels that keep ``previous`` unless marked (where the network was
@@ -78,8 +76,7 @@ def progressive_merge(
   if near is not None:
     taken &= _mask("near", near, previous.shape)
   if free is not None:
-    marked = np.unique(marks[marks >= 0])
-    taken |= _mask("free", free, previous.shape) & np.isin(previous, marked) & np.isin(proposed, marked)
+    taken |= _mask("free", free, previous.shape)
   if protected is not None:
     taken &= ~_mask("protected", protected, previous.shape)
   merged = np.where(taken, proposed, previous)

@@ -1,8 +1,9 @@
-"""The correction benchmark's verdicts and its wrapper for slices stored as volumes."""
+"""The correction benchmark: its verdicts, head to head, --set, and its wrapper for slices stored as volumes."""
 
 import numpy as np
+import pytest
 
-from benchmarks.correction.__main__ import OURS, squeezed, verdicts
+from benchmarks.correction.__main__ import OURS, head_to_head, settings, squeezed, verdicts
 from scribblejax.research.baselines import Method
 
 
@@ -30,6 +31,31 @@ def test_verdicts_compare_the_defaults_with_the_network_and_the_best_peer():
   assert not bad["not_below_network"] and not bad["first_drop_at_most_0.01"]
   assert not bad["within_0.01_of_best_peer"] and not bad["final_at_least_0.85"]
   assert "final_at_least_0.85" not in verdicts([_run(OURS, [0.1, 0.2], "new class")])[0]
+
+
+def test_head_to_head_compares_the_defaults_with_each_peer_alone():
+  runs = [
+    _run(OURS, [0.5, 0.7, 0.8]),
+    _run("paper", [0.5, 0.3, 0.9]),  # far below at k=1, above at k=2: neither holds against the other
+    _run("head", [0.5, 0.695, 0.75]),  # within 0.01 of the defaults at k=1 only
+  ]
+  rows = {r["method"]: r for r in head_to_head(runs)}
+  assert (rows["paper"]["ours_holds"], rows["paper"]["peer_holds"], rows["paper"]["ours_higher_auc"]) == (0, 0, 1)
+  assert (rows["head"]["ours_holds"], rows["head"]["peer_holds"], rows["head"]["ours_higher_auc"]) == (1, 0, 1)
+  # against the best of the others at each k, none holds: the paper is far below at k=1, the others at k=2
+  assert [rows[m]["within_best_of_others"] for m in ("paper", "head", OURS)] == [0, 0, 0]
+  assert rows["fbrs"]["runs"] == 0 and rows[OURS]["runs"] == 1
+
+
+def test_set_reads_settings_of_the_refinement_and_names_bad_ones():
+  got = settings(["merge_far=0.99", "optimizer=sgd", "early_stop=false", "max_steps=40"])
+  assert got == {"merge_far": 0.99, "optimizer": "sgd", "early_stop": False, "max_steps": 40}
+  with pytest.raises(ValueError, match="no such setting"):
+    settings(["merge_fra=0.99"])
+  with pytest.raises(ValueError, match="KEY=VALUE"):
+    settings(["merge_far"])
+  with pytest.raises(ValueError, match="merge_far is a probability"):
+    settings(["merge_far=2"])
 
 
 def test_a_slice_stored_as_a_volume_reaches_the_method_as_a_slice():

@@ -32,12 +32,12 @@ def test_a_round_takes_the_sure_part_near_a_new_mark_and_very_sure_changes_anywh
   marks[0, 0] = 1
   labels, network = round_labels(_logits(p), fitted, RefineConfig(), previous, marks, None)
   assert (network == (p > 0.5)).all()
-  np.testing.assert_array_equal(labels[0], [1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0])  # one class marked: none far
+  np.testing.assert_array_equal(labels[0], [1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 1, 0])  # the far sure one too
   earlier = np.full((1, 12), -1, np.int32)
   earlier[0, 11] = 0  # an earlier round's mark of the other class
   marks[0, 11] = 0
   labels, _ = round_labels(_logits(p), fitted, RefineConfig(), previous, marks, earlier)
-  np.testing.assert_array_equal(labels[0], [1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 1, 0])  # both marked: the far one too
+  np.testing.assert_array_equal(labels[0], [1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 1, 0])
   no_far = RefineConfig(merge_far=1.0)
   labels, _ = round_labels(_logits(p), fitted, no_far, previous, marks, earlier)
   np.testing.assert_array_equal(labels[0], [1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0])

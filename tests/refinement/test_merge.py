@@ -58,7 +58,7 @@ def test_near_a_mark_only_the_sure_part_of_a_region_is_taken_and_far_only_the_ve
   merged = progressive_merge(previous, proposed, new, near=near)
   np.testing.assert_array_equal(merged[0], [1, 1, 1, 1, 0, 0, 0, 0, 0, 0])
   far = np.zeros((1, 10), bool)
-  far[0, 8] = True  # very sure: taken although not near (both classes are marked)
+  far[0, 8] = True  # very sure: taken although not near
   marks = new.copy()
   marks[0, 9] = 0
   merged = progressive_merge(previous, proposed, new, marks, free=far, near=near)
@@ -87,23 +87,20 @@ def test_sure_and_the_masks_a_config_gives():
     sj.RefineConfig(merge_far=1.5)
 
 
-def test_far_changes_need_both_classes_marked_and_the_networks_sure_pixels_stay():
+def test_very_sure_changes_are_taken_far_from_the_marks_and_the_networks_sure_pixels_stay():
   previous = np.zeros((1, 8), np.int32)
   proposed = np.ones((1, 8), np.int32)
   new = np.full((1, 8), -1, np.int32)
-  new[0, 0] = 1  # marks of class 1 only: nothing says where class 0 holds
-  free = np.ones((1, 8), bool)
+  new[0, 0] = 1  # marks of one class only: a sure change far away is still taken
   proposed[0, 1:3] = 0  # splits the change: pixels 3..7 are away from the mark
+  free = np.zeros((1, 8), bool)
+  free[0, 3:7] = True  # the refined network is very sure of pixels 3..6, not of 7
   merged = progressive_merge(previous, proposed, new, free=free)
-  np.testing.assert_array_equal(merged[0], [1, 0, 0, 0, 0, 0, 0, 0])  # one class marked: nothing far taken
-  both = new.copy()
-  both[0, 1] = 0  # a mark of class 0 as well
-  merged = progressive_merge(previous, proposed, both, free=free)
-  np.testing.assert_array_equal(merged[0], [1, 0, 0, 1, 1, 1, 1, 1])
+  np.testing.assert_array_equal(merged[0], [1, 0, 0, 1, 1, 1, 1, 0])
   protected = np.zeros((1, 8), bool)
   protected[0, [0, 5]] = True  # the network was sure there: a mark still holds, a change does not
-  merged = progressive_merge(previous, proposed, both, free=free, protected=protected)
-  np.testing.assert_array_equal(merged[0], [1, 0, 0, 1, 1, 0, 1, 1])
+  merged = progressive_merge(previous, proposed, new, free=free, protected=protected)
+  np.testing.assert_array_equal(merged[0], [1, 0, 0, 1, 1, 0, 1, 0])
 
 
 def _tiny(seed=0):
