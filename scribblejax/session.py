@@ -15,6 +15,7 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -47,10 +48,16 @@ class Session(NamedTuple):
   config: RefineConfig
   continue_weights: bool  # start each round from the previous W_lam instead of W
   trunk: Trunk | None = None  # the frozen trunk's values for this image, computed once for all rounds
+  new_classes: tuple[int, ...] = ()  # classes appended to the network's head: the merge does not protect against them
 
 
 def start_session(
-  split: Split, image: Any, config: RefineConfig = RefineConfig(), *, continue_weights: bool = False
+  split: Split,
+  image: Any,
+  config: RefineConfig = RefineConfig(),
+  *,
+  continue_weights: bool = False,
+  new_classes: Sequence[int] = (),
 ) -> Session:
   """Starts a session on one image with the network's own prediction.
 
@@ -58,10 +65,28 @@ def start_session(
   (:func:`scribblejax.compute_trunk`), and every round reuses it; the session holds its values in
   device memory. The session keeps a read-only copy of ``image``: later changes to the caller's array
   do not reach it.
+
+  Args:
+    split: the network, split into its tunable tail and frozen rest.
+    image: ``float[*spatial, channels]``.
+    config: the rounds' settings (each round may pass its own).
+    continue_weights: start each round from the previous round's weights instead of W.
+    new_classes: the classes appended to the network's head (:func:`scribblejax.models.surgery.add_classes`)
+      that it never learnt, e.g. ``(2,)`` after appending one class to a two-class network: the round's
+      merge lets the refined network relabel pixels the network was sure of into these
+      (:func:`scribblejax.refinement.merge.progressive_merge`).
+
+  Raises:
+    ValueError: a class of ``new_classes`` that the network does not output.
   """
   image = _frozen(np.array(image))
   trunk = compute_trunk(split, image, config) if config.cache_trunk else None
-  return Session(split, image, predict(split, image, trunk=trunk), (), config, continue_weights, trunk)
+  logits = predict(split, image, trunk=trunk)
+  new_classes = tuple(int(c) for c in new_classes)
+  outside = [c for c in new_classes if not 0 <= c < logits.shape[-1]]
+  if outside:
+    raise ValueError(f"new_classes {outside} are not classes of the network, which outputs {logits.shape[-1]}")
+  return Session(split, image, logits, (), config, continue_weights, trunk, new_classes)
 
 
 def _regions(split: Split) -> bool:
@@ -130,7 +155,14 @@ def add_marks(session: Session, new_marks: Any, config: RefineConfig | None = No
     )
     previous = np.asarray(current_labels(session))
     merged = progressive_merge(
-      previous, np.asarray(result.labels), new, marks, free=free, near=near, protected=protected
+      previous,
+      np.asarray(result.labels),
+      new,
+      marks,
+      free=free,
+      near=near,
+      protected=protected,
+      new_classes=session.new_classes,
     )
     labels = _frozen(merged)
   return session._replace(rounds=session.rounds + (Round(marks, result, labels),))

@@ -48,16 +48,19 @@ TOLERANCE = 0.01
 GOOD = 0.85
 
 
-def make_method(name: str, model: Any, layers: int = 5, config: RefineConfig | None = None) -> bl.Method:
-  """The method called ``name`` on ``model``; ``config`` replaces the defaults of ``scribblejax``."""
+def make_method(
+  name: str, model: Any, layers: int = 5, config: RefineConfig | None = None, new_classes: tuple[int, ...] = ()
+) -> bl.Method:
+  """The method called ``name`` on ``model``; ``config`` replaces the defaults of ``scribblejax``;
+  ``new_classes``: the classes appended to the model's head (for the methods with the round's merge)."""
   if name == OURS:
-    return bl.refine_method(model, layers, config or RefineConfig(), name=OURS)
+    return bl.refine_method(model, layers, config or RefineConfig(), name=OURS, new_classes=new_classes)
   if name == "paper":
-    return bl.refine_method(model, layers, RefineConfig.paper(), name="paper")
+    return bl.refine_method(model, layers, RefineConfig.paper(), name="paper", new_classes=new_classes)
   if name == "head":
-    return bl.refine_method(model, "head", RefineConfig(), name="head")
+    return bl.refine_method(model, "head", RefineConfig(), name="head", new_classes=new_classes)
   if name == "fbrs":
-    return bl.fbrs_method(model, layers)
+    return bl.fbrs_method(model, layers, new_classes=new_classes)
   if name == "graph_cut":
     from scribblejax.research.graphcut import graph_cut_method
 
@@ -88,7 +91,7 @@ def run_one(
   bench: BenchCase, method_name: str, user: str, interactions: int, log, config: RefineConfig | None = None
 ) -> dict:
   """One method on one case with one robot user (``config``: the settings of ``scribblejax``)."""
-  method = squeezed(make_method(method_name, bench.model, config=config), bench.squeeze)
+  method = squeezed(make_method(method_name, bench.model, config=config, new_classes=bench.new_classes), bench.squeeze)
   config = ev.EvalConfig(interactions=interactions, mark_kind=user, ignore_border=bench.ignore_border)
   result = ev.run_case(bench.case, method, config, log=log)
   result.update(situation=bench.situation, split=bench.split, user=user, method=method_name)

@@ -55,6 +55,7 @@ class BenchCase(NamedTuple):
   note: str  # how the case was made
   squeeze: tuple[int, ...] = ()  # spatial axes of length 1 the network does not see (a 2-D slice stored as 3-D)
   ignore_border: int = 1  # errors thinner than this along a boundary the robot user leaves alone
+  new_classes: tuple[int, ...] = ()  # classes appended to the network's head (the merge does not protect against them)
 
 
 def _tissue_slice(backbone: ev.Backbone, z: int) -> tuple[np.ndarray, np.ndarray]:
@@ -155,6 +156,7 @@ def nuclei2d_large() -> BenchCase:
     "new class",
     "held-out",
     "DSB test columns; 'large nucleus' (area >= 75th percentile) appended to the head by add_classes",
+    new_classes=(2,),
   )
 
 

@@ -608,6 +608,7 @@ def segment(request: Request, prepared: Prepared, marks: RoundMarks, refined: Re
     marks.previous_image,
     refined.unsure_image if config.merge_confidence > 0 else None,  # an older session stored it at 0.8
     refined.sure_image,
+    new_classes=tuple(range(prepared.num_classes - len(request.added), prepared.num_classes)),  # appended last
   )
   network_honoured = honoured_fraction(network_labels, marks.marks_image)
   honoured = honoured_fraction(labels, marks.marks_image)

@@ -70,6 +70,8 @@ def _single_case(args) -> int:
     )
   backbone = ev.resolve_backbone(args.model, args.task)
   model = surgery.add_classes(backbone.model, args.add_classes) if args.add_classes else backbone.model
+  # appended after the network's own classes: the round's merge does not protect against them
+  new_classes = tuple(range(backbone.num_classes, backbone.num_classes + args.add_classes))
   # as refine resolves them: the flags, else the model's stored defaults (model.json metadata.refine), else
   # the library's; the layers at most the model's
   metadata = getattr(backbone.info, "metadata", None) or {}
@@ -78,7 +80,7 @@ def _single_case(args) -> int:
   pipe = None
   if args.image is not None:
     case, pipe = _user_case(args, backbone, model, layers if args.method in ("refine", "paper") else 1)
-    method = pipeline_method(args.method, pipe, config)
+    method = pipeline_method(args.method, pipe, config, new_classes)
     layers = pipe.layers
   else:
     case = ev.task_case(args.task, backbone, args.crop)
@@ -89,7 +91,7 @@ def _single_case(args) -> int:
       )
     if layers is None:
       layers = resolve_layers(model, _example(case.image), None)
-    method = bl.make_method(args.method, model, layers=layers, config=config)
+    method = bl.make_method(args.method, model, layers=layers, config=config, new_classes=new_classes)
   eval_config = ev.EvalConfig(interactions=args.interactions, mark_kind=args.marks, region_growing=grow or 0.0)
   result = ev.run_case(case, method, eval_config, log=lambda line: print(f"warning: {line}", file=sys.stderr))
   result.update(

@@ -118,6 +118,7 @@ def round_labels(
   previous_marks: np.ndarray | None,
   free: np.ndarray | None = None,
   protected: np.ndarray | None = None,
+  new_classes: tuple[int, ...] = (),
 ) -> tuple[np.ndarray, np.ndarray]:
   """The round's segmentation on the image's grid.
 
@@ -133,6 +134,8 @@ def round_labels(
       the pixels where the refined network is sure (``config.merge_far``) are added to it.
     protected: ``bool[*image_spatial]``, where the network was sure (``config.merge_protect``: the merge
       keeps its label unless marked), or ``None``.
+    new_classes: the classes appended to the network's head (``--new-class``): a change into one is not
+      protected (:func:`scribblejax.refinement.merge.progressive_merge`).
 
   Returns:
     ``(labels, network_labels)``: the segmentation (with the progressive merge, the refined labels in the
@@ -146,6 +149,13 @@ def round_labels(
   far, near, _ = masks_on_image(logits, None, fitted, config)
   free = far if free is None else (free if far is None else free | far)
   merged = progressive_merge(
-    previous_labels, network_labels, new_marks, marks, free=free, near=near, protected=protected
+    previous_labels,
+    network_labels,
+    new_marks,
+    marks,
+    free=free,
+    near=near,
+    protected=protected,
+    new_classes=new_classes,
   )
   return merged, network_labels

@@ -20,9 +20,10 @@ wrong). So a round keeps the previous segmentation except
 * wherever the refined network gives its new label at least ``far`` probability (``free``; also, if
   asked, where W was unsure);
 
-and never on a ``protected`` pixel (W was sure of it). Every marked pixel then takes its mark: what the
-user drew holds in the segmentation whether or not the network's argmax honours it (the round's report
-says which).
+and never on a ``protected`` pixel (W was sure of it), unless the change is into a class W never learnt
+(one appended to its head, :func:`scribblejax.models.surgery.add_classes`): W's sureness says nothing
+against a class it could not predict. Every marked pixel then takes its mark: what the user drew holds
+in the segmentation whether or not the network's argmax honours it (the round's report says which).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ def progressive_merge(
   free: Any | None = None,
   near: Any | None = None,
   protected: Any | None = None,
+  new_classes: tuple[int, ...] = (),
 ) -> np.ndarray:
   """The round's labels: ``proposed`` in the changed regions that touch a new mark, ``previous`` elsewhere.
 
@@ -56,7 +58,9 @@ def progressive_merge(
     near: ``bool[*spatial]``, the pixels of a region of change touching a new mark that take ``proposed``
       (``None``: every pixel of such a region).
     protected: ``bool[*spatial]``, pixels that keep ``previous`` unless marked (where the network was
-      sure, :func:`sure`).
+      sure, :func:`sure`), except where ``proposed`` is one of ``new_classes``.
+    new_classes: the classes the network W never learnt (appended to its head): a change into one is
+      not protected.
 
   Returns:
     ``int32[*spatial]``.
@@ -78,7 +82,7 @@ def progressive_merge(
   if free is not None:
     taken |= _mask("free", free, previous.shape)
   if protected is not None:
-    taken &= ~_mask("protected", protected, previous.shape)
+    taken &= ~(_mask("protected", protected, previous.shape) & ~np.isin(proposed, new_classes))
   merged = np.where(taken, proposed, previous)
   return np.where(marks >= 0, marks, merged).astype(np.int32)
 

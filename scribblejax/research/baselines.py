@@ -222,6 +222,7 @@ def refine_method(
   continue_weights: bool = False,
   name: str | None = None,
   example: Any = None,
+  new_classes: tuple[int, ...] = (),
 ) -> Method:
   """Refinement; every interaction refines on all marks so far.
 
@@ -234,6 +235,8 @@ def refine_method(
     name: the method's name (default ``"refine_l{layers}"`` or ``"head"``).
     example: an example batched input, for a model that states no layer order (its last layers are
       then traced from the forward pass).
+    new_classes: classes appended to the model's head that it never learnt (the round's merge does not
+      protect against them, as :func:`scribblejax.start_session`'s).
   """
   if hasattr(layers, "predicate"):
     select = layers
@@ -263,7 +266,9 @@ def refine_method(
       if state.initial is not None:
         free, near, protected = merge_masks(result.logits, state.initial, config)
       new = new_marks_of(marks, state.marks)
-      labels = progressive_merge(state.labels, labels, new, marks, free=free, near=near, protected=protected)
+      labels = progressive_merge(
+        state.labels, labels, new, marks, free=free, near=near, protected=protected, new_classes=new_classes
+      )
     return state._replace(
       labels=labels,
       num_steps=int(result.num_steps),
@@ -292,7 +297,12 @@ def _is_regions(model: nnx.Module) -> bool:
 
 
 def fbrs_method(
-  model: nnx.Module, layers: int = 5, config: RefineConfig | None = None, *, example: Any = None
+  model: nnx.Module,
+  layers: int = 5,
+  config: RefineConfig | None = None,
+  *,
+  example: Any = None,
+  new_classes: tuple[int, ...] = (),
 ) -> Method:
   """f-BRS-style correction: only the per-channel scales and biases of the last ``layers`` layers move.
 
@@ -303,26 +313,35 @@ def fbrs_method(
   config = (
     RefineConfig(optimizer="adam", learning_rate=1e-2, prox_weight=0.0, keep_weight=1.0) if config is None else config
   )
-  return refine_method(model, scale_and_bias(layers), config, name="fbrs_scale_bias", example=example)
+  return refine_method(
+    model, scale_and_bias(layers), config, name="fbrs_scale_bias", example=example, new_classes=new_classes
+  )
 
 
 METHODS = ("refine", "paper", "head", "fbrs", "random_walker", "initial")
 
 
 def make_method(
-  kind: str, model: nnx.Module, *, layers: int = 5, config: RefineConfig = RefineConfig(), example: Any = None
+  kind: str,
+  model: nnx.Module,
+  *,
+  layers: int = 5,
+  config: RefineConfig = RefineConfig(),
+  example: Any = None,
+  new_classes: tuple[int, ...] = (),
 ) -> Method:
   """A method by name: "refine" (last ``layers`` layers, ``config``), "paper" (the same, named so; give
   it ``RefineConfig.paper()``, with any changes), "head", "fbrs" (its own settings), "random_walker"
-  or "initial" (``example``: an example batched input, for a model that states no layer order)."""
+  or "initial" (``example``: an example batched input, for a model that states no layer order;
+  ``new_classes``: classes appended to its head, see :func:`refine_method`)."""
   if kind == "refine":
-    return refine_method(model, layers, config, example=example)
+    return refine_method(model, layers, config, example=example, new_classes=new_classes)
   if kind == "paper":  # config: RefineConfig.paper() with the caller's changes, as evaluate resolves it
-    return refine_method(model, layers, config, name="paper", example=example)
+    return refine_method(model, layers, config, name="paper", example=example, new_classes=new_classes)
   if kind == "fbrs":
-    return fbrs_method(model, layers, example=example)
+    return fbrs_method(model, layers, example=example, new_classes=new_classes)
   if kind == "head":
-    return refine_method(model, "head", config, example=example)
+    return refine_method(model, "head", config, example=example, new_classes=new_classes)
   if kind == "random_walker":
     return random_walker_method(model, example=example)
   if kind == "initial":

@@ -228,6 +228,7 @@ def pipeline_refine_method(
   head_only: bool = False,
   continue_weights: bool = False,
   name: str | None = None,
+  new_classes: tuple[int, ...] = (),
 ):
   """The paper's refinement through the model's pipeline; each interaction refines on all marks so
   far, on the model's grid (patches holding marks only, where the network runs patch by patch), with
@@ -239,6 +240,8 @@ def pipeline_refine_method(
     head_only: tune the classifier only instead of the pipeline's last ``layers`` layers.
     continue_weights: start each interaction from the previous W_lam (default: from W, the paper's).
     name: the method's name (default ``"refine_l{layers}"`` or ``"head"``).
+    new_classes: classes appended to the network's head (``--add-classes``): a change into one is not
+      protected by the round's merge.
 
   Returns:
     A :class:`scribblejax.research.baselines.Method` whose ``init`` and ``warmup`` ignore the image they are
@@ -291,7 +294,9 @@ def pipeline_refine_method(
         split, fitted, loop, config, pipe.inference.step, start=start, trunk=trunk
       )
     tunable = same_tree(split.tunable, result.tunable)
-    labels, _ = round_labels(logits, fitted, config, state.labels, marks, previous_marks, state.free, state.protected)
+    labels, _ = round_labels(
+      logits, fitted, config, state.labels, marks, previous_marks, state.free, state.protected, new_classes
+    )
     return state._replace(
       labels=labels,
       num_steps=int(result.num_steps),
@@ -324,13 +329,15 @@ def pipeline_refine_method(
   return Method(name, init, lambda s: s.labels, update, warmup, info)
 
 
-def pipeline_method(kind: str, pipe: Pipeline, config: Any = None):
+def pipeline_method(kind: str, pipe: Pipeline, config: Any = None, new_classes: tuple[int, ...] = ()):
   """A method by name through the model's pipeline: "refine" (the pipeline's last layers), "head",
-  "random_walker" (from the pipeline's segmentation) or "initial" (the pipeline's segmentation)."""
+  "random_walker" (from the pipeline's segmentation) or "initial" (the pipeline's segmentation);
+  ``new_classes``: those appended to the network's head (:func:`pipeline_refine_method`)."""
   if kind in ("refine", "head"):
-    return pipeline_refine_method(pipe, config, head_only=kind == "head")
+    return pipeline_refine_method(pipe, config, head_only=kind == "head", new_classes=new_classes)
   if kind == "paper":
-    return pipeline_refine_method(pipe, RefineConfig.paper() if config is None else config, name="paper")
+    config = RefineConfig.paper() if config is None else config
+    return pipeline_refine_method(pipe, config, name="paper", new_classes=new_classes)
   if kind == "fbrs":
     raise ValueError(
       "--method fbrs runs on built-in tasks (--task) only; a case given by --image/--label runs "

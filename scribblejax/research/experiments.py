@@ -308,8 +308,8 @@ def exp_new_class(ctx: Context) -> dict:
   for m in [
     bl.initial_method(model),
     bl.random_walker_method(model),
-    bl.refine_method(model, "head", ctx.config()),
-    bl.refine_method(model, ctx.size.layers, ctx.config()),
+    bl.refine_method(model, "head", ctx.config(), new_classes=(2,)),
+    bl.refine_method(model, ctx.size.layers, ctx.config(), new_classes=(2,)),
   ]:
     r = ev.run_case(case, m, ctx.eval_config())
     r["new_class_dice"] = [d[2] for d in r["dice_per_class"]]

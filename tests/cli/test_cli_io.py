@@ -1023,9 +1023,20 @@ def test_help(command, capsys):
 
 
 @pytest.mark.slow
-def test_a_new_class_is_appended_learnt_from_its_marks_and_kept_by_the_session(tmp_path, model_dir, crop, capsys):
+def test_a_new_class_is_appended_learnt_from_its_marks_and_kept_by_the_session(
+  tmp_path, model_dir, crop, capsys, monkeypatch
+):
   # A structure the network was never trained for: --new-class appends an output class to the head
   # (label-map value 2 after background and nucleus); the first segmentation is still the network's own.
+  from scribblejax.app import refine_round
+
+  merged_with = []  # the classes each round's merge lets past the protection of the network's sure pixels
+  round_labels = refine_round.round_labels
+  monkeypatch.setattr(
+    refine_round,
+    "round_labels",
+    lambda *a, **k: merged_with.append(k.get("new_classes")) or round_labels(*a, **k),
+  )
   image, truth, network = crop
   tifffile.imwrite(tmp_path / "img.tif", image)
   inside = np.argwhere(network == 1)
@@ -1070,6 +1081,7 @@ def test_a_new_class_is_appended_learnt_from_its_marks_and_kept_by_the_session(t
   assert json.loads(out.out)["new_classes"] == ["mitosis"]
   labels = tifffile.imread(tmp_path / "r2.tif")
   assert labels[spot] == 2 and labels[other] == 2
+  assert merged_with == [(2,), (2,)]  # the appended class, in both rounds
   # refused by name: another new class in this session, a class the model has, a value beyond the classes
   for extra, message in (
     (["--new-class", "cyst"], "was started with new classes \\['mitosis'\\]"),

@@ -52,3 +52,18 @@ def test_a_round_takes_the_sure_part_near_a_new_mark_and_very_sure_changes_anywh
   softmax = np.stack([1 - p, p], axis=-1).astype(np.float32)
   labels, _ = round_labels(softmax, fitted, probabilities, previous, marks, earlier)
   np.testing.assert_array_equal(labels[0], [1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 1, 0])
+
+
+def test_a_round_lets_an_appended_class_past_the_protection():
+  fitted = _fitted((1, 6))
+  # three classes; the refined network is sure of class 2 on pixels 0..2 and of class 1 on 3..4
+  logits = np.full((1, 6, 3), -8.0, np.float32)
+  logits[0, :3, 2] = logits[0, 3:5, 1] = logits[0, 5, 0] = 8.0
+  previous = np.zeros((1, 6), np.int32)
+  marks = np.full((1, 6), -1, np.int32)
+  marks[0, 0] = 2
+  protected = np.ones((1, 6), bool)  # the network was sure of every pixel
+  labels, _ = round_labels(logits, fitted, RefineConfig(), previous, marks, None, None, protected, new_classes=(2,))
+  np.testing.assert_array_equal(labels[0], [2, 2, 2, 0, 0, 0])
+  labels, _ = round_labels(logits, fitted, RefineConfig(), previous, marks, None, None, protected)
+  np.testing.assert_array_equal(labels[0], [2, 0, 0, 0, 0, 0])

@@ -103,6 +103,26 @@ def test_very_sure_changes_are_taken_far_from_the_marks_and_the_networks_sure_pi
   np.testing.assert_array_equal(merged[0], [1, 0, 0, 1, 1, 0, 1, 0])
 
 
+def test_a_change_into_a_class_the_network_never_learnt_is_not_protected():
+  previous = np.zeros((1, 6), np.int32)
+  proposed = np.array([[2, 2, 2, 1, 1, 0]], np.int32)  # one region of change, touching the mark at 0
+  new = np.full((1, 6), -1, np.int32)
+  new[0, 0] = 2
+  protected = np.ones((1, 6), bool)  # the network was sure of every pixel
+  merged = progressive_merge(previous, proposed, new, protected=protected, new_classes=(2,))
+  np.testing.assert_array_equal(merged[0], [2, 2, 2, 0, 0, 0])  # class 2 was appended: W knew nothing of it
+  merged = progressive_merge(previous, proposed, new, protected=protected)
+  np.testing.assert_array_equal(merged[0], [2, 0, 0, 0, 0, 0])
+
+
+def test_a_session_names_new_classes_the_network_does_not_output():
+  split = sj.split_params(_tiny(), sj.last_layers(1))
+  image = np.zeros((8, 8, 1), np.float32)
+  assert sj.start_session(split, image, new_classes=[1]).new_classes == (1,)
+  with pytest.raises(ValueError, match=r"new_classes \[2\] are not classes of the network, which outputs 2"):
+    sj.start_session(split, image, new_classes=(2,))
+
+
 def _tiny(seed=0):
   from flax import nnx
 
