@@ -159,7 +159,9 @@ class RefineConfig:
       network's error was systematic); a change it is unsure of is drift. ``merge_protect`` keeps such
       a change off the pixels the network was sure of.
     merge_protect: with ``progressive_merge``, a pixel the network (W) gave its label at least this
-      probability keeps its label unless it is marked (1: none is protected).
+      probability keeps its label unless it is marked, or the change is into or out of a class appended
+      to its head (``start_session(new_classes=...)``, ``--new-class``), which W never learnt (1: none is
+      protected).
     conv_backend: who computes the convolutions of the trunk and the tail: "xla", "onednn" (oneDNN
       through :mod:`scribblejax.kernels`, CPU only, float32 only; an error if the kernels cannot
       run here) or "auto" (oneDNN on the CPU whenever available, else XLA). What each costs:

@@ -159,9 +159,12 @@ def head_to_head(results: list[dict]) -> list[dict]:
         peer_holds=sum(_holds(runs[method], runs[OURS]) for runs in shared),
         ours_higher_auc=sum(auc(runs[OURS]) > auc(runs[method]) for runs in shared),
       )
-    others = [[runs[m] for m in (*PEERS, OURS) if m != method and m in runs] for runs in shared]
-    best = [[max(o[k] for o in group) for k in range(len(group[0]))] for group in others]
-    row["within_best_of_others"] = sum(_holds(runs[method], b) for runs, b in zip(shared, best))
+    within = 0
+    for runs in shared:
+      others = [runs[m] for m in (*PEERS, OURS) if m != method and m in runs]
+      if others:  # a run of the defaults alone (--methods scribblejax) has no one to compare with
+        within += _holds(runs[method], [max(o[k] for o in others) for k in range(len(others[0]))])
+    row["within_best_of_others"] = within
     rows.append(row)
   return rows
 
@@ -512,6 +515,11 @@ def main(argv: list[str] | None = None) -> int:
   started = time.perf_counter()
   if args.resume and (args.out / "results.json").is_file():
     earlier = json.loads((args.out / "results.json").read_text())
+    if earlier["environment"].get("overrides", {}) != args.overrides:
+      raise SystemExit(
+        f"--resume: {args.out}/results.json was run with --set {earlier['environment'].get('overrides', {})}, "
+        f"this run with {args.overrides}; resume with the same settings or write to another --out"
+      )
     payload["results"], payload["notes"] = earlier["results"], earlier["notes"]
     payload["environment"]["resumed_from"] = earlier["environment"]
     started -= earlier.get("seconds", 0.0)

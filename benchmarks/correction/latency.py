@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
   payload = {"environment": env, "results": results}
   ev.write_json(args.out / "latency.json", payload)
   lines = [
-    "# Seconds per interaction (defaults, scribble robot user)",
+    f"# Seconds per interaction ({'other settings' if overrides else 'defaults'}, scribble robot user)",
     "",
     *overridden(env),
     f"Command: `{env['command']}`; {env['device']} ({env['cpu_count']} cores), {env['date']}; {results[0]['kernels']}.",

@@ -114,7 +114,7 @@ SETTINGS: dict[str, Setting] = {
     bool,
     "change the segmentation only in the regions of change "
     "that touch this round's marks and where the refined network is very sure, never where the network was "
-    "very sure, and honour every mark in it "
+    "very sure (but for classes appended to its head), and honour every mark in it "
     "(default: on; off in the paper preset)",
     stored=True,
     commands=("refine", "evaluate"),

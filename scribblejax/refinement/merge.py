@@ -20,9 +20,9 @@ wrong). So a round keeps the previous segmentation except
 * wherever the refined network gives its new label at least ``far`` probability (``free``; also, if
   asked, where W was unsure);
 
-and never on a ``protected`` pixel (W was sure of it), unless the change is into a class W never learnt
-(one appended to its head, :func:`scribblejax.models.surgery.add_classes`): W's sureness says nothing
-against a class it could not predict. Every marked pixel then takes its mark: what the user drew holds
+and never on a ``protected`` pixel (W was sure of it), unless the change is into or out of a class W
+never learnt (one appended to its head, :func:`scribblejax.models.surgery.add_classes`): W's sureness
+says nothing against a class it could not predict. Every marked pixel then takes its mark: what the user drew holds
 in the segmentation whether or not the network's argmax honours it (the round's report says which).
 """
 
@@ -58,9 +58,9 @@ def progressive_merge(
     near: ``bool[*spatial]``, the pixels of a region of change touching a new mark that take ``proposed``
       (``None``: every pixel of such a region).
     protected: ``bool[*spatial]``, pixels that keep ``previous`` unless marked (where the network was
-      sure, :func:`sure`), except where ``proposed`` is one of ``new_classes``.
-    new_classes: the classes the network W never learnt (appended to its head): a change into one is
-      not protected.
+      sure, :func:`sure`), except where ``proposed`` or ``previous`` is one of ``new_classes``.
+    new_classes: the classes the network W never learnt (appended to its head): a change into or out
+      of one is not protected.
 
   Returns:
     ``int32[*spatial]``.
@@ -82,7 +82,8 @@ def progressive_merge(
   if free is not None:
     taken |= _mask("free", free, previous.shape)
   if protected is not None:
-    taken &= ~(_mask("protected", protected, previous.shape) & ~np.isin(proposed, new_classes))
+    appended = np.isin(proposed, new_classes) | np.isin(previous, new_classes)  # W knew nothing of these
+    taken &= ~(_mask("protected", protected, previous.shape) & ~appended)
   merged = np.where(taken, proposed, previous)
   return np.where(marks >= 0, marks, merged).astype(np.int32)
 

@@ -45,6 +45,8 @@ def test_head_to_head_compares_the_defaults_with_each_peer_alone():
   # against the best of the others at each k, none holds: the paper is far below at k=1, the others at k=2
   assert [rows[m]["within_best_of_others"] for m in ("paper", "head", OURS)] == [0, 0, 0]
   assert rows["fbrs"]["runs"] == 0 and rows[OURS]["runs"] == 1
+  alone = {r["method"]: r for r in head_to_head([_run(OURS, [0.5, 0.7]), _run("initial", [0.5, 0.5])])}
+  assert alone[OURS]["within_best_of_others"] == 0 and alone["paper"]["runs"] == 0  # no peer ran: nothing to hold
 
 
 def test_set_reads_settings_of_the_refinement_and_names_bad_ones():

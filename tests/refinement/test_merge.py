@@ -113,6 +113,12 @@ def test_a_change_into_a_class_the_network_never_learnt_is_not_protected():
   np.testing.assert_array_equal(merged[0], [2, 2, 2, 0, 0, 0])  # class 2 was appended: W knew nothing of it
   merged = progressive_merge(previous, proposed, new, protected=protected)
   np.testing.assert_array_equal(merged[0], [2, 0, 0, 0, 0, 0])
+  # and back out of it: a pixel once given the appended class is not stuck there
+  previous = np.array([[2, 2, 2, 2, 0, 0]], np.int32)
+  proposed = np.array([[1, 1, 1, 1, 0, 0]], np.int32)
+  new = np.array([[1, -1, -1, -1, -1, -1]], np.int32)
+  merged = progressive_merge(previous, proposed, new, protected=protected, new_classes=(2,))
+  np.testing.assert_array_equal(merged[0], [1, 1, 1, 1, 0, 0])
 
 
 def test_a_session_names_new_classes_the_network_does_not_output():
@@ -151,6 +157,29 @@ def test_a_session_round_merges_and_reports(monkeypatch):
   assert (labels[marks >= 0] == marks[marks >= 0]).all()
   paper = sj.add_marks(sj.start_session(split, image, sj.RefineConfig.paper(max_steps=30)), marks)
   np.testing.assert_array_equal(np.asarray(sj.current_labels(paper)), np.asarray(paper.rounds[-1].result.labels))
+
+
+@pytest.mark.slow
+def test_a_session_and_the_harness_hand_their_appended_classes_to_the_merge(monkeypatch):
+  import scribblejax.research.baselines as bl
+  import scribblejax.session as session_module
+
+  seen = []
+  for module in (session_module, bl):
+    merge = module.progressive_merge
+    monkeypatch.setattr(
+      module, "progressive_merge", lambda *a, _m=merge, **k: seen.append(k["new_classes"]) or _m(*a, **k)
+    )
+  model = _tiny()
+  image = np.random.default_rng(0).random((16, 16, 1)).astype(np.float32)
+  marks = np.full((16, 16), -1, np.int32)
+  marks[3, 3:9] = 1
+  config = sj.RefineConfig(max_steps=3)
+  split = sj.split_params(model, sj.last_layers(2))
+  sj.add_marks(sj.start_session(split, image, config, new_classes=(1,)), marks)
+  method = bl.refine_method(model, 2, config, new_classes=(1,))
+  method.update(method.init(image), marks)
+  assert seen == [(1,), (1,)]
 
 
 def test_the_report_names_why_marks_are_not_honoured():
