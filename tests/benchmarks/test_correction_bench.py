@@ -60,6 +60,34 @@ def test_set_reads_settings_of_the_refinement_and_names_bad_ones():
     settings(["merge_far=2"])
 
 
+def test_a_case_hands_its_appended_classes_to_the_methods_with_the_merge(monkeypatch):
+  import benchmarks.correction.__main__ as bench_main
+  from benchmarks.correction.cases import BenchCase
+  from scribblejax.research import baselines as bl
+
+  seen = {}
+  monkeypatch.setattr(
+    bl, "refine_method", lambda model, layers, config, **k: seen.setdefault(k["name"], k["new_classes"])
+  )
+  monkeypatch.setattr(bl, "fbrs_method", lambda model, layers, **k: seen.setdefault("fbrs", k["new_classes"]))
+  for name in (OURS, "paper", "head", "fbrs"):
+    bench_main.make_method(name, object(), new_classes=(2,))
+  assert seen == {OURS: (2,), "paper": (2,), "head": (2,), "fbrs": (2,)}
+
+  class Stop(Exception):
+    pass
+
+  def make_method(name, model, layers=5, config=None, new_classes=()):
+    seen["run_one"] = new_classes
+    raise Stop
+
+  monkeypatch.setattr(bench_main, "make_method", make_method)
+  bench = BenchCase(None, None, "new class", "held-out", "", new_classes=(2,))
+  with pytest.raises(Stop):
+    bench_main.run_one(bench, OURS, "scribble", 1, log=None)
+  assert seen["run_one"] == (2,)
+
+
 def test_a_slice_stored_as_a_volume_reaches_the_method_as_a_slice():
   seen = {}
 

@@ -138,7 +138,7 @@ def test_make_case_and_metrics_errors():
 
 
 @pytest.mark.slow
-def test_cli_single_case_task_and_files(tiny_model, tmp_path, capsys):
+def test_cli_single_case_task_and_files(tiny_model, tmp_path, capsys, monkeypatch):
   _, folder = tiny_model
   out = tmp_path / "run"
   assert (
@@ -207,8 +207,21 @@ def test_cli_single_case_task_and_files(tiny_model, tmp_path, capsys):
   ]
   assert main(args) == 1
   assert "--add-classes" in capsys.readouterr().err
+  import scribblejax.research.evaluate_image as evaluate_image
+
+  merged_with = []  # the classes the round's merge lets past the protection: the appended one
+  round_labels = evaluate_image.round_labels
+  monkeypatch.setattr(evaluate_image, "round_labels", lambda *a: merged_with.append(a[8]) or round_labels(*a))
   assert main(args + ["--add-classes", "1"]) == 0
   assert json.loads((tmp_path / "u" / "results.json").read_text())["num_classes"] == 3
+  assert merged_with == [(2,)]
+  import scribblejax.research.baselines as bl
+
+  merge = bl.progressive_merge
+  monkeypatch.setattr(bl, "progressive_merge", lambda *a, **k: merged_with.append(k["new_classes"]) or merge(*a, **k))
+  task = ["evaluate", "--task", "nuclei2d", "--model", str(folder), "--crop", "32", "--interactions", "1"]
+  assert main([*task, "--steps", "3", "--layers", "2", "--add-classes", "1", "--out", str(tmp_path / "t")]) == 0
+  assert merged_with == [(2,), (2,)]  # the built-in task's harness too
   assert main(args[:6] + ["tissue3d"] + args[7:]) == 1  # a 2-D image for a 3-D model
   assert "the model takes 3-D images, but" in capsys.readouterr().err  # was: about marks
   tifffile.imwrite(tmp_path / "small.tif", lab[:16].astype(np.uint8))
