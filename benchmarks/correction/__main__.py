@@ -98,19 +98,34 @@ def run_one(
   return result
 
 
-def verdicts(results: list[dict]) -> list[dict]:
-  """The claims about the defaults, checked on every (case, user) that has them and a peer."""
-  out = []
+def _by_run(results: list[dict]) -> dict[tuple[str, str], dict[str, dict]]:
+  """The results grouped by (case, robot user), then by method."""
   groups: dict[tuple[str, str], dict[str, dict]] = {}
   for r in results:
     groups.setdefault((r["case"], r["user"]), {})[r["method"]] = r
-  for (case, user), runs in groups.items():
+  return groups
+
+
+def _best(curves: list[list[float]]) -> list[float]:
+  """The highest Dice at each interaction over ``curves`` (the maximum taken afresh at every k)."""
+  return [max(c[k] for c in curves) for k in range(len(curves[0]))]
+
+
+def _holds(dice: list[float], other: list[float]) -> bool:
+  """``dice`` is at least ``other`` - TOLERANCE after every interaction (k >= 1)."""
+  return all(d >= o - TOLERANCE for d, o in zip(dice[1:], other[1:]))
+
+
+def verdicts(results: list[dict]) -> list[dict]:
+  """The claims about the defaults, checked on every (case, user) that has them and a peer."""
+  out = []
+  for (case, user), runs in _by_run(results).items():
     ours = runs.get(OURS)
     if ours is None:
       continue
     dice = ours["dice_per_interaction"]
     peers = [runs[p]["dice_per_interaction"] for p in PEERS if p in runs]
-    best = [max(p[k] for p in peers) for k in range(len(dice))] if peers else None
+    best = _best(peers) if peers else None
     row = {
       "case": case,
       "user": user,
@@ -118,7 +133,7 @@ def verdicts(results: list[dict]) -> list[dict]:
       "split": ours["split"],
       "not_below_network": all(d >= dice[0] - 1e-9 for d in dice[1:]),
       "first_drop_at_most_0.01": dice[1] >= dice[0] - TOLERANCE if len(dice) > 1 else True,
-      "within_0.01_of_best_peer": None if best is None else all(d >= b - TOLERANCE for d, b in zip(dice[1:], best[1:])),
+      "within_0.01_of_best_peer": None if best is None else _holds(dice, best),
       "worst_gap_to_best_peer": None if best is None else float(min(d - b for d, b in zip(dice[1:], best[1:]))),
       "final_dice": dice[-1],
       "rounds_unsatisfied": ours["rounds_unsatisfied"],
@@ -130,11 +145,6 @@ def verdicts(results: list[dict]) -> list[dict]:
   return out
 
 
-def _holds(dice: list[float], other: list[float]) -> bool:
-  """``dice`` is at least ``other`` - TOLERANCE after every interaction (k >= 1)."""
-  return all(d >= o - TOLERANCE for d, o in zip(dice[1:], other[1:]))
-
-
 def head_to_head(results: list[dict]) -> list[dict]:
   """The defaults against each peer alone, over every (case, robot user) run both have.
 
@@ -144,13 +154,12 @@ def head_to_head(results: list[dict]) -> list[dict]:
   reverse; ``ours_higher_auc``: runs where the defaults' Dice-AUC is the higher), and, for every method,
   in how many runs it would meet that verdict itself against all the others (``within_best_of_others``).
   """
-  groups: dict[tuple[str, str], dict[str, list[float]]] = {}
-  for r in results:
-    groups.setdefault((r["case"], r["user"]), {})[r["method"]] = r["dice_per_interaction"]
-  groups = {k: runs for k, runs in groups.items() if OURS in runs}
+  groups = [
+    {m: r["dice_per_interaction"] for m, r in runs.items()} for runs in _by_run(results).values() if OURS in runs
+  ]
   rows = []
   for method in (*PEERS, OURS):
-    shared = [runs for runs in groups.values() if method in runs]
+    shared = [runs for runs in groups if method in runs]
     row = {"method": method, "runs": len(shared)}
     if method != OURS:
       auc = ev.dice_auc
@@ -163,7 +172,7 @@ def head_to_head(results: list[dict]) -> list[dict]:
     for runs in shared:
       others = [runs[m] for m in (*PEERS, OURS) if m != method and m in runs]
       if others:  # a run of the defaults alone (--methods scribblejax) has no one to compare with
-        within += _holds(runs[method], [max(o[k] for o in others) for k in range(len(others[0]))])
+        within += _holds(runs[method], _best(others))
     row["within_best_of_others"] = within
     rows.append(row)
   return rows
