@@ -26,7 +26,7 @@ from scribblejax import marks as marks_lib
 from scribblejax.config import RefineConfig
 from scribblejax.params import Split
 from scribblejax.refinement import RefineResult, Trunk, compute_trunk, predict, refine, trunk_mismatch
-from scribblejax.refinement.merge import merge_masks, new_marks_of, progressive_merge
+from scribblejax.refinement.merge import merge_round, new_marks_of
 
 
 class Round(NamedTuple):
@@ -150,20 +150,9 @@ def add_marks(session: Session, new_marks: Any, config: RefineConfig | None = No
   labels = None
   if config.progressive_merge:
     new = new_marks_of(marks, current_marks(session) if session.rounds else None)
-    free, near, protected = (
-      (None, None, None) if _regions(session.split) else merge_masks(result.logits, session.initial_logits, config)
-    )
+    scores = (None, None) if _regions(session.split) else (result.logits, session.initial_logits)
     previous = np.asarray(current_labels(session))
-    merged = progressive_merge(
-      previous,
-      np.asarray(result.labels),
-      new,
-      marks,
-      free=free,
-      near=near,
-      protected=protected,
-      new_classes=session.new_classes,
-    )
+    merged = merge_round(previous, np.asarray(result.labels), new, marks, config, *scores, session.new_classes)
     labels = _frozen(merged)
   return session._replace(rounds=session.rounds + (Round(marks, result, labels),))
 

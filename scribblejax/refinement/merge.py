@@ -135,6 +135,35 @@ def merge_masks(
   return free, near, protected
 
 
+def merge_round(
+  previous: Any,
+  proposed: Any,
+  new_marks: Any,
+  marks: Any,
+  config: Any,
+  refined_output: Any | None,
+  initial_logits: Any | None,
+  new_classes: tuple[int, ...] = (),
+) -> np.ndarray:
+  """A round's labels on the grid the network ran on: :func:`merge_masks` with ``config``'s thresholds,
+  then :func:`progressive_merge` (as a session and the harness run it; the pipeline brings the masks to
+  the image's grid first, :func:`scribblejax.pipeline.round.round_labels`).
+
+  Args:
+    previous, proposed, new_marks, marks: as :func:`progressive_merge`'s.
+    config: a :class:`scribblejax.RefineConfig` (the merge's thresholds).
+    refined_output: the refined network's scores (``None``: a region-based network, whose sigmoids are
+      no distribution over classes; with ``initial_logits`` ``None`` too, the regions of change touching
+      a new mark are taken whole).
+    initial_logits: the network's (W) logits (``None``: nothing is protected or freed).
+    new_classes: classes appended to the network's head (:func:`progressive_merge`).
+  """
+  free, near, protected = merge_masks(refined_output, initial_logits, config)
+  return progressive_merge(
+    previous, proposed, new_marks, marks, free=free, near=near, protected=protected, new_classes=new_classes
+  )
+
+
 def unsure(probabilities: Any, confidence: float) -> np.ndarray:
   """Pixels whose top class probability is below ``confidence``: where the network was unsure.
 

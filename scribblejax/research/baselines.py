@@ -32,7 +32,7 @@ from scribblejax import marks as marks_lib
 from scribblejax.config import RefineConfig
 from scribblejax.params import head, last_layers, norm_affine, split_params
 from scribblejax.refinement import compute_trunk, predict, refine
-from scribblejax.refinement.merge import merge_masks, new_marks_of, progressive_merge
+from scribblejax.refinement.merge import merge_round, new_marks_of
 
 
 class Method(NamedTuple):
@@ -262,13 +262,8 @@ def refine_method(
     result = refine(split, state.image, marks, config, start=start, trunk=state.trunk)
     labels = np.asarray(result.labels)
     if config.progressive_merge:
-      free = near = protected = None
-      if state.initial is not None:
-        free, near, protected = merge_masks(result.logits, state.initial, config)
-      new = new_marks_of(marks, state.marks)
-      labels = progressive_merge(
-        state.labels, labels, new, marks, free=free, near=near, protected=protected, new_classes=new_classes
-      )
+      scores = (None, None) if state.initial is None else (result.logits, state.initial)
+      labels = merge_round(state.labels, labels, new_marks_of(marks, state.marks), marks, config, *scores, new_classes)
     return state._replace(
       labels=labels,
       num_steps=int(result.num_steps),

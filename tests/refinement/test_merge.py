@@ -6,7 +6,7 @@ import pytest
 
 import scribblejax as sj
 from scribblejax.refinement import describe_marks, marks_report
-from scribblejax.refinement.merge import merge_masks, new_marks_of, progressive_merge, sure
+from scribblejax.refinement.merge import merge_masks, merge_round, new_marks_of, progressive_merge, sure
 
 
 def test_only_changes_that_touch_a_new_mark_are_taken():
@@ -121,6 +121,20 @@ def test_a_change_into_a_class_the_network_never_learnt_is_not_protected():
   np.testing.assert_array_equal(merged[0], [1, 1, 1, 1, 0, 0])
 
 
+def test_a_round_from_the_scores_applies_the_thresholds_and_the_appended_classes():
+  previous = np.zeros((1, 4), np.int32)
+  proposed = np.array([[2, 2, 0, 0]], np.int32)
+  new = np.array([[2, -1, -1, -1]], np.int32)
+  initial = np.zeros((1, 4, 3), np.float32)
+  initial[..., 0] = 20.0  # W was sure of class 0 everywhere: every pixel protected
+  refined = np.zeros((1, 4, 3), np.float32)
+  refined[0, :2, 2] = refined[0, 2:, 0] = 20.0  # the refined network is sure of its labels
+  config = sj.RefineConfig()
+  merged = merge_round(previous, proposed, new, new, config, refined, initial, new_classes=(2,))
+  np.testing.assert_array_equal(merged[0], [2, 2, 0, 0])
+  np.testing.assert_array_equal(merge_round(previous, proposed, new, new, config, refined, initial)[0], [2, 0, 0, 0])
+
+
 def test_a_session_names_new_classes_the_network_does_not_output():
   split = sj.split_params(_tiny(), sj.last_layers(1))
   image = np.zeros((8, 8, 1), np.float32)
@@ -166,10 +180,8 @@ def test_a_session_and_the_harness_hand_their_appended_classes_to_the_merge(monk
 
   seen = []
   for module in (session_module, bl):
-    merge = module.progressive_merge
-    monkeypatch.setattr(
-      module, "progressive_merge", lambda *a, _m=merge, **k: seen.append(k["new_classes"]) or _m(*a, **k)
-    )
+    merge = module.merge_round
+    monkeypatch.setattr(module, "merge_round", lambda *a, _m=merge: seen.append(a[7]) or _m(*a))
   model = _tiny()
   image = np.random.default_rng(0).random((16, 16, 1)).astype(np.float32)
   marks = np.full((16, 16), -1, np.int32)
