@@ -10,6 +10,10 @@ the CVPR 2025 interactive 3-D challenge's box-then-clicks), for N interactions. 
   verdict of the defaults against each claim below;
 * ``<case>.png``: Dice per interaction, a panel per robot user.
 
+Besides the peers, ``no_merge`` runs the defaults without the round's merge (each round's segmentation
+is the refined network's own labels): an ablation that shows what the merge keeps and what it gives up;
+it is not one of the peers the claims below are checked against.
+
 The claims checked (``verdicts`` in the JSON), for the defaults (``scribblejax``) on every case and
 robot user: Dice@k >= Dice@0 for k = 1..N; Dice@k >= the best peer's Dice@k - 0.01; the first
 interaction lowers Dice by at most 0.01; Dice@N >= 0.85 on the in-domain and shift cases.
@@ -41,7 +45,8 @@ from scribblejax.research import evaluate as ev
 from scribblejax.research.simulate import ROBOT_USERS
 
 OURS = "scribblejax"
-METHODS = ("initial", "random_walker", "graph_cut", "head", "fbrs", "paper", OURS)
+NO_MERGE = "no_merge"  # the defaults without the round's merge: what the merge adds, not a peer
+METHODS = ("initial", "random_walker", "graph_cut", "head", "fbrs", "paper", NO_MERGE, OURS)
 PEERS = ("random_walker", "graph_cut", "head", "fbrs", "paper")
 QUICK = {"cases": ("nuclei2d", "tissue2d", "wm_from_nuclei"), "users": ("scribble", "click"), "interactions": 3}
 TOLERANCE = 0.01
@@ -51,10 +56,14 @@ GOOD = 0.85
 def make_method(
   name: str, model: Any, layers: int = 5, config: RefineConfig | None = None, new_classes: tuple[int, ...] = ()
 ) -> bl.Method:
-  """The method called ``name`` on ``model``; ``config`` replaces the defaults of ``scribblejax``;
-  ``new_classes``: the classes appended to the model's head (for the methods with the round's merge)."""
+  """The method called ``name`` on ``model``; ``config`` replaces the defaults of ``scribblejax`` (and of
+  ``no_merge``, which is them without the round's merge); ``new_classes``: the classes appended to the
+  model's head (for the methods with the round's merge)."""
   if name == OURS:
     return bl.refine_method(model, layers, config or RefineConfig(), name=OURS, new_classes=new_classes)
+  if name == NO_MERGE:
+    unmerged = dataclasses.replace(config or RefineConfig(), progressive_merge=False)
+    return bl.refine_method(model, layers, unmerged, name=NO_MERGE, new_classes=new_classes)
   if name == "paper":
     return bl.refine_method(model, layers, RefineConfig.paper(), name="paper", new_classes=new_classes)
   if name == "head":
@@ -158,7 +167,7 @@ def head_to_head(results: list[dict]) -> list[dict]:
     {m: r["dice_per_interaction"] for m, r in runs.items()} for runs in _by_run(results).values() if OURS in runs
   ]
   rows = []
-  for method in (*PEERS, OURS):
+  for method in (*PEERS, NO_MERGE, OURS):
     shared = [runs for runs in groups if method in runs]
     row = {"method": method, "runs": len(shared)}
     if method != OURS:
@@ -346,7 +355,8 @@ def markdown(payload: dict) -> str:
     "0.01 of the peer after every interaction, runs where the peer stays within 0.01 of the defaults, and "
     "runs where the defaults' Dice-AUC is the higher. The last column: runs where the method itself stays "
     "within 0.01 of the best of all the *other* methods after every interaction (the verdict below asks "
-    "this of the defaults).",
+    "this of the defaults; `no_merge`, the defaults without the round's merge, is not counted among the "
+    "others).",
     "",
     "| method | runs | defaults hold | peer holds | defaults' AUC higher | within 0.01 of the best of the others |",
     "|---|---|---|---|---|---|",
@@ -378,7 +388,8 @@ def markdown(payload: dict) -> str:
 def summary_table(payload: dict, user: str = "scribble") -> str:
   """A compact table for the README: Dice after the last interaction, per case and method, one robot user.
 
-  The best value of each row is in bold; the defaults' column is ``scribblejax``."""
+  The best value of each row is in bold (every value that reads the same at three decimals); the
+  defaults' column is ``scribblejax``."""
   results = [r for r in payload["results"] if r["user"] == user]
   methods = [m for m in METHODS if any(r["method"] == m for r in results)]
   named = {
@@ -393,9 +404,9 @@ def summary_table(payload: dict, user: str = "scribble") -> str:
   for case in dict.fromkeys(r["case"] for r in results):
     runs = {r["method"]: r for r in results if r["case"] == case}
     last = {m: runs[m]["dice_per_interaction"][-1] for m in methods if m in runs}
-    best = max(last.values())
+    best = _f(max(last.values()))  # as printed: every value that reads as the best is in bold
     start = next(iter(runs.values()))["dice_per_interaction"][0]
-    cells = [("**" + _f(last[m]) + "**" if last[m] == best else _f(last[m])) if m in last else "-" for m in methods]
+    cells = [("**" + _f(last[m]) + "**" if _f(last[m]) == best else _f(last[m])) if m in last else "-" for m in methods]
     lines.append(f"| {case} ({_f(start)}) | " + " | ".join(cells) + " |")
   return "\n".join(lines) + "\n"
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from qtpy.QtCore import QObject, Signal
+from qtpy.QtCore import QObject, Qt, Signal
 from qtpy.QtWidgets import (
   QCheckBox,
   QComboBox,
@@ -148,7 +148,12 @@ class ScribbleWidget(QWidget):
     self.setting_checks = {}
     for i, field in enumerate(SWITCHES):
       check = QCheckBox(SETTINGS[field].flag)
-      check.setToolTip(f"as scribblejax refine {SETTINGS[field].flag}: {SETTINGS[field].help}")
+      tip = f"as scribblejax refine {SETTINGS[field].flag}: {SETTINGS[field].help}"
+      if SETTINGS[field].stored:  # on, off, or (partly checked) the model's stored setting, else the library's
+        check.setTristate(True)
+        check.setCheckState(Qt.CheckState.PartiallyChecked)
+        tip += "; partly checked: the model's setting, else the library's"
+      check.setToolTip(tip)
       self.setting_checks[field] = check
       grid.addWidget(check, len(KNOBS) // 2 + i, 2)
     self.continue_check = self.setting_checks["continue_weights"]
@@ -298,7 +303,7 @@ class ScribbleWidget(QWidget):
           values[field] = kind(text)
         except ValueError:
           raise ValueError(f"{flag} must be {'an integer' if kind is int else 'a number'}, got {text!r}") from None
-    return RefineSettings(**values, **{field: check.isChecked() for field, check in self.setting_checks.items()})
+    return RefineSettings(**values, **{field: _switch(check) for field, check in self.setting_checks.items()})
 
   # ------------------------------------------------------------------------------------------
   # Workers.
@@ -493,6 +498,13 @@ def _session_started(it: core.Interaction) -> bool:
 
 def _model_info(model: str) -> Any:
   return read_info(model)
+
+
+def _switch(check: QCheckBox) -> bool | None:
+  """A check box's setting: on or off; ``None`` (the model's, else the library's) when partly checked."""
+  if check.checkState() == Qt.CheckState.PartiallyChecked:
+    return None
+  return check.isChecked()
 
 
 def _button(text: str, slot: Callable[[], Any]) -> QPushButton:

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from benchmarks.correction.__main__ import OURS, head_to_head, settings, squeezed, verdicts
+from benchmarks.correction.__main__ import NO_MERGE, OURS, head_to_head, settings, squeezed, summary_table, verdicts
 from scribblejax.research.baselines import Method
 
 
@@ -47,6 +47,35 @@ def test_head_to_head_compares_the_defaults_with_each_peer_alone():
   assert rows["fbrs"]["runs"] == 0 and rows[OURS]["runs"] == 1
   alone = {r["method"]: r for r in head_to_head([_run(OURS, [0.5, 0.7]), _run("initial", [0.5, 0.5])])}
   assert alone[OURS]["within_best_of_others"] == 0 and alone["paper"]["runs"] == 0  # no peer ran: nothing to hold
+
+
+def test_the_ablation_without_the_merge_is_compared_but_is_no_peer():
+  runs = [_run(OURS, [0.5, 0.7, 0.8]), _run("graph_cut", [0.5, 0.68, 0.79]), _run(NO_MERGE, [0.5, 0.9, 0.6])]
+  rows = {r["method"]: r for r in head_to_head(runs)}
+  assert (rows[NO_MERGE]["ours_holds"], rows[NO_MERGE]["peer_holds"], rows[NO_MERGE]["ours_higher_auc"]) == (0, 0, 0)
+  # the defaults stay within 0.01 of the graph cut; the ablation, far above at k=1, is not among the others
+  assert rows[OURS]["within_best_of_others"] == 1 and rows["graph_cut"]["within_best_of_others"] == 0
+  assert verdicts(runs)[0]["within_0.01_of_best_peer"]
+
+
+def test_the_ablation_runs_the_given_settings_without_the_merge(monkeypatch):
+  import benchmarks.correction.__main__ as bench_main
+  from scribblejax.config import RefineConfig
+  from scribblejax.research import baselines as bl
+
+  seen = {}
+  monkeypatch.setattr(bl, "refine_method", lambda model, layers, config, **k: seen.setdefault(k["name"], config))
+  candidate = RefineConfig(learning_rate=1e-2)
+  bench_main.make_method(NO_MERGE, object(), config=candidate)
+  bench_main.make_method(OURS, object(), config=candidate)
+  assert seen[NO_MERGE] == RefineConfig(learning_rate=1e-2, progressive_merge=False)
+  assert seen[OURS] == candidate
+
+
+def test_the_summary_bolds_every_value_that_reads_as_the_best():
+  runs = [_run("paper", [0.5, 0.8831]), _run(NO_MERGE, [0.5, 0.8834]), _run(OURS, [0.5, 0.843])]
+  row = summary_table({"results": runs}).splitlines()[-1]
+  assert row == "| c (0.500) | **0.883** | **0.883** | 0.843 |"
 
 
 def test_set_reads_settings_of_the_refinement_and_names_bad_ones():

@@ -228,6 +228,24 @@ def test_refine_in_3d_honours_the_stroke_and_undo_restores_the_layer(make_napari
   np.testing.assert_array_equal(segmentation.data, before)
 
 
+@pytest.mark.slow
+def test_the_merge_switch_reaches_the_round(make_napari_viewer, qtbot, cells, tmp_path):
+  from qtpy.QtCore import Qt
+
+  viewer, widget = _widget(make_napari_viewer, qtbot, cells, "nuclei2d", tmp_path / "session")
+  merge = widget.setting_checks["progressive_merge"]
+  assert merge.checkState() == Qt.CheckState.PartiallyChecked  # the model's setting, else the library's
+  assert widget.settings().progressive_merge is None
+  values = _stroke(widget, (30, slice(10, 30)))
+  assert _refine(qtbot, widget)["settings"]["progressive_merge"] is True  # the library's default
+  merge.setCheckState(Qt.CheckState.Unchecked)
+  assert widget.settings().progressive_merge is False
+  values = _stroke(widget, (12, slice(5, 25)))
+  report = _refine(qtbot, widget)
+  assert report["settings"]["progressive_merge"] is False, report["settings"]
+  _assert_honoured(widget, values)
+
+
 def test_marks_of_names_a_value_that_is_no_class():
   names = ("background", "nucleus")
   assert core.legend(names) == "0 = unmarked, 1 = background, 2 = nucleus"
