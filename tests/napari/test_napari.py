@@ -232,17 +232,25 @@ def test_refine_in_3d_honours_the_stroke_and_undo_restores_the_layer(make_napari
 def test_the_merge_switch_reaches_the_round(make_napari_viewer, qtbot, cells, tmp_path):
   from qtpy.QtCore import Qt
 
-  viewer, widget = _widget(make_napari_viewer, qtbot, cells, "nuclei2d", tmp_path / "session")
+  # one step: the refined network cannot honour a stroke yet, so the merge (which writes the marks) shows
+  viewer, widget = _widget(make_napari_viewer, qtbot, cells, "nuclei2d", tmp_path / "session", max_steps="1")
   merge = widget.setting_checks["progressive_merge"]
   assert merge.checkState() == Qt.CheckState.PartiallyChecked  # the model's setting, else the library's
   assert widget.settings().progressive_merge is None
-  values = _stroke(widget, (30, slice(10, 30)))
-  assert _refine(qtbot, widget)["settings"]["progressive_merge"] is True  # the library's default
+  merge.setCheckState(Qt.CheckState.Checked)
+  assert widget.settings().progressive_merge is True
+  merge.setCheckState(Qt.CheckState.PartiallyChecked)
+  _stroke(widget, (30, slice(10, 30)))
+  merged = _refine(qtbot, widget)
+  assert merged["settings"]["progressive_merge"] is True  # the library's default
+  assert merged["network_marks_honoured"] < 1.0 and merged["marks_honoured"] == 1.0, merged
   merge.setCheckState(Qt.CheckState.Unchecked)
   assert widget.settings().progressive_merge is False
   values = _stroke(widget, (12, slice(5, 25)))
   report = _refine(qtbot, widget)
   assert report["settings"]["progressive_merge"] is False, report["settings"]
+  # the segmentation is the refined network's own: it honours the marks exactly as far as the network does
+  assert report["marks_honoured"] == report["network_marks_honoured"] < 1.0, report
   _assert_honoured(widget, values)
 
 
