@@ -117,7 +117,7 @@ SETTINGS: dict[str, Setting] = {
     "very sure (but for classes appended to its head), and honour every mark in it "
     "(default: on; off in the paper preset)",
     stored=True,
-    commands=("refine", "evaluate", "napari"),
+    commands=("refine", "evaluate", "view", "napari"),
   ),
   "preset": Setting(
     "--preset",

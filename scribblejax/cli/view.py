@@ -27,7 +27,7 @@ def _view(args: argparse.Namespace) -> int:
   viewer.window.add_dock_widget(widget, name="scribblejax refine", area="right")
   for field in VIEW_SETTINGS:
     if (value := getattr(args, field)) is not None:
-      widget.setting_edits[field].setText(str(value))
+      widget.set_setting(field, value)
   if args.model or args.session:
     widget.open(args.image, args.model, args.session)
   elif args.image:  # no model named: let the user choose one first

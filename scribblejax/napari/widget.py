@@ -289,6 +289,21 @@ class ScribbleWidget(QWidget):
     self.session_edit.setText(str(self.interaction.session))
     self._say(f"session in {folder}; continue with: scribblejax refine --session {folder} --marks FILE --out FILE")
 
+  def set_setting(self, field: str, value: Any) -> None:
+    """Fills one knob as ``scribblejax view``'s flags do: an edit box gets ``value``'s text, a check box
+    is checked or unchecked (``None``: a stored setting's check box goes back to partly checked, the
+    model's setting).
+
+    Raises:
+      KeyError: ``field`` is no knob of the widget.
+    """
+    if field in self.setting_checks:
+      partly = value is None and SETTINGS[field].stored
+      checked = Qt.CheckState.Checked if value else Qt.CheckState.Unchecked
+      self.setting_checks[field].setCheckState(Qt.CheckState.PartiallyChecked if partly else checked)
+    else:
+      self.setting_edits[field].setText("" if value is None else str(value))
+
   def settings(self) -> RefineSettings:
     """The knobs as :class:`RefineSettings` (an empty field: the model's default).
 

@@ -271,12 +271,13 @@ def test_view_opens_the_image_with_the_widget_docked(make_napari_viewer, qtbot, 
   monkeypatch.setattr(napari, "Viewer", lambda **kwargs: viewers.append(make_napari_viewer(**kwargs)) or viewers[-1])
   monkeypatch.setattr(napari, "run", lambda: None)  # the event loop is pytest-qt's
   monkeypatch.setattr(ScribbleWidget, "_warm_up", lambda self, it: 0.0)
-  assert main(["view", str(cells), "--model", "nuclei2d", "--steps", "7", "--session", str(tmp_path / "s")]) == 0
+  argv = ["view", str(cells), "--model", "nuclei2d", "--steps", "7", "--no-progressive-merge"]
+  assert main([*argv, "--session", str(tmp_path / "s")]) == 0
   widget = viewers[0].window.dock_widgets["scribblejax refine"]
   _wait(qtbot, widget)
   assert widget.interaction is not None, widget.message_label.text()
   assert {SEGMENTATION, SCRIBBLES, "image"} <= {layer.name for layer in viewers[0].layers}
-  assert widget.settings().max_steps == 7
+  assert widget.settings().max_steps == 7 and widget.settings().progressive_merge is False
   widget.add_class("mitosis")  # a class the network never learnt: value 3
   assert "3 = mitosis" in widget.legend_label.text() and widget.class_box.count() == 3
   widget.add_class("Nucleus")
