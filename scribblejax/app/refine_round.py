@@ -153,6 +153,7 @@ class Segmented(NamedTuple):
   labels: np.ndarray  # int32[*image_spatial]
   honoured: float  # of marked pixels, in the segmentation
   network_honoured: float  # of marked pixels, in the refined network's labels
+  network_labels: np.ndarray  # int32[*image_spatial]: the refined network's own labels
 
 
 def run_refine(
@@ -163,6 +164,7 @@ def run_refine(
   out: str | None,
   session: str | None = None,
   undo: bool = False,
+  take: str | None = None,
   settings: RefineSettings = RefineSettings(),
   mark_options: MarkOptions = MarkOptions(),
   overlay: bool = True,
@@ -180,6 +182,9 @@ def run_refine(
     out: the segmentation to write (optional only for an undo without new marks).
     session: a session folder: created on the first round, continued afterwards.
     undo: drop the session's latest round first (then add a round if ``marks`` are given).
+    take: ``"network"`` or ``"merged"``: make the session's latest round's segmentation the refined
+      network's own labels or the round's merge (:func:`scribblejax.io.session_store.take`), and write
+      it to ``out``; no refinement (no ``marks``, no ``undo``).
     settings: the refinement's knobs.
     mark_options: how marks files are read.
     overlay: write ``<out stem>.overlay.png``.
@@ -201,7 +206,7 @@ def run_refine(
     ValueError: bad input, with a message naming the problem.
   """
   doc = session_store.load_session(session) if session else None
-  _check_request(doc, session, undo, marks, settings)
+  _check_request(doc, session, undo, marks, settings, take)
   if doc is not None:
     model = model or doc["model"]
     image = image or doc["image"]
@@ -222,6 +227,8 @@ def run_refine(
     _check_session(doc, session, img, digest, model, ref, inference, bool(marks))
   class_names, num_classes, added = _classes(settings, mark_options, info, doc, session, model)
   new = _read_marks(marks, img, mark_options, num_classes, class_names, log) if marks else None
+  if take is not None:
+    return after_take(doc, session, take, img, out, overlay, log, info, class_names)
   undone = None
   if undo:
     doc, undone = session_store.without_last_round(doc, session)
@@ -253,9 +260,24 @@ def run_refine(
 
 
 def _check_request(
-  doc: dict | None, session: str | None, undo: bool, marks: Sequence[str], settings: RefineSettings
+  doc: dict | None,
+  session: str | None,
+  undo: bool,
+  marks: Sequence[str],
+  settings: RefineSettings,
+  take: str | None = None,
 ) -> None:
   """Refuses a request that cannot be run, before any file is read but the session's."""
+  if take is not None:
+    if take not in session_store.TAKES:
+      raise ValueError(f"--take is one of {', '.join(session_store.TAKES)}, got {take!r}")
+    if not session:
+      raise ValueError("--take needs --session (the folder whose latest round it changes)")
+    if undo or marks:
+      raise ValueError("--take changes the latest round's segmentation only: give it without --undo and --marks")
+    if doc is None or not doc["rounds"]:
+      raise ValueError(f"nothing to take: session {session} has no rounds")
+    return
   if undo and not session:
     raise ValueError("--undo needs --session (the folder of the rounds to undo)")
   if settings.continue_weights and not session:
@@ -402,6 +424,50 @@ def after_undo(
   )
   session_store.save_session(session, doc)
   session_store.remove_round_file(session, doc, undone)
+  return report
+
+
+def after_take(
+  doc: dict,
+  session: str,
+  which: str,
+  img: Image,
+  out: str | None,
+  overlay: bool,
+  log: Log,
+  info: Any,
+  class_names: Sequence[str] | None,
+) -> dict:
+  """Makes the latest round's segmentation its merge or the refined network's own labels, and writes it.
+
+  Returns:
+    The report: the round, what it showed before (``was``), the pixels that changed, and the fraction
+    of the marks the segmentation now honours.
+  """
+  arrays, labels = session_store.labels_to_take(session, doc, which)
+  record = doc["rounds"][-1]
+  initial = session_store.load_initial(session)
+  num_classes = int(max(arrays["network_labels"].max(), arrays["merged_labels"].max())) + 1
+  report = {
+    "command": "refine",
+    "take": which,
+    "was": session_store.taken(arrays),
+    "round": record["round"],
+    "rounds": len(doc["rounds"]),
+    "session": str(session),
+    "image": doc["image"],
+    "model": doc["model"],
+    "changed_pixels": int((labels != arrays["labels"]).sum()),
+    "marks_honoured": honoured_fraction(labels, arrays["marks"]),
+    "class_pixels": class_counts(labels, class_names or info.class_names, num_classes),
+  }
+  what = "the refined network's own labels" if which == "network" else "the merged labels"
+  title = f"{Path(img.path).name}: round {record['round']}, {what}"
+  report = write_outputs(
+    report, out, img, labels, initial if initial is not None else labels, labels, arrays["marks"], overlay, log, title
+  )
+  session_store.take(session, doc, which)
+  log(f"round {record['round']} of session {session} now takes {what}")
   return report
 
 
@@ -631,7 +697,7 @@ def segment(request: Request, prepared: Prepared, marks: RoundMarks, refined: Re
       "note: the loop honoured every mark on the model's grid, but the segmentation brought back to the "
       "image's grid misses some marked pixels (they lie between the model's voxels)"
     )
-  return Segmented(labels, honoured, network_honoured)
+  return Segmented(labels, honoured, network_honoured, np.asarray(network_labels, np.int32))
 
 
 def round_report(
@@ -662,6 +728,7 @@ def round_report(
     "marks_honoured": segmented.honoured,
     "network_marks_honoured": segmented.network_honoured,
     "changed_pixels": int((segmented.labels != refined.before_image).sum()),
+    "network_differs": int((segmented.labels != segmented.network_labels).sum()),
     "seconds": refined.seconds,
     "compile_seconds": refined.compile_seconds,
     "compile_seconds_note": COMPILE_NOTE,
@@ -737,6 +804,8 @@ def persist(request: Request, prepared: Prepared, marks: RoundMarks, refined: Re
     labels=segmented.labels,
     tunable=[np.asarray(x) for x in jax.tree.leaves(refined.result.tunable)],
     drawn=marks.drawn_image,
+    network_labels=segmented.network_labels,
+    taken="merged" if prepared.config.progressive_merge else "network",
   )
   if request.undone is not None:
     session_store.remove_round_file(session, doc, request.undone)

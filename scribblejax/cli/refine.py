@@ -34,6 +34,7 @@ def run(args: argparse.Namespace) -> int:
         out=args.out,
         session=args.session,
         undo=args.undo,
+        take=args.take,
         settings=settings,
         mark_options=options,
         overlay=not args.no_overlay,
@@ -47,9 +48,15 @@ def run(args: argparse.Namespace) -> int:
 
 
 def summary(report: dict) -> str:
-  """The line ``refine`` prints (after a round, or an undo)."""
+  """The line ``refine`` prints (after a round, an undo, or a take)."""
+  where = f"; wrote {report['out']}" if "out" in report else ""
+  if "take" in report:
+    what = "the refined network's own labels" if report["take"] == "network" else "the merged labels"
+    return (
+      f"round {report['round']} now shows {what}: {report['changed_pixels']} pixel(s) changed, "
+      f"{report['marks_honoured']:.1%} of marks honoured{where}"
+    )
   if "steps" not in report:
-    where = f"; wrote {report['out']}" if "out" in report else ""
     return f"undid round {report['undone_round']}: {report['rounds']} round(s) left{where}"
   network = report.get("network_marks_honoured", report["marks_honoured"])
   if report["satisfied"] and network == 1.0:
@@ -63,9 +70,11 @@ def summary(report: dict) -> str:
       else f"not satisfied after {report['steps']} steps"
     )
     state = f"the network honours {network:.1%} of marks ({why}), the segmentation {report['marks_honoured']:.1%}"
+  differs = report.get("network_differs", 0)
+  other = f"; the refined network's own labels differ in {differs} pixel(s) (--take network)" if differs else ""
   return (
     f"wrote {report['out']}: round {report['round']}, {report['steps']} steps, {state}, "
-    f"{report['seconds']:.2f}s ({report['compile_seconds']:.2f}s compiling) on {report['device']}"
+    f"{report['seconds']:.2f}s ({report['compile_seconds']:.2f}s compiling) on {report['device']}{other}"
   )
 
 
@@ -76,7 +85,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     help="correct a segmentation with marks (label map, LabelMe JSON, 3D Slicer .seg.nrrd)",
     description="Fine-tune one copy of the network's last layers until it predicts every marked pixel as "
     "its mark (Sambaturu et al., MICCAI 2021), and write the corrected segmentation. With "
-    "--session, marks accumulate over rounds and --undo drops the latest round.",
+    "--session, marks accumulate over rounds, --undo drops the latest round, and --take network shows the "
+    "latest round's refined network's own labels instead of the merged ones.",
     epilog=flags.EPILOG,
   )
   io = parser.add_argument_group("files")
@@ -93,6 +103,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
   io.add_argument("--session", metavar="DIR", help="keep the marks and state of rounds in DIR (created if missing)")
   io.add_argument(
     "--undo", action="store_true", help="drop the session's latest round (then refine with --marks, if given)"
+  )
+  io.add_argument(
+    "--take",
+    choices=("network", "merged"),
+    help="make the session's latest round show the refined network's own labels (network) or the round's "
+    "merge (merged; what a round shows with the merge on), write it to --out, and start the next round from "
+    "it; no refinement",
   )
   io.add_argument("--no-overlay", action="store_true", help="do not write <out>.overlay.png")
   method = parser.add_argument_group(

@@ -7,7 +7,11 @@ Layout::
                           "model": ..., "spatial_shape": [...], "rounds": [{"file": "round-001.npz", ...}]}
     DIR/round-001.npz    marks (int32, all marks so far, in the image's index space, -1 unmarked),
                          new_marks (this round's marks), drawn (the marks so far that the user
-                         drew, without region growing's), labels (int32 result),
+                         drew, without region growing's), labels (int32: the round's segmentation,
+                         the one a next round starts from), merged_labels and network_labels (int32:
+                         the round's merge and the refined network's own labels, the two a user may
+                         take as its segmentation; absent in rounds stored before they were kept),
+                         taken ("merged" or "network": which of the two labels is),
                          tunable_0 ... tunable_N (the refined weights W_lam, leaves in pytree order)
     DIR/initial.npz      labels: the network's own segmentation (what an undo of every round shows);
                          unsure, sure (bool): where the network was unsure and sure, for the merge
@@ -156,17 +160,30 @@ def append_round(
   labels: np.ndarray,
   tunable: list[Any],
   drawn: np.ndarray | None = None,
+  network_labels: np.ndarray | None = None,
+  taken: str = "merged",
 ) -> dict:
-  """Stores a new round; returns the updated document (already saved). ``drawn``: the marks so far
-  without region growing's (default: ``marks``)."""
+  """Stores a new round; returns the updated document (already saved).
+
+  Args:
+    directory, doc: the session folder and its document.
+    record: the round's entry in ``session.json`` (``file`` and ``round`` are added).
+    marks, new_marks: every mark so far, and this round's.
+    labels: the round's segmentation (with the merge, the merged labels).
+    tunable: the refined weights' leaves.
+    drawn: the marks so far without region growing's (default: ``marks``).
+    network_labels: the refined network's own labels (``None``: not kept; :func:`take` then refuses).
+    taken: what ``labels`` is, ``"merged"`` or ``"network"`` (a round without the merge).
+  """
+  _check_taken(taken)
   d = Path(directory)
   d.mkdir(parents=True, exist_ok=True)
   index = len(doc["rounds"]) + 1
   # a file name no saved round uses and no file holds (an undone round's file stays until this round
   # is saved, so an interruption leaves the session as it was)
-  taken = {r["file"] for r in doc["rounds"]}
+  used = {r["file"] for r in doc["rounds"]}
   number = index
-  while f"round-{number:03d}.npz" in taken or (d / f"round-{number:03d}.npz").exists():
+  while f"round-{number:03d}.npz" in used or (d / f"round-{number:03d}.npz").exists():
     number += 1
   name = f"round-{number:03d}.npz"
   arrays = {
@@ -175,11 +192,72 @@ def append_round(
     "drawn": np.asarray(marks if drawn is None else drawn, np.int32),
     "labels": np.asarray(labels, np.int32),
   }
+  if network_labels is not None:
+    arrays.update(
+      merged_labels=arrays["labels"], network_labels=np.asarray(network_labels, np.int32), taken=np.array(taken)
+    )
   arrays.update({f"tunable_{i}": np.asarray(leaf) for i, leaf in enumerate(tunable)})
   _write_atomic(d / name, lambda f: np.savez_compressed(f, **arrays))
   doc = dict(doc, rounds=doc["rounds"] + [dict(record, file=name, round=index)])
   save_session(d, doc)
   return doc
+
+
+TAKES = ("merged", "network")
+
+
+def _check_taken(taken: str) -> None:
+  if taken not in TAKES:
+    raise ValueError(f"a round's segmentation is one of {', '.join(TAKES)}, got {taken!r}")
+
+
+def taken(arrays: dict[str, np.ndarray]) -> str | None:
+  """Which segmentation a round's ``labels`` is (``"merged"`` or ``"network"``); ``None`` for a round
+  stored before the two were kept."""
+  return str(arrays["taken"]) if "taken" in arrays else None
+
+
+def labels_to_take(directory: str | os.PathLike, doc: dict, which: str) -> tuple[dict[str, np.ndarray], np.ndarray]:
+  """The latest round's arrays and the labels :func:`take` would make its segmentation (nothing is written).
+
+  Raises:
+    ValueError: no round, an unknown ``which``, or a round stored before both were kept.
+  """
+  _check_taken(which)
+  if not doc["rounds"]:
+    raise ValueError(f"nothing to take: session {directory} has no rounds")
+  record = doc["rounds"][-1]
+  arrays = round_arrays(directory, record)
+  if taken(arrays) is None:
+    raise ValueError(
+      f"round {record['round']} of session {directory} was stored before a round kept the refined network's own "
+      "labels beside the merged ones; refine again (or undo and refine) to choose between them"
+    )
+  return arrays, arrays[f"{which}_labels"]
+
+
+def take(directory: str | os.PathLike, doc: dict, which: str) -> np.ndarray:
+  """Makes the latest round's segmentation its merged labels or the refined network's own labels.
+
+  A round keeps both; the one taken becomes ``labels``, which the next round starts from, an undo of a
+  later round comes back to, and the command line and the viewer show. The round's file is rewritten
+  atomically and nothing else changes, so taking the other one back restores the round exactly.
+
+  Args:
+    directory: the session folder.
+    doc: its document.
+    which: ``"merged"`` or ``"network"``.
+
+  Returns:
+    The labels now taken.
+
+  Raises:
+    ValueError: as :func:`labels_to_take`.
+  """
+  arrays, labels = labels_to_take(directory, doc, which)
+  new = dict(arrays, labels=labels, taken=np.array(which))
+  _write_atomic(Path(directory) / doc["rounds"][-1]["file"], lambda f: np.savez_compressed(f, **new))
+  return labels
 
 
 def without_last_round(doc: dict, directory: str | os.PathLike = "") -> tuple[dict, dict]:

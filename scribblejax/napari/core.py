@@ -59,6 +59,8 @@ class Interaction(NamedTuple):
   initial: np.ndarray  # int32[*spatial]: the network's own segmentation
   drawn: np.ndarray  # int32[*spatial]: the marks the session's rounds hold that the user drew, -1 unmarked
   rounds: int  # rounds in the session
+  network: np.ndarray | None = None  # int32[*spatial]: the latest round's refined network's own labels
+  taken: str | None = None  # which the latest round shows: "merged" or "network" (None: no round, or not kept)
 
   @property
   def num_classes(self) -> int:
@@ -173,14 +175,22 @@ def reload(it: Interaction) -> Interaction:
   if doc is None or not doc["rounds"]:
     blank = np.full(it.image.spatial_shape, -1, np.int32)
     return it._replace(
-      labels=np.asarray(initial, np.int32), initial=np.asarray(initial, np.int32), drawn=blank, rounds=0
+      labels=np.asarray(initial, np.int32),
+      initial=np.asarray(initial, np.int32),
+      drawn=blank,
+      rounds=0,
+      network=None,
+      taken=None,
     )
   arrays = session_store.round_arrays(it.session, doc["rounds"][-1])
+  network = arrays.get("network_labels")
   return it._replace(
     labels=np.asarray(arrays["labels"], np.int32),
     initial=np.asarray(initial, np.int32),
     drawn=np.asarray(session_store.drawn_marks(arrays), np.int32),
     rounds=len(doc["rounds"]),
+    network=None if network is None else np.asarray(network, np.int32),
+    taken=session_store.taken(arrays),
   )
 
 
@@ -353,6 +363,29 @@ def undo_round(it: Interaction, log: Log = silent) -> Interaction:
     out=None,
     session=str(it.session),
     undo=True,
+    overlay=False,
+    log=log,
+    inference=it.inference,
+  )
+  return reload(it)
+
+
+def take(it: Interaction, which: str, log: Log = silent) -> Interaction:
+  """Shows the latest round's refined network's own labels (``"network"``) or its merge (``"merged"``),
+  and starts the next round from them (``scribblejax refine --session DIR --take network``).
+
+  Raises:
+    ValueError: no round yet, or a round stored before both were kept.
+  """
+  if it.rounds == 0:
+    raise ValueError("nothing to take: no round yet")
+  run_refine(
+    model=None,
+    image=None,
+    marks=[],
+    out=None,
+    session=str(it.session),
+    take=which,
     overlay=False,
     log=log,
     inference=it.inference,

@@ -1,11 +1,14 @@
-"""The dock widget: choose a model and an image, paint scribbles, Refine, Undo, Reset, Save.
+"""The dock widget: choose a model and an image, paint scribbles, Refine, Undo, Reset, Save; after a
+round, choose between its merged segmentation and the refined network's own labels.
 
 Every heavy call (opening, a round, an undo) runs in a worker thread (``napari.qt.threading``); the
 viewer stays live, and the layers change when the worker returns. A failed call leaves the layers as
 they were and names the problem in the widget (nothing drawn is lost).
 
-Layers: ``image``, ``segmentation`` (class k = label k; 0, the background, shows as nothing) and
-``scribbles`` (value k + 1 = class k, 0 = unmarked).
+Layers: ``image``, ``segmentation`` (class k = label k; 0, the background, shows as nothing),
+``scribbles`` (value k + 1 = class k, 0 = unmarked) and, after a round, ``refined network`` (hidden at
+first: the latest round's refined network's own labels, which the merge took only in part; the
+"Show network's own" button makes them the segmentation, and the next round starts from them).
 """
 
 from __future__ import annotations
@@ -38,7 +41,8 @@ from scribblejax.io import session_store
 from scribblejax.models.store import builtin_models, read_info
 from scribblejax.napari import core
 
-IMAGE, SEGMENTATION, SCRIBBLES = "image", "segmentation", "scribbles"
+IMAGE, SEGMENTATION, SCRIBBLES, NETWORK = "image", "segmentation", "scribbles", "refined network"
+TAKE_TEXT = {"merged": "Show network's own", "network": "Show merged"}  # the take button, by what is shown
 # the knobs the widget offers (the settings table's "napari" rows), by RefineSettings field: numbers as
 # (the CLI's flag, field, type) in edit boxes, switches as fields in check boxes
 KNOBS = tuple(
@@ -167,12 +171,18 @@ class ScribbleWidget(QWidget):
     self.reset_button = _button("Reset to network", lambda: self.reset())
     self.save_seg_button = _button("Save segmentation...", lambda: self.save_segmentation())
     self.save_session_button = _button("Save session...", lambda: self.save_session())
+    self.take_button = _button(TAKE_TEXT["merged"], lambda: self.take())
+    self.take_button.setToolTip(
+      "the latest round's segmentation: its merge (the default) or the refined network's own labels "
+      "(layer 'refined network'); the next round starts from the one shown (scribblejax refine --take)"
+    )
     for i, b in enumerate(
       (
         self.refine_button,
         self.cancel_button,
         self.undo_button,
         self.reset_button,
+        self.take_button,
         self.save_seg_button,
         self.save_session_button,
       )
@@ -185,6 +195,9 @@ class ScribbleWidget(QWidget):
     for b in (self.refine_button, self.undo_button, self.reset_button, self.save_seg_button, self.save_session_button):
       b.setEnabled(opened)
     self.add_class_button.setEnabled(opened and self.interaction.rounds == 0)
+    self.take_button.setEnabled(opened and self.interaction.taken is not None)
+    taken = self.interaction.taken if self.interaction is not None else None
+    self.take_button.setText(TAKE_TEXT[taken or "merged"])
     self.open_button.setEnabled(not self.busy)
     self.cancel_button.setEnabled(self.busy)
 
@@ -238,6 +251,18 @@ class ScribbleWidget(QWidget):
     if it is None:
       return
     self._run("resetting", lambda: core.reset(it), lambda new: self._restored(new, None, "back to the network"))
+
+  def take(self, which: str | None = None) -> None:
+    """Shows the latest round's refined network's own labels (``"network"``) or its merge (``"merged"``;
+    default: the one not shown); the next round starts from it."""
+    it = self.interaction
+    if it is None:
+      return
+    if it.taken is None:
+      return self._say("no round to choose for (or one stored before both were kept)", error=True)
+    which = which or ("merged" if it.taken == "network" else "network")
+    what = "the refined network's own labels" if which == "network" else "the merged segmentation"
+    self._run("taking", lambda: core.take(it, which), lambda new: self._taken(new, what))
 
   def add_class(self, name: str | None = None) -> None:
     """Appends a class to the network's head (before the first round only; the session keeps it)."""
@@ -373,7 +398,7 @@ class ScribbleWidget(QWidget):
   def _opened(self, it: core.Interaction) -> None:
     self.interaction = it
     self.report = None
-    for name in (SCRIBBLES, SEGMENTATION, IMAGE):
+    for name in (NETWORK, SCRIBBLES, SEGMENTATION, IMAGE):
       if name in self.viewer.layers:
         self.viewer.layers.remove(name)
     self._add_image(it)
@@ -382,6 +407,7 @@ class ScribbleWidget(QWidget):
     scribbles = self.viewer.add_labels(core.scribble_values(it), name=SCRIBBLES, scale=scale)
     scribbles.brush_size = 3
     scribbles.mode = "paint"
+    self._show_network(it)
     self._show_classes()
     self._orient(it)
     self.viewer.reset_view()
@@ -427,7 +453,13 @@ class ScribbleWidget(QWidget):
     it, report = result
     self.interaction, self.report = it, report
     self._set_layer(SEGMENTATION, it.labels)
+    self._show_network(it)
     text = core.summary(report)
+    if report.get("network_differs"):
+      text += (
+        f"; the refined network's own labels (layer {NETWORK!r}) differ in {report['network_differs']} pixel(s): "
+        f"{TAKE_TEXT['merged']} takes them"
+      )
     if report.get("erased_marks"):
       text += f"; {report['erased_marks']} erased mark pixel(s) stay in the session (Undo drops a round)"
     self.report_label.setText(text)
@@ -436,10 +468,31 @@ class ScribbleWidget(QWidget):
   def _restored(self, it: core.Interaction, pending: np.ndarray | None, what: str) -> None:
     self.interaction, self.report = it, None
     self._set_layer(SEGMENTATION, it.labels)
+    self._show_network(it)
     marks = it.drawn if pending is None else np.where(pending >= 0, pending, it.drawn)
     self._set_layer(SCRIBBLES, core.values_of(marks))
     self.report_label.setText("")
     self._say(f"{what}: {it.rounds} round(s) in the session")
+
+  def _taken(self, it: core.Interaction, what: str) -> None:
+    self.interaction = it
+    self._set_layer(SEGMENTATION, it.labels)
+    self._say(f"round {it.rounds} shows {what}; the next round starts from it")
+
+  def _show_network(self, it: core.Interaction) -> None:
+    """The ``refined network`` layer: the latest round's refined network's own labels (hidden when first
+    added); no layer before a round."""
+    if it.network is None:
+      if NETWORK in self.viewer.layers:
+        self.viewer.layers.remove(NETWORK)
+      return
+    if NETWORK not in self.viewer.layers:
+      scale = tuple(it.image.geometry.spacing)
+      self.viewer.add_labels(np.array(it.network, np.int32), name=NETWORK, scale=scale, opacity=0.4, visible=False)
+      if SCRIBBLES in self.viewer.layers:  # painting stays on the scribbles
+        self.viewer.layers.selection.active = self._layer(SCRIBBLES)
+      return
+    self._set_layer(NETWORK, it.network)
 
   def _pending(self) -> np.ndarray | None:
     """Strokes painted since the latest round (they survive an undo), or ``None`` if unreadable."""

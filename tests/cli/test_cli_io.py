@@ -608,6 +608,106 @@ def test_session_two_rounds_then_undo(tmp_path, model_dir, crop, capsys):
   _no_temporaries(tmp_path)
 
 
+def test_take_shows_the_refined_networks_own_labels_and_the_session_goes_on_from_them(
+  tmp_path, model_dir, crop, capsys
+):
+  image, truth, network = crop
+  tifffile.imwrite(tmp_path / "img.tif", image)
+  (r1, c1), (r0, c0) = _wrong_spots(truth, network)[1][0], _wrong_spots(truth, network)[0][0]
+  marks = np.zeros((96, 96), np.uint8)
+  marks[r1, c1] = 1  # "nucleus here", where the network says background
+  PILImage.fromarray(marks).save(tmp_path / "m.png")
+  second = np.zeros((96, 96), np.uint8)
+  second[r0, c0] = 255  # "background here"
+  PILImage.fromarray(second).save(tmp_path / "m2.png")
+  # one step: the refined network cannot honour the mark yet, the merge writes it, so the two labels differ
+  common = ["--model", str(model_dir), "--image", str(tmp_path / "img.tif"), "--steps", "1", "--quiet"]
+  session = tmp_path / "s"
+  assert (
+    main(
+      [
+        "refine",
+        *common,
+        "--session",
+        str(session),
+        "--marks",
+        str(tmp_path / "m.png"),
+        "--out",
+        str(tmp_path / "r1.tif"),
+      ]
+    )
+    == 0
+  )
+  merged = tifffile.imread(tmp_path / "r1.tif")
+  differs = json.loads((tmp_path / "r1.report.json").read_text())["network_differs"]
+  # the same round without the merge, in a session of its own: the refined network's own labels
+  argv = [
+    "refine",
+    *common,
+    "--no-progressive-merge",
+    "--marks",
+    str(tmp_path / "m.png"),
+    "--out",
+    str(tmp_path / "own.tif"),
+  ]
+  assert main(argv) == 0
+  own = tifffile.imread(tmp_path / "own.tif")
+  assert merged[r1, c1] == 1 and own[r1, c1] == 0 and differs == int((merged != own).sum()) > 0
+  capsys.readouterr()
+
+  take = ["refine", "--session", str(session), "--take"]
+  assert main([*take, "network", "--out", str(tmp_path / "n.tif")]) == 0
+  assert "round 1 now shows the refined network's own labels" in capsys.readouterr().out
+  np.testing.assert_array_equal(tifffile.imread(tmp_path / "n.tif"), own)
+  report = json.loads((tmp_path / "n.report.json").read_text())
+  assert (report["take"], report["was"], report["changed_pixels"], report["marks_honoured"]) == (
+    "network",
+    "merged",
+    differs,
+    0.0,
+  )
+  # a later round's undo comes back to the labels taken, and taking the merge back restores the round exactly
+  assert (
+    main(
+      [
+        "refine",
+        *common,
+        "--session",
+        str(session),
+        "--marks",
+        str(tmp_path / "m2.png"),
+        "--out",
+        str(tmp_path / "r2.tif"),
+      ]
+    )
+    == 0
+  )
+  assert main(["refine", "--session", str(session), "--undo", "--out", str(tmp_path / "u.tif"), "--quiet"]) == 0
+  np.testing.assert_array_equal(tifffile.imread(tmp_path / "u.tif"), own)
+  assert main([*take, "merged", "--out", str(tmp_path / "m.tif"), "--quiet"]) == 0
+  np.testing.assert_array_equal(tifffile.imread(tmp_path / "m.tif"), merged)
+  assert json.loads((tmp_path / "m.report.json").read_text())["marks_honoured"] == 1.0
+
+  # refusals, each named
+  for argv, message in [
+    ([*take, "network", "--marks", str(tmp_path / "m.png")], "without --undo and --marks"),
+    ([*take, "network", "--undo"], "without --undo and --marks"),
+    (["refine", "--take", "network", *common[:4]], "--take needs --session"),
+  ]:
+    assert main(argv) == 1
+    assert message in capsys.readouterr().err
+  rounds = json.loads((session / "session.json").read_text())["rounds"]
+  with np.load(session / rounds[-1]["file"]) as data_:  # a round stored before both labels were kept
+    old = {k: data_[k] for k in data_.files if k not in ("merged_labels", "network_labels", "taken")}
+  np.savez_compressed(session / rounds[-1]["file"], **old)
+  assert main([*take, "network"]) == 1
+  assert "refine again" in capsys.readouterr().err
+  assert main(["refine", "--session", str(session), "--undo", "--quiet"]) == 0
+  assert main([*take, "network"]) == 1
+  assert "nothing to take" in capsys.readouterr().err
+  _no_temporaries(tmp_path)
+
+
 @pytest.mark.slow
 def test_continue_weights_and_region_growing(tmp_path, model_dir, crop, capsys):
   image, truth, network = crop

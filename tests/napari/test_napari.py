@@ -32,7 +32,7 @@ if not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
 from scribblejax.cli import main
 from scribblejax.io import read_image
 from scribblejax.napari import core
-from scribblejax.napari.widget import SCRIBBLES, SEGMENTATION, ScribbleWidget
+from scribblejax.napari.widget import NETWORK, SCRIBBLES, SEGMENTATION, ScribbleWidget
 from scribblejax.research import data
 
 # explicit knobs, so that the rounds are short and do not depend on the models' stored defaults
@@ -129,7 +129,8 @@ def test_refine_in_2d_honours_the_stroke_and_undo_restores_the_layer(make_napari
   _wait(qtbot, widget)
   np.testing.assert_array_equal(segmentation.data, before)
   assert not viewer.layers[SCRIBBLES].data.any()
-  assert widget.interaction.rounds == 0
+  assert widget.interaction.rounds == 0 and NETWORK not in viewer.layers  # no round, no refined network
+  assert not widget.take_button.isEnabled()
 
 
 @pytest.mark.slow
@@ -244,6 +245,18 @@ def test_the_merge_switch_reaches_the_round(make_napari_viewer, qtbot, cells, tm
   merged = _refine(qtbot, widget)
   assert merged["settings"]["progressive_merge"] is True  # the library's default
   assert merged["network_marks_honoured"] < 1.0 and merged["marks_honoured"] == 1.0, merged
+  # the refined network's own labels beside the merge, hidden; the take button shows them, and back
+  own, shown = viewer.layers[NETWORK], viewer.layers[SEGMENTATION].data.copy()
+  assert not own.visible and merged["network_differs"] == int((own.data != shown).sum()) > 0
+  assert "differ in" in widget.report_label.text() and widget.take_button.text() == "Show network's own"
+  widget.take_button.click()
+  _wait(qtbot, widget)
+  np.testing.assert_array_equal(viewer.layers[SEGMENTATION].data, own.data)
+  assert widget.interaction.taken == "network" and widget.take_button.text() == "Show merged"
+  widget.take_button.click()
+  _wait(qtbot, widget)
+  np.testing.assert_array_equal(viewer.layers[SEGMENTATION].data, shown)
+  assert widget.interaction.taken == "merged" and viewer.layers.selection.active.name == SCRIBBLES
   merge.setCheckState(Qt.CheckState.Unchecked)
   assert widget.settings().progressive_merge is False
   values = _stroke(widget, (12, slice(5, 25)))
@@ -252,6 +265,8 @@ def test_the_merge_switch_reaches_the_round(make_napari_viewer, qtbot, cells, tm
   # the segmentation is the refined network's own: it honours the marks exactly as far as the network does
   assert report["marks_honoured"] == report["network_marks_honoured"] < 1.0, report
   _assert_honoured(widget, values)
+  assert widget.interaction.taken == "network" and report["network_differs"] == 0
+  np.testing.assert_array_equal(viewer.layers[NETWORK].data, viewer.layers[SEGMENTATION].data)
 
 
 def test_marks_of_names_a_value_that_is_no_class():
