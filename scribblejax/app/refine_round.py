@@ -17,6 +17,7 @@ grid gets them by :func:`scribblejax.pipeline.grid.to_model`, once per round.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -38,6 +39,7 @@ from scribblejax.app.report import (
   write_outputs,
 )
 from scribblejax.app.settings import (
+  SETTINGS,
   MarkOptions,
   RefineSettings,
   reported_settings,
@@ -275,6 +277,9 @@ def _check_request(
       raise ValueError("--take needs --session (the folder whose latest round it changes)")
     if undo or marks:
       raise ValueError("--take changes the latest round's segmentation only: give it without --undo and --marks")
+    given = [SETTINGS[f].flag if f in SETTINGS else "--new-class" for f in _given_settings(settings)]
+    if given:
+      raise ValueError(f"--take refines nothing, so it takes no method settings: drop {', '.join(given)}")
     if doc is None or not doc["rounds"]:
       raise ValueError(f"nothing to take: session {session} has no rounds")
     return
@@ -286,6 +291,12 @@ def _check_request(
     raise ValueError(f"nothing to undo: session {session} has no rounds")
   if not marks and not undo:
     raise ValueError("refine needs at least one --marks file")
+
+
+def _given_settings(settings: RefineSettings) -> list[str]:
+  """The fields of ``settings`` that differ from their defaults (the knobs a user set)."""
+  default = RefineSettings()
+  return [f.name for f in dataclasses.fields(settings) if getattr(settings, f.name) != getattr(default, f.name)]
 
 
 def _check_session(
@@ -447,11 +458,11 @@ def after_take(
   arrays, labels = session_store.labels_to_take(session, doc, which)
   record = doc["rounds"][-1]
   initial = session_store.load_initial(session)
-  num_classes = int(max(arrays["network_labels"].max(), arrays["merged_labels"].max())) + 1
+  num_classes = int(max(arrays["labels"].max(), labels.max())) + 1
   report = {
     "command": "refine",
     "take": which,
-    "was": session_store.taken(arrays),
+    "was": session_store.taken_of(arrays),
     "round": record["round"],
     "rounds": len(doc["rounds"]),
     "session": str(session),

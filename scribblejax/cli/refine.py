@@ -71,7 +71,8 @@ def summary(report: dict) -> str:
     )
     state = f"the network honours {network:.1%} of marks ({why}), the segmentation {report['marks_honoured']:.1%}"
   differs = report.get("network_differs", 0)
-  other = f"; the refined network's own labels differ in {differs} pixel(s) (--take network)" if differs else ""
+  how = "--take network" if "session" in report else "--no-progressive-merge, or a --session and --take network"
+  other = f"; the refined network's own labels differ in {differs} pixel(s) ({how})" if differs else ""
   return (
     f"wrote {report['out']}: round {report['round']}, {report['steps']} steps, {state}, "
     f"{report['seconds']:.2f}s ({report['compile_seconds']:.2f}s compiling) on {report['device']}{other}"

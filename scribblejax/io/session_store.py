@@ -10,7 +10,8 @@ Layout::
                          drew, without region growing's), labels (int32: the round's segmentation,
                          the one a next round starts from), merged_labels and network_labels (int32:
                          the round's merge and the refined network's own labels, the two a user may
-                         take as its segmentation; absent in rounds stored before they were kept),
+                         take as its segmentation; no merged_labels after a round without the merge,
+                         neither in rounds stored before they were kept),
                          taken ("merged" or "network": which of the two labels is),
                          tunable_0 ... tunable_N (the refined weights W_lam, leaves in pytree order)
     DIR/initial.npz      labels: the network's own segmentation (what an undo of every round shows);
@@ -35,6 +36,7 @@ from scribblejax.io import fileio
 
 FORMAT = "scribblejax-session"
 VERSION = 1
+TAKES = ("merged", "network")  # what a round's segmentation may be: its merge, or the refined network's own
 
 
 def _write_atomic(path: Path, write) -> None:
@@ -173,7 +175,8 @@ def append_round(
     tunable: the refined weights' leaves.
     drawn: the marks so far without region growing's (default: ``marks``).
     network_labels: the refined network's own labels (``None``: not kept; :func:`take` then refuses).
-    taken: what ``labels`` is, ``"merged"`` or ``"network"`` (a round without the merge).
+    taken: what ``labels`` is: ``"merged"`` (a round with the merge; ``labels`` is kept as
+      ``merged_labels`` too) or ``"network"`` (a round without it, whose labels are the network's).
   """
   _check_taken(taken)
   d = Path(directory)
@@ -193,9 +196,9 @@ def append_round(
     "labels": np.asarray(labels, np.int32),
   }
   if network_labels is not None:
-    arrays.update(
-      merged_labels=arrays["labels"], network_labels=np.asarray(network_labels, np.int32), taken=np.array(taken)
-    )
+    arrays.update(network_labels=np.asarray(network_labels, np.int32), taken=np.array(taken))
+    if taken == "merged":  # a round without the merge has one segmentation: the refined network's
+      arrays["merged_labels"] = arrays["labels"]
   arrays.update({f"tunable_{i}": np.asarray(leaf) for i, leaf in enumerate(tunable)})
   _write_atomic(d / name, lambda f: np.savez_compressed(f, **arrays))
   doc = dict(doc, rounds=doc["rounds"] + [dict(record, file=name, round=index)])
@@ -203,45 +206,70 @@ def append_round(
   return doc
 
 
-TAKES = ("merged", "network")
+def _check_taken(which: str) -> None:
+  """Refuses a name that is none of :data:`TAKES`."""
+  if which not in TAKES:
+    raise ValueError(f"a round's segmentation is one of {', '.join(TAKES)}, got {which!r}")
 
 
-def _check_taken(taken: str) -> None:
-  if taken not in TAKES:
-    raise ValueError(f"a round's segmentation is one of {', '.join(TAKES)}, got {taken!r}")
-
-
-def taken(arrays: dict[str, np.ndarray]) -> str | None:
+def taken_of(arrays: dict[str, np.ndarray]) -> str | None:
   """Which segmentation a round's ``labels`` is (``"merged"`` or ``"network"``); ``None`` for a round
-  stored before the two were kept."""
+  stored before a round kept the refined network's own labels."""
   return str(arrays["taken"]) if "taken" in arrays else None
+
+
+def choices(arrays: dict[str, np.ndarray]) -> tuple[str, ...]:
+  """The segmentations a round offers to :func:`take`: both after a round with the merge, none after a
+  round without it (its segmentation is the refined network's own) or one stored before they were kept."""
+  return TAKES if all(f"{which}_labels" in arrays for which in TAKES) else ()
 
 
 def labels_to_take(directory: str | os.PathLike, doc: dict, which: str) -> tuple[dict[str, np.ndarray], np.ndarray]:
   """The latest round's arrays and the labels :func:`take` would make its segmentation (nothing is written).
 
+  Args:
+    directory: the session folder.
+    doc: its document.
+    which: ``"merged"`` or ``"network"``.
+
+  Returns:
+    ``(arrays, labels)``: the round's arrays as stored, and its ``which`` labels.
+
   Raises:
-    ValueError: no round, an unknown ``which``, or a round stored before both were kept.
+    ValueError: no round, an unknown ``which``, a round refined without the merge (it has one
+      segmentation), one stored before both were kept, or a damaged round file.
   """
   _check_taken(which)
   if not doc["rounds"]:
     raise ValueError(f"nothing to take: session {directory} has no rounds")
   record = doc["rounds"][-1]
   arrays = round_arrays(directory, record)
-  if taken(arrays) is None:
+  shown = taken_of(arrays)
+  if shown is None:
     raise ValueError(
-      f"round {record['round']} of session {directory} was stored before a round kept the refined network's own "
-      "labels beside the merged ones; refine again (or undo and refine) to choose between them"
+      f"round {record['round']} of session {directory} was stored by an older scribblejax, which kept only the "
+      "segmentation it showed; refine a new round (or --undo and refine again) to choose between the two"
     )
+  if shown == "network" and "merged_labels" not in arrays and "network_labels" in arrays:  # no merge
+    if which == "merged":
+      raise ValueError(
+        f"round {record['round']} of session {directory} was refined without the merge (--no-progressive-merge): "
+        "its segmentation is the refined network's own, and there is no merge to take"
+      )
+    return arrays, arrays["network_labels"]
+  missing = [f"{w}_labels" for w in TAKES if f"{w}_labels" not in arrays]
+  if missing:
+    raise ValueError(f"session round {Path(directory) / record['file']} is damaged: it lacks {', '.join(missing)}")
   return arrays, arrays[f"{which}_labels"]
 
 
 def take(directory: str | os.PathLike, doc: dict, which: str) -> np.ndarray:
   """Makes the latest round's segmentation its merged labels or the refined network's own labels.
 
-  A round keeps both; the one taken becomes ``labels``, which the next round starts from, an undo of a
-  later round comes back to, and the command line and the viewer show. The round's file is rewritten
-  atomically and nothing else changes, so taking the other one back restores the round exactly.
+  A round with the merge keeps both; the one taken becomes ``labels``, which the next round starts from,
+  an undo of a later round comes back to, and the command line and the viewer show. The round's file is
+  rewritten atomically and only ``labels`` and ``taken`` change, so taking the other one back restores
+  the file's arrays exactly.
 
   Args:
     directory: the session folder.

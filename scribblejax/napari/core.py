@@ -59,8 +59,9 @@ class Interaction(NamedTuple):
   initial: np.ndarray  # int32[*spatial]: the network's own segmentation
   drawn: np.ndarray  # int32[*spatial]: the marks the session's rounds hold that the user drew, -1 unmarked
   rounds: int  # rounds in the session
-  network: np.ndarray | None = None  # int32[*spatial]: the latest round's refined network's own labels
-  taken: str | None = None  # which the latest round shows: "merged" or "network" (None: no round, or not kept)
+  # the latest round's refined network's own labels, when the round offers a choice (it ran with the merge)
+  network: np.ndarray | None = None  # int32[*spatial]
+  taken: str | None = None  # which of the two the latest round shows: "merged" or "network" (None: no choice)
 
   @property
   def num_classes(self) -> int:
@@ -183,14 +184,14 @@ def reload(it: Interaction) -> Interaction:
       taken=None,
     )
   arrays = session_store.round_arrays(it.session, doc["rounds"][-1])
-  network = arrays.get("network_labels")
+  network = arrays.get("network_labels") if session_store.choices(arrays) else None
   return it._replace(
     labels=np.asarray(arrays["labels"], np.int32),
     initial=np.asarray(initial, np.int32),
     drawn=np.asarray(session_store.drawn_marks(arrays), np.int32),
     rounds=len(doc["rounds"]),
     network=None if network is None else np.asarray(network, np.int32),
-    taken=session_store.taken(arrays),
+    taken=session_store.taken_of(arrays) if network is not None else None,
   )
 
 
@@ -375,21 +376,16 @@ def take(it: Interaction, which: str, log: Log = silent) -> Interaction:
   and starts the next round from them (``scribblejax refine --session DIR --take network``).
 
   Raises:
-    ValueError: no round yet, or a round stored before both were kept.
+    ValueError: no round yet, or a round that offers no choice (refined without the merge, or stored
+      before both were kept).
   """
   if it.rounds == 0:
     raise ValueError("nothing to take: no round yet")
-  run_refine(
-    model=None,
-    image=None,
-    marks=[],
-    out=None,
-    session=str(it.session),
-    take=which,
-    overlay=False,
-    log=log,
-    inference=it.inference,
-  )
+  doc = session_store.load_session(it.session)
+  if doc is None:
+    raise ValueError(f"session {it.session} is gone")
+  session_store.take(it.session, doc, which)
+  log(f"round {it.rounds} of session {it.session} now shows the {'refined network' if which == 'network' else 'merge'}")
   return reload(it)
 
 

@@ -259,7 +259,9 @@ class ScribbleWidget(QWidget):
     if it is None:
       return
     if it.taken is None:
-      return self._say("no round to choose for (or one stored before both were kept)", error=True)
+      return self._say(
+        "the latest round offers no choice: no round, one without the merge, or an older one", error=True
+      )
     which = which or ("merged" if it.taken == "network" else "network")
     what = "the refined network's own labels" if which == "network" else "the merged segmentation"
     self._run("taking", lambda: core.take(it, which), lambda new: self._taken(new, what))
@@ -477,6 +479,7 @@ class ScribbleWidget(QWidget):
   def _taken(self, it: core.Interaction, what: str) -> None:
     self.interaction = it
     self._set_layer(SEGMENTATION, it.labels)
+    self.report_label.setText(f"round {it.rounds} shows {what}")
     self._say(f"round {it.rounds} shows {what}; the next round starts from it")
 
   def _show_network(self, it: core.Interaction) -> None:

@@ -666,22 +666,14 @@ def test_take_shows_the_refined_networks_own_labels_and_the_session_goes_on_from
     differs,
     0.0,
   )
+  # the next round starts from the labels taken: as in a session whose first round ran without the merge
+  second_round = ["--marks", str(tmp_path / "m2.png"), "--out"]
+  assert main(["refine", *common, "--session", str(session), *second_round, str(tmp_path / "r2.tif")]) == 0
+  nomerge = ["--session", str(tmp_path / "s_own"), "--marks", str(tmp_path / "m.png")]
+  assert main(["refine", *common, *nomerge, "--no-progressive-merge", "--out", str(tmp_path / "o1.tif")]) == 0
+  assert main(["refine", *common, "--session", str(tmp_path / "s_own"), *second_round, str(tmp_path / "o2.tif")]) == 0
+  np.testing.assert_array_equal(tifffile.imread(tmp_path / "r2.tif"), tifffile.imread(tmp_path / "o2.tif"))
   # a later round's undo comes back to the labels taken, and taking the merge back restores the round exactly
-  assert (
-    main(
-      [
-        "refine",
-        *common,
-        "--session",
-        str(session),
-        "--marks",
-        str(tmp_path / "m2.png"),
-        "--out",
-        str(tmp_path / "r2.tif"),
-      ]
-    )
-    == 0
-  )
   assert main(["refine", "--session", str(session), "--undo", "--out", str(tmp_path / "u.tif"), "--quiet"]) == 0
   np.testing.assert_array_equal(tifffile.imread(tmp_path / "u.tif"), own)
   assert main([*take, "merged", "--out", str(tmp_path / "m.tif"), "--quiet"]) == 0
@@ -693,15 +685,19 @@ def test_take_shows_the_refined_networks_own_labels_and_the_session_goes_on_from
     ([*take, "network", "--marks", str(tmp_path / "m.png")], "without --undo and --marks"),
     ([*take, "network", "--undo"], "without --undo and --marks"),
     (["refine", "--take", "network", *common[:4]], "--take needs --session"),
+    ([*take, "network", "--steps", "5"], "takes no method settings: drop --steps"),
   ]:
     assert main(argv) == 1
     assert message in capsys.readouterr().err
+  assert main(["refine", "--session", str(tmp_path / "s_own"), "--undo", "--quiet"]) == 0  # back to the no-merge round
+  assert main(["refine", "--session", str(tmp_path / "s_own"), "--take", "merged"]) == 1
+  assert "there is no merge to take" in capsys.readouterr().err
   rounds = json.loads((session / "session.json").read_text())["rounds"]
   with np.load(session / rounds[-1]["file"]) as data_:  # a round stored before both labels were kept
     old = {k: data_[k] for k in data_.files if k not in ("merged_labels", "network_labels", "taken")}
   np.savez_compressed(session / rounds[-1]["file"], **old)
   assert main([*take, "network"]) == 1
-  assert "refine again" in capsys.readouterr().err
+  assert "stored by an older scribblejax" in capsys.readouterr().err
   assert main(["refine", "--session", str(session), "--undo", "--quiet"]) == 0
   assert main([*take, "network"]) == 1
   assert "nothing to take" in capsys.readouterr().err

@@ -29,19 +29,37 @@ def test_a_round_keeps_both_segmentations_and_take_switches_between_them(tmp_pat
   doc = session_store.append_round(
     tmp_path, doc, {}, marks=marks, new_marks=marks, labels=merged, tunable=[np.ones(3)], network_labels=own
   )
+  stored = session_store.round_arrays(tmp_path, doc["rounds"][-1])
+  assert session_store.choices(stored) == ("merged", "network") and session_store.taken_of(stored) == "merged"
   np.testing.assert_array_equal(session_store.take(tmp_path, doc, "network"), own)
   arrays = session_store.round_arrays(tmp_path, doc["rounds"][-1])
   np.testing.assert_array_equal(arrays["labels"], own)
-  np.testing.assert_array_equal(arrays["tunable_0"], np.ones(3))  # the rest of the round is kept
-  assert session_store.taken(arrays) == "network"
-  session_store.take(tmp_path, doc, "merged")
+  assert session_store.taken_of(arrays) == "network"
+  session_store.take(tmp_path, doc, "merged")  # back: the round's file holds what it held
   arrays = session_store.round_arrays(tmp_path, doc["rounds"][-1])
-  np.testing.assert_array_equal(arrays["labels"], merged)
-  assert session_store.taken(arrays) == "merged"
+  assert sorted(arrays) == sorted(stored)
+  for name in stored:
+    np.testing.assert_array_equal(arrays[name], stored[name], err_msg=name)
   with pytest.raises(ValueError, match="is one of merged, network"):
     session_store.take(tmp_path, doc, "refined")
-  # a round stored before the refined network's labels were kept: nothing to choose between
-  old = session_store.append_round(tmp_path, doc, {}, marks=marks, new_marks=marks, labels=merged, tunable=[])
-  assert session_store.taken(session_store.round_arrays(tmp_path, old["rounds"][-1])) is None
-  with pytest.raises(ValueError, match="refine again"):
+
+
+def test_take_refuses_a_round_without_a_choice(tmp_path):
+  labels, marks = np.zeros((2, 2), np.int32), np.full((2, 2), -1, np.int32)
+  doc = session_store.new_session("img.png", "digest", "nuclei2d", (2, 2))
+  add = dict(marks=marks, new_marks=marks, labels=labels, tunable=[])
+  # without the merge the round's segmentation is the refined network's own: nothing else to take
+  nomerge = session_store.append_round(tmp_path, doc, {}, **add, network_labels=labels, taken="network")
+  assert session_store.choices(session_store.round_arrays(tmp_path, nomerge["rounds"][-1])) == ()
+  with pytest.raises(ValueError, match="no merge to take"):
+    session_store.take(tmp_path, nomerge, "merged")
+  np.testing.assert_array_equal(session_store.take(tmp_path, nomerge, "network"), labels)
+  # a round stored before the refined network's labels were kept
+  old = session_store.append_round(tmp_path, doc, {}, **add)
+  assert session_store.taken_of(session_store.round_arrays(tmp_path, old["rounds"][-1])) is None
+  with pytest.raises(ValueError, match="older scribblejax"):
+    session_store.take(tmp_path, old, "network")
+  # a damaged one: it says which it shows, but lacks the labels
+  np.savez_compressed(tmp_path / old["rounds"][-1]["file"], marks=marks, labels=labels, taken=np.array("merged"))
+  with pytest.raises(ValueError, match="damaged: it lacks merged_labels, network_labels"):
     session_store.take(tmp_path, old, "network")
