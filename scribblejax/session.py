@@ -10,6 +10,7 @@ Example:
   >>> s = add_marks(s, encode_marks(image.shape[:2], [Scribble([(5, 5), (5, 40)], label=1)]))
   >>> s = add_marks(s, more_marks)
   >>> s = undo(s)                      # back to the first round
+  >>> s = take(s, "network")           # the refined network's own labels instead of the round's merge
   >>> current_labels(s)
 """
 
@@ -34,8 +35,9 @@ class Round(NamedTuple):
 
   marks: np.ndarray  # int32[*spatial]: all marks so far (accumulated), -1 unmarked; read-only
   result: RefineResult  # the refinement this round produced
-  labels: Any = None  # int32[*spatial]: the round's segmentation (None: result.labels); see
+  labels: Any = None  # int32[*spatial]: the round's merged segmentation (None: no merge, result.labels); see
   # RefineConfig.progressive_merge
+  taken: str = "merged"  # which segmentation the round shows: its merge ("merged") or result.labels ("network")
 
 
 class Session(NamedTuple):
@@ -119,7 +121,7 @@ def current_labels(session: Session) -> jax.Array:
   """The current segmentation, ``int32[*spatial]``."""
   if session.rounds:
     last = session.rounds[-1]
-    return last.result.labels if last.labels is None else last.labels
+    return last.result.labels if last.labels is None or last.taken == "network" else last.labels
   return jnp.argmax(session.initial_logits, axis=-1).astype(jnp.int32)
 
 
@@ -162,3 +164,25 @@ def undo(session: Session) -> Session:
   if not session.rounds:
     raise ValueError("nothing to undo: the session has no rounds")
   return session._replace(rounds=session.rounds[:-1])
+
+
+def take(session: Session, which: str) -> Session:
+  """Makes the latest round show its merge (``"merged"``) or the refined network's own labels
+  (``"network"``); the next round's merge starts from the one shown.
+
+  With the progressive merge a round keeps the previous segmentation except where its marks asked for a
+  change and where the refined network is very sure. Where the network's error was the same all over,
+  the refined network's own labels (``rounds[-1].result.labels``) can be the better segmentation; this
+  chooses between the two, as ``scribblejax refine --take`` does for a session folder.
+
+  Raises:
+    ValueError: no round, ``which`` is neither name, or ``"merged"`` for a round refined without the merge.
+  """
+  if which not in ("merged", "network"):
+    raise ValueError(f"a round's segmentation is 'merged' or 'network', got {which!r}")
+  if not session.rounds:
+    raise ValueError("nothing to take: the session has no rounds")
+  last = session.rounds[-1]
+  if which == "merged" and last.labels is None:
+    raise ValueError("the latest round was refined without the merge: there is no merge to take")
+  return session._replace(rounds=session.rounds[:-1] + (last._replace(taken=which),))

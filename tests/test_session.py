@@ -94,3 +94,24 @@ def test_session_history_is_not_changed_through_the_callers_arrays(cache_trunk):
   assert sj.session.current_marks(session)[0, 0] == -1 and session.rounds[-1].marks[0, 0] == -1  # ... changes no round
   with pytest.raises(ValueError, match="read-only"):
     session.rounds[-1].marks[0, 0] = 2
+
+
+def test_take_shows_the_refined_networks_labels_and_the_next_round_merges_into_them():
+  split, image = _setup()
+  merging = dataclasses.replace(sj.RefineConfig(), max_steps=1)  # one step: the merge writes what the network missed
+  first = _round((16, 16), ((3, 3), 1), ((12, 12), 2))
+  session = sj.add_marks(sj.start_session(split, image, merging), first)
+  merged, own = np.asarray(sj.current_labels(session)), np.asarray(session.rounds[-1].result.labels)
+  assert (merged != own).any()
+  taken = sj.session.take(session, "network")
+  np.testing.assert_array_equal(np.asarray(sj.current_labels(taken)), own)
+  np.testing.assert_array_equal(np.asarray(sj.current_labels(sj.session.take(taken, "merged"))), merged)
+  # the next round's merge starts from the labels shown: far from its marks it keeps them
+  second = _round((16, 16), ((3, 12), 0))
+  after = np.asarray(sj.current_labels(sj.add_marks(taken, second)))
+  kept = np.asarray(sj.current_labels(sj.add_marks(session, second)))
+  assert (after != kept).any() and (after == own)[own != merged].mean() > (kept == own)[own != merged].mean()
+  with pytest.raises(ValueError, match="no merge to take"):
+    sj.session.take(sj.add_marks(sj.start_session(split, image, CFG), first), "merged")
+  with pytest.raises(ValueError, match="nothing to take"):
+    sj.session.take(sj.start_session(split, image, merging), "network")
