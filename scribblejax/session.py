@@ -1,5 +1,5 @@
 """Interaction sessions, as pure values: start from the network's prediction, add marks, refine, read
-the result, undo a round.
+the result, take a round's merge or the refined network's own labels, undo a round.
 
 Each round accumulates the new marks over the earlier ones and refines. By default every round
 restarts from the original weights W (the paper's reset); ``continue_weights=True`` starts each
@@ -37,7 +37,7 @@ class Round(NamedTuple):
   result: RefineResult  # the refinement this round produced
   labels: Any = None  # int32[*spatial]: the round's merged segmentation (None: no merge, result.labels); see
   # RefineConfig.progressive_merge
-  taken: str = "merged"  # which segmentation the round shows: its merge ("merged") or result.labels ("network")
+  taken: str = "merged"  # what the round shows: its merge, labels ("merged"), or result.labels ("network")
 
 
 class Session(NamedTuple):
@@ -118,10 +118,11 @@ def current_logits(session: Session) -> jax.Array:
 
 
 def current_labels(session: Session) -> jax.Array:
-  """The current segmentation, ``int32[*spatial]``."""
+  """The current segmentation, ``int32[*spatial]``: the latest round's merge or the refined network's own
+  labels, whichever it shows (:func:`take`), or the network's own before any round."""
   if session.rounds:
     last = session.rounds[-1]
-    return last.result.labels if last.labels is None or last.taken == "network" else last.labels
+    return last.labels if last.taken == "merged" else last.result.labels
   return jnp.argmax(session.initial_logits, axis=-1).astype(jnp.int32)
 
 
@@ -156,7 +157,8 @@ def add_marks(session: Session, new_marks: Any, config: RefineConfig | None = No
     previous = np.asarray(current_labels(session))
     merged = merge_round(previous, np.asarray(result.labels), new, marks, config, *scores, session.new_classes)
     labels = _frozen(merged)
-  return session._replace(rounds=session.rounds + (Round(marks, result, labels),))
+  round_ = Round(marks, result, labels, "merged" if labels is not None else "network")
+  return session._replace(rounds=session.rounds + (round_,))
 
 
 def undo(session: Session) -> Session:
@@ -175,11 +177,18 @@ def take(session: Session, which: str) -> Session:
   the refined network's own labels (``rounds[-1].result.labels``) can be the better segmentation; this
   chooses between the two, as ``scribblejax refine --take`` does for a session folder.
 
+  Args:
+    session: the session so far.
+    which: ``"merged"`` or ``"network"``.
+
+  Returns:
+    The session with its latest round showing ``which`` (``Round.taken``).
+
   Raises:
     ValueError: no round, ``which`` is neither name, or ``"merged"`` for a round refined without the merge.
   """
   if which not in ("merged", "network"):
-    raise ValueError(f"a round's segmentation is 'merged' or 'network', got {which!r}")
+    raise ValueError(f"a round's segmentation is one of merged, network, got {which!r}")
   if not session.rounds:
     raise ValueError("nothing to take: the session has no rounds")
   last = session.rounds[-1]

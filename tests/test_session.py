@@ -102,16 +102,24 @@ def test_take_shows_the_refined_networks_labels_and_the_next_round_merges_into_t
   first = _round((16, 16), ((3, 3), 1), ((12, 12), 2))
   session = sj.add_marks(sj.start_session(split, image, merging), first)
   merged, own = np.asarray(sj.current_labels(session)), np.asarray(session.rounds[-1].result.labels)
-  assert (merged != own).any()
+  assert (merged != own).any() and session.rounds[-1].taken == "merged"
   taken = sj.session.take(session, "network")
   np.testing.assert_array_equal(np.asarray(sj.current_labels(taken)), own)
   np.testing.assert_array_equal(np.asarray(sj.current_labels(sj.session.take(taken, "merged"))), merged)
-  # the next round's merge starts from the labels shown: far from its marks it keeps them
+  # the next round merges into the labels shown: as after a first round without the merge
   second = _round((16, 16), ((3, 12), 0))
+  nomerge = sj.add_marks(
+    sj.start_session(split, image, merging), first, dataclasses.replace(merging, progressive_merge=False)
+  )
+  assert nomerge.rounds[-1].taken == "network"
   after = np.asarray(sj.current_labels(sj.add_marks(taken, second)))
-  kept = np.asarray(sj.current_labels(sj.add_marks(session, second)))
-  assert (after != kept).any() and (after == own)[own != merged].mean() > (kept == own)[own != merged].mean()
+  np.testing.assert_array_equal(after, np.asarray(sj.current_labels(sj.add_marks(nomerge, second))))
+  assert (after != np.asarray(sj.current_labels(sj.add_marks(session, second)))).any()
+  # a round without the merge shows the network's labels and has no merge to take
+  np.testing.assert_array_equal(np.asarray(sj.current_labels(sj.session.take(nomerge, "network"))), own)
   with pytest.raises(ValueError, match="no merge to take"):
-    sj.session.take(sj.add_marks(sj.start_session(split, image, CFG), first), "merged")
+    sj.session.take(nomerge, "merged")
+  with pytest.raises(ValueError, match="one of merged, network"):
+    sj.session.take(session, "refined")
   with pytest.raises(ValueError, match="nothing to take"):
     sj.session.take(sj.start_session(split, image, merging), "network")

@@ -376,8 +376,8 @@ def take(it: Interaction, which: str, log: Log = silent) -> Interaction:
   and starts the next round from them (``scribblejax refine --session DIR --take network``).
 
   Raises:
-    ValueError: no round yet, or a round that offers no choice (refined without the merge, or stored
-      before both were kept).
+    ValueError: no round yet, ``"merged"`` after a round refined without the merge, or a round stored
+      before both were kept.
   """
   if it.rounds == 0:
     raise ValueError("nothing to take: no round yet")
@@ -385,7 +385,8 @@ def take(it: Interaction, which: str, log: Log = silent) -> Interaction:
   if doc is None:
     raise ValueError(f"session {it.session} is gone")
   session_store.take(it.session, doc, which)
-  log(f"round {it.rounds} of session {it.session} now shows the {'refined network' if which == 'network' else 'merge'}")
+  what = "the refined network's own labels" if which == "network" else "the merged labels"
+  log(f"round {it.rounds} of session {it.session} now takes {what}")
   return reload(it)
 
 
