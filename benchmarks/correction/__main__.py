@@ -10,9 +10,13 @@ the CVPR 2025 interactive 3-D challenge's box-then-clicks), for N interactions. 
   verdict of the defaults against each claim below;
 * ``<case>.png``: Dice per interaction, a panel per robot user.
 
-Besides the peers, ``no_merge`` runs the defaults without the round's merge (each round's segmentation
-is the refined network's own labels): an ablation that shows what the merge keeps and what it gives up;
-it is not one of the peers the claims below are checked against.
+Besides the peers, two runs of the defaults that are not peers (the claims below are not checked against
+them): ``no_merge``, the defaults without the round's merge (each round's segmentation is the refined
+network's own labels), an ablation that shows what the merge keeps and what it gives up; and
+``take_best``, the defaults where after every round a simulated person takes whichever of the round's
+merge and the refined network's own labels has the higher Dice (``scribblejax refine --take``, the
+napari widget's "Show network's own"), judged with the ground truth as the robot users place their
+marks with it: what the choice the library offers is worth to a person who sees which is better.
 
 The claims checked (``verdicts`` in the JSON), for the defaults (``scribblejax``) on every case and
 robot user: Dice@k >= Dice@0 for k = 1..N; Dice@k >= the best peer's Dice@k - 0.01; the first
@@ -33,6 +37,7 @@ import json
 import platform
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,11 +47,14 @@ from benchmarks.correction.cases import CASES, BenchCase
 from scribblejax.config import RefineConfig
 from scribblejax.research import baselines as bl
 from scribblejax.research import evaluate as ev
+from scribblejax.research import metrics
 from scribblejax.research.simulate import ROBOT_USERS
 
 OURS = "scribblejax"
 NO_MERGE = "no_merge"  # the defaults without the round's merge: what the merge adds, not a peer
-METHODS = ("initial", "random_walker", "graph_cut", "head", "fbrs", "paper", NO_MERGE, OURS)
+TAKE_BEST = "take_best"  # the defaults, the better of the merge and the network's own taken each round: not a peer
+ABLATIONS = (NO_MERGE, TAKE_BEST)
+METHODS = ("initial", "random_walker", "graph_cut", "head", "fbrs", "paper", NO_MERGE, TAKE_BEST, OURS)
 PEERS = ("random_walker", "graph_cut", "head", "fbrs", "paper")
 QUICK = {"cases": ("nuclei2d", "tissue2d", "wm_from_nuclei"), "users": ("scribble", "click"), "interactions": 3}
 TOLERANCE = 0.01
@@ -54,13 +62,28 @@ GOOD = 0.85
 
 
 def make_method(
-  name: str, model: Any, layers: int = 5, config: RefineConfig | None = None, new_classes: tuple[int, ...] = ()
+  name: str,
+  model: Any,
+  layers: int = 5,
+  config: RefineConfig | None = None,
+  new_classes: tuple[int, ...] = (),
+  judge: Callable[[np.ndarray], float] | None = None,
 ) -> bl.Method:
   """The method called ``name`` on ``model``; ``config`` replaces the defaults of ``scribblejax`` (and of
-  ``no_merge``, which is them without the round's merge); ``new_classes``: the classes appended to the
-  model's head (for the methods with the round's merge)."""
+  ``no_merge`` and ``take_best``, which are built on them); ``new_classes``: the classes appended to the
+  model's head (for the methods with the round's merge); ``judge``: ``labels -> Dice`` against the
+  ground truth, by which ``take_best`` chooses (on the grid the network sees).
+
+  Raises:
+    ValueError: an unknown name, or ``take_best`` without ``judge``.
+  """
   if name == OURS:
     return bl.refine_method(model, layers, config or RefineConfig(), name=OURS, new_classes=new_classes)
+  if name == TAKE_BEST:
+    if judge is None:
+      raise ValueError("take_best judges each round with the ground truth: give judge")
+    ours = bl.refine_method(model, layers, config or RefineConfig(), name=TAKE_BEST, new_classes=new_classes)
+    return take_best(ours, judge)
   if name == NO_MERGE:
     unmerged = dataclasses.replace(config or RefineConfig(), progressive_merge=False)
     return bl.refine_method(model, layers, unmerged, name=NO_MERGE, new_classes=new_classes)
@@ -81,6 +104,24 @@ def make_method(
   raise ValueError(f"unknown method {name!r}; known: {', '.join(METHODS)}")
 
 
+def take_best(method: bl.Method, judge: Callable[[np.ndarray], float]) -> bl.Method:
+  """``method`` (a refinement with the round's merge) where, after every round, the segmentation becomes
+  the refined network's own labels when ``judge`` (Dice against the ground truth) scores them higher;
+  the next round merges into the one taken. The info says which was taken (``took_network``)."""
+
+  def update(state, marks):
+    state = method.update(state, marks)
+    if judge(state.proposed) > judge(state.labels):
+      return state._replace(labels=state.proposed)
+    return state
+
+  def info(state):
+    took = state.proposed is not None and np.array_equal(state.labels, state.proposed)
+    return {**method.info(state), "took_network": bool(took)}
+
+  return method._replace(update=update, info=info)
+
+
 def squeezed(method: bl.Method, axes: tuple[int, ...]) -> bl.Method:
   """``method`` on an image whose spatial ``axes`` have length 1 and which the network does not see."""
   if not axes:
@@ -96,11 +137,19 @@ def squeezed(method: bl.Method, axes: tuple[int, ...]) -> bl.Method:
   )
 
 
+def _judge(bench: BenchCase) -> Callable[[np.ndarray], float]:
+  """``labels -> Dice`` against the case's ground truth, on the grid the network sees (for ``take_best``)."""
+  truth = np.squeeze(bench.case.truth, axis=bench.squeeze) if bench.squeeze else bench.case.truth
+  return lambda labels: metrics.mean_foreground_dice(np.asarray(labels), truth, bench.case.num_classes)
+
+
 def run_one(
   bench: BenchCase, method_name: str, user: str, interactions: int, log, config: RefineConfig | None = None
 ) -> dict:
   """One method on one case with one robot user (``config``: the settings of ``scribblejax``)."""
-  method = squeezed(make_method(method_name, bench.model, config=config, new_classes=bench.new_classes), bench.squeeze)
+  judge = _judge(bench) if method_name == TAKE_BEST else None
+  made = make_method(method_name, bench.model, config=config, new_classes=bench.new_classes, judge=judge)
+  method = squeezed(made, bench.squeeze)
   config = ev.EvalConfig(interactions=interactions, mark_kind=user, ignore_border=bench.ignore_border)
   result = ev.run_case(bench.case, method, config, log=log)
   result.update(situation=bench.situation, split=bench.split, user=user, method=method_name)
@@ -167,7 +216,7 @@ def head_to_head(results: list[dict]) -> list[dict]:
     {m: r["dice_per_interaction"] for m, r in runs.items()} for runs in _by_run(results).values() if OURS in runs
   ]
   rows = []
-  for method in (*PEERS, NO_MERGE, OURS):
+  for method in (*PEERS, *ABLATIONS, OURS):
     shared = [runs for runs in groups if method in runs]
     row = {"method": method, "runs": len(shared)}
     if method != OURS:
@@ -355,8 +404,9 @@ def markdown(payload: dict) -> str:
     "0.01 of the peer after every interaction, runs where the peer stays within 0.01 of the defaults, and "
     "runs where the defaults' Dice-AUC is the higher. The last column: runs where the method itself stays "
     "within 0.01 of the best of all the *other* methods after every interaction (the verdict below asks "
-    "this of the defaults; `no_merge`, the defaults without the round's merge, is not counted among the "
-    "others).",
+    "this of the defaults; `no_merge`, the defaults without the round's merge, and `take_best`, the defaults "
+    "with the better of the merge and the refined network's own labels taken after every round, are not "
+    "counted among the others).",
     "",
     "| method | runs | defaults hold | peer holds | defaults' AUC higher | within 0.01 of the best of the others |",
     "|---|---|---|---|---|---|",

@@ -200,6 +200,7 @@ class RefineMethodState(NamedTuple):
   trunk: Any = None  # the frozen trunk's values for the image (computed once, with cache_trunk)
   marks: Any = None  # int32[*spatial]: the marks of the last refinement (None before any)
   initial: Any = None  # float32[*spatial, classes]: the network's logits, for the merge (None: region-based)
+  proposed: Any = None  # int32[*spatial]: the last refined network's own labels (None before any round)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -266,6 +267,7 @@ def refine_method(
       labels = merge_round(state.labels, labels, new_marks_of(marks, state.marks), marks, config, *scores, new_classes)
     return state._replace(
       labels=labels,
+      proposed=np.asarray(result.labels),
       num_steps=int(result.num_steps),
       satisfied=bool(result.satisfied),
       tunable=result.tunable,

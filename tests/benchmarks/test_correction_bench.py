@@ -3,7 +3,17 @@
 import numpy as np
 import pytest
 
-from benchmarks.correction.__main__ import NO_MERGE, OURS, head_to_head, settings, squeezed, summary_table, verdicts
+from benchmarks.correction.__main__ import (
+  NO_MERGE,
+  OURS,
+  TAKE_BEST,
+  head_to_head,
+  make_method,
+  settings,
+  squeezed,
+  summary_table,
+  verdicts,
+)
 from scribblejax.research.baselines import Method
 
 
@@ -49,10 +59,11 @@ def test_head_to_head_compares_the_defaults_with_each_peer_alone():
   assert alone[OURS]["within_best_of_others"] == 0 and alone["paper"]["runs"] == 0  # no peer ran: nothing to hold
 
 
-def test_the_ablation_without_the_merge_is_compared_but_is_no_peer():
-  runs = [_run(OURS, [0.5, 0.7, 0.8]), _run("graph_cut", [0.5, 0.68, 0.79]), _run(NO_MERGE, [0.5, 0.9, 0.6])]
+@pytest.mark.parametrize("ablation", [NO_MERGE, TAKE_BEST])
+def test_the_ablations_are_compared_but_are_no_peers(ablation):
+  runs = [_run(OURS, [0.5, 0.7, 0.8]), _run("graph_cut", [0.5, 0.68, 0.79]), _run(ablation, [0.5, 0.9, 0.6])]
   rows = {r["method"]: r for r in head_to_head(runs)}
-  assert (rows[NO_MERGE]["ours_holds"], rows[NO_MERGE]["peer_holds"], rows[NO_MERGE]["ours_higher_auc"]) == (0, 0, 0)
+  assert (rows[ablation]["ours_holds"], rows[ablation]["peer_holds"], rows[ablation]["ours_higher_auc"]) == (0, 0, 0)
   # the defaults stay within 0.01 of the graph cut; the ablation, far above them at k=1, is not among the others
   assert rows[OURS]["within_best_of_others"] == 1
   assert verdicts(runs)[0]["within_0.01_of_best_peer"]
@@ -106,7 +117,7 @@ def test_a_case_hands_its_appended_classes_to_the_methods_with_the_merge(monkeyp
   class Stop(Exception):
     pass
 
-  def make_method(name, model, layers=5, config=None, new_classes=()):
+  def make_method(name, model, layers=5, config=None, new_classes=(), judge=None):
     seen["run_one"] = new_classes
     raise Stop
 
@@ -135,3 +146,29 @@ def test_a_slice_stored_as_a_volume_reaches_the_method_as_a_slice():
   state = method.update(state, marks)
   assert seen == {"init": (5, 6, 1), "update": (5, 6)}
   assert method.labels(state).shape == (5, 6, 1) and method.labels(state)[1, 2, 0] == 1
+
+
+def test_take_best_takes_whichever_segmentation_the_judge_scores_higher():
+  import dataclasses
+
+  from flax import nnx
+
+  import scribblejax as sj
+  from scribblejax.research import metrics
+
+  model = sj.UNet(spatial_dims=2, in_channels=1, num_classes=2, channels=(8, 16), rngs=nnx.Rngs(0))
+  image = np.random.default_rng(0).normal(size=(16, 16, 1)).astype(np.float32)
+  marks = np.full((16, 16), -1, np.int32)
+  marks[3:6, 3:12] = 1 - np.asarray(sj.predict(sj.split_params(model, sj.last_layers(1)), image)).argmax(-1)[3:6, 3:12]
+  one_step = dataclasses.replace(sj.RefineConfig(), max_steps=1)  # the merge writes marks the network has not learnt
+  plain = make_method(OURS, model, 3, one_step)
+  merged = plain.update(plain.init(image), marks)
+  assert (merged.labels != merged.proposed).any()
+  for truth, took in ((merged.proposed, True), (merged.labels, False)):
+    judge = lambda labels, truth=truth: metrics.mean_foreground_dice(np.asarray(labels), truth, 2)
+    method = make_method(TAKE_BEST, model, 3, one_step, judge=judge)
+    state = method.update(method.init(image), marks)
+    np.testing.assert_array_equal(state.labels, truth)
+    assert method.info(state)["took_network"] is took
+  with pytest.raises(ValueError, match="give judge"):
+    make_method(TAKE_BEST, model, 3, one_step)
