@@ -6,8 +6,9 @@ the CVPR 2025 interactive 3-D challenge's box-then-clicks), for N interactions. 
 
 * ``results.json``: every run (Dice per interaction, NoC@85/90, Dice-AUC, marks honoured, satisfied,
   seconds per interaction, compile time apart), with the machine, versions, date and command;
-* ``results.md``: one table per case, the defaults against each peer alone (head to head), and the
-  verdict of the defaults against each claim below;
+* ``results.md``: one table per case, the defaults against each peer alone (head to head), the claims
+  below asked of the defaults and of ``take_best`` side by side, and the verdict of the defaults against
+  each claim;
 * ``<case>.png``: Dice per interaction, a panel per robot user.
 
 Besides the peers, two runs of the defaults that are not peers (the claims below are not checked against
@@ -174,11 +175,12 @@ def _holds(dice: list[float], other: list[float]) -> bool:
   return all(d >= o - TOLERANCE for d, o in zip(dice[1:], other[1:]))
 
 
-def verdicts(results: list[dict]) -> list[dict]:
-  """The claims about the defaults, checked on every (case, user) that has them and a peer."""
+def verdicts(results: list[dict], method: str = OURS) -> list[dict]:
+  """The claims about the defaults (or about ``method``), checked on every (case, user) that has them and
+  a peer."""
   out = []
   for (case, user), runs in _by_run(results).items():
-    ours = runs.get(OURS)
+    ours = runs.get(method)
     if ours is None:
       continue
     dice = ours["dice_per_interaction"]
@@ -201,6 +203,19 @@ def verdicts(results: list[dict]) -> list[dict]:
       row[f"final_at_least_{GOOD}"] = dice[-1] >= GOOD
     out.append(row)
   return out
+
+
+def claims_met(rows: list[dict]) -> dict[str, list[int]]:
+  """How many of ``verdicts`` rows meet each claim: ``claim -> [met, runs it applies to]``."""
+  claims = ("not_below_network", "first_drop_at_most_0.01", "within_0.01_of_best_peer", f"final_at_least_{GOOD}")
+  applies = lambda claim: [r[claim] for r in rows if r.get(claim) is not None]
+  return {claim: [sum(map(bool, applies(claim))), len(applies(claim))] for claim in claims}
+
+
+def taken_rounds(results: list[dict]) -> list[int]:
+  """``[rounds in which take_best took the refined network's own labels, its rounds]`` over ``results``."""
+  infos = [i for r in results if r["method"] == TAKE_BEST for i in r["method_info"]]
+  return [sum(bool(i.get("took_network")) for i in infos), len(infos)]
 
 
 def head_to_head(results: list[dict]) -> list[dict]:
@@ -239,7 +254,13 @@ def head_to_head(results: list[dict]) -> list[dict]:
 def judged(payload: dict) -> dict:
   """``payload`` with its ``verdicts`` and ``head_to_head`` computed from its results."""
   compared = [r for r in payload["results"] if r["case"] != "tissue2d_as_3d"]  # tissue2d_s140 again
-  return {**payload, "verdicts": verdicts(payload["results"]), "head_to_head": head_to_head(compared)}
+  judged_ = {**payload, "verdicts": verdicts(payload["results"]), "head_to_head": head_to_head(compared)}
+  if any(r["method"] == TAKE_BEST for r in payload["results"]):
+    judged_["take_best"] = {
+      "claims_met": {m: claims_met(verdicts(payload["results"], m)) for m in (OURS, TAKE_BEST)},
+      "took_network_rounds": taken_rounds(compared),
+    }
+  return judged_
 
 
 def aggregate(results: list[dict]) -> list[dict]:
@@ -417,6 +438,8 @@ def markdown(payload: dict) -> str:
       f"{_f(h.get('ours_higher_auc'))} | {h['within_best_of_others']} |"
     )
   lines.append("")
+  if payload.get("take_best"):
+    lines += _take_best_section(payload["take_best"])
   lines += [
     "## Verdicts (the defaults, `scribblejax`)",
     "",
@@ -433,6 +456,31 @@ def markdown(payload: dict) -> str:
       f"| {v['rounds_unsatisfied']} |"
     )
   return "\n".join(lines) + "\n"
+
+
+def _take_best_section(taken: dict) -> list[str]:
+  """The markdown lines that set the verdicts' claims of the defaults beside those of ``take_best``."""
+  took, rounds = taken["took_network_rounds"]
+  names = {
+    "not_below_network": "Dice@k >= Dice@0 at every k",
+    "first_drop_at_most_0.01": "first interaction lowers Dice by at most 0.01",
+    "within_0.01_of_best_peer": "within 0.01 of the best peer at every k",
+    f"final_at_least_{GOOD}": f"Dice@N >= {GOOD} (in-domain, shift)",
+  }
+  lines = [
+    "## The better of the two taken (`take_best`)",
+    "",
+    f"`take_best` took the refined network's own labels in {took} of its {rounds} rounds (over the runs above) "
+    "and the merge in the others. The claims of the verdicts below, asked of the defaults and of `take_best` "
+    "(every run, the slice stored as 3-D included; met / runs the claim applies to):",
+    "",
+    f"| claim | {OURS} | {TAKE_BEST} |",
+    "|---|---|---|",
+  ]
+  met = taken["claims_met"]
+  for claim, name in names.items():
+    lines.append(f"| {name} | {'/'.join(map(str, met[OURS][claim]))} | {'/'.join(map(str, met[TAKE_BEST][claim]))} |")
+  return [*lines, ""]
 
 
 def summary_table(payload: dict, user: str = "scribble") -> str:

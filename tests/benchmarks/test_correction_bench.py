@@ -8,6 +8,7 @@ from benchmarks.correction.__main__ import (
   OURS,
   TAKE_BEST,
   head_to_head,
+  judged,
   make_method,
   settings,
   squeezed,
@@ -172,3 +173,20 @@ def test_take_best_takes_whichever_segmentation_the_judge_scores_higher():
     assert method.info(state)["took_network"] is took
   with pytest.raises(ValueError, match="give judge"):
     make_method(TAKE_BEST, model, 3, one_step)
+
+
+def test_the_claims_are_asked_of_take_best_beside_the_defaults_and_its_takes_are_counted():
+  ours, best = _run(OURS, [0.6, 0.7, 0.8]), _run(TAKE_BEST, [0.6, 0.85, 0.9])
+  best["method_info"] = [{"took_network": True}, {"took_network": False}]
+  other = {**_run(TAKE_BEST, [0.3, 0.2, 0.4], "new class"), "case": "d", "method_info": [{"took_network": True}]}
+  runs = [ours, best, _run("paper", [0.6, 0.8, 0.82]), other, {**_run("paper", [0.3, 0.3, 0.3]), "case": "d"}]
+  met = judged({"results": runs})["take_best"]
+  assert met["claims_met"][TAKE_BEST] == {
+    "not_below_network": [1, 2],
+    "first_drop_at_most_0.01": [1, 2],
+    "within_0.01_of_best_peer": [1, 2],
+    "final_at_least_0.85": [1, 1],
+  }
+  assert met["claims_met"][OURS]["within_0.01_of_best_peer"] == [0, 1]
+  assert met["took_network_rounds"] == [2, 3]
+  assert "take_best" not in judged({"results": [ours, _run("paper", [0.6, 0.8, 0.82])]})
