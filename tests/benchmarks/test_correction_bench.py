@@ -169,24 +169,30 @@ def test_take_best_takes_whichever_segmentation_the_judge_scores_higher():
     judge = lambda labels, truth=truth: metrics.mean_foreground_dice(np.asarray(labels), truth, 2)
     method = make_method(TAKE_BEST, model, 3, one_step, judge=judge)
     state = method.update(method.init(image), marks)
-    np.testing.assert_array_equal(state.labels, truth)
+    np.testing.assert_array_equal(method.labels(state), truth)
     assert method.info(state)["took_network"] is took
+  level = make_method(TAKE_BEST, model, 3, one_step, judge=lambda labels: 0.5)  # a tie keeps the merge
+  state = level.update(level.init(image), marks)
+  np.testing.assert_array_equal(level.labels(state), merged.labels)
+  assert level.info(state)["took_network"] is False
   with pytest.raises(ValueError, match="give judge"):
     make_method(TAKE_BEST, model, 3, one_step)
 
 
 def test_the_claims_are_asked_of_take_best_beside_the_defaults_and_its_takes_are_counted():
-  ours, best = _run(OURS, [0.6, 0.7, 0.8]), _run(TAKE_BEST, [0.6, 0.85, 0.9])
+  ours, best = _run(OURS, [0.6, 0.9, 0.95]), _run(TAKE_BEST, [0.6, 0.85, 0.9])  # the defaults are no peer
   best["method_info"] = [{"took_network": True}, {"took_network": False}]
   other = {**_run(TAKE_BEST, [0.3, 0.2, 0.4], "new class"), "case": "d", "method_info": [{"took_network": True}]}
-  runs = [ours, best, _run("paper", [0.6, 0.8, 0.82]), other, {**_run("paper", [0.3, 0.3, 0.3]), "case": "d"}]
+  again = {**best, "case": "tissue2d_as_3d"}  # tissue2d_s140 again: its rounds are not counted twice
+  runs = [ours, best, _run("paper", [0.6, 0.8, 0.82]), other, {**_run("paper", [0.3, 0.3, 0.3]), "case": "d"}, again]
   met = judged({"results": runs})["take_best"]
   assert met["claims_met"][TAKE_BEST] == {
-    "not_below_network": [1, 2],
-    "first_drop_at_most_0.01": [1, 2],
-    "within_0.01_of_best_peer": [1, 2],
-    "final_at_least_0.85": [1, 1],
+    "not_below_network": [2, 3],
+    "first_drop_at_most_0.01": [2, 3],
+    "within_0.01_of_best_peer": [1, 2],  # the as-3-D copy has no peer run here
+    "final_at_least_0.85": [2, 2],
   }
-  assert met["claims_met"][OURS]["within_0.01_of_best_peer"] == [0, 1]
+  assert met["claims_met"][OURS]["within_0.01_of_best_peer"] == [1, 1]
   assert met["took_network_rounds"] == [2, 3]
-  assert "take_best" not in judged({"results": [ours, _run("paper", [0.6, 0.8, 0.82])]})
+  plain = judged({"results": [ours, _run("paper", [0.6, 0.8, 0.82])], "take_best": met})
+  assert "take_best" not in plain  # a rewrite without take_best runs drops the section
