@@ -196,3 +196,31 @@ def test_the_claims_are_asked_of_take_best_beside_the_defaults_and_its_takes_are
   assert met["took_network_rounds"] == [2, 3]
   plain = judged({"results": [ours, _run("paper", [0.6, 0.8, 0.82])], "take_best": met})
   assert "take_best" not in plain  # a rewrite without take_best runs drops the section
+
+
+def test_the_lagged_rule_switches_only_when_the_networks_own_labels_had_most_new_marks_right():
+  from benchmarks.correction.explore import takes_network
+
+  new = np.array([[-1, 1, 1], [1, 1, -1]])
+  shown = np.zeros((2, 3), int)  # wrong on all four new marks
+  own = np.array([[0, 1, 1], [0, 0, 0]])  # right on two of four
+  assert takes_network(shown, own, new)  # half, and more than shown
+  assert not takes_network(shown, own, new, at_least=0.75)
+  assert not takes_network(own, own, new)  # no more than shown
+  assert not takes_network(shown, own, np.full((2, 3), -1))  # no new mark
+
+
+def test_far_changes_count_only_regions_of_change_that_touch_no_mark():
+  from benchmarks.correction.explore import far_changes
+
+  before = np.zeros((5, 7), int)
+  after = before.copy()
+  after[0, 0:2] = 1  # touches the mark at (1, 1): near
+  after[3:5, 4:7] = 1  # six pixels far from it
+  marks = np.full((5, 7), -1)
+  marks[1, 1] = 1
+  truth = np.zeros((5, 7), int)
+  truth[3, 4:7] = 1  # three of the far changes are right, three wrong
+  assert far_changes(before, after, marks, truth) == (6, 0)
+  truth[4, 4:7] = 1
+  assert far_changes(before, after, marks, truth) == (6, 6)
