@@ -11,6 +11,7 @@ Example:
   >>> s = add_marks(s, more_marks)
   >>> s = undo(s)                      # back to the first round
   >>> s = take(s, "network")           # the refined network's own labels instead of the round's merge
+  >>> s = take(s, "merged", where=m)   # the merge again in the regions the mask m points at
   >>> current_labels(s)
 """
 
@@ -27,7 +28,7 @@ from scribblejax import marks as marks_lib
 from scribblejax.config import RefineConfig
 from scribblejax.params import Split
 from scribblejax.refinement import RefineResult, Trunk, compute_trunk, predict, refine, trunk_mismatch
-from scribblejax.refinement.merge import merge_round, new_marks_of
+from scribblejax.refinement.merge import merge_round, new_marks_of, take_where
 
 
 class Round(NamedTuple):
@@ -37,7 +38,9 @@ class Round(NamedTuple):
   result: RefineResult  # the refinement this round produced
   labels: Any = None  # int32[*spatial]: the round's merged segmentation (None: no merge, result.labels); see
   # RefineConfig.progressive_merge
-  taken: str = "merged"  # what the round shows: its merge, labels ("merged"), or result.labels ("network")
+  taken: str = "merged"  # what the round shows: its merge, labels ("merged"), result.labels ("network"), or
+  # the merge with the refined network's own labels in some regions ("mixed", shown; see take)
+  shown: Any = None  # int32[*spatial]: the segmentation shown when taken is "mixed" (else None); read-only
 
 
 class Session(NamedTuple):
@@ -122,8 +125,13 @@ def current_labels(session: Session) -> jax.Array:
   labels, whichever it shows (:func:`take`), or the network's own before any round."""
   if session.rounds:
     last = session.rounds[-1]
-    return last.labels if last.taken == "merged" else last.result.labels
+    return _shown(last)
   return jnp.argmax(session.initial_logits, axis=-1).astype(jnp.int32)
+
+
+def _shown(round_: Round) -> Any:
+  """The segmentation a round shows (:attr:`Round.taken`)."""
+  return {"merged": round_.labels, "network": round_.result.labels, "mixed": round_.shown}[round_.taken]
 
 
 def add_marks(session: Session, new_marks: Any, config: RefineConfig | None = None) -> Session:
@@ -168,24 +176,31 @@ def undo(session: Session) -> Session:
   return session._replace(rounds=session.rounds[:-1])
 
 
-def take(session: Session, which: str) -> Session:
+def take(session: Session, which: str, where: Any = None) -> Session:
   """Makes the latest round show its merge (``"merged"``) or the refined network's own labels
-  (``"network"``); the next round's merge starts from the one shown.
+  (``"network"``), whole or in the regions ``where`` points at; the next round's merge starts from the
+  one shown.
 
   With the progressive merge a round keeps the previous segmentation except where its marks asked for a
   change and where the refined network is very sure. Where the network's error was the same all over,
   the refined network's own labels (``rounds[-1].result.labels``) can be the better segmentation; this
-  chooses between the two, as ``scribblejax refine --take`` does for a session folder.
+  chooses between the two, as ``scribblejax refine --take`` does for a session folder. With ``where`` it
+  chooses region by region (:func:`scribblejax.refinement.merge.take_where`): the connected regions
+  where the segmentation shown and ``which`` differ that ``where`` touches take ``which``; the rest
+  stays as shown (``refine --take network --where FILE``).
 
   Args:
     session: the session so far.
     which: ``"merged"`` or ``"network"``.
+    where: ``bool[*spatial]``, pixels pointing at the regions to take (``None``: the whole segmentation).
 
   Returns:
-    The session with its latest round showing ``which`` (``Round.taken``).
+    The session with its latest round showing ``which`` (``Round.taken``), or a mix (``"mixed"``,
+    ``Round.shown``).
 
   Raises:
-    ValueError: no round, ``which`` is neither name, or ``"merged"`` for a round refined without the merge.
+    ValueError: no round, ``which`` is neither name, ``"merged"`` for a round refined without the merge,
+      or ``where`` of another shape or touching no region where the two differ.
   """
   if which not in ("merged", "network"):
     raise ValueError(f"a round's segmentation is one of merged, network, got {which!r}")
@@ -194,4 +209,13 @@ def take(session: Session, which: str) -> Session:
   last = session.rounds[-1]
   if which == "merged" and last.labels is None:
     raise ValueError("the latest round was refined without the merge: there is no merge to take")
-  return session._replace(rounds=session.rounds[:-1] + (last._replace(taken=which),))
+  if where is None:
+    return session._replace(rounds=session.rounds[:-1] + (last._replace(taken=which, shown=None),))
+  if last.labels is None:
+    raise ValueError("the latest round was refined without the merge: it has one segmentation, none to mix with")
+  wanted = last.labels if which == "merged" else last.result.labels
+  shown = take_where(np.asarray(_shown(last)), np.asarray(wanted), where)
+  whole = [name for name, labels in (("merged", last.labels), ("network", last.result.labels)) if labels is not None]
+  same = [name for name in whole if np.array_equal(shown, np.asarray(_shown(last._replace(taken=name))))]
+  taken = last._replace(taken=same[0], shown=None) if same else last._replace(taken="mixed", shown=_frozen(shown))
+  return session._replace(rounds=session.rounds[:-1] + (taken,))

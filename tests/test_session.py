@@ -6,8 +6,10 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
+from scipy import ndimage
 
 import scribblejax as sj
+from scribblejax.refinement.merge import merge_round, new_marks_of
 
 CFG = sj.RefineConfig.paper(max_steps=80, learning_rate=0.05, momentum=0.9, prox_weight=0.01)
 
@@ -123,3 +125,47 @@ def test_take_shows_the_refined_networks_labels_and_the_next_round_merges_into_t
     sj.session.take(session, "refined")
   with pytest.raises(ValueError, match="nothing to take"):
     sj.session.take(sj.start_session(split, image, merging), "network")
+
+
+def test_take_where_mixes_the_two_segmentations_region_by_region():
+  split, image = _setup()
+  merging = dataclasses.replace(sj.RefineConfig(), max_steps=1)
+  session = sj.add_marks(sj.start_session(split, image, merging), _round((16, 16), ((3, 3), 1), ((12, 12), 2)))
+  merged, own = np.asarray(sj.current_labels(session)), np.asarray(session.rounds[-1].result.labels)
+  regions, count = ndimage.label(merged != own)
+  assert count >= 2  # two regions to choose between
+  where = regions == 1
+  mixed = sj.session.take(session, "network", where=where)
+  assert mixed.rounds[-1].taken == "mixed"
+  shown = np.asarray(sj.current_labels(mixed))
+  np.testing.assert_array_equal(shown, np.where(regions == 1, own, merged))
+  with pytest.raises(ValueError, match="read-only"):
+    mixed.rounds[-1].shown[0, 0] = 1
+  # the merge back in that region: the whole merge again, and said so
+  back = sj.session.take(mixed, "merged", where=where)
+  assert back.rounds[-1].taken == "merged" and back.rounds[-1].shown is None
+  np.testing.assert_array_equal(np.asarray(sj.current_labels(back)), merged)
+  # every region: the network's own, and said so
+  every = sj.session.take(session, "network", where=regions > 0)
+  assert every.rounds[-1].taken == "network"
+  # the next round merges into the mix
+  second = _round((16, 16), ((3, 12), 0))
+  after = sj.add_marks(mixed, second)
+  np.testing.assert_array_equal(
+    np.asarray(sj.current_labels(after)),
+    merge_round(
+      shown,
+      np.asarray(after.rounds[-1].result.labels),
+      new_marks_of(after.rounds[-1].marks, mixed.rounds[-1].marks),
+      after.rounds[-1].marks,
+      merging,
+      after.rounds[-1].result.logits,
+      session.initial_logits,
+    ),
+  )
+  with pytest.raises(ValueError, match="touch no region"):
+    sj.session.take(session, "network", where=(merged == own) & (regions == 0))
+  unmerged = dataclasses.replace(merging, progressive_merge=False)
+  nomerge = sj.add_marks(sj.start_session(split, image, merging), _round((16, 16), ((3, 3), 1)), unmerged)
+  with pytest.raises(ValueError, match="refined without the merge: it has one segmentation"):
+    sj.session.take(nomerge, "network", where=where)

@@ -167,6 +167,7 @@ def run_refine(
   session: str | None = None,
   undo: bool = False,
   take: str | None = None,
+  where: str | None = None,
   settings: RefineSettings = RefineSettings(),
   mark_options: MarkOptions = MarkOptions(),
   overlay: bool = True,
@@ -187,6 +188,9 @@ def run_refine(
     take: ``"network"`` or ``"merged"``: make the session's latest round's segmentation the refined
       network's own labels or the round's merge (:func:`scribblejax.io.session_store.take`), and write
       it to ``out``; no refinement (no ``marks``, no ``undo``).
+    where: with ``take``, a marks file (any format ``marks`` takes; its classes are ignored) whose marked
+      pixels point at the regions to take: only the connected regions where the segmentation shown and
+      ``take``'s differ that they touch change (:func:`scribblejax.refinement.merge.take_where`).
     settings: the refinement's knobs.
     mark_options: how marks files are read.
     overlay: write ``<out stem>.overlay.png``.
@@ -208,7 +212,7 @@ def run_refine(
     ValueError: bad input, with a message naming the problem.
   """
   doc = session_store.load_session(session) if session else None
-  _check_request(doc, session, undo, marks, settings, take)
+  _check_request(doc, session, undo, marks, settings, take, where)
   if doc is not None:
     model = model or doc["model"]
     image = image or doc["image"]
@@ -217,7 +221,7 @@ def run_refine(
   if out is None and marks:
     raise ValueError("--out is required")
   report_path, overlay_path = companion_paths(out) if out else (None, None)
-  check_outputs([out, report_path, overlay_path if overlay else None], [image, *marks])
+  check_outputs([out, report_path, overlay_path if overlay else None], [image, *marks, *([where] if where else [])])
   info = read_info(model)
   ref = model_ref(model)
   log(f"reading {image}")
@@ -230,7 +234,8 @@ def run_refine(
   class_names, num_classes, added = _classes(settings, mark_options, info, doc, session, model)
   new = _read_marks(marks, img, mark_options, num_classes, class_names, log) if marks else None
   if take is not None:
-    return after_take(doc, session, take, img, out, overlay, log, info, class_names)
+    pointed = _read_where(where, img, mark_options, class_names, log) if where else None
+    return after_take(doc, session, take, img, out, overlay, log, info, class_names, pointed)
   undone = None
   if undo:
     doc, undone = session_store.without_last_round(doc, session)
@@ -268,8 +273,11 @@ def _check_request(
   marks: Sequence[str],
   settings: RefineSettings,
   take: str | None = None,
+  where: str | None = None,
 ) -> None:
   """Refuses a request that cannot be run, before any file is read but the session's."""
+  if where is not None and take is None:
+    raise ValueError("--where points at the regions --take takes: give it with --take")
   if take is not None:
     if take not in session_store.TAKES:
       raise ValueError(f"--take is one of {', '.join(session_store.TAKES)}, got {take!r}")
@@ -362,6 +370,41 @@ def _read_marks(
   return new
 
 
+def _read_where(
+  where: str, img: Image, mark_options: MarkOptions, class_names: Sequence[str] | None, log: Log
+) -> np.ndarray:
+  """The pixels ``--where``'s marks file marks, on the image's grid.
+
+  Args:
+    where: a marks file of any kind ``--marks`` takes: a label map's values are not read as classes (any
+      value but the unmarked one points); a LabelMe or Slicer file names the model's classes, as marks do.
+    img: the image (its geometry).
+    mark_options: how marks files are read.
+    class_names: the classes a LabelMe or Slicer file may name.
+    log: progress messages.
+
+  Returns:
+    ``bool[*spatial]``: the pixels pointed at.
+
+  Raises:
+    ValueError: a file that cannot be read as marks, or one that marks no pixel.
+  """
+  log(f"reading {where}")
+  pointed = read_marks(
+    [where],
+    img.geometry,
+    num_classes=None,
+    class_names=class_names,
+    background_value=mark_options.background_value,
+    unmarked_value=mark_options.unmarked_value,
+    radius=mark_options.radius,
+    rectangle=mark_options.rectangle,
+  )
+  if not (pointed >= 0).any():
+    raise ValueError(f"--where {where} marks no pixel: it points at no region to take")
+  return pointed >= 0
+
+
 def check_session_pipeline(doc: dict, session: str | None, inference: InferenceOptions, new_round: bool) -> None:
   """Refuses a new round whose pipeline options differ from the session's first round (a session stored
   before they were recorded is not checked): its weights, its initial segmentation and its marks belong
@@ -448,14 +491,17 @@ def after_take(
   log: Log,
   info: Any,
   class_names: Sequence[str] | None,
+  where: np.ndarray | None = None,
 ) -> dict:
-  """Makes the latest round's segmentation its merge or the refined network's own labels, and writes it.
+  """Makes the latest round's segmentation its merge or the refined network's own labels (with ``where``:
+  in the regions it points at), and writes it.
 
   Returns:
-    The report: the round, what it showed before (``was``), the pixels that changed, and the fraction
-    of the marks the segmentation now honours.
+    The report: the round, what it showed before (``was``) and shows now (``shows``: ``"merged"``,
+    ``"network"`` or ``"mixed"``), the pixels that changed, and the fraction of the marks the segmentation
+    now honours.
   """
-  arrays, labels = session_store.labels_to_take(session, doc, which)
+  arrays, labels = session_store.labels_to_take(session, doc, which, where)
   record = doc["rounds"][-1]
   initial = session_store.load_initial(session)
   num_classes = int(max(arrays["labels"].max(), labels.max())) + 1
@@ -463,6 +509,7 @@ def after_take(
     "command": "refine",
     "take": which,
     "was": session_store.taken_of(arrays),
+    "shows": which if where is None else session_store.shown_name(arrays, labels),
     "round": record["round"],
     "rounds": len(doc["rounds"]),
     "session": str(session),
@@ -473,11 +520,13 @@ def after_take(
     "class_pixels": class_counts(labels, class_names or info.class_names, num_classes),
   }
   what = "the refined network's own labels" if which == "network" else "the merged labels"
+  if where is not None:
+    what += " in the regions pointed at"
   title = f"{Path(img.path).name}: round {record['round']}, {what}"
   report = write_outputs(
     report, out, img, labels, initial if initial is not None else labels, labels, arrays["marks"], overlay, log, title
   )
-  session_store.take(session, doc, which)
+  session_store.take(session, doc, which, where)
   log(f"round {record['round']} of session {session} now takes {what}")
   return report
 

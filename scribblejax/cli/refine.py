@@ -35,6 +35,7 @@ def run(args: argparse.Namespace) -> int:
         session=args.session,
         undo=args.undo,
         take=args.take,
+        where=args.where,
         settings=settings,
         mark_options=options,
         overlay=not args.no_overlay,
@@ -52,6 +53,8 @@ def summary(report: dict) -> str:
   where = f"; wrote {report['out']}" if "out" in report else ""
   if "take" in report:
     what = "the refined network's own labels" if report["take"] == "network" else "the merged labels"
+    if report.get("shows") == "mixed":
+      what += " in the regions pointed at (the rest as before)"
     return (
       f"round {report['round']} now shows {what}: {report['changed_pixels']} pixel(s) changed, "
       f"{report['marks_honoured']:.1%} of marks honoured{where}"
@@ -111,6 +114,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     help="make the session's latest round show the refined network's own labels (network) or the round's "
     "merge (merged; what a round shows with the merge on), write it to --out, and start the next round from "
     "it; no refinement",
+  )
+  io.add_argument(
+    "--where",
+    metavar="FILE",
+    help="with --take: take only in the regions where the two segmentations differ that this marks file's "
+    "marked pixels touch (a click or a short stroke in each; any marks format: a label map's values are not read "
+    "as classes)",
   )
   io.add_argument("--no-overlay", action="store_true", help="do not write <out>.overlay.png")
   method = parser.add_argument_group(

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from scribblejax.io import fileio
+from scribblejax.refinement.merge import take_where
 
 FORMAT = "scribblejax-session"
 VERSION = 1
@@ -213,9 +214,17 @@ def _check_taken(which: str) -> None:
 
 
 def taken_of(arrays: dict[str, np.ndarray]) -> str | None:
-  """Which segmentation a round's ``labels`` is (``"merged"`` or ``"network"``); ``None`` for a round
-  stored before a round kept the refined network's own labels."""
+  """Which segmentation a round's ``labels`` is (``"merged"``, ``"network"``, or ``"mixed"``: the merge with
+  the refined network's own labels in some regions); ``None`` for a round stored before a round kept the
+  refined network's own labels."""
   return str(arrays["taken"]) if "taken" in arrays else None
+
+
+def shown_name(arrays: dict[str, np.ndarray], labels: np.ndarray) -> str:
+  """What ``labels`` would be as a round's segmentation: ``"merged"`` or ``"network"`` when it is one of
+  the round's two whole, else ``"mixed"``."""
+  same = [which for which in TAKES if f"{which}_labels" in arrays and np.array_equal(arrays[f"{which}_labels"], labels)]
+  return same[0] if same else "mixed"
 
 
 def choices(arrays: dict[str, np.ndarray]) -> tuple[str, ...]:
@@ -224,21 +233,41 @@ def choices(arrays: dict[str, np.ndarray]) -> tuple[str, ...]:
   return TAKES if all(f"{which}_labels" in arrays for which in TAKES) else ()
 
 
-def labels_to_take(directory: str | os.PathLike, doc: dict, which: str) -> tuple[dict[str, np.ndarray], np.ndarray]:
+def labels_to_take(
+  directory: str | os.PathLike, doc: dict, which: str, where: np.ndarray | None = None
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
   """The latest round's arrays and the labels :func:`take` would make its segmentation (nothing is written).
 
   Args:
     directory: the session folder.
     doc: its document.
     which: ``"merged"`` or ``"network"``.
+    where: ``bool[*spatial]`` (``None``: everywhere): only the connected regions where the segmentation
+      shown and ``which`` differ that these pixels touch take ``which``
+      (:func:`scribblejax.refinement.merge.take_where`).
 
   Returns:
-    ``(arrays, labels)``: the round's arrays as stored, and its ``which`` labels.
+    ``(arrays, labels)``: the round's arrays as stored, and its ``which`` labels (with ``where``: the
+    segmentation shown with ``which``'s labels in the regions pointed at).
 
   Raises:
     ValueError: no round, an unknown ``which``, a round refined without the merge (it has one
-      segmentation), one stored before both were kept, or a damaged round file.
+      segmentation), one stored before both were kept, a damaged round file, or ``where`` of another
+      shape or touching no region where the two differ.
   """
+  arrays, labels = _labels_of(directory, doc, which)
+  if where is not None:
+    if not choices(arrays):
+      raise ValueError(
+        f"round {doc['rounds'][-1]['round']} of session {directory} was refined without the merge: it has one "
+        "segmentation, none to mix with"
+      )
+    labels = take_where(arrays["labels"], labels, where)
+  return arrays, labels
+
+
+def _labels_of(directory: str | os.PathLike, doc: dict, which: str) -> tuple[dict[str, np.ndarray], np.ndarray]:
+  """The latest round's arrays and its ``which`` labels (:func:`labels_to_take` without ``where``)."""
   _check_taken(which)
   if not doc["rounds"]:
     raise ValueError(f"nothing to take: session {directory} has no rounds")
@@ -263,18 +292,21 @@ def labels_to_take(directory: str | os.PathLike, doc: dict, which: str) -> tuple
   return arrays, arrays[f"{which}_labels"]
 
 
-def take(directory: str | os.PathLike, doc: dict, which: str) -> np.ndarray:
-  """Makes the latest round's segmentation its merged labels or the refined network's own labels.
+def take(directory: str | os.PathLike, doc: dict, which: str, where: np.ndarray | None = None) -> np.ndarray:
+  """Makes the latest round's segmentation its merged labels or the refined network's own labels, whole or
+  in the regions ``where`` points at.
 
   A round with the merge keeps both; the one taken becomes ``labels``, which the next round starts from,
-  an undo of a later round comes back to, and the command line and the viewer show. The round's file is
-  rewritten atomically and only ``labels`` and ``taken`` change, so taking the other one back restores
-  the file's arrays exactly.
+  an undo of a later round comes back to, and the command line and the viewer show. With ``where`` the
+  segmentation becomes a mix of the two (``taken`` is then ``"mixed"``, unless the mix is one of them
+  whole). The round's file is rewritten atomically and only ``labels`` and ``taken`` change, so taking
+  the other one back restores the file's arrays exactly.
 
   Args:
     directory: the session folder.
     doc: its document.
     which: ``"merged"`` or ``"network"``.
+    where: as :func:`labels_to_take`'s.
 
   Returns:
     The labels now taken.
@@ -282,8 +314,8 @@ def take(directory: str | os.PathLike, doc: dict, which: str) -> np.ndarray:
   Raises:
     ValueError: as :func:`labels_to_take`.
   """
-  arrays, labels = labels_to_take(directory, doc, which)
-  new = dict(arrays, labels=labels, taken=np.array(which))
+  arrays, labels = labels_to_take(directory, doc, which, where)
+  new = dict(arrays, labels=labels, taken=np.array(which if where is None else shown_name(arrays, labels)))
   _write_atomic(Path(directory) / doc["rounds"][-1]["file"], lambda f: np.savez_compressed(f, **new))
   return labels
 

@@ -61,7 +61,8 @@ class Interaction(NamedTuple):
   rounds: int  # rounds in the session
   # the latest round's refined network's own labels, when the round offers a choice (it ran with the merge)
   network: np.ndarray | None = None  # int32[*spatial]
-  taken: str | None = None  # which of the two the latest round shows: "merged" or "network" (None: no choice)
+  # which of the two the latest round shows: "merged", "network" or "mixed" (some regions each; None: no choice)
+  taken: str | None = None
 
   @property
   def num_classes(self) -> int:
@@ -371,23 +372,53 @@ def undo_round(it: Interaction, log: Log = silent) -> Interaction:
   return reload(it)
 
 
-def take(it: Interaction, which: str, log: Log = silent) -> Interaction:
+def take(it: Interaction, which: str, log: Log = silent, *, where: np.ndarray | None = None) -> Interaction:
   """Shows the latest round's refined network's own labels (``"network"``) or its merge (``"merged"``),
-  and starts the next round from them (``scribblejax refine --session DIR --take network``).
+  whole or in the regions of difference ``where`` points at, and starts the next round from them
+  (``scribblejax refine --session DIR --take network [--where FILE]``).
+
+  Args:
+    it: the interaction.
+    which: ``"network"`` or ``"merged"``.
+    log: progress messages.
+    where: ``bool[*spatial]`` on the image's grid (:func:`points_mask`), or ``None``: the whole segmentation.
 
   Raises:
-    ValueError: no round yet, ``"merged"`` after a round refined without the merge, or a round stored
-      before both were kept.
+    ValueError: no round, ``"merged"`` after a round refined without the merge, a round stored before
+      both were kept, or ``where`` touching no region where the two differ.
   """
   if it.rounds == 0:
     raise ValueError("nothing to take: no round yet")
   doc = session_store.load_session(it.session)
   if doc is None:
     raise ValueError(f"session {it.session} is gone")
-  session_store.take(it.session, doc, which)
+  session_store.take(it.session, doc, which, where)
   what = "the refined network's own labels" if which == "network" else "the merged labels"
+  if where is not None:
+    what += " in the regions pointed at"
   log(f"round {it.rounds} of session {it.session} now takes {what}")
   return reload(it)
+
+
+def points_mask(points: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+  """``bool[*shape]``: the pixels nearest ``points`` (``float[n, len(shape)]``, in the image's index
+  coordinates, as a napari Points layer on the image's grid holds them).
+
+  Raises:
+    ValueError: no point, points of another dimension, or a point outside the image.
+  """
+  points = np.asarray(points, float)
+  if not points.size:
+    raise ValueError("no point: put one in each region to take")
+  if points.ndim != 2 or points.shape[1] != len(shape):
+    raise ValueError(f"points of shape {points.shape} on a {len(shape)}-D image: each needs {len(shape)} coordinates")
+  index = np.round(points).astype(int)
+  outside = (index < 0) | (index >= np.asarray(shape))
+  if outside.any():
+    raise ValueError(f"point {points[outside.any(axis=1)][0].round(1).tolist()} lies outside the image {shape}")
+  mask = np.zeros(shape, bool)
+  mask[tuple(index.T)] = True
+  return mask
 
 
 def reset(it: Interaction, log: Log = silent) -> Interaction:

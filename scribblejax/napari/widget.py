@@ -8,7 +8,9 @@ they were and names the problem in the widget (nothing drawn is lost).
 Layers: ``image``, ``segmentation`` (class k = label k; 0, the background, shows as nothing),
 ``scribbles`` (value k + 1 = class k, 0 = unmarked) and, after a round, ``refined network`` (hidden at
 first: the latest round's refined network's own labels, which the merge took only in part; the
-"Show network's own" button makes them the segmentation, and the next round starts from them).
+"Show network's own" button makes them the segmentation, and the next round starts from them) and
+``take here`` (points: "Take network's own at points" takes those labels only in the regions of
+difference the points lie in).
 """
 
 from __future__ import annotations
@@ -42,7 +44,9 @@ from scribblejax.models.store import builtin_models, read_info
 from scribblejax.napari import core
 
 IMAGE, SEGMENTATION, SCRIBBLES, NETWORK = "image", "segmentation", "scribbles", "refined network"
-TAKE_TEXT = {"merged": "Show network's own", "network": "Show merged"}  # the take button, by what is shown
+TAKE_HERE = "take here"  # a points layer: a point in each region where the refined network's own labels are to be taken
+# the take button, by what is shown
+TAKE_TEXT = {"merged": "Show network's own", "network": "Show merged", "mixed": "Show network's own"}
 # the knobs the widget offers (the settings table's "napari" rows), by RefineSettings field: numbers as
 # (the CLI's flag, field, type) in edit boxes, switches as fields in check boxes
 KNOBS = tuple(
@@ -176,6 +180,11 @@ class ScribbleWidget(QWidget):
       "the latest round's segmentation: its merge (the default) or the refined network's own labels "
       "(layer 'refined network'); the next round starts from the one shown (scribblejax refine --take)"
     )
+    self.take_points_button = _button("Take network's own at points", lambda: self.take_at_points())
+    self.take_points_button.setToolTip(
+      f"the refined network's own labels only in the regions where they differ from the segmentation that "
+      f"hold a point of layer {TAKE_HERE!r} (scribblejax refine --take network --where FILE)"
+    )
     for i, b in enumerate(
       (
         self.refine_button,
@@ -183,6 +192,7 @@ class ScribbleWidget(QWidget):
         self.undo_button,
         self.reset_button,
         self.take_button,
+        self.take_points_button,
         self.save_seg_button,
         self.save_session_button,
       )
@@ -196,6 +206,7 @@ class ScribbleWidget(QWidget):
       b.setEnabled(opened)
     self.add_class_button.setEnabled(opened and self.interaction.rounds == 0)
     self.take_button.setEnabled(opened and self.interaction.taken is not None)
+    self.take_points_button.setEnabled(opened and self.interaction.taken is not None)
     taken = self.interaction.taken if self.interaction is not None else None
     self.take_button.setText(TAKE_TEXT[taken or "merged"])
     self.open_button.setEnabled(not self.busy)
@@ -265,6 +276,25 @@ class ScribbleWidget(QWidget):
     which = which or ("merged" if it.taken == "network" else "network")
     what = "the refined network's own labels" if which == "network" else "the merged segmentation"
     self._run("taking", lambda: core.take(it, which), lambda new: self._taken(new, what))
+
+  def take_at_points(self) -> None:
+    """Takes the refined network's own labels in the regions where they differ from the segmentation that
+    hold a point of the ``take here`` layer; the points are cleared, and the next round starts from the mix."""
+    it = self.interaction
+    if it is None:
+      return
+    if it.taken is None:
+      return self._say(
+        "the latest round offers no choice: no round, one without the merge, or an older one", error=True
+      )
+    try:
+      where = core.points_mask(self._layer(TAKE_HERE).data, it.image.spatial_shape)
+    except KeyError:
+      return self._say(f"the {TAKE_HERE!r} layer is gone: refine a round to get it back", error=True)
+    except ValueError as err:
+      return self._say(f"{err} (layer {TAKE_HERE!r})", error=True)
+    what = "the refined network's own labels in the regions pointed at"
+    self._run("taking", lambda: core.take(it, "network", where=where), lambda new: self._taken(new, what))
 
   def add_class(self, name: str | None = None) -> None:
     """Appends a class to the network's head (before the first round only; the session keeps it)."""
@@ -400,7 +430,7 @@ class ScribbleWidget(QWidget):
   def _opened(self, it: core.Interaction) -> None:
     self.interaction = it
     self.report = None
-    for name in (NETWORK, SCRIBBLES, SEGMENTATION, IMAGE):
+    for name in (TAKE_HERE, NETWORK, SCRIBBLES, SEGMENTATION, IMAGE):
       if name in self.viewer.layers:
         self.viewer.layers.remove(name)
     self._add_image(it)
@@ -479,6 +509,8 @@ class ScribbleWidget(QWidget):
   def _taken(self, it: core.Interaction, what: str) -> None:
     self.interaction = it
     self._set_layer(SEGMENTATION, it.labels)
+    if TAKE_HERE in self.viewer.layers:
+      self._layer(TAKE_HERE).data = np.zeros((0, it.labels.ndim))
     self.report_label.setText(f"round {it.rounds} shows {what}")
     self._say(f"round {it.rounds} shows {what}; the next round starts from it")
 
@@ -486,16 +518,24 @@ class ScribbleWidget(QWidget):
     """The ``refined network`` layer: the latest round's refined network's own labels (hidden when first
     added); no layer before a round."""
     if it.network is None:
-      if NETWORK in self.viewer.layers:
-        self.viewer.layers.remove(NETWORK)
+      for name in (TAKE_HERE, NETWORK):
+        if name in self.viewer.layers:
+          self.viewer.layers.remove(name)
       return
+    scale = tuple(it.image.geometry.spacing)
+    added = False
     if NETWORK not in self.viewer.layers:
-      scale = tuple(it.image.geometry.spacing)
       self.viewer.add_labels(np.array(it.network, np.int32), name=NETWORK, scale=scale, opacity=0.4, visible=False)
-      if SCRIBBLES in self.viewer.layers:  # painting stays on the scribbles
-        self.viewer.layers.selection.active = self._layer(SCRIBBLES)
-      return
-    self._set_layer(NETWORK, it.network)
+      added = True
+    else:
+      self._set_layer(NETWORK, it.network)
+    if TAKE_HERE not in self.viewer.layers:
+      self.viewer.add_points(np.zeros((0, it.labels.ndim)), name=TAKE_HERE, scale=scale, size=3, face_color="yellow")
+      added = True
+    else:  # points placed for an earlier round say nothing about this one
+      self._layer(TAKE_HERE).data = np.zeros((0, it.labels.ndim))
+    if added and SCRIBBLES in self.viewer.layers:  # painting stays on the scribbles
+      self.viewer.layers.selection.active = self._layer(SCRIBBLES)
 
   def _pending(self) -> np.ndarray | None:
     """Strokes painted since the latest round (they survive an undo), or ``None`` if unreadable."""

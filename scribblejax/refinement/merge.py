@@ -183,3 +183,41 @@ def new_marks_of(marks: Any, earlier: Any | None) -> np.ndarray:
   if earlier is None:
     return marks.astype(np.int32)
   return np.where(np.asarray(earlier) == marks, -1, marks).astype(np.int32)
+
+
+def take_where(shown: Any, other: Any, where: Any) -> np.ndarray:
+  """``shown`` with ``other``'s labels in each connected region where the two differ that ``where`` touches.
+
+  A round with the merge offers two segmentations, its merge and the refined network's own labels
+  (:func:`scribblejax.session.take`). Where a network is wrong the same way all over, its own labels can be
+  the better correction in one region and wrong in another; this takes them region by region: a person
+  points at a region (a click, a short stroke) and the whole connected region of difference is taken.
+
+  Args:
+    shown: ``int[*spatial]``, the segmentation shown.
+    other: ``int[*spatial]``, the segmentation to take from.
+    where: ``bool[*spatial]``, the pixels pointed at.
+
+  Returns:
+    ``int32[*spatial]``.
+
+  Raises:
+    ValueError: the maps differ in shape, ``where`` is not a boolean mask of their shape, the two are the
+      same, or ``where`` touches no pixel where they differ.
+  """
+  shown, other = np.asarray(shown), np.asarray(other)
+  if shown.shape != other.shape:
+    raise ValueError(f"take_where needs label maps of one shape, got {shown.shape} and {other.shape}")
+  if np.asarray(where).dtype != bool:
+    raise ValueError(f"where is a boolean mask (True where pointed at), got dtype {np.asarray(where).dtype}")
+  where = _mask("where", where, shown.shape)
+  if np.array_equal(shown, other):
+    raise ValueError("the segmentation shown is already the one to take, everywhere: nothing to take")
+  regions, _ = ndimage.label(shown != other)
+  touched = np.unique(regions[where])
+  touched = touched[touched > 0]
+  if not touched.size:
+    raise ValueError(
+      f"the {int(where.sum())} pixels pointed at touch no region where the two segmentations differ: nothing to take"
+    )
+  return np.where(np.isin(regions, touched), other, shown).astype(np.int32)

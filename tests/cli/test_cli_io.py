@@ -21,6 +21,7 @@ import tifffile
 from file_builders import write_dicom_series, write_labelme, write_slicer_segmentation
 from flax import nnx
 from PIL import Image as PILImage
+from scipy import ndimage
 
 import scribblejax as sj
 from scribblejax.cli import main
@@ -679,9 +680,32 @@ def test_take_shows_the_refined_networks_own_labels_and_the_session_goes_on_from
   assert main([*take, "merged", "--out", str(tmp_path / "m.tif"), "--quiet"]) == 0
   np.testing.assert_array_equal(tifffile.imread(tmp_path / "m.tif"), merged)
   assert json.loads((tmp_path / "m.report.json").read_text())["marks_honoured"] == 1.0
+  # region by region: the refined network's own labels only in the region of difference --where points at
+  regions, count = ndimage.label(merged != own)
+  pointer = np.zeros((96, 96), np.uint8)
+  pointer[r1, c1] = 3  # any class: only which pixels are marked counts
+  PILImage.fromarray(pointer).save(tmp_path / "w.png")
+  capsys.readouterr()
+  assert main([*take, "network", "--where", str(tmp_path / "w.png"), "--out", str(tmp_path / "w.tif")]) == 0
+  region = regions == regions[r1, c1]
+  np.testing.assert_array_equal(tifffile.imread(tmp_path / "w.tif"), np.where(region, own, merged))
+  report = json.loads((tmp_path / "w.report.json").read_text())
+  assert count > 1 and (report["shows"], report["changed_pixels"]) == ("mixed", int(region.sum()))
+  assert "own labels in the regions pointed at (the rest as before)" in capsys.readouterr().out
+  assert main([*take, "merged", "--where", str(tmp_path / "w.png"), "--out", str(tmp_path / "b.tif"), "--quiet"]) == 0
+  np.testing.assert_array_equal(tifffile.imread(tmp_path / "b.tif"), merged)
+  assert json.loads((tmp_path / "b.report.json").read_text())["shows"] == "merged"
+  nowhere = np.zeros((96, 96), np.uint8)
+  PILImage.fromarray(nowhere).save(tmp_path / "w0.png")
+  agree = np.argwhere(merged == own)[0]
+  nowhere[tuple(agree)] = 1
+  PILImage.fromarray(nowhere).save(tmp_path / "w1.png")
 
   # refusals, each named
   for argv, message in [
+    ([*take, "network", "--where", str(tmp_path / "w0.png")], "marks no pixel: it points at no region to take"),
+    ([*take, "network", "--where", str(tmp_path / "w1.png")], "touch no region where the two segmentations differ"),
+    (["refine", *common, "--session", str(session), "--where", str(tmp_path / "w.png")], "give it with --take"),
     ([*take, "network", "--marks", str(tmp_path / "m.png")], "without --undo and --marks"),
     ([*take, "network", "--undo"], "without --undo and --marks"),
     (["refine", "--take", "network", *common[:4]], "--take needs --session"),

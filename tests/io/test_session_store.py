@@ -53,6 +53,8 @@ def test_take_refuses_a_round_without_a_choice(tmp_path):
   assert session_store.choices(session_store.round_arrays(tmp_path, nomerge["rounds"][-1])) == ()
   with pytest.raises(ValueError, match="no merge to take"):
     session_store.take(tmp_path, nomerge, "merged")
+  with pytest.raises(ValueError, match="refined without the merge: it has one segmentation"):
+    session_store.take(tmp_path, nomerge, "network", np.ones((2, 2), bool))
   np.testing.assert_array_equal(session_store.take(tmp_path, nomerge, "network"), labels)
   # a round stored before the refined network's labels were kept
   old = session_store.append_round(tmp_path, doc, {}, **add)
@@ -63,3 +65,46 @@ def test_take_refuses_a_round_without_a_choice(tmp_path):
   np.savez_compressed(tmp_path / old["rounds"][-1]["file"], marks=marks, labels=labels, taken=np.array("merged"))
   with pytest.raises(ValueError, match="damaged: it lacks merged_labels, network_labels"):
     session_store.take(tmp_path, old, "network")
+
+
+def test_a_whole_take_is_named_as_asked_even_where_the_two_segmentations_agree(tmp_path):
+  labels, marks = np.zeros((2, 2), np.int32), np.full((2, 2), -1, np.int32)
+  doc = session_store.new_session("img.png", "digest", "nuclei2d", (2, 2))
+  doc = session_store.append_round(
+    tmp_path, doc, {}, marks=marks, new_marks=marks, labels=labels, tunable=[], network_labels=labels.copy()
+  )
+  session_store.take(tmp_path, doc, "network")
+  assert session_store.taken_of(session_store.round_arrays(tmp_path, doc["rounds"][-1])) == "network"
+
+
+def test_take_where_stores_a_mix_region_by_region_and_names_it(tmp_path):
+  merged = np.zeros((4, 6), np.int32)
+  own = merged.copy()
+  own[0, 0:2] = 1  # region A
+  own[3, 4:6] = 2  # region B
+  marks = np.full((4, 6), -1, np.int32)
+  marks[2, 2] = 0
+  doc = session_store.new_session("img.png", "digest", "nuclei2d", (4, 6))
+  doc = session_store.append_round(
+    tmp_path, doc, {}, marks=marks, new_marks=marks, labels=merged, tunable=[np.ones(3)], network_labels=own
+  )
+  stored = session_store.round_arrays(tmp_path, doc["rounds"][-1])
+  where = np.zeros((4, 6), bool)
+  where[0, 1] = True  # points at A
+  mixed = session_store.take(tmp_path, doc, "network", where)
+  expected = merged.copy()
+  expected[0, 0:2] = 1
+  np.testing.assert_array_equal(mixed, expected)
+  arrays = session_store.round_arrays(tmp_path, doc["rounds"][-1])
+  assert session_store.taken_of(arrays) == "mixed"
+  np.testing.assert_array_equal(arrays["labels"], expected)
+  np.testing.assert_array_equal(arrays["merged_labels"], merged)  # both kept
+  where[3, 5] = True  # and B too: the network's own whole, and named so
+  session_store.take(tmp_path, doc, "network", where)
+  assert session_store.taken_of(session_store.round_arrays(tmp_path, doc["rounds"][-1])) == "network"
+  session_store.take(tmp_path, doc, "merged", where)  # the merge back in both: the file as it was stored
+  arrays = session_store.round_arrays(tmp_path, doc["rounds"][-1])
+  for name in stored:
+    np.testing.assert_array_equal(arrays[name], stored[name], err_msg=name)
+  with pytest.raises(ValueError, match="touch no region"):
+    session_store.take(tmp_path, doc, "network", np.eye(4, 6, dtype=bool) & (own == merged))

@@ -17,6 +17,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 from PIL import Image as PILImage
+from scipy import ndimage
 
 try:
   import napari  # noqa: F401
@@ -32,7 +33,7 @@ if not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
 from scribblejax.cli import main
 from scribblejax.io import read_image
 from scribblejax.napari import core
-from scribblejax.napari.widget import NETWORK, SCRIBBLES, SEGMENTATION, ScribbleWidget
+from scribblejax.napari.widget import NETWORK, SCRIBBLES, SEGMENTATION, TAKE_HERE, ScribbleWidget
 from scribblejax.research import data
 
 # explicit knobs, so that the rounds are short and do not depend on the models' stored defaults
@@ -257,6 +258,25 @@ def test_the_merge_switch_reaches_the_round(make_napari_viewer, qtbot, cells, tm
   _wait(qtbot, widget)
   np.testing.assert_array_equal(viewer.layers[SEGMENTATION].data, shown)
   assert widget.interaction.taken == "merged" and viewer.layers.selection.active.name == SCRIBBLES
+  # region by region: a point in one region of difference takes the network's own labels there only
+  regions, count = ndimage.label(own.data != shown)
+  assert count > 1
+  point = np.argwhere(regions == 1)[0]
+  widget.take_points_button.click()  # no point yet: named, nothing changes
+  _wait(qtbot, widget)
+  assert "no point" in widget.message_label.text() and widget.interaction.taken == "merged"
+  viewer.layers[TAKE_HERE].data = point[None].astype(float)
+  widget.take_points_button.click()
+  _wait(qtbot, widget)
+  np.testing.assert_array_equal(viewer.layers[SEGMENTATION].data, np.where(regions == 1, own.data, shown))
+  assert widget.interaction.taken == "mixed" and widget.take_button.text() == "Show network's own"
+  assert len(viewer.layers[TAKE_HERE].data) == 0  # the points are used up
+  widget.take_button.click()  # from the mix: the network's own whole
+  _wait(qtbot, widget)
+  assert widget.interaction.taken == "network"
+  widget.take_button.click()  # and the merge back
+  _wait(qtbot, widget)
+  np.testing.assert_array_equal(viewer.layers[SEGMENTATION].data, shown)
   merge.setCheckState(Qt.CheckState.Unchecked)
   assert widget.settings().progressive_merge is False
   values = _stroke(widget, (12, slice(5, 25)))
@@ -267,7 +287,20 @@ def test_the_merge_switch_reaches_the_round(make_napari_viewer, qtbot, cells, tm
   _assert_honoured(widget, values)
   # without the merge the segmentation is the refined network's own: no second layer, nothing to choose
   assert report["network_differs"] == 0 and widget.interaction.taken is None and NETWORK not in viewer.layers
-  assert not widget.take_button.isEnabled()
+  assert not widget.take_button.isEnabled() and not widget.take_points_button.isEnabled()
+  assert TAKE_HERE not in viewer.layers
+
+
+def test_points_mask_marks_the_pixels_nearest_the_points_and_names_bad_points():
+  mask = core.points_mask(np.array([[1.2, 2.6], [0.0, 0.0]]), (3, 4))
+  np.testing.assert_array_equal(np.argwhere(mask), [[0, 0], [1, 3]])
+  for points, message in [
+    (np.zeros((0, 2)), "no point"),
+    (np.array([[1.0, 1.0, 1.0]]), "each needs 2 coordinates"),
+    (np.array([[2.6, 1.0]]), r"point \[2.6, 1.0\] lies outside the image \(3, 4\)"),
+  ]:
+    with pytest.raises(ValueError, match=message):
+      core.points_mask(points, (3, 4))
 
 
 def test_marks_of_names_a_value_that_is_no_class():

@@ -227,3 +227,29 @@ def test_the_paper_preset_is_algorithm_1_as_it_was():
   assert sj.RefineConfig.paper(max_steps=140).max_steps == 140
   with pytest.raises(ValueError, match="optimizer"):
     sj.RefineConfig(optimizer="lbfgs")
+
+
+def test_take_where_takes_whole_regions_of_difference_that_the_pointed_pixels_touch():
+  from scribblejax.refinement.merge import take_where
+
+  shown = np.zeros((6, 10), np.int32)
+  other = shown.copy()
+  other[0:2, 0:3] = 1  # region A
+  other[4:6, 6:10] = 2  # region B
+  where = np.zeros((6, 10), bool)
+  where[1, 1] = True  # one click inside A
+  expected = shown.copy()
+  expected[0:2, 0:3] = 1
+  np.testing.assert_array_equal(take_where(shown, other, where), expected)
+  where[5, 9] = True  # and one inside B: both
+  np.testing.assert_array_equal(take_where(shown, other, where), other)
+  with pytest.raises(ValueError, match="touch no region where the two segmentations differ"):
+    take_where(shown, other, np.arange(60).reshape(6, 10) == 35)  # (3, 5): where the two agree
+  with pytest.raises(ValueError, match="one shape"):
+    take_where(shown, other[:5], where)
+  with pytest.raises(ValueError, match="boolean mask"):
+    take_where(shown, other, np.where(where, 1, -1))  # a marks map is no mask: -1 would point everywhere
+  with pytest.raises(ValueError, match="already the one to take"):
+    take_where(shown, shown.copy(), where)
+  with pytest.raises(ValueError, match="where pixels of shape"):
+    take_where(shown, other, where[:5])
