@@ -152,7 +152,7 @@ def squeezed(method: bl.Method, axes: tuple[int, ...]) -> bl.Method:
   )
 
 
-def _judge(bench: BenchCase) -> Callable[[np.ndarray], float]:
+def judge_of(bench: BenchCase) -> Callable[[np.ndarray], float]:
   """``labels -> Dice`` against the case's ground truth, on the grid the network sees (for ``take_best``)."""
   truth = np.squeeze(bench.case.truth, axis=bench.squeeze) if bench.squeeze else bench.case.truth
   return lambda labels: metrics.mean_foreground_dice(np.asarray(labels), truth, bench.case.num_classes)
@@ -162,7 +162,7 @@ def run_one(
   bench: BenchCase, method_name: str, user: str, interactions: int, log, config: RefineConfig | None = None
 ) -> dict:
   """One method on one case with one robot user (``config``: the settings of ``scribblejax``)."""
-  judge = _judge(bench) if method_name == TAKE_BEST else None
+  judge = judge_of(bench) if method_name == TAKE_BEST else None
   made = make_method(method_name, bench.model, config=config, new_classes=bench.new_classes, judge=judge)
   method = squeezed(made, bench.squeeze)
   config = ev.EvalConfig(interactions=interactions, mark_kind=user, ignore_border=bench.ignore_border)

@@ -1,6 +1,5 @@
-"""Two per-image signals for choosing between a round's merge and the refined network's own labels,
-measured on the correction benchmark's runs and not adopted (``docs/correction.md``, "Tried for the
-merge and not adopted").
+"""Signals and settings for the round's merge, measured on the correction benchmark's runs and not adopted
+(``docs/correction.md``, "Tried for the merge and not adopted").
 
 * ``lagged``: a rule standing in for the person's choice (``scribblejax refine --take``). A round merges
   into the previous round's refined network's own labels, not into the segmentation shown, when those
@@ -19,21 +18,36 @@ Run:  python -m benchmarks.correction.explore --out benchmarks/results/archive/c
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import jax
 import numpy as np
 from scipy import ndimage
 
-from benchmarks.correction.__main__ import OURS, aggregate, environment, make_method, squeezed
+from benchmarks.correction.__main__ import OURS, aggregate, environment, judge_of, make_method, squeezed
 from benchmarks.correction.cases import CASES, BenchCase
+from scribblejax import RefineConfig
 from scribblejax.refinement.merge import new_marks_of
 from scribblejax.research import baselines as bl
 from scribblejax.research import evaluate as ev
 
 AT_LEAST = 0.5  # the lagged rule: the share of the new marked pixels the network's own labels must have right
+VARIANTS = {  # the defaults with one setting changed: (RefineConfig overrides, EvalConfig overrides)
+  "merge_far_0.998": ({"merge_far": 0.998}, {}),
+  "merge_far_0.999": ({"merge_far": 0.999}, {}),
+  "region_growing_0.05": ({}, {"region_growing": 0.05}),
+}
+TAKE_REGIONS = {"take_regions": None, "take_3_regions": 3}  # the most regions a round may take
+STUDIES = ("lagged", "far", "sureness", *TAKE_REGIONS, *VARIANTS)
+CLEAR = 0.01  # a round where one of the two segmentations is better by more than this
+AGGREGATE_HEADER = [
+  "| method | runs | mean AUC | mean gain @1 | mean gain @N | first drops | below network |",
+  "|---|---|---|---|---|---|---|",
+]
 
 
 class Wrapped(NamedTuple):
@@ -109,15 +123,76 @@ def counting_far(method: bl.Method, truth: np.ndarray) -> bl.Method:
   return _wrap(method, update)
 
 
+def sureness_at_marks(initial_logits: Any, new_marks: np.ndarray) -> float | None:
+  """The mean top probability the network W gave on the new marked pixels (``new_marks >= 0``) whose
+  mark is not W's label: how sure W was where it was wrong (``None``: W had every new mark right)."""
+  probabilities = np.asarray(jax.nn.softmax(np.asarray(initial_logits, np.float32), axis=-1))
+  marked = new_marks >= 0
+  wrong = marked & (probabilities.argmax(axis=-1) != new_marks)
+  return float(probabilities.max(axis=-1)[wrong].mean()) if wrong.any() else None
+
+
+def recording_sureness(method: bl.Method, judge) -> bl.Method:
+  """``method`` (the defaults) whose info records each round's :func:`sureness_at_marks` (``w_sure``) and
+  the Dice (``judge``) of its merge (``merge_dice``) and of the refined network's own labels (``own_dice``)."""
+
+  def update(inner: bl.RefineMethodState, marks):
+    new = new_marks_of(np.asarray(marks), inner.marks)
+    sure = None if inner.initial is None else sureness_at_marks(inner.initial, new)
+    inner = method.update(inner, marks)
+    return inner, (("w_sure", sure), ("merge_dice", judge(inner.labels)), ("own_dice", judge(inner.proposed)))
+
+  return _wrap(method, update)
+
+
+def better_by_region(
+  merged: np.ndarray, own: np.ndarray, truth: np.ndarray, most: int | None = None
+) -> tuple[np.ndarray, int, int]:
+  """``(labels, regions taken, regions)``: ``merged`` except in each connected region where ``merged`` and
+  ``own`` differ and ``own`` has more of the region's pixels right (``truth``), or only in the ``most``
+  largest such regions; as :func:`scribblejax.refinement.merge.take_where` takes them (a marked pixel in
+  a region taken shows ``own``'s label, as with the whole network's labels taken)."""
+  regions, count = ndimage.label(merged != own)
+  flat = regions.ravel()
+  own_right = np.bincount(flat, weights=(own == truth).ravel(), minlength=count + 1)
+  merged_right = np.bincount(flat, weights=(merged == truth).ravel(), minlength=count + 1)
+  take = own_right > merged_right
+  take[0] = False  # the pixels where the two agree
+  if most is not None and take.sum() > most:
+    sizes = np.where(take, np.bincount(flat, minlength=count + 1), -1)
+    take[np.argsort(-sizes, kind="stable")[most:]] = False
+  return np.where(take[regions], own, merged).astype(np.int32), int(take.sum()), count
+
+
+def taking_regions(method: bl.Method, truth: np.ndarray, most: int | None = None) -> bl.Method:
+  """``method`` (the defaults, with the round's merge) where each round's segmentation becomes
+  :func:`better_by_region`'s (``most``: at most that many regions) and the next round merges into it; the
+  info counts the regions taken (``regions_taken`` of ``regions``)."""
+
+  def update(inner: bl.RefineMethodState, marks):
+    inner = method.update(inner, marks)
+    merged, own = np.asarray(inner.labels), np.asarray(inner.proposed)
+    labels, taken, count = better_by_region(merged, own, truth, most)
+    return inner._replace(labels=labels), (("regions_taken", taken), ("regions", count))
+
+  return _wrap(method, update)
+
+
 def run(bench: BenchCase, user: str, study: str) -> dict:
-  """One study (``lagged`` or ``far``) on one case with one robot user, five interactions."""
-  method = make_method(OURS, bench.model, new_classes=bench.new_classes)
+  """One study (one of :data:`STUDIES`) on one case with one robot user, five interactions."""
+  overrides, eval_overrides = VARIANTS.get(study, ({}, {}))
+  config = dataclasses.replace(RefineConfig(), **overrides)
+  method = make_method(OURS, bench.model, config=config, new_classes=bench.new_classes)
+  truth = np.squeeze(bench.case.truth, axis=bench.squeeze) if bench.squeeze else bench.case.truth
   if study == "lagged":
     method = lagged_take(method)
-  else:
-    truth = np.squeeze(bench.case.truth, axis=bench.squeeze) if bench.squeeze else bench.case.truth
+  elif study == "far":
     method = counting_far(method, truth)
-  config = ev.EvalConfig(interactions=5, mark_kind=user, ignore_border=bench.ignore_border)
+  elif study == "sureness":
+    method = recording_sureness(method, judge_of(bench))
+  elif study in TAKE_REGIONS:
+    method = taking_regions(method, truth, TAKE_REGIONS[study])
+  config = ev.EvalConfig(interactions=5, mark_kind=user, ignore_border=bench.ignore_border, **eval_overrides)
   result = ev.run_case(bench.case, squeezed(method, bench.squeeze), config)
   result.update(user=user, method=study)
   return result
@@ -129,49 +204,136 @@ def pairs_of(record: dict) -> list[tuple[str, str]]:
   return [(r["case"], r["user"]) for r in runs]
 
 
+def _aggregate_rows(rows: list[dict]) -> list[str]:
+  return [
+    f"| {a['method']} | {a['runs']} | {a['mean_auc']:.3f} | {a['mean_gain_first']:+.3f} | {a['mean_gain_last']:+.3f} | "
+    f"{a['first_drops']} | {a['below_network']} |"
+    for a in rows
+  ]
+
+
+def _dice(run: dict) -> str:
+  return " ".join(f"{d:.3f}" for d in run["dice_per_interaction"])
+
+
+def sureness_summary(results: list[dict], clear: float = CLEAR) -> dict[str, list[float]]:
+  """W's sureness on the wrong new marks (``w_sure``) of the rounds where the refined network's own labels
+  were the better segmentation by more than ``clear`` (``own``) and of those where the merge was
+  (``merge``), from the ``sureness`` runs' info; rounds where W had every new mark right left out."""
+  rounds = [i for r in results if r["method"] == "sureness" for i in r["method_info"] if i["w_sure"] is not None]
+  return {
+    "own": sorted(i["w_sure"] for i in rounds if i["own_dice"] > i["merge_dice"] + clear),
+    "merge": sorted(i["w_sure"] for i in rounds if i["merge_dice"] > i["own_dice"] + clear),
+  }
+
+
 def markdown(payload: dict) -> str:
-  """The record as tables: the lagged rule per run and over all runs; the far changes per run and round."""
-  lagged = [r for r in payload["results"] if r["method"] == "lagged"]
+  """The record as tables, one section per study run."""
+  results = payload["results"]
+  of = lambda study: [r for r in results if r["method"] == study]
+  env = payload["environment"]
   lines = [
-    "# Two signals for the round's merge, tried and not adopted",
+    "# Signals and settings for the round's merge, tried and not adopted",
     "",
-    f"Command: `{payload['environment']['command']}`; device {payload['environment']['device']}, "
-    f"{payload['environment']['date']}.",
-    "",
-    "## The lagged take",
-    "",
-    "| case | user | Dice per interaction | took the network's own (round 2 on) |",
-    "|---|---|---|---|",
+    f"Command: `{env['command']}`; device {env['device']}, {env['date']}.",
   ]
-  for r in lagged:
-    took = "".join("y" if i["took_network"] else "." for i in r["method_info"][1:])
-    dice = " ".join(f"{d:.3f}" for d in r["dice_per_interaction"])
-    lines.append(f"| {r['case']} | {r['user']} | {dice} | {took} |")
-  lines += [
-    "",
-    "| runs | mean AUC | mean gain @1 | mean gain @N | first drops | below network |",
-    "|---|---|---|---|---|---|",
-  ]
-  for a in aggregate(lagged):
-    lines.append(
-      f"| {a['runs']} | {a['mean_auc']:.3f} | {a['mean_gain_first']:+.3f} | {a['mean_gain_last']:+.3f} | "
-      f"{a['first_drops']} | {a['below_network']} |"
-    )
-  lines += [
-    "",
-    "## Far changes per round (the defaults)",
-    "",
-    "Per round: pixels the merge changed away from the marks (right pixels gained) / the same for the refined "
-    "network's own labels.",
-    "",
-    "| case | user | pixels in the image | rounds |",
-    "|---|---|---|---|",
-  ]
-  for r in (r for r in payload["results"] if r["method"] == "far"):
-    rounds = "; ".join(
-      f"{i['far']} ({i['far_gain']:+d}) / {i['own_far']} ({i['own_far_gain']:+d})" for i in r["method_info"]
-    )
-    lines.append(f"| {r['case']} | {r['user']} | {payload['pixels'][r['case']]} | {rounds} |")
+  if of("lagged"):
+    lines += [
+      "",
+      "## The lagged take",
+      "",
+      "| case | user | Dice per interaction | took the network's own (round 2 on) |",
+      "|---|---|---|---|",
+    ]
+    for r in of("lagged"):
+      took = "".join("y" if i["took_network"] else "." for i in r["method_info"][1:])
+      lines.append(f"| {r['case']} | {r['user']} | {_dice(r)} | {took} |")
+    lines += ["", *AGGREGATE_HEADER, *_aggregate_rows(aggregate(of("lagged")))]
+  if of("far"):
+    lines += [
+      "",
+      "## Far changes per round (the defaults)",
+      "",
+      "Per round: pixels the merge changed away from the marks (right pixels gained) / the same for the "
+      "refined network's own labels.",
+      "",
+      "| case | user | pixels in the image | rounds |",
+      "|---|---|---|---|",
+    ]
+    for r in of("far"):
+      rounds = "; ".join(
+        f"{i['far']} ({i['far_gain']:+d}) / {i['own_far']} ({i['own_far_gain']:+d})" for i in r["method_info"]
+      )
+      lines.append(f"| {r['case']} | {r['user']} | {payload['pixels'][r['case']]} | {rounds} |")
+  if of("sureness"):
+    lines += [
+      "",
+      "## W's sureness on the marks it had wrong (the defaults)",
+      "",
+      "Per round: the mean top probability the network W gave on the round's new marked pixels whose mark is "
+      "not its label (- where it had them all right), and the Dice of the refined network's own labels less "
+      "the Dice of the round's merge (positive: the network's own was the better).",
+      "",
+      "| case | user | rounds: W's sureness (own - merge) |",
+      "|---|---|---|",
+    ]
+    for r in of("sureness"):
+      rounds = "; ".join(
+        ("-" if i["w_sure"] is None else f"{i['w_sure']:.3f}") + f" ({i['own_dice'] - i['merge_dice']:+.3f})"
+        for i in r["method_info"]
+      )
+      lines.append(f"| {r['case']} | {r['user']} | {rounds} |")
+    split = sureness_summary(results)
+    lines += [
+      "",
+      f"| better by more than {CLEAR} | rounds | W's sureness: min | median | max |",
+      "|---|---|---|---|---|",
+    ]
+    for side, name in (("own", "the network's own"), ("merge", "the merge")):
+      values = split[side]
+      if values:
+        lines.append(
+          f"| {name} | {len(values)} | {values[0]:.3f} | {float(np.median(values)):.3f} | {values[-1]:.3f} |"
+        )
+  by_region = [r for r in results if r["method"] in TAKE_REGIONS]
+  if by_region:
+    lines += [
+      "",
+      "## The better of the two taken region by region (a judge with the truth)",
+      "",
+      "`take_regions`: every region where the refined network's own labels have more pixels right; "
+      "`take_3_regions`: at most the three largest of them per round.",
+      "",
+      "| study | case | user | Dice per interaction | regions taken per round (of those that differ) |",
+      "|---|---|---|---|---|",
+    ]
+    for r in by_region:
+      taken = ", ".join(f"{i['regions_taken']}/{i['regions']}" for i in r["method_info"])
+      lines.append(f"| {r['method']} | {r['case']} | {r['user']} | {_dice(r)} | {taken} |")
+    lines += [
+      "",
+      "Over all runs (the defaults from the record they repeat):",
+      "",
+      *AGGREGATE_HEADER,
+      *_aggregate_rows(payload["defaults"] + aggregate(by_region)),
+    ]
+  variants = [r for r in results if r["method"] in VARIANTS]
+  if variants:
+    lines += [
+      "",
+      "## Settings (the defaults with one changed)",
+      "",
+      "| setting | case | user | Dice per interaction |",
+      "|---|---|---|---|",
+    ]
+    lines += [f"| {r['method']} | {r['case']} | {r['user']} | {_dice(r)} |" for r in variants]
+    lines += [
+      "",
+      "Over all runs (the defaults from the record they repeat):",
+      "",
+      *AGGREGATE_HEADER,
+      *_aggregate_rows(payload["defaults"] + aggregate(variants)),
+    ]
   return "\n".join(lines) + "\n"
 
 
@@ -185,17 +347,21 @@ def main(argv: list[str] | None = None) -> int:
     default=Path("benchmarks/results/correction_cpu/results.json"),
     help="the correction record whose (case, robot user) runs are repeated",
   )
+  parser.add_argument("--studies", nargs="+", choices=STUDIES, default=list(STUDIES), help="the studies to run")
   args = parser.parse_args(argv)
-  pairs = pairs_of(json.loads(args.pairs_from.read_text()))
+  record = json.loads(args.pairs_from.read_text())
+  pairs = pairs_of(record)
   benches = {name: CASES[name]() for name in dict.fromkeys(case for case, _ in pairs)}
   results = []
-  for study in ("lagged", "far"):
+  for study in args.studies:
     for case, user in pairs:
       results.append(run(benches[case], user, study))
-      print(study, case, user, " ".join(f"{d:.3f}" for d in results[-1]["dice_per_interaction"]), flush=True)
+      print(study, case, user, _dice(results[-1]), flush=True)
+  repeated = [r for r in record["results"] if (r["case"], r["user"]) in set(pairs) and r["method"] == OURS]
   payload = {
     "environment": {**environment(argv), "command": "python -m benchmarks.correction.explore " + " ".join(argv)},
     "pixels": {name: int(np.prod(b.case.truth.shape)) for name, b in benches.items()},
+    "defaults": aggregate(repeated),
     "results": results,
   }
   args.out.mkdir(parents=True, exist_ok=True)

@@ -224,3 +224,52 @@ def test_far_changes_count_only_regions_of_change_that_touch_no_mark():
   assert far_changes(before, after, marks, truth) == (6, 0)
   truth[4, 4:7] = 1
   assert far_changes(before, after, marks, truth) == (6, 6)
+
+
+def test_sureness_at_marks_averages_the_networks_top_probability_where_it_had_a_new_mark_wrong():
+  from benchmarks.correction.explore import sureness_at_marks
+
+  probabilities = np.array([[[0.9, 0.1], [0.6, 0.4], [0.2, 0.8]]])  # W's labels: 0, 0, 1
+  logits = np.log(probabilities)
+  new = np.array([[1, 1, 1]])  # W had the first two wrong, the third right
+  assert sureness_at_marks(logits, new) == pytest.approx(0.75)
+  assert sureness_at_marks(logits, np.array([[0, -1, 1]])) is None  # every new mark right
+
+
+def test_sureness_summary_splits_the_rounds_by_which_segmentation_was_clearly_better():
+  from benchmarks.correction.explore import sureness_summary
+
+  info = [
+    {"w_sure": 0.9, "own_dice": 0.80, "merge_dice": 0.70},  # the network's own, clearly
+    {"w_sure": 0.6, "own_dice": 0.70, "merge_dice": 0.80},  # the merge, clearly
+    {"w_sure": 0.99, "own_dice": 0.705, "merge_dice": 0.70},  # neither
+    {"w_sure": None, "own_dice": 0.9, "merge_dice": 0.5},  # W had every new mark right
+  ]
+  results = [{"method": "sureness", "method_info": info}, {"method": "far", "method_info": info}]
+  assert sureness_summary(results) == {"own": [0.9], "merge": [0.6]}
+
+
+def test_better_by_region_takes_the_networks_own_labels_only_in_the_regions_where_more_of_them_are_right():
+  from benchmarks.correction.explore import better_by_region
+
+  merged = np.zeros((4, 8), int)
+  own = merged.copy()
+  own[0, 0:3] = 1  # region A, three pixels: two right
+  own[3, 5:8] = 1  # region B, three pixels: one right
+  own[0, 6] = 1  # region C, one pixel: right
+  own[1, 4:6] = 1  # region D, two pixels: one right, as many as the merge has (a tie keeps the merge)
+  truth = np.zeros((4, 8), int)
+  truth[1, 4] = 1
+  truth[0, 0:2] = 1
+  truth[3, 5] = 1
+  truth[0, 6] = 1
+  labels, taken, count = better_by_region(merged, own, truth)
+  assert (taken, count) == (2, 4)
+  expected = merged.copy()
+  expected[0, 0:3] = 1
+  expected[0, 6] = 1
+  np.testing.assert_array_equal(labels, expected)
+  labels, taken, _ = better_by_region(merged, own, truth, most=1)  # the larger of A and C
+  assert taken == 1
+  expected[0, 6] = 0
+  np.testing.assert_array_equal(labels, expected)
