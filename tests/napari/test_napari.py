@@ -225,6 +225,14 @@ def test_refine_in_3d_honours_the_stroke_and_undo_restores_the_layer(make_napari
   values = scribbles.data.copy()
   assert _refine(qtbot, widget)["satisfied"], widget.report
   _assert_honoured(widget, values)
+  # a point (in the volume's index coordinates, the layers scaled by the voxel spacing) takes one region
+  shown, own = segmentation.data.copy(), viewer.layers[NETWORK].data.copy()
+  regions, count = ndimage.label(own != shown)
+  assert count >= 1 and viewer.layers[TAKE_HERE].scale[0] == pytest.approx(3.0)
+  viewer.layers[TAKE_HERE].data = np.argwhere(regions == 1)[:1].astype(float)
+  widget.take_points_button.click()
+  _wait(qtbot, widget)
+  np.testing.assert_array_equal(segmentation.data, np.where(regions == 1, own, shown))
   widget.undo_button.click()
   _wait(qtbot, widget)
   np.testing.assert_array_equal(segmentation.data, before)
