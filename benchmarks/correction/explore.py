@@ -42,7 +42,8 @@ VARIANTS = {  # the defaults with one setting changed: (RefineConfig overrides, 
   "region_growing_0.05": ({}, {"region_growing": 0.05}),
 }
 TAKE_REGIONS = {"take_regions": None, "take_3_regions": 3}  # the most regions a round may take
-STUDIES = ("lagged", "far", "sureness", *TAKE_REGIONS, *VARIANTS)
+SURE_REGIONS = {"region_sure_0.9": 0.9, "region_sure_0.95": 0.95}  # the least mean sureness of a region taken
+STUDIES = ("lagged", "far", "sureness", *TAKE_REGIONS, *SURE_REGIONS, *VARIANTS)
 CLEAR = 0.01  # a round where one of the two segmentations is better by more than this
 AGGREGATE_HEADER = [
   "| method | runs | mean AUC | mean gain @1 | mean gain @N | first drops | below network |",
@@ -178,6 +179,35 @@ def taking_regions(method: bl.Method, truth: np.ndarray, most: int | None = None
   return _wrap(method, update)
 
 
+def sure_regions(
+  merged: np.ndarray, own: np.ndarray, sureness: np.ndarray, kept: np.ndarray, at_least: float
+) -> np.ndarray:
+  """``merged`` with ``own``'s labels in each connected region where the two differ whose mean ``sureness``
+  (the refined network's top class probability) is at least ``at_least``, but on the ``kept`` pixels."""
+  regions, count = ndimage.label(merged != own)
+  if not count:
+    return merged
+  take = np.zeros(count + 1, bool)
+  take[1:] = ndimage.mean(sureness, regions, np.arange(1, count + 1)) >= at_least
+  return np.where(take[regions] & ~kept, own, merged).astype(np.int32)
+
+
+def taking_sure_regions(method: bl.Method, at_least: float, protect: float) -> bl.Method:
+  """``method`` (the defaults, with the round's merge) where each round's segmentation becomes
+  :func:`sure_regions`' with the pixels the network W gave at least ``protect``, and the marked ones, kept."""
+
+  def update(inner: bl.RefineMethodState, marks):
+    inner = method.update(inner, marks)
+    if inner.sureness is None:  # a region-based network: no distribution to be sure in
+      return inner, ()
+    w_sure = np.asarray(jax.nn.softmax(np.asarray(inner.initial, np.float32), axis=-1)).max(axis=-1) >= protect
+    kept = w_sure | (np.asarray(marks) >= 0)
+    labels = sure_regions(np.asarray(inner.labels), np.asarray(inner.proposed), inner.sureness, kept, at_least)
+    return inner._replace(labels=labels), ()
+
+  return _wrap(method, update)
+
+
 def run(bench: BenchCase, user: str, study: str) -> dict:
   """One study (one of :data:`STUDIES`) on one case with one robot user, five interactions."""
   overrides, eval_overrides = VARIANTS.get(study, ({}, {}))
@@ -192,6 +222,8 @@ def run(bench: BenchCase, user: str, study: str) -> dict:
     method = recording_sureness(method, judge_of(bench))
   elif study in TAKE_REGIONS:
     method = taking_regions(method, truth, TAKE_REGIONS[study])
+  elif study in SURE_REGIONS:
+    method = taking_sure_regions(method, SURE_REGIONS[study], config.merge_protect)
   config = ev.EvalConfig(interactions=5, mark_kind=user, ignore_border=bench.ignore_border, **eval_overrides)
   result = ev.run_case(bench.case, squeezed(method, bench.squeeze), config)
   result.update(user=user, method=study)
@@ -316,6 +348,27 @@ def markdown(payload: dict) -> str:
       "",
       *AGGREGATE_HEADER,
       *_aggregate_rows(payload["defaults"] + aggregate(by_region)),
+    ]
+  by_sureness = [r for r in results if r["method"] in SURE_REGIONS]
+  if by_sureness:
+    lines += [
+      "",
+      "## Regions the refined network is sure of, taken (a rule)",
+      "",
+      "After the round's merge, each region where the merge and the refined network's own labels differ takes "
+      "the latter when the refined network's mean top probability over it is at least the threshold (but on "
+      "the pixels W was sure of, and the marked ones).",
+      "",
+      "| rule | case | user | Dice per interaction |",
+      "|---|---|---|---|",
+    ]
+    lines += [f"| {r['method']} | {r['case']} | {r['user']} | {_dice(r)} |" for r in by_sureness]
+    lines += [
+      "",
+      "Over all runs (the defaults from the record they repeat):",
+      "",
+      *AGGREGATE_HEADER,
+      *_aggregate_rows(payload["defaults"] + aggregate(by_sureness)),
     ]
   variants = [r for r in results if r["method"] in VARIANTS]
   if variants:

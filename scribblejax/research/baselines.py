@@ -201,6 +201,7 @@ class RefineMethodState(NamedTuple):
   marks: Any = None  # int32[*spatial]: the marks of the last refinement (None before any)
   initial: Any = None  # float32[*spatial, classes]: the network's logits, for the merge (None: region-based)
   proposed: Any = None  # int32[*spatial]: the last refined network's own labels (None before any round)
+  sureness: Any = None  # float32[*spatial]: the last refined network's top class probability (None: none yet, regions)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -265,9 +266,11 @@ def refine_method(
     if config.progressive_merge:
       scores = (None, None) if state.initial is None else (result.logits, state.initial)
       labels = merge_round(state.labels, labels, new_marks_of(marks, state.marks), marks, config, *scores, new_classes)
+    sureness = None if state.initial is None else np.asarray(jax.nn.softmax(result.logits, axis=-1).max(axis=-1))
     return state._replace(
       labels=labels,
       proposed=np.asarray(result.labels),
+      sureness=sureness,
       num_steps=int(result.num_steps),
       satisfied=bool(result.satisfied),
       tunable=result.tunable,

@@ -273,3 +273,22 @@ def test_better_by_region_takes_the_networks_own_labels_only_in_the_regions_wher
   assert taken == 1
   expected[0, 6] = 0
   np.testing.assert_array_equal(labels, expected)
+
+
+def test_sure_regions_takes_the_regions_the_refined_network_is_sure_of_on_average_but_not_kept_pixels():
+  from benchmarks.correction.explore import sure_regions
+
+  merged = np.zeros((3, 7), np.int32)
+  own = merged.copy()
+  own[0, 0:3] = 1  # region A: sureness 0.99, 0.99, 0.82 -> mean 0.933
+  own[2, 4:7] = 2  # region B: mean 0.8
+  sureness = np.full((3, 7), 0.8)
+  sureness[0, 0:2] = 0.99
+  sureness[0, 2] = 0.82
+  kept = np.zeros((3, 7), bool)
+  kept[0, 0] = True  # W was sure here (or it is marked)
+  expected = merged.copy()
+  expected[0, 1:3] = 1  # all of A but the kept pixel, none of B
+  np.testing.assert_array_equal(sure_regions(merged, own, sureness, kept, 0.9), expected)
+  np.testing.assert_array_equal(sure_regions(merged, own, sureness, kept, 0.95), merged)  # A's mean is below
+  np.testing.assert_array_equal(sure_regions(merged, merged, sureness, kept, 0.9), merged)  # nothing differs
