@@ -215,7 +215,7 @@ def take(session: Session, which: str, where: Any = None) -> Session:
     raise ValueError("the latest round was refined without the merge: it has one segmentation, none to mix with")
   wanted = last.labels if which == "merged" else last.result.labels
   shown = take_where(np.asarray(_shown(last)), np.asarray(wanted), where)
-  whole = [name for name, labels in (("merged", last.labels), ("network", last.result.labels)) if labels is not None]
-  same = [name for name in whole if np.array_equal(shown, np.asarray(_shown(last._replace(taken=name))))]
+  whole = (("merged", last.labels), ("network", last.result.labels))
+  same = [name for name, labels in whole if labels is not None and np.array_equal(shown, np.asarray(labels))]
   taken = last._replace(taken=same[0], shown=None) if same else last._replace(taken="mixed", shown=_frozen(shown))
   return session._replace(rounds=session.rounds[:-1] + (taken,))

@@ -248,6 +248,17 @@ def _dice(run: dict) -> str:
   return " ".join(f"{d:.3f}" for d in run["dice_per_interaction"])
 
 
+def _beside_defaults(payload: dict, runs: list[dict]) -> list[str]:
+  """The lines of the table over all runs: the defaults (from the record the runs repeat), then ``runs``."""
+  return [
+    "",
+    "Over all runs (the defaults from the record they repeat):",
+    "",
+    *AGGREGATE_HEADER,
+    *_aggregate_rows(payload["defaults"] + aggregate(runs)),
+  ]
+
+
 def sureness_summary(results: list[dict], clear: float = CLEAR) -> dict[str, list[float]]:
   """W's sureness on the wrong new marks (``w_sure``) of the rounds where the refined network's own labels
   were the better segmentation by more than ``clear`` (``own``) and of those where the merge was
@@ -342,13 +353,7 @@ def markdown(payload: dict) -> str:
     for r in by_region:
       taken = ", ".join(f"{i['regions_taken']}/{i['regions']}" for i in r["method_info"])
       lines.append(f"| {r['method']} | {r['case']} | {r['user']} | {_dice(r)} | {taken} |")
-    lines += [
-      "",
-      "Over all runs (the defaults from the record they repeat):",
-      "",
-      *AGGREGATE_HEADER,
-      *_aggregate_rows(payload["defaults"] + aggregate(by_region)),
-    ]
+    lines += _beside_defaults(payload, by_region)
   by_sureness = [r for r in results if r["method"] in SURE_REGIONS]
   if by_sureness:
     lines += [
@@ -363,13 +368,7 @@ def markdown(payload: dict) -> str:
       "|---|---|---|---|",
     ]
     lines += [f"| {r['method']} | {r['case']} | {r['user']} | {_dice(r)} |" for r in by_sureness]
-    lines += [
-      "",
-      "Over all runs (the defaults from the record they repeat):",
-      "",
-      *AGGREGATE_HEADER,
-      *_aggregate_rows(payload["defaults"] + aggregate(by_sureness)),
-    ]
+    lines += _beside_defaults(payload, by_sureness)
   variants = [r for r in results if r["method"] in VARIANTS]
   if variants:
     lines += [
@@ -380,13 +379,7 @@ def markdown(payload: dict) -> str:
       "|---|---|---|---|",
     ]
     lines += [f"| {r['method']} | {r['case']} | {r['user']} | {_dice(r)} |" for r in variants]
-    lines += [
-      "",
-      "Over all runs (the defaults from the record they repeat):",
-      "",
-      *AGGREGATE_HEADER,
-      *_aggregate_rows(payload["defaults"] + aggregate(variants)),
-    ]
+    lines += _beside_defaults(payload, variants)
   return "\n".join(lines) + "\n"
 
 

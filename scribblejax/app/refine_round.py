@@ -355,8 +355,23 @@ def _read_marks(
     ValueError: a file that cannot be read as marks, or files that mark no pixel.
   """
   log(f"reading marks {', '.join(map(str, marks))}")
-  new = read_marks(
-    list(marks),
+  new = _marks_on_grid(marks, img, mark_options, num_classes, class_names)
+  if not (new >= 0).any():
+    raise ValueError(f"the marks files {', '.join(map(str, marks))} mark no pixel")
+  return new
+
+
+def _marks_on_grid(
+  paths: Sequence[str],
+  img: Image,
+  mark_options: MarkOptions,
+  num_classes: int | None,
+  class_names: Sequence[str] | None,
+) -> np.ndarray:
+  """Marks files on the image's grid, accumulated in order, read with ``mark_options`` (``num_classes``
+  ``None``: a label map's values are not checked against the classes)."""
+  return read_marks(
+    list(paths),
     img.geometry,
     num_classes=num_classes,
     class_names=class_names,
@@ -365,9 +380,6 @@ def _read_marks(
     radius=mark_options.radius,
     rectangle=mark_options.rectangle,
   )
-  if not (new >= 0).any():
-    raise ValueError(f"the marks files {', '.join(map(str, marks))} mark no pixel")
-  return new
 
 
 def _read_where(
@@ -390,16 +402,7 @@ def _read_where(
     ValueError: a file that cannot be read as marks, or one that marks no pixel.
   """
   log(f"reading {where}")
-  pointed = read_marks(
-    [where],
-    img.geometry,
-    num_classes=None,
-    class_names=class_names,
-    background_value=mark_options.background_value,
-    unmarked_value=mark_options.unmarked_value,
-    radius=mark_options.radius,
-    rectangle=mark_options.rectangle,
-  )
+  pointed = _marks_on_grid([where], img, mark_options, None, class_names)
   if not (pointed >= 0).any():
     raise ValueError(f"--where {where} marks no pixel: it points at no region to take")
   return pointed >= 0

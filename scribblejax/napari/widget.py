@@ -266,27 +266,28 @@ class ScribbleWidget(QWidget):
   def take(self, which: str | None = None) -> None:
     """Shows the latest round's refined network's own labels (``"network"``) or its merge (``"merged"``;
     default: the one not shown); the next round starts from it."""
-    it = self.interaction
+    it = self._choice()
     if it is None:
       return
-    if it.taken is None:
-      return self._say(
-        "the latest round offers no choice: no round, one without the merge, or an older one", error=True
-      )
     which = which or ("merged" if it.taken == "network" else "network")
     what = "the refined network's own labels" if which == "network" else "the merged segmentation"
     self._run("taking", lambda: core.take(it, which), lambda new: self._taken(new, what))
 
+  def _choice(self) -> core.Interaction | None:
+    """The interaction when its latest round offers a choice between two segmentations; else ``None``,
+    with the reason said when one is open."""
+    it = self.interaction
+    if it is not None and it.taken is None:
+      self._say("the latest round offers no choice: no round, one without the merge, or an older one", error=True)
+      return None
+    return it
+
   def take_at_points(self) -> None:
     """Takes the refined network's own labels in the regions where they differ from the segmentation that
     hold a point of the ``take here`` layer; the points are cleared, and the next round starts from the mix."""
-    it = self.interaction
+    it = self._choice()
     if it is None:
       return
-    if it.taken is None:
-      return self._say(
-        "the latest round offers no choice: no round, one without the merge, or an older one", error=True
-      )
     try:
       where = core.points_mask(self._layer(TAKE_HERE).data, it.image.spatial_shape)
     except KeyError:
