@@ -12,6 +12,7 @@ Example:
   >>> s = undo(s)                      # back to the first round
   >>> s = take(s, "network")           # the refined network's own labels instead of the round's merge
   >>> s = take(s, "merged", where=m)   # the merge again in the regions the mask m points at
+  >>> differences(s)[:3]               # the three largest regions where the network's own labels differ
   >>> current_labels(s)
 """
 
@@ -28,7 +29,8 @@ from scribblejax import marks as marks_lib
 from scribblejax.config import RefineConfig
 from scribblejax.params import Split
 from scribblejax.refinement import RefineResult, Trunk, compute_trunk, predict, refine, trunk_mismatch
-from scribblejax.refinement.merge import merge_round, new_marks_of, take_where
+from scribblejax.refinement.merge import Difference, merge_round, new_marks_of, take_where
+from scribblejax.refinement.merge import differences as differences_of
 
 
 class Round(NamedTuple):
@@ -174,6 +176,39 @@ def undo(session: Session) -> Session:
   if not session.rounds:
     raise ValueError("nothing to undo: the session has no rounds")
   return session._replace(rounds=session.rounds[:-1])
+
+
+def differences(session: Session, which: str = "network", limit: int | None = None) -> tuple[Difference, ...]:
+  """The connected regions where the latest round's segmentation shown and ``which`` differ, largest first.
+
+  What a person looks at before taking ``which`` region by region: each region's size, the classes on
+  either side, and a point inside it; a mask holding that point, given to :func:`take` as ``where``,
+  takes that region (:func:`scribblejax.refinement.merge.differences`).
+
+  Args:
+    session: the session so far.
+    which: ``"network"`` (the refined network's own labels) or ``"merged"`` (the round's merge).
+    limit: the most regions to return (``None``: all).
+
+  Raises:
+    ValueError: no round, ``which`` is neither name, or the latest round was refined without the merge
+      (it has one segmentation).
+  """
+  last = _with_choice(session, which)
+  wanted = last.labels if which == "merged" else last.result.labels
+  return differences_of(np.asarray(_shown(last)), np.asarray(wanted), limit)
+
+
+def _with_choice(session: Session, which: str) -> Round:
+  """The latest round, which offers both segmentations; ``ValueError`` naming why not."""
+  if which not in ("merged", "network"):
+    raise ValueError(f"a round's segmentation is one of merged, network, got {which!r}")
+  if not session.rounds:
+    raise ValueError("no round yet: the session has no two segmentations to compare")
+  last = session.rounds[-1]
+  if last.labels is None:
+    raise ValueError("the latest round was refined without the merge: it has one segmentation, none to mix with")
+  return last
 
 
 def take(session: Session, which: str, where: Any = None) -> Session:

@@ -127,6 +127,36 @@ def test_take_shows_the_refined_networks_labels_and_the_next_round_merges_into_t
     sj.session.take(sj.start_session(split, image, merging), "network")
 
 
+def test_differences_rank_the_regions_a_take_can_point_at():
+  split, image = _setup()
+  merging = dataclasses.replace(sj.RefineConfig(), max_steps=1)
+  session = sj.add_marks(sj.start_session(split, image, merging), _round((16, 16), ((3, 3), 1), ((12, 12), 2)))
+  merged, own = np.asarray(sj.current_labels(session)), np.asarray(session.rounds[-1].result.labels)
+  regions, count = ndimage.label(merged != own)
+  found = sj.session.differences(session)
+  assert len(found) == count >= 2
+  assert [d.size for d in found] == sorted(np.bincount(regions.ravel())[1:].tolist(), reverse=True)
+  second = np.zeros(merged.shape, bool)
+  second[found[1].point] = True  # the second largest region, pointed at by its point
+  mixed = sj.session.take(session, "network", where=second)
+  region = regions == regions[found[1].point]
+  np.testing.assert_array_equal(np.asarray(sj.current_labels(mixed)), np.where(region, own, merged))
+  assert (
+    len(sj.session.differences(mixed)) == count - 1
+    and sj.session.differences(mixed, "merged", 5)[0].size == found[1].size
+  )
+  assert sj.session.differences(sj.session.take(session, "network")) == ()
+  with pytest.raises(ValueError, match="no round yet"):
+    sj.session.differences(sj.start_session(split, image, merging))
+  nomerge = sj.add_marks(
+    sj.start_session(split, image, merging),
+    _round((16, 16), ((3, 3), 1)),
+    dataclasses.replace(merging, progressive_merge=False),
+  )
+  with pytest.raises(ValueError, match="refined without the merge"):
+    sj.session.differences(nomerge)
+
+
 def test_take_where_mixes_the_two_segmentations_region_by_region():
   split, image = _setup()
   merging = dataclasses.replace(sj.RefineConfig(), max_steps=1)

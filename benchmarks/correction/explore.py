@@ -9,7 +9,15 @@
   regions of change that touch no mark) and how many right pixels that gained, for the round's merge
   and for the refined network's own labels.
 
-Both run every (case, robot user) of the correction record given (``--pairs-from``; the slice stored as
+* ``sureness``: the defaults, recording per round how sure the network W was on the new marks it had wrong.
+* ``take_regions``, ``take_3_regions`` and ``take_of_3_largest``: the choice region by region
+  (``refine --take network --where``/``--regions``), made by a judge that knows the truth: every region
+  where the refined network's own labels are righter, the three largest of those, or those of the three
+  largest regions of difference (the ones a report and the napari widget point at).
+* ``region_sure_0.9``/``0.95``: a rule taking whole regions the refined network is sure of on average.
+* ``merge_far_0.998``/``0.999``, ``region_growing_0.05``: the defaults with one setting changed.
+
+Each runs every (case, robot user) of the correction record given (``--pairs-from``; the slice stored as
 3-D, tissue2d_s140 again, left out) with five interactions.
 
 Run:  python -m benchmarks.correction.explore --out benchmarks/results/archive/correction_cpu_2026-12-07_explore
@@ -31,7 +39,7 @@ from scipy import ndimage
 from benchmarks.correction.__main__ import OURS, aggregate, environment, judge_of, make_method, squeezed
 from benchmarks.correction.cases import CASES, BenchCase
 from scribblejax import RefineConfig
-from scribblejax.refinement.merge import new_marks_of
+from scribblejax.refinement.merge import differences, new_marks_of, take_where
 from scribblejax.research import baselines as bl
 from scribblejax.research import evaluate as ev
 
@@ -42,8 +50,9 @@ VARIANTS = {  # the defaults with one setting changed: (RefineConfig overrides, 
   "region_growing_0.05": ({}, {"region_growing": 0.05}),
 }
 TAKE_REGIONS = {"take_regions": None, "take_3_regions": 3}  # the most regions a round may take
+LOOKED_AT = {"take_of_3_largest": 3}  # the largest regions of difference a person looks at, each round
 SURE_REGIONS = {"region_sure_0.9": 0.9, "region_sure_0.95": 0.95}  # the least mean sureness of a region taken
-STUDIES = ("lagged", "far", "sureness", *TAKE_REGIONS, *SURE_REGIONS, *VARIANTS)
+STUDIES = ("lagged", "far", "sureness", *TAKE_REGIONS, *LOOKED_AT, *SURE_REGIONS, *VARIANTS)
 CLEAR = 0.01  # a round where one of the two segmentations is better by more than this
 AGGREGATE_HEADER = [
   "| method | runs | mean AUC | mean gain @1 | mean gain @N | first drops | below network |",
@@ -179,6 +188,38 @@ def taking_regions(method: bl.Method, truth: np.ndarray, most: int | None = None
   return _wrap(method, update)
 
 
+def better_of_largest(merged: np.ndarray, own: np.ndarray, truth: np.ndarray, looked: int) -> tuple[np.ndarray, int]:
+  """``(labels, regions taken)``: ``merged`` except in those of the ``looked`` largest regions where ``merged``
+  and ``own`` differ (as :func:`scribblejax.refinement.merge.differences` lists them, and so a report's
+  ``differences`` and the napari widget's "Point at largest differences") where ``own`` has more of the
+  region's pixels right (``truth``), taken at the region's point with
+  :func:`scribblejax.refinement.merge.take_where`: what a person who goes through the listed regions and
+  judges each by eye can get at best."""
+  regions, _ = ndimage.label(merged != own)
+  where = np.zeros(merged.shape, bool)
+  for found in differences(merged, own, looked):
+    region = regions == regions[found.point]
+    if np.count_nonzero((own == truth) & region) > np.count_nonzero((merged == truth) & region):
+      where[found.point] = True
+  taken = int(where.sum())
+  return (take_where(merged, own, where) if taken else merged.astype(np.int32)), taken
+
+
+def taking_largest(method: bl.Method, truth: np.ndarray, looked: int) -> bl.Method:
+  """``method`` (the defaults, with the round's merge) where each round's segmentation becomes
+  :func:`better_of_largest`'s and the next round merges into it; the info counts the regions taken
+  (``regions_taken`` of the ``regions`` that differ)."""
+
+  def update(inner: bl.RefineMethodState, marks):
+    inner = method.update(inner, marks)
+    merged, own = np.asarray(inner.labels), np.asarray(inner.proposed)
+    labels, taken = better_of_largest(merged, own, truth, looked)
+    count = ndimage.label(merged != own)[1]
+    return inner._replace(labels=labels), (("regions_taken", taken), ("regions", count))
+
+  return _wrap(method, update)
+
+
 def sure_regions(
   merged: np.ndarray, own: np.ndarray, sureness: np.ndarray, kept: np.ndarray, at_least: float
 ) -> np.ndarray:
@@ -222,6 +263,8 @@ def run(bench: BenchCase, user: str, study: str) -> dict:
     method = recording_sureness(method, judge_of(bench))
   elif study in TAKE_REGIONS:
     method = taking_regions(method, truth, TAKE_REGIONS[study])
+  elif study in LOOKED_AT:
+    method = taking_largest(method, truth, LOOKED_AT[study])
   elif study in SURE_REGIONS:
     method = taking_sure_regions(method, SURE_REGIONS[study], config.merge_protect)
   config = ev.EvalConfig(interactions=5, mark_kind=user, ignore_border=bench.ignore_border, **eval_overrides)
@@ -338,14 +381,16 @@ def markdown(payload: dict) -> str:
         lines.append(
           f"| {name} | {len(values)} | {values[0]:.3f} | {float(np.median(values)):.3f} | {values[-1]:.3f} |"
         )
-  by_region = [r for r in results if r["method"] in TAKE_REGIONS]
+  by_region = [r for r in results if r["method"] in (*TAKE_REGIONS, *LOOKED_AT)]
   if by_region:
     lines += [
       "",
       "## The better of the two taken region by region (a judge with the truth)",
       "",
       "`take_regions`: every region where the refined network's own labels have more pixels right; "
-      "`take_3_regions`: at most the three largest of them per round.",
+      "`take_3_regions`: at most the three largest of them per round; `take_of_3_largest`: those of the three "
+      "largest regions of difference (as a report's `differences` and the napari widget list them) where the "
+      "refined network's own labels have more pixels right.",
       "",
       "| study | case | user | Dice per interaction | regions taken per round (of those that differ) |",
       "|---|---|---|---|---|",

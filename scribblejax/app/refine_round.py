@@ -18,6 +18,7 @@ grid gets them by :func:`scribblejax.pipeline.grid.to_model`, once per round.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -69,10 +70,12 @@ from scribblejax.pipeline.preprocess import Fitted, network_input, span_text
 from scribblejax.pipeline.round import honoured_fraction, refine_on_model_grid, round_config, round_labels
 from scribblejax.pipeline.spec import InferenceOptions, spec_from_info
 from scribblejax.refinement import num_classes_of, resolve_driver
+from scribblejax.refinement.merge import differences
 
 # refine segments the image with W and with the refined weights in one pass over the patches when their
 # two float32 logits volumes take at most this many bytes (else one pass after the other)
 JOINT_LOGITS_BYTES = 4 * 2**30
+LISTED_DIFFERENCES = 5  # the regions of difference a report lists, largest first
 # the flags that set each pipeline option a session records
 _PIPELINE_FLAGS = {
   "resample": "--no-resample",
@@ -168,6 +171,7 @@ def run_refine(
   undo: bool = False,
   take: str | None = None,
   where: str | None = None,
+  regions: Sequence[int] = (),
   settings: RefineSettings = RefineSettings(),
   mark_options: MarkOptions = MarkOptions(),
   overlay: bool = True,
@@ -191,6 +195,8 @@ def run_refine(
     where: with ``take``, a marks file (any format ``marks`` takes; its classes are ignored) whose marked
       pixels point at the regions to take: only the connected regions where the segmentation shown and
       ``take``'s differ that they touch change (:func:`scribblejax.refinement.merge.take_where`).
+    regions: with ``take``, instead of ``where``: the ranks (1: the largest) of the connected regions where
+      the segmentation shown and ``take``'s differ to take, as a report's ``differences`` lists them.
     settings: the refinement's knobs.
     mark_options: how marks files are read.
     overlay: write ``<out stem>.overlay.png``.
@@ -212,7 +218,7 @@ def run_refine(
     ValueError: bad input, with a message naming the problem.
   """
   doc = session_store.load_session(session) if session else None
-  _check_request(doc, session, undo, marks, settings, take, where)
+  _check_request(doc, session, undo, marks, settings, take, where, regions)
   if doc is not None:
     model = model or doc["model"]
     image = image or doc["image"]
@@ -235,6 +241,8 @@ def run_refine(
   new = _read_marks(marks, img, mark_options, num_classes, class_names, log) if marks else None
   if take is not None:
     pointed = _read_where(where, img, mark_options, class_names, log) if where else None
+    if regions:
+      pointed = ranked_regions(session, doc, take, regions)
     return after_take(doc, session, take, img, out, overlay, log, info, class_names, pointed)
   undone = None
   if undo:
@@ -274,10 +282,18 @@ def _check_request(
   settings: RefineSettings,
   take: str | None = None,
   where: str | None = None,
+  regions: Sequence[int] = (),
 ) -> None:
   """Refuses a request that cannot be run, before any file is read but the session's."""
   if where is not None and take is None:
     raise ValueError("--where points at the regions --take takes: give it with --take")
+  if regions and take is None:
+    raise ValueError("--regions names the regions --take takes: give it with --take")
+  if regions and where is not None:
+    raise ValueError("--regions and --where both point at regions to take: give one")
+  bad = [r for r in regions if not isinstance(r, numbers.Integral) or isinstance(r, bool) or r < 1]
+  if bad:
+    raise ValueError(f"--regions are ranks of regions of difference, 1 the largest, got {bad}")
   if take is not None:
     if take not in session_store.TAKES:
       raise ValueError(f"--take is one of {', '.join(session_store.TAKES)}, got {take!r}")
@@ -380,6 +396,57 @@ def _marks_on_grid(
     radius=mark_options.radius,
     rectangle=mark_options.rectangle,
   )
+
+
+def ranked_regions(session: str, doc: dict, which: str, ranks: Sequence[int]) -> np.ndarray:
+  """A mask pointing at the regions of difference of ranks ``ranks`` (1: the largest) between the latest
+  round's segmentation shown and its ``which`` labels, as a report's ``differences`` lists them.
+
+  Raises:
+    ValueError: as :func:`scribblejax.io.session_store.labels_to_take`, a round refined without the merge,
+      or a rank beyond the regions there are.
+  """
+  arrays, labels = session_store.labels_to_take(session, doc, which)
+  if not session_store.choices(arrays):
+    raise ValueError(
+      f"round {doc['rounds'][-1]['round']} of session {session} was refined without the merge: it has one "
+      "segmentation, no regions of difference"
+    )
+  regions = differences(arrays["labels"], labels, max(ranks))
+  if not regions:
+    what = "the refined network's own labels" if which == "network" else "the merge"
+    raise ValueError(f"--regions: the segmentation shown is {what} everywhere: nothing to take")
+  if max(ranks) > len(regions):
+    what = "the refined network's own labels" if which == "network" else "the merge"
+    raise ValueError(
+      f"--regions {max(ranks)}: the segmentation shown and {what} differ in {len(regions)} region(s) only"
+    )
+  pointed = np.zeros(arrays["labels"].shape, bool)
+  for rank in ranks:
+    pointed[regions[rank - 1].point] = True
+  return pointed
+
+
+def differences_against(arrays: dict[str, np.ndarray], shown: np.ndarray) -> str | None:
+  """Which of a round's two segmentations the regions of difference of ``shown`` are counted against: the
+  refined network's own labels, unless those are what is shown (then the merge); ``None`` for a round
+  with one segmentation."""
+  if not session_store.choices(arrays):
+    return None
+  return "merged" if np.array_equal(shown, arrays["network_labels"]) else "network"
+
+
+def differences_report(shown: np.ndarray, other: np.ndarray, class_names: Sequence[str] | None) -> list[dict]:
+  """The largest regions where ``shown`` and ``other`` differ (at most :data:`LISTED_DIFFERENCES`), for a
+  report: rank, pixels, a point inside (the image's array index) and the class on either side."""
+
+  def name(k: int) -> str | int:
+    return class_names[k] if class_names is not None and k < len(class_names) else k
+
+  return [
+    {"rank": i + 1, "pixels": d.size, "point": list(d.point), "shown": name(d.shown), "other": name(d.other)}
+    for i, d in enumerate(differences(shown, other, LISTED_DIFFERENCES))
+  ]
 
 
 def _read_where(
@@ -522,6 +589,11 @@ def after_take(
     "marks_honoured": honoured_fraction(labels, arrays["marks"]),
     "class_pixels": class_counts(labels, class_names or info.class_names, num_classes),
   }
+  against = differences_against(arrays, labels)
+  if against is not None:  # what is left to take region by region
+    names = class_names or info.class_names or [str(k) for k in range(num_classes)]
+    report["differences_with"] = against
+    report["differences"] = differences_report(labels, arrays[f"{against}_labels"], names)
   what = "the refined network's own labels" if which == "network" else "the merged labels"
   if where is not None:
     what += " in the regions pointed at"
@@ -792,6 +864,10 @@ def round_report(
     "network_marks_honoured": segmented.network_honoured,
     "changed_pixels": int((segmented.labels != refined.before_image).sum()),
     "network_differs": int((segmented.labels != segmented.network_labels).sum()),
+    "differences_with": "network",
+    "differences": differences_report(
+      segmented.labels, segmented.network_labels, class_names or [str(k) for k in range(num_classes)]
+    ),
     "seconds": refined.seconds,
     "compile_seconds": refined.compile_seconds,
     "compile_seconds_note": COMPILE_NOTE,

@@ -36,6 +36,7 @@ def run(args: argparse.Namespace) -> int:
         undo=args.undo,
         take=args.take,
         where=args.where,
+        regions=args.regions or (),
         settings=settings,
         mark_options=options,
         overlay=not args.no_overlay,
@@ -55,9 +56,11 @@ def summary(report: dict) -> str:
     what = "the refined network's own labels" if report["take"] == "network" else "the merged labels"
     if report.get("shows") == "mixed":
       what += " in the regions pointed at (the rest as before)"
+    left = report.get("differences")
+    rest = f"; {_largest(left)} still differs (--take {report['differences_with']} --regions 1)" if left else ""
     return (
       f"round {report['round']} now shows {what}: {report['changed_pixels']} pixel(s) changed, "
-      f"{report['marks_honoured']:.1%} of marks honoured{where}"
+      f"{report['marks_honoured']:.1%} of marks honoured{rest}{where}"
     )
   if "steps" not in report:
     return f"undid round {report['undone_round']}: {report['rounds']} round(s) left{where}"
@@ -74,12 +77,33 @@ def summary(report: dict) -> str:
     )
     state = f"the network honours {network:.1%} of marks ({why}), the segmentation {report['marks_honoured']:.1%}"
   differs = report.get("network_differs", 0)
-  how = "--take network" if "session" in report else "--no-progressive-merge, or a --session and --take network"
-  other = f"; the refined network's own labels differ in {differs} pixel(s) ({how})" if differs else ""
+  how = "--take network [--regions 1]"
+  if "session" not in report:
+    how = "--no-progressive-merge, or a --session and --take network"
+  largest = f", the largest region {_largest(report['differences'])}" if report.get("differences") else ""
+  other = f"; the refined network's own labels differ in {differs} pixel(s){largest} ({how})" if differs else ""
   return (
     f"wrote {report['out']}: round {report['round']}, {report['steps']} steps, {state}, "
     f"{report['seconds']:.2f}s ({report['compile_seconds']:.2f}s compiling) on {report['device']}{other}"
   )
+
+
+def _largest(regions: list[dict]) -> str:
+  """The largest of a report's regions of difference, in words."""
+  first = regions[0]
+  point = ", ".join(str(i) for i in first["point"])
+  return f"{first['pixels']} pixel(s) at ({point}), {first['shown']} -> {first['other']}"
+
+
+def _ranks(text: str) -> tuple[int, ...]:
+  """``--regions``' value: ranks ``1,3``, each at least 1."""
+  try:
+    ranks = tuple(int(part) for part in text.split(","))
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"ranks separated by commas (1,3), got {text!r}") from None
+  if any(r < 1 for r in ranks):
+    raise argparse.ArgumentTypeError(f"ranks start at 1 (the largest region), got {text!r}")
+  return ranks
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -121,6 +145,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     help="with --take: take only in the regions where the two segmentations differ that this marks file's "
     "marked pixels touch (a click or a short stroke in each; any marks format: a label map's values are not read "
     "as classes)",
+  )
+  io.add_argument(
+    "--regions",
+    type=_ranks,
+    metavar="R,R",
+    help="with --take, instead of --where: take the regions where the two segmentations differ of these ranks "
+    "(1: the largest; the report's 'differences' lists the largest five with a point inside each)",
   )
   io.add_argument("--no-overlay", action="store_true", help="do not write <out>.overlay.png")
   method = parser.add_argument_group(

@@ -38,6 +38,7 @@ from scribblejax.io.images import OUTPUTS, SUFFIXES, Image, image_digest, read_i
 from scribblejax.models.store import read_info
 from scribblejax.models.surgery import add_classes
 from scribblejax.pipeline import InferenceOptions, labels_from_logits, network_logits, prepare, spec_from_info
+from scribblejax.refinement.merge import Difference, differences
 
 WORK_FOLDER = ".napari"  # inside a session folder: the marks files and outputs of the widget's rounds
 UNMARKED_VALUE = 0  # scribble layer value meaning "no mark"
@@ -398,6 +399,31 @@ def take(it: Interaction, which: str, log: Log = silent, *, where: np.ndarray | 
     what += " in the regions pointed at"
   log(f"round {it.rounds} of session {it.session} now takes {what}")
   return reload(it)
+
+
+def largest_differences(it: Interaction, limit: int = 3) -> tuple[Difference, ...]:
+  """The ``limit`` largest regions where the segmentation shown and the latest round's refined network's
+  own labels differ, each with a point inside it (:func:`scribblejax.refinement.merge.differences`): the
+  regions worth a look before taking the network's own at points.
+
+  Raises:
+    ValueError: the latest round offers no choice (no round, or one refined without the merge).
+  """
+  if it.network is None:
+    raise ValueError("the latest round offers no choice: no round, one without the merge, or an older one")
+  return differences(it.labels, it.network, limit)
+
+
+def describe_differences(found: Sequence[Difference], class_names: Sequence[str]) -> str:
+  """The regions of :func:`largest_differences` in words: the size, the point (the image's index) and the
+  change of class of each."""
+  if not found:
+    return "the segmentation shown and the refined network's own labels are the same"
+  parts = [
+    f"{d.size} px at ({', '.join(str(i) for i in d.point)}), {class_names[d.shown]} -> {class_names[d.other]}"
+    for d in found
+  ]
+  return f"the {len(found)} largest region(s) where the refined network's own labels differ: " + "; ".join(parts)
 
 
 def points_mask(points: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:

@@ -10,7 +10,7 @@ Layers: ``image``, ``segmentation`` (class k = label k; 0, the background, shows
 first: the latest round's refined network's own labels, which the merge took only in part; the
 "Show network's own" button makes them the segmentation, and the next round starts from them) and
 ``take here`` (points: "Take network's own at points" takes those labels only in the regions of
-difference the points lie in).
+difference the points lie in; "Point at largest differences" puts one in each of the three largest).
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ from scribblejax.models.store import builtin_models, read_info
 from scribblejax.napari import core
 
 IMAGE, SEGMENTATION, SCRIBBLES, NETWORK = "image", "segmentation", "scribbles", "refined network"
+POINTED = 3  # the regions of difference "Point at largest differences" points at
 TAKE_HERE = "take here"  # a points layer: a point in each region where the refined network's own labels are to be taken
 # the take button, by what is shown
 TAKE_TEXT = {"merged": "Show network's own", "network": "Show merged", "mixed": "Show network's own"}
@@ -185,6 +186,12 @@ class ScribbleWidget(QWidget):
       f"the refined network's own labels only in the regions where they differ from the segmentation that "
       f"hold a point of layer {TAKE_HERE!r} (scribblejax refine --take network --where FILE)"
     )
+    self.point_button = _button("Point at largest differences", lambda: self.point_at_differences())
+    self.point_button.setToolTip(
+      f"put a point of layer {TAKE_HERE!r} in each of the {POINTED} largest regions where the refined network's "
+      "own labels differ from the segmentation; delete the points of the regions where the segmentation is "
+      "right, then take the network's own at the rest"
+    )
     for i, b in enumerate(
       (
         self.refine_button,
@@ -193,6 +200,7 @@ class ScribbleWidget(QWidget):
         self.reset_button,
         self.take_button,
         self.take_points_button,
+        self.point_button,
         self.save_seg_button,
         self.save_session_button,
       )
@@ -207,6 +215,7 @@ class ScribbleWidget(QWidget):
     self.add_class_button.setEnabled(opened and self.interaction.rounds == 0)
     self.take_button.setEnabled(opened and self.interaction.taken is not None)
     self.take_points_button.setEnabled(opened and self.interaction.taken is not None)
+    self.point_button.setEnabled(opened and self.interaction.taken is not None)
     taken = self.interaction.taken if self.interaction is not None else None
     self.take_button.setText(TAKE_TEXT[taken or "merged"])
     self.open_button.setEnabled(not self.busy)
@@ -296,6 +305,25 @@ class ScribbleWidget(QWidget):
       return self._say(f"{err} (layer {TAKE_HERE!r})", error=True)
     what = "the refined network's own labels in the regions pointed at"
     self._run("taking", lambda: core.take(it, "network", where=where), lambda new: self._taken(new, what))
+
+  def point_at_differences(self) -> None:
+    """Puts a point of the ``take here`` layer in each of the :data:`POINTED` largest regions where the
+    refined network's own labels differ from the segmentation shown (replacing the points there), and
+    says how large each is; the person deletes the points of the regions to leave as they are."""
+    it = self._choice()
+    if it is None:
+      return
+    found = core.largest_differences(it, POINTED)
+    if TAKE_HERE not in self.viewer.layers:
+      return self._say(f"the {TAKE_HERE!r} layer is gone: refine a round to get it back", error=True)
+    self._layer(TAKE_HERE).data = np.array([d.point for d in found], float).reshape(-1, it.labels.ndim)
+    described = core.describe_differences(found, it.class_names)
+    if not found:
+      return self._say(f"nothing to point at: {described}")
+    spacing = it.image.geometry.spacing
+    for axis in self.viewer.dims.not_displayed:  # the first region's slice in view
+      self.viewer.dims.set_point(axis, found[0].point[axis] * spacing[axis])
+    self._say(f"{described}. Points in layer {TAKE_HERE!r}: delete those where the segmentation is right, then take")
 
   def add_class(self, name: str | None = None) -> None:
     """Appends a class to the network's head (before the first round only; the session keeps it)."""

@@ -275,6 +275,32 @@ def test_better_by_region_takes_the_networks_own_labels_only_in_the_regions_wher
   np.testing.assert_array_equal(labels, expected)
 
 
+def test_better_of_largest_judges_only_the_largest_regions_of_difference():
+  from benchmarks.correction.explore import better_of_largest
+
+  merged = np.zeros((4, 8), int)
+  own = merged.copy()
+  own[0, 0:3] = 1  # region A, three pixels: two right
+  own[3, 5:8] = 1  # region B, three pixels: one right
+  own[0, 6] = 1  # region C, one pixel: right, but the smallest
+  own[1, 4:6] = 1  # region D, two pixels: a tie keeps the merge
+  truth = np.zeros((4, 8), int)
+  truth[1, 4] = truth[3, 5] = truth[0, 6] = 1
+  truth[0, 0:2] = 1
+  expected = merged.copy()
+  expected[0, 0:3] = 1
+  labels, taken = better_of_largest(merged, own, truth, 3)  # A, B and D looked at: A taken
+  assert taken == 1
+  np.testing.assert_array_equal(labels, expected)
+  labels, taken = better_of_largest(merged, own, truth, 4)  # and C
+  expected[0, 6] = 1
+  assert taken == 2
+  np.testing.assert_array_equal(labels, expected)
+  labels, taken = better_of_largest(merged, merged.copy(), truth, 3)  # nothing differs: nothing taken
+  assert taken == 0
+  np.testing.assert_array_equal(labels, merged)
+
+
 def test_sure_regions_takes_the_regions_the_refined_network_is_sure_of_on_average_but_not_kept_pixels():
   from benchmarks.correction.explore import sure_regions
 

@@ -25,6 +25,7 @@ from scipy import ndimage
 
 import scribblejax as sj
 from scribblejax.cli import main
+from scribblejax.cli.refine import summary as refine_summary
 from scribblejax.io import read_image
 from scribblejax.research import data, metrics
 from scribblejax.research.train import TrainConfig, train_segmenter
@@ -640,7 +641,8 @@ def test_take_shows_the_refined_networks_own_labels_and_the_session_goes_on_from
     == 0
   )
   merged = tifffile.imread(tmp_path / "r1.tif")
-  differs = json.loads((tmp_path / "r1.report.json").read_text())["network_differs"]
+  first_report = json.loads((tmp_path / "r1.report.json").read_text())
+  differs = first_report["network_differs"]
   # the same round without the merge, in a session of its own: the refined network's own labels
   argv = [
     "refine",
@@ -655,12 +657,22 @@ def test_take_shows_the_refined_networks_own_labels_and_the_session_goes_on_from
   own = tifffile.imread(tmp_path / "own.tif")
   assert merged[r1, c1] == 1 and own[r1, c1] == 0 and differs == int((merged != own).sum()) > 0
   capsys.readouterr()
+  # the round's report lists the largest regions where the two differ, each with a point inside it
+  regions, count = ndimage.label(merged != own)
+  sizes = sorted(np.bincount(regions.ravel())[1:].tolist(), reverse=True)
+  listed = first_report["differences"]
+  assert first_report["differences_with"] == "network" and [d["pixels"] for d in listed] == sizes[:5]
+  assert all(merged[tuple(d["point"])] != own[tuple(d["point"])] for d in listed) and listed[0]["rank"] == 1
+  named = f"the largest region {listed[0]['pixels']} pixel(s) at ({', '.join(map(str, listed[0]['point']))})"
+  assert named in refine_summary(first_report) and "(--take network [--regions 1])" in refine_summary(first_report)
 
   take = ["refine", "--session", str(session), "--take"]
   assert main([*take, "network", "--out", str(tmp_path / "n.tif")]) == 0
   assert "round 1 now shows the refined network's own labels" in capsys.readouterr().out
   np.testing.assert_array_equal(tifffile.imread(tmp_path / "n.tif"), own)
   report = json.loads((tmp_path / "n.report.json").read_text())
+  # the network's own shown whole: the regions where the merge differs, for --take merged --regions
+  assert report["differences_with"] == "merged" and [d["pixels"] for d in report["differences"]] == sizes[:5]
   assert (report["take"], report["was"], report["changed_pixels"], report["marks_honoured"]) == (
     "network",
     "merged",
@@ -695,6 +707,20 @@ def test_take_shows_the_refined_networks_own_labels_and_the_session_goes_on_from
   assert main([*take, "merged", "--where", str(tmp_path / "w.png"), "--out", str(tmp_path / "b.tif"), "--quiet"]) == 0
   np.testing.assert_array_equal(tifffile.imread(tmp_path / "b.tif"), merged)
   assert json.loads((tmp_path / "b.report.json").read_text())["shows"] == "merged"
+  # by rank, as the round's report lists them: the second largest region only
+  second = regions == regions[tuple(listed[1]["point"])]
+  assert main([*take, "network", "--regions", "2", "--out", str(tmp_path / "k.tif")]) == 0
+  np.testing.assert_array_equal(tifffile.imread(tmp_path / "k.tif"), np.where(second, own, merged))
+  left = json.loads((tmp_path / "k.report.json").read_text())["differences"]
+  assert [d["pixels"] for d in left] == (sizes[:1] + sizes[2:])[:5]
+  assert "still differs (--take network --regions 1)" in capsys.readouterr().out
+  assert main([*take, "network", "--regions", "1,1", "--out", str(tmp_path / "k2.tif"), "--quiet"]) == 0  # once
+  largest = regions == regions[tuple(listed[0]["point"])]
+  np.testing.assert_array_equal(tifffile.imread(tmp_path / "k2.tif"), np.where(second | largest, own, merged))
+  assert main([*take, "network", "--quiet"]) == 0
+  assert main([*take, "network", "--regions", "1"]) == 1  # the network's own, whole, is shown now
+  assert "the segmentation shown is the refined network's own labels everywhere" in capsys.readouterr().err
+  assert main([*take, "merged", "--quiet"]) == 0
   nowhere = np.zeros((96, 96), np.uint8)
   PILImage.fromarray(nowhere).save(tmp_path / "w0.png")
   agree = np.argwhere(merged == own)[0]
@@ -706,6 +732,9 @@ def test_take_shows_the_refined_networks_own_labels_and_the_session_goes_on_from
     ([*take, "network", "--where", str(tmp_path / "w0.png")], "marks no pixel: it points at no region to take"),
     ([*take, "network", "--where", str(tmp_path / "w1.png")], "touch no region where the two segmentations differ"),
     (["refine", *common, "--session", str(session), "--where", str(tmp_path / "w.png")], "give it with --take"),
+    ([*take, "network", "--regions", str(count + 1)], f"differ in {count} region(s) only"),
+    ([*take, "network", "--regions", "1", "--where", str(tmp_path / "w.png")], "give one"),
+    (["refine", "--session", str(session), "--regions", "1"], "give it with --take"),
     ([*take, "network", "--marks", str(tmp_path / "m.png")], "without --undo and --marks"),
     ([*take, "network", "--undo"], "without --undo and --marks"),
     (["refine", "--take", "network", *common[:4]], "--take needs --session"),
@@ -716,6 +745,8 @@ def test_take_shows_the_refined_networks_own_labels_and_the_session_goes_on_from
   assert main(["refine", "--session", str(tmp_path / "s_own"), "--undo", "--quiet"]) == 0  # back to the no-merge round
   assert main(["refine", "--session", str(tmp_path / "s_own"), "--take", "merged"]) == 1
   assert "there is no merge to take" in capsys.readouterr().err
+  assert main(["refine", "--session", str(tmp_path / "s_own"), "--take", "network", "--regions", "1"]) == 1
+  assert "refined without the merge: it has one segmentation, no regions of difference" in capsys.readouterr().err
   rounds = json.loads((session / "session.json").read_text())["rounds"]
   with np.load(session / rounds[-1]["file"]) as data_:  # a round stored before both labels were kept
     old = {k: data_[k] for k in data_.files if k not in ("merged_labels", "network_labels", "taken")}

@@ -229,6 +229,15 @@ def test_refine_in_3d_honours_the_stroke_and_undo_restores_the_layer(make_napari
   shown, own = segmentation.data.copy(), viewer.layers[NETWORK].data.copy()
   regions, count = ndimage.label(own != shown)
   assert count >= 1 and viewer.layers[TAKE_HERE].scale[0] == pytest.approx(3.0)
+  # the largest regions pointed at, the first one's slice brought into view (in world units: index x spacing)
+  widget.point_button.click()
+  first = tuple(int(i) for i in viewer.layers[TAKE_HERE].data[0])
+  assert regions[first] > 0 and np.bincount(regions.ravel())[regions[first]] == np.bincount(regions.ravel())[1:].max()
+  assert all(
+    viewer.dims.point[a] == pytest.approx(first[a] * viewer.layers[SEGMENTATION].scale[a])
+    for a in viewer.dims.not_displayed
+  )
+  assert f"at ({', '.join(map(str, first))})" in widget.message_label.text()
   viewer.layers[TAKE_HERE].data = np.argwhere(regions == 1)[:1].astype(float)
   widget.take_points_button.click()
   _wait(qtbot, widget)
@@ -282,7 +291,24 @@ def test_the_merge_switch_reaches_the_round(make_napari_viewer, qtbot, cells, tm
   widget.take_button.click()  # from the mix: the network's own whole
   _wait(qtbot, widget)
   assert widget.interaction.taken == "network"
+  widget.point_button.click()  # the network's own shown whole: no region of difference to point at
+  assert "nothing to point at" in widget.message_label.text() and len(viewer.layers[TAKE_HERE].data) == 0
   widget.take_button.click()  # and the merge back
+  _wait(qtbot, widget)
+  np.testing.assert_array_equal(viewer.layers[SEGMENTATION].data, shown)
+  # the largest regions of difference, pointed at; the person keeps the second's point only, and takes there
+  widget.point_button.click()
+  sizes, pointed = np.bincount(regions.ravel())[1:], viewer.layers[TAKE_HERE].data.copy()
+  at = [int(regions[tuple(np.round(p).astype(int))]) for p in pointed]
+  assert len(at) == min(3, count) and [sizes[a - 1] for a in at] == sorted(sizes, reverse=True)[: len(at)]
+  assert "largest region(s) where the refined network's own labels differ" in widget.message_label.text()
+  viewer.layers[TAKE_HERE].data = pointed[1:2]
+  widget.take_points_button.click()
+  _wait(qtbot, widget)
+  np.testing.assert_array_equal(viewer.layers[SEGMENTATION].data, np.where(regions == at[1], own.data, shown))
+  widget.take_button.click()  # the mix to the network's own whole, and the merge back
+  _wait(qtbot, widget)
+  widget.take_button.click()
   _wait(qtbot, widget)
   np.testing.assert_array_equal(viewer.layers[SEGMENTATION].data, shown)
   merge.setCheckState(Qt.CheckState.Unchecked)
@@ -295,7 +321,7 @@ def test_the_merge_switch_reaches_the_round(make_napari_viewer, qtbot, cells, tm
   _assert_honoured(widget, values)
   # without the merge the segmentation is the refined network's own: no second layer, nothing to choose
   assert report["network_differs"] == 0 and widget.interaction.taken is None and NETWORK not in viewer.layers
-  assert not widget.take_button.isEnabled() and not widget.take_points_button.isEnabled()
+  assert not any(b.isEnabled() for b in (widget.take_button, widget.take_points_button, widget.point_button))
   assert TAKE_HERE not in viewer.layers
 
 

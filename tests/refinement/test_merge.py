@@ -253,3 +253,40 @@ def test_take_where_takes_whole_regions_of_difference_that_the_pointed_pixels_to
     take_where(shown, shown.copy(), where)
   with pytest.raises(ValueError, match="where pixels of shape"):
     take_where(shown, other, where[:5])
+
+
+def test_differences_lists_the_regions_largest_first_each_with_a_point_that_takes_it_alone():
+  from scribblejax.refinement.merge import Difference, differences, take_where
+
+  shown = np.zeros((12, 14), np.int32)
+  other = shown.copy()
+  other[1:6, 1:8] = 1  # A: 35 pixels, and a notch so that its deepest pixel is not its bounding box's centre
+  other[1, 4] = 0
+  other[9:11, 10:14] = 2  # B: 8 pixels
+  other[8, 0:3] = 1  # C: 3 pixels, one wide
+  shown[10, 0:2] = 2  # D: 2 pixels, the other way round
+  found = differences(shown, other)
+  assert [d.size for d in found] == [34, 8, 3, 2]
+  assert [(d.shown, d.other) for d in found] == [(0, 1), (0, 2), (0, 1), (2, 0)]
+  # the pixel deepest inside A: not its box's centre (3, 4), two pixels from the notch, but (3, 3), 2.24 from it
+  assert found[0].point == (3, 3)
+  for d in found:  # each point takes its own region and no other
+    where = np.zeros(shown.shape, bool)
+    where[d.point] = True
+    taken = take_where(shown, other, where)
+    assert int((taken != shown).sum()) == d.size and taken[d.point] == d.other
+  assert differences(shown, other, 2) == found[:2] and differences(shown, other, 0) == ()
+  assert differences(shown, shown.copy()) == ()
+  mixed = np.zeros((1, 4), np.int32)
+  mixed[0, :2], mixed[0, 2:] = 2, 1  # one region, half class 2, half class 1: the lower class is named
+  assert differences(np.zeros_like(mixed), mixed)[0].other == 1
+  ties = np.zeros((3, 7), np.int32)
+  ties[0, 0] = ties[2, 6] = ties[0, 4] = 1  # three regions of one pixel: in C order
+  assert [d.point for d in differences(np.zeros_like(ties), ties)] == [(0, 0), (0, 4), (2, 6)]
+  volume = np.zeros((5, 5, 6), np.int32)
+  volume[1:4, 1:4, 2:5] = 1
+  assert differences(np.zeros_like(volume), volume) == (Difference(27, (2, 2, 3), 0, 1),)
+  with pytest.raises(ValueError, match="one shape"):
+    differences(shown, other[:5])
+  with pytest.raises(ValueError, match="a count"):
+    differences(shown, other, -1)
