@@ -601,7 +601,7 @@ def after_take(
   report = write_outputs(
     report, out, img, labels, initial if initial is not None else labels, labels, arrays["marks"], overlay, log, title
   )
-  session_store.take(session, doc, which, where)
+  session_store.store_take(session, doc, arrays, labels, report["shows"])
   log(f"round {record['round']} of session {session} now takes {what}")
   return report
 

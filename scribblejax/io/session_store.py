@@ -315,9 +315,18 @@ def take(directory: str | os.PathLike, doc: dict, which: str, where: np.ndarray 
     ValueError: as :func:`labels_to_take`.
   """
   arrays, labels = labels_to_take(directory, doc, which, where)
-  new = dict(arrays, labels=labels, taken=np.array(which if where is None else shown_name(arrays, labels)))
-  _write_atomic(Path(directory) / doc["rounds"][-1]["file"], lambda f: np.savez_compressed(f, **new))
+  store_take(directory, doc, arrays, labels, which if where is None else shown_name(arrays, labels))
   return labels
+
+
+def store_take(directory: str | os.PathLike, doc: dict, arrays: dict[str, np.ndarray], labels: Any, shown: str) -> None:
+  """Writes the latest round's file with ``labels`` as its segmentation, named ``shown`` (``"merged"``,
+  ``"network"`` or ``"mixed"``): :func:`take`'s write, for a caller that already holds the round's
+  ``arrays`` and the labels :func:`labels_to_take` gave (read once, written once, atomically)."""
+  if shown not in (*TAKES, "mixed"):
+    raise ValueError(f"a round shows one of {', '.join(TAKES)}, mixed, got {shown!r}")
+  new = dict(arrays, labels=np.asarray(labels, np.int32), taken=np.array(shown))
+  _write_atomic(Path(directory) / doc["rounds"][-1]["file"], lambda f: np.savez_compressed(f, **new))
 
 
 def without_last_round(doc: dict, directory: str | os.PathLike = "") -> tuple[dict, dict]:

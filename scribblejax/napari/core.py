@@ -64,6 +64,7 @@ class Interaction(NamedTuple):
   network: np.ndarray | None = None  # int32[*spatial]
   # which of the two the latest round shows: "merged", "network" or "mixed" (some regions each; None: no choice)
   taken: str | None = None
+  merged: np.ndarray | None = None  # int32[*spatial]: the latest round's merge, when it offers a choice
 
   @property
   def num_classes(self) -> int:
@@ -184,6 +185,7 @@ def reload(it: Interaction) -> Interaction:
       rounds=0,
       network=None,
       taken=None,
+      merged=None,
     )
   arrays = session_store.round_arrays(it.session, doc["rounds"][-1])
   network = arrays.get("network_labels") if session_store.choices(arrays) else None
@@ -194,6 +196,7 @@ def reload(it: Interaction) -> Interaction:
     rounds=len(doc["rounds"]),
     network=None if network is None else np.asarray(network, np.int32),
     taken=session_store.taken_of(arrays) if network is not None else None,
+    merged=None if network is None else np.asarray(arrays["merged_labels"], np.int32),
   )
 
 
@@ -401,29 +404,38 @@ def take(it: Interaction, which: str, log: Log = silent, *, where: np.ndarray | 
   return reload(it)
 
 
+def other_of(it: Interaction) -> str:
+  """What the points take: the merge when the refined network's own labels are shown whole, else the
+  refined network's own labels."""
+  return "merged" if it.taken == "network" else "network"
+
+
+NAMES = {"network": "the refined network's own labels", "merged": "the merge"}
+
+
 def largest_differences(it: Interaction, limit: int = 3) -> tuple[Difference, ...]:
-  """The ``limit`` largest regions where the segmentation shown and the latest round's refined network's
-  own labels differ, each with a point inside it (:func:`scribblejax.refinement.merge.differences`): the
-  regions worth a look before taking the network's own at points.
+  """The ``limit`` largest regions where the segmentation shown and the other of the latest round's two
+  (:func:`other_of`) differ, each with a point inside it (:func:`scribblejax.refinement.merge.differences`):
+  the regions worth a look before taking the other at points.
 
   Raises:
     ValueError: the latest round offers no choice (no round, or one refined without the merge).
   """
-  if it.network is None:
+  if it.network is None or it.merged is None:
     raise ValueError("the latest round offers no choice: no round, one without the merge, or an older one")
-  return differences(it.labels, it.network, limit)
+  return differences(it.labels, it.network if other_of(it) == "network" else it.merged, limit)
 
 
-def describe_differences(found: Sequence[Difference], class_names: Sequence[str]) -> str:
+def describe_differences(found: Sequence[Difference], class_names: Sequence[str], which: str = "network") -> str:
   """The regions of :func:`largest_differences` in words: the size, the point (the image's index) and the
-  change of class of each."""
+  change of class of each; ``which``: what they differ from (:func:`other_of`)."""
   if not found:
-    return "the segmentation shown and the refined network's own labels are the same"
+    return f"the segmentation shown and {NAMES[which]} are the same"
   parts = [
     f"{d.size} px at ({', '.join(str(i) for i in d.point)}), {class_names[d.shown]} -> {class_names[d.other]}"
     for d in found
   ]
-  return f"the {len(found)} largest region(s) where the refined network's own labels differ: " + "; ".join(parts)
+  return f"the {len(found)} largest region(s) where the segmentation and {NAMES[which]} differ: " + "; ".join(parts)
 
 
 def points_mask(points: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:

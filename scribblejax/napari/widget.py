@@ -10,7 +10,8 @@ Layers: ``image``, ``segmentation`` (class k = label k; 0, the background, shows
 first: the latest round's refined network's own labels, which the merge took only in part; the
 "Show network's own" button makes them the segmentation, and the next round starts from them) and
 ``take here`` (points: "Take network's own at points" takes those labels only in the regions of
-difference the points lie in; "Point at largest differences" puts one in each of the three largest).
+difference the points lie in, and "Take merged at points", while they are shown whole, the merge;
+"Point at largest differences" puts one in each of the three largest).
 """
 
 from __future__ import annotations
@@ -48,6 +49,8 @@ POINTED = 3  # the regions of difference "Point at largest differences" points a
 TAKE_HERE = "take here"  # a points layer: a point in each region where the refined network's own labels are to be taken
 # the take button, by what is shown
 TAKE_TEXT = {"merged": "Show network's own", "network": "Show merged", "mixed": "Show network's own"}
+# the take-at-points button, by what it takes (core.other_of)
+POINTS_TEXT = {"network": "Take network's own at points", "merged": "Take merged at points"}
 # the knobs the widget offers (the settings table's "napari" rows), by RefineSettings field: numbers as
 # (the CLI's flag, field, type) in edit boxes, switches as fields in check boxes
 KNOBS = tuple(
@@ -181,16 +184,17 @@ class ScribbleWidget(QWidget):
       "the latest round's segmentation: its merge (the default) or the refined network's own labels "
       "(layer 'refined network'); the next round starts from the one shown (scribblejax refine --take)"
     )
-    self.take_points_button = _button("Take network's own at points", lambda: self.take_at_points())
+    self.take_points_button = _button(POINTS_TEXT["network"], lambda: self.take_at_points())
     self.take_points_button.setToolTip(
-      f"the refined network's own labels only in the regions where they differ from the segmentation that "
-      f"hold a point of layer {TAKE_HERE!r} (scribblejax refine --take network --where FILE)"
+      f"the refined network's own labels (or, while they are shown whole, the merge) only in the regions where "
+      f"they differ from the segmentation that hold a point of layer {TAKE_HERE!r} (scribblejax refine --take "
+      "network|merged --where FILE)"
     )
     self.point_button = _button("Point at largest differences", lambda: self.point_at_differences())
     self.point_button.setToolTip(
       f"put a point of layer {TAKE_HERE!r} in each of the {POINTED} largest regions where the refined network's "
-      "own labels differ from the segmentation; delete the points of the regions where the segmentation is "
-      "right, then take the network's own at the rest"
+      "own labels (while they are shown whole, the merge) differ from the segmentation; delete the points of "
+      "the regions where the segmentation is right, then take at the rest"
     )
     for i, b in enumerate(
       (
@@ -218,6 +222,7 @@ class ScribbleWidget(QWidget):
     self.point_button.setEnabled(opened and self.interaction.taken is not None)
     taken = self.interaction.taken if self.interaction is not None else None
     self.take_button.setText(TAKE_TEXT[taken or "merged"])
+    self.take_points_button.setText(POINTS_TEXT["merged" if taken == "network" else "network"])
     self.open_button.setEnabled(not self.busy)
     self.cancel_button.setEnabled(self.busy)
 
@@ -292,8 +297,9 @@ class ScribbleWidget(QWidget):
     return it
 
   def take_at_points(self) -> None:
-    """Takes the refined network's own labels in the regions where they differ from the segmentation that
-    hold a point of the ``take here`` layer; the points are cleared, and the next round starts from the mix."""
+    """Takes the refined network's own labels (the merge, while those are shown whole) in the regions where
+    they differ from the segmentation that hold a point of the ``take here`` layer; the points are cleared,
+    and the next round starts from the mix."""
     it = self._choice()
     if it is None:
       return
@@ -303,21 +309,23 @@ class ScribbleWidget(QWidget):
       return self._say(f"the {TAKE_HERE!r} layer is gone: refine a round to get it back", error=True)
     except ValueError as err:
       return self._say(f"{err} (layer {TAKE_HERE!r})", error=True)
-    what = "the refined network's own labels in the regions pointed at"
-    self._run("taking", lambda: core.take(it, "network", where=where), lambda new: self._taken(new, what))
+    which = core.other_of(it)
+    what = f"{core.NAMES[which]} in the regions pointed at"
+    self._run("taking", lambda: core.take(it, which, where=where), lambda new: self._taken(new, what))
 
   def point_at_differences(self) -> None:
     """Puts a point of the ``take here`` layer in each of the :data:`POINTED` largest regions where the
-    refined network's own labels differ from the segmentation shown (replacing the points there), and
-    says how large each is; the person deletes the points of the regions to leave as they are."""
+    refined network's own labels (the merge, while those are shown whole) differ from the segmentation
+    shown, replacing the points there, and says how large each is and where; the person deletes the
+    points of the regions to leave as they are."""
     it = self._choice()
     if it is None:
       return
-    found = core.largest_differences(it, POINTED)
+    found, which = core.largest_differences(it, POINTED), core.other_of(it)
     if TAKE_HERE not in self.viewer.layers:
       return self._say(f"the {TAKE_HERE!r} layer is gone: refine a round to get it back", error=True)
     self._layer(TAKE_HERE).data = np.array([d.point for d in found], float).reshape(-1, it.labels.ndim)
-    described = core.describe_differences(found, it.class_names)
+    described = core.describe_differences(found, it.class_names, which)
     if not found:
       return self._say(f"nothing to point at: {described}")
     spacing = it.image.geometry.spacing

@@ -42,6 +42,8 @@ def test_a_round_keeps_both_segmentations_and_take_switches_between_them(tmp_pat
     np.testing.assert_array_equal(arrays[name], stored[name], err_msg=name)
   with pytest.raises(ValueError, match="is one of merged, network"):
     session_store.take(tmp_path, doc, "refined")
+  with pytest.raises(ValueError, match="shows one of merged, network, mixed"):
+    session_store.store_take(tmp_path, doc, stored, own, "both")
 
 
 def test_take_refuses_a_round_without_a_choice(tmp_path):

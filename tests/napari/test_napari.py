@@ -33,7 +33,7 @@ if not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
 from scribblejax.cli import main
 from scribblejax.io import read_image
 from scribblejax.napari import core
-from scribblejax.napari.widget import NETWORK, SCRIBBLES, SEGMENTATION, TAKE_HERE, ScribbleWidget
+from scribblejax.napari.widget import NETWORK, POINTS_TEXT, SCRIBBLES, SEGMENTATION, TAKE_HERE, ScribbleWidget
 from scribblejax.research import data
 
 # explicit knobs, so that the rounds are short and do not depend on the models' stored defaults
@@ -291,17 +291,26 @@ def test_the_merge_switch_reaches_the_round(make_napari_viewer, qtbot, cells, tm
   widget.take_button.click()  # from the mix: the network's own whole
   _wait(qtbot, widget)
   assert widget.interaction.taken == "network"
-  widget.point_button.click()  # the network's own shown whole: no region of difference to point at
-  assert "nothing to point at" in widget.message_label.text() and len(viewer.layers[TAKE_HERE].data) == 0
-  widget.take_button.click()  # and the merge back
+  # the network's own shown whole: the points point at, and take, the merge in the regions where it differs
+  assert widget.take_points_button.text() == "Take merged at points"
+  widget.point_button.click()
+  assert "region(s) where the segmentation and the merge differ" in widget.message_label.text()
+  back = regions == regions[tuple(np.round(viewer.layers[TAKE_HERE].data[0]).astype(int))]
+  viewer.layers[TAKE_HERE].data = viewer.layers[TAKE_HERE].data[:1]
+  widget.take_points_button.click()
   _wait(qtbot, widget)
+  np.testing.assert_array_equal(viewer.layers[SEGMENTATION].data, np.where(back, shown, own.data))
+  assert widget.interaction.taken == "mixed" and widget.take_points_button.text() == POINTS_TEXT["network"]
+  for _ in range(2):  # the mix to the network's own whole, and the merge back
+    widget.take_button.click()
+    _wait(qtbot, widget)
   np.testing.assert_array_equal(viewer.layers[SEGMENTATION].data, shown)
   # the largest regions of difference, pointed at; the person keeps the second's point only, and takes there
   widget.point_button.click()
   sizes, pointed = np.bincount(regions.ravel())[1:], viewer.layers[TAKE_HERE].data.copy()
   at = [int(regions[tuple(np.round(p).astype(int))]) for p in pointed]
   assert len(at) == min(3, count) and [sizes[a - 1] for a in at] == sorted(sizes, reverse=True)[: len(at)]
-  assert "largest region(s) where the refined network's own labels differ" in widget.message_label.text()
+  assert "region(s) where the segmentation and the refined network's own labels differ" in widget.message_label.text()
   viewer.layers[TAKE_HERE].data = pointed[1:2]
   widget.take_points_button.click()
   _wait(qtbot, widget)
