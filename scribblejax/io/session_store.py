@@ -320,11 +320,20 @@ def take(directory: str | os.PathLike, doc: dict, which: str, where: np.ndarray 
 
 
 def store_take(directory: str | os.PathLike, doc: dict, arrays: dict[str, np.ndarray], labels: Any, shown: str) -> None:
-  """Writes the latest round's file with ``labels`` as its segmentation, named ``shown`` (``"merged"``,
-  ``"network"`` or ``"mixed"``): :func:`take`'s write, for a caller that already holds the round's
-  ``arrays`` and the labels :func:`labels_to_take` gave (read once, written once, atomically)."""
+  """Writes the latest round's file with ``labels`` as its segmentation, named ``shown``: :func:`take`'s
+  write, for a caller that already holds the round's ``arrays`` and the ``labels`` :func:`labels_to_take`
+  gave for them (read once, written once, atomically). ``shown`` must name ``labels`` as :func:`take`
+  does (``which`` for a whole take, else :func:`shown_name`), or taking the other back no longer
+  restores the file exactly.
+
+  Raises:
+    ValueError: ``shown`` is none of ``"merged"``, ``"network"``, ``"mixed"``, or ``labels`` has another
+      shape than the round's.
+  """
   if shown not in (*TAKES, "mixed"):
     raise ValueError(f"a round shows one of {', '.join(TAKES)}, mixed, got {shown!r}")
+  if np.shape(labels) != arrays["labels"].shape:
+    raise ValueError(f"labels of shape {np.shape(labels)} for a round of shape {arrays['labels'].shape}")
   new = dict(arrays, labels=np.asarray(labels, np.int32), taken=np.array(shown))
   _write_atomic(Path(directory) / doc["rounds"][-1]["file"], lambda f: np.savez_compressed(f, **new))
 

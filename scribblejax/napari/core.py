@@ -397,7 +397,7 @@ def take(it: Interaction, which: str, log: Log = silent, *, where: np.ndarray | 
   if doc is None:
     raise ValueError(f"session {it.session} is gone")
   session_store.take(it.session, doc, which, where)
-  what = "the refined network's own labels" if which == "network" else "the merged labels"
+  what = NAMES[which]
   if where is not None:
     what += " in the regions pointed at"
   log(f"round {it.rounds} of session {it.session} now takes {what}")

@@ -46,7 +46,7 @@ from scribblejax.napari import core
 
 IMAGE, SEGMENTATION, SCRIBBLES, NETWORK = "image", "segmentation", "scribbles", "refined network"
 POINTED = 3  # the regions of difference "Point at largest differences" points at
-TAKE_HERE = "take here"  # a points layer: a point in each region where the refined network's own labels are to be taken
+TAKE_HERE = "take here"  # a points layer: a point in each region where the other segmentation is to be taken
 # the take button, by what is shown
 TAKE_TEXT = {"merged": "Show network's own", "network": "Show merged", "mixed": "Show network's own"}
 # the take-at-points button, by what it takes (core.other_of)
@@ -283,8 +283,8 @@ class ScribbleWidget(QWidget):
     it = self._choice()
     if it is None:
       return
-    which = which or ("merged" if it.taken == "network" else "network")
-    what = "the refined network's own labels" if which == "network" else "the merged segmentation"
+    which = which or core.other_of(it)
+    what = core.NAMES[which]
     self._run("taking", lambda: core.take(it, which), lambda new: self._taken(new, what))
 
   def _choice(self) -> core.Interaction | None:

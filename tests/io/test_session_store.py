@@ -44,6 +44,14 @@ def test_a_round_keeps_both_segmentations_and_take_switches_between_them(tmp_pat
     session_store.take(tmp_path, doc, "refined")
   with pytest.raises(ValueError, match="shows one of merged, network, mixed"):
     session_store.store_take(tmp_path, doc, stored, own, "both")
+  with pytest.raises(ValueError, match="labels of shape"):
+    session_store.store_take(tmp_path, doc, stored, own[:1], "network")
+  mix = np.where(np.eye(2, dtype=bool), own, merged)  # as a region take leaves it: stored once, as given
+  session_store.store_take(tmp_path, doc, stored, mix, "mixed")
+  arrays = session_store.round_arrays(tmp_path, doc["rounds"][-1])
+  np.testing.assert_array_equal(arrays["labels"], mix)
+  assert session_store.taken_of(arrays) == "mixed" and arrays["labels"].dtype == np.int32
+  np.testing.assert_array_equal(arrays["merged_labels"], merged)
 
 
 def test_take_refuses_a_round_without_a_choice(tmp_path):
