@@ -10,7 +10,7 @@ checked before the network is loaded).
 from scribblejax.app.info import describe_model
 from scribblejax.app.models import Log, load_network, model_ref, silent
 from scribblejax.app.predict import run_predict
-from scribblejax.app.refine_round import run_refine
+from scribblejax.app.refine_round import run_refine, taken_words
 from scribblejax.app.report import check_outputs, companion_paths, compile_timer, round_line
 from scribblejax.app.settings import SETTINGS, TUNED, MarkOptions, RefineSettings, Setting
 
@@ -31,4 +31,5 @@ __all__ = [
   "run_predict",
   "run_refine",
   "silent",
+  "taken_words",
 ]

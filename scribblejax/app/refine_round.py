@@ -76,6 +76,15 @@ from scribblejax.refinement.merge import differences
 # two float32 logits volumes take at most this many bytes (else one pass after the other)
 JOINT_LOGITS_BYTES = 4 * 2**30
 LISTED_DIFFERENCES = 5  # the regions of difference a report lists, largest first
+# a round's two segmentations in words, for reports, log lines and the viewer
+NAMES = {"network": "the refined network's own labels", "merged": "the merged labels"}
+
+
+def taken_words(which: str, pointed: bool = False) -> str:
+  """What a take makes the round show, in words: ``which``'s labels, ``pointed``: in the regions pointed at."""
+  return NAMES[which] + (" in the regions pointed at" if pointed else "")
+
+
 # the flags that set each pipeline option a session records
 _PIPELINE_FLAGS = {
   "resample": "--no-resample",
@@ -414,12 +423,10 @@ def ranked_regions(session: str, doc: dict, which: str, ranks: Sequence[int]) ->
     )
   regions = differences(arrays["labels"], labels, max(ranks))
   if not regions:
-    what = "the refined network's own labels" if which == "network" else "the merge"
-    raise ValueError(f"--regions: the segmentation shown is {what} everywhere: nothing to take")
+    raise ValueError(f"--regions: the segmentation shown is {NAMES[which]} everywhere: nothing to take")
   if max(ranks) > len(regions):
-    what = "the refined network's own labels" if which == "network" else "the merge"
     raise ValueError(
-      f"--regions {max(ranks)}: the segmentation shown and {what} differ in {len(regions)} region(s) only"
+      f"--regions {max(ranks)}: the segmentation shown and {NAMES[which]} differ in {len(regions)} region(s) only"
     )
   pointed = np.zeros(arrays["labels"].shape, bool)
   for rank in ranks:
@@ -594,9 +601,7 @@ def after_take(
     names = class_names or info.class_names or [str(k) for k in range(num_classes)]
     report["differences_with"] = against
     report["differences"] = differences_report(labels, arrays[f"{against}_labels"], names)
-  what = "the refined network's own labels" if which == "network" else "the merged labels"
-  if where is not None:
-    what += " in the regions pointed at"
+  what = taken_words(which, where is not None)
   title = f"{Path(img.path).name}: round {record['round']}, {what}"
   report = write_outputs(
     report, out, img, labels, initial if initial is not None else labels, labels, arrays["marks"], overlay, log, title

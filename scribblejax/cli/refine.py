@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from scribblejax.app import MarkOptions, run_refine
+from scribblejax.app import MarkOptions, run_refine, taken_words
 from scribblejax.cli import flags
 
 
@@ -53,9 +53,9 @@ def summary(report: dict) -> str:
   """The line ``refine`` prints (after a round, an undo, or a take)."""
   where = f"; wrote {report['out']}" if "out" in report else ""
   if "take" in report:
-    what = "the refined network's own labels" if report["take"] == "network" else "the merged labels"
+    what = taken_words(report["take"], report.get("shows") == "mixed")
     if report.get("shows") == "mixed":
-      what += " in the regions pointed at (the rest as before)"
+      what += " (the rest as before)"
     left = report.get("differences")
     rest = f"; {_largest(left)} still differs (--take {report['differences_with']} --regions 1)" if left else ""
     return (

@@ -31,7 +31,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from scribblejax.app import Log, RefineSettings, check_outputs, load_network, model_ref, run_refine, silent
+from scribblejax.app import Log, RefineSettings, check_outputs, load_network, model_ref, run_refine, silent, taken_words
 from scribblejax.app.settings import with_new_classes
 from scribblejax.io import session_store
 from scribblejax.io.images import OUTPUTS, SUFFIXES, Image, image_digest, read_image, suffix_of, write_label_map
@@ -397,9 +397,7 @@ def take(it: Interaction, which: str, log: Log = silent, *, where: np.ndarray | 
   if doc is None:
     raise ValueError(f"session {it.session} is gone")
   session_store.take(it.session, doc, which, where)
-  what = NAMES[which]
-  if where is not None:
-    what += " in the regions pointed at"
+  what = taken_words(which, where is not None)
   log(f"round {it.rounds} of session {it.session} now takes {what}")
   return reload(it)
 
@@ -408,9 +406,6 @@ def other_of(it: Interaction) -> str:
   """What the points take: the merge when the refined network's own labels are shown whole, else the
   refined network's own labels."""
   return "merged" if it.taken == "network" else "network"
-
-
-NAMES = {"network": "the refined network's own labels", "merged": "the merge"}
 
 
 def largest_differences(it: Interaction, limit: int = 3) -> tuple[Difference, ...]:
@@ -430,12 +425,13 @@ def describe_differences(found: Sequence[Difference], class_names: Sequence[str]
   """The regions of :func:`largest_differences` in words: the size, the point (the image's index) and the
   change of class of each; ``which``: what they differ from (:func:`other_of`)."""
   if not found:
-    return f"the segmentation shown and {NAMES[which]} are the same"
+    return f"the segmentation shown and {taken_words(which)} are the same"
   parts = [
     f"{d.size} px at ({', '.join(str(i) for i in d.point)}), {class_names[d.shown]} -> {class_names[d.other]}"
     for d in found
   ]
-  return f"the {len(found)} largest region(s) where the segmentation and {NAMES[which]} differ: " + "; ".join(parts)
+  where = f"the {len(found)} largest region(s) where the segmentation and {taken_words(which)} differ"
+  return f"{where}: " + "; ".join(parts)
 
 
 def points_mask(points: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:

@@ -38,7 +38,7 @@ from qtpy.QtWidgets import (
   QWidget,
 )
 
-from scribblejax.app import SETTINGS, RefineSettings
+from scribblejax.app import SETTINGS, RefineSettings, taken_words
 from scribblejax.app.settings import settings_of
 from scribblejax.io import session_store
 from scribblejax.models.store import builtin_models, read_info
@@ -284,7 +284,7 @@ class ScribbleWidget(QWidget):
     if it is None:
       return
     which = which or core.other_of(it)
-    what = core.NAMES[which]
+    what = taken_words(which)
     self._run("taking", lambda: core.take(it, which), lambda new: self._taken(new, what))
 
   def _choice(self) -> core.Interaction | None:
@@ -310,7 +310,7 @@ class ScribbleWidget(QWidget):
     except ValueError as err:
       return self._say(f"{err} (layer {TAKE_HERE!r})", error=True)
     which = core.other_of(it)
-    what = f"{core.NAMES[which]} in the regions pointed at"
+    what = taken_words(which, pointed=True)
     self._run("taking", lambda: core.take(it, which, where=where), lambda new: self._taken(new, what))
 
   def point_at_differences(self) -> None:

@@ -294,7 +294,7 @@ def test_the_merge_switch_reaches_the_round(make_napari_viewer, qtbot, cells, tm
   # the network's own shown whole: the points point at, and take, the merge in the regions where it differs
   assert widget.take_points_button.text() == "Take merged at points"
   widget.point_button.click()
-  assert "region(s) where the segmentation and the merge differ" in widget.message_label.text()
+  assert "region(s) where the segmentation and the merged labels differ" in widget.message_label.text()
   back = regions == regions[tuple(np.round(viewer.layers[TAKE_HERE].data[0]).astype(int))]
   viewer.layers[TAKE_HERE].data = viewer.layers[TAKE_HERE].data[:1]
   widget.take_points_button.click()
