@@ -57,7 +57,9 @@ def summary(report: dict) -> str:
     if report.get("shows") == "mixed":
       what += " (the rest as before)"
     left = report.get("differences")
-    rest = f"; {_largest(left)} still differs (--take {report['differences_with']} --regions 1)" if left else ""
+    rest = ""
+    if left:
+      rest = f"; the largest region left: {_largest(left)} (--take {report['differences_with']} --regions 1)"
     return (
       f"round {report['round']} now shows {what}: {report['changed_pixels']} pixel(s) changed, "
       f"{report['marks_honoured']:.1%} of marks honoured{rest}{where}"

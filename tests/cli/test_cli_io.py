@@ -713,7 +713,8 @@ def test_take_shows_the_refined_networks_own_labels_and_the_session_goes_on_from
   np.testing.assert_array_equal(tifffile.imread(tmp_path / "k.tif"), np.where(second, own, merged))
   left = json.loads((tmp_path / "k.report.json").read_text())["differences"]
   assert [d["pixels"] for d in left] == (sizes[:1] + sizes[2:])[:5]
-  assert "still differs (--take network --regions 1)" in capsys.readouterr().out
+  assert f"the largest region left: {left[0]['pixels']} pixel(s) at" in (line := capsys.readouterr().out)
+  assert "(--take network --regions 1)" in line
   assert main([*take, "network", "--regions", "1,1", "--out", str(tmp_path / "k2.tif"), "--quiet"]) == 0  # once
   largest = regions == regions[tuple(listed[0]["point"])]
   np.testing.assert_array_equal(tifffile.imread(tmp_path / "k2.tif"), np.where(second | largest, own, merged))
