@@ -32,6 +32,8 @@ from scribblejax.refinement import RefineResult, Trunk, compute_trunk, predict, 
 from scribblejax.refinement.merge import Difference, merge_round, new_marks_of, take_where
 from scribblejax.refinement.merge import differences as differences_of
 
+TAKES = ("merged", "network")  # a round's two segmentations, as take and differences name them
+
 
 class Round(NamedTuple):
   """One interaction round."""
@@ -133,7 +135,12 @@ def current_labels(session: Session) -> jax.Array:
 
 def _shown(round_: Round) -> Any:
   """The segmentation a round shows (:attr:`Round.taken`)."""
-  return {"merged": round_.labels, "network": round_.result.labels, "mixed": round_.shown}[round_.taken]
+  return _segmentation(round_, round_.taken)
+
+
+def _segmentation(round_: Round, name: str) -> Any:
+  """A round's segmentation called ``name``: its merge, the refined network's own labels, or the mix shown."""
+  return {"merged": round_.labels, "network": round_.result.labels, "mixed": round_.shown}[name]
 
 
 def add_marks(session: Session, new_marks: Any, config: RefineConfig | None = None) -> Session:
@@ -194,21 +201,25 @@ def differences(session: Session, which: str = "network", limit: int | None = No
     ValueError: no round, ``which`` is neither name, or the latest round was refined without the merge
       (it has one segmentation).
   """
-  last = _with_choice(session, which)
-  wanted = last.labels if which == "merged" else last.result.labels
-  return differences_of(np.asarray(_shown(last)), np.asarray(wanted), limit)
+  last = _mixable(_latest(session, which, "no round yet: the session has no two segmentations to compare"))
+  return differences_of(np.asarray(_shown(last)), np.asarray(_segmentation(last, which)), limit)
 
 
-def _with_choice(session: Session, which: str) -> Round:
-  """The latest round, which offers both segmentations; ``ValueError`` naming why not."""
-  if which not in ("merged", "network"):
-    raise ValueError(f"a round's segmentation is one of merged, network, got {which!r}")
+def _latest(session: Session, which: str, no_round: str) -> Round:
+  """The latest round, once ``which`` is known to name one of its two segmentations; ``ValueError`` with
+  ``no_round`` when there is none."""
+  if which not in TAKES:
+    raise ValueError(f"a round's segmentation is one of {', '.join(TAKES)}, got {which!r}")
   if not session.rounds:
-    raise ValueError("no round yet: the session has no two segmentations to compare")
-  last = session.rounds[-1]
-  if last.labels is None:
+    raise ValueError(no_round)
+  return session.rounds[-1]
+
+
+def _mixable(round_: Round) -> Round:
+  """``round_``, which offers both segmentations; ``ValueError`` when it was refined without the merge."""
+  if round_.labels is None:
     raise ValueError("the latest round was refined without the merge: it has one segmentation, none to mix with")
-  return last
+  return round_
 
 
 def take(session: Session, which: str, where: Any = None) -> Session:
@@ -237,20 +248,12 @@ def take(session: Session, which: str, where: Any = None) -> Session:
     ValueError: no round, ``which`` is neither name, ``"merged"`` for a round refined without the merge,
       or ``where`` of another shape or touching no region where the two differ.
   """
-  if which not in ("merged", "network"):
-    raise ValueError(f"a round's segmentation is one of merged, network, got {which!r}")
-  if not session.rounds:
-    raise ValueError("nothing to take: the session has no rounds")
-  last = session.rounds[-1]
+  last = _latest(session, which, "nothing to take: the session has no rounds")
   if which == "merged" and last.labels is None:
     raise ValueError("the latest round was refined without the merge: there is no merge to take")
   if where is None:
     return session._replace(rounds=session.rounds[:-1] + (last._replace(taken=which, shown=None),))
-  if last.labels is None:
-    raise ValueError("the latest round was refined without the merge: it has one segmentation, none to mix with")
-  wanted = last.labels if which == "merged" else last.result.labels
-  shown = take_where(np.asarray(_shown(last)), np.asarray(wanted), where)
-  whole = (("merged", last.labels), ("network", last.result.labels))
-  same = [name for name, labels in whole if labels is not None and np.array_equal(shown, np.asarray(labels))]
+  shown = take_where(np.asarray(_shown(_mixable(last))), np.asarray(_segmentation(last, which)), where)
+  same = [name for name in TAKES if np.array_equal(shown, np.asarray(_segmentation(last, name)))]
   taken = last._replace(taken=same[0], shown=None) if same else last._replace(taken="mixed", shown=_frozen(shown))
   return session._replace(rounds=session.rounds[:-1] + (taken,))

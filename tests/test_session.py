@@ -127,11 +127,18 @@ def test_take_shows_the_refined_networks_labels_and_the_next_round_merges_into_t
     sj.session.take(sj.start_session(split, image, merging), "network")
 
 
-def test_differences_rank_the_regions_a_take_can_point_at():
+def _two_segmentations():
+  """A round refined in one step: the merge writes the marks the network missed, so its two segmentations
+  differ. Returns ``(split, image, config, session, merged, own)``."""
   split, image = _setup()
   merging = dataclasses.replace(sj.RefineConfig(), max_steps=1)
   session = sj.add_marks(sj.start_session(split, image, merging), _round((16, 16), ((3, 3), 1), ((12, 12), 2)))
   merged, own = np.asarray(sj.current_labels(session)), np.asarray(session.rounds[-1].result.labels)
+  return split, image, merging, session, merged, own
+
+
+def test_differences_rank_the_regions_a_take_can_point_at():
+  split, image, merging, session, merged, own = _two_segmentations()
   regions, count = ndimage.label(merged != own)
   found = sj.session.differences(session)
   assert len(found) == count >= 2
@@ -158,10 +165,7 @@ def test_differences_rank_the_regions_a_take_can_point_at():
 
 
 def test_take_where_mixes_the_two_segmentations_region_by_region():
-  split, image = _setup()
-  merging = dataclasses.replace(sj.RefineConfig(), max_steps=1)
-  session = sj.add_marks(sj.start_session(split, image, merging), _round((16, 16), ((3, 3), 1), ((12, 12), 2)))
-  merged, own = np.asarray(sj.current_labels(session)), np.asarray(session.rounds[-1].result.labels)
+  split, image, merging, session, merged, own = _two_segmentations()
   regions, count = ndimage.label(merged != own)
   assert count >= 2  # two regions to choose between
   where = regions == 1

@@ -313,6 +313,17 @@ def sureness_summary(results: list[dict], clear: float = CLEAR) -> dict[str, lis
   }
 
 
+def _dice_section(payload: dict, runs: list[dict], title: str, column: str, intro: str | None = None) -> list[str]:
+  """A section of ``runs``' Dice per interaction, one row each named in ``column``, then the table over all
+  runs beside the defaults; no lines without runs."""
+  if not runs:
+    return []
+  lines = ["", f"## {title}", "", *([intro, ""] if intro else [])]
+  lines += [f"| {column} | case | user | Dice per interaction |", "|---|---|---|---|"]
+  lines += [f"| {r['method']} | {r['case']} | {r['user']} | {_dice(r)} |" for r in runs]
+  return lines + _beside_defaults(payload, runs)
+
+
 def markdown(payload: dict) -> str:
   """The record as tables, one section per study run."""
   results = payload["results"]
@@ -399,32 +410,18 @@ def markdown(payload: dict) -> str:
       taken = ", ".join(f"{i['regions_taken']}/{i['regions']}" for i in r["method_info"])
       lines.append(f"| {r['method']} | {r['case']} | {r['user']} | {_dice(r)} | {taken} |")
     lines += _beside_defaults(payload, by_region)
-  by_sureness = [r for r in results if r["method"] in SURE_REGIONS]
-  if by_sureness:
-    lines += [
-      "",
-      "## Regions the refined network is sure of, taken (a rule)",
-      "",
-      "After the round's merge, each region where the merge and the refined network's own labels differ takes "
-      "the latter when the refined network's mean top probability over it is at least the threshold (but on "
-      "the pixels W was sure of, and the marked ones).",
-      "",
-      "| rule | case | user | Dice per interaction |",
-      "|---|---|---|---|",
-    ]
-    lines += [f"| {r['method']} | {r['case']} | {r['user']} | {_dice(r)} |" for r in by_sureness]
-    lines += _beside_defaults(payload, by_sureness)
-  variants = [r for r in results if r["method"] in VARIANTS]
-  if variants:
-    lines += [
-      "",
-      "## Settings (the defaults with one changed)",
-      "",
-      "| setting | case | user | Dice per interaction |",
-      "|---|---|---|---|",
-    ]
-    lines += [f"| {r['method']} | {r['case']} | {r['user']} | {_dice(r)} |" for r in variants]
-    lines += _beside_defaults(payload, variants)
+  lines += _dice_section(
+    payload,
+    [r for r in results if r["method"] in SURE_REGIONS],
+    "Regions the refined network is sure of, taken (a rule)",
+    "rule",
+    "After the round's merge, each region where the merge and the refined network's own labels differ takes "
+    "the latter when the refined network's mean top probability over it is at least the threshold (but on "
+    "the pixels W was sure of, and the marked ones).",
+  )
+  lines += _dice_section(
+    payload, [r for r in results if r["method"] in VARIANTS], "Settings (the defaults with one changed)", "setting"
+  )
   return "\n".join(lines) + "\n"
 
 

@@ -402,10 +402,10 @@ def take(it: Interaction, which: str, log: Log = silent, *, where: np.ndarray | 
   return reload(it)
 
 
-def other_of(it: Interaction) -> str:
-  """What the points take: the merge when the refined network's own labels are shown whole, else the
-  refined network's own labels."""
-  return "merged" if it.taken == "network" else "network"
+def other_of(taken: str | None) -> str:
+  """What a take gives a round that shows ``taken`` (:attr:`Interaction.taken`): the merge when the refined
+  network's own labels are shown whole, else the refined network's own labels."""
+  return "merged" if taken == "network" else "network"
 
 
 def largest_differences(it: Interaction, limit: int = 3) -> tuple[Difference, ...]:
@@ -418,7 +418,7 @@ def largest_differences(it: Interaction, limit: int = 3) -> tuple[Difference, ..
   """
   if it.network is None or it.merged is None:
     raise ValueError("the latest round offers no choice: no round, one without the merge, or an older one")
-  return differences(it.labels, it.network if other_of(it) == "network" else it.merged, limit)
+  return differences(it.labels, it.network if other_of(it.taken) == "network" else it.merged, limit)
 
 
 def describe_differences(found: Sequence[Difference], class_names: Sequence[str], which: str = "network") -> str:

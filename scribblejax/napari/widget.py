@@ -47,9 +47,8 @@ from scribblejax.napari import core
 IMAGE, SEGMENTATION, SCRIBBLES, NETWORK = "image", "segmentation", "scribbles", "refined network"
 POINTED = 3  # the regions of difference "Point at largest differences" points at
 TAKE_HERE = "take here"  # a points layer: a point in each region where the other segmentation is to be taken
-# the take button, by what is shown
-TAKE_TEXT = {"merged": "Show network's own", "network": "Show merged", "mixed": "Show network's own"}
-# the take-at-points button, by what it takes (core.other_of)
+# the take buttons, by what they take (core.other_of of what is shown)
+TAKE_TEXT = {"network": "Show network's own", "merged": "Show merged"}
 POINTS_TEXT = {"network": "Take network's own at points", "merged": "Take merged at points"}
 # the knobs the widget offers (the settings table's "napari" rows), by RefineSettings field: numbers as
 # (the CLI's flag, field, type) in edit boxes, switches as fields in check boxes
@@ -179,7 +178,7 @@ class ScribbleWidget(QWidget):
     self.reset_button = _button("Reset to network", lambda: self.reset())
     self.save_seg_button = _button("Save segmentation...", lambda: self.save_segmentation())
     self.save_session_button = _button("Save session...", lambda: self.save_session())
-    self.take_button = _button(TAKE_TEXT["merged"], lambda: self.take())
+    self.take_button = _button(TAKE_TEXT["network"], lambda: self.take())
     self.take_button.setToolTip(
       "the latest round's segmentation: its merge (the default) or the refined network's own labels "
       "(layer 'refined network'); the next round starts from the one shown (scribblejax refine --take)"
@@ -221,8 +220,8 @@ class ScribbleWidget(QWidget):
     self.take_points_button.setEnabled(opened and self.interaction.taken is not None)
     self.point_button.setEnabled(opened and self.interaction.taken is not None)
     taken = self.interaction.taken if self.interaction is not None else None
-    self.take_button.setText(TAKE_TEXT[taken or "merged"])
-    self.take_points_button.setText(POINTS_TEXT["merged" if taken == "network" else "network"])
+    self.take_button.setText(TAKE_TEXT[core.other_of(taken)])
+    self.take_points_button.setText(POINTS_TEXT[core.other_of(taken)])
     self.open_button.setEnabled(not self.busy)
     self.cancel_button.setEnabled(self.busy)
 
@@ -283,7 +282,7 @@ class ScribbleWidget(QWidget):
     it = self._choice()
     if it is None:
       return
-    which = which or core.other_of(it)
+    which = which or core.other_of(it.taken)
     what = taken_words(which)
     self._run("taking", lambda: core.take(it, which), lambda new: self._taken(new, what))
 
@@ -309,7 +308,7 @@ class ScribbleWidget(QWidget):
       return self._say(f"the {TAKE_HERE!r} layer is gone: refine a round to get it back", error=True)
     except ValueError as err:
       return self._say(f"{err} (layer {TAKE_HERE!r})", error=True)
-    which = core.other_of(it)
+    which = core.other_of(it.taken)
     what = taken_words(which, pointed=True)
     self._run("taking", lambda: core.take(it, which, where=where), lambda new: self._taken(new, what))
 
@@ -321,7 +320,7 @@ class ScribbleWidget(QWidget):
     it = self._choice()
     if it is None:
       return
-    found, which = core.largest_differences(it, POINTED), core.other_of(it)
+    found, which = core.largest_differences(it, POINTED), core.other_of(it.taken)
     if TAKE_HERE not in self.viewer.layers:
       return self._say(f"the {TAKE_HERE!r} layer is gone: refine a round to get it back", error=True)
     self._layer(TAKE_HERE).data = np.array([d.point for d in found], float).reshape(-1, it.labels.ndim)
@@ -527,7 +526,7 @@ class ScribbleWidget(QWidget):
     if report.get("network_differs"):
       text += (
         f"; the refined network's own labels (layer {NETWORK!r}) differ in {report['network_differs']} pixel(s): "
-        f"{TAKE_TEXT['merged']} takes them"
+        f"{TAKE_TEXT['network']} takes them"
       )
     if report.get("erased_marks"):
       text += f"; {report['erased_marks']} erased mark pixel(s) stay in the session (Undo drops a round)"
