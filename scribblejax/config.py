@@ -158,6 +158,13 @@ class RefineConfig:
       network is that sure of is a correction it learnt from the marks and applies elsewhere (the
       network's error was systematic); a change it is unsure of is drift. ``merge_protect`` keeps such
       a change off the pixels the network was sure of.
+    merge_contrast: with ``progressive_merge``, after the thresholds above, each connected region
+      where the round's segmentation and the refined network's own labels still differ takes the
+      refined labels when its mean intensity is nearer its neighbours of the refined class than its
+      neighbours of the class it has: the score of :func:`scribblejax.refinement.merge.contrast_scores`,
+      in ``[-1, 1]``, above this (1: never). The thresholds cannot tell a right change away from the
+      marks from drift; the image often can, where intensity tells the classes apart. Not on the
+      pixels ``merge_protect`` keeps, nor the marked ones; not for a region-based network.
     merge_protect: with ``progressive_merge``, a pixel the network (W) gave its label at least this
       probability keeps its label unless it is marked, or the change is into or out of a class appended
       to its head (``start_session(new_classes=...)``, ``--new-class``), which W never learnt (1: none is
@@ -190,6 +197,7 @@ class RefineConfig:
   merge_near: float = 0.9
   merge_far: float = 0.995
   merge_protect: float = 0.999
+  merge_contrast: float = 0.1
 
   @classmethod
   def paper(cls, **overrides: Any) -> RefineConfig:
@@ -213,6 +221,10 @@ class RefineConfig:
     for name in MERGE_PROBABILITIES:
       if getattr(self, name) > 1:
         raise ValueError(f"{name} is a probability in [0, 1], got {getattr(self, name)!r}")
+    if not is_number(self.merge_contrast) or not -1 <= self.merge_contrast <= 1:
+      raise ValueError(
+        f"merge_contrast is a score in [-1, 1] (1: the merge takes no region by it), got {self.merge_contrast!r}"
+      )
     if self.momentum >= 1:
       raise ValueError(f"momentum must be in [0, 1) (SGD with momentum >= 1 diverges), got {self.momentum!r}")
     for name in ("class_balance", "early_stop", "cache_trunk", "remat", "progressive_merge"):

@@ -172,7 +172,9 @@ def add_marks(session: Session, new_marks: Any, config: RefineConfig | None = No
     new = new_marks_of(marks, current_marks(session) if session.rounds else None)
     scores = (None, None) if _regions(session.split) else (result.logits, session.initial_logits)
     previous = np.asarray(current_labels(session))
-    merged = merge_round(previous, np.asarray(result.labels), new, marks, config, *scores, session.new_classes)
+    merged = merge_round(
+      previous, np.asarray(result.labels), new, marks, config, *scores, session.new_classes, image=session.image
+    )
     labels = _frozen(merged)
   round_ = Round(marks, result, labels, "merged" if labels is not None else "network")
   return session._replace(rounds=session.rounds + (round_,))

@@ -195,6 +195,7 @@ def test_take_where_mixes_the_two_segmentations_region_by_region():
       merging,
       after.rounds[-1].result.logits,
       session.initial_logits,
+      image=image,
     ),
   )
   with pytest.raises(ValueError, match="touch no region"):

@@ -16,9 +16,12 @@
   largest regions of difference (the ones a report and the napari widget point at).
 * ``region_sure_0.9``/``0.95``: a rule taking whole regions the refined network is sure of on average.
 * ``merge_far_0.998``/``0.999``, ``region_growing_0.05``: the defaults with one setting changed.
+* ``defaults``: the defaults themselves, the row every table sets the others beside.
 
-Each runs every (case, robot user) of the correction record given (``--pairs-from``; the slice stored as
-3-D, tissue2d_s140 again, left out) with five interactions.
+"The defaults" here are those these studies explored: the library's defaults as of commit ``b5abb80``,
+before the round's merge read the image (:data:`BASE`: ``merge_contrast=1``). Each runs every (case,
+robot user) of the correction record given (``--pairs-from``; the slice stored as 3-D, tissue2d_s140
+again, left out) with five interactions.
 
 Run:  python -m benchmarks.correction.explore --out benchmarks/results/archive/correction_cpu_2026-12-07_explore
 """
@@ -43,6 +46,7 @@ from scribblejax.refinement.merge import differences, new_marks_of, take_where
 from scribblejax.research import baselines as bl
 from scribblejax.research import evaluate as ev
 
+BASE = {"merge_contrast": 1.0}  # the defaults these studies explored: before the merge's contrast step
 AT_LEAST = 0.5  # the lagged rule: the share of the new marked pixels the network's own labels must have right
 VARIANTS = {  # the defaults with one setting changed: (RefineConfig overrides, EvalConfig overrides)
   "merge_far_0.998": ({"merge_far": 0.998}, {}),
@@ -52,7 +56,7 @@ VARIANTS = {  # the defaults with one setting changed: (RefineConfig overrides, 
 TAKE_REGIONS = {"take_regions": None, "take_3_regions": 3}  # the most regions a round may take
 LOOKED_AT = {"take_of_3_largest": 3}  # the largest regions of difference a person looks at, each round
 SURE_REGIONS = {"region_sure_0.9": 0.9, "region_sure_0.95": 0.95}  # the least mean sureness of a region taken
-STUDIES = ("lagged", "far", "sureness", *TAKE_REGIONS, *LOOKED_AT, *SURE_REGIONS, *VARIANTS)
+STUDIES = ("defaults", "lagged", "far", "sureness", *TAKE_REGIONS, *LOOKED_AT, *SURE_REGIONS, *VARIANTS)
 CLEAR = 0.01  # a round where one of the two segmentations is better by more than this
 AGGREGATE_HEADER = [
   "| method | runs | mean AUC | mean gain @1 | mean gain @N | first drops | below network |",
@@ -252,7 +256,7 @@ def taking_sure_regions(method: bl.Method, at_least: float, protect: float) -> b
 def run(bench: BenchCase, user: str, study: str) -> dict:
   """One study (one of :data:`STUDIES`) on one case with one robot user, five interactions."""
   overrides, eval_overrides = VARIANTS.get(study, ({}, {}))
-  config = dataclasses.replace(RefineConfig(), **overrides)
+  config = dataclasses.replace(RefineConfig(), **BASE, **overrides)
   method = make_method(OURS, bench.model, config=config, new_classes=bench.new_classes)
   truth = np.squeeze(bench.case.truth, axis=bench.squeeze) if bench.squeeze else bench.case.truth
   if study == "lagged":
@@ -292,10 +296,11 @@ def _dice(run: dict) -> str:
 
 
 def _beside_defaults(payload: dict, runs: list[dict]) -> list[str]:
-  """The lines of the table over all runs: the defaults (from the record the runs repeat), then ``runs``."""
+  """The lines of the table over all runs: the defaults (run beside the studies, or else from the record the
+  runs repeat), then ``runs``."""
   return [
     "",
-    "Over all runs (the defaults from the record they repeat):",
+    f"Over all runs (the defaults {payload.get('defaults_from', 'from the record they repeat')}):",
     "",
     *AGGREGATE_HEADER,
     *_aggregate_rows(payload["defaults"] + aggregate(runs)),
@@ -449,7 +454,8 @@ def main(argv: list[str] | None = None) -> int:
   payload = {
     "environment": {**environment(argv), "command": "python -m benchmarks.correction.explore " + " ".join(argv)},
     "pixels": {name: int(np.prod(b.case.truth.shape)) for name, b in benches.items()},
-    "defaults": aggregate(repeated),
+    "defaults": aggregate([r for r in results if r["method"] == "defaults"] or repeated),
+    "defaults_from": "run here beside the studies" if "defaults" in args.studies else "from the record they repeat",
     "results": results,
   }
   args.out.mkdir(parents=True, exist_ok=True)

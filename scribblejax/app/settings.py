@@ -119,6 +119,14 @@ SETTINGS: dict[str, Setting] = {
     stored=True,
     commands=("refine", "evaluate", "view", "napari"),
   ),
+  "merge_contrast": Setting(
+    "--merge-contrast",
+    float,
+    "with the merge, also take each region of change that looks like its neighbours of its new class "
+    "by a score above S, in [-1, 1] (1: none)",
+    metavar="S",
+    commands=("refine", "evaluate"),
+  ),
   "preset": Setting(
     "--preset",
     str,

@@ -12,6 +12,7 @@ logits (:mod:`~scribblejax.pipeline.network`), sliding-window patches with their
 from scribblejax.pipeline.grid import (
   check_marks_inside_crop,
   cover_marks,
+  image_on_image_grid,
   inside,
   labels_from_logits,
   masks_on_image,
@@ -92,6 +93,7 @@ __all__ = [
   "inside",
   "labels_from_logits",
   "masks_on_image",
+  "image_on_image_grid",
   "loop_split",
   "marked_patches",
   "marked_windows",

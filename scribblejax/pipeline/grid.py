@@ -126,6 +126,14 @@ def masks_on_image(
   return tuple(None if mask is None else _image_layout(np.asarray(mask, bool), fitted, fill=False) for mask in masks)
 
 
+def image_on_image_grid(fitted: Fitted) -> np.ndarray:
+  """The image as the model reads it (channels adapted, normalised), brought back to the image's grid
+  and axes as the labels are: ``float32[*image_spatial, C]``, zero outside the crop. What the merge reads
+  its intensities from (``RefineConfig.merge_contrast``)."""
+  image = _scores_on_image_grid(fitted.image, fitted)
+  return np.stack([_image_layout(image[..., c], fitted, fill=0) for c in range(image.shape[-1])], axis=-1)
+
+
 def _scores_on_image_grid(scores: Any, fitted: Fitted) -> np.ndarray:
   """Model-layout scores cropped to the image and resampled back to its spacing (still in the model's
   axis order, before length-1 axes and the crop's border are restored)."""

@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from scribblejax.config import RefineConfig
-from scribblejax.pipeline.grid import labels_from_logits, masks_on_image
+from scribblejax.pipeline.grid import image_on_image_grid, labels_from_logits, masks_on_image
 from scribblejax.pipeline.network import Loop, refined_logits, same_tree
 from scribblejax.pipeline.preprocess import Fitted
 from scribblejax.pipeline.sliding_window import sliding_window_logits_of
@@ -120,7 +120,8 @@ def round_labels(
   protected: np.ndarray | None = None,
   new_classes: tuple[int, ...] = (),
 ) -> tuple[np.ndarray, np.ndarray]:
-  """The round's segmentation on the image's grid.
+  """The round's segmentation on the image's grid (with ``config.merge_contrast`` the merge reads the
+  image as the model does, brought back to that grid: :func:`image_on_image_grid`).
 
   Args:
     logits: the refined network's model-layout logits (:func:`refine_on_model_grid`'s).
@@ -157,5 +158,7 @@ def round_labels(
     near=near,
     protected=protected,
     new_classes=new_classes,
+    image=None if fitted.regions is not None or config.merge_contrast >= 1 else image_on_image_grid(fitted),
+    contrast=config.merge_contrast,
   )
   return merged, network_labels

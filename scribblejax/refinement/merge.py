@@ -1,5 +1,5 @@
-"""A round's segmentation: the refined network's labels where the new marks asked for a change, and
-where the refined network is sure, except where the network itself was sure.
+"""A round's segmentation: the refined network's labels where the new marks asked for a change, where
+the refined network is sure, and where the image says so, except where the network itself was sure.
 
 Refining a network on a few marked pixels moves its decision everywhere: besides the region the user
 corrected, hundreds of small regions far from any mark can flip. Where the network was good, most of
@@ -19,6 +19,12 @@ wrong). So a round keeps the previous segmentation except
   grows around a click;
 * wherever the refined network gives its new label at least ``far`` probability (``free``; also, if
   asked, where W was unsure);
+* then, given the image, in each connected region where that result and the refined labels still
+  differ and whose intensity resembles its neighbours of the refined class more than its neighbours
+  of the class it has, by a ``contrast`` score (:func:`contrast_scores`): a region drift flipped looks
+  like the pixels around it that kept its class, while a systematic error the refinement fixed looks
+  like the pixels of the class it learnt. Neither sureness separated those two kinds of change on
+  every case (``benchmarks/results/correction_cpu/contrast.md``);
 
 and never on a ``protected`` pixel (W was sure of it), unless the change is into or out of a class W
 never learnt (one appended to its head, :func:`scribblejax.models.surgery.add_classes`): W's sureness
@@ -45,6 +51,8 @@ def progressive_merge(
   near: Any | None = None,
   protected: Any | None = None,
   new_classes: tuple[int, ...] = (),
+  image: Any | None = None,
+  contrast: float = 1.0,
 ) -> np.ndarray:
   """The round's labels: ``proposed`` in the changed regions that touch a new mark, ``previous`` elsewhere.
 
@@ -61,6 +69,10 @@ def progressive_merge(
       sure, :func:`sure`), except where ``proposed`` or ``previous`` is one of ``new_classes``.
     new_classes: the classes the network W never learnt (appended to its head): a change into or out
       of one is not protected.
+    image: ``float[*spatial, C]``, the image: with it, each region where the result still differs from
+      ``proposed`` takes ``proposed`` when :func:`resembling` scores it above ``contrast`` (``None``:
+      none does).
+    contrast: the score in ``[-1, 1]`` a region must pass (1: none does).
 
   Returns:
     ``int32[*spatial]``.
@@ -81,11 +93,103 @@ def progressive_merge(
     taken &= _mask("near", near, previous.shape)
   if free is not None:
     taken |= _mask("free", free, previous.shape)
+  kept = np.zeros(previous.shape, bool)
   if protected is not None:
     appended = np.isin(proposed, new_classes) | np.isin(previous, new_classes)  # W knew nothing of these
-    taken &= ~(_mask("protected", protected, previous.shape) & ~appended)
-  merged = np.where(taken, proposed, previous)
-  return np.where(marks >= 0, marks, merged).astype(np.int32)
+    kept = _mask("protected", protected, previous.shape) & ~appended
+  merged = np.where(marks >= 0, marks, np.where(taken & ~kept, proposed, previous))
+  if image is not None and contrast < 1:
+    alike = resembling(image, merged, proposed, contrast)
+    merged = np.where(alike & ~kept & (marks < 0), proposed, merged)
+  return merged.astype(np.int32)
+
+
+RING = 4  # pixels: how far around a region of difference :func:`resembling` reads its neighbours
+LEAST_NEIGHBOURS = 3  # neighbours of each class a region needs for :func:`resembling` to judge it
+
+
+def resembling(image: Any, shown: Any, other: Any, at_least: float, ring: int = RING) -> np.ndarray:
+  """The pixels of each connected region where ``shown`` and ``other`` differ whose intensity resembles
+  its neighbours of ``other``'s class more than its neighbours of ``shown``'s, by a score above ``at_least``
+  (:func:`contrast_scores`).
+
+  Args:
+    image: ``float[*spatial, C]`` (or ``float[*spatial]``, one channel).
+    shown: ``int[*spatial]``, the segmentation shown.
+    other: ``int[*spatial]``, the segmentation whose regions may be taken.
+    at_least: the score a region must exceed (1 or more: none does).
+    ring: how far around a region its neighbours lie, in pixels (at least 1).
+
+  Returns:
+    ``bool[*spatial]``: the pixels of the regions that pass.
+
+  Raises:
+    ValueError: the shapes differ, or ``ring`` is below 1.
+  """
+  regions, scores = contrast_scores(image, shown, other, ring)
+  with np.errstate(invalid="ignore"):
+    passed = scores > at_least  # NaN (not judged) never passes
+  return passed[regions]
+
+
+def contrast_scores(image: Any, shown: Any, other: Any, ring: int = RING) -> tuple[np.ndarray, np.ndarray]:
+  """The connected regions where ``shown`` and ``other`` differ, and how much each looks like ``other``'s class.
+
+  For a region, with ``a`` the class most of its pixels have in ``shown`` and ``b`` in ``other``: ``m``
+  is its mean intensity, and ``m_a``, ``m_b`` the mean intensities of its neighbours (the pixels within
+  ``ring`` pixels of it along every axis that lie in no region of difference) that ``shown`` labels
+  ``a`` and ``b``. Its score is ``(|m - m_a| - |m - m_b|) / |m_a - m_b|`` (Euclidean over channels),
+  which lies in ``[-1, 1]``: 1 where the region looks exactly like its neighbours of class ``b``, -1 like
+  those of class ``a``, 0 halfway. A region drift flipped looks like the pixels around it that kept its
+  class; a systematic error the refinement fixed looks like the pixels of the class it learnt. A region
+  with fewer than :data:`LEAST_NEIGHBOURS` neighbours of either class, whose two classes are one, or
+  whose two neighbourhoods look the same, is not judged.
+
+  Args:
+    image: ``float[*spatial, C]`` (or ``float[*spatial]``, one channel).
+    shown: ``int[*spatial]``, the segmentation shown.
+    other: ``int[*spatial]``, the other segmentation.
+    ring: how far around a region its neighbours lie, in pixels (at least 1).
+
+  Returns:
+    ``(regions, scores)``: ``int32[*spatial]``, the regions numbered from 1 (0 where the two agree), and
+    ``float64[count + 1]``, each region's score (NaN where not judged, and at 0).
+
+  Raises:
+    ValueError: the shapes differ, or ``ring`` is below 1.
+  """
+  shown, other, image = np.asarray(shown), np.asarray(other), np.asarray(image, np.float64)
+  image = image[..., None] if image.shape == shown.shape else image  # one channel, without its axis
+  if shown.shape != other.shape or image.shape[:-1] != shown.shape:
+    raise ValueError(
+      f"contrast_scores needs an image [*spatial, C] and label maps of its spatial shape, got {image.shape}, "
+      f"{shown.shape} and {other.shape}"
+    )
+  if ring < 1:
+    raise ValueError(f"ring is a distance in pixels, at least 1, got {ring}")
+  regions, count = ndimage.label(shown != other)
+  scores = np.full(count + 1, np.nan)
+  for index, box in enumerate(ndimage.find_objects(regions), start=1):
+    scores[index] = _score(image, shown, other, regions, index, box, ring)
+  return regions, scores
+
+
+def _score(image, shown, other, regions, index: int, box: tuple[slice, ...], ring: int) -> float:
+  """:func:`contrast_scores`' score of region ``index`` (its bounding ``box``); NaN where not judged."""
+  crop = tuple(slice(max(s.start - ring, 0), s.stop + ring) for s in box)
+  labels, pixels = regions[crop], image[crop]
+  inside = labels == index
+  around = ndimage.maximum_filter(inside, size=2 * ring + 1) & (labels == 0)
+  a = np.bincount(shown[crop][inside]).argmax()
+  b = np.bincount(other[crop][inside]).argmax()
+  near_a, near_b = around & (shown[crop] == a), around & (shown[crop] == b)
+  if a == b or near_a.sum() < LEAST_NEIGHBOURS or near_b.sum() < LEAST_NEIGHBOURS:
+    return np.nan
+  mean, mean_a, mean_b = pixels[inside].mean(0), pixels[near_a].mean(0), pixels[near_b].mean(0)
+  spread = float(np.linalg.norm(mean_a - mean_b))
+  if spread == 0:
+    return np.nan
+  return float((np.linalg.norm(mean - mean_a) - np.linalg.norm(mean - mean_b)) / spread)
 
 
 def _mask(name: str, mask: Any, shape: tuple[int, ...]) -> np.ndarray:
@@ -144,6 +248,7 @@ def merge_round(
   refined_output: Any | None,
   initial_logits: Any | None,
   new_classes: tuple[int, ...] = (),
+  image: Any | None = None,
 ) -> np.ndarray:
   """A round's labels on the grid the network ran on: :func:`merge_masks` with ``config``'s thresholds,
   then :func:`progressive_merge` (as a session and the harness run it; the pipeline brings the masks to
@@ -157,10 +262,21 @@ def merge_round(
       a new mark are taken whole).
     initial_logits: the network's (W) logits (``None``: nothing is protected or freed).
     new_classes: classes appended to the network's head (:func:`progressive_merge`).
+    image: ``float[*spatial, C]``, the image, for ``config.merge_contrast`` (``None``, or a region-based
+      network: no region is taken by it).
   """
   free, near, protected = merge_masks(refined_output, initial_logits, config)
   return progressive_merge(
-    previous, proposed, new_marks, marks, free=free, near=near, protected=protected, new_classes=new_classes
+    previous,
+    proposed,
+    new_marks,
+    marks,
+    free=free,
+    near=near,
+    protected=protected,
+    new_classes=new_classes,
+    image=None if refined_output is None else image,
+    contrast=config.merge_contrast,
   )
 
 

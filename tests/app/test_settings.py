@@ -87,6 +87,7 @@ def test_the_reports_settings_order_is_the_tables_and_unchanged():
     "keep_weight",
     "optimizer",
     "progressive_merge",
+    "merge_contrast",
     "preset",
     "class_balance",
     "continue_weights",

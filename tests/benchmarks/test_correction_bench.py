@@ -318,3 +318,40 @@ def test_sure_regions_takes_the_regions_the_refined_network_is_sure_of_on_averag
   np.testing.assert_array_equal(sure_regions(merged, own, sureness, kept, 0.9), expected)
   np.testing.assert_array_equal(sure_regions(merged, own, sureness, kept, 0.95), merged)  # A's mean is below
   np.testing.assert_array_equal(sure_regions(merged, merged, sureness, kept, 0.9), merged)  # nothing differs
+
+
+def test_region_gains_count_the_right_pixels_taking_each_region_would_gain_but_not_kept_ones():
+  from benchmarks.correction.contrast import net_gains, region_gains
+
+  image = np.zeros((20, 20, 1))
+  image[:, 10:] = 1.0
+  merged = np.zeros((20, 20), np.int32)
+  merged[:, 12:] = 1
+  own = np.zeros((20, 20), np.int32)
+  own[:, 10:] = 1
+  truth = own.copy()
+  kept = np.zeros((20, 20), bool)
+  kept[:5] = True  # five rows of the region may not change: 10 of its 40 pixels
+  scores, gains = region_gains(image, merged, own, kept, truth)
+  assert scores.tolist() == [1.0] and gains.tolist() == [30]
+  assert net_gains(scores, gains, (0.5, 1.0)) == {"0.5": 30, "1": 0}  # above the threshold only
+  _, gains = region_gains(image, merged, own, kept, merged)  # the merge was right there
+  assert gains.tolist() == [-30]
+
+
+def test_the_contrast_threshold_is_chosen_on_the_tuning_cases_only():
+  from benchmarks.correction import contrast
+
+  gains = lambda values: dict(zip((f"{t:g}" for t in contrast.THRESHOLDS), values, strict=True))
+  n = len(contrast.THRESHOLDS)
+  best_at = lambda i, loss_below=None: [
+    (-5 if loss_below is not None and j < loss_below else 10 - abs(j - i)) for j in range(n)
+  ]
+  cases = {
+    "a": {"split": "tuning", "gains": gains(best_at(2))},
+    "b": {"split": "tuning", "gains": gains(best_at(3, loss_below=3))},
+    "held": {"split": "held-out", "gains": gains(best_at(0))},  # would pull the choice down: ignored
+  }
+  assert contrast.choose(cases) == f"{contrast.THRESHOLDS[3]:g}"  # 2 loses on b; of the rest, 3 sums highest
+  cases["b"]["gains"] = gains([-1] * n)
+  assert contrast.choose(cases) is None

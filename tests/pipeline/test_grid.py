@@ -7,6 +7,7 @@ from scribblejax.io.images import Geometry, Image
 from scribblejax.pipeline import (
   InputSpec,
   fit_image,
+  image_on_image_grid,
   inside,
   labels_from_logits,
   masks_on_image,
@@ -70,3 +71,14 @@ def test_sure_and_unsure_pixels_land_where_the_labels_do_and_a_region_network_ha
   np.testing.assert_array_equal(masks_on_image(softmax, None, fitted, given)[0], sure)  # ... or a softmax
   regions = fitted._replace(regions=((1,),))
   assert masks_on_image(logits, logits, regions, config) == (None, None, None)
+
+
+def test_the_image_comes_back_to_its_own_grid_as_the_labels_do():
+  rng = np.random.default_rng(2)
+  array = np.zeros((1, 12, 10, 2), np.float32)
+  array[0, 2:9, 3:8] = rng.uniform(1, 2, (7, 5, 2))
+  metadata = {"crop_to_nonzero": True, "input_axis_order": {"raster": [0, 2, 1]}}
+  fitted = fit_image(_image(array), InputSpec(2, 2, 2), {"kind": "none"}, metadata, crop=True)
+  fitted = fitted._replace(image=np.pad(fitted.image, ((1, 2), (0, 1), (0, 0))), pad=((1, 2), (0, 1)))
+  back = image_on_image_grid(fitted)
+  np.testing.assert_array_equal(back, array)  # no normalisation here: the very image, zero outside the crop

@@ -8,8 +8,8 @@ from scribblejax.pipeline import InputSpec, fit_image
 from scribblejax.pipeline.round import round_labels
 
 
-def _fitted(shape):
-  array = np.ones((*shape, 1), np.float32)
+def _fitted(shape, array=None):
+  array = np.ones((*shape, 1), np.float32) if array is None else array
   return fit_image(
     Image(array, Geometry("tiff", shape, "yx", (1.0, 1.0), None, {}), "img.tif"), InputSpec(2, 1, 2), {"kind": "none"}
   )
@@ -67,3 +67,17 @@ def test_a_round_lets_an_appended_class_past_the_protection():
   np.testing.assert_array_equal(labels[0], [2, 2, 2, 0, 0, 0])
   labels, _ = round_labels(logits, fitted, RefineConfig(), previous, marks, None, None, protected)
   np.testing.assert_array_equal(labels[0], [2, 0, 0, 0, 0, 0])
+
+
+def test_a_round_takes_a_change_away_from_the_marks_that_looks_like_the_class_it_takes():
+  # dark pixels 0..5, bright 6..11; the segmentation so far has the bright object from pixel 8 on
+  image = np.where(np.arange(12) >= 6, 1.0, 0.0).reshape(1, 12, 1).astype(np.float32)
+  fitted = _fitted((1, 12), image)
+  p = np.where(np.arange(12) >= 6, 0.7, 0.1).reshape(1, 12)  # the refined network, unsure, moves the edge to 6
+  previous = (np.arange(12) >= 8).astype(np.int32).reshape(1, 12)
+  marks = np.full((1, 12), -1, np.int32)
+  marks[0, 0] = 0  # a new mark far from the change
+  labels, _ = round_labels(_logits(p), fitted, RefineConfig(), previous, marks, None)
+  np.testing.assert_array_equal(labels[0], np.arange(12) >= 6)  # pixels 6, 7 look like the object: taken
+  labels, _ = round_labels(_logits(p), fitted, RefineConfig(merge_contrast=1.0), previous, marks, None)
+  np.testing.assert_array_equal(labels, previous)

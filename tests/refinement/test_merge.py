@@ -6,7 +6,7 @@ import pytest
 
 import scribblejax as sj
 from scribblejax.refinement import describe_marks, marks_report
-from scribblejax.refinement.merge import merge_masks, merge_round, new_marks_of, progressive_merge, sure
+from scribblejax.refinement.merge import merge_masks, merge_round, new_marks_of, progressive_merge, resembling, sure
 
 
 def test_only_changes_that_touch_a_new_mark_are_taken():
@@ -166,22 +166,26 @@ def test_a_session_round_merges_and_reports(monkeypatch):
 
   free, near, protected = merge_masks(session.rounds[-1].result.logits, session.initial_logits, config)
   np.testing.assert_array_equal(near, jax.nn.softmax(session.rounds[-1].result.logits, -1).max(-1) >= config.merge_near)
-  expected = progressive_merge(before, refined, marks, marks, free=free, near=near, protected=protected)
+  masks = dict(free=free, near=near, protected=protected)
+  expected = progressive_merge(before, refined, marks, marks, **masks, image=image, contrast=config.merge_contrast)
   np.testing.assert_array_equal(labels, expected)
+  without = progressive_merge(before, refined, marks, marks, **masks)
+  assert (labels != without).any()  # on this noise image the contrast step takes regions: it ran
   assert (labels[marks >= 0] == marks[marks >= 0]).all()
   paper = sj.add_marks(sj.start_session(split, image, sj.RefineConfig.paper(max_steps=30)), marks)
   np.testing.assert_array_equal(np.asarray(sj.current_labels(paper)), np.asarray(paper.rounds[-1].result.labels))
 
 
 @pytest.mark.slow
-def test_a_session_and_the_harness_hand_their_appended_classes_to_the_merge(monkeypatch):
+def test_a_session_and_the_harness_hand_their_appended_classes_and_the_image_to_the_merge(monkeypatch):
   import scribblejax.research.baselines as bl
   import scribblejax.session as session_module
 
   seen = []
   for module in (session_module, bl):
     merge = module.merge_round
-    monkeypatch.setattr(module, "merge_round", lambda *a, _m=merge: seen.append(a[7]) or _m(*a))
+    record = lambda *a, _m=merge, **k: seen.append((a[7], k["image"].shape)) or _m(*a, **k)
+    monkeypatch.setattr(module, "merge_round", record)
   model = _tiny()
   image = np.random.default_rng(0).random((16, 16, 1)).astype(np.float32)
   marks = np.full((16, 16), -1, np.int32)
@@ -191,7 +195,7 @@ def test_a_session_and_the_harness_hand_their_appended_classes_to_the_merge(monk
   sj.add_marks(sj.start_session(split, image, config, new_classes=(1,)), marks)
   method = bl.refine_method(model, 2, config, new_classes=(1,))
   method.update(method.init(image), marks)
-  assert seen == [(1,), (1,)]
+  assert seen == [((1,), (16, 16, 1)), ((1,), (16, 16, 1))]
 
 
 def test_the_report_names_why_marks_are_not_honoured():
@@ -290,3 +294,68 @@ def test_differences_lists_the_regions_largest_first_each_with_a_point_that_take
     differences(shown, other[:5])
   with pytest.raises(ValueError, match="a count"):
     differences(shown, other, -1)
+
+
+def _edge_image():
+  """Dark columns 0..9, bright 10..19; the segmentation shown puts the edge at 12, the other at 10."""
+  image = np.zeros((20, 20, 1))
+  image[:, 10:] = 1.0
+  shown = np.zeros((20, 20), np.int32)
+  shown[:, 12:] = 1
+  other = np.zeros((20, 20), np.int32)
+  other[:, 10:] = 1
+  return image, shown, other
+
+
+def test_resembling_takes_a_region_that_looks_like_its_neighbours_of_the_other_class():
+  image, shown, other = _edge_image()
+  taken = resembling(image, shown, other, 0.2)
+  np.testing.assert_array_equal(taken, shown != other)  # columns 10, 11 are bright: class 1's look
+  np.testing.assert_array_equal(resembling(image[..., 0], shown, other, 0.2), taken)  # one channel, no axis
+  assert not resembling(image, shown, other, 1.0).any()  # the score is at most 1
+  wrong = other.copy()
+  wrong[:, 8:] = 1  # columns 8..11: half dark, half bright, halfway between the two looks (score 0)
+  assert not resembling(image, shown, wrong, 0.2).any()
+  assert resembling(image, shown, wrong, -0.1).sum() == 80
+  into_dark = other.copy()
+  into_dark[:, 6:] = 1  # the edge moved into the dark: columns 6..9 look like class 0 (score -1)
+  assert not resembling(image, other, into_dark, -0.9).any()
+  assert not resembling(image, other, into_dark, -1.0).any()  # -1 is not above -1
+  # two channels: the Euclidean distance over both
+  two = np.concatenate([image, 1 - image], axis=-1)
+  np.testing.assert_array_equal(resembling(two, shown, other, 0.2), taken)
+
+
+def test_resembling_judges_only_regions_with_neighbours_of_both_classes():
+  image, shown, other = _edge_image()
+  alone = np.ones((20, 20), np.int32)  # every pixel class 1 in the other: no neighbour is left to read
+  assert not resembling(image, shown, alone, -1.0).any()
+  with pytest.raises(ValueError, match="label maps of its spatial shape"):
+    resembling(image[:, :5], shown, other, 0.2)
+  with pytest.raises(ValueError, match="at least 1"):
+    resembling(image, shown, other, 0.2, ring=0)
+
+
+def test_the_merge_takes_resembling_regions_but_not_protected_nor_marked_pixels():
+  image, shown, other = _edge_image()
+  no_marks = np.full((20, 20), -1, np.int32)
+  merged = progressive_merge(shown, other, no_marks, image=image, contrast=0.2)
+  np.testing.assert_array_equal(merged, other)  # the change touches no mark; the image alone takes it
+  np.testing.assert_array_equal(progressive_merge(shown, other, no_marks), shown)  # without the image: kept
+  np.testing.assert_array_equal(progressive_merge(shown, other, no_marks, image=image, contrast=1.0), shown)
+  protected = np.zeros((20, 20), bool)
+  protected[:10] = True
+  marks = no_marks.copy()
+  marks[15, 10] = 0
+  merged = progressive_merge(shown, other, marks, marks, protected=protected, image=image, contrast=0.2)
+  assert (merged[:10] == shown[:10]).all()  # the network was sure there
+  assert merged[15, 10] == 0  # marked
+  assert (merged[10:15, 10:12] == 1).all() and (merged[16:, 10:12] == 1).all()
+
+
+def test_merge_contrast_is_a_score_in_minus_one_to_one():
+  assert sj.RefineConfig().merge_contrast == 0.1
+  assert sj.RefineConfig(merge_contrast=-1).merge_contrast == -1
+  for bad in (1.5, -2, float("nan"), "0.2", True):
+    with pytest.raises(ValueError, match="merge_contrast is a score in"):
+      sj.RefineConfig(merge_contrast=bad)

@@ -218,7 +218,7 @@ def test_cli_single_case_task_and_files(tiny_model, tmp_path, capsys, monkeypatc
   import scribblejax.research.baselines as bl
 
   merge = bl.merge_round
-  monkeypatch.setattr(bl, "merge_round", lambda *a: merged_with.append(a[7]) or merge(*a))
+  monkeypatch.setattr(bl, "merge_round", lambda *a, **k: merged_with.append(a[7]) or merge(*a, **k))
   task = ["evaluate", "--task", "nuclei2d", "--model", str(folder), "--crop", "32", "--interactions", "1"]
   assert main([*task, "--steps", "3", "--layers", "2", "--add-classes", "1", "--out", str(tmp_path / "t")]) == 0
   assert merged_with == [(2,), (2,)]  # the built-in task's harness too
