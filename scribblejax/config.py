@@ -158,13 +158,13 @@ class RefineConfig:
       network is that sure of is a correction it learnt from the marks and applies elsewhere (the
       network's error was systematic); a change it is unsure of is drift. ``merge_protect`` keeps such
       a change off the pixels the network was sure of.
-    merge_contrast: with ``progressive_merge``, after the thresholds above, each connected region
-      where the round's segmentation and the refined network's own labels still differ takes the
-      refined labels when its mean intensity is nearer its neighbours of the refined class than its
-      neighbours of the class it has: the score of :func:`scribblejax.refinement.merge.contrast_scores`,
-      in ``[-1, 1]``, above this (1: never). The thresholds cannot tell a right change away from the
-      marks from drift; the image often can, where intensity tells the classes apart. Not on the
-      pixels ``merge_protect`` keeps, nor the marked ones; not for a region-based network.
+    merge_contrast: with ``progressive_merge``, after the thresholds above, each connected region where the round's
+      segmentation and the refined network's own labels still differ takes the refined labels when its mean intensity
+      (in the image as the network reads it: a session's image, or the command line's after the model's normalisation)
+      is nearer its neighbours of the refined class than its neighbours of the class it has: the score of
+      :func:`scribblejax.refinement.merge.contrast_scores`, in ``[-1, 1]``, above this (1: never). The thresholds
+      cannot tell a right change away from the marks from drift; the image often can, where intensity tells the
+      classes apart. Not on the pixels ``merge_protect`` keeps, nor the marked ones; not for a region-based network.
     merge_protect: with ``progressive_merge``, a pixel the network (W) gave its label at least this
       probability keeps its label unless it is marked, or the change is into or out of a class appended
       to its head (``start_session(new_classes=...)``, ``--new-class``), which W never learnt (1: none is

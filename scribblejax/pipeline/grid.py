@@ -128,10 +128,11 @@ def masks_on_image(
 
 def image_on_image_grid(fitted: Fitted) -> np.ndarray:
   """The image as the model reads it (channels adapted, normalised), brought back to the image's grid
-  and axes as the labels are: ``float32[*image_spatial, C]``, zero outside the crop. What the merge reads
-  its intensities from (``RefineConfig.merge_contrast``)."""
+  and axes as the labels are: ``float32[*image_spatial, C]``, NaN outside the crop (the model never read
+  those pixels, and the merge reads no neighbour there). What the merge reads its intensities from
+  (``RefineConfig.merge_contrast``)."""
   image = _scores_on_image_grid(fitted.image, fitted)
-  return np.stack([_image_layout(image[..., c], fitted, fill=0) for c in range(image.shape[-1])], axis=-1)
+  return np.stack([_image_layout(image[..., c], fitted, fill=np.nan) for c in range(image.shape[-1])], axis=-1)
 
 
 def _scores_on_image_grid(scores: Any, fitted: Fitted) -> np.ndarray:

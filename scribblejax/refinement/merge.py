@@ -23,8 +23,9 @@ wrong). So a round keeps the previous segmentation except
   differ and whose intensity resembles its neighbours of the refined class more than its neighbours
   of the class it has, by a ``contrast`` score (:func:`contrast_scores`): a region drift flipped looks
   like the pixels around it that kept its class, while a systematic error the refinement fixed looks
-  like the pixels of the class it learnt. Neither sureness separated those two kinds of change on
-  every case (``benchmarks/results/correction_cpu/contrast.md``);
+  like the pixels of the class it learnt (how its threshold was chosen:
+  ``benchmarks/results/correction_cpu/contrast.md``; the sureness signals tried before it:
+  ``docs/correction.md``, "Tried for the merge and not adopted");
 
 and never on a ``protected`` pixel (W was sure of it), unless the change is into or out of a class W
 never learnt (one appended to its head, :func:`scribblejax.models.surgery.add_classes`): W's sureness
@@ -69,9 +70,9 @@ def progressive_merge(
       sure, :func:`sure`), except where ``proposed`` or ``previous`` is one of ``new_classes``.
     new_classes: the classes the network W never learnt (appended to its head): a change into or out
       of one is not protected.
-    image: ``float[*spatial, C]``, the image: with it, each region where the result still differs from
-      ``proposed`` takes ``proposed`` when :func:`resembling` scores it above ``contrast`` (``None``:
-      none does).
+    image: ``float[*spatial, C]``, the image as the network reads it: with it, each region where the
+      result still differs from ``proposed`` takes ``proposed`` when :func:`resembling` scores it above
+      ``contrast``, on its pixels that are neither marked nor ``protected`` (``None``: none does).
     contrast: the score in ``[-1, 1]`` a region must pass (1: none does).
 
   Returns:
@@ -135,15 +136,14 @@ def resembling(image: Any, shown: Any, other: Any, at_least: float, ring: int = 
 def contrast_scores(image: Any, shown: Any, other: Any, ring: int = RING) -> tuple[np.ndarray, np.ndarray]:
   """The connected regions where ``shown`` and ``other`` differ, and how much each looks like ``other``'s class.
 
-  For a region, with ``a`` the class most of its pixels have in ``shown`` and ``b`` in ``other``: ``m``
-  is its mean intensity, and ``m_a``, ``m_b`` the mean intensities of its neighbours (the pixels within
-  ``ring`` pixels of it along every axis that lie in no region of difference) that ``shown`` labels
-  ``a`` and ``b``. Its score is ``(|m - m_a| - |m - m_b|) / |m_a - m_b|`` (Euclidean over channels),
-  which lies in ``[-1, 1]``: 1 where the region looks exactly like its neighbours of class ``b``, -1 like
-  those of class ``a``, 0 halfway. A region drift flipped looks like the pixels around it that kept its
-  class; a systematic error the refinement fixed looks like the pixels of the class it learnt. A region
-  with fewer than :data:`LEAST_NEIGHBOURS` neighbours of either class, whose two classes are one, or
-  whose two neighbourhoods look the same, is not judged.
+  For a region, with ``a`` the class most of its pixels have in ``shown`` and ``b`` in ``other``: ``m`` is its mean
+  intensity, and ``m_a``, ``m_b`` the mean intensities of its neighbours (the pixels within ``ring`` pixels of it
+  along every axis that lie in no region of difference and whose intensity is finite) that ``shown`` labels ``a`` and
+  ``b``. Its score is ``(|m - m_a| - |m - m_b|) / |m_a - m_b|`` (Euclidean over channels), which lies in ``[-1, 1]``:
+  1 where the region looks exactly like its neighbours of class ``b``, -1 like those of class ``a``, 0 halfway. A
+  region drift flipped looks like the pixels around it that kept its class; a systematic error the refinement fixed
+  looks like the pixels of the class it learnt. A region with fewer than :data:`LEAST_NEIGHBOURS` neighbours of either
+  class, whose two classes are one, or whose two neighbourhoods look the same, is not judged.
 
   Args:
     image: ``float[*spatial, C]`` (or ``float[*spatial]``, one channel).
@@ -179,7 +179,7 @@ def _score(image, shown, other, regions, index: int, box: tuple[slice, ...], rin
   crop = tuple(slice(max(s.start - ring, 0), s.stop + ring) for s in box)
   labels, pixels = regions[crop], image[crop]
   inside = labels == index
-  around = ndimage.maximum_filter(inside, size=2 * ring + 1) & (labels == 0)
+  around = ndimage.maximum_filter(inside, size=2 * ring + 1) & (labels == 0) & np.isfinite(pixels).all(axis=-1)
   a = np.bincount(shown[crop][inside]).argmax()
   b = np.bincount(other[crop][inside]).argmax()
   near_a, near_b = around & (shown[crop] == a), around & (shown[crop] == b)

@@ -107,10 +107,23 @@ def test_refinesettings_is_generated_from_the_table():
 
 
 def test_resolve_forwards_every_config_setting():
-  given = {"driver": "host", "check_every": 4, "class_balance": True, "compute_dtype": "bfloat16", "remat": True}
+  given = {
+    "driver": "host",
+    "check_every": 4,
+    "class_balance": True,
+    "compute_dtype": "bfloat16",
+    "remat": True,
+    "merge_contrast": 0.5,
+  }
   for preset in PRESETS:
     _, config, _ = RefineSettings(preset=preset, conv_backend="xla", **given).resolve({})
     assert {name: getattr(config, name) for name in given} == given and config.conv_backend == "xla", preset
+
+
+def test_merge_contrast_flag_reaches_the_config():
+  args = build_parser().parse_args(["refine", "--merge-contrast", "0.5"])
+  assert args.merge_contrast == 0.5
+  assert build_parser().parse_args(["refine"]).merge_contrast == RefineConfig().merge_contrast
 
 
 @pytest.mark.parametrize("command", ["refine", "evaluate", "view", "demo"])

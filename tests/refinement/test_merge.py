@@ -345,12 +345,15 @@ def test_the_merge_takes_resembling_regions_but_not_protected_nor_marked_pixels(
   np.testing.assert_array_equal(progressive_merge(shown, other, no_marks, image=image, contrast=1.0), shown)
   protected = np.zeros((20, 20), bool)
   protected[:10] = True
-  marks = no_marks.copy()
-  marks[15, 10] = 0
-  merged = progressive_merge(shown, other, marks, marks, protected=protected, image=image, contrast=0.2)
+  earlier = no_marks.copy()
+  earlier[15, 10] = 0  # an earlier round's mark: not new, so the region is no near take of this round
+  merged = progressive_merge(shown, other, no_marks, earlier, protected=protected, image=image, contrast=0.2)
   assert (merged[:10] == shown[:10]).all()  # the network was sure there
   assert merged[15, 10] == 0  # marked
-  assert (merged[10:15, 10:12] == 1).all() and (merged[16:, 10:12] == 1).all()
+  assert (merged[10:15, 10:12] == 1).all() and (merged[16:, 10:12] == 1).all()  # taken by the contrast step
+  np.testing.assert_array_equal(
+    progressive_merge(shown, other, no_marks, earlier, protected=protected)[10:], shown[10:]
+  )
 
 
 def test_merge_contrast_is_a_score_in_minus_one_to_one():
@@ -359,3 +362,18 @@ def test_merge_contrast_is_a_score_in_minus_one_to_one():
   for bad in (1.5, -2, float("nan"), "0.2", True):
     with pytest.raises(ValueError, match="merge_contrast is a score in"):
       sj.RefineConfig(merge_contrast=bad)
+
+
+def test_resembling_works_in_3d_and_reads_no_neighbour_without_an_intensity():
+  image, shown, other = _edge_image()
+  volume = np.repeat(image[None], 3, axis=0)  # three equal slices
+  taken = resembling(volume, np.repeat(shown[None], 3, axis=0), np.repeat(other[None], 3, axis=0), 0.2)
+  np.testing.assert_array_equal(taken, np.repeat((shown != other)[None], 3, axis=0))
+  flat = np.zeros_like(image)  # both neighbourhoods look the same: not judged
+  assert not resembling(flat, shown, other, -1.0).any()
+  unread = image.copy()
+  unread[:, 12:] = np.nan  # the class-1 neighbours have no intensity (outside a crop): not judged
+  assert not resembling(unread, shown, other, -1.0).any()
+  unread[:, 14:] = np.nan
+  unread[:, 12:14] = 1.0  # two columns of class-1 neighbours are left: judged on them alone
+  np.testing.assert_array_equal(resembling(unread, shown, other, 0.2), taken[0])
