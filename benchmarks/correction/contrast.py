@@ -23,17 +23,17 @@ import json
 import sys
 from pathlib import Path
 
-import jax
 import numpy as np
 from scipy import ndimage
 
 from benchmarks.correction.__main__ import OURS, environment, make_method, squeezed
 from benchmarks.correction.cases import CASES, BenchCase
-from benchmarks.correction.explore import _wrap, pairs_of
+from benchmarks.correction.explore import BASE, _wrap, pairs_of
 from scribblejax import RefineConfig
-from scribblejax.refinement.merge import contrast_scores
+from scribblejax.refinement.merge import contrast_scores, kept_by_protection, merge_masks
 from scribblejax.research import evaluate as ev
 
+BEFORE = dataclasses.replace(RefineConfig(), **BASE)  # the defaults before the contrast step
 THRESHOLDS = (-1.0, -0.2, 0.0, 0.1, 0.2, 0.3, 0.4, 0.6, 0.8)  # -1: every judged region
 
 
@@ -57,18 +57,17 @@ def net_gains(scores: np.ndarray, gains: np.ndarray, thresholds=THRESHOLDS) -> d
 
 
 def recording(method, bench: BenchCase, truth: np.ndarray, rounds: list):
-  """``method`` (the defaults before the contrast step) that appends each round's :func:`net_gains`."""
-  config = RefineConfig()
-  new_classes = bench.new_classes
+  """``method`` (the defaults before the contrast step) that appends each round's :func:`net_gains`; the
+  pixels left out are those the merge's contrast step may not change (marked, or kept by the protection
+  as :func:`scribblejax.refinement.merge.kept_by_protection` keeps them)."""
 
   def update(inner, marks):
     inner = method.update(inner, marks)
     if inner.sureness is None:
       return inner, ()
     merged, own = np.asarray(inner.labels), np.asarray(inner.proposed)
-    sure = np.asarray(jax.nn.softmax(np.asarray(inner.initial, np.float32), axis=-1)).max(axis=-1)
-    appended = np.isin(own, new_classes) | np.isin(merged, new_classes)
-    kept = ((sure >= config.merge_protect) & ~appended) | (np.asarray(marks) >= 0)
+    _, _, protected = merge_masks(None, np.asarray(inner.initial, np.float32), BEFORE)
+    kept = kept_by_protection(protected, merged, own, bench.new_classes) | (np.asarray(marks) >= 0)
     scores, gains = region_gains(np.asarray(inner.image), merged, own, kept, truth)
     rounds.append({"regions": int(len(scores)), "judged": int(np.isfinite(scores).sum()), **net_gains(scores, gains)})
     return inner, ()
@@ -78,10 +77,9 @@ def recording(method, bench: BenchCase, truth: np.ndarray, rounds: list):
 
 def run(bench: BenchCase, case: str, user: str) -> dict:
   """One run of five interactions; each round's regions of difference scored and counted."""
-  before = dataclasses.replace(RefineConfig(), merge_contrast=1.0)
   truth = np.squeeze(bench.case.truth, axis=bench.squeeze) if bench.squeeze else bench.case.truth
   rounds: list[dict] = []
-  method = recording(make_method(OURS, bench.model, config=before, new_classes=bench.new_classes), bench, truth, rounds)
+  method = recording(make_method(OURS, bench.model, config=BEFORE, new_classes=bench.new_classes), bench, truth, rounds)
   config = ev.EvalConfig(interactions=5, mark_kind=user, ignore_border=bench.ignore_border)
   ev.run_case(bench.case, squeezed(method, bench.squeeze), config)
   totals = {f"{t:g}": sum(r[f"{t:g}"] for r in rounds) for t in THRESHOLDS}

@@ -96,13 +96,20 @@ def progressive_merge(
     taken |= _mask("free", free, previous.shape)
   kept = np.zeros(previous.shape, bool)
   if protected is not None:
-    appended = np.isin(proposed, new_classes) | np.isin(previous, new_classes)  # W knew nothing of these
-    kept = _mask("protected", protected, previous.shape) & ~appended
+    kept = kept_by_protection(_mask("protected", protected, previous.shape), previous, proposed, new_classes)
   merged = np.where(marks >= 0, marks, np.where(taken & ~kept, proposed, previous))
   if image is not None and contrast < 1:
     alike = resembling(image, merged, proposed, contrast)
     merged = np.where(alike & ~kept & (marks < 0), proposed, merged)
   return merged.astype(np.int32)
+
+
+def kept_by_protection(protected: Any, previous: Any, proposed: Any, new_classes: tuple[int, ...] = ()) -> np.ndarray:
+  """The ``protected`` pixels (the network W was sure of them) that a round may not change: all but those
+  whose change is into or out of one of ``new_classes``, which W never learnt (its sureness says nothing
+  against them)."""
+  appended = np.isin(proposed, new_classes) | np.isin(previous, new_classes)
+  return np.asarray(protected, bool) & ~appended
 
 
 RING = 4  # pixels: how far around a region of difference :func:`resembling` reads its neighbours

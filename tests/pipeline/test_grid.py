@@ -21,12 +21,17 @@ def _image(array, family="tiff"):
   return Image(array, geometry, "img.tif")
 
 
-def test_marks_go_to_the_models_grid_and_back_through_order_crop_squeeze_and_padding():
-  rng = np.random.default_rng(0)
-  array = np.zeros((1, 12, 10, 1), np.float32)
-  array[0, 2:9, 3:8] = rng.uniform(1, 2, (7, 5, 1))  # non-zero box [2:9, 3:8]
+def _cropped(seed, channels=1):
+  """A 1x12x10 image, non-zero in the box [2:9, 3:8], fitted to a 2-D model that crops to the non-zero
+  region and reads the raster axes swapped: ``(array, fitted)``."""
+  array = np.zeros((1, 12, 10, channels), np.float32)
+  array[0, 2:9, 3:8] = np.random.default_rng(seed).uniform(1, 2, (7, 5, channels))
   metadata = {"crop_to_nonzero": True, "input_axis_order": {"raster": [0, 2, 1]}}
-  fitted = fit_image(_image(array), InputSpec(2, 1, 2), {"kind": "none"}, metadata, crop=True)
+  return array, fit_image(_image(array), InputSpec(2, channels, 2), {"kind": "none"}, metadata, crop=True)
+
+
+def test_marks_go_to_the_models_grid_and_back_through_order_crop_squeeze_and_padding():
+  _, fitted = _cropped(0)
   assert fitted.order == (0, 2, 1) and fitted.squeezed == (0,) and fitted.image.shape == (5, 7, 1)
   fitted = fitted._replace(image=np.pad(fitted.image, ((1, 2), (0, 1), (0, 0))), pad=((1, 2), (0, 1)))
   marks = np.full((1, 12, 10), -1, np.int32)
@@ -41,11 +46,7 @@ def test_marks_go_to_the_models_grid_and_back_through_order_crop_squeeze_and_pad
 
 
 def test_sure_and_unsure_pixels_land_where_the_labels_do_and_a_region_network_has_none():
-  rng = np.random.default_rng(1)
-  array = np.zeros((1, 12, 10, 1), np.float32)
-  array[0, 2:9, 3:8] = rng.uniform(1, 2, (7, 5, 1))
-  metadata = {"crop_to_nonzero": True, "input_axis_order": {"raster": [0, 2, 1]}}
-  fitted = fit_image(_image(array), InputSpec(2, 1, 2), {"kind": "none"}, metadata, crop=True)
+  _, fitted = _cropped(1)
   # model-layout logits (5 x 7): class 1 very sure on one voxel, unsure on another, class 0 sure elsewhere
   logits = np.zeros((5, 7, 2), np.float32)
   logits[..., 0] = 8.0
@@ -74,11 +75,7 @@ def test_sure_and_unsure_pixels_land_where_the_labels_do_and_a_region_network_ha
 
 
 def test_the_image_comes_back_to_its_own_grid_as_the_labels_do():
-  rng = np.random.default_rng(2)
-  array = np.zeros((1, 12, 10, 2), np.float32)
-  array[0, 2:9, 3:8] = rng.uniform(1, 2, (7, 5, 2))
-  metadata = {"crop_to_nonzero": True, "input_axis_order": {"raster": [0, 2, 1]}}
-  fitted = fit_image(_image(array), InputSpec(2, 2, 2), {"kind": "none"}, metadata, crop=True)
+  array, fitted = _cropped(2, channels=2)
   fitted = fitted._replace(image=np.pad(fitted.image, ((1, 2), (0, 1), (0, 0))), pad=((1, 2), (0, 1)))
   back = image_on_image_grid(fitted)
   assert back.shape == array.shape
