@@ -45,6 +45,8 @@ class Round(NamedTuple):
   taken: str = "merged"  # what the round shows: its merge, labels ("merged"), result.labels ("network"), or
   # the merge with the refined network's own labels in some regions ("mixed", shown; see take)
   shown: Any = None  # int32[*spatial]: the segmentation shown when taken is "mixed" (else None); read-only
+  reasons: Any = None  # uint8[*spatial]: why each pixel of labels has its label, an index into
+  # scribblejax.refinement.merge.REASONS (None: no merge); read-only
 
 
 class Session(NamedTuple):
@@ -167,7 +169,7 @@ def add_marks(session: Session, new_marks: Any, config: RefineConfig | None = No
   if trunk is not None and trunk_mismatch(trunk, session.split, config) is not None:
     trunk = None  # a round whose config computes differently computes its own trunk
   result = refine(session.split, session.image, marks, config, start=start, trunk=trunk)
-  labels = None
+  labels = reasons = None
   if config.progressive_merge:
     new = new_marks_of(marks, current_marks(session) if session.rounds else None)
     scores = (None, None) if _regions(session.split) else (result.logits, session.initial_logits)
@@ -175,8 +177,8 @@ def add_marks(session: Session, new_marks: Any, config: RefineConfig | None = No
     merged = merge_round(
       previous, np.asarray(result.labels), new, marks, config, *scores, session.new_classes, image=session.image
     )
-    labels = _frozen(merged)
-  round_ = Round(marks, result, labels, "merged" if labels is not None else "network")
+    labels, reasons = _frozen(merged.labels), _frozen(merged.reasons)
+  round_ = Round(marks, result, labels, "merged" if labels is not None else "network", reasons=reasons)
   return session._replace(rounds=session.rounds + (round_,))
 
 

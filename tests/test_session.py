@@ -9,7 +9,7 @@ from flax import nnx
 from scipy import ndimage
 
 import scribblejax as sj
-from scribblejax.refinement.merge import merge_round, new_marks_of
+from scribblejax.refinement.merge import REASONS, merge_round, new_marks_of
 
 CFG = sj.RefineConfig.paper(max_steps=80, learning_rate=0.05, momentum=0.9, prox_weight=0.01)
 
@@ -105,6 +105,9 @@ def test_take_shows_the_refined_networks_labels_and_the_next_round_merges_into_t
   session = sj.add_marks(sj.start_session(split, image, merging), first)
   merged, own = np.asarray(sj.current_labels(session)), np.asarray(session.rounds[-1].result.labels)
   assert (merged != own).any() and session.rounds[-1].taken == "merged"
+  reasons, initial = session.rounds[-1].reasons, np.asarray(sj.current_labels(sj.start_session(split, image, merging)))
+  assert (reasons[first >= 0] == REASONS.index("mark")).all()
+  assert (reasons[merged != initial] != REASONS.index("kept")).all()  # every change has its reason
   taken = sj.session.take(session, "network")
   np.testing.assert_array_equal(np.asarray(sj.current_labels(taken)), own)
   np.testing.assert_array_equal(np.asarray(sj.current_labels(sj.session.take(taken, "merged"))), merged)
@@ -113,7 +116,7 @@ def test_take_shows_the_refined_networks_labels_and_the_next_round_merges_into_t
   nomerge = sj.add_marks(
     sj.start_session(split, image, merging), first, dataclasses.replace(merging, progressive_merge=False)
   )
-  assert nomerge.rounds[-1].taken == "network"
+  assert nomerge.rounds[-1].taken == "network" and nomerge.rounds[-1].reasons is None
   after = np.asarray(sj.current_labels(sj.add_marks(taken, second)))
   np.testing.assert_array_equal(after, np.asarray(sj.current_labels(sj.add_marks(nomerge, second))))
   assert (after != np.asarray(sj.current_labels(sj.add_marks(session, second)))).any()
@@ -196,7 +199,7 @@ def test_take_where_mixes_the_two_segmentations_region_by_region():
       after.rounds[-1].result.logits,
       session.initial_logits,
       image=image,
-    ),
+    ).labels,
   )
   with pytest.raises(ValueError, match="touch no region"):
     sj.session.take(session, "network", where=(merged == own) & (regions == 0))

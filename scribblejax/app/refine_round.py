@@ -31,6 +31,7 @@ from scribblejax import marks as marks_lib
 from scribblejax.app.models import Log, load_network, model_ref, read_info, silent
 from scribblejax.app.report import (
   COMPILE_NOTE,
+  changed_line,
   check_outputs,
   class_counts,
   companion_paths,
@@ -70,7 +71,7 @@ from scribblejax.pipeline.preprocess import Fitted, network_input, span_text
 from scribblejax.pipeline.round import honoured_fraction, refine_on_model_grid, round_config, round_labels
 from scribblejax.pipeline.spec import InferenceOptions, spec_from_info
 from scribblejax.refinement import num_classes_of, resolve_driver
-from scribblejax.refinement.merge import differences
+from scribblejax.refinement.merge import Merged, changed_by, differences
 
 # refine segments the image with W and with the refined weights in one pass over the patches when their
 # two float32 logits volumes take at most this many bytes (else one pass after the other)
@@ -168,6 +169,7 @@ class Segmented(NamedTuple):
   honoured: float  # of marked pixels, in the segmentation
   network_honoured: float  # of marked pixels, in the refined network's labels
   network_labels: np.ndarray  # int32[*image_spatial]: the refined network's own labels
+  changed_by: dict[str, int] | None = None  # with the merge: the pixels it changed, per reason (merge.changed_by)
 
 
 def run_refine(
@@ -805,7 +807,7 @@ def segment(request: Request, prepared: Prepared, marks: RoundMarks, refined: Re
   if config.progressive_merge and refined.sure_image is None and refined.initial is not None and not regions:
     log("note: this session was started before its network's sure pixels were stored; the merge protects none")
   # with the merge, what this round added: a marks file that holds earlier rounds' marks too does not make them new
-  labels, network_labels = round_labels(
+  labels, network_labels, reasons = round_labels(
     refined.logits,
     prepared.fitted,
     config,
@@ -837,7 +839,10 @@ def segment(request: Request, prepared: Prepared, marks: RoundMarks, refined: Re
       "note: the loop honoured every mark on the model's grid, but the segmentation brought back to the "
       "image's grid misses some marked pixels (they lie between the model's voxels)"
     )
-  return Segmented(labels, honoured, network_honoured, np.asarray(network_labels, np.int32))
+  changed = None if reasons is None else changed_by(Merged(labels, reasons), previous_labels)
+  if changed is not None and sum(changed.values()):
+    log(changed_line(changed))
+  return Segmented(labels, honoured, network_honoured, np.asarray(network_labels, np.int32), changed)
 
 
 def round_report(
@@ -868,6 +873,7 @@ def round_report(
     "marks_honoured": segmented.honoured,
     "network_marks_honoured": segmented.network_honoured,
     "changed_pixels": int((segmented.labels != refined.before_image).sum()),
+    **({"changed_this_round": segmented.changed_by} if segmented.changed_by is not None else {}),
     "network_differs": int((segmented.labels != segmented.network_labels).sum()),
     "differences_with": "network",
     "differences": differences_report(

@@ -176,3 +176,17 @@ def round_line(
     why = f"the step budget ({max_steps}) ran out after {steps} steps"
   shown = "; the segmentation honours every mark" if honoured == 1.0 else f"; the segmentation honours {honoured:.1%}"
   return f"the network honours {network_honoured:.1%} of marked pixels ({per_class}): {why}{shown}"
+
+
+CHANGED_BY = {  # merge.REASONS as a round's closing lines name them
+  "mark": "marked",
+  "new_marks": "in regions of change at a new mark",
+  "sure": "where the refined network is sure",
+  "image": "where the image resembles the new class",
+}
+
+
+def changed_line(changed: dict[str, int]) -> str:
+  """The line that says what a round's merge changed, per reason (:func:`scribblejax.refinement.merge.changed_by`)."""
+  parts = ", ".join(f"{n} {CHANGED_BY[reason]}" for reason, n in changed.items() if n)
+  return f"this round changed {sum(changed.values())} pixels: {parts}"

@@ -32,6 +32,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from scribblejax.app import Log, RefineSettings, check_outputs, load_network, model_ref, run_refine, silent, taken_words
+from scribblejax.app.report import changed_line
 from scribblejax.app.settings import with_new_classes
 from scribblejax.io import session_store
 from scribblejax.io.images import OUTPUTS, SUFFIXES, Image, image_digest, read_image, suffix_of, write_label_map
@@ -508,8 +509,10 @@ def summary(report: dict) -> str:
     if report["satisfied"] and report["marks_honoured"] == 1.0
     else (f"{report['marks_honoured']:.1%} of marks honoured")
   )
+  changed = report.get("changed_this_round")
+  why = f"; {changed_line(changed)}" if changed and sum(changed.values()) else ""
   return (
     f"round {report['round']}: {report['steps']} steps (of {report['max_steps']}), {state}, "
     f"satisfied={report['satisfied']}, {report['seconds']:.2f}s ({report['compile_seconds']:.2f}s "
-    f"compiling) on {report['device']}"
+    f"compiling) on {report['device']}{why}"
   )

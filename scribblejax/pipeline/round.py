@@ -24,7 +24,7 @@ from scribblejax.pipeline.network import Loop, refined_logits, same_tree
 from scribblejax.pipeline.preprocess import Fitted
 from scribblejax.pipeline.sliding_window import sliding_window_logits_of
 from scribblejax.refinement import RefineResult, refine
-from scribblejax.refinement.merge import new_marks_of, progressive_merge
+from scribblejax.refinement.merge import merge_with_reasons, new_marks_of
 
 
 class Refinement(NamedTuple):
@@ -109,6 +109,21 @@ def refine_on_model_grid(
   )
 
 
+class RoundLabels(NamedTuple):
+  """What :func:`round_labels` returns, on the image's grid.
+
+  Attributes:
+    labels: ``int32[*image_spatial]``, the round's segmentation.
+    network_labels: ``int32[*image_spatial]``, the refined network's own labels.
+    reasons: ``uint8[*image_spatial]``, why each pixel of ``labels`` has its label, an index into
+      :data:`scribblejax.refinement.merge.REASONS` (``None``: no merge).
+  """
+
+  labels: np.ndarray
+  network_labels: np.ndarray
+  reasons: np.ndarray | None
+
+
 def round_labels(
   logits: np.ndarray,
   fitted: Fitted,
@@ -119,7 +134,7 @@ def round_labels(
   free: np.ndarray | None = None,
   protected: np.ndarray | None = None,
   new_classes: tuple[int, ...] = (),
-) -> tuple[np.ndarray, np.ndarray]:
+) -> RoundLabels:
   """The round's segmentation on the image's grid (with ``config.merge_contrast`` the merge reads the
   image as the model does, brought back to that grid: :func:`image_on_image_grid`).
 
@@ -139,17 +154,18 @@ def round_labels(
       protected (:func:`scribblejax.refinement.merge.progressive_merge`).
 
   Returns:
-    ``(labels, network_labels)``: the segmentation (with the progressive merge, the refined labels in the
-    regions of change that touch this round's new marks where the refined network is sure of them, and
-    wherever it is very sure; every mark honoured), and the refined network's own labels.
+    The segmentation (with the progressive merge, the refined labels in the regions of change that touch
+    this round's new marks where the refined network is sure of them, wherever it is very sure, and where
+    the image says so; every mark honoured), the refined network's own labels, and why each pixel has its
+    label.
   """
   network_labels = labels_from_logits(logits, fitted)
   if not config.progressive_merge:
-    return network_labels, network_labels
+    return RoundLabels(network_labels, network_labels, None)
   new_marks = new_marks_of(marks, previous_marks)
   far, near, _ = masks_on_image(logits, None, fitted, config)
   free = far if free is None else (free if far is None else free | far)
-  merged = progressive_merge(
+  merged = merge_with_reasons(
     previous_labels,
     network_labels,
     new_marks,
@@ -161,4 +177,4 @@ def round_labels(
     image=None if fitted.regions is not None or config.merge_contrast >= 1 else image_on_image_grid(fitted),
     contrast=config.merge_contrast,
   )
-  return merged, network_labels
+  return RoundLabels(merged.labels, network_labels, merged.reasons)

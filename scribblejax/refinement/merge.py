@@ -41,6 +41,19 @@ import jax
 import numpy as np
 from scipy import ndimage
 
+REASONS = ("kept", "mark", "new_marks", "sure", "image")
+"""Why a pixel of a round's merge has its label, by code (:class:`Merged`'s ``reasons``): ``kept`` the previous
+segmentation's; ``mark`` a mark's; ``new_marks`` the refined label in a region of change touching a new mark;
+``sure`` the refined label where the refined network is sure of it (or, with ``free``, where W was unsure);
+``image`` the refined label in a region whose intensity resembles its new class (the contrast step)."""
+
+
+class Merged(NamedTuple):
+  """A round's merge (:func:`merge_with_reasons`)."""
+
+  labels: np.ndarray  # int32[*spatial]
+  reasons: np.ndarray  # uint8[*spatial]: why each pixel has its label, an index into REASONS
+
 
 def progressive_merge(
   previous: Any,
@@ -76,7 +89,43 @@ def progressive_merge(
     contrast: the score in ``[-1, 1]`` a region must pass (1: none does).
 
   Returns:
-    ``int32[*spatial]``.
+    ``int32[*spatial]`` (with why each pixel has its label: :func:`merge_with_reasons`).
+
+  Raises:
+    ValueError: the maps differ in shape.
+  """
+  return merge_with_reasons(
+    previous,
+    proposed,
+    new_marks,
+    marks,
+    free=free,
+    near=near,
+    protected=protected,
+    new_classes=new_classes,
+    image=image,
+    contrast=contrast,
+  ).labels
+
+
+def merge_with_reasons(
+  previous: Any,
+  proposed: Any,
+  new_marks: Any,
+  marks: Any | None = None,
+  *,
+  free: Any | None = None,
+  near: Any | None = None,
+  protected: Any | None = None,
+  new_classes: tuple[int, ...] = (),
+  image: Any | None = None,
+  contrast: float = 1.0,
+) -> Merged:
+  """:func:`progressive_merge`, with why each pixel has its label (:data:`REASONS`): what a round's report
+  counts, so that a person sees how much of a change their new marks asked for and how much the refined
+  network's sureness or the image brought. Arguments as :func:`progressive_merge`'s.
+
+  A pixel in a region of change touching a new mark is ``new_marks`` even where it is ``free`` too.
 
   Raises:
     ValueError: the maps differ in shape.
@@ -89,19 +138,29 @@ def progressive_merge(
   changed = proposed != previous
   regions, _ = ndimage.label(changed)
   asked = np.unique(regions[(new_marks >= 0) & changed])
-  taken = np.isin(regions, asked[asked > 0])
+  touching = np.isin(regions, asked[asked > 0])
   if near is not None:
-    taken &= _mask("near", near, previous.shape)
-  if free is not None:
-    taken |= _mask("free", free, previous.shape)
+    touching &= _mask("near", near, previous.shape)
+  free = np.zeros(previous.shape, bool) if free is None else _mask("free", free, previous.shape)
   kept = np.zeros(previous.shape, bool)
   if protected is not None:
     kept = kept_by_protection(_mask("protected", protected, previous.shape), previous, proposed, new_classes)
-  merged = np.where(marks >= 0, marks, np.where(taken & ~kept, proposed, previous))
+  codes = [REASONS.index(reason) for reason in ("mark", "new_marks", "sure")]
+  reasons = np.select([marks >= 0, touching & ~kept, free & ~kept], codes, 0).astype(np.uint8)
+  merged = np.where(marks >= 0, marks, np.where(reasons > 0, proposed, previous))
   if image is not None and contrast < 1:
-    alike = resembling(image, merged, proposed, contrast)
-    merged = np.where(alike & ~kept & (marks < 0), proposed, merged)
-  return merged.astype(np.int32)
+    alike = resembling(image, merged, proposed, contrast) & ~kept & (marks < 0)
+    merged = np.where(alike, proposed, merged)
+    reasons = np.where(alike, np.uint8(REASONS.index("image")), reasons)
+  return Merged(merged.astype(np.int32), reasons)
+
+
+def changed_by(merged: Merged, previous: Any) -> dict[str, int]:
+  """The pixels whose label a round's merge changed from ``previous``, per reason (:data:`REASONS` but
+  ``kept``, which changes none)."""
+  changed = merged.labels != np.asarray(previous)
+  counts = np.bincount(merged.reasons[changed], minlength=len(REASONS))
+  return {reason: int(n) for reason, n in zip(REASONS[1:], counts[1:], strict=True)}
 
 
 def kept_by_protection(protected: Any, previous: Any, proposed: Any, new_classes: tuple[int, ...] = ()) -> np.ndarray:
@@ -256,10 +315,10 @@ def merge_round(
   initial_logits: Any | None,
   new_classes: tuple[int, ...] = (),
   image: Any | None = None,
-) -> np.ndarray:
-  """A round's labels on the grid the network ran on: :func:`merge_masks` with ``config``'s thresholds,
-  then :func:`progressive_merge` (as a session and the harness run it; the pipeline brings the masks to
-  the image's grid first, :func:`scribblejax.pipeline.round.round_labels`).
+) -> Merged:
+  """A round's labels on the grid the network ran on, with why each pixel has its label: :func:`merge_masks`
+  with ``config``'s thresholds, then :func:`merge_with_reasons` (as a session and the harness run it; the
+  pipeline brings the masks to the image's grid first, :func:`scribblejax.pipeline.round.round_labels`).
 
   Args:
     previous, proposed, new_marks, marks: as :func:`progressive_merge`'s.
@@ -273,7 +332,7 @@ def merge_round(
       network: no region is taken by it).
   """
   free, near, protected = merge_masks(refined_output, initial_logits, config)
-  return progressive_merge(
+  return merge_with_reasons(
     previous,
     proposed,
     new_marks,

@@ -266,7 +266,7 @@ def refine_method(
     if config.progressive_merge:
       scores = (None, None) if state.initial is None else (result.logits, state.initial)
       new = new_marks_of(marks, state.marks)
-      labels = merge_round(state.labels, labels, new, marks, config, *scores, new_classes, image=state.image)
+      labels = merge_round(state.labels, labels, new, marks, config, *scores, new_classes, image=state.image).labels
     sureness = None if state.initial is None else np.asarray(jax.nn.softmax(result.logits, axis=-1).max(axis=-1))
     return state._replace(
       labels=labels,

@@ -294,9 +294,9 @@ def pipeline_refine_method(
         split, fitted, loop, config, pipe.inference.step, start=start, trunk=trunk
       )
     tunable = same_tree(split.tunable, result.tunable)
-    labels, _ = round_labels(
+    labels = round_labels(
       logits, fitted, config, state.labels, marks, previous_marks, state.free, state.protected, new_classes
-    )
+    ).labels
     return state._replace(
       labels=labels,
       num_steps=int(result.num_steps),

@@ -657,6 +657,9 @@ def test_take_shows_the_refined_networks_own_labels_and_the_session_goes_on_from
   assert main(argv) == 0
   own = tifffile.imread(tmp_path / "own.tif")
   assert merged[r1, c1] == 1 and own[r1, c1] == 0 and differs == int((merged != own).sum()) > 0
+  # a first round changes the network's segmentation: every changed pixel counted once, by why it changed
+  changed = first_report["changed_this_round"]
+  assert sum(changed.values()) == first_report["changed_pixels"] and changed["mark"] >= 1
   capsys.readouterr()
   # the round's report lists the largest regions where the two differ, each with a point inside it
   regions, count = ndimage.label(merged != own)

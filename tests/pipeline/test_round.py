@@ -6,6 +6,7 @@ from scribblejax.config import RefineConfig
 from scribblejax.io.images import Geometry, Image
 from scribblejax.pipeline import InputSpec, fit_image
 from scribblejax.pipeline.round import round_labels
+from scribblejax.refinement.merge import REASONS, Merged, changed_by
 
 
 def _fitted(shape, array=None):
@@ -30,27 +31,30 @@ def test_a_round_takes_the_sure_part_near_a_new_mark_and_very_sure_changes_anywh
   previous = np.zeros((1, 12), np.int32)
   marks = np.full((1, 12), -1, np.int32)
   marks[0, 0] = 1
-  labels, network = round_labels(_logits(p), fitted, RefineConfig(), previous, marks, None)
+  labels, network, reasons = round_labels(_logits(p), fitted, RefineConfig(), previous, marks, None)
   assert (network == (p > 0.5)).all()
   np.testing.assert_array_equal(labels[0], [1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 1, 0])  # the far sure one too
+  why = [REASONS[r] for r in reasons[0]]
+  assert why[:4] == ["mark", "new_marks", "new_marks", "new_marks"] and why[10] == "sure"
+  assert set(why[4:10] + why[11:]) == {"kept"}
   earlier = np.full((1, 12), -1, np.int32)
   earlier[0, 11] = 0  # an earlier round's mark of the other class
   marks[0, 11] = 0
-  labels, _ = round_labels(_logits(p), fitted, RefineConfig(), previous, marks, earlier)
+  labels, *_ = round_labels(_logits(p), fitted, RefineConfig(), previous, marks, earlier)
   np.testing.assert_array_equal(labels[0], [1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 1, 0])
   no_far = RefineConfig(merge_far=1.0)
-  labels, _ = round_labels(_logits(p), fitted, no_far, previous, marks, earlier)
+  labels, *_ = round_labels(_logits(p), fitted, no_far, previous, marks, earlier)
   np.testing.assert_array_equal(labels[0], [1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0])
   protected = np.zeros((1, 12), bool)
   protected[0, [2, 10]] = True  # the network was sure there
-  labels, _ = round_labels(_logits(p), fitted, RefineConfig(), previous, marks, earlier, None, protected)
+  labels, *_ = round_labels(_logits(p), fitted, RefineConfig(), previous, marks, earlier, None, protected)
   np.testing.assert_array_equal(labels[0], [1, 1, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0])
   plain = RefineConfig(merge_near=0.0, merge_far=1.0)  # FocalClick's merge: the touching region whole
-  labels, _ = round_labels(_logits(p), fitted, plain, previous, marks, earlier)
+  labels, *_ = round_labels(_logits(p), fitted, plain, previous, marks, earlier)
   np.testing.assert_array_equal(labels[0], [1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0])
   probabilities = RefineConfig(output="probabilities")  # the refined scores are a softmax already
   softmax = np.stack([1 - p, p], axis=-1).astype(np.float32)
-  labels, _ = round_labels(softmax, fitted, probabilities, previous, marks, earlier)
+  labels, *_ = round_labels(softmax, fitted, probabilities, previous, marks, earlier)
   np.testing.assert_array_equal(labels[0], [1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 1, 0])
 
 
@@ -63,9 +67,9 @@ def test_a_round_lets_an_appended_class_past_the_protection():
   marks = np.full((1, 6), -1, np.int32)
   marks[0, 0] = 2
   protected = np.ones((1, 6), bool)  # the network was sure of every pixel
-  labels, _ = round_labels(logits, fitted, RefineConfig(), previous, marks, None, None, protected, new_classes=(2,))
+  labels, *_ = round_labels(logits, fitted, RefineConfig(), previous, marks, None, None, protected, new_classes=(2,))
   np.testing.assert_array_equal(labels[0], [2, 2, 2, 0, 0, 0])
-  labels, _ = round_labels(logits, fitted, RefineConfig(), previous, marks, None, None, protected)
+  labels, *_ = round_labels(logits, fitted, RefineConfig(), previous, marks, None, None, protected)
   np.testing.assert_array_equal(labels[0], [2, 0, 0, 0, 0, 0])
 
 
@@ -77,7 +81,9 @@ def test_a_round_takes_a_change_away_from_the_marks_that_looks_like_the_class_it
   previous = (np.arange(12) >= 8).astype(np.int32).reshape(1, 12)
   marks = np.full((1, 12), -1, np.int32)
   marks[0, 0] = 0  # a new mark far from the change
-  labels, _ = round_labels(_logits(p), fitted, RefineConfig(), previous, marks, None)
+  labels, _, reasons = round_labels(_logits(p), fitted, RefineConfig(), previous, marks, None)
   np.testing.assert_array_equal(labels[0], np.arange(12) >= 6)  # pixels 6, 7 look like the object: taken
-  labels, _ = round_labels(_logits(p), fitted, RefineConfig(merge_contrast=1.0), previous, marks, None)
+  assert [REASONS[r] for r in reasons[0, 5:9]] == ["kept", "image", "image", "kept"]
+  assert changed_by(Merged(labels, reasons), previous) == {"mark": 0, "new_marks": 0, "sure": 0, "image": 2}
+  labels, *_ = round_labels(_logits(p), fitted, RefineConfig(merge_contrast=1.0), previous, marks, None)
   np.testing.assert_array_equal(labels, previous)

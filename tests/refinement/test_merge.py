@@ -130,9 +130,10 @@ def test_a_round_from_the_scores_applies_the_thresholds_and_the_appended_classes
   refined = np.zeros((1, 4, 3), np.float32)
   refined[0, :2, 2] = refined[0, 2:, 0] = 20.0  # the refined network is sure of its labels
   config = sj.RefineConfig()
-  merged = merge_round(previous, proposed, new, new, config, refined, initial, new_classes=(2,))
+  merged = merge_round(previous, proposed, new, new, config, refined, initial, new_classes=(2,)).labels
   np.testing.assert_array_equal(merged[0], [2, 2, 0, 0])
-  np.testing.assert_array_equal(merge_round(previous, proposed, new, new, config, refined, initial)[0], [2, 0, 0, 0])
+  kept = merge_round(previous, proposed, new, new, config, refined, initial).labels
+  np.testing.assert_array_equal(kept[0], [2, 0, 0, 0])
 
 
 def test_a_session_names_new_classes_the_network_does_not_output():
