@@ -355,3 +355,33 @@ def test_the_contrast_threshold_is_chosen_on_the_tuning_cases_only():
   assert contrast.choose(cases) == f"{contrast.THRESHOLDS[3]:g}"  # 2 loses on b; of the rest, 3 sums highest
   cases["b"]["gains"] = gains([-1] * n)
   assert contrast.choose(cases) is None
+
+
+def _variant_run(variant, case, dice, split="tuning", situation="in-domain"):
+  return {
+    "variant": variant,
+    "case": case,
+    "user": "scribble",
+    "split": split,
+    "situation": situation,
+    "dice_per_interaction": dice,
+    "dice_auc": float(np.mean(dice)),
+    "rounds_unsatisfied": 0,
+    "stop_reason": None,
+  }
+
+
+def test_the_sensitivity_record_judges_each_variant_against_the_records_peers_and_the_defaults():
+  from benchmarks.correction import sensitivity
+
+  peer = {"method": "head", "case": "a", "user": "scribble", "dice_per_interaction": [0.5, 0.9, 0.9]}
+  ours = {"method": OURS, "case": "a", "user": "scribble", "dice_per_interaction": [0.5, 0.85, 0.86]}
+  runs = [_variant_run("defaults", "a", [0.5, 0.85, 0.86]), _variant_run("lower", "a", [0.5, 0.4, 0.95])]
+  rows = sensitivity.summarise(runs, [peer, ours])
+  assert rows["defaults"]["claims_met"]["within_0.01_of_best_peer"] == [0, 1]  # 0.85 < 0.9 - 0.01
+  assert rows["defaults"]["claims_met"]["final_at_least_0.85"] == [1, 1]
+  assert rows["lower"]["claims_met"]["not_below_network"] == [0, 1]  # 0.4 < 0.5
+  assert rows["lower"]["claims_met"]["final_at_least_0.85"] == [1, 1]
+  assert (rows["lower"]["lower_auc_than_defaults"], rows["lower"]["higher_auc_than_defaults"]) == (1, 0)
+  assert sensitivity.reproduces(runs, [peer, ours]) == []
+  assert sensitivity.reproduces([_variant_run("defaults", "a", [0.5, 0.85, 0.87])], [peer, ours]) == ["a/scribble"]

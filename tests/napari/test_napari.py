@@ -268,7 +268,9 @@ def test_the_merge_switch_reaches_the_round(make_napari_viewer, qtbot, cells, tm
   assert not own.visible and merged["network_differs"] == int((own.data != shown).sum()) > 0
   assert "differ in" in widget.report_label.text() and widget.take_button.text() == "Show network's own"
   changed = sum(merged["changed_this_round"].values())  # the stroke's pixels at least: marked
-  assert merged["changed_this_round"]["mark"] > 0 and f"this round changed {changed} pixels" in widget.report_label.text()
+  assert (
+    merged["changed_this_round"]["mark"] > 0 and f"this round changed {changed} pixels" in widget.report_label.text()
+  )
   widget.take_button.click()
   _wait(qtbot, widget)
   np.testing.assert_array_equal(viewer.layers[SEGMENTATION].data, own.data)
