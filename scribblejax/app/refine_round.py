@@ -169,7 +169,7 @@ class Segmented(NamedTuple):
   honoured: float  # of marked pixels, in the segmentation
   network_honoured: float  # of marked pixels, in the refined network's labels
   network_labels: np.ndarray  # int32[*image_spatial]: the refined network's own labels
-  changed_by: dict[str, int] | None = None  # with the merge: the pixels it changed, per reason (merge.changed_by)
+  changed: dict[str, int] | None = None  # with the merge: the pixels it changed, per reason (merge.changed_by)
 
 
 def run_refine(
@@ -873,7 +873,7 @@ def round_report(
     "marks_honoured": segmented.honoured,
     "network_marks_honoured": segmented.network_honoured,
     "changed_pixels": int((segmented.labels != refined.before_image).sum()),
-    **({"changed_this_round": segmented.changed_by} if segmented.changed_by is not None else {}),
+    **({"changed_this_round": segmented.changed} if segmented.changed is not None else {}),
     "network_differs": int((segmented.labels != segmented.network_labels).sum()),
     "differences_with": "network",
     "differences": differences_report(

@@ -43,9 +43,11 @@ from scipy import ndimage
 
 REASONS = ("kept", "mark", "new_marks", "sure", "image")
 """Why a pixel of a round's merge has its label, by code (:class:`Merged`'s ``reasons``): ``kept`` the previous
-segmentation's; ``mark`` a mark's; ``new_marks`` the refined label in a region of change touching a new mark;
-``sure`` the refined label where the refined network is sure of it (or, with ``free``, where W was unsure);
-``image`` the refined label in a region whose intensity resembles its new class (the contrast step)."""
+segmentation's (unchanged, or kept by the protection); ``mark`` a mark's; ``new_marks`` the refined label, changed
+in a region of change touching a new mark (where ``near``); ``sure`` the refined label, changed where ``free`` (the
+refined network is sure of it, or, with ``RefineConfig.merge_confidence``, W was unsure); ``image`` the refined
+label, changed in a region whose intensity resembles its new class (the contrast step). Only a marked pixel may
+keep its label under another reason than ``kept``."""
 
 
 class Merged(NamedTuple):
@@ -125,7 +127,8 @@ def merge_with_reasons(
   counts, so that a person sees how much of a change their new marks asked for and how much the refined
   network's sureness or the image brought. Arguments as :func:`progressive_merge`'s.
 
-  A pixel in a region of change touching a new mark is ``new_marks`` even where it is ``free`` too.
+  A pixel the new-mark rule takes (in a region of change touching a new mark, and ``near``) is ``new_marks``
+  even where it is ``free`` too.
 
   Raises:
     ValueError: the maps differ in shape.
@@ -146,7 +149,7 @@ def merge_with_reasons(
   if protected is not None:
     kept = kept_by_protection(_mask("protected", protected, previous.shape), previous, proposed, new_classes)
   codes = [REASONS.index(reason) for reason in ("mark", "new_marks", "sure")]
-  reasons = np.select([marks >= 0, touching & ~kept, free & ~kept], codes, 0).astype(np.uint8)
+  reasons = np.select([marks >= 0, touching & ~kept, free & changed & ~kept], codes, 0).astype(np.uint8)
   merged = np.where(marks >= 0, marks, np.where(reasons > 0, proposed, previous))
   if image is not None and contrast < 1:
     alike = resembling(image, merged, proposed, contrast) & ~kept & (marks < 0)

@@ -6,7 +6,17 @@ import pytest
 
 import scribblejax as sj
 from scribblejax.refinement import describe_marks, marks_report
-from scribblejax.refinement.merge import merge_masks, merge_round, new_marks_of, progressive_merge, resembling, sure
+from scribblejax.refinement.merge import (
+  REASONS,
+  changed_by,
+  merge_masks,
+  merge_round,
+  merge_with_reasons,
+  new_marks_of,
+  progressive_merge,
+  resembling,
+  sure,
+)
 
 
 def test_only_changes_that_touch_a_new_mark_are_taken():
@@ -378,3 +388,29 @@ def test_resembling_works_in_3d_and_reads_no_neighbour_without_an_intensity():
   unread[:, 14:] = np.nan
   unread[:, 12:14] = 1.0  # two columns of class-1 neighbours are left: judged on them alone
   np.testing.assert_array_equal(resembling(unread, shown, other, 0.2), taken[0])
+
+
+def test_the_reasons_name_what_changed_each_pixel_and_kept_for_every_pixel_left_as_it_was():
+  previous = np.zeros((1, 8), np.int32)
+  proposed = np.array([[1, 1, 1, 0, 0, 0, 1, 0]], np.int32)
+  new = np.full((1, 8), -1, np.int32)
+  new[0, 0] = 1
+  free = np.ones((1, 8), bool)  # the refined network sure everywhere, of changed and unchanged pixels alike
+  protected = np.zeros((1, 8), bool)
+  protected[0, 2] = True  # W was sure of pixel 2: the change there is kept out
+  merged = merge_with_reasons(previous, proposed, new, free=free, protected=protected)
+  np.testing.assert_array_equal(merged.labels[0], [1, 1, 0, 0, 0, 0, 1, 0])
+  assert [REASONS[r] for r in merged.reasons[0]] == [
+    "mark",
+    "new_marks",
+    "kept",
+    "kept",
+    "kept",
+    "kept",
+    "sure",
+    "kept",
+  ]
+  assert changed_by(merged, previous) == {"mark": 1, "new_marks": 1, "sure": 1, "image": 0}
+  np.testing.assert_array_equal(
+    progressive_merge(previous, proposed, new, free=free, protected=protected), merged.labels
+  )
