@@ -686,6 +686,9 @@ def test_take_shows_the_refined_networks_own_labels_and_the_session_goes_on_from
   # the next round starts from the labels taken: as in a session whose first round ran without the merge
   second_round = ["--marks", str(tmp_path / "m2.png"), "--out"]
   assert main(["refine", *common, "--session", str(session), *second_round, str(tmp_path / "r2.tif")]) == 0
+  # a later round counts its changes against the segmentation it started from (changed_pixels: against W's)
+  second_changed = json.loads((tmp_path / "r2.report.json").read_text())["changed_this_round"]
+  assert sum(second_changed.values()) == int((tifffile.imread(tmp_path / "r2.tif") != own).sum()) > 0
   nomerge = ["--session", str(tmp_path / "s_own"), "--marks", str(tmp_path / "m.png")]
   assert main(["refine", *common, *nomerge, "--no-progressive-merge", "--out", str(tmp_path / "o1.tif")]) == 0
   assert main(["refine", *common, "--session", str(tmp_path / "s_own"), *second_round, str(tmp_path / "o2.tif")]) == 0
