@@ -1,8 +1,9 @@
 """The defaults beside their neighbours: each of the refinement's main settings moved one step either way,
 everything else as the defaults, on every (case, robot user) run of the correction record.
 
-The defaults' learning rate, keep weight and number of tunable layers were chosen before the round's merge
-read the image (``merge_contrast``, ``contrast.md``); this checks them again with it. Each variant runs
+The defaults' learning rate, keep weight, number of tunable layers and far threshold (``merge_far``) were
+chosen before the round's merge read the image (``merge_contrast``, ``contrast.md``); this checks them again
+with it (``merge_far=1``: no far rule, the contrast step alone takes changes away from the marks). Each variant runs
 five interactions of every run of ``results.json`` but the slice stored as 3-D (tissue2d_s140 again); the
 peers' curves come from that record (the runs are deterministic: the defaults' row here must reproduce
 the record's curves, and the command stops if it does not). Per variant: the mean Dice-AUC over all runs
@@ -49,6 +50,8 @@ VARIANTS = (
   Variant("keep_weight=2", overrides={"keep_weight": 2.0}),
   Variant("layers=3", layers=3),
   Variant("layers=7", layers=7),
+  Variant("merge_far=0.999", overrides={"merge_far": 0.999}),
+  Variant("merge_far=1", overrides={"merge_far": 1.0}),  # no far rule: the contrast step alone away from the marks
 )
 
 
