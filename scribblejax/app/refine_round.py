@@ -170,6 +170,8 @@ class Segmented(NamedTuple):
   network_honoured: float  # of marked pixels, in the refined network's labels
   network_labels: np.ndarray  # int32[*image_spatial]: the refined network's own labels
   changed: dict[str, int] | None = None  # with the merge: the pixels it changed, per reason (merge.changed_by)
+  reasons: np.ndarray | None = None  # uint8[*image_spatial], with the merge: why each pixel of labels has its
+  # label, an index into merge.REASONS
 
 
 def run_refine(
@@ -842,7 +844,7 @@ def segment(request: Request, prepared: Prepared, marks: RoundMarks, refined: Re
   changed = None if reasons is None else changed_by(Merged(labels, reasons), previous_labels)
   if changed is not None and sum(changed.values()):
     log(changed_line(changed))
-  return Segmented(labels, honoured, network_honoured, np.asarray(network_labels, np.int32), changed)
+  return Segmented(labels, honoured, network_honoured, np.asarray(network_labels, np.int32), changed, reasons)
 
 
 def round_report(
@@ -956,6 +958,7 @@ def persist(request: Request, prepared: Prepared, marks: RoundMarks, refined: Re
     drawn=marks.drawn_image,
     network_labels=segmented.network_labels,
     taken="merged" if prepared.config.progressive_merge else "network",
+    reasons=segmented.reasons,
   )
   if request.undone is not None:
     session_store.remove_round_file(session, doc, request.undone)

@@ -13,6 +13,9 @@ Layout::
                          take as its segmentation; no merged_labels after a round without the merge,
                          neither in rounds stored before they were kept),
                          taken ("merged" or "network": which of the two labels is),
+                         reasons (uint8, after a round with the merge: why each pixel of its merge has
+                         its label, an index into scribblejax.refinement.merge.REASONS; not in rounds
+                         stored before they were kept),
                          tunable_0 ... tunable_N (the refined weights W_lam, leaves in pytree order)
     DIR/initial.npz      labels: the network's own segmentation (what an undo of every round shows);
                          unsure, sure (bool): where the network was unsure and sure, for the merge
@@ -33,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from scribblejax.io import fileio
-from scribblejax.refinement.merge import take_where
+from scribblejax.refinement.merge import REASONS, take_where
 
 FORMAT = "scribblejax-session"
 VERSION = 1
@@ -165,6 +168,7 @@ def append_round(
   drawn: np.ndarray | None = None,
   network_labels: np.ndarray | None = None,
   taken: str = "merged",
+  reasons: np.ndarray | None = None,
 ) -> dict:
   """Stores a new round; returns the updated document (already saved).
 
@@ -178,6 +182,8 @@ def append_round(
     network_labels: the refined network's own labels (``None``: not kept; :func:`take` then refuses).
     taken: what ``labels`` is: ``"merged"`` (a round with the merge; ``labels`` is kept as
       ``merged_labels`` too) or ``"network"`` (a round without it, whose labels are the network's).
+    reasons: with the merge, why each pixel of the merge has its label (``uint8``, an index into
+      :data:`scribblejax.refinement.merge.REASONS`; ``None``: not kept).
   """
   _check_taken(taken)
   d = Path(directory)
@@ -200,11 +206,33 @@ def append_round(
     arrays.update(network_labels=np.asarray(network_labels, np.int32), taken=np.array(taken))
     if taken == "merged":  # a round without the merge has one segmentation: the refined network's
       arrays["merged_labels"] = arrays["labels"]
+  if reasons is not None:
+    arrays["reasons"] = _reasons(reasons, arrays["labels"].shape)
   arrays.update({f"tunable_{i}": np.asarray(leaf) for i, leaf in enumerate(tunable)})
   _write_atomic(d / name, lambda f: np.savez_compressed(f, **arrays))
   doc = dict(doc, rounds=doc["rounds"] + [dict(record, file=name, round=index)])
   save_session(d, doc)
   return doc
+
+
+def _reasons(reasons: Any, shape: tuple[int, ...]) -> np.ndarray:
+  """``reasons`` as stored: ``uint8`` codes of :data:`scribblejax.refinement.merge.REASONS`, of the labels' shape."""
+  reasons = np.asarray(reasons)
+  if reasons.shape != shape or not np.issubdtype(reasons.dtype, np.integer):
+    raise ValueError(
+      f"a round's reasons are an integer map of its labels' shape {shape}, got {reasons.dtype}{list(reasons.shape)}"
+    )
+  if reasons.size and not 0 <= reasons.min() <= reasons.max() < len(REASONS):
+    raise ValueError(
+      f"a round's reasons are codes 0 to {len(REASONS) - 1} (merge.REASONS), got {reasons.min()} to {reasons.max()}"
+    )
+  return reasons.astype(np.uint8)
+
+
+def reasons_of(arrays: dict[str, np.ndarray]) -> np.ndarray | None:
+  """Why each pixel of a round's merge has its label (codes of :data:`scribblejax.refinement.merge.REASONS`);
+  ``None`` after a round without the merge, or one stored before they were kept."""
+  return arrays.get("reasons")
 
 
 def _check_taken(which: str) -> None:

@@ -39,7 +39,7 @@ from scribblejax.io.images import OUTPUTS, SUFFIXES, Image, image_digest, read_i
 from scribblejax.models.store import read_info
 from scribblejax.models.surgery import add_classes
 from scribblejax.pipeline import InferenceOptions, labels_from_logits, network_logits, prepare, spec_from_info
-from scribblejax.refinement.merge import Difference, differences
+from scribblejax.refinement.merge import REASONS, Difference, differences
 
 WORK_FOLDER = ".napari"  # inside a session folder: the marks files and outputs of the widget's rounds
 UNMARKED_VALUE = 0  # scribble layer value meaning "no mark"
@@ -66,6 +66,9 @@ class Interaction(NamedTuple):
   # which of the two the latest round shows: "merged", "network" or "mixed" (some regions each; None: no choice)
   taken: str | None = None
   merged: np.ndarray | None = None  # int32[*spatial]: the latest round's merge, when it offers a choice
+  # uint8[*spatial]: why each pixel of the latest round's merge has its label (merge.REASONS), while the
+  # round shows its merge whole (None: no round, no merge, a take, or a round stored before they were kept)
+  reasons: np.ndarray | None = None
 
   @property
   def num_classes(self) -> int:
@@ -187,18 +190,48 @@ def reload(it: Interaction) -> Interaction:
       network=None,
       taken=None,
       merged=None,
+      reasons=None,
     )
   arrays = session_store.round_arrays(it.session, doc["rounds"][-1])
   network = arrays.get("network_labels") if session_store.choices(arrays) else None
+  taken = session_store.taken_of(arrays) if network is not None else None
+  reasons = session_store.reasons_of(arrays) if taken == "merged" else None
   return it._replace(
     labels=np.asarray(arrays["labels"], np.int32),
     initial=np.asarray(initial, np.int32),
     drawn=np.asarray(session_store.drawn_marks(arrays), np.int32),
     rounds=len(doc["rounds"]),
     network=None if network is None else np.asarray(network, np.int32),
-    taken=session_store.taken_of(arrays) if network is not None else None,
+    taken=taken,
     merged=None if network is None else np.asarray(arrays["merged_labels"], np.int32),
+    reasons=None if reasons is None else np.asarray(reasons, np.uint8),
   )
+
+
+# ----------------------------------------------------------------------------------------------
+# Why the latest round's merge gave each pixel its label.
+
+# the "why" layer's colour for each reason a round changed a pixel (merge.REASONS; "kept" shows as nothing)
+WHY_COLOURS = {"kept": "transparent", "mark": "white", "new_marks": "lime", "sure": "orange", "image": "magenta"}
+
+
+def why_values(it: Interaction) -> np.ndarray | None:
+  """The ``why`` layer's values: at each pixel the code of :data:`scribblejax.refinement.merge.REASONS` that
+  gave the latest round's merge its label there, 0 (``kept``) where the round changed nothing; ``None`` when
+  the round does not show its merge whole (no round, no merge, a take) or was stored before the reasons were
+  kept."""
+  return None if it.reasons is None else np.asarray(it.reasons, np.int32)
+
+
+def why_legend() -> str:
+  """What the ``why`` layer's colours mean, in one line."""
+  words = {
+    "mark": "marked",
+    "new_marks": "at a new mark",
+    "sure": "refined network sure",
+    "image": "like the new class",
+  }
+  return ", ".join(f"{WHY_COLOURS[reason]}: {words[reason]}" for reason in REASONS[1:])
 
 
 # ----------------------------------------------------------------------------------------------

@@ -11,7 +11,10 @@ first: the latest round's refined network's own labels, which the merge took onl
 "Show network's own" button makes them the segmentation, and the next round starts from them) and
 ``take here`` (points: "Take network's own at points" takes those labels only in the regions of
 difference the points lie in, and "Take merged at points", while they are shown whole, the merge;
-"Point at largest differences" puts one in each of the three largest).
+"Point at largest differences" puts one in each of the three largest) and ``why`` (hidden at first: while
+the latest round shows its merge, why the merge gave each pixel its label: a mark, the new marks' regions of
+change, the refined network's sureness, or the image; :func:`scribblejax.napari.core.why_legend` names the
+colours, and the status bar names the reason under the cursor).
 """
 
 from __future__ import annotations
@@ -43,9 +46,11 @@ from scribblejax.app.settings import settings_of
 from scribblejax.io import session_store
 from scribblejax.models.store import builtin_models, read_info
 from scribblejax.napari import core
+from scribblejax.refinement.merge import REASONS
 
 IMAGE, SEGMENTATION, SCRIBBLES, NETWORK = "image", "segmentation", "scribbles", "refined network"
 POINTED = 3  # the regions of difference "Point at largest differences" points at
+WHY = "why"  # a labels layer: why the latest round's merge gave each pixel its label (core.why_values)
 TAKE_HERE = "take here"  # a points layer: a point in each region where the other segmentation is to be taken
 # the take buttons, by what they take (core.other_of of what is shown)
 TAKE_TEXT = {"network": "Show network's own", "merged": "Show merged"}
@@ -522,7 +527,10 @@ class ScribbleWidget(QWidget):
     self.interaction, self.report = it, report
     self._set_layer(SEGMENTATION, it.labels)
     self._show_network(it)
+    self._show_why(it)
     text = core.summary(report)
+    if it.reasons is not None and report.get("changed_this_round"):
+      text += f" (layer {WHY!r} shows where: {core.why_legend()})"
     if report.get("network_differs"):
       text += (
         f"; the refined network's own labels (layer {NETWORK!r}) differ in {report['network_differs']} pixel(s): "
@@ -537,6 +545,7 @@ class ScribbleWidget(QWidget):
     self.interaction, self.report = it, None
     self._set_layer(SEGMENTATION, it.labels)
     self._show_network(it)
+    self._show_why(it)
     marks = it.drawn if pending is None else np.where(pending >= 0, pending, it.drawn)
     self._set_layer(SCRIBBLES, core.values_of(marks))
     self.report_label.setText("")
@@ -545,6 +554,7 @@ class ScribbleWidget(QWidget):
   def _taken(self, it: core.Interaction, what: str) -> None:
     self.interaction = it
     self._set_layer(SEGMENTATION, it.labels)
+    self._show_why(it)
     if TAKE_HERE in self.viewer.layers:
       self._layer(TAKE_HERE).data = np.zeros((0, it.labels.ndim))
     self.report_label.setText(f"round {it.rounds} shows {what}")
@@ -571,6 +581,29 @@ class ScribbleWidget(QWidget):
     else:  # points placed for an earlier round say nothing about this one
       self._layer(TAKE_HERE).data = np.zeros((0, it.labels.ndim))
     if added and SCRIBBLES in self.viewer.layers:  # painting stays on the scribbles
+      self.viewer.layers.selection.active = self._layer(SCRIBBLES)
+
+  def _show_why(self, it: core.Interaction) -> None:
+    """The ``why`` layer: why the latest round's merge gave each pixel its label (hidden when first added);
+    no layer while the round shows something else, or before a round."""
+    values = core.why_values(it)
+    if values is None:
+      if WHY in self.viewer.layers:
+        self.viewer.layers.remove(WHY)
+      return
+    if WHY in self.viewer.layers:
+      self._set_layer(WHY, values)
+      return
+    self.viewer.add_labels(
+      values,
+      name=WHY,
+      scale=tuple(it.image.geometry.spacing),
+      opacity=0.6,
+      visible=False,
+      colormap={None: "transparent", **{code: core.WHY_COLOURS[r] for code, r in enumerate(REASONS)}},
+      features={"why": list(REASONS)},
+    )
+    if SCRIBBLES in self.viewer.layers:  # painting stays on the scribbles
       self.viewer.layers.selection.active = self._layer(SCRIBBLES)
 
   def _pending(self) -> np.ndarray | None:

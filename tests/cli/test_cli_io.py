@@ -26,7 +26,8 @@ from scipy import ndimage
 import scribblejax as sj
 from scribblejax.cli import main
 from scribblejax.cli.refine import summary as refine_summary
-from scribblejax.io import read_image
+from scribblejax.io import read_image, session_store
+from scribblejax.refinement.merge import REASONS
 from scribblejax.research import data, metrics
 from scribblejax.research.train import TrainConfig, train_segmenter
 
@@ -660,6 +661,12 @@ def test_take_shows_the_refined_networks_own_labels_and_the_session_goes_on_from
   # a first round changes the network's segmentation: every changed pixel counted once, by why it changed
   changed = first_report["changed_this_round"]
   assert sum(changed.values()) == first_report["changed_pixels"] and changed["mark"] >= 1
+  # the session keeps why: the stored reasons count the changed pixels as the report does
+  reasons = session_store.reasons_of(
+    session_store.round_arrays(session, session_store.load_session(session)["rounds"][0])
+  )
+  moved = merged != session_store.load_initial(session)
+  assert {r: int(((reasons == i) & moved).sum()) for i, r in enumerate(REASONS[1:], 1)} == changed
   capsys.readouterr()
   # the round's report lists the largest regions where the two differ, each with a point inside it
   regions, count = ndimage.label(merged != own)
@@ -691,6 +698,8 @@ def test_take_shows_the_refined_networks_own_labels_and_the_session_goes_on_from
   assert sum(second_changed.values()) == int((tifffile.imread(tmp_path / "r2.tif") != own).sum()) > 0
   nomerge = ["--session", str(tmp_path / "s_own"), "--marks", str(tmp_path / "m.png")]
   assert main(["refine", *common, *nomerge, "--no-progressive-merge", "--out", str(tmp_path / "o1.tif")]) == 0
+  own_doc = session_store.load_session(tmp_path / "s_own")  # without the merge: no reasons kept
+  assert session_store.reasons_of(session_store.round_arrays(tmp_path / "s_own", own_doc["rounds"][0])) is None
   assert main(["refine", *common, "--session", str(tmp_path / "s_own"), *second_round, str(tmp_path / "o2.tif")]) == 0
   np.testing.assert_array_equal(tifffile.imread(tmp_path / "r2.tif"), tifffile.imread(tmp_path / "o2.tif"))
   # a later round's undo comes back to the labels taken, and taking the merge back restores the round exactly

@@ -118,3 +118,30 @@ def test_take_where_stores_a_mix_region_by_region_and_names_it(tmp_path):
     np.testing.assert_array_equal(arrays[name], stored[name], err_msg=name)
   with pytest.raises(ValueError, match="touch no region"):
     session_store.take(tmp_path, doc, "network", np.eye(4, 6, dtype=bool) & (own == merged))
+
+
+def test_a_round_keeps_why_its_merge_gave_each_pixel_its_label_and_names_a_bad_map(tmp_path):
+  merged = np.array([[0, 1], [1, 1]], np.int32)
+  marks = np.array([[-1, 1], [-1, -1]], np.int32)
+  reasons = np.array([[0, 1], [2, 4]], np.uint8)  # kept, mark, new_marks, image
+  doc = session_store.new_session("img.png", "digest", "nuclei2d", (2, 2))
+  stored = dict(marks=marks, new_marks=marks, labels=merged, tunable=[np.ones(3)], network_labels=merged)
+  doc = session_store.append_round(tmp_path, doc, {}, **stored, reasons=reasons.astype(np.int64))
+  arrays = session_store.round_arrays(tmp_path, doc["rounds"][-1])
+  assert session_store.reasons_of(arrays).dtype == np.uint8
+  np.testing.assert_array_equal(session_store.reasons_of(arrays), reasons)
+  session_store.take(tmp_path, doc, "network")  # a take keeps them (they are the merge's, whatever is shown)
+  np.testing.assert_array_equal(
+    session_store.reasons_of(session_store.round_arrays(tmp_path, doc["rounds"][-1])), reasons
+  )
+  doc = session_store.append_round(tmp_path, doc, {}, **stored)  # a round without the merge: none
+  assert session_store.reasons_of(session_store.round_arrays(tmp_path, doc["rounds"][-1])) is None
+  files = sorted(p.name for p in tmp_path.iterdir())
+  for bad, problem in (
+    (reasons[:1], "of its labels' shape"),
+    (reasons + 4, "codes 0 to 4"),
+    (reasons > 0, "integer map"),
+  ):
+    with pytest.raises(ValueError, match=problem):
+      session_store.append_round(tmp_path, doc, {}, **stored, reasons=bad)
+  assert sorted(p.name for p in tmp_path.iterdir()) == files  # a refused round writes nothing

@@ -33,7 +33,8 @@ if not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
 from scribblejax.cli import main
 from scribblejax.io import read_image
 from scribblejax.napari import core
-from scribblejax.napari.widget import NETWORK, POINTS_TEXT, SCRIBBLES, SEGMENTATION, TAKE_HERE, ScribbleWidget
+from scribblejax.napari.widget import NETWORK, POINTS_TEXT, SCRIBBLES, SEGMENTATION, TAKE_HERE, WHY, ScribbleWidget
+from scribblejax.refinement.merge import REASONS
 from scribblejax.research import data
 
 # explicit knobs, so that the rounds are short and do not depend on the models' stored defaults
@@ -122,9 +123,15 @@ def test_refine_in_2d_honours_the_stroke_and_undo_restores_the_layer(make_napari
   viewer.reset_view()
   shot = viewer.screenshot(canvas_only=False, flash=False)
   assert shot.ndim == 3 and shot.shape[0] > 200 and shot[..., :3].std() > 0
+  # the why layer shown: the changed pixels coloured by why the merge changed them
+  viewer.layers[WHY].visible = True
+  why_shot = viewer.screenshot(canvas_only=False, flash=False)
+  viewer.layers[WHY].visible = False
+  assert why_shot.shape == shot.shape and (why_shot != shot).any()
   for path in (tmp_path / "widget.png", os.environ.get("SCRIBBLEJAX_NAPARI_SCREENSHOT")):
     if path:
       PILImage.fromarray(np.asarray(shot)).save(path)
+      PILImage.fromarray(np.asarray(why_shot)).save(Path(path).with_name(f"{Path(path).stem}_why.png"))
 
   widget.undo_button.click()
   _wait(qtbot, widget)
@@ -271,14 +278,22 @@ def test_the_merge_switch_reaches_the_round(make_napari_viewer, qtbot, cells, tm
   assert (
     merged["changed_this_round"]["mark"] > 0 and f"this round changed {changed} pixels" in widget.report_label.text()
   )
+  # the why layer, hidden: each changed pixel coloured by its reason, as many per reason as the report counts
+  why, before = viewer.layers[WHY], widget.interaction.initial  # the first round starts from the network's own
+  assert not why.visible and f"layer {WHY!r} shows where" in widget.report_label.text()
+  for code, reason in enumerate(REASONS[1:], start=1):
+    assert int(((why.data == code) & (shown != before)).sum()) == merged["changed_this_round"][reason], reason
+  np.testing.assert_array_equal(shown[why.data == 0], before[why.data == 0])  # no reason: the label kept
   widget.take_button.click()
   _wait(qtbot, widget)
   np.testing.assert_array_equal(viewer.layers[SEGMENTATION].data, own.data)
   assert widget.interaction.taken == "network" and widget.take_button.text() == "Show merged"
+  assert WHY not in viewer.layers  # the reasons are the merge's: not shown beside the network's own labels
   widget.take_button.click()
   _wait(qtbot, widget)
   np.testing.assert_array_equal(viewer.layers[SEGMENTATION].data, shown)
   assert widget.interaction.taken == "merged" and viewer.layers.selection.active.name == SCRIBBLES
+  np.testing.assert_array_equal(viewer.layers[WHY].data, why.data)
   # region by region: a point in one region of difference takes the network's own labels there only
   regions, count = ndimage.label(own.data != shown)
   assert count > 1
@@ -334,6 +349,7 @@ def test_the_merge_switch_reaches_the_round(make_napari_viewer, qtbot, cells, tm
   _assert_honoured(widget, values)
   # without the merge the segmentation is the refined network's own: no second layer, nothing to choose
   assert report["network_differs"] == 0 and widget.interaction.taken is None and NETWORK not in viewer.layers
+  assert WHY not in viewer.layers
   assert not any(b.isEnabled() for b in (widget.take_button, widget.take_points_button, widget.point_button))
   assert TAKE_HERE not in viewer.layers
 
