@@ -184,8 +184,13 @@ def append_round(
       ``merged_labels`` too) or ``"network"`` (a round without it, whose labels are the network's).
     reasons: with the merge, why each pixel of the merge has its label (``uint8``, an index into
       :data:`scribblejax.refinement.merge.REASONS`; ``None``: not kept).
+
+  Raises:
+    ValueError: ``taken`` is neither name, or ``reasons`` is no map of codes of the labels' shape (nothing
+      is written).
   """
   _check_taken(taken)
+  reasons = None if reasons is None else _reasons(reasons, np.shape(labels))
   d = Path(directory)
   d.mkdir(parents=True, exist_ok=True)
   index = len(doc["rounds"]) + 1
@@ -207,7 +212,7 @@ def append_round(
     if taken == "merged":  # a round without the merge has one segmentation: the refined network's
       arrays["merged_labels"] = arrays["labels"]
   if reasons is not None:
-    arrays["reasons"] = _reasons(reasons, arrays["labels"].shape)
+    arrays["reasons"] = reasons
   arrays.update({f"tunable_{i}": np.asarray(leaf) for i, leaf in enumerate(tunable)})
   _write_atomic(d / name, lambda f: np.savez_compressed(f, **arrays))
   doc = dict(doc, rounds=doc["rounds"] + [dict(record, file=name, round=index)])
@@ -231,8 +236,17 @@ def _reasons(reasons: Any, shape: tuple[int, ...]) -> np.ndarray:
 
 def reasons_of(arrays: dict[str, np.ndarray]) -> np.ndarray | None:
   """Why each pixel of a round's merge has its label (codes of :data:`scribblejax.refinement.merge.REASONS`);
-  ``None`` after a round without the merge, or one stored before they were kept."""
-  return arrays.get("reasons")
+  ``None`` after a round without the merge, or one stored before they were kept.
+
+  Raises:
+    ValueError: the stored map is damaged (not codes of the round's labels' shape).
+  """
+  if "reasons" not in arrays:
+    return None
+  try:
+    return _reasons(arrays["reasons"], np.shape(arrays["labels"]))
+  except ValueError as err:
+    raise ValueError(f"a session round's stored reasons are damaged: {err}") from None
 
 
 def _check_taken(which: str) -> None:

@@ -211,15 +211,17 @@ def reload(it: Interaction) -> Interaction:
 # ----------------------------------------------------------------------------------------------
 # Why the latest round's merge gave each pixel its label.
 
-# the "why" layer's colour for each reason a round changed a pixel (merge.REASONS; "kept" shows as nothing)
+# the "why" layer's colour for each reason of merge.REASONS: a pixel the round changed, by why, and every marked
+# pixel ("mark"); "kept" (the round changed nothing there) shows as nothing
 WHY_COLOURS = {"kept": "transparent", "mark": "white", "new_marks": "lime", "sure": "orange", "image": "magenta"}
 
 
 def why_values(it: Interaction) -> np.ndarray | None:
   """The ``why`` layer's values: at each pixel the code of :data:`scribblejax.refinement.merge.REASONS` that
-  gave the latest round's merge its label there, 0 (``kept``) where the round changed nothing; ``None`` when
-  the round does not show its merge whole (no round, no merge, a take) or was stored before the reasons were
-  kept."""
+  gave the latest round's merge its label there: ``mark`` at every marked pixel of every round so far (changed
+  or not), the reason the round changed the pixel elsewhere, and 0 (``kept``) where it changed nothing;
+  ``None`` when the round does not show its merge whole (no round, no merge, a take) or was stored before the
+  reasons were kept."""
   return None if it.reasons is None else np.asarray(it.reasons, np.int32)
 
 

@@ -13,8 +13,9 @@ first: the latest round's refined network's own labels, which the merge took onl
 difference the points lie in, and "Take merged at points", while they are shown whole, the merge;
 "Point at largest differences" puts one in each of the three largest) and ``why`` (hidden at first: while
 the latest round shows its merge, why the merge gave each pixel its label: a mark, the new marks' regions of
-change, the refined network's sureness, or the image; :func:`scribblejax.napari.core.why_legend` names the
-colours, and the status bar names the reason under the cursor).
+change, the refined network's sureness, or the image, and every marked pixel as a mark;
+:func:`scribblejax.napari.core.why_legend` names the colours, and with the layer selected the status bar names
+the reason under the cursor).
 """
 
 from __future__ import annotations
@@ -471,7 +472,7 @@ class ScribbleWidget(QWidget):
   def _opened(self, it: core.Interaction) -> None:
     self.interaction = it
     self.report = None
-    for name in (TAKE_HERE, NETWORK, SCRIBBLES, SEGMENTATION, IMAGE):
+    for name in (WHY, TAKE_HERE, NETWORK, SCRIBBLES, SEGMENTATION, IMAGE):
       if name in self.viewer.layers:
         self.viewer.layers.remove(name)
     self._add_image(it)
@@ -481,6 +482,7 @@ class ScribbleWidget(QWidget):
     scribbles.brush_size = 3
     scribbles.mode = "paint"
     self._show_network(it)
+    self._show_why(it)
     self._show_classes()
     self._orient(it)
     self.viewer.reset_view()
@@ -529,7 +531,7 @@ class ScribbleWidget(QWidget):
     self._show_network(it)
     self._show_why(it)
     text = core.summary(report)
-    if it.reasons is not None and report.get("changed_this_round"):
+    if it.reasons is not None and sum(report.get("changed_this_round", {}).values()):
       text += f" (layer {WHY!r} shows where: {core.why_legend()})"
     if report.get("network_differs"):
       text += (

@@ -134,7 +134,8 @@ def test_a_round_keeps_why_its_merge_gave_each_pixel_its_label_and_names_a_bad_m
   np.testing.assert_array_equal(
     session_store.reasons_of(session_store.round_arrays(tmp_path, doc["rounds"][-1])), reasons
   )
-  doc = session_store.append_round(tmp_path, doc, {}, **stored)  # a round without the merge: none
+  unmerged = dict(stored, taken="network")  # a round without the merge: its labels are the network's, no reasons
+  doc = session_store.append_round(tmp_path, doc, {}, **unmerged)
   assert session_store.reasons_of(session_store.round_arrays(tmp_path, doc["rounds"][-1])) is None
   files = sorted(p.name for p in tmp_path.iterdir())
   for bad, problem in (
@@ -145,3 +146,9 @@ def test_a_round_keeps_why_its_merge_gave_each_pixel_its_label_and_names_a_bad_m
     with pytest.raises(ValueError, match=problem):
       session_store.append_round(tmp_path, doc, {}, **stored, reasons=bad)
   assert sorted(p.name for p in tmp_path.iterdir()) == files  # a refused round writes nothing
+  fresh = session_store.new_session("img.png", "digest", "nuclei2d", (2, 2))
+  with pytest.raises(ValueError, match="codes 0 to 4"):  # validated before the folder is made
+    session_store.append_round(tmp_path / "new", fresh, {}, **stored, reasons=reasons + 4)
+  assert not (tmp_path / "new").exists()
+  with pytest.raises(ValueError, match="stored reasons are damaged"):  # a damaged file is named on reading
+    session_store.reasons_of(dict(arrays, reasons=reasons[:1]))

@@ -31,7 +31,7 @@ if not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
   pytest.skip("no display: run under xvfb-run -a", allow_module_level=True)
 
 from scribblejax.cli import main
-from scribblejax.io import read_image
+from scribblejax.io import read_image, session_store
 from scribblejax.napari import core
 from scribblejax.napari.widget import NETWORK, POINTS_TEXT, SCRIBBLES, SEGMENTATION, TAKE_HERE, WHY, ScribbleWidget
 from scribblejax.refinement.merge import REASONS
@@ -120,14 +120,22 @@ def test_refine_in_2d_honours_the_stroke_and_undo_restores_the_layer(make_napari
   assert "every mark honoured" in widget.report_label.text()
 
   viewer.window.resize(1400, 900)
-  viewer.reset_view()
-  shot = viewer.screenshot(canvas_only=False, flash=False)
-  assert shot.ndim == 3 and shot.shape[0] > 200 and shot[..., :3].std() > 0
-  # the why layer shown: the changed pixels coloured by why the merge changed them
-  viewer.layers[WHY].visible = True
-  why_shot = viewer.screenshot(canvas_only=False, flash=False)
+  viewer.screenshot(canvas_only=False, flash=False)  # the first one lays the resized window out
+  viewer.reset_view()  # then fit the image: every screenshot below at one zoom
+  shots = {}
+  for shown in (False, True):  # the window, and the canvas alone, with the why layer hidden and shown
+    viewer.layers[WHY].visible = shown
+    shots[shown] = viewer.screenshot(canvas_only=False, flash=False), viewer.screenshot(flash=False)
   viewer.layers[WHY].visible = False
-  assert why_shot.shape == shot.shape and (why_shot != shot).any()
+  (shot, canvas), (why_shot, why_canvas) = shots[False], shots[True]
+  assert shot.ndim == 3 and shot.shape[0] > 200 and shot[..., :3].std() > 0
+  # the why layer shown: the pixels the round changed coloured by why (magenta the image's, lime the new mark's)
+  for hue, reason in (
+    (lambda r, g, b: (r - g > 80) & (b - g > 80), "image"),
+    (lambda r, g, b: (g - r > 80) & (g - b > 80), "new_marks"),
+  ):
+    coloured = [int(hue(*np.moveaxis(shown[..., :3].astype(int), -1, 0)).sum()) for shown in (canvas, why_canvas)]
+    assert coloured[0] == 0 and coloured[1] > report["changed_this_round"][reason], (reason, coloured)
   for path in (tmp_path / "widget.png", os.environ.get("SCRIBBLEJAX_NAPARI_SCREENSHOT")):
     if path:
       PILImage.fromarray(np.asarray(shot)).save(path)
@@ -211,12 +219,16 @@ def test_a_session_saved_from_the_widget_continues_on_the_command_line(
   assert again.interaction.rounds == 2, again.message_label.text()
   np.testing.assert_array_equal(viewer.layers[SEGMENTATION].data, read_image(cli_out, labels=True).array[..., 0])
   assert viewer.layers[SCRIBBLES].data[50, 45] == 1 and viewer.layers[SCRIBBLES].data[30, 20] > 0
+  # the command line's round brought its reasons: the why layer, opened with the session, shows them
+  stored = session_store.round_arrays(saved, session_store.load_session(saved)["rounds"][-1])
+  np.testing.assert_array_equal(viewer.layers[WHY].data, session_store.reasons_of(stored))
+  assert viewer.layers[WHY].data[50, 45] == REASONS.index("mark") and not viewer.layers[WHY].visible
   network = again.interaction.initial
   again.reset_button.click()  # both rounds undone: the network's own, no marks
   _wait(qtbot, again)
   assert again.interaction.rounds == 0 and json.loads((saved / "session.json").read_text())["rounds"] == []
   np.testing.assert_array_equal(viewer.layers[SEGMENTATION].data, network)
-  assert not viewer.layers[SCRIBBLES].data.any()
+  assert not viewer.layers[SCRIBBLES].data.any() and WHY not in viewer.layers
 
 
 @pytest.mark.slow
