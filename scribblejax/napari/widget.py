@@ -12,8 +12,8 @@ first: the latest round's refined network's own labels, which the merge took onl
 ``take here`` (points: "Take network's own at points" takes those labels only in the regions of
 difference the points lie in, and "Take merged at points", while they are shown whole, the merge;
 "Point at largest differences" puts one in each of the three largest) and ``why`` (hidden at first: while
-the latest round shows its merge, why the merge gave each pixel its label: a mark, the new marks' regions of
-change, the refined network's sureness, or the image, and every marked pixel as a mark;
+the latest round shows its merge, why the merge gave each pixel its label: every marked pixel its mark, and each
+pixel the round changed the new marks' regions of change, the refined network's sureness, or the image;
 :func:`scribblejax.napari.core.why_legend` names the colours, and with the layer selected the status bar names
 the reason under the cursor).
 """
