@@ -274,8 +274,7 @@ def keep_targets(
 
   ``cached``: the targets this function returned before for this split and image (a
   :class:`~scribblejax.refinement.Trunk` holds them): returned as they are, and the network is not run.
-  ``marks`` is read only when ``keep_weight`` is 0 (the shape of the no-targets map); it may be ``None``
-  otherwise."""
+  ``marks`` may be ``None`` when ``keep_weight`` is positive (only the targets' shape comes from them)."""
   if not keep_weight > 0:
     return algorithm.no_keep(marks)
   if cached is not None:

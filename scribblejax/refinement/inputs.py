@@ -27,9 +27,8 @@ from scribblejax.refinement.backend import Backend
 class Trunk(NamedTuple):
   """The frozen trunk's values for one image, computed once by :func:`compute_trunk` and reused by
   every :func:`~scribblejax.refinement.refine` call on that image (``refine(..., trunk=...)``; a
-  :class:`~scribblejax.Session` does this for its rounds). The trunk's values do not depend on the
-  tunable weights, so they serve a fresh round from W and a round continued from an earlier W_lam alike;
-  the keep term's targets are W's labels, used only with the split that holds that W (``anchor``).
+  :class:`~scribblejax.Session` does this for its rounds). The values do not depend on the tunable
+  weights, so they serve a fresh round from W and a round continued from an earlier W_lam alike.
 
   Attributes:
     residuals: the trunk's values that the tunable tail reads (device arrays).

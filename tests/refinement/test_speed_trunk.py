@@ -367,19 +367,9 @@ def test_a_trunk_holds_the_keep_terms_targets_and_a_round_does_not_run_the_whole
   monkeypatch.setattr(drivers, "predict_program", lambda *a, **k: calls.append(1) or whole(*a, **k))
   reused = sj.refine(split, image, marks, config, trunk=computed)
   assert calls == [] and int(reused.num_steps) == int(plain.num_steps) > 0
-  # the same refinement bit for bit as a trunk without the targets (the round runs the network for them)
-  uncached = sj.refine(split, image, marks, config, trunk=computed._replace(keep_targets=None))
-  assert calls == [1]
-  for a, b in zip(jax.tree.leaves(reused), jax.tree.leaves(uncached), strict=True):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  continued = [
-    sj.refine(split, image, marks, config, start=reused.tunable, trunk=t)
-    for t in (computed, computed._replace(keep_targets=None))
-  ]
-  np.testing.assert_array_equal(np.asarray(continued[0].logits), np.asarray(continued[1].logits))  # targets: W's
+  np.testing.assert_allclose(np.asarray(reused.logits), np.asarray(plain.logits), rtol=1e-6, atol=1e-6)
   # a split holding other weights W (the same frozen trunk): its own targets, from its own network
   other = split._replace(tunable=jax.tree.map(lambda x: x * 1.5, split.tunable))
-  calls.clear()
   sj.refine(other, image, marks, config, trunk=computed)
   assert calls == [1]
 
