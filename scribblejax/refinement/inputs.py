@@ -39,11 +39,6 @@ class Trunk(NamedTuple):
     graphdef: the split's :class:`~scribblejax.refinement.network.GraphKey`.
     compute_dtype: the network's compute dtype (``None`` for float32).
     conv_backend: the resolved convolution backend.
-    keep_targets: the keep term's targets, int32 ``[*spatial]``: the labels of the network W
-      (:func:`~scribblejax.refinement.drivers.keep_targets`, the whole network in float32, as a refinement
-      without a trunk computes them every call), or ``None`` when the config had no keep term.
-    anchor: the tunable weights W they were computed with (a refinement whose split holds other ones
-      computes its own).
   """
 
   residuals: list
@@ -52,8 +47,6 @@ class Trunk(NamedTuple):
   graphdef: Any
   compute_dtype: str | None
   conv_backend: str
-  keep_targets: Any = None
-  anchor: Any = None
 
 
 def _check_image(image: Any) -> np.ndarray:
@@ -200,9 +193,7 @@ def compute_trunk(split: Split, image: Any, config: RefineConfig = RefineConfig(
     split: from :func:`scribblejax.split_params`.
     image: ``[*spatial, channels]``, or ``[*spatial]`` for a model that states its
       ``spatial_dims``.
-    config: needs ``cache_trunk=True``; its ``compute_dtype`` and ``conv_backend`` apply. With a keep
-      term (``keep_weight`` above 0) the network W's labels, the term's targets, are computed here too,
-      once, instead of at every refinement.
+    config: needs ``cache_trunk=True``; its ``compute_dtype`` and ``conv_backend`` apply.
 
   Raises:
     ValueError: bad image (as for ``refine``), or ``config.cache_trunk`` is off.
@@ -215,12 +206,7 @@ def compute_trunk(split: Split, image: Any, config: RefineConfig = RefineConfig(
   residuals = drivers.trunk_program(
     graphdef, backend.compute_dtype, backend.conv_backend, drivers.SINGLE, split.tunable, split.frozen, jnp.asarray(arr)
   )
-  targets = None
-  if config.keep_weight > 0:
-    targets = drivers.keep_targets(split, jnp.asarray(arr), None, config.keep_weight)
-  return Trunk(
-    residuals, arr, split.frozen, graphdef, backend.compute_dtype, backend.conv_backend, targets, split.tunable
-  )
+  return Trunk(residuals, arr, split.frozen, graphdef, backend.compute_dtype, backend.conv_backend)
 
 
 def trunk_mismatch(
