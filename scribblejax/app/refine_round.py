@@ -842,8 +842,9 @@ def segment(request: Request, prepared: Prepared, marks: RoundMarks, refined: Re
       "image's grid misses some marked pixels (they lie between the model's voxels)"
     )
   changed = None if reasons is None else changed_by(Merged(labels, reasons), previous_labels)
-  if changed is not None and sum(changed.values()):
-    log(changed_line(changed))
+  line = changed_line(changed)
+  if line:
+    log(line)
   return Segmented(labels, honoured, network_honoured, np.asarray(network_labels, np.int32), changed, reasons)
 
 

@@ -186,7 +186,10 @@ CHANGED_BY = {  # merge.REASONS as a round's closing lines name them
 }
 
 
-def changed_line(changed: dict[str, int]) -> str:
-  """The line that says what a round's merge changed, per reason (:func:`scribblejax.refinement.merge.changed_by`)."""
+def changed_line(changed: dict[str, int] | None) -> str:
+  """The line that says what a round's merge changed, per reason (:func:`scribblejax.refinement.merge.changed_by`);
+  empty when it changed nothing, or ran without the merge (``None``)."""
+  if not changed or not sum(changed.values()):
+    return ""
   parts = ", ".join(f"{n} {CHANGED_BY[reason]}" for reason, n in changed.items() if n)
   return f"this round changed {sum(changed.values())} pixels: {parts}"

@@ -204,7 +204,7 @@ def reload(it: Interaction) -> Interaction:
     network=None if network is None else np.asarray(network, np.int32),
     taken=taken,
     merged=None if network is None else np.asarray(arrays["merged_labels"], np.int32),
-    reasons=None if reasons is None else np.asarray(reasons, np.uint8),
+    reasons=reasons,  # uint8 (session_store.reasons_of), or None
   )
 
 
@@ -544,8 +544,8 @@ def summary(report: dict) -> str:
     if report["satisfied"] and report["marks_honoured"] == 1.0
     else (f"{report['marks_honoured']:.1%} of marks honoured")
   )
-  changed = report.get("changed_this_round")
-  why = f"; {changed_line(changed)}" if changed and sum(changed.values()) else ""
+  changed = changed_line(report.get("changed_this_round"))
+  why = f"; {changed}" if changed else ""
   return (
     f"round {report['round']}: {report['steps']} steps (of {report['max_steps']}), {state}, "
     f"satisfied={report['satisfied']}, {report['seconds']:.2f}s ({report['compile_seconds']:.2f}s "

@@ -43,6 +43,7 @@ from qtpy.QtWidgets import (
 )
 
 from scribblejax.app import SETTINGS, RefineSettings, taken_words
+from scribblejax.app.report import changed_line
 from scribblejax.app.settings import settings_of
 from scribblejax.io import session_store
 from scribblejax.models.store import builtin_models, read_info
@@ -531,7 +532,7 @@ class ScribbleWidget(QWidget):
     self._show_network(it)
     self._show_why(it)
     text = core.summary(report)
-    if it.reasons is not None and sum(report.get("changed_this_round", {}).values()):
+    if it.reasons is not None and changed_line(report.get("changed_this_round")):
       text += f" (layer {WHY!r} shows where: {core.why_legend()})"
     if report.get("network_differs"):
       text += (
