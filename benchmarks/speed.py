@@ -327,16 +327,14 @@ def versions() -> dict:
 def host_info() -> dict:
   import jax
 
-  cpu = platform.processor()
-  try:
-    with open("/proc/cpuinfo") as f:
-      cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-  except OSError:
-    pass
+  from scribblejax.research.evaluate import host_cpu
+
+  cpu = host_cpu()
   return {
     "platform": jax.default_backend(),
     "devices": jax.device_count(),
-    "host_cpu": cpu,
+    "host_cpu": cpu["cpu_model"] or platform.processor(),
+    "cpu_features": cpu["cpu_features"],
     "cpu_count": os.cpu_count(),
     "xla_flags": os.environ.get("XLA_FLAGS", ""),
     "scribblejax_env": {k: v for k, v in os.environ.items() if k.startswith("SCRIBBLEJAX_")},

@@ -340,6 +340,7 @@ def environment(argv: list[str]) -> dict:
     "device": ev.device_name(),
     "platform": platform.platform(),
     "processor": platform.processor(),
+    **ev.host_cpu(),
     "cpu_count": __import__("os").cpu_count(),
     "python": sys.version.split()[0],
     "jax": jax.__version__,
@@ -546,10 +547,16 @@ def plot_case(path: Path, case: str, results: list[dict]) -> None:
     plt.close(fig)
 
 
+def write_record(out: Path, name: str, payload: dict, text: str) -> None:
+  """Writes a record: ``payload`` as ``out/name.json`` and ``text`` (its markdown) as ``out/name.md``, each
+  atomically (``out`` is made if need be)."""
+  ev.write_json(out / f"{name}.json", payload)
+  ev.write_text(out / f"{name}.md", text)
+
+
 def write(out: Path, payload: dict) -> None:
   """Writes results.json, results.md and a plot per case, each atomically."""
-  ev.write_json(out / "results.json", payload)
-  ev.write_text(out / "results.md", markdown(payload))
+  write_record(out, "results", payload, markdown(payload))
   for case in dict.fromkeys(r["case"] for r in payload["results"]):
     plot_case(out / f"{case}.png", case, payload["results"])
 

@@ -22,7 +22,7 @@ import jax
 import numpy as np
 from scipy import ndimage
 
-from benchmarks.correction.__main__ import environment
+from benchmarks.correction.__main__ import environment, write_record
 from benchmarks.correction.cases import CASES
 from scribblejax.config import RefineConfig
 from scribblejax.params import last_layers, split_params
@@ -106,8 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     "results": [analyse(name) for name in args.cases.split(",")],
   }
   payload["environment"]["command"] = "python -m benchmarks.correction.changes " + " ".join(argv)
-  ev.write_json(args.out / "changes.json", payload)
-  ev.write_text(args.out / "changes.md", markdown(payload))
+  write_record(args.out, "changes", payload, markdown(payload))
   print(markdown(payload))
   return 0
 

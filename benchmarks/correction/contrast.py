@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from benchmarks.correction.__main__ import OURS, environment, make_method, squeezed
+from benchmarks.correction.__main__ import OURS, environment, make_method, squeezed, write_record
 from benchmarks.correction.cases import CASES, BenchCase
 from benchmarks.correction.explore import BASE, _wrap, pairs_of
 from scribblejax import RefineConfig
@@ -159,9 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     "cases": cases,
     "results": results,
   }
-  args.out.mkdir(parents=True, exist_ok=True)
-  ev.write_json(args.out / "contrast.json", payload)
-  ev.write_text(args.out / "contrast.md", markdown(payload))
+  write_record(args.out, "contrast", payload, markdown(payload))
   print(markdown(payload))
   return 0
 

@@ -39,7 +39,7 @@ import jax
 import numpy as np
 from scipy import ndimage
 
-from benchmarks.correction.__main__ import OURS, aggregate, environment, judge_of, make_method, squeezed
+from benchmarks.correction.__main__ import OURS, aggregate, environment, judge_of, make_method, squeezed, write_record
 from benchmarks.correction.cases import CASES, BenchCase
 from scribblejax import RefineConfig
 from scribblejax.refinement.merge import differences, new_marks_of, take_where
@@ -460,9 +460,7 @@ def main(argv: list[str] | None = None) -> int:
     "defaults_from": "run here beside the studies",
     "results": results,
   }
-  args.out.mkdir(parents=True, exist_ok=True)
-  ev.write_json(args.out / "explore.json", payload)
-  ev.write_text(args.out / "explore.md", markdown(payload))
+  write_record(args.out, "explore", payload, markdown(payload))
   return 0
 
 

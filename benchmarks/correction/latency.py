@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 import scribblejax as sj
-from benchmarks.correction.__main__ import environment, overridden, settings
+from benchmarks.correction.__main__ import environment, overridden, settings, write_record
 from scribblejax.research import data, metrics
 from scribblejax.research import evaluate as ev
 from scribblejax.research.simulate import simulate_marks
@@ -103,7 +103,6 @@ def main(argv: list[str] | None = None) -> int:
   config = sj.RefineConfig(**overrides)
   results = [measure(name, args.interactions, config) for name in args.cases.split(",")]
   payload = {"environment": env, "results": results}
-  ev.write_json(args.out / "latency.json", payload)
   lines = [
     f"# Seconds per interaction ({'other settings' if overrides else 'defaults'}, scribble robot user)",
     "",
@@ -121,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
       f"{r['first_round_with_compilation_seconds']:.1f} | {' '.join(f'{d:.3f}' for d in r['dice'])} |"
     )
   lines += [f"\n{r['case']}: {r['stopped']}." for r in results if r["stopped"]]
-  ev.write_text(args.out / "latency.md", "\n".join(lines) + "\n")
+  write_record(args.out, "latency", payload, "\n".join(lines) + "\n")
   print("\n".join(lines))
   return 0
 

@@ -25,7 +25,17 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from benchmarks.correction.__main__ import CLAIMS, OURS, PEERS, claims_met, environment, make_method, squeezed, verdicts
+from benchmarks.correction.__main__ import (
+  CLAIMS,
+  OURS,
+  PEERS,
+  claims_met,
+  environment,
+  make_method,
+  squeezed,
+  verdicts,
+  write_record,
+)
 from benchmarks.correction.cases import CASES
 from benchmarks.correction.explore import pairs_of
 from scribblejax import RefineConfig
@@ -159,16 +169,18 @@ def main(argv: list[str] | None = None) -> int:
       print(f"{variant.name:22s} {case:20s} {user:8s} {dice}", flush=True)
     differ = reproduces(runs, record)
     if differ:
-      raise SystemExit(f"the defaults here do not reproduce {args.record} on {', '.join(differ)}: rerun it first")
+      raise SystemExit(
+        f"the defaults here do not reproduce {args.record} on {', '.join(differ)}; on another CPU that can be "
+        "rounding (python -m benchmarks.correction.reproduce compares every run, with both machines' CPUs): "
+        "rerun the record on this machine first"
+      )
   payload = {
     "record": str(args.record),
     "environment": {**environment(argv), "command": "python -m benchmarks.correction.sensitivity " + " ".join(argv)},
     "variants": summarise(runs, record),
     "runs": runs,
   }
-  args.out.mkdir(parents=True, exist_ok=True)
-  ev.write_json(args.out / "sensitivity.json", payload)
-  ev.write_text(args.out / "sensitivity.md", markdown(payload))
+  write_record(args.out, "sensitivity", payload, markdown(payload))
   print(markdown(payload))
   return 0
 

@@ -298,6 +298,39 @@ def device_name() -> str:
   return jax.devices()[0].device_kind
 
 
+# The instruction-set extensions that decide which kernels XLA and oneDNN pick on an x86 CPU, and so
+# the rounding of a computation: two machines that differ in them can give a refinement that runs to
+# its step budget different curves (docs/correction.md, "Results").
+CPU_FEATURES = ("avx", "avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "amx_tile")
+
+
+def cpu_of(cpuinfo: str) -> dict:
+  """The host CPU from the text of ``/proc/cpuinfo``: its model name and which of :data:`CPU_FEATURES` it has.
+
+  Args:
+    cpuinfo: the file's text (its first processor's ``model name`` and ``flags`` lines are read).
+
+  Returns:
+    ``{"cpu_model": str | None, "cpu_features": list[str]}`` (features in :data:`CPU_FEATURES`' order).
+  """
+  fields = {}
+  for line in cpuinfo.splitlines():
+    key, sep, value = line.partition(":")
+    if sep and key.strip() in ("model name", "flags"):
+      fields.setdefault(key.strip(), value.strip())
+  flags = set(fields.get("flags", "").split())
+  return {"cpu_model": fields.get("model name"), "cpu_features": [f for f in CPU_FEATURES if f in flags]}
+
+
+def host_cpu() -> dict:
+  """:func:`cpu_of` this machine (``cpu_model`` ``None`` and no features where ``/proc/cpuinfo`` is absent)."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      return cpu_of(f.read())
+  except OSError:
+    return cpu_of("")
+
+
 # ---------------------------------------------------------------------------------------------
 # Writing results: JSON, a markdown table and a PNG plot, each atomically
 # ---------------------------------------------------------------------------------------------

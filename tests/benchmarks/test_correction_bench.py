@@ -1,5 +1,7 @@
 """The correction benchmark: its verdicts, head to head, --set, and its wrapper for slices stored as volumes."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -385,3 +387,38 @@ def test_the_sensitivity_record_judges_each_variant_against_the_records_peers_an
   assert (rows["lower"]["lower_auc_than_defaults"], rows["lower"]["higher_auc_than_defaults"]) == (1, 0)
   assert sensitivity.reproduces(runs, [peer, ours]) == []
   assert sensitivity.reproduces([_variant_run("defaults", "a", [0.5, 0.85, 0.87])], [peer, ours]) == ["a/scribble"]
+
+
+def test_reproduce_names_the_first_interaction_that_differs_and_the_largest_difference():
+  from benchmarks.correction import reproduce
+
+  assert reproduce.compare([0.5, 0.8, 0.9], [0.5, 0.8, 0.9]) == {"max_abs_diff": 0.0, "first_differing": None}
+  differ = reproduce.compare([0.5, 0.8, 0.9], [0.5, 0.81, 0.85])
+  assert differ["first_differing"] == 1 and abs(differ["max_abs_diff"] - 0.05) < 1e-12
+  with pytest.raises(ValueError, match="3 Dice values"):
+    reproduce.compare([0.5, 0.8, 0.9], [0.5, 0.8])
+
+
+def test_the_reproduce_record_counts_identical_runs_and_names_both_cpus(tmp_path):
+  from benchmarks.correction import reproduce
+  from benchmarks.correction.__main__ import write_record
+
+  env = {"command": "c", "date": "d", "jax": "0.10.2", "cpu_model": "AMD EPYC", "cpu_features": ["avx2"]}
+  env["cpu_count"] = 2
+  run = {"case": "a", "user": "click", "method": OURS, "record_dice": [0.5, 0.6], "dice": [0.5, 0.6]}
+  payload = {
+    "record": "r.json",
+    "record_environment": {"date": "d0", "jax": "0.10.2", "processor": "", "cpu_count": 2},
+    "environment": env,
+    "runs": [
+      {**run, **reproduce.compare(run["record_dice"], run["dice"])},
+      {**run, "user": "box", "dice": [0.5, 0.7], **reproduce.compare([0.5, 0.6], [0.5, 0.7])},
+    ],
+  }
+  text = reproduce.markdown(payload)
+  assert "**1 of 2 runs reproduce the record bit for bit**" in text
+  assert "| a | box | scribblejax | 1 | 0.100 | 0.500 0.600 | 0.500 0.700 |" in text
+  assert "model and features not recorded" in text and "AMD EPYC (avx2), 2 cores" in text
+  write_record(tmp_path / "new", "reproduce", payload, text)
+  assert (tmp_path / "new" / "reproduce.md").read_text() == text
+  assert json.loads((tmp_path / "new" / "reproduce.json").read_text())["runs"][1]["first_differing"] == 1

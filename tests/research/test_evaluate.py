@@ -683,3 +683,15 @@ def test_dice_auc_and_marks_honoured():
   assert ev.dice_auc([0.2, 0.4, 0.6]) == pytest.approx(0.4)
   assert ev.marks_honoured(np.array([1, 0, 1]), np.array([1, 1, -1])) == 0.5
   assert ev.marks_honoured(np.array([1]), np.array([-1])) is None
+
+
+def test_cpu_of_reads_the_first_processors_model_and_the_features_that_choose_kernels():
+  from scribblejax.research.evaluate import CPU_FEATURES, cpu_of
+
+  text = (
+    "processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse avx fma avx2 avx512f avx512_bf16\n\n"
+    "processor\t: 1\nmodel name\t: other\nflags\t\t: fpu amx_tile\n"
+  )
+  assert cpu_of(text) == {"cpu_model": "AMD EPYC", "cpu_features": ["avx", "avx2", "fma", "avx512f", "avx512_bf16"]}
+  assert cpu_of("") == {"cpu_model": None, "cpu_features": []}
+  assert set(cpu_of(text)["cpu_features"]) <= set(CPU_FEATURES)
