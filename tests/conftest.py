@@ -4,6 +4,7 @@ import os
 
 import pytest
 from flax import nnx
+from helpers import memory_mappings, release_compiled_programs
 
 from scribblejax.models.store import save_model
 from scribblejax.models.unet import UNet
@@ -14,6 +15,34 @@ from scribblejax.research.train import TrainConfig, train_segmenter
 # The command line keeps compiled programs on disk (scribblejax.cli.enable_compilation_cache); the tests,
 # which call it in-process and in subprocesses, do not write there (one test turns it on on purpose).
 os.environ["SCRIBBLEJAX_COMPILATION_CACHE"] = "0"
+
+# Every program XLA compiles for the CPU maps a dozen or more regions of memory (code, constants, data) for
+# as long as a jit cache holds it, and Linux caps the mappings of one process (vm.max_map_count, 65,530 by
+# default); past the cap LLVM's compiler dies with a segmentation fault, not an error. One pytest process
+# compiles thousands of programs: kept all together, they reached the cap about 95% of the way through the
+# suite (a segmentation fault inside XLA's compilation, in tests/test_session.py). So once a module ends with
+# more than RELEASE_AT of the cap mapped, every compiled program is dropped (later modules compile what they
+# need again), and if that leaves more than MAP_BUDGET of the cap mapped, the module fails by name.
+RELEASE_AT = 0.3
+MAP_BUDGET = 0.2
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+  """After each test module: drop the compiled programs if they map too much; fail if that does not help."""
+  yield
+  counts = memory_mappings()
+  if counts is None or counts[0] <= RELEASE_AT * counts[1]:
+    return
+  release_compiled_programs()
+  held, limit = memory_mappings()
+  if held > MAP_BUDGET * limit:
+    pytest.fail(
+      f"after this module and dropping every compiled program, the test process still holds {held} memory "
+      f"mappings, more than {MAP_BUDGET:.0%} of the kernel's limit ({limit}, vm.max_map_count): something keeps "
+      "compiled programs or other mapped memory alive, and the suite would die in XLA's compiler at the limit"
+    )
+
 
 NORM = {"kind": "percentile", "lower": 1.0, "upper": 99.8}
 KW = dict(spatial_dims=2, in_channels=1, num_classes=2, channels=[4, 8])

@@ -37,9 +37,11 @@ def run_pytest(folder: Path, ci: str | None) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-  """This suite's conftest beside a skipping smp module, a skipping convert test and a skipping other module."""
+  """This suite's conftest (with the helpers it imports) beside a skipping smp module, a skipping convert test
+  and a skipping other module."""
   root = tmp_path_factory.mktemp("ci_guard")
-  shutil.copy(Path(__file__).with_name("conftest.py"), root / "conftest.py")
+  for name in ("conftest.py", "helpers.py"):
+    shutil.copy(Path(__file__).with_name(name), root / name)
   (root / "test_converters_smp.py").write_text(SKIPPING_MODULE)
   (root / "test_converters_convert.py").write_text(SKIPPING_TEST)
   (root / "test_unguarded.py").write_text(SKIPPING_MODULE)
