@@ -38,7 +38,8 @@ def _release_compiled_programs():
   held, limit = memory_mappings()
   if held > MAP_BUDGET * limit:
     pytest.fail(
-      f"after this module and dropping every compiled program, the test process still holds {held} memory "
+      f"after this module (or what an earlier one or a session fixture left) and dropping every compiled "
+      f"program, the test process still holds {held} memory "
       f"mappings, more than {MAP_BUDGET:.0%} of the kernel's limit ({limit}, vm.max_map_count): something keeps "
       "compiled programs or other mapped memory alive, and the suite would die in XLA's compiler at the limit"
     )

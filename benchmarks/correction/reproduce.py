@@ -5,11 +5,11 @@ after every interaction, bit for bit. Across machines it need not be: XLA and th
 their kernels by the CPU's instruction-set extensions (``cpu_features`` in a record's environment), the
 rounding of a sum changes with the kernel, and a refinement that runs to its step budget without honouring
 every mark can carry that difference into another segmentation, and so into the marks the robot user draws
-next. This command reruns every (case, robot user) run of ``--record`` for the chosen methods, five
-interactions each as the record ran them, and writes, per run, the largest difference in Dice and the first
+next. This command reruns every (case, robot user) run of ``--record`` for the chosen methods, with as many
+interactions as the record ran, and writes, per run, the largest difference in Dice and the first
 interaction that differs, beside both machines' CPUs.
 
-Run:  python -m benchmarks.correction.reproduce --out benchmarks/results/correction_cpu
+Run:  python -m benchmarks.correction.reproduce --methods all --out benchmarks/results/correction_cpu
 """
 
 from __future__ import annotations
@@ -25,16 +25,17 @@ from benchmarks.correction.cases import CASES
 from scribblejax.config import RefineConfig
 
 
-def compare(record_dice: list[float], dice: list[float]) -> dict:
+def compare(record_dice: list[float | None], dice: list[float | None]) -> dict:
   """How a rerun's Dice curve differs from the record's.
 
   Args:
-    record_dice: the record's Dice after interactions 0..N.
+    record_dice: the record's Dice after interactions 0..N (``None`` where it was undefined: no foreground).
     dice: this machine's, for the same run.
 
   Returns:
     ``{"max_abs_diff": float, "first_differing": int | None}``: the largest absolute difference over the
-    interactions, and the first interaction whose Dice is not bit-identical (``None``: none is).
+    interactions where both are defined, and the first interaction whose Dice is not bit-identical
+    (defined on one side only counts as differing; ``None``: none differs).
 
   Raises:
     ValueError: the curves have different lengths (the rerun is not the record's run).
@@ -42,8 +43,9 @@ def compare(record_dice: list[float], dice: list[float]) -> dict:
   if len(record_dice) != len(dice):
     raise ValueError(f"the record has {len(record_dice)} Dice values for this run, the rerun {len(dice)}")
   differing = [k for k, (a, b) in enumerate(zip(record_dice, dice)) if a != b]
+  both = [(a, b) for a, b in zip(record_dice, dice) if a is not None and b is not None]
   return {
-    "max_abs_diff": max((abs(a - b) for a, b in zip(record_dice, dice)), default=0.0),
+    "max_abs_diff": max((abs(a - b) for a, b in both), default=0.0),
     "first_differing": differing[0] if differing else None,
   }
 
@@ -69,6 +71,13 @@ def markdown(payload: dict) -> str:
     "",
     f"**{same} of {len(runs)} runs reproduce the record bit for bit** (every Dice after every interaction).",
   ]
+  skipped = payload.get("skipped", [])
+  if skipped:
+    lines[-1] += (
+      f" {len(skipped)} could not run here: "
+      + "; ".join(f"{s['case']}/{s['user']}/{s['method']} ({s['why']})" for s in skipped)
+      + "."
+    )
   differ = [r for r in runs if r["first_differing"] is not None]
   if differ:
     lines[-1] += " The others:"
@@ -77,10 +86,10 @@ def markdown(payload: dict) -> str:
       "| case | user | method | from interaction | largest difference | record's Dice@0..N | this machine's |",
       "|---|---|---|---|---|---|---|",
     ]
-    curve = lambda dice: " ".join(f"{d:.3f}" for d in dice)
+    curve = lambda dice: " ".join("-" if d is None else f"{d:.3f}" for d in dice)
     for r in differ:
       lines.append(
-        f"| {r['case']} | {r['user']} | {r['method']} | {r['first_differing']} | {r['max_abs_diff']:.3f} | "
+        f"| {r['case']} | {r['user']} | {r['method']} | {r['first_differing']} | {r['max_abs_diff']:.4f} | "
         f"{curve(r['record_dice'])} | {curve(r['dice'])} |"
       )
   return "\n".join(lines) + "\n"
@@ -105,11 +114,16 @@ def main(argv: list[str] | None = None) -> int:
   if not rows:
     raise SystemExit(f"{args.record} has no run of {', '.join(sorted(wanted))}")
   benches: dict = {}
-  runs = []
+  runs, skipped = [], []
   for r in rows:
     bench = benches.setdefault(r["case"], CASES[r["case"]]())
     interactions = len(r["dice_per_interaction"]) - 1
-    result = run_one(bench, r["method"], r["user"], interactions, log=None, config=config)
+    try:
+      result = run_one(bench, r["method"], r["user"], interactions, log=None, config=config)
+    except ImportError as err:  # a peer whose library is missing: said, not hidden (as the record's command)
+      print(f"{r['case']} / {r['user']} / {r['method']}: skipped: {err}", flush=True)
+      skipped.append({"case": r["case"], "user": r["user"], "method": r["method"], "why": str(err)})
+      continue
     runs.append(
       {
         "case": r["case"],
@@ -126,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     "record_environment": {k: v for k, v in record_env.items() if k != "defaults"},
     "environment": {**environment(argv), "command": "python -m benchmarks.correction.reproduce " + " ".join(argv)},
     "runs": runs,
+    "skipped": skipped,
   }
   write_record(args.out, "reproduce", payload, markdown(payload))
   print(markdown(payload))

@@ -298,9 +298,9 @@ def device_name() -> str:
   return jax.devices()[0].device_kind
 
 
-# The instruction-set extensions that decide which kernels XLA and oneDNN pick on an x86 CPU, and so
-# the rounding of a computation: two machines that differ in them can give a refinement that runs to
-# its step budget different curves (docs/correction.md, "Results").
+# A selection of the x86 instruction-set extensions by which XLA and oneDNN choose their kernels, and so
+# the rounding of a computation (not all of them: enough to tell the usual server generations apart). Two
+# machines that differ in them can give different correction curves (docs/correction.md, "Results").
 CPU_FEATURES = ("avx", "avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "amx_tile")
 
 

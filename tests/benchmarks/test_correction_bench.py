@@ -397,6 +397,8 @@ def test_reproduce_names_the_first_interaction_that_differs_and_the_largest_diff
   assert differ["first_differing"] == 1 and abs(differ["max_abs_diff"] - 0.05) < 1e-12
   with pytest.raises(ValueError, match="3 Dice values"):
     reproduce.compare([0.5, 0.8, 0.9], [0.5, 0.8])
+  undefined = reproduce.compare([None, 0.8, 0.9], [None, 0.8, None])  # no foreground anywhere: Dice undefined
+  assert undefined == {"max_abs_diff": 0.0, "first_differing": 2}
 
 
 def test_the_reproduce_record_counts_identical_runs_and_names_both_cpus(tmp_path):
@@ -417,7 +419,7 @@ def test_the_reproduce_record_counts_identical_runs_and_names_both_cpus(tmp_path
   }
   text = reproduce.markdown(payload)
   assert "**1 of 2 runs reproduce the record bit for bit**" in text
-  assert "| a | box | scribblejax | 1 | 0.100 | 0.500 0.600 | 0.500 0.700 |" in text
+  assert "| a | box | scribblejax | 1 | 0.1000 | 0.500 0.600 | 0.500 0.700 |" in text
   assert "model and features not recorded" in text and "AMD EPYC (avx2), 2 cores" in text
   write_record(tmp_path / "new", "reproduce", payload, text)
   assert (tmp_path / "new" / "reproduce.md").read_text() == text
