@@ -131,6 +131,7 @@ def sliding_window_logits_of(
   Returns:
     One float32 ``[*spatial, classes]`` per entry of ``tunables``.
   """
+  from scribblejax.config import RefineConfig
   from scribblejax.refinement import compute_trunk, predict
 
   if not tunables:
@@ -152,7 +153,7 @@ def sliding_window_logits_of(
     if len(unwrapped) == 1:
       outputs = [predict(split, padded[window], unwrapped[0])]
     else:
-      trunk = compute_trunk(split, padded[window])
+      trunk = compute_trunk(split, padded[window], RefineConfig(keep_weight=0.0))  # predictions only: no keep targets
       outputs = [predict(split, padded[window], tunable, trunk=trunk) for tunable in unwrapped]
     if totals is None:
       classes = outputs[0].shape[-1]

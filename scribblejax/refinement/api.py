@@ -53,7 +53,9 @@ def refine(
       the loop driver (one compiled loop) once, at the end. For progress bars; it cannot change
       the result.
     trunk: from :func:`~scribblejax.refinement.compute_trunk` for this split and image: the trunk is
-      not computed again (the result is the same).
+      not computed again, nor the keep term's targets where it holds them and was computed with this very
+      split's tunable weights (the same object, ``trunk.anchor is split.tunable``; weights changed in
+      place are not noticed); the result is the same.
 
   Returns:
     A :class:`~scribblejax.refinement.RefineResult`.
@@ -65,14 +67,23 @@ def refine(
   arr, mk = inputs.validate(split, image, marks)
   if start is not None:
     start = params_lib.check_tunable(split, start, "start")
-  residuals = None
+  residuals = targets = None
   if trunk is not None:
     problem = trunk_mismatch(trunk, split, config, arr)
     if problem:
       raise ValueError(problem)
     residuals = trunk.residuals
+    targets = trunk.keep_targets if trunk.anchor is split.tunable else None  # W's own labels, computed once
   return drivers.drive(
-    split, jnp.asarray(arr), jnp.asarray(mk), config, drivers.SINGLE, start, progress=progress, residuals=residuals
+    split,
+    jnp.asarray(arr),
+    jnp.asarray(mk),
+    config,
+    drivers.SINGLE,
+    start,
+    progress=progress,
+    residuals=residuals,
+    targets=targets,
   )
 
 

@@ -260,14 +260,37 @@ def _all_finished(done: jax.Array, step: jax.Array, max_steps: int) -> jax.Array
 
 
 def keep_targets(
-  split: Split, image: jax.Array, marks: jax.Array, keep_weight: float, placement: Placement = SINGLE
+  split: Split,
+  image: jax.Array,
+  marks: jax.Array | None,
+  keep_weight: float,
+  placement: Placement = SINGLE,
+  cached: jax.Array | None = None,
 ) -> jax.Array:
-  """The keep term's targets, int32 like ``marks`` (and placed like them): the network's initial labels
-  (:func:`~scribblejax.refinement.algorithm.initial_labels`) when ``keep_weight`` is positive, else none
-  (:func:`~scribblejax.refinement.algorithm.no_keep`: the network is not run). Either way the refinement's
-  programs take the same arguments, so changing ``keep_weight`` never recompiles them."""
+  """The keep term's targets: the network's initial labels when ``keep_weight`` is positive, else none.
+
+  Either way the refinement's programs take the same arguments, so changing ``keep_weight`` never
+  recompiles them.
+
+  Args:
+    split: the split whose network W gives the labels (its own tunable weights, not a W_lam).
+    image: the validated image, placed as the refinement places it.
+    marks: the validated marks; read only when ``keep_weight`` is 0, for the shape of the map that says
+      "no targets" (so it may be ``None`` otherwise).
+    keep_weight: the keep term's weight (``RefineConfig.keep_weight``).
+    placement: where the arrays live (one device, or a mesh for a batch).
+    cached: the targets this function returned before for this split and image (a
+      :class:`~scribblejax.refinement.Trunk` holds them): returned as they are, and the network is not run.
+
+  Returns:
+    int32, shaped and placed like the marks (a leading batch axis for a batch): W's labels
+    (:func:`~scribblejax.refinement.algorithm.initial_labels`, the whole network in float32), or
+    :func:`~scribblejax.refinement.algorithm.no_keep`'s map when ``keep_weight`` is 0 (the network is not run).
+  """
   if not keep_weight > 0:
     return algorithm.no_keep(marks)
+  if cached is not None:
+    return cached
   conv_backend = kernels.resolve_conv_backend("auto")
   graphdef = network.graph_key(split.graphdef)
   if placement.mesh is not None:
@@ -299,6 +322,7 @@ def drive(
   progress: Any = None,
   residuals: list | None = None,
   backend: Backend | None = None,
+  targets: jax.Array | None = None,
 ) -> RefineResult:
   """Refines validated inputs with the driver ``config`` resolves to.
 
@@ -316,6 +340,8 @@ def drive(
     residuals: the trunk's residuals of this image (one image only), computed once elsewhere.
     backend: the backend settings; ``None``: :meth:`Backend.of` ``config`` (benchmarks pass one with a
       field changed to compare the two forms).
+    targets: the keep term's targets computed before for this split and image (one image only; a trunk's),
+      else they are computed here.
 
   Returns:
     A :class:`~scribblejax.refinement.algorithm.RefineResult` (fields with a leading batch axis for a
@@ -326,7 +352,7 @@ def drive(
   graphdef = network.graph_key(split.graphdef)
   anchor = split.tunable
   start = anchor if start is None else start
-  keep = keep_targets(split, image, marks, config.keep_weight, placement)
+  keep = keep_targets(split, image, marks, config.keep_weight, placement, targets)
   if driver_of(config) == "loop":
     result = loop_program(
       graphdef,

@@ -27,8 +27,9 @@ from scribblejax.refinement.backend import Backend
 class Trunk(NamedTuple):
   """The frozen trunk's values for one image, computed once by :func:`compute_trunk` and reused by
   every :func:`~scribblejax.refinement.refine` call on that image (``refine(..., trunk=...)``; a
-  :class:`~scribblejax.Session` does this for its rounds). The values do not depend on the tunable
-  weights, so they serve a fresh round from W and a round continued from an earlier W_lam alike.
+  :class:`~scribblejax.Session` does this for its rounds). The trunk's values do not depend on the
+  tunable weights, so they serve a fresh round from W and a round continued from an earlier W_lam alike;
+  the keep term's targets are W's labels, used only with the split that holds that W (``anchor``).
 
   Attributes:
     residuals: the trunk's values that the tunable tail reads (device arrays).
@@ -39,6 +40,11 @@ class Trunk(NamedTuple):
     graphdef: the split's :class:`~scribblejax.refinement.network.GraphKey`.
     compute_dtype: the network's compute dtype (``None`` for float32).
     conv_backend: the resolved convolution backend.
+    keep_targets: the keep term's targets, int32 ``[*spatial]``: the labels of the network W
+      (:func:`~scribblejax.refinement.drivers.keep_targets`, the whole network in float32, as a refinement
+      without a trunk computes them every call), or ``None`` when the config had no keep term.
+    anchor: the tunable weights W they were computed with (a refinement whose split holds other ones
+      computes its own).
   """
 
   residuals: list
@@ -47,6 +53,8 @@ class Trunk(NamedTuple):
   graphdef: Any
   compute_dtype: str | None
   conv_backend: str
+  keep_targets: Any = None
+  anchor: Any = None
 
 
 def _check_image(image: Any) -> np.ndarray:
@@ -193,7 +201,9 @@ def compute_trunk(split: Split, image: Any, config: RefineConfig = RefineConfig(
     split: from :func:`scribblejax.split_params`.
     image: ``[*spatial, channels]``, or ``[*spatial]`` for a model that states its
       ``spatial_dims``.
-    config: needs ``cache_trunk=True``; its ``compute_dtype`` and ``conv_backend`` apply.
+    config: needs ``cache_trunk=True``; its ``compute_dtype`` and ``conv_backend`` apply. With a keep
+      term (``keep_weight`` above 0) the network W's labels, the term's targets, are computed here too,
+      once, instead of at every refinement.
 
   Raises:
     ValueError: bad image (as for ``refine``), or ``config.cache_trunk`` is off.
@@ -206,7 +216,12 @@ def compute_trunk(split: Split, image: Any, config: RefineConfig = RefineConfig(
   residuals = drivers.trunk_program(
     graphdef, backend.compute_dtype, backend.conv_backend, drivers.SINGLE, split.tunable, split.frozen, jnp.asarray(arr)
   )
-  return Trunk(residuals, arr, split.frozen, graphdef, backend.compute_dtype, backend.conv_backend)
+  targets = None
+  if config.keep_weight > 0:
+    targets = drivers.keep_targets(split, jnp.asarray(arr), None, config.keep_weight)
+  return Trunk(
+    residuals, arr, split.frozen, graphdef, backend.compute_dtype, backend.conv_backend, targets, split.tunable
+  )
 
 
 def trunk_mismatch(

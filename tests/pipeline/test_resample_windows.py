@@ -11,6 +11,7 @@ from skimage.transform import resize
 import scribblejax as sj
 from scribblejax.pipeline import resampling as rs
 from scribblejax.pipeline import sliding_window as sw
+from scribblejax.refinement import drivers
 
 
 def _nnunet_separate_z(data, new_shape, axis, order, order_z):
@@ -112,14 +113,17 @@ def test_sliding_window_blends_to_the_whole_image_for_a_pointwise_network():
 
 
 @pytest.mark.slow
-def test_several_weight_sets_in_one_pass_equal_one_pass_each():
+def test_several_weight_sets_in_one_pass_equal_one_pass_each(monkeypatch):
   # each patch's frozen trunk is computed once and the tail runs per set of weights: the same logits
   net = sj.UNet(spatial_dims=2, in_channels=1, num_classes=3, channels=(4, 8), rngs=nnx.Rngs(5))
   split = sj.split_params(net, sj.last_layers(2))
   image = np.random.default_rng(3).normal(size=(20, 26, 1)).astype(np.float32)
   other = jax.tree.map(lambda w: w * 1.3 + 0.01, split.tunable)
-  calls = []
+  calls, forward = [], []
+  program = drivers.predict_program
+  monkeypatch.setattr(drivers, "predict_program", lambda *a, **k: forward.append(1) or program(*a, **k))
   both = sw.sliding_window_logits_of(split, image, (8, 8), [None, other], progress=lambda d, n: calls.append((d, n)))
+  assert len(forward) == 2 * len(calls)  # per patch the tail twice, and nothing else (no keep term's targets)
   one = [sw.sliding_window_logits(split, image, (8, 8)), sw.sliding_window_logits(split, image, (8, 8), other)]
   for got, want in zip(both, one):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

@@ -354,6 +354,36 @@ def test_a_computed_trunk_gives_the_same_refinement_and_is_used(driver, backend)
   assert not np.allclose(np.asarray(blind.logits), np.asarray(sj.predict(split, image)), atol=1e-3)
 
 
+def test_a_trunk_holds_the_keep_terms_targets_and_a_round_does_not_run_the_whole_network_for_them(monkeypatch):
+  split, image, marks = _trunk_case()
+  config = sj.RefineConfig(max_steps=5, keep_weight=1.0)
+  computed = sj.compute_trunk(split, image, config)
+  expected = drivers.keep_targets(split, jnp.asarray(computed.image), jnp.asarray(marks), 1.0)
+  np.testing.assert_array_equal(np.asarray(computed.keep_targets), np.asarray(expected))  # W's labels, exactly
+  assert sj.compute_trunk(split, image, dataclasses.replace(config, keep_weight=0.0)).keep_targets is None
+  plain = sj.refine(split, image, marks, config)
+  calls = []
+  whole = drivers.predict_program
+  monkeypatch.setattr(drivers, "predict_program", lambda *a, **k: calls.append(1) or whole(*a, **k))
+  reused = sj.refine(split, image, marks, config, trunk=computed)
+  assert calls == [] and int(reused.num_steps) == int(plain.num_steps) > 0
+  # the same refinement bit for bit as a trunk without the targets (the round runs the network for them)
+  uncached = sj.refine(split, image, marks, config, trunk=computed._replace(keep_targets=None))
+  assert calls == [1]
+  for a, b in zip(jax.tree.leaves(reused), jax.tree.leaves(uncached), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  continued = [
+    sj.refine(split, image, marks, config, start=reused.tunable, trunk=t)
+    for t in (computed, computed._replace(keep_targets=None))
+  ]
+  np.testing.assert_array_equal(np.asarray(continued[0].logits), np.asarray(continued[1].logits))  # targets: W's
+  # a split holding other weights W (the same frozen trunk): its own targets, from its own network
+  other = split._replace(tunable=jax.tree.map(lambda x: x * 1.5, split.tunable))
+  calls.clear()
+  sj.refine(other, image, marks, config, trunk=computed)
+  assert calls == [1]
+
+
 def test_a_trunk_of_another_image_split_or_setting_is_refused():
   split, image, marks = _trunk_case()
   config = sj.RefineConfig.paper(max_steps=2, learning_rate=0.05, prox_weight=0.01)
