@@ -328,8 +328,16 @@ def settings(items: list[str]) -> dict[str, Any]:
   return out
 
 
-def environment(argv: list[str]) -> dict:
-  """Machine, versions, date and command of this run."""
+def defaults_record() -> dict:
+  """``RefineConfig()``'s fields as a record stores them (a value JSON cannot hold as its ``repr``)."""
+  return {
+    k: (v if isinstance(v, (int, float, str, bool, type(None))) else repr(v))
+    for k, v in dataclasses.asdict(RefineConfig()).items()
+  }
+
+
+def environment(argv: list[str], program: str = "benchmarks.correction") -> dict:
+  """Machine, versions, date and command of this run (``python -m program argv``)."""
   import flax
   import jax
   import optax
@@ -348,11 +356,8 @@ def environment(argv: list[str]) -> dict:
     "optax": optax.__version__,
     "onednn": str(kernel_status()),
     "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    "command": "python -m benchmarks.correction " + " ".join(argv),
-    "defaults": {
-      k: (v if isinstance(v, (int, float, str, bool, type(None))) else repr(v))
-      for k, v in dataclasses.asdict(RefineConfig()).items()
-    },
+    "command": f"python -m {program} " + " ".join(argv),
+    "defaults": defaults_record(),
   }
 
 

@@ -102,12 +102,12 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--cases", default="nuclei2d,tissue2d,tissue2d_shifted,nuclei_synthetic")
   args = parser.parse_args(argv)
   payload = {
-    "environment": environment(["-m", "benchmarks.correction.changes", *argv]),
+    "environment": environment(argv, "benchmarks.correction.changes"),
     "results": [analyse(name) for name in args.cases.split(",")],
   }
-  payload["environment"]["command"] = "python -m benchmarks.correction.changes " + " ".join(argv)
-  write_record(args.out, "changes", payload, markdown(payload))
-  print(markdown(payload))
+  text = markdown(payload)
+  write_record(args.out, "changes", payload, text)
+  print(text)
   return 0
 
 

@@ -153,14 +153,15 @@ def main(argv: list[str] | None = None) -> int:
     print(case, user, results[-1]["gains"], flush=True)
   cases = per_case(results)
   payload = {
-    "environment": {**environment(argv), "command": "python -m benchmarks.correction.contrast " + " ".join(argv)},
+    "environment": environment(argv, "benchmarks.correction.contrast"),
     "thresholds": list(THRESHOLDS),
     "chosen": choose(cases),
     "cases": cases,
     "results": results,
   }
-  write_record(args.out, "contrast", payload, markdown(payload))
-  print(markdown(payload))
+  text = markdown(payload)
+  write_record(args.out, "contrast", payload, text)
+  print(text)
   return 0
 
 

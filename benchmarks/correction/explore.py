@@ -454,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
       results.append(run(benches[case], user, study))
       print(study, case, user, _dice(results[-1]), flush=True)
   payload = {
-    "environment": {**environment(argv), "command": "python -m benchmarks.correction.explore " + " ".join(argv)},
+    "environment": environment(argv, "benchmarks.correction.explore"),
     "pixels": {name: int(np.prod(b.case.truth.shape)) for name, b in benches.items()},
     "defaults": aggregate([r for r in results if r["method"] == "defaults"]),
     "defaults_from": "run here beside the studies",

@@ -98,8 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     overrides = settings(args.set)
   except ValueError as err:
     parser.error(str(err))
-  env = {**environment(argv), "overrides": overrides}
-  env["command"] = "python -m benchmarks.correction.latency " + " ".join(argv)
+  env = {**environment(argv, "benchmarks.correction.latency"), "overrides": overrides}
   config = sj.RefineConfig(**overrides)
   results = [measure(name, args.interactions, config) for name in args.cases.split(",")]
   payload = {"environment": env, "results": results}

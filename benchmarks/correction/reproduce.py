@@ -20,7 +20,7 @@ import json
 import sys
 from pathlib import Path
 
-from benchmarks.correction.__main__ import OURS, environment, run_one, write_record
+from benchmarks.correction.__main__ import OURS, defaults_record, environment, run_one, write_record
 from benchmarks.correction.cases import CASES
 from scribblejax.config import RefineConfig
 
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
   record = json.loads(args.record.read_text())
   record_env = record["environment"]
   config = dataclasses.replace(RefineConfig(), **record_env.get("overrides", {}))
-  if "defaults" in record_env and record_env["defaults"] != environment([])["defaults"]:
+  if "defaults" in record_env and record_env["defaults"] != defaults_record():
     raise SystemExit(f"{args.record} was made with other defaults than RefineConfig() here: it cannot be rerun as is")
   wanted = set(args.methods)
   rows = [r for r in record["results"] if "all" in wanted or r["method"] in wanted]
@@ -138,12 +138,13 @@ def main(argv: list[str] | None = None) -> int:
   payload = {
     "record": str(args.record),
     "record_environment": {k: v for k, v in record_env.items() if k != "defaults"},
-    "environment": {**environment(argv), "command": "python -m benchmarks.correction.reproduce " + " ".join(argv)},
+    "environment": environment(argv, "benchmarks.correction.reproduce"),
     "runs": runs,
     "skipped": skipped,
   }
-  write_record(args.out, "reproduce", payload, markdown(payload))
-  print(markdown(payload))
+  text = markdown(payload)
+  write_record(args.out, "reproduce", payload, text)
+  print(text)
   return 0
 
 

@@ -176,12 +176,13 @@ def main(argv: list[str] | None = None) -> int:
       )
   payload = {
     "record": str(args.record),
-    "environment": {**environment(argv), "command": "python -m benchmarks.correction.sensitivity " + " ".join(argv)},
+    "environment": environment(argv, "benchmarks.correction.sensitivity"),
     "variants": summarise(runs, record),
     "runs": runs,
   }
-  write_record(args.out, "sensitivity", payload, markdown(payload))
-  print(markdown(payload))
+  text = markdown(payload)
+  write_record(args.out, "sensitivity", payload, text)
+  print(text)
   return 0
 
 
