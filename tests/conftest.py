@@ -16,7 +16,7 @@ from scribblejax.research.train import TrainConfig, train_segmenter
 # which call it in-process and in subprocesses, do not write there (one test turns it on on purpose).
 os.environ["SCRIBBLEJAX_COMPILATION_CACHE"] = "0"
 
-# Every program XLA compiles for the CPU maps a dozen or more regions of memory (code, constants, data) for
+# Every program XLA compiles for the CPU maps several regions of memory (code, constants, data) for
 # as long as a jit cache holds it, and Linux caps the mappings of one process (vm.max_map_count, 65,530 by
 # default); past the cap LLVM's compiler dies with a segmentation fault, not an error. One pytest process
 # compiles thousands of programs: kept all together, they reached the cap about 95% of the way through the
